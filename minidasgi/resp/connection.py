@@ -1,0 +1,477 @@
+"""One connection to Redis over asyncio streams, and how to reach Redis (URLs).
+
+Theory of operation: any number of tasks may call ``execute`` at once. Each call appends a
+future to a first-in-first-out queue of waiters and its packed command to a write buffer; the
+buffer is flushed once per event-loop turn, so commands issued together travel in one write
+(auto-pipelining). A single reader task feeds the socket's bytes to the parser and resolves the
+waiters in order. A caller cancelled while waiting leaves its future in the queue: its reply is
+still read and dropped there, so the next caller can never receive someone else's reply (the
+bug class of redis-py's CVE-2023-28858/28859).
+
+A blocking command (BRPOP, BLPOP) blocks the *whole* connection on the server: every command
+queued behind it waits until it returns. Run blocking commands on a connection of their own.
+If a blocking call is cancelled, the connection is closed, because Redis may still hand it an
+item that nobody would read.
+
+Losing the connection fails every waiter at once with ``RedisConnectionError``; a malformed
+reply closes the connection and fails the waiters with ``ProtocolError``. This module never
+logs or formats a password: ``ConnectionParams`` hides it from ``repr`` and every message names
+the server by address only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+import ssl as _ssl
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .protocol import (
+    NEED_DATA,
+    AuthenticationError,
+    ProtocolError,
+    RedisConnectionError,
+    ReplyError,
+    make_parser,
+    pack_command,
+)
+
+__all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
+
+logger = logging.getLogger("minidasgi.resp.connection")
+
+_READ_SIZE = 256 * 1024
+_WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
+
+
+@dataclass(frozen=True)
+class ConnectionParams:
+    """Where Redis is and how to log in. ``repr`` never shows the password."""
+
+    host: str = "localhost"
+    port: int = 6379
+    unix_socket: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: _ssl.SSLContext | bool | None = None
+    connect_timeout: float = 5.0
+
+    @property
+    def address(self) -> str:
+        """The server's address for messages: ``host:port`` or ``unix:/path``."""
+        if self.unix_socket is not None:
+            return f"unix:{self.unix_socket}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        secret = ", password='***'" if self.password is not None else ""
+        user = f", username={self.username!r}" if self.username is not None else ""
+        tls = ", ssl=True" if self.ssl else ""
+        return f"ConnectionParams({self.address!r}, db={self.db}{user}{secret}{tls})"
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for an error message."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<unparseable URL>"
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        auth, _, hostport = netloc.rpartition("@")
+        user = auth.partition(":")[0]
+        netloc = f"{user}:***@{hostport}" if ":" in auth else f"{user}@{hostport}"
+    return f"{scheme}://{netloc}{slash}{tail}"
+
+
+def parse_url(url: str) -> ConnectionParams:
+    """Parse ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
+    ``unix://[[user]:password@]/path.sock[?db=N]``. User and password are percent-decoded.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid Redis URL {_redact(url)}: {exc}") from None
+    scheme = parts.scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"invalid Redis URL {_redact(url)}: the scheme must be redis://, rediss:// or unix://"
+        )
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    query = parse_qs(parts.query)
+    db_text: str | None = query["db"][-1] if "db" in query else None
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"invalid Redis URL {_redact(url)}: no socket path")
+        base = ConnectionParams(unix_socket=unquote(parts.path))
+    else:
+        path = parts.path.strip("/")
+        if path and db_text is None:
+            db_text = path
+        base = ConnectionParams(
+            host=parts.hostname or "localhost",
+            port=port if port is not None else 6379,
+            ssl=True if scheme == "rediss" else None,
+        )
+    db = 0
+    if db_text is not None:
+        if not db_text.isdigit():
+            raise ValueError(f"invalid Redis URL {_redact(url)}: db must be a number")
+        db = int(db_text)
+    return replace(base, db=db, username=username, password=password)
+
+
+def _ssl_context(option: _ssl.SSLContext | bool | None) -> _ssl.SSLContext | None:
+    if isinstance(option, _ssl.SSLContext):
+        return option
+    if option:
+        return _ssl.create_default_context()
+    return None
+
+
+class Connection:
+    """A connection to Redis shared by any number of tasks. Make one with ``connect()``."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        params: ConnectionParams,
+        *,
+        parser: str | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.params = params
+        self._parser = make_parser(parser)
+        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._wbuf: list[bytes] = []
+        self._wbuf_size = 0
+        self._flush_scheduled = False
+        self._drain_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._error: Exception | None = None
+        self._closed = self._loop.create_future()
+        self._read_task = self._loop.create_task(self._read_loop())
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "open"
+        return f"<Connection {self.params.address} db={self.params.db} {state}>"
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection is closed or lost; it never reopens."""
+        return self._error is not None
+
+    async def wait_closed(self) -> Exception:
+        """Wait until the connection is closed or lost; return why."""
+        return await asyncio.shield(self._closed)
+
+    async def execute(self, *args: object, blocking: bool = False) -> Any:
+        """Send one command and return its reply; raise ``ReplyError`` for an error reply.
+
+        ``blocking=True`` marks a command that may block the connection (BRPOP): if the caller
+        is cancelled while waiting, the connection is closed.
+        """
+        if self._error is not None:
+            raise self._closed_error()
+        data = pack_command(*args)
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        self._waiters.append(waiter)
+        self._buffer(data)
+        if self._wbuf_size >= _WRITE_HIGH_WATER:
+            self._flush()
+        if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+            async with self._drain_lock:
+                await self._drain()
+        try:
+            reply = await waiter
+        except asyncio.CancelledError:
+            if blocking:
+                self._abort(RedisConnectionError("a blocking command was cancelled"))
+            raise
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    # Typed helpers for the commands this library uses.
+
+    async def ping(self) -> bytes:
+        """PING; returns ``b"PONG"``."""
+        reply: bytes = await self.execute("PING")
+        return reply
+
+    async def lpush(self, key: str | bytes, *values: object) -> int:
+        """LPUSH: prepend values to a list; returns its new length."""
+        reply: int = await self.execute("LPUSH", key, *values)
+        return reply
+
+    async def rpush(self, key: str | bytes, *values: object) -> int:
+        """RPUSH: append values to a list; returns its new length."""
+        reply: int = await self.execute("RPUSH", key, *values)
+        return reply
+
+    async def brpop(self, *keys: str | bytes, timeout: float = 0) -> tuple[bytes, bytes] | None:
+        """BRPOP: pop from the tail of the first non-empty list, waiting up to ``timeout``
+        seconds (0 waits forever). Returns ``(key, value)`` or ``None`` on timeout.
+
+        Blocks this whole connection while it waits.
+        """
+        return await self._blocking_pop("BRPOP", keys, timeout)
+
+    async def blpop(self, *keys: str | bytes, timeout: float = 0) -> tuple[bytes, bytes] | None:
+        """BLPOP: like ``brpop`` from the head of the list."""
+        return await self._blocking_pop("BLPOP", keys, timeout)
+
+    async def _blocking_pop(
+        self, command: str, keys: tuple[str | bytes, ...], timeout: float
+    ) -> tuple[bytes, bytes] | None:
+        if not keys:
+            raise ValueError(f"{command} needs at least one key")
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        reply = await self.execute(command, *keys, timeout, blocking=True)
+        if reply is None:
+            return None
+        if not (isinstance(reply, list) and len(reply) == 2):
+            self._abort(ProtocolError(f"unexpected {command} reply"))
+            raise self._closed_error()
+        return reply[0], reply[1]
+
+    async def publish(self, channel: str | bytes, message: object) -> int:
+        """PUBLISH; returns how many subscribers received the message."""
+        reply: int = await self.execute("PUBLISH", channel, message)
+        return reply
+
+    async def close(self) -> None:
+        """Close the connection; pending commands fail. Safe to call more than once."""
+        self._abort(self._lost(None))
+        await self._read_task_done()
+
+    # Internals.
+
+    def _lost(self, cause: BaseException | None) -> RedisConnectionError:
+        where = f"connection to Redis at {self.params.address}"
+        if cause is None:
+            return RedisConnectionError(f"{where} closed")
+        return RedisConnectionError(f"lost {where}: {cause or type(cause).__name__}")
+
+    def _closed_error(self) -> Exception:
+        error = self._error
+        assert error is not None
+        if isinstance(error, ProtocolError):
+            return ProtocolError(str(error))
+        return RedisConnectionError(str(error))
+
+    def _buffer(self, data: bytes) -> None:
+        self._wbuf.append(data)
+        self._wbuf_size += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._wbuf or self._error is not None:
+            return
+        data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
+        self._wbuf.clear()
+        self._wbuf_size = 0
+        try:
+            self._writer.write(data)
+        except Exception as exc:  # the transport is already gone
+            self._abort(
+                RedisConnectionError(f"lost connection to Redis at {self.params.address}: {exc}")
+            )
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except Exception as exc:
+            self._abort(
+                RedisConnectionError(f"lost connection to Redis at {self.params.address}: {exc}")
+            )
+            raise self._closed_error() from None
+
+    async def _read_loop(self) -> None:
+        parser = self._parser
+        waiters = self._waiters
+        try:
+            while True:
+                data = await self._reader.read(_READ_SIZE)
+                if not data:
+                    raise RedisConnectionError(
+                        f"Redis at {self.params.address} closed the connection"
+                    )
+                parser.feed(data)
+                while (reply := parser.gets()) is not NEED_DATA:
+                    if not waiters:
+                        raise ProtocolError("Redis sent a reply nobody asked for")
+                    waiter = waiters.popleft()
+                    if not waiter.done():  # a cancelled caller's reply is dropped here
+                        waiter.set_result(reply)
+        except asyncio.CancelledError:
+            self._abort(
+                RedisConnectionError(f"connection to Redis at {self.params.address} closed")
+            )
+        except ProtocolError as exc:
+            logger.warning("malformed reply from Redis at %s: %s", self.params.address, exc)
+            self._abort(exc)
+        except RedisConnectionError as exc:
+            self._abort(exc)
+        except Exception as exc:
+            self._abort(
+                RedisConnectionError(f"lost connection to Redis at {self.params.address}: {exc}")
+            )
+
+    def _abort(self, error: Exception) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        self._closed.set_result(error)
+        self._writer.close()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(self._closed_error())
+        if asyncio.current_task() is not self._read_task:
+            self._read_task.cancel()
+
+    async def _read_task_done(self) -> None:
+        if asyncio.current_task() is not self._read_task:
+            await asyncio.gather(self._read_task, return_exceptions=True)
+        with contextlib.suppress(Exception):  # already reported through the waiters
+            await self._writer.wait_closed()
+
+
+async def open_connection(params: ConnectionParams, *, parser: str | None = None) -> Connection:
+    """Open a connection with ``params`` and perform the AUTH/SELECT handshake."""
+    sslctx = _ssl_context(params.ssl)
+    try:
+        if params.unix_socket is not None:
+            opening = asyncio.open_unix_connection(params.unix_socket, ssl=sslctx, limit=_READ_SIZE)
+        else:
+            opening = asyncio.open_connection(
+                params.host,
+                params.port,
+                ssl=sslctx,
+                limit=_READ_SIZE,
+                server_hostname=params.host if sslctx is not None else None,
+            )
+        reader, writer = await asyncio.wait_for(opening, params.connect_timeout)
+    except asyncio.TimeoutError:
+        raise RedisConnectionError(
+            f"cannot connect to Redis at {params.address}: timed out after "
+            f"{params.connect_timeout} s"
+        ) from None
+    except (OSError, _ssl.SSLError) as exc:
+        raise RedisConnectionError(f"cannot connect to Redis at {params.address}: {exc}") from None
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    connection = Connection(reader, writer, params, parser=parser)
+    try:
+        await _handshake(connection)
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
+
+
+async def _handshake(connection: Connection) -> None:
+    params = connection.params
+    if params.password is not None:
+        auth: tuple[str, ...] = ("AUTH", params.password)
+        if params.username is not None:
+            auth = ("AUTH", params.username, params.password)
+        try:
+            await connection.execute(*auth)
+        except ReplyError as exc:
+            who = f" for user {params.username!r}" if params.username is not None else ""
+            raise AuthenticationError(
+                f"Redis at {params.address} refused AUTH{who}: {exc}"
+            ) from None
+    if params.db:
+        try:
+            await connection.execute("SELECT", params.db)
+        except ReplyError as exc:
+            if exc.code in ("NOAUTH", "WRONGPASS", "NOPERM"):
+                raise AuthenticationError(
+                    f"Redis at {params.address} needs credentials: {exc}"
+                ) from None
+            raise ReplyError(
+                f"Redis at {params.address} refused SELECT {params.db}: {exc}"
+            ) from None
+
+
+def make_params(
+    url: str | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    db: int | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    unix_socket: str | None = None,
+    ssl: _ssl.SSLContext | bool | None = None,
+    connect_timeout: float | None = None,
+) -> ConnectionParams:
+    """Build ``ConnectionParams`` from a URL and/or keywords; keywords override the URL."""
+    params = parse_url(url) if url else ConnectionParams()
+    changes: dict[str, Any] = {}
+    if host is not None:
+        changes["host"] = host or "localhost"  # the seed's examples pass host=""
+    for name, value in (
+        ("port", port),
+        ("db", db),
+        ("username", username),
+        ("password", password),
+        ("unix_socket", unix_socket),
+        ("connect_timeout", connect_timeout),
+    ):
+        if value is not None:
+            changes[name] = value
+    if ssl is not None:
+        changes["ssl"] = ssl
+    return replace(params, **changes)
+
+
+async def connect(
+    url: str | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    db: int | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    unix_socket: str | None = None,
+    ssl: _ssl.SSLContext | bool | None = None,
+    connect_timeout: float | None = None,
+    parser: str | None = None,
+) -> Connection:
+    """Connect to Redis and return a ready ``Connection``.
+
+    ``url`` is ``redis://``, ``rediss://`` or ``unix://``; keywords override its parts.
+    ``ssl`` takes an ``ssl.SSLContext`` (or True for the system's default trust).
+    ``parser`` is ``"python"`` or ``"hiredis"`` (default: see ``make_parser``).
+    """
+    params = make_params(
+        url,
+        host=host,
+        port=port,
+        db=db,
+        username=username,
+        password=password,
+        unix_socket=unix_socket,
+        ssl=ssl,
+        connect_timeout=connect_timeout,
+    )
+    return await open_connection(params, parser=parser)

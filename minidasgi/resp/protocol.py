@@ -1,0 +1,397 @@
+"""RESP, the Redis serialization protocol, as pure functions of bytes and state.
+
+Theory of operation: ``pack_command`` turns a command into the bytes Redis expects (an array of
+bulk strings). A reply parser is fed whatever bytes arrived (``feed``) and hands out complete
+replies (``gets``), returning the ``NEED_DATA`` sentinel until one is complete. Nothing here
+touches a socket, so the parser is tested by feeding it bytes one at a time.
+
+Everything Redis sends is untrusted input: the parser bounds nesting depth, the size of one
+reply and the length of a header line, checks every length and number strictly, and raises
+``ProtocolError`` on anything malformed. A server error (``-ERR ...``) is not malformed: it is
+returned as a ``ReplyError`` *value*, never raised from the parser, so that one failing command
+in a pipeline cannot desynchronise the replies of the others.
+
+Two parsers sit behind the same contract: ``PythonParser`` (always available) and
+``HiredisParser`` (the C ``hiredis.Reader``, when installed). ``make_parser`` picks one;
+``MINIDASGI_RESP_PARSER=python|hiredis`` forces the choice. hiredis is imported only when chosen.
+
+Reply types: simple and bulk strings -> ``bytes``; integer -> ``int``; null -> ``None``;
+array, set and push -> ``list``; map -> ``dict``; double -> ``float``; boolean -> ``bool``;
+verbatim string -> ``bytes`` without its ``txt:`` prefix; error -> ``ReplyError``. Two RESP3
+corners differ between the parsers because hiredis gives no way to tell them apart: a big number
+is an ``int`` here and its digits as ``bytes`` under hiredis, and an attribute is dropped here but
+returned as a reply of its own by hiredis. This client speaks RESP2 (it never sends ``HELLO 3``),
+so Redis sends neither.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Final, Protocol
+
+__all__ = [
+    "NEED_DATA",
+    "AuthenticationError",
+    "HiredisParser",
+    "ProtocolError",
+    "PythonParser",
+    "RedisConnectionError",
+    "ReplyError",
+    "ReplyParser",
+    "RespError",
+    "make_parser",
+    "pack_command",
+]
+
+
+class RespError(Exception):
+    """Base class of every error raised by ``minidasgi.resp``."""
+
+
+class ProtocolError(RespError):
+    """Redis sent bytes that are not valid RESP, or a reply over the configured bounds.
+
+    The connection that received them cannot be trusted any more and is closed.
+    """
+
+
+class ReplyError(RespError):
+    """An error reply sent by Redis (``-ERR ...``, ``-WRONGTYPE ...``).
+
+    ``code`` is its first word, the error's kind by Redis convention.
+    """
+
+    @property
+    def code(self) -> str:
+        """The first word of the message, such as ``ERR``, ``WRONGPASS`` or ``NOAUTH``."""
+        text = str(self)
+        return text.split(" ", 1)[0] if text else ""
+
+
+class AuthenticationError(ReplyError):
+    """Redis refused the credentials (or demanded some) during the connection handshake."""
+
+
+class RedisConnectionError(RespError, ConnectionError):
+    """The connection to Redis could not be made, or was lost or closed."""
+
+
+class _NeedData:
+    """Type of the ``NEED_DATA`` sentinel."""
+
+    _instance: _NeedData | None = None
+
+    def __new__(cls) -> _NeedData:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+NEED_DATA: Final = _NeedData()
+"""Returned by ``gets()`` while no complete reply is buffered."""
+
+# Defaults for the bounds. Redis' own proto-max-bulk-len is 512 MB; this library never asks for
+# values anywhere near that, so a much smaller default keeps a hostile server from making us
+# buffer half a gigabyte.
+DEFAULT_MAX_REPLY_SIZE: Final = 64 * 1024 * 1024
+DEFAULT_MAX_DEPTH: Final = 16
+_MAX_LINE: Final = 64 * 1024
+
+
+def _encode_arg(arg: object) -> bytes:
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, (memoryview, bytearray)):
+        return bytes(arg)
+    if isinstance(arg, bool):
+        # True would silently become b"True": refuse instead of guessing.
+        raise TypeError("cannot send a bool to Redis: convert it to int or str first")
+    if isinstance(arg, int):
+        return b"%d" % arg
+    if isinstance(arg, float):
+        if arg != arg:
+            raise ValueError("cannot send NaN to Redis")
+        return repr(arg).encode()
+    raise TypeError(f"cannot send a {type(arg).__name__} to Redis: use bytes, str, int or float")
+
+
+def pack_command(*args: object) -> bytes:
+    """Encode one command as a RESP array of bulk strings.
+
+    >>> pack_command("LPUSH", "k", b"v")
+    b'*3\\r\\n$5\\r\\nLPUSH\\r\\n$1\\r\\nk\\r\\n$1\\r\\nv\\r\\n'
+    """
+    if not args:
+        raise ValueError("a command needs at least its name")
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = _encode_arg(arg)
+        parts.append(b"$%d\r\n" % len(data))
+        parts.append(data)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class ReplyParser(Protocol):
+    """The contract both parsers meet."""
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from Redis."""
+
+    def gets(self) -> Any:
+        """Return the next complete reply or ``NEED_DATA``; raise ``ProtocolError`` if malformed."""
+
+
+_INTEGER = re.compile(rb"-?[0-9]+")
+_DOUBLE = re.compile(rb"[+-]?(?:inf|nan|[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)")
+_SKIP: Final = object()  # the value of an attribute, which is metadata and never delivered
+
+
+class _Frame:
+    """An aggregate whose elements are still arriving."""
+
+    __slots__ = ("items", "kind", "wanted")
+
+    def __init__(self, kind: int, wanted: int) -> None:
+        self.kind = kind
+        self.wanted = wanted
+        self.items: list[Any] = []
+
+
+class PythonParser:
+    """The pure-Python incremental RESP2/RESP3 reply parser.
+
+    Work done on a partial reply is kept: completed elements of an unfinished aggregate stay on
+    an explicit stack and the search for a line end resumes where it stopped, so feeding a reply
+    one byte at a time costs time linear in its size.
+    """
+
+    def __init__(
+        self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE, max_depth: int = DEFAULT_MAX_DEPTH
+    ) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # start of the first byte not yet consumed
+        self._searched = 0  # bytes from _pos already known to hold no CRLF
+        self._stack: list[_Frame] = []
+        self._reply_start = 0  # bytes consumed by the reply in progress, before _pos
+        self._consumed = 0
+        self._max_reply_size = max_reply_size
+        self._max_depth = max_depth
+        self._broken: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from Redis."""
+        self._buf += data
+
+    def gets(self) -> Any:
+        """Return the next complete reply, or ``NEED_DATA``."""
+        if self._broken is not None:
+            raise self._broken
+        try:
+            return self._parse()
+        except ProtocolError as exc:
+            self._broken = exc
+            raise
+
+    def _fail(self, message: str) -> ProtocolError:
+        return ProtocolError(message)
+
+    def _length(self, line: bytes, what: str, *, allow_null: bool) -> int:
+        if not _INTEGER.fullmatch(line):
+            raise self._fail(f"invalid {what} length {line[:32]!r}")
+        n = int(line)
+        if n < 0 and not (allow_null and n == -1):
+            raise self._fail(f"negative {what} length {n}")
+        if n > self._max_reply_size:
+            raise self._fail(f"{what} length {n} exceeds the limit of {self._max_reply_size}")
+        return n
+
+    def _parse(self) -> Any:
+        buf = self._buf
+        while True:
+            pos = self._pos
+            if len(self._stack) == 0:
+                self._reply_start = self._consumed
+            elif self._consumed + (len(buf) - pos) - self._reply_start > self._max_reply_size:
+                raise self._fail(f"reply larger than the limit of {self._max_reply_size} bytes")
+            nl = buf.find(b"\r\n", pos + self._searched)
+            if nl < 0:
+                waiting = len(buf) - pos
+                if waiting > _MAX_LINE:
+                    raise self._fail(f"header line longer than {_MAX_LINE} bytes")
+                self._searched = max(0, waiting - 1)
+                return self._need_data()
+            self._searched = 0
+            if nl == pos:
+                raise self._fail("empty line where a type prefix was expected")
+            prefix = buf[pos]
+            line = bytes(buf[pos + 1 : nl])
+            after = nl + 2
+            value: Any
+            if prefix in b"$=!":  # bulk string, verbatim string, bulk error
+                n = self._length(line, "bulk", allow_null=prefix == 0x24)
+                if n == -1:
+                    value = None
+                else:
+                    end = after + n
+                    if len(buf) < end + 2:
+                        if end - pos > self._max_reply_size:
+                            raise self._fail("bulk string larger than the reply limit")
+                        return self._need_data()
+                    if buf[end : end + 2] != b"\r\n":
+                        raise self._fail("bulk string not terminated by CRLF")
+                    value = bytes(buf[after:end])
+                    after = end + 2
+                    if prefix == 0x3D:  # '='
+                        if len(value) < 4 or value[3:4] != b":":
+                            raise self._fail("verbatim string without its format prefix")
+                        value = value[4:]
+                    elif prefix == 0x21:  # '!'
+                        value = ReplyError(value.decode("utf-8", "replace"))
+            elif prefix == 0x2B:  # '+'
+                value = line
+            elif prefix == 0x2D:  # '-'
+                value = ReplyError(line.decode("utf-8", "replace"))
+            elif prefix == 0x3A or prefix == 0x28:  # ':' integer, '(' big number
+                if not _INTEGER.fullmatch(line):
+                    raise self._fail(f"invalid integer {line[:32]!r}")
+                value = int(line)
+            elif prefix == 0x5F:  # '_'
+                if line:
+                    raise self._fail("null with a payload")
+                value = None
+            elif prefix == 0x2C:  # ','
+                if not _DOUBLE.fullmatch(line):
+                    raise self._fail(f"invalid double {line[:32]!r}")
+                value = float(line)
+            elif prefix == 0x23:  # '#'
+                if line == b"t":
+                    value = True
+                elif line == b"f":
+                    value = False
+                else:
+                    raise self._fail(f"invalid boolean {line[:32]!r}")
+            elif prefix in b"*~>%|":  # array, set, push, map, attribute
+                n = self._length(line, "aggregate", allow_null=prefix in b"*>")
+                if n == -1:
+                    value = None
+                else:
+                    if prefix in b"%|":
+                        n *= 2
+                    if n == 0:
+                        value = {} if prefix == 0x25 else _SKIP if prefix == 0x7C else []
+                    else:
+                        if len(self._stack) >= self._max_depth:
+                            raise self._fail(f"replies nested deeper than {self._max_depth}")
+                        self._stack.append(_Frame(prefix, n))
+                        self._advance(after)
+                        continue
+            else:
+                raise self._fail(f"unknown type prefix {bytes([prefix])!r}")
+            self._advance(after)
+            # Deliver the value to the aggregates it completes.
+            while self._stack:
+                if value is not _SKIP:
+                    top = self._stack[-1]
+                    top.items.append(value)
+                    if len(top.items) < top.wanted:
+                        break
+                else:
+                    break
+                self._stack.pop()
+                value = self._build(top)
+            else:
+                if value is not _SKIP:
+                    self._compact()
+                    return value
+                continue
+
+    def _build(self, frame: _Frame) -> Any:
+        items = frame.items
+        if frame.kind == 0x25:  # '%'
+            return dict(zip(items[0::2], items[1::2], strict=True))
+        if frame.kind == 0x7C:  # '|'
+            return _SKIP
+        return items
+
+    def _advance(self, new_pos: int) -> None:
+        self._consumed += new_pos - self._pos
+        self._pos = new_pos
+
+    def _need_data(self) -> _NeedData:
+        self._compact()
+        return NEED_DATA
+
+    def _compact(self) -> None:
+        # Drop consumed bytes once they are a good share of the buffer, so it never grows
+        # without bound and the cost of deleting stays amortised.
+        pos = self._pos
+        if pos and (pos == len(self._buf) or pos > 65536):
+            del self._buf[:pos]
+            self._pos = 0
+
+
+class HiredisParser:
+    """The hiredis C reader behind the ``ReplyParser`` contract, with the same size bound.
+
+    hiredis bounds nesting itself; the reply size is bounded here by the bytes it holds
+    while no reply is complete.
+    """
+
+    def __init__(self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE) -> None:
+        import hiredis
+
+        self._reader = hiredis.Reader(
+            protocolError=ProtocolError, replyError=ReplyError, notEnoughData=NEED_DATA
+        )
+        self._max_reply_size = max_reply_size
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from Redis."""
+        self._reader.feed(data)
+
+    def gets(self) -> Any:
+        """Return the next complete reply, or ``NEED_DATA``."""
+        reply = self._reader.gets()
+        if reply is NEED_DATA and self._reader.len() > self._max_reply_size:
+            raise ProtocolError(f"reply larger than the limit of {self._max_reply_size} bytes")
+        return reply
+
+
+def hiredis_available() -> bool:
+    """Tell whether the hiredis parser can be used, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("hiredis") is not None
+
+
+def make_parser(kind: str | None = None, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE) -> Any:
+    """Make a reply parser.
+
+    ``kind`` is ``"python"``, ``"hiredis"`` or ``None`` for the default: the environment
+    variable ``MINIDASGI_RESP_PARSER`` when set, else hiredis when it is installed.
+    """
+    if kind is None:
+        kind = os.environ.get("MINIDASGI_RESP_PARSER") or None
+    if kind is None:
+        kind = "hiredis" if hiredis_available() else "python"
+    if kind == "python":
+        return PythonParser(max_reply_size=max_reply_size)
+    if kind == "hiredis":
+        try:
+            return HiredisParser(max_reply_size=max_reply_size)
+        except ImportError:
+            raise ImportError(
+                "the hiredis RESP parser was asked for but hiredis is not installed: "
+                "pip install 'minidasgi[hiredis]'"
+            ) from None
+    raise ValueError(f"unknown RESP parser {kind!r}: use 'python' or 'hiredis'")

@@ -1,0 +1,331 @@
+"""A pub/sub subscriber on a connection of its own, that survives Redis restarts.
+
+Theory of operation: one supervisor task owns the socket. It connects (AUTH only: pub/sub
+ignores SELECT's db, so callers namespace their channel names), sends one SUBSCRIBE for every
+wanted channel, then reads pushes until the connection ends; then it reconnects with bounded
+exponential backoff and starts again. Confirmations are matched by channel name, since a message
+may arrive before the confirmation of its own SUBSCRIBE.
+
+On a connection that carries only subscriptions Redis sends nothing while idle, so a dead peer
+would go unnoticed: after ``health_check_interval`` seconds of silence the supervisor sends a
+PING (allowed in subscribe mode) and gives the connection up if another interval passes silent.
+
+Messages published while the subscriber was disconnected are lost (pub/sub is fire and forget).
+The owner learns of each loss through ``on_connection_lost`` and can fail its in-flight work
+instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
+
+from .connection import ConnectionParams, _ssl_context, make_params
+from .protocol import (
+    NEED_DATA,
+    AuthenticationError,
+    ProtocolError,
+    RedisConnectionError,
+    ReplyError,
+    make_parser,
+    pack_command,
+)
+
+__all__ = ["Message", "Subscriber"]
+
+logger = logging.getLogger("minidasgi.resp.pubsub")
+
+
+class Message(NamedTuple):
+    """A message received on a subscribed channel."""
+
+    channel: bytes
+    data: bytes
+
+
+def _as_bytes(channel: str | bytes) -> bytes:
+    return channel.encode() if isinstance(channel, str) else bytes(channel)
+
+
+class Subscriber:
+    """Subscribes to channels and delivers their messages, reconnecting as needed.
+
+    Give ``on_message(channel, data)`` to have messages delivered to a callback (called in the
+    event loop; it must not block); otherwise iterate with ``async for message in subscriber``.
+    ``on_connection_lost()`` is called each time an established connection is lost: messages
+    may have been missed from then until the resubscription. ``on_connected()`` is called each
+    time the subscriptions are in place again.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        params: ConnectionParams | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        unix_socket: str | None = None,
+        ssl: Any = None,
+        on_message: Callable[[bytes, bytes], None] | None = None,
+        on_connection_lost: Callable[[], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        health_check_interval: float = 10.0,
+        min_backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        parser: str | None = None,
+    ) -> None:
+        self.params = params or make_params(
+            url,
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            unix_socket=unix_socket,
+            ssl=ssl,
+        )
+        self._on_message = on_message
+        self._on_connection_lost = on_connection_lost
+        self._on_connected = on_connected
+        self._health_check_interval = health_check_interval
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self._parser_kind = parser
+        self._channels: set[bytes] = set()
+        self._confirmed: set[bytes] = set()
+        self._waiting: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self.last_error: Exception | None = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<Subscriber {self.params.address} {state} channels={len(self._channels)}>"
+
+    @property
+    def connected(self) -> bool:
+        """True while connected with every subscription confirmed or requested."""
+        return self._connected.is_set()
+
+    @property
+    def channels(self) -> frozenset[bytes]:
+        """The channels this subscriber wants."""
+        return frozenset(self._channels)
+
+    def start(self) -> None:
+        """Start connecting in the background (idempotent). ``subscribe`` calls it."""
+        if self._closing:
+            raise RedisConnectionError("subscriber is closed")
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected; raise ``TimeoutError`` after ``timeout`` seconds."""
+        self.start()
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def subscribe(self, *channels: str | bytes) -> None:
+        """Subscribe and return once Redis confirmed every channel.
+
+        While Redis is unreachable this waits for the reconnection; wrap it in
+        ``asyncio.wait_for`` to bound the wait. Cancelling it keeps the subscriptions.
+        """
+        self.start()
+        names = [_as_bytes(c) for c in channels]
+        loop = asyncio.get_running_loop()
+        futures = []
+        new = []
+        for name in names:
+            if name in self._confirmed:
+                continue
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiting.setdefault(name, []).append(future)
+            futures.append(future)
+            if name not in self._channels:
+                self._channels.add(name)
+                new.append(name)
+        if new and self._writer is not None and self.connected:
+            self._send("SUBSCRIBE", *new)
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def unsubscribe(self, *channels: str | bytes) -> None:
+        """Stop receiving messages from these channels (all when none is named)."""
+        names = [_as_bytes(c) for c in channels] if channels else list(self._channels)
+        names = [n for n in names if n in self._channels]
+        for name in names:
+            self._channels.discard(name)
+            self._confirmed.discard(name)
+            for future in self._waiting.pop(name, []):
+                if not future.done():
+                    future.cancel()
+        if names and self._writer is not None and self.connected:
+            self._send("UNSUBSCRIBE", *names)
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        if self._on_message is not None:
+            raise RuntimeError("this Subscriber delivers to its on_message callback")
+        self.start()
+        while True:
+            message = await self._queue.get()
+            if message is None:
+                return
+            yield message
+
+    async def close(self) -> None:
+        """Stop and disconnect. Safe to call more than once."""
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for futures in self._waiting.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(RedisConnectionError("subscriber closed"))
+        self._waiting.clear()
+        self._queue.put_nowait(None)
+
+    # Internals.
+
+    def _send(self, *args: object) -> None:
+        assert self._writer is not None
+        self._writer.write(pack_command(*args))
+
+    async def _supervise(self) -> None:
+        backoff = self._min_backoff
+        while not self._closing:
+            try:
+                reader, writer = await self._open()
+            except AuthenticationError as exc:
+                self.last_error = exc
+                logger.error("%s", exc)
+            except (RedisConnectionError, ReplyError) as exc:
+                self.last_error = exc
+                logger.debug("subscriber cannot connect: %s", exc)
+            else:
+                backoff = self._min_backoff
+                try:
+                    await self._serve(reader, writer)
+                except (OSError, RedisConnectionError, ProtocolError, asyncio.TimeoutError) as exc:
+                    self.last_error = exc
+                    logger.warning(
+                        "subscriber lost its connection to Redis at %s: %s",
+                        self.params.address,
+                        exc or type(exc).__name__,
+                    )
+                finally:
+                    self._writer = None
+                    self._connected.clear()
+                    self._confirmed.clear()
+                    writer.close()
+                if self._on_connection_lost is not None and not self._closing:
+                    self._on_connection_lost()
+                continue
+            # Jitter spreads the reconnects of many processes after a Redis restart.
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        params = self.params
+        sslctx = _ssl_context(params.ssl)
+        try:
+            if params.unix_socket is not None:
+                opening = asyncio.open_unix_connection(params.unix_socket, ssl=sslctx)
+            else:
+                opening = asyncio.open_connection(
+                    params.host,
+                    params.port,
+                    ssl=sslctx,
+                    server_hostname=params.host if sslctx is not None else None,
+                )
+            reader, writer = await asyncio.wait_for(opening, params.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise RedisConnectionError(
+                f"cannot connect to Redis at {params.address}: {exc or 'timed out'}"
+            ) from None
+        if params.password is not None:
+            auth: tuple[str, ...] = ("AUTH", params.password)
+            if params.username is not None:
+                auth = ("AUTH", params.username, params.password)
+            writer.write(pack_command(*auth))
+            parser = make_parser(self._parser_kind)
+            try:
+                while (reply := parser.gets()) is NEED_DATA:
+                    data = await asyncio.wait_for(reader.read(4096), params.connect_timeout)
+                    if not data:
+                        raise RedisConnectionError(f"Redis at {params.address} hung up")
+                    parser.feed(data)
+            except BaseException:
+                writer.close()
+                raise
+            if isinstance(reply, ReplyError):
+                writer.close()
+                raise AuthenticationError(f"Redis at {params.address} refused AUTH: {reply}")
+        return reader, writer
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = make_parser(self._parser_kind)
+        self._writer = writer
+        if self._channels:
+            self._send("SUBSCRIBE", *self._channels)
+        self._connected.set()
+        if self._on_connected is not None:
+            self._on_connected()
+        pinged = False
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), self._health_check_interval)
+            except asyncio.TimeoutError:
+                if pinged:
+                    raise RedisConnectionError("no answer to a health-check PING") from None
+                self._send("PING")
+                pinged = True
+                continue
+            if not data:
+                raise RedisConnectionError("Redis closed the connection")
+            pinged = False
+            parser.feed(data)
+            while (reply := parser.gets()) is not NEED_DATA:
+                self._handle(reply)
+
+    def _handle(self, reply: Any) -> None:
+        if isinstance(reply, ReplyError):
+            logger.warning("Redis answered an error to the subscriber: %s", reply)
+            return
+        if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
+            raise ProtocolError("unexpected reply in subscribe mode")
+        kind = reply[0].lower()
+        if kind == b"message" and len(reply) == 3:
+            channel, data = reply[1], reply[2]
+            if channel in self._channels:
+                if self._on_message is not None:
+                    try:
+                        self._on_message(channel, data)
+                    except Exception:
+                        logger.exception("on_message callback failed")
+                else:
+                    self._queue.put_nowait(Message(channel, data))
+        elif kind == b"subscribe" and len(reply) == 3:
+            channel = reply[1]
+            if channel in self._channels:
+                self._confirmed.add(channel)
+                for future in self._waiting.pop(channel, []):
+                    if not future.done():
+                        future.set_result(None)
+        elif kind in (b"unsubscribe", b"pong"):
+            pass
+        else:
+            raise ProtocolError(f"unexpected {kind[:32]!r} push in subscribe mode")
