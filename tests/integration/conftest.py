@@ -1,0 +1,66 @@
+"""Fixtures that give integration tests private ``redis-server`` processes.
+
+* ``redis_server`` -- a fresh plain server per test.
+* ``shared_redis`` -- one plain server for the whole session; ``clean_redis`` is the same
+  server after ``FLUSHALL``.
+* ``redis_factory`` -- ``redis_factory(password=..., acl_users=..., tls=..., extra_args=...)``
+  starts variants and closes them all at teardown.
+
+The implementation lives in :mod:`.redis_server`. The system Redis on port 6379 is never used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .redis_server import RedisFactory, RedisServer, TLSNotSupportedError, find_redis_server
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(binary=find_redis_server())
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    server = RedisServer(binary=find_redis_server())
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def clean_redis(shared_redis: RedisServer) -> RedisServer:
+    if not shared_redis.running:  # a previous test stopped or killed it
+        shared_redis.start()
+    shared_redis.command("FLUSHALL")
+    return shared_redis
+
+
+@pytest.fixture
+def redis_factory() -> Iterator[RedisFactory]:
+    binary = find_redis_server()
+    started: list[RedisServer] = []
+
+    def factory(**kwargs: Any) -> RedisServer:
+        kwargs.setdefault("binary", binary)
+        server = RedisServer(**kwargs)
+        started.append(server)
+        try:
+            return server.start()
+        except TLSNotSupportedError:
+            pytest.skip("redis-server built without TLS")
+
+    try:
+        yield factory
+    finally:
+        for server in reversed(started):
+            server.close()

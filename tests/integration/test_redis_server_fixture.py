@@ -1,0 +1,94 @@
+"""Quick checks of the private redis-server fixtures themselves."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from .redis_server import RedisFactory, RedisReplyError, RedisServer
+
+
+def _raw_ping(server: RedisServer, *auth: str) -> bytes:
+    with socket.create_connection((server.host, server.port), timeout=2) as sock:
+        replies = b""
+        if auth:
+            sock.sendall(b"AUTH " + " ".join(auth).encode() + b"\r\n")
+            replies += sock.recv(64)
+        sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return replies + sock.recv(64)
+
+
+def test_plain_server_answers_ping(redis_server: RedisServer) -> None:
+    assert redis_server.port != 6379
+    assert redis_server.command("PING") == b"PONG"
+    assert redis_server.command("SET", "k", b"v") == b"OK"
+    assert redis_server.command("GET", "k") == b"v"
+    assert redis_server.command("RPUSH", "l", 1, 2) == 2
+    assert redis_server.command("LRANGE", "l", 0, -1) == [b"1", b"2"]
+    assert redis_server.command("GET", "missing") is None
+    with pytest.raises(RedisReplyError, match="unknown command"):
+        redis_server.command("NOSUCHCOMMAND")
+    assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}"
+    assert redis_server.unix_url == f"unix://{redis_server.unix_socket}?db=0"
+    assert _raw_ping(redis_server) == b"+PONG\r\n"
+
+
+def test_restart_keeps_port_and_socket(redis_server: RedisServer) -> None:
+    port, path, pid = redis_server.port, redis_server.unix_socket, redis_server.pid
+    redis_server.restart()
+    assert (redis_server.port, redis_server.unix_socket) == (port, path)
+    assert redis_server.pid != pid
+    assert redis_server.command("PING") == b"PONG"
+    redis_server.kill()
+    assert not redis_server.running
+    redis_server.start()
+    assert redis_server.port == port
+    assert redis_server.command("PING") == b"PONG"
+
+
+def test_clean_redis_is_flushed(clean_redis: RedisServer) -> None:
+    assert clean_redis.command("DBSIZE") == 0
+    clean_redis.command("SET", "leftover", "x")
+
+
+def test_password_variant(redis_factory: RedisFactory) -> None:
+    server = redis_factory(password="s3cret/@:")
+    assert _raw_ping(server).startswith(b"-NOAUTH")
+    assert _raw_ping(server, "s3cret/@:") == b"+OK\r\n+PONG\r\n"
+    assert server.command("PING") == b"PONG"
+    assert server.url == f"redis://:s3cret%2F%40%3A@127.0.0.1:{server.port}"
+    assert server.unix_url.startswith("unix://:s3cret%2F%40%3A@/tmp/")
+
+
+def test_acl_user_variant(redis_factory: RedisFactory) -> None:
+    server = redis_factory(acl_users={"alice": "wonderland"})
+    assert _raw_ping(server, "alice", "wonderland") == b"+OK\r\n+PONG\r\n"
+    assert _raw_ping(server, "alice", "wrong").startswith(b"-WRONGPASS")
+    assert server.command("ACL", "WHOAMI") == b"default"
+
+
+def test_tls_variant(redis_factory: RedisFactory) -> None:
+    server = redis_factory(tls=True)
+    assert server.tls_port is not None and server.ca_file is not None
+    assert server.tls_url == f"rediss://127.0.0.1:{server.tls_port}"
+    context = server.ssl_context()
+    with (
+        socket.create_connection((server.host, server.tls_port), timeout=2) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert tls.recv(64) == b"+PONG\r\n"
+    assert server.command("PING") == b"PONG"  # plain port and unix socket stay open
+
+
+def test_close_removes_process_and_dir() -> None:
+    server = RedisServer().start()
+    pid, tmpdir = server.pid, server.tmpdir
+    assert pid is not None and tmpdir.is_dir()
+    server.close()
+    server.close()  # idempotent
+    assert server.pid is None and not tmpdir.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
