@@ -1,0 +1,195 @@
+"""Safe, compact encoding of ASGI messages for travel through Redis.
+
+Owns the byte format of every value minidasgi puts into Redis. Must never use ``pickle`` or
+``marshal``: whatever is read back from Redis is untrusted input, and decoding it can only ever
+produce None, bool, int, float, str, bytes, list and dict (with str keys).
+
+Format (version 1): one version byte, then one value. A value is a one-byte tag and its payload,
+big-endian: ``N`` None, ``T``/``F`` booleans, ``i`` int64, ``I`` a larger int as decimal
+ASCII (u16 length), ``f`` float64, ``s`` UTF-8 str and ``b`` bytes (u32 length), ``l`` list and
+``d`` dict (u32 count, then the items; dict keys are str values). Tuples travel as lists.
+Decoding checks every length against the bytes that remain, so a forged count cannot make it
+allocate more than the message holds; depth and total size are bounded.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final
+
+__all__ = ["VERSION", "CodecError", "decode", "encode"]
+
+VERSION: Final = 1
+_VERSION_BYTE: Final = bytes([VERSION])
+DEFAULT_MAX_SIZE: Final = 16 * 1024 * 1024
+DEFAULT_MAX_DEPTH: Final = 32
+_MAX_BIGINT_DIGITS: Final = 128
+
+_I64 = struct.Struct(">q")
+_F64 = struct.Struct(">d")
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+class CodecError(ValueError):
+    """A value cannot be encoded, or bytes are not a valid encoded message."""
+
+
+def encode(value: Any, *, max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
+    """Encode ``value``; raise ``CodecError`` for types that cannot travel."""
+    parts: list[bytes] = [_VERSION_BYTE]
+    _encode(value, parts, max_depth)
+    return b"".join(parts)
+
+
+def _encode(value: Any, parts: list[bytes], depth: int) -> None:
+    # Ordered by how often each type occurs in ASGI messages.
+    if isinstance(value, bytes):
+        parts.append(b"b" + _U32.pack(len(value)))
+        parts.append(value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+        parts.append(b"s" + _U32.pack(len(data)))
+        parts.append(data)
+    elif isinstance(value, dict):
+        if depth <= 0:
+            raise CodecError("value nested too deeply to encode")
+        parts.append(b"d" + _U32.pack(len(value)))
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CodecError(f"dict keys must be str, not {type(key).__name__}")
+            data = key.encode("utf-8", "surrogatepass")
+            parts.append(b"s" + _U32.pack(len(data)))
+            parts.append(data)
+            _encode(item, parts, depth - 1)
+    elif isinstance(value, (list, tuple)):
+        if depth <= 0:
+            raise CodecError("value nested too deeply to encode")
+        parts.append(b"l" + _U32.pack(len(value)))
+        for item in value:
+            _encode(item, parts, depth - 1)
+    elif value is None:
+        parts.append(b"N")
+    elif value is True:
+        parts.append(b"T")
+    elif value is False:
+        parts.append(b"F")
+    elif isinstance(value, int):
+        if _I64_MIN <= value <= _I64_MAX:
+            parts.append(b"i" + _I64.pack(value))
+        else:
+            digits = str(value).encode()
+            if len(digits) > _MAX_BIGINT_DIGITS:
+                raise CodecError("int too large to encode")
+            parts.append(b"I" + _U16.pack(len(digits)) + digits)
+    elif isinstance(value, float):
+        parts.append(b"f" + _F64.pack(value))
+    elif isinstance(value, (bytearray, memoryview)):
+        data = bytes(value)
+        parts.append(b"b" + _U32.pack(len(data)))
+        parts.append(data)
+    else:
+        raise CodecError(f"a {type(value).__name__} cannot travel through Redis")
+
+
+def is_portable(value: Any) -> bool:
+    """Tell whether ``value`` can be encoded."""
+    try:
+        _encode(value, [], DEFAULT_MAX_DEPTH)
+    except CodecError:
+        return False
+    return True
+
+
+def decode(
+    data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH
+) -> Any:
+    """Decode a message made by ``encode``; raise ``CodecError`` for anything else."""
+    if len(data) > max_size:
+        raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
+    if not data:
+        raise CodecError("empty message")
+    if data[0] != VERSION:
+        raise CodecError(f"unsupported message version {data[0]} (this side speaks {VERSION})")
+    decoder = _Decoder(data, max_depth)
+    value = decoder.value(max_depth)
+    if decoder.pos != len(data):
+        raise CodecError(f"{len(data) - decoder.pos} trailing bytes after the message")
+    return value
+
+
+class _Decoder:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, max_depth: int) -> None:
+        self.data = data
+        self.pos = 1
+
+    def _take(self, n: int) -> bytes:
+        start = self.pos
+        end = start + n
+        if end > len(self.data):
+            raise CodecError("message truncated")
+        self.pos = end
+        return self.data[start:end]
+
+    def _u32(self) -> int:
+        try:
+            (n,) = _U32.unpack_from(self.data, self.pos)
+        except struct.error:
+            raise CodecError("message truncated") from None
+        self.pos += 4
+        return int(n)
+
+    def _str(self) -> str:
+        raw = self._take(self._u32())
+        try:
+            return raw.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise CodecError("invalid UTF-8 in a string") from None
+
+    def value(self, depth: int) -> Any:
+        data = self.data
+        if self.pos >= len(data):
+            raise CodecError("message truncated")
+        tag = data[self.pos]
+        self.pos += 1
+        if tag == 0x62:  # b
+            return self._take(self._u32())
+        if tag == 0x73:  # s
+            return self._str()
+        if tag == 0x64 or tag == 0x6C:  # d, l
+            if depth <= 0:
+                raise CodecError("message nested too deeply")
+            count = self._u32()
+            # Each item takes at least one byte: a forged count fails here, before allocating.
+            if count > len(data) - self.pos:
+                raise CodecError("message truncated")
+            if tag == 0x6C:
+                return [self.value(depth - 1) for _ in range(count)]
+            result: dict[str, Any] = {}
+            for _ in range(count):
+                if self.pos >= len(data) or data[self.pos] != 0x73:
+                    raise CodecError("dict key is not a string")
+                self.pos += 1
+                key = self._str()
+                result[key] = self.value(depth - 1)
+            return result
+        if tag == 0x4E:  # N
+            return None
+        if tag == 0x54:  # T
+            return True
+        if tag == 0x46:  # F
+            return False
+        if tag == 0x69:  # i
+            return _I64.unpack(self._take(8))[0]
+        if tag == 0x66:  # f
+            return _F64.unpack(self._take(8))[0]
+        if tag == 0x49:  # I
+            (n,) = _U16.unpack(self._take(2))
+            digits = self._take(n)
+            if n == 0 or n > _MAX_BIGINT_DIGITS or not digits.lstrip(b"-").isdigit():
+                raise CodecError("invalid big int")
+            return int(digits)
+        raise CodecError(f"unknown tag {bytes([tag])!r}")

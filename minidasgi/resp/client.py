@@ -1,0 +1,135 @@
+"""A command connection that reconnects by itself.
+
+Owns the life cycle of one ``Connection``: a supervisor task opens it, waits for it to end,
+and opens a new one with bounded, jittered exponential backoff, forever, until ``close()``.
+Callers never wait for a Redis that is down: ``connection()`` returns the live connection or
+raises ``RedisConnectionError`` at once, so a front process can answer 503 instead of hanging.
+It never retries a command: whether a command sent on a lost connection ran is unknowable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from .connection import Connection, ConnectionParams, open_connection
+from .protocol import AuthenticationError, RedisConnectionError, RespError
+
+__all__ = ["Client"]
+
+logger = logging.getLogger("minidasgi.resp.client")
+
+
+class Client:
+    """One Redis connection kept open across outages. ``start()`` it, then use it."""
+
+    def __init__(
+        self,
+        params: ConnectionParams,
+        *,
+        name: str = "client",
+        parser: str | None = None,
+        min_backoff: float = 0.05,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self.params = params
+        self.name = name
+        self._parser = parser
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self._connection: Connection | None = None
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.last_error: Exception | None = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<Client {self.name} {self.params.address} {state}>"
+
+    @property
+    def connected(self) -> bool:
+        """True while a live connection is at hand."""
+        connection = self._connection
+        return connection is not None and not connection.is_closed
+
+    def start(self) -> None:
+        """Start the supervisor (idempotent)."""
+        if self._task is None and not self._closing:
+            self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def wait_connected(self, timeout: float | None = None) -> Connection:
+        """Wait for a live connection, at most ``timeout`` seconds (``TimeoutError``)."""
+        self.start()
+        return await asyncio.wait_for(self._wait_connected(), timeout)
+
+    async def _wait_connected(self) -> Connection:
+        while True:
+            connection = self._connection
+            if connection is not None and not connection.is_closed:
+                return connection
+            self._ready.clear()
+            await self._ready.wait()
+
+    def connection(self) -> Connection:
+        """The live connection; ``RedisConnectionError`` at once when Redis is unreachable."""
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            reason = f": {self.last_error}" if self.last_error is not None else ""
+            raise RedisConnectionError(f"Redis at {self.params.address} is unreachable{reason}")
+        return connection
+
+    async def execute(self, *args: object) -> Any:
+        """Run a command on the live connection (see ``Connection.execute``)."""
+        return await self.connection().execute(*args)
+
+    async def publish(self, channel: str | bytes, message: object) -> int:
+        """PUBLISH on the live connection; returns the number of receivers."""
+        return await self.connection().publish(channel, message)
+
+    async def lpush(self, key: str | bytes, *values: object) -> int:
+        """LPUSH on the live connection."""
+        return await self.connection().lpush(key, *values)
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection."""
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    async def _supervise(self) -> None:
+        backoff = self._min_backoff
+        while not self._closing:
+            try:
+                connection = await open_connection(self.params, parser=self._parser)
+            except AuthenticationError as exc:
+                self.last_error = exc
+                logger.error("%s: %s", self.name, exc)
+            except (RespError, OSError) as exc:
+                self.last_error = exc
+                logger.debug("%s cannot connect: %s", self.name, exc)
+            else:
+                if backoff > self._min_backoff:
+                    logger.info("%s reconnected to Redis at %s", self.name, self.params.address)
+                backoff = self._min_backoff
+                self._connection = connection
+                self._ready.set()
+                try:
+                    reason = await connection.wait_closed()
+                finally:
+                    if self._closing:
+                        await connection.close()
+                self.last_error = reason
+                logger.warning("%s: %s", self.name, reason)
+                continue
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(backoff * 2, self._max_backoff)

@@ -1,0 +1,209 @@
+"""The conversation between a distributor and a Node, as both sides see it.
+
+Both sides import this module; neither imports the other. It owns message kinds, the request
+envelope, channel names and flow-control credits; it does no I/O.
+
+The conversation for one request (``id``):
+
+1. The distributor ``LPUSH``es an ``Envelope`` onto the route's key: the scope, the first ASGI
+   events already received (a small request travels whole), the distributor's reply channel,
+   a deadline and the flow-control window.
+2. A Node pops it (``BRPOP``: first in, first out) and publishes ``[ACK, id, node_channel]``.
+3. The Node publishes ``[SEND, id, [events...]]`` with what the app sends; the distributor
+   publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
+4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
+   consumer returns ``[CREDIT, id, n]`` as it consumes (``ReceiveWindow``/``SendWindow``).
+5. ``[DONE, id, failed]`` ends a request whose app returned without completing the response;
+   ``[CANCEL, id]`` tells a Node that the distributor gave the request up.
+6. ``[PING]`` carries nothing: publishing it tells the sender, by the receiver count PUBLISH
+   returns, whether the peer's subscriber is still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+from . import codec
+
+__all__ = [
+    "ACK",
+    "CANCEL",
+    "CHUNK_SIZE",
+    "CREDIT",
+    "DONE",
+    "EVENT",
+    "PING",
+    "SEND",
+    "WINDOW",
+    "Envelope",
+    "ReceiveWindow",
+    "SendWindow",
+    "WireError",
+    "new_channel",
+    "new_request_id",
+    "pack",
+    "unpack",
+]
+
+ACK: Final = "ack"
+SEND: Final = "send"
+EVENT: Final = "event"
+CREDIT: Final = "credit"
+DONE: Final = "done"
+CANCEL: Final = "cancel"
+PING: Final = "ping"
+
+CHUNK_SIZE: Final = 64 * 1024
+"""Largest body piece in one message; bigger bodies are split."""
+WINDOW: Final = 8
+"""Data-bearing messages a side may have unconsumed by its peer, per request."""
+MAX_MESSAGE_SIZE: Final = 4 * CHUNK_SIZE + 256 * 1024
+"""Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
+PING_MESSAGE: Final = codec.encode([PING])
+
+
+class WireError(ValueError):
+    """A message that decodes but does not follow the conversation."""
+
+
+def new_request_id() -> str:
+    """A fresh, unguessable request id."""
+    return os.urandom(12).hex()
+
+
+def new_channel(prefix: str, db: int, role: str) -> str:
+    """A unique channel name. Pub/sub ignores SELECT, so the db is part of the name."""
+    return f"{prefix}:{db}:{role}:{os.urandom(12).hex()}"
+
+
+def pack(kind: str, request_id: str, *args: Any) -> bytes:
+    """Encode one conversation message."""
+    return codec.encode([kind, request_id, *args])
+
+
+def unpack(data: bytes) -> tuple[str, str, list[Any]]:
+    """Decode one conversation message into ``(kind, request_id, args)``."""
+    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE)
+    if not isinstance(message, list) or not message or not isinstance(message[0], str):
+        raise WireError("message is not a [kind, id, ...] list")
+    if message[0] == PING:
+        return PING, "", []
+    if len(message) < 2 or not isinstance(message[1], str):
+        raise WireError(f"{message[0][:20]!r} message without a request id")
+    return message[0], message[1], message[2:]
+
+
+@dataclass
+class Envelope:
+    """A request as pushed onto a queue."""
+
+    id: str
+    reply: str
+    deadline: float
+    scope: dict[str, Any]
+    events: list[dict[str, Any]]
+    window: int = WINDOW
+
+    def encode(self) -> bytes:
+        """The bytes to LPUSH."""
+        return codec.encode(
+            {
+                "id": self.id,
+                "reply": self.reply,
+                "deadline": self.deadline,
+                "scope": self.scope,
+                "events": self.events,
+                "window": self.window,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int = codec.DEFAULT_MAX_SIZE) -> Envelope:
+        """Decode and validate; raise ``CodecError`` or ``WireError``."""
+        value = codec.decode(data, max_size=max_size)
+        if not isinstance(value, dict):
+            raise WireError("envelope is not a dict")
+        try:
+            request_id = value["id"]
+            reply = value["reply"]
+            deadline = value["deadline"]
+            scope = value["scope"]
+            events = value["events"]
+            window = value["window"]
+        except KeyError as exc:
+            raise WireError(f"envelope without {exc.args[0]!r}") from None
+        if not (isinstance(request_id, str) and 0 < len(request_id) <= 64):
+            raise WireError("envelope id is not a short string")
+        if not (isinstance(reply, str) and 0 < len(reply) <= 256):
+            raise WireError("envelope reply channel is not a short string")
+        if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+            raise WireError("envelope deadline is not a number")
+        if not math.isfinite(deadline):
+            raise WireError("envelope deadline is not finite")
+        if not (isinstance(scope, dict) and scope.get("type") in ("http", "websocket")):
+            raise WireError("envelope scope is not an http or websocket scope")
+        if not (isinstance(events, list) and all(isinstance(e, dict) for e in events)):
+            raise WireError("envelope events are not a list of dicts")
+        if not (isinstance(window, int) and 1 <= window <= 1024):
+            raise WireError("envelope window out of range")
+        return cls(request_id, reply, float(deadline), scope, events, window)
+
+    def expired(self, now: float | None = None) -> bool:
+        """True once the distributor has stopped waiting for an ack."""
+        return (time.time() if now is None else now) > self.deadline
+
+
+class SendWindow:
+    """The sending side of flow control: wait for credit before each data-bearing message."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self.available = window
+        self._wakeup: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    async def acquire(self) -> None:
+        """Take one credit, waiting until the peer grants one."""
+        while self.available <= 0:
+            if self._error is not None:
+                raise self._error
+            if self._wakeup is None:
+                self._wakeup = asyncio.Event()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if self._error is not None:
+            raise self._error
+        self.available -= 1
+
+    def grant(self, n: int) -> None:
+        """The peer consumed ``n`` messages."""
+        if n > 0:
+            self.available += n
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    def abort(self, error: BaseException) -> None:
+        """Fail the current and future waiters with ``error``."""
+        self._error = error
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+
+class ReceiveWindow:
+    """The receiving side of flow control: returns credit in batches of half the window."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self._batch = max(1, window // 2)
+        self._consumed = 0
+
+    def consumed(self) -> int:
+        """Record one consumed message; return the credit to send now (often 0)."""
+        self._consumed += 1
+        if self._consumed >= self._batch:
+            n, self._consumed = self._consumed, 0
+            return n
+        return 0
