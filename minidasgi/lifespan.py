@@ -18,6 +18,16 @@ __all__ = ["Lifespan", "LifespanFailed"]
 logger = logging.getLogger("minidasgi.lifespan")
 
 
+_ANSWERS = frozenset(
+    {
+        "lifespan.startup.complete",
+        "lifespan.startup.failed",
+        "lifespan.shutdown.complete",
+        "lifespan.shutdown.failed",
+    }
+)
+
+
 class LifespanFailed(RuntimeError):
     """The app reported ``lifespan.startup.failed`` or crashed during startup (mode "on")."""
 
@@ -69,8 +79,10 @@ class Lifespan:
         return await self._inbox.get()
 
     async def _send(self, message: Message) -> None:
-        self._answered = True
         kind = message.get("type")
+        if kind not in _ANSWERS:
+            raise RuntimeError(f"unexpected lifespan message {kind!r}")
+        self._answered = True
         if kind == "lifespan.startup.complete":
             self._startup_done.set()
         elif kind == "lifespan.startup.failed":
@@ -81,8 +93,6 @@ class Lifespan:
         elif kind == "lifespan.shutdown.failed":
             self._error = str(message.get("message", ""))
             self._shutdown_done.set()
-        else:
-            raise RuntimeError(f"unexpected lifespan message {kind!r}")
 
     async def _run(self, scope: dict[str, Any]) -> None:
         try:

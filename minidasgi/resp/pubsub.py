@@ -305,6 +305,8 @@ class Subscriber:
         if isinstance(reply, ReplyError):
             logger.warning("Redis answered an error to the subscriber: %s", reply)
             return
+        if reply == b"PONG":  # a health-check PING sent while no channel was subscribed
+            return
         if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
             raise ProtocolError("unexpected reply in subscribe mode")
         kind = reply[0].lower()

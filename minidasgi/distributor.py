@@ -1,0 +1,558 @@
+"""The front ASGI app: routes each connection to a Redis list and relays it to a Node.
+
+Owns the distributor's two Redis connections (commands, and a subscriber on its own reply
+channel), the table of exchanges in flight, and the answers it gives by itself: 404 (no
+route), 400 (a refused key), 431 (headers too large), 413 (body too large), 503 (Redis
+unreachable), the seed's "no worker" error (405 by default) and 502 (the Node died or messages
+were lost). It never runs application code and never retries a request.
+
+For each request it LPUSHes an envelope, waits ``worker_timeout`` for an ack, then relays the
+Node's events to the ASGI server and the client's events to the Node, under credit-based flow
+control in both directions. A request not acked in time is taken back from the list (LREM) when
+still there, and refused by the Node by its deadline otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import codec, wire
+from .asgi import Message, Receive, Scope, Send
+from .codec import CodecError
+from .resp import RespError, Subscriber
+from .resp.client import Client
+from .resp.connection import make_params
+from .routing import InvalidKey, RouteTable, check_key
+
+__all__ = ["Distributor", "ResponseAborted", "create_distributor", "create_path_distributor"]
+
+logger = logging.getLogger("minidasgi.distributor")
+
+DEFAULT_MAX_BODY_SIZE = 1024**3
+DEFAULT_MAX_HEADER_SIZE = 64 * 1024
+
+
+class ResponseAborted(Exception):
+    """Raised to the ASGI server to abort a response that had already started."""
+
+
+class _Signal:
+    """A local event in an exchange's inbox, beside the messages from the Node."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_PEER_LOST = _Signal("peer lost")
+_TOO_LARGE = _Signal("body too large")
+_CLIENT_GONE = _Signal("client gone")
+
+
+class Distributor:
+    """An ASGI 3 app that hands every HTTP and WebSocket connection to a Node through Redis.
+
+    ``routes`` maps regular expressions to key templates (see ``RouteTable``); ``key`` sends
+    everything to one list. Redis is reached through ``url`` or ``host``/``port``/``db``/
+    ``username``/``password``/``ssl``/``unix_socket``.
+
+    ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
+    ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
+    deployments). ``response_timeout``: optional bound on the whole response after the ack.
+    """
+
+    def __init__(
+        self,
+        routes: RouteTable | Mapping[Any, str] | Iterable[tuple[Any, str]] | None = None,
+        *,
+        key: str | None = None,
+        url: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        db: int | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        ssl: Any = None,
+        unix_socket: str | None = None,
+        worker_timeout: float = 5.0,
+        no_worker_status: int = 405,
+        response_timeout: float | None = None,
+        max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        liveness_interval: float = 1.0,
+        startup_wait: float = 2.0,
+        channel_prefix: str = "minidasgi",
+        parser: str | None = None,
+    ) -> None:
+        if (routes is None) == (key is None):
+            raise TypeError("give a distributor exactly one of routes= or key=")
+        if key is not None:
+            check_key(key)
+            self.routes: RouteTable | None = None
+            self.key: str | None = key
+        else:
+            assert routes is not None
+            self.routes = routes if isinstance(routes, RouteTable) else RouteTable(routes)
+            self.key = None
+        self.params = make_params(
+            url,
+            host=host,
+            port=port,
+            db=db,
+            username=username,
+            password=password,
+            ssl=ssl,
+            unix_socket=unix_socket,
+        )
+        self.worker_timeout = worker_timeout
+        self.no_worker_status = no_worker_status
+        self.response_timeout = response_timeout
+        self.max_body_size = max_body_size
+        self.max_header_size = max_header_size
+        self.liveness_interval = liveness_interval
+        self.startup_wait = startup_wait
+        self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
+        self._parser = parser
+        self._exchanges: dict[str, _Exchange] = {}
+        self._client: Client | None = None
+        self._subscriber: Subscriber | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Distributor {self.params.address} exchanges={len(self._exchanges)}>"
+
+    @property
+    def ready(self) -> bool:
+        """True while both Redis connections are up."""
+        return bool(
+            self._client is not None
+            and self._client.connected
+            and self._subscriber is not None
+            and self._subscriber.connected
+        )
+
+    async def startup(self) -> None:
+        """Connect to Redis (in the background) and wait up to ``startup_wait`` for it."""
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        self._client = Client(self.params, name="distributor", parser=self._parser)
+        self._subscriber = Subscriber(
+            params=self.params,
+            on_message=self._on_message,
+            on_connection_lost=self._on_subscriber_lost,
+            parser=self._parser,
+        )
+        self._client.start()
+        subscribing = asyncio.ensure_future(self._subscriber.subscribe(self.channel))
+        self._background.add(subscribing)
+        subscribing.add_done_callback(self._background.discard)
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_peers())
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(asyncio.shield(subscribing), self._client.wait_connected()),
+                self.startup_wait,
+            )
+        except (asyncio.TimeoutError, RespError) as exc:
+            logger.warning(
+                "Redis at %s is not reachable yet (%s); answering 503 until it is",
+                self.params.address,
+                exc or "timed out",
+            )
+
+    async def shutdown(self) -> None:
+        """Close the Redis connections; requests still in flight fail."""
+        for exchange in list(self._exchanges.values()):
+            exchange.inbox.put_nowait(_PEER_LOST)
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for task in list(self._background):
+            task.cancel()
+        if self._subscriber is not None:
+            await self._subscriber.close()
+        if self._client is not None:
+            await self._client.close()
+        self._starting = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind not in ("http", "websocket"):
+            raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+        if self._starting is None:
+            await self.startup()
+        refusal = self._check(scope)
+        if refusal is not None:
+            status, text = refusal
+            await _refuse(scope, receive, send, status, text)
+            return
+        exchange = _Exchange(self, scope, receive, send)
+        self._exchanges[exchange.id] = exchange
+        try:
+            await exchange.run()
+        finally:
+            del self._exchanges[exchange.id]
+
+    def _check(self, scope: Scope) -> tuple[int, str] | None:
+        """The answer to give without Redis, if any; records the key on the scope's exchange."""
+        path = scope.get("path", "")
+        if self.routes is not None:
+            try:
+                key = self.routes.key_for(path)
+            except InvalidKey as exc:
+                return 400, f"{exc}\n"
+            if key is None:
+                return 404, f"no route for path {path[:200]!r}\n"
+        header_size = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+        if header_size > self.max_header_size:
+            return 431, "request headers too large\n"
+        if self.max_body_size is not None and scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                too_large = value.isdigit() and int(value) > self.max_body_size
+                if too_large and name.lower() == b"content-length":
+                    return 413, "request body too large\n"
+        if not self.ready:
+            return 503, "the request queue (Redis) is unreachable\n"
+        return None
+
+    def key_for(self, path: str) -> str:
+        """The list a request for ``path`` goes to (checked by ``_check`` first)."""
+        if self.routes is None:
+            assert self.key is not None
+            return self.key
+        key = self.routes.key_for(path)
+        assert key is not None
+        return key
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        """PUBLISH for the exchanges; 0 when Redis is unreachable."""
+        if self._client is None:
+            return 0
+        try:
+            return await self._client.publish(channel, message)
+        except RespError as exc:
+            logger.warning("cannot publish: %s", exc)
+            return 0
+
+    def spawn(self, coroutine: Any) -> None:
+        """Run a fire-and-forget coroutine, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        try:
+            kind, request_id, args = wire.unpack(data)
+        except (CodecError, wire.WireError) as exc:
+            logger.warning("dropped a malformed message on the reply channel: %s", exc)
+            return
+        if kind == wire.PING:
+            return
+        exchange = self._exchanges.get(request_id)
+        if exchange is None:
+            if kind == wire.ACK and args and isinstance(args[0], str):
+                # A Node took a request this side gave up on: tell it not to run it.
+                self.spawn(self.publish(args[0], wire.pack(wire.CANCEL, request_id)))
+            return
+        if kind == wire.CREDIT:
+            if args and type(args[0]) is int:
+                exchange.window.grant(args[0])
+        elif kind in (wire.ACK, wire.SEND, wire.DONE):
+            exchange.inbox.put_nowait((kind, args))
+        else:
+            logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+
+    def _on_subscriber_lost(self) -> None:
+        # Messages from Nodes may have been lost while the subscriber was away.
+        for exchange in list(self._exchanges.values()):
+            exchange.inbox.put_nowait(_PEER_LOST)
+
+    async def _watch_peers(self) -> None:
+        while True:
+            await asyncio.sleep(self.liveness_interval)
+            nodes = {e.node for e in self._exchanges.values() if e.node is not None}
+            for node in nodes:
+                if await self.publish(node, wire.PING_MESSAGE) == 0:
+                    for exchange in list(self._exchanges.values()):
+                        if exchange.node == node:
+                            exchange.inbox.put_nowait(_PEER_LOST)
+
+
+class _Exchange:
+    """One HTTP request or WebSocket connection relayed to a Node."""
+
+    def __init__(self, distributor: Distributor, scope: Scope, receive: Receive, send: Send):
+        self.distributor = distributor
+        self.id = wire.new_request_id()
+        self.scope = scope
+        self.kind: str = scope["type"]
+        self._receive = receive
+        self._send = send
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.window = wire.SendWindow()
+        self.received = wire.ReceiveWindow()
+        self.node: str | None = None
+        self.started = False  # the response (or the WebSocket handshake answer) started
+        self.complete = False
+        self.body_size = 0
+
+    async def run(self) -> None:
+        d = self.distributor
+        first = await self._receive()
+        if first["type"] in ("http.disconnect", "websocket.disconnect"):
+            return
+        if self._too_large(first):
+            await self._refuse(413, "request body too large\n")
+            return
+        key = d.key_for(self.scope.get("path", ""))
+        envelope = wire.Envelope(
+            id=self.id,
+            reply=d.channel,
+            deadline=time.time() + d.worker_timeout,
+            scope=_portable_scope(self.scope),
+            events=[dict(first)],
+        )
+        data = envelope.encode()
+        try:
+            assert d._client is not None
+            await d._client.lpush(key, data)
+        except RespError as exc:
+            logger.warning("cannot queue a request on %r: %s", key, exc)
+            await self._refuse(503, "the request queue (Redis) is unreachable\n")
+            return
+        try:
+            item = await asyncio.wait_for(self.inbox.get(), d.worker_timeout)
+        except asyncio.TimeoutError:
+            await self._no_worker(key, data)
+            return
+        if (
+            item is _PEER_LOST
+            or item[0] != wire.ACK
+            or not item[1]
+            or not isinstance(item[1][0], str)
+        ):
+            await self._refuse(502, "lost contact with the worker\n")
+            return
+        self.node = item[1][0]
+        more = first.get("more_body", False) or self.kind == "websocket"
+        pump = asyncio.ensure_future(self._forward_client(more))
+        try:
+            await self._relay()
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
+            if not self.complete and self.node is not None:
+                d.spawn(d.publish(self.node, wire.pack(wire.CANCEL, self.id)))
+
+    async def _no_worker(self, key: str, data: bytes) -> None:
+        d = self.distributor
+        # Take the request back if no Node popped it, so nothing is left behind; if one did,
+        # its deadline stops it and a late ack is answered with a cancel.
+        with contextlib.suppress(RespError):
+            assert d._client is not None
+            await d._client.execute("LREM", key, 1, data)
+        await self._refuse(
+            d.no_worker_status, f"no worker answered within {d.worker_timeout:g} seconds\n"
+        )
+
+    def _too_large(self, event: Message) -> bool:
+        limit = self.distributor.max_body_size
+        if event["type"] != "http.request" or limit is None:
+            return False
+        self.body_size += len(event.get("body", b""))
+        return self.body_size > limit
+
+    async def _refuse(self, status: int, text: str) -> None:
+        await _refuse(self.scope, None, self._send, status, text, accepted=self.started)
+        self.complete = True
+
+    async def _relay(self) -> None:
+        d = self.distributor
+        timeout = d.response_timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while not self.complete:
+            try:
+                if deadline is None:
+                    item = await self.inbox.get()
+                else:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    item = await asyncio.wait_for(self.inbox.get(), max(remaining, 0))
+            except asyncio.TimeoutError:
+                await self._fail(504, "the worker did not answer in time\n")
+                return
+            if item is _CLIENT_GONE:
+                self.complete = True  # nothing more to say to anyone
+                return
+            if item is _PEER_LOST:
+                await self._fail(502, "lost contact with the worker\n")
+                return
+            if item is _TOO_LARGE:
+                await self._fail(413, "request body too large\n")
+                return
+            kind, args = item
+            if kind == wire.SEND and args and isinstance(args[0], list):
+                await self._send_events(args[0])
+            elif kind == wire.DONE:
+                await self._fail(500, "Internal Server Error\n")
+                return
+
+    async def _send_events(self, events: list[Any]) -> None:
+        for event in events:
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise ResponseAborted("the worker sent a malformed event")
+            kind = event["type"]
+            if kind in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
+                self.started = True
+            await self._send(event)
+            if (
+                (kind == "http.response.body" or kind == "websocket.http.response.body")
+                and not (event.get("more_body", False))
+            ) or kind == "websocket.close":
+                self.complete = True
+        credit = self.received.consumed()
+        if credit and not self.complete:
+            assert self.node is not None
+            await self.distributor.publish(self.node, wire.pack(wire.CREDIT, self.id, credit))
+
+    async def _fail(self, status: int, text: str) -> None:
+        """End the exchange on an error: a plain answer if nothing was sent, else an abort."""
+        if self.kind == "http" and self.started:
+            self.complete = False
+            raise ResponseAborted(text.strip())
+        if self.kind == "websocket" and self.started:
+            await self._send({"type": "websocket.close", "code": 1011})
+            self.complete = True
+            return
+        await self._refuse(status, text)
+
+    async def _forward_client(self, more: bool) -> None:
+        """Relay what the client sends after the envelope, under the Node's credit."""
+        d = self.distributor
+        assert self.node is not None
+        while True:
+            event = await self._receive()
+            kind = event["type"]
+            if kind in ("http.disconnect", "websocket.disconnect"):
+                await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(event)))
+                self.inbox.put_nowait(_CLIENT_GONE)
+                return
+            if not more:
+                continue  # uvicorn sends nothing else once the body is complete
+            if self._too_large(event):
+                self.inbox.put_nowait(_TOO_LARGE)
+                return
+            await self.window.acquire()
+            if await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(event))) == 0:
+                self.inbox.put_nowait(_PEER_LOST)
+                return
+            if kind == "http.request" and not event.get("more_body", False):
+                more = False
+
+
+def _is_ack(args: list[Any]) -> bool:
+    return bool(args) and isinstance(args[0], str)
+
+
+def _portable_scope(scope: Scope) -> dict[str, Any]:
+    """The scope minus what cannot or must not travel (``state``, objects in extensions)."""
+    portable: dict[str, Any] = {}
+    for name, value in scope.items():
+        if name in ("state", "app"):
+            continue
+        if name == "extensions" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if codec.is_portable(v)}
+        elif not codec.is_portable(value):
+            continue
+        portable[name] = value
+    return portable
+
+
+async def _refuse(
+    scope: Scope,
+    receive: Receive | None,
+    send: Send,
+    status: int,
+    text: str,
+    *,
+    accepted: bool = False,
+) -> None:
+    """Answer by ourselves: a plain-text response, or a refused/closed WebSocket."""
+    if scope["type"] == "websocket":
+        if receive is not None:
+            await receive()  # websocket.connect
+        # Closing before accepting refuses the handshake (the client sees 403).
+        await send({"type": "websocket.close", "code": 1011 if accepted else 1000})
+        return
+    body = text.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_path_distributor(
+    host: str = "localhost",
+    port: int = 6379,
+    db: int = 0,
+    password: str | None = None,
+    routes: Mapping[Any, str] | Iterable[tuple[Any, str]] | None = None,
+    **options: Any,
+) -> Distributor:
+    """The seed's entry point: an ASGI app routing by path to Redis lists.
+
+    ``routes`` maps regular expressions to key templates, tried in order; the first pattern
+    that matches anywhere in the path gives the key (``\\1`` back-references allowed).
+    Other options as for ``Distributor`` (``url=``, ``username=``, ``worker_timeout=``, ...).
+    """
+    if routes is None:
+        routes = {".*": "ALL-WEBSITE-TRAFFIC"}
+    if "url" in options:
+        return Distributor(routes, **options)
+    return Distributor(routes, host=host, port=port, db=db, password=password, **options)
+
+
+def create_distributor(
+    host: str = "localhost",
+    port: int = 6379,
+    db: int = 0,
+    password: str | None = None,
+    *,
+    key: str,
+    **options: Any,
+) -> Distributor:
+    """An ASGI app sending every request to one Redis list, ``key``."""
+    if "url" in options:
+        return Distributor(key=key, **options)
+    return Distributor(key=key, host=host, port=port, db=db, password=password, **options)

@@ -1,0 +1,465 @@
+"""The worker: pops requests from Redis lists and runs them in an ASGI app.
+
+Owns the Node's three Redis connections (a blocking-pop connection, a publishing connection
+and a subscriber on the Node's own channel), its pop loop, and one ``_Job`` per request in
+flight. It must never pop a request it has no free slot for: what it cannot run stays in Redis
+for other Nodes. It never retries or re-queues a request (delivery is at most once).
+
+A job acks at once, then feeds the app the events the distributor sends and publishes what the
+app sends, under credit-based flow control (``wire.SendWindow`` / ``wire.ReceiveWindow``). If the
+distributor goes away (PUBLISH reaches nobody, or this Node's subscriber lost messages), the
+app's ``receive()`` answers a disconnect and the app is cancelled shortly after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterable
+from typing import Any
+
+from . import wire
+from .asgi import ASGIApp, Message, as_asgi3
+from .codec import CodecError
+from .lifespan import Lifespan
+from .resp import RespError, Subscriber
+from .resp.client import Client
+from .resp.connection import make_params
+
+__all__ = ["DEFAULT_CONCURRENCY", "Node"]
+
+logger = logging.getLogger("minidasgi.node")
+
+DEFAULT_CONCURRENCY = 100
+"""Requests one Node runs at once unless told otherwise."""
+
+_DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
+
+
+class Node:
+    """Runs an ASGI app on the requests pushed onto one or more Redis lists.
+
+    ``cls=`` takes the seed's class style (``cls(scope)``, then ``await instance(receive,
+    send)``); ``app=`` an ASGI 3 app (or a class-style one, told apart as uvicorn does).
+    ``key=`` or ``keys=`` name the lists to pop. Connection settings as for
+    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://`` or ``unix://``.
+
+    ``run()`` blocks until SIGINT or SIGTERM; ``await serve()`` embeds the Node in a running
+    event loop and returns after ``stop()``.
+    """
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 6379,
+        db: int = 0,
+        password: str | None = None,
+        cls: Any = None,
+        key: str | None = None,
+        *,
+        app: Any = None,
+        keys: Iterable[str] | None = None,
+        url: str | None = None,
+        username: str | None = None,
+        ssl: Any = None,
+        unix_socket: str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        lifespan: str = "auto",
+        shutdown_timeout: float = 30.0,
+        pop_timeout: float = 1.0,
+        liveness_interval: float = 1.0,
+        channel_prefix: str = "minidasgi",
+        parser: str | None = None,
+        max_envelope_size: int = 16 * 1024 * 1024,
+    ) -> None:
+        if (cls is None) == (app is None):
+            raise TypeError("give a Node exactly one of cls= (class-style app) or app= (ASGI app)")
+        self.app: ASGIApp = as_asgi3(cls, class_style=True) if cls is not None else as_asgi3(app)
+        names = ([key] if key is not None else []) + list(keys or [])
+        if not names:
+            raise TypeError("give a Node the key (or keys) of the queue(s) to serve")
+        self.keys = list(dict.fromkeys(names))
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.params = make_params(
+            url,
+            host=host if url is None else None,
+            port=port if url is None else None,
+            db=db if url is None else None,
+            username=username,
+            password=password,
+            ssl=ssl,
+            unix_socket=unix_socket,
+        )
+        self.concurrency = concurrency
+        self.lifespan = Lifespan(self.app, lifespan)
+        self.shutdown_timeout = shutdown_timeout
+        self.pop_timeout = pop_timeout
+        self.liveness_interval = liveness_interval
+        self.max_envelope_size = max_envelope_size
+        self.channel = wire.new_channel(channel_prefix, self.params.db, "node")
+        self._parser = parser
+        self._jobs: dict[str, _Job] = {}
+        self._stopping: asyncio.Event | None = None
+        self._force = False
+        self._publisher: Client | None = None
+        self._started: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<Node {self.params.address} keys={self.keys} jobs={len(self._jobs)}>"
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being run now."""
+        return len(self._jobs)
+
+    def run(self) -> None:
+        """Serve until SIGINT or SIGTERM, then shut down gracefully (a second signal forces)."""
+        asyncio.run(self._serve_with_signals())
+
+    async def _serve_with_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.serve()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        """Stop popping and finish gracefully; called twice, cancel the requests in flight."""
+        if self._stopping is None:
+            self._stopping = asyncio.Event()
+        if self._stopping.is_set():
+            self._force = True
+            for job in list(self._jobs.values()):
+                job.cancel("forced shutdown")
+        logger.info("node shutting down (%d requests in flight)", len(self._jobs))
+        self._stopping.set()
+
+    async def wait_started(self) -> None:
+        """Wait until the Node is subscribed and popping."""
+        if self._started is None:
+            self._started = asyncio.Event()
+        await self._started.wait()
+
+    async def serve(self) -> None:
+        """Run the Node in the current event loop until ``stop()``."""
+        if self._stopping is None:
+            self._stopping = asyncio.Event()
+        if self._started is None:
+            self._started = asyncio.Event()
+        publisher = self._publisher = Client(
+            self.params, name="node publisher", parser=self._parser
+        )
+        popper = Client(self.params, name="node queue", parser=self._parser)
+        subscriber = Subscriber(
+            params=self.params,
+            on_message=self._on_message,
+            on_connection_lost=self._on_subscriber_lost,
+            parser=self._parser,
+        )
+        publisher.start()
+        popper.start()
+        monitor: asyncio.Task[None] | None = None
+        try:
+            await self.lifespan.startup()
+            await self._until_stopped(subscriber.subscribe(self.channel))
+            if not self._stopping.is_set():
+                monitor = asyncio.get_running_loop().create_task(self._watch_peers())
+                logger.info("node serving %s from Redis at %s", self.keys, self.params.address)
+                self._started.set()
+                await self._pop_loop(popper)
+            await self._drain()
+        finally:
+            if monitor is not None:
+                monitor.cancel()
+            for job in list(self._jobs.values()):
+                job.cancel("node stopped")
+            await popper.close()
+            try:
+                await self.lifespan.shutdown()
+            finally:
+                await subscriber.close()
+                await publisher.close()
+
+    async def _until_stopped(self, awaitable: Any) -> None:
+        """Await ``awaitable`` unless ``stop()`` comes first."""
+        assert self._stopping is not None
+        task = asyncio.ensure_future(awaitable)
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            task.result()
+
+    async def _pop_loop(self, popper: Client) -> None:
+        assert self._stopping is not None
+        slots = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            await self._until_stopped(slots.acquire())
+            if self._stopping.is_set():
+                break
+            try:
+                # Bounded waits, so a stop is noticed without cancelling a BRPOP (which could
+                # lose an item already popped): the loop ends at the next timeout.
+                connection = await popper.wait_connected(self.pop_timeout)
+                item = await connection.brpop(*self.keys, timeout=self.pop_timeout)
+            except (asyncio.TimeoutError, RespError) as exc:
+                slots.release()
+                if not isinstance(exc, asyncio.TimeoutError):
+                    logger.warning("cannot pop requests: %s", exc)
+                    await asyncio.sleep(0.05)
+                continue
+            if item is None:
+                slots.release()
+                continue
+            task = loop.create_task(self._run_request(item[0], item[1]))
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _drain(self) -> None:
+        if not self._jobs:
+            return
+        logger.info("waiting up to %s s for %d requests", self.shutdown_timeout, len(self._jobs))
+        tasks = [job.task for job in self._jobs.values() if job.task is not None]
+        _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+        for job in list(self._jobs.values()):
+            job.cancel("shutdown timeout")
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+    async def _run_request(self, key: bytes, data: bytes) -> None:
+        try:
+            envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
+        except (CodecError, wire.WireError) as exc:
+            logger.warning("dropped a malformed request from queue %r: %s", key, exc)
+            return
+        if envelope.expired():
+            logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
+            return
+        if envelope.id in self._jobs:
+            logger.warning("dropped request %s: the id is already running", envelope.id)
+            return
+        job = _Job(self, envelope)
+        self._jobs[envelope.id] = job
+        try:
+            await job.run()
+        finally:
+            del self._jobs[envelope.id]
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        """PUBLISH for the jobs; 0 when Redis is unreachable (the peer is as good as gone)."""
+        assert self._publisher is not None
+        try:
+            return await self._publisher.publish(channel, message)
+        except RespError as exc:
+            logger.warning("cannot publish: %s", exc)
+            return 0
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        try:
+            kind, request_id, args = wire.unpack(data)
+        except (CodecError, wire.WireError) as exc:
+            logger.warning("dropped a malformed message on %r: %s", channel, exc)
+            return
+        job = self._jobs.get(request_id)
+        if job is None:
+            return
+        if kind == wire.EVENT and args and isinstance(args[0], dict):
+            job.deliver(args[0])
+        elif kind == wire.CREDIT and args and type(args[0]) is int:
+            job.window.grant(args[0])
+        elif kind == wire.CANCEL:
+            job.cancel("cancelled by the distributor")
+        elif kind != wire.PING:
+            logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+
+    def _on_subscriber_lost(self) -> None:
+        # Events from distributors may have been lost: no job can trust its input any more.
+        for job in list(self._jobs.values()):
+            job.peer_lost("the node lost its subscription")
+
+    async def _watch_peers(self) -> None:
+        while True:
+            await asyncio.sleep(self.liveness_interval)
+            replies = {job.reply for job in self._jobs.values() if not job.finished}
+            for channel in replies:
+                if await self.publish(channel, wire.PING_MESSAGE) == 0:
+                    for job in list(self._jobs.values()):
+                        if job.reply == channel:
+                            job.peer_lost("the distributor is gone")
+
+
+class _Disconnected(Exception):
+    """Raised inside a job when its distributor is gone."""
+
+
+class _Job:
+    """One request on a Node."""
+
+    def __init__(self, node: Node, envelope: wire.Envelope) -> None:
+        self.node = node
+        self.id = envelope.id
+        self.reply = envelope.reply
+        self.scope = _local_scope(envelope.scope, node.lifespan.state)
+        self.kind = self.scope["type"]
+        self.inbox: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
+        for event in envelope.events:
+            self.inbox.put_nowait((event, False))
+        self.window = wire.SendWindow(envelope.window)
+        self.received = wire.ReceiveWindow(envelope.window)
+        self.task: asyncio.Task[None] | None = None
+        self.held_start: Message | None = None
+        self.response_started = False
+        self.finished = False  # nothing more to send to the distributor
+        self.gone = False  # the distributor or client went away
+
+    async def run(self) -> None:
+        self.task = asyncio.current_task()
+        acked = await self.node.publish(self.reply, wire.pack(wire.ACK, self.id, self.node.channel))
+        if acked == 0:
+            logger.info("dropped request %s: its distributor is gone", self.id)
+            return
+        try:
+            await self.node.app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise
+            logger.debug("request %s cancelled: %s", self.id, self.gone)
+            return
+        except Exception:
+            logger.exception(
+                "exception in ASGI app for %s %s", self.scope.get("method", ""), self.scope["path"]
+            )
+            if not self.finished and not self.gone:
+                self.finished = True
+                await self.node.publish(self.reply, wire.pack(wire.DONE, self.id, True))
+            return
+        if not self.finished and not self.gone:
+            self.finished = True
+            await self.node.publish(self.reply, wire.pack(wire.DONE, self.id, False))
+
+    def deliver(self, event: Message) -> None:
+        """An event from the distributor (client body, client disconnect)."""
+        if event.get("type") in ("http.disconnect", "websocket.disconnect"):
+            self.gone = True
+            self.window.abort(_Disconnected())
+        self.inbox.put_nowait((event, True))
+
+    def peer_lost(self, why: str) -> None:
+        """The distributor can no longer be reached: disconnect the app, then cancel it."""
+        if self.gone or self.finished:
+            return
+        logger.warning("request %s: %s", self.id, why)
+        self.gone = True
+        self.window.abort(_Disconnected())
+        disconnect: Message = {"type": "http.disconnect"}
+        if self.kind == "websocket":
+            disconnect = {"type": "websocket.disconnect", "code": 1006}
+        self.inbox.put_nowait((disconnect, False))
+        if self.task is not None:
+            asyncio.get_running_loop().call_later(_DISCONNECT_GRACE, self._cancel_task)
+
+    def cancel(self, why: str) -> None:
+        """Stop the app now."""
+        if not self.gone:
+            logger.info("request %s: %s", self.id, why)
+            self.gone = True
+            self.window.abort(_Disconnected())
+        self._cancel_task()
+
+    def _cancel_task(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def receive(self) -> Message:
+        """The app's ``receive``."""
+        if self.kind == "http" and self.finished and self.inbox.empty():
+            return {"type": "http.disconnect"}
+        event, counted = await self.inbox.get()
+        if counted:
+            credit = self.received.consumed()
+            if credit and not self.gone:
+                await self.node.publish(self.reply, wire.pack(wire.CREDIT, self.id, credit))
+        return event
+
+    async def send(self, message: Message) -> None:
+        """The app's ``send``."""
+        if self.gone:
+            return  # as uvicorn does once the client is gone
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.response_started:
+                raise RuntimeError("http.response.start sent twice")
+            self.response_started = True
+            self.held_start = dict(message)  # sent with the first body: one PUBLISH, not two
+            return
+        if kind == "http.response.body":
+            if not self.response_started:
+                raise RuntimeError("http.response.body sent before http.response.start")
+            if self.finished:
+                raise RuntimeError("http.response.body sent after the response completed")
+            body = bytes(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+            size = wire.CHUNK_SIZE
+            pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+            for index, piece in enumerate(pieces):
+                event = {
+                    "type": kind,
+                    "body": piece,
+                    "more_body": more or index < len(pieces) - 1,
+                }
+                if not event["more_body"]:
+                    self.finished = True
+                await self._publish_events([event])
+            return
+        if self.finished:
+            raise RuntimeError(f"{kind} sent after the response completed")
+        if kind == "websocket.close" or (
+            kind == "websocket.http.response.body" and not message.get("more_body", False)
+        ):
+            self.finished = True
+        await self._publish_events([dict(message)])
+
+    async def _publish_events(self, events: list[Message]) -> None:
+        if self.held_start is not None:
+            events.insert(0, self.held_start)
+            self.held_start = None
+        try:
+            await self.window.acquire()
+        except _Disconnected:
+            return
+        if self.gone:
+            return
+        data = wire.pack(wire.SEND, self.id, events)
+        if await self.node.publish(self.reply, data) == 0:
+            self.finished = False
+            self.peer_lost("the distributor is gone")
+
+
+def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The scope as the app expects it: tuples where ASGI servers give tuples, own state."""
+    local = dict(scope)
+    headers = local.get("headers")
+    if isinstance(headers, list):
+        local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, list)]
+    for name in ("client", "server"):
+        value = local.get(name)
+        if isinstance(value, list):
+            local[name] = tuple(value)
+    local["state"] = dict(state)
+    return local
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
