@@ -318,6 +318,7 @@ class _Exchange:
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started
         self.complete = False
+        self.node_done = False  # the Node's side ended by itself: nothing to cancel there
         self.body_size = 0
 
     async def run(self) -> None:
@@ -366,7 +367,7 @@ class _Exchange:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
-            if not self.complete and self.node is not None:
+            if not self.node_done and self.node is not None:
                 d.spawn(d.publish(self.node, wire.pack(wire.CANCEL, self.id)))
 
     async def _no_worker(self, key: str, data: bytes) -> None:
@@ -406,7 +407,8 @@ class _Exchange:
                 await self._fail(504, "the worker did not answer in time\n")
                 return
             if item is _CLIENT_GONE:
-                self.complete = True  # nothing more to say to anyone
+                # The Node was told through the disconnect event; its app decides what to do.
+                self.complete = self.node_done = True
                 return
             if item is _PEER_LOST:
                 await self._fail(502, "lost contact with the worker\n")
@@ -418,6 +420,7 @@ class _Exchange:
             if kind == wire.SEND and args and isinstance(args[0], list):
                 await self._send_events(args[0])
             elif kind == wire.DONE:
+                self.node_done = True
                 await self._fail(500, "Internal Server Error\n")
                 return
 
@@ -433,7 +436,7 @@ class _Exchange:
                 (kind == "http.response.body" or kind == "websocket.http.response.body")
                 and not (event.get("more_body", False))
             ) or kind == "websocket.close":
-                self.complete = True
+                self.complete = self.node_done = True
         credit = self.received.consumed()
         if credit and not self.complete:
             assert self.node is not None

@@ -68,7 +68,7 @@ class Node:
         concurrency: int = DEFAULT_CONCURRENCY,
         lifespan: str = "auto",
         shutdown_timeout: float = 30.0,
-        pop_timeout: float = 1.0,
+        pop_timeout: float = 5.0,
         liveness_interval: float = 1.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
@@ -106,6 +106,8 @@ class Node:
         self._force = False
         self._publisher: Client | None = None
         self._started: asyncio.Event | None = None
+        self._pop_client_id: int | None = None
+        self._unblocking: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.params.address} keys={self.keys} jobs={len(self._jobs)}>"
@@ -139,6 +141,13 @@ class Node:
                 job.cancel("forced shutdown")
         logger.info("node shutting down (%d requests in flight)", len(self._jobs))
         self._stopping.set()
+        if self._pop_client_id is not None and self._publisher is not None:
+            # Wake the blocked BRPOP as if it timed out: nothing popped is ever dropped.
+            with contextlib.suppress(RespError):
+                self._publisher.connection()  # raises at once when Redis is unreachable
+                self._unblocking = asyncio.ensure_future(
+                    self._publisher.execute("CLIENT", "UNBLOCK", self._pop_client_id)
+                )
 
     async def wait_started(self) -> None:
         """Wait until the Node is subscribed and popping."""
@@ -204,14 +213,21 @@ class Node:
         assert self._stopping is not None
         slots = asyncio.Semaphore(self.concurrency)
         loop = asyncio.get_running_loop()
+        popped_on = None
         while not self._stopping.is_set():
             await self._until_stopped(slots.acquire())
             if self._stopping.is_set():
                 break
             try:
-                # Bounded waits, so a stop is noticed without cancelling a BRPOP (which could
-                # lose an item already popped): the loop ends at the next timeout.
+                # A BRPOP is never cancelled (that could lose an item already popped): stop()
+                # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
                 connection = await popper.wait_connected(self.pop_timeout)
+                if connection is not popped_on:
+                    self._pop_client_id = await connection.execute("CLIENT", "ID")
+                    popped_on = connection
+                if self._stopping.is_set():
+                    slots.release()
+                    break
                 item = await connection.brpop(*self.keys, timeout=self.pop_timeout)
             except (asyncio.TimeoutError, RespError) as exc:
                 slots.release()

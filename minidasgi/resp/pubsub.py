@@ -285,7 +285,9 @@ class Subscriber:
         if self._on_connected is not None:
             self._on_connected()
         pinged = False
-        while True:
+        # Checked as well as cancelled: before Python 3.12, wait_for() drops a cancellation
+        # that arrives just as its read completes, and close() would then wait forever.
+        while not self._closing:
             try:
                 data = await asyncio.wait_for(reader.read(65536), self._health_check_interval)
             except asyncio.TimeoutError:

@@ -1,0 +1,143 @@
+"""ASGI apps the integration tests run on Nodes (in-process or in ``node_process.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+Scope = dict[str, Any]
+
+
+async def _read_body(receive: Any) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+    return bytes(body)
+
+
+async def _respond(
+    send: Any, status: int, body: bytes, content_type: bytes = b"text/plain"
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def hello(scope: Scope, receive: Any, send: Any) -> None:
+    """Hello World!"""
+    if scope["type"] == "http":
+        await _respond(send, 200, b"Hello World!")
+
+
+class SeedApp:
+    """The seed's class-style worker, as written on its page."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"Hello World!"})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": value.decode("latin-1")}
+    if isinstance(value, tuple):
+        return {"tuple": [_jsonable(v) for v in value]}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+async def scope_dump(scope: Scope, receive: Any, send: Any) -> None:
+    """Answers the scope it saw, as JSON (bytes and tuples tagged), and the body length."""
+    if scope["type"] != "http":
+        return
+    body = await _read_body(receive)
+    dump = _jsonable({k: v for k, v in scope.items() if k != "state"})
+    dump["state_type"] = type(scope.get("state")).__name__
+    dump["body_length"] = len(body)
+    await _respond(send, 200, json.dumps(dump).encode(), b"application/json")
+
+
+async def echo(scope: Scope, receive: Any, send: Any) -> None:
+    """Echoes the request body, streamed back chunk by chunk as it arrives."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        await send(
+            {"type": "http.response.body", "body": message.get("body", b""), "more_body": True}
+        )
+        if not message.get("more_body", False):
+            break
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def count_upload(scope: Scope, receive: Any, send: Any) -> None:
+    """Reads the whole body without keeping it; answers its length."""
+    if scope["type"] != "http":
+        return
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            break
+    await _respond(send, 200, str(size).encode())
+
+
+async def download(scope: Scope, receive: Any, send: Any) -> None:
+    """Sends ``?N`` bytes (default 1 MB) in 1 MiB pieces."""
+    if scope["type"] != "http":
+        return
+    size = int(scope["query_string"] or b"1000000")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(size).encode())],
+        }
+    )
+    piece = b"x" * (1 << 20)
+    while size > 0:
+        chunk = piece[:size]
+        size -= len(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": size > 0})
+
+
+async def slow(scope: Scope, receive: Any, send: Any) -> None:
+    """Starts a streamed response, then sends one piece per 0.1 s for ``?N`` pieces."""
+    if scope["type"] != "http":
+        return
+    count = int(scope["query_string"] or b"100")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for i in range(count):
+        await send({"type": "http.response.body", "body": b"%d\n" % i, "more_body": True})
+        await asyncio.sleep(0.1)
+    await send({"type": "http.response.body", "body": b"done\n"})
+
+
+async def sleepy(scope: Scope, receive: Any, send: Any) -> None:
+    """Sleeps ``?S`` seconds before answering (nothing is sent before)."""
+    if scope["type"] != "http":
+        return
+    await asyncio.sleep(float(scope["query_string"] or b"1"))
+    await _respond(send, 200, b"slept")

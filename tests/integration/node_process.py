@@ -1,0 +1,46 @@
+"""Run a Node in a child process for tests: ``node_process.py --redis URL --key K --app apps:x``.
+
+Prints ``ready`` on its first line once the Node pops, then serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+
+from minidasgi import Node
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--redis", required=True)
+    parser.add_argument("--key", action="append", required=True)
+    parser.add_argument("--app", default="apps:hello")
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0)
+    args = parser.parse_args()
+    module, _, attr = args.app.partition(":")
+    app = getattr(importlib.import_module(module), attr)
+    node = Node(
+        url=args.redis,
+        app=app,
+        keys=args.key,
+        concurrency=args.concurrency,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.stop)
+    serving = asyncio.ensure_future(node.serve())
+    await node.wait_started()
+    print("ready", flush=True)
+    await serving
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+    asyncio.run(main())

@@ -1,0 +1,149 @@
+"""Running the real thing in tests: a distributor under uvicorn, Nodes in-process or in a
+subprocess, against a private redis-server.
+
+``serve_app`` runs any ASGI app under a real uvicorn server in this event loop; ``run_node``
+runs a Node in this loop; ``NodeProcess`` runs one in a child process (for kill -9). Every
+helper stops what it started, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from minidasgi import Node
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            lifespan=lifespan,
+            log_level="warning",
+            **config,
+        )
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.ensure_future(server.serve())
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn stopped before starting")
+            if time.monotonic() > deadline:
+                raise TimeoutError("uvicorn did not start")
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(task, 10)
+        except asyncio.TimeoutError:
+            server.force_exit = True
+            task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def run_node(node: Node) -> AsyncIterator[Node]:
+    """Run ``node`` in this event loop until the block ends."""
+    task = asyncio.ensure_future(node.serve())
+    started = asyncio.ensure_future(node.wait_started())
+    try:
+        await asyncio.wait([task, started], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+        if not started.done():
+            raise TimeoutError("node did not start")
+        yield node
+    finally:
+        started.cancel()
+        node.stop()
+        try:
+            await asyncio.wait_for(task, 15)
+        except asyncio.TimeoutError:
+            task.cancel()
+
+
+class NodeProcess:
+    """A Node in a child process running an app from ``tests/integration/apps.py``."""
+
+    def __init__(self, url: str, key: str, app: str = "apps:hello", *extra: str) -> None:
+        self.args = [
+            sys.executable,
+            str(HERE / "node_process.py"),
+            "--redis",
+            url,
+            "--key",
+            key,
+            "--app",
+            app,
+            *extra,
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        env = dict(os.environ, PYTHONPATH=str(HERE))
+        self.process = subprocess.Popen(
+            self.args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if b"ready" not in line:
+            self.stop()
+            raise RuntimeError(f"node process did not start: {line!r}")
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+    def output(self) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        return self.process.stdout.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

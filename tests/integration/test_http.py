@@ -1,0 +1,266 @@
+"""HTTP through a real uvicorn, the distributor, a Node and a private redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from minidasgi import Node, create_distributor, create_path_distributor
+
+from . import apps
+from .redis_server import RedisServer
+from .stack import run_node, serve_app
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _keys(server: RedisServer) -> list[bytes]:
+    keys = server.command("KEYS", "*")
+    assert isinstance(keys, list)
+    return sorted(keys)
+
+
+async def test_seed_examples_as_written(redis_server: RedisServer) -> None:
+    """The seed's three-route distributor and its class-style worker on ASGI-testing."""
+    app = create_path_distributor(
+        host="127.0.0.1",
+        port=redis_server.port,
+        routes={
+            "/api/([a-z-]+)": r"ASGI-\1",
+            "/worker/([0-9]+)": r"worker-queue-\1",
+            "/": "ALL-WEBSITE-TRAFFIC",
+        },
+    )
+    node = Node(
+        host="127.0.0.1",
+        port=redis_server.port,
+        password=None,
+        cls=apps.SeedApp,
+        key="ASGI-testing",
+    )
+    async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
+        for path in ("/api/testing", "/api/testing/42", "/v1/api/testing"):
+            response = await client.get(path)
+            assert response.status_code == 200, path
+            assert response.text == "Hello World!"
+    assert _keys(redis_server) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ("/api/test", "API-test"),
+        ("/api/test/38", "API-test"),
+        ("/api/banana", "API-banana"),
+        # The seed's table says API-test2, a typo: ([a-z-]+) stops at the digit.
+        ("/test/api/test2", "API-test"),
+    ],
+)
+async def test_seed_path_key_table(redis_server: RedisServer, path: str, key: str) -> None:
+    app = create_path_distributor(port=redis_server.port, routes={"/api/([a-z-]+)": r"API-\1"})
+    node = Node(port=redis_server.port, app=apps.scope_dump, key=key)
+    async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
+        response = await client.get(path)
+        assert response.status_code == 200
+        assert response.json()["path"] == path
+
+
+async def test_first_route_wins_and_no_route_is_404(redis_server: RedisServer) -> None:
+    app = create_path_distributor(
+        port=redis_server.port, routes={"/a/": "first", "/a/b": "second", "^/c$": "third"}
+    )
+    node = Node(port=redis_server.port, app=apps.hello, key="first")
+    async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/x/a/b")).status_code == 200
+        response = await client.get("/nowhere")
+        assert response.status_code == 404
+        assert "no route for path" in response.text
+    assert _keys(redis_server) == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/q/" + "a" * 600, "/q/a..b", "/q/a%20b", "/q/tab%09x", "/q/nul%00"]
+)
+async def test_refused_keys_are_400(redis_server: RedisServer, path: str) -> None:
+    app = create_path_distributor(port=redis_server.port, routes={"/q/(.*)": r"Q-\1"})
+    async with serve_app(app) as base, httpx.AsyncClient(base_url=base) as client:
+        response = await client.get(path)
+        assert response.status_code == 400
+    assert _keys(redis_server) == []
+
+
+async def test_scope_fidelity(redis_server: RedisServer) -> None:
+    app = create_distributor(port=redis_server.port, key="scope")
+    node = Node(port=redis_server.port, app=apps.scope_dump, key="scope")
+    async with serve_app(app, root_path="/root") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            response = await client.post(
+                "/p%C3%A4th/x?b=1&b=2",
+                content=b"12345",
+                headers=[("X-Dup", "one"), ("X-Dup", "two"), ("X-Bin", b"\xff")],
+            )
+    assert response.status_code == 200
+    seen: dict[str, Any] = response.json()
+    assert seen["type"] == "http"
+    assert seen["method"] == "POST"
+    assert seen["http_version"] == "1.1"
+    assert seen["scheme"] == "http"
+    assert seen["path"] == "/root/päth/x"
+    assert seen["raw_path"] == {"bytes": "/root/p%C3%A4th/x"}
+    assert seen["query_string"] == {"bytes": "b=1&b=2"}
+    assert seen["root_path"] == "/root"
+    assert seen["asgi"]["version"] == "3.0"
+    headers = [(h["tuple"][0]["bytes"], h["tuple"][1]["bytes"]) for h in seen["headers"]]
+    assert ("x-dup", "one") in headers and ("x-dup", "two") in headers
+    assert headers.index(("x-dup", "one")) < headers.index(("x-dup", "two"))
+    assert ("x-bin", "\xff") in headers
+    assert seen["client"]["tuple"][0] == "127.0.0.1"
+    assert seen["server"]["tuple"] == ["127.0.0.1", int(base.rsplit(":", 1)[1])]
+    assert seen["state_type"] == "dict"
+    assert seen["body_length"] == 5
+
+
+async def test_no_worker_gives_the_documented_error_and_never_runs(
+    redis_server: RedisServer,
+) -> None:
+    ran: list[str] = []
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        await apps.hello(scope, receive, send)
+
+    app = create_distributor(port=redis_server.port, key="nobody", worker_timeout=0.5)
+    app503 = create_distributor(
+        port=redis_server.port, key="nobody", worker_timeout=0.5, no_worker_status=503
+    )
+    async with serve_app(app) as base, serve_app(app503) as base503:
+        async with httpx.AsyncClient() as client:
+            first, second = await asyncio.gather(
+                client.get(base + "/one"), client.get(base503 + "/two")
+            )
+    assert first.status_code == 405
+    assert second.status_code == 503
+    assert "no worker" in first.text
+    assert _keys(redis_server) == []  # taken back from the list
+    node = Node(port=redis_server.port, app=recorder, key="nobody")
+    async with run_node(node):
+        await asyncio.sleep(0.3)
+    assert ran == []
+
+
+async def test_streaming_response_and_request(redis_server: RedisServer) -> None:
+    app = create_path_distributor(
+        port=redis_server.port, routes={"/echo": "echo", "/down": "down", "/up": "up"}
+    )
+    nodes = [
+        Node(port=redis_server.port, app=apps.echo, key="echo"),
+        Node(port=redis_server.port, app=apps.download, key="down"),
+        Node(port=redis_server.port, app=apps.count_upload, key="up"),
+    ]
+    size = 20 * 1024 * 1024 + 17
+
+    async def chunks() -> Any:
+        piece = bytes(range(256)) * 256
+        sent = 0
+        while sent < size:
+            part = piece[: size - sent]
+            sent += len(part)
+            yield part
+
+    async with serve_app(app) as base, run_node(nodes[0]), run_node(nodes[1]), run_node(nodes[2]):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            down = await client.get(f"/down?{size}")
+            assert down.status_code == 200 and len(down.content) == size
+            up = await client.post("/up", content=chunks())
+            assert up.status_code == 200 and up.text == str(size)
+            # The client sends its whole body before reading: keep the echo within what socket
+            # buffers hold, or client and server would wait for each other (as without us).
+            echoed = await client.post("/echo", content=bytes(range(256)) * 1024)
+            assert echoed.status_code == 200 and len(echoed.content) == 256 * 1024
+            assert echoed.content[:512] == bytes(range(256)) * 2
+    assert _keys(redis_server) == []
+
+
+async def test_server_sent_events_arrive_as_sent(redis_server: RedisServer) -> None:
+    app = create_distributor(port=redis_server.port, key="sse")
+    node = Node(port=redis_server.port, app=apps.slow, key="sse")
+    async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
+        loop = asyncio.get_running_loop()
+        times = []
+        async with client.stream("GET", "/?5") as response:
+            async for line in response.aiter_lines():
+                times.append(loop.time())
+                if line == "done":
+                    break
+    assert len(times) == 6
+    # One piece per 0.1 s: had they been batched they would arrive together at the end.
+    assert times[-1] - times[0] > 0.3
+
+
+async def test_body_limits(redis_server: RedisServer) -> None:
+    app = create_distributor(port=redis_server.port, key="up", max_body_size=1000)
+    node = Node(port=redis_server.port, app=apps.count_upload, key="up")
+
+    async def chunked(n: int) -> Any:
+        for _ in range(n):
+            yield b"x" * 100
+
+    async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
+        assert (await client.post("/", content=b"x" * 1000)).text == "1000"
+        assert (await client.post("/", content=b"x" * 1001)).status_code == 413
+        assert (await client.post("/", content=chunked(5))).text == "500"
+        assert (await client.post("/", content=chunked(30))).status_code == 413
+        big_header = {"x-big": "y" * 70000}
+        assert (await client.get("/", headers=big_header)).status_code == 431
+    assert _keys(redis_server) == []
+
+
+async def test_app_errors(redis_server: RedisServer) -> None:
+    async def before(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("secret traceback text")
+
+    async def silent(scope: Any, receive: Any, send: Any) -> None:
+        return
+
+    async def after(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("boom")
+
+    app = create_path_distributor(
+        port=redis_server.port, routes={"/before": "before", "/silent": "silent", "/after": "after"}
+    )
+    nodes = [
+        Node(port=redis_server.port, app=before, key="before", lifespan="off"),
+        Node(port=redis_server.port, app=silent, key="silent", lifespan="off"),
+        Node(port=redis_server.port, app=after, key="after", lifespan="off"),
+    ]
+    async with serve_app(app) as base, run_node(nodes[0]), run_node(nodes[1]), run_node(nodes[2]):
+        async with httpx.AsyncClient(base_url=base) as client:
+            response = await client.get("/before")
+            assert response.status_code == 500
+            assert "secret" not in response.text
+            assert (await client.get("/silent")).status_code == 500
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/after")
+    assert _keys(redis_server) == []
+
+
+async def test_many_concurrent_requests_on_one_node(redis_server: RedisServer) -> None:
+    app = create_distributor(port=redis_server.port, key="sleepy")
+    node = Node(port=redis_server.port, app=apps.sleepy, key="sleepy", concurrency=50)
+    async with serve_app(app) as base, run_node(node):
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            responses = await asyncio.gather(*(client.get("/?0.5") for _ in range(100)))
+            elapsed = loop.time() - start
+    assert all(r.status_code == 200 for r in responses)
+    # 100 half-second requests, 50 at a time: two rounds, not a hundred.
+    assert elapsed < 5
+    assert json.dumps(_keys(redis_server)) == "[]"
