@@ -117,6 +117,11 @@ class Node:
         """Requests being run now."""
         return len(self._jobs)
 
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop()`` was called."""
+        return self._stopping is not None and self._stopping.is_set()
+
     def run(self) -> None:
         """Serve until SIGINT or SIGTERM, then shut down gracefully (a second signal forces)."""
         asyncio.run(self._serve_with_signals())

@@ -1,0 +1,161 @@
+"""``minidasgi demo``: the whole system on one machine, in one command.
+
+Owns the demo's example app and the start and stop of what it runs: a private redis-server
+from PATH (unless a Redis URL is given), a Node and the distributor under uvicorn, all in one
+process and one event loop. Ctrl-C (or SIGTERM) stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .asgi import Receive, Scope, Send
+from .cli import EXIT_MISSING, EXIT_OK, CLIError, _redacted
+from .distributor import create_path_distributor
+from .node import Node
+from .resp import RespError, connect
+
+__all__ = ["hello_app", "run_demo"]
+
+REDIS_HELP = (
+    "the demo needs redis-server on PATH (or --redis URL). Install it with "
+    "'apt-get install redis-server' (Debian, Ubuntu), 'dnf install redis' (Fedora), "
+    "'brew install redis' (macOS), or build it from https://redis.io/download"
+)
+
+
+async def hello_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The demo's ASGI app: says hello and which process served the request."""
+    if scope["type"] != "http":
+        return
+    body = f"Hello World! (path {scope['path']}, served by Node pid {os.getpid()})\n".encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def run_demo(*, redis_url: str | None = None, port: int = 8000) -> int:
+    """Run the demo until Ctrl-C; returns the exit code."""
+    try:
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise CLIError(
+            "the demo runs the distributor under uvicorn: pip install 'minidasgi[uvicorn]'",
+            EXIT_MISSING,
+        ) from None
+    asyncio.run(_demo(redis_url, port))
+    return EXIT_OK
+
+
+@contextlib.asynccontextmanager
+async def _private_redis() -> AsyncIterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise CLIError(REDIS_HELP, EXIT_MISSING)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        redis_port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="minidasgi-demo-") as directory:
+        process = await asyncio.create_subprocess_exec(
+            *[
+                binary,
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                directory,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
+        )
+        url = f"redis://127.0.0.1:{redis_port}"
+        try:
+            for _ in range(200):
+                try:
+                    connection = await connect(url)
+                except RespError:
+                    if process.returncode is not None:
+                        raise CLIError("redis-server exited at start") from None
+                    await asyncio.sleep(0.025)
+                    continue
+                await connection.close()
+                break
+            else:
+                raise CLIError("redis-server did not start within 5 seconds")
+            yield url
+        finally:
+            if process.returncode is None:
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 5)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def _demo(redis_url: str | None, port: int) -> None:
+    import uvicorn
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = redis_url or await stack.enter_async_context(_private_redis())
+        distributor = create_path_distributor(
+            url=url, routes={"/": "minidasgi-demo"}, no_worker_status=503
+        )
+        node = Node(url=url, app=hello_app, key="minidasgi-demo", lifespan="off")
+        server = uvicorn.Server(
+            uvicorn.Config(distributor, host="127.0.0.1", port=port, log_level="warning")
+        )
+        _own_signals(server)
+        loop = asyncio.get_running_loop()
+
+        def stop(*_: Any) -> None:
+            server.should_exit = True
+            node.stop()  # a second Ctrl-C forces the Node to cancel what it runs
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        serving = asyncio.ensure_future(node.serve())
+        web = asyncio.ensure_future(server.serve())
+        await asyncio.wait(
+            [serving, web, asyncio.ensure_future(node.wait_started())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        while not server.started and not web.done():  # noqa: ASYNC110 - uvicorn has only a flag
+            await asyncio.sleep(0.01)
+        if server.started:
+            print(f"minidasgi demo: Redis {_redacted(url)}, distributor on http://127.0.0.1:{port}")
+            print(f"  try: curl http://127.0.0.1:{port}/hello")
+            print("  Ctrl-C stops everything", flush=True)
+        await web
+        if not node.stopping:
+            node.stop()
+        await serving
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _own_signals(server: Any) -> None:
+    """Keep uvicorn's hands off the signals: the demo stops its parts in order itself."""
+    if hasattr(server, "capture_signals"):
+        server.capture_signals = contextlib.nullcontext
+    server.install_signal_handlers = lambda: None
