@@ -189,7 +189,9 @@ class _Decoder:
         if tag == 0x49:  # I
             (n,) = _U16.unpack(self._take(2))
             digits = self._take(n)
-            if n == 0 or n > _MAX_BIGINT_DIGITS or not digits.lstrip(b"-").isdigit():
+            # One optional minus sign only: int() refuses b"--5", and must never see it.
+            unsigned = digits[1:] if digits[:1] == b"-" else digits
+            if n > _MAX_BIGINT_DIGITS or not unsigned.isdigit():
                 raise CodecError("invalid big int")
             return int(digits)
         raise CodecError(f"unknown tag {bytes([tag])!r}")

@@ -315,6 +315,7 @@ class _Exchange:
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.window = wire.SendWindow()
         self.received = wire.ReceiveWindow()
+        self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started
         self.complete = False
@@ -431,6 +432,14 @@ class _Exchange:
             kind = event["type"]
             if kind in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
                 self.started = True
+            if kind == "websocket.send":
+                try:
+                    whole = self.pieces.add(event)
+                except wire.WireError as exc:
+                    raise ResponseAborted(str(exc)) from None
+                if whole is None:
+                    continue
+                event = whole
             await self._send(event)
             if (
                 (kind == "http.response.body" or kind == "websocket.http.response.body")
@@ -469,10 +478,12 @@ class _Exchange:
             if self._too_large(event):
                 self.inbox.put_nowait(_TOO_LARGE)
                 return
-            await self.window.acquire()
-            if await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(event))) == 0:
-                self.inbox.put_nowait(_PEER_LOST)
-                return
+            pieces = wire.split_message(dict(event)) if kind == "websocket.receive" else [event]
+            for piece in pieces:
+                await self.window.acquire()
+                if await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(piece))) == 0:
+                    self.inbox.put_nowait(_PEER_LOST)
+                    return
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
 

@@ -337,6 +337,7 @@ class _Job:
             self.inbox.put_nowait((event, False))
         self.window = wire.SendWindow(envelope.window)
         self.received = wire.ReceiveWindow(envelope.window)
+        self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
         self.response_started = False
@@ -405,12 +406,21 @@ class _Job:
         """The app's ``receive``."""
         if self.kind == "http" and self.finished and self.inbox.empty():
             return {"type": "http.disconnect"}
-        event, counted = await self.inbox.get()
-        if counted:
-            credit = self.received.consumed()
-            if credit and not self.gone:
-                await self.node.publish(self.reply, wire.pack(wire.CREDIT, self.id, credit))
-        return event
+        while True:
+            event, counted = await self.inbox.get()
+            if counted:
+                credit = self.received.consumed()
+                if credit and not self.gone:
+                    await self.node.publish(self.reply, wire.pack(wire.CREDIT, self.id, credit))
+            if event.get("type") != "websocket.receive":
+                return event
+            try:
+                whole = self.pieces.add(dict(event))
+            except wire.WireError as exc:
+                self.cancel(f"refused a WebSocket message: {exc}")
+                return {"type": "websocket.disconnect", "code": 1009}
+            if whole is not None:
+                return whole
 
     async def send(self, message: Message) -> None:
         """The app's ``send``."""
@@ -448,6 +458,10 @@ class _Job:
             kind == "websocket.http.response.body" and not message.get("more_body", False)
         ):
             self.finished = True
+        if kind == "websocket.send":
+            for part in wire.split_message(dict(message)):
+                await self._publish_events([part])
+            return
         await self._publish_events([dict(message)])
 
     async def _publish_events(self, events: list[Message]) -> None:

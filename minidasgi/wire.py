@@ -37,16 +37,19 @@ __all__ = [
     "CREDIT",
     "DONE",
     "EVENT",
+    "MORE_KEY",
     "PING",
     "SEND",
     "WINDOW",
     "Envelope",
+    "Reassembler",
     "ReceiveWindow",
     "SendWindow",
     "WireError",
     "new_channel",
     "new_request_id",
     "pack",
+    "split_message",
     "unpack",
 ]
 
@@ -63,6 +66,8 @@ CHUNK_SIZE: Final = 64 * 1024
 WINDOW: Final = 8
 """Data-bearing messages a side may have unconsumed by its peer, per request."""
 MAX_MESSAGE_SIZE: Final = 4 * CHUNK_SIZE + 256 * 1024
+MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
+"""Largest WebSocket message either side reassembles (uvicorn's own default limit is 16 MiB)."""
 """Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
 PING_MESSAGE: Final = codec.encode([PING])
 
@@ -207,3 +212,59 @@ class ReceiveWindow:
             n, self._consumed = self._consumed, 0
             return n
         return 0
+
+
+# WebSocket messages can be far larger than a chunk. They travel as pieces: every piece but
+# the last carries MORE_KEY, and the receiving side joins them before the ASGI peer sees the
+# message, so flow control works on pieces and memory is bounded by the largest message.
+MORE_KEY: Final = "minidasgi.more"
+_TEXT_CHUNK: Final = CHUNK_SIZE // 4  # characters: at most 4 UTF-8 bytes each
+
+
+def split_message(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """Split a ``websocket.send``/``websocket.receive`` event into pieces of a chunk or less."""
+    data = event.get("bytes")
+    field, size = "bytes", CHUNK_SIZE
+    if data is None:
+        data = event.get("text")
+        field, size = "text", _TEXT_CHUNK
+    if data is None or len(data) <= size:
+        return [event]
+    pieces = []
+    for start in range(0, len(data), size):
+        piece = dict(event)
+        piece[field] = data[start : start + size]
+        if start + size < len(data):
+            piece[MORE_KEY] = True
+        pieces.append(piece)
+    return pieces
+
+
+class Reassembler:
+    """Joins the pieces made by ``split_message``, refusing messages over ``max_size``."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._parts: list[Any] = []
+        self._size = 0
+
+    def add(self, piece: dict[str, Any]) -> dict[str, Any] | None:
+        """Add a piece; return the whole message once its last piece arrived, else None."""
+        field = "bytes" if piece.get("bytes") is not None else "text"
+        data = piece.get(field)
+        if not isinstance(data, (bytes, str)):
+            raise WireError("a WebSocket message without bytes or text")
+        more = piece.pop(MORE_KEY, False)
+        if not more and not self._parts:
+            return piece
+        self._size += len(data)
+        if self._size > self.max_size:
+            raise WireError(f"WebSocket message larger than {self.max_size} bytes")
+        self._parts.append(data)
+        if more:
+            return None
+        joined = "".join(self._parts) if field == "text" else b"".join(self._parts)
+        self._parts, self._size = [], 0
+        message = dict(piece)
+        message[field] = joined
+        return message

@@ -118,6 +118,9 @@ class Client:
                 self.last_error = exc
                 logger.debug("%s cannot connect: %s", self.name, exc)
             else:
+                if self._closing:  # close() came while connecting (wait_for may drop a cancel)
+                    await connection.close()
+                    return
                 if backoff > self._min_backoff:
                     logger.info("%s reconnected to Redis at %s", self.name, self.params.address)
                 backoff = self._min_backoff

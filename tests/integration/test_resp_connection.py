@@ -1,0 +1,700 @@
+"""``minidasgi.resp.connect`` and ``Client`` against private redis-server processes.
+
+Every test that opens a connection runs once per reply parser (``python`` and ``hiredis``).
+Fake servers made with ``asyncio.start_server`` stand in for Redis where a real one cannot be
+made to misbehave (malformed or oversize replies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from minidasgi.resp import (
+    AuthenticationError,
+    Connection,
+    ProtocolError,
+    RedisConnectionError,
+    ReplyError,
+    connect,
+    make_params,
+)
+from minidasgi.resp.client import Client
+
+from .redis_server import RedisFactory, RedisServer
+
+PASSWORD = "s3cr:t@x"
+
+Opener = Callable[..., Awaitable[Connection]]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture(params=["python", "hiredis"])
+def parser(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def open_conn(parser: str) -> AsyncIterator[Opener]:
+    """``await open_conn(url, **kwargs)``: connect with this test's parser; closed at teardown."""
+    opened: list[Connection] = []
+
+    async def opener(url: str | None = None, **kwargs: Any) -> Connection:
+        kwargs.setdefault("parser", parser)
+        conn = await asyncio.wait_for(connect(url, **kwargs), 5)
+        opened.append(conn)
+        return conn
+
+    try:
+        yield opener
+    finally:
+        for conn in opened:
+            await asyncio.wait_for(conn.close(), 5)
+
+
+async def eventually(predicate: Callable[[], bool], within: float, step: float = 0.02) -> None:
+    """Wait until ``predicate()`` is true; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within} s")
+        await asyncio.sleep(step)
+
+
+async def read_command(reader: asyncio.StreamReader) -> list[bytes] | None:
+    """Read one RESP command (array of bulk strings); ``None`` at EOF."""
+    header = await reader.readline()
+    if not header:
+        return None
+    assert header.startswith(b"*"), header
+    args = []
+    for _ in range(int(header[1:])):
+        size = await reader.readline()
+        assert size.startswith(b"$"), size
+        args.append((await reader.readexactly(int(size[1:]) + 2))[:-2])
+    return args
+
+
+class FakeRedis:
+    """A TCP server on 127.0.0.1 that runs ``handler(reader, writer)`` for each client."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
+        try:
+            await self._handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> FakeRedis:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:  # wakes handlers blocked on a read with EOF
+            writer.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+        await self._server.wait_closed()
+
+
+async def drain_until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
+# -- basics -------------------------------------------------------------------------------
+
+
+async def test_ping_and_arbitrary_commands(clean_redis: RedisServer, open_conn: Opener) -> None:
+    conn = await open_conn(clean_redis.url)
+    assert await conn.ping() == b"PONG"
+    assert await conn.execute("SET", "k", "v") == b"OK"
+    assert await conn.execute("GET", "k") == b"v"
+    assert await conn.execute("GET", "missing") is None
+    assert await conn.execute("INCRBY", "n", 5) == 5
+    assert await conn.rpush("l", "a", "b") == 2
+    assert await conn.execute("LRANGE", "l", 0, -1) == [b"a", b"b"]
+    assert clean_redis.command("GET", "k") == b"v"
+    assert not conn.is_closed
+
+
+async def test_reply_error_leaves_connection_usable(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    conn = await open_conn(clean_redis.url)
+    with pytest.raises(ReplyError) as info:
+        await conn.execute("LPUSH")
+    assert not isinstance(info.value, AuthenticationError)
+    assert info.value.code == "ERR"
+    assert "wrong number of arguments" in str(info.value)
+    await conn.execute("SET", "s", "x")
+    with pytest.raises(ReplyError) as wrongtype:
+        await conn.execute("LPUSH", "s", "v")
+    assert wrongtype.value.code == "WRONGTYPE"
+    assert not conn.is_closed
+    assert await conn.ping() == b"PONG"
+    assert await conn.execute("GET", "s") == b"x"
+
+
+async def test_pipelined_error_does_not_shift_replies(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    conn = await open_conn(clean_redis.url)
+    results = await asyncio.gather(
+        conn.execute("SET", "a", "1"),
+        conn.execute("LPUSH"),
+        conn.execute("GET", "a"),
+        conn.execute("NOSUCHCOMMAND"),
+        conn.execute("PING"),
+        return_exceptions=True,
+    )
+    assert results[0] == b"OK"
+    assert isinstance(results[1], ReplyError)
+    assert results[2] == b"1"
+    assert isinstance(results[3], ReplyError)
+    assert results[4] == b"PONG"
+
+
+# -- authentication and databases ------------------------------------------------------------
+
+
+async def test_password_in_url(redis_factory: RedisFactory, open_conn: Opener) -> None:
+    server = redis_factory(password=PASSWORD)
+    assert "s3cr%3At%40x" in server.url  # percent-encoded
+    conn = await open_conn(server.url)
+    assert await conn.ping() == b"PONG"
+    assert await conn.execute("ACL", "WHOAMI") == b"default"
+
+
+async def test_password_keyword(redis_factory: RedisFactory, open_conn: Opener) -> None:
+    server = redis_factory(password=PASSWORD)
+    conn = await open_conn(f"redis://127.0.0.1:{server.port}", password=PASSWORD)
+    assert await conn.ping() == b"PONG"
+    conn2 = await open_conn(host="127.0.0.1", port=server.port, password=PASSWORD, db=2)
+    assert await conn2.ping() == b"PONG"
+
+
+async def test_acl_user(redis_factory: RedisFactory, open_conn: Opener) -> None:
+    server = redis_factory(acl_users={"alice": "pw1"})
+    by_keyword = await open_conn(
+        f"redis://127.0.0.1:{server.port}", username="alice", password="pw1"
+    )
+    assert await by_keyword.execute("ACL", "WHOAMI") == b"alice"
+    by_url = await open_conn(f"redis://alice:pw1@127.0.0.1:{server.port}/1")
+    assert await by_url.execute("ACL", "WHOAMI") == b"alice"
+
+
+async def test_wrong_password_raises_authentication_error(
+    redis_factory: RedisFactory, parser: str
+) -> None:
+    server = redis_factory(password=PASSWORD)
+    secret = "not-the-Pa55word"
+    with pytest.raises(AuthenticationError) as info:
+        await asyncio.wait_for(
+            connect(f"redis://127.0.0.1:{server.port}", password=secret, parser=parser), 5
+        )
+    message = str(info.value)
+    assert f"127.0.0.1:{server.port}" in message
+    assert secret not in message
+    assert secret not in repr(info.value)
+    assert PASSWORD not in message
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+async def test_wrong_acl_password_raises_authentication_error(
+    redis_factory: RedisFactory, parser: str
+) -> None:
+    server = redis_factory(acl_users={"alice": "pw1"})
+    secret = "wrong-alice-pw"
+    url = f"redis://alice:{secret}@127.0.0.1:{server.port}"
+    with pytest.raises(AuthenticationError) as info:
+        await asyncio.wait_for(connect(url, parser=parser), 5)
+    assert f"127.0.0.1:{server.port}" in str(info.value)
+    assert "alice" in str(info.value)
+    assert secret not in str(info.value)
+
+
+async def test_no_password_against_password_server(
+    redis_factory: RedisFactory, open_conn: Opener
+) -> None:
+    server = redis_factory(password=PASSWORD)
+    # Without credentials and db 0 there is no handshake: connect succeeds and the first
+    # command is refused; the connection stays open.
+    conn = await open_conn(f"redis://127.0.0.1:{server.port}")
+    with pytest.raises(ReplyError) as info:
+        await conn.ping()
+    assert info.value.code == "NOAUTH"
+    assert not conn.is_closed
+    assert await conn.execute("AUTH", PASSWORD) == b"OK"
+    assert await conn.ping() == b"PONG"
+
+
+async def test_no_password_with_db_fails_at_connect(
+    redis_factory: RedisFactory, parser: str
+) -> None:
+    server = redis_factory(password=PASSWORD)
+    # With a db to SELECT, the handshake itself meets NOAUTH.
+    with pytest.raises(AuthenticationError) as info:
+        await asyncio.wait_for(connect(f"redis://127.0.0.1:{server.port}/3", parser=parser), 5)
+    assert "NOAUTH" in str(info.value)
+    assert f"127.0.0.1:{server.port}" in str(info.value)
+
+
+async def test_select_db_from_url(clean_redis: RedisServer, open_conn: Opener) -> None:
+    db3 = await open_conn(f"{clean_redis.url}/3")
+    db0 = await open_conn(clean_redis.url)
+    db3_keyword = await open_conn(clean_redis.url, db=3)
+    assert db3.params.db == 3
+    assert await db3.execute("SET", "only-in-3", "yes") == b"OK"
+    assert await db0.execute("GET", "only-in-3") is None
+    assert await db3_keyword.execute("GET", "only-in-3") == b"yes"
+    assert clean_redis.command("GET", "only-in-3") is None
+    assert await db3.execute("DBSIZE") == 1
+    assert await db0.execute("DBSIZE") == 0
+
+
+# -- blocking pops ----------------------------------------------------------------------------
+
+
+async def test_lpush_brpop_is_fifo(clean_redis: RedisServer, open_conn: Opener) -> None:
+    conn = await open_conn(clean_redis.url)
+    assert await conn.lpush("q", "first") == 1
+    assert await conn.lpush("q", "second", "third") == 3
+    got = [await conn.brpop("q", timeout=1) for _ in range(3)]
+    assert got == [(b"q", b"first"), (b"q", b"second"), (b"q", b"third")]
+    assert await conn.execute("LLEN", "q") == 0
+
+
+async def test_brpop_wakes_on_push_from_other_connection(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    waiter = await open_conn(clean_redis.url)
+    pusher = await open_conn(clean_redis.url)
+    task = asyncio.create_task(waiter.brpop("other", "q", timeout=2))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    await pusher.lpush("q", b"\x00binary\xff")
+    assert await asyncio.wait_for(task, 2) == (b"q", b"\x00binary\xff")
+
+
+@pytest.mark.parametrize("command", ["brpop", "blpop"])
+async def test_blocking_pop_times_out(
+    clean_redis: RedisServer, open_conn: Opener, command: str
+) -> None:
+    conn = await open_conn(clean_redis.url)
+    pop = getattr(conn, command)
+    start = time.monotonic()
+    assert await asyncio.wait_for(pop("empty", timeout=0.1), 2) is None
+    elapsed = time.monotonic() - start
+    assert 0.08 <= elapsed < 0.6
+    start = time.monotonic()
+    assert await asyncio.wait_for(pop("empty", "empty2", timeout=0.25), 2) is None
+    elapsed = time.monotonic() - start
+    assert 0.22 <= elapsed < 0.8
+    assert not conn.is_closed
+    assert await conn.ping() == b"PONG"
+
+
+async def test_blpop_pops_head(clean_redis: RedisServer, open_conn: Opener) -> None:
+    conn = await open_conn(clean_redis.url)
+    await conn.rpush("q", "a", "b")
+    assert await conn.blpop("q", timeout=0.5) == (b"q", b"a")
+    assert await conn.brpop("q", timeout=0.5) == (b"q", b"b")
+
+
+async def test_blocking_pop_argument_checks(clean_redis: RedisServer, open_conn: Opener) -> None:
+    conn = await open_conn(clean_redis.url)
+    with pytest.raises(ValueError):
+        await conn.brpop(timeout=1)
+    with pytest.raises(ValueError):
+        await conn.blpop("q", timeout=-1)
+    assert await conn.ping() == b"PONG"
+
+
+# -- sharing and cancellation -----------------------------------------------------------------
+
+
+async def test_many_tasks_share_one_connection(clean_redis: RedisServer, open_conn: Opener) -> None:
+    conn = await open_conn(clean_redis.url)
+
+    async def worker(i: int) -> bytes:
+        assert await conn.execute("SET", f"k{i}", f"v{i}") == b"OK"
+        await asyncio.sleep(0)
+        value: bytes = await conn.execute("GET", f"k{i}")
+        return value
+
+    results = await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(100))), 5)
+    assert results == [f"v{i}".encode() for i in range(100)]
+
+
+@pytest.mark.parametrize("yields", [1, 3])
+async def test_cancelled_commands_do_not_shift_replies(
+    clean_redis: RedisServer, open_conn: Opener, yields: int
+) -> None:
+    conn = await open_conn(clean_redis.url)
+    n = 200
+    await conn.execute("MSET", *(x for i in range(n) for x in (f"c{i}", f"value-{i}")))
+    tasks = [asyncio.create_task(conn.execute("GET", f"c{i}")) for i in range(n)]
+    for _ in range(yields):
+        await asyncio.sleep(0)
+    for i in range(0, n, 3):
+        tasks[i].cancel()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    for i, result in enumerate(results):
+        if i % 3 == 0:
+            # Cancelled before its reply arrived (or, rarely, just after: then it is its own).
+            assert isinstance(result, asyncio.CancelledError) or result == f"value-{i}".encode()
+        else:
+            assert result == f"value-{i}".encode(), i
+    assert not conn.is_closed
+    assert await conn.execute("GET", "c7") == b"value-7"
+    again = await asyncio.gather(*(conn.execute("GET", f"c{i}") for i in range(0, n, 3)))
+    assert again == [f"value-{i}".encode() for i in range(0, n, 3)]
+
+
+async def test_cancel_command_waiting_behind_brpop(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    conn = await open_conn(clean_redis.url)
+    await conn.execute("MSET", "wrong", "reply-of-the-cancelled-get", "right", "expected")
+    pop = asyncio.create_task(conn.brpop("empty", timeout=0.3))
+    get = asyncio.create_task(conn.execute("GET", "wrong"))
+    await asyncio.sleep(0.05)
+    assert not get.done()
+    get.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await get
+    assert await asyncio.wait_for(pop, 2) is None
+    assert not conn.is_closed
+    assert await asyncio.wait_for(conn.execute("GET", "right"), 2) == b"expected"
+    assert await conn.ping() == b"PONG"
+
+
+async def test_cancelled_brpop_closes_connection_and_leaves_item(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    blocked = await open_conn(clean_redis.url)
+    other = await open_conn(clean_redis.url)
+    pop = asyncio.create_task(blocked.brpop("jobs", timeout=5))
+
+    def blocked_clients() -> int:
+        info = clean_redis.command("INFO", "clients")
+        assert isinstance(info, bytes)
+        for line in info.decode().splitlines():
+            if line.startswith("blocked_clients:"):
+                return int(line.split(":")[1])
+        raise AssertionError("no blocked_clients in INFO")
+
+    await eventually(lambda: blocked_clients() == 1, 2)
+    pop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pop
+    assert blocked.is_closed
+    reason = await asyncio.wait_for(blocked.wait_closed(), 1)
+    assert isinstance(reason, RedisConnectionError)
+    with pytest.raises(RedisConnectionError):
+        await blocked.ping()
+    await eventually(lambda: blocked_clients() == 0, 2)  # Redis noticed the hang-up
+    assert await other.lpush("jobs", "job-1") == 1
+    await asyncio.sleep(0.05)
+    assert await other.execute("LLEN", "jobs") == 1
+    assert await other.execute("LRANGE", "jobs", 0, -1) == [b"job-1"]
+
+
+# -- losing the server, closing ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_server_stop_fails_pending_command(
+    redis_server: RedisServer, open_conn: Opener, how: str
+) -> None:
+    conn = await open_conn(redis_server.url)
+    idle = await open_conn(redis_server.url)
+    pop = asyncio.create_task(conn.brpop("k", timeout=5))
+    await asyncio.sleep(0.1)
+    start = time.monotonic()
+    getattr(redis_server, how)()
+    with pytest.raises(RedisConnectionError) as info:
+        await asyncio.wait_for(pop, 2)
+    assert time.monotonic() - start < 2
+    assert str(redis_server.port) in str(info.value)
+    assert conn.is_closed
+    reason = await asyncio.wait_for(idle.wait_closed(), 2)
+    assert isinstance(reason, RedisConnectionError)
+    assert idle.is_closed
+    with pytest.raises(RedisConnectionError):
+        await idle.ping()
+    redis_server.start()
+    fresh = await open_conn(redis_server.url)
+    assert await fresh.ping() == b"PONG"
+
+
+async def test_connect_refused(redis_server: RedisServer, parser: str) -> None:
+    redis_server.stop()
+    with pytest.raises(RedisConnectionError) as info:
+        await asyncio.wait_for(connect(redis_server.url, parser=parser), 5)
+    assert f"127.0.0.1:{redis_server.port}" in str(info.value)
+
+
+async def test_close_is_idempotent(clean_redis: RedisServer, open_conn: Opener) -> None:
+    conn = await open_conn(clean_redis.url)
+    assert await conn.ping() == b"PONG"
+    await asyncio.wait_for(conn.close(), 2)
+    assert conn.is_closed
+    await asyncio.wait_for(conn.close(), 2)
+    with pytest.raises(RedisConnectionError):
+        await conn.ping()
+    with pytest.raises(RedisConnectionError):
+        await conn.execute("GET", "k")
+    reason = await asyncio.wait_for(conn.wait_closed(), 1)
+    assert isinstance(reason, RedisConnectionError)
+
+
+async def test_close_fails_pending_commands(clean_redis: RedisServer, open_conn: Opener) -> None:
+    conn = await open_conn(clean_redis.url)
+    pop = asyncio.create_task(conn.brpop("k", timeout=5))
+    behind = asyncio.create_task(conn.ping())
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(conn.close(), 2)
+    for task in (pop, behind):
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(task, 1)
+
+
+# -- malformed replies (fake servers) ---------------------------------------------------------
+
+
+def answer_first_command_with(data: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await read_command(reader) is not None
+        writer.write(data)
+        await writer.drain()
+        await drain_until_eof(reader)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"?garbage\r\n", b":12x\r\n", b"*-5\r\n"],
+    ids=["unknown-type", "bad-integer", "bad-array-length"],
+)
+async def test_malformed_reply_closes_connection(
+    open_conn: Opener, garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeRedis(answer_first_command_with(garbage)) as fake:
+        conn = await open_conn(fake.url)
+        waiting = [asyncio.create_task(conn.execute("GET", "k")) for _ in range(3)]
+        for task in waiting:
+            with pytest.raises(ProtocolError):
+                await asyncio.wait_for(task, 2)
+        assert conn.is_closed
+        reason = await asyncio.wait_for(conn.wait_closed(), 1)
+        assert isinstance(reason, ProtocolError)
+        with pytest.raises(ProtocolError):
+            await conn.ping()
+    assert "malformed reply" in caplog.text
+
+
+async def test_oversize_bulk_reply_closes_connection(open_conn: Opener) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await read_command(reader) is not None
+        writer.write(b"$99999999999\r\n")
+        # The python parser refuses the header at once; hiredis does not look at the
+        # announced length and is bounded by the bytes it holds (64 MiB), so keep sending.
+        chunk = b"x" * (1 << 20)
+        for _ in range(200):
+            if writer.is_closing():
+                return
+            writer.write(chunk)
+            await writer.drain()
+        await drain_until_eof(reader)
+
+    async with FakeRedis(handler) as fake:
+        conn = await open_conn(fake.url)
+        with pytest.raises(ProtocolError):
+            await asyncio.wait_for(conn.execute("GET", "big"), 5)
+        assert conn.is_closed
+
+
+async def test_unsolicited_reply_closes_connection(open_conn: Opener) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"+SURPRISE\r\n")
+        await writer.drain()
+        await drain_until_eof(reader)
+
+    async with FakeRedis(handler) as fake:
+        conn = await open_conn(fake.url)
+        reason = await asyncio.wait_for(conn.wait_closed(), 2)
+        assert isinstance(reason, ProtocolError)
+        assert conn.is_closed
+        with pytest.raises(ProtocolError):
+            await conn.ping()
+
+
+async def test_server_hangs_up_mid_reply(open_conn: Opener) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await read_command(reader) is not None
+        writer.write(b"$10\r\nhalf")
+        await writer.drain()
+        writer.close()
+
+    async with FakeRedis(handler) as fake:
+        conn = await open_conn(fake.url)
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(conn.execute("GET", "k"), 2)
+        assert conn.is_closed
+
+
+# -- transports -------------------------------------------------------------------------------
+
+
+async def test_unix_socket(clean_redis: RedisServer, open_conn: Opener) -> None:
+    conn = await open_conn(clean_redis.unix_url)
+    assert conn.params.unix_socket == clean_redis.unix_socket
+    assert await conn.ping() == b"PONG"
+    await conn.execute("SET", "via-unix", "1")
+    assert clean_redis.command("GET", "via-unix") == b"1"
+    db2 = await open_conn(clean_redis.unix_url.replace("?db=0", "?db=2"))
+    assert await db2.execute("GET", "via-unix") is None
+
+
+async def test_unix_socket_with_password(redis_factory: RedisFactory, open_conn: Opener) -> None:
+    server = redis_factory(password=PASSWORD)
+    conn = await open_conn(server.unix_url)
+    assert await conn.ping() == b"PONG"
+
+
+async def test_tls(redis_factory: RedisFactory, open_conn: Opener) -> None:
+    server = redis_factory(tls=True)
+    conn = await open_conn(server.tls_url, ssl=server.ssl_context())
+    assert await conn.ping() == b"PONG"
+    await conn.execute("SET", "over-tls", "yes")
+    assert await conn.execute("GET", "over-tls") == b"yes"
+    popped = await conn.brpop("empty", timeout=0.1)
+    assert popped is None
+
+
+async def test_tls_with_password(redis_factory: RedisFactory, open_conn: Opener) -> None:
+    server = redis_factory(tls=True, password=PASSWORD)
+    conn = await open_conn(server.tls_url, ssl=server.ssl_context())
+    assert await conn.ping() == b"PONG"
+
+
+async def test_tls_untrusted_certificate_is_refused(
+    redis_factory: RedisFactory, parser: str
+) -> None:
+    server = redis_factory(tls=True)
+    with pytest.raises(RedisConnectionError):
+        # The system's default trust does not know the throwaway CA.
+        await asyncio.wait_for(connect(server.tls_url, parser=parser), 5)
+
+
+# -- repr ---------------------------------------------------------------------------------------
+
+
+async def test_repr_hides_password(redis_factory: RedisFactory, open_conn: Opener) -> None:
+    server = redis_factory(password=PASSWORD)
+    conn = await open_conn(server.url)
+    for text in (repr(conn), str(conn), repr(conn.params), str(conn.params)):
+        assert PASSWORD not in text
+        assert "s3cr%3At%40x" not in text
+    assert f"127.0.0.1:{server.port}" in repr(conn)
+    await conn.close()
+    assert PASSWORD not in repr(conn)
+
+
+# -- Client -------------------------------------------------------------------------------------
+
+
+async def test_client_reconnects(redis_server: RedisServer, parser: str) -> None:
+    client = Client(make_params(redis_server.url), parser=parser, min_backoff=0.02, max_backoff=0.2)
+    client.start()
+    try:
+        await client.wait_connected(2)
+        assert client.connected
+        assert await client.execute("PING") == b"PONG"
+        assert await client.lpush("q", "x") == 1
+
+        redis_server.stop()
+
+        def unreachable() -> bool:
+            try:
+                client.connection()
+            except RedisConnectionError:
+                return True
+            return False
+
+        await eventually(unreachable, 1)
+        assert not client.connected
+        with pytest.raises(RedisConnectionError) as info:
+            await client.execute("PING")
+        assert f"127.0.0.1:{redis_server.port}" in str(info.value)
+        await asyncio.sleep(0.3)  # let a few reconnection attempts fail
+        assert not client.connected
+
+        redis_server.start()
+        await client.wait_connected(3)
+        assert await client.execute("PING") == b"PONG"
+        assert await client.publish("nobody-listens", "x") == 0
+    finally:
+        await asyncio.wait_for(client.close(), 2)
+    assert not client.connected
+    with pytest.raises(RedisConnectionError):
+        client.connection()
+    await asyncio.wait_for(client.close(), 2)
+
+
+async def test_client_with_password_hides_it(redis_factory: RedisFactory, parser: str) -> None:
+    server = redis_factory(password=PASSWORD)
+    client = Client(make_params(server.url), parser=parser)
+    try:
+        conn = await client.wait_connected(2)
+        assert await conn.ping() == b"PONG"
+        assert PASSWORD not in repr(client)
+    finally:
+        await asyncio.wait_for(client.close(), 2)
+
+
+async def test_client_wrong_password(redis_factory: RedisFactory, parser: str) -> None:
+    server = redis_factory(password=PASSWORD)
+    secret = "client-wrong-pw"
+    params = make_params(f"redis://127.0.0.1:{server.port}", password=secret)
+    client = Client(params, parser=parser, min_backoff=0.02, max_backoff=0.05)
+    client.start()
+    try:
+        await eventually(lambda: isinstance(client.last_error, AuthenticationError), 2)
+        with pytest.raises(RedisConnectionError) as info:
+            client.connection()
+        assert secret not in str(info.value)
+        assert secret not in repr(client)
+        assert secret not in str(client.last_error)
+        with pytest.raises(TimeoutError):
+            await client.wait_connected(0.2)
+    finally:
+        await asyncio.wait_for(client.close(), 2)

@@ -1,0 +1,587 @@
+"""``minidasgi.resp.Subscriber`` against private redis-server processes and fake servers.
+
+Every test runs once per reply parser (``python`` and ``hiredis``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from minidasgi.resp import (
+    AuthenticationError,
+    Connection,
+    Message,
+    RedisConnectionError,
+    Subscriber,
+    connect,
+)
+
+from .redis_server import RedisFactory, RedisServer
+
+PASSWORD = "s3cr:t@x"
+
+Opener = Callable[..., Awaitable[Connection]]
+SubscriberFactory = Callable[..., Subscriber]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture(params=["python", "hiredis"])
+def parser(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def open_conn(parser: str) -> AsyncIterator[Opener]:
+    """``await open_conn(url, **kwargs)``: a command connection, closed at teardown."""
+    opened: list[Connection] = []
+
+    async def opener(url: str | None = None, **kwargs: Any) -> Connection:
+        kwargs.setdefault("parser", parser)
+        conn = await asyncio.wait_for(connect(url, **kwargs), 5)
+        opened.append(conn)
+        return conn
+
+    try:
+        yield opener
+    finally:
+        for conn in opened:
+            await asyncio.wait_for(conn.close(), 5)
+
+
+@pytest.fixture
+async def make_subscriber(parser: str) -> AsyncIterator[SubscriberFactory]:
+    """``make_subscriber(url, **kwargs)``: a Subscriber with this test's parser and quick
+    reconnects; closed at teardown."""
+    made: list[Subscriber] = []
+
+    def factory(url: str | None = None, **kwargs: Any) -> Subscriber:
+        kwargs.setdefault("parser", parser)
+        kwargs.setdefault("min_backoff", 0.02)
+        kwargs.setdefault("max_backoff", 0.2)
+        subscriber = Subscriber(url, **kwargs)
+        made.append(subscriber)
+        return subscriber
+
+    try:
+        yield factory
+    finally:
+        for subscriber in made:
+            await asyncio.wait_for(subscriber.close(), 5)
+
+
+async def eventually(predicate: Callable[[], bool], within: float, step: float = 0.02) -> None:
+    """Wait until ``predicate()`` is true; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within} s")
+        await asyncio.sleep(step)
+
+
+async def publish_until(conn: Connection, channel: str, data: str, receivers: int) -> None:
+    """PUBLISH until Redis reports ``receivers`` receivers (subscriptions settle async)."""
+    deadline = time.monotonic() + 3
+    while (count := await conn.publish(channel, data)) != receivers:
+        if time.monotonic() > deadline:
+            pytest.fail(f"PUBLISH {channel} reached {count} receivers, wanted {receivers}")
+        await asyncio.sleep(0.02)
+
+
+async def read_command(reader: asyncio.StreamReader) -> list[bytes] | None:
+    """Read one RESP command (array of bulk strings); ``None`` at EOF."""
+    header = await reader.readline()
+    if not header:
+        return None
+    assert header.startswith(b"*"), header
+    args = []
+    for _ in range(int(header[1:])):
+        size = await reader.readline()
+        assert size.startswith(b"$"), size
+        args.append((await reader.readexactly(int(size[1:]) + 2))[:-2])
+    return args
+
+
+class FakeRedis:
+    """A TCP server on 127.0.0.1 that runs ``handler(reader, writer)`` for each client."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+        self.connections = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
+        self.connections += 1
+        try:
+            await self._handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> FakeRedis:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:  # wakes handlers blocked on a read with EOF
+            writer.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+        await self._server.wait_closed()
+
+
+async def drain_until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+
+async def test_messages_to_callback_in_order(
+    clean_redis: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    received: list[tuple[bytes, bytes]] = []
+    subscriber = make_subscriber(clean_redis.url, on_message=lambda c, d: received.append((c, d)))
+    await asyncio.wait_for(subscriber.subscribe("news", b"sport"), 2)
+    assert subscriber.connected
+    assert subscriber.channels == {b"news", b"sport"}
+    publisher = await open_conn(clean_redis.url)
+    expected = []
+    for i in range(20):
+        channel = "news" if i % 2 else "sport"
+        assert await publisher.publish(channel, f"m{i}") == 1
+        expected.append((channel.encode(), f"m{i}".encode()))
+    assert await publisher.publish("not-subscribed", "x") == 0
+    await eventually(lambda: len(received) >= len(expected), 2)
+    assert received == expected
+
+
+async def test_messages_by_async_iteration(
+    clean_redis: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    subscriber = make_subscriber(clean_redis.url)
+    await asyncio.wait_for(subscriber.subscribe("a", "b"), 2)
+    publisher = await open_conn(clean_redis.url)
+    await publisher.publish("a", "1")
+    await publisher.publish("b", b"\x00\xff")
+    await publisher.publish("a", "3")
+
+    async def take(n: int) -> list[Message]:
+        got = []
+        async for message in subscriber:
+            got.append(message)
+            if len(got) == n:
+                break
+        return got
+
+    got = await asyncio.wait_for(take(3), 2)
+    assert got == [Message(b"a", b"1"), Message(b"b", b"\x00\xff"), Message(b"a", b"3")]
+    assert got[0].channel == b"a"
+    assert got[0].data == b"1"
+
+
+async def test_iteration_refused_with_callback(
+    clean_redis: RedisServer, make_subscriber: SubscriberFactory
+) -> None:
+    subscriber = make_subscriber(clean_redis.url, on_message=lambda c, d: None)
+    with pytest.raises(RuntimeError):
+        async for _ in subscriber:
+            pass
+
+
+async def test_publish_counts_receivers_and_unsubscribe(
+    clean_redis: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    received: list[bytes] = []
+    subscriber = make_subscriber(clean_redis.url, on_message=lambda c, d: received.append(d))
+    await asyncio.wait_for(subscriber.subscribe("ch", "keep"), 2)
+    publisher = await open_conn(clean_redis.url)
+    assert await publisher.publish("ch", "one") == 1
+    await eventually(lambda: received == [b"one"], 2)
+    await asyncio.wait_for(subscriber.subscribe("ch"), 1)  # already confirmed: returns at once
+    await subscriber.unsubscribe("ch")
+    assert subscriber.channels == {b"keep"}
+    await publish_until(publisher, "ch", "ignored", 0)
+    assert await publisher.publish("keep", "two") == 1
+    await eventually(lambda: b"two" in received, 2)
+    assert b"ignored" not in received
+    assert received == [b"one", b"two"]
+    await subscriber.unsubscribe()  # all
+    assert subscriber.channels == frozenset()
+    await publish_until(publisher, "keep", "x", 0)
+
+
+async def test_callback_exception_does_not_break_delivery(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    received: list[bytes] = []
+
+    def on_message(channel: bytes, data: bytes) -> None:
+        if data == b"boom":
+            raise ValueError("callback failure")
+        received.append(data)
+
+    subscriber = make_subscriber(clean_redis.url, on_message=on_message)
+    await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+    publisher = await open_conn(clean_redis.url)
+    await publisher.publish("ch", "boom")
+    await publisher.publish("ch", "after")
+    await eventually(lambda: received == [b"after"], 2)
+    assert subscriber.connected
+    assert "on_message callback failed" in caplog.text
+
+
+# -- reconnection -------------------------------------------------------------------------------
+
+
+async def test_resubscribes_after_restart(
+    redis_server: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    received: list[bytes] = []
+    lost = asyncio.Event()
+    connected: list[float] = []
+    subscriber = make_subscriber(
+        redis_server.url,
+        on_message=lambda c, d: received.append(d),
+        on_connection_lost=lost.set,
+        on_connected=lambda: connected.append(time.monotonic()),
+    )
+    await asyncio.wait_for(subscriber.subscribe("jobs"), 2)
+    assert len(connected) == 1
+    publisher = await open_conn(redis_server.url)
+    assert await publisher.publish("jobs", "before") == 1
+    await eventually(lambda: received == [b"before"], 2)
+
+    redis_server.restart()
+    await asyncio.wait_for(lost.wait(), 2)
+    await eventually(lambda: subscriber.connected, 3)
+    assert len(connected) >= 2
+    fresh = await open_conn(redis_server.url)
+    await publish_until(fresh, "jobs", "after", 1)
+    await eventually(lambda: b"after" in received, 2)
+    assert received[0] == b"before"
+    assert subscriber.channels == {b"jobs"}
+
+
+async def test_subscribe_while_redis_is_down(
+    redis_server: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    redis_server.stop()
+    received: list[bytes] = []
+    subscriber = make_subscriber(
+        redis_server.url, on_message=lambda c, d: received.append(d), max_backoff=0.1
+    )
+    pending = asyncio.create_task(subscriber.subscribe("late"))
+    try:
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        assert not subscriber.connected
+        assert isinstance(subscriber.last_error, RedisConnectionError)
+        redis_server.start()
+        await asyncio.wait_for(pending, 3)
+    finally:
+        pending.cancel()
+    assert subscriber.connected
+    publisher = await open_conn(redis_server.url)
+    assert await publisher.publish("late", "hello") == 1
+    await eventually(lambda: received == [b"hello"], 2)
+
+
+async def test_subscribe_can_be_bounded_while_down(
+    redis_server: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    redis_server.stop()
+    subscriber = make_subscriber(redis_server.url, max_backoff=0.1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(subscriber.subscribe("ch"), 0.2)
+    # Cancelling the wait keeps the subscription: it is made once Redis is back.
+    assert subscriber.channels == {b"ch"}
+    redis_server.start()
+    await asyncio.wait_for(subscriber.subscribe("ch"), 3)
+    publisher = await open_conn(redis_server.url)
+    assert await publisher.publish("ch", "x") == 1
+
+
+async def test_idle_health_check_keeps_connection(
+    clean_redis: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    # A PING sent with no channel subscribed is answered +PONG (not subscribe-mode pong).
+    lost: list[int] = []
+    received: list[bytes] = []
+    subscriber = make_subscriber(
+        clean_redis.url,
+        health_check_interval=0.1,
+        on_connection_lost=lambda: lost.append(1),
+        on_message=lambda c, d: received.append(d),
+    )
+    await asyncio.wait_for(subscriber.wait_connected(), 2)
+    await asyncio.sleep(0.35)
+    await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+    await asyncio.sleep(0.35)
+    await subscriber.unsubscribe("ch")
+    await asyncio.sleep(0.35)
+    assert lost == []
+    assert subscriber.last_error is None
+    assert subscriber.connected
+    await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+    publisher = await open_conn(clean_redis.url)
+    assert await publisher.publish("ch", "still-here") == 1
+    await eventually(lambda: received == [b"still-here"], 2)
+
+
+# -- authentication -----------------------------------------------------------------------------
+
+
+async def test_password(
+    redis_factory: RedisFactory, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    server = redis_factory(password=PASSWORD)
+    received: list[bytes] = []
+    subscriber = make_subscriber(server.url, on_message=lambda c, d: received.append(d))
+    await asyncio.wait_for(subscriber.subscribe("secret-channel"), 2)
+    publisher = await open_conn(server.url)
+    assert await publisher.publish("secret-channel", "ok") == 1
+    await eventually(lambda: received == [b"ok"], 2)
+    assert PASSWORD not in repr(subscriber)
+    assert PASSWORD not in repr(subscriber.params)
+
+    by_keyword = make_subscriber(f"redis://127.0.0.1:{server.port}", password=PASSWORD)
+    await asyncio.wait_for(by_keyword.subscribe("secret-channel"), 2)
+    assert await publisher.publish("secret-channel", "two") == 2
+
+
+async def test_acl_user(redis_factory: RedisFactory, make_subscriber: SubscriberFactory) -> None:
+    server = redis_factory(acl_users={"alice": "pw1"})
+    subscriber = make_subscriber(
+        f"redis://127.0.0.1:{server.port}", username="alice", password="pw1"
+    )
+    await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+    assert server.command("PUBLISH", "ch", "x") == 1
+
+
+async def test_wrong_password_retries_without_leaking(
+    redis_factory: RedisFactory,
+    make_subscriber: SubscriberFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_factory(password=PASSWORD)
+    secret = "wrong-Subscr1ber-pw"
+    caplog.set_level(logging.DEBUG, logger="minidasgi")
+    subscriber = make_subscriber(
+        f"redis://127.0.0.1:{server.port}", password=secret, max_backoff=0.05
+    )
+    pending = asyncio.create_task(subscriber.subscribe("ch"))
+    try:
+        await eventually(lambda: isinstance(subscriber.last_error, AuthenticationError), 2)
+
+        def attempts() -> int:
+            return sum("refused AUTH" in r.getMessage() for r in caplog.records)
+
+        await eventually(lambda: attempts() >= 3, 2)  # it keeps retrying
+        assert not pending.done()
+        assert not subscriber.connected
+    finally:
+        pending.cancel()
+    error = subscriber.last_error
+    assert error is not None
+    for text in (repr(subscriber), str(error), repr(error), repr(subscriber.params), caplog.text):
+        assert secret not in text
+        assert PASSWORD not in text
+    assert f"127.0.0.1:{server.port}" in str(error)
+
+
+# -- fake servers -------------------------------------------------------------------------------
+
+
+async def test_message_before_subscribe_confirmation(
+    make_subscriber: SubscriberFactory,
+) -> None:
+    commands: list[list[bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        command = await read_command(reader)
+        assert command is not None
+        commands.append(command)
+        writer.write(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+        await writer.drain()
+        await drain_until_eof(reader)
+
+    received: list[tuple[bytes, bytes]] = []
+    async with FakeRedis(handler) as fake:
+        subscriber = make_subscriber(fake.url, on_message=lambda c, d: received.append((c, d)))
+        await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+        assert received == [(b"ch", b"hi")]
+        assert commands == [[b"SUBSCRIBE", b"ch"]]
+        await subscriber.close()
+
+
+async def test_message_before_confirmation_in_one_packet(
+    make_subscriber: SubscriberFactory,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await read_command(reader) == [b"SUBSCRIBE", b"ch"]
+        writer.write(
+            b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n"
+            b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+            b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nagain\r\n"
+        )
+        await writer.drain()
+        await drain_until_eof(reader)
+
+    async with FakeRedis(handler) as fake:
+        subscriber = make_subscriber(fake.url)
+        await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+
+        async def take(n: int) -> list[Message]:
+            got = []
+            async for message in subscriber:
+                got.append(message)
+                if len(got) == n:
+                    break
+            return got
+
+        assert await asyncio.wait_for(take(2), 2) == [
+            Message(b"ch", b"hi"),
+            Message(b"ch", b"again"),
+        ]
+        await subscriber.close()
+
+
+async def test_health_check_gives_up_silent_server(make_subscriber: SubscriberFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await drain_until_eof(reader)  # accepts, reads, never answers
+
+    lost = asyncio.Event()
+    async with FakeRedis(handler) as fake:
+        subscriber = make_subscriber(
+            fake.url, health_check_interval=0.2, on_connection_lost=lost.set
+        )
+        start = time.monotonic()
+        await asyncio.wait_for(subscriber.wait_connected(), 1)
+        await asyncio.wait_for(lost.wait(), 1)
+        assert time.monotonic() - start < 1
+        assert isinstance(subscriber.last_error, RedisConnectionError)
+        assert "health-check" in str(subscriber.last_error)
+        await eventually(lambda: fake.connections >= 2, 1)  # and it reconnects
+        await subscriber.close()
+
+
+async def test_malformed_push_drops_connection(make_subscriber: SubscriberFactory) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await read_command(reader) is not None
+        writer.write(b"?garbage\r\n")
+        await writer.drain()
+        await drain_until_eof(reader)
+
+    lost = asyncio.Event()
+    async with FakeRedis(handler) as fake:
+        subscriber = make_subscriber(fake.url, on_connection_lost=lost.set)
+        pending = asyncio.create_task(subscriber.subscribe("ch"))
+        try:
+            await asyncio.wait_for(lost.wait(), 2)
+        finally:
+            pending.cancel()
+        assert subscriber.last_error is not None
+        await subscriber.close()
+
+
+# -- closing ------------------------------------------------------------------------------------
+
+
+async def test_close_is_idempotent_and_ends_iteration(
+    clean_redis: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    subscriber = make_subscriber(clean_redis.url)
+    await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+    got: list[Message] = []
+
+    async def consume() -> None:
+        async for message in subscriber:
+            got.append(message)
+
+    consumer = asyncio.create_task(consume())
+    try:
+        publisher = await open_conn(clean_redis.url)
+        assert await publisher.publish("ch", "x") == 1
+        await eventually(lambda: got == [Message(b"ch", b"x")], 2)
+        await asyncio.wait_for(subscriber.close(), 2)
+        await asyncio.wait_for(consumer, 1)
+        await asyncio.wait_for(subscriber.close(), 2)
+    finally:
+        consumer.cancel()
+    assert not subscriber.connected
+    await publish_until(publisher, "ch", "y", 0)
+    with pytest.raises(RedisConnectionError):
+        await subscriber.subscribe("other")
+
+
+def block_loop(seconds: float) -> None:
+    """Hold the event loop (no await), so that bytes pile up in the socket meanwhile."""
+    time.sleep(seconds)
+
+
+@pytest.mark.parametrize("yields", [0, 1, 2, 3])
+async def test_close_right_after_a_message_arrives(
+    clean_redis: RedisServer, make_subscriber: SubscriberFactory, yields: int
+) -> None:
+    # close() while the read of a fresh message has completed but the supervisor has not
+    # resumed yet: before Python 3.12 wait_for() drops that cancellation.
+    received: list[bytes] = []
+    subscriber = make_subscriber(clean_redis.url, on_message=lambda c, d: received.append(d))
+    await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+    assert clean_redis.command("PUBLISH", "ch", "x") == 1
+    block_loop(0.02)
+    for _ in range(yields):
+        await asyncio.sleep(0)
+    start = time.monotonic()
+    await asyncio.wait_for(asyncio.shield(subscriber.close()), 1)
+    assert time.monotonic() - start < 0.5
+    assert not subscriber.connected
+
+
+async def test_close_fails_pending_subscribe(
+    redis_server: RedisServer, make_subscriber: SubscriberFactory
+) -> None:
+    redis_server.stop()
+    subscriber = make_subscriber(redis_server.url)
+    pending = asyncio.create_task(subscriber.subscribe("ch"))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(subscriber.close(), 2)
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(pending, 1)
+    await asyncio.wait_for(subscriber.close(), 2)
+
+
+async def test_close_unstarted_subscriber(make_subscriber: SubscriberFactory) -> None:
+    subscriber = make_subscriber("redis://127.0.0.1:1")
+    await subscriber.close()
+    await subscriber.close()
+    assert not subscriber.connected
