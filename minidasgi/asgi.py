@@ -27,6 +27,10 @@ def is_asgi3(app: Any) -> bool:
         return hasattr(app, "__await__")
     if inspect.isfunction(app):
         return asyncio.iscoroutinefunction(app)
+    if asyncio.iscoroutinefunction(app):
+        # A bound async method or a partial of a coroutine function: uvicorn's ``__call__``
+        # test says class style here, and calling it as ``app(scope)`` fails.
+        return True
     call = getattr(app, "__call__", None)  # noqa: B004 - the same test uvicorn makes
     return asyncio.iscoroutinefunction(call)
 

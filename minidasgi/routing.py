@@ -78,6 +78,8 @@ def check_key(key: str) -> None:
 
 def _check_template(pattern: re.Pattern[str], template: str) -> None:
     for number, name in _GROUP_REF.findall(template):
+        if name.isdigit():  # \g<2> is group 2, as \2 is
+            number, name = name, ""
         if number and int(number) > pattern.groups:
             raise ValueError(
                 f"key template {template!r} refers to group {number}, "

@@ -154,7 +154,7 @@ class Envelope:
             raise WireError("envelope scope is not an http or websocket scope")
         if not (isinstance(events, list) and all(isinstance(e, dict) for e in events)):
             raise WireError("envelope events are not a list of dicts")
-        if not (isinstance(window, int) and 1 <= window <= 1024):
+        if not (type(window) is int and 1 <= window <= 1024):
             raise WireError("envelope window out of range")
         return cls(request_id, reply, float(deadline), scope, events, window)
 

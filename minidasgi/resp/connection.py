@@ -156,6 +156,7 @@ class Connection:
         self._wbuf: list[bytes] = []
         self._wbuf_size = 0
         self._flush_scheduled = False
+        self._backlogged = False  # the socket is not keeping up: callers wait for it
         self._drain_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._error: Exception | None = None
@@ -181,15 +182,16 @@ class Connection:
         ``blocking=True`` marks a command that may block the connection (BRPOP): if the caller
         is cancelled while waiting, the connection is closed.
         """
+        return await self.execute_packed(pack_command(*args), blocking=blocking)
+
+    async def execute_packed(self, data: bytes, *, blocking: bool = False) -> Any:
+        """Like ``execute`` for one command already packed with ``pack_command``."""
         if self._error is not None:
             raise self._closed_error()
-        data = pack_command(*args)
         waiter: asyncio.Future[Any] = self._loop.create_future()
         self._waiters.append(waiter)
         self._buffer(data)
-        if self._wbuf_size >= _WRITE_HIGH_WATER:
-            self._flush()
-        if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+        if self._backlogged:
             async with self._drain_lock:
                 await self._drain()
         try:
@@ -211,7 +213,8 @@ class Connection:
 
     async def lpush(self, key: str | bytes, *values: object) -> int:
         """LPUSH: prepend values to a list; returns its new length."""
-        reply: int = await self.execute("LPUSH", key, *values)
+        data = pack_command("LPUSH", key, *values)
+        reply: int = await self.execute_packed(data)
         return reply
 
     async def rpush(self, key: str | bytes, *values: object) -> int:
@@ -248,7 +251,7 @@ class Connection:
 
     async def publish(self, channel: str | bytes, message: object) -> int:
         """PUBLISH; returns how many subscribers received the message."""
-        reply: int = await self.execute("PUBLISH", channel, message)
+        reply: int = await self.execute_packed(pack_command("PUBLISH", channel, message))
         return reply
 
     async def close(self) -> None:
@@ -272,29 +275,44 @@ class Connection:
         return RedisConnectionError(str(error))
 
     def _buffer(self, data: bytes) -> None:
-        self._wbuf.append(data)
-        self._wbuf_size += len(data)
         if not self._flush_scheduled:
+            # The first command of a loop turn goes out at once (no added latency); those
+            # issued later in the same turn are gathered into one write by _flush.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+            self._write(data)
+            return
+        self._wbuf.append(data)
+        self._wbuf_size += len(data)
+        if self._wbuf_size >= _WRITE_HIGH_WATER:
+            self._flush_buffer()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._wbuf or self._error is not None:
+        self._flush_buffer()
+
+    def _flush_buffer(self) -> None:
+        if not self._wbuf:
             return
         data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
         self._wbuf.clear()
         self._wbuf_size = 0
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self._error is not None:
+            return
         try:
             self._writer.write(data)
         except Exception as exc:  # the transport is already gone
-            self._abort(
-                RedisConnectionError(f"lost connection to Redis at {self.params.address}: {exc}")
-            )
+            self._abort(self._lost(exc))
+            return
+        self._backlogged = self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
 
     async def _drain(self) -> None:
         try:
             await self._writer.drain()
+            self._backlogged = self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
         except Exception as exc:
             self._abort(
                 RedisConnectionError(f"lost connection to Redis at {self.params.address}: {exc}")

@@ -134,10 +134,19 @@ def pack_command(*args: object) -> bytes:
         raise ValueError("a command needs at least its name")
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = _encode_arg(arg)
-        parts.append(b"$%d\r\n" % len(data))
-        parts.append(data)
-        parts.append(b"\r\n")
+        kind = type(arg)
+        if kind is bytes:
+            data: bytes = arg  # type: ignore[assignment]
+        elif kind is str:
+            data = arg.encode()  # type: ignore[attr-defined]
+        else:
+            data = _encode_arg(arg)
+        if len(data) < 1024:
+            parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        else:  # no extra copy of a large value before the final join
+            parts.append(b"$%d\r\n" % len(data))
+            parts.append(data)
+            parts.append(b"\r\n")
     return b"".join(parts)
 
 
@@ -206,9 +215,12 @@ class PythonParser:
         return ProtocolError(message)
 
     def _length(self, line: bytes, what: str, *, allow_null: bool) -> int:
-        if not _INTEGER.fullmatch(line):
+        if line.isdigit() or _INTEGER.fullmatch(
+            line
+        ):  # ASCII digits only, for bytes: the common case, checked cheaply
+            n = int(line)
+        else:
             raise self._fail(f"invalid {what} length {line[:32]!r}")
-        n = int(line)
         if n < 0 and not (allow_null and n == -1):
             raise self._fail(f"negative {what} length {n}")
         if n > self._max_reply_size:

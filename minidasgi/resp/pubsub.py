@@ -104,6 +104,8 @@ class Subscriber:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
+        self._last_read = 0.0
+        self._silent = False
         self.last_error: Exception | None = None
 
     def __repr__(self) -> str:
@@ -284,24 +286,46 @@ class Subscriber:
         self._connected.set()
         if self._on_connected is not None:
             self._on_connected()
-        pinged = False
-        # Checked as well as cancelled: before Python 3.12, wait_for() drops a cancellation
-        # that arrives just as its read completes, and close() would then wait forever.
-        while not self._closing:
-            try:
-                data = await asyncio.wait_for(reader.read(65536), self._health_check_interval)
-            except asyncio.TimeoutError:
-                if pinged:
-                    raise RedisConnectionError("no answer to a health-check PING") from None
-                self._send("PING")
-                pinged = True
+        self._last_read = asyncio.get_running_loop().time()
+        health = asyncio.ensure_future(self._check_health(writer))
+        try:
+            # Checked as well as cancelled, so close() cannot be missed however it lands.
+            while not self._closing:
+                data = await reader.read(65536)
+                if not data:
+                    if self._silent:
+                        raise RedisConnectionError("no answer to a health-check PING")
+                    raise RedisConnectionError("Redis closed the connection")
+                self._last_read = asyncio.get_running_loop().time()
+                parser.feed(data)
+                while (reply := parser.gets()) is not NEED_DATA:
+                    self._handle(reply)
+        finally:
+            health.cancel()
+
+    async def _check_health(self, writer: asyncio.StreamWriter) -> None:
+        """PING after an idle interval; drop the connection if a second one passes silent.
+
+        A timer beside the read loop, rather than a timeout on every read, keeps the cost per
+        message at zero.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self._health_check_interval
+        self._silent = False
+        pinged_at: float | None = None
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = loop.time()
+            if pinged_at is not None and self._last_read < pinged_at:
+                if now - pinged_at >= interval:
+                    self._silent = True
+                    writer.transport.abort()  # the read loop sees the end and reconnects
+                    return
                 continue
-            if not data:
-                raise RedisConnectionError("Redis closed the connection")
-            pinged = False
-            parser.feed(data)
-            while (reply := parser.gets()) is not NEED_DATA:
-                self._handle(reply)
+            pinged_at = None
+            if now - self._last_read >= interval:
+                self._send("PING")
+                pinged_at = now
 
     def _handle(self, reply: Any) -> None:
         if isinstance(reply, ReplyError):
@@ -311,7 +335,9 @@ class Subscriber:
             return
         if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
             raise ProtocolError("unexpected reply in subscribe mode")
-        kind = reply[0].lower()
+        kind = reply[0]
+        if kind != b"message":
+            kind = kind.lower()
         if kind == b"message" and len(reply) == 3:
             channel, data = reply[1], reply[2]
             if channel in self._channels:

@@ -1,0 +1,308 @@
+"""Unit tests for ``minidasgi.wire``: messages, envelopes, channel names and flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from typing import Any
+
+import pytest
+
+from minidasgi import codec, wire
+from minidasgi.codec import CodecError
+from minidasgi.wire import Envelope, ReceiveWindow, SendWindow, WireError
+
+
+def http_scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": "/api/test",
+        "headers": [(b"host", b"example.com")],
+    }
+
+
+def envelope_fields(**overrides: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "id": "a" * 24,
+        "reply": "minidasgi:0:distributor:abcdef",
+        "deadline": 1_700_000_000.5,
+        "scope": http_scope(),
+        "events": [{"type": "http.request", "body": b"hi", "more_body": False}],
+        "window": 8,
+    }
+    fields.update(overrides)
+    return fields
+
+
+# pack / unpack
+
+
+@pytest.mark.parametrize(
+    ("kind", "args"),
+    [
+        (wire.ACK, ["minidasgi:0:node:0123"]),
+        (wire.SEND, [[{"type": "http.response.start", "status": 200, "headers": []}]]),
+        (wire.EVENT, [{"type": "http.request", "body": b"x" * 10, "more_body": True}]),
+        (wire.CREDIT, [4]),
+        (wire.DONE, [True]),
+        (wire.DONE, [False]),
+        (wire.CANCEL, []),
+    ],
+)
+def test_pack_unpack_round_trip_for_each_kind(kind: str, args: list[Any]) -> None:
+    request_id = wire.new_request_id()
+    assert wire.unpack(wire.pack(kind, request_id, *args)) == (kind, request_id, args)
+
+
+def test_unpack_ping() -> None:
+    assert wire.unpack(wire.PING_MESSAGE) == (wire.PING, "", [])
+    assert wire.unpack(codec.encode([wire.PING])) == (wire.PING, "", [])
+    # Anything after the kind of a ping is ignored.
+    assert wire.unpack(codec.encode([wire.PING, 5, "x"])) == (wire.PING, "", [])
+
+
+@pytest.mark.parametrize(
+    "message",
+    [None, "ack", 5, b"ack", {"kind": "ack", "id": "x"}, []],
+    ids=["none", "str", "int", "bytes", "dict", "empty-list"],
+)
+def test_unpack_refuses_a_non_list_or_empty_message(message: Any) -> None:
+    with pytest.raises(WireError):
+        wire.unpack(codec.encode(message))
+
+
+@pytest.mark.parametrize("message", [[wire.SEND], [wire.ACK], [wire.SEND, 7], [wire.ACK, None]])
+def test_unpack_refuses_a_message_without_a_request_id(message: list[Any]) -> None:
+    with pytest.raises(WireError, match="request id"):
+        wire.unpack(codec.encode(message))
+
+
+@pytest.mark.parametrize("kind", [1, None, b"ack", ["ack"], {"k": 1}])
+def test_unpack_refuses_a_non_str_kind(kind: Any) -> None:
+    with pytest.raises(WireError):
+        wire.unpack(codec.encode([kind, "id"]))
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"garbage", b"\x01", b"\x01l\x00\x00\x00\x05N", wire.pack(wire.ACK, "x") + b"!"]
+)
+def test_unpack_of_garbage_raises_codec_error(data: bytes) -> None:
+    with pytest.raises(CodecError):
+        wire.unpack(data)
+
+
+def test_unpack_refuses_a_message_over_the_wire_size_limit() -> None:
+    data = wire.pack(wire.SEND, "id", b"x" * (wire.MAX_MESSAGE_SIZE + 1))
+    with pytest.raises(CodecError, match="exceeds"):
+        wire.unpack(data)
+
+
+def test_a_full_chunk_fits_in_one_message() -> None:
+    chunk = b"x" * wire.CHUNK_SIZE
+    events = [{"type": "http.response.body", "body": chunk, "more_body": True}]
+    kind, _, args = wire.unpack(wire.pack(wire.SEND, "id", events))
+    assert kind == wire.SEND
+    assert args[0][0]["body"] == chunk
+
+
+# Envelope
+
+
+def test_envelope_encode_decode_round_trip() -> None:
+    envelope = Envelope(**envelope_fields())
+    decoded = Envelope.decode(envelope.encode())
+    assert decoded.id == envelope.id
+    assert decoded.reply == envelope.reply
+    assert decoded.deadline == envelope.deadline
+    assert decoded.window == envelope.window
+    assert decoded.events == envelope.events
+    # Tuples travel as lists.
+    assert decoded.scope == {**http_scope(), "headers": [[b"host", b"example.com"]]}
+
+
+def test_envelope_default_window_and_int_deadline() -> None:
+    envelope = Envelope("id1", "reply", 10, {"type": "websocket", "path": "/"}, [])
+    assert envelope.window == wire.WINDOW
+    decoded = Envelope.decode(envelope.encode())
+    assert decoded.deadline == 10.0
+    assert isinstance(decoded.deadline, float)
+    assert decoded.scope == {"type": "websocket", "path": "/"}
+    assert decoded.events == []
+
+
+@pytest.mark.parametrize("missing", ["id", "reply", "deadline", "scope", "events", "window"])
+def test_envelope_decode_refuses_each_missing_field(missing: str) -> None:
+    fields = envelope_fields()
+    del fields[missing]
+    with pytest.raises(WireError, match=missing):
+        Envelope.decode(codec.encode(fields))
+
+
+@pytest.mark.parametrize("value", [None, [1], "text", 5, b"bytes"])
+def test_envelope_decode_refuses_a_non_dict(value: Any) -> None:
+    with pytest.raises(WireError, match="not a dict"):
+        Envelope.decode(codec.encode(value))
+
+
+def test_envelope_decode_propagates_codec_errors() -> None:
+    with pytest.raises(CodecError):
+        Envelope.decode(b"\x01garbage")
+    data = Envelope(**envelope_fields()).encode()
+    with pytest.raises(CodecError, match="exceeds"):
+        Envelope.decode(data, max_size=len(data) - 1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", 5),
+        ("id", b"abc"),
+        ("id", None),
+        ("id", ""),
+        ("id", "x" * 65),
+        ("reply", 5),
+        ("reply", b"channel"),
+        ("reply", ""),
+        ("reply", "x" * 257),
+        ("deadline", "1700000000"),
+        ("deadline", True),
+        ("deadline", False),
+        ("deadline", None),
+        ("deadline", math.inf),
+        ("deadline", -math.inf),
+        ("deadline", math.nan),
+        ("scope", "http"),
+        ("scope", ["type", "http"]),
+        ("scope", {}),
+        ("scope", {"type": "lifespan"}),
+        ("scope", {"type": b"http"}),
+        ("events", {"type": "http.request"}),
+        ("events", "events"),
+        ("events", [{"type": "http.request"}, "not a dict"]),
+        ("events", [[("type", "http.request")]]),
+        ("window", 0),
+        ("window", -1),
+        ("window", 5000),
+        ("window", 1.5),
+        ("window", "8"),
+    ],
+)
+def test_envelope_decode_refuses_wrong_types(field: str, value: Any) -> None:
+    with pytest.raises(WireError):
+        Envelope.decode(codec.encode(envelope_fields(**{field: value})))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", "x" * 64), ("reply", "x" * 256), ("window", 1), ("window", 1024), ("deadline", 0)],
+)
+def test_envelope_decode_accepts_values_at_the_limits(field: str, value: Any) -> None:
+    decoded = Envelope.decode(codec.encode(envelope_fields(**{field: value})))
+    assert getattr(decoded, field) == value
+
+
+def test_envelope_expired() -> None:
+    envelope = Envelope(**envelope_fields(deadline=1000.0))
+    assert not envelope.expired(999.0)
+    assert not envelope.expired(1000.0)
+    assert envelope.expired(1000.001)
+    assert Envelope(**envelope_fields(deadline=time.time() - 1)).expired()
+    assert not Envelope(**envelope_fields(deadline=time.time() + 60)).expired()
+
+
+# Names
+
+
+def test_new_request_id_is_unique_and_24_hex_chars() -> None:
+    ids = {wire.new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for request_id in ids:
+        assert re.fullmatch(r"[0-9a-f]{24}", request_id)
+
+
+def test_new_channel_names_prefix_db_and_role() -> None:
+    channel = wire.new_channel("minidasgi", 3, "node")
+    assert channel.startswith("minidasgi:3:node:")
+    assert re.fullmatch(r"minidasgi:3:node:[0-9a-f]+", channel)
+    assert wire.new_channel("minidasgi", 3, "node") != channel
+    assert wire.new_channel("minidasgi", 4, "node").startswith("minidasgi:4:node:")
+    assert wire.new_channel("other", 0, "distributor").startswith("other:0:distributor:")
+
+
+# Flow control
+
+
+async def test_send_window_acquires_up_to_the_window_without_waiting() -> None:
+    window = SendWindow(4)
+    for _ in range(4):
+        await asyncio.wait_for(window.acquire(), 2)
+    assert window.available == 0
+
+
+async def test_send_window_waits_for_grant() -> None:
+    window = SendWindow(2)
+    await asyncio.wait_for(window.acquire(), 2)
+    await asyncio.wait_for(window.acquire(), 2)
+    waiter = asyncio.ensure_future(window.acquire())
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    window.grant(0)
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    window.grant(1)
+    await asyncio.wait_for(waiter, 2)
+    assert window.available == 0
+
+
+async def test_send_window_grant_wakes_several_waiters() -> None:
+    window = SendWindow(1)
+    await asyncio.wait_for(window.acquire(), 2)
+    waiters = [asyncio.ensure_future(window.acquire()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(w.done() for w in waiters)
+    window.grant(2)
+    await asyncio.sleep(0.01)
+    assert sum(w.done() for w in waiters) == 2
+    window.grant(1)
+    await asyncio.wait_for(asyncio.gather(*waiters), 2)
+    assert window.available == 0
+
+
+async def test_send_window_abort_fails_a_waiting_and_a_later_acquire() -> None:
+    window = SendWindow(1)
+    await asyncio.wait_for(window.acquire(), 2)
+    waiter = asyncio.ensure_future(window.acquire())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    error = ConnectionError("peer gone")
+    window.abort(error)
+    with pytest.raises(ConnectionError, match="peer gone") as caught:
+        await asyncio.wait_for(waiter, 2)
+    assert caught.value is error
+    with pytest.raises(ConnectionError, match="peer gone"):
+        await asyncio.wait_for(window.acquire(), 2)
+    # Even with credit available, an aborted window stays aborted.
+    window.grant(5)
+    with pytest.raises(ConnectionError, match="peer gone"):
+        await asyncio.wait_for(window.acquire(), 2)
+
+
+async def test_send_window_abort_before_any_wait() -> None:
+    window = SendWindow(3)
+    window.abort(RuntimeError("cancelled"))
+    with pytest.raises(RuntimeError, match="cancelled"):
+        await asyncio.wait_for(window.acquire(), 2)
+
+
+def test_receive_window_returns_credit_in_batches_of_half_the_window() -> None:
+    window = ReceiveWindow(8)
+    assert [window.consumed() for _ in range(8)] == [0, 0, 0, 4, 0, 0, 0, 4]
+
+
+@pytest.mark.parametrize(("size", "expected"), [(1, [1, 1, 1]), (2, [1, 1, 1]), (3, [1, 1, 1])])
+def test_receive_window_small_windows_return_credit_at_once(size: int, expected: list[int]) -> None:
+    window = ReceiveWindow(size)
+    assert [window.consumed() for _ in range(3)] == expected
