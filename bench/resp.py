@@ -98,6 +98,9 @@ def _read_reply(stream: IO[bytes]) -> object:
     if kind == b"$":
         size = int(body)
         return None if size < 0 else stream.read(size + 2)[:-2]
+    if kind == b"*":
+        count = int(body)
+        return None if count < 0 else [_read_reply(stream) for _ in range(count)]
     raise RuntimeError(f"unexpected reply {line!r}")
 
 

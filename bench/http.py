@@ -1,0 +1,374 @@
+"""HTTP through distributor + Node against the same app served directly, side by side.
+
+Run ``python bench/http.py [--seconds 5] [--rounds 3]``. It starts a private redis-server, then
+in child processes: uvicorn serving a hello-world app directly, uvicorn serving the distributor,
+and one Node serving the same app (all uvicorn processes with the same flags). It measures,
+alternating direct and distributed in every round, and prints the medians with ratios:
+
+- throughput at 32 connections (requests/s) and latency at 1 connection (p50, p99), with
+  ``wrk`` when it is installed, else a built-in asyncio load generator (slower: it shares the
+  machine's 2 cores with the servers, so its figures are lower for both sides);
+- a 64 MiB download and a 64 MiB upload (MB/s).
+
+Targets printed next to the ratios: throughput >= 0.6x direct at 32 connections, p50 latency
+added <= 0.3 ms at one connection, streaming >= 0.5x direct.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named http.py: keep its folder off sys.path, or it would shadow the stdlib's
+# http package for everything imported below.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import importlib.util  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+HOST = "127.0.0.1"
+STREAM_SIZE = 64 * 1024 * 1024
+UVICORN_FLAGS = [
+    "--no-access-log",
+    "--log-level",
+    "warning",
+    "--http",
+    "h11",
+    "--loop",
+    "asyncio",
+    "--ws",
+    "none",
+]
+
+APPS = """
+import os
+
+from minidasgi import create_distributor
+
+BODY = b"Hello World!"
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/download":
+        size = int(scope["query_string"])
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(size).encode())]})
+        piece = b"x" * (1 << 20)
+        while size > 0:
+            chunk = piece[:size]
+            size -= len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": size > 0})
+        return
+    total = 0
+    while True:
+        message = await receive()
+        total += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = str(total).encode() if path == "/upload" else BODY
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+distributor = create_distributor(
+    url=os.environ["BENCH_REDIS_URL"], key="bench", no_worker_status=503
+)
+"""
+
+
+def _load_resp_bench() -> Any:
+    """bench/resp.py's RedisServer (a private, throwaway redis-server)."""
+    spec = importlib.util.spec_from_file_location("_bench_resp", Path(_HERE) / "resp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_bench_resp"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_http(port: int, deadline: float = 15.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+                if sock.recv(100).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answered 200 on port {port}")
+
+
+class Processes:
+    """The child processes of one run, stopped at exit."""
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], env: dict[str, str]) -> None:
+        self.children.append(subprocess.Popen(argv, env=env))
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+# Load generation ----------------------------------------------------------------------------
+
+
+def _wrk(url: str, connections: int, seconds: float) -> dict[str, float]:
+    threads = min(2, connections)
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    result = {"rps": rps}
+    for name, label in (("p50", "50%"), ("p99", "99%")):
+        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)
+        assert match is not None, out
+        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
+        result[name] = float(match.group(1)) * scale
+    return result
+
+
+async def _client(port: int, until: float, latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    clock = time.perf_counter
+    try:
+        while clock() < until:
+            start = clock()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            latencies.append((clock() - start) * 1e3)
+    finally:
+        writer.close()
+
+
+def _builtin(url: str, connections: int, seconds: float) -> dict[str, float]:
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    latencies: list[float] = []
+
+    async def run() -> None:
+        until = time.perf_counter() + seconds
+        await asyncio.gather(*(_client(port, until, latencies) for _ in range(connections)))
+
+    asyncio.run(run())
+    latencies.sort()
+    return {
+        "rps": len(latencies) / seconds,
+        "p50": latencies[len(latencies) // 2],
+        "p99": latencies[int(len(latencies) * 0.99)],
+    }
+
+
+def _stream(port: int, upload: bool) -> float:
+    """MB/s for one 64 MiB download or upload."""
+    with socket.create_connection((HOST, port)) as sock:
+        start = time.perf_counter()
+        if upload:
+            head = f"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Length: {STREAM_SIZE}\r\n\r\n"
+            sock.sendall(head.encode())
+            piece = b"u" * (1 << 20)
+            for _ in range(STREAM_SIZE // len(piece)):
+                sock.sendall(piece)
+            expected = len(str(STREAM_SIZE))
+        else:
+            sock.sendall(f"GET /download?{STREAM_SIZE} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            expected = STREAM_SIZE
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        head, _, body = received.partition(b"\r\n\r\n")
+        got = len(body)
+        while got < expected:
+            data = sock.recv(1 << 20)
+            if not data:
+                raise RuntimeError("connection closed before the end of the body")
+            got += len(data)
+        elapsed = time.perf_counter() - start
+    return STREAM_SIZE / elapsed / 1e6
+
+
+# The run ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per load measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds per figure")
+    parser.add_argument("--builtin", action="store_true", help="use the built-in load generator")
+    args = parser.parse_args(argv)
+    use_wrk = shutil.which("wrk") is not None and not args.builtin
+    load = _wrk if use_wrk else _builtin
+
+    resp_bench = _load_resp_bench()
+    redis = resp_bench.RedisServer()
+    processes = Processes()
+    with tempfile.TemporaryDirectory(prefix="minidasgi-bench-http-") as tmp:
+        Path(tmp, "bench_apps.py").write_text(APPS)
+        env = dict(os.environ, BENCH_REDIS_URL=f"redis://{HOST}:{redis.port}")
+        direct_port, dist_port = _free_port(), _free_port()
+        python = sys.executable
+        try:
+            redis.start()
+            processes.start(
+                [
+                    python,
+                    "-m",
+                    "uvicorn",
+                    "bench_apps:app",
+                    "--app-dir",
+                    tmp,
+                    "--port",
+                    str(direct_port),
+                    "--lifespan",
+                    "off",
+                    *UVICORN_FLAGS,
+                ],
+                env,
+            )
+            processes.start(
+                [
+                    python,
+                    "-m",
+                    "uvicorn",
+                    "bench_apps:distributor",
+                    "--app-dir",
+                    tmp,
+                    "--port",
+                    str(dist_port),
+                    "--lifespan",
+                    "on",
+                    *UVICORN_FLAGS,
+                ],
+                env,
+            )
+            processes.start(
+                [
+                    python,
+                    "-m",
+                    "minidasgi",
+                    "--log-level",
+                    "warning",
+                    "node",
+                    "bench_apps:app",
+                    "--app-dir",
+                    tmp,
+                    "--key",
+                    "bench",
+                    "--redis",
+                    env["BENCH_REDIS_URL"],
+                    "--lifespan",
+                    "off",
+                ],
+                env,
+            )
+            _wait_http(direct_port)
+            _wait_http(dist_port)
+            _report(load, use_wrk, direct_port, dist_port, args.seconds, args.rounds)
+            keys = redis.command("KEYS", "*")
+            print(f"\nkeys left in Redis after the run: {keys!r}")
+        finally:
+            processes.stop()
+            redis.stop()
+    return 0
+
+
+def _report(
+    load: Any, use_wrk: bool, direct_port: int, dist_port: int, seconds: float, rounds: int
+) -> None:
+    print(
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load generator: "
+        f"{'wrk' if use_wrk else 'built-in asyncio client'}; {rounds} alternated rounds, "
+        f"medians\n"
+    )
+    urls = {"direct": f"http://{HOST}:{direct_port}/", "distributed": f"http://{HOST}:{dist_port}/"}
+    figures: dict[str, dict[str, list[float]]] = {
+        name: {k: [] for k in ("rps32", "p50", "p99", "down", "up")} for name in urls
+    }
+    for round_number in range(rounds):
+        order = list(urls) if round_number % 2 == 0 else list(reversed(urls))
+        for name in order:
+            port = direct_port if name == "direct" else dist_port
+            many = load(urls[name], 32, seconds)
+            one = load(urls[name], 1, seconds)
+            figures[name]["rps32"].append(many["rps"])
+            figures[name]["p50"].append(one["p50"])
+            figures[name]["p99"].append(one["p99"])
+            figures[name]["down"].append(_stream(port, upload=False))
+            figures[name]["up"].append(_stream(port, upload=True))
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(figures[name][key])
+
+    rows = [
+        ("hello world, 32 connections (req/s)", "rps32", ">= 0.6x", lambda d, x: x / d >= 0.6),
+        (
+            "hello world, 1 connection, p50 (ms)",
+            "p50",
+            "added <= 0.3 ms",
+            lambda d, x: x - d <= 0.3,
+        ),
+        ("hello world, 1 connection, p99 (ms)", "p99", "", None),
+        ("64 MiB download (MB/s)", "down", ">= 0.5x", lambda d, x: x / d >= 0.5),
+        ("64 MiB upload (MB/s)", "up", ">= 0.5x", lambda d, x: x / d >= 0.5),
+    ]
+    print(f"{'figure':40} {'direct':>10} {'distributed':>12} {'ratio':>8}  target")
+    print("-" * 90)
+    for label, key, target, check in rows:
+        direct, distributed = med("direct", key), med("distributed", key)
+        ratio = distributed / direct if direct else float("nan")
+        verdict = "" if check is None else ("ok" if check(direct, distributed) else "MISS")
+        extra = f" (+{distributed - direct:.2f} ms)" if key in ("p50", "p99") else ""
+        print(
+            f"{label:40} {direct:10.2f} {distributed:12.2f} {ratio:7.2f}x  {target} {verdict}"
+            f"{extra}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
