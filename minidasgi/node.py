@@ -107,6 +107,7 @@ class Node:
         self._publisher: Client | None = None
         self._started: asyncio.Event | None = None
         self._pop_client_id: int | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self._unblocking: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
@@ -227,6 +228,11 @@ class Node:
                 # A BRPOP is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
                 connection = await popper.wait_connected(self.pop_timeout)
+                # Pop only what can be acked: after a Redis restart the publisher may still be
+                # reconnecting, and a request popped then would be dropped unacked (as if its
+                # distributor were gone) while the client waits for the no-worker error.
+                assert self._publisher is not None
+                await self._publisher.wait_connected(self.pop_timeout)
                 if connection is not popped_on:
                     self._pop_client_id = await connection.execute("CLIENT", "ID")
                     popped_on = connection
@@ -275,6 +281,12 @@ class Node:
             await job.run()
         finally:
             del self._jobs[envelope.id]
+
+    def spawn(self, coroutine: Any) -> None:
+        """Run a fire-and-forget coroutine, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def publish(self, channel: str, message: bytes) -> int:
         """PUBLISH for the jobs; 0 when Redis is unreachable (the peer is as good as gone)."""
@@ -339,6 +351,8 @@ class _Job:
         self.received = wire.ReceiveWindow(envelope.window)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.task: asyncio.Task[None] | None = None
+        self.acked = False
+        self._ack_timer: asyncio.Handle | None = None
         self.held_start: Message | None = None
         self.response_started = False
         self.finished = False  # nothing more to send to the distributor
@@ -346,16 +360,15 @@ class _Job:
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
-        acked = await self.node.publish(self.reply, wire.pack(wire.ACK, self.id, self.node.channel))
-        if acked == 0:
-            logger.info("dropped request %s: its distributor is gone", self.id)
-            return
+        # The ack goes out as soon as the app first waits for anything. An app that answers
+        # without waiting has its ack ride on its first message instead: one PUBLISH, not two.
+        self._ack_timer = asyncio.get_running_loop().call_soon(self._ack_now)
         try:
             await self.node.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
             if not self.gone:
                 raise
-            logger.debug("request %s cancelled: %s", self.id, self.gone)
+            logger.debug("request %s cancelled", self.id)
             return
         except Exception:
             logger.exception(
@@ -363,11 +376,28 @@ class _Job:
             )
             if not self.finished and not self.gone:
                 self.finished = True
-                await self.node.publish(self.reply, wire.pack(wire.DONE, self.id, True))
+                await self._publish(wire.DONE, True)
             return
+        finally:
+            self._ack_timer.cancel()
         if not self.finished and not self.gone:
             self.finished = True
-            await self.node.publish(self.reply, wire.pack(wire.DONE, self.id, False))
+            await self._publish(wire.DONE, False)
+
+    def _ack_now(self) -> None:
+        if not self.acked:
+            self.node.spawn(self._publish(wire.ACK))
+
+    async def _publish(self, kind: str, *args: Any) -> None:
+        """Publish one message to the distributor, with the ack if it has not gone out yet."""
+        if not self.acked:
+            self.acked = True
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+            args = (self.node.channel,) if kind == wire.ACK else (*args, self.node.channel)
+        if await self.node.publish(self.reply, wire.pack(kind, self.id, *args)) == 0:
+            self.finished = False
+            self.peer_lost("the distributor is gone")
 
     def deliver(self, event: Message) -> None:
         """An event from the distributor (client body, client disconnect)."""
@@ -474,10 +504,7 @@ class _Job:
             return
         if self.gone:
             return
-        data = wire.pack(wire.SEND, self.id, events)
-        if await self.node.publish(self.reply, data) == 0:
-            self.finished = False
-            self.peer_lost("the distributor is gone")
+        await self._publish(wire.SEND, events)
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:

@@ -78,16 +78,21 @@ class ConnectionParams:
 
 
 def _redact(url: str) -> str:
-    """The URL with any password replaced by ``***``, fit for an error message."""
+    """The URL with any password replaced by ``***``, fit for an error message.
+
+    Everything up to the last ``@`` counts as credentials: a password may hold ``/`` or
+    ``@`` unencoded, and hiding too much is the safe mistake.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "<unparseable URL>"
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        auth, _, hostport = netloc.rpartition("@")
-        user = auth.partition(":")[0]
-        netloc = f"{user}:***@{hostport}" if ":" in auth else f"{user}@{hostport}"
-    return f"{scheme}://{netloc}{slash}{tail}"
+    if "@" not in rest:
+        return url
+    auth, _, hostpart = rest.rpartition("@")
+    user, colon, _ = auth.partition(":")
+    if "/" in user:  # cannot tell user from password: hide it all
+        return f"{scheme}://***@{hostpart}"
+    return f"{scheme}://{user}:***@{hostpart}" if colon else f"{scheme}://{user}@{hostpart}"
 
 
 def parse_url(url: str) -> ConnectionParams:

@@ -165,6 +165,16 @@ _DOUBLE = re.compile(rb"[+-]?(?:inf|nan|[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)
 _SKIP: Final = object()  # the value of an attribute, which is metadata and never delivered
 
 
+def _to_int(line: bytes) -> int | None:
+    """``line`` as an int, or None when it is not one (or has more digits than int() takes)."""
+    if not (line.isdigit() or _INTEGER.fullmatch(line)):  # isdigit: the common case, cheaply
+        return None
+    try:
+        return int(line)
+    except ValueError:  # over sys.get_int_max_str_digits() digits
+        return None
+
+
 class _Frame:
     """An aggregate whose elements are still arriving."""
 
@@ -215,11 +225,8 @@ class PythonParser:
         return ProtocolError(message)
 
     def _length(self, line: bytes, what: str, *, allow_null: bool) -> int:
-        if line.isdigit() or _INTEGER.fullmatch(
-            line
-        ):  # ASCII digits only, for bytes: the common case, checked cheaply
-            n = int(line)
-        else:
+        n = _to_int(line)
+        if n is None:
             raise self._fail(f"invalid {what} length {line[:32]!r}")
         if n < 0 and not (allow_null and n == -1):
             raise self._fail(f"negative {what} length {n}")
@@ -233,7 +240,7 @@ class PythonParser:
             pos = self._pos
             if len(self._stack) == 0:
                 self._reply_start = self._consumed
-            elif self._consumed + (len(buf) - pos) - self._reply_start > self._max_reply_size:
+            elif self._consumed - self._reply_start > self._max_reply_size:
                 raise self._fail(f"reply larger than the limit of {self._max_reply_size} bytes")
             nl = buf.find(b"\r\n", pos + self._searched)
             if nl < 0:
@@ -255,9 +262,9 @@ class PythonParser:
                     value = None
                 else:
                     end = after + n
+                    if self._consumed - self._reply_start + end + 2 - pos > self._max_reply_size:
+                        raise self._fail("bulk string larger than the reply limit")
                     if len(buf) < end + 2:
-                        if end - pos > self._max_reply_size:
-                            raise self._fail("bulk string larger than the reply limit")
                         return self._need_data()
                     if buf[end : end + 2] != b"\r\n":
                         raise self._fail("bulk string not terminated by CRLF")
@@ -274,9 +281,9 @@ class PythonParser:
             elif prefix == 0x2D:  # '-'
                 value = ReplyError(line.decode("utf-8", "replace"))
             elif prefix == 0x3A or prefix == 0x28:  # ':' integer, '(' big number
-                if not _INTEGER.fullmatch(line):
+                value = _to_int(line)
+                if value is None:
                     raise self._fail(f"invalid integer {line[:32]!r}")
-                value = int(line)
             elif prefix == 0x5F:  # '_'
                 if line:
                     raise self._fail("null with a payload")
@@ -330,7 +337,10 @@ class PythonParser:
     def _build(self, frame: _Frame) -> Any:
         items = frame.items
         if frame.kind == 0x25:  # '%'
-            return dict(zip(items[0::2], items[1::2], strict=True))
+            try:
+                return dict(zip(items[0::2], items[1::2], strict=True))
+            except TypeError:  # a key that is an aggregate
+                raise self._fail("unhashable map key") from None
         if frame.kind == 0x7C:  # '|'
             return _SKIP
         return items

@@ -1,0 +1,217 @@
+"""Unit tests for how ``minidasgi.resp.connection`` reads Redis URLs and keyword parameters.
+
+No network: these only build ``ConnectionParams``. A password must never show up in a ``repr``
+or in an error message.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from minidasgi.resp.connection import ConnectionParams, make_params, parse_url
+
+SECRET = "sekrit"
+
+
+def test_parse_url_plain_host_gets_the_defaults() -> None:
+    params = parse_url("redis://localhost")
+    assert params == ConnectionParams(host="localhost", port=6379, db=0)
+    assert params.username is None
+    assert params.password is None
+    assert params.ssl is None
+    assert params.unix_socket is None
+
+
+def test_parse_url_reads_port_and_db() -> None:
+    params = parse_url("redis://h:6390/3")
+    assert (params.host, params.port, params.db) == ("h", 6390, 3)
+
+
+def test_parse_url_percent_decodes_the_password() -> None:
+    params = parse_url("redis://:p%40ss@h")
+    assert params.password == "p@ss"
+    assert params.username is None
+    assert (params.host, params.port, params.db) == ("h", 6379, 0)
+
+
+def test_parse_url_reads_user_password_port_and_db() -> None:
+    params = parse_url("redis://user:pw@h:1/2")
+    assert (params.username, params.password) == ("user", "pw")
+    assert (params.host, params.port, params.db) == ("h", 1, 2)
+
+
+def test_parse_url_percent_decodes_the_username() -> None:
+    params = parse_url("redis://us%3Aer:pw@h")
+    assert (params.username, params.password) == ("us:er", "pw")
+
+
+def test_parse_url_user_without_password() -> None:
+    params = parse_url("redis://user@h")
+    assert (params.username, params.password) == ("user", None)
+
+
+def test_parse_url_rediss_turns_tls_on() -> None:
+    params = parse_url("rediss://h")
+    assert params.ssl is True
+    assert (params.host, params.port) == ("h", 6379)
+
+
+def test_parse_url_redis_leaves_tls_off() -> None:
+    assert not parse_url("redis://h").ssl
+
+
+def test_parse_url_reads_db_from_the_query() -> None:
+    assert parse_url("redis://h?db=5").db == 5
+
+
+def test_parse_url_ignores_a_bare_trailing_slash() -> None:
+    assert parse_url("redis://h/").db == 0
+
+
+def test_parse_url_reads_an_ipv6_host() -> None:
+    params = parse_url("redis://[::1]:7000")
+    assert (params.host, params.port) == ("::1", 7000)
+    assert params.address == "[::1]:7000"
+
+
+def test_parse_url_unix_socket_with_db() -> None:
+    params = parse_url("unix:///tmp/r.sock?db=4")
+    assert params.unix_socket == "/tmp/r.sock"
+    assert params.db == 4
+    assert params.password is None
+    assert params.address == "unix:/tmp/r.sock"
+
+
+def test_parse_url_unix_socket_with_password() -> None:
+    params = parse_url("unix://:pw@/tmp/r.sock")
+    assert params.unix_socket == "/tmp/r.sock"
+    assert params.password == "pw"
+    assert params.db == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://u:{SECRET}@h",
+        f"redis://:{SECRET}@h:notaport",
+        f"redis://:{SECRET}@h:99999",
+        f"redis://:{SECRET}@h:-1",
+        f"redis://:{SECRET}@h/abc",
+        f"redis://:{SECRET}@h/-1",
+        f"redis://u:{SECRET}@h?db=x",
+        f"rediss://u:{SECRET}@h/1x",
+        f"unix://:{SECRET}@",
+        f"unix://:{SECRET}@/tmp/r.sock?db=nope",
+        f"redis://u:{SECRET}@extra@h/abc",  # an unencoded '@' in the password
+    ],
+)
+def test_parse_url_error_never_shows_the_password(url: str) -> None:
+    with pytest.raises(ValueError, match="invalid Redis URL") as caught:
+        parse_url(url)
+    assert SECRET not in str(caught.value)
+    assert SECRET not in repr(caught.value)
+
+
+def test_parse_url_error_hides_a_password_with_an_unencoded_slash() -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_url("redis://:ab/cd+ef==@h:6379/0")
+    assert "cd+ef" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["ftp://h", "redis+tls://h", "localhost:6379", ""])
+def test_parse_url_refuses_other_schemes(url: str) -> None:
+    with pytest.raises(ValueError, match="scheme"):
+        parse_url(url)
+
+
+def test_parse_url_refuses_a_unix_url_without_a_path() -> None:
+    with pytest.raises(ValueError, match="path"):
+        parse_url("unix://")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{SECRET}@h",
+        f"redis://user:{SECRET}@h:1/2",
+        f"rediss://user:{SECRET}@h",
+        f"unix://:{SECRET}@/tmp/r.sock",
+    ],
+)
+def test_repr_of_parsed_params_never_shows_the_password(url: str) -> None:
+    params = parse_url(url)
+    assert params.password == SECRET
+    assert SECRET not in repr(params)
+    assert SECRET not in str(params)
+    assert "***" in repr(params)
+
+
+def test_repr_of_connection_params_never_shows_the_password() -> None:
+    params = ConnectionParams(host="h", username="u", password=SECRET, ssl=True)
+    assert SECRET not in repr(params)
+    assert (
+        repr(params) == "ConnectionParams('h:6379', db=0, username='u', password='***', ssl=True)"
+    )
+
+
+def test_repr_without_a_password_does_not_mention_one() -> None:
+    assert "password" not in repr(ConnectionParams())
+
+
+def test_repr_with_an_empty_password_still_hides_it() -> None:
+    assert "password='***'" in repr(ConnectionParams(password=""))
+
+
+def test_make_params_keywords_override_the_url() -> None:
+    params = make_params("redis://u:old@h:1/2", port=7000, password="new")
+    assert (params.host, params.port, params.db) == ("h", 7000, 2)
+    assert (params.username, params.password) == ("u", "new")
+
+
+def test_make_params_overrides_every_field() -> None:
+    context = ssl.create_default_context()
+    params = make_params(
+        "redis://u:pw@h:1/2",
+        host="other",
+        port=7001,
+        db=9,
+        username="admin",
+        password="pw2",
+        unix_socket="/run/redis.sock",
+        ssl=context,
+        connect_timeout=0.5,
+    )
+    assert params == ConnectionParams(
+        host="other",
+        port=7001,
+        unix_socket="/run/redis.sock",
+        db=9,
+        username="admin",
+        password="pw2",
+        ssl=context,
+        connect_timeout=0.5,
+    )
+
+
+def test_make_params_keeps_url_values_for_keywords_left_out() -> None:
+    assert make_params("rediss://u:pw@h:1/2") == parse_url("rediss://u:pw@h:1/2")
+
+
+def test_make_params_keyword_zero_db_overrides_the_url() -> None:
+    assert make_params("redis://h/5", db=0).db == 0
+
+
+def test_make_params_empty_host_means_localhost() -> None:
+    assert make_params(host="").host == "localhost"
+
+
+def test_make_params_without_anything_gives_the_defaults() -> None:
+    assert make_params() == ConnectionParams()
+    assert make_params(None) == ConnectionParams()
+
+
+def test_make_params_checks_the_url() -> None:
+    with pytest.raises(ValueError, match="invalid Redis URL"):
+        make_params(f"redis://:{SECRET}@h:bad", password="other")
