@@ -274,7 +274,7 @@ class Distributor:
             return
         exchange = self._exchanges.get(request_id)
         if exchange is None:
-            node = _acking_node(kind, args) if kind != wire.DONE else None
+            node = _acking_node(kind, args)
             if node is not None:
                 # A Node took a request this side gave up on: tell it to stop.
                 self.spawn(self.publish(node, wire.pack(wire.CANCEL, request_id)))
@@ -357,12 +357,10 @@ class _Exchange:
             await self._refuse(502, "lost contact with the worker\n")
             return
         self.node = node
-        # When the ack rode on the Node's first message, that message is the first to relay.
-        first_item = None if item[0] == wire.ACK else (item[0], item[1][:-1])
         more = first.get("more_body", False) or self.kind == "websocket"
         pump = asyncio.ensure_future(self._forward_client(more))
         try:
-            await self._relay(first_item)
+            await self._relay()
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -392,24 +390,21 @@ class _Exchange:
         await _refuse(self.scope, None, self._send, status, text, accepted=self.started)
         self.complete = True
 
-    async def _relay(self, pending: Any = None) -> None:
-        """Relay the Node's messages (``pending`` first) until the exchange is complete."""
+    async def _relay(self) -> None:
+        """Relay the Node's messages until the exchange is complete."""
         d = self.distributor
         timeout = d.response_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         while not self.complete:
-            if pending is not None:
-                item, pending = pending, None
-            else:
-                try:
-                    if deadline is None:
-                        item = await self.inbox.get()
-                    else:
-                        remaining = deadline - asyncio.get_running_loop().time()
-                        item = await asyncio.wait_for(self.inbox.get(), max(remaining, 0))
-                except asyncio.TimeoutError:
-                    await self._fail(504, "the worker did not answer in time\n")
-                    return
+            try:
+                if deadline is None:
+                    item = await self.inbox.get()
+                else:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    item = await asyncio.wait_for(self.inbox.get(), max(remaining, 0))
+            except asyncio.TimeoutError:
+                await self._fail(504, "the worker did not answer in time\n")
+                return
             if item is _CLIENT_GONE:
                 # The Node was told through the disconnect event; its app decides what to do.
                 self.complete = self.node_done = True
@@ -492,11 +487,10 @@ class _Exchange:
 
 
 def _acking_node(kind: str, args: list[Any]) -> str | None:
-    """The Node channel a first message names: an ACK's only argument, or the last argument
-    of a SEND or DONE that carries the ack with it."""
-    if kind not in (wire.ACK, wire.SEND, wire.DONE) or not args:
+    """The Node channel an ACK names, if the message is a well-formed ACK."""
+    if kind != wire.ACK or not args:
         return None
-    channel = args[0] if kind == wire.ACK else args[-1]
+    channel = args[0]
     return channel if isinstance(channel, str) and 0 < len(channel) <= 256 else None
 
 

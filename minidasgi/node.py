@@ -108,7 +108,6 @@ class Node:
         self._started: asyncio.Event | None = None
         self._pop_client_id: int | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._unblocking: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.params.address} keys={self.keys} jobs={len(self._jobs)}>"
@@ -149,11 +148,11 @@ class Node:
         self._stopping.set()
         if self._pop_client_id is not None and self._publisher is not None:
             # Wake the blocked BRPOP as if it timed out: nothing popped is ever dropped.
-            with contextlib.suppress(RespError):
-                self._publisher.connection()  # raises at once when Redis is unreachable
-                self._unblocking = asyncio.ensure_future(
-                    self._publisher.execute("CLIENT", "UNBLOCK", self._pop_client_id)
-                )
+            self.spawn(self._unblock_pop(self._publisher, self._pop_client_id))
+
+    async def _unblock_pop(self, publisher: Client, client_id: int) -> None:
+        with contextlib.suppress(RespError):  # the BRPOP's own timeout is the fallback
+            await publisher.execute("CLIENT", "UNBLOCK", client_id)
 
     async def wait_started(self) -> None:
         """Wait until the Node is subscribed and popping."""
@@ -351,8 +350,6 @@ class _Job:
         self.received = wire.ReceiveWindow(envelope.window)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.task: asyncio.Task[None] | None = None
-        self.acked = False
-        self._ack_timer: asyncio.Handle | None = None
         self.held_start: Message | None = None
         self.response_started = False
         self.finished = False  # nothing more to send to the distributor
@@ -360,9 +357,11 @@ class _Job:
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
-        # The ack goes out as soon as the app first waits for anything. An app that answers
-        # without waiting has its ack ride on its first message instead: one PUBLISH, not two.
-        self._ack_timer = asyncio.get_running_loop().call_soon(self._ack_now)
+        # The ack doubles as a check that the distributor still listens: a request whose
+        # distributor is gone is never run.
+        if not await self._publish(wire.ACK, self.node.channel):
+            logger.info("dropped request %s: its distributor is gone", self.id)
+            return
         try:
             await self.node.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
@@ -378,26 +377,17 @@ class _Job:
                 self.finished = True
                 await self._publish(wire.DONE, True)
             return
-        finally:
-            self._ack_timer.cancel()
         if not self.finished and not self.gone:
             self.finished = True
             await self._publish(wire.DONE, False)
 
-    def _ack_now(self) -> None:
-        if not self.acked:
-            self.node.spawn(self._publish(wire.ACK))
-
-    async def _publish(self, kind: str, *args: Any) -> None:
-        """Publish one message to the distributor, with the ack if it has not gone out yet."""
-        if not self.acked:
-            self.acked = True
-            if self._ack_timer is not None:
-                self._ack_timer.cancel()
-            args = (self.node.channel,) if kind == wire.ACK else (*args, self.node.channel)
+    async def _publish(self, kind: str, *args: Any) -> bool:
+        """Publish one message to the distributor; False (and disconnect) if nobody got it."""
         if await self.node.publish(self.reply, wire.pack(kind, self.id, *args)) == 0:
             self.finished = False
             self.peer_lost("the distributor is gone")
+            return False
+        return True
 
     def deliver(self, event: Message) -> None:
         """An event from the distributor (client body, client disconnect)."""
