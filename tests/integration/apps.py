@@ -141,3 +141,49 @@ async def sleepy(scope: Scope, receive: Any, send: Any) -> None:
         return
     await asyncio.sleep(float(scope["query_string"] or b"1"))
     await _respond(send, 200, b"slept")
+
+
+def _log_line(line: str) -> None:
+    import os
+
+    path = os.environ.get("MINIDASGI_TEST_LOG")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode() + b"\n")
+        finally:
+            os.close(fd)
+
+
+async def logged_sleepy(scope: Scope, receive: Any, send: Any) -> None:
+    """Like ``sleepy``, and appends ``start ID`` / ``end ID`` lines (ID from the
+    ``x-request-id`` header) to the file named by ``$MINIDASGI_TEST_LOG``, so a test can count
+    across processes how many times each request ran."""
+    if scope["type"] != "http":
+        return
+    request_id = dict(scope["headers"]).get(b"x-request-id", b"-").decode()
+    _log_line(f"start {request_id}")
+    await asyncio.sleep(float(scope["query_string"] or b"1"))
+    _log_line(f"end {request_id}")
+    await _respond(send, 200, b"slept " + request_id.encode())
+
+
+async def ws_echo(scope: Scope, receive: Any, send: Any) -> None:
+    """WebSocket: accepts (picking ``chat`` if offered), then echoes every message back."""
+    if scope["type"] != "websocket":
+        if scope["type"] == "http":
+            await _respond(send, 404, b"WebSocket only")
+        return
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    subprotocol = "chat" if "chat" in scope.get("subprotocols", ()) else None
+    await send({"type": "websocket.accept", "subprotocol": subprotocol})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("bytes") is not None:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})
+        else:
+            await send({"type": "websocket.send", "text": message.get("text", "")})

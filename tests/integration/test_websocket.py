@@ -1,0 +1,494 @@
+"""WebSockets through a real uvicorn, the distributor, a Node and a private redis-server.
+
+The client is the ``websockets`` library; uvicorn serves WebSockets with it too. Every wait is
+bounded, and every test ends with Redis holding no key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from minidasgi import Node, create_distributor
+
+from .redis_server import RedisServer
+from .stack import NodeProcess, free_port, run_node, serve_app
+
+pytestmark = pytest.mark.timeout(60)
+
+KEY = "ws"
+WAIT = 10.0  # seconds: bound on any single wait that should be quick
+KILL_NOTICED = 5.0  # seconds: a dead peer must be noticed well within this (about 1-3 s)
+
+
+def _keys(server: RedisServer) -> list[bytes]:
+    keys = server.command("KEYS", "*")
+    assert isinstance(keys, list)
+    return sorted(keys)
+
+
+def _ws(base: str) -> str:
+    return "ws" + base.removeprefix("http")
+
+
+class WsApp:
+    """A WebSocket app whose behaviour depends on the path; records what it saw.
+
+    ``/echo`` echoes; ``/reject`` closes before accepting; ``/subprotocol`` accepts ``chat``
+    when offered; ``/headers`` accepts with extra headers; ``/close4001`` accepts then closes
+    with 4001 and a reason; ``/record`` records every event until the disconnect; ``/deny``
+    answers 401 through the ``websocket.http.response`` extension when the scope offers it;
+    ``/late`` waits a second before accepting, then echoes.
+    """
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.ended: list[str] = []
+        self.accepted = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    async def _end(self, how: str) -> None:
+        self.ended.append(how)
+        self.disconnected.set()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_ended(self, count: int, timeout: float) -> None:
+        """Wait until ``count`` connections ended with a disconnect."""
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: self.ended.count("disconnect") >= count), timeout
+            )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        self.scopes.append(scope)
+        path = scope["path"]
+        try:
+            connect = await receive()
+            assert connect["type"] == "websocket.connect"
+            if path == "/reject":
+                await send({"type": "websocket.close", "code": 1000})
+                return
+            if path == "/deny":
+                if "websocket.http.response" in scope.get("extensions", {}):
+                    body = b"no entry without a token\n"
+                    await send(
+                        {
+                            "type": "websocket.http.response.start",
+                            "status": 401,
+                            "headers": [
+                                (b"content-type", b"text/plain"),
+                                (b"content-length", b"%d" % len(body)),
+                                (b"www-authenticate", b"Bearer"),
+                            ],
+                        }
+                    )
+                    await send({"type": "websocket.http.response.body", "body": body})
+                else:
+                    await send({"type": "websocket.close", "code": 1000})
+                return
+            if path == "/late":  # thinks before answering the handshake
+                await asyncio.sleep(1.0)
+            accept: dict[str, Any] = {"type": "websocket.accept"}
+            if path == "/subprotocol" and "chat" in scope.get("subprotocols", ()):
+                accept["subprotocol"] = "chat"
+            if path == "/headers":
+                accept["headers"] = [(b"x-extra", b"hello"), (b"set-cookie", b"a=1")]
+            await send(accept)
+            self.accepted.set()
+            if path == "/close4001":
+                await send({"type": "websocket.send", "text": "last words"})
+                await send({"type": "websocket.send", "bytes": b"really"})
+                await send({"type": "websocket.close", "code": 4001, "reason": "go away"})
+                return
+            while True:
+                message = await receive()
+                self.events.append(message)
+                if message["type"] == "websocket.disconnect":
+                    await self._end("disconnect")
+                    return
+                if path == "/record":
+                    continue
+                if message.get("bytes") is not None:
+                    await send({"type": "websocket.send", "bytes": message["bytes"]})
+                else:
+                    await send({"type": "websocket.send", "text": message["text"]})
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            self.disconnected.set()
+            raise
+
+
+@contextlib.asynccontextmanager
+async def _stack(
+    redis_server: RedisServer, app: Any, *, concurrency: int = 100, **options: Any
+) -> AsyncIterator[str]:
+    """The distributor under uvicorn and an in-process Node running ``app``; yields ws://."""
+    distributor = create_distributor(url=redis_server.url, key=KEY, **options)
+    node = Node(url=redis_server.url, app=app, key=KEY, lifespan="off", concurrency=concurrency)
+    async with serve_app(distributor) as base, run_node(node):
+        yield _ws(base)
+
+
+async def test_accept_and_echo_text_and_bytes(redis_server: RedisServer) -> None:
+    app = WsApp()
+    async with _stack(redis_server, app) as url:
+        async with websockets.connect(url + "/echo", max_size=None) as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == "hello"
+            await ws.send(b"\x00\x01binary\xff")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == b"\x00\x01binary\xff"
+            await ws.send("")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == ""
+            await ws.send(b"")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == b""
+        await asyncio.wait_for(app.disconnected.wait(), WAIT)
+    scope = app.scopes[0]
+    assert scope["type"] == "websocket"
+    assert scope["path"] == "/echo"
+    assert scope["scheme"] == "ws"
+    assert isinstance(dict(scope["headers"])[b"host"], bytes)
+    assert _keys(redis_server) == []
+
+
+async def test_slow_accept_outlives_the_worker_timeout(redis_server: RedisServer) -> None:
+    """The ack says a worker took the socket, not that the app answered: an app may take
+    longer than ``worker_timeout`` to accept."""
+    async with _stack(redis_server, WsApp(), worker_timeout=0.5) as url:
+        async with websockets.connect(url + "/late") as ws:
+            await ws.send("late")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == "late"
+    assert _keys(redis_server) == []
+
+
+async def test_reject_before_accept_is_403(redis_server: RedisServer) -> None:
+    async with _stack(redis_server, WsApp()) as url:
+        with pytest.raises(InvalidStatus) as info:
+            await asyncio.wait_for(websockets.connect(url + "/reject"), WAIT)
+        assert info.value.response.status_code == 403
+    assert _keys(redis_server) == []
+
+
+async def test_subprotocol_negotiation(redis_server: RedisServer) -> None:
+    app = WsApp()
+    async with _stack(redis_server, app) as url:
+        async with websockets.connect(
+            url + "/subprotocol",
+            subprotocols=["a", "chat"],  # type: ignore[list-item]
+        ) as ws:
+            assert ws.subprotocol == "chat"
+            await ws.send("x")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == "x"
+        async with websockets.connect(url + "/subprotocol") as ws:
+            assert ws.subprotocol is None
+    assert app.scopes[0]["subprotocols"] == ["a", "chat"]
+    assert app.scopes[1]["subprotocols"] == []
+    assert _keys(redis_server) == []
+
+
+async def test_extra_headers_on_accept(redis_server: RedisServer) -> None:
+    async with _stack(redis_server, WsApp()) as url:
+        async with websockets.connect(url + "/headers") as ws:
+            assert ws.response is not None
+            headers = ws.response.headers
+            assert headers["x-extra"] == "hello"
+            assert headers["set-cookie"] == "a=1"
+            await ws.send("still works")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == "still works"
+    assert _keys(redis_server) == []
+
+
+async def test_ten_thousand_pipelined_messages_in_order(redis_server: RedisServer) -> None:
+    count = 10_000
+    async with _stack(redis_server, WsApp()) as url:
+        async with websockets.connect(url + "/echo", max_size=None) as ws:
+
+            async def sender() -> None:
+                for i in range(count):
+                    await ws.send(f"message {i}" if i % 2 else b"%d" % i)
+
+            async def receiver() -> list[str | bytes]:
+                return [await ws.recv() for _ in range(count)]
+
+            sending = asyncio.ensure_future(sender())
+            received = await asyncio.wait_for(receiver(), 30)
+            await asyncio.wait_for(sending, WAIT)
+    expected = [f"message {i}" if i % 2 else b"%d" % i for i in range(count)]
+    assert received == expected
+    assert _keys(redis_server) == []
+
+
+async def test_two_hundred_concurrent_sockets(redis_server: RedisServer) -> None:
+    sockets = 200
+    app = WsApp()
+    async with _stack(redis_server, app, concurrency=250) as url:
+        opened = 0
+        all_open = asyncio.Event()
+
+        async def conversation(n: int) -> list[str | bytes]:
+            nonlocal opened
+            async with websockets.connect(url + "/echo", open_timeout=20) as ws:
+                opened += 1
+                if opened == sockets:
+                    all_open.set()
+                # Hold every socket open until all are: they really run at the same time.
+                await asyncio.wait_for(all_open.wait(), 20)
+                replies = []
+                for i in range(3):
+                    await ws.send(f"{n}:{i}")
+                    replies.append(await asyncio.wait_for(ws.recv(), 20))
+                await ws.send(b"%d" % n)
+                replies.append(await asyncio.wait_for(ws.recv(), 20))
+                return replies
+
+        results = await asyncio.wait_for(
+            asyncio.gather(*(conversation(n) for n in range(sockets))), 40
+        )
+        for n, replies in enumerate(results):
+            assert replies == [f"{n}:0", f"{n}:1", f"{n}:2", b"%d" % n]
+        await app.wait_ended(sockets, WAIT)
+        assert app.ended.count("disconnect") == sockets
+    assert _keys(redis_server) == []
+
+
+async def test_ten_mib_binary_and_one_mib_multibyte_text(redis_server: RedisServer) -> None:
+    binary = os.urandom(10 * 1024 * 1024)
+    unit = "aé€😀ß字"  # 1, 2, 3, 4, 2 and 3 UTF-8 bytes
+    text = unit * (1024 * 1024 // len(unit.encode()) + 1)
+    assert len(text.encode()) > 1024 * 1024
+    emoji = "😀" * (3 * 16384 + 5)  # 4 bytes each: pieces at the byte ceiling of a chunk
+    async with _stack(redis_server, WsApp()) as url:
+        async with websockets.connect(url + "/echo", max_size=None) as ws:
+            await ws.send(binary)
+            echoed = await asyncio.wait_for(ws.recv(), 20)
+            assert isinstance(echoed, bytes)
+            assert len(echoed) == len(binary)
+            assert echoed == binary
+            for message in (text, emoji):
+                await ws.send(message)
+                echoed_text = await asyncio.wait_for(ws.recv(), 20)
+                assert isinstance(echoed_text, str)
+                assert len(echoed_text) == len(message)
+                assert echoed_text == message
+            # The connection is still usable afterwards.
+            await ws.send("small")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == "small"
+    assert _keys(redis_server) == []
+
+
+async def test_app_closes_with_code_and_reason(redis_server: RedisServer) -> None:
+    async with _stack(redis_server, WsApp()) as url:
+        async with websockets.connect(url + "/close4001") as ws:
+            # What the app sent before closing arrives first, in order.
+            assert await asyncio.wait_for(ws.recv(), WAIT) == "last words"
+            assert await asyncio.wait_for(ws.recv(), WAIT) == b"really"
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), WAIT)
+        assert info.value.rcvd is not None
+        assert info.value.rcvd.code == 4001
+        assert info.value.rcvd.reason == "go away"
+    assert _keys(redis_server) == []
+
+
+async def test_client_close_code_reaches_the_app(redis_server: RedisServer) -> None:
+    app = WsApp()
+    async with _stack(redis_server, app) as url:
+        async with websockets.connect(url + "/record") as ws:
+            await ws.send("one")
+            await ws.send(b"two")
+            await asyncio.wait_for(ws.close(code=4002, reason="client leaves"), WAIT)
+        await asyncio.wait_for(app.disconnected.wait(), WAIT)
+    assert app.ended == ["disconnect"]
+    assert app.events[0] == {"type": "websocket.receive", "text": "one"}
+    assert app.events[1] == {"type": "websocket.receive", "bytes": b"two"}
+    last = app.events[-1]
+    assert last["type"] == "websocket.disconnect"
+    assert last["code"] == 4002
+    assert last.get("reason", "client leaves") == "client leaves"
+    assert _keys(redis_server) == []
+
+
+async def test_node_killed_mid_conversation_closes_1011(redis_server: RedisServer) -> None:
+    distributor = create_distributor(url=redis_server.url, key=KEY)
+    node = NodeProcess(redis_server.url, KEY, "apps:ws_echo")
+    async with serve_app(distributor) as base:
+        await asyncio.to_thread(node.start)
+        try:
+            async with websockets.connect(_ws(base) + "/", subprotocols=["chat"]) as ws:  # type: ignore[list-item]
+                assert ws.subprotocol == "chat"
+                for i in range(5):
+                    await ws.send(f"before {i}")
+                    assert await asyncio.wait_for(ws.recv(), WAIT) == f"before {i}"
+                await asyncio.to_thread(node.kill)
+                killed = time.monotonic()
+                # The client sends nothing: the distributor must notice the silent death.
+                with pytest.raises(ConnectionClosed) as info:
+                    await asyncio.wait_for(ws.recv(), KILL_NOTICED)
+                noticed = time.monotonic() - killed
+        finally:
+            await asyncio.to_thread(node.stop)
+    assert info.value.rcvd is not None, info.value
+    assert info.value.rcvd.code == 1011
+    assert noticed < KILL_NOTICED, f"closed {noticed:.2f} s after the kill"
+    assert _keys(redis_server) == []
+
+
+async def test_no_worker_refuses_the_handshake(redis_server: RedisServer) -> None:
+    distributor = create_distributor(url=redis_server.url, key=KEY, worker_timeout=0.5)
+    async with serve_app(distributor) as base:
+        started = time.monotonic()
+        with pytest.raises(InvalidStatus) as info:
+            await asyncio.wait_for(websockets.connect(_ws(base) + "/echo"), WAIT)
+        elapsed = time.monotonic() - started
+    assert info.value.response.status_code == 403
+    assert 0.4 < elapsed < 3
+    assert _keys(redis_server) == []
+
+
+DISTRIBUTOR_MODULE = """\
+import os
+
+from minidasgi import create_distributor
+
+app = create_distributor(
+    url=os.environ["MINIDASGI_TEST_REDIS_URL"], key=os.environ["MINIDASGI_TEST_KEY"]
+)
+"""
+
+
+@contextlib.asynccontextmanager
+async def _distributor_process(tmp_path: Path, url: str) -> AsyncIterator[Any]:
+    """A distributor under uvicorn in a child process; yields ``(ws_url, process)``."""
+    (tmp_path / "ws_dist_under_test.py").write_text(DISTRIBUTOR_MODULE)
+    port = free_port()
+    env = dict(os.environ, MINIDASGI_TEST_REDIS_URL=url, MINIDASGI_TEST_KEY=KEY)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "ws_dist_under_test:app",
+        "--app-dir",
+        str(tmp_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--lifespan",
+        "on",
+        "--log-level",
+        "warning",
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.returncode is None, "uvicorn exited during startup"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
+        yield f"ws://127.0.0.1:{port}", process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await asyncio.wait_for(process.wait(), WAIT)
+
+
+async def test_distributor_killed_disconnects_the_app(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    app = WsApp()
+    node = Node(url=redis_server.url, app=app, key=KEY, lifespan="off")
+    async with _distributor_process(tmp_path, redis_server.url) as (url, process):
+        async with run_node(node):
+            ws = await asyncio.wait_for(websockets.connect(url + "/echo"), WAIT)
+            try:
+                await ws.send("hi")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == "hi"
+                assert node.in_flight == 1
+                process.kill()
+                killed = time.monotonic()
+                await asyncio.wait_for(app.disconnected.wait(), 8)
+                noticed = time.monotonic() - killed
+                for _ in range(60):  # the job ends within 3 s
+                    if not node.in_flight:
+                        break
+                    await asyncio.sleep(0.05)
+                assert node.in_flight == 0
+            finally:
+                await ws.close()
+    assert noticed < KILL_NOTICED, f"the app noticed after {noticed:.2f} s"
+    assert app.ended == ["disconnect"]
+    assert app.events[-1]["type"] == "websocket.disconnect"
+    assert _keys(redis_server) == []
+
+
+async def test_denial_response_extension(redis_server: RedisServer) -> None:
+    """uvicorn offers ``websocket.http.response``: the Node's app sees it and can answer 401."""
+    direct = WsApp()
+    async with serve_app(direct) as base:
+        with pytest.raises(InvalidStatus) as info:
+            await asyncio.wait_for(websockets.connect(_ws(base) + "/deny"), WAIT)
+        direct_response = info.value.response
+    offered = direct.scopes[0].get("extensions", {})
+
+    app = WsApp()
+    async with _stack(redis_server, app) as url:
+        with pytest.raises(InvalidStatus) as info:
+            await asyncio.wait_for(websockets.connect(url + "/deny"), WAIT)
+        response = info.value.response
+    # uvicorn (both of its websockets-based protocols) offers the extension; the Node's app
+    # gets it exactly as uvicorn gave it, and its denial reaches the client unchanged.
+    assert offered == {"websocket.http.response": {}}
+    assert app.scopes[0].get("extensions") == offered
+    assert direct_response.status_code == 401
+    assert response.status_code == 401
+    assert response.body == b"no entry without a token\n"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.headers["content-type"] == "text/plain"
+    assert response.body == direct_response.body
+    assert _keys(redis_server) == []
+
+
+async def test_no_keys_left_after_a_mix(redis_server: RedisServer) -> None:
+    """Hygiene: after accepted, refused, denied, app-closed and client-closed sockets."""
+    app = WsApp()
+    async with _stack(redis_server, app) as url:
+        for path in ("/reject", "/deny"):
+            with pytest.raises(InvalidStatus):
+                await asyncio.wait_for(websockets.connect(url + path), WAIT)
+        async with websockets.connect(url + "/close4001") as ws:
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), WAIT)
+        for _ in range(20):
+            async with websockets.connect(url + "/echo") as ws:
+                await ws.send("x")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == "x"
+        async with websockets.connect(url + "/record") as ws:
+            await ws.send("y")
+            await ws.close(code=4002)
+        await asyncio.wait_for(app.disconnected.wait(), WAIT)
+    assert _keys(redis_server) == []
