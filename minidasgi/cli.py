@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -60,8 +61,8 @@ def load_app(spec: str, *, factory: bool = False, app_dir: str | None = None) ->
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        if exc.name != module_name:
-            raise
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise  # the module was found, but an import inside it failed
         raise CLIError(f"cannot import module {module_name!r}: {exc}") from None
     value: Any = module
     for part in attr.split("."):
@@ -136,7 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--concurrency",
         type=int,
-        default=int(_env("CONCURRENCY", DEFAULT_CONCURRENCY)),
+        default=_env("CONCURRENCY", DEFAULT_CONCURRENCY),  # argparse converts a string
         help=f"requests run at once [MINIDASGI_CONCURRENCY] (default: {DEFAULT_CONCURRENCY})",
     )
     node.add_argument(
@@ -148,14 +149,14 @@ def _build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--shutdown-timeout",
         type=float,
-        default=float(_env("SHUTDOWN_TIMEOUT", 30)),
+        default=_env("SHUTDOWN_TIMEOUT", 30.0),
         help="seconds in-flight requests get to finish on SIGTERM "
         "[MINIDASGI_SHUTDOWN_TIMEOUT] (default: 30)",
     )
     node.add_argument(
         "--factory",
         action="store_true",
-        default=bool(_env("FACTORY")),
+        default=_env("FACTORY", "").lower() in ("1", "true", "yes", "on"),
         help="MODULE:ATTR is a function returning the app [MINIDASGI_FACTORY]",
     )
     node.add_argument(
@@ -192,25 +193,25 @@ def _build_parser() -> argparse.ArgumentParser:
     dist.add_argument(
         "--port",
         type=int,
-        default=int(_env("PORT", 8000)),
+        default=_env("PORT", 8000),
         help="port to listen on [MINIDASGI_PORT] (default: 8000)",
     )
     dist.add_argument(
         "--workers",
         type=int,
-        default=int(_env("WORKERS", 1)),
+        default=_env("WORKERS", 1),
         help="uvicorn worker processes [MINIDASGI_WORKERS] (default: 1)",
     )
     dist.add_argument(
         "--worker-timeout",
         type=float,
-        default=float(_env("WORKER_TIMEOUT", 5)),
+        default=_env("WORKER_TIMEOUT", 5.0),
         help="seconds to wait for a Node to take a request [MINIDASGI_WORKER_TIMEOUT] (default: 5)",
     )
     dist.add_argument(
         "--no-worker-status",
         type=int,
-        default=int(_env("NO_WORKER_STATUS", 405)),
+        default=_env("NO_WORKER_STATUS", 405),
         help="status when no Node took the request in time "
         "[MINIDASGI_NO_WORKER_STATUS] (default: 405, as distributed-asgi; "
         "503 is the usual choice)",
@@ -233,7 +234,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--port",
         type=int,
-        default=int(_env("PORT", 8000)),
+        default=_env("PORT", 8000),
         help="port for the distributor [MINIDASGI_PORT] (default: 8000)",
     )
     return parser
@@ -328,19 +329,24 @@ def _run_distributor(args: argparse.Namespace) -> int:
     os.environ[_DISTRIBUTOR_ENV] = json.dumps(config)
     try:
         distributor_from_env()  # check the configuration here, once, with a clear message
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, re.error) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
     logger.info(
         "distributor on http://%s:%d, Redis %s", args.host, args.port, _redacted(args.redis)
     )
-    uvicorn.run(
-        "minidasgi.cli:distributor_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-    )
+    try:
+        uvicorn.run(
+            "minidasgi.cli:distributor_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
+    except SystemExit as exc:  # uvicorn exits 1 or 3 when it cannot start (port in use, ...)
+        if exc.code in (None, 0):
+            return EXIT_OK
+        raise CLIError(f"uvicorn could not serve on {args.host}:{args.port} (see above)") from None
     return EXIT_OK
 
 

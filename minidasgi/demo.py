@@ -135,7 +135,7 @@ async def _demo(redis_url: str | None, port: int) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
         serving = asyncio.ensure_future(node.serve())
-        web = asyncio.ensure_future(server.serve())
+        web = asyncio.ensure_future(_serve_web(server, port))
         await asyncio.wait(
             [serving, web, asyncio.ensure_future(node.wait_started())],
             return_when=asyncio.FIRST_COMPLETED,
@@ -146,12 +146,21 @@ async def _demo(redis_url: str | None, port: int) -> None:
             print(f"minidasgi demo: Redis {_redacted(url)}, distributor on http://127.0.0.1:{port}")
             print(f"  try: curl http://127.0.0.1:{port}/hello")
             print("  Ctrl-C stops everything", flush=True)
-        await web
-        if not node.stopping:
-            node.stop()
-        await serving
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        try:
+            await web
+        finally:
+            if not node.stopping:
+                node.stop()
+            await serving
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+async def _serve_web(server: Any, port: int) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn exits when it cannot start (port in use, ...)
+        raise CLIError(f"the distributor could not serve on 127.0.0.1:{port} (see above)") from None
 
 
 def _own_signals(server: Any) -> None:

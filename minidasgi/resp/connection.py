@@ -2,9 +2,11 @@
 
 Theory of operation: any number of tasks may call ``execute`` at once. Each call appends a
 future to a first-in-first-out queue of waiters and its packed command to a write buffer; the
-buffer is flushed once per event-loop turn, so commands issued together travel in one write
-(auto-pipelining). A single reader task feeds the socket's bytes to the parser and resolves the
-waiters in order. A caller cancelled while waiting leaves its future in the queue: its reply is
+first command of an event-loop turn is written at once and the ones that follow in the same turn
+are flushed together, so commands issued together travel in one write (auto-pipelining).
+Replies are parsed the moment bytes arrive (``ReplyReader``, a StreamReader that hands its data
+to the parser instead of buffering it), which saves a task wake-up per read, and the waiters
+are resolved in order. A caller cancelled while waiting leaves its future in the queue: its reply is
 still read and dropped there, so the next caller can never receive someone else's reply (the
 bug class of redis-py's CVE-2023-28858/28859).
 
@@ -27,6 +29,7 @@ import contextlib
 import logging
 import socket
 import ssl as _ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -142,21 +145,82 @@ def _ssl_context(option: _ssl.SSLContext | bool | None) -> _ssl.SSLContext | Non
     return None
 
 
-class Connection:
-    """A connection to Redis shared by any number of tasks. Make one with ``connect()``."""
+class ReplyReader(asyncio.StreamReader):
+    """A StreamReader that hands every chunk of bytes to ``sink`` instead of buffering it.
+
+    The stream's end (EOF or an error) is reported to ``on_end`` once.
+    """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        params: ConnectionParams,
-        *,
-        parser: str | None = None,
+        sink: Callable[[bytes], None],
+        on_end: Callable[[BaseException | None], None],
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        super().__init__(limit=_READ_SIZE)
+        self._sink = sink
+        self._on_end = on_end
+
+    def feed_data(self, data: Any) -> None:  # bytes, from the transport
+        if data:
+            self._sink(data)
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self._on_end(None)
+
+    def set_exception(self, exc: Exception) -> None:
+        super().set_exception(exc)
+        self._on_end(exc)
+
+
+async def open_stream(
+    params: ConnectionParams, reader: asyncio.StreamReader
+) -> asyncio.StreamWriter:
+    """Connect to ``params`` (TCP with TCP_NODELAY, TLS or a unix socket) feeding ``reader``.
+
+    Raise ``RedisConnectionError`` with the address (never the password) on failure.
+    """
+    loop = asyncio.get_running_loop()
+    sslctx = _ssl_context(params.ssl)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    try:
+        if params.unix_socket is not None:
+            opening = loop.create_unix_connection(
+                lambda: protocol,
+                params.unix_socket,
+                ssl=sslctx,
+                server_hostname=None if sslctx is None else "localhost",
+            )
+        else:
+            opening = loop.create_connection(
+                lambda: protocol,
+                params.host,
+                params.port,
+                ssl=sslctx,
+                server_hostname=params.host if sslctx is not None else None,
+            )
+        transport, _ = await asyncio.wait_for(opening, params.connect_timeout)
+    except asyncio.TimeoutError:
+        raise RedisConnectionError(
+            f"cannot connect to Redis at {params.address}: timed out after "
+            f"{params.connect_timeout} s"
+        ) from None
+    except (OSError, _ssl.SSLError) as exc:
+        raise RedisConnectionError(f"cannot connect to Redis at {params.address}: {exc}") from None
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class Connection:
+    """A connection to Redis shared by any number of tasks. Make one with ``connect()``."""
+
+    def __init__(self, params: ConnectionParams, *, parser: str | None = None) -> None:
         self.params = params
         self._parser = make_parser(parser)
+        self._reader = ReplyReader(self._on_data, self._on_end)  # held: the protocol won't
+        self._writer: asyncio.StreamWriter | None = None
         self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._wbuf: list[bytes] = []
         self._wbuf_size = 0
@@ -166,7 +230,11 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self._error: Exception | None = None
         self._closed = self._loop.create_future()
-        self._read_task = self._loop.create_task(self._read_loop())
+
+    async def _open(self) -> None:
+        self._writer = await open_stream(self.params, self._reader)
+        if self._error is not None:  # it failed before open_stream returned the writer
+            self._writer.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "open"
@@ -262,7 +330,7 @@ class Connection:
     async def close(self) -> None:
         """Close the connection; pending commands fail. Safe to call more than once."""
         self._abort(self._lost(None))
-        await self._read_task_done()
+        await self._wait_transport_closed()
 
     # Internals.
 
@@ -307,6 +375,7 @@ class Connection:
     def _write(self, data: bytes) -> None:
         if self._error is not None:
             return
+        assert self._writer is not None
         try:
             self._writer.write(data)
         except Exception as exc:  # the transport is already gone
@@ -315,6 +384,7 @@ class Connection:
         self._backlogged = self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
 
     async def _drain(self) -> None:
+        assert self._writer is not None
         try:
             await self._writer.drain()
             self._backlogged = self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
@@ -324,83 +394,53 @@ class Connection:
             )
             raise self._closed_error() from None
 
-    async def _read_loop(self) -> None:
+    def _on_data(self, data: bytes) -> None:
         parser = self._parser
         waiters = self._waiters
         try:
-            while True:
-                data = await self._reader.read(_READ_SIZE)
-                if not data:
-                    raise RedisConnectionError(
-                        f"Redis at {self.params.address} closed the connection"
-                    )
-                parser.feed(data)
-                while (reply := parser.gets()) is not NEED_DATA:
-                    if not waiters:
-                        raise ProtocolError("Redis sent a reply nobody asked for")
-                    waiter = waiters.popleft()
-                    if not waiter.done():  # a cancelled caller's reply is dropped here
-                        waiter.set_result(reply)
-        except asyncio.CancelledError:
-            self._abort(
-                RedisConnectionError(f"connection to Redis at {self.params.address} closed")
-            )
+            parser.feed(data)
+            while (reply := parser.gets()) is not NEED_DATA:
+                if not waiters:
+                    raise ProtocolError("Redis sent a reply nobody asked for")
+                waiter = waiters.popleft()
+                if not waiter.done():  # a cancelled caller's reply is dropped here
+                    waiter.set_result(reply)
         except ProtocolError as exc:
             logger.warning("malformed reply from Redis at %s: %s", self.params.address, exc)
             self._abort(exc)
-        except RedisConnectionError as exc:
-            self._abort(exc)
-        except Exception as exc:
+        except Exception as exc:  # never let an error escape into the transport
+            self._abort(self._lost(exc))
+
+    def _on_end(self, error: BaseException | None) -> None:
+        if error is None:
             self._abort(
-                RedisConnectionError(f"lost connection to Redis at {self.params.address}: {exc}")
+                RedisConnectionError(f"Redis at {self.params.address} closed the connection")
             )
+        else:
+            self._abort(self._lost(error))
 
     def _abort(self, error: Exception) -> None:
         if self._error is not None:
             return
         self._error = error
         self._closed.set_result(error)
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(self._closed_error())
-        if asyncio.current_task() is not self._read_task:
-            self._read_task.cancel()
 
-    async def _read_task_done(self) -> None:
-        if asyncio.current_task() is not self._read_task:
-            await asyncio.gather(self._read_task, return_exceptions=True)
-        with contextlib.suppress(Exception):  # already reported through the waiters
-            await self._writer.wait_closed()
+    async def _wait_transport_closed(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):  # already reported through the waiters
+                await self._writer.wait_closed()
 
 
 async def open_connection(params: ConnectionParams, *, parser: str | None = None) -> Connection:
     """Open a connection with ``params`` and perform the AUTH/SELECT handshake."""
-    sslctx = _ssl_context(params.ssl)
-    try:
-        if params.unix_socket is not None:
-            opening = asyncio.open_unix_connection(params.unix_socket, ssl=sslctx, limit=_READ_SIZE)
-        else:
-            opening = asyncio.open_connection(
-                params.host,
-                params.port,
-                ssl=sslctx,
-                limit=_READ_SIZE,
-                server_hostname=params.host if sslctx is not None else None,
-            )
-        reader, writer = await asyncio.wait_for(opening, params.connect_timeout)
-    except asyncio.TimeoutError:
-        raise RedisConnectionError(
-            f"cannot connect to Redis at {params.address}: timed out after "
-            f"{params.connect_timeout} s"
-        ) from None
-    except (OSError, _ssl.SSLError) as exc:
-        raise RedisConnectionError(f"cannot connect to Redis at {params.address}: {exc}") from None
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    connection = Connection(reader, writer, params, parser=parser)
+    connection = Connection(params, parser=parser)
+    await connection._open()
     try:
         await _handshake(connection)
     except BaseException:

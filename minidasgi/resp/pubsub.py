@@ -6,9 +6,11 @@ wanted channel, then reads pushes until the connection ends; then it reconnects 
 exponential backoff and starts again. Confirmations are matched by channel name, since a message
 may arrive before the confirmation of its own SUBSCRIBE.
 
-On a connection that carries only subscriptions Redis sends nothing while idle, so a dead peer
-would go unnoticed: after ``health_check_interval`` seconds of silence the supervisor sends a
-PING (allowed in subscribe mode) and gives the connection up if another interval passes silent.
+Messages are dispatched to the owner the moment their bytes arrive (``ReplyReader``), with no
+reader task in between. On a connection that carries only subscriptions Redis sends nothing
+while idle, so a dead peer would go unnoticed: after ``health_check_interval`` seconds of
+silence the supervisor sends a PING (allowed in subscribe mode) and gives the connection up if
+another interval passes silent.
 
 Messages published while the subscriber was disconnected are lost (pub/sub is fire and forget).
 The owner learns of each loss through ``on_connection_lost`` and can fail its in-flight work
@@ -24,7 +26,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
-from .connection import ConnectionParams, _ssl_context, make_params
+from .connection import ConnectionParams, ReplyReader, make_params, open_stream
 from .protocol import (
     NEED_DATA,
     AuthenticationError,
@@ -105,7 +107,7 @@ class Subscriber:
         self._connected = asyncio.Event()
         self._closing = False
         self._last_read = 0.0
-        self._silent = False
+        self._reader: ReplyReader | None = None
         self.last_error: Exception | None = None
 
     def __repr__(self) -> str:
@@ -210,7 +212,7 @@ class Subscriber:
         backoff = self._min_backoff
         while not self._closing:
             try:
-                reader, writer = await self._open()
+                writer, ended, end = await self._open()
             except AuthenticationError as exc:
                 self.last_error = exc
                 logger.error("%s", exc)
@@ -220,19 +222,18 @@ class Subscriber:
             else:
                 backoff = self._min_backoff
                 try:
-                    await self._serve(reader, writer)
-                except (OSError, RedisConnectionError, ProtocolError, asyncio.TimeoutError) as exc:
-                    self.last_error = exc
-                    logger.warning(
-                        "subscriber lost its connection to Redis at %s: %s",
-                        self.params.address,
-                        exc or type(exc).__name__,
-                    )
+                    error = await self._serve(writer, ended, end)
                 finally:
                     self._writer = None
                     self._connected.clear()
                     self._confirmed.clear()
                     writer.close()
+                self.last_error = error
+                logger.warning(
+                    "subscriber lost its connection to Redis at %s: %s",
+                    self.params.address,
+                    error or type(error).__name__,
+                )
                 if self._on_connection_lost is not None and not self._closing:
                     self._on_connection_lost()
                 continue
@@ -240,46 +241,82 @@ class Subscriber:
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, self._max_backoff)
 
-    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        params = self.params
-        sslctx = _ssl_context(params.ssl)
-        try:
-            if params.unix_socket is not None:
-                opening = asyncio.open_unix_connection(params.unix_socket, ssl=sslctx)
+    async def _open(
+        self,
+    ) -> tuple[asyncio.StreamWriter, asyncio.Future[Exception], Callable[[Exception], None]]:
+        """Connect and log in; return the writer, a future for the connection's end, and the
+        function that ends it."""
+        loop = asyncio.get_running_loop()
+        parser = make_parser(self._parser_kind)
+        ended: asyncio.Future[Exception] = loop.create_future()
+        handshake: list[asyncio.Future[Any]] = []  # waiters for replies before subscribing
+        transport: list[asyncio.WriteTransport] = []
+
+        def end(error: Exception) -> None:
+            if not ended.done():
+                ended.set_result(error)
+            for waiter in handshake:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            if transport:
+                transport[0].abort()
+
+        def sink(data: bytes) -> None:
+            # Messages are dispatched the moment their bytes arrive: no reader task.
+            self._last_read = loop.time()
+            try:
+                parser.feed(data)
+                while (reply := parser.gets()) is not NEED_DATA:
+                    if handshake:
+                        waiter = handshake.pop(0)
+                        if not waiter.done():
+                            waiter.set_result(reply)
+                        continue
+                    self._handle(reply)
+            except ProtocolError as exc:
+                end(exc)
+            except Exception as exc:  # never let an error escape into the transport
+                end(RedisConnectionError(f"subscriber failed: {exc}"))
+
+        def on_end(error: BaseException | None) -> None:
+            if error is None:
+                end(RedisConnectionError("Redis closed the connection"))
             else:
-                opening = asyncio.open_connection(
-                    params.host,
-                    params.port,
-                    ssl=sslctx,
-                    server_hostname=params.host if sslctx is not None else None,
-                )
-            reader, writer = await asyncio.wait_for(opening, params.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise RedisConnectionError(
-                f"cannot connect to Redis at {params.address}: {exc or 'timed out'}"
-            ) from None
+                end(RedisConnectionError(str(error) or type(error).__name__))
+
+        self._reader = ReplyReader(sink, on_end)  # held: the protocol only keeps a weakref
+        writer = await open_stream(self.params, self._reader)
+        transport.append(writer.transport)
+        params = self.params
         if params.password is not None:
             auth: tuple[str, ...] = ("AUTH", params.password)
             if params.username is not None:
                 auth = ("AUTH", params.username, params.password)
+            waiter: asyncio.Future[Any] = loop.create_future()
+            handshake.append(waiter)
             writer.write(pack_command(*auth))
-            parser = make_parser(self._parser_kind)
             try:
-                while (reply := parser.gets()) is NEED_DATA:
-                    data = await asyncio.wait_for(reader.read(4096), params.connect_timeout)
-                    if not data:
-                        raise RedisConnectionError(f"Redis at {params.address} hung up")
-                    parser.feed(data)
+                reply = await asyncio.wait_for(waiter, params.connect_timeout)
+            except asyncio.TimeoutError:
+                writer.close()
+                raise RedisConnectionError(
+                    f"Redis at {params.address} did not answer AUTH"
+                ) from None
             except BaseException:
                 writer.close()
                 raise
             if isinstance(reply, ReplyError):
                 writer.close()
                 raise AuthenticationError(f"Redis at {params.address} refused AUTH: {reply}")
-        return reader, writer
+        return writer, ended, end
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = make_parser(self._parser_kind)
+    async def _serve(
+        self,
+        writer: asyncio.StreamWriter,
+        ended: asyncio.Future[Exception],
+        end: Callable[[Exception], None],
+    ) -> Exception:
+        """Subscribe everything and wait for the connection to end; return why it ended."""
         self._writer = writer
         if self._channels:
             self._send("SUBSCRIBE", *self._channels)
@@ -287,39 +324,27 @@ class Subscriber:
         if self._on_connected is not None:
             self._on_connected()
         self._last_read = asyncio.get_running_loop().time()
-        health = asyncio.ensure_future(self._check_health(writer))
+        health = asyncio.ensure_future(self._check_health(end))
         try:
-            # Checked as well as cancelled, so close() cannot be missed however it lands.
-            while not self._closing:
-                data = await reader.read(65536)
-                if not data:
-                    if self._silent:
-                        raise RedisConnectionError("no answer to a health-check PING")
-                    raise RedisConnectionError("Redis closed the connection")
-                self._last_read = asyncio.get_running_loop().time()
-                parser.feed(data)
-                while (reply := parser.gets()) is not NEED_DATA:
-                    self._handle(reply)
+            return await ended
         finally:
             health.cancel()
 
-    async def _check_health(self, writer: asyncio.StreamWriter) -> None:
-        """PING after an idle interval; drop the connection if a second one passes silent.
+    async def _check_health(self, end: Callable[[Exception], None]) -> None:
+        """PING after an idle interval; end the connection if a second one passes silent.
 
-        A timer beside the read loop, rather than a timeout on every read, keeps the cost per
-        message at zero.
+        A timer beside the connection, rather than a timeout on every read, keeps the cost
+        per message at zero.
         """
         loop = asyncio.get_running_loop()
         interval = self._health_check_interval
-        self._silent = False
         pinged_at: float | None = None
         while True:
             await asyncio.sleep(interval / 2)
             now = loop.time()
             if pinged_at is not None and self._last_read < pinged_at:
                 if now - pinged_at >= interval:
-                    self._silent = True
-                    writer.transport.abort()  # the read loop sees the end and reconnects
+                    end(RedisConnectionError("no answer to a health-check PING"))
                     return
                 continue
             pinged_at = None
