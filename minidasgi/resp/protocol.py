@@ -365,8 +365,11 @@ class PythonParser:
 class HiredisParser:
     """The hiredis C reader behind the ``ReplyParser`` contract, with the same size bound.
 
-    hiredis bounds nesting itself; the reply size is bounded here by the bytes it holds
-    while no reply is complete.
+    hiredis bounds nesting itself. The reply size is bounded here by the bytes fed since the
+    last complete reply: hiredis consumes the elements of an unfinished aggregate as they
+    arrive, so the bytes it still buffers say nothing about the memory the reply holds.
+    Anything hiredis raises besides a protocol error (a map key that is not hashable) is
+    turned into ``ProtocolError`` too, and the reader is not trusted again.
     """
 
     def __init__(self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE) -> None:
@@ -376,16 +379,35 @@ class HiredisParser:
             protocolError=ProtocolError, replyError=ReplyError, notEnoughData=NEED_DATA
         )
         self._max_reply_size = max_reply_size
+        self._pending = 0  # bytes fed since the last complete reply
+        self._broken: ProtocolError | None = None
 
     def feed(self, data: bytes) -> None:
         """Append bytes received from Redis."""
+        self._pending += len(data)
         self._reader.feed(data)
 
     def gets(self) -> Any:
         """Return the next complete reply, or ``NEED_DATA``."""
-        reply = self._reader.gets()
-        if reply is NEED_DATA and self._reader.len() > self._max_reply_size:
-            raise ProtocolError(f"reply larger than the limit of {self._max_reply_size} bytes")
+        if self._broken is not None:
+            raise self._broken
+        try:
+            reply = self._reader.gets()
+        except ProtocolError as exc:
+            self._broken = exc
+            raise
+        except Exception as exc:
+            self._broken = ProtocolError(f"malformed reply: {exc}")
+            raise self._broken from None
+        if reply is NEED_DATA:
+            if self._pending > self._max_reply_size:
+                self._broken = ProtocolError(
+                    f"reply larger than the limit of {self._max_reply_size} bytes"
+                )
+                raise self._broken
+        else:
+            # What is still buffered belongs to the replies that follow.
+            self._pending = self._reader.len()
         return reply
 
 

@@ -1,0 +1,96 @@
+"""Seeded, bounded fuzzing of both RESP parsers: random and mutated bytes.
+
+Whatever Redis (or something posing as it) sends, a parser either returns replies, asks for
+more data, or raises ``ProtocolError``: no other exception, no hang, and memory bounded by
+``max_reply_size``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from minidasgi.resp.protocol import NEED_DATA, ProtocolError, make_parser, pack_command
+
+VALID = [
+    b"+OK\r\n",
+    b"-ERR unknown command\r\n",
+    b":12345\r\n",
+    b"$5\r\nhello\r\n",
+    b"$-1\r\n",
+    b"*2\r\n$7\r\nmessage\r\n$3\r\nabc\r\n",
+    b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+    b"*2\r\n*1\r\n:1\r\n*0\r\n",
+    b"%1\r\n+k\r\n:1\r\n",
+    b",3.25\r\n",
+    b"#t\r\n",
+    b"_\r\n",
+    b"~2\r\n:1\r\n:2\r\n",
+    b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nd\r\n",
+    pack_command("LPUSH", "key", b"\x00\xff" * 50),
+]
+MAX_REPLY = 64 * 1024
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        action = rng.randrange(4)
+        if action == 0 and data:  # flip a byte
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif action == 1 and data:  # cut
+            del data[rng.randrange(len(data)) :]
+        elif action == 2:  # insert a protocol-looking byte
+            data.insert(rng.randrange(len(data) + 1), rng.choice(b"$*:+-%~>,#_(=!|\r\n0123456789"))
+        else:  # duplicate a slice
+            if data:
+                start = rng.randrange(len(data))
+                data[start:start] = data[start : start + rng.randint(1, 8)]
+    return bytes(data)
+
+
+def _exercise(kind: str, data: bytes, rng: random.Random) -> None:
+    parser = make_parser(kind, max_reply_size=MAX_REPLY)
+    position = 0
+    # Bounded by construction: each gets() either consumes bytes, asks for more or raises.
+    try:
+        while position < len(data):
+            step = rng.randint(1, 64)
+            parser.feed(data[position : position + step])
+            position += step
+            for _ in range(len(data) + 1):
+                if parser.gets() is NEED_DATA:
+                    break
+    except ProtocolError:
+        return
+
+
+@pytest.mark.parametrize("kind", ["python", "hiredis"])
+def test_random_bytes_only_raise_protocol_error(kind: str) -> None:
+    rng = random.Random(2024)
+    for _ in range(2000):
+        prefix = rng.choice([b"", rng.choice(b"$*:+-%~>,#_(=!|").to_bytes(1, "big")])
+        data = prefix + rng.randbytes(rng.randint(0, 200))
+        _exercise(kind, data, rng)
+
+
+@pytest.mark.parametrize("kind", ["python", "hiredis"])
+def test_mutated_replies_only_raise_protocol_error(kind: str) -> None:
+    rng = random.Random(77)
+    for _ in range(4000):
+        base = b"".join(rng.choice(VALID) for _ in range(rng.randint(1, 4)))
+        _exercise(kind, _mutate(rng, base), rng)
+
+
+@pytest.mark.parametrize("kind", ["python", "hiredis"])
+def test_huge_announced_sizes_do_not_allocate(kind: str) -> None:
+    # Lengths that would need gigabytes: refused at once (pure) or once the buffered bytes pass
+    # the bound (hiredis), never allocated up front.
+    for header in (b"$2147483647\r\n", b"*2147483647\r\n", b"%1073741823\r\n"):
+        parser = make_parser(kind, max_reply_size=MAX_REPLY)
+        parser.feed(header)
+        with pytest.raises(ProtocolError):
+            for _ in range(MAX_REPLY // 1024 + 2):
+                if parser.gets() is NEED_DATA:
+                    parser.feed(b":1\r\n" * 256)
