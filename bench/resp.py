@@ -150,6 +150,15 @@ class RedisServer:
                 raise RuntimeError("redis-server did not answer PING within 10 s")
             time.sleep(0.02)
 
+    def restart(self, down_for: float = 0.5) -> None:
+        """Stop the server, leave it down ``down_for`` seconds, start it on the same port."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(5)
+        time.sleep(down_for)
+        self.start()
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
