@@ -32,6 +32,7 @@ EXIT_USAGE = 2
 EXIT_MISSING = 3
 
 _DISTRIBUTOR_ENV = "MINIDASGI_DISTRIBUTOR_CONFIG"  # how --workers processes get their config
+_LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 class CLIError(Exception):
@@ -100,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
+        choices=_LOG_LEVELS,
         help="logging level [MINIDASGI_LOG_LEVEL] (default: info)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -244,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``minidasgi`` command; returns the exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.log_level not in _LOG_LEVELS:  # argparse checks choices on the command line only
+        parser.error(f"MINIDASGI_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

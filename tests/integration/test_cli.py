@@ -1,0 +1,538 @@
+"""The ``minidasgi`` command for real: ``node``, ``distributor`` and ``demo`` as child
+processes against private redis-servers, stopped with Ctrl-C (SIGINT).
+
+Every child runs in its own process group with its output in a file; whatever a test does,
+its children are signalled, then killed (the whole group) in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .redis_server import INSTALL_HINT, RedisFactory, RedisServer
+from .stack import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = "tests.integration.apps:hello"
+MINIDASGI = [sys.executable, "-m", "minidasgi"]
+STOP_TIMEOUT = 10.0
+
+
+def child_env(**variables: str) -> dict[str, str]:
+    """This environment without any MINIDASGI_* variable, plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINIDASGI_")}
+    env.update(variables)
+    return env
+
+
+class Child:
+    """A child process in its own process group, its stdout and stderr in one file."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env() if env is None else env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        self.pid = self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, sig: int = signal.SIGINT) -> None:
+        if self.running():
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """The exit code; the process group is killed if it did not exit in time."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            self.popen.wait()
+            pytest.fail(f"pid {self.pid} did not exit within {timeout} s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = STOP_TIMEOUT) -> int:
+        self.send(sig)
+        return self.wait(timeout)
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def wait_for_output(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if not self.running():
+                pytest.fail(
+                    f"exited ({self.popen.returncode}) before {pattern!r}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {pattern!r} within {timeout} s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        """SIGINT, then SIGKILL to the whole group: never leave anything behind."""
+        if self.running():
+            self.popen.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(STOP_TIMEOUT)
+        self.kill_group()
+        if self.running():
+            self.popen.wait()
+
+
+@contextlib.contextmanager
+def children() -> Iterator[list[Child]]:
+    """A list to put started children in; all of them are cleaned up at the end."""
+    started: list[Child] = []
+    try:
+        yield started
+    finally:
+        for child in reversed(started):
+            child.cleanup()
+
+
+def stop_all(processes: Sequence[Child]) -> list[int]:
+    """Ctrl-C to all at once; their exit codes, checking they all exit within STOP_TIMEOUT."""
+    began = time.monotonic()
+    for child in processes:
+        child.send(signal.SIGINT)
+    codes = [child.wait(STOP_TIMEOUT) for child in processes]
+    assert time.monotonic() - began < STOP_TIMEOUT
+    return codes
+
+
+def wait_until(condition: object, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def popping(redis: RedisServer) -> int:
+    """How many connections are blocked in BRPOP: Nodes ready for work."""
+    clients = redis.command("CLIENT", "LIST")
+    assert isinstance(clients, bytes)
+    return sum("cmd=brpop" in line for line in clients.decode().splitlines())
+
+
+def start_popping(
+    started: list[Child],
+    redis: RedisServer,
+    args: Sequence[str],
+    log: Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> Child:
+    """Start a process that runs a Node; return it once one more connection pops."""
+    before = popping(redis)
+    child = Child(args, log, env=env, cwd=cwd)
+    started.append(child)
+    wait_until(lambda: popping(redis) > before or not child.running(), what="the Node to pop")
+    assert child.running(), child.output()
+    return child
+
+
+def start_node(started: list[Child], redis: RedisServer, log: Path, argv: Sequence[str]) -> Child:
+    """``python -m minidasgi *argv`` (a node command), once its Node pops."""
+    return start_popping(started, redis, [*MINIDASGI, *argv], log)
+
+
+def get_when_up(url: str, child: Child, timeout: float = 15.0) -> httpx.Response:
+    """GET ``url``, retrying while nothing listens yet (and ``child`` still runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=10)
+        except httpx.TransportError:
+            if not child.running():
+                pytest.fail(f"exited ({child.popen.returncode}) before serving:\n{child.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{url} not up within {timeout} s:\n{child.output()}")
+            time.sleep(0.05)
+
+
+def port_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def assert_redis_clean(redis: RedisServer) -> None:
+    """Only this inspecting connection is left; no key, no subscribed channel."""
+
+    def client_lines() -> list[str]:
+        clients = redis.command("CLIENT", "LIST")
+        assert isinstance(clients, bytes)
+        return clients.decode().splitlines()
+
+    wait_until(lambda: len(client_lines()) == 1, timeout=5, what="connections to close")
+    (line,) = client_lines()
+    assert "cmd=client|list" in line
+    assert redis.command("KEYS", "*") == []
+    assert redis.command("PUBSUB", "CHANNELS") == []
+
+
+def processes_in(directory: Path) -> list[int]:
+    """Pids of the processes working in ``directory`` or below (redis-server chdirs to its
+    ``--dir`` and rewrites its command line, so the working directory is what tells)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cwd == directory or directory in cwd.parents:
+            found.append(int(entry.name))
+    return found
+
+
+def redis_command(port: int, *args: str) -> list[bytes]:
+    """A one-shot command to a plain Redis on 127.0.0.1 (for servers the fixtures did not
+    start), returning a flat array reply."""
+    from .redis_server import _encode_command, _read_reply
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_encode_command(args))
+        with sock.makefile("rb") as stream:
+            reply = _read_reply(stream)
+    assert isinstance(reply, list)
+    return reply
+
+
+# -- the command itself ------------------------------------------------------------------------
+
+
+def test_console_script_next_to_the_interpreter(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "minidasgi"
+    if not script.exists():
+        pytest.skip(f"no console script at {script} (package not installed in this env)")
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=30, env=child_env()
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: minidasgi" in result.stdout
+    result = subprocess.run(
+        [str(script), "node"], capture_output=True, text=True, timeout=30, env=child_env()
+    )
+    assert result.returncode == 2
+    assert "minidasgi: name the app" in result.stderr
+
+
+def test_python_m_minidasgi_passes_the_exit_code() -> None:
+    result = subprocess.run(
+        [*MINIDASGI, "distributor"], capture_output=True, text=True, timeout=30, env=child_env()
+    )
+    assert result.returncode == 2
+    assert "minidasgi: give routes" in result.stderr
+    result = subprocess.run(
+        [*MINIDASGI, "node", "nomodule:app", "--key", "k"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(),
+        cwd=REPO,
+    )
+    assert result.returncode == 1
+    assert "cannot import module 'nomodule'" in result.stderr
+
+
+# -- node and distributor ----------------------------------------------------------------------
+
+
+def test_node_and_distributor(redis_server: RedisServer, tmp_path: Path) -> None:
+    port = free_port()
+    url = redis_server.url
+    with children() as started:
+        node = start_node(
+            started,
+            redis_server,
+            tmp_path / "node.log",
+            ["node", HELLO, "--key", "K", "--redis", url],
+        )
+        dist = Child(
+            [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url, "--port", str(port)],
+            tmp_path / "dist.log",
+        )
+        started.append(dist)
+        response = get_when_up(f"http://127.0.0.1:{port}/anything", dist)
+        assert response.status_code == 200, dist.output()
+        assert response.text == "Hello World!"
+        assert stop_all([node, dist]) == [0, 0], node.output() + dist.output()
+    assert port_closed(port)
+    assert_redis_clean(redis_server)
+    assert "Traceback" not in node.output() + dist.output()
+
+
+def test_node_and_distributor_from_environment_variables(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    common = {"MINIDASGI_REDIS_URL": redis_server.url}
+    node_env = child_env(**common, MINIDASGI_APP=HELLO, MINIDASGI_KEY="API-users, K")
+    dist_env = child_env(
+        **common,
+        MINIDASGI_ROUTE="/api/([a-z-]+)=API-\\1\n/=K",
+        MINIDASGI_PORT=str(port),
+        MINIDASGI_WORKER_TIMEOUT="0.5",
+        MINIDASGI_NO_WORKER_STATUS="503",
+    )
+    with children() as started:
+        node = Child([*MINIDASGI, "node"], tmp_path / "node.log", env=node_env)
+        started.append(node)
+        wait_until(lambda: popping(redis_server) == 1 or not node.running(), what="the Node")
+        dist = Child([*MINIDASGI, "distributor"], tmp_path / "dist.log", env=dist_env)
+        started.append(dist)
+        base = f"http://127.0.0.1:{port}"
+        first = get_when_up(f"{base}/api/users/38", dist)  # route 1: API-users
+        assert (first.status_code, first.text) == (200, "Hello World!")
+        second = httpx.get(f"{base}/elsewhere", timeout=10)  # route 2: K
+        assert (second.status_code, second.text) == (200, "Hello World!")
+        began = time.monotonic()
+        nobody = httpx.get(f"{base}/api/nobody", timeout=10)  # API-nobody: no Node serves it
+        assert nobody.status_code == 503  # MINIDASGI_NO_WORKER_STATUS
+        assert time.monotonic() - began < 3  # MINIDASGI_WORKER_TIMEOUT, not the default 5 s
+        assert stop_all([node, dist]) == [0, 0], node.output() + dist.output()
+    assert port_closed(port)
+    assert_redis_clean(redis_server)
+
+
+def test_distributor_with_two_workers(redis_server: RedisServer, tmp_path: Path) -> None:
+    port = free_port()
+    url = redis_server.url
+    with children() as started:
+        node = start_node(
+            started,
+            redis_server,
+            tmp_path / "node.log",
+            ["node", HELLO, "--key", "K", "--redis", url],
+        )
+        dist = Child(
+            [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url,
+             "--port", str(port), "--workers", "2"],
+            tmp_path / "dist.log",
+        )  # fmt: skip
+        started.append(dist)
+        assert get_when_up(f"http://127.0.0.1:{port}/", dist).status_code == 200
+
+        def channels() -> list[bytes]:
+            reply = redis_server.command("PUBSUB", "CHANNELS")
+            assert isinstance(reply, list)
+            return reply
+
+        # Each worker process subscribes to its own reply channel at lifespan startup.
+        wait_until(
+            lambda: sum(b":dist:" in c for c in channels()) == 2, what="both uvicorn workers"
+        )
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for i in range(6):
+                response = client.get(f"/request/{i}")
+                assert (response.status_code, response.text) == (200, "Hello World!")
+        if shutil.which("pgrep"):
+            pgrep = subprocess.run(["pgrep", "-P", str(dist.pid)], capture_output=True, text=True)
+            assert len(pgrep.stdout.split()) >= 2, "the uvicorn workers are the parent's children"
+        assert dist.stop() == 0, dist.output()
+        wait_until(lambda: not dist.group_alive(), timeout=5, what="the uvicorn workers to exit")
+        assert port_closed(port)
+        assert node.stop() == 0, node.output()
+    assert_redis_clean(redis_server)
+    assert "Traceback" not in dist.output()
+
+
+def test_distributor_port_in_use_is_a_run_time_failure(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with children() as started:
+            dist = Child(
+                [*MINIDASGI, "distributor", "--key", "K", "--redis", redis_server.url,
+                 "--port", str(port)],
+                tmp_path / "dist.log",
+            )  # fmt: skip
+            started.append(dist)
+            assert dist.wait(15) == 1, dist.output()  # 3 would say "a program is missing"
+    assert "minidasgi: uvicorn could not serve" in dist.output()
+    assert "Traceback" not in dist.output()
+    assert_redis_clean(redis_server)
+
+
+# -- passwords ---------------------------------------------------------------------------------
+
+
+def test_password_never_appears_in_the_output(redis_factory: RedisFactory, tmp_path: Path) -> None:
+    redis = redis_factory(password="s3cret-pw")
+    assert "s3cret-pw" in redis.url
+    port = free_port()
+    debug = ["--log-level", "debug"]
+    with children() as started:
+        node = start_node(
+            started, redis, tmp_path / "node.log", [*debug, "node", HELLO, "--key", "K",
+                                                     "--redis", redis.url]
+        )  # fmt: skip
+        dist = Child(
+            [*MINIDASGI, *debug, "distributor", "--route", "/=K", "--redis", redis.url,
+             "--port", str(port)],
+            tmp_path / "dist.log",
+        )  # fmt: skip
+        started.append(dist)
+        response = get_when_up(f"http://127.0.0.1:{port}/", dist)
+        assert (response.status_code, response.text) == (200, "Hello World!")
+        # A Node with the wrong password: Redis refuses it, and says so, without the password.
+        wrong = redis.url.replace("s3cret-pw", "wr0ng-pw")
+        refused = Child(
+            [*MINIDASGI, *debug, "node", HELLO, "--key", "K", "--redis", wrong],
+            tmp_path / "refused.log",
+        )
+        started.append(refused)
+        refused.wait_for_output("WRONGPASS|refused AUTH")
+        refused.stop()
+        assert stop_all([node, dist]) == [0, 0], node.output() + dist.output()
+    for child in (node, dist, refused):
+        output = child.output()
+        assert "s3cret-pw" not in output
+        assert "wr0ng-pw" not in output
+    assert ":***@127.0.0.1" in node.output()  # the URL is shown, redacted
+    assert_redis_clean(redis)
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+def demo_env(tmp: Path, **variables: str) -> dict[str, str]:
+    """The demo's temporary directories go to ``tmp``, private to the test."""
+    tmp.mkdir(exist_ok=True)
+    return child_env(TMPDIR=str(tmp), **variables)
+
+
+def test_demo(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.fail(f"the demo needs redis-server on PATH. {INSTALL_HINT}", pytrace=False)
+    port = free_port()
+    tmp = tmp_path / "tmp"
+    with children() as started:
+        demo = Child(
+            [*MINIDASGI, "demo", "--port", str(port)],
+            tmp_path / "demo.log",
+            env=demo_env(tmp),
+            cwd=tmp_path,  # the demo needs nothing from the repository
+        )
+        started.append(demo)
+        demo.wait_for_output("Ctrl-C stops everything", timeout=20)
+        output = demo.output()
+        assert f"distributor on http://127.0.0.1:{port}" in output
+        assert f"curl http://127.0.0.1:{port}/hello" in output
+        match = re.search(r"Redis redis://127\.0\.0\.1:(\d+)", output)
+        assert match, output
+        redis_port = int(match.group(1))
+        assert redis_port != 6379  # its own server, never the system's
+        redis_dir = redis_command(redis_port, "CONFIG", "GET", "dir")[1].decode()
+        assert Path(redis_dir).parent == tmp
+        assert processes_in(tmp), "the demo's redis-server runs in its own dir"
+
+        for path in ("/", "/hello"):
+            response = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+            assert response.status_code == 200
+            assert "Hello World!" in response.text
+            assert f"path {path}" in response.text
+
+        assert demo.stop() == 0, demo.output()
+    # Nothing it started is left: no redis-server, no temp dir, no process in its group.
+    assert not demo.group_alive()
+    assert port_closed(redis_port)
+    assert port_closed(port)
+    assert processes_in(tmp) == []
+    assert list(tmp.iterdir()) == []
+    assert "Traceback" not in demo.output()
+
+
+def test_demo_without_redis_server(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "minidasgi", "demo", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(PATH=str(empty)),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "redis-server" in result.stderr
+    assert "apt-get" in result.stderr and "brew" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_port_in_use_stops_its_redis_server(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.fail(f"the demo needs redis-server on PATH. {INSTALL_HINT}", pytrace=False)
+    tmp = tmp_path / "tmp"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with children() as started:
+            demo = Child(
+                [*MINIDASGI, "demo", "--port", str(port)],
+                tmp_path / "demo.log",
+                env=demo_env(tmp),
+                cwd=tmp_path,
+            )
+            started.append(demo)
+            assert demo.wait(20) == 1, demo.output()
+    output = demo.output()
+    assert f"minidasgi: the distributor could not serve on 127.0.0.1:{port}" in output
+    assert "Traceback" not in output
+    assert not demo.group_alive()
+    assert processes_in(tmp) == []
+    assert list(tmp.iterdir()) == []

@@ -1,0 +1,511 @@
+"""The command line without a network: argument parsing, environment variables, app loading,
+exit codes, and that a Redis password never reaches the output.
+
+``Node.run`` and ``uvicorn.run`` are replaced by recorders, so nothing here connects anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from minidasgi import cli
+from minidasgi.cli import CLIError, _parse_routes, load_app, main
+from minidasgi.node import Node
+
+APP_SOURCE = """
+CALLS = []
+
+
+async def app(scope, receive, send):
+    pass
+
+
+class Holder:
+    class Inner:
+        app = app
+
+
+def make_app():
+    CALLS.append("make_app")
+    return app
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MINIDASGI_* variable from the caller's environment; sys.path restored afterwards."""
+    for name in list(os.environ):
+        if name.startswith("MINIDASGI_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv(cli._DISTRIBUTOR_ENV, raising=False)  # main() sets it; undo restores
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_app prepends --app-dir
+
+
+@pytest.fixture
+def app_module(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A fresh importable module in its own directory: yields ``(directory, module name)``."""
+    name = f"cli_test_app_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(APP_SOURCE)
+    importlib.invalidate_caches()
+    try:
+        yield str(tmp_path), name
+    finally:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def nodes(monkeypatch: pytest.MonkeyPatch) -> list[Node]:
+    """``Node.run`` records the Node instead of serving."""
+    ran: list[Node] = []
+    monkeypatch.setattr(Node, "run", lambda self: ran.append(self))
+    return ran
+
+
+@pytest.fixture
+def uvicorn_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """``uvicorn.run`` records its arguments (and the distributor config) instead of serving."""
+    import uvicorn
+
+    runs: list[dict[str, Any]] = []
+
+    def fake_run(app: Any, **kwargs: Any) -> None:
+        config = json.loads(os.environ[cli._DISTRIBUTOR_ENV])
+        runs.append({"app": app, "config": config, **kwargs})
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    return runs
+
+
+# -- help and usage errors ------------------------------------------------------------------
+
+
+def test_help_exits_0_and_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: minidasgi" in out
+    for command in ("node", "distributor", "demo"):
+        assert command in out
+
+
+def test_node_help_names_the_environment_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["node", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for variable in ("MINIDASGI_REDIS_URL", "MINIDASGI_KEY", "MINIDASGI_CONCURRENCY"):
+        assert variable in out
+
+
+def test_no_command_prints_help_and_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: minidasgi" in capsys.readouterr().out
+
+
+def test_node_without_app_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["node"]) == 2
+    err = capsys.readouterr().err
+    assert "minidasgi:" in err and "MODULE:ATTR" in err
+
+
+def test_node_without_key_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["node", "some_module:app"]) == 2
+    assert "--key" in capsys.readouterr().err
+
+
+def test_node_with_missing_module_returns_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["node", "nomodule:app", "--key", "k"]) == 1
+    assert "cannot import module 'nomodule'" in capsys.readouterr().err
+
+
+def test_node_with_missing_parent_package_returns_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["node", "nopackage_xyz.sub:app", "--key", "k"]) == 1
+    assert "cannot import module 'nopackage_xyz.sub'" in capsys.readouterr().err
+
+
+def test_node_with_spec_without_attribute_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["node", "noattr", "--key", "k"]) == 2
+    assert "MODULE:ATTRIBUTE" in capsys.readouterr().err
+
+
+def test_node_with_bad_concurrency_returns_2(
+    app_module: tuple[str, str], nodes: list[Node], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, name = app_module
+    argv = ["node", f"{name}:app", "--key", "k", "--app-dir", directory, "--concurrency", "0"]
+    assert main(argv) == 2
+    assert "concurrency" in capsys.readouterr().err
+    assert nodes == []
+
+
+def test_bad_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--log-level", "loud", "node"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bad_log_level_in_the_environment_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MINIDASGI_LOG_LEVEL", "loud")
+    with pytest.raises(SystemExit) as info:
+        main(["node"])
+    assert info.value.code == 2
+    assert "MINIDASGI_LOG_LEVEL must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["distributor"],
+        ["distributor", "--route", "/=K", "--key", "K"],
+        ["distributor", "--route", "no-equals-sign"],
+        ["distributor", "--route", "=K"],
+        ["distributor", "--route", "/x="],
+        ["distributor", "--route", "(=K"],  # not a regular expression
+        ["distributor", "--route", r"/(a)=K-\2"],  # no group 2
+    ],
+)
+def test_distributor_usage_errors_return_2(
+    argv: list[str], uvicorn_runs: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minidasgi: ")
+    assert "Traceback" not in err
+    assert uvicorn_runs == []
+
+
+# -- load_app --------------------------------------------------------------------------------
+
+
+def test_load_app_module_attribute(app_module: tuple[str, str]) -> None:
+    directory, name = app_module
+    app = load_app(f"{name}:app", app_dir=directory)
+    assert app is sys.modules[name].app  # type: ignore[attr-defined]
+    assert sys.path[0] == directory
+
+
+def test_load_app_dotted_attribute(app_module: tuple[str, str]) -> None:
+    directory, name = app_module
+    app = load_app(f"{name}:Holder.Inner.app", app_dir=directory)
+    assert app is sys.modules[name].app  # type: ignore[attr-defined]
+
+
+def test_load_app_factory(app_module: tuple[str, str]) -> None:
+    directory, name = app_module
+    app = load_app(f"{name}:make_app", factory=True, app_dir=directory)
+    module = sys.modules[name]
+    assert app is module.app  # type: ignore[attr-defined]
+    assert module.CALLS == ["make_app"]  # type: ignore[attr-defined]
+    assert load_app(f"{name}:make_app", app_dir=directory) is module.make_app  # type: ignore[attr-defined]
+
+
+def test_load_app_from_a_package() -> None:
+    import json.decoder
+
+    assert load_app("json.decoder:JSONDecoder.decode") is json.decoder.JSONDecoder.decode
+
+
+@pytest.mark.parametrize("spec", ["noattr", ":app", "module:", ""])
+def test_load_app_bad_spec_is_a_usage_error(spec: str) -> None:
+    with pytest.raises(CLIError) as info:
+        load_app(spec)
+    assert info.value.code == 2
+
+
+def test_load_app_missing_attribute(app_module: tuple[str, str]) -> None:
+    directory, name = app_module
+    with pytest.raises(CLIError, match=r"has no attribute 'Holder\.nothing'") as info:
+        load_app(f"{name}:Holder.nothing", app_dir=directory)
+    assert info.value.code == 1
+
+
+def test_load_app_missing_module() -> None:
+    with pytest.raises(CLIError, match="cannot import module 'nomodule_xyz'") as info:
+        load_app("nomodule_xyz:app")
+    assert info.value.code == 1
+
+
+def test_load_app_does_not_hide_an_import_error_inside_the_module(tmp_path: Path) -> None:
+    """A module that exists but fails to import its own dependency shows the real error."""
+    name = f"cli_test_broken_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text("import dependency_that_is_missing_xyz\n")
+    importlib.invalidate_caches()
+    try:
+        with pytest.raises(ModuleNotFoundError) as info:
+            load_app(f"{name}:app", app_dir=str(tmp_path))
+        assert info.value.name == "dependency_that_is_missing_xyz"
+    finally:
+        sys.modules.pop(name, None)
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+
+def test_parse_routes() -> None:
+    assert _parse_routes([r"/api/([a-z-]+)=API-\1"]) == {r"/api/([a-z-]+)": r"API-\1"}
+
+
+def test_parse_routes_splits_at_the_last_equals_sign() -> None:
+    """A regex may hold '=' (a query-like path, a lookahead); a key template may not."""
+    assert _parse_routes([r"/q=(\w+)=Q-\1"]) == {r"/q=(\w+)": r"Q-\1"}
+    assert _parse_routes([r"/(?=a)a=A"]) == {"/(?=a)a": "A"}
+
+
+def test_parse_routes_keeps_the_order() -> None:
+    routes = _parse_routes(["/api/x=X", "/api=API", "/=ALL"])
+    assert list(routes.items()) == [("/api/x", "X"), ("/api", "API"), ("/", "ALL")]
+
+
+@pytest.mark.parametrize("item", ["nothing", "=K", "/x=", "="])
+def test_parse_routes_refuses(item: str) -> None:
+    with pytest.raises(CLIError) as info:
+        _parse_routes([item])
+    assert info.value.code == 2
+
+
+# -- node: options and environment -----------------------------------------------------------
+
+
+def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
+    directory, name = app_module
+    argv = [
+        "node", f"{name}:app", "--app-dir", directory,
+        "--key", "one", "--key", "two",
+        "--redis", "redis://127.0.0.1:6390/3",
+        "--concurrency", "5", "--lifespan", "off", "--shutdown-timeout", "2.5",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (node,) = nodes
+    assert node.keys == ["one", "two"]
+    assert (node.params.host, node.params.port, node.params.db) == ("127.0.0.1", 6390, 3)
+    assert node.concurrency == 5
+    assert node.shutdown_timeout == 2.5
+
+
+def test_node_factory_option(app_module: tuple[str, str], nodes: list[Node]) -> None:
+    directory, name = app_module
+    assert (
+        main(["node", f"{name}:make_app", "--factory", "--app-dir", directory, "--key", "k"]) == 0
+    )
+    assert sys.modules[name].CALLS == ["make_app"]  # type: ignore[attr-defined]
+    assert len(nodes) == 1
+
+
+def test_node_takes_everything_from_the_environment(
+    app_module: tuple[str, str], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, name = app_module
+    # Set before main() builds its parser: the defaults are read from the environment then.
+    monkeypatch.setenv("MINIDASGI_APP", f"{name}:app")
+    monkeypatch.setenv("MINIDASGI_APP_DIR", directory)
+    monkeypatch.setenv("MINIDASGI_KEY", "a, b")
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", "redis://10.1.2.3:6391/2")
+    monkeypatch.setenv("MINIDASGI_CONCURRENCY", "7")
+    monkeypatch.setenv("MINIDASGI_SHUTDOWN_TIMEOUT", "1.5")
+    monkeypatch.setenv("MINIDASGI_LIFESPAN", "off")
+    assert main(["node"]) == 0
+    (node,) = nodes
+    assert node.keys == ["a", "b"]
+    assert (node.params.host, node.params.port, node.params.db) == ("10.1.2.3", 6391, 2)
+    assert node.concurrency == 7
+    assert node.shutdown_timeout == 1.5
+
+
+def test_node_command_line_overrides_the_environment(
+    app_module: tuple[str, str], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, name = app_module
+    monkeypatch.setenv("MINIDASGI_KEY", "a,b")
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", "redis://10.1.2.3:6391/2")
+    monkeypatch.setenv("MINIDASGI_CONCURRENCY", "7")
+    argv = ["node", f"{name}:app", "--app-dir", directory, "--key", "c"]
+    argv += ["--redis", "redis://127.0.0.1:6392", "--concurrency", "3"]
+    assert main(argv) == 0
+    (node,) = nodes
+    assert node.keys == ["c"]
+    assert node.params.port == 6392
+    assert node.concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "factory"), [("1", True), ("true", True), ("0", False), ("", False)]
+)
+def test_node_factory_from_the_environment(
+    value: str,
+    factory: bool,
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    directory, name = app_module
+    monkeypatch.setenv("MINIDASGI_FACTORY", value)
+    assert main(["node", f"{name}:make_app", "--app-dir", directory, "--key", "k"]) == 0
+    calls = sys.modules[name].CALLS  # type: ignore[attr-defined]
+    assert calls == (["make_app"] if factory else [])
+
+
+def test_bad_number_in_the_environment_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MINIDASGI_CONCURRENCY", "many")
+    with pytest.raises(SystemExit) as info:
+        main(["node", "x:y", "--key", "k"])
+    assert info.value.code == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_bad_number_in_the_environment_only_matters_to_its_command(
+    app_module: tuple[str, str], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, name = app_module
+    monkeypatch.setenv("MINIDASGI_WORKERS", "several")  # a distributor option
+    assert main(["node", f"{name}:app", "--app-dir", directory, "--key", "k"]) == 0
+    assert len(nodes) == 1
+
+
+# -- passwords ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_level", [[], ["--log-level", "debug"]])
+def test_node_never_shows_the_password(
+    log_level: list[str],
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    directory, name = app_module
+    argv = [*log_level, "node", f"{name}:app", "--app-dir", directory, "--key", "k"]
+    argv += ["--redis", "redis://:hunter2@127.0.0.1:1/0"]
+    assert main(argv) == 0
+    (node,) = nodes
+    assert node.params.password == "hunter2"  # it was parsed, just never shown
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.out + captured.err
+    assert "hunter2" not in caplog.text
+    assert "hunter2" not in repr(node)
+    assert "redis://:***@127.0.0.1:1/0" in caplog.text  # the startup line names the server
+
+
+def test_node_never_shows_the_password_from_the_environment(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    directory, name = app_module
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", "redis://user:hunter2@127.0.0.1:1/0")
+    assert (
+        main(["--log-level", "debug", "node", f"{name}:app", "--app-dir", directory, "--key", "k"])
+        == 0
+    )
+    (node,) = nodes
+    assert (node.params.username, node.params.password) == ("user", "hunter2")
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.out + captured.err + caplog.text
+
+
+def test_bad_redis_url_error_hides_the_password(
+    app_module: tuple[str, str], nodes: list[Node], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, name = app_module
+    argv = ["node", f"{name}:app", "--app-dir", directory, "--key", "k"]
+    argv += ["--redis", "redis://:hunter2@127.0.0.1:notaport/0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "invalid Redis URL" in err
+    assert "hunter2" not in err
+    assert nodes == []
+
+
+# -- distributor -------------------------------------------------------------------------------
+
+
+def test_distributor_options(
+    uvicorn_runs: list[dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    argv = [
+        "--log-level", "debug", "distributor",
+        "--route", r"/api/([a-z-]+)=API-\1", "--route", "/=ALL",
+        "--redis", "redis://:hunter2@127.0.0.1:1/0",
+        "--host", "0.0.0.0", "--port", "9999", "--workers", "3",
+        "--worker-timeout", "2.5", "--no-worker-status", "503", "--max-body-size", "1000",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = uvicorn_runs
+    assert run["app"] == "minidasgi.cli:distributor_from_env"
+    assert run["factory"] is True
+    assert (run["host"], run["port"], run["workers"]) == ("0.0.0.0", 9999, 3)
+    assert run["log_level"] == "debug"
+    config = run["config"]
+    assert config["routes"] == [[r"/api/([a-z-]+)", r"API-\1"], ["/", "ALL"]]
+    assert config["key"] is None
+    assert config["url"] == "redis://:hunter2@127.0.0.1:1/0"  # for the worker processes only
+    assert (config["worker_timeout"], config["no_worker_status"]) == (2.5, 503)
+    assert config["max_body_size"] == 1000
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.out + captured.err + caplog.text
+    assert "redis://:***@127.0.0.1:1/0" in caplog.text
+
+
+def test_distributor_from_the_environment(
+    uvicorn_runs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINIDASGI_ROUTE", "/api/([a-z-]+)=API-\\1\n\n/=ALL\n")
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", "redis://127.0.0.1:6393/1")
+    monkeypatch.setenv("MINIDASGI_PORT", "9998")
+    monkeypatch.setenv("MINIDASGI_WORKERS", "2")
+    monkeypatch.setenv("MINIDASGI_WORKER_TIMEOUT", "1.25")
+    monkeypatch.setenv("MINIDASGI_NO_WORKER_STATUS", "503")
+    assert main(["distributor"]) == 0
+    (run,) = uvicorn_runs
+    assert (run["port"], run["workers"]) == (9998, 2)
+    config = run["config"]
+    assert config["routes"] == [[r"/api/([a-z-]+)", r"API-\1"], ["/", "ALL"]]
+    assert config["url"] == "redis://127.0.0.1:6393/1"
+    assert (config["worker_timeout"], config["no_worker_status"]) == (1.25, 503)
+
+
+def test_distributor_single_key(uvicorn_runs: list[dict[str, Any]]) -> None:
+    assert main(["distributor", "--key", "EVERYTHING"]) == 0
+    (run,) = uvicorn_runs
+    assert run["config"]["routes"] is None
+    assert run["config"]["key"] == "EVERYTHING"
+    assert run["config"]["url"] == "redis://localhost:6379"
+    distributor = cli.distributor_from_env()  # what each uvicorn worker builds
+    assert distributor is not None
+
+
+def test_distributor_that_uvicorn_cannot_start_returns_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn exits 3 when it cannot bind; that is a run-time failure (1), not a missing
+    program (3)."""
+    import uvicorn
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        sys.exit(3)
+
+    monkeypatch.setattr(uvicorn, "run", fail)
+    assert main(["distributor", "--key", "K", "--port", "9997"]) == 1
+    assert "could not serve on 127.0.0.1:9997" in capsys.readouterr().err
