@@ -180,6 +180,8 @@ class Node:
         popper.start()
         monitor: asyncio.Task[None] | None = None
         try:
+            # Waits out a Redis that is not up yet; raises at once for refused credentials.
+            await self._until_stopped(publisher.wait_connected())
             await self.lifespan.startup()
             await self._until_stopped(subscriber.subscribe(self.channel))
             if not self._stopping.is_set():

@@ -44,6 +44,8 @@ class Client:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._ever_connected = False
+        self._refused: AuthenticationError | None = None
         self.last_error: Exception | None = None
 
     def __repr__(self) -> str:
@@ -62,12 +64,18 @@ class Client:
             self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def wait_connected(self, timeout: float | None = None) -> Connection:
-        """Wait for a live connection, at most ``timeout`` seconds (``TimeoutError``)."""
+        """Wait for a live connection, at most ``timeout`` seconds (``TimeoutError``).
+
+        Raise ``AuthenticationError`` if Redis refused the credentials before this client ever
+        connected: that is a configuration error, and the client stops trying.
+        """
         self.start()
         return await asyncio.wait_for(self._wait_connected(), timeout)
 
     async def _wait_connected(self) -> Connection:
         while True:
+            if self._refused is not None:
+                raise self._refused
             connection = self._connection
             if connection is not None and not connection.is_closed:
                 return connection
@@ -114,6 +122,12 @@ class Client:
             except AuthenticationError as exc:
                 self.last_error = exc
                 logger.error("%s: %s", self.name, exc)
+                if not self._ever_connected:
+                    # Wrong credentials from the start are a configuration error, not an
+                    # outage: fail the waiters instead of retrying forever.
+                    self._refused = exc
+                    self._ready.set()
+                    return
             except (RespError, OSError) as exc:
                 self.last_error = exc
                 logger.debug("%s cannot connect: %s", self.name, exc)
@@ -125,6 +139,7 @@ class Client:
                     logger.info("%s reconnected to Redis at %s", self.name, self.params.address)
                 backoff = self._min_backoff
                 self._connection = connection
+                self._ever_connected = True
                 self._ready.set()
                 try:
                     reason = await connection.wait_closed()

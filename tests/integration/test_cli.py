@@ -428,7 +428,7 @@ def test_password_never_appears_in_the_output(redis_factory: RedisFactory, tmp_p
         started.append(dist)
         response = get_when_up(f"http://127.0.0.1:{port}/", dist)
         assert (response.status_code, response.text) == (200, "Hello World!")
-        # A Node with the wrong password: Redis refuses it, and says so, without the password.
+        # A Node with the wrong password: Redis refuses it, it says so (without the password)
         wrong = redis.url.replace("s3cret-pw", "wr0ng-pw")
         refused = Child(
             [*MINIDASGI, *debug, "node", HELLO, "--key", "K", "--redis", wrong],
@@ -436,7 +436,8 @@ def test_password_never_appears_in_the_output(redis_factory: RedisFactory, tmp_p
         )
         started.append(refused)
         refused.wait_for_output("WRONGPASS|refused AUTH")
-        refused.stop()
+        # Refused credentials at start are a configuration error: exit 1, no endless retry.
+        assert refused.wait() == 1, refused.output()
         assert stop_all([node, dist]) == [0, 0], node.output() + dist.output()
     for child in (node, dist, refused):
         output = child.output()
