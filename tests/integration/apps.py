@@ -187,3 +187,13 @@ async def ws_echo(scope: Scope, receive: Any, send: Any) -> None:
             await send({"type": "websocket.send", "bytes": message["bytes"]})
         else:
             await send({"type": "websocket.send", "text": message.get("text", "")})
+
+
+async def transfer(scope: Scope, receive: Any, send: Any) -> None:
+    """``POST /up`` counts an upload (``count_upload``); anything else is a ``download``."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/up":
+        await count_upload(scope, receive, send)
+    else:
+        await download(scope, receive, send)

@@ -90,6 +90,59 @@ async def run_node(node: Node) -> AsyncIterator[Node]:
             task.cancel()
 
 
+@contextlib.asynccontextmanager
+async def distributor_process(
+    url: str, key: str, *options: str
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """The distributor in a child process (``python -m minidasgi distributor``), sending
+    everything to ``key``; yields ``(base_url, process)`` once it accepts connections and kills
+    it at the end if it still runs."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "minidasgi",
+        "--log-level",
+        "warning",
+        "distributor",
+        "--key",
+        key,
+        "--redis",
+        url,
+        "--port",
+        str(port),
+        *options,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.returncode is None, "the distributor exited during startup"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                assert time.monotonic() < deadline, "the distributor did not start"
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await asyncio.wait_for(process.wait(), 10)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory of a process (Linux ``VmHWM``), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
 class NodeProcess:
     """A Node in a child process running an app from ``tests/integration/apps.py``."""
 

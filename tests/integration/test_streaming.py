@@ -1,0 +1,101 @@
+"""Large bodies both ways with bounded memory in every process, and a slow reader.
+
+The distributor and the Node run in child processes, so each one's peak resident memory can be
+read from /proc; Redis' peak memory shows that nothing piled up in its pub/sub buffers (the
+output buffer of a subscriber that falls behind counts there, and past 32 MB Redis would drop
+the subscriber, and everything in flight with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from .redis_server import RedisServer
+from .stack import NodeProcess, distributor_process, peak_rss_mib
+
+pytestmark = pytest.mark.timeout(120)
+
+GIB = 1 << 30
+MIB = 1 << 20
+PEAK_RSS_LIMIT_MIB = 150  # a process at rest takes about 30 MiB; a body held whole, over 1000
+
+
+def _redis_peak_mib(server: RedisServer) -> float:
+    info = server.command("INFO", "memory")
+    assert isinstance(info, bytes)
+    for line in info.decode().splitlines():
+        if line.startswith("used_memory_peak:"):
+            return int(line.split(":")[1]) / MIB
+    raise AssertionError("no used_memory_peak in INFO")
+
+
+async def _download(base: str, size: int, *, pause_every: int = 0, pause: float = 0.0) -> int:
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=MIB)
+    try:
+        writer.write(f"GET /?{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        received = 0
+        while received < size:
+            data = await reader.read(MIB)
+            assert data, f"connection closed after {received} bytes"
+            received += len(data)
+            if pause_every and received // pause_every != (received - len(data)) // pause_every:
+                await asyncio.sleep(pause)
+        return received
+    finally:
+        writer.close()
+
+
+async def _upload(base: str, size: int) -> bytes:
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n".encode())
+        piece = b"u" * MIB
+        for _ in range(size // MIB):
+            writer.write(piece)
+            await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        return await reader.read(100)
+    finally:
+        writer.close()
+
+
+async def test_one_gib_each_way_with_bounded_memory(redis_server: RedisServer) -> None:
+    node = NodeProcess(redis_server.url, "big", "apps:transfer")
+    with node:
+        async with distributor_process(redis_server.url, "big") as (base, distributor):
+            assert await asyncio.wait_for(_download(base, GIB), 60) == GIB
+            assert await asyncio.wait_for(_upload(base, GIB), 60) == str(GIB).encode()
+            assert node.process is not None
+            distributor_peak = peak_rss_mib(distributor.pid)
+            node_peak = peak_rss_mib(node.process.pid)
+    assert distributor_peak < PEAK_RSS_LIMIT_MIB, distributor_peak
+    assert node_peak < PEAK_RSS_LIMIT_MIB, node_peak
+    assert _redis_peak_mib(redis_server) < 16
+    assert redis_server.command("KEYS", "*") == []
+
+
+async def test_slow_reader_of_a_large_download(redis_server: RedisServer) -> None:
+    """A client reading 256 MiB at a crawl (a pause every 8 MiB) holds the Node back through
+    flow control: memory stays flat everywhere and the pub/sub connection survives."""
+    size = 256 * MIB
+    node = NodeProcess(redis_server.url, "slow", "apps:transfer")
+    with node:
+        async with distributor_process(redis_server.url, "slow") as (base, distributor):
+            started = time.monotonic()
+            got = await asyncio.wait_for(_download(base, size, pause_every=8 * MIB, pause=0.1), 90)
+            assert got == size
+            assert time.monotonic() - started > 3  # it really was slow: 32 pauses
+            assert node.process is not None
+            distributor_peak = peak_rss_mib(distributor.pid)
+            node_peak = peak_rss_mib(node.process.pid)
+    assert distributor_peak < PEAK_RSS_LIMIT_MIB, distributor_peak
+    assert node_peak < PEAK_RSS_LIMIT_MIB, node_peak
+    assert _redis_peak_mib(redis_server) < 16
