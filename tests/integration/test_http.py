@@ -264,3 +264,53 @@ async def test_many_concurrent_requests_on_one_node(redis_server: RedisServer) -
     # 100 half-second requests, 50 at a time: two rounds, not a hundred.
     assert elapsed < 5
     assert json.dumps(_keys(redis_server)) == "[]"
+
+
+async def test_node_lifespan_state_and_distributor_without_lifespan(
+    redis_server: RedisServer,
+) -> None:
+    events: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    scope["state"]["greeting"] = "hello from lifespan"
+                    events.append("startup")
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    events.append("shutdown")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await receive()
+        body = scope["state"]["greeting"].encode()
+        scope["state"]["greeting"] = "changed by a request"  # a copy: the next one won't see it
+        events.append("request")
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": body})
+
+    app_dist = create_distributor(port=redis_server.port, key="life")
+    node = Node(port=redis_server.port, app=app, key="life", lifespan="on")
+    # lifespan="off": the distributor connects on its first request instead.
+    async with serve_app(app_dist, lifespan="off") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            for _ in range(2):
+                response = await client.get("/")
+                assert response.text == "hello from lifespan"
+    assert events == ["startup", "request", "request", "shutdown"]
+
+
+async def test_a_busy_node_leaves_requests_in_redis(redis_server: RedisServer) -> None:
+    """concurrency=1: while one request runs, the others wait in the list, not in the Node."""
+    app = create_distributor(port=redis_server.port, key="busy", worker_timeout=10)
+    node = Node(port=redis_server.port, app=apps.sleepy, key="busy", concurrency=1)
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+            requests = [asyncio.ensure_future(client.get("/?0.6")) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            assert redis_server.command("LLEN", "busy") == 2
+            assert node.in_flight == 1
+            responses = await asyncio.gather(*requests)
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert _keys(redis_server) == []
