@@ -194,28 +194,32 @@ class Distributor:
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
         if self._starting is None:
             await self.startup()
-        refusal = self._check(scope)
-        if refusal is not None:
-            status, text = refusal
+        key = self._key_or_refusal(scope)
+        if not isinstance(key, str):
+            status, text = key
             await _refuse(scope, receive, send, status, text)
             return
-        exchange = _Exchange(self, scope, receive, send)
+        exchange = _Exchange(self, key, scope, receive, send)
         self._exchanges[exchange.id] = exchange
         try:
             await exchange.run()
         finally:
             del self._exchanges[exchange.id]
 
-    def _check(self, scope: Scope) -> tuple[int, str] | None:
-        """The answer to give without Redis, if any; records the key on the scope's exchange."""
+    def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
+        """The list for this request, or the answer to give without Redis."""
         path = scope.get("path", "")
-        if self.routes is not None:
+        if self.routes is None:
+            assert self.key is not None
+            key = self.key
+        else:
             try:
-                key = self.routes.key_for(path)
+                found = self.routes.key_for(path)
             except InvalidKey as exc:
                 return 400, f"{exc}\n"
-            if key is None:
+            if found is None:
                 return 404, f"no route for path {path[:200]!r}\n"
+            key = found
         header_size = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
         if header_size > self.max_header_size:
             return 431, "request headers too large\n"
@@ -226,15 +230,6 @@ class Distributor:
                     return 413, "request body too large\n"
         if not self.ready:
             return 503, "the request queue (Redis) is unreachable\n"
-        return None
-
-    def key_for(self, path: str) -> str:
-        """The list a request for ``path`` goes to (checked by ``_check`` first)."""
-        if self.routes is None:
-            assert self.key is not None
-            return self.key
-        key = self.routes.key_for(path)
-        assert key is not None
         return key
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -306,8 +301,11 @@ class Distributor:
 class _Exchange:
     """One HTTP request or WebSocket connection relayed to a Node."""
 
-    def __init__(self, distributor: Distributor, scope: Scope, receive: Receive, send: Send):
+    def __init__(
+        self, distributor: Distributor, key: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         self.distributor = distributor
+        self.key = key
         self.id = wire.new_request_id()
         self.scope = scope
         self.kind: str = scope["type"]
@@ -331,7 +329,7 @@ class _Exchange:
         if self._too_large(first):
             await self._refuse(413, "request body too large\n")
             return
-        key = d.key_for(self.scope.get("path", ""))
+        key = self.key
         envelope = wire.Envelope(
             id=self.id,
             reply=d.channel,
