@@ -694,7 +694,9 @@ async def test_client_wrong_password(redis_factory: RedisFactory, parser: str) -
         assert secret not in str(info.value)
         assert secret not in repr(client)
         assert secret not in str(client.last_error)
-        with pytest.raises(TimeoutError):
+        # Refused from the start: a configuration error, raised instead of waited out.
+        with pytest.raises(AuthenticationError) as refused:
             await client.wait_connected(0.2)
+        assert secret not in str(refused.value)
     finally:
         await asyncio.wait_for(client.close(), 2)
