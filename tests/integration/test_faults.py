@@ -1,0 +1,634 @@
+"""Faults: dead Nodes, a dead distributor, Redis restarts and outages, garbage in Redis,
+forged pub/sub messages, requests nobody takes, and clients that hang up.
+
+Every test runs the real pieces (uvicorn, the distributor, Nodes in-process or in child
+processes, a private redis-server) and bounds every wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from minidasgi import Node, create_distributor, create_path_distributor, wire
+
+from . import apps
+from .redis_server import RedisServer
+from .stack import NodeProcess, free_port, run_node, serve_app
+
+pytestmark = pytest.mark.timeout(60)
+
+KILL_NOTICED = 5.0  # seconds: a dead peer must be noticed well within this (about 1-3 s)
+
+
+def _keys(server: RedisServer) -> list[bytes]:
+    keys = server.command("KEYS", "*")
+    assert isinstance(keys, list)
+    return sorted(keys)
+
+
+async def _start_process(node: NodeProcess) -> NodeProcess:
+    """Start a Node child process without blocking this event loop."""
+    return await asyncio.to_thread(node.start)
+
+
+async def _kill_process(node: NodeProcess) -> None:
+    await asyncio.to_thread(node.kill)
+
+
+async def _stop_process(node: NodeProcess) -> None:
+    await asyncio.to_thread(node.stop)
+
+
+@contextlib.asynccontextmanager
+async def _node_processes(*nodes: NodeProcess) -> AsyncIterator[None]:
+    try:
+        for node in nodes:
+            await _start_process(node)
+        yield
+    finally:
+        for node in nodes:
+            await _stop_process(node)
+
+
+@contextlib.asynccontextmanager
+async def _node_task(node: Node) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a Node without waiting for it to start (for when Redis is down)."""
+    task = asyncio.ensure_future(node.serve())
+    try:
+        yield task
+    finally:
+        node.stop()
+        try:
+            await asyncio.wait_for(task, 15)
+        except asyncio.TimeoutError:
+            task.cancel()
+
+
+async def _poll(check: Any, deadline: float, interval: float = 0.05) -> bool:
+    """Call ``check()`` (awaiting its result if need be) until it is true or ``deadline``
+    (loop time) passes; return whether it became true."""
+    loop = asyncio.get_running_loop()
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return True
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+# 1. kill -9 of a Node process -------------------------------------------------------------
+
+
+async def test_node_killed_mid_response_aborts_the_stream(redis_server: RedisServer) -> None:
+    app = create_distributor(url=redis_server.url, key="slow")
+    loop = asyncio.get_running_loop()
+    node = NodeProcess(redis_server.url, "slow", "apps:slow")
+    async with serve_app(app) as base, _node_processes(node):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            async with client.stream("GET", "/?100") as response:
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                seen = [await asyncio.wait_for(anext(lines), 5) for _ in range(3)]
+                assert seen == ["0", "1", "2"]
+                await _kill_process(node)
+                killed = loop.time()
+
+                async def rest() -> list[str]:
+                    return [line async for line in lines]
+
+                with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+                    await asyncio.wait_for(rest(), 10)
+                elapsed = loop.time() - killed
+    assert elapsed < KILL_NOTICED, f"the client waited {elapsed:.2f} s for the abort"
+    assert _keys(redis_server) == []
+
+
+async def test_node_killed_before_the_response_gives_502(redis_server: RedisServer) -> None:
+    app = create_distributor(url=redis_server.url, key="sleepy")
+    loop = asyncio.get_running_loop()
+    node = NodeProcess(redis_server.url, "sleepy", "apps:sleepy")
+    async with serve_app(app) as base, _node_processes(node):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            request = asyncio.ensure_future(client.get("/?30"))
+            # Wait until the Node has acked: the exchange knows its Node.
+            assert await _poll(_acked(app), loop.time() + 5), "the Node never acked the request"
+            await _kill_process(node)
+            killed = loop.time()
+            response = await asyncio.wait_for(request, 10)
+            elapsed = loop.time() - killed
+    assert response.status_code == 502
+    assert elapsed < KILL_NOTICED, f"the client waited {elapsed:.2f} s for the 502"
+    assert _keys(redis_server) == []
+
+
+def _acked(distributor: Any, count: int = 1) -> Any:
+    """A check: at least ``count`` exchanges of ``distributor`` were acked by a Node."""
+
+    def check() -> bool:
+        exchanges = list(distributor._exchanges.values())
+        return sum(e.node is not None for e in exchanges) >= count
+
+    return check
+
+
+# 2. Requests on another Node are untouched ------------------------------------------------
+
+
+async def test_killing_one_node_leaves_another_alone(redis_server: RedisServer) -> None:
+    app = create_path_distributor(url=redis_server.url, routes={"^/a": "A", "^/b": "B"})
+    loop = asyncio.get_running_loop()
+    node_a = NodeProcess(redis_server.url, "A", "apps:sleepy")
+    node_b = NodeProcess(redis_server.url, "B", "apps:sleepy")
+    async with serve_app(app) as base, _node_processes(node_a, node_b):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            on_a = asyncio.ensure_future(client.get("/a?30"))
+            on_b = asyncio.ensure_future(client.get("/b?2"))
+            assert await _poll(_acked(app, 2), loop.time() + 5), "both Nodes should ack"
+            await _kill_process(node_a)
+            killed = loop.time()
+            response_a = await asyncio.wait_for(on_a, 10)
+            assert loop.time() - killed < KILL_NOTICED
+            response_b = await asyncio.wait_for(on_b, 10)
+            # Node B still serves new requests too.
+            again = await client.get("/b?0")
+    assert response_a.status_code == 502
+    assert response_b.status_code == 200 and response_b.text == "slept"
+    assert again.status_code == 200
+    assert _keys(redis_server) == []
+
+
+# 3. A distributor that dies -------------------------------------------------------------
+
+
+DISTRIBUTOR_MODULE = """\
+import os
+
+from minidasgi import create_distributor
+
+app = create_distributor(
+    url=os.environ["MINIDASGI_TEST_REDIS_URL"], key=os.environ["MINIDASGI_TEST_KEY"]
+)
+"""
+
+
+@contextlib.asynccontextmanager
+async def _distributor_process(tmp_path: Path, url: str, key: str) -> AsyncIterator[Any]:
+    """A distributor under uvicorn in a child process; yields ``(base_url, process)``."""
+    (tmp_path / "dist_under_test.py").write_text(DISTRIBUTOR_MODULE)
+    port = free_port()
+    env = dict(os.environ, MINIDASGI_TEST_REDIS_URL=url, MINIDASGI_TEST_KEY=key)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "dist_under_test:app",
+        "--app-dir",
+        str(tmp_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--lifespan",
+        "on",
+        "--log-level",
+        "warning",
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.returncode is None, "uvicorn exited during startup"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            break
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await asyncio.wait_for(process.wait(), 10)
+
+
+async def test_distributor_killed_mid_request_disconnects_the_app(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    loop = asyncio.get_running_loop()
+    seen: dict[str, tuple[str, float]] = {}
+    running: dict[str, asyncio.Event] = {"listen": asyncio.Event(), "sleep": asyncio.Event()}
+
+    async def waiting_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        mode = scope["path"].strip("/")
+        try:
+            first = await receive()
+            assert first["type"] == "http.request"
+            running[mode].set()
+            if mode == "listen":  # waits on receive(): should see http.disconnect
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        seen[mode] = ("disconnect", loop.time())
+                        return
+            else:  # ignores receive(): should be cancelled
+                await asyncio.sleep(30)
+                seen[mode] = ("slept through", loop.time())
+        except asyncio.CancelledError:
+            seen[mode] = ("cancelled", loop.time())
+            raise
+
+    node = Node(url=redis_server.url, app=waiting_app, key="front", lifespan="off")
+    async with _distributor_process(tmp_path, redis_server.url, "front") as (base, process):
+        async with run_node(node), httpx.AsyncClient(base_url=base, timeout=10) as client:
+            requests = [
+                asyncio.ensure_future(client.get("/listen")),
+                asyncio.ensure_future(client.get("/sleep")),
+            ]
+            await asyncio.wait_for(
+                asyncio.gather(running["listen"].wait(), running["sleep"].wait()), 10
+            )
+            assert node.in_flight == 2
+            process.kill()
+            killed = loop.time()
+            done = await _poll(lambda: len(seen) == 2, killed + 8)
+            for request in requests:
+                with pytest.raises(httpx.HTTPError):
+                    await asyncio.wait_for(request, 10)
+            assert done, f"the app did not notice the dead distributor: {seen}"
+            assert await _poll(lambda: node.in_flight == 0, loop.time() + 3)
+    assert seen["listen"][0] == "disconnect"
+    assert seen["sleep"][0] == "cancelled"
+    for mode, (_, when) in seen.items():
+        assert when - killed < KILL_NOTICED, f"{mode}: noticed after {when - killed:.2f} s"
+    assert _keys(redis_server) == []
+
+
+# 4. Graceful SIGTERM of a Node under load -------------------------------------------------
+
+
+async def test_sigterm_finishes_requests_in_flight_and_takes_no_more(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "requests.log"
+    monkeypatch.setenv("MINIDASGI_TEST_LOG", str(log))  # inherited by the Node process
+    app = create_distributor(url=redis_server.url, key="work")
+    # The request sent after the SIGTERM goes through a distributor that waits 1 s for an ack.
+    impatient = create_distributor(url=redis_server.url, key="work", worker_timeout=1)
+    loop = asyncio.get_running_loop()
+    node = NodeProcess(redis_server.url, "work", "apps:logged_sleepy")
+    async with serve_app(app) as base, serve_app(impatient) as impatient_base:
+        await _start_process(node)
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=base, timeout=10, limits=limits) as client:
+            requests = [
+                asyncio.ensure_future(client.get("/?1", headers={"x-request-id": f"r{i}"}))
+                for i in range(20)
+            ]
+            assert await _poll(_acked(app, 20), loop.time() + 5), "20 acks expected"
+            await asyncio.sleep(0.3)
+            assert node.process is not None
+            node.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)  # the Node has stopped popping
+            start = loop.time()
+            late = await client.get(impatient_base + "/?0", headers={"x-request-id": "late"})
+            late_elapsed = loop.time() - start
+            responses = await asyncio.wait_for(asyncio.gather(*requests), 10)
+            try:
+                code = await asyncio.wait_for(asyncio.to_thread(node.process.wait), 30)
+            finally:
+                await _stop_process(node)
+    assert [r.status_code for r in responses] == [200] * 20
+    assert sorted(r.text for r in responses) == sorted(f"slept r{i}" for i in range(20))
+    assert code == 0
+    assert late.status_code == 405, late.text
+    assert 0.9 < late_elapsed < 5
+    lines = log.read_text().splitlines()
+    for i in range(20):
+        assert lines.count(f"start r{i}") == 1, f"r{i} ran {lines.count(f'start r{i}')} times"
+        assert lines.count(f"end r{i}") == 1
+    assert "start late" not in lines
+    assert _keys(redis_server) == []  # the late request was taken back
+
+
+# 5. Redis restart under traffic -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("outage", [0.0, 1.0], ids=["restart", "one-second-outage"])
+async def test_redis_restart_under_traffic(redis_server: RedisServer, outage: float) -> None:
+    app = create_distributor(url=redis_server.url, key="hello")
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    loop = asyncio.get_running_loop()
+    results: list[tuple[float, float, Any]] = []
+    stop = asyncio.Event()
+
+    async def traffic(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            start = loop.time()
+            try:
+                outcome: Any = (await client.get("/", timeout=10)).status_code
+            except httpx.HTTPError as exc:
+                outcome = repr(exc)
+            results.append((start, loop.time(), outcome))
+            await asyncio.sleep(0.02)
+
+    async with serve_app(app) as base, run_node(node) as running:
+        async with httpx.AsyncClient(base_url=base) as client:
+            background = asyncio.ensure_future(traffic(client))
+            try:
+                await asyncio.sleep(0.5)
+                assert results and all(r[2] == 200 for r in results)
+                down = float("inf")
+                if outage:
+                    await asyncio.to_thread(redis_server.stop)
+                    down = loop.time()
+                    await asyncio.sleep(outage)
+                    await asyncio.to_thread(redis_server.start)
+                else:
+                    await asyncio.to_thread(redis_server.restart)
+                back = loop.time()
+
+                async def recovered() -> bool:
+                    return any(s > back and o == 200 for s, _, o in results)
+
+                ok = await _poll(recovered, back + 8)
+                recovered_after = min(
+                    (e for s, e, o in results if s > back and o == 200), default=float("inf")
+                )
+                await asyncio.sleep(0.5)
+            finally:
+                stop.set()
+                await asyncio.wait_for(background, 15)
+            assert ok, f"no success after Redis came back: {results[-5:]}"
+            # And it stays up: a burst after recovery all succeeds.
+            after = await asyncio.gather(*(client.get("/", timeout=10) for _ in range(20)))
+        assert running.in_flight == 0
+    outcomes = {o for _, _, o in results}
+    assert outcomes <= {200, 502, 503}, f"unexpected outcomes: {outcomes}"
+    if outage:  # requests made while Redis was down are refused at once
+        during = [(e - s, o) for s, e, o in results if down <= s <= back]
+        assert during, "no request was made while Redis was down"
+        assert {o for _, o in during} <= {502, 503}, during
+        assert max(d for d, _ in during) < 1, during
+    assert max(e - s for s, e, _ in results) < 10
+    assert recovered_after - back < 3.5, f"recovered {recovered_after - back:.2f} s after"
+    assert [r.status_code for r in after] == [200] * 20
+    assert _keys(redis_server) == []
+
+
+# 6. Redis unreachable at start ----------------------------------------------------------
+
+
+async def test_redis_unreachable_at_start(redis_server: RedisServer) -> None:
+    redis_server.stop()
+    app = create_distributor(url=redis_server.url, key="hello", startup_wait=0.5)
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    loop = asyncio.get_running_loop()
+    async with serve_app(app) as base, _node_task(node) as serving:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            for _ in range(3):
+                start = loop.time()
+                response = await client.get("/")
+                assert response.status_code == 503
+                assert loop.time() - start < 1
+            await asyncio.to_thread(redis_server.start)
+            back = loop.time()
+            last: list[int] = []
+
+            async def served() -> bool:
+                last.append((await client.get("/")).status_code)
+                return last[-1] == 200
+
+            assert await _poll(served, back + 6, 0.1), f"still failing: {last[-5:]}"
+            assert set(last) <= {200, 503, 405}, last
+            assert loop.time() - back < 6
+            assert not serving.done()
+            assert (await client.get("/")).text == "Hello World!"
+    assert _keys(redis_server) == []
+
+
+# 7. Garbage in a queue -------------------------------------------------------------------
+
+
+async def test_garbage_in_the_queue_is_dropped(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="minidasgi.node")
+    ran: list[str] = []
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        await apps.hello(scope, receive, send)
+
+    app = create_distributor(url=redis_server.url, key="K")
+    node = Node(url=redis_server.url, app=recorder, key="K", lifespan="off")
+
+    def envelope(scope: dict[str, Any], reply: str = "minidasgi:0:dist:nobody") -> bytes:
+        return wire.Envelope(
+            id=wire.new_request_id(),
+            reply=reply,
+            deadline=time.time() + 60,
+            scope=scope,
+            events=[{"type": "http.request", "body": b"", "more_body": False}],
+        ).encode()
+
+    http_scope = {"type": "http", "path": "/forged", "headers": [], "query_string": b""}
+    valid = envelope(http_scope)
+    garbage = [
+        os.urandom(200),
+        b"",
+        valid[: len(valid) // 2],
+        bytes([99]) + valid[1:],
+        envelope({"type": "lifespan"}),
+        b"\x01" + b"l\xff\xff\xff\xff",  # a forged count far beyond the data
+    ]
+    async with serve_app(app) as base, run_node(node):
+        for item in garbage:
+            await asyncio.to_thread(redis_server.command, "LPUSH", "K", item)
+        # A well-formed envelope whose distributor is not listening: never run.
+        await asyncio.to_thread(redis_server.command, "LPUSH", "K", valid)
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            response = await client.get("/real")
+            assert response.status_code == 200 and response.text == "Hello World!"
+            assert (await client.get("/again")).status_code == 200
+    assert ran == ["/real", "/again"]
+    dropped = [
+        r
+        for r in caplog.records
+        if r.name == "minidasgi.node" and r.levelno >= logging.WARNING and "malformed" in r.message
+    ]
+    assert len(dropped) == len(garbage), [r.message for r in caplog.records]
+    assert _keys(redis_server) == []
+
+
+# 8. Forged messages on the reply channels ---------------------------------------------------
+
+
+async def test_forged_reply_messages_do_not_disturb_a_request(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    release = asyncio.Event()
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part1,", "more_body": True})
+        await asyncio.wait_for(release.wait(), 20)
+        await send({"type": "http.response.body", "body": b"part2"})
+
+    app = create_distributor(url=redis_server.url, key="held")
+    node = Node(url=redis_server.url, app=held, key="held", lifespan="off")
+    loop = asyncio.get_running_loop()
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            request = asyncio.ensure_future(client.get("/"))
+            assert await _poll(_acked(app), loop.time() + 5)
+            (real_id,) = list(app._exchanges)
+            start = {"type": "http.response.start", "status": 500, "headers": []}
+            body = {"type": "http.response.body", "body": b"forged", "more_body": False}
+            forged = [
+                os.urandom(64),
+                b"",
+                b"\x01" + b"d\xff\xff\xff\xff",
+                wire.pack(wire.SEND, "unknownid", [start, body]),
+                wire.pack(wire.ACK, "unknownid2", node.channel),
+                wire.pack(wire.ACK, "unknownid3", 12345),
+                wire.pack(wire.DONE, "unknownid4", True),
+                wire.pack(wire.CREDIT, "unknownid5", 10**6),
+                wire.pack(wire.EVENT, real_id, {"type": "http.disconnect"}),
+                wire.pack(wire.CANCEL, real_id),
+                wire.PING_MESSAGE,
+            ]
+            for message in forged:
+                receivers = await asyncio.to_thread(
+                    redis_server.command, "PUBLISH", app.channel, message
+                )
+                assert receivers == 1
+            # Garbage on the Node's channel too.
+            for message in (os.urandom(64), wire.pack(wire.EVENT, "unknownid", {"x": 1})):
+                await asyncio.to_thread(redis_server.command, "PUBLISH", node.channel, message)
+            await asyncio.sleep(0.3)
+            assert not request.done()
+            release.set()
+            response = await asyncio.wait_for(request, 10)
+            assert response.status_code == 200
+            assert response.content == b"part1,part2"
+            again = await client.get("/")  # released: answers at once
+            assert again.content == b"part1,part2"
+    warnings = [r.message for r in caplog.records if r.name == "minidasgi.distributor"]
+    assert any("malformed" in m for m in warnings), warnings
+    assert _keys(redis_server) == []
+
+
+# 9. Many requests and no Node ---------------------------------------------------------------
+
+
+async def test_many_requests_without_a_node(redis_server: RedisServer) -> None:
+    distributor = create_distributor(url=redis_server.url, key="nobody", worker_timeout=1)
+    loop = asyncio.get_running_loop()
+    answered: list[float] = []  # seconds from the request's arrival to the distributor's answer
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        arrived = loop.time()
+
+        async def timed_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                answered.append(loop.time() - arrived)
+            await send(message)
+
+        await distributor(scope, receive, timed_send if scope["type"] == "http" else send)
+
+    async def timed(client: httpx.AsyncClient, i: int) -> tuple[int, float]:
+        start = loop.time()
+        response = await client.get(f"/{i}")
+        return response.status_code, loop.time() - start
+
+    async with serve_app(app) as base:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=base, timeout=15, limits=limits) as client:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(timed(client, i) for i in range(200))), 20
+            )
+    assert [status for status, _ in results] == [405] * 200
+    # The distributor answers each at about worker_timeout...
+    assert len(answered) == 200
+    assert min(answered) > 0.9 and max(answered) < 2.5, (min(answered), max(answered))
+    # ...and the clients, which share this event loop with uvicorn and the distributor and
+    # spend a while on 200 connections, get the answers soon after.
+    elapsed = [e for _, e in results]
+    assert min(elapsed) > 0.9 and max(elapsed) < 5, (min(elapsed), max(elapsed))
+    assert _keys(redis_server) == []
+    ran: list[str] = []
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        await apps.hello(scope, receive, send)
+
+    node = Node(url=redis_server.url, app=recorder, key="nobody", lifespan="off")
+    async with run_node(node):
+        await asyncio.sleep(1)
+    assert ran == []
+    assert _keys(redis_server) == []
+
+
+# 10. Client disconnect reaches the app ------------------------------------------------------
+
+
+async def test_client_disconnect_reaches_the_app(redis_server: RedisServer) -> None:
+    loop = asyncio.get_running_loop()
+    disconnected = asyncio.Event()
+    events: list[str] = []
+
+    async def listener(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+        while True:
+            message = await receive()
+            events.append(message["type"])
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+                return
+
+    app = create_distributor(url=redis_server.url, key="listen")
+    node = Node(url=redis_server.url, app=listener, key="listen", lifespan="off")
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            async with client.stream("GET", "/") as response:
+                lines = response.aiter_lines()
+                assert await asyncio.wait_for(anext(lines), 5) == "first"
+            closed = loop.time()  # leaving the block mid-body closes the connection
+            await asyncio.wait_for(disconnected.wait(), 5)
+            elapsed = loop.time() - closed
+        assert await _poll(lambda: node.in_flight == 0, loop.time() + 3)
+    assert events == ["http.request", "http.disconnect"]
+    assert elapsed < 2, f"the app saw the disconnect after {elapsed:.2f} s"
+    assert _keys(redis_server) == []
