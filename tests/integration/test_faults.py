@@ -13,8 +13,6 @@ import inspect
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from minidasgi import Node, create_distributor, create_path_distributor, wire
 
 from . import apps
 from .redis_server import RedisServer
-from .stack import NodeProcess, free_port, run_node, serve_app
+from .stack import NodeProcess, distributor_process, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,64 +175,6 @@ async def test_killing_one_node_leaves_another_alone(redis_server: RedisServer) 
 # 3. A distributor that dies -------------------------------------------------------------
 
 
-DISTRIBUTOR_MODULE = """\
-import os
-
-from minidasgi import create_distributor
-
-app = create_distributor(
-    url=os.environ["MINIDASGI_TEST_REDIS_URL"], key=os.environ["MINIDASGI_TEST_KEY"]
-)
-"""
-
-
-@contextlib.asynccontextmanager
-async def _distributor_process(tmp_path: Path, url: str, key: str) -> AsyncIterator[Any]:
-    """A distributor under uvicorn in a child process; yields ``(base_url, process)``."""
-    (tmp_path / "dist_under_test.py").write_text(DISTRIBUTOR_MODULE)
-    port = free_port()
-    env = dict(os.environ, MINIDASGI_TEST_REDIS_URL=url, MINIDASGI_TEST_KEY=key)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "dist_under_test:app",
-        "--app-dir",
-        str(tmp_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--lifespan",
-        "on",
-        "--log-level",
-        "warning",
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.returncode is None, "uvicorn exited during startup"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            break
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await asyncio.wait_for(process.wait(), 10)
-
-
 async def test_distributor_killed_mid_request_disconnects_the_app(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -264,7 +204,7 @@ async def test_distributor_killed_mid_request_disconnects_the_app(
             raise
 
     node = Node(url=redis_server.url, app=waiting_app, key="front", lifespan="off")
-    async with _distributor_process(tmp_path, redis_server.url, "front") as (base, process):
+    async with distributor_process(redis_server.url, "front") as (base, process):
         async with run_node(node), httpx.AsyncClient(base_url=base, timeout=10) as client:
             requests = [
                 asyncio.ensure_future(client.get("/listen")),

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from minidasgi import Node, create_distributor
 
 from .redis_server import RedisServer
-from .stack import NodeProcess, free_port, run_node, serve_app
+from .stack import NodeProcess, distributor_process, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -360,68 +358,13 @@ async def test_no_worker_refuses_the_handshake(redis_server: RedisServer) -> Non
     assert _keys(redis_server) == []
 
 
-DISTRIBUTOR_MODULE = """\
-import os
-
-from minidasgi import create_distributor
-
-app = create_distributor(
-    url=os.environ["MINIDASGI_TEST_REDIS_URL"], key=os.environ["MINIDASGI_TEST_KEY"]
-)
-"""
-
-
-@contextlib.asynccontextmanager
-async def _distributor_process(tmp_path: Path, url: str) -> AsyncIterator[Any]:
-    """A distributor under uvicorn in a child process; yields ``(ws_url, process)``."""
-    (tmp_path / "ws_dist_under_test.py").write_text(DISTRIBUTOR_MODULE)
-    port = free_port()
-    env = dict(os.environ, MINIDASGI_TEST_REDIS_URL=url, MINIDASGI_TEST_KEY=KEY)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "ws_dist_under_test:app",
-        "--app-dir",
-        str(tmp_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--lifespan",
-        "on",
-        "--log-level",
-        "warning",
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.returncode is None, "uvicorn exited during startup"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            break
-        yield f"ws://127.0.0.1:{port}", process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await asyncio.wait_for(process.wait(), WAIT)
-
-
 async def test_distributor_killed_disconnects_the_app(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     app = WsApp()
     node = Node(url=redis_server.url, app=app, key=KEY, lifespan="off")
-    async with _distributor_process(tmp_path, redis_server.url) as (url, process):
+    async with distributor_process(redis_server.url, KEY) as (base, process):
+        url = base.replace("http://", "ws://")
         async with run_node(node):
             ws = await asyncio.wait_for(websockets.connect(url + "/echo"), WAIT)
             try:
