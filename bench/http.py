@@ -26,7 +26,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse
 import asyncio
-import importlib.util
 import re
 import shutil
 import socket
@@ -36,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from minidasgi.testing import RedisServer
 
 HOST = "127.0.0.1"
 STREAM_SIZE = 64 * 1024 * 1024
@@ -90,16 +91,6 @@ distributor = create_distributor(
     url=os.environ["BENCH_REDIS_URL"], key="bench", no_worker_status=503
 )
 """
-
-
-def _load_resp_bench() -> Any:
-    """bench/resp.py's RedisServer (a private, throwaway redis-server)."""
-    spec = importlib.util.spec_from_file_location("_bench_resp", Path(_HERE) / "resp.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_bench_resp"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _free_port() -> int:
@@ -245,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     use_wrk = shutil.which("wrk") is not None and not args.builtin
     load = _wrk if use_wrk else _builtin
 
-    resp_bench = _load_resp_bench()
-    redis = resp_bench.RedisServer()
+    redis = RedisServer()
     processes = Processes()
     with tempfile.TemporaryDirectory(prefix="minidasgi-bench-http-") as tmp:
         Path(tmp, "bench_apps.py").write_text(APPS)
@@ -314,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nkeys left in Redis after the run: {keys!r}")
         finally:
             processes.stop()
-            redis.stop()
+            redis.close()
     return 0
 
 

@@ -24,24 +24,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
-import ctypes
 import os
 import platform
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import minidasgi
 from minidasgi.resp import Connection, Subscriber, connect
+from minidasgi.testing import RedisServer
 
 try:
     import redis
@@ -58,134 +54,6 @@ ROUNDS = 5  # each implementation's duration is split into this many alternated 
 DRAIN_TIMEOUT = 30.0  # seconds to wait for the last pub/sub messages
 
 TARGETS = {"a": 1.5, "b": 10.0, "d": 3.0}
-
-# ---------------------------------------------------------------------------------------------
-# A private redis-server.
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port: int = sock.getsockname()[1]
-        if port != 6379:
-            return port
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: have the kernel SIGTERM redis-server if this process dies (even on SIGKILL)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _encode(args: tuple[object, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-def _read_reply(stream: IO[bytes]) -> object:
-    line = stream.readline()
-    kind, body = line[:1], line[1:-2]
-    if kind == b"+":
-        return body
-    if kind == b"-":
-        raise RuntimeError(body.decode(errors="replace"))
-    if kind == b":":
-        return int(body)
-    if kind == b"$":
-        size = int(body)
-        return None if size < 0 else stream.read(size + 2)[:-2]
-    if kind == b"*":
-        count = int(body)
-        return None if count < 0 else [_read_reply(stream) for _ in range(count)]
-    raise RuntimeError(f"unexpected reply {line!r}")
-
-
-class RedisServer:
-    """One throwaway redis-server: no persistence, no pub/sub output buffer limit."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self._tmp = tempfile.TemporaryDirectory(prefix="minidasgi-bench-")
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [
-            os.environ.get("MINIDASGI_REDIS_SERVER", "redis-server"),
-            "--port",
-            str(self.port),
-            "--bind",
-            HOST,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self._tmp.name,
-            # The subscriber may fall behind the publishers for a moment: never drop it.
-            "--client-output-buffer-limit",
-            "pubsub 0 0 0",
-        ]
-        self._proc = subprocess.Popen(
-            argv,
-            cwd=self._tmp.name,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        atexit.register(self.stop)
-        deadline = time.monotonic() + 10
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self._proc.returncode}")
-            try:
-                if self.command("PING") == b"PONG":
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer PING within 10 s")
-            time.sleep(0.02)
-
-    def restart(self, down_for: float = 0.5) -> None:
-        """Stop the server, leave it down ``down_for`` seconds, start it on the same port."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(5)
-        time.sleep(down_for)
-        self.start()
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        with contextlib.suppress(OSError):
-            self._tmp.cleanup()
-
-    def command(self, *args: object) -> object:
-        """Run one command on a fresh synchronous connection (setup only, never timed)."""
-        with socket.create_connection((HOST, self.port), timeout=5) as sock:
-            sock.sendall(_encode(args))
-            with sock.makefile("rb") as stream:
-                return _read_reply(stream)
-
-    def version(self) -> str:
-        info = self.command("INFO", "server")
-        assert isinstance(info, bytes)
-        for line in info.decode().splitlines():
-            if line.startswith("redis_version:"):
-                return line.split(":", 1)[1]
-        return "?"
-
 
 # ---------------------------------------------------------------------------------------------
 # The implementations, behind one small interface. The hot loops call the underlying client's
@@ -591,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)  # unwind through the finally below
 
     signal.signal(signal.SIGTERM, terminate)
-    server = RedisServer()
+    # The subscriber may fall behind the publishers for a moment: never drop it.
+    server = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub 0 0 0"])
     try:
         server.start()
         _describe(server)
@@ -600,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        server.stop()
+        server.close()
     return 0
 
 

@@ -21,15 +21,15 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE_DIR]
 import argparse
 import asyncio
 import collections
-import importlib.util
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
+
+from minidasgi.testing import RedisServer
 
 HOST = "127.0.0.1"
 _HERE = Path(__file__).resolve().parent
@@ -68,15 +68,6 @@ distributor = create_path_distributor(
 """
 
 
-def _load_resp_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("_bench_resp", _HERE / "resp.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_bench_resp"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _rss_mib(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -91,7 +82,7 @@ class Soak:
     def __init__(self, args: argparse.Namespace, tmp: str) -> None:
         self.args = args
         self.tmp = tmp
-        self.redis = _load_resp_bench().RedisServer()
+        self.redis = RedisServer()
         self.url = f"redis://{HOST}:{self.redis.port}"
         self.port = int(os.environ.get("SOAK_PORT", "0")) or _free_port()
         self.env = dict(os.environ, SOAK_REDIS_URL=self.url)
@@ -150,7 +141,7 @@ class Soak:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        self.redis.stop()
+        self.redis.close()
 
     def sample(self, done: int, started: float) -> None:
         assert self.distributor is not None and self.node is not None
@@ -178,7 +169,7 @@ class Soak:
             self.node.wait()
             self.start_node()
         else:
-            await asyncio.to_thread(self.redis.restart)
+            await asyncio.to_thread(self.redis.restart, 0.5)
 
     async def run(self) -> None:
         total, concurrency = self.args.requests, self.args.concurrency

@@ -32,10 +32,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
+
+from minidasgi.testing import RedisServer
 
 HOST = "127.0.0.1"
 KEY = "bench-ws"
@@ -105,93 +106,6 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _encode(args: tuple[object, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-def _read_reply(stream: IO[bytes]) -> object:
-    line = stream.readline()
-    kind, body = line[:1], line[1:-2]
-    if kind == b"+":
-        return body
-    if kind == b"-":
-        raise RuntimeError(body.decode(errors="replace"))
-    if kind == b":":
-        return int(body)
-    if kind == b"$":
-        size = int(body)
-        return None if size < 0 else stream.read(size + 2)[:-2]
-    if kind == b"*":
-        return [_read_reply(stream) for _ in range(int(body))]
-    raise RuntimeError(f"unexpected reply {line!r}")
-
-
-class RedisServer:
-    """One throwaway redis-server: no persistence."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.url = f"redis://{HOST}:{self.port}"
-        self._tmp = tempfile.TemporaryDirectory(prefix="minidasgi-bench-")
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [
-            os.environ.get("MINIDASGI_REDIS_SERVER", "redis-server"),
-            "--port",
-            str(self.port),
-            "--bind",
-            HOST,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self._tmp.name,
-        ]
-        self._proc = _spawn(
-            argv, cwd=self._tmp.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        atexit.register(self.stop)
-        deadline = time.monotonic() + 10
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self._proc.returncode}")
-            try:
-                if self.command("PING") == b"PONG":
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer PING within 10 s")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        _stop(proc)
-        with contextlib.suppress(OSError):
-            self._tmp.cleanup()
-
-    def command(self, *args: object) -> object:
-        """Run one command on a fresh synchronous connection (setup only, never timed)."""
-        with socket.create_connection((HOST, self.port), timeout=5) as sock:
-            sock.sendall(_encode(args))
-            with sock.makefile("rb") as stream:
-                return _read_reply(stream)
-
-    def version(self) -> str:
-        info = self.command("INFO", "server")
-        assert isinstance(info, bytes)
-        for line in info.decode().splitlines():
-            if line.startswith("redis_version:"):
-                return line.split(":", 1)[1]
-        return "?"
 
 
 class Child:
@@ -446,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for child in reversed(children):
             child.stop()
-        redis.stop()
+        redis.close()
     return 0
 
 

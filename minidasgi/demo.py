@@ -10,11 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +18,7 @@ from .asgi import Receive, Scope, Send
 from .cli import EXIT_MISSING, EXIT_OK, CLIError, _redacted
 from .distributor import create_path_distributor
 from .node import Node
-from .resp import RespError, connect
+from .testing import RedisServer, RedisServerError, RedisServerNotFound
 
 __all__ = ["hello_app", "run_demo"]
 
@@ -63,54 +59,18 @@ def run_demo(*, redis_url: str | None = None, port: int = 8000) -> int:
 
 @contextlib.asynccontextmanager
 async def _private_redis() -> AsyncIterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise CLIError(REDIS_HELP, EXIT_MISSING)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        redis_port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="minidasgi-demo-") as directory:
-        process = await asyncio.create_subprocess_exec(
-            *[
-                binary,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                directory,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
-        )
-        url = f"redis://127.0.0.1:{redis_port}"
+    try:
+        server = RedisServer()
+    except RedisServerNotFound:
+        raise CLIError(REDIS_HELP, EXIT_MISSING) from None
+    try:
         try:
-            for _ in range(200):
-                try:
-                    connection = await connect(url)
-                except RespError:
-                    if process.returncode is not None:
-                        raise CLIError("redis-server exited at start") from None
-                    await asyncio.sleep(0.025)
-                    continue
-                await connection.close()
-                break
-            else:
-                raise CLIError("redis-server did not start within 5 seconds")
-            yield url
-        finally:
-            if process.returncode is None:
-                process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except asyncio.TimeoutError:
-                process.kill()
-                await process.wait()
+            await asyncio.to_thread(server.start)
+        except RedisServerError as exc:
+            raise CLIError(f"cannot start redis-server: {exc}") from None
+        yield server.url
+    finally:
+        await asyncio.to_thread(server.close)
 
 
 async def _demo(redis_url: str | None, port: int) -> None:

@@ -238,7 +238,7 @@ def processes_in(directory: Path) -> list[int]:
 def redis_command(port: int, *args: str) -> list[bytes]:
     """A one-shot command to a plain Redis on 127.0.0.1 (for servers the fixtures did not
     start), returning a flat array reply."""
-    from .redis_server import _encode_command, _read_reply
+    from minidasgi.testing import _encode_command, _read_reply
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(_encode_command(args))

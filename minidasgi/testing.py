@@ -1,0 +1,429 @@
+"""Throwaway ``redis-server`` processes, for tests and benchmarks (minidasgi's and yours).
+
+This module owns :class:`RedisServer`: one private ``redis-server`` child process with its own
+temp dir, free TCP port, unix socket and (optionally) TLS port, password, ACL users and
+throwaway certificates, that can be stopped, killed and restarted on the same port. It carries
+a tiny synchronous RESP2 client (:meth:`RedisServer.command`) to poke the server without going
+through the library under test. It imports only the standard library and never touches a
+Redis it did not start.
+
+URL formats exposed by the class::
+
+    redis://[:password@]127.0.0.1:PORT
+    rediss://[:password@]127.0.0.1:TLS_PORT
+    unix://[:password@]/abs/path.sock?db=N
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+from urllib.parse import quote
+
+__all__ = [
+    "INSTALL_HINT",
+    "RedisReplyError",
+    "RedisServer",
+    "RedisServerError",
+    "RedisServerNotFound",
+    "TLSNotSupportedError",
+    "find_redis_server",
+]
+
+INSTALL_HINT = (
+    "A `redis-server` binary (Redis >= 6.2, ideally built with TLS) must be on PATH "
+    "(or named by $MINIDASGI_REDIS_SERVER). Install one with "
+    "`apt-get install redis-server` (Debian/Ubuntu), `dnf install redis` (Fedora/RHEL), "
+    "`brew install redis` (macOS), or build from https://redis.io/download."
+)
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+_PORT_RETRIES = 3
+
+
+class RedisServerError(RuntimeError):
+    """The redis-server process failed to start or misbehaved."""
+
+
+class RedisServerNotFound(RedisServerError, FileNotFoundError):
+    """No ``redis-server`` binary on PATH (nor in ``$MINIDASGI_REDIS_SERVER``)."""
+
+
+class TLSNotSupportedError(RedisServerError):
+    """The redis-server binary was built without TLS support."""
+
+
+class RedisReplyError(Exception):
+    """A RESP ``-ERR ...`` reply received by :meth:`RedisServer.command`."""
+
+
+def find_redis_server() -> str:
+    """Return the redis-server binary's path; raise ``RedisServerNotFound`` saying how to
+    install one."""
+    binary = os.environ.get("MINIDASGI_REDIS_SERVER") or shutil.which("redis-server")
+    if not binary or not os.access(binary, os.X_OK):
+        raise RedisServerNotFound(f"redis-server not found. {INSTALL_HINT}")
+    return binary
+
+
+def _short_tempdir() -> str:
+    """The temp dir, unless a unix socket path in it could pass the ~107-byte limit."""
+    base = tempfile.gettempdir()
+    return base if len(base) <= 80 else "/tmp"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: have the kernel SIGTERM the server if its parent dies, even by SIGKILL."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _encode_command(args: Sequence[object]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _read_reply(stream: IO[bytes]) -> object:
+    """Read one RESP2 reply from a binary file object (``sock.makefile("rb")``)."""
+    line = stream.readline()
+    if not line.endswith(b"\r\n"):
+        raise RedisServerError(f"connection closed mid-reply: {line!r}")
+    kind, body = line[:1], line[1:-2]
+    if kind == b"+":
+        return body
+    if kind == b"-":
+        raise RedisReplyError(body.decode(errors="replace"))
+    if kind == b":":
+        return int(body)
+    if kind == b"$":
+        size = int(body)
+        if size < 0:
+            return None
+        return stream.read(size + 2)[:-2]
+    if kind == b"*":
+        count = int(body)
+        return None if count < 0 else [_read_reply(stream) for _ in range(count)]
+    raise RedisServerError(f"unexpected RESP line: {line!r}")
+
+
+class RedisServer:
+    """One private ``redis-server`` process (not started until :meth:`start`).
+
+    A plain TCP port and a unix socket are always open; ``tls=True`` adds a TLS port
+    (``tls_port``) whose certificate is signed by a throwaway CA (``ca_file``).
+    """
+
+    host = HOST
+
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        acl_users: dict[str, str] | None = None,
+        tls: bool = False,
+        extra_args: Sequence[str] = (),
+        binary: str | None = None,
+    ) -> None:
+        self.binary = binary or find_redis_server()
+        self.password = password
+        self.acl_users = dict(acl_users or {})
+        self.tls = tls
+        self.extra_args = list(extra_args)
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="mdr", dir=_short_tempdir()))
+        self.unix_socket = str(self.tmpdir / "redis.sock")
+        self.log_path = str(self.tmpdir / "redis.log")
+        self._stdout_path = self.tmpdir / "stdout.log"
+        self.port = _free_port()
+        self.tls_port: int | None = _free_port() if tls else None
+        self.ca_file: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
+        self._closed = False
+        if tls:
+            try:
+                self._make_certs()
+            except BaseException:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
+                raise
+
+    # -- URLs -----------------------------------------------------------------------------
+
+    def _auth(self) -> str:
+        return f":{quote(self.password, safe='')}@" if self.password else ""
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self._auth()}{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        if self.tls_port is None:
+            raise RedisServerError("this server was not started with tls=True")
+        return f"rediss://{self._auth()}{self.host}:{self.tls_port}"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self._auth()}{self.unix_socket}?db=0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _argv(self) -> list[str]:
+        argv = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--unixsocket", self.unix_socket,
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.tmpdir),
+            "--logfile", self.log_path,
+            "--daemonize", "no",
+        ]  # fmt: skip
+        if self.password is not None:
+            argv += ["--requirepass", self.password]
+        for name, secret in self.acl_users.items():
+            argv += ["--user", name, "on", f">{secret}", "~*", "&*", "+@all"]
+        if self.tls:
+            argv += [
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(self.tmpdir / "server.crt"),
+                "--tls-key-file", str(self.tmpdir / "server.key"),
+                "--tls-ca-cert-file", str(self.ca_file),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        return argv + self.extra_args
+
+    def start(self) -> RedisServer:
+        """Start the process (same port/socket as before on restarts) and wait until ready."""
+        if self._closed:
+            raise RedisServerError("server was closed")
+        if self.running:
+            return self
+        for attempt in range(_PORT_RETRIES):
+            try:
+                self._spawn_and_wait()
+            except RedisServerError as exc:
+                port_race = "Address already in use" in str(exc)
+                if self._started_once or not port_race or attempt == _PORT_RETRIES - 1:
+                    raise
+                self.port = _free_port()
+                if self.tls_port is not None:
+                    self.tls_port = _free_port()
+            else:
+                self._started_once = True
+                return self
+        raise AssertionError("unreachable")
+
+    def _spawn_and_wait(self) -> None:
+        with open(self._stdout_path, "ab") as out:
+            proc = subprocess.Popen(
+                self._argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # Out of the terminal's process group: a Ctrl-C reaches the owner, which stops
+                # the server last, after whatever still talks to it.
+                start_new_session=True,
+            )
+        self._proc = proc
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                self._proc = None
+                self._raise_start_failure("exited during startup")
+            # The unix socket lives in our private dir and is opened after the TCP/TLS
+            # listeners, so a reply on it proves *this* process is up with all listeners.
+            if self._ping_ready():
+                return
+            if time.monotonic() > deadline:
+                self._kill_proc()
+                self._raise_start_failure(f"not ready after {STARTUP_TIMEOUT:.0f}s")
+            time.sleep(0.02)
+
+    def _ping_ready(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                sock.connect(self.unix_socket)
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                reply = sock.recv(64)
+        except OSError:
+            return False
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Last lines of the server log and of its stdout/stderr (config errors go there)."""
+        chunks = []
+        for path in (Path(self.log_path), self._stdout_path):
+            if path.exists():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                chunks.append(f"--- {path.name} ---\n" + "\n".join(text))
+        return "\n".join(chunks) or "(no log output)"
+
+    def _raise_start_failure(self, what: str) -> None:
+        tail = self.log_tail()
+        message = f"redis-server {what} (port {self.port}, dir {self.tmpdir}):\n{tail}"
+        lowered = tail.lower()
+        if (
+            self.tls
+            and "tls" in lowered
+            and ("bad directive" in lowered or "not supported" in lowered or "unknown" in lowered)
+        ):
+            raise TLSNotSupportedError(message)
+        raise RedisServerError(message)
+
+    def _kill_proc(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def stop(self) -> None:
+        """SIGTERM and wait (SIGKILL after a few seconds). Idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the process (simulates a crash: no clean shutdown)."""
+        self._kill_proc()
+
+    def restart(self, down_for: float = 0.0) -> RedisServer:
+        """Stop, stay down ``down_for`` seconds, then start again on the same port, TLS port
+        and unix socket."""
+        self.stop()
+        time.sleep(down_for)
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the process and remove its temp dir. Idempotent."""
+        try:
+            self.stop()
+        finally:
+            self._closed = True
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<RedisServer {self.host}:{self.port} tls_port={self.tls_port} {state}>"
+
+    # -- helpers for tests ----------------------------------------------------------------
+
+    def command(self, *args: object) -> object:
+        """Run one command over the unix socket (AUTH first if a password is set).
+
+        Returns bytes for simple/bulk strings, int, None or a list; raises
+        :class:`RedisReplyError` on an error reply.
+        """
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5.0)
+            sock.connect(self.unix_socket)
+            with sock.makefile("rb") as stream:
+                if self.password is not None:
+                    sock.sendall(_encode_command(("AUTH", self.password)))
+                    _read_reply(stream)
+                sock.sendall(_encode_command(args))
+                return _read_reply(stream)
+
+    def version(self) -> str:
+        """The server's version, as ``INFO server`` gives it."""
+        info = self.command("INFO", "server")
+        assert isinstance(info, bytes)
+        for line in info.decode().splitlines():
+            if line.startswith("redis_version:"):
+                return line.split(":", 1)[1]
+        return "?"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context trusting this server's throwaway CA (``tls=True`` only)."""
+        if self.ca_file is None:
+            raise RedisServerError("this server was not started with tls=True")
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def _make_certs(self) -> None:
+        d = self.tmpdir
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        (d / "server.ext").write_text(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth\n"
+            "subjectKeyIdentifier=hash\n"
+            "authorityKeyIdentifier=keyid,issuer\n"
+        )
+        steps = [
+            ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=minidasgi test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ["req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=localhost"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "server.ext"],
+        ]  # fmt: skip
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise RedisServerError("the `openssl` CLI is needed to make TLS test certificates")
+        for step in steps:
+            result = subprocess.run([openssl, *step], cwd=d, capture_output=True, check=False)
+            if result.returncode != 0:
+                raise RedisServerError(
+                    f"openssl {step[0]} failed: {result.stderr.decode(errors='replace')}"
+                )
+        self.ca_file = str(d / "ca.crt")
