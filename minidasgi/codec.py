@@ -86,9 +86,9 @@ def _encode(value: Any, parts: list[bytes], depth: int) -> None:
     elif isinstance(value, float):
         parts.append(b"f" + _F64.pack(value))
     elif isinstance(value, (bytearray, memoryview)):
-        data = bytes(value)
-        parts.append(b"b" + _U32.pack(len(data)))
-        parts.append(data)
+        view = memoryview(value).cast("B")  # joined below without a copy of its own
+        parts.append(b"b" + _U32.pack(view.nbytes))
+        parts.append(view)  # type: ignore[arg-type]
     else:
         raise CodecError(f"a {type(value).__name__} cannot travel through Redis")
 

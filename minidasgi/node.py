@@ -463,7 +463,11 @@ class _Job:
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
             size = wire.CHUNK_SIZE
-            pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+            if len(body) <= size:
+                pieces: list[bytes | memoryview] = [body]
+            else:  # views: the pieces are copied once, into the message
+                view = memoryview(body)
+                pieces = [view[i : i + size] for i in range(0, len(body), size)]
             for index, piece in enumerate(pieces):
                 event = {
                     "type": kind,

@@ -61,7 +61,7 @@ DONE: Final = "done"
 CANCEL: Final = "cancel"
 PING: Final = "ping"
 
-CHUNK_SIZE: Final = 64 * 1024
+CHUNK_SIZE: Final = 128 * 1024
 """Largest body piece in one message; bigger bodies are split."""
 WINDOW: Final = 8
 """Data-bearing messages a side may have unconsumed by its peer, per request."""
