@@ -315,3 +315,24 @@ async def test_a_busy_node_leaves_requests_in_redis(redis_server: RedisServer) -
             responses = await asyncio.gather(*requests)
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert _keys(redis_server) == []
+
+
+async def test_a_node_pops_in_batches_but_never_beyond_its_slots(redis_server: RedisServer) -> None:
+    """concurrency=3 with 8 requests queued at once: the Node takes 3 (one BRPOP and one RPOP
+    with a count), and the other 5 stay in Redis until slots free up."""
+    app = create_distributor(port=redis_server.port, key="batch", worker_timeout=10)
+    node = Node(port=redis_server.port, app=apps.sleepy, key="batch", concurrency=3)
+    async with serve_app(app) as base, httpx.AsyncClient(base_url=base, timeout=20) as client:
+        requests = [asyncio.ensure_future(client.get("/?0.8")) for _ in range(8)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while redis_server.command("LLEN", "batch") != 8:
+            assert loop.time() < deadline, "the requests were not all queued"
+            await asyncio.sleep(0.02)
+        async with run_node(node):
+            await asyncio.sleep(0.4)
+            assert node.in_flight == 3
+            assert redis_server.command("LLEN", "batch") == 5
+            responses = await asyncio.gather(*requests)
+    assert [r.status_code for r in responses] == [200] * 8
+    assert _keys(redis_server) == []
