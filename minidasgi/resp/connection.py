@@ -42,6 +42,7 @@ from .protocol import (
     ReplyError,
     make_parser,
     pack_command,
+    pack_pair_command,
 )
 
 __all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
@@ -50,6 +51,9 @@ logger = logging.getLogger("minidasgi.resp.connection")
 
 _READ_SIZE = 256 * 1024
 _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
+# The packed heads of the two hot commands (see pack_pair_command).
+_LPUSH = b"*3\r\n$5\r\nLPUSH\r\n"
+_PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
 
 
 @dataclass(frozen=True)
@@ -286,7 +290,10 @@ class Connection:
 
     async def lpush(self, key: str | bytes, *values: object) -> int:
         """LPUSH: prepend values to a list; returns its new length."""
-        data = pack_command("LPUSH", key, *values)
+        if len(values) == 1:
+            data = pack_pair_command(_LPUSH, key, values[0])
+        else:
+            data = pack_command("LPUSH", key, *values)
         reply: int = await self.execute_packed(data)
         return reply
 
@@ -324,7 +331,7 @@ class Connection:
 
     async def publish(self, channel: str | bytes, message: object) -> int:
         """PUBLISH; returns how many subscribers received the message."""
-        reply: int = await self.execute_packed(pack_command("PUBLISH", channel, message))
+        reply: int = await self.execute_packed(pack_pair_command(_PUBLISH, channel, message))
         return reply
 
     async def close(self) -> None:

@@ -150,6 +150,15 @@ def pack_command(*args: object) -> bytes:
     return b"".join(parts)
 
 
+def pack_pair_command(head: bytes, first: object, second: object) -> bytes:
+    """``pack_command`` for a command of two arguments whose packed name is ``head``
+    (e.g. ``b"*3\\r\\n$7\\r\\nPUBLISH\\r\\n"``): the hot path of LPUSH and PUBLISH,
+    formatted in one step."""
+    a = first if type(first) is bytes else _encode_arg(first)
+    b = second if type(second) is bytes else _encode_arg(second)
+    return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (head, len(a), a, len(b), b)
+
+
 class ReplyParser(Protocol):
     """The contract both parsers meet."""
 
