@@ -352,12 +352,14 @@ class _Exchange:
         )
         item = await self.inbox.get()
         timer.cancel()
-        if item is _NO_ACK:
-            await self._no_worker(key, data)
-            return
-        node = None if item is _PEER_LOST else _acking_node(*item)
+        node = None if isinstance(item, _Signal) else _acking_node(*item)
         if node is None:
-            await self._refuse(502, "lost contact with the worker\n")
+            await self._take_back(key, data)
+            if item is _NO_ACK:
+                text = f"no worker answered within {d.worker_timeout:g} seconds\n"
+                await self._refuse(d.no_worker_status, text)
+            else:
+                await self._refuse(502, "lost contact with the worker\n")
             return
         self.node = node
         more = first.get("more_body", False) or self.kind == "websocket"
@@ -366,15 +368,20 @@ class _Exchange:
             await self._relay()
         finally:
             pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
+            await asyncio.wait([pump])  # unlike awaiting it, never swallows our own cancel
+            if not pump.cancelled() and pump.exception() is not None:
+                logger.debug(
+                    "request %s: relaying the client failed: %r", self.id, pump.exception()
+                )
             if not self.node_done and self.node is not None:
                 d.spawn(d.publish(self.node, wire.pack(wire.CANCEL, self.id)))
 
-    async def _no_worker(self, key: str, data: bytes) -> None:
+    async def _take_back(self, key: str, data: bytes) -> None:
+        """Undo the LPUSH of a request answered without a Node: nothing is left behind, and
+        nothing runs after its client was answered."""
         d = self.distributor
-        # Take the request back if no Node popped it, so nothing is left behind; if one did,
-        # its deadline stops it and a late ack is answered with a cancel.
+        # If no Node popped it, LREM takes it back; if one did, its deadline stops it and its
+        # ack (now or later) is answered with a cancel.
         with contextlib.suppress(RespError):
             assert d._client is not None
             await d._client.execute("LREM", key, 1, data)
@@ -383,9 +390,6 @@ class _Exchange:
             node = None if isinstance(item, _Signal) else _acking_node(*item)
             if node is not None:
                 d.spawn(d.publish(node, wire.pack(wire.CANCEL, self.id)))
-        await self._refuse(
-            d.no_worker_status, f"no worker answered within {d.worker_timeout:g} seconds\n"
-        )
 
     def _too_large(self, event: Message) -> bool:
         limit = self.distributor.max_body_size
@@ -423,6 +427,8 @@ class _Exchange:
             if item is _TOO_LARGE:
                 await self._fail(413, "request body too large\n")
                 return
+            if isinstance(item, _Signal):  # e.g. an ack deadline that fired with the ack
+                continue
             kind, args = item
             if kind == wire.SEND and args and isinstance(args[0], list):
                 await self._send_events(args[0])
@@ -446,7 +452,11 @@ class _Exchange:
                 if whole is None:
                     continue
                 event = whole
-            await self._send(event)
+            try:
+                await self._send(event)
+            except OSError:  # the client went away (uvicorn's ClientDisconnected)
+                self.complete = True
+                return
             if (
                 (kind == "http.response.body" or kind == "websocket.http.response.body")
                 and not (event.get("more_body", False))
@@ -455,7 +465,9 @@ class _Exchange:
         credit = self.received.consumed()
         if credit and not self.complete:
             assert self.node is not None
-            await self.distributor.publish(self.node, wire.pack(wire.CREDIT, self.id, credit))
+            message = wire.pack(wire.CREDIT, self.id, credit)
+            if await self.distributor.publish(self.node, message) == 0:
+                self.inbox.put_nowait(_PEER_LOST)  # a lost credit would stall the transfer
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""

@@ -109,6 +109,7 @@ class Node:
         self._started: asyncio.Event | None = None
         self._pop_client_id: int | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
         self._batch_pops = True
 
     def __repr__(self) -> str:
@@ -226,6 +227,8 @@ class Node:
 
         def start(key: bytes, data: bytes) -> None:
             task = loop.create_task(self._run_request(key, data))
+            self._requests.add(task)  # at once: a stop must wait for it too
+            task.add_done_callback(self._requests.discard)
             task.add_done_callback(lambda _: slots.release())
 
         while not self._stopping.is_set():
@@ -242,8 +245,8 @@ class Node:
                 assert self._publisher is not None
                 await self._publisher.wait_connected(self.pop_timeout)
                 if connection is not popped_on:
-                    self._pop_client_id = await connection.execute("CLIENT", "ID")
                     popped_on = connection
+                    self._pop_client_id = await self._client_id(connection)
                 if self._stopping.is_set():
                     slots.release()
                     break
@@ -279,12 +282,23 @@ class Node:
             for _ in range(extra - len(popped)):
                 slots.release()
 
+    async def _client_id(self, connection: Any) -> int | None:
+        """The pop connection's id, for CLIENT UNBLOCK at stop; None if the ACL user may
+        not ask (a stop then waits up to ``pop_timeout`` for the BRPOP to end)."""
+        try:
+            client_id: int = await connection.execute("CLIENT", "ID")
+        except ReplyError as exc:
+            logger.info("no CLIENT ID (%s): stopping will wait for the pop to time out", exc)
+            return None
+        return client_id
+
     async def _drain(self) -> None:
-        if not self._jobs:
+        if not self._requests:
             return
-        logger.info("waiting up to %s s for %d requests", self.shutdown_timeout, len(self._jobs))
-        tasks = [job.task for job in self._jobs.values() if job.task is not None]
-        _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+        logger.info(
+            "waiting up to %s s for %d requests", self.shutdown_timeout, len(self._requests)
+        )
+        _, pending = await asyncio.wait(set(self._requests), timeout=self.shutdown_timeout)
         for job in list(self._jobs.values()):
             job.cancel("shutdown timeout")
         if pending:
@@ -363,7 +377,13 @@ class _Disconnected(Exception):
 
 
 class _Job:
-    """One request on a Node."""
+    """One request on a Node.
+
+    ``complete``: the app sent the last message of its response (or closed its WebSocket);
+    sending more is an error. ``finished``: the distributor has been told all there is to
+    tell, so the job no longer needs its distributor; it is set only once the last message
+    was actually published.
+    """
 
     def __init__(self, node: Node, envelope: wire.Envelope) -> None:
         self.node = node
@@ -380,8 +400,12 @@ class _Job:
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
         self.response_started = False
-        self.finished = False  # nothing more to send to the distributor
+        self.complete = False
+        self.finished = False
         self.gone = False  # the distributor or client went away
+        self.disconnect: Message | None = None  # returned by every receive() once known
+        # The pieces of one message must not interleave with another task's message.
+        self._sending = asyncio.Lock()
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
@@ -401,18 +425,20 @@ class _Job:
             logger.exception(
                 "exception in ASGI app for %s %s", self.scope.get("method", ""), self.scope["path"]
             )
-            if not self.finished and not self.gone:
-                self.finished = True
-                await self._publish(wire.DONE, True)
+            await self._done(failed=True)
             return
-        if not self.finished and not self.gone:
-            self.finished = True
-            await self._publish(wire.DONE, False)
+        await self._done(failed=False)
+
+    async def _done(self, *, failed: bool) -> None:
+        """Tell the distributor the app ended without completing its response, if so."""
+        if not self.complete and not self.gone:
+            self.complete = True
+            if await self._publish(wire.DONE, failed):
+                self.finished = True
 
     async def _publish(self, kind: str, *args: Any) -> bool:
         """Publish one message to the distributor; False (and disconnect) if nobody got it."""
         if await self.node.publish(self.reply, wire.pack(kind, self.id, *args)) == 0:
-            self.finished = False
             self.peer_lost("the distributor is gone")
             return False
         return True
@@ -431,12 +457,16 @@ class _Job:
         logger.warning("request %s: %s", self.id, why)
         self.gone = True
         self.window.abort(_Disconnected())
-        disconnect: Message = {"type": "http.disconnect"}
-        if self.kind == "websocket":
-            disconnect = {"type": "websocket.disconnect", "code": 1006}
-        self.inbox.put_nowait((disconnect, False))
+        self._wake_receive(1006)
         if self.task is not None:
             asyncio.get_running_loop().call_later(_DISCONNECT_GRACE, self._cancel_task)
+
+    def _wake_receive(self, code: int) -> None:
+        """Make a receive() waiting now, and every later one, return a disconnect."""
+        disconnect: Message = {"type": "http.disconnect"}
+        if self.kind == "websocket":
+            disconnect = {"type": "websocket.disconnect", "code": code}
+        self.inbox.put_nowait((disconnect, False))
 
     def cancel(self, why: str) -> None:
         """Stop the app now."""
@@ -452,29 +482,42 @@ class _Job:
 
     async def receive(self) -> Message:
         """The app's ``receive``."""
-        if self.kind == "http" and self.finished and self.inbox.empty():
-            return {"type": "http.disconnect"}
         while True:
+            if self.disconnect is not None and self.inbox.empty():
+                return self.disconnect  # as uvicorn: once disconnected, always disconnected
             event, counted = await self.inbox.get()
             if counted:
                 credit = self.received.consumed()
                 if credit and not self.gone:
-                    await self.node.publish(self.reply, wire.pack(wire.CREDIT, self.id, credit))
-            if event.get("type") != "websocket.receive":
+                    # A credit that gets lost would stall the transfer for good.
+                    await self._publish(wire.CREDIT, credit)
+            kind = event.get("type")
+            if kind in ("http.disconnect", "websocket.disconnect"):
+                self.disconnect = event
+                return event
+            if kind != "websocket.receive":
                 return event
             try:
                 whole = self.pieces.add(dict(event))
             except wire.WireError as exc:
-                self.cancel(f"refused a WebSocket message: {exc}")
-                return {"type": "websocket.disconnect", "code": 1009}
+                logger.warning("request %s: refused a WebSocket message: %s", self.id, exc)
+                await self.send({"type": "websocket.close", "code": 1009})
+                self.disconnect = {"type": "websocket.disconnect", "code": 1009}
+                return self.disconnect
             if whole is not None:
                 return whole
 
     async def send(self, message: Message) -> None:
         """The app's ``send``."""
+        async with self._sending:
+            await self._send(message)
+
+    async def _send(self, message: Message) -> None:
         if self.gone:
             return  # as uvicorn does once the client is gone
         kind = message["type"]
+        if self.complete:
+            raise RuntimeError(f"{kind} sent after the response completed")
         if kind == "http.response.start":
             if self.response_started:
                 raise RuntimeError("http.response.start sent twice")
@@ -484,8 +527,6 @@ class _Job:
         if kind == "http.response.body":
             if not self.response_started:
                 raise RuntimeError("http.response.body sent before http.response.start")
-            if self.finished:
-                raise RuntimeError("http.response.body sent after the response completed")
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
             size = wire.CHUNK_SIZE
@@ -494,29 +535,23 @@ class _Job:
             else:  # views: the pieces are copied once, into the message
                 view = memoryview(body)
                 pieces = [view[i : i + size] for i in range(0, len(body), size)]
+            self.complete = not more
             for index, piece in enumerate(pieces):
-                event = {
-                    "type": kind,
-                    "body": piece,
-                    "more_body": more or index < len(pieces) - 1,
-                }
-                if not event["more_body"]:
-                    self.finished = True
-                await self._publish_events([event])
+                last = not more and index == len(pieces) - 1
+                event = {"type": kind, "body": piece, "more_body": not last}
+                await self._publish_events([event], last=last)
             return
-        if self.finished:
-            raise RuntimeError(f"{kind} sent after the response completed")
-        if kind == "websocket.close" or (
+        last = kind == "websocket.close" or (
             kind == "websocket.http.response.body" and not message.get("more_body", False)
-        ):
-            self.finished = True
+        )
+        self.complete = last
         if kind == "websocket.send":
             for part in wire.split_message(dict(message)):
-                await self._publish_events([part])
+                await self._publish_events([part], last=False)
             return
-        await self._publish_events([dict(message)])
+        await self._publish_events([dict(message)], last=last)
 
-    async def _publish_events(self, events: list[Message]) -> None:
+    async def _publish_events(self, events: list[Message], *, last: bool) -> None:
         if self.held_start is not None:
             events.insert(0, self.held_start)
             self.held_start = None
@@ -526,7 +561,9 @@ class _Job:
             return
         if self.gone:
             return
-        await self._publish(wire.SEND, events)
+        if await self._publish(wire.SEND, events) and last:
+            self.finished = True
+            self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:

@@ -257,6 +257,8 @@ class Reassembler:
         more = piece.pop(MORE_KEY, False)
         if not more and not self._parts:
             return piece
+        if self._parts and type(self._parts[0]) is not type(data):
+            raise WireError("the pieces of a WebSocket message mix text and bytes")
         self._size += len(data)
         if self._size > self.max_size:
             raise WireError(f"WebSocket message larger than {self.max_size} bytes")

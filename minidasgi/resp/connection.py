@@ -269,8 +269,17 @@ class Connection:
         self._waiters.append(waiter)
         self._buffer(data)
         if self._backlogged:
-            async with self._drain_lock:
-                await self._drain()
+            try:
+                async with self._drain_lock:
+                    await self._drain()
+            except BaseException:
+                # Nobody will await the waiter: keep its outcome from being reported as
+                # never retrieved (its reply, if any, is still read and dropped in order).
+                if not waiter.done():
+                    waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()
+                raise
         try:
             reply = await waiter
         except asyncio.CancelledError:
