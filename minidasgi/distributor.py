@@ -122,6 +122,7 @@ class Distributor:
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
         self._parser = parser
         self._exchanges: dict[str, _Exchange] = {}
+        self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
         self._client: Client | None = None
         self._subscriber: Subscriber | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -205,6 +206,7 @@ class Distributor:
         try:
             await exchange.run()
         finally:
+            exchange.received.close()
             del self._exchanges[exchange.id]
 
     def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
@@ -313,8 +315,10 @@ class _Exchange:
         self._receive = receive
         self._send = send
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
-        self.window = wire.SendWindow()
-        self.received = wire.ReceiveWindow()
+        self.window = wire.SendWindow()  # replaced by the window the Node's ack grants
+        self.received = wire.ReceiveWindow(
+            distributor.credit_pool.open(), distributor.credit_pool, self._grant_later
+        )
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started
@@ -337,6 +341,7 @@ class _Exchange:
             deadline=time.time() + d.worker_timeout,
             scope=_portable_scope(self.scope),
             events=[dict(first)],
+            window=self.received.window,
         )
         data = envelope.encode()
         try:
@@ -362,6 +367,9 @@ class _Exchange:
                 await self._refuse(502, "lost contact with the worker\n")
             return
         self.node = node
+        ack_args = item[1]
+        if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
+            self.window = wire.SendWindow(ack_args[1])
         more = first.get("more_body", False) or self.kind == "websocket"
         pump = asyncio.ensure_future(self._forward_client(more))
         try:
@@ -375,6 +383,17 @@ class _Exchange:
                 )
             if not self.node_done and self.node is not None:
                 d.spawn(d.publish(self.node, wire.pack(wire.CANCEL, self.id)))
+
+    def _grant_later(self, credit: int) -> None:
+        """Credit owed since the pool was full, now that it has room."""
+        if self.node is not None and not self.complete:
+            self.distributor.spawn(self._publish_credit(credit))
+
+    async def _publish_credit(self, credit: int) -> None:
+        assert self.node is not None
+        message = wire.pack(wire.CREDIT, self.id, credit)
+        if await self.distributor.publish(self.node, message) == 0:
+            self.inbox.put_nowait(_PEER_LOST)  # a lost credit would stall the transfer
 
     async def _take_back(self, key: str, data: bytes) -> None:
         """Undo the LPUSH of a request answered without a Node: nothing is left behind, and
@@ -464,10 +483,7 @@ class _Exchange:
                 self.complete = self.node_done = True
         credit = self.received.consumed()
         if credit and not self.complete:
-            assert self.node is not None
-            message = wire.pack(wire.CREDIT, self.id, credit)
-            if await self.distributor.publish(self.node, message) == 0:
-                self.inbox.put_nowait(_PEER_LOST)  # a lost credit would stall the transfer
+            await self._publish_credit(credit)
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""

@@ -111,6 +111,7 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
         self._batch_pops = True
+        self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
 
     def __repr__(self) -> str:
         return f"<Node {self.params.address} keys={self.keys} jobs={len(self._jobs)}>"
@@ -321,6 +322,7 @@ class Node:
         try:
             await job.run()
         finally:
+            job.received.close()
             del self._jobs[envelope.id]
 
     def spawn(self, coroutine: Any) -> None:
@@ -395,7 +397,12 @@ class _Job:
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
         self.window = wire.SendWindow(envelope.window)
-        self.received = wire.ReceiveWindow(envelope.window)
+        first = envelope.events[0] if envelope.events else {}
+        if self.kind == "http" and not first.get("more_body", False):
+            self.received = wire.ReceiveWindow(1)  # the body came whole: nothing more to flow
+        else:
+            pool = node.credit_pool
+            self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
@@ -411,7 +418,7 @@ class _Job:
         self.task = asyncio.current_task()
         # The ack doubles as a check that the distributor still listens: a request whose
         # distributor is gone is never run.
-        if not await self._publish(wire.ACK, self.node.channel):
+        if not await self._publish(wire.ACK, self.node.channel, self.received.window):
             logger.info("dropped request %s: its distributor is gone", self.id)
             return
         try:
@@ -435,6 +442,11 @@ class _Job:
             self.complete = True
             if await self._publish(wire.DONE, failed):
                 self.finished = True
+
+    def _grant_later(self, credit: int) -> None:
+        """Credit owed since the pool was full, now that it has room."""
+        if not self.gone:
+            self.node.spawn(self._publish(wire.CREDIT, credit))
 
     async def _publish(self, kind: str, *args: Any) -> bool:
         """Publish one message to the distributor; False (and disconnect) if nobody got it."""

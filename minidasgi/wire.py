@@ -25,6 +25,7 @@ import asyncio
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -41,6 +42,7 @@ __all__ = [
     "PING",
     "SEND",
     "WINDOW",
+    "CreditPool",
     "Envelope",
     "Reassembler",
     "ReceiveWindow",
@@ -65,6 +67,9 @@ CHUNK_SIZE: Final = 128 * 1024
 """Largest body piece in one message; bigger bodies are split."""
 WINDOW: Final = 8
 """Data-bearing messages a side may have unconsumed by its peer, per request."""
+POOL_BUDGET: Final = 64
+"""Data-bearing messages all peers together may have unconsumed by one process (8 MiB of
+pieces), well under Redis' default 32 MB limit on a subscriber's output buffer."""
 MAX_MESSAGE_SIZE: Final = 4 * CHUNK_SIZE + 256 * 1024
 MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
 """Largest WebSocket message either side reassembles (uvicorn's own default limit is 16 MiB)."""
@@ -198,20 +203,98 @@ class SendWindow:
             self._wakeup.set()
 
 
-class ReceiveWindow:
-    """The receiving side of flow control: returns credit in batches of half the window."""
+class CreditPool:
+    """A process-wide bound on the data messages peers may send before this side reads them.
 
-    def __init__(self, window: int = WINDOW) -> None:
+    Everything a peer publishes to this process waits in Redis' output buffer for this
+    process' subscriber until read, and Redis drops a subscriber whose buffer passes 32 MB (by
+    default), losing every request in flight with it. Per-request windows alone bound that
+    only per request; the pool bounds the sum. A window always keeps at least one credit, so
+    no transfer ever stalls: the bound is max(budget, number of open windows) messages.
+    """
+
+    def __init__(self, budget: int = POOL_BUDGET) -> None:
+        self.budget = budget
+        self.in_flight = 0  # credits held by peers over all windows
+        self._starved: dict[ReceiveWindow, None] = {}  # windows owed credit, oldest first
+
+    def open(self, wanted: int = WINDOW) -> int:
+        """Credits for a new window: ``wanted`` if the budget has room, else fewer, at least 1."""
+        n = max(1, min(wanted, self.budget - self.in_flight))
+        self.in_flight += n
+        return n
+
+    def _feed_starved(self) -> None:
+        while self._starved and self.in_flight < self.budget:
+            window = next(iter(self._starved))
+            del self._starved[window]
+            window._regrant()
+
+
+class ReceiveWindow:
+    """The receiving side of flow control: returns credit in batches of half the window, and,
+    with a ``CreditPool``, only while the pool has room (``grant`` is called with credit owed
+    earlier once room comes back)."""
+
+    def __init__(
+        self,
+        window: int = WINDOW,
+        pool: CreditPool | None = None,
+        grant: Callable[[int], None] | None = None,
+    ) -> None:
+        self.window = window
+        self.outstanding = window  # credits the peer holds
         self._batch = max(1, window // 2)
-        self._consumed = 0
+        self._pending = 0  # consumed, not yet returned
+        self._pool = pool
+        self._grant = grant
+        self._closed = False
 
     def consumed(self) -> int:
         """Record one consumed message; return the credit to send now (often 0)."""
-        self._consumed += 1
-        if self._consumed >= self._batch:
-            n, self._consumed = self._consumed, 0
-            return n
-        return 0
+        self.outstanding -= 1
+        self._pending += 1
+        pool = self._pool
+        if pool is not None:
+            pool.in_flight -= 1
+        n = self._take()
+        if pool is not None:
+            pool._feed_starved()
+        return n
+
+    def _take(self) -> int:
+        if self._closed or (self._pending < self._batch and self.outstanding > 0):
+            return 0
+        n = self._pending
+        pool = self._pool
+        if pool is not None:
+            room = pool.budget - pool.in_flight
+            # A peer left without credit gets one whatever the budget: progress for everyone.
+            n = min(n, room if self.outstanding > 0 else max(room, 1))
+            if n <= 0:
+                pool._starved[self] = None
+                return 0
+            pool.in_flight += n
+        self._pending -= n
+        self.outstanding += n
+        return n
+
+    def _regrant(self) -> None:
+        n = self._take()
+        if n and self._grant is not None:
+            self._grant(n)
+
+    def close(self) -> None:
+        """The transfer is over: give its credits back to the pool."""
+        if self._closed:
+            return
+        self._closed = True
+        pool = self._pool
+        if pool is not None:
+            pool.in_flight -= self.outstanding
+            pool._starved.pop(self, None)
+            pool._feed_starved()
+        self.outstanding = 0
 
 
 # WebSocket messages can be far larger than a chunk. They travel as pieces: every piece but

@@ -306,3 +306,43 @@ def test_receive_window_returns_credit_in_batches_of_half_the_window() -> None:
 def test_receive_window_small_windows_return_credit_at_once(size: int, expected: list[int]) -> None:
     window = ReceiveWindow(size)
     assert [window.consumed() for _ in range(3)] == expected
+
+
+def test_credit_pool_opens_windows_within_its_budget() -> None:
+    pool = wire.CreditPool(budget=10)
+    assert [pool.open(8), pool.open(8), pool.open(8)] == [8, 2, 1]  # at least one each
+    assert pool.in_flight == 11
+
+
+def test_credit_pool_defers_grants_while_full_and_pays_them_later() -> None:
+    pool = wire.CreditPool(budget=8)
+    granted: list[int] = []
+    busy = wire.ReceiveWindow(pool.open(8), pool)  # takes the whole budget
+    window = wire.ReceiveWindow(pool.open(8), pool, granted.append)  # gets 1, over budget
+    assert (busy.window, window.window) == (8, 1)
+    # Its peer used its one credit: a peer without credit always gets one back.
+    assert window.consumed() == 1
+    assert pool.in_flight == 9
+    # Half its window consumed, it returns only what fits: 8 - 5 = 3, not 4.
+    assert [busy.consumed() for _ in range(4)] == [0, 0, 0, 3]
+    assert pool.in_flight == 8
+    busy.close()  # the big transfer ends: its credits go back to the pool
+    assert pool.in_flight == 1
+    assert window.consumed() == 1
+    assert granted == []  # nothing was owed to it: its own grants went out directly
+
+
+def test_starved_window_is_paid_when_room_returns() -> None:
+    pool = wire.CreditPool(budget=6)
+    granted: list[int] = []
+    first = wire.ReceiveWindow(pool.open(4), pool)
+    second = wire.ReceiveWindow(pool.open(4), pool, granted.append)
+    third = wire.ReceiveWindow(pool.open(4), pool)  # over budget: one credit
+    assert (first.window, second.window, third.window) == (4, 2, 1)
+    assert second.consumed() == 0  # its peer still holds a credit, and there is no room
+    assert granted == []
+    first.close()  # room again: the credit owed to ``second`` is granted now
+    assert granted == [1]
+    second.close()
+    third.close()
+    assert pool.in_flight == 0

@@ -99,3 +99,39 @@ async def test_slow_reader_of_a_large_download(redis_server: RedisServer) -> Non
     assert distributor_peak < PEAK_RSS_LIMIT_MIB, distributor_peak
     assert node_peak < PEAK_RSS_LIMIT_MIB, node_peak
     assert _redis_peak_mib(redis_server) < 16
+
+
+async def test_many_concurrent_downloads_keep_the_pubsub_buffer_small(
+    redis_server: RedisServer,
+) -> None:
+    """48 streams at once: per-request windows alone would let Nodes put 48 MiB in flight
+    toward one distributor, past Redis' 32 MB limit on a subscriber's output buffer (which
+    would drop it and every request with it); the distributor's credit pool keeps the total
+    near its budget."""
+    streams, size = 48, 24 * MIB
+    node = NodeProcess(redis_server.url, "many", "apps:transfer", "--concurrency", "100")
+    with node:
+        async with distributor_process(redis_server.url, "many") as (base, _):
+            peak = 0
+
+            async def watch() -> None:
+                nonlocal peak
+                while True:
+                    listing = await asyncio.to_thread(
+                        redis_server.command, "CLIENT", "LIST", "TYPE", "pubsub"
+                    )
+                    assert isinstance(listing, bytes)
+                    for line in listing.decode().splitlines():
+                        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                        peak = max(peak, int(fields.get("omem", "0")))
+                    await asyncio.sleep(0.02)
+
+            watcher = asyncio.ensure_future(watch())
+            try:
+                got = await asyncio.wait_for(
+                    asyncio.gather(*(_download(base, size) for _ in range(streams))), 90
+                )
+            finally:
+                watcher.cancel()
+    assert got == [size] * streams
+    assert peak < 16 * MIB, peak
