@@ -437,8 +437,8 @@ class _Job:
         await self._done(failed=False)
 
     async def _done(self, *, failed: bool) -> None:
-        """Tell the distributor the app ended without completing its response, if so."""
-        if not self.complete and not self.gone:
+        """Tell the distributor the app ended without its response all sent, if so."""
+        if not self.finished and not self.gone:
             self.complete = True
             if await self._publish(wire.DONE, failed):
                 self.finished = True
@@ -450,7 +450,14 @@ class _Job:
 
     async def _publish(self, kind: str, *args: Any) -> bool:
         """Publish one message to the distributor; False (and disconnect) if nobody got it."""
-        if await self.node.publish(self.reply, wire.pack(kind, self.id, *args)) == 0:
+        data = wire.pack(kind, self.id, *args)
+        if len(data) > wire.MAX_MESSAGE_SIZE:
+            # The distributor would drop it as malformed and wait forever: fail the app here.
+            raise ValueError(
+                f"a {kind} message of {len(data)} bytes is over the limit of "
+                f"{wire.MAX_MESSAGE_SIZE} (response headers too large?)"
+            )
+        if await self.node.publish(self.reply, data) == 0:
             self.peer_lost("the distributor is gone")
             return False
         return True

@@ -336,3 +336,17 @@ async def test_a_node_pops_in_batches_but_never_beyond_its_slots(redis_server: R
             responses = await asyncio.gather(*requests)
     assert [r.status_code for r in responses] == [200] * 8
     assert _keys(redis_server) == []
+
+
+async def test_response_headers_too_large_to_travel_give_500(redis_server: RedisServer) -> None:
+    async def huge_headers(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"x-big-%d" % i, b"v" * 1000) for i in range(900)]  # about 900 KB
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"never"})
+
+    app = create_distributor(port=redis_server.port, key="huge")
+    node = Node(port=redis_server.port, app=huge_headers, key="huge", lifespan="off")
+    async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
+        response = await asyncio.wait_for(client.get("/"), 10)
+    assert response.status_code == 500
+    assert _keys(redis_server) == []
