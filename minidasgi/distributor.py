@@ -256,6 +256,22 @@ class Distributor:
             logger.warning("cannot publish: %s", exc)
             return 0
 
+    async def cancel_on(self, node: str, request_id: str) -> None:
+        """Tell a Node to stop a request. Unlike other messages, a cancel outlives a lost
+        connection: without it the Node's job could wait for credit forever, since the Node
+        still sees this distributor alive. It is retried once Redis is reachable again."""
+        message = wire.pack(wire.CANCEL, request_id)
+        for _ in range(3):
+            if self._client is None:
+                return
+            try:
+                await self._client.wait_connected(self.startup_wait * 5)
+                await self._client.publish(node, message)
+                return
+            except (RespError, asyncio.TimeoutError):
+                await asyncio.sleep(0.1)
+        logger.warning("could not tell a Node to stop request %s", request_id)
+
     def spawn(self, coroutine: Any) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""
         task = asyncio.ensure_future(coroutine)
@@ -275,7 +291,7 @@ class Distributor:
             node = _acking_node(kind, args)
             if node is not None:
                 # A Node took a request this side gave up on: tell it to stop.
-                self.spawn(self.publish(node, wire.pack(wire.CANCEL, request_id)))
+                self.spawn(self.cancel_on(node, request_id))
             return
         if kind == wire.CREDIT:
             if args and type(args[0]) is int:
@@ -382,7 +398,7 @@ class _Exchange:
                     "request %s: relaying the client failed: %r", self.id, pump.exception()
                 )
             if not self.node_done and self.node is not None:
-                d.spawn(d.publish(self.node, wire.pack(wire.CANCEL, self.id)))
+                d.spawn(d.cancel_on(self.node, self.id))
 
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
@@ -408,7 +424,7 @@ class _Exchange:
             item = self.inbox.get_nowait()
             node = None if isinstance(item, _Signal) else _acking_node(*item)
             if node is not None:
-                d.spawn(d.publish(node, wire.pack(wire.CANCEL, self.id)))
+                d.spawn(d.cancel_on(node, self.id))
 
     def _too_large(self, event: Message) -> bool:
         limit = self.distributor.max_body_size
