@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -133,6 +134,21 @@ async def distributor_process(
         if process.returncode is None:
             process.kill()
         await asyncio.wait_for(process.wait(), 10)
+
+
+async def poll(check: Any, timeout: float, interval: float = 0.05) -> bool:
+    """Call ``check()`` (awaiting its result if need be) until it is true or ``timeout``
+    seconds pass; return whether it became true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval)
 
 
 def peak_rss_mib(pid: int) -> float:

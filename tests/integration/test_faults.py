@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ from minidasgi import Node, create_distributor, create_path_distributor, wire
 
 from . import apps
 from .redis_server import RedisServer
-from .stack import NodeProcess, distributor_process, run_node, serve_app
+from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,21 +75,6 @@ async def _node_task(node: Node) -> AsyncIterator[asyncio.Task[None]]:
             task.cancel()
 
 
-async def _poll(check: Any, deadline: float, interval: float = 0.05) -> bool:
-    """Call ``check()`` (awaiting its result if need be) until it is true or ``deadline``
-    (loop time) passes; return whether it became true."""
-    loop = asyncio.get_running_loop()
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return True
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(interval)
-
-
 # 1. kill -9 of a Node process -------------------------------------------------------------
 
 
@@ -126,7 +110,7 @@ async def test_node_killed_before_the_response_gives_502(redis_server: RedisServ
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             request = asyncio.ensure_future(client.get("/?30"))
             # Wait until the Node has acked: the exchange knows its Node.
-            assert await _poll(_acked(app), loop.time() + 5), "the Node never acked the request"
+            assert await poll(_acked(app), 5), "the Node never acked the request"
             await _kill_process(node)
             killed = loop.time()
             response = await asyncio.wait_for(request, 10)
@@ -158,7 +142,7 @@ async def test_killing_one_node_leaves_another_alone(redis_server: RedisServer) 
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             on_a = asyncio.ensure_future(client.get("/a?30"))
             on_b = asyncio.ensure_future(client.get("/b?2"))
-            assert await _poll(_acked(app, 2), loop.time() + 5), "both Nodes should ack"
+            assert await poll(_acked(app, 2), 5), "both Nodes should ack"
             await _kill_process(node_a)
             killed = loop.time()
             response_a = await asyncio.wait_for(on_a, 10)
@@ -216,12 +200,12 @@ async def test_distributor_killed_mid_request_disconnects_the_app(
             assert node.in_flight == 2
             process.kill()
             killed = loop.time()
-            done = await _poll(lambda: len(seen) == 2, killed + 8)
+            done = await poll(lambda: len(seen) == 2, killed + 8 - loop.time())
             for request in requests:
                 with pytest.raises(httpx.HTTPError):
                     await asyncio.wait_for(request, 10)
             assert done, f"the app did not notice the dead distributor: {seen}"
-            assert await _poll(lambda: node.in_flight == 0, loop.time() + 3)
+            assert await poll(lambda: node.in_flight == 0, 3)
     assert seen["listen"][0] == "disconnect"
     assert seen["sleep"][0] == "cancelled"
     for mode, (_, when) in seen.items():
@@ -250,7 +234,7 @@ async def test_sigterm_finishes_requests_in_flight_and_takes_no_more(
                 asyncio.ensure_future(client.get("/?1", headers={"x-request-id": f"r{i}"}))
                 for i in range(20)
             ]
-            assert await _poll(_acked(app, 20), loop.time() + 5), "20 acks expected"
+            assert await poll(_acked(app, 20), 5), "20 acks expected"
             await asyncio.sleep(0.3)
             assert node.process is not None
             node.process.send_signal(signal.SIGTERM)
@@ -316,7 +300,7 @@ async def test_redis_restart_under_traffic(redis_server: RedisServer, outage: fl
                 async def recovered() -> bool:
                     return any(s > back and o == 200 for s, _, o in results)
 
-                ok = await _poll(recovered, back + 8)
+                ok = await poll(recovered, back + 8 - loop.time())
                 recovered_after = min(
                     (e for s, e, o in results if s > back and o == 200), default=float("inf")
                 )
@@ -364,7 +348,7 @@ async def test_redis_unreachable_at_start(redis_server: RedisServer) -> None:
                 last.append((await client.get("/")).status_code)
                 return last[-1] == 200
 
-            assert await _poll(served, back + 6, 0.1), f"still failing: {last[-5:]}"
+            assert await poll(served, back + 6 - loop.time(), 0.1), f"still failing: {last[-5:]}"
             assert set(last) <= {200, 503, 405}, last
             assert loop.time() - back < 6
             assert not serving.done()
@@ -445,11 +429,10 @@ async def test_forged_reply_messages_do_not_disturb_a_request(
 
     app = create_distributor(url=redis_server.url, key="held")
     node = Node(url=redis_server.url, app=held, key="held", lifespan="off")
-    loop = asyncio.get_running_loop()
     async with serve_app(app) as base, run_node(node):
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             request = asyncio.ensure_future(client.get("/"))
-            assert await _poll(_acked(app), loop.time() + 5)
+            assert await poll(_acked(app), 5)
             (real_id,) = list(app._exchanges)
             start = {"type": "http.response.start", "status": 500, "headers": []}
             body = {"type": "http.response.body", "body": b"forged", "more_body": False}
@@ -568,7 +551,7 @@ async def test_client_disconnect_reaches_the_app(redis_server: RedisServer) -> N
             closed = loop.time()  # leaving the block mid-body closes the connection
             await asyncio.wait_for(disconnected.wait(), 5)
             elapsed = loop.time() - closed
-        assert await _poll(lambda: node.in_flight == 0, loop.time() + 3)
+        assert await poll(lambda: node.in_flight == 0, 3)
     assert events == ["http.request", "http.disconnect"]
     assert elapsed < 2, f"the app saw the disconnect after {elapsed:.2f} s"
     assert _keys(redis_server) == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,27 +22,12 @@ from minidasgi import Node, create_distributor, wire
 from minidasgi.resp import ReplyError, Subscriber, connect
 
 from .redis_server import RedisFactory, RedisReplyError, RedisServer
-from .stack import run_node, serve_app
+from .stack import poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
 Receive = Any
 Send = Any
-
-
-async def _poll(check: Any, timeout: float, interval: float = 0.02) -> bool:
-    """Call ``check()`` (awaiting its result if need be) until it is true or ``timeout``
-    seconds pass; return whether it became true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(interval)
 
 
 def _http_scope(path: str = "/") -> dict[str, Any]:
@@ -160,13 +144,13 @@ async def test_final_send_blocked_on_credit_notices_the_distributor_vanished(
     )
     async with run_node(node), _fake_distributor(redis_server.url) as fake:
         await fake.push("blocked")
-        assert await _poll(
+        assert await poll(
             lambda: len(fake.sends()) == wire.WINDOW and state.get("final") == "sending", 5
         ), f"the app did not block on its final send: {state}, {len(fake.sends())} sends"
         await asyncio.sleep(0.3)  # a liveness round or more with the distributor alive
         assert node.in_flight == 1 and state["final"] == "sending"
         await fake.vanish()
-        ended = await _poll(lambda: node.in_flight == 0, 5)
+        ended = await poll(lambda: node.in_flight == 0, 5)
         assert ended, (
             "the job blocked on its final send never noticed its distributor vanished "
             f"(final send: {state['final']})"
@@ -388,7 +372,7 @@ async def _download_losing_credits(redis_factory: RedisFactory) -> AsyncIterator
     async with run_node(node), serve_app(distributor) as base:
         task = scenario.task = asyncio.ensure_future(download(base))
         try:
-            assert await _poll(lambda: scenario.received >= 5_000_000 or task.done(), 5), (
+            assert await poll(lambda: scenario.received >= 5_000_000 or task.done(), 5), (
                 f"the download did not get going: {scenario.received} bytes"
             )
             assert not task.done(), f"the download ended early: {task}"
@@ -429,8 +413,8 @@ async def test_a_request_failed_for_a_lost_credit_ends_on_its_node(
     redis_factory: RedisFactory,
 ) -> None:
     async with _download_losing_credits(redis_factory) as scenario:
-        assert await _poll(lambda: scenario.task.done(), 5), "the download did not end"
-        ended = await _poll(lambda: scenario.node.in_flight == 0, 3)
+        assert await poll(lambda: scenario.task.done(), 5), "the download did not end"
+        ended = await poll(lambda: scenario.node.in_flight == 0, 3)
         cancels_lost = scenario.lost_count(wire.CANCEL)
         assert ended, (
             f"the Node's job still runs 3 s after its request failed "
@@ -475,7 +459,7 @@ async def test_stop_during_a_batch_pop_serves_every_popped_request(
         serving = asyncio.ensure_future(node.serve())
         try:
             # The first popped request registers while the batch RPOP is in flight.
-            await _poll(lambda: node.in_flight > 0 or serving.done(), 5, interval=0)
+            await poll(lambda: node.in_flight > 0 or serving.done(), 5, interval=0)
             assert node.in_flight > 0, "the Node popped nothing"
             assert node.in_flight < 20, "the stop came too late: the batch had been popped"
             node.stop()
@@ -486,7 +470,7 @@ async def test_stop_during_a_batch_pop_serves_every_popped_request(
                 node.stop()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(serving, 10)
-        await _poll(lambda: len(fake.statuses()) >= len(fake.ids(wire.ACK)), 2)
+        await poll(lambda: len(fake.statuses()) >= len(fake.ids(wire.ACK)), 2)
         acked = fake.ids(wire.ACK)
         statuses = fake.statuses()
         left = redis_server.command("LLEN", "batch")
