@@ -3,6 +3,8 @@
 * ``redis_server`` -- a fresh plain server per test.
 * ``shared_redis`` -- one plain server for the whole session; ``clean_redis`` is the same
   server after ``FLUSHALL``.
+* ``parser`` -- each RESP test runs with the pure-Python and the hiredis parser;
+  ``open_conn(url, **kwargs)`` connects with the test's parser and closes at teardown.
 * ``redis_factory`` -- ``redis_factory(password=..., acl_users=..., tls=..., extra_args=...)``
   starts variants and closes them all at teardown.
 
@@ -11,10 +13,13 @@ The implementation lives in :mod:`.redis_server`. The system Redis on port 6379 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+
+from minidasgi.resp import Connection, connect
 
 from .redis_server import RedisFactory, RedisServer, TLSNotSupportedError, find_redis_server
 
@@ -64,3 +69,27 @@ def redis_factory() -> Iterator[RedisFactory]:
     finally:
         for server in reversed(started):
             server.close()
+
+
+@pytest.fixture(params=["python", "hiredis"])
+def parser(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def open_conn(parser: str) -> AsyncIterator[Callable[..., Awaitable[Connection]]]:
+    """``await open_conn(url, **kwargs)``: connect with this test's parser; closed at teardown."""
+    opened: list[Connection] = []
+
+    async def opener(url: str | None = None, **kwargs: Any) -> Connection:
+        kwargs.setdefault("parser", parser)
+        conn = await asyncio.wait_for(connect(url, **kwargs), 5)
+        opened.append(conn)
+        return conn
+
+    try:
+        yield opener
+    finally:
+        for conn in opened:
+            await asyncio.wait_for(conn.close(), 5)

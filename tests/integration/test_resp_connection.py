@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -31,30 +30,6 @@ from .redis_server import RedisFactory, RedisServer
 PASSWORD = "s3cr:t@x"
 
 Opener = Callable[..., Awaitable[Connection]]
-
-
-@pytest.fixture(params=["python", "hiredis"])
-def parser(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
-
-
-@pytest.fixture
-async def open_conn(parser: str) -> AsyncIterator[Opener]:
-    """``await open_conn(url, **kwargs)``: connect with this test's parser; closed at teardown."""
-    opened: list[Connection] = []
-
-    async def opener(url: str | None = None, **kwargs: Any) -> Connection:
-        kwargs.setdefault("parser", parser)
-        conn = await asyncio.wait_for(connect(url, **kwargs), 5)
-        opened.append(conn)
-        return conn
-
-    try:
-        yield opener
-    finally:
-        for conn in opened:
-            await asyncio.wait_for(conn.close(), 5)
 
 
 async def eventually(predicate: Callable[[], bool], within: float, step: float = 0.02) -> None:

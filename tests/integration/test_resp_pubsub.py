@@ -19,7 +19,6 @@ from minidasgi.resp import (
     Message,
     RedisConnectionError,
     Subscriber,
-    connect,
 )
 
 from .fakes import FakeRedis, drain_until_eof, read_command
@@ -29,30 +28,6 @@ PASSWORD = "s3cr:t@x"
 
 Opener = Callable[..., Awaitable[Connection]]
 SubscriberFactory = Callable[..., Subscriber]
-
-
-@pytest.fixture(params=["python", "hiredis"])
-def parser(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
-
-
-@pytest.fixture
-async def open_conn(parser: str) -> AsyncIterator[Opener]:
-    """``await open_conn(url, **kwargs)``: a command connection, closed at teardown."""
-    opened: list[Connection] = []
-
-    async def opener(url: str | None = None, **kwargs: Any) -> Connection:
-        kwargs.setdefault("parser", parser)
-        conn = await asyncio.wait_for(connect(url, **kwargs), 5)
-        opened.append(conn)
-        return conn
-
-    try:
-        yield opener
-    finally:
-        for conn in opened:
-            await asyncio.wait_for(conn.close(), 5)
 
 
 @pytest.fixture
