@@ -35,6 +35,7 @@ logger = logging.getLogger("minidasgi.distributor")
 
 DEFAULT_MAX_BODY_SIZE = 1024**3
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
+_WATCH_AFTER = 0.05  # seconds before a whole request's client is watched for a disconnect
 
 
 class ResponseAborted(Exception):
@@ -387,16 +388,25 @@ class _Exchange:
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
         more = first.get("more_body", False) or self.kind == "websocket"
-        pump = asyncio.ensure_future(self._forward_client(more))
+        pumps: list[asyncio.Task[None]] = []
+
+        def start_pump() -> None:
+            pumps.append(asyncio.ensure_future(self._forward_client(more)))
+
+        # Relaying the client's side starts at once when it has more to send; for a request
+        # already whole it only watches for a disconnect, which can wait a moment: most
+        # responses are done by then, and spare a task per request.
+        delayed = None if more else asyncio.get_running_loop().call_later(_WATCH_AFTER, start_pump)
+        if more:
+            start_pump()
         try:
             await self._relay()
         finally:
-            pump.cancel()
-            await asyncio.wait([pump])  # unlike awaiting it, never swallows our own cancel
-            if not pump.cancelled() and pump.exception() is not None:
-                logger.debug(
-                    "request %s: relaying the client failed: %r", self.id, pump.exception()
-                )
+            if delayed is not None:
+                delayed.cancel()
+            for pump in pumps:
+                pump.cancel()
+                pump.add_done_callback(_log_pump_failure)
             if not self.node_done and self.node is not None:
                 d.spawn(d.cancel_on(self.node, self.id))
 
@@ -536,6 +546,11 @@ class _Exchange:
                     return
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
+
+
+def _log_pump_failure(pump: asyncio.Task[None]) -> None:
+    if not pump.cancelled() and pump.exception() is not None:
+        logger.debug("relaying a client failed: %r", pump.exception())
 
 
 def _acking_node(kind: str, args: list[Any]) -> str | None:
