@@ -360,7 +360,12 @@ class _Exchange:
             events=[dict(first)],
             window=self.received.window,
         )
-        data = envelope.encode()
+        try:
+            data = envelope.encode()
+        except CodecError as exc:  # a server or middleware put something odd in the scope
+            logger.error("request %s cannot travel to a Node: %s", self.id, exc)
+            await self._refuse(500, "Internal Server Error\n")
+            return
         try:
             assert d._client is not None
             await d._client.lpush(key, data)
@@ -561,17 +566,37 @@ def _acking_node(kind: str, args: list[Any]) -> str | None:
     return channel if isinstance(channel, str) and 0 < len(channel) <= 256 else None
 
 
+# Scope keys whose values an ASGI server gives as str, bytes, int, lists and tuples of those,
+# or the small "asgi" dict: they travel without being checked one by one.
+_PLAIN_SCOPE_KEYS = frozenset(
+    {
+        "type",
+        "asgi",
+        "http_version",
+        "method",
+        "scheme",
+        "path",
+        "raw_path",
+        "query_string",
+        "root_path",
+        "headers",
+        "client",
+        "server",
+        "subprotocols",
+    }
+)
+
+
 def _portable_scope(scope: Scope) -> dict[str, Any]:
     """The scope minus what cannot or must not travel (``state``, objects in extensions)."""
     portable: dict[str, Any] = {}
     for name, value in scope.items():
-        if name in ("state", "app"):
-            continue
-        if name == "extensions" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if codec.is_portable(v)}
-        elif not codec.is_portable(value):
-            continue
-        portable[name] = value
+        if name in _PLAIN_SCOPE_KEYS:
+            portable[name] = value
+        elif name == "extensions" and isinstance(value, dict):
+            portable[name] = {k: v for k, v in value.items() if codec.is_portable(v)}
+        elif name not in ("state", "app") and codec.is_portable(value):
+            portable[name] = value
     return portable
 
 
