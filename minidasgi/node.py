@@ -3,10 +3,12 @@
 Owns the Node's three Redis connections (a blocking-pop connection, a publishing connection
 and a subscriber on the Node's own channel), its pop loop, and one ``_Job`` per request in
 flight. It must never pop a request it has no free slot for: what it cannot run stays in Redis
-for other Nodes. It never retries or re-queues a request (delivery is at most once).
+for other Nodes (under load one RPOP with a count takes up to one request per free slot). It
+never retries or re-queues a request (delivery is at most once).
 
-A job acks at once, then feeds the app the events the distributor sends and publishes what the
-app sends, under credit-based flow control (``wire.SendWindow`` / ``wire.ReceiveWindow``). If the
+A job acks at once and runs the app only once the ack reached the distributor. It then feeds
+the app the events the distributor sends and publishes what the app sends, under credit-based
+flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` / ``wire.CreditPool``). If the
 distributor goes away (PUBLISH reaches nobody, or this Node's subscriber lost messages), the
 app's ``receive()`` answers a disconnect and the app is cancelled shortly after.
 """

@@ -8,11 +8,14 @@ The conversation for one request (``id``):
 1. The distributor ``LPUSH``es an ``Envelope`` onto the route's key: the scope, the first ASGI
    events already received (a small request travels whole), the distributor's reply channel,
    a deadline and the flow-control window.
-2. A Node pops it (``BRPOP``: first in, first out) and publishes ``[ACK, id, node_channel]``.
+2. A Node pops it (``BRPOP``: first in, first out; under load ``RPOP`` with a count takes a
+   batch) and publishes ``[ACK, id, node_channel, window]``: the window is how many pieces
+   of request body the distributor may send ahead.
 3. The Node publishes ``[SEND, id, [events...]]`` with what the app sends; the distributor
    publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
-   consumer returns ``[CREDIT, id, n]`` as it consumes (``ReceiveWindow``/``SendWindow``).
+   consumer returns ``[CREDIT, id, n]`` as it consumes (``ReceiveWindow``/``SendWindow``),
+   and a process bounds the sum over its requests (``CreditPool``).
 5. ``[DONE, id, failed]`` ends a request whose app returned without completing the response;
    ``[CANCEL, id]`` tells a Node that the distributor gave the request up.
 6. ``[PING]`` carries nothing: publishing it tells the sender, by the receiver count PUBLISH
