@@ -230,7 +230,7 @@ async def test_subscribe_can_be_bounded_while_down(
 ) -> None:
     redis_server.stop()
     subscriber = make_subscriber(redis_server.url, max_backoff=0.1)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(subscriber.subscribe("ch"), 0.2)
     # Cancelling the wait keeps the subscription: it is made once Redis is back.
     assert subscriber.channels == {b"ch"}
