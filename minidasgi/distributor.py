@@ -251,11 +251,7 @@ class Distributor:
         """PUBLISH for the exchanges; 0 when Redis is unreachable."""
         if self._client is None:
             return 0
-        try:
-            return await self._client.publish(channel, message)
-        except RespError as exc:
-            logger.warning("cannot publish: %s", exc)
-            return 0
+        return await self._client.try_publish(channel, message)
 
     async def cancel_on(self, node: str, request_id: str) -> None:
         """Tell a Node to stop a request. Unlike other messages, a cancel outlives a lost

@@ -336,11 +336,7 @@ class Node:
     async def publish(self, channel: str, message: bytes) -> int:
         """PUBLISH for the jobs; 0 when Redis is unreachable (the peer is as good as gone)."""
         assert self._publisher is not None
-        try:
-            return await self._publisher.publish(channel, message)
-        except RespError as exc:
-            logger.warning("cannot publish: %s", exc)
-            return 0
+        return await self._publisher.try_publish(channel, message)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:

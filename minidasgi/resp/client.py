@@ -98,6 +98,15 @@ class Client:
         """PUBLISH on the live connection; returns the number of receivers."""
         return await self.connection().publish(channel, message)
 
+    async def try_publish(self, channel: str | bytes, message: object) -> int:
+        """PUBLISH, with Redis unreachable counted (and logged) as 0 receivers: to a sender
+        checking that its peer listens, both mean the message reached nobody."""
+        try:
+            return await self.publish(channel, message)
+        except RespError as exc:
+            logger.warning("%s cannot publish: %s", self.name, exc)
+            return 0
+
     async def lpush(self, key: str | bytes, *values: object) -> int:
         """LPUSH on the live connection."""
         return await self.connection().lpush(key, *values)
