@@ -1,0 +1,254 @@
+"""A fault-injecting TCP proxy owned by the tests, to reproduce what real networks do.
+
+``FaultProxy(port)`` listens on a free loopback port and relays every connection to
+``127.0.0.1:port`` (a private redis-server). A test can then, without closing anything:
+
+* ``stall(up=True, down=True)``: stop relaying one or both directions on the connections open
+  now (a NAT table that forgot the flow, a stalled link); ``resume()`` relays again, and what
+  was held back is delivered late, in order, as after a blip. New connections are relayed
+  normally unless ``stall_new=True``, the way a fresh flow gets a fresh NAT entry.
+* ``reset()``: abort every connection with a TCP RST.
+* pick connections one by one: ``connections()`` lists them with the port the proxy uses
+  towards Redis (``upstream_port``), which Redis shows in ``CLIENT LIST`` as ``addr``.
+
+It runs in a thread of its own, so a test's event loop (or a blocking call in the test) never
+slows it, and it only ever talks to loopback. ``close()`` stops it and closes everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import struct
+import threading
+from types import TracebackType
+
+_READ = 64 * 1024
+_HELD_LIMIT = 4 * 1024 * 1024  # stop reading a side whose peer does not take its bytes
+
+
+class ProxiedConnection:
+    """One client connection and its upstream twin."""
+
+    def __init__(self, proxy: FaultProxy, client: socket.socket, upstream: socket.socket) -> None:
+        self._proxy = proxy
+        self.client = client
+        self.upstream = upstream
+        self.upstream_port: int = upstream.getsockname()[1]
+        self.up_stalled = False  # client -> Redis
+        self.down_stalled = False  # Redis -> client
+        self.to_upstream = bytearray()
+        self.to_client = bytearray()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<ProxiedConnection :{self.upstream_port} up_stalled={self.up_stalled} "
+            f"down_stalled={self.down_stalled}>"
+        )
+
+    def stall(self, *, up: bool = True, down: bool = True) -> None:
+        """Stop relaying the chosen directions of this connection."""
+        with self._proxy._lock:
+            self.up_stalled = self.up_stalled or up
+            self.down_stalled = self.down_stalled or down
+        self._proxy._wake()
+
+    def resume(self) -> None:
+        """Relay both directions again, delivering what was held back."""
+        with self._proxy._lock:
+            self.up_stalled = self.down_stalled = False
+        self._proxy._wake()
+
+    def reset(self) -> None:
+        """Abort both sides with a TCP RST."""
+        with self._proxy._lock:
+            self._proxy._drop(self, rst=True)
+        self._proxy._wake()
+
+
+class FaultProxy:
+    """A TCP proxy to ``127.0.0.1:target_port`` that can stall, resume and reset links."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._conns: list[ProxiedConnection] = []
+        self._stall_new_up = False
+        self._stall_new_down = False
+        self._waker_r, self._waker_w = socket.socketpair()
+        self._waker_r.setblocking(False)
+        self._waker_w.setblocking(False)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    def url(self, password: str | None = None) -> str:
+        """A redis:// URL that goes through the proxy."""
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}"
+
+    def connections(self) -> list[ProxiedConnection]:
+        """The connections open now, oldest first."""
+        with self._lock:
+            return [c for c in self._conns if not c.closed]
+
+    def connection_to(self, upstream_port: int) -> ProxiedConnection:
+        """The open connection whose upstream side uses ``upstream_port``."""
+        for conn in self.connections():
+            if conn.upstream_port == upstream_port:
+                return conn
+        raise LookupError(f"no proxied connection on upstream port {upstream_port}")
+
+    def stall(self, *, up: bool = True, down: bool = True, stall_new: bool = False) -> None:
+        """Stop relaying the chosen directions on every open connection (and on new ones with
+        ``stall_new``), closing nothing."""
+        with self._lock:
+            for conn in self._conns:
+                conn.up_stalled = conn.up_stalled or up
+                conn.down_stalled = conn.down_stalled or down
+            if stall_new:
+                self._stall_new_up, self._stall_new_down = up, down
+        self._wake()
+
+    def resume(self) -> None:
+        """Relay everything again; held-back bytes are delivered in order."""
+        with self._lock:
+            for conn in self._conns:
+                conn.up_stalled = conn.down_stalled = False
+            self._stall_new_up = self._stall_new_down = False
+        self._wake()
+
+    def reset(self) -> None:
+        """Abort every open connection with a TCP RST."""
+        with self._lock:
+            for conn in list(self._conns):
+                self._drop(conn, rst=True)
+        self._wake()
+
+    def close(self) -> None:
+        """Stop the proxy and close every connection."""
+        self._stopping = True
+        self._wake()
+        self._thread.join(5)
+        with self._lock:
+            for conn in list(self._conns):
+                self._drop(conn, rst=False)
+        self._listener.close()
+        self._waker_r.close()
+        self._waker_w.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # The relay thread.
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._waker_w.send(b"x")
+
+    def _drop(self, conn: ProxiedConnection, *, rst: bool) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        for sock in (conn.client, conn.upstream):
+            if rst:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._conns.remove(conn)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except OSError:
+            return
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        for sock in (client, upstream):
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = ProxiedConnection(self, client, upstream)
+        conn.up_stalled, conn.down_stalled = self._stall_new_up, self._stall_new_down
+        self._conns.append(conn)
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        try:
+            while not self._stopping:
+                with self._lock:
+                    selector.register(self._listener, selectors.EVENT_READ, None)
+                    selector.register(self._waker_r, selectors.EVENT_READ, None)
+                    for conn in self._conns:
+                        self._register(selector, conn)
+                events = selector.select(1.0)
+                with self._lock:
+                    for key, mask in events:
+                        sock = key.fileobj
+                        if sock is self._listener:
+                            self._accept()
+                        elif sock is self._waker_r:
+                            with contextlib.suppress(OSError):
+                                self._waker_r.recv(4096)
+                        else:
+                            conn = key.data
+                            if not conn.closed:
+                                self._service(conn, sock, mask)  # type: ignore[arg-type]
+                for key in list(selector.get_map().values()):
+                    selector.unregister(key.fileobj)
+        finally:
+            selector.close()
+
+    @staticmethod
+    def _register(selector: selectors.BaseSelector, conn: ProxiedConnection) -> None:
+        wants: dict[socket.socket, int] = {conn.client: 0, conn.upstream: 0}
+        if not conn.up_stalled and len(conn.to_upstream) < _HELD_LIMIT:
+            wants[conn.client] |= selectors.EVENT_READ
+        if not conn.down_stalled and len(conn.to_client) < _HELD_LIMIT:
+            wants[conn.upstream] |= selectors.EVENT_READ
+        if conn.to_upstream and not conn.up_stalled:
+            wants[conn.upstream] |= selectors.EVENT_WRITE
+        if conn.to_client and not conn.down_stalled:
+            wants[conn.client] |= selectors.EVENT_WRITE
+        for sock, mask in wants.items():
+            if mask:
+                selector.register(sock, mask, conn)
+
+    def _service(self, conn: ProxiedConnection, sock: socket.socket, mask: int) -> None:
+        # What this socket reads goes to the other side; what waits for it is its outbox.
+        if sock is conn.client:
+            inbox, outbox = conn.to_upstream, conn.to_client
+        else:
+            inbox, outbox = conn.to_client, conn.to_upstream
+        try:
+            if mask & selectors.EVENT_READ:
+                data = sock.recv(_READ)
+                if not data:  # an orderly close: pass it on by closing both
+                    self._drop(conn, rst=False)
+                    return
+                inbox += data
+            if mask & selectors.EVENT_WRITE and outbox:
+                sent = sock.send(outbox)
+                del outbox[:sent]
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(conn, rst=True)
