@@ -1,0 +1,135 @@
+"""Coalescing across requests: what a process has for one destination in one event-loop turn
+travels to Redis as one command.
+
+Owns the per-destination lists of pending items and the flush that sends them. A destination is
+a peer's channel (the items are conversation messages, sent as one PUBLISH of a batch frame) or
+a queue key (the items are envelopes, sent as one multi-value LPUSH). Under load this divides
+Redis commands, pub/sub deliveries, parser calls and syscalls by the batch size, in Redis and in
+both processes; at one request in flight a batch is one item and leaves at the end of the loop
+turn it was put in, so latency is not harmed.
+
+It must never reorder the items of one destination (the conversation and FIFO queues rely on
+it), never hold an item past its turn except one put with ``hold=True`` (an ack that may ride
+with the response that usually follows within ``hold_time``), and never block: ``put`` returns a
+future shared by the whole batch, resolved with the command's outcome, which callers may await
+or ignore. It knows nothing of Redis or ASGI: the owner gives it the function that sends a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Batcher"]
+
+T = TypeVar("T")
+Sender = Callable[[str, list[Any]], "asyncio.Future[T]"]
+
+
+class _Batch(Generic[T]):
+    __slots__ = ("future", "held", "items", "size")
+
+    def __init__(self, future: asyncio.Future[T]) -> None:
+        self.items: list[Any] = []
+        self.size = 0
+        self.future = future
+        self.held = True  # every item so far may wait for company
+
+
+class Batcher(Generic[T]):
+    """Gathers items per destination and sends each destination's items in one command.
+
+    ``send(destination, items)`` starts the command and returns a future with its outcome; the
+    future returned by ``put`` completes with that outcome. ``max_size`` bounds the sum of the
+    size hints in one batch: a batch that reaches it is sent at once and a new one begins.
+    """
+
+    def __init__(
+        self, send: Sender[T], *, max_size: int = 512 * 1024, hold_time: float = 0.002
+    ) -> None:
+        self._send = send
+        self._max_size = max_size
+        self._hold_time = hold_time
+        self._pending: dict[str, _Batch[T]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self.batches = 0  # commands sent, and the items they carried: the batch sizes seen
+        self.items = 0
+
+    def put(
+        self, destination: str, item: Any, *, size: int = 0, hold: bool = False
+    ) -> asyncio.Future[T]:
+        """Queue ``item`` for ``destination``; return the future of the command carrying it."""
+        batch = self._pending.get(destination)
+        if batch is None:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            batch = self._pending[destination] = _Batch(loop.create_future())
+        batch.items.append(item)
+        batch.size += size
+        if not hold:
+            batch.held = False
+        future = batch.future
+        if batch.size >= self._max_size:
+            del self._pending[destination]
+            self._dispatch(destination, batch)
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        return future
+
+    def flush(self) -> None:
+        """Send everything pending now, held items included."""
+        pending, self._pending = self._pending, {}
+        for destination, batch in pending.items():
+            self._dispatch(destination, batch)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for destination, batch in pending.items():
+            if batch.held:
+                # Only items that may wait (acks): give the response a moment to join them.
+                self._pending[destination] = batch
+                continue
+            self._dispatch(destination, batch)
+        if self._pending and self._hold_timer is None:
+            assert self._loop is not None
+            self._hold_timer = self._loop.call_later(self._hold_time, self._release_held)
+
+    def _release_held(self) -> None:
+        self._hold_timer = None
+        self.flush()
+
+    def _dispatch(self, destination: str, batch: _Batch[T]) -> None:
+        self.batches += 1
+        self.items += len(batch.items)
+        target = batch.future
+        try:
+            sent = self._send(destination, batch.items)
+        except Exception as exc:  # the sender failed before a command existed
+            if not target.done():
+                target.set_exception(exc)
+                target.exception()  # a caller may ignore it: don't report it as lost
+            return
+        sent.add_done_callback(lambda done: _settle(target, done))
+
+
+def _settle(target: asyncio.Future[T], done: asyncio.Future[T]) -> None:
+    if target.done():
+        return
+    if done.cancelled():
+        target.cancel()
+        return
+    error = done.exception()
+    if error is not None:
+        target.set_exception(error)
+        target.exception()  # a caller may ignore it: don't report it as lost
+    else:
+        target.set_result(done.result())

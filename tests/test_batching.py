@@ -1,0 +1,90 @@
+"""The Batcher: one command per destination per loop turn, in order, with held items."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from minidasgi.batching import Batcher
+
+
+class Recorder:
+    """A sender that records its batches and answers each with a future it controls."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[Any]]] = []
+        self.futures: list[asyncio.Future[int]] = []
+
+    def __call__(self, destination: str, items: list[Any]) -> asyncio.Future[int]:
+        self.sent.append((destination, list(items)))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        return future
+
+
+async def test_one_command_per_destination_per_turn_in_order() -> None:
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(sender)
+    a1 = batcher.put("a", 1)
+    b1 = batcher.put("b", "x")
+    a2 = batcher.put("a", 2)
+    assert a1 is a2 and a1 is not b1
+    assert sender.sent == []  # nothing leaves before the end of the turn
+    await asyncio.sleep(0)
+    assert sender.sent == [("a", [1, 2]), ("b", ["x"])]
+    sender.futures[0].set_result(3)
+    sender.futures[1].set_result(0)
+    assert await a1 == 3 and await b1 == 0
+    batcher.put("a", 3)
+    await asyncio.sleep(0)
+    assert sender.sent[-1] == ("a", [3])
+    assert (batcher.batches, batcher.items) == (3, 4)
+
+
+async def test_a_full_batch_leaves_at_once() -> None:
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(sender, max_size=100)
+    first = batcher.put("a", "big", size=60)
+    second = batcher.put("a", "bigger", size=60)
+    assert sender.sent == [("a", ["big", "bigger"])]
+    third = batcher.put("a", "next", size=1)
+    assert third is not first and first is second
+    await asyncio.sleep(0)
+    assert sender.sent == [("a", ["big", "bigger"]), ("a", ["next"])]
+
+
+async def test_held_items_wait_for_company_but_not_long() -> None:
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(sender, hold_time=0.05)
+    batcher.put("a", "ack", hold=True)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sender.sent == []
+    batcher.put("a", "response")
+    await asyncio.sleep(0)
+    assert sender.sent == [("a", ["ack", "response"])]
+    held = batcher.put("b", "lonely ack", hold=True)
+    await asyncio.sleep(0.2)
+    assert sender.sent[-1] == ("b", ["lonely ack"])
+    sender.futures[-1].set_result(1)
+    assert await held == 1
+
+
+async def test_failures_reach_waiters_and_are_never_reported_lost() -> None:
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(sender)
+    waited = batcher.put("a", 1)
+    await asyncio.sleep(0)
+    sender.futures[0].set_exception(ConnectionError("gone"))
+    with pytest.raises(ConnectionError):
+        await waited
+
+    def broken(destination: str, items: list[Any]) -> asyncio.Future[int]:
+        raise ConnectionError("no connection")
+
+    failing: Batcher[int] = Batcher(broken)
+    ignored = failing.put("a", 1)
+    await asyncio.sleep(0)
+    assert isinstance(ignored.exception(), ConnectionError)
