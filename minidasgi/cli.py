@@ -283,8 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # workers, whatever the app starts) inherits them.
     env_password = os.environ.pop(_PASSWORD_ENV, None)
     env_url = os.environ.get(_URL_ENV)
-    if env_url and _url_password(env_url) is not None:
-        del os.environ[_URL_ENV]
+    if env_url is not None:
+        try:
+            secret = _url_password(env_url) is not None
+        except CLIError:  # reported when the URL is used; it may hold a password all the same
+            secret = True
+        if secret:
+            del os.environ[_URL_ENV]
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.log_level not in _LOG_LEVELS:  # argparse checks choices on the command line only

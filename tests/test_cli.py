@@ -521,6 +521,21 @@ def test_node_takes_the_password_from_the_environment_and_removes_it(
     assert HOSTILE not in captured.out + captured.err + caplog.text
 
 
+def test_a_bad_redis_url_in_the_environment_is_a_usage_error_and_removed(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", f"redis://:{HOSTILE}@127.0.0.1:notaport/0")
+    assert main(_node_argv(app_module)) == 2
+    err = capsys.readouterr().err
+    assert "invalid Redis URL redis://:***@127.0.0.1:notaport/0" in err
+    assert not any(piece in err for piece in ("Xq7", "Zk9", "Wm3", "Vb2", "Nc5", "Lp8"))
+    assert "MINIDASGI_REDIS_URL" not in os.environ
+    assert nodes == []
+
+
 def test_a_redis_url_without_a_password_stays_in_the_environment(
     app_module: tuple[str, str], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
