@@ -1,7 +1,12 @@
 """The command line: ``minidasgi node``, ``minidasgi distributor`` and ``minidasgi demo``.
 
 Owns argument parsing, environment variables (every option has one, ``MINIDASGI_...``), app
-loading and exit codes. It never prints a password: Redis URLs are shown redacted.
+loading, exit codes, and how a Redis password is taken and handed on. It never prints a
+password (Redis URLs are shown redacted) and never puts one where other users or child
+processes can read it: ``MINIDASGI_REDIS_PASSWORD`` (and a ``MINIDASGI_REDIS_URL`` holding a
+password) is removed from the environment once read, ``--redis-password-file`` keeps it off
+the command line, and ``--workers`` processes get their configuration from a file only this
+user can read, in a private directory removed when the command exits.
 
 Exit codes: 0 after a clean stop, 1 when something failed at run time (Redis refused the
 credentials, the app could not be loaded, ...), 2 for a usage error, 3 when a program the
@@ -16,8 +21,12 @@ import json
 import logging
 import os
 import re
+import shutil
+import stat
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .node import DEFAULT_CONCURRENCY
@@ -31,7 +40,12 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_MISSING = 3
 
-_DISTRIBUTOR_ENV = "MINIDASGI_DISTRIBUTOR_CONFIG"  # how --workers processes get their config
+# How --workers processes find their configuration: the path of a private file (never the
+# configuration itself, which holds the password, in an environment children inherit).
+_DISTRIBUTOR_ENV = "MINIDASGI_DISTRIBUTOR_CONFIG_FILE"
+_PASSWORD_ENV = "MINIDASGI_REDIS_PASSWORD"
+_URL_ENV = "MINIDASGI_REDIS_URL"
+_DEFAULT_URL = "redis://localhost:6379"
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
@@ -110,9 +124,29 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--redis",
             metavar="URL",
-            default=_env("REDIS_URL"),
+            default=None,  # MINIDASGI_REDIS_URL is read in main(), to tell where a URL came from
             help="redis://[[user]:password@]host[:port][/db], rediss://... or "
-            "unix:///path.sock?db=N [MINIDASGI_REDIS_URL] (default: redis://localhost:6379)",
+            "unix:///path.sock?db=N [MINIDASGI_REDIS_URL] (default: redis://localhost:6379); "
+            "a password here is visible to every user of the machine in ps: give it in "
+            "MINIDASGI_REDIS_PASSWORD or --redis-password-file",
+        )
+        sub.add_argument(
+            "--redis-password-file",
+            metavar="PATH",
+            default=_env("REDIS_PASSWORD_FILE"),
+            help="read the Redis password from this file (one trailing newline is ignored); "
+            "it overrides MINIDASGI_REDIS_PASSWORD and a password in the URL "
+            "[MINIDASGI_REDIS_PASSWORD_FILE]",
+        )
+
+    def prefix_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--channel-prefix",
+            metavar="PREFIX",
+            default=_env("CHANNEL_PREFIX", "minidasgi"),
+            help="first part of this process' pub/sub channel names ('PREFIX:...'); give each "
+            "tenant sharing a Redis its own, with ACL users confined to it "
+            "[MINIDASGI_CHANNEL_PREFIX] (default: minidasgi)",
         )
 
     node = commands.add_parser(
@@ -135,6 +169,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a Redis list to serve; repeat for several [MINIDASGI_KEY, comma-separated]",
     )
     redis_option(node)
+    prefix_option(node)
     node.add_argument(
         "--concurrency",
         type=int,
@@ -186,6 +221,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="send every request to this list instead of routing [MINIDASGI_DISTRIBUTOR_KEY]",
     )
     redis_option(dist)
+    prefix_option(dist)
     dist.add_argument(
         "--host",
         default=_env("HOST", "127.0.0.1"),
@@ -243,6 +279,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``minidasgi`` command; returns the exit code."""
+    # Taken out of the environment before anything else runs: no child process (uvicorn's
+    # workers, whatever the app starts) inherits them.
+    env_password = os.environ.pop(_PASSWORD_ENV, None)
+    env_url = os.environ.get(_URL_ENV)
+    if env_url is not None:
+        try:
+            secret = _url_password(env_url) is not None
+        except CLIError:  # reported when the URL is used; it may hold a password all the same
+            secret = True
+        if secret:
+            del os.environ[_URL_ENV]
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.log_level not in _LOG_LEVELS:  # argparse checks choices on the command line only
@@ -254,18 +301,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        url_given = args.redis is not None
+        args.redis = args.redis if url_given else env_url
+        args.redis_password = _redis_password(args, env_password)
+        if url_given and _url_password(args.redis) is not None:
+            logger.warning(
+                "the Redis password given in --redis is visible to every user of this machine "
+                "(ps, /proc/PID/cmdline): give it in %s or --redis-password-file instead",
+                _PASSWORD_ENV,
+            )
         if args.command == "node":
             return _run_node(args)
         if args.command == "distributor":
             return _run_distributor(args)
         from .demo import run_demo
 
-        return run_demo(redis_url=args.redis, port=args.port)
+        return run_demo(redis_url=args.redis, port=args.port, password=args.redis_password)
     except CLIError as exc:
         print(f"minidasgi: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _url_password(url: str) -> str | None:
+    """The password inside ``url`` (None without one); a bad URL is a usage error."""
+    from .resp.connection import parse_url
+
+    try:
+        return parse_url(url).password
+    except ValueError as exc:  # its message and context hold no credentials
+        raise CLIError(str(exc), EXIT_USAGE) from None
+
+
+def _redis_password(args: argparse.Namespace, env_password: str | None) -> str | None:
+    """The password from ``--redis-password-file`` or else ``MINIDASGI_REDIS_PASSWORD``; None
+    leaves the URL's own (if any). Messages name the file, never what it holds."""
+    if getattr(args, "redis_password_file", None) is None:
+        return env_password
+    path = Path(args.redis_password_file)
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CLIError(
+            f"cannot read the Redis password file {str(path)!r}: {exc.strerror}", EXIT_USAGE
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"the Redis password file {str(path)!r} is not UTF-8", EXIT_USAGE) from None
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    if not text:
+        raise CLIError(f"the Redis password file {str(path)!r} is empty", EXIT_USAGE)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning(
+            "the Redis password file %r can be read by other users (chmod 600 it)", str(path)
+        )
+    return text
 
 
 def _run_node(args: argparse.Namespace) -> int:
@@ -277,10 +371,13 @@ def _run_node(args: argparse.Namespace) -> int:
     keys = args.key or _env_list("KEY")
     if not keys:
         raise CLIError("name at least one queue with --key (or MINIDASGI_KEY)", EXIT_USAGE)
+    _check_prefix(args.channel_prefix)
     app = load_app(args.app, factory=args.factory, app_dir=args.app_dir)
     try:
         node = Node(
-            url=args.redis or "redis://localhost:6379",
+            url=args.redis or _DEFAULT_URL,
+            password=args.redis_password,
+            channel_prefix=args.channel_prefix,
             app=app,
             keys=keys,
             concurrency=args.concurrency,
@@ -297,15 +394,42 @@ def _run_node(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_prefix(prefix: str) -> None:
+    if not prefix or not prefix.isprintable() or any(c.isspace() for c in prefix):
+        raise CLIError(
+            f"the channel prefix must be printable, without spaces, not {prefix!r}", EXIT_USAGE
+        )
+
+
 def distributor_from_env() -> Any:
-    """The distributor described by ``MINIDASGI_DISTRIBUTOR_CONFIG`` (for uvicorn workers)."""
+    """The distributor of a ``--workers`` process (uvicorn's factory in each worker): its
+    configuration is in the private file named by ``MINIDASGI_DISTRIBUTOR_CONFIG_FILE``."""
+    path = Path(os.environ[_DISTRIBUTOR_ENV])
+    return _distributor(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _distributor(config: dict[str, Any]) -> Any:
     from .distributor import Distributor
 
-    config = json.loads(os.environ[_DISTRIBUTOR_ENV])
+    config = dict(config)
     routes = config.pop("routes")
     if routes is not None:
         routes = list(map(tuple, routes))
     return Distributor(routes, **config)
+
+
+def _write_private_config(config: dict[str, Any]) -> Path:
+    """Write ``config`` to a new file only this user can read, in a new private directory."""
+    directory = Path(tempfile.mkdtemp(prefix="minidasgi-"))  # mode 0700
+    path = directory / "distributor.json"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(config, out)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return path
 
 
 def _run_distributor(args: argparse.Namespace) -> int:
@@ -320,27 +444,45 @@ def _run_distributor(args: argparse.Namespace) -> int:
     route_items = args.route or _env_list("ROUTE", "\n")
     if bool(route_items) == bool(args.key):
         raise CLIError("give routes (--route REGEX=TEMPLATE ...) or one --key", EXIT_USAGE)
+    _check_prefix(args.channel_prefix)
     config: dict[str, Any] = {
         "routes": list(_parse_routes(route_items).items()) if route_items else None,
         "key": args.key,
-        "url": args.redis or "redis://localhost:6379",
+        "url": args.redis or _DEFAULT_URL,
         "worker_timeout": args.worker_timeout,
         "no_worker_status": args.no_worker_status,
+        "channel_prefix": args.channel_prefix,
     }
+    if args.redis_password is not None:
+        config["password"] = args.redis_password
     if args.max_body_size is not None:
         config["max_body_size"] = int(args.max_body_size)
-    os.environ[_DISTRIBUTOR_ENV] = json.dumps(config)
     try:
-        distributor_from_env()  # check the configuration here, once, with a clear message
+        app = _distributor(config)  # check the configuration here, once, with a clear message
     except (TypeError, ValueError, re.error) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
+    if args.workers <= 1:
+        return _serve_distributor(uvicorn, args, app)
+    # Worker processes are new interpreters: they read the configuration from a file only
+    # this user can read, removed when this process exits (a SIGKILL leaves it behind, in a
+    # directory only this user can enter).
+    config_file = _write_private_config(config)
+    os.environ[_DISTRIBUTOR_ENV] = str(config_file)
+    try:
+        return _serve_distributor(uvicorn, args, "minidasgi.cli:distributor_from_env")
+    finally:
+        os.environ.pop(_DISTRIBUTOR_ENV, None)
+        shutil.rmtree(config_file.parent, ignore_errors=True)
+
+
+def _serve_distributor(uvicorn: Any, args: argparse.Namespace, app: Any) -> int:
     logger.info(
         "distributor on http://%s:%d, Redis %s", args.host, args.port, _redacted(args.redis)
     )
     try:
         uvicorn.run(
-            "minidasgi.cli:distributor_from_env",
-            factory=True,
+            app,
+            factory=isinstance(app, str),
             host=args.host,
             port=args.port,
             workers=args.workers,

@@ -44,8 +44,8 @@ async def hello_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def run_demo(*, redis_url: str | None = None, port: int = 8000) -> int:
-    """Run the demo until Ctrl-C; returns the exit code."""
+def run_demo(*, redis_url: str | None = None, port: int = 8000, password: str | None = None) -> int:
+    """Run the demo until Ctrl-C; returns the exit code. ``password`` overrides the URL's."""
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -53,7 +53,7 @@ def run_demo(*, redis_url: str | None = None, port: int = 8000) -> int:
             "the demo runs the distributor under uvicorn: pip install 'minidasgi[uvicorn]'",
             EXIT_MISSING,
         ) from None
-    asyncio.run(_demo(redis_url, port))
+    asyncio.run(_demo(redis_url, port, password))
     return EXIT_OK
 
 
@@ -73,15 +73,18 @@ async def _private_redis() -> AsyncIterator[str]:
         await asyncio.to_thread(server.close)
 
 
-async def _demo(redis_url: str | None, port: int) -> None:
+async def _demo(redis_url: str | None, port: int, password: str | None) -> None:
     import uvicorn
 
     async with contextlib.AsyncExitStack() as stack:
-        url = redis_url or await stack.enter_async_context(_private_redis())
+        if redis_url is None:
+            url, password = await stack.enter_async_context(_private_redis()), None
+        else:
+            url = redis_url
         distributor = create_path_distributor(
-            url=url, routes={"/": "minidasgi-demo"}, no_worker_status=503
+            url=url, password=password, routes={"/": "minidasgi-demo"}, no_worker_status=503
         )
-        node = Node(url=url, app=hello_app, key="minidasgi-demo", lifespan="off")
+        node = Node(url=url, password=password, app=hello_app, key="minidasgi-demo", lifespan="off")
         server = uvicorn.Server(
             uvicorn.Config(distributor, host="127.0.0.1", port=port, log_level="warning")
         )

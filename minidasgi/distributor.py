@@ -68,6 +68,8 @@ class Distributor:
     ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
     ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
     deployments). ``response_timeout``: optional bound on the whole response after the ack.
+    ``channel_prefix`` starts this process' pub/sub channel name: give each tenant sharing a
+    Redis its own, with ACL users confined to it (README, "Security and trust").
     """
 
     def __init__(

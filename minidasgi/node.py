@@ -49,6 +49,9 @@ class Node:
     ``key=`` or ``keys=`` name the lists to pop. Connection settings as for
     ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://`` or ``unix://``.
 
+    ``channel_prefix`` starts the Node's pub/sub channel name: the same as its tenant's
+    distributors', with ACL users confined to it (README, "Security and trust").
+
     ``run()`` blocks until SIGINT or SIGTERM; ``await serve()`` embeds the Node in a running
     event loop and returns after ``stop()``.
     """

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -73,14 +74,25 @@ def nodes(monkeypatch: pytest.MonkeyPatch) -> list[Node]:
 
 @pytest.fixture
 def uvicorn_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """``uvicorn.run`` records its arguments (and the distributor config) instead of serving."""
+    """``uvicorn.run`` records its arguments instead of serving: the distributor it was given
+    (or that a ``--workers`` process would build) as ``distributor``; for ``--workers``, the
+    configuration file as ``config_file`` with its ``config`` and its and its directory's
+    permission bits as ``modes``."""
     import uvicorn
 
     runs: list[dict[str, Any]] = []
 
     def fake_run(app: Any, **kwargs: Any) -> None:
-        config = json.loads(os.environ[cli._DISTRIBUTOR_ENV])
-        runs.append({"app": app, "config": config, **kwargs})
+        run: dict[str, Any] = {"app": app, **kwargs}
+        if isinstance(app, str):
+            path = Path(os.environ[cli._DISTRIBUTOR_ENV])
+            run["config_file"] = path
+            run["config"] = json.loads(path.read_text())
+            run["modes"] = (path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777)
+            run["distributor"] = cli.distributor_from_env()  # what each worker builds
+        else:
+            run["distributor"] = app
+        runs.append(run)
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     return runs
@@ -435,6 +447,214 @@ def test_bad_redis_url_error_hides_the_password(
     assert nodes == []
 
 
+HOSTILE = "Xq7#Zk9/Wm3?Vb2@Nc5%Lp8"  # every URL delimiter, unencoded
+
+
+def _node_argv(app_module: tuple[str, str]) -> list[str]:
+    directory, name = app_module
+    return ["--log-level", "debug", "node", f"{name}:app", "--app-dir", directory, "--key", "k"]
+
+
+@pytest.mark.parametrize("encode", [False, True])
+def test_node_takes_a_hostile_password_in_the_url(
+    encode: bool,
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = quote(HOSTILE, safe="") if encode else HOSTILE
+    argv = [*_node_argv(app_module), "--redis", f"redis://alice:{secret}@127.0.0.1:1/0"]
+    assert main(argv) == 0
+    (node,) = nodes
+    assert (node.params.username, node.params.password) == ("alice", HOSTILE)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err + caplog.text + repr(node) + repr(node.params)
+    for piece in (HOSTILE, quote(HOSTILE, safe=""), "Xq7", "Zk9", "Wm3", "Vb2", "Nc5", "Lp8"):
+        assert piece not in text
+    assert "redis://alice:***@127.0.0.1:1/0" in caplog.text
+
+
+def test_a_password_on_the_command_line_is_warned_about(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    argv = [*_node_argv(app_module), "--redis", "redis://:hunter2@127.0.0.1:1/0"]
+    assert main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("visible to every user" in w and "MINIDASGI_REDIS_PASSWORD" in w for w in warnings)
+    assert "hunter2" not in caplog.text + "".join(capsys.readouterr())
+
+
+def test_no_warning_without_a_password_on_the_command_line(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")
+    assert main(_node_argv(app_module)) == 0
+    assert main([*_node_argv(app_module), "--redis", "redis://127.0.0.1:1/0"]) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_node_takes_the_password_from_the_environment_and_removes_it(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("MINIDASGI_REDIS_PASSWORD", HOSTILE)
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", "redis://alice:old@127.0.0.1:1/0")
+    assert main(_node_argv(app_module)) == 0
+    (node,) = nodes
+    assert (node.params.username, node.params.password) == ("alice", HOSTILE)  # overrides
+    # Nothing this process starts inherits either of them.
+    assert "MINIDASGI_REDIS_PASSWORD" not in os.environ
+    assert "MINIDASGI_REDIS_URL" not in os.environ  # it held a password too
+    captured = capsys.readouterr()
+    assert HOSTILE not in captured.out + captured.err + caplog.text
+
+
+def test_a_bad_redis_url_in_the_environment_is_a_usage_error_and_removed(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", f"redis://:{HOSTILE}@127.0.0.1:notaport/0")
+    assert main(_node_argv(app_module)) == 2
+    err = capsys.readouterr().err
+    assert "invalid Redis URL redis://:***@127.0.0.1:notaport/0" in err
+    assert not any(piece in err for piece in ("Xq7", "Zk9", "Wm3", "Vb2", "Nc5", "Lp8"))
+    assert "MINIDASGI_REDIS_URL" not in os.environ
+    assert nodes == []
+
+
+def test_a_redis_url_without_a_password_stays_in_the_environment(
+    app_module: tuple[str, str], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", "redis://127.0.0.1:1/0")
+    assert main(_node_argv(app_module)) == 0
+    assert os.environ["MINIDASGI_REDIS_URL"] == "redis://127.0.0.1:1/0"
+
+
+@pytest.mark.parametrize("ending", ["", "\n", "\r\n"])
+def test_node_takes_the_password_from_a_file(
+    ending: str,
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "redis-password"
+    path.write_text(HOSTILE + ending, newline="")
+    path.chmod(0o600)
+    monkeypatch.setenv("MINIDASGI_REDIS_PASSWORD", "loses-to-the-file")
+    argv = [*_node_argv(app_module), "--redis-password-file", str(path)]
+    assert main([*argv, "--redis", "redis://alice@127.0.0.1:1/0"]) == 0
+    (node,) = nodes
+    assert (node.params.username, node.params.password) == ("alice", HOSTILE)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert HOSTILE not in caplog.text
+
+
+def test_the_password_file_from_the_environment(
+    app_module: tuple[str, str], nodes: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "redis-password"
+    path.write_text("from-a-file\n")
+    monkeypatch.setenv("MINIDASGI_REDIS_PASSWORD_FILE", str(path))
+    assert main(_node_argv(app_module)) == 0
+    assert nodes[0].params.password == "from-a-file"
+
+
+def test_a_password_file_others_can_read_is_warned_about(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "redis-password"
+    path.write_text("hunter2\n")
+    path.chmod(0o644)
+    assert main([*_node_argv(app_module), "--redis-password-file", str(path)]) == 0
+    assert "can be read by other users" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "cannot read"), (b"", "is empty"), (b"\n", "is empty"), (b"Xq7\xff\xfe", "UTF-8")],
+)
+def test_a_bad_password_file_is_a_usage_error(
+    content: bytes | None,
+    problem: str,
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "redis-password"
+    if content is not None:
+        path.write_bytes(content)
+    assert main([*_node_argv(app_module), "--redis-password-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and str(path) in err
+    assert "Xq7" not in err
+    assert nodes == []
+
+
+def test_node_channel_prefix(
+    app_module: tuple[str, str], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main([*_node_argv(app_module), "--channel-prefix", "tenant-a"]) == 0
+    monkeypatch.setenv("MINIDASGI_CHANNEL_PREFIX", "tenant-b")
+    assert main([*_node_argv(app_module), "--redis", "redis://h/2"]) == 0
+    assert nodes[0].channel.startswith("tenant-a:0:node:")
+    assert nodes[1].channel.startswith("tenant-b:2:node:")
+
+
+@pytest.mark.parametrize("prefix", ["", "a b", "a\nb"])
+def test_a_bad_channel_prefix_is_a_usage_error(
+    prefix: str, app_module: tuple[str, str], nodes: list[Node]
+) -> None:
+    assert main([*_node_argv(app_module), "--channel-prefix", prefix]) == 2
+    assert main(["distributor", "--key", "K", "--channel-prefix", prefix]) == 2
+    assert nodes == []
+
+
+def test_distributor_takes_the_password_from_a_file(
+    uvicorn_runs: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    path = tmp_path / "redis-password"
+    path.write_text(HOSTILE + "\n")
+    argv = ["distributor", "--key", "K", "--redis", "redis://alice@127.0.0.1:1/0"]
+    assert main([*argv, "--redis-password-file", str(path)]) == 0
+    assert main([*argv, "--redis-password-file", str(path), "--workers", "2"]) == 0
+    one, two = uvicorn_runs
+    assert one["distributor"].params.password == HOSTILE
+    assert two["config"]["password"] == HOSTILE  # in the private file only
+    assert two["distributor"].params.password == HOSTILE
+    assert two["distributor"].params.username == "alice"
+
+
+def test_demo_takes_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from minidasgi import demo
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: calls.append(kwargs) or 0)
+    monkeypatch.setenv("MINIDASGI_REDIS_PASSWORD", "hunter2")
+    assert main(["demo", "--redis", "redis://127.0.0.1:1"]) == 0
+    assert calls == [{"redis_url": "redis://127.0.0.1:1", "port": 8000, "password": "hunter2"}]
+
+
 # -- distributor -------------------------------------------------------------------------------
 
 
@@ -463,6 +683,12 @@ def test_distributor_options(
     assert config["url"] == "redis://:hunter2@127.0.0.1:1/0"  # for the worker processes only
     assert (config["worker_timeout"], config["no_worker_status"]) == (2.5, 503)
     assert config["max_body_size"] == 1000
+    # Only this user can read the file, in a directory only this user can enter; it is
+    # gone once the command returns, and so is the variable naming it.
+    assert run["modes"] == (0o600, 0o700)
+    assert not run["config_file"].exists() and not run["config_file"].parent.exists()
+    assert cli._DISTRIBUTOR_ENV not in os.environ
+    assert run["distributor"].params.password == "hunter2"
     captured = capsys.readouterr()
     assert "hunter2" not in captured.out + captured.err + caplog.text
     assert "redis://:***@127.0.0.1:1/0" in caplog.text
@@ -477,6 +703,7 @@ def test_distributor_from_the_environment(
     monkeypatch.setenv("MINIDASGI_WORKERS", "2")
     monkeypatch.setenv("MINIDASGI_WORKER_TIMEOUT", "1.25")
     monkeypatch.setenv("MINIDASGI_NO_WORKER_STATUS", "503")
+    monkeypatch.setenv("MINIDASGI_CHANNEL_PREFIX", "tenant-a")
     assert main(["distributor"]) == 0
     (run,) = uvicorn_runs
     assert (run["port"], run["workers"]) == (9998, 2)
@@ -484,16 +711,18 @@ def test_distributor_from_the_environment(
     assert config["routes"] == [[r"/api/([a-z-]+)", r"API-\1"], ["/", "ALL"]]
     assert config["url"] == "redis://127.0.0.1:6393/1"
     assert (config["worker_timeout"], config["no_worker_status"]) == (1.25, 503)
+    assert run["distributor"].channel.startswith("tenant-a:1:dist:")
 
 
 def test_distributor_single_key(uvicorn_runs: list[dict[str, Any]]) -> None:
     assert main(["distributor", "--key", "EVERYTHING"]) == 0
     (run,) = uvicorn_runs
-    assert run["config"]["routes"] is None
-    assert run["config"]["key"] == "EVERYTHING"
-    assert run["config"]["url"] == "redis://localhost:6379"
-    distributor = cli.distributor_from_env()  # what each uvicorn worker builds
-    assert distributor is not None
+    assert run["workers"] == 1
+    distributor = run["app"]  # one process: the app itself, no configuration file
+    assert (distributor.key, distributor.routes) == ("EVERYTHING", None)
+    assert distributor.params.address == "localhost:6379"
+    assert distributor.channel.startswith("minidasgi:0:dist:")
+    assert cli._DISTRIBUTOR_ENV not in os.environ
 
 
 def test_distributor_that_uvicorn_cannot_start_returns_1(

@@ -6,11 +6,13 @@ or in an error message.
 
 from __future__ import annotations
 
+import re
 import ssl
+from urllib.parse import quote
 
 import pytest
 
-from minidasgi.resp.connection import ConnectionParams, make_params, parse_url
+from minidasgi.resp.connection import ConnectionParams, _redact, make_params, parse_url
 
 SECRET = "sekrit"
 
@@ -114,10 +116,123 @@ def test_parse_url_error_never_shows_the_password(url: str) -> None:
     assert SECRET not in repr(caught.value)
 
 
-def test_parse_url_error_hides_a_password_with_an_unencoded_slash() -> None:
+def test_parse_url_takes_a_password_with_an_unencoded_slash() -> None:
+    params = parse_url("redis://:ab/cd+ef==@h:6379/0")
+    assert (params.password, params.host, params.port, params.db) == ("ab/cd+ef==", "h", 6379, 0)
+
+
+# Passwords holding every character a URL treats as a delimiter. Each piece between them is
+# distinctive, so a message quoting any part of one (as "Port could not be cast to integer
+# value as 'Xq7'" once did) is caught, not only one quoting the whole password.
+HOSTILE = [
+    "Xq7#Zk9",
+    "Xq7/Zk9",
+    "Xq7?Zk9",
+    "Xq7@Zk9",
+    "Xq7%Zk9",
+    "Xq7#Zk9/Wm3?Vb2@Nc5%Lp8",
+    "#Xq7@/Zk9?",
+    "Xq7@@Zk9##Wm3//",
+    "Xq7%zzZk9%",
+]
+
+
+def _pieces(password: str) -> list[str]:
+    return [piece for piece in re.split(r"[#/?@%:]", password) if len(piece) >= 3]
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is not None and item not in seen:
+            seen.append(item)
+            todo += [item.__cause__, item.__context__]
+    return seen
+
+
+def _assert_hidden(password: str, text: str) -> None:
+    for secret in (password, quote(password, safe=""), *_pieces(password)):
+        assert secret not in text
+
+
+@pytest.mark.parametrize("password", HOSTILE)
+@pytest.mark.parametrize("user", ["", "alice"])
+def test_parse_url_takes_an_unencoded_password_up_to_the_last_at(password: str, user: str) -> None:
+    for url, where in [
+        (f"redis://{user}:{password}@h:7000/3", ("h", 7000, None, 3)),
+        (f"rediss://{user}:{password}@[::1]:7001?db=4", ("::1", 7001, None, 4)),
+        (f"unix://{user}:{password}@/run/r.sock?db=5", ("localhost", 6379, "/run/r.sock", 5)),
+    ]:
+        params = parse_url(url)
+        assert (params.host, params.port, params.unix_socket, params.db) == where
+        assert params.username == (user or None)
+        assert params.password == password
+        _assert_hidden(password, repr(params) + _redact(url))
+
+
+@pytest.mark.parametrize("password", HOSTILE)
+def test_parse_url_takes_a_percent_encoded_password(password: str) -> None:
+    url = f"redis://alice:{quote(password, safe='')}@h:7000/3"
+    params = parse_url(url)
+    assert (params.username, params.password, params.db) == ("alice", password, 3)
+    _assert_hidden(password, repr(params) + _redact(url))
+
+
+@pytest.mark.parametrize("password", HOSTILE)
+@pytest.mark.parametrize("encode", [False, True])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "redis://alice:{}@h:notaport/0",
+        "redis://:{}@h:99999",
+        "redis://:{}@h/abc",
+        "rediss://alice:{}@h?db=x",
+        "http://alice:{}@h",
+        "{}@h",
+        "unix://:{}@/tmp/r.sock?db=nope",
+        "unix://:{}@relative.sock",
+        "redis://{}@h:bad",  # no ':': the secret reads as a username, which is hidden
+    ],
+)
+def test_parse_url_error_never_holds_the_password(
+    password: str, encode: bool, template: str
+) -> None:
+    url = template.format(quote(password, safe="") if encode else password)
+    with pytest.raises(ValueError, match="invalid Redis URL") as caught:
+        parse_url(url)
+    for exc in _chain(caught.value):
+        _assert_hidden(password, f"{exc} {exc!r} {exc.args!r}")
+    _assert_hidden(password, _redact(url))
+
+
+def test_parse_url_error_names_the_problem() -> None:
     with pytest.raises(ValueError) as caught:
-        parse_url("redis://:ab/cd+ef==@h:6379/0")
-    assert "cd+ef" not in str(caught.value)
+        parse_url("redis://:Xq7#Zk9@h:notaport/0")
+    assert str(caught.value) == (
+        "invalid Redis URL redis://:***@h:notaport/0: "
+        "Port could not be cast to integer value as 'notaport'"
+    )
+
+
+def test_parse_url_takes_a_colon_in_the_password() -> None:
+    params = parse_url("redis://:Xq7:Zk9@h")
+    assert (params.username, params.password) == (None, "Xq7:Zk9")
+    _assert_hidden("Xq7:Zk9", repr(params) + _redact("redis://:Xq7:Zk9@h"))
+
+
+def test_parse_url_a_unix_socket_path_may_hold_an_at_sign() -> None:
+    assert parse_url("unix:///tmp/a@b.sock").unix_socket == "/tmp/a@b.sock"
+    params = parse_url("unix://:pw@/tmp/a%40b.sock")  # after credentials, it is encoded
+    assert (params.password, params.unix_socket) == ("pw", "/tmp/a@b.sock")
+
+
+def test_repr_hides_a_username_that_may_be_a_misplaced_password() -> None:
+    params = parse_url("redis://Xq7@Zk9:pw@h")  # meant ':Xq7@Zk9:pw', forgot the colon
+    assert params.username == "Xq7@Zk9"
+    _assert_hidden("Xq7@Zk9", repr(params) + _redact("redis://Xq7@Zk9:pw@h"))
+    assert "username='alice'" in repr(parse_url("redis://alice:pw@h"))
 
 
 @pytest.mark.parametrize("url", ["ftp://h", "redis+tls://h", "localhost:6379", ""])

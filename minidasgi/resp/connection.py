@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import socket
 import ssl as _ssl
 from collections.abc import Callable
@@ -79,51 +80,108 @@ class ConnectionParams:
 
     def __repr__(self) -> str:
         secret = ", password='***'" if self.password is not None else ""
-        user = f", username={self.username!r}" if self.username is not None else ""
+        shown = _shown_username(self.username)
+        user = f", username={shown!r}" if shown is not None else ""
         tls = ", ssl=True" if self.ssl else ""
         return f"ConnectionParams({self.address!r}, db={self.db}{user}{secret}{tls})"
 
 
-def _redact(url: str) -> str:
-    """The URL with any password replaced by ``***``, fit for an error message.
+_SHOWN_USERNAME = re.compile(r"[A-Za-z0-9_.+-]*\Z")
+"""A username shown in messages; anything else may be a misplaced password, so it is hidden."""
 
-    Everything up to the last ``@`` counts as credentials: a password may hold ``/`` or
-    ``@`` unencoded, and hiding too much is the safe mistake.
+
+def _split_credentials(scheme: str, rest: str) -> tuple[str | None, str]:
+    """Split what follows ``scheme://`` into ``(credentials or None, the rest)``.
+
+    The credentials run up to the *last* ``@``, so a password holding ``@``, ``/``, ``?``,
+    ``#`` or ``%`` unencoded still works: no character of it is taken for a delimiter. A
+    ``unix:///path`` without credentials may hold ``@`` in its path; with credentials, write
+    an ``@`` of the path as ``%40``.
+    """
+    if scheme == "unix" and rest.startswith("/"):
+        return None, rest
+    at = rest.rfind("@")
+    if at < 0:
+        return None, rest
+    return rest[:at], rest[at + 1 :]
+
+
+def _shown_username(username: str | None) -> str | None:
+    """``username`` if it is fit for a message, else ``"***"`` (it may hold a secret)."""
+    if username is None or _SHOWN_USERNAME.match(username):
+        return username
+    return "***"
+
+
+def _redact(url: str) -> str:
+    """The URL with its credentials hidden, fit for a message: ``scheme://user:***@host...``.
+
+    Credentials are split off as ``parse_url`` does (up to the last ``@`` before the host); a
+    username that does not look like one is hidden too, since hiding too much is the safe
+    mistake.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "<unparseable URL>"
-    if "@" not in rest:
+    credentials, hostpart = _split_credentials(scheme, rest)
+    if credentials is None:
         return url
-    auth, _, hostpart = rest.rpartition("@")
-    user, colon, _ = auth.partition(":")
-    if "/" in user:  # cannot tell user from password: hide it all
-        return f"{scheme}://***@{hostpart}"
-    return f"{scheme}://{user}:***@{hostpart}" if colon else f"{scheme}://{user}@{hostpart}"
+    user, colon, _ = credentials.partition(":")
+    shown = user if user and _shown_username(unquote(user)) != "***" else ""
+    if not colon:  # a lone name: shown if it looks like one
+        return f"{scheme}://{shown or '***'}@{hostpart}"
+    return f"{scheme}://{shown}:***@{hostpart}"
+
+
+class _URLError(ValueError):
+    """Raised inside ``parse_url``; carries only text free of credentials."""
 
 
 def parse_url(url: str) -> ConnectionParams:
     """Parse ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
     ``unix://[[user]:password@]/path.sock[?db=N]``. User and password are percent-decoded.
+
+    The credentials run up to the last ``@`` before the host, so a password may hold ``@``,
+    ``/``, ``?``, ``#`` or ``%`` without percent-encoding them (``%`` followed by two hex
+    digits is decoded: encode a literal one as ``%25``). A ``ValueError`` names the problem
+    and the URL with its credentials hidden; neither it nor its ``__context__`` holds them.
     """
     try:
-        parts = urlsplit(url)
+        return _parse_url(url)
+    except _URLError as exc:
+        problem = str(exc)
+    # Raised outside the except block: no exception that saw the credentials is chained.
+    raise ValueError(f"invalid Redis URL {_redact(url)}: {problem}")
+
+
+def _parse_url(url: str) -> ConnectionParams:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "unix"):
+        raise _URLError("the scheme must be redis://, rediss:// or unix://")
+    credentials, hostpart = _split_credentials(scheme, rest)
+    username = password = None
+    if credentials is not None:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) if user else None
+        password = unquote(secret) if colon else None
+    # What is left holds no credentials: the standard parser may quote it in its errors.
+    try:
+        parts = urlsplit(f"{scheme}://{hostpart}")
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"invalid Redis URL {_redact(url)}: {exc}") from None
-    scheme = parts.scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(
-            f"invalid Redis URL {_redact(url)}: the scheme must be redis://, rediss:// or unix://"
-        )
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
+        raise _URLError(str(exc)) from None
     query = parse_qs(parts.query)
     db_text: str | None = query["db"][-1] if "db" in query else None
     if scheme == "unix":
-        if not parts.path:
-            raise ValueError(f"invalid Redis URL {_redact(url)}: no socket path")
-        base = ConnectionParams(unix_socket=unquote(parts.path))
+        path = parts.netloc + parts.path  # unix:///p has an empty netloc; unix://:pw@/p none
+        if not path:
+            raise _URLError("no socket path")
+        if not path.startswith("/"):
+            raise _URLError(
+                "the socket path must be absolute (unix:///path.sock; after credentials, "
+                "write an '@' in the path as %40)"
+            )
+        base = ConnectionParams(unix_socket=unquote(path))
     else:
         path = parts.path.strip("/")
         if path and db_text is None:
@@ -136,7 +194,7 @@ def parse_url(url: str) -> ConnectionParams:
     db = 0
     if db_text is not None:
         if not db_text.isdigit():
-            raise ValueError(f"invalid Redis URL {_redact(url)}: db must be a number")
+            raise _URLError("db must be a number")
         db = int(db_text)
     return replace(base, db=db, username=username, password=password)
 
@@ -474,7 +532,8 @@ async def _handshake(connection: Connection) -> None:
         try:
             await connection.execute(*auth)
         except ReplyError as exc:
-            who = f" for user {params.username!r}" if params.username is not None else ""
+            shown = _shown_username(params.username)
+            who = f" for user {shown!r}" if shown is not None else ""
             raise AuthenticationError(
                 f"Redis at {params.address} refused AUTH{who}: {exc}"
             ) from None

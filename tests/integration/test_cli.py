@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -445,6 +446,115 @@ def test_password_never_appears_in_the_output(redis_factory: RedisFactory, tmp_p
         assert "wr0ng-pw" not in output
     assert ":***@127.0.0.1" in node.output()  # the URL is shown, redacted
     assert_redis_clean(redis)
+
+
+HOSTILE = "Xq7#Zk9/Wm3?Vb2@Nc5%Lp8"  # every URL delimiter, unencoded
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every process below ``pid`` (children, grandchildren, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
+
+
+def leaks(pid: int, secrets: Sequence[str], *, environ: bool = True) -> list[str]:
+    """Where any of ``secrets`` shows in ``/proc/PID/cmdline`` (and ``environ``)."""
+    found = []
+    for name in ("cmdline", "environ") if environ else ("cmdline",):
+        data = (Path("/proc") / str(pid) / name).read_bytes()
+        found += [f"{pid}/{name}: {s!r}" for s in secrets if s.encode() in data]
+    return found
+
+
+@pytest.mark.parametrize("given_in", ["file", "password variable", "url variable"])
+def test_distributor_workers_never_expose_the_password(
+    given_in: str, redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """``--workers 2``: neither the command nor any process below it shows the password on
+    its command line or in its environment, and requests go through. A password the user put
+    in the command's own environment is there for good (the kernel keeps the initial
+    environment): only then is the command's own ``environ`` left out of the scan."""
+    redis = redis_factory(password=HOSTILE)
+    secrets = [HOSTILE, quote(HOSTILE, safe="")]
+    plain = f"redis://127.0.0.1:{redis.port}/0"
+    port = free_port()
+    argv = [*MINIDASGI, "distributor", "--route", "/=K", "--port", str(port), "--workers", "2"]
+    if given_in == "file":
+        password_file = tmp_path / "redis-password"
+        password_file.write_text(HOSTILE + "\n")
+        password_file.chmod(0o600)
+        env = child_env()
+        argv += ["--redis", plain, "--redis-password-file", str(password_file)]
+    elif given_in == "password variable":
+        env = child_env(MINIDASGI_REDIS_URL=plain, MINIDASGI_REDIS_PASSWORD=HOSTILE)
+    else:
+        env = child_env(MINIDASGI_REDIS_URL=redis.url)  # percent-encoded in the URL
+    with children() as started:
+        node = Child(
+            [*MINIDASGI, "node", HELLO, "--key", "K"],
+            tmp_path / "node.log",
+            env=child_env(MINIDASGI_REDIS_URL=redis.url),  # not scanned: it starts no child
+        )
+        started.append(node)
+        wait_until(lambda: popping(redis) == 1 or not node.running(), what="the Node")
+        private_tmp = tmp_path / "tmp"  # where the command makes its private directory
+        private_tmp.mkdir()
+        dist = Child(argv, tmp_path / "dist.log", env={**env, "TMPDIR": str(private_tmp)})
+        started.append(dist)
+        for _ in range(4):
+            response = get_when_up(f"http://127.0.0.1:{port}/", dist)
+            assert (response.status_code, response.text) == (200, "Hello World!")
+        dist.wait_for_output("(?s)(Application startup complete.*){2}")  # both workers
+        below = descendants(dist.pid)
+        assert len(below) >= 2, below  # the two workers (and whatever else uvicorn starts)
+        found = leaks(dist.pid, secrets, environ=given_in == "file")
+        for pid in below:
+            found += leaks(pid, secrets)
+        assert found == []
+        # The worker processes' configuration file exists while they run ...
+        config_files = list(private_tmp.glob("minidasgi-*/distributor.json"))
+        assert stop_all([node, dist]) == [0, 0], node.output() + dist.output()
+    # ... and not after.
+    assert config_files and not any(path.exists() for path in config_files)
+    for output in (node.output(), dist.output()):
+        assert not any(secret in output for secret in secrets)
+        assert "Traceback" not in output
+    assert_redis_clean(redis)
+
+
+def test_a_password_in_redis_on_the_command_line_works_and_is_warned_about(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    redis = redis_factory(password=HOSTILE)
+    unencoded = f"redis://:{HOSTILE}@127.0.0.1:{redis.port}/0"
+    with children() as started:
+        node = start_node(
+            started,
+            redis,
+            tmp_path / "node.log",
+            ["node", HELLO, "--key", "K", "--redis", unencoded],
+        )
+        assert stop_all([node]) == [0]
+    output = node.output()
+    assert "visible to every user of this machine" in output
+    assert "redis://:***@127.0.0.1" in output
+    for piece in (HOSTILE, "Xq7", "Zk9", "Wm3", "Vb2", "Nc5", "Lp8"):
+        assert piece not in output
 
 
 # -- demo --------------------------------------------------------------------------------------
