@@ -101,7 +101,7 @@ def pack(kind: str, request_id: str, *args: Any) -> bytes:
 
 def unpack(data: bytes) -> tuple[str, str, list[Any]]:
     """Decode one conversation message into ``(kind, request_id, args)``."""
-    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE)
+    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")
     if message[0] == PING:
@@ -138,7 +138,7 @@ class Envelope:
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = codec.DEFAULT_MAX_SIZE) -> Envelope:
         """Decode and validate; raise ``CodecError`` or ``WireError``."""
-        value = codec.decode(data, max_size=max_size)
+        value = codec.decode(data, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
         if not isinstance(value, dict):
             raise WireError("envelope is not a dict")
         try:
