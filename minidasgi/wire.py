@@ -7,7 +7,9 @@ The conversation for one request (``id``):
 
 1. The distributor ``LPUSH``es an ``Envelope`` onto the route's key: the scope, the first ASGI
    events already received (a small request travels whole), the distributor's reply channel,
-   a deadline and the flow-control window.
+   a deadline and the flow-control window. An HTTP envelope without events is a request
+   whose client waits for "100 Continue": the Node publishes ``[CONTINUE, id]`` when its app
+   first calls ``receive()``, and only then does the distributor read the body and relay it.
 2. A Node pops it (``BRPOP``: first in, first out; under load ``RPOP`` with a count takes a
    batch) and publishes ``[ACK, id, node_channel, window]``: the window is how many pieces
    of request body the distributor may send ahead.
@@ -38,6 +40,7 @@ __all__ = [
     "ACK",
     "CANCEL",
     "CHUNK_SIZE",
+    "CONTINUE",
     "CREDIT",
     "DONE",
     "EVENT",
@@ -65,6 +68,7 @@ CREDIT: Final = "credit"
 DONE: Final = "done"
 CANCEL: Final = "cancel"
 PING: Final = "ping"
+CONTINUE: Final = "continue"
 
 CHUNK_SIZE: Final = 128 * 1024
 """Largest body piece in one message; bigger bodies are split."""
