@@ -259,6 +259,27 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_env("MAX_BODY_SIZE"),
         help="largest request body in bytes, else 413 [MINIDASGI_MAX_BODY_SIZE] (default: 1 GiB)",
     )
+    dist.add_argument(
+        "--request-buffer-size",
+        type=int,
+        default=_env("REQUEST_BUFFER_SIZE"),
+        help="bytes of a request body read before it is queued for a Node (a slow client "
+        "holds no Node slot; 0: queue at once) [MINIDASGI_REQUEST_BUFFER_SIZE] (default: 1 MiB)",
+    )
+    dist.add_argument(
+        "--request-buffer-budget",
+        type=int,
+        default=_env("REQUEST_BUFFER_BUDGET"),
+        help="bytes all requests being buffered may hold together; past it a request is "
+        "queued with what it has [MINIDASGI_REQUEST_BUFFER_BUDGET] (default: 64 MiB)",
+    )
+    dist.add_argument(
+        "--body-idle-timeout",
+        type=float,
+        default=_env("BODY_IDLE_TIMEOUT"),
+        help="seconds a client may pause its upload, else 408 (0: no bound) "
+        "[MINIDASGI_BODY_IDLE_TIMEOUT] (default: 30)",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -457,6 +478,13 @@ def _run_distributor(args: argparse.Namespace) -> int:
         config["password"] = args.redis_password
     if args.max_body_size is not None:
         config["max_body_size"] = int(args.max_body_size)
+    if args.request_buffer_size is not None:
+        config["request_buffer_size"] = int(args.request_buffer_size)
+    if args.request_buffer_budget is not None:
+        config["request_buffer_budget"] = int(args.request_buffer_budget)
+    if args.body_idle_timeout is not None:
+        idle = float(args.body_idle_timeout)
+        config["body_idle_timeout"] = idle if idle > 0 else None
     try:
         app = _distributor(config)  # check the configuration here, once, with a clear message
     except (TypeError, ValueError, re.error) as exc:

@@ -9,7 +9,12 @@ big-endian: ``N`` None, ``T``/``F`` booleans, ``i`` int64, ``I`` a larger int as
 ASCII (u16 length), ``f`` float64, ``s`` UTF-8 str and ``b`` bytes (u32 length), ``l`` list and
 ``d`` dict (u32 count, then the items; dict keys are str values). Tuples travel as lists.
 Decoding checks every length against the bytes that remain, so a forged count cannot make it
-allocate more than the message holds; depth and total size are bounded.
+allocate more than the message holds; depth, total size and the number of items are bounded.
+
+The item bound is what keeps decoding cheap: an empty list costs 5 bytes on the wire and some
+60 in memory, so a size bound alone lets a 16 MiB message become hundreds of MiB of objects and
+seconds of CPU. Every container's count is charged against ``max_items`` before any of its items
+is built, so a forged message is refused after work proportional to the bound, not to its size.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ VERSION: Final = 1
 _VERSION_BYTE: Final = bytes([VERSION])
 DEFAULT_MAX_SIZE: Final = 16 * 1024 * 1024
 DEFAULT_MAX_DEPTH: Final = 32
+DEFAULT_MAX_ITEMS: Final = 100_000
+"""Items (list elements and dict entries, over all containers) one decode builds at most. The
+largest real messages hold a few thousand (a scope with hundreds of headers is ~3 per header);
+100,000 empty containers are ~6 MiB of objects and a few tens of milliseconds of decoding."""
 _MAX_BIGINT_DIGITS: Final = 128
 
 _I64 = struct.Struct(">q")
@@ -103,16 +112,24 @@ def is_portable(value: Any) -> bool:
 
 
 def decode(
-    data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH
+    data: bytes,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_items: int = DEFAULT_MAX_ITEMS,
 ) -> Any:
-    """Decode a message made by ``encode``; raise ``CodecError`` for anything else."""
+    """Decode a message made by ``encode``; raise ``CodecError`` for anything else.
+
+    ``max_size`` bounds the bytes, ``max_depth`` the nesting and ``max_items`` the list
+    elements and dict entries over the whole message (see ``DEFAULT_MAX_ITEMS``).
+    """
     if len(data) > max_size:
         raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
     if not data:
         raise CodecError("empty message")
     if data[0] != VERSION:
         raise CodecError(f"unsupported message version {data[0]} (this side speaks {VERSION})")
-    decoder = _Decoder(data, max_depth)
+    decoder = _Decoder(data, max_items)
     value = decoder.value(max_depth)
     if decoder.pos != len(data):
         raise CodecError(f"{len(data) - decoder.pos} trailing bytes after the message")
@@ -120,11 +137,12 @@ def decode(
 
 
 class _Decoder:
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "items", "pos")
 
-    def __init__(self, data: bytes, max_depth: int) -> None:
+    def __init__(self, data: bytes, max_items: int) -> None:
         self.data = data
         self.pos = 1
+        self.items = max_items  # items this decode may still build
 
     def _take(self, n: int) -> bytes:
         start = self.pos
@@ -166,6 +184,10 @@ class _Decoder:
             # Each item takes at least one byte: a forged count fails here, before allocating.
             if count > len(data) - self.pos:
                 raise CodecError("message truncated")
+            # Charged before building: a container of a million empty ones costs nothing.
+            self.items -= count
+            if self.items < 0:
+                raise CodecError("message holds too many items")
             if tag == 0x6C:
                 return [self.value(depth - 1) for _ in range(count)]
             result: dict[str, Any] = {}

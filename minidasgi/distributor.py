@@ -2,14 +2,18 @@
 
 Owns the distributor's two Redis connections (commands, and a subscriber on its own reply
 channel), the table of exchanges in flight, and the answers it gives by itself: 404 (no
-route), 400 (a refused key), 431 (headers too large), 413 (body too large), 503 (Redis
-unreachable), the seed's "no worker" error (405 by default) and 502 (the Node died or messages
-were lost). It never runs application code and never retries a request.
+route), 400 (a refused key), 431 (headers too large), 413 (body too large), 408 (the client
+stalled its upload), 503 (Redis unreachable), the seed's "no worker" error (405 by default) and
+502 (the Node died or messages were lost). It never runs application code and never retries a
+request.
 
-For each request it LPUSHes an envelope, waits ``worker_timeout`` for an ack, then relays the
+For each request it reads the body up to a bound (``buffering``: a slow client holds no Node
+slot), LPUSHes an envelope, waits ``worker_timeout`` for an ack, then relays the
 Node's events to the ASGI server and the client's events to the Node, under credit-based flow
 control in both directions. A request not acked in time is taken back from the list (LREM) when
-still there, and refused by the Node by its deadline otherwise.
+still there, and refused by the Node by its deadline otherwise. A request sent with ``Expect:
+100-continue`` is queued without its body, which is read (and the client told to continue)
+only once the Node's app asks for it (``wire.CONTINUE``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import codec, wire
+from . import buffering, codec, wire
 from .asgi import Message, Receive, Scope, Send
+from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError
 from .resp import RespError, Subscriber
 from .resp.client import Client
@@ -55,6 +60,7 @@ class _Signal:
 _PEER_LOST = _Signal("peer lost")
 _TOO_LARGE = _Signal("body too large")
 _CLIENT_GONE = _Signal("client gone")
+_CLIENT_IDLE = _Signal("client stalled its upload")
 _NO_ACK = _Signal("no ack in time")
 
 
@@ -70,6 +76,16 @@ class Distributor:
     deployments). ``response_timeout``: optional bound on the whole response after the ack.
     ``channel_prefix`` starts this process' pub/sub channel name: give each tenant sharing a
     Redis its own, with ACL users confined to it (README, "Security and trust").
+
+    ``request_buffer_size``: bytes of a request body read before the request is queued
+    (1 MiB; 0 queues at once): a request whose body fits travels whole in its envelope, and a
+    client that stalls its upload holds no Node slot. A larger body is queued once this much
+    arrived and streams the rest. ``request_buffer_budget``: bytes all requests being buffered
+    may hold together (64 MiB); a request beyond it is queued with what it has and streams
+    the rest. ``body_idle_timeout``: seconds a client may let pass between two pieces of its
+    body (30 s; None: no bound), else it gets 408 (and the Node's app, if the request was
+    queued, an ``http.disconnect``). A request with ``Expect: 100-continue`` is not buffered:
+    it is queued at once and its body read only when the Node's app asks for it.
     """
 
     def __init__(
@@ -90,6 +106,9 @@ class Distributor:
         response_timeout: float | None = None,
         max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        request_buffer_size: int = buffering.DEFAULT_REQUEST_BUFFER_SIZE,
+        request_buffer_budget: int = buffering.DEFAULT_REQUEST_BUFFER_BUDGET,
+        body_idle_timeout: float | None = buffering.DEFAULT_BODY_IDLE_TIMEOUT,
         liveness_interval: float = 1.0,
         startup_wait: float = 2.0,
         channel_prefix: str = "minidasgi",
@@ -120,6 +139,9 @@ class Distributor:
         self.response_timeout = response_timeout
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
+        self.request_buffer_size = request_buffer_size
+        self.buffer_budget = buffering.BufferBudget(request_buffer_budget)
+        self.body_idle_timeout = body_idle_timeout
         self.liveness_interval = liveness_interval
         self.startup_wait = startup_wait
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
@@ -297,6 +319,8 @@ class Distributor:
                 exchange.window.grant(args[0])
         elif kind in (wire.ACK, wire.SEND, wire.DONE):
             exchange.inbox.put_nowait((kind, args))
+        elif kind == wire.CONTINUE:
+            exchange.body_wanted()
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
 
@@ -340,37 +364,62 @@ class _Exchange:
         self.complete = False
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
         self.body_size = 0
+        # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
+        self.expecting = self.kind == "http" and _expects_continue(scope)
+        self._wants_body = False  # the Node's app asked for the body (CONTINUE)
+        self._more = False  # the client has more to send than the envelope carries
+        self._pumps: list[asyncio.Task[None]] = []
+        self._delayed: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         d = self.distributor
-        first = await self._receive()
-        if first["type"] in ("http.disconnect", "websocket.disconnect"):
-            return
-        if self._too_large(first):
-            await self._refuse(413, "request body too large\n")
-            return
-        key = self.key
-        envelope = wire.Envelope(
-            id=self.id,
-            reply=d.channel,
-            deadline=time.time() + d.worker_timeout,
-            scope=_portable_scope(self.scope),
-            events=[dict(first)],
-            window=self.received.window,
-        )
+        buffered: BodyBuffer | None = None
         try:
-            data = envelope.encode()
-        except CodecError as exc:  # a server or middleware put something odd in the scope
-            logger.error("request %s cannot travel to a Node: %s", self.id, exc)
-            await self._refuse(500, "Internal Server Error\n")
-            return
-        try:
-            assert d._client is not None
-            await d._client.lpush(key, data)
-        except RespError as exc:
-            logger.warning("cannot queue a request on %r: %s", key, exc)
-            await self._refuse(503, "the request queue (Redis) is unreachable\n")
-            return
+            if self.expecting:
+                # Asking receive() for anything would make the server send "100 Continue".
+                events: list[dict[str, Any]] = []
+                self._more = True
+            else:
+                first = await self._receive()
+                if first["type"] in ("http.disconnect", "websocket.disconnect"):
+                    return
+                if self._too_large(first):
+                    await self._refuse(413, "request body too large\n")
+                    return
+                events = [dict(first)]
+                self._more = first.get("more_body", False) or self.kind == "websocket"
+                if self.kind == "http" and self._more and d.request_buffer_size > 0:
+                    buffered = BodyBuffer(first, d.request_buffer_size, d.buffer_budget)
+                    if not await self._buffer(buffered):
+                        return
+                    events = [buffered.event()]
+                    self._more = events[0]["more_body"]
+            key = self.key
+            envelope = wire.Envelope(
+                id=self.id,
+                reply=d.channel,
+                deadline=time.time() + d.worker_timeout,
+                scope=_portable_scope(self.scope),
+                events=events,
+                window=self.received.window,
+            )
+            try:
+                data = envelope.encode()
+            except CodecError as exc:  # a server or middleware put something odd in the scope
+                logger.error("request %s cannot travel to a Node: %s", self.id, exc)
+                await self._refuse(500, "Internal Server Error\n")
+                return
+            del envelope, events
+            try:
+                assert d._client is not None
+                await d._client.lpush(key, data)
+            except RespError as exc:
+                logger.warning("cannot queue a request on %r: %s", key, exc)
+                await self._refuse(503, "the request queue (Redis) is unreachable\n")
+                return
+        finally:
+            if buffered is not None:
+                buffered.release()
         # A timer rather than wait_for(), which costs a task per request before Python 3.12.
         timer = asyncio.get_running_loop().call_later(
             d.worker_timeout, self.inbox.put_nowait, _NO_ACK
@@ -390,28 +439,61 @@ class _Exchange:
         ack_args = item[1]
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
-        more = first.get("more_body", False) or self.kind == "websocket"
-        pumps: list[asyncio.Task[None]] = []
-
-        def start_pump() -> None:
-            pumps.append(asyncio.ensure_future(self._forward_client(more)))
-
-        # Relaying the client's side starts at once when it has more to send; for a request
-        # already whole it only watches for a disconnect, which can wait a moment: most
-        # responses are done by then, and spare a task per request.
-        delayed = None if more else asyncio.get_running_loop().call_later(_WATCH_AFTER, start_pump)
-        if more:
-            start_pump()
+        self._node_known()
         try:
             await self._relay()
         finally:
-            if delayed is not None:
-                delayed.cancel()
-            for pump in pumps:
+            if self._delayed is not None:
+                self._delayed.cancel()
+            for pump in self._pumps:
                 pump.cancel()
                 pump.add_done_callback(_log_pump_failure)
             if not self.node_done and self.node is not None:
                 d.spawn(d.cancel_on(self.node, self.id))
+
+    async def _buffer(self, buffered: BodyBuffer) -> bool:
+        """Read the body into ``buffered`` up to its bound; False if the exchange is over
+        (the client left, stalled, or sent too much), answered if need be."""
+        timeout = self.distributor.body_idle_timeout
+        while buffered.wanted:
+            try:
+                event = await buffering.receive_within(self._receive, timeout)
+            except BodyIdle:
+                await self._refuse(408, "request body timed out\n")
+                return False
+            if event["type"] == "http.disconnect":
+                return False
+            if self._too_large(event):
+                await self._refuse(413, "request body too large\n")
+                return False
+            buffered.add(event)
+        return True
+
+    def _node_known(self) -> None:
+        """The Node acked: start relaying the client's side to it.
+
+        That starts at once when the client has more to send; for a request already whole
+        it only watches for a disconnect, which can wait a moment: most responses are done by
+        then, and spare a task per request. A request expecting 100-continue waits for its
+        Node's app to ask for the body (``body_wanted``): reading it would solicit it."""
+        if self.expecting and not self._wants_body:
+            return
+        if self._more:
+            self._start_pump()
+        else:
+            loop = asyncio.get_running_loop()
+            self._delayed = loop.call_later(_WATCH_AFTER, self._start_pump)
+
+    def body_wanted(self) -> None:
+        """The Node's app asked for the body of a request queued without it (CONTINUE)."""
+        if not self.expecting or self._wants_body:
+            return
+        self._wants_body = True
+        if self.node is not None and not self.complete:
+            self._start_pump()  # else once the ack is handled
+
+    def _start_pump(self) -> None:
+        self._pumps.append(asyncio.ensure_future(self._forward_client(self._more)))
 
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
@@ -475,6 +557,10 @@ class _Exchange:
             if item is _TOO_LARGE:
                 await self._fail(413, "request body too large\n")
                 return
+            if item is _CLIENT_IDLE:
+                self.node_done = True  # told through the disconnect event, as for _CLIENT_GONE
+                await self._fail(408, "request body timed out\n")
+                return
             if isinstance(item, _Signal):  # e.g. an ack deadline that fired with the ack
                 continue
             kind, args = item
@@ -529,8 +615,17 @@ class _Exchange:
         """Relay what the client sends after the envelope, under the Node's credit."""
         d = self.distributor
         assert self.node is not None
+        idle = self.distributor.body_idle_timeout if self.kind == "http" else None
         while True:
-            event = await self._receive()
+            try:
+                event = await buffering.receive_within(self._receive, idle if more else None)
+            except BodyIdle:
+                # The app sees the client gone; the client, if nothing was sent yet, a 408.
+                await d.publish(
+                    self.node, wire.pack(wire.EVENT, self.id, {"type": "http.disconnect"})
+                )
+                self.inbox.put_nowait(_CLIENT_IDLE)
+                return
             kind = event["type"]
             if kind in ("http.disconnect", "websocket.disconnect"):
                 await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(event)))
@@ -554,6 +649,14 @@ class _Exchange:
 def _log_pump_failure(pump: asyncio.Task[None]) -> None:
     if not pump.cancelled() and pump.exception() is not None:
         logger.debug("relaying a client failed: %r", pump.exception())
+
+
+def _expects_continue(scope: Scope) -> bool:
+    """True if the client waits for "100 Continue" before sending its body."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"expect" and value.lower() == b"100-continue":
+            return True
+    return False
 
 
 def _acking_node(kind: str, args: list[Any]) -> str | None:

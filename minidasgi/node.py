@@ -398,8 +398,10 @@ class _Job:
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
         self.window = wire.SendWindow(envelope.window)
-        first = envelope.events[0] if envelope.events else {}
-        if self.kind == "http" and not first.get("more_body", False):
+        events = envelope.events
+        # No events: the client waits for "100 Continue", given when the app asks for the body.
+        self.awaiting_body = self.kind == "http" and not events
+        if self.kind == "http" and events and not events[-1].get("more_body", False):
             self.received = wire.ReceiveWindow(1)  # the body came whole: nothing more to flow
         else:
             pool = node.credit_pool
@@ -502,6 +504,10 @@ class _Job:
 
     async def receive(self) -> Message:
         """The app's ``receive``."""
+        if self.awaiting_body:
+            self.awaiting_body = False
+            if not self.gone:
+                await self._publish(wire.CONTINUE)  # the distributor now reads the body
         while True:
             if self.disconnect is not None and self.inbox.empty():
                 return self.disconnect  # as uvicorn: once disconnected, always disconnected

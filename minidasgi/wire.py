@@ -7,7 +7,9 @@ The conversation for one request (``id``):
 
 1. The distributor ``LPUSH``es an ``Envelope`` onto the route's key: the scope, the first ASGI
    events already received (a small request travels whole), the distributor's reply channel,
-   a deadline and the flow-control window.
+   a deadline and the flow-control window. An HTTP envelope without events is a request
+   whose client waits for "100 Continue": the Node publishes ``[CONTINUE, id]`` when its app
+   first calls ``receive()``, and only then does the distributor read the body and relay it.
 2. A Node pops it (``BRPOP``: first in, first out; under load ``RPOP`` with a count takes a
    batch) and publishes ``[ACK, id, node_channel, window]``: the window is how many pieces
    of request body the distributor may send ahead.
@@ -38,6 +40,7 @@ __all__ = [
     "ACK",
     "CANCEL",
     "CHUNK_SIZE",
+    "CONTINUE",
     "CREDIT",
     "DONE",
     "EVENT",
@@ -65,6 +68,7 @@ CREDIT: Final = "credit"
 DONE: Final = "done"
 CANCEL: Final = "cancel"
 PING: Final = "ping"
+CONTINUE: Final = "continue"
 
 CHUNK_SIZE: Final = 128 * 1024
 """Largest body piece in one message; bigger bodies are split."""
@@ -101,7 +105,7 @@ def pack(kind: str, request_id: str, *args: Any) -> bytes:
 
 def unpack(data: bytes) -> tuple[str, str, list[Any]]:
     """Decode one conversation message into ``(kind, request_id, args)``."""
-    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE)
+    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")
     if message[0] == PING:
@@ -138,7 +142,7 @@ class Envelope:
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = codec.DEFAULT_MAX_SIZE) -> Envelope:
         """Decode and validate; raise ``CodecError`` or ``WireError``."""
-        value = codec.decode(data, max_size=max_size)
+        value = codec.decode(data, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
         if not isinstance(value, dict):
             raise WireError("envelope is not a dict")
         try:

@@ -738,3 +738,25 @@ def test_distributor_that_uvicorn_cannot_start_returns_1(
     monkeypatch.setattr(uvicorn, "run", fail)
     assert main(["distributor", "--key", "K", "--port", "9997"]) == 1
     assert "could not serve on 127.0.0.1:9997" in capsys.readouterr().err
+
+
+def test_distributor_buffering_options(
+    uvicorn_runs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = [
+        "distributor", "--key", "K", "--request-buffer-size", "4096",
+        "--request-buffer-budget", "65536", "--body-idle-timeout", "2.5",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    distributor = uvicorn_runs[-1]["distributor"]
+    assert distributor.request_buffer_size == 4096
+    assert distributor.buffer_budget.limit == 65536
+    assert distributor.body_idle_timeout == 2.5
+    monkeypatch.setenv("MINIDASGI_REQUEST_BUFFER_SIZE", "0")
+    monkeypatch.setenv("MINIDASGI_REQUEST_BUFFER_BUDGET", "1000")
+    monkeypatch.setenv("MINIDASGI_BODY_IDLE_TIMEOUT", "0")
+    assert main(["distributor", "--key", "K", "--workers", "2"]) == 0
+    config = uvicorn_runs[-1]["config"]  # what each worker process reads
+    assert config["request_buffer_size"] == 0
+    assert config["request_buffer_budget"] == 1000
+    assert config["body_idle_timeout"] is None

@@ -446,3 +446,60 @@ def test_fuzz_mutations_and_truncations_of_valid_encodings() -> None:
         else:
             data.insert(rng.randrange(len(data) + 1), rng.randrange(256))
         assert_decode_is_total(bytes(data))
+
+
+# --- the bound on items (issue 9, item 6) --------------------------------------------------
+
+
+def _empty_lists(n: int) -> bytes:
+    """An encoded list of ``n`` empty lists, built without building the objects."""
+    return b"\x01l" + struct.pack(">I", n) + (b"l" + struct.pack(">I", 0)) * n
+
+
+def test_a_message_of_millions_of_empty_containers_is_refused_before_building_them() -> None:
+    data = _empty_lists(3_000_000)  # 15 MB: under the size bound
+    assert len(data) < codec.DEFAULT_MAX_SIZE
+    with pytest.raises(CodecError, match="too many items"):
+        decode(data)
+
+
+def test_items_are_counted_over_all_containers_not_per_container() -> None:
+    inner = b"l" + struct.pack(">I", 1000) + b"N" * 1000
+    data = b"\x01l" + struct.pack(">I", 200) + inner * 200  # 200 + 200,000 items
+    with pytest.raises(CodecError, match="too many items"):
+        decode(data)
+    value = decode(data, max_items=200 + 200 * 1000)
+    assert len(value) == 200 and all(len(item) == 1000 for item in value)
+
+
+def test_dict_entries_count_as_items() -> None:
+    data = encode({f"k{i}": None for i in range(10)})
+    assert decode(data, max_items=10) == {f"k{i}": None for i in range(10)}
+    with pytest.raises(CodecError, match="too many items"):
+        decode(data, max_items=9)
+
+
+def test_the_item_bound_is_exact() -> None:
+    data = encode([[], [1, 2], {"a": [3]}])  # 3 + 2 + 1 + 1 items
+    assert decode(data, max_items=7) == [[], [1, 2], {"a": [3]}]
+    with pytest.raises(CodecError, match="too many items"):
+        decode(data, max_items=6)
+
+
+def test_the_default_item_bound_fits_a_scope_with_thousands_of_headers() -> None:
+    headers = [(f"x-header-{i}".encode(), b"v" * 20) for i in range(5000)]
+    scope = {"type": "http", "path": "/", "headers": headers, "query_string": b""}
+    assert len(decode(encode(scope))["headers"]) == 5000
+
+
+def test_wire_decoders_use_the_item_bound() -> None:
+    from minidasgi import wire
+
+    forged = b"\x01l" + struct.pack(">I", 3) + b"s\x00\x00\x00\x05event" + b"s\x00\x00\x00\x01x"
+    flood = b"l" + struct.pack(">I", 150_000) + (b"l" + struct.pack(">I", 0)) * 150_000
+    with pytest.raises(CodecError, match="too many items"):
+        wire.unpack(forged + flood)
+    scope = b"d" + struct.pack(">I", 1) + b"s\x00\x00\x00\x01x" + flood
+    envelope = b"\x01d" + struct.pack(">I", 1) + b"s\x00\x00\x00\x05scope" + scope
+    with pytest.raises(CodecError, match="too many items"):
+        wire.Envelope.decode(envelope)
