@@ -68,6 +68,11 @@ class Distributor:
     ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
     ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
     deployments). ``response_timeout``: optional bound on the whole response after the ack.
+
+    ``health_check_interval``: seconds of silence after which each Redis connection is checked
+    with a PING; one left unanswered past the reply bound (``?reply_timeout=`` in the URL,
+    10 s by default) or, for the subscriber, a second interval, is taken for a dead peer and
+    replaced. Until it is, requests get 503.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class Distributor:
         max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         liveness_interval: float = 1.0,
+        health_check_interval: float = 5.0,
         startup_wait: float = 2.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
@@ -119,6 +125,9 @@ class Distributor:
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
         self.liveness_interval = liveness_interval
+        if not health_check_interval > 0:
+            raise ValueError("health_check_interval must be a positive number of seconds")
+        self.health_check_interval = health_check_interval
         self.startup_wait = startup_wait
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
         self._parser = parser
@@ -135,7 +144,7 @@ class Distributor:
 
     @property
     def ready(self) -> bool:
-        """True while both Redis connections are up."""
+        """True while both Redis connections are up, the subscription confirmed by Redis."""
         return bool(
             self._client is not None
             and self._client.connected
@@ -150,9 +159,15 @@ class Distributor:
         await asyncio.shield(self._starting)
 
     async def _start(self) -> None:
-        self._client = Client(self.params, name="distributor", parser=self._parser)
+        self._client = Client(
+            self.params,
+            name="distributor",
+            parser=self._parser,
+            health_check_interval=self.health_check_interval,
+        )
         self._subscriber = Subscriber(
             params=self.params,
+            health_check_interval=self.health_check_interval,
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,
