@@ -74,6 +74,7 @@ _USER_TIMEOUT_MS = (_KEEPIDLE + _KEEPINTVL * _KEEPCNT) * 1000
 # The reply watchdog looks at the FIFO this many times per reply_timeout: a dead peer is
 # declared between 1 and 1.25 bounds after the head command stopped moving.
 _WATCHDOG_CHECKS = 4
+_CLOSE_GRACE = 2.0  # seconds close() lets buffered bytes drain before dropping them
 # The packed heads of the two hot commands (see pack_pair_command).
 _LPUSH = b"*3\r\n$5\r\nLPUSH\r\n"
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
@@ -604,9 +605,15 @@ class Connection:
                 waiter.set_exception(self._closed_error())
 
     async def _wait_transport_closed(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(Exception):  # already reported through the waiters
-                await self._writer.wait_closed()
+        if self._writer is None:
+            return
+        try:
+            # A graceful close first sends what is buffered, which a dead peer never takes.
+            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), _CLOSE_GRACE)
+        except asyncio.TimeoutError:
+            self._writer.transport.abort()
+        except Exception:  # already reported through the waiters
+            pass
 
 
 async def open_connection(params: ConnectionParams, *, parser: str | None = None) -> Connection:
