@@ -149,12 +149,23 @@ def _build_parser() -> argparse.ArgumentParser:
             "[MINIDASGI_CHANNEL_PREFIX] (default: minidasgi)",
         )
 
+    def health_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--health-check-interval",
+            type=float,
+            metavar="SECONDS",
+            default=_env("HEALTH_CHECK_INTERVAL", 5.0),
+            help="PING Redis after this much silence, and reconnect if the next interval "
+            "passes unanswered [MINIDASGI_HEALTH_CHECK_INTERVAL] (default: 5)",
+        )
+
     node = commands.add_parser(
         "node",
         help="run a worker: pop requests from Redis and run them in an ASGI app",
         description="Run a Node: pop requests from one or more Redis lists and run them in "
         "an ASGI 3 app or a class-style app (cls(scope), then instance(receive, send)).",
     )
+    health_option(node)
     node.add_argument(
         "app",
         metavar="MODULE:ATTR",
@@ -233,6 +244,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_env("PORT", 8000),
         help="port to listen on [MINIDASGI_PORT] (default: 8000)",
     )
+    health_option(dist)
     dist.add_argument(
         "--workers",
         type=int,
@@ -404,6 +416,7 @@ def _run_node(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             lifespan=args.lifespan,
             shutdown_timeout=args.shutdown_timeout,
+            health_check_interval=float(args.health_check_interval),
         )
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
@@ -473,6 +486,7 @@ def _run_distributor(args: argparse.Namespace) -> int:
         "worker_timeout": args.worker_timeout,
         "no_worker_status": args.no_worker_status,
         "channel_prefix": args.channel_prefix,
+        "health_check_interval": float(args.health_check_interval),
     }
     if args.redis_password is not None:
         config["password"] = args.redis_password

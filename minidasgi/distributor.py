@@ -86,6 +86,11 @@ class Distributor:
     body (30 s; None: no bound), else it gets 408 (and the Node's app, if the request was
     queued, an ``http.disconnect``). A request with ``Expect: 100-continue`` is not buffered:
     it is queued at once and its body read only when the Node's app asks for it.
+
+    ``health_check_interval``: seconds of silence after which each Redis connection is checked
+    with a PING; one left unanswered past the reply bound (``?reply_timeout=`` in the URL,
+    10 s by default) or, for the subscriber, a second interval, is taken for a dead peer and
+    replaced. Until it is, requests get 503.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class Distributor:
         request_buffer_budget: int = buffering.DEFAULT_REQUEST_BUFFER_BUDGET,
         body_idle_timeout: float | None = buffering.DEFAULT_BODY_IDLE_TIMEOUT,
         liveness_interval: float = 1.0,
+        health_check_interval: float = 5.0,
         startup_wait: float = 2.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
@@ -143,6 +149,9 @@ class Distributor:
         self.buffer_budget = buffering.BufferBudget(request_buffer_budget)
         self.body_idle_timeout = body_idle_timeout
         self.liveness_interval = liveness_interval
+        if not health_check_interval > 0:
+            raise ValueError("health_check_interval must be a positive number of seconds")
+        self.health_check_interval = health_check_interval
         self.startup_wait = startup_wait
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
         self._parser = parser
@@ -159,7 +168,7 @@ class Distributor:
 
     @property
     def ready(self) -> bool:
-        """True while both Redis connections are up."""
+        """True while both Redis connections are up, the subscription confirmed by Redis."""
         return bool(
             self._client is not None
             and self._client.connected
@@ -174,9 +183,15 @@ class Distributor:
         await asyncio.shield(self._starting)
 
     async def _start(self) -> None:
-        self._client = Client(self.params, name="distributor", parser=self._parser)
+        self._client = Client(
+            self.params,
+            name="distributor",
+            parser=self._parser,
+            health_check_interval=self.health_check_interval,
+        )
         self._subscriber = Subscriber(
             params=self.params,
+            health_check_interval=self.health_check_interval,
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,

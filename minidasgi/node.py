@@ -54,6 +54,11 @@ class Node:
 
     ``run()`` blocks until SIGINT or SIGTERM; ``await serve()`` embeds the Node in a running
     event loop and returns after ``stop()``.
+
+    ``health_check_interval``: seconds of silence after which the publishing and subscribing
+    connections are checked with a PING; a dead peer is replaced within about two intervals
+    or the reply bound (``?reply_timeout=`` in the URL, 10 s by default). The pop connection
+    needs no PING: a BRPOP's reply is due within ``pop_timeout`` plus the reply bound.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class Node:
         shutdown_timeout: float = 30.0,
         pop_timeout: float = 5.0,
         liveness_interval: float = 1.0,
+        health_check_interval: float = 5.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
         max_envelope_size: int = 16 * 1024 * 1024,
@@ -104,6 +110,9 @@ class Node:
         self.shutdown_timeout = shutdown_timeout
         self.pop_timeout = pop_timeout
         self.liveness_interval = liveness_interval
+        if not health_check_interval > 0:
+            raise ValueError("health_check_interval must be a positive number of seconds")
+        self.health_check_interval = health_check_interval
         self.max_envelope_size = max_envelope_size
         self.channel = wire.new_channel(channel_prefix, self.params.db, "node")
         self._parser = parser
@@ -175,12 +184,16 @@ class Node:
             self._stopping = asyncio.Event()
         if self._started is None:
             self._started = asyncio.Event()
+        health = self.health_check_interval
         publisher = self._publisher = Client(
-            self.params, name="node publisher", parser=self._parser
+            self.params, name="node publisher", parser=self._parser, health_check_interval=health
         )
-        popper = Client(self.params, name="node queue", parser=self._parser)
+        popper = Client(
+            self.params, name="node queue", parser=self._parser, health_check_interval=health
+        )
         subscriber = Subscriber(
             params=self.params,
+            health_check_interval=health,
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,

@@ -299,6 +299,7 @@ def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
         "--key", "one", "--key", "two",
         "--redis", "redis://127.0.0.1:6390/3",
         "--concurrency", "5", "--lifespan", "off", "--shutdown-timeout", "2.5",
+        "--health-check-interval", "2",
     ]  # fmt: skip
     assert main(argv) == 0
     (node,) = nodes
@@ -306,6 +307,7 @@ def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
     assert (node.params.host, node.params.port, node.params.db) == ("127.0.0.1", 6390, 3)
     assert node.concurrency == 5
     assert node.shutdown_timeout == 2.5
+    assert node.health_check_interval == 2
 
 
 def test_node_factory_option(app_module: tuple[str, str], nodes: list[Node]) -> None:
@@ -329,12 +331,14 @@ def test_node_takes_everything_from_the_environment(
     monkeypatch.setenv("MINIDASGI_CONCURRENCY", "7")
     monkeypatch.setenv("MINIDASGI_SHUTDOWN_TIMEOUT", "1.5")
     monkeypatch.setenv("MINIDASGI_LIFESPAN", "off")
+    monkeypatch.setenv("MINIDASGI_HEALTH_CHECK_INTERVAL", "3.5")
     assert main(["node"]) == 0
     (node,) = nodes
     assert node.keys == ["a", "b"]
     assert (node.params.host, node.params.port, node.params.db) == ("10.1.2.3", 6391, 2)
     assert node.concurrency == 7
     assert node.shutdown_timeout == 1.5
+    assert node.health_check_interval == 3.5
 
 
 def test_node_command_line_overrides_the_environment(
@@ -670,6 +674,7 @@ def test_distributor_options(
         "--redis", "redis://:hunter2@127.0.0.1:1/0",
         "--host", "0.0.0.0", "--port", "9999", "--workers", "3",
         "--worker-timeout", "2.5", "--no-worker-status", "503", "--max-body-size", "1000",
+        "--health-check-interval", "1.5",
     ]  # fmt: skip
     assert main(argv) == 0
     (run,) = uvicorn_runs
@@ -689,6 +694,7 @@ def test_distributor_options(
     assert not run["config_file"].exists() and not run["config_file"].parent.exists()
     assert cli._DISTRIBUTOR_ENV not in os.environ
     assert run["distributor"].params.password == "hunter2"
+    assert config["health_check_interval"] == 1.5
     captured = capsys.readouterr()
     assert "hunter2" not in captured.out + captured.err + caplog.text
     assert "redis://:***@127.0.0.1:1/0" in caplog.text
@@ -704,6 +710,7 @@ def test_distributor_from_the_environment(
     monkeypatch.setenv("MINIDASGI_WORKER_TIMEOUT", "1.25")
     monkeypatch.setenv("MINIDASGI_NO_WORKER_STATUS", "503")
     monkeypatch.setenv("MINIDASGI_CHANNEL_PREFIX", "tenant-a")
+    monkeypatch.setenv("MINIDASGI_HEALTH_CHECK_INTERVAL", "7")
     assert main(["distributor"]) == 0
     (run,) = uvicorn_runs
     assert (run["port"], run["workers"]) == (9998, 2)
@@ -712,6 +719,19 @@ def test_distributor_from_the_environment(
     assert config["url"] == "redis://127.0.0.1:6393/1"
     assert (config["worker_timeout"], config["no_worker_status"]) == (1.25, 503)
     assert run["distributor"].channel.startswith("tenant-a:1:dist:")
+    assert config["health_check_interval"] == 7
+    assert run["distributor"].health_check_interval == 7
+
+
+def test_health_check_interval_must_be_positive(
+    app_module: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, name = app_module
+    argv = ["node", f"{name}:app", "--app-dir", directory, "--key", "k"]
+    assert main([*argv, "--health-check-interval", "0"]) == 2
+    assert "health_check_interval" in capsys.readouterr().err
+    assert main(["distributor", "--key", "k", "--health-check-interval", "-1"]) == 2
+    assert "health_check_interval" in capsys.readouterr().err
 
 
 def test_distributor_single_key(uvicorn_runs: list[dict[str, Any]]) -> None:

@@ -330,3 +330,25 @@ def test_make_params_without_anything_gives_the_defaults() -> None:
 def test_make_params_checks_the_url() -> None:
     with pytest.raises(ValueError, match="invalid Redis URL"):
         make_params(f"redis://:{SECRET}@h:bad", password="other")
+
+
+def test_parse_url_reads_the_timeouts_from_the_query() -> None:
+    params = parse_url("redis://h:1/2?reply_timeout=2.5&connect_timeout=1")
+    assert (params.reply_timeout, params.connect_timeout, params.db) == (2.5, 1.0, 2)
+    assert parse_url("redis://h").reply_timeout == 10.0  # the default bound
+    assert parse_url("redis://h?reply_timeout=0").reply_timeout is None  # no bound
+    assert parse_url("unix:///tmp/r.sock?db=1&reply_timeout=3").reply_timeout == 3.0
+
+
+@pytest.mark.parametrize(
+    "query", ["reply_timeout=soon", "reply_timeout=-1", "reply_timeout=inf", "connect_timeout=0"]
+)
+def test_parse_url_refuses_bad_timeouts(query: str) -> None:
+    with pytest.raises(ValueError, match="number of seconds") as info:
+        parse_url(f"redis://:{SECRET}@h?{query}")
+    assert SECRET not in str(info.value)
+
+
+def test_make_params_reply_timeout_keyword() -> None:
+    assert make_params("redis://h?reply_timeout=4", reply_timeout=1).reply_timeout == 1
+    assert make_params("redis://h?reply_timeout=4").reply_timeout == 4

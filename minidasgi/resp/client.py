@@ -5,6 +5,11 @@ and opens a new one with bounded, jittered exponential backoff, forever, until `
 Callers never wait for a Redis that is down: ``connection()`` returns the live connection or
 raises ``RedisConnectionError`` at once, so a front process can answer 503 instead of hanging.
 It never retries a command: whether a command sent on a lost connection ran is unknowable.
+
+A dead peer is found by the connection's reply watchdog (``ConnectionParams.reply_timeout``);
+so that an idle connection is checked too, the supervisor sends a PING every
+``health_check_interval`` seconds while no reply is pending, and reconnects once the watchdog
+gives the connection up.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ class Client:
         parser: str | None = None,
         min_backoff: float = 0.05,
         max_backoff: float = 2.0,
+        health_check_interval: float | None = 5.0,
     ) -> None:
         self.params = params
+        self.health_check_interval = health_check_interval
         self.name = name
         self._parser = parser
         self._min_backoff = min_backoff
@@ -151,7 +158,7 @@ class Client:
                 self._ever_connected = True
                 self._ready.set()
                 try:
-                    reason = await connection.wait_closed()
+                    reason = await self._watch(connection)
                 finally:
                     if self._closing:
                         await connection.close()
@@ -160,3 +167,18 @@ class Client:
                 continue
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, self._max_backoff)
+
+    async def _watch(self, connection: Connection) -> Exception:
+        """Wait for the connection to end, checking its health while it idles; return why."""
+        interval = self.health_check_interval
+        if not interval:
+            return await connection.wait_closed()
+        closed = asyncio.ensure_future(connection.wait_closed())
+        try:
+            while True:
+                done, _ = await asyncio.wait((closed,), timeout=interval)
+                if done:
+                    return closed.result()
+                connection.check_health()
+        finally:
+            closed.cancel()

@@ -15,6 +15,18 @@ queued behind it waits until it returns. Run blocking commands on a connection o
 If a blocking call is cancelled, the connection is closed, because Redis may still hand it an
 item that nobody would read.
 
+Dead peers: a link can die without a FIN or RST (a NAT entry dropped, a stalled path), and
+then nothing ever arrives. Every TCP socket gets keepalive tuned to seconds (and
+TCP_USER_TIMEOUT on Linux, so unacknowledged data is bounded too), and every command has a
+client-side bound on its reply, ``ConnectionParams.reply_timeout``. One watchdog timer per
+connection, armed only while replies are pending, looks at the head of the FIFO: if the same
+waiter has been at the head for longer than its bound, no reply is coming, and the connection is
+closed with ``RedisConnectionError`` failing every waiter. Replies arrive in order, so "the head
+has not moved" is exactly "the server said nothing". A blocking pop's bound is its server
+timeout plus ``reply_timeout``; a blocking pop with timeout 0 has no client bound at all (this
+library never sends one). Nothing is timed per command: the cost is one attribute test when the
+FIFO goes from empty to non-empty.
+
 Losing the connection fails every waiter at once with ``RedisConnectionError``; a malformed
 reply closes the connection and fails the waiters with ``ProtocolError``. This module never
 logs or formats a password: ``ConnectionParams`` hides it from ``repr`` and every message names
@@ -27,6 +39,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import re
 import socket
 import ssl as _ssl
@@ -52,9 +65,21 @@ logger = logging.getLogger("minidasgi.resp.connection")
 
 _READ_SIZE = 256 * 1024
 _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
+# TCP keepalive in seconds, not the kernel's two hours: a silent peer is found within about
+# KEEPIDLE + KEEPINTVL * KEEPCNT seconds of idleness. TCP_USER_TIMEOUT bounds how long sent data
+# may stay unacknowledged (a stalled link with commands in flight) to the same order.
+_KEEPIDLE = 5
+_KEEPINTVL = 2
+_KEEPCNT = 3
+_USER_TIMEOUT_MS = (_KEEPIDLE + _KEEPINTVL * _KEEPCNT) * 1000
+# The reply watchdog looks at the FIFO this many times per reply_timeout: a dead peer is
+# declared between 1 and 1.25 bounds after the head command stopped moving.
+_WATCHDOG_CHECKS = 4
+_CLOSE_GRACE = 2.0  # seconds close() lets buffered bytes drain before dropping them
 # The packed heads of the two hot commands (see pack_pair_command).
 _LPUSH = b"*3\r\n$5\r\nLPUSH\r\n"
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
+_PING = b"*1\r\n$4\r\nPING\r\n"
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,9 @@ class ConnectionParams:
     password: str | None = field(default=None, repr=False)
     ssl: _ssl.SSLContext | bool | None = None
     connect_timeout: float = 5.0
+    #: Seconds a command may wait for its reply before the peer is taken for dead and the
+    #: connection closed (``None`` or 0: no bound). Blocking pops get their server timeout on top.
+    reply_timeout: float | None = 10.0
 
     @property
     def address(self) -> str:
@@ -145,6 +173,8 @@ def parse_url(url: str) -> ConnectionParams:
     ``/``, ``?``, ``#`` or ``%`` without percent-encoding them (``%`` followed by two hex
     digits is decoded: encode a literal one as ``%25``). A ``ValueError`` names the problem
     and the URL with its credentials hidden; neither it nor its ``__context__`` holds them.
+    The query may also set ``connect_timeout`` and ``reply_timeout`` in seconds
+    (``?reply_timeout=3``; ``reply_timeout=0`` disables the reply bound).
     """
     try:
         return _parse_url(url)
@@ -196,7 +226,28 @@ def _parse_url(url: str) -> ConnectionParams:
         if not db_text.isdigit():
             raise _URLError("db must be a number")
         db = int(db_text)
-    return replace(base, db=db, username=username, password=password)
+    timeouts: dict[str, Any] = {}
+    for name in ("connect_timeout", "reply_timeout"):
+        if name in query:
+            text = query[name][-1]
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value >= 0) or (
+                value == 0 and name == "connect_timeout"
+            ):
+                raise ValueError(
+                    f"invalid Redis URL {_redact(url)}: {name} must be a number of seconds"
+                )
+            timeouts[name] = value or None
+    return replace(base, db=db, username=username, password=password, **timeouts)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a future nobody awaits (no 'never retrieved' warning)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _ssl_context(option: _ssl.SSLContext | bool | None) -> _ssl.SSLContext | None:
@@ -271,8 +322,27 @@ async def open_stream(
         raise RedisConnectionError(f"cannot connect to Redis at {params.address}: {exc}") from None
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune_tcp(sock)
     return asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def _tune_tcp(sock: socket.socket) -> None:
+    """TCP_NODELAY, and keepalive tuned to find a silent peer in seconds where the platform
+    lets us (each option is skipped where it does not exist)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", _KEEPIDLE),
+        ("TCP_KEEPALIVE", _KEEPIDLE),  # macOS' name for KEEPIDLE
+        ("TCP_KEEPINTVL", _KEEPINTVL),
+        ("TCP_KEEPCNT", _KEEPCNT),
+        ("TCP_USER_TIMEOUT", _USER_TIMEOUT_MS),
+    ):
+        option = getattr(socket, name, None)
+        if option is None:
+            continue
+        with contextlib.suppress(OSError):  # an option the running kernel refuses
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class Connection:
@@ -292,6 +362,12 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self._error: Exception | None = None
         self._closed = self._loop.create_future()
+        timeout = params.reply_timeout
+        self._reply_timeout = timeout if timeout else math.inf
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watched: asyncio.Future[Any] | None = None  # the head seen at the last check
+        self._watched_since = 0.0
+        self._blocking_bounds: dict[asyncio.Future[Any], float] = {}
 
     async def _open(self) -> None:
         self._writer = await open_stream(self.params, self._reader)
@@ -311,20 +387,39 @@ class Connection:
         """Wait until the connection is closed or lost; return why."""
         return await asyncio.shield(self._closed)
 
-    async def execute(self, *args: object, blocking: bool = False) -> Any:
+    async def execute(
+        self, *args: object, blocking: bool = False, server_timeout: float | None = None
+    ) -> Any:
         """Send one command and return its reply; raise ``ReplyError`` for an error reply.
 
-        ``blocking=True`` marks a command that may block the connection (BRPOP): if the caller
-        is cancelled while waiting, the connection is closed.
-        """
-        return await self.execute_packed(pack_command(*args), blocking=blocking)
+        The reply is awaited at most ``params.reply_timeout`` seconds after the command before
+        it reached the head of the queue; past that the connection is closed and every
+        pending command fails with ``RedisConnectionError``.
 
-    async def execute_packed(self, data: bytes, *, blocking: bool = False) -> Any:
+        ``blocking=True`` marks a command that may block the connection (BRPOP): if the caller
+        is cancelled while waiting, the connection is closed. Its reply bound is
+        ``server_timeout`` (the timeout it gave Redis; 0 or None: no bound) plus
+        ``reply_timeout``.
+        """
+        return await self.execute_packed(
+            pack_command(*args), blocking=blocking, server_timeout=server_timeout
+        )
+
+    async def execute_packed(
+        self, data: bytes, *, blocking: bool = False, server_timeout: float | None = None
+    ) -> Any:
         """Like ``execute`` for one command already packed with ``pack_command``."""
         if self._error is not None:
             raise self._closed_error()
         waiter: asyncio.Future[Any] = self._loop.create_future()
+        if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
+            self._arm_watchdog()
         self._waiters.append(waiter)
+        if blocking:
+            # Only blocking commands pay for a bound of their own (rare: one per pop).
+            self._blocking_bounds[waiter] = (
+                server_timeout + self._reply_timeout if server_timeout else math.inf
+            )
         self._buffer(data)
         if self._backlogged:
             try:
@@ -344,9 +439,27 @@ class Connection:
             if blocking:
                 self._abort(RedisConnectionError("a blocking command was cancelled"))
             raise
+        finally:
+            if blocking:
+                self._blocking_bounds.pop(waiter, None)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
+
+    def check_health(self) -> None:
+        """Send a PING nobody awaits if no reply is pending, so the reply watchdog finds a dead
+        peer on an idle connection too (a busy connection proves itself with every reply).
+
+        Any answer, even an error reply from an ACL user without +ping, shows the peer alive.
+        """
+        if self._error is not None or self._waiters:
+            return
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        waiter.add_done_callback(_consume)
+        if self._watchdog is None and self._reply_timeout != math.inf:
+            self._arm_watchdog()
+        self._waiters.append(waiter)
+        self._buffer(_PING)
 
     # Typed helpers for the commands this library uses.
 
@@ -373,7 +486,9 @@ class Connection:
         """BRPOP: pop from the tail of the first non-empty list, waiting up to ``timeout``
         seconds (0 waits forever). Returns ``(key, value)`` or ``None`` on timeout.
 
-        Blocks this whole connection while it waits.
+        Blocks this whole connection while it waits. Its reply is awaited at most ``timeout``
+        plus ``params.reply_timeout`` seconds; with ``timeout=0`` there is no client-side bound
+        and a dead peer goes unnoticed until TCP keepalive finds it: give a timeout.
         """
         return await self._blocking_pop("BRPOP", keys, timeout)
 
@@ -388,7 +503,9 @@ class Connection:
             raise ValueError(f"{command} needs at least one key")
         if timeout < 0:
             raise ValueError("timeout must be >= 0")
-        reply = await self.execute(command, *keys, timeout, blocking=True)
+        reply = await self.execute(
+            command, *keys, timeout, blocking=True, server_timeout=float(timeout)
+        )
         if reply is None:
             return None
         if not (isinstance(reply, list) and len(reply) == 2):
@@ -405,6 +522,39 @@ class Connection:
         """Close the connection; pending commands fail. Safe to call more than once."""
         self._abort(self._lost(None))
         await self._wait_transport_closed()
+
+    # The reply watchdog (see the module docstring).
+
+    def _arm_watchdog(self) -> None:
+        self._watchdog = self._loop.call_later(
+            self._reply_timeout / _WATCHDOG_CHECKS, self._check_replies
+        )
+
+    def _check_replies(self) -> None:
+        self._watchdog = None
+        if self._error is not None:
+            return
+        if not self._waiters:
+            self._watched = None
+            return  # disarmed until the next command
+        head = self._waiters[0]
+        now = self._loop.time()
+        if head is not self._watched:
+            # The head moved since the last look (or the FIFO was refilled): the peer answers.
+            self._watched = head
+            self._watched_since = now
+        else:
+            bound = self._blocking_bounds.get(head, self._reply_timeout)
+            # Looks come every period, so this is a whole number of periods; half a period of
+            # slack absorbs timer lateness. The head has waited at least that long.
+            if now - self._watched_since >= bound - self._reply_timeout / (2 * _WATCHDOG_CHECKS):
+                error = RedisConnectionError(
+                    f"no reply from Redis at {self.params.address} within {bound:g} s"
+                )
+                logger.warning("%s", error)
+                self._abort(error, force=True)
+                return
+        self._arm_watchdog()
 
     # Internals.
 
@@ -493,30 +643,50 @@ class Connection:
         else:
             self._abort(self._lost(error))
 
-    def _abort(self, error: Exception) -> None:
+    def _abort(self, error: Exception, *, force: bool = False) -> None:
         if self._error is not None:
             return
         self._error = error
         self._closed.set_result(error)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._writer is not None:
-            self._writer.close()
+            if force:  # a dead peer: do not wait for buffered bytes it will never take
+                self._writer.transport.abort()
+            else:
+                self._writer.close()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(self._closed_error())
 
     async def _wait_transport_closed(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(Exception):  # already reported through the waiters
-                await self._writer.wait_closed()
+        if self._writer is None:
+            return
+        try:
+            # A graceful close first sends what is buffered, which a dead peer never takes.
+            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), _CLOSE_GRACE)
+        except asyncio.TimeoutError:
+            self._writer.transport.abort()
+        except Exception:  # already reported through the waiters
+            pass
 
 
 async def open_connection(params: ConnectionParams, *, parser: str | None = None) -> Connection:
-    """Open a connection with ``params`` and perform the AUTH/SELECT handshake."""
+    """Open a connection with ``params`` and perform the AUTH/SELECT handshake, both bounded
+    by ``params.connect_timeout`` (a server that accepts TCP but never answers is an error)."""
     connection = Connection(params, parser=parser)
     await connection._open()
     try:
-        await _handshake(connection)
+        if params.password is not None or params.db:
+            try:
+                await asyncio.wait_for(_handshake(connection), params.connect_timeout)
+            except asyncio.TimeoutError:
+                raise RedisConnectionError(
+                    f"Redis at {params.address} did not answer the handshake within "
+                    f"{params.connect_timeout:g} s"
+                ) from None
     except BaseException:
         await connection.close()
         raise
@@ -561,6 +731,7 @@ def make_params(
     unix_socket: str | None = None,
     ssl: _ssl.SSLContext | bool | None = None,
     connect_timeout: float | None = None,
+    reply_timeout: float | None = None,
 ) -> ConnectionParams:
     """Build ``ConnectionParams`` from a URL and/or keywords; keywords override the URL."""
     params = parse_url(url) if url else ConnectionParams()
@@ -574,6 +745,7 @@ def make_params(
         ("password", password),
         ("unix_socket", unix_socket),
         ("connect_timeout", connect_timeout),
+        ("reply_timeout", reply_timeout),
     ):
         if value is not None:
             changes[name] = value
@@ -593,6 +765,7 @@ async def connect(
     unix_socket: str | None = None,
     ssl: _ssl.SSLContext | bool | None = None,
     connect_timeout: float | None = None,
+    reply_timeout: float | None = None,
     parser: str | None = None,
 ) -> Connection:
     """Connect to Redis and return a ready ``Connection``.
@@ -600,6 +773,8 @@ async def connect(
     ``url`` is ``redis://``, ``rediss://`` or ``unix://``; keywords override its parts.
     ``ssl`` takes an ``ssl.SSLContext`` (or True for the system's default trust).
     ``parser`` is ``"python"`` or ``"hiredis"`` (default: see ``make_parser``).
+    ``connect_timeout`` bounds the connection and its handshake; ``reply_timeout`` bounds
+    each reply (see ``ConnectionParams``).
     """
     params = make_params(
         url,
@@ -611,5 +786,6 @@ async def connect(
         unix_socket=unix_socket,
         ssl=ssl,
         connect_timeout=connect_timeout,
+        reply_timeout=reply_timeout,
     )
     return await open_connection(params, parser=parser)

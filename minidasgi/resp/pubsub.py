@@ -1,10 +1,15 @@
 """A pub/sub subscriber on a connection of its own, that survives Redis restarts.
 
 Theory of operation: one supervisor task owns the socket. It connects (AUTH only: pub/sub
-ignores SELECT's db, so callers namespace their channel names), sends one SUBSCRIBE for every
+ignores SELECT's db, so callers namespace their channel names; bounded by ``connect_timeout``),
+sends one SUBSCRIBE for every
 wanted channel, then reads pushes until the connection ends; then it reconnects with bounded
 exponential backoff and starts again. Confirmations are matched by channel name, since a message
-may arrive before the confirmation of its own SUBSCRIBE.
+may arrive before the confirmation of its own SUBSCRIBE. The subscriber counts as connected only
+once Redis confirmed every wanted channel on the current connection. An error reply in subscribe
+mode can only answer a SUBSCRIBE (say NOPERM: the ACL user may not use the channel): the
+connection is given up and the subscription retried on a new one, with the same backoff, until
+Redis accepts it.
 
 Messages are dispatched to the owner the moment their bytes arrive (``ReplyReader``), with no
 reader task in between. On a connection that carries only subscriptions Redis sends nothing
@@ -60,7 +65,11 @@ class Subscriber:
     event loop; it must not block); otherwise iterate with ``async for message in subscriber``.
     ``on_connection_lost()`` is called each time an established connection is lost: messages
     may have been missed from then until the resubscription. ``on_connected()`` is called each
-    time the subscriptions are in place again.
+    time Redis has confirmed every subscription again.
+
+    ``health_check_interval``: after that many seconds without a byte from Redis the subscriber
+    sends a PING, and gives the connection up (then reconnects) if another interval passes
+    without an answer: a dead peer is found within about two intervals.
     """
 
     def __init__(
@@ -77,7 +86,7 @@ class Subscriber:
         on_message: Callable[[bytes, bytes], None] | None = None,
         on_connection_lost: Callable[[], None] | None = None,
         on_connected: Callable[[], None] | None = None,
-        health_check_interval: float = 10.0,
+        health_check_interval: float = 5.0,
         min_backoff: float = 0.05,
         max_backoff: float = 2.0,
         parser: str | None = None,
@@ -105,8 +114,10 @@ class Subscriber:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._link: Callable[[Exception], None] | None = None  # ends the live connection
         self._closing = False
         self._last_read = 0.0
+        self._confirmations = 0  # times every wanted channel was confirmed
         self._reader: ReplyReader | None = None
         self.last_error: Exception | None = None
 
@@ -116,7 +127,7 @@ class Subscriber:
 
     @property
     def connected(self) -> bool:
-        """True while connected with every subscription confirmed or requested."""
+        """True while connected with every wanted channel confirmed by Redis."""
         return self._connected.is_set()
 
     @property
@@ -132,7 +143,8 @@ class Subscriber:
             self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until connected; raise ``TimeoutError`` after ``timeout`` seconds."""
+        """Wait until connected (every wanted channel confirmed); raise ``TimeoutError`` after
+        ``timeout`` seconds."""
         self.start()
         await asyncio.wait_for(self._connected.wait(), timeout)
 
@@ -156,7 +168,8 @@ class Subscriber:
             if name not in self._channels:
                 self._channels.add(name)
                 new.append(name)
-        if new and self._writer is not None and self.connected:
+        if new and self._writer is not None:
+            self._connected.clear()  # until Redis confirms the new channels too
             self._send("SUBSCRIBE", *new)
         if futures:
             await asyncio.gather(*futures)
@@ -171,8 +184,9 @@ class Subscriber:
             for future in self._waiting.pop(name, []):
                 if not future.done():
                     future.cancel()
-        if names and self._writer is not None and self.connected:
+        if names and self._writer is not None:
             self._send("UNSUBSCRIBE", *names)
+            self._check_confirmed()
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iterate()
@@ -220,11 +234,12 @@ class Subscriber:
                 self.last_error = exc
                 logger.debug("subscriber cannot connect: %s", exc)
             else:
-                backoff = self._min_backoff
+                confirmed_before = self._confirmations
                 try:
                     error = await self._serve(writer, ended, end)
                 finally:
                     self._writer = None
+                    self._link = None
                     self._connected.clear()
                     self._confirmed.clear()
                     writer.close()
@@ -236,7 +251,12 @@ class Subscriber:
                 )
                 if self._on_connection_lost is not None and not self._closing:
                     self._on_connection_lost()
-                continue
+                if self._confirmations != confirmed_before:
+                    # It was fully subscribed: an outage, so reconnect at once.
+                    backoff = self._min_backoff
+                    continue
+                # Never fully subscribed (refused, or lost while subscribing): back off, or a
+                # refusing Redis would be asked again and again without a pause.
             # Jitter spreads the reconnects of many processes after a Redis restart.
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, self._max_backoff)
@@ -318,11 +338,11 @@ class Subscriber:
     ) -> Exception:
         """Subscribe everything and wait for the connection to end; return why it ended."""
         self._writer = writer
+        self._link = end
         if self._channels:
             self._send("SUBSCRIBE", *self._channels)
-        self._connected.set()
-        if self._on_connected is not None:
-            self._on_connected()
+        else:
+            self._check_confirmed()
         self._last_read = asyncio.get_running_loop().time()
         health = asyncio.ensure_future(self._check_health(end))
         try:
@@ -352,9 +372,29 @@ class Subscriber:
                 self._send("PING")
                 pinged_at = now
 
+    def _check_confirmed(self) -> None:
+        """Mark the subscriber connected once every wanted channel is confirmed."""
+        if self._connected.is_set() or self._writer is None:
+            return
+        if self._channels <= self._confirmed:
+            self._connected.set()
+            self._confirmations += 1
+            if self._on_connected is not None:
+                self._on_connected()
+
     def _handle(self, reply: Any) -> None:
         if isinstance(reply, ReplyError):
-            logger.warning("Redis answered an error to the subscriber: %s", reply)
+            if self._connected.is_set():
+                # Every channel is confirmed, so this answers a health-check PING (an ACL user
+                # without +ping): an answer all the same, and the peer is alive.
+                logger.debug("Redis answered an error to the subscriber: %s", reply)
+                return
+            # A SUBSCRIBE was refused (NOPERM: the ACL user may not use the channel). Give the
+            # connection up and subscribe again on a new one after a backoff: the ACL may be
+            # mended, and pretending to be subscribed would lose every message.
+            logger.warning("Redis at %s refused to subscribe: %s", self.params.address, reply)
+            if self._link is not None:
+                self._link(RedisConnectionError(f"Redis refused to subscribe: {reply}"))
             return
         if reply == b"PONG":  # a health-check PING sent while no channel was subscribed
             return
@@ -380,6 +420,7 @@ class Subscriber:
                 for future in self._waiting.pop(channel, []):
                     if not future.done():
                         future.set_result(None)
+                self._check_confirmed()
         elif kind in (b"unsubscribe", b"pong"):
             pass
         else:
