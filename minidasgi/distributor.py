@@ -8,8 +8,19 @@ were lost). It never runs application code and never retries a request.
 
 For each request it LPUSHes an envelope, waits ``worker_timeout`` for an ack, then relays the
 Node's events to the ASGI server and the client's events to the Node, under credit-based flow
-control in both directions. A request not acked in time is taken back from the list (LREM) when
-still there, and refused by the Node by its deadline otherwise.
+control in both directions (a Node that sends more than the credit granted fails the request).
+
+The no-worker answer is given only for a request provably never run: at ``worker_timeout``
+without an ack the distributor takes the envelope back (``LREM`` from the tail); if that
+removed it, no Node ever popped it. If it did not, a Node has it: the distributor waits another
+``worker_timeout`` for the ack, then answers 504 (and a later ack gets a CANCEL). A GONE before
+the ack (the Node found the envelope expired) also means the app never ran.
+
+After the ack, liveness is per request (``liveness.PeerTracker``): every ``liveness_interval``
+the distributor PINGs each Node it shares requests with, naming them; the Node answers GONE for
+those it does not run, and the distributor answers 502 (or aborts a started response) on a
+GONE. A Node not heard from at all for ``peer_timeout`` loses its requests the same way, and
+a PUBLISH that reaches nobody does so at once.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from typing import Any
 from . import codec, wire
 from .asgi import Message, Receive, Scope, Send
 from .codec import CodecError
+from .liveness import PeerTracker
 from .resp import RespError, Subscriber
 from .resp.client import Client
 from .resp.connection import make_params
@@ -53,9 +65,12 @@ class _Signal:
 
 
 _PEER_LOST = _Signal("peer lost")
+_PEER_SILENT = _Signal("nothing heard from the Node")
 _TOO_LARGE = _Signal("body too large")
 _CLIENT_GONE = _Signal("client gone")
 _NO_ACK = _Signal("no ack in time")
+_GRACE_OVER = _Signal("no ack from the Node that took the request")
+_VIOLATION = _Signal("flow-control violation")
 
 
 class Distributor:
@@ -67,7 +82,14 @@ class Distributor:
 
     ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
     ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
-    deployments). ``response_timeout``: optional bound on the whole response after the ack.
+    deployments); it is given only when the request was taken back from the list unrun. A
+    request a Node popped but did not ack within another ``worker_timeout`` gets 504.
+    ``response_timeout``: optional bound on the whole response after the ack.
+
+    ``liveness_interval``: seconds between the PINGs sent to each Node with requests in flight
+    (none while idle). ``peer_timeout``: seconds of silence from such a Node (no message of any
+    kind) after which its requests fail (502, or an abort once the response started); it must
+    exceed the Nodes' ``liveness_interval`` by a good margin.
     """
 
     def __init__(
@@ -89,6 +111,7 @@ class Distributor:
         max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         liveness_interval: float = 1.0,
+        peer_timeout: float = 10.0,
         startup_wait: float = 2.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
@@ -119,6 +142,9 @@ class Distributor:
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
         self.liveness_interval = liveness_interval
+        self.peer_timeout = peer_timeout
+        self.peers = PeerTracker(peer_timeout)  # the Nodes we share requests with
+        self._pinging: set[str] = set()  # Nodes with a PING still being published
         self.startup_wait = startup_wait
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
         self._parser = parser
@@ -209,6 +235,8 @@ class Distributor:
         finally:
             exchange.received.close()
             del self._exchanges[exchange.id]
+            if exchange.node is not None:
+                self.peers.discard(exchange.node, exchange.id)
 
     def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
         """The list for this request, or the answer to give without Redis."""
@@ -282,6 +310,7 @@ class Distributor:
             logger.warning("dropped a malformed message on the reply channel: %s", exc)
             return
         if kind == wire.PING:
+            self._on_ping(args)
             return
         exchange = self._exchanges.get(request_id)
         if exchange is None:
@@ -290,10 +319,17 @@ class Distributor:
                 # A Node took a request this side gave up on: tell it to stop.
                 self.spawn(self.cancel_on(node, request_id))
             return
+        if exchange.node is not None:
+            self.peers.heard(exchange.node, asyncio.get_running_loop().time())
         if kind == wire.CREDIT:
             if args and type(args[0]) is int:
                 exchange.window.grant(args[0])
-        elif kind in (wire.ACK, wire.SEND, wire.DONE):
+        elif kind == wire.SEND and exchange.node is not None:
+            if exchange.received.arrived():
+                exchange.inbox.put_nowait((kind, args))
+            else:
+                exchange.inbox.put_nowait(_VIOLATION)
+        elif kind in (wire.ACK, wire.DONE, wire.GONE):
             exchange.inbox.put_nowait((kind, args))
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
@@ -303,15 +339,43 @@ class Distributor:
         for exchange in list(self._exchanges.values()):
             exchange.inbox.put_nowait(_PEER_LOST)
 
+    def _on_ping(self, args: list[Any]) -> None:
+        """A Node names the requests it runs for this distributor: those this side no longer
+        has get a CANCEL (it gave them up, or never had them)."""
+        ping = wire.parse_ping(args)
+        if ping is None:
+            return  # an old id-less PING: nothing to answer
+        node, request_ids = ping
+        self.peers.heard(node, asyncio.get_running_loop().time())
+        for request_id in request_ids:
+            if request_id not in self._exchanges:
+                self.spawn(self.cancel_on(node, request_id))
+
     async def _watch_peers(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.liveness_interval)
-            nodes = {e.node for e in self._exchanges.values() if e.node is not None}
-            for node in nodes:
-                if await self.publish(node, wire.PING_MESSAGE) == 0:
+            for _, request_ids in self.peers.tick(loop.time(), self.liveness_interval):
+                for request_id in request_ids:
+                    exchange = self._exchanges.get(request_id)
+                    if exchange is not None:
+                        exchange.inbox.put_nowait(_PEER_SILENT)
+            for node, request_ids in self.peers.peers():
+                if node not in self._pinging:
+                    # Not awaited: a PING stuck on a stalled link must not stop the checks.
+                    self._pinging.add(node)
+                    self.spawn(self._ping(node, request_ids))
+
+    async def _ping(self, node: str, request_ids: list[str]) -> None:
+        try:
+            for message in wire.ping_messages(self.channel, request_ids):
+                if await self.publish(node, message) == 0:
                     for exchange in list(self._exchanges.values()):
                         if exchange.node == node:
                             exchange.inbox.put_nowait(_PEER_LOST)
+                    return
+        finally:
+            self._pinging.discard(node)
 
 
 class _Exchange:
@@ -355,6 +419,7 @@ class _Exchange:
             scope=_portable_scope(self.scope),
             events=[dict(first)],
             window=self.received.window,
+            liveness=d.liveness_interval,
         )
         try:
             data = envelope.encode()
@@ -369,23 +434,33 @@ class _Exchange:
             logger.warning("cannot queue a request on %r: %s", key, exc)
             await self._refuse(503, "the request queue (Redis) is unreachable\n")
             return
-        # A timer rather than wait_for(), which costs a task per request before Python 3.12.
-        timer = asyncio.get_running_loop().call_later(
-            d.worker_timeout, self.inbox.put_nowait, _NO_ACK
-        )
-        item = await self.inbox.get()
-        timer.cancel()
-        node = None if isinstance(item, _Signal) else _acking_node(*item)
-        if node is None:
-            await self._take_back(key, data)
-            if item is _NO_ACK:
+        item = await self._wait_ack(_NO_ACK)
+        if item is _NO_ACK:
+            # The no-worker answer only for a request provably never run: taken back unpopped.
+            if await self._take_back(key, data):
                 text = f"no worker answered within {d.worker_timeout:g} seconds\n"
                 await self._refuse(d.no_worker_status, text)
-            else:
-                await self._refuse(502, "lost contact with the worker\n")
+                return
+            # A Node popped it: it is in that Node's hands, and its ack may be on its way.
+            item = await self._wait_ack(_GRACE_OVER)
+        if item is _GRACE_OVER:
+            await self._take_back(key, data)  # drain: a later ack gets a cancel
+            await self._refuse(504, "the worker that took the request did not answer in time\n")
             return
-        self.node = node
+        if isinstance(item, _Signal):  # lost contact: messages from the Node may be lost
+            await self._take_back(key, data)
+            await self._refuse(502, "lost contact with the worker\n")
+            return
+        if item[0] == wire.GONE:  # the Node dropped it unrun (expired when popped)
+            text = f"no worker answered within {d.worker_timeout:g} seconds\n"
+            await self._refuse(d.no_worker_status, text)
+            return
         ack_args = item[1]
+        node = ack_args[0]
+        self.node = node
+        now = asyncio.get_running_loop().time()
+        pings = len(ack_args) > 2 and type(ack_args[2]) in (int, float) and ack_args[2] > 0
+        d.peers.add(node, self.id, now, pings=pings)
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
         more = first.get("more_body", False) or self.kind == "websocket"
@@ -422,20 +497,42 @@ class _Exchange:
         if await self.distributor.publish(self.node, message) == 0:
             self.inbox.put_nowait(_PEER_LOST)  # a lost credit would stall the transfer
 
-    async def _take_back(self, key: str, data: bytes) -> None:
-        """Undo the LPUSH of a request answered without a Node: nothing is left behind, and
-        nothing runs after its client was answered."""
+    async def _wait_ack(self, timeout: _Signal) -> Any:
+        """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout``, or a lost
+        peer. Anything else before an ack can only be forged, and is dropped."""
         d = self.distributor
-        # If no Node popped it, LREM takes it back; if one did, its deadline stops it and its
-        # ack (now or later) is answered with a cancel.
+        # A timer rather than wait_for(), which costs a task per request before Python 3.12.
+        timer = asyncio.get_running_loop().call_later(
+            d.worker_timeout, self.inbox.put_nowait, timeout
+        )
+        try:
+            while True:
+                item = await self.inbox.get()
+                if item is timeout or item is _PEER_LOST:
+                    return item
+                if isinstance(item, _Signal):
+                    continue  # e.g. a deadline of the previous wait
+                if item[0] == wire.GONE or _acking_node(*item) is not None:
+                    return item
+                logger.warning("dropped a %r message before the ack of %s", item[0], self.id)
+        finally:
+            timer.cancel()
+
+    async def _take_back(self, key: str, data: bytes) -> bool:
+        """Undo the LPUSH of a request answered without a Node; True if it was still in the
+        list (then no Node ever popped it, and none ever will)."""
+        d = self.distributor
+        removed = False
         with contextlib.suppress(RespError):
             assert d._client is not None
-            await d._client.execute("LREM", key, 1, data)
+            # From the tail, where the oldest requests wait (Nodes pop that end).
+            removed = bool(await d._client.execute("LREM", key, -1, data))
         while not self.inbox.empty():  # an ack that came just too late: stop that Node
             item = self.inbox.get_nowait()
             node = None if isinstance(item, _Signal) else _acking_node(*item)
             if node is not None:
                 d.spawn(d.cancel_on(node, self.id))
+        return removed
 
     def _too_large(self, event: Message) -> bool:
         limit = self.distributor.max_body_size
@@ -470,6 +567,18 @@ class _Exchange:
             if item is _PEER_LOST:
                 await self._fail(502, "lost contact with the worker\n")
                 return
+            if item is _PEER_SILENT:
+                logger.warning(
+                    "request %s: nothing heard from its worker for %g s",
+                    self.id,
+                    d.peer_timeout,
+                )
+                await self._fail(502, "lost contact with the worker\n")
+                return
+            if item is _VIOLATION:
+                logger.warning("request %s: the worker sent more than the credit granted", self.id)
+                await self._fail(502, "the worker broke flow control\n")
+                return
             if item is _TOO_LARGE:
                 await self._fail(413, "request body too large\n")
                 return
@@ -481,6 +590,12 @@ class _Exchange:
             elif kind == wire.DONE:
                 self.node_done = True
                 await self._fail(500, "Internal Server Error\n")
+                return
+            elif kind == wire.GONE:
+                self.node_done = True  # nothing to cancel there
+                reason = args[0] if args and isinstance(args[0], str) else "?"
+                logger.warning("request %s: its worker dropped it (%s)", self.id, reason[:100])
+                await self._fail(502, "the worker dropped the request\n")
                 return
 
     async def _send_events(self, events: list[Any]) -> None:
