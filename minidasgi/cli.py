@@ -115,6 +115,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "unix:///path.sock?db=N [MINIDASGI_REDIS_URL] (default: redis://localhost:6379)",
         )
 
+    def peer_timeout_option(sub: argparse.ArgumentParser, peer: str) -> None:
+        sub.add_argument(
+            "--peer-timeout",
+            type=float,
+            default=_env("PEER_TIMEOUT", 10.0),
+            help=f"seconds of silence from a {peer} with requests in flight before they fail "
+            "[MINIDASGI_PEER_TIMEOUT] (default: 10)",
+        )
+
     node = commands.add_parser(
         "node",
         help="run a worker: pop requests from Redis and run them in an ASGI app",
@@ -154,6 +163,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on SIGTERM "
         "[MINIDASGI_SHUTDOWN_TIMEOUT] (default: 30)",
     )
+    peer_timeout_option(node, "distributor")
     node.add_argument(
         "--factory",
         action="store_true",
@@ -223,6 +233,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_env("MAX_BODY_SIZE"),
         help="largest request body in bytes, else 413 [MINIDASGI_MAX_BODY_SIZE] (default: 1 GiB)",
     )
+    peer_timeout_option(dist, "Node")
 
     demo = commands.add_parser(
         "demo",
@@ -286,6 +297,7 @@ def _run_node(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             lifespan=args.lifespan,
             shutdown_timeout=args.shutdown_timeout,
+            peer_timeout=args.peer_timeout,
         )
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
@@ -326,6 +338,7 @@ def _run_distributor(args: argparse.Namespace) -> int:
         "url": args.redis or "redis://localhost:6379",
         "worker_timeout": args.worker_timeout,
         "no_worker_status": args.no_worker_status,
+        "peer_timeout": args.peer_timeout,
     }
     if args.max_body_size is not None:
         config["max_body_size"] = int(args.max_body_size)

@@ -287,6 +287,7 @@ def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
         "--key", "one", "--key", "two",
         "--redis", "redis://127.0.0.1:6390/3",
         "--concurrency", "5", "--lifespan", "off", "--shutdown-timeout", "2.5",
+        "--peer-timeout", "7.5",
     ]  # fmt: skip
     assert main(argv) == 0
     (node,) = nodes
@@ -294,6 +295,7 @@ def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
     assert (node.params.host, node.params.port, node.params.db) == ("127.0.0.1", 6390, 3)
     assert node.concurrency == 5
     assert node.shutdown_timeout == 2.5
+    assert node.peer_timeout == 7.5
 
 
 def test_node_factory_option(app_module: tuple[str, str], nodes: list[Node]) -> None:
@@ -317,12 +319,14 @@ def test_node_takes_everything_from_the_environment(
     monkeypatch.setenv("MINIDASGI_CONCURRENCY", "7")
     monkeypatch.setenv("MINIDASGI_SHUTDOWN_TIMEOUT", "1.5")
     monkeypatch.setenv("MINIDASGI_LIFESPAN", "off")
+    monkeypatch.setenv("MINIDASGI_PEER_TIMEOUT", "12")
     assert main(["node"]) == 0
     (node,) = nodes
     assert node.keys == ["a", "b"]
     assert (node.params.host, node.params.port, node.params.db) == ("10.1.2.3", 6391, 2)
     assert node.concurrency == 7
     assert node.shutdown_timeout == 1.5
+    assert node.peer_timeout == 12
 
 
 def test_node_command_line_overrides_the_environment(
@@ -450,6 +454,7 @@ def test_distributor_options(
         "--redis", "redis://:hunter2@127.0.0.1:1/0",
         "--host", "0.0.0.0", "--port", "9999", "--workers", "3",
         "--worker-timeout", "2.5", "--no-worker-status", "503", "--max-body-size", "1000",
+        "--peer-timeout", "4",
     ]  # fmt: skip
     assert main(argv) == 0
     (run,) = uvicorn_runs
@@ -463,6 +468,7 @@ def test_distributor_options(
     assert config["url"] == "redis://:hunter2@127.0.0.1:1/0"  # for the worker processes only
     assert (config["worker_timeout"], config["no_worker_status"]) == (2.5, 503)
     assert config["max_body_size"] == 1000
+    assert config["peer_timeout"] == 4
     captured = capsys.readouterr()
     assert "hunter2" not in captured.out + captured.err + caplog.text
     assert "redis://:***@127.0.0.1:1/0" in caplog.text
@@ -477,10 +483,12 @@ def test_distributor_from_the_environment(
     monkeypatch.setenv("MINIDASGI_WORKERS", "2")
     monkeypatch.setenv("MINIDASGI_WORKER_TIMEOUT", "1.25")
     monkeypatch.setenv("MINIDASGI_NO_WORKER_STATUS", "503")
+    monkeypatch.setenv("MINIDASGI_PEER_TIMEOUT", "20")
     assert main(["distributor"]) == 0
     (run,) = uvicorn_runs
     assert (run["port"], run["workers"]) == (9998, 2)
     config = run["config"]
+    assert config["peer_timeout"] == 20
     assert config["routes"] == [[r"/api/([a-z-]+)", r"API-\1"], ["/", "ALL"]]
     assert config["url"] == "redis://127.0.0.1:6393/1"
     assert (config["worker_timeout"], config["no_worker_status"]) == (1.25, 503)

@@ -73,7 +73,7 @@ async def test_killing_only_the_node_subscriber_ends_its_requests(
     distributor = create_distributor(url=redis_server.url, key="subkill")
     async with (
         serve_app(distributor) as base,
-        _proxied_node(redis_server, apps.slow, "subkill") as (node, proxy),
+        _proxied_node(redis_server, apps.slow, "subkill") as (_node, proxy),
     ):
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             # 300 pieces, 0.1 s apart: 30 s if nothing stops them.
@@ -88,7 +88,7 @@ async def test_killing_only_the_node_subscriber_ends_its_requests(
             assert len(subscribers) == 1, subscribers  # the Node's, not the distributor's
             redis_server.command("CLIENT", "KILL", "ID", subscribers[0]["id"])
             started = time.monotonic()
-            done, pending = await asyncio.wait(requests, timeout=15)
+            _done, pending = await asyncio.wait(requests, timeout=15)
             for request in pending:
                 request.cancel()
             assert not pending, f"{len(pending)} requests still waiting 15 s after the kill"
@@ -130,7 +130,7 @@ async def test_a_no_worker_answer_never_runs(
     up, down = direction == "up", direction == "down"
     async with (
         serve_app(distributor) as base,
-        _proxied_node(redis_server, recorder, "late", concurrency=4) as (node, proxy),
+        _proxied_node(redis_server, recorder, "late", concurrency=4) as (_node, proxy),
     ):
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             assert (await client.get("/warm")).status_code == 200
@@ -177,7 +177,7 @@ async def test_a_node_link_silent_for_good_ends_its_requests(redis_server: Redis
             sleepy = [asyncio.ensure_future(client.get("/?600")) for _ in range(2)]
             assert await poll(_acked(distributor, 4), 10)
             proxy.stall(up=True, down=True, stall_new=True)
-            done, pending = await asyncio.wait(slow + sleepy, timeout=30)
+            _done, pending = await asyncio.wait(slow + sleepy, timeout=30)
             for request in pending:
                 request.cancel()
             assert not pending, f"{len(pending)} requests still waiting 30 s into the silence"
@@ -235,7 +235,7 @@ async def test_a_forged_credit_does_not_raise_the_window(redis_server: RedisServ
         try:
             # A client that asks for 256 MiB and reads nothing: the download waits for credit.
             port = int(base.rsplit(":", 1)[1])
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /?268435456 HTTP/1.1\r\nHost: t\r\n\r\n")
             assert await poll(_acked(distributor), 10)
             (exchange,) = list(distributor._exchanges.values())
