@@ -324,7 +324,8 @@ class Distributor:
         if kind == wire.CREDIT:
             if args and type(args[0]) is int:
                 exchange.window.grant(args[0])
-        elif kind == wire.SEND and exchange.node is not None:
+        elif kind == wire.SEND:
+            # Counted even before run() has seen the ACK: both may come in one read.
             if exchange.received.arrived():
                 exchange.inbox.put_nowait((kind, args))
             else:
@@ -514,6 +515,9 @@ class _Exchange:
                     continue  # e.g. a deadline of the previous wait
                 if item[0] == wire.GONE or _acking_node(*item) is not None:
                     return item
+                # Before the ACK, on the same connection, a Node sends nothing: forged.
+                if item[0] == wire.SEND:
+                    self.received.dropped()
                 logger.warning("dropped a %r message before the ack of %s", item[0], self.id)
         finally:
             timer.cancel()
@@ -585,8 +589,11 @@ class _Exchange:
             if isinstance(item, _Signal):  # e.g. an ack deadline that fired with the ack
                 continue
             kind, args = item
-            if kind == wire.SEND and args and isinstance(args[0], list):
-                await self._send_events(args[0])
+            if kind == wire.SEND:
+                if args and isinstance(args[0], list):
+                    await self._send_events(args[0])
+                else:
+                    self.received.dropped()
             elif kind == wire.DONE:
                 self.node_done = True
                 await self._fail(500, "Internal Server Error\n")

@@ -314,6 +314,11 @@ class ReceiveWindow:
         self.unconsumed += 1
         return True
 
+    def dropped(self) -> None:
+        """An arrived message that will never be consumed (it was refused): it holds no
+        credit of the peer's, so it must not count against what the peer may still send."""
+        self.unconsumed = max(0, self.unconsumed - 1)
+
     def consumed(self) -> int:
         """Record one consumed message; return the credit to send now (often 0)."""
         self.unconsumed = max(0, self.unconsumed - 1)
