@@ -325,10 +325,15 @@ class Distributor:
             if args and type(args[0]) is int:
                 exchange.window.grant(args[0])
         elif kind == wire.SEND:
-            # Counted even before run() has seen the ACK: both may come in one read.
+            # Counted even before run() has seen the ACK: both may come in one read. Past the
+            # credit granted nothing more is kept: the exchange fails once the relay gets to
+            # the violation (it may be waiting on a slow client).
+            if exchange.violated:
+                return
             if exchange.received.arrived():
                 exchange.inbox.put_nowait((kind, args))
             else:
+                exchange.violated = True
                 exchange.inbox.put_nowait(_VIOLATION)
         elif kind in (wire.ACK, wire.DONE, wire.GONE):
             exchange.inbox.put_nowait((kind, args))
@@ -402,6 +407,7 @@ class _Exchange:
         self.started = False  # the response (or the WebSocket handshake answer) started
         self.complete = False
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
+        self.violated = False  # the Node sent more than the credit granted
         self.body_size = 0
 
     async def run(self) -> None:

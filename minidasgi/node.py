@@ -389,7 +389,8 @@ class Node:
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
         elif kind == wire.CANCEL:
-            job.cancel("cancelled by the distributor")
+            if not job.complete:  # else the response is out: let the app finish its work
+                job.cancel("cancelled by the distributor")
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
 

@@ -210,8 +210,8 @@ async def test_a_forged_cancel_ends_the_request_visibly(redis_server: RedisServe
 async def test_a_forged_credit_does_not_raise_the_window(redis_server: RedisServer) -> None:
     """A forged credit can at most refill the Node's window (never raise it): the Node then
     publishes no more than one window beyond the credit the distributor really granted, and the
-    distributor, counting arrivals against its credit, fails the request rather than buffer
-    them."""
+    distributor, counting arrivals against its credit, drops them and fails the request rather
+    than buffer them."""
     distributor = create_distributor(url=redis_server.url, key="forged-credit")
     node = Node(url=redis_server.url, app=apps.download, key="forged-credit", lifespan="off")
     seen: list[tuple[str, int]] = []  # ("send", 0) or ("credit", n), in Redis' order
@@ -235,16 +235,26 @@ async def test_a_forged_credit_does_not_raise_the_window(redis_server: RedisServ
         try:
             # A client that asks for 256 MiB and reads nothing: the download waits for credit.
             port = int(base.rsplit(":", 1)[1])
-            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /?268435456 HTTP/1.1\r\nHost: t\r\n\r\n")
             assert await poll(_acked(distributor), 10)
             (exchange,) = list(distributor._exchanges.values())
             window = exchange.received.window
-            await asyncio.sleep(1)  # the client's socket buffers fill up
+            # The client's socket buffers fill up, then the download waits for credit.
+            assert await _settled(seen, 20)
             forged = wire.pack(wire.CREDIT, exchange.id, 10**6)
             await asyncio.to_thread(redis_server.command, "PUBLISH", node.channel, forged)
-            await asyncio.sleep(2)
-            # What the Node sent beyond the credit granted failed the request.
+            assert await _settled(seen, 20)
+            # What the Node sent past the credit granted is not kept...
+            queued = [i for i in list(exchange.inbox._queue) if isinstance(i, tuple)]
+            assert len(queued) <= window
+            # ...and fails the request once the relay gets to it: the client reading now
+            # gets a few MiB, then the connection is cut.
+            received = 0
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 20):
+                    received += len(chunk)
+            assert received < 64 << 20
             assert await poll(lambda: not distributor._exchanges, 5)
             writer.close()
         finally:
@@ -258,6 +268,18 @@ async def test_a_forged_credit_does_not_raise_the_window(redis_server: RedisServ
             sends += 1
             assert sends <= allowed + window, f"SEND {sends} with only {allowed} credits granted"
     assert sends > 0
+
+
+async def _settled(seen: list[Any], timeout: float) -> bool:
+    """Wait until ``seen`` stops growing for a second."""
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        if len(seen) == count:
+            return True
+        count = len(seen)
+        await asyncio.sleep(1)
+    return False
 
 
 async def test_forged_sends_beyond_the_credit_fail_the_request(redis_server: RedisServer) -> None:
