@@ -159,6 +159,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "passes unanswered [MINIDASGI_HEALTH_CHECK_INTERVAL] (default: 5)",
         )
 
+    def peer_timeout_option(sub: argparse.ArgumentParser, peer: str) -> None:
+        sub.add_argument(
+            "--peer-timeout",
+            type=float,
+            default=_env("PEER_TIMEOUT", 10.0),
+            help=f"seconds of silence from a {peer} with requests in flight before they fail "
+            "[MINIDASGI_PEER_TIMEOUT] (default: 10)",
+        )
+
     node = commands.add_parser(
         "node",
         help="run a worker: pop requests from Redis and run them in an ASGI app",
@@ -200,6 +209,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on SIGTERM "
         "[MINIDASGI_SHUTDOWN_TIMEOUT] (default: 30)",
     )
+    peer_timeout_option(node, "distributor")
     node.add_argument(
         "--factory",
         action="store_true",
@@ -292,6 +302,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds a client may pause its upload, else 408 (0: no bound) "
         "[MINIDASGI_BODY_IDLE_TIMEOUT] (default: 30)",
     )
+    peer_timeout_option(dist, "Node")
 
     demo = commands.add_parser(
         "demo",
@@ -417,6 +428,7 @@ def _run_node(args: argparse.Namespace) -> int:
             lifespan=args.lifespan,
             shutdown_timeout=args.shutdown_timeout,
             health_check_interval=float(args.health_check_interval),
+            peer_timeout=args.peer_timeout,
         )
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
@@ -487,6 +499,7 @@ def _run_distributor(args: argparse.Namespace) -> int:
         "no_worker_status": args.no_worker_status,
         "channel_prefix": args.channel_prefix,
         "health_check_interval": float(args.health_check_interval),
+        "peer_timeout": args.peer_timeout,
     }
     if args.redis_password is not None:
         config["password"] = args.redis_password

@@ -14,6 +14,19 @@ control in both directions. A request not acked in time is taken back from the l
 still there, and refused by the Node by its deadline otherwise. A request sent with ``Expect:
 100-continue`` is queued without its body, which is read (and the client told to continue)
 only once the Node's app asks for it (``wire.CONTINUE``).
+control in both directions (a Node that sends more than the credit granted fails the request).
+
+The no-worker answer is given only for a request provably never run: at ``worker_timeout``
+without an ack the distributor takes the envelope back (``LREM`` from the tail); if that
+removed it, no Node ever popped it. If it did not, a Node has it: the distributor waits another
+``worker_timeout`` for the ack, then answers 504 (and a later ack gets a CANCEL). A GONE before
+the ack (the Node found the envelope expired) also means the app never ran.
+
+After the ack, liveness is per request (``liveness.PeerTracker``): every ``liveness_interval``
+the distributor PINGs each Node it shares requests with, naming them; the Node answers GONE for
+those it does not run, and the distributor answers 502 (or aborts a started response) on a
+GONE. A Node not heard from at all for ``peer_timeout`` loses its requests the same way, and
+a PUBLISH that reaches nobody does so at once.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from . import buffering, codec, wire
 from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError
+from .liveness import PeerTracker
 from .resp import RespError, Subscriber
 from .resp.client import Client
 from .resp.connection import make_params
@@ -58,10 +72,13 @@ class _Signal:
 
 
 _PEER_LOST = _Signal("peer lost")
+_PEER_SILENT = _Signal("nothing heard from the Node")
 _TOO_LARGE = _Signal("body too large")
 _CLIENT_GONE = _Signal("client gone")
 _CLIENT_IDLE = _Signal("client stalled its upload")
 _NO_ACK = _Signal("no ack in time")
+_GRACE_OVER = _Signal("no ack from the Node that took the request")
+_VIOLATION = _Signal("flow-control violation")
 
 
 class Distributor:
@@ -91,6 +108,14 @@ class Distributor:
     with a PING; one left unanswered past the reply bound (``?reply_timeout=`` in the URL,
     10 s by default) or, for the subscriber, a second interval, is taken for a dead peer and
     replaced. Until it is, requests get 503.
+    deployments); it is given only when the request was taken back from the list unrun. A
+    request a Node popped but did not ack within another ``worker_timeout`` gets 504.
+    ``response_timeout``: optional bound on the whole response after the ack.
+
+    ``liveness_interval``: seconds between the PINGs sent to each Node with requests in flight
+    (none while idle). ``peer_timeout``: seconds of silence from such a Node (no message of any
+    kind) after which its requests fail (502, or an abort once the response started); it must
+    exceed the Nodes' ``liveness_interval`` by a good margin.
     """
 
     def __init__(
@@ -116,6 +141,7 @@ class Distributor:
         body_idle_timeout: float | None = buffering.DEFAULT_BODY_IDLE_TIMEOUT,
         liveness_interval: float = 1.0,
         health_check_interval: float = 5.0,
+        peer_timeout: float = 10.0,
         startup_wait: float = 2.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
@@ -152,6 +178,9 @@ class Distributor:
         if not health_check_interval > 0:
             raise ValueError("health_check_interval must be a positive number of seconds")
         self.health_check_interval = health_check_interval
+        self.peer_timeout = peer_timeout
+        self.peers = PeerTracker(peer_timeout)  # the Nodes we share requests with
+        self._pinging: set[str] = set()  # Nodes with a PING still being published
         self.startup_wait = startup_wait
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
         self._parser = parser
@@ -248,6 +277,8 @@ class Distributor:
         finally:
             exchange.received.close()
             del self._exchanges[exchange.id]
+            if exchange.node is not None:
+                self.peers.discard(exchange.node, exchange.id)
 
     def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
         """The list for this request, or the answer to give without Redis."""
@@ -321,6 +352,7 @@ class Distributor:
             logger.warning("dropped a malformed message on the reply channel: %s", exc)
             return
         if kind == wire.PING:
+            self._on_ping(args)
             return
         exchange = self._exchanges.get(request_id)
         if exchange is None:
@@ -329,10 +361,23 @@ class Distributor:
                 # A Node took a request this side gave up on: tell it to stop.
                 self.spawn(self.cancel_on(node, request_id))
             return
+        if exchange.node is not None:
+            self.peers.heard(exchange.node, asyncio.get_running_loop().time())
         if kind == wire.CREDIT:
             if args and type(args[0]) is int:
                 exchange.window.grant(args[0])
-        elif kind in (wire.ACK, wire.SEND, wire.DONE):
+        elif kind == wire.SEND:
+            # Counted even before run() has seen the ACK: both may come in one read. Past the
+            # credit granted nothing more is kept: the exchange fails once the relay gets to
+            # the violation (it may be waiting on a slow client).
+            if exchange.violated:
+                return
+            if exchange.received.arrived():
+                exchange.inbox.put_nowait((kind, args))
+            else:
+                exchange.violated = True
+                exchange.inbox.put_nowait(_VIOLATION)
+        elif kind in (wire.ACK, wire.DONE, wire.GONE):
             exchange.inbox.put_nowait((kind, args))
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
@@ -344,15 +389,43 @@ class Distributor:
         for exchange in list(self._exchanges.values()):
             exchange.inbox.put_nowait(_PEER_LOST)
 
+    def _on_ping(self, args: list[Any]) -> None:
+        """A Node names the requests it runs for this distributor: those this side no longer
+        has get a CANCEL (it gave them up, or never had them)."""
+        ping = wire.parse_ping(args)
+        if ping is None:
+            return  # an old id-less PING: nothing to answer
+        node, request_ids = ping
+        self.peers.heard(node, asyncio.get_running_loop().time())
+        for request_id in request_ids:
+            if request_id not in self._exchanges:
+                self.spawn(self.cancel_on(node, request_id))
+
     async def _watch_peers(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.liveness_interval)
-            nodes = {e.node for e in self._exchanges.values() if e.node is not None}
-            for node in nodes:
-                if await self.publish(node, wire.PING_MESSAGE) == 0:
+            for _, request_ids in self.peers.tick(loop.time(), self.liveness_interval):
+                for request_id in request_ids:
+                    exchange = self._exchanges.get(request_id)
+                    if exchange is not None:
+                        exchange.inbox.put_nowait(_PEER_SILENT)
+            for node, request_ids in self.peers.peers():
+                if node not in self._pinging:
+                    # Not awaited: a PING stuck on a stalled link must not stop the checks.
+                    self._pinging.add(node)
+                    self.spawn(self._ping(node, request_ids))
+
+    async def _ping(self, node: str, request_ids: list[str]) -> None:
+        try:
+            for message in wire.ping_messages(self.channel, request_ids):
+                if await self.publish(node, message) == 0:
                     for exchange in list(self._exchanges.values()):
                         if exchange.node == node:
                             exchange.inbox.put_nowait(_PEER_LOST)
+                    return
+        finally:
+            self._pinging.discard(node)
 
 
 class _Exchange:
@@ -378,6 +451,7 @@ class _Exchange:
         self.started = False  # the response (or the WebSocket handshake answer) started
         self.complete = False
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
+        self.violated = False  # the Node sent more than the credit granted
         self.body_size = 0
         # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
         self.expecting = self.kind == "http" and _expects_continue(scope)
@@ -417,6 +491,7 @@ class _Exchange:
                 scope=_portable_scope(self.scope),
                 events=events,
                 window=self.received.window,
+                liveness=d.liveness_interval,
             )
             try:
                 data = envelope.encode()
@@ -435,23 +510,33 @@ class _Exchange:
         finally:
             if buffered is not None:
                 buffered.release()
-        # A timer rather than wait_for(), which costs a task per request before Python 3.12.
-        timer = asyncio.get_running_loop().call_later(
-            d.worker_timeout, self.inbox.put_nowait, _NO_ACK
-        )
-        item = await self.inbox.get()
-        timer.cancel()
-        node = None if isinstance(item, _Signal) else _acking_node(*item)
-        if node is None:
-            await self._take_back(key, data)
-            if item is _NO_ACK:
+        item = await self._wait_ack(_NO_ACK)
+        if item is _NO_ACK:
+            # The no-worker answer only for a request provably never run: taken back unpopped.
+            if await self._take_back(key, data):
                 text = f"no worker answered within {d.worker_timeout:g} seconds\n"
                 await self._refuse(d.no_worker_status, text)
-            else:
-                await self._refuse(502, "lost contact with the worker\n")
+                return
+            # A Node popped it: it is in that Node's hands, and its ack may be on its way.
+            item = await self._wait_ack(_GRACE_OVER)
+        if item is _GRACE_OVER:
+            await self._take_back(key, data)  # drain: a later ack gets a cancel
+            await self._refuse(504, "the worker that took the request did not answer in time\n")
             return
-        self.node = node
+        if isinstance(item, _Signal):  # lost contact: messages from the Node may be lost
+            await self._take_back(key, data)
+            await self._refuse(502, "lost contact with the worker\n")
+            return
+        if item[0] == wire.GONE:  # the Node dropped it unrun (expired when popped)
+            text = f"no worker answered within {d.worker_timeout:g} seconds\n"
+            await self._refuse(d.no_worker_status, text)
+            return
         ack_args = item[1]
+        node = ack_args[0]
+        self.node = node
+        now = asyncio.get_running_loop().time()
+        pings = len(ack_args) > 2 and type(ack_args[2]) in (int, float) and ack_args[2] > 0
+        d.peers.add(node, self.id, now, pings=pings)
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
         self._node_known()
@@ -521,20 +606,45 @@ class _Exchange:
         if await self.distributor.publish(self.node, message) == 0:
             self.inbox.put_nowait(_PEER_LOST)  # a lost credit would stall the transfer
 
-    async def _take_back(self, key: str, data: bytes) -> None:
-        """Undo the LPUSH of a request answered without a Node: nothing is left behind, and
-        nothing runs after its client was answered."""
+    async def _wait_ack(self, timeout: _Signal) -> Any:
+        """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout``, or a lost
+        peer. Anything else before an ack can only be forged, and is dropped."""
         d = self.distributor
-        # If no Node popped it, LREM takes it back; if one did, its deadline stops it and its
-        # ack (now or later) is answered with a cancel.
+        # A timer rather than wait_for(), which costs a task per request before Python 3.12.
+        timer = asyncio.get_running_loop().call_later(
+            d.worker_timeout, self.inbox.put_nowait, timeout
+        )
+        try:
+            while True:
+                item = await self.inbox.get()
+                if item is timeout or item is _PEER_LOST:
+                    return item
+                if isinstance(item, _Signal):
+                    continue  # e.g. a deadline of the previous wait
+                if item[0] == wire.GONE or _acking_node(*item) is not None:
+                    return item
+                # Before the ACK, on the same connection, a Node sends nothing: forged.
+                if item[0] == wire.SEND:
+                    self.received.dropped()
+                logger.warning("dropped a %r message before the ack of %s", item[0], self.id)
+        finally:
+            timer.cancel()
+
+    async def _take_back(self, key: str, data: bytes) -> bool:
+        """Undo the LPUSH of a request answered without a Node; True if it was still in the
+        list (then no Node ever popped it, and none ever will)."""
+        d = self.distributor
+        removed = False
         with contextlib.suppress(RespError):
             assert d._client is not None
-            await d._client.execute("LREM", key, 1, data)
+            # From the tail, where the oldest requests wait (Nodes pop that end).
+            removed = bool(await d._client.execute("LREM", key, -1, data))
         while not self.inbox.empty():  # an ack that came just too late: stop that Node
             item = self.inbox.get_nowait()
             node = None if isinstance(item, _Signal) else _acking_node(*item)
             if node is not None:
                 d.spawn(d.cancel_on(node, self.id))
+        return removed
 
     def _too_large(self, event: Message) -> bool:
         limit = self.distributor.max_body_size
@@ -569,6 +679,18 @@ class _Exchange:
             if item is _PEER_LOST:
                 await self._fail(502, "lost contact with the worker\n")
                 return
+            if item is _PEER_SILENT:
+                logger.warning(
+                    "request %s: nothing heard from its worker for %g s",
+                    self.id,
+                    d.peer_timeout,
+                )
+                await self._fail(502, "lost contact with the worker\n")
+                return
+            if item is _VIOLATION:
+                logger.warning("request %s: the worker sent more than the credit granted", self.id)
+                await self._fail(502, "the worker broke flow control\n")
+                return
             if item is _TOO_LARGE:
                 await self._fail(413, "request body too large\n")
                 return
@@ -579,11 +701,20 @@ class _Exchange:
             if isinstance(item, _Signal):  # e.g. an ack deadline that fired with the ack
                 continue
             kind, args = item
-            if kind == wire.SEND and args and isinstance(args[0], list):
-                await self._send_events(args[0])
+            if kind == wire.SEND:
+                if args and isinstance(args[0], list):
+                    await self._send_events(args[0])
+                else:
+                    self.received.dropped()
             elif kind == wire.DONE:
                 self.node_done = True
                 await self._fail(500, "Internal Server Error\n")
+                return
+            elif kind == wire.GONE:
+                self.node_done = True  # nothing to cancel there
+                reason = args[0] if args and isinstance(args[0], str) else "?"
+                logger.warning("request %s: its worker dropped it (%s)", self.id, reason[:100])
+                await self._fail(502, "the worker dropped the request\n")
                 return
 
     async def _send_events(self, events: list[Any]) -> None:

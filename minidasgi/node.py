@@ -8,9 +8,17 @@ never retries or re-queues a request (delivery is at most once).
 
 A job acks at once and runs the app only once the ack reached the distributor. It then feeds
 the app the events the distributor sends and publishes what the app sends, under credit-based
-flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` / ``wire.CreditPool``). If the
-distributor goes away (PUBLISH reaches nobody, or this Node's subscriber lost messages), the
-app's ``receive()`` answers a disconnect and the app is cancelled shortly after.
+flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` / ``wire.CreditPool``); a
+distributor that sends more than the credit granted fails the request. If the distributor goes
+away (PUBLISH reaches nobody, this Node's subscriber lost messages, or nothing at all came from
+it for ``peer_timeout`` while requests are in flight with it), the app's ``receive()`` answers a
+disconnect and the app is cancelled shortly after.
+
+Whatever ends a job without its response complete (the above, a CANCEL, a flow-control
+violation, a forced stop) publishes ``[GONE, id, reason]`` to the distributor, best effort; an
+envelope already expired when popped is dropped unrun with a GONE too. If a GONE is lost, the
+distributor's next PING names the request and this Node answers GONE for it then
+(``liveness.PeerTracker`` keeps the requests each distributor shares with this Node).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +35,7 @@ from . import wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError
 from .lifespan import Lifespan
+from .liveness import PeerTracker
 from .resp import ReplyError, RespError, Subscriber
 from .resp.client import Client
 from .resp.connection import make_params
@@ -59,6 +69,11 @@ class Node:
     connections are checked with a PING; a dead peer is replaced within about two intervals
     or the reply bound (``?reply_timeout=`` in the URL, 10 s by default). The pop connection
     needs no PING: a BRPOP's reply is due within ``pop_timeout`` plus the reply bound.
+    ``liveness_interval``: seconds between the PINGs a Node publishes to each distributor it
+    has requests in flight with (none while idle). ``peer_timeout``: seconds of silence from
+    such a distributor (no message of any kind) after which its requests count as abandoned:
+    their apps see a disconnect and are cancelled. It must exceed the distributors'
+    ``liveness_interval`` by a good margin.
     """
 
     def __init__(
@@ -82,6 +97,7 @@ class Node:
         pop_timeout: float = 5.0,
         liveness_interval: float = 1.0,
         health_check_interval: float = 5.0,
+        peer_timeout: float = 10.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
         max_envelope_size: int = 16 * 1024 * 1024,
@@ -113,6 +129,9 @@ class Node:
         if not health_check_interval > 0:
             raise ValueError("health_check_interval must be a positive number of seconds")
         self.health_check_interval = health_check_interval
+        self.peer_timeout = peer_timeout
+        self.peers = PeerTracker(peer_timeout)  # the distributors we share requests with
+        self._pinging: set[str] = set()  # distributors with a PING still being published
         self.max_envelope_size = max_envelope_size
         self.channel = wire.new_channel(channel_prefix, self.params.db, "node")
         self._parser = parser
@@ -329,19 +348,32 @@ class Node:
         except (CodecError, wire.WireError) as exc:
             logger.warning("dropped a malformed request from queue %r: %s", key, exc)
             return
-        if envelope.expired():
-            logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
-            return
         if envelope.id in self._jobs:
             logger.warning("dropped request %s: the id is already running", envelope.id)
             return
+        if envelope.expired():
+            # Only an optimisation (this Node's clock against the distributor's): the
+            # distributor answers "no worker" only for a request it took back from the list,
+            # and for one whose GONE says it never ran.
+            logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
+            self.spawn(self._tell_gone(envelope.reply, envelope.id, "expired"))
+            return
         job = _Job(self, envelope)
         self._jobs[envelope.id] = job
+        self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
         try:
             await job.run()
         finally:
             job.received.close()
             del self._jobs[envelope.id]
+            self.peers.discard(job.reply, job.id)
+            if job.acked and not job.finished and not job.told:
+                # The distributor would otherwise wait for a response that never comes.
+                self.spawn(self._tell_gone(job.reply, job.id, job.why or "ended"))
+
+    async def _tell_gone(self, channel: str, request_id: str, reason: str) -> None:
+        """Best effort: if this is lost too, the distributor's next PING finds it."""
+        await self.publish(channel, wire.pack(wire.GONE, request_id, reason[:100]))
 
     def spawn(self, coroutine: Any) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""
@@ -360,17 +392,35 @@ class Node:
         except (CodecError, wire.WireError) as exc:
             logger.warning("dropped a malformed message on %r: %s", channel, exc)
             return
+        if kind == wire.PING:
+            self._on_ping(args)
+            return
         job = self._jobs.get(request_id)
         if job is None:
             return
+        self.peers.heard(job.reply, time.monotonic())
         if kind == wire.EVENT and args and isinstance(args[0], dict):
             job.deliver(args[0])
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
         elif kind == wire.CANCEL:
-            job.cancel("cancelled by the distributor")
-        elif kind != wire.PING:
+            if not job.complete:  # else the response is out: let the app finish its work
+                job.cancel("cancelled by the distributor")
+        else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+
+    def _on_ping(self, args: list[Any]) -> None:
+        """A distributor names the requests it has in flight with this Node: answer GONE for
+        those this Node does not run (any more)."""
+        ping = wire.parse_ping(args)
+        if ping is None:
+            return  # an old id-less PING: nothing to answer
+        sender, request_ids = ping
+        self.peers.heard(sender, time.monotonic())
+        for request_id in request_ids:
+            job = self._jobs.get(request_id)
+            if job is None:
+                self.spawn(self._tell_gone(sender, request_id, "unknown to the worker"))
 
     def _on_subscriber_lost(self) -> None:
         # Events from distributors may have been lost: no job can trust its input any more.
@@ -380,12 +430,36 @@ class Node:
     async def _watch_peers(self) -> None:
         while True:
             await asyncio.sleep(self.liveness_interval)
-            replies = {job.reply for job in self._jobs.values() if not job.finished}
-            for channel in replies:
-                if await self.publish(channel, wire.PING_MESSAGE) == 0:
+            lost = self.peers.tick(time.monotonic(), self.liveness_interval)
+            for _, request_ids in lost:
+                for request_id in request_ids:
+                    job = self._jobs.get(request_id)
+                    if job is not None:
+                        job.peer_lost(
+                            f"nothing heard from the distributor for {self.peer_timeout:g} s"
+                        )
+            for channel, request_ids in self.peers.peers():
+                # A job that finished or already gave up needs nothing from its distributor.
+                live = [
+                    i
+                    for i in request_ids
+                    if (job := self._jobs.get(i)) and not job.gone and not job.finished
+                ]
+                if live and channel not in self._pinging:
+                    # Not awaited: a PING stuck on a stalled link must not stop the checks.
+                    self._pinging.add(channel)
+                    self.spawn(self._ping(channel, live))
+
+    async def _ping(self, channel: str, request_ids: list[str]) -> None:
+        try:
+            for message in wire.ping_messages(self.channel, request_ids):
+                if await self.publish(channel, message) == 0:
                     for job in list(self._jobs.values()):
                         if job.reply == channel:
                             job.peer_lost("the distributor is gone")
+                    return
+        finally:
+            self._pinging.discard(channel)
 
 
 class _Disconnected(Exception):
@@ -426,6 +500,9 @@ class _Job:
         self.complete = False
         self.finished = False
         self.gone = False  # the distributor or client went away
+        self.acked = False  # the distributor knows this Node took the request
+        self.told = False  # the distributor ended the request itself (a client disconnect)
+        self.why = ""  # why the job ended early, for the GONE message
         self.disconnect: Message | None = None  # returned by every receive() once known
         # The pieces of one message must not interleave with another task's message.
         self._sending = asyncio.Lock()
@@ -434,9 +511,11 @@ class _Job:
         self.task = asyncio.current_task()
         # The ack doubles as a check that the distributor still listens: a request whose
         # distributor is gone is never run.
-        if not await self._publish(wire.ACK, self.node.channel, self.received.window):
+        ack = (self.node.channel, self.received.window, self.node.liveness_interval)
+        if not await self._publish(wire.ACK, *ack):
             logger.info("dropped request %s: its distributor is gone", self.id)
             return
+        self.acked = True
         try:
             await self.node.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
@@ -481,8 +560,13 @@ class _Job:
     def deliver(self, event: Message) -> None:
         """An event from the distributor (client body, client disconnect)."""
         if event.get("type") in ("http.disconnect", "websocket.disconnect"):
-            self.gone = True
+            self.gone = self.told = True
             self.window.abort(_Disconnected())
+            self.inbox.put_nowait((event, False))  # sent without credit
+            return
+        if not self.received.arrived():
+            self.cancel("the distributor sent more than the credit granted")
+            return
         self.inbox.put_nowait((event, True))
 
     def peer_lost(self, why: str) -> None:
@@ -491,6 +575,7 @@ class _Job:
             return
         logger.warning("request %s: %s", self.id, why)
         self.gone = True
+        self.why = why
         self.window.abort(_Disconnected())
         self._wake_receive(1006)
         if self.task is not None:
@@ -508,6 +593,7 @@ class _Job:
         if not self.gone:
             logger.info("request %s: %s", self.id, why)
             self.gone = True
+            self.why = why
             self.window.abort(_Disconnected())
         self._cancel_task()
 

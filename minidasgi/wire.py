@@ -18,10 +18,24 @@ The conversation for one request (``id``):
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
    consumer returns ``[CREDIT, id, n]`` as it consumes (``ReceiveWindow``/``SendWindow``),
    and a process bounds the sum over its requests (``CreditPool``).
+   A receiver counts what arrives against the credit it granted: more is a protocol
+   violation that fails the request (``ReceiveWindow.arrived``); a sender never lets credit
+   raise its window above what it started with, so a forged CREDIT cannot make either side
+   buffer more than its own bound.
 5. ``[DONE, id, failed]`` ends a request whose app returned without completing the response;
-   ``[CANCEL, id]`` tells a Node that the distributor gave the request up.
-6. ``[PING]`` carries nothing: publishing it tells the sender, by the receiver count PUBLISH
-   returns, whether the peer's subscriber is still there.
+   ``[CANCEL, id]`` tells a Node that the distributor gave the request up; ``[GONE, id,
+   reason]`` tells the distributor that the Node ended the request without completing its
+   response (its subscriber was lost, a publish failed, a cancel came, the app was cancelled)
+   or never ran it (the envelope had expired when popped: no ACK was sent before it).
+6. ``[PING, sender, [ids...]]``: while two processes share requests, each publishes one to the
+   other every ``liveness_interval``, naming its own channel and the requests it has in flight
+   with that peer (``liveness.PeerTracker``). The receiver answers each id it does not know
+   (a Node with GONE, a distributor with CANCEL), and the receiver count PUBLISH returns tells
+   the sender whether the peer's subscriber is still there. A side that heard nothing from a
+   peer for ``peer_timeout`` fails the requests it shares with it. The old ``[PING]``, without
+   sender or ids, is still read (and ignored). Whether a peer pings at all is announced in the
+   envelope (``liveness``) and the ACK (its third argument), so a peer of an older version,
+   which does not, is never blamed for its silence.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ __all__ = [
     "CREDIT",
     "DONE",
     "EVENT",
+    "GONE",
     "MORE_KEY",
     "PING",
     "SEND",
@@ -57,6 +72,8 @@ __all__ = [
     "new_channel",
     "new_request_id",
     "pack",
+    "parse_ping",
+    "ping_messages",
     "split_message",
     "unpack",
 ]
@@ -69,6 +86,7 @@ DONE: Final = "done"
 CANCEL: Final = "cancel"
 PING: Final = "ping"
 CONTINUE: Final = "continue"
+GONE: Final = "gone"
 
 CHUNK_SIZE: Final = 128 * 1024
 """Largest body piece in one message; bigger bodies are split."""
@@ -82,6 +100,9 @@ MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
 """Largest WebSocket message either side reassembles (uvicorn's own default limit is 16 MiB)."""
 """Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
 PING_MESSAGE: Final = codec.encode([PING])
+"""The id-less PING of earlier versions."""
+MAX_PING_IDS: Final = 4096
+"""Request ids in one PING message (a longer list travels as several)."""
 
 
 class WireError(ValueError):
@@ -109,10 +130,29 @@ def unpack(data: bytes) -> tuple[str, str, list[Any]]:
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")
     if message[0] == PING:
-        return PING, "", []
+        return PING, "", message[1:]
     if len(message) < 2 or not isinstance(message[1], str):
         raise WireError(f"{message[0][:20]!r} message without a request id")
     return message[0], message[1], message[2:]
+
+
+def ping_messages(sender: str, request_ids: list[str]) -> list[bytes]:
+    """The PING messages naming ``request_ids`` (at least one message, even for no ids)."""
+    chunks = [request_ids[i : i + MAX_PING_IDS] for i in range(0, len(request_ids), MAX_PING_IDS)]
+    return [codec.encode([PING, sender, chunk]) for chunk in chunks or [[]]]
+
+
+def parse_ping(args: list[Any]) -> tuple[str, list[str]] | None:
+    """``(sender, ids)`` of a PING's arguments; None for the old id-less PING or a malformed
+    one (a PING is never worth an error: at worst it is ignored)."""
+    if len(args) < 2:
+        return None
+    sender, ids = args[0], args[1]
+    if not (isinstance(sender, str) and 0 < len(sender) <= 256 and isinstance(ids, list)):
+        return None
+    if len(ids) > MAX_PING_IDS:
+        return None
+    return sender, [i for i in ids if isinstance(i, str) and 0 < len(i) <= 64]
 
 
 @dataclass
@@ -125,6 +165,9 @@ class Envelope:
     scope: dict[str, Any]
     events: list[dict[str, Any]]
     window: int = WINDOW
+    liveness: float = 0.0
+    """The distributor's PING interval for this request; 0 if it does not ping (older
+    versions, which also leave the key out)."""
 
     def encode(self) -> bytes:
         """The bytes to LPUSH."""
@@ -136,6 +179,7 @@ class Envelope:
                 "scope": self.scope,
                 "events": self.events,
                 "window": self.window,
+                "liveness": self.liveness,
             }
         )
 
@@ -168,7 +212,12 @@ class Envelope:
             raise WireError("envelope events are not a list of dicts")
         if not (type(window) is int and 1 <= window <= 1024):
             raise WireError("envelope window out of range")
-        return cls(request_id, reply, float(deadline), scope, events, window)
+        liveness = value.get("liveness", 0.0)
+        if not isinstance(liveness, (int, float)) or isinstance(liveness, bool):
+            raise WireError("envelope liveness is not a number")
+        if not (math.isfinite(liveness) and liveness >= 0):
+            raise WireError("envelope liveness out of range")
+        return cls(request_id, reply, float(deadline), scope, events, window, float(liveness))
 
     def expired(self, now: float | None = None) -> bool:
         """True once the distributor has stopped waiting for an ack."""
@@ -179,6 +228,7 @@ class SendWindow:
     """The sending side of flow control: wait for credit before each data-bearing message."""
 
     def __init__(self, window: int = WINDOW) -> None:
+        self.window = window
         self.available = window
         self._wakeup: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -197,9 +247,11 @@ class SendWindow:
         self.available -= 1
 
     def grant(self, n: int) -> None:
-        """The peer consumed ``n`` messages."""
+        """The peer consumed ``n`` messages. Credit never raises the window above what it
+        started with: more than that is forged or mistaken, and would let the peer's buffer
+        grow past its bound."""
         if n > 0:
-            self.available += n
+            self.available = min(self.available + n, self.window)
             if self._wakeup is not None:
                 self._wakeup.set()
 
@@ -250,15 +302,30 @@ class ReceiveWindow:
         grant: Callable[[int], None] | None = None,
     ) -> None:
         self.window = window
-        self.outstanding = window  # credits the peer holds
+        self.outstanding = window  # credits granted and not yet consumed
+        self.unconsumed = 0  # arrived, not yet consumed
         self._batch = max(1, window // 2)
         self._pending = 0  # consumed, not yet returned
         self._pool = pool
         self._grant = grant
         self._closed = False
 
+    def arrived(self) -> bool:
+        """Record one data-bearing message as it arrives; False if the peer sent more than the
+        credit granted (a protocol violation: the caller fails the request)."""
+        if self.unconsumed >= self.outstanding:
+            return False
+        self.unconsumed += 1
+        return True
+
+    def dropped(self) -> None:
+        """An arrived message that will never be consumed (it was refused): it holds no
+        credit of the peer's, so it must not count against what the peer may still send."""
+        self.unconsumed = max(0, self.unconsumed - 1)
+
     def consumed(self) -> int:
         """Record one consumed message; return the credit to send now (often 0)."""
+        self.unconsumed = max(0, self.unconsumed - 1)
         self.outstanding -= 1
         self._pending += 1
         pool = self._pool

@@ -300,6 +300,7 @@ def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
         "--redis", "redis://127.0.0.1:6390/3",
         "--concurrency", "5", "--lifespan", "off", "--shutdown-timeout", "2.5",
         "--health-check-interval", "2",
+        "--peer-timeout", "7.5",
     ]  # fmt: skip
     assert main(argv) == 0
     (node,) = nodes
@@ -308,6 +309,7 @@ def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
     assert node.concurrency == 5
     assert node.shutdown_timeout == 2.5
     assert node.health_check_interval == 2
+    assert node.peer_timeout == 7.5
 
 
 def test_node_factory_option(app_module: tuple[str, str], nodes: list[Node]) -> None:
@@ -332,6 +334,7 @@ def test_node_takes_everything_from_the_environment(
     monkeypatch.setenv("MINIDASGI_SHUTDOWN_TIMEOUT", "1.5")
     monkeypatch.setenv("MINIDASGI_LIFESPAN", "off")
     monkeypatch.setenv("MINIDASGI_HEALTH_CHECK_INTERVAL", "3.5")
+    monkeypatch.setenv("MINIDASGI_PEER_TIMEOUT", "12")
     assert main(["node"]) == 0
     (node,) = nodes
     assert node.keys == ["a", "b"]
@@ -339,6 +342,7 @@ def test_node_takes_everything_from_the_environment(
     assert node.concurrency == 7
     assert node.shutdown_timeout == 1.5
     assert node.health_check_interval == 3.5
+    assert node.peer_timeout == 12
 
 
 def test_node_command_line_overrides_the_environment(
@@ -675,6 +679,7 @@ def test_distributor_options(
         "--host", "0.0.0.0", "--port", "9999", "--workers", "3",
         "--worker-timeout", "2.5", "--no-worker-status", "503", "--max-body-size", "1000",
         "--health-check-interval", "1.5",
+        "--peer-timeout", "4",
     ]  # fmt: skip
     assert main(argv) == 0
     (run,) = uvicorn_runs
@@ -695,6 +700,7 @@ def test_distributor_options(
     assert cli._DISTRIBUTOR_ENV not in os.environ
     assert run["distributor"].params.password == "hunter2"
     assert config["health_check_interval"] == 1.5
+    assert config["peer_timeout"] == 4
     captured = capsys.readouterr()
     assert "hunter2" not in captured.out + captured.err + caplog.text
     assert "redis://:***@127.0.0.1:1/0" in caplog.text
@@ -711,10 +717,12 @@ def test_distributor_from_the_environment(
     monkeypatch.setenv("MINIDASGI_NO_WORKER_STATUS", "503")
     monkeypatch.setenv("MINIDASGI_CHANNEL_PREFIX", "tenant-a")
     monkeypatch.setenv("MINIDASGI_HEALTH_CHECK_INTERVAL", "7")
+    monkeypatch.setenv("MINIDASGI_PEER_TIMEOUT", "20")
     assert main(["distributor"]) == 0
     (run,) = uvicorn_runs
     assert (run["port"], run["workers"]) == (9998, 2)
     config = run["config"]
+    assert config["peer_timeout"] == 20
     assert config["routes"] == [[r"/api/([a-z-]+)", r"API-\1"], ["/", "ALL"]]
     assert config["url"] == "redis://127.0.0.1:6393/1"
     assert (config["worker_timeout"], config["no_worker_status"]) == (1.25, 503)

@@ -60,8 +60,68 @@ def test_pack_unpack_round_trip_for_each_kind(kind: str, args: list[Any]) -> Non
 def test_unpack_ping() -> None:
     assert wire.unpack(wire.PING_MESSAGE) == (wire.PING, "", [])
     assert wire.unpack(codec.encode([wire.PING])) == (wire.PING, "", [])
-    # Anything after the kind of a ping is ignored.
-    assert wire.unpack(codec.encode([wire.PING, 5, "x"])) == (wire.PING, "", [])
+    assert wire.parse_ping([]) is None  # the old id-less PING
+    # A malformed ping is ignored, never an error.
+    assert wire.unpack(codec.encode([wire.PING, 5, "x"])) == (wire.PING, "", [5, "x"])
+    assert wire.parse_ping([5, "x"]) is None
+    assert wire.parse_ping(["chan", "x"]) is None
+    assert wire.parse_ping(["chan", ["a"] * (wire.MAX_PING_IDS + 1)]) is None
+
+
+def test_ping_messages_name_the_sender_and_the_ids() -> None:
+    (message,) = wire.ping_messages("chan", ["a", "b"])
+    kind, _, args = wire.unpack(message)
+    assert kind == wire.PING
+    assert wire.parse_ping(args) == ("chan", ["a", "b"])
+    # Ids that are not short strings are left out.
+    assert wire.parse_ping(["chan", ["a", 5, "", "x" * 65]]) == ("chan", ["a"])
+    # An empty list still makes one message; a long one several.
+    assert len(wire.ping_messages("chan", [])) == 1
+    many = [f"{i:024x}" for i in range(wire.MAX_PING_IDS * 2 + 1)]
+    messages = wire.ping_messages("chan", many)
+    assert len(messages) == 3
+    found = [i for m in messages for i in (wire.parse_ping(wire.unpack(m)[2]) or ("", []))[1]]
+    assert found == many
+    assert all(len(m) <= wire.MAX_MESSAGE_SIZE for m in messages)
+
+
+def test_send_window_credit_never_raises_the_window_above_its_start() -> None:
+    window = wire.SendWindow(4)
+    window.grant(10**6)  # forged
+    assert window.available == 4
+    window.available = 1
+    window.grant(2)
+    assert window.available == 3
+    window.grant(5)
+    assert window.available == 4
+
+
+def test_receive_window_refuses_arrivals_beyond_the_credit_granted() -> None:
+    window = wire.ReceiveWindow(4)
+    assert all(window.arrived() for _ in range(4))
+    assert not window.arrived()  # a fifth before any credit came back
+    assert window.consumed() == 0
+    assert window.consumed() == 2  # half the window goes back to the peer...
+    assert window.arrived() and window.arrived()  # ...which may send that much more
+    assert not window.arrived()
+
+
+def test_receive_window_refuses_arrivals_after_close() -> None:
+    window = wire.ReceiveWindow(4)
+    window.close()
+    assert not window.arrived()
+
+
+def test_envelope_liveness_is_optional_for_older_distributors() -> None:
+    envelope = wire.Envelope("id", "chan", 1.0, {"type": "http"}, [], liveness=1.5)
+    assert wire.Envelope.decode(envelope.encode()).liveness == 1.5
+    old = codec.decode(envelope.encode())
+    del old["liveness"]
+    assert wire.Envelope.decode(codec.encode(old)).liveness == 0.0
+    for bad in (-1.0, float("inf"), "1", True):
+        old["liveness"] = bad
+        with pytest.raises(wire.WireError):
+            wire.Envelope.decode(codec.encode(old))
 
 
 @pytest.mark.parametrize(
@@ -258,7 +318,8 @@ async def test_send_window_waits_for_grant() -> None:
 
 
 async def test_send_window_grant_wakes_several_waiters() -> None:
-    window = SendWindow(1)
+    window = SendWindow(2)
+    await asyncio.wait_for(window.acquire(), 2)
     await asyncio.wait_for(window.acquire(), 2)
     waiters = [asyncio.ensure_future(window.acquire()) for _ in range(3)]
     await asyncio.sleep(0.01)

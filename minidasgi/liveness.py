@@ -1,0 +1,106 @@
+"""Per-request liveness: which requests each peer shares with this process, and when that peer
+was last heard from.
+
+A peer (a Node seen by a distributor, a distributor seen by a Node) can forget a request while
+its channel stays subscribed: its subscriber reconnected, a publish failed, a cancel arrived.
+A "is the channel there" ping cannot see that. So, while two processes share requests, each
+publishes to the other, every ``liveness_interval``, a PING naming the requests it has in
+flight with that peer; the receiver answers the ids it does not know (a Node with GONE, a
+distributor with CANCEL). And a peer that this process has heard nothing at all from for
+``peer_timeout`` while requests are in flight with it (its link stalled, its process stopped)
+counts as lost: those requests fail.
+
+This module is pure bookkeeping on a clock given by the caller. It owns ``PeerTracker``; it
+must never do I/O, start tasks or read a clock of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+__all__ = ["PeerTracker"]
+
+
+class _Peer:
+    __slots__ = ("heard", "pings", "requests")
+
+    def __init__(self, now: float) -> None:
+        self.heard = now
+        self.requests: dict[str, None] = {}  # in order of arrival
+        # Whether the peer announced that it pings: a peer of an older version does not, and
+        # silence from it proves nothing.
+        self.pings = False
+
+
+class PeerTracker:
+    """Requests in flight per peer channel, and when each peer was last heard from.
+
+    ``timeout``: seconds of silence after which a peer with requests in flight counts as lost.
+    The caller reports every message it gets from a peer (``heard``), registers and forgets
+    requests (``add``/``discard``), and calls ``tick`` from its periodic check.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._peers: dict[str, _Peer] = {}
+        self._last_tick: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def add(self, peer: str, request_id: str, now: float, *, pings: bool) -> None:
+        """``request_id`` is now in flight with ``peer``, which was just heard from (the
+        request came from it, or its ack did)."""
+        state = self._peers.get(peer)
+        if state is None:
+            state = self._peers[peer] = _Peer(now)
+        state.heard = now
+        state.requests[request_id] = None
+        state.pings = state.pings or pings
+
+    def discard(self, peer: str, request_id: str) -> None:
+        """``request_id`` is no longer in flight with ``peer`` (a no-op if it was not)."""
+        state = self._peers.get(peer)
+        if state is None:
+            return
+        state.requests.pop(request_id, None)
+        if not state.requests:
+            del self._peers[peer]  # an idle peer is forgotten: nothing is pinged, nothing timed
+
+    def heard(self, peer: str, now: float) -> None:
+        """Anything at all arrived from ``peer``."""
+        state = self._peers.get(peer)
+        if state is not None:
+            state.heard = now
+
+    def requests(self, peer: str) -> list[str]:
+        """The requests in flight with ``peer``."""
+        state = self._peers.get(peer)
+        return [] if state is None else list(state.requests)
+
+    def peers(self) -> Iterator[tuple[str, list[str]]]:
+        """Each peer with requests in flight, with those requests (a snapshot)."""
+        return iter([(peer, list(state.requests)) for peer, state in self._peers.items()])
+
+    def tick(self, now: float, interval: float) -> list[tuple[str, list[str]]]:
+        """The periodic check, due every ``interval`` seconds: return the peers lost (silent
+        for ``timeout`` with requests in flight) with their requests, and forget them.
+
+        If this process itself was not running for a while (its event loop blocked, the
+        machine suspended), it was not listening either: the peers' silence clocks are moved
+        on by the time lost, so a busy process does not blame its peers for its own pause.
+        """
+        last, self._last_tick = self._last_tick, now
+        if last is not None:
+            late = now - last - interval
+            if late > interval:
+                for state in self._peers.values():
+                    state.heard += late
+        lost = [
+            (peer, list(state.requests))
+            for peer, state in self._peers.items()
+            if state.pings and now - state.heard > self.timeout
+        ]
+        for peer, _ in lost:
+            del self._peers[peer]
+        return lost

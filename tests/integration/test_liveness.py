@@ -1,0 +1,314 @@
+"""Per-request liveness and the "never run after no-worker" guarantee, against real faults.
+
+A Node's subscriber killed alone (``CLIENT KILL ID``), one direction of a Node's link stalled
+around the pop and the ack (the fault proxy), a Node's link silent for good, and forged CANCEL,
+CREDIT and SEND messages published with a plain connection. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from minidasgi import Node, create_distributor, wire
+from minidasgi.codec import CodecError
+from minidasgi.resp import Subscriber
+
+from . import apps
+from .faultproxy import FaultProxy
+from .redis_server import RedisServer
+from .stack import poll, run_node, serve_app
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _client_list(server: RedisServer) -> list[dict[str, str]]:
+    listing = server.command("CLIENT", "LIST")
+    assert isinstance(listing, bytes)
+    clients = []
+    for line in listing.decode().splitlines():
+        clients.append(dict(field.split("=", 1) for field in line.split() if "=" in field))
+    return clients
+
+
+def _acked(distributor: Any, count: int = 1) -> Any:
+    return lambda: sum(e.node is not None for e in distributor._exchanges.values()) >= count
+
+
+async def _ends(request: Any) -> str:
+    """How a request ended: its status, or 'aborted' for a response cut short."""
+    try:
+        response = await request
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        return "aborted"
+    return str(response.status_code)
+
+
+@contextlib.asynccontextmanager
+async def _proxied_node(
+    redis_server: RedisServer, app: Any, key: str, **options: Any
+) -> AsyncIterator[tuple[Node, FaultProxy]]:
+    """A Node reaching Redis through a fault proxy (the distributor talks to Redis directly)."""
+    with FaultProxy(redis_server.port) as proxy:
+        node = Node(url=proxy.url(), app=app, key=key, lifespan="off", **options)
+        try:
+            async with run_node(node):
+                yield node, proxy
+        finally:
+            proxy.resume()  # let the Node stop quickly, whatever the test left stalled
+
+
+# 1. A Node that forgets its requests tells the distributor -----------------------------------
+
+
+async def test_killing_only_the_node_subscriber_ends_its_requests(
+    redis_server: RedisServer,
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="subkill")
+    async with (
+        serve_app(distributor) as base,
+        _proxied_node(redis_server, apps.slow, "subkill") as (_node, proxy),
+    ):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            # 300 pieces, 0.1 s apart: 30 s if nothing stops them.
+            requests = [asyncio.ensure_future(client.get("/?300")) for _ in range(6)]
+            assert await poll(_acked(distributor, 6), 10)
+            proxied = {c.upstream_port for c in proxy.connections()}
+            subscribers = [
+                c
+                for c in _client_list(redis_server)
+                if c.get("sub") == "1" and int(c["addr"].rsplit(":", 1)[1]) in proxied
+            ]
+            assert len(subscribers) == 1, subscribers  # the Node's, not the distributor's
+            redis_server.command("CLIENT", "KILL", "ID", subscribers[0]["id"])
+            started = time.monotonic()
+            _done, pending = await asyncio.wait(requests, timeout=15)
+            for request in pending:
+                request.cancel()
+            assert not pending, f"{len(pending)} requests still waiting 15 s after the kill"
+            assert time.monotonic() - started < 15
+            endings = [await _ends(r) for r in requests]
+            assert endings == ["aborted"] * 6  # the responses had started: cut short
+            # The Node resubscribed and serves again.
+            response = await client.get("/?1")
+            assert response.status_code == 200
+
+
+# 2. No-worker answers never run, whatever one direction of the Node's link does ------------
+
+STALL = 6.0  # seconds; the distributor's worker_timeout is 2 s and its grace as much again
+
+
+@pytest.mark.parametrize(
+    "direction,moment",
+    [
+        ("up", "after-pop"),  # the pop arrives, the ack is held back
+        ("down", "before-pop"),  # the popped request is held back
+        ("up", "after-ack"),  # the app runs while what it sends is held back
+        ("down", "after-ack"),  # the app runs while the distributor's messages are held
+    ],
+)
+async def test_a_no_worker_answer_never_runs(
+    redis_server: RedisServer, direction: str, moment: str
+) -> None:
+    ran: list[str] = []
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        ran.append(scope["path"])
+        await asyncio.sleep(0.5)
+        await apps.hello(scope, receive, send)
+
+    distributor = create_distributor(url=redis_server.url, key="late", worker_timeout=2)
+    up, down = direction == "up", direction == "down"
+    async with (
+        serve_app(distributor) as base,
+        _proxied_node(redis_server, recorder, "late", concurrency=4) as (_node, proxy),
+    ):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            assert (await client.get("/warm")).status_code == 200
+            if moment != "after-ack":
+                proxy.stall(up=up, down=down)
+            requests = {f"/{i}": asyncio.ensure_future(client.get(f"/{i}")) for i in range(4)}
+            if moment == "after-ack":
+                assert await poll(lambda: len(ran) >= 5, 10)
+                proxy.stall(up=up, down=down)
+            await asyncio.sleep(STALL)
+            proxy.resume()
+            statuses = {path: await _ends(r) for path, r in requests.items()}
+            await asyncio.sleep(3)  # long enough to see a late run
+    no_worker = {path for path, status in statuses.items() if status == "405"}
+    assert not no_worker & set(ran), (statuses, ran)
+    if moment == "after-pop":
+        # The ack landed after the deadline: the request was in the Node's hands, so the
+        # honest answer is 504 (and the Node was told to stop it). The others, never popped
+        # (the next pop was held back too), were taken back: the no-worker answer.
+        assert "504" in statuses.values(), statuses
+        assert set(statuses.values()) <= {"504", "405"}, statuses
+    if moment == "after-ack":
+        assert set(statuses.values()) == {"200"}, statuses  # a 6 s blip is survived
+
+
+# 3. A link silent for good ends its requests ------------------------------------------------
+
+
+async def test_a_node_link_silent_for_good_ends_its_requests(redis_server: RedisServer) -> None:
+    distributor = create_distributor(url=redis_server.url, key="silent")
+
+    async def mixed(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await apps.slow(scope, receive, send)  # started response
+        else:
+            await apps.sleepy(scope, receive, send)  # nothing sent yet
+
+    async with (
+        serve_app(distributor) as base,
+        _proxied_node(redis_server, mixed, "silent") as (node, proxy),
+    ):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            slow = [asyncio.ensure_future(client.get("/slow?600")) for _ in range(2)]
+            sleepy = [asyncio.ensure_future(client.get("/?600")) for _ in range(2)]
+            assert await poll(_acked(distributor, 4), 10)
+            proxy.stall(up=True, down=True, stall_new=True)
+            _done, pending = await asyncio.wait(slow + sleepy, timeout=30)
+            for request in pending:
+                request.cancel()
+            assert not pending, f"{len(pending)} requests still waiting 30 s into the silence"
+            assert [await _ends(r) for r in slow] == ["aborted"] * 2
+            assert [await _ends(r) for r in sleepy] == ["502"] * 2
+            # The Node, hearing nothing from the distributor either, gave its requests up.
+            assert await poll(lambda: node.in_flight == 0, 10)
+
+
+# 4. Forged messages are bounded ---------------------------------------------------------------
+
+
+async def test_a_forged_cancel_ends_the_request_visibly(redis_server: RedisServer) -> None:
+    distributor = create_distributor(url=redis_server.url, key="forged-cancel")
+    node = Node(url=redis_server.url, app=apps.sleepy, key="forged-cancel", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            request = asyncio.ensure_future(client.get("/?30"))
+            assert await poll(_acked(distributor), 10)
+            (request_id,) = list(distributor._exchanges)
+            receivers = await asyncio.to_thread(
+                redis_server.command, "PUBLISH", node.channel, wire.pack(wire.CANCEL, request_id)
+            )
+            assert receivers == 1
+            response = await asyncio.wait_for(request, 5)
+            assert response.status_code == 502
+            assert node.in_flight == 0
+
+
+async def test_a_forged_credit_does_not_raise_the_window(redis_server: RedisServer) -> None:
+    """A forged credit can at most refill the Node's window (never raise it): the Node then
+    publishes no more than one window beyond the credit the distributor really granted, and the
+    distributor, counting arrivals against its credit, drops them and fails the request rather
+    than buffer them."""
+    distributor = create_distributor(url=redis_server.url, key="forged-credit")
+    node = Node(url=redis_server.url, app=apps.download, key="forged-credit", lifespan="off")
+    seen: list[tuple[str, int]] = []  # ("send", 0) or ("credit", n), in Redis' order
+    forged = wire.pack(wire.CREDIT, "?", 0)  # replaced once the id is known
+
+    def on_message(channel: bytes, data: bytes) -> None:
+        if data == forged:
+            return
+        try:
+            kind, _, args = wire.unpack(data)
+        except (CodecError, wire.WireError):
+            return
+        if kind == wire.SEND:
+            seen.append(("send", 0))
+        elif kind == wire.CREDIT and args and type(args[0]) is int:
+            seen.append(("credit", args[0]))
+
+    watcher = Subscriber(redis_server.url, on_message=on_message)
+    async with serve_app(distributor) as base, run_node(node):
+        await asyncio.wait_for(watcher.subscribe(distributor.channel, node.channel), 5)
+        try:
+            # A client that asks for 256 MiB and reads nothing: the download waits for credit.
+            port = int(base.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /?268435456 HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert await poll(_acked(distributor), 10)
+            (exchange,) = list(distributor._exchanges.values())
+            window = exchange.received.window
+            # The client's socket buffers fill up, then the download waits for credit.
+            assert await _settled(seen, 20)
+            forged = wire.pack(wire.CREDIT, exchange.id, 10**6)
+            await asyncio.to_thread(redis_server.command, "PUBLISH", node.channel, forged)
+            assert await _settled(seen, 20)
+            # What the Node sent past the credit granted is not kept...
+            queued = [i for i in list(exchange.inbox._queue) if isinstance(i, tuple)]
+            assert len(queued) <= window
+            # ...and fails the request once the relay gets to it: the client reading now
+            # gets a few MiB, then the connection is cut.
+            received = 0
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 20):
+                    received += len(chunk)
+            assert received < 64 << 20
+            assert await poll(lambda: not distributor._exchanges, 5)
+            writer.close()
+        finally:
+            await watcher.close()
+    allowed = window
+    sends = 0
+    for kind, n in seen:
+        if kind == "credit":
+            allowed += n
+        else:
+            sends += 1
+            assert sends <= allowed + window, f"SEND {sends} with only {allowed} credits granted"
+    assert sends > 0
+
+
+async def _settled(seen: list[Any], timeout: float) -> bool:
+    """Wait until ``seen`` stops growing for a second."""
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        if len(seen) == count:
+            return True
+        count = len(seen)
+        await asyncio.sleep(1)
+    return False
+
+
+async def test_forged_sends_beyond_the_credit_fail_the_request(redis_server: RedisServer) -> None:
+    release = asyncio.Event()
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part1,", "more_body": True})
+        await asyncio.wait_for(release.wait(), 20)
+        await send({"type": "http.response.body", "body": b"part2"})
+
+    distributor = create_distributor(url=redis_server.url, key="forged-send")
+    node = Node(url=redis_server.url, app=held, key="forged-send", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            request = asyncio.ensure_future(client.get("/"))
+            assert await poll(_acked(distributor), 10)
+            (exchange,) = list(distributor._exchanges.values())
+            body = {"type": "http.response.body", "body": b"forged,", "more_body": True}
+            message = wire.pack(wire.SEND, exchange.id, [body])
+            # Ten times the window in one go (a script runs atomically): far more than granted.
+            count = exchange.received.window * 10
+            script = "for i = 1, tonumber(ARGV[2]) do redis.call('PUBLISH', KEYS[1], ARGV[1]) end"
+            await asyncio.to_thread(
+                redis_server.command, "EVAL", script, 1, distributor.channel, message, count
+            )
+            await asyncio.sleep(1)
+            release.set()
+            assert await asyncio.wait_for(_ends(request), 10) == "aborted"
+            assert await poll(lambda: node.in_flight == 0, 5)

@@ -1,0 +1,71 @@
+"""PeerTracker: requests per peer, silence, and a process that paused itself."""
+
+from __future__ import annotations
+
+from minidasgi.liveness import PeerTracker
+
+
+def test_a_peer_is_tracked_only_while_requests_are_in_flight() -> None:
+    peers = PeerTracker(10)
+    peers.add("n1", "a", 0.0, pings=True)
+    peers.add("n1", "b", 0.0, pings=True)
+    peers.add("n2", "c", 0.0, pings=True)
+    assert sorted((p, sorted(ids)) for p, ids in peers.peers()) == [
+        ("n1", ["a", "b"]),
+        ("n2", ["c"]),
+    ]
+    peers.discard("n1", "a")
+    peers.discard("n1", "b")
+    peers.discard("n1", "b")  # twice is harmless
+    peers.discard("n9", "x")  # unknown is harmless
+    assert [p for p, _ in peers.peers()] == ["n2"]
+    assert peers.requests("n1") == []
+    assert len(peers) == 1
+
+
+def test_a_silent_peer_is_lost_after_the_timeout_and_forgotten() -> None:
+    peers = PeerTracker(10)
+    peers.add("n1", "a", 0.0, pings=True)
+    peers.add("n2", "b", 0.0, pings=True)
+    for now in range(1, 11):
+        peers.heard("n2", float(now))
+        assert peers.tick(float(now), 1.0) == []
+    assert peers.tick(11.0, 1.0) == [("n1", ["a"])]
+    assert [p for p, _ in peers.peers()] == ["n2"]
+    assert peers.tick(12.0, 1.0) == []
+
+
+def test_hearing_from_a_peer_keeps_it() -> None:
+    peers = PeerTracker(3)
+    peers.add("n1", "a", 0.0, pings=True)
+    for now in range(1, 30):
+        peers.heard("n1", now - 0.5)
+        assert peers.tick(float(now), 1.0) == []
+
+
+def test_a_peer_that_does_not_ping_is_never_blamed_for_its_silence() -> None:
+    peers = PeerTracker(3)
+    peers.add("old", "a", 0.0, pings=False)
+    assert all(peers.tick(float(now), 1.0) == [] for now in range(1, 20))
+    peers.add("old", "b", 20.0, pings=True)  # a newer request says it pings
+    assert peers.tick(21.0, 1.0) == []
+    peers.tick(22.0, 1.0)
+    assert peers.tick(23.5, 1.0) == [("old", ["a", "b"])]
+
+
+def test_a_process_that_paused_does_not_blame_its_peers() -> None:
+    peers = PeerTracker(5)
+    peers.add("n1", "a", 0.0, pings=True)
+    assert peers.tick(1.0, 1.0) == []
+    # The event loop was blocked for 20 s: nothing was read, so nothing proves silence.
+    assert peers.tick(21.0, 1.0) == []
+    assert peers.tick(22.0, 1.0) == []
+    # Then real silence counts again.
+    assert peers.tick(27.5, 1.0) == []  # late by 4.5 > interval: moved on again
+    for now in range(28, 40):
+        lost = peers.tick(float(now), 1.0)
+        if lost:
+            assert lost == [("n1", ["a"])]
+            break
+    else:
+        raise AssertionError("never lost")
