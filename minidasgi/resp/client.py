@@ -21,7 +21,7 @@ import random
 from typing import Any
 
 from .connection import Connection, ConnectionParams, open_connection
-from .protocol import AuthenticationError, RedisConnectionError, RespError
+from .protocol import AuthenticationError, RedisConnectionError, RespError, pack_command
 
 __all__ = ["Client"]
 
@@ -118,6 +118,45 @@ class Client:
         """LPUSH on the live connection."""
         return await self.connection().lpush(key, *values)
 
+    def publish_soon(self, channel: str | bytes, message: object) -> asyncio.Future[int]:
+        """PUBLISH without waiting for the reply: the future gives the receiver count, with
+        Redis unreachable or an error reply counted (and logged) as 0, as ``try_publish``."""
+        result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            reply = self.connection().send_packed(pack_command("PUBLISH", channel, message))
+        except RespError as exc:
+            logger.warning("%s cannot publish: %s", self.name, exc)
+            result.set_result(0)
+            return result
+        reply.add_done_callback(lambda done: self._settle_count(result, done))
+        return result
+
+    def lpush_soon(self, key: str | bytes, values: list[Any]) -> asyncio.Future[int]:
+        """LPUSH ``values`` (in order: the first is popped first by RPOP) without waiting for
+        the reply: the future gives the list's new length, or raises ``RespError``."""
+        result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            reply = self.connection().send_packed(pack_command("LPUSH", key, *values))
+        except RespError as exc:
+            result.set_exception(exc)
+            return result
+        reply.add_done_callback(lambda done: _settle_reply(result, done))
+        return result
+
+    def _settle_count(self, result: asyncio.Future[int], done: asyncio.Future[Any]) -> None:
+        if result.done():
+            return
+        if done.cancelled():
+            result.set_result(0)
+            return
+        error = done.exception()
+        reply = done.result() if error is None else error
+        if isinstance(reply, BaseException):
+            logger.warning("%s cannot publish: %s", self.name, reply)
+            result.set_result(0)
+        else:
+            result.set_result(reply)
+
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
         self._closing = True
@@ -182,3 +221,18 @@ class Client:
                 connection.check_health()
         finally:
             closed.cancel()
+
+
+def _settle_reply(result: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Copy a raw reply future's outcome to ``result``, raising an error reply."""
+    if result.done():
+        return
+    if done.cancelled():
+        result.set_exception(RedisConnectionError("the command was cancelled"))
+        return
+    error = done.exception()
+    reply = done.result() if error is None else error
+    if isinstance(reply, BaseException):
+        result.set_exception(reply)
+    else:
+        result.set_result(reply)

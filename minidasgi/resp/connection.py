@@ -405,6 +405,24 @@ class Connection:
             pack_command(*args), blocking=blocking, server_timeout=server_timeout
         )
 
+    def send_packed(self, data: bytes) -> asyncio.Future[Any]:
+        """Send one packed command without waiting: return the future of its reply.
+
+        The reply is the raw value: an error reply is a ``ReplyError`` *value*, not raised.
+        Meant for commands whose outcome is handled by a callback (coalesced PUBLISH and
+        LPUSH); nothing waits for the socket to drain, so the caller bounds what it sends (the
+        conversation's credit windows do). Dropping the future is safe: its reply is still
+        read in order.
+        """
+        if self._error is not None:
+            raise self._closed_error()
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
+            self._arm_watchdog()
+        self._waiters.append(waiter)
+        self._buffer(data)
+        return waiter
+
     async def execute_packed(
         self, data: bytes, *, blocking: bool = False, server_timeout: float | None = None
     ) -> Any:

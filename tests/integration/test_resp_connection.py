@@ -615,3 +615,31 @@ async def test_client_wrong_password(redis_factory: RedisFactory, parser: str) -
         assert secret not in str(refused.value)
     finally:
         await asyncio.wait_for(client.close(), 2)
+
+
+async def test_commands_sent_without_waiting(clean_redis: RedisServer, parser: str) -> None:
+    """send_packed returns the raw reply future; Client.publish_soon/lpush_soon settle theirs
+    from it: receivers counted (errors as 0), LPUSH values kept in FIFO order."""
+    from minidasgi.resp.client import Client
+    from minidasgi.resp.connection import make_params
+    from minidasgi.resp.protocol import ReplyError, pack_command
+
+    conn = await connect(clean_redis.url, parser=parser)
+    try:
+        ok = conn.send_packed(pack_command("SET", "k", "v"))
+        wrong = conn.send_packed(pack_command("LPUSH", "k", "x"))  # WRONGTYPE: a value
+        assert await asyncio.wait_for(ok, 5) == b"OK"
+        assert isinstance(await asyncio.wait_for(wrong, 5), ReplyError)
+    finally:
+        await conn.close()
+    client = Client(make_params(clean_redis.url), parser=parser)
+    try:
+        await client.wait_connected(5)
+        assert await asyncio.wait_for(client.lpush_soon("q", [b"first", b"second"]), 5) == 2
+        assert clean_redis.command("RPOP", "q") == b"first"
+        with pytest.raises(ReplyError):
+            await asyncio.wait_for(client.lpush_soon("k", [b"x"]), 5)
+        assert await asyncio.wait_for(client.publish_soon("nobody", b"hi"), 5) == 0
+    finally:
+        await client.close()
+    assert await client.publish_soon("nobody", b"hi") == 0  # unreachable counts as nobody
