@@ -588,7 +588,7 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
     local = dict(scope)
     headers = local.get("headers")
     if isinstance(headers, list):
-        local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, list)]
+        local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
     for name in ("client", "server"):
         value = local.get(name)
         if isinstance(value, list):
