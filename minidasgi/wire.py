@@ -43,6 +43,7 @@ __all__ = [
     "EVENT",
     "MORE_KEY",
     "PING",
+    "RELAYED_EXTENSIONS",
     "SEND",
     "WINDOW",
     "CreditPool",
@@ -78,6 +79,20 @@ MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
 """Largest WebSocket message either side reassembles (uvicorn's own default limit is 16 MiB)."""
 """Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
 PING_MESSAGE: Final = codec.encode([PING])
+
+RELAYED_EXTENSIONS: Final = frozenset(
+    {
+        "http.response.trailers",
+        "http.response.early_hint",
+        "websocket.http.response",
+        "tls",
+    }
+)
+"""The scope extensions a Node's app is offered, when (and only when) the front server offers
+them: those whose messages a Node can relay whole (trailers, 103 early hints, the WebSocket
+denial response) and ``tls``, which only informs. Everything else stays behind: a file-based
+extension (``http.response.pathsend``, ``http.response.zerocopysend``) would have the front
+server open a path on its own filesystem, and ``http.response.push`` is not relayed."""
 
 
 class WireError(ValueError):
