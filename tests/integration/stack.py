@@ -1,7 +1,8 @@
 """Running the real thing in tests: a distributor under uvicorn, Nodes in-process or in a
 subprocess, against a private redis-server.
 
-``serve_app`` runs any ASGI app under a real uvicorn server in this event loop; ``run_node``
+``serve_app`` runs any ASGI app under a real uvicorn server in this event loop
+(``serve_hypercorn`` under hypercorn, which also speaks HTTP/2 over cleartext); ``run_node``
 runs a Node in this loop; ``NodeProcess`` runs one in a child process (for kill -9). Every
 helper stops what it started, even when the test fails.
 """
@@ -67,6 +68,46 @@ async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIt
             await asyncio.wait_for(task, 10)
         except asyncio.TimeoutError:
             server.force_exit = True
+            task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def serve_hypercorn(app: Any, **config: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with hypercorn (HTTP/1.1, and h2c with prior knowledge) on a free port;
+    yields its base URL."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    port = free_port()
+    settings = Config()
+    settings.bind = [f"127.0.0.1:{port}"]
+    settings.loglevel = "WARNING"
+    settings.graceful_timeout = 5
+    for name, value in config.items():
+        setattr(settings, name, value)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(app, settings, shutdown_trigger=stop.wait))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if task.done():
+                task.result()
+                raise RuntimeError("hypercorn stopped before starting")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("hypercorn did not start") from None
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            break
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 10)
+        except asyncio.TimeoutError:
             task.cancel()
 
 
