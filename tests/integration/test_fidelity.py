@@ -320,3 +320,38 @@ async def test_a_distributor_busy_in_another_loop_says_what_to_do(
             await asyncio.to_thread(elsewhere)
     finally:
         await distributor.shutdown()
+
+
+# Item 1 (also under hypercorn's HTTP/2 in test_hypercorn.py): trailers reach a client.
+
+
+async def _with_trailers(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    offered = "http.response.trailers" in scope.get("extensions", {})
+    await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": offered})
+    await send({"type": "http.response.body", "body": b"data", "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+    if offered:
+        trailer = {"type": "http.response.trailers", "headers": [(b"x-sum", b"1")]}
+        await send({**trailer, "more_trailers": True})
+        await send({**trailer, "headers": [(b"x-count", b"2")], "more_trailers": False})
+
+
+async def test_trailers_reach_testclient_as_served_directly(redis_server: RedisServer) -> None:
+    distributor = Distributor(key=KEY, url=redis_server.url)
+    node = Node(url=redis_server.url, app=_with_trailers, key=KEY, lifespan="off")
+
+    def get(app: Any) -> tuple[int, bytes, Any]:
+        response = TestClient(app).get("/")
+        return (
+            response.status_code,
+            response.content,
+            response.extensions.get("http.response.trailers"),
+        )
+
+    direct = await asyncio.to_thread(get, _with_trailers)
+    async with run_node(node):
+        relayed = await asyncio.to_thread(get, distributor)
+    assert direct == (200, b"data", [(b"x-sum", b"1"), (b"x-count", b"2")])
+    assert relayed == direct
