@@ -22,11 +22,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import uvicorn
 
 from minidasgi import Node
 
 HERE = Path(__file__).resolve().parent
+SERVER = os.environ.get("MINIDASGI_TEST_SERVER", "uvicorn")
+"""The ASGI server ``serve_app`` runs: uvicorn, or hypercorn when CI runs the suite again."""
+uvicorn_only = pytest.mark.skipif(
+    SERVER != "uvicorn", reason="asserts what uvicorn itself does, not what the relay does"
+)
 
 
 def free_port() -> int:
@@ -38,7 +44,15 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free port; yields its base URL."""
+    """Serve ``app`` with uvicorn on a free port; yields its base URL.
+
+    With ``MINIDASGI_TEST_SERVER=hypercorn`` in the environment, hypercorn serves instead
+    (``root_path`` and ``backlog`` carry over; hypercorn always tries the lifespan), so CI
+    runs the same tests under a second server."""
+    if SERVER == "hypercorn":
+        async with serve_hypercorn(app, **config) as base:
+            yield base
+        return
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
