@@ -202,8 +202,9 @@ class Distributor:
             )
         if old is not None:
             logger.info("the distributor's event loop is gone: reconnecting from the new one")
-            # Nothing of the old loop can run any more: its tasks were cancelled when it
-            # stopped, and its sockets close when their transports are collected.
+            # Nothing of the old loop can run any more. Its end cancelled the liveness
+            # monitor, which closed the connections; a loop merely stopped, never torn down,
+            # leaves them to be closed when collected.
             self._exchanges.clear()
             self._client = self._subscriber = None
             self._monitor = self._starting = None
