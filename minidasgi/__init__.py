@@ -7,7 +7,13 @@ those requests and run them in an ordinary ASGI app. Only the standard library i
 
 from __future__ import annotations
 
-from .distributor import Distributor, ResponseAborted, create_distributor, create_path_distributor
+from .distributor import (
+    AppFailed,
+    Distributor,
+    ResponseAborted,
+    create_distributor,
+    create_path_distributor,
+)
 from .node import DEFAULT_CONCURRENCY, Node
 from .routing import InvalidKey, RouteTable
 
@@ -15,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "AppFailed",
     "Distributor",
     "InvalidKey",
     "Node",

@@ -4,10 +4,12 @@ Owns the byte format of every value minidasgi puts into Redis. Must never use ``
 ``marshal``: whatever is read back from Redis is untrusted input, and decoding it can only ever
 produce None, bool, int, float, str, bytes, list and dict (with str keys).
 
-Format (version 1): one version byte, then one value. A value is a one-byte tag and its payload,
+Format (version 2): one version byte, then one value. A value is a one-byte tag and its payload,
 big-endian: ``N`` None, ``T``/``F`` booleans, ``i`` int64, ``I`` a larger int as decimal
-ASCII (u16 length), ``f`` float64, ``s`` UTF-8 str and ``b`` bytes (u32 length), ``l`` list and
-``d`` dict (u32 count, then the items; dict keys are str values). Tuples travel as lists.
+ASCII (u16 length), ``f`` float64, ``s`` UTF-8 str and ``b`` bytes (u32 length), ``l`` list,
+``t`` tuple and ``d`` dict (u32 count, then the items; dict keys are str values). Tuples keep
+their shape (version 1 sent them as lists, and still decodes): an app's ``(name, value)``
+header pairs reach the ASGI server as the app sent them, as they would served directly.
 Decoding checks every length against the bytes that remain, so a forged count cannot make it
 allocate more than the message holds; depth, total size and the number of items are bounded.
 
@@ -24,7 +26,8 @@ from typing import Any, Final
 
 __all__ = ["VERSION", "CodecError", "decode", "encode"]
 
-VERSION: Final = 1
+VERSION: Final = 2
+_DECODABLE_VERSIONS: Final = frozenset({1, VERSION})  # version 1 is version 2 without tuples
 _VERSION_BYTE: Final = bytes([VERSION])
 DEFAULT_MAX_SIZE: Final = 16 * 1024 * 1024
 DEFAULT_MAX_DEPTH: Final = 32
@@ -75,7 +78,8 @@ def _encode(value: Any, parts: list[bytes], depth: int) -> None:
     elif isinstance(value, (list, tuple)):
         if depth <= 0:
             raise CodecError("value nested too deeply to encode")
-        parts.append(b"l" + _U32.pack(len(value)))
+        # A tuple subclass (a named tuple) travels as a plain tuple: its class cannot.
+        parts.append((b"l" if isinstance(value, list) else b"t") + _U32.pack(len(value)))
         for item in value:
             _encode(item, parts, depth - 1)
     elif value is None:
@@ -127,7 +131,7 @@ def decode(
         raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
     if not data:
         raise CodecError("empty message")
-    if data[0] != VERSION:
+    if data[0] not in _DECODABLE_VERSIONS:
         raise CodecError(f"unsupported message version {data[0]} (this side speaks {VERSION})")
     decoder = _Decoder(data, max_items)
     value = decoder.value(max_depth)
@@ -177,7 +181,7 @@ class _Decoder:
             return self._take(self._u32())
         if tag == 0x73:  # s
             return self._str()
-        if tag == 0x64 or tag == 0x6C:  # d, l
+        if tag == 0x64 or tag == 0x6C or tag == 0x74:  # d, l, t
             if depth <= 0:
                 raise CodecError("message nested too deeply")
             count = self._u32()
@@ -190,6 +194,8 @@ class _Decoder:
                 raise CodecError("message holds too many items")
             if tag == 0x6C:
                 return [self.value(depth - 1) for _ in range(count)]
+            if tag == 0x74:
+                return tuple([self.value(depth - 1) for _ in range(count)])
             result: dict[str, Any] = {}
             for _ in range(count):
                 if self.pos >= len(data) or data[self.pos] != 0x73:

@@ -48,7 +48,13 @@ from .resp.client import Client
 from .resp.connection import make_params
 from .routing import InvalidKey, RouteTable, check_key
 
-__all__ = ["Distributor", "ResponseAborted", "create_distributor", "create_path_distributor"]
+__all__ = [
+    "AppFailed",
+    "Distributor",
+    "ResponseAborted",
+    "create_distributor",
+    "create_path_distributor",
+]
 
 logger = logging.getLogger("minidasgi.distributor")
 
@@ -59,6 +65,12 @@ _WATCH_AFTER = 0.05  # seconds before a whole request's client is watched for a 
 
 class ResponseAborted(Exception):
     """Raised to the ASGI server to abort a response that had already started."""
+
+
+class AppFailed(Exception):
+    """Raised to the ASGI server when the app on the Node raised before answering a WebSocket
+    handshake, so that the server answers the client as it does when its own app raises
+    (uvicorn and hypercorn: HTTP 500)."""
 
 
 class _Signal:
@@ -191,6 +203,7 @@ class Distributor:
         self._monitor: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the connections use
 
     def __repr__(self) -> str:
         return f"<Distributor {self.params.address} exchanges={len(self._exchanges)}>"
@@ -207,6 +220,8 @@ class Distributor:
 
     async def startup(self) -> None:
         """Connect to Redis (in the background) and wait up to ``startup_wait`` for it."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._bind_loop()
         if self._starting is None:
             self._starting = asyncio.get_running_loop().create_task(self._start())
         await asyncio.shield(self._starting)
@@ -242,19 +257,48 @@ class Distributor:
                 exc or "timed out",
             )
 
+    def _bind_loop(self) -> None:
+        """Serve the running event loop from now on: connections belong to the loop that
+        opened them, and test clients (Starlette's ``TestClient`` outside a ``with`` block)
+        run each request in a loop of its own, closed afterwards."""
+        loop = asyncio.get_running_loop()
+        old = self._loop
+        if old is not None and not old.is_closed() and old.is_running():
+            raise RuntimeError(
+                "this Distributor is serving another event loop, still running (in another "
+                "thread?): a Distributor serves one event loop at a time; create one per loop"
+            )
+        if old is not None:
+            logger.info("the distributor's event loop is gone: reconnecting from the new one")
+            # Nothing of the old loop can run any more. Its end cancelled the liveness
+            # monitor, which closed the connections; a loop merely stopped, never torn down,
+            # leaves them to be closed when collected.
+            self._exchanges.clear()
+            self._client = self._subscriber = None
+            self._monitor = self._starting = None
+            self._background = set()
+            self.credit_pool = wire.CreditPool()
+            self.peers = PeerTracker(self.peer_timeout)
+            self._pinging = set()
+        self._loop = loop
+
     async def shutdown(self) -> None:
         """Close the Redis connections; requests still in flight fail."""
         for exchange in list(self._exchanges.values()):
             exchange.inbox.put_nowait(_PEER_LOST)
-        if self._monitor is not None:
-            self._monitor.cancel()
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.cancel()
         for task in list(self._background):
             task.cancel()
+        await self._close_connections()
+        self._starting = None
+
+    async def _close_connections(self) -> None:
         if self._subscriber is not None:
             await self._subscriber.close()
         if self._client is not None:
             await self._client.close()
-        self._starting = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -263,7 +307,7 @@ class Distributor:
             return
         if kind not in ("http", "websocket"):
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
-        if self._starting is None:
+        if self._starting is None or asyncio.get_running_loop() is not self._loop:
             await self.startup()
         key = self._key_or_refusal(scope)
         if not isinstance(key, str):
@@ -403,18 +447,24 @@ class Distributor:
 
     async def _watch_peers(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.liveness_interval)
-            for _, request_ids in self.peers.tick(loop.time(), self.liveness_interval):
-                for request_id in request_ids:
-                    exchange = self._exchanges.get(request_id)
-                    if exchange is not None:
-                        exchange.inbox.put_nowait(_PEER_SILENT)
-            for node, request_ids in self.peers.peers():
-                if node not in self._pinging:
-                    # Not awaited: a PING stuck on a stalled link must not stop the checks.
-                    self._pinging.add(node)
-                    self.spawn(self._ping(node, request_ids))
+        try:
+            while True:
+                await asyncio.sleep(self.liveness_interval)
+                for _, request_ids in self.peers.tick(loop.time(), self.liveness_interval):
+                    for request_id in request_ids:
+                        exchange = self._exchanges.get(request_id)
+                        if exchange is not None:
+                            exchange.inbox.put_nowait(_PEER_SILENT)
+                for node, request_ids in self.peers.peers():
+                    if node not in self._pinging:
+                        # Not awaited: a PING stuck on a stalled link must not stop the checks.
+                        self._pinging.add(node)
+                        self.spawn(self._ping(node, request_ids))
+        finally:
+            if self._monitor is asyncio.current_task():
+                # Cancelled, not by shutdown(), but by the end of its event loop (asyncio.run,
+                # a test client's loop per request): the connections must not outlive it.
+                await self._close_connections()
 
     async def _ping(self, node: str, request_ids: list[str]) -> None:
         try:
@@ -449,6 +499,7 @@ class _Exchange:
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started
+        self.trailers = False  # the response announced trailers: they complete it
         self.complete = False
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
         self.violated = False  # the Node sent more than the credit granted
@@ -708,6 +759,13 @@ class _Exchange:
                     self.received.dropped()
             elif kind == wire.DONE:
                 self.node_done = True
+                if self.kind == "websocket" and not self.started:
+                    # The handshake is unanswered: leave the answer to the server, as when
+                    # its own app ends so (uvicorn and hypercorn answer 500, not 403).
+                    self.complete = True
+                    if args and args[0] is True:
+                        raise AppFailed("the app on the worker raised before accepting")
+                    return
                 await self._fail(500, "Internal Server Error\n")
                 return
             elif kind == wire.GONE:
@@ -724,6 +782,11 @@ class _Exchange:
             kind = event["type"]
             if kind in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
                 self.started = True
+                if event.get("trailers", False):
+                    if _offers(self.scope, "http.response.trailers"):
+                        self.trailers = True
+                    else:  # the Node completes without them: so must the server
+                        event = {k: v for k, v in event.items() if k != "trailers"}
             if kind == "websocket.send":
                 try:
                     whole = self.pieces.add(event)
@@ -738,9 +801,15 @@ class _Exchange:
                 self.complete = True
                 return
             if (
-                (kind == "http.response.body" or kind == "websocket.http.response.body")
-                and not (event.get("more_body", False))
-            ) or kind == "websocket.close":
+                (
+                    (kind == "http.response.body" and not self.trailers)
+                    or kind == "websocket.http.response.body"
+                )
+                and not event.get("more_body", False)
+            ) or (
+                kind == "websocket.close"
+                or (kind == "http.response.trailers" and not event.get("more_trailers", False))
+            ):
                 self.complete = self.node_done = True
         credit = self.received.consumed()
         if credit and not self.complete:
@@ -834,14 +903,24 @@ _PLAIN_SCOPE_KEYS = frozenset(
 )
 
 
+def _offers(scope: Scope, extension: str) -> bool:
+    extensions = scope.get("extensions")
+    return isinstance(extensions, dict) and extension in extensions
+
+
 def _portable_scope(scope: Scope) -> dict[str, Any]:
-    """The scope minus what cannot or must not travel (``state``, objects in extensions)."""
+    """The scope minus what cannot or must not travel (``state``, extensions a Node cannot
+    honour end to end: see ``wire.RELAYED_EXTENSIONS``)."""
     portable: dict[str, Any] = {}
     for name, value in scope.items():
         if name in _PLAIN_SCOPE_KEYS:
             portable[name] = value
         elif name == "extensions" and isinstance(value, dict):
-            portable[name] = {k: v for k, v in value.items() if codec.is_portable(v)}
+            portable[name] = {
+                k: v
+                for k, v in value.items()
+                if k in wire.RELAYED_EXTENSIONS and codec.is_portable(v)
+            }
         elif name not in ("state", "app") and codec.is_portable(value):
             portable[name] = value
     return portable

@@ -497,6 +497,8 @@ class _Job:
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
         self.response_started = False
+        self.trailers = False  # the start announced trailers the front server can take
+        self.body_done = False  # the last body was sent (trailers may follow)
         self.complete = False
         self.finished = False
         self.gone = False  # the distributor or client went away
@@ -535,6 +537,7 @@ class _Job:
         """Tell the distributor the app ended without its response all sent, if so."""
         if not self.finished and not self.gone:
             self.complete = True
+            self.held_start = None  # a start no body followed: DONE tells all there is
             if await self._publish(wire.DONE, failed):
                 self.finished = True
 
@@ -647,11 +650,20 @@ class _Job:
             if self.response_started:
                 raise RuntimeError("http.response.start sent twice")
             self.response_started = True
-            self.held_start = dict(message)  # sent with the first body: one PUBLISH, not two
+            self.trailers = bool(message.get("trailers", False)) and self._offers(
+                "http.response.trailers"
+            )
+            # Held to travel with the first body in one PUBLISH, but only for this loop turn:
+            # an app that works before its first body must not keep the client from its
+            # headers (EventSource.onopen, long polls, progress indicators).
+            self.held_start = dict(message)
+            asyncio.get_running_loop().call_soon(self._flush_start)
             return
         if kind == "http.response.body":
             if not self.response_started:
                 raise RuntimeError("http.response.body sent before http.response.start")
+            if self.body_done:  # only possible while announced trailers are awaited
+                raise RuntimeError("http.response.body sent after the last body")
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
             size = wire.CHUNK_SIZE
@@ -660,11 +672,19 @@ class _Job:
             else:  # views: the pieces are copied once, into the message
                 view = memoryview(body)
                 pieces = [view[i : i + size] for i in range(0, len(body), size)]
-            self.complete = not more
+            self.body_done = not more
+            # With trailers announced, the response completes with its last trailers.
+            self.complete = not more and not self.trailers
             for index, piece in enumerate(pieces):
-                last = not more and index == len(pieces) - 1
-                event = {"type": kind, "body": piece, "more_body": not last}
-                await self._publish_events([event], last=last)
+                last_body = not more and index == len(pieces) - 1
+                event = {"type": kind, "body": piece, "more_body": not last_body}
+                await self._publish_events([event], last=last_body and not self.trailers)
+            return
+        self._check_sendable(kind)
+        if kind == "http.response.trailers":
+            last = not message.get("more_trailers", False)
+            self.complete = last
+            await self._publish_events([dict(message)], last=last)
             return
         last = kind == "websocket.close" or (
             kind == "websocket.http.response.body" and not message.get("more_body", False)
@@ -675,6 +695,40 @@ class _Job:
                 await self._publish_events([part], last=False)
             return
         await self._publish_events([dict(message)], last=last)
+
+    def _offers(self, extension: str) -> bool:
+        extensions = self.scope.get("extensions")
+        return isinstance(extensions, dict) and extension in extensions
+
+    def _check_sendable(self, kind: str) -> None:
+        """Refuse, as an ASGI server does, a message this scope does not allow: an extension
+        not offered (the app's scope has only those that travel), or out of order."""
+        if self.kind == "websocket":
+            if kind in ("websocket.accept", "websocket.send", "websocket.close"):
+                return
+            if kind.startswith("websocket.http.response.") and self._offers(
+                "websocket.http.response"
+            ):
+                return
+        elif kind == "http.response.trailers" and self.trailers:
+            if not self.body_done:
+                raise RuntimeError("http.response.trailers sent before the last body")
+            return
+        elif kind == "http.response.early_hint" and self._offers("http.response.early_hint"):
+            if self.response_started:
+                raise RuntimeError("http.response.early_hint sent after http.response.start")
+            return
+        raise RuntimeError(f"unexpected ASGI message {kind!r} for this {self.kind} scope")
+
+    def _flush_start(self) -> None:
+        """A loop turn after the start: send it now if no body took it along."""
+        if self.held_start is not None and not self.gone:
+            self.node.spawn(self._send_held_start())
+
+    async def _send_held_start(self) -> None:
+        async with self._sending:  # after whatever the app is sending now, never amid it
+            if self.held_start is not None and not self.gone and not self.complete:
+                await self._publish_events([], last=False)
 
     async def _publish_events(self, events: list[Message], *, last: bool) -> None:
         if self.held_start is not None:
@@ -694,9 +748,16 @@ class _Job:
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     """The scope as the app expects it: tuples where ASGI servers give tuples, own state."""
     local = dict(scope)
+    extensions = local.get("extensions")
+    if isinstance(extensions, dict):
+        # Only what travels (a distributor filters too): the app must never be offered an
+        # extension this Node cannot honour end to end.
+        local["extensions"] = {
+            name: value for name, value in extensions.items() if name in wire.RELAYED_EXTENSIONS
+        }
     headers = local.get("headers")
     if isinstance(headers, list):
-        local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, list)]
+        local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
     for name in ("client", "server"):
         value = local.get(name)
         if isinstance(value, list):

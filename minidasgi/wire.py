@@ -61,6 +61,7 @@ __all__ = [
     "GONE",
     "MORE_KEY",
     "PING",
+    "RELAYED_EXTENSIONS",
     "SEND",
     "WINDOW",
     "CreditPool",
@@ -103,6 +104,20 @@ PING_MESSAGE: Final = codec.encode([PING])
 """The id-less PING of earlier versions."""
 MAX_PING_IDS: Final = 4096
 """Request ids in one PING message (a longer list travels as several)."""
+
+RELAYED_EXTENSIONS: Final = frozenset(
+    {
+        "http.response.trailers",
+        "http.response.early_hint",
+        "websocket.http.response",
+        "tls",
+    }
+)
+"""The scope extensions a Node's app is offered, when (and only when) the front server offers
+them: those whose messages a Node can relay whole (trailers, 103 early hints, the WebSocket
+denial response) and ``tls``, which only informs. Everything else stays behind: a file-based
+extension (``http.response.pathsend``, ``http.response.zerocopysend``) would have the front
+server open a path on its own filesystem, and ``http.response.push`` is not relayed."""
 
 
 class WireError(ValueError):

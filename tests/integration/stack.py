@@ -1,7 +1,8 @@
 """Running the real thing in tests: a distributor under uvicorn, Nodes in-process or in a
 subprocess, against a private redis-server.
 
-``serve_app`` runs any ASGI app under a real uvicorn server in this event loop; ``run_node``
+``serve_app`` runs any ASGI app under a real uvicorn server in this event loop
+(``serve_hypercorn`` under hypercorn, which also speaks HTTP/2 over cleartext); ``run_node``
 runs a Node in this loop; ``NodeProcess`` runs one in a child process (for kill -9). Every
 helper stops what it started, even when the test fails.
 """
@@ -21,11 +22,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import uvicorn
 
 from minidasgi import Node
 
 HERE = Path(__file__).resolve().parent
+SERVER = os.environ.get("MINIDASGI_TEST_SERVER", "uvicorn")
+"""The ASGI server ``serve_app`` runs: uvicorn, or hypercorn when CI runs the suite again."""
+uvicorn_only = pytest.mark.skipif(
+    SERVER != "uvicorn", reason="asserts what uvicorn itself does, not what the relay does"
+)
 
 
 def free_port() -> int:
@@ -37,7 +44,15 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free port; yields its base URL."""
+    """Serve ``app`` with uvicorn on a free port; yields its base URL.
+
+    With ``MINIDASGI_TEST_SERVER=hypercorn`` in the environment, hypercorn serves instead
+    (``root_path`` and ``backlog`` carry over; hypercorn always tries the lifespan), so CI
+    runs the same tests under a second server."""
+    if SERVER == "hypercorn":
+        async with serve_hypercorn(app, **config) as base:
+            yield base
+        return
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
@@ -67,6 +82,46 @@ async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIt
             await asyncio.wait_for(task, 10)
         except asyncio.TimeoutError:
             server.force_exit = True
+            task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def serve_hypercorn(app: Any, **config: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with hypercorn (HTTP/1.1, and h2c with prior knowledge) on a free port;
+    yields its base URL."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    port = free_port()
+    settings = Config()
+    settings.bind = [f"127.0.0.1:{port}"]
+    settings.loglevel = "WARNING"
+    settings.graceful_timeout = 5
+    for name, value in config.items():
+        setattr(settings, name, value)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(app, settings, shutdown_trigger=stop.wait))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if task.done():
+                task.result()
+                raise RuntimeError("hypercorn stopped before starting")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("hypercorn did not start") from None
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            break
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 10)
+        except asyncio.TimeoutError:
             task.cancel()
 
 

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from minidasgi import Node, create_distributor
 
 from .redis_server import RedisServer
-from .stack import NodeProcess, distributor_process, run_node, serve_app
+from .stack import NodeProcess, distributor_process, run_node, serve_app, uvicorn_only
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -303,6 +303,7 @@ async def test_app_closes_with_code_and_reason(redis_server: RedisServer) -> Non
     assert _keys(redis_server) == []
 
 
+@uvicorn_only  # compares with uvicorn's message shape; hypercorn adds "bytes": None
 async def test_client_close_code_reaches_the_app(redis_server: RedisServer) -> None:
     app = WsApp()
     async with _stack(redis_server, app) as url:
