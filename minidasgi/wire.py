@@ -121,6 +121,7 @@ class Envelope:
     scope: dict[str, Any]
     events: list[dict[str, Any]]
     window: int = WINDOW
+    queued: float = 0.0  # wall-clock time of the LPUSH, for the age of the oldest request
 
     def encode(self) -> bytes:
         """The bytes to LPUSH."""
@@ -132,6 +133,7 @@ class Envelope:
                 "scope": self.scope,
                 "events": self.events,
                 "window": self.window,
+                "queued": self.queued,
             }
         )
 
@@ -164,7 +166,12 @@ class Envelope:
             raise WireError("envelope events are not a list of dicts")
         if not (type(window) is int and 1 <= window <= 1024):
             raise WireError("envelope window out of range")
-        return cls(request_id, reply, float(deadline), scope, events, window)
+        queued = value.get("queued", 0.0)  # absent from envelopes of older distributors
+        if not isinstance(queued, (int, float)) or isinstance(queued, bool):
+            raise WireError("envelope queued time is not a number")
+        if not math.isfinite(queued):
+            raise WireError("envelope queued time is not finite")
+        return cls(request_id, reply, float(deadline), scope, events, window, float(queued))
 
     def expired(self, now: float | None = None) -> bool:
         """True once the distributor has stopped waiting for an ack."""
@@ -356,3 +363,21 @@ class Reassembler:
         message = dict(piece)
         message[field] = joined
         return message
+
+
+# Operations (see ``presence``, ``stats`` and ``status``): a Node subscribes, beside its own
+# channel, to one presence channel per key it pops, so ``PUBSUB NUMSUB`` on it counts the Nodes
+# listening on that key; every process subscribes to the stats channel, where
+# ``[STATS, id, reply_channel]`` asks it to publish ``[STATS_REPLY, id, payload]`` there.
+STATS: Final = "stats"
+STATS_REPLY: Final = "stats-reply"
+
+
+def presence_channel(prefix: str, db: int, key: str) -> str:
+    """The channel a Node serving ``key`` subscribes to, so that it can be counted."""
+    return f"{prefix}:{db}:presence:{key}"
+
+
+def stats_channel(prefix: str, db: int) -> str:
+    """The channel every Node and distributor listens on for stats requests."""
+    return f"{prefix}:{db}:stats"
