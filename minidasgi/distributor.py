@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import codec, wire
+from . import accesslog, admission, codec, health, metrics, stats, wire
 from .asgi import Message, Receive, Scope, Send
 from .codec import CodecError
 from .resp import RespError, Subscriber
@@ -68,6 +68,14 @@ class Distributor:
     ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
     ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
     deployments). ``response_timeout``: optional bound on the whole response after the ack.
+
+    Operations (see ``admission``): ``fail_fast`` answers ``no_node_status`` (503) at once when
+    no Node listens on the request's key, instead of after ``worker_timeout``; ``max_queue``
+    bounds a queue's length (an int for every key, or a mapping from key to bound, ``"*"`` for
+    the others) and ``max_in_flight`` the requests this process relays at once: over either,
+    503 at once. These refusals carry ``Retry-After: retry_after``. ``ops_prefix`` (e.g.
+    ``"/-/"``) answers ``healthz``, ``readyz`` and ``metrics`` under that path, never routed.
+    ``access_log`` (``"text"`` or ``"json"``) logs a line per request on ``minidasgi.access``.
     """
 
     def __init__(
@@ -92,6 +100,13 @@ class Distributor:
         startup_wait: float = 2.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
+        fail_fast: bool = False,
+        no_node_status: int = 503,
+        max_queue: int | Mapping[str, int | None] | None = None,
+        max_in_flight: int | None = None,
+        retry_after: int = 1,
+        ops_prefix: str | None = None,
+        access_log: str | None = None,
     ) -> None:
         if (routes is None) == (key is None):
             raise TypeError("give a distributor exactly one of routes= or key=")
@@ -121,6 +136,26 @@ class Distributor:
         self.liveness_interval = liveness_interval
         self.startup_wait = startup_wait
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
+        self.channel_prefix = channel_prefix
+        self.no_node_status = no_node_status
+        self.retry_after = retry_after
+        self.admission = admission.Admission(
+            channel_prefix=channel_prefix,
+            db=self.params.db,
+            fail_fast=fail_fast,
+            max_queue=max_queue,
+            max_in_flight=max_in_flight,
+        )
+        if ops_prefix is not None and not (ops_prefix.startswith("/") and ops_prefix.endswith("/")):
+            raise ValueError(f"ops_prefix must start and end with '/', not {ops_prefix!r}")
+        self.ops_prefix = ops_prefix
+        self.access_log = None if access_log is None else accesslog.AccessLog(access_log)
+        self.metrics = metrics.DistributorMetrics(
+            in_flight=lambda: len(self._exchanges),
+            redis_connected=lambda: self.ready,
+            credit_pool=lambda: (self.credit_pool.in_flight, self.credit_pool.budget),
+        )
+        self._started_at = stats.process_started()
         self._parser = parser
         self._exchanges: dict[str, _Exchange] = {}
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
@@ -158,7 +193,11 @@ class Distributor:
             parser=self._parser,
         )
         self._client.start()
-        subscribing = asyncio.ensure_future(self._subscriber.subscribe(self.channel))
+        subscribing = asyncio.ensure_future(
+            self._subscriber.subscribe(
+                self.channel, wire.stats_channel(self.channel_prefix, self.params.db)
+            )
+        )
         self._background.add(subscribing)
         subscribing.add_done_callback(self._background.discard)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_peers())
@@ -195,12 +234,25 @@ class Distributor:
             return
         if kind not in ("http", "websocket"):
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+        if self.ops_prefix is not None and scope.get("path", "").startswith(self.ops_prefix):
+            await self._operations(scope, receive, send)
+            return
         if self._starting is None:
             await self.startup()
+        started = time.monotonic()
         key = self._key_or_refusal(scope)
         if not isinstance(key, str):
             status, text = key
             await _refuse(scope, receive, send, status, text)
+            if status == 503:
+                self.metrics.refused(metrics.UNREACHABLE)
+            self._finished(scope, None, None, status, started)
+            return
+        if self.admission.over_capacity(len(self._exchanges)):
+            await self._refuse_for_now(scope, receive, send, "too many requests in flight\n")
+            self.metrics.refused(metrics.IN_FLIGHT)
+            self.admission.log_refusal(metrics.IN_FLIGHT, key)
+            self._finished(scope, key, None, self.no_node_status, started)
             return
         exchange = _Exchange(self, key, scope, receive, send)
         self._exchanges[exchange.id] = exchange
@@ -209,6 +261,78 @@ class Distributor:
         finally:
             exchange.received.close()
             del self._exchanges[exchange.id]
+            self._finished(scope, key, exchange, exchange.status, started)
+
+    def _finished(
+        self,
+        scope: Scope,
+        key: str | None,
+        exchange: _Exchange | None,
+        status: int,
+        started: float,
+    ) -> None:
+        """Count a request at its end and write its access-log line."""
+        end = time.monotonic()
+        queue_wait = response = None
+        if exchange is not None and exchange.acked_at:
+            queue_wait = exchange.acked_at - exchange.pushed_at
+            response = end - exchange.acked_at
+        self.metrics.finished(key or "", status, queue_wait, response, end - started)
+        log = self.access_log
+        if log is not None and log.enabled():
+            log.write(
+                method=scope.get("method", "WEBSOCKET"),
+                path=scope.get("path", ""),
+                key=key,
+                node=None if exchange is None else exchange.node,
+                status=status,
+                queue_wait=queue_wait,
+                total=end - started,
+            )
+
+    async def _refuse_for_now(
+        self, scope: Scope, receive: Receive | None, send: Send, text: str
+    ) -> None:
+        """A refusal the client may retry shortly: ``no_node_status`` with ``Retry-After``."""
+        headers = [(b"retry-after", str(self.retry_after).encode())]
+        await _refuse(scope, receive, send, self.no_node_status, text, headers=headers)
+
+    async def _operations(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a probe or a scrape under ``ops_prefix``: never routed to a Node."""
+        assert self.ops_prefix is not None
+        name = scope.get("path", "")[len(self.ops_prefix) :]
+        if scope["type"] != "http":
+            await _refuse(scope, receive, send, 404, "")
+            return
+        status, content_type, body = health.answer(
+            name, ready=lambda: self.ready, registry=self.metrics.registry
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _answer_stats(self, request_id: str, args: list[Any]) -> None:
+        reply = stats.reply_channel(self.channel_prefix, self.params.db, args)
+        if reply is None:
+            return
+        refused = {k[0]: int(v) for k, v in self.metrics.refusals.values.items()}
+        payload = stats.distributor_payload(
+            channel=self.channel,
+            in_flight=len(self._exchanges),
+            served=self.metrics.served,
+            refused=refused,
+            started=self._started_at,
+        )
+        self.spawn(self.publish(reply, wire.pack(wire.STATS_REPLY, request_id, payload)))
 
     def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
         """The list for this request, or the answer to give without Redis."""
@@ -283,6 +407,9 @@ class Distributor:
             return
         if kind == wire.PING:
             return
+        if kind == wire.STATS:
+            self._answer_stats(request_id, args)
+            return
         exchange = self._exchanges.get(request_id)
         if exchange is None:
             node = _acking_node(kind, args)
@@ -338,6 +465,9 @@ class _Exchange:
         self.complete = False
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
         self.body_size = 0
+        self.status = 0  # the status answered, for metrics and the access log
+        self.pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
+        self.acked_at = 0.0
 
     async def run(self) -> None:
         d = self.distributor
@@ -352,6 +482,7 @@ class _Exchange:
             id=self.id,
             reply=d.channel,
             deadline=time.time() + d.worker_timeout,
+            queued=time.time(),
             scope=_portable_scope(self.scope),
             events=[dict(first)],
             window=self.received.window,
@@ -364,10 +495,22 @@ class _Exchange:
             return
         try:
             assert d._client is not None
-            await d._client.lpush(key, data)
+            self.pushed_at = time.monotonic()
+            refusal = await d.admission.push(d._client.connection(), key, data)
         except RespError as exc:
             logger.warning("cannot queue a request on %r: %s", key, exc)
+            d.metrics.refused(metrics.UNREACHABLE)
             await self._refuse(503, "the request queue (Redis) is unreachable\n")
+            return
+        if refusal is not None:
+            await self._take_back(key, data)
+            d.metrics.refused(refusal)
+            d.admission.log_refusal(refusal, key)
+            full = refusal == metrics.QUEUE_FULL
+            text = "the request queue is full\n" if full else "no worker serves this request\n"
+            self.status = d.no_node_status
+            await d._refuse_for_now(self.scope, None, self._send, text)
+            self.complete = True
             return
         # A timer rather than wait_for(), which costs a task per request before Python 3.12.
         timer = asyncio.get_running_loop().call_later(
@@ -379,12 +522,15 @@ class _Exchange:
         if node is None:
             await self._take_back(key, data)
             if item is _NO_ACK:
+                d.metrics.refused(metrics.NO_ACK)
+                d.admission.log_refusal(metrics.NO_ACK, key)
                 text = f"no worker answered within {d.worker_timeout:g} seconds\n"
                 await self._refuse(d.no_worker_status, text)
             else:
                 await self._refuse(502, "lost contact with the worker\n")
             return
         self.node = node
+        self.acked_at = time.monotonic()
         ack_args = item[1]
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
@@ -445,6 +591,7 @@ class _Exchange:
         return self.body_size > limit
 
     async def _refuse(self, status: int, text: str) -> None:
+        self.status = status
         await _refuse(self.scope, None, self._send, status, text, accepted=self.started)
         self.complete = True
 
@@ -490,6 +637,8 @@ class _Exchange:
             kind = event["type"]
             if kind in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
                 self.started = True
+                status = event.get("status", 101 if kind == "websocket.accept" else 0)
+                self.status = status if type(status) is int else 0
             if kind == "websocket.send":
                 try:
                     whole = self.pieces.add(event)
@@ -604,6 +753,7 @@ async def _refuse(
     text: str,
     *,
     accepted: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """Answer by ourselves: a plain-text response, or a refused/closed WebSocket."""
     if scope["type"] == "websocket":
@@ -620,6 +770,7 @@ async def _refuse(
             "headers": [
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or ()),
             ],
         }
     )
