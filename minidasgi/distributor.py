@@ -300,6 +300,8 @@ class Distributor:
     async def _operations(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a probe or a scrape under ``ops_prefix``: never routed to a Node."""
         assert self.ops_prefix is not None
+        if self._starting is None:  # a probe before any lifespan or request: connect now
+            self.spawn(self.startup())
         name = scope.get("path", "")[len(self.ops_prefix) :]
         if scope["type"] != "http":
             await _refuse(scope, receive, send, 404, "")
