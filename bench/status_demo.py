@@ -10,13 +10,19 @@ in-flight and served counts, the distributor's.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# bench/http.py would shadow the stdlib's http package (httpx needs it): keep this folder off
+# sys.path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 import argparse
 import asyncio
-import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
