@@ -306,21 +306,7 @@ class Distributor:
         if scope["type"] != "http":
             await _refuse(scope, receive, send, 404, "")
             return
-        status, content_type, body = health.answer(
-            name, ready=lambda: self.ready, registry=self.metrics.registry
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", content_type.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"cache-control", b"no-store"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await health.respond(send, name, ready=lambda: self.ready, registry=self.metrics.registry)
 
     def _answer_stats(self, request_id: str, args: list[Any]) -> None:
         reply = stats.reply_channel(self.channel_prefix, self.params.db, args)

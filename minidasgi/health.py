@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from . import exposition
 from .metrics import Registry
 
-__all__ = ["MAX_HEAD", "READ_TIMEOUT", "HealthServer", "answer"]
+__all__ = ["MAX_HEAD", "READ_TIMEOUT", "HealthServer", "answer", "respond"]
 
 logger = logging.getLogger("minidasgi.health")
 
@@ -43,6 +44,29 @@ def answer(name: str, *, ready: Callable[[], bool], registry: Registry) -> Answe
     if name == "metrics":
         return 200, exposition.CONTENT_TYPE, exposition.render(registry).encode()
     return 404, _TEXT, b"not found: try healthz, readyz or metrics\n"
+
+
+async def respond(
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+    name: str,
+    *,
+    ready: Callable[[], bool],
+    registry: Registry,
+) -> None:
+    """Answer the endpoint ``name`` through an ASGI ``send`` (the distributor's ops paths)."""
+    status, content_type, body = answer(name, ready=ready, registry=registry)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class HealthServer:
