@@ -20,11 +20,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from minidasgi import Distributor, Node
+from minidasgi import Distributor, Node, wire
 from minidasgi.resp.connection import parse_url
 from minidasgi.status import take_status
 
 from . import apps
+from .faultproxy import FaultProxy
 from .redis_server import RedisServer
 from .stack import NodeProcess, poll, run_node, serve_app
 
@@ -215,6 +216,52 @@ async def test_status_shows_waiting_requests_nodes_and_distributors(
             assert sum(n["served"] for n in report["nodes"]) == 3
             assert report["distributors"][0]["served"] == 3
     assert _keys(redis_server) == []
+
+
+async def test_status_is_bounded_when_a_node_cannot_answer(redis_server: RedisServer) -> None:
+    """A Node whose link stalls (no FIN, no RST) still counts as a receiver of the stats
+    request: status waits for it only up to its timeout, then shows who answered."""
+    params = parse_url(redis_server.url)
+    with FaultProxy(redis_server.port) as proxy:
+        stalled = Node(url=proxy.url(), key="ops", app=apps.hello)
+        healthy = Node(url=redis_server.url, key="ops", app=apps.hello)
+        async with run_node(stalled), run_node(healthy):
+            proxy.stall(up=True, down=True)
+            started = time.monotonic()
+            report = await take_status(params, timeout=1.0)
+            assert time.monotonic() - started < 10  # bounded by the timeout, not by the Node
+            assert (report["asked"], report["answered"]) == (2, 1)
+            assert [n["channel"] for n in report["nodes"]] == [healthy.channel]
+            assert report["queues"] == [
+                {"key": "ops", "waiting": 0, "oldest_age": None, "nodes": 2}
+            ]
+            proxy.resume()
+
+
+async def test_forged_stats_requests_are_not_answered_and_hurt_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """Stats requests come from anyone with the credentials: a malformed one is dropped, and
+    none makes a process publish anywhere but on a status channel of its own namespace."""
+    node = Node(url=redis_server.url, key="ops", app=apps.hello)
+    async with _stack(redis_server) as client, run_node(node):
+        stats_channel = wire.stats_channel("minidasgi", 0)
+        victim = client.distributor.channel  # type: ignore[attr-defined]
+        redis_server.command("CONFIG", "RESETSTAT")
+        forged = (
+            b"garbage",
+            wire.pack(wire.STATS, "id"),
+            wire.pack(wire.STATS, "id", victim),  # a peer's channel: refused
+            wire.pack(wire.STATS, "id", "minidasgi:1:status:x"),  # another db: refused
+            wire.pack(wire.STATS, "id", ["minidasgi:0:status:x"]),
+        )
+        for message in forged:
+            assert redis_server.command("PUBLISH", stats_channel, message) == 2
+        await asyncio.sleep(0.3)
+        stats = redis_server.command("INFO", "commandstats")
+        assert isinstance(stats, bytes)
+        assert b"cmdstat_publish:calls=%d," % len(forged) in stats  # ours, and no answer
+        assert (await client.get("/")).status_code == 200  # both still serve
 
 
 async def test_status_command_json_and_text(redis_server: RedisServer) -> None:
