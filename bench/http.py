@@ -61,6 +61,7 @@ UVICORN_FLAGS = [
 ]
 
 APPS = """
+import json
 import os
 
 from minidasgi import create_distributor
@@ -96,7 +97,8 @@ async def app(scope, receive, send):
 
 
 distributor = create_distributor(
-    url=os.environ["BENCH_REDIS_URL"], key="bench", no_worker_status=503
+    url=os.environ["BENCH_REDIS_URL"], key="bench", no_worker_status=503,
+    **json.loads(os.environ.get("BENCH_DISTRIBUTOR_OPTIONS") or "{}"),
 )
 """
 

@@ -1,4 +1,4 @@
-"""The command line: ``minidasgi node``, ``minidasgi distributor`` and ``minidasgi demo``.
+"""The command line: ``minidasgi node``, ``distributor``, ``status`` and ``demo``.
 
 Owns argument parsing, environment variables (every option has one, ``MINIDASGI_...``), app
 loading, exit codes, and how a Redis password is taken and handed on. It never prints a
@@ -98,6 +98,10 @@ def _parse_routes(items: Sequence[str]) -> dict[str, str]:
             raise CLIError(f"a route is REGEX=TEMPLATE, not {item!r}", EXIT_USAGE)
         routes[pattern] = template
     return routes
+
+
+def _flag(name: str) -> bool:
+    return str(_env(name, "")).lower() in ("1", "true", "yes", "on")
 
 
 def _redacted(url: str | None) -> str:
@@ -221,6 +225,19 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_env("APP_DIR", "."),
         help="directory to import the app from [MINIDASGI_APP_DIR] (default: .)",
     )
+    node.add_argument(
+        "--health-port",
+        type=int,
+        default=_env("HEALTH_PORT"),
+        help="serve /-/healthz, /-/readyz and /-/metrics on this port [MINIDASGI_HEALTH_PORT] "
+        "(default: none)",
+    )
+    node.add_argument(
+        "--health-host",
+        default=_env("HEALTH_HOST", "127.0.0.1"),
+        help="address of the health port; 0.0.0.0 for Kubernetes probes "
+        "[MINIDASGI_HEALTH_HOST] (default: 127.0.0.1)",
+    )
 
     dist = commands.add_parser(
         "distributor",
@@ -303,6 +320,76 @@ def _build_parser() -> argparse.ArgumentParser:
         "[MINIDASGI_BODY_IDLE_TIMEOUT] (default: 30)",
     )
     peer_timeout_option(dist, "Node")
+    dist.add_argument(
+        "--fail-fast",
+        action=argparse.BooleanOptionalAction,
+        default=_flag("FAIL_FAST"),
+        help="answer 503 at once when no Node listens on the request's key, instead of "
+        "after --worker-timeout [MINIDASGI_FAIL_FAST] (default: off)",
+    )
+    dist.add_argument(
+        "--max-queue",
+        type=int,
+        default=_env("MAX_QUEUE"),
+        help="longest a queue may grow; past it 503 at once [MINIDASGI_MAX_QUEUE] "
+        "(default: unbounded)",
+    )
+    dist.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=_env("MAX_IN_FLIGHT"),
+        help="requests one process relays at once; past it 503 at once "
+        "[MINIDASGI_MAX_IN_FLIGHT] (default: unbounded)",
+    )
+    dist.add_argument(
+        "--retry-after",
+        type=int,
+        default=_env("RETRY_AFTER", 1),
+        help="Retry-After seconds of those 503s [MINIDASGI_RETRY_AFTER] (default: 1)",
+    )
+    dist.add_argument(
+        "--ops-prefix",
+        default=_env("OPS_PREFIX"),
+        metavar="PATH",
+        help="answer PATH healthz, readyz and metrics (e.g. /-/) instead of routing them "
+        "[MINIDASGI_OPS_PREFIX] (default: none)",
+    )
+    dist.add_argument(
+        "--access-log",
+        choices=["off", "text", "json"],
+        default=_env("ACCESS_LOG", "off"),
+        help="a line per request on stdout, as text or one JSON object "
+        "[MINIDASGI_ACCESS_LOG] (default: off)",
+    )
+
+    status = commands.add_parser(
+        "status",
+        help="show queues, Nodes and distributors",
+        description="Per queue: requests waiting, age of the oldest, Nodes listening; per "
+        "Node and distributor process: what it answers to a stats request. Stores nothing "
+        "in Redis.",
+    )
+    status.add_argument(
+        "keys",
+        metavar="KEY",
+        nargs="*",
+        help="queues to show (default: those the answering Nodes serve)",
+    )
+    redis_option(status)
+    status.add_argument("--json", action="store_true", help="one JSON object per look")
+    status.add_argument(
+        "--watch",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="look again every SECONDS until interrupted",
+    )
+    status.add_argument(
+        "--timeout",
+        type=float,
+        default=_env("STATUS_TIMEOUT", 1.0),
+        help="seconds to wait for the processes' answers [MINIDASGI_STATUS_TIMEOUT] (default: 1)",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -358,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_node(args)
         if args.command == "distributor":
             return _run_distributor(args)
+        if args.command == "status":
+            return _run_status(args)
         from .demo import run_demo
 
         return run_demo(redis_url=args.redis, port=args.port, password=args.redis_password)
@@ -429,6 +518,8 @@ def _run_node(args: argparse.Namespace) -> int:
             shutdown_timeout=args.shutdown_timeout,
             health_check_interval=float(args.health_check_interval),
             peer_timeout=args.peer_timeout,
+            health_port=None if args.health_port is None else int(args.health_port),
+            health_host=args.health_host,
         )
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
@@ -458,6 +549,8 @@ def _distributor(config: dict[str, Any]) -> Any:
     from .distributor import Distributor
 
     config = dict(config)
+    if config.get("access_log") is not None:
+        _log_access_to_stdout(config["access_log"])
     routes = config.pop("routes")
     if routes is not None:
         routes = list(map(tuple, routes))
@@ -512,6 +605,17 @@ def _run_distributor(args: argparse.Namespace) -> int:
     if args.body_idle_timeout is not None:
         idle = float(args.body_idle_timeout)
         config["body_idle_timeout"] = idle if idle > 0 else None
+    config["fail_fast"] = bool(args.fail_fast)
+    config["retry_after"] = int(args.retry_after)
+    for option in ("max_queue", "max_in_flight"):
+        if getattr(args, option) is not None:
+            config[option] = int(getattr(args, option))
+    if args.ops_prefix:
+        config["ops_prefix"] = args.ops_prefix
+    if args.access_log not in ("off", "text", "json"):
+        raise CLIError("MINIDASGI_ACCESS_LOG must be off, text or json", EXIT_USAGE)
+    if args.access_log != "off":
+        config["access_log"] = args.access_log
     try:
         app = _distributor(config)  # check the configuration here, once, with a clear message
     except (TypeError, ValueError, re.error) as exc:
@@ -547,6 +651,59 @@ def _serve_distributor(uvicorn: Any, args: argparse.Namespace, app: Any) -> int:
         if exc.code in (None, 0):
             return EXIT_OK
         raise CLIError(f"uvicorn could not serve on {args.host}:{args.port} (see above)") from None
+    return EXIT_OK
+
+
+def _log_access_to_stdout(format: str) -> None:
+    """Access-log lines go to stdout, bare (one JSON object per line in json format), in every
+    process: uvicorn's worker processes do not inherit this process' logging setup."""
+    access = logging.getLogger("minidasgi.access")
+    if access.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    if format == "text":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .resp import RespError
+    from .resp.connection import parse_url
+    from .status import format_status, take_status
+
+    url = args.redis or "redis://localhost:6379"
+    try:
+        params = parse_url(url)
+    except ValueError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    if args.watch is not None and args.watch <= 0:
+        raise CLIError("--watch takes a number of seconds > 0", EXIT_USAGE)
+
+    async def look() -> None:
+        while True:
+            try:
+                report = await take_status(params, args.keys, timeout=float(args.timeout))
+            except (RespError, OSError, asyncio.TimeoutError) as exc:
+                error = f"cannot ask Redis at {params.address}: {exc or 'timed out'}"
+                if args.watch is None:
+                    raise CLIError(error) from None
+                print(f"minidasgi: {error}", file=sys.stderr, flush=True)  # and look again
+            else:
+                if args.json:
+                    print(json.dumps(report), flush=True)
+                else:
+                    print(format_status(report, params.address), flush=True)
+            if args.watch is None:
+                return
+            if not args.json:
+                print(flush=True)
+            await asyncio.sleep(args.watch)
+
+    asyncio.run(look())
     return EXIT_OK
 
 

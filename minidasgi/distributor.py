@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import buffering, codec, wire
+from . import accesslog, admission, buffering, codec, health, metrics, stats, wire
 from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError
@@ -128,6 +128,14 @@ class Distributor:
     (none while idle). ``peer_timeout``: seconds of silence from such a Node (no message of any
     kind) after which its requests fail (502, or an abort once the response started); it must
     exceed the Nodes' ``liveness_interval`` by a good margin.
+
+    Operations (see ``admission``): ``fail_fast`` answers ``no_node_status`` (503) at once when
+    no Node listens on the request's key, instead of after ``worker_timeout``; ``max_queue``
+    bounds a queue's length (an int for every key, or a mapping from key to bound, ``"*"`` for
+    the others) and ``max_in_flight`` the requests this process relays at once: over either,
+    503 at once. These refusals carry ``Retry-After: retry_after``. ``ops_prefix`` (e.g.
+    ``"/-/"``) answers ``healthz``, ``readyz`` and ``metrics`` under that path, never routed.
+    ``access_log`` (``"text"`` or ``"json"``) logs a line per request on ``minidasgi.access``.
     """
 
     def __init__(
@@ -157,6 +165,13 @@ class Distributor:
         startup_wait: float = 2.0,
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
+        fail_fast: bool = False,
+        no_node_status: int = 503,
+        max_queue: int | Mapping[str, int | None] | None = None,
+        max_in_flight: int | None = None,
+        retry_after: int = 1,
+        ops_prefix: str | None = None,
+        access_log: str | None = None,
     ) -> None:
         if (routes is None) == (key is None):
             raise TypeError("give a distributor exactly one of routes= or key=")
@@ -195,6 +210,26 @@ class Distributor:
         self._pinging: set[str] = set()  # Nodes with a PING still being published
         self.startup_wait = startup_wait
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
+        self.channel_prefix = channel_prefix
+        self.no_node_status = no_node_status
+        self.retry_after = retry_after
+        self.admission = admission.Admission(
+            channel_prefix=channel_prefix,
+            db=self.params.db,
+            fail_fast=fail_fast,
+            max_queue=max_queue,
+            max_in_flight=max_in_flight,
+        )
+        if ops_prefix is not None and not (ops_prefix.startswith("/") and ops_prefix.endswith("/")):
+            raise ValueError(f"ops_prefix must start and end with '/', not {ops_prefix!r}")
+        self.ops_prefix = ops_prefix
+        self.access_log = None if access_log is None else accesslog.AccessLog(access_log)
+        self.metrics = metrics.DistributorMetrics(
+            in_flight=lambda: len(self._exchanges),
+            redis_connected=lambda: self.ready,
+            credit_pool=lambda: (self.credit_pool.in_flight, self.credit_pool.budget),
+        )
+        self._started_at = stats.process_started()
         self._parser = parser
         self._exchanges: dict[str, _Exchange] = {}
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
@@ -241,7 +276,11 @@ class Distributor:
             parser=self._parser,
         )
         self._client.start()
-        subscribing = asyncio.ensure_future(self._subscriber.subscribe(self.channel))
+        subscribing = asyncio.ensure_future(
+            self._subscriber.subscribe(
+                self.channel, wire.stats_channel(self.channel_prefix, self.params.db)
+            )
+        )
         self._background.add(subscribing)
         subscribing.add_done_callback(self._background.discard)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_peers())
@@ -307,12 +346,25 @@ class Distributor:
             return
         if kind not in ("http", "websocket"):
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+        if self.ops_prefix is not None and scope.get("path", "").startswith(self.ops_prefix):
+            await self._operations(scope, receive, send)
+            return
         if self._starting is None or asyncio.get_running_loop() is not self._loop:
             await self.startup()
+        started = time.monotonic()
         key = self._key_or_refusal(scope)
         if not isinstance(key, str):
             status, text = key
             await _refuse(scope, receive, send, status, text)
+            if status == 503:
+                self.metrics.refused(metrics.UNREACHABLE)
+            self._finished(scope, None, None, status, started)
+            return
+        if self.admission.over_capacity(len(self._exchanges)):
+            await self._refuse_for_now(scope, receive, send, "too many requests in flight\n")
+            self.metrics.refused(metrics.IN_FLIGHT)
+            self.admission.log_refusal(metrics.IN_FLIGHT, key)
+            self._finished(scope, key, None, self.no_node_status, started)
             return
         exchange = _Exchange(self, key, scope, receive, send)
         self._exchanges[exchange.id] = exchange
@@ -323,6 +375,66 @@ class Distributor:
             del self._exchanges[exchange.id]
             if exchange.node is not None:
                 self.peers.discard(exchange.node, exchange.id)
+            self._finished(scope, key, exchange, exchange.status, started)
+
+    def _finished(
+        self,
+        scope: Scope,
+        key: str | None,
+        exchange: _Exchange | None,
+        status: int,
+        started: float,
+    ) -> None:
+        """Count a request at its end and write its access-log line."""
+        end = time.monotonic()
+        queue_wait = response = None
+        if exchange is not None and exchange.acked_at:
+            queue_wait = exchange.acked_at - exchange.pushed_at
+            response = end - exchange.acked_at
+        self.metrics.finished(key or "", status, queue_wait, response, end - started)
+        log = self.access_log
+        if log is not None and log.enabled():
+            log.write(
+                method=scope.get("method", "WEBSOCKET"),
+                path=scope.get("path", ""),
+                key=key,
+                node=None if exchange is None else exchange.node,
+                status=status,
+                queue_wait=queue_wait,
+                total=end - started,
+            )
+
+    async def _refuse_for_now(
+        self, scope: Scope, receive: Receive | None, send: Send, text: str
+    ) -> None:
+        """A refusal the client may retry shortly: ``no_node_status`` with ``Retry-After``."""
+        headers = [(b"retry-after", str(self.retry_after).encode())]
+        await _refuse(scope, receive, send, self.no_node_status, text, headers=headers)
+
+    async def _operations(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a probe or a scrape under ``ops_prefix``: never routed to a Node."""
+        assert self.ops_prefix is not None
+        if self._starting is None:  # a probe before any lifespan or request: connect now
+            self.spawn(self.startup())
+        name = scope.get("path", "")[len(self.ops_prefix) :]
+        if scope["type"] != "http":
+            await _refuse(scope, receive, send, 404, "")
+            return
+        await health.respond(send, name, ready=lambda: self.ready, registry=self.metrics.registry)
+
+    def _answer_stats(self, request_id: str, args: list[Any]) -> None:
+        reply = stats.reply_channel(self.channel_prefix, self.params.db, args)
+        if reply is None:
+            return
+        refused = {k[0]: int(v) for k, v in self.metrics.refusals.values.items()}
+        payload = stats.distributor_payload(
+            channel=self.channel,
+            in_flight=len(self._exchanges),
+            served=self.metrics.served,
+            refused=refused,
+            started=self._started_at,
+        )
+        self.spawn(self.publish(reply, wire.pack(wire.STATS_REPLY, request_id, payload)))
 
     def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
         """The list for this request, or the answer to give without Redis."""
@@ -397,6 +509,9 @@ class Distributor:
             return
         if kind == wire.PING:
             self._on_ping(args)
+            return
+        if kind == wire.STATS:
+            self._answer_stats(request_id, args)
             return
         exchange = self._exchanges.get(request_id)
         if exchange is None:
@@ -510,6 +625,9 @@ class _Exchange:
         self._more = False  # the client has more to send than the envelope carries
         self._pumps: list[asyncio.Task[None]] = []
         self._delayed: asyncio.TimerHandle | None = None
+        self.status = 0  # the status answered, for metrics and the access log
+        self.pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
+        self.acked_at = 0.0
 
     async def run(self) -> None:
         d = self.distributor
@@ -543,6 +661,7 @@ class _Exchange:
                 events=events,
                 window=self.received.window,
                 liveness=d.liveness_interval,
+                queued=time.time(),
             )
             try:
                 data = envelope.encode()
@@ -553,10 +672,22 @@ class _Exchange:
             del envelope, events
             try:
                 assert d._client is not None
-                await d._client.lpush(key, data)
+                self.pushed_at = time.monotonic()
+                refusal = await d.admission.push(d._client.connection(), key, data)
             except RespError as exc:
                 logger.warning("cannot queue a request on %r: %s", key, exc)
+                d.metrics.refused(metrics.UNREACHABLE)
                 await self._refuse(503, "the request queue (Redis) is unreachable\n")
+                return
+            if refusal is not None:
+                await self._take_back(key, data)
+                d.metrics.refused(refusal)
+                d.admission.log_refusal(refusal, key)
+                full = refusal == metrics.QUEUE_FULL
+                text = "the request queue is full\n" if full else "no worker serves this request\n"
+                self.status = d.no_node_status
+                await d._refuse_for_now(self.scope, None, self._send, text)
+                self.complete = True
                 return
         finally:
             if buffered is not None:
@@ -565,6 +696,8 @@ class _Exchange:
         if item is _NO_ACK:
             # The no-worker answer only for a request provably never run: taken back unpopped.
             if await self._take_back(key, data):
+                d.metrics.refused(metrics.NO_ACK)
+                d.admission.log_refusal(metrics.NO_ACK, key)
                 text = f"no worker answered within {d.worker_timeout:g} seconds\n"
                 await self._refuse(d.no_worker_status, text)
                 return
@@ -585,6 +718,7 @@ class _Exchange:
         ack_args = item[1]
         node = ack_args[0]
         self.node = node
+        self.acked_at = time.monotonic()
         now = asyncio.get_running_loop().time()
         pings = len(ack_args) > 2 and type(ack_args[2]) in (int, float) and ack_args[2] > 0
         d.peers.add(node, self.id, now, pings=pings)
@@ -705,6 +839,7 @@ class _Exchange:
         return self.body_size > limit
 
     async def _refuse(self, status: int, text: str) -> None:
+        self.status = status
         await _refuse(self.scope, None, self._send, status, text, accepted=self.started)
         self.complete = True
 
@@ -782,6 +917,8 @@ class _Exchange:
             kind = event["type"]
             if kind in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
                 self.started = True
+                status = event.get("status", 101 if kind == "websocket.accept" else 0)
+                self.status = status if type(status) is int else 0
                 if event.get("trailers", False):
                     if _offers(self.scope, "http.response.trailers"):
                         self.trailers = True
@@ -934,6 +1071,7 @@ async def _refuse(
     text: str,
     *,
     accepted: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """Answer by ourselves: a plain-text response, or a refused/closed WebSocket."""
     if scope["type"] == "websocket":
@@ -950,6 +1088,7 @@ async def _refuse(
             "headers": [
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or ()),
             ],
         }
     )

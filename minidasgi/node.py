@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import wire
+from . import health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError
 from .lifespan import Lifespan
@@ -74,6 +74,10 @@ class Node:
     such a distributor (no message of any kind) after which its requests count as abandoned:
     their apps see a disconnect and are cancelled. It must exceed the distributors'
     ``liveness_interval`` by a good margin.
+
+    ``health_port``: serve ``/-/healthz`` (the process answers), ``/-/readyz`` (Redis and the
+    subscription are up, and the Node is not stopping) and ``/-/metrics`` (Prometheus text) on
+    that port of ``health_host`` (0: a free port, see ``health_server.port``).
     """
 
     def __init__(
@@ -101,6 +105,8 @@ class Node:
         channel_prefix: str = "minidasgi",
         parser: str | None = None,
         max_envelope_size: int = 16 * 1024 * 1024,
+        health_port: int | None = None,
+        health_host: str = "127.0.0.1",
     ) -> None:
         if (cls is None) == (app is None):
             raise TypeError("give a Node exactly one of cls= (class-style app) or app= (ASGI app)")
@@ -134,6 +140,28 @@ class Node:
         self._pinging: set[str] = set()  # distributors with a PING still being published
         self.max_envelope_size = max_envelope_size
         self.channel = wire.new_channel(channel_prefix, self.params.db, "node")
+        self.channel_prefix = channel_prefix
+        # Subscribed beside self.channel: presence (one per key, counted by fail-fast
+        # distributors and `minidasgi status`) and stats requests.
+        self.presence_channels = [
+            wire.presence_channel(channel_prefix, self.params.db, k) for k in self.keys
+        ]
+        self._key_names = {k.encode(): k for k in self.keys}
+        self.metrics = metrics.NodeMetrics(
+            in_flight=lambda: len(self._jobs),
+            concurrency=concurrency,
+            redis_connected=self._redis_connected,
+            credit_pool=lambda: (self.credit_pool.in_flight, self.credit_pool.budget),
+        )
+        self.health_server = (
+            None
+            if health_port is None
+            else health.HealthServer(
+                health_host, health_port, ready=lambda: self.ready, registry=self.metrics.registry
+            )
+        )
+        self._subscriber: Subscriber | None = None
+        self._started_at = stats.process_started()
         self._parser = parser
         self._jobs: dict[str, _Job] = {}
         self._stopping: asyncio.Event | None = None
@@ -153,6 +181,16 @@ class Node:
     def in_flight(self) -> int:
         """Requests being run now."""
         return len(self._jobs)
+
+    @property
+    def ready(self) -> bool:
+        """True while the Node pops: subscribed, Redis connected, not stopping."""
+        started = self._started is not None and self._started.is_set()
+        return started and not self.stopping and self._redis_connected()
+
+    def _redis_connected(self) -> bool:
+        publisher, subscriber = self._publisher, self._subscriber
+        return bool(publisher and publisher.connected and subscriber and subscriber.connected)
 
     @property
     def stopping(self) -> bool:
@@ -183,6 +221,8 @@ class Node:
                 job.cancel("forced shutdown")
         logger.info("node shutting down (%d requests in flight)", len(self._jobs))
         self._stopping.set()
+        if self._subscriber is not None:  # fail-fast distributors stop counting this Node
+            self.spawn(self._subscriber.unsubscribe(*self.presence_channels))
         if self._pop_client_id is not None and self._publisher is not None:
             # Wake the blocked BRPOP as if it timed out: nothing popped is ever dropped.
             self.spawn(self._unblock_pop(self._publisher, self._pop_client_id))
@@ -210,13 +250,15 @@ class Node:
         popper = Client(
             self.params, name="node queue", parser=self._parser, health_check_interval=health
         )
-        subscriber = Subscriber(
+        subscriber = self._subscriber = Subscriber(
             params=self.params,
             health_check_interval=health,
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,
         )
+        if self.health_server is not None:
+            await self.health_server.start()
         publisher.start()
         popper.start()
         monitor: asyncio.Task[None] | None = None
@@ -224,7 +266,10 @@ class Node:
             # Waits out a Redis that is not up yet; raises at once for refused credentials.
             await self._until_stopped(publisher.wait_connected())
             await self.lifespan.startup()
-            await self._until_stopped(subscriber.subscribe(self.channel))
+            stats_channel = wire.stats_channel(self.channel_prefix, self.params.db)
+            await self._until_stopped(
+                subscriber.subscribe(self.channel, stats_channel, *self.presence_channels)
+            )
             if not self._stopping.is_set():
                 monitor = asyncio.get_running_loop().create_task(self._watch_peers())
                 logger.info("node serving %s from Redis at %s", self.keys, self.params.address)
@@ -242,6 +287,8 @@ class Node:
             finally:
                 await subscriber.close()
                 await publisher.close()
+                if self.health_server is not None:
+                    await self.health_server.close()
 
     async def _until_stopped(self, awaitable: Any) -> None:
         """Await ``awaitable`` unless ``stop()`` comes first."""
@@ -367,6 +414,10 @@ class Node:
             job.received.close()
             del self._jobs[envelope.id]
             self.peers.discard(job.reply, job.id)
+            if job.app_started:
+                name = self._key_names.get(key) or key.decode(errors="replace")
+                elapsed = time.monotonic() - job.app_started
+                self.metrics.finished(name, job.status, job.failed, elapsed)
             if job.acked and not job.finished and not job.told:
                 # The distributor would otherwise wait for a response that never comes.
                 self.spawn(self._tell_gone(job.reply, job.id, job.why or "ended"))
@@ -395,6 +446,9 @@ class Node:
         if kind == wire.PING:
             self._on_ping(args)
             return
+        if kind == wire.STATS:
+            self._answer_stats(request_id, args)
+            return
         job = self._jobs.get(request_id)
         if job is None:
             return
@@ -421,6 +475,21 @@ class Node:
             job = self._jobs.get(request_id)
             if job is None:
                 self.spawn(self._tell_gone(sender, request_id, "unknown to the worker"))
+    def _answer_stats(self, request_id: str, args: list[Any]) -> None:
+        reply = stats.reply_channel(self.channel_prefix, self.params.db, args)
+        if reply is None or self._publisher is None:
+            return
+        payload = stats.node_payload(
+            channel=self.channel,
+            keys=self.keys,
+            concurrency=self.concurrency,
+            in_flight=len(self._jobs),
+            served=self.metrics.served,
+            failed=self.metrics.failed,
+            started=self._started_at,
+            stopping=self.stopping,
+        )
+        self.spawn(self.publish(reply, wire.pack(wire.STATS_REPLY, request_id, payload)))
 
     def _on_subscriber_lost(self) -> None:
         # Events from distributors may have been lost: no job can trust its input any more.
@@ -508,6 +577,9 @@ class _Job:
         self.disconnect: Message | None = None  # returned by every receive() once known
         # The pieces of one message must not interleave with another task's message.
         self._sending = asyncio.Lock()
+        self.app_started = 0.0  # monotonic time the app was called, for metrics
+        self.status = 0  # the status the app answered (0: none)
+        self.failed = False
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
@@ -518,6 +590,7 @@ class _Job:
             logger.info("dropped request %s: its distributor is gone", self.id)
             return
         self.acked = True
+        self.app_started = time.monotonic()
         try:
             await self.node.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
@@ -529,6 +602,7 @@ class _Job:
             logger.exception(
                 "exception in ASGI app for %s %s", self.scope.get("method", ""), self.scope["path"]
             )
+            self.failed = True
             await self._done(failed=True)
             return
         await self._done(failed=False)
@@ -650,6 +724,8 @@ class _Job:
             if self.response_started:
                 raise RuntimeError("http.response.start sent twice")
             self.response_started = True
+            status = message.get("status")
+            self.status = status if type(status) is int else 0
             self.trailers = bool(message.get("trailers", False)) and self._offers(
                 "http.response.trailers"
             )

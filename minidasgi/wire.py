@@ -183,6 +183,7 @@ class Envelope:
     liveness: float = 0.0
     """The distributor's PING interval for this request; 0 if it does not ping (older
     versions, which also leave the key out)."""
+    queued: float = 0.0  # wall-clock time of the LPUSH, for the age of the oldest request
 
     def encode(self) -> bytes:
         """The bytes to LPUSH."""
@@ -195,6 +196,7 @@ class Envelope:
                 "events": self.events,
                 "window": self.window,
                 "liveness": self.liveness,
+                "queued": self.queued,
             }
         )
 
@@ -232,7 +234,21 @@ class Envelope:
             raise WireError("envelope liveness is not a number")
         if not (math.isfinite(liveness) and liveness >= 0):
             raise WireError("envelope liveness out of range")
-        return cls(request_id, reply, float(deadline), scope, events, window, float(liveness))
+        queued = value.get("queued", 0.0)  # absent from envelopes of older distributors
+        if not isinstance(queued, (int, float)) or isinstance(queued, bool):
+            raise WireError("envelope queued time is not a number")
+        if not math.isfinite(queued):
+            raise WireError("envelope queued time is not finite")
+        return cls(
+            request_id,
+            reply,
+            float(deadline),
+            scope,
+            events,
+            window,
+            liveness=float(liveness),
+            queued=float(queued),
+        )
 
     def expired(self, now: float | None = None) -> bool:
         """True once the distributor has stopped waiting for an ack."""
@@ -442,3 +458,21 @@ class Reassembler:
         message = dict(piece)
         message[field] = joined
         return message
+
+
+# Operations (see ``presence``, ``stats`` and ``status``): a Node subscribes, beside its own
+# channel, to one presence channel per key it pops, so ``PUBSUB NUMSUB`` on it counts the Nodes
+# listening on that key; every process subscribes to the stats channel, where
+# ``[STATS, id, reply_channel]`` asks it to publish ``[STATS_REPLY, id, payload]`` there.
+STATS: Final = "stats"
+STATS_REPLY: Final = "stats-reply"
+
+
+def presence_channel(prefix: str, db: int, key: str) -> str:
+    """The channel a Node serving ``key`` subscribes to, so that it can be counted."""
+    return f"{prefix}:{db}:presence:{key}"
+
+
+def stats_channel(prefix: str, db: int) -> str:
+    """The channel every Node and distributor listens on for stats requests."""
+    return f"{prefix}:{db}:stats"

@@ -536,6 +536,28 @@ class Connection:
         reply: int = await self.execute_packed(pack_pair_command(_PUBLISH, channel, message))
         return reply
 
+    async def pipeline(self, *commands: bytes) -> list[Any]:
+        """Send commands packed with ``pack_command`` in one write and return their replies in
+        order; an error reply is returned in its place (a ``ReplyError``), not raised, since the
+        other commands ran. A cancelled caller's replies are read and dropped in order."""
+        if self._error is not None:
+            raise self._closed_error()
+        waiters: list[asyncio.Future[Any]] = [self._loop.create_future() for _ in commands]
+        self._waiters.extend(waiters)
+        self._buffer(b"".join(commands))
+        try:
+            if self._backlogged:
+                async with self._drain_lock:
+                    await self._drain()
+            return [await waiter for waiter in waiters]
+        except BaseException:
+            for waiter in waiters:  # nobody will await them: no "never retrieved" reports
+                if not waiter.done():
+                    waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()
+            raise
+
     async def close(self) -> None:
         """Close the connection; pending commands fail. Safe to call more than once."""
         self._abort(self._lost(None))

@@ -1,0 +1,126 @@
+"""Admission: whether a request may wait in a queue, decided in the LPUSH's round trip.
+
+Owns the distributor's three early refusals and the commands that decide them:
+
+- ``max_in_flight``: a process relaying that many requests refuses more before touching Redis;
+- ``fail_fast``: ``PUBSUB NUMSUB`` on the key's presence channel (``wire.presence_channel``,
+  which every Node popping the key subscribes to) goes out in the same write as the LPUSH,
+  so knowing that no Node listens costs no extra round trip; the request is then taken back;
+- ``max_queue``: LPUSH returns the list's length; over the bound the request is taken back.
+
+The caller takes a refused request back (LREM) and answers it; this module never answers a
+client, never retries, and keeps no state per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+from . import metrics, wire
+from .resp import ReplyError
+from .resp.connection import Connection
+from .resp.protocol import pack_command
+
+__all__ = ["Admission"]
+
+logger = logging.getLogger("minidasgi.admission")
+
+
+class Admission:
+    """The admission policy of one distributor.
+
+    ``max_queue``: the longest a queue may grow by this distributor's pushes, for every key
+    (an int), or per key (a mapping from key to bound; ``"*"`` for the others; None: no
+    bound). ``fail_fast``: refuse at once when no Node listens on the key.
+    """
+
+    def __init__(
+        self,
+        *,
+        channel_prefix: str,
+        db: int,
+        fail_fast: bool = False,
+        max_queue: int | Mapping[str, int | None] | None = None,
+        max_in_flight: int | None = None,
+    ) -> None:
+        self.channel_prefix = channel_prefix
+        self.db = db
+        self.fail_fast = fail_fast
+        if isinstance(max_queue, Mapping):
+            self._bounds: dict[str, int | None] = dict(max_queue)
+            self._default_bound = self._bounds.pop("*", None)
+        else:
+            self._bounds = {}
+            self._default_bound = max_queue
+        for bound in (*self._bounds.values(), self._default_bound, max_in_flight):
+            if bound is not None and (type(bound) is not int or bound < 1):
+                raise ValueError(f"queue and in-flight bounds must be integers >= 1, not {bound!r}")
+        self.max_in_flight = max_in_flight
+        self._channels: dict[str, bytes] = {}  # key -> packed PUBSUB NUMSUB command
+        self._numsub_refused = False  # the ACL user may not run PUBSUB: fail-fast is off
+        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, unlogged)
+
+    def bound(self, key: str) -> int | None:
+        """The queue bound for ``key`` (None: unbounded)."""
+        return self._bounds.get(key, self._default_bound)
+
+    def over_capacity(self, in_flight: int) -> bool:
+        """True when a process relaying ``in_flight`` requests must refuse another."""
+        limit = self.max_in_flight
+        return limit is not None and in_flight >= limit
+
+    def log_refusal(self, reason: str, key: str) -> None:
+        """Log a refusal: a line per reason per second at most, with the count left out,
+        so that a flood of refused requests does not flood the log."""
+        now = time.monotonic()
+        last, unlogged = self._logged.get(reason, (0.0, 0))
+        if now - last < 1.0:
+            self._logged[reason] = (last, unlogged + 1)
+            return
+        self._logged[reason] = (now, 0)
+        more = f" (and {unlogged} more since the last line)" if unlogged else ""
+        logger.warning("refused a request on %r: %s%s", key, _REASONS.get(reason, reason), more)
+
+    async def push(self, connection: Connection, key: str, data: bytes) -> str | None:
+        """LPUSH ``data``; return None if it may wait, else the refusal reason
+        (``metrics.NO_NODE`` or ``metrics.QUEUE_FULL``), the request then being in the list
+        still, for the caller to take back. Raise ``RespError`` when the LPUSH failed."""
+        if not self.fail_fast or self._numsub_refused:
+            length = await connection.lpush(key, data)
+        else:
+            numsub = self._channels.get(key)
+            if numsub is None:
+                channel = wire.presence_channel(self.channel_prefix, self.db, key)
+                numsub = pack_command("PUBSUB", "NUMSUB", channel)
+                if len(self._channels) < metrics.MAX_SERIES:  # keys can come from paths
+                    self._channels[key] = numsub
+            # One write, one round trip: the NUMSUB's answer comes with the LPUSH's.
+            listeners, length = await connection.pipeline(numsub, pack_command("LPUSH", key, data))
+            if isinstance(length, ReplyError):
+                raise length
+            if isinstance(listeners, ReplyError):
+                logger.warning("fail-fast is off: Redis refused PUBSUB NUMSUB (%s)", listeners)
+                self._numsub_refused = True
+            elif _count(listeners) == 0:
+                return metrics.NO_NODE
+        bound = self.bound(key)
+        if bound is not None and type(length) is int and length > bound:
+            return metrics.QUEUE_FULL
+        return None
+
+
+_REASONS = {
+    metrics.NO_NODE: "no Node listens on that key",
+    metrics.QUEUE_FULL: "the queue is full",
+    metrics.NO_ACK: "no Node took it in time",
+    metrics.IN_FLIGHT: "too many requests in flight in this process",
+}
+
+
+def _count(reply: object) -> int | None:
+    """The count in a ``PUBSUB NUMSUB`` reply for one channel (None if malformed)."""
+    if isinstance(reply, list) and len(reply) == 2 and type(reply[1]) is int:
+        return reply[1]
+    return None

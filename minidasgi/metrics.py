@@ -1,0 +1,391 @@
+"""Counters, gauges and histograms that the distributor and the Node feed, and their sets.
+
+Owns the numbers an operator reads (``exposition`` turns them into Prometheus text, ``stats``
+into a status payload). Feeding one is a dict update or a ``bisect`` into a bucket list: no
+lock (one event loop owns them), no task, no timer, no I/O. It must never import the
+distributor or the Node: they pass it plain values, and read-at-scrape gauges are callables.
+
+Label values that come from requests (the queue key a route templated from a path) are
+bounded: past ``MAX_SERIES`` label sets a family counts the rest under ``"other"``, so a
+client cannot grow a process' memory or its scrape without end.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MAX_SERIES",
+    "Counter",
+    "DistributorMetrics",
+    "Family",
+    "Gauge",
+    "Histogram",
+    "HistogramFamily",
+    "NodeMetrics",
+    "Registry",
+]
+
+MAX_SERIES = 1000
+"""Label sets one family keeps apart before counting the rest as ``other``."""
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+"""Upper bounds, in seconds, of the latency histograms' buckets (``+Inf`` is implied)."""
+
+Labels = tuple[str, ...]
+
+
+class Family:
+    """What every metric family has: a name, a help text, a type and label names."""
+
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.help = help
+        self.labelnames: Labels = tuple(labelnames)
+
+    def _bounded(self, series: Mapping[Labels, object], labels: Labels) -> Labels:
+        """``labels`` if the family may keep it apart, else the overflow label set."""
+        if len(series) < MAX_SERIES or labels in series:
+            return labels
+        return ("other",) * len(self.labelnames)
+
+
+class Counter(Family):
+    """A count that only goes up, per label set."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help, labelnames)
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels = (), amount: float = 1) -> None:
+        """Add ``amount`` to the series named by ``labels`` (values in ``labelnames`` order)."""
+        values = self.values
+        if labels not in values:
+            labels = self._bounded(values, labels)
+        values[labels] = values.get(labels, 0) + amount
+
+    def get(self, labels: Labels = ()) -> float:
+        """The current count of one series (0 if never fed)."""
+        return self.values.get(labels, 0)
+
+    def total(self) -> float:
+        """The sum over every series."""
+        return sum(self.values.values())
+
+    def samples(self) -> Iterator[tuple[Labels, float]]:
+        """``(labels, value)`` pairs, for exposition."""
+        return iter(list(self.values.items()))
+
+
+class Gauge(Family):
+    """A value read when asked for: ``read`` returns ``{labels: value}`` at scrape time."""
+
+    kind = "gauge"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        read: Callable[[], dict[Labels, float]],
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        super().__init__(name, help, labelnames)
+        self.read = read
+
+    def samples(self) -> Iterator[tuple[Labels, float]]:
+        """``(labels, value)`` pairs, for exposition."""
+        return iter(list(self.read().items()))
+
+
+class Histogram:
+    """Observations counted into buckets: cumulative only when exposed."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last bucket is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Count one observation (``le`` semantics: a value on a bound is in its bucket)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= bound)`` pairs, ending with ``(inf, count)``."""
+        pairs = []
+        running = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            pairs.append((bound, running))
+        return pairs
+
+
+class HistogramFamily(Family):
+    """A histogram per label set."""
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Sequence[str] = (),
+        bounds: Sequence[float] = LATENCY_BUCKETS,
+    ) -> None:
+        super().__init__(name, help, labelnames)
+        self.bounds = tuple(bounds)
+        self.series: dict[Labels, Histogram] = {}
+
+    def observe(self, value: float, labels: Labels = ()) -> None:
+        """Count ``value`` in the histogram named by ``labels``."""
+        histogram = self.series.get(labels)
+        if histogram is None:
+            labels = self._bounded(self.series, labels)
+            histogram = self.series.get(labels)
+            if histogram is None:
+                histogram = self.series[labels] = Histogram(self.bounds)
+        histogram.observe(value)
+
+    def histogram(self, labels: Labels) -> Histogram:
+        """The histogram of ``labels``, made if need be (``labels`` not bounded here)."""
+        histogram = self.series.get(labels)
+        if histogram is None:
+            histogram = self.series[labels] = Histogram(self.bounds)
+        return histogram
+
+    def samples(self) -> Iterator[tuple[Labels, Histogram]]:
+        """``(labels, histogram)`` pairs, for exposition."""
+        return iter(list(self.series.items()))
+
+
+AnyFamily = Counter | Gauge | HistogramFamily
+
+
+class Registry:
+    """An ordered set of families, exposed together."""
+
+    def __init__(self, families: Iterable[AnyFamily] = ()) -> None:
+        self.families: list[AnyFamily] = list(families)
+
+    def add(self, family: AnyFamily) -> AnyFamily:
+        """Add a family; its name must be new."""
+        if any(f.name == family.name for f in self.families):
+            raise ValueError(f"a metric named {family.name!r} is already registered")
+        self.families.append(family)
+        return family
+
+
+# The refusals a distributor counts apart (label ``reason``).
+NO_NODE = "no_node"
+QUEUE_FULL = "queue_full"
+NO_ACK = "no_ack"
+IN_FLIGHT = "max_in_flight"
+UNREACHABLE = "redis_unreachable"
+
+
+class DistributorMetrics:
+    """What one distributor process counts. The distributor calls ``refused`` and
+    ``finished``; gauges (in flight, Redis connected, credit pool) are read at scrape time
+    through the callables it gives."""
+
+    def __init__(
+        self,
+        *,
+        in_flight: Callable[[], int],
+        redis_connected: Callable[[], bool],
+        credit_pool: Callable[[], tuple[int, int]],
+    ) -> None:
+        self.requests = Counter(
+            "minidasgi_distributor_requests_total",
+            "Requests answered, by queue key and status (refusals included).",
+            ("key", "status"),
+        )
+        self.refusals = Counter(
+            "minidasgi_distributor_refusals_total",
+            "Requests refused without a Node's answer, by reason.",
+            ("reason",),
+        )
+        self.queue_wait = HistogramFamily(
+            "minidasgi_distributor_queue_wait_seconds",
+            "Time from the LPUSH of a request to the ack of the Node that took it.",
+            ("key",),
+        )
+        self.response_time = HistogramFamily(
+            "minidasgi_distributor_response_seconds",
+            "Time from a Node's ack to the end of the response (app time plus relay).",
+            ("key",),
+        )
+        self.total_time = HistogramFamily(
+            "minidasgi_distributor_request_seconds",
+            "Time from the request's arrival to the end of its response.",
+            ("key",),
+        )
+        self.registry = Registry(
+            [
+                self.requests,
+                self.refusals,
+                self.queue_wait,
+                self.response_time,
+                self.total_time,
+                Gauge(
+                    "minidasgi_distributor_in_flight",
+                    "Requests being relayed now.",
+                    lambda: {(): in_flight()},
+                ),
+                Gauge(
+                    "minidasgi_redis_connected",
+                    "1 while the process' Redis connections (and subscription) are up.",
+                    lambda: {(): 1 if redis_connected() else 0},
+                ),
+                _credit_gauge(credit_pool),
+            ]
+        )
+        self._histograms: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+        for reason in (NO_NODE, QUEUE_FULL, NO_ACK, IN_FLIGHT, UNREACHABLE):
+            self.refusals.values[(reason,)] = 0  # every reason visible, even before the first
+
+    @property
+    def served(self) -> int:
+        """Requests answered so far (by a Node or by the distributor itself)."""
+        return int(self.requests.total())
+
+    def refused(self, reason: str) -> None:
+        """Count one refusal (``NO_NODE``, ``QUEUE_FULL``, ``NO_ACK``, ...)."""
+        self.refusals.values[(reason,)] = self.refusals.values.get((reason,), 0) + 1
+
+    def finished(
+        self, key: str, status: int, queue_wait: float | None, response: float | None, total: float
+    ) -> None:
+        """Count one request at its end. ``queue_wait``/``response``: None without an ack."""
+        self.requests.inc((key, _STATUS_LABELS.get(status) or "0"))
+        histograms = self._histograms.get(key)
+        if histograms is None:
+            histograms = self._histograms_for(key)
+        if queue_wait is not None:
+            histograms[0].observe(queue_wait)
+        if response is not None:
+            histograms[1].observe(response)
+        histograms[2].observe(total)
+
+    def _histograms_for(self, key: str) -> tuple[Histogram, Histogram, Histogram]:
+        """The three histograms of ``key`` (one lookup per request instead of three)."""
+        wait, response, total = self.queue_wait, self.response_time, self.total_time
+        labels = total._bounded(total.series, (key,))  # total is fed for every request
+        histograms = (wait.histogram(labels), response.histogram(labels), total.histogram(labels))
+        if labels == (key,):
+            self._histograms[key] = histograms
+        return histograms
+
+
+class NodeMetrics:
+    """What one Node counts. The Node calls ``finished`` once per request it ran."""
+
+    def __init__(
+        self,
+        *,
+        in_flight: Callable[[], int],
+        concurrency: int,
+        redis_connected: Callable[[], bool],
+        credit_pool: Callable[[], tuple[int, int]],
+    ) -> None:
+        self.requests = Counter(
+            "minidasgi_node_requests_total",
+            "Requests run, by queue key and the status the app answered (0: none).",
+            ("key", "status"),
+        )
+        self.failures = Counter(
+            "minidasgi_node_failures_total",
+            "Requests whose app raised, by queue key.",
+            ("key",),
+        )
+        self.app_time = HistogramFamily(
+            "minidasgi_node_app_seconds",
+            "Time from a Node's ack to the end of the app.",
+            ("key",),
+        )
+        self.registry = Registry(
+            [
+                self.requests,
+                self.failures,
+                self.app_time,
+                Gauge(
+                    "minidasgi_node_in_flight",
+                    "Requests being run now.",
+                    lambda: {(): in_flight()},
+                ),
+                Gauge(
+                    "minidasgi_node_concurrency",
+                    "Requests the Node runs at most at once.",
+                    lambda: {(): concurrency},
+                ),
+                Gauge(
+                    "minidasgi_redis_connected",
+                    "1 while the process' Redis connections (and subscription) are up.",
+                    lambda: {(): 1 if redis_connected() else 0},
+                ),
+                _credit_gauge(credit_pool),
+            ]
+        )
+
+    @property
+    def served(self) -> int:
+        """Requests run to their end."""
+        return int(self.requests.total())
+
+    @property
+    def failed(self) -> int:
+        """Requests whose app raised."""
+        return int(self.failures.total())
+
+    def finished(self, key: str, status: int, failed: bool, app_time: float) -> None:
+        """Count one request the app ran (``status`` 0 when it answered none)."""
+        self.requests.inc((key, _status_label(status)))
+        if failed:
+            self.failures.inc((key,))
+        self.app_time.observe(app_time, (key,))
+
+
+def _credit_gauge(credit_pool: Callable[[], tuple[int, int]]) -> Gauge:
+    def read() -> dict[Labels, float]:
+        used, budget = credit_pool()
+        return {("used",): used, ("budget",): budget}
+
+    return Gauge(
+        "minidasgi_credit_pool",
+        "Flow-control credits peers hold on this process (used) and the pool's budget.",
+        read,
+        ("kind",),
+    )
+
+
+_STATUS_LABELS = {n: str(n) for n in range(100, 600)}
+
+
+def _status_label(status: int) -> str:
+    return _STATUS_LABELS.get(status) or "0"

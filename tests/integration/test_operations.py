@@ -1,0 +1,422 @@
+"""Operations: presence and fail-fast, admission bounds, `minidasgi status`, metrics, health
+probes and the access log, with real Redis servers, Nodes and uvicorn.
+
+Faults are real: Nodes SIGKILLed in child processes, Redis stopped, ACL users limited to the
+commands the README lists. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from minidasgi import Distributor, Node, wire
+from minidasgi.resp.connection import parse_url
+from minidasgi.status import take_status
+
+from . import apps
+from .faultproxy import FaultProxy
+from .redis_server import RedisServer
+from .stack import NodeProcess, poll, run_node, serve_app
+
+pytestmark = pytest.mark.timeout(60)
+
+WORKER_TIMEOUT = 20.0  # long, so that an answer "at once" is told apart from one after it
+AT_ONCE = WORKER_TIMEOUT / 4
+
+
+def _keys(server: RedisServer) -> list[bytes]:
+    keys = server.command("KEYS", "*")
+    assert isinstance(keys, list)
+    return sorted(keys)
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a scrape, parsed by the reference parser."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+@contextlib.asynccontextmanager
+async def _stack(redis: RedisServer, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    options.setdefault("worker_timeout", WORKER_TIMEOUT)
+    distributor = Distributor(key="ops", url=redis.url, **options)
+    async with serve_app(distributor) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WORKER_TIMEOUT * 2) as client:
+            client.distributor = distributor  # type: ignore[attr-defined]
+            yield client
+
+
+# 1. Presence and fail-fast
+
+
+async def test_fail_fast_answers_at_once_when_no_node_listens(redis_server: RedisServer) -> None:
+    async with _stack(redis_server, fail_fast=True) as client:
+        started = time.monotonic()
+        response = await client.get("/nobody")
+        assert time.monotonic() - started < AT_ONCE
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert _keys(redis_server) == []  # the request was taken back
+        metrics = client.distributor.metrics  # type: ignore[attr-defined]
+        assert metrics.refusals.get(("no_node",)) == 1
+        assert metrics.refusals.get(("no_ack",)) == 0
+
+
+async def test_fail_fast_serves_while_a_node_listens_and_refuses_once_it_is_killed(
+    redis_server: RedisServer,
+) -> None:
+    async with _stack(redis_server, fail_fast=True) as client:
+        node = await asyncio.to_thread(NodeProcess(redis_server.url, "ops").start)
+        try:
+            response = await client.get("/hello")
+            assert response.status_code == 200
+            await asyncio.to_thread(node.kill)  # SIGKILL: no goodbye, Redis drops its sockets
+            assert await poll(lambda: _listeners(redis_server, "ops") == 0, 10)
+            started = time.monotonic()
+            response = await client.get("/hello")
+            assert response.status_code == 503
+            assert time.monotonic() - started < AT_ONCE
+            assert _keys(redis_server) == []
+        finally:
+            await asyncio.to_thread(node.stop)
+
+
+async def test_a_stopping_node_withdraws_its_presence_before_its_drain(
+    redis_server: RedisServer,
+) -> None:
+    node = Node(url=redis_server.url, key="ops", app=apps.sleepy, shutdown_timeout=10)
+    async with _stack(redis_server, fail_fast=True) as client, run_node(node):
+        assert _listeners(redis_server, "ops") == 1
+        slow = asyncio.ensure_future(client.get("/?6"))
+        assert await poll(lambda: node.in_flight == 1, 10)
+        node.stop()  # drains the request in flight; new ones must go elsewhere at once
+        assert await poll(lambda: _listeners(redis_server, "ops") == 0, 3)
+        response = await client.get("/")
+        assert response.status_code == 503
+        assert not slow.done()  # still draining: the presence went first
+        assert (await slow).status_code == 200
+
+
+async def test_without_fail_fast_the_seed_behaviour_stays(redis_server: RedisServer) -> None:
+    async with _stack(redis_server, worker_timeout=0.5) as client:
+        response = await client.get("/nobody")
+        assert response.status_code == 405
+        assert "retry-after" not in response.headers
+        metrics = client.distributor.metrics  # type: ignore[attr-defined]
+        assert metrics.refusals.get(("no_ack",)) == 1
+        assert metrics.refusals.get(("no_node",)) == 0
+
+
+def _listeners(redis: RedisServer, key: str) -> int:
+    reply = redis.command("PUBSUB", "NUMSUB", f"minidasgi:0:presence:{key}")
+    assert isinstance(reply, list)
+    return int(reply[1])
+
+
+# 2. Admission
+
+
+async def test_max_queue_refuses_at_once_and_leaves_the_queue_at_its_bound(
+    redis_server: RedisServer,
+) -> None:
+    async with _stack(redis_server, max_queue=2) as client:
+        waiting = [asyncio.ensure_future(client.get("/?0")) for _ in range(2)]
+        assert await poll(lambda: redis_server.command("LLEN", "ops") == 2, 10)
+        started = time.monotonic()
+        response = await client.get("/third")
+        assert time.monotonic() - started < AT_ONCE
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert "full" in response.text
+        assert redis_server.command("LLEN", "ops") == 2
+        metrics = client.distributor.metrics  # type: ignore[attr-defined]
+        assert metrics.refusals.get(("queue_full",)) == 1
+        # The two that fit are served once a Node comes.
+        async with run_node(Node(url=redis_server.url, key="ops", app=apps.sleepy)):
+            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200, 200]
+        assert _keys(redis_server) == []
+
+
+async def test_max_queue_per_key(redis_server: RedisServer) -> None:
+    async with _stack(redis_server, max_queue={"other": 5, "ops": 1}) as client:
+        first = asyncio.ensure_future(client.get("/?0"))
+        assert await poll(lambda: redis_server.command("LLEN", "ops") == 1, 10)
+        assert (await client.get("/")).status_code == 503
+        async with run_node(Node(url=redis_server.url, key="ops", app=apps.sleepy)):
+            assert (await first).status_code == 200
+
+
+async def test_max_in_flight_refuses_before_touching_redis(redis_server: RedisServer) -> None:
+    node = Node(url=redis_server.url, key="ops", app=apps.sleepy)
+    async with _stack(redis_server, max_in_flight=1) as client, run_node(node):
+        slow = asyncio.ensure_future(client.get("/?1"))
+        assert await poll(lambda: node.in_flight == 1, 10)
+        redis_server.command("CONFIG", "RESETSTAT")
+        response = await client.get("/?0")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        stats = redis_server.command("INFO", "commandstats")
+        assert isinstance(stats, bytes)
+        assert b"cmdstat_lpush" not in stats
+        assert (await slow).status_code == 200
+        metrics = client.distributor.metrics  # type: ignore[attr-defined]
+        assert metrics.refusals.get(("max_in_flight",)) == 1
+
+
+def test_bounds_must_be_positive_integers() -> None:
+    for bad in ({"max_queue": 0}, {"max_in_flight": -1}, {"max_queue": {"k": 1.5}}):
+        with pytest.raises(ValueError, match="bounds"):
+            Distributor(key="k", **bad)  # type: ignore[arg-type]
+
+
+# 3. Status
+
+
+async def test_status_shows_waiting_requests_nodes_and_distributors(
+    redis_server: RedisServer,
+) -> None:
+    busy = Node(url=redis_server.url, key="ops", app=apps.sleepy, concurrency=1)
+    idle = Node(url=redis_server.url, keys=["ops", "spare"], app=apps.sleepy, concurrency=3)
+    params = parse_url(redis_server.url)
+    async with _stack(redis_server) as client, run_node(busy):
+        slow = [asyncio.ensure_future(client.get("/?1.5")) for _ in range(3)]
+        # One runs, two wait: nobody else pops "ops" yet.
+        assert await poll(lambda: redis_server.command("LLEN", "ops") == 2, 10)
+        await asyncio.sleep(0.2)
+        before = _keys(redis_server)
+        report = await take_status(params, ["ops"], timeout=5)
+        assert _keys(redis_server) == before  # status stores nothing
+        (queue,) = report["queues"]
+        assert queue["key"] == "ops" and queue["waiting"] == 2 and queue["nodes"] == 1
+        assert queue["oldest_age"] >= 0.2
+        (node,) = report["nodes"]
+        assert node["keys"] == ["ops"] and node["concurrency"] == 1 and node["in_flight"] == 1
+        (dist,) = report["distributors"]
+        assert dist["in_flight"] == 3
+        assert report["asked"] == report["answered"] == 2
+        async with run_node(idle):
+            await asyncio.gather(*slow)
+            report = await take_status(params, timeout=5)
+            assert [q["key"] for q in report["queues"]] == ["ops", "spare"]
+            assert [q["nodes"] for q in report["queues"]] == [2, 1]
+            assert sum(n["served"] for n in report["nodes"]) == 3
+            assert report["distributors"][0]["served"] == 3
+    assert _keys(redis_server) == []
+
+
+async def test_status_is_bounded_when_a_node_cannot_answer(redis_server: RedisServer) -> None:
+    """A Node whose link stalls (no FIN, no RST) still counts as a receiver of the stats
+    request: status waits for it only up to its timeout, then shows who answered."""
+    params = parse_url(redis_server.url)
+    with FaultProxy(redis_server.port) as proxy:
+        stalled = Node(url=proxy.url(), key="ops", app=apps.hello)
+        healthy = Node(url=redis_server.url, key="ops", app=apps.hello)
+        async with run_node(stalled), run_node(healthy):
+            proxy.stall(up=True, down=True)
+            started = time.monotonic()
+            report = await take_status(params, timeout=1.0)
+            assert time.monotonic() - started < 10  # bounded by the timeout, not by the Node
+            assert (report["asked"], report["answered"]) == (2, 1)
+            assert [n["channel"] for n in report["nodes"]] == [healthy.channel]
+            assert report["queues"] == [
+                {"key": "ops", "waiting": 0, "oldest_age": None, "nodes": 2}
+            ]
+            proxy.resume()
+
+
+async def test_forged_stats_requests_are_not_answered_and_hurt_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """Stats requests come from anyone with the credentials: a malformed one is dropped, and
+    none makes a process publish anywhere but on a status channel of its own namespace."""
+    node = Node(url=redis_server.url, key="ops", app=apps.hello)
+    async with _stack(redis_server) as client, run_node(node):
+        stats_channel = wire.stats_channel("minidasgi", 0)
+        victim = client.distributor.channel  # type: ignore[attr-defined]
+        redis_server.command("CONFIG", "RESETSTAT")
+        forged = (
+            b"garbage",
+            wire.pack(wire.STATS, "id"),
+            wire.pack(wire.STATS, "id", victim),  # a peer's channel: refused
+            wire.pack(wire.STATS, "id", "minidasgi:1:status:x"),  # another db: refused
+            wire.pack(wire.STATS, "id", ["minidasgi:0:status:x"]),
+        )
+        for message in forged:
+            assert redis_server.command("PUBLISH", stats_channel, message) == 2
+        await asyncio.sleep(0.3)
+        stats = redis_server.command("INFO", "commandstats")
+        assert isinstance(stats, bytes)
+        assert b"cmdstat_publish:calls=%d," % len(forged) in stats  # ours, and no answer
+        assert (await client.get("/")).status_code == 200  # both still serve
+
+
+async def test_status_command_json_and_text(redis_server: RedisServer) -> None:
+    async with run_node(Node(url=redis_server.url, key="ops", app=apps.hello)):
+        args = ["-m", "minidasgi", "status", "--redis", redis_server.url, "--timeout", "5"]
+        text = await _run(*args)
+        assert "ops" in text and "NODE" in text
+        report = json.loads(await _run(*args, "--json", "ops"))
+        assert report["queues"][0] == {"key": "ops", "waiting": 0, "oldest_age": None, "nodes": 1}
+
+
+async def test_status_command_fails_clearly_without_redis() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "minidasgi",
+        "status",
+        "--redis",
+        "redis://:s3cret@127.0.0.1:1",
+        "--timeout",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert b"cannot ask Redis" in err and b"s3cret" not in err + out
+
+
+async def _run(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_readme_acl_commands_are_enough(redis_server: RedisServer) -> None:
+    """The ACL lists in the README, for each side and for `status`, and nothing more."""
+    redis = redis_server
+    common = ["on", ">pw", "~ops", "&minidasgi:*", "+ping"]
+    redis.command("ACL", "SETUSER", "dist", *common, "+lpush", "+lrem", "+publish", "+subscribe",
+                  "+pubsub|numsub")  # fmt: skip
+    redis.command("ACL", "SETUSER", "node", *common, "+brpop", "+rpop", "+publish",
+                  "+subscribe", "+client|id", "+client|unblock")  # fmt: skip
+    redis.command("ACL", "SETUSER", "ops", *common, "+llen", "+lindex", "+publish",
+                  "+subscribe", "+pubsub|numsub")  # fmt: skip
+    url = f"redis://{{}}:pw@127.0.0.1:{redis.port}/0"
+    node = Node(url=url.format("node"), key="ops", app=apps.hello)
+    distributor = Distributor(key="ops", url=url.format("dist"), fail_fast=True)
+    async with serve_app(distributor) as base, httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/")).status_code == 503  # fail-fast: nobody listens
+        async with run_node(node):
+            assert (await client.get("/")).status_code == 200
+            report = await take_status(parse_url(url.format("ops")), timeout=5)
+            assert report["queues"][0]["nodes"] == 1
+            assert report["answered"] == 2
+    assert not distributor.admission._numsub_refused
+
+
+# 4. Metrics, health, access log
+
+
+async def test_distributor_metrics_parse_and_count(redis_server: RedisServer) -> None:
+    node = Node(url=redis_server.url, key="ops", app=apps.hello)
+    async with _stack(redis_server, ops_prefix="/-/", fail_fast=True) as client:
+        assert (await client.get("/")).status_code == 503  # no Node yet
+        async with run_node(node):
+            for _ in range(3):
+                assert (await client.get("/")).status_code == 200
+        scrape = await client.get("/-/metrics")
+        assert scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = _samples(scrape.text)
+        ok = (
+            "minidasgi_distributor_requests_total",
+            frozenset({("key", "ops"), ("status", "200")}),
+        )
+        assert samples[ok] == 3
+        refused = ("minidasgi_distributor_refusals_total", frozenset({("reason", "no_node")}))
+        assert samples[refused] == 1
+        count = ("minidasgi_distributor_queue_wait_seconds_count", frozenset({("key", "ops")}))
+        assert samples[count] == 3
+        inf = frozenset({("key", "ops"), ("le", "+Inf")})
+        assert samples[("minidasgi_distributor_request_seconds_bucket", inf)] == 4
+        assert samples[("minidasgi_redis_connected", frozenset())] == 1
+        assert samples[("minidasgi_distributor_in_flight", frozenset())] == 0
+        # The ops paths are never routed.
+        assert (await client.get("/-/nothing")).status_code == 404
+        assert _keys(redis_server) == []
+
+
+async def test_distributor_probes_follow_redis(redis_server: RedisServer) -> None:
+    async with _stack(redis_server, ops_prefix="/-/") as client:
+        assert (await client.get("/-/readyz")).status_code == 200
+        redis_server.stop()  # a real outage
+        try:
+            assert await poll(_status_is(client, "/-/readyz", 503), 10)
+            assert (await client.get("/-/healthz")).status_code == 200  # no restart for this
+        finally:
+            redis_server.start()
+        assert await poll(_status_is(client, "/-/readyz", 200), 15)
+
+
+async def test_node_health_port(redis_server: RedisServer) -> None:
+    node = Node(url=redis_server.url, key="ops", app=apps.hello, health_port=0)
+    async with _stack(redis_server) as client, run_node(node):
+        assert (await client.get("/")).status_code == 200
+        assert node.health_server is not None
+        base = f"http://127.0.0.1:{node.health_server.port}"
+        async with httpx.AsyncClient(base_url=base) as probe:
+            assert (await probe.get("/-/readyz")).status_code == 200
+            samples = _samples((await probe.get("/-/metrics")).text)
+            served = (
+                "minidasgi_node_requests_total",
+                frozenset({("key", "ops"), ("status", "200")}),
+            )
+            assert samples[served] == 1
+            assert samples[("minidasgi_node_concurrency", frozenset())] == 100
+            assert (await probe.post("/-/metrics")).status_code == 405
+            redis_server.stop()
+            try:
+                assert await poll(_status_is(probe, "/-/readyz", 503), 15)
+                assert (await probe.get("/-/healthz")).status_code == 200
+            finally:
+                redis_server.start()
+            assert await poll(_status_is(probe, "/-/readyz", 200), 15)
+
+
+async def test_node_health_port_bounds_the_request_head(redis_server: RedisServer) -> None:
+    node = Node(url=redis_server.url, key="ops", app=apps.hello, health_port=0)
+    async with run_node(node):
+        assert node.health_server is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.health_server.port)
+        writer.write(b"GET /-/healthz HTTP/1.1\r\nX: " + b"a" * 20000)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing answered
+        writer.close()
+
+
+def _status_is(client: httpx.AsyncClient, path: str, status: int) -> Any:
+    async def check() -> bool:
+        return (await client.get(path)).status_code == status
+
+    return check
+
+
+async def test_access_log_json(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    node = Node(url=redis_server.url, key="ops", app=apps.hello)
+    caplog.set_level(logging.INFO, logger="minidasgi.access")
+    async with _stack(redis_server, access_log="json") as client, run_node(node):
+        assert (await client.get("/some/path", params={"secret": "x"})).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.access"]
+    (line,) = lines
+    entry = json.loads(line)
+    assert entry["method"] == "GET" and entry["path"] == "/some/path" and entry["key"] == "ops"
+    assert entry["status"] == 200 and entry["node"].startswith("minidasgi:0:node:")
+    assert 0 <= entry["queue_wait_ms"] <= entry["total_ms"]
+    assert "secret" not in line

@@ -1,0 +1,43 @@
+"""Admission bounds and the refusal log, without Redis (the LPUSH path is integration-tested)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from minidasgi import metrics
+from minidasgi.admission import Admission
+
+
+def test_bounds_per_key_with_a_default() -> None:
+    admission = Admission(channel_prefix="p", db=0, max_queue={"a": 5, "*": 2, "b": None})
+    assert (admission.bound("a"), admission.bound("b"), admission.bound("c")) == (5, None, 2)
+    assert Admission(channel_prefix="p", db=0, max_queue=3).bound("x") == 3
+    assert Admission(channel_prefix="p", db=0).bound("x") is None
+
+
+def test_in_flight_bound() -> None:
+    admission = Admission(channel_prefix="p", db=0, max_in_flight=2)
+    assert not admission.over_capacity(1)
+    assert admission.over_capacity(2)
+    assert not Admission(channel_prefix="p", db=0).over_capacity(10**6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
+def test_bad_bounds_are_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="bounds"):
+        Admission(channel_prefix="p", db=0, max_queue=bad)  # type: ignore[arg-type]
+
+
+def test_refusals_are_logged_at_most_once_a_second_per_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    admission = Admission(channel_prefix="p", db=0)
+    caplog.set_level(logging.WARNING, logger="minidasgi.admission")
+    for _ in range(100):
+        admission.log_refusal(metrics.NO_NODE, "k")
+    admission.log_refusal(metrics.QUEUE_FULL, "k")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "no Node listens" in messages[0] and "queue is full" in messages[1]
