@@ -102,6 +102,7 @@ async def test_killing_only_the_node_subscriber_ends_its_requests(
 
 # 2. No-worker answers never run, whatever one direction of the Node's link does ------------
 
+
 # The distributor's worker_timeout is 2 s and its grace as much again.
 @pytest.mark.parametrize(
     "direction,moment,stall",
