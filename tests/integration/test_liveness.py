@@ -22,7 +22,7 @@ from minidasgi.resp import Subscriber
 
 from . import apps
 from .faultproxy import FaultProxy
-from .redis_server import RedisServer
+from .redis_server import RedisFactory, RedisServer
 from .stack import poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(90)
@@ -98,6 +98,25 @@ async def test_killing_only_the_node_subscriber_ends_its_requests(
             # The Node resubscribed and serves again.
             response = await client.get("/?1")
             assert response.status_code == 200
+
+
+async def test_a_node_whose_publishes_are_refused_is_found_out(
+    redis_factory: RedisFactory,
+) -> None:
+    """PUBLISH refused to the Node (NOPERM) mid-response: it drops the request, cannot say so,
+    and cannot ping either; the distributor, hearing nothing more, aborts within peer_timeout."""
+    server = redis_factory(extra_args=["--user", "worker", "on", ">pw", "~*", "&*", "+@all"])
+    url = server.url.replace("redis://", "redis://worker:pw@")
+    distributor = create_distributor(url=server.url, key="noperm")
+    node = Node(url=url, app=apps.slow, key="noperm", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            request = asyncio.ensure_future(client.get("/?300"))
+            assert await poll(_acked(distributor), 10)
+            server.command("ACL", "SETUSER", "worker", "-publish")
+            ending = await asyncio.wait_for(_ends(request), 20)
+            assert ending == "aborted"
+            assert await poll(lambda: node.in_flight == 0, 5)
 
 
 # 2. No-worker answers never run, whatever one direction of the Node's link does ------------
