@@ -571,7 +571,7 @@ class _Job:
         self.complete = False
         self.finished = False
         self.gone = False  # the distributor or client went away
-        self.acked = False  # the distributor knows this Node took the request
+        self.acked = False  # the distributor may know this Node took the request
         self.told = False  # the distributor ended the request itself (a client disconnect)
         self.why = ""  # why the job ended early, for the GONE message
         self.disconnect: Message | None = None  # returned by every receive() once known
@@ -586,10 +586,13 @@ class _Job:
         # The ack doubles as a check that the distributor still listens: a request whose
         # distributor is gone is never run.
         ack = (self.node.channel, self.received.window, self.node.liveness_interval)
+        # From here the distributor may know this Node took the request (a job cancelled
+        # while its ack is being published still owes it a GONE).
+        self.acked = True
         if not await self._publish(wire.ACK, *ack):
+            self.acked = False  # it reached nobody
             logger.info("dropped request %s: its distributor is gone", self.id)
             return
-        self.acked = True
         self.app_started = time.monotonic()
         try:
             await self.node.app(self.scope, self.receive, self.send)

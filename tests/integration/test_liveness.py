@@ -22,7 +22,7 @@ from minidasgi.resp import Subscriber
 
 from . import apps
 from .faultproxy import FaultProxy
-from .redis_server import RedisServer
+from .redis_server import RedisFactory, RedisServer
 from .stack import poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(90)
@@ -100,22 +100,41 @@ async def test_killing_only_the_node_subscriber_ends_its_requests(
             assert response.status_code == 200
 
 
+async def test_a_node_whose_publishes_are_refused_is_found_out(
+    redis_factory: RedisFactory,
+) -> None:
+    """PUBLISH refused to the Node (NOPERM) mid-response: it drops the request, cannot say so,
+    and cannot ping either; the distributor, hearing nothing more, aborts within peer_timeout."""
+    server = redis_factory(extra_args=["--user", "worker", "on", ">pw", "~*", "&*", "+@all"])
+    url = server.url.replace("redis://", "redis://worker:pw@")
+    distributor = create_distributor(url=server.url, key="noperm")
+    node = Node(url=url, app=apps.slow, key="noperm", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            request = asyncio.ensure_future(client.get("/?300"))
+            assert await poll(_acked(distributor), 10)
+            server.command("ACL", "SETUSER", "worker", "-publish")
+            ending = await asyncio.wait_for(_ends(request), 20)
+            assert ending == "aborted"
+            assert await poll(lambda: node.in_flight == 0, 5)
+
+
 # 2. No-worker answers never run, whatever one direction of the Node's link does ------------
 
-STALL = 6.0  # seconds; the distributor's worker_timeout is 2 s and its grace as much again
 
-
+# The distributor's worker_timeout is 2 s and its grace as much again.
 @pytest.mark.parametrize(
-    "direction,moment",
+    "direction,moment,stall",
     [
-        ("up", "after-pop"),  # the pop arrives, the ack is held back
-        ("down", "before-pop"),  # the popped request is held back
-        ("up", "after-ack"),  # the app runs while what it sends is held back
-        ("down", "after-ack"),  # the app runs while the distributor's messages are held
+        ("up", "after-pop", 6.0),  # the pop arrives, the ack is held back past the grace
+        ("down", "before-pop", 6.0),  # the popped request is held back past the grace
+        ("down", "before-pop", 2.5),  # ...into the grace: the Node finds it expired
+        ("up", "after-ack", 6.0),  # the app runs while what it sends is held back
+        ("down", "after-ack", 6.0),  # the app runs while the distributor's messages are held
     ],
 )
 async def test_a_no_worker_answer_never_runs(
-    redis_server: RedisServer, direction: str, moment: str
+    redis_server: RedisServer, direction: str, moment: str, stall: float
 ) -> None:
     ran: list[str] = []
 
@@ -140,7 +159,7 @@ async def test_a_no_worker_answer_never_runs(
             if moment == "after-ack":
                 assert await poll(lambda: len(ran) >= 5, 10)
                 proxy.stall(up=up, down=down)
-            await asyncio.sleep(STALL)
+            await asyncio.sleep(stall)
             proxy.resume()
             statuses = {path: await _ends(r) for path, r in requests.items()}
             await asyncio.sleep(3)  # long enough to see a late run
@@ -152,6 +171,10 @@ async def test_a_no_worker_answer_never_runs(
         # (the next pop was held back too), were taken back: the no-worker answer.
         assert "504" in statuses.values(), statuses
         assert set(statuses.values()) <= {"504", "405"}, statuses
+    if moment == "before-pop" and stall < 4:
+        # The Node got the popped request during the grace, found it expired and said so
+        # (GONE): it never ran, so the distributor gives the no-worker answer, at once.
+        assert set(statuses.values()) == {"405"}, statuses
     if moment == "after-ack":
         assert set(statuses.values()) == {"200"}, statuses  # a 6 s blip is survived
 
