@@ -458,7 +458,10 @@ class Node:
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
         elif kind == wire.CANCEL:
-            if not job.complete:  # else the response is out: let the app finish its work
+            # Once the response is out (published whole), let the app finish its work. Only
+            # then: a last body sent by the app may still wait for credit that a distributor
+            # which gave the request up will never grant.
+            if not job.finished:
                 job.cancel("cancelled by the distributor")
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
