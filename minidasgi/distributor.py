@@ -707,6 +707,11 @@ class _Exchange:
             await self._take_back(key, data)  # drain: a later ack gets a cancel
             await self._refuse(504, "the worker that took the request did not answer in time\n")
             return
+        if item is _VIOLATION:  # forged SENDs past the credit, before any ack
+            logger.warning("request %s: more messages than the credit granted", self.id)
+            await self._take_back(key, data)
+            await self._refuse(502, "the worker broke flow control\n")
+            return
         if isinstance(item, _Signal):  # lost contact: messages from the Node may be lost
             await self._take_back(key, data)
             await self._refuse(502, "lost contact with the worker\n")
@@ -802,7 +807,9 @@ class _Exchange:
         try:
             while True:
                 item = await self.inbox.get()
-                if item is timeout or item is _PEER_LOST:
+                if item is timeout or item is _PEER_LOST or item is _VIOLATION:
+                    # A violation is signalled once, and everything after it dropped: lost
+                    # here, the request would wait for messages that are never kept.
                     return item
                 if isinstance(item, _Signal):
                     continue  # e.g. a deadline of the previous wait

@@ -13,10 +13,12 @@ import asyncio
 import time
 from typing import Any
 
+import httpx
 import pytest
 
-from minidasgi import Node, create_distributor
+from minidasgi import Node, create_distributor, wire
 
+from . import apps
 from .redis_server import RedisServer
 from .stack import poll, run_node, serve_app
 
@@ -37,9 +39,7 @@ async def test_a_cancel_stops_a_node_whose_last_body_waits_for_credit(
     """The response timeout aborts a slow download: the distributor sends CANCEL (and no
     disconnect event). The app's last body is then sent but not yet published, so the
     response is not out: the Node must stop, not wait for credit that never comes."""
-    distributor = create_distributor(
-        url=redis_server.url, key="cancel-last", response_timeout=2
-    )
+    distributor = create_distributor(url=redis_server.url, key="cancel-last", response_timeout=2)
     node = Node(url=redis_server.url, app=_big_body, key="cancel-last", lifespan="off")
     async with serve_app(distributor) as base, run_node(node):
         port = int(base.rsplit(":", 1)[1])
@@ -65,3 +65,32 @@ async def test_a_cancel_stops_a_node_whose_last_body_waits_for_credit(
         assert await poll(lambda: node.in_flight == 0, 10), (
             "the Node still runs a request its distributor cancelled"
         )
+
+
+async def test_forged_sends_before_the_ack_fail_the_request(redis_server: RedisServer) -> None:
+    """More SENDs than the credit, forged while the request waits in the queue: the
+    violation is seen before the ack. It must still end the request for its client instead
+    of silently dropping everything the real Node sends later."""
+    distributor = create_distributor(url=redis_server.url, key="forged-early", worker_timeout=20)
+    async with serve_app(distributor) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            # 16 MiB: far more than one window, so the Node needs credit to finish.
+            request = asyncio.ensure_future(client.get("/?16777216"))
+            assert await poll(lambda: len(distributor._exchanges) == 1, 10)
+            assert await poll(lambda: redis_server.command("LLEN", "forged-early") == 1, 10)
+            (exchange,) = list(distributor._exchanges.values())
+            body = {"type": "http.response.body", "body": b"forged,", "more_body": True}
+            message = wire.pack(wire.SEND, exchange.id, [body])
+            count = exchange.received.window * 4
+            script = "for i = 1, tonumber(ARGV[2]) do redis.call('PUBLISH', KEYS[1], ARGV[1]) end"
+            await asyncio.to_thread(
+                redis_server.command, "EVAL", script, 1, distributor.channel, message, count
+            )
+            node = Node(url=redis_server.url, app=apps.download, key="forged-early", lifespan="off")
+            async with run_node(node):
+                done, _ = await asyncio.wait([request], timeout=20)
+                if not done:
+                    request.cancel()
+                assert done, "the client still waits 20 s after forged SENDs"
+                assert request.result().status_code == 502
+                assert await poll(lambda: node.in_flight == 0, 10)
