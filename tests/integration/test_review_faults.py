@@ -19,6 +19,7 @@ import pytest
 from minidasgi import Node, create_distributor, wire
 
 from . import apps
+from .faultproxy import FaultProxy
 from .redis_server import RedisServer
 from .stack import poll, run_node, serve_app
 
@@ -94,3 +95,26 @@ async def test_forged_sends_before_the_ack_fail_the_request(redis_server: RedisS
                 assert done, "the client still waits 20 s after forged SENDs"
                 assert request.result().status_code == 502
                 assert await poll(lambda: node.in_flight == 0, 10)
+
+
+async def test_fail_fast_distributor_with_a_silent_idle_link_answers_503(
+    redis_server: RedisServer,
+) -> None:
+    """With fail-fast, the LPUSH travels in a pipeline with PUBSUB NUMSUB. A pipeline sent on
+    an idle connection whose link went silent must be bounded by the reply timeout like any
+    command, not wait forever."""
+    with FaultProxy(redis_server.port) as proxy:
+        distributor = create_distributor(
+            url=f"{proxy.url()}?reply_timeout=3", key="ff-silent", fail_fast=True
+        )
+        node = Node(url=redis_server.url, app=apps.hello, key="ff-silent", lifespan="off")
+        async with serve_app(distributor) as base, run_node(node):
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                assert (await client.get("/")).status_code == 200
+                proxy.stall()  # both directions of the open flows, never resumed
+                request = asyncio.ensure_future(client.get("/"))
+                done, _ = await asyncio.wait([request], timeout=30)
+                if not done:
+                    request.cancel()
+                assert done, "a request still waits 30 s into the silence"
+                assert request.result().status_code in (502, 503)
