@@ -556,9 +556,9 @@ class Distributor:
             return  # an old id-less PING: nothing to answer
         node, request_ids = ping
         self.peers.heard(node, asyncio.get_running_loop().time())
-        for request_id in request_ids:
-            if request_id not in self._exchanges:
-                self.spawn(self.cancel_on(node, request_id))
+        unknown = [i for i in request_ids if i not in self._exchanges]
+        for request_id in unknown[: wire.MAX_PING_ANSWERS]:  # the rest at the next PING
+            self.spawn(self.cancel_on(node, request_id))
 
     async def _watch_peers(self) -> None:
         loop = asyncio.get_running_loop()

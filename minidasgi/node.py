@@ -474,10 +474,10 @@ class Node:
             return  # an old id-less PING: nothing to answer
         sender, request_ids = ping
         self.peers.heard(sender, time.monotonic())
-        for request_id in request_ids:
-            job = self._jobs.get(request_id)
-            if job is None:
-                self.spawn(self._tell_gone(sender, request_id, "unknown to the worker"))
+        unknown = [i for i in request_ids if i not in self._jobs]
+        for request_id in unknown[: wire.MAX_PING_ANSWERS]:  # the rest at the next PING
+            self.spawn(self._tell_gone(sender, request_id, "unknown to the worker"))
+
     def _answer_stats(self, request_id: str, args: list[Any]) -> None:
         reply = stats.reply_channel(self.channel_prefix, self.params.db, args)
         if reply is None or self._publisher is None:

@@ -104,6 +104,10 @@ PING_MESSAGE: Final = codec.encode([PING])
 """The id-less PING of earlier versions."""
 MAX_PING_IDS: Final = 4096
 """Request ids in one PING message (a longer list travels as several)."""
+MAX_PING_ANSWERS: Final = 32
+"""Unknown ids a receiver answers (GONE or CANCEL) per PING. A PING may be forged: answering
+every id would turn one message into thousands. A real peer names the same ids again in its
+next PING, so the rest are answered then."""
 
 RELAYED_EXTENSIONS: Final = frozenset(
     {

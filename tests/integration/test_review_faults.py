@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from minidasgi import Node, create_distributor, wire
+from minidasgi.resp import Subscriber
 
 from . import apps
 from .faultproxy import FaultProxy
@@ -118,3 +119,50 @@ async def test_fail_fast_distributor_with_a_silent_idle_link_answers_503(
                     request.cancel()
                 assert done, "a request still waits 30 s into the silence"
                 assert request.result().status_code in (502, 503)
+
+
+async def test_a_forged_ping_naming_many_ids_is_answered_boundedly(
+    redis_server: RedisServer,
+) -> None:
+    """A PING is answered with a GONE per id the receiver does not run: one forged PING of
+    thousands of made-up ids must not make a Node publish thousands of messages at once."""
+    node = Node(url=redis_server.url, app=apps.hello, key="ping-forged", lifespan="off")
+    received: list[bytes] = []
+    victim = "minidasgi:0:dist:victim"
+    watcher = Subscriber(redis_server.url, on_message=lambda _c, data: received.append(data))
+    async with run_node(node):
+        await asyncio.wait_for(watcher.subscribe(victim), 5)
+        try:
+            ids = [f"{i:024x}" for i in range(wire.MAX_PING_IDS)]
+            forged = wire.ping_messages(victim, ids)[0]
+            for _ in range(3):
+                await asyncio.to_thread(redis_server.command, "PUBLISH", node.channel, forged)
+            await asyncio.sleep(2)
+        finally:
+            await watcher.close()
+    assert 0 < len(received) <= 3 * wire.MAX_PING_ANSWERS, (
+        f"{len(received)} GONE messages for 3 forged PINGs"
+    )
+
+
+async def test_a_forged_ping_to_a_distributor_is_answered_boundedly(
+    redis_server: RedisServer,
+) -> None:
+    """The distributor's side of the same: a CANCEL per id it does not relay, bounded."""
+    distributor = create_distributor(url=redis_server.url, key="ping-forged-dist")
+    received: list[bytes] = []
+    victim = "minidasgi:0:node:victim"
+    watcher = Subscriber(redis_server.url, on_message=lambda _c, data: received.append(data))
+    async with serve_app(distributor):
+        await asyncio.wait_for(watcher.subscribe(victim), 5)
+        try:
+            ids = [f"{i:024x}" for i in range(wire.MAX_PING_IDS)]
+            forged = wire.ping_messages(victim, ids)[0]
+            for _ in range(3):
+                await asyncio.to_thread(
+                    redis_server.command, "PUBLISH", distributor.channel, forged
+                )
+            await asyncio.sleep(2)
+        finally:
+            await watcher.close()
+    assert 0 < len(received) <= 3 * wire.MAX_PING_ANSWERS, f"{len(received)} CANCELs"
