@@ -695,7 +695,7 @@ class _Exchange:
         item = await self._wait_ack(_NO_ACK)
         if item is _NO_ACK:
             # The no-worker answer only for a request provably never run: taken back unpopped.
-            if await self._take_back(key, data):
+            if await self._take_back(key, data, keep_ack=True):
                 d.metrics.refused(metrics.NO_ACK)
                 d.admission.log_refusal(metrics.NO_ACK, key)
                 text = f"no worker answered within {d.worker_timeout:g} seconds\n"
@@ -822,15 +822,20 @@ class _Exchange:
         finally:
             timer.cancel()
 
-    async def _take_back(self, key: str, data: bytes) -> bool:
+    async def _take_back(self, key: str, data: bytes, *, keep_ack: bool = False) -> bool:
         """Undo the LPUSH of a request answered without a Node; True if it was still in the
-        list (then no Node ever popped it, and none ever will)."""
+        list (then no Node ever popped it, and none ever will).
+
+        ``keep_ack``: if it was not in the list, leave an ack that arrived meanwhile for the
+        caller, who then waits for it rather than answering."""
         d = self.distributor
         removed = False
         with contextlib.suppress(RespError):
             assert d._client is not None
             # From the tail, where the oldest requests wait (Nodes pop that end).
             removed = bool(await d._client.execute("LREM", key, -1, data))
+        if keep_ack and not removed:
+            return False  # a Node has it: its ack, even one that landed during the LREM, counts
         while not self.inbox.empty():  # an ack that came just too late: stop that Node
             item = self.inbox.get_nowait()
             node = None if isinstance(item, _Signal) else _acking_node(*item)

@@ -166,3 +166,45 @@ async def test_a_forged_ping_to_a_distributor_is_answered_boundedly(
         finally:
             await watcher.close()
     assert 0 < len(received) <= 3 * wire.MAX_PING_ANSWERS, f"{len(received)} CANCELs"
+
+
+def _command_connection(proxy: FaultProxy, redis: RedisServer) -> Any:
+    """The proxied connection that is not subscribed (a distributor's command connection)."""
+    listing = redis.command("CLIENT", "LIST")
+    assert isinstance(listing, bytes)
+    ports = {c.upstream_port for c in proxy.connections()}
+    for line in listing.decode().splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        port = int(fields["addr"].rsplit(":", 1)[1])
+        if port in ports and fields.get("sub", "0") == "0" and fields.get("psub", "0") == "0":
+            return proxy.connection_to(port)
+    raise LookupError("no command connection through the proxy")
+
+
+async def test_an_ack_that_lands_while_the_take_back_runs_is_kept(
+    redis_server: RedisServer,
+) -> None:
+    """The Node popped the request just in time, its ack is held back past the deadline, and
+    reaches the distributor while its LREM is on the way (the LREM's reply is held back): the
+    LREM finds nothing, so the Node has the request, and its ack, already in, must be used,
+    not drained (with a CANCEL to the Node) then waited for in vain until a 504."""
+    with FaultProxy(redis_server.port) as dist_proxy, FaultProxy(redis_server.port) as node_proxy:
+        distributor = create_distributor(url=dist_proxy.url(), key="ack-lrem", worker_timeout=2)
+        node = Node(url=node_proxy.url(), app=apps.hello, key="ack-lrem", lifespan="off")
+        async with serve_app(distributor) as base, run_node(node):
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                assert (await client.get("/warm")).status_code == 200
+                command = _command_connection(dist_proxy, redis_server)
+                # The Node's BRPOP is waiting: the request reaches it at once, its ack does not.
+                node_proxy.stall(up=True, down=False)
+                try:
+                    request = asyncio.ensure_future(client.get("/"))
+                    await asyncio.sleep(1)
+                    command.stall(up=False, down=True)  # the LREM at 2 s: its reply held back
+                    await asyncio.sleep(1.5)
+                finally:
+                    node_proxy.resume()  # the ack lands before the LREM's reply
+                await asyncio.sleep(0.5)
+                command.resume()
+                response = await asyncio.wait_for(request, 20)
+                assert response.status_code == 200, response.text
