@@ -632,6 +632,7 @@ class _Exchange:
     async def run(self) -> None:
         d = self.distributor
         buffered: BodyBuffer | None = None
+        taken = False  # a Node popped the request before a refusal could take it back
         try:
             if self.expecting:
                 # Asking receive() for anything would make the server send "100 Continue".
@@ -679,8 +680,12 @@ class _Exchange:
                 d.metrics.refused(metrics.UNREACHABLE)
                 await self._refuse(503, "the request queue (Redis) is unreachable\n")
                 return
-            if refusal is not None:
-                await self._take_back(key, data)
+            if refusal is not None and not await self._take_back(key, data, keep_ack=True):
+                # A Node popped it before the LREM: it runs there. A 503 (which invites a
+                # retry) would have it run twice: relay it as if admitted.
+                logger.info("request %s refused (%s), but a Node took it first", self.id, refusal)
+                taken = True
+            elif refusal is not None:
                 d.metrics.refused(refusal)
                 d.admission.log_refusal(refusal, key)
                 full = refusal == metrics.QUEUE_FULL
@@ -692,7 +697,7 @@ class _Exchange:
         finally:
             if buffered is not None:
                 buffered.release()
-        item = await self._wait_ack(_NO_ACK)
+        item = await self._wait_ack(_GRACE_OVER if taken else _NO_ACK)
         if item is _NO_ACK:
             # The no-worker answer only for a request provably never run: taken back unpopped.
             if await self._take_back(key, data, keep_ack=True):

@@ -208,3 +208,37 @@ async def test_an_ack_that_lands_while_the_take_back_runs_is_kept(
                 command.resume()
                 response = await asyncio.wait_for(request, 20)
                 assert response.status_code == 200, response.text
+
+
+async def test_a_refused_request_a_node_took_meanwhile_is_not_run_behind_a_503(
+    redis_server: RedisServer,
+) -> None:
+    """Over ``max_queue`` the request is refused (503 + Retry-After: the client may retry)
+    and taken back. If a Node popped it before the LREM, the app runs: answering 503 then
+    invites a second run of the same request. The LPUSH's reply is held back while a Node
+    pops the request."""
+    ran: list[str] = []
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            ran.append(scope["path"])
+            await apps.hello(scope, receive, send)
+
+    with FaultProxy(redis_server.port) as proxy:
+        distributor = create_distributor(url=proxy.url(), key="refused-taken", max_queue=1)
+        node = Node(url=redis_server.url, app=recorder, key="refused-taken", lifespan="off")
+        async with serve_app(distributor) as base:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                assert await poll(lambda: distributor.ready, 10)
+                redis_server.command("LPUSH", "refused-taken", b"junk")  # the queue is at 1
+                command = _command_connection(proxy, redis_server)
+                command.stall(up=False, down=True)
+                request = asyncio.ensure_future(client.get("/once"))
+                assert await poll(lambda: redis_server.command("LLEN", "refused-taken") == 2, 10)
+                async with run_node(node):
+                    # The Node drops the junk and takes the request.
+                    assert await poll(lambda: ran, 10)
+                    command.resume()
+                    response = await asyncio.wait_for(request, 20)
+        assert ran == ["/once"]
+        assert response.status_code == 200, (response.status_code, response.text)
