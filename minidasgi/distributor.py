@@ -10,11 +10,9 @@ request.
 For each request it reads the body up to a bound (``buffering``: a slow client holds no Node
 slot), LPUSHes an envelope, waits ``worker_timeout`` for an ack, then relays the
 Node's events to the ASGI server and the client's events to the Node, under credit-based flow
-control in both directions. A request not acked in time is taken back from the list (LREM) when
-still there, and refused by the Node by its deadline otherwise. A request sent with ``Expect:
-100-continue`` is queued without its body, which is read (and the client told to continue)
-only once the Node's app asks for it (``wire.CONTINUE``).
 control in both directions (a Node that sends more than the credit granted fails the request).
+A request sent with ``Expect: 100-continue`` is queued without its body, which is read (and
+the client told to continue) only once the Node's app asks for it (``wire.CONTINUE``).
 
 The no-worker answer is given only for a request provably never run: at ``worker_timeout``
 without an ack the distributor takes the envelope back (``LREM`` from the tail); if that
@@ -102,7 +100,9 @@ class Distributor:
 
     ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
     ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
-    deployments). ``response_timeout``: optional bound on the whole response after the ack.
+    deployments); it is given only when the request was taken back from the list unrun. A
+    request a Node popped but did not ack within another ``worker_timeout`` gets 504.
+    ``response_timeout``: optional bound on the whole response after the ack.
     ``channel_prefix`` starts this process' pub/sub channel name: give each tenant sharing a
     Redis its own, with ACL users confined to it (README, "Security and trust").
 
@@ -120,9 +120,6 @@ class Distributor:
     with a PING; one left unanswered past the reply bound (``?reply_timeout=`` in the URL,
     10 s by default) or, for the subscriber, a second interval, is taken for a dead peer and
     replaced. Until it is, requests get 503.
-    deployments); it is given only when the request was taken back from the list unrun. A
-    request a Node popped but did not ack within another ``worker_timeout`` gets 504.
-    ``response_timeout``: optional bound on the whole response after the ack.
 
     ``liveness_interval``: seconds between the PINGs sent to each Node with requests in flight
     (none while idle). ``peer_timeout``: seconds of silence from such a Node (no message of any

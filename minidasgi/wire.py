@@ -97,9 +97,9 @@ POOL_BUDGET: Final = 64
 """Data-bearing messages all peers together may have unconsumed by one process (8 MiB of
 pieces), well under Redis' default 32 MB limit on a subscriber's output buffer."""
 MAX_MESSAGE_SIZE: Final = 4 * CHUNK_SIZE + 256 * 1024
+"""Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
 MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
 """Largest WebSocket message either side reassembles (uvicorn's own default limit is 16 MiB)."""
-"""Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
 PING_MESSAGE: Final = codec.encode([PING])
 """The id-less PING of earlier versions."""
 MAX_PING_IDS: Final = 4096
