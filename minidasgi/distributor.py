@@ -534,6 +534,11 @@ class Distributor:
                 exchange.violated = True
                 exchange.inbox.put_nowait(_VIOLATION)
         elif kind in (wire.ACK, wire.DONE, wire.GONE):
+            # A request gets one of each at most, and they take no credit: repeats are forged
+            # (or a second GONE, answering a PING) and must not pile up behind a slow client.
+            if kind in exchange.seen:
+                return
+            exchange.seen += (kind,)
             exchange.inbox.put_nowait((kind, args))
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
@@ -615,6 +620,7 @@ class _Exchange:
         self.complete = False
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
         self.violated = False  # the Node sent more than the credit granted
+        self.seen: tuple[str, ...] = ()  # the ACK, DONE and GONE kinds already queued
         self.body_size = 0
         # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
         self.expecting = self.kind == "http" and _expects_continue(scope)

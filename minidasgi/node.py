@@ -640,6 +640,8 @@ class _Job:
     def deliver(self, event: Message) -> None:
         """An event from the distributor (client body, client disconnect)."""
         if event.get("type") in ("http.disconnect", "websocket.disconnect"):
+            if self.told:
+                return  # one is all the app needs; repeats (forged, uncounted) would pile up
             self.gone = self.told = True
             self.window.abort(_Disconnected())
             self.inbox.put_nowait((event, False))  # sent without credit

@@ -10,6 +10,7 @@ ids (a Node's answers must stay bounded). Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -242,3 +243,53 @@ async def test_a_refused_request_a_node_took_meanwhile_is_not_run_behind_a_503(
                     response = await asyncio.wait_for(request, 20)
         assert ran == ["/once"]
         assert response.status_code == 200, (response.status_code, response.text)
+
+
+_FLOOD = "for i = 1, tonumber(ARGV[2]) do redis.call('PUBLISH', KEYS[1], ARGV[1]) end"
+
+
+async def test_forged_repeats_do_not_pile_up_in_a_distributor(redis_server: RedisServer) -> None:
+    """ACK, DONE and GONE take no credit. A request gets one of each at most: repeats are
+    forged, and while the relay waits on a client that does not read, they must not pile up
+    in its inbox without bound."""
+    distributor = create_distributor(url=redis_server.url, key="forged-acks")
+    node = Node(url=redis_server.url, app=apps.download, key="forged-acks", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # 256 MiB to a client that reads nothing: the relay waits on the client's socket.
+            writer.write(b"GET /?268435456 HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert await poll(lambda: any(e.node for e in distributor._exchanges.values()), 10)
+            (exchange,) = list(distributor._exchanges.values())
+            assert exchange.node is not None
+            ack = wire.pack(wire.ACK, exchange.id, exchange.node, 8, 1.0)
+            await asyncio.to_thread(
+                redis_server.command, "EVAL", _FLOOD, 1, distributor.channel, ack, 50_000
+            )
+            await asyncio.sleep(1)
+            assert len(exchange.inbox._queue) <= exchange.received.window + 2
+        finally:
+            writer.close()
+            del reader
+
+
+async def test_forged_disconnects_do_not_pile_up_in_a_node(redis_server: RedisServer) -> None:
+    """A disconnect EVENT takes no credit: one is all an app needs, and repeats (forged) must
+    not pile up in a job's inbox while its app does not read."""
+    distributor = create_distributor(url=redis_server.url, key="forged-gone")
+    node = Node(url=redis_server.url, app=apps.sleepy, key="forged-gone", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            request = asyncio.ensure_future(client.get("/?4"))
+            assert await poll(lambda: node.in_flight == 1, 10)
+            (job,) = list(node._jobs.values())
+            event = wire.pack(wire.EVENT, job.id, {"type": "http.disconnect"})
+            await asyncio.to_thread(
+                redis_server.command, "EVAL", _FLOOD, 1, node.channel, event, 50_000
+            )
+            await asyncio.sleep(1)
+            assert len(job.inbox._queue) <= 2
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await request
