@@ -10,11 +10,9 @@ request.
 For each request it reads the body up to a bound (``buffering``: a slow client holds no Node
 slot), LPUSHes an envelope, waits ``worker_timeout`` for an ack, then relays the
 Node's events to the ASGI server and the client's events to the Node, under credit-based flow
-control in both directions. A request not acked in time is taken back from the list (LREM) when
-still there, and refused by the Node by its deadline otherwise. A request sent with ``Expect:
-100-continue`` is queued without its body, which is read (and the client told to continue)
-only once the Node's app asks for it (``wire.CONTINUE``).
 control in both directions (a Node that sends more than the credit granted fails the request).
+A request sent with ``Expect: 100-continue`` is queued without its body, which is read (and
+the client told to continue) only once the Node's app asks for it (``wire.CONTINUE``).
 
 The no-worker answer is given only for a request provably never run: at ``worker_timeout``
 without an ack the distributor takes the envelope back (``LREM`` from the tail); if that
@@ -102,7 +100,9 @@ class Distributor:
 
     ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
     ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
-    deployments). ``response_timeout``: optional bound on the whole response after the ack.
+    deployments); it is given only when the request was taken back from the list unrun. A
+    request a Node popped but did not ack within another ``worker_timeout`` gets 504.
+    ``response_timeout``: optional bound on the whole response after the ack.
     ``channel_prefix`` starts this process' pub/sub channel name: give each tenant sharing a
     Redis its own, with ACL users confined to it (README, "Security and trust").
 
@@ -120,9 +120,6 @@ class Distributor:
     with a PING; one left unanswered past the reply bound (``?reply_timeout=`` in the URL,
     10 s by default) or, for the subscriber, a second interval, is taken for a dead peer and
     replaced. Until it is, requests get 503.
-    deployments); it is given only when the request was taken back from the list unrun. A
-    request a Node popped but did not ack within another ``worker_timeout`` gets 504.
-    ``response_timeout``: optional bound on the whole response after the ack.
 
     ``liveness_interval``: seconds between the PINGs sent to each Node with requests in flight
     (none while idle). ``peer_timeout``: seconds of silence from such a Node (no message of any
@@ -537,6 +534,11 @@ class Distributor:
                 exchange.violated = True
                 exchange.inbox.put_nowait(_VIOLATION)
         elif kind in (wire.ACK, wire.DONE, wire.GONE):
+            # A request gets one of each at most, and they take no credit: repeats are forged
+            # (or a second GONE, answering a PING) and must not pile up behind a slow client.
+            if kind in exchange.seen:
+                return
+            exchange.seen += (kind,)
             exchange.inbox.put_nowait((kind, args))
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
@@ -556,9 +558,9 @@ class Distributor:
             return  # an old id-less PING: nothing to answer
         node, request_ids = ping
         self.peers.heard(node, asyncio.get_running_loop().time())
-        for request_id in request_ids:
-            if request_id not in self._exchanges:
-                self.spawn(self.cancel_on(node, request_id))
+        unknown = [i for i in request_ids if i not in self._exchanges]
+        for request_id in unknown[: wire.MAX_PING_ANSWERS]:  # the rest at the next PING
+            self.spawn(self.cancel_on(node, request_id))
 
     async def _watch_peers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -618,6 +620,7 @@ class _Exchange:
         self.complete = False
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
         self.violated = False  # the Node sent more than the credit granted
+        self.seen: tuple[str, ...] = ()  # the ACK, DONE and GONE kinds already queued
         self.body_size = 0
         # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
         self.expecting = self.kind == "http" and _expects_continue(scope)
@@ -632,6 +635,7 @@ class _Exchange:
     async def run(self) -> None:
         d = self.distributor
         buffered: BodyBuffer | None = None
+        taken = False  # a Node popped the request before a refusal could take it back
         try:
             if self.expecting:
                 # Asking receive() for anything would make the server send "100 Continue".
@@ -679,8 +683,12 @@ class _Exchange:
                 d.metrics.refused(metrics.UNREACHABLE)
                 await self._refuse(503, "the request queue (Redis) is unreachable\n")
                 return
-            if refusal is not None:
-                await self._take_back(key, data)
+            if refusal is not None and not await self._take_back(key, data, keep_ack=True):
+                # A Node popped it before the LREM: it runs there. A 503 (which invites a
+                # retry) would have it run twice: relay it as if admitted.
+                logger.info("request %s refused (%s), but a Node took it first", self.id, refusal)
+                taken = True
+            elif refusal is not None:
                 d.metrics.refused(refusal)
                 d.admission.log_refusal(refusal, key)
                 full = refusal == metrics.QUEUE_FULL
@@ -692,10 +700,10 @@ class _Exchange:
         finally:
             if buffered is not None:
                 buffered.release()
-        item = await self._wait_ack(_NO_ACK)
+        item = await self._wait_ack(_GRACE_OVER if taken else _NO_ACK)
         if item is _NO_ACK:
             # The no-worker answer only for a request provably never run: taken back unpopped.
-            if await self._take_back(key, data):
+            if await self._take_back(key, data, keep_ack=True):
                 d.metrics.refused(metrics.NO_ACK)
                 d.admission.log_refusal(metrics.NO_ACK, key)
                 text = f"no worker answered within {d.worker_timeout:g} seconds\n"
@@ -706,6 +714,11 @@ class _Exchange:
         if item is _GRACE_OVER:
             await self._take_back(key, data)  # drain: a later ack gets a cancel
             await self._refuse(504, "the worker that took the request did not answer in time\n")
+            return
+        if item is _VIOLATION:  # forged SENDs past the credit, before any ack
+            logger.warning("request %s: more messages than the credit granted", self.id)
+            await self._take_back(key, data)
+            await self._refuse(502, "the worker broke flow control\n")
             return
         if isinstance(item, _Signal):  # lost contact: messages from the Node may be lost
             await self._take_back(key, data)
@@ -802,7 +815,9 @@ class _Exchange:
         try:
             while True:
                 item = await self.inbox.get()
-                if item is timeout or item is _PEER_LOST:
+                if item is timeout or item is _PEER_LOST or item is _VIOLATION:
+                    # A violation is signalled once, and everything after it dropped: lost
+                    # here, the request would wait for messages that are never kept.
                     return item
                 if isinstance(item, _Signal):
                     continue  # e.g. a deadline of the previous wait
@@ -815,15 +830,20 @@ class _Exchange:
         finally:
             timer.cancel()
 
-    async def _take_back(self, key: str, data: bytes) -> bool:
+    async def _take_back(self, key: str, data: bytes, *, keep_ack: bool = False) -> bool:
         """Undo the LPUSH of a request answered without a Node; True if it was still in the
-        list (then no Node ever popped it, and none ever will)."""
+        list (then no Node ever popped it, and none ever will).
+
+        ``keep_ack``: if it was not in the list, leave an ack that arrived meanwhile for the
+        caller, who then waits for it rather than answering."""
         d = self.distributor
         removed = False
         with contextlib.suppress(RespError):
             assert d._client is not None
             # From the tail, where the oldest requests wait (Nodes pop that end).
             removed = bool(await d._client.execute("LREM", key, -1, data))
+        if keep_ack and not removed:
+            return False  # a Node has it: its ack, even one that landed during the LREM, counts
         while not self.inbox.empty():  # an ack that came just too late: stop that Node
             item = self.inbox.get_nowait()
             node = None if isinstance(item, _Signal) else _acking_node(*item)

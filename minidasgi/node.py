@@ -458,7 +458,10 @@ class Node:
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
         elif kind == wire.CANCEL:
-            if not job.complete:  # else the response is out: let the app finish its work
+            # Once the response is out (published whole), let the app finish its work. Only
+            # then: a last body sent by the app may still wait for credit that a distributor
+            # which gave the request up will never grant.
+            if not job.finished:
                 job.cancel("cancelled by the distributor")
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
@@ -471,10 +474,10 @@ class Node:
             return  # an old id-less PING: nothing to answer
         sender, request_ids = ping
         self.peers.heard(sender, time.monotonic())
-        for request_id in request_ids:
-            job = self._jobs.get(request_id)
-            if job is None:
-                self.spawn(self._tell_gone(sender, request_id, "unknown to the worker"))
+        unknown = [i for i in request_ids if i not in self._jobs]
+        for request_id in unknown[: wire.MAX_PING_ANSWERS]:  # the rest at the next PING
+            self.spawn(self._tell_gone(sender, request_id, "unknown to the worker"))
+
     def _answer_stats(self, request_id: str, args: list[Any]) -> None:
         reply = stats.reply_channel(self.channel_prefix, self.params.db, args)
         if reply is None or self._publisher is None:
@@ -640,6 +643,8 @@ class _Job:
     def deliver(self, event: Message) -> None:
         """An event from the distributor (client body, client disconnect)."""
         if event.get("type") in ("http.disconnect", "websocket.disconnect"):
+            if self.told:
+                return  # one is all the app needs; repeats (forged, uncounted) would pile up
             self.gone = self.told = True
             self.window.abort(_Disconnected())
             self.inbox.put_nowait((event, False))  # sent without credit

@@ -97,13 +97,17 @@ POOL_BUDGET: Final = 64
 """Data-bearing messages all peers together may have unconsumed by one process (8 MiB of
 pieces), well under Redis' default 32 MB limit on a subscriber's output buffer."""
 MAX_MESSAGE_SIZE: Final = 4 * CHUNK_SIZE + 256 * 1024
+"""Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
 MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
 """Largest WebSocket message either side reassembles (uvicorn's own default limit is 16 MiB)."""
-"""Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
 PING_MESSAGE: Final = codec.encode([PING])
 """The id-less PING of earlier versions."""
 MAX_PING_IDS: Final = 4096
 """Request ids in one PING message (a longer list travels as several)."""
+MAX_PING_ANSWERS: Final = 32
+"""Unknown ids a receiver answers (GONE or CANCEL) per PING. A PING may be forged: answering
+every id would turn one message into thousands. A real peer names the same ids again in its
+next PING, so the rest are answered then."""
 
 RELAYED_EXTENSIONS: Final = frozenset(
     {

@@ -543,6 +543,8 @@ class Connection:
         if self._error is not None:
             raise self._closed_error()
         waiters: list[asyncio.Future[Any]] = [self._loop.create_future() for _ in commands]
+        if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
+            self._arm_watchdog()  # bounded like any command: a silent link must not hang it
         self._waiters.extend(waiters)
         self._buffer(b"".join(commands))
         try:

@@ -18,6 +18,7 @@ import pytest
 
 from minidasgi.resp import Connection, RedisConnectionError, Subscriber, connect, make_params
 from minidasgi.resp.client import Client
+from minidasgi.resp.protocol import pack_command
 
 from .fakes import FakeRedis, drain_until_eof, read_command
 from .redis_server import RedisServer
@@ -107,6 +108,24 @@ async def test_reply_timeout_fails_every_waiting_command(open_conn: Opener) -> N
         assert conn.is_closed
         with pytest.raises(RedisConnectionError):
             await conn.execute("PING")
+
+
+async def test_reply_timeout_bounds_a_pipeline_on_an_idle_connection(open_conn: Opener) -> None:
+    # A pipeline first on an idle connection arms the watchdog as a single command does;
+    # nothing else would ever check the FIFO (the health PING waits for an empty one).
+    async with FakeRedis(silent) as fake:
+        conn = await open_conn(fake.url, reply_timeout=0.4)
+        pipelined = asyncio.ensure_future(
+            conn.pipeline(pack_command("PUBSUB", "NUMSUB", "c"), pack_command("LPUSH", "k", "v"))
+        )
+        behind = asyncio.ensure_future(conn.execute("GET", "k"))
+        done, pending = await asyncio.wait([pipelined, behind], timeout=5)
+        for task in pending:
+            task.cancel()
+        assert not pending, "a pipeline on a silent connection waited past its reply bound"
+        for task in done:
+            assert isinstance(task.exception(), RedisConnectionError)
+        assert conn.is_closed
 
 
 async def test_reply_timeout_from_the_url(open_conn: Opener) -> None:
