@@ -546,9 +546,12 @@ class Distributor:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
 
     def _on_subscriber_lost(self) -> None:
-        # Messages from Nodes may have been lost while the subscriber was away.
+        # Messages from Nodes may have been lost while the subscriber was away: not for a
+        # request still being buffered (not queued, so no Node knows it), which would else
+        # fail with 502 once queued, however long after the subscription came back.
         for exchange in list(self._exchanges.values()):
-            exchange.inbox.put_nowait(_PEER_LOST)
+            if exchange.pushed_at:
+                exchange.inbox.put_nowait(_PEER_LOST)
 
     def _on_ping(self, args: list[Any]) -> None:
         """A Node names the requests it runs for this distributor: those this side no longer
@@ -674,6 +677,12 @@ class _Exchange:
                 await self._refuse(500, "Internal Server Error\n")
                 return
             del envelope, events
+            if not d.ready:
+                # Checked again: buffering the body may have taken long, and while the
+                # subscriber is away an ack would be lost (and the Node drop the request).
+                d.metrics.refused(metrics.UNREACHABLE)
+                await self._refuse(503, "the request queue (Redis) is unreachable\n")
+                return
             try:
                 assert d._client is not None
                 self.pushed_at = time.monotonic()

@@ -458,10 +458,11 @@ class Node:
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
         elif kind == wire.CANCEL:
-            # Once the response is out (published whole), let the app finish its work. Only
-            # then: a last body sent by the app may still wait for credit that a distributor
-            # which gave the request up will never grant.
-            if not job.finished:
+            if job.complete and not job.finished:
+                # The app sent its whole response, part of which may still wait for credit
+                # that a distributor which gave the request up will never grant.
+                job.stop_sending("cancelled by the distributor")
+            elif not job.complete:  # else the response is out: let the app finish its work
                 job.cancel("cancelled by the distributor")
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
@@ -665,6 +666,20 @@ class _Job:
         self._wake_receive(1006)
         if self.task is not None:
             asyncio.get_running_loop().call_later(_DISCONNECT_GRACE, self._cancel_task)
+
+    def stop_sending(self, why: str) -> None:
+        """The distributor gave the request up once the app had sent its whole response: drop
+        what still waits for credit (the app's send returns, as an ASGI server's does once
+        its client is gone) and let the app, which may have work after its response, run on.
+        Cancelling it instead would race the last publish: a CANCEL answering a PING can
+        arrive just before a response that got through is marked ``finished``."""
+        if self.gone or self.finished:
+            return
+        logger.info("request %s: %s", self.id, why)
+        self.gone = True
+        self.why = why
+        self.window.abort(_Disconnected())
+        self._wake_receive(1000)
 
     def _wake_receive(self, code: int) -> None:
         """Make a receive() waiting now, and every later one, return a disconnect."""

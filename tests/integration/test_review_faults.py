@@ -171,6 +171,15 @@ async def test_a_forged_ping_to_a_distributor_is_answered_boundedly(
     assert 0 < len(received) <= 3 * wire.MAX_PING_ANSWERS, f"{len(received)} CANCELs"
 
 
+def _clients(redis: RedisServer) -> list[dict[str, str]]:
+    listing = redis.command("CLIENT", "LIST")
+    assert isinstance(listing, bytes)
+    return [
+        dict(f.split("=", 1) for f in line.split() if "=" in f)
+        for line in listing.decode().splitlines()
+    ]
+
+
 def _blocked_clients(redis: RedisServer) -> int:
     info = redis.command("INFO", "clients")
     assert isinstance(info, bytes)
@@ -305,3 +314,39 @@ async def test_forged_disconnects_do_not_pile_up_in_a_node(redis_server: RedisSe
             request.cancel()
             with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
                 await request
+
+
+async def test_a_subscriber_blip_spares_requests_not_queued_yet(redis_server: RedisServer) -> None:
+    """The distributor's subscriber reconnects (``CLIENT KILL``) while a request is still
+    being buffered: nothing of that request could have been lost, so once queued (the
+    subscription back) it must be served, not failed with 502."""
+    distributor = create_distributor(url=redis_server.url, key="blip-buffering")
+    node = Node(url=redis_server.url, app=apps.count_upload, key="blip-buffering", lifespan="off")
+    async with serve_app(distributor) as base:
+        assert await poll(lambda: distributor.ready, 10)
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000
+            )
+            await writer.drain()
+            assert await poll(lambda: len(distributor._exchanges) == 1, 10)
+            (subscriber,) = [c for c in _clients(redis_server) if c.get("sub", "0") != "0"]
+            redis_server.command("CLIENT", "KILL", "ID", subscriber["id"])
+            # It resubscribes on a new connection at once.
+            assert await poll(
+                lambda: (
+                    [c["id"] for c in _clients(redis_server) if c.get("sub", "0") != "0"]
+                    not in ([], [subscriber["id"]])
+                ),
+                10,
+            )
+            assert await poll(lambda: distributor.ready, 10)
+            async with run_node(node):
+                writer.write(b"x" * 100_000)
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+                assert head.startswith(b"HTTP/1.1 200"), head
+        finally:
+            writer.close()
