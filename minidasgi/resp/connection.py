@@ -45,7 +45,7 @@ import socket
 import ssl as _ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .protocol import (
@@ -58,6 +58,9 @@ from .protocol import (
     pack_command,
     pack_pair_command,
 )
+
+if TYPE_CHECKING:
+    from .sentinel import SentinelSpec
 
 __all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
 
@@ -97,10 +100,20 @@ class ConnectionParams:
     #: Seconds a command may wait for its reply before the peer is taken for dead and the
     #: connection closed (``None`` or 0: no bound). Blocking pops get their server timeout on top.
     reply_timeout: float | None = 10.0
+    #: Find the master through these sentinels (``host`` empty until it is resolved, then the
+    #: master's): see ``sentinel``.
+    sentinel: SentinelSpec | None = None
+
+    @property
+    def unresolved(self) -> bool:
+        """True while the server is still to be found (through sentinels)."""
+        return self.sentinel is not None and not self.host
 
     @property
     def address(self) -> str:
         """The server's address for messages: ``host:port`` or ``unix:/path``."""
+        if self.sentinel is not None and not self.host:
+            return self.sentinel.address
         if self.unix_socket is not None:
             return f"unix:{self.unix_socket}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -166,8 +179,11 @@ class _URLError(ValueError):
 
 
 def parse_url(url: str) -> ConnectionParams:
-    """Parse ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
-    ``unix://[[user]:password@]/path.sock[?db=N]``. User and password are percent-decoded.
+    """Parse ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
+    ``unix://[[user]:password@]/path.sock[?db=N]`` or
+    ``redis+sentinel://[[user]:password@]host1[:26379],host2[:26379]/MASTERNAME[/db]``
+    (``rediss+sentinel://`` for TLS to the master; the credentials are the master's, the
+    sentinels are reached without any). User and password are percent-decoded.
 
     The credentials run up to the last ``@`` before the host, so a password may hold ``@``,
     ``/``, ``?``, ``#`` or ``%`` without percent-encoding them (``%`` followed by two hex
@@ -186,8 +202,8 @@ def parse_url(url: str) -> ConnectionParams:
 
 def _parse_url(url: str) -> ConnectionParams:
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("redis", "rediss", "unix"):
-        raise _URLError("the scheme must be redis://, rediss:// or unix://")
+    if not sep or scheme not in _SCHEMES:
+        raise _URLError("the scheme must be redis://, rediss://, unix:// or redis+sentinel://")
     credentials, hostpart = _split_credentials(scheme, rest)
     username = password = None
     if credentials is not None:
@@ -195,6 +211,10 @@ def _parse_url(url: str) -> ConnectionParams:
         username = unquote(user) if user else None
         password = unquote(secret) if colon else None
     # What is left holds no credentials: the standard parser may quote it in its errors.
+    sentinels: str | None = None
+    if scheme.endswith("+sentinel"):  # several hosts: the standard parser takes one
+        sentinels, slash, rest = hostpart.partition("/")
+        hostpart = "localhost" + slash + rest
     try:
         parts = urlsplit(f"{scheme}://{hostpart}")
         port = parts.port
@@ -202,7 +222,9 @@ def _parse_url(url: str) -> ConnectionParams:
         raise _URLError(str(exc)) from None
     query = parse_qs(parts.query)
     db_text: str | None = query["db"][-1] if "db" in query else None
-    if scheme == "unix":
+    if sentinels is not None:
+        base, db_text = _sentinel_base(scheme, sentinels, parts.path, db_text)
+    elif scheme == "unix":
         path = parts.netloc + parts.path  # unix:///p has an empty netloc; unix://:pw@/p none
         if not path:
             raise _URLError("no socket path")
@@ -242,6 +264,28 @@ def _parse_url(url: str) -> ConnectionParams:
                 )
             timeouts[name] = value or None
     return replace(base, db=db, username=username, password=password, **timeouts)
+
+
+_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
+def _sentinel_base(
+    scheme: str, hosts: str, path: str, db_text: str | None
+) -> tuple[ConnectionParams, str | None]:
+    """``host1:26379,host2`` and ``/NAME[/db]`` as params still to resolve."""
+    from .sentinel import SentinelSpec, parse_hosts
+
+    name, _, db_path = path.strip("/").partition("/")
+    if not name:
+        raise _URLError("a sentinel URL names the master: redis+sentinel://host:26379/NAME")
+    try:
+        spec = SentinelSpec(service_name=unquote(name), sentinels=parse_hosts(hosts))
+    except ValueError as exc:
+        raise _URLError(str(exc)) from None
+    if db_path and db_text is None:
+        db_text = db_path.strip("/")
+    ssl = True if scheme.startswith("rediss") else None
+    return ConnectionParams(host="", sentinel=spec, ssl=ssl), db_text
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -368,6 +412,8 @@ class Connection:
         self._watched: asyncio.Future[Any] | None = None  # the head seen at the last check
         self._watched_since = 0.0
         self._blocking_bounds: dict[asyncio.Future[Any], float] = {}
+        # Under Sentinel, a reply saying the server was demoted ends the connection.
+        self._follows_master = params.sentinel is not None
 
     async def _open(self) -> None:
         self._writer = await open_stream(self.params, self._reader)
@@ -669,11 +715,31 @@ class Connection:
                 waiter = waiters.popleft()
                 if not waiter.done():  # a cancelled caller's reply is dropped here
                     waiter.set_result(reply)
+                if self._follows_master and isinstance(reply, ReplyError) and self._demoted(reply):
+                    return
         except ProtocolError as exc:
             logger.warning("malformed reply from Redis at %s: %s", self.params.address, exc)
             self._abort(exc)
         except Exception as exc:  # never let an error escape into the transport
             self._abort(self._lost(exc))
+
+    def _demoted(self, reply: ReplyError) -> bool:
+        """End the connection if ``reply`` says the server is no longer master; say if so."""
+        from . import sentinel
+
+        code = reply.code
+        if code not in sentinel.DEMOTION_CODES:
+            return False
+        sentinel.suspect(self.params)
+        self._abort(
+            RedisConnectionError(f"Redis at {self.params.address} is no longer the master ({code})")
+        )
+        return True
+
+    def fail(self, error: Exception) -> None:
+        """Close the connection at once, failing every pending command with ``error``'s
+        message (``RedisConnectionError``); buffered commands are dropped."""
+        self._abort(RedisConnectionError(str(error)), force=True)
 
     def _on_end(self, error: BaseException | None) -> None:
         if error is None:
@@ -716,10 +782,14 @@ class Connection:
 async def open_connection(params: ConnectionParams, *, parser: str | None = None) -> Connection:
     """Open a connection with ``params`` and perform the AUTH/SELECT handshake, both bounded
     by ``params.connect_timeout`` (a server that accepts TCP but never answers is an error)."""
+    if params.unresolved:
+        from . import sentinel
+
+        params = await sentinel.resolve(params)
     connection = Connection(params, parser=parser)
     await connection._open()
     try:
-        if params.password is not None or params.db:
+        if params.password is not None or params.db or params.sentinel is not None:
             try:
                 await asyncio.wait_for(_handshake(connection), params.connect_timeout)
             except asyncio.TimeoutError:
@@ -758,6 +828,10 @@ async def _handshake(connection: Connection) -> None:
             raise ReplyError(
                 f"Redis at {params.address} refused SELECT {params.db}: {exc}"
             ) from None
+    if params.sentinel is not None:
+        from . import sentinel
+
+        await sentinel.check_role(connection)
 
 
 def make_params(

@@ -31,6 +31,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
+from . import sentinel
 from .connection import ConnectionParams, ReplyReader, make_params, open_stream
 from .protocol import (
     NEED_DATA,
@@ -119,6 +120,7 @@ class Subscriber:
         self._last_read = 0.0
         self._confirmations = 0  # times every wanted channel was confirmed
         self._reader: ReplyReader | None = None
+        self._server = self.params  # the server of the live connection (resolved)
         self.last_error: Exception | None = None
 
     def __repr__(self) -> str:
@@ -258,7 +260,11 @@ class Subscriber:
                 # Never fully subscribed (refused, or lost while subscribing): back off, or a
                 # refusing Redis would be asked again and again without a pause.
             # Jitter spreads the reconnects of many processes after a Redis restart.
-            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            delay = backoff * (0.5 + random.random() / 2)
+            if self.params.sentinel is not None:
+                await sentinel.pause(self.params, delay)  # cut short when the master moves
+            else:
+                await asyncio.sleep(delay)
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _open(
@@ -304,10 +310,13 @@ class Subscriber:
             else:
                 end(RedisConnectionError(str(error) or type(error).__name__))
 
-        self._reader = ReplyReader(sink, on_end)  # held: the protocol only keeps a weakref
-        writer = await open_stream(self.params, self._reader)
-        transport.append(writer.transport)
         params = self.params
+        if params.unresolved:
+            params = await sentinel.resolve(params)
+        self._server = params
+        self._reader = ReplyReader(sink, on_end)  # held: the protocol only keeps a weakref
+        writer = await open_stream(params, self._reader)
+        transport.append(writer.transport)
         if params.password is not None:
             auth: tuple[str, ...] = ("AUTH", params.password)
             if params.username is not None:
@@ -328,6 +337,22 @@ class Subscriber:
             if isinstance(reply, ReplyError):
                 writer.close()
                 raise AuthenticationError(f"Redis at {params.address} refused AUTH: {reply}")
+        if params.sentinel is not None:
+            # Subscribed to a replica, this process would miss what is published on the
+            # master: check the role as command connections do.
+            waiter = loop.create_future()
+            handshake.append(waiter)
+            writer.write(pack_command("ROLE"))
+            try:
+                reply = await asyncio.wait_for(waiter, params.connect_timeout)
+            except BaseException:
+                writer.close()
+                raise
+            role = reply[0] if isinstance(reply, list) and reply else None
+            if role != b"master" and not isinstance(reply, ReplyError):  # ACL: trust
+                writer.close()
+                sentinel.suspect(params)
+                raise RedisConnectionError(f"Redis at {params.address} is not the master")
         return writer, ended, end
 
     async def _serve(
@@ -345,10 +370,15 @@ class Subscriber:
             self._check_confirmed()
         self._last_read = asyncio.get_running_loop().time()
         health = asyncio.ensure_future(self._check_health(end))
+        unwatch = None
+        if self._server.sentinel is not None:  # drop it the moment the master moves
+            unwatch = sentinel.watch(self._server, end)
         try:
             return await ended
         finally:
             health.cancel()
+            if unwatch is not None:
+                unwatch()
 
     async def _check_health(self, end: Callable[[Exception], None]) -> None:
         """PING after an idle interval; end the connection if a second one passes silent.
