@@ -46,6 +46,7 @@ from .liveness import PeerTracker
 from .resp import RespError, Subscriber
 from .resp.client import Client
 from .resp.connection import make_params
+from .resp.sentinel import SentinelSpec
 from .routing import InvalidKey, RouteTable, check_key
 
 __all__ = [
@@ -98,7 +99,9 @@ class Distributor:
 
     ``routes`` maps regular expressions to key templates (see ``RouteTable``); ``key`` sends
     everything to one list. Redis is reached through ``url`` or ``host``/``port``/``db``/
-    ``username``/``password``/``ssl``/``unix_socket``.
+    ``username``/``password``/``ssl``/``unix_socket``, or found through Sentinel
+    (``redis+sentinel://`` URLs, or ``sentinel=SentinelSpec(...)``): see README, "Scaling past
+    one Redis".
 
     ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
     ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
@@ -151,6 +154,7 @@ class Distributor:
         password: str | None = None,
         ssl: Any = None,
         unix_socket: str | None = None,
+        sentinel: SentinelSpec | None = None,
         worker_timeout: float = 5.0,
         no_worker_status: int = 405,
         response_timeout: float | None = None,
@@ -192,6 +196,7 @@ class Distributor:
             password=password,
             ssl=ssl,
             unix_socket=unix_socket,
+            sentinel=sentinel,
         )
         self.worker_timeout = worker_timeout
         self.no_worker_status = no_worker_status

@@ -39,6 +39,7 @@ from .liveness import PeerTracker
 from .resp import ReplyError, RespError, Subscriber
 from .resp.client import Client
 from .resp.connection import make_params
+from .resp.sentinel import SentinelSpec
 
 __all__ = ["DEFAULT_CONCURRENCY", "Node"]
 
@@ -57,7 +58,8 @@ class Node:
     ``cls=`` takes the seed's class style (``cls(scope)``, then ``await instance(receive,
     send)``); ``app=`` an ASGI 3 app (or a class-style one, told apart as uvicorn does).
     ``key=`` or ``keys=`` name the lists to pop. Connection settings as for
-    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://`` or ``unix://``.
+    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://``, ``unix://`` or
+    ``redis+sentinel://`` (``sentinel=`` takes a ``SentinelSpec`` instead).
 
     ``channel_prefix`` starts the Node's pub/sub channel name: the same as its tenant's
     distributors', with ACL users confined to it (README, "Security and trust").
@@ -95,6 +97,7 @@ class Node:
         username: str | None = None,
         ssl: Any = None,
         unix_socket: str | None = None,
+        sentinel: SentinelSpec | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         lifespan: str = "auto",
         shutdown_timeout: float = 30.0,
@@ -126,6 +129,7 @@ class Node:
             password=password,
             ssl=ssl,
             unix_socket=unix_socket,
+            sentinel=sentinel,
         )
         self.concurrency = concurrency
         self.lifespan = Lifespan(self.app, lifespan)

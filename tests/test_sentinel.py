@@ -88,3 +88,13 @@ def test_parse_hosts() -> None:
 )
 def test_what_a_sentinel_answers_is_checked(reply: object, expected: object) -> None:
     assert _address(reply) == expected
+
+
+def test_distributor_and_node_take_a_spec_as_keyword() -> None:
+    from minidasgi import Node, create_distributor
+
+    spec = SentinelSpec("m", (("h1", 26379),))
+    app = create_distributor(key="q", sentinel=spec)
+    node = Node(app=lambda *a: None, key="q", sentinel=spec)
+    for params in (app.params, node.params):
+        assert params.sentinel == spec and params.unresolved

@@ -846,8 +846,13 @@ def make_params(
     ssl: _ssl.SSLContext | bool | None = None,
     connect_timeout: float | None = None,
     reply_timeout: float | None = None,
+    sentinel: SentinelSpec | None = None,
 ) -> ConnectionParams:
-    """Build ``ConnectionParams`` from a URL and/or keywords; keywords override the URL."""
+    """Build ``ConnectionParams`` from a URL and/or keywords; keywords override the URL.
+
+    ``sentinel`` finds the master through sentinels (``host`` and ``port`` are then
+    ignored): ``SentinelSpec("mymaster", (("10.0.0.1", 26379), ("10.0.0.2", 26379)))``.
+    """
     params = parse_url(url) if url else ConnectionParams()
     changes: dict[str, Any] = {}
     if host is not None:
@@ -865,6 +870,10 @@ def make_params(
             changes[name] = value
     if ssl is not None:
         changes["ssl"] = ssl
+    if sentinel is not None:
+        changes.update(sentinel=sentinel, host="", unix_socket=None)
+    elif params.sentinel is not None and changes.get("host"):
+        changes["sentinel"] = None  # an explicit host wins over the URL's sentinels
     return replace(params, **changes)
 
 

@@ -20,12 +20,14 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from minidasgi import Node, create_distributor
-from minidasgi.resp import parse_url
+from minidasgi.resp import SentinelSpec, parse_url
 from minidasgi.resp.client import Client
 from minidasgi.testing import RedisServer, SentinelSetup
 
+from . import apps
 from .stack import poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(120)
@@ -228,3 +230,15 @@ async def test_a_demoted_server_is_left_at_its_first_readonly(sentinels: Sentine
         assert connection.is_closed, "the connection stayed on a demoted server"
     finally:
         await client.close()
+
+
+async def test_keyword_form_and_websocket(sentinels: SentinelSetup) -> None:
+    """``sentinel=SentinelSpec(...)`` instead of a URL; a WebSocket relayed through the
+    master the sentinels name."""
+    spec = SentinelSpec(sentinels.master_name, tuple((s.host, s.port) for s in sentinels.sentinels))
+    app = create_distributor(key="sentinel-ws", sentinel=spec)
+    node = Node(app=apps.ws_echo, key="sentinel-ws", sentinel=spec)
+    async with serve_app(app) as base, run_node(node):
+        async with websockets.connect(base.replace("http", "ws") + "/") as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), 5) == "hello"
