@@ -47,6 +47,7 @@ from urllib.parse import quote
 
 __all__ = [
     "INSTALL_HINT",
+    "ClusterSetup",
     "RedisReplyError",
     "RedisServer",
     "RedisServerError",
@@ -870,3 +871,174 @@ def _pairs(reply: object) -> dict[bytes, bytes]:
         return {}
     pairs = zip(reply[::2], reply[1::2], strict=False)
     return {k: v for k, v in pairs if isinstance(k, bytes) and isinstance(v, bytes)}
+
+
+# -- Cluster --------------------------------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+
+
+class ClusterSetup:
+    """A Redis Cluster of ``masters`` masters (the 16384 slots split evenly) and
+    ``replicas`` replicas per master, on free loopback ports. ``url`` is the
+    ``redis+cluster://`` URL naming every master; ``masters`` and ``replicas`` list the
+    servers as started (a failover changes their roles: see :meth:`master_of`).
+
+    ``node_timeout_ms`` is how long a master may stay silent before the others fail it over
+    to a replica (after a SIGKILL, a replica takes over a little after that).
+    """
+
+    def __init__(
+        self,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 1000,
+        binary: str | None = None,
+    ) -> None:
+        if masters < 1:
+            raise ValueError("a cluster needs at least one master")
+        binary = binary or find_redis_server()
+        args = [
+            "--cluster-enabled", "yes",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-require-full-coverage", "no",
+            "--cluster-replica-validity-factor", "0",
+            "--repl-diskless-sync-delay", "0",
+        ]  # fmt: skip
+        self.masters: list[RedisServer] = []
+        self.replicas: list[RedisServer] = []
+        self._replica_of: dict[int, RedisServer] = {}
+        try:
+            for _ in range(masters):
+                self.masters.append(_cluster_node(binary, args))
+            for master in self.masters:
+                for _ in range(replicas):
+                    server = _cluster_node(binary, args)
+                    self.replicas.append(server)
+                    self._replica_of[server.port] = master
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        """Every server, masters first."""
+        return [*self.masters, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{s.host}:{s.port}" for s in self.masters)
+        return f"redis+cluster://{hosts}"
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> ClusterSetup:
+        """Start every server, assign the slots, join the nodes and wait until every node
+        sees the cluster whole (``cluster_state:ok``, every replica in sync)."""
+        try:
+            for server in self.servers:
+                server.start()
+            count = len(self.masters)
+            for index, master in enumerate(self.masters):
+                first = index * CLUSTER_SLOTS // count
+                last = (index + 1) * CLUSTER_SLOTS // count - 1
+                master.command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            first_node = self.masters[0]
+            for server in self.servers[1:]:
+                server.command(
+                    "CLUSTER", "MEET", first_node.host, first_node.port, _bus_port(first_node)
+                )
+            deadline = time.monotonic() + timeout
+            for replica in self.replicas:
+                master_id = self._replica_of[replica.port].command("CLUSTER", "MYID")
+                while True:  # the replica must have heard of its master first
+                    try:
+                        replica.command("CLUSTER", "REPLICATE", master_id)
+                        break
+                    except RedisReplyError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.02)
+            while not self._ready():
+                if time.monotonic() > deadline:
+                    raise RedisServerError("the cluster did not settle in time")
+                time.sleep(0.02)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        total = len(self.servers)
+        try:
+            for server in self.servers:
+                info = server.command("CLUSTER", "INFO")
+                assert isinstance(info, bytes)
+                if (
+                    b"cluster_state:ok" not in info
+                    or f"cluster_known_nodes:{total}".encode() not in info
+                ):
+                    return False
+                nodes = server.command("CLUSTER", "NODES")
+                assert isinstance(nodes, bytes)
+                if nodes.count(b"master") < len(self.masters) or b"handshake" in nodes:
+                    return False
+            for replica in self.replicas:
+                info = replica.command("INFO", "replication")
+                assert isinstance(info, bytes)
+                if b"master_link_status:up" not in info:
+                    return False
+        except (OSError, RedisReplyError, RedisServerError):
+            return False
+        return True
+
+    def master_of(self, key: str | bytes) -> RedisServer | None:
+        """The server that serves ``key``'s slot now, as a live master sees it."""
+        for server in self.servers:
+            if not server.running:
+                continue
+            try:
+                slot = server.command("CLUSTER", "KEYSLOT", key)
+                slots = server.command("CLUSTER", "SLOTS")
+            except (OSError, RedisReplyError, RedisServerError):
+                continue
+            assert isinstance(slot, int) and isinstance(slots, list)
+            for entry in slots:
+                if entry[0] <= slot <= entry[1]:
+                    port = int(entry[2][1])
+                    return next((s for s in self.servers if s.port == port), None)
+        return None
+
+    def close(self) -> None:
+        """Stop every server and remove their temp dirs."""
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                server.close()
+
+    def __enter__(self) -> ClusterSetup:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ClusterSetup masters={len(self.masters)} replicas={len(self.replicas)}>"
+
+
+def _cluster_node(binary: str, args: list[str]) -> RedisServer:
+    """A cluster-enabled server with its own config file and a free bus port (the default,
+    port + 10000, may be taken or past 65535)."""
+    server = RedisServer(binary=binary, extra_args=args)
+    server.extra_args += [
+        "--cluster-config-file", str(server.tmpdir / "nodes.conf"),
+        "--cluster-port", str(_free_port()),
+    ]  # fmt: skip
+    return server
+
+
+def _bus_port(server: RedisServer) -> int:
+    return int(server.extra_args[server.extra_args.index("--cluster-port") + 1])
