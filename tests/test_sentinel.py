@@ -35,7 +35,7 @@ def test_tls_sentinel_url_and_keywords() -> None:
     [
         ("redis+sentinel://h1:26379", "names the master"),
         ("redis+sentinel://h1:26379/", "names the master"),
-        ("redis+sentinel:///m", "no sentinel address"),
+        ("redis+sentinel:///m", "no host address"),
         ("redis+sentinel://h1:x/m", "invalid port"),
         ("redis+sentinel://h1:0/m", "invalid port"),
         ("redis+sentinel://:pw@h1/m/x", "db must be a number"),

@@ -66,6 +66,11 @@ class Client:
         connection = self._connection
         return connection is not None and not connection.is_closed
 
+    @property
+    def ever_connected(self) -> bool:
+        """True once a connection was made (False while the first one is being attempted)."""
+        return self._ever_connected
+
     def start(self) -> None:
         """Start the supervisor (idempotent)."""
         if self._task is None and not self._closing:

@@ -60,6 +60,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
+    from .cluster import ClusterSpec
     from .sentinel import SentinelSpec
 
 __all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
@@ -103,6 +104,8 @@ class ConnectionParams:
     #: Find the master through these sentinels (``host`` empty until it is resolved, then the
     #: master's): see ``sentinel``.
     sentinel: SentinelSpec | None = None
+    #: A Redis Cluster reached through these nodes (``host`` empty): see ``cluster``.
+    cluster: ClusterSpec | None = None
 
     @property
     def unresolved(self) -> bool:
@@ -114,6 +117,8 @@ class ConnectionParams:
         """The server's address for messages: ``host:port`` or ``unix:/path``."""
         if self.sentinel is not None and not self.host:
             return self.sentinel.address
+        if self.cluster is not None:
+            return self.cluster.address
         if self.unix_socket is not None:
             return f"unix:{self.unix_socket}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -183,7 +188,8 @@ def parse_url(url: str) -> ConnectionParams:
     ``unix://[[user]:password@]/path.sock[?db=N]`` or
     ``redis+sentinel://[[user]:password@]host1[:26379],host2[:26379]/MASTERNAME[/db]``
     (``rediss+sentinel://`` for TLS to the master; the credentials are the master's, the
-    sentinels are reached without any). User and password are percent-decoded.
+    sentinels are reached without any) or ``redis+cluster://[[user]:password@]host:port[,...]``
+    (``rediss+cluster://``; any of the cluster's nodes). User and password are percent-decoded.
 
     The credentials run up to the last ``@`` before the host, so a password may hold ``@``,
     ``/``, ``?``, ``#`` or ``%`` without percent-encoding them (``%`` followed by two hex
@@ -203,7 +209,9 @@ def parse_url(url: str) -> ConnectionParams:
 def _parse_url(url: str) -> ConnectionParams:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in _SCHEMES:
-        raise _URLError("the scheme must be redis://, rediss://, unix:// or redis+sentinel://")
+        raise _URLError(
+            "the scheme must be redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
+        )
     credentials, hostpart = _split_credentials(scheme, rest)
     username = password = None
     if credentials is not None:
@@ -212,9 +220,10 @@ def _parse_url(url: str) -> ConnectionParams:
         password = unquote(secret) if colon else None
     # What is left holds no credentials: the standard parser may quote it in its errors.
     sentinels: str | None = None
-    if scheme.endswith("+sentinel"):  # several hosts: the standard parser takes one
-        sentinels, slash, rest = hostpart.partition("/")
-        hostpart = "localhost" + slash + rest
+    if scheme.endswith(("+sentinel", "+cluster")):  # several hosts: the parser takes one
+        end = min((i for i in (hostpart.find("/"), hostpart.find("?")) if i >= 0), default=None)
+        sentinels = hostpart[:end]
+        hostpart = "localhost" + ("" if end is None else hostpart[end:])
     try:
         parts = urlsplit(f"{scheme}://{hostpart}")
         port = parts.port
@@ -222,7 +231,9 @@ def _parse_url(url: str) -> ConnectionParams:
         raise _URLError(str(exc)) from None
     query = parse_qs(parts.query)
     db_text: str | None = query["db"][-1] if "db" in query else None
-    if sentinels is not None:
+    if sentinels is not None and scheme.endswith("+cluster"):
+        base = _cluster_base(scheme, sentinels, parts.path)
+    elif sentinels is not None:
         base, db_text = _sentinel_base(scheme, sentinels, parts.path, db_text)
     elif scheme == "unix":
         path = parts.netloc + parts.path  # unix:///p has an empty netloc; unix://:pw@/p none
@@ -266,7 +277,30 @@ def _parse_url(url: str) -> ConnectionParams:
     return replace(base, db=db, username=username, password=password, **timeouts)
 
 
-_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
+
+
+def _cluster_base(scheme: str, hosts: str, path: str) -> ConnectionParams:
+    """``host1:port,host2:port`` as the nodes to ask for the slot map (a cluster has db 0)."""
+    from .cluster import ClusterSpec
+    from .sentinel import parse_hosts
+
+    if path.strip("/") not in ("", "0"):
+        raise _URLError("a cluster has only db 0")
+    try:
+        spec = ClusterSpec(startup_nodes=parse_hosts(hosts, default_port=6379))
+    except ValueError as exc:
+        raise _URLError(str(exc)) from None
+    ssl = True if scheme.startswith("rediss") else None
+    return ConnectionParams(host="", cluster=spec, ssl=ssl)
 
 
 def _sentinel_base(
@@ -782,6 +816,11 @@ class Connection:
 async def open_connection(params: ConnectionParams, *, parser: str | None = None) -> Connection:
     """Open a connection with ``params`` and perform the AUTH/SELECT handshake, both bounded
     by ``params.connect_timeout`` (a server that accepts TCP but never answers is an error)."""
+    if params.cluster is not None and not params.host:
+        raise RedisConnectionError(
+            f"{params.address}: a Redis Cluster is reached through cluster.ClusterClient, "
+            "not a single connection"
+        )
     if params.unresolved:
         from . import sentinel
 

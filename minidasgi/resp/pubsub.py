@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NamedTuple
 
 from . import sentinel
@@ -71,6 +71,11 @@ class Subscriber:
     ``health_check_interval``: after that many seconds without a byte from Redis the subscriber
     sends a PING, and gives the connection up (then reconnects) if another interval passes
     without an answer: a dead peer is found within about two intervals.
+
+    ``sharded=True`` uses sharded pub/sub (``SSUBSCRIBE``, Redis 7), one command per channel
+    since a command's channels must share a slot; a channel Redis unsubscribes by itself (its
+    slot moved to another node) is forgotten and reported to ``on_unsubscribed(channel)``, for
+    the owner to subscribe it where it lives now (see ``cluster``).
     """
 
     def __init__(
@@ -91,6 +96,8 @@ class Subscriber:
         min_backoff: float = 0.05,
         max_backoff: float = 2.0,
         parser: str | None = None,
+        sharded: bool = False,
+        on_unsubscribed: Callable[[bytes], None] | None = None,
     ) -> None:
         self.params = params or make_params(
             url,
@@ -104,6 +111,10 @@ class Subscriber:
         self._on_message = on_message
         self._on_connection_lost = on_connection_lost
         self._on_connected = on_connected
+        self._sharded = sharded
+        self._on_unsubscribed = on_unsubscribed
+        prefix = b"s" if sharded else b""
+        self._kinds = (prefix + b"message", prefix + b"subscribe", prefix + b"unsubscribe")
         self._health_check_interval = health_check_interval
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
@@ -172,7 +183,7 @@ class Subscriber:
                 new.append(name)
         if new and self._writer is not None:
             self._connected.clear()  # until Redis confirms the new channels too
-            self._send("SUBSCRIBE", *new)
+            self._send_subscribe(new)
         if futures:
             await asyncio.gather(*futures)
 
@@ -187,7 +198,11 @@ class Subscriber:
                 if not future.done():
                     future.cancel()
         if names and self._writer is not None:
-            self._send("UNSUBSCRIBE", *names)
+            if self._sharded:
+                for name in names:
+                    self._send("SUNSUBSCRIBE", name)
+            else:
+                self._send("UNSUBSCRIBE", *names)
             self._check_confirmed()
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -223,6 +238,13 @@ class Subscriber:
     def _send(self, *args: object) -> None:
         assert self._writer is not None
         self._writer.write(pack_command(*args))
+
+    def _send_subscribe(self, channels: Iterable[bytes]) -> None:
+        if self._sharded:  # one command per channel: a command's channels share one slot
+            for channel in channels:
+                self._send("SSUBSCRIBE", channel)
+        else:
+            self._send("SUBSCRIBE", *channels)
 
     async def _supervise(self) -> None:
         backoff = self._min_backoff
@@ -365,7 +387,7 @@ class Subscriber:
         self._writer = writer
         self._link = end
         if self._channels:
-            self._send("SUBSCRIBE", *self._channels)
+            self._send_subscribe(self._channels)
         else:
             self._check_confirmed()
         self._last_read = asyncio.get_running_loop().time()
@@ -431,9 +453,10 @@ class Subscriber:
         if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
             raise ProtocolError("unexpected reply in subscribe mode")
         kind = reply[0]
-        if kind != b"message":
+        message_kind, subscribe_kind, unsubscribe_kind = self._kinds
+        if kind != message_kind:
             kind = kind.lower()
-        if kind == b"message" and len(reply) == 3:
+        if kind == message_kind and len(reply) == 3:
             channel, data = reply[1], reply[2]
             if channel in self._channels:
                 if self._on_message is not None:
@@ -443,7 +466,7 @@ class Subscriber:
                         logger.exception("on_message callback failed")
                 else:
                     self._queue.put_nowait(Message(channel, data))
-        elif kind == b"subscribe" and len(reply) == 3:
+        elif kind == subscribe_kind and len(reply) == 3:
             channel = reply[1]
             if channel in self._channels:
                 self._confirmed.add(channel)
@@ -451,7 +474,17 @@ class Subscriber:
                     if not future.done():
                         future.set_result(None)
                 self._check_confirmed()
-        elif kind in (b"unsubscribe", b"pong"):
+        elif kind == unsubscribe_kind and len(reply) == 3:
+            channel = reply[1]
+            if self._sharded and channel in self._channels:
+                # Not asked for: the channel's slot moved to another node (a failover, a
+                # resharding). Forget it here; the owner subscribes it where it lives now.
+                self._channels.discard(channel)
+                self._confirmed.discard(channel)
+                if self._on_unsubscribed is not None:
+                    self._on_unsubscribed(channel)
+                self._check_confirmed()
+        elif kind == b"pong":
             pass
         else:
             raise ProtocolError(f"unexpected {kind[:32]!r} push in subscribe mode")

@@ -91,8 +91,8 @@ def _format(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_hosts(text: str) -> tuple[Address, ...]:
-    """``h1:26379,h2:26380,[::1]`` as addresses (port 26379 when left out)."""
+def parse_hosts(text: str, default_port: int = 26379) -> tuple[Address, ...]:
+    """``h1:26379,h2:26380,[::1]`` as addresses (``default_port`` when left out)."""
     addresses = []
     for part in text.split(","):
         part = part.strip()
@@ -107,12 +107,12 @@ def parse_hosts(text: str) -> tuple[Address, ...]:
             raise ValueError(f"no host in sentinel address {part!r}")
         if port_text and not port_text.isdigit():
             raise ValueError(f"invalid port in sentinel address {part!r}")
-        port = int(port_text) if port_text else 26379
+        port = int(port_text) if port_text else default_port
         if not 0 < port < 65536:
             raise ValueError(f"invalid port in sentinel address {part!r}")
         addresses.append((host, port))
     if not addresses:
-        raise ValueError("no sentinel address")
+        raise ValueError("no host address")
     return tuple(addresses)
 
 

@@ -1,0 +1,570 @@
+"""Redis Cluster: which master serves a key or a channel, and following the slot map.
+
+Theory of operation. A key belongs to one of 16384 slots: CRC16 (the XMODEM variant the
+Redis cluster specification gives) of the key modulo 16384, or of its hash tag, the part
+between the first ``{`` and the next ``}`` when that part is not empty, so that keys which
+must go together (a queue and its companions) can be put in one slot. ``SlotMap`` says which
+master serves each slot; it is read with ``CLUSTER SLOTS`` from any node that answers (the
+startup nodes, then every node the last map named) and checked before use: a reply from
+Redis is untrusted input, bounded in size and shape.
+
+``ClusterClient`` keeps one reconnecting ``Client`` per master actually used, opened on first
+use, and sends each command to the master of its key's slot. A ``MOVED`` reply means the slot
+moved: the map is refreshed (one refresh for every caller at once) and the command sent once
+more to the new owner; ``ASK`` means the slot is being migrated and this key lives on the
+target already: ``ASKING`` and the command go out together on the target's connection. A
+redirect means that the command did not run, so following one is not a retry; at most
+``_MAX_REDIRECTS`` are followed. A lost connection (a master failing over) refreshes the map
+too, so that the next command goes to the new master.
+
+Sharded pub/sub (Redis 7): ``publish`` is ``SPUBLISH`` on the master of the channel's slot, and
+``ShardedSubscriber`` keeps one sharded ``Subscriber`` per master owning a wanted channel. When
+Redis unsubscribes a channel by itself (its slot moved: a failover, a resharding) or a
+subscriber's connection is lost, the map is refreshed and the channel subscribed again where it
+lives now. Classic PUBLISH is broadcast over the cluster bus and counts only the local
+receivers, so it is never used here.
+
+The receiver count: "0 receivers means the peer is dead" holds on one server, not right after
+a cluster's map changed (an SPUBLISH just after a failover was measured returning 0 while its
+message was delivered, the subscriber having moved in between). ``try_publish`` reports such a
+0 as 1 (unknown, assumed alive) for ``settle_time`` seconds after a map change; the
+conversation's per-request liveness (PINGs naming requests, peer timeouts) finds a peer that
+really died. A 0 in a stable cluster keeps its meaning, at no extra cost.
+
+This module knows nothing of ASGI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from .client import Client
+from .protocol import RedisConnectionError, ReplyError, RespError, pack_command
+
+if TYPE_CHECKING:
+    from .connection import ConnectionParams
+
+__all__ = [
+    "SLOTS",
+    "ClusterClient",
+    "ClusterSpec",
+    "ShardedSubscriber",
+    "SlotMap",
+    "crc16",
+    "key_slot",
+]
+
+logger = logging.getLogger("minidasgi.resp.cluster")
+
+SLOTS = 16384
+_MAX_REDIRECTS = 5
+_MAX_NODES = 1000  # masters and replicas a slot map may name
+_REFRESH_MIN_INTERVAL = 0.1  # seconds between two map refreshes asked by errors
+
+Address = tuple[str, int]
+
+
+# crc16: CRC-16/XMODEM (polynomial 0x1021, initial value 0), as the cluster specification
+# gives it; a table of 256 entries computed once.
+
+
+def _crc16_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return tuple(table)
+
+
+_CRC16_TABLE = _crc16_table()
+
+
+def crc16(data: bytes) -> int:
+    """CRC-16/XMODEM of ``data`` (``crc16(b"123456789") == 0x31C3``)."""
+    crc = 0
+    table = _CRC16_TABLE
+    for byte in data:
+        crc = ((crc << 8) & 0xFF00) ^ table[((crc >> 8) ^ byte) & 0xFF]
+    return crc
+
+
+def key_slot(key: str | bytes) -> int:
+    """The cluster slot of ``key``, with the ``{hash tag}`` rule: only the part between the
+    first ``{`` and the next ``}`` is hashed, when that part is not empty."""
+    data = key.encode() if isinstance(key, str) else bytes(key)
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return crc16(data) % SLOTS
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The nodes to ask for the slot map first (any of the cluster's nodes will do)."""
+
+    startup_nodes: tuple[Address, ...]
+
+    def __post_init__(self) -> None:
+        if not self.startup_nodes:
+            raise ValueError("a cluster URL names at least one node")
+        if len(self.startup_nodes) > _MAX_NODES:
+            raise ValueError(f"at most {_MAX_NODES} cluster nodes")
+
+    @property
+    def address(self) -> str:
+        """For messages: ``cluster h1:p1,h2:p2``."""
+        return "cluster " + ",".join(_format(a) for a in self.startup_nodes)
+
+
+def _format(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class SlotMap:
+    """Which master serves each slot, from a ``CLUSTER SLOTS`` reply."""
+
+    def __init__(self, owners: list[Address | None], nodes: Iterable[Address]) -> None:
+        self.owners = owners  # SLOTS entries; None: no master serves the slot
+        self.nodes = tuple(dict.fromkeys(nodes))  # every node named, masters first
+
+    @classmethod
+    def parse(cls, reply: object, default_host: str) -> SlotMap:
+        """Read a ``CLUSTER SLOTS`` reply; raise ``ValueError`` if it is malformed."""
+        if not isinstance(reply, list) or len(reply) > SLOTS:
+            raise ValueError("CLUSTER SLOTS did not answer a list of ranges")
+        owners: list[Address | None] = [None] * SLOTS
+        masters: list[Address] = []
+        replicas: list[Address] = []
+        for entry in reply:
+            if not (isinstance(entry, list) and 3 <= len(entry) <= 2 + _MAX_NODES):
+                raise ValueError("malformed CLUSTER SLOTS range")
+            first, last = entry[0], entry[1]
+            if not (type(first) is int and type(last) is int and 0 <= first <= last < SLOTS):
+                raise ValueError("malformed CLUSTER SLOTS range")
+            nodes = [_node_address(node, default_host) for node in entry[2:]]
+            master = nodes[0]
+            owners[first : last + 1] = [master] * (last - first + 1)
+            masters.append(master)
+            replicas.extend(nodes[1:])
+        return cls(owners, [*masters, *replicas])
+
+    def owner(self, slot: int) -> Address | None:
+        return self.owners[slot]
+
+    @property
+    def masters(self) -> set[Address]:
+        return {owner for owner in self.owners if owner is not None}
+
+
+def _node_address(node: object, default_host: str) -> Address:
+    if not (isinstance(node, list) and len(node) >= 2):
+        raise ValueError("malformed CLUSTER SLOTS node")
+    host, port = node[0], node[1]
+    if not (isinstance(host, bytes) and len(host) <= 255 and type(port) is int):
+        raise ValueError("malformed CLUSTER SLOTS node")
+    if not 0 < port < 65536:
+        raise ValueError("malformed CLUSTER SLOTS port")
+    # An empty host (or "?") means "the address you reached me at".
+    name = host.decode(errors="replace") if host and host != b"?" else default_host
+    return name, port
+
+
+def _redirect(error: ReplyError) -> tuple[str, int, Address] | None:
+    """``("MOVED"|"ASK", slot, address)`` from a redirect error, else None."""
+    parts = str(error).split(" ")
+    if len(parts) != 3 or parts[0] not in ("MOVED", "ASK") or not parts[1].isdigit():
+        return None
+    host, _, port = parts[2].rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return parts[0], int(parts[1]), (host.strip("[]"), int(port))
+
+
+class ClusterClient:
+    """Commands to a Redis Cluster, each sent to the master serving its key.
+
+    ``params`` carries the login, timeouts and TLS every node is reached with, and its
+    ``cluster`` the startup nodes. ``settle_time``: seconds after a slot map change during
+    which ``try_publish`` counts 0 receivers as unknown (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        params: ConnectionParams,
+        *,
+        name: str = "cluster client",
+        parser: str | None = None,
+        health_check_interval: float | None = 5.0,
+        settle_time: float = 5.0,
+    ) -> None:
+        if params.cluster is None:
+            raise ValueError("ClusterClient needs params with a cluster")
+        self.params = params
+        self.name = name
+        self.settle_time = settle_time
+        self._parser = parser
+        self._health_check_interval = health_check_interval
+        self._clients: dict[Address, Client] = {}
+        self.slots: SlotMap | None = None
+        self._refreshing: asyncio.Future[SlotMap] | None = None
+        self._refreshed_at = -1e9  # monotonic time of the last refresh asked by an error
+        self._changed_at = -1e9  # monotonic time the map last changed
+        self._closing = False
+        self.last_error: Exception | None = None
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"<ClusterClient {self.name} {self.address} masters={len(self._clients)}>"
+
+    @property
+    def address(self) -> str:
+        assert self.params.cluster is not None
+        return self.params.cluster.address
+
+    @property
+    def connected(self) -> bool:
+        """True once the slot map is known and every master used so far is connected."""
+        return self.slots is not None and all(c.connected for c in self._clients.values())
+
+    def start(self) -> None:
+        """Read the slot map in the background (idempotent)."""
+        if not self._started and not self._closing:
+            self._started = True
+            task = asyncio.ensure_future(self.refresh())
+            task.add_done_callback(_retrieve)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the slot map is known, at most ``timeout`` seconds."""
+        self.start()
+        await asyncio.wait_for(self._wait_map(), timeout)
+
+    async def _wait_map(self) -> SlotMap:
+        backoff = 0.05
+        while True:
+            try:
+                return self.slots if self.slots is not None else await self.refresh()
+            except RespError as exc:
+                self.last_error = exc
+                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+                backoff = min(backoff * 2, 2.0)
+
+    async def close(self) -> None:
+        """Close every connection."""
+        self._closing = True
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+    # The slot map.
+
+    async def refresh(self) -> SlotMap:
+        """Read the slot map again (one read for every caller at once)."""
+        refreshing = self._refreshing
+        if refreshing is None or refreshing.done():
+            refreshing = self._refreshing = asyncio.ensure_future(self._read_map())
+            refreshing.add_done_callback(_retrieve)
+        return await asyncio.shield(refreshing)
+
+    def _refresh_soon(self) -> None:
+        """A refresh after an error, at most one per ``_REFRESH_MIN_INTERVAL``."""
+        now = time.monotonic()
+        if now - self._refreshed_at < _REFRESH_MIN_INTERVAL or self._closing:
+            return
+        self._refreshed_at = now
+        task = asyncio.ensure_future(self.refresh())
+        task.add_done_callback(_retrieve)
+
+    async def _read_map(self) -> SlotMap:
+        from .connection import open_connection
+
+        assert self.params.cluster is not None
+        known = self.slots.nodes if self.slots is not None else ()
+        candidates = list(dict.fromkeys([*known, *self.params.cluster.startup_nodes]))
+        errors = []
+        for address in candidates:
+            node = self._node_params(address)
+            try:
+                connection = await open_connection(node, parser=self._parser)
+            except (RespError, OSError) as exc:
+                errors.append(str(exc))
+                continue
+            try:
+                reply = await connection.execute("CLUSTER", "SLOTS")
+                slots = SlotMap.parse(reply, address[0])
+            except (RespError, OSError, ValueError) as exc:
+                errors.append(f"{_format(address)}: {exc}")
+                continue
+            finally:
+                await connection.close()
+            if not slots.masters:
+                errors.append(f"{_format(address)} serves no slot yet")
+                continue
+            self._install(slots)
+            return slots
+        error = RedisConnectionError(
+            f"no node of {self.address} gave the slot map: " + "; ".join(errors[:5])
+        )
+        self.last_error = error
+        raise error
+
+    def _install(self, slots: SlotMap) -> None:
+        old = self.slots
+        self.slots = slots
+        if old is None or old.owners != slots.owners:
+            self._changed_at = time.monotonic()
+            if old is not None:
+                logger.info("%s: the cluster's slot map changed", self.name)
+        masters = slots.masters
+        for address in list(self._clients):
+            if address not in masters:  # no longer a master: its connection serves nothing
+                client = self._clients.pop(address)
+                task = asyncio.ensure_future(client.close())
+                task.add_done_callback(_retrieve)
+
+    def _node_params(self, address: Address) -> ConnectionParams:
+        return replace(self.params, host=address[0], port=address[1], cluster=None)
+
+    def settling(self) -> bool:
+        """True for ``settle_time`` seconds after the slot map changed."""
+        return time.monotonic() - self._changed_at < self.settle_time
+
+    def client_for(self, address: Address) -> Client:
+        """The reconnecting connection to the master at ``address`` (opened on first use)."""
+        client = self._clients.get(address)
+        if client is None:
+            if self._closing:
+                raise RedisConnectionError(f"{self.name} is closed")
+            client = Client(
+                self._node_params(address),
+                name=f"{self.name} {_format(address)}",
+                parser=self._parser,
+                health_check_interval=self._health_check_interval,
+            )
+            self._clients[address] = client
+            client.start()
+        return client
+
+    def owner(self, key: str | bytes) -> Address:
+        """The master serving ``key`` (``RedisConnectionError`` while unknown)."""
+        slots = self.slots
+        owner = slots.owner(key_slot(key)) if slots is not None else None
+        if owner is None:
+            self.start()
+            self._refresh_soon()
+            raise RedisConnectionError(f"no master of {self.address} is known to serve {key!r}")
+        return owner
+
+    # Commands.
+
+    async def execute(self, *args: object, key: str | bytes) -> Any:
+        """Run one command on the master serving ``key``, following redirects."""
+        address = self.owner(key)
+        asking = False
+        for _ in range(_MAX_REDIRECTS):
+            client = self.client_for(address)
+            if not client.ever_connected and client.last_error is None:
+                # A master used for the first time: its first connection is on its way.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await client.wait_connected(self.params.connect_timeout)
+            try:
+                connection = client.connection()
+            except RedisConnectionError:
+                self._refresh_soon()  # a failover, perhaps: look where the slot went
+                raise
+            try:
+                if asking:
+                    _, reply = await connection.pipeline(
+                        pack_command("ASKING"), pack_command(*args)
+                    )
+                    if isinstance(reply, ReplyError):
+                        raise reply
+                    return reply
+                return await connection.execute(*args)
+            except ReplyError as exc:
+                redirect = _redirect(exc)
+                if redirect is None:
+                    raise
+                kind, _slot, address = redirect
+                asking = kind == "ASK"
+                if not asking:
+                    await self.refresh()
+            except RedisConnectionError:
+                self._refresh_soon()
+                raise
+        raise RedisConnectionError(f"too many redirects for {key!r} in {self.address}")
+
+    async def lpush(self, key: str | bytes, *values: object) -> int:
+        """LPUSH on the master serving ``key``."""
+        reply: int = await self.execute("LPUSH", key, *values, key=key)
+        return reply
+
+    async def publish(self, channel: str | bytes, message: object) -> int:
+        """SPUBLISH on the master serving ``channel``; returns the number of receivers."""
+        reply: int = await self.execute("SPUBLISH", channel, message, key=channel)
+        return reply
+
+    async def try_publish(self, channel: str | bytes, message: object) -> int:
+        """SPUBLISH with Redis unreachable counted (and logged) as 0 receivers, and 0 counted
+        as 1 while the cluster settles after a map change (see the module docstring)."""
+        try:
+            count = await self.publish(channel, message)
+        except RespError as exc:
+            logger.warning("%s cannot publish: %s", self.name, exc)
+            return 0
+        if count == 0 and self.settling():
+            return 1
+        return count
+
+    def publish_soon(self, channel: str | bytes, message: object) -> asyncio.Future[int]:
+        """``try_publish`` without waiting for it: the future gives the count."""
+        return asyncio.ensure_future(self.try_publish(channel, message))
+
+    def lpush_soon(self, key: str | bytes, values: list[Any]) -> asyncio.Future[int]:
+        """LPUSH ``values`` without waiting: the future gives the list's length or raises."""
+        return asyncio.ensure_future(self.lpush(key, *values))
+
+
+class ShardedSubscriber:
+    """Subscribes to channels with sharded pub/sub on the masters serving them, following
+    them when their slots move. Same callbacks as ``Subscriber``; ``on_connection_lost`` is
+    called whenever messages of some channel may have been missed."""
+
+    def __init__(
+        self,
+        cluster: ClusterClient,
+        *,
+        on_message: Callable[[bytes, bytes], None],
+        on_connection_lost: Callable[[], None] | None = None,
+        health_check_interval: float = 5.0,
+        parser: str | None = None,
+    ) -> None:
+        from .pubsub import Subscriber
+
+        self._subscriber_class = Subscriber
+        self.cluster = cluster
+        self._on_message = on_message
+        self._on_connection_lost = on_connection_lost
+        self._health_check_interval = health_check_interval
+        self._parser = parser
+        self._channels: set[bytes] = set()
+        self._subscribers: dict[Address, Any] = {}  # master -> Subscriber
+        self._placed: dict[bytes, Address] = {}  # channel -> the master it is subscribed on
+        self._moving: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"<ShardedSubscriber {self.cluster.address} channels={len(self._channels)}>"
+
+    @property
+    def connected(self) -> bool:
+        """True while every wanted channel is confirmed on the master serving it."""
+        if set(self._placed) != self._channels:
+            return False
+        return all(s.connected for s in self._subscribers.values())
+
+    @property
+    def channels(self) -> frozenset[bytes]:
+        return frozenset(self._channels)
+
+    async def subscribe(self, *channels: str | bytes) -> None:
+        """Subscribe on the masters serving the channels; return once all are confirmed."""
+        names = [c.encode() if isinstance(c, str) else bytes(c) for c in channels]
+        self._channels.update(names)
+        await self.cluster.wait_connected()
+        await asyncio.gather(*(self._place(name) for name in names))
+
+    async def _place(self, channel: bytes) -> None:
+        address = self.cluster.owner(channel)
+        placed = self._placed.get(channel)
+        if placed == address:
+            await self._subscribers[address].subscribe(channel)
+            return
+        if placed is not None:
+            old = self._subscribers.get(placed)
+            if old is not None:
+                await old.unsubscribe(channel)
+        subscriber = self._subscribers.get(address)
+        if subscriber is None:
+            subscriber = self._subscribers[address] = self._subscriber_class(
+                params=self.cluster._node_params(address),
+                on_message=self._on_message,
+                on_connection_lost=self._lost,
+                health_check_interval=self._health_check_interval,
+                parser=self._parser,
+                sharded=True,
+                on_unsubscribed=self._moved,
+            )
+        self._placed[channel] = address
+        await subscriber.subscribe(channel)
+
+    def _moved(self, channel: bytes) -> None:
+        """Redis unsubscribed ``channel`` by itself: its slot moved."""
+        self._placed.pop(channel, None)
+        if self._on_connection_lost is not None:
+            self._on_connection_lost()
+        self._replace_soon()
+
+    def _lost(self) -> None:
+        if self._on_connection_lost is not None:
+            self._on_connection_lost()
+        self._replace_soon()
+
+    def _replace_soon(self) -> None:
+        if self._closing or (self._moving is not None and not self._moving.done()):
+            return
+        self._moving = asyncio.ensure_future(self._replace())
+
+    async def _replace(self) -> None:
+        """Refresh the map and subscribe every channel where it lives now, until all are."""
+        backoff = 0.05
+        while not self._closing:
+            try:
+                await self.cluster.refresh()
+                for channel in list(self._channels):
+                    address = self.cluster.owner(channel)
+                    if self._placed.get(channel) != address:
+                        await asyncio.wait_for(self._place(channel), self._health_check_interval)
+                for address in list(self._subscribers):
+                    if address not in self._placed.values():
+                        await self._subscribers.pop(address).close()
+                if set(self._placed) == self._channels:
+                    return
+            except (RespError, asyncio.TimeoutError) as exc:
+                logger.debug("sharded subscriber: %s", exc)
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(backoff * 2, 2.0)
+
+    async def unsubscribe(self, *channels: str | bytes) -> None:
+        names = [c.encode() if isinstance(c, str) else bytes(c) for c in channels]
+        for name in names or list(self._channels):
+            self._channels.discard(name)
+            address = self._placed.pop(name, None)
+            if address is not None and address in self._subscribers:
+                await self._subscribers[address].unsubscribe(name)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._moving is not None:
+            self._moving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._moving
+        subscribers, self._subscribers = list(self._subscribers.values()), {}
+        for subscriber in subscribers:
+            await subscriber.close()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

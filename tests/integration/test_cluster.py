@@ -1,0 +1,182 @@
+"""Redis Cluster at the RESP level (issue 13, part 2), against real clusters started by the
+tests (``minidasgi.testing.ClusterSetup``): slots computed as Redis computes them, commands
+routed to the master serving each key, ``MOVED`` after a slot is reassigned, ``ASK`` during
+a migration, and sharded pub/sub following a channel through a ``CLUSTER FAILOVER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from minidasgi.resp import parse_url
+from minidasgi.resp.cluster import ClusterClient, ShardedSubscriber, key_slot
+from minidasgi.testing import ClusterSetup, RedisServer
+
+from .stack import poll
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.requires_server("7.0")]
+
+
+@pytest.fixture
+def cluster() -> Iterator[ClusterSetup]:
+    setup = ClusterSetup()
+    try:
+        yield setup.start()
+    finally:
+        setup.close()
+
+
+@pytest.fixture
+def cluster_with_replicas() -> Iterator[ClusterSetup]:
+    setup = ClusterSetup(replicas=1)
+    try:
+        yield setup.start()
+    finally:
+        setup.close()
+
+
+def keys_on_each_master(setup: ClusterSetup) -> dict[int, str]:
+    """One key per master: port -> key."""
+    found: dict[int, str] = {}
+    for n in range(1000):
+        key = f"q-{n}"
+        server = setup.master_of(key)
+        assert server is not None
+        found.setdefault(server.port, key)
+        if len(found) == len(setup.masters):
+            return found
+    raise AssertionError("no key for some master")
+
+
+def test_key_slot_agrees_with_the_server(cluster: ClusterSetup) -> None:
+    server = cluster.masters[0]
+    for n in range(200):
+        key = os.urandom(n % 24) + b"{" * (n % 3) + f"k{n}}}".encode()
+        assert key_slot(key) == server.command("CLUSTER", "KEYSLOT", key), key
+
+
+async def test_commands_go_to_the_master_of_their_key(cluster: ClusterSetup) -> None:
+    client = ClusterClient(parse_url(cluster.url))
+    try:
+        await client.wait_connected(5)
+        keys = keys_on_each_master(cluster)
+        for port, key in keys.items():
+            assert await client.lpush(key, "a", "b") == 2
+            server = next(s for s in cluster.masters if s.port == port)
+            assert server.command("LLEN", key) == 2
+        # One connection per master actually used.
+        assert len(client._clients) == len(cluster.masters)
+        # Keys sharing a hash tag share a slot, so multi-key commands work on them.
+        await client.lpush("{route}:a", "x")
+        await client.lpush("{route}:b", "y")
+        popped = await client.execute("RPOPLPUSH", "{route}:a", "{route}:b", key="{route}:a")
+        assert popped == b"x"
+    finally:
+        await client.close()
+
+
+def _move_empty_slot(setup: ClusterSetup, slot: int, target: RedisServer) -> None:
+    target_id = target.command("CLUSTER", "MYID")
+    for server in setup.masters:
+        server.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+async def test_moved_refreshes_the_map_and_follows(cluster: ClusterSetup) -> None:
+    client = ClusterClient(parse_url(cluster.url))
+    try:
+        await client.wait_connected(5)
+        key = "moved-key"
+        owner = cluster.master_of(key)
+        target = next(s for s in cluster.masters if s is not owner)
+        await client.lpush(key, "before")
+        assert owner is not None and owner.command("DEL", key) == 1  # an empty slot moves
+        _move_empty_slot(cluster, key_slot(key), target)
+        assert client.owner(key)[1] == owner.port  # the client's map is stale
+        assert await client.lpush(key, "after") == 1  # MOVED, refreshed, sent again
+        assert target.command("LLEN", key) == 1
+        assert client.owner(key)[1] == target.port
+    finally:
+        await client.close()
+
+
+async def test_ask_during_a_migration(cluster: ClusterSetup) -> None:
+    client = ClusterClient(parse_url(cluster.url))
+    try:
+        await client.wait_connected(5)
+        key = "ask-key"
+        slot = key_slot(key)
+        source = cluster.master_of(key)
+        assert source is not None
+        target = next(s for s in cluster.masters if s is not source)
+        source_id = source.command("CLUSTER", "MYID")
+        target_id = target.command("CLUSTER", "MYID")
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        # The key is not on the source: it answers ASK, and the client asks the target.
+        assert await client.lpush(key, "x") == 1
+        assert target.command("CLUSTER", "COUNTKEYSINSLOT", slot) == 1
+        assert source.command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+        assert client.owner(key)[1] == source.port  # ASK leaves the map alone
+    finally:
+        await client.close()
+
+
+async def test_sharded_pubsub_across_masters(cluster: ClusterSetup) -> None:
+    client = ClusterClient(parse_url(cluster.url))
+    got: list[tuple[bytes, bytes]] = []
+    subscriber = ShardedSubscriber(client, on_message=lambda c, d: got.append((c, d)))
+    try:
+        channels = list(keys_on_each_master(cluster).values())
+        await asyncio.wait_for(subscriber.subscribe(*channels), 5)
+        assert subscriber.connected
+        assert len(subscriber._subscribers) == len(cluster.masters)
+        for channel in channels:
+            assert await client.publish(channel, b"hi " + channel.encode()) == 1
+        assert await poll(lambda: len(got) == len(channels), 5)
+        assert sorted(got) == sorted((c.encode(), b"hi " + c.encode()) for c in channels)
+        assert await client.publish("nobody-listens", b"x") == 0
+    finally:
+        await subscriber.close()
+        await client.close()
+
+
+async def test_sharded_subscription_follows_a_failover(
+    cluster_with_replicas: ClusterSetup,
+) -> None:
+    setup = cluster_with_replicas
+    client = ClusterClient(parse_url(setup.url))
+    got: list[bytes] = []
+    lost: list[int] = []
+    subscriber = ShardedSubscriber(
+        client, on_message=lambda c, d: got.append(d), on_connection_lost=lambda: lost.append(1)
+    )
+    try:
+        channel = "failover-channel"
+        await asyncio.wait_for(subscriber.subscribe(channel), 5)
+        old = setup.master_of(channel)
+        assert old is not None
+        replica = next(
+            s
+            for s in setup.replicas
+            if b"master_port:%d" % old.port in s.command("INFO", "replication")  # type: ignore[operator]
+        )
+        replica.command("CLUSTER", "FAILOVER")
+        assert await poll(lambda: setup.master_of(channel) is replica, 10)
+        # Redis unsubscribed the channel on the demoted master (sunsubscribe): the
+        # subscriber refreshes its map and subscribes on the new master.
+        assert await poll(lambda: lost and subscriber.connected, 10)
+        assert subscriber._placed[channel.encode()][1] == replica.port
+
+        async def delivered() -> bool:
+            await client.publish(channel, b"after")
+            await asyncio.sleep(0.05)
+            return b"after" in got
+
+        assert await poll(delivered, 10)
+    finally:
+        await subscriber.close()
+        await client.close()
