@@ -43,8 +43,7 @@ from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError
 from .liveness import PeerTracker
-from .resp import RespError, Subscriber
-from .resp.client import Client
+from .resp import RespError, topology
 from .resp.connection import make_params
 from .resp.sentinel import SentinelSpec
 from .routing import InvalidKey, RouteTable, check_key
@@ -238,8 +237,8 @@ class Distributor:
         self._parser = parser
         self._exchanges: dict[str, _Exchange] = {}
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
-        self._client: Client | None = None
-        self._subscriber: Subscriber | None = None
+        self._client: topology.CommandClient | None = None
+        self._subscriber: topology.AnySubscriber | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -267,14 +266,14 @@ class Distributor:
         await asyncio.shield(self._starting)
 
     async def _start(self) -> None:
-        self._client = Client(
+        self._client = topology.command_client(
             self.params,
             name="distributor",
             parser=self._parser,
             health_check_interval=self.health_check_interval,
         )
-        self._subscriber = Subscriber(
-            params=self.params,
+        self._subscriber = topology.subscriber(
+            self.params,
             health_check_interval=self.health_check_interval,
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,

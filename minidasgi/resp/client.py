@@ -179,7 +179,7 @@ class Client:
         backoff = self._min_backoff
         while not self._closing:
             try:
-                connection = await open_connection(self.params, parser=self._parser)
+                connection = await self._open()
             except AuthenticationError as exc:
                 self.last_error = exc
                 logger.error("%s: %s", self.name, exc)
@@ -216,6 +216,10 @@ class Client:
             else:
                 await asyncio.sleep(delay)
             backoff = min(backoff * 2, self._max_backoff)
+
+    async def _open(self) -> Connection:
+        """Open a connection (a subclass may choose the server each time)."""
+        return await open_connection(self.params, parser=self._parser)
 
     async def _watch(self, connection: Connection) -> Exception:
         """Wait for the connection to end, checking its health while it idles; return why.

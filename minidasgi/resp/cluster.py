@@ -41,20 +41,23 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .client import Client
-from .protocol import RedisConnectionError, ReplyError, RespError, pack_command
+from .protocol import PythonParser, RedisConnectionError, ReplyError, RespError, pack_command
+from .pubsub import Subscriber
 
 if TYPE_CHECKING:
-    from .connection import ConnectionParams
+    from .connection import Connection, ConnectionParams
 
 __all__ = [
     "SLOTS",
     "ClusterClient",
     "ClusterSpec",
+    "PinnedClient",
     "ShardedSubscriber",
     "SlotMap",
     "crc16",
@@ -192,8 +195,147 @@ def _redirect(error: ReplyError) -> tuple[str, int, Address] | None:
     return parts[0], int(parts[1]), (host.strip("[]"), int(port))
 
 
+class _ClusterMap:
+    """The slot map of one cluster, shared by every client of the process (per event loop):
+    one read of ``CLUSTER SLOTS`` serves them all, and a change seen by one (a MOVED, a lost
+    master) moves them all."""
+
+    def __init__(self, params: ConnectionParams, parser: str | None) -> None:
+        assert params.cluster is not None
+        self.params = params
+        self.spec = params.cluster
+        self._parser = parser
+        self.slots: SlotMap | None = None
+        self._refreshing: asyncio.Future[SlotMap] | None = None
+        self._refreshed_at = -1e9  # monotonic time of the last refresh asked by an error
+        self.changed_at = -1e9  # monotonic time the map last changed
+        self.last_error: Exception | None = None
+        self._listeners: set[Callable[[SlotMap], None]] = set()
+
+    def node_params(self, address: Address) -> ConnectionParams:
+        return replace(self.params, host=address[0], port=address[1], cluster=None)
+
+    def listen(self, callback: Callable[[SlotMap], None]) -> Callable[[], None]:
+        """Call ``callback(slots)`` at each change; return the function that stops it."""
+        self._listeners.add(callback)
+        return lambda: self._listeners.discard(callback)
+
+    async def refresh(self) -> SlotMap:
+        """Read the slot map again (one read for every caller at once)."""
+        refreshing = self._refreshing
+        if refreshing is None or refreshing.done():
+            refreshing = self._refreshing = asyncio.ensure_future(self._read())
+            refreshing.add_done_callback(_retrieve)
+        return await asyncio.shield(refreshing)
+
+    async def known(self) -> SlotMap:
+        """The map, read first if it is not known yet."""
+        return self.slots if self.slots is not None else await self.refresh()
+
+    def refresh_soon(self) -> None:
+        """A refresh after an error, at most one per ``_REFRESH_MIN_INTERVAL``."""
+        now = time.monotonic()
+        if now - self._refreshed_at < _REFRESH_MIN_INTERVAL:
+            return
+        self._refreshed_at = now
+        task = asyncio.ensure_future(self.refresh())
+        task.add_done_callback(_retrieve)
+
+    async def _read(self) -> SlotMap:
+        from .connection import open_connection
+
+        known = self.slots.nodes if self.slots is not None else ()
+        candidates = list(dict.fromkeys([*known, *self.spec.startup_nodes]))
+        errors = []
+        for address in candidates:
+            try:
+                connection = await open_connection(self.node_params(address), parser=self._parser)
+            except (RespError, OSError) as exc:
+                errors.append(str(exc))
+                continue
+            try:
+                reply = await connection.execute("CLUSTER", "SLOTS")
+                slots = SlotMap.parse(reply, address[0])
+            except (RespError, OSError, ValueError) as exc:
+                errors.append(f"{_format(address)}: {exc}")
+                continue
+            finally:
+                await connection.close()
+            if not slots.masters:
+                errors.append(f"{_format(address)} serves no slot yet")
+                continue
+            self._install(slots)
+            return slots
+        error = RedisConnectionError(
+            f"no node of {self.spec.address} gave the slot map: " + "; ".join(errors[:5])
+        )
+        self.last_error = error
+        raise error
+
+    def _install(self, slots: SlotMap) -> None:
+        old = self.slots
+        self.slots = slots
+        if old is not None and old.owners == slots.owners:
+            return
+        self.changed_at = time.monotonic()
+        if old is not None:
+            logger.info("the slot map of %s changed", self.spec.address)
+        for callback in list(self._listeners):
+            try:
+                callback(slots)
+            except Exception:  # one client's failure must not keep the others on old masters
+                logger.exception("a slot map listener failed")
+
+
+_maps: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[ClusterSpec, Any], _ClusterMap]
+] = weakref.WeakKeyDictionary()
+
+
+def _shared_map(params: ConnectionParams, parser: str | None) -> _ClusterMap:
+    """The slot map of ``params``' cluster in the running loop (made on first use)."""
+    assert params.cluster is not None
+    loop = asyncio.get_running_loop()
+    maps = _maps.setdefault(loop, {})
+    key = (
+        params.cluster,
+        (params.username, params.password, params.ssl, params.connect_timeout, parser),
+    )
+    found = maps.get(key)
+    if found is None:
+        if len(maps) >= 64:  # settings come from code, but stay bounded
+            maps.clear()
+        found = maps[key] = _ClusterMap(params, parser)
+    return found
+
+
+# Commands that name their key elsewhere than in their first argument.
+_NO_KEY = frozenset({b"PING", b"CLIENT", b"INFO", b"CLUSTER", b"ROLE", b"TIME", b"READONLY"})
+
+
+def _routing_key(args: tuple[object, ...]) -> str | bytes | None:
+    """The key (or channel) a command is routed by: its first argument, but for the few
+    keyless commands minidasgi sends and ``PUBSUB SHARDNUMSUB channel``."""
+    if not args:
+        return None
+    name = args[0].encode() if isinstance(args[0], str) else args[0]
+    if not isinstance(name, bytes):
+        return None
+    name = name.upper()
+    if name in _NO_KEY or len(args) < 2:
+        return None
+    if name == b"PUBSUB":
+        return _as_key(args[2]) if len(args) > 2 else None
+    return _as_key(args[1])
+
+
+def _as_key(value: object) -> str | bytes | None:
+    return value if isinstance(value, (str, bytes)) else None
+
+
 class ClusterClient:
-    """Commands to a Redis Cluster, each sent to the master serving its key.
+    """Commands to a Redis Cluster, each sent to the master serving its key, with the surface
+    of ``Client`` (``connection()`` gives a router with the surface of a ``Connection``).
 
     ``params`` carries the login, timeouts and TLS every node is reached with, and its
     ``cluster`` the startup nodes. ``settle_time``: seconds after a slot map change during
@@ -217,13 +359,10 @@ class ClusterClient:
         self._parser = parser
         self._health_check_interval = health_check_interval
         self._clients: dict[Address, Client] = {}
-        self.slots: SlotMap | None = None
-        self._refreshing: asyncio.Future[SlotMap] | None = None
-        self._refreshed_at = -1e9  # monotonic time of the last refresh asked by an error
-        self._changed_at = -1e9  # monotonic time the map last changed
+        self._map: _ClusterMap | None = None
+        self._unlisten: Callable[[], None] | None = None
         self._closing = False
-        self.last_error: Exception | None = None
-        self._started = False
+        self._router = _Router(self)
 
     def __repr__(self) -> str:
         return f"<ClusterClient {self.name} {self.address} masters={len(self._clients)}>"
@@ -234,98 +373,57 @@ class ClusterClient:
         return self.params.cluster.address
 
     @property
+    def map(self) -> _ClusterMap:
+        if self._map is None:
+            self._map = _shared_map(self.params, self._parser)
+            self._unlisten = self._map.listen(self._on_map)
+        return self._map
+
+    @property
+    def slots(self) -> SlotMap | None:
+        return self._map.slots if self._map is not None else None
+
+    @property
+    def last_error(self) -> Exception | None:
+        return self._map.last_error if self._map is not None else None
+
+    @property
     def connected(self) -> bool:
         """True once the slot map is known and every master used so far is connected."""
         return self.slots is not None and all(c.connected for c in self._clients.values())
 
     def start(self) -> None:
         """Read the slot map in the background (idempotent)."""
-        if not self._started and not self._closing:
-            self._started = True
-            task = asyncio.ensure_future(self.refresh())
-            task.add_done_callback(_retrieve)
+        if self.slots is None and not self._closing:
+            self.map.refresh_soon()
 
-    async def wait_connected(self, timeout: float | None = None) -> None:
+    async def wait_connected(self, timeout: float | None = None) -> SlotMap:
         """Wait until the slot map is known, at most ``timeout`` seconds."""
-        self.start()
-        await asyncio.wait_for(self._wait_map(), timeout)
+        return await asyncio.wait_for(self._wait_map(), timeout)
 
     async def _wait_map(self) -> SlotMap:
         backoff = 0.05
         while True:
             try:
-                return self.slots if self.slots is not None else await self.refresh()
-            except RespError as exc:
-                self.last_error = exc
+                return await self.map.known()
+            except RespError:
                 await asyncio.sleep(backoff * (0.5 + random.random() / 2))
                 backoff = min(backoff * 2, 2.0)
+
+    async def refresh(self) -> SlotMap:
+        """Read the slot map again."""
+        return await self.map.refresh()
 
     async def close(self) -> None:
         """Close every connection."""
         self._closing = True
+        if self._unlisten is not None:
+            self._unlisten()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()
 
-    # The slot map.
-
-    async def refresh(self) -> SlotMap:
-        """Read the slot map again (one read for every caller at once)."""
-        refreshing = self._refreshing
-        if refreshing is None or refreshing.done():
-            refreshing = self._refreshing = asyncio.ensure_future(self._read_map())
-            refreshing.add_done_callback(_retrieve)
-        return await asyncio.shield(refreshing)
-
-    def _refresh_soon(self) -> None:
-        """A refresh after an error, at most one per ``_REFRESH_MIN_INTERVAL``."""
-        now = time.monotonic()
-        if now - self._refreshed_at < _REFRESH_MIN_INTERVAL or self._closing:
-            return
-        self._refreshed_at = now
-        task = asyncio.ensure_future(self.refresh())
-        task.add_done_callback(_retrieve)
-
-    async def _read_map(self) -> SlotMap:
-        from .connection import open_connection
-
-        assert self.params.cluster is not None
-        known = self.slots.nodes if self.slots is not None else ()
-        candidates = list(dict.fromkeys([*known, *self.params.cluster.startup_nodes]))
-        errors = []
-        for address in candidates:
-            node = self._node_params(address)
-            try:
-                connection = await open_connection(node, parser=self._parser)
-            except (RespError, OSError) as exc:
-                errors.append(str(exc))
-                continue
-            try:
-                reply = await connection.execute("CLUSTER", "SLOTS")
-                slots = SlotMap.parse(reply, address[0])
-            except (RespError, OSError, ValueError) as exc:
-                errors.append(f"{_format(address)}: {exc}")
-                continue
-            finally:
-                await connection.close()
-            if not slots.masters:
-                errors.append(f"{_format(address)} serves no slot yet")
-                continue
-            self._install(slots)
-            return slots
-        error = RedisConnectionError(
-            f"no node of {self.address} gave the slot map: " + "; ".join(errors[:5])
-        )
-        self.last_error = error
-        raise error
-
-    def _install(self, slots: SlotMap) -> None:
-        old = self.slots
-        self.slots = slots
-        if old is None or old.owners != slots.owners:
-            self._changed_at = time.monotonic()
-            if old is not None:
-                logger.info("%s: the cluster's slot map changed", self.name)
+    def _on_map(self, slots: SlotMap) -> None:
         masters = slots.masters
         for address in list(self._clients):
             if address not in masters:  # no longer a master: its connection serves nothing
@@ -333,12 +431,9 @@ class ClusterClient:
                 task = asyncio.ensure_future(client.close())
                 task.add_done_callback(_retrieve)
 
-    def _node_params(self, address: Address) -> ConnectionParams:
-        return replace(self.params, host=address[0], port=address[1], cluster=None)
-
     def settling(self) -> bool:
         """True for ``settle_time`` seconds after the slot map changed."""
-        return time.monotonic() - self._changed_at < self.settle_time
+        return time.monotonic() - self.map.changed_at < self.settle_time
 
     def client_for(self, address: Address) -> Client:
         """The reconnecting connection to the master at ``address`` (opened on first use)."""
@@ -347,7 +442,7 @@ class ClusterClient:
             if self._closing:
                 raise RedisConnectionError(f"{self.name} is closed")
             client = Client(
-                self._node_params(address),
+                self.map.node_params(address),
                 name=f"{self.name} {_format(address)}",
                 parser=self._parser,
                 health_check_interval=self._health_check_interval,
@@ -361,15 +456,27 @@ class ClusterClient:
         slots = self.slots
         owner = slots.owner(key_slot(key)) if slots is not None else None
         if owner is None:
-            self.start()
-            self._refresh_soon()
+            self.map.refresh_soon()
             raise RedisConnectionError(f"no master of {self.address} is known to serve {key!r}")
         return owner
 
+    def connection(self) -> _Router:
+        """A router with the surface of a ``Connection`` (``RedisConnectionError`` at once
+        while the slot map is unknown)."""
+        if self.slots is None:
+            self.start()
+            raise RedisConnectionError(f"the slot map of {self.address} is not known yet")
+        return self._router
+
     # Commands.
 
-    async def execute(self, *args: object, key: str | bytes) -> Any:
-        """Run one command on the master serving ``key``, following redirects."""
+    async def execute(self, *args: object, key: str | bytes | None = None) -> Any:
+        """Run one command on the master serving ``key`` (by default the command's first
+        argument), following redirects."""
+        if key is None:
+            key = _routing_key(args)
+            if key is None:
+                raise RedisConnectionError(f"{args[0]!r} names no key to route it in a cluster")
         address = self.owner(key)
         asking = False
         for _ in range(_MAX_REDIRECTS):
@@ -380,10 +487,6 @@ class ClusterClient:
                     await client.wait_connected(self.params.connect_timeout)
             try:
                 connection = client.connection()
-            except RedisConnectionError:
-                self._refresh_soon()  # a failover, perhaps: look where the slot went
-                raise
-            try:
                 if asking:
                     _, reply = await connection.pipeline(
                         pack_command("ASKING"), pack_command(*args)
@@ -401,7 +504,7 @@ class ClusterClient:
                 if not asking:
                     await self.refresh()
             except RedisConnectionError:
-                self._refresh_soon()
+                self.map.refresh_soon()  # a failover, perhaps: look where the slot went
                 raise
         raise RedisConnectionError(f"too many redirects for {key!r} in {self.address}")
 
@@ -436,30 +539,118 @@ class ClusterClient:
         return asyncio.ensure_future(self.lpush(key, *values))
 
 
+class _Router:
+    """What ``ClusterClient.connection()`` gives: the commands of a ``Connection`` that the
+    distributor and the Node use, each routed by its key."""
+
+    def __init__(self, cluster: ClusterClient) -> None:
+        self._cluster = cluster
+
+    async def execute(self, *args: object) -> Any:
+        return await self._cluster.execute(*args)
+
+    async def lpush(self, key: str | bytes, *values: object) -> int:
+        return await self._cluster.lpush(key, *values)
+
+    async def publish(self, channel: str | bytes, message: object) -> int:
+        return await self._cluster.publish(channel, message)
+
+    async def pipeline(self, *commands: bytes) -> list[Any]:
+        """Commands packed with ``pack_command``, each routed by its key (at once, not in one
+        write: they may live on different masters); ``PUBSUB NUMSUB`` counts sharded
+        subscribers. Error replies are returned in place, as ``Connection.pipeline`` does."""
+        parser = PythonParser()
+        calls = []
+        for packed in commands:
+            parser.feed(packed)
+            args = parser.gets()
+            if not isinstance(args, list) or not args:
+                raise ValueError("not a packed command")
+            if [a.upper() for a in args[:2]] == [b"PUBSUB", b"NUMSUB"]:
+                args = [b"PUBSUB", b"SHARDNUMSUB", *args[2:]]
+            calls.append(self._cluster.execute(*args))
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException) and not isinstance(reply, ReplyError):
+                raise reply
+        return list(replies)
+
+
+class PinnedClient(Client):
+    """A reconnecting connection to whichever master serves ``slot`` now: for blocking pops,
+    whose keys must share that slot. The connection is closed when the slot moves (a MOVED
+    or ``-UNBLOCKED`` reply, or a new slot map naming another master); the next one goes to
+    the new owner."""
+
+    def __init__(self, params: ConnectionParams, slot: int, **options: Any) -> None:
+        super().__init__(params, **options)
+        self.slot = slot
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<PinnedClient {self.name} {self.params.address} slot={self.slot} {state}>"
+
+    async def _open(self) -> Connection:
+        from .connection import open_connection
+
+        shared = _shared_map(self.params, self._parser)
+        slots = await shared.known()
+        owner = slots.owner(self.slot)
+        if owner is None:
+            shared.refresh_soon()
+            raise RedisConnectionError(
+                f"no master of {self.params.address} serves slot {self.slot}"
+            )
+        connection = await open_connection(shared.node_params(owner), parser=self._parser)
+        connection.leave_on(_LEAVE_CODES, shared.refresh_soon)
+        return connection
+
+    async def _watch(self, connection: Connection) -> Exception:
+        shared = _shared_map(self.params, self._parser)
+        server = (connection.params.host, connection.params.port)
+
+        def on_map(slots: SlotMap) -> None:
+            owner = slots.owner(self.slot)
+            if owner is not None and owner != server:
+                connection.fail(
+                    RedisConnectionError(
+                        f"slot {self.slot} moved from {_format(server)} to {_format(owner)}"
+                    )
+                )
+
+        unlisten = shared.listen(on_map)
+        try:
+            return await super()._watch(connection)
+        finally:
+            unlisten()
+
+
+# Replies by which a node says it no longer serves a pinned connection's slot.
+_LEAVE_CODES = frozenset({"MOVED", "UNBLOCKED", "CLUSTERDOWN"})
+
+
 class ShardedSubscriber:
     """Subscribes to channels with sharded pub/sub on the masters serving them, following
-    them when their slots move. Same callbacks as ``Subscriber``; ``on_connection_lost`` is
+    them when their slots move. Same surface as ``Subscriber``; ``on_connection_lost`` is
     called whenever messages of some channel may have been missed."""
 
     def __init__(
         self,
-        cluster: ClusterClient,
+        params: ConnectionParams,
         *,
         on_message: Callable[[bytes, bytes], None],
         on_connection_lost: Callable[[], None] | None = None,
         health_check_interval: float = 5.0,
         parser: str | None = None,
     ) -> None:
-        from .pubsub import Subscriber
-
-        self._subscriber_class = Subscriber
-        self.cluster = cluster
+        self.cluster = ClusterClient(params, parser=parser, name="sharded subscriber")
+        self.params = params
         self._on_message = on_message
         self._on_connection_lost = on_connection_lost
         self._health_check_interval = health_check_interval
         self._parser = parser
         self._channels: set[bytes] = set()
-        self._subscribers: dict[Address, Any] = {}  # master -> Subscriber
+        self._subscribers: dict[Address, Subscriber] = {}
         self._placed: dict[bytes, Address] = {}  # channel -> the master it is subscribed on
         self._moving: asyncio.Task[None] | None = None
         self._closing = False
@@ -497,8 +688,8 @@ class ShardedSubscriber:
                 await old.unsubscribe(channel)
         subscriber = self._subscribers.get(address)
         if subscriber is None:
-            subscriber = self._subscribers[address] = self._subscriber_class(
-                params=self.cluster._node_params(address),
+            subscriber = self._subscribers[address] = Subscriber(
+                params=self.cluster.map.node_params(address),
                 on_message=self._on_message,
                 on_connection_lost=self._lost,
                 health_check_interval=self._health_check_interval,
@@ -547,6 +738,7 @@ class ShardedSubscriber:
             backoff = min(backoff * 2, 2.0)
 
     async def unsubscribe(self, *channels: str | bytes) -> None:
+        """Stop receiving messages from these channels (all when none is named)."""
         names = [c.encode() if isinstance(c, str) else bytes(c) for c in channels]
         for name in names or list(self._channels):
             self._channels.discard(name)
@@ -555,6 +747,7 @@ class ShardedSubscriber:
                 await self._subscribers[address].unsubscribe(name)
 
     async def close(self) -> None:
+        """Stop and disconnect. Safe to call more than once."""
         self._closing = True
         if self._moving is not None:
             self._moving.cancel()
@@ -563,6 +756,7 @@ class ShardedSubscriber:
         subscribers, self._subscribers = list(self._subscribers.values()), {}
         for subscriber in subscribers:
             await subscriber.close()
+        await self.cluster.close()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -446,8 +446,14 @@ class Connection:
         self._watched: asyncio.Future[Any] | None = None  # the head seen at the last check
         self._watched_since = 0.0
         self._blocking_bounds: dict[asyncio.Future[Any], float] = {}
-        # Under Sentinel, a reply saying the server was demoted ends the connection.
-        self._follows_master = params.sentinel is not None
+        # Error codes that end the connection: the server no longer serves what this
+        # connection is for (Sentinel: demoted; Cluster: the slot moved). See ``leave_on``.
+        self._leave_codes: frozenset[str] = frozenset()
+        self._on_leave: Callable[[], None] | None = None
+        if params.sentinel is not None:
+            from . import sentinel
+
+            self.leave_on(sentinel.DEMOTION_CODES, lambda: sentinel.suspect(params))
 
     async def _open(self) -> None:
         self._writer = await open_stream(self.params, self._reader)
@@ -749,7 +755,7 @@ class Connection:
                 waiter = waiters.popleft()
                 if not waiter.done():  # a cancelled caller's reply is dropped here
                     waiter.set_result(reply)
-                if self._follows_master and isinstance(reply, ReplyError) and self._demoted(reply):
+                if self._leave_codes and isinstance(reply, ReplyError) and self._left(reply):
                     return
         except ProtocolError as exc:
             logger.warning("malformed reply from Redis at %s: %s", self.params.address, exc)
@@ -757,16 +763,24 @@ class Connection:
         except Exception as exc:  # never let an error escape into the transport
             self._abort(self._lost(exc))
 
-    def _demoted(self, reply: ReplyError) -> bool:
-        """End the connection if ``reply`` says the server is no longer master; say if so."""
-        from . import sentinel
+    def leave_on(self, codes: frozenset[str], callback: Callable[[], None] | None) -> None:
+        """Close this connection when an error reply has one of ``codes`` (after handing the
+        reply to its caller), and call ``callback``: the server no longer serves what the
+        connection is for (demoted to replica, slot moved)."""
+        self._leave_codes = codes
+        self._on_leave = callback
 
+    def _left(self, reply: ReplyError) -> bool:
+        """End the connection if ``reply`` has a code of ``leave_on``; say if so."""
         code = reply.code
-        if code not in sentinel.DEMOTION_CODES:
+        if code not in self._leave_codes:
             return False
-        sentinel.suspect(self.params)
+        if self._on_leave is not None:
+            self._on_leave()
         self._abort(
-            RedisConnectionError(f"Redis at {self.params.address} is no longer the master ({code})")
+            RedisConnectionError(
+                f"Redis at {self.params.address} no longer serves this connection ({code})"
+            )
         )
         return True
 

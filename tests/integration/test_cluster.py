@@ -7,16 +7,22 @@ a migration, and sharded pub/sub following a channel through a ``CLUSTER FAILOVE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import pytest
+import websockets
 
+from minidasgi import Node, create_path_distributor
 from minidasgi.resp import parse_url
 from minidasgi.resp.cluster import ClusterClient, ShardedSubscriber, key_slot
 from minidasgi.testing import ClusterSetup, RedisServer
 
-from .stack import poll
+from . import apps
+from .stack import poll, run_node, serve_app
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.requires_server("7.0")]
 
@@ -128,9 +134,12 @@ async def test_ask_during_a_migration(cluster: ClusterSetup) -> None:
 async def test_sharded_pubsub_across_masters(cluster: ClusterSetup) -> None:
     client = ClusterClient(parse_url(cluster.url))
     got: list[tuple[bytes, bytes]] = []
-    subscriber = ShardedSubscriber(client, on_message=lambda c, d: got.append((c, d)))
+    subscriber = ShardedSubscriber(
+        parse_url(cluster.url), on_message=lambda c, d: got.append((c, d))
+    )
     try:
         channels = list(keys_on_each_master(cluster).values())
+        await client.wait_connected(5)
         await asyncio.wait_for(subscriber.subscribe(*channels), 5)
         assert subscriber.connected
         assert len(subscriber._subscribers) == len(cluster.masters)
@@ -152,10 +161,13 @@ async def test_sharded_subscription_follows_a_failover(
     got: list[bytes] = []
     lost: list[int] = []
     subscriber = ShardedSubscriber(
-        client, on_message=lambda c, d: got.append(d), on_connection_lost=lambda: lost.append(1)
+        parse_url(setup.url),
+        on_message=lambda c, d: got.append(d),
+        on_connection_lost=lambda: lost.append(1),
     )
     try:
         channel = "failover-channel"
+        await client.wait_connected(5)
         await asyncio.wait_for(subscriber.subscribe(channel), 5)
         old = setup.master_of(channel)
         assert old is not None
@@ -180,3 +192,54 @@ async def test_sharded_subscription_follows_a_failover(
     finally:
         await subscriber.close()
         await client.close()
+
+
+# End to end: a distributor and Nodes on a cluster.
+
+
+async def echo_or_ws(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "websocket":
+        await apps.ws_echo(scope, receive, send)
+    else:
+        await apps.echo(scope, receive, send)
+
+
+async def test_http_and_websocket_across_masters(cluster: ClusterSetup) -> None:
+    """Routes whose keys land on different masters; the distributor's and the Nodes' reply
+    channels land where their names hash."""
+    keys = keys_on_each_master(cluster)  # port -> key
+    routes = {f"^/{key}/": key for key in keys.values()}
+    app = create_path_distributor(url=cluster.url, routes=routes, worker_timeout=5)
+    nodes = [Node(url=cluster.url, app=echo_or_ws, key=key) for key in keys.values()]
+    async with contextlib.AsyncExitStack() as stack:
+        base = await stack.enter_async_context(serve_app(app))
+        for node in nodes:
+            await stack.enter_async_context(run_node(node))
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            for key in keys.values():
+                response = await client.post(f"/{key}/x", content=b"body for " + key.encode())
+                assert response.status_code == 200, response.text
+                assert response.content == b"body for " + key.encode()
+        for key in keys.values():
+            url = base.replace("http", "ws") + f"/{key}/ws"
+            async with websockets.connect(url) as ws:
+                await ws.send(f"hi {key}")
+                assert await asyncio.wait_for(ws.recv(), 5) == f"hi {key}"
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_a_node_refuses_keys_in_different_slots(cluster: ClusterSetup) -> None:
+    keys = list(keys_on_each_master(cluster).values())
+    node = Node(url=cluster.url, app=apps.hello, keys=keys)
+    with pytest.raises(ValueError, match="share a slot"):
+        await node.serve()
+    # Keys with one hash tag share a slot, and one Node pops them all.
+    tagged = Node(url=cluster.url, app=apps.hello, keys=["{api}:users", "{api}:admin"])
+    app = create_path_distributor(
+        url=cluster.url, routes={"^/users": "{api}:users", "^/admin": "{api}:admin"}
+    )
+    async with serve_app(app) as base, run_node(tagged):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            assert (await client.get("/users")).status_code == 200
+            assert (await client.get("/admin")).status_code == 200
