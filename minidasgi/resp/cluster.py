@@ -389,8 +389,17 @@ class ClusterClient:
 
     @property
     def connected(self) -> bool:
-        """True once the slot map is known and every master used so far is connected."""
-        return self.slots is not None and all(c.connected for c in self._clients.values())
+        """True once the slot map is known and every master used so far is connected.
+
+        A master found disconnected has the map read again (at most every 0.1 s): it may have
+        failed over, and a readiness probe must not wait for a command to find out.
+        """
+        if self.slots is None:
+            return False
+        if all(c.connected for c in self._clients.values()):
+            return True
+        self.map.refresh_soon()
+        return False
 
     def start(self) -> None:
         """Read the slot map in the background (idempotent)."""
@@ -601,7 +610,11 @@ class PinnedClient(Client):
             raise RedisConnectionError(
                 f"no master of {self.params.address} serves slot {self.slot}"
             )
-        connection = await open_connection(shared.node_params(owner), parser=self._parser)
+        try:
+            connection = await open_connection(shared.node_params(owner), parser=self._parser)
+        except (RespError, OSError):
+            shared.refresh_soon()  # the owner may have failed over
+            raise
         connection.leave_on(_LEAVE_CODES, shared.refresh_soon)
         return connection
 
@@ -654,6 +667,7 @@ class ShardedSubscriber:
         self._placed: dict[bytes, Address] = {}  # channel -> the master it is subscribed on
         self._moving: asyncio.Task[None] | None = None
         self._closing = False
+        self._unlisten: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<ShardedSubscriber {self.cluster.address} channels={len(self._channels)}>"
@@ -665,6 +679,11 @@ class ShardedSubscriber:
             return False
         return all(s.connected for s in self._subscribers.values())
 
+    def _on_map(self, slots: SlotMap) -> None:
+        """The slot map changed: move the channels whose master changed."""
+        if any(slots.owner(key_slot(c)) != a for c, a in self._placed.items()):
+            self._replace_soon()
+
     @property
     def channels(self) -> frozenset[bytes]:
         return frozenset(self._channels)
@@ -673,6 +692,8 @@ class ShardedSubscriber:
         """Subscribe on the masters serving the channels; return once all are confirmed."""
         names = [c.encode() if isinstance(c, str) else bytes(c) for c in channels]
         self._channels.update(names)
+        if self._unlisten is None:
+            self._unlisten = self.cluster.map.listen(self._on_map)
         await self.cluster.wait_connected()
         await asyncio.gather(*(self._place(name) for name in names))
 
@@ -718,7 +739,9 @@ class ShardedSubscriber:
         self._moving = asyncio.ensure_future(self._replace())
 
     async def _replace(self) -> None:
-        """Refresh the map and subscribe every channel where it lives now, until all are."""
+        """Refresh the map and subscribe every channel where it lives now, until all are
+        confirmed (a master that died keeps its channels until the map names its successor:
+        the map is read again, with backoff, until then)."""
         backoff = 0.05
         while not self._closing:
             try:
@@ -730,7 +753,7 @@ class ShardedSubscriber:
                 for address in list(self._subscribers):
                     if address not in self._placed.values():
                         await self._subscribers.pop(address).close()
-                if set(self._placed) == self._channels:
+                if self.connected:
                     return
             except (RespError, asyncio.TimeoutError) as exc:
                 logger.debug("sharded subscriber: %s", exc)
@@ -749,6 +772,8 @@ class ShardedSubscriber:
     async def close(self) -> None:
         """Stop and disconnect. Safe to call more than once."""
         self._closing = True
+        if self._unlisten is not None:
+            self._unlisten()
         if self._moving is not None:
             self._moving.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,8 +7,10 @@ a migration, and sharded pub/sub following a channel through a ``CLUSTER FAILOVE
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,13 +18,14 @@ import httpx
 import pytest
 import websockets
 
-from minidasgi import Node, create_path_distributor
+from minidasgi import Node, create_distributor, create_path_distributor
 from minidasgi.resp import parse_url
 from minidasgi.resp.cluster import ClusterClient, ShardedSubscriber, key_slot
 from minidasgi.testing import ClusterSetup, RedisServer
 
 from . import apps
 from .stack import poll, run_node, serve_app
+from .test_sentinel import BACK_WITHIN, HANG, Runs, light_traffic
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.requires_server("7.0")]
 
@@ -243,3 +246,71 @@ async def test_a_node_refuses_keys_in_different_slots(cluster: ClusterSetup) -> 
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             assert (await client.get("/users")).status_code == 200
             assert (await client.get("/admin")).status_code == 200
+
+
+@pytest.mark.parametrize("fault", ["cluster-failover", "sigkill"])
+async def test_failover_under_light_traffic(
+    cluster_with_replicas: ClusterSetup, fault: str
+) -> None:
+    """The master serving the queue fails over (``CLUSTER FAILOVER`` on its replica, or a
+    SIGKILL): service back within 5 s of the promotion, no hang, nothing run twice, no keys
+    left."""
+    setup = cluster_with_replicas
+    key = "cluster-q"
+    runs = Runs()
+    app = create_distributor(url=setup.url, key=key, worker_timeout=3)
+    node = Node(url=setup.url, app=runs, key=key)
+    old = setup.master_of(key)
+    assert old is not None
+    replica = next(
+        s
+        for s in setup.replicas
+        if b"master_port:%d" % old.port in s.command("INFO", "replication")  # type: ignore[operator]
+    )
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=HANG) as client:
+            assert (await client.get("/", headers={"x-request-id": "first"})).status_code == 200
+        stop = asyncio.Event()
+        outcomes: list[tuple[float, float, str]] = []
+        traffic = asyncio.ensure_future(light_traffic(base, stop, outcomes))
+        await asyncio.sleep(0.5)
+        faulted = time.monotonic()
+        if fault == "sigkill":
+            old.kill()
+        else:
+            await asyncio.to_thread(replica.command, "CLUSTER", "FAILOVER")
+        try:
+
+            def promoted() -> bool:
+                info = replica.command("INFO", "replication")
+                return isinstance(info, bytes) and b"role:master" in info
+
+            assert await poll(lambda: asyncio.to_thread(promoted), 15), "no promotion"
+            promotion = time.monotonic()
+            served = await poll(
+                lambda: any(o == "200" and sent > promotion for sent, _, o in outcomes),
+                BACK_WITHIN + 1,
+            )
+            await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            await asyncio.wait_for(traffic, HANG + 5)
+        statuses = collections.Counter(o for _, _, o in outcomes)
+        assert served, f"no request succeeded after the promotion: {statuses}"
+        back = min(done for sent, done, o in outcomes if o == "200" and sent > promotion)
+        print(
+            f"{fault}: promoted {promotion - faulted:.2f} s after the fault, "
+            f"served again {back - promotion:.2f} s after the promotion; outcomes {statuses}"
+        )
+        assert back - promotion <= BACK_WITHIN
+        assert "hang" not in statuses
+        assert set(statuses) <= {"200", "502", "503", "RemoteProtocolError"}, statuses
+        twice = {k: n for k, n in runs.count.items() if n > 1}
+        assert not twice, f"requests run more than once: {twice}"
+    if fault == "sigkill":
+        await asyncio.to_thread(old.start)  # rejoins as a replica of the new master
+
+    def no_keys() -> bool:
+        return all(s.command("DBSIZE") == 0 for s in setup.servers if s.running)
+
+    assert await poll(lambda: asyncio.to_thread(no_keys), 15)
