@@ -832,8 +832,8 @@ async def open_connection(params: ConnectionParams, *, parser: str | None = None
     by ``params.connect_timeout`` (a server that accepts TCP but never answers is an error)."""
     if params.cluster is not None and not params.host:
         raise RedisConnectionError(
-            f"{params.address}: a Redis Cluster is reached through cluster.ClusterClient, "
-            "not a single connection"
+            f"{params.address}: a Redis Cluster has no single connection to open (this tool "
+            "does not support Cluster yet; clients use resp.cluster.ClusterClient)"
         )
     if params.unresolved:
         from . import sentinel
