@@ -93,3 +93,14 @@ def test_cluster_url() -> None:
     assert "pw" not in repr(params)
     with pytest.raises(ValueError, match="only db 0"):
         parse_url("redis+cluster://h1/2")
+
+
+def test_commands_are_routed_by_their_key() -> None:
+    from minidasgi.resp.cluster import _routing_key
+
+    assert _routing_key(("LPUSH", "q", "x")) == "q"
+    assert _routing_key((b"lrem", b"q", -1, b"x")) == b"q"
+    assert _routing_key(("PUBSUB", "SHARDNUMSUB", "ch")) == "ch"
+    assert _routing_key(("SPUBLISH", "ch", "m")) == "ch"
+    for keyless in (("CLIENT", "UNBLOCK", 5), ("PING",), ("LPUSH",), (), (1, "x")):
+        assert _routing_key(keyless) is None

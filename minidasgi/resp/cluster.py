@@ -42,7 +42,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -211,6 +211,7 @@ class _ClusterMap:
         self.changed_at = -1e9  # monotonic time the map last changed
         self.last_error: Exception | None = None
         self._listeners: set[Callable[[SlotMap], None]] = set()
+        self._last_good: Address | None = None  # asked first: a dead node may be slow to fail
 
     def node_params(self, address: Address) -> ConnectionParams:
         return replace(self.params, host=address[0], port=address[1], cluster=None)
@@ -245,7 +246,8 @@ class _ClusterMap:
         from .connection import open_connection
 
         known = self.slots.nodes if self.slots is not None else ()
-        candidates = list(dict.fromkeys([*known, *self.spec.startup_nodes]))
+        first = () if self._last_good is None else (self._last_good,)
+        candidates = list(dict.fromkeys([*first, *known, *self.spec.startup_nodes]))
         errors = []
         for address in candidates:
             try:
@@ -264,6 +266,7 @@ class _ClusterMap:
             if not slots.masters:
                 errors.append(f"{_format(address)} serves no slot yet")
                 continue
+            self._last_good = address
             self._install(slots)
             return slots
         error = RedisConnectionError(
@@ -540,12 +543,98 @@ class ClusterClient:
         return count
 
     def publish_soon(self, channel: str | bytes, message: object) -> asyncio.Future[int]:
-        """``try_publish`` without waiting for it: the future gives the count."""
-        return asyncio.ensure_future(self.try_publish(channel, message))
+        """``try_publish`` without waiting for the reply: the future gives the count. Sent on
+        the owner's live connection with a callback (no task per message); a redirect, or a
+        master used for the first time, takes the slow path of ``try_publish``."""
+        result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            connection = self.client_for(self.owner(channel)).connection()
+            reply = connection.send_packed(pack_command("SPUBLISH", channel, message))
+        except RespError:
+            _chain(result, self.try_publish(channel, message))
+            return result
+        reply.add_done_callback(lambda done: self._settle_count(result, done, channel, message))
+        return result
+
+    def _settle_count(
+        self,
+        result: asyncio.Future[int],
+        done: asyncio.Future[Any],
+        channel: str | bytes,
+        message: object,
+    ) -> None:
+        if result.done():
+            return
+        reply = _outcome(done)
+        if isinstance(reply, ReplyError) and _redirect(reply) is not None:
+            _chain(result, self.try_publish(channel, message))  # the slot moved: follow it
+            return
+        if isinstance(reply, BaseException):
+            logger.warning("%s cannot publish: %s", self.name, reply)
+            if isinstance(reply, RedisConnectionError):
+                self.map.refresh_soon()
+            result.set_result(0)
+            return
+        count = reply if type(reply) is int else 0
+        result.set_result(1 if count == 0 and self.settling() else count)
 
     def lpush_soon(self, key: str | bytes, values: list[Any]) -> asyncio.Future[int]:
-        """LPUSH ``values`` without waiting: the future gives the list's length or raises."""
-        return asyncio.ensure_future(self.lpush(key, *values))
+        """LPUSH ``values`` without waiting for the reply: the future gives the list's length
+        or raises ``RespError``; sent as ``publish_soon`` is."""
+        result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            connection = self.client_for(self.owner(key)).connection()
+            reply = connection.send_packed(pack_command("LPUSH", key, *values))
+        except RespError:
+            _chain(result, self.lpush(key, *values))
+            return result
+        reply.add_done_callback(lambda done: self._settle_push(result, done, key, values))
+        return result
+
+    def _settle_push(
+        self,
+        result: asyncio.Future[int],
+        done: asyncio.Future[Any],
+        key: str | bytes,
+        values: list[Any],
+    ) -> None:
+        if result.done():
+            return
+        reply = _outcome(done)
+        if isinstance(reply, ReplyError) and _redirect(reply) is not None:
+            _chain(result, self.lpush(key, *values))  # nothing ran: follow the redirect
+            return
+        if isinstance(reply, BaseException):
+            if isinstance(reply, RedisConnectionError):
+                self.map.refresh_soon()
+            result.set_exception(reply)
+            return
+        result.set_result(reply)
+
+
+def _outcome(done: asyncio.Future[Any]) -> Any:
+    """A raw reply future's value, or the exception it ended with."""
+    if done.cancelled():
+        return RedisConnectionError("the command was cancelled")
+    error = done.exception()
+    return error if error is not None else done.result()
+
+
+def _chain(result: asyncio.Future[Any], coroutine: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coroutine`` and copy its outcome to ``result`` (the rare slow path)."""
+    task = asyncio.ensure_future(coroutine)
+
+    def copy(done: asyncio.Future[Any]) -> None:
+        if result.done():
+            return
+        if done.cancelled():
+            result.cancel()
+        elif done.exception() is not None:
+            result.set_exception(done.exception())  # type: ignore[arg-type]
+        else:
+            result.set_result(done.result())
+
+    task.add_done_callback(copy)
 
 
 class _Router:

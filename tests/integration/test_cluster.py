@@ -314,3 +314,43 @@ async def test_failover_under_light_traffic(
         return all(s.command("DBSIZE") == 0 for s in setup.servers if s.running)
 
     assert await poll(lambda: asyncio.to_thread(no_keys), 15)
+
+
+async def test_fail_fast_counts_sharded_subscribers(cluster: ClusterSetup) -> None:
+    """``fail_fast`` asks ``PUBSUB NUMSUB`` beside the LPUSH: on a Cluster that must count the
+    Nodes' sharded presence subscriptions (SHARDNUMSUB) on the master serving the channel."""
+    app = create_distributor(url=cluster.url, key="ff-q", fail_fast=True, worker_timeout=30)
+    async with serve_app(app) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            started = time.monotonic()
+            response = await client.get("/")
+            assert response.status_code == 503, response.text
+            assert "no worker" in response.text
+            assert time.monotonic() - started < 15  # at once, not after worker_timeout
+            async with run_node(Node(url=cluster.url, app=apps.hello, key="ff-q")):
+                assert (await client.get("/")).status_code == 200
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_publish_soon_and_lpush_soon_follow_the_slots(cluster: ClusterSetup) -> None:
+    """The coalescing API (a callback per reply, no task per message) on a Cluster: routed
+    by key, a MOVED followed, 0 receivers reported as such in a stable cluster."""
+    client = ClusterClient(parse_url(cluster.url), settle_time=0)
+    try:
+        await client.wait_connected(5)
+        keys = list(keys_on_each_master(cluster).values())
+        for key in keys:
+            await client.lpush(key, "warm")  # connect every master
+        lengths = await asyncio.gather(*(client.lpush_soon(k, ["a", "b"]) for k in keys))
+        assert lengths == [3] * len(keys)
+        assert await client.publish_soon("nobody", b"x") == 0
+        key = keys[0]
+        owner = cluster.master_of(key)
+        target = next(s for s in cluster.masters if s is not owner)
+        assert owner is not None and owner.command("DEL", key) == 1
+        _move_empty_slot(cluster, key_slot(key), target)
+        assert await client.lpush_soon(key, ["moved"]) == 1  # MOVED, then the slow path
+        assert target.command("LLEN", key) == 1
+    finally:
+        await client.close()
