@@ -98,3 +98,28 @@ def test_distributor_and_node_take_a_spec_as_keyword() -> None:
     node = Node(app=lambda *a: None, key="q", sentinel=spec)
     for params in (app.params, node.params):
         assert params.sentinel == spec and params.unresolved
+
+
+async def test_a_switch_drops_the_connections_to_the_old_master_only() -> None:
+    from minidasgi.resp import sentinel
+
+    params = parse_url("redis+sentinel://127.0.0.1:1/m")
+    monitor = sentinel._Monitor(params.sentinel, params)  # type: ignore[arg-type]
+    monitor.master = ("10.0.0.1", 6379)
+    monitor._listen = _no_listening  # type: ignore[method-assign]
+    lost: list[str] = []
+    monitor.watch(("10.0.0.1", 6379), lambda exc: lost.append(f"old: {exc}"))
+    monitor.watch(("10.0.0.2", 6379), lambda exc: lost.append("other"))  # at once: not master
+    assert lost == ["other"]
+    monitor._on_message(b"+switch-master", b"other-name 10.0.0.1 6379 10.0.0.3 6379")
+    assert monitor.master == ("10.0.0.1", 6379)  # another master's switch: ignored
+    monitor._on_message(b"+switch-master", b"m 10.0.0.1 6379 10.0.0.3 6379")
+    assert monitor.master == ("10.0.0.3", 6379)
+    assert lost[1] == "old: the master 'm' moved from 10.0.0.1:6379 to 10.0.0.3:6379"
+    for junk in (b"", b"m a", b"m 1 2 3 x", b"m 1 2 3 70000", b"m " * 100):
+        monitor._on_message(b"+switch-master", junk)
+    assert monitor.master == ("10.0.0.3", 6379)
+
+
+async def _no_listening() -> None:
+    pass
