@@ -20,8 +20,8 @@ from collections.abc import Mapping
 
 from . import metrics, wire
 from .resp import ReplyError
-from .resp.connection import Connection
 from .resp.protocol import pack_command
+from .resp.topology import Commands
 
 __all__ = ["Admission"]
 
@@ -83,7 +83,7 @@ class Admission:
         more = f" (and {unlogged} more since the last line)" if unlogged else ""
         logger.warning("refused a request on %r: %s%s", key, _REASONS.get(reason, reason), more)
 
-    async def push(self, connection: Connection, key: str, data: bytes) -> str | None:
+    async def push(self, connection: Commands, key: str, data: bytes) -> str | None:
         """LPUSH ``data``; return None if it may wait, else the refusal reason
         (``metrics.NO_NODE`` or ``metrics.QUEUE_FULL``), the request then being in the list
         still, for the caller to take back. Raise ``RespError`` when the LPUSH failed."""

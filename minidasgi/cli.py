@@ -129,8 +129,10 @@ def _build_parser() -> argparse.ArgumentParser:
             "--redis",
             metavar="URL",
             default=None,  # MINIDASGI_REDIS_URL is read in main(), to tell where a URL came from
-            help="redis://[[user]:password@]host[:port][/db], rediss://... or "
-            "unix:///path.sock?db=N [MINIDASGI_REDIS_URL] (default: redis://localhost:6379); "
+            help="redis://[[user]:password@]host[:port][/db], rediss://..., "
+            "unix:///path.sock?db=N, redis+sentinel://host1:26379,host2:26379/MASTER[/db] or "
+            "redis+cluster://host1:port,host2:port "
+            "[MINIDASGI_REDIS_URL] (default: redis://localhost:6379); "
             "a password here is visible to every user of the machine in ps: give it in "
             "MINIDASGI_REDIS_PASSWORD or --redis-password-file",
         )

@@ -41,9 +41,9 @@ from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError
 from .liveness import PeerTracker
-from .resp import RespError, Subscriber
-from .resp.client import Client
+from .resp import RespError, topology
 from .resp.connection import make_params
+from .resp.sentinel import SentinelSpec
 from .routing import InvalidKey, RouteTable, check_key
 
 __all__ = [
@@ -96,7 +96,9 @@ class Distributor:
 
     ``routes`` maps regular expressions to key templates (see ``RouteTable``); ``key`` sends
     everything to one list. Redis is reached through ``url`` or ``host``/``port``/``db``/
-    ``username``/``password``/``ssl``/``unix_socket``.
+    ``username``/``password``/``ssl``/``unix_socket``, or found through Sentinel
+    (``redis+sentinel://`` URLs, or ``sentinel=SentinelSpec(...)``): see README, "Scaling past
+    one Redis".
 
     ``worker_timeout``: seconds to wait for a Node to ack (the seed's 5 s); then the client gets
     ``no_worker_status`` (405, the seed's documented error; 503 is the usual choice for new
@@ -148,6 +150,7 @@ class Distributor:
         password: str | None = None,
         ssl: Any = None,
         unix_socket: str | None = None,
+        sentinel: SentinelSpec | None = None,
         worker_timeout: float = 5.0,
         no_worker_status: int = 405,
         response_timeout: float | None = None,
@@ -189,6 +192,7 @@ class Distributor:
             password=password,
             ssl=ssl,
             unix_socket=unix_socket,
+            sentinel=sentinel,
         )
         self.worker_timeout = worker_timeout
         self.no_worker_status = no_worker_status
@@ -230,8 +234,8 @@ class Distributor:
         self._parser = parser
         self._exchanges: dict[str, _Exchange] = {}
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
-        self._client: Client | None = None
-        self._subscriber: Subscriber | None = None
+        self._client: topology.CommandClient | None = None
+        self._subscriber: topology.AnySubscriber | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -259,14 +263,14 @@ class Distributor:
         await asyncio.shield(self._starting)
 
     async def _start(self) -> None:
-        self._client = Client(
+        self._client = topology.command_client(
             self.params,
             name="distributor",
             parser=self._parser,
             health_check_interval=self.health_check_interval,
         )
-        self._subscriber = Subscriber(
-            params=self.params,
+        self._subscriber = topology.subscriber(
+            self.params,
             health_check_interval=self.health_check_interval,
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,

@@ -36,9 +36,10 @@ from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError
 from .lifespan import Lifespan
 from .liveness import PeerTracker
-from .resp import ReplyError, RespError, Subscriber
+from .resp import ReplyError, RespError, topology
 from .resp.client import Client
 from .resp.connection import make_params
+from .resp.sentinel import SentinelSpec
 
 __all__ = ["DEFAULT_CONCURRENCY", "Node"]
 
@@ -57,7 +58,8 @@ class Node:
     ``cls=`` takes the seed's class style (``cls(scope)``, then ``await instance(receive,
     send)``); ``app=`` an ASGI 3 app (or a class-style one, told apart as uvicorn does).
     ``key=`` or ``keys=`` name the lists to pop. Connection settings as for
-    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://`` or ``unix://``.
+    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://``, ``unix://`` or
+    ``redis+sentinel://`` (``sentinel=`` takes a ``SentinelSpec`` instead).
 
     ``channel_prefix`` starts the Node's pub/sub channel name: the same as its tenant's
     distributors', with ACL users confined to it (README, "Security and trust").
@@ -95,6 +97,7 @@ class Node:
         username: str | None = None,
         ssl: Any = None,
         unix_socket: str | None = None,
+        sentinel: SentinelSpec | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         lifespan: str = "auto",
         shutdown_timeout: float = 30.0,
@@ -126,6 +129,7 @@ class Node:
             password=password,
             ssl=ssl,
             unix_socket=unix_socket,
+            sentinel=sentinel,
         )
         self.concurrency = concurrency
         self.lifespan = Lifespan(self.app, lifespan)
@@ -160,13 +164,13 @@ class Node:
                 health_host, health_port, ready=lambda: self.ready, registry=self.metrics.registry
             )
         )
-        self._subscriber: Subscriber | None = None
+        self._subscriber: topology.AnySubscriber | None = None
         self._started_at = stats.process_started()
         self._parser = parser
         self._jobs: dict[str, _Job] = {}
         self._stopping: asyncio.Event | None = None
         self._force = False
-        self._publisher: Client | None = None
+        self._publisher: topology.CommandClient | None = None
         self._started: asyncio.Event | None = None
         self._pop_client_id: int | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -227,7 +231,7 @@ class Node:
             # Wake the blocked BRPOP as if it timed out: nothing popped is ever dropped.
             self.spawn(self._unblock_pop(self._publisher, self._pop_client_id))
 
-    async def _unblock_pop(self, publisher: Client, client_id: int) -> None:
+    async def _unblock_pop(self, publisher: topology.CommandClient, client_id: int) -> None:
         with contextlib.suppress(RespError):  # the BRPOP's own timeout is the fallback
             await publisher.execute("CLIENT", "UNBLOCK", client_id)
 
@@ -244,14 +248,18 @@ class Node:
         if self._started is None:
             self._started = asyncio.Event()
         health = self.health_check_interval
-        publisher = self._publisher = Client(
+        publisher = self._publisher = topology.command_client(
             self.params, name="node publisher", parser=self._parser, health_check_interval=health
         )
-        popper = Client(
-            self.params, name="node queue", parser=self._parser, health_check_interval=health
+        popper = topology.pop_client(
+            self.params,
+            self.keys,
+            name="node queue",
+            parser=self._parser,
+            health_check_interval=health,
         )
-        subscriber = self._subscriber = Subscriber(
-            params=self.params,
+        subscriber = self._subscriber = topology.subscriber(
+            self.params,
             health_check_interval=health,
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,

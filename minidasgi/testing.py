@@ -47,10 +47,13 @@ from urllib.parse import quote
 
 __all__ = [
     "INSTALL_HINT",
+    "ClusterSetup",
     "RedisReplyError",
     "RedisServer",
     "RedisServerError",
     "RedisServerNotFound",
+    "SentinelServer",
+    "SentinelSetup",
     "ServerBinary",
     "TLSNotSupportedError",
     "embedded_redis_server",
@@ -664,3 +667,378 @@ class RedisServer:
                     f"openssl {step[0]} failed: {result.stderr.decode(errors='replace')}"
                 )
         self.ca_file = str(d / "ca.crt")
+
+
+# -- Sentinel -------------------------------------------------------------------------------
+
+
+class SentinelServer(RedisServer):
+    """One ``redis-server --sentinel`` process watching ``master_name``, from a config
+    written before it starts: it knows the master, the replicas and the other sentinels at
+    once (``known-replica``, ``known-sentinel``), so it needs no discovery round."""
+
+    def __init__(
+        self,
+        *,
+        master_name: str,
+        master_port: int,
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 10_000,
+        binary: str | None = None,
+    ) -> None:
+        super().__init__(binary=binary)
+        self.master_name = master_name
+        self.master_port = master_port
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.run_id = os.urandom(20).hex()
+        self.known_replicas: list[int] = []
+        self.known_sentinels: list[SentinelServer] = []
+        self.config_path = self.tmpdir / "sentinel.conf"
+
+    def _config(self) -> str:
+        name = self.master_name
+        lines = [
+            f"port {self.port}",
+            f"bind {self.host}",
+            f"unixsocket {self.unix_socket}",
+            "unixsocketperm 700",
+            f"dir {self.tmpdir}",
+            f"logfile {self.log_path}",
+            "daemonize no",
+            f"sentinel myid {self.run_id}",
+            f"sentinel monitor {name} {self.host} {self.master_port} {self.quorum}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        lines += [f"sentinel known-replica {name} {self.host} {p}" for p in self.known_replicas]
+        lines += [
+            f"sentinel known-sentinel {name} {s.host} {s.port} {s.run_id}"
+            for s in self.known_sentinels
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _argv(self) -> list[str]:
+        if not self._started_once:  # sentinel rewrites its config: keep what it learnt
+            self.config_path.write_text(self._config())
+        return [self.binary, str(self.config_path), "--sentinel"]
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<SentinelServer {self.host}:{self.port} {self.master_name} {state}>"
+
+
+class SentinelSetup:
+    """A master, ``replicas`` replicas and ``sentinels`` sentinels (quorum 2), on free
+    loopback ports, for failover tests. ``url`` is the ``redis+sentinel://`` URL that finds
+    the master through the sentinels; ``servers`` are the data servers (master first, until a
+    failover); :meth:`master` asks a sentinel which one is master now.
+
+    ``down_after_ms`` is how long a master stays silent before a sentinel thinks it down:
+    after a SIGKILL, a replica is promoted a few seconds later.
+    """
+
+    def __init__(
+        self,
+        *,
+        master_name: str = "mymaster",
+        replicas: int = 1,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+        binary: str | None = None,
+    ) -> None:
+        binary = binary or find_redis_server()
+        self.master_name = master_name
+        self.servers: list[RedisServer] = []
+        self.sentinels: list[SentinelServer] = []
+        try:
+            # No diskless-sync delay: a replica is in sync in milliseconds, not 5 s.
+            common = ["--replica-announce-ip", HOST, "--repl-diskless-sync-delay", "0"]
+            master = RedisServer(binary=binary, extra_args=common)
+            self.servers.append(master)
+            for _ in range(replicas):
+                self.servers.append(
+                    RedisServer(
+                        binary=binary,
+                        extra_args=[*common, "--replicaof", HOST, str(master.port)],
+                    )
+                )
+            for _ in range(sentinels):
+                self.sentinels.append(
+                    SentinelServer(
+                        master_name=master_name,
+                        master_port=master.port,
+                        quorum=min(2, sentinels),
+                        down_after_ms=down_after_ms,
+                        binary=binary,
+                    )
+                )
+            for sentinel in self.sentinels:
+                sentinel.known_replicas = [s.port for s in self.servers[1:]]
+                sentinel.known_sentinels = [s for s in self.sentinels if s is not sentinel]
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{s.host}:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.master_name}"
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> SentinelSetup:
+        """Start every process and wait until the replicas are in sync and every sentinel
+        knows the replicas and the other sentinels."""
+        try:
+            for server in self.servers:
+                server.start()
+            for sentinel in self.sentinels:
+                sentinel.start()
+            deadline = time.monotonic() + timeout
+            while not self._ready():
+                if time.monotonic() > deadline:
+                    raise RedisServerError("the sentinel setup did not settle in time")
+                time.sleep(0.02)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            for replica in self.servers[1:]:
+                info = replica.command("INFO", "replication")
+                assert isinstance(info, bytes)
+                if b"master_link_status:up" not in info:
+                    return False
+            for sentinel in self.sentinels:
+                state = _pairs(sentinel.command("SENTINEL", "MASTER", self.master_name))
+                if int(state.get(b"num-slaves", 0)) < len(self.servers) - 1:
+                    return False
+                if int(state.get(b"num-other-sentinels", 0)) < len(self.sentinels) - 1:
+                    return False
+        except (OSError, RedisReplyError, RedisServerError):
+            return False
+        return True
+
+    def master(self) -> RedisServer | None:
+        """The data server the first answering sentinel names master (None if none knows)."""
+        for sentinel in self.sentinels:
+            if not sentinel.running:
+                continue
+            try:
+                reply = sentinel.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+            except (OSError, RedisReplyError, RedisServerError):
+                continue
+            if isinstance(reply, list) and len(reply) == 2:
+                port = int(reply[1])
+                for server in self.servers:
+                    if server.port == port:
+                        return server
+        return None
+
+    def failover(self) -> None:
+        """``SENTINEL FAILOVER``: promote a replica without waiting for the master to fail."""
+        self.sentinels[0].command("SENTINEL", "FAILOVER", self.master_name)
+
+    def close(self) -> None:
+        """Stop every process (sentinels first) and remove their temp dirs."""
+        for server in [*self.sentinels, *self.servers]:
+            with contextlib.suppress(Exception):
+                server.close()
+
+    def __enter__(self) -> SentinelSetup:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        counts = f"servers={len(self.servers)} sentinels={len(self.sentinels)}"
+        return f"<SentinelSetup {self.master_name} {counts}>"
+
+
+def _pairs(reply: object) -> dict[bytes, bytes]:
+    """A flat ``[field, value, ...]`` reply as a dict."""
+    if not isinstance(reply, list):
+        return {}
+    pairs = zip(reply[::2], reply[1::2], strict=False)
+    return {k: v for k, v in pairs if isinstance(k, bytes) and isinstance(v, bytes)}
+
+
+# -- Cluster --------------------------------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+
+
+class ClusterSetup:
+    """A Redis Cluster of ``masters`` masters (the 16384 slots split evenly) and
+    ``replicas`` replicas per master, on free loopback ports. ``url`` is the
+    ``redis+cluster://`` URL naming every master; ``masters`` and ``replicas`` list the
+    servers as started (a failover changes their roles: see :meth:`master_of`).
+
+    ``node_timeout_ms`` is how long a master may stay silent before the others fail it over
+    to a replica (after a SIGKILL, a replica takes over a little after that).
+    """
+
+    def __init__(
+        self,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 1000,
+        binary: str | None = None,
+    ) -> None:
+        if masters < 1:
+            raise ValueError("a cluster needs at least one master")
+        binary = binary or find_redis_server()
+        args = [
+            "--cluster-enabled", "yes",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-require-full-coverage", "no",
+            "--cluster-replica-validity-factor", "0",
+            "--repl-diskless-sync-delay", "0",
+        ]  # fmt: skip
+        self.masters: list[RedisServer] = []
+        self.replicas: list[RedisServer] = []
+        self._replica_of: dict[int, RedisServer] = {}
+        try:
+            for _ in range(masters):
+                self.masters.append(_cluster_node(binary, args))
+            for master in self.masters:
+                for _ in range(replicas):
+                    server = _cluster_node(binary, args)
+                    self.replicas.append(server)
+                    self._replica_of[server.port] = master
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        """Every server, masters first."""
+        return [*self.masters, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{s.host}:{s.port}" for s in self.masters)
+        return f"redis+cluster://{hosts}"
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> ClusterSetup:
+        """Start every server, assign the slots, join the nodes and wait until every node
+        sees the cluster whole (``cluster_state:ok``, every replica in sync)."""
+        try:
+            for server in self.servers:
+                server.start()
+            count = len(self.masters)
+            for index, master in enumerate(self.masters):
+                first = index * CLUSTER_SLOTS // count
+                last = (index + 1) * CLUSTER_SLOTS // count - 1
+                master.command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            first_node = self.masters[0]
+            for server in self.servers[1:]:
+                server.command(
+                    "CLUSTER", "MEET", first_node.host, first_node.port, _bus_port(first_node)
+                )
+            deadline = time.monotonic() + timeout
+            for replica in self.replicas:
+                master_id = self._replica_of[replica.port].command("CLUSTER", "MYID")
+                while True:  # the replica must have heard of its master first
+                    try:
+                        replica.command("CLUSTER", "REPLICATE", master_id)
+                        break
+                    except RedisReplyError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.02)
+            while not self._ready():
+                if time.monotonic() > deadline:
+                    raise RedisServerError("the cluster did not settle in time")
+                time.sleep(0.02)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        total = len(self.servers)
+        try:
+            for server in self.servers:
+                info = server.command("CLUSTER", "INFO")
+                assert isinstance(info, bytes)
+                if (
+                    b"cluster_state:ok" not in info
+                    or f"cluster_known_nodes:{total}".encode() not in info
+                ):
+                    return False
+                nodes = server.command("CLUSTER", "NODES")
+                assert isinstance(nodes, bytes)
+                if nodes.count(b"master") < len(self.masters) or b"handshake" in nodes:
+                    return False
+            for replica in self.replicas:
+                info = replica.command("INFO", "replication")
+                assert isinstance(info, bytes)
+                if b"master_link_status:up" not in info:
+                    return False
+        except (OSError, RedisReplyError, RedisServerError):
+            return False
+        return True
+
+    def master_of(self, key: str | bytes) -> RedisServer | None:
+        """The server that serves ``key``'s slot now, as a live master sees it."""
+        for server in self.servers:
+            if not server.running:
+                continue
+            try:
+                slot = server.command("CLUSTER", "KEYSLOT", key)
+                slots = server.command("CLUSTER", "SLOTS")
+            except (OSError, RedisReplyError, RedisServerError):
+                continue
+            assert isinstance(slot, int) and isinstance(slots, list)
+            for entry in slots:
+                if entry[0] <= slot <= entry[1]:
+                    port = int(entry[2][1])
+                    return next((s for s in self.servers if s.port == port), None)
+        return None
+
+    def close(self) -> None:
+        """Stop every server and remove their temp dirs."""
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                server.close()
+
+    def __enter__(self) -> ClusterSetup:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ClusterSetup masters={len(self.masters)} replicas={len(self.replicas)}>"
+
+
+def _cluster_node(binary: str, args: list[str]) -> RedisServer:
+    """A cluster-enabled server with its own config file and a free bus port (the default,
+    port + 10000, may be taken or past 65535)."""
+    server = RedisServer(binary=binary, extra_args=args)
+    server.extra_args += [
+        "--cluster-config-file", str(server.tmpdir / "nodes.conf"),
+        "--cluster-port", str(_free_port()),
+    ]  # fmt: skip
+    return server
+
+
+def _bus_port(server: RedisServer) -> int:
+    return int(server.extra_args[server.extra_args.index("--cluster-port") + 1])

@@ -1,8 +1,9 @@
 """A small RESP (Redis protocol) client over asyncio streams: only what minidasgi needs.
 
 ``connect()`` returns a ``Connection`` for commands (LPUSH, BRPOP, PUBLISH, ...), shared by any
-number of tasks; ``Subscriber`` receives pub/sub messages on a connection of its own. This
-package knows nothing of ASGI.
+number of tasks; ``Subscriber`` receives pub/sub messages on a connection of its own. Where
+the server is comes from ``ConnectionParams``: one server, or the master a set of sentinels
+names (``sentinel``). This package knows nothing of ASGI.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .protocol import (
     pack_command,
 )
 from .pubsub import Message, Subscriber
+from .sentinel import SentinelSpec
 
 __all__ = [
     "NEED_DATA",
@@ -32,6 +34,7 @@ __all__ = [
     "RedisConnectionError",
     "ReplyError",
     "RespError",
+    "SentinelSpec",
     "Subscriber",
     "connect",
     "make_params",

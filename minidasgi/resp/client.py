@@ -20,6 +20,7 @@ import logging
 import random
 from typing import Any
 
+from . import sentinel
 from .connection import Connection, ConnectionParams, open_connection
 from .protocol import AuthenticationError, RedisConnectionError, RespError, pack_command
 
@@ -64,6 +65,11 @@ class Client:
         """True while a live connection is at hand."""
         connection = self._connection
         return connection is not None and not connection.is_closed
+
+    @property
+    def ever_connected(self) -> bool:
+        """True once a connection was made (False while the first one is being attempted)."""
+        return self._ever_connected
 
     def start(self) -> None:
         """Start the supervisor (idempotent)."""
@@ -173,7 +179,7 @@ class Client:
         backoff = self._min_backoff
         while not self._closing:
             try:
-                connection = await open_connection(self.params, parser=self._parser)
+                connection = await self._open()
             except AuthenticationError as exc:
                 self.last_error = exc
                 logger.error("%s: %s", self.name, exc)
@@ -204,11 +210,32 @@ class Client:
                 self.last_error = reason
                 logger.warning("%s: %s", self.name, reason)
                 continue
-            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            delay = backoff * (0.5 + random.random() / 2)
+            if self.params.sentinel is not None:
+                await sentinel.pause(self.params, delay)  # cut short when the master moves
+            else:
+                await asyncio.sleep(delay)
             backoff = min(backoff * 2, self._max_backoff)
 
+    async def _open(self) -> Connection:
+        """Open a connection (a subclass may choose the server each time)."""
+        return await open_connection(self.params, parser=self._parser)
+
     async def _watch(self, connection: Connection) -> Exception:
-        """Wait for the connection to end, checking its health while it idles; return why."""
+        """Wait for the connection to end, checking its health while it idles; return why.
+
+        Under Sentinel the connection is also closed the moment the master moves elsewhere.
+        """
+        unwatch = None
+        if connection.params.sentinel is not None:
+            unwatch = sentinel.watch(connection.params, connection.fail)
+        try:
+            return await self._wait_closed(connection)
+        finally:
+            if unwatch is not None:
+                unwatch()
+
+    async def _wait_closed(self, connection: Connection) -> Exception:
         interval = self.health_check_interval
         if not interval:
             return await connection.wait_closed()

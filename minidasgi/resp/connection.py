@@ -45,7 +45,7 @@ import socket
 import ssl as _ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .protocol import (
@@ -58,6 +58,10 @@ from .protocol import (
     pack_command,
     pack_pair_command,
 )
+
+if TYPE_CHECKING:
+    from .cluster import ClusterSpec
+    from .sentinel import SentinelSpec
 
 __all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
 
@@ -97,10 +101,24 @@ class ConnectionParams:
     #: Seconds a command may wait for its reply before the peer is taken for dead and the
     #: connection closed (``None`` or 0: no bound). Blocking pops get their server timeout on top.
     reply_timeout: float | None = 10.0
+    #: Find the master through these sentinels (``host`` empty until it is resolved, then the
+    #: master's): see ``sentinel``.
+    sentinel: SentinelSpec | None = None
+    #: A Redis Cluster reached through these nodes (``host`` empty): see ``cluster``.
+    cluster: ClusterSpec | None = None
+
+    @property
+    def unresolved(self) -> bool:
+        """True while the server is still to be found (through sentinels)."""
+        return self.sentinel is not None and not self.host
 
     @property
     def address(self) -> str:
         """The server's address for messages: ``host:port`` or ``unix:/path``."""
+        if self.sentinel is not None and not self.host:
+            return self.sentinel.address
+        if self.cluster is not None:
+            return self.cluster.address
         if self.unix_socket is not None:
             return f"unix:{self.unix_socket}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -166,8 +184,12 @@ class _URLError(ValueError):
 
 
 def parse_url(url: str) -> ConnectionParams:
-    """Parse ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
-    ``unix://[[user]:password@]/path.sock[?db=N]``. User and password are percent-decoded.
+    """Parse ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
+    ``unix://[[user]:password@]/path.sock[?db=N]`` or
+    ``redis+sentinel://[[user]:password@]host1[:26379],host2[:26379]/MASTERNAME[/db]``
+    (``rediss+sentinel://`` for TLS to the master; the credentials are the master's, the
+    sentinels are reached without any) or ``redis+cluster://[[user]:password@]host:port[,...]``
+    (``rediss+cluster://``; any of the cluster's nodes). User and password are percent-decoded.
 
     The credentials run up to the last ``@`` before the host, so a password may hold ``@``,
     ``/``, ``?``, ``#`` or ``%`` without percent-encoding them (``%`` followed by two hex
@@ -186,8 +208,10 @@ def parse_url(url: str) -> ConnectionParams:
 
 def _parse_url(url: str) -> ConnectionParams:
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("redis", "rediss", "unix"):
-        raise _URLError("the scheme must be redis://, rediss:// or unix://")
+    if not sep or scheme not in _SCHEMES:
+        raise _URLError(
+            "the scheme must be redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
+        )
     credentials, hostpart = _split_credentials(scheme, rest)
     username = password = None
     if credentials is not None:
@@ -195,6 +219,11 @@ def _parse_url(url: str) -> ConnectionParams:
         username = unquote(user) if user else None
         password = unquote(secret) if colon else None
     # What is left holds no credentials: the standard parser may quote it in its errors.
+    sentinels: str | None = None
+    if scheme.endswith(("+sentinel", "+cluster")):  # several hosts: the parser takes one
+        end = min((i for i in (hostpart.find("/"), hostpart.find("?")) if i >= 0), default=None)
+        sentinels = hostpart[:end]
+        hostpart = "localhost" + ("" if end is None else hostpart[end:])
     try:
         parts = urlsplit(f"{scheme}://{hostpart}")
         port = parts.port
@@ -202,7 +231,11 @@ def _parse_url(url: str) -> ConnectionParams:
         raise _URLError(str(exc)) from None
     query = parse_qs(parts.query)
     db_text: str | None = query["db"][-1] if "db" in query else None
-    if scheme == "unix":
+    if sentinels is not None and scheme.endswith("+cluster"):
+        base = _cluster_base(scheme, sentinels, parts.path)
+    elif sentinels is not None:
+        base, db_text = _sentinel_base(scheme, sentinels, parts.path, db_text)
+    elif scheme == "unix":
         path = parts.netloc + parts.path  # unix:///p has an empty netloc; unix://:pw@/p none
         if not path:
             raise _URLError("no socket path")
@@ -242,6 +275,51 @@ def _parse_url(url: str) -> ConnectionParams:
                 )
             timeouts[name] = value or None
     return replace(base, db=db, username=username, password=password, **timeouts)
+
+
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
+
+
+def _cluster_base(scheme: str, hosts: str, path: str) -> ConnectionParams:
+    """``host1:port,host2:port`` as the nodes to ask for the slot map (a cluster has db 0)."""
+    from .cluster import ClusterSpec
+    from .sentinel import parse_hosts
+
+    if path.strip("/") not in ("", "0"):
+        raise _URLError("a cluster has only db 0")
+    try:
+        spec = ClusterSpec(startup_nodes=parse_hosts(hosts, default_port=6379))
+    except ValueError as exc:
+        raise _URLError(str(exc)) from None
+    ssl = True if scheme.startswith("rediss") else None
+    return ConnectionParams(host="", cluster=spec, ssl=ssl)
+
+
+def _sentinel_base(
+    scheme: str, hosts: str, path: str, db_text: str | None
+) -> tuple[ConnectionParams, str | None]:
+    """``host1:26379,host2`` and ``/NAME[/db]`` as params still to resolve."""
+    from .sentinel import SentinelSpec, parse_hosts
+
+    name, _, db_path = path.strip("/").partition("/")
+    if not name:
+        raise _URLError("a sentinel URL names the master: redis+sentinel://host:26379/NAME")
+    try:
+        spec = SentinelSpec(service_name=unquote(name), sentinels=parse_hosts(hosts))
+    except ValueError as exc:
+        raise _URLError(str(exc)) from None
+    if db_path and db_text is None:
+        db_text = db_path.strip("/")
+    ssl = True if scheme.startswith("rediss") else None
+    return ConnectionParams(host="", sentinel=spec, ssl=ssl), db_text
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -368,6 +446,14 @@ class Connection:
         self._watched: asyncio.Future[Any] | None = None  # the head seen at the last check
         self._watched_since = 0.0
         self._blocking_bounds: dict[asyncio.Future[Any], float] = {}
+        # Error codes that end the connection: the server no longer serves what this
+        # connection is for (Sentinel: demoted; Cluster: the slot moved). See ``leave_on``.
+        self._leave_codes: frozenset[str] = frozenset()
+        self._on_leave: Callable[[], None] | None = None
+        if params.sentinel is not None:
+            from . import sentinel
+
+            self.leave_on(sentinel.DEMOTION_CODES, lambda: sentinel.suspect(params))
 
     async def _open(self) -> None:
         self._writer = await open_stream(self.params, self._reader)
@@ -671,11 +757,39 @@ class Connection:
                 waiter = waiters.popleft()
                 if not waiter.done():  # a cancelled caller's reply is dropped here
                     waiter.set_result(reply)
+                if self._leave_codes and isinstance(reply, ReplyError) and self._left(reply):
+                    return
         except ProtocolError as exc:
             logger.warning("malformed reply from Redis at %s: %s", self.params.address, exc)
             self._abort(exc)
         except Exception as exc:  # never let an error escape into the transport
             self._abort(self._lost(exc))
+
+    def leave_on(self, codes: frozenset[str], callback: Callable[[], None] | None) -> None:
+        """Close this connection when an error reply has one of ``codes`` (after handing the
+        reply to its caller), and call ``callback``: the server no longer serves what the
+        connection is for (demoted to replica, slot moved)."""
+        self._leave_codes = codes
+        self._on_leave = callback
+
+    def _left(self, reply: ReplyError) -> bool:
+        """End the connection if ``reply`` has a code of ``leave_on``; say if so."""
+        code = reply.code
+        if code not in self._leave_codes:
+            return False
+        if self._on_leave is not None:
+            self._on_leave()
+        self._abort(
+            RedisConnectionError(
+                f"Redis at {self.params.address} no longer serves this connection ({code})"
+            )
+        )
+        return True
+
+    def fail(self, error: Exception) -> None:
+        """Close the connection at once, failing every pending command with ``error``'s
+        message (``RedisConnectionError``); buffered commands are dropped."""
+        self._abort(RedisConnectionError(str(error)), force=True)
 
     def _on_end(self, error: BaseException | None) -> None:
         if error is None:
@@ -718,10 +832,19 @@ class Connection:
 async def open_connection(params: ConnectionParams, *, parser: str | None = None) -> Connection:
     """Open a connection with ``params`` and perform the AUTH/SELECT handshake, both bounded
     by ``params.connect_timeout`` (a server that accepts TCP but never answers is an error)."""
+    if params.cluster is not None and not params.host:
+        raise RedisConnectionError(
+            f"{params.address}: a Redis Cluster has no single connection to open (this tool "
+            "does not support Cluster yet; clients use resp.cluster.ClusterClient)"
+        )
+    if params.unresolved:
+        from . import sentinel
+
+        params = await sentinel.resolve(params)
     connection = Connection(params, parser=parser)
     await connection._open()
     try:
-        if params.password is not None or params.db:
+        if params.password is not None or params.db or params.sentinel is not None:
             try:
                 await asyncio.wait_for(_handshake(connection), params.connect_timeout)
             except asyncio.TimeoutError:
@@ -760,6 +883,10 @@ async def _handshake(connection: Connection) -> None:
             raise ReplyError(
                 f"Redis at {params.address} refused SELECT {params.db}: {exc}"
             ) from None
+    if params.sentinel is not None:
+        from . import sentinel
+
+        await sentinel.check_role(connection)
 
 
 def make_params(
@@ -774,8 +901,13 @@ def make_params(
     ssl: _ssl.SSLContext | bool | None = None,
     connect_timeout: float | None = None,
     reply_timeout: float | None = None,
+    sentinel: SentinelSpec | None = None,
 ) -> ConnectionParams:
-    """Build ``ConnectionParams`` from a URL and/or keywords; keywords override the URL."""
+    """Build ``ConnectionParams`` from a URL and/or keywords; keywords override the URL.
+
+    ``sentinel`` finds the master through sentinels (``host`` and ``port`` are then
+    ignored): ``SentinelSpec("mymaster", (("10.0.0.1", 26379), ("10.0.0.2", 26379)))``.
+    """
     params = parse_url(url) if url else ConnectionParams()
     changes: dict[str, Any] = {}
     if host is not None:
@@ -793,6 +925,10 @@ def make_params(
             changes[name] = value
     if ssl is not None:
         changes["ssl"] = ssl
+    if sentinel is not None:
+        changes.update(sentinel=sentinel, host="", unix_socket=None)
+    elif params.sentinel is not None and changes.get("host"):
+        changes["sentinel"] = None  # an explicit host wins over the URL's sentinels
     return replace(params, **changes)
 
 

@@ -28,9 +28,10 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NamedTuple
 
+from . import sentinel
 from .connection import ConnectionParams, ReplyReader, make_params, open_stream
 from .protocol import (
     NEED_DATA,
@@ -70,6 +71,11 @@ class Subscriber:
     ``health_check_interval``: after that many seconds without a byte from Redis the subscriber
     sends a PING, and gives the connection up (then reconnects) if another interval passes
     without an answer: a dead peer is found within about two intervals.
+
+    ``sharded=True`` uses sharded pub/sub (``SSUBSCRIBE``, Redis 7), one command per channel
+    since a command's channels must share a slot; a channel Redis unsubscribes by itself (its
+    slot moved to another node) is forgotten and reported to ``on_unsubscribed(channel)``, for
+    the owner to subscribe it where it lives now (see ``cluster``).
     """
 
     def __init__(
@@ -90,6 +96,8 @@ class Subscriber:
         min_backoff: float = 0.05,
         max_backoff: float = 2.0,
         parser: str | None = None,
+        sharded: bool = False,
+        on_unsubscribed: Callable[[bytes], None] | None = None,
     ) -> None:
         self.params = params or make_params(
             url,
@@ -103,6 +111,10 @@ class Subscriber:
         self._on_message = on_message
         self._on_connection_lost = on_connection_lost
         self._on_connected = on_connected
+        self._sharded = sharded
+        self._on_unsubscribed = on_unsubscribed
+        prefix = b"s" if sharded else b""
+        self._kinds = (prefix + b"message", prefix + b"subscribe", prefix + b"unsubscribe")
         self._health_check_interval = health_check_interval
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
@@ -119,6 +131,7 @@ class Subscriber:
         self._last_read = 0.0
         self._confirmations = 0  # times every wanted channel was confirmed
         self._reader: ReplyReader | None = None
+        self._server = self.params  # the server of the live connection (resolved)
         self.last_error: Exception | None = None
 
     def __repr__(self) -> str:
@@ -170,7 +183,7 @@ class Subscriber:
                 new.append(name)
         if new and self._writer is not None:
             self._connected.clear()  # until Redis confirms the new channels too
-            self._send("SUBSCRIBE", *new)
+            self._send_subscribe(new)
         if futures:
             await asyncio.gather(*futures)
 
@@ -185,7 +198,11 @@ class Subscriber:
                 if not future.done():
                     future.cancel()
         if names and self._writer is not None:
-            self._send("UNSUBSCRIBE", *names)
+            if self._sharded:
+                for name in names:
+                    self._send("SUNSUBSCRIBE", name)
+            else:
+                self._send("UNSUBSCRIBE", *names)
             self._check_confirmed()
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -221,6 +238,13 @@ class Subscriber:
     def _send(self, *args: object) -> None:
         assert self._writer is not None
         self._writer.write(pack_command(*args))
+
+    def _send_subscribe(self, channels: Iterable[bytes]) -> None:
+        if self._sharded:  # one command per channel: a command's channels share one slot
+            for channel in channels:
+                self._send("SSUBSCRIBE", channel)
+        else:
+            self._send("SUBSCRIBE", *channels)
 
     async def _supervise(self) -> None:
         backoff = self._min_backoff
@@ -258,7 +282,11 @@ class Subscriber:
                 # Never fully subscribed (refused, or lost while subscribing): back off, or a
                 # refusing Redis would be asked again and again without a pause.
             # Jitter spreads the reconnects of many processes after a Redis restart.
-            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            delay = backoff * (0.5 + random.random() / 2)
+            if self.params.sentinel is not None:
+                await sentinel.pause(self.params, delay)  # cut short when the master moves
+            else:
+                await asyncio.sleep(delay)
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _open(
@@ -304,10 +332,13 @@ class Subscriber:
             else:
                 end(RedisConnectionError(str(error) or type(error).__name__))
 
-        self._reader = ReplyReader(sink, on_end)  # held: the protocol only keeps a weakref
-        writer = await open_stream(self.params, self._reader)
-        transport.append(writer.transport)
         params = self.params
+        if params.unresolved:
+            params = await sentinel.resolve(params)
+        self._server = params
+        self._reader = ReplyReader(sink, on_end)  # held: the protocol only keeps a weakref
+        writer = await open_stream(params, self._reader)
+        transport.append(writer.transport)
         if params.password is not None:
             auth: tuple[str, ...] = ("AUTH", params.password)
             if params.username is not None:
@@ -328,6 +359,22 @@ class Subscriber:
             if isinstance(reply, ReplyError):
                 writer.close()
                 raise AuthenticationError(f"Redis at {params.address} refused AUTH: {reply}")
+        if params.sentinel is not None:
+            # Subscribed to a replica, this process would miss what is published on the
+            # master: check the role as command connections do.
+            waiter = loop.create_future()
+            handshake.append(waiter)
+            writer.write(pack_command("ROLE"))
+            try:
+                reply = await asyncio.wait_for(waiter, params.connect_timeout)
+            except BaseException:
+                writer.close()
+                raise
+            role = reply[0] if isinstance(reply, list) and reply else None
+            if role != b"master" and not isinstance(reply, ReplyError):  # ACL: trust
+                writer.close()
+                sentinel.suspect(params)
+                raise RedisConnectionError(f"Redis at {params.address} is not the master")
         return writer, ended, end
 
     async def _serve(
@@ -340,15 +387,20 @@ class Subscriber:
         self._writer = writer
         self._link = end
         if self._channels:
-            self._send("SUBSCRIBE", *self._channels)
+            self._send_subscribe(self._channels)
         else:
             self._check_confirmed()
         self._last_read = asyncio.get_running_loop().time()
         health = asyncio.ensure_future(self._check_health(end))
+        unwatch = None
+        if self._server.sentinel is not None:  # drop it the moment the master moves
+            unwatch = sentinel.watch(self._server, end)
         try:
             return await ended
         finally:
             health.cancel()
+            if unwatch is not None:
+                unwatch()
 
     async def _check_health(self, end: Callable[[Exception], None]) -> None:
         """PING after an idle interval; end the connection if a second one passes silent.
@@ -401,9 +453,10 @@ class Subscriber:
         if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
             raise ProtocolError("unexpected reply in subscribe mode")
         kind = reply[0]
-        if kind != b"message":
+        message_kind, subscribe_kind, unsubscribe_kind = self._kinds
+        if kind != message_kind:
             kind = kind.lower()
-        if kind == b"message" and len(reply) == 3:
+        if kind == message_kind and len(reply) == 3:
             channel, data = reply[1], reply[2]
             if channel in self._channels:
                 if self._on_message is not None:
@@ -413,7 +466,7 @@ class Subscriber:
                         logger.exception("on_message callback failed")
                 else:
                     self._queue.put_nowait(Message(channel, data))
-        elif kind == b"subscribe" and len(reply) == 3:
+        elif kind == subscribe_kind and len(reply) == 3:
             channel = reply[1]
             if channel in self._channels:
                 self._confirmed.add(channel)
@@ -421,7 +474,17 @@ class Subscriber:
                     if not future.done():
                         future.set_result(None)
                 self._check_confirmed()
-        elif kind in (b"unsubscribe", b"pong"):
+        elif kind == unsubscribe_kind and len(reply) == 3:
+            channel = reply[1]
+            if self._sharded and channel in self._channels:
+                # Not asked for: the channel's slot moved to another node (a failover, a
+                # resharding). Forget it here; the owner subscribes it where it lives now.
+                self._channels.discard(channel)
+                self._confirmed.discard(channel)
+                if self._on_unsubscribed is not None:
+                    self._on_unsubscribed(channel)
+                self._check_confirmed()
+        elif kind == b"pong":
             pass
         else:
             raise ProtocolError(f"unexpected {kind[:32]!r} push in subscribe mode")

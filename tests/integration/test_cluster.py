@@ -1,0 +1,356 @@
+"""Redis Cluster at the RESP level (issue 13, part 2), against real clusters started by the
+tests (``minidasgi.testing.ClusterSetup``): slots computed as Redis computes them, commands
+routed to the master serving each key, ``MOVED`` after a slot is reassigned, ``ASK`` during
+a migration, and sharded pub/sub following a channel through a ``CLUSTER FAILOVER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from minidasgi import Node, create_distributor, create_path_distributor
+from minidasgi.resp import parse_url
+from minidasgi.resp.cluster import ClusterClient, ShardedSubscriber, key_slot
+from minidasgi.testing import ClusterSetup, RedisServer
+
+from . import apps
+from .stack import poll, run_node, serve_app
+from .test_sentinel import BACK_WITHIN, HANG, Runs, light_traffic
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.requires_server("7.0")]
+
+
+@pytest.fixture
+def cluster() -> Iterator[ClusterSetup]:
+    setup = ClusterSetup()
+    try:
+        yield setup.start()
+    finally:
+        setup.close()
+
+
+@pytest.fixture
+def cluster_with_replicas() -> Iterator[ClusterSetup]:
+    setup = ClusterSetup(replicas=1)
+    try:
+        yield setup.start()
+    finally:
+        setup.close()
+
+
+def keys_on_each_master(setup: ClusterSetup) -> dict[int, str]:
+    """One key per master: port -> key."""
+    found: dict[int, str] = {}
+    for n in range(1000):
+        key = f"q-{n}"
+        server = setup.master_of(key)
+        assert server is not None
+        found.setdefault(server.port, key)
+        if len(found) == len(setup.masters):
+            return found
+    raise AssertionError("no key for some master")
+
+
+def test_key_slot_agrees_with_the_server(cluster: ClusterSetup) -> None:
+    server = cluster.masters[0]
+    for n in range(200):
+        key = os.urandom(n % 24) + b"{" * (n % 3) + f"k{n}}}".encode()
+        assert key_slot(key) == server.command("CLUSTER", "KEYSLOT", key), key
+
+
+async def test_commands_go_to_the_master_of_their_key(cluster: ClusterSetup) -> None:
+    client = ClusterClient(parse_url(cluster.url))
+    try:
+        await client.wait_connected(5)
+        keys = keys_on_each_master(cluster)
+        for port, key in keys.items():
+            assert await client.lpush(key, "a", "b") == 2
+            server = next(s for s in cluster.masters if s.port == port)
+            assert server.command("LLEN", key) == 2
+        # One connection per master actually used.
+        assert len(client._clients) == len(cluster.masters)
+        # Keys sharing a hash tag share a slot, so multi-key commands work on them.
+        await client.lpush("{route}:a", "x")
+        await client.lpush("{route}:b", "y")
+        popped = await client.execute("RPOPLPUSH", "{route}:a", "{route}:b", key="{route}:a")
+        assert popped == b"x"
+    finally:
+        await client.close()
+
+
+def _move_empty_slot(setup: ClusterSetup, slot: int, target: RedisServer) -> None:
+    target_id = target.command("CLUSTER", "MYID")
+    for server in setup.masters:
+        server.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+async def test_moved_refreshes_the_map_and_follows(cluster: ClusterSetup) -> None:
+    client = ClusterClient(parse_url(cluster.url))
+    try:
+        await client.wait_connected(5)
+        key = "moved-key"
+        owner = cluster.master_of(key)
+        target = next(s for s in cluster.masters if s is not owner)
+        await client.lpush(key, "before")
+        assert owner is not None and owner.command("DEL", key) == 1  # an empty slot moves
+        _move_empty_slot(cluster, key_slot(key), target)
+        assert client.owner(key)[1] == owner.port  # the client's map is stale
+        assert await client.lpush(key, "after") == 1  # MOVED, refreshed, sent again
+        assert target.command("LLEN", key) == 1
+        assert client.owner(key)[1] == target.port
+    finally:
+        await client.close()
+
+
+async def test_ask_during_a_migration(cluster: ClusterSetup) -> None:
+    client = ClusterClient(parse_url(cluster.url))
+    try:
+        await client.wait_connected(5)
+        key = "ask-key"
+        slot = key_slot(key)
+        source = cluster.master_of(key)
+        assert source is not None
+        target = next(s for s in cluster.masters if s is not source)
+        source_id = source.command("CLUSTER", "MYID")
+        target_id = target.command("CLUSTER", "MYID")
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        # The key is not on the source: it answers ASK, and the client asks the target.
+        assert await client.lpush(key, "x") == 1
+        assert target.command("CLUSTER", "COUNTKEYSINSLOT", slot) == 1
+        assert source.command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+        assert client.owner(key)[1] == source.port  # ASK leaves the map alone
+    finally:
+        await client.close()
+
+
+async def test_sharded_pubsub_across_masters(cluster: ClusterSetup) -> None:
+    client = ClusterClient(parse_url(cluster.url))
+    got: list[tuple[bytes, bytes]] = []
+    subscriber = ShardedSubscriber(
+        parse_url(cluster.url), on_message=lambda c, d: got.append((c, d))
+    )
+    try:
+        channels = list(keys_on_each_master(cluster).values())
+        await client.wait_connected(5)
+        await asyncio.wait_for(subscriber.subscribe(*channels), 5)
+        assert subscriber.connected
+        assert len(subscriber._subscribers) == len(cluster.masters)
+        for channel in channels:
+            assert await client.publish(channel, b"hi " + channel.encode()) == 1
+        assert await poll(lambda: len(got) == len(channels), 5)
+        assert sorted(got) == sorted((c.encode(), b"hi " + c.encode()) for c in channels)
+        assert await client.publish("nobody-listens", b"x") == 0
+    finally:
+        await subscriber.close()
+        await client.close()
+
+
+async def test_sharded_subscription_follows_a_failover(
+    cluster_with_replicas: ClusterSetup,
+) -> None:
+    setup = cluster_with_replicas
+    client = ClusterClient(parse_url(setup.url))
+    got: list[bytes] = []
+    lost: list[int] = []
+    subscriber = ShardedSubscriber(
+        parse_url(setup.url),
+        on_message=lambda c, d: got.append(d),
+        on_connection_lost=lambda: lost.append(1),
+    )
+    try:
+        channel = "failover-channel"
+        await client.wait_connected(5)
+        await asyncio.wait_for(subscriber.subscribe(channel), 5)
+        old = setup.master_of(channel)
+        assert old is not None
+        replica = next(
+            s
+            for s in setup.replicas
+            if b"master_port:%d" % old.port in s.command("INFO", "replication")  # type: ignore[operator]
+        )
+        replica.command("CLUSTER", "FAILOVER")
+        assert await poll(lambda: setup.master_of(channel) is replica, 10)
+        # Redis unsubscribed the channel on the demoted master (sunsubscribe): the
+        # subscriber refreshes its map and subscribes on the new master.
+        assert await poll(lambda: lost and subscriber.connected, 10)
+        assert subscriber._placed[channel.encode()][1] == replica.port
+
+        async def delivered() -> bool:
+            await client.publish(channel, b"after")
+            await asyncio.sleep(0.05)
+            return b"after" in got
+
+        assert await poll(delivered, 10)
+    finally:
+        await subscriber.close()
+        await client.close()
+
+
+# End to end: a distributor and Nodes on a cluster.
+
+
+async def echo_or_ws(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "websocket":
+        await apps.ws_echo(scope, receive, send)
+    else:
+        await apps.echo(scope, receive, send)
+
+
+async def test_http_and_websocket_across_masters(cluster: ClusterSetup) -> None:
+    """Routes whose keys land on different masters; the distributor's and the Nodes' reply
+    channels land where their names hash."""
+    keys = keys_on_each_master(cluster)  # port -> key
+    routes = {f"^/{key}/": key for key in keys.values()}
+    app = create_path_distributor(url=cluster.url, routes=routes, worker_timeout=5)
+    nodes = [Node(url=cluster.url, app=echo_or_ws, key=key) for key in keys.values()]
+    async with contextlib.AsyncExitStack() as stack:
+        base = await stack.enter_async_context(serve_app(app))
+        for node in nodes:
+            await stack.enter_async_context(run_node(node))
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            for key in keys.values():
+                response = await client.post(f"/{key}/x", content=b"body for " + key.encode())
+                assert response.status_code == 200, response.text
+                assert response.content == b"body for " + key.encode()
+        for key in keys.values():
+            url = base.replace("http", "ws") + f"/{key}/ws"
+            async with websockets.connect(url) as ws:
+                await ws.send(f"hi {key}")
+                assert await asyncio.wait_for(ws.recv(), 5) == f"hi {key}"
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_a_node_refuses_keys_in_different_slots(cluster: ClusterSetup) -> None:
+    keys = list(keys_on_each_master(cluster).values())
+    node = Node(url=cluster.url, app=apps.hello, keys=keys)
+    with pytest.raises(ValueError, match="share a slot"):
+        await node.serve()
+    # Keys with one hash tag share a slot, and one Node pops them all.
+    tagged = Node(url=cluster.url, app=apps.hello, keys=["{api}:users", "{api}:admin"])
+    app = create_path_distributor(
+        url=cluster.url, routes={"^/users": "{api}:users", "^/admin": "{api}:admin"}
+    )
+    async with serve_app(app) as base, run_node(tagged):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            assert (await client.get("/users")).status_code == 200
+            assert (await client.get("/admin")).status_code == 200
+
+
+@pytest.mark.parametrize("fault", ["cluster-failover", "sigkill"])
+async def test_failover_under_light_traffic(
+    cluster_with_replicas: ClusterSetup, fault: str
+) -> None:
+    """The master serving the queue fails over (``CLUSTER FAILOVER`` on its replica, or a
+    SIGKILL): service back within 5 s of the promotion, no hang, nothing run twice, no keys
+    left."""
+    setup = cluster_with_replicas
+    key = "cluster-q"
+    runs = Runs()
+    app = create_distributor(url=setup.url, key=key, worker_timeout=3)
+    node = Node(url=setup.url, app=runs, key=key)
+    old = setup.master_of(key)
+    assert old is not None
+    replica = next(
+        s
+        for s in setup.replicas
+        if b"master_port:%d" % old.port in s.command("INFO", "replication")  # type: ignore[operator]
+    )
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=HANG) as client:
+            assert (await client.get("/", headers={"x-request-id": "first"})).status_code == 200
+        stop = asyncio.Event()
+        outcomes: list[tuple[float, float, str]] = []
+        traffic = asyncio.ensure_future(light_traffic(base, stop, outcomes))
+        await asyncio.sleep(0.5)
+        faulted = time.monotonic()
+        if fault == "sigkill":
+            old.kill()
+        else:
+            await asyncio.to_thread(replica.command, "CLUSTER", "FAILOVER")
+        try:
+
+            def promoted() -> bool:
+                info = replica.command("INFO", "replication")
+                return isinstance(info, bytes) and b"role:master" in info
+
+            assert await poll(lambda: asyncio.to_thread(promoted), 15), "no promotion"
+            promotion = time.monotonic()
+            served = await poll(
+                lambda: any(o == "200" and sent > promotion for sent, _, o in outcomes),
+                BACK_WITHIN + 1,
+            )
+            await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            await asyncio.wait_for(traffic, HANG + 5)
+        statuses = collections.Counter(o for _, _, o in outcomes)
+        assert served, f"no request succeeded after the promotion: {statuses}"
+        back = min(done for sent, done, o in outcomes if o == "200" and sent > promotion)
+        print(
+            f"{fault}: promoted {promotion - faulted:.2f} s after the fault, "
+            f"served again {back - promotion:.2f} s after the promotion; outcomes {statuses}"
+        )
+        assert back - promotion <= BACK_WITHIN
+        assert "hang" not in statuses
+        assert set(statuses) <= {"200", "502", "503", "RemoteProtocolError"}, statuses
+        twice = {k: n for k, n in runs.count.items() if n > 1}
+        assert not twice, f"requests run more than once: {twice}"
+    if fault == "sigkill":
+        await asyncio.to_thread(old.start)  # rejoins as a replica of the new master
+
+    def no_keys() -> bool:
+        return all(s.command("DBSIZE") == 0 for s in setup.servers if s.running)
+
+    assert await poll(lambda: asyncio.to_thread(no_keys), 15)
+
+
+async def test_fail_fast_counts_sharded_subscribers(cluster: ClusterSetup) -> None:
+    """``fail_fast`` asks ``PUBSUB NUMSUB`` beside the LPUSH: on a Cluster that must count the
+    Nodes' sharded presence subscriptions (SHARDNUMSUB) on the master serving the channel."""
+    app = create_distributor(url=cluster.url, key="ff-q", fail_fast=True, worker_timeout=30)
+    async with serve_app(app) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            started = time.monotonic()
+            response = await client.get("/")
+            assert response.status_code == 503, response.text
+            assert "no worker" in response.text
+            assert time.monotonic() - started < 15  # at once, not after worker_timeout
+            async with run_node(Node(url=cluster.url, app=apps.hello, key="ff-q")):
+                assert (await client.get("/")).status_code == 200
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_publish_soon_and_lpush_soon_follow_the_slots(cluster: ClusterSetup) -> None:
+    """The coalescing API (a callback per reply, no task per message) on a Cluster: routed
+    by key, a MOVED followed, 0 receivers reported as such in a stable cluster."""
+    client = ClusterClient(parse_url(cluster.url), settle_time=0)
+    try:
+        await client.wait_connected(5)
+        keys = list(keys_on_each_master(cluster).values())
+        for key in keys:
+            await client.lpush(key, "warm")  # connect every master
+        lengths = await asyncio.gather(*(client.lpush_soon(k, ["a", "b"]) for k in keys))
+        assert lengths == [3] * len(keys)
+        assert await client.publish_soon("nobody", b"x") == 0
+        key = keys[0]
+        owner = cluster.master_of(key)
+        target = next(s for s in cluster.masters if s is not owner)
+        assert owner is not None and owner.command("DEL", key) == 1
+        _move_empty_slot(cluster, key_slot(key), target)
+        assert await client.lpush_soon(key, ["moved"]) == 1  # MOVED, then the slow path
+        assert target.command("LLEN", key) == 1
+    finally:
+        await client.close()
