@@ -152,7 +152,10 @@ def decode(
 ) -> Any:
     """Decode a message made by ``encode``; raise ``CodecError`` for anything else."""
     if type(data) is not bytes:
-        data = memoryview(data).cast("B")  # slices below then copy each bytes value once
+        try:
+            data = memoryview(data).cast("B")  # slices below then copy each bytes value once
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"cannot decode from this buffer: {exc}") from None
     size = len(data)
     if size > max_size:
         raise CodecError(f"message of {size} bytes exceeds the limit of {max_size}")
@@ -267,6 +270,7 @@ class _Session:
 
     strict = True  # control characters inside strings are refused
     object_hook = None
+    array_hook = None  # read by Python 3.15's scanner
     object_pairs_hook = None
     parse_constant = float  # called only with "NaN", "Infinity" and "-Infinity"
 
@@ -333,14 +337,21 @@ def _make_dumps(default: Callable[[Any], Any]) -> Callable[[Any], str]:
     Uses the C encoder directly when there is one, built once: ``JSONEncoder.encode`` would
     build it again on every call. No cycle check: a cycle ends in ``RecursionError``.
     """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
+    make: Any = getattr(json.encoder, "c_make_encoder", None)
+    write = None
+    if make is not None:
+        try:
+            # markers, default, encoder, indent, key_separator, item_separator, sort_keys,
+            # skipkeys, allow_nan: the arguments JSONEncoder.iterencode passes.
+            write = make(
+                None, default, json.encoder.encode_basestring, None, ":", ",", False, False, True
+            )
+        except TypeError:  # a C encoder that takes other arguments
+            write = None
+    if write is None:
         return json.JSONEncoder(
             default=default, separators=(",", ":"), ensure_ascii=False, check_circular=False
         ).encode
-    # markers, default, encoder, indent, key_separator, item_separator, sort_keys, skipkeys,
-    # allow_nan
-    write = make(None, default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
 
     def dumps(value: Any) -> str:
         return "".join(write(value, 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import json.encoder
 import math
 import random
 import struct
@@ -809,3 +810,22 @@ def test_the_default_item_bound_is_generous_for_real_messages() -> None:
     value = envelope()
     value["scope"] = uvicorn_scope(headers=500)
     assert same(round_trip(value), as_lists(value))
+
+
+def test_the_pure_python_json_encoder_writes_the_same_frames(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Where the C encoder is missing (or takes other arguments), JSONEncoder does the writing.
+    value = [envelope(), {"nan": math.nan, "text": "\ud800é"}]
+    expected = encode(value)
+    monkeypatch.setattr(json.encoder, "c_make_encoder", None)
+    frames: list[bytes] = []
+    thread = threading.Thread(target=lambda: frames.append(encode(value)))  # a fresh session
+    thread.start()
+    thread.join(timeout=60)
+    assert frames == [expected]
+
+
+def test_decode_refuses_a_buffer_it_cannot_read_as_bytes() -> None:
+    with pytest.raises(CodecError, match="buffer"):
+        decode(memoryview(encode([1]) * 2)[::2])
