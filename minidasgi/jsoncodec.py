@@ -42,11 +42,12 @@ Bounds, checked on the bytes of the head before ``json`` builds anything: the nu
 and the nesting depth at most the number of ``[`` and ``{`` outside strings. Both are first
 counted over the whole head (one ``bytes.translate``, an over-estimate since it also counts
 inside strings); only when that exceeds a bound are strings cut out and the count redone
-exactly, so a 16 MiB frame of ``[]`` is refused after a few passes of C code, having built
-nothing. Numbers: an int of more than 128 digits and a number literal longer than 32
-characters are refused as they are parsed (``parse_int``/``parse_float``), so Python's own
-limit on int digits is never what stops them. ``encode`` checks the same bounds, so whatever it
-produces decodes with the default bounds.
+exactly. A head longer than ``4 * max_items`` bytes has its start checked first, so a 16 MiB
+frame of ``[]`` is refused after passes of C code over 400 KiB, having built nothing. Numbers:
+an int of more than 128 digits and a number literal longer than 32 characters are refused as
+they are parsed (``parse_int``/``parse_float``), so Python's own limit on int digits is never
+what stops them. ``encode`` checks the same bounds, so whatever it produces decodes with the
+default bounds.
 """
 
 from __future__ import annotations
@@ -227,6 +228,15 @@ def _has_word_key(head: bytes) -> bool:
 
 def _check_shape(head: bytes, max_items: int, max_depth: int) -> None:
     """Refuse a head with more than ``max_items`` values or nested deeper than ``max_depth``."""
+    ahead = 4 * max_items
+    if len(head) > ahead:
+        # A flood of values is refused from its start, without passes over all of a huge head:
+        # what the start holds outside strings, the whole head holds too.
+        start = head[:ahead]
+        if len(start.translate(None, _NOT_STRUCTURE)) >= max_items:
+            outside = _outside_strings(start, max_items)  # also refuses a flood of strings
+            if len(outside.translate(None, _NOT_STRUCTURE)) >= max_items:
+                raise CodecError(f"message holds more than {max_items} values")
     marks = head.translate(None, _NOT_STRUCTURE)
     if len(marks) < max_items and marks.count(b"[") + marks.count(b"{") <= max_depth:
         return

@@ -829,3 +829,14 @@ def test_the_pure_python_json_encoder_writes_the_same_frames(
 def test_decode_refuses_a_buffer_it_cannot_read_as_bytes() -> None:
     with pytest.raises(CodecError, match="buffer"):
         decode(memoryview(encode([1]) * 2)[::2])
+
+
+def test_a_flood_after_a_long_string_is_refused_and_a_long_text_is_not() -> None:
+    # The first 4 * max_items bytes are checked first: a flood further on is still refused...
+    flood = frame(b'["' + b"x" * 10_000 + b'",' + b"[]," * 2000 + b"0]")
+    with pytest.raises(CodecError, match="values"):
+        decode(flood, max_items=1000)
+    # ...and separators inside a long string, there or anywhere, are not values.
+    text = b",:[{" * 5000
+    head = b'["' + text + b'",{"k":"' + text + b'"}]'
+    assert decode(frame(head), max_items=10) == [text.decode(), {"k": text.decode()}]
