@@ -20,10 +20,14 @@ Bodies thus travel once, unescaped; only the head is parsed, and by C code.
 Why a marker cannot be confused with data: the head is written by ``json`` with Python's float
 ``repr``, which never writes an upper-case ``E``, so no float is ever written as ``0E0``, and
 the decoder only sees number tokens as numbers (``0E0`` inside a string is a string). To place
-the markers, the encoder first lets ``json`` write each bytes value as the one-character string
-U+E000 (private use), then counts U+E000 in the text: if the count equals the number of bytes
-values, no string or key of the value contains U+E000, so every ``"\\ue000"`` in the text is a
-marker, and a plain ``str.replace`` turns each into ``0E0``. A value with U+E000 in a string
+the markers, the encoder lets ``json`` hand each object it cannot write to ``list.append`` (C,
+no Python call per bytes value), which returns None, so ``json`` writes ``null`` in its place.
+If the text holds exactly as many ``null`` as objects were handed over, and all are bytes, no
+real None and no string or key containing "null" exists, so every ``null`` is a marker and a
+plain ``str.replace`` turns each into ``0E0``. Otherwise (a None, "null" in a string, a
+bytearray or memoryview, or an object outside the model) the value is written again with the
+one-character string U+E000 (private use) for each bytes-like value and an error for anything
+else, and U+E000 is counted the same way. A value with U+E000 in a string on that second pass
 (or a key that ``json`` may have coerced, below) makes ``try_encode`` return None: the caller
 then uses format 1, which carries anything.
 
@@ -76,6 +80,7 @@ _PREFIX: Final = struct.Struct(">BII")  # version, head length, number of bytes 
 _MARK: Final = "\ue000"
 _MARK_JSON: Final = '"\ue000"'
 _MARKER: Final = "0E0"
+_BYTES: Final = frozenset([bytes])
 
 # Keep only what opens a container or separates values; see the module docstring.
 _NOT_STRUCTURE: Final = bytes(set(range(256)) - set(b"[{,:"))
@@ -108,32 +113,43 @@ def try_encode(
     more than 128 digits.
     """
     session = _session()
-    blobs: list[bytes | memoryview] = []
-    session.blobs = blobs
+    # First pass: json's C encoder hands each object it cannot write to list.append, with no
+    # Python call per bytes value, and writes the None it returns as null. If there are exactly
+    # as many "null" in the text as objects handed over, and all were bytes, each null is one.
+    found = session.found
     try:
-        text = session.dumps(value)
-    except CodecError:
-        raise
-    except RecursionError:
-        raise CodecError("value nested too deeply (or circular) to encode") from None
-    except (TypeError, ValueError) as exc:
-        raise CodecError(f"value cannot be encoded: {exc}") from None
+        text = _dumps(session.dumps_to_null, value)
+        blobs: list[bytes | memoryview] = found.copy()
     finally:
-        session.blobs = _NO_BLOBS
-    if text.count(_MARK) != len(blobs):
-        return None
+        found.clear()
+    marker = "null"
+    if blobs and (text.count(marker) != len(blobs) or not _BYTES.issuperset(map(type, blobs))):
+        # A real None or "null" in a string, or a bytes-like or foreign object: write again with
+        # U+E000 for each bytes-like value, and refuse anything else.
+        blobs = session.blobs = []
+        try:
+            text = _dumps(session.dumps, value)
+        finally:
+            session.blobs = _NO_BLOBS
+        if text.count(_MARK) != len(blobs):
+            return None
+        marker = _MARK_JSON
     if blobs:
-        text = text.replace(_MARK_JSON, _MARKER)
+        text = text.replace(marker, _MARKER)
     head = text.encode("utf-8", "surrogatepass")
     digits = head.translate(_DIGITS_AS_ZERO)
     if b'0":' in digits or _has_word_key(head):
         return None
     _check_shape(head, max_items, max_depth)
-    if _LONG_INT in digits and _LONG_INT in _outside_strings(head, max_items).translate(
-        _DIGITS_AS_ZERO
+    if (
+        len(head) > _MAX_INT_DIGITS
+        and _LONG_INT in digits
+        and _LONG_INT in _outside_strings(head, max_items).translate(_DIGITS_AS_ZERO)
     ):
         raise CodecError(f"int of more than {_MAX_INT_DIGITS} digits cannot be encoded")
     count = len(blobs)
+    if not count:
+        return _PREFIX.pack(VERSION, len(head), 0) + head
     return b"".join(
         [
             _PREFIX.pack(VERSION, len(head), count),
@@ -226,6 +242,17 @@ def _has_word_key(head: bytes) -> bool:
     )
 
 
+def _dumps(dumps: Callable[[Any], str], value: Any) -> str:
+    try:
+        return dumps(value)
+    except CodecError:
+        raise
+    except RecursionError:
+        raise CodecError("value nested too deeply (or circular) to encode") from None
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"value cannot be encoded: {exc}") from None
+
+
 def _check_shape(head: bytes, max_items: int, max_depth: int) -> None:
     """Refuse a head with more than ``max_items`` values or nested deeper than ``max_depth``."""
     ahead = 4 * max_items
@@ -294,6 +321,8 @@ class _Session:
         self.parse_int = self._int
         self.scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(self)  # type: ignore[arg-type]
         self.dumps = _make_dumps(self._default)
+        self.found: list[Any] = []
+        self.dumps_to_null = _make_dumps(self.found.append)
 
     def _default(self, value: Any) -> str:
         """Called by ``json`` for what it cannot write itself: bytes become a marker."""
