@@ -1,13 +1,13 @@
-"""Format version 2 of the codec: a JSON head parsed by the C ``json`` module, and a binary tail.
+"""Format version 3 of the codec: a JSON head parsed by the C ``json`` module, and a binary tail.
 
-Owns the byte layout of format 2 and its safety checks. Must never use ``pickle`` or ``marshal``,
+Owns the byte layout of format 3 and its safety checks. Must never use ``pickle`` or ``marshal``,
 nor let anything but ``CodecError`` escape ``decode``: what is read back from Redis is untrusted
 input, and decoding it can only produce None, bool, int, float, str, bytes, list and dict (with
 str keys), within bounds on size, nesting depth and the number of values.
 
-Format (version 2), integers big-endian::
+Format (version 3), integers big-endian::
 
-    0x02                 the version byte (format 1 starts with 0x01)
+    0x03                 the version byte (``codec`` says which byte is which format)
     u32 H                length of the head
     u32 N                number of bytes values
     H bytes              the head: the value as compact UTF-8 JSON, in which every bytes value
@@ -29,7 +29,7 @@ bytearray or memoryview, or an object outside the model) the value is written ag
 one-character string U+E000 (private use) for each bytes-like value and an error for anything
 else, and U+E000 is counted the same way. A value with U+E000 in a string on that second pass
 (or a key that ``json`` may have coerced, below) makes ``try_encode`` return None: the caller
-then uses format 1, which carries anything.
+then uses the binary format (``codec``), which carries anything.
 
 What changes shape: every tuple decodes as a list (``json`` writes tuples as arrays, and a list
 cannot be told from a tuple afterwards without a walk of the value). Everything else round
@@ -39,7 +39,8 @@ floats bit for bit (NaN and infinities included, as ``NaN``/``Infinity``), dict 
 
 ``json`` silently turns int, float, bool and None dict keys into strings. Such a key is written
 as ``"1":``, ``"1.5":``, ``"true":``, ``"NaN":``...: the encoder declines (returns None) when a
-key ends in a digit or is one of those words, so format 1 decides (it refuses non-str keys).
+key ends in a digit or is one of those words, so the binary format decides (it refuses
+non-str keys).
 
 Bounds, checked on the bytes of the head before ``json`` builds anything: the number of values
 (dict keys included) is at most 1 + the number of ``[``, ``{``, ``,`` and ``:`` outside strings,
@@ -69,12 +70,12 @@ from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, CodecError
 
 __all__ = ["DEFAULT_MAX_ITEMS", "VERSION", "decode", "encode", "try_encode"]
 
-VERSION: Final = 2
+VERSION: Final = 3
 DEFAULT_MAX_ITEMS: Final = 100_000
 """Values (dict keys included) one message may hold: far above any real ASGI message, which
 holds hundreds at most, and low enough that a hostile one cannot build millions of objects."""
 
-_MAX_INT_DIGITS: Final = 128  # as format 1
+_MAX_INT_DIGITS: Final = 128  # as the binary format
 _MAX_NUMBER_TEXT: Final = 32  # Python's float repr writes at most 24 characters
 _PREFIX: Final = struct.Struct(">BII")  # version, head length, number of bytes values
 _MARK: Final = "\ue000"
@@ -93,12 +94,12 @@ _LONG_INT: Final = b"0" * (_MAX_INT_DIGITS + 1)
 def encode(
     value: Any, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int = DEFAULT_MAX_ITEMS
 ) -> bytes:
-    """Encode ``value`` in format 2; raise ``CodecError`` if it cannot travel in format 2."""
+    """Encode ``value`` in format 3; raise ``CodecError`` if it cannot travel in format 3."""
     data = try_encode(value, max_depth=max_depth, max_items=max_items)
     if data is None:
         raise CodecError(
             "value holds U+E000 in a string, or a dict key json may have coerced from a "
-            "number, bool or None: format 2 cannot carry it unambiguously (format 1 can)"
+            "number, bool or None: format 3 cannot carry it unambiguously (the binary format can)"
         )
     return data
 
@@ -106,7 +107,7 @@ def encode(
 def try_encode(
     value: Any, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int = DEFAULT_MAX_ITEMS
 ) -> bytes | None:
-    """Encode ``value`` in format 2, or return None where only format 1 can carry it exactly.
+    """Encode ``value`` in format 3, or None where only the binary format carries it exactly.
 
     Raise ``CodecError`` for a value that cannot travel at all: a type outside the value model,
     nesting deeper than ``max_depth`` (or a cycle), more than ``max_items`` values, an int of
