@@ -41,8 +41,9 @@ from typing import Any
 from . import accesslog, admission, buffering, codec, health, metrics, stats, wire
 from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
-from .codec import CodecError
+from .codec import CodecError, UnsupportedVersion
 from .liveness import PeerTracker
+from .outbox import Outbox
 from .resp import RespError, Subscriber
 from .resp.client import Client
 from .resp.connection import make_params
@@ -136,6 +137,10 @@ class Distributor:
     503 at once. These refusals carry ``Retry-After: retry_after``. ``ops_prefix`` (e.g.
     ``"/-/"``) answers ``healthz``, ``readyz`` and ``metrics`` under that path, never routed.
     ``access_log`` (``"text"`` or ``"json"``) logs a line per request on ``minidasgi.access``.
+
+    ``wire_format``: the format written to Nodes: 3 (this release's, the default) or 1 (the
+    first release's), for a fleet whose Nodes are not all upgraded yet (README, "Upgrading a
+    fleet"). Nodes of this release answer each request in the format it came in.
     """
 
     def __init__(
@@ -172,7 +177,13 @@ class Distributor:
         retry_after: int = 1,
         ops_prefix: str | None = None,
         access_log: str | None = None,
+        wire_format: int = codec.FAST,
     ) -> None:
+        if wire_format not in (codec.FAST, codec.RELEASED):
+            raise ValueError(
+                f"wire_format must be {codec.FAST} or {codec.RELEASED}, not {wire_format!r}"
+            )
+        self.wire_format = wire_format
         if (routes is None) == (key is None):
             raise TypeError("give a distributor exactly one of routes= or key=")
         if key is not None:
@@ -234,6 +245,7 @@ class Distributor:
         self._exchanges: dict[str, _Exchange] = {}
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
         self._client: Client | None = None
+        self.outbox = Outbox(lambda: self._client)
         self._subscriber: Subscriber | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -317,6 +329,8 @@ class Distributor:
             self._monitor = self._starting = None
             self._background = set()
             self.credit_pool = wire.CreditPool()
+            self.outbox.batcher.reset()
+            self.admission.pushes.reset()
             self.peers = PeerTracker(self.peer_timeout)
             self._pinging = set()
         self._loop = loop
@@ -434,7 +448,7 @@ class Distributor:
             refused=refused,
             started=self._started_at,
         )
-        self.spawn(self.publish(reply, wire.pack(wire.STATS_REPLY, request_id, payload)))
+        self.outbox.post(reply, wire.pack(wire.STATS_REPLY, request_id, payload))
 
     def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
         """The list for this request, or the answer to give without Redis."""
@@ -474,16 +488,14 @@ class Distributor:
                 return
 
     async def publish(self, channel: str, message: bytes) -> int:
-        """PUBLISH for the exchanges; 0 when Redis is unreachable."""
-        if self._client is None:
-            return 0
-        return await self._client.try_publish(channel, message)
+        """PUBLISH (coalesced: ``outbox``) for the exchanges; 0 when Redis is unreachable."""
+        return await self.outbox.publish(channel, message)
 
     async def cancel_on(self, node: str, request_id: str) -> None:
         """Tell a Node to stop a request. Unlike other messages, a cancel outlives a lost
         connection: without it the Node's job could wait for credit forever, since the Node
         still sees this distributor alive. It is retried once Redis is reachable again."""
-        message = wire.pack(wire.CANCEL, request_id)
+        message = wire.pack(wire.CANCEL, request_id, version=self.wire_format)
         for _ in range(3):
             if self._client is None:
                 return
@@ -503,7 +515,21 @@ class Distributor:
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
+            messages = wire.split_frame(data)
+        except wire.WireError as exc:
+            logger.warning("dropped a malformed batch on the reply channel: %s", exc)
+            return
+        for message in messages:
+            self._on_one_message(message)
+
+    def _on_one_message(self, data: Any) -> None:
+        try:
             kind, request_id, args = wire.unpack(data)
+        except UnsupportedVersion as exc:
+            logger.error(
+                "dropped a message on the reply channel: %s (upgrade this distributor)", exc
+            )
+            return
         except (CodecError, wire.WireError) as exc:
             logger.warning("dropped a malformed message on the reply channel: %s", exc)
             return
@@ -583,7 +609,7 @@ class Distributor:
 
     async def _ping(self, node: str, request_ids: list[str]) -> None:
         try:
-            for message in wire.ping_messages(self.channel, request_ids):
+            for message in wire.ping_messages(self.channel, request_ids, version=self.wire_format):
                 if await self.publish(node, message) == 0:
                     for exchange in list(self._exchanges.values()):
                         if exchange.node == node:
@@ -662,6 +688,7 @@ class _Exchange:
                 window=self.received.window,
                 liveness=d.liveness_interval,
                 queued=time.time(),
+                version=d.wire_format,
             )
             try:
                 data = envelope.encode()
@@ -712,6 +739,15 @@ class _Exchange:
             await self._refuse(502, "lost contact with the worker\n")
             return
         if item[0] == wire.GONE:  # the Node dropped it unrun (expired when popped)
+            reason = item[1][0] if item[1] and isinstance(item[1][0], str) else ""
+            if reason.startswith("unsupported wire format"):
+                logger.error(
+                    "a worker on %r cannot read this distributor's requests (%s): upgrade it, "
+                    "or run the distributors with --wire-format %d until it is",
+                    key,
+                    reason[:100],
+                    codec.RELEASED,
+                )
             text = f"no worker answered within {d.worker_timeout:g} seconds\n"
             await self._refuse(d.no_worker_status, text)
             return
@@ -787,7 +823,7 @@ class _Exchange:
 
     async def _publish_credit(self, credit: int) -> None:
         assert self.node is not None
-        message = wire.pack(wire.CREDIT, self.id, credit)
+        message = wire.pack(wire.CREDIT, self.id, credit, version=self.distributor.wire_format)
         if await self.distributor.publish(self.node, message) == 0:
             self.inbox.put_nowait(_PEER_LOST)  # a lost credit would stall the transfer
 
@@ -916,6 +952,7 @@ class _Exchange:
                 raise ResponseAborted("the worker sent a malformed event")
             kind = event["type"]
             if kind in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
+                _tuple_headers(event)
                 self.started = True
                 status = event.get("status", 101 if kind == "websocket.accept" else 0)
                 self.status = status if type(status) is int else 0
@@ -924,6 +961,8 @@ class _Exchange:
                         self.trailers = True
                     else:  # the Node completes without them: so must the server
                         event = {k: v for k, v in event.items() if k != "trailers"}
+            elif kind == "http.response.trailers":
+                _tuple_headers(event)
             if kind == "websocket.send":
                 try:
                     whole = self.pieces.add(event)
@@ -963,6 +1002,9 @@ class _Exchange:
             return
         await self._refuse(status, text)
 
+    def _pack(self, kind: str, *args: Any) -> bytes:
+        return wire.pack(kind, self.id, *args, version=self.distributor.wire_format)
+
     async def _forward_client(self, more: bool) -> None:
         """Relay what the client sends after the envelope, under the Node's credit."""
         d = self.distributor
@@ -973,14 +1015,13 @@ class _Exchange:
                 event = await buffering.receive_within(self._receive, idle if more else None)
             except BodyIdle:
                 # The app sees the client gone; the client, if nothing was sent yet, a 408.
-                await d.publish(
-                    self.node, wire.pack(wire.EVENT, self.id, {"type": "http.disconnect"})
-                )
+                disconnect = {"type": "http.disconnect"}
+                await d.publish(self.node, self._pack(wire.EVENT, disconnect))
                 self.inbox.put_nowait(_CLIENT_IDLE)
                 return
             kind = event["type"]
             if kind in ("http.disconnect", "websocket.disconnect"):
-                await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(event)))
+                await d.publish(self.node, self._pack(wire.EVENT, dict(event)))
                 self.inbox.put_nowait(_CLIENT_GONE)
                 return
             if not more:
@@ -991,11 +1032,19 @@ class _Exchange:
             pieces = wire.split_message(dict(event)) if kind == "websocket.receive" else [event]
             for piece in pieces:
                 await self.window.acquire()
-                if await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(piece))) == 0:
+                if await d.publish(self.node, self._pack(wire.EVENT, dict(piece))) == 0:
                     self.inbox.put_nowait(_PEER_LOST)
                     return
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
+
+
+def _tuple_headers(event: dict[str, Any]) -> None:
+    """Header pairs as the app sent them (the fast format delivers tuples as lists): an ASGI
+    server takes either, but an app served directly sends tuples almost always."""
+    headers = event.get("headers")
+    if type(headers) is list:
+        event["headers"] = [tuple(p) if type(p) is list else p for p in headers]
 
 
 def _log_pump_failure(pump: asyncio.Task[None]) -> None:

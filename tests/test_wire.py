@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
 import time
@@ -115,7 +116,7 @@ def test_receive_window_refuses_arrivals_after_close() -> None:
 def test_envelope_liveness_is_optional_for_older_distributors() -> None:
     envelope = wire.Envelope("id", "chan", 1.0, {"type": "http"}, [], liveness=1.5)
     assert wire.Envelope.decode(envelope.encode()).liveness == 1.5
-    old = codec.decode(envelope.encode())
+    old = codec.decode(dataclasses.replace(envelope, version=codec.RELEASED).encode())
     del old["liveness"]
     assert wire.Envelope.decode(codec.encode(old)).liveness == 0.0
     for bad in (-1.0, float("inf"), "1", True):
@@ -179,8 +180,8 @@ def test_envelope_encode_decode_round_trip() -> None:
     assert decoded.deadline == envelope.deadline
     assert decoded.window == envelope.window
     assert decoded.events == envelope.events
-    # Tuples keep their shape.
-    assert decoded.scope == http_scope()
+    # The fast format gives tuples back as lists (the Node makes the scope's tuples again).
+    assert decoded.scope == codec.decode(codec.encode_binary(http_scope(), version=codec.RELEASED))
 
 
 def test_envelope_default_window_and_int_deadline() -> None:

@@ -59,7 +59,7 @@ class _FakeDistributor:
         self._connection: Any = None
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        self.got.append(wire.unpack(data))
+        self.got.extend(wire.unpack(message) for message in wire.split_frame(data))
 
     async def start(self) -> None:
         self._connection = await asyncio.wait_for(connect(self.url), 5)
