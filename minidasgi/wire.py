@@ -525,6 +525,7 @@ class ReceiveWindow:
         if self._closed:
             return
         self._closed = True
+        self._grant = None  # usually a bound method of the owner: no cycle left for the collector
         pool = self._pool
         if pool is not None:
             pool.in_flight -= self.outstanding
