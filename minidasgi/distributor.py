@@ -42,6 +42,8 @@ from . import accesslog, admission, buffering, codec, health, metrics, stats, wi
 from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError, UnsupportedVersion
+from .deadlines import Deadlines
+from .inbox import Inbox
 from .liveness import PeerTracker
 from .outbox import Outbox
 from .resp import RespError, Subscriber
@@ -246,6 +248,8 @@ class Distributor:
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
         self._client: Client | None = None
         self.outbox = Outbox(lambda: self._client)
+        self.ack_deadlines = Deadlines(worker_timeout)  # one timer for every request's wait
+        self.watch_deadlines = Deadlines(_WATCH_AFTER)  # and one for the disconnect watches
         self._subscriber: Subscriber | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -330,6 +334,8 @@ class Distributor:
             self._background = set()
             self.credit_pool = wire.CreditPool()
             self.outbox.batcher.reset()
+            self.ack_deadlines.reset()
+            self.watch_deadlines.reset()
             self.admission.pushes.reset()
             self.peers = PeerTracker(self.peer_timeout)
             self._pinging = set()
@@ -547,7 +553,8 @@ class Distributor:
                 self.spawn(self.cancel_on(node, request_id))
             return
         if exchange.node is not None:
-            self.peers.heard(exchange.node, asyncio.get_running_loop().time())
+            assert self._loop is not None
+            self.peers.heard(exchange.node, self._loop.time())
         if kind == wire.CREDIT:
             if args and type(args[0]) is int:
                 exchange.window.grant(args[0])
@@ -632,7 +639,7 @@ class _Exchange:
         self.kind: str = scope["type"]
         self._receive = receive
         self._send = send
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.inbox: Inbox[Any] = Inbox()
         self.window = wire.SendWindow()  # replaced by the window the Node's ack grants
         self.received = wire.ReceiveWindow(
             distributor.credit_pool.open(), distributor.credit_pool, self._grant_later
@@ -650,7 +657,7 @@ class _Exchange:
         self._wants_body = False  # the Node's app asked for the body (CONTINUE)
         self._more = False  # the client has more to send than the envelope carries
         self._pumps: list[asyncio.Task[None]] = []
-        self._delayed: asyncio.TimerHandle | None = None
+        self._delayed: list[Any] | None = None  # an entry of watch_deadlines
         self.status = 0  # the status answered, for metrics and the access log
         self.pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
         self.acked_at = 0.0
@@ -765,7 +772,7 @@ class _Exchange:
             await self._relay()
         finally:
             if self._delayed is not None:
-                self._delayed.cancel()
+                Deadlines.cancel(self._delayed)
             for pump in self._pumps:
                 pump.cancel()
                 pump.add_done_callback(_log_pump_failure)
@@ -802,8 +809,7 @@ class _Exchange:
         if self._more:
             self._start_pump()
         else:
-            loop = asyncio.get_running_loop()
-            self._delayed = loop.call_later(_WATCH_AFTER, self._start_pump)
+            self._delayed = self.distributor.watch_deadlines.add(_Exchange._start_pump, self)
 
     def body_wanted(self) -> None:
         """The Node's app asked for the body of a request queued without it (CONTINUE)."""
@@ -819,22 +825,26 @@ class _Exchange:
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
         if self.node is not None and not self.complete:
-            self.distributor.spawn(self._publish_credit(credit))
+            self._post_credit(credit)
 
-    async def _publish_credit(self, credit: int) -> None:
+    def _post_credit(self, credit: int) -> None:
         assert self.node is not None
         message = wire.pack(wire.CREDIT, self.id, credit, version=self.distributor.wire_format)
-        if await self.distributor.publish(self.node, message) == 0:
-            self.inbox.put_nowait(_PEER_LOST)  # a lost credit would stall the transfer
+        # Not awaited: relaying goes on; a lost credit would stall the transfer, so a count
+        # of 0 fails the exchange (in a callback: no task, no wait).
+        self.distributor.outbox.post(self.node, message).add_done_callback(self._check_reached)
+
+    def _check_reached(self, posted: asyncio.Future[int]) -> None:
+        """A callback on a message not awaited: the Node is gone if nobody got it."""
+        if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
+            self.inbox.put_nowait(_PEER_LOST)
 
     async def _wait_ack(self, timeout: _Signal) -> Any:
         """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout``, or a lost
         peer. Anything else before an ack can only be forged, and is dropped."""
-        d = self.distributor
-        # A timer rather than wait_for(), which costs a task per request before Python 3.12.
-        timer = asyncio.get_running_loop().call_later(
-            d.worker_timeout, self.inbox.put_nowait, timeout
-        )
+        # One timer for all requests rather than wait_for() (a task per request before
+        # Python 3.12) or a call_later each.
+        timer = self.distributor.ack_deadlines.add(self.inbox.put_nowait, timeout)
         try:
             while True:
                 item = await self.inbox.get()
@@ -849,7 +859,7 @@ class _Exchange:
                     self.received.dropped()
                 logger.warning("dropped a %r message before the ack of %s", item[0], self.id)
         finally:
-            timer.cancel()
+            Deadlines.cancel(timer)
 
     async def _take_back(self, key: str, data: bytes) -> bool:
         """Undo the LPUSH of a request answered without a Node; True if it was still in the
@@ -989,7 +999,7 @@ class _Exchange:
                 self.complete = self.node_done = True
         credit = self.received.consumed()
         if credit and not self.complete:
-            await self._publish_credit(credit)
+            self._post_credit(credit)
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""
@@ -1032,9 +1042,9 @@ class _Exchange:
             pieces = wire.split_message(dict(event)) if kind == "websocket.receive" else [event]
             for piece in pieces:
                 await self.window.acquire()
-                if await d.publish(self.node, self._pack(wire.EVENT, dict(piece))) == 0:
-                    self.inbox.put_nowait(_PEER_LOST)
-                    return
+                # Pipelined within the window: the receiver count is checked in a callback.
+                posted = d.outbox.post(self.node, self._pack(wire.EVENT, dict(piece)))
+                posted.add_done_callback(self._check_reached)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
 

@@ -179,6 +179,7 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
         self._batch_pops = True
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
 
     def __repr__(self) -> str:
@@ -250,6 +251,7 @@ class Node:
             self._stopping = asyncio.Event()
         if self._started is None:
             self._started = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
         health = self.health_check_interval
         publisher = self._publisher = Client(
             self.params, name="node publisher", parser=self._parser, health_check_interval=health
@@ -587,6 +589,7 @@ class _Job:
         self.version = envelope.version  # the distributor's format, which every reply uses
         self.scope = _local_scope(envelope.scope, node.lifespan.state)
         self.kind = self.scope["type"]
+        # A Queue, not an Inbox: an app may call receive() from more than one task.
         self.inbox: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
@@ -783,7 +786,9 @@ class _Job:
             # an app that works before its first body must not keep the client from its
             # headers (EventSource.onopen, long polls, progress indicators).
             self.held_start = dict(message)
-            asyncio.get_running_loop().call_soon(self._flush_start)
+            loop = self.node.loop
+            assert loop is not None
+            loop.call_soon(self._flush_start)
             return
         if kind == "http.response.body":
             if not self.response_started:

@@ -43,7 +43,7 @@ class Outbox:
 
     async def publish(self, channel: str, message: bytes) -> int:
         """Post and wait for the receiver count."""
-        return await self.batcher.put(channel, message, size=len(message))
+        return await self.post(channel, message)
 
     def flush(self) -> None:
         """Send everything now (held messages included)."""

@@ -251,7 +251,7 @@ async def test_a_forged_credit_does_not_raise_the_window(redis_server: RedisServ
             await asyncio.to_thread(redis_server.command, "PUBLISH", node.channel, forged)
             assert await _settled(seen, 20)
             # What the Node sent past the credit granted is not kept...
-            queued = [i for i in list(exchange.inbox._queue) if isinstance(i, tuple)]
+            queued = [i for i in list(exchange.inbox._items) if isinstance(i, tuple)]
             assert len(queued) <= window
             # ...and fails the request once the relay gets to it: the client reading now
             # gets a few MiB, then the connection is cut.
