@@ -343,6 +343,7 @@ class Distributor:
 
     async def shutdown(self) -> None:
         """Close the Redis connections; requests still in flight fail."""
+        logger.info("distributor coalescing: %s", self.batch_sizes())
         for exchange in list(self._exchanges.values()):
             exchange.inbox.put_nowait(_PEER_LOST)
         monitor, self._monitor = self._monitor, None
@@ -396,6 +397,10 @@ class Distributor:
             if exchange.node is not None:
                 self.peers.discard(exchange.node, exchange.id)
             self._finished(scope, key, exchange, exchange.status, started)
+
+    def batch_sizes(self) -> str:
+        """The coalescing seen so far: messages per PUBLISH, envelopes per LPUSH."""
+        return _batch_sizes(publish=self.outbox.batcher, lpush=self.admission.pushes)
 
     def _finished(
         self,
@@ -1047,6 +1052,14 @@ class _Exchange:
                 posted.add_done_callback(self._check_reached)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
+
+
+def _batch_sizes(**batchers: Any) -> str:
+    parts = []
+    for command, batcher in batchers.items():
+        mean = batcher.items / batcher.batches if batcher.batches else 0.0
+        parts.append(f"{batcher.items} {command} items in {batcher.batches} commands ({mean:.2f})")
+    return ", ".join(parts)
 
 
 def _tuple_headers(event: dict[str, Any]) -> None:

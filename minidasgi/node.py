@@ -295,6 +295,13 @@ class Node:
                 await self.lifespan.shutdown()
             finally:
                 self.outbox.flush()  # the last GONEs, written before the connection closes
+                batcher = self.outbox.batcher
+                logger.info(
+                    "node coalescing: %d messages in %d PUBLISH (%.2f)",
+                    batcher.items,
+                    batcher.batches,
+                    batcher.items / batcher.batches if batcher.batches else 0.0,
+                )
                 await subscriber.close()
                 await publisher.close()
                 if self.health_server is not None:
