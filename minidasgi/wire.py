@@ -12,7 +12,8 @@ The conversation for one request (``id``):
    first calls ``receive()``, and only then does the distributor read the body and relay it.
 2. A Node pops it (``BRPOP``: first in, first out; under load ``RPOP`` with a count takes a
    batch) and publishes ``[ACK, id, node_channel, window]``: the window is how many pieces
-   of request body the distributor may send ahead.
+   of request body the distributor may send ahead. It runs the app at once; the ACK of a
+   whole HTTP request usually travels in one batch with the response's first SEND.
 3. The Node publishes ``[SEND, id, [events...]]`` with what the app sends; the distributor
    publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
