@@ -16,7 +16,8 @@ added <= 0.35 ms at one connection, streaming >= 0.4x direct.
 For the 32-connection runs it also prints what a request costs, which is far steadier than
 throughput on a shared machine: CPU microseconds per request of each process (from
 ``/proc/PID/stat``: direct uvicorn, the distributor, the Node, and Redis), and the Redis
-commands per request by command (from ``INFO commandstats``).
+commands per request by command (from ``INFO commandstats``). At exit the distributor and the
+Node print the batch sizes they saw (messages per PUBLISH, envelopes per LPUSH).
 
 ``--fast`` runs both uvicorn servers with ``--http httptools --loop uvloop`` (the ``dev`` extra
 installs both).
@@ -61,8 +62,10 @@ UVICORN_FLAGS = [
 ]
 
 APPS = """
+import atexit
 import json
 import os
+import sys
 
 from minidasgi import create_distributor
 
@@ -99,6 +102,11 @@ async def app(scope, receive, send):
 distributor = create_distributor(
     url=os.environ["BENCH_REDIS_URL"], key="bench", no_worker_status=503,
     **json.loads(os.environ.get("BENCH_DISTRIBUTOR_OPTIONS") or "{}"),
+)
+
+# The batch sizes seen, for the report (the Node logs its own at exit, at INFO).
+atexit.register(
+    lambda: print("distributor coalescing:", distributor.batch_sizes(), file=sys.stderr)
 )
 """
 
@@ -385,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                     "-m",
                     "minidasgi",
                     "--log-level",
-                    "warning",
+                    "info",  # for its coalescing line at exit
                     "node",
                     "bench_apps:app",
                     "--app-dir",

@@ -8,18 +8,27 @@ Owns the distributor's three early refusals and the commands that decide them:
   so knowing that no Node listens costs no extra round trip; the request is then taken back;
 - ``max_queue``: LPUSH returns the list's length; over the bound the request is taken back.
 
+The envelopes pushed onto one key in one loop turn go in one ``LPUSH key e1 e2 ...`` (a
+``Batcher``; FIFO kept: RPOP takes e1 first), with one NUMSUB pipelined per batch for
+fail-fast; each request works out the list length its own push made from its place in the
+batch, so ``max_queue`` refuses exactly the requests past the bound.
+
 The caller takes a refused request back (LREM) and answers it; this module never answers a
 client, never retries, and keeps no state per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from . import metrics, wire
+from .batching import Batcher
 from .resp import ReplyError
+from .resp.connection import Connection
 from .resp.protocol import pack_command
 from .resp.topology import Commands
 
@@ -61,6 +70,9 @@ class Admission:
         self._channels: dict[str, bytes] = {}  # key -> packed PUBSUB NUMSUB command
         self._numsub_refused = False  # the ACL user may not run PUBSUB: fail-fast is off
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, unlogged)
+        self._connection: Commands | None = None  # where the next batch of pushes goes
+        # One LPUSH per key per loop turn; its future gives (listeners, length, batch size).
+        self.pushes: Batcher[tuple[Any, Any, int]] = Batcher(self._send, max_size=_MAX_PUSH)
 
     def bound(self, key: str) -> int | None:
         """The queue bound for ``key`` (None: unbounded)."""
@@ -84,32 +96,76 @@ class Admission:
         logger.warning("refused a request on %r: %s%s", key, _REASONS.get(reason, reason), more)
 
     async def push(self, connection: Commands, key: str, data: bytes) -> str | None:
-        """LPUSH ``data``; return None if it may wait, else the refusal reason
-        (``metrics.NO_NODE`` or ``metrics.QUEUE_FULL``), the request then being in the list
-        still, for the caller to take back. Raise ``RespError`` when the LPUSH failed."""
-        if not self.fail_fast or self._numsub_refused:
-            length = await connection.lpush(key, data)
-        else:
-            numsub = self._channels.get(key)
-            if numsub is None:
-                channel = wire.presence_channel(self.channel_prefix, self.db, key)
-                numsub = pack_command("PUBSUB", "NUMSUB", channel)
-                if len(self._channels) < metrics.MAX_SERIES:  # keys can come from paths
-                    self._channels[key] = numsub
-            # One write, one round trip: the NUMSUB's answer comes with the LPUSH's.
-            listeners, length = await connection.pipeline(numsub, pack_command("LPUSH", key, data))
-            if isinstance(length, ReplyError):
-                raise length
+        """LPUSH ``data`` (with the other pushes onto ``key`` of this loop turn); return None
+        if it may wait, else the refusal reason (``metrics.NO_NODE`` or
+        ``metrics.QUEUE_FULL``), the request then being in the list still, for the caller to
+        take back. Raise ``RespError`` when the LPUSH failed."""
+        self._connection = connection
+        pushed = self.pushes.put(key, data, size=len(data))
+        index = self.pushes.index
+        listeners, length, count = await pushed
+        if isinstance(length, ReplyError):
+            raise length
+        if listeners is not None:
             if isinstance(listeners, ReplyError):
-                logger.warning("fail-fast is off: Redis refused PUBSUB NUMSUB (%s)", listeners)
+                if not self._numsub_refused:
+                    logger.warning("fail-fast is off: Redis refused PUBSUB NUMSUB (%s)", listeners)
                 self._numsub_refused = True
             elif _count(listeners) == 0:
                 return metrics.NO_NODE
         bound = self.bound(key)
-        if bound is not None and type(length) is int and length > bound:
+        # The length right after this request's own push: later ones in the batch follow.
+        if bound is not None and type(length) is int and length - (count - 1 - index) > bound:
             return metrics.QUEUE_FULL
         return None
 
+    def _send(self, key: str, values: list[bytes]) -> asyncio.Future[tuple[Any, Any, int]]:
+        connection = self._connection
+        assert connection is not None
+        packed: bytes | None = None
+        if self.fail_fast and not self._numsub_refused:
+            packed = self._channels.get(key)
+            if packed is None:
+                channel = wire.presence_channel(self.channel_prefix, self.db, key)
+                packed = pack_command("PUBSUB", "NUMSUB", channel)
+                if len(self._channels) < metrics.MAX_SERIES:  # keys can come from paths
+                    self._channels[key] = packed
+        pushing = pack_command("LPUSH", key, *values)
+        if not isinstance(connection, Connection):
+            # A Cluster's router: the two commands may live on different masters.
+            return asyncio.ensure_future(self._send_routed(connection, packed, pushing, values))
+        # One write, one round trip: the NUMSUB's answer comes with the LPUSH's.
+        numsub = None if packed is None else connection.send_packed(packed)
+        lpush = connection.send_packed(pushing)
+        result: asyncio.Future[tuple[Any, Any, int]] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if result.done():
+                return
+            if done.cancelled():
+                result.cancel()
+            elif done.exception() is not None:
+                result.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                listeners = None
+                if numsub is not None and numsub.done() and not numsub.cancelled():
+                    listeners = numsub.exception() or numsub.result()
+                result.set_result((listeners, done.result(), len(values)))
+
+        lpush.add_done_callback(settle)
+        return result
+
+    async def _send_routed(
+        self, connection: Commands, numsub: bytes | None, lpush: bytes, values: list[bytes]
+    ) -> tuple[Any, Any, int]:
+        if numsub is None:
+            (length,) = await connection.pipeline(lpush)
+            return None, length, len(values)
+        listeners, length = await connection.pipeline(numsub, lpush)
+        return listeners, length, len(values)
+
+
+_MAX_PUSH = 1024 * 1024  # bytes of envelopes in one LPUSH (a larger one travels alone)
 
 _REASONS = {
     metrics.NO_NODE: "no Node listens on that key",

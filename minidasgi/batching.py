@@ -42,7 +42,10 @@ class Batcher(Generic[T]):
 
     ``send(destination, items)`` starts the command and returns a future with its outcome; the
     future returned by ``put`` completes with that outcome. ``max_size`` bounds the sum of the
-    size hints in one batch: a batch that reaches it is sent at once and a new one begins.
+    size hints in one batch: an item that would take a batch past it sends that batch first
+    (so only an item larger than ``max_size`` by itself travels in a larger batch, alone), and a
+    batch that reaches it is sent at once. ``index`` is the position ``put`` gave its item in
+    its batch (an LPUSH's caller works out its own list length from it).
     """
 
     def __init__(
@@ -57,17 +60,23 @@ class Batcher(Generic[T]):
         self._hold_timer: asyncio.TimerHandle | None = None
         self.batches = 0  # commands sent, and the items they carried: the batch sizes seen
         self.items = 0
+        self.index = 0
 
     def put(
         self, destination: str, item: Any, *, size: int = 0, hold: bool = False
     ) -> asyncio.Future[T]:
         """Queue ``item`` for ``destination``; return the future of the command carrying it."""
         batch = self._pending.get(destination)
+        if batch is not None and batch.items and batch.size + size > self._max_size:
+            del self._pending[destination]
+            self._dispatch(destination, batch)
+            batch = None
         if batch is None:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
             batch = self._pending[destination] = _Batch(loop.create_future())
+        self.index = len(batch.items)
         batch.items.append(item)
         batch.size += size
         if not hold:
@@ -81,6 +90,13 @@ class Batcher(Generic[T]):
             assert self._loop is not None
             self._loop.call_soon(self._flush)
         return future
+
+    def reset(self) -> None:
+        """Forget the event loop and whatever is pending (the loop it belonged to is gone)."""
+        self._pending = {}
+        self._loop = None
+        self._flush_scheduled = False
+        self._hold_timer = None
 
     def flush(self) -> None:
         """Send everything pending now, held items included."""

@@ -363,6 +363,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a line per request on stdout, as text or one JSON object "
         "[MINIDASGI_ACCESS_LOG] (default: off)",
     )
+    dist.add_argument(
+        "--wire-format",
+        default=_env("WIRE_FORMAT", "3"),
+        metavar="N",
+        help="format written to Nodes: 3 (this release) or 1 (the first release, while "
+        "Nodes of that release remain) [MINIDASGI_WIRE_FORMAT] (default: 3)",
+    )
 
     status = commands.add_parser(
         "status",
@@ -620,6 +627,10 @@ def _run_distributor(args: argparse.Namespace) -> int:
         raise CLIError("MINIDASGI_ACCESS_LOG must be off, text or json", EXIT_USAGE)
     if args.access_log != "off":
         config["access_log"] = args.access_log
+    if str(args.wire_format) not in ("1", "3"):
+        raise CLIError("MINIDASGI_WIRE_FORMAT must be 1 or 3", EXIT_USAGE)
+    if str(args.wire_format) != "3":
+        config["wire_format"] = int(args.wire_format)
     try:
         app = _distributor(config)  # check the configuration here, once, with a clear message
     except (TypeError, ValueError, re.error) as exc:

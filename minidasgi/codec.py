@@ -1,15 +1,30 @@
 """Safe, compact encoding of ASGI messages for travel through Redis.
 
-Owns the byte format of every value minidasgi puts into Redis. Must never use ``pickle`` or
-``marshal``: whatever is read back from Redis is untrusted input, and decoding it can only ever
-produce None, bool, int, float, str, bytes, list and dict (with str keys).
+Owns the byte format of every value minidasgi puts into Redis, and which version byte means
+which format. Must never use ``pickle`` or ``marshal``: whatever is read back from Redis is
+untrusted input, and decoding it can only ever produce None, bool, int, float, str, bytes, list,
+tuple and dict (with str keys).
 
-Format (version 2): one version byte, then one value. A value is a one-byte tag and its payload,
-big-endian: ``N`` None, ``T``/``F`` booleans, ``i`` int64, ``I`` a larger int as decimal
-ASCII (u16 length), ``f`` float64, ``s`` UTF-8 str and ``b`` bytes (u32 length), ``l`` list,
-``t`` tuple and ``d`` dict (u32 count, then the items; dict keys are str values). Tuples keep
-their shape (version 1 sent them as lists, and still decodes): an app's ``(name, value)``
-header pairs reach the ASGI server as the app sent them, as they would served directly.
+Every encoded message starts with its version byte, the one thing every version shares:
+
+- **1**, the binary format of the first release: tags, below, without ``t`` (tuples are lists).
+  Written only for a peer of that release (``encode(value, version=1)``).
+- **2**, the binary format with tuples (tag ``t``). Never the first choice: ``encode`` writes
+  it only for a value format 3 declines (see ``jsoncodec``: U+E000 in a string, a dict key json
+  could have coerced).
+- **3**, the fast format (``jsoncodec``): a JSON head read by the C ``json`` module and a binary
+  tail for bytes values. What ``encode`` writes by default. Tuples decode as lists.
+
+The rule: a version byte is never reused for another layout; ``decode`` reads every version a
+peer of the previous release or of this one may send (1, 2 and 3), and refuses any other with
+``UnsupportedVersion``, which names the version so the operator knows what to upgrade. Frames
+that are not a codec value (``wire``'s batch frame and envelope preamble) take bytes far from
+these (``wire`` owns them).
+
+Binary format (versions 1 and 2): one version byte, then one value. A value is a one-byte tag and
+its payload, big-endian: ``N`` None, ``T``/``F`` booleans, ``i`` int64, ``I`` a larger int as
+decimal ASCII (u16 length), ``f`` float64, ``s`` UTF-8 str and ``b`` bytes (u32 length), ``l``
+list, ``t`` tuple and ``d`` dict (u32 count, then the items; dict keys are str values).
 Decoding checks every length against the bytes that remain, so a forged count cannot make it
 allocate more than the message holds; depth, total size and the number of items are bounded.
 
@@ -24,11 +39,27 @@ from __future__ import annotations
 import struct
 from typing import Any, Final
 
-__all__ = ["VERSION", "CodecError", "decode", "encode"]
+__all__ = [
+    "BINARY",
+    "FAST",
+    "RELEASED",
+    "VERSION",
+    "CodecError",
+    "UnsupportedVersion",
+    "decode",
+    "encode",
+    "encode_binary",
+]
 
-VERSION: Final = 2
-_DECODABLE_VERSIONS: Final = frozenset({1, VERSION})  # version 1 is version 2 without tuples
-_VERSION_BYTE: Final = bytes([VERSION])
+RELEASED: Final = 1
+"""The binary format of the first release (no tuples)."""
+BINARY: Final = 2
+"""The binary format with tuples: the fallback for what the fast format declines."""
+FAST: Final = 3
+"""The fast format (``jsoncodec``)."""
+VERSION: Final = FAST
+"""What ``encode`` writes by default."""
+DECODABLE: Final = frozenset({RELEASED, BINARY, FAST})
 DEFAULT_MAX_SIZE: Final = 16 * 1024 * 1024
 DEFAULT_MAX_DEPTH: Final = 32
 DEFAULT_MAX_ITEMS: Final = 100_000
@@ -48,14 +79,44 @@ class CodecError(ValueError):
     """A value cannot be encoded, or bytes are not a valid encoded message."""
 
 
-def encode(value: Any, *, max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
-    """Encode ``value``; raise ``CodecError`` for types that cannot travel."""
-    parts: list[bytes] = [_VERSION_BYTE]
-    _encode(value, parts, max_depth)
+class UnsupportedVersion(CodecError):
+    """A message in a format this side cannot read: a peer of a newer (or much older) release."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"unsupported message version {version} (this side reads "
+            f"{', '.join(map(str, sorted(DECODABLE)))}): upgrade the side that sent it, or "
+            "have it write an older format"
+        )
+        self.version = version
+
+
+def encode(value: Any, *, version: int = FAST, max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
+    """Encode ``value`` in ``version`` (``FAST`` unless a peer of the first release must read
+    it: ``RELEASED``); raise ``CodecError`` for types that cannot travel."""
+    if version == FAST:
+        data = _jsoncodec.try_encode(value, max_depth=max_depth, max_items=DEFAULT_MAX_ITEMS)
+        if data is not None:
+            return data
+        version = BINARY  # U+E000 in a string, or a dict key json would coerce
+    return encode_binary(value, version=version, max_depth=max_depth)
+
+
+def encode_binary(
+    value: Any, *, version: int = BINARY, max_depth: int = DEFAULT_MAX_DEPTH
+) -> bytes:
+    """Encode ``value`` in the binary format: ``BINARY`` (tuples kept) or ``RELEASED``."""
+    if version not in (RELEASED, BINARY):
+        raise ValueError(f"no binary format has version {version}")
+    parts: list[bytes] = [_VERSION_BYTES[version]]
+    _encode(value, parts, max_depth, version == BINARY)
     return b"".join(parts)
 
 
-def _encode(value: Any, parts: list[bytes], depth: int) -> None:
+_VERSION_BYTES: Final = {v: bytes([v]) for v in (RELEASED, BINARY)}
+
+
+def _encode(value: Any, parts: list[bytes], depth: int, tuples: bool = True) -> None:
     # Ordered by how often each type occurs in ASGI messages.
     if isinstance(value, bytes):
         parts.append(b"b" + _U32.pack(len(value)))
@@ -74,14 +135,15 @@ def _encode(value: Any, parts: list[bytes], depth: int) -> None:
             data = key.encode("utf-8", "surrogatepass")
             parts.append(b"s" + _U32.pack(len(data)))
             parts.append(data)
-            _encode(item, parts, depth - 1)
+            _encode(item, parts, depth - 1, tuples)
     elif isinstance(value, (list, tuple)):
         if depth <= 0:
             raise CodecError("value nested too deeply to encode")
         # A tuple subclass (a named tuple) travels as a plain tuple: its class cannot.
-        parts.append((b"l" if isinstance(value, list) else b"t") + _U32.pack(len(value)))
+        tag = b"t" if tuples and not isinstance(value, list) else b"l"
+        parts.append(tag + _U32.pack(len(value)))
         for item in value:
-            _encode(item, parts, depth - 1)
+            _encode(item, parts, depth - 1, tuples)
     elif value is None:
         parts.append(b"N")
     elif value is True:
@@ -116,7 +178,7 @@ def is_portable(value: Any) -> bool:
 
 
 def decode(
-    data: bytes,
+    data: bytes | bytearray | memoryview,
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
@@ -131,8 +193,13 @@ def decode(
         raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
     if not data:
         raise CodecError("empty message")
-    if data[0] not in _DECODABLE_VERSIONS:
-        raise CodecError(f"unsupported message version {data[0]} (this side speaks {VERSION})")
+    version = data[0]
+    if version == FAST:
+        return _jsoncodec.decode(data, max_size=max_size, max_items=max_items, max_depth=max_depth)
+    if version not in DECODABLE:
+        raise UnsupportedVersion(version)
+    if type(data) is not bytes:
+        data = bytes(data)
     decoder = _Decoder(data, max_items)
     value = decoder.value(max_depth)
     if decoder.pos != len(data):
@@ -223,3 +290,7 @@ class _Decoder:
                 raise CodecError("invalid big int")
             return int(digits)
         raise CodecError(f"unknown tag {bytes([tag])!r}")
+
+
+# At the end: jsoncodec imports this module's bounds and CodecError.
+from . import jsoncodec as _jsoncodec  # noqa: E402

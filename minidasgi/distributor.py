@@ -39,8 +39,11 @@ from typing import Any
 from . import accesslog, admission, buffering, codec, health, metrics, stats, wire
 from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
-from .codec import CodecError
+from .codec import CodecError, UnsupportedVersion
+from .deadlines import Deadlines
+from .inbox import Inbox
 from .liveness import PeerTracker
+from .outbox import Outbox
 from .resp import RespError, topology
 from .resp.connection import make_params
 from .resp.sentinel import SentinelSpec
@@ -135,6 +138,10 @@ class Distributor:
     503 at once. These refusals carry ``Retry-After: retry_after``. ``ops_prefix`` (e.g.
     ``"/-/"``) answers ``healthz``, ``readyz`` and ``metrics`` under that path, never routed.
     ``access_log`` (``"text"`` or ``"json"``) logs a line per request on ``minidasgi.access``.
+
+    ``wire_format``: the format written to Nodes: 3 (this release's, the default) or 1 (the
+    first release's), for a fleet whose Nodes are not all upgraded yet (README, "Upgrading a
+    fleet"). Nodes of this release answer each request in the format it came in.
     """
 
     def __init__(
@@ -172,7 +179,13 @@ class Distributor:
         retry_after: int = 1,
         ops_prefix: str | None = None,
         access_log: str | None = None,
+        wire_format: int = codec.FAST,
     ) -> None:
+        if wire_format not in (codec.FAST, codec.RELEASED):
+            raise ValueError(
+                f"wire_format must be {codec.FAST} or {codec.RELEASED}, not {wire_format!r}"
+            )
+        self.wire_format = wire_format
         if (routes is None) == (key is None):
             raise TypeError("give a distributor exactly one of routes= or key=")
         if key is not None:
@@ -235,6 +248,9 @@ class Distributor:
         self._exchanges: dict[str, _Exchange] = {}
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
         self._client: topology.CommandClient | None = None
+        self.outbox = Outbox(lambda: self._client)
+        self.ack_deadlines = Deadlines(worker_timeout)  # one timer for every request's wait
+        self.watch_deadlines = Deadlines(_WATCH_AFTER)  # and one for the disconnect watches
         self._subscriber: topology.AnySubscriber | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -318,12 +334,17 @@ class Distributor:
             self._monitor = self._starting = None
             self._background = set()
             self.credit_pool = wire.CreditPool()
+            self.outbox.batcher.reset()
+            self.ack_deadlines.reset()
+            self.watch_deadlines.reset()
+            self.admission.pushes.reset()
             self.peers = PeerTracker(self.peer_timeout)
             self._pinging = set()
         self._loop = loop
 
     async def shutdown(self) -> None:
         """Close the Redis connections; requests still in flight fail."""
+        logger.info("distributor coalescing: %s", self.batch_sizes())
         for exchange in list(self._exchanges.values()):
             exchange.inbox.put_nowait(_PEER_LOST)
         monitor, self._monitor = self._monitor, None
@@ -377,6 +398,10 @@ class Distributor:
             if exchange.node is not None:
                 self.peers.discard(exchange.node, exchange.id)
             self._finished(scope, key, exchange, exchange.status, started)
+
+    def batch_sizes(self) -> str:
+        """The coalescing seen so far: messages per PUBLISH, envelopes per LPUSH."""
+        return _batch_sizes(publish=self.outbox.batcher, lpush=self.admission.pushes)
 
     def _finished(
         self,
@@ -435,7 +460,7 @@ class Distributor:
             refused=refused,
             started=self._started_at,
         )
-        self.spawn(self.publish(reply, wire.pack(wire.STATS_REPLY, request_id, payload)))
+        self.outbox.post(reply, wire.pack(wire.STATS_REPLY, request_id, payload))
 
     def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
         """The list for this request, or the answer to give without Redis."""
@@ -475,16 +500,14 @@ class Distributor:
                 return
 
     async def publish(self, channel: str, message: bytes) -> int:
-        """PUBLISH for the exchanges; 0 when Redis is unreachable."""
-        if self._client is None:
-            return 0
-        return await self._client.try_publish(channel, message)
+        """PUBLISH (coalesced: ``outbox``) for the exchanges; 0 when Redis is unreachable."""
+        return await self.outbox.publish(channel, message)
 
     async def cancel_on(self, node: str, request_id: str) -> None:
         """Tell a Node to stop a request. Unlike other messages, a cancel outlives a lost
         connection: without it the Node's job could wait for credit forever, since the Node
         still sees this distributor alive. It is retried once Redis is reachable again."""
-        message = wire.pack(wire.CANCEL, request_id)
+        message = wire.pack(wire.CANCEL, request_id, version=self.wire_format)
         for _ in range(3):
             if self._client is None:
                 return
@@ -504,7 +527,21 @@ class Distributor:
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
+            messages = wire.split_frame(data)
+        except wire.WireError as exc:
+            logger.warning("dropped a malformed batch on the reply channel: %s", exc)
+            return
+        for message in messages:
+            self._on_one_message(message)
+
+    def _on_one_message(self, data: Any) -> None:
+        try:
             kind, request_id, args = wire.unpack(data)
+        except UnsupportedVersion as exc:
+            logger.error(
+                "dropped a message on the reply channel: %s (upgrade this distributor)", exc
+            )
+            return
         except (CodecError, wire.WireError) as exc:
             logger.warning("dropped a malformed message on the reply channel: %s", exc)
             return
@@ -522,7 +559,8 @@ class Distributor:
                 self.spawn(self.cancel_on(node, request_id))
             return
         if exchange.node is not None:
-            self.peers.heard(exchange.node, asyncio.get_running_loop().time())
+            assert self._loop is not None
+            self.peers.heard(exchange.node, self._loop.time())
         if kind == wire.CREDIT:
             if args and type(args[0]) is int:
                 exchange.window.grant(args[0])
@@ -592,7 +630,7 @@ class Distributor:
 
     async def _ping(self, node: str, request_ids: list[str]) -> None:
         try:
-            for message in wire.ping_messages(self.channel, request_ids):
+            for message in wire.ping_messages(self.channel, request_ids, version=self.wire_format):
                 if await self.publish(node, message) == 0:
                     for exchange in list(self._exchanges.values()):
                         if exchange.node == node:
@@ -615,7 +653,7 @@ class _Exchange:
         self.kind: str = scope["type"]
         self._receive = receive
         self._send = send
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.inbox: Inbox[Any] = Inbox()
         self.window = wire.SendWindow()  # replaced by the window the Node's ack grants
         self.received = wire.ReceiveWindow(
             distributor.credit_pool.open(), distributor.credit_pool, self._grant_later
@@ -634,7 +672,7 @@ class _Exchange:
         self._wants_body = False  # the Node's app asked for the body (CONTINUE)
         self._more = False  # the client has more to send than the envelope carries
         self._pumps: list[asyncio.Task[None]] = []
-        self._delayed: asyncio.TimerHandle | None = None
+        self._delayed: list[Any] | None = None  # an entry of watch_deadlines
         self.status = 0  # the status answered, for metrics and the access log
         self.pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
         self.acked_at = 0.0
@@ -673,6 +711,7 @@ class _Exchange:
                 window=self.received.window,
                 liveness=d.liveness_interval,
                 queued=time.time(),
+                version=d.wire_format,
             )
             try:
                 data = envelope.encode()
@@ -738,6 +777,15 @@ class _Exchange:
             await self._refuse(502, "lost contact with the worker\n")
             return
         if item[0] == wire.GONE:  # the Node dropped it unrun (expired when popped)
+            reason = item[1][0] if item[1] and isinstance(item[1][0], str) else ""
+            if reason.startswith("unsupported wire format"):
+                logger.error(
+                    "a worker on %r cannot read this distributor's requests (%s): upgrade it, "
+                    "or run the distributors with --wire-format %d until it is",
+                    key,
+                    reason[:100],
+                    codec.RELEASED,
+                )
             text = f"no worker answered within {d.worker_timeout:g} seconds\n"
             await self._refuse(d.no_worker_status, text)
             return
@@ -755,7 +803,7 @@ class _Exchange:
             await self._relay()
         finally:
             if self._delayed is not None:
-                self._delayed.cancel()
+                Deadlines.cancel(self._delayed)
             for pump in self._pumps:
                 pump.cancel()
                 pump.add_done_callback(_log_pump_failure)
@@ -792,8 +840,7 @@ class _Exchange:
         if self._more:
             self._start_pump()
         else:
-            loop = asyncio.get_running_loop()
-            self._delayed = loop.call_later(_WATCH_AFTER, self._start_pump)
+            self._delayed = self.distributor.watch_deadlines.add(_Exchange._start_pump, self)
 
     def body_wanted(self) -> None:
         """The Node's app asked for the body of a request queued without it (CONTINUE)."""
@@ -809,22 +856,26 @@ class _Exchange:
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
         if self.node is not None and not self.complete:
-            self.distributor.spawn(self._publish_credit(credit))
+            self._post_credit(credit)
 
-    async def _publish_credit(self, credit: int) -> None:
+    def _post_credit(self, credit: int) -> None:
         assert self.node is not None
-        message = wire.pack(wire.CREDIT, self.id, credit)
-        if await self.distributor.publish(self.node, message) == 0:
-            self.inbox.put_nowait(_PEER_LOST)  # a lost credit would stall the transfer
+        message = wire.pack(wire.CREDIT, self.id, credit, version=self.distributor.wire_format)
+        # Not awaited: relaying goes on; a lost credit would stall the transfer, so a count
+        # of 0 fails the exchange (in a callback: no task, no wait).
+        self.distributor.outbox.post(self.node, message).add_done_callback(self._check_reached)
+
+    def _check_reached(self, posted: asyncio.Future[int]) -> None:
+        """A callback on a message not awaited: the Node is gone if nobody got it."""
+        if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
+            self.inbox.put_nowait(_PEER_LOST)
 
     async def _wait_ack(self, timeout: _Signal) -> Any:
         """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout``, or a lost
         peer. Anything else before an ack can only be forged, and is dropped."""
-        d = self.distributor
-        # A timer rather than wait_for(), which costs a task per request before Python 3.12.
-        timer = asyncio.get_running_loop().call_later(
-            d.worker_timeout, self.inbox.put_nowait, timeout
-        )
+        # One timer for all requests rather than wait_for() (a task per request before
+        # Python 3.12) or a call_later each.
+        timer = self.distributor.ack_deadlines.add(self.inbox.put_nowait, timeout)
         try:
             while True:
                 item = await self.inbox.get()
@@ -841,7 +892,7 @@ class _Exchange:
                     self.received.dropped()
                 logger.warning("dropped a %r message before the ack of %s", item[0], self.id)
         finally:
-            timer.cancel()
+            Deadlines.cancel(timer)
 
     async def _take_back(self, key: str, data: bytes, *, keep_ack: bool = False) -> bool:
         """Undo the LPUSH of a request answered without a Node; True if it was still in the
@@ -949,6 +1000,7 @@ class _Exchange:
                 raise ResponseAborted("the worker sent a malformed event")
             kind = event["type"]
             if kind in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
+                _tuple_headers(event)
                 self.started = True
                 status = event.get("status", 101 if kind == "websocket.accept" else 0)
                 self.status = status if type(status) is int else 0
@@ -957,6 +1009,8 @@ class _Exchange:
                         self.trailers = True
                     else:  # the Node completes without them: so must the server
                         event = {k: v for k, v in event.items() if k != "trailers"}
+            elif kind == "http.response.trailers":
+                _tuple_headers(event)
             if kind == "websocket.send":
                 try:
                     whole = self.pieces.add(event)
@@ -983,7 +1037,7 @@ class _Exchange:
                 self.complete = self.node_done = True
         credit = self.received.consumed()
         if credit and not self.complete:
-            await self._publish_credit(credit)
+            self._post_credit(credit)
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""
@@ -996,6 +1050,9 @@ class _Exchange:
             return
         await self._refuse(status, text)
 
+    def _pack(self, kind: str, *args: Any) -> bytes:
+        return wire.pack(kind, self.id, *args, version=self.distributor.wire_format)
+
     async def _forward_client(self, more: bool) -> None:
         """Relay what the client sends after the envelope, under the Node's credit."""
         d = self.distributor
@@ -1006,14 +1063,13 @@ class _Exchange:
                 event = await buffering.receive_within(self._receive, idle if more else None)
             except BodyIdle:
                 # The app sees the client gone; the client, if nothing was sent yet, a 408.
-                await d.publish(
-                    self.node, wire.pack(wire.EVENT, self.id, {"type": "http.disconnect"})
-                )
+                disconnect = {"type": "http.disconnect"}
+                await d.publish(self.node, self._pack(wire.EVENT, disconnect))
                 self.inbox.put_nowait(_CLIENT_IDLE)
                 return
             kind = event["type"]
             if kind in ("http.disconnect", "websocket.disconnect"):
-                await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(event)))
+                await d.publish(self.node, self._pack(wire.EVENT, dict(event)))
                 self.inbox.put_nowait(_CLIENT_GONE)
                 return
             if not more:
@@ -1024,11 +1080,27 @@ class _Exchange:
             pieces = wire.split_message(dict(event)) if kind == "websocket.receive" else [event]
             for piece in pieces:
                 await self.window.acquire()
-                if await d.publish(self.node, wire.pack(wire.EVENT, self.id, dict(piece))) == 0:
-                    self.inbox.put_nowait(_PEER_LOST)
-                    return
+                # Pipelined within the window: the receiver count is checked in a callback.
+                posted = d.outbox.post(self.node, self._pack(wire.EVENT, dict(piece)))
+                posted.add_done_callback(self._check_reached)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
+
+
+def _batch_sizes(**batchers: Any) -> str:
+    parts = []
+    for command, batcher in batchers.items():
+        mean = batcher.items / batcher.batches if batcher.batches else 0.0
+        parts.append(f"{batcher.items} {command} items in {batcher.batches} commands ({mean:.2f})")
+    return ", ".join(parts)
+
+
+def _tuple_headers(event: dict[str, Any]) -> None:
+    """Header pairs as the app sent them (the fast format delivers tuples as lists): an ASGI
+    server takes either, but an app served directly sends tuples almost always."""
+    headers = event.get("headers")
+    if type(headers) is list:
+        event["headers"] = [tuple(p) if type(p) is list else p for p in headers]
 
 
 def _log_pump_failure(pump: asyncio.Task[None]) -> None:

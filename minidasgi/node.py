@@ -6,8 +6,13 @@ flight. It must never pop a request it has no free slot for: what it cannot run 
 for other Nodes (under load one RPOP with a count takes up to one request per free slot). It
 never retries or re-queues a request (delivery is at most once).
 
-A job acks at once and runs the app only once the ack reached the distributor. It then feeds
-the app the events the distributor sends and publishes what the app sends, under credit-based
+A job acks and runs the app at once, without waiting for the ack to land: the distributor
+answers "no worker" only for a request it took back from the list unrun, or one a Node said
+GONE for before acking, so nothing is gained by the wait. An HTTP request whose body came whole
+lets its ack wait a moment (``outbox``, ``hold=True``) to travel in the same PUBLISH as the
+response's first message. A job feeds the app the events the distributor sends and publishes
+what the app sends (all through the ``outbox``: one PUBLISH per distributor per loop turn),
+answering in the envelope's format (``wire``: fleet upgrades), under credit-based
 flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` / ``wire.CreditPool``); a
 distributor that sends more than the credit granted fails the request. If the distributor goes
 away (PUBLISH reaches nobody, this Node's subscriber lost messages, or nothing at all came from
@@ -33,9 +38,10 @@ from typing import Any
 
 from . import health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
-from .codec import CodecError
+from .codec import CodecError, UnsupportedVersion
 from .lifespan import Lifespan
 from .liveness import PeerTracker
+from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.client import Client
 from .resp.connection import make_params
@@ -171,11 +177,13 @@ class Node:
         self._stopping: asyncio.Event | None = None
         self._force = False
         self._publisher: topology.CommandClient | None = None
+        self.outbox = Outbox(lambda: self._publisher)
         self._started: asyncio.Event | None = None
         self._pop_client_id: int | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
         self._batch_pops = True
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
 
     def __repr__(self) -> str:
@@ -247,6 +255,7 @@ class Node:
             self._stopping = asyncio.Event()
         if self._started is None:
             self._started = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
         health = self.health_check_interval
         publisher = self._publisher = topology.command_client(
             self.params, name="node publisher", parser=self._parser, health_check_interval=health
@@ -293,6 +302,14 @@ class Node:
             try:
                 await self.lifespan.shutdown()
             finally:
+                self.outbox.flush()  # the last GONEs, written before the connection closes
+                batcher = self.outbox.batcher
+                logger.info(
+                    "node coalescing: %d messages in %d PUBLISH (%.2f)",
+                    batcher.items,
+                    batcher.batches,
+                    batcher.items / batcher.batches if batcher.batches else 0.0,
+                )
                 await subscriber.close()
                 await publisher.close()
                 if self.health_server is not None:
@@ -400,6 +417,20 @@ class Node:
     async def _run_request(self, key: bytes, data: bytes) -> None:
         try:
             envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
+        except UnsupportedVersion as exc:
+            # A distributor newer than this Node: tell it at once, so its client is answered.
+            peek = wire.peek_envelope(data)
+            logger.error(
+                "dropped a request from queue %r that this worker cannot read (malformed, or "
+                "from a newer distributor: upgrade this worker): %s%s",
+                key,
+                exc,
+                "" if peek else "; it has no preamble, so its distributor cannot be told",
+            )
+            if peek is not None:
+                reason = f"unsupported wire format {exc.version}: upgrade the worker"
+                self.outbox.post(peek[1], wire.pack(wire.GONE, peek[0], reason))
+            return
         except (CodecError, wire.WireError) as exc:
             logger.warning("dropped a malformed request from queue %r: %s", key, exc)
             return
@@ -411,7 +442,7 @@ class Node:
             # distributor answers "no worker" only for a request it took back from the list,
             # and for one whose GONE says it never ran.
             logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
-            self.spawn(self._tell_gone(envelope.reply, envelope.id, "expired"))
+            self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
             return
         job = _Job(self, envelope)
         self._jobs[envelope.id] = job
@@ -428,11 +459,12 @@ class Node:
                 self.metrics.finished(name, job.status, job.failed, elapsed)
             if job.acked and not job.finished and not job.told:
                 # The distributor would otherwise wait for a response that never comes.
-                self.spawn(self._tell_gone(job.reply, job.id, job.why or "ended"))
+                self._tell_gone(job.reply, job.id, job.why or "ended", job.version)
 
-    async def _tell_gone(self, channel: str, request_id: str, reason: str) -> None:
+    def _tell_gone(self, channel: str, request_id: str, reason: str, version: int) -> None:
         """Best effort: if this is lost too, the distributor's next PING finds it."""
-        await self.publish(channel, wire.pack(wire.GONE, request_id, reason[:100]))
+        message = wire.pack(wire.GONE, request_id, reason[:100], version=version)
+        self.outbox.post(channel, message)
 
     def spawn(self, coroutine: Any) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""
@@ -441,18 +473,30 @@ class Node:
         task.add_done_callback(self._background.discard)
 
     async def publish(self, channel: str, message: bytes) -> int:
-        """PUBLISH for the jobs; 0 when Redis is unreachable (the peer is as good as gone)."""
-        assert self._publisher is not None
-        return await self._publisher.try_publish(channel, message)
+        """PUBLISH (coalesced) for the jobs; 0 when Redis is unreachable (the peer is as good
+        as gone)."""
+        return await self.outbox.publish(channel, message)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
+            messages = wire.split_frame(data)
+        except wire.WireError as exc:
+            logger.warning("dropped a malformed batch on %r: %s", channel, exc)
+            return
+        for message in messages:
+            self._on_one_message(channel, message)
+
+    def _on_one_message(self, channel: bytes, data: Any) -> None:
+        try:
             kind, request_id, args = wire.unpack(data)
+        except UnsupportedVersion as exc:
+            logger.error("dropped a message on %r: %s (upgrade this worker)", channel, exc)
+            return
         except (CodecError, wire.WireError) as exc:
             logger.warning("dropped a malformed message on %r: %s", channel, exc)
             return
         if kind == wire.PING:
-            self._on_ping(args)
+            self._on_ping(args, data[0])
             return
         if kind == wire.STATS:
             self._answer_stats(request_id, args)
@@ -475,7 +519,7 @@ class Node:
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
 
-    def _on_ping(self, args: list[Any]) -> None:
+    def _on_ping(self, args: list[Any], version: int) -> None:
         """A distributor names the requests it has in flight with this Node: answer GONE for
         those this Node does not run (any more)."""
         ping = wire.parse_ping(args)
@@ -485,7 +529,7 @@ class Node:
         self.peers.heard(sender, time.monotonic())
         unknown = [i for i in request_ids if i not in self._jobs]
         for request_id in unknown[: wire.MAX_PING_ANSWERS]:  # the rest at the next PING
-            self.spawn(self._tell_gone(sender, request_id, "unknown to the worker"))
+            self._tell_gone(sender, request_id, "unknown to the worker", version)
 
     def _answer_stats(self, request_id: str, args: list[Any]) -> None:
         reply = stats.reply_channel(self.channel_prefix, self.params.db, args)
@@ -501,7 +545,7 @@ class Node:
             started=self._started_at,
             stopping=self.stopping,
         )
-        self.spawn(self.publish(reply, wire.pack(wire.STATS_REPLY, request_id, payload)))
+        self.outbox.post(reply, wire.pack(wire.STATS_REPLY, request_id, payload))
 
     def _on_subscriber_lost(self) -> None:
         # Events from distributors may have been lost: no job can trust its input any more.
@@ -529,11 +573,11 @@ class Node:
                 if live and channel not in self._pinging:
                     # Not awaited: a PING stuck on a stalled link must not stop the checks.
                     self._pinging.add(channel)
-                    self.spawn(self._ping(channel, live))
+                    self.spawn(self._ping(channel, live, self._jobs[live[0]].version))
 
-    async def _ping(self, channel: str, request_ids: list[str]) -> None:
+    async def _ping(self, channel: str, request_ids: list[str], version: int) -> None:
         try:
-            for message in wire.ping_messages(self.channel, request_ids):
+            for message in wire.ping_messages(self.channel, request_ids, version=version):
                 if await self.publish(channel, message) == 0:
                     for job in list(self._jobs.values()):
                         if job.reply == channel:
@@ -560,8 +604,10 @@ class _Job:
         self.node = node
         self.id = envelope.id
         self.reply = envelope.reply
+        self.version = envelope.version  # the distributor's format, which every reply uses
         self.scope = _local_scope(envelope.scope, node.lifespan.state)
         self.kind = self.scope["type"]
+        # A Queue, not an Inbox: an app may call receive() from more than one task.
         self.inbox: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
@@ -595,16 +641,17 @@ class _Job:
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
-        # The ack doubles as a check that the distributor still listens: a request whose
-        # distributor is gone is never run.
+        # Not awaited: the app runs at once. A request whose body came whole lets its ack wait
+        # a moment for the response, to share its PUBLISH; the others need the credit and the
+        # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
+        # A count of 0 (the distributor is gone) disconnects the app, as a client gone would.
         ack = (self.node.channel, self.received.window, self.node.liveness_interval)
-        # From here the distributor may know this Node took the request (a job cancelled
-        # while its ack is being published still owes it a GONE).
+        hold = self.kind == "http" and self.received.window == 1 and not self.awaiting_body
+        posted = self.node.outbox.post(
+            self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
+        )
+        posted.add_done_callback(self._check_reached)
         self.acked = True
-        if not await self._publish(wire.ACK, *ack):
-            self.acked = False  # it reached nobody
-            logger.info("dropped request %s: its distributor is gone", self.id)
-            return
         self.app_started = time.monotonic()
         try:
             await self.node.app(self.scope, self.receive, self.send)
@@ -633,18 +680,27 @@ class _Job:
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
         if not self.gone:
-            self.node.spawn(self._publish(wire.CREDIT, credit))
+            self._post(wire.CREDIT, credit).add_done_callback(self._check_reached)
 
-    async def _publish(self, kind: str, *args: Any) -> bool:
-        """Publish one message to the distributor; False (and disconnect) if nobody got it."""
-        data = wire.pack(kind, self.id, *args)
+    def _check_reached(self, posted: asyncio.Future[int]) -> None:
+        """A callback on a message not awaited: disconnect the app if nobody got it."""
+        if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
+            self.peer_lost("the distributor is gone")
+
+    def _post(self, kind: str, *args: Any) -> asyncio.Future[int]:
+        """Queue one message to the distributor; the future gives the receiver count."""
+        data = wire.pack(kind, self.id, *args, version=self.version)
         if len(data) > wire.MAX_MESSAGE_SIZE:
             # The distributor would drop it as malformed and wait forever: fail the app here.
             raise ValueError(
                 f"a {kind} message of {len(data)} bytes is over the limit of "
                 f"{wire.MAX_MESSAGE_SIZE} (response headers too large?)"
             )
-        if await self.node.publish(self.reply, data) == 0:
+        return self.node.outbox.post(self.reply, data)
+
+    async def _publish(self, kind: str, *args: Any) -> bool:
+        """Publish one message to the distributor; False (and disconnect) if nobody got it."""
+        if await self._post(kind, *args) == 0:
             self.peer_lost("the distributor is gone")
             return False
         return True
@@ -713,8 +769,8 @@ class _Job:
         """The app's ``receive``."""
         if self.awaiting_body:
             self.awaiting_body = False
-            if not self.gone:
-                await self._publish(wire.CONTINUE)  # the distributor now reads the body
+            if not self.gone:  # the distributor now reads the body
+                self._post(wire.CONTINUE).add_done_callback(self._check_reached)
         while True:
             if self.disconnect is not None and self.inbox.empty():
                 return self.disconnect  # as uvicorn: once disconnected, always disconnected
@@ -723,7 +779,7 @@ class _Job:
                 credit = self.received.consumed()
                 if credit and not self.gone:
                     # A credit that gets lost would stall the transfer for good.
-                    await self._publish(wire.CREDIT, credit)
+                    self._post(wire.CREDIT, credit).add_done_callback(self._check_reached)
             kind = event.get("type")
             if kind in ("http.disconnect", "websocket.disconnect"):
                 self.disconnect = event
@@ -764,7 +820,9 @@ class _Job:
             # an app that works before its first body must not keep the client from its
             # headers (EventSource.onopen, long polls, progress indicators).
             self.held_start = dict(message)
-            asyncio.get_running_loop().call_soon(self._flush_start)
+            loop = self.node.loop
+            assert loop is not None
+            loop.call_soon(self._flush_start)
             return
         if kind == "http.response.body":
             if not self.response_started:
@@ -847,7 +905,11 @@ class _Job:
             return
         if self.gone:
             return
-        if await self._publish(wire.SEND, events) and last:
+        if not last:
+            # Pipelined within the window: the count is checked when the reply comes.
+            self._post(wire.SEND, events).add_done_callback(self._check_reached)
+            return
+        if await self._publish(wire.SEND, events):
             self.finished = True
             self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
 

@@ -12,7 +12,8 @@ The conversation for one request (``id``):
    first calls ``receive()``, and only then does the distributor read the body and relay it.
 2. A Node pops it (``BRPOP``: first in, first out; under load ``RPOP`` with a count takes a
    batch) and publishes ``[ACK, id, node_channel, window]``: the window is how many pieces
-   of request body the distributor may send ahead.
+   of request body the distributor may send ahead. It runs the app at once; the ACK of a
+   whole HTTP request usually travels in one batch with the response's first SEND.
 3. The Node publishes ``[SEND, id, [events...]]`` with what the app sends; the distributor
    publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
@@ -36,6 +37,17 @@ The conversation for one request (``id``):
    sender or ids, is still read (and ignored). Whether a peer pings at all is announced in the
    envelope (``liveness``) and the ACK (its third argument), so a peer of an older version,
    which does not, is never blamed for its silence.
+
+Formats and fleet upgrades. Every message starts with its format's version byte (``codec``).
+A process sends what it has for one peer channel in one loop turn as one PUBLISH (``outbox``):
+a single message as itself, several as a *batch frame* (``batch_frame``: the byte
+``BATCH_FRAME``, a u32 count, then each message as a u32 length and its bytes), which receivers
+split with ``split_frame``. An envelope starts with a preamble every later version keeps
+(``ENVELOPE_FRAME``, then the request id and the reply channel, each behind a u8 length), then
+its fields as a codec message: a Node that cannot read the body's version still knows whom to
+tell (``peek_envelope``), and answers ``[GONE, id, "unsupported ..."]`` at once. A Node answers
+in the envelope's format: the first release's (``codec.RELEASED``, an envelope that is a plain
+codec dict) gets single messages in that format, which its distributor reads.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,11 +65,13 @@ from . import codec
 
 __all__ = [
     "ACK",
+    "BATCH_FRAME",
     "CANCEL",
     "CHUNK_SIZE",
     "CONTINUE",
     "CREDIT",
     "DONE",
+    "ENVELOPE_FRAME",
     "EVENT",
     "GONE",
     "MORE_KEY",
@@ -70,11 +85,14 @@ __all__ = [
     "ReceiveWindow",
     "SendWindow",
     "WireError",
+    "batch_frame",
     "new_channel",
     "new_request_id",
     "pack",
     "parse_ping",
+    "peek_envelope",
     "ping_messages",
+    "split_frame",
     "split_message",
     "unpack",
 ]
@@ -97,10 +115,18 @@ POOL_BUDGET: Final = 64
 """Data-bearing messages all peers together may have unconsumed by one process (8 MiB of
 pieces), well under Redis' default 32 MB limit on a subscriber's output buffer."""
 MAX_MESSAGE_SIZE: Final = 4 * CHUNK_SIZE + 256 * 1024
-"""Bound on one decoded message: a chunk plus scope and headers, with room to spare."""
+"""Bound on one message or batch frame: a chunk plus scope and headers, with room to spare
+(the first release's bound: what it may send and receive; a batch frame's items add up to at
+most ``MAX_BATCH_SIZE``)."""
+MAX_BATCH_SIZE: Final = 512 * 1024
+"""Bytes of messages one batch frame gathers at most; a larger message travels alone."""
 MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
 """Largest WebSocket message either side reassembles (uvicorn's own default limit is 16 MiB)."""
-PING_MESSAGE: Final = codec.encode([PING])
+BATCH_FRAME: Final = 0xB7
+"""First byte of a batch frame: never a codec version (those count up from 1)."""
+ENVELOPE_FRAME: Final = 0xE5
+"""First byte of an envelope with a preamble (from this release on)."""
+PING_MESSAGE: Final = codec.encode([PING], version=codec.RELEASED)
 """The id-less PING of earlier versions."""
 MAX_PING_IDS: Final = 4096
 """Request ids in one PING message (a longer list travels as several)."""
@@ -128,9 +154,18 @@ class WireError(ValueError):
     """A message that decodes but does not follow the conversation."""
 
 
+_ids: list[str] = []
+
+
 def new_request_id() -> str:
-    """A fresh, unguessable request id."""
-    return os.urandom(12).hex()
+    """A fresh, unguessable request id (96 random bits; one getrandom per 256 ids)."""
+    if not _ids:
+        block = os.urandom(12 * 256).hex()
+        _ids.extend(block[i : i + 24] for i in range(0, len(block), 24))
+    return _ids.pop()
+
+
+os.register_at_fork(after_in_child=_ids.clear)  # a forked child must never reuse its parent's
 
 
 def new_channel(prefix: str, db: int, role: str) -> str:
@@ -138,13 +173,57 @@ def new_channel(prefix: str, db: int, role: str) -> str:
     return f"{prefix}:{db}:{role}:{os.urandom(12).hex()}"
 
 
-def pack(kind: str, request_id: str, *args: Any) -> bytes:
-    """Encode one conversation message."""
-    return codec.encode([kind, request_id, *args])
+def pack(kind: str, request_id: str, *args: Any, version: int = codec.FAST) -> bytes:
+    """Encode one conversation message (in ``version``: the format the peer reads)."""
+    return codec.encode([kind, request_id, *args], version=version)
 
 
-def unpack(data: bytes) -> tuple[str, str, list[Any]]:
-    """Decode one conversation message into ``(kind, request_id, args)``."""
+_U32 = struct.Struct(">I")
+
+
+def batch_frame(messages: list[bytes]) -> bytes:
+    """One frame carrying ``messages`` (encoded messages, in order) for one PUBLISH."""
+    parts: list[bytes] = [bytes([BATCH_FRAME]) + _U32.pack(len(messages))]
+    for message in messages:
+        parts.append(_U32.pack(len(message)))
+        parts.append(message)
+    return b"".join(parts)
+
+
+def split_frame(data: bytes) -> list[Any]:
+    """The messages a PUBLISH carried: those of a batch frame (as memoryviews, no copies), or
+    ``[data]`` itself. Raise ``WireError`` for a malformed frame (nothing of it is used)."""
+    if not data or data[0] != BATCH_FRAME:
+        return [data]
+    size = len(data)
+    if size > MAX_MESSAGE_SIZE:
+        raise WireError(f"batch frame of {size} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")
+    if size < 5:
+        raise WireError("batch frame truncated")
+    (count,) = _U32.unpack_from(data, 1)
+    if count > (size - 5) // 5:  # each message takes its length and at least one byte
+        raise WireError("batch frame holds more messages than bytes")
+    view = memoryview(data)
+    messages: list[Any] = []
+    pos = 5
+    for _ in range(count):
+        if pos + 4 > size:
+            raise WireError("batch frame truncated")
+        (length,) = _U32.unpack_from(data, pos)
+        pos += 4
+        end = pos + length
+        if end > size or not length:
+            raise WireError("batch frame truncated")
+        messages.append(view[pos:end])
+        pos = end
+    if pos != size:
+        raise WireError(f"{size - pos} trailing bytes after a batch frame")
+    return messages
+
+
+def unpack(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
+    """Decode one conversation message into ``(kind, request_id, args)``; a format this side
+    cannot read raises ``codec.UnsupportedVersion``."""
     message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")
@@ -155,10 +234,34 @@ def unpack(data: bytes) -> tuple[str, str, list[Any]]:
     return message[0], message[1], message[2:]
 
 
-def ping_messages(sender: str, request_ids: list[str]) -> list[bytes]:
+def ping_messages(sender: str, request_ids: list[str], *, version: int = codec.FAST) -> list[bytes]:
     """The PING messages naming ``request_ids`` (at least one message, even for no ids)."""
     chunks = [request_ids[i : i + MAX_PING_IDS] for i in range(0, len(request_ids), MAX_PING_IDS)]
-    return [codec.encode([PING, sender, chunk]) for chunk in chunks or [[]]]
+    return [codec.encode([PING, sender, chunk], version=version) for chunk in chunks or [[]]]
+
+
+def peek_envelope(data: bytes) -> tuple[str, str] | None:
+    """``(id, reply)`` from an envelope's preamble, whatever the version of its body; None if
+    it has no preamble (the first release's envelopes) or a malformed one."""
+    try:
+        return _preamble(data)[:2]
+    except (WireError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _preamble(data: bytes) -> tuple[str, str, int]:
+    """``(id, reply, where the body starts)``."""
+    if not data or data[0] != ENVELOPE_FRAME:
+        raise WireError("not an envelope frame")
+    n = data[1]
+    request_id = data[2 : 2 + n].decode("ascii")
+    pos = 2 + n
+    m = data[pos]
+    reply = data[pos + 1 : pos + 1 + m].decode("ascii")
+    pos += 1 + m
+    if len(request_id) != n or len(reply) != m or pos >= len(data):
+        raise WireError("envelope preamble truncated")
+    return request_id, reply, pos
 
 
 def parse_ping(args: list[Any]) -> tuple[str, list[str]] | None:
@@ -188,31 +291,59 @@ class Envelope:
     """The distributor's PING interval for this request; 0 if it does not ping (older
     versions, which also leave the key out)."""
     queued: float = 0.0  # wall-clock time of the LPUSH, for the age of the oldest request
+    version: int = codec.FAST
+    """The format of the envelope's body: the one its distributor reads, and is answered in."""
 
     def encode(self) -> bytes:
-        """The bytes to LPUSH."""
-        return codec.encode(
-            {
-                "id": self.id,
-                "reply": self.reply,
-                "deadline": self.deadline,
-                "scope": self.scope,
-                "events": self.events,
-                "window": self.window,
-                "liveness": self.liveness,
-                "queued": self.queued,
-            }
-        )
+        """The bytes to LPUSH: a preamble and a body in ``version`` (the first release's
+        format, ``codec.RELEASED``: a plain codec dict, as that release reads)."""
+        fields = {
+            "deadline": self.deadline,
+            "scope": self.scope,
+            "events": self.events,
+            "window": self.window,
+            "liveness": self.liveness,
+            "queued": self.queued,
+        }
+        if self.version == codec.RELEASED:
+            return codec.encode(
+                {"id": self.id, "reply": self.reply, **fields}, version=codec.RELEASED
+            )
+        request_id, reply = self.id.encode("ascii"), self.reply.encode("ascii")
+        if len(request_id) > 64 or len(reply) > 255:
+            raise WireError("envelope id or reply channel too long")
+        preamble = bytes([ENVELOPE_FRAME, len(request_id)]) + request_id
+        preamble += bytes([len(reply)]) + reply
+        return preamble + codec.encode(fields, version=self.version)
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = codec.DEFAULT_MAX_SIZE) -> Envelope:
-        """Decode and validate; raise ``CodecError`` or ``WireError``."""
-        value = codec.decode(data, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
-        if not isinstance(value, dict):
-            raise WireError("envelope is not a dict")
+        """Decode and validate; raise ``CodecError`` (``codec.UnsupportedVersion`` for a body
+        this side cannot read: ``peek_envelope`` still tells whom to answer) or ``WireError``."""
+        if len(data) > max_size:
+            raise codec.CodecError(f"envelope of {len(data)} bytes exceeds the limit of {max_size}")
+        if data and data[0] == ENVELOPE_FRAME:
+            try:
+                request_id, reply, start = _preamble(data)
+            except (IndexError, UnicodeDecodeError):
+                raise WireError("malformed envelope preamble") from None
+            version = data[start]
+            value = codec.decode(
+                memoryview(data)[start:], max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS
+            )
+            if not isinstance(value, dict):
+                raise WireError("envelope is not a dict")
+        else:
+            version = data[0] if data else 0
+            value = codec.decode(data, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
+            if not isinstance(value, dict):
+                raise WireError("envelope is not a dict")
+            if "id" not in value:
+                raise WireError("envelope without 'id'")
+            if "reply" not in value:
+                raise WireError("envelope without 'reply'")
+            request_id, reply = value["id"], value["reply"]
         try:
-            request_id = value["id"]
-            reply = value["reply"]
             deadline = value["deadline"]
             scope = value["scope"]
             events = value["events"]
@@ -252,6 +383,7 @@ class Envelope:
             window,
             liveness=float(liveness),
             queued=float(queued),
+            version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
         )
 
     def expired(self, now: float | None = None) -> bool:
@@ -398,6 +530,7 @@ class ReceiveWindow:
         if self._closed:
             return
         self._closed = True
+        self._grant = None  # usually a bound method of the owner: no cycle left for the collector
         pool = self._pool
         if pool is not None:
             pool.in_flight -= self.outstanding

@@ -47,12 +47,28 @@ async def test_a_full_batch_leaves_at_once() -> None:
     sender = Recorder()
     batcher: Batcher[int] = Batcher(sender, max_size=100)
     first = batcher.put("a", "big", size=60)
-    second = batcher.put("a", "bigger", size=60)
-    assert sender.sent == [("a", ["big", "bigger"])]
+    second = batcher.put("a", "big too", size=40)
+    assert sender.sent == [("a", ["big", "big too"])]  # it reached max_size
     third = batcher.put("a", "next", size=1)
     assert third is not first and first is second
     await asyncio.sleep(0)
-    assert sender.sent == [("a", ["big", "bigger"]), ("a", ["next"])]
+    assert sender.sent == [("a", ["big", "big too"]), ("a", ["next"])]
+
+
+async def test_a_batch_never_grows_past_max_size() -> None:
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(sender, max_size=100)
+    first = batcher.put("a", "big", size=60)
+    assert batcher.index == 0
+    second = batcher.put("a", "bigger", size=60)  # would make 120: the first leaves alone
+    assert sender.sent == [("a", ["big"])] and first is not second and batcher.index == 0
+    batcher.put("a", "small", size=10)
+    assert batcher.index == 1
+    huge = batcher.put("a", "huge", size=500)  # larger than max_size by itself: alone
+    await asyncio.sleep(0)
+    assert sender.sent == [("a", ["big"]), ("a", ["bigger", "small"]), ("a", ["huge"])]
+    assert all(sum(len(i) for i in items) <= 100 or len(items) == 1 for _, items in sender.sent)
+    assert huge is not second
 
 
 async def test_held_items_wait_for_company_but_not_long() -> None:

@@ -188,6 +188,7 @@ def test_bad_log_level_in_the_environment_is_a_usage_error(
         ["distributor", "--route", "/x="],
         ["distributor", "--route", "(=K"],  # not a regular expression
         ["distributor", "--route", r"/(a)=K-\2"],  # no group 2
+        ["distributor", "--key", "K", "--wire-format", "2"],  # only 1 and 3 are written
     ],
 )
 def test_distributor_usage_errors_return_2(

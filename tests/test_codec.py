@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from minidasgi import codec
-from minidasgi.codec import CodecError, decode, encode, is_portable
+from minidasgi.codec import CodecError, decode, is_portable
+from minidasgi.codec import encode_binary as encode  # this file tests the binary format
 
 
 def round_trip(value: Any) -> Any:
@@ -149,8 +150,8 @@ def test_a_named_tuple_travels_as_a_plain_tuple() -> None:
 
 def test_version_1_messages_still_decode() -> None:
     assert decode(b"\x01l" + struct.pack(">I", 1) + b"N") == [None]
-    with pytest.raises(CodecError, match="unsupported message version 3"):
-        decode(b"\x03N")
+    with pytest.raises(codec.UnsupportedVersion, match="unsupported message version 9"):
+        decode(b"\x09N")
 
 
 def test_nested_dicts_and_lists_round_trip() -> None:
@@ -183,7 +184,7 @@ def test_nesting_exactly_at_max_depth_is_accepted() -> None:
 
 
 def test_encoding_starts_with_the_version_byte() -> None:
-    assert encode(None) == bytes([codec.VERSION]) + b"N"
+    assert encode(None) == bytes([codec.BINARY]) + b"N"
 
 
 # Values that cannot travel
@@ -256,11 +257,11 @@ def test_decode_refuses_nesting_deeper_than_max_depth(make: Any) -> None:
 
 def test_decode_refuses_deep_nesting_with_the_default_limit() -> None:
     depth = codec.DEFAULT_MAX_DEPTH + 1
-    data = bytes([codec.VERSION]) + (b"l" + struct.pack(">I", 1)) * depth + b"N"
+    data = bytes([codec.BINARY]) + (b"l" + struct.pack(">I", 1)) * depth + b"N"
     with pytest.raises(CodecError, match="deep"):
         decode(data)
     # A very deep forgery must not reach Python's recursion limit.
-    forged = bytes([codec.VERSION]) + (b"l" + struct.pack(">I", 1)) * 100_000 + b"N"
+    forged = bytes([codec.BINARY]) + (b"l" + struct.pack(">I", 1)) * 100_000 + b"N"
     with pytest.raises(CodecError):
         decode(forged)
 
@@ -281,7 +282,7 @@ def test_is_portable() -> None:
 # Malformed input
 
 
-@pytest.mark.parametrize("version", [0, 3, 255])
+@pytest.mark.parametrize("version", [0, 4, 255])
 def test_wrong_version_byte_is_refused_with_the_version_in_the_message(version: int) -> None:
     data = bytes([version]) + encode("x")[1:]
     with pytest.raises(CodecError, match=f"version {version}"):
@@ -316,39 +317,39 @@ def test_trailing_bytes_are_refused() -> None:
 @pytest.mark.parametrize("tag", [b"x", b"\x00", b"\xff", b"L", b"n"])
 def test_unknown_tag_is_refused(tag: bytes) -> None:
     with pytest.raises(CodecError, match="unknown tag"):
-        decode(bytes([codec.VERSION]) + tag)
+        decode(bytes([codec.BINARY]) + tag)
 
 
 @pytest.mark.parametrize("tag", [b"l", b"t", b"d"])
 def test_forged_huge_count_fails_fast(tag: bytes) -> None:
-    data = bytes([codec.VERSION]) + tag + struct.pack(">I", 2**32 - 1) + b"NNNN"
+    data = bytes([codec.BINARY]) + tag + struct.pack(">I", 2**32 - 1) + b"NNNN"
     with pytest.raises(CodecError, match="truncated"):
         decode(data)
 
 
 @pytest.mark.parametrize("tag", [b"s", b"b"])
 def test_forged_huge_length_fails_fast(tag: bytes) -> None:
-    data = bytes([codec.VERSION]) + tag + struct.pack(">I", 2**32 - 1) + b"abc"
+    data = bytes([codec.BINARY]) + tag + struct.pack(">I", 2**32 - 1) + b"abc"
     with pytest.raises(CodecError, match="truncated"):
         decode(data)
 
 
 @pytest.mark.parametrize("raw", [b"\xff", b"\xc3", b"\xc3\x28", b"a\x80b", b"\xf8\x88\x80\x80\x80"])
 def test_invalid_utf8_in_a_string_is_refused(raw: bytes) -> None:
-    data = bytes([codec.VERSION]) + b"s" + struct.pack(">I", len(raw)) + raw
+    data = bytes([codec.BINARY]) + b"s" + struct.pack(">I", len(raw)) + raw
     with pytest.raises(CodecError, match="UTF-8"):
         decode(data)
 
 
 def test_invalid_utf8_in_a_dict_key_is_refused() -> None:
-    data = bytes([codec.VERSION]) + b"d" + struct.pack(">I", 1) + b"s" + struct.pack(">I", 1)
+    data = bytes([codec.BINARY]) + b"d" + struct.pack(">I", 1) + b"s" + struct.pack(">I", 1)
     data += b"\xff" + b"N"
     with pytest.raises(CodecError, match="UTF-8"):
         decode(data)
 
 
 def test_dict_key_that_is_not_a_string_is_refused() -> None:
-    data = bytes([codec.VERSION]) + b"d" + struct.pack(">I", 1) + b"i" + struct.pack(">q", 1)
+    data = bytes([codec.BINARY]) + b"d" + struct.pack(">I", 1) + b"i" + struct.pack(">q", 1)
     data += b"N"
     with pytest.raises(CodecError, match="key"):
         decode(data)
@@ -362,13 +363,13 @@ def test_oversized_message_is_refused() -> None:
 
 
 def test_message_above_the_default_limit_is_refused() -> None:
-    data = bytes([codec.VERSION]) + b"N" + bytes(codec.DEFAULT_MAX_SIZE)
+    data = bytes([codec.BINARY]) + b"N" + bytes(codec.DEFAULT_MAX_SIZE)
     with pytest.raises(CodecError, match="exceeds"):
         decode(data)
 
 
 def big_int_message(digits: bytes) -> bytes:
-    return bytes([codec.VERSION]) + b"I" + struct.pack(">H", len(digits)) + digits
+    return bytes([codec.BINARY]) + b"I" + struct.pack(">H", len(digits)) + digits
 
 
 @pytest.mark.parametrize(
@@ -402,7 +403,7 @@ def test_valid_big_int_forms_decode() -> None:
 
 
 def test_big_int_length_beyond_the_message_is_truncation() -> None:
-    data = bytes([codec.VERSION]) + b"I" + struct.pack(">H", 0xFFFF) + b"123"
+    data = bytes([codec.BINARY]) + b"I" + struct.pack(">H", 0xFFFF) + b"123"
     with pytest.raises(CodecError):
         decode(data)
 
@@ -421,7 +422,7 @@ def assert_decode_is_total(data: bytes) -> None:
 
 def test_fuzz_random_bytes() -> None:
     rng = random.Random(7)
-    version = bytes([codec.VERSION])
+    version = bytes([codec.BINARY])
     tags = b"NTFiIfsbltdx"
     for index in range(3000):
         length = rng.randrange(0, 64)
@@ -513,3 +514,25 @@ def test_wire_decoders_use_the_item_bound() -> None:
     envelope = b"\x01d" + struct.pack(">I", 1) + b"s\x00\x00\x00\x05scope" + scope
     with pytest.raises(CodecError, match="too many items"):
         wire.Envelope.decode(envelope)
+
+
+# The fast format by default, the binary one as fallback, the released one on demand
+
+
+def test_encode_writes_the_fast_format_and_decode_reads_every_version() -> None:
+    value = {"type": "http.response.body", "body": b"x", "more_body": False}
+    for version in (codec.RELEASED, codec.BINARY):
+        assert decode(encode(value, version=version)) == value
+    fast = codec.encode(value)
+    assert fast[0] == codec.FAST and decode(fast) == value
+
+
+def test_what_the_fast_format_declines_travels_in_the_binary_one() -> None:
+    value = {"k1": (1, 2)}  # json would write an int key 1 the same way: format 3 declines
+    data = codec.encode(value)
+    assert data[0] == codec.BINARY and decode(data) == value
+
+
+def test_the_released_format_writes_tuples_as_lists() -> None:
+    data = codec.encode([(b"a", b"b")], version=codec.RELEASED)
+    assert data[0] == codec.RELEASED and decode(data) == [[b"a", b"b"]]

@@ -394,13 +394,15 @@ async def test_garbage_in_the_queue_is_dropped(
     async with serve_app(app) as base, run_node(node):
         for item in garbage:
             await asyncio.to_thread(redis_server.command, "LPUSH", "K", item)
-        # A well-formed envelope whose distributor is not listening: never run.
+        # A well-formed envelope whose distributor is not listening may run, as a request
+        # whose client left does when served directly (the Node runs without waiting for the
+        # ack to land); its PUBLISH reaching nobody disconnects it.
         await asyncio.to_thread(redis_server.command, "LPUSH", "K", valid)
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             response = await client.get("/real")
             assert response.status_code == 200 and response.text == "Hello World!"
             assert (await client.get("/again")).status_code == 200
-    assert ran == ["/real", "/again"]
+    assert [path for path in ran if path != "/forged"] == ["/real", "/again"]
     dropped = [
         r
         for r in caplog.records

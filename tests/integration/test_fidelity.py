@@ -188,7 +188,7 @@ async def test_a_start_followed_at_once_by_its_body_still_travels_in_one_message
             for _ in range(5):
                 assert (await client.get("/")).text == "hi"
             publishes = _publish_calls(redis_server)
-    assert publishes == 5 * 2  # per request: the ack, then start and body in one SEND
+    assert publishes == 5  # per request: the ack, then start and body in one SEND, together
 
 
 # Item 4: a WebSocket app raising before it accepts.

@@ -59,7 +59,7 @@ class _FakeDistributor:
         self._connection: Any = None
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        self.got.append(wire.unpack(data))
+        self.got.extend(wire.unpack(message) for message in wire.split_frame(data))
 
     async def start(self) -> None:
         self._connection = await asyncio.wait_for(connect(self.url), 5)
@@ -352,15 +352,21 @@ async def _download_losing_credits(redis_factory: RedisFactory) -> AsyncIterator
         url=server.url.replace("redis://", "redis://dist:pw@"), key="big"
     )
     scenario = _LostCredits(node)
-    publish = distributor.publish
+    post = distributor.outbox.post
 
-    async def observed_publish(channel: str, message: bytes) -> int:  # observes, changes nothing
-        count = await publish(channel, message)
-        if count == 0:
-            scenario.lost.append(wire.unpack(message)[0])
-        return count
+    def observed_post(
+        channel: str, message: bytes, *, hold: bool = False
+    ) -> asyncio.Future[int]:  # observes, changes nothing
+        posted = post(channel, message, hold=hold)
 
-    distributor.publish = observed_publish  # type: ignore[method-assign]
+        def count(done: asyncio.Future[int]) -> None:
+            if not done.cancelled() and done.exception() is None and done.result() == 0:
+                scenario.lost.append(wire.unpack(message)[0])
+
+        posted.add_done_callback(count)
+        return posted
+
+    distributor.outbox.post = observed_post  # type: ignore[method-assign]
 
     async def download(base: str) -> None:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:

@@ -1,0 +1,66 @@
+"""The outbox: every conversation message a process publishes to a peer, coalesced.
+
+Owns the ``Batcher`` of a process' PUBLISHes and how a batch travels: one message as itself,
+several as one ``wire.batch_frame`` in one PUBLISH, so under load a peer gets one pub/sub
+delivery per loop turn instead of one per message. A batch holding a message in the first
+release's format (``codec.RELEASED``: its peer cannot split frames) goes as one PUBLISH per
+message instead, all in one write.
+
+It never waits: ``post`` returns the batch's future (the receiver count; 0 when Redis is
+unreachable, as ``Client.try_publish``), which the caller awaits or hands a callback, and never
+creates a task per message. It knows nothing of requests: the callers decide what a count of 0
+means for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from . import codec, wire
+from .batching import Batcher
+from .resp.topology import CommandClient
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """Messages for peer channels, one PUBLISH per channel per loop turn.
+
+    ``client`` returns the publishing client, of any topology (None while there is none).
+    ``hold_time``: seconds a message posted with ``hold=True`` (an ack) may wait for company.
+    """
+
+    def __init__(
+        self, client: Callable[[], CommandClient | None], *, hold_time: float = 0.002
+    ) -> None:
+        self._client = client
+        self.batcher: Batcher[int] = Batcher(
+            self._send, max_size=wire.MAX_BATCH_SIZE, hold_time=hold_time
+        )
+
+    def post(self, channel: str, message: bytes, *, hold: bool = False) -> asyncio.Future[int]:
+        """Queue ``message`` for ``channel``; the future gives the PUBLISH's receiver count."""
+        return self.batcher.put(channel, message, size=len(message), hold=hold)
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        """Post and wait for the receiver count."""
+        return await self.post(channel, message)
+
+    def flush(self) -> None:
+        """Send everything now (held messages included)."""
+        self.batcher.flush()
+
+    def _send(self, channel: str, messages: list[bytes]) -> asyncio.Future[int]:
+        client = self._client()
+        if client is None:
+            nobody: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            nobody.set_result(0)
+            return nobody
+        if len(messages) == 1:
+            return client.publish_soon(channel, messages[0])
+        if all(m[0] != codec.RELEASED for m in messages):
+            return client.publish_soon(channel, wire.batch_frame(messages))
+        # A peer of the first release reads single messages only: one PUBLISH each, one write.
+        futures = [client.publish_soon(channel, m) for m in messages]
+        return futures[-1]  # in order on one connection: the last tells for all

@@ -1,0 +1,173 @@
+"""Upgrading a running fleet: Nodes and distributors of this release and of the first one
+(codec format 1, today's envelope fields, single messages) read each other, and a side that
+cannot read a format says so at once instead of leaving the client to a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from minidasgi import Node, codec, create_distributor, wire
+from minidasgi.resp import Subscriber, connect
+from minidasgi.testing import RedisServer
+
+from . import apps
+from .stack import poll, run_node, serve_app
+
+RELEASED = codec.RELEASED
+
+
+def _http_scope(path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [[b"host", b"example"]],
+        "client": ["127.0.0.1", 1],
+        "server": ["127.0.0.1", 2],
+    }
+
+
+def _first_release_envelope(request_id: str, reply: str) -> bytes:
+    """An envelope as the first release writes it: one codec dict in format 1."""
+    return codec.encode_binary(
+        {
+            "id": request_id,
+            "reply": reply,
+            "deadline": time.time() + 30,
+            "scope": _http_scope("/old"),
+            "events": [{"type": "http.request", "body": b"", "more_body": False}],
+            "window": 8,
+            "liveness": 1.0,
+            "queued": time.time(),
+        },
+        version=RELEASED,
+    )
+
+
+async def _listening(redis_server: RedisServer, channel: str, got: list[bytes]) -> Subscriber:
+    subscriber = Subscriber(redis_server.url, on_message=lambda _, data: got.append(data))
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(channel), 5)
+    return subscriber
+
+
+async def test_a_node_answers_an_envelope_of_the_first_release_in_that_format(
+    redis_server: RedisServer,
+) -> None:
+    node = Node(url=redis_server.url, app=apps.hello, key="K", lifespan="off")
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    request_id = wire.new_request_id()
+    got: list[bytes] = []
+    subscriber = await _listening(redis_server, reply, got)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    try:
+        async with run_node(node):
+            await pusher.lpush("K", _first_release_envelope(request_id, reply))
+            assert await poll(lambda: len(got) >= 2, 10), got
+    finally:
+        await pusher.close()
+        await subscriber.close()
+    # Single messages (no batch frame), each in format 1: what the first release reads.
+    assert [data[0] for data in got] == [RELEASED] * len(got)
+    messages = [wire.unpack(data) for data in got]
+    assert messages[0][:2] == (wire.ACK, request_id)
+    events = [e for kind, _, args in messages if kind == wire.SEND for e in args[0]]
+    assert [e["type"] for e in events] == ["http.response.start", "http.response.body"]
+    assert events[-1]["body"] == b"Hello World!"
+
+
+async def _fake_node(
+    redis_server: RedisServer, key: str, answer: Callable[[Any, bytes], Awaitable[None]]
+) -> None:
+    """A Node of another release: pops one envelope and lets ``answer`` publish."""
+    connection = await asyncio.wait_for(connect(redis_server.url), 5)
+    try:
+        popped = await connection.brpop(key, timeout=20)
+        assert popped is not None, "nothing was pushed"
+        await answer(connection, popped[1])
+    finally:
+        await connection.close()
+
+
+async def test_a_distributor_writing_the_first_release_format_reads_its_nodes_replies(
+    redis_server: RedisServer,
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="K", wire_format=RELEASED)
+    seen: list[int] = []
+
+    async def first_release_node(connection: Any, data: bytes) -> None:
+        seen.append(data[0])
+        envelope = codec.decode(data)  # a Node of the first release reads format 1 only
+        request_id, reply = envelope["id"], envelope["reply"]
+        node_channel = wire.new_channel("minidasgi", 0, "node")
+        for message in (
+            [wire.ACK, request_id, node_channel, 8, 0],
+            [wire.SEND, request_id, [{"type": "http.response.start", "status": 200}]],
+            [wire.SEND, request_id, [{"type": "http.response.body", "body": b"old node"}]],
+        ):
+            await connection.publish(reply, codec.encode_binary(message, version=RELEASED))
+
+    async with serve_app(distributor) as base:
+        fake = asyncio.ensure_future(_fake_node(redis_server, "K", first_release_node))
+        async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+            response = await client.get("/")
+        await asyncio.wait_for(fake, 10)
+    assert seen == [RELEASED]
+    assert (response.status_code, response.text) == (200, "old node")
+
+
+async def test_a_node_tells_at_once_about_an_envelope_it_cannot_read(
+    redis_server: RedisServer,
+) -> None:
+    node = Node(url=redis_server.url, app=apps.hello, key="K", lifespan="off")
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    request_id = wire.new_request_id()
+    # A distributor of a later release: the preamble every version keeps, then a body in a
+    # format this Node does not know.
+    frame = bytes([wire.ENVELOPE_FRAME, len(request_id)]) + request_id.encode()
+    frame += bytes([len(reply)]) + reply.encode() + b"\x09future body"
+    got: list[bytes] = []
+    subscriber = await _listening(redis_server, reply, got)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    try:
+        async with run_node(node):
+            await pusher.lpush("K", frame)
+            assert await poll(lambda: len(got) >= 1, 10), "the Node said nothing"
+    finally:
+        await pusher.close()
+        await subscriber.close()
+    kind, answered, args = wire.unpack(got[0])
+    assert (kind, answered) == (wire.GONE, request_id)
+    assert args[0].startswith("unsupported wire format 9")
+
+
+async def test_a_client_gets_its_answer_at_once_when_the_node_cannot_read_the_format(
+    redis_server: RedisServer,
+) -> None:
+    # worker_timeout far above the client's own bound: only the Node's GONE can answer it.
+    distributor = create_distributor(url=redis_server.url, key="K", worker_timeout=120)
+
+    async def later_release_node(connection: Any, data: bytes) -> None:
+        peek = wire.peek_envelope(data)
+        assert peek is not None, "an envelope of this release has a preamble"
+        request_id, reply = peek
+        reason = "unsupported wire format 3: upgrade the worker"
+        await connection.publish(reply, wire.pack(wire.GONE, request_id, reason))
+
+    async with serve_app(distributor) as base:
+        fake = asyncio.ensure_future(_fake_node(redis_server, "K", later_release_node))
+        async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+            response = await client.get("/")
+        await asyncio.wait_for(fake, 10)
+    assert response.status_code == distributor.no_worker_status
