@@ -41,6 +41,9 @@ class Inbox(Generic[T]):
         """True when nothing waits to be taken."""
         return not self._items
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get_nowait(self) -> T:
         """The oldest item; ``IndexError`` when empty."""
         return self._items.popleft()

@@ -130,7 +130,9 @@ async def test_a_forged_ping_naming_many_ids_is_answered_boundedly(
     node = Node(url=redis_server.url, app=apps.hello, key="ping-forged", lifespan="off")
     received: list[bytes] = []
     victim = "minidasgi:0:dist:victim"
-    watcher = Subscriber(redis_server.url, on_message=lambda _c, data: received.append(data))
+    watcher = Subscriber(
+        redis_server.url, on_message=lambda _c, data: received.extend(wire.split_frame(data))
+    )
     async with run_node(node):
         await asyncio.wait_for(watcher.subscribe(victim), 5)
         try:
@@ -154,7 +156,9 @@ async def test_a_forged_ping_to_a_distributor_is_answered_boundedly(
     distributor = create_distributor(url=redis_server.url, key="ping-forged-dist")
     received: list[bytes] = []
     victim = "minidasgi:0:node:victim"
-    watcher = Subscriber(redis_server.url, on_message=lambda _c, data: received.append(data))
+    watcher = Subscriber(
+        redis_server.url, on_message=lambda _c, data: received.extend(wire.split_frame(data))
+    )
     async with serve_app(distributor):
         await asyncio.wait_for(watcher.subscribe(victim), 5)
         try:
@@ -289,7 +293,7 @@ async def test_forged_repeats_do_not_pile_up_in_a_distributor(redis_server: Redi
                 redis_server.command, "EVAL", _FLOOD, 1, distributor.channel, ack, 50_000
             )
             await asyncio.sleep(1)
-            assert len(exchange.inbox._queue) <= exchange.received.window + 2
+            assert len(exchange.inbox) <= exchange.received.window + 2
         finally:
             writer.close()
             del reader
@@ -310,7 +314,7 @@ async def test_forged_disconnects_do_not_pile_up_in_a_node(redis_server: RedisSe
                 redis_server.command, "EVAL", _FLOOD, 1, node.channel, event, 50_000
             )
             await asyncio.sleep(1)
-            assert len(job.inbox._queue) <= 2
+            assert job.inbox.qsize() <= 2
             request.cancel()
             with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
                 await request
