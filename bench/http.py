@@ -104,10 +104,14 @@ distributor = create_distributor(
     **json.loads(os.environ.get("BENCH_DISTRIBUTOR_OPTIONS") or "{}"),
 )
 
-# The batch sizes seen, for the report (the Node logs its own at exit, at INFO).
-atexit.register(
-    lambda: print("distributor coalescing:", distributor.batch_sizes(), file=sys.stderr)
-)
+# The batch sizes seen, for the report (the Node logs its own at exit, at INFO). The direct
+# server imports this module too: only a distributor that pushed something prints.
+def _coalescing():
+    if distributor.admission.pushes.batches:
+        print("distributor coalescing:", distributor.batch_sizes(), file=sys.stderr)
+
+
+atexit.register(_coalescing)
 """
 
 
