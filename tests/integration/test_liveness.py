@@ -199,6 +199,9 @@ async def test_a_node_link_silent_for_good_ends_its_requests(redis_server: Redis
             slow = [asyncio.ensure_future(client.get("/slow?600")) for _ in range(2)]
             sleepy = [asyncio.ensure_future(client.get("/?600")) for _ in range(2)]
             assert await poll(_acked(distributor, 4), 10)
+            # The slow responses must have started before the silence, or they end in 502 too.
+            started = lambda: sum(e.started for e in distributor._exchanges.values()) >= 2  # noqa: E731
+            assert await poll(started, 10)
             proxy.stall(up=True, down=True, stall_new=True)
             _done, pending = await asyncio.wait(slow + sleepy, timeout=30)
             for request in pending:
