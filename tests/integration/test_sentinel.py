@@ -104,12 +104,25 @@ async def light_traffic(
     await asyncio.gather(one_client("a"), one_client("b"))
 
 
+def ask(server: RedisServer, *args: object) -> object:
+    """``server.command`` that survives Sentinel's reconfiguration of a server, which ends with
+    ``CLIENT KILL TYPE normal`` and may reset the test's own connection mid-command."""
+    for attempt in range(5):
+        try:
+            return server.command(*args)
+        except ConnectionError:
+            if attempt == 4:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
 async def keys_left(setup: SentinelSetup) -> dict[int, int]:
     """Keys on each running data server, once every replica caught up."""
     counts: dict[int, int] = {}
     for server in setup.servers:
         if server.running:
-            count = await asyncio.to_thread(server.command, "DBSIZE")
+            count = await asyncio.to_thread(ask, server, "DBSIZE")
             assert isinstance(count, int)
             counts[server.port] = count
     return counts
@@ -170,7 +183,7 @@ async def test_failover_under_light_traffic(sentinels: SentinelSetup, fault: str
     assert new is not None and new is not old
 
     def in_sync() -> bool:
-        info = old.command("INFO", "replication")
+        info = ask(old, "INFO", "replication")
         assert isinstance(info, bytes)
         return b"role:slave" in info and b"master_link_status:up" in info
 
