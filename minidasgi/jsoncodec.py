@@ -124,7 +124,10 @@ def try_encode(
     finally:
         found.clear()
     marker = "null"
-    if blobs and (text.count(marker) != len(blobs) or not _BYTES.issuperset(map(type, blobs))):
+    if blobs and (
+        text.count(marker) != len(blobs)
+        or not (_BYTES.issuperset(map(type, blobs)) or _byte_views(blobs))
+    ):
         # A real None or "null" in a string, or a bytes-like or foreign object: write again with
         # U+E000 for each bytes-like value, and refuse anything else.
         blobs = session.blobs = []
@@ -226,6 +229,20 @@ def decode(
     if used != count:
         raise CodecError(f"head has {used} bytes markers for {count} bytes values in the tail")
     return value
+
+
+def _byte_views(blobs: list[Any]) -> bool:
+    """Whether every value is bytes or a flat, contiguous memoryview of bytes (a body piece
+    cut from a larger body): those travel as they are, joined once into the message."""
+    for blob in blobs:
+        if type(blob) is not bytes and not (
+            type(blob) is memoryview
+            and blob.ndim == 1
+            and blob.c_contiguous
+            and blob.itemsize == 1
+        ):
+            return False
+    return True
 
 
 def _has_word_key(head: bytes) -> bool:
