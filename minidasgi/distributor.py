@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from . import accesslog, admission, buffering, codec, health, metrics, stats, wire
@@ -655,9 +655,12 @@ class _Exchange:
         self._send = send
         self.inbox: Inbox[Any] = Inbox()
         self.window = wire.SendWindow()  # replaced by the window the Node's ack grants
-        self.received = wire.ReceiveWindow(
-            distributor.credit_pool.open(), distributor.credit_pool, self._grant_later
-        )
+        self.piece = wire.CHUNK_SIZE  # the largest piece the Node reads: its ack may say more
+        pool = distributor.credit_pool
+        if distributor.wire_format == codec.RELEASED:  # Nodes that send CHUNK_SIZE pieces
+            self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
+        else:
+            self.received = pool.window(self._grant_later)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started
@@ -709,6 +712,7 @@ class _Exchange:
                 scope=_portable_scope(self.scope),
                 events=events,
                 window=self.received.window,
+                piece=self.received.piece,
                 liveness=d.liveness_interval,
                 queued=time.time(),
                 version=d.wire_format,
@@ -798,6 +802,8 @@ class _Exchange:
         d.peers.add(node, self.id, now, pings=pings)
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
+        if len(ack_args) > 3:
+            self.piece = wire.piece_size(ack_args[3])
         self._node_known()
         try:
             await self._relay()
@@ -1077,7 +1083,11 @@ class _Exchange:
             if self._too_large(event):
                 self.inbox.put_nowait(_TOO_LARGE)
                 return
-            pieces = wire.split_message(dict(event)) if kind == "websocket.receive" else [event]
+            pieces: Sequence[Mapping[str, Any]]
+            if kind == "websocket.receive":
+                pieces = wire.split_message(dict(event), self.piece)
+            else:
+                pieces = _body_pieces(event, self.piece)
             for piece in pieces:
                 await self.window.acquire()
                 # Pipelined within the window: the receiver count is checked in a callback.
@@ -1085,6 +1095,24 @@ class _Exchange:
                 posted.add_done_callback(self._check_reached)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
+
+
+def _body_pieces(event: Mapping[str, Any], size: int) -> list[Mapping[str, Any]]:
+    """An ``http.request`` event as pieces of at most ``size`` bytes of body (the server may
+    hand over more at once than the Node reads in one piece)."""
+    body = event.get("body", b"")
+    if not isinstance(body, (bytes, bytearray)) or len(body) <= size:
+        return [event]
+    more = bool(event.get("more_body", False))
+    view = memoryview(body)  # each piece is copied once, into its message
+    return [
+        {
+            "type": "http.request",
+            "body": view[i : i + size],
+            "more_body": more or i + size < len(body),
+        }
+        for i in range(0, len(body), size)
+    ]
 
 
 def _batch_sizes(**batchers: Any) -> str:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import health, metrics, stats, wire
+from . import codec, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .lifespan import Lifespan
@@ -612,14 +612,17 @@ class _Job:
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
         self.window = wire.SendWindow(envelope.window)
+        self.piece = envelope.piece  # the largest body piece the distributor reads
         events = envelope.events
         # No events: the client waits for "100 Continue", given when the app asks for the body.
         self.awaiting_body = self.kind == "http" and not events
         if self.kind == "http" and events and not events[-1].get("more_body", False):
             self.received = wire.ReceiveWindow(1)  # the body came whole: nothing more to flow
-        else:
+        elif self.version == codec.RELEASED:  # its distributor sends CHUNK_SIZE pieces
             pool = node.credit_pool
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
+        else:
+            self.received = node.credit_pool.window(self._grant_later)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
@@ -645,7 +648,13 @@ class _Job:
         # a moment for the response, to share its PUBLISH; the others need the credit and the
         # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
         # A count of 0 (the distributor is gone) disconnects the app, as a client gone would.
-        ack = (self.node.channel, self.received.window, self.node.liveness_interval)
+        ack: tuple[Any, ...] = (
+            self.node.channel,
+            self.received.window,
+            self.node.liveness_interval,
+        )
+        if self.received.piece != wire.CHUNK_SIZE:
+            ack += (self.received.piece,)  # the distributor may send pieces this large
         hold = self.kind == "http" and self.received.window == 1 and not self.awaiting_body
         posted = self.node.outbox.post(
             self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
@@ -831,7 +840,7 @@ class _Job:
                 raise RuntimeError("http.response.body sent after the last body")
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
-            size = wire.CHUNK_SIZE
+            size = self.piece
             if len(body) <= size:
                 pieces: list[bytes | memoryview] = [body]
             else:  # views: the pieces are copied once, into the message
@@ -856,7 +865,7 @@ class _Job:
         )
         self.complete = last
         if kind == "websocket.send":
-            for part in wire.split_message(dict(message)):
+            for part in wire.split_message(dict(message), self.piece):
                 await self._publish_events([part], last=False)
             return
         await self._publish_events([dict(message)], last=last)
