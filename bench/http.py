@@ -337,14 +337,14 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def _streams(
-    sizes: list[int], rounds: int, direct_port: int, dist_port: int, costs: Costs
-) -> None:
+def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, costs: Costs) -> None:
     """Downloads and uploads only: MB/s side by side, CPU milliseconds per MiB of each process
     (steadier than throughput on a shared machine), and each process' peak RSS at the end."""
     pids = costs.pids
-    print(f"{'figure':28} {'direct':>9} {'distrib.':>9} {'ratio':>7}   CPU ms/MiB: direct |"
-          " distributor node redis (sum)")
+    print(
+        f"{'figure':28} {'direct':>9} {'distrib.':>9} {'ratio':>7}   CPU ms/MiB: direct |"
+        " distributor node redis (sum)"
+    )
     print("-" * 100)
     for size in sizes:
         for upload in (False, True):

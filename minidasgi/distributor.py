@@ -1091,7 +1091,8 @@ class _Exchange:
             for piece in pieces:
                 await self.window.acquire()
                 # Pipelined within the window: the receiver count is checked in a callback.
-                posted = d.outbox.post(self.node, self._pack(wire.EVENT, dict(piece)))
+                message = wire.pack_parts(wire.EVENT, self.id, dict(piece), version=d.wire_format)
+                posted = d.outbox.post(self.node, message)
                 posted.add_done_callback(self._check_reached)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
@@ -1101,7 +1102,7 @@ def _body_pieces(event: Mapping[str, Any], size: int) -> list[Mapping[str, Any]]
     """An ``http.request`` event as pieces of at most ``size`` bytes of body (the server may
     hand over more at once than the Node reads in one piece)."""
     body = event.get("body", b"")
-    if not isinstance(body, (bytes, bytearray)) or len(body) <= size:
+    if type(body) is not bytes or len(body) <= size:
         return [event]
     more = bool(event.get("more_body", False))
     view = memoryview(body)  # each piece is copied once, into its message

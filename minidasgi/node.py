@@ -698,11 +698,12 @@ class _Job:
 
     def _post(self, kind: str, *args: Any) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count."""
-        data = wire.pack(kind, self.id, *args, version=self.version)
-        if len(data) > wire.MAX_MESSAGE_SIZE:
+        data = wire.pack_parts(kind, self.id, *args, version=self.version)
+        size = wire.packed_size(data)
+        if size > wire.MAX_MESSAGE_SIZE:
             # The distributor would drop it as malformed and wait forever: fail the app here.
             raise ValueError(
-                f"a {kind} message of {len(data)} bytes is over the limit of "
+                f"a {kind} message of {size} bytes is over the limit of "
                 f"{wire.MAX_MESSAGE_SIZE} (response headers too large?)"
             )
         return self.node.outbox.post(self.reply, data)

@@ -82,14 +82,18 @@ __all__ = [
     "WINDOW",
     "CreditPool",
     "Envelope",
+    "Packed",
     "Reassembler",
     "ReceiveWindow",
     "SendWindow",
     "WireError",
     "batch_frame",
+    "batch_frame_parts",
     "new_channel",
     "new_request_id",
     "pack",
+    "pack_parts",
+    "packed_size",
     "parse_ping",
     "peek_envelope",
     "piece_size",
@@ -189,16 +193,50 @@ def pack(kind: str, request_id: str, *args: Any, version: int = codec.FAST) -> b
     return codec.encode([kind, request_id, *args], version=version)
 
 
+Packed = bytes | list[bytes | memoryview]
+"""An encoded message: bytes, or (a large one) the consecutive parts of its bytes, which the
+RESP client gathers into its write with one copy (``pack_parts``)."""
+_GATHER_FROM: Final = 64 * 1024
+
+
+def pack_parts(kind: str, request_id: str, *args: Any, version: int = codec.FAST) -> Packed:
+    """``pack`` for a message that may carry a large body: from 64 KiB, its parts (the body
+    not copied: ``codec.encode_parts``), else its bytes. Parts are sent later in the loop
+    turn: a view of a mutable buffer (a bytearray the sender may reuse once its send
+    returned) is copied now."""
+    parts = codec.encode_parts([kind, request_id, *args], version=version)
+    if len(parts) == 1 or sum(map(len, parts)) < _GATHER_FROM:
+        return b"".join(parts)  # a lone bytes part is returned as it is
+    for part in parts:
+        if isinstance(part, memoryview) and type(part.obj) is not bytes:
+            return b"".join(parts)
+    return parts
+
+
+def packed_size(message: Packed) -> int:
+    """The size in bytes of an encoded message."""
+    return len(message) if isinstance(message, bytes) else sum(map(len, message))
+
+
 _U32 = struct.Struct(">I")
 
 
 def batch_frame(messages: list[bytes]) -> bytes:
     """One frame carrying ``messages`` (encoded messages, in order) for one PUBLISH."""
-    parts: list[bytes] = [bytes([BATCH_FRAME]) + _U32.pack(len(messages))]
+    return b"".join(batch_frame_parts(messages))  # type: ignore[arg-type]
+
+
+def batch_frame_parts(messages: list[Packed]) -> list[bytes | memoryview]:
+    """``batch_frame`` as consecutive parts: the messages' own parts are not copied."""
+    parts: list[bytes | memoryview] = [bytes([BATCH_FRAME]) + _U32.pack(len(messages))]
     for message in messages:
-        parts.append(_U32.pack(len(message)))
-        parts.append(message)
-    return b"".join(parts)
+        if isinstance(message, bytes):
+            parts.append(_U32.pack(len(message)))
+            parts.append(message)
+        else:
+            parts.append(_U32.pack(packed_size(message)))
+            parts.extend(message)
+    return parts
 
 
 def split_frame(data: bytes) -> list[Any]:

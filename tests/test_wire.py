@@ -496,7 +496,9 @@ def test_piece_size_stays_between_what_every_release_reads_and_what_this_one_sen
 
 
 def test_an_envelope_carries_the_piece_size_and_older_ones_mean_chunk_size() -> None:
-    envelope = wire.Envelope("id", "reply", time.time() + 5, {"type": "http"}, [], piece=wire.PIECE_SIZE)
+    envelope = wire.Envelope(
+        "id", "reply", time.time() + 5, {"type": "http"}, [], piece=wire.PIECE_SIZE
+    )
     assert wire.Envelope.decode(envelope.encode()).piece == wire.PIECE_SIZE
     plain = wire.Envelope("id", "reply", time.time() + 5, {"type": "http"}, [])
     assert b"piece" not in plain.encode()
@@ -504,6 +506,39 @@ def test_an_envelope_carries_the_piece_size_and_older_ones_mean_chunk_size() -> 
     # A first-release envelope never names one; a forged one cannot exceed this release's.
     forged = wire.Envelope("id", "reply", time.time() + 5, {"type": "http"}, [], piece=10**9)
     assert wire.Envelope.decode(forged.encode()).piece == wire.PIECE_SIZE
+
+
+def test_pack_parts_is_pack_without_copying_a_large_body() -> None:
+    body = b"b" * 200_000
+    piece = memoryview(body)[1000:150_000]
+    event = {"type": "http.response.body", "body": piece, "more_body": True}
+    parts = wire.pack_parts(wire.SEND, "id", [event])
+    assert isinstance(parts, list)
+    assert any(part is piece for part in parts)
+    assert b"".join(parts) == wire.pack(wire.SEND, "id", [dict(event, body=bytes(piece))])
+    assert wire.packed_size(parts) == len(b"".join(parts))
+    small = wire.pack_parts(wire.SEND, "id", [dict(event, body=piece[:100])])
+    assert isinstance(small, bytes)  # gathering pays only for large messages
+
+
+def test_pack_parts_copies_a_view_of_a_mutable_buffer_at_once() -> None:
+    # Parts are written later in the loop turn: an app may reuse its bytearray once its send
+    # returned, and what travels must be what it sent.
+    buffer = bytearray(b"m" * 100_000)
+    packed = wire.pack_parts(wire.SEND, "id", [{"type": "websocket.send", "bytes": buffer}])
+    assert isinstance(packed, bytes)
+    buffer[:] = b"X" * len(buffer)
+    (_, _, args) = wire.unpack(packed)
+    assert args[0][0]["bytes"] == b"m" * 100_000
+
+
+def test_batch_frame_parts_join_to_the_batch_frame() -> None:
+    big = wire.pack_parts(wire.SEND, "a", [{"body": memoryview(b"q" * 100_000)}])
+    assert isinstance(big, list)
+    small = wire.pack(wire.CREDIT, "a", 4)
+    frame = b"".join(wire.batch_frame_parts([small, big]))
+    assert frame == wire.batch_frame([small, b"".join(big)])
+    assert [bytes(m) for m in wire.split_frame(frame)] == [small, b"".join(big)]
 
 
 # Batch frames, the envelope preamble, formats
