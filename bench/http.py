@@ -263,6 +263,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (``/proc/PID/stat`` field 10): a fresh large
+    buffer per message shows here (the allocator hands large blocks back to the system)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def _commandstats(redis: RedisServer) -> dict[str, int]:
     info = redis.command("INFO", "commandstats")
     assert isinstance(info, bytes)
@@ -343,13 +349,14 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
     pids = costs.pids
     print(
         f"{'figure':28} {'direct':>9} {'distrib.':>9} {'ratio':>7}   CPU ms/MiB: direct |"
-        " distributor node redis (sum)"
+        " distributor node redis (sum) | page faults/MiB: distributor node"
     )
     print("-" * 100)
     for size in sizes:
         for upload in (False, True):
             speeds: dict[str, list[float]] = {"direct": [], "distributed": []}
             cpu: dict[str, dict[str, float]] = {"direct": {}, "distributed": {}}
+            faults = {"distributor": 0, "node": 0}
             for round_number in range(rounds):
                 order = ["direct", "distributed"]
                 if round_number % 2:
@@ -357,10 +364,14 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
                 for side in order:
                     port = direct_port if side == "direct" else dist_port
                     before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                    faulted = {name: _minor_faults(pids[name]) for name in faults}
                     speeds[side].append(_stream(port, upload, size << 20))
                     for name, pid in pids.items():
                         spent = _cpu_seconds(pid) - before[name]
                         cpu[side][name] = cpu[side].get(name, 0.0) + spent
+                    if side == "distributed":
+                        for name in faults:
+                            faults[name] += _minor_faults(pids[name]) - faulted[name]
             mib = size * rounds
             per = {
                 side: {k: v / mib * 1e3 for k, v in spent.items()} for side, spent in cpu.items()
@@ -372,7 +383,7 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
             print(
                 f"{label:28} {d:9.1f} {x:9.1f} {x / d:6.2f}x   {per['direct']['direct']:6.2f} |"
                 f" {dist['distributor']:6.2f} {dist['node']:6.2f} {dist['redis']:6.2f}"
-                f" ({total:.2f})"
+                f" ({total:.2f}) | {faults['distributor'] / mib:6.0f} {faults['node'] / mib:6.0f}"
             )
     peaks = ", ".join(f"{name} {_peak_rss_mib(pid):.0f}" for name, pid in pids.items())
     print(f"\npeak RSS (MiB): {peaks}")

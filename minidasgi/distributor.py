@@ -657,10 +657,12 @@ class _Exchange:
         self.window = wire.SendWindow()  # replaced by the window the Node's ack grants
         self.piece = wire.CHUNK_SIZE  # the largest piece the Node reads: its ack may say more
         pool = distributor.credit_pool
-        if distributor.wire_format == codec.RELEASED:  # Nodes that send CHUNK_SIZE pieces
-            self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
+        if self.kind == "http" and distributor.wire_format != codec.RELEASED:
+            self.received = pool.window(self._grant_later)  # large pieces if there is room
         else:
-            self.received = pool.window(self._grant_later)
+            # Nodes of the first release send 128 KiB pieces; a WebSocket, long-lived and
+            # seldom bulky, must not hold the room for large pieces (CreditPool.window).
+            self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started

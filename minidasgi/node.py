@@ -618,11 +618,13 @@ class _Job:
         self.awaiting_body = self.kind == "http" and not events
         if self.kind == "http" and events and not events[-1].get("more_body", False):
             self.received = wire.ReceiveWindow(1)  # the body came whole: nothing more to flow
-        elif self.version == codec.RELEASED:  # its distributor sends CHUNK_SIZE pieces
+        elif self.kind == "http" and self.version != codec.RELEASED:
+            self.received = node.credit_pool.window(self._grant_later)  # large pieces if room
+        else:
+            # A distributor of the first release sends 128 KiB pieces; a WebSocket, long-lived
+            # and seldom bulky, must not hold the room for large pieces (CreditPool.window).
             pool = node.credit_pool
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
-        else:
-            self.received = node.credit_pool.window(self._grant_later)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None

@@ -509,8 +509,10 @@ class CreditPool:
     large pieces, of which at most ``MAX_LARGE_WINDOWS`` are open (by default 8 MiB, or
     128 KiB per open window past 64 windows, plus 3 MiB at most).
 
-    A window of large pieces (``window``) is opened only when the pool has room for all of
-    it: under contention new transfers get ``CHUNK_SIZE`` pieces, as before.
+    A window of large pieces (``window``) is opened only when it fits in half the budget with
+    what is already taken: the other half stays for full windows of ``CHUNK_SIZE`` pieces, so
+    a few concurrent transfers still get a whole window each (with the default budget, one
+    transfer at a time gets large pieces, the next ones small ones, as before).
     """
 
     def __init__(self, budget: int = POOL_BUDGET) -> None:
@@ -529,10 +531,11 @@ class CreditPool:
     def window(
         self, grant: Callable[[int], None] | None = None, wanted: int = WINDOW
     ) -> ReceiveWindow:
-        """A new window: of ``PIECE_SIZE`` pieces while the pool has room for the whole of it
-        (and fewer than ``MAX_LARGE_WINDOWS`` are open), else of ``CHUNK_SIZE`` pieces."""
+        """A new window: of ``PIECE_SIZE`` pieces while half the budget has room for the whole
+        of it (and fewer than ``MAX_LARGE_WINDOWS`` are open), else of ``CHUNK_SIZE`` pieces."""
         weight = PIECE_SIZE // CHUNK_SIZE
-        if self.large < MAX_LARGE_WINDOWS and self.in_flight + wanted * weight <= self.budget:
+        room = self.budget // 2 - self.in_flight
+        if self.large < MAX_LARGE_WINDOWS and wanted * weight <= room:
             self.in_flight += wanted * weight
             self.large += 1
             return ReceiveWindow(wanted, self, grant, piece=PIECE_SIZE)

@@ -414,17 +414,19 @@ def test_starved_window_is_paid_when_room_returns() -> None:
 def test_credit_pool_opens_windows_of_large_pieces_only_while_it_has_room_for_them() -> None:
     pool = wire.CreditPool()  # 64 units of CHUNK_SIZE
     weight = wire.PIECE_SIZE // wire.CHUNK_SIZE
-    first, second = pool.window(), pool.window()
+    first = pool.window()  # fits in half the budget
     assert (first.piece, first.window) == (wire.PIECE_SIZE, 8)
-    assert second.piece == wire.PIECE_SIZE
-    assert pool.in_flight == 2 * 8 * weight == pool.budget
-    third = pool.window()  # no room for a large window: small pieces, one credit
-    assert (third.piece, third.window) == (wire.CHUNK_SIZE, 1)
-    assert pool.large == 2
-    first.close()
+    assert pool.in_flight == 8 * weight == pool.budget // 2
+    # The other half stays for whole windows of small pieces, then one credit each.
+    others = [pool.window() for _ in range(5)]
+    assert [(w.piece, w.window) for w in others] == [(wire.CHUNK_SIZE, 8)] * 4 + [
+        (wire.CHUNK_SIZE, 1)
+    ]
     assert pool.large == 1
-    assert pool.in_flight == 8 * weight + 1
-    for window in (second, third):
+    first.close()
+    assert pool.large == 0
+    assert pool.in_flight == 33
+    for window in others:
         window.close()
     assert (pool.in_flight, pool.large) == (0, 0)
 
