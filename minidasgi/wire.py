@@ -336,15 +336,15 @@ class Envelope:
     scope: dict[str, Any]
     events: list[dict[str, Any]]
     window: int = WINDOW
-    piece: int = CHUNK_SIZE
-    """The largest body piece the distributor reads for this request (``CHUNK_SIZE`` when the
-    envelope does not say: an earlier release)."""
     liveness: float = 0.0
     """The distributor's PING interval for this request; 0 if it does not ping (older
     versions, which also leave the key out)."""
     queued: float = 0.0  # wall-clock time of the LPUSH, for the age of the oldest request
     version: int = codec.FAST
     """The format of the envelope's body: the one its distributor reads, and is answered in."""
+    piece: int = CHUNK_SIZE
+    """The largest body piece the distributor reads for this request (``CHUNK_SIZE`` when the
+    envelope does not say: an earlier release)."""
 
     def encode(self) -> bytes:
         """The bytes to LPUSH: a preamble and a body in ``version`` (the first release's

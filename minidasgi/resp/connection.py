@@ -71,6 +71,7 @@ logger = logging.getLogger("minidasgi.resp.connection")
 _READ_SIZE = 256 * 1024
 _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
 _SCRATCH_FROM = 64 * 1024  # writes from this size are gathered into a reused buffer
+_SCRATCH_MAX = 2 * 1024 * 1024  # a larger one (a rare huge command) is not kept
 # TCP keepalive in seconds, not the kernel's two hours: a silent peer is found within about
 # KEEPIDLE + KEEPINTVL * KEEPCNT seconds of idleness. TCP_USER_TIMEOUT bounds how long sent data
 # may stay unacknowledged (a stalled link with commands in flight) to the same order.
@@ -755,7 +756,7 @@ class Connection:
             scratch[position:end] = part
             position = end
         self._write(memoryview(scratch)[:size])
-        if self._writer.transport.get_write_buffer_size() == 0:
+        if len(scratch) <= _SCRATCH_MAX and self._writer.transport.get_write_buffer_size() == 0:
             self._scratch = scratch
 
     def _write(self, data: bytes | memoryview) -> None:
