@@ -20,6 +20,13 @@ removed it, no Node ever popped it. If it did not, a Node has it: the distributo
 ``worker_timeout`` for the ack, then answers 504 (and a later ack gets a CANCEL). A GONE before
 the ack (the Node found the envelope expired) also means the app never ran.
 
+A Node that pops a request in its recovery window (``confirmation``: after a Redis restart or
+a failover, the envelope may be a leftover whose client was answered, or that ran elsewhere)
+asks in its ACK for a confirmation before running it. Only the first ACK of a request still
+waiting for one gets ``CONFIRM``; a request answered already is unknown here, so its ACK gets a
+CANCEL, and a second ACK (another copy popped elsewhere) gets one too. Envelopes say that this
+distributor confirms (``confirms``), so Nodes never wait for a distributor that would not.
+
 After the ack, liveness is per request (``liveness.PeerTracker``): every ``liveness_interval``
 the distributor PINGs each Node it shares requests with, naming them; the Node answers GONE for
 those it does not run, and the distributor answers 502 (or aborts a started response) on a
@@ -579,13 +586,27 @@ class Distributor:
             # A request gets one of each at most, and they take no credit: repeats are forged
             # (or a second GONE, answering a PING) and must not pile up behind a slow client.
             if kind in exchange.seen:
+                if kind == wire.ACK:
+                    self._second_ack(exchange, args)
                 return
             exchange.seen += (kind,)
+            if kind == wire.ACK:
+                exchange.acked_by = _acking_node(kind, args)
             exchange.inbox.put_nowait((kind, args))
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+
+    def _second_ack(self, exchange: _Exchange, args: list[Any]) -> None:
+        """Another ACK for a request already acked: a second copy of its envelope was popped
+        (a replica promoted with it, a Redis restarted from its files). Only one may run: the
+        one acked first. The other Node is told to stop (if it asked for a confirmation, it
+        has not started the app); a plain repeat from the same Node is ignored."""
+        node = _acking_node(wire.ACK, args)
+        if node is not None and (node != exchange.acked_by or wire.asks_confirmation(args)):
+            logger.warning("request %s: popped again by a worker; cancelled there", exchange.id)
+            self.spawn(self.cancel_on(node, exchange.id))
 
     def _on_subscriber_lost(self) -> None:
         # Messages from Nodes may have been lost while the subscriber was away: not for a
@@ -666,6 +687,7 @@ class _Exchange:
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
         self.violated = False  # the Node sent more than the credit granted
         self.seen: tuple[str, ...] = ()  # the ACK, DONE and GONE kinds already queued
+        self.acked_by: str | None = None  # the Node channel of the first ACK
         self.body_size = 0
         # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
         self.expecting = self.kind == "http" and _expects_continue(scope)
@@ -711,6 +733,7 @@ class _Exchange:
                 window=self.received.window,
                 liveness=d.liveness_interval,
                 queued=time.time(),
+                confirms=True,
                 version=d.wire_format,
             )
             try:
@@ -798,6 +821,11 @@ class _Exchange:
         d.peers.add(node, self.id, now, pings=pings)
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
+        if wire.asks_confirmation(ack_args):
+            # The Node waits to run it until told: this is the first ACK, and the client has
+            # not been answered (``confirmation``).
+            confirm = d.outbox.post(node, self._pack(wire.CONFIRM))
+            confirm.add_done_callback(self._check_reached)
         self._node_known()
         try:
             await self._relay()
