@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from minidasgi import Node, create_distributor
+from minidasgi import Node, create_distributor, wire
+from minidasgi.resp import Subscriber, connect
 from minidasgi.testing import RedisServer, SentinelSetup
 
 from .redis_server import RedisFactory
@@ -146,3 +147,121 @@ async def test_a_backlog_caught_by_a_failover_never_runs_after_its_answer_nor_tw
             late = [t for t in runs.started.get(request_id, []) if t > answered]
             assert not late, f"{request_id} ran after its client got {outcome}"
     assert any(outcome != "200" for outcome, _ in answers.values()), "the failover caught none"
+
+
+def _envelope(request_id: str, reply: str, *, confirms: bool) -> bytes:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [[b"x-request-id", request_id.encode()]],
+    }
+    return wire.Envelope(
+        request_id,
+        reply,
+        time.time() + 30,
+        scope,
+        [{"type": "http.request", "body": b"", "more_body": False}],
+        window=1,
+        liveness=1.0,
+        queued=time.time(),
+        confirms=confirms,
+    ).encode()
+
+
+@pytest.mark.parametrize("answer", ["confirm", "ping", "cancel", "silence", "old"])
+async def test_a_node_runs_a_request_of_its_recovery_window_only_once_confirmed(
+    redis_server: RedisServer, answer: str
+) -> None:
+    """A request waiting before the Node connects, from a distributor played by the test:
+    the ACK asks for a confirmation, and the app starts on CONFIRM or a PING naming the
+    request, never on CANCEL or silence (the wait ends after ``peer_timeout`` with a GONE).
+    ``old``: a distributor of an earlier version (no ``confirms``) is not asked."""
+    runs = RunLog()
+    node = Node(url=redis_server.url, app=runs, key="K", lifespan="off", peer_timeout=1.5)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    request_id = wire.new_request_id()
+    got: list[tuple[str, str, list[Any]]] = []
+    subscriber = Subscriber(
+        redis_server.url,
+        on_message=lambda _, data: got.extend(wire.unpack(m) for m in wire.split_frame(data)),
+    )
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    kinds = lambda: [kind for kind, _, _ in got]  # noqa: E731
+    try:
+        await pusher.lpush("K", _envelope(request_id, reply, confirms=answer != "old"))
+        async with run_node(node):
+            assert await poll(lambda: wire.ACK in kinds(), 10), got
+            ack = next(args for kind, _, args in got if kind == wire.ACK)
+            assert wire.asks_confirmation(ack) is (answer != "old")
+            if answer == "confirm":
+                await pusher.publish(node.channel, wire.pack(wire.CONFIRM, request_id))
+            elif answer == "ping":
+                for message in wire.ping_messages(reply, [request_id]):
+                    await pusher.publish(node.channel, message)
+            elif answer == "cancel":
+                await pusher.publish(node.channel, wire.pack(wire.CANCEL, request_id))
+            ends = (wire.SEND,) if answer in ("confirm", "ping", "old") else (wire.GONE,)
+            assert await poll(lambda: any(k in ends for k in kinds()), 10), got
+            assert await poll(lambda: node.in_flight == 0, 10)
+    finally:
+        await pusher.close()
+        await subscriber.close()
+    ran = answer in ("confirm", "ping", "old")
+    assert runs.count() == ({request_id: 1} if ran else {}), got
+    if not ran:
+        assert wire.SEND not in kinds()
+
+
+async def test_a_second_ack_for_a_request_gets_a_cancel(redis_server: RedisServer) -> None:
+    """Two copies of one envelope popped by two Nodes (played by the test): the first ACK
+    is confirmed, the second, from another Node, gets a CANCEL, and so does a second ACK
+    asking again from the first (a Node never acks an id twice while it runs it: that is
+    another copy too)."""
+    distributor = create_distributor(url=redis_server.url, key="K", worker_timeout=30)
+    nodes = [wire.new_channel("minidasgi", 0, "node") for _ in range(2)]
+    got: dict[str, list[tuple[str, str, list[Any]]]] = {n: [] for n in nodes}
+    subscribers = []
+    for name in nodes:
+        subscriber = Subscriber(
+            redis_server.url,
+            on_message=lambda channel, data: got[channel.decode()].extend(
+                wire.unpack(m) for m in wire.split_frame(data)
+            ),
+        )
+        subscriber.start()
+        await asyncio.wait_for(subscriber.subscribe(name), 5)
+        subscribers.append(subscriber)
+    connection = await asyncio.wait_for(connect(redis_server.url), 5)
+    try:
+        async with serve_app(distributor) as base, httpx.AsyncClient(base_url=base) as client:
+            request = asyncio.ensure_future(client.get("/", timeout=20))
+            popped = await connection.brpop("K", timeout=10)
+            assert popped is not None
+            envelope = wire.Envelope.decode(popped[1])
+            assert envelope.confirms
+            first, second = nodes
+            for node in (first, second, first):
+                ack = wire.pack(wire.ACK, envelope.id, node, 1, 1.0, True)
+                await connection.publish(envelope.reply, ack)
+
+            def answered(node: str, kind: str) -> bool:
+                return any(k == kind for k, _, _ in got[node])
+
+            assert await poll(lambda: answered(first, wire.CONFIRM), 10), got
+            assert await poll(lambda: answered(second, wire.CANCEL), 10), got
+            assert await poll(lambda: answered(first, wire.CANCEL), 10), got
+            events = [
+                {"type": "http.response.start", "status": 200, "headers": []},
+                {"type": "http.response.body", "body": b"once"},
+            ]
+            await connection.publish(envelope.reply, wire.pack(wire.SEND, envelope.id, events))
+            response = await asyncio.wait_for(request, 10)
+    finally:
+        await connection.close()
+        for subscriber in subscribers:
+            await subscriber.close()
+    assert (response.status_code, response.text) == (200, "once")
+    assert [k for k, _, _ in got[second]] == [wire.CANCEL], got
