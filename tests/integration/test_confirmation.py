@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from minidasgi import Node, create_distributor, wire
 from minidasgi.resp import Subscriber, connect
 from minidasgi.testing import RedisServer, SentinelSetup
 
+from .faultproxy import FaultProxy
 from .redis_server import RedisFactory
 from .stack import poll, run_node, serve_app
 
@@ -68,29 +70,41 @@ def _llen(server: RedisServer, key: str) -> int:
     return length
 
 
-@pytest.mark.parametrize("count_by", ["llen", "clock"])
+@pytest.mark.parametrize(
+    ("count_by", "distributor_after"), [("llen", "gone"), ("clock", "gone"), ("llen", "back")]
+)
 async def test_requests_reloaded_by_a_restarted_redis_never_run(
-    redis_factory: RedisFactory, count_by: str
+    redis_factory: RedisFactory, count_by: str, distributor_after: str
 ) -> None:
     """Requests queued with no Node; Redis dies (its AOF fsync'd on every write), so each
     client gets its answer (502) while the request stays in the file; Redis restarts from it.
-    A Node then pops them all: it must run none. ``clock``: the Node's ACL user may not run
-    LLEN, so the recovery window is told by the envelopes' queued time."""
+    A Node then pops them all: it must run none.
+
+    ``gone``: their distributor stopped meanwhile (Redis reloaded them all: checked), so only
+    the Node's recovery window keeps them from running; ``clock``: the Node's ACL user may not
+    run LLEN, so that window is told by the envelopes' queued time. ``back``: the distributor
+    reconnects too, and takes back what the Node has not popped yet."""
     server = redis_factory(extra_args=["--appendonly", "yes", "--appendfsync", "always"])
     runs = RunLog()
     # A deadline far away: only the confirmation can keep the Node from running them.
-    distributor = create_distributor(url=server.url, key="K", worker_timeout=30)
-    async with (
-        serve_app(distributor) as base,
-        httpx.AsyncClient(base_url=base, timeout=20) as client,
-    ):
+    first = create_distributor(url=server.url, key="K", worker_timeout=30)
+    async with contextlib.AsyncExitStack() as stack:
+        base = await stack.enter_async_context(serve_app(first))
+        client = await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=20))
         sent = [asyncio.ensure_future(_get(client, f"stale-{i}")) for i in range(BACKLOG)]
         assert await poll(lambda: _llen(server, "K") == BACKLOG, 10)
         await asyncio.to_thread(server.kill)
         answers = await asyncio.wait_for(asyncio.gather(*sent), 20)
         assert {outcome for outcome, _ in answers} <= {"502", "503"}, answers
+        distributor = first
+        if distributor_after == "gone":
+            await stack.aclose()
         await asyncio.to_thread(server.start)
-        assert _llen(server, "K") == BACKLOG, "the premise: Redis reloaded the requests"
+        if distributor_after == "gone":
+            assert _llen(server, "K") == BACKLOG, "the premise: Redis reloaded the requests"
+            distributor = create_distributor(url=server.url, key="K", worker_timeout=30)
+            base = await stack.enter_async_context(serve_app(distributor))
+            client = await stack.enter_async_context(httpx.AsyncClient(base_url=base, timeout=20))
         url = server.url
         if count_by == "clock":
             server.command("ACL", "SETUSER", "node", "on", ">node-pw", "~*", "&*", "+@all", "-llen")
@@ -265,3 +279,51 @@ async def test_a_second_ack_for_a_request_gets_a_cancel(redis_server: RedisServe
             await subscriber.close()
     assert (response.status_code, response.text) == (200, "once")
     assert [k for k, _, _ in got[second]] == [wire.CANCEL], got
+
+
+async def test_requests_answered_while_the_distributor_could_not_reach_redis_never_run(
+    redis_server: RedisServer,
+) -> None:
+    """Redis stays up, but the distributor's own connections are reset (its link failed)
+    while requests wait behind a busy Node whose connection stays: their clients get 502 and
+    the distributor cannot take them back then. They are in no Node's recovery window: the
+    distributor takes them back once it reaches Redis again."""
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def busy(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        request_id = dict(scope["headers"]).get(b"x-request-id", b"-").decode()
+        started.append(request_id)
+        while request_id == "busy" and not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:  # its distributor gave it up: it works on
+                continue
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    with FaultProxy(redis_server.port) as proxy:
+        distributor = create_distributor(url=proxy.url(), key="K", worker_timeout=30)
+        node = Node(url=redis_server.url, app=busy, key="K", lifespan="off", concurrency=1)
+        async with (
+            serve_app(distributor) as base,
+            run_node(node),
+            httpx.AsyncClient(base_url=base, timeout=20) as client,
+        ):
+            first = asyncio.ensure_future(_get(client, "busy"))
+            assert await poll(lambda: started == ["busy"], 10)
+            queued = [asyncio.ensure_future(_get(client, f"queued-{i}")) for i in range(3)]
+            assert await poll(lambda: _llen(redis_server, "K") == 3, 10)
+            proxy.reset()
+            answers = await asyncio.wait_for(asyncio.gather(*queued), 20)
+            assert {outcome for outcome, _ in answers} <= {"502", "503"}, answers
+            taken = await poll(lambda: _llen(redis_server, "K") == 0, 10)
+            release.set()  # the Node pops again: anything left runs now
+            await asyncio.wait_for(first, 20)
+            assert await poll(lambda: distributor.ready, 10)
+            fresh, _ = await _get(client, "fresh")
+    assert fresh == "200"
+    assert started == ["busy", "fresh"], "requests answered 502 ran after their answer"
+    assert taken
