@@ -520,6 +520,15 @@ class ClusterClient:
                 raise
         raise RedisConnectionError(f"too many redirects for {key!r} in {self.address}")
 
+    async def execute_at(self, address: Address, *args: object) -> Any:
+        """Run one command on the node at ``address``, whatever slots it serves (for commands
+        about a connection of that node, such as ``CLIENT UNBLOCK``); no redirect followed."""
+        client = self.client_for(address)
+        if not client.ever_connected and client.last_error is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await client.wait_connected(self.params.connect_timeout)
+        return await client.connection().execute(*args)
+
     async def lpush(self, key: str | bytes, *values: object) -> int:
         """LPUSH on the master serving ``key``."""
         reply: int = await self.execute("LPUSH", key, *values, key=key)

@@ -232,20 +232,114 @@ async def test_http_and_websocket_across_masters(cluster: ClusterSetup) -> None:
         assert server.command("DBSIZE") == 0
 
 
-async def test_a_node_refuses_keys_in_different_slots(cluster: ClusterSetup) -> None:
-    keys = list(keys_on_each_master(cluster).values())
-    node = Node(url=cluster.url, app=apps.hello, keys=keys)
-    with pytest.raises(ValueError, match="share a slot"):
-        await node.serve()
-    # Keys with one hash tag share a slot, and one Node pops them all.
-    tagged = Node(url=cluster.url, app=apps.hello, keys=["{api}:users", "{api}:admin"])
-    app = create_path_distributor(
-        url=cluster.url, routes={"^/users": "{api}:users", "^/admin": "{api}:admin"}
-    )
-    async with serve_app(app) as base, run_node(tagged):
+def blocked_pops(setup: ClusterSetup) -> dict[int, int]:
+    """Clients blocked (in BRPOP) on each master: port -> count."""
+    counts = {}
+    for server in setup.masters:
+        info = server.command("INFO", "clients")
+        assert isinstance(info, bytes)
+        line = next(x for x in info.split(b"\r\n") if x.startswith(b"blocked_clients:"))
+        counts[server.port] = int(line.split(b":")[1])
+    return counts
+
+
+async def test_one_node_pops_keys_on_every_master(cluster: ClusterSetup) -> None:
+    """A Node whose keys fall in different slots pops each slot's keys on a connection of its
+    own (to the master serving it): one Node serves routes to every master, beside keys
+    sharing a hash tag (one slot, one connection)."""
+    keys = keys_on_each_master(cluster)  # port -> key
+    tagged = ["{api}:users", "{api}:admin"]
+    names = [*keys.values(), *tagged]
+    node = Node(url=cluster.url, app=apps.echo, keys=names)
+    assert len(node.pop_groups) == len(keys) + 1
+    routes = {f"^/{key}/": key for key in names}
+    app = create_path_distributor(url=cluster.url, routes=routes, worker_timeout=5)
+    async with serve_app(app) as base, run_node(node):
+        # One blocked pop per group, each on the master serving its slot.
+        tag_master = cluster.master_of("{api}")
+        assert tag_master is not None
+        expected = collections.Counter(keys.keys())
+        expected[tag_master.port] += 1
+        assert await poll(lambda: blocked_pops(cluster) == dict(expected), 10), blocked_pops(
+            cluster
+        )
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-            assert (await client.get("/users")).status_code == 200
-            assert (await client.get("/admin")).status_code == 200
+            for key in names:
+                response = await client.post(f"/{key}/x", content=b"body for " + key.encode())
+                assert response.status_code == 200, response.text
+                assert response.content == b"body for " + key.encode()
+            # Concurrent requests on every key at once: all served by this one Node.
+            responses = await asyncio.gather(
+                *(client.post(f"/{k}/{n}", content=b"%d" % n) for n in range(4) for k in names)
+            )
+            assert [r.status_code for r in responses] == [200] * len(responses)
+    assert node.metrics.served == len(names) * 5
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_slot_groups_share_the_concurrency(cluster: ClusterSetup) -> None:
+    """Pops on different masters share the Node's slots: a blocked pop holds one, so with
+    every slot taken by a running request no pop is outstanding and a further request stays
+    in Redis for other Nodes; a finished request frees a slot for it."""
+    first, second = list(keys_on_each_master(cluster).values())[:2]
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        started.append(scope["path"])
+        await release.wait()
+        await apps.hello(scope, receive, send)
+
+    node = Node(url=cluster.url, app=held, keys=[first, second], concurrency=2)
+    routes = {f"^/{first}/": first, f"^/{second}/": second}
+    app = create_path_distributor(url=cluster.url, routes=routes, worker_timeout=10)
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=15) as client:
+            assert await poll(lambda: sum(blocked_pops(cluster).values()) == 2, 10)
+            one = asyncio.ensure_future(client.get(f"/{first}/1"))
+            two = asyncio.ensure_future(client.get(f"/{second}/2"))
+            assert await poll(lambda: len(started) == 2, 10)
+            # Both slots run requests: no pop may be outstanding on any master.
+            assert await poll(lambda: sum(blocked_pops(cluster).values()) == 0, 10)
+            three = asyncio.ensure_future(client.get(f"/{first}/3"))
+            owner = cluster.master_of(first)
+            assert owner is not None
+            assert await poll(lambda: owner.command("LLEN", first) == 1, 10)
+            assert sum(blocked_pops(cluster).values()) == 0
+            assert len(started) == 2
+            release.set()
+            responses = await asyncio.gather(one, two, three)
+            assert [r.status_code for r in responses] == [200, 200, 200]
+            assert sorted(started) == [f"/{first}/1", f"/{first}/3", f"/{second}/2"]
+
+
+@pytest.mark.parametrize("spread", ["one key", "a key per master"])
+async def test_a_node_on_a_cluster_stops_at_once(cluster: ClusterSetup, spread: str) -> None:
+    """``stop()`` wakes every blocked pop with CLIENT UNBLOCK, sent to the master that holds
+    each pop connection: the Node ends well before its pops would time out."""
+    keys = list(keys_on_each_master(cluster).values())
+    if spread == "one key":
+        keys = keys[1:2]
+    pop_timeout = 5.0
+    node = Node(url=cluster.url, app=apps.hello, keys=keys, pop_timeout=pop_timeout)
+    serving = asyncio.ensure_future(node.serve())
+    try:
+        await asyncio.wait_for(node.wait_started(), 10)
+        owners = {port: 0 for port in blocked_pops(cluster)}
+        for key in keys:
+            owner = cluster.master_of(key)
+            assert owner is not None
+            owners[owner.port] += 1
+        assert await poll(lambda: blocked_pops(cluster) == owners, 10)
+        stopped_at = time.monotonic()
+        node.stop()
+        await asyncio.wait_for(serving, 15)
+        assert time.monotonic() - stopped_at < pop_timeout
+    finally:
+        if not serving.done():
+            serving.cancel()
+    assert sum(blocked_pops(cluster).values()) == 0
 
 
 @pytest.mark.parametrize("fault", ["cluster-failover", "sigkill"])
