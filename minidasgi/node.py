@@ -170,7 +170,10 @@ class Node:
         # Subscribed beside self.channel: presence (one per key, counted by fail-fast
         # distributors and `minidasgi status`) and stats requests.
         self.presence_channels = [
-            wire.presence_channel(channel_prefix, self.params.db, k) for k in self.keys
+            wire.presence_channel(
+                channel_prefix, self.params.db, k, cluster=self.params.cluster is not None
+            )
+            for k in self.keys
         ]
         self._key_names = {k.encode(): k for k in self.keys}
         self.metrics = metrics.NodeMetrics(

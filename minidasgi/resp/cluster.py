@@ -61,6 +61,7 @@ __all__ = [
     "ShardedSubscriber",
     "SlotMap",
     "crc16",
+    "hash_tag",
     "key_slot",
 ]
 
@@ -98,6 +99,17 @@ def crc16(data: bytes) -> int:
     for byte in data:
         crc = ((crc << 8) & 0xFF00) ^ table[((crc >> 8) ^ byte) & 0xFF]
     return crc
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` its slot is computed from when that is not the whole key: between
+    the first ``{`` and the next ``}``, if not empty; else None."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return None
 
 
 def key_slot(key: str | bytes) -> int:

@@ -440,6 +440,29 @@ async def test_fail_fast_counts_sharded_subscribers(cluster: ClusterSetup) -> No
         assert server.command("DBSIZE") == 0
 
 
+async def test_presence_shares_the_slot_of_its_key(cluster: ClusterSetup) -> None:
+    """A Node's presence subscription for a key lives on the master serving that key (its
+    name carries the key's hash tag), so the fail-fast count and the push go to one master."""
+    key = next(
+        k
+        for k in (f"presence-{n}" for n in range(1000))
+        if cluster.master_of(f"minidasgi:0:presence:{k}") is not cluster.master_of(k)
+    )
+    owner = cluster.master_of(key)
+    assert owner is not None
+    async with run_node(Node(url=cluster.url, app=apps.hello, key=key)):
+        for server in cluster.masters:
+            channels = server.command("PUBSUB", "SHARDCHANNELS", "minidasgi:0:presence:*")
+            assert channels == (
+                [f"minidasgi:0:presence:{{{key}}}".encode()] if server is owner else []
+            ), server.port
+        app = create_distributor(url=cluster.url, key=key, fail_fast=True, worker_timeout=5)
+        async with serve_app(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+            assert (await client.get("/")).status_code == 200
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
 async def test_publish_soon_and_lpush_soon_follow_the_slots(cluster: ClusterSetup) -> None:
     """The coalescing API (a callback per reply, no task per message) on a Cluster: routed
     by key, a MOVED followed, 0 receivers reported as such in a stable cluster."""
