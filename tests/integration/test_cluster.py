@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +23,7 @@ import websockets
 from minidasgi import Node, create_distributor, create_path_distributor
 from minidasgi.resp import parse_url
 from minidasgi.resp.cluster import ClusterClient, ShardedSubscriber, key_slot
+from minidasgi.status import format_status, take_status
 from minidasgi.testing import ClusterSetup, RedisServer
 
 from . import apps
@@ -459,6 +462,56 @@ async def test_presence_shares_the_slot_of_its_key(cluster: ClusterSetup) -> Non
         app = create_distributor(url=cluster.url, key=key, fail_fast=True, worker_timeout=5)
         async with serve_app(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
             assert (await client.get("/")).status_code == 200
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_status_on_a_cluster(cluster: ClusterSetup) -> None:
+    """``minidasgi status`` on a Cluster: queues on several masters (waiting requests, their
+    age, the Nodes counted by sharded presence), and the stats of every process gathered over
+    sharded pub/sub; nothing stored."""
+    served, unserved = list(keys_on_each_master(cluster).values())[:2]
+    routes = {f"^/{served}/": served, f"^/{unserved}/": unserved}
+    app = create_path_distributor(url=cluster.url, routes=routes, worker_timeout=30)
+    node = Node(url=cluster.url, app=apps.hello, keys=[served, "{api}:users"], concurrency=7)
+    params = parse_url(cluster.url)
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=40) as client:
+            assert (await client.get(f"/{served}/")).status_code == 200
+            waiting = asyncio.ensure_future(client.get(f"/{unserved}/"))
+            owner = cluster.master_of(unserved)
+            assert owner is not None
+            assert await poll(lambda: owner.command("LLEN", unserved) == 1, 10)
+            report = await take_status(params, timeout=5)
+            assert (report["asked"], report["answered"]) == (2, 2)
+            (seen,) = report["nodes"]
+            assert seen["keys"] == [served, "{api}:users"] and seen["concurrency"] == 7
+            assert seen["served"] == 1
+            (dist,) = report["distributors"]
+            assert dist["in_flight"] == 1 and dist["served"] == 1
+            assert [(q["key"], q["waiting"], q["nodes"]) for q in report["queues"]] == [
+                (served, 0, 1),
+                ("{api}:users", 0, 1),
+            ]
+            report = await take_status(params, [unserved], timeout=5)
+            (queue,) = report["queues"]
+            assert (queue["waiting"], queue["nodes"]) == (1, 0)
+            assert queue["oldest_age"] is not None and queue["oldest_age"] >= 0
+            text = format_status(report, params.address)
+            assert unserved in text and "cluster" in text
+            # The command line, in a process of its own.
+            command = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "minidasgi", "status", "--redis", cluster.url, "--json"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(command.communicate(), 30)
+            assert command.returncode == 0, err.decode()
+            shown = json.loads(out)
+            assert [q["key"] for q in shown["queues"]] == [served, "{api}:users"]
+            assert (shown["asked"], shown["answered"]) == (2, 2)
+            async with run_node(Node(url=cluster.url, app=apps.hello, key=unserved)):
+                assert (await waiting).status_code == 200
     for server in cluster.masters:
         assert server.command("DBSIZE") == 0
 
