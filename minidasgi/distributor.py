@@ -240,6 +240,7 @@ class Distributor:
         self.admission = admission.Admission(
             channel_prefix=channel_prefix,
             db=self.params.db,
+            cluster=self.params.cluster is not None,
             fail_fast=fail_fast,
             max_queue=max_queue,
             max_in_flight=max_in_flight,

@@ -1,10 +1,11 @@
 """The worker: pops requests from Redis lists and runs them in an ASGI app.
 
-Owns the Node's three Redis connections (a blocking-pop connection, a publishing connection
-and a subscriber on the Node's own channel), its pop loop, and one ``_Job`` per request in
-flight. It must never pop a request it has no free slot for: what it cannot run stays in Redis
-for other Nodes (under load one RPOP with a count takes up to one request per free slot). It
-never retries or re-queues a request (delivery is at most once).
+Owns the Node's Redis connections (a blocking-pop connection, a publishing connection and a
+subscriber on the Node's own channel; on a Cluster, one blocking-pop connection per slot its
+keys fall in), its pop loops, and one ``_Job`` per request in flight. It must never pop a
+request it has no free slot for: what it cannot run stays in Redis for other Nodes (a blocked
+pop holds a slot, whichever group it pops; under load one RPOP with a count takes up to one
+request per free slot). It never retries or re-queues a request (delivery is at most once).
 
 A job acks and runs the app at once, without waiting for the ack to land: the distributor
 answers "no worker" only for a request it took back from the list unrun, or one a Node said
@@ -50,7 +51,7 @@ from .liveness import PeerTracker
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.client import Client
-from .resp.connection import make_params
+from .resp.connection import Connection, make_params
 from .resp.sentinel import SentinelSpec
 
 __all__ = ["DEFAULT_CONCURRENCY", "Node"]
@@ -70,8 +71,10 @@ class Node:
     ``cls=`` takes the seed's class style (``cls(scope)``, then ``await instance(receive,
     send)``); ``app=`` an ASGI 3 app (or a class-style one, told apart as uvicorn does).
     ``key=`` or ``keys=`` name the lists to pop. Connection settings as for
-    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://``, ``unix://`` or
-    ``redis+sentinel://`` (``sentinel=`` takes a ``SentinelSpec`` instead).
+    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://``, ``unix://``,
+    ``redis+sentinel://`` (``sentinel=`` takes a ``SentinelSpec`` instead) or
+    ``redis+cluster://`` (keys in different slots are popped on a connection per slot, all
+    sharing the ``concurrency`` slots; give the Node at least one slot per such group).
 
     ``channel_prefix`` starts the Node's pub/sub channel name: the same as its tenant's
     distributors', with ACL users confined to it (README, "Security and trust").
@@ -144,6 +147,19 @@ class Node:
             sentinel=sentinel,
         )
         self.concurrency = concurrency
+        # The keys each blocking pop names: all of them, but on a Cluster one group per slot,
+        # each popped on a connection of its own (to the master serving that slot).
+        self.pop_groups = topology.pop_groups(self.params, self.keys)
+        if concurrency < len(self.pop_groups):
+            logger.warning(
+                "a Node with concurrency %d pops %d slot groups (%s): each waiting pop holds a "
+                "slot, so some groups wait for another's pop to end (up to pop_timeout); give "
+                "it a concurrency of at least %d, or keys with one {hash tag}",
+                concurrency,
+                len(self.pop_groups),
+                "; ".join(",".join(g) for g in self.pop_groups),
+                len(self.pop_groups),
+            )
         self.lifespan = Lifespan(self.app, lifespan)
         self.shutdown_timeout = shutdown_timeout
         self.pop_timeout = pop_timeout
@@ -160,7 +176,10 @@ class Node:
         # Subscribed beside self.channel: presence (one per key, counted by fail-fast
         # distributors and `minidasgi status`) and stats requests.
         self.presence_channels = [
-            wire.presence_channel(channel_prefix, self.params.db, k) for k in self.keys
+            wire.presence_channel(
+                channel_prefix, self.params.db, k, cluster=self.params.cluster is not None
+            )
+            for k in self.keys
         ]
         self._key_names = {k.encode(): k for k in self.keys}
         self.metrics = metrics.NodeMetrics(
@@ -185,7 +204,8 @@ class Node:
         self._publisher: topology.CommandClient | None = None
         self.outbox = Outbox(lambda: self._publisher)
         self._started: asyncio.Event | None = None
-        self._pop_client_id: int | None = None
+        # Per pop group: its connection and that connection's id, for CLIENT UNBLOCK.
+        self._pop_ids: dict[int, tuple[Connection, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
         self._batch_pops = True
@@ -242,13 +262,20 @@ class Node:
         self._stopping.set()
         if self._subscriber is not None:  # fail-fast distributors stop counting this Node
             self.spawn(self._subscriber.unsubscribe(*self.presence_channels))
-        if self._pop_client_id is not None and self._publisher is not None:
-            # Wake the blocked BRPOP as if it timed out: nothing popped is ever dropped.
-            self.spawn(self._unblock_pop(self._publisher, self._pop_client_id))
+        self._unblock_pops()
 
-    async def _unblock_pop(self, publisher: topology.CommandClient, client_id: int) -> None:
+    def _unblock_pops(self) -> None:
+        """Wake every blocked BRPOP as if it timed out: nothing popped is ever dropped."""
+        if self._publisher is None:
+            return
+        for connection, client_id in list(self._pop_ids.values()):
+            self.spawn(self._unblock_pop(self._publisher, connection, client_id))
+
+    async def _unblock_pop(
+        self, publisher: topology.CommandClient, connection: Connection, client_id: int
+    ) -> None:
         with contextlib.suppress(RespError):  # the BRPOP's own timeout is the fallback
-            await publisher.execute("CLIENT", "UNBLOCK", client_id)
+            await topology.unblock(publisher, connection, client_id)
 
     async def wait_started(self) -> None:
         """Wait until the Node is subscribed and popping."""
@@ -267,13 +294,19 @@ class Node:
         publisher = self._publisher = topology.command_client(
             self.params, name="node publisher", parser=self._parser, health_check_interval=health
         )
-        popper = topology.pop_client(
-            self.params,
-            self.keys,
-            name="node queue",
-            parser=self._parser,
-            health_check_interval=health,
-        )
+        poppers = [
+            (
+                keys,
+                topology.pop_client(
+                    self.params,
+                    keys,
+                    name="node queue" if len(self.pop_groups) == 1 else f"node queue {keys[0]}",
+                    parser=self._parser,
+                    health_check_interval=health,
+                ),
+            )
+            for keys in self.pop_groups
+        ]
         subscriber = self._subscriber = topology.subscriber(
             self.params,
             health_check_interval=health,
@@ -284,7 +317,8 @@ class Node:
         if self.health_server is not None:
             await self.health_server.start()
         publisher.start()
-        popper.start()
+        for _, popper in poppers:
+            popper.start()
         monitor: asyncio.Task[None] | None = None
         try:
             # Waits out a Redis that is not up yet; raises at once for refused credentials.
@@ -298,14 +332,15 @@ class Node:
                 monitor = asyncio.get_running_loop().create_task(self._watch_peers())
                 logger.info("node serving %s from Redis at %s", self.keys, self.params.address)
                 self._started.set()
-                await self._pop_loop(popper)
+                await self._pop_loop(poppers)
             await self._drain()
         finally:
             if monitor is not None:
                 monitor.cancel()
             for job in list(self._jobs.values()):
                 job.cancel("node stopped")
-            await popper.close()
+            for _, popper in poppers:
+                await popper.close()
             try:
                 await self.lifespan.shutdown()
             finally:
@@ -336,9 +371,35 @@ class Node:
         if task.done() and not task.cancelled():
             task.result()
 
-    async def _pop_loop(self, popper: Client) -> None:
+    async def _pop_loop(self, poppers: list[tuple[list[str], Client]]) -> None:
+        """Pop each group of keys on its own connection, all groups sharing the Node's
+        concurrency slots, until ``stop()``."""
         assert self._stopping is not None
         slots = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
+        groups = [
+            loop.create_task(self._pop_group(index, keys, popper, slots))
+            for index, (keys, popper) in enumerate(poppers)
+        ]
+        try:
+            _, pending = await asyncio.wait(groups, return_when=asyncio.FIRST_EXCEPTION)
+            if pending:  # a group failed: the others stop as at stop(), nothing popped lost
+                self._stopping.set()
+                self._unblock_pops()
+                await asyncio.wait(pending)
+        finally:
+            for group in groups:  # only if this task itself was cancelled
+                group.cancel()
+        for group in groups:
+            group.result()
+
+    async def _pop_group(
+        self, index: int, keys: list[str], popper: Client, slots: asyncio.Semaphore
+    ) -> None:
+        """Pop ``keys`` while a slot is free: a blocked BRPOP holds a slot, so the Node never
+        pops more requests than it can run; under load, RPOP with a count takes up to one
+        request per free slot in a single round trip."""
+        assert self._stopping is not None
         loop = asyncio.get_running_loop()
         popped_on = None
 
@@ -363,15 +424,18 @@ class Node:
                 assert self._publisher is not None
                 await self._publisher.wait_connected(self.pop_timeout)
                 if connection is not popped_on:
-                    self._pop_client_id = await self._client_id(connection)
+                    self._pop_ids.pop(index, None)
+                    client_id = await self._client_id(connection)
+                    if client_id is not None:
+                        self._pop_ids[index] = (connection, client_id)
                     # Before the first pop on it: what waits now may predate the connection.
-                    waiting = await self._waiting(connection)
-                    self.recovery.reconnected(waiting, time.time())
+                    waiting = await self._waiting(connection, keys)
+                    self.recovery.reconnected(keys, waiting, time.time())
                     popped_on = connection
                 if self._stopping.is_set():
                     slots.release()
                     break
-                item = await connection.brpop(*self.keys, timeout=self.pop_timeout)
+                item = await connection.brpop(*keys, timeout=self.pop_timeout)
             except (asyncio.TimeoutError, RespError) as exc:
                 slots.release()
                 if not isinstance(exc, asyncio.TimeoutError):
@@ -413,18 +477,18 @@ class Node:
             return None
         return client_id
 
-    async def _waiting(self, connection: Any) -> dict[bytes, int] | None:
-        """The requests waiting on each key (``confirmation``); None if the ACL user may not
-        ask (the recovery window is then told by the clocks)."""
+    async def _waiting(self, connection: Any, keys: list[str]) -> dict[str, int] | None:
+        """The requests waiting on each of ``keys`` (``confirmation``); None if the ACL user
+        may not ask (the recovery window is then told by the clocks)."""
         try:
-            counts = await asyncio.gather(*(connection.execute("LLEN", k) for k in self.keys))
+            counts = await asyncio.gather(*(connection.execute("LLEN", k) for k in keys))
         except ReplyError as exc:
             logger.info(
                 "no LLEN (%s): requests queued before a reconnection are confirmed by clock", exc
             )
             return None
-        pairs = zip(self.keys, counts, strict=True)
-        return {k.encode(): n if type(n) is int else 0 for k, n in pairs}
+        pairs = zip(keys, counts, strict=True)
+        return {k: n if type(n) is int else 0 for k, n in pairs}
 
     async def _drain(self) -> None:
         if not self._requests:
@@ -471,7 +535,7 @@ class Node:
             self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
             return
         confirm = envelope.confirms and (
-            early if early is not None else self.recovery.predates(envelope.queued)
+            early if early is not None else self.recovery.predates(key, envelope.queued)
         )
         job = _Job(self, envelope, confirm=confirm)
         self._jobs[envelope.id] = job

@@ -75,6 +75,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import codec
+from .resp.cluster import hash_tag
 
 __all__ = [
     "ACK",
@@ -635,9 +636,21 @@ STATS: Final = "stats"
 STATS_REPLY: Final = "stats-reply"
 
 
-def presence_channel(prefix: str, db: int, key: str) -> str:
-    """The channel a Node serving ``key`` subscribes to, so that it can be counted."""
-    return f"{prefix}:{db}:presence:{key}"
+def presence_channel(prefix: str, db: int, key: str, *, cluster: bool = False) -> str:
+    """The channel a Node serving ``key`` subscribes to, so that it can be counted.
+
+    On a Redis Cluster (``cluster=True``) it shares the key's slot, so that the fail-fast
+    count and the push go to one master: a key with a ``{hash tag}`` already gives the name
+    its tag (the prefix has no brace); any other key becomes the name's tag, ``{key}``. A key
+    whose braces make no tag (``a{b``, ``a}b``, ``{}``), or a prefix with a brace, keeps the
+    plain name, in a slot of its own. On one server the name is the plain one (what every
+    release of the fleet uses)."""
+    name = f"{prefix}:{db}:presence:{key}"
+    if not cluster or "{" in prefix or hash_tag(key) is not None:
+        return name
+    if key and "{" not in key and "}" not in key:
+        return f"{prefix}:{db}:presence:{{{key}}}"
+    return name
 
 
 def stats_channel(prefix: str, db: int) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from minidasgi import codec, wire
 from minidasgi.codec import CodecError
+from minidasgi.resp.cluster import key_slot
 from minidasgi.wire import Envelope, ReceiveWindow, SendWindow, WireError
 
 
@@ -487,3 +488,29 @@ def test_only_an_ack_with_true_as_its_fourth_argument_asks_for_a_confirmation() 
     assert not wire.asks_confirmation(["node", 8, 1.0, 1])
     assert not wire.asks_confirmation(["node", 8, 1.0, "true"])
     assert not wire.asks_confirmation([])
+
+
+def test_presence_channels_share_their_key_slot_on_a_cluster() -> None:
+    # On one server the name stays what every release of the fleet subscribes to.
+    assert wire.presence_channel("minidasgi", 0, "q") == "minidasgi:0:presence:q"
+    assert wire.presence_channel("p", 3, "{api}:users") == "p:3:presence:{api}:users"
+    # On a Cluster: the key's own tag, or the key as the tag; the fail-fast NUMSUB and the
+    # LPUSH then go to the same master.
+    named = {
+        "q": "minidasgi:0:presence:{q}",
+        "ASGI-testing": "minidasgi:0:presence:{ASGI-testing}",
+        "{api}:users": "minidasgi:0:presence:{api}:users",
+        "x{tag}y{z}": "minidasgi:0:presence:x{tag}y{z}",
+        "é/ü": "minidasgi:0:presence:{é/ü}",
+    }
+    for key, channel in named.items():
+        assert wire.presence_channel("minidasgi", 0, key, cluster=True) == channel
+        assert key_slot(channel) == key_slot(key), key
+    # Keys of one tag still get a channel each.
+    assert wire.presence_channel("m", 0, "{api}:a", cluster=True) != wire.presence_channel(
+        "m", 0, "{api}:b", cluster=True
+    )
+    # Braces that make no tag, or a prefix with a brace: the plain name (its own slot).
+    for key in ("a{b", "a}b", "{}", "a{}b", ""):
+        assert wire.presence_channel("m", 0, key, cluster=True) == f"m:0:presence:{key}"
+    assert wire.presence_channel("{t}", 0, "q", cluster=True) == "{t}:0:presence:q"
