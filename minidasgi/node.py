@@ -9,16 +9,22 @@ request per free slot). It never retries or re-queues a request (delivery is at 
 
 A job acks and runs the app at once, without waiting for the ack to land: the distributor
 answers "no worker" only for a request it took back from the list unrun, or one a Node said
-GONE for before acking, so nothing is gained by the wait. An HTTP request whose body came whole
-lets its ack wait a moment (``outbox``, ``hold=True``) to travel in the same PUBLISH as the
-response's first message. A job feeds the app the events the distributor sends and publishes
-what the app sends (all through the ``outbox``: one PUBLISH per distributor per loop turn),
-answering in the envelope's format (``wire``: fleet upgrades), under credit-based
-flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` / ``wire.CreditPool``); a
-distributor that sends more than the credit granted fails the request. If the distributor goes
-away (PUBLISH reaches nobody, this Node's subscriber lost messages, or nothing at all came from
-it for ``peer_timeout`` while requests are in flight with it), the app's ``receive()`` answers a
-disconnect and the app is cancelled shortly after.
+GONE for before acking, so nothing is gained by the wait. The exception is the recovery window
+(``confirmation``): a request that may predate the pop connection (counted with ``LLEN`` each
+time that connection is made) may be a leftover of a Redis restarted from its files or of a
+promoted replica, answered or run already; if its envelope says the distributor confirms, the
+job's ACK asks for it and the app starts only on ``CONFIRM`` (or a PING naming the request),
+never on ``CANCEL``, a lost distributor or ``peer_timeout`` of silence.
+
+An HTTP request whose body came whole lets its ack wait a moment (``outbox``, ``hold=True``) to
+travel in the same PUBLISH as the response's first message. A job feeds the app the events the
+distributor sends and publishes what the app sends (all through the ``outbox``: one PUBLISH per
+distributor per loop turn), answering in the envelope's format (``wire``: fleet upgrades),
+under credit-based flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` /
+``wire.CreditPool``); a distributor that sends more than the credit granted fails the request.
+If the distributor goes away (PUBLISH reaches nobody, this Node's subscriber lost messages, or
+nothing at all came from it for ``peer_timeout`` while requests are in flight with it), the
+app's ``receive()`` answers a disconnect and the app is cancelled shortly after.
 
 Whatever ends a job without its response complete (the above, a CANCEL, a flow-control
 violation, a forced stop) publishes ``[GONE, id, reason]`` to the distributor, best effort; an
@@ -37,7 +43,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import health, metrics, stats, wire
+from . import confirmation, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .lifespan import Lifespan
@@ -203,6 +209,7 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
         self._batch_pops = True
+        self.recovery = confirmation.RecoveryWindow()  # popped requests to have confirmed
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
 
@@ -397,7 +404,8 @@ class Node:
         popped_on = None
 
         def start(key: bytes, data: bytes) -> None:
-            task = loop.create_task(self._run_request(key, data))
+            early = self.recovery.popped(key)  # counted in pop order, whatever the request
+            task = loop.create_task(self._run_request(key, data, early))
             self._requests.add(task)  # at once: a stop must wait for it too
             task.add_done_callback(self._requests.discard)
             task.add_done_callback(lambda _: slots.release())
@@ -416,11 +424,14 @@ class Node:
                 assert self._publisher is not None
                 await self._publisher.wait_connected(self.pop_timeout)
                 if connection is not popped_on:
-                    popped_on = connection
                     self._pop_ids.pop(index, None)
                     client_id = await self._client_id(connection)
                     if client_id is not None:
                         self._pop_ids[index] = (connection, client_id)
+                    # Before the first pop on it: what waits now may predate the connection.
+                    waiting = await self._waiting(connection, keys)
+                    self.recovery.reconnected(keys, waiting, time.time())
+                    popped_on = connection
                 if self._stopping.is_set():
                     slots.release()
                     break
@@ -466,6 +477,19 @@ class Node:
             return None
         return client_id
 
+    async def _waiting(self, connection: Any, keys: list[str]) -> dict[str, int] | None:
+        """The requests waiting on each of ``keys`` (``confirmation``); None if the ACL user
+        may not ask (the recovery window is then told by the clocks)."""
+        try:
+            counts = await asyncio.gather(*(connection.execute("LLEN", k) for k in keys))
+        except ReplyError as exc:
+            logger.info(
+                "no LLEN (%s): requests queued before a reconnection are confirmed by clock", exc
+            )
+            return None
+        pairs = zip(keys, counts, strict=True)
+        return {k: n if type(n) is int else 0 for k, n in pairs}
+
     async def _drain(self) -> None:
         if not self._requests:
             return
@@ -478,7 +502,9 @@ class Node:
         if pending:
             await asyncio.wait(pending, timeout=5)
 
-    async def _run_request(self, key: bytes, data: bytes) -> None:
+    async def _run_request(self, key: bytes, data: bytes, early: bool | None = False) -> None:
+        """Run one popped request; ``early``: it may predate the pop connection (None:
+        unknown, the envelope's time tells: ``confirmation``)."""
         try:
             envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
         except UnsupportedVersion as exc:
@@ -508,7 +534,10 @@ class Node:
             logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
             self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
             return
-        job = _Job(self, envelope)
+        confirm = envelope.confirms and (
+            early if early is not None else self.recovery.predates(key, envelope.queued)
+        )
+        job = _Job(self, envelope, confirm=confirm)
         self._jobs[envelope.id] = job
         self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
         try:
@@ -573,6 +602,8 @@ class Node:
             job.deliver(args[0])
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
+        elif kind == wire.CONFIRM:
+            job.confirm(True)
         elif kind == wire.CANCEL:
             if job.complete and not job.finished:
                 # The app sent its whole response, part of which may still wait for credit
@@ -591,7 +622,14 @@ class Node:
             return  # an old id-less PING: nothing to answer
         sender, request_ids = ping
         self.peers.heard(sender, time.monotonic())
-        unknown = [i for i in request_ids if i not in self._jobs]
+        unknown = []
+        for request_id in request_ids:
+            job = self._jobs.get(request_id)
+            if job is None:
+                unknown.append(request_id)
+            elif job.confirmation is not None and job.reply == sender:
+                # Named only once the distributor accepted the ACK: as good as a CONFIRM.
+                job.confirm(True)
         for request_id in unknown[: wire.MAX_PING_ANSWERS]:  # the rest at the next PING
             self._tell_gone(sender, request_id, "unknown to the worker", version)
 
@@ -664,7 +702,7 @@ class _Job:
     was actually published.
     """
 
-    def __init__(self, node: Node, envelope: wire.Envelope) -> None:
+    def __init__(self, node: Node, envelope: wire.Envelope, *, confirm: bool = False) -> None:
         self.node = node
         self.id = envelope.id
         self.reply = envelope.reply
@@ -702,6 +740,15 @@ class _Job:
         self.app_started = 0.0  # monotonic time the app was called, for metrics
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
+        # In the recovery window (``confirmation``): the distributor's answer, True to run.
+        self.confirmation: asyncio.Future[bool] | None = None
+        if confirm:
+            self.confirmation = asyncio.get_running_loop().create_future()
+
+    def confirm(self, confirmed: bool) -> None:
+        """The distributor's answer to an ACK that asked for it (or the end of the wait)."""
+        if self.confirmation is not None and not self.confirmation.done():
+            self.confirmation.set_result(confirmed)
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
@@ -709,15 +756,21 @@ class _Job:
         # a moment for the response, to share its PUBLISH; the others need the credit and the
         # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
         # A count of 0 (the distributor is gone) disconnects the app, as a client gone would.
-        ack = (self.node.channel, self.received.window, self.node.liveness_interval)
+        node = self.node
+        ack: tuple[Any, ...] = (node.channel, self.received.window, node.liveness_interval)
         hold = self.kind == "http" and self.received.window == 1 and not self.awaiting_body
+        if self.confirmation is not None:
+            ack += (True,)  # and no holding: nothing runs before the answer
+            hold = False
         posted = self.node.outbox.post(
             self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
         )
         posted.add_done_callback(self._check_reached)
         self.acked = True
-        self.app_started = time.monotonic()
         try:
+            if self.confirmation is not None and not await self._confirmed():
+                return
+            self.app_started = time.monotonic()
             await self.node.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
             if not self.gone:
@@ -732,6 +785,21 @@ class _Job:
             await self._done(failed=True)
             return
         await self._done(failed=False)
+
+    async def _confirmed(self) -> bool:
+        """Wait for the distributor to confirm the request: CONFIRM, or a PING naming it. A
+        CANCEL cancels the job, a lost distributor ends the wait (``peer_lost``), and nothing
+        at all within ``peer_timeout`` counts as a refusal."""
+        assert self.confirmation is not None
+        try:
+            confirmed = await asyncio.wait_for(self.confirmation, self.node.peer_timeout)
+        except asyncio.TimeoutError:
+            confirmed = False
+            self.why = self.why or "no confirmation from the distributor"
+        if not confirmed:
+            logger.info("request %s dropped unrun: %s", self.id, self.why or "not confirmed")
+            self.gone = True
+        return confirmed
 
     async def _done(self, *, failed: bool) -> None:
         """Tell the distributor the app ended without its response all sent, if so."""
@@ -790,6 +858,7 @@ class _Job:
         logger.warning("request %s: %s", self.id, why)
         self.gone = True
         self.why = why
+        self.confirm(False)
         self.window.abort(_Disconnected())
         self._wake_receive(1006)
         if self.task is not None:

@@ -466,6 +466,30 @@ def test_request_ids_are_unique_and_short() -> None:
     assert len(ids) == 2000 and all(len(i) == 24 for i in ids)
 
 
+def test_envelope_confirms_is_announced_and_optional_for_older_distributors() -> None:
+    envelope = wire.Envelope("id", "chan", 1.0, {"type": "http"}, [], confirms=True)
+    assert wire.Envelope.decode(envelope.encode()).confirms is True
+    released = dataclasses.replace(envelope, version=codec.RELEASED)
+    assert wire.Envelope.decode(released.encode()).confirms is True
+    old = codec.decode(released.encode())
+    del old["confirms"]  # an older distributor: a Node must never wait for its answer
+    assert wire.Envelope.decode(codec.encode(old)).confirms is False
+    for bad in (1, "yes", None):
+        old["confirms"] = bad
+        with pytest.raises(wire.WireError):
+            wire.Envelope.decode(codec.encode(old))
+    plain = wire.Envelope("id", "chan", 1.0, {"type": "http"}, [])
+    assert b"confirms" not in plain.encode()
+
+
+def test_only_an_ack_with_true_as_its_fourth_argument_asks_for_a_confirmation() -> None:
+    assert wire.asks_confirmation(["node", 8, 1.0, True])
+    assert not wire.asks_confirmation(["node", 8, 1.0])  # every ack until now
+    assert not wire.asks_confirmation(["node", 8, 1.0, 1])
+    assert not wire.asks_confirmation(["node", 8, 1.0, "true"])
+    assert not wire.asks_confirmation([])
+
+
 def test_presence_channels_share_their_key_slot_on_a_cluster() -> None:
     # On one server the name stays what every release of the fleet subscribes to.
     assert wire.presence_channel("minidasgi", 0, "q") == "minidasgi:0:presence:q"

@@ -15,7 +15,6 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -34,15 +33,6 @@ pytestmark = pytest.mark.timeout(120)
 
 BACK_WITHIN = 5.0  # seconds after the promotion by which requests must succeed again
 HANG = 20.0  # seconds: a request not answered by then is a hang
-
-
-@pytest.fixture
-def sentinels() -> Iterator[SentinelSetup]:
-    setup = SentinelSetup()
-    try:
-        yield setup.start()
-    finally:
-        setup.close()
 
 
 class Runs:
