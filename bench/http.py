@@ -223,20 +223,21 @@ def _builtin(url: str, connections: int, seconds: float) -> dict[str, float]:
     }
 
 
-def _stream(port: int, upload: bool) -> float:
-    """MB/s for one 64 MiB download or upload."""
+def _stream(port: int, upload: bool, size: int = 0) -> float:
+    """MB/s for one download or upload of ``size`` bytes (64 MiB by default)."""
+    size = size or STREAM_SIZE
     with socket.create_connection((HOST, port)) as sock:
         start = time.perf_counter()
         if upload:
-            head = f"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Length: {STREAM_SIZE}\r\n\r\n"
+            head = f"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Length: {size}\r\n\r\n"
             sock.sendall(head.encode())
             piece = b"u" * (1 << 20)
-            for _ in range(STREAM_SIZE // len(piece)):
+            for _ in range(size // len(piece)):
                 sock.sendall(piece)
-            expected = len(str(STREAM_SIZE))
+            expected = len(str(size))
         else:
-            sock.sendall(f"GET /download?{STREAM_SIZE} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
-            expected = STREAM_SIZE
+            sock.sendall(f"GET /download?{size} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            expected = size
         received = b""
         while b"\r\n\r\n" not in received:
             received += sock.recv(65536)
@@ -248,7 +249,7 @@ def _stream(port: int, upload: bool) -> float:
                 raise RuntimeError("connection closed before the end of the body")
             got += len(data)
         elapsed = time.perf_counter() - start
-    return STREAM_SIZE / elapsed / 1e6
+    return size / elapsed / 1e6
 
 
 # What a request costs -------------------------------------------------------------------------
@@ -260,6 +261,12 @@ def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (``/proc/PID/stat`` fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (``/proc/PID/stat`` field 10): a fresh large
+    buffer per message shows here (the allocator hands large blocks back to the system)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
 def _commandstats(redis: RedisServer) -> dict[str, int]:
@@ -328,6 +335,60 @@ class Costs:
             print(f"  {command:24} {calls / dist_n:8.3f}")
 
 
+def _peak_rss_mib(pid: int) -> float:
+    """The peak resident set size of a process so far (``VmHWM`` in ``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, costs: Costs) -> None:
+    """Downloads and uploads only: MB/s side by side, CPU milliseconds per MiB of each process
+    (steadier than throughput on a shared machine), and each process' peak RSS at the end."""
+    pids = costs.pids
+    print(
+        f"{'figure':28} {'direct':>9} {'distrib.':>9} {'ratio':>7}   CPU ms/MiB: direct |"
+        " distributor node redis (sum) | page faults/MiB: distributor node"
+    )
+    print("-" * 100)
+    for size in sizes:
+        for upload in (False, True):
+            speeds: dict[str, list[float]] = {"direct": [], "distributed": []}
+            cpu: dict[str, dict[str, float]] = {"direct": {}, "distributed": {}}
+            faults = {"distributor": 0, "node": 0}
+            for round_number in range(rounds):
+                order = ["direct", "distributed"]
+                if round_number % 2:
+                    order.reverse()
+                for side in order:
+                    port = direct_port if side == "direct" else dist_port
+                    before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                    faulted = {name: _minor_faults(pids[name]) for name in faults}
+                    speeds[side].append(_stream(port, upload, size << 20))
+                    for name, pid in pids.items():
+                        spent = _cpu_seconds(pid) - before[name]
+                        cpu[side][name] = cpu[side].get(name, 0.0) + spent
+                    if side == "distributed":
+                        for name in faults:
+                            faults[name] += _minor_faults(pids[name]) - faulted[name]
+            mib = size * rounds
+            per = {
+                side: {k: v / mib * 1e3 for k, v in spent.items()} for side, spent in cpu.items()
+            }
+            d, x = statistics.median(speeds["direct"]), statistics.median(speeds["distributed"])
+            dist = per["distributed"]
+            total = dist["distributor"] + dist["node"] + dist["redis"]
+            label = f"{size} MiB {'upload' if upload else 'download'} (MB/s)"
+            print(
+                f"{label:28} {d:9.1f} {x:9.1f} {x / d:6.2f}x   {per['direct']['direct']:6.2f} |"
+                f" {dist['distributor']:6.2f} {dist['node']:6.2f} {dist['redis']:6.2f}"
+                f" ({total:.2f}) | {faults['distributor'] / mib:6.0f} {faults['node'] / mib:6.0f}"
+            )
+    peaks = ", ".join(f"{name} {_peak_rss_mib(pid):.0f}" for name, pid in pids.items())
+    print(f"\npeak RSS (MiB): {peaks}")
+
+
 # The run ------------------------------------------------------------------------------------
 
 
@@ -338,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--builtin", action="store_true", help="use the built-in load generator")
     parser.add_argument(
         "--fast", action="store_true", help="both servers with --http httptools --loop uvloop"
+    )
+    parser.add_argument(
+        "--streams",
+        default="",
+        metavar="MIB,...",
+        help="only downloads and uploads of these sizes in MiB (e.g. 64,256), with CPU per MiB"
+        " and peak RSS per process",
     )
     args = parser.parse_args(argv)
     flags = list(UVICORN_FLAGS)
@@ -414,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
             _wait_http(direct_port)
             _wait_http(dist_port)
             costs = Costs(redis, processes.pids)
+            if args.streams:
+                sizes = [int(size) for size in args.streams.split(",")]
+                _streams(sizes, args.rounds, direct_port, dist_port, costs)
+                return 0
             _report(load, use_wrk, direct_port, dist_port, args.seconds, args.rounds, costs)
             costs.print()
             keys = redis.command("KEYS", "*")

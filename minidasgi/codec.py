@@ -49,6 +49,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_binary",
+    "encode_parts",
 ]
 
 RELEASED: Final = 1
@@ -100,6 +101,19 @@ def encode(value: Any, *, version: int = FAST, max_depth: int = DEFAULT_MAX_DEPT
             return data
         version = BINARY  # U+E000 in a string, or a dict key json would coerce
     return encode_binary(value, version=version, max_depth=max_depth)
+
+
+def encode_parts(
+    value: Any, *, version: int = FAST, max_depth: int = DEFAULT_MAX_DEPTH
+) -> list[bytes | memoryview]:
+    """``encode`` as consecutive parts whose concatenation is the message: in the fast format
+    the bytes values are parts of their own, not copied (see ``jsoncodec.try_encode_parts``)."""
+    if version == FAST:
+        parts = _jsoncodec.try_encode_parts(value, max_depth=max_depth, max_items=DEFAULT_MAX_ITEMS)
+        if parts is not None:
+            return parts
+        version = BINARY
+    return [encode_binary(value, version=version, max_depth=max_depth)]
 
 
 def encode_binary(

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from . import accesslog, admission, buffering, codec, health, metrics, stats, wire
@@ -726,9 +726,14 @@ class _Exchange:
         self._send = send
         self.inbox: Inbox[Any] = Inbox()
         self.window = wire.SendWindow()  # replaced by the window the Node's ack grants
-        self.received = wire.ReceiveWindow(
-            distributor.credit_pool.open(), distributor.credit_pool, self._grant_later
-        )
+        self.piece = wire.CHUNK_SIZE  # the largest piece the Node reads: its ack may say more
+        pool = distributor.credit_pool
+        if self.kind == "http" and distributor.wire_format != codec.RELEASED:
+            self.received = pool.window(self._grant_later)  # large pieces if there is room
+        else:
+            # Nodes of the first release send 128 KiB pieces; a WebSocket, long-lived and
+            # seldom bulky, must not hold the room for large pieces (CreditPool.window).
+            self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started
@@ -781,6 +786,7 @@ class _Exchange:
                 scope=_portable_scope(self.scope),
                 events=events,
                 window=self.received.window,
+                piece=self.received.piece,
                 liveness=d.liveness_interval,
                 queued=time.time(),
                 confirms=True,
@@ -871,6 +877,8 @@ class _Exchange:
         d.peers.add(node, self.id, now, pings=pings)
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
+        if len(ack_args) > 4:
+            self.piece = wire.piece_size(ack_args[4])
         if wire.asks_confirmation(ack_args):
             # The Node waits to run it until told: this is the first ACK, and the client has
             # not been answered (``confirmation``).
@@ -1161,14 +1169,37 @@ class _Exchange:
             if self._too_large(event):
                 self.inbox.put_nowait(_TOO_LARGE)
                 return
-            pieces = wire.split_message(dict(event)) if kind == "websocket.receive" else [event]
+            pieces: Sequence[Mapping[str, Any]]
+            if kind == "websocket.receive":
+                pieces = wire.split_message(dict(event), self.piece)
+            else:
+                pieces = _body_pieces(event, self.piece)
             for piece in pieces:
                 await self.window.acquire()
                 # Pipelined within the window: the receiver count is checked in a callback.
-                posted = d.outbox.post(self.node, self._pack(wire.EVENT, dict(piece)))
+                message = wire.pack_parts(wire.EVENT, self.id, dict(piece), version=d.wire_format)
+                posted = d.outbox.post(self.node, message)
                 posted.add_done_callback(self._check_reached)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
+
+
+def _body_pieces(event: Mapping[str, Any], size: int) -> list[Mapping[str, Any]]:
+    """An ``http.request`` event as pieces of at most ``size`` bytes of body (the server may
+    hand over more at once than the Node reads in one piece)."""
+    body = event.get("body", b"")
+    if type(body) is not bytes or len(body) <= size:
+        return [event]
+    more = bool(event.get("more_body", False))
+    view = memoryview(body)  # each piece is copied once, into its message
+    return [
+        {
+            "type": "http.request",
+            "body": view[i : i + size],
+            "more_body": more or i + size < len(body),
+        }
+        for i in range(0, len(body), size)
+    ]
 
 
 def _batch_sizes(**batchers: Any) -> str:

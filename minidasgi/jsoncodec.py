@@ -68,7 +68,7 @@ from typing import Any, Final
 
 from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, CodecError
 
-__all__ = ["DEFAULT_MAX_ITEMS", "VERSION", "decode", "encode", "try_encode"]
+__all__ = ["DEFAULT_MAX_ITEMS", "VERSION", "decode", "encode", "try_encode", "try_encode_parts"]
 
 VERSION: Final = 3
 DEFAULT_MAX_ITEMS: Final = 100_000
@@ -113,6 +113,18 @@ def try_encode(
     nesting deeper than ``max_depth`` (or a cycle), more than ``max_items`` values, an int of
     more than 128 digits.
     """
+    parts = try_encode_parts(value, max_depth=max_depth, max_items=max_items)
+    if parts is None:
+        return None
+    return b"".join(parts)  # one part: that one (CPython returns a lone bytes item as is)
+
+
+def try_encode_parts(
+    value: Any, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int = DEFAULT_MAX_ITEMS
+) -> list[bytes | memoryview] | None:
+    """``try_encode`` without the final copy: the message as consecutive parts, the bytes
+    values themselves among them (a body piece cut as a memoryview stays one), for a writer
+    that gathers them once (``resp``'s packing)."""
     session = _session()
     # First pass: json's C encoder hands each object it cannot write to list.append, with no
     # Python call per bytes value, and writes the None it returns as null. If there are exactly
@@ -124,7 +136,10 @@ def try_encode(
     finally:
         found.clear()
     marker = "null"
-    if blobs and (text.count(marker) != len(blobs) or not _BYTES.issuperset(map(type, blobs))):
+    if blobs and (
+        text.count(marker) != len(blobs)
+        or not (_BYTES.issuperset(map(type, blobs)) or _byte_views(blobs))
+    ):
         # A real None or "null" in a string, or a bytes-like or foreign object: write again with
         # U+E000 for each bytes-like value, and refuse anything else.
         blobs = session.blobs = []
@@ -150,15 +165,13 @@ def try_encode(
         raise CodecError(f"int of more than {_MAX_INT_DIGITS} digits cannot be encoded")
     count = len(blobs)
     if not count:
-        return _PREFIX.pack(VERSION, len(head), 0) + head
-    return b"".join(
-        [
-            _PREFIX.pack(VERSION, len(head), count),
-            head,
-            struct.pack(f">{count}I", *map(len, blobs)),
-            *blobs,
-        ]
-    )
+        return [_PREFIX.pack(VERSION, len(head), 0) + head]
+    return [
+        _PREFIX.pack(VERSION, len(head), count)
+        + head
+        + struct.pack(f">{count}I", *map(len, blobs)),
+        *blobs,
+    ]
 
 
 def decode(
@@ -226,6 +239,17 @@ def decode(
     if used != count:
         raise CodecError(f"head has {used} bytes markers for {count} bytes values in the tail")
     return value
+
+
+def _byte_views(blobs: list[Any]) -> bool:
+    """Whether every value is bytes or a flat, contiguous memoryview of bytes (a body piece
+    cut from a larger body): those travel as they are, joined once into the message."""
+    for blob in blobs:
+        if type(blob) is not bytes and not (
+            type(blob) is memoryview and blob.ndim == 1 and blob.c_contiguous and blob.itemsize == 1
+        ):
+            return False
+    return True
 
 
 def _has_word_key(head: bytes) -> bool:

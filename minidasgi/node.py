@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import confirmation, health, metrics, stats, wire
+from . import codec, confirmation, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .lifespan import Lifespan
@@ -714,12 +714,17 @@ class _Job:
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
         self.window = wire.SendWindow(envelope.window)
+        self.piece = envelope.piece  # the largest body piece the distributor reads
         events = envelope.events
         # No events: the client waits for "100 Continue", given when the app asks for the body.
         self.awaiting_body = self.kind == "http" and not events
         if self.kind == "http" and events and not events[-1].get("more_body", False):
             self.received = wire.ReceiveWindow(1)  # the body came whole: nothing more to flow
+        elif self.kind == "http" and self.version != codec.RELEASED:
+            self.received = node.credit_pool.window(self._grant_later)  # large pieces if room
         else:
+            # A distributor of the first release sends 128 KiB pieces; a WebSocket, long-lived
+            # and seldom bulky, must not hold the room for large pieces (CreditPool.window).
             pool = node.credit_pool
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
@@ -762,6 +767,10 @@ class _Job:
         if self.confirmation is not None:
             ack += (True,)  # and no holding: nothing runs before the answer
             hold = False
+        if self.received.piece != wire.CHUNK_SIZE:
+            if self.confirmation is None:
+                ack += (False,)  # the fourth argument: no confirmation asked
+            ack += (self.received.piece,)  # the fifth: the distributor may send pieces this large
         posted = self.node.outbox.post(
             self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
         )
@@ -821,11 +830,12 @@ class _Job:
 
     def _post(self, kind: str, *args: Any) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count."""
-        data = wire.pack(kind, self.id, *args, version=self.version)
-        if len(data) > wire.MAX_MESSAGE_SIZE:
+        data = wire.pack_parts(kind, self.id, *args, version=self.version)
+        size = wire.packed_size(data)
+        if size > wire.MAX_MESSAGE_SIZE:
             # The distributor would drop it as malformed and wait forever: fail the app here.
             raise ValueError(
-                f"a {kind} message of {len(data)} bytes is over the limit of "
+                f"a {kind} message of {size} bytes is over the limit of "
                 f"{wire.MAX_MESSAGE_SIZE} (response headers too large?)"
             )
         return self.node.outbox.post(self.reply, data)
@@ -964,7 +974,7 @@ class _Job:
                 raise RuntimeError("http.response.body sent after the last body")
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
-            size = wire.CHUNK_SIZE
+            size = self.piece
             if len(body) <= size:
                 pieces: list[bytes | memoryview] = [body]
             else:  # views: the pieces are copied once, into the message
@@ -989,7 +999,7 @@ class _Job:
         )
         self.complete = last
         if kind == "websocket.send":
-            for part in wire.split_message(dict(message)):
+            for part in wire.split_message(dict(message), self.piece):
                 await self._publish_events([part], last=False)
             return
         await self._publish_events([dict(message)], last=last)

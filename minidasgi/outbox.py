@@ -39,11 +39,14 @@ class Outbox:
             self._send, max_size=wire.MAX_BATCH_SIZE, hold_time=hold_time
         )
 
-    def post(self, channel: str, message: bytes, *, hold: bool = False) -> asyncio.Future[int]:
-        """Queue ``message`` for ``channel``; the future gives the PUBLISH's receiver count."""
-        return self.batcher.put(channel, message, size=len(message), hold=hold)
+    def post(
+        self, channel: str, message: wire.Packed, *, hold: bool = False
+    ) -> asyncio.Future[int]:
+        """Queue ``message`` for ``channel``; the future gives the PUBLISH's receiver count.
+        A message given as parts (``wire.pack_parts``) is copied once, into the write."""
+        return self.batcher.put(channel, message, size=wire.packed_size(message), hold=hold)
 
-    async def publish(self, channel: str, message: bytes) -> int:
+    async def publish(self, channel: str, message: wire.Packed) -> int:
         """Post and wait for the receiver count."""
         return await self.post(channel, message)
 
@@ -51,7 +54,7 @@ class Outbox:
         """Send everything now (held messages included)."""
         self.batcher.flush()
 
-    def _send(self, channel: str, messages: list[bytes]) -> asyncio.Future[int]:
+    def _send(self, channel: str, messages: list[wire.Packed]) -> asyncio.Future[int]:
         client = self._client()
         if client is None:
             nobody: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -59,8 +62,13 @@ class Outbox:
             return nobody
         if len(messages) == 1:
             return client.publish_soon(channel, messages[0])
-        if all(m[0] != codec.RELEASED for m in messages):
-            return client.publish_soon(channel, wire.batch_frame(messages))
+        if all(_version(m) != codec.RELEASED for m in messages):
+            return client.publish_soon(channel, wire.batch_frame_parts(messages))
         # A peer of the first release reads single messages only: one PUBLISH each, one write.
         futures = [client.publish_soon(channel, m) for m in messages]
         return futures[-1]  # in order on one connection: the last tells for all
+
+
+def _version(message: wire.Packed) -> int:
+    """The format version of an encoded message (its first byte)."""
+    return message[0] if isinstance(message, bytes) else message[0][0]

@@ -21,6 +21,9 @@ The conversation for one request (``id``):
    not started, for ``[CONFIRM, id]`` (run it) or ``[CANCEL, id]`` (drop it). The
    distributor confirms only the first ACK of a request it still waits an ack for; an
    unknown id (answered already) or a second ACK (another Node has it) gets a CANCEL.
+   Body pieces are ``CHUNK_SIZE`` unless the receiving side announced more for this request
+   (``PIECE_SIZE``): a distributor in the envelope (``piece``), a Node as the ACK's fifth
+   argument (its fourth, the confirmation flag, then ``False`` when not asking).
 3. The Node publishes ``[SEND, id, [events...]]`` with what the app sends; the distributor
    publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
@@ -90,23 +93,29 @@ __all__ = [
     "EVENT",
     "GONE",
     "MORE_KEY",
+    "PIECE_SIZE",
     "PING",
     "RELAYED_EXTENSIONS",
     "SEND",
     "WINDOW",
     "CreditPool",
     "Envelope",
+    "Packed",
     "Reassembler",
     "ReceiveWindow",
     "SendWindow",
     "WireError",
     "asks_confirmation",
     "batch_frame",
+    "batch_frame_parts",
     "new_channel",
     "new_request_id",
     "pack",
+    "pack_parts",
+    "packed_size",
     "parse_ping",
     "peek_envelope",
+    "piece_size",
     "ping_messages",
     "split_frame",
     "split_message",
@@ -125,16 +134,25 @@ GONE: Final = "gone"
 CONFIRM: Final = "confirm"
 
 CHUNK_SIZE: Final = 128 * 1024
-"""Largest body piece in one message; bigger bodies are split."""
+"""Largest body piece sent to a peer that announced no piece size (earlier releases, which
+send and expect pieces of this size); bigger bodies are split."""
+PIECE_SIZE: Final = 512 * 1024
+"""Largest body piece this release reads from a peer that knows it (announced per request, see
+``ReceiveWindow.piece``): a quarter of the messages per MiB of ``CHUNK_SIZE`` pieces. Earlier
+releases read it too (it is under their ``MAX_MESSAGE_SIZE``), but bound their memory in
+``CHUNK_SIZE`` pieces: they never announce it, so they never get it."""
 WINDOW: Final = 8
 """Data-bearing messages a side may have unconsumed by its peer, per request."""
 POOL_BUDGET: Final = 64
-"""Data-bearing messages all peers together may have unconsumed by one process (8 MiB of
-pieces), well under Redis' default 32 MB limit on a subscriber's output buffer."""
-MAX_MESSAGE_SIZE: Final = 4 * CHUNK_SIZE + 256 * 1024
-"""Bound on one message or batch frame: a chunk plus scope and headers, with room to spare
-(the first release's bound: what it may send and receive; a batch frame's items add up to at
-most ``MAX_BATCH_SIZE``)."""
+"""What all peers together may have sent one process and it has not consumed, in units of
+``CHUNK_SIZE`` (8 MiB; a ``PIECE_SIZE`` credit costs ``PIECE_SIZE // CHUNK_SIZE`` units), well
+under Redis' default 32 MB limit on a subscriber's output buffer."""
+MAX_LARGE_WINDOWS: Final = 8
+"""Windows of ``PIECE_SIZE`` pieces one process has open at most (see ``CreditPool``)."""
+MAX_MESSAGE_SIZE: Final = 768 * 1024
+"""Bound on one message or batch frame: a piece plus scope and headers, with room to spare
+(the first release's bound, ``4 * CHUNK_SIZE + 256 KiB``: what it may send and receive; a
+batch frame's items add up to at most ``MAX_BATCH_SIZE``)."""
 MAX_BATCH_SIZE: Final = 512 * 1024
 """Bytes of messages one batch frame gathers at most; a larger message travels alone."""
 MAX_WEBSOCKET_MESSAGE: Final = 64 * 1024 * 1024
@@ -195,16 +213,50 @@ def pack(kind: str, request_id: str, *args: Any, version: int = codec.FAST) -> b
     return codec.encode([kind, request_id, *args], version=version)
 
 
+Packed = bytes | list[bytes | memoryview]
+"""An encoded message: bytes, or (a large one) the consecutive parts of its bytes, which the
+RESP client gathers into its write with one copy (``pack_parts``)."""
+_GATHER_FROM: Final = 64 * 1024
+
+
+def pack_parts(kind: str, request_id: str, *args: Any, version: int = codec.FAST) -> Packed:
+    """``pack`` for a message that may carry a large body: from 64 KiB, its parts (the body
+    not copied: ``codec.encode_parts``), else its bytes. Parts are sent later in the loop
+    turn: a view of a mutable buffer (a bytearray the sender may reuse once its send
+    returned) is copied now."""
+    parts = codec.encode_parts([kind, request_id, *args], version=version)
+    if len(parts) == 1 or sum(map(len, parts)) < _GATHER_FROM:
+        return b"".join(parts)  # a lone bytes part is returned as it is
+    for part in parts:
+        if isinstance(part, memoryview) and type(part.obj) is not bytes:
+            return b"".join(parts)
+    return parts
+
+
+def packed_size(message: Packed) -> int:
+    """The size in bytes of an encoded message."""
+    return len(message) if isinstance(message, bytes) else sum(map(len, message))
+
+
 _U32 = struct.Struct(">I")
 
 
 def batch_frame(messages: list[bytes]) -> bytes:
     """One frame carrying ``messages`` (encoded messages, in order) for one PUBLISH."""
-    parts: list[bytes] = [bytes([BATCH_FRAME]) + _U32.pack(len(messages))]
+    return b"".join(batch_frame_parts(messages))  # type: ignore[arg-type]
+
+
+def batch_frame_parts(messages: list[Packed]) -> list[bytes | memoryview]:
+    """``batch_frame`` as consecutive parts: the messages' own parts are not copied."""
+    parts: list[bytes | memoryview] = [bytes([BATCH_FRAME]) + _U32.pack(len(messages))]
     for message in messages:
-        parts.append(_U32.pack(len(message)))
-        parts.append(message)
-    return b"".join(parts)
+        if isinstance(message, bytes):
+            parts.append(_U32.pack(len(message)))
+            parts.append(message)
+        else:
+            parts.append(_U32.pack(packed_size(message)))
+            parts.extend(message)
+    return parts
 
 
 def split_frame(data: bytes) -> list[Any]:
@@ -318,6 +370,9 @@ class Envelope:
     for older versions, which leave the key out."""
     version: int = codec.FAST
     """The format of the envelope's body: the one its distributor reads, and is answered in."""
+    piece: int = CHUNK_SIZE
+    """The largest body piece the distributor reads for this request (``CHUNK_SIZE`` when the
+    envelope does not say: an earlier release)."""
 
     def encode(self) -> bytes:
         """The bytes to LPUSH: a preamble and a body in ``version`` (the first release's
@@ -330,6 +385,8 @@ class Envelope:
             "liveness": self.liveness,
             "queued": self.queued,
         }
+        if self.piece != CHUNK_SIZE:
+            fields["piece"] = self.piece
         if self.confirms:
             fields["confirms"] = True
         if self.version == codec.RELEASED:
@@ -391,6 +448,9 @@ class Envelope:
             raise WireError("envelope events are not a list of dicts")
         if not (type(window) is int and 1 <= window <= 1024):
             raise WireError("envelope window out of range")
+        piece = value.get("piece", CHUNK_SIZE)  # absent from envelopes of earlier releases
+        if type(piece) is not int:
+            raise WireError("envelope piece size is not an int")
         liveness = value.get("liveness", 0.0)
         if not isinstance(liveness, (int, float)) or isinstance(liveness, bool):
             raise WireError("envelope liveness is not a number")
@@ -411,6 +471,7 @@ class Envelope:
             scope,
             events,
             window,
+            piece=piece_size(piece),
             liveness=float(liveness),
             queued=float(queued),
             confirms=confirms,
@@ -420,6 +481,16 @@ class Envelope:
     def expired(self, now: float | None = None) -> bool:
         """True once the distributor has stopped waiting for an ack."""
         return (time.time() if now is None else now) > self.deadline
+
+
+def piece_size(announced: Any) -> int:
+    """The piece size to send a peer that announced ``announced`` (an ACK's fifth argument,
+    an envelope's ``piece``): within ``CHUNK_SIZE`` (what every release reads, and what a
+    peer announcing nothing or nonsense gets) and ``PIECE_SIZE`` (what this release sends at
+    most, whatever a newer peer may take)."""
+    if type(announced) is not int:
+        return CHUNK_SIZE
+    return min(max(announced, CHUNK_SIZE), PIECE_SIZE)
 
 
 class SendWindow:
@@ -466,24 +537,51 @@ class CreditPool:
     Everything a peer publishes to this process waits in Redis' output buffer for this
     process' subscriber until read, and Redis drops a subscriber whose buffer passes 32 MB (by
     default), losing every request in flight with it. Per-request windows alone bound that
-    only per request; the pool bounds the sum. A window always keeps at least one credit, so
-    no transfer ever stalls: the bound is max(budget, number of open windows) messages.
+    only per request; the pool bounds the sum, in units of ``CHUNK_SIZE`` bytes. A window
+    always keeps at least one credit, so no transfer ever stalls: the bound is max(budget,
+    number of open windows) units, plus ``PIECE_SIZE // CHUNK_SIZE - 1`` units per window of
+    large pieces, of which at most ``MAX_LARGE_WINDOWS`` are open (by default 8 MiB, or
+    128 KiB per open window past 64 windows, plus 3 MiB at most).
+
+    A window of large pieces (``window``) is opened only when it fits in half the budget with
+    what is already taken: the other half stays for full windows of ``CHUNK_SIZE`` pieces, so
+    a few concurrent transfers still get a whole window each (with the default budget, one
+    transfer at a time gets large pieces, the next ones small ones, as before).
     """
 
     def __init__(self, budget: int = POOL_BUDGET) -> None:
         self.budget = budget
-        self.in_flight = 0  # credits held by peers over all windows
+        self.in_flight = 0  # units held by peers over all windows
+        self.large = 0  # open windows of large pieces
         self._starved: dict[ReceiveWindow, None] = {}  # windows owed credit, oldest first
 
     def open(self, wanted: int = WINDOW) -> int:
-        """Credits for a new window: ``wanted`` if the budget has room, else fewer, at least 1."""
+        """Credits of ``CHUNK_SIZE`` pieces for a new window: ``wanted`` if the budget has
+        room, else fewer, at least 1."""
         n = max(1, min(wanted, self.budget - self.in_flight))
         self.in_flight += n
         return n
 
+    def window(
+        self, grant: Callable[[int], None] | None = None, wanted: int = WINDOW
+    ) -> ReceiveWindow:
+        """A new window: of ``PIECE_SIZE`` pieces while half the budget has room for the whole
+        of it (and fewer than ``MAX_LARGE_WINDOWS`` are open), else of ``CHUNK_SIZE`` pieces."""
+        weight = PIECE_SIZE // CHUNK_SIZE
+        room = self.budget // 2 - self.in_flight
+        if self.large < MAX_LARGE_WINDOWS and wanted * weight <= room:
+            self.in_flight += wanted * weight
+            self.large += 1
+            return ReceiveWindow(wanted, self, grant, piece=PIECE_SIZE)
+        return ReceiveWindow(self.open(wanted), self, grant)
+
     def _feed_starved(self) -> None:
         while self._starved and self.in_flight < self.budget:
             window = next(iter(self._starved))
+            if window.outstanding > 0 and self.in_flight + window._weight > self.budget:
+                # No room for one of its credits yet, and its peer can still send: oldest
+                # first, it waits (paying a newer one first would starve it for good).
+                return
             del self._starved[window]
             window._regrant()
 
@@ -491,15 +589,23 @@ class CreditPool:
 class ReceiveWindow:
     """The receiving side of flow control: returns credit in batches of half the window, and,
     with a ``CreditPool``, only while the pool has room (``grant`` is called with credit owed
-    earlier once room comes back)."""
+    earlier once room comes back).
+
+    ``piece`` is the largest piece announced to the peer (in the envelope or the ACK); each
+    credit costs the pool ``piece // CHUNK_SIZE`` units. The pool's credits for this window
+    must already be taken (``CreditPool.open`` or ``CreditPool.window``)."""
 
     def __init__(
         self,
         window: int = WINDOW,
         pool: CreditPool | None = None,
         grant: Callable[[int], None] | None = None,
+        *,
+        piece: int = CHUNK_SIZE,
     ) -> None:
         self.window = window
+        self.piece = piece
+        self._weight = max(1, piece // CHUNK_SIZE)
         self.outstanding = window  # credits granted and not yet consumed
         self.unconsumed = 0  # arrived, not yet consumed
         self._batch = max(1, window // 2)
@@ -528,7 +634,7 @@ class ReceiveWindow:
         self._pending += 1
         pool = self._pool
         if pool is not None:
-            pool.in_flight -= 1
+            pool.in_flight -= self._weight
         n = self._take()
         if pool is not None:
             pool._feed_starved()
@@ -540,13 +646,13 @@ class ReceiveWindow:
         n = self._pending
         pool = self._pool
         if pool is not None:
-            room = pool.budget - pool.in_flight
+            room = (pool.budget - pool.in_flight) // self._weight
             # A peer left without credit gets one whatever the budget: progress for everyone.
             n = min(n, room if self.outstanding > 0 else max(room, 1))
             if n <= 0:
                 pool._starved[self] = None
                 return 0
-            pool.in_flight += n
+            pool.in_flight += n * self._weight
         self._pending -= n
         self.outstanding += n
         return n
@@ -564,7 +670,9 @@ class ReceiveWindow:
         self._grant = None  # usually a bound method of the owner: no cycle left for the collector
         pool = self._pool
         if pool is not None:
-            pool.in_flight -= self.outstanding
+            pool.in_flight -= self.outstanding * self._weight
+            if self._weight > 1:
+                pool.large -= 1
             pool._starved.pop(self, None)
             pool._feed_starved()
         self.outstanding = 0
@@ -574,25 +682,25 @@ class ReceiveWindow:
 # the last carries MORE_KEY, and the receiving side joins them before the ASGI peer sees the
 # message, so flow control works on pieces and memory is bounded by the largest message.
 MORE_KEY: Final = "minidasgi.more"
-_TEXT_CHUNK: Final = CHUNK_SIZE // 4  # characters: at most 4 UTF-8 bytes each
 
 
-def split_message(event: dict[str, Any]) -> list[dict[str, Any]]:
-    """Split a ``websocket.send``/``websocket.receive`` event into pieces of a chunk or less."""
+def split_message(event: dict[str, Any], piece: int = CHUNK_SIZE) -> list[dict[str, Any]]:
+    """Split a ``websocket.send``/``websocket.receive`` event into pieces of ``piece`` bytes
+    or less (text in ``piece // 4`` characters: at most 4 UTF-8 bytes each)."""
     data = event.get("bytes")
-    field, size = "bytes", CHUNK_SIZE
+    field, size = "bytes", piece
     if data is None:
         data = event.get("text")
-        field, size = "text", _TEXT_CHUNK
+        field, size = "text", piece // 4
     if data is None or len(data) <= size:
         return [event]
     pieces = []
     for start in range(0, len(data), size):
-        piece = dict(event)
-        piece[field] = data[start : start + size]
+        part = dict(event)
+        part[field] = data[start : start + size]
         if start + size < len(data):
-            piece[MORE_KEY] = True
-        pieces.append(piece)
+            part[MORE_KEY] = True
+        pieces.append(part)
     return pieces
 
 

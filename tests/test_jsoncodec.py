@@ -223,6 +223,22 @@ def test_bytearray_and_memoryview_decode_as_bytes(value: bytearray | memoryview)
     assert result == bytes(value)
 
 
+def test_a_body_piece_cut_as_a_memoryview_is_written_in_one_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Node cuts large bodies into memoryview pieces: those must not take the second pass
+    # (its Python callback per value), which cost every streamed piece until this release.
+    body = random.Random(2).randbytes(3000)
+    piece = {"type": "http.response.body", "body": memoryview(body)[1000:2000], "more_body": True}
+    jsoncodec._session()  # built before the pass below is replaced
+    second_pass: list[Any] = []
+    monkeypatch.setattr(jsoncodec._local.session, "dumps", second_pass.append)
+    data = encode(piece)
+    assert second_pass == []
+    assert data == encode(dict(piece, body=body[1000:2000]))
+    assert decode(data)["body"] == body[1000:2000]
+
+
 def test_tuples_decode_as_lists() -> None:
     assert same(round_trip((1, ("a", b"b"), ())), [1, ["a", b"b"], []])
     assert same(round_trip({"pair": (b"k", b"v")}), {"pair": [b"k", b"v"]})

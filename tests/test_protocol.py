@@ -7,6 +7,7 @@ pipeline, and must come out the same every time.
 
 from __future__ import annotations
 
+import array
 import itertools
 import math
 import random
@@ -23,6 +24,8 @@ from minidasgi.resp.protocol import (
     ReplyError,
     make_parser,
     pack_command,
+    pack_command_parts,
+    pack_gathering,
 )
 
 # -- pack_command --------------------------------------------------------------------------------
@@ -676,3 +679,37 @@ def test_protocol_errors_and_reply_errors_share_a_base() -> None:
     assert issubclass(ReplyError, protocol.RespError)
     assert issubclass(protocol.AuthenticationError, ReplyError)
     assert issubclass(protocol.RedisConnectionError, ConnectionError)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("PUBLISH", "c", b"small"),
+        ("PUBLISH", "c", b"x" * 20_000),
+        ("SET", b"k" * 20_000, 12, b"v" * 30_000),
+        ("PUBLISH", "c", [b"head", memoryview(b"y" * 70_000)[5:], b"", b"tail"]),
+        ("PUBLISH", "c", [memoryview(b"z" * 17_000)]),
+    ],
+)
+def test_pack_command_parts_concatenate_to_pack_command(args: tuple[object, ...]) -> None:
+    parts = pack_command_parts(*args)
+    flat = [b"".join(a) if isinstance(a, list) else a for a in args]  # type: ignore[arg-type]
+    assert b"".join(parts) == pack_command(*flat)
+    # Large values are parts of their own, not copied into the command's head.
+    for arg in args:
+        pieces = arg if isinstance(arg, list) else [arg]
+        for piece in pieces:
+            if isinstance(piece, (bytes, memoryview)) and len(piece) >= 16 * 1024:
+                assert any(part is piece for part in parts)
+
+
+def test_pack_command_parts_refuse_what_is_not_bytes_in_a_gathered_value() -> None:
+    with pytest.raises(TypeError, match="gathered"):
+        pack_command_parts("PUBLISH", "c", [b"a", "text"])
+    with pytest.raises(TypeError, match="gathered"):
+        pack_command_parts("PUBLISH", "c", [memoryview(array.array("i", [1]))])
+
+
+def test_pack_gathering_packs_bytes_unless_a_value_is_gathered() -> None:
+    assert pack_gathering("PUBLISH", "c", b"m") == pack_command("PUBLISH", "c", b"m")
+    assert isinstance(pack_gathering("PUBLISH", "c", [b"m"]), list)

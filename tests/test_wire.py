@@ -412,6 +412,138 @@ def test_starved_window_is_paid_when_room_returns() -> None:
     assert pool.in_flight == 0
 
 
+def test_credit_pool_opens_windows_of_large_pieces_only_while_it_has_room_for_them() -> None:
+    pool = wire.CreditPool()  # 64 units of CHUNK_SIZE
+    weight = wire.PIECE_SIZE // wire.CHUNK_SIZE
+    first = pool.window()  # fits in half the budget
+    assert (first.piece, first.window) == (wire.PIECE_SIZE, 8)
+    assert pool.in_flight == 8 * weight == pool.budget // 2
+    # The other half stays for whole windows of small pieces, then one credit each.
+    others = [pool.window() for _ in range(5)]
+    assert [(w.piece, w.window) for w in others] == [(wire.CHUNK_SIZE, 8)] * 4 + [
+        (wire.CHUNK_SIZE, 1)
+    ]
+    assert pool.large == 1
+    first.close()
+    assert pool.large == 0
+    assert pool.in_flight == 33
+    for window in others:
+        window.close()
+    assert (pool.in_flight, pool.large) == (0, 0)
+
+
+def test_credit_pool_opens_at_most_max_large_windows() -> None:
+    pool = wire.CreditPool(budget=10_000)
+    windows = [pool.window() for _ in range(wire.MAX_LARGE_WINDOWS + 2)]
+    assert [w.piece for w in windows].count(wire.PIECE_SIZE) == wire.MAX_LARGE_WINDOWS
+    assert windows[-1].piece == wire.CHUNK_SIZE
+
+
+def test_large_pieces_are_charged_to_the_pool_by_their_size() -> None:
+    pool = wire.CreditPool()
+    weight = wire.PIECE_SIZE // wire.CHUNK_SIZE
+    window = pool.window()
+    assert [window.consumed() for _ in range(4)] == [0, 0, 0, 4]
+    assert pool.in_flight == 8 * weight  # four consumed, four granted again
+    window.close()
+    assert pool.in_flight == 0
+
+
+def test_a_starved_large_window_waits_for_room_without_spinning() -> None:
+    # Small windows over budget (one credit each) leave room for a small credit but not for a
+    # large one: the pool must neither pay the large window past its budget while its peer
+    # still holds credit, nor loop forever trying, nor pay a newer window before it.
+    pool = wire.CreditPool(budget=64)
+    granted: list[int] = []
+    large = pool.window(granted.append)  # 32 units
+    other = wire.ReceiveWindow(pool.open(32), pool)  # the other 32
+    smalls = [wire.ReceiveWindow(pool.open(8), pool) for _ in range(14)]  # one credit each
+    assert pool.in_flight == 78
+    assert [large.consumed() for _ in range(4)] == [0, 0, 0, 0]  # 62: no room for 4 more
+    assert smalls[0].consumed() == 1  # a window left without credit always gets one
+    assert granted == []  # 62 + 4 > 64: the large window still waits
+    assert other.consumed() == 0  # 61
+    assert granted == []
+    assert other.consumed() == 0  # 60: room for one large credit, paid to it first
+    assert granted == [1]
+    assert pool.in_flight == 64
+    for window in (large, other, *smalls):
+        window.close()
+    assert (pool.in_flight, pool.large) == (0, 0)
+
+
+def test_split_message_cuts_pieces_of_the_size_asked() -> None:
+    event = {"type": "websocket.send", "bytes": b"x" * (3 * wire.PIECE_SIZE + 1)}
+    pieces = wire.split_message(event, wire.PIECE_SIZE)
+    assert [len(p["bytes"]) for p in pieces] == [wire.PIECE_SIZE] * 3 + [1]
+    text = {"type": "websocket.send", "text": "y" * wire.PIECE_SIZE}
+    assert len(wire.split_message(text, wire.PIECE_SIZE)) == 4
+
+
+@pytest.mark.parametrize(
+    ("announced", "used"),
+    [
+        (None, wire.CHUNK_SIZE),
+        ("big", wire.CHUNK_SIZE),
+        (True, wire.CHUNK_SIZE),
+        (1, wire.CHUNK_SIZE),
+        (wire.PIECE_SIZE, wire.PIECE_SIZE),
+        (200_000, 200_000),
+        (10**12, wire.PIECE_SIZE),
+    ],
+)
+def test_piece_size_stays_between_what_every_release_reads_and_what_this_one_sends(
+    announced: object, used: int
+) -> None:
+    assert wire.piece_size(announced) == used
+
+
+def test_an_envelope_carries_the_piece_size_and_older_ones_mean_chunk_size() -> None:
+    envelope = wire.Envelope(
+        "id", "reply", time.time() + 5, {"type": "http"}, [], piece=wire.PIECE_SIZE
+    )
+    assert wire.Envelope.decode(envelope.encode()).piece == wire.PIECE_SIZE
+    plain = wire.Envelope("id", "reply", time.time() + 5, {"type": "http"}, [])
+    assert b"piece" not in plain.encode()
+    assert wire.Envelope.decode(plain.encode()).piece == wire.CHUNK_SIZE
+    # A first-release envelope never names one; a forged one cannot exceed this release's.
+    forged = wire.Envelope("id", "reply", time.time() + 5, {"type": "http"}, [], piece=10**9)
+    assert wire.Envelope.decode(forged.encode()).piece == wire.PIECE_SIZE
+
+
+def test_pack_parts_is_pack_without_copying_a_large_body() -> None:
+    body = b"b" * 200_000
+    piece = memoryview(body)[1000:150_000]
+    event = {"type": "http.response.body", "body": piece, "more_body": True}
+    parts = wire.pack_parts(wire.SEND, "id", [event])
+    assert isinstance(parts, list)
+    assert any(part is piece for part in parts)
+    assert b"".join(parts) == wire.pack(wire.SEND, "id", [dict(event, body=bytes(piece))])
+    assert wire.packed_size(parts) == len(b"".join(parts))
+    small = wire.pack_parts(wire.SEND, "id", [dict(event, body=piece[:100])])
+    assert isinstance(small, bytes)  # gathering pays only for large messages
+
+
+def test_pack_parts_copies_a_view_of_a_mutable_buffer_at_once() -> None:
+    # Parts are written later in the loop turn: an app may reuse its bytearray once its send
+    # returned, and what travels must be what it sent.
+    buffer = bytearray(b"m" * 100_000)
+    packed = wire.pack_parts(wire.SEND, "id", [{"type": "websocket.send", "bytes": buffer}])
+    assert isinstance(packed, bytes)
+    buffer[:] = b"X" * len(buffer)
+    (_, _, args) = wire.unpack(packed)
+    assert args[0][0]["bytes"] == b"m" * 100_000
+
+
+def test_batch_frame_parts_join_to_the_batch_frame() -> None:
+    big = wire.pack_parts(wire.SEND, "a", [{"body": memoryview(b"q" * 100_000)}])
+    assert isinstance(big, list)
+    small = wire.pack(wire.CREDIT, "a", 4)
+    frame = b"".join(wire.batch_frame_parts([small, big]))
+    assert frame == wire.batch_frame([small, b"".join(big)])
+    assert [bytes(m) for m in wire.split_frame(frame)] == [small, b"".join(big)]
+
+
 # Batch frames, the envelope preamble, formats
 
 
@@ -514,3 +646,10 @@ def test_presence_channels_share_their_key_slot_on_a_cluster() -> None:
     for key in ("a{b", "a}b", "{}", "a{}b", ""):
         assert wire.presence_channel("m", 0, key, cluster=True) == f"m:0:presence:{key}"
     assert wire.presence_channel("{t}", 0, "q", cluster=True) == "{t}:0:presence:q"
+
+
+def test_an_ack_announcing_a_piece_size_asks_confirmation_only_when_it_says_so() -> None:
+    # The ACK's fourth argument is the confirmation flag, the fifth the piece size announced.
+    assert not wire.asks_confirmation(["node", 8, 1.0, False, wire.PIECE_SIZE])
+    assert wire.asks_confirmation(["node", 8, 1.0, True, wire.PIECE_SIZE])
+    assert wire.piece_size(["node", 8, 1.0, False, wire.PIECE_SIZE][4]) == wire.PIECE_SIZE

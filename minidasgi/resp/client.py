@@ -22,7 +22,13 @@ from typing import Any
 
 from . import sentinel
 from .connection import Connection, ConnectionParams, open_connection
-from .protocol import AuthenticationError, RedisConnectionError, RespError, pack_command
+from .protocol import (
+    AuthenticationError,
+    RedisConnectionError,
+    RespError,
+    pack_command,
+    pack_gathering,
+)
 
 __all__ = ["Client"]
 
@@ -129,7 +135,7 @@ class Client:
         Redis unreachable or an error reply counted (and logged) as 0, as ``try_publish``."""
         result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         try:
-            reply = self.connection().send_packed(pack_command("PUBLISH", channel, message))
+            reply = self.connection().send_packed(pack_gathering("PUBLISH", channel, message))
         except RespError as exc:
             logger.warning("%s cannot publish: %s", self.name, exc)
             result.set_result(0)

@@ -47,7 +47,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .client import Client
-from .protocol import PythonParser, RedisConnectionError, ReplyError, RespError, pack_command
+from .protocol import (
+    PythonParser,
+    RedisConnectionError,
+    ReplyError,
+    RespError,
+    pack_command,
+    pack_gathering,
+)
 from .pubsub import Subscriber
 
 if TYPE_CHECKING:
@@ -570,9 +577,9 @@ class ClusterClient:
         result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         try:
             connection = self.client_for(self.owner(channel)).connection()
-            reply = connection.send_packed(pack_command("SPUBLISH", channel, message))
+            reply = connection.send_packed(pack_gathering("SPUBLISH", channel, message))
         except RespError:
-            _chain(result, self.try_publish(channel, message))
+            _chain(result, self.try_publish(channel, _joined(message)))
             return result
         reply.add_done_callback(lambda done: self._settle_count(result, done, channel, message))
         return result
@@ -588,7 +595,7 @@ class ClusterClient:
             return
         reply = _outcome(done)
         if isinstance(reply, ReplyError) and _redirect(reply) is not None:
-            _chain(result, self.try_publish(channel, message))  # the slot moved: follow it
+            _chain(result, self.try_publish(channel, _joined(message)))  # the slot moved
             return
         if isinstance(reply, BaseException):
             logger.warning("%s cannot publish: %s", self.name, reply)
@@ -897,3 +904,8 @@ class ShardedSubscriber:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _joined(message: object) -> object:
+    """A message given as a list of buffers (see ``pack_gathering``) as one bytes value."""
+    return b"".join(message) if type(message) is list else message

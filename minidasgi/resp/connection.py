@@ -51,6 +51,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from .protocol import (
     NEED_DATA,
     AuthenticationError,
+    Parts,
     ProtocolError,
     RedisConnectionError,
     ReplyError,
@@ -69,6 +70,8 @@ logger = logging.getLogger("minidasgi.resp.connection")
 
 _READ_SIZE = 256 * 1024
 _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
+_SCRATCH_FROM = 64 * 1024  # writes from this size are gathered into a reused buffer
+_SCRATCH_MAX = 2 * 1024 * 1024  # a larger one (a rare huge command) is not kept
 # TCP keepalive in seconds, not the kernel's two hours: a silent peer is found within about
 # KEEPIDLE + KEEPINTVL * KEEPCNT seconds of idleness. TCP_USER_TIMEOUT bounds how long sent data
 # may stay unacknowledged (a stalled link with commands in flight) to the same order.
@@ -432,8 +435,9 @@ class Connection:
         self._reader = ReplyReader(self._on_data, self._on_end)  # held: the protocol won't
         self._writer: asyncio.StreamWriter | None = None
         self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._wbuf: list[bytes] = []
+        self._wbuf: Parts = []
         self._wbuf_size = 0
+        self._scratch: bytearray | None = None  # see _write_gathered
         self._flush_scheduled = False
         self._backlogged = False  # the socket is not keeping up: callers wait for it
         self._drain_lock = asyncio.Lock()
@@ -491,8 +495,10 @@ class Connection:
             pack_command(*args), blocking=blocking, server_timeout=server_timeout
         )
 
-    def send_packed(self, data: bytes) -> asyncio.Future[Any]:
-        """Send one packed command without waiting: return the future of its reply.
+    def send_packed(self, data: bytes | Parts) -> asyncio.Future[Any]:
+        """Send one packed command without waiting: return the future of its reply. ``data``
+        is ``pack_command``'s bytes, or ``pack_command_parts``' parts (copied once, into the
+        write: a large value is never copied on its way here).
 
         The reply is the raw value: an error reply is a ``ReplyError`` *value*, not raised.
         Meant for commands whose outcome is handled by a callback (coalesced PUBLISH and
@@ -699,16 +705,23 @@ class Connection:
             return ProtocolError(str(error))
         return RedisConnectionError(str(error))
 
-    def _buffer(self, data: bytes) -> None:
+    def _buffer(self, data: bytes | Parts) -> None:
         if not self._flush_scheduled:
             # The first command of a loop turn goes out at once (no added latency); those
             # issued later in the same turn are gathered into one write by _flush.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-            self._write(data)
+            if isinstance(data, list):
+                self._write_gathered(data, sum(map(len, data)))
+            else:
+                self._write(data)
             return
-        self._wbuf.append(data)
-        self._wbuf_size += len(data)
+        if isinstance(data, list):
+            self._wbuf.extend(data)
+            self._wbuf_size += sum(map(len, data))
+        else:
+            self._wbuf.append(data)
+            self._wbuf_size += len(data)
         if self._wbuf_size >= _WRITE_HIGH_WATER:
             self._flush_buffer()
 
@@ -719,12 +732,34 @@ class Connection:
     def _flush_buffer(self) -> None:
         if not self._wbuf:
             return
-        data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
-        self._wbuf.clear()
+        parts, size = self._wbuf, self._wbuf_size
+        self._wbuf = []
         self._wbuf_size = 0
-        self._write(data)
+        self._write_gathered(parts, size)
 
-    def _write(self, data: bytes) -> None:
+    def _write_gathered(self, parts: Parts, size: int) -> None:
+        """Write ``parts`` as one buffer, copied once. A large one is copied into a scratch
+        buffer this connection reuses: a fresh allocation of that size per write costs more
+        than the copy (the allocator hands large blocks back to the system once freed, and
+        every reuse faults its pages in again). The scratch is kept only if the transport
+        kept nothing of it (all sent at once, or copied: otherwise it may hold a view)."""
+        if size < _SCRATCH_FROM or self._writer is None or len(parts) == 1:
+            self._write(b"".join(parts))  # a lone bytes part is written as it is
+            return
+        scratch = self._scratch
+        self._scratch = None
+        if scratch is None or len(scratch) < size:
+            scratch = bytearray(size)
+        position = 0
+        for part in parts:
+            end = position + len(part)
+            scratch[position:end] = part
+            position = end
+        self._write(memoryview(scratch)[:size])
+        if len(scratch) <= _SCRATCH_MAX and self._writer.transport.get_write_buffer_size() == 0:
+            self._scratch = scratch
+
+    def _write(self, data: bytes | memoryview) -> None:
         if self._error is not None:
             return
         assert self._writer is not None

@@ -88,3 +88,27 @@ async def test_requests_leave_no_cyclic_garbage(redis_server: RedisServer) -> No
             gc.enable()
     # Every request freed by reference counting: the exchange, the job, their windows.
     assert sum(found.values()) < N // 10, found
+
+
+async def test_a_download_costs_fewer_than_three_publish_per_mib(
+    redis_server: RedisServer,
+) -> None:
+    # Pieces of wire.PIECE_SIZE (512 KiB) once both sides know them: two data PUBLISH per MiB,
+    # and a credit every half window (a quarter of a PUBLISH per MiB). With 128 KiB pieces it
+    # took about 4.7 PUBLISH per MiB (three pieces per batch frame, a credit every 512 KiB).
+    size = 16 * (1 << 20)
+    distributor = create_distributor(url=redis_server.url, key="S", liveness_interval=3600)
+    node = Node(url=redis_server.url, app=apps.download, key="S", lifespan="off")
+    async with (
+        serve_app(distributor) as base,
+        run_node(node),
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        await asyncio.to_thread(redis_server.command, "CONFIG", "RESETSTAT")
+        received = 0
+        async with client.stream("GET", f"/?{size}") as response:
+            async for data in response.aiter_raw():
+                received += len(data)
+        calls = await asyncio.to_thread(_calls, redis_server)
+    assert received == size
+    assert calls["publish"] < 3 * 16, calls

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 
 from minidasgi.resp import ReplyError
 from minidasgi.resp.connection import Connection
-from minidasgi.resp.protocol import pack_command
+from minidasgi.resp.protocol import pack_command, pack_command_parts
 
+from .faultproxy import FaultProxy
 from .redis_server import RedisServer
 
 Opener = Callable[..., Awaitable[Connection]]
@@ -43,3 +45,48 @@ async def test_a_cancelled_pipeline_does_not_shift_later_replies(
     pipeline.cancel()
     assert await conn.execute("GET", "b") == b"expected"
     assert await blocker is None
+
+
+async def test_gathered_commands_arrive_whole_and_in_order_when_the_socket_backs_up(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    # Large values given as parts (memoryviews, not copied on their way) are gathered into a
+    # reused scratch buffer: while Redis does not read, the transport holds what it could not
+    # send, and no later write may overwrite it.
+    bodies = [bytes([65 + i]) * (2 << 20) + bytes([i]) for i in range(6)]
+    with FaultProxy(clean_redis.port) as proxy:
+        conn = await open_conn(proxy.url())
+        assert await conn.execute("PING") == b"PONG"  # the proxy has accepted it by now
+        # Small socket buffers on both ends (no autotuning): the stalled link backs up soon.
+        (proxied,) = proxy.connections()
+        proxied.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        assert conn._writer is not None
+        sock = conn._writer.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        proxy.stall(up=True, down=False)
+        replies = [
+            conn.send_packed(pack_command_parts("SET", f"k{i}", [b"<", memoryview(body), b">"]))
+            for i, body in enumerate(bodies)
+        ]
+        await asyncio.sleep(0.1)  # the next loop turns flush while the socket is full
+        assert conn._writer.transport.get_write_buffer_size() > 0  # it really backed up
+        proxy.resume()
+        assert await asyncio.wait_for(asyncio.gather(*replies), 10) == [b"OK"] * 6
+        for i, body in enumerate(bodies):
+            assert await conn.execute("GET", f"k{i}") == b"<" + body + b">"
+
+
+async def test_large_gathered_writes_reuse_one_scratch_buffer(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    # A fresh buffer per large write costs page faults (the allocator hands large blocks back
+    # to the system): a connection whose writes go through at once copies into the same one.
+    conn = await open_conn(clean_redis.url)
+    body = memoryview(b"v" * 200_000)
+    scratches = set()
+    for i in range(5):
+        assert await conn.send_packed(pack_command_parts("SET", f"s{i}", [body])) == b"OK"
+        assert conn._scratch is not None
+        scratches.add(id(conn._scratch))
+    assert len(scratches) == 1
+    assert await conn.execute("STRLEN", "s4") == 200_000
