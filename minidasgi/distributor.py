@@ -412,6 +412,7 @@ class Distributor:
         finally:
             exchange.received.close()
             del self._exchanges[exchange.id]
+            exchange.cancel_late_acks()
             if exchange.node is not None:
                 self.peers.discard(exchange.node, exchange.id)
             self._finished(scope, key, exchange, exchange.status, started)
@@ -1000,12 +1001,19 @@ class _Exchange:
             d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
         if keep_ack and not removed:
             return False  # a Node has it: its ack, even one that landed during the LREM, counts
-        while not self.inbox.empty():  # an ack that came just too late: stop that Node
+        self.cancel_late_acks()
+        return removed
+
+    def cancel_late_acks(self) -> None:
+        """Tell every Node whose ACK waits unread in the inbox (it came just too late, or
+        while the client was being answered) to stop: one that asked for a confirmation
+        would otherwise wait for it until its next PING is answered."""
+        d = self.distributor
+        while not self.inbox.empty():
             item = self.inbox.get_nowait()
             node = None if isinstance(item, _Signal) else _acking_node(*item)
-            if node is not None:
+            if node is not None and node != self.node:
                 d.spawn(d.cancel_on(node, self.id))
-        return removed
 
     def _too_large(self, event: Message) -> bool:
         limit = self.distributor.max_body_size
