@@ -33,7 +33,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import health, metrics, stats, wire
@@ -182,7 +182,8 @@ class Node:
         self._pop_client_id: int | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
-        self._batch_pops = True
+        self._batch_pops = True  # RPOP takes a count (Redis 6.2)
+        self._pop_many = True  # BLMPOP is there and allowed (Redis 7.0)
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
 
@@ -335,18 +336,31 @@ class Node:
         loop = asyncio.get_running_loop()
         popped_on = None
 
+        def release(_: object) -> None:
+            slots.release()
+
         def start(key: bytes, data: bytes) -> None:
             task = loop.create_task(self._run_request(key, data))
             self._requests.add(task)  # at once: a stop must wait for it too
             task.add_done_callback(self._requests.discard)
-            task.add_done_callback(lambda _: slots.release())
+            task.add_done_callback(release)
 
         while not self._stopping.is_set():
-            await self._until_stopped(slots.acquire())
-            if self._stopping.is_set():
-                break
+            if slots.locked():  # every slot busy: wait for one (or for stop())
+                await self._until_stopped(slots.acquire())
+                if self._stopping.is_set():
+                    break
+            else:
+                await slots.acquire()  # returns at once: no task, no loop turn
+            # One pop takes up to one request per free slot: under load, a batch in one round
+            # trip; and never more than this Node can run.
+            count = 1
+            while count < _MAX_BATCH and not slots.locked():
+                await slots.acquire()  # returns at once: a slot is free
+                count += 1
+            started = 0
             try:
-                # A BRPOP is never cancelled (that could lose an item already popped): stop()
+                # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
                 connection = await popper.wait_connected(self.pop_timeout)
                 # Pop only what can be acked: after a Redis restart the publisher may still be
@@ -357,40 +371,57 @@ class Node:
                 if connection is not popped_on:
                     popped_on = connection
                     self._pop_client_id = await self._client_id(connection)
-                if self._stopping.is_set():
-                    slots.release()
-                    break
-                item = await connection.brpop(*self.keys, timeout=self.pop_timeout)
+                if not self._stopping.is_set():
+                    started = await self._pop(connection, count, start)
             except (asyncio.TimeoutError, RespError) as exc:
-                slots.release()
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
                     await asyncio.sleep(0.05)
-                continue
-            if item is None:
-                slots.release()
-                continue
-            key, data = item
-            start(key, data)
-            # Under load more requests wait behind this one: take up to one per free slot in
-            # a single round trip (RPOP with a count) rather than a BRPOP each.
-            extra = 0
-            while self._batch_pops and extra < _MAX_BATCH and not slots.locked():
-                await slots.acquire()  # returns at once: a slot is free
-                extra += 1
-            if not extra:
-                continue
-            popped: list[bytes] = []
+            finally:
+                for _ in range(count - started):
+                    slots.release()
+
+    async def _pop(self, connection: Any, count: int, start: Callable[[bytes, bytes], None]) -> int:
+        """Pop up to ``count`` requests and ``start`` each; return how many were started.
+
+        One ``BLMPOP`` (Redis 7.0) where it can: a single round trip per pop, however many
+        requests wait. Before Redis 7.0, or for an ACL user without ``+blmpop``, a ``BRPOP``
+        and then, under load, an ``RPOP`` with a count (the request popped first starts
+        before the second round trip)."""
+        if self._pop_many:
             try:
-                popped = await connection.execute("RPOP", key, extra) or []
-            except ReplyError:  # Redis before 6.2 has no count: pop one by one
-                self._batch_pops = False
-            except RespError as exc:
-                logger.warning("cannot pop requests: %s", exc)
-            for data in popped:
-                start(key, data)
-            for _ in range(extra - len(popped)):
-                slots.release()
+                popped = await connection.brpop_many(
+                    *self.keys, count=count, timeout=self.pop_timeout
+                )
+            except ReplyError as exc:
+                if not _unavailable(exc):
+                    raise
+                logger.info("popping with BRPOP and RPOP (no BLMPOP: %s)", exc)
+                self._pop_many = False
+            else:
+                if popped is None:
+                    return 0
+                key, values = popped
+                for data in values:
+                    start(key, data)
+                return len(values)
+        item = await connection.brpop(*self.keys, timeout=self.pop_timeout)
+        if item is None:
+            return 0
+        key, data = item
+        start(key, data)
+        if count == 1 or not self._batch_pops:
+            return 1
+        more: list[bytes] = []
+        try:
+            more = await connection.execute("RPOP", key, count - 1) or []
+        except ReplyError:  # Redis before 6.2 has no count: pop one by one
+            self._batch_pops = False
+        except RespError as exc:
+            logger.warning("cannot pop requests: %s", exc)
+        for data in more[: count - 1]:
+            start(key, data)
+        return 1 + len(more[: count - 1])
 
     async def _client_id(self, connection: Any) -> int | None:
         """The pop connection's id, for CLIENT UNBLOCK at stop; None if the ACL user may
@@ -933,6 +964,11 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
             local[name] = tuple(value)
     local["state"] = dict(state)
     return local
+
+
+def _unavailable(error: ReplyError) -> bool:
+    """True for a command this server does not have, or this ACL user may not run."""
+    return error.code == "NOPERM" or "unknown command" in str(error).lower()
 
 
 async def _cancelled(task: asyncio.Task[Any]) -> None:

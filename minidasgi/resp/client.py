@@ -83,6 +83,9 @@ class Client:
         connected: that is a configuration error, and the client stops trying.
         """
         self.start()
+        connection = self._connection
+        if connection is not None and not connection.is_closed and self._refused is None:
+            return connection  # the usual case (once per pop): no task, no timer
         return await asyncio.wait_for(self._wait_connected(), timeout)
 
     async def _wait_connected(self) -> Connection:

@@ -600,6 +600,46 @@ class Connection:
         """BLPOP: like ``brpop`` from the head of the list."""
         return await self._blocking_pop("BLPOP", keys, timeout)
 
+    async def brpop_many(
+        self, *keys: str | bytes, count: int, timeout: float = 0
+    ) -> tuple[bytes, list[bytes]] | None:
+        """``BLMPOP timeout numkeys key... RIGHT COUNT count`` (Redis 7.0): pop up to ``count``
+        values from the tail of the first non-empty list, oldest first, waiting up to
+        ``timeout`` seconds. Returns ``(key, values)`` or ``None`` on timeout: one round trip
+        where ``brpop`` and an ``RPOP`` with a count take two. Bounded and blocking as
+        ``brpop``; a reply of another shape, or with more than ``count`` values, closes the
+        connection (``ProtocolError``)."""
+        if not keys:
+            raise ValueError("BLMPOP needs at least one key")
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        reply = await self.execute(
+            "BLMPOP",
+            timeout,
+            len(keys),
+            *keys,
+            "RIGHT",
+            "COUNT",
+            count,
+            blocking=True,
+            server_timeout=float(timeout),
+        )
+        if reply is None:
+            return None
+        if not (
+            isinstance(reply, list)
+            and len(reply) == 2
+            and isinstance(reply[0], bytes)
+            and isinstance(reply[1], list)
+            and 0 < len(reply[1]) <= count
+            and all(isinstance(value, bytes) for value in reply[1])
+        ):
+            self._abort(ProtocolError("unexpected BLMPOP reply"))
+            raise self._closed_error()
+        return reply[0], reply[1]
+
     async def _blocking_pop(
         self, command: str, keys: tuple[str | bytes, ...], timeout: float
     ) -> tuple[bytes, bytes] | None:

@@ -306,8 +306,8 @@ async def test_readme_acl_commands_are_enough(redis_server: RedisServer) -> None
     common = ["on", ">pw", "~ops", "&minidasgi:*", "+ping"]
     redis.command("ACL", "SETUSER", "dist", *common, "+lpush", "+lrem", "+publish", "+subscribe",
                   "+pubsub|numsub")  # fmt: skip
-    redis.command("ACL", "SETUSER", "node", *common, "+brpop", "+rpop", "+publish",
-                  "+subscribe", "+client|id", "+client|unblock")  # fmt: skip
+    redis.command("ACL", "SETUSER", "node", *common, "+blmpop", "+brpop", "+rpop",
+                  "+publish", "+subscribe", "+client|id", "+client|unblock")  # fmt: skip
     redis.command("ACL", "SETUSER", "ops", *common, "+llen", "+lindex", "+publish",
                   "+subscribe", "+pubsub|numsub")  # fmt: skip
     url = f"redis://{{}}:pw@127.0.0.1:{redis.port}/0"

@@ -248,7 +248,38 @@ async def test_blocking_pop_argument_checks(clean_redis: RedisServer, open_conn:
         await conn.brpop(timeout=1)
     with pytest.raises(ValueError):
         await conn.blpop("q", timeout=-1)
+    with pytest.raises(ValueError):
+        await conn.brpop_many("q", count=0, timeout=1)
     assert await conn.ping() == b"PONG"
+
+
+async def test_brpop_many_takes_up_to_count_oldest_first(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    conn = await open_conn(clean_redis.url)
+    assert await conn.lpush("q", "first", "second", "third") == 3
+    assert await conn.brpop_many("other", "q", count=2, timeout=1) == (
+        b"q",
+        [b"first", b"second"],
+    )
+    assert await conn.brpop_many("q", count=5, timeout=1) == (b"q", [b"third"])
+    assert await asyncio.wait_for(conn.brpop_many("q", count=5, timeout=0.1), 2) is None
+    assert not conn.is_closed
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"*2\r\n$1\r\nq\r\n*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n", b"*2\r\n$1\r\nq\r\n:1\r\n"],
+    ids=["more-than-count", "not-a-list"],
+)
+async def test_brpop_many_refuses_a_reply_it_did_not_ask_for(
+    open_conn: Opener, reply: bytes
+) -> None:
+    async with FakeRedis(answer_first_command_with(reply)) as fake:
+        conn = await open_conn(fake.url)
+        with pytest.raises(ProtocolError):
+            await asyncio.wait_for(conn.brpop_many("q", count=2, timeout=1), 2)
+        assert conn.is_closed
 
 
 # -- sharing and cancellation -----------------------------------------------------------------
