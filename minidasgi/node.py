@@ -380,6 +380,12 @@ class Node:
             finally:
                 for _ in range(count - started):
                     slots.release()
+            if started:
+                # Before the next pop is written, let the jobs just started run to their first
+                # wait (one turn) and what they posted leave (the outbox's flush, the next
+                # turn): at one request in flight its response goes out a write sooner.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
 
     async def _pop(self, connection: Any, count: int, start: Callable[[bytes, bytes], None]) -> int:
         """Pop up to ``count`` requests and ``start`` each; return how many were started.
