@@ -337,7 +337,8 @@ def _ssl_context(option: _ssl.SSLContext | bool | None) -> _ssl.SSLContext | Non
 
 
 class ReplyReader(asyncio.StreamReader):
-    """A StreamReader that hands every chunk of bytes to ``sink`` instead of buffering it.
+    """A StreamReader that hands every chunk of bytes to ``sink`` instead of buffering it
+    (from ``open_stream``: a view valid during the call only, which ``sink`` must copy).
 
     The stream's end (EOF or an error) is reported to ``on_end`` once.
     """
@@ -364,6 +365,27 @@ class ReplyReader(asyncio.StreamReader):
         self._on_end(exc)
 
 
+class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
+    """A StreamReaderProtocol that reads into one buffer kept for the connection's life.
+
+    A plain protocol makes the transport allocate a fresh ``_READ_SIZE`` bytes object for each
+    read, which glibc serves (above its mmap threshold) with an ``mmap``, a ``mremap`` and a
+    ``munmap``: three system calls per read beside the ``recv``. Here the transport reads
+    with ``recv_into``, and the reader gets a view of the bytes read, valid only during the
+    call: its sink must copy what it keeps (both reply parsers append it to their own buffer).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._view = memoryview(bytearray(_READ_SIZE))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._view[:nbytes])  # type: ignore[arg-type]
+
+
 async def open_stream(
     params: ConnectionParams, reader: asyncio.StreamReader
 ) -> asyncio.StreamWriter:
@@ -373,7 +395,7 @@ async def open_stream(
     """
     loop = asyncio.get_running_loop()
     sslctx = _ssl_context(params.ssl)
-    protocol = asyncio.StreamReaderProtocol(reader)
+    protocol = _ReadingProtocol(reader)
     try:
         if params.unix_socket is not None:
             opening = loop.create_unix_connection(

@@ -193,6 +193,27 @@ async def test_select_db_from_url(clean_redis: RedisServer, open_conn: Opener) -
     assert await db0.execute("DBSIZE") == 0
 
 
+# -- reading ---------------------------------------------------------------------------------
+
+
+async def test_replies_are_read_into_one_buffer_and_copied_before_the_next_read(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    """The transport reads into the connection's own buffer (``recv_into``: no 256 KiB bytes
+    allocated per read, which costs glibc three system calls); what the parser keeps must not
+    change under it when the next read reuses the buffer."""
+    conn = await open_conn(clean_redis.url)
+    values = [bytes([65 + i]) * (100_000 + i) for i in range(8)]  # each spans several reads
+    for i, value in enumerate(values):
+        assert await conn.execute("SET", f"big{i}", value) == b"OK"
+    protocol = conn._writer.transport.get_protocol()  # type: ignore[union-attr]
+    assert isinstance(protocol, asyncio.BufferedProtocol)
+    buffer = protocol.get_buffer(-1)
+    got = await asyncio.gather(*(conn.execute("GET", f"big{i % 8}") for i in range(40)))
+    assert got == [values[i % 8] for i in range(40)]
+    assert protocol.get_buffer(-1) is buffer
+
+
 # -- blocking pops ----------------------------------------------------------------------------
 
 
