@@ -677,7 +677,7 @@ class _Job:
         self.failed = False
 
     async def run(self) -> None:
-        self.task = asyncio.current_task()
+        self.task = asyncio.current_task(self.node.loop)  # with the loop: no getpid()
         # Not awaited: the app runs at once. A request whose body came whole lets its ack wait
         # a moment for the response, to share its PUBLISH; the others need the credit and the
         # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
