@@ -3,8 +3,9 @@
 Owns the Node's three Redis connections (a blocking-pop connection, a publishing connection
 and a subscriber on the Node's own channel), its pop loop, and one ``_Job`` per request in
 flight. It must never pop a request it has no free slot for: what it cannot run stays in Redis
-for other Nodes (under load one RPOP with a count takes up to one request per free slot). It
-never retries or re-queues a request (delivery is at most once).
+for other Nodes (one BLMPOP with a count takes up to one request per free slot, in a single
+round trip; before Redis 7.0 a BRPOP, then under load an RPOP with a count). It never retries
+or re-queues a request (delivery is at most once).
 
 A job acks and runs the app at once, without waiting for the ack to land: the distributor
 answers "no worker" only for a request it took back from the list unrun, or one a Node said
@@ -54,7 +55,7 @@ logger = logging.getLogger("minidasgi.node")
 DEFAULT_CONCURRENCY = 100
 """Requests one Node runs at once unless told otherwise."""
 
-_MAX_BATCH = 32  # requests taken in one RPOP when a Node has that many slots free
+_MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots free
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
 
 
