@@ -381,10 +381,12 @@ class Node:
             finally:
                 for _ in range(count - started):
                     slots.release()
-            if started:
-                # Before the next pop is written, let the jobs just started run to their first
-                # wait (one turn) and what they posted leave (the outbox's flush, the next
-                # turn): at one request in flight its response goes out a write sooner.
+            if started == 1:
+                # The queue was short, and the next pop will likely wait anyway: first let the
+                # job run to its first wait (one turn) and what it posted leave (the outbox's
+                # flush, the next turn), so that at one request in flight its response goes
+                # out a write sooner. After a batch, more requests are likely waiting: pop at
+                # once.
                 await asyncio.sleep(0)
                 await asyncio.sleep(0)
 
