@@ -11,9 +11,10 @@ The conversation for one request (``id``):
    whose client waits for "100 Continue": the Node publishes ``[CONTINUE, id]`` when its app
    first calls ``receive()``, and only then does the distributor read the body and relay it.
 2. A Node pops it (``BLMPOP ... RIGHT COUNT n``, or ``BRPOP`` then ``RPOP`` with a count
-   before Redis 7.0: first in, first out, up to one request per free slot) and publishes ``[ACK, id, node_channel, window]``: the window is how many pieces
-   of request body the distributor may send ahead. It runs the app at once; the ACK of a
-   whole HTTP request usually travels in one batch with the response's first SEND.
+   before Redis 7.0: first in, first out, up to one request per free slot) and publishes
+   ``[ACK, id, node_channel, window]``: the window is how many pieces of request body the
+   distributor may send ahead. It runs the app at once; the ACK of a whole HTTP request
+   usually travels in one batch with the response's first SEND.
 3. The Node publishes ``[SEND, id, [events...]]`` with what the app sends; the distributor
    publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
