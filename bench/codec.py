@@ -1,10 +1,13 @@
-"""Encode and decode cost of codec format 1 (``minidasgi.codec``) and format 2 (``jsoncodec``).
+"""Encode and decode cost of the released binary format (``codec.RELEASED``) and the fast one.
+
+The fast format (``codec.FAST``, the default since the coalescing work) is ``jsoncodec``'s: the
+C ``json`` module for the head, bodies in a binary tail.
 
 Run ``python bench/codec.py [--rounds 7] [--seconds 0.2]``. For each message below it times
 encode and decode of both formats, alternating the formats round by round so that a busy
 machine penalises both alike, and prints the median of the rounds in microseconds per call
 (CPU time of this process, so other processes on the machine disturb it less), the ratio
-format 1 / format 2 and the size of each encoding:
+binary / fast and the size of each encoding:
 
 - envelope: a request envelope with a uvicorn-like scope (10 headers) and an empty body;
 - response: ``[send, id, [http.response.start, http.response.body]]`` with a 12-byte body;
@@ -27,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from minidasgi import codec, jsoncodec
+from minidasgi import codec
 
 REQUEST_ID = os.urandom(12).hex()
 
@@ -112,20 +115,23 @@ def per_call(function: Callable[[], Any], seconds: float) -> float:
 
 
 def measure(value: Any, rounds: int, seconds: float) -> dict[str, float]:
-    data1 = codec.encode(value)
-    data2 = jsoncodec.encode(value)
+    data1 = codec.encode(value, version=codec.RELEASED)
+    data2 = codec.encode(value)  # FAST: jsoncodec behind the version byte
     # Both formats must give the same value back (tuples as lists) before timing anything.
-    assert jsoncodec.decode(data2) == codec.decode(data1)
+    assert data1[0] == codec.RELEASED and data2[0] == codec.FAST
+    assert codec.decode(data2) == codec.decode(data1)
     timings: dict[str, list[float]] = {k: [] for k in ("enc1", "dec1", "enc2", "dec2")}
     for index in range(rounds):
         order = [1, 2] if index % 2 == 0 else [2, 1]
         for version in order:
             if version == 1:
-                timings["enc1"].append(per_call(lambda: codec.encode(value), seconds))
+                timings["enc1"].append(
+                    per_call(lambda: codec.encode(value, version=codec.RELEASED), seconds)
+                )
                 timings["dec1"].append(per_call(lambda: codec.decode(data1), seconds))
             else:
-                timings["enc2"].append(per_call(lambda: jsoncodec.encode(value), seconds))
-                timings["dec2"].append(per_call(lambda: jsoncodec.decode(data2), seconds))
+                timings["enc2"].append(per_call(lambda: codec.encode(value), seconds))
+                timings["dec2"].append(per_call(lambda: codec.decode(data2), seconds))
     result = {name: statistics.median(values) for name, values in timings.items()}
     result["size1"] = len(data1)
     result["size2"] = len(data2)
@@ -138,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=0.2, help="CPU seconds per timing")
     args = parser.parse_args(argv)
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    print("microseconds per call (median of rounds); v1 = format 1, v2 = format 2 (jsoncodec)")
-    header = f"{'message':<10} {'v1 enc':>9} {'v2 enc':>9} {'ratio':>6}   "
-    header += f"{'v1 dec':>9} {'v2 dec':>9} {'ratio':>6}   {'v1 bytes':>9} {'v2 bytes':>9}"
+    print("microseconds per call (median of rounds); v1 = released binary format, v3 = fast format")
+    header = f"{'message':<10} {'v1 enc':>9} {'v3 enc':>9} {'ratio':>6}   "
+    header += f"{'v1 dec':>9} {'v3 dec':>9} {'ratio':>6}   {'v1 bytes':>9} {'v3 bytes':>9}"
     print(header)
     for name, make in MESSAGES.items():
         r = measure(make(), args.rounds, args.seconds)

@@ -42,7 +42,8 @@ class Admission:
 
     ``max_queue``: the longest a queue may grow by this distributor's pushes, for every key
     (an int), or per key (a mapping from key to bound; ``"*"`` for the others; None: no
-    bound). ``fail_fast``: refuse at once when no Node listens on the key.
+    bound). ``fail_fast``: refuse at once when no Node listens on the key. ``cluster``: the
+    Nodes' presence channels are named for a Redis Cluster (``wire.presence_channel``).
     """
 
     def __init__(
@@ -50,12 +51,14 @@ class Admission:
         *,
         channel_prefix: str,
         db: int,
+        cluster: bool = False,
         fail_fast: bool = False,
         max_queue: int | Mapping[str, int | None] | None = None,
         max_in_flight: int | None = None,
     ) -> None:
         self.channel_prefix = channel_prefix
         self.db = db
+        self.cluster = cluster  # presence channels are named for a Redis Cluster
         self.fail_fast = fail_fast
         if isinstance(max_queue, Mapping):
             self._bounds: dict[str, int | None] = dict(max_queue)
@@ -126,7 +129,9 @@ class Admission:
         if self.fail_fast and not self._numsub_refused:
             packed = self._channels.get(key)
             if packed is None:
-                channel = wire.presence_channel(self.channel_prefix, self.db, key)
+                channel = wire.presence_channel(
+                    self.channel_prefix, self.db, key, cluster=self.cluster
+                )
                 packed = pack_command("PUBSUB", "NUMSUB", channel)
                 if len(self._channels) < metrics.MAX_SERIES:  # keys can come from paths
                     self._channels[key] = packed

@@ -18,7 +18,17 @@ The no-worker answer is given only for a request provably never run: at ``worker
 without an ack the distributor takes the envelope back (``LREM`` from the tail); if that
 removed it, no Node ever popped it. If it did not, a Node has it: the distributor waits another
 ``worker_timeout`` for the ack, then answers 504 (and a later ack gets a CANCEL). A GONE before
-the ack (the Node found the envelope expired) also means the app never ran.
+the ack (the Node found the envelope expired) also means the app never ran. An envelope that
+could not be taken back because Redis was unreachable (its client answered all the same, 502)
+is taken back once Redis is reachable again (``take_back_later``), until a Node would drop it
+as expired anyway: a request answered so must not run afterwards.
+
+A Node that pops a request in its recovery window (``confirmation``: after a Redis restart or
+a failover, the envelope may be a leftover whose client was answered, or that ran elsewhere)
+asks in its ACK for a confirmation before running it. Only the first ACK of a request still
+waiting for one gets ``CONFIRM``; a request answered already is unknown here, so its ACK gets a
+CANCEL, and a second ACK (another copy popped elsewhere) gets one too. Envelopes say that this
+distributor confirms (``confirms``), so Nodes never wait for a distributor that would not.
 
 After the ack, liveness is per request (``liveness.PeerTracker``): every ``liveness_interval``
 the distributor PINGs each Node it shares requests with, naming them; the Node answers GONE for
@@ -30,7 +40,6 @@ a PUBLISH that reaches nobody does so at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -44,7 +53,7 @@ from .deadlines import Deadlines
 from .inbox import Inbox
 from .liveness import PeerTracker
 from .outbox import Outbox
-from .resp import RespError, topology
+from .resp import ReplyError, RespError, topology
 from .resp.connection import make_params
 from .resp.sentinel import SentinelSpec
 from .routing import InvalidKey, RouteTable, check_key
@@ -62,6 +71,7 @@ logger = logging.getLogger("minidasgi.distributor")
 DEFAULT_MAX_BODY_SIZE = 1024**3
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 _WATCH_AFTER = 0.05  # seconds before a whole request's client is watched for a disconnect
+_UNTAKEN_BUDGET = 16 * 1024 * 1024  # bytes of envelopes kept to take back once reconnected
 
 
 class ResponseAborted(Exception):
@@ -230,6 +240,7 @@ class Distributor:
         self.admission = admission.Admission(
             channel_prefix=channel_prefix,
             db=self.params.db,
+            cluster=self.params.cluster is not None,
             fail_fast=fail_fast,
             max_queue=max_queue,
             max_in_flight=max_in_flight,
@@ -256,6 +267,11 @@ class Distributor:
         self._starting: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the connections use
+        # Envelopes answered for but not taken back (Redis was unreachable): (key, envelope,
+        # monotonic time after which no Node runs it any more), taken back once reconnected.
+        self._untaken: list[tuple[str, bytes, float]] = []
+        self._untaken_size = 0
+        self._taking_back = False
 
     def __repr__(self) -> str:
         return f"<Distributor {self.params.address} exchanges={len(self._exchanges)}>"
@@ -340,6 +356,7 @@ class Distributor:
             self.admission.pushes.reset()
             self.peers = PeerTracker(self.peer_timeout)
             self._pinging = set()
+            self._untaken, self._untaken_size, self._taking_back = [], 0, False
         self._loop = loop
 
     async def shutdown(self) -> None:
@@ -525,6 +542,46 @@ class Distributor:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def take_back_later(self, key: str, data: bytes, until: float) -> None:
+        """An envelope whose client was answered, but which could not be taken back (Redis
+        unreachable): take it back once Redis is reachable again, if no Node popped it
+        meanwhile, so that it does not run after its answer. Kept until ``until`` (monotonic
+        time), past which a Node drops it as expired anyway; within a bound on memory."""
+        if self._untaken_size + len(data) > _UNTAKEN_BUDGET:
+            logger.warning("too many requests to take back: one may run after its answer")
+            return
+        self._untaken.append((key, data, until))
+        self._untaken_size += len(data)
+        if not self._taking_back:
+            self._taking_back = True
+            self.spawn(self._take_back_untaken())
+
+    async def _take_back_untaken(self) -> None:
+        try:
+            while self._untaken and self._client is not None:
+                now = time.monotonic()
+                self._untaken = [entry for entry in self._untaken if entry[2] > now]
+                self._untaken_size = sum(len(entry[1]) for entry in self._untaken)
+                if not self._untaken:
+                    return
+                try:
+                    last = max(entry[2] for entry in self._untaken)
+                    await self._client.wait_connected(last - now)
+                    while self._untaken:
+                        key, data, _ = self._untaken[0]
+                        removed = await self._client.execute("LREM", key, -1, data)
+                        self._untaken.pop(0)
+                        self._untaken_size -= len(data)
+                        if removed:
+                            logger.info("took back a request answered while Redis was away")
+                except asyncio.TimeoutError:
+                    continue  # all expired now: dropped above
+                except RespError as exc:
+                    logger.debug("cannot take requests back yet: %s", exc)
+                    await asyncio.sleep(0.1)
+        finally:
+            self._taking_back = False
+
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
             messages = wire.split_frame(data)
@@ -579,13 +636,27 @@ class Distributor:
             # A request gets one of each at most, and they take no credit: repeats are forged
             # (or a second GONE, answering a PING) and must not pile up behind a slow client.
             if kind in exchange.seen:
+                if kind == wire.ACK:
+                    self._second_ack(exchange, args)
                 return
             exchange.seen += (kind,)
+            if kind == wire.ACK:
+                exchange.acked_by = _acking_node(kind, args)
             exchange.inbox.put_nowait((kind, args))
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+
+    def _second_ack(self, exchange: _Exchange, args: list[Any]) -> None:
+        """Another ACK for a request already acked: a second copy of its envelope was popped
+        (a replica promoted with it, a Redis restarted from its files). Only one may run: the
+        one acked first. The other Node is told to stop (if it asked for a confirmation, it
+        has not started the app); a plain repeat from the same Node is ignored."""
+        node = _acking_node(wire.ACK, args)
+        if node is not None and (node != exchange.acked_by or wire.asks_confirmation(args)):
+            logger.warning("request %s: popped again by a worker; cancelled there", exchange.id)
+            self.spawn(self.cancel_on(node, exchange.id))
 
     def _on_subscriber_lost(self) -> None:
         # Messages from Nodes may have been lost while the subscriber was away: not for a
@@ -666,6 +737,7 @@ class _Exchange:
         self.node_done = False  # the Node's side ended by itself: nothing to cancel there
         self.violated = False  # the Node sent more than the credit granted
         self.seen: tuple[str, ...] = ()  # the ACK, DONE and GONE kinds already queued
+        self.acked_by: str | None = None  # the Node channel of the first ACK
         self.body_size = 0
         # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
         self.expecting = self.kind == "http" and _expects_continue(scope)
@@ -711,6 +783,7 @@ class _Exchange:
                 window=self.received.window,
                 liveness=d.liveness_interval,
                 queued=time.time(),
+                confirms=True,
                 version=d.wire_format,
             )
             try:
@@ -799,6 +872,11 @@ class _Exchange:
         d.peers.add(node, self.id, now, pings=pings)
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
+        if wire.asks_confirmation(ack_args):
+            # The Node waits to run it until told: this is the first ACK, and the client has
+            # not been answered (``confirmation``).
+            confirm = d.outbox.post(node, self._pack(wire.CONFIRM))
+            confirm.add_done_callback(self._check_reached)
         self._node_known()
         try:
             await self._relay()
@@ -903,10 +981,16 @@ class _Exchange:
         caller, who then waits for it rather than answering."""
         d = self.distributor
         removed = False
-        with contextlib.suppress(RespError):
+        try:
             assert d._client is not None
             # From the tail, where the oldest requests wait (Nodes pop that end).
             removed = bool(await d._client.execute("LREM", key, -1, data))
+        except ReplyError as exc:  # not allowed, say: trying again would not help
+            logger.warning("cannot take request %s back: %s", self.id, exc)
+        except RespError:
+            # Redis unreachable: whatever the answer, it must not run after it (a Node pops
+            # it until its deadline, by a Node's clock: twice the wait covers skew).
+            d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
         if keep_ack and not removed:
             return False  # a Node has it: its ack, even one that landed during the LREM, counts
         while not self.inbox.empty():  # an ack that came just too late: stop that Node

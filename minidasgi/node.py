@@ -1,24 +1,32 @@
 """The worker: pops requests from Redis lists and runs them in an ASGI app.
 
-Owns the Node's three Redis connections (a blocking-pop connection, a publishing connection
-and a subscriber on the Node's own channel), its pop loop, and one ``_Job`` per request in
-flight. It must never pop a request it has no free slot for: what it cannot run stays in Redis
-for other Nodes (one BLMPOP with a count takes up to one request per free slot, in a single
-round trip; before Redis 7.0 a BRPOP, then under load an RPOP with a count). It never retries
-or re-queues a request (delivery is at most once).
+Owns the Node's Redis connections (a blocking-pop connection, a publishing connection and a
+subscriber on the Node's own channel; on a Cluster, one blocking-pop connection per slot its
+keys fall in), its pop loops, and one ``_Job`` per request in flight. It must never pop a
+request it has no free slot for: what it cannot run stays in Redis for other Nodes (a blocked
+pop holds a slot, whichever group it pops; one BLMPOP with a count takes up to one request per
+free slot in a single round trip; before Redis 7.0, or with several pop groups, a BRPOP and
+then under load an RPOP with a count). It never retries or re-queues a request (delivery is at
+most once).
 
 A job acks and runs the app at once, without waiting for the ack to land: the distributor
 answers "no worker" only for a request it took back from the list unrun, or one a Node said
-GONE for before acking, so nothing is gained by the wait. An HTTP request whose body came whole
-lets its ack wait a moment (``outbox``, ``hold=True``) to travel in the same PUBLISH as the
-response's first message. A job feeds the app the events the distributor sends and publishes
-what the app sends (all through the ``outbox``: one PUBLISH per distributor per loop turn),
-answering in the envelope's format (``wire``: fleet upgrades), under credit-based
-flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` / ``wire.CreditPool``); a
-distributor that sends more than the credit granted fails the request. If the distributor goes
-away (PUBLISH reaches nobody, this Node's subscriber lost messages, or nothing at all came from
-it for ``peer_timeout`` while requests are in flight with it), the app's ``receive()`` answers a
-disconnect and the app is cancelled shortly after.
+GONE for before acking, so nothing is gained by the wait. The exception is the recovery window
+(``confirmation``): a request that may predate the pop connection (counted with ``LLEN`` each
+time that connection is made) may be a leftover of a Redis restarted from its files or of a
+promoted replica, answered or run already; if its envelope says the distributor confirms, the
+job's ACK asks for it and the app starts only on ``CONFIRM`` (or a PING naming the request),
+never on ``CANCEL``, a lost distributor or ``peer_timeout`` of silence.
+
+An HTTP request whose body came whole lets its ack wait a moment (``outbox``, ``hold=True``) to
+travel in the same PUBLISH as the response's first message. A job feeds the app the events the
+distributor sends and publishes what the app sends (all through the ``outbox``: one PUBLISH per
+distributor per loop turn), answering in the envelope's format (``wire``: fleet upgrades),
+under credit-based flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` /
+``wire.CreditPool``); a distributor that sends more than the credit granted fails the request.
+If the distributor goes away (PUBLISH reaches nobody, this Node's subscriber lost messages, or
+nothing at all came from it for ``peer_timeout`` while requests are in flight with it), the
+app's ``receive()`` answers a disconnect and the app is cancelled shortly after.
 
 Whatever ends a job without its response complete (the above, a CANCEL, a flow-control
 violation, a forced stop) publishes ``[GONE, id, reason]`` to the distributor, best effort; an
@@ -37,7 +45,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import health, metrics, stats, wire
+from . import confirmation, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .lifespan import Lifespan
@@ -45,7 +53,7 @@ from .liveness import PeerTracker
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.client import Client
-from .resp.connection import make_params
+from .resp.connection import Connection, make_params
 from .resp.sentinel import SentinelSpec
 
 __all__ = ["DEFAULT_CONCURRENCY", "Node"]
@@ -65,8 +73,10 @@ class Node:
     ``cls=`` takes the seed's class style (``cls(scope)``, then ``await instance(receive,
     send)``); ``app=`` an ASGI 3 app (or a class-style one, told apart as uvicorn does).
     ``key=`` or ``keys=`` name the lists to pop. Connection settings as for
-    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://``, ``unix://`` or
-    ``redis+sentinel://`` (``sentinel=`` takes a ``SentinelSpec`` instead).
+    ``create_path_distributor``; ``url=`` accepts ``redis://``, ``rediss://``, ``unix://``,
+    ``redis+sentinel://`` (``sentinel=`` takes a ``SentinelSpec`` instead) or
+    ``redis+cluster://`` (keys in different slots are popped on a connection per slot, all
+    sharing the ``concurrency`` slots; give the Node at least one slot per such group).
 
     ``channel_prefix`` starts the Node's pub/sub channel name: the same as its tenant's
     distributors', with ACL users confined to it (README, "Security and trust").
@@ -139,6 +149,19 @@ class Node:
             sentinel=sentinel,
         )
         self.concurrency = concurrency
+        # The keys each blocking pop names: all of them, but on a Cluster one group per slot,
+        # each popped on a connection of its own (to the master serving that slot).
+        self.pop_groups = topology.pop_groups(self.params, self.keys)
+        if concurrency < len(self.pop_groups):
+            logger.warning(
+                "a Node with concurrency %d pops %d slot groups (%s): each waiting pop holds a "
+                "slot, so some groups wait for another's pop to end (up to pop_timeout); give "
+                "it a concurrency of at least %d, or keys with one {hash tag}",
+                concurrency,
+                len(self.pop_groups),
+                "; ".join(",".join(g) for g in self.pop_groups),
+                len(self.pop_groups),
+            )
         self.lifespan = Lifespan(self.app, lifespan)
         self.shutdown_timeout = shutdown_timeout
         self.pop_timeout = pop_timeout
@@ -155,7 +178,10 @@ class Node:
         # Subscribed beside self.channel: presence (one per key, counted by fail-fast
         # distributors and `minidasgi status`) and stats requests.
         self.presence_channels = [
-            wire.presence_channel(channel_prefix, self.params.db, k) for k in self.keys
+            wire.presence_channel(
+                channel_prefix, self.params.db, k, cluster=self.params.cluster is not None
+            )
+            for k in self.keys
         ]
         self._key_names = {k.encode(): k for k in self.keys}
         self.metrics = metrics.NodeMetrics(
@@ -180,11 +206,13 @@ class Node:
         self._publisher: topology.CommandClient | None = None
         self.outbox = Outbox(lambda: self._publisher)
         self._started: asyncio.Event | None = None
-        self._pop_client_id: int | None = None
+        # Per pop group: its connection and that connection's id, for CLIENT UNBLOCK.
+        self._pop_ids: dict[int, tuple[Connection, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
         self._batch_pops = True  # RPOP takes a count (Redis 6.2)
         self._pop_many = True  # BLMPOP is there and allowed (Redis 7.0)
+        self.recovery = confirmation.RecoveryWindow()  # popped requests to have confirmed
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
 
@@ -237,13 +265,20 @@ class Node:
         self._stopping.set()
         if self._subscriber is not None:  # fail-fast distributors stop counting this Node
             self.spawn(self._subscriber.unsubscribe(*self.presence_channels))
-        if self._pop_client_id is not None and self._publisher is not None:
-            # Wake the blocked BRPOP as if it timed out: nothing popped is ever dropped.
-            self.spawn(self._unblock_pop(self._publisher, self._pop_client_id))
+        self._unblock_pops()
 
-    async def _unblock_pop(self, publisher: topology.CommandClient, client_id: int) -> None:
+    def _unblock_pops(self) -> None:
+        """Wake every blocked BRPOP as if it timed out: nothing popped is ever dropped."""
+        if self._publisher is None:
+            return
+        for connection, client_id in list(self._pop_ids.values()):
+            self.spawn(self._unblock_pop(self._publisher, connection, client_id))
+
+    async def _unblock_pop(
+        self, publisher: topology.CommandClient, connection: Connection, client_id: int
+    ) -> None:
         with contextlib.suppress(RespError):  # the BRPOP's own timeout is the fallback
-            await publisher.execute("CLIENT", "UNBLOCK", client_id)
+            await topology.unblock(publisher, connection, client_id)
 
     async def wait_started(self) -> None:
         """Wait until the Node is subscribed and popping."""
@@ -262,13 +297,19 @@ class Node:
         publisher = self._publisher = topology.command_client(
             self.params, name="node publisher", parser=self._parser, health_check_interval=health
         )
-        popper = topology.pop_client(
-            self.params,
-            self.keys,
-            name="node queue",
-            parser=self._parser,
-            health_check_interval=health,
-        )
+        poppers = [
+            (
+                keys,
+                topology.pop_client(
+                    self.params,
+                    keys,
+                    name="node queue" if len(self.pop_groups) == 1 else f"node queue {keys[0]}",
+                    parser=self._parser,
+                    health_check_interval=health,
+                ),
+            )
+            for keys in self.pop_groups
+        ]
         subscriber = self._subscriber = topology.subscriber(
             self.params,
             health_check_interval=health,
@@ -279,7 +320,8 @@ class Node:
         if self.health_server is not None:
             await self.health_server.start()
         publisher.start()
-        popper.start()
+        for _, popper in poppers:
+            popper.start()
         monitor: asyncio.Task[None] | None = None
         try:
             # Waits out a Redis that is not up yet; raises at once for refused credentials.
@@ -293,14 +335,15 @@ class Node:
                 monitor = asyncio.get_running_loop().create_task(self._watch_peers())
                 logger.info("node serving %s from Redis at %s", self.keys, self.params.address)
                 self._started.set()
-                await self._pop_loop(popper)
+                await self._pop_loop(poppers)
             await self._drain()
         finally:
             if monitor is not None:
                 monitor.cancel()
             for job in list(self._jobs.values()):
                 job.cancel("node stopped")
-            await popper.close()
+            for _, popper in poppers:
+                await popper.close()
             try:
                 await self.lifespan.shutdown()
             finally:
@@ -331,9 +374,43 @@ class Node:
         if task.done() and not task.cancelled():
             task.result()
 
-    async def _pop_loop(self, popper: Client) -> None:
+    async def _pop_loop(self, poppers: list[tuple[list[str], Client]]) -> None:
+        """Pop each group of keys on its own connection, all groups sharing the Node's
+        concurrency slots, until ``stop()``."""
         assert self._stopping is not None
         slots = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
+        groups = [
+            loop.create_task(self._pop_group(index, keys, popper, slots, alone=len(poppers) == 1))
+            for index, (keys, popper) in enumerate(poppers)
+        ]
+        try:
+            _, pending = await asyncio.wait(groups, return_when=asyncio.FIRST_EXCEPTION)
+            if pending:  # a group failed: the others stop as at stop(), nothing popped lost
+                self._stopping.set()
+                self._unblock_pops()
+                await asyncio.wait(pending)
+        finally:
+            for group in groups:  # only if this task itself was cancelled
+                group.cancel()
+        for group in groups:
+            group.result()
+
+    async def _pop_group(
+        self,
+        index: int,
+        keys: list[str],
+        popper: Client,
+        slots: asyncio.Semaphore,
+        *,
+        alone: bool,
+    ) -> None:
+        """Pop ``keys`` while a slot is free: a blocked pop holds a slot, so the Node never
+        pops more requests than it can run. ``alone``: the only group, whose blocked BLMPOP
+        may hold every free slot (up to ``_MAX_BATCH``) to take a batch in one round trip;
+        with several groups a blocked pop holds one slot, and takes more (RPOP with a count)
+        only once it popped (``_pop``)."""
+        assert self._stopping is not None
         loop = asyncio.get_running_loop()
         popped_on = None
 
@@ -341,7 +418,8 @@ class Node:
             slots.release()
 
         def start(key: bytes, data: bytes) -> None:
-            task = loop.create_task(self._run_request(key, data))
+            early = self.recovery.popped(key)  # counted in pop order, whatever the request
+            task = loop.create_task(self._run_request(key, data, early))
             self._requests.add(task)  # at once: a stop must wait for it too
             task.add_done_callback(self._requests.discard)
             task.add_done_callback(release)
@@ -353,13 +431,10 @@ class Node:
                     break
             else:
                 await slots.acquire()  # returns at once: no task, no loop turn
-            # One pop takes up to one request per free slot: under load, a batch in one round
-            # trip; and never more than this Node can run.
             count = 1
-            while count < _MAX_BATCH and not slots.locked():
-                await slots.acquire()  # returns at once: a slot is free
-                count += 1
-            started = 0
+            if alone and self._pop_many:
+                count += await _take_free(slots, _MAX_BATCH - 1)
+            held, started = count, 0
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
@@ -370,16 +445,22 @@ class Node:
                 assert self._publisher is not None
                 await self._publisher.wait_connected(self.pop_timeout)
                 if connection is not popped_on:
+                    self._pop_ids.pop(index, None)
+                    client_id = await self._client_id(connection)
+                    if client_id is not None:
+                        self._pop_ids[index] = (connection, client_id)
+                    # Before the first pop on it: what waits now may predate the connection.
+                    waiting = await self._waiting(connection, keys)
+                    self.recovery.reconnected(keys, waiting, time.time())
                     popped_on = connection
-                    self._pop_client_id = await self._client_id(connection)
                 if not self._stopping.is_set():
-                    started = await self._pop(connection, count, start)
+                    held, started = await self._pop(connection, keys, count, slots, start)
             except (asyncio.TimeoutError, RespError) as exc:
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
                     await asyncio.sleep(0.05)
             finally:
-                for _ in range(count - started):
+                for _ in range(held - started):
                     slots.release()
             if started == 1:
                 # The queue was short, and the next pop will likely wait anyway: first let the
@@ -390,18 +471,24 @@ class Node:
                 await asyncio.sleep(0)
                 await asyncio.sleep(0)
 
-    async def _pop(self, connection: Any, count: int, start: Callable[[bytes, bytes], None]) -> int:
-        """Pop up to ``count`` requests and ``start`` each; return how many were started.
+    async def _pop(
+        self,
+        connection: Any,
+        keys: list[str],
+        count: int,
+        slots: asyncio.Semaphore,
+        start: Callable[[bytes, bytes], None],
+    ) -> tuple[int, int]:
+        """Pop up to ``count`` requests (``count`` slots held) and ``start`` each; return the
+        slots held now and how many requests were started (the caller frees the rest).
 
         One ``BLMPOP`` (Redis 7.0) where it can: a single round trip per pop, however many
         requests wait. Before Redis 7.0, or for an ACL user without ``+blmpop``, a ``BRPOP``
-        and then, under load, an ``RPOP`` with a count (the request popped first starts
-        before the second round trip)."""
+        and then, under load, an ``RPOP`` with a count for the slots free by then (the request
+        popped first starts before the second round trip)."""
         if self._pop_many:
             try:
-                popped = await connection.brpop_many(
-                    *self.keys, count=count, timeout=self.pop_timeout
-                )
+                popped = await connection.brpop_many(*keys, count=count, timeout=self.pop_timeout)
             except ReplyError as exc:
                 if not _unavailable(exc):
                     raise
@@ -409,18 +496,22 @@ class Node:
                 self._pop_many = False
             else:
                 if popped is None:
-                    return 0
+                    return count, 0
                 key, values = popped
                 for data in values:
                     start(key, data)
-                return len(values)
-        item = await connection.brpop(*self.keys, timeout=self.pop_timeout)
+                return count, len(values)
+        item = await connection.brpop(*keys, timeout=self.pop_timeout)
         if item is None:
-            return 0
+            return count, 0
         key, data = item
         start(key, data)
-        if count == 1 or not self._batch_pops:
-            return 1
+        # Under load more requests wait behind this one: take up to one per free slot in a
+        # single round trip (RPOP with a count) rather than a BRPOP each.
+        if self._batch_pops:
+            count += await _take_free(slots, _MAX_BATCH - count)
+        if count == 1:
+            return count, 1
         more: list[bytes] = []
         try:
             more = await connection.execute("RPOP", key, count - 1) or []
@@ -430,7 +521,7 @@ class Node:
             logger.warning("cannot pop requests: %s", exc)
         for data in more[: count - 1]:
             start(key, data)
-        return 1 + len(more[: count - 1])
+        return count, 1 + len(more[: count - 1])
 
     async def _client_id(self, connection: Any) -> int | None:
         """The pop connection's id, for CLIENT UNBLOCK at stop; None if the ACL user may
@@ -441,6 +532,19 @@ class Node:
             logger.info("no CLIENT ID (%s): stopping will wait for the pop to time out", exc)
             return None
         return client_id
+
+    async def _waiting(self, connection: Any, keys: list[str]) -> dict[str, int] | None:
+        """The requests waiting on each of ``keys`` (``confirmation``); None if the ACL user
+        may not ask (the recovery window is then told by the clocks)."""
+        try:
+            counts = await asyncio.gather(*(connection.execute("LLEN", k) for k in keys))
+        except ReplyError as exc:
+            logger.info(
+                "no LLEN (%s): requests queued before a reconnection are confirmed by clock", exc
+            )
+            return None
+        pairs = zip(keys, counts, strict=True)
+        return {k: n if type(n) is int else 0 for k, n in pairs}
 
     async def _drain(self) -> None:
         if not self._requests:
@@ -454,7 +558,9 @@ class Node:
         if pending:
             await asyncio.wait(pending, timeout=5)
 
-    async def _run_request(self, key: bytes, data: bytes) -> None:
+    async def _run_request(self, key: bytes, data: bytes, early: bool | None = False) -> None:
+        """Run one popped request; ``early``: it may predate the pop connection (None:
+        unknown, the envelope's time tells: ``confirmation``)."""
         try:
             envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
         except UnsupportedVersion as exc:
@@ -484,7 +590,10 @@ class Node:
             logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
             self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
             return
-        job = _Job(self, envelope)
+        confirm = envelope.confirms and (
+            early if early is not None else self.recovery.predates(key, envelope.queued)
+        )
+        job = _Job(self, envelope, confirm=confirm)
         self._jobs[envelope.id] = job
         self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
         try:
@@ -549,6 +658,8 @@ class Node:
             job.deliver(args[0])
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
+        elif kind == wire.CONFIRM:
+            job.confirm(True)
         elif kind == wire.CANCEL:
             if job.complete and not job.finished:
                 # The app sent its whole response, part of which may still wait for credit
@@ -567,7 +678,14 @@ class Node:
             return  # an old id-less PING: nothing to answer
         sender, request_ids = ping
         self.peers.heard(sender, time.monotonic())
-        unknown = [i for i in request_ids if i not in self._jobs]
+        unknown = []
+        for request_id in request_ids:
+            job = self._jobs.get(request_id)
+            if job is None:
+                unknown.append(request_id)
+            elif job.confirmation is not None and job.reply == sender:
+                # Named only once the distributor accepted the ACK: as good as a CONFIRM.
+                job.confirm(True)
         for request_id in unknown[: wire.MAX_PING_ANSWERS]:  # the rest at the next PING
             self._tell_gone(sender, request_id, "unknown to the worker", version)
 
@@ -640,7 +758,7 @@ class _Job:
     was actually published.
     """
 
-    def __init__(self, node: Node, envelope: wire.Envelope) -> None:
+    def __init__(self, node: Node, envelope: wire.Envelope, *, confirm: bool = False) -> None:
         self.node = node
         self.id = envelope.id
         self.reply = envelope.reply
@@ -678,6 +796,15 @@ class _Job:
         self.app_started = 0.0  # monotonic time the app was called, for metrics
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
+        # In the recovery window (``confirmation``): the distributor's answer, True to run.
+        self.confirmation: asyncio.Future[bool] | None = None
+        if confirm:
+            self.confirmation = asyncio.get_running_loop().create_future()
+
+    def confirm(self, confirmed: bool) -> None:
+        """The distributor's answer to an ACK that asked for it (or the end of the wait)."""
+        if self.confirmation is not None and not self.confirmation.done():
+            self.confirmation.set_result(confirmed)
 
     async def run(self) -> None:
         self.task = asyncio.current_task(self.node.loop)  # with the loop: no getpid()
@@ -685,15 +812,21 @@ class _Job:
         # a moment for the response, to share its PUBLISH; the others need the credit and the
         # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
         # A count of 0 (the distributor is gone) disconnects the app, as a client gone would.
-        ack = (self.node.channel, self.received.window, self.node.liveness_interval)
+        node = self.node
+        ack: tuple[Any, ...] = (node.channel, self.received.window, node.liveness_interval)
         hold = self.kind == "http" and self.received.window == 1 and not self.awaiting_body
+        if self.confirmation is not None:
+            ack += (True,)  # and no holding: nothing runs before the answer
+            hold = False
         posted = self.node.outbox.post(
             self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
         )
         posted.add_done_callback(self._check_reached)
         self.acked = True
-        self.app_started = time.monotonic()
         try:
+            if self.confirmation is not None and not await self._confirmed():
+                return
+            self.app_started = time.monotonic()
             await self.node.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
             if not self.gone:
@@ -708,6 +841,21 @@ class _Job:
             await self._done(failed=True)
             return
         await self._done(failed=False)
+
+    async def _confirmed(self) -> bool:
+        """Wait for the distributor to confirm the request: CONFIRM, or a PING naming it. A
+        CANCEL cancels the job, a lost distributor ends the wait (``peer_lost``), and nothing
+        at all within ``peer_timeout`` counts as a refusal."""
+        assert self.confirmation is not None
+        try:
+            confirmed = await asyncio.wait_for(self.confirmation, self.node.peer_timeout)
+        except asyncio.TimeoutError:
+            confirmed = False
+            self.why = self.why or "no confirmation from the distributor"
+        if not confirmed:
+            logger.info("request %s dropped unrun: %s", self.id, self.why or "not confirmed")
+            self.gone = True
+        return confirmed
 
     async def _done(self, *, failed: bool) -> None:
         """Tell the distributor the app ended without its response all sent, if so."""
@@ -766,6 +914,7 @@ class _Job:
         logger.warning("request %s: %s", self.id, why)
         self.gone = True
         self.why = why
+        self.confirm(False)
         self.window.abort(_Disconnected())
         self._wake_receive(1006)
         if self.task is not None:
@@ -973,6 +1122,15 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
             local[name] = tuple(value)
     local["state"] = dict(state)
     return local
+
+
+async def _take_free(slots: asyncio.Semaphore, most: int) -> int:
+    """Take up to ``most`` of the slots free now, without waiting; return how many."""
+    taken = 0
+    while taken < most and not slots.locked():
+        await slots.acquire()  # returns at once: a slot is free
+        taken += 1
+    return taken
 
 
 def _unavailable(error: ReplyError) -> bool:

@@ -8,8 +8,11 @@ stats channel (NATS-style), collected on a reply channel of this command's own u
 receiver PUBLISH counted has answered or ``timeout`` passes.
 
 It stores nothing in Redis and needs only ``LLEN LINDEX PUBSUB PUBLISH SUBSCRIBE PING`` on
-the keys and on ``&prefix:*`` channels. What the processes send back is untrusted: payloads
-are checked by ``stats.check`` and at most ``MAX_PROCESSES`` are kept.
+the keys and on ``&prefix:*`` channels (on a Redis Cluster, ``SPUBLISH SSUBSCRIBE`` and
+``CLUSTER SLOTS`` too: each command goes to the master serving its key or channel, and the
+processes answer through sharded pub/sub, as all their traffic does there). What the
+processes send back is untrusted: payloads are checked by ``stats.check`` and at most
+``MAX_PROCESSES`` are kept.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import codec, stats, wire
-from .resp import Subscriber
+from .resp import topology
+from .resp.cluster import ClusterClient
 from .resp.connection import ConnectionParams, open_connection
-from .resp.protocol import ReplyError, pack_command
+from .resp.protocol import RedisConnectionError, ReplyError, pack_command
 
 __all__ = ["MAX_PROCESSES", "format_status", "take_status"]
 
@@ -61,8 +66,8 @@ async def take_status(
         if 0 <= expected <= len(answers):
             enough.set()
 
-    connection = await asyncio.wait_for(open_connection(params), timeout)
-    subscriber = Subscriber(params=params, on_message=on_message)
+    connection, close = await _open(params, timeout)
+    subscriber = topology.subscriber(params, on_message=on_message)
     try:
         reply = stats.status_channel(channel_prefix, params.db)
         await asyncio.wait_for(subscriber.subscribe(reply), timeout)
@@ -83,10 +88,11 @@ async def take_status(
         )
         if not keys:
             keys = sorted({k for n in nodes for k in n.get("keys", [])})
-        queues = [await _queue(connection, key, channel_prefix, params.db) for key in keys]
+        cluster = params.cluster is not None
+        queues = [await _queue(connection, key, channel_prefix, params.db, cluster) for key in keys]
     finally:
         await subscriber.close()
-        await connection.close()
+        await close()
     return {
         "time": time.time(),
         "queues": queues,
@@ -97,8 +103,32 @@ async def take_status(
     }
 
 
-async def _queue(connection: Any, key: str, prefix: str, db: int) -> dict[str, Any]:
-    presence = wire.presence_channel(prefix, db, key)
+async def _open(
+    params: ConnectionParams, timeout: float
+) -> tuple[topology.Commands, Callable[[], Awaitable[None]]]:
+    """The commands to ask with, and how to close them: a connection, or on a Cluster a
+    router sending each command to the master serving its key."""
+    if params.cluster is None:
+        connection = await asyncio.wait_for(open_connection(params), timeout)
+        return connection, connection.close
+    client = ClusterClient(params, name="status", health_check_interval=None)
+    try:
+        await client.wait_connected(timeout)
+        return client.connection(), client.close
+    except asyncio.TimeoutError:
+        await client.close()
+        raise RedisConnectionError(
+            f"{params.address} gave no slot map in {timeout:g} s: {client.last_error}"
+        ) from None
+    except BaseException:
+        await client.close()
+        raise
+
+
+async def _queue(
+    connection: topology.Commands, key: str, prefix: str, db: int, cluster: bool
+) -> dict[str, Any]:
+    presence = wire.presence_channel(prefix, db, key, cluster=cluster)
     length, oldest, listeners = await connection.pipeline(
         pack_command("LLEN", key),
         pack_command("LINDEX", key, -1),

@@ -12,9 +12,16 @@ The conversation for one request (``id``):
    first calls ``receive()``, and only then does the distributor read the body and relay it.
 2. A Node pops it (``BLMPOP ... RIGHT COUNT n``, or ``BRPOP`` then ``RPOP`` with a count
    before Redis 7.0: first in, first out, up to one request per free slot) and publishes
-   ``[ACK, id, node_channel, window]``: the window is how many pieces of request body the
-   distributor may send ahead. It runs the app at once; the ACK of a whole HTTP request
-   usually travels in one batch with the response's first SEND.
+   ``[ACK, id, node_channel, window, liveness]``: the window is how many pieces of request
+   body the distributor may send ahead. It runs the app at once; the ACK of a whole HTTP
+   request usually travels in one batch with the response's first SEND.
+   Except in a Node's recovery window (``confirmation``: a request that may predate the
+   Node's pop connection, so may come from a Redis restarted from its files or a promoted
+   replica, and may have been answered or run already): if the envelope says its
+   distributor confirms (``confirms``), the Node adds ``True`` to the ACK and waits, app
+   not started, for ``[CONFIRM, id]`` (run it) or ``[CANCEL, id]`` (drop it). The
+   distributor confirms only the first ACK of a request it still waits an ack for; an
+   unknown id (answered already) or a second ACK (another Node has it) gets a CANCEL.
 3. The Node publishes ``[SEND, id, [events...]]`` with what the app sends; the distributor
    publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
@@ -37,7 +44,9 @@ The conversation for one request (``id``):
    peer for ``peer_timeout`` fails the requests it shares with it. The old ``[PING]``, without
    sender or ids, is still read (and ignored). Whether a peer pings at all is announced in the
    envelope (``liveness``) and the ACK (its third argument), so a peer of an older version,
-   which does not, is never blamed for its silence.
+   which does not, is never blamed for its silence. A Node waiting for a confirmation takes
+   a distributor's PING naming the request as one (the distributor names only requests whose
+   ACK it accepted), and gives up after ``peer_timeout``.
 
 Formats and fleet upgrades. Every message starts with its format's version byte (``codec``).
 A process sends what it has for one peer channel in one loop turn as one PUBLISH (``outbox``):
@@ -48,7 +57,11 @@ split with ``split_frame``. An envelope starts with a preamble every later versi
 its fields as a codec message: a Node that cannot read the body's version still knows whom to
 tell (``peek_envelope``), and answers ``[GONE, id, "unsupported ..."]`` at once. A Node answers
 in the envelope's format: the first release's (``codec.RELEASED``, an envelope that is a plain
-codec dict) gets single messages in that format, which its distributor reads.
+codec dict) gets single messages in that format, which its distributor reads. A Node asks for
+a confirmation only when the envelope announces that its distributor gives one
+(``confirms``): a distributor of an earlier version, which would never answer, is not asked
+(the request runs at once, as that version expects), and a Node of an earlier version ignores
+the field and the fourth ACK argument it never sends.
 """
 
 from __future__ import annotations
@@ -63,12 +76,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import codec
+from .resp.cluster import hash_tag
 
 __all__ = [
     "ACK",
     "BATCH_FRAME",
     "CANCEL",
     "CHUNK_SIZE",
+    "CONFIRM",
     "CONTINUE",
     "CREDIT",
     "DONE",
@@ -86,6 +101,7 @@ __all__ = [
     "ReceiveWindow",
     "SendWindow",
     "WireError",
+    "asks_confirmation",
     "batch_frame",
     "new_channel",
     "new_request_id",
@@ -107,6 +123,7 @@ CANCEL: Final = "cancel"
 PING: Final = "ping"
 CONTINUE: Final = "continue"
 GONE: Final = "gone"
+CONFIRM: Final = "confirm"
 
 CHUNK_SIZE: Final = 128 * 1024
 """Largest body piece in one message; bigger bodies are split."""
@@ -241,6 +258,11 @@ def ping_messages(sender: str, request_ids: list[str], *, version: int = codec.F
     return [codec.encode([PING, sender, chunk], version=version) for chunk in chunks or [[]]]
 
 
+def asks_confirmation(ack_args: list[Any]) -> bool:
+    """True if an ACK's arguments (after the id) ask the distributor for a confirmation."""
+    return len(ack_args) > 3 and ack_args[3] is True
+
+
 def peek_envelope(data: bytes) -> tuple[str, str] | None:
     """``(id, reply)`` from an envelope's preamble, whatever the version of its body; None if
     it has no preamble (the first release's envelopes) or a malformed one."""
@@ -292,6 +314,9 @@ class Envelope:
     """The distributor's PING interval for this request; 0 if it does not ping (older
     versions, which also leave the key out)."""
     queued: float = 0.0  # wall-clock time of the LPUSH, for the age of the oldest request
+    confirms: bool = False
+    """The distributor answers an ACK that asks for a confirmation (``confirmation``); False
+    for older versions, which leave the key out."""
     version: int = codec.FAST
     """The format of the envelope's body: the one its distributor reads, and is answered in."""
 
@@ -306,6 +331,8 @@ class Envelope:
             "liveness": self.liveness,
             "queued": self.queued,
         }
+        if self.confirms:
+            fields["confirms"] = True
         if self.version == codec.RELEASED:
             return codec.encode(
                 {"id": self.id, "reply": self.reply, **fields}, version=codec.RELEASED
@@ -375,6 +402,9 @@ class Envelope:
             raise WireError("envelope queued time is not a number")
         if not math.isfinite(queued):
             raise WireError("envelope queued time is not finite")
+        confirms = value.get("confirms", False)  # absent from envelopes of older distributors
+        if not isinstance(confirms, bool):
+            raise WireError("envelope confirms is not a boolean")
         return cls(
             request_id,
             reply,
@@ -384,6 +414,7 @@ class Envelope:
             window,
             liveness=float(liveness),
             queued=float(queued),
+            confirms=confirms,
             version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
         )
 
@@ -606,9 +637,21 @@ STATS: Final = "stats"
 STATS_REPLY: Final = "stats-reply"
 
 
-def presence_channel(prefix: str, db: int, key: str) -> str:
-    """The channel a Node serving ``key`` subscribes to, so that it can be counted."""
-    return f"{prefix}:{db}:presence:{key}"
+def presence_channel(prefix: str, db: int, key: str, *, cluster: bool = False) -> str:
+    """The channel a Node serving ``key`` subscribes to, so that it can be counted.
+
+    On a Redis Cluster (``cluster=True``) it shares the key's slot, so that the fail-fast
+    count and the push go to one master: a key with a ``{hash tag}`` already gives the name
+    its tag (the prefix has no brace); any other key becomes the name's tag, ``{key}``. A key
+    whose braces make no tag (``a{b``, ``a}b``, ``{}``), or a prefix with a brace, keeps the
+    plain name, in a slot of its own. On one server the name is the plain one (what every
+    release of the fleet uses)."""
+    name = f"{prefix}:{db}:presence:{key}"
+    if not cluster or "{" in prefix or hash_tag(key) is not None:
+        return name
+    if key and "{" not in key and "}" not in key:
+        return f"{prefix}:{db}:presence:{{{key}}}"
+    return name
 
 
 def stats_channel(prefix: str, db: int) -> str:

@@ -6,8 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from minidasgi.resp import parse_url
-from minidasgi.resp.cluster import SLOTS, ClusterSpec, SlotMap, _redirect, crc16, key_slot
+from minidasgi.resp import parse_url, topology
+from minidasgi.resp.cluster import (
+    SLOTS,
+    ClusterSpec,
+    SlotMap,
+    _redirect,
+    crc16,
+    hash_tag,
+    key_slot,
+)
 from minidasgi.resp.protocol import ReplyError
 
 
@@ -104,3 +112,18 @@ def test_commands_are_routed_by_their_key() -> None:
     assert _routing_key(("SPUBLISH", "ch", "m")) == "ch"
     for keyless in (("CLIENT", "UNBLOCK", 5), ("PING",), ("LPUSH",), (), (1, "x")):
         assert _routing_key(keyless) is None
+
+
+def test_pop_groups_split_keys_by_slot_on_a_cluster_only() -> None:
+    keys = ["a", "{api}:users", "b", "{api}:admin", "a2"]
+    single = parse_url("redis://localhost/0")
+    assert topology.pop_groups(single, keys) == [keys]  # one BRPOP names them all
+    cluster = parse_url("redis+cluster://localhost:7000")
+    groups = topology.pop_groups(cluster, keys)
+    assert sorted(k for g in groups for k in g) == sorted(keys)
+    assert all(len({key_slot(k) for k in group}) == 1 for group in groups)
+    assert len({key_slot(group[0]) for group in groups}) == len(groups)
+    assert ["{api}:users", "{api}:admin"] in groups  # one tag, one slot, in the given order
+    assert hash_tag("{api}:users") == "api" and hash_tag("a{}b") is None
+    with pytest.raises(ValueError, match="share a slot"):
+        topology.pop_client(cluster, ["a", "b"], name="pop")

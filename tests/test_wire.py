@@ -14,6 +14,7 @@ import pytest
 
 from minidasgi import codec, wire
 from minidasgi.codec import CodecError
+from minidasgi.resp.cluster import key_slot
 from minidasgi.wire import Envelope, ReceiveWindow, SendWindow, WireError
 
 
@@ -463,3 +464,53 @@ def test_an_envelope_in_the_first_release_format_is_a_plain_codec_dict() -> None
 def test_request_ids_are_unique_and_short() -> None:
     ids = {wire.new_request_id() for _ in range(2000)}
     assert len(ids) == 2000 and all(len(i) == 24 for i in ids)
+
+
+def test_envelope_confirms_is_announced_and_optional_for_older_distributors() -> None:
+    envelope = wire.Envelope("id", "chan", 1.0, {"type": "http"}, [], confirms=True)
+    assert wire.Envelope.decode(envelope.encode()).confirms is True
+    released = dataclasses.replace(envelope, version=codec.RELEASED)
+    assert wire.Envelope.decode(released.encode()).confirms is True
+    old = codec.decode(released.encode())
+    del old["confirms"]  # an older distributor: a Node must never wait for its answer
+    assert wire.Envelope.decode(codec.encode(old)).confirms is False
+    for bad in (1, "yes", None):
+        old["confirms"] = bad
+        with pytest.raises(wire.WireError):
+            wire.Envelope.decode(codec.encode(old))
+    plain = wire.Envelope("id", "chan", 1.0, {"type": "http"}, [])
+    assert b"confirms" not in plain.encode()
+
+
+def test_only_an_ack_with_true_as_its_fourth_argument_asks_for_a_confirmation() -> None:
+    assert wire.asks_confirmation(["node", 8, 1.0, True])
+    assert not wire.asks_confirmation(["node", 8, 1.0])  # every ack until now
+    assert not wire.asks_confirmation(["node", 8, 1.0, 1])
+    assert not wire.asks_confirmation(["node", 8, 1.0, "true"])
+    assert not wire.asks_confirmation([])
+
+
+def test_presence_channels_share_their_key_slot_on_a_cluster() -> None:
+    # On one server the name stays what every release of the fleet subscribes to.
+    assert wire.presence_channel("minidasgi", 0, "q") == "minidasgi:0:presence:q"
+    assert wire.presence_channel("p", 3, "{api}:users") == "p:3:presence:{api}:users"
+    # On a Cluster: the key's own tag, or the key as the tag; the fail-fast NUMSUB and the
+    # LPUSH then go to the same master.
+    named = {
+        "q": "minidasgi:0:presence:{q}",
+        "ASGI-testing": "minidasgi:0:presence:{ASGI-testing}",
+        "{api}:users": "minidasgi:0:presence:{api}:users",
+        "x{tag}y{z}": "minidasgi:0:presence:x{tag}y{z}",
+        "é/ü": "minidasgi:0:presence:{é/ü}",
+    }
+    for key, channel in named.items():
+        assert wire.presence_channel("minidasgi", 0, key, cluster=True) == channel
+        assert key_slot(channel) == key_slot(key), key
+    # Keys of one tag still get a channel each.
+    assert wire.presence_channel("m", 0, "{api}:a", cluster=True) != wire.presence_channel(
+        "m", 0, "{api}:b", cluster=True
+    )
+    # Braces that make no tag, or a prefix with a brace: the plain name (its own slot).
+    for key in ("a{b", "a}b", "{}", "a{}b", ""):
+        assert wire.presence_channel("m", 0, key, cluster=True) == f"m:0:presence:{key}"
+    assert wire.presence_channel("{t}", 0, "q", cluster=True) == "{t}:0:presence:q"

@@ -61,6 +61,7 @@ __all__ = [
     "ShardedSubscriber",
     "SlotMap",
     "crc16",
+    "hash_tag",
     "key_slot",
 ]
 
@@ -98,6 +99,17 @@ def crc16(data: bytes) -> int:
     for byte in data:
         crc = ((crc << 8) & 0xFF00) ^ table[((crc >> 8) ^ byte) & 0xFF]
     return crc
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` its slot is computed from when that is not the whole key: between
+    the first ``{`` and the next ``}``, if not empty; else None."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return None
 
 
 def key_slot(key: str | bytes) -> int:
@@ -519,6 +531,15 @@ class ClusterClient:
                 self.map.refresh_soon()  # a failover, perhaps: look where the slot went
                 raise
         raise RedisConnectionError(f"too many redirects for {key!r} in {self.address}")
+
+    async def execute_at(self, address: Address, *args: object) -> Any:
+        """Run one command on the node at ``address``, whatever slots it serves (for commands
+        about a connection of that node, such as ``CLIENT UNBLOCK``); no redirect followed."""
+        client = self.client_for(address)
+        if not client.ever_connected and client.last_error is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await client.wait_connected(self.params.connect_timeout)
+        return await client.connection().execute(*args)
 
     async def lpush(self, key: str | bytes, *values: object) -> int:
         """LPUSH on the master serving ``key``."""

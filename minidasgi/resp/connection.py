@@ -896,8 +896,8 @@ async def open_connection(params: ConnectionParams, *, parser: str | None = None
     by ``params.connect_timeout`` (a server that accepts TCP but never answers is an error)."""
     if params.cluster is not None and not params.host:
         raise RedisConnectionError(
-            f"{params.address}: a Redis Cluster has no single connection to open (this tool "
-            "does not support Cluster yet; clients use resp.cluster.ClusterClient)"
+            f"{params.address}: a Redis Cluster has no single connection to open (use "
+            "resp.topology's clients, which route by key, or one node's redis:// URL)"
         )
     if params.unresolved:
         from . import sentinel

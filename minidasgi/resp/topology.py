@@ -3,9 +3,10 @@
 One server and Sentinel are served by ``Client`` and ``Subscriber`` (Sentinel only changes
 where their connections go: see ``sentinel``); a Cluster by ``cluster.ClusterClient``, which
 routes each command by its key, ``cluster.ShardedSubscriber`` (sharded pub/sub) and
-``cluster.PinnedClient`` for blocking pops. The distributor and the Node build their
-connections here, push to keys and publish to channels, and never learn which server or slot
-serves them. This module holds no state and never opens a connection itself.
+``cluster.PinnedClient`` for blocking pops, one per slot the popped keys fall in
+(``pop_groups``). The distributor and the Node build their connections here, push to keys and
+publish to channels, and never learn which server or slot serves them. This module holds no
+state and never opens a connection itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 from .client import Client
 from .cluster import ClusterClient, PinnedClient, ShardedSubscriber, key_slot
-from .connection import ConnectionParams
+from .connection import Connection, ConnectionParams
 from .pubsub import Subscriber
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "Commands",
     "command_client",
     "pop_client",
+    "pop_groups",
     "subscriber",
+    "unblock",
 ]
 
 CommandClient = Client | ClusterClient
@@ -88,6 +91,18 @@ def subscriber(
     )
 
 
+def pop_groups(params: ConnectionParams, keys: Sequence[str]) -> list[list[str]]:
+    """The keys one blocking pop may name together, in groups, in the order given: all of
+    them on one server or under Sentinel; on a Cluster, the keys of each slot (a BRPOP naming
+    keys in different slots is refused with CROSSSLOT)."""
+    if params.cluster is None:
+        return [list(keys)] if keys else []
+    groups: dict[int, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key_slot(key), []).append(key)
+    return list(groups.values())
+
+
 def pop_client(
     params: ConnectionParams,
     keys: Sequence[str],
@@ -97,14 +112,15 @@ def pop_client(
     health_check_interval: float | None = 5.0,
 ) -> Client:
     """The connection that pops ``keys`` (BRPOP blocks it: it carries nothing else). On a
-    Cluster the keys must share a slot (give them one ``{hash tag}``): ``ValueError`` else."""
+    Cluster it follows the master serving the keys' slot, which they must share
+    (``pop_groups`` makes such groups): ``ValueError`` else."""
     if params.cluster is None:
         return Client(params, name=name, parser=parser, health_check_interval=health_check_interval)
     slots = {key_slot(key) for key in keys}
     if len(slots) != 1:
         raise ValueError(
-            f"on a Redis Cluster the keys one Node pops must share a slot: give {list(keys)!r} "
-            "one {hash tag} (e.g. '{api}:users', '{api}:admin') or run a Node per key"
+            f"on a Redis Cluster the keys one blocking pop names must share a slot: {list(keys)!r}"
+            " do not (pop_groups splits them by slot)"
         )
     return PinnedClient(
         params,
@@ -113,3 +129,15 @@ def pop_client(
         parser=parser,
         health_check_interval=health_check_interval,
     )
+
+
+async def unblock(publisher: CommandClient, blocked: Connection, client_id: int) -> None:
+    """Wake the blocking command of connection ``client_id`` (``blocked``) as if it timed out
+    (``CLIENT UNBLOCK``), sent by ``publisher`` to the server ``blocked`` is connected to: on a
+    Cluster that is the master serving its slot, which alone knows that id. ``RespError`` if
+    it cannot be sent."""
+    if isinstance(publisher, ClusterClient):
+        address = (blocked.params.host, blocked.params.port)
+        await publisher.execute_at(address, "CLIENT", "UNBLOCK", client_id)
+    else:
+        await publisher.execute("CLIENT", "UNBLOCK", client_id)

@@ -3,6 +3,7 @@
 * ``redis_server`` -- a fresh plain server per test.
 * ``shared_redis`` -- one plain server for the whole session; ``clean_redis`` is the same
   server after ``FLUSHALL``.
+* ``sentinels`` -- a master, a replica and three sentinels (``SentinelSetup``).
 * ``parser`` -- each RESP test runs with the pure-Python and the hiredis parser;
   ``open_conn(url, **kwargs)`` connects with the test's parser and closes at teardown.
 * ``redis_factory`` -- ``redis_factory(password=..., acl_users=..., tls=..., extra_args=...)``
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from minidasgi.resp import Connection, connect
+from minidasgi.testing import SentinelSetup
 
 from .redis_server import RedisFactory, RedisServer, TLSNotSupportedError, find_redis_server
 
@@ -74,6 +76,15 @@ def redis_factory() -> Iterator[RedisFactory]:
     finally:
         for server in reversed(started):
             server.close()
+
+
+@pytest.fixture
+def sentinels() -> Iterator[SentinelSetup]:
+    setup = SentinelSetup()
+    try:
+        yield setup.start()
+    finally:
+        setup.close()
 
 
 @pytest.fixture(params=["python", "hiredis"])

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +23,7 @@ import websockets
 from minidasgi import Node, create_distributor, create_path_distributor
 from minidasgi.resp import parse_url
 from minidasgi.resp.cluster import ClusterClient, ShardedSubscriber, key_slot
+from minidasgi.status import format_status, take_status
 from minidasgi.testing import ClusterSetup, RedisServer
 
 from . import apps
@@ -232,20 +235,127 @@ async def test_http_and_websocket_across_masters(cluster: ClusterSetup) -> None:
         assert server.command("DBSIZE") == 0
 
 
-async def test_a_node_refuses_keys_in_different_slots(cluster: ClusterSetup) -> None:
-    keys = list(keys_on_each_master(cluster).values())
-    node = Node(url=cluster.url, app=apps.hello, keys=keys)
-    with pytest.raises(ValueError, match="share a slot"):
-        await node.serve()
-    # Keys with one hash tag share a slot, and one Node pops them all.
-    tagged = Node(url=cluster.url, app=apps.hello, keys=["{api}:users", "{api}:admin"])
-    app = create_path_distributor(
-        url=cluster.url, routes={"^/users": "{api}:users", "^/admin": "{api}:admin"}
-    )
-    async with serve_app(app) as base, run_node(tagged):
+def blocked_pops(setup: ClusterSetup) -> dict[int, int]:
+    """Clients blocked (in BRPOP) on each master: port -> count."""
+    counts = {}
+    for server in setup.masters:
+        info = server.command("INFO", "clients")
+        assert isinstance(info, bytes)
+        line = next(x for x in info.split(b"\r\n") if x.startswith(b"blocked_clients:"))
+        counts[server.port] = int(line.split(b":")[1])
+    return counts
+
+
+async def test_one_node_pops_keys_on_every_master(cluster: ClusterSetup) -> None:
+    """A Node whose keys fall in different slots pops each slot's keys on a connection of its
+    own (to the master serving it): one Node serves routes to every master, beside keys
+    sharing a hash tag (one slot, one connection)."""
+    keys = keys_on_each_master(cluster)  # port -> key
+    tagged = ["{api}:users", "{api}:admin"]
+    names = [*keys.values(), *tagged]
+    node = Node(url=cluster.url, app=apps.echo, keys=names)
+    assert len(node.pop_groups) == len(keys) + 1
+    routes = {f"^/{key}/": key for key in names}
+    app = create_path_distributor(url=cluster.url, routes=routes, worker_timeout=5)
+    async with serve_app(app) as base, run_node(node):
+        # One blocked pop per group, each on the master serving its slot.
+        tag_master = cluster.master_of("{api}")
+        assert tag_master is not None
+        expected = collections.Counter(keys.keys())
+        expected[tag_master.port] += 1
+        assert await poll(lambda: blocked_pops(cluster) == dict(expected), 10), blocked_pops(
+            cluster
+        )
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-            assert (await client.get("/users")).status_code == 200
-            assert (await client.get("/admin")).status_code == 200
+            for key in names:
+                response = await client.post(f"/{key}/x", content=b"body for " + key.encode())
+                assert response.status_code == 200, response.text
+                assert response.content == b"body for " + key.encode()
+            # Concurrent requests on every key at once: all served by this one Node.
+            responses = await asyncio.gather(
+                *(client.post(f"/{k}/{n}", content=b"%d" % n) for n in range(4) for k in names)
+            )
+            assert [r.status_code for r in responses] == [200] * len(responses)
+    assert node.metrics.served == len(names) * 5
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_slot_groups_share_the_concurrency(cluster: ClusterSetup) -> None:
+    """Pops on different masters share the Node's slots: a blocked pop holds one, so with
+    every slot taken by a running request no pop is outstanding and a further request stays
+    in Redis for other Nodes; a finished request frees a slot for it."""
+    first, second = list(keys_on_each_master(cluster).values())[:2]
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        started.append(scope["path"])
+        await release.wait()
+        await apps.hello(scope, receive, send)
+
+    node = Node(url=cluster.url, app=held, keys=[first, second], concurrency=2)
+    routes = {f"^/{first}/": first, f"^/{second}/": second}
+    app = create_path_distributor(url=cluster.url, routes=routes, worker_timeout=10)
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=15) as client:
+            assert await poll(lambda: sum(blocked_pops(cluster).values()) == 2, 10)
+            one = asyncio.ensure_future(client.get(f"/{first}/1"))
+            two = asyncio.ensure_future(client.get(f"/{second}/2"))
+            assert await poll(lambda: len(started) == 2, 10)
+            # Both slots run requests: no pop may be outstanding on any master.
+            assert await poll(lambda: sum(blocked_pops(cluster).values()) == 0, 10)
+            three = asyncio.ensure_future(client.get(f"/{first}/3"))
+            owner = cluster.master_of(first)
+            assert owner is not None
+            assert await poll(lambda: owner.command("LLEN", first) == 1, 10)
+            assert sum(blocked_pops(cluster).values()) == 0
+            assert len(started) == 2
+            release.set()
+            responses = await asyncio.gather(one, two, three)
+            assert [r.status_code for r in responses] == [200, 200, 200]
+            assert sorted(started) == [f"/{first}/1", f"/{first}/3", f"/{second}/2"]
+
+
+@pytest.mark.parametrize("spread", ["one key", "a key per master"])
+async def test_a_node_on_a_cluster_stops_at_once(cluster: ClusterSetup, spread: str) -> None:
+    """``stop()`` wakes every blocked pop with CLIENT UNBLOCK, sent to the master that holds
+    each pop connection: the Node ends well before its pops would time out."""
+    keys = list(keys_on_each_master(cluster).values())
+    if spread == "one key":
+        keys = keys[1:2]
+    pop_timeout = 6.0
+    node = Node(url=cluster.url, app=apps.hello, keys=keys, pop_timeout=pop_timeout)
+    serving = asyncio.ensure_future(node.serve())
+    try:
+        await asyncio.wait_for(node.wait_started(), 10)
+        owners = {port: 0 for port in blocked_pops(cluster)}
+        for key in keys:
+            owner = cluster.master_of(key)
+            assert owner is not None
+            owners[owner.port] += 1
+        assert await poll(lambda: blocked_pops(cluster) == owners, 10)
+        stopped_at = time.monotonic()
+        node.stop()
+        await asyncio.wait_for(serving, 15)
+        # Well under the pops' own timeout (they may have started a moment before the stop).
+        assert time.monotonic() - stopped_at < pop_timeout / 2
+    finally:
+        if not serving.done():
+            serving.cancel()
+    assert sum(blocked_pops(cluster).values()) == 0
+    # Woken by CLIENT UNBLOCK, each on the master holding the pop.
+    assert {s.port: unblocks(s) for s in cluster.masters} == owners
+
+
+def unblocks(server: RedisServer) -> int:
+    """CLIENT UNBLOCK commands ``server`` ran."""
+    info = server.command("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    for line in info.split(b"\r\n"):
+        if line.startswith(b"cmdstat_client|unblock:calls="):
+            return int(line.split(b"=")[1].split(b",")[0])
+    return 0
 
 
 @pytest.mark.parametrize("fault", ["cluster-failover", "sigkill"])
@@ -329,6 +439,79 @@ async def test_fail_fast_counts_sharded_subscribers(cluster: ClusterSetup) -> No
             assert time.monotonic() - started < 15  # at once, not after worker_timeout
             async with run_node(Node(url=cluster.url, app=apps.hello, key="ff-q")):
                 assert (await client.get("/")).status_code == 200
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_presence_shares_the_slot_of_its_key(cluster: ClusterSetup) -> None:
+    """A Node's presence subscription for a key lives on the master serving that key (its
+    name carries the key's hash tag), so the fail-fast count and the push go to one master."""
+    key = next(
+        k
+        for k in (f"presence-{n}" for n in range(1000))
+        if cluster.master_of(f"minidasgi:0:presence:{k}") is not cluster.master_of(k)
+    )
+    owner = cluster.master_of(key)
+    assert owner is not None
+    async with run_node(Node(url=cluster.url, app=apps.hello, key=key)):
+        for server in cluster.masters:
+            channels = server.command("PUBSUB", "SHARDCHANNELS", "minidasgi:0:presence:*")
+            assert channels == (
+                [f"minidasgi:0:presence:{{{key}}}".encode()] if server is owner else []
+            ), server.port
+        app = create_distributor(url=cluster.url, key=key, fail_fast=True, worker_timeout=5)
+        async with serve_app(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+            assert (await client.get("/")).status_code == 200
+    for server in cluster.masters:
+        assert server.command("DBSIZE") == 0
+
+
+async def test_status_on_a_cluster(cluster: ClusterSetup) -> None:
+    """``minidasgi status`` on a Cluster: queues on several masters (waiting requests, their
+    age, the Nodes counted by sharded presence), and the stats of every process gathered over
+    sharded pub/sub; nothing stored."""
+    served, unserved = list(keys_on_each_master(cluster).values())[:2]
+    routes = {f"^/{served}/": served, f"^/{unserved}/": unserved}
+    app = create_path_distributor(url=cluster.url, routes=routes, worker_timeout=30)
+    node = Node(url=cluster.url, app=apps.hello, keys=[served, "{api}:users"], concurrency=7)
+    params = parse_url(cluster.url)
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=40) as client:
+            assert (await client.get(f"/{served}/")).status_code == 200
+            waiting = asyncio.ensure_future(client.get(f"/{unserved}/"))
+            owner = cluster.master_of(unserved)
+            assert owner is not None
+            assert await poll(lambda: owner.command("LLEN", unserved) == 1, 10)
+            report = await take_status(params, timeout=5)
+            assert (report["asked"], report["answered"]) == (2, 2)
+            (seen,) = report["nodes"]
+            assert seen["keys"] == [served, "{api}:users"] and seen["concurrency"] == 7
+            assert seen["served"] == 1
+            (dist,) = report["distributors"]
+            assert dist["in_flight"] == 1 and dist["served"] == 1
+            assert [(q["key"], q["waiting"], q["nodes"]) for q in report["queues"]] == [
+                (served, 0, 1),
+                ("{api}:users", 0, 1),
+            ]
+            report = await take_status(params, [unserved], timeout=5)
+            (queue,) = report["queues"]
+            assert (queue["waiting"], queue["nodes"]) == (1, 0)
+            assert queue["oldest_age"] is not None and queue["oldest_age"] >= 0
+            text = format_status(report, params.address)
+            assert unserved in text and "cluster" in text
+            # The command line, in a process of its own.
+            command = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "minidasgi", "status", "--redis", cluster.url, "--json"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(command.communicate(), 30)
+            assert command.returncode == 0, err.decode()
+            shown = json.loads(out)
+            assert [q["key"] for q in shown["queues"]] == [served, "{api}:users"]
+            assert (shown["asked"], shown["answered"]) == (2, 2)
+            async with run_node(Node(url=cluster.url, app=apps.hello, key=unserved)):
+                assert (await waiting).status_code == 200
     for server in cluster.masters:
         assert server.command("DBSIZE") == 0
 

@@ -306,7 +306,7 @@ async def test_readme_acl_commands_are_enough(redis_server: RedisServer) -> None
     common = ["on", ">pw", "~ops", "&minidasgi:*", "+ping"]
     redis.command("ACL", "SETUSER", "dist", *common, "+lpush", "+lrem", "+publish", "+subscribe",
                   "+pubsub|numsub")  # fmt: skip
-    redis.command("ACL", "SETUSER", "node", *common, "+blmpop", "+brpop", "+rpop",
+    redis.command("ACL", "SETUSER", "node", *common, "+blmpop", "+brpop", "+rpop", "+llen",
                   "+publish", "+subscribe", "+client|id", "+client|unblock")  # fmt: skip
     redis.command("ACL", "SETUSER", "ops", *common, "+llen", "+lindex", "+publish",
                   "+subscribe", "+pubsub|numsub")  # fmt: skip
@@ -317,6 +317,7 @@ async def test_readme_acl_commands_are_enough(redis_server: RedisServer) -> None
         assert (await client.get("/")).status_code == 503  # fail-fast: nobody listens
         async with run_node(node):
             assert (await client.get("/")).status_code == 200
+            assert node.recovery.popped(b"ops") is False  # LLEN allowed: the window counted
             report = await take_status(parse_url(url.format("ops")), timeout=5)
             assert report["queues"][0]["nodes"] == 1
             assert report["answered"] == 2

@@ -242,7 +242,8 @@ async def test_a_refused_request_a_node_took_meanwhile_is_not_run_behind_a_503(
     """Over ``max_queue`` the request is refused (503 + Retry-After: the client may retry)
     and taken back. If a Node popped it before the LREM, the app runs: answering 503 then
     invites a second run of the same request. The LPUSH's reply is held back while a Node
-    pops the request."""
+    pops the request (queued before the Node connected, it waits for the distributor's
+    confirmation, which the distributor gives once it knows a Node has it)."""
     ran: list[str] = []
 
     async def recorder(scope: Any, receive: Any, send: Any) -> None:
@@ -263,7 +264,8 @@ async def test_a_refused_request_a_node_took_meanwhile_is_not_run_behind_a_503(
                 assert await poll(lambda: redis_server.command("LLEN", "refused-taken") == 2, 10)
                 async with run_node(node):
                     # The Node drops the junk and takes the request.
-                    assert await poll(lambda: ran, 10)
+                    taken = lambda: redis_server.command("LLEN", "refused-taken") == 0  # noqa: E731
+                    assert await poll(taken, 10)
                     command.resume()
                     response = await asyncio.wait_for(request, 20)
         assert ran == ["/once"]

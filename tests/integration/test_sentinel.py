@@ -15,7 +15,6 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -34,15 +33,6 @@ pytestmark = pytest.mark.timeout(120)
 
 BACK_WITHIN = 5.0  # seconds after the promotion by which requests must succeed again
 HANG = 20.0  # seconds: a request not answered by then is a hang
-
-
-@pytest.fixture
-def sentinels() -> Iterator[SentinelSetup]:
-    setup = SentinelSetup()
-    try:
-        yield setup.start()
-    finally:
-        setup.close()
 
 
 class Runs:
@@ -214,12 +204,12 @@ async def test_client_moves_at_the_switch_not_at_the_first_error(
             return client.connected and client.connection().params.port == new.port
 
         assert await poll(moved, 3), "the client stayed on the old master"
-        info = old.command("INFO", "replication")
+        info = ask(old, "INFO", "replication")
         assert isinstance(info, bytes)
         assert b"role:master" in info, "the old master was demoted already: no proof"
         await client.lpush("moved-q", "x")
-        assert new.command("LLEN", "moved-q") == 1
-        assert old.command("LLEN", "moved-q") == 0
+        assert ask(new, "LLEN", "moved-q") == 1
+        assert ask(old, "LLEN", "moved-q") == 0
     finally:
         await client.close()
 
