@@ -454,7 +454,9 @@ class Node:
                     self.recovery.reconnected(keys, waiting, time.time())
                     popped_on = connection
                 if not self._stopping.is_set():
-                    held, started = await self._pop(connection, keys, count, slots, start)
+                    held, started = await self._pop(
+                        connection, keys, count, slots, start, alone=alone
+                    )
             except (asyncio.TimeoutError, RespError) as exc:
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
@@ -478,6 +480,8 @@ class Node:
         count: int,
         slots: asyncio.Semaphore,
         start: Callable[[bytes, bytes], None],
+        *,
+        alone: bool,
     ) -> tuple[int, int]:
         """Pop up to ``count`` requests (``count`` slots held) and ``start`` each; return the
         slots held now and how many requests were started (the caller frees the rest).
@@ -485,8 +489,9 @@ class Node:
         One ``BLMPOP`` (Redis 7.0) where it can: a single round trip per pop, however many
         requests wait. Before Redis 7.0, or for an ACL user without ``+blmpop``, a ``BRPOP``
         and then, under load, an ``RPOP`` with a count for the slots free by then (the request
-        popped first starts before the second round trip)."""
-        if self._pop_many:
+        popped first starts before the second round trip); so does a group that is not
+        ``alone``, whose blocked pop holds one slot only."""
+        if self._pop_many and alone:
             try:
                 popped = await connection.brpop_many(*keys, count=count, timeout=self.pop_timeout)
             except ReplyError as exc:
