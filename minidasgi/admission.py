@@ -142,7 +142,8 @@ class Admission:
         # One write, one round trip: the NUMSUB's answer comes with the LPUSH's.
         numsub = None if packed is None else connection.send_packed(packed)
         lpush = connection.send_packed(pushing)
-        result: asyncio.Future[tuple[Any, Any, int]] = asyncio.get_running_loop().create_future()
+        # The reply's loop: asking asyncio for the running one costs a getpid() on 3.11.
+        result: asyncio.Future[tuple[Any, Any, int]] = lpush.get_loop().create_future()
 
         def settle(done: asyncio.Future[Any]) -> None:
             if result.done():

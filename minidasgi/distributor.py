@@ -725,7 +725,7 @@ class _Exchange:
         self.kind: str = scope["type"]
         self._receive = receive
         self._send = send
-        self.inbox: Inbox[Any] = Inbox()
+        self.inbox: Inbox[Any] = Inbox(distributor._loop)
         self.window = wire.SendWindow()  # replaced by the window the Node's ack grants
         self.piece = wire.CHUNK_SIZE  # the largest piece the Node reads: its ack may say more
         pool = distributor.credit_pool
@@ -873,7 +873,8 @@ class _Exchange:
         node = ack_args[0]
         self.node = node
         self.acked_at = time.monotonic()
-        now = asyncio.get_running_loop().time()
+        assert d._loop is not None  # bound when the request came in
+        now = d._loop.time()
         pings = len(ack_args) > 2 and type(ack_args[2]) in (int, float) and ack_args[2] > 0
         d.peers.add(node, self.id, now, pings=pings)
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:

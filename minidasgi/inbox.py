@@ -24,11 +24,14 @@ T = TypeVar("T")
 class Inbox(Generic[T]):
     """A FIFO with one consumer: ``put_nowait`` from anywhere in the loop, ``await get()``."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_loop", "_waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._items: deque[T] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        # The owner's loop, if known: asking asyncio for the running loop costs a getpid()
+        # system call on Python 3.11.
+        self._loop = loop
 
     def put_nowait(self, item: T) -> None:
         """Add ``item`` and wake the consumer."""
@@ -51,7 +54,10 @@ class Inbox(Generic[T]):
     async def get(self) -> T:
         """The oldest item, waiting for one."""
         while not self._items:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
             try:
                 await waiter
             finally:

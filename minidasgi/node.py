@@ -4,8 +4,10 @@ Owns the Node's Redis connections (a blocking-pop connection, a publishing conne
 subscriber on the Node's own channel; on a Cluster, one blocking-pop connection per slot its
 keys fall in), its pop loops, and one ``_Job`` per request in flight. It must never pop a
 request it has no free slot for: what it cannot run stays in Redis for other Nodes (a blocked
-pop holds a slot, whichever group it pops; under load one RPOP with a count takes up to one
-request per free slot). It never retries or re-queues a request (delivery is at most once).
+pop holds a slot, whichever group it pops; one BLMPOP with a count takes up to one request per
+free slot in a single round trip; before Redis 7.0, or with several pop groups, a BRPOP and
+then under load an RPOP with a count). It never retries or re-queues a request (delivery is at
+most once).
 
 A job acks and runs the app at once, without waiting for the ack to land: the distributor
 answers "no worker" only for a request it took back from the list unrun, or one a Node said
@@ -40,7 +42,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import codec, confirmation, health, metrics, stats, wire
@@ -61,7 +63,7 @@ logger = logging.getLogger("minidasgi.node")
 DEFAULT_CONCURRENCY = 100
 """Requests one Node runs at once unless told otherwise."""
 
-_MAX_BATCH = 32  # requests taken in one RPOP when a Node has that many slots free
+_MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots free
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
 
 
@@ -208,7 +210,8 @@ class Node:
         self._pop_ids: dict[int, tuple[Connection, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[None]] = set()  # popped, running or about to
-        self._batch_pops = True
+        self._batch_pops = True  # RPOP takes a count (Redis 6.2)
+        self._pop_many = True  # BLMPOP is there and allowed (Redis 7.0)
         self.recovery = confirmation.RecoveryWindow()  # popped requests to have confirmed
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
@@ -378,7 +381,7 @@ class Node:
         slots = asyncio.Semaphore(self.concurrency)
         loop = asyncio.get_running_loop()
         groups = [
-            loop.create_task(self._pop_group(index, keys, popper, slots))
+            loop.create_task(self._pop_group(index, keys, popper, slots, alone=len(poppers) == 1))
             for index, (keys, popper) in enumerate(poppers)
         ]
         try:
@@ -394,28 +397,46 @@ class Node:
             group.result()
 
     async def _pop_group(
-        self, index: int, keys: list[str], popper: Client, slots: asyncio.Semaphore
+        self,
+        index: int,
+        keys: list[str],
+        popper: Client,
+        slots: asyncio.Semaphore,
+        *,
+        alone: bool,
     ) -> None:
-        """Pop ``keys`` while a slot is free: a blocked BRPOP holds a slot, so the Node never
-        pops more requests than it can run; under load, RPOP with a count takes up to one
-        request per free slot in a single round trip."""
+        """Pop ``keys`` while a slot is free: a blocked pop holds a slot, so the Node never
+        pops more requests than it can run. ``alone``: the only group, whose blocked BLMPOP
+        may hold every free slot (up to ``_MAX_BATCH``) to take a batch in one round trip;
+        with several groups a blocked pop holds one slot, and takes more (RPOP with a count)
+        only once it popped (``_pop``)."""
         assert self._stopping is not None
         loop = asyncio.get_running_loop()
         popped_on = None
+
+        def release(_: object) -> None:
+            slots.release()
 
         def start(key: bytes, data: bytes) -> None:
             early = self.recovery.popped(key)  # counted in pop order, whatever the request
             task = loop.create_task(self._run_request(key, data, early))
             self._requests.add(task)  # at once: a stop must wait for it too
             task.add_done_callback(self._requests.discard)
-            task.add_done_callback(lambda _: slots.release())
+            task.add_done_callback(release)
 
         while not self._stopping.is_set():
-            await self._until_stopped(slots.acquire())
-            if self._stopping.is_set():
-                break
+            if slots.locked():  # every slot busy: wait for one (or for stop())
+                await self._until_stopped(slots.acquire())
+                if self._stopping.is_set():
+                    break
+            else:
+                await slots.acquire()  # returns at once: no task, no loop turn
+            count = 1
+            if alone and self._pop_many:
+                count += await _take_free(slots, _MAX_BATCH - 1)
+            held, started = count, 0
             try:
-                # A BRPOP is never cancelled (that could lose an item already popped): stop()
+                # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
                 connection = await popper.wait_connected(self.pop_timeout)
                 # Pop only what can be acked: after a Redis restart the publisher may still be
@@ -432,40 +453,80 @@ class Node:
                     waiting = await self._waiting(connection, keys)
                     self.recovery.reconnected(keys, waiting, time.time())
                     popped_on = connection
-                if self._stopping.is_set():
-                    slots.release()
-                    break
-                item = await connection.brpop(*keys, timeout=self.pop_timeout)
+                if not self._stopping.is_set():
+                    held, started = await self._pop(
+                        connection, keys, count, slots, start, alone=alone
+                    )
             except (asyncio.TimeoutError, RespError) as exc:
-                slots.release()
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
                     await asyncio.sleep(0.05)
-                continue
-            if item is None:
-                slots.release()
-                continue
-            key, data = item
-            start(key, data)
-            # Under load more requests wait behind this one: take up to one per free slot in
-            # a single round trip (RPOP with a count) rather than a BRPOP each.
-            extra = 0
-            while self._batch_pops and extra < _MAX_BATCH and not slots.locked():
-                await slots.acquire()  # returns at once: a slot is free
-                extra += 1
-            if not extra:
-                continue
-            popped: list[bytes] = []
+            finally:
+                for _ in range(held - started):
+                    slots.release()
+            if started == 1:
+                # The queue was short, and the next pop will likely wait anyway: first let the
+                # job run to its first wait (one turn) and what it posted leave (the outbox's
+                # flush, the next turn), so that at one request in flight its response goes
+                # out a write sooner. After a batch, more requests are likely waiting: pop at
+                # once.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+
+    async def _pop(
+        self,
+        connection: Any,
+        keys: list[str],
+        count: int,
+        slots: asyncio.Semaphore,
+        start: Callable[[bytes, bytes], None],
+        *,
+        alone: bool,
+    ) -> tuple[int, int]:
+        """Pop up to ``count`` requests (``count`` slots held) and ``start`` each; return the
+        slots held now and how many requests were started (the caller frees the rest).
+
+        One ``BLMPOP`` (Redis 7.0) where it can: a single round trip per pop, however many
+        requests wait. Before Redis 7.0, or for an ACL user without ``+blmpop``, a ``BRPOP``
+        and then, under load, an ``RPOP`` with a count for the slots free by then (the request
+        popped first starts before the second round trip); so does a group that is not
+        ``alone``, whose blocked pop holds one slot only."""
+        if self._pop_many and alone:
             try:
-                popped = await connection.execute("RPOP", key, extra) or []
-            except ReplyError:  # Redis before 6.2 has no count: pop one by one
-                self._batch_pops = False
-            except RespError as exc:
-                logger.warning("cannot pop requests: %s", exc)
-            for data in popped:
-                start(key, data)
-            for _ in range(extra - len(popped)):
-                slots.release()
+                popped = await connection.brpop_many(*keys, count=count, timeout=self.pop_timeout)
+            except ReplyError as exc:
+                if not _unavailable(exc):
+                    raise
+                logger.info("popping with BRPOP and RPOP (no BLMPOP: %s)", exc)
+                self._pop_many = False
+            else:
+                if popped is None:
+                    return count, 0
+                key, values = popped
+                for data in values:
+                    start(key, data)
+                return count, len(values)
+        item = await connection.brpop(*keys, timeout=self.pop_timeout)
+        if item is None:
+            return count, 0
+        key, data = item
+        start(key, data)
+        # Under load more requests wait behind this one: take up to one per free slot in a
+        # single round trip (RPOP with a count) rather than a BRPOP each.
+        if self._batch_pops:
+            count += await _take_free(slots, _MAX_BATCH - count)
+        if count == 1:
+            return count, 1
+        more: list[bytes] = []
+        try:
+            more = await connection.execute("RPOP", key, count - 1) or []
+        except ReplyError:  # Redis before 6.2 has no count: pop one by one
+            self._batch_pops = False
+        except RespError as exc:
+            logger.warning("cannot pop requests: %s", exc)
+        for data in more[: count - 1]:
+            start(key, data)
+        return count, 1 + len(more[: count - 1])
 
     async def _client_id(self, connection: Any) -> int | None:
         """The pop connection's id, for CLIENT UNBLOCK at stop; None if the ACL user may
@@ -756,7 +817,7 @@ class _Job:
             self.confirmation.set_result(confirmed)
 
     async def run(self) -> None:
-        self.task = asyncio.current_task()
+        self.task = asyncio.current_task(self.node.loop)  # with the loop: no getpid()
         # Not awaited: the app runs at once. A request whose body came whole lets its ack wait
         # a moment for the response, to share its PUBLISH; the others need the credit and the
         # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
@@ -1076,6 +1137,20 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
             local[name] = tuple(value)
     local["state"] = dict(state)
     return local
+
+
+async def _take_free(slots: asyncio.Semaphore, most: int) -> int:
+    """Take up to ``most`` of the slots free now, without waiting; return how many."""
+    taken = 0
+    while taken < most and not slots.locked():
+        await slots.acquire()  # returns at once: a slot is free
+        taken += 1
+    return taken
+
+
+def _unavailable(error: ReplyError) -> bool:
+    """True for a command this server does not have, or this ACL user may not run."""
+    return error.code == "NOPERM" or "unknown command" in str(error).lower()
 
 
 async def _cancelled(task: asyncio.Task[Any]) -> None:

@@ -10,10 +10,11 @@ The conversation for one request (``id``):
    a deadline and the flow-control window. An HTTP envelope without events is a request
    whose client waits for "100 Continue": the Node publishes ``[CONTINUE, id]`` when its app
    first calls ``receive()``, and only then does the distributor read the body and relay it.
-2. A Node pops it (``BRPOP``: first in, first out; under load ``RPOP`` with a count takes a
-   batch) and publishes ``[ACK, id, node_channel, window, liveness]``: the window is how
-   many pieces of request body the distributor may send ahead. It runs the app at once; the
-   ACK of a whole HTTP request usually travels in one batch with the response's first SEND.
+2. A Node pops it (``BLMPOP ... RIGHT COUNT n``, or ``BRPOP`` then ``RPOP`` with a count
+   before Redis 7.0: first in, first out, up to one request per free slot) and publishes
+   ``[ACK, id, node_channel, window, liveness]``: the window is how many pieces of request
+   body the distributor may send ahead. It runs the app at once; the ACK of a whole HTTP
+   request usually travels in one batch with the response's first SEND.
    Except in a Node's recovery window (``confirmation``: a request that may predate the
    Node's pop connection, so may come from a Redis restarted from its files or a promoted
    replica, and may have been answered or run already): if the envelope says its

@@ -340,7 +340,8 @@ def _ssl_context(option: _ssl.SSLContext | bool | None) -> _ssl.SSLContext | Non
 
 
 class ReplyReader(asyncio.StreamReader):
-    """A StreamReader that hands every chunk of bytes to ``sink`` instead of buffering it.
+    """A StreamReader that hands every chunk of bytes to ``sink`` instead of buffering it
+    (from ``open_stream``: a view valid during the call only, which ``sink`` must copy).
 
     The stream's end (EOF or an error) is reported to ``on_end`` once.
     """
@@ -367,6 +368,27 @@ class ReplyReader(asyncio.StreamReader):
         self._on_end(exc)
 
 
+class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
+    """A StreamReaderProtocol that reads into one buffer kept for the connection's life.
+
+    A plain protocol makes the transport allocate a fresh ``_READ_SIZE`` bytes object for each
+    read, which glibc serves (above its mmap threshold) with an ``mmap``, a ``mremap`` and a
+    ``munmap``: three system calls per read beside the ``recv``. Here the transport reads
+    with ``recv_into``, and the reader gets a view of the bytes read, valid only during the
+    call: its sink must copy what it keeps (both reply parsers append it to their own buffer).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._view = memoryview(bytearray(_READ_SIZE))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._view[:nbytes])  # type: ignore[arg-type]
+
+
 async def open_stream(
     params: ConnectionParams, reader: asyncio.StreamReader
 ) -> asyncio.StreamWriter:
@@ -376,7 +398,7 @@ async def open_stream(
     """
     loop = asyncio.get_running_loop()
     sslctx = _ssl_context(params.ssl)
-    protocol = asyncio.StreamReaderProtocol(reader)
+    protocol = _ReadingProtocol(reader)
     try:
         if params.unix_socket is not None:
             opening = loop.create_unix_connection(
@@ -605,6 +627,46 @@ class Connection:
     async def blpop(self, *keys: str | bytes, timeout: float = 0) -> tuple[bytes, bytes] | None:
         """BLPOP: like ``brpop`` from the head of the list."""
         return await self._blocking_pop("BLPOP", keys, timeout)
+
+    async def brpop_many(
+        self, *keys: str | bytes, count: int, timeout: float = 0
+    ) -> tuple[bytes, list[bytes]] | None:
+        """``BLMPOP timeout numkeys key... RIGHT COUNT count`` (Redis 7.0): pop up to ``count``
+        values from the tail of the first non-empty list, oldest first, waiting up to
+        ``timeout`` seconds. Returns ``(key, values)`` or ``None`` on timeout: one round trip
+        where ``brpop`` and an ``RPOP`` with a count take two. Bounded and blocking as
+        ``brpop``; a reply of another shape, or with more than ``count`` values, closes the
+        connection (``ProtocolError``)."""
+        if not keys:
+            raise ValueError("BLMPOP needs at least one key")
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        reply = await self.execute(
+            "BLMPOP",
+            timeout,
+            len(keys),
+            *keys,
+            "RIGHT",
+            "COUNT",
+            count,
+            blocking=True,
+            server_timeout=float(timeout),
+        )
+        if reply is None:
+            return None
+        if not (
+            isinstance(reply, list)
+            and len(reply) == 2
+            and isinstance(reply[0], bytes)
+            and isinstance(reply[1], list)
+            and 0 < len(reply[1]) <= count
+            and all(isinstance(value, bytes) for value in reply[1])
+        ):
+            self._abort(ProtocolError("unexpected BLMPOP reply"))
+            raise self._closed_error()
+        return reply[0], reply[1]
 
     async def _blocking_pop(
         self, command: str, keys: tuple[str | bytes, ...], timeout: float

@@ -154,10 +154,11 @@ def wait_until(condition: object, timeout: float = 10.0, what: str = "condition"
 
 
 def popping(redis: RedisServer) -> int:
-    """How many connections are blocked in BRPOP: Nodes ready for work."""
+    """How many connections are blocked in a pop (BLMPOP, or BRPOP): Nodes ready for work."""
     clients = redis.command("CLIENT", "LIST")
     assert isinstance(clients, bytes)
-    return sum("cmd=brpop" in line for line in clients.decode().splitlines())
+    lines = clients.decode().splitlines()
+    return sum("cmd=blmpop" in line or "cmd=brpop" in line for line in lines)
 
 
 def start_popping(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections import Counter
+from typing import Any
 
 import httpx
 
@@ -88,6 +89,47 @@ async def test_requests_leave_no_cyclic_garbage(redis_server: RedisServer) -> No
             gc.enable()
     # Every request freed by reference counting: the exchange, the job, their windows.
     assert sum(found.values()) < N // 10, found
+
+
+async def test_one_request_at_a_time_costs_one_pop_and_no_task_per_pop(
+    redis_server: RedisServer,
+) -> None:
+    """A Node pops with one BLMPOP per request, not a BRPOP and then an empty RPOP, and its pop
+    loop creates no task beyond the request's own (no ``wait_for``, no wait on the stop)."""
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node = Node(url=redis_server.url, app=apps.hello, key="K", lifespan="off")
+    async with (
+        serve_app(distributor) as base,
+        run_node(node),
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        await client.get("/")  # warm up: connections, the pop connection's CLIENT ID
+        await asyncio.to_thread(redis_server.command, "CONFIG", "RESETSTAT")
+        loop = asyncio.get_running_loop()
+        factory = loop.get_task_factory()
+        created: Counter[str] = Counter()
+
+        def counting(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Future[Any]:
+            created[getattr(coro, "__qualname__", "?")] += 1
+            if factory is not None:
+                return factory(loop, coro)
+            return asyncio.Task(coro, loop=loop)
+
+        loop.set_task_factory(counting)  # type: ignore[arg-type]
+        try:
+            for _ in range(20):
+                assert (await client.get("/")).text == "Hello World!"
+        finally:
+            loop.set_task_factory(factory)
+        calls = await asyncio.to_thread(_calls, redis_server)
+    pops = calls["blmpop"] + calls["brpop"] + calls["rpop"]
+    assert calls["brpop"] == calls["rpop"] == 0, calls
+    assert 20 <= pops <= 21, calls  # one per request (and the pop waiting for the next)
+    # Besides the server's task per request (and a distributor's pump, past 50 ms), only the
+    # Node's own task per request: the pop loop adds none.
+    others = ("RequestResponseCycle.", "_Exchange.")
+    node_tasks = {name: n for name, n in created.items() if not name.startswith(others)}
+    assert node_tasks == {"Node._run_request": 20}, created
 
 
 async def test_a_download_costs_fewer_than_three_publish_per_mib(

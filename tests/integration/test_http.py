@@ -320,8 +320,8 @@ async def test_a_busy_node_leaves_requests_in_redis(redis_server: RedisServer) -
 
 
 async def test_a_node_pops_in_batches_but_never_beyond_its_slots(redis_server: RedisServer) -> None:
-    """concurrency=3 with 8 requests queued at once: the Node takes 3 (one BRPOP and one RPOP
-    with a count), and the other 5 stay in Redis until slots free up."""
+    """concurrency=3 with 8 requests queued at once: the Node takes 3 (one BLMPOP with a
+    count), and the other 5 stay in Redis until slots free up."""
     app = create_distributor(port=redis_server.port, key="batch", worker_timeout=10)
     node = Node(port=redis_server.port, app=apps.sleepy, key="batch", concurrency=3)
     async with serve_app(app) as base, httpx.AsyncClient(base_url=base, timeout=20) as client:

@@ -306,7 +306,7 @@ async def test_readme_acl_commands_are_enough(redis_server: RedisServer) -> None
     common = ["on", ">pw", "~ops", "&minidasgi:*", "+ping"]
     redis.command("ACL", "SETUSER", "dist", *common, "+lpush", "+lrem", "+publish", "+subscribe",
                   "+pubsub|numsub")  # fmt: skip
-    redis.command("ACL", "SETUSER", "node", *common, "+brpop", "+rpop", "+llen",
+    redis.command("ACL", "SETUSER", "node", *common, "+blmpop", "+brpop", "+rpop", "+llen",
                   "+publish", "+subscribe", "+client|id", "+client|unblock")  # fmt: skip
     redis.command("ACL", "SETUSER", "ops", *common, "+llen", "+lindex", "+publish",
                   "+subscribe", "+pubsub|numsub")  # fmt: skip
@@ -322,6 +322,31 @@ async def test_readme_acl_commands_are_enough(redis_server: RedisServer) -> None
             assert report["queues"][0]["nodes"] == 1
             assert report["answered"] == 2
     assert not distributor.admission._numsub_refused
+
+
+async def test_a_node_whose_acl_user_lacks_blmpop_pops_with_brpop_and_rpop(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL recipe written before BLMPOP (or Redis before 7.0): the Node still serves,
+    popping in two round trips."""
+    redis = redis_server
+    redis.command("ACL", "SETUSER", "older", "on", ">pw", "~ops", "&minidasgi:*", "+ping",
+                  "+brpop", "+rpop", "+publish", "+subscribe")  # fmt: skip
+    caplog.set_level(logging.INFO, "minidasgi.node")
+    url = f"redis://older:pw@127.0.0.1:{redis.port}/0"
+    # No CLIENT UNBLOCK in this recipe: a stop waits for the pop to time out.
+    node = Node(url=url, key="ops", app=apps.hello, pop_timeout=0.5)
+    distributor = Distributor(key="ops", url=redis.url)
+    async with (
+        serve_app(distributor) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+        run_node(node),
+    ):
+        answers = await asyncio.gather(*(client.get("/") for _ in range(5)))
+    assert [a.text for a in answers] == ["Hello World!"] * 5
+    assert "popping with BRPOP and RPOP (no BLMPOP: NOPERM" in caplog.text
+    info = redis.command("INFO", "commandstats")
+    assert isinstance(info, bytes) and b"cmdstat_brpop:calls=" in info
 
 
 # 4. Metrics, health, access log

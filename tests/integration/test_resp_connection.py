@@ -193,6 +193,27 @@ async def test_select_db_from_url(clean_redis: RedisServer, open_conn: Opener) -
     assert await db0.execute("DBSIZE") == 0
 
 
+# -- reading ---------------------------------------------------------------------------------
+
+
+async def test_replies_are_read_into_one_buffer_and_copied_before_the_next_read(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    """The transport reads into the connection's own buffer (``recv_into``: no 256 KiB bytes
+    allocated per read, which costs glibc three system calls); what the parser keeps must not
+    change under it when the next read reuses the buffer."""
+    conn = await open_conn(clean_redis.url)
+    values = [bytes([65 + i]) * (100_000 + i) for i in range(8)]  # each spans several reads
+    for i, value in enumerate(values):
+        assert await conn.execute("SET", f"big{i}", value) == b"OK"
+    protocol = conn._writer.transport.get_protocol()  # type: ignore[union-attr]
+    assert isinstance(protocol, asyncio.BufferedProtocol)
+    buffer = protocol.get_buffer(-1)
+    got = await asyncio.gather(*(conn.execute("GET", f"big{i % 8}") for i in range(40)))
+    assert got == [values[i % 8] for i in range(40)]
+    assert protocol.get_buffer(-1) is buffer
+
+
 # -- blocking pops ----------------------------------------------------------------------------
 
 
@@ -248,7 +269,38 @@ async def test_blocking_pop_argument_checks(clean_redis: RedisServer, open_conn:
         await conn.brpop(timeout=1)
     with pytest.raises(ValueError):
         await conn.blpop("q", timeout=-1)
+    with pytest.raises(ValueError):
+        await conn.brpop_many("q", count=0, timeout=1)
     assert await conn.ping() == b"PONG"
+
+
+async def test_brpop_many_takes_up_to_count_oldest_first(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    conn = await open_conn(clean_redis.url)
+    assert await conn.lpush("q", "first", "second", "third") == 3
+    assert await conn.brpop_many("other", "q", count=2, timeout=1) == (
+        b"q",
+        [b"first", b"second"],
+    )
+    assert await conn.brpop_many("q", count=5, timeout=1) == (b"q", [b"third"])
+    assert await asyncio.wait_for(conn.brpop_many("q", count=5, timeout=0.1), 2) is None
+    assert not conn.is_closed
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"*2\r\n$1\r\nq\r\n*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n", b"*2\r\n$1\r\nq\r\n:1\r\n"],
+    ids=["more-than-count", "not-a-list"],
+)
+async def test_brpop_many_refuses_a_reply_it_did_not_ask_for(
+    open_conn: Opener, reply: bytes
+) -> None:
+    async with FakeRedis(answer_first_command_with(reply)) as fake:
+        conn = await open_conn(fake.url)
+        with pytest.raises(ProtocolError):
+            await asyncio.wait_for(conn.brpop_many("q", count=2, timeout=1), 2)
+        assert conn.is_closed
 
 
 # -- sharing and cancellation -----------------------------------------------------------------
