@@ -439,11 +439,16 @@ class Node:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
                 connection = await popper.wait_connected(self.pop_timeout)
-                # Pop only what can be acked: after a Redis restart the publisher may still be
-                # reconnecting, and a request popped then would be dropped unacked (as if its
-                # distributor were gone) while the client waits for the no-worker error.
-                assert self._publisher is not None
+                # Pop only what can be acked and heard about: after a Redis restart the
+                # publisher may still be reconnecting, and a request popped then would be
+                # dropped unacked (as if its distributor were gone) while the client waits for
+                # the no-worker error; and while the subscriber is away, whatever the
+                # distributor sends for a new request (a confirmation, body pieces, credit)
+                # would be lost, and the request failed, instead of waiting in Redis.
+                assert self._publisher is not None and self._subscriber is not None
                 await self._publisher.wait_connected(self.pop_timeout)
+                if not self._subscriber.connected:
+                    await self._subscriber.wait_connected(self.pop_timeout)
                 if connection is not popped_on:
                     self._pop_ids.pop(index, None)
                     client_id = await self._client_id(connection)
@@ -595,6 +600,17 @@ class Node:
             logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
             self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
             return
+        subscriber = self._subscriber
+        if subscriber is not None and not subscriber.connected:
+            # Popped by a pop already waiting when the subscriber went away: whatever the
+            # distributor sends this request (body pieces, credit, a confirmation) would be
+            # lost. Unacked and unrun, it waits for the subscription until its deadline.
+            try:
+                await subscriber.wait_connected(max(0.0, envelope.deadline - time.time()))
+            except asyncio.TimeoutError:
+                logger.warning("dropped request %s unrun: no subscription", envelope.id)
+                self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
+                return
         confirm = envelope.confirms and (
             early if early is not None else self.recovery.predates(key, envelope.queued)
         )

@@ -796,6 +796,19 @@ class ShardedSubscriber:
             return False
         return all(s.connected for s in self._subscribers.values())
 
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until every wanted channel is confirmed on the master serving it; raise
+        ``TimeoutError`` after ``timeout`` seconds."""
+
+        async def settled() -> None:
+            # Its state is the sum of its masters' subscribers, which come and go as channels
+            # move (one for a master that died may never connect again): look again every
+            # 50 ms, a check of local state only, and only while something is missing.
+            while not self.connected:  # noqa: ASYNC110 (no one event to wait for)
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(settled(), timeout)
+
     def _on_map(self, slots: SlotMap) -> None:
         """The slot map changed: move the channels whose master changed."""
         if any(slots.owner(key_slot(c)) != a for c, a in self._placed.items()):

@@ -117,6 +117,13 @@ class FaultProxy:
                 self._stall_new_up, self._stall_new_down = up, down
         self._wake()
 
+    def stall_new(self, *, up: bool = True, down: bool = True) -> None:
+        """Stall the chosen directions of connections opened from now on only: the open ones
+        go on relaying (a process whose one connection was reset reconnects into silence)."""
+        with self._lock:
+            self._stall_new_up, self._stall_new_down = up, down
+        self._wake()
+
     def resume(self) -> None:
         """Relay everything again; held-back bytes are delivered in order."""
         with self._lock:

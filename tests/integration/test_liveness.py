@@ -119,6 +119,43 @@ async def test_a_node_whose_publishes_are_refused_is_found_out(
             assert await poll(lambda: node.in_flight == 0, 5)
 
 
+async def test_a_node_without_its_subscription_leaves_requests_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """A Node whose subscriber is away (reset, reconnecting into silence) while its pop and
+    publish connections work must not take requests on: what the distributor sends a new
+    request (body pieces, credit, a confirmation) would reach nobody, and the request fail
+    with 502. It waits, in Redis or unacked in the Node, and is served once the subscription
+    is back."""
+    distributor = create_distributor(url=redis_server.url, key="nosub", worker_timeout=20)
+    async with (
+        serve_app(distributor) as base,
+        _proxied_node(redis_server, apps.count_upload, "nosub") as (node, proxy),
+    ):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            assert (await client.post("/", content=b"x")).text == "1"
+            proxied = {c.upstream_port for c in proxy.connections()}
+            subscribers = [
+                int(c["addr"].rsplit(":", 1)[1])
+                for c in _client_list(redis_server)
+                if int(c.get("sub", "0")) > 0 and int(c["addr"].rsplit(":", 1)[1]) in proxied
+            ]
+            assert len(subscribers) == 1, subscribers  # the Node's, not the distributor's
+            proxy.stall_new()
+            proxy.connection_to(subscribers[0]).reset()
+            assert await poll(lambda: not node._subscriber.connected, 5)  # type: ignore[union-attr]
+            body = b"y" * (4 << 20)  # streamed in pieces: the Node must hear the distributor
+            request = asyncio.ensure_future(client.post("/", content=body))
+            await asyncio.sleep(1.0)
+            assert not request.done(), request.result()  # on the old code: a 502 at once
+            # Still in Redis, or held unacked by the pop that was waiting when the subscriber
+            # went away: either way nothing ran and nothing was lost.
+            assert not _acked(distributor)(), "the Node took it on without its subscription"
+            proxy.resume()
+            response = await asyncio.wait_for(request, 20)
+            assert (response.status_code, response.text) == (200, str(len(body)))
+
+
 # 2. No-worker answers never run, whatever one direction of the Node's link does ------------
 
 
