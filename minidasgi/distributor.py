@@ -712,6 +712,12 @@ class Distributor:
             self._pinging.discard(node)
 
 
+_TRANSIENT_ERRORS = frozenset(
+    {"BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN"}
+)
+"""Error replies that say "not now" rather than "never": a take-back they refuse is retried."""
+
+
 class _Exchange:
     """One HTTP request or WebSocket connection relayed to a Node."""
 
@@ -994,8 +1000,11 @@ class _Exchange:
             assert d._client is not None
             # From the tail, where the oldest requests wait (Nodes pop that end).
             removed = bool(await d._client.execute("LREM", key, -1, data))
-        except ReplyError as exc:  # not allowed, say: trying again would not help
-            logger.warning("cannot take request %s back: %s", self.id, exc)
+        except ReplyError as exc:
+            if exc.code in _TRANSIENT_ERRORS:  # a server busy, loading or failing over
+                d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
+            else:  # not allowed, say: trying again would not help
+                logger.warning("cannot take request %s back: %s", self.id, exc)
         except RespError:
             # Redis unreachable: whatever the answer, it must not run after it (a Node pops
             # it until its deadline, by a Node's clock: twice the wait covers skew).

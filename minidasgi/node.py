@@ -447,8 +447,8 @@ class Node:
                 # would be lost, and the request failed, instead of waiting in Redis.
                 assert self._publisher is not None and self._subscriber is not None
                 await self._publisher.wait_connected(self.pop_timeout)
-                if not self._subscriber.connected:
-                    await self._subscriber.wait_connected(self.pop_timeout)
+                if not self._subscriber.hears(self.channel):
+                    await self._subscriber.wait_hears(self.channel, self.pop_timeout)
                 if connection is not popped_on:
                     self._pop_ids.pop(index, None)
                     client_id = await self._client_id(connection)
@@ -568,6 +568,20 @@ class Node:
         if pending:
             await asyncio.wait(pending, timeout=5)
 
+    def _can_take_on(self) -> bool:
+        """True while a request can be acked and its distributor heard: the publisher is
+        connected and this Node's own channel subscribed."""
+        publisher, subscriber = self._publisher, self._subscriber
+        return bool(
+            publisher and publisher.connected and subscriber and subscriber.hears(self.channel)
+        )
+
+    async def _until_can_take_on(self) -> None:
+        assert self._publisher is not None and self._subscriber is not None
+        while not self._can_take_on():
+            await self._subscriber.wait_hears(self.channel)
+            await self._publisher.wait_connected()
+
     async def _run_request(self, key: bytes, data: bytes, early: bool | None = False) -> None:
         """Run one popped request; ``early``: it may predate the pop connection (None:
         unknown, the envelope's time tells: ``confirmation``)."""
@@ -600,16 +614,21 @@ class Node:
             logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
             self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
             return
-        subscriber = self._subscriber
-        if subscriber is not None and not subscriber.connected:
-            # Popped by a pop already waiting when the subscriber went away: whatever the
-            # distributor sends this request (body pieces, credit, a confirmation) would be
-            # lost. Unacked and unrun, it waits for the subscription until its deadline.
+        if not self._can_take_on():
+            # Popped by a pop already waiting when the subscriber (or the publisher) went
+            # away: whatever the distributor sends this request (body pieces, credit, a
+            # confirmation) would be lost, and its ack too. Unacked and unrun, it waits for
+            # both connections until its deadline.
             try:
-                await subscriber.wait_connected(max(0.0, envelope.deadline - time.time()))
+                await asyncio.wait_for(
+                    self._until_can_take_on(), max(0.0, envelope.deadline - time.time())
+                )
             except asyncio.TimeoutError:
                 logger.warning("dropped request %s unrun: no subscription", envelope.id)
                 self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
+                return
+            if envelope.id in self._jobs:  # a copy popped meanwhile, forged
+                logger.warning("dropped request %s: the id is already running", envelope.id)
                 return
         confirm = envelope.confirms and (
             early if early is not None else self.recovery.predates(key, envelope.queued)

@@ -796,15 +796,22 @@ class ShardedSubscriber:
             return False
         return all(s.connected for s in self._subscribers.values())
 
-    async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until every wanted channel is confirmed on the master serving it; raise
-        ``TimeoutError`` after ``timeout`` seconds."""
+    def hears(self, channel: str | bytes) -> bool:
+        """True while ``channel`` is confirmed on the master it is placed on (the other
+        channels may be elsewhere, on a master that is down)."""
+        name = channel.encode() if isinstance(channel, str) else bytes(channel)
+        address = self._placed.get(name)
+        subscriber = None if address is None else self._subscribers.get(address)
+        return subscriber is not None and subscriber.connected
+
+    async def wait_hears(self, channel: str | bytes, timeout: float | None = None) -> None:
+        """Wait until ``hears(channel)``; raise ``TimeoutError`` after ``timeout`` seconds."""
 
         async def settled() -> None:
-            # Its state is the sum of its masters' subscribers, which come and go as channels
-            # move (one for a master that died may never connect again): look again every
-            # 50 ms, a check of local state only, and only while something is missing.
-            while not self.connected:  # noqa: ASYNC110 (no one event to wait for)
+            # The channel's subscriber comes and goes as the channel moves between masters
+            # (one for a master that died never connects again): look again every 50 ms, a
+            # check of local state only, and only while the channel is not heard.
+            while not self.hears(channel):  # noqa: ASYNC110 (no one event to wait for)
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(settled(), timeout)

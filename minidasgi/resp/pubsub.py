@@ -161,6 +161,17 @@ class Subscriber:
         self.start()
         await asyncio.wait_for(self._connected.wait(), timeout)
 
+    def hears(self, channel: str | bytes) -> bool:
+        """True while ``channel``'s messages reach this subscriber (it is connected, every
+        wanted channel confirmed, ``channel`` among them)."""
+        name = channel.encode() if isinstance(channel, str) else bytes(channel)
+        return self.connected and name in self._channels
+
+    async def wait_hears(self, channel: str | bytes, timeout: float | None = None) -> None:
+        """Wait until ``hears(channel)`` (on one connection: until connected); raise
+        ``TimeoutError`` after ``timeout`` seconds."""
+        await self.wait_connected(timeout)
+
     async def subscribe(self, *channels: str | bytes) -> None:
         """Subscribe and return once Redis confirmed every channel.
 
