@@ -274,6 +274,7 @@ async def test_blocking_pop_argument_checks(clean_redis: RedisServer, open_conn:
     assert await conn.ping() == b"PONG"
 
 
+@pytest.mark.requires_server("7.0")  # BLMPOP; a Node falls back to BRPOP+RPOP before it
 async def test_brpop_many_takes_up_to_count_oldest_first(
     clean_redis: RedisServer, open_conn: Opener
 ) -> None:
