@@ -472,6 +472,9 @@ class RedisServer:
                 self.port = _free_port()
                 if self.tls_port is not None:
                     self.tls_port = _free_port()
+                if "--cluster-port" in self.extra_args:  # a cluster node's bus port, maybe
+                    index = self.extra_args.index("--cluster-port") + 1  # the one taken
+                    self.extra_args[index] = str(_free_port())
             else:
                 self._started_once = True
                 return self

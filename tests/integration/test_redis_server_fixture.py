@@ -7,6 +7,8 @@ import socket
 
 import pytest
 
+from minidasgi.testing import _bus_port, _cluster_node, find_redis_server
+
 from .redis_server import RedisFactory, RedisReplyError, RedisServer
 
 
@@ -92,3 +94,22 @@ def test_close_removes_process_and_dir() -> None:
     assert server.pid is None and not tmpdir.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.requires_server("7.0")  # --cluster-port
+def test_a_cluster_node_whose_bus_port_is_taken_moves_to_another() -> None:
+    """A cluster node's bus port is picked free, then bound by redis-server a moment later:
+    another process may take it between the two (seen once in CI). The node starts all the
+    same, on another bus port, as it does when its client port is taken."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = _cluster_node(find_redis_server(), ["--cluster-enabled", "yes"])
+        server.extra_args[server.extra_args.index("--cluster-port") + 1] = str(port)
+        try:
+            server.start()
+            assert _bus_port(server) != port
+            assert _raw_ping(server) == b"+PONG\r\n"
+        finally:
+            server.close()
