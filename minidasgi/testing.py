@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import quote
 
 __all__ = [
@@ -734,7 +734,38 @@ class SentinelServer(RedisServer):
         return f"<SentinelServer {self.host}:{self.port} {self.master_name} {state}>"
 
 
-class SentinelSetup:
+class _ServerGroup:
+    """Servers started and stopped together (``SentinelSetup``, ``ClusterSetup``): closing
+    stops every one of ``_members()``, in that order, whatever fails; a context manager."""
+
+    def start(self: _Group, timeout: float = STARTUP_TIMEOUT) -> _Group:
+        raise NotImplementedError
+
+    def _members(self) -> list[RedisServer]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop every process and remove their temp dirs."""
+        for server in self._members():
+            with contextlib.suppress(Exception):
+                server.close()
+
+    def __enter__(self: _Group) -> _Group:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_Group = TypeVar("_Group", bound=_ServerGroup)
+
+
+class SentinelSetup(_ServerGroup):
     """A master, ``replicas`` replicas and ``sentinels`` sentinels (quorum 2), on free
     loopback ports, for failover tests. ``url`` is the ``redis+sentinel://`` URL that finds
     the master through the sentinels; ``servers`` are the data servers (master first, until a
@@ -846,22 +877,8 @@ class SentinelSetup:
         """``SENTINEL FAILOVER``: promote a replica without waiting for the master to fail."""
         self.sentinels[0].command("SENTINEL", "FAILOVER", self.master_name)
 
-    def close(self) -> None:
-        """Stop every process (sentinels first) and remove their temp dirs."""
-        for server in [*self.sentinels, *self.servers]:
-            with contextlib.suppress(Exception):
-                server.close()
-
-    def __enter__(self) -> SentinelSetup:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def _members(self) -> list[RedisServer]:
+        return [*self.sentinels, *self.servers]  # sentinels first: no failover while closing
 
     def __repr__(self) -> str:
         counts = f"servers={len(self.servers)} sentinels={len(self.sentinels)}"
@@ -881,7 +898,7 @@ def _pairs(reply: object) -> dict[bytes, bytes]:
 CLUSTER_SLOTS = 16384
 
 
-class ClusterSetup:
+class ClusterSetup(_ServerGroup):
     """A Redis Cluster of ``masters`` masters (the 16384 slots split evenly) and
     ``replicas`` replicas per master, on free loopback ports. ``url`` is the
     ``redis+cluster://`` URL naming every master; ``masters`` and ``replicas`` list the
@@ -1011,22 +1028,8 @@ class ClusterSetup:
                     return next((s for s in self.servers if s.port == port), None)
         return None
 
-    def close(self) -> None:
-        """Stop every server and remove their temp dirs."""
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                server.close()
-
-    def __enter__(self) -> ClusterSetup:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def _members(self) -> list[RedisServer]:
+        return self.servers
 
     def __repr__(self) -> str:
         return f"<ClusterSetup masters={len(self.masters)} replicas={len(self.replicas)}>"
