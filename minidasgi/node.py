@@ -174,6 +174,7 @@ class Node:
         self._pinging: set[str] = set()  # distributors with a PING still being published
         self.max_envelope_size = max_envelope_size
         self.channel = wire.new_channel(channel_prefix, self.params.db, "node")
+        self._own = self.channel.encode()  # checked per pop and per request: encoded once
         self.channel_prefix = channel_prefix
         # Subscribed beside self.channel: presence (one per key, counted by fail-fast
         # distributors and `minidasgi status`) and stats requests.
@@ -447,8 +448,8 @@ class Node:
                 # would be lost, and the request failed, instead of waiting in Redis.
                 assert self._publisher is not None and self._subscriber is not None
                 await self._publisher.wait_connected(self.pop_timeout)
-                if not self._subscriber.hears(self.channel):
-                    await self._subscriber.wait_hears(self.channel, self.pop_timeout)
+                if not self._subscriber.hears(self._own):
+                    await self._subscriber.wait_hears(self._own, self.pop_timeout)
                 if connection is not popped_on:
                     self._pop_ids.pop(index, None)
                     client_id = await self._client_id(connection)
@@ -573,13 +574,13 @@ class Node:
         connected and this Node's own channel subscribed."""
         publisher, subscriber = self._publisher, self._subscriber
         return bool(
-            publisher and publisher.connected and subscriber and subscriber.hears(self.channel)
+            publisher and publisher.connected and subscriber and subscriber.hears(self._own)
         )
 
     async def _until_can_take_on(self) -> None:
         assert self._publisher is not None and self._subscriber is not None
         while not self._can_take_on():
-            await self._subscriber.wait_hears(self.channel)
+            await self._subscriber.wait_hears(self._own)
             await self._publisher.wait_connected()
 
     async def _run_request(self, key: bytes, data: bytes, early: bool | None = False) -> None:

@@ -55,7 +55,7 @@ from .protocol import (
     pack_command,
     pack_gathering,
 )
-from .pubsub import Subscriber
+from .pubsub import Subscriber, _as_bytes
 
 if TYPE_CHECKING:
     from .connection import Connection, ConnectionParams
@@ -799,7 +799,7 @@ class ShardedSubscriber:
     def hears(self, channel: str | bytes) -> bool:
         """True while ``channel`` is confirmed on the master it is placed on (the other
         channels may be elsewhere, on a master that is down)."""
-        name = channel.encode() if isinstance(channel, str) else bytes(channel)
+        name = _as_bytes(channel)
         address = self._placed.get(name)
         subscriber = None if address is None else self._subscribers.get(address)
         return subscriber is not None and subscriber.connected
@@ -827,7 +827,7 @@ class ShardedSubscriber:
 
     async def subscribe(self, *channels: str | bytes) -> None:
         """Subscribe on the masters serving the channels; return once all are confirmed."""
-        names = [c.encode() if isinstance(c, str) else bytes(c) for c in channels]
+        names = [_as_bytes(c) for c in channels]
         self._channels.update(names)
         if self._unlisten is None:
             self._unlisten = self.cluster.map.listen(self._on_map)
@@ -899,7 +899,7 @@ class ShardedSubscriber:
 
     async def unsubscribe(self, *channels: str | bytes) -> None:
         """Stop receiving messages from these channels (all when none is named)."""
-        names = [c.encode() if isinstance(c, str) else bytes(c) for c in channels]
+        names = [_as_bytes(c) for c in channels]
         for name in names or list(self._channels):
             self._channels.discard(name)
             address = self._placed.pop(name, None)

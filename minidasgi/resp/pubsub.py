@@ -164,7 +164,7 @@ class Subscriber:
     def hears(self, channel: str | bytes) -> bool:
         """True while ``channel``'s messages reach this subscriber (it is connected, every
         wanted channel confirmed, ``channel`` among them)."""
-        name = channel.encode() if isinstance(channel, str) else bytes(channel)
+        name = _as_bytes(channel)
         return self.connected and name in self._channels
 
     async def wait_hears(self, channel: str | bytes, timeout: float | None = None) -> None:
