@@ -197,3 +197,18 @@ async def transfer(scope: Scope, receive: Any, send: Any) -> None:
         await count_upload(scope, receive, send)
     else:
         await download(scope, receive, send)
+
+
+def held(release: asyncio.Event) -> Any:
+    """An app that starts its response and sends ``part1,``, then waits (20 s at most) for
+    ``release`` before ``part2``: a request held mid-response."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part1,", "more_body": True})
+        await asyncio.wait_for(release.wait(), 20)
+        await send({"type": "http.response.body", "body": b"part2"})
+
+    return app

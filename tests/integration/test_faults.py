@@ -421,16 +421,8 @@ async def test_forged_reply_messages_do_not_disturb_a_request(
     caplog.set_level(logging.WARNING)
     release = asyncio.Event()
 
-    async def held(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"part1,", "more_body": True})
-        await asyncio.wait_for(release.wait(), 20)
-        await send({"type": "http.response.body", "body": b"part2"})
-
     app = create_distributor(url=redis_server.url, key="held")
-    node = Node(url=redis_server.url, app=held, key="held", lifespan="off")
+    node = Node(url=redis_server.url, app=apps.held(release), key="held", lifespan="off")
     async with serve_app(app) as base, run_node(node):
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             request = asyncio.ensure_future(client.get("/"))

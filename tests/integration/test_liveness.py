@@ -353,16 +353,8 @@ async def _settled(seen: list[Any], timeout: float) -> bool:
 async def test_forged_sends_beyond_the_credit_fail_the_request(redis_server: RedisServer) -> None:
     release = asyncio.Event()
 
-    async def held(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"part1,", "more_body": True})
-        await asyncio.wait_for(release.wait(), 20)
-        await send({"type": "http.response.body", "body": b"part2"})
-
     distributor = create_distributor(url=redis_server.url, key="forged-send")
-    node = Node(url=redis_server.url, app=held, key="forged-send", lifespan="off")
+    node = Node(url=redis_server.url, app=apps.held(release), key="forged-send", lifespan="off")
     async with serve_app(distributor) as base, run_node(node):
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             request = asyncio.ensure_future(client.get("/"))
