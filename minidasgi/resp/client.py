@@ -223,10 +223,7 @@ class Client:
                 logger.warning("%s: %s", self.name, reason)
                 continue
             delay = backoff * (0.5 + random.random() / 2)
-            if self.params.sentinel is not None:
-                await sentinel.pause(self.params, delay)  # cut short when the master moves
-            else:
-                await asyncio.sleep(delay)
+            await sentinel.pause(self.params, delay)  # cut short when the master moves
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _open(self) -> Connection:

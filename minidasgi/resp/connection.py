@@ -528,25 +528,26 @@ class Connection:
         conversation's credit windows do). Dropping the future is safe: its reply is still
         read in order.
         """
+        waiter = self._new_waiter()
+        self._buffer(data)
+        return waiter
+
+    def _new_waiter(self) -> asyncio.Future[Any]:
+        """A future for the next reply, queued behind those already awaited (the watchdog
+        armed if it is the first); raise if the connection is closed."""
         if self._error is not None:
             raise self._closed_error()
         waiter: asyncio.Future[Any] = self._loop.create_future()
         if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
             self._arm_watchdog()
         self._waiters.append(waiter)
-        self._buffer(data)
         return waiter
 
     async def execute_packed(
         self, data: bytes, *, blocking: bool = False, server_timeout: float | None = None
     ) -> Any:
         """Like ``execute`` for one command already packed with ``pack_command``."""
-        if self._error is not None:
-            raise self._closed_error()
-        waiter: asyncio.Future[Any] = self._loop.create_future()
-        if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
-            self._arm_watchdog()
-        self._waiters.append(waiter)
+        waiter = self._new_waiter()
         if blocking:
             # Only blocking commands pay for a bound of their own (rare: one per pop).
             self._blocking_bounds[waiter] = (

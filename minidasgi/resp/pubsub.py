@@ -294,10 +294,7 @@ class Subscriber:
                 # refusing Redis would be asked again and again without a pause.
             # Jitter spreads the reconnects of many processes after a Redis restart.
             delay = backoff * (0.5 + random.random() / 2)
-            if self.params.sentinel is not None:
-                await sentinel.pause(self.params, delay)  # cut short when the master moves
-            else:
-                await asyncio.sleep(delay)
+            await sentinel.pause(self.params, delay)  # cut short when the master moves
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _open(

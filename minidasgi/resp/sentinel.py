@@ -159,9 +159,12 @@ def watch(params: ConnectionParams, on_lost: Callable[[Exception], None]) -> Cal
 
 
 async def pause(params: ConnectionParams, delay: float) -> None:
-    """Sleep ``delay`` seconds, or less if the master moves meanwhile."""
-    assert params.sentinel is not None
-    await _monitor(params).pause(delay)
+    """Sleep ``delay`` seconds before a reconnection; behind Sentinel, less if the master
+    moves meanwhile."""
+    if params.sentinel is None:
+        await asyncio.sleep(delay)
+    else:
+        await _monitor(params).pause(delay)
 
 
 _monitors: weakref.WeakKeyDictionary[
