@@ -51,7 +51,7 @@ from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError, UnsupportedVersion
 from .deadlines import Deadlines
 from .inbox import Inbox
-from .liveness import PeerTracker
+from .liveness import PeerTracker, check_settings
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.connection import make_params
@@ -228,6 +228,7 @@ class Distributor:
         self.liveness_interval = liveness_interval
         if not health_check_interval > 0:
             raise ValueError("health_check_interval must be a positive number of seconds")
+        check_settings(liveness_interval, peer_timeout)
         self.health_check_interval = health_check_interval
         self.peer_timeout = peer_timeout
         self.peers = PeerTracker(peer_timeout)  # the Nodes we share requests with

@@ -119,6 +119,13 @@ class HealthServer:
             ).encode()
             + (b"" if method == "HEAD" else body)
         )
-        with contextlib.suppress(OSError):
-            await writer.drain()
+        try:
+            # Bounded: a client that asks and never reads must not hold this task (nor, on
+            # Python 3.12+, the server's close, which waits for its connections).
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+            return
+        except OSError:
+            pass
         writer.close()

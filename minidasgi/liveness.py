@@ -18,7 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["PeerTracker"]
+__all__ = ["PeerTracker", "check_settings"]
+
+
+def check_settings(liveness_interval: float, peer_timeout: float) -> None:
+    """Refuse settings that would turn liveness off unannounced: a process that pings every
+    0 s announces that it does not ping (its peers never time it out), and a ``peer_timeout``
+    of 0 or less would fail every request at once."""
+    if not liveness_interval > 0:
+        raise ValueError("liveness_interval must be a positive number of seconds")
+    if not peer_timeout > 0:
+        raise ValueError("peer_timeout must be a positive number of seconds")
 
 
 class _Peer:

@@ -49,7 +49,7 @@ from . import codec, confirmation, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .lifespan import Lifespan
-from .liveness import PeerTracker
+from .liveness import PeerTracker, check_settings
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.client import Client
@@ -168,6 +168,7 @@ class Node:
         self.liveness_interval = liveness_interval
         if not health_check_interval > 0:
             raise ValueError("health_check_interval must be a positive number of seconds")
+        check_settings(liveness_interval, peer_timeout)
         self.health_check_interval = health_check_interval
         self.peer_timeout = peer_timeout
         self.peers = PeerTracker(peer_timeout)  # the distributors we share requests with

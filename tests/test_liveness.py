@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from minidasgi.liveness import PeerTracker
+import pytest
+
+from minidasgi.liveness import PeerTracker, check_settings
 
 
 def test_a_peer_is_tracked_only_while_requests_are_in_flight() -> None:
@@ -69,3 +71,10 @@ def test_a_process_that_paused_does_not_blame_its_peers() -> None:
             break
     else:
         raise AssertionError("never lost")
+
+
+@pytest.mark.parametrize("interval,timeout", [(0, 10), (-1, 10), (1, 0), (1, float("nan"))])
+def test_settings_that_would_turn_liveness_off_are_refused(interval: float, timeout: float) -> None:
+    with pytest.raises(ValueError, match="must be a positive number"):
+        check_settings(interval, timeout)
+    check_settings(1.0, 10.0)  # the defaults pass

@@ -208,6 +208,11 @@ async def test_a_no_worker_answer_never_runs(
         # (the next pop was held back too), were taken back: the no-worker answer.
         assert "504" in statuses.values(), statuses
         assert set(statuses.values()) <= {"504", "405"}, statuses
+    if moment == "before-pop":
+        # The popped request reached the Node only after its deadline: dropped unrun, as
+        # are those taken back; the app ran only the warm-up.
+        assert set(ran) == {"/warm"}, (statuses, ran)
+        assert set(statuses.values()) <= {"405", "504"}, statuses
     if moment == "before-pop" and stall < 4:
         # The Node got the popped request during the grace, found it expired and said so
         # (GONE): it never ran, so the distributor gives the no-worker answer, at once.
