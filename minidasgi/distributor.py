@@ -50,6 +50,7 @@ from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError, UnsupportedVersion
 from .deadlines import Deadlines
+from .gathering import gather_body
 from .inbox import Inbox
 from .liveness import PeerTracker, check_settings
 from .outbox import Outbox
@@ -1169,9 +1170,13 @@ class _Exchange:
         d = self.distributor
         assert self.node is not None
         idle = self.distributor.body_idle_timeout if self.kind == "http" else None
+        left_over: Message | None = None  # received while gathering a piece, not part of it
         while True:
             try:
-                event = await buffering.receive_within(self._receive, idle if more else None)
+                if left_over is not None:
+                    event, left_over = left_over, None
+                else:
+                    event = await buffering.receive_within(self._receive, idle if more else None)
             except BodyIdle:
                 # The app sees the client gone; the client, if nothing was sent yet, a 408.
                 disconnect = {"type": "http.disconnect"}
@@ -1185,6 +1190,8 @@ class _Exchange:
                 return
             if not more:
                 continue  # uvicorn sends nothing else once the body is complete
+            if kind == "http.request":
+                event, left_over = await gather_body(self._receive, event, self.piece)
             if self._too_large(event):
                 self.inbox.put_nowait(_TOO_LARGE)
                 return
