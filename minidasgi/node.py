@@ -700,6 +700,8 @@ class Node:
             job.deliver(args[0])
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
+            if job.gathered:
+                job.send_gathered()
         elif kind == wire.CONFIRM:
             job.confirm(True)
         elif kind == wire.CANCEL:
@@ -828,6 +830,14 @@ class _Job:
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
+        # Response body chunks smaller than a piece, joined into one piece (at most ``piece``
+        # bytes) that leaves at the end of the loop turn, or once credit comes if none is
+        # left: an app sending small chunks costs a message (and a credit) per piece, not
+        # per chunk. ``_flushing``: the app's task waits for credit to send it itself.
+        self.gathered: list[bytes] = []
+        self._gathered_size = 0
+        self._flushing = False
+        self._flush_scheduled = False
         self.response_started = False
         self.trailers = False  # the start announced trailers the front server can take
         self.body_done = False  # the last body was sent (trailers may follow)
@@ -913,6 +923,11 @@ class _Job:
         if not self.finished and not self.gone:
             self.complete = True
             self.held_start = None  # a start no body followed: DONE tells all there is
+            if self.gathered:
+                async with self._sending:
+                    await self._flush_gathered()
+                if self.gone:
+                    return
             if await self._publish(wire.DONE, failed):
                 self.finished = True
 
@@ -1140,6 +1155,21 @@ class _Job:
         if self.held_start is not None:
             events.insert(0, self.held_start)
             self.held_start = None
+        elif not last and self._gatherable(events):
+            body = events[0]["body"]
+            if self._gathered_size + len(body) > self.piece:
+                await self._flush_gathered()  # a piece is full: wait for credit for it
+                if self.gone:
+                    return
+            self.gathered.append(body)
+            self._gathered_size += len(body)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                assert self.node.loop is not None
+                self.node.loop.call_soon(self._end_of_turn)
+            return
+        if self.gathered:
+            await self._flush_gathered()
         try:
             await self.window.acquire()
         except _Disconnected:
@@ -1153,6 +1183,51 @@ class _Job:
         if await self._publish(wire.SEND, events):
             self.finished = True
             self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
+
+    def _gatherable(self, events: list[Message]) -> bool:
+        """A response body chunk, not the last, smaller than a piece."""
+        if len(events) != 1:
+            return False
+        event = events[0]
+        body = event.get("body")
+        return (
+            event.get("type") == "http.response.body"
+            and type(body) is bytes
+            and len(body) < self.piece
+            and bool(event.get("more_body", False))
+        )
+
+    def _end_of_turn(self) -> None:
+        self._flush_scheduled = False
+        if self.gathered:
+            self.send_gathered()
+
+    async def _flush_gathered(self) -> None:
+        """Send the gathered piece, waiting for credit (called with ``_sending`` held)."""
+        self._flushing = True
+        try:
+            await self.window.acquire()
+        except _Disconnected:
+            return
+        finally:
+            self._flushing = False
+        self._post_gathered()
+
+    def send_gathered(self) -> None:
+        """Credit arrived: send the gathered piece now, unless the app's task is about to."""
+        if self._flushing or self.gone or self.window.available <= 0:
+            return
+        self.window.available -= 1  # SendWindow.acquire, which cannot wait here
+        self._post_gathered()
+
+    def _post_gathered(self) -> None:
+        body = b"".join(self.gathered)
+        self.gathered = []
+        self._gathered_size = 0
+        if self.gone:
+            return
+        event = {"type": "http.response.body", "body": body, "more_body": True}
+        self._post(wire.SEND, [event]).add_done_callback(self._check_reached)
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:

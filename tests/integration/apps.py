@@ -123,6 +123,23 @@ async def download(scope: Scope, receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": chunk, "more_body": size > 0})
 
 
+def small_chunk(index: int) -> bytes:
+    """Chunk ``index`` of ``small_chunks``: 16 KiB, each chunk's bytes told apart by index."""
+    return bytes([index % 251]) * (16 * 1024)
+
+
+async def small_chunks(scope: Scope, receive: Any, send: Any) -> None:
+    """Sends ``?N`` chunks of ``small_chunk``, each in its own ``send`` (as a streaming
+    response does)."""
+    if scope["type"] != "http":
+        return
+    count = int(scope["query_string"] or b"1")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for index in range(count):
+        more = index < count - 1
+        await send({"type": "http.response.body", "body": small_chunk(index), "more_body": more})
+
+
 async def slow(scope: Scope, receive: Any, send: Any) -> None:
     """Starts a streamed response, then sends one piece per 0.1 s for ``?N`` pieces."""
     if scope["type"] != "http":

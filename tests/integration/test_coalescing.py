@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 from collections import Counter
 from typing import Any
 
@@ -185,3 +186,55 @@ async def test_an_upload_costs_fewer_than_three_and_a_half_publish_per_mib(
             calls = await asyncio.to_thread(_calls, redis_server)
     assert answer == str(size).encode()
     assert calls["publish"] < 3.5 * 32, calls
+
+
+async def test_a_download_in_small_chunks_travels_in_pieces(redis_server: RedisServer) -> None:
+    # An app streaming 16 KiB chunks (FileResponse sends 64 KiB): one message and one credit
+    # each took 64 messages and 16 PUBLISH per MiB. The Node joins the chunks of one loop turn,
+    # and those sent while no credit is left, into pieces of up to 512 KiB.
+    count = 512  # 8 MiB
+    distributor = create_distributor(url=redis_server.url, key="C", liveness_interval=3600)
+    node = Node(url=redis_server.url, app=apps.small_chunks, key="C", lifespan="off")
+    async with (
+        serve_app(distributor) as base,
+        run_node(node),
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        await asyncio.to_thread(redis_server.command, "CONFIG", "RESETSTAT")
+        received = hashlib.sha256()
+        async with client.stream("GET", f"/?{count}") as response:
+            async for data in response.aiter_raw():
+                received.update(data)
+        calls = await asyncio.to_thread(_calls, redis_server)
+    expected = hashlib.sha256(b"".join(apps.small_chunk(i) for i in range(count)))
+    assert received.hexdigest() == expected.hexdigest()  # every chunk, in order
+    assert calls["publish"] < 3 * 8, calls
+    assert node.outbox.batcher.items < 4 * 8, node.outbox.batcher.items
+
+
+async def test_chunks_joined_before_an_app_returns_early_arrive_before_the_end(
+    redis_server: RedisServer,
+) -> None:
+    # The app returns (or fails) with its response unfinished, in the loop turn of its last
+    # chunks: what it sent is joined into one piece that must still leave before the DONE.
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(3):
+            await send({"type": "http.response.body", "body": b"abc%d" % i, "more_body": True})
+        if scope["path"] == "/fail":
+            raise RuntimeError("failed midway")
+
+    distributor = create_distributor(url=redis_server.url, key="E")
+    node = Node(url=redis_server.url, app=app, key="E", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        for path in ("/return", "/fail"):
+            host, port = base.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                data = await asyncio.wait_for(reader.read(), 10)  # until the connection ends
+            finally:
+                writer.close()
+            body = data.partition(b"\r\n\r\n")[2]
+            chunks = body.split(b"\r\n")[1::2]  # chunked framing: size, data, size, data...
+            assert b"".join(chunks) == b"abc0abc1abc2", data

@@ -123,9 +123,11 @@ async def test_final_send_blocked_on_credit_notices_the_distributor_vanished(
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         await receive()
         await send({"type": "http.response.start", "status": 200})
-        # The start is held and goes out with the first body: 8 messages fill the window of 8.
+        # The start is held and goes out with the first body: 8 messages fill the window of 8
+        # (each body in its own loop turn: those of one turn travel as one message).
         for _ in range(8):
             await send({"type": "http.response.body", "body": b"x" * 1000, "more_body": True})
+            await asyncio.sleep(0)
         state["final"] = "sending"
         try:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
