@@ -1279,6 +1279,9 @@ _PLAIN_SCOPE_KEYS = frozenset(
 )
 
 
+_PLAIN_SCOPE_KEYS_AND_STATE = _PLAIN_SCOPE_KEYS | {"state"}
+
+
 def _offers(scope: Scope, extension: str) -> bool:
     extensions = scope.get("extensions")
     return isinstance(extensions, dict) and extension in extensions
@@ -1287,7 +1290,12 @@ def _offers(scope: Scope, extension: str) -> bool:
 def _portable_scope(scope: Scope) -> dict[str, Any]:
     """The scope minus what cannot or must not travel (``state``, extensions a Node cannot
     honour end to end: see ``wire.RELAYED_EXTENSIONS``)."""
-    portable: dict[str, Any] = {}
+    if scope.keys() <= _PLAIN_SCOPE_KEYS_AND_STATE:
+        # The usual scope (uvicorn's, hypercorn's): one copy and no key checked in Python.
+        portable = dict(scope)
+        portable.pop("state", None)
+        return portable
+    portable = {}
     for name, value in scope.items():
         if name in _PLAIN_SCOPE_KEYS:
             portable[name] = value

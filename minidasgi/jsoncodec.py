@@ -216,7 +216,7 @@ def decode(
         raise CodecError("head is not valid UTF-8") from None
     session = _session()
     session.data = data
-    session.offsets = list(accumulate(lengths, initial=tail_start))
+    session.offsets = list(accumulate(lengths, initial=tail_start)) if count else [tail_start]
     session.index = 0
     try:
         value, end = session.scan(text, 0)
@@ -280,6 +280,10 @@ def _dumps(dumps: Callable[[Any], str], value: Any) -> str:
 
 def _check_shape(head: bytes, max_items: int, max_depth: int) -> None:
     """Refuse a head with more than ``max_items`` values or nested deeper than ``max_depth``."""
+    # The common case, in two scans of C code with no table to build: a head shorter than
+    # max_items bytes cannot hold max_items values, nor one with few brackets nest deeply.
+    if len(head) < max_items and head.count(b"[") + head.count(b"{") <= max_depth:
+        return
     ahead = 4 * max_items
     if len(head) > ahead:
         # A flood of values is refused from its start, without passes over all of a huge head:
