@@ -19,8 +19,9 @@ throughput on a shared machine: CPU microseconds per request of each process (fr
 commands per request by command (from ``INFO commandstats``). At exit the distributor and the
 Node print the batch sizes they saw (messages per PUBLISH, envelopes per LPUSH).
 
-``--fast`` runs both uvicorn servers with ``--http httptools --loop uvloop`` (the ``dev`` extra
-installs both).
+``--fast`` runs both uvicorn servers with ``--http httptools --loop uvloop``, and the Node with
+``--loop uvloop`` (the ``dev`` extra installs both); without it everything runs on asyncio's
+own loop.
 """
 
 from __future__ import annotations
@@ -476,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                     env["BENCH_REDIS_URL"],
                     "--lifespan",
                     "off",
+                    "--loop",
+                    "uvloop" if args.fast else "asyncio",
                 ],
                 env,
             )

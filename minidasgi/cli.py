@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .eventloop import LOOPS, LoopUnavailable, loop_factory
 from .node import DEFAULT_CONCURRENCY
 
 __all__ = ["load_app", "main"]
@@ -201,6 +202,13 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_env("CONCURRENCY", DEFAULT_CONCURRENCY),  # argparse converts a string
         help=f"requests run at once [MINIDASGI_CONCURRENCY] (default: {DEFAULT_CONCURRENCY})",
+    )
+    node.add_argument(
+        "--loop",
+        choices=list(LOOPS),
+        default=_env("LOOP", "auto"),
+        help="the event loop: uvloop, asyncio, or auto (uvloop when installed) "
+        "[MINIDASGI_LOOP] (default: auto)",
     )
     node.add_argument(
         "--lifespan",
@@ -516,6 +524,12 @@ def _run_node(args: argparse.Namespace) -> int:
     if not keys:
         raise CLIError("name at least one queue with --key (or MINIDASGI_KEY)", EXIT_USAGE)
     _check_prefix(args.channel_prefix)
+    if args.loop not in LOOPS:  # from the environment: argparse checks only the command line
+        raise CLIError(f"MINIDASGI_LOOP must be one of {', '.join(LOOPS)}", EXIT_USAGE)
+    try:
+        loop_factory(args.loop)
+    except LoopUnavailable as exc:
+        raise CLIError(str(exc), EXIT_MISSING) from None
     app = load_app(args.app, factory=args.factory, app_dir=args.app_dir)
     try:
         node = Node(
@@ -534,9 +548,15 @@ def _run_node(args: argparse.Namespace) -> int:
         )
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
-    logger.info("node for %s on %s, Redis %s", args.app, keys, _redacted(args.redis))
+    logger.info(
+        "node for %s on %s, Redis %s, %s event loop",
+        args.app,
+        keys,
+        _redacted(args.redis),
+        "asyncio" if loop_factory(args.loop) is None else "uvloop",
+    )
     try:
-        node.run()
+        node.run(loop=args.loop)
     except RespError as exc:
         raise CLIError(str(exc)) from None
     return EXIT_OK

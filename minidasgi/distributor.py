@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -269,6 +270,7 @@ class Distributor:
         self._starting: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the connections use
+        self._thread = 0  # the thread that runs it
         # Envelopes answered for but not taken back (Redis was unreachable): (key, envelope,
         # monotonic time after which no Node runs it any more), taken back once reconnected.
         self._untaken: list[tuple[str, bytes, float]] = []
@@ -331,6 +333,13 @@ class Distributor:
                 exc or "timed out",
             )
 
+    def _on_bound_loop(self) -> bool:
+        """Whether this runs on the loop the connections use, found without asking asyncio
+        (``get_running_loop()`` costs a ``getpid()`` system call on Python 3.11): that loop
+        runs, in this thread, and a thread runs one event loop at a time."""
+        loop = self._loop
+        return loop is not None and self._thread == threading.get_ident() and loop.is_running()
+
     def _bind_loop(self) -> None:
         """Serve the running event loop from now on: connections belong to the loop that
         opened them, and test clients (Starlette's ``TestClient`` outside a ``with`` block)
@@ -360,6 +369,7 @@ class Distributor:
             self._pinging = set()
             self._untaken, self._untaken_size, self._taking_back = [], 0, False
         self._loop = loop
+        self._thread = threading.get_ident()
 
     async def shutdown(self) -> None:
         """Close the Redis connections; requests still in flight fail."""
@@ -390,7 +400,7 @@ class Distributor:
         if self.ops_prefix is not None and scope.get("path", "").startswith(self.ops_prefix):
             await self._operations(scope, receive, send)
             return
-        if self._starting is None or asyncio.get_running_loop() is not self._loop:
+        if self._starting is None or not self._on_bound_loop():
             await self.startup()
         started = time.monotonic()
         key = self._key_or_refusal(scope)
@@ -1286,6 +1296,9 @@ _PLAIN_SCOPE_KEYS = frozenset(
 )
 
 
+_PLAIN_SCOPE_KEYS_AND_STATE = _PLAIN_SCOPE_KEYS | {"state"}
+
+
 def _offers(scope: Scope, extension: str) -> bool:
     extensions = scope.get("extensions")
     return isinstance(extensions, dict) and extension in extensions
@@ -1294,7 +1307,12 @@ def _offers(scope: Scope, extension: str) -> bool:
 def _portable_scope(scope: Scope) -> dict[str, Any]:
     """The scope minus what cannot or must not travel (``state``, extensions a Node cannot
     honour end to end: see ``wire.RELAYED_EXTENSIONS``)."""
-    portable: dict[str, Any] = {}
+    if scope.keys() <= _PLAIN_SCOPE_KEYS_AND_STATE:
+        # The usual scope (uvicorn's, hypercorn's): one copy and no key checked in Python.
+        portable = dict(scope)
+        portable.pop("state", None)
+        return portable
+    portable = {}
     for name, value in scope.items():
         if name in _PLAIN_SCOPE_KEYS:
             portable[name] = value

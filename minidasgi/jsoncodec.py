@@ -125,6 +125,14 @@ def try_encode_parts(
     """``try_encode`` without the final copy: the message as consecutive parts, the bytes
     values themselves among them (a body piece cut as a memoryview stays one), for a writer
     that gathers them once (``resp``'s packing)."""
+    if type(value) is list and _SCALARS.issuperset(map(type, value)):
+        # A flat list of scalars (the short conversation messages: an ACK, a CREDIT, a
+        # CANCEL): no dict key json could have coerced, no bytes value to mark, one level
+        # deep, and a text this short holds no int over the bound on digits.
+        text = _scalar_dumps(value)
+        if len(text) <= _MAX_INT_DIGITS and len(value) < max_items and max_depth >= 1:
+            head = text.encode("utf-8", "surrogatepass")
+            return [_PREFIX.pack(VERSION, len(head), 0) + head]
     session = _session()
     # First pass: json's C encoder hands each object it cannot write to list.append, with no
     # Python call per bytes value, and writes the None it returns as null. If there are exactly
@@ -216,7 +224,7 @@ def decode(
         raise CodecError("head is not valid UTF-8") from None
     session = _session()
     session.data = data
-    session.offsets = list(accumulate(lengths, initial=tail_start))
+    session.offsets = list(accumulate(lengths, initial=tail_start)) if count else [tail_start]
     session.index = 0
     try:
         value, end = session.scan(text, 0)
@@ -280,6 +288,10 @@ def _dumps(dumps: Callable[[Any], str], value: Any) -> str:
 
 def _check_shape(head: bytes, max_items: int, max_depth: int) -> None:
     """Refuse a head with more than ``max_items`` values or nested deeper than ``max_depth``."""
+    # The common case, in two scans of C code with no table to build: a head shorter than
+    # max_items bytes cannot hold max_items values, nor one with few brackets nest deeply.
+    if len(head) < max_items and head.count(b"[") + head.count(b"{") <= max_depth:
+        return
     ahead = 4 * max_items
     if len(head) > ahead:
         # A flood of values is refused from its start, without passes over all of a huge head:
@@ -385,6 +397,11 @@ class _Session:
 
 _NO_BLOBS: Final[list[bytes | memoryview]] = []
 _local = threading.local()
+_SCALARS: Final = frozenset([str, int, float, bool, type(None)])
+
+
+def _no_default(value: Any) -> Any:  # pragma: no cover - scalars only reach it
+    raise CodecError(f"a {type(value).__name__} cannot travel through Redis")
 
 
 def _session() -> _Session:
@@ -421,3 +438,7 @@ def _make_dumps(default: Callable[[Any], Any]) -> Callable[[Any], str]:
         return "".join(write(value, 0))
 
     return dumps
+
+
+_scalar_dumps: Final = _make_dumps(_no_default)
+"""A writer for flat lists of scalars, which never call back: shared by every thread."""

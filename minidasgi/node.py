@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import codec, confirmation, health, metrics, stats, wire
+from . import codec, confirmation, eventloop, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .lifespan import Lifespan
@@ -241,9 +241,13 @@ class Node:
         """True once ``stop()`` was called."""
         return self._stopping is not None and self._stopping.is_set()
 
-    def run(self) -> None:
-        """Serve until SIGINT or SIGTERM, then shut down gracefully (a second signal forces)."""
-        asyncio.run(self._serve_with_signals())
+    def run(self, loop: str = "asyncio") -> None:
+        """Serve until SIGINT or SIGTERM, then shut down gracefully (a second signal forces).
+
+        ``loop``: the event loop to run on, ``asyncio``, ``uvloop`` or ``auto`` (uvloop when
+        installed: ``eventloop``); ``eventloop.LoopUnavailable`` if uvloop is asked for but
+        missing."""
+        eventloop.run(self._serve_with_signals(), loop)
 
     async def _serve_with_signals(self) -> None:
         loop = asyncio.get_running_loop()

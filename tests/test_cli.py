@@ -68,7 +68,12 @@ def app_module(tmp_path: Path) -> Iterator[tuple[str, str]]:
 def nodes(monkeypatch: pytest.MonkeyPatch) -> list[Node]:
     """``Node.run`` records the Node instead of serving."""
     ran: list[Node] = []
-    monkeypatch.setattr(Node, "run", lambda self: ran.append(self))
+
+    def run(self: Node, loop: str = "asyncio") -> None:
+        self.__dict__["ran_on"] = loop  # the event loop it was asked to run on
+        ran.append(self)
+
+    monkeypatch.setattr(Node, "run", run)
     return ran
 
 
@@ -311,6 +316,61 @@ def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
     assert node.shutdown_timeout == 2.5
     assert node.health_check_interval == 2
     assert node.peer_timeout == 7.5
+
+
+def test_node_loop_defaults_to_auto(
+    app_module: tuple[str, str], nodes: list[Node]
+) -> None:
+    directory, name = app_module
+    assert main(["node", f"{name}:app", "--app-dir", directory, "--key", "k"]) == 0
+    assert nodes[0].__dict__["ran_on"] == "auto"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "auto"])
+def test_node_loop_option(app_module: tuple[str, str], nodes: list[Node], loop: str) -> None:
+    directory, name = app_module
+    assert main(["node", f"{name}:app", "--app-dir", directory, "--key", "k", "--loop", loop]) == 0
+    assert nodes[0].__dict__["ran_on"] == loop
+
+
+def test_node_loop_from_the_environment(
+    app_module: tuple[str, str], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, name = app_module
+    monkeypatch.setenv("MINIDASGI_LOOP", "asyncio")
+    assert main(["node", f"{name}:app", "--app-dir", directory, "--key", "k"]) == 0
+    assert nodes[0].__dict__["ran_on"] == "asyncio"
+
+
+def test_node_unknown_loop_from_the_environment_returns_2(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    directory, name = app_module
+    monkeypatch.setenv("MINIDASGI_LOOP", "trio")
+    assert main(["node", f"{name}:app", "--app-dir", directory, "--key", "k"]) == 2
+    assert "MINIDASGI_LOOP must be one of auto, asyncio, uvloop" in capsys.readouterr().err
+    assert nodes == []
+
+
+def test_node_on_uvloop_without_uvloop_returns_3(
+    app_module: tuple[str, str],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    directory, name = app_module
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    argv = ["node", f"{name}:app", "--app-dir", directory, "--key", "k", "--loop", "uvloop"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "uvloop is not installed: pip install uvloop" in err
+    assert nodes == []
+    # auto falls back to asyncio's loop, silently
+    assert main(["node", f"{name}:app", "--app-dir", directory, "--key", "k"]) == 0
+    assert nodes[0].__dict__["ran_on"] == "auto"
 
 
 def test_node_factory_option(app_module: tuple[str, str], nodes: list[Node]) -> None:

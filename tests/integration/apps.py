@@ -40,6 +40,13 @@ async def hello(scope: Scope, receive: Any, send: Any) -> None:
         await _respond(send, 200, b"Hello World!")
 
 
+async def loop_class(scope: Scope, receive: Any, send: Any) -> None:
+    """The class of the event loop the app runs on, as ``module.name``."""
+    if scope["type"] == "http":
+        loop = type(asyncio.get_running_loop())
+        await _respond(send, 200, f"{loop.__module__}.{loop.__qualname__}".encode())
+
+
 class SeedApp:
     """The seed's class-style worker, as written on its page."""
 

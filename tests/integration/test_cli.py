@@ -313,6 +313,37 @@ def test_node_and_distributor(redis_server: RedisServer, tmp_path: Path) -> None
     assert "Traceback" not in node.output() + dist.output()
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_node_runs_its_app_on_the_loop_asked_for(
+    redis_server: RedisServer, tmp_path: Path, loop: str
+) -> None:
+    pytest.importorskip("uvloop")
+    port = free_port()
+    url = redis_server.url
+    with children() as started:
+        node = start_node(
+            started,
+            redis_server,
+            tmp_path / "node.log",
+            ["node", "tests.integration.apps:loop_class", "--key", "K", "--redis", url,
+             "--loop", loop],
+        )  # fmt: skip
+        dist = Child(
+            [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url, "--port", str(port)],
+            tmp_path / "dist.log",
+        )
+        started.append(dist)
+        response = get_when_up(f"http://127.0.0.1:{port}/", dist)
+        assert response.status_code == 200, node.output() + dist.output()
+        if loop == "uvloop":
+            assert response.text.startswith("uvloop."), response.text
+        else:
+            assert response.text.startswith("asyncio."), response.text
+        assert f"{loop} event loop" in node.output()
+        assert stop_all([node, dist]) == [0, 0], node.output() + dist.output()
+    assert "Traceback" not in node.output() + dist.output()
+
+
 def test_node_and_distributor_from_environment_variables(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import os
+import sys
 from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 
 from minidasgi import Node, create_distributor
 from minidasgi.testing import RedisServer
@@ -131,6 +134,35 @@ async def test_one_request_at_a_time_costs_one_pop_and_no_task_per_pop(
     others = ("RequestResponseCycle.", "_Exchange.")
     node_tasks = {name: n for name, n in created.items() if not name.startswith(others)}
     assert node_tasks == {"Node._run_request": 20}, created
+
+
+async def test_a_request_never_asks_asyncio_for_the_running_loop(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``asyncio.get_running_loop()`` costs a ``getpid()`` system call on Python 3.11: the
+    distributor's path of a request uses the loop it keeps, and asks asyncio for none."""
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node = Node(url=redis_server.url, app=apps.hello, key="K", lifespan="off")
+    asked: Counter[str] = Counter()
+    real = asyncio.get_running_loop
+
+    def counting() -> asyncio.AbstractEventLoop:
+        caller = sys._getframe(1).f_code
+        if caller.co_filename.endswith(os.path.join("minidasgi", "distributor.py")):
+            asked[caller.co_name] += 1
+        return real()
+
+    async with (
+        serve_app(distributor) as base,
+        run_node(node),
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        await client.get("/")  # warm up: the distributor binds its loop and connects
+        monkeypatch.setattr(asyncio, "get_running_loop", counting)
+        for _ in range(20):
+            assert (await client.get("/")).text == "Hello World!"
+        monkeypatch.undo()
+    assert asked == {}, asked
 
 
 async def test_a_download_costs_fewer_than_three_publish_per_mib(

@@ -1,0 +1,47 @@
+"""The distributor's pure helpers, without Redis or a server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minidasgi.distributor import _portable_scope
+
+
+def _uvicorn_scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 45678),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [(b"host", b"example.org")],
+        "state": {"pool": object()},
+    }
+
+
+def test_the_usual_scope_travels_without_its_state() -> None:
+    scope = _uvicorn_scope()
+    portable = _portable_scope(scope)
+    assert "state" not in portable
+    assert portable == {k: v for k, v in scope.items() if k != "state"}
+    assert list(portable) == [k for k in scope if k != "state"]  # the server's order
+    portable["path"] = "/elsewhere"
+    assert scope["path"] == "/" and "state" in scope  # a copy
+
+
+def test_extensions_and_other_keys_are_filtered() -> None:
+    scope = _uvicorn_scope()
+    scope["extensions"] = {"http.response.trailers": {}, "http.response.pathsend": {}}
+    scope["app"] = object()
+    scope["custom"] = {"ok": [1, "two", b"3"]}
+    scope["opaque"] = object()
+    portable = _portable_scope(scope)
+    assert portable["extensions"] == {"http.response.trailers": {}}
+    assert portable["custom"] == {"ok": [1, "two", b"3"]}
+    assert "app" not in portable and "opaque" not in portable and "state" not in portable
