@@ -13,6 +13,13 @@ time. The time is split into rounds that alternate direct/distributed (AB, BA, .
 machine penalises both alike; the median round is reported with the spread of the rounds, and
 the ratio distributed/direct next to the target (>= 0.5x).
 
+Below the table, steadier figures than throughput on a shared machine, over the rounds of each
+side: CPU microseconds per round trip of each process (from ``/proc/PID/stat``: direct uvicorn;
+the distributor, the Node and Redis), Redis commands per round trip (``INFO commandstats``;
+each PUBLISH is one pub/sub delivery, every channel having one subscriber), and the coalescing
+seen: conversation messages per round trip and per PUBLISH, of the distributor and of the Node
+(each child prints its ``outbox`` counts when sent SIGUSR1).
+
 All processes are stopped at exit, on Ctrl-C, on SIGTERM and on errors; on Linux the kernel
 also terminates them should this process be killed outright. The children are this very
 script, started with ``--role``.
@@ -27,13 +34,15 @@ import contextlib
 import ctypes
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from minidasgi.testing import RedisServer
@@ -131,6 +140,20 @@ class Child:
         proc, self.proc = self.proc, None
         _stop(proc)
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def counts(self) -> tuple[int, int]:
+        """(messages, PUBLISHes) the child's outbox sent so far."""
+        assert self.proc is not None and self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        line = self.proc.stdout.readline().split()
+        if len(line) != 3 or line[0] != b"counts":
+            raise RuntimeError(f"{self.role} did not report its counts")
+        return int(line[1]), int(line[2])
+
 
 async def _wait_listening(port: int) -> None:
     deadline = time.monotonic() + 15
@@ -144,6 +167,17 @@ async def _wait_listening(port: int) -> None:
             continue
         writer.close()
         return
+
+
+def _report_counts_on_signal(outbox: Any) -> None:
+    """On SIGUSR1, print the outbox's counts (messages and PUBLISHes so far) on stdout, for
+    the parent's figures (``Child.counts``)."""
+
+    def report(signum: int, frame: object) -> None:
+        batcher = outbox.batcher
+        print(f"counts {batcher.items} {batcher.batches}", flush=True)
+
+    signal.signal(signal.SIGUSR1, report)
 
 
 def _serve_uvicorn(app: Any, port: int) -> None:
@@ -165,6 +199,7 @@ def _serve_node(redis_url: str) -> None:
     from minidasgi import Node
 
     node = Node(url=redis_url, app=echo, key=KEY, lifespan="off")
+    _report_counts_on_signal(node.outbox)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -184,7 +219,9 @@ def child_main(role: str, port: int, redis_url: str) -> int:
     elif role == "distributor":
         from minidasgi import create_distributor
 
-        _serve_uvicorn(create_distributor(url=redis_url, key=KEY), port)
+        distributor = create_distributor(url=redis_url, key=KEY)
+        _report_counts_on_signal(distributor.outbox)
+        _serve_uvicorn(distributor, port)
     elif role == "node":
         _serve_node(redis_url)
     else:
@@ -210,6 +247,77 @@ class Rate:
         return f"±{50 * (self.high - self.low) / self.median:.0f}%" if self.median else ""
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat`` fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _commandstats(redis: RedisServer) -> dict[str, int]:
+    info = redis.command("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    calls = {}
+    for line in info.decode().splitlines():
+        match = re.match(r"cmdstat_([a-z|]+):calls=(\d+)", line)
+        if match:
+            calls[match.group(1)] = int(match.group(2))
+    return calls
+
+
+@dataclass
+class Costs:
+    """What the round trips of one side cost, summed over its rounds: CPU seconds per
+    process, Redis commands, and (distributed) the outboxes' messages and PUBLISHes."""
+
+    round_trips: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)
+    commands: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, list[int]] = field(default_factory=dict)  # role: [messages, PUBLISHes]
+
+
+class Meter:
+    """Snapshots of the processes behind each side, taken around every round."""
+
+    def __init__(self, redis: RedisServer, children: dict[str, Child]) -> None:
+        assert redis.pid is not None
+        self.redis = redis
+        self.children = children
+        self.pids = {
+            "direct": {"direct": children["direct"].pid},
+            "distributed": {
+                "distributor": children["distributor"].pid,
+                "node": children["node"].pid,
+                "redis": redis.pid,
+            },
+        }
+
+    def snapshot(self, side: str) -> dict[str, Any]:
+        snap: dict[str, Any] = {
+            "cpu": {name: _cpu_seconds(pid) for name, pid in self.pids[side].items()}
+        }
+        if side == "distributed":
+            snap["commands"] = _commandstats(self.redis)
+            snap["sent"] = {r: self.children[r].counts() for r in ("distributor", "node")}
+        return snap
+
+    @staticmethod
+    def add(costs: Costs, before: dict[str, Any], after: dict[str, Any], n: int) -> None:
+        costs.round_trips += n
+        for name, spent in after["cpu"].items():
+            costs.cpu[name] = costs.cpu.get(name, 0.0) + spent - before["cpu"][name]
+        for command, calls in after.get("commands", {}).items():
+            done = calls - before["commands"].get(command, 0)
+            if done and command != "info":
+                costs.commands[command] = costs.commands.get(command, 0) + done
+        for role, (items, batches) in after.get("sent", {}).items():
+            total = costs.sent.setdefault(role, [0, 0])
+            total[0] += items - before["sent"][role][0]
+            total[1] += batches - before["sent"][role][1]
+
+
 async def _lockstep(sockets: list[Any], payload: str, duration: float) -> tuple[int, float]:
     start = time.perf_counter()
     deadline = start + duration
@@ -229,12 +337,13 @@ async def _lockstep(sockets: list[Any], payload: str, duration: float) -> tuple[
 
 
 async def measure(
-    urls: dict[str, str], clients: int, payload: str, seconds: float
-) -> dict[str, Rate]:
+    urls: dict[str, str], clients: int, payload: str, seconds: float, meter: Meter
+) -> tuple[dict[str, Rate], dict[str, Costs]]:
     """Open ``clients`` sockets per side, then run alternated rounds (AB, BA, ...)."""
     import websockets
 
     rates: dict[str, list[float]] = {name: [] for name in urls}
+    costs = {name: Costs() for name in urls}
     async with contextlib.AsyncExitStack() as stack:
         sockets: dict[str, list[Any]] = {}
         for name, url in urls.items():
@@ -246,13 +355,45 @@ async def measure(
         order = list(urls)
         for _ in range(ROUNDS):
             for name in order:
+                before = meter.snapshot(name)
                 n, elapsed = await _lockstep(sockets[name], payload, seconds / ROUNDS)
+                meter.add(costs[name], before, meter.snapshot(name), n)
                 rates[name].append(n / elapsed)
             order.reverse()
-    return {
+    medians = {
         name: Rate(statistics.median(values), min(values), max(values))
         for name, values in rates.items()
     }
+    return medians, costs
+
+
+def _print_costs(clients: int, costs: dict[str, Costs]) -> None:
+    direct, dist = costs["direct"], costs["distributed"]
+    if not (direct.round_trips and dist.round_trips):
+        return
+    us = {name: 1e6 * spent / dist.round_trips for name, spent in dist.cpu.items()}
+    direct_us = 1e6 * direct.cpu["direct"] / direct.round_trips
+    total = sum(us.values())
+    print(
+        f"  {clients:>3} sockets: CPU us/round trip: direct {direct_us:.1f} | distributor"
+        f" {us['distributor']:.1f} ({us['distributor'] / direct_us:.2f}x direct), node"
+        f" {us['node']:.1f}, redis {us['redis']:.1f} (sum {total:.1f})"
+    )
+    commands = sum(dist.commands.values())
+    by_command = ", ".join(
+        f"{command} {calls / dist.round_trips:.3f}"
+        for command, calls in sorted(dist.commands.items(), key=lambda kv: -kv[1])
+    )
+    per_rt = commands / dist.round_trips
+    print(f"               Redis commands/round trip: {per_rt:.3f} ({by_command})")
+    sent = []
+    for role, (items, batches) in dist.sent.items():
+        per_batch = items / batches if batches else 0.0
+        sent.append(
+            f"{role} {items / dist.round_trips:.3f} in {batches / dist.round_trips:.3f} PUBLISH"
+            f" ({per_batch:.2f} per PUBLISH)"
+        )
+    print(f"               messages/round trip: {'; '.join(sent)}")
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
@@ -260,7 +401,12 @@ def _row(cells: list[str], widths: list[int]) -> str:
 
 
 async def run(
-    redis: RedisServer, urls: dict[str, str], counts: list[int], size: int, seconds: float
+    redis: RedisServer,
+    urls: dict[str, str],
+    counts: list[int],
+    size: int,
+    seconds: float,
+    meter: Meter,
 ) -> None:
     payload = "x" * size
     header = ["clients", "direct rt/s", "±", "distrib. rt/s", "±", "ratio", "target"]
@@ -268,8 +414,10 @@ async def run(
     widths = [7, 12, 5, 13, 5, 6, 12, 10, 11]
     print(_row(header, widths))
     print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    all_costs = []
     for clients in counts:
-        rates = await measure(urls, clients, payload, seconds)
+        rates, costs = await measure(urls, clients, payload, seconds, meter)
+        all_costs.append((clients, costs))
         direct, distributed = rates["direct"], rates["distributed"]
         ratio = distributed.median / direct.median
         verdict = f">={TARGET:g}x {'ok' if ratio >= TARGET else 'MISS'}"
@@ -290,6 +438,12 @@ async def run(
         "\nrt/s: echo round trips per second over all sockets, the median of the rounds;"
         " ± is half their range relative to it; ms is the mean round trip per socket."
     )
+    print(
+        "\nCosts over all rounds (/proc, INFO commandstats; each PUBLISH is one pub/sub"
+        " delivery; messages: what each side's outbox sent, in how many PUBLISHes):"
+    )
+    for clients, costs in all_costs:
+        _print_costs(clients, costs)
     print(f"keys left in Redis: {keys!r}")
 
 
@@ -324,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     redis = RedisServer()
-    children: list[Child] = []
+    children: dict[str, Child] = {}
     try:
         redis.start()
         direct_port, front_port = _free_port(), _free_port()
@@ -333,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             Child("distributor", "--port", str(front_port), "--redis", redis.url),
             Child("node", "--redis", redis.url),
         ):
-            children.append(child.start())
+            children[child.role] = child.start()
         from importlib.metadata import version
 
         import minidasgi
@@ -353,12 +507,13 @@ def main(argv: list[str] | None = None) -> int:
             "direct": f"ws://{HOST}:{direct_port}/",
             "distributed": f"ws://{HOST}:{front_port}/",
         }
-        asyncio.run(run(redis, urls, counts, args.size, args.seconds))
+        meter = Meter(redis, children)
+        asyncio.run(run(redis, urls, counts, args.size, args.seconds, meter))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        for child in reversed(children):
+        for child in reversed(list(children.values())):
             child.stop()
         redis.close()
     return 0

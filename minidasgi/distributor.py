@@ -770,6 +770,8 @@ class _Exchange:
         self._pumps: list[asyncio.Task[None]] = []
         self._delayed: list[Any] | None = None  # an entry of watch_deadlines
         self.status = 0  # the status answered, for metrics and the access log
+        self._credit_message: tuple[int, bytes] | None = None  # (credit, its encoding)
+        self._holding_credit = False  # a credit waits to ride with the next message (WebSocket)
         self.pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
         self.acked_at = 0.0
 
@@ -964,12 +966,37 @@ class _Exchange:
         if self.node is not None and not self.complete:
             self._post_credit(credit)
 
-    def _post_credit(self, credit: int) -> None:
+    def _post_credit(self, credit: int, *, hold: bool = False) -> None:
         assert self.node is not None
-        message = wire.pack(wire.CREDIT, self.id, credit, version=self.distributor.wire_format)
+        cached = self._credit_message
+        if cached is not None and cached[0] == credit:
+            message = cached[1]
+        else:  # most credits are half the window: encoded once
+            message = wire.pack(wire.CREDIT, self.id, credit, version=self.distributor.wire_format)
+            self._credit_message = (credit, message)
         # Not awaited: relaying goes on; a lost credit would stall the transfer, so a count
         # of 0 fails the exchange (in a callback: no task, no wait).
-        self.distributor.outbox.post(self.node, message).add_done_callback(self._check_reached)
+        posted = self.distributor.outbox.post(self.node, message, hold=hold)
+        posted.add_done_callback(self._check_reached)
+        if hold:
+            self._holding_credit = True
+            posted.add_done_callback(self._credit_out)
+
+    def _may_hold_credit(self, credit: int) -> bool:
+        """True if a WebSocket's credit may wait a moment (the outbox's hold time) for the
+        client's next message to the Node and ride in its PUBLISH: in a conversation going
+        back and forth, every few messages would else cost a PUBLISH (and its reply) of their
+        own. Only while the Node still has credit to go on sending with, and never two in a
+        row: a Node streaming to the client then waits at most for this side to consume what
+        it sent already (whose credit takes the held one along), never for the hold timer."""
+        return (
+            self.kind == "websocket"
+            and not self._holding_credit
+            and self.received.outstanding - credit > 0
+        )
+
+    def _credit_out(self, posted: asyncio.Future[int]) -> None:
+        self._holding_credit = False
 
     def _check_reached(self, posted: asyncio.Future[int]) -> None:
         """A callback on a message not awaited: the Node is gone if nobody got it."""
@@ -1159,7 +1186,7 @@ class _Exchange:
                 self.complete = self.node_done = True
         credit = self.received.consumed()
         if credit and not self.complete:
-            self._post_credit(credit)
+            self._post_credit(credit, hold=self._may_hold_credit(credit))
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""

@@ -857,6 +857,7 @@ class _Job:
         self.app_started = 0.0  # monotonic time the app was called, for metrics
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
+        self._credit_message: tuple[int, bytes] | None = None  # (credit, its encoding)
         # In the recovery window (``confirmation``): the distributor's answer, True to run.
         self.confirmation: asyncio.Future[bool] | None = None
         if confirm:
@@ -957,6 +958,15 @@ class _Job:
             )
         return self.node.outbox.post(self.reply, data)
 
+    def _post_credit(self, credit: int) -> asyncio.Future[int]:
+        """``_post`` of a CREDIT: most are half the window, encoded once per request (a
+        WebSocket going back and forth returns one every few messages)."""
+        cached = self._credit_message
+        if cached is None or cached[0] != credit:
+            data = wire.pack(wire.CREDIT, self.id, credit, version=self.version)
+            cached = self._credit_message = (credit, data)
+        return self.node.outbox.post(self.reply, cached[1])
+
     async def _publish(self, kind: str, *args: Any) -> bool:
         """Publish one message to the distributor; False (and disconnect) if nobody got it."""
         if await self._post(kind, *args) == 0:
@@ -1039,7 +1049,7 @@ class _Job:
                 credit = self.received.consumed()
                 if credit and not self.gone:
                     # A credit that gets lost would stall the transfer for good.
-                    self._post(wire.CREDIT, credit).add_done_callback(self._check_reached)
+                    self._post_credit(credit).add_done_callback(self._check_reached)
             kind = event.get("type")
             if kind in ("http.disconnect", "websocket.disconnect"):
                 self.disconnect = event

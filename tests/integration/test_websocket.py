@@ -19,6 +19,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from minidasgi import Node, create_distributor
+from minidasgi.outbox import Outbox
 
 from .redis_server import RedisServer
 from .stack import NodeProcess, distributor_process, run_node, serve_app, uvicorn_only
@@ -435,4 +436,67 @@ async def test_no_keys_left_after_a_mix(redis_server: RedisServer) -> None:
             await ws.send("y")
             await ws.close(code=4002)
         await asyncio.wait_for(app.disconnected.wait(), WAIT)
+    assert _keys(redis_server) == []
+
+
+# The cost of a conversation, asserted structurally (PUBLISH commands from INFO commandstats).
+
+
+def _publish_calls(server: RedisServer) -> int:
+    info = server.command("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    for line in info.decode().splitlines():
+        if line.startswith("cmdstat_publish:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _patient_stack(redis_server: RedisServer, app: Any) -> AsyncIterator[str]:
+    """``_stack`` whose distributor lets a held message wait a minute for company: what it
+    holds then travels with the next message to the Node whatever the timing (or, wrongly
+    held, stalls the test)."""
+    distributor = create_distributor(url=redis_server.url, key=KEY, liveness_interval=3600)
+    distributor.outbox = Outbox(lambda: distributor._client, hold_time=60.0)
+    node = Node(url=redis_server.url, app=app, key=KEY, lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        yield _ws(base)
+
+
+async def test_a_lockstep_echo_costs_two_publish_per_round_trip(redis_server: RedisServer) -> None:
+    # One PUBLISH each way per message: the distributor's credit (every half window) rides
+    # with the client's next message instead of costing a PUBLISH of its own (2.25 before).
+    n = 40
+    async with _patient_stack(redis_server, WsApp()) as url:
+        async with websockets.connect(url + "/echo") as ws:
+            for i in range(8):  # warm up: the accept, the first credits
+                await ws.send(f"warm {i}")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == f"warm {i}"
+            before = await asyncio.to_thread(_publish_calls, redis_server)
+            for i in range(n):
+                await ws.send(f"m{i}")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == f"m{i}"
+            publishes = await asyncio.to_thread(_publish_calls, redis_server) - before
+    assert publishes <= 2 * n + 1, publishes
+    assert _keys(redis_server) == []
+
+
+async def test_a_held_credit_never_stalls_a_stream_to_the_client(
+    redis_server: RedisServer,
+) -> None:
+    # The Node sends without the client sending anything: no message of the distributor's
+    # can take a held credit along, so only the next credit may (never two held in a row).
+    count = 500
+
+    async def push(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        for i in range(count):
+            await send({"type": "websocket.send", "text": f"p{i}"})
+        await receive()  # the client's disconnect
+
+    async with _patient_stack(redis_server, push) as url:
+        async with websockets.connect(url + "/") as ws:
+            received = [await asyncio.wait_for(ws.recv(), WAIT) for _ in range(count)]
+    assert received == [f"p{i}" for i in range(count)]
     assert _keys(redis_server) == []
