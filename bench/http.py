@@ -29,10 +29,10 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named http.py: keep its folder off sys.path, or it would shadow the stdlib's
-# http package for everything imported below.
+# This file is named http.py: its folder goes last on sys.path, or it would shadow the stdlib's
+# http package for everything imported below (this folder's measure.py is still found).
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 import argparse
 import asyncio
@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from measure import commandstats, cpu_seconds, minor_faults
 
 from minidasgi.testing import RedisServer
 
@@ -255,31 +257,6 @@ def _stream(port: int, upload: bool, size: int = 0) -> float:
 
 # What a request costs -------------------------------------------------------------------------
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (``/proc/PID/stat`` fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _minor_faults(pid: int) -> int:
-    """Minor page faults of a process so far (``/proc/PID/stat`` field 10): a fresh large
-    buffer per message shows here (the allocator hands large blocks back to the system)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
-
-
-def _commandstats(redis: RedisServer) -> dict[str, int]:
-    info = redis.command("INFO", "commandstats")
-    assert isinstance(info, bytes)
-    calls = {}
-    for line in info.decode().splitlines():
-        match = re.match(r"cmdstat_([a-z|]+):calls=(\d+)", line)
-        if match:
-            calls[match.group(1)] = int(match.group(2))
-    return calls
-
 
 class Costs:
     """CPU per request per process, and Redis commands per request, over the 32-connection runs
@@ -294,8 +271,8 @@ class Costs:
         self.requests = {"direct": 0.0, "distributed": 0.0}
 
     def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
-        cpu = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
-        return cpu, _commandstats(self.redis)
+        cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return cpu, commandstats(self.redis)
 
     def add(
         self,
@@ -364,15 +341,15 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
                     order.reverse()
                 for side in order:
                     port = direct_port if side == "direct" else dist_port
-                    before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-                    faulted = {name: _minor_faults(pids[name]) for name in faults}
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    faulted = {name: minor_faults(pids[name]) for name in faults}
                     speeds[side].append(_stream(port, upload, size << 20))
                     for name, pid in pids.items():
-                        spent = _cpu_seconds(pid) - before[name]
+                        spent = cpu_seconds(pid) - before[name]
                         cpu[side][name] = cpu[side].get(name, 0.0) + spent
                     if side == "distributed":
                         for name in faults:
-                            faults[name] += _minor_faults(pids[name]) - faulted[name]
+                            faults[name] += minor_faults(pids[name]) - faulted[name]
             mib = size * rounds
             per = {
                 side: {k: v / mib * 1e3 for k, v in spent.items()} for side, spent in cpu.items()

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from measure import cpu_seconds
+
 from minidasgi.testing import ClusterSetup, RedisServer
 
 HOST = "127.0.0.1"
@@ -48,7 +50,6 @@ async def app(scope, receive, send):
                             (b"content-length", str(len(BODY)).encode())]})
     await send({"type": "http.response.body", "body": BODY})
 """
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -59,12 +60,11 @@ def _free_port() -> int:
 
 
 def _cpu(pid: int) -> float:
-    """CPU seconds of a process and of its reaped children (``/proc/PID/stat``)."""
+    """CPU seconds of a process and of its reaped children, 0 once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return cpu_seconds(pid, children=True)
     except OSError:
         return 0.0
-    return sum(int(f) for f in fields[11:15]) / _TICK
 
 
 def _tree(pid: int) -> list[int]:

@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import os
 import platform
-import re
 import signal
 import socket
 import statistics
@@ -42,8 +41,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from measure import commandstats, cpu_seconds
 
 from minidasgi.testing import RedisServer
 
@@ -247,26 +247,6 @@ class Rate:
         return f"±{50 * (self.high - self.low) / self.median:.0f}%" if self.median else ""
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (``/proc/PID/stat`` fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _commandstats(redis: RedisServer) -> dict[str, int]:
-    info = redis.command("INFO", "commandstats")
-    assert isinstance(info, bytes)
-    calls = {}
-    for line in info.decode().splitlines():
-        match = re.match(r"cmdstat_([a-z|]+):calls=(\d+)", line)
-        if match:
-            calls[match.group(1)] = int(match.group(2))
-    return calls
-
-
 @dataclass
 class Costs:
     """What the round trips of one side cost, summed over its rounds: CPU seconds per
@@ -296,10 +276,10 @@ class Meter:
 
     def snapshot(self, side: str) -> dict[str, Any]:
         snap: dict[str, Any] = {
-            "cpu": {name: _cpu_seconds(pid) for name, pid in self.pids[side].items()}
+            "cpu": {name: cpu_seconds(pid) for name, pid in self.pids[side].items()}
         }
         if side == "distributed":
-            snap["commands"] = _commandstats(self.redis)
+            snap["commands"] = commandstats(self.redis)
             snap["sent"] = {r: self.children[r].counts() for r in ("distributor", "node")}
         return snap
 

@@ -1,0 +1,43 @@
+"""What a benchmark reads off its processes: CPU time and page faults from ``/proc``, command
+counts from Redis' ``INFO commandstats``. Shared by the scripts in this folder (run as
+``python bench/NAME.py``, which puts this folder on ``sys.path``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from minidasgi.testing import RedisServer
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/PID/stat``'s fields after the command name (field 3 onwards)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU time of a process so far (fields 14 and 15), with that of its reaped
+    children (16 and 17) if ``children``."""
+    fields = _stat(pid)
+    return sum(int(f) for f in fields[11 : 15 if children else 13]) / _TICK
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (field 10): a fresh large buffer per message
+    shows here (the allocator hands large blocks back to the system)."""
+    return int(_stat(pid)[7])
+
+
+def commandstats(redis: RedisServer) -> dict[str, int]:
+    """Calls per command since the server started (or since ``CONFIG RESETSTAT``)."""
+    info = redis.command("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    calls = {}
+    for line in info.decode().splitlines():
+        match = re.match(r"cmdstat_([a-z|]+):calls=(\d+)", line)
+        if match:
+            calls[match.group(1)] = int(match.group(2))
+    return calls
