@@ -101,6 +101,7 @@ class Batcher(Generic[T]):
     def flush(self) -> None:
         """Send everything pending now, held items included."""
         pending, self._pending = self._pending, {}
+        self._disarm()
         for destination, batch in pending.items():
             self._dispatch(destination, batch)
 
@@ -115,9 +116,16 @@ class Batcher(Generic[T]):
                 self._pending[destination] = batch
                 continue
             self._dispatch(destination, batch)
-        if self._pending and self._hold_timer is None:
+        if not self._pending:
+            self._disarm()  # what was held left with company: no wake-up for nothing
+        elif self._hold_timer is None:
             assert self._loop is not None
             self._hold_timer = self._loop.call_later(self._hold_time, self._release_held)
+
+    def _disarm(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
 
     def _release_held(self) -> None:
         self._hold_timer = None

@@ -88,6 +88,39 @@ async def test_held_items_wait_for_company_but_not_long() -> None:
     assert await held == 1
 
 
+async def test_the_hold_timer_is_cancelled_once_nothing_is_held() -> None:
+    # A held item that left with company must not leave its timer to wake the loop later
+    # for nothing (a WebSocket's held credit every few messages, an ack per request).
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(sender, hold_time=60)
+    loop = asyncio.get_running_loop()
+    timers: list[asyncio.TimerHandle] = []
+    call_later = loop.call_later
+
+    def recording(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        timer = call_later(delay, callback, *args)
+        timers.append(timer)
+        return timer
+
+    loop.call_later = recording  # type: ignore[method-assign]
+    try:
+        batcher.put("a", "credit", hold=True)
+        await asyncio.sleep(0)
+        assert len(timers) == 1 and not timers[0].cancelled()
+        batcher.put("a", "event")
+        await asyncio.sleep(0)
+        assert sender.sent == [("a", ["credit", "event"])]
+        assert timers[0].cancelled()
+        batcher.put("b", "ack", hold=True)
+        await asyncio.sleep(0)
+        assert len(timers) == 2 and not timers[1].cancelled()
+        batcher.flush()
+        assert timers[1].cancelled()
+        assert sender.sent[-1] == ("b", ["ack"])
+    finally:
+        del loop.call_later  # type: ignore[method-assign]
+
+
 async def test_failures_reach_waiters_and_are_never_reported_lost() -> None:
     sender = Recorder()
     batcher: Batcher[int] = Batcher(sender)
