@@ -149,8 +149,6 @@ class Admission:
         # go straight to callbacks, the LPUSH's settling the batch's future: no future of
         # their own, no loop turn between the reply and the requests waiting for it.
         listeners: list[Any] = []  # the NUMSUB's reply, read before the LPUSH's
-        if packed is not None:
-            connection.send_packed_to(packed, listeners.append)
         count = len(values)
 
         def settle(reply: Any) -> None:
@@ -161,7 +159,10 @@ class Admission:
             else:
                 result.set_result((listeners[0] if listeners else None, reply, count))
 
-        connection.send_packed_to(pushing, settle)
+        if packed is None:
+            connection.send_packed_to(pushing, settle)
+        else:  # both in one write, even when not the first of the loop turn's commands
+            connection.send_packed_to([packed, pushing], listeners.append, settle)
 
     async def _send_routed(
         self, connection: Commands, numsub: bytes | None, lpush: bytes, values: list[bytes]

@@ -567,21 +567,23 @@ class Connection:
         self._buffer(data)
         return waiter
 
-    def send_packed_to(self, data: bytes | Parts, callback: Callable[[Any], None]) -> None:
-        """Send one packed command without waiting, as ``send_packed``, and hand its outcome to
-        ``callback`` directly from the code that reads it: the raw reply (an error reply as a
-        ``ReplyError`` value), or the ``RedisConnectionError`` / ``ProtocolError`` that ends
-        the connection. No future, and no loop turn between the reply and the callback.
+    def send_packed_to(self, data: bytes | Parts, *callbacks: Callable[[Any], None]) -> None:
+        """Send packed commands without waiting, as ``send_packed``, and hand each one's
+        outcome to its callback directly from the code that reads it: the raw reply (an error
+        reply as a ``ReplyError`` value), or the ``RedisConnectionError`` / ``ProtocolError``
+        that ends the connection. No future, and no loop turn between a reply and its callback.
+        ``data`` holds one command per callback, in their order (several travel in one write).
 
-        ``callback`` runs inside the connection's reading (or closing) code: it must be quick,
+        A callback runs inside the connection's reading (or closing) code: it must be quick,
         must not raise (an exception is logged and dropped) and should only settle futures or
         record the outcome. It is called exactly once, in reply order; if the connection is
-        already closed this raises at once and never calls it."""
+        already closed this raises at once and calls none."""
         if self._error is not None:
             raise self._closed_error()
         if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
             self._arm_watchdog()
-        self._waiters.append(_ReplyCallback(callback))
+        for callback in callbacks:
+            self._waiters.append(_ReplyCallback(callback))
         self._buffer(data)
 
     def _new_waiter(self) -> asyncio.Future[Any]:

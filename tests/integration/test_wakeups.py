@@ -29,6 +29,7 @@ class Counts:
         self.futures = 0
         self.read_in = -1
         self.woken_in: list[int] = []
+        self.writes = 0
 
     def woken(self, _: object) -> None:
         self.woken_in.append(self.turns)
@@ -60,12 +61,18 @@ def counting(connection: Connection) -> Iterator[Counts]:
         def gets(self) -> Any:
             return parser.gets()
 
+    def write(data: Any) -> None:
+        counts.writes += 1
+        send(data)
+
     loop._run_once, loop.create_future = turn, new_future
     connection._parser = Reading()
+    send = connection._write
+    connection._write = write  # type: ignore[method-assign]
     try:
         yield counts
     finally:
-        del loop._run_once, loop.create_future
+        del loop._run_once, loop.create_future, connection._write
         connection._parser = parser
 
 
@@ -111,5 +118,6 @@ async def test_an_lpush_reply_wakes_its_pushers_one_turn_later_with_one_future(
             assert counts.woken_in == [counts.read_in + 2] * 3
             # The batch's future only: none for the NUMSUB's or the LPUSH's reply.
             assert counts.futures == 1
+            assert counts.writes == 1  # NUMSUB and LPUSH together (before: two writes)
     finally:
         await connection.close()
