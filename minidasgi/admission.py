@@ -75,7 +75,9 @@ class Admission:
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, unlogged)
         self._connection: Commands | None = None  # where the next batch of pushes goes
         # One LPUSH per key per loop turn; its future gives (listeners, length, batch size).
-        self.pushes: Batcher[tuple[Any, Any, int]] = Batcher(self._send, max_size=_MAX_PUSH)
+        self.pushes: Batcher[tuple[Any, Any, int]] = Batcher(
+            send_into=self._send, max_size=_MAX_PUSH
+        )
 
     def bound(self, key: str) -> int | None:
         """The queue bound for ``key`` (None: unbounded)."""
@@ -122,7 +124,9 @@ class Admission:
             return metrics.QUEUE_FULL
         return None
 
-    def _send(self, key: str, values: list[bytes]) -> asyncio.Future[tuple[Any, Any, int]]:
+    def _send(
+        self, key: str, values: list[bytes], result: asyncio.Future[tuple[Any, Any, int]]
+    ) -> None:
         connection = self._connection
         assert connection is not None
         packed: bytes | None = None
@@ -138,28 +142,27 @@ class Admission:
         pushing = pack_command("LPUSH", key, *values)
         if not isinstance(connection, Connection):
             # A Cluster's router: the two commands may live on different masters.
-            return asyncio.ensure_future(self._send_routed(connection, packed, pushing, values))
-        # One write, one round trip: the NUMSUB's answer comes with the LPUSH's.
-        numsub = None if packed is None else connection.send_packed(packed)
-        lpush = connection.send_packed(pushing)
-        # The reply's loop: asking asyncio for the running one costs a getpid() on 3.11.
-        result: asyncio.Future[tuple[Any, Any, int]] = lpush.get_loop().create_future()
+            routed = asyncio.ensure_future(self._send_routed(connection, packed, pushing, values))
+            routed.add_done_callback(lambda done: _copy(result, done))
+            return
+        # One write, one round trip: the NUMSUB's answer comes with the LPUSH's. Both replies
+        # go straight to callbacks, the LPUSH's settling the batch's future: no future of
+        # their own, no loop turn between the reply and the requests waiting for it.
+        listeners: list[Any] = []  # the NUMSUB's reply, read before the LPUSH's
+        count = len(values)
 
-        def settle(done: asyncio.Future[Any]) -> None:
+        def settle(reply: Any) -> None:
             if result.done():
                 return
-            if done.cancelled():
-                result.cancel()
-            elif done.exception() is not None:
-                result.set_exception(done.exception())  # type: ignore[arg-type]
+            if isinstance(reply, BaseException):  # the connection was lost
+                result.set_exception(reply)
             else:
-                listeners = None
-                if numsub is not None and numsub.done() and not numsub.cancelled():
-                    listeners = numsub.exception() or numsub.result()
-                result.set_result((listeners, done.result(), len(values)))
+                result.set_result((listeners[0] if listeners else None, reply, count))
 
-        lpush.add_done_callback(settle)
-        return result
+        if packed is None:
+            connection.send_packed_to(pushing, settle)
+        else:  # both in one write, even when not the first of the loop turn's commands
+            connection.send_packed_to([packed, pushing], listeners.append, settle)
 
     async def _send_routed(
         self, connection: Commands, numsub: bytes | None, lpush: bytes, values: list[bytes]
@@ -179,6 +182,18 @@ _REASONS = {
     metrics.NO_ACK: "no Node took it in time",
     metrics.IN_FLIGHT: "too many requests in flight in this process",
 }
+
+
+def _copy(result: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Copy ``done``'s outcome to ``result`` unless it is done already."""
+    if result.done():
+        return
+    if done.cancelled():
+        result.cancel()
+    elif done.exception() is not None:
+        result.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        result.set_result(done.result())
 
 
 def _count(reply: object) -> int | None:

@@ -13,6 +13,10 @@ it), never hold an item past its turn except one put with ``hold=True`` (an ack 
 with the response that usually follows within ``hold_time``), and never block: ``put`` returns a
 future shared by the whole batch, resolved with the command's outcome, which callers may await
 or ignore. It knows nothing of Redis or ASGI: the owner gives it the function that sends a batch.
+That function either returns a future of the command's outcome (copied to the batch's future by
+a callback: one loop turn more), or, given as ``send_into``, settles the batch's future itself,
+at best straight from the code that reads the reply (the outbox does: no future nor loop turn
+between a PUBLISH's reply and whoever waits for it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = ["Batcher"]
 
 T = TypeVar("T")
 Sender = Callable[[str, list[Any]], "asyncio.Future[T]"]
+SenderInto = Callable[[str, list[Any], "asyncio.Future[T]"], None]
 
 
 class _Batch(Generic[T]):
@@ -46,12 +51,23 @@ class Batcher(Generic[T]):
     (so only an item larger than ``max_size`` by itself travels in a larger batch, alone), and a
     batch that reaches it is sent at once. ``index`` is the position ``put`` gave its item in
     its batch (an LPUSH's caller works out its own list length from it).
+
+    ``send_into(destination, items, future)`` instead of ``send``: starts the command and
+    settles ``future`` (the batch's) with its outcome, unless it is done already.
     """
 
     def __init__(
-        self, send: Sender[T], *, max_size: int = 512 * 1024, hold_time: float = 0.002
+        self,
+        send: Sender[T] | None = None,
+        *,
+        send_into: SenderInto[T] | None = None,
+        max_size: int = 512 * 1024,
+        hold_time: float = 0.002,
     ) -> None:
+        if (send is None) == (send_into is None):
+            raise TypeError("give one of send and send_into")
         self._send = send
+        self._send_into = send_into
         self._max_size = max_size
         self._hold_time = hold_time
         self._pending: dict[str, _Batch[T]] = {}
@@ -136,6 +152,10 @@ class Batcher(Generic[T]):
         self.items += len(batch.items)
         target = batch.future
         try:
+            if self._send_into is not None:
+                self._send_into(destination, batch.items, target)
+                return
+            assert self._send is not None
             sent = self._send(destination, batch.items)
         except Exception as exc:  # the sender failed before a command existed
             if not target.done():

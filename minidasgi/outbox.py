@@ -8,8 +8,10 @@ message instead, all in one write.
 
 It never waits: ``post`` returns the batch's future (the receiver count; 0 when Redis is
 unreachable, as ``Client.try_publish``), which the caller awaits or hands a callback, and never
-creates a task per message. It knows nothing of requests: the callers decide what a count of 0
-means for them.
+creates a task per message. The client settles that future straight from the PUBLISH's reply
+(``publish_into``): one loop turn between the reply and its waiter, not three.
+
+It knows nothing of requests: the callers decide what a count of 0 means for them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Outbox:
     ) -> None:
         self._client = client
         self.batcher: Batcher[int] = Batcher(
-            self._send, max_size=wire.MAX_BATCH_SIZE, hold_time=hold_time
+            send_into=self._send, max_size=wire.MAX_BATCH_SIZE, hold_time=hold_time
         )
 
     def post(
@@ -54,19 +56,23 @@ class Outbox:
         """Send everything now (held messages included)."""
         self.batcher.flush()
 
-    def _send(self, channel: str, messages: list[wire.Packed]) -> asyncio.Future[int]:
+    def _send(self, channel: str, messages: list[wire.Packed], result: asyncio.Future[int]) -> None:
+        # The batch's future is settled by the client straight from the PUBLISH's reply.
         client = self._client()
         if client is None:
-            nobody: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            nobody.set_result(0)
-            return nobody
+            if not result.done():
+                result.set_result(0)
+            return
         if len(messages) == 1:
-            return client.publish_soon(channel, messages[0])
-        if all(_version(m) != codec.RELEASED for m in messages):
-            return client.publish_soon(channel, wire.batch_frame_parts(messages))
-        # A peer of the first release reads single messages only: one PUBLISH each, one write.
-        futures = [client.publish_soon(channel, m) for m in messages]
-        return futures[-1]  # in order on one connection: the last tells for all
+            client.publish_into(channel, messages[0], result)
+        elif all(_version(m) != codec.RELEASED for m in messages):
+            client.publish_into(channel, wire.batch_frame_parts(messages), result)
+        else:
+            # A peer of the first release reads single messages only: one PUBLISH each, one
+            # write; in order on one connection, so the last tells for all.
+            for message in messages[:-1]:
+                client.publish_soon(channel, message)
+            client.publish_into(channel, messages[-1], result)
 
 
 def _version(message: wire.Packed) -> int:

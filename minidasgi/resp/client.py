@@ -136,39 +136,48 @@ class Client:
     def publish_soon(self, channel: str | bytes, message: object) -> asyncio.Future[int]:
         """PUBLISH without waiting for the reply: the future gives the receiver count, with
         Redis unreachable or an error reply counted (and logged) as 0, as ``try_publish``."""
+        result: asyncio.Future[int] = self._loop().create_future()
+        self.publish_into(channel, message, result)
+        return result
+
+    def publish_into(
+        self, channel: str | bytes, message: object, result: asyncio.Future[int]
+    ) -> None:
+        """``publish_soon`` settling the caller's ``result`` straight from the reply (no future
+        of its own, no loop turn in between); a ``result`` already done is left alone."""
         try:
-            reply = self.connection().send_packed(pack_gathering("PUBLISH", channel, message))
+            self.connection().send_packed_to(
+                pack_gathering("PUBLISH", channel, message),
+                lambda reply: self._settle_count(result, reply),
+            )
         except RespError as exc:
             logger.warning("%s cannot publish: %s", self.name, exc)
-            nobody: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            nobody.set_result(0)
-            return nobody
-        # The reply's loop: asking asyncio for the running one costs a getpid() on 3.11.
-        result: asyncio.Future[int] = reply.get_loop().create_future()
-        reply.add_done_callback(lambda done: self._settle_count(result, done))
-        return result
+            if not result.done():
+                result.set_result(0)
 
     def lpush_soon(self, key: str | bytes, values: list[Any]) -> asyncio.Future[int]:
         """LPUSH ``values`` (in order: the first is popped first by RPOP) without waiting for
         the reply: the future gives the list's new length, or raises ``RespError``."""
+        result: asyncio.Future[int] = self._loop().create_future()
         try:
-            reply = self.connection().send_packed(pack_command("LPUSH", key, *values))
+            self.connection().send_packed_to(
+                pack_command("LPUSH", key, *values), lambda reply: settle_reply(result, reply)
+            )
         except RespError as exc:
-            failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
-        result: asyncio.Future[int] = reply.get_loop().create_future()
-        reply.add_done_callback(lambda done: _settle_reply(result, done))
+            result.set_exception(exc)
         return result
 
-    def _settle_count(self, result: asyncio.Future[int], done: asyncio.Future[Any]) -> None:
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The live connection's loop: asking asyncio for the running one costs a getpid()
+        on Python 3.11."""
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return asyncio.get_running_loop()
+        return connection.loop
+
+    def _settle_count(self, result: asyncio.Future[int], reply: Any) -> None:
         if result.done():
             return
-        if done.cancelled():
-            result.set_result(0)
-            return
-        error = done.exception()
-        reply = done.result() if error is None else error
         if isinstance(reply, BaseException):
             logger.warning("%s cannot publish: %s", self.name, reply)
             result.set_result(0)
@@ -259,15 +268,11 @@ class Client:
             closed.cancel()
 
 
-def _settle_reply(result: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
-    """Copy a raw reply future's outcome to ``result``, raising an error reply."""
+def settle_reply(result: asyncio.Future[Any], reply: Any) -> None:
+    """Settle ``result`` with a raw reply (``Connection.send_packed_to``'s outcome): an error
+    reply or a lost connection raised, anything else its value; a done ``result`` is left."""
     if result.done():
         return
-    if done.cancelled():
-        result.set_exception(RedisConnectionError("the command was cancelled"))
-        return
-    error = done.exception()
-    reply = done.result() if error is None else error
     if isinstance(reply, BaseException):
         result.set_exception(reply)
     else:

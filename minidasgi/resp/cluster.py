@@ -575,25 +575,32 @@ class ClusterClient:
         the owner's live connection with a callback (no task per message); a redirect, or a
         master used for the first time, takes the slow path of ``try_publish``."""
         result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.publish_into(channel, message, result)
+        return result
+
+    def publish_into(
+        self, channel: str | bytes, message: object, result: asyncio.Future[int]
+    ) -> None:
+        """``publish_soon`` settling the caller's ``result`` straight from the reply; a
+        ``result`` already done is left alone."""
         try:
             connection = self.client_for(self.owner(channel)).connection()
-            reply = connection.send_packed(pack_gathering("SPUBLISH", channel, message))
+            connection.send_packed_to(
+                pack_gathering("SPUBLISH", channel, message),
+                lambda reply: self._settle_count(result, reply, channel, message),
+            )
         except RespError:
             _chain(result, self.try_publish(channel, _joined(message)))
-            return result
-        reply.add_done_callback(lambda done: self._settle_count(result, done, channel, message))
-        return result
 
     def _settle_count(
         self,
         result: asyncio.Future[int],
-        done: asyncio.Future[Any],
+        reply: Any,
         channel: str | bytes,
         message: object,
     ) -> None:
         if result.done():
             return
-        reply = _outcome(done)
         if isinstance(reply, ReplyError) and _redirect(reply) is not None:
             _chain(result, self.try_publish(channel, _joined(message)))  # the slot moved
             return
@@ -612,23 +619,23 @@ class ClusterClient:
         result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         try:
             connection = self.client_for(self.owner(key)).connection()
-            reply = connection.send_packed(pack_command("LPUSH", key, *values))
+            connection.send_packed_to(
+                pack_command("LPUSH", key, *values),
+                lambda reply: self._settle_push(result, reply, key, values),
+            )
         except RespError:
             _chain(result, self.lpush(key, *values))
-            return result
-        reply.add_done_callback(lambda done: self._settle_push(result, done, key, values))
         return result
 
     def _settle_push(
         self,
         result: asyncio.Future[int],
-        done: asyncio.Future[Any],
+        reply: Any,
         key: str | bytes,
         values: list[Any],
     ) -> None:
         if result.done():
             return
-        reply = _outcome(done)
         if isinstance(reply, ReplyError) and _redirect(reply) is not None:
             _chain(result, self.lpush(key, *values))  # nothing ran: follow the redirect
             return
@@ -638,14 +645,6 @@ class ClusterClient:
             result.set_exception(reply)
             return
         result.set_result(reply)
-
-
-def _outcome(done: asyncio.Future[Any]) -> Any:
-    """A raw reply future's value, or the exception it ended with."""
-    if done.cancelled():
-        return RedisConnectionError("the command was cancelled")
-    error = done.exception()
-    return error if error is not None else done.result()
 
 
 def _chain(result: asyncio.Future[Any], coroutine: Coroutine[Any, Any, Any]) -> None:

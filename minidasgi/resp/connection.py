@@ -325,6 +325,35 @@ def _sentinel_base(
     return ConnectionParams(host="", sentinel=spec, ssl=ssl), db_text
 
 
+class _ReplyCallback:
+    """A reply's waiter that is a plain callback (``Connection.send_packed_to``): it answers
+    ``done`` / ``set_result`` / ``set_exception`` as the connection asks a future, and calls
+    the callback at once, exactly once."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[Any], None]) -> None:
+        self._callback: Callable[[Any], None] | None = callback
+
+    def done(self) -> bool:
+        return self._callback is None
+
+    def set_result(self, outcome: Any) -> None:
+        callback = self._callback
+        if callback is None:
+            return
+        self._callback = None
+        try:
+            callback(outcome)
+        except Exception:  # never let a caller's error end the connection
+            logger.exception("a reply callback failed")
+
+    set_exception = set_result
+
+
+_Waiter = asyncio.Future[Any] | _ReplyCallback
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     """Retrieve the outcome of a future nobody awaits (no 'never retrieved' warning)."""
     if not future.cancelled():
@@ -456,7 +485,8 @@ class Connection:
         self._parser = make_parser(parser)
         self._reader = ReplyReader(self._on_data, self._on_end)  # held: the protocol won't
         self._writer: asyncio.StreamWriter | None = None
-        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # Reply futures, or callbacks (``send_packed_to``), in the order of their commands.
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         self._wbuf: Parts = []
         self._wbuf_size = 0
         self._scratch: bytearray | None = None  # see _write_gathered
@@ -469,9 +499,9 @@ class Connection:
         timeout = params.reply_timeout
         self._reply_timeout = timeout if timeout else math.inf
         self._watchdog: asyncio.TimerHandle | None = None
-        self._watched: asyncio.Future[Any] | None = None  # the head seen at the last check
+        self._watched: _Waiter | None = None  # the head seen at the last check
         self._watched_since = 0.0
-        self._blocking_bounds: dict[asyncio.Future[Any], float] = {}
+        self._blocking_bounds: dict[_Waiter, float] = {}
         # Error codes that end the connection: the server no longer serves what this
         # connection is for (Sentinel: demoted; Cluster: the slot moved). See ``leave_on``.
         self._leave_codes: frozenset[str] = frozenset()
@@ -489,6 +519,11 @@ class Connection:
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "open"
         return f"<Connection {self.params.address} db={self.params.db} {state}>"
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this connection lives in."""
+        return self._loop
 
     @property
     def is_closed(self) -> bool:
@@ -531,6 +566,25 @@ class Connection:
         waiter = self._new_waiter()
         self._buffer(data)
         return waiter
+
+    def send_packed_to(self, data: bytes | Parts, *callbacks: Callable[[Any], None]) -> None:
+        """Send packed commands without waiting, as ``send_packed``, and hand each one's
+        outcome to its callback directly from the code that reads it: the raw reply (an error
+        reply as a ``ReplyError`` value), or the ``RedisConnectionError`` / ``ProtocolError``
+        that ends the connection. No future, and no loop turn between a reply and its callback.
+        ``data`` holds one command per callback, in their order (several travel in one write).
+
+        A callback runs inside the connection's reading (or closing) code: it must be quick,
+        must not raise (an exception is logged and dropped) and should only settle futures or
+        record the outcome. It is called exactly once, in reply order; if the connection is
+        already closed this raises at once and calls none."""
+        if self._error is not None:
+            raise self._closed_error()
+        if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
+            self._arm_watchdog()
+        for callback in callbacks:
+            self._waiters.append(_ReplyCallback(callback))
+        self._buffer(data)
 
     def _new_waiter(self) -> asyncio.Future[Any]:
         """A future for the next reply, queued behind those already awaited (the watchdog
@@ -855,6 +909,8 @@ class Connection:
                 waiter = waiters.popleft()
                 if not waiter.done():  # a cancelled caller's reply is dropped here
                     waiter.set_result(reply)
+                    if self._error is not None:  # a reply callback closed the connection
+                        return
                 if self._leave_codes and isinstance(reply, ReplyError) and self._left(reply):
                     return
         except ProtocolError as exc:

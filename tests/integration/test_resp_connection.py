@@ -672,7 +672,7 @@ async def test_client_wrong_password(redis_factory: RedisFactory, parser: str) -
 
 async def test_commands_sent_without_waiting(clean_redis: RedisServer, parser: str) -> None:
     """send_packed returns the raw reply future; Client.publish_soon/lpush_soon settle theirs
-    from it: receivers counted (errors as 0), LPUSH values kept in FIFO order."""
+    from the reply: receivers counted (errors as 0), LPUSH values kept in FIFO order."""
     from minidasgi.resp.client import Client
     from minidasgi.resp.connection import make_params
     from minidasgi.resp.protocol import ReplyError, pack_command
@@ -696,3 +696,37 @@ async def test_commands_sent_without_waiting(clean_redis: RedisServer, parser: s
     finally:
         await client.close()
     assert await client.publish_soon("nobody", b"hi") == 0  # unreachable counts as nobody
+
+
+async def test_commands_sent_to_callbacks(
+    clean_redis: RedisServer, parser: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """send_packed_to hands each reply to its callback, once and in order, from the code that
+    reads it (an error reply as a value); a callback that raises is logged and the connection
+    goes on; a lost connection hands its error to exactly the callbacks still waiting."""
+    from minidasgi.resp.protocol import pack_command
+
+    conn = await connect(clean_redis.url, parser=parser)
+    try:
+        seen: list[object] = []
+
+        def broken(reply: object) -> None:
+            seen.append(reply)
+            raise RuntimeError("a caller's bug")
+
+        conn.send_packed_to(pack_command("SET", "k", "v"), seen.append)
+        conn.send_packed_to(pack_command("LPUSH", "k", "x"), seen.append)  # WRONGTYPE
+        conn.send_packed_to(pack_command("PING"), broken)
+        assert await asyncio.wait_for(conn.execute("GET", "k"), 5) == b"v"
+        assert seen[0] == b"OK" and isinstance(seen[1], ReplyError) and seen[2] == b"PONG"
+        assert len(seen) == 3 and "a reply callback failed" in caplog.text
+        blocked: list[object] = []
+        conn.send_packed_to(pack_command("BLPOP", "nothing", "0"), blocked.append)
+        conn.fail(RedisConnectionError("given up"))
+        assert len(blocked) == 1 and isinstance(blocked[0], RedisConnectionError)
+        assert len(seen) == 3  # those answered are not called again
+        with pytest.raises(RedisConnectionError):
+            conn.send_packed_to(pack_command("PING"), seen.append)
+        assert len(seen) == 3
+    finally:
+        await conn.close()

@@ -1,0 +1,123 @@
+"""Loop turns and futures between a coalesced command's reply and its waiters, counted
+structurally (no timings): a PUBLISH's or LPUSH's reply settles the batch's future from the
+code that reads it, so whoever waits runs one loop turn later, and a batch costs one future."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from minidasgi import wire
+from minidasgi.admission import Admission
+from minidasgi.outbox import Outbox
+from minidasgi.resp import Connection, connect
+from minidasgi.resp.client import Client
+from minidasgi.resp.connection import parse_url
+from minidasgi.testing import RedisServer
+
+
+class Counts:
+    """Loop iterations, futures created, the iteration in which the last reply was read, and
+    those in which the futures handed to ``woken`` were done."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.futures = 0
+        self.read_in = -1
+        self.woken_in: list[int] = []
+        self.writes = 0
+
+    def woken(self, _: object) -> None:
+        self.woken_in.append(self.turns)
+
+
+@contextmanager
+def counting(connection: Connection) -> Iterator[Counts]:
+    loop: Any = asyncio.get_running_loop()
+    if not hasattr(loop, "_run_once"):
+        pytest.skip("needs asyncio's own event loop")
+    counts = Counts()
+    run_once, create_future = loop._run_once, loop.create_future
+    parser = connection._parser
+
+    def turn() -> None:
+        counts.turns += 1
+        run_once()
+
+    def new_future() -> asyncio.Future[Any]:
+        counts.futures += 1
+        future: asyncio.Future[Any] = create_future()
+        return future
+
+    class Reading:
+        def feed(self, data: Any) -> None:
+            counts.read_in = counts.turns
+            parser.feed(data)
+
+        def gets(self) -> Any:
+            return parser.gets()
+
+    def write(data: Any) -> None:
+        counts.writes += 1
+        send(data)
+
+    loop._run_once, loop.create_future = turn, new_future
+    connection._parser = Reading()
+    send = connection._write
+    connection._write = write  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        del loop._run_once, loop.create_future, connection._write
+        connection._parser = parser
+
+
+async def test_a_publish_reply_wakes_its_waiter_one_turn_later_with_one_future(
+    clean_redis: RedisServer,
+) -> None:
+    client = Client(parse_url(clean_redis.url), name="test")
+    client.start()
+    try:
+        connection = await client.wait_connected(5)
+        outbox = Outbox(lambda: client)
+        await outbox.publish("warm-up", wire.pack(wire.GONE, "r", "x"))
+        for _ in range(3):
+            with counting(connection) as counts:
+                posted = outbox.post("c", wire.pack(wire.GONE, "r", "x"))
+                posted.add_done_callback(counts.woken)
+                assert await posted == 0  # nobody subscribes
+            # Before: the reply's future, the client's, then the batch's: three turns.
+            assert counts.woken_in == [counts.read_in + 1]
+            assert counts.futures == 1  # the batch's: none for the reply, none for the client
+    finally:
+        await client.close()
+
+
+async def test_an_lpush_reply_wakes_its_pushers_one_turn_later_with_one_future(
+    clean_redis: RedisServer,
+) -> None:
+    connection = await connect(clean_redis.url)
+    try:
+        admission = Admission(channel_prefix="p", db=0, fail_fast=True)
+        await admission.push(connection, "k", b"warm-up")
+        for _ in range(3):
+            with counting(connection) as counts:
+                pushes = [
+                    asyncio.ensure_future(admission.push(connection, "k", b"e")) for _ in range(3)
+                ]
+                for push in pushes:
+                    push.add_done_callback(counts.woken)
+                # Nobody listens on the presence channel: fail-fast refuses all three.
+                assert await asyncio.gather(*pushes) == ["no_node"] * 3
+            # Each pusher's task resumes in the turn after the reply was read and ends there;
+            # its done callbacks run one turn later (before: three turns later).
+            assert counts.woken_in == [counts.read_in + 2] * 3
+            # The batch's future only: none for the NUMSUB's or the LPUSH's reply.
+            assert counts.futures == 1
+            assert counts.writes == 1  # NUMSUB and LPUSH together (before: two writes)
+    finally:
+        await connection.close()
