@@ -162,12 +162,15 @@ def try_encode_parts(
         text = text.replace(marker, _MARKER)
     head = text.encode("utf-8", "surrogatepass")
     digits = head.translate(_DIGITS_AS_ZERO)
-    if b'0":' in digits or _has_word_key(head):
+    # find() and str's ``in``, not ``in`` on bytes: bytes.__contains__ first tries its operand
+    # as an int, and raises and clears a TypeError per call when it is not (thousands of
+    # instructions, more than the search itself).
+    if digits.find(b'0":') != -1 or _has_word_key(text):
         return None
     _check_shape(head, max_items, max_depth)
     if (
         len(head) > _MAX_INT_DIGITS
-        and _LONG_INT in digits
+        and digits.find(_LONG_INT) != -1
         and _LONG_INT in _outside_strings(head, max_items).translate(_DIGITS_AS_ZERO)
     ):
         raise CodecError(f"int of more than {_MAX_INT_DIGITS} digits cannot be encoded")
@@ -260,18 +263,18 @@ def _byte_views(blobs: list[Any]) -> bool:
     return True
 
 
-def _has_word_key(head: bytes) -> bool:
+def _has_word_key(head: str) -> bool:
     """Whether ``head`` has a key json may have written for True, False, None or a float.
 
     (Int keys and finite float keys end in a digit: the caller looks for those.)
     """
     # A chain of ``in`` rather than any() over a tuple: this runs for every message.
     return (
-        b'"true":' in head
-        or b'"false":' in head
-        or b'"null":' in head
-        or b'"NaN":' in head
-        or b'Infinity":' in head
+        '"true":' in head
+        or '"false":' in head
+        or '"null":' in head
+        or '"NaN":' in head
+        or 'Infinity":' in head
     )
 
 

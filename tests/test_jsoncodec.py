@@ -444,6 +444,55 @@ def test_ordinary_keys_are_not_declined(key: str) -> None:
     assert try_encode({key: 1}) is not None
 
 
+def _looks_coerced(key: Any) -> bool:
+    """What the encoder declines a dict key for, told from the key itself (the encoder looks
+    at its JSON text, without a walk of the value)."""
+    if type(key) is not str:
+        return True
+    text = json.dumps(key, ensure_ascii=False)[:-1]  # without the closing quote
+    words = ('"true', '"false', '"null', '"NaN', "Infinity")
+    return text[-1] in "0123456789" or text.endswith(words)
+
+
+def test_coerced_key_check_matches_the_keys_themselves_on_fuzzed_values() -> None:
+    # The check runs on the text (str ``in`` and bytes.find, cheaper than ``in`` on bytes):
+    # its decisions must be exactly those a walk over the keys would make.
+    rng = random.Random(1792)
+    pieces = [
+        "true",
+        "false",
+        "null",
+        "NaN",
+        "Infinity",
+        "-",
+        "1",
+        "9",
+        "0E0",
+        "a",
+        '"',
+        ":",
+        "\\",
+        "é",
+        "\x10",
+        " ",
+        "e",
+        "y",
+    ]
+    keys: list[Any] = [1, 2.5, True, None, math.inf]
+    for _ in range(400):
+        key = "".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
+        value: Any = {key: rng.choice([1, b"x", "true", '"null":', None, [b"y"]])}
+        if rng.random() < 0.1:
+            key = rng.choice(keys)
+            value = {key: 1}
+        for _ in range(rng.randrange(3)):  # nested inside ordinary containers
+            value = rng.choice([[value], {"scope": value, "k": '1":'}])
+        declined = try_encode(value) is None
+        assert declined == _looks_coerced(key), (key, value)
+        if not declined:
+            assert decode(encode(value)) == value
+
+
 def _random_string(rng: random.Random) -> str:
     alphabet = ["a", "0", "E", '"', "\\", ":", ",", "[", "{", "}", "\ue000", "\ud800", "é", "0E0"]
     return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
