@@ -161,13 +161,19 @@ def try_encode_parts(
     if blobs:
         text = text.replace(marker, _MARKER)
     head = text.encode("utf-8", "surrogatepass")
-    digits = head.translate(_DIGITS_AS_ZERO)
+    # One pass for three checks: digits as 0 (int keys, long ints) and [ { deleted (how many
+    # containers open, the bound on depth). Deleting only joins what surrounded a bracket, so
+    # a hit below may be false (checked again exactly) but a miss is certain.
+    digits = head.translate(_DIGITS_AS_ZERO, b"[{")
     # find() and str's ``in``, not ``in`` on bytes: bytes.__contains__ first tries its operand
     # as an int, and raises and clears a TypeError per call when it is not (thousands of
     # instructions, more than the search itself).
-    if digits.find(b'0":') != -1 or _has_word_key(text):
+    if (
+        digits.find(b'0":') != -1 and head.translate(_DIGITS_AS_ZERO).find(b'0":') != -1
+    ) or _has_word_key(text):
         return None
-    _check_shape(head, max_items, max_depth)
+    if not (len(head) < max_items and len(head) - len(digits) <= max_depth):
+        _check_shape(head, max_items, max_depth)
     if (
         len(head) > _MAX_INT_DIGITS
         and digits.find(_LONG_INT) != -1

@@ -477,11 +477,16 @@ def test_coerced_key_check_matches_the_keys_themselves_on_fuzzed_values() -> Non
         " ",
         "e",
         "y",
+        "[",
+        "{",
+        "0[",
     ]
+    long_digits = "9" * 70 + "[{" + "9" * 70  # a string: 140 digits once the brackets go
     keys: list[Any] = [1, 2.5, True, None, math.inf]
-    for _ in range(400):
+    for _ in range(600):
         key = "".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
-        value: Any = {key: rng.choice([1, b"x", "true", '"null":', None, [b"y"]])}
+        item = rng.choice([1, b"x", "true", '"null":', None, [b"y"], long_digits, [[{}]]])
+        value: Any = {key: item}
         if rng.random() < 0.1:
             key = rng.choice(keys)
             value = {key: 1}
@@ -491,6 +496,17 @@ def test_coerced_key_check_matches_the_keys_themselves_on_fuzzed_values() -> Non
         assert declined == _looks_coerced(key), (key, value)
         if not declined:
             assert decode(encode(value)) == value
+
+
+def test_an_int_of_too_many_digits_is_refused_however_brackets_surround_it() -> None:
+    big = 10**140
+    for value in ([big], [[big]], {"a": [{"b": big}]}, ["[" * 3, big, "{"]):
+        with pytest.raises(CodecError, match="digits"):
+            try_encode(value)
+    assert decode(encode(["1" * 70 + "[" + "1" * 70, [1] * 3])) == [
+        "1" * 70 + "[" + "1" * 70,
+        [1] * 3,
+    ]
 
 
 def _random_string(rng: random.Random) -> str:
