@@ -226,17 +226,28 @@ def decode(
             f"bytes values add up to {sum(lengths)} bytes but the tail holds {size - tail_start}"
         )
     head = bytes(data[_PREFIX.size : head_end])
-    _check_shape(head, max_items, max_depth)
+    session = _session()
+    scan = session.scan
+    if len(head) < max_items:
+        # One pass, as in the encoder: the length [ and { take is the bound on depth, and
+        # without a run of more than 128 digits (deleting brackets only joins runs) no int
+        # is too long, so the C scanner parses ints itself, with no call back per int.
+        digits = head.translate(_DIGITS_AS_ZERO, b"[{")
+        if len(head) - len(digits) > max_depth:
+            _check_shape(head, max_items, max_depth)
+        if digits.find(_LONG_INT) == -1:
+            scan = session.scan_short_ints
+    else:
+        _check_shape(head, max_items, max_depth)
     try:
         text = head.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise CodecError("head is not valid UTF-8") from None
-    session = _session()
     session.data = data
     session.offsets = list(accumulate(lengths, initial=tail_start)) if count else [tail_start]
     session.index = 0
     try:
-        value, end = session.scan(text, 0)
+        value, end = scan(text, 0)
     except CodecError:
         raise
     except StopIteration:
@@ -364,6 +375,11 @@ class _Session:
         self.index = 0
         self.memo: dict[str, str] = {}  # used by the pure-Python scanner only
         self.parse_float = self._number
+        self.parse_int: Callable[[str], int] = int  # parsed in C, no call per int
+        self.scan_short_ints: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
+            self  # type: ignore[arg-type]
+        )
+        """The scanner for a head with no run of more than 128 digits."""
         self.parse_int = self._int
         self.scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(self)  # type: ignore[arg-type]
         self.dumps = _make_dumps(self._default)
