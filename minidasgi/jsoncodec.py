@@ -161,13 +161,22 @@ def try_encode_parts(
     if blobs:
         text = text.replace(marker, _MARKER)
     head = text.encode("utf-8", "surrogatepass")
-    digits = head.translate(_DIGITS_AS_ZERO)
-    if b'0":' in digits or _has_word_key(head):
+    # One pass for three checks: digits as 0 (int keys, long ints) and [ { deleted (how many
+    # containers open, the bound on depth). Deleting only joins what surrounded a bracket, so
+    # a hit below may be false (checked again exactly) but a miss is certain.
+    digits = head.translate(_DIGITS_AS_ZERO, b"[{")
+    # find() and str's ``in``, not ``in`` on bytes: bytes.__contains__ first tries its operand
+    # as an int, and raises and clears a TypeError per call when it is not (thousands of
+    # instructions, more than the search itself).
+    if (
+        digits.find(b'0":') != -1 and head.translate(_DIGITS_AS_ZERO).find(b'0":') != -1
+    ) or _has_word_key(text):
         return None
-    _check_shape(head, max_items, max_depth)
+    if not (len(head) < max_items and len(head) - len(digits) <= max_depth):
+        _check_shape(head, max_items, max_depth)
     if (
         len(head) > _MAX_INT_DIGITS
-        and _LONG_INT in digits
+        and digits.find(_LONG_INT) != -1
         and _LONG_INT in _outside_strings(head, max_items).translate(_DIGITS_AS_ZERO)
     ):
         raise CodecError(f"int of more than {_MAX_INT_DIGITS} digits cannot be encoded")
@@ -217,17 +226,28 @@ def decode(
             f"bytes values add up to {sum(lengths)} bytes but the tail holds {size - tail_start}"
         )
     head = bytes(data[_PREFIX.size : head_end])
-    _check_shape(head, max_items, max_depth)
+    session = _session()
+    scan = session.scan
+    if len(head) < max_items:
+        # One pass, as in the encoder: the length [ and { take is the bound on depth, and
+        # without a run of more than 128 digits (deleting brackets only joins runs) no int
+        # is too long, so the C scanner parses ints itself, with no call back per int.
+        digits = head.translate(_DIGITS_AS_ZERO, b"[{")
+        if len(head) - len(digits) > max_depth:
+            _check_shape(head, max_items, max_depth)
+        if digits.find(_LONG_INT) == -1:
+            scan = session.scan_short_ints
+    else:
+        _check_shape(head, max_items, max_depth)
     try:
         text = head.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise CodecError("head is not valid UTF-8") from None
-    session = _session()
     session.data = data
     session.offsets = list(accumulate(lengths, initial=tail_start)) if count else [tail_start]
     session.index = 0
     try:
-        value, end = session.scan(text, 0)
+        value, end = scan(text, 0)
     except CodecError:
         raise
     except StopIteration:
@@ -260,18 +280,18 @@ def _byte_views(blobs: list[Any]) -> bool:
     return True
 
 
-def _has_word_key(head: bytes) -> bool:
+def _has_word_key(head: str) -> bool:
     """Whether ``head`` has a key json may have written for True, False, None or a float.
 
     (Int keys and finite float keys end in a digit: the caller looks for those.)
     """
     # A chain of ``in`` rather than any() over a tuple: this runs for every message.
     return (
-        b'"true":' in head
-        or b'"false":' in head
-        or b'"null":' in head
-        or b'"NaN":' in head
-        or b'Infinity":' in head
+        '"true":' in head
+        or '"false":' in head
+        or '"null":' in head
+        or '"NaN":' in head
+        or 'Infinity":' in head
     )
 
 
@@ -355,6 +375,11 @@ class _Session:
         self.index = 0
         self.memo: dict[str, str] = {}  # used by the pure-Python scanner only
         self.parse_float = self._number
+        self.parse_int: Callable[[str], int] = int  # parsed in C, no call per int
+        self.scan_short_ints: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
+            self  # type: ignore[arg-type]
+        )
+        """The scanner for a head with no run of more than 128 digits."""
         self.parse_int = self._int
         self.scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(self)  # type: ignore[arg-type]
         self.dumps = _make_dumps(self._default)

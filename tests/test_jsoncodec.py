@@ -444,6 +444,71 @@ def test_ordinary_keys_are_not_declined(key: str) -> None:
     assert try_encode({key: 1}) is not None
 
 
+def _looks_coerced(key: Any) -> bool:
+    """What the encoder declines a dict key for, told from the key itself (the encoder looks
+    at its JSON text, without a walk of the value)."""
+    if type(key) is not str:
+        return True
+    text = json.dumps(key, ensure_ascii=False)[:-1]  # without the closing quote
+    words = ('"true', '"false', '"null', '"NaN', "Infinity")
+    return text[-1] in "0123456789" or text.endswith(words)
+
+
+def test_coerced_key_check_matches_the_keys_themselves_on_fuzzed_values() -> None:
+    # The check runs on the text (str ``in`` and bytes.find, cheaper than ``in`` on bytes):
+    # its decisions must be exactly those a walk over the keys would make.
+    rng = random.Random(1792)
+    pieces = [
+        "true",
+        "false",
+        "null",
+        "NaN",
+        "Infinity",
+        "-",
+        "1",
+        "9",
+        "0E0",
+        "a",
+        '"',
+        ":",
+        "\\",
+        "é",
+        "\x10",
+        " ",
+        "e",
+        "y",
+        "[",
+        "{",
+        "0[",
+    ]
+    long_digits = "9" * 70 + "[{" + "9" * 70  # a string: 140 digits once the brackets go
+    keys: list[Any] = [1, 2.5, True, None, math.inf]
+    for _ in range(600):
+        key = "".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
+        item = rng.choice([1, b"x", "true", '"null":', None, [b"y"], long_digits, [[{}]]])
+        value: Any = {key: item}
+        if rng.random() < 0.1:
+            key = rng.choice(keys)
+            value = {key: 1}
+        for _ in range(rng.randrange(3)):  # nested inside ordinary containers
+            value = rng.choice([[value], {"scope": value, "k": '1":'}])
+        declined = try_encode(value) is None
+        assert declined == _looks_coerced(key), (key, value)
+        if not declined:
+            assert decode(encode(value)) == value
+
+
+def test_an_int_of_too_many_digits_is_refused_however_brackets_surround_it() -> None:
+    big = 10**140
+    for value in ([big], [[big]], {"a": [{"b": big}]}, ["[" * 3, big, "{"]):
+        with pytest.raises(CodecError, match="digits"):
+            try_encode(value)
+    assert decode(encode(["1" * 70 + "[" + "1" * 70, [1] * 3])) == [
+        "1" * 70 + "[" + "1" * 70,
+        [1] * 3,
+    ]
+
+
 def _random_string(rng: random.Random) -> str:
     alphabet = ["a", "0", "E", '"', "\\", ":", ",", "[", "{", "}", "\ue000", "\ud800", "é", "0E0"]
     return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
@@ -672,6 +737,72 @@ def test_ints_of_more_than_128_digits_are_refused(digits: int) -> None:
     with pytest.raises(CodecError, match="digits"):
         decode(frame(b"[-" + b"9" * digits + b"]"))
     assert decode(frame(b"-" + b"9" * 128)) == -int("9" * 128)
+
+
+def _outcome(data: bytes, **bounds: Any) -> tuple[str, Any]:
+    try:
+        return "value", decode(data, **bounds)
+    except CodecError as exc:
+        return "error", str(exc)
+
+
+def test_the_scanner_parsing_ints_in_c_decides_as_the_strict_one_on_fuzzed_heads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A head with no run of more than 128 digits is parsed with ints converted in C (no call
+    # back per int): on hostile heads its values and refusals must be the strict scanner's.
+    rng = random.Random(4242)
+    tokens = [
+        b"[", b"]", b"{", b"}", b",", b":", b"-", b'"', b'"k"', b"0E0", b"1.5", b"1e5", b"NaN",
+        b"9" * 60, b"9" * 64, b"9" * 70, b"0", b"007", b"-0", b"true", b"null", b" ", b"\\",
+    ]  # fmt: skip
+    seen = set()
+    for _ in range(500):
+        head = b"".join(rng.choice(tokens) for _ in range(rng.randrange(1, 12)))
+        if rng.random() < 0.5:  # most such heads are not JSON: make some of them valid
+            head = (
+                b"["
+                + b",".join(
+                    rng.choice([b"9" * 64, b"-" + b"9" * 70, b"[1]", b'"x"'])
+                    for _ in range(rng.randrange(1, 5))
+                )
+                + b"]"
+            )
+        blobs = [b"ab"] * head.count(b"0E0")
+        data = frame(head, blobs)
+        bounds = rng.choice([{}, {"max_depth": 2}, {"max_items": 3}])
+        fast = _outcome(data, **bounds)
+        with monkeypatch.context() as patch:
+            session = jsoncodec._session()
+            patch.setattr(session, "scan_short_ints", session.scan)
+            strict = _outcome(data, **bounds)
+        assert repr(fast) == repr(strict), head  # repr: NaN is not equal to itself
+        seen.add(fast[0])
+    assert seen == {"value", "error"}
+
+
+def _python_calls(name: str, call: Any) -> int:
+    """How many times a Python function called ``name`` runs during ``call()``."""
+    count = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event == "call" and frame.f_code.co_name == name:
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def test_a_head_of_ints_decodes_with_no_call_back_per_int() -> None:
+    data = encode({"window": 8, "piece": 1 << 20, "server": ["h", 80], "n": -(10**127)})
+    assert _python_calls("_int", lambda: decode(data)) == 0
+    long_int = frame(b"[1," + b"9" * 129 + b"]")
+    assert _python_calls("_int", lambda: _outcome(long_int)) == 2  # the strict scanner's
 
 
 def test_the_int_bound_does_not_depend_on_pythons_own_limit() -> None:

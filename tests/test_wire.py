@@ -258,6 +258,21 @@ def test_envelope_decode_refuses_wrong_types(field: str, value: Any) -> None:
         Envelope.decode(codec.encode(envelope_fields(**{field: value})))
 
 
+@pytest.mark.parametrize("size", [0, 16 * 1024 - 700, 16 * 1024, 64 * 1024])
+def test_an_envelope_decodes_alike_whether_its_body_is_copied_or_read_in_place(
+    size: int,
+) -> None:
+    # Envelopes up to 16 KiB are decoded from a copy, larger ones through a memoryview.
+    body = bytes(range(256)) * (size // 256) + b"!" * (size % 256)
+    events = [{"type": "http.request", "body": body, "more_body": False}]
+    for version in (codec.FAST, codec.BINARY):
+        data = Envelope(**envelope_fields(events=events), version=version).encode()
+        decoded = Envelope.decode(data)
+        assert decoded.events == events
+        assert type(decoded.events[0]["body"]) is bytes
+        assert decoded.scope == Envelope.decode(bytearray(data)).scope
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("id", "x" * 64), ("reply", "x" * 256), ("window", 1), ("window", 1024), ("deadline", 0)],
