@@ -114,7 +114,13 @@ async def test_requests_reloaded_by_a_restarted_redis_never_run(
         assert await poll(lambda: distributor.ready, 10)
         async with run_node(node):
             fresh, _ = await _get(client, "fresh")
-            assert node.recovery.popped(b"K") is (None if count_by == "clock" else False)
+            window = node.recovery.popped(b"K")
+        if distributor_after == "gone":
+            # Every request counted at the pop connection was popped: the window is used up.
+            assert window is (None if count_by == "clock" else False)
+        # ``back``: the distributor's take-back may land between the Node's LLEN and its pops,
+        # and the window then outlasts the backlog (later requests pay a confirmation, none
+        # runs unconfirmed): what it holds after depends on that timing, not checked here.
     assert fresh == "200"
     assert runs.count() == {"fresh": 1}, "requests answered 502 ran after their answer"
     assert _llen(server, "K") == 0
