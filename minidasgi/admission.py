@@ -27,7 +27,7 @@ from typing import Any
 
 from . import metrics, wire
 from .batching import Batcher
-from .resp import ReplyError
+from .resp import RedisConnectionError, ReplyError
 from .resp.connection import Connection
 from .resp.protocol import pack_command
 from .resp.topology import Commands
@@ -185,11 +185,12 @@ _REASONS = {
 
 
 def _copy(result: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
-    """Copy ``done``'s outcome to ``result`` unless it is done already."""
+    """Copy ``done``'s outcome to ``result`` unless it is done already (a batch's future,
+    which refuses to be cancelled: a cancelled command fails it)."""
     if result.done():
         return
     if done.cancelled():
-        result.cancel()
+        result.set_exception(RedisConnectionError("the command was cancelled"))
     elif done.exception() is not None:
         result.set_exception(done.exception())  # type: ignore[arg-type]
     else:

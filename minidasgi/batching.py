@@ -17,6 +17,9 @@ That function either returns a future of the command's outcome (copied to the ba
 a callback: one loop turn more), or, given as ``send_into``, settles the batch's future itself,
 at best straight from the code that reads the reply (the outbox does: no future nor loop turn
 between a PUBLISH's reply and whoever waits for it).
+
+The batch's future is a ``SharedFuture``: a caller's task cancelled while it awaits it does not
+cancel it for the other callers of the batch, whose command went through all the same.
 """
 
 from __future__ import annotations
@@ -25,11 +28,24 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "SharedFuture"]
 
 T = TypeVar("T")
 Sender = Callable[[str, list[Any]], "asyncio.Future[T]"]
 SenderInto = Callable[[str, list[Any], "asyncio.Future[T]"], None]
+
+
+class SharedFuture(asyncio.Future[T]):
+    """A batch's future, shared by every caller whose item travels in the batch.
+
+    ``cancel`` is refused: a task awaiting a future asks it to cancel when the task is
+    cancelled, which would fail the batch for every caller, though its command went through.
+    The cancelled task gets its ``CancelledError`` once the batch's outcome is known (asyncio
+    delivers it then), which the command's reply bound keeps short. Its owner settles it
+    with a result or an exception, never by cancelling it."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
 
 
 class _Batch(Generic[T]):
@@ -91,7 +107,7 @@ class Batcher(Generic[T]):
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            batch = self._pending[destination] = _Batch(loop.create_future())
+            batch = self._pending[destination] = _Batch(SharedFuture(loop=loop))
         self.index = len(batch.items)
         batch.items.append(item)
         batch.size += size
@@ -169,7 +185,8 @@ def _settle(target: asyncio.Future[T], done: asyncio.Future[T]) -> None:
     if target.done():
         return
     if done.cancelled():
-        target.cancel()
+        target.set_exception(ConnectionError("the command was cancelled"))
+        target.exception()  # a caller may ignore it: don't report it as lost
         return
     error = done.exception()
     if error is not None:

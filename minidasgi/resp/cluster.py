@@ -648,14 +648,15 @@ class ClusterClient:
 
 
 def _chain(result: asyncio.Future[Any], coroutine: Coroutine[Any, Any, Any]) -> None:
-    """Run ``coroutine`` and copy its outcome to ``result`` (the rare slow path)."""
+    """Run ``coroutine`` and copy its outcome to ``result`` (the rare slow path); a
+    cancelled run fails ``result``, which may refuse to be cancelled (a caller's batch)."""
     task = asyncio.ensure_future(coroutine)
 
     def copy(done: asyncio.Future[Any]) -> None:
         if result.done():
             return
         if done.cancelled():
-            result.cancel()
+            result.set_exception(RedisConnectionError("the command was cancelled"))
         elif done.exception() is not None:
             result.set_exception(done.exception())  # type: ignore[arg-type]
         else:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from minidasgi import wire
+from minidasgi import batching, wire
 from minidasgi.admission import Admission
 from minidasgi.outbox import Outbox
 from minidasgi.resp import Connection, connect
@@ -65,7 +65,14 @@ def counting(connection: Connection) -> Iterator[Counts]:
         counts.writes += 1
         send(data)
 
+    class CountedShared(batching.SharedFuture[Any]):  # a batch's future, made directly
+        def __init__(self, *, loop: Any = None) -> None:
+            counts.futures += 1
+            super().__init__(loop=loop)
+
     loop._run_once, loop.create_future = turn, new_future
+    shared = batching.SharedFuture
+    batching.SharedFuture = CountedShared  # type: ignore[misc]
     connection._parser = Reading()
     send = connection._write
     connection._write = write  # type: ignore[method-assign]
@@ -73,6 +80,7 @@ def counting(connection: Connection) -> Iterator[Counts]:
         yield counts
     finally:
         del loop._run_once, loop.create_future, connection._write
+        batching.SharedFuture = shared  # type: ignore[misc]
         connection._parser = parser
 
 
