@@ -318,9 +318,7 @@ def test_node_options(app_module: tuple[str, str], nodes: list[Node]) -> None:
     assert node.peer_timeout == 7.5
 
 
-def test_node_loop_defaults_to_auto(
-    app_module: tuple[str, str], nodes: list[Node]
-) -> None:
+def test_node_loop_defaults_to_auto(app_module: tuple[str, str], nodes: list[Node]) -> None:
     directory, name = app_module
     assert main(["node", f"{name}:app", "--app-dir", directory, "--key", "k"]) == 0
     assert nodes[0].__dict__["ran_on"] == "auto"
