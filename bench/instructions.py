@@ -1,0 +1,185 @@
+"""Instructions per hello-world request: direct uvicorn, the distributor and the Node.
+
+Run ``python bench/instructions.py [--requests 800] [--warmup 200] [--connections 8]``. It
+needs ``valgrind``. CPU time per request moves by 10-30% between runs on a shared machine;
+the number of instructions a process executes does not (it repeats to a few thousand per
+request whatever else the machine does), so this is the figure to compare two versions of the
+code by, one after the other.
+
+The stack is ``bench/http.py``'s (the same app, the same uvicorn flags, one Node on asyncio's
+own loop), each of the three processes under ``valgrind --tool=cachegrind --cache-sim=no``.
+Keep-alive clients (raw sockets, in threads of this process, which valgrind does not count)
+send ``warmup`` requests to each server in one run and ``warmup + requests`` in another; the
+difference of the two runs' counts over ``requests`` is what one request costs, start-up and
+shutdown cancelled out. Valgrind runs the processes about 50 times slower: a run takes a few
+minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from minidasgi.testing import RedisServer
+
+_HERE = Path(__file__).resolve().parent
+# bench/http.py, loaded by path: its name would shadow the stdlib's http package on sys.path.
+_spec = importlib.util.spec_from_file_location("bench_http", _HERE / "http.py")
+assert _spec is not None and _spec.loader is not None
+bench_http = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_http)
+
+VALGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+ROLES = ("direct", "distributor", "node")
+
+
+def _client(port: int, count: int, errors: list[BaseException]) -> None:
+    """``count`` requests on one keep-alive connection, each answer read in full."""
+    try:
+        with socket.create_connection((bench_http.HOST, port), timeout=120) as sock:
+            for _ in range(count):
+                sock.sendall(REQUEST)
+                answer = b""
+                while not answer.endswith(b"Hello World!"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("the server closed the connection")
+                    answer += chunk
+    except BaseException as exc:  # reported by the caller
+        errors.append(exc)
+
+
+def _load(port: int, total: int, connections: int) -> None:
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(target=_client, args=(port, total // connections, errors))
+        for _ in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _wait_up(port: int, deadline: float = 180.0) -> None:
+    """Until the server answers a request (valgrind makes start-up slow)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            _load(port, 1, 1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"nothing answered on port {port} within {deadline:.0f} s")
+
+
+def _run(total: int, connections: int, tmp: str) -> dict[str, int]:
+    """Instructions each process executed, with ``total`` requests sent to each server."""
+    redis = RedisServer()
+    redis.start()
+    url = f"redis://{bench_http.HOST}:{redis.port}"
+    env = dict(os.environ, BENCH_REDIS_URL=url)
+    python = sys.executable
+    direct_port, dist_port = bench_http._free_port(), bench_http._free_port()
+    flags = bench_http.UVICORN_FLAGS
+    logs = {role: os.path.join(tmp, f"{role}-{total}.valgrind") for role in ROLES}
+    uvicorn = [python, "-m", "uvicorn", "--app-dir", tmp, *flags]
+    commands = {
+        "direct": [*uvicorn, "bench_apps:app", "--port", str(direct_port), "--lifespan", "off"],
+        "distributor": [
+            *uvicorn,
+            "bench_apps:distributor",
+            "--port",
+            str(dist_port),
+            "--lifespan",
+            "on",
+        ],
+        "node": [
+            python,
+            "-m",
+            "minidasgi",
+            "--log-level",
+            "warning",
+            "node",
+            "bench_apps:app",
+            "--app-dir",
+            tmp,
+            "--key",
+            "bench",
+            "--redis",
+            url,
+            "--lifespan",
+            "off",
+            "--loop",
+            "asyncio",
+        ],
+    }
+    processes = {
+        role: subprocess.Popen([*VALGRIND, f"--log-file={logs[role]}", *command], env=env)
+        for role, command in commands.items()
+    }
+    try:
+        _wait_up(direct_port)
+        _wait_up(dist_port)
+        # One more request each (_wait_up's), in both runs alike: the difference is exact.
+        _load(direct_port, total, connections)
+        _load(dist_port, total, connections)
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGINT)
+        for process in processes.values():
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        redis.close()
+    counts = {}
+    for role, log in logs.items():
+        match = re.search(r"I\s+refs:\s+([\d,]+)", Path(log).read_text())
+        if match is None:
+            raise RuntimeError(f"no instruction count in {log}")
+        counts[role] = int(match.group(1).replace(",", ""))
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=800, help="requests counted")
+    parser.add_argument("--warmup", type=int, default=200, help="requests in both runs")
+    parser.add_argument("--connections", type=int, default=8, help="keep-alive connections")
+    args = parser.parse_args(argv)
+    if args.warmup % args.connections or args.requests % args.connections:
+        parser.error("--warmup and --requests must be multiples of --connections")
+    with tempfile.TemporaryDirectory(prefix="minidasgi-bench-instructions-") as tmp:
+        Path(tmp, "bench_apps.py").write_text(bench_http.APPS)
+        short = _run(args.warmup, args.connections, tmp)
+        long = _run(args.warmup + args.requests, args.connections, tmp)
+    per_request = {role: (long[role] - short[role]) / args.requests for role in ROLES}
+    print(
+        f"instructions per hello-world request ({args.requests} requests over"
+        f" {args.connections} connections, minus the first {args.warmup}; valgrind):"
+    )
+    for role in ROLES:
+        line = f"  {role:<12} {per_request[role] / 1000:8.1f}k"
+        if role == "distributor":
+            line += f"   ({per_request[role] / per_request['direct']:.2f}x direct)"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
