@@ -506,7 +506,9 @@ class Distributor:
             if found is None:
                 return 404, f"no route for path {path[:200]!r}\n"
             key = found
-        header_size = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+        header_size = 0  # a plain loop: a generator under sum() costs more per request
+        for name, value in scope.get("headers", ()):
+            header_size += len(name) + len(value)
         if header_size > self.max_header_size:
             return 431, "request headers too large\n"
         if self.max_body_size is not None and scope["type"] == "http":
@@ -632,7 +634,8 @@ class Distributor:
             assert self._loop is not None
             self.peers.heard(exchange.node, self._loop.time())
         if kind == wire.CREDIT:
-            if args and type(args[0]) is int:
+            # Before the ACK is handled there is no window: nothing sent yet needs credit.
+            if args and type(args[0]) is int and exchange.window is not None:
                 exchange.window.grant(args[0])
         elif kind == wire.SEND:
             # Counted even before run() has seen the ACK: both may come in one read. Past the
@@ -744,7 +747,7 @@ class _Exchange:
         self._receive = receive
         self._send = send
         self.inbox: Inbox[Any] = Inbox(distributor._loop)
-        self.window = wire.SendWindow()  # replaced by the window the Node's ack grants
+        self.window: wire.SendWindow | None = None  # the window the Node's ack grants
         self.piece = wire.CHUNK_SIZE  # the largest piece the Node reads: its ack may say more
         pool = distributor.credit_pool
         if self.kind == "http" and distributor.wire_format != codec.RELEASED:
@@ -753,7 +756,7 @@ class _Exchange:
             # Nodes of the first release send 128 KiB pieces; a WebSocket, long-lived and
             # seldom bulky, must not hold the room for large pieces (CreditPool.window).
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
-        self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
+        self.pieces: wire.Reassembler | None = None  # made at the first WebSocket message
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started
         self.trailers = False  # the response announced trailers: they complete it
@@ -899,6 +902,8 @@ class _Exchange:
         d.peers.add(node, self.id, now, pings=pings)
         if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
             self.window = wire.SendWindow(ack_args[1])
+        else:
+            self.window = wire.SendWindow()
         if len(ack_args) > 4:
             self.piece = wire.piece_size(ack_args[4])
         if wire.asks_confirmation(ack_args):
@@ -1161,8 +1166,11 @@ class _Exchange:
             elif kind == "http.response.trailers":
                 _tuple_headers(event)
             if kind == "websocket.send":
+                pieces = self.pieces
+                if pieces is None:
+                    pieces = self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
                 try:
-                    whole = self.pieces.add(event)
+                    whole = pieces.add(event)
                 except wire.WireError as exc:
                     raise ResponseAborted(str(exc)) from None
                 if whole is None:
@@ -1205,7 +1213,7 @@ class _Exchange:
     async def _forward_client(self, more: bool) -> None:
         """Relay what the client sends after the envelope, under the Node's credit."""
         d = self.distributor
-        assert self.node is not None
+        assert self.node is not None and self.window is not None
         idle = self.distributor.body_idle_timeout if self.kind == "http" else None
         left_over: Message | None = None  # received while gathering a piece, not part of it
         while True:

@@ -679,8 +679,9 @@ class ReceiveWindow:
             pool.in_flight -= self.outstanding * self._weight
             if self._weight > 1:
                 pool.large -= 1
-            pool._starved.pop(self, None)
-            pool._feed_starved()
+            if pool._starved:  # usually empty: no call then
+                pool._starved.pop(self, None)
+                pool._feed_starved()
         self.outstanding = 0
 
 

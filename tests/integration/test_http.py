@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import Any
 
 import httpx
 import pytest
 
-from minidasgi import Node, create_distributor, create_path_distributor
+from minidasgi import Node, create_distributor, create_path_distributor, wire
 
 from . import apps
 from .redis_server import RedisServer
@@ -352,3 +353,30 @@ async def test_response_headers_too_large_to_travel_give_500(redis_server: Redis
         response = await asyncio.wait_for(client.get("/"), 10)
     assert response.status_code == 500
     assert _keys(redis_server) == []
+
+
+async def test_an_http_request_makes_only_the_flow_control_objects_it_uses(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted structurally: per HTTP request the distributor makes one ``SendWindow`` (the
+    one the Node's ack grants, none before it) and no WebSocket ``Reassembler``."""
+    made: list[str] = []
+
+    def counting(cls: Any) -> Any:
+        class Counted(cls):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                if sys._getframe(1).f_globals["__name__"] == "minidasgi.distributor":
+                    made.append(cls.__name__)
+                super().__init__(*args, **kwargs)
+
+        return Counted
+
+    monkeypatch.setattr(wire, "SendWindow", counting(wire.SendWindow))
+    monkeypatch.setattr(wire, "Reassembler", counting(wire.Reassembler))
+    app = create_distributor(port=redis_server.port, key="objects")
+    node = Node(port=redis_server.port, app=apps.hello, key="objects")
+    async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
+        for _ in range(3):
+            response = await client.get("/")
+            assert response.status_code == 200
+    assert made == ["SendWindow"] * 3
