@@ -511,11 +511,15 @@ class Distributor:
             header_size += len(name) + len(value)
         if header_size > self.max_header_size:
             return 431, "request headers too large\n"
-        if self.max_body_size is not None and scope["type"] == "http":
+        limit = self.max_body_size
+        if limit is not None and scope["type"] == "http":
             for name, value in scope.get("headers", ()):
-                too_large = value.isdigit() and int(value) > self.max_body_size
-                if too_large and name.lower() == b"content-length":
-                    return 413, "request body too large\n"
+                if value.isdigit() and name.lower() == b"content-length":
+                    # More digits than the limit has is larger, without int(): Python
+                    # refuses to convert more than 4,300 digits (ValueError, a 500).
+                    digits = value.lstrip(b"0")
+                    if len(digits) > len(str(limit)) or int(digits or b"0") > limit:
+                        return 413, "request body too large\n"
         if not self.ready:
             return 503, "the request queue (Redis) is unreachable\n"
         return key

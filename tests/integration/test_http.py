@@ -220,7 +220,45 @@ async def test_body_limits(redis_server: RedisServer) -> None:
         assert (await client.post("/", content=chunked(30))).status_code == 413
         big_header = {"x-big": "y" * 70000}
         assert (await client.get("/", headers=big_header)).status_code == 431
+        # Python refuses int() of more than 4,300 digits: a header of digits is no error.
+        digits = {"x-digits": "9" * 5000}
+        assert (await client.post("/", content=b"x" * 10, headers=digits)).text == "10"
     assert _keys(redis_server) == []
+
+
+async def test_a_content_length_of_thousands_of_digits_is_too_large(
+    redis_server: RedisServer,
+) -> None:
+    """Behind a front server that passes such a header on (h11 and httptools refuse it
+    themselves), it gets 413, not an error."""
+    app = create_distributor(port=redis_server.port, key="up", max_body_size=1000)
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    for length in (b"9" * 5000, b"0" * 5000 + b"1001"):
+        sent.clear()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/",
+            "raw_path": b"/",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"test"), (b"content-length", length)],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 413
+    await app.shutdown()
 
 
 async def test_app_errors(redis_server: RedisServer) -> None:
