@@ -27,7 +27,8 @@ from typing import Any
 
 from . import metrics, wire
 from .batching import Batcher
-from .resp import RedisConnectionError, ReplyError
+from .resp import ReplyError
+from .resp.client import copy_outcome
 from .resp.connection import Connection
 from .resp.protocol import pack_command
 from .resp.topology import Commands
@@ -143,7 +144,7 @@ class Admission:
         if not isinstance(connection, Connection):
             # A Cluster's router: the two commands may live on different masters.
             routed = asyncio.ensure_future(self._send_routed(connection, packed, pushing, values))
-            routed.add_done_callback(lambda done: _copy(result, done))
+            routed.add_done_callback(lambda done: copy_outcome(result, done))
             return
         # One write, one round trip: the NUMSUB's answer comes with the LPUSH's. Both replies
         # go straight to callbacks, the LPUSH's settling the batch's future: no future of
@@ -182,19 +183,6 @@ _REASONS = {
     metrics.NO_ACK: "no Node took it in time",
     metrics.IN_FLIGHT: "too many requests in flight in this process",
 }
-
-
-def _copy(result: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
-    """Copy ``done``'s outcome to ``result`` unless it is done already (a batch's future,
-    which refuses to be cancelled: a cancelled command fails it)."""
-    if result.done():
-        return
-    if done.cancelled():
-        result.set_exception(RedisConnectionError("the command was cancelled"))
-    elif done.exception() is not None:
-        result.set_exception(done.exception())  # type: ignore[arg-type]
-    else:
-        result.set_result(done.result())
 
 
 def _count(reply: object) -> int | None:

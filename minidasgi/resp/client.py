@@ -268,6 +268,20 @@ class Client:
             closed.cancel()
 
 
+def copy_outcome(result: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Copy a finished command's outcome (``done``) to ``result``, unless ``result`` is done
+    already. A cancelled command fails ``result`` rather than cancelling it: ``result`` may be
+    a future shared by several callers (a batch's), which refuses to be cancelled."""
+    if result.done():
+        return
+    if done.cancelled():
+        result.set_exception(RedisConnectionError("the command was cancelled"))
+    elif done.exception() is not None:
+        result.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        result.set_result(done.result())
+
+
 def settle_reply(result: asyncio.Future[Any], reply: Any) -> None:
     """Settle ``result`` with a raw reply (``Connection.send_packed_to``'s outcome): an error
     reply or a lost connection raised, anything else its value; a done ``result`` is left."""

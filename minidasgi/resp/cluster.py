@@ -46,7 +46,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .client import Client
+from .client import Client, copy_outcome
 from .protocol import (
     PythonParser,
     RedisConnectionError,
@@ -651,18 +651,7 @@ def _chain(result: asyncio.Future[Any], coroutine: Coroutine[Any, Any, Any]) -> 
     """Run ``coroutine`` and copy its outcome to ``result`` (the rare slow path); a
     cancelled run fails ``result``, which may refuse to be cancelled (a caller's batch)."""
     task = asyncio.ensure_future(coroutine)
-
-    def copy(done: asyncio.Future[Any]) -> None:
-        if result.done():
-            return
-        if done.cancelled():
-            result.set_exception(RedisConnectionError("the command was cancelled"))
-        elif done.exception() is not None:
-            result.set_exception(done.exception())  # type: ignore[arg-type]
-        else:
-            result.set_result(done.result())
-
-    task.add_done_callback(copy)
+    task.add_done_callback(lambda done: copy_outcome(result, done))
 
 
 class _Router:
