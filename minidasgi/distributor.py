@@ -777,7 +777,7 @@ class _Exchange:
         self._pumps: list[asyncio.Task[None]] = []
         self._delayed: list[Any] | None = None  # an entry of watch_deadlines
         self.status = 0  # the status answered, for metrics and the access log
-        self._credit_message: tuple[int, bytes] | None = None  # (credit, its encoding)
+        self._credits: wire.CreditMessages | None = None  # made at the first credit
         self._holding_credit = False  # a credit waits to ride with the next message (WebSocket)
         self.pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
         self.acked_at = 0.0
@@ -977,12 +977,10 @@ class _Exchange:
 
     def _post_credit(self, credit: int, *, hold: bool = False) -> None:
         assert self.node is not None
-        cached = self._credit_message
-        if cached is not None and cached[0] == credit:
-            message = cached[1]
-        else:  # most credits are half the window: encoded once
-            message = wire.pack(wire.CREDIT, self.id, credit, version=self.distributor.wire_format)
-            self._credit_message = (credit, message)
+        credits = self._credits
+        if credits is None:
+            credits = self._credits = wire.CreditMessages(self.id, self.distributor.wire_format)
+        message = credits.pack(credit)
         # Not awaited: relaying goes on; a lost credit would stall the transfer, so a count
         # of 0 fails the exchange (in a callback: no task, no wait).
         posted = self.distributor.outbox.post(self.node, message, hold=hold)

@@ -857,7 +857,7 @@ class _Job:
         self.app_started = 0.0  # monotonic time the app was called, for metrics
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
-        self._credit_message: tuple[int, bytes] | None = None  # (credit, its encoding)
+        self._credits: wire.CreditMessages | None = None  # made at the first credit
         # In the recovery window (``confirmation``): the distributor's answer, True to run.
         self.confirmation: asyncio.Future[bool] | None = None
         if confirm:
@@ -959,13 +959,11 @@ class _Job:
         return self.node.outbox.post(self.reply, data)
 
     def _post_credit(self, credit: int) -> asyncio.Future[int]:
-        """``_post`` of a CREDIT: most are half the window, encoded once per request (a
-        WebSocket going back and forth returns one every few messages)."""
-        cached = self._credit_message
-        if cached is None or cached[0] != credit:
-            data = wire.pack(wire.CREDIT, self.id, credit, version=self.version)
-            cached = self._credit_message = (credit, data)
-        return self.node.outbox.post(self.reply, cached[1])
+        """``_post`` of a CREDIT, each value encoded once per request (``wire.CreditMessages``)."""
+        credits = self._credits
+        if credits is None:
+            credits = self._credits = wire.CreditMessages(self.id, self.version)
+        return self.node.outbox.post(self.reply, credits.pack(credit))
 
     async def _publish(self, kind: str, *args: Any) -> bool:
         """Publish one message to the distributor; False (and disconnect) if nobody got it."""

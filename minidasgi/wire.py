@@ -214,6 +214,26 @@ def pack(kind: str, request_id: str, *args: Any, version: int = codec.FAST) -> b
     return codec.encode([kind, request_id, *args], version=version)
 
 
+class CreditMessages:
+    """The CREDIT messages of one request, each encoded once per value: most credits are half
+    the window, so a request going back and forth (a WebSocket) returns the same one again
+    and again."""
+
+    __slots__ = ("_encoded", "_request_id", "_version")
+
+    def __init__(self, request_id: str, version: int) -> None:
+        self._request_id = request_id
+        self._version = version
+        self._encoded: tuple[int, bytes] | None = None  # the last credit and its encoding
+
+    def pack(self, credit: int) -> bytes:
+        encoded = self._encoded
+        if encoded is None or encoded[0] != credit:
+            data = pack(CREDIT, self._request_id, credit, version=self._version)
+            encoded = self._encoded = (credit, data)
+        return encoded[1]
+
+
 Packed = bytes | list[bytes | memoryview]
 """An encoded message: bytes, or (a large one) the consecutive parts of its bytes, which the
 RESP client gathers into its write with one copy (``pack_parts``)."""

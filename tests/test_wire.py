@@ -668,3 +668,12 @@ def test_an_ack_announcing_a_piece_size_asks_confirmation_only_when_it_says_so()
     assert not wire.asks_confirmation(["node", 8, 1.0, False, wire.PIECE_SIZE])
     assert wire.asks_confirmation(["node", 8, 1.0, True, wire.PIECE_SIZE])
     assert wire.piece_size(["node", 8, 1.0, False, wire.PIECE_SIZE][4]) == wire.PIECE_SIZE
+
+
+def test_credit_messages_are_the_plain_encoding_each_value_encoded_once() -> None:
+    credits = wire.CreditMessages("r1", codec.FAST)
+    first = credits.pack(4)
+    assert first == wire.pack(wire.CREDIT, "r1", 4, version=codec.FAST)
+    assert credits.pack(4) is first  # the same value again: not encoded again
+    assert credits.pack(8) == wire.pack(wire.CREDIT, "r1", 8, version=codec.FAST)
+    assert credits.pack(4) == first
