@@ -578,24 +578,25 @@ class Connection:
         must not raise (an exception is logged and dropped) and should only settle futures or
         record the outcome. It is called exactly once, in reply order; if the connection is
         already closed this raises at once and calls none."""
-        if self._error is not None:
-            raise self._closed_error()
-        if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
-            self._arm_watchdog()
         for callback in callbacks:
-            self._waiters.append(_ReplyCallback(callback))
+            self._queue_waiter(_ReplyCallback(callback))
         self._buffer(data)
 
     def _new_waiter(self) -> asyncio.Future[Any]:
         """A future for the next reply, queued behind those already awaited (the watchdog
         armed if it is the first); raise if the connection is closed."""
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        self._queue_waiter(waiter)
+        return waiter
+
+    def _queue_waiter(self, waiter: _Waiter) -> None:
+        """Queue the waiter of the next reply (the watchdog armed if it is the first); raise
+        if the connection is closed."""
         if self._error is not None:
             raise self._closed_error()
-        waiter: asyncio.Future[Any] = self._loop.create_future()
         if not self._waiters and self._watchdog is None and self._reply_timeout != math.inf:
             self._arm_watchdog()
         self._waiters.append(waiter)
-        return waiter
 
     async def execute_packed(
         self, data: bytes, *, blocking: bool = False, server_timeout: float | None = None
