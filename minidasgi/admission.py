@@ -106,10 +106,23 @@ class Admission:
         if it may wait, else the refusal reason (``metrics.NO_NODE`` or
         ``metrics.QUEUE_FULL``), the request then being in the list still, for the caller to
         take back. Raise ``RespError`` when the LPUSH failed."""
+        pushed, index = self.put(connection, key, data)
+        return self.verdict(key, index, await pushed)
+
+    def put(
+        self, connection: Commands, key: str, data: bytes
+    ) -> tuple[asyncio.Future[tuple[Any, Any, int]], int]:
+        """``push`` without the wait: the batch's future and this request's place in the batch,
+        for ``verdict`` once the future is done. A caller with something else to wait for (a
+        distributor waits for the ack) need not wake for the LPUSH's reply."""
         self._connection = connection
         pushed = self.pushes.put(key, data, size=len(data))
-        index = self.pushes.index
-        listeners, length, count = await pushed
+        return pushed, self.pushes.index
+
+    def verdict(self, key: str, index: int, outcome: tuple[Any, Any, int]) -> str | None:
+        """What ``push`` returns, from the outcome of the batch at ``index`` in it: None, or
+        the refusal reason; raise ``RespError`` when the LPUSH failed."""
+        listeners, length, count = outcome
         if isinstance(length, ReplyError):
             raise length
         if listeners is not None:

@@ -44,6 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from . import accesslog, admission, buffering, codec, health, metrics, stats, wire
@@ -104,6 +105,16 @@ _CLIENT_IDLE = _Signal("client stalled its upload")
 _NO_ACK = _Signal("no ack in time")
 _GRACE_OVER = _Signal("no ack from the Node that took the request")
 _VIOLATION = _Signal("flow-control violation")
+
+
+class _Pushed(_Signal):
+    """The LPUSH's reply, when it stops the request: a refusal (a ``metrics`` reason: no Node
+    listens, the queue is full) or the error that failed the command."""
+
+    def __init__(self, refusal: str = "", error: BaseException | None = None) -> None:
+        super().__init__("push refused" if error is None else "push failed")
+        self.refusal = refusal
+        self.error = error
 
 
 class Distributor:
@@ -780,12 +791,12 @@ class _Exchange:
         self._credits: wire.CreditMessages | None = None  # made at the first credit
         self._holding_credit = False  # a credit waits to ride with the next message (WebSocket)
         self.pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
+        self._pushing = False  # the LPUSH's reply may still stop the request (``_Pushed``)
         self.acked_at = 0.0
 
     async def run(self) -> None:
         d = self.distributor
         buffered: BodyBuffer | None = None
-        taken = False  # a Node popped the request before a refusal could take it back
         try:
             if self.expecting:
                 # Asking receive() for anything would make the server send "100 Continue".
@@ -836,18 +847,27 @@ class _Exchange:
             try:
                 assert d._client is not None
                 self.pushed_at = time.monotonic()
-                refusal = await d.admission.push(d._client.connection(), key, data)
+                pushed, index = d.admission.put(d._client.connection(), key, data)
             except RespError as exc:
-                logger.warning("cannot queue a request on %r: %s", key, exc)
-                d.metrics.refused(metrics.UNREACHABLE)
+                self._unqueued(key, exc)
                 await self._refuse(503, "the request queue (Redis) is unreachable\n")
                 return
-            if refusal is not None and not await self._take_back(key, data, keep_ack=True):
-                # A Node popped it before the LREM: it runs there. A 503 (which invites a
-                # retry) would have it run twice: relay it as if admitted.
-                logger.info("request %s refused (%s), but a Node took it first", self.id, refusal)
-                taken = True
-            elif refusal is not None:
+            # Not awaited: the task wakes once, for the ack, not also for the LPUSH's reply
+            # before it. Only a reply that stops the request wakes it (``_Pushed``).
+            self._pushing = True
+            pushed.add_done_callback(partial(self._pushed, key, index))
+        finally:
+            if buffered is not None:
+                buffered.release()
+        item = await self._wait_ack(_NO_ACK)
+        self._pushing = False  # whatever came first decides; a later reply changes nothing
+        if type(item) is _Pushed:
+            if item.error is not None:
+                self._unqueued(key, item.error)
+                await self._refuse(503, "the request queue (Redis) is unreachable\n")
+                return
+            refusal = item.refusal
+            if await self._take_back(key, data, keep_ack=True):
                 d.metrics.refused(refusal)
                 d.admission.log_refusal(refusal, key)
                 full = refusal == metrics.QUEUE_FULL
@@ -856,10 +876,10 @@ class _Exchange:
                 await d._refuse_for_now(self.scope, None, self._send, text)
                 self.complete = True
                 return
-        finally:
-            if buffered is not None:
-                buffered.release()
-        item = await self._wait_ack(_GRACE_OVER if taken else _NO_ACK)
+            # A Node popped it before the LREM: it runs there. A 503 (which invites a retry)
+            # would have it run twice: relay it as if admitted.
+            logger.info("request %s refused (%s), but a Node took it first", self.id, refusal)
+            item = await self._wait_ack(_GRACE_OVER)
         if item is _NO_ACK:
             # The no-worker answer only for a request provably never run: taken back unpopped.
             if await self._take_back(key, data, keep_ack=True):
@@ -1010,6 +1030,23 @@ class _Exchange:
         if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
             self.inbox.put_nowait(_PEER_LOST)
 
+    def _pushed(self, key: str, index: int, pushed: asyncio.Future[Any]) -> None:
+        """The LPUSH's reply: wake the exchange only if it refuses or failed the request, and
+        only while that still matters (no ack, GONE, deadline or lost peer came first)."""
+        if not self._pushing:
+            return
+        try:
+            refusal = self.distributor.admission.verdict(key, index, pushed.result())
+        except Exception as exc:  # RespError, or a failure before the command existed
+            self.inbox.put_nowait(_Pushed(error=exc))
+            return
+        if refusal is not None:
+            self.inbox.put_nowait(_Pushed(refusal=refusal))
+
+    def _unqueued(self, key: str, exc: BaseException) -> None:
+        logger.warning("cannot queue a request on %r: %s", key, exc)
+        self.distributor.metrics.refused(metrics.UNREACHABLE)
+
     async def _wait_ack(self, timeout: _Signal) -> Any:
         """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout``, or a lost
         peer. Anything else before an ack can only be forged, and is dropped."""
@@ -1024,6 +1061,8 @@ class _Exchange:
                     # here, the request would wait for messages that are never kept.
                     return item
                 if isinstance(item, _Signal):
+                    if type(item) is _Pushed and self._pushing:
+                        return item
                     continue  # e.g. a deadline of the previous wait
                 if item[0] == wire.GONE or _acking_node(*item) is not None:
                     return item
