@@ -577,10 +577,20 @@ class Connection:
         A callback runs inside the connection's reading (or closing) code: it must be quick,
         must not raise (an exception is logged and dropped) and should only settle futures or
         record the outcome. It is called exactly once, in reply order; if the connection is
-        already closed this raises at once and calls none."""
+        already closed this raises at once and calls none.
+
+        Its callers gather a loop turn's commands themselves (the batchers, which flush at the
+        end of a turn): the commands are written at once, with no flush scheduled for others
+        of the turn (a loop iteration more), unless commands are buffered already (then they
+        join them, in order)."""
         for callback in callbacks:
             self._queue_waiter(_ReplyCallback(callback))
-        self._buffer(data)
+        if self._flush_scheduled:
+            self._buffer(data)
+        elif isinstance(data, list):
+            self._write_gathered(data, sum(map(len, data)))
+        else:
+            self._write(data)
 
     def _new_waiter(self) -> asyncio.Future[Any]:
         """A future for the next reply, queued behind those already awaited (the watchdog

@@ -177,3 +177,27 @@ async def test_a_request_wakes_the_distributor_once_for_its_answer_not_also_for_
     # One wait, for the Node's ack and answer (they come in one PUBLISH): the LPUSH's reply,
     # which comes first, no longer resumes the request's task (before: two per request).
     assert suspended[0] <= 25
+
+
+async def test_a_batch_is_written_at_once_with_no_flush_left_for_a_later_iteration(
+    clean_redis: RedisServer,
+) -> None:
+    client = Client(parse_url(clean_redis.url), name="test")
+    client.start()
+    try:
+        connection = await client.wait_connected(5)
+        outbox = Outbox(lambda: client)
+        await outbox.publish("warm-up", wire.pack(wire.GONE, "r", "x"))
+        loop: Any = asyncio.get_running_loop()
+        if not hasattr(loop, "_ready"):
+            pytest.skip("needs asyncio's own event loop")
+        posted = outbox.post("c", wire.pack(wire.GONE, "r", "x"))
+        outbox.batcher.flush()  # what the batcher does at the end of the loop turn
+        # The batcher gathered the turn's messages: the connection wrote them at once, and
+        # left nothing to run in the next iteration (before: its own flush, one more turn).
+        pending = [getattr(handle, "_callback", None) for handle in loop._ready]
+        assert connection._flush not in pending
+        assert connection._wbuf == []
+        assert await posted == 0
+    finally:
+        await client.close()
