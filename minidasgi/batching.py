@@ -12,11 +12,10 @@ It must never reorder the items of one destination (the conversation and FIFO qu
 it), never hold an item past its turn except one put with ``hold=True`` (an ack that may ride
 with the response that usually follows within ``hold_time``), and never block: ``put`` returns a
 future shared by the whole batch, resolved with the command's outcome, which callers may await
-or ignore. It knows nothing of Redis or ASGI: the owner gives it the function that sends a batch.
-That function either returns a future of the command's outcome (copied to the batch's future by
-a callback: one loop turn more), or, given as ``send_into``, settles the batch's future itself,
-at best straight from the code that reads the reply (the outbox does: no future nor loop turn
-between a PUBLISH's reply and whoever waits for it).
+or ignore. It knows nothing of Redis or ASGI: the owner gives it the function that sends a batch
+(``send_into``), which settles the batch's future itself, at best straight from the code that
+reads the reply (the outbox and admission do: no future nor loop turn between a PUBLISH's or
+LPUSH's reply and whoever waits for it).
 
 The batch's future is a ``SharedFuture``: a caller's task cancelled while it awaits it does not
 cancel it for the other callers of the batch, whose command went through all the same.
@@ -31,7 +30,6 @@ from typing import Any, Generic, TypeVar
 __all__ = ["Batcher", "SharedFuture"]
 
 T = TypeVar("T")
-Sender = Callable[[str, list[Any]], "asyncio.Future[T]"]
 SenderInto = Callable[[str, list[Any], "asyncio.Future[T]"], None]
 
 
@@ -61,28 +59,22 @@ class _Batch(Generic[T]):
 class Batcher(Generic[T]):
     """Gathers items per destination and sends each destination's items in one command.
 
-    ``send(destination, items)`` starts the command and returns a future with its outcome; the
-    future returned by ``put`` completes with that outcome. ``max_size`` bounds the sum of the
-    size hints in one batch: an item that would take a batch past it sends that batch first
-    (so only an item larger than ``max_size`` by itself travels in a larger batch, alone), and a
-    batch that reaches it is sent at once. ``index`` is the position ``put`` gave its item in
-    its batch (an LPUSH's caller works out its own list length from it).
-
-    ``send_into(destination, items, future)`` instead of ``send``: starts the command and
-    settles ``future`` (the batch's) with its outcome, unless it is done already.
+    ``send_into(destination, items, future)`` starts the command and settles ``future`` (the
+    batch's) with its outcome, unless it is done already; the future returned by ``put``
+    completes with that outcome. ``max_size`` bounds the sum of the size hints in one batch:
+    an item that would take a batch past it sends that batch first (so only an item larger
+    than ``max_size`` by itself travels in a larger batch, alone), and a batch that reaches it
+    is sent at once. ``index`` is the position ``put`` gave its item in its batch (an LPUSH's
+    caller works out its own list length from it).
     """
 
     def __init__(
         self,
-        send: Sender[T] | None = None,
         *,
-        send_into: SenderInto[T] | None = None,
+        send_into: SenderInto[T],
         max_size: int = 512 * 1024,
         hold_time: float = 0.002,
     ) -> None:
-        if (send is None) == (send_into is None):
-            raise TypeError("give one of send and send_into")
-        self._send = send
         self._send_into = send_into
         self._max_size = max_size
         self._hold_time = hold_time
@@ -168,29 +160,8 @@ class Batcher(Generic[T]):
         self.items += len(batch.items)
         target = batch.future
         try:
-            if self._send_into is not None:
-                self._send_into(destination, batch.items, target)
-                return
-            assert self._send is not None
-            sent = self._send(destination, batch.items)
+            self._send_into(destination, batch.items, target)
         except Exception as exc:  # the sender failed before a command existed
             if not target.done():
                 target.set_exception(exc)
                 target.exception()  # a caller may ignore it: don't report it as lost
-            return
-        sent.add_done_callback(lambda done: _settle(target, done))
-
-
-def _settle(target: asyncio.Future[T], done: asyncio.Future[T]) -> None:
-    if target.done():
-        return
-    if done.cancelled():
-        target.set_exception(ConnectionError("the command was cancelled"))
-        target.exception()  # a caller may ignore it: don't report it as lost
-        return
-    error = done.exception()
-    if error is not None:
-        target.set_exception(error)
-        target.exception()  # a caller may ignore it: don't report it as lost
-    else:
-        target.set_result(done.result())

@@ -11,22 +11,21 @@ from minidasgi.batching import Batcher
 
 
 class Recorder:
-    """A sender that records its batches and answers each with a future it controls."""
+    """A sender that records its batches and keeps each batch's future, for the test to
+    settle as a command's reply would."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, list[Any]]] = []
         self.futures: list[asyncio.Future[int]] = []
 
-    def __call__(self, destination: str, items: list[Any]) -> asyncio.Future[int]:
+    def __call__(self, destination: str, items: list[Any], future: asyncio.Future[int]) -> None:
         self.sent.append((destination, list(items)))
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.futures.append(future)
-        return future
 
 
 async def test_one_command_per_destination_per_turn_in_order() -> None:
     sender = Recorder()
-    batcher: Batcher[int] = Batcher(sender)
+    batcher: Batcher[int] = Batcher(send_into=sender)
     a1 = batcher.put("a", 1)
     b1 = batcher.put("b", "x")
     a2 = batcher.put("a", 2)
@@ -45,7 +44,7 @@ async def test_one_command_per_destination_per_turn_in_order() -> None:
 
 async def test_a_full_batch_leaves_at_once() -> None:
     sender = Recorder()
-    batcher: Batcher[int] = Batcher(sender, max_size=100)
+    batcher: Batcher[int] = Batcher(send_into=sender, max_size=100)
     first = batcher.put("a", "big", size=60)
     second = batcher.put("a", "big too", size=40)
     assert sender.sent == [("a", ["big", "big too"])]  # it reached max_size
@@ -57,7 +56,7 @@ async def test_a_full_batch_leaves_at_once() -> None:
 
 async def test_a_batch_never_grows_past_max_size() -> None:
     sender = Recorder()
-    batcher: Batcher[int] = Batcher(sender, max_size=100)
+    batcher: Batcher[int] = Batcher(send_into=sender, max_size=100)
     first = batcher.put("a", "big", size=60)
     assert batcher.index == 0
     second = batcher.put("a", "bigger", size=60)  # would make 120: the first leaves alone
@@ -73,7 +72,7 @@ async def test_a_batch_never_grows_past_max_size() -> None:
 
 async def test_held_items_wait_for_company_but_not_long() -> None:
     sender = Recorder()
-    batcher: Batcher[int] = Batcher(sender, hold_time=0.05)
+    batcher: Batcher[int] = Batcher(send_into=sender, hold_time=0.05)
     batcher.put("a", "ack", hold=True)
     await asyncio.sleep(0)
     await asyncio.sleep(0)
@@ -92,7 +91,7 @@ async def test_the_hold_timer_is_cancelled_once_nothing_is_held() -> None:
     # A held item that left with company must not leave its timer to wake the loop later
     # for nothing (a WebSocket's held credit every few messages, an ack per request).
     sender = Recorder()
-    batcher: Batcher[int] = Batcher(sender, hold_time=60)
+    batcher: Batcher[int] = Batcher(send_into=sender, hold_time=60)
     loop = asyncio.get_running_loop()
     timers: list[asyncio.TimerHandle] = []
     call_later = loop.call_later
@@ -123,17 +122,17 @@ async def test_the_hold_timer_is_cancelled_once_nothing_is_held() -> None:
 
 async def test_failures_reach_waiters_and_are_never_reported_lost() -> None:
     sender = Recorder()
-    batcher: Batcher[int] = Batcher(sender)
+    batcher: Batcher[int] = Batcher(send_into=sender)
     waited = batcher.put("a", 1)
     await asyncio.sleep(0)
     sender.futures[0].set_exception(ConnectionError("gone"))
     with pytest.raises(ConnectionError):
         await waited
 
-    def broken(destination: str, items: list[Any]) -> asyncio.Future[int]:
+    def broken(destination: str, items: list[Any], future: asyncio.Future[int]) -> None:
         raise ConnectionError("no connection")
 
-    failing: Batcher[int] = Batcher(broken)
+    failing: Batcher[int] = Batcher(send_into=broken)
     ignored = failing.put("a", 1)
     await asyncio.sleep(0)
     assert isinstance(ignored.exception(), ConnectionError)
