@@ -370,6 +370,46 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
 # The run ------------------------------------------------------------------------------------
 
 
+def commands(
+    app_dir: str, url: str, direct_port: int, dist_port: int, flags: list[str], fast: bool
+) -> dict[str, list[str]]:
+    """The command lines of the three processes, by role: uvicorn serving the app directly,
+    uvicorn serving the distributor (both with ``flags``), and one Node (``--log-level info``
+    for its coalescing line at exit; on uvloop when ``fast``)."""
+    python = sys.executable
+    uvicorn = [python, "-m", "uvicorn", "--app-dir", app_dir, *flags]
+    return {
+        "direct": [*uvicorn, "bench_apps:app", "--port", str(direct_port), "--lifespan", "off"],
+        "distributor": [
+            *uvicorn,
+            "bench_apps:distributor",
+            "--port",
+            str(dist_port),
+            "--lifespan",
+            "on",
+        ],
+        "node": [
+            python,
+            "-m",
+            "minidasgi",
+            "--log-level",
+            "info",
+            "node",
+            "bench_apps:app",
+            "--app-dir",
+            app_dir,
+            "--key",
+            "bench",
+            "--redis",
+            url,
+            "--lifespan",
+            "off",
+            "--loop",
+            "uvloop" if fast else "asyncio",
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per load measurement")
@@ -399,66 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(tmp, "bench_apps.py").write_text(APPS)
         env = dict(os.environ, BENCH_REDIS_URL=f"redis://{HOST}:{redis.port}")
         direct_port, dist_port = _free_port(), _free_port()
-        python = sys.executable
         try:
             redis.start()
-            processes.start(
-                "direct",
-                [
-                    python,
-                    "-m",
-                    "uvicorn",
-                    "bench_apps:app",
-                    "--app-dir",
-                    tmp,
-                    "--port",
-                    str(direct_port),
-                    "--lifespan",
-                    "off",
-                    *flags,
-                ],
-                env,
-            )
-            processes.start(
-                "distributor",
-                [
-                    python,
-                    "-m",
-                    "uvicorn",
-                    "bench_apps:distributor",
-                    "--app-dir",
-                    tmp,
-                    "--port",
-                    str(dist_port),
-                    "--lifespan",
-                    "on",
-                    *flags,
-                ],
-                env,
-            )
-            processes.start(
-                "node",
-                [
-                    python,
-                    "-m",
-                    "minidasgi",
-                    "--log-level",
-                    "info",  # for its coalescing line at exit
-                    "node",
-                    "bench_apps:app",
-                    "--app-dir",
-                    tmp,
-                    "--key",
-                    "bench",
-                    "--redis",
-                    env["BENCH_REDIS_URL"],
-                    "--lifespan",
-                    "off",
-                    "--loop",
-                    "uvloop" if args.fast else "asyncio",
-                ],
-                env,
-            )
+            argvs = commands(tmp, env["BENCH_REDIS_URL"], direct_port, dist_port, flags, args.fast)
+            for role, argv in argvs.items():
+                processes.start(role, argv, env)
             _wait_http(direct_port)
             _wait_http(dist_port)
             costs = Costs(redis, processes.pids)

@@ -92,41 +92,11 @@ def _run(total: int, connections: int, tmp: str) -> dict[str, int]:
     redis.start()
     url = f"redis://{bench_http.HOST}:{redis.port}"
     env = dict(os.environ, BENCH_REDIS_URL=url)
-    python = sys.executable
     direct_port, dist_port = bench_http._free_port(), bench_http._free_port()
-    flags = bench_http.UVICORN_FLAGS
     logs = {role: os.path.join(tmp, f"{role}-{total}.valgrind") for role in ROLES}
-    uvicorn = [python, "-m", "uvicorn", "--app-dir", tmp, *flags]
-    commands = {
-        "direct": [*uvicorn, "bench_apps:app", "--port", str(direct_port), "--lifespan", "off"],
-        "distributor": [
-            *uvicorn,
-            "bench_apps:distributor",
-            "--port",
-            str(dist_port),
-            "--lifespan",
-            "on",
-        ],
-        "node": [
-            python,
-            "-m",
-            "minidasgi",
-            "--log-level",
-            "warning",
-            "node",
-            "bench_apps:app",
-            "--app-dir",
-            tmp,
-            "--key",
-            "bench",
-            "--redis",
-            url,
-            "--lifespan",
-            "off",
-            "--loop",
-            "asyncio",
-        ],
-    }
+    commands = bench_http.commands(
+        tmp, url, direct_port, dist_port, bench_http.UVICORN_FLAGS, fast=False
+    )
     processes = {
         role: subprocess.Popen([*VALGRIND, f"--log-file={logs[role]}", *command], env=env)
         for role, command in commands.items()
