@@ -662,11 +662,11 @@ class Distributor:
             exchange.seen += (kind,)
             if kind == wire.ACK:
                 exchange.acked_by = _acking_node(kind, args)
-                if exchange._unit and len(args) > 5 and type(args[5]) is int:
+                if exchange.unit and len(args) > 5 and type(args[5]) is int:
                     # The Node knows credit units (it announces its own), so it counts what
                     # it sends us in ours: so must we, from its first SEND on, which may come
                     # in this very batch, before run() sees the ACK.
-                    exchange.received.count_units(exchange._unit)
+                    exchange.received.count_units(exchange.unit)
             exchange.inbox.put_nowait((kind, args))
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
@@ -767,7 +767,7 @@ class _Exchange:
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
         # A WebSocket's credit may count bytes (``wire.CREDIT_UNIT``): announced in the
         # envelope, used once the Node's ACK announces a unit too.
-        self._unit = (
+        self.unit = (
             wire.CREDIT_UNIT
             if self.kind == "websocket" and distributor.wire_format != codec.RELEASED
             else 0
@@ -831,7 +831,7 @@ class _Exchange:
                 queued=time.time(),
                 confirms=True,
                 version=d.wire_format,
-                unit=self._unit,
+                unit=self.unit,
             )
             try:
                 data = envelope.encode()

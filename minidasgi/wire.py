@@ -34,9 +34,11 @@ The conversation for one request (``id``):
    distributor announces its unit in the envelope (``unit``), a Node that knows units
    answers with its own as the ACK's sixth argument, and from then on each side counts in
    the other's unit, ``piece // unit`` units per message of the window, a message taking
-   its encoded size in units (rounded up, at most a piece's worth: ``credit_cost``). The
-   bytes a window lets in stay what they were; a window of one piece, all a busy pool
-   gives, holds a hundred small messages instead of one. Either side of an earlier
+   its encoded size in units (rounded up, at most half a piece's worth: ``credit_cost``;
+   WebSocket messages then travel in half pieces). The bytes a window lets in stay what
+   they were (a message over half a piece, big headers or escaped text, counts as half a
+   piece, as any message counted as a whole piece before); a window of one piece, all a
+   busy pool gives, holds 128 small messages instead of one. Either side of an earlier
    release announces nothing, and both count messages, as before.
    A receiver counts what arrives against the credit it granted: more is a protocol
    violation that fails the request (``ReceiveWindow.arrived``); a sender never lets credit
