@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import pytest
 import websockets
 
 from minidasgi import Node, codec, create_distributor, wire
@@ -362,3 +363,44 @@ async def test_a_distributor_counts_bytes_with_a_node_that_announces_a_credit_un
     finally:
         await subscriber.close()
     assert events == [f"m{n}" for n in range(100)]
+
+
+async def test_a_node_sending_more_units_than_granted_is_cut_off(
+    redis_server: RedisServer,
+) -> None:
+    # Counting units, more than granted is still a violation: a (broken) Node that sends
+    # twice its window of small messages in one go gets the socket closed with 1011 once the
+    # window is full, whatever the client already read.
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node_channel = wire.new_channel("minidasgi", 0, "node")
+    subscriber, _ = await _peer_queue(redis_server, node_channel)
+    window: list[int] = []
+
+    async def greedy_node(connection: Any, data: bytes) -> None:
+        envelope = wire.Envelope.decode(data)
+        units = envelope.window * (wire.CHUNK_SIZE // envelope.unit)
+        window.append(units)
+        messages = [
+            wire.pack(wire.ACK, envelope.id, node_channel, 1, 0, False, wire.CHUNK_SIZE, 1024),
+            wire.pack(wire.SEND, envelope.id, [{"type": "websocket.accept"}]),
+        ]
+        for i in range(2 * units):
+            event = {"type": "websocket.send", "text": f"t{i}"}
+            messages.append(wire.pack(wire.SEND, envelope.id, [event]))
+        # In one PUBLISH: all counted before the distributor consumes (and credits) any.
+        await connection.publish(envelope.reply, wire.batch_frame(messages))
+
+    received: list[str] = []
+    try:
+        async with serve_app(distributor) as base:
+            fake = asyncio.ensure_future(_fake_node(redis_server, "K", greedy_node))
+            async with websockets.connect(_ws_url(base)) as ws:
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                    while True:
+                        received.append(str(await asyncio.wait_for(ws.recv(), WAIT)))
+            await asyncio.wait_for(fake, WAIT)
+    finally:
+        await subscriber.close()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+    # The accept took one unit: what fits in the rest of the window was relayed, no more.
+    assert received == [f"t{i}" for i in range(window[0] - 1)]
