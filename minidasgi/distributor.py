@@ -658,7 +658,7 @@ class Distributor:
             # the violation (it may be waiting on a slow client).
             if exchange.violated:
                 return
-            if exchange.received.arrived():
+            if exchange.received.arrived(len(data)):
                 exchange.inbox.put_nowait((kind, args))
             else:
                 exchange.violated = True
@@ -673,6 +673,11 @@ class Distributor:
             exchange.seen += (kind,)
             if kind == wire.ACK:
                 exchange.acked_by = _acking_node(kind, args)
+                if exchange.unit and len(args) > 5 and type(args[5]) is int:
+                    # The Node knows credit units (it announces its own), so it counts what
+                    # it sends us in ours: so must we, from its first SEND on, which may come
+                    # in this very batch, before run() sees the ACK.
+                    exchange.received.count_units(exchange.unit)
             exchange.inbox.put_nowait((kind, args))
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
@@ -771,6 +776,13 @@ class _Exchange:
             # Nodes of the first release send 128 KiB pieces; a WebSocket, long-lived and
             # seldom bulky, must not hold the room for large pieces (CreditPool.window).
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
+        # A WebSocket's credit may count bytes (``wire.CREDIT_UNIT``): announced in the
+        # envelope, used once the Node's ACK announces a unit too.
+        self.unit = (
+            wire.CREDIT_UNIT
+            if self.kind == "websocket" and distributor.wire_format != codec.RELEASED
+            else 0
+        )
         self.pieces: wire.Reassembler | None = None  # made at the first WebSocket message
         self.node: str | None = None
         self.started = False  # the response (or the WebSocket handshake answer) started
@@ -830,6 +842,7 @@ class _Exchange:
                 queued=time.time(),
                 confirms=True,
                 version=d.wire_format,
+                unit=self.unit,
             )
             try:
                 data = envelope.encode()
@@ -924,12 +937,13 @@ class _Exchange:
         now = d._loop.time()
         pings = len(ack_args) > 2 and type(ack_args[2]) in (int, float) and ack_args[2] > 0
         d.peers.add(node, self.id, now, pings=pings)
-        if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
-            self.window = wire.SendWindow(ack_args[1])
-        else:
-            self.window = wire.SendWindow()
         if len(ack_args) > 4:
             self.piece = wire.piece_size(ack_args[4])
+        unit = wire.credit_unit(ack_args[5], self.piece) if len(ack_args) > 5 else 0
+        if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
+            self.window = wire.SendWindow(ack_args[1], unit=unit, piece=self.piece)
+        else:
+            self.window = wire.SendWindow(unit=unit, piece=self.piece)
         if wire.asks_confirmation(ack_args):
             # The Node waits to run it until told: this is the first ACK, and the client has
             # not been answered (``confirmation``).
@@ -1019,7 +1033,7 @@ class _Exchange:
         return (
             self.kind == "websocket"
             and not self._holding_credit
-            and self.received.outstanding - credit > 0
+            and self.received.outstanding - credit >= self.received.largest
         )
 
     def _credit_out(self, posted: asyncio.Future[int]) -> None:
@@ -1283,13 +1297,15 @@ class _Exchange:
                 return
             pieces: Sequence[Mapping[str, Any]]
             if kind == "websocket.receive":
-                pieces = wire.split_message(dict(event), self.piece)
+                pieces = wire.split_message(dict(event), self.window.piece)
             else:
                 pieces = _body_pieces(event, self.piece)
+            window = self.window
             for piece in pieces:
-                await self.window.acquire()
-                # Pipelined within the window: the receiver count is checked in a callback.
                 message = wire.pack_parts(wire.EVENT, self.id, dict(piece), version=d.wire_format)
+                # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
+                await window.acquire(window.cost(wire.packed_size(message)) if window.unit else 1)
+                # Pipelined within the window: the receiver count is checked in a callback.
                 posted = d.outbox.post(self.node, message)
                 posted.add_done_callback(self._check_reached)
             if kind == "http.request" and not event.get("more_body", False):

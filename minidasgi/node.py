@@ -701,7 +701,7 @@ class Node:
             return
         self.peers.heard(job.reply, time.monotonic())
         if kind == wire.EVENT and args and isinstance(args[0], dict):
-            job.deliver(args[0])
+            job.deliver(args[0], len(data))
         elif kind == wire.CREDIT and args and type(args[0]) is int:
             job.window.grant(args[0])
             if job.gathered:
@@ -817,8 +817,11 @@ class _Job:
         self.inbox: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
-        self.window = wire.SendWindow(envelope.window)
         self.piece = envelope.piece  # the largest body piece the distributor reads
+        # A WebSocket's credit counts bytes when its distributor announced a unit: then this
+        # side counts its own way too, and says so in the ACK (``wire.CREDIT_UNIT``).
+        unit = envelope.unit if self.kind == "websocket" else 0
+        self.window = wire.SendWindow(envelope.window, unit=unit, piece=envelope.piece)
         events = envelope.events
         # No events: the client waits for "100 Continue", given when the app asks for the body.
         self.awaiting_body = self.kind == "http" and not events
@@ -831,6 +834,8 @@ class _Job:
             # and seldom bulky, must not hold the room for large pieces (CreditPool.window).
             pool = node.credit_pool
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
+            if unit:
+                self.received.count_units(wire.CREDIT_UNIT)
         self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
@@ -880,10 +885,12 @@ class _Job:
         if self.confirmation is not None:
             ack += (True,)  # and no holding: nothing runs before the answer
             hold = False
-        if self.received.piece != wire.CHUNK_SIZE:
+        if self.received.piece != wire.CHUNK_SIZE or self.received.unit:
             if self.confirmation is None:
                 ack += (False,)  # the fourth argument: no confirmation asked
             ack += (self.received.piece,)  # the fifth: the distributor may send pieces this large
+            if self.received.unit:
+                ack += (self.received.unit,)  # the sixth: its credit counts in these units
         posted = self.node.outbox.post(
             self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
         )
@@ -948,6 +955,10 @@ class _Job:
 
     def _post(self, kind: str, *args: Any) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count."""
+        return self.node.outbox.post(self.reply, self._pack(kind, *args))
+
+    def _pack(self, kind: str, *args: Any) -> wire.Packed:
+        """One message to the distributor, encoded (``ValueError`` if it is too large)."""
         data = wire.pack_parts(kind, self.id, *args, version=self.version)
         size = wire.packed_size(data)
         if size > wire.MAX_MESSAGE_SIZE:
@@ -956,7 +967,7 @@ class _Job:
                 f"a {kind} message of {size} bytes is over the limit of "
                 f"{wire.MAX_MESSAGE_SIZE} (response headers too large?)"
             )
-        return self.node.outbox.post(self.reply, data)
+        return data
 
     def _post_credit(self, credit: int) -> asyncio.Future[int]:
         """``_post`` of a CREDIT, each value encoded once per request (``wire.CreditMessages``)."""
@@ -972,8 +983,9 @@ class _Job:
             return False
         return True
 
-    def deliver(self, event: Message) -> None:
-        """An event from the distributor (client body, client disconnect)."""
+    def deliver(self, event: Message, size: int = 0) -> None:
+        """An event from the distributor (client body, client disconnect), which came in a
+        message of ``size`` bytes."""
         if event.get("type") in ("http.disconnect", "websocket.disconnect"):
             if self.told:
                 return  # one is all the app needs; repeats (forged, uncounted) would pile up
@@ -981,7 +993,7 @@ class _Job:
             self.window.abort(_Disconnected())
             self.inbox.put_nowait((event, False))  # sent without credit
             return
-        if not self.received.arrived():
+        if not self.received.arrived(size):
             self.cancel("the distributor sent more than the credit granted")
             return
         self.inbox.put_nowait((event, True))
@@ -1124,7 +1136,7 @@ class _Job:
         )
         self.complete = last
         if kind == "websocket.send":
-            for part in wire.split_message(dict(message), self.piece):
+            for part in wire.split_message(dict(message), self.window.piece):
                 await self._publish_events([part], last=False)
             return
         await self._publish_events([dict(message)], last=last)
@@ -1182,17 +1194,23 @@ class _Job:
             return
         if self.gathered:
             await self._flush_gathered()
+        window = self.window
+        # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
+        message = self._pack(wire.SEND, events)
         try:
-            await self.window.acquire()
+            await window.acquire(window.cost(wire.packed_size(message)) if window.unit else 1)
         except _Disconnected:
             return
         if self.gone:
             return
+        posted = self.node.outbox.post(self.reply, message)
         if not last:
             # Pipelined within the window: the count is checked when the reply comes.
-            self._post(wire.SEND, events).add_done_callback(self._check_reached)
+            posted.add_done_callback(self._check_reached)
             return
-        if await self._publish(wire.SEND, events):
+        if await posted == 0:
+            self.peer_lost("the distributor is gone")
+        else:
             self.finished = True
             self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
 

@@ -29,7 +29,17 @@ The conversation for one request (``id``):
    publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
    consumer returns ``[CREDIT, id, n]`` as it consumes (``ReceiveWindow``/``SendWindow``),
-   and a process bounds the sum over its requests (``CreditPool``).
+   and a process bounds the sum over its requests (``CreditPool``, in bytes: a credit holds
+   a piece's worth). A WebSocket's credit may count bytes instead (``CREDIT_UNIT``): a
+   distributor announces its unit in the envelope (``unit``), a Node that knows units
+   answers with its own as the ACK's sixth argument, and from then on each side counts in
+   the other's unit, ``piece // unit`` units per message of the window, a message taking
+   its encoded size in units (rounded up, at most half a piece's worth: ``credit_cost``;
+   WebSocket messages then travel in half pieces). The bytes a window lets in stay what
+   they were (a message over half a piece, big headers or escaped text, counts as half a
+   piece, as any message counted as a whole piece before); a window of one piece, all a
+   busy pool gives, holds 128 small messages instead of one. Either side of an earlier
+   release announces nothing, and both count messages, as before.
    A receiver counts what arrives against the credit it granted: more is a protocol
    violation that fails the request (``ReceiveWindow.arrived``); a sender never lets credit
    raise its window above what it started with, so a forged CREDIT cannot make either side
@@ -74,6 +84,7 @@ import math
 import os
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -89,6 +100,7 @@ __all__ = [
     "CONFIRM",
     "CONTINUE",
     "CREDIT",
+    "CREDIT_UNIT",
     "DONE",
     "ENVELOPE_FRAME",
     "EVENT",
@@ -109,6 +121,8 @@ __all__ = [
     "asks_confirmation",
     "batch_frame",
     "batch_frame_parts",
+    "credit_cost",
+    "credit_unit",
     "new_channel",
     "new_request_id",
     "pack",
@@ -120,6 +134,7 @@ __all__ = [
     "ping_messages",
     "split_frame",
     "split_message",
+    "unit_window",
     "unpack",
 ]
 
@@ -150,6 +165,13 @@ POOL_BUDGET: Final = 64
 under Redis' default 32 MB limit on a subscriber's output buffer."""
 MAX_LARGE_WINDOWS: Final = 8
 """Windows of ``PIECE_SIZE`` pieces one process has open at most (see ``CreditPool``)."""
+CREDIT_UNIT: Final = 1024
+"""Bytes of encoded message one credit stands for, for a WebSocket whose receiving side
+announced it (the envelope's ``unit``, the ACK's sixth argument) and whose sender knows it: a
+small message then takes one unit of the window instead of a whole piece's worth, so a window
+shrunk to one piece by a busy pool still holds ``CHUNK_SIZE // CREDIT_UNIT`` small messages."""
+MIN_CREDIT_UNIT: Final = 256
+"""The smallest credit unit a sender accepts (a forged tiny one would only make numbers big)."""
 MAX_MESSAGE_SIZE: Final = 768 * 1024
 """Bound on one message or batch frame: a piece plus scope and headers, with room to spare
 (the first release's bound, ``4 * CHUNK_SIZE + 256 KiB``: what it may send and receive; a
@@ -398,6 +420,9 @@ class Envelope:
     piece: int = CHUNK_SIZE
     """The largest body piece the distributor reads for this request (``CHUNK_SIZE`` when the
     envelope does not say: an earlier release)."""
+    unit: int = 0
+    """The distributor's credit unit (``CREDIT_UNIT``): it counts credit in units of that many
+    bytes once its Node announces one too; 0 (absent) when it counts messages."""
 
     def encode(self) -> bytes:
         """The bytes to LPUSH: a preamble and a body in ``version`` (the first release's
@@ -414,6 +439,8 @@ class Envelope:
             fields["piece"] = self.piece
         if self.confirms:
             fields["confirms"] = True
+        if self.unit:
+            fields["unit"] = self.unit
         if self.version == codec.RELEASED:
             return codec.encode(
                 {"id": self.id, "reply": self.reply, **fields}, version=codec.RELEASED
@@ -490,6 +517,9 @@ class Envelope:
         confirms = value.get("confirms", False)  # absent from envelopes of older distributors
         if not isinstance(confirms, bool):
             raise WireError("envelope confirms is not a boolean")
+        unit = value.get("unit", 0)  # likewise
+        if type(unit) is not int:
+            raise WireError("envelope credit unit is not an int")
         return cls(
             request_id,
             reply,
@@ -502,6 +532,7 @@ class Envelope:
             queued=float(queued),
             confirms=confirms,
             version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
+            unit=credit_unit(unit, piece_size(piece)),
         )
 
     def expired(self, now: float | None = None) -> bool:
@@ -520,17 +551,27 @@ def piece_size(announced: Any) -> int:
 
 
 class SendWindow:
-    """The sending side of flow control: wait for credit before each data-bearing message."""
+    """The sending side of flow control: wait for credit before each data-bearing message.
 
-    def __init__(self, window: int = WINDOW) -> None:
-        self.window = window
-        self.available = window
+    Credit counts messages, or, when the receiver announced a credit unit (``credit_unit``),
+    units of that many bytes of encoded message: a message then costs ``cost(size)``, and
+    carries at most ``piece`` bytes of a WebSocket message (``unit_window``)."""
+
+    def __init__(self, window: int = WINDOW, *, unit: int = 0, piece: int = CHUNK_SIZE) -> None:
+        self.unit = unit
+        self.window, self.largest = unit_window(window, piece, unit)
+        self.piece = self.largest * unit if unit else piece
+        self.available = self.window
         self._wakeup: asyncio.Event | None = None
         self._error: BaseException | None = None
 
-    async def acquire(self) -> None:
-        """Take one credit, waiting until the peer grants one."""
-        while self.available <= 0:
+    def cost(self, size: int) -> int:
+        """The credit a message of ``size`` encoded bytes takes (``credit_cost``)."""
+        return credit_cost(size, self.unit, self.largest)
+
+    async def acquire(self, cost: int = 1) -> None:
+        """Take ``cost`` credits, waiting until the peer grants them."""
+        while self.available < cost:
             if self._error is not None:
                 raise self._error
             if self._wakeup is None:
@@ -539,12 +580,12 @@ class SendWindow:
             await self._wakeup.wait()
         if self._error is not None:
             raise self._error
-        self.available -= 1
+        self.available -= cost
 
     def grant(self, n: int) -> None:
-        """The peer consumed ``n`` messages. Credit never raises the window above what it
-        started with: more than that is forged or mistaken, and would let the peer's buffer
-        grow past its bound."""
+        """The peer consumed messages worth ``n`` credits. Credit never raises the window
+        above what it started with: more than that is forged or mistaken, and would let the
+        peer's buffer grow past its bound."""
         if n > 0:
             self.available = min(self.available + n, self.window)
             if self._wakeup is not None:
@@ -557,17 +598,50 @@ class SendWindow:
             self._wakeup.set()
 
 
+def credit_unit(announced: Any, piece: int) -> int:
+    """The credit unit to count in for a receiver that announced ``announced`` (an envelope's
+    ``unit``, an ACK's sixth argument) and reads pieces of ``piece`` bytes: 0 (count messages,
+    what earlier releases do) unless it is a power of two within ``MIN_CREDIT_UNIT`` and the
+    piece, so that a piece is a whole number of units."""
+    if type(announced) is not int or not MIN_CREDIT_UNIT <= announced <= piece:
+        return 0
+    return announced if announced & (announced - 1) == 0 else 0
+
+
+def unit_window(window: int, piece: int, unit: int) -> tuple[int, int]:
+    """``(credits, largest)`` of a window of ``window`` messages of ``piece`` bytes counted
+    in units of ``unit`` bytes (0: messages): ``piece // unit`` units per message of the
+    window, and the credit one message takes at most: half a piece's worth. The receiver
+    tops the sender's credit up to a whole piece whenever it falls under that half, whatever
+    its pool's budget (``ReceiveWindow``): no message waits for credit for good, and even a
+    window of one piece returns credit in batches of half a piece, not per message."""
+    if not unit:
+        return window, 1
+    per = piece // unit
+    return window * per, max(1, per // 2)
+
+
+def credit_cost(size: int, unit: int, largest: int) -> int:
+    """The credit a message of ``size`` encoded bytes takes: 1 when credit counts messages,
+    else its units (rounded up), at most ``largest``: what a whole piece takes, so that a
+    message never costs more than it would have counting messages."""
+    if not unit:
+        return 1
+    return min(largest, -(-size // unit)) or 1
+
+
 class CreditPool:
     """A process-wide bound on the data messages peers may send before this side reads them.
 
     Everything a peer publishes to this process waits in Redis' output buffer for this
     process' subscriber until read, and Redis drops a subscriber whose buffer passes 32 MB (by
     default), losing every request in flight with it. Per-request windows alone bound that
-    only per request; the pool bounds the sum, in units of ``CHUNK_SIZE`` bytes. A window
-    always keeps at least one credit, so no transfer ever stalls: the bound is max(budget,
-    number of open windows) units, plus ``PIECE_SIZE // CHUNK_SIZE - 1`` units per window of
-    large pieces, of which at most ``MAX_LARGE_WINDOWS`` are open (by default 8 MiB, or
-    128 KiB per open window past 64 windows, plus 3 MiB at most).
+    only per request; the pool bounds the sum, in bytes: a credit costs what the message it
+    lets in may weigh at most (a piece, or a credit unit's bytes: ``ReceiveWindow``). A window
+    always keeps room for one piece, so no transfer ever stalls: the bound is max(budget,
+    number of open windows) units of ``CHUNK_SIZE``, plus ``PIECE_SIZE // CHUNK_SIZE - 1``
+    units per window of large pieces, of which at most ``MAX_LARGE_WINDOWS`` are open (by
+    default 8 MiB, or 128 KiB per open window past 64 windows, plus 3 MiB at most).
 
     A window of large pieces (``window``) is opened only when it fits in half the budget with
     what is already taken: the other half stays for full windows of ``CHUNK_SIZE`` pieces, so
@@ -576,16 +650,26 @@ class CreditPool:
     """
 
     def __init__(self, budget: int = POOL_BUDGET) -> None:
-        self.budget = budget
-        self.in_flight = 0  # units held by peers over all windows
+        self.limit = budget * CHUNK_SIZE  # bytes
+        self.used = 0  # bytes held by peers' credits over all windows
         self.large = 0  # open windows of large pieces
         self._starved: dict[ReceiveWindow, None] = {}  # windows owed credit, oldest first
+
+    @property
+    def budget(self) -> int:
+        """The bound, in units of ``CHUNK_SIZE``."""
+        return self.limit // CHUNK_SIZE
+
+    @property
+    def in_flight(self) -> int:
+        """What peers' credits hold, in units of ``CHUNK_SIZE`` (rounded up)."""
+        return -(-self.used // CHUNK_SIZE)
 
     def open(self, wanted: int = WINDOW) -> int:
         """Credits of ``CHUNK_SIZE`` pieces for a new window: ``wanted`` if the budget has
         room, else fewer, at least 1."""
-        n = max(1, min(wanted, self.budget - self.in_flight))
-        self.in_flight += n
+        n = max(1, min(wanted, (self.limit - self.used) // CHUNK_SIZE))
+        self.used += n * CHUNK_SIZE
         return n
 
     def window(
@@ -593,18 +677,17 @@ class CreditPool:
     ) -> ReceiveWindow:
         """A new window: of ``PIECE_SIZE`` pieces while half the budget has room for the whole
         of it (and fewer than ``MAX_LARGE_WINDOWS`` are open), else of ``CHUNK_SIZE`` pieces."""
-        weight = PIECE_SIZE // CHUNK_SIZE
-        room = self.budget // 2 - self.in_flight
-        if self.large < MAX_LARGE_WINDOWS and wanted * weight <= room:
-            self.in_flight += wanted * weight
+        if self.large < MAX_LARGE_WINDOWS and wanted * PIECE_SIZE <= self.limit // 2 - self.used:
+            self.used += wanted * PIECE_SIZE
             self.large += 1
             return ReceiveWindow(wanted, self, grant, piece=PIECE_SIZE)
         return ReceiveWindow(self.open(wanted), self, grant)
 
     def _feed_starved(self) -> None:
-        while self._starved and self.in_flight < self.budget:
+        while self._starved and self.used < self.limit:
             window = next(iter(self._starved))
-            if window.outstanding > 0 and self.in_flight + window._weight > self.budget:
+            room = (self.limit - self.used) // window._cost
+            if window.outstanding >= window.largest and room < window.largest:
                 # No room for one of its credits yet, and its peer can still send: oldest
                 # first, it waits (paying a newer one first would starve it for good).
                 return
@@ -618,8 +701,11 @@ class ReceiveWindow:
     earlier once room comes back).
 
     ``piece`` is the largest piece announced to the peer (in the envelope or the ACK); each
-    credit costs the pool ``piece // CHUNK_SIZE`` units. The pool's credits for this window
-    must already be taken (``CreditPool.open`` or ``CreditPool.window``)."""
+    credit costs the pool ``piece`` bytes. The pool's credits for this window must already be
+    taken (``CreditPool.open`` or ``CreditPool.window``). ``window`` counts messages (what is
+    announced to the peer); once the peer is known to count in credit units
+    (``count_units``), credits are units of that many bytes of encoded message, ``piece //
+    unit`` per message of the window, and a small message takes one or a few of them."""
 
     def __init__(
         self,
@@ -631,54 +717,93 @@ class ReceiveWindow:
     ) -> None:
         self.window = window
         self.piece = piece
-        self._weight = max(1, piece // CHUNK_SIZE)
+        self.unit = 0  # 0: credit counts messages
+        self.largest = 1  # the credit the largest message takes
+        self._floor = 1  # the credit the peer may hold whatever the pool's budget
+        self._cost = piece  # bytes of the pool one credit holds
+        self._large = piece > CHUNK_SIZE  # the pool counts it among its large windows
         self.outstanding = window  # credits granted and not yet consumed
         self.unconsumed = 0  # arrived, not yet consumed
         self._batch = max(1, window // 2)
         self._pending = 0  # consumed, not yet returned
+        self._costs: deque[int] | None = None  # what each unconsumed message took (units)
         self._pool = pool
         self._grant = grant
         self._closed = False
 
-    def arrived(self) -> bool:
-        """Record one data-bearing message as it arrives; False if the peer sent more than the
-        credit granted (a protocol violation: the caller fails the request)."""
-        if self.unconsumed >= self.outstanding:
+    def count_units(self, unit: int) -> None:
+        """Count credit in units of ``unit`` bytes from now on (a power of two no larger than
+        the piece): the peer announced that it does. The pool holds the same bytes."""
+        if self.unit or not unit:
+            return
+        per = self.piece // unit
+        self.unit = unit
+        self.largest = unit_window(self.window, self.piece, unit)[1]
+        self._floor = per
+        self._cost = unit
+        self.outstanding *= per
+        self._pending *= per
+        self._batch = max(1, self.window * per // 2)
+        # Messages arrived before (only forged ones can) each held a whole credit.
+        self._costs = deque([per] * self.unconsumed)
+        self.unconsumed *= per
+
+    def arrived(self, size: int = 0) -> bool:
+        """Record one data-bearing message of ``size`` encoded bytes as it arrives; False if
+        the peer sent more than the credit granted (a protocol violation: the caller fails
+        the request)."""
+        costs = self._costs
+        cost = 1 if costs is None else credit_cost(size, self.unit, self.largest)
+        if self.unconsumed + cost > self.outstanding:
             return False
-        self.unconsumed += 1
+        self.unconsumed += cost
+        if costs is not None:
+            costs.append(cost)
         return True
+
+    def _taken(self) -> int:
+        """What the oldest unconsumed message took."""
+        costs = self._costs
+        return costs.popleft() if costs else 1
 
     def dropped(self) -> None:
         """An arrived message that will never be consumed (it was refused): it holds no
         credit of the peer's, so it must not count against what the peer may still send."""
-        self.unconsumed = max(0, self.unconsumed - 1)
+        self.unconsumed = max(0, self.unconsumed - self._taken())
 
     def consumed(self) -> int:
         """Record one consumed message; return the credit to send now (often 0)."""
-        self.unconsumed = max(0, self.unconsumed - 1)
-        self.outstanding -= 1
-        self._pending += 1
+        cost = self._taken()
+        self.unconsumed = max(0, self.unconsumed - cost)
+        self.outstanding -= cost
+        self._pending += cost
         pool = self._pool
         if pool is not None:
-            pool.in_flight -= self._weight
+            pool.used -= cost * self._cost
         n = self._take()
         if pool is not None:
             pool._feed_starved()
         return n
 
     def _take(self) -> int:
-        if self._closed or (self._pending < self._batch and self.outstanding > 0):
+        if self._closed or (self._pending < self._batch and self.outstanding >= self.largest):
             return 0
         n = self._pending
         pool = self._pool
         if pool is not None:
-            room = (pool.budget - pool.in_flight) // self._weight
-            # A peer left without credit gets one whatever the budget: progress for everyone.
-            n = min(n, room if self.outstanding > 0 else max(room, 1))
+            room = (pool.limit - pool.used) // self._cost
+            if self.outstanding < self.largest:
+                # A peer that may lack credit for its next message gets up to a piece's
+                # worth whatever the budget (what the pool allows any window): progress for
+                # everyone, and still in batches.
+                room = max(room, self._floor - self.outstanding)
+            elif room < self.largest:
+                room = 0  # counting units, a grant of a few is not worth its message: wait
+            n = min(n, room)
             if n <= 0:
                 pool._starved[self] = None
                 return 0
-            pool.in_flight += n * self._weight
+            pool.used += n * self._cost
         self._pending -= n
         self.outstanding += n
         return n
@@ -696,8 +821,8 @@ class ReceiveWindow:
         self._grant = None  # usually a bound method of the owner: no cycle left for the collector
         pool = self._pool
         if pool is not None:
-            pool.in_flight -= self.outstanding * self._weight
-            if self._weight > 1:
+            pool.used -= self.outstanding * self._cost
+            if self._large:
                 pool.large -= 1
             if pool._starved:  # usually empty: no call then
                 pool._starved.pop(self, None)

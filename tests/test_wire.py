@@ -677,3 +677,98 @@ def test_credit_messages_are_the_plain_encoding_each_value_encoded_once() -> Non
     assert credits.pack(4) is first  # the same value again: not encoded again
     assert credits.pack(8) == wire.pack(wire.CREDIT, "r1", 8, version=codec.FAST)
     assert credits.pack(4) == first
+
+
+# Credit counted in bytes (a WebSocket whose both sides announce ``CREDIT_UNIT``).
+
+UNIT = wire.CREDIT_UNIT
+PER = wire.CHUNK_SIZE // UNIT  # units per message of a window
+
+
+def test_a_window_of_one_piece_counted_in_units_holds_many_small_messages() -> None:
+    window = ReceiveWindow(1)
+    window.count_units(UNIT)
+    assert (window.window, window.outstanding, window.largest) == (1, PER, PER // 2)
+    assert all(window.arrived(100) for _ in range(PER))  # one unit each
+    assert not window.arrived(100)  # more than granted is still a violation
+    # Credit goes back by halves of the window, not per message.
+    assert [window.consumed() for _ in range(PER)] == ([0] * (PER // 2 - 1) + [PER // 2]) * 2
+
+
+def test_a_message_costs_its_size_in_units_and_at_most_half_a_piece() -> None:
+    window = ReceiveWindow(8)
+    window.count_units(UNIT)
+    assert window.arrived(3 * UNIT)  # exactly three units
+    assert window.arrived(3 * UNIT + 1)  # four
+    assert window.arrived(10**9)  # whatever its size, never more than the largest message
+    assert window.unconsumed == 3 + 4 + PER // 2
+    assert wire.credit_cost(0, UNIT, PER) == 1
+    assert wire.credit_cost(5000, 0, PER) == 1  # counting messages
+    sender = SendWindow(8, unit=UNIT, piece=wire.CHUNK_SIZE)
+    assert (sender.window, sender.largest) == (8 * PER, PER // 2)
+    assert sender.piece == PER // 2 * UNIT  # WebSocket messages travel in half pieces
+    assert [sender.cost(n) for n in (1, UNIT, UNIT + 1, 10**9)] == [1, 1, 2, PER // 2]
+
+
+async def test_a_forged_credit_never_raises_a_unit_window_above_its_start() -> None:
+    window = SendWindow(1, unit=UNIT, piece=wire.CHUNK_SIZE)
+    window.grant(10**6)
+    assert window.available == PER
+    await asyncio.wait_for(window.acquire(PER - 1), 2)
+    waiter = asyncio.ensure_future(window.acquire(2))  # one unit left: it waits
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    window.grant(1)
+    await asyncio.wait_for(waiter, 2)
+    assert window.available == 0
+
+
+def test_counting_units_charges_the_pool_the_same_bytes() -> None:
+    pool = wire.CreditPool(budget=4)
+    window = ReceiveWindow(pool.open(2), pool)
+    assert pool.used == 2 * wire.CHUNK_SIZE
+    window.count_units(UNIT)
+    assert pool.used == 2 * wire.CHUNK_SIZE  # the same bytes, now in units
+    assert window.arrived(UNIT) and window.consumed() == 0
+    assert pool.used == 2 * wire.CHUNK_SIZE - UNIT
+    window.close()
+    assert pool.used == 0
+
+
+def test_a_full_pool_tops_a_unit_window_up_to_one_piece_in_one_grant() -> None:
+    pool = wire.CreditPool(budget=2)
+    busy = ReceiveWindow(pool.open(2), pool)  # takes the whole budget
+    window = ReceiveWindow(pool.open(2), pool)  # over budget: one piece
+    window.count_units(UNIT)
+    assert window.outstanding == PER
+    grants = []
+    for _ in range(PER):
+        assert window.arrived(100)
+        grants.append(window.consumed())
+    # No room: nothing while its peer holds half a piece or more, then the piece back at once.
+    assert grants == [0] * (PER // 2) + [PER // 2 + 1] + [0] * (PER // 2 - 1)
+    assert window.outstanding >= window.largest
+    assert pool.used <= 3 * wire.CHUNK_SIZE  # never more than a piece beyond the budget
+    busy.close()
+    window.close()
+    assert pool.used == 0
+
+
+def test_credit_units_are_powers_of_two_within_a_piece() -> None:
+    piece = wire.CHUNK_SIZE
+    assert wire.credit_unit(UNIT, piece) == UNIT
+    assert wire.credit_unit(piece, piece) == piece
+    for bad in (0, 3000, wire.MIN_CREDIT_UNIT // 2, 2 * piece, "1024", 1024.0, True, None):
+        assert wire.credit_unit(bad, piece) == 0  # count messages, as earlier releases
+
+
+def test_envelope_credit_unit_is_announced_and_optional_for_older_distributors() -> None:
+    envelope = wire.Envelope("id", "chan", 1.0, {"type": "websocket"}, [], unit=UNIT)
+    assert wire.Envelope.decode(envelope.encode()).unit == UNIT
+    plain = wire.Envelope("id", "chan", 1.0, {"type": "websocket"}, [])
+    assert b"unit" not in plain.encode()  # what an older distributor sends
+    assert wire.Envelope.decode(plain.encode()).unit == 0
+    odd = dataclasses.replace(envelope, unit=3000)
+    assert wire.Envelope.decode(odd.encode()).unit == 0
+    with pytest.raises(wire.WireError):
+        wire.Envelope.decode(codec.encode(envelope_fields(unit="1024")))

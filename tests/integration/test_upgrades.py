@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import pytest
+import websockets
 
 from minidasgi import Node, codec, create_distributor, wire
 from minidasgi.resp import Subscriber, connect
@@ -171,3 +173,234 @@ async def test_a_client_gets_its_answer_at_once_when_the_node_cannot_read_the_fo
             response = await client.get("/")
         await asyncio.wait_for(fake, 10)
     assert response.status_code == distributor.no_worker_status
+
+
+# WebSocket credit in bytes (``wire.CREDIT_UNIT``): used only when both sides announce a
+# unit; a side of an earlier release, which announces none, is sent and granted credit in
+# messages, whichever side it is.
+
+WAIT = 10.0
+
+
+def _ws_url(base: str) -> str:
+    return "ws" + base.removeprefix("http") + "/"
+
+
+async def _peer_queue(
+    redis_server: RedisServer, channel: str
+) -> tuple[Subscriber, asyncio.Queue[tuple[str, str, list[Any]]]]:
+    """A subscriber on ``channel`` queuing each conversation message (batches split)."""
+    queue: asyncio.Queue[tuple[str, str, list[Any]]] = asyncio.Queue()
+
+    def on_message(_: bytes, data: bytes) -> None:
+        for message in wire.split_frame(data):
+            queue.put_nowait(wire.unpack(message))
+
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(channel), 5)
+    return subscriber, queue
+
+
+async def _next(queue: asyncio.Queue[tuple[str, str, list[Any]]], kind: str) -> list[Any]:
+    """The arguments of the next message, which must be of ``kind``."""
+    got, _, args = await asyncio.wait_for(queue.get(), WAIT)
+    assert got == kind, (got, args)
+    return args
+
+
+async def test_a_distributor_counts_messages_with_a_node_that_announces_no_credit_unit(
+    redis_server: RedisServer,
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node_channel = wire.new_channel("minidasgi", 0, "node")
+    subscriber, queue = await _peer_queue(redis_server, node_channel)
+
+    async def earlier_node(connection: Any, data: bytes) -> None:
+        envelope = wire.Envelope.decode(data)
+        assert envelope.unit == wire.CREDIT_UNIT  # announced: this Node's release ignores it
+
+        async def publish(kind: str, *args: Any) -> None:
+            await connection.publish(envelope.reply, wire.pack(kind, envelope.id, *args))
+
+        credit = envelope.window  # in messages, as this release counts it
+
+        async def next_event() -> dict[str, Any]:
+            nonlocal credit
+            while True:
+                kind, _, args = await asyncio.wait_for(queue.get(), WAIT)
+                if kind != wire.CREDIT:
+                    assert kind == wire.EVENT, kind
+                    return dict(args[0])
+                credit += args[0]
+
+        await publish(wire.ACK, node_channel, 1, 0)  # a window of one message, no unit
+        await publish(wire.SEND, [{"type": "websocket.accept"}])
+        credit -= 1
+        for _ in range(3):
+            event = await next_event()
+            # A window of one message: the next may come only once this credit is out.
+            assert all(m[0] != wire.EVENT for m in list(queue._queue))  # type: ignore[attr-defined]
+            await publish(wire.CREDIT, 1)
+            for i in range(4):  # 12 in all: more than the window, so credit must come back
+                while credit == 0:
+                    credit += (await _next(queue, wire.CREDIT))[0]
+                credit -= 1
+                text = f"{event['text']}{i}"
+                await publish(wire.SEND, [{"type": "websocket.send", "text": text}])
+
+    try:
+        async with serve_app(distributor) as base:
+            fake = asyncio.ensure_future(_fake_node(redis_server, "K", earlier_node))
+            async with websockets.connect(_ws_url(base)) as ws:
+                for n in range(3):
+                    await ws.send(f"m{n}")
+                got = [await asyncio.wait_for(ws.recv(), WAIT) for _ in range(12)]
+                assert got == [f"m{n}{i}" for n in range(3) for i in range(4)]
+            await asyncio.wait_for(fake, WAIT)
+    finally:
+        await subscriber.close()
+
+
+async def test_a_node_counts_messages_with_a_distributor_that_announces_no_credit_unit(
+    redis_server: RedisServer,
+) -> None:
+    await _node_against_fake_distributor(redis_server, unit=0)
+
+
+async def test_a_node_counts_bytes_with_a_distributor_that_announces_a_credit_unit(
+    redis_server: RedisServer,
+) -> None:
+    await _node_against_fake_distributor(redis_server, unit=wire.CREDIT_UNIT)
+
+
+async def _node_against_fake_distributor(redis_server: RedisServer, *, unit: int) -> None:
+    """A fake distributor grants a Node a WebSocket window of one message, in the earlier
+    release's shape (``unit=0``: no unit in the envelope) or this one's. The app accepts,
+    then sends 100 small messages for each it receives."""
+
+    async def chatty(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] == "websocket.receive":
+            for i in range(100):
+                await send({"type": "websocket.send", "text": f"s{i}"})
+
+    node = Node(url=redis_server.url, app=chatty, key="K", lifespan="off", liveness_interval=3600)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    request_id = wire.new_request_id()
+    subscriber, queue = await _peer_queue(redis_server, reply)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    scope = {"type": "websocket", "path": "/", "headers": [], "subprotocols": []}
+    envelope = wire.Envelope(
+        request_id, reply, time.time() + 30, scope, [{"type": "websocket.connect"}], 1, unit=unit
+    )
+
+    async def publish(channel: str, kind: str, *args: Any) -> None:
+        await pusher.publish(channel, wire.pack(kind, request_id, *args))
+
+    try:
+        async with run_node(node):
+            await pusher.lpush("K", envelope.encode())
+            ack = await _next(queue, wire.ACK)
+            node_channel = ack[0]
+            assert await _next(queue, wire.SEND) == [[{"type": "websocket.accept"}]]
+            await publish(node_channel, wire.EVENT, {"type": "websocket.receive", "text": "go"})
+            if unit:
+                # The Node knows units, says so, and counts the window of one message (a
+                # 128 KiB piece) in them: its 100 small messages need no credit at all.
+                assert ack[5:] == [wire.CREDIT_UNIT]
+                for i in range(100):
+                    assert await _next(queue, wire.SEND) == [
+                        [{"type": "websocket.send", "text": f"s{i}"}]
+                    ]
+            else:
+                assert len(ack) < 6  # nothing announced to a distributor that did not
+                # The accept took the one message of the window: each message waits for a
+                # credit of one (one more would be a violation this loop would see first).
+                await publish(node_channel, wire.CREDIT, 1)
+                for i in range(100):
+                    args = await _next(queue, wire.SEND)
+                    assert args == [[{"type": "websocket.send", "text": f"s{i}"}]]
+                    assert queue.empty()  # nothing more without credit
+                    await publish(node_channel, wire.CREDIT, 1)
+            await publish(node_channel, wire.EVENT, {"type": "websocket.disconnect", "code": 1000})
+    finally:
+        await pusher.close()
+        await subscriber.close()
+
+
+async def test_a_distributor_counts_bytes_with_a_node_that_announces_a_credit_unit(
+    redis_server: RedisServer,
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node_channel = wire.new_channel("minidasgi", 0, "node")
+    subscriber, queue = await _peer_queue(redis_server, node_channel)
+    events: list[str] = []
+
+    async def this_release_node(connection: Any, data: bytes) -> None:
+        envelope = wire.Envelope.decode(data)
+
+        async def publish(kind: str, *args: Any) -> None:
+            await connection.publish(envelope.reply, wire.pack(kind, envelope.id, *args))
+
+        # A window of one 128 KiB message, counted in units: room for 100 small ones.
+        await publish(wire.ACK, node_channel, 1, 0, False, wire.CHUNK_SIZE, wire.CREDIT_UNIT)
+        await publish(wire.SEND, [{"type": "websocket.accept"}])
+        while len(events) < 100:
+            kind, _, args = await asyncio.wait_for(queue.get(), WAIT)
+            if kind == wire.EVENT:
+                events.append(args[0]["text"])
+        await publish(wire.SEND, [{"type": "websocket.close", "code": 1000}])
+
+    try:
+        async with serve_app(distributor) as base:
+            fake = asyncio.ensure_future(_fake_node(redis_server, "K", this_release_node))
+            async with websockets.connect(_ws_url(base)) as ws:
+                for n in range(100):
+                    await ws.send(f"m{n}")
+                await asyncio.wait_for(fake, WAIT)  # all 100 came, and no credit was given
+    finally:
+        await subscriber.close()
+    assert events == [f"m{n}" for n in range(100)]
+
+
+async def test_a_node_sending_more_units_than_granted_is_cut_off(
+    redis_server: RedisServer,
+) -> None:
+    # Counting units, more than granted is still a violation: a (broken) Node that sends
+    # twice its window of small messages in one go gets the socket closed with 1011 once the
+    # window is full, whatever the client already read.
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node_channel = wire.new_channel("minidasgi", 0, "node")
+    subscriber, _ = await _peer_queue(redis_server, node_channel)
+    window: list[int] = []
+
+    async def greedy_node(connection: Any, data: bytes) -> None:
+        envelope = wire.Envelope.decode(data)
+        units = envelope.window * (wire.CHUNK_SIZE // envelope.unit)
+        window.append(units)
+        messages = [
+            wire.pack(wire.ACK, envelope.id, node_channel, 1, 0, False, wire.CHUNK_SIZE, 1024),
+            wire.pack(wire.SEND, envelope.id, [{"type": "websocket.accept"}]),
+        ]
+        for i in range(2 * units):
+            event = {"type": "websocket.send", "text": f"t{i}"}
+            messages.append(wire.pack(wire.SEND, envelope.id, [event]))
+        # In one PUBLISH: all counted before the distributor consumes (and credits) any.
+        await connection.publish(envelope.reply, wire.batch_frame(messages))
+
+    received: list[str] = []
+    try:
+        async with serve_app(distributor) as base:
+            fake = asyncio.ensure_future(_fake_node(redis_server, "K", greedy_node))
+            async with websockets.connect(_ws_url(base)) as ws:
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                    while True:
+                        received.append(str(await asyncio.wait_for(ws.recv(), WAIT)))
+            await asyncio.wait_for(fake, WAIT)
+    finally:
+        await subscriber.close()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+    # The accept took one unit: what fits in the rest of the window was relayed, no more.
+    assert received == [f"t{i}" for i in range(window[0] - 1)]

@@ -500,3 +500,30 @@ async def test_a_held_credit_never_stalls_a_stream_to_the_client(
             received = [await asyncio.wait_for(ws.recv(), WAIT) for _ in range(count)]
     assert received == [f"p{i}" for i in range(count)]
     assert _keys(redis_server) == []
+
+
+async def test_sixteen_lockstep_echoes_cost_about_one_message_each_way_per_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    # Past 8 sockets the credit pool gives each new one a window of one 128 KiB message;
+    # counted in messages that returned a CREDIT per message each way (3.3 messages per round
+    # trip). Counted in bytes (wire.CREDIT_UNIT), that window holds 64 small messages before
+    # it returns credit, as the first sockets' windows do.
+    sockets, rounds = 16, 40
+    distributor = create_distributor(url=redis_server.url, key=KEY, liveness_interval=3600)
+    node = Node(url=redis_server.url, app=WsApp(), key=KEY, lifespan="off", liveness_interval=3600)
+    async with serve_app(distributor) as base, run_node(node):
+        clients = [await websockets.connect(_ws(base) + "/echo") for _ in range(sockets)]
+
+        async def lockstep(ws: Any, tag: str) -> None:
+            for i in range(rounds):
+                await ws.send(f"{tag}{i}")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == f"{tag}{i}"
+
+        await asyncio.gather(*(lockstep(ws, f"w{n}.") for n, ws in enumerate(clients)))
+        before = distributor.outbox.batcher.items + node.outbox.batcher.items
+        await asyncio.gather(*(lockstep(ws, f"{n}.") for n, ws in enumerate(clients)))
+        sent = distributor.outbox.batcher.items + node.outbox.batcher.items - before
+        for ws in clients:
+            await ws.close()
+    assert sent <= 2.1 * sockets * rounds, sent / (sockets * rounds)
