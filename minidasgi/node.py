@@ -933,11 +933,14 @@ class _Job:
 
     def _ack_alone(self) -> None:
         """Post the ACK if it still waits: no SEND took it along in the loop turn the app
-        started in. Held, as it is when it never waited, for a SEND that may yet join it."""
+        started in. Held, as it is when it never waited, for a SEND that may yet join it.
+        A start the app sent meanwhile is then sent too unless a body takes it along (its
+        own end-of-turn check, ``_flush_start``, is not scheduled while the ACK waits)."""
         ack = self._unsent_ack
         if ack is not None:
             self._unsent_ack = None
             self._post_ack(ack, hold=True)
+            self._flush_start()
 
     async def _confirmed(self) -> bool:
         """Wait for the distributor to confirm the request: CONFIRM, or a PING naming it. A
@@ -1136,6 +1139,8 @@ class _Job:
             # an app that works before its first body must not keep the client from its
             # headers (EventSource.onopen, long polls, progress indicators).
             self.held_start = dict(message)
+            if self._unsent_ack is not None:
+                return  # _ack_alone, due at the end of this turn, sees to it too
             loop = self.node.loop
             assert loop is not None
             loop.call_soon(self._flush_start)

@@ -130,6 +130,40 @@ async def test_an_app_that_answers_in_a_later_loop_turn_gets_its_ack_sent_alone(
     assert _kinds(got) == [wire.ACK, wire.ACK, wire.SEND, wire.SEND], got
 
 
+async def test_a_start_sent_while_the_ack_waits_is_not_held_past_the_turn(
+    redis_server: RedisServer,
+) -> None:
+    """An app that sends its start and then waits before its body: the ACK and the start
+    leave without the body, as they did before the ACK could wait."""
+    release = asyncio.Event()
+
+    async def late_body(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await release.wait()
+            await send({"type": "http.response.body", "body": b"late"})
+
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node = Node(url=redis_server.url, app=late_body, key="K", lifespan="off")
+    got: list[Message] = []
+    async with (
+        serve_app(distributor) as base,
+        run_node(node),
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        subscriber = await _sniff(redis_server, distributor.channel, got)
+        try:
+            request = asyncio.ensure_future(client.get("/"))
+            assert await poll(lambda: _kinds(got) == [wire.ACK, wire.SEND], 10), got
+            release.set()
+            response = await request
+        finally:
+            await subscriber.close()
+    assert response.text == "late"
+    assert _kinds(got) == [wire.ACK, wire.SEND, wire.SEND], got
+    assert [event["type"] for event in got[1][2][0]] == ["http.response.start"]
+
+
 @pytest.mark.parametrize("distributor", ["announcing", "previous", "recovery"])
 async def test_a_node_sends_the_combined_message_only_to_a_distributor_that_announced_it(
     redis_server: RedisServer, distributor: str
