@@ -130,6 +130,31 @@ async def test_an_app_that_answers_in_a_later_loop_turn_gets_its_ack_sent_alone(
     assert _kinds(got) == [wire.ACK, wire.ACK, wire.SEND, wire.SEND], got
 
 
+async def test_an_app_that_returns_without_answering_gets_its_ack_before_its_done(
+    redis_server: RedisServer,
+) -> None:
+    """Only a SEND carries the waiting ACK: any other message follows it."""
+
+    async def silent(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node = Node(url=redis_server.url, app=silent, key="K", lifespan="off")
+    got: list[Message] = []
+    async with (
+        serve_app(distributor) as base,
+        run_node(node),
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        subscriber = await _sniff(redis_server, distributor.channel, got)
+        try:
+            response = await client.get("/")
+        finally:
+            await subscriber.close()
+    assert response.status_code == 500
+    assert _kinds(got) == [wire.ACK, wire.DONE], got
+
+
 async def test_a_start_sent_while_the_ack_waits_is_not_held_past_the_turn(
     redis_server: RedisServer,
 ) -> None:
