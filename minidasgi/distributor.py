@@ -8,9 +8,11 @@ stalled its upload), 503 (Redis unreachable), the seed's "no worker" error (405 
 request.
 
 For each request it reads the body up to a bound (``buffering``: a slow client holds no Node
-slot), LPUSHes an envelope, waits ``worker_timeout`` for an ack, then relays the
-Node's events to the ASGI server and the client's events to the Node, under credit-based flow
-control in both directions (a Node that sends more than the credit granted fails the request).
+slot), LPUSHes an envelope, waits ``worker_timeout`` for an ack (which may come inside the
+response's first message: ``wire.ACK_SEND``, handled as the ack then the message), then
+relays the Node's events to the ASGI server and the client's events to the Node, under
+credit-based flow control in both directions (a Node that sends more than the credit granted
+fails the request).
 A request sent with ``Expect: 100-continue`` is queued without its body, which is read (and
 the client told to continue) only once the Node's app asks for it (``wire.CONTINUE``).
 
@@ -639,6 +641,9 @@ class Distributor:
             self._answer_stats(request_id, args)
             return
         exchange = self._exchanges.get(request_id)
+        if kind == wire.ACK_SEND:
+            self._on_ack_send(exchange, request_id, args, len(data))
+            return
         if exchange is None:
             node = _acking_node(kind, args)
             if node is not None:
@@ -653,16 +658,7 @@ class Distributor:
             if args and type(args[0]) is int and exchange.window is not None:
                 exchange.window.grant(args[0])
         elif kind == wire.SEND:
-            # Counted even before run() has seen the ACK: both may come in one read. Past the
-            # credit granted nothing more is kept: the exchange fails once the relay gets to
-            # the violation (it may be waiting on a slow client).
-            if exchange.violated:
-                return
-            if exchange.received.arrived(len(data)):
-                exchange.inbox.put_nowait((kind, args))
-            else:
-                exchange.violated = True
-                exchange.inbox.put_nowait(_VIOLATION)
+            _on_send(exchange, args, len(data))
         elif kind in (wire.ACK, wire.DONE, wire.GONE):
             # A request gets one of each at most, and they take no credit: repeats are forged
             # (or a second GONE, answering a PING) and must not pile up behind a slow client.
@@ -683,6 +679,34 @@ class Distributor:
             exchange.body_wanted()
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+
+    def _on_ack_send(
+        self, exchange: _Exchange | None, request_id: str, args: list[Any], size: int
+    ) -> None:
+        """An ACK and the response's first SEND in one message (``wire.ACK_SEND``, ``size``
+        bytes): the ACK handled as one, then the SEND as one, if the ACK was the request's
+        first."""
+        try:
+            ack, send = wire.split_ack_send(args)
+        except wire.WireError as exc:
+            logger.warning("dropped a malformed message on the reply channel: %s", exc)
+            return
+        node = ack[0]
+        if exchange is None:
+            # A Node took a request this side gave up on: tell it to stop.
+            self.spawn(self.cancel_on(node, request_id))
+            return
+        if exchange.node is not None:
+            assert self._loop is not None
+            self.peers.heard(exchange.node, self._loop.time())
+        if wire.ACK in exchange.seen:
+            # Another copy of the request ran: its response is not this client's.
+            self._second_ack(exchange, ack)
+            return
+        exchange.seen += (wire.ACK,)
+        exchange.acked_by = node
+        exchange.inbox.put_nowait((wire.ACK, ack))
+        _on_send(exchange, send, size)
 
     def _second_ack(self, exchange: _Exchange, args: list[Any]) -> None:
         """Another ACK for a request already acked: a second copy of its envelope was popped
@@ -841,6 +865,7 @@ class _Exchange:
                 liveness=d.liveness_interval,
                 queued=time.time(),
                 confirms=True,
+                ack_send=True,
                 version=d.wire_format,
                 unit=self.unit,
             )
@@ -1357,6 +1382,20 @@ def _expects_continue(scope: Scope) -> bool:
         if name.lower() == b"expect" and value.lower() == b"100-continue":
             return True
     return False
+
+
+def _on_send(exchange: _Exchange, args: list[Any], size: int) -> None:
+    """A SEND of ``size`` encoded bytes for ``exchange``: counted even before run() has seen
+    the ACK (both may come in one read). Past the credit granted nothing more is kept: the
+    exchange fails once the relay gets to the violation (it may be waiting on a slow
+    client)."""
+    if exchange.violated:
+        return
+    if exchange.received.arrived(size):
+        exchange.inbox.put_nowait((wire.SEND, args))
+    else:
+        exchange.violated = True
+        exchange.inbox.put_nowait(_VIOLATION)
 
 
 def _acking_node(kind: str, args: list[Any]) -> str | None:

@@ -19,7 +19,9 @@ job's ACK asks for it and the app starts only on ``CONFIRM`` (or a PING naming t
 never on ``CANCEL``, a lost distributor or ``peer_timeout`` of silence.
 
 An HTTP request whose body came whole lets its ack wait a moment (``outbox``, ``hold=True``) to
-travel in the same PUBLISH as the response's first message. A job feeds the app the events the
+travel in the same PUBLISH as the response's first message; when its app sends that message in
+the loop turn it started in, and the distributor reads it, inside it (``wire.ACK_SEND``: one
+message to encode, publish and dispatch instead of two). A job feeds the app the events the
 distributor sends and publishes what the app sends (all through the ``outbox``: one PUBLISH per
 distributor per loop turn), answering in the envelope's format (``wire``: fleet upgrades),
 under credit-based flow control (``wire.SendWindow`` / ``wire.ReceiveWindow`` /
@@ -863,6 +865,10 @@ class _Job:
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
         self._credits: wire.CreditMessages | None = None  # made at the first credit
+        # The ACK's arguments while it waits, until the end of the loop turn the app started
+        # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
+        self._unsent_ack: tuple[Any, ...] | None = None
+        self._ack_send = envelope.ack_send  # the distributor reads ACK_SEND
         # In the recovery window (``confirmation``): the distributor's answer, True to run.
         self.confirmation: asyncio.Future[bool] | None = None
         if confirm:
@@ -891,10 +897,16 @@ class _Job:
             ack += (self.received.piece,)  # the fifth: the distributor may send pieces this large
             if self.received.unit:
                 ack += (self.received.unit,)  # the sixth: its credit counts in these units
-        posted = self.node.outbox.post(
-            self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
-        )
-        posted.add_done_callback(self._check_reached)
+        if hold and self._ack_send:
+            # Not posted yet: the app's first SEND, if it comes in this loop turn, carries it
+            # (one message to encode, decode and dispatch instead of two); else it leaves
+            # alone at the end of the turn, before anything else this job posts (``_post``).
+            self._unsent_ack = ack
+            loop = node.loop
+            assert loop is not None
+            loop.call_soon(self._ack_alone)
+        else:
+            self._post_ack(ack, hold=hold)
         self.acked = True
         try:
             if self.confirmation is not None and not await self._confirmed():
@@ -913,7 +925,29 @@ class _Job:
             self.failed = True
             await self._done(failed=True)
             return
-        await self._done(failed=False)
+        else:
+            await self._done(failed=False)
+        finally:
+            # Before the GONE the caller may post next: a GONE before the ACK says the
+            # request never ran, and its client would get the no-worker answer.
+            self._ack_alone()
+
+    def _post_ack(self, ack: tuple[Any, ...], *, hold: bool) -> None:
+        posted = self.node.outbox.post(
+            self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
+        )
+        posted.add_done_callback(self._check_reached)
+
+    def _ack_alone(self) -> None:
+        """Post the ACK if it still waits: no SEND took it along in the loop turn the app
+        started in. Held, as it is when it never waited, for a SEND that may yet join it.
+        A start the app sent meanwhile is then sent too unless a body takes it along (its
+        own end-of-turn check, ``_flush_start``, is not scheduled while the ACK waits)."""
+        ack = self._unsent_ack
+        if ack is not None:
+            self._unsent_ack = None
+            self._post_ack(ack, hold=True)
+            self._flush_start()
 
     async def _confirmed(self) -> bool:
         """Wait for the distributor to confirm the request: CONFIRM, or a PING naming it. A
@@ -955,6 +989,8 @@ class _Job:
 
     def _post(self, kind: str, *args: Any) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count."""
+        if self._unsent_ack is not None:
+            return self._post_after_ack(kind, args)
         return self.node.outbox.post(self.reply, self._pack(kind, *args))
 
     def _pack(self, kind: str, *args: Any) -> wire.Packed:
@@ -969,8 +1005,23 @@ class _Job:
             )
         return data
 
+    def _post_after_ack(self, kind: str, args: tuple[Any, ...]) -> asyncio.Future[int]:
+        """``_post`` of the first message after an ACK that waits (``run``): a SEND carries
+        it (``wire.ACK_SEND``); anything else, or a SEND too large to, follows it."""
+        ack = self._unsent_ack
+        assert ack is not None
+        self._unsent_ack = None
+        if kind == wire.SEND:
+            data = wire.pack_parts(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
+            if wire.packed_size(data) <= wire.MAX_MESSAGE_SIZE:
+                return self.node.outbox.post(self.reply, data)
+        self._post_ack(ack, hold=False)
+        return self._post(kind, *args)
+
     def _post_credit(self, credit: int) -> asyncio.Future[int]:
         """``_post`` of a CREDIT, each value encoded once per request (``wire.CreditMessages``)."""
+        if self._unsent_ack is not None:  # (a whole request's body takes no credit back)
+            self._ack_alone()
         credits = self._credits
         if credits is None:
             credits = self._credits = wire.CreditMessages(self.id, self.version)
@@ -1100,6 +1151,8 @@ class _Job:
             # an app that works before its first body must not keep the client from its
             # headers (EventSource.onopen, long polls, progress indicators).
             self.held_start = dict(message)
+            if self._unsent_ack is not None:
+                return  # _ack_alone, due at the end of this turn, sees to it too
             loop = self.node.loop
             assert loop is not None
             loop.call_soon(self._flush_start)
@@ -1195,15 +1248,23 @@ class _Job:
         if self.gathered:
             await self._flush_gathered()
         window = self.window
-        # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
-        message = self._pack(wire.SEND, events)
+        message: wire.Packed | None = None
+        cost = 1
+        if window.unit:
+            # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
+            message = self._pack(wire.SEND, events)
+            cost = window.cost(wire.packed_size(message))
         try:
-            await window.acquire(window.cost(wire.packed_size(message)) if window.unit else 1)
+            await window.acquire(cost)
         except _Disconnected:
             return
         if self.gone:
             return
-        posted = self.node.outbox.post(self.reply, message)
+        if message is None:
+            posted = self._post(wire.SEND, events)  # the first may carry the ACK (ACK_SEND)
+        else:
+            self._ack_alone()  # (only an HTTP request's ACK waits: never here, in fact)
+            posted = self.node.outbox.post(self.reply, message)
         if not last:
             # Pipelined within the window: the count is checked when the reply comes.
             posted.add_done_callback(self._check_reached)

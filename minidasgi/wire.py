@@ -14,7 +14,8 @@ The conversation for one request (``id``):
    before Redis 7.0: first in, first out, up to one request per free slot) and publishes
    ``[ACK, id, node_channel, window, liveness]``: the window is how many pieces of request
    body the distributor may send ahead. It runs the app at once; the ACK of a whole HTTP
-   request usually travels in one batch with the response's first SEND.
+   request usually travels in one batch with the response's first SEND (or in one message
+   with it: see below).
    Except in a Node's recovery window (``confirmation``: a request that may predate the
    Node's pop connection, so may come from a Redis restarted from its files or a promoted
    replica, and may have been answered or run already): if the envelope says its
@@ -25,6 +26,14 @@ The conversation for one request (``id``):
    Body pieces are ``CHUNK_SIZE`` unless the receiving side announced more for this request
    (``PIECE_SIZE``): a distributor in the envelope (``piece``), a Node as the ACK's fifth
    argument (its fourth, the confirmation flag, then ``False`` when not asking).
+   When the envelope says its distributor reads it (``ack_send``), a Node whose ACK may wait
+   for the response (a whole HTTP request, no confirmation asked) and whose app sends its
+   first SEND in the loop turn the job started in sends the two as one message,
+   ``[ACK_SEND, id, [events...], node_channel, window, liveness, ...]``: the SEND's argument,
+   then all of the ACK's (``split_ack_send``). Else the ACK goes alone, as above. The
+   distributor handles it as the ACK then the SEND, with the same checks: a late one
+   (unknown id) or a second ACK from another Node gets a CANCEL, and the SEND of any second
+   ACK is dropped (it comes from another copy of the request).
 3. The Node publishes ``[SEND, id, [events...]]`` with what the app sends; the distributor
    publishes ``[EVENT, id, event]`` with what the client sends after the envelope.
 4. Each side may have at most ``window`` data-bearing messages unconsumed by its peer; the
@@ -74,7 +83,9 @@ codec dict) gets single messages in that format, which its distributor reads. A 
 a confirmation only when the envelope announces that its distributor gives one
 (``confirms``): a distributor of an earlier version, which would never answer, is not asked
 (the request runs at once, as that version expects), and a Node of an earlier version ignores
-the field and the fourth ACK argument it never sends.
+the field and the fourth ACK argument it never sends. Likewise a Node sends ``ACK_SEND`` only
+to a distributor whose envelope announces it (``ack_send``): an earlier one gets the ACK and
+the SEND as two messages, and a Node of an earlier version ignores the field.
 """
 
 from __future__ import annotations
@@ -94,6 +105,7 @@ from .resp.cluster import hash_tag
 
 __all__ = [
     "ACK",
+    "ACK_SEND",
     "BATCH_FRAME",
     "CANCEL",
     "CHUNK_SIZE",
@@ -132,6 +144,7 @@ __all__ = [
     "peek_envelope",
     "piece_size",
     "ping_messages",
+    "split_ack_send",
     "split_frame",
     "split_message",
     "unit_window",
@@ -148,6 +161,8 @@ PING: Final = "ping"
 CONTINUE: Final = "continue"
 GONE: Final = "gone"
 CONFIRM: Final = "confirm"
+ACK_SEND: Final = "ack-send"
+"""An ACK and the response's first SEND in one message (see the module's docstring)."""
 
 CHUNK_SIZE: Final = 128 * 1024
 """Largest body piece sent to a peer that announced no piece size (earlier releases, which
@@ -357,6 +372,23 @@ def asks_confirmation(ack_args: list[Any]) -> bool:
     return len(ack_args) > 3 and ack_args[3] is True
 
 
+def split_ack_send(args: list[Any]) -> tuple[list[Any], list[Any]]:
+    """``(ack_args, send_args)`` of an ``ACK_SEND``'s arguments (after the id): the SEND's one
+    argument, its list of events, comes first, then the ACK's. Raise ``WireError`` unless
+    both are well formed as far as the message's dispatch goes (a list of events, a Node
+    channel) and the ACK asks for no confirmation (a Node that asks runs nothing, so sends
+    nothing, before the answer); the rest is checked where an ACK's and a SEND's are."""
+    if len(args) < 2 or type(args[0]) is not list:
+        raise WireError("ack-send message without its events and its ack")
+    channel = args[1]
+    if not (isinstance(channel, str) and 0 < len(channel) <= 256):
+        raise WireError("ack-send message without a Node channel")
+    ack = args[1:]
+    if asks_confirmation(ack):
+        raise WireError("ack-send message asking for a confirmation")
+    return ack, args[:1]
+
+
 def peek_envelope(data: bytes) -> tuple[str, str] | None:
     """``(id, reply)`` from an envelope's preamble, whatever the version of its body; None if
     it has no preamble (the first release's envelopes) or a malformed one."""
@@ -423,6 +455,8 @@ class Envelope:
     unit: int = 0
     """The distributor's credit unit (``CREDIT_UNIT``): it counts credit in units of that many
     bytes once its Node announces one too; 0 (absent) when it counts messages."""
+    ack_send: bool = False
+    """The distributor reads ``ACK_SEND``; False for older versions, which leave the key out."""
 
     def encode(self) -> bytes:
         """The bytes to LPUSH: a preamble and a body in ``version`` (the first release's
@@ -441,6 +475,8 @@ class Envelope:
             fields["confirms"] = True
         if self.unit:
             fields["unit"] = self.unit
+        if self.ack_send:
+            fields["ack_send"] = True
         if self.version == codec.RELEASED:
             return codec.encode(
                 {"id": self.id, "reply": self.reply, **fields}, version=codec.RELEASED
@@ -520,6 +556,9 @@ class Envelope:
         unit = value.get("unit", 0)  # likewise
         if type(unit) is not int:
             raise WireError("envelope credit unit is not an int")
+        ack_send = value.get("ack_send", False)  # absent from envelopes of older distributors
+        if not isinstance(ack_send, bool):
+            raise WireError("envelope ack_send is not a boolean")
         return cls(
             request_id,
             reply,
@@ -531,6 +570,7 @@ class Envelope:
             liveness=float(liveness),
             queued=float(queued),
             confirms=confirms,
+            ack_send=ack_send,
             version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
             unit=credit_unit(unit, piece_size(piece)),
         )

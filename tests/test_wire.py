@@ -772,3 +772,45 @@ def test_envelope_credit_unit_is_announced_and_optional_for_older_distributors()
     assert wire.Envelope.decode(odd.encode()).unit == 0
     with pytest.raises(wire.WireError):
         wire.Envelope.decode(codec.encode(envelope_fields(unit="1024")))
+
+
+def test_envelope_ack_send_is_announced_and_optional_for_older_distributors() -> None:
+    envelope = wire.Envelope("id", "chan", 1.0, {"type": "http"}, [], ack_send=True)
+    assert wire.Envelope.decode(envelope.encode()).ack_send is True
+    released = dataclasses.replace(envelope, version=codec.RELEASED)
+    assert wire.Envelope.decode(released.encode()).ack_send is True
+    old = codec.decode(released.encode())
+    del old["ack_send"]  # an older distributor: it reads an ACK and a SEND, not the two in one
+    assert wire.Envelope.decode(codec.encode(old)).ack_send is False
+    for bad in (1, "yes", None):
+        old["ack_send"] = bad
+        with pytest.raises(wire.WireError):
+            wire.Envelope.decode(codec.encode(old))
+    plain = wire.Envelope("id", "chan", 1.0, {"type": "http"}, [])
+    assert b"ack_send" not in plain.encode()
+
+
+def test_an_ack_send_is_the_sends_events_then_all_of_the_acks_arguments() -> None:
+    events = [{"type": "http.response.start", "status": 200, "headers": []}]
+    for ack in (["node", 1, 1.0], ["node", 8, 1.0, False, wire.PIECE_SIZE]):
+        kind, request_id, args = wire.unpack(wire.pack(wire.ACK_SEND, "r1", events, *ack))
+        assert (kind, request_id) == (wire.ACK_SEND, "r1")
+        assert wire.split_ack_send(args) == (ack, [events])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        [[]],  # events, no ack
+        ["node", 1, 1.0],  # an ack, no events
+        [{"type": "http.response.start"}, "node", 1, 1.0],  # events not in a list
+        [[], 7, 1, 1.0],  # no Node channel
+        [[], "", 1, 1.0],
+        [[], "n" * 257, 1, 1.0],
+        [[], "node", 1, 1.0, True],  # asks for a confirmation: it would run nothing before
+    ],
+)
+def test_split_ack_send_refuses_a_malformed_one(args: list[Any]) -> None:
+    with pytest.raises(WireError):
+        wire.split_ack_send(args)
