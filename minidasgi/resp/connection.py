@@ -868,12 +868,17 @@ class Connection:
         self._scratch = None
         if scratch is None or len(scratch) < size:
             scratch = bytearray(size)
+        # Through a memoryview: a bytearray's own slice assignment first copies a value that
+        # is not a bytearray into a temporary one (CPython up to 3.12), two copies per byte.
+        view = memoryview(scratch)
         position = 0
         for part in parts:
             end = position + len(part)
-            scratch[position:end] = part
+            if type(part) is memoryview and part.format != "B":
+                part = part.cast("B")  # the same structure on both sides of the assignment
+            view[position:end] = part
             position = end
-        self._write(memoryview(scratch)[:size])
+        self._write(view[:size])
         if len(scratch) <= _SCRATCH_MAX and self._writer.transport.get_write_buffer_size() == 0:
             self._scratch = scratch
 

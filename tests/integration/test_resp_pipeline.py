@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tracemalloc
 from collections.abc import Awaitable, Callable
 
 from minidasgi.resp import ReplyError
@@ -90,3 +91,32 @@ async def test_large_gathered_writes_reuse_one_scratch_buffer(
         scratches.add(id(conn._scratch))
     assert len(scratches) == 1
     assert await conn.execute("STRLEN", "s4") == 200_000
+
+
+async def test_a_large_gathered_write_copies_each_value_once(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    # Gathering into the scratch buffer must copy a value straight in: a bytearray's slice
+    # assignment first copies a bytes value into a temporary bytearray of its size (CPython
+    # up to 3.12), which showed as a second copy of every body piece a Node published.
+    conn = await open_conn(clean_redis.url)
+    body = b"v" * 300_000
+    parts = [b"<", body, memoryview(b"w" * 100_000).cast("c"), b">"]  # any 1-byte format
+    conn._scratch = bytearray(500_000)  # as left by an earlier write of this size
+    write = conn._write
+    peaks: list[int] = []
+
+    def measured_write(data: bytes | memoryview) -> None:
+        peaks.append(tracemalloc.get_traced_memory()[1])  # what gathering allocated
+        write(data)
+
+    conn._write = measured_write  # type: ignore[method-assign]
+    tracemalloc.start()
+    try:
+        reply = conn.send_packed(pack_command_parts("SET", "big", parts))
+    finally:
+        tracemalloc.stop()
+        conn._write = write  # type: ignore[method-assign]
+    assert await reply == b"OK"
+    assert peaks and max(peaks) < 50_000, peaks  # no temporary copy of a value
+    assert await conn.execute("GET", "big") == b"<" + body + b"w" * 100_000 + b">"
