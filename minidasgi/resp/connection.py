@@ -63,6 +63,7 @@ from .protocol import (
 
 if TYPE_CHECKING:
     from .cluster import ClusterSpec
+    from .directread import DirectReads
     from .sentinel import SentinelSpec
 
 __all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
@@ -381,10 +382,19 @@ class ReplyReader(asyncio.StreamReader):
         self,
         sink: Callable[[bytes], None],
         on_end: Callable[[BaseException | None], None],
+        direct: DirectReads | None = None,
     ) -> None:
         super().__init__(limit=_READ_SIZE)
         self._sink = sink
         self._on_end = on_end
+        self.direct = direct
+        """Where large payloads are read straight into (see ``directread``), if anywhere."""
+
+    def filled(self, nbytes: int) -> None:
+        """``nbytes`` were read into ``direct.read_into()``: hand over what that completed."""
+        assert self.direct is not None
+        self.direct.filled(nbytes)
+        self._sink(b"")
 
     def feed_data(self, data: Any) -> None:  # bytes, from the transport
         if data:
@@ -412,11 +422,30 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
         self._view = memoryview(bytearray(_READ_SIZE))
+        # A reader whose large payloads are read into their own buffer.
+        self._direct: ReplyReader | None = None
+        if isinstance(reader, ReplyReader) and reader.direct is not None:
+            self._direct = reader
+        self._into_direct = False  # the last buffer handed out was a payload's own
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._direct is not None:
+            assert self._direct.direct is not None
+            target = self._direct.direct.read_into()
+            self._into_direct = target is not None
+            if target is not None:
+                return target
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._into_direct:
+            assert self._direct is not None
+            self._into_direct = False
+            try:
+                self._direct.filled(nbytes)
+            except Exception as exc:  # never into the transport: end the stream instead
+                self._direct.set_exception(exc)
+            return
         self.data_received(self._view[:nbytes])  # type: ignore[arg-type]
 
 

@@ -291,6 +291,17 @@ class PythonParser:
             self._broken = exc
             raise
 
+    def take_rest(self) -> bytes:
+        """Remove and return the bytes fed but not yet parsed, between two replies (right
+        after ``gets()`` returned one): for a caller that frames what follows itself."""
+        if self._stack or self._broken is not None:
+            raise RuntimeError("take_rest() amid a reply")
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        self._searched = 0
+        return rest
+
     def _fail(self, message: str) -> ProtocolError:
         return ProtocolError(message)
 
