@@ -67,6 +67,10 @@ class DirectReads:
         self._parser = PythonParser(max_reply_size=max_reply_size)
         self._kind = kind
         self._prefix = b"*3\r\n$%d\r\n%b\r\n$" % (len(kind), kind)
+        # The whole header in one match when the channel holds no CR (ours never do).
+        self._header = re.compile(
+            re.escape(self._prefix) + rb"([0-9]{1,4})\r\n([^\r]{0,4096})\r\n\$([0-9]{1,10})\r\n"
+        )
         self._direct_from = direct_from
         self._direct_max = direct_max
         self._aligned = True  # the next byte starts a reply: the parser holds none of one
@@ -81,6 +85,8 @@ class DirectReads:
         if self._pending:  # a push cut by the end of the last read
             data = self._pending + bytes(data)
             self._pending = b""
+        elif len(data) < _SLICE and type(data) is not bytes:
+            data = bytes(data)  # small: cheaper to frame as bytes than through a view
         size = len(data)
         pos = 0
         while pos < size:
@@ -114,7 +120,10 @@ class DirectReads:
                             return
                         if data[end : end + 2] != b"\r\n":
                             raise ProtocolError("bulk string not terminated by CRLF")
-                        self._ready.append([self._kind, channel, bytes(data[start:end])])
+                        payload = data[start:end]
+                        if type(payload) is not bytes:
+                            payload = bytes(payload)
+                        self._ready.append([self._kind, channel, payload])
                         pos = end + 2
                         continue
             pos = self._parse(data, pos, size)
@@ -157,6 +166,11 @@ class DirectReads:
         """``(channel, payload length, payload start)`` if a push of this kind starts at
         ``pos``; ``_CUT`` if ``data`` ends before its header does (consistent so far); None
         if none starts there (another reply: the parser's)."""
+        match = self._header.match(data, pos, size)
+        if match is not None:
+            channel = match[2]
+            if len(channel) == int(match[1]):
+                return channel, int(match[3]), match.end()
         prefix = self._prefix
         end = pos + len(prefix)
         if end > size:
