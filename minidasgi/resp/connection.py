@@ -71,6 +71,7 @@ __all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
 logger = logging.getLogger("minidasgi.resp.connection")
 
 _READ_SIZE = 256 * 1024
+_DIRECT_GAP_READ = 64 * 1024  # a read between payloads read into their own buffer
 _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
 _SCRATCH_FROM = 64 * 1024  # writes from this size are gathered into a reused buffer
 _SCRATCH_MAX = 2 * 1024 * 1024  # a larger one (a rare huge command) is not kept
@@ -435,6 +436,9 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
             self._into_direct = target is not None
             if target is not None:
                 return target
+            # Reads between payloads end soon after a large payload's header, so that little
+            # of it is read here (and copied): most of it goes to its own buffer.
+            return self._view[:_DIRECT_GAP_READ]
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
