@@ -75,7 +75,7 @@ _DIRECT_GAP_READ = 64 * 1024  # a read between payloads read into their own buff
 _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
 _SCRATCH_FROM = 64 * 1024  # writes from this size are gathered into a reused buffer
 _SCRATCH_MAX = 2 * 1024 * 1024  # a larger one (a rare huge command) is not kept
-_MAX_VECTOR = 512  # parts one writev takes at most (POSIX guarantees IOV_MAX >= 16)
+_MAX_VECTOR = 512  # parts per writev (IOV_MAX is 1024 on Linux and macOS; past it, EINVAL: joined)
 # TCP keepalive in seconds, not the kernel's two hours: a silent peer is found within about
 # KEEPIDLE + KEEPINTVL * KEEPCNT seconds of idleness. TCP_USER_TIMEOUT bounds how long sent data
 # may stay unacknowledged (a stalled link with commands in flight) to the same order.

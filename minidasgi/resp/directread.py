@@ -40,6 +40,7 @@ _PARTIAL_LENGTH = re.compile(rb"[0-9]{0,10}\r?")
 _MAX_CHANNEL: Final = 4096  # a push naming a longer channel is left to the parser
 _CUT: Final = object()  # a push cut by the end of a read
 _SLICE: Final = 64 * 1024  # what the parser is fed at a time: it gives back what follows a reply
+_SMALL_READ: Final = 16 * 1024  # a read of small pushes, copied to bytes to be framed
 
 
 def _cut_length(data: Any, start: int, size: int) -> object:
@@ -85,8 +86,8 @@ class DirectReads:
         if self._pending:  # a push cut by the end of the last read
             data = self._pending + bytes(data)
             self._pending = b""
-        elif len(data) < _SLICE and type(data) is not bytes:
-            data = bytes(data)  # small: cheaper to frame as bytes than through a view
+        elif len(data) <= _SMALL_READ and type(data) is not bytes:
+            data = bytes(data)  # cheaper to frame as bytes than through a view
         size = len(data)
         pos = 0
         while pos < size:
