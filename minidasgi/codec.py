@@ -45,6 +45,7 @@ __all__ = [
     "RELEASED",
     "VERSION",
     "CodecError",
+    "Gathered",
     "UnsupportedVersion",
     "decode",
     "encode",
@@ -90,6 +91,30 @@ class UnsupportedVersion(CodecError):
             "have it write an older format"
         )
         self.version = version
+
+
+class Gathered:
+    """A bytes value held as consecutive ``bytes`` parts (a body piece gathered from several
+    reads), encoded as their concatenation without joining them first: it travels, and
+    decodes, as one bytes value. Only an encoder's input: nothing decodes to it."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes]) -> None:
+        for part in parts:
+            if type(part) is not bytes:
+                raise TypeError(f"a gathered value holds bytes only, not {type(part).__name__}")
+        self.parts = parts
+        self.size = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __repr__(self) -> str:
+        return f"Gathered({len(self.parts)} parts, {self.size} bytes)"
 
 
 def encode(value: Any, *, version: int = FAST, max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
@@ -174,6 +199,9 @@ def _encode(value: Any, parts: list[bytes], depth: int, tuples: bool = True) -> 
             parts.append(b"I" + _U16.pack(len(digits)) + digits)
     elif isinstance(value, float):
         parts.append(b"f" + _F64.pack(value))
+    elif type(value) is Gathered:
+        parts.append(b"b" + _U32.pack(value.size))
+        parts.extend(value.parts)
     elif isinstance(value, (bytearray, memoryview)):
         view = memoryview(value).cast("B")  # joined below without a copy of its own
         parts.append(b"b" + _U32.pack(view.nbytes))

@@ -324,6 +324,7 @@ class Distributor:
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,
+            direct_reads=True,  # large payloads as memoryviews: split_frame, unpack take any
         )
         self._client.start()
         subscribing = asyncio.ensure_future(
@@ -614,7 +615,7 @@ class Distributor:
         finally:
             self._taking_back = False
 
-    def _on_message(self, channel: bytes, data: bytes) -> None:
+    def _on_message(self, channel: bytes, data: bytes | memoryview) -> None:
         try:
             messages = wire.split_frame(data)
         except wire.WireError as exc:

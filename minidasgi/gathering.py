@@ -21,6 +21,7 @@ from typing import Final
 
 from .asgi import Message, Receive
 from .buffering import BodyIdle, receive_within
+from .codec import Gathered
 
 __all__ = ["GATHER_FROM", "GATHER_WAIT", "gather_body"]
 
@@ -35,7 +36,9 @@ async def gather_body(
     receive: Receive, event: Message, piece: int, wait: float = GATHER_WAIT
 ) -> tuple[Message, Message | None]:
     """``event`` (an ``http.request``) with the body events that follow at once joined to it,
-    up to ``piece`` bytes, and the event received that did not fit (None if none).
+    up to ``piece`` bytes, and the event received that did not fit (None if none). A joined
+    body is a ``codec.Gathered`` of the parts, for the codec to copy once into a message: the
+    event is for a Node, never for an app.
 
     Returns ``event`` itself when it is not worth waiting after (no more body, small, or a
     piece already)."""
@@ -70,4 +73,5 @@ async def gather_body(
             break  # the client slowed down: do not wait for the rest of the piece
     if len(parts) == 1:
         return event, left_over
-    return {"type": "http.request", "body": b"".join(parts), "more_body": more}, left_over
+    # Not joined: the parts are copied once, into the message that carries them.
+    return {"type": "http.request", "body": Gathered(parts), "more_body": more}, left_over

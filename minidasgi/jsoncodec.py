@@ -33,9 +33,10 @@ then uses the binary format (``codec``), which carries anything.
 
 What changes shape: every tuple decodes as a list (``json`` writes tuples as arrays, and a list
 cannot be told from a tuple afterwards without a walk of the value). Everything else round
-trips exactly: bytes stay bytes (bytearray and memoryview decode as bytes), str stays str
-(lone surrogates included: the head is UTF-8 with ``surrogatepass``), ints up to 128 digits,
-floats bit for bit (NaN and infinities included, as ``NaN``/``Infinity``), dict order.
+trips exactly: bytes stay bytes (bytearray, memoryview and ``codec.Gathered`` decode as
+bytes), str stays str (lone surrogates included: the head is UTF-8 with ``surrogatepass``),
+ints up to 128 digits, floats bit for bit (NaN and infinities included, as
+``NaN``/``Infinity``), dict order.
 
 ``json`` silently turns int, float, bool and None dict keys into strings. Such a key is written
 as ``"1":``, ``"1.5":``, ``"true":``, ``"NaN":``...: the encoder declines (returns None) when a
@@ -66,7 +67,7 @@ from collections.abc import Callable
 from itertools import accumulate
 from typing import Any, Final
 
-from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, CodecError
+from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, CodecError, Gathered
 
 __all__ = ["DEFAULT_MAX_ITEMS", "VERSION", "decode", "encode", "try_encode", "try_encode_parts"]
 
@@ -140,7 +141,7 @@ def try_encode_parts(
     found = session.found
     try:
         text = _dumps(session.dumps_to_null, value)
-        blobs: list[bytes | memoryview] = found.copy()
+        blobs: list[bytes | memoryview | Gathered] = found.copy()
     finally:
         found.clear()
     marker = "null"
@@ -183,12 +184,17 @@ def try_encode_parts(
     count = len(blobs)
     if not count:
         return [_PREFIX.pack(VERSION, len(head), 0) + head]
-    return [
+    parts: list[bytes | memoryview] = [
         _PREFIX.pack(VERSION, len(head), count)
         + head
         + struct.pack(f">{count}I", *map(len, blobs)),
-        *blobs,
     ]
+    for blob in blobs:
+        if isinstance(blob, Gathered):
+            parts += blob.parts  # a gathered value is its parts, back to back
+        else:
+            parts.append(blob)
+    return parts
 
 
 def decode(
@@ -270,11 +276,19 @@ def decode(
 
 
 def _byte_views(blobs: list[Any]) -> bool:
-    """Whether every value is bytes or a flat, contiguous memoryview of bytes (a body piece
-    cut from a larger body): those travel as they are, joined once into the message."""
+    """Whether every value is bytes, a flat, contiguous memoryview of bytes (a body piece
+    cut from a larger body) or ``Gathered`` (a piece gathered from several): those travel as
+    they are, joined once into the message."""
     for blob in blobs:
-        if type(blob) is not bytes and not (
-            type(blob) is memoryview and blob.ndim == 1 and blob.c_contiguous and blob.itemsize == 1
+        if (
+            type(blob) is not bytes
+            and not (
+                type(blob) is memoryview
+                and blob.ndim == 1
+                and blob.c_contiguous
+                and blob.itemsize == 1
+            )
+            and type(blob) is not Gathered
         ):
             return False
     return True
@@ -369,7 +383,7 @@ class _Session:
     parse_constant = float  # called only with "NaN", "Infinity" and "-Infinity"
 
     def __init__(self) -> None:
-        self.blobs: list[bytes | memoryview] = _NO_BLOBS
+        self.blobs: list[bytes | memoryview | Gathered] = _NO_BLOBS
         self.data: bytes | memoryview = b""
         self.offsets: list[int] = []
         self.index = 0
@@ -388,7 +402,7 @@ class _Session:
 
     def _default(self, value: Any) -> str:
         """Called by ``json`` for what it cannot write itself: bytes become a marker."""
-        if isinstance(value, bytes):
+        if isinstance(value, bytes) or type(value) is Gathered:
             self.blobs.append(value)
             return _MARK
         if isinstance(value, (bytearray, memoryview)):
@@ -420,7 +434,7 @@ class _Session:
         return int(text)
 
 
-_NO_BLOBS: Final[list[bytes | memoryview]] = []
+_NO_BLOBS: Final[list[bytes | memoryview | Gathered]] = []
 _local = threading.local()
 _SCALARS: Final = frozenset([str, int, float, bool, type(None)])
 

@@ -324,6 +324,7 @@ class Node:
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,
+            direct_reads=True,  # large payloads as memoryviews: split_frame, unpack take any
         )
         if self.health_server is not None:
             await self.health_server.start()
@@ -674,7 +675,7 @@ class Node:
         as gone)."""
         return await self.outbox.publish(channel, message)
 
-    def _on_message(self, channel: bytes, data: bytes) -> None:
+    def _on_message(self, channel: bytes, data: bytes | memoryview) -> None:
         try:
             messages = wire.split_frame(data)
         except wire.WireError as exc:

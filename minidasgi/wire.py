@@ -317,7 +317,7 @@ def batch_frame_parts(messages: list[Packed]) -> list[bytes | memoryview]:
     return parts
 
 
-def split_frame(data: bytes) -> list[Any]:
+def split_frame(data: bytes | memoryview) -> list[Any]:
     """The messages a PUBLISH carried: those of a batch frame (as memoryviews, no copies), or
     ``[data]`` itself. Raise ``WireError`` for a malformed frame (nothing of it is used)."""
     if not data or data[0] != BATCH_FRAME:

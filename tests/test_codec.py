@@ -536,3 +536,22 @@ def test_what_the_fast_format_declines_travels_in_the_binary_one() -> None:
 def test_the_released_format_writes_tuples_as_lists() -> None:
     data = codec.encode([(b"a", b"b")], version=codec.RELEASED)
     assert data[0] == codec.RELEASED and decode(data) == [[b"a", b"b"]]
+
+
+@pytest.mark.parametrize("version", [codec.RELEASED, codec.BINARY, codec.FAST])
+def test_a_gathered_value_travels_as_the_bytes_of_its_parts(version: int) -> None:
+    parts = [b"a" * 70_000, b"", b"b" * 3, b"c" * 100_000]
+    joined = b"".join(parts)
+    # With a None beside it, format 3 takes its second pass (the one that marks with U+E000).
+    for value in ({"body": codec.Gathered(parts)}, [None, codec.Gathered(parts), b"z", "null"]):
+        expected = {"body": joined} if isinstance(value, dict) else [None, joined, b"z", "null"]
+        data = b"".join(codec.encode_parts(value, version=version))
+        assert data == codec.encode(value, version=version)
+        assert codec.decode(data) == expected
+        assert data == codec.encode(expected, version=version)  # the joined value's bytes
+
+
+def test_a_gathered_value_holds_bytes_only() -> None:
+    with pytest.raises(TypeError):
+        codec.Gathered([b"a", bytearray(b"b")])  # type: ignore[list-item]
+    assert codec.is_portable([codec.Gathered([b"a", b"b"])])

@@ -11,6 +11,7 @@ import array
 import itertools
 import math
 import random
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -713,3 +714,20 @@ def test_pack_command_parts_refuse_what_is_not_bytes_in_a_gathered_value() -> No
 def test_pack_gathering_packs_bytes_unless_a_value_is_gathered() -> None:
     assert pack_gathering("PUBLISH", "c", b"m") == pack_command("PUBLISH", "c", b"m")
     assert isinstance(pack_gathering("PUBLISH", "c", [b"m"]), list)
+
+
+def test_pure_parser_copies_a_large_bulk_string_once() -> None:
+    # Slicing the bytearray buffer copies, and bytes() of that slice copies again: a body
+    # piece of a PUBLISH was copied twice on its way out of the parser.
+    size = 300_000
+    payload = bytes(range(256)) * (size // 256) + b"!" * (size % 256)
+    parser = PythonParser()
+    parser.feed(b"*2\r\n$%d\r\n%b\r\n$5\r\nsmall\r\n" % (size, payload))
+    tracemalloc.start()
+    try:
+        reply = parser.gets()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reply == [payload, b"small"]
+    assert size <= peak < 1.5 * size  # the value itself, and no second copy of it

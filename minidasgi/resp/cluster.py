@@ -761,6 +761,7 @@ class ShardedSubscriber:
         on_connection_lost: Callable[[], None] | None = None,
         health_check_interval: float = 5.0,
         parser: str | None = None,
+        direct_reads: bool = False,
     ) -> None:
         self.cluster = ClusterClient(params, parser=parser, name="sharded subscriber")
         self.params = params
@@ -768,6 +769,7 @@ class ShardedSubscriber:
         self._on_connection_lost = on_connection_lost
         self._health_check_interval = health_check_interval
         self._parser = parser
+        self._direct_reads = direct_reads
         self._channels: set[bytes] = set()
         self._subscribers: dict[Address, Subscriber] = {}
         self._placed: dict[bytes, Address] = {}  # channel -> the master it is subscribed on
@@ -843,6 +845,7 @@ class ShardedSubscriber:
                 parser=self._parser,
                 sharded=True,
                 on_unsubscribed=self._moved,
+                direct_reads=self._direct_reads,
             )
         self._placed[channel] = address
         await subscriber.subscribe(channel)

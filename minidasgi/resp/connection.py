@@ -40,6 +40,7 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import re
 import socket
 import ssl as _ssl
@@ -62,6 +63,7 @@ from .protocol import (
 
 if TYPE_CHECKING:
     from .cluster import ClusterSpec
+    from .directread import DirectReads
     from .sentinel import SentinelSpec
 
 __all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
@@ -69,9 +71,11 @@ __all__ = ["Connection", "ConnectionParams", "connect", "parse_url"]
 logger = logging.getLogger("minidasgi.resp.connection")
 
 _READ_SIZE = 256 * 1024
+_DIRECT_GAP_READ = 64 * 1024  # a read between payloads read into their own buffer
 _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
 _SCRATCH_FROM = 64 * 1024  # writes from this size are gathered into a reused buffer
 _SCRATCH_MAX = 2 * 1024 * 1024  # a larger one (a rare huge command) is not kept
+_MAX_VECTOR = 512  # parts per writev (IOV_MAX is 1024 on Linux and macOS; past it, EINVAL: joined)
 # TCP keepalive in seconds, not the kernel's two hours: a silent peer is found within about
 # KEEPIDLE + KEEPINTVL * KEEPCNT seconds of idleness. TCP_USER_TIMEOUT bounds how long sent data
 # may stay unacknowledged (a stalled link with commands in flight) to the same order.
@@ -379,10 +383,19 @@ class ReplyReader(asyncio.StreamReader):
         self,
         sink: Callable[[bytes], None],
         on_end: Callable[[BaseException | None], None],
+        direct: DirectReads | None = None,
     ) -> None:
         super().__init__(limit=_READ_SIZE)
         self._sink = sink
         self._on_end = on_end
+        self.direct = direct
+        """Where large payloads are read straight into (see ``directread``), if anywhere."""
+
+    def filled(self, nbytes: int) -> None:
+        """``nbytes`` were read into ``direct.read_into()``: hand over what that completed."""
+        assert self.direct is not None
+        self.direct.filled(nbytes)
+        self._sink(b"")
 
     def feed_data(self, data: Any) -> None:  # bytes, from the transport
         if data:
@@ -410,12 +423,61 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
         self._view = memoryview(bytearray(_READ_SIZE))
+        # A reader whose large payloads are read into their own buffer.
+        self._direct: ReplyReader | None = None
+        if isinstance(reader, ReplyReader) and reader.direct is not None:
+            self._direct = reader
+        self._into_direct = False  # the last buffer handed out was a payload's own
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._direct is not None:
+            assert self._direct.direct is not None
+            target = self._direct.direct.read_into()
+            self._into_direct = target is not None
+            if target is not None:
+                return target
+            # Reads between payloads end soon after a large payload's header, so that little
+            # of it is read here (and copied): most of it goes to its own buffer.
+            return self._view[:_DIRECT_GAP_READ]
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._into_direct:
+            assert self._direct is not None
+            self._into_direct = False
+            try:
+                self._direct.filled(nbytes)
+            except Exception as exc:  # never into the transport: end the stream instead
+                self._direct.set_exception(exc)
+            return
         self.data_received(self._view[:nbytes])  # type: ignore[arg-type]
+
+
+def _vectored_fileno(transport: asyncio.BaseTransport) -> int:
+    """The file descriptor of ``transport``'s socket if it is the standard library's plain
+    (not TLS) selector socket transport, whose ``write()`` sends at once whenever nothing is
+    buffered: writing to its socket then is what it would do itself. Else -1 (TLS, uvloop,
+    a proactor: each keeps its own order of writes)."""
+    kind = type(transport)
+    if not (
+        hasattr(os, "writev")
+        and kind.__name__ == "_SelectorSocketTransport"
+        and kind.__module__ == "asyncio.selector_events"
+        and transport.get_extra_info("sslcontext") is None
+    ):
+        return -1
+    sock = transport.get_extra_info("socket")
+    return -1 if sock is None else int(sock.fileno())
+
+
+def _rest(parts: Parts, sent: int) -> bytes:
+    """What remains of ``parts`` after their first ``sent`` bytes, as one bytes object (a
+    copy: the transport may keep what it is given until it is sent)."""
+    for index, part in enumerate(parts):
+        if sent < len(part):
+            return b"".join([memoryview(part)[sent:], *parts[index + 1 :]])
+        sent -= len(part)
+    return b""
 
 
 async def open_stream(
@@ -490,6 +552,7 @@ class Connection:
         self._wbuf: Parts = []
         self._wbuf_size = 0
         self._scratch: bytearray | None = None  # see _write_gathered
+        self._fileno = -1  # the socket, if large writes may go straight to it (_open)
         self._flush_scheduled = False
         self._backlogged = False  # the socket is not keeping up: callers wait for it
         self._drain_lock = asyncio.Lock()
@@ -515,6 +578,7 @@ class Connection:
         self._writer = await open_stream(self.params, self._reader)
         if self._error is not None:  # it failed before open_stream returned the writer
             self._writer.close()
+        self._fileno = _vectored_fileno(self._writer.transport)
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "open"
@@ -874,16 +938,37 @@ class Connection:
         if size < _SCRATCH_FROM or self._writer is None or len(parts) == 1:
             self._write(b"".join(parts))  # a lone bytes part is written as it is
             return
+        if self._fileno >= 0 and len(parts) <= _MAX_VECTOR and self._error is None:
+            transport = self._writer.transport
+            if not transport.get_write_buffer_size() and not transport.is_closing():
+                # Nothing is buffered, so the transport's write() would send at once itself:
+                # one writev straight from the parts, no copy (asyncio 3.12's writelines does
+                # the same with sendmsg). What the socket does not take, or an error, goes to
+                # the transport, which copies it, or meets the error again and closes.
+                try:
+                    sent = os.writev(self._fileno, parts)
+                except OSError:
+                    sent = 0
+                if sent < size:
+                    self._write(_rest(parts, sent))
+                else:
+                    self._backlogged = False
+                return
         scratch = self._scratch
         self._scratch = None
         if scratch is None or len(scratch) < size:
             scratch = bytearray(size)
+        # Through a memoryview: a bytearray's own slice assignment first copies a value that
+        # is not a bytearray into a temporary one (CPython up to 3.12), two copies per byte.
+        view = memoryview(scratch)
         position = 0
         for part in parts:
             end = position + len(part)
-            scratch[position:end] = part
+            if type(part) is memoryview and part.format != "B":
+                part = part.cast("B")  # the same structure on both sides of the assignment
+            view[position:end] = part
             position = end
-        self._write(memoryview(scratch)[:size])
+        self._write(view[:size])
         if len(scratch) <= _SCRATCH_MAX and self._writer.transport.get_write_buffer_size() == 0:
             self._scratch = scratch
 

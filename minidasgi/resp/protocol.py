@@ -105,6 +105,7 @@ NEED_DATA: Final = _NeedData()
 DEFAULT_MAX_REPLY_SIZE: Final = 64 * 1024 * 1024
 DEFAULT_MAX_DEPTH: Final = 16
 _MAX_LINE: Final = 64 * 1024
+_VIEW_FROM: Final = 4096  # bulk strings from this size are copied out through a view
 
 
 def _encode_arg(arg: object) -> bytes:
@@ -290,6 +291,17 @@ class PythonParser:
             self._broken = exc
             raise
 
+    def take_rest(self) -> bytes:
+        """Remove and return the bytes fed but not yet parsed, between two replies (right
+        after ``gets()`` returned one): for a caller that frames what follows itself."""
+        if self._stack or self._broken is not None:
+            raise RuntimeError("take_rest() amid a reply")
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        self._searched = 0
+        return rest
+
     def _fail(self, message: str) -> ProtocolError:
         return ProtocolError(message)
 
@@ -337,7 +349,11 @@ class PythonParser:
                         return self._need_data()
                     if buf[end : end + 2] != b"\r\n":
                         raise self._fail("bulk string not terminated by CRLF")
-                    value = bytes(buf[after:end])
+                    if n < _VIEW_FROM:
+                        value = bytes(buf[after:end])
+                    else:  # a bytearray's slice is a copy of its own: copy once, from a view
+                        with memoryview(buf) as view:
+                            value = bytes(view[after:end])
                     after = end + 2
                     if prefix == 0x3D:  # '='
                         if len(value) < 4 or value[3:4] != b":":

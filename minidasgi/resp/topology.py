@@ -72,8 +72,10 @@ def subscriber(
     on_connection_lost: Callable[[], None] | None = None,
     health_check_interval: float = 5.0,
     parser: str | None = None,
+    direct_reads: bool = False,
 ) -> AnySubscriber:
-    """The subscriber for ``params``' topology (sharded pub/sub on a Cluster)."""
+    """The subscriber for ``params``' topology (sharded pub/sub on a Cluster);
+    ``direct_reads`` as ``Subscriber``'s."""
     if params.cluster is not None:
         return ShardedSubscriber(
             params,
@@ -81,6 +83,7 @@ def subscriber(
             on_connection_lost=on_connection_lost,
             health_check_interval=health_check_interval,
             parser=parser,
+            direct_reads=direct_reads,
         )
     return Subscriber(
         params=params,
@@ -88,6 +91,7 @@ def subscriber(
         on_connection_lost=on_connection_lost,
         health_check_interval=health_check_interval,
         parser=parser,
+        direct_reads=direct_reads,
     )
 
 

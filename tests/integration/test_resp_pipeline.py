@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tracemalloc
 from collections.abc import Awaitable, Callable
 
 from minidasgi.resp import ReplyError
@@ -82,6 +83,7 @@ async def test_large_gathered_writes_reuse_one_scratch_buffer(
     # A fresh buffer per large write costs page faults (the allocator hands large blocks back
     # to the system): a connection whose writes go through at once copies into the same one.
     conn = await open_conn(clean_redis.url)
+    conn._fileno = -1  # as on a transport whose socket is not written directly (TLS, uvloop)
     body = memoryview(b"v" * 200_000)
     scratches = set()
     for i in range(5):
@@ -90,3 +92,53 @@ async def test_large_gathered_writes_reuse_one_scratch_buffer(
         scratches.add(id(conn._scratch))
     assert len(scratches) == 1
     assert await conn.execute("STRLEN", "s4") == 200_000
+
+
+async def test_a_large_gathered_write_copies_each_value_once(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    # Gathering into the scratch buffer must copy a value straight in: a bytearray's slice
+    # assignment first copies a bytes value into a temporary bytearray of its size (CPython
+    # up to 3.12), which showed as a second copy of every body piece a Node published.
+    conn = await open_conn(clean_redis.url)
+    conn._fileno = -1  # as on a transport whose socket is not written directly (TLS, uvloop)
+    body = b"v" * 300_000
+    parts = [b"<", body, memoryview(b"w" * 100_000).cast("c"), b">"]  # any 1-byte format
+    conn._scratch = bytearray(500_000)  # as left by an earlier write of this size
+    write = conn._write
+    peaks: list[int] = []
+
+    def measured_write(data: bytes | memoryview) -> None:
+        peaks.append(tracemalloc.get_traced_memory()[1])  # what gathering allocated
+        write(data)
+
+    conn._write = measured_write  # type: ignore[method-assign]
+    tracemalloc.start()
+    try:
+        reply = conn.send_packed(pack_command_parts("SET", "big", parts))
+    finally:
+        tracemalloc.stop()
+        conn._write = write  # type: ignore[method-assign]
+    assert await reply == b"OK"
+    assert peaks and max(peaks) < 50_000, peaks  # no temporary copy of a value
+    assert await conn.execute("GET", "big") == b"<" + body + b"w" * 100_000 + b">"
+
+
+async def test_a_large_gathered_write_goes_from_its_parts_to_the_socket(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    # On a plain socket with nothing buffered, the parts are written with one writev: no
+    # scratch buffer, no join, no copy of a value in Python.
+    conn = await open_conn(clean_redis.url)
+    body = b"v" * 300_000
+    parts = [b"<", body, memoryview(b"w" * 100_000).cast("c"), b">"]
+    tracemalloc.start()
+    try:
+        reply = conn.send_packed(pack_command_parts("SET", "big", parts))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert await reply == b"OK"
+    assert peak < 50_000, peak
+    assert conn._scratch is None and conn._fileno >= 0
+    assert await conn.execute("GET", "big") == b"<" + body + b"w" * 100_000 + b">"

@@ -498,3 +498,22 @@ async def test_close_unstarted_subscriber(make_subscriber: SubscriberFactory) ->
     await subscriber.close()
     await subscriber.close()
     assert not subscriber.connected
+
+
+async def test_direct_reads_deliver_the_same_messages_in_order(
+    clean_redis: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    # Large payloads are read straight into their own buffer (a memoryview of it is
+    # delivered), small ones framed without the parser: the same messages, in order.
+    received: list[tuple[bytes, Any]] = []
+    subscriber = make_subscriber(
+        clean_redis.url, on_message=lambda c, d: received.append((c, d)), direct_reads=True
+    )
+    await asyncio.wait_for(subscriber.subscribe("big"), 2)
+    publisher = await open_conn(clean_redis.url)
+    payloads = [bytes([i]) * (300_000 if i % 3 else 10) + b"\r\n$3\r\n" for i in range(30)]
+    counts = await asyncio.gather(*(publisher.publish("big", p) for p in payloads))
+    assert counts == [1] * len(payloads)
+    await eventually(lambda: len(received) >= len(payloads), 5)
+    assert [bytes(data) for _, data in received] == payloads
+    assert {type(data) for _, data in received} == {bytes, memoryview}

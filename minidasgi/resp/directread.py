@@ -1,0 +1,206 @@
+"""Pub/sub messages framed here, their large payloads read straight into a buffer of their own.
+
+Owns the one way bytes on a subscriber connection may bypass the reply parser. A reply parser
+copies every byte twice (into its buffer as it is fed, then out into the bytes object it
+returns): for a body piece of half a megabyte that is most of what receiving it costs in
+Python. ``DirectReads`` (the ``ReplyParser`` contract) frames the message pushes of one kind
+(``message``, or ``smessage``) itself: a small payload is copied once out of the read, and a
+payload of at least ``direct_from`` bytes is read by the socket straight into a bytearray of
+its size (``read_into``/``filled``, which ``ReplyReader`` offers the transport) and delivered
+as a memoryview of it. Replies come out in stream order.
+
+Every other reply (a subscription's confirmation, a PONG, an error, a header that does not
+fit) goes to a ``PythonParser``, which hands back the bytes after it (``take_rest``): where a
+reply starts is always known. A push cut by the end of a read is kept (at most a header and a
+small payload) until the rest comes. The replies are the same as the parser's alone.
+
+Must never reorder or alter a reply, nor allocate past its bounds: a payload over
+``direct_max`` takes the parser's path (which bounds the reply size), a channel name over 4 KiB
+too, and a payload not followed by CRLF raises ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any, Final
+
+from .protocol import DEFAULT_MAX_REPLY_SIZE, NEED_DATA, ProtocolError, PythonParser
+
+__all__ = ["DIRECT_FROM", "DIRECT_MAX", "DirectReads"]
+
+DIRECT_FROM: Final = 64 * 1024
+"""Payloads from this size are read straight into their own buffer."""
+DIRECT_MAX: Final = 8 * 1024 * 1024
+"""Larger payloads go through the parser: a buffer is allocated whole on the word of a header,
+so its size is bounded before any of it arrived."""
+
+_LENGTH = re.compile(rb"([0-9]{1,10})\r\n")
+_PARTIAL_LENGTH = re.compile(rb"[0-9]{0,10}\r?")
+_MAX_CHANNEL: Final = 4096  # a push naming a longer channel is left to the parser
+_CUT: Final = object()  # a push cut by the end of a read
+_SLICE: Final = 64 * 1024  # what the parser is fed at a time: it gives back what follows a reply
+_SMALL_READ: Final = 16 * 1024  # a read of small pushes, copied to bytes to be framed
+
+
+def _cut_length(data: Any, start: int, size: int) -> object:
+    """``_CUT`` if what ``data`` holds from ``start`` may begin a length line, else None."""
+    if size - start <= 11 and _PARTIAL_LENGTH.fullmatch(data, start, size):
+        return _CUT
+    return None
+
+
+class DirectReads:
+    """A ``ReplyParser`` for a subscriber connection that frames ``kind`` pushes itself and
+    reads their large payloads straight into a bytearray of their own, delivered as a
+    memoryview of it."""
+
+    def __init__(
+        self,
+        kind: bytes,
+        *,
+        direct_from: int = DIRECT_FROM,
+        direct_max: int = DIRECT_MAX,
+        max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
+    ) -> None:
+        # The pure-Python parser, whatever the connection's choice: it sees only the rare
+        # replies framed nowhere else, and gives back what follows each (``take_rest``).
+        self._parser = PythonParser(max_reply_size=max_reply_size)
+        self._kind = kind
+        self._prefix = b"*3\r\n$%d\r\n%b\r\n$" % (len(kind), kind)
+        # The whole header in one match when the channel holds no CR (ours never do).
+        self._header = re.compile(
+            re.escape(self._prefix) + rb"([0-9]{1,4})\r\n([^\r]{0,4096})\r\n\$([0-9]{1,10})\r\n"
+        )
+        self._direct_from = direct_from
+        self._direct_max = direct_max
+        self._aligned = True  # the next byte starts a reply: the parser holds none of one
+        self._ready: collections.deque[list[Any]] = collections.deque()  # framed here, in order
+        self._target: bytearray | None = None  # the payload being read, and its CRLF
+        self._filled = 0
+        self._channel = b""
+        self._pending = b""  # the start of a push cut by the end of a read
+
+    def feed(self, data: Any) -> None:
+        """Take bytes read into the connection's own buffer (a view valid during the call)."""
+        if self._pending:  # a push cut by the end of the last read
+            data = self._pending + bytes(data)
+            self._pending = b""
+        elif len(data) <= _SMALL_READ and type(data) is not bytes:
+            data = bytes(data)  # cheaper to frame as bytes than through a view
+        size = len(data)
+        pos = 0
+        while pos < size:
+            target = self._target
+            if target is not None:  # a read that did not go to ``read_into`` (TLS, a test)
+                filled = self._filled
+                n = min(size - pos, len(target) - filled)
+                memoryview(target)[filled : filled + n] = memoryview(data)[pos : pos + n]
+                self._filled = filled + n
+                pos += n
+                if self._filled == len(target):
+                    self._finish()
+                continue
+            if self._aligned:
+                found = self._push_at(data, pos, size)
+                if found is _CUT:
+                    self._pending = bytes(data[pos:size])
+                    return
+                if isinstance(found, tuple):
+                    channel, length, start = found
+                    if self._direct_from <= length <= self._direct_max:
+                        self._channel = channel
+                        self._target = bytearray(length + 2)
+                        self._filled = 0
+                        pos = start
+                        continue
+                    if length < self._direct_from:
+                        end = start + length
+                        if end + 2 > size:  # a small push cut by the end of the read
+                            self._pending = bytes(data[pos:size])
+                            return
+                        if data[end : end + 2] != b"\r\n":
+                            raise ProtocolError("bulk string not terminated by CRLF")
+                        payload = data[start:end]
+                        if type(payload) is not bytes:
+                            payload = bytes(payload)
+                        self._ready.append([self._kind, channel, payload])
+                        pos = end + 2
+                        continue
+            pos = self._parse(data, pos, size)
+
+    def _parse(self, data: Any, pos: int, size: int) -> int:
+        """Feed the parser from ``pos``, a slice at a time, until it returns a reply; return
+        where framing resumes: after that reply, or ``size`` if the parser needs more."""
+        parser = self._parser
+        while pos < size:
+            end = min(size, pos + _SLICE)
+            parser.feed(data[pos:end])
+            pos = end
+            reply = parser.gets()
+            if reply is not NEED_DATA:
+                self._ready.append(reply)
+                self._aligned = True
+                return pos - len(parser.take_rest())
+        self._aligned = False
+        return size
+
+    def gets(self) -> Any:
+        """The next complete reply (a large payload as a memoryview), or ``NEED_DATA``."""
+        return self._ready.popleft() if self._ready else NEED_DATA
+
+    def read_into(self) -> memoryview | None:
+        """Where the next read should go: the rest of a payload being read, else None (the
+        connection's own buffer)."""
+        if self._target is None:
+            return None
+        return memoryview(self._target)[self._filled :]
+
+    def filled(self, nbytes: int) -> None:
+        """``nbytes`` were read into what ``read_into`` returned."""
+        assert self._target is not None
+        self._filled += nbytes
+        if self._filled == len(self._target):
+            self._finish()
+
+    def _push_at(self, data: Any, pos: int, size: int) -> object:
+        """``(channel, payload length, payload start)`` if a push of this kind starts at
+        ``pos``; ``_CUT`` if ``data`` ends before its header does (consistent so far); None
+        if none starts there (another reply: the parser's)."""
+        match = self._header.match(data, pos, size)
+        if match is not None:
+            channel = match[2]
+            if len(channel) == int(match[1]):
+                return channel, int(match[3]), match.end()
+        prefix = self._prefix
+        end = pos + len(prefix)
+        if end > size:
+            return _CUT if prefix.startswith(bytes(data[pos:size])) else None
+        if data[pos:end] != prefix:
+            return None
+        match = _LENGTH.match(data, end)
+        if match is None:
+            return _cut_length(data, end, size)
+        channel_start = match.end()
+        channel_length = int(match[1])
+        if channel_length > _MAX_CHANNEL:
+            return None
+        channel_end = channel_start + channel_length
+        if channel_end + 3 > size:
+            return _CUT
+        if data[channel_end : channel_end + 3] != b"\r\n$":
+            return None
+        match = _LENGTH.match(data, channel_end + 3)
+        if match is None:
+            return _cut_length(data, channel_end + 3, size)
+        return bytes(data[channel_start:channel_end]), int(match[1]), match.end()
+
+    def _finish(self) -> None:
+        target = self._target
+        assert target is not None
+        self._target = None
+        if target[-2:] != b"\r\n":
+            raise ProtocolError("bulk string not terminated by CRLF")
+        # A view without the CRLF: the bytearray cannot shrink while the transport may still
+        # hold the view it read into.
+        self._ready.append([self._kind, self._channel, memoryview(target)[:-2]])

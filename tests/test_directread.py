@@ -1,0 +1,180 @@
+"""``DirectReads`` fed bytes in every way a socket may deliver them: message pushes are framed
+by it, large payloads read straight into their own buffer, every other reply parsed by the
+pure-Python parser, and the replies are those of a parser alone, in the same order."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from minidasgi.resp.directread import _SLICE, DIRECT_FROM, DirectReads
+from minidasgi.resp.protocol import NEED_DATA, ProtocolError, make_parser
+
+
+def _push(kind: bytes, channel: bytes, payload: bytes) -> bytes:
+    return b"*3\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(kind),
+        kind,
+        len(channel),
+        channel,
+        len(payload),
+        payload,
+    )
+
+
+BIG = bytes(range(256)) * (DIRECT_FROM // 256 + 300)  # over DIRECT_FROM
+LARGE = [BIG, BIG[:-1] + b"!", BIG * 3]
+STREAM = [
+    b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n",
+    _push(b"message", b"c", b"small"),
+    _push(b"message", b"c", LARGE[0]),
+    _push(b"message", b"chan", LARGE[1]),
+    _push(b"message", b"c", BIG[: DIRECT_FROM - 1]),  # just under: copied out of the read
+    _push(b"pmessage", b"c", BIG),  # another kind: the parser's
+    b"+PONG\r\n",
+    b"-ERR no\r\n",
+    _push(b"message", b"c", b""),
+    _push(b"message", b"c", LARGE[2]),
+    b"*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+]
+
+
+def _counting(reader: DirectReads) -> list[int]:
+    """The sizes of what ``reader`` feeds its parser, as it does."""
+    fed: list[int] = []
+    parser = reader._parser
+    feed = parser.feed
+
+    def counted(data: Any) -> None:
+        fed.append(len(data))
+        feed(data)
+
+    parser.feed = counted  # type: ignore[method-assign]
+    return fed
+
+
+def _drain(reader: Any, out: list[Any]) -> None:
+    while (reply := reader.gets()) is not NEED_DATA:
+        out.append(reply)
+
+
+def _read(reader: DirectReads, data: bytes, sizes: list[int]) -> list[Any]:
+    """What a socket delivers: each read goes where ``read_into`` says, or is fed."""
+    out: list[Any] = []
+    pos = 0
+    turn = 0
+    while pos < len(data):
+        size = sizes[turn % len(sizes)]
+        turn += 1
+        target = reader.read_into()
+        if target is not None:
+            n = min(size, len(target), len(data) - pos)
+            target[:n] = data[pos : pos + n]
+            reader.filled(n)
+        else:
+            n = min(size, len(data) - pos)
+            reader.feed(memoryview(bytearray(data[pos : pos + n])))  # a view, as the protocol's
+        pos += n
+        _drain(reader, out)
+    return out
+
+
+def _plain(replies: list[Any]) -> list[Any]:
+    return [
+        [bytes(item) if isinstance(item, memoryview) else item for item in reply]
+        if isinstance(reply, list)
+        else reply
+        for reply in replies
+    ]
+
+
+def _expected(data: bytes) -> list[Any]:
+    alone = make_parser("python")
+    alone.feed(data)
+    expected: list[Any] = []
+    _drain(alone, expected)
+    return expected
+
+
+def test_replies_are_those_of_a_parser_alone_however_the_bytes_come() -> None:
+    data = b"".join(STREAM)
+    expected = _expected(data)
+    assert len(expected) == len(STREAM)
+    rng = random.Random(7)
+    patterns = [[len(data)], [1], [2], [7], [65536], [262144]]
+    patterns += [[rng.randint(1, 200_000) for _ in range(50)] for _ in range(5)]
+    patterns += [[rng.randint(1, 40) for _ in range(50)] for _ in range(2)]
+    for sizes in patterns:
+        replies = _read(DirectReads(b"message"), data, sizes)
+        assert [type(r) for r in replies] == [type(r) for r in expected], sizes
+        assert str(_plain(replies)) == str(expected), sizes  # ReplyError compares by identity
+
+
+def test_large_payloads_never_pass_through_a_parser() -> None:
+    # The gain: a parser copies what it is fed twice (into its buffer, out into bytes); a
+    # payload read into its own buffer is copied by the socket only, and framed pushes never
+    # reach the parser at all.
+    data = b"".join(STREAM)
+    for sizes in ([262144], [65536], [1000]):
+        reader = DirectReads(b"message")
+        fed = _counting(reader)
+        replies = _read(reader, data, sizes)
+        direct = [r for r in replies if isinstance(r, list) and isinstance(r[-1], memoryview)]
+        assert [bytes(r[2]) for r in direct] == LARGE
+        assert direct[1][1] == b"chan"
+        parsed = [STREAM[0], STREAM[5], STREAM[6], STREAM[7], STREAM[10]]  # not "message"
+        # The parser is fed a slice at a time and gives back what follows each reply.
+        assert sum(fed) <= sum(map(len, parsed)) + len(parsed) * _SLICE, sizes
+    # A stream of message pushes, the traffic of a subscriber, never reaches the parser.
+    pushes = [s for s in STREAM if s.startswith(b"*3\r\n$7\r\nmessage")]
+    for sizes in ([262144], [65536], [1000], [1]):
+        reader = DirectReads(b"message")
+        fed = _counting(reader)
+        replies = _read(reader, b"".join(pushes), sizes)
+        assert len(replies) == len(pushes) and not fed, sizes
+
+
+def test_a_large_payload_is_read_into_its_own_buffer() -> None:
+    reader = DirectReads(b"message")
+    data = _push(b"message", b"c", BIG)
+    header = len(data) - len(BIG) - 2
+    reader.feed(data[: header + 10])
+    target = reader.read_into()
+    assert target is not None and len(target) == len(BIG) + 2 - 10
+    target[:] = data[header + 10 :]
+    reader.filled(len(target))
+    assert reader.read_into() is None
+    reply = reader.gets()
+    assert reply[:2] == [b"message", b"c"] and reply[2] == BIG
+    assert reader.gets() is NEED_DATA
+
+
+def test_a_payload_without_its_crlf_is_refused() -> None:
+    for payload in (BIG, b"small"):
+        data = _push(b"message", b"c", payload)[:-2] + b"XX"
+        with pytest.raises(ProtocolError):
+            _read(DirectReads(b"message"), data, [len(data)])
+
+
+def test_a_payload_over_the_direct_bound_goes_through_the_parser() -> None:
+    reader = DirectReads(b"message", direct_max=len(BIG) - 1)
+    fed = _counting(reader)
+    data = _push(b"message", b"c", BIG)
+    assert _plain(_read(reader, data, [len(data)])) == [[b"message", b"c", BIG]]
+    assert sum(fed) == len(data)
+
+
+def test_the_parser_keeps_its_bound_on_a_reply_size() -> None:
+    data = _push(b"message", b"c", BIG)
+    reader = DirectReads(b"message", direct_max=1000, max_reply_size=10_000)
+    with pytest.raises(ProtocolError):
+        _read(reader, data, [len(data)])
+
+
+def test_sharded_messages_use_their_own_kind() -> None:
+    data = _push(b"smessage", b"c", BIG) + _push(b"message", b"c", BIG)
+    (sharded, plain) = _read(DirectReads(b"smessage"), data, [len(data)])
+    assert sharded[0] == b"smessage" and isinstance(sharded[2], memoryview)
+    assert plain[0] == b"message" and isinstance(plain[2], bytes)
