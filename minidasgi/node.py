@@ -55,6 +55,7 @@ from .resp import ReplyError, RespError, topology
 from .resp.client import Client
 from .resp.connection import Connection, make_params
 from .resp.sentinel import SentinelSpec
+from .slots import Slots
 
 __all__ = ["DEFAULT_CONCURRENCY", "Node"]
 
@@ -384,7 +385,7 @@ class Node:
         """Pop each group of keys on its own connection, all groups sharing the Node's
         concurrency slots, until ``stop()``."""
         assert self._stopping is not None
-        slots = asyncio.Semaphore(self.concurrency)
+        slots = Slots(self.concurrency)
         loop = asyncio.get_running_loop()
         groups = [
             loop.create_task(self._pop_group(index, keys, popper, slots, alone=len(poppers) == 1))
@@ -407,7 +408,7 @@ class Node:
         index: int,
         keys: list[str],
         popper: Client,
-        slots: asyncio.Semaphore,
+        slots: Slots,
         *,
         alone: bool,
     ) -> None:
@@ -431,15 +432,11 @@ class Node:
             task.add_done_callback(release)
 
         while not self._stopping.is_set():
-            if slots.locked():  # every slot busy: wait for one (or for stop())
-                await self._until_stopped(slots.acquire())
-                if self._stopping.is_set():
-                    break
-            else:
-                await slots.acquire()  # returns at once: no task, no loop turn
-            count = 1
-            if alone and self._pop_many:
-                count += await _take_free(slots, _MAX_BATCH - 1)
+            # Every slot free now, up to a batch, in one call: no task, no loop turn.
+            count = slots.take(_MAX_BATCH if alone and self._pop_many else 1)
+            if not count:  # every slot busy: wait for one (or for stop()), then look again
+                await self._until_stopped(slots.wait())
+                continue
             held, started = count, 0
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
@@ -473,8 +470,7 @@ class Node:
                     logger.warning("cannot pop requests: %s", exc)
                     await asyncio.sleep(0.05)
             finally:
-                for _ in range(held - started):
-                    slots.release()
+                slots.release(held - started)
             if started == 1:
                 # The queue was short, and the next pop will likely wait anyway: first let the
                 # job run to its first wait (one turn) and what it posted leave (the outbox's
@@ -489,7 +485,7 @@ class Node:
         connection: Any,
         keys: list[str],
         count: int,
-        slots: asyncio.Semaphore,
+        slots: Slots,
         start: Callable[[bytes, bytes], None],
         *,
         alone: bool,
@@ -525,7 +521,7 @@ class Node:
         # Under load more requests wait behind this one: take up to one per free slot in a
         # single round trip (RPOP with a count) rather than a BRPOP each.
         if self._batch_pops:
-            count += await _take_free(slots, _MAX_BATCH - count)
+            count += slots.take(_MAX_BATCH - count)
         if count == 1:
             return count, 1
         more: list[bytes] = []
@@ -1261,15 +1257,6 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
             local[name] = tuple(value)
     local["state"] = dict(state)
     return local
-
-
-async def _take_free(slots: asyncio.Semaphore, most: int) -> int:
-    """Take up to ``most`` of the slots free now, without waiting; return how many."""
-    taken = 0
-    while taken < most and not slots.locked():
-        await slots.acquire()  # returns at once: a slot is free
-        taken += 1
-    return taken
 
 
 def _unavailable(error: ReplyError) -> bool:
