@@ -48,6 +48,7 @@ from typing import Any
 from . import codec, confirmation, eventloop, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
+from .inbox import SharedInbox
 from .lifespan import Lifespan
 from .liveness import PeerTracker, check_settings
 from .outbox import Outbox
@@ -809,8 +810,8 @@ class _Job:
         self.version = envelope.version  # the distributor's format, which every reply uses
         self.scope = _local_scope(envelope.scope, node.lifespan.state)
         self.kind = self.scope["type"]
-        # A Queue, not an Inbox: an app may call receive() from more than one task.
-        self.inbox: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
+        # Shared: an app may call receive() from more than one task.
+        self.inbox: SharedInbox[tuple[Message, bool]] = SharedInbox(node.loop)
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
         self.window = wire.SendWindow(envelope.window)
