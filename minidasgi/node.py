@@ -422,15 +422,16 @@ class Node:
         loop = asyncio.get_running_loop()
         popped_on = None
 
-        def release(_: object) -> None:
+        def ended(task: asyncio.Task[None]) -> None:
+            # One callback for both: each done callback is a loop callback of its own.
+            self._requests.discard(task)
             slots.release()
 
         def start(key: bytes, data: bytes) -> None:
             early = self.recovery.popped(key)  # counted in pop order, whatever the request
             task = loop.create_task(self._run_request(key, data, early))
             self._requests.add(task)  # at once: a stop must wait for it too
-            task.add_done_callback(self._requests.discard)
-            task.add_done_callback(release)
+            task.add_done_callback(ended)
 
         while not self._stopping.is_set():
             # Every slot free now, up to a batch, in one call: no task, no loop turn.
