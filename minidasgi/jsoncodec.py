@@ -434,6 +434,8 @@ def _lengths_format(count: int) -> struct.Struct:
     """The layout of a table of ``count`` lengths (made once for the usual counts: building the
     format string and looking it up in ``struct``'s cache cost more than the unpacking)."""
     return _LENGTHS_FORMATS[count] if count < 64 else struct.Struct(f">{count}I")
+
+
 _local = threading.local()
 _SCALARS: Final = frozenset([str, int, float, bool, type(None)])
 

@@ -205,6 +205,7 @@ class Node:
         self._started_at = stats.process_started()
         self._parser = parser
         self._jobs: dict[str, _Job] = {}
+        self._held_starts: list[_Job] = []  # jobs holding a response start this loop turn
         self._stopping: asyncio.Event | None = None
         self._force = False
         self._publisher: topology.CommandClient | None = None
@@ -659,6 +660,22 @@ class Node:
         message = wire.pack(wire.GONE, request_id, reason[:100], version=version)
         self.outbox.post(channel, message)
 
+    def hold_start(self, job: _Job) -> None:
+        """``job`` holds its response start for this loop turn: it is flushed after the turn
+        with every other start held in it, by one loop callback rather than one per request."""
+        held = self._held_starts
+        held.append(job)
+        if len(held) == 1:
+            assert self.loop is not None
+            self.loop.call_soon(self._flush_starts)
+
+    def _flush_starts(self) -> None:
+        # A start held in this turn before this callback goes now, a turn early at worst: its
+        # send re-checks, so a body that takes it along meanwhile still does.
+        held, self._held_starts = self._held_starts, []
+        for job in held:
+            job._flush_start()
+
     def spawn(self, coroutine: Any) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""
         task = asyncio.ensure_future(coroutine)
@@ -1086,9 +1103,7 @@ class _Job:
             # an app that works before its first body must not keep the client from its
             # headers (EventSource.onopen, long polls, progress indicators).
             self.held_start = dict(message)
-            loop = self.node.loop
-            assert loop is not None
-            loop.call_soon(self._flush_start)
+            self.node.hold_start(self)
             return
         if kind == "http.response.body":
             if not self.response_started:
