@@ -66,6 +66,7 @@ DEFAULT_CONCURRENCY = 100
 """Requests one Node runs at once unless told otherwise."""
 
 _MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots free
+_LISTS = frozenset([list])  # what a decoded pair is
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
 
 
@@ -826,7 +827,7 @@ class _Job:
         self.id = envelope.id
         self.reply = envelope.reply
         self.version = envelope.version  # the distributor's format, which every reply uses
-        self.scope = _local_scope(envelope.scope, node.lifespan.state)
+        self.scope = _local_scope(envelope.scope, node.lifespan.state)  # the envelope's own
         self.kind = self.scope["type"]
         # Shared: an app may call receive() from more than one task.
         self.inbox: SharedInbox[tuple[Message, bool]] = SharedInbox(node.loop)
@@ -846,7 +847,7 @@ class _Job:
             # and seldom bulky, must not hold the room for large pieces (CreditPool.window).
             pool = node.credit_pool
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
-        self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
+        self.pieces: wire.Reassembler | None = None  # a WebSocket's, made at its first message
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
         # Response body chunks smaller than a piece, joined into one piece (at most ``piece``
@@ -1069,8 +1070,11 @@ class _Job:
                 return event
             if kind != "websocket.receive":
                 return event
+            pieces = self.pieces
+            if pieces is None:
+                pieces = self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
             try:
-                whole = self.pieces.add(dict(event))
+                whole = pieces.add(dict(event))
             except wire.WireError as exc:
                 logger.warning("request %s: refused a WebSocket message: %s", self.id, exc)
                 await self.send({"type": "websocket.close", "code": 1009})
@@ -1256,8 +1260,10 @@ class _Job:
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-    """The scope as the app expects it: tuples where ASGI servers give tuples, own state."""
-    local = dict(scope)
+    """The scope as the app expects it: tuples where ASGI servers give tuples, own state.
+
+    Made in place: ``scope`` is an envelope's, decoded for this request alone."""
+    local = scope
     extensions = local.get("extensions")
     if isinstance(extensions, dict):
         # Only what travels (a distributor filters too): the app must never be offered an
@@ -1266,12 +1272,17 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
             name: value for name, value in extensions.items() if name in wire.RELAYED_EXTENSIONS
         }
     headers = local.get("headers")
-    if isinstance(headers, list):
-        local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
-    for name in ("client", "server"):
-        value = local.get(name)
-        if isinstance(value, list):
-            local[name] = tuple(value)
+    if type(headers) is list:
+        if _LISTS.issuperset(map(type, headers)):  # as decoded: no Python call per header
+            local["headers"] = list(map(tuple, headers))
+        else:
+            local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
+    client = local.get("client")
+    if type(client) is list:
+        local["client"] = tuple(client)
+    server = local.get("server")
+    if type(server) is list:
+        local["server"] = tuple(server)
     local["state"] = dict(state)
     return local
 
