@@ -51,6 +51,7 @@ from .codec import CodecError, UnsupportedVersion
 from .inbox import SharedInbox
 from .lifespan import Lifespan
 from .liveness import PeerTracker, check_settings
+from .mutex import Mutex
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.client import Client
@@ -869,7 +870,7 @@ class _Job:
         self.why = ""  # why the job ended early, for the GONE message
         self.disconnect: Message | None = None  # returned by every receive() once known
         # The pieces of one message must not interleave with another task's message.
-        self._sending = asyncio.Lock()
+        self._sending = Mutex()
         self.app_started = 0.0  # monotonic time the app was called, for metrics
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
@@ -1085,7 +1086,14 @@ class _Job:
 
     async def send(self, message: Message) -> None:
         """The app's ``send``."""
-        async with self._sending:
+        sending = self._sending
+        if sending.try_acquire():  # the usual case: no other task is sending
+            try:
+                await self._send(message)
+            finally:
+                sending.release()
+            return
+        async with sending:
             await self._send(message)
 
     async def _send(self, message: Message) -> None:
