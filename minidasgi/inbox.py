@@ -1,22 +1,26 @@
-"""An inbox: what one request receives, in order, for the one task that consumes it.
+"""An inbox: what one request receives, in order, for the task (or tasks) that consume it.
 
 Owns a deque and at most one waiter future: the cheapest way to hand items from callbacks (the
-subscriber's dispatch, timers) to a single consuming task. An ``asyncio.Queue`` does the same
-with a lock-free but general machinery (getters and putters deques, an unfinished-task count,
-an Event for ``join``) that a request, created and dropped a thousand times a second, pays for
-and never uses.
+subscriber's dispatch, timers) to a single consuming task; ``SharedInbox`` the same for
+consumers that may be several at once (an ASGI app may call ``receive()`` from more than one
+task), with a waiter future per consumer waiting, made only when it waits. An
+``asyncio.Queue`` does the same with a lock-free but general machinery (getters and putters
+deques, an unfinished-task count, an Event for ``join``) that a request, created and dropped
+a thousand times a second, pays for and never uses.
 
-It must only ever have one consumer at a time (a request's relay or its app's ``receive``); a
-cancelled ``get`` loses nothing: items stay until taken.
+An ``Inbox`` must only ever have one consumer at a time (a request's relay); a cancelled ``get``
+loses nothing: items stay until taken, and a ``SharedInbox`` consumer cancelled after it was
+woken passes the wake-up on to the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import Generic, TypeVar
 
-__all__ = ["Inbox"]
+__all__ = ["Inbox", "SharedInbox"]
 
 T = TypeVar("T")
 
@@ -62,4 +66,65 @@ class Inbox(Generic[T]):
                 await waiter
             finally:
                 self._waiter = None
+        return self._items.popleft()
+
+
+class SharedInbox(Generic[T]):
+    """A FIFO that several tasks may consume at once: each item goes to one of them, the
+    longest waiting first (as ``asyncio.Queue.get``, without its unused machinery)."""
+
+    __slots__ = ("_items", "_loop", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._items: deque[T] = deque()
+        self._waiters: deque[asyncio.Future[None]] | None = None  # made at the first wait
+        self._loop = loop  # as Inbox's: no getpid() per wait on Python 3.11
+
+    def put_nowait(self, item: T) -> None:
+        """Add ``item`` and wake the consumer waiting longest, if any."""
+        self._items.append(item)
+        if self._waiters:
+            self._wake_next()
+
+    def _wake_next(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def empty(self) -> bool:
+        """True when nothing waits to be taken."""
+        return not self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get_nowait(self) -> T:
+        """The oldest item; ``IndexError`` when empty."""
+        return self._items.popleft()
+
+    async def get(self) -> T:
+        """The oldest item, waiting for one."""
+        while not self._items:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = deque()
+            waiter = loop.create_future()
+            waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.cancelled():
+                    # Cancelled while waiting: still queued (a wake-up pops it), drop it.
+                    with contextlib.suppress(ValueError):
+                        waiters.remove(waiter)
+                elif self._items:
+                    # Woken for an item, then cancelled: another consumer must get it.
+                    self._wake_next()
+                raise
         return self._items.popleft()

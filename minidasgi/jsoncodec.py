@@ -64,7 +64,6 @@ import json.scanner
 import struct
 import threading
 from collections.abc import Callable
-from itertools import accumulate
 from typing import Any, Final
 
 from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, CodecError, Gathered
@@ -226,12 +225,14 @@ def decode(
         raise CodecError("message truncated: head or length table runs past its end")
     if count > max_items:
         raise CodecError(f"message holds {count} bytes values, over the limit of {max_items}")
-    lengths = struct.unpack_from(f">{count}I", data, head_end)
+    lengths = _lengths_format(count).unpack_from(data, head_end)
     if sum(lengths) != size - tail_start:
         raise CodecError(
             f"bytes values add up to {sum(lengths)} bytes but the tail holds {size - tail_start}"
         )
-    head = bytes(data[_PREFIX.size : head_end])
+    head = data[_PREFIX.size : head_end]
+    if type(head) is not bytes:
+        head = bytes(head)
     session = _session()
     scan = session.scan
     if len(head) < max_items:
@@ -250,8 +251,9 @@ def decode(
     except UnicodeDecodeError:
         raise CodecError("head is not valid UTF-8") from None
     session.data = data
-    session.offsets = list(accumulate(lengths, initial=tail_start)) if count else [tail_start]
+    session.lengths = lengths
     session.index = 0
+    session.position = tail_start  # where the next bytes value starts
     try:
         value, end = scan(text, 0)
     except CodecError:
@@ -267,7 +269,7 @@ def decode(
     finally:
         used = session.index
         session.data = b""
-        session.offsets = []
+        session.lengths = ()
     if end != len(text):
         raise CodecError(f"{len(text) - end} characters after the value in the head")
     if used != count:
@@ -385,8 +387,9 @@ class _Session:
     def __init__(self) -> None:
         self.blobs: list[bytes | memoryview | Gathered] = _NO_BLOBS
         self.data: bytes | memoryview = b""
-        self.offsets: list[int] = []
-        self.index = 0
+        self.lengths: tuple[int, ...] = ()  # of the bytes values of the message decoded
+        self.index = 0  # of the next bytes value
+        self.position = 0  # where it starts in ``data``
         self.memo: dict[str, str] = {}  # used by the pure-Python scanner only
         self.parse_float = self._number
         self.parse_int: Callable[[str], int] = int  # parsed in C, no call per int
@@ -418,11 +421,14 @@ class _Session:
         """Called by the scanner for each number with a fraction or exponent."""
         if text == _MARKER:
             index = self.index
-            offsets = self.offsets
-            if index + 1 >= len(offsets):
+            lengths = self.lengths
+            if index >= len(lengths):
                 raise CodecError("more bytes markers in the head than bytes values in the tail")
             self.index = index + 1
-            return bytes(self.data[offsets[index] : offsets[index + 1]])
+            start = self.position
+            end = self.position = start + lengths[index]
+            value = self.data[start:end]
+            return value if type(value) is bytes else bytes(value)
         if len(text) > _MAX_NUMBER_TEXT:
             raise CodecError(f"number literal of {len(text)} characters")
         return float(text)
@@ -435,6 +441,15 @@ class _Session:
 
 
 _NO_BLOBS: Final[list[bytes | memoryview | Gathered]] = []
+_LENGTHS_FORMATS: Final = [struct.Struct(f">{n}I") for n in range(64)]
+
+
+def _lengths_format(count: int) -> struct.Struct:
+    """The layout of a table of ``count`` lengths (made once for the usual counts: building the
+    format string and looking it up in ``struct``'s cache cost more than the unpacking)."""
+    return _LENGTHS_FORMATS[count] if count < 64 else struct.Struct(f">{count}I")
+
+
 _local = threading.local()
 _SCALARS: Final = frozenset([str, int, float, bool, type(None)])
 

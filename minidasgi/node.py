@@ -50,13 +50,16 @@ from typing import Any
 from . import codec, confirmation, eventloop, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
+from .inbox import SharedInbox
 from .lifespan import Lifespan
 from .liveness import PeerTracker, check_settings
+from .mutex import Mutex
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.client import Client
 from .resp.connection import Connection, make_params
 from .resp.sentinel import SentinelSpec
+from .slots import Slots
 
 __all__ = ["DEFAULT_CONCURRENCY", "Node"]
 
@@ -66,6 +69,7 @@ DEFAULT_CONCURRENCY = 100
 """Requests one Node runs at once unless told otherwise."""
 
 _MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots free
+_LISTS = frozenset([list])  # what a decoded pair is
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
 
 
@@ -205,6 +209,7 @@ class Node:
         self._started_at = stats.process_started()
         self._parser = parser
         self._jobs: dict[str, _Job] = {}
+        self._held_starts: list[_Job] = []  # jobs holding a response start this loop turn
         self._stopping: asyncio.Event | None = None
         self._force = False
         self._publisher: topology.CommandClient | None = None
@@ -387,7 +392,7 @@ class Node:
         """Pop each group of keys on its own connection, all groups sharing the Node's
         concurrency slots, until ``stop()``."""
         assert self._stopping is not None
-        slots = asyncio.Semaphore(self.concurrency)
+        slots = Slots(self.concurrency)
         loop = asyncio.get_running_loop()
         groups = [
             loop.create_task(self._pop_group(index, keys, popper, slots, alone=len(poppers) == 1))
@@ -410,7 +415,7 @@ class Node:
         index: int,
         keys: list[str],
         popper: Client,
-        slots: asyncio.Semaphore,
+        slots: Slots,
         *,
         alone: bool,
     ) -> None:
@@ -423,26 +428,23 @@ class Node:
         loop = asyncio.get_running_loop()
         popped_on = None
 
-        def release(_: object) -> None:
+        def ended(task: asyncio.Task[None]) -> None:
+            # One callback for both: each done callback is a loop callback of its own.
+            self._requests.discard(task)
             slots.release()
 
         def start(key: bytes, data: bytes) -> None:
             early = self.recovery.popped(key)  # counted in pop order, whatever the request
             task = loop.create_task(self._run_request(key, data, early))
             self._requests.add(task)  # at once: a stop must wait for it too
-            task.add_done_callback(self._requests.discard)
-            task.add_done_callback(release)
+            task.add_done_callback(ended)
 
         while not self._stopping.is_set():
-            if slots.locked():  # every slot busy: wait for one (or for stop())
-                await self._until_stopped(slots.acquire())
-                if self._stopping.is_set():
-                    break
-            else:
-                await slots.acquire()  # returns at once: no task, no loop turn
-            count = 1
-            if alone and self._pop_many:
-                count += await _take_free(slots, _MAX_BATCH - 1)
+            # Every slot free now, up to a batch, in one call: no task, no loop turn.
+            count = slots.take(_MAX_BATCH if alone and self._pop_many else 1)
+            if not count:  # every slot busy: wait for one (or for stop()), then look again
+                await self._until_stopped(slots.wait())
+                continue
             held, started = count, 0
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
@@ -476,8 +478,7 @@ class Node:
                     logger.warning("cannot pop requests: %s", exc)
                     await asyncio.sleep(0.05)
             finally:
-                for _ in range(held - started):
-                    slots.release()
+                slots.release(held - started)
             if started == 1:
                 # The queue was short, and the next pop will likely wait anyway: first let the
                 # job run to its first wait (one turn) and what it posted leave (the outbox's
@@ -492,7 +493,7 @@ class Node:
         connection: Any,
         keys: list[str],
         count: int,
-        slots: asyncio.Semaphore,
+        slots: Slots,
         start: Callable[[bytes, bytes], None],
         *,
         alone: bool,
@@ -528,7 +529,7 @@ class Node:
         # Under load more requests wait behind this one: take up to one per free slot in a
         # single round trip (RPOP with a count) rather than a BRPOP each.
         if self._batch_pops:
-            count += await _take_free(slots, _MAX_BATCH - count)
+            count += slots.take(_MAX_BATCH - count)
         if count == 1:
             return count, 1
         more: list[bytes] = []
@@ -663,6 +664,23 @@ class Node:
         """Best effort: if this is lost too, the distributor's next PING finds it."""
         message = wire.pack(wire.GONE, request_id, reason[:100], version=version)
         self.outbox.post(channel, message)
+
+    def hold_start(self, job: _Job) -> None:
+        """``job`` holds its ACK or its response start for this loop turn: they are flushed
+        after the turn (``_Job._turn_ended``) with every other one held in it, by one loop
+        callback rather than one per request."""
+        held = self._held_starts
+        held.append(job)
+        if len(held) == 1:
+            assert self.loop is not None
+            self.loop.call_soon(self._flush_starts)
+
+    def _flush_starts(self) -> None:
+        # A start held in this turn before this callback goes now, a turn early at worst: its
+        # send re-checks, so a body that takes it along meanwhile still does.
+        held, self._held_starts = self._held_starts, []
+        for job in held:
+            job._turn_ended()
 
     def spawn(self, coroutine: Any) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""
@@ -814,10 +832,10 @@ class _Job:
         self.id = envelope.id
         self.reply = envelope.reply
         self.version = envelope.version  # the distributor's format, which every reply uses
-        self.scope = _local_scope(envelope.scope, node.lifespan.state)
+        self.scope = _local_scope(envelope.scope, node.lifespan.state)  # the envelope's own
         self.kind = self.scope["type"]
-        # A Queue, not an Inbox: an app may call receive() from more than one task.
-        self.inbox: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
+        # Shared: an app may call receive() from more than one task.
+        self.inbox: SharedInbox[tuple[Message, bool]] = SharedInbox(node.loop)
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
         self.piece = envelope.piece  # the largest body piece the distributor reads
@@ -839,7 +857,7 @@ class _Job:
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
             if unit:
                 self.received.count_units(wire.CREDIT_UNIT)
-        self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
+        self.pieces: wire.Reassembler | None = None  # a WebSocket's, made at its first message
         self.task: asyncio.Task[None] | None = None
         self.held_start: Message | None = None
         # Response body chunks smaller than a piece, joined into one piece (at most ``piece``
@@ -861,7 +879,7 @@ class _Job:
         self.why = ""  # why the job ended early, for the GONE message
         self.disconnect: Message | None = None  # returned by every receive() once known
         # The pieces of one message must not interleave with another task's message.
-        self._sending = asyncio.Lock()
+        self._sending = Mutex()
         self.app_started = 0.0  # monotonic time the app was called, for metrics
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
@@ -903,9 +921,7 @@ class _Job:
             # (one message to encode, decode and dispatch instead of two); else it leaves
             # alone at the end of the turn, before anything else this job posts (``_post``).
             self._unsent_ack = ack
-            loop = node.loop
-            assert loop is not None
-            loop.call_soon(self._ack_alone)
+            node.hold_start(self)  # the end of the turn: _turn_ended
         else:
             self._post_ack(ack, hold=hold)
         self.acked = True
@@ -943,7 +959,7 @@ class _Job:
         """Post the ACK if it still waits: no SEND took it along in the loop turn the app
         started in. Held, as it is when it never waited, for a SEND that may yet join it.
         A start the app sent meanwhile is then sent too unless a body takes it along (its
-        own end-of-turn check, ``_flush_start``, is not scheduled while the ACK waits)."""
+        own end-of-turn check: ``_turn_ended`` does one or the other)."""
         ack = self._unsent_ack
         if ack is not None:
             self._unsent_ack = None
@@ -1118,8 +1134,11 @@ class _Job:
                 return event
             if kind != "websocket.receive":
                 return event
+            pieces = self.pieces
+            if pieces is None:
+                pieces = self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
             try:
-                whole = self.pieces.add(dict(event))
+                whole = pieces.add(dict(event))
             except wire.WireError as exc:
                 logger.warning("request %s: refused a WebSocket message: %s", self.id, exc)
                 await self.send({"type": "websocket.close", "code": 1009})
@@ -1130,7 +1149,14 @@ class _Job:
 
     async def send(self, message: Message) -> None:
         """The app's ``send``."""
-        async with self._sending:
+        sending = self._sending
+        if sending.try_acquire():  # the usual case: no other task is sending
+            try:
+                await self._send(message)
+            finally:
+                sending.release()
+            return
+        async with sending:
             await self._send(message)
 
     async def _send(self, message: Message) -> None:
@@ -1152,11 +1178,8 @@ class _Job:
             # an app that works before its first body must not keep the client from its
             # headers (EventSource.onopen, long polls, progress indicators).
             self.held_start = dict(message)
-            if self._unsent_ack is not None:
-                return  # _ack_alone, due at the end of this turn, sees to it too
-            loop = self.node.loop
-            assert loop is not None
-            loop.call_soon(self._flush_start)
+            if self._unsent_ack is None:  # else the job is held for this turn already
+                self.node.hold_start(self)
             return
         if kind == "http.response.body":
             if not self.response_started:
@@ -1218,6 +1241,13 @@ class _Job:
                 raise RuntimeError("http.response.early_hint sent after http.response.start")
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r} for this {self.kind} scope")
+
+    def _turn_ended(self) -> None:
+        """The end of the loop turn this job held its ACK or its start in (``hold_start``)."""
+        if self._unsent_ack is not None:
+            self._ack_alone()  # and the start with it, unless a body took it along
+        else:
+            self._flush_start()
 
     def _flush_start(self) -> None:
         """A loop turn after the start: send it now if no body took it along."""
@@ -1323,8 +1353,10 @@ class _Job:
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-    """The scope as the app expects it: tuples where ASGI servers give tuples, own state."""
-    local = dict(scope)
+    """The scope as the app expects it: tuples where ASGI servers give tuples, own state.
+
+    Made in place: ``scope`` is an envelope's, decoded for this request alone."""
+    local = scope
     extensions = local.get("extensions")
     if isinstance(extensions, dict):
         # Only what travels (a distributor filters too): the app must never be offered an
@@ -1333,23 +1365,19 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
             name: value for name, value in extensions.items() if name in wire.RELAYED_EXTENSIONS
         }
     headers = local.get("headers")
-    if isinstance(headers, list):
-        local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
-    for name in ("client", "server"):
-        value = local.get(name)
-        if isinstance(value, list):
-            local[name] = tuple(value)
+    if type(headers) is list:
+        if _LISTS.issuperset(map(type, headers)):  # as decoded: no Python call per header
+            local["headers"] = list(map(tuple, headers))
+        else:
+            local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
+    client = local.get("client")
+    if type(client) is list:
+        local["client"] = tuple(client)
+    server = local.get("server")
+    if type(server) is list:
+        local["server"] = tuple(server)
     local["state"] = dict(state)
     return local
-
-
-async def _take_free(slots: asyncio.Semaphore, most: int) -> int:
-    """Take up to ``most`` of the slots free now, without waiting; return how many."""
-    taken = 0
-    while taken < most and not slots.locked():
-        await slots.acquire()  # returns at once: a slot is free
-        taken += 1
-    return taken
 
 
 def _unavailable(error: ReplyError) -> bool:

@@ -91,13 +91,13 @@ the SEND as two messages, and a Node of an earlier version ignores the field.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import isfinite
 from typing import Any, Final
 
 from . import codec
@@ -400,6 +400,7 @@ def peek_envelope(data: bytes) -> tuple[str, str] | None:
 
 _COPIED_BODY: Final = 16 * 1024
 _DICTS: Final = frozenset([dict])  # what a decoded dict is (the codecs build plain dicts)
+_NUMBERS: Final = frozenset([int, float])  # what a decoded number is (a bool is not one)
 
 
 def _preamble(data: bytes) -> tuple[str, str, int]:
@@ -523,35 +524,38 @@ class Envelope:
             window = value["window"]
         except KeyError as exc:
             raise WireError(f"envelope without {exc.args[0]!r}") from None
-        if not (isinstance(request_id, str) and 0 < len(request_id) <= 64):
+        # Exact types (``type(x) in``, not isinstance): the codecs build plain values, and a
+        # bool, an int subclass, is refused where a number is expected.
+        if not (type(request_id) is str and 0 < len(request_id) <= 64):
             raise WireError("envelope id is not a short string")
-        if not (isinstance(reply, str) and 0 < len(reply) <= 256):
+        if not (type(reply) is str and 0 < len(reply) <= 256):
             raise WireError("envelope reply channel is not a short string")
-        if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+        if type(deadline) not in _NUMBERS:
             raise WireError("envelope deadline is not a number")
-        if not math.isfinite(deadline):
+        if not isfinite(deadline):
             raise WireError("envelope deadline is not finite")
-        if not (isinstance(scope, dict) and scope.get("type") in ("http", "websocket")):
+        if not (type(scope) is dict and scope.get("type") in ("http", "websocket")):
             raise WireError("envelope scope is not an http or websocket scope")
         if not (type(events) is list and _DICTS.issuperset(map(type, events))):
             raise WireError("envelope events are not a list of dicts")
         if not (type(window) is int and 1 <= window <= 1024):
             raise WireError("envelope window out of range")
-        piece = value.get("piece", CHUNK_SIZE)  # absent from envelopes of earlier releases
+        get = value.get
+        piece = get("piece", CHUNK_SIZE)  # absent from envelopes of earlier releases
         if type(piece) is not int:
             raise WireError("envelope piece size is not an int")
-        liveness = value.get("liveness", 0.0)
-        if not isinstance(liveness, (int, float)) or isinstance(liveness, bool):
+        liveness = get("liveness", 0.0)
+        if type(liveness) not in _NUMBERS:
             raise WireError("envelope liveness is not a number")
-        if not (math.isfinite(liveness) and liveness >= 0):
+        if not (isfinite(liveness) and liveness >= 0):
             raise WireError("envelope liveness out of range")
-        queued = value.get("queued", 0.0)  # absent from envelopes of older distributors
-        if not isinstance(queued, (int, float)) or isinstance(queued, bool):
+        queued = get("queued", 0.0)  # absent from envelopes of older distributors
+        if type(queued) not in _NUMBERS:
             raise WireError("envelope queued time is not a number")
-        if not math.isfinite(queued):
+        if not isfinite(queued):
             raise WireError("envelope queued time is not finite")
-        confirms = value.get("confirms", False)  # absent from envelopes of older distributors
-        if not isinstance(confirms, bool):
+        confirms = get("confirms", False)  # absent from envelopes of older distributors
+        if type(confirms) is not bool:
             raise WireError("envelope confirms is not a boolean")
         unit = value.get("unit", 0)  # likewise
         if type(unit) is not int:
@@ -566,7 +570,7 @@ class Envelope:
             scope,
             events,
             window,
-            piece=piece_size(piece),
+            piece=piece if piece == CHUNK_SIZE else piece_size(piece),
             liveness=float(liveness),
             queued=float(queued),
             confirms=confirms,

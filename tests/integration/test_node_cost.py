@@ -1,0 +1,120 @@
+"""What a Node spends per request, counted structurally (no timings): asyncio objects made
+and loop callbacks scheduled while it serves a batch of hello-world requests popped at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from minidasgi import Node, wire
+from minidasgi.resp import Subscriber, connect
+from minidasgi.testing import RedisServer
+
+from .stack import poll, run_node
+
+N = 32  # one pop's batch
+
+
+def _envelope(request_id: str, reply: str) -> bytes:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [[b"host", b"example"]],
+        "client": ["127.0.0.1", 1],
+        "server": ["127.0.0.1", 2],
+    }
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+    envelope = wire.Envelope(request_id, reply, time.time() + 30, scope, events, liveness=0)
+    return envelope.encode()
+
+
+async def _echo_body(scope: Any, receive: Any, send: Any) -> None:
+    """Reads its (whole) body as most apps do, then answers it."""
+    body = (await receive())["body"]
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"Hello World!" + body})
+
+
+async def _serve_counted(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> Counter[str]:
+    """N requests popped in one batch; what was made and scheduled meanwhile, per request."""
+    node = Node(url=redis_server.url, app=_echo_body, key="K", lifespan="off")
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    got: list[Any] = []
+
+    def on_message(_: bytes, data: bytes) -> None:
+        for message in wire.split_frame(data):
+            kind, _, args = wire.unpack(message)
+            if kind == wire.SEND:
+                got.extend(e for e in args[0] if e["type"] == "http.response.body")
+
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    counts: Counter[str] = Counter()
+    try:
+        async with run_node(node):
+            loop: Any = asyncio.get_running_loop()
+            if not hasattr(loop, "_run_once"):
+                pytest.skip("needs asyncio's own event loop")
+            for name in ("Queue", "Event", "Lock"):
+                made = getattr(asyncio, name)
+
+                class Counted(made):  # type: ignore[misc, valid-type]
+                    def __init__(self, *args: Any, _name: str = name, **kwargs: Any) -> None:
+                        counts[_name] += 1
+                        super().__init__(*args, **kwargs)
+
+                monkeypatch.setattr(asyncio, name, Counted)
+            call_soon = loop.call_soon
+
+            def counted_call_soon(*args: Any, **kwargs: Any) -> Any:
+                counts["call_soon"] += 1
+                return call_soon(*args, **kwargs)
+
+            monkeypatch.setattr(loop, "call_soon", counted_call_soon, raising=False)
+            envelopes = [_envelope(wire.new_request_id(), reply) for _ in range(N)]
+            await pusher.execute("LPUSH", "K", *envelopes)  # one pop takes them all
+            assert await poll(lambda: len(got) >= N, 10), got
+            monkeypatch.undo()
+    finally:
+        monkeypatch.undo()
+        await pusher.close()
+        await subscriber.close()
+    assert [e["body"] for e in got] == [b"Hello World!"] * N
+    return counts
+
+
+async def test_a_request_makes_no_asyncio_queue_nor_lock(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job's inbox is a deque with a waiter future made only when the app waits: an
+    # asyncio.Queue per request also made an Event, getters and putters it never used. Its
+    # sends are serialized by a Mutex, taken without a coroutine when nobody else sends.
+    counts = await _serve_counted(redis_server, monkeypatch)
+    assert counts["Queue"] == 0, counts
+    assert counts["Lock"] == 0, counts
+
+
+async def test_a_request_costs_fewer_than_five_loop_callbacks(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Per request: its task's first step, its wake-up by the PUBLISH's reply, the ack's check
+    # and the task's end (one done callback); a held response start is flushed by one
+    # callback per loop turn for all jobs. Before, a start cost a callback per request and the
+    # task's end two: 6.4 per request, counting the test's own subscriber and Redis I/O.
+    counts = await _serve_counted(redis_server, monkeypatch)
+    assert counts["call_soon"] < 5 * N, counts
