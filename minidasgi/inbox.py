@@ -25,24 +25,16 @@ __all__ = ["Inbox", "SharedInbox"]
 T = TypeVar("T")
 
 
-class Inbox(Generic[T]):
-    """A FIFO with one consumer: ``put_nowait`` from anywhere in the loop, ``await get()``."""
+class _Fifo(Generic[T]):
+    """What both inboxes share: the items, the owner's loop, and reading without waiting."""
 
-    __slots__ = ("_items", "_loop", "_waiter")
+    __slots__ = ("_items", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._items: deque[T] = deque()
-        self._waiter: asyncio.Future[None] | None = None
         # The owner's loop, if known: asking asyncio for the running loop costs a getpid()
         # system call on Python 3.11.
         self._loop = loop
-
-    def put_nowait(self, item: T) -> None:
-        """Add ``item`` and wake the consumer."""
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def empty(self) -> bool:
         """True when nothing waits to be taken."""
@@ -55,13 +47,33 @@ class Inbox(Generic[T]):
         """The oldest item; ``IndexError`` when empty."""
         return self._items.popleft()
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+
+class Inbox(_Fifo[T]):
+    """A FIFO with one consumer: ``put_nowait`` from anywhere in the loop, ``await get()``."""
+
+    __slots__ = ("_waiter",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(loop)
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: T) -> None:
+        """Add ``item`` and wake the consumer."""
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def get(self) -> T:
         """The oldest item, waiting for one."""
         while not self._items:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
+            waiter = self._waiter = self._running_loop().create_future()
             try:
                 await waiter
             finally:
@@ -69,16 +81,15 @@ class Inbox(Generic[T]):
         return self._items.popleft()
 
 
-class SharedInbox(Generic[T]):
+class SharedInbox(_Fifo[T]):
     """A FIFO that several tasks may consume at once: each item goes to one of them, the
     longest waiting first (as ``asyncio.Queue.get``, without its unused machinery)."""
 
-    __slots__ = ("_items", "_loop", "_waiters")
+    __slots__ = ("_waiters",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._items: deque[T] = deque()
+        super().__init__(loop)
         self._waiters: deque[asyncio.Future[None]] | None = None  # made at the first wait
-        self._loop = loop  # as Inbox's: no getpid() per wait on Python 3.11
 
     def put_nowait(self, item: T) -> None:
         """Add ``item`` and wake the consumer waiting longest, if any."""
@@ -94,27 +105,13 @@ class SharedInbox(Generic[T]):
                 waiter.set_result(None)
                 return
 
-    def empty(self) -> bool:
-        """True when nothing waits to be taken."""
-        return not self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get_nowait(self) -> T:
-        """The oldest item; ``IndexError`` when empty."""
-        return self._items.popleft()
-
     async def get(self) -> T:
         """The oldest item, waiting for one."""
         while not self._items:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
             waiters = self._waiters
             if waiters is None:
                 waiters = self._waiters = deque()
-            waiter = loop.create_future()
+            waiter = self._running_loop().create_future()
             waiters.append(waiter)
             try:
                 await waiter
