@@ -1074,6 +1074,10 @@ class _Exchange:
         """The LPUSH's reply: wake the exchange only if it refuses or failed the request, and
         only while that still matters (no ack, GONE, deadline or lost peer came first)."""
         if not self._pushing:
+            if not pushed.cancelled():
+                # Read, though it changes nothing now: a failed batch whose every request
+                # was acked first would else be logged as an exception never retrieved.
+                pushed.exception()
             return
         try:
             refusal = self.distributor.admission.verdict(key, index, pushed.result())

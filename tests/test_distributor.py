@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import gc
+import types
 from typing import Any
 
-from minidasgi.distributor import _portable_scope
+from minidasgi.batching import SharedFuture
+from minidasgi.distributor import _Exchange, _portable_scope
+from minidasgi.resp import RedisConnectionError
 
 
 def _uvicorn_scope() -> dict[str, Any]:
@@ -45,3 +51,23 @@ def test_extensions_and_other_keys_are_filtered() -> None:
     assert portable["extensions"] == {"http.response.trailers": {}}
     assert portable["custom"] == {"ok": [1, "two", b"3"]}
     assert "app" not in portable and "opaque" not in portable and "state" not in portable
+
+
+async def test_a_failed_push_that_no_longer_matters_is_not_reported_as_lost() -> None:
+    # The LPUSH's outcome goes to a callback (``_Exchange._pushed``), which ignores it once
+    # the request was acked: its failure must still count as read, or asyncio logs it as an
+    # exception never retrieved when the batch's future is freed.
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+    try:
+        pushed: SharedFuture[Any] = SharedFuture(loop=loop)
+        acked = types.SimpleNamespace(_pushing=False)  # an ack came first
+        pushed.add_done_callback(functools.partial(_Exchange._pushed, acked, "k", 0))
+        pushed.set_exception(RedisConnectionError("lost the connection"))
+        await asyncio.sleep(0)  # the callback runs
+        del pushed
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []

@@ -367,3 +367,31 @@ async def test_a_second_or_late_combined_message_gets_a_cancel_and_its_send_is_d
     assert (response.status_code, response.text) == (200, "first")
     assert _kinds(got[nodes[1]]) == [wire.CANCEL] and _kinds(got[nodes[2]]) == [wire.CANCEL]
     assert wire.CANCEL not in _kinds(got[nodes[0]]), got
+
+
+async def test_an_app_cancelled_in_its_first_turn_gets_its_ack_before_its_gone(
+    redis_server: RedisServer,
+) -> None:
+    """A job that ends in the loop turn its ACK waits in, with a GONE (its app cancelled, not
+    by the distributor): the ACK leaves first. A GONE before any ACK says the request never
+    ran, and its client would get the no-worker answer for a request that did run."""
+
+    async def cancelled(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raise asyncio.CancelledError  # e.g. its own task group torn down
+
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node = Node(url=redis_server.url, app=cancelled, key="K", lifespan="off")
+    got: list[Message] = []
+    async with (
+        serve_app(distributor) as base,
+        run_node(node),
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        subscriber = await _sniff(redis_server, distributor.channel, got)
+        try:
+            response = await client.get("/")
+        finally:
+            await subscriber.close()
+    assert _kinds(got) == [wire.ACK, wire.GONE], got
+    assert response.status_code == 502  # the worker dropped it: not the no-worker answer
