@@ -21,9 +21,10 @@ without an ack the distributor takes the envelope back (``LREM`` from the tail);
 removed it, no Node ever popped it. If it did not, a Node has it: the distributor waits another
 ``worker_timeout`` for the ack, then answers 504 (and a later ack gets a CANCEL). A GONE before
 the ack (the Node found the envelope expired) also means the app never ran. An envelope that
-could not be taken back because Redis was unreachable (its client answered all the same, 502)
-is taken back once Redis is reachable again (``take_back_later``), until a Node would drop it
-as expired anyway: a request answered so must not run afterwards.
+could not be taken back because Redis was unreachable (its client answered all the same, 502),
+or whose LPUSH failed without a reply (the link may have failed after Redis ran it; 503), is
+taken back once Redis is reachable again (``take_back_later``), until a Node would drop it as
+expired anyway: a request answered so must not run afterwards.
 
 A Node that pops a request in its recovery window (``confirmation``: after a Redis restart or
 a failover, the envelope may be a leftover whose client was answered, or that ran elsewhere)
@@ -903,6 +904,9 @@ class _Exchange:
         if type(item) is _Pushed:
             if item.error is not None:
                 self._unqueued(key, item.error)
+                # The link may have failed after Redis ran the LPUSH: the request may wait in
+                # the list, for a Node to run after this answer. Taken back once reachable.
+                d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
                 await self._refuse(503, "the request queue (Redis) is unreachable\n")
                 return
             refusal = item.refusal

@@ -287,6 +287,31 @@ async def test_a_second_ack_for_a_request_gets_a_cancel(redis_server: RedisServe
     assert [k for k, _, _ in got[second]] == [wire.CANCEL], got
 
 
+async def test_a_request_whose_lpush_reply_was_lost_is_taken_back_after_its_503(
+    redis_server: RedisServer,
+) -> None:
+    """Redis runs the LPUSH, but the distributor's link fails before the reply comes back:
+    its client gets 503 (the queue is unreachable) while the request waits in the list, for
+    any Node to run after that answer. The distributor takes it back once it reaches Redis
+    again, as it does an envelope whose LREM failed."""
+    with FaultProxy(redis_server.port) as proxy:
+        distributor = create_distributor(url=proxy.url(), key="K", worker_timeout=30)
+        async with (
+            serve_app(distributor) as base,
+            httpx.AsyncClient(base_url=base, timeout=20) as client,
+        ):
+            assert await poll(lambda: distributor.ready, 10)
+            proxy.stall(up=False, down=True)  # commands reach Redis, replies do not come back
+            answer = asyncio.ensure_future(_get(client, "lost-reply"))
+            assert await poll(lambda: _llen(redis_server, "K") == 1, 10)
+            proxy.reset()
+            outcome, _ = await asyncio.wait_for(answer, 20)
+            assert outcome == "503"
+            # No Node listens: only the take-back can empty the list (before: it stayed,
+            # for a Node started within the envelope's deadline to run).
+            assert await poll(lambda: _llen(redis_server, "K") == 0, 10)
+
+
 async def test_requests_answered_while_the_distributor_could_not_reach_redis_never_run(
     redis_server: RedisServer,
 ) -> None:
