@@ -100,7 +100,7 @@ from dataclasses import dataclass
 from math import isfinite
 from typing import Any, Final
 
-from . import codec
+from . import codec, envelopewriter
 from .resp.cluster import hash_tag
 
 __all__ = [
@@ -487,6 +487,12 @@ class Envelope:
             raise WireError("envelope id or reply channel too long")
         preamble = bytes([ENVELOPE_FRAME, len(request_id)]) + request_id
         preamble += bytes([len(reply)]) + reply
+        if self.version == codec.FAST:
+            # The usual envelope, without the general writer's passes over its text; the
+            # same bytes (``envelopewriter``), else the general path decides.
+            parts = envelopewriter.try_encode_parts(fields)
+            if parts is not None:
+                return b"".join([preamble, *parts])
         return preamble + codec.encode(fields, version=self.version)
 
     @classmethod
