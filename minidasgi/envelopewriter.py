@@ -32,11 +32,8 @@ _int_repr: Final = int.__repr__
 _INT_BOUND: Final = 10**18  # far below jsoncodec's 128 digits
 _MARK: Final = "\ue000"  # the general path's second-pass marker: it decides on values holding it
 
-# Keys written as they are: none ends in a digit nor is a word json writes for a coerced key,
-# so the general path would not decline them either.
-_FIELD_KEYS: Final = frozenset(
-    ["deadline", "window", "liveness", "queued", "piece", "confirms", "unit", "ack_send"]
-)
+# Keys are written as they are: none ends in a digit nor is a word json writes for a coerced
+# key, so the general path would not decline them either.
 _SCOPE_KEYS: Final = {
     name: f'"{name}":'
     for name in (
@@ -64,31 +61,61 @@ _BYTES: Final = frozenset([bytes])
 _TWO: Final = frozenset([2])
 
 
-def try_encode_parts(fields: dict[str, Any]) -> list[bytes] | None:
-    """The format-3 message of an envelope's ``fields`` as ``jsoncodec.try_encode_parts``
-    writes it (with its default bounds), or None when they are not of the usual shape."""
+def try_encode_parts(
+    deadline: Any,
+    scope: Any,
+    events: Any,
+    window: Any,
+    liveness: Any,
+    queued: Any,
+    piece: Any,
+    usual_piece: int,
+    confirms: bool = False,
+    unit: Any = 0,
+    ack_send: bool = False,
+) -> list[bytes] | None:
+    """The format-3 message of an envelope's fields as ``jsoncodec.try_encode_parts`` writes
+    the dict ``Envelope.fields`` builds of them (with the default bounds): keys in that order,
+    ``piece`` only when it differs from ``usual_piece``, ``confirms``, ``unit`` and
+    ``ack_send`` only when true. None when they are not of the usual shape."""
+    if type(scope) is not dict or type(events) is not list:
+        return None
     blobs: list[bytes] = []
-    chunks: list[str] = []
-    for key, value in fields.items():
-        kind = type(value)
-        if key == "scope":
-            text = _scope(value, blobs) if kind is dict else None
-        elif key == "events":
-            text = _events(value, blobs) if kind is list else None
-        elif key not in _FIELD_KEYS:
+    scope_text = _scope(scope, blobs)
+    if scope_text is None:
+        return None
+    events_text = _events(events, blobs)
+    deadline_text = _number(deadline)
+    window_text = _number(window)
+    liveness_text = _number(liveness)
+    queued_text = _number(queued)
+    if (
+        events_text is None
+        or deadline_text is None
+        or window_text is None
+        or liveness_text is None
+        or queued_text is None
+    ):
+        return None
+    head_text = (
+        f'{{"deadline":{deadline_text},"scope":{scope_text},"events":{events_text},'
+        f'"window":{window_text},"liveness":{liveness_text},"queued":{queued_text}'
+    )
+    if piece != usual_piece:
+        piece_text = _number(piece)
+        if piece_text is None:
             return None
-        elif kind is float:
-            text = _float_repr(value) if isfinite(value) else None
-        elif kind is bool:
-            text = "true" if value else "false"
-        elif kind is int:
-            text = _int_repr(value) if -_INT_BOUND < value < _INT_BOUND else None
-        else:
-            text = None
-        if text is None:
+        head_text += ',"piece":' + piece_text
+    if confirms:
+        head_text += ',"confirms":true'
+    if unit:
+        unit_text = _number(unit)
+        if unit_text is None:
             return None
-        chunks.append(f'"{key}":{text}')
-    head_text = "{" + ",".join(chunks) + "}"
+        head_text += ',"unit":' + unit_text
+    if ack_send:
+        head_text += ',"ack_send":true'
+    head_text += "}"
     if _MARK in head_text:
         return None
     head = head_text.encode("utf-8", "surrogatepass")
@@ -99,6 +126,16 @@ def try_encode_parts(fields: dict[str, Any]) -> list[bytes] | None:
     if count:
         first += struct.pack(f">{count}I", *map(len, blobs))
     return [first, *blobs]
+
+
+def _number(value: Any) -> str | None:
+    """A finite float or a small int (not a bool) as json writes it; None for anything else."""
+    kind = type(value)
+    if kind is float:
+        return _float_repr(value) if isfinite(value) else None
+    if kind is int and -_INT_BOUND < value < _INT_BOUND:
+        return _int_repr(value)
+    return None
 
 
 def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
