@@ -100,7 +100,7 @@ from dataclasses import dataclass
 from math import isfinite
 from typing import Any, Final
 
-from . import codec
+from . import codec, envelopewriter
 from .resp.cluster import hash_tag
 
 __all__ = [
@@ -462,6 +462,38 @@ class Envelope:
     def encode(self) -> bytes:
         """The bytes to LPUSH: a preamble and a body in ``version`` (the first release's
         format, ``codec.RELEASED``: a plain codec dict, as that release reads)."""
+        if self.version == codec.RELEASED:
+            return codec.encode(
+                {"id": self.id, "reply": self.reply, **self.fields()}, version=codec.RELEASED
+            )
+        request_id, reply = self.id.encode("ascii"), self.reply.encode("ascii")
+        if len(request_id) > 64 or len(reply) > 255:
+            raise WireError("envelope id or reply channel too long")
+        preamble = bytes([ENVELOPE_FRAME, len(request_id)]) + request_id
+        preamble += bytes([len(reply)]) + reply
+        if self.version == codec.FAST:
+            # The usual envelope, without the general writer's passes over its text: the
+            # same bytes (``envelopewriter``), else the general path decides.
+            parts = envelopewriter.try_encode_parts(
+                self.deadline,
+                self.scope,
+                self.events,
+                self.window,
+                self.liveness,
+                self.queued,
+                self.piece,
+                CHUNK_SIZE,
+                bool(self.confirms),
+                self.unit,
+                bool(self.ack_send),
+            )
+            if parts is not None:
+                return b"".join([preamble, *parts])
+        return preamble + codec.encode(self.fields(), version=self.version)
+
+    def fields(self) -> dict[str, Any]:
+        """The envelope's body as a dict (without the id and reply channel), keys in the
+        order they travel; the fields older releases do not know only when they are set."""
         fields = {
             "deadline": self.deadline,
             "scope": self.scope,
@@ -478,16 +510,7 @@ class Envelope:
             fields["unit"] = self.unit
         if self.ack_send:
             fields["ack_send"] = True
-        if self.version == codec.RELEASED:
-            return codec.encode(
-                {"id": self.id, "reply": self.reply, **fields}, version=codec.RELEASED
-            )
-        request_id, reply = self.id.encode("ascii"), self.reply.encode("ascii")
-        if len(request_id) > 64 or len(reply) > 255:
-            raise WireError("envelope id or reply channel too long")
-        preamble = bytes([ENVELOPE_FRAME, len(request_id)]) + request_id
-        preamble += bytes([len(reply)]) + reply
-        return preamble + codec.encode(fields, version=self.version)
+        return fields
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = codec.DEFAULT_MAX_SIZE) -> Envelope:

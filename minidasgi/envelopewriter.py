@@ -1,0 +1,206 @@
+"""A writer of format 3 (``jsoncodec``) specialised for the usual request envelope.
+
+Owns one shortcut: the fields of an ``Envelope`` whose scope has the shape ASGI servers give
+(known keys; str, bytes, small int and None values; headers as pairs of bytes) and whose events
+are plain ``http.request`` events, written straight to the bytes ``jsoncodec.try_encode_parts``
+would produce, without its passes over the text (counting and replacing markers, looking for
+keys ``json`` may have coerced, bounding depth and ints): here the keys are known and the
+values checked as they are written. Anything else, however slightly unusual (a str key outside
+the known ones, a bytearray, a float in the scope, U+E000 anywhere, an int of 19 digits), makes
+``try_encode_parts`` return None, and the caller uses the general path, which decides. So the
+bytes on the wire never depend on which path wrote them (``tests/test_envelopewriter.py``
+compares the two, fuzzed). Must never accept a value the general path would refuse or write
+differently; decoding is not its business (the Node decodes with ``jsoncodec.decode``).
+"""
+
+from __future__ import annotations
+
+import json.encoder
+import struct
+from itertools import chain
+from math import isfinite
+from typing import Any, Final
+
+from . import jsoncodec
+
+__all__ = ["try_encode_parts"]
+
+_PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
+_quote: Final = json.encoder.encode_basestring  # what jsoncodec's json writer quotes str with
+_float_repr: Final = float.__repr__  # what json writes a finite float with
+_int_repr: Final = int.__repr__
+_INT_BOUND: Final = 10**18  # far below jsoncodec's 128 digits
+_MARK: Final = "\ue000"  # the general path's second-pass marker: it decides on values holding it
+
+# Keys are written as they are: none ends in a digit nor is a word json writes for a coerced
+# key, so the general path would not decline them either.
+_SCOPE_KEYS: Final = {
+    name: f'"{name}":'
+    for name in (
+        "type",
+        "asgi",
+        "http_version",
+        "method",
+        "scheme",
+        "path",
+        "raw_path",
+        "query_string",
+        "root_path",
+        "headers",
+        "client",
+        "server",
+    )
+}
+"""The scope keys written, each to its text (a str key of a subclass is written as the
+constant it equals)."""
+_ASGI_KEYS: Final = frozenset(["version", "spec_version"])
+_REQUEST_EVENT_KEYS: Final = ("type", "body", "more_body")
+_PAIR: Final = "[0E0,0E0]"
+_PAIR_TYPES: Final = frozenset([tuple, list])
+_BYTES: Final = frozenset([bytes])
+_TWO: Final = frozenset([2])
+
+
+def try_encode_parts(
+    deadline: Any,
+    scope: Any,
+    events: Any,
+    window: Any,
+    liveness: Any,
+    queued: Any,
+    piece: Any,
+    usual_piece: int,
+    confirms: bool = False,
+    unit: Any = 0,
+    ack_send: bool = False,
+) -> list[bytes] | None:
+    """The format-3 message of an envelope's fields as ``jsoncodec.try_encode_parts`` writes
+    the dict ``Envelope.fields`` builds of them (with the default bounds): keys in that order,
+    ``piece`` only when it differs from ``usual_piece``, ``confirms``, ``unit`` and
+    ``ack_send`` only when true. None when they are not of the usual shape."""
+    if type(scope) is not dict or type(events) is not list:
+        return None
+    blobs: list[bytes] = []
+    scope_text = _scope(scope, blobs)
+    if scope_text is None:
+        return None
+    events_text = _events(events, blobs)
+    deadline_text = _number(deadline)
+    window_text = _number(window)
+    liveness_text = _number(liveness)
+    queued_text = _number(queued)
+    if (
+        events_text is None
+        or deadline_text is None
+        or window_text is None
+        or liveness_text is None
+        or queued_text is None
+    ):
+        return None
+    head_text = (
+        f'{{"deadline":{deadline_text},"scope":{scope_text},"events":{events_text},'
+        f'"window":{window_text},"liveness":{liveness_text},"queued":{queued_text}'
+    )
+    if piece != usual_piece:
+        piece_text = _number(piece)
+        if piece_text is None:
+            return None
+        head_text += ',"piece":' + piece_text
+    if confirms:
+        head_text += ',"confirms":true'
+    if unit:
+        unit_text = _number(unit)
+        if unit_text is None:
+            return None
+        head_text += ',"unit":' + unit_text
+    if ack_send:
+        head_text += ',"ack_send":true'
+    head_text += "}"
+    if _MARK in head_text:
+        return None
+    head = head_text.encode("utf-8", "surrogatepass")
+    if len(head) >= jsoncodec.DEFAULT_MAX_ITEMS:
+        return None  # a huge scope: the general path bounds it
+    count = len(blobs)
+    first = _PREFIX.pack(jsoncodec.VERSION, len(head), count) + head
+    if count:
+        first += struct.pack(f">{count}I", *map(len, blobs))
+    return [first, *blobs]
+
+
+def _number(value: Any) -> str | None:
+    """A finite float or a small int (not a bool) as json writes it; None for anything else."""
+    kind = type(value)
+    if kind is float:
+        return _float_repr(value) if isfinite(value) else None
+    if kind is int and -_INT_BOUND < value < _INT_BOUND:
+        return _int_repr(value)
+    return None
+
+
+def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
+    chunks: list[str] = []
+    for key, value in scope.items():
+        name = _SCOPE_KEYS.get(key)
+        if name is None:
+            return None
+        kind = type(value)
+        if kind is str:
+            text = _quote(value)
+        elif kind is bytes:
+            blobs.append(value)
+            text = "0E0"
+        elif key == "headers":
+            if kind is not list:
+                return None
+            pairs = _pairs(value, blobs)
+            if pairs is None:
+                return None
+            text = pairs
+        elif key == "asgi":
+            if kind is not dict or not value.keys() <= _ASGI_KEYS:
+                return None
+            items = []
+            for field, version in value.items():
+                if type(version) is not str:
+                    return None
+                items.append(f'"{field}":{_quote(version)}')
+            text = "{" + ",".join(items) + "}"
+        elif value is None:
+            text = "null"
+        elif kind in _PAIR_TYPES and len(value) == 2:  # server, client: (host, port)
+            host, port = value
+            if not (type(host) is str and type(port) is int and -_INT_BOUND < port < _INT_BOUND):
+                return None
+            text = f"[{_quote(host)},{_int_repr(port)}]"
+        else:
+            return None
+        chunks.append(name + text)
+    return "{" + ",".join(chunks) + "}"
+
+
+def _pairs(headers: list[Any], blobs: list[bytes]) -> str | None:
+    """Headers as pairs of bytes (tuples or lists, as json writes both), checked in C."""
+    if not (_PAIR_TYPES.issuperset(map(type, headers)) and _TWO.issuperset(map(len, headers))):
+        return None
+    values = list(chain.from_iterable(headers))
+    if not _BYTES.issuperset(map(type, values)):
+        return None
+    blobs += values
+    return "[" + ",".join([_PAIR] * len(headers)) + "]"
+
+
+def _events(events: list[Any], blobs: list[bytes]) -> str | None:
+    """The request events as the distributor forwards them: ``http.request`` with a body."""
+    chunks: list[str] = []
+    for event in events:
+        if type(event) is not dict or tuple(event) != _REQUEST_EVENT_KEYS:
+            return None
+        kind, body, more = event["type"], event["body"], event["more_body"]
+        if not (type(kind) is str and type(body) is bytes and type(more) is bool):
+            return None
+        blobs.append(body)
+        chunks.append(
+            f'{{"type":{_quote(kind)},"body":0E0,"more_body":{"true" if more else "false"}}}'
+        )
+    return "[" + ",".join(chunks) + "]"

@@ -1,0 +1,257 @@
+"""Unit tests for ``minidasgi.envelopewriter``: the same bytes as the general path, or none."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from typing import Any
+
+import pytest
+
+from minidasgi import codec, envelopewriter, jsoncodec, wire
+from minidasgi.codec import CodecError
+
+
+def uvicorn_scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 51234),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": "/hello",
+        "raw_path": b"/hello",
+        "query_string": b"a=1",
+        "headers": [(b"host", b"bench"), (b"accept", b"*/*")],
+    }
+
+
+def envelope(scope: dict[str, Any], events: list[Any] | None = None, **extra: Any) -> wire.Envelope:
+    now = time.time()
+    value = wire.Envelope(
+        id="a" * 24,
+        reply="minidasgi:0:distributor:x",
+        deadline=now + 5.0,
+        scope=scope,
+        events=[{"type": "http.request", "body": b"", "more_body": False}]
+        if events is None
+        else events,
+        liveness=2.0,
+        queued=now,
+        confirms=True,
+        ack_send=True,
+    )
+    for name, field in extra.items():
+        setattr(value, name, field)
+    return value
+
+
+def general(value: wire.Envelope) -> bytes | None:
+    """The envelope's body as the general path writes it (None: it declines or refuses)."""
+    try:
+        parts = jsoncodec.try_encode_parts(value.fields())
+    except CodecError:
+        return None
+    return None if parts is None else b"".join(parts)
+
+
+class Spy:
+    """Records what ``envelopewriter.try_encode_parts`` returned to ``Envelope.encode``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.written: bytes | None = None
+        self.calls = 0
+        real = envelopewriter.try_encode_parts
+
+        def spy(*args: Any) -> list[bytes] | None:
+            parts = real(*args)
+            self.calls += 1
+            self.written = None if parts is None else b"".join(parts)
+            return parts
+
+        monkeypatch.setattr(envelopewriter, "try_encode_parts", spy)
+
+
+def test_the_usual_envelope_takes_the_fast_path_with_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = Spy(monkeypatch)
+    value = envelope(uvicorn_scope())
+    data = value.encode()
+    assert spy.written is not None
+    assert spy.written == general(value)
+    assert data.endswith(spy.written)
+    decoded = jsoncodec.decode(spy.written)
+    assert decoded["scope"]["headers"] == [[b"host", b"bench"], [b"accept", b"*/*"]]
+    assert decoded["deadline"] == value.deadline
+
+
+def test_envelope_encode_skips_the_general_writer_for_the_usual_scope(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    envelope = wire.Envelope(
+        id="a" * 24,
+        reply="minidasgi:0:distributor:x",
+        deadline=time.time() + 5,
+        scope=uvicorn_scope(),
+        events=[{"type": "http.request", "body": b"hi", "more_body": False}],
+        liveness=2.0,
+        queued=time.time(),
+        confirms=True,
+        ack_send=True,
+    )
+    expected = envelope.encode()
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the general writer was used")
+
+    monkeypatch.setattr(codec, "encode", refuse)
+    monkeypatch.setattr(jsoncodec, "try_encode_parts", refuse)
+    assert envelope.encode() == expected
+    decoded = wire.Envelope.decode(expected)
+    assert decoded.scope["path"] == "/hello" and decoded.events[0]["body"] == b"hi"
+    assert (decoded.deadline, decoded.queued) == (envelope.deadline, envelope.queued)
+
+
+def test_an_unusual_envelope_still_encodes_through_the_general_path() -> None:
+    scope = uvicorn_scope()
+    scope["extensions"] = {}  # not a key the fast path knows
+    envelope = wire.Envelope(
+        id="b" * 24, reply="r", deadline=1.5, scope=scope, events=[{"type": "x", "n": None}]
+    )
+    decoded = wire.Envelope.decode(envelope.encode())
+    assert decoded.scope["extensions"] == {} and decoded.events == [{"type": "x", "n": None}]
+
+
+_STRINGS = [
+    "",
+    "null",
+    "x null y",
+    "\ue000",
+    '"',
+    "\\",
+    '\\"',
+    "\x00\x1f",
+    "\ud800",
+    "héllo wörld ☃",
+    "0E0",
+    "true",
+    "1",
+    "a" * 300,
+]
+_VALUES: list[Any] = [
+    *_STRINGS,
+    None,
+    True,
+    False,
+    0,
+    -1,
+    65535,
+    10**17,
+    10**18,
+    10**40,
+    1.5,
+    math.nan,
+    math.inf,
+    b"",
+    b"abc",
+    b"null",
+    bytearray(b"ab"),
+    memoryview(b"cd"),
+    (),
+    [],
+    {},
+]
+
+
+def _pick(rng: random.Random) -> Any:
+    roll = rng.random()
+    if roll < 0.15:
+        return rng.choice(_VALUES)
+    if roll < 0.3:
+        return (rng.choice(_VALUES), rng.choice(_VALUES))
+    if roll < 0.4:
+        return [rng.choice(_VALUES) for _ in range(rng.randrange(4))]
+    if roll < 0.5:
+        return {rng.choice([*_STRINGS, 1, None, True, 1.5]): rng.choice(_VALUES)}
+    return rng.choice(_STRINGS)
+
+
+def _mutated_scope(rng: random.Random) -> dict[str, Any]:
+    scope = uvicorn_scope()
+    for _ in range(rng.randrange(1, 4)):
+        roll = rng.random()
+        key = rng.choice(list(scope))
+        if roll < 0.4:
+            scope[key] = _pick(rng)
+        elif roll < 0.5:
+            del scope[key]
+        elif roll < 0.6:
+            scope[rng.choice([*_STRINGS, 1, None, True, 2.5, "extensions", "state"])] = _pick(rng)
+        elif roll < 0.7:
+            scope["asgi"] = {rng.choice(["version", "spec_version", "x", 1]): _pick(rng)}
+        elif roll < 0.85:
+            scope["headers"] = [
+                rng.choice(
+                    [
+                        (b"a", b"b"),
+                        [b"a", b"b"],
+                        (b"a",),
+                        (b"a", b"b", b"c"),
+                        (b"a", "b"),
+                        (bytearray(b"a"), b"b"),
+                        b"ab",
+                        None,
+                    ]
+                )
+                for _ in range(rng.randrange(4))
+            ]
+        else:
+            scope = dict(reversed(list(scope.items())))  # another server's key order
+    return scope
+
+
+def _mutated_events(rng: random.Random) -> list[Any]:
+    event: dict[Any, Any] = {"type": "http.request", "body": b"x", "more_body": True}
+    roll = rng.random()
+    if roll < 0.3:
+        event[rng.choice(list(event))] = _pick(rng)
+    elif roll < 0.4:
+        event["extra"] = 1
+    elif roll < 0.5:
+        event = dict(reversed(list(event.items())))
+    elif roll < 0.6:
+        return [event, event, _pick(rng)]
+    return [event] * rng.randrange(3)
+
+
+def test_fuzzed_envelopes_give_the_general_paths_bytes_or_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = Spy(monkeypatch)
+    rng = random.Random(10)
+    taken = 0
+    numbers = [math.nan, -math.inf, 1e300, 5e-324, -0.0, 3, 10**20, True, None, "1"]
+    for _ in range(4000):
+        extra: dict[str, Any] = {}
+        if rng.random() < 0.3:
+            name = rng.choice(["piece", "unit", "window", "liveness", "queued", "deadline"])
+            extra[name] = rng.choice([*numbers, 1.5, 0, 2**20])
+        if rng.random() < 0.2:
+            extra[rng.choice(["confirms", "ack_send"])] = rng.choice([False, 0, 1, "yes"])
+        value = envelope(_mutated_scope(rng), _mutated_events(rng), **extra)
+        spy.written = None
+        with contextlib.suppress(CodecError):  # where the general path refuses too
+            value.encode()
+        if spy.written is None:
+            continue
+        taken += 1
+        assert spy.written == general(value), value
+        assert jsoncodec.decode(spy.written)["window"] == value.window  # and it decodes
+    assert spy.calls == 4000
+    assert taken > 400  # the fuzz reaches the fast path, not only its refusals
