@@ -137,6 +137,48 @@ async def test_an_lpush_reply_wakes_its_pushers_one_turn_later_with_one_future(
         await connection.close()
 
 
+async def test_an_lpush_reply_tells_the_pushers_callbacks_in_its_own_turn_in_order(
+    clean_redis: RedisServer,
+) -> None:
+    connection = await connect(clean_redis.url)
+    try:
+        admission = Admission(channel_prefix="p", db=0, fail_fast=True)
+        await admission.push(connection, "k", b"warm-up")
+        told: list[tuple[int, int, str | None]] = []
+        with counting(connection) as counts:
+
+            def then(outcome: Any, index: int) -> None:
+                told.append((counts.turns, index, admission.verdict("k", index, outcome)))
+
+            for _ in range(3):
+                pushed, _ = admission.put(connection, "k", b"e", then)
+            await pushed  # settled just before the callbacks are called, in the same turn
+        # Told by the code that read the reply, in the batch's order, with no loop handle per
+        # request (before: a done callback each on the batch's future, one turn later).
+        assert told == [(counts.read_in, i, "no_node") for i in range(3)]
+        assert counts.futures == 1  # the batch's
+    finally:
+        await connection.close()
+
+
+async def test_a_failed_lpush_batch_tells_every_pusher(clean_redis: RedisServer) -> None:
+    connection = await connect(clean_redis.url)
+    admission = Admission(channel_prefix="p", db=0)
+    await admission.push(connection, "k", b"warm-up")
+    await connection.close()
+    told: list[tuple[int, str]] = []
+
+    def then(outcome: Any, index: int) -> None:
+        told.append((index, type(outcome).__name__))
+
+    pushed, _ = admission.put(connection, "k", b"e", then)
+    admission.put(connection, "k", b"e", then)
+    with pytest.raises(Exception) as failed:
+        await pushed
+    # The write failed before any command existed: each request hears of it all the same.
+    assert told == [(0, type(failed.value).__name__), (1, type(failed.value).__name__)]
+
+
 @types.coroutine
 def _suspensions(awaitable: Awaitable[None], count: list[int]) -> Generator[Any, Any, None]:
     """Await ``awaitable``, counting in ``count[0]`` how often it gives the loop back."""
