@@ -77,7 +77,7 @@ class Admission:
         self._connection: Commands | None = None  # where the next batch of pushes goes
         # One LPUSH per key per loop turn; its future gives (listeners, length, batch size).
         self.pushes: Batcher[tuple[Any, Any, int]] = Batcher(
-            send_into=self._send, max_size=_MAX_PUSH
+            send_into=self._send, max_size=_MAX_PUSH, eager=True
         )
 
     def bound(self, key: str) -> int | None:
