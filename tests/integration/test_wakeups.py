@@ -226,7 +226,7 @@ async def test_a_request_wakes_the_distributor_once_for_its_answer_not_also_for_
     assert suspended[0] <= 25
 
 
-async def test_a_request_costs_the_distributor_no_loop_handle_for_its_lpush_reply(
+async def test_a_request_costs_the_distributor_no_loop_handle_for_its_lpush(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
@@ -235,6 +235,8 @@ async def test_a_request_costs_the_distributor_no_loop_handle_for_its_lpush_repl
 
     def counted(handle: asyncio.Handle) -> None:
         callback = getattr(handle, "_callback", None)
+        if getattr(callback, "__self__", None) is distributor.admission.pushes:
+            ran.append("the pushes' flush")
         callback = getattr(callback, "func", callback)  # a functools.partial's function
         ran.append(getattr(callback, "__qualname__", ""))
         run(handle)
@@ -250,6 +252,9 @@ async def test_a_request_costs_the_distributor_no_loop_handle_for_its_lpush_repl
     # The LPUSH's reply tells the exchange from the code that reads it (before: a done
     # callback on the batch's future, one handle and often one loop iteration per request).
     assert ran and not [name for name in ran if name.startswith("_Exchange.")]
+    # The request's task is the last callback of its turn: its LPUSH leaves at once (before:
+    # in the pushes' flush, a handle and a loop iteration later).
+    assert "the pushes' flush" not in ran
 
 
 async def test_a_batch_is_written_at_once_with_no_flush_left_for_a_later_iteration(
