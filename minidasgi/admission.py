@@ -11,7 +11,9 @@ Owns the distributor's three early refusals and the commands that decide them:
 The envelopes pushed onto one key in one loop turn go in one ``LPUSH key e1 e2 ...`` (a
 ``Batcher``; FIFO kept: RPOP takes e1 first), with one NUMSUB pipelined per batch for
 fail-fast; each request works out the list length its own push made from its place in the
-batch, so ``max_queue`` refuses exactly the requests past the bound.
+batch, so ``max_queue`` refuses exactly the requests past the bound. A caller may hand ``put``
+a callback instead of awaiting: the code that reads the LPUSH's reply tells the batch's
+callbacks in order, with no loop handle per request.
 
 The caller takes a refused request back (LREM) and answers it; this module never answers a
 client, never retries, and keeps no state per request.
