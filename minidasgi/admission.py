@@ -11,7 +11,9 @@ Owns the distributor's three early refusals and the commands that decide them:
 The envelopes pushed onto one key in one loop turn go in one ``LPUSH key e1 e2 ...`` (a
 ``Batcher``; FIFO kept: RPOP takes e1 first), with one NUMSUB pipelined per batch for
 fail-fast; each request works out the list length its own push made from its place in the
-batch, so ``max_queue`` refuses exactly the requests past the bound.
+batch, so ``max_queue`` refuses exactly the requests past the bound. A caller may hand ``put``
+a callback instead of awaiting: the code that reads the LPUSH's reply tells the batch's
+callbacks in order, with no loop handle per request.
 
 The caller takes a refused request back (LREM) and answers it; this module never answers a
 client, never retries, and keeps no state per request.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import metrics, wire
@@ -77,7 +79,7 @@ class Admission:
         self._connection: Commands | None = None  # where the next batch of pushes goes
         # One LPUSH per key per loop turn; its future gives (listeners, length, batch size).
         self.pushes: Batcher[tuple[Any, Any, int]] = Batcher(
-            send_into=self._send, max_size=_MAX_PUSH
+            send_into=self._send, max_size=_MAX_PUSH, eager=True
         )
 
     def bound(self, key: str) -> int | None:
@@ -110,13 +112,22 @@ class Admission:
         return self.verdict(key, index, await pushed)
 
     def put(
-        self, connection: Commands, key: str, data: bytes
+        self,
+        connection: Commands,
+        key: str,
+        data: bytes,
+        then: Callable[[Any, int], None] | None = None,
     ) -> tuple[asyncio.Future[tuple[Any, Any, int]], int]:
         """``push`` without the wait: the batch's future and this request's place in the batch,
         for ``verdict`` once the future is done. A caller with something else to wait for (a
-        distributor waits for the ack) need not wake for the LPUSH's reply."""
+        distributor waits for the ack) need not wake for the LPUSH's reply.
+
+        ``then(outcome, index)``, if given, gets the batch's outcome (or the exception that
+        failed it) and the request's place in the batch directly from the code that reads the
+        reply, the batch's requests in order: no loop handle per request, as a done callback
+        on the future would cost. It must be quick and not raise."""
         self._connection = connection
-        pushed = self.pushes.put(key, data, size=len(data))
+        pushed = self.pushes.put(key, (data, then), size=len(data))
         return pushed, self.pushes.index
 
     def verdict(self, key: str, index: int, outcome: tuple[Any, Any, int]) -> str | None:
@@ -139,7 +150,22 @@ class Admission:
         return None
 
     def _send(
-        self, key: str, values: list[bytes], result: asyncio.Future[tuple[Any, Any, int]]
+        self,
+        key: str,
+        items: list[tuple[bytes, Callable[[Any, int], None] | None]],
+        result: asyncio.Future[tuple[Any, Any, int]],
+    ) -> None:
+        try:
+            self._send_items(key, items, result)
+        except BaseException as exc:  # no command went out: the batcher fails the future
+            _tell(items, exc)
+            raise
+
+    def _send_items(
+        self,
+        key: str,
+        items: list[tuple[bytes, Callable[[Any, int], None] | None]],
+        result: asyncio.Future[tuple[Any, Any, int]],
     ) -> None:
         connection = self._connection
         assert connection is not None
@@ -153,15 +179,22 @@ class Admission:
                 packed = pack_command("PUBSUB", "NUMSUB", channel)
                 if len(self._channels) < metrics.MAX_SERIES:  # keys can come from paths
                     self._channels[key] = packed
+        values = [item[0] for item in items]
         pushing = pack_command("LPUSH", key, *values)
         if not isinstance(connection, Connection):
             # A Cluster's router: the two commands may live on different masters.
             routed = asyncio.ensure_future(self._send_routed(connection, packed, pushing, values))
-            routed.add_done_callback(lambda done: copy_outcome(result, done))
+
+            def routed_done(done: asyncio.Future[tuple[Any, Any, int]]) -> None:
+                copy_outcome(result, done)  # a cancelled command fails it: not cancelled
+                _tell(items, result.exception() or result.result())
+
+            routed.add_done_callback(routed_done)
             return
         # One write, one round trip: the NUMSUB's answer comes with the LPUSH's. Both replies
-        # go straight to callbacks, the LPUSH's settling the batch's future: no future of
-        # their own, no loop turn between the reply and the requests waiting for it.
+        # go straight to callbacks, the LPUSH's settling the batch's future and telling the
+        # requests given a callback: no future of their own, no loop turn between the reply
+        # and the requests waiting for it.
         listeners: list[Any] = []  # the NUMSUB's reply, read before the LPUSH's
         count = len(values)
 
@@ -170,8 +203,13 @@ class Admission:
                 return
             if isinstance(reply, BaseException):  # the connection was lost
                 result.set_exception(reply)
+                # Its requests are told below: no one need await it to have seen it.
+                result.exception()
+                outcome: Any = reply
             else:
-                result.set_result((listeners[0] if listeners else None, reply, count))
+                outcome = (listeners[0] if listeners else None, reply, count)
+                result.set_result(outcome)
+            _tell(items, outcome)
 
         if packed is None:
             connection.send_packed_to(pushing, settle)
@@ -196,6 +234,17 @@ _REASONS = {
     metrics.NO_ACK: "no Node took it in time",
     metrics.IN_FLIGHT: "too many requests in flight in this process",
 }
+
+
+def _tell(items: list[tuple[bytes, Callable[[Any, int], None] | None]], outcome: Any) -> None:
+    """Give a batch's outcome (or the exception that failed it) to the callbacks of its
+    requests, in the batch's order; one that raises is logged, the others still told."""
+    for index, (_, then) in enumerate(items):
+        if then is not None:
+            try:
+                then(outcome, index)
+            except Exception:
+                logger.exception("a request's LPUSH callback failed")
 
 
 def _count(reply: object) -> int | None:

@@ -47,7 +47,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 from . import accesslog, admission, buffering, codec, health, metrics, stats, wire
@@ -887,15 +886,16 @@ class _Exchange:
             try:
                 assert d._client is not None
                 self.pushed_at = time.monotonic()
-                pushed, index = d.admission.put(d._client.connection(), key, data)
+                # Not awaited: the task wakes once, for the ack, not also for the LPUSH's
+                # reply before it. Only a reply that stops the request wakes it (``_Pushed``),
+                # told from the code that reads the reply (no loop handle per request).
+                self._pushing = True
+                d.admission.put(d._client.connection(), key, data, self._pushed)
             except RespError as exc:
+                self._pushing = False
                 self._unqueued(key, exc)
                 await self._refuse(503, "the request queue (Redis) is unreachable\n")
                 return
-            # Not awaited: the task wakes once, for the ack, not also for the LPUSH's reply
-            # before it. Only a reply that stops the request wakes it (``_Pushed``).
-            self._pushing = True
-            pushed.add_done_callback(partial(self._pushed, key, index))
         finally:
             if buffered is not None:
                 buffered.release()
@@ -1074,18 +1074,18 @@ class _Exchange:
         if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
             self.inbox.put_nowait(_PEER_LOST)
 
-    def _pushed(self, key: str, index: int, pushed: asyncio.Future[Any]) -> None:
-        """The LPUSH's reply: wake the exchange only if it refuses or failed the request, and
-        only while that still matters (no ack, GONE, deadline or lost peer came first)."""
+    def _pushed(self, outcome: Any, index: int) -> None:
+        """The LPUSH's outcome (or the exception that failed it), this request at ``index`` in
+        its batch: wake the exchange only if it refuses or failed the request, and only while
+        that still matters (no ack, GONE, deadline or lost peer came first)."""
         if not self._pushing:
-            if not pushed.cancelled():
-                # Read, though it changes nothing now: a failed batch whose every request
-                # was acked first would else be logged as an exception never retrieved.
-                pushed.exception()
+            return
+        if isinstance(outcome, BaseException):  # RespError, or a failure before the command
+            self.inbox.put_nowait(_Pushed(error=outcome))
             return
         try:
-            refusal = self.distributor.admission.verdict(key, index, pushed.result())
-        except Exception as exc:  # RespError, or a failure before the command existed
+            refusal = self.distributor.admission.verdict(self.key, index, outcome)
+        except Exception as exc:  # an error reply to the LPUSH
             self.inbox.put_nowait(_Pushed(error=exc))
             return
         if refusal is not None:

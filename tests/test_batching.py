@@ -54,6 +54,27 @@ async def test_a_full_batch_leaves_at_once() -> None:
     assert sender.sent == [("a", ["big", "big too"]), ("a", ["next"])]
 
 
+async def test_an_eager_batch_leaves_with_the_last_callback_of_its_turn() -> None:
+    loop = asyncio.get_running_loop()
+    if not hasattr(loop, "_ready"):
+        pytest.skip("needs asyncio's own event loop")
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(send_into=sender, eager=True)
+    batcher.put("a", 0)  # nothing else ready in this turn: it leaves now, not a turn later
+    assert sender.sent == [("a", [0])]
+    assert not loop._ready  # type: ignore[attr-defined]  # and no flush was scheduled
+    for item in (1, 2, 3):  # three callbacks of one turn, then this task's: they gather
+        loop.call_soon(batcher.put, "a", item)
+    await asyncio.sleep(0)
+    assert sender.sent == [("a", [0])]
+    await asyncio.sleep(0)  # the flush
+    assert sender.sent == [("a", [0]), ("a", [1, 2, 3])]
+    batcher.put("a", 4, hold=True)  # held items still wait for company
+    assert sender.sent[-1] == ("a", [1, 2, 3])
+    batcher.flush()
+    assert (batcher.batches, batcher.items) == (3, 5)
+
+
 async def test_a_batch_never_grows_past_max_size() -> None:
     sender = Recorder()
     batcher: Batcher[int] = Batcher(send_into=sender, max_size=100)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import types
 from typing import Any
 
-from minidasgi.batching import SharedFuture
+from minidasgi.admission import Admission
 from minidasgi.distributor import _Exchange, _portable_scope
 from minidasgi.resp import RedisConnectionError
 
@@ -59,15 +58,26 @@ async def test_a_failed_push_that_no_longer_matters_is_not_reported_as_lost() ->
     # exception never retrieved when the batch's future is freed.
     loop = asyncio.get_running_loop()
     reported: list[str] = []
+    told: list[object] = []
+    done = asyncio.Event()
+    acked = types.SimpleNamespace(_pushing=False)  # an ack came first
+
+    def pushed_then(outcome: Any, index: int) -> None:
+        told.append(outcome)
+        done.set()
+        _Exchange._pushed(acked, outcome, index)  # type: ignore[arg-type]
+
+    class LostRouter:  # a Cluster's router whose connection is lost under the LPUSH
+        async def pipeline(self, *commands: bytes) -> list[Any]:
+            raise RedisConnectionError("lost the connection")
+
     loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
     try:
-        pushed: SharedFuture[Any] = SharedFuture(loop=loop)
-        acked = types.SimpleNamespace(_pushing=False)  # an ack came first
-        pushed.add_done_callback(functools.partial(_Exchange._pushed, acked, "k", 0))
-        pushed.set_exception(RedisConnectionError("lost the connection"))
-        await asyncio.sleep(0)  # the callback runs
-        del pushed
+        admission = Admission(channel_prefix="p", db=0)
+        admission.put(LostRouter(), "k", b"e", pushed_then)  # type: ignore[arg-type]
+        await done.wait()
         gc.collect()
     finally:
         loop.set_exception_handler(None)
+    assert [type(outcome) for outcome in told] == [RedisConnectionError]
     assert reported == []

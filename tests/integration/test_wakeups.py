@@ -137,6 +137,53 @@ async def test_an_lpush_reply_wakes_its_pushers_one_turn_later_with_one_future(
         await connection.close()
 
 
+async def test_an_lpush_reply_tells_the_pushers_callbacks_in_its_own_turn_in_order(
+    clean_redis: RedisServer,
+) -> None:
+    connection = await connect(clean_redis.url)
+    try:
+        admission = Admission(channel_prefix="p", db=0, fail_fast=True)
+        await admission.push(connection, "k", b"warm-up")
+        told: list[tuple[int, int, str | None]] = []
+        with counting(connection) as counts:
+
+            def then(outcome: Any, index: int) -> None:
+                told.append((counts.turns, index, admission.verdict("k", index, outcome)))
+
+            loop = asyncio.get_running_loop()
+            for _ in range(3):  # three requests' callbacks in one turn: one LPUSH
+                loop.call_soon(admission.put, connection, "k", b"e", then)
+            await asyncio.sleep(0)
+            while len(told) < 3:  # noqa: ASYNC110 (no future to await: the callbacks tell)
+                await asyncio.sleep(0)
+        # Told by the code that read the reply, in the batch's order, with no loop handle per
+        # request (before: a done callback each on the batch's future, one turn later).
+        assert told == [(counts.read_in, i, "no_node") for i in range(3)]
+        assert counts.futures == 1  # the batch's
+    finally:
+        await connection.close()
+
+
+async def test_a_failed_lpush_batch_tells_every_pusher(clean_redis: RedisServer) -> None:
+    connection = await connect(clean_redis.url)
+    admission = Admission(channel_prefix="p", db=0)
+    await admission.push(connection, "k", b"warm-up")
+    await connection.close()
+    told: list[tuple[int, str]] = []
+
+    def then(outcome: Any, index: int) -> None:
+        told.append((index, type(outcome).__name__))
+
+    loop = asyncio.get_running_loop()
+    for _ in range(2):  # two requests' callbacks in one turn: one batch
+        loop.call_soon(admission.put, connection, "k", b"e", then)
+    await asyncio.sleep(0)
+    while len(told) < 2:  # noqa: ASYNC110 (no future to await: the callbacks tell)
+        await asyncio.sleep(0)
+    # The write failed before any command existed: each request hears of it all the same.
+    assert told == [(0, "RedisConnectionError"), (1, "RedisConnectionError")]
+
+
 @types.coroutine
 def _suspensions(awaitable: Awaitable[None], count: list[int]) -> Generator[Any, Any, None]:
     """Await ``awaitable``, counting in ``count[0]`` how often it gives the loop back."""
@@ -177,6 +224,37 @@ async def test_a_request_wakes_the_distributor_once_for_its_answer_not_also_for_
     # One wait, for the Node's ack and answer (they come in one PUBLISH): the LPUSH's reply,
     # which comes first, no longer resumes the request's task (before: two per request).
     assert suspended[0] <= 25
+
+
+async def test_a_request_costs_the_distributor_no_loop_handle_for_its_lpush(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    ran: list[str] = []
+    run = asyncio.Handle._run
+
+    def counted(handle: asyncio.Handle) -> None:
+        callback = getattr(handle, "_callback", None)
+        if getattr(callback, "__self__", None) is distributor.admission.pushes:
+            ran.append("the pushes' flush")
+        callback = getattr(callback, "func", callback)  # a functools.partial's function
+        ran.append(getattr(callback, "__qualname__", ""))
+        run(handle)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(asyncio.Handle, "_run", counted)
+            for _ in range(20):
+                assert (await client.get("/")).status_code == 200
+            monkeypatch.undo()
+    # The LPUSH's reply tells the exchange from the code that reads it (before: a done
+    # callback on the batch's future, one handle and often one loop iteration per request).
+    assert ran and not [name for name in ran if name.startswith("_Exchange.")]
+    # The request's task is the last callback of its turn: its LPUSH leaves at once (before:
+    # in the pushes' flush, a handle and a loop iteration later).
+    assert "the pushes' flush" not in ran
 
 
 async def test_a_batch_is_written_at_once_with_no_flush_left_for_a_later_iteration(
