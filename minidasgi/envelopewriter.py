@@ -53,7 +53,9 @@ _SCOPE_KEYS: Final = {
 }
 """The scope keys written, each to its text (a str key of a subclass is written as the
 constant it equals)."""
-_ASGI_KEYS: Final = frozenset(["version", "spec_version"])
+_ASGI_KEYS: Final = {name: f'"{name}":' for name in ("version", "spec_version")}
+"""The keys of ``scope["asgi"]``, each to its text: written as constants, like the scope's
+keys, never formatted from the key itself (a str subclass formats as its ``__str__`` says)."""
 _REQUEST_EVENT_KEYS: Final = ("type", "body", "more_body")
 _PAIR: Final = "[0E0,0E0]"
 _PAIR_TYPES: Final = frozenset([tuple, list])
@@ -158,13 +160,14 @@ def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
                 return None
             text = pairs
         elif key == "asgi":
-            if kind is not dict or not value.keys() <= _ASGI_KEYS:
+            if kind is not dict:
                 return None
             items = []
             for field, version in value.items():
-                if type(version) is not str:
+                field_text = _ASGI_KEYS.get(field)
+                if field_text is None or type(version) is not str:
                     return None
-                items.append(f'"{field}":{_quote(version)}')
+                items.append(field_text + _quote(version))
             text = "{" + ",".join(items) + "}"
         elif value is None:
             text = "null"

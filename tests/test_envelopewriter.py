@@ -255,3 +255,21 @@ def test_fuzzed_envelopes_give_the_general_paths_bytes_or_none(
         assert jsoncodec.decode(spy.written)["window"] == value.window  # and it decodes
     assert spy.calls == 4000
     assert taken > 400  # the fuzz reaches the fast path, not only its refusals
+
+
+class _Formatted(str):
+    """A str whose ``__str__`` (hence its ``format``) is not its text, as a str enum's is."""
+
+    def __str__(self) -> str:
+        return 'version":"3.0","injected":"1'
+
+
+def test_a_str_subclass_key_of_the_asgi_dict_is_written_as_its_text_not_its_str() -> None:
+    scope = uvicorn_scope()
+    scope["asgi"] = {_Formatted("version"): "3.0"}
+    value = envelope(scope)
+    data = value.encode()
+    # Before: the fast path wrote the key with an f-string, so ``__str__`` went into the head
+    # unescaped (JSON the Node refuses, or a key it never had); json writes the key's text.
+    assert data.endswith(general(value) or b"unreachable")
+    assert wire.Envelope.decode(data).scope["asgi"] == {"version": "3.0"}
