@@ -25,6 +25,10 @@ from minidasgi.testing import RedisServer
 from . import apps
 from .stack import run_node, serve_app
 
+# Some tests wait for callbacks turn by turn, with no future to await: a regression that never
+# tells them fails here rather than hanging the suite.
+pytestmark = pytest.mark.timeout(60)
+
 
 class Counts:
     """Loop iterations, futures created, the iteration in which the last reply was read, and
