@@ -54,6 +54,7 @@ from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError, UnsupportedVersion
 from .deadlines import Deadlines
+from .envelopewriter import PLAIN_SCOPE_KEYS
 from .gathering import gather_body
 from .inbox import Inbox
 from .liveness import PeerTracker, check_settings
@@ -1415,28 +1416,7 @@ def _acking_node(kind: str, args: list[Any]) -> str | None:
     return channel if isinstance(channel, str) and 0 < len(channel) <= 256 else None
 
 
-# Scope keys whose values an ASGI server gives as str, bytes, int, lists and tuples of those,
-# or the small "asgi" dict: they travel without being checked one by one.
-_PLAIN_SCOPE_KEYS = frozenset(
-    {
-        "type",
-        "asgi",
-        "http_version",
-        "method",
-        "scheme",
-        "path",
-        "raw_path",
-        "query_string",
-        "root_path",
-        "headers",
-        "client",
-        "server",
-        "subprotocols",
-    }
-)
-
-
-_PLAIN_SCOPE_KEYS_AND_STATE = _PLAIN_SCOPE_KEYS | {"state"}
+_PLAIN_SCOPE_KEYS_AND_STATE = PLAIN_SCOPE_KEYS | {"state"}
 
 
 def _offers(scope: Scope, extension: str) -> bool:
@@ -1454,7 +1434,7 @@ def _portable_scope(scope: Scope) -> dict[str, Any]:
         return portable
     portable = {}
     for name, value in scope.items():
-        if name in _PLAIN_SCOPE_KEYS:
+        if name in PLAIN_SCOPE_KEYS:
             portable[name] = value
         elif name == "extensions" and isinstance(value, dict):
             portable[name] = {

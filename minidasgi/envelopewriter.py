@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from . import jsoncodec
 
-__all__ = ["try_encode_parts"]
+__all__ = ["PLAIN_SCOPE_KEYS", "try_encode_parts"]
 
 _PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
 _quote: Final = json.encoder.encode_basestring  # what jsoncodec's json writer quotes str with
@@ -32,11 +32,8 @@ _int_repr: Final = int.__repr__
 _INT_BOUND: Final = 10**18  # far below jsoncodec's 128 digits
 _MARK: Final = "\ue000"  # the general path's second-pass marker: it decides on values holding it
 
-# Keys are written as they are: none ends in a digit nor is a word json writes for a coerced
-# key, so the general path would not decline them either.
-_SCOPE_KEYS: Final = {
-    name: f'"{name}":'
-    for name in (
+PLAIN_SCOPE_KEYS: Final = frozenset(
+    {
         "type",
         "asgi",
         "http_version",
@@ -49,8 +46,15 @@ _SCOPE_KEYS: Final = {
         "headers",
         "client",
         "server",
-    )
-}
+        "subprotocols",
+    }
+)
+"""Scope keys whose values an ASGI server gives as str, bytes, int, lists and tuples of those,
+or the small "asgi" dict (the distributor lets them travel unchecked one by one; this writer
+writes them, or declines a value of another shape)."""
+# Keys are written as they are: none ends in a digit nor is a word json writes for a coerced
+# key, so the general path would not decline them either.
+_SCOPE_KEYS: Final = {name: f'"{name}":' for name in PLAIN_SCOPE_KEYS}
 """The scope keys written, each to its text (a str key of a subclass is written as the
 constant it equals)."""
 _ASGI_KEYS: Final = {name: f'"{name}":' for name in ("version", "spec_version")}
