@@ -1293,8 +1293,7 @@ class _Job:
             return
         if message is None:
             posted = self._post(wire.SEND, events)  # the first may carry the ACK (ACK_SEND)
-        else:
-            self._ack_alone()  # (only an HTTP request's ACK waits: never here, in fact)
+        else:  # a WebSocket's: its ACK never waits (``run``), so it has left already
             posted = self.node.outbox.post(self.reply, message)
         if not last:
             # Pipelined within the window: the count is checked when the reply comes.
