@@ -9,6 +9,25 @@ from typing import Any
 Scope = dict[str, Any]
 
 
+def http_scope(path: str = "/", headers: list[list[bytes]] | None = None) -> dict[str, Any]:
+    """An HTTP scope as a server gives it, for a test that hands a request to a Node itself
+    (an envelope pushed by hand)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [[b"host", b"example"]] if headers is None else headers,
+        "client": ["127.0.0.1", 1],
+        "server": ["127.0.0.1", 2],
+    }
+
+
 async def _read_body(receive: Any) -> bytes:
     body = bytearray()
     while True:

@@ -43,23 +43,6 @@ def _kinds(got: list[Message]) -> list[str]:
     return [kind for kind, _, _ in got]
 
 
-def _scope(path: str = "/") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [[b"host", b"example"]],
-        "client": ["127.0.0.1", 1],
-        "server": ["127.0.0.1", 2],
-    }
-
-
 def _envelope(request_id: str, reply: str, *, ack_send: bool, confirms: bool = False) -> bytes:
     """A whole GET as a distributor of this release (``ack_send``) or of the previous one
     writes it; ``confirms`` only where the recovery window is tested (a request pushed while
@@ -68,7 +51,7 @@ def _envelope(request_id: str, reply: str, *, ack_send: bool, confirms: bool = F
         request_id,
         reply,
         time.time() + 30,
-        _scope(),
+        apps.http_scope(),
         [{"type": "http.request", "body": b"", "more_body": False}],
         liveness=1.0,
         queued=time.time(),

@@ -21,6 +21,7 @@ import websockets
 from minidasgi import Node, create_distributor, wire
 from minidasgi.resp import ReplyError, Subscriber, connect
 
+from . import apps
 from .redis_server import RedisFactory, RedisReplyError, RedisServer
 from .stack import poll, run_node, serve_app
 
@@ -28,23 +29,6 @@ pytestmark = pytest.mark.timeout(60)
 
 Receive = Any
 Send = Any
-
-
-def _http_scope(path: str = "/") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "client": ["127.0.0.1", 1],
-        "server": ["127.0.0.1", 2],
-    }
 
 
 class _FakeDistributor:
@@ -74,7 +58,7 @@ class _FakeDistributor:
                 request_id,
                 self.channel,
                 time.time() + 60,
-                _http_scope(),
+                apps.http_scope(headers=[]),
                 [{"type": "http.request", "body": b"", "more_body": False}],
             )
             await self._connection.lpush(key, envelope.encode())

@@ -23,23 +23,6 @@ from .stack import poll, run_node, serve_app
 RELEASED = codec.RELEASED
 
 
-def _http_scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [[b"host", b"example"]],
-        "client": ["127.0.0.1", 1],
-        "server": ["127.0.0.1", 2],
-    }
-
-
 def _first_release_envelope(request_id: str, reply: str) -> bytes:
     """An envelope as the first release writes it: one codec dict in format 1."""
     return codec.encode_binary(
@@ -47,7 +30,7 @@ def _first_release_envelope(request_id: str, reply: str) -> bytes:
             "id": request_id,
             "reply": reply,
             "deadline": time.time() + 30,
-            "scope": _http_scope("/old"),
+            "scope": apps.http_scope("/old"),
             "events": [{"type": "http.request", "body": b"", "more_body": False}],
             "window": 8,
             "liveness": 1.0,
