@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -273,3 +274,25 @@ def test_a_str_subclass_key_of_the_asgi_dict_is_written_as_its_text_not_its_str(
     # unescaped (JSON the Node refuses, or a key it never had); json writes the key's text.
     assert data.endswith(general(value) or b"unreachable")
     assert wire.Envelope.decode(data).scope["asgi"] == {"version": "3.0"}
+
+
+def test_every_envelope_field_is_one_the_writer_knows() -> None:
+    # The writer takes the Envelope's attributes one by one (no fields dict): a field added
+    # to Envelope.fields() and not to the writer would travel only by the general path's
+    # bytes, and the usual envelope would silently lose it. Add it to both, then here.
+    known = {
+        "id",
+        "reply",
+        "deadline",
+        "scope",
+        "events",
+        "window",
+        "liveness",
+        "queued",
+        "confirms",
+        "version",
+        "piece",
+        "unit",
+        "ack_send",
+    }
+    assert {field.name for field in dataclasses.fields(wire.Envelope)} == known
