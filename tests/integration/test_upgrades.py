@@ -478,3 +478,57 @@ async def test_a_node_never_sends_a_message_over_what_its_distributor_reads(
     assert max(length for _, _, length in got) <= wire.message_limit(piece)
     if sent:
         assert max(length for _, _, length in got) > wire.EARLIER_MAX_MESSAGE_SIZE
+
+
+async def test_a_distributor_sends_a_node_of_the_previous_release_pieces_it_reads(
+    redis_server: RedisServer,
+) -> None:
+    # A Node of the previous release announces 512 KiB pieces in its ACK (and takes 512 KiB
+    # of the 1 MiB an envelope announces): an upload reaches it in pieces of that size at
+    # most, each message within the 768 KiB it reads.
+    size = 3 * wire.PIECE_SIZE
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node_channel = wire.new_channel("minidasgi", 0, "node")
+    got: list[tuple[dict[str, Any], int]] = []
+    done = asyncio.Event()
+
+    def on_message(_: bytes, data: bytes) -> None:
+        for message in wire.split_frame(data):
+            kind, _, args = wire.unpack(message)
+            if kind == wire.EVENT:
+                got.append((args[0], len(message)))
+                if not args[0].get("more_body", False):
+                    done.set()
+
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(node_channel), 5)
+    first: list[dict[str, Any]] = []
+
+    async def previous_node(connection: Any, data: bytes) -> None:
+        envelope = wire.Envelope.decode(data)
+        assert envelope.piece == wire.PIECE_SIZE
+        first.extend(envelope.events)
+
+        async def publish(kind: str, *args: Any) -> None:
+            await connection.publish(envelope.reply, wire.pack(kind, envelope.id, *args))
+
+        # A window of 8 pieces of 512 KiB holds the whole body: no credit needed.
+        await publish(wire.ACK, node_channel, 8, 0, False, wire.EARLIER_PIECE_SIZE)
+        await asyncio.wait_for(done.wait(), WAIT)
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        await publish(wire.SEND, [start, {"type": "http.response.body", "body": b"ok"}])
+
+    try:
+        async with serve_app(distributor) as base:
+            fake = asyncio.ensure_future(_fake_node(redis_server, "K", previous_node))
+            async with httpx.AsyncClient(base_url=base, timeout=WAIT) as client:
+                response = await client.post("/", content=b"u" * size)
+            await asyncio.wait_for(fake, WAIT)
+    finally:
+        await subscriber.close()
+    assert (response.status_code, response.text) == (200, "ok")
+    bodies = [event["body"] for event in first] + [event["body"] for event, _ in got]
+    assert sum(map(len, bodies)) == size
+    assert got and max(len(event["body"]) for event, _ in got) <= wire.EARLIER_PIECE_SIZE
+    assert max(length for _, length in got) <= wire.EARLIER_MAX_MESSAGE_SIZE
