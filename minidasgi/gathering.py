@@ -2,7 +2,7 @@
 
 Owns the choice of when to wait for more of a streamed request body before relaying it. An
 ASGI server hands the body over as it reads it (uvicorn: one socket read, up to 256 KiB, per
-``receive()``), while a Node reads pieces of up to ``wire.PIECE_SIZE`` (512 KiB): relaying
+``receive()``), while a Node reads pieces of up to ``wire.PIECE_SIZE`` (1 MiB): relaying
 every read as its own piece costs twice the PUBLISHes, pub/sub deliveries, decodes and credits
 per MiB of upload. An event this large says the client sends faster than it is read, so the
 next part is usually a loop turn away: it is joined to the piece, up to the piece size, for at

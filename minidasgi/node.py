@@ -839,6 +839,7 @@ class _Job:
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
         self.piece = envelope.piece  # the largest body piece the distributor reads
+        self.max_message = wire.message_limit(self.piece)  # and the largest message
         # A WebSocket's credit counts bytes when its distributor announced a unit: then this
         # side counts its own way too, and says so in the ACK (``wire.CREDIT_UNIT``).
         unit = envelope.unit if self.kind == "websocket" else 0
@@ -1014,11 +1015,11 @@ class _Job:
         """One message to the distributor, encoded (``ValueError`` if it is too large)."""
         data = wire.pack_parts(kind, self.id, *args, version=self.version)
         size = wire.packed_size(data)
-        if size > wire.MAX_MESSAGE_SIZE:
+        if size > self.max_message:
             # The distributor would drop it as malformed and wait forever: fail the app here.
             raise ValueError(
                 f"a {kind} message of {size} bytes is over the limit of "
-                f"{wire.MAX_MESSAGE_SIZE} (response headers too large?)"
+                f"{self.max_message} (response headers too large?)"
             )
         return data
 
@@ -1030,7 +1031,7 @@ class _Job:
         self._unsent_ack = None
         if kind == wire.SEND:
             data = wire.pack_parts(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
-            if wire.packed_size(data) <= wire.MAX_MESSAGE_SIZE:
+            if wire.packed_size(data) <= self.max_message:
                 return self.node.outbox.post(self.reply, data)
         self._post_ack(ack, hold=False)
         return self._post(kind, *args)

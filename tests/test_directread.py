@@ -151,6 +151,34 @@ def test_a_large_payload_is_read_into_its_own_buffer() -> None:
     assert reader.gets() is NEED_DATA
 
 
+def test_payloads_are_read_into_one_buffer_while_their_consumer_lets_go_of_each() -> None:
+    # A new bytearray per payload costs a fill with zeros, and page faults past the
+    # allocator's threshold: the next payload goes into the last one's buffer once no view of
+    # it is left.
+    reader = DirectReads(b"message")
+    buffers = []
+    for i in range(16):
+        payload = BIG[:-1] + bytes([i])
+        (reply,) = _read(reader, _push(b"message", b"c", payload), [65536])
+        assert reply[2] == payload
+        buffers.append(reply[2].obj)
+        del reply  # the consumer is done with it
+    assert all(buffer is buffers[0] for buffer in buffers)
+
+
+def test_a_payload_still_held_is_never_written_over() -> None:
+    reader = DirectReads(b"message")
+    (held,) = _read(reader, _push(b"message", b"c", LARGE[0]), [65536])
+    view = held[2][10:20]  # even a slice of it keeps its buffer
+    del held
+    (second,) = _read(reader, _push(b"message", b"c", LARGE[1]), [1000, 65536])
+    assert bytes(view) == LARGE[0][10:20]
+    assert second[2] == LARGE[1] and second[2].obj is not view.obj
+    del view, second
+    (third,) = _read(reader, _push(b"message", b"c", LARGE[0]), [65536])
+    assert third[2] == LARGE[0]  # into a buffer let go of, of its size or larger
+
+
 def test_a_payload_without_its_crlf_is_refused() -> None:
     for payload in (BIG, b"small"):
         data = _push(b"message", b"c", payload)[:-2] + b"XX"

@@ -163,6 +163,33 @@ def test_unpack_refuses_a_message_over_the_wire_size_limit() -> None:
         wire.unpack(data)
 
 
+def test_a_whole_piece_with_large_headers_fits_in_one_message() -> None:
+    # The first SEND carries the start with the first piece: 1 MiB and 200 KiB of headers.
+    headers = [[b"x-filler", b"h" * 1000] for _ in range(200)]
+    events = [
+        {"type": "http.response.start", "status": 200, "headers": headers},
+        {"type": "http.response.body", "body": b"x" * wire.PIECE_SIZE, "more_body": True},
+    ]
+    data = wire.pack(wire.SEND, "id", events)
+    assert len(data) <= wire.message_limit(wire.PIECE_SIZE) == wire.MAX_MESSAGE_SIZE
+    assert wire.unpack(data)[2][0][1]["body"] == b"x" * wire.PIECE_SIZE
+
+
+@pytest.mark.parametrize(
+    ("piece", "limit"),
+    [
+        (wire.CHUNK_SIZE, wire.EARLIER_MAX_MESSAGE_SIZE),
+        (wire.EARLIER_PIECE_SIZE, wire.EARLIER_MAX_MESSAGE_SIZE),
+        (wire.PIECE_SIZE, wire.MAX_MESSAGE_SIZE),
+    ],
+)
+def test_a_peer_is_sent_messages_no_larger_than_its_release_reads(piece: int, limit: int) -> None:
+    # A peer announcing pieces of 512 KiB or less may be of the previous release, which reads
+    # messages of 768 KiB at most.
+    assert wire.message_limit(piece) == limit
+    assert wire.EARLIER_MAX_MESSAGE_SIZE < wire.MAX_MESSAGE_SIZE
+
+
 def test_a_full_chunk_fits_in_one_message() -> None:
     chunk = b"x" * wire.CHUNK_SIZE
     events = [{"type": "http.response.body", "body": chunk, "more_body": True}]
@@ -431,8 +458,8 @@ def test_credit_pool_opens_windows_of_large_pieces_only_while_it_has_room_for_th
     pool = wire.CreditPool()  # 64 units of CHUNK_SIZE
     weight = wire.PIECE_SIZE // wire.CHUNK_SIZE
     first = pool.window()  # fits in half the budget
-    assert (first.piece, first.window) == (wire.PIECE_SIZE, 8)
-    assert pool.in_flight == 8 * weight == pool.budget // 2
+    assert (first.piece, first.window) == (wire.PIECE_SIZE, wire.LARGE_WINDOW)
+    assert pool.in_flight == wire.LARGE_WINDOW * weight == pool.budget // 2
     # The other half stays for whole windows of small pieces, then one credit each.
     others = [pool.window() for _ in range(5)]
     assert [(w.piece, w.window) for w in others] == [(wire.CHUNK_SIZE, 8)] * 4 + [
@@ -458,8 +485,8 @@ def test_large_pieces_are_charged_to_the_pool_by_their_size() -> None:
     pool = wire.CreditPool()
     weight = wire.PIECE_SIZE // wire.CHUNK_SIZE
     window = pool.window()
-    assert [window.consumed() for _ in range(4)] == [0, 0, 0, 4]
-    assert pool.in_flight == 8 * weight  # four consumed, four granted again
+    assert [window.consumed() for _ in range(4)] == [0, 2, 0, 2]
+    assert pool.in_flight == wire.LARGE_WINDOW * weight  # four consumed, four granted again
     window.close()
     assert pool.in_flight == 0
 
@@ -470,16 +497,16 @@ def test_a_starved_large_window_waits_for_room_without_spinning() -> None:
     # still holds credit, nor loop forever trying, nor pay a newer window before it.
     pool = wire.CreditPool(budget=64)
     granted: list[int] = []
-    large = pool.window(granted.append)  # 32 units
+    large = pool.window(granted.append)  # 32 units: 4 credits of 8
     other = wire.ReceiveWindow(pool.open(32), pool)  # the other 32
     smalls = [wire.ReceiveWindow(pool.open(8), pool) for _ in range(14)]  # one credit each
     assert pool.in_flight == 78
-    assert [large.consumed() for _ in range(4)] == [0, 0, 0, 0]  # 62: no room for 4 more
+    assert [large.consumed() for _ in range(2)] == [0, 0]  # 62: no room for 8 more
     assert smalls[0].consumed() == 1  # a window left without credit always gets one
-    assert granted == []  # 62 + 4 > 64: the large window still waits
-    assert other.consumed() == 0  # 61
+    assert granted == []  # 62 + 8 > 64: the large window still waits
+    assert [other.consumed() for _ in range(5)] == [0] * 5  # 57
     assert granted == []
-    assert other.consumed() == 0  # 60: room for one large credit, paid to it first
+    assert other.consumed() == 0  # 56: room for one large credit, paid to it first
     assert granted == [1]
     assert pool.in_flight == 64
     for window in (large, other, *smalls):

@@ -7,7 +7,9 @@ Python. ``DirectReads`` (the ``ReplyParser`` contract) frames the message pushes
 (``message``, or ``smessage``) itself: a small payload is copied once out of the read, and a
 payload of at least ``direct_from`` bytes is read by the socket straight into a bytearray of
 its size (``read_into``/``filled``, which ``ReplyReader`` offers the transport) and delivered
-as a memoryview of it. Replies come out in stream order.
+as a memoryview of it. Replies come out in stream order. The bytearray is used again for a
+later payload once no view of it is left (its consumer is done with it): a new one per payload
+costs a fill with zeros and, past the allocator's threshold, page faults on every use.
 
 Every other reply (a subscription's confirmation, a PONG, an error, a header that does not
 fit) goes to a ``PythonParser``, which hands back the bytes after it (``take_rest``): where a
@@ -41,6 +43,7 @@ _MAX_CHANNEL: Final = 4096  # a push naming a longer channel is left to the pars
 _CUT: Final = object()  # a push cut by the end of a read
 _SLICE: Final = 64 * 1024  # what the parser is fed at a time: it gives back what follows a reply
 _SMALL_READ: Final = 16 * 1024  # a read of small pushes, copied to bytes to be framed
+_KEEP_MAX: Final = 2 * 1024 * 1024  # a payload buffer kept for reuse at most (a larger is rare)
 
 
 def _cut_length(data: Any, start: int, size: int) -> object:
@@ -76,7 +79,8 @@ class DirectReads:
         self._direct_max = direct_max
         self._aligned = True  # the next byte starts a reply: the parser holds none of one
         self._ready: collections.deque[list[Any]] = collections.deque()  # framed here, in order
-        self._target: bytearray | None = None  # the payload being read, and its CRLF
+        self._target: memoryview | None = None  # where the payload being read goes, and its CRLF
+        self._buffer: bytearray | None = None  # the last payload's, to be used again
         self._filled = 0
         self._channel = b""
         self._pending = b""  # the start of a push cut by the end of a read
@@ -95,7 +99,7 @@ class DirectReads:
             if target is not None:  # a read that did not go to ``read_into`` (TLS, a test)
                 filled = self._filled
                 n = min(size - pos, len(target) - filled)
-                memoryview(target)[filled : filled + n] = memoryview(data)[pos : pos + n]
+                target[filled : filled + n] = memoryview(data)[pos : pos + n]
                 self._filled = filled + n
                 pos += n
                 if self._filled == len(target):
@@ -110,7 +114,7 @@ class DirectReads:
                     channel, length, start = found
                     if self._direct_from <= length <= self._direct_max:
                         self._channel = channel
-                        self._target = bytearray(length + 2)
+                        self._target = self._buffer_for(length + 2)
                         self._filled = 0
                         pos = start
                         continue
@@ -154,7 +158,7 @@ class DirectReads:
         connection's own buffer)."""
         if self._target is None:
             return None
-        return memoryview(self._target)[self._filled :]
+        return self._target[self._filled :]
 
     def filled(self, nbytes: int) -> None:
         """``nbytes`` were read into what ``read_into`` returned."""
@@ -195,12 +199,29 @@ class DirectReads:
             return _cut_length(data, channel_end + 3, size)
         return bytes(data[channel_start:channel_end]), int(match[1]), match.end()
 
+    def _buffer_for(self, size: int) -> memoryview:
+        """A view of ``size`` bytes to read a payload into: of the last payload's buffer if it
+        is large enough and no view of it is left, else of a new one."""
+        buffer = self._buffer
+        if buffer is not None and len(buffer) >= size:
+            # A bytearray refuses to resize while a view of it exists (its consumer still
+            # holds the payload it was given): then it must not be written again. Popping a
+            # byte checks exactly that; appending it back cannot reallocate.
+            try:
+                buffer.pop()
+            except BufferError:
+                pass
+            else:
+                buffer.append(0)
+                return memoryview(buffer)[:size]
+        buffer = bytearray(size)
+        self._buffer = buffer if size <= _KEEP_MAX else None
+        return memoryview(buffer)
+
     def _finish(self) -> None:
         target = self._target
         assert target is not None
         self._target = None
-        if target[-2:] != b"\r\n":
+        if target[-2:].tobytes() != b"\r\n":
             raise ProtocolError("bulk string not terminated by CRLF")
-        # A view without the CRLF: the bytearray cannot shrink while the transport may still
-        # hold the view it read into.
-        self._ready.append([self._kind, self._channel, memoryview(target)[:-2]])
+        self._ready.append([self._kind, self._channel, target[:-2]])

@@ -381,7 +381,7 @@ async def test_a_node_pops_in_batches_but_never_beyond_its_slots(redis_server: R
 
 async def test_response_headers_too_large_to_travel_give_500(redis_server: RedisServer) -> None:
     async def huge_headers(scope: Any, receive: Any, send: Any) -> None:
-        headers = [(b"x-big-%d" % i, b"v" * 1000) for i in range(900)]  # about 900 KB
+        headers = [(b"x-big-%d" % i, b"v" * 1000) for i in range(1500)]  # about 1.5 MB
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"never"})
 

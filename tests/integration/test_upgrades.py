@@ -387,3 +387,148 @@ async def test_a_node_sending_more_units_than_granted_is_cut_off(
     assert info.value.rcvd is not None and info.value.rcvd.code == 1011
     # The accept took one unit: what fits in the rest of the window was relayed, no more.
     assert received == [f"t{i}" for i in range(window[0] - 1)]
+
+
+async def _node_answering_fake_distributor(
+    redis_server: RedisServer, app: Any, piece: int, window: int
+) -> list[tuple[str, list[Any], int]]:
+    """A Node runs ``app`` for an envelope pushed by hand announcing ``piece`` and ``window``
+    (a distributor of the previous release announces at most ``EARLIER_PIECE_SIZE``); what it
+    publishes back until its SEND or DONE completes the request: ``(kind, args, size)``."""
+    node = Node(url=redis_server.url, app=app, key="K", lifespan="off", liveness_interval=3600)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    request_id = wire.new_request_id()
+    got: list[tuple[str, list[Any], int]] = []
+
+    def on_message(_: bytes, data: bytes) -> None:
+        for message in wire.split_frame(data):
+            kind, _, args = wire.unpack(message)
+            got.append((kind, args, len(message)))
+
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+    envelope = wire.Envelope(
+        request_id, reply, time.time() + 30, apps.http_scope(), events, window, piece=piece
+    )
+
+    def over() -> bool:
+        if any(kind == wire.DONE for kind, _, _ in got):
+            return True
+        sends = [e for kind, args, _ in got if kind in (wire.SEND, wire.ACK_SEND) for e in args[0]]
+        return bool(sends) and sends[-1].get("more_body") is False
+
+    try:
+        async with run_node(node):
+            await pusher.lpush("K", envelope.encode())
+            assert await poll(over, 10), got
+    finally:
+        await pusher.close()
+        await subscriber.close()
+    return got
+
+
+@pytest.mark.parametrize("piece", [wire.EARLIER_PIECE_SIZE, wire.PIECE_SIZE])
+async def test_a_node_sends_body_pieces_as_large_as_its_distributor_reads(
+    redis_server: RedisServer, piece: int
+) -> None:
+    # A distributor of the previous release reads pieces of 512 KiB at most (and says so); one
+    # of this release reads 1 MiB pieces, half the messages per MiB. Either way the window of
+    # 4 MiB holds the whole 2 MiB body: no credit is needed.
+    size = 2 * wire.PIECE_SIZE
+
+    async def download(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"d" * size})
+
+    window = 4 * wire.PIECE_SIZE // piece
+    got = await _node_answering_fake_distributor(redis_server, download, piece, window)
+    bodies = [
+        e["body"]
+        for kind, args, _ in got
+        if kind in (wire.SEND, wire.ACK_SEND)
+        for e in args[0]
+        if e["type"] == "http.response.body"
+    ]
+    assert [len(body) for body in bodies] == [piece] * (size // piece)
+    assert max(length for _, _, length in got) <= wire.message_limit(piece)
+
+
+@pytest.mark.parametrize(
+    ("piece", "sent"),
+    [(wire.EARLIER_PIECE_SIZE, False), (wire.PIECE_SIZE, True)],
+)
+async def test_a_node_never_sends_a_message_over_what_its_distributor_reads(
+    redis_server: RedisServer, piece: int, sent: bool
+) -> None:
+    # A start with 300 KiB of headers travels with the first body piece: with a 512 KiB
+    # piece, over the 768 KiB a distributor of the previous release reads, which would drop
+    # it and leave its client waiting: the Node fails the app instead (DONE). A distributor
+    # of this release reads it.
+    async def big_headers(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"x-filler-%d" % i, b"h" * 1000) for i in range(300)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"b" * wire.EARLIER_PIECE_SIZE})
+
+    got = await _node_answering_fake_distributor(redis_server, big_headers, piece, 4)
+    kinds = [kind for kind, _, _ in got]
+    assert (wire.DONE not in kinds) is sent, kinds
+    assert max(length for _, _, length in got) <= wire.message_limit(piece)
+    if sent:
+        assert max(length for _, _, length in got) > wire.EARLIER_MAX_MESSAGE_SIZE
+
+
+async def test_a_distributor_sends_a_node_of_the_previous_release_pieces_it_reads(
+    redis_server: RedisServer,
+) -> None:
+    # A Node of the previous release announces 512 KiB pieces in its ACK (and takes 512 KiB
+    # of the 1 MiB an envelope announces): an upload reaches it in pieces of that size at
+    # most, each message within the 768 KiB it reads.
+    size = 3 * wire.PIECE_SIZE
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node_channel = wire.new_channel("minidasgi", 0, "node")
+    got: list[tuple[dict[str, Any], int]] = []
+    done = asyncio.Event()
+
+    def on_message(_: bytes, data: bytes) -> None:
+        for message in wire.split_frame(data):
+            kind, _, args = wire.unpack(message)
+            if kind == wire.EVENT:
+                got.append((args[0], len(message)))
+                if not args[0].get("more_body", False):
+                    done.set()
+
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(node_channel), 5)
+    first: list[dict[str, Any]] = []
+
+    async def previous_node(connection: Any, data: bytes) -> None:
+        envelope = wire.Envelope.decode(data)
+        assert envelope.piece == wire.PIECE_SIZE
+        first.extend(envelope.events)
+
+        async def publish(kind: str, *args: Any) -> None:
+            await connection.publish(envelope.reply, wire.pack(kind, envelope.id, *args))
+
+        # A window of 8 pieces of 512 KiB holds the whole body: no credit needed.
+        await publish(wire.ACK, node_channel, 8, 0, False, wire.EARLIER_PIECE_SIZE)
+        await asyncio.wait_for(done.wait(), WAIT)
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        await publish(wire.SEND, [start, {"type": "http.response.body", "body": b"ok"}])
+
+    try:
+        async with serve_app(distributor) as base:
+            fake = asyncio.ensure_future(_fake_node(redis_server, "K", previous_node))
+            async with httpx.AsyncClient(base_url=base, timeout=WAIT) as client:
+                response = await client.post("/", content=b"u" * size)
+            await asyncio.wait_for(fake, WAIT)
+    finally:
+        await subscriber.close()
+    assert (response.status_code, response.text) == (200, "ok")
+    bodies = [event["body"] for event in first] + [event["body"] for event, _ in got]
+    assert sum(map(len, bodies)) == size
+    assert got and max(len(event["body"]) for event, _ in got) <= wire.EARLIER_PIECE_SIZE
+    assert max(length for _, length in got) <= wire.EARLIER_MAX_MESSAGE_SIZE
