@@ -100,7 +100,7 @@ from dataclasses import dataclass
 from math import isfinite
 from typing import Any, Final
 
-from . import codec, envelopewriter
+from . import codec, envelopewriter, responsereader
 from .resp.cluster import hash_tag
 
 __all__ = [
@@ -351,7 +351,10 @@ def split_frame(data: bytes | memoryview) -> list[Any]:
 def unpack(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
     """Decode one conversation message into ``(kind, request_id, args)``; a format this side
     cannot read raises ``codec.UnsupportedVersion``."""
-    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
+    # The usual small response, without the general scanner: the same value (``responsereader``).
+    message = responsereader.try_decode(data, max_size=MAX_MESSAGE_SIZE)
+    if message is None:
+        message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")
     if message[0] == PING:

@@ -1,0 +1,112 @@
+"""A reader of format 3 (``jsoncodec``) specialised for the usual response message.
+
+Owns one shortcut: the ``ACK_SEND`` message a Node sends for a small response answered at
+once (``[ACK_SEND, id, [start, body], node_channel, window, liveness, ...]``, the start's
+headers as pairs of bytes), read with one regular expression over its head instead of the
+general scanner, which calls back into Python for every bytes marker. The expression accepts
+only text whose meaning leaves no choice: fixed keys in a fixed order, strings of printable
+ASCII without escapes, ints without sign or leading zero of at most 9 digits, a plain decimal
+float, ``0E0`` markers exactly where bytes go; the prefix, the table of lengths and the markers'
+count are checked as ``jsoncodec.decode`` checks them. Anything else, however slightly unusual
+(a trailers flag, a header count the table does not match, an escape, a space), makes
+``try_decode`` return None, and the caller uses ``jsoncodec.decode``, which decides. So the
+value never depends on which path read it (``tests/test_responsereader.py`` compares the two,
+fuzzed). Must never accept a message the general path would refuse or read differently;
+encoding is not its business.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any, Final
+
+from . import jsoncodec
+from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE
+
+__all__ = ["try_decode"]
+
+_PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
+_LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(65)]  # the tables of lengths read
+_DEPTH: Final = 5  # the message's list, its events, an event, the headers, a header
+_COPIED: Final = 16 * 1024  # bytes of a memoryview copied whole; larger ones take the usual path
+_STRING: Final = rb'"([!#-\[\]-~]+)"'  # what json reads as the text between the quotes, unchanged
+_INT: Final = rb"(0|[1-9][0-9]{0,8})"  # what json reads as an int, and int() likewise
+_ACK_SEND: Final = re.compile(
+    b"".join(
+        [
+            rb'\["ack-send",' + _STRING + rb",",
+            rb'\[\{"type":"http\.response\.start","status":' + _INT + rb",",
+            rb'"headers":\[((?:\[0E0,0E0\](?:,\[0E0,0E0\])*)?)\]\},',
+            rb'\{"type":"http\.response\.body","body":0E0(,"more_body":(?:true|false))?\}\],',
+            _STRING + rb"," + _INT + rb",",
+            rb"((?:0|[1-9][0-9]{0,8})\.[0-9]{1,17})",  # the liveness: a float (json calls float())
+            # No confirmation asked, then the piece size, and perhaps the credit unit.
+            rb"(?:,false," + _INT + rb"(?:," + _INT + rb")?)?",
+            rb"\]",
+        ]
+    )
+)
+"""The usual ``ACK_SEND``'s head: groups for the id, the status, the header markers, the
+body's ``more_body``, the Node channel, the window, the liveness, the piece and the unit."""
+
+
+def try_decode(
+    data: bytes | memoryview,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_items: int = jsoncodec.DEFAULT_MAX_ITEMS,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> list[Any] | None:
+    """The value ``jsoncodec.decode`` gives for ``data`` with these bounds, when ``data`` is
+    a usual ``ACK_SEND`` message; None when it is not (then only the general path decides:
+    the message may still be valid, or not)."""
+    if type(data) is not bytes:
+        # A small view (a message of a batch frame) is copied whole, once: slicing bytes then
+        # gives the bytes values with no view each. A larger one, or another buffer: as usual.
+        if not (type(data) is memoryview and len(data) <= _COPIED and data.format == "B"):
+            return None
+        data = data.tobytes()
+    size = len(data)
+    if size > max_size or size < _PREFIX.size or data[0] != jsoncodec.VERSION:
+        return None
+    _, head_size, count = _PREFIX.unpack_from(data)
+    head_end = _PREFIX.size + head_size
+    tail_start = head_end + 4 * count
+    if tail_start > size or head_size >= max_items or max_depth < _DEPTH:
+        return None
+    match = _ACK_SEND.fullmatch(data, _PREFIX.size, head_end)
+    if match is None:
+        return None
+    request_id, status, pairs, more, channel, window, liveness, piece, unit = match.groups()
+    # "[0E0,0E0]" and a comma per header but the last: two markers each, and the body's.
+    if count != (len(pairs) + 1) // 5 + 1 or count >= len(_LENGTHS):
+        return None
+    lengths = _LENGTHS[count].unpack_from(data, head_end)
+    if sum(lengths) != size - tail_start:
+        return None
+    headers = []
+    position = tail_start
+    pair = iter(lengths)  # the header's, then the body's, which zip() drops
+    for name_size, value_size in zip(pair, pair, strict=False):
+        middle = position + name_size
+        end = middle + value_size
+        headers.append([data[position:middle], data[middle:end]])
+        position = end
+    body: dict[str, Any] = {"type": "http.response.body", "body": data[position:]}
+    if more is not None:
+        body["more_body"] = more == b',"more_body":true'
+    start = {"type": "http.response.start", "status": int(status), "headers": headers}
+    message = [
+        "ack-send",
+        request_id.decode("ascii"),
+        [start, body],
+        channel.decode("ascii"),
+        int(window),
+        float(liveness),
+    ]
+    if piece is not None:
+        message += [False, int(piece)]
+        if unit is not None:
+            message.append(int(unit))
+    return message
