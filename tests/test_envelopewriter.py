@@ -296,3 +296,80 @@ def test_every_envelope_field_is_one_the_writer_knows() -> None:
         "ack_send",
     }
     assert {field.name for field in dataclasses.fields(wire.Envelope)} == known
+
+
+def test_the_addresses_of_a_connection_are_written_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+    real = envelopewriter._address
+
+    def spy(value: Any) -> str | None:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(envelopewriter, "_address", spy)
+    # Pairs of their own (equal constants of a module are one object), as uvicorn makes per
+    # connection.
+    server, client = tuple(["127.0.0.1", 8000]), tuple(["127.0.0.1", 51234])
+    first, second = uvicorn_scope(), uvicorn_scope()
+    first["server"] = second["server"] = server
+    first["client"] = second["client"] = client
+    second["path"] = "/other"
+    envelope(first).encode()
+    assert calls == [server, client]
+    value = envelope(second)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert calls == [server, client]  # the second request of the connection: from the cache
+    # Equal pairs of another connection are other objects: written for themselves.
+    third = uvicorn_scope()
+    third["server"], third["client"] = tuple([*server]), tuple([*client])
+    value = envelope(third)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert len(calls) == 4
+
+
+def test_a_mutable_address_is_written_every_time() -> None:
+    client = ["127.0.0.1", 51234]  # a list: it may change between two requests
+    scope = uvicorn_scope()
+    scope["client"] = client
+    first = envelope(scope).encode()
+    client[1] = 51235
+    value = envelope(scope)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert b"51235" in value.encode() and b"51235" not in first
+
+
+def test_fuzzed_scopes_of_shared_addresses_give_the_general_paths_bytes_or_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Connections reuse their address pairs from request to request: the cached text must
+    # follow whatever else changes, and odd pairs must never be cached as good ones.
+    spy = Spy(monkeypatch)
+    rng = random.Random(11)
+    pairs = [
+        ("127.0.0.1", 8000),
+        ("127.0.0.1", 8001),
+        ("::1", 443),
+        ("h", True),
+        ("h", 10**20),
+        ("\ue000", 1),
+        ("é\ud800", 2),
+        (b"h", 1),
+        ("h", 1, 2),
+        ["h", 3],
+        None,
+    ]
+    taken = 0
+    for _ in range(3000):
+        scope = _mutated_scope(rng)
+        for name in ("server", "client"):
+            if name in scope and rng.random() < 0.8:
+                scope[name] = rng.choice(pairs)
+        value = envelope(scope)
+        spy.written = None
+        with contextlib.suppress(CodecError):
+            value.encode()
+        if spy.written is None:
+            continue
+        taken += 1
+        assert spy.written == general(value), value
+    assert taken > 300
