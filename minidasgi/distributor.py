@@ -861,16 +861,17 @@ class _Exchange:
                     events = [buffered.event()]
                     self._more = events[0]["more_body"]
             key = self.key
+            now = time.time()
             envelope = wire.Envelope(
                 id=self.id,
                 reply=d.channel,
-                deadline=time.time() + d.worker_timeout,
+                deadline=now + d.worker_timeout,
                 scope=_portable_scope(self.scope),
                 events=events,
                 window=self.received.window,
                 piece=self.received.piece,
                 liveness=d.liveness_interval,
-                queued=time.time(),
+                queued=now,
                 confirms=True,
                 ack_send=True,
                 version=d.wire_format,
@@ -1198,14 +1199,16 @@ class _Exchange:
             except asyncio.TimeoutError:
                 await self._fail(504, "the worker did not answer in time\n")
                 return
-            if item is _CLIENT_GONE:
+            if type(item) is tuple:  # a message from the Node, the usual item
+                kind, args = item
+            elif item is _CLIENT_GONE:
                 # The Node was told through the disconnect event; its app decides what to do.
                 self.complete = self.node_done = True
                 return
-            if item is _PEER_LOST:
+            elif item is _PEER_LOST:
                 await self._fail(502, "lost contact with the worker\n")
                 return
-            if item is _PEER_SILENT:
+            elif item is _PEER_SILENT:
                 logger.warning(
                     "request %s: nothing heard from its worker for %g s",
                     self.id,
@@ -1213,20 +1216,19 @@ class _Exchange:
                 )
                 await self._fail(502, "lost contact with the worker\n")
                 return
-            if item is _VIOLATION:
+            elif item is _VIOLATION:
                 logger.warning("request %s: the worker sent more than the credit granted", self.id)
                 await self._fail(502, "the worker broke flow control\n")
                 return
-            if item is _TOO_LARGE:
+            elif item is _TOO_LARGE:
                 await self._fail(413, "request body too large\n")
                 return
-            if item is _CLIENT_IDLE:
+            elif item is _CLIENT_IDLE:
                 self.node_done = True  # told through the disconnect event, as for _CLIENT_GONE
                 await self._fail(408, "request body timed out\n")
                 return
-            if isinstance(item, _Signal):  # e.g. an ack deadline that fired with the ack
+            else:  # another signal: e.g. an ack deadline that fired with the ack
                 continue
-            kind, args = item
             if kind == wire.SEND:
                 if args and isinstance(args[0], list):
                     await self._send_events(args[0])

@@ -777,6 +777,16 @@ class ReceiveWindow:
     (``count_units``), credits are units of that many bytes of encoded message, ``piece //
     unit`` per message of the window, and a small message takes one or a few of them."""
 
+    # Until a window counts units or sees traffic: read from the class, not set per window
+    # (one per request).
+    unit = 0  # 0: credit counts messages
+    largest = 1  # the credit the largest message takes
+    _floor = 1  # the credit the peer may hold whatever the pool's budget
+    unconsumed = 0  # arrived, not yet consumed
+    _pending = 0  # consumed, not yet returned
+    _costs: deque[int] | None = None  # what each unconsumed message took (units)
+    _closed = False
+
     def __init__(
         self,
         window: int = WINDOW,
@@ -787,19 +797,12 @@ class ReceiveWindow:
     ) -> None:
         self.window = window
         self.piece = piece
-        self.unit = 0  # 0: credit counts messages
-        self.largest = 1  # the credit the largest message takes
-        self._floor = 1  # the credit the peer may hold whatever the pool's budget
         self._cost = piece  # bytes of the pool one credit holds
         self._large = piece > CHUNK_SIZE  # the pool counts it among its large windows
         self.outstanding = window  # credits granted and not yet consumed
-        self.unconsumed = 0  # arrived, not yet consumed
         self._batch = max(1, window // 2)
-        self._pending = 0  # consumed, not yet returned
-        self._costs: deque[int] | None = None  # what each unconsumed message took (units)
         self._pool = pool
         self._grant = grant
-        self._closed = False
 
     def count_units(self, unit: int) -> None:
         """Count credit in units of ``unit`` bytes from now on (a power of two no larger than
