@@ -3,7 +3,11 @@
 Owns one shortcut: the ``ACK_SEND`` message a Node sends for a small response answered at
 once (``[ACK_SEND, id, [start, body], node_channel, window, liveness, ...]``, the start's
 headers as pairs of bytes), read with one regular expression over its head instead of the
-general scanner, which calls back into Python for every bytes marker. The expression accepts
+general scanner, which calls back into Python for every bytes marker. A Node answers the
+requests of a route alike: the head after the request id (bytes values are in the tail) is
+the same from one answer to the next, so what the expression read from it is kept by that
+text (a bounded table), and the next answer's costs a lookup, its id checked alone with the
+same character class. The expression accepts
 only text whose meaning leaves no choice: fixed keys in a fixed order, strings of printable
 ASCII without escapes, ints without sign or leading zero of at most 9 digits, a plain decimal
 float, ``0E0`` markers exactly where bytes go; the prefix, the table of lengths and the markers'
@@ -30,13 +34,15 @@ _PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, by
 _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(65)]  # the tables of lengths read
 _DEPTH: Final = 5  # the message's list, its events, an event, the headers, a header
 _COPIED: Final = 16 * 1024  # bytes of a memoryview copied whole; larger ones take the usual path
+_ID_START: Final = 9 + 13  # after the prefix and the start
 _STRING: Final = rb'"([!#-\[\]-~]+)"'  # what json reads as the text between the quotes, unchanged
 _INT: Final = rb"(0|[1-9][0-9]{0,8})"  # what json reads as an int, and int() likewise
-_ACK_SEND: Final = re.compile(
+_START: Final = b'["ack-send","'  # the head's start, then the request id
+_ID: Final = re.compile(rb"[!#-\[\]-~]+")  # what json reads as the text between the quotes
+_REST: Final = re.compile(
     b"".join(
         [
-            rb'\["ack-send",' + _STRING + rb",",
-            rb'\[\{"type":"http\.response\.start","status":' + _INT + rb",",
+            rb'",\[\{"type":"http\.response\.start","status":' + _INT + rb",",
             rb'"headers":\[((?:\[0E0,0E0\](?:,\[0E0,0E0\])*)?)\]\},',
             rb'\{"type":"http\.response\.body","body":0E0(,"more_body":(?:true|false))?\}\],',
             _STRING + rb"," + _INT + rb",",
@@ -47,8 +53,29 @@ _ACK_SEND: Final = re.compile(
         ]
     )
 )
-"""The usual ``ACK_SEND``'s head: groups for the id, the status, the header markers, the
-body's ``more_body``, the Node channel, the window, the liveness, the piece and the unit."""
+"""The usual ``ACK_SEND``'s head after its request id: groups for the status, the header
+markers, the body's ``more_body``, the Node channel, the window, the liveness, the piece and
+the unit."""
+_TEMPLATES: Final[dict[bytes, tuple[int, int, bool | None, tuple[Any, ...]]]] = {}
+"""What ``_REST`` read from a head's rest, by the rest: (markers, status, more_body, the ACK's
+arguments). A Node answers a route's requests alike: only the id differs."""
+_MAX_TEMPLATES: Final = 256
+
+
+def _template(rest: bytes) -> tuple[int, int, bool | None, tuple[Any, ...]] | None:
+    match = _REST.fullmatch(rest)
+    if match is None:
+        return None
+    status, pairs, more, channel, window, liveness, piece, unit = match.groups()
+    ack: tuple[Any, ...] = (channel.decode("ascii"), int(window), float(liveness))
+    if piece is not None:
+        ack += (False, int(piece))
+        if unit is not None:
+            ack += (int(unit),)
+    # "[0E0,0E0]" and a comma per header but the last: two markers each, and the body's.
+    markers = (len(pairs) + 1) // 5 + 1
+    more_body = None if more is None else more == b',"more_body":true'
+    return markers, int(status), more_body, ack
 
 
 def try_decode(
@@ -75,12 +102,22 @@ def try_decode(
     tail_start = head_end + 4 * count
     if tail_start > size or head_size >= max_items or max_depth < _DEPTH:
         return None
-    match = _ACK_SEND.fullmatch(data, _PREFIX.size, head_end)
-    if match is None:
+    if not data.startswith(_START, _PREFIX.size):
         return None
-    request_id, status, pairs, more, channel, window, liveness, piece, unit = match.groups()
-    # "[0E0,0E0]" and a comma per header but the last: two markers each, and the body's.
-    if count != (len(pairs) + 1) // 5 + 1 or count >= len(_LENGTHS):
+    id_end = data.find(b'"', _ID_START, head_end)
+    if id_end < 0 or _ID.fullmatch(data, _ID_START, id_end) is None:
+        return None
+    rest = data[id_end:head_end]
+    template = _TEMPLATES.get(rest)
+    if template is None:
+        template = _template(rest)
+        if template is None:
+            return None
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        _TEMPLATES[rest] = template
+    markers, status, more, ack = template
+    if count != markers or count >= len(_LENGTHS):
         return None
     lengths = _LENGTHS[count].unpack_from(data, head_end)
     if sum(lengths) != size - tail_start:
@@ -95,18 +132,6 @@ def try_decode(
         position = end
     body: dict[str, Any] = {"type": "http.response.body", "body": data[position:]}
     if more is not None:
-        body["more_body"] = more == b',"more_body":true'
-    start = {"type": "http.response.start", "status": int(status), "headers": headers}
-    message = [
-        "ack-send",
-        request_id.decode("ascii"),
-        [start, body],
-        channel.decode("ascii"),
-        int(window),
-        float(liveness),
-    ]
-    if piece is not None:
-        message += [False, int(piece)]
-        if unit is not None:
-            message.append(int(unit))
-    return message
+        body["more_body"] = more
+    start = {"type": "http.response.start", "status": status, "headers": headers}
+    return ["ack-send", data[_ID_START:id_end].decode("ascii"), [start, body], *ack]

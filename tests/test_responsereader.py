@@ -117,6 +117,41 @@ def test_other_shapes_are_left_to_the_general_path(
     assert general(data) is not CodecError  # valid all the same: the general path reads it
 
 
+@pytest.mark.parametrize("request_id", ['ab"c', "ab\\c", "é", "a\x01", " "])
+def test_an_id_json_would_escape_is_left_to_the_general_path(request_id: str) -> None:
+    responsereader.try_decode(ack_send())  # the usual rest, known already
+    data = ack_send(request_id=request_id)
+    assert responsereader.try_decode(data) is None
+    assert general(data)[1] == request_id  # valid all the same
+
+
+def test_answers_alike_but_for_their_ids_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[bytes] = []
+    real = responsereader._template
+
+    def spy(rest: bytes) -> Any:
+        read.append(rest)
+        return real(rest)
+
+    monkeypatch.setattr(responsereader, "_template", spy)
+    monkeypatch.setattr(responsereader, "_TEMPLATES", {})
+    messages = [ack_send() for _ in range(5)]  # five requests, five ids
+    for data in messages:
+        assert same(responsereader.try_decode(data), general(data))
+    assert len(read) == 1  # the expression ran for the first only; the others matched its text
+    other = ack_send(ack=(NODE, 8, 1.0))
+    assert same(responsereader.try_decode(other), general(other))
+    assert len(read) == 2
+
+
+def test_the_templates_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(responsereader, "_TEMPLATES", {})
+    for window in range(1, 3 * responsereader._MAX_TEMPLATES):
+        data = ack_send(ack=(NODE, window, 1.0))
+        assert same(responsereader.try_decode(data), general(data))
+        assert len(responsereader._TEMPLATES) <= responsereader._MAX_TEMPLATES
+
+
 def test_bounds_are_the_callers() -> None:
     data = ack_send()
     assert responsereader.try_decode(data, max_size=len(data) - 1) is None
