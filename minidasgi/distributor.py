@@ -862,28 +862,27 @@ class _Exchange:
                     self._more = events[0]["more_body"]
             key = self.key
             now = time.time()
-            envelope = wire.Envelope(
-                id=self.id,
-                reply=d.channel,
-                deadline=now + d.worker_timeout,
-                scope=_portable_scope(self.scope),
-                events=events,
-                window=self.received.window,
-                piece=self.received.piece,
-                liveness=d.liveness_interval,
-                queued=now,
-                confirms=True,
-                ack_send=True,
-                version=d.wire_format,
-                unit=self.unit,
-            )
             try:
-                data = envelope.encode()
+                data = wire.encode_envelope(
+                    self.id,
+                    d.channel,
+                    now + d.worker_timeout,
+                    _portable_scope(self.scope),
+                    events,
+                    window=self.received.window,
+                    piece=self.received.piece,
+                    liveness=d.liveness_interval,
+                    queued=now,
+                    confirms=True,
+                    ack_send=True,
+                    version=d.wire_format,
+                    unit=self.unit,
+                )
             except CodecError as exc:  # a server or middleware put something odd in the scope
                 logger.error("request %s cannot travel to a Node: %s", self.id, exc)
                 await self._refuse(500, "Internal Server Error\n")
                 return
-            del envelope, events
+            del events
             if not d.ready:
                 # Checked again: buffering the body may have taken long, and while the
                 # subscriber is away an ack would be lost (and the Node drop the request).

@@ -469,11 +469,7 @@ class Envelope:
             return codec.encode(
                 {"id": self.id, "reply": self.reply, **self.fields()}, version=codec.RELEASED
             )
-        request_id, reply = self.id.encode("ascii"), self.reply.encode("ascii")
-        if len(request_id) > 64 or len(reply) > 255:
-            raise WireError("envelope id or reply channel too long")
-        preamble = bytes([ENVELOPE_FRAME, len(request_id)]) + request_id
-        preamble += bytes([len(reply)]) + reply
+        preamble = _envelope_preamble(self.id, self.reply)
         if self.version == codec.FAST:
             # The usual envelope, without the general writer's passes over its text: the
             # same bytes (``envelopewriter``), else the general path decides.
@@ -608,6 +604,74 @@ class Envelope:
     def expired(self, now: float | None = None) -> bool:
         """True once the distributor has stopped waiting for an ack."""
         return (time.time() if now is None else now) > self.deadline
+
+
+def encode_envelope(
+    request_id: str,
+    reply: str,
+    deadline: float,
+    scope: dict[str, Any],
+    events: list[dict[str, Any]],
+    *,
+    window: int = WINDOW,
+    liveness: float = 0.0,
+    queued: float = 0.0,
+    confirms: bool = False,
+    version: int = codec.FAST,
+    piece: int = CHUNK_SIZE,
+    unit: int = 0,
+    ack_send: bool = False,
+) -> bytes:
+    """``Envelope(...).encode()`` with these fields, without making the ``Envelope`` when the
+    usual envelope's writer takes them (a distributor writes one per request): the same
+    bytes either way."""
+    if version == codec.FAST:
+        parts = envelopewriter.try_encode_parts(
+            deadline,
+            scope,
+            events,
+            window,
+            liveness,
+            queued,
+            piece,
+            CHUNK_SIZE,
+            bool(confirms),
+            unit,
+            bool(ack_send),
+        )
+        if parts is not None:
+            return b"".join([_envelope_preamble(request_id, reply), *parts])
+    envelope = Envelope(
+        request_id,
+        reply,
+        deadline,
+        scope,
+        events,
+        window,
+        liveness=liveness,
+        queued=queued,
+        confirms=confirms,
+        version=version,
+        piece=piece,
+        unit=unit,
+        ack_send=ack_send,
+    )
+    return envelope.encode()
+
+
+def _envelope_preamble(request_id: str, reply: str) -> bytes:
+    """An envelope's frame byte, id and reply channel, each with its length."""
+    request_id_bytes, reply_bytes = request_id.encode("ascii"), reply.encode("ascii")
+    if len(request_id_bytes) > 64 or len(reply_bytes) > 255:
+        raise WireError("envelope id or reply channel too long")
+    return b"".join(
+        [
+            bytes([ENVELOPE_FRAME, len(request_id_bytes)]),
+            request_id_bytes,
+            bytes([len(reply_bytes)]),
+            reply_bytes,
+        ]
+    )
 
 
 def piece_size(announced: Any) -> int:

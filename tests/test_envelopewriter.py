@@ -279,7 +279,8 @@ def test_a_str_subclass_key_of_the_asgi_dict_is_written_as_its_text_not_its_str(
 def test_every_envelope_field_is_one_the_writer_knows() -> None:
     # The writer takes the Envelope's attributes one by one (no fields dict): a field added
     # to Envelope.fields() and not to the writer would travel only by the general path's
-    # bytes, and the usual envelope would silently lose it. Add it to both, then here.
+    # bytes, and the usual envelope would silently lose it. Add it to both (and to
+    # ``wire.encode_envelope``'s arguments), then here.
     known = {
         "id",
         "reply",
@@ -373,3 +374,64 @@ def test_fuzzed_scopes_of_shared_addresses_give_the_general_paths_bytes_or_none(
         taken += 1
         assert spy.written == general(value), value
     assert taken > 300
+
+
+def test_encode_envelope_gives_the_envelopes_bytes_without_making_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = random.Random(12)
+    made: list[wire.Envelope] = []
+    init = wire.Envelope.__init__
+
+    def counted(self: wire.Envelope, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    for i in range(600):
+        value = envelope(_mutated_scope(rng), _mutated_events(rng))
+        if i % 5 == 0:
+            value.version = rng.choice([codec.RELEASED, codec.BINARY])
+        if i % 7 == 0:
+            value.piece, value.unit, value.confirms = 2**19, 1024, False
+        try:
+            expected: bytes | type[Exception] = value.encode()
+        except CodecError as exc:
+            expected = type(exc)
+        monkeypatch.setattr(wire.Envelope, "__init__", counted)
+        try:
+            data: bytes | type[Exception] = wire.encode_envelope(
+                value.id,
+                value.reply,
+                value.deadline,
+                value.scope,
+                value.events,
+                window=value.window,
+                liveness=value.liveness,
+                queued=value.queued,
+                confirms=value.confirms,
+                version=value.version,
+                piece=value.piece,
+                unit=value.unit,
+                ack_send=value.ack_send,
+            )
+        except CodecError as exc:
+            data = type(exc)
+        monkeypatch.undo()
+        assert data == expected
+    # Only envelopes the usual writer declines (or of another version) made one, to decide.
+    assert 0 < len(made) < 600
+    usual = envelope(uvicorn_scope())
+    made.clear()
+    monkeypatch.setattr(wire.Envelope, "__init__", counted)
+    assert wire.encode_envelope(
+        usual.id,
+        usual.reply,
+        usual.deadline,
+        usual.scope,
+        usual.events,
+        liveness=usual.liveness,
+        queued=usual.queued,
+        confirms=True,
+        ack_send=True,
+    ) == wire.Envelope.encode(usual)
+    assert made == []
