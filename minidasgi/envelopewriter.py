@@ -67,6 +67,7 @@ keys, never formatted from the key itself (a str subclass formats as its ``__str
 _REQUEST_EVENT_KEYS: Final = ("type", "body", "more_body")
 _PAIR: Final = "[0E0,0E0]"
 _PAIR_TYPES: Final = frozenset([tuple, list])
+_PAIRS_TEXT: Final = ["[" + ",".join([_PAIR] * n) + "]" for n in range(32)]  # by header count
 _BYTES: Final = frozenset([bytes])
 _TWO: Final = frozenset([2])
 _STR: Final = frozenset([str])
@@ -295,7 +296,10 @@ def _pairs(headers: list[Any], blobs: list[bytes]) -> str | None:
     if not _BYTES.issuperset(map(type, values)):
         return None
     blobs += values
-    return "[" + ",".join([_PAIR] * len(headers)) + "]"
+    count = len(headers)
+    if count < len(_PAIRS_TEXT):
+        return _PAIRS_TEXT[count]
+    return "[" + ",".join([_PAIR] * count) + "]"
 
 
 def _events(events: list[Any], blobs: list[bytes]) -> str | None:
