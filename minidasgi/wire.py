@@ -387,7 +387,7 @@ def split_ack_send(args: list[Any]) -> tuple[list[Any], list[Any]]:
     if not (isinstance(channel, str) and 0 < len(channel) <= 256):
         raise WireError("ack-send message without a Node channel")
     ack = args[1:]
-    if asks_confirmation(ack):
+    if len(ack) > 3 and ack[3] is True:  # asks_confirmation(ack), inline: one per request
         raise WireError("ack-send message asking for a confirmation")
     return ack, args[:1]
 
