@@ -656,7 +656,8 @@ class Distributor:
             assert self._loop is not None
             self.peers.heard(exchange.node, self._loop.time())
         if kind == wire.CREDIT:
-            # Before the ACK is handled there is no window: nothing sent yet needs credit.
+            # Before there is a window (made once the ACK is handled and the client has more
+            # to send: ``_open_window``) nothing sent yet needs credit, and a window starts full.
             if args and type(args[0]) is int and exchange.window is not None:
                 exchange.window.grant(args[0])
         elif kind == wire.SEND:
@@ -782,6 +783,32 @@ _TRANSIENT_ERRORS = frozenset(
 class _Exchange:
     """One HTTP request or WebSocket connection relayed to a Node."""
 
+    # What most requests never change: read from the class until an exchange sets its own
+    # (an attribute set per request costs more than the lookup that finds it here).
+    window: wire.SendWindow | None = None  # the window the Node's ack grants (made when used)
+    piece = wire.CHUNK_SIZE  # the largest piece the Node reads: its ack may say more
+    pieces: wire.Reassembler | None = None  # made at the first WebSocket message
+    node: str | None = None
+    started = False  # the response (or the WebSocket handshake answer) started
+    trailers = False  # the response announced trailers: they complete it
+    complete = False
+    node_done = False  # the Node's side ended by itself: nothing to cancel there
+    violated = False  # the Node sent more than the credit granted
+    seen: tuple[str, ...] = ()  # the ACK, DONE and GONE kinds already queued
+    acked_by: str | None = None  # the Node channel of the first ACK
+    body_size = 0
+    _wants_body = False  # the Node's app asked for the body (CONTINUE)
+    _more = False  # the client has more to send than the envelope carries
+    _pumps: tuple[asyncio.Task[None], ...] = ()
+    _delayed: list[Any] | None = None  # an entry of watch_deadlines
+    status = 0  # the status answered, for metrics and the access log
+    _credits: wire.CreditMessages | None = None  # made at the first credit
+    _holding_credit = False  # a credit waits to ride with the next message (WebSocket)
+    pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
+    _pushing = False  # the LPUSH's reply may still stop the request (``_Pushed``)
+    acked_at = 0.0
+    _ack: Sequence[Any] = ()  # the ACK's arguments, once it came
+
     def __init__(
         self, distributor: Distributor, key: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
@@ -793,8 +820,6 @@ class _Exchange:
         self._receive = receive
         self._send = send
         self.inbox: Inbox[Any] = Inbox(distributor._loop)
-        self.window: wire.SendWindow | None = None  # the window the Node's ack grants
-        self.piece = wire.CHUNK_SIZE  # the largest piece the Node reads: its ack may say more
         pool = distributor.credit_pool
         if self.kind == "http" and distributor.wire_format != codec.RELEASED:
             self.received = pool.window(self._grant_later)  # large pieces if there is room
@@ -809,28 +834,8 @@ class _Exchange:
             if self.kind == "websocket" and distributor.wire_format != codec.RELEASED
             else 0
         )
-        self.pieces: wire.Reassembler | None = None  # made at the first WebSocket message
-        self.node: str | None = None
-        self.started = False  # the response (or the WebSocket handshake answer) started
-        self.trailers = False  # the response announced trailers: they complete it
-        self.complete = False
-        self.node_done = False  # the Node's side ended by itself: nothing to cancel there
-        self.violated = False  # the Node sent more than the credit granted
-        self.seen: tuple[str, ...] = ()  # the ACK, DONE and GONE kinds already queued
-        self.acked_by: str | None = None  # the Node channel of the first ACK
-        self.body_size = 0
         # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
         self.expecting = self.kind == "http" and _expects_continue(scope)
-        self._wants_body = False  # the Node's app asked for the body (CONTINUE)
-        self._more = False  # the client has more to send than the envelope carries
-        self._pumps: list[asyncio.Task[None]] = []
-        self._delayed: list[Any] | None = None  # an entry of watch_deadlines
-        self.status = 0  # the status answered, for metrics and the access log
-        self._credits: wire.CreditMessages | None = None  # made at the first credit
-        self._holding_credit = False  # a credit waits to ride with the next message (WebSocket)
-        self.pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
-        self._pushing = False  # the LPUSH's reply may still stop the request (``_Pushed``)
-        self.acked_at = 0.0
 
     async def run(self) -> None:
         d = self.distributor
@@ -856,28 +861,28 @@ class _Exchange:
                     events = [buffered.event()]
                     self._more = events[0]["more_body"]
             key = self.key
-            envelope = wire.Envelope(
-                id=self.id,
-                reply=d.channel,
-                deadline=time.time() + d.worker_timeout,
-                scope=_portable_scope(self.scope),
-                events=events,
-                window=self.received.window,
-                piece=self.received.piece,
-                liveness=d.liveness_interval,
-                queued=time.time(),
-                confirms=True,
-                ack_send=True,
-                version=d.wire_format,
-                unit=self.unit,
-            )
+            now = time.time()
             try:
-                data = envelope.encode()
+                data = wire.encode_envelope(
+                    self.id,
+                    d.channel,
+                    now + d.worker_timeout,
+                    _portable_scope(self.scope),
+                    events,
+                    window=self.received.window,
+                    piece=self.received.piece,
+                    liveness=d.liveness_interval,
+                    queued=now,
+                    confirms=True,
+                    ack_send=True,
+                    version=d.wire_format,
+                    unit=self.unit,
+                )
             except CodecError as exc:  # a server or middleware put something odd in the scope
                 logger.error("request %s cannot travel to a Node: %s", self.id, exc)
                 await self._refuse(500, "Internal Server Error\n")
                 return
-            del envelope, events
+            del events
             if not d.ready:
                 # Checked again: buffering the body may have taken long, and while the
                 # subscriber is away an ack would be lost (and the Node drop the request).
@@ -968,13 +973,7 @@ class _Exchange:
         now = d._loop.time()
         pings = len(ack_args) > 2 and type(ack_args[2]) in (int, float) and ack_args[2] > 0
         d.peers.add(node, self.id, now, pings=pings)
-        if len(ack_args) > 4:
-            self.piece = wire.piece_size(ack_args[4])
-        unit = wire.credit_unit(ack_args[5], self.piece) if len(ack_args) > 5 else 0
-        if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
-            self.window = wire.SendWindow(ack_args[1], unit=unit, piece=self.piece)
-        else:
-            self.window = wire.SendWindow(unit=unit, piece=self.piece)
+        self._ack = ack_args  # the window it grants is made once the client has more to send
         if wire.asks_confirmation(ack_args):
             # The Node waits to run it until told: this is the first ACK, and the client has
             # not been answered (``confirmation``).
@@ -1024,6 +1023,19 @@ class _Exchange:
         else:
             self._delayed = self.distributor.watch_deadlines.add(_Exchange._start_pump, self)
 
+    def _open_window(self) -> None:
+        """The window (and the piece size) the Node's ACK grants, for what the client sends
+        after the envelope. Made only then: most requests travel whole in their envelope.
+        A CREDIT before it has nothing to add to: a window starts full."""
+        ack_args = self._ack
+        if len(ack_args) > 4:
+            self.piece = wire.piece_size(ack_args[4])
+        unit = wire.credit_unit(ack_args[5], self.piece) if len(ack_args) > 5 else 0
+        if len(ack_args) > 1 and type(ack_args[1]) is int and 1 <= ack_args[1] <= 1024:
+            self.window = wire.SendWindow(ack_args[1], unit=unit, piece=self.piece)
+        else:
+            self.window = wire.SendWindow(unit=unit, piece=self.piece)
+
     def body_wanted(self) -> None:
         """The Node's app asked for the body of a request queued without it (CONTINUE)."""
         if not self.expecting or self._wants_body:
@@ -1033,7 +1045,7 @@ class _Exchange:
             self._start_pump()  # else once the ack is handled
 
     def _start_pump(self) -> None:
-        self._pumps.append(asyncio.ensure_future(self._forward_client(self._more)))
+        self._pumps += (asyncio.ensure_future(self._forward_client(self._more)),)
 
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
@@ -1186,14 +1198,16 @@ class _Exchange:
             except asyncio.TimeoutError:
                 await self._fail(504, "the worker did not answer in time\n")
                 return
-            if item is _CLIENT_GONE:
+            if type(item) is tuple:  # a message from the Node, the usual item
+                kind, args = item
+            elif item is _CLIENT_GONE:
                 # The Node was told through the disconnect event; its app decides what to do.
                 self.complete = self.node_done = True
                 return
-            if item is _PEER_LOST:
+            elif item is _PEER_LOST:
                 await self._fail(502, "lost contact with the worker\n")
                 return
-            if item is _PEER_SILENT:
+            elif item is _PEER_SILENT:
                 logger.warning(
                     "request %s: nothing heard from its worker for %g s",
                     self.id,
@@ -1201,20 +1215,19 @@ class _Exchange:
                 )
                 await self._fail(502, "lost contact with the worker\n")
                 return
-            if item is _VIOLATION:
+            elif item is _VIOLATION:
                 logger.warning("request %s: the worker sent more than the credit granted", self.id)
                 await self._fail(502, "the worker broke flow control\n")
                 return
-            if item is _TOO_LARGE:
+            elif item is _TOO_LARGE:
                 await self._fail(413, "request body too large\n")
                 return
-            if item is _CLIENT_IDLE:
+            elif item is _CLIENT_IDLE:
                 self.node_done = True  # told through the disconnect event, as for _CLIENT_GONE
                 await self._fail(408, "request body timed out\n")
                 return
-            if isinstance(item, _Signal):  # e.g. an ack deadline that fired with the ack
+            else:  # another signal: e.g. an ack deadline that fired with the ack
                 continue
-            kind, args = item
             if kind == wire.SEND:
                 if args and isinstance(args[0], list):
                     await self._send_events(args[0])
@@ -1303,7 +1316,9 @@ class _Exchange:
     async def _forward_client(self, more: bool) -> None:
         """Relay what the client sends after the envelope, under the Node's credit."""
         d = self.distributor
-        assert self.node is not None and self.window is not None
+        assert self.node is not None
+        if more and self.window is None:
+            self._open_window()
         idle = self.distributor.body_idle_timeout if self.kind == "http" else None
         left_over: Message | None = None  # received while gathering a piece, not part of it
         while True:
@@ -1330,12 +1345,13 @@ class _Exchange:
             if self._too_large(event):
                 self.inbox.put_nowait(_TOO_LARGE)
                 return
+            window = self.window
+            assert window is not None
             pieces: Sequence[Mapping[str, Any]]
             if kind == "websocket.receive":
-                pieces = wire.split_message(dict(event), self.window.piece)
+                pieces = wire.split_message(dict(event), window.piece)
             else:
                 pieces = _body_pieces(event, self.piece)
-            window = self.window
             for piece in pieces:
                 message = wire.pack_parts(wire.EVENT, self.id, dict(piece), version=d.wire_format)
                 # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.

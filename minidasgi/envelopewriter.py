@@ -9,8 +9,12 @@ values checked as they are written. Anything else, however slightly unusual (a s
 the known ones, a bytearray, a float in the scope, U+E000 anywhere, an int of 19 digits), makes
 ``try_encode_parts`` return None, and the caller uses the general path, which decides. So the
 bytes on the wire never depend on which path wrote them (``tests/test_envelopewriter.py``
-compares the two, fuzzed). Must never accept a value the general path would refuse or write
-differently; decoding is not its business (the Node decodes with ``jsoncodec.decode``).
+compares the two, fuzzed). Uvicorn's scope (its keys in its order) is written in one
+expression, and the text of its address pairs, immutable and the same objects for every
+request of a connection, is kept by the client pair's id (a small cache holding the pairs:
+their ids cannot be reused while they are in it). Must never accept a value the general path
+would refuse or write differently; decoding is not its business (the Node decodes with
+``jsoncodec.decode``).
 """
 
 from __future__ import annotations
@@ -63,8 +67,30 @@ keys, never formatted from the key itself (a str subclass formats as its ``__str
 _REQUEST_EVENT_KEYS: Final = ("type", "body", "more_body")
 _PAIR: Final = "[0E0,0E0]"
 _PAIR_TYPES: Final = frozenset([tuple, list])
+_PAIRS_TEXT: Final = ["[" + ",".join([_PAIR] * n) + "]" for n in range(32)]  # by header count
 _BYTES: Final = frozenset([bytes])
 _TWO: Final = frozenset([2])
+_STR: Final = frozenset([str])
+_UVICORN_KEYS: Final = (
+    "type",
+    "asgi",
+    "http_version",
+    "server",
+    "client",
+    "scheme",
+    "method",
+    "root_path",
+    "path",
+    "raw_path",
+    "query_string",
+    "headers",
+)
+"""The scope's keys as uvicorn gives them, in its order (``_uvicorn_scope``)."""
+_UVICORN_ASGI_KEYS: Final = ("version", "spec_version")
+_ADDRESSES: Final[dict[int, tuple[tuple[Any, ...], tuple[Any, ...], str]]] = {}
+"""The text of the server and client addresses by the client pair's id: a server gives the
+same pairs to every request of a connection (uvicorn does), and a connection makes many."""
+_MAX_ADDRESSES: Final = 256
 
 
 def try_encode_parts(
@@ -145,6 +171,10 @@ def _number(value: Any) -> str | None:
 
 
 def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
+    if tuple(scope) == _UVICORN_KEYS:
+        text = _uvicorn_scope(scope, blobs)
+        if text is not None:
+            return text
     chunks: list[str] = []
     for key, value in scope.items():
         name = _SCOPE_KEYS.get(key)
@@ -186,6 +216,78 @@ def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
     return "{" + ",".join(chunks) + "}"
 
 
+def _uvicorn_scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
+    """``_scope`` for the keys uvicorn gives, in its order, with the values it gives (str,
+    bytes for the paths, addresses as (host, port) pairs): one expression instead of a turn
+    of the general loop per key. None (and ``blobs`` untouched) for anything else: the loop
+    then decides."""
+    (
+        kind,
+        asgi,
+        http_version,
+        server,
+        client,
+        scheme,
+        method,
+        root_path,
+        path,
+        raw_path,
+        query_string,
+        headers,
+    ) = scope.values()
+    if not (
+        _STR.issuperset(map(type, (kind, http_version, scheme, method, root_path, path)))
+        and type(raw_path) is bytes
+        and type(query_string) is bytes
+        and type(asgi) is dict
+        and tuple(asgi) == _UVICORN_ASGI_KEYS
+        and type(headers) is list
+    ):
+        return None
+    version, spec_version = asgi.values()
+    if type(version) is not str or type(spec_version) is not str:
+        return None
+    cached = _ADDRESSES.get(id(client))
+    if cached is not None and cached[0] is client and cached[1] is server:
+        addresses = cached[2]
+    else:
+        server_text = _address(server)
+        client_text = _address(client)
+        if server_text is None or client_text is None:
+            return None
+        addresses = f'"server":{server_text},"client":{client_text}'
+        if type(client) is tuple and type(server) is tuple:
+            # Pairs of a str and an int (checked above): immutable, so their text is too.
+            # Kept with the pairs themselves, whose ids cannot be reused while they live.
+            if len(_ADDRESSES) >= _MAX_ADDRESSES:
+                _ADDRESSES.clear()
+            _ADDRESSES[id(client)] = (client, server, addresses)
+    pair_blobs: list[bytes] = [raw_path, query_string]
+    pairs = _pairs(headers, pair_blobs)
+    if pairs is None:
+        return None
+    blobs += pair_blobs
+    return (
+        f'{{"type":{_quote(kind)},"asgi":{{"version":{_quote(version)},'
+        f'"spec_version":{_quote(spec_version)}}},"http_version":{_quote(http_version)},'
+        f'{addresses},"scheme":{_quote(scheme)},'
+        f'"method":{_quote(method)},"root_path":{_quote(root_path)},"path":{_quote(path)},'
+        f'"raw_path":0E0,"query_string":0E0,"headers":{pairs}}}'
+    )
+
+
+def _address(value: Any) -> str | None:
+    """A (host, port) pair as the general loop writes it, or None (null) as ``null``; None
+    for anything else."""
+    if value is None:
+        return "null"
+    if type(value) in _PAIR_TYPES and len(value) == 2:
+        host, port = value
+        if type(host) is str and type(port) is int and -_INT_BOUND < port < _INT_BOUND:
+            return f"[{_quote(host)},{_int_repr(port)}]"
+    return None
+
+
 def _pairs(headers: list[Any], blobs: list[bytes]) -> str | None:
     """Headers as pairs of bytes (tuples or lists, as json writes both), checked in C."""
     if not (_PAIR_TYPES.issuperset(map(type, headers)) and _TWO.issuperset(map(len, headers))):
@@ -194,7 +296,10 @@ def _pairs(headers: list[Any], blobs: list[bytes]) -> str | None:
     if not _BYTES.issuperset(map(type, values)):
         return None
     blobs += values
-    return "[" + ",".join([_PAIR] * len(headers)) + "]"
+    count = len(headers)
+    if count < len(_PAIRS_TEXT):
+        return _PAIRS_TEXT[count]
+    return "[" + ",".join([_PAIR] * count) + "]"
 
 
 def _events(events: list[Any], blobs: list[bytes]) -> str | None:

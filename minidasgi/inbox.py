@@ -60,7 +60,9 @@ class Inbox(_Fifo[T]):
     __slots__ = ("_waiter",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        super().__init__(loop)
+        # _Fifo's attributes set here, not by a call to its __init__: one inbox per request.
+        self._items = deque()
+        self._loop = loop
         self._waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: T) -> None:

@@ -56,7 +56,7 @@ class PeerTracker:
         self._last_tick: float | None = None
 
     def __len__(self) -> int:
-        return len(self._peers)
+        return sum(1 for state in self._peers.values() if state.requests)
 
     def add(self, peer: str, request_id: str, now: float, *, pings: bool) -> None:
         """``request_id`` is now in flight with ``peer``, which was just heard from (the
@@ -74,8 +74,9 @@ class PeerTracker:
         if state is None:
             return
         state.requests.pop(request_id, None)
-        if not state.requests:
-            del self._peers[peer]  # an idle peer is forgotten: nothing is pinged, nothing timed
+        # An idle peer is nothing to ping nor to time (``peers``, ``tick`` pass it over), and
+        # forgotten at the next tick: kept until then for its next request, which usually
+        # follows at once (one request at a time: no peer state made and dropped per request).
 
     def heard(self, peer: str, now: float) -> None:
         """Anything at all arrived from ``peer``."""
@@ -90,7 +91,9 @@ class PeerTracker:
 
     def peers(self) -> Iterator[tuple[str, list[str]]]:
         """Each peer with requests in flight, with those requests (a snapshot)."""
-        return iter([(peer, list(state.requests)) for peer, state in self._peers.items()])
+        return iter(
+            [(peer, list(state.requests)) for peer, state in self._peers.items() if state.requests]
+        )
 
     def tick(self, now: float, interval: float) -> list[tuple[str, list[str]]]:
         """The periodic check, due every ``interval`` seconds: return the peers lost (silent
@@ -109,8 +112,10 @@ class PeerTracker:
         lost = [
             (peer, list(state.requests))
             for peer, state in self._peers.items()
-            if state.pings and now - state.heard > self.timeout
+            if state.requests and state.pings and now - state.heard > self.timeout
         ]
         for peer, _ in lost:
             del self._peers[peer]
+        for peer in [peer for peer, state in self._peers.items() if not state.requests]:
+            del self._peers[peer]  # idle since the last tick: forgotten
         return lost

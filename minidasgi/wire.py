@@ -100,7 +100,7 @@ from dataclasses import dataclass
 from math import isfinite
 from typing import Any, Final
 
-from . import codec, envelopewriter
+from . import codec, envelopewriter, responsereader
 from .resp.cluster import hash_tag
 
 __all__ = [
@@ -366,7 +366,10 @@ def split_frame(data: bytes | memoryview) -> list[Any]:
 def unpack(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
     """Decode one conversation message into ``(kind, request_id, args)``; a format this side
     cannot read raises ``codec.UnsupportedVersion``."""
-    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
+    # The usual small response, without the general scanner: the same value (``responsereader``).
+    message = responsereader.try_decode(data, max_size=MAX_MESSAGE_SIZE)
+    if message is None:
+        message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")
     if message[0] == PING:
@@ -399,7 +402,7 @@ def split_ack_send(args: list[Any]) -> tuple[list[Any], list[Any]]:
     if not (isinstance(channel, str) and 0 < len(channel) <= 256):
         raise WireError("ack-send message without a Node channel")
     ack = args[1:]
-    if asks_confirmation(ack):
+    if len(ack) > 3 and ack[3] is True:  # asks_confirmation(ack), inline: one per request
         raise WireError("ack-send message asking for a confirmation")
     return ack, args[:1]
 
@@ -481,11 +484,7 @@ class Envelope:
             return codec.encode(
                 {"id": self.id, "reply": self.reply, **self.fields()}, version=codec.RELEASED
             )
-        request_id, reply = self.id.encode("ascii"), self.reply.encode("ascii")
-        if len(request_id) > 64 or len(reply) > 255:
-            raise WireError("envelope id or reply channel too long")
-        preamble = bytes([ENVELOPE_FRAME, len(request_id)]) + request_id
-        preamble += bytes([len(reply)]) + reply
+        preamble = _envelope_preamble(self.id, self.reply)
         if self.version == codec.FAST:
             # The usual envelope, without the general writer's passes over its text: the
             # same bytes (``envelopewriter``), else the general path decides.
@@ -627,6 +626,74 @@ def message_limit(piece: int) -> int:
     announced, through ``piece_size``): a peer announcing more than ``EARLIER_PIECE_SIZE`` is of
     this release or later, and reads ``MAX_MESSAGE_SIZE``; any other may be an earlier one."""
     return MAX_MESSAGE_SIZE if piece > EARLIER_PIECE_SIZE else EARLIER_MAX_MESSAGE_SIZE
+
+
+def encode_envelope(
+    request_id: str,
+    reply: str,
+    deadline: float,
+    scope: dict[str, Any],
+    events: list[dict[str, Any]],
+    *,
+    window: int = WINDOW,
+    liveness: float = 0.0,
+    queued: float = 0.0,
+    confirms: bool = False,
+    version: int = codec.FAST,
+    piece: int = CHUNK_SIZE,
+    unit: int = 0,
+    ack_send: bool = False,
+) -> bytes:
+    """``Envelope(...).encode()`` with these fields, without making the ``Envelope`` when the
+    usual envelope's writer takes them (a distributor writes one per request): the same
+    bytes either way."""
+    if version == codec.FAST:
+        parts = envelopewriter.try_encode_parts(
+            deadline,
+            scope,
+            events,
+            window,
+            liveness,
+            queued,
+            piece,
+            CHUNK_SIZE,
+            bool(confirms),
+            unit,
+            bool(ack_send),
+        )
+        if parts is not None:
+            return b"".join([_envelope_preamble(request_id, reply), *parts])
+    envelope = Envelope(
+        request_id,
+        reply,
+        deadline,
+        scope,
+        events,
+        window,
+        liveness=liveness,
+        queued=queued,
+        confirms=confirms,
+        version=version,
+        piece=piece,
+        unit=unit,
+        ack_send=ack_send,
+    )
+    return envelope.encode()
+
+
+def _envelope_preamble(request_id: str, reply: str) -> bytes:
+    """An envelope's frame byte, id and reply channel, each with its length."""
+    request_id_bytes, reply_bytes = request_id.encode("ascii"), reply.encode("ascii")
+    if len(request_id_bytes) > 64 or len(reply_bytes) > 255:
+        raise WireError("envelope id or reply channel too long")
+    return b"".join(
+        [
+            bytes([ENVELOPE_FRAME, len(request_id_bytes)]),
+            request_id_bytes,
+            bytes([len(reply_bytes)]),
+            reply_bytes,
+        ]
+    )
 
 
 def piece_size(announced: Any) -> int:
@@ -800,6 +867,16 @@ class ReceiveWindow:
     (``count_units``), credits are units of that many bytes of encoded message, ``piece //
     unit`` per message of the window, and a small message takes one or a few of them."""
 
+    # Until a window counts units or sees traffic: read from the class, not set per window
+    # (one per request).
+    unit = 0  # 0: credit counts messages
+    largest = 1  # the credit the largest message takes
+    _floor = 1  # the credit the peer may hold whatever the pool's budget
+    unconsumed = 0  # arrived, not yet consumed
+    _pending = 0  # consumed, not yet returned
+    _costs: deque[int] | None = None  # what each unconsumed message took (units)
+    _closed = False
+
     def __init__(
         self,
         window: int = WINDOW,
@@ -810,19 +887,12 @@ class ReceiveWindow:
     ) -> None:
         self.window = window
         self.piece = piece
-        self.unit = 0  # 0: credit counts messages
-        self.largest = 1  # the credit the largest message takes
-        self._floor = 1  # the credit the peer may hold whatever the pool's budget
         self._cost = piece  # bytes of the pool one credit holds
         self._large = piece > CHUNK_SIZE  # the pool counts it among its large windows
         self.outstanding = window  # credits granted and not yet consumed
-        self.unconsumed = 0  # arrived, not yet consumed
         self._batch = max(1, window // 2)
-        self._pending = 0  # consumed, not yet returned
-        self._costs: deque[int] | None = None  # what each unconsumed message took (units)
         self._pool = pool
         self._grant = grant
-        self._closed = False
 
     def count_units(self, unit: int) -> None:
         """Count credit in units of ``unit`` bytes from now on (a power of two no larger than

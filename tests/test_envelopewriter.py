@@ -279,7 +279,8 @@ def test_a_str_subclass_key_of_the_asgi_dict_is_written_as_its_text_not_its_str(
 def test_every_envelope_field_is_one_the_writer_knows() -> None:
     # The writer takes the Envelope's attributes one by one (no fields dict): a field added
     # to Envelope.fields() and not to the writer would travel only by the general path's
-    # bytes, and the usual envelope would silently lose it. Add it to both, then here.
+    # bytes, and the usual envelope would silently lose it. Add it to both (and to
+    # ``wire.encode_envelope``'s arguments), then here.
     known = {
         "id",
         "reply",
@@ -296,3 +297,141 @@ def test_every_envelope_field_is_one_the_writer_knows() -> None:
         "ack_send",
     }
     assert {field.name for field in dataclasses.fields(wire.Envelope)} == known
+
+
+def test_the_addresses_of_a_connection_are_written_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+    real = envelopewriter._address
+
+    def spy(value: Any) -> str | None:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(envelopewriter, "_address", spy)
+    # Pairs of their own (equal constants of a module are one object), as uvicorn makes per
+    # connection.
+    server, client = tuple(["127.0.0.1", 8000]), tuple(["127.0.0.1", 51234])
+    first, second = uvicorn_scope(), uvicorn_scope()
+    first["server"] = second["server"] = server
+    first["client"] = second["client"] = client
+    second["path"] = "/other"
+    envelope(first).encode()
+    assert calls == [server, client]
+    value = envelope(second)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert calls == [server, client]  # the second request of the connection: from the cache
+    # Equal pairs of another connection are other objects: written for themselves.
+    third = uvicorn_scope()
+    third["server"], third["client"] = tuple([*server]), tuple([*client])
+    value = envelope(third)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert len(calls) == 4
+
+
+def test_a_mutable_address_is_written_every_time() -> None:
+    client = ["127.0.0.1", 51234]  # a list: it may change between two requests
+    scope = uvicorn_scope()
+    scope["client"] = client
+    first = envelope(scope).encode()
+    client[1] = 51235
+    value = envelope(scope)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert b"51235" in value.encode() and b"51235" not in first
+
+
+def test_fuzzed_scopes_of_shared_addresses_give_the_general_paths_bytes_or_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Connections reuse their address pairs from request to request: the cached text must
+    # follow whatever else changes, and odd pairs must never be cached as good ones.
+    spy = Spy(monkeypatch)
+    rng = random.Random(11)
+    pairs = [
+        ("127.0.0.1", 8000),
+        ("127.0.0.1", 8001),
+        ("::1", 443),
+        ("h", True),
+        ("h", 10**20),
+        ("\ue000", 1),
+        ("é\ud800", 2),
+        (b"h", 1),
+        ("h", 1, 2),
+        ["h", 3],
+        None,
+    ]
+    taken = 0
+    for _ in range(3000):
+        scope = _mutated_scope(rng)
+        for name in ("server", "client"):
+            if name in scope and rng.random() < 0.8:
+                scope[name] = rng.choice(pairs)
+        value = envelope(scope)
+        spy.written = None
+        with contextlib.suppress(CodecError):
+            value.encode()
+        if spy.written is None:
+            continue
+        taken += 1
+        assert spy.written == general(value), value
+    assert taken > 300
+
+
+def test_encode_envelope_gives_the_envelopes_bytes_without_making_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = random.Random(12)
+    made: list[wire.Envelope] = []
+    init = wire.Envelope.__init__
+
+    def counted(self: wire.Envelope, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    for i in range(600):
+        value = envelope(_mutated_scope(rng), _mutated_events(rng))
+        if i % 5 == 0:
+            value.version = rng.choice([codec.RELEASED, codec.BINARY])
+        if i % 7 == 0:
+            value.piece, value.unit, value.confirms = 2**19, 1024, False
+        try:
+            expected: bytes | type[Exception] = value.encode()
+        except CodecError as exc:
+            expected = type(exc)
+        monkeypatch.setattr(wire.Envelope, "__init__", counted)
+        try:
+            data: bytes | type[Exception] = wire.encode_envelope(
+                value.id,
+                value.reply,
+                value.deadline,
+                value.scope,
+                value.events,
+                window=value.window,
+                liveness=value.liveness,
+                queued=value.queued,
+                confirms=value.confirms,
+                version=value.version,
+                piece=value.piece,
+                unit=value.unit,
+                ack_send=value.ack_send,
+            )
+        except CodecError as exc:
+            data = type(exc)
+        monkeypatch.undo()
+        assert data == expected
+    # Only envelopes the usual writer declines (or of another version) made one, to decide.
+    assert 0 < len(made) < 600
+    usual = envelope(uvicorn_scope())
+    made.clear()
+    monkeypatch.setattr(wire.Envelope, "__init__", counted)
+    assert wire.encode_envelope(
+        usual.id,
+        usual.reply,
+        usual.deadline,
+        usual.scope,
+        usual.events,
+        liveness=usual.liveness,
+        queued=usual.queued,
+        confirms=True,
+        ack_send=True,
+    ) == wire.Envelope.encode(usual)
+    assert made == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from minidasgi import liveness
 from minidasgi.liveness import PeerTracker, check_settings
 
 
@@ -78,3 +79,27 @@ def test_settings_that_would_turn_liveness_off_are_refused(interval: float, time
     with pytest.raises(ValueError, match="must be a positive number"):
         check_settings(interval, timeout)
     check_settings(1.0, 10.0)  # the defaults pass
+
+
+def test_one_request_at_a_time_keeps_one_peer_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[object] = []
+
+    class Counted(liveness._Peer):
+        def __init__(self, now: float) -> None:
+            made.append(self)
+            super().__init__(now)
+
+    monkeypatch.setattr(liveness, "_Peer", Counted)
+    peers = PeerTracker(10)
+    for i in range(10):
+        peers.add("n1", f"r{i}", float(i), pings=True)
+        assert [p for p, _ in peers.peers()] == ["n1"] and len(peers) == 1
+        peers.discard("n1", f"r{i}")
+        # Idle: nothing to ping, nothing to time out, and not counted.
+        assert list(peers.peers()) == [] and len(peers) == 0
+    assert len(made) == 1  # before: a state made and dropped per request
+    assert peers.tick(100.0, 1.0) == []  # idle for long: not lost, only forgotten
+    peers.add("n1", "r", 101.0, pings=True)
+    assert len(made) == 2  # made again after the tick that forgot it
+    # And timed from its new request, as a peer first seen then.
+    assert [peers.tick(float(now), 1.0) for now in range(102, 113)] == [[]] * 10 + [[("n1", ["r"])]]

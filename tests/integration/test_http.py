@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -396,8 +397,9 @@ async def test_response_headers_too_large_to_travel_give_500(redis_server: Redis
 async def test_an_http_request_makes_only_the_flow_control_objects_it_uses(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Counted structurally: per HTTP request the distributor makes one ``SendWindow`` (the
-    one the Node's ack grants, none before it) and no WebSocket ``Reassembler``."""
+    """Counted structurally: the distributor makes a ``SendWindow`` (the one the Node's ack
+    grants, none before it) only for a request whose client sends more than its envelope
+    carries, and no WebSocket ``Reassembler``."""
     made: list[str] = []
 
     def counting(cls: Any) -> Any:
@@ -411,10 +413,18 @@ async def test_an_http_request_makes_only_the_flow_control_objects_it_uses(
 
     monkeypatch.setattr(wire, "SendWindow", counting(wire.SendWindow))
     monkeypatch.setattr(wire, "Reassembler", counting(wire.Reassembler))
-    app = create_distributor(port=redis_server.port, key="objects")
-    node = Node(port=redis_server.port, app=apps.hello, key="objects")
+    # Bodies not buffered: a request with one streams it, under the window.
+    app = create_distributor(port=redis_server.port, key="objects", request_buffer_size=0)
+    node = Node(port=redis_server.port, app=apps.echo, key="objects")
     async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
         for _ in range(3):
             response = await client.get("/")
             assert response.status_code == 200
-    assert made == ["SendWindow"] * 3
+        assert made == []  # whole in their envelopes (before: a SendWindow each, unused)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"x" * 10
+
+        response = await client.post("/", content=body())
+        assert response.status_code == 200 and response.content.endswith(b"x" * 10)
+    assert made == ["SendWindow"]

@@ -1,0 +1,137 @@
+"""A reader of format 3 (``jsoncodec``) specialised for the usual response message.
+
+Owns one shortcut: the ``ACK_SEND`` message a Node sends for a small response answered at
+once (``[ACK_SEND, id, [start, body], node_channel, window, liveness, ...]``, the start's
+headers as pairs of bytes), read with one regular expression over its head instead of the
+general scanner, which calls back into Python for every bytes marker. A Node answers the
+requests of a route alike: the head after the request id (bytes values are in the tail) is
+the same from one answer to the next, so what the expression read from it is kept by that
+text (a bounded table), and the next answer's costs a lookup, its id checked alone with the
+same character class. The expression accepts
+only text whose meaning leaves no choice: fixed keys in a fixed order, strings of printable
+ASCII without escapes, ints without sign or leading zero of at most 9 digits, a plain decimal
+float, ``0E0`` markers exactly where bytes go; the prefix, the table of lengths and the markers'
+count are checked as ``jsoncodec.decode`` checks them. Anything else, however slightly unusual
+(a trailers flag, a header count the table does not match, an escape, a space), makes
+``try_decode`` return None, and the caller uses ``jsoncodec.decode``, which decides. So the
+value never depends on which path read it (``tests/test_responsereader.py`` compares the two,
+fuzzed). Must never accept a message the general path would refuse or read differently;
+encoding is not its business.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any, Final
+
+from . import jsoncodec
+from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE
+
+__all__ = ["try_decode"]
+
+_PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
+_LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(65)]  # the tables of lengths read
+_DEPTH: Final = 5  # the message's list, its events, an event, the headers, a header
+_COPIED: Final = 16 * 1024  # bytes of a memoryview copied whole; larger ones take the usual path
+_ID_START: Final = 9 + 13  # after the prefix and the start
+_STRING: Final = rb'"([!#-\[\]-~]+)"'  # what json reads as the text between the quotes, unchanged
+_INT: Final = rb"(0|[1-9][0-9]{0,8})"  # what json reads as an int, and int() likewise
+_START: Final = b'["ack-send","'  # the head's start, then the request id
+_ID: Final = re.compile(rb"[!#-\[\]-~]+")  # what json reads as the text between the quotes
+_REST: Final = re.compile(
+    b"".join(
+        [
+            rb'",\[\{"type":"http\.response\.start","status":' + _INT + rb",",
+            rb'"headers":\[((?:\[0E0,0E0\](?:,\[0E0,0E0\])*)?)\]\},',
+            rb'\{"type":"http\.response\.body","body":0E0(,"more_body":(?:true|false))?\}\],',
+            _STRING + rb"," + _INT + rb",",
+            rb"((?:0|[1-9][0-9]{0,8})\.[0-9]{1,17})",  # the liveness: a float (json calls float())
+            # No confirmation asked, then the piece size, and perhaps the credit unit.
+            rb"(?:,false," + _INT + rb"(?:," + _INT + rb")?)?",
+            rb"\]",
+        ]
+    )
+)
+"""The usual ``ACK_SEND``'s head after its request id: groups for the status, the header
+markers, the body's ``more_body``, the Node channel, the window, the liveness, the piece and
+the unit."""
+_TEMPLATES: Final[dict[bytes, tuple[int, int, bool | None, tuple[Any, ...]]]] = {}
+"""What ``_REST`` read from a head's rest, by the rest: (markers, status, more_body, the ACK's
+arguments). A Node answers a route's requests alike: only the id differs."""
+_MAX_TEMPLATES: Final = 256
+
+
+def _template(rest: bytes) -> tuple[int, int, bool | None, tuple[Any, ...]] | None:
+    match = _REST.fullmatch(rest)
+    if match is None:
+        return None
+    status, pairs, more, channel, window, liveness, piece, unit = match.groups()
+    ack: tuple[Any, ...] = (channel.decode("ascii"), int(window), float(liveness))
+    if piece is not None:
+        ack += (False, int(piece))
+        if unit is not None:
+            ack += (int(unit),)
+    # "[0E0,0E0]" and a comma per header but the last: two markers each, and the body's.
+    markers = (len(pairs) + 1) // 5 + 1
+    more_body = None if more is None else more == b',"more_body":true'
+    return markers, int(status), more_body, ack
+
+
+def try_decode(
+    data: bytes | memoryview,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_items: int = jsoncodec.DEFAULT_MAX_ITEMS,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> list[Any] | None:
+    """The value ``jsoncodec.decode`` gives for ``data`` with these bounds, when ``data`` is
+    a usual ``ACK_SEND`` message; None when it is not (then only the general path decides:
+    the message may still be valid, or not)."""
+    if type(data) is not bytes:
+        # A small view (a message of a batch frame) is copied whole, once: slicing bytes then
+        # gives the bytes values with no view each. A larger one, or another buffer: as usual.
+        if not (type(data) is memoryview and len(data) <= _COPIED and data.format == "B"):
+            return None
+        data = data.tobytes()
+    size = len(data)
+    if size > max_size or size < _PREFIX.size or data[0] != jsoncodec.VERSION:
+        return None
+    _, head_size, count = _PREFIX.unpack_from(data)
+    head_end = _PREFIX.size + head_size
+    tail_start = head_end + 4 * count
+    if tail_start > size or head_size >= max_items or max_depth < _DEPTH:
+        return None
+    if not data.startswith(_START, _PREFIX.size):
+        return None
+    id_end = data.find(b'"', _ID_START, head_end)
+    if id_end < 0 or _ID.fullmatch(data, _ID_START, id_end) is None:
+        return None
+    rest = data[id_end:head_end]
+    template = _TEMPLATES.get(rest)
+    if template is None:
+        template = _template(rest)
+        if template is None:
+            return None
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        _TEMPLATES[rest] = template
+    markers, status, more, ack = template
+    if count != markers or count >= len(_LENGTHS):
+        return None
+    lengths = _LENGTHS[count].unpack_from(data, head_end)
+    if sum(lengths) != size - tail_start:
+        return None
+    headers = []
+    position = tail_start
+    pair = iter(lengths)  # the header's, then the body's, which zip() drops
+    for name_size, value_size in zip(pair, pair, strict=False):
+        middle = position + name_size
+        end = middle + value_size
+        headers.append([data[position:middle], data[middle:end]])
+        position = end
+    body: dict[str, Any] = {"type": "http.response.body", "body": data[position:]}
+    if more is not None:
+        body["more_body"] = more
+    start = {"type": "http.response.start", "status": status, "headers": headers}
+    return ["ack-send", data[_ID_START:id_end].decode("ascii"), [start, body], *ack]

@@ -1,0 +1,46 @@
+"""What the distributor spends per hello-world request, counted structurally (no timings):
+the codec paths its messages take."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from minidasgi import Node, create_distributor, jsoncodec
+from minidasgi.testing import RedisServer
+
+from . import apps
+from .stack import run_node, serve_app
+
+pytestmark = pytest.mark.timeout(60)
+
+N = 20
+
+
+async def test_the_answer_to_a_hello_world_request_skips_the_general_decoder(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    decoded: list[Any] = []
+    decode = jsoncodec.decode
+
+    def spy(data: Any, **bounds: Any) -> Any:
+        value = decode(data, **bounds)
+        decoded.append(value[0] if type(value) is list and value else type(value))
+        return value
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(jsoncodec, "decode", spy)
+            for _ in range(N):
+                response = await client.get("/", headers={"x-test": "1"})
+                assert response.text == "Hello World!"
+            monkeypatch.undo()
+    # The answers came as ACK_SEND messages, read by ``responsereader`` (before: each by the
+    # general decoder); the Node's own decodes (the envelopes, dicts) still go there.
+    assert decoded.count(dict) == N
+    assert "ack-send" not in decoded, decoded

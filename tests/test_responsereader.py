@@ -1,0 +1,216 @@
+"""Unit tests for ``minidasgi.responsereader``: the general decoder's value, or none."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from minidasgi import codec, jsoncodec, responsereader, wire
+from minidasgi.codec import CodecError
+
+NODE = "minidasgi:0:node:82b515ab9ac6c3fe40465eb2"
+
+
+def ack_send(
+    events: list[Any] | None = None, ack: tuple[Any, ...] = (NODE, 1, 1.0), request_id: str = ""
+) -> bytes:
+    """An ACK_SEND as a Node packs it (``Job._post_after_ack``)."""
+    if events is None:
+        events = [
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"12")],
+            },
+            {"type": "http.response.body", "body": b"Hello World!", "more_body": False},
+        ]
+    message = wire.pack_parts(wire.ACK_SEND, request_id or wire.new_request_id(), events, *ack)
+    assert isinstance(message, bytes)
+    return message
+
+
+def general(data: bytes | memoryview) -> Any:
+    """What the general path makes of ``data`` (the exception's type if it refuses it)."""
+    try:
+        return jsoncodec.decode(data, max_size=wire.MAX_MESSAGE_SIZE)
+    except CodecError as exc:
+        return type(exc)
+
+
+def same(fast: Any, slow: Any) -> bool:
+    """Equal, down to the types (``repr`` tells True from 1, 1.0 from 1, lists from tuples)."""
+    return bool(fast == slow) and repr(fast) == repr(slow)
+
+
+def test_the_usual_ack_send_is_read_without_the_general_decoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = ack_send()
+    expected = general(data)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the general decoder was used")
+
+    monkeypatch.setattr(codec, "decode", refuse)
+    monkeypatch.setattr(jsoncodec, "decode", refuse)
+    kind, request_id, args = wire.unpack(data)
+    assert same([kind, request_id, *args], expected)
+    # And from a batch frame, where messages are memoryviews.
+    (view,) = wire.split_frame(wire.batch_frame([data]))[:1]
+    assert isinstance(view, memoryview)
+    assert same(list(wire.unpack(view)[2]), expected[2:])
+
+
+@pytest.mark.parametrize(
+    "events, ack",
+    [
+        (None, (NODE, 1, 1.0)),
+        (None, (NODE, 8, 0.25, False, 524288)),
+        (None, (NODE, 8, 2.5, False, 524288, 1024)),
+        ([{"type": "http.response.start", "status": 404, "headers": []},
+          {"type": "http.response.body", "body": b""}], (NODE, 1, 1.0)),
+        ([{"type": "http.response.start", "status": 0, "headers": [(b"", b"")]},
+          {"type": "http.response.body", "body": b"x" * 1000, "more_body": True}],
+         (NODE, 1024, 10.0)),
+    ],
+)  # fmt: skip
+def test_usual_shapes_take_the_fast_path_with_the_general_value(
+    events: list[Any] | None, ack: tuple[Any, ...]
+) -> None:
+    data = ack_send(events, ack)
+    fast = responsereader.try_decode(data)
+    assert fast is not None
+    assert same(fast, general(data))
+    assert same(responsereader.try_decode(memoryview(data)), fast)
+
+
+@pytest.mark.parametrize(
+    "events, ack",
+    [
+        # Asking for a confirmation (the distributor refuses such an ACK_SEND, after decoding).
+        (None, (NODE, 1, 1.0, True)),
+        # A trailers flag, an extra key, a body event first, a third event.
+        ([{"type": "http.response.start", "status": 200, "headers": [], "trailers": True},
+          {"type": "http.response.body", "body": b""}], (NODE, 1, 1.0)),
+        ([{"type": "http.response.start", "status": 200, "headers": [], "x": 1},
+          {"type": "http.response.body", "body": b""}], (NODE, 1, 1.0)),
+        ([{"type": "http.response.body", "body": b""}], (NODE, 1, 1.0)),
+        (None, (NODE, 1, 1)),  # an int liveness
+        (None, ('node"with\\escapes', 1, 1.0)),
+        (None, ("nodé", 1, 1.0)),
+        (None, (NODE, -1, 1.0)),
+        (None, (NODE, 10**12, 1.0)),
+        (None, (NODE, 1, 1e-05)),
+        ([{"type": "http.response.start", "status": True, "headers": []},
+          {"type": "http.response.body", "body": b""}], (NODE, 1, 1.0)),
+        ([{"type": "http.response.start", "status": 200, "headers": [("a", "b")]},
+          {"type": "http.response.body", "body": b""}], (NODE, 1, 1.0)),
+    ],
+)  # fmt: skip
+def test_other_shapes_are_left_to_the_general_path(
+    events: list[Any] | None, ack: tuple[Any, ...]
+) -> None:
+    data = ack_send(events, ack)
+    assert responsereader.try_decode(data) is None
+    assert general(data) is not CodecError  # valid all the same: the general path reads it
+
+
+@pytest.mark.parametrize("request_id", ['ab"c', "ab\\c", "é", "a\x01", " "])
+def test_an_id_json_would_escape_is_left_to_the_general_path(request_id: str) -> None:
+    responsereader.try_decode(ack_send())  # the usual rest, known already
+    data = ack_send(request_id=request_id)
+    assert responsereader.try_decode(data) is None
+    assert general(data)[1] == request_id  # valid all the same
+
+
+def test_answers_alike_but_for_their_ids_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[bytes] = []
+    real = responsereader._template
+
+    def spy(rest: bytes) -> Any:
+        read.append(rest)
+        return real(rest)
+
+    monkeypatch.setattr(responsereader, "_template", spy)
+    monkeypatch.setattr(responsereader, "_TEMPLATES", {})
+    messages = [ack_send() for _ in range(5)]  # five requests, five ids
+    for data in messages:
+        assert same(responsereader.try_decode(data), general(data))
+    assert len(read) == 1  # the expression ran for the first only; the others matched its text
+    other = ack_send(ack=(NODE, 8, 1.0))
+    assert same(responsereader.try_decode(other), general(other))
+    assert len(read) == 2
+
+
+def test_the_templates_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(responsereader, "_TEMPLATES", {})
+    for window in range(1, 3 * responsereader._MAX_TEMPLATES):
+        data = ack_send(ack=(NODE, window, 1.0))
+        assert same(responsereader.try_decode(data), general(data))
+        assert len(responsereader._TEMPLATES) <= responsereader._MAX_TEMPLATES
+
+
+def test_bounds_are_the_callers() -> None:
+    data = ack_send()
+    assert responsereader.try_decode(data, max_size=len(data) - 1) is None
+    assert responsereader.try_decode(data, max_depth=4) is None
+    assert responsereader.try_decode(data, max_items=10) is None
+    assert responsereader.try_decode(bytearray(data)) is None  # another buffer: the usual path
+
+
+def _mutations(rng: random.Random, data: bytes) -> bytes:
+    """``data`` with a few bytes changed, inserted, deleted, or its tail cut."""
+    out = bytearray(data)
+    for _ in range(rng.randrange(1, 4)):
+        if not out:
+            break
+        roll = rng.random()
+        where = rng.randrange(len(out))
+        if roll < 0.4:
+            out[where] = rng.choice(b'0123456789[]{},:"\\Eeantrufls.- \x00\xff')
+        elif roll < 0.6:
+            out.insert(where, rng.choice(b'0123456789[]{},:"\\E .-'))
+        elif roll < 0.8:
+            del out[where]
+        elif roll < 0.9:
+            out[where] = rng.randrange(256)
+        else:
+            del out[where:]
+    return bytes(out)
+
+
+def _random_events(rng: random.Random) -> list[Any]:
+    headers = [
+        (rng.randbytes(rng.randrange(5)), rng.randbytes(rng.randrange(5)))
+        for _ in range(rng.randrange(4))
+    ]
+    body: dict[str, Any] = {"type": "http.response.body", "body": rng.randbytes(rng.randrange(9))}
+    if rng.random() < 0.7:
+        body["more_body"] = rng.random() < 0.5
+    status = rng.choice([200, 0, 404, 599, 1000000000, -1])
+    return [{"type": "http.response.start", "status": status, "headers": headers}, body]
+
+
+def test_fuzzed_messages_give_the_general_value_or_none() -> None:
+    rng = random.Random(10)
+    taken = mutated = 0
+    for i in range(6000):
+        ack: tuple[Any, ...] = (NODE, rng.choice([1, 8, 0]), rng.choice([1.0, 0.5, 2.25]))
+        if rng.random() < 0.3:
+            ack += (rng.choice([False, True]), rng.choice([524288, 131072, 0]))
+            if rng.random() < 0.5:
+                ack += (1024,)
+        data = ack_send(_random_events(rng), ack)
+        if i % 3:
+            data = _mutations(rng, data)
+        fast = responsereader.try_decode(data, max_size=wire.MAX_MESSAGE_SIZE)
+        if fast is None:
+            continue
+        taken += 1
+        mutated += i % 3 != 0
+        assert same(fast, general(data)), data
+        assert same(responsereader.try_decode(memoryview(data)), fast)
+    # The fuzz reaches the fast path, not only its refusals, mutated messages included.
+    assert taken > 1000 and mutated > 100, (taken, mutated)
