@@ -376,7 +376,7 @@ class Distributor:
             self._monitor = self._starting = None
             self._background = set()
             self.credit_pool = wire.CreditPool()
-            self.outbox.batcher.reset()
+            self.outbox.reset()
             self.ack_deadlines.reset()
             self.watch_deadlines.reset()
             self.admission.pushes.reset()
@@ -978,8 +978,7 @@ class _Exchange:
         if wire.asks_confirmation(ack_args):
             # The Node waits to run it until told: this is the first ACK, and the client has
             # not been answered (``confirmation``).
-            confirm = d.outbox.post(node, self._pack(wire.CONFIRM))
-            confirm.add_done_callback(self._check_reached)
+            d.outbox.post(node, self._pack(wire.CONFIRM), lost=self._check_reached)
         self._node_known()
         try:
             await self._relay()
@@ -1047,9 +1046,10 @@ class _Exchange:
             credits = self._credits = wire.CreditMessages(self.id, self.distributor.wire_format)
         message = credits.pack(credit)
         # Not awaited: relaying goes on; a lost credit would stall the transfer, so a count
-        # of 0 fails the exchange (in a callback: no task, no wait).
-        posted = self.distributor.outbox.post(self.node, message, hold=hold)
-        posted.add_done_callback(self._check_reached)
+        # of 0 fails the exchange (in the batch's callback: no task, no wait).
+        posted = self.distributor.outbox.post(
+            self.node, message, hold=hold, lost=self._check_reached
+        )
         if hold:
             self._holding_credit = True
             posted.add_done_callback(self._credit_out)
@@ -1340,9 +1340,9 @@ class _Exchange:
                 message = wire.pack_parts(wire.EVENT, self.id, dict(piece), version=d.wire_format)
                 # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
                 await window.acquire(window.cost(wire.packed_size(message)) if window.unit else 1)
-                # Pipelined within the window: the receiver count is checked in a callback.
-                posted = d.outbox.post(self.node, message)
-                posted.add_done_callback(self._check_reached)
+                # Pipelined within the window: the receiver count is checked in a callback,
+                # one per batch for all of its messages.
+                d.outbox.post(self.node, message, lost=self._check_reached)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
 
