@@ -1306,6 +1306,7 @@ class _Exchange:
         assert self.node is not None and self.window is not None
         idle = self.distributor.body_idle_timeout if self.kind == "http" else None
         left_over: Message | None = None  # received while gathering a piece, not part of it
+        data: wire.WebSocketData | None = None  # a WebSocket's messages, made at its first
         while True:
             try:
                 if left_over is not None:
@@ -1331,13 +1332,21 @@ class _Exchange:
                 self.inbox.put_nowait(_TOO_LARGE)
                 return
             pieces: Sequence[Mapping[str, Any]]
-            if kind == "websocket.receive":
+            websocket = kind == "websocket.receive"
+            if websocket:
                 pieces = wire.split_message(dict(event), self.window.piece)
+                if data is None:
+                    data = wire.WebSocketData(self.id, d.wire_format)
             else:
                 pieces = _body_pieces(event, self.piece)
             window = self.window
             for piece in pieces:
-                message = wire.pack_parts(wire.EVENT, self.id, dict(piece), version=d.wire_format)
+                if data is not None and websocket:
+                    message = data.event(piece)  # a dict of its own (split_message's)
+                else:
+                    message = wire.pack_parts(
+                        wire.EVENT, self.id, dict(piece), version=d.wire_format
+                    )
                 # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
                 await window.acquire(window.cost(wire.packed_size(message)) if window.unit else 1)
                 # Pipelined within the window: the receiver count is checked in a callback,

@@ -884,6 +884,8 @@ class _Job:
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
         self._credits: wire.CreditMessages | None = None  # made at the first credit
+        # A WebSocket's SENDs of the usual shape are written straight (``wire.WebSocketData``).
+        self._data = wire.WebSocketData(self.id, self.version) if unit else None
         # The ACK's arguments while it waits, until the end of the loop turn the app started
         # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
         self._unsent_ack: tuple[Any, ...] | None = None
@@ -1015,7 +1017,16 @@ class _Job:
 
     def _pack(self, kind: str, *args: Any) -> wire.Packed:
         """One message to the distributor, encoded (``ValueError`` if it is too large)."""
-        data = wire.pack_parts(kind, self.id, *args, version=self.version)
+        return self._bounded(kind, wire.pack_parts(kind, self.id, *args, version=self.version))
+
+    def _pack_send(self, events: list[Message]) -> wire.Packed:
+        """``_pack`` of a SEND: a WebSocket's of the usual shape written straight."""
+        data = self._data
+        if data is None:
+            return self._pack(wire.SEND, events)
+        return self._bounded(wire.SEND, data.send(events))
+
+    def _bounded(self, kind: str, data: wire.Packed) -> wire.Packed:
         size = wire.packed_size(data)
         if size > wire.MAX_MESSAGE_SIZE:
             # The distributor would drop it as malformed and wait forever: fail the app here.
@@ -1289,7 +1300,7 @@ class _Job:
         cost = 1
         if window.unit:
             # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
-            message = self._pack(wire.SEND, events)
+            message = self._pack_send(events)
             cost = window.cost(wire.packed_size(message))
         try:
             await window.acquire(cost)
