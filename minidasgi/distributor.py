@@ -1311,8 +1311,10 @@ class _Exchange:
             try:
                 if left_over is not None:
                     event, left_over = left_over, None
+                elif idle is None or not more:  # no bound: no timer, nor a coroutine for it
+                    event = await self._receive()
                 else:
-                    event = await buffering.receive_within(self._receive, idle if more else None)
+                    event = await buffering.receive_within(self._receive, idle)
             except BodyIdle:
                 # The app sees the client gone; the client, if nothing was sent yet, a 408.
                 disconnect = {"type": "http.disconnect"}
@@ -1348,7 +1350,9 @@ class _Exchange:
                         wire.EVENT, self.id, dict(piece), version=d.wire_format
                     )
                 # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
-                await window.acquire(window.cost(wire.packed_size(message)) if window.unit else 1)
+                cost = window.cost(wire.packed_size(message)) if window.unit else 1
+                if not window.try_take(cost):
+                    await window.acquire(cost)
                 # Pipelined within the window: the receiver count is checked in a callback,
                 # one per batch for all of its messages.
                 d.outbox.post(self.node, message, lost=self._check_reached)

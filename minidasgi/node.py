@@ -1302,10 +1302,11 @@ class _Job:
             # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
             message = self._pack_send(events)
             cost = window.cost(wire.packed_size(message))
-        try:
-            await window.acquire(cost)
-        except _Disconnected:
-            return
+        if not window.try_take(cost):
+            try:
+                await window.acquire(cost)
+            except _Disconnected:
+                return
         if self.gone:
             return
         # Pipelined within the window unless it is the last: the count is checked when the

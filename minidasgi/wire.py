@@ -674,6 +674,14 @@ class SendWindow:
         """The credit a message of ``size`` encoded bytes takes (``credit_cost``)."""
         return credit_cost(size, self.unit, self.largest)
 
+    def try_take(self, cost: int = 1) -> bool:
+        """Take ``cost`` credits if they are there (True), without waiting: ``acquire``
+        without the coroutine a call of it makes, for a sender that usually has credit."""
+        if self.available < cost or self._error is not None:
+            return False
+        self.available -= cost
+        return True
+
     async def acquire(self, cost: int = 1) -> None:
         """Take ``cost`` credits, waiting until the peer grants them."""
         while self.available < cost:
