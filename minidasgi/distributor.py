@@ -276,7 +276,10 @@ class Distributor:
         self._exchanges: dict[str, _Exchange] = {}
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
         self._client: topology.CommandClient | None = None
-        self.outbox = Outbox(lambda: self._client)
+        # Eager: each callback of the distributor posts one message (a client's, a credit), or
+        # says ``more`` (the pieces of a large one): a lone message leaves in the loop turn
+        # it was posted in, not in a flush one iteration later.
+        self.outbox = Outbox(lambda: self._client, eager=True)
         self.ack_deadlines = Deadlines(worker_timeout)  # one timer for every request's wait
         self.watch_deadlines = Deadlines(_WATCH_AFTER)  # and one for the disconnect watches
         self._subscriber: topology.AnySubscriber | None = None
@@ -1342,7 +1345,8 @@ class _Exchange:
             else:
                 pieces = _body_pieces(event, self.piece)
             window = self.window
-            for piece in pieces:
+            last = len(pieces) - 1
+            for index, piece in enumerate(pieces):
                 if data is not None and websocket:
                     message = data.event(piece)  # a dict of its own (split_message's)
                 else:
@@ -1355,7 +1359,7 @@ class _Exchange:
                     await window.acquire(cost)
                 # Pipelined within the window: the receiver count is checked in a callback,
                 # one per batch for all of its messages.
-                d.outbox.post(self.node, message, lost=self._check_reached)
+                d.outbox.post(self.node, message, lost=self._check_reached, more=index < last)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
 

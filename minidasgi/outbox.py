@@ -37,20 +37,32 @@ class Outbox:
 
     ``client`` returns the publishing client, of any topology (None while there is none).
     ``hold_time``: seconds a message posted with ``hold=True`` (an ack) may wait for company.
+    ``eager``: a batch leaves as soon as the loop turn has nothing else to run (``Batcher``),
+    for a process whose callbacks post one message each, or say ``more``.
     """
 
     def __init__(
-        self, client: Callable[[], CommandClient | None], *, hold_time: float = 0.002
+        self,
+        client: Callable[[], CommandClient | None],
+        *,
+        hold_time: float = 0.002,
+        eager: bool = False,
     ) -> None:
         self._client = client
         self.batcher: Batcher[int] = Batcher(
-            send_into=self._send, max_size=wire.MAX_BATCH_SIZE, hold_time=hold_time
+            send_into=self._send, max_size=wire.MAX_BATCH_SIZE, hold_time=hold_time, eager=eager
         )
         # Per batch future still unsettled, the distinct ``lost`` callbacks of its messages.
         self._lost: dict[asyncio.Future[int], dict[Lost, None]] = {}
 
     def post(
-        self, channel: str, message: wire.Packed, *, hold: bool = False, lost: Lost | None = None
+        self,
+        channel: str,
+        message: wire.Packed,
+        *,
+        hold: bool = False,
+        lost: Lost | None = None,
+        more: bool = False,
     ) -> asyncio.Future[int]:
         """Queue ``message`` for ``channel``; the future gives the PUBLISH's receiver count.
         A message given as parts (``wire.pack_parts``) is copied once, into the write.
@@ -58,8 +70,13 @@ class Outbox:
         ``lost`` is called with that future if the batch reached nobody (a count of 0, or an
         error), once per batch however many of its messages name it: a request streaming
         many messages in a loop turn costs the loop one callback per batch for all of them,
-        not one per message (what ``add_done_callback`` on the future would cost)."""
-        future = self.batcher.put(channel, message, size=wire.packed_size(message), hold=hold)
+        not one per message (what ``add_done_callback`` on the future would cost).
+
+        ``more``: the caller posts more in this callback; an eager outbox (``eager``: see
+        ``Batcher``) waits for them before the batch leaves."""
+        future = self.batcher.put(
+            channel, message, size=wire.packed_size(message), hold=hold, more=more
+        )
         if lost is not None:
             watchers = self._lost.get(future)
             if watchers is None:
