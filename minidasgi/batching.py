@@ -76,8 +76,9 @@ class Batcher(Generic[T]):
     turn (nothing else is ready to run in it, and no flush is pending) leaves at once rather
     than in a flush one loop iteration later: at one request in flight that saves the loop an
     iteration per command, and under load, when the turn has more to run, items still
-    gather. Only for a caller that puts one item per callback (the distributor's pushes): a
-    second put in the same callback would travel in a command of its own. ``index`` is the
+    gather. Only for callers that put one item per callback (the distributor's pushes and
+    messages), or say ``more`` on every put but the last of a callback: else each would
+    travel in a command of its own. ``index`` is the
     position ``put`` gave its item in its batch (an LPUSH's caller works out its own list
     length from it).
     """
@@ -103,9 +104,11 @@ class Batcher(Generic[T]):
         self.index = 0
 
     def put(
-        self, destination: str, item: Any, *, size: int = 0, hold: bool = False
+        self, destination: str, item: Any, *, size: int = 0, hold: bool = False, more: bool = False
     ) -> asyncio.Future[T]:
-        """Queue ``item`` for ``destination``; return the future of the command carrying it."""
+        """Queue ``item`` for ``destination``; return the future of the command carrying it.
+        ``more``: the caller puts more items in this callback (an eager batcher then leaves
+        the batch to gather them)."""
         batch = self._pending.get(destination)
         if batch is not None and batch.items and batch.size + size > self._max_size:
             del self._pending[destination]
@@ -123,7 +126,7 @@ class Batcher(Generic[T]):
             batch.held = False
         future = batch.future
         if batch.size >= self._max_size or (
-            self._eager and not batch.held and _last_of_turn(self._loop)
+            self._eager and not more and not batch.held and _last_of_turn(self._loop)
         ):
             del self._pending[destination]
             self._dispatch(destination, batch)

@@ -276,7 +276,10 @@ class Distributor:
         self._exchanges: dict[str, _Exchange] = {}
         self.credit_pool = wire.CreditPool()  # bounds what Nodes may have sent us unread
         self._client: topology.CommandClient | None = None
-        self.outbox = Outbox(lambda: self._client)
+        # Eager: each callback of the distributor posts one message (a client's, a credit), or
+        # says ``more`` (the pieces of a large one): a lone message leaves in the loop turn
+        # it was posted in, not in a flush one iteration later.
+        self.outbox = Outbox(lambda: self._client, eager=True)
         self.ack_deadlines = Deadlines(worker_timeout)  # one timer for every request's wait
         self.watch_deadlines = Deadlines(_WATCH_AFTER)  # and one for the disconnect watches
         self._subscriber: topology.AnySubscriber | None = None
@@ -376,7 +379,7 @@ class Distributor:
             self._monitor = self._starting = None
             self._background = set()
             self.credit_pool = wire.CreditPool()
-            self.outbox.batcher.reset()
+            self.outbox.reset()
             self.ack_deadlines.reset()
             self.watch_deadlines.reset()
             self.admission.pushes.reset()
@@ -977,8 +980,7 @@ class _Exchange:
         if wire.asks_confirmation(ack_args):
             # The Node waits to run it until told: this is the first ACK, and the client has
             # not been answered (``confirmation``).
-            confirm = d.outbox.post(node, self._pack(wire.CONFIRM))
-            confirm.add_done_callback(self._check_reached)
+            d.outbox.post(node, self._pack(wire.CONFIRM), lost=self._check_reached)
         self._node_known()
         try:
             await self._relay()
@@ -1059,9 +1061,10 @@ class _Exchange:
             credits = self._credits = wire.CreditMessages(self.id, self.distributor.wire_format)
         message = credits.pack(credit)
         # Not awaited: relaying goes on; a lost credit would stall the transfer, so a count
-        # of 0 fails the exchange (in a callback: no task, no wait).
-        posted = self.distributor.outbox.post(self.node, message, hold=hold)
-        posted.add_done_callback(self._check_reached)
+        # of 0 fails the exchange (in the batch's callback: no task, no wait).
+        posted = self.distributor.outbox.post(
+            self.node, message, hold=hold, lost=self._check_reached
+        )
         if hold:
             self._holding_credit = True
             posted.add_done_callback(self._credit_out)
@@ -1321,12 +1324,15 @@ class _Exchange:
             self._open_window()
         idle = self.distributor.body_idle_timeout if self.kind == "http" else None
         left_over: Message | None = None  # received while gathering a piece, not part of it
+        data: wire.WebSocketData | None = None  # a WebSocket's messages, made at its first
         while True:
             try:
                 if left_over is not None:
                     event, left_over = left_over, None
+                elif idle is None or not more:  # no bound: no timer, nor a coroutine for it
+                    event = await self._receive()
                 else:
-                    event = await buffering.receive_within(self._receive, idle if more else None)
+                    event = await buffering.receive_within(self._receive, idle)
             except BodyIdle:
                 # The app sees the client gone; the client, if nothing was sent yet, a 408.
                 disconnect = {"type": "http.disconnect"}
@@ -1348,17 +1354,28 @@ class _Exchange:
             window = self.window
             assert window is not None
             pieces: Sequence[Mapping[str, Any]]
-            if kind == "websocket.receive":
+            websocket = kind == "websocket.receive"
+            if websocket:
                 pieces = wire.split_message(dict(event), window.piece)
+                if data is None:
+                    data = wire.WebSocketData(self.id, d.wire_format)
             else:
                 pieces = _body_pieces(event, self.piece)
-            for piece in pieces:
-                message = wire.pack_parts(wire.EVENT, self.id, dict(piece), version=d.wire_format)
+            last = len(pieces) - 1
+            for index, piece in enumerate(pieces):
+                if data is not None and websocket:
+                    message = data.event(piece)  # a dict of its own (split_message's)
+                else:
+                    message = wire.pack_parts(
+                        wire.EVENT, self.id, dict(piece), version=d.wire_format
+                    )
                 # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
-                await window.acquire(window.cost(wire.packed_size(message)) if window.unit else 1)
-                # Pipelined within the window: the receiver count is checked in a callback.
-                posted = d.outbox.post(self.node, message)
-                posted.add_done_callback(self._check_reached)
+                cost = window.cost(wire.packed_size(message)) if window.unit else 1
+                if not window.try_take(cost):
+                    await window.acquire(cost)
+                # Pipelined within the window: the receiver count is checked in a callback,
+                # one per batch for all of its messages.
+                d.outbox.post(self.node, message, lost=self._check_reached, more=index < last)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
 

@@ -54,7 +54,7 @@ from .inbox import SharedInbox
 from .lifespan import Lifespan
 from .liveness import PeerTracker, check_settings
 from .mutex import Mutex
-from .outbox import Outbox
+from .outbox import Lost, Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.client import Client
 from .resp.connection import Connection, make_params
@@ -885,6 +885,8 @@ class _Job:
         self.status = 0  # the status the app answered (0: none)
         self.failed = False
         self._credits: wire.CreditMessages | None = None  # made at the first credit
+        # A WebSocket's SENDs of the usual shape are written straight (``wire.WebSocketData``).
+        self._data = wire.WebSocketData(self.id, self.version) if unit else None
         # The ACK's arguments while it waits, until the end of the loop turn the app started
         # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
         self._unsent_ack: tuple[Any, ...] | None = None
@@ -951,10 +953,12 @@ class _Job:
             self._ack_alone()
 
     def _post_ack(self, ack: tuple[Any, ...], *, hold: bool) -> None:
-        posted = self.node.outbox.post(
-            self.reply, wire.pack(wire.ACK, self.id, *ack, version=self.version), hold=hold
+        self.node.outbox.post(
+            self.reply,
+            wire.pack(wire.ACK, self.id, *ack, version=self.version),
+            hold=hold,
+            lost=self._check_reached,
         )
-        posted.add_done_callback(self._check_reached)
 
     def _ack_alone(self) -> None:
         """Post the ACK if it still waits: no SEND took it along in the loop turn the app
@@ -998,22 +1002,32 @@ class _Job:
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
         if not self.gone:
-            self._post(wire.CREDIT, credit).add_done_callback(self._check_reached)
+            self._post(wire.CREDIT, credit, lost=self._check_reached)
 
     def _check_reached(self, posted: asyncio.Future[int]) -> None:
         """A callback on a message not awaited: disconnect the app if nobody got it."""
         if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
             self.peer_lost("the distributor is gone")
 
-    def _post(self, kind: str, *args: Any) -> asyncio.Future[int]:
-        """Queue one message to the distributor; the future gives the receiver count."""
+    def _post(self, kind: str, *args: Any, lost: Lost | None = None) -> asyncio.Future[int]:
+        """Queue one message to the distributor; the future gives the receiver count, and
+        ``lost`` is told if nobody got it (``Outbox.post``)."""
         if self._unsent_ack is not None:
-            return self._post_after_ack(kind, args)
-        return self.node.outbox.post(self.reply, self._pack(kind, *args))
+            return self._post_after_ack(kind, args, lost)
+        return self.node.outbox.post(self.reply, self._pack(kind, *args), lost=lost)
 
     def _pack(self, kind: str, *args: Any) -> wire.Packed:
         """One message to the distributor, encoded (``ValueError`` if it is too large)."""
-        data = wire.pack_parts(kind, self.id, *args, version=self.version)
+        return self._bounded(kind, wire.pack_parts(kind, self.id, *args, version=self.version))
+
+    def _pack_send(self, events: list[Message]) -> wire.Packed:
+        """``_pack`` of a SEND: a WebSocket's of the usual shape written straight."""
+        data = self._data
+        if data is None:
+            return self._pack(wire.SEND, events)
+        return self._bounded(wire.SEND, data.send(events))
+
+    def _bounded(self, kind: str, data: wire.Packed) -> wire.Packed:
         size = wire.packed_size(data)
         if size > self.max_message:
             # The distributor would drop it as malformed and wait forever: fail the app here.
@@ -1023,7 +1037,9 @@ class _Job:
             )
         return data
 
-    def _post_after_ack(self, kind: str, args: tuple[Any, ...]) -> asyncio.Future[int]:
+    def _post_after_ack(
+        self, kind: str, args: tuple[Any, ...], lost: Lost | None
+    ) -> asyncio.Future[int]:
         """``_post`` of the first message after an ACK that waits (``run``): a SEND carries
         it (``wire.ACK_SEND``); anything else, or a SEND too large to, follows it."""
         ack = self._unsent_ack
@@ -1032,18 +1048,20 @@ class _Job:
         if kind == wire.SEND:
             data = wire.pack_parts(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
             if wire.packed_size(data) <= self.max_message:
-                return self.node.outbox.post(self.reply, data)
+                return self.node.outbox.post(self.reply, data, lost=lost)
         self._post_ack(ack, hold=False)
-        return self._post(kind, *args)
+        return self._post(kind, *args, lost=lost)
 
-    def _post_credit(self, credit: int) -> asyncio.Future[int]:
-        """``_post`` of a CREDIT, each value encoded once per request (``wire.CreditMessages``)."""
+    def _post_credit(self, credit: int) -> None:
+        """``_post`` of a CREDIT, each value encoded once per request (``wire.CreditMessages``).
+        A credit that gets lost would stall the transfer for good: nobody getting it
+        disconnects the app (``_check_reached``)."""
         if self._unsent_ack is not None:  # (a whole request's body takes no credit back)
             self._ack_alone()
         credits = self._credits
         if credits is None:
             credits = self._credits = wire.CreditMessages(self.id, self.version)
-        return self.node.outbox.post(self.reply, credits.pack(credit))
+        self.node.outbox.post(self.reply, credits.pack(credit), lost=self._check_reached)
 
     async def _publish(self, kind: str, *args: Any) -> bool:
         """Publish one message to the distributor; False (and disconnect) if nobody got it."""
@@ -1119,7 +1137,7 @@ class _Job:
         if self.awaiting_body:
             self.awaiting_body = False
             if not self.gone:  # the distributor now reads the body
-                self._post(wire.CONTINUE).add_done_callback(self._check_reached)
+                self._post(wire.CONTINUE, lost=self._check_reached)
         while True:
             if self.disconnect is not None and self.inbox.empty():
                 return self.disconnect  # as uvicorn: once disconnected, always disconnected
@@ -1127,8 +1145,7 @@ class _Job:
             if counted:
                 credit = self.received.consumed()
                 if credit and not self.gone:
-                    # A credit that gets lost would stall the transfer for good.
-                    self._post_credit(credit).add_done_callback(self._check_reached)
+                    self._post_credit(credit)
             kind = event.get("type")
             if kind in ("http.disconnect", "websocket.disconnect"):
                 self.disconnect = event
@@ -1284,21 +1301,24 @@ class _Job:
         cost = 1
         if window.unit:
             # Encoded first: counting bytes (a WebSocket's credit unit), its size is its cost.
-            message = self._pack(wire.SEND, events)
+            message = self._pack_send(events)
             cost = window.cost(wire.packed_size(message))
-        try:
-            await window.acquire(cost)
-        except _Disconnected:
-            return
+        if not window.try_take(cost):
+            try:
+                await window.acquire(cost)
+            except _Disconnected:
+                return
         if self.gone:
             return
+        # Pipelined within the window unless it is the last: the count is checked when the
+        # reply comes, in one callback per batch for all of its messages.
+        lost = None if last else self._check_reached
         if message is None:
-            posted = self._post(wire.SEND, events)  # the first may carry the ACK (ACK_SEND)
+            # The first may carry the ACK (ACK_SEND).
+            posted = self._post(wire.SEND, events, lost=lost)
         else:  # a WebSocket's: its ACK never waits (``run``), so it has left already
-            posted = self.node.outbox.post(self.reply, message)
+            posted = self.node.outbox.post(self.reply, message, lost=lost)
         if not last:
-            # Pipelined within the window: the count is checked when the reply comes.
-            posted.add_done_callback(self._check_reached)
             return
         if await posted == 0:
             self.peer_lost("the distributor is gone")
@@ -1349,7 +1369,7 @@ class _Job:
         if self.gone:
             return
         event = {"type": "http.response.body", "body": body, "more_body": True}
-        self._post(wire.SEND, [event]).add_done_callback(self._check_reached)
+        self._post(wire.SEND, [event], lost=self._check_reached)
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:

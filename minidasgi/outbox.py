@@ -9,7 +9,9 @@ message instead, all in one write.
 It never waits: ``post`` returns the batch's future (the receiver count; 0 when Redis is
 unreachable, as ``Client.try_publish``), which the caller awaits or hands a callback, and never
 creates a task per message. The client settles that future straight from the PUBLISH's reply
-(``publish_into``): one loop turn between the reply and its waiter, not three.
+(``publish_into``): one loop turn between the reply and its waiter, not three. A caller that
+only needs to know when nobody got a message (``lost``) shares one callback per batch with the
+other messages of the batch, rather than scheduling one of its own per message.
 
 It knows nothing of requests: the callers decide what a count of 0 means for them.
 """
@@ -18,12 +20,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeAlias
 
 from . import codec, wire
 from .batching import Batcher
 from .resp.topology import CommandClient
 
-__all__ = ["Outbox"]
+__all__ = ["Lost", "Outbox"]
+
+Lost: TypeAlias = Callable[["asyncio.Future[int]"], None]
+"""Told, with the batch's future, that a message did not reach its peer (see ``Outbox.post``)."""
 
 
 class Outbox:
@@ -31,30 +37,74 @@ class Outbox:
 
     ``client`` returns the publishing client, of any topology (None while there is none).
     ``hold_time``: seconds a message posted with ``hold=True`` (an ack) may wait for company.
+    ``eager``: a batch leaves as soon as the loop turn has nothing else to run (``Batcher``),
+    for a process whose callbacks post one message each, or say ``more``.
     """
 
     def __init__(
-        self, client: Callable[[], CommandClient | None], *, hold_time: float = 0.002
+        self,
+        client: Callable[[], CommandClient | None],
+        *,
+        hold_time: float = 0.002,
+        eager: bool = False,
     ) -> None:
         self._client = client
         self.batcher: Batcher[int] = Batcher(
-            send_into=self._send, max_size=wire.MAX_BATCH_SIZE, hold_time=hold_time
+            send_into=self._send, max_size=wire.MAX_BATCH_SIZE, hold_time=hold_time, eager=eager
         )
+        # Per batch future still unsettled, the distinct ``lost`` callbacks of its messages.
+        self._lost: dict[asyncio.Future[int], dict[Lost, None]] = {}
 
     def post(
-        self, channel: str, message: wire.Packed, *, hold: bool = False
+        self,
+        channel: str,
+        message: wire.Packed,
+        *,
+        hold: bool = False,
+        lost: Lost | None = None,
+        more: bool = False,
     ) -> asyncio.Future[int]:
         """Queue ``message`` for ``channel``; the future gives the PUBLISH's receiver count.
-        A message given as parts (``wire.pack_parts``) is copied once, into the write."""
-        return self.batcher.put(channel, message, size=wire.packed_size(message), hold=hold)
+        A message given as parts (``wire.pack_parts``) is copied once, into the write.
+
+        ``lost`` is called with that future if the batch reached nobody (a count of 0, or an
+        error), once per batch however many of its messages name it: a request streaming
+        many messages in a loop turn costs the loop one callback per batch for all of them,
+        not one per message (what ``add_done_callback`` on the future would cost).
+
+        ``more``: the caller posts more in this callback; an eager outbox (``eager``: see
+        ``Batcher``) waits for them before the batch leaves."""
+        future = self.batcher.put(
+            channel, message, size=wire.packed_size(message), hold=hold, more=more
+        )
+        if lost is not None:
+            watchers = self._lost.get(future)
+            if watchers is None:
+                watchers = self._lost[future] = {}
+                future.add_done_callback(self._settled)
+            watchers[lost] = None
+        return future
 
     async def publish(self, channel: str, message: wire.Packed) -> int:
         """Post and wait for the receiver count."""
         return await self.post(channel, message)
 
+    def reset(self) -> None:
+        """Forget the event loop and whatever is pending (the loop it belonged to is gone)."""
+        self.batcher.reset()
+        self._lost = {}
+
     def flush(self) -> None:
         """Send everything now (held messages included)."""
         self.batcher.flush()
+
+    def _settled(self, future: asyncio.Future[int]) -> None:
+        watchers = self._lost.pop(future, None)
+        if watchers and (
+            future.cancelled() or future.exception() is not None or future.result() == 0
+        ):
+            for lost in watchers:
+                lost(future)
 
     def _send(self, channel: str, messages: list[wire.Packed], result: asyncio.Future[int]) -> None:
         # The batch's future is settled by the client straight from the PUBLISH's reply.

@@ -95,12 +95,12 @@ import os
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import isfinite
 from typing import Any, Final
 
-from . import codec, envelopewriter, responsereader
+from . import codec, envelopewriter, messagewriter, responsereader
 from .resp.cluster import hash_tag
 
 __all__ = [
@@ -132,6 +132,7 @@ __all__ = [
     "Reassembler",
     "ReceiveWindow",
     "SendWindow",
+    "WebSocketData",
     "WireError",
     "asks_confirmation",
     "batch_frame",
@@ -312,6 +313,43 @@ def packed_size(message: Packed) -> int:
 
 
 _U32 = struct.Struct(">I")
+
+
+class WebSocketData:
+    """The data messages of one WebSocket: the distributor's EVENT of each client message, the
+    Node's SEND of each app message. In the fast format a message of the usual shape (a
+    ``websocket.receive`` or ``websocket.send`` with only its text or bytes) is written
+    straight (``messagewriter``: the same bytes, without the general writer's passes); any
+    other, or another format, as ``pack_parts`` writes it."""
+
+    __slots__ = ("_request_id", "_version", "_writer")
+
+    def __init__(self, request_id: str, version: int) -> None:
+        self._request_id = request_id
+        self._version = version
+        self._writer = (
+            messagewriter.WebSocketMessages(request_id, EVENT, SEND)
+            if version == codec.FAST
+            else None
+        )
+
+    def event(self, event: Mapping[str, Any]) -> Packed:
+        """``[EVENT, id, event]``, encoded."""
+        writer = self._writer
+        if writer is not None:
+            message = writer.receive(event)
+            if message is not None:
+                return message
+        return pack_parts(EVENT, self._request_id, dict(event), version=self._version)
+
+    def send(self, events: list[Any]) -> Packed:
+        """``[SEND, id, events]``, encoded."""
+        writer = self._writer
+        if writer is not None and len(events) == 1:
+            message = writer.send(events[0])
+            if message is not None:
+                return message
+        return pack_parts(SEND, self._request_id, events, version=self._version)
 
 
 def batch_frame(messages: list[bytes]) -> bytes:
@@ -724,6 +762,14 @@ class SendWindow:
     def cost(self, size: int) -> int:
         """The credit a message of ``size`` encoded bytes takes (``credit_cost``)."""
         return credit_cost(size, self.unit, self.largest)
+
+    def try_take(self, cost: int = 1) -> bool:
+        """Take ``cost`` credits if they are there (True), without waiting: ``acquire``
+        without the coroutine a call of it makes, for a sender that usually has credit."""
+        if self.available < cost or self._error is not None:
+            return False
+        self.available -= cost
+        return True
 
     async def acquire(self, cost: int = 1) -> None:
         """Take ``cost`` credits, waiting until the peer grants them."""

@@ -75,6 +75,22 @@ async def test_an_eager_batch_leaves_with_the_last_callback_of_its_turn() -> Non
     assert (batcher.batches, batcher.items) == (3, 5)
 
 
+async def test_an_eager_batch_waits_for_the_items_its_callback_says_are_coming() -> None:
+    loop = asyncio.get_running_loop()
+    if not hasattr(loop, "_ready"):
+        pytest.skip("needs asyncio's own event loop")
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(send_into=sender, eager=True)
+    batcher.put("a", 0, more=True)  # the pieces of one large message, say
+    batcher.put("a", 1, more=True)
+    batcher.put("a", 2)  # the last of them: a flush is pending now, they leave in it
+    assert sender.sent == []
+    await asyncio.sleep(0)
+    assert sender.sent == [("a", [0, 1, 2])]  # together, not one command each
+    batcher.put("a", 3)  # a lone item still leaves at once
+    assert sender.sent[-1] == ("a", [3])
+
+
 async def test_a_batch_never_grows_past_max_size() -> None:
     sender = Recorder()
     batcher: Batcher[int] = Batcher(send_into=sender, max_size=100)

@@ -347,6 +347,17 @@ async def test_send_window_acquires_up_to_the_window_without_waiting() -> None:
     assert window.available == 0
 
 
+def test_send_window_try_take_takes_what_is_there_and_never_waits() -> None:
+    window = SendWindow(4, unit=1024, piece=4096)  # 16 units, at most 2 a message
+    assert window.try_take(2) and window.available == 14
+    assert not window.try_take(15) and window.available == 14  # not there: nothing taken
+    assert window.try_take(14) and window.available == 0
+    assert not window.try_take(1)
+    window.grant(3)
+    window.abort(ConnectionError("peer gone"))
+    assert not window.try_take(1) and window.available == 3  # acquire() raises instead
+
+
 async def test_send_window_waits_for_grant() -> None:
     window = SendWindow(2)
     await asyncio.wait_for(window.acquire(), 2)

@@ -118,3 +118,97 @@ async def test_a_request_costs_fewer_than_five_loop_callbacks(
     # task's end two: 6.4 per request, counting the test's own subscriber and Redis I/O.
     counts = await _serve_counted(redis_server, monkeypatch)
     assert counts["call_soon"] < 5 * N, counts
+
+
+def _ws_envelope(request_id: str, reply: str) -> bytes:
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [[b"host", b"example"]],
+        "client": ["127.0.0.1", 1],
+        "server": ["127.0.0.1", 2],
+        "subprotocols": [],
+    }
+    events = [{"type": "websocket.connect"}]
+    envelope = wire.Envelope(
+        request_id, reply, time.time() + 30, scope, events, liveness=0, unit=wire.CREDIT_UNIT
+    )
+    return envelope.encode()
+
+
+async def _echo_ws(scope: Any, receive: Any, send: Any) -> None:
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await send({"type": "websocket.send", "text": message["text"]})
+
+
+async def test_websocket_messages_echoed_in_one_batch_cost_one_loop_callback_for_their_publish(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # N messages of one socket in one batch frame: the app echoes them all in one step of its
+    # task (none waits), and the N SENDs leave in one PUBLISH whose outcome is checked by one
+    # callback for all of them (Outbox.post's ``lost``). Before, each SEND hung a done
+    # callback of its own on the batch's future: one loop callback per message.
+    n = 32
+    node = Node(url=redis_server.url, app=_echo_ws, key="K", lifespan="off", liveness_interval=3600)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    request_id = wire.new_request_id()
+    acks: list[Any] = []
+    echoed: list[str] = []
+
+    def on_message(_: bytes, data: bytes) -> None:
+        for message in wire.split_frame(data):
+            kind, _, args = wire.unpack(message)
+            if kind == wire.ACK:
+                acks.append(args)
+            elif kind == wire.SEND:
+                echoed.extend(e["text"] for e in args[0] if e["type"] == "websocket.send")
+
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    calls = 0
+    try:
+        async with run_node(node):
+            loop: Any = asyncio.get_running_loop()
+            if not hasattr(loop, "_run_once"):
+                pytest.skip("needs asyncio's own event loop")
+            await pusher.execute("LPUSH", "K", _ws_envelope(request_id, reply))
+            assert await poll(lambda: acks, 10)
+            node_channel = acks[0][0]
+            events = [{"type": "websocket.receive", "text": f"m{i}"} for i in range(n)]
+            frame = wire.batch_frame([wire.pack(wire.EVENT, request_id, e) for e in events])
+            call_soon = loop.call_soon
+
+            def counted_call_soon(*args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                return call_soon(*args, **kwargs)
+
+            monkeypatch.setattr(loop, "call_soon", counted_call_soon, raising=False)
+            await pusher.execute("PUBLISH", node_channel, frame)
+            assert await poll(lambda: len(echoed) >= n, 10), echoed
+            await asyncio.sleep(0.05)  # the last PUBLISH's reply and its callbacks
+            monkeypatch.undo()
+            disconnect = {"type": "websocket.disconnect", "code": 1000}
+            await pusher.execute(
+                "PUBLISH", node_channel, wire.pack(wire.EVENT, request_id, disconnect)
+            )
+            assert await poll(lambda: not node._jobs, 10)
+    finally:
+        monkeypatch.undo()
+        await pusher.close()
+        await subscriber.close()
+    assert echoed == [f"m{i}" for i in range(n)]
+    assert calls < n / 2, calls

@@ -341,9 +341,9 @@ async def _download_losing_credits(redis_factory: RedisFactory) -> AsyncIterator
     post = distributor.outbox.post
 
     def observed_post(
-        channel: str, message: bytes, *, hold: bool = False
+        channel: str, message: bytes, **options: Any
     ) -> asyncio.Future[int]:  # observes, changes nothing
-        posted = post(channel, message, hold=hold)
+        posted = post(channel, message, **options)
 
         def count(done: asyncio.Future[int]) -> None:
             if not done.cancelled() and done.exception() is None and done.result() == 0:

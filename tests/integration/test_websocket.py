@@ -527,3 +527,37 @@ async def test_sixteen_lockstep_echoes_cost_about_one_message_each_way_per_round
         for ws in clients:
             await ws.close()
     assert sent <= 2.1 * sockets * rounds, sent / (sockets * rounds)
+
+
+async def test_a_client_message_leaves_the_distributor_with_no_flush_of_its_outbox(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The distributor's outbox is eager: a client's message, posted by the last callback of
+    # its loop turn, leaves at once, not in the outbox's flush one loop iteration later
+    # (before: a flush handle, and an iteration, per message). The client, uvicorn and the
+    # Node share the test's loop: a turn in which one of them has work left flushes at its end.
+    n = 20
+    distributor = create_distributor(url=redis_server.url, key=KEY, liveness_interval=3600)
+    node = Node(url=redis_server.url, app=WsApp(), key=KEY, lifespan="off", liveness_interval=3600)
+    flushes = 0
+    run = asyncio.Handle._run
+
+    def counted(handle: asyncio.Handle) -> None:
+        nonlocal flushes
+        callback = getattr(handle, "_callback", None)
+        if getattr(callback, "__self__", None) is distributor.outbox.batcher:
+            flushes += 1
+        run(handle)
+
+    async with serve_app(distributor) as base, run_node(node):
+        async with websockets.connect(_ws(base) + "/echo") as ws:
+            for i in range(8):  # warm up: the accept, the first credits
+                await ws.send(f"warm {i}")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == f"warm {i}"
+            monkeypatch.setattr(asyncio.Handle, "_run", counted)
+            for i in range(n):
+                await ws.send(f"m{i}")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == f"m{i}"
+            monkeypatch.undo()
+    assert flushes <= n // 2, f"{flushes} flushes for {n} messages"
+    assert _keys(redis_server) == []

@@ -1,0 +1,77 @@
+"""The outbox's ``lost`` callbacks, against a fake publishing client (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from minidasgi import wire
+from minidasgi.outbox import Outbox
+
+
+class FakeClient:
+    """Records each PUBLISH's future; the test settles them."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, Any, asyncio.Future[int]]] = []
+
+    def publish_into(self, channel: str, message: Any, result: asyncio.Future[int]) -> None:
+        self.published.append((channel, message, result))
+
+
+class Told:
+    """A ``lost`` callback that counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[asyncio.Future[int]] = []
+
+    def __call__(self, future: asyncio.Future[int]) -> None:
+        self.calls.append(future)
+
+
+async def _posted(outbox: Outbox, client: FakeClient, callbacks: list[Told]) -> None:
+    for n, lost in enumerate(callbacks):
+        outbox.post("c", wire.pack(wire.CREDIT, "r", n), lost=lost)
+    await asyncio.sleep(0)  # the end of the turn: one PUBLISH
+    assert len(client.published) == 1
+
+
+async def test_lost_is_told_once_per_batch_when_nobody_got_it() -> None:
+    client = FakeClient()
+    outbox = Outbox(lambda: client)  # type: ignore[arg-type, return-value]
+    a, b = Told(), Told()
+    await _posted(outbox, client, [a, a, b, a])
+    client.published[0][2].set_result(0)
+    await asyncio.sleep(0)
+    assert len(a.calls) == 1 and len(b.calls) == 1
+    assert a.calls[0] is client.published[0][2]
+
+
+async def test_lost_is_not_told_when_the_batch_reached_its_peer() -> None:
+    client = FakeClient()
+    outbox = Outbox(lambda: client)  # type: ignore[arg-type, return-value]
+    a = Told()
+    await _posted(outbox, client, [a, a])
+    client.published[0][2].set_result(1)
+    await asyncio.sleep(0)
+    assert a.calls == []
+    assert outbox._lost == {}  # nothing kept for a settled batch
+
+
+async def test_lost_is_told_when_the_batch_failed() -> None:
+    client = FakeClient()
+    outbox = Outbox(lambda: client)  # type: ignore[arg-type, return-value]
+    a = Told()
+    await _posted(outbox, client, [a])
+    client.published[0][2].set_exception(ConnectionError("the link died"))
+    await asyncio.sleep(0)
+    assert len(a.calls) == 1
+
+
+async def test_lost_is_told_when_there_is_no_client() -> None:
+    outbox = Outbox(lambda: None)
+    a = Told()
+    outbox.post("c", wire.pack(wire.CREDIT, "r", 1), lost=a)
+    await asyncio.sleep(0)  # the flush: no client, a count of 0
+    await asyncio.sleep(0)  # the batch's callback
+    assert len(a.calls) == 1
