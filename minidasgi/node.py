@@ -44,7 +44,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import codec, confirmation, eventloop, health, metrics, stats, wire
@@ -70,6 +70,7 @@ DEFAULT_CONCURRENCY = 100
 
 _MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots free
 _LISTS = frozenset([list])  # what a decoded pair is
+_HEADERS = frozenset(["http.response.start", "http.response.trailers"])  # what carries headers
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
 
 
@@ -1009,6 +1010,18 @@ class _Job:
         if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
             self.peer_lost("the distributor is gone")
 
+    def _post_send(self, events: list[Message], lost: Lost | None) -> asyncio.Future[int]:
+        """``_post`` of a SEND. A response start held for its first body that is too large
+        to travel with it (large headers, a large piece, a distributor that reads less) goes
+        first in a message of its own, rather than failing the response."""
+        try:
+            return self._post(wire.SEND, events, lost=lost)
+        except ValueError:
+            if len(events) < 2 or events[0].get("type") != "http.response.start":
+                raise
+        self._post(wire.SEND, events[:1], lost=lost)  # ValueError if the start alone is
+        return self._post(wire.SEND, events[1:], lost=lost)
+
     def _post(self, kind: str, *args: Any, lost: Lost | None = None) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count, and
         ``lost`` is told if nobody got it (``Outbox.post``)."""
@@ -1018,24 +1031,42 @@ class _Job:
 
     def _pack(self, kind: str, *args: Any) -> wire.Packed:
         """One message to the distributor, encoded (``ValueError`` if it is too large)."""
-        return self._bounded(kind, wire.pack_parts(kind, self.id, *args, version=self.version))
+        data = wire.pack_parts(kind, self.id, *args, version=self.version)
+        return self._bounded(kind, data, args[0] if kind == wire.SEND else ())
 
     def _pack_send(self, events: list[Message]) -> wire.Packed:
         """``_pack`` of a SEND: a WebSocket's of the usual shape written straight."""
         data = self._data
         if data is None:
             return self._pack(wire.SEND, events)
-        return self._bounded(wire.SEND, data.send(events))
+        return self._bounded(wire.SEND, data.send(events), events)
 
-    def _bounded(self, kind: str, data: wire.Packed) -> wire.Packed:
-        size = wire.packed_size(data)
-        if size > self.max_message:
+    def _bounded(self, kind: str, data: wire.Packed, events: Sequence[Message]) -> wire.Packed:
+        """``data``, or ``ValueError`` if it is too large to send (``_fits``)."""
+        if not self._fits(data, events):
             # The distributor would drop it as malformed and wait forever: fail the app here.
             raise ValueError(
-                f"a {kind} message of {size} bytes is over the limit of "
-                f"{self.max_message} (response headers too large?)"
+                f"a {kind} message of {wire.packed_size(data)} bytes is over the limit of "
+                f"{self.max_message}, or its response headers over "
+                f"{wire.EARLIER_MAX_MESSAGE_SIZE} (response headers too large?)"
             )
         return data
+
+    def _fits(self, data: wire.Packed, events: Sequence[Message]) -> bool:
+        """Whether a message carrying ``events`` may travel: within what every distributor
+        reads, or else within what this one reads (``max_message``: more only while it
+        announced large pieces) with everything but response body bytes still within the
+        former. So whether a response's headers travel never depends on the piece size its
+        distributor announced, which its load decides (``wire.CreditPool.window``)."""
+        size = wire.packed_size(data)
+        if size <= wire.EARLIER_MAX_MESSAGE_SIZE:
+            return True
+        if size > self.max_message:
+            return False
+        if not any(e.get("type") in _HEADERS for e in events):
+            return True
+        body = sum(len(e["body"]) for e in events if e.get("type") == "http.response.body")
+        return size - body <= wire.EARLIER_MAX_MESSAGE_SIZE
 
     def _post_after_ack(
         self, kind: str, args: tuple[Any, ...], lost: Lost | None
@@ -1047,7 +1078,7 @@ class _Job:
         self._unsent_ack = None
         if kind == wire.SEND:
             data = wire.pack_parts(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
-            if wire.packed_size(data) <= self.max_message:
+            if self._fits(data, args[0]):
                 return self.node.outbox.post(self.reply, data, lost=lost)
         self._post_ack(ack, hold=False)
         return self._post(kind, *args, lost=lost)
@@ -1315,7 +1346,7 @@ class _Job:
         lost = None if last else self._check_reached
         if message is None:
             # The first may carry the ACK (ACK_SEND).
-            posted = self._post(wire.SEND, events, lost=lost)
+            posted = self._post_send(events, lost)
         else:  # a WebSocket's: its ACK never waits (``run``), so it has left already
             posted = self.node.outbox.post(self.reply, message, lost=lost)
         if not last:

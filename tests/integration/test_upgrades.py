@@ -457,16 +457,16 @@ async def test_a_node_sends_body_pieces_as_large_as_its_distributor_reads(
 
 
 @pytest.mark.parametrize(
-    ("piece", "sent"),
+    ("piece", "together"),
     [(wire.EARLIER_PIECE_SIZE, False), (wire.PIECE_SIZE, True)],
 )
 async def test_a_node_never_sends_a_message_over_what_its_distributor_reads(
-    redis_server: RedisServer, piece: int, sent: bool
+    redis_server: RedisServer, piece: int, together: bool
 ) -> None:
-    # A start with 300 KiB of headers travels with the first body piece: with a 512 KiB
-    # piece, over the 768 KiB a distributor of the previous release reads, which would drop
-    # it and leave its client waiting: the Node fails the app instead (DONE). A distributor
-    # of this release reads it.
+    # A start with 300 KiB of headers and a first body piece of 512 KiB: together over the
+    # 768 KiB a distributor of the previous release reads, which would drop the message and
+    # leave its client waiting. To that one the Node sends the start alone, then the body (it
+    # failed the app before); a distributor of this release reads them in one message.
     async def big_headers(scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = [(b"x-filler-%d" % i, b"h" * 1000) for i in range(300)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -474,10 +474,18 @@ async def test_a_node_never_sends_a_message_over_what_its_distributor_reads(
 
     got = await _node_answering_fake_distributor(redis_server, big_headers, piece, 4)
     kinds = [kind for kind, _, _ in got]
-    assert (wire.DONE not in kinds) is sent, kinds
+    assert wire.DONE not in kinds, kinds
     assert max(length for _, _, length in got) <= wire.message_limit(piece)
-    if sent:
+    start_messages = [
+        [e["type"] for e in args[0]]
+        for kind, args, _ in got
+        if kind in (wire.SEND, wire.ACK_SEND) and args[0][0]["type"] == "http.response.start"
+    ]
+    if together:
+        assert start_messages == [["http.response.start", "http.response.body"]]
         assert max(length for _, _, length in got) > wire.EARLIER_MAX_MESSAGE_SIZE
+    else:
+        assert start_messages == [["http.response.start"]]
 
 
 async def test_a_distributor_sends_a_node_of_the_previous_release_pieces_it_reads(
