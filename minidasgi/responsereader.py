@@ -35,7 +35,7 @@ _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(65)]  # the tables of 
 _DEPTH: Final = 5  # the message's list, its events, an event, the headers, a header
 _COPIED: Final = 16 * 1024  # bytes of a memoryview copied whole; larger ones take the usual path
 _ID_START: Final = 9 + 13  # after the prefix and the start
-_STRING: Final = rb'"([!#-\[\]-~]+)"'  # what json reads as the text between the quotes, unchanged
+_CHANNEL: Final = rb'"([!#-\[\]-~]{1,255})"'  # a Node channel: text json reads unchanged
 _INT: Final = rb"(0|[1-9][0-9]{0,8})"  # what json reads as an int, and int() likewise
 _START: Final = b'["ack-send","'  # the head's start, then the request id
 _ID: Final = re.compile(rb"[!#-\[\]-~]+")  # what json reads as the text between the quotes
@@ -43,9 +43,10 @@ _REST: Final = re.compile(
     b"".join(
         [
             rb'",\[\{"type":"http\.response\.start","status":' + _INT + rb",",
-            rb'"headers":\[((?:\[0E0,0E0\](?:,\[0E0,0E0\])*)?)\]\},',
+            # At most 31 headers: with the body's, 63 markers, within the tables read.
+            rb'"headers":\[((?:\[0E0,0E0\](?:,\[0E0,0E0\]){0,30})?)\]\},',
             rb'\{"type":"http\.response\.body","body":0E0(,"more_body":(?:true|false))?\}\],',
-            _STRING + rb"," + _INT + rb",",
+            _CHANNEL + rb"," + _INT + rb",",
             rb"((?:0|[1-9][0-9]{0,8})\.[0-9]{1,17})",  # the liveness: a float (json calls float())
             # No confirmation asked, then the piece size, and perhaps the credit unit.
             rb"(?:,false," + _INT + rb"(?:," + _INT + rb")?)?",
@@ -58,7 +59,9 @@ markers, the body's ``more_body``, the Node channel, the window, the liveness, t
 the unit."""
 _TEMPLATES: Final[dict[bytes, tuple[int, int, bool | None, tuple[Any, ...]]]] = {}
 """What ``_REST`` read from a head's rest, by the rest: (markers, status, more_body, the ACK's
-arguments). A Node answers a route's requests alike: only the id differs."""
+arguments). A Node answers a route's requests alike: only the id differs. Whoever may publish
+on a distributor's channel chooses these keys: ``_REST`` bounds them (31 headers, a channel of
+255 characters: under 1 KiB each), and a head it does not match is never kept."""
 _MAX_TEMPLATES: Final = 256
 
 

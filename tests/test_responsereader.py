@@ -152,6 +152,29 @@ def test_the_templates_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None
         assert len(responsereader._TEMPLATES) <= responsereader._MAX_TEMPLATES
 
 
+def test_what_is_kept_of_a_hostile_peer_s_answers_is_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anyone who may publish on a distributor's channel chooses the heads it keeps: only
+    heads of a bounded size are (at most 31 headers, a channel of at most 255 characters);
+    larger ones are still read, by the general path."""
+    monkeypatch.setattr(responsereader, "_TEMPLATES", {})
+    many = [(b"x", b"y")] * 2000
+    start = {"type": "http.response.start", "status": 200}
+    body = {"type": "http.response.body", "body": b"", "more_body": False}
+    hostile = [
+        ack_send([{**start, "headers": many}, body], ack=(NODE, window, 1.0))
+        for window in range(1, 50)
+    ] + [ack_send(ack=("c" * 60_000 + str(window), 1, 1.0)) for window in range(50)]
+    for data in hostile:
+        assert responsereader.try_decode(data) is None
+        assert not same(general(data), CodecError)
+    assert responsereader._TEMPLATES == {}
+    widest = ack_send([{**start, "headers": [(b"x", b"y")] * 31}, body], ack=("c" * 255, 1, 1.0))
+    assert same(responsereader.try_decode(widest), general(widest))
+    assert max(len(rest) for rest in responsereader._TEMPLATES) < 1024
+
+
 def test_bounds_are_the_callers() -> None:
     data = ack_send()
     assert responsereader.try_decode(data, max_size=len(data) - 1) is None
