@@ -1018,6 +1018,10 @@ class _Job:
 
     def _pack(self, kind: str, *args: Any) -> wire.Packed:
         """One message to the distributor, encoded (``ValueError`` if it is too large)."""
+        if kind == wire.SEND:  # the usual response written straight (``wire.pack_response``)
+            return self._bounded(
+                kind, wire.pack_response(kind, self.id, *args, version=self.version)
+            )
         return self._bounded(kind, wire.pack_parts(kind, self.id, *args, version=self.version))
 
     def _pack_send(self, events: list[Message]) -> wire.Packed:
@@ -1046,7 +1050,7 @@ class _Job:
         assert ack is not None
         self._unsent_ack = None
         if kind == wire.SEND:
-            data = wire.pack_parts(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
+            data = wire.pack_response(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
             if wire.packed_size(data) <= self.max_message:
                 return self.node.outbox.post(self.reply, data, lost=lost)
         self._post_ack(ack, hold=False)
