@@ -9,6 +9,11 @@ body alone. It is written straight to the bytes ``jsoncodec.try_encode_parts`` w
 without its passes over the text (counting and replacing markers, looking for keys ``json``
 may have coerced, bounding depth and ints): the keys are known, the values checked as they
 are written, and the one free str (the Node channel) quoted by ``json``'s own C function.
+A Node answers a route's requests alike: the head's text around the request id depends only
+on the kind, the status, the number of headers, ``more_body`` and the ACK's arguments, so it
+is kept by those (a bounded table; their types are part of the key, since ``json`` writes
+``1``, ``1.0`` and ``True`` apart, and a zero float, equal to its negative, is never kept),
+and the next answer costs a lookup and its checks.
 Anything else, however slightly unusual (another key, the keys in another order, a trailers
 flag, a status of an int subclass or over 18 digits, a bytearray, a str key or type of a
 subclass, U+E000 in a str, a head too long to leave unbounded), makes ``try_write`` return
@@ -49,6 +54,12 @@ _BYTES: Final = frozenset([bytes])
 _STR: Final = frozenset([str])
 _TWO: Final = frozenset([2])
 _MORE: Final = {True: '"more_body":true}]', False: '"more_body":false}]'}
+_LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(66)]  # by count: a start's 32 pairs
+_TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes]]] = {}
+"""The head's text around the request id, by what it is written from (``try_write``): a Node
+answers a route's requests alike, so only the id and the bytes values differ."""
+_MAX_TEMPLATES: Final = 256
+_TAIL_TYPES: Final = frozenset([str, bool, int, float])
 
 
 def try_write(
@@ -61,21 +72,37 @@ def try_write(
     anything else (the caller then encodes it the general way). A request id that is not
     plain ASCII letters and digits (every id a distributor makes is hex; a Node's comes from
     an untrusted envelope) gets no shortcut."""
-    if type(events) is not list or not (
-        type(request_id) is str and request_id.isascii() and request_id.isalnum()
-    ):
+    if type(events) is not list:
         return None
-    blobs: list[bytes] = []
     count = len(events)
     if count == 2:
-        start = _start(events[0], blobs)
-        if start is None:
+        start, body_event = events
+        if not (
+            type(start) is dict
+            and tuple(start) == _START_KEYS
+            and _STR.issuperset(map(type, start))
+        ):
             return None
+        start_kind, status, headers = start.values()
+        if not (
+            type(start_kind) is str
+            and start_kind == _START
+            and type(status) is int
+            and type(headers) in _PAIR_TYPES
+            and _PAIR_TYPES.issuperset(map(type, headers))
+            and _TWO.issuperset(map(len, headers))
+        ):
+            return None
+        parts: list[Any] = list(chain.from_iterable(headers))
+        if not _BYTES.issuperset(map(type, parts)):
+            return None
+        pairs = len(headers)
     elif count == 1:
-        start = "["
+        body_event = events[0]
+        status = pairs = -1  # no start (a status is never written from these)
+        parts = []
     else:
         return None
-    body_event = events[1] if count == 2 else events[0]
     if not (
         type(body_event) is dict
         and tuple(body_event) == _BODY_KEYS
@@ -89,7 +116,64 @@ def try_write(
         type(body) is memoryview and body.ndim == 1 and body.c_contiguous and body.itemsize == 1
     ):
         return None  # a bytearray (copied by the general path), a strided view, anything else
-    text = f"[{_quote(kind)},{_quote(request_id)},{start}"
+    # Equal keys write the same text: the types are part of the key (True == 1 == 1.0), and
+    # a tail with a zero float (0.0 == -0.0) is never kept.
+    types = tuple(map(type, tail))
+    if not _TAIL_TYPES.issuperset(types):
+        return None  # (and nothing unhashable in the key)
+    key = (kind, status, pairs, more, tail, types)
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = _template(kind, count == 2, status, pairs, more, tail)
+        if template is None:
+            return None
+        if not any(value == 0 and type(value) is float for value in tail):
+            if len(_TEMPLATES) >= _MAX_TEMPLATES:
+                _TEMPLATES.clear()
+            _TEMPLATES[key] = template
+    if not (type(request_id) is str and request_id.isascii() and request_id.isalnum()):
+        return None
+    before, after = template
+    identifier = request_id.encode("ascii")
+    head_size = len(before) + len(identifier) + len(after)
+    if head_size >= _MAX_HEAD:
+        return None
+    parts.append(body)
+    markers = len(parts)
+    first = b"".join(
+        [
+            _PREFIX.pack(jsoncodec.VERSION, head_size, markers),
+            before,
+            identifier,
+            after,
+            _lengths(markers).pack(*map(len, parts)),
+            *parts[:-1],
+        ]
+    )
+    if len(first) + len(body) < _GATHER_FROM or (
+        type(body) is memoryview and type(body.obj) is not bytes
+    ):
+        return first + body  # a view of a mutable buffer is copied now, as pack_parts does
+    return [first, body]  # the body not copied: it is copied once, into the write
+
+
+def _template(
+    kind: str, started: bool, status: int, pairs: int, more: bool, tail: tuple[Any, ...]
+) -> tuple[bytes, bytes] | None:
+    """The head's text before and after the request id (its quotes excluded), or None if a
+    value is outside what this writer writes."""
+    if started:
+        if not -_INT_BOUND < status < _INT_BOUND:
+            return None
+        pairs_text = (
+            _PAIRS_TEXT[pairs]
+            if pairs < len(_PAIRS_TEXT)
+            else "[" + ",".join([_PAIR] * pairs) + "]"
+        )
+        status_text = _int_repr(status)
+        text = f'[{{"type":"http.response.start","status":{status_text},"headers":{pairs_text}}},'
+    else:
+        text = "["
     text += '{"type":"http.response.body","body":0E0,' + _MORE[more]
     for value in tail:
         value_type = type(value)
@@ -105,52 +189,12 @@ def try_write(
             text += "," + _float_repr(value)
         else:
             return None
-    head = (text + "]").encode("utf-8", "surrogatepass")
-    if len(head) >= _MAX_HEAD:
-        return None
-    markers = len(blobs) + 1
-    first = (
-        _PREFIX.pack(jsoncodec.VERSION, len(head), markers)
-        + head
-        + struct.pack(f">{markers}I", *map(len, blobs), len(body))
-        + b"".join(blobs)
+    before = f'[{_quote(kind)},"'
+    return before.encode("utf-8", "surrogatepass"), ('",' + text + "]").encode(
+        "utf-8", "surrogatepass"
     )
-    if len(first) + len(body) < _GATHER_FROM or (
-        type(body) is memoryview and type(body.obj) is not bytes
-    ):
-        return first + body  # a view of a mutable buffer is copied now, as pack_parts does
-    return [first, body]  # the body not copied: it is copied once, into the write
 
 
-def _start(start: Any, blobs: list[bytes]) -> str | None:
-    """The events' opening and the start, its header values added to ``blobs``; None if it is
-    not of the usual shape."""
-    if not (
-        type(start) is dict and tuple(start) == _START_KEYS and _STR.issuperset(map(type, start))
-    ):
-        return None
-    start_kind, status, headers = start.values()
-    if not (
-        type(start_kind) is str
-        and start_kind == _START
-        and type(status) is int
-        and -_INT_BOUND < status < _INT_BOUND
-        and type(headers) in _PAIR_TYPES
-        and _PAIR_TYPES.issuperset(map(type, headers))
-        and _TWO.issuperset(map(len, headers))
-    ):
-        return None
-    values = list(chain.from_iterable(headers))
-    if not _BYTES.issuperset(map(type, values)):
-        return None
-    blobs += values
-    pairs = len(headers)
-    pairs_text = (
-        _PAIRS_TEXT[pairs] if pairs < len(_PAIRS_TEXT) else "[" + ",".join([_PAIR] * pairs) + "]"
-    )
-    return (
-        '[{"type":"http.response.start","status":'
-        + _int_repr(status)
-        + ',"headers":'
-        + (pairs_text + "},")
-    )
+def _lengths(count: int) -> struct.Struct:
+    """The layout of a table of ``count`` lengths (made once for the usual counts)."""
+    return _LENGTHS[count] if count < len(_LENGTHS) else struct.Struct(f">{count}I")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from minidasgi import codec, jsoncodec, wire
+from minidasgi import codec, jsoncodec, responsewriter, wire
 from minidasgi.responsewriter import try_write
 
 ID = wire.new_request_id()
@@ -109,6 +109,30 @@ ACK_TAILS: list[tuple[Any, ...]] = [
 @pytest.mark.parametrize("tail", ACK_TAILS)
 def test_ack_arguments_are_written_as_the_general_path_writes_them(tail: tuple[Any, ...]) -> None:
     check_written([start(), body()], tail)
+
+
+def test_equal_values_of_other_types_or_signs_are_not_written_from_one_template() -> None:
+    # The text around the id is kept by what it is written from: 1 == 1.0 == True and
+    # 0.0 == -0.0, but json writes each its own way.
+    channel = ACK[0]
+    for tail in [
+        (channel, 1, 1.0),
+        (channel, True, 1.0),
+        (channel, 1, 1),
+        (channel, 1.0, True),
+        (channel, 1, 0.0),
+        (channel, 1, -0.0),
+        (channel, 1, 0.0),
+        (channel, 0, False),
+    ]:
+        for events in ([start(), body()], [start(1), body()], [body(more=True)]):
+            check_written(events, tail)
+
+
+def test_the_kept_templates_are_bounded() -> None:
+    for status in range(1000):
+        check_written([start(status), body()])
+    assert 0 < len(responsewriter._TEMPLATES) <= 256
 
 
 def test_a_message_travels_as_pack_parts_would_send_it() -> None:
@@ -236,6 +260,9 @@ def _fuzzed_value(rng: random.Random) -> Any:
             None,
             0.5,
             1e-7,
+            0.0,
+            -0.0,
+            1.0,
             math.nan,
             -math.inf,
             Status.OK,
