@@ -100,7 +100,14 @@ from dataclasses import dataclass
 from math import isfinite
 from typing import Any, Final
 
-from . import codec, envelopewriter, messagewriter, responsereader, responsewriter
+from . import (
+    codec,
+    envelopereader,
+    envelopewriter,
+    messagewriter,
+    responsereader,
+    responsewriter,
+)
 from .resp.cluster import hash_tag
 
 __all__ = [
@@ -594,7 +601,10 @@ class Envelope:
             # A small body is copied once (cheaper than decoding through a memoryview, which
             # costs a view per bytes value); a large one is read in place.
             body = data[start:] if len(data) <= _COPIED_BODY else memoryview(data)[start:]
-            value = codec.decode(body, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
+            # The usual fields, without the general scanner: the same value (``envelopereader``).
+            value = envelopereader.try_decode(body, max_size=max_size)
+            if value is None:
+                value = codec.decode(body, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
             if not isinstance(value, dict):
                 raise WireError("envelope is not a dict")
         else:
