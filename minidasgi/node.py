@@ -1031,8 +1031,10 @@ class _Job:
 
     def _pack(self, kind: str, *args: Any) -> wire.Packed:
         """One message to the distributor, encoded (``ValueError`` if it is too large)."""
-        data = wire.pack_parts(kind, self.id, *args, version=self.version)
-        return self._bounded(kind, data, args[0] if kind == wire.SEND else ())
+        if kind == wire.SEND:  # the usual response written straight (``wire.pack_response``)
+            data = wire.pack_response(kind, self.id, *args, version=self.version)
+            return self._bounded(kind, data, args[0])
+        return self._bounded(kind, wire.pack_parts(kind, self.id, *args, version=self.version), ())
 
     def _pack_send(self, events: list[Message]) -> wire.Packed:
         """``_pack`` of a SEND: a WebSocket's of the usual shape written straight."""
@@ -1077,7 +1079,7 @@ class _Job:
         assert ack is not None
         self._unsent_ack = None
         if kind == wire.SEND:
-            data = wire.pack_parts(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
+            data = wire.pack_response(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
             if self._fits(data, args[0]):
                 return self.node.outbox.post(self.reply, data, lost=lost)
         self._post_ack(ack, hold=False)

@@ -100,7 +100,14 @@ from dataclasses import dataclass
 from math import isfinite
 from typing import Any, Final
 
-from . import codec, envelopewriter, messagewriter, responsereader
+from . import (
+    codec,
+    envelopereader,
+    envelopewriter,
+    messagewriter,
+    responsereader,
+    responsewriter,
+)
 from .resp.cluster import hash_tag
 
 __all__ = [
@@ -144,6 +151,7 @@ __all__ = [
     "new_request_id",
     "pack",
     "pack_parts",
+    "pack_response",
     "packed_size",
     "parse_ping",
     "peek_envelope",
@@ -305,6 +313,20 @@ def pack_parts(kind: str, request_id: str, *args: Any, version: int = codec.FAST
         if isinstance(part, memoryview) and type(part.obj) is not bytes:
             return b"".join(parts)
     return parts
+
+
+def pack_response(
+    kind: str, request_id: str, events: list[Any], *ack: Any, version: int = codec.FAST
+) -> Packed:
+    """``pack_parts`` of a Node's ``SEND`` (or ``ACK_SEND``, the ACK's arguments after the
+    events). In the fast format the usual response (a start and its first body, or a body) is
+    written straight (``responsewriter``: the same bytes, without the general writer's
+    passes); any other, or another format, as ``pack_parts`` writes it."""
+    if version == codec.FAST:
+        message = responsewriter.try_write(kind, request_id, events, ack)
+        if message is not None:
+            return message
+    return pack_parts(kind, request_id, events, *ack, version=version)
 
 
 def packed_size(message: Packed) -> int:
@@ -579,7 +601,10 @@ class Envelope:
             # A small body is copied once (cheaper than decoding through a memoryview, which
             # costs a view per bytes value); a large one is read in place.
             body = data[start:] if len(data) <= _COPIED_BODY else memoryview(data)[start:]
-            value = codec.decode(body, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
+            # The usual fields, without the general scanner: the same value (``envelopereader``).
+            value = envelopereader.try_decode(body, max_size=max_size)
+            if value is None:
+                value = codec.decode(body, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
             if not isinstance(value, dict):
                 raise WireError("envelope is not a dict")
         else:

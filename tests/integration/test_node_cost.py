@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from minidasgi import Node, wire
+from minidasgi import Node, jsoncodec, wire
 from minidasgi.resp import Subscriber, connect
 from minidasgi.testing import RedisServer
 
@@ -19,7 +19,7 @@ from .stack import poll, run_node
 N = 32  # one pop's batch
 
 
-def _envelope(request_id: str, reply: str) -> bytes:
+def _envelope(request_id: str, reply: str, *, ack_send: bool = False) -> bytes:
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -35,7 +35,9 @@ def _envelope(request_id: str, reply: str) -> bytes:
         "server": ["127.0.0.1", 2],
     }
     events = [{"type": "http.request", "body": b"", "more_body": False}]
-    envelope = wire.Envelope(request_id, reply, time.time() + 30, scope, events, liveness=0)
+    envelope = wire.Envelope(
+        request_id, reply, time.time() + 30, scope, events, liveness=0, ack_send=ack_send
+    )
     return envelope.encode()
 
 
@@ -118,6 +120,59 @@ async def test_a_request_costs_fewer_than_five_loop_callbacks(
     # task's end two: 6.4 per request, counting the test's own subscriber and Redis I/O.
     counts = await _serve_counted(redis_server, monkeypatch)
     assert counts["call_soon"] < 5 * N, counts
+
+
+async def _hello(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"b")]})
+    await send({"type": "http.response.body", "body": b"Hello World!"})
+
+
+@pytest.mark.parametrize("ack_send", [True, False])
+async def test_a_hello_world_response_skips_the_general_writer(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, ack_send: bool
+) -> None:
+    # The start and body of a usual response, in an ACK_SEND (a distributor that reads it) or
+    # a SEND, are written straight (``responsewriter``); before, each by the general writer.
+    node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    kinds: list[str] = []
+    bodies: list[bytes] = []
+
+    def on_message(_: bytes, data: bytes) -> None:
+        for message in wire.split_frame(data):
+            kind, _, args = wire.unpack(message)
+            kinds.append(kind)
+            if kind in (wire.SEND, wire.ACK_SEND):
+                bodies.extend(e["body"] for e in args[0] if e["type"] == "http.response.body")
+
+    encoded: list[Any] = []
+    try_encode_parts = jsoncodec.try_encode_parts
+
+    def spy(value: Any, **bounds: Any) -> Any:
+        encoded.append(value[0] if type(value) is list and value else type(value))
+        return try_encode_parts(value, **bounds)
+
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    try:
+        async with run_node(node):
+            monkeypatch.setattr(jsoncodec, "try_encode_parts", spy)
+            envelopes = [
+                _envelope(wire.new_request_id(), reply, ack_send=ack_send) for _ in range(N)
+            ]
+            await pusher.execute("LPUSH", "K", *envelopes)
+            assert await poll(lambda: len(bodies) >= N, 10), kinds
+            monkeypatch.undo()
+    finally:
+        monkeypatch.undo()
+        await pusher.close()
+        await subscriber.close()
+    assert bodies == [b"Hello World!"] * N
+    expected = wire.ACK_SEND if ack_send else wire.SEND
+    assert kinds.count(expected) == N, kinds
+    assert wire.SEND not in encoded and wire.ACK_SEND not in encoded, encoded
 
 
 def _ws_envelope(request_id: str, reply: str) -> bytes:

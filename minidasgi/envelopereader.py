@@ -1,0 +1,218 @@
+"""A reader of format 3 (``jsoncodec``) specialised for the usual request envelope's fields.
+
+Owns one shortcut, the reading twin of ``envelopewriter`` (and the envelope's counterpart of
+``responsereader``): the fields of an envelope whose scope is uvicorn's (its keys in its order,
+as ``envelopewriter`` writes them) and whose events are at most one ``http.request``, read with
+one regular expression over the head instead of the general scanner, which calls back into
+Python for every bytes marker and every float. The expression accepts only text whose meaning
+leaves no choice: fixed keys in a fixed order, strings of printable ASCII without escapes,
+ints without sign or leading zero of at most 9 digits, plain decimal floats short enough for
+``jsoncodec``'s bound on number literals, ``0E0`` markers exactly where bytes go; the prefix,
+the table of lengths and the markers' count are checked as ``jsoncodec.decode`` checks them.
+Anything else, however slightly unusual (an escape, a space, an exponent, another key or
+order, a second event), makes ``try_decode`` return None, and the caller uses
+``jsoncodec.decode``, which decides. So the value never depends on which path read it
+(``tests/test_envelopereader.py`` compares the two, fuzzed). Must never accept a message the
+general path would refuse or read differently; what the fields mean (their types and ranges)
+is ``wire.Envelope.decode``'s business, as it is for a value the general path read.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any, Final
+
+from . import jsoncodec
+
+__all__ = ["try_decode"]
+
+_PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
+_LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(68)]  # the usual tables of lengths
+_STRING: Final = rb'"([!#-\[\]-~]*)"'  # what json reads as the text between the quotes, unchanged
+_INT: Final = rb"(0|[1-9][0-9]{0,8})"  # what json reads as an int, and int() likewise
+# A float json hands to jsoncodec's parse_float, at most 32 characters (its bound): float().
+_FLOAT: Final = rb"(-?(?:0|[1-9][0-9]{0,12})\.[0-9]{1,17})"
+_ADDRESS: Final = rb"(?:null|\[" + _STRING + rb"," + _INT + rb"\])"
+_START: Final = re.compile(rb'\{"deadline":' + _FLOAT + rb',"scope":')
+_SCOPE: Final = re.compile(
+    b"".join(
+        [
+            rb'\{"type":' + _STRING,
+            rb',"asgi":\{"version":' + _STRING + rb',"spec_version":' + _STRING + rb"\}",
+            rb',"http_version":' + _STRING + rb',"server":' + _ADDRESS,
+            rb',"client":' + _ADDRESS + rb',"scheme":' + _STRING + rb',"method":' + _STRING,
+            rb',"root_path":' + _STRING + rb',"path":' + _STRING,
+            rb',"raw_path":0E0,"query_string":0E0',
+            rb',"headers":\[((?:\[0E0,0E0\](?:,\[0E0,0E0\])*)?)\]\}',
+        ]
+    )
+)
+"""Uvicorn's scope as ``envelopewriter`` writes it: groups for its strings and addresses and
+the header markers."""
+_EVENTS: Final = b',"events":['
+_REST: Final = re.compile(
+    b"".join(
+        [
+            rb',"events":\[(?:\{"type":"http\.request","body":0E0,"more_body":(true|false)\})?\]',
+            rb',"window":' + _INT + rb',"liveness":' + _FLOAT + rb',"queued":' + _FLOAT,
+            rb'(?:,"piece":' + _INT + rb")?",
+            rb'(,"confirms":true)?',
+            rb'(?:,"unit":' + _INT + rb")?",
+            rb'(,"ack_send":true)?',
+            rb"\}",
+        ]
+    )
+)
+"""The fields after the scope: groups for the event's ``more_body``, the window, the
+liveness, the queued time and the optional fields."""
+_Scope = tuple[str, str, str, str, Any, Any, str, str, str, str, int]
+_SCOPES: Final[dict[bytes, _Scope]] = {}
+"""What ``_SCOPE`` read from a scope's text, by the text: a connection's requests to a route
+have the same scope but for their bytes values (in the tail)."""
+_MAX_SCOPES: Final = 256
+_DEPTH: Final = 4  # the fields, the scope, its headers, a header
+
+
+def try_decode(
+    data: bytes | memoryview,
+    *,
+    max_size: int,
+    max_items: int = jsoncodec.DEFAULT_MAX_ITEMS,
+    max_depth: int = 32,
+) -> dict[str, Any] | None:
+    """The value ``jsoncodec.decode`` gives for ``data`` with these bounds, when ``data`` is a
+    usual envelope's fields; None when it is not (then only the general path decides: the
+    message may still be valid, or not)."""
+    if type(data) is not bytes:
+        return None
+    size = len(data)
+    if size > max_size or size < _PREFIX.size or data[0] != jsoncodec.VERSION:
+        return None
+    _, head_size, count = _PREFIX.unpack_from(data)
+    head_end = _PREFIX.size + head_size
+    tail_start = head_end + 4 * count
+    if tail_start > size or head_size >= max_items or max_depth < _DEPTH or count > max_items:
+        return None
+    start = _START.match(data, _PREFIX.size, head_end)
+    if start is None:
+        return None
+    scope_start = start.end()
+    scope_end = data.find(_EVENTS, scope_start, head_end)
+    rest = _REST.fullmatch(data, scope_end, head_end) if scope_end >= 0 else None
+    if rest is None:
+        return None
+    text = data[scope_start:scope_end]
+    template = _SCOPES.get(text)
+    if template is None:
+        template = _scope(text)
+        if template is None:
+            return None
+        if len(_SCOPES) >= _MAX_SCOPES:
+            _SCOPES.clear()
+        _SCOPES[text] = template
+    (
+        kind,
+        version,
+        spec_version,
+        http_version,
+        server,
+        client,
+        scheme,
+        method,
+        root_path,
+        path,
+        headers_count,
+    ) = template
+    more, window, liveness, queued, piece, confirms, unit, ack_send = rest.groups()
+    # Two markers for the paths, two per header, one for the event's body.
+    markers = 2 + 2 * headers_count + (more is not None)
+    if count != markers:
+        return None
+    layout = _LENGTHS[count] if count < len(_LENGTHS) else struct.Struct(f">{count}I")
+    lengths = layout.unpack_from(data, head_end)
+    if sum(lengths) != size - tail_start:
+        return None
+    position = tail_start + lengths[0]
+    raw_path = data[tail_start:position]
+    end = position + lengths[1]
+    query_string = data[position:end]
+    position = end
+    headers = []
+    for index in range(2, 2 + 2 * headers_count, 2):
+        middle = position + lengths[index]
+        end = middle + lengths[index + 1]
+        headers.append([data[position:middle], data[middle:end]])
+        position = end
+    events = []
+    if more is not None:
+        events.append(
+            {"type": "http.request", "body": data[position:], "more_body": more == b"true"}
+        )
+    scope = {
+        "type": kind,
+        "asgi": {"version": version, "spec_version": spec_version},
+        "http_version": http_version,
+        "server": None if server is None else list(server),
+        "client": None if client is None else list(client),
+        "scheme": scheme,
+        "method": method,
+        "root_path": root_path,
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query_string,
+        "headers": headers,
+    }
+    value: dict[str, Any] = {
+        "deadline": float(start[1]),
+        "scope": scope,
+        "events": events,
+        "window": int(window),
+        "liveness": float(liveness),
+        "queued": float(queued),
+    }
+    if piece is not None:
+        value["piece"] = int(piece)
+    if confirms is not None:
+        value["confirms"] = True
+    if unit is not None:
+        value["unit"] = int(unit)
+    if ack_send is not None:
+        value["ack_send"] = True
+    return value
+
+
+def _scope(text: bytes) -> _Scope | None:
+    """The strings, addresses and header count of a scope's text, or None if it is not
+    uvicorn's scope as ``envelopewriter`` writes it."""
+    match = _SCOPE.fullmatch(text)
+    if match is None:
+        return None
+    (
+        kind,
+        version,
+        spec_version,
+        http_version,
+        server_host,
+        server_port,
+        client_host,
+        client_port,
+        scheme,
+        method,
+        root_path,
+        path,
+        pairs,
+    ) = match.groups()
+    return (
+        kind.decode("ascii"),
+        version.decode("ascii"),
+        spec_version.decode("ascii"),
+        http_version.decode("ascii"),
+        None if server_host is None else (server_host.decode("ascii"), int(server_port)),
+        None if client_host is None else (client_host.decode("ascii"), int(client_port)),
+        scheme.decode("ascii"),
+        method.decode("ascii"),
+        root_path.decode("ascii"),
+        path.decode("ascii"),
+        (len(pairs) + 1) // 10,  # "[0E0,0E0]" and a comma per header but the last
+    )

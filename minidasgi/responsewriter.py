@@ -1,0 +1,200 @@
+"""A writer of format 3 (``jsoncodec``) specialised for the Node's usual HTTP response message.
+
+Owns one shortcut, the writing twin of ``responsereader``: the message a Node sends for a
+response, ``[kind, id, [start, body], ...]`` (a ``SEND``, or an ``ACK_SEND`` with the ACK's
+scalar arguments after the events), ``start`` an ``http.response.start`` with exactly its
+type, an int status and headers as pairs of bytes, and ``body`` the ``http.response.body`` the
+Node builds (its type, the body as bytes or a view of bytes, a bool ``more_body``); or the
+body alone. It is written straight to the bytes ``jsoncodec.try_encode_parts`` would produce,
+without its passes over the text (counting and replacing markers, looking for keys ``json``
+may have coerced, bounding depth and ints): the keys are known, the values checked as they
+are written, and the one free str (the Node channel) quoted by ``json``'s own C function.
+A Node answers a route's requests alike: the head's text around the request id depends only
+on the kind, the status, the number of headers, ``more_body`` and the ACK's arguments, so it
+is kept by those (a bounded table; their types are part of the key, since ``json`` writes
+``1``, ``1.0`` and ``True`` apart, and a zero float, equal to its negative, is never kept),
+and the next answer costs a lookup and its checks.
+Anything else, however slightly unusual (another key, the keys in another order, a trailers
+flag, a status of an int subclass or over 18 digits, a bytearray, a str key or type of a
+subclass, U+E000 in a str, a head too long to leave unbounded), makes ``try_write`` return
+None, and the caller uses the general path, which decides. So the bytes on the wire never
+depend on which path wrote them (``tests/test_responsewriter.py`` compares the two, fuzzed),
+and a peer of the previous release reads them as it reads any format-3 message. Decoding is
+not its business (``responsereader`` reads the usual ``ACK_SEND``).
+"""
+
+from __future__ import annotations
+
+import json.encoder
+import struct
+from itertools import chain
+from math import isfinite
+from typing import Any, Final
+
+from . import jsoncodec
+
+__all__ = ["try_write"]
+
+_PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
+_quote: Final = json.encoder.encode_basestring  # what jsoncodec's json writer quotes str with
+_float_repr: Final = float.__repr__  # what json writes a finite float with
+_int_repr: Final = int.__repr__
+_INT_BOUND: Final = 10**18  # far below jsoncodec's 128 digits
+_MARK: Final = "\ue000"  # the general path's second-pass marker: it decides on values holding it
+_MAX_HEAD: Final = jsoncodec.DEFAULT_MAX_ITEMS  # a longer head: the general path bounds it
+_GATHER_FROM: Final = 64 * 1024  # as wire.pack_parts: a smaller message travels as one bytes
+_START_KEYS: Final = ("type", "status", "headers")
+_BODY_KEYS: Final = ("type", "body", "more_body")
+_START: Final = "http.response.start"
+_BODY: Final = "http.response.body"
+_PAIR: Final = "[0E0,0E0]"
+_PAIR_TYPES: Final = frozenset([tuple, list])
+_PAIRS_TEXT: Final = ["[" + ",".join([_PAIR] * n) + "]" for n in range(32)]  # by header count
+_BYTES: Final = frozenset([bytes])
+_STR: Final = frozenset([str])
+_TWO: Final = frozenset([2])
+_MORE: Final = {True: '"more_body":true}]', False: '"more_body":false}]'}
+_LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(66)]  # by count: a start's 32 pairs
+_TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes]]] = {}
+"""The head's text around the request id, by what it is written from (``try_write``): a Node
+answers a route's requests alike, so only the id and the bytes values differ."""
+_MAX_TEMPLATES: Final = 256
+_TAIL_TYPES: Final = frozenset([str, bool, int, float])
+
+
+def try_write(
+    kind: str, request_id: str, events: Any, tail: tuple[Any, ...] = ()
+) -> bytes | list[bytes | memoryview] | None:
+    """``[kind, request_id, events, *tail]`` (``kind`` one of ``wire``'s) as
+    ``wire.pack_parts`` writes it in format 3 (bytes, or parts from 64 KiB), when ``events``
+    is a response's start and first body, or a body alone, of the usual shape, and ``tail``
+    holds only str, bool, small int and finite float values (an ACK's arguments); None for
+    anything else (the caller then encodes it the general way). A request id that is not
+    plain ASCII letters and digits (every id a distributor makes is hex; a Node's comes from
+    an untrusted envelope) gets no shortcut."""
+    if type(events) is not list:
+        return None
+    count = len(events)
+    if count == 2:
+        start, body_event = events
+        if not (
+            type(start) is dict
+            and tuple(start) == _START_KEYS
+            and _STR.issuperset(map(type, start))
+        ):
+            return None
+        start_kind, status, headers = start.values()
+        if not (
+            type(start_kind) is str
+            and start_kind == _START
+            and type(status) is int
+            and type(headers) in _PAIR_TYPES
+            and _PAIR_TYPES.issuperset(map(type, headers))
+            and _TWO.issuperset(map(len, headers))
+        ):
+            return None
+        parts: list[Any] = list(chain.from_iterable(headers))
+        if not _BYTES.issuperset(map(type, parts)):
+            return None
+        pairs = len(headers)
+    elif count == 1:
+        body_event = events[0]
+        status = pairs = -1  # no start (a status is never written from these)
+        parts = []
+    else:
+        return None
+    if not (
+        type(body_event) is dict
+        and tuple(body_event) == _BODY_KEYS
+        and _STR.issuperset(map(type, body_event))
+    ):
+        return None
+    body_kind, body, more = body_event.values()
+    if not (type(body_kind) is str and body_kind == _BODY and type(more) is bool):
+        return None
+    if type(body) is not bytes and not (
+        type(body) is memoryview and body.ndim == 1 and body.c_contiguous and body.itemsize == 1
+    ):
+        return None  # a bytearray (copied by the general path), a strided view, anything else
+    # Equal keys write the same text: the types are part of the key (True == 1 == 1.0), and
+    # a tail with a zero float (0.0 == -0.0) is never kept.
+    types = tuple(map(type, tail))
+    if not _TAIL_TYPES.issuperset(types):
+        return None  # (and nothing unhashable in the key)
+    key = (kind, status, pairs, more, tail, types)
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = _template(kind, count == 2, status, pairs, more, tail)
+        if template is None:
+            return None
+        if not any(value == 0 and type(value) is float for value in tail):
+            if len(_TEMPLATES) >= _MAX_TEMPLATES:
+                _TEMPLATES.clear()
+            _TEMPLATES[key] = template
+    if not (type(request_id) is str and request_id.isascii() and request_id.isalnum()):
+        return None
+    before, after = template
+    identifier = request_id.encode("ascii")
+    head_size = len(before) + len(identifier) + len(after)
+    if head_size >= _MAX_HEAD:
+        return None
+    parts.append(body)
+    markers = len(parts)
+    first = b"".join(
+        [
+            _PREFIX.pack(jsoncodec.VERSION, head_size, markers),
+            before,
+            identifier,
+            after,
+            _lengths(markers).pack(*map(len, parts)),
+            *parts[:-1],
+        ]
+    )
+    if len(first) + len(body) < _GATHER_FROM or (
+        type(body) is memoryview and type(body.obj) is not bytes
+    ):
+        return first + body  # a view of a mutable buffer is copied now, as pack_parts does
+    return [first, body]  # the body not copied: it is copied once, into the write
+
+
+def _template(
+    kind: str, started: bool, status: int, pairs: int, more: bool, tail: tuple[Any, ...]
+) -> tuple[bytes, bytes] | None:
+    """The head's text before and after the request id (its quotes excluded), or None if a
+    value is outside what this writer writes."""
+    if started:
+        if not -_INT_BOUND < status < _INT_BOUND:
+            return None
+        pairs_text = (
+            _PAIRS_TEXT[pairs]
+            if pairs < len(_PAIRS_TEXT)
+            else "[" + ",".join([_PAIR] * pairs) + "]"
+        )
+        status_text = _int_repr(status)
+        text = f'[{{"type":"http.response.start","status":{status_text},"headers":{pairs_text}}},'
+    else:
+        text = "["
+    text += '{"type":"http.response.body","body":0E0,' + _MORE[more]
+    for value in tail:
+        value_type = type(value)
+        if value_type is str:
+            if _MARK in value:
+                return None
+            text += "," + _quote(value)
+        elif value_type is bool:
+            text += ",true" if value else ",false"
+        elif value_type is int and -_INT_BOUND < value < _INT_BOUND:
+            text += "," + _int_repr(value)
+        elif value_type is float and isfinite(value):
+            text += "," + _float_repr(value)
+        else:
+            return None
+    before = f'[{_quote(kind)},"'
+    return before.encode("utf-8", "surrogatepass"), ('",' + text + "]").encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def _lengths(count: int) -> struct.Struct:
+    """The layout of a table of ``count`` lengths (made once for the usual counts)."""
+    return _LENGTHS[count] if count < len(_LENGTHS) else struct.Struct(f">{count}I")

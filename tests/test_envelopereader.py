@@ -1,0 +1,182 @@
+"""Unit tests for ``minidasgi.envelopereader``: the same value as the general path, or none."""
+
+from __future__ import annotations
+
+import random
+import struct
+import time
+from typing import Any
+
+import pytest
+
+from minidasgi import codec, envelopereader, jsoncodec, wire
+
+MAX_SIZE = 1 << 24
+
+
+def uvicorn_scope(**changes: Any) -> dict[str, Any]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 51000),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [(b"host", b"bench")],
+    }
+    scope.update(changes)
+    return scope
+
+
+def fields(
+    scope: dict[str, Any] | None = None, events: list[Any] | None = None, **options: Any
+) -> bytes:
+    """An envelope's fields (its body after the preamble) as the distributor writes them."""
+    if events is None:
+        events = [{"type": "http.request", "body": b"", "more_body": False}]
+    envelope = wire.Envelope(
+        wire.new_request_id(),
+        "minidasgi:0:dist:" + "ab" * 12,
+        options.pop("deadline", time.time() + 30),
+        uvicorn_scope() if scope is None else scope,
+        events,
+        **{"liveness": 1.0, "ack_send": True, **options},
+    )
+    data = envelope.encode()
+    return data[wire._preamble(data)[2] :]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, with the same types throughout (1 == 1.0 == True, but json reads them apart)
+    and dicts in the same order."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if type(a) is list:
+        return len(a) == len(b) and all(map(same, a, b))
+    if type(a) is float:
+        return a.hex() == b.hex()
+    return bool(a == b)
+
+
+def general(data: bytes) -> Any:
+    try:
+        return jsoncodec.decode(data, max_size=MAX_SIZE)
+    except codec.CodecError:
+        return codec.CodecError
+
+
+def check_read(data: bytes) -> dict[str, Any]:
+    value = envelopereader.try_decode(data, max_size=MAX_SIZE)
+    assert value is not None
+    assert same(value, general(data))
+    return value
+
+
+SCOPES = [
+    uvicorn_scope(),
+    uvicorn_scope(headers=[]),
+    uvicorn_scope(headers=[(b"h%d" % i, b"v" * i) for i in range(40)]),
+    uvicorn_scope(headers=[(b'quote " backslash \\', b"\xff\x00 null 0E0")]),
+    uvicorn_scope(path="/a/b;c?d=e&f", raw_path=b"/a/b", query_string=b"x=1&y=\xff"),
+    uvicorn_scope(server=None, client=None),
+    uvicorn_scope(server=("::1", 0), client=("unix", 999_999_999)),
+    uvicorn_scope(method="POST", scheme="https", http_version="2", root_path="/root"),
+]
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_usual_envelopes_are_read_as_the_general_path_reads_them(scope: dict[str, Any]) -> None:
+    check_read(fields(scope))
+    check_read(fields(scope))  # the second from the kept scope
+    check_read(fields(scope, []))
+    body = {"type": "http.request", "body": b"x" * 70_000, "more_body": True}
+    check_read(fields(scope, [body]))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"ack_send": False},
+        {"confirms": True},
+        {"piece": 1 << 20},
+        {"unit": 16, "piece": 1 << 20, "confirms": True},
+        {"window": 1024, "liveness": 0.0, "queued": 123.456},
+        {"deadline": 0.5, "liveness": 1e-3, "queued": -0.0},
+    ],
+)
+def test_the_optional_fields_are_read_as_the_general_path_reads_them(options: Any) -> None:
+    check_read(fields(**options))
+
+
+DECLINED = [
+    fields(uvicorn_scope(path="/é")),  # not ASCII
+    fields(uvicorn_scope(path='/"q"')),  # an escape
+    fields(uvicorn_scope(path="/\x7f")),
+    fields(uvicorn_scope(subprotocols=[])),  # another key
+    fields({"type": "http", "path": "/"}),  # another scope
+    fields(uvicorn_scope(client=("h", -1))),
+    fields(uvicorn_scope(client=("h", 10**10))),
+    fields(events=[{"type": "http.request", "body": b"", "more_body": True}] * 2),
+    fields(events=[{"type": "http.disconnect"}]),
+    fields(deadline=1e20),  # an exponent
+    fields(queued=1e-7),
+    fields(deadline=12345678901234.5),  # a number literal past 32 characters: refused there
+]
+
+
+@pytest.mark.parametrize("data", DECLINED)
+def test_other_envelopes_are_left_to_the_general_path(data: bytes) -> None:
+    assert envelopereader.try_decode(data, max_size=MAX_SIZE) is None
+
+
+def test_the_bounds_are_those_of_the_general_path() -> None:
+    data = fields()
+    assert envelopereader.try_decode(data, max_size=len(data) - 1) is None
+    assert envelopereader.try_decode(data, max_size=MAX_SIZE, max_items=10) is None
+    assert envelopereader.try_decode(data, max_size=MAX_SIZE, max_depth=3) is None
+    assert envelopereader.try_decode(memoryview(data), max_size=MAX_SIZE) is None
+
+
+def _mutations(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with its head edited a little (the prefix's head length kept right, or not)."""
+    _, head_size, count = struct.unpack_from(">BII", data)
+    head = bytearray(data[9 : 9 + head_size])
+    tail = bytearray(data[9 + head_size :])
+    alphabet = b'0123456789.-+eE"\\,:[]{} nultrfasx\x00\x7f\xc3\xa9'
+    for _ in range(rng.randrange(1, 4)):
+        where = rng.randrange(len(head) + 1)
+        action = rng.randrange(3)
+        if action == 0 and where < len(head):
+            head[where] = rng.choice(alphabet)
+        elif action == 1:
+            head[where:where] = bytes([rng.choice(alphabet)])
+        elif where < len(head):
+            del head[where]
+    if rng.random() < 0.1 and tail:
+        tail[rng.randrange(len(tail))] ^= 1 << rng.randrange(8)
+    if rng.random() < 0.05:
+        count += rng.choice([-1, 1])
+    size = len(head) if rng.random() < 0.95 else head_size
+    return struct.pack(">BII", 3, size, max(count, 0)) + bytes(head) + bytes(tail)
+
+
+def test_fuzzed_envelopes_are_read_as_the_general_path_reads_them_or_left_to_it() -> None:
+    rng = random.Random(10)
+    originals = [fields(scope) for scope in SCOPES] + [fields(events=[]), fields(confirms=True)]
+    read = 0
+    for _ in range(20_000):
+        data = _mutations(rng.choice(originals), rng)
+        value = envelopereader.try_decode(data, max_size=MAX_SIZE)
+        if value is None:
+            continue
+        read += 1
+        assert same(value, general(data)), data
+    assert read > 600  # edits the reader reads: digits changed, keys or strings still plain
