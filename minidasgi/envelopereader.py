@@ -71,6 +71,9 @@ _SCOPES: Final[dict[bytes, _Scope]] = {}
 """What ``_SCOPE`` read from a scope's text, by the text: a connection's requests to a route
 have the same scope but for their bytes values (in the tail)."""
 _MAX_SCOPES: Final = 256
+_MAX_KEPT: Final = 2048
+"""The longest scope text kept: whoever may push on a route's queue chooses these keys, and a
+client its path (so a scope with a long path is read each time, never kept)."""
 _DEPTH: Final = 4  # the fields, the scope, its headers, a header
 
 
@@ -108,9 +111,10 @@ def try_decode(
         template = _scope(text)
         if template is None:
             return None
-        if len(_SCOPES) >= _MAX_SCOPES:
-            _SCOPES.clear()
-        _SCOPES[text] = template
+        if len(text) <= _MAX_KEPT:
+            if len(_SCOPES) >= _MAX_SCOPES:
+                _SCOPES.clear()
+            _SCOPES[text] = template
     (
         kind,
         version,

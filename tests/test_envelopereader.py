@@ -137,6 +137,19 @@ def test_other_envelopes_are_left_to_the_general_path(data: bytes) -> None:
     assert envelopereader.try_decode(data, max_size=MAX_SIZE) is None
 
 
+def test_what_is_kept_of_scopes_is_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever may push on a queue, and a client through its path, chooses the scope texts
+    the reader keeps: a long one is read, never kept."""
+    monkeypatch.setattr(envelopereader, "_SCOPES", {})
+    for index in range(20):
+        path = "/" + "p" * 60_000 + str(index)
+        check_read(fields(uvicorn_scope(path=path)))
+    assert envelopereader._SCOPES == {}
+    check_read(fields(uvicorn_scope()))
+    assert len(envelopereader._SCOPES) == 1
+    assert max(map(len, envelopereader._SCOPES)) <= envelopereader._MAX_KEPT
+
+
 def test_the_bounds_are_those_of_the_general_path() -> None:
     data = fields()
     assert envelopereader.try_decode(data, max_size=len(data) - 1) is None
