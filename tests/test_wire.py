@@ -187,7 +187,6 @@ def test_a_peer_is_sent_messages_no_larger_than_its_release_reads(piece: int, li
     # A peer announcing pieces of 512 KiB or less may be of the previous release, which reads
     # messages of 768 KiB at most.
     assert wire.message_limit(piece) == limit
-    assert wire.EARLIER_MAX_MESSAGE_SIZE < wire.MAX_MESSAGE_SIZE
 
 
 def test_a_full_chunk_fits_in_one_message() -> None:

@@ -254,7 +254,8 @@ async def test_websocket_messages_echoed_in_one_batch_cost_one_loop_callback_for
             monkeypatch.setattr(loop, "call_soon", counted_call_soon, raising=False)
             await pusher.execute("PUBLISH", node_channel, frame)
             assert await poll(lambda: len(echoed) >= n, 10), echoed
-            await asyncio.sleep(0.05)  # the last PUBLISH's reply and its callbacks
+            # Every PUBLISH's reply read and its callback run (whatever the machine's load).
+            assert await poll(lambda: not node.outbox._lost, 10)
             monkeypatch.undo()
             disconnect = {"type": "websocket.disconnect", "code": 1000}
             await pusher.execute(
