@@ -1010,18 +1010,6 @@ class _Job:
         if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
             self.peer_lost("the distributor is gone")
 
-    def _post_send(self, events: list[Message], lost: Lost | None) -> asyncio.Future[int]:
-        """``_post`` of a SEND. A response start held for its first body that is too large
-        to travel with it (large headers, a large piece, a distributor that reads less) goes
-        first in a message of its own, rather than failing the response."""
-        try:
-            return self._post(wire.SEND, events, lost=lost)
-        except ValueError:
-            if len(events) < 2 or events[0].get("type") != "http.response.start":
-                raise
-        self._post(wire.SEND, events[:1], lost=lost)  # ValueError if the start alone is
-        return self._post(wire.SEND, events[1:], lost=lost)
-
     def _post(self, kind: str, *args: Any, lost: Lost | None = None) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count, and
         ``lost`` is told if nobody got it (``Outbox.post``)."""
@@ -1347,8 +1335,24 @@ class _Job:
         # reply comes, in one callback per batch for all of its messages.
         lost = None if last else self._check_reached
         if message is None:
-            # The first may carry the ACK (ACK_SEND).
-            posted = self._post_send(events, lost)
+            try:
+                posted = self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
+            except ValueError:
+                if len(events) < 2 or events[0].get("type") != "http.response.start":
+                    raise
+                # A start too large to travel with its first body (large headers, a large
+                # piece, a distributor that reads less) goes alone first, on the credit
+                # taken, rather than failing the response; the body takes a credit of its own
+                # (the distributor counts every SEND).
+                self._post(wire.SEND, events[:1], lost=lost)  # ValueError if still too large
+                if not window.try_take(1):
+                    try:
+                        await window.acquire(1)
+                    except _Disconnected:
+                        return
+                if self.gone:
+                    return
+                posted = self._post(wire.SEND, events[1:], lost=lost)
         else:  # a WebSocket's: its ACK never waits (``run``), so it has left already
             posted = self.node.outbox.post(self.reply, message, lost=lost)
         if not last:

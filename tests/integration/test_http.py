@@ -428,6 +428,40 @@ async def test_large_headers_and_a_large_first_body_travel_apart(
     assert _keys(redis_server) == []
 
 
+async def test_a_start_sent_alone_takes_its_own_credit(redis_server: RedisServer) -> None:
+    """The start of the test above, sent alone, is a SEND the distributor counts against the
+    Node's credit like any other: the body after it waits for a credit of its own, so a long
+    download to a slow client (the window full many times over) arrives whole instead of
+    being cut off as a breach of flow control."""
+    piece = wire.PIECE_SIZE
+    chunks = 12
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"x-big-%d" % i, b"v" * 1000) for i in range(700)]
+        headers.append((b"content-length", b"%d" % (piece * chunks)))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for i in range(chunks):
+            body = bytes([i]) * piece
+            await send({"type": "http.response.body", "body": body, "more_body": i < chunks - 1})
+
+    app_d = create_distributor(port=redis_server.port, key="big")
+    node = Node(port=redis_server.port, app=app, key="big", lifespan="off")
+    async with serve_app(app_d) as base, run_node(node):
+        url = httpx.URL(base)
+        assert url.port is not None
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        got = bytearray()
+        while data := await asyncio.wait_for(reader.read(256 * 1024), 10):
+            got += data
+            await asyncio.sleep(0.002)  # a slow client: the Node's window fills
+        writer.close()
+    head, _, content = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert content == b"".join(bytes([i]) * piece for i in range(chunks))
+    assert _keys(redis_server) == []
+
+
 async def test_an_http_request_makes_only_the_flow_control_objects_it_uses(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
