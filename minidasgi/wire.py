@@ -539,30 +539,31 @@ class Envelope:
 
     def encode(self) -> bytes:
         """The bytes to LPUSH: a preamble and a body in ``version`` (the first release's
-        format, ``codec.RELEASED``: a plain codec dict, as that release reads)."""
+        format, ``codec.RELEASED``: a plain codec dict, as that release reads); the usual
+        envelope through ``encode_envelope``'s shortcut."""
+        return encode_envelope(
+            self.id,
+            self.reply,
+            self.deadline,
+            self.scope,
+            self.events,
+            window=self.window,
+            liveness=self.liveness,
+            queued=self.queued,
+            confirms=self.confirms,
+            version=self.version,
+            piece=self.piece,
+            unit=self.unit,
+            ack_send=self.ack_send,
+        )
+
+    def _encode_generally(self) -> bytes:
+        """``encode`` by the general writer (``encode_envelope`` when its shortcut declines)."""
         if self.version == codec.RELEASED:
             return codec.encode(
                 {"id": self.id, "reply": self.reply, **self.fields()}, version=codec.RELEASED
             )
         preamble = _envelope_preamble(self.id, self.reply)
-        if self.version == codec.FAST:
-            # The usual envelope, without the general writer's passes over its text: the
-            # same bytes (``envelopewriter``), else the general path decides.
-            parts = envelopewriter.try_encode_parts(
-                self.deadline,
-                self.scope,
-                self.events,
-                self.window,
-                self.liveness,
-                self.queued,
-                self.piece,
-                CHUNK_SIZE,
-                bool(self.confirms),
-                self.unit,
-                bool(self.ack_send),
-            )
-            if parts is not None:
-                return b"".join([preamble, *parts])
         return preamble + codec.encode(self.fields(), version=self.version)
 
     def fields(self) -> dict[str, Any]:
@@ -708,8 +709,8 @@ def encode_envelope(
     ack_send: bool = False,
 ) -> bytes:
     """``Envelope(...).encode()`` with these fields, without making the ``Envelope`` when the
-    usual envelope's writer takes them (a distributor writes one per request): the same
-    bytes either way."""
+    usual envelope's writer takes them (a distributor writes one per request: the same bytes
+    as the general writer, ``envelopewriter``); else the general writer decides."""
     if version == codec.FAST:
         parts = envelopewriter.try_encode_parts(
             deadline,
@@ -741,7 +742,7 @@ def encode_envelope(
         unit=unit,
         ack_send=ack_send,
     )
-    return envelope.encode()
+    return envelope._encode_generally()
 
 
 def _envelope_preamble(request_id: str, reply: str) -> bytes:
