@@ -23,7 +23,7 @@ import re
 import struct
 from typing import Any, Final
 
-from . import jsoncodec
+from . import jsoncodec, memo
 
 __all__ = ["try_decode"]
 
@@ -70,7 +70,7 @@ _Scope = tuple[str, str, str, str, Any, Any, str, str, str, str, int]
 _SCOPES: Final[dict[bytes, _Scope]] = {}
 """What ``_SCOPE`` read from a scope's text, by the text: a connection's requests to a route
 have the same scope but for their bytes values (in the tail)."""
-_MAX_SCOPES: Final = 256
+_MAX_SCOPES: Final = memo.BOUND
 _MAX_KEPT: Final = 2048
 """The longest scope text kept: whoever may push on a route's queue chooses these keys, and a
 client its path (so a scope with a long path is read each time, never kept)."""
@@ -112,9 +112,7 @@ def try_decode(
         if template is None:
             return None
         if len(text) <= _MAX_KEPT:
-            if len(_SCOPES) >= _MAX_SCOPES:
-                _SCOPES.clear()
-            _SCOPES[text] = template
+            memo.keep(_SCOPES, text, template, _MAX_SCOPES)
     (
         kind,
         version,

@@ -25,7 +25,7 @@ from itertools import chain
 from math import isfinite
 from typing import Any, Final
 
-from . import jsoncodec
+from . import jsoncodec, memo
 
 __all__ = ["PLAIN_SCOPE_KEYS", "try_encode_parts"]
 
@@ -90,7 +90,7 @@ _UVICORN_ASGI_KEYS: Final = ("version", "spec_version")
 _ADDRESSES: Final[dict[int, tuple[tuple[Any, ...], tuple[Any, ...], str]]] = {}
 """The text of the server and client addresses by the client pair's id: a server gives the
 same pairs to every request of a connection (uvicorn does), and a connection makes many."""
-_MAX_ADDRESSES: Final = 256
+_MAX_ADDRESSES: Final = memo.BOUND
 
 
 def try_encode_parts(
@@ -259,9 +259,7 @@ def _uvicorn_scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
         if type(client) is tuple and type(server) is tuple:
             # Pairs of a str and an int (checked above): immutable, so their text is too.
             # Kept with the pairs themselves, whose ids cannot be reused while they live.
-            if len(_ADDRESSES) >= _MAX_ADDRESSES:
-                _ADDRESSES.clear()
-            _ADDRESSES[id(client)] = (client, server, addresses)
+            memo.keep(_ADDRESSES, id(client), (client, server, addresses), _MAX_ADDRESSES)
     pair_blobs: list[bytes] = [raw_path, query_string]
     pairs = _pairs(headers, pair_blobs)
     if pairs is None:

@@ -25,7 +25,7 @@ import re
 import struct
 from typing import Any, Final
 
-from . import jsoncodec
+from . import jsoncodec, memo
 from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE
 
 __all__ = ["try_decode"]
@@ -62,7 +62,7 @@ _TEMPLATES: Final[dict[bytes, tuple[int, int, bool | None, tuple[Any, ...]]]] = 
 arguments). A Node answers a route's requests alike: only the id differs. Whoever may publish
 on a distributor's channel chooses these keys: ``_REST`` bounds them (31 headers, a channel of
 255 characters: under 1 KiB each), and a head it does not match is never kept."""
-_MAX_TEMPLATES: Final = 256
+_MAX_TEMPLATES: Final = memo.BOUND
 
 
 def _template(rest: bytes) -> tuple[int, int, bool | None, tuple[Any, ...]] | None:
@@ -116,9 +116,7 @@ def try_decode(
         template = _template(rest)
         if template is None:
             return None
-        if len(_TEMPLATES) >= _MAX_TEMPLATES:
-            _TEMPLATES.clear()
-        _TEMPLATES[rest] = template
+        memo.keep(_TEMPLATES, rest, template, _MAX_TEMPLATES)
     markers, status, more, ack = template
     if count != markers or count >= len(_LENGTHS):
         return None

@@ -31,7 +31,7 @@ from itertools import chain
 from math import isfinite
 from typing import Any, Final
 
-from . import jsoncodec
+from . import jsoncodec, memo
 
 __all__ = ["try_write"]
 
@@ -58,7 +58,7 @@ _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(66)]  # by count: a st
 _TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes]]] = {}
 """The head's text around the request id, by what it is written from (``try_write``): a Node
 answers a route's requests alike, so only the id and the bytes values differ."""
-_MAX_TEMPLATES: Final = 256
+_MAX_TEMPLATES: Final = memo.BOUND
 _TAIL_TYPES: Final = frozenset([str, bool, int, float])
 
 
@@ -128,9 +128,7 @@ def try_write(
         if template is None:
             return None
         if not any(value == 0 and type(value) is float for value in tail):
-            if len(_TEMPLATES) >= _MAX_TEMPLATES:
-                _TEMPLATES.clear()
-            _TEMPLATES[key] = template
+            memo.keep(_TEMPLATES, key, template, _MAX_TEMPLATES)
     if not (type(request_id) is str and request_id.isascii() and request_id.isalnum()):
         return None
     before, after = template
