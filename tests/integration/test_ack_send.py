@@ -25,6 +25,25 @@ pytestmark = pytest.mark.timeout(60)
 Message = tuple[str, str, list[Any]]
 
 
+async def _get_sniffed(redis_server: RedisServer, app: Any) -> tuple[httpx.Response, list[Message]]:
+    """One GET through a distributor to a Node serving ``app``: the answer, and what the Node
+    sent the distributor meanwhile."""
+    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    node = Node(url=redis_server.url, app=app, key="K", lifespan="off")
+    got: list[Message] = []
+    async with (
+        serve_app(distributor) as base,
+        run_node(node),
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        subscriber = await _sniff(redis_server, distributor.channel, got)
+        try:
+            response = await client.get("/")
+        finally:
+            await subscriber.close()
+    return response, got
+
+
 async def _sniff(redis_server: RedisServer, channel: str, got: list[Message]) -> Subscriber:
     """A subscriber beside the owner of ``channel``, noting every message published there
     but liveness PINGs, in order (those of a batch frame one by one)."""
@@ -121,19 +140,7 @@ async def test_an_app_that_returns_without_answering_gets_its_ack_before_its_don
     async def silent(scope: Any, receive: Any, send: Any) -> None:
         return None
 
-    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
-    node = Node(url=redis_server.url, app=silent, key="K", lifespan="off")
-    got: list[Message] = []
-    async with (
-        serve_app(distributor) as base,
-        run_node(node),
-        httpx.AsyncClient(base_url=base, timeout=30) as client,
-    ):
-        subscriber = await _sniff(redis_server, distributor.channel, got)
-        try:
-            response = await client.get("/")
-        finally:
-            await subscriber.close()
+    response, got = await _get_sniffed(redis_server, silent)
     assert response.status_code == 500
     assert _kinds(got) == [wire.ACK, wire.DONE], got
 
@@ -363,18 +370,6 @@ async def test_an_app_cancelled_in_its_first_turn_gets_its_ack_before_its_gone(
         if scope["type"] == "http":
             raise asyncio.CancelledError  # e.g. its own task group torn down
 
-    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
-    node = Node(url=redis_server.url, app=cancelled, key="K", lifespan="off")
-    got: list[Message] = []
-    async with (
-        serve_app(distributor) as base,
-        run_node(node),
-        httpx.AsyncClient(base_url=base, timeout=30) as client,
-    ):
-        subscriber = await _sniff(redis_server, distributor.channel, got)
-        try:
-            response = await client.get("/")
-        finally:
-            await subscriber.close()
+    response, got = await _get_sniffed(redis_server, cancelled)
     assert _kinds(got) == [wire.ACK, wire.GONE], got
     assert response.status_code == 502  # the worker dropped it: not the no-worker answer
