@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from minidasgi.testing import RedisServer
@@ -108,15 +109,27 @@ def _run(total: int, connections: int, tmp: str) -> dict[str, int]:
         _load(direct_port, total, connections)
         _load(dist_port, total, connections)
     finally:
-        for process in processes.values():
-            process.send_signal(signal.SIGINT)
-        for process in processes.values():
-            try:
-                process.wait(120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(processes.values(), signal.SIGINT)
         redis.close()
+    return instruction_counts(logs)
+
+
+def stop(processes: Iterable[subprocess.Popen[bytes]], signum: int) -> None:
+    """Send each process ``signum``, then wait for each (valgrind writes its counts as the
+    process exits), killing one that has not stopped within 2 minutes."""
+    processes = list(processes)
+    for process in processes:
+        process.send_signal(signum)
+    for process in processes:
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def instruction_counts(logs: dict[str, str]) -> dict[str, int]:
+    """The instructions each role's process executed, read from its valgrind log."""
     counts = {}
     for role, log in logs.items():
         match = re.search(r"I\s+refs:\s+([\d,]+)", Path(log).read_text())

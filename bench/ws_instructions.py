@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import os
-import re
 import signal
 import socket
 import struct
@@ -40,8 +40,14 @@ from minidasgi.testing import RedisServer
 
 HOST = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
-VALGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
-ROLES = ("direct", "distributor", "node")
+# bench/instructions.py, loaded by path (as it loads bench/http.py): its valgrind command
+# line, its roles, and how it stops the processes and reads their counts.
+_spec = importlib.util.spec_from_file_location("bench_instructions", HERE / "instructions.py")
+assert _spec is not None and _spec.loader is not None
+bench_instructions = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_instructions)
+VALGRIND = bench_instructions.VALGRIND
+ROLES = bench_instructions.ROLES
 PAYLOAD = b"x" * 64
 
 
@@ -174,22 +180,9 @@ def _run(count: int, sockets: int, tmp: str) -> tuple[dict[str, int], dict[str, 
             _, items, published = process.stdout.readline().split()
             batches[role] = f"{int(items) / max(1, int(published)):.2f}"
     finally:
-        for process in processes.values():
-            process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        bench_instructions.stop(processes.values(), signal.SIGTERM)
         redis.close()
-    counts = {}
-    for role, log in logs.items():
-        match = re.search(r"I\s+refs:\s+([\d,]+)", Path(log).read_text())
-        if match is None:
-            raise RuntimeError(f"no instruction count in {log}")
-        counts[role] = int(match.group(1).replace(",", ""))
-    return counts, batches
+    return bench_instructions.instruction_counts(logs), batches
 
 
 def main(argv: list[str] | None = None) -> int:
