@@ -1440,9 +1440,3 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
 def _unavailable(error: ReplyError) -> bool:
     """True for a command this server does not have, or this ACL user may not run."""
     return error.code == "NOPERM" or "unknown command" in str(error).lower()
-
-
-async def _cancelled(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
