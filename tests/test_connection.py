@@ -1,18 +1,29 @@
-"""Unit tests for how ``minidasgi.resp.connection`` reads Redis URLs and keyword parameters.
+"""Unit tests for how ``minidasgi.resp.connection`` reads Redis URLs and keyword parameters,
+and where its reading protocol reads a subscriber's bytes.
 
-No network: these only build ``ConnectionParams``. A password must never show up in a ``repr``
-or in an error message.
+No network: these build ``ConnectionParams``, or drive the protocol as a transport would. A
+password must never show up in a ``repr`` or in an error message.
 """
 
 from __future__ import annotations
 
 import re
 import ssl
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from minidasgi.resp.connection import ConnectionParams, _redact, make_params, parse_url
+from minidasgi.resp.connection import (
+    ConnectionParams,
+    ReplyReader,
+    _ReadingProtocol,
+    _redact,
+    make_params,
+    parse_url,
+)
+from minidasgi.resp.directread import DirectReads
+from minidasgi.resp.protocol import NEED_DATA
 
 SECRET = "sekrit"
 
@@ -352,3 +363,35 @@ def test_parse_url_refuses_bad_timeouts(query: str) -> None:
 def test_make_params_reply_timeout_keyword() -> None:
     assert make_params("redis://h?reply_timeout=4", reply_timeout=1).reply_timeout == 1
     assert make_params("redis://h?reply_timeout=4").reply_timeout == 4
+
+
+async def test_a_subscriber_reads_each_large_push_in_one_read_once_it_has_a_buffer() -> None:
+    # What the transport does with a subscriber's protocol: a read into get_buffer()'s
+    # buffer, then buffer_updated(). A push that a sender wrote in one go is in the socket
+    # whole: after the first payload (its header read into the connection's buffer, the rest
+    # into a buffer of its own), each is read in one system call and one turn of the loop.
+    got: list[bytes] = []
+    direct = DirectReads(b"message")
+
+    def sink(data: Any) -> None:
+        direct.feed(data)
+        while (reply := direct.gets()) is not NEED_DATA:
+            got.append(bytes(reply[2]))  # the consumer lets go of each payload at once
+
+    protocol = _ReadingProtocol(ReplyReader(sink, lambda error: None, direct))
+    payloads = [bytes([i]) * 1_000_000 for i in range(4)]
+    reads = []
+    for payload in payloads:
+        push = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$%d\r\n%b\r\n" % (len(payload), payload)
+        position = count = 0
+        while position < len(push):
+            buffer = protocol.get_buffer(-1)
+            n = min(len(buffer), len(push) - position)
+            buffer[:n] = push[position : position + n]
+            del buffer
+            protocol.buffer_updated(n)
+            position += n
+            count += 1
+        reads.append(count)
+    assert got == payloads
+    assert reads == [2, 1, 1, 1]

@@ -55,13 +55,23 @@ def _counting(reader: DirectReads) -> list[int]:
     return fed
 
 
-def _drain(reader: Any, out: list[Any]) -> None:
+def _drain(reader: Any, out: list[Any], *, let_go: bool = False) -> None:
     while (reply := reader.gets()) is not NEED_DATA:
+        if let_go:  # a consumer done with each payload at once: its buffer may be read into
+            reply = _plain([reply])[0]
         out.append(reply)
 
 
-def _read(reader: DirectReads, data: bytes, sizes: list[int]) -> list[Any]:
-    """What a socket delivers: each read goes where ``read_into`` says, or is fed."""
+def _read(
+    reader: DirectReads,
+    data: bytes,
+    sizes: list[int],
+    *,
+    ahead: bool = False,
+    let_go: bool = False,
+) -> list[Any]:
+    """What a socket delivers: each read goes where ``read_into`` says, or (``ahead``) where
+    ``read_ahead`` offers, or is fed."""
     out: list[Any] = []
     pos = 0
     turn = 0
@@ -69,15 +79,21 @@ def _read(reader: DirectReads, data: bytes, sizes: list[int]) -> list[Any]:
         size = sizes[turn % len(sizes)]
         turn += 1
         target = reader.read_into()
+        spare = reader.read_ahead() if ahead and target is None else None
         if target is not None:
             n = min(size, len(target), len(data) - pos)
             target[:n] = data[pos : pos + n]
             reader.filled(n)
+        elif spare is not None:
+            n = min(size, len(spare), len(data) - pos)
+            spare[:n] = data[pos : pos + n]
+            del spare  # as the transport's, released once read into
+            reader.ahead_filled(n)
         else:
             n = min(size, len(data) - pos)
             reader.feed(memoryview(bytearray(data[pos : pos + n])))  # a view, as the protocol's
         pos += n
-        _drain(reader, out)
+        _drain(reader, out, let_go=let_go)
     return out
 
 
@@ -88,6 +104,11 @@ def _plain(replies: list[Any]) -> list[Any]:
         else reply
         for reply in replies
     ]
+
+
+def _comparable(replies: list[Any]) -> list[Any]:
+    """``replies`` with their errors as text (a ReplyError compares by identity)."""
+    return [f"{type(r).__name__}: {r}" if isinstance(r, Exception) else r for r in replies]
 
 
 def _expected(data: bytes) -> list[Any]:
@@ -110,6 +131,56 @@ def test_replies_are_those_of_a_parser_alone_however_the_bytes_come() -> None:
         replies = _read(DirectReads(b"message"), data, sizes)
         assert [type(r) for r in replies] == [type(r) for r in expected], sizes
         assert str(_plain(replies)) == str(expected), sizes  # ReplyError compares by identity
+
+
+def test_replies_read_ahead_into_payload_buffers_are_those_of_a_parser_alone() -> None:
+    # Reads between payloads go into a free payload buffer whole: pushes whose payloads fit
+    # it, or do not, or whose header or payload a read cuts, or several in one read, among
+    # the parser's replies; the replies are the same, in the same order.
+    rng = random.Random(11)
+    pushes = [_push(b"message", b"c", BIG[: rng.randint(DIRECT_FROM, len(BIG))]) for _ in range(6)]
+    data = b"".join(pushes[:3] + STREAM + pushes[3:])
+    expected = _comparable(_expected(data))
+    patterns = [[len(data)], [65536], [len(BIG) + 100]]
+    patterns += [[rng.randint(1, 300_000) for _ in range(20)] for _ in range(4)]
+    for sizes in patterns:
+        reader = DirectReads(b"message")
+        replies = _read(reader, data, sizes, ahead=True, let_go=True)
+        assert _comparable(replies) == expected, sizes
+
+
+def test_a_push_read_ahead_whole_is_delivered_from_that_read() -> None:
+    # Once a payload was read into its own buffer, the next push that a read holds whole,
+    # header and payload, is delivered from where it was read: one read, no copy (before,
+    # its header and the start of its payload went to the connection's buffer, copied out,
+    # then a second read took the rest).
+    reader = DirectReads(b"message")
+    assert reader.read_ahead() is None  # no payload buffer yet
+    _read(reader, _push(b"message", b"c", BIG), [65536], let_go=True)
+    for payload in LARGE[:2]:
+        data = _push(b"message", b"chan", payload)
+        spare = reader.read_ahead()
+        assert spare is not None and len(spare) >= len(data)
+        spare[: len(data)] = data
+        reader.ahead_filled(len(data))
+        reply = reader.gets()
+        assert reply[:2] == [b"message", b"chan"] and reply[2] == payload
+        assert reply[2].obj is spare.obj  # where it was read
+        assert reader.read_into() is None and reader.gets() is NEED_DATA
+        del reply, spare
+
+
+def test_a_buffer_read_ahead_into_is_never_one_still_held() -> None:
+    reader = DirectReads(b"message")
+    held = _read(reader, _push(b"message", b"c", BIG), [65536])
+    data = _push(b"message", b"c", BIG[:-1] + b"?") * 2
+    # Two pushes in one read: the second one's payload goes to another buffer.
+    second = _read(reader, data, [len(data)], ahead=True)
+    assert bytes(held[0][2]) == BIG
+    assert [bytes(reply[2]) for reply in second] == [BIG[:-1] + b"?"] * 2
+    buffers = {id(held[0][2].obj)} | {id(reply[2].obj) for reply in second}
+    assert len(buffers) == 3  # each payload still held in a buffer of its own
+    assert reader.read_ahead() is None  # all held
 
 
 def test_large_payloads_never_pass_through_a_parser() -> None:

@@ -72,6 +72,9 @@ logger = logging.getLogger("minidasgi.resp.connection")
 
 _READ_SIZE = 256 * 1024
 _DIRECT_GAP_READ = 64 * 1024  # a read between payloads read into their own buffer
+# Where a subscriber's read goes (``_ReadingProtocol``): the connection's own buffer, the
+# payload being read (``DirectReads.read_into``), a free payload buffer (``read_ahead``).
+_OWN, _PAYLOAD, _AHEAD = "own", "payload", "ahead"
 _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the socket
 _SCRATCH_FROM = 64 * 1024  # writes from this size are gathered into a reused buffer
 _SCRATCH_MAX = 2 * 1024 * 1024  # a larger one (a rare huge command) is not kept
@@ -397,6 +400,12 @@ class ReplyReader(asyncio.StreamReader):
         self.direct.filled(nbytes)
         self._sink(b"")
 
+    def ahead_filled(self, nbytes: int) -> None:
+        """``nbytes`` were read into ``direct.read_ahead()``: hand over what that completed."""
+        assert self.direct is not None
+        self.direct.ahead_filled(nbytes)
+        self._sink(b"")
+
     def feed_data(self, data: Any) -> None:  # bytes, from the transport
         if data:
             self._sink(data)
@@ -427,26 +436,36 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         self._direct: ReplyReader | None = None
         if isinstance(reader, ReplyReader) and reader.direct is not None:
             self._direct = reader
-        self._into_direct = False  # the last buffer handed out was a payload's own
+        self._into = _OWN  # where the last buffer handed out was: ours, a payload's, ahead
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
-            assert self._direct.direct is not None
-            target = self._direct.direct.read_into()
-            self._into_direct = target is not None
+            direct = self._direct.direct
+            assert direct is not None
+            target = direct.read_into()
             if target is not None:
+                self._into = _PAYLOAD
+                return target
+            target = direct.read_ahead()
+            if target is not None:
+                self._into = _AHEAD
                 return target
             # Reads between payloads end soon after a large payload's header, so that little
             # of it is read here (and copied): most of it goes to its own buffer.
+            self._into = _OWN
             return self._view[:_DIRECT_GAP_READ]
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._into_direct:
+        into = self._into
+        if into is not _OWN:
             assert self._direct is not None
-            self._into_direct = False
+            self._into = _OWN
             try:
-                self._direct.filled(nbytes)
+                if into is _PAYLOAD:
+                    self._direct.filled(nbytes)
+                else:
+                    self._direct.ahead_filled(nbytes)
             except Exception as exc:  # never into the transport: end the stream instead
                 self._direct.set_exception(exc)
             return

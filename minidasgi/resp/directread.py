@@ -11,6 +11,14 @@ as a memoryview of it. Replies come out in stream order. The bytearray is used a
 later payload once no view of it is left (its consumer is done with it): a new one per payload
 costs a fill with zeros and, past the allocator's threshold, page faults on every use.
 
+Between payloads, a read may go into such a free buffer whole (``read_ahead``/``ahead_filled``)
+instead of the connection's own small one: a push whose header and payload it holds, the usual
+case once a sender writes each piece in one go, is then delivered from where it was read, in
+one read and with no copy; one whose payload the read cut goes on being read in place. Without
+it, each large payload took two reads (its header with the start of the payload, copied out,
+then the rest): two system calls and two turns of the event loop. Two buffers are kept, so
+that a read holding the end of one payload and the start of the next needs no new one.
+
 Every other reply (a subscription's confirmation, a PONG, an error, a header that does not
 fit) goes to a ``PythonParser``, which hands back the bytes after it (``take_rest``): where a
 reply starts is always known. A push cut by the end of a read is kept (at most a header and a
@@ -44,6 +52,10 @@ _CUT: Final = object()  # a push cut by the end of a read
 _SLICE: Final = 64 * 1024  # what the parser is fed at a time: it gives back what follows a reply
 _SMALL_READ: Final = 16 * 1024  # a read of small pushes, copied to bytes to be framed
 _KEEP_MAX: Final = 2 * 1024 * 1024  # a payload buffer kept for reuse at most (a larger is rare)
+_KEPT: Final = 2  # payload buffers kept for reuse
+# Room past a payload in its buffer for the header of a push read ahead into it (the header
+# regex's bound on the channel, and the lengths).
+_HEADER_ROOM: Final = _MAX_CHANNEL + 64
 
 
 def _cut_length(data: Any, start: int, size: int) -> object:
@@ -51,6 +63,19 @@ def _cut_length(data: Any, start: int, size: int) -> object:
     if size - start <= 11 and _PARTIAL_LENGTH.fullmatch(data, start, size):
         return _CUT
     return None
+
+
+def _free(buffer: bytearray) -> bool:
+    """Whether no view of ``buffer`` is left, so that it may be written again."""
+    # A bytearray refuses to resize while a view of it exists (its consumer still holds the
+    # payload it was given): then it must not be written again. Popping a byte checks
+    # exactly that; appending it back cannot reallocate.
+    try:
+        last = buffer.pop()
+    except BufferError:
+        return False
+    buffer.append(last)
+    return True
 
 
 class DirectReads:
@@ -80,7 +105,8 @@ class DirectReads:
         self._aligned = True  # the next byte starts a reply: the parser holds none of one
         self._ready: collections.deque[list[Any]] = collections.deque()  # framed here, in order
         self._target: memoryview | None = None  # where the payload being read goes, and its CRLF
-        self._buffer: bytearray | None = None  # the last payload's, to be used again
+        self._buffers: list[bytearray] = []  # the last payloads', to be used again
+        self._ahead: bytearray | None = None  # the buffer ``read_ahead`` last offered
         self._filled = 0
         self._channel = b""
         self._pending = b""  # the start of a push cut by the end of a read
@@ -155,10 +181,45 @@ class DirectReads:
 
     def read_into(self) -> memoryview | None:
         """Where the next read should go: the rest of a payload being read, else None (the
-        connection's own buffer)."""
+        connection's own buffer, or ``read_ahead``)."""
         if self._target is None:
             return None
         return self._target[self._filled :]
+
+    def read_ahead(self) -> memoryview | None:
+        """Where a read between payloads may go instead of the connection's buffer: the
+        whole of a free payload buffer (``ahead_filled`` takes the count), or None (no large
+        payload seen yet, none free, or a reply or push under way)."""
+        if self._target is not None or self._pending or not self._aligned:
+            return None
+        for buffer in self._buffers:
+            if _free(buffer):
+                self._ahead = buffer
+                return memoryview(buffer)
+        return None
+
+    def ahead_filled(self, nbytes: int) -> None:
+        """``nbytes`` were read into what ``read_ahead`` returned."""
+        buffer = self._ahead
+        assert buffer is not None
+        self._ahead = None
+        view = memoryview(buffer)
+        found = self._push_at(buffer, 0, nbytes)
+        if isinstance(found, tuple):
+            channel, length, start = found
+            end = start + length + 2
+            if self._direct_from <= length <= self._direct_max and end <= len(buffer):
+                # The payload stays where it was read: the rest of it, if the read cut it,
+                # goes after it (``read_into``).
+                self._channel = channel
+                self._target = view[start:end]
+                self._filled = min(nbytes, end) - start
+                if self._filled == len(self._target):
+                    self._finish()
+                    if nbytes > end:  # what follows it: framed as any read
+                        self.feed(view[end:nbytes])
+                return
+        self.feed(view[:nbytes])
 
     def filled(self, nbytes: int) -> None:
         """``nbytes`` were read into what ``read_into`` returned."""
@@ -200,23 +261,22 @@ class DirectReads:
         return bytes(data[channel_start:channel_end]), int(match[1]), match.end()
 
     def _buffer_for(self, size: int) -> memoryview:
-        """A view of ``size`` bytes to read a payload into: of the last payload's buffer if it
-        is large enough and no view of it is left, else of a new one."""
-        buffer = self._buffer
-        if buffer is not None and len(buffer) >= size:
-            # A bytearray refuses to resize while a view of it exists (its consumer still
-            # holds the payload it was given): then it must not be written again. Popping a
-            # byte checks exactly that; appending it back cannot reallocate.
-            try:
-                buffer.pop()
-            except BufferError:
-                pass
-            else:
-                buffer.append(0)
+        """A view of ``size`` bytes to read a payload into: of a kept buffer if one is large
+        enough and no view of it is left, else of a new one (kept in place of the first held
+        one: a held buffer stays its holder's, and is freed when they let go of it)."""
+        buffers = self._buffers
+        for buffer in buffers:
+            if len(buffer) >= size and _free(buffer):
                 return memoryview(buffer)[:size]
-        buffer = bytearray(size)
-        self._buffer = buffer if size <= _KEEP_MAX else None
-        return memoryview(buffer)
+        buffer = bytearray(size + _HEADER_ROOM)
+        if size <= _KEEP_MAX:
+            held = [index for index, kept in enumerate(buffers) if not _free(kept)]
+            if len(buffers) < _KEPT:
+                buffers.append(buffer)
+            else:  # all held, or too small: replace one held if any, else the smallest
+                index = held[0] if held else min(range(len(buffers)), key=lambda i: len(buffers[i]))
+                buffers[index] = buffer
+        return memoryview(buffer)[:size]
 
     def _finish(self) -> None:
         target = self._target
