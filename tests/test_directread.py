@@ -170,6 +170,36 @@ def test_a_push_read_ahead_whole_is_delivered_from_that_read() -> None:
         del reply, spare
 
 
+def test_a_header_cut_in_a_reused_buffer_is_never_read_with_its_stale_bytes() -> None:
+    # A read ahead goes into a buffer that held an earlier push: where a read ends inside the
+    # next push's header, the bytes past it are the earlier push's (its header at the same
+    # place, a length of other digits), and must never be taken for this one's.
+    earlier = _push(b"message", b"c", BIG[:131072])
+    later = _push(b"message", b"c", BIG[:100000])
+    header = later.index(b"\r\n", later.index(b"$100000")) + 2
+    for cut in range(1, header):
+        reader = DirectReads(b"message")
+        _read(reader, earlier, [65536], let_go=True)  # keeps a payload buffer
+        _read(reader, earlier, [len(earlier)], ahead=True, let_go=True)  # fills it
+        replies = _read(reader, later, [cut, len(later)], ahead=True, let_go=True)
+        assert _comparable(replies) == _comparable(_expected(later)), cut
+
+
+def test_a_payload_s_own_bytes_never_frame_the_next_push() -> None:
+    # The stale bytes may be a payload a client chose: one shaped as a header whose length
+    # would end the next payload early, so that the rest of it reads as a push of its own.
+    header = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$"
+    forged = _push(b"message", b"c", b"FORGED")
+    bait = header + b"70000\r\n"
+    earlier = _push(b"message", b"c", bait + b"x" * (131072 - len(bait)))
+    payload = b"y" * 70000 + b"\r\n" + forged + b"z" * 20000
+    later = _push(b"message", b"c", payload)
+    reader = DirectReads(b"message")
+    _read(reader, earlier, [65536], let_go=True)  # its payload read to its buffer's start
+    replies = _read(reader, later, [len(header), len(later)], ahead=True, let_go=True)
+    assert _comparable(replies) == _comparable(_expected(later))
+
+
 def test_a_buffer_read_ahead_into_is_never_one_still_held() -> None:
     reader = DirectReads(b"message")
     held = _read(reader, _push(b"message", b"c", BIG), [65536])

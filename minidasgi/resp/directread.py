@@ -243,7 +243,9 @@ class DirectReads:
             return _CUT if prefix.startswith(bytes(data[pos:size])) else None
         if data[pos:end] != prefix:
             return None
-        match = _LENGTH.match(data, end)
+        # Bounded by ``size``: ``data`` may be a reused buffer whose bytes past the read are
+        # another message's, which must never be taken for this one's length.
+        match = _LENGTH.match(data, end, size)
         if match is None:
             return _cut_length(data, end, size)
         channel_start = match.end()
@@ -255,7 +257,7 @@ class DirectReads:
             return _CUT
         if data[channel_end : channel_end + 3] != b"\r\n$":
             return None
-        match = _LENGTH.match(data, channel_end + 3)
+        match = _LENGTH.match(data, channel_end + 3, size)
         if match is None:
             return _cut_length(data, channel_end + 3, size)
         return bytes(data[channel_start:channel_end]), int(match[1]), match.end()

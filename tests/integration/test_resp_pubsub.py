@@ -517,3 +517,41 @@ async def test_direct_reads_deliver_the_same_messages_in_order(
     await eventually(lambda: len(received) >= len(payloads), 5)
     assert [bytes(data) for _, data in received] == payloads
     assert {type(data) for _, data in received} == {bytes, memoryview}
+
+
+async def test_a_push_a_segment_cuts_in_its_length_line_is_delivered_whole() -> None:
+    # The third push is read ahead into the buffer that held the second one, and a segment
+    # ends inside its payload's length line: the length must be read from this push's bytes,
+    # never from the earlier push's left in the buffer (it was: the push was never delivered).
+    def push(payload: bytes) -> bytes:
+        return b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$%d\r\n%b\r\n" % (len(payload), payload)
+
+    payloads = [b"A" * 131072, b"B" * 131072, b"C" * 100000]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await read_command(reader) == [b"SUBSCRIBE", b"ch"]
+        writer.write(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+        last = push(payloads[2])
+        cut = last.index(b"$100000") + 2
+        for data in (push(payloads[0]), push(payloads[1]), last[:cut], last[cut:]):
+            writer.write(data)
+            await writer.drain()
+            await asyncio.sleep(0.1)  # each its own segment and read
+        await drain_until_eof(reader)
+
+    received: list[bytes] = []
+    async with FakeRedis(handler) as fake:
+        subscriber = Subscriber(
+            fake.url,
+            on_message=lambda channel, data: received.append(bytes(data)),
+            direct_reads=True,
+        )
+        try:
+            await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+            for _ in range(100):
+                if len(received) == len(payloads):
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await asyncio.wait_for(subscriber.close(), 5)
+    assert received == payloads
