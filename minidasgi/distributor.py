@@ -1411,7 +1411,13 @@ def _tuple_headers(event: dict[str, Any]) -> None:
     server takes either, but an app served directly sends tuples almost always."""
     headers = event.get("headers")
     if type(headers) is list:
-        event["headers"] = [tuple(p) if type(p) is list else p for p in headers]
+        if _LISTS.issuperset(map(type, headers)):  # the usual: converted in C, no loop here
+            event["headers"] = list(map(tuple, headers))
+        else:
+            event["headers"] = [tuple(p) if type(p) is list else p for p in headers]
+
+
+_LISTS = frozenset({list})
 
 
 def _log_pump_failure(pump: asyncio.Task[None]) -> None:
