@@ -81,8 +81,9 @@ def _load(port: int, total: int, connections: int) -> None:
         raise errors[0]
 
 
-def _wait_up(port: int, deadline: float = 180.0) -> None:
-    """Until the server answers a request (valgrind makes start-up slow)."""
+def _wait_up(port: int, deadline: float = 600.0) -> None:
+    """Until the server answers a request (valgrind makes start-up slow: past 3 minutes on
+    a machine whose two cores run a dozen other processes)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         try:
