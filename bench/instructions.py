@@ -13,6 +13,11 @@ send ``warmup`` requests to each server in one run and ``warmup + requests`` in 
 difference of the two runs' counts over ``requests`` is what one request costs, start-up and
 shutdown cancelled out. Valgrind runs the processes about 50 times slower: a run takes a few
 minutes.
+
+``--callgrind DIR`` runs the distributor under ``valgrind --tool=callgrind`` instead (its
+instruction count is the same) and keeps its profiles of both runs in ``DIR``
+(``distributor-<requests>.callgrind``): read them with ``callgrind_annotate --inclusive=yes``,
+the difference of the two is what the counted requests cost.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ bench_http = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_http)
 
 VALGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+CALLGRIND = ["valgrind", "--tool=callgrind"]
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 ROLES = ("direct", "distributor", "node")
 
@@ -75,8 +81,9 @@ def _load(port: int, total: int, connections: int) -> None:
         raise errors[0]
 
 
-def _wait_up(port: int, deadline: float = 180.0) -> None:
-    """Until the server answers a request (valgrind makes start-up slow)."""
+def _wait_up(port: int, deadline: float = 600.0) -> None:
+    """Until the server answers a request (valgrind makes start-up slow: past 3 minutes on
+    a machine whose two cores run a dozen other processes)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         try:
@@ -87,8 +94,17 @@ def _wait_up(port: int, deadline: float = 180.0) -> None:
     raise RuntimeError(f"nothing answered on port {port} within {deadline:.0f} s")
 
 
-def _run(total: int, connections: int, tmp: str) -> dict[str, int]:
-    """Instructions each process executed, with ``total`` requests sent to each server."""
+def _valgrind(role: str, total: int, callgrind: str | None) -> list[str]:
+    """The valgrind command line for ``role``'s process in the run of ``total`` requests."""
+    if callgrind is not None and role == "distributor":
+        out = os.path.join(callgrind, f"{role}-{total}.callgrind")
+        return [*CALLGRIND, f"--callgrind-out-file={out}"]
+    return VALGRIND
+
+
+def _run(total: int, connections: int, tmp: str, callgrind: str | None = None) -> dict[str, int]:
+    """Instructions each process executed, with ``total`` requests sent to each server (the
+    distributor under callgrind, its profile kept in the directory ``callgrind``, if given)."""
     redis = RedisServer()
     redis.start()
     url = f"redis://{bench_http.HOST}:{redis.port}"
@@ -99,7 +115,9 @@ def _run(total: int, connections: int, tmp: str) -> dict[str, int]:
         tmp, url, direct_port, dist_port, bench_http.UVICORN_FLAGS, fast=False
     )
     processes = {
-        role: subprocess.Popen([*VALGRIND, f"--log-file={logs[role]}", *command], env=env)
+        role: subprocess.Popen(
+            [*_valgrind(role, total, callgrind), f"--log-file={logs[role]}", *command], env=env
+        )
         for role, command in commands.items()
     }
     try:
@@ -144,13 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=800, help="requests counted")
     parser.add_argument("--warmup", type=int, default=200, help="requests in both runs")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections")
+    parser.add_argument(
+        "--callgrind",
+        metavar="DIR",
+        help="run the distributor under callgrind and keep its profiles in DIR",
+    )
     args = parser.parse_args(argv)
     if args.warmup % args.connections or args.requests % args.connections:
         parser.error("--warmup and --requests must be multiples of --connections")
     with tempfile.TemporaryDirectory(prefix="minidasgi-bench-instructions-") as tmp:
         Path(tmp, "bench_apps.py").write_text(bench_http.APPS)
-        short = _run(args.warmup, args.connections, tmp)
-        long = _run(args.warmup + args.requests, args.connections, tmp)
+        if args.callgrind is not None:
+            os.makedirs(args.callgrind, exist_ok=True)
+        short = _run(args.warmup, args.connections, tmp, args.callgrind)
+        long = _run(args.warmup + args.requests, args.connections, tmp, args.callgrind)
     per_request = {role: (long[role] - short[role]) / args.requests for role in ROLES}
     print(
         f"instructions per hello-world request ({args.requests} requests over"

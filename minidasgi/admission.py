@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import metrics, wire
+from . import memo, metrics, wire
 from .batching import Batcher
 from .resp import ReplyError
 from .resp.client import copy_outcome
@@ -74,6 +74,7 @@ class Admission:
                 raise ValueError(f"queue and in-flight bounds must be integers >= 1, not {bound!r}")
         self.max_in_flight = max_in_flight
         self._channels: dict[str, bytes] = {}  # key -> packed PUBSUB NUMSUB command
+        self._lpush_heads: dict[str, bytes] = {}  # key -> LPUSH's name and key, packed
         self._numsub_refused = False  # the ACL user may not run PUBSUB: fail-fast is off
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, unlogged)
         self._connection: Commands | None = None  # where the next batch of pushes goes
@@ -180,7 +181,7 @@ class Admission:
                 if len(self._channels) < metrics.MAX_SERIES:  # keys can come from paths
                     self._channels[key] = packed
         values = [item[0] for item in items]
-        pushing = pack_command("LPUSH", key, *values)
+        pushing = self._pack_lpush(key, values)
         if not isinstance(connection, Connection):
             # A Cluster's router: the two commands may live on different masters.
             routed = asyncio.ensure_future(self._send_routed(connection, packed, pushing, values))
@@ -216,6 +217,25 @@ class Admission:
         else:  # both in one write, even when not the first of the loop turn's commands
             connection.send_packed_to([packed, pushing], listeners.append, settle)
 
+    def _pack_lpush(self, key: str, values: list[bytes]) -> bytes:
+        """``pack_command("LPUSH", key, *values)``, the same bytes, with the command's name
+        and key packed once per key (kept in a bounded table: keys can come from paths)
+        rather than once per push, and a lone envelope formatted in one operation."""
+        head = self._lpush_heads.get(key)
+        if head is None:
+            name = key.encode()
+            head = b"$5\r\nLPUSH\r\n$%d\r\n%b\r\n" % (len(name), name)
+            if len(name) <= _MAX_KEPT_KEY:
+                memo.keep(self._lpush_heads, key, head)
+        if len(values) == 1 and type(values[0]) is bytes:
+            return b"*3\r\n%b$%d\r\n%b\r\n" % (head, len(values[0]), values[0])
+        parts = [b"*%d\r\n" % (len(values) + 2), head]
+        for value in values:
+            if type(value) is not bytes:  # not what a distributor pushes: the general packing
+                return pack_command("LPUSH", key, *values)
+            parts += (b"$%d\r\n" % len(value), value, b"\r\n")
+        return b"".join(parts)
+
     async def _send_routed(
         self, connection: Commands, numsub: bytes | None, lpush: bytes, values: list[bytes]
     ) -> tuple[Any, Any, int]:
@@ -227,6 +247,7 @@ class Admission:
 
 
 _MAX_PUSH = 1024 * 1024  # bytes of envelopes in one LPUSH (a larger one travels alone)
+_MAX_KEPT_KEY = 1024  # bytes of a key whose packed LPUSH head is kept (a longer one is rare)
 
 _REASONS = {
     metrics.NO_NODE: "no Node listens on that key",

@@ -6,9 +6,16 @@ never goes back, so the FIFO is also the order of expiry: adding and cancelling 
 firing pops only the entries due. A request pays for a small list instead of a ``TimerHandle``
 pushed into (and cancelled out of) the loop's heap.
 
+Most entries are cancelled long before their time (a request acked, or over): a wake-up drops
+every cancelled entry at the head of the FIFO, due or not, and re-arms the timer for the first
+live one only, or not at all. A process whose deadlines are all cancelled in time (the usual
+case) is woken once per ``duration`` at most, not once per ``_GRAIN`` for entries that would do
+nothing.
+
 It must never call a cancelled entry, never call one early (late by up to ``_GRAIN``: one
 wake-up serves all the deadlines due within it), and never keep a timer armed while it holds no
-entry (an idle process stops waking once the last deadline set has passed).
+live entry (an idle process stops waking once the last deadline set has passed or was
+cancelled).
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ class Deadlines:
 
     @staticmethod
     def cancel(entry: list[Any]) -> None:
-        """Forget a deadline (it stays queued, inert, until its time comes)."""
+        """Forget a deadline (it stays queued, inert, until the next wake-up drops it)."""
         entry[1] = entry[2] = None
 
     def reset(self) -> None:
@@ -65,9 +72,17 @@ class Deadlines:
         assert loop is not None
         now = loop.time()
         entries = self._entries
-        while entries and entries[0][0] <= now:
-            _, callback, argument = entries.popleft()
-            if callback is not None:
+        while entries:
+            when, callback, argument = entries[0]
+            if callback is None:  # cancelled: dropped whenever it is, so never waited for
+                entries.popleft()
+            elif when <= now:
+                entries.popleft()
                 callback(argument)
-        if entries:
-            self._timer = loop.call_at(entries[0][0] + _GRAIN, self._fire)
+            else:
+                # The first live entry: every later one is due later (FIFO), and whatever
+                # is cancelled meanwhile is dropped at that wake-up.
+                if self._timer is not None:  # armed by a callback's add(), for a later one
+                    self._timer.cancel()
+                self._timer = loop.call_at(when + _GRAIN, self._fire)
+                return

@@ -804,6 +804,7 @@ class _Exchange:
     _more = False  # the client has more to send than the envelope carries
     _pumps: tuple[asyncio.Task[None], ...] = ()
     _delayed: list[Any] | None = None  # an entry of watch_deadlines
+    _watch_later = False  # the client is to be watched once the relay waits for the Node
     status = 0  # the status answered, for metrics and the access log
     _credits: wire.CreditMessages | None = None  # made at the first credit
     _holding_credit = False  # a credit waits to ride with the next message (WebSocket)
@@ -1016,14 +1017,22 @@ class _Exchange:
 
         That starts at once when the client has more to send; for a request already whole
         it only watches for a disconnect, which can wait a moment: most responses are done by
-        then, and spare a task per request. A request expecting 100-continue waits for its
-        Node's app to ask for the body (``body_wanted``): reading it would solicit it."""
+        then, and spare a task per request. The moment is counted from the relay's first wait
+        for the Node (``_watch_later``): a response that came whole with the ack (the usual
+        small one) is relayed without waiting, and costs no deadline at all (nor the timer's
+        wake-up it would arm). A request expecting 100-continue waits for its Node's app to
+        ask for the body (``body_wanted``): reading it would solicit it."""
         if self.expecting and not self._wants_body:
             return
         if self._more:
             self._start_pump()
         else:
-            self._delayed = self.distributor.watch_deadlines.add(_Exchange._start_pump, self)
+            self._watch_later = True
+
+    def _watch_client(self) -> None:
+        """The relay waits for the Node: watch the client for a disconnect in a moment."""
+        self._watch_later = False
+        self._delayed = self.distributor.watch_deadlines.add(_Exchange._start_pump, self)
 
     def _open_window(self) -> None:
         """The window (and the piece size) the Node's ACK grants, for what the client sends
@@ -1192,6 +1201,8 @@ class _Exchange:
         timeout = d.response_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         while not self.complete:
+            if self._watch_later and self.inbox.empty():
+                self._watch_client()
             try:
                 if deadline is None:
                     item = await self.inbox.get()
@@ -1411,7 +1422,13 @@ def _tuple_headers(event: dict[str, Any]) -> None:
     server takes either, but an app served directly sends tuples almost always."""
     headers = event.get("headers")
     if type(headers) is list:
-        event["headers"] = [tuple(p) if type(p) is list else p for p in headers]
+        if _LISTS.issuperset(map(type, headers)):  # the usual: converted in C, no loop here
+            event["headers"] = list(map(tuple, headers))
+        else:
+            event["headers"] = [tuple(p) if type(p) is list else p for p in headers]
+
+
+_LISTS = frozenset({list})
 
 
 def _log_pump_failure(pump: asyncio.Task[None]) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import pytest
 
-from minidasgi import metrics
+from minidasgi import admission as admission_module
+from minidasgi import memo, metrics
 from minidasgi.admission import Admission
+from minidasgi.resp.protocol import pack_command
 
 
 def test_bounds_per_key_with_a_default() -> None:
@@ -41,3 +44,26 @@ def test_refusals_are_logged_at_most_once_a_second_per_reason(
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "no Node listens" in messages[0] and "queue is full" in messages[1]
+
+
+def test_lpush_is_packed_as_pack_command_packs_it_its_head_once_per_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pushes' own packing gives ``pack_command``'s bytes (fuzzed: keys of any text,
+    one envelope or many, small and large, empty), and packs a key's head once."""
+    admission = Admission(channel_prefix="p", db=0)
+    rng = random.Random(10)
+    alphabet = "ab:{}-é\u2603 \r\n$*0"
+    for _ in range(400):
+        key = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
+        values = [
+            rng.randbytes(rng.choice((0, 1, 9, 10, 1023, 1024, 5000)))
+            for _ in range(rng.choice((1, 1, 2, 3, 7)))
+        ]
+        assert admission._pack_lpush(key, values) == pack_command("LPUSH", key, *values)
+    packed: list[tuple[object, ...]] = []
+    monkeypatch.setattr(admission_module, "pack_command", lambda *a: packed.append(a) or b"")
+    admission._pack_lpush("k", [b"x"])
+    admission._pack_lpush("k", [b"y", b"z"])
+    assert packed == []  # neither packed the general way
+    assert "k" in admission._lpush_heads and len(admission._lpush_heads) <= memo.BOUND

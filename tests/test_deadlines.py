@@ -30,3 +30,23 @@ async def test_one_timer_serves_many_deadlines() -> None:
     assert sum(1 for h in timers if getattr(h, "_callback", None) == deadlines._fire) == 1
     for entry in entries:
         Deadlines.cancel(entry)
+
+
+async def test_a_wake_up_drops_cancelled_entries_not_yet_due_and_arms_nothing_for_them() -> None:
+    # A request's deadline is nearly always cancelled long before its time: the wake-up that
+    # finds only such entries must leave no timer armed for them (else the process wakes
+    # every _GRAIN for entries that do nothing).
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(10)
+    fired: list[str] = []
+    for name in "abc":
+        Deadlines.cancel(deadlines.add(fired.append, name))
+    deadlines._fire()  # the wake-up, as the loop would run it, long before any is due
+    assert fired == [] and len(deadlines) == 0 and deadlines._timer is None
+    # A live entry behind cancelled ones keeps the timer armed for it, and only for it.
+    Deadlines.cancel(deadlines.add(fired.append, "d"))
+    deadlines.add(fired.append, "e")
+    deadlines._fire()
+    assert fired == [] and len(deadlines) == 1 and deadlines._timer is not None
+    timer = deadlines._timer
+    assert timer.when() > loop.time() + 9

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import types
 from typing import Any
 
 from minidasgi.admission import Admission
-from minidasgi.distributor import _Exchange, _portable_scope
+from minidasgi.distributor import _Exchange, _portable_scope, _tuple_headers
 from minidasgi.resp import RedisConnectionError
 
 
@@ -81,3 +82,22 @@ async def test_a_failed_push_that_no_longer_matters_is_not_reported_as_lost() ->
         loop.set_exception_handler(None)
     assert [type(outcome) for outcome in told] == [RedisConnectionError]
     assert reported == []
+
+
+def test_header_pairs_become_tuples_alike_on_both_paths() -> None:
+    """``_tuple_headers`` converts an all-lists header list in C: the result is the general
+    loop's, down to the types, for every mixture (fuzzed)."""
+    rng = random.Random(10)
+    kinds = [[b"a", b"b"], (b"c", b"d"), [b"e"], b"fg", None, [[b"h"], b"i"], ()]
+    for _ in range(500):
+        headers: Any = [rng.choice(kinds) for _ in range(rng.randrange(0, 5))]
+        if rng.random() < 0.5:
+            headers = [[b"n%d" % i, b"v"] for i in range(rng.randrange(0, 5))]
+        event: dict[str, Any] = {"type": "http.response.start", "headers": headers}
+        expected = [tuple(p) if type(p) is list else p for p in headers]
+        _tuple_headers(event)
+        assert event["headers"] == expected
+        assert [type(p) for p in event["headers"]] == [type(p) for p in expected]
+    event = {"type": "http.response.start", "headers": ((b"a", b"b"),)}
+    _tuple_headers(event)  # not a list: as it came
+    assert event["headers"] == ((b"a", b"b"),)

@@ -453,6 +453,24 @@ class Subscriber:
                 self._on_connected()
 
     def _handle(self, reply: Any) -> None:
+        if (
+            type(reply) is list
+            and len(reply) == 3
+            and type(reply[0]) is bytes
+            and reply[0] == self._kinds[0]
+            and self._on_message is not None
+            and reply[1] in self._channels
+        ):
+            # A message on a channel of ours, what nearly every reply is: what
+            # ``_handle_any`` does with it, without its checks for the other kinds first.
+            try:
+                self._on_message(reply[1], reply[2])
+            except Exception:
+                logger.exception("on_message callback failed")
+            return
+        self._handle_any(reply)
+
+    def _handle_any(self, reply: Any) -> None:
         if isinstance(reply, ReplyError):
             if self._connected.is_set():
                 # Every channel is confirmed, so this answers a health-check PING (an ACL user

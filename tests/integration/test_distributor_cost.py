@@ -45,3 +45,27 @@ async def test_a_hello_world_request_and_its_answer_skip_the_general_decoder(
     # N dicts decoded the general way).
     assert decoded.count(dict) == 0, decoded
     assert "ack-send" not in decoded, decoded
+
+
+async def test_a_response_that_comes_whole_with_its_ack_sets_no_disconnect_watch(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    watched: list[Any] = []
+    add = distributor.watch_deadlines.add
+
+    def spy(callback: Any, argument: Any) -> list[Any]:
+        watched.append(argument)
+        return add(callback, argument)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(distributor.watch_deadlines, "add", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    # The answer was relayed in the turn its ack was read, with no wait for the Node: no
+    # deadline to watch the client (before: one per request), nor the timer it arms.
+    assert watched == []
