@@ -33,6 +33,28 @@ def uvicorn_scope(**changes: Any) -> dict[str, Any]:
     return scope
 
 
+HTTPTOOLS_ORDER = (
+    "type",
+    "asgi",
+    "http_version",
+    "server",
+    "client",
+    "scheme",
+    "root_path",
+    "headers",
+    "method",
+    "path",
+    "raw_path",
+    "query_string",
+)
+"""The scope's keys in the order uvicorn's httptools protocol gives them."""
+
+
+def httptools_scope(scope: dict[str, Any]) -> dict[str, Any]:
+    """``scope`` with its keys in the order of uvicorn's httptools protocol."""
+    return {key: scope[key] for key in HTTPTOOLS_ORDER}
+
+
 def fields(
     scope: dict[str, Any] | None = None, events: list[Any] | None = None, **options: Any
 ) -> bytes:
@@ -89,6 +111,7 @@ SCOPES = [
     uvicorn_scope(server=("::1", 0), client=("unix", 999_999_999)),
     uvicorn_scope(method="POST", scheme="https", http_version="2", root_path="/root"),
 ]
+SCOPES += [httptools_scope(scope) for scope in SCOPES]
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -121,6 +144,8 @@ DECLINED = [
     fields(uvicorn_scope(path='/"q"')),  # an escape
     fields(uvicorn_scope(path="/\x7f")),
     fields(uvicorn_scope(subprotocols=[])),  # another key
+    fields(httptools_scope(uvicorn_scope(path='/"q"'))),
+    fields(dict(reversed(list(uvicorn_scope().items())))),  # another order
     fields({"type": "http", "path": "/"}),  # another scope
     fields(uvicorn_scope(client=("h", -1))),
     fields(uvicorn_scope(client=("h", 10**10))),
@@ -156,6 +181,17 @@ def test_the_bounds_are_those_of_the_general_path() -> None:
     assert envelopereader.try_decode(data, max_size=MAX_SIZE, max_items=10) is None
     assert envelopereader.try_decode(data, max_size=MAX_SIZE, max_depth=3) is None
     assert envelopereader.try_decode(memoryview(data), max_size=MAX_SIZE) is None
+
+
+def test_uvicorn_httptools_scope_is_read_with_its_key_order_and_values_in_place() -> None:
+    scope = httptools_scope(
+        uvicorn_scope(headers=[(b"a", b"1"), (b"b", b"2")], raw_path=b"/r", query_string=b"q")
+    )
+    value = check_read(fields(scope, [{"type": "http.request", "body": b"B", "more_body": False}]))
+    assert tuple(value["scope"]) == HTTPTOOLS_ORDER
+    assert value["scope"]["headers"] == [[b"a", b"1"], [b"b", b"2"]]
+    assert (value["scope"]["raw_path"], value["scope"]["query_string"]) == (b"/r", b"q")
+    assert value["events"][0]["body"] == b"B"
 
 
 def _mutations(data: bytes, rng: random.Random) -> bytes:
