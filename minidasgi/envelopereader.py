@@ -153,21 +153,29 @@ def try_decode(
     lengths = layout.unpack_from(data, head_end)
     if sum(lengths) != size - tail_start:
         return None
-    # The bytes values in the order of their markers in the text.
-    values = []
+    # The tail holds the paths' values then the headers' in h11's key order, the headers'
+    # then the paths' in httptools', then the body's.
     position = tail_start
-    for length in lengths:
-        end = position + length
-        values.append(data[position:end])
+    first = 0
+    if not httptools:
+        position += lengths[0] + lengths[1]
+        first = 2
+    headers = []
+    for index in range(first, first + 2 * headers_count, 2):
+        middle = position + lengths[index]
+        end = middle + lengths[index + 1]
+        headers.append([data[position:middle], data[middle:end]])
         position = end
+    paths = position if httptools else tail_start
+    index = first + 2 * headers_count if httptools else 0
+    middle = paths + lengths[index]
+    end = middle + lengths[index + 1]
+    raw_path = data[paths:middle]
+    query_string = data[middle:end]
     events = []
     if more is not None:
-        events.append({"type": "http.request", "body": values[-1], "more_body": more == b"true"})
-    # The paths' markers come before the headers' in h11's key order, after them in httptools'.
-    first = 0 if httptools else 2
-    headers = [[values[i], values[i + 1]] for i in range(first, first + 2 * headers_count, 2)]
-    paths = 2 * headers_count if httptools else 0
-    raw_path, query_string = values[paths], values[paths + 1]
+        body = data[end if httptools else position :]
+        events.append({"type": "http.request", "body": body, "more_body": more == b"true"})
     asgi = {"version": version, "spec_version": spec_version}
     server_value = None if server is None else list(server)
     client_value = None if client is None else list(client)
