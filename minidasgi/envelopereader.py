@@ -14,8 +14,9 @@ escape, a space, an exponent, another key or order, a second event), makes ``try
 return None, and the caller uses ``jsoncodec.decode``, which decides. So the value never
 depends on which path read it (``tests/test_envelopereader.py`` compares the two, fuzzed). Must
 never accept a message the general path would refuse or read differently; what the fields mean
-(their types and ranges) is ``wire.Envelope.decode``'s business, as it is for a value the
-general path read.
+(their ranges) is ``wire.Envelope.decode``'s business, which for a value read here checks only
+lengths and ranges: the types the expression admits (a finite float where a number goes, ints,
+True flags) are part of this reader's contract.
 """
 
 from __future__ import annotations

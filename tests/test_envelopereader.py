@@ -229,3 +229,72 @@ def test_fuzzed_envelopes_are_read_as_the_general_path_reads_them_or_left_to_it(
         read += 1
         assert same(value, general(data)), data
     assert read > 600  # edits the reader reads: digits changed, keys or strings still plain
+
+
+def _decoded(data: bytes) -> Any:
+    """What ``wire.Envelope.decode`` gives for ``data``: the envelope, or the error's type
+    and text."""
+    try:
+        return wire.Envelope.decode(data, max_size=MAX_SIZE)
+    except (codec.CodecError, wire.WireError) as exc:
+        return type(exc), str(exc)
+
+
+def _envelope(body: bytes, request_id: str = "a" * 24, reply: str = "r") -> bytes:
+    """A whole envelope (preamble and ``body``) as the distributor pushes it."""
+    ids = request_id.encode()
+    return (
+        bytes([wire.ENVELOPE_FRAME, len(ids)]) + ids + bytes([len(reply)]) + reply.encode() + body
+    )
+
+
+def test_envelope_decode_checks_what_the_reader_read_as_it_checks_the_general_paths_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The usual envelope skips the type checks its reader makes moot: the same envelope, or
+    # the same error, as when the general path reads it.
+    rng = random.Random(12)
+    originals = [fields(scope) for scope in SCOPES] + [
+        fields(window=1024, liveness=0.0),
+        fields(piece=1 << 20, unit=16, confirms=True),
+        fields(piece=3),
+    ]
+    # Each range the checks left bound, just inside and just outside.
+    edges = [
+        fields(window=0),
+        fields(window=1025),
+        fields(window=999_999_999),
+        fields(liveness=-0.5),
+        fields(liveness=-0.0),
+        fields(uvicorn_scope(type="websocket")),
+        fields(uvicorn_scope(type="lifespan")),
+    ]
+    cases = [_envelope(data) for data in originals + edges]
+    cases += [_envelope(originals[0], request_id=i) for i in ("", "x" * 64, "x" * 65)]
+    cases += [_envelope(originals[0], reply=r) for r in ("", "x" * 255)]
+    for _ in range(3000):
+        cases.append(_envelope(_mutations(rng.choice(originals), rng)))
+    read = 0
+    for data in cases:
+        fast = _decoded(data)
+        read += (
+            envelopereader.try_decode(data[wire._preamble(data)[2] :], max_size=MAX_SIZE)
+            is not None
+        )
+        with monkeypatch.context() as patch:
+            patch.setattr(envelopereader, "try_decode", lambda *args, **kwargs: None)
+            general = _decoded(data)
+        assert fast == general, data
+    assert read > 100  # edits the reader reads: digits changed, keys or strings still plain
+
+
+def test_the_usual_envelope_is_checked_without_the_general_type_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(value: Any) -> bool:
+        raise AssertionError("a check the reader's types make moot")
+
+    data = _envelope(fields())
+    expected = wire.Envelope.decode(data)
+    monkeypatch.setattr(wire, "isfinite", refuse)
+    assert wire.Envelope.decode(data) == expected
