@@ -47,25 +47,27 @@ class SharedFuture(asyncio.Future[T]):
 
 
 class _BatchFuture(SharedFuture[T]):
-    """A batch's future that tells its batcher when it is settled (``Batcher._landed``):
-    from the code that settles it, with no callback scheduled on the loop."""
+    """A batch's future that counts itself out of its batcher's batches in flight when it is
+    settled: from the code that settles it, with no callback scheduled on the loop. Only an
+    eager batcher on a loop that hides its ready handles uses it (``Batcher._last_of_turn``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, batcher: Batcher[T]) -> None:
         super().__init__(loop=loop)
         self._batcher: Batcher[T] | None = batcher
 
     def set_result(self, result: T) -> None:
-        super().set_result(result)
-        self._landed()
+        super().set_result(result)  # raises if it was settled already: counted out once
+        batcher = self._batcher
+        if batcher is not None:
+            self._batcher = None
+            batcher._in_flight -= 1
 
     def set_exception(self, exception: type | BaseException) -> None:
         super().set_exception(exception)
-        self._landed()
-
-    def _landed(self) -> None:
-        batcher, self._batcher = self._batcher, None
+        batcher = self._batcher
         if batcher is not None:
-            batcher._landed()
+            self._batcher = None
+            batcher._in_flight -= 1
 
 
 class _Batch(Generic[T]):
@@ -116,7 +118,10 @@ class Batcher(Generic[T]):
         self._loop: asyncio.AbstractEventLoop | None = None
         # The loop's queue of ready handles (asyncio's own loops), or None (uvloop).
         self._ready: Sized | None = None
-        self._in_flight = 0  # batches sent whose future is not settled yet
+        # Batches sent whose future is not settled yet: counted only by an eager batcher on
+        # a loop that hides its ready handles (``_counting``), the others never need it.
+        self._in_flight = 0
+        self._counting = False
         self._flush_scheduled = False
         self._hold_timer: asyncio.TimerHandle | None = None
         self.batches = 0  # commands sent, and the items they carried: the batch sizes seen
@@ -139,7 +144,9 @@ class Batcher(Generic[T]):
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
                 self._ready = getattr(loop, "_ready", None)
-            batch = self._pending[destination] = _Batch(_BatchFuture(loop, self))
+                self._counting = self._eager and self._ready is None
+            made = _BatchFuture(loop, self) if self._counting else SharedFuture(loop=loop)
+            batch = self._pending[destination] = _Batch(made)
         self.index = len(batch.items)
         batch.items.append(item)
         batch.size += size
@@ -166,17 +173,13 @@ class Batcher(Generic[T]):
             return not self._in_flight
         return not ready
 
-    def _landed(self) -> None:
-        """A batch's future was settled (``_BatchFuture``)."""
-        if self._in_flight:
-            self._in_flight -= 1
-
     def reset(self) -> None:
         """Forget the event loop and whatever is pending (the loop it belonged to is gone)."""
         self._pending = {}
         self._loop = None
         self._ready = None
         self._in_flight = 0
+        self._counting = False
         self._flush_scheduled = False
         self._hold_timer = None
 
@@ -214,7 +217,8 @@ class Batcher(Generic[T]):
         self.flush()
 
     def _dispatch(self, destination: str, batch: _Batch[T]) -> None:
-        self._in_flight += 1
+        if self._counting:
+            self._in_flight += 1
         self.batches += 1
         self.items += len(batch.items)
         target = batch.future

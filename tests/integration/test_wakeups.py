@@ -75,14 +75,14 @@ def counting(connection: Connection) -> Iterator[Counts]:
         counts.writes += 1
         send(data)
 
-    class CountedShared(batching._BatchFuture[Any]):  # a batch's future, made directly
-        def __init__(self, loop: Any, batcher: Any) -> None:
+    class CountedShared(batching.SharedFuture[Any]):  # a batch's future, made directly
+        def __init__(self, *, loop: Any = None) -> None:
             counts.futures += 1
-            super().__init__(loop, batcher)
+            super().__init__(loop=loop)
 
     loop._run_once, loop.create_future = turn, new_future
-    shared = batching._BatchFuture
-    batching._BatchFuture = CountedShared  # type: ignore[misc]
+    shared = batching.SharedFuture
+    batching.SharedFuture = CountedShared  # type: ignore[misc]
     connection._parser = Reading()
     send = connection._write
     connection._write = write  # type: ignore[method-assign]
@@ -90,7 +90,7 @@ def counting(connection: Connection) -> Iterator[Counts]:
         yield counts
     finally:
         del loop._run_once, loop.create_future, connection._write
-        batching._BatchFuture = shared  # type: ignore[misc]
+        batching.SharedFuture = shared  # type: ignore[misc]
         connection._parser = parser
 
 
