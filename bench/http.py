@@ -370,6 +370,15 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
 # The run ------------------------------------------------------------------------------------
 
 
+def uvicorn_flags(fast: bool) -> list[str]:
+    """``UVICORN_FLAGS``, with ``--http httptools --loop uvloop`` instead when ``fast``."""
+    flags = list(UVICORN_FLAGS)
+    if fast:
+        flags[flags.index("h11")] = "httptools"
+        flags[flags.index("asyncio")] = "uvloop"
+    return flags
+
+
 def commands(
     app_dir: str, url: str, direct_port: int, dist_port: int, flags: list[str], fast: bool
 ) -> dict[str, list[str]]:
@@ -426,10 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         " and peak RSS per process",
     )
     args = parser.parse_args(argv)
-    flags = list(UVICORN_FLAGS)
-    if args.fast:
-        flags[flags.index("h11")] = "httptools"
-        flags[flags.index("asyncio")] = "uvloop"
+    flags = uvicorn_flags(args.fast)
     use_wrk = shutil.which("wrk") is not None and not args.builtin
     load = _wrk if use_wrk else _builtin
 

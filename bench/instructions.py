@@ -1,13 +1,14 @@
 """Instructions per hello-world request: direct uvicorn, the distributor and the Node.
 
-Run ``python bench/instructions.py [--requests 800] [--warmup 200] [--connections 8]``. It
-needs ``valgrind``. CPU time per request moves by 10-30% between runs on a shared machine;
-the number of instructions a process executes does not (it repeats to a few thousand per
-request whatever else the machine does), so this is the figure to compare two versions of the
-code by, one after the other.
+Run ``python bench/instructions.py [--requests 800] [--warmup 200] [--connections 8]
+[--fast]``. It needs ``valgrind``. CPU time per request moves by 10-30% between runs on a
+shared machine; the number of instructions a process executes does not (it repeats to a few
+thousand per request whatever else the machine does), so this is the figure to compare two
+versions of the code by, one after the other.
 
 The stack is ``bench/http.py``'s (the same app, the same uvicorn flags, one Node on asyncio's
-own loop), each of the three processes under ``valgrind --tool=cachegrind --cache-sim=no``.
+own loop; with ``--fast``, that of ``bench/http.py --fast``: httptools and uvloop), each of
+the three processes under ``valgrind --tool=cachegrind --cache-sim=no``.
 Keep-alive clients (raw sockets, in threads of this process, which valgrind does not count)
 send ``warmup`` requests to each server in one run and ``warmup + requests`` in another; the
 difference of the two runs' counts over ``requests`` is what one request costs, start-up and
@@ -102,7 +103,9 @@ def _valgrind(role: str, total: int, callgrind: str | None) -> list[str]:
     return VALGRIND
 
 
-def _run(total: int, connections: int, tmp: str, callgrind: str | None = None) -> dict[str, int]:
+def _run(
+    total: int, connections: int, tmp: str, fast: bool, callgrind: str | None = None
+) -> dict[str, int]:
     """Instructions each process executed, with ``total`` requests sent to each server (the
     distributor under callgrind, its profile kept in the directory ``callgrind``, if given)."""
     redis = RedisServer()
@@ -111,9 +114,8 @@ def _run(total: int, connections: int, tmp: str, callgrind: str | None = None) -
     env = dict(os.environ, BENCH_REDIS_URL=url)
     direct_port, dist_port = bench_http._free_port(), bench_http._free_port()
     logs = {role: os.path.join(tmp, f"{role}-{total}.valgrind") for role in ROLES}
-    commands = bench_http.commands(
-        tmp, url, direct_port, dist_port, bench_http.UVICORN_FLAGS, fast=False
-    )
+    flags = bench_http.uvicorn_flags(fast)
+    commands = bench_http.commands(tmp, url, direct_port, dist_port, flags, fast)
     processes = {
         role: subprocess.Popen(
             [*_valgrind(role, total, callgrind), f"--log-file={logs[role]}", *command], env=env
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="run the distributor under callgrind and keep its profiles in DIR",
     )
+    parser.add_argument(
+        "--fast", action="store_true", help="all three on uvloop, uvicorn with --http httptools"
+    )
     args = parser.parse_args(argv)
     if args.warmup % args.connections or args.requests % args.connections:
         parser.error("--warmup and --requests must be multiples of --connections")
@@ -174,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(tmp, "bench_apps.py").write_text(bench_http.APPS)
         if args.callgrind is not None:
             os.makedirs(args.callgrind, exist_ok=True)
-        short = _run(args.warmup, args.connections, tmp, args.callgrind)
-        long = _run(args.warmup + args.requests, args.connections, tmp, args.callgrind)
+        short = _run(args.warmup, args.connections, tmp, args.fast, args.callgrind)
+        long = _run(args.warmup + args.requests, args.connections, tmp, args.fast, args.callgrind)
     per_request = {role: (long[role] - short[role]) / args.requests for role in ROLES}
     print(
         f"instructions per hello-world request ({args.requests} requests over"
-        f" {args.connections} connections, minus the first {args.warmup}; valgrind):"
+        f" {args.connections} connections, minus the first {args.warmup}; valgrind"
+        f"{'; httptools, uvloop' if args.fast else ''}):"
     )
     for role in ROLES:
         line = f"  {role:<12} {per_request[role] / 1000:8.1f}k"

@@ -24,7 +24,7 @@ cancel it for the other callers of the batch, whose command went through all the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any, Generic, TypeVar
 
 __all__ = ["Batcher", "SharedFuture"]
@@ -46,12 +46,28 @@ class SharedFuture(asyncio.Future[T]):
         return False
 
 
-def _last_of_turn(loop: asyncio.AbstractEventLoop | None) -> bool:
-    """True if nothing else is ready to run in the loop's current iteration: then the end of
-    the turn is now. Known for asyncio's own loops only (their queue of ready handles; a
-    flush scheduled is in it); for others (uvloop) False, and batches leave at the flush."""
-    ready = getattr(loop, "_ready", None)
-    return ready is not None and not ready
+class _BatchFuture(SharedFuture[T]):
+    """A batch's future that counts itself out of its batcher's batches in flight when it is
+    settled: from the code that settles it, with no callback scheduled on the loop. Only an
+    eager batcher on a loop that hides its ready handles uses it (``Batcher._last_of_turn``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, batcher: Batcher[T]) -> None:
+        super().__init__(loop=loop)
+        self._batcher: Batcher[T] | None = batcher
+
+    def set_result(self, result: T) -> None:
+        super().set_result(result)  # raises if it was settled already: counted out once
+        batcher = self._batcher
+        if batcher is not None:
+            self._batcher = None
+            batcher._in_flight -= 1
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        super().set_exception(exception)
+        batcher = self._batcher
+        if batcher is not None:
+            self._batcher = None
+            batcher._in_flight -= 1
 
 
 class _Batch(Generic[T]):
@@ -76,9 +92,12 @@ class Batcher(Generic[T]):
     turn (nothing else is ready to run in it, and no flush is pending) leaves at once rather
     than in a flush one loop iteration later: at one request in flight that saves the loop an
     iteration per command, and under load, when the turn has more to run, items still
-    gather. Only for callers that put one item per callback (the distributor's pushes and
-    messages), or say ``more`` on every put but the last of a callback: else each would
-    travel in a command of its own. ``index`` is the
+    gather. A loop that does not show what is ready to run (uvloop) gets a stand-in for "the
+    last callback of its turn": no command of this batcher awaits its outcome. At one request
+    in flight that is so at every put, and it saves the same loop iteration; under load the
+    first item of a turn may leave alone, the others gather behind it. Only for callers that
+    put one item per callback (the distributor's pushes and messages), or say ``more`` on every
+    put but the last of a callback: else each would travel in a command of its own. ``index`` is the
     position ``put`` gave its item in its batch (an LPUSH's caller works out its own list
     length from it).
     """
@@ -97,6 +116,12 @@ class Batcher(Generic[T]):
         self._hold_time = hold_time
         self._pending: dict[str, _Batch[T]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The loop's queue of ready handles (asyncio's own loops), or None (uvloop).
+        self._ready: Sized | None = None
+        # Batches sent whose future is not settled yet: counted only by an eager batcher on
+        # a loop that hides its ready handles (``_counting``), the others never need it.
+        self._in_flight = 0
+        self._counting = False
         self._flush_scheduled = False
         self._hold_timer: asyncio.TimerHandle | None = None
         self.batches = 0  # commands sent, and the items they carried: the batch sizes seen
@@ -118,7 +143,10 @@ class Batcher(Generic[T]):
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            batch = self._pending[destination] = _Batch(SharedFuture(loop=loop))
+                self._ready = getattr(loop, "_ready", None)
+                self._counting = self._eager and self._ready is None
+            made = _BatchFuture(loop, self) if self._counting else SharedFuture(loop=loop)
+            batch = self._pending[destination] = _Batch(made)
         self.index = len(batch.items)
         batch.items.append(item)
         batch.size += size
@@ -126,7 +154,7 @@ class Batcher(Generic[T]):
             batch.held = False
         future = batch.future
         if batch.size >= self._max_size or (
-            self._eager and not more and not batch.held and _last_of_turn(self._loop)
+            self._eager and not more and not batch.held and self._last_of_turn()
         ):
             del self._pending[destination]
             self._dispatch(destination, batch)
@@ -136,10 +164,22 @@ class Batcher(Generic[T]):
             self._loop.call_soon(self._flush)
         return future
 
+    def _last_of_turn(self) -> bool:
+        """True if nothing else is ready to run in the loop's current iteration (a flush
+        scheduled is in its queue): then the end of the turn is now. For a loop that does not
+        tell, True while no batch of this batcher awaits its outcome."""
+        ready = self._ready
+        if ready is None:
+            return not self._in_flight
+        return not ready
+
     def reset(self) -> None:
         """Forget the event loop and whatever is pending (the loop it belonged to is gone)."""
         self._pending = {}
         self._loop = None
+        self._ready = None
+        self._in_flight = 0
+        self._counting = False
         self._flush_scheduled = False
         self._hold_timer = None
 
@@ -177,6 +217,8 @@ class Batcher(Generic[T]):
         self.flush()
 
     def _dispatch(self, destination: str, batch: _Batch[T]) -> None:
+        if self._counting:
+            self._in_flight += 1
         self.batches += 1
         self.items += len(batch.items)
         target = batch.future

@@ -1,20 +1,22 @@
 """A reader of format 3 (``jsoncodec``) specialised for the usual request envelope's fields.
 
 Owns one shortcut, the reading twin of ``envelopewriter`` (and the envelope's counterpart of
-``responsereader``): the fields of an envelope whose scope is uvicorn's (its keys in its order,
-as ``envelopewriter`` writes them) and whose events are at most one ``http.request``, read with
-one regular expression over the head instead of the general scanner, which calls back into
-Python for every bytes marker and every float. The expression accepts only text whose meaning
-leaves no choice: fixed keys in a fixed order, strings of printable ASCII without escapes,
-ints without sign or leading zero of at most 9 digits, plain decimal floats short enough for
-``jsoncodec``'s bound on number literals, ``0E0`` markers exactly where bytes go; the prefix,
-the table of lengths and the markers' count are checked as ``jsoncodec.decode`` checks them.
-Anything else, however slightly unusual (an escape, a space, an exponent, another key or
-order, a second event), makes ``try_decode`` return None, and the caller uses
-``jsoncodec.decode``, which decides. So the value never depends on which path read it
-(``tests/test_envelopereader.py`` compares the two, fuzzed). Must never accept a message the
-general path would refuse or read differently; what the fields mean (their types and ranges)
-is ``wire.Envelope.decode``'s business, as it is for a value the general path read.
+``responsereader``): the fields of an envelope whose scope is uvicorn's (its keys in the order
+of its h11 protocol or of its httptools one, as ``envelopewriter`` writes them) and whose
+events are at most one ``http.request``, read with one regular expression over the head instead
+of the general scanner, which calls back into Python for every bytes marker and every float.
+The expression accepts only text whose meaning leaves no choice: fixed keys in a fixed order,
+strings of printable ASCII without escapes, ints without sign or leading zero of at most 9
+digits, plain decimal floats short enough for ``jsoncodec``'s bound on number literals, ``0E0``
+markers exactly where bytes go; the prefix, the table of lengths and the markers' count are
+checked as ``jsoncodec.decode`` checks them. Anything else, however slightly unusual (an
+escape, a space, an exponent, another key or order, a second event), makes ``try_decode``
+return None, and the caller uses ``jsoncodec.decode``, which decides. So the value never
+depends on which path read it (``tests/test_envelopereader.py`` compares the two, fuzzed). Must
+never accept a message the general path would refuse or read differently; what the fields mean
+(their ranges) is ``wire.Envelope.decode``'s business, which for a value read here checks only
+lengths and ranges: the types the expression admits (a finite float where a number goes, ints,
+True flags) are part of this reader's contract.
 """
 
 from __future__ import annotations
@@ -35,21 +37,37 @@ _INT: Final = rb"(0|[1-9][0-9]{0,8})"  # what json reads as an int, and int() li
 _FLOAT: Final = rb"(-?(?:0|[1-9][0-9]{0,12})\.[0-9]{1,17})"
 _ADDRESS: Final = rb"(?:null|\[" + _STRING + rb"," + _INT + rb"\])"
 _START: Final = re.compile(rb'\{"deadline":' + _FLOAT + rb',"scope":')
+_SCOPE_START: Final = b"".join(
+    [
+        rb'\{"type":' + _STRING,
+        rb',"asgi":\{"version":' + _STRING + rb',"spec_version":' + _STRING + rb"\}",
+        rb',"http_version":' + _STRING + rb',"server":' + _ADDRESS,
+        rb',"client":' + _ADDRESS + rb',"scheme":' + _STRING,
+    ]
+)
+_HEADERS: Final = rb',"headers":\[((?:\[0E0,0E0\](?:,\[0E0,0E0\])*)?)\]'
 _SCOPE: Final = re.compile(
     b"".join(
         [
-            rb'\{"type":' + _STRING,
-            rb',"asgi":\{"version":' + _STRING + rb',"spec_version":' + _STRING + rb"\}",
-            rb',"http_version":' + _STRING + rb',"server":' + _ADDRESS,
-            rb',"client":' + _ADDRESS + rb',"scheme":' + _STRING + rb',"method":' + _STRING,
+            _SCOPE_START + rb',"method":' + _STRING,
             rb',"root_path":' + _STRING + rb',"path":' + _STRING,
-            rb',"raw_path":0E0,"query_string":0E0',
-            rb',"headers":\[((?:\[0E0,0E0\](?:,\[0E0,0E0\])*)?)\]\}',
+            rb',"raw_path":0E0,"query_string":0E0' + _HEADERS + rb"\}",
         ]
     )
 )
-"""Uvicorn's scope as ``envelopewriter`` writes it: groups for its strings and addresses and
-the header markers."""
+"""Uvicorn's scope (its h11 protocol's key order) as ``envelopewriter`` writes it: groups for
+its strings and addresses and the header markers."""
+_HTTPTOOLS_SCOPE: Final = re.compile(
+    b"".join(
+        [
+            _SCOPE_START + rb',"root_path":' + _STRING + _HEADERS,
+            rb',"method":' + _STRING + rb',"path":' + _STRING,
+            rb',"raw_path":0E0,"query_string":0E0\}',
+        ]
+    )
+)
+"""The same scope in the key order of uvicorn's httptools protocol: the same groups, the root
+path and the header markers before the method."""
 _EVENTS: Final = b',"events":['
 _REST: Final = re.compile(
     b"".join(
@@ -66,7 +84,7 @@ _REST: Final = re.compile(
 )
 """The fields after the scope: groups for the event's ``more_body``, the window, the
 liveness, the queued time and the optional fields."""
-_Scope = tuple[str, str, str, str, Any, Any, str, str, str, str, int]
+_Scope = tuple[str, str, str, str, Any, Any, str, str, str, str, int, bool]
 _SCOPES: Final[dict[bytes, _Scope]] = {}
 """What ``_SCOPE`` read from a scope's text, by the text: a connection's requests to a route
 have the same scope but for their bytes values (in the tail)."""
@@ -125,6 +143,7 @@ def try_decode(
         root_path,
         path,
         headers_count,
+        httptools,
     ) = template
     more, window, liveness, queued, piece, confirms, unit, ack_send = rest.groups()
     # Two markers for the paths, two per header, one for the event's body.
@@ -135,36 +154,62 @@ def try_decode(
     lengths = layout.unpack_from(data, head_end)
     if sum(lengths) != size - tail_start:
         return None
-    position = tail_start + lengths[0]
-    raw_path = data[tail_start:position]
-    end = position + lengths[1]
-    query_string = data[position:end]
-    position = end
+    # The tail holds the paths' values then the headers' in h11's key order, the headers'
+    # then the paths' in httptools', then the body's.
+    position = tail_start
+    first = 0
+    if not httptools:
+        position += lengths[0] + lengths[1]
+        first = 2
     headers = []
-    for index in range(2, 2 + 2 * headers_count, 2):
+    for index in range(first, first + 2 * headers_count, 2):
         middle = position + lengths[index]
         end = middle + lengths[index + 1]
         headers.append([data[position:middle], data[middle:end]])
         position = end
+    paths = position if httptools else tail_start
+    index = first + 2 * headers_count if httptools else 0
+    middle = paths + lengths[index]
+    end = middle + lengths[index + 1]
+    raw_path = data[paths:middle]
+    query_string = data[middle:end]
     events = []
     if more is not None:
-        events.append(
-            {"type": "http.request", "body": data[position:], "more_body": more == b"true"}
-        )
-    scope = {
-        "type": kind,
-        "asgi": {"version": version, "spec_version": spec_version},
-        "http_version": http_version,
-        "server": None if server is None else list(server),
-        "client": None if client is None else list(client),
-        "scheme": scheme,
-        "method": method,
-        "root_path": root_path,
-        "path": path,
-        "raw_path": raw_path,
-        "query_string": query_string,
-        "headers": headers,
-    }
+        body = data[end if httptools else position :]
+        events.append({"type": "http.request", "body": body, "more_body": more == b"true"})
+    asgi = {"version": version, "spec_version": spec_version}
+    server_value = None if server is None else list(server)
+    client_value = None if client is None else list(client)
+    if httptools:
+        scope = {
+            "type": kind,
+            "asgi": asgi,
+            "http_version": http_version,
+            "server": server_value,
+            "client": client_value,
+            "scheme": scheme,
+            "root_path": root_path,
+            "headers": headers,
+            "method": method,
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query_string,
+        }
+    else:
+        scope = {
+            "type": kind,
+            "asgi": asgi,
+            "http_version": http_version,
+            "server": server_value,
+            "client": client_value,
+            "scheme": scheme,
+            "method": method,
+            "root_path": root_path,
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query_string,
+            "headers": headers,
+        }
     value: dict[str, Any] = {
         "deadline": float(start[1]),
         "scope": scope,
@@ -185,11 +230,15 @@ def try_decode(
 
 
 def _scope(text: bytes) -> _Scope | None:
-    """The strings, addresses and header count of a scope's text, or None if it is not
-    uvicorn's scope as ``envelopewriter`` writes it."""
+    """The strings, addresses, header count and key order (httptools' or not) of a scope's
+    text, or None if it is not uvicorn's scope as ``envelopewriter`` writes it."""
     match = _SCOPE.fullmatch(text)
+    httptools = match is None
     if match is None:
-        return None
+        match = _HTTPTOOLS_SCOPE.fullmatch(text)
+        if match is None:
+            return None
+    groups = match.groups()
     (
         kind,
         version,
@@ -200,11 +249,11 @@ def _scope(text: bytes) -> _Scope | None:
         client_host,
         client_port,
         scheme,
-        method,
-        root_path,
-        path,
-        pairs,
-    ) = match.groups()
+    ) = groups[:9]
+    if httptools:
+        root_path, pairs, method, path = groups[9:]
+    else:
+        method, root_path, path, pairs = groups[9:]
     return (
         kind.decode("ascii"),
         version.decode("ascii"),
@@ -217,4 +266,5 @@ def _scope(text: bytes) -> _Scope | None:
         root_path.decode("ascii"),
         path.decode("ascii"),
         (len(pairs) + 1) // 10,  # "[0E0,0E0]" and a comma per header but the last
+        httptools,
     )

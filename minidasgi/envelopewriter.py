@@ -9,12 +9,12 @@ values checked as they are written. Anything else, however slightly unusual (a s
 the known ones, a bytearray, a float in the scope, U+E000 anywhere, an int of 19 digits), makes
 ``try_encode_parts`` return None, and the caller uses the general path, which decides. So the
 bytes on the wire never depend on which path wrote them (``tests/test_envelopewriter.py``
-compares the two, fuzzed). Uvicorn's scope (its keys in its order) is written in one
-expression, and the text of its address pairs, immutable and the same objects for every
-request of a connection, is kept by the client pair's id (a small cache holding the pairs:
-their ids cannot be reused while they are in it). Must never accept a value the general path
-would refuse or write differently; decoding is not its business (the Node decodes with
-``jsoncodec.decode``).
+compares the two, fuzzed). Uvicorn's scope (its keys in the order of its h11 protocol or of its
+httptools one) is written in one expression, and the text of its address pairs, immutable and
+the same objects for every request of a connection, is kept by the client pair's id (a small
+cache holding the pairs: their ids cannot be reused while they are in it). Must never accept a
+value the general path would refuse or write differently; decoding is not its business (the
+Node decodes with ``jsoncodec.decode``).
 """
 
 from __future__ import annotations
@@ -85,7 +85,23 @@ _UVICORN_KEYS: Final = (
     "query_string",
     "headers",
 )
-"""The scope's keys as uvicorn gives them, in its order (``_uvicorn_scope``)."""
+"""The scope's keys as uvicorn's h11 protocol gives them, in its order (``_uvicorn_scope``)."""
+_HTTPTOOLS_KEYS: Final = (
+    "type",
+    "asgi",
+    "http_version",
+    "server",
+    "client",
+    "scheme",
+    "root_path",
+    "headers",
+    "method",
+    "path",
+    "raw_path",
+    "query_string",
+)
+"""The same keys as uvicorn's httptools protocol gives them: it makes the scope when the
+request line starts and adds the method and the paths when the URL is parsed."""
 _UVICORN_ASGI_KEYS: Final = ("version", "spec_version")
 _ADDRESSES: Final[dict[int, tuple[tuple[Any, ...], tuple[Any, ...], str]]] = {}
 """The text of the server and client addresses by the client pair's id: a server gives the
@@ -171,8 +187,10 @@ def _number(value: Any) -> str | None:
 
 
 def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
-    if tuple(scope) == _UVICORN_KEYS:
-        text = _uvicorn_scope(scope, blobs)
+    keys = tuple(scope)
+    httptools = keys == _HTTPTOOLS_KEYS
+    if httptools or keys == _UVICORN_KEYS:
+        text = _uvicorn_scope(scope, blobs, httptools)
         if text is not None:
             return text
     chunks: list[str] = []
@@ -216,25 +234,41 @@ def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
     return "{" + ",".join(chunks) + "}"
 
 
-def _uvicorn_scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
-    """``_scope`` for the keys uvicorn gives, in its order, with the values it gives (str,
-    bytes for the paths, addresses as (host, port) pairs): one expression instead of a turn
-    of the general loop per key. None (and ``blobs`` untouched) for anything else: the loop
-    then decides."""
-    (
-        kind,
-        asgi,
-        http_version,
-        server,
-        client,
-        scheme,
-        method,
-        root_path,
-        path,
-        raw_path,
-        query_string,
-        headers,
-    ) = scope.values()
+def _uvicorn_scope(scope: dict[str, Any], blobs: list[bytes], httptools: bool) -> str | None:
+    """``_scope`` for the keys uvicorn gives, in the order of its h11 protocol or (when
+    ``httptools``) of its httptools one, with the values it gives (str, bytes for the paths,
+    addresses as (host, port) pairs): one expression instead of a turn of the general loop
+    per key. None (and ``blobs`` untouched) for anything else: the loop then decides."""
+    if httptools:
+        (
+            kind,
+            asgi,
+            http_version,
+            server,
+            client,
+            scheme,
+            root_path,
+            headers,
+            method,
+            path,
+            raw_path,
+            query_string,
+        ) = scope.values()
+    else:
+        (
+            kind,
+            asgi,
+            http_version,
+            server,
+            client,
+            scheme,
+            method,
+            root_path,
+            path,
+            raw_path,
+            query_string,
+            headers,
+        ) = scope.values()
     if not (
         _STR.issuperset(map(type, (kind, http_version, scheme, method, root_path, path)))
         and type(raw_path) is bytes
@@ -260,16 +294,29 @@ def _uvicorn_scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
             # Pairs of a str and an int (checked above): immutable, so their text is too.
             # Kept with the pairs themselves, whose ids cannot be reused while they live.
             memo.keep(_ADDRESSES, id(client), (client, server, addresses), _MAX_ADDRESSES)
+    start = (
+        f'{{"type":{_quote(kind)},"asgi":{{"version":{_quote(version)},'
+        f'"spec_version":{_quote(spec_version)}}},"http_version":{_quote(http_version)},'
+        f'{addresses},"scheme":{_quote(scheme)},'
+    )
+    # The bytes values go to the tail in the order of their keys in the text.
+    if httptools:
+        pairs = _pairs(headers, blobs)  # appends to blobs only what it writes
+        if pairs is None:
+            return None
+        blobs.append(raw_path)
+        blobs.append(query_string)
+        return (
+            f'{start}"root_path":{_quote(root_path)},"headers":{pairs},'
+            f'"method":{_quote(method)},"path":{_quote(path)},"raw_path":0E0,"query_string":0E0}}'
+        )
     pair_blobs: list[bytes] = [raw_path, query_string]
     pairs = _pairs(headers, pair_blobs)
     if pairs is None:
         return None
     blobs += pair_blobs
     return (
-        f'{{"type":{_quote(kind)},"asgi":{{"version":{_quote(version)},'
-        f'"spec_version":{_quote(spec_version)}}},"http_version":{_quote(http_version)},'
-        f'{addresses},"scheme":{_quote(scheme)},'
-        f'"method":{_quote(method)},"root_path":{_quote(root_path)},"path":{_quote(path)},'
+        f'{start}"method":{_quote(method)},"root_path":{_quote(root_path)},"path":{_quote(path)},'
         f'"raw_path":0E0,"query_string":0E0,"headers":{pairs}}}'
     )
 

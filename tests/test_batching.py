@@ -173,3 +173,39 @@ async def test_failures_reach_waiters_and_are_never_reported_lost() -> None:
     ignored = failing.put("a", 1)
     await asyncio.sleep(0)
     assert isinstance(ignored.exception(), ConnectionError)
+
+
+def test_an_eager_batch_on_uvloop_leaves_at_once_while_no_other_awaits_its_outcome() -> None:
+    # uvloop does not show its ready handles: a batcher with nothing in flight stands in
+    # for "the last callback of the turn", so one request at a time costs no loop iteration.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        sender = Recorder()
+        batcher: Batcher[int] = Batcher(send_into=sender, eager=True)
+        first = batcher.put("a", 0)
+        assert sender.sent == [("a", [0])]  # nothing in flight: at once
+        batcher.put("a", 1)  # the first awaits its reply: this one gathers
+        batcher.put("b", 2)
+        assert sender.sent == [("a", [0])]
+        await asyncio.sleep(0)  # the flush
+        assert sender.sent == [("a", [0]), ("a", [1]), ("b", [2])]
+        for future, outcome in zip(sender.futures, (1, 2, 3), strict=True):
+            future.set_result(outcome)
+        assert await first == 1
+        batcher.put("a", 3)  # all settled: at once again
+        assert sender.sent[-1] == ("a", [3])
+        lost = sender.futures[-1]
+        lost.set_exception(ConnectionError("lost"))  # a failure settles it too
+        lost.exception()
+        batcher.put("a", 4)
+        assert sender.sent[-1] == ("a", [4])
+        batcher.put("a", 5, hold=True)  # held items still wait for company
+        assert sender.sent[-1] == ("a", [4])
+        batcher.flush()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()

@@ -33,6 +33,28 @@ def uvicorn_scope(**changes: Any) -> dict[str, Any]:
     return scope
 
 
+HTTPTOOLS_ORDER = (
+    "type",
+    "asgi",
+    "http_version",
+    "server",
+    "client",
+    "scheme",
+    "root_path",
+    "headers",
+    "method",
+    "path",
+    "raw_path",
+    "query_string",
+)
+"""The scope's keys in the order uvicorn's httptools protocol gives them."""
+
+
+def httptools_scope(scope: dict[str, Any]) -> dict[str, Any]:
+    """``scope`` with its keys in the order of uvicorn's httptools protocol."""
+    return {key: scope[key] for key in HTTPTOOLS_ORDER}
+
+
 def fields(
     scope: dict[str, Any] | None = None, events: list[Any] | None = None, **options: Any
 ) -> bytes:
@@ -89,6 +111,7 @@ SCOPES = [
     uvicorn_scope(server=("::1", 0), client=("unix", 999_999_999)),
     uvicorn_scope(method="POST", scheme="https", http_version="2", root_path="/root"),
 ]
+SCOPES += [httptools_scope(scope) for scope in SCOPES]
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -121,6 +144,8 @@ DECLINED = [
     fields(uvicorn_scope(path='/"q"')),  # an escape
     fields(uvicorn_scope(path="/\x7f")),
     fields(uvicorn_scope(subprotocols=[])),  # another key
+    fields(httptools_scope(uvicorn_scope(path='/"q"'))),
+    fields(dict(reversed(list(uvicorn_scope().items())))),  # another order
     fields({"type": "http", "path": "/"}),  # another scope
     fields(uvicorn_scope(client=("h", -1))),
     fields(uvicorn_scope(client=("h", 10**10))),
@@ -158,6 +183,17 @@ def test_the_bounds_are_those_of_the_general_path() -> None:
     assert envelopereader.try_decode(memoryview(data), max_size=MAX_SIZE) is None
 
 
+def test_uvicorn_httptools_scope_is_read_with_its_key_order_and_values_in_place() -> None:
+    scope = httptools_scope(
+        uvicorn_scope(headers=[(b"a", b"1"), (b"b", b"2")], raw_path=b"/r", query_string=b"q")
+    )
+    value = check_read(fields(scope, [{"type": "http.request", "body": b"B", "more_body": False}]))
+    assert tuple(value["scope"]) == HTTPTOOLS_ORDER
+    assert value["scope"]["headers"] == [[b"a", b"1"], [b"b", b"2"]]
+    assert (value["scope"]["raw_path"], value["scope"]["query_string"]) == (b"/r", b"q")
+    assert value["events"][0]["body"] == b"B"
+
+
 def _mutations(data: bytes, rng: random.Random) -> bytes:
     """``data`` with its head edited a little (the prefix's head length kept right, or not)."""
     _, head_size, count = struct.unpack_from(">BII", data)
@@ -193,3 +229,72 @@ def test_fuzzed_envelopes_are_read_as_the_general_path_reads_them_or_left_to_it(
         read += 1
         assert same(value, general(data)), data
     assert read > 600  # edits the reader reads: digits changed, keys or strings still plain
+
+
+def _decoded(data: bytes) -> Any:
+    """What ``wire.Envelope.decode`` gives for ``data``: the envelope, or the error's type
+    and text."""
+    try:
+        return wire.Envelope.decode(data, max_size=MAX_SIZE)
+    except (codec.CodecError, wire.WireError) as exc:
+        return type(exc), str(exc)
+
+
+def _envelope(body: bytes, request_id: str = "a" * 24, reply: str = "r") -> bytes:
+    """A whole envelope (preamble and ``body``) as the distributor pushes it."""
+    ids = request_id.encode()
+    return (
+        bytes([wire.ENVELOPE_FRAME, len(ids)]) + ids + bytes([len(reply)]) + reply.encode() + body
+    )
+
+
+def test_envelope_decode_checks_what_the_reader_read_as_it_checks_the_general_paths_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The usual envelope skips the type checks its reader makes moot: the same envelope, or
+    # the same error, as when the general path reads it.
+    rng = random.Random(12)
+    originals = [fields(scope) for scope in SCOPES] + [
+        fields(window=1024, liveness=0.0),
+        fields(piece=1 << 20, unit=16, confirms=True),
+        fields(piece=3),
+    ]
+    # Each range the checks left bound, just inside and just outside.
+    edges = [
+        fields(window=0),
+        fields(window=1025),
+        fields(window=999_999_999),
+        fields(liveness=-0.5),
+        fields(liveness=-0.0),
+        fields(uvicorn_scope(type="websocket")),
+        fields(uvicorn_scope(type="lifespan")),
+    ]
+    cases = [_envelope(data) for data in originals + edges]
+    cases += [_envelope(originals[0], request_id=i) for i in ("", "x" * 64, "x" * 65)]
+    cases += [_envelope(originals[0], reply=r) for r in ("", "x" * 255)]
+    for _ in range(3000):
+        cases.append(_envelope(_mutations(rng.choice(originals), rng)))
+    read = 0
+    for data in cases:
+        fast = _decoded(data)
+        read += (
+            envelopereader.try_decode(data[wire._preamble(data)[2] :], max_size=MAX_SIZE)
+            is not None
+        )
+        with monkeypatch.context() as patch:
+            patch.setattr(envelopereader, "try_decode", lambda *args, **kwargs: None)
+            general = _decoded(data)
+        assert fast == general, data
+    assert read > 100  # edits the reader reads: digits changed, keys or strings still plain
+
+
+def test_the_usual_envelope_is_checked_without_the_general_type_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(value: Any) -> bool:
+        raise AssertionError("a check the reader's types make moot")
+
+    data = _envelope(fields())
+    expected = wire.Envelope.decode(data)
+    monkeypatch.setattr(wire, "isfinite", refuse)
+    assert wire.Envelope.decode(data) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import math
@@ -30,6 +31,29 @@ def uvicorn_scope() -> dict[str, Any]:
         "query_string": b"a=1",
         "headers": [(b"host", b"bench"), (b"accept", b"*/*")],
     }
+
+
+HTTPTOOLS_ORDER = (
+    "type",
+    "asgi",
+    "http_version",
+    "server",
+    "client",
+    "scheme",
+    "root_path",
+    "headers",
+    "method",
+    "path",
+    "raw_path",
+    "query_string",
+)
+"""The scope's keys in the order uvicorn's httptools protocol gives them (it makes the scope at
+the request line's start, and adds the method and the paths once the URL is parsed)."""
+
+
+def httptools_scope() -> dict[str, Any]:
+    scope = uvicorn_scope()
+    return {key: scope[key] for key in HTTPTOOLS_ORDER}
 
 
 def envelope(scope: dict[str, Any], events: list[Any] | None = None, **extra: Any) -> wire.Envelope:
@@ -78,11 +102,12 @@ class Spy:
         monkeypatch.setattr(envelopewriter, "try_encode_parts", spy)
 
 
+@pytest.mark.parametrize("make_scope", [uvicorn_scope, httptools_scope])
 def test_the_usual_envelope_takes_the_fast_path_with_the_same_bytes(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, make_scope: Any
 ) -> None:
     spy = Spy(monkeypatch)
-    value = envelope(uvicorn_scope())
+    value = envelope(make_scope())
     data = value.encode()
     assert spy.written is not None
     assert spy.written == general(value)
@@ -184,7 +209,7 @@ def _pick(rng: random.Random) -> Any:
 
 
 def _mutated_scope(rng: random.Random) -> dict[str, Any]:
-    scope = uvicorn_scope()
+    scope = rng.choice([uvicorn_scope, httptools_scope])()
     for _ in range(rng.randrange(1, 4)):
         roll = rng.random()
         key = rng.choice(list(scope))
@@ -256,6 +281,89 @@ def test_fuzzed_envelopes_give_the_general_paths_bytes_or_none(
         assert jsoncodec.decode(spy.written)["window"] == value.window  # and it decodes
     assert spy.calls == 4000
     assert taken > 400  # the fuzz reaches the fast path, not only its refusals
+
+
+@pytest.mark.parametrize("make_scope", [uvicorn_scope, httptools_scope])
+def test_uvicorns_scopes_are_written_in_one_expression_not_key_by_key(
+    monkeypatch: pytest.MonkeyPatch, make_scope: Any
+) -> None:
+    # Either of uvicorn's key orders (h11's, httptools') takes the writer of the whole scope;
+    # the loop over its keys is for other servers' scopes.
+    whole: list[bool] = []
+    real = envelopewriter._uvicorn_scope
+
+    def spy(*args: Any) -> str | None:
+        text = real(*args)
+        whole.append(text is not None)
+        return text
+
+    monkeypatch.setattr(envelopewriter, "_uvicorn_scope", spy)
+    scope = make_scope()
+    scope["headers"] = [(b"a", b"1"), (b"b", b"2")]
+    value = envelope(scope)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert whole == [True]
+
+
+class _Transport(asyncio.Transport):
+    """Just enough of a connection for uvicorn's protocols to serve one request."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        addresses = {"peername": ("127.0.0.1", 51000), "sockname": ("127.0.0.1", 8000)}
+        return addresses.get(name, default)
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def _served_scope(http: str) -> dict[str, Any]:
+    """The scope uvicorn's ``http`` protocol gives an app for a GET with a query."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = Config(app=app, http=http, lifespan="off", log_level="warning")
+    config.load()
+    protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
+    protocol.connection_made(_Transport())
+    protocol.data_received(b"GET /p?q=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n")
+    for _ in range(10):  # the app runs in a task of its own
+        await asyncio.sleep(0)
+    protocol.connection_lost(None)
+    return scopes[0]
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_the_scopes_uvicorn_gives_take_the_writer_of_the_whole_scope(
+    monkeypatch: pytest.MonkeyPatch, http: str
+) -> None:
+    pytest.importorskip(http)
+    scope = dict(asyncio.run(_served_scope(http)))
+    del scope["state"]  # the distributor keeps it at home
+    whole: list[bool] = []
+    real = envelopewriter._uvicorn_scope
+
+    def spy(*args: Any) -> str | None:
+        text = real(*args)
+        whole.append(text is not None)
+        return text
+
+    monkeypatch.setattr(envelopewriter, "_uvicorn_scope", spy)
+    value = envelope(scope)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert whole == [True]
 
 
 class _Formatted(str):
