@@ -97,7 +97,7 @@ class Batcher(Generic[T]):
         self._hold_time = hold_time
         self._pending: dict[str, _Batch[T]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._flush_scheduled = False
+        self._flush_scheduled: asyncio.Handle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self.batches = 0  # commands sent, and the items they carried: the batch sizes seen
         self.items = 0
@@ -130,17 +130,16 @@ class Batcher(Generic[T]):
         ):
             del self._pending[destination]
             self._dispatch(destination, batch)
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
+        elif self._flush_scheduled is None:
             assert self._loop is not None
-            self._loop.call_soon(self._flush)
+            self._flush_scheduled = self._loop.call_soon(self._flush)
         return future
 
     def reset(self) -> None:
         """Forget the event loop and whatever is pending (the loop it belonged to is gone)."""
         self._pending = {}
         self._loop = None
-        self._flush_scheduled = False
+        self._flush_scheduled = None
         self._hold_timer = None
 
     def flush(self) -> None:
@@ -150,8 +149,17 @@ class Batcher(Generic[T]):
         for destination, batch in pending.items():
             self._dispatch(destination, batch)
 
+    def flush_turn(self) -> None:
+        """Do now what the flush at the end of this loop turn would do (held items still
+        wait for company), for an owner that knows the turn has nothing more to put: its
+        items leave a loop iteration sooner, and the scheduled flush is called off."""
+        scheduled = self._flush_scheduled
+        if scheduled is not None:
+            scheduled.cancel()
+            self._flush()
+
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_scheduled = None
         if not self._pending:
             return
         pending, self._pending = self._pending, {}

@@ -211,6 +211,7 @@ class Node:
         self._parser = parser
         self._jobs: dict[str, _Job] = {}
         self._held_starts: list[_Job] = []  # jobs holding a response start this loop turn
+        self._starts_flush: asyncio.Handle | None = None  # the callback that flushes them
         self._stopping: asyncio.Event | None = None
         self._force = False
         self._publisher: topology.CommandClient | None = None
@@ -482,12 +483,13 @@ class Node:
                 slots.release(held - started)
             if started == 1:
                 # The queue was short, and the next pop will likely wait anyway: first let the
-                # job run to its first wait (one turn) and what it posted leave (the outbox's
-                # flush, the next turn), so that at one request in flight its response goes
-                # out a write sooner. After a batch, more requests are likely waiting: pop at
+                # job run to its first wait (one turn), then send what it posted at once,
+                # before the pop, rather than in the flushes at the end of that turn (a loop
+                # iteration later): at one request in flight its response leaves a write and
+                # an iteration sooner. After a batch, more requests are likely waiting: pop at
                 # once.
                 await asyncio.sleep(0)
-                await asyncio.sleep(0)
+                self._end_turn()
 
     async def _pop(
         self,
@@ -674,14 +676,24 @@ class Node:
         held.append(job)
         if len(held) == 1:
             assert self.loop is not None
-            self.loop.call_soon(self._flush_starts)
+            self._starts_flush = self.loop.call_soon(self._flush_starts)
 
     def _flush_starts(self) -> None:
         # A start held in this turn before this callback goes now, a turn early at worst: its
         # send re-checks, so a body that takes it along meanwhile still does.
+        self._starts_flush = None
         held, self._held_starts = self._held_starts, []
         for job in held:
             job._turn_ended()
+
+    def _end_turn(self) -> None:
+        """Do now what the callbacks at the end of this loop turn would do: the held starts,
+        then the outbox's flush (both called off)."""
+        scheduled = self._starts_flush
+        if scheduled is not None:
+            scheduled.cancel()
+            self._flush_starts()
+        self.outbox.flush_turn()
 
     def spawn(self, coroutine: Any) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""
