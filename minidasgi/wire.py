@@ -603,9 +603,10 @@ class Envelope:
             # costs a view per bytes value); a large one is read in place.
             body = data[start:] if len(data) <= _COPIED_BODY else memoryview(data)[start:]
             # The usual fields, without the general scanner: the same value (``envelopereader``).
-            value = envelopereader.try_decode(body, max_size=max_size)
-            if value is None:
-                value = codec.decode(body, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
+            fields = envelopereader.try_fields(body, max_size=max_size)
+            if fields is not None:
+                return cls._from_fields(request_id, reply, version, fields)
+            value = codec.decode(body, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
             if not isinstance(value, dict):
                 raise WireError("envelope is not a dict")
         else:
@@ -678,6 +679,42 @@ class Envelope:
             ack_send=ack_send,
             version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
             unit=credit_unit(unit, piece_size(piece)),
+        )
+
+    @classmethod
+    def _from_fields(
+        cls, request_id: str, reply: str, version: int, fields: envelopereader.Fields
+    ) -> Envelope:
+        """``decode``'s envelope from the usual fields (``envelopereader.try_fields``), with
+        only the checks their reader leaves open (the same outcome: ``tests/test_wire.py``
+        compares the two, fuzzed): its expression admits only finite numbers of the right
+        types, a dict scope, a list of one dict for the events, and no negative int."""
+        deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send = fields
+        if not (type(request_id) is str and 0 < len(request_id) <= 64):
+            raise WireError("envelope id is not a short string")
+        if not (type(reply) is str and 0 < len(reply) <= 256):
+            raise WireError("envelope reply channel is not a short string")
+        if scope["type"] not in ("http", "websocket"):
+            raise WireError("envelope scope is not an http or websocket scope")
+        if not 1 <= window <= 1024:
+            raise WireError("envelope window out of range")
+        if not liveness >= 0:
+            raise WireError("envelope liveness out of range")
+        pieces = CHUNK_SIZE if piece is None or piece == CHUNK_SIZE else piece_size(piece)
+        return cls(
+            request_id,
+            reply,
+            deadline,
+            scope,
+            events,
+            window,
+            piece=pieces,
+            liveness=liveness,
+            queued=queued,
+            confirms=confirms,
+            ack_send=ack_send,
+            version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
+            unit=0 if unit is None else credit_unit(unit, piece_size(piece)),
         )
 
     def expired(self, now: float | None = None) -> bool:
