@@ -477,13 +477,17 @@ class Node:
                 slots.release(held - started)
             if started == 1:
                 # The queue was short, and the next pop will likely wait anyway: first let the
-                # job run to its first wait (one turn), then send what it posted at once,
-                # before the pop, rather than in the flushes at the end of that turn (a loop
-                # iteration later): at one request in flight its response leaves a write and
-                # an iteration sooner. After a batch, more requests are likely waiting: pop at
-                # once.
+                # job run to its first wait (one turn) and what it posted leave, so that its
+                # response goes out a write sooner. Alone in flight, it leaves at once, before
+                # the pop, rather than in the flushes at the end of that turn (a loop iteration
+                # later); with others in flight, in those flushes, with whatever the others
+                # post in the turn (sent at once, it would leave them a PUBLISH of their own).
+                # After a batch, more requests are likely waiting: pop at once.
                 await asyncio.sleep(0)
-                self._end_turn()
+                if len(self._requests) == 1:
+                    self._end_turn()
+                else:
+                    await asyncio.sleep(0)
 
     async def _pop(
         self,
