@@ -122,7 +122,7 @@ class Batcher(Generic[T]):
         # a loop that hides its ready handles (``_counting``), the others never need it.
         self._in_flight = 0
         self._counting = False
-        self._flush_scheduled = False
+        self._flush_scheduled: asyncio.Handle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self.batches = 0  # commands sent, and the items they carried: the batch sizes seen
         self.items = 0
@@ -158,10 +158,9 @@ class Batcher(Generic[T]):
         ):
             del self._pending[destination]
             self._dispatch(destination, batch)
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
+        elif self._flush_scheduled is None:
             assert self._loop is not None
-            self._loop.call_soon(self._flush)
+            self._flush_scheduled = self._loop.call_soon(self._flush)
         return future
 
     def _last_of_turn(self) -> bool:
@@ -180,7 +179,7 @@ class Batcher(Generic[T]):
         self._ready = None
         self._in_flight = 0
         self._counting = False
-        self._flush_scheduled = False
+        self._flush_scheduled = None
         self._hold_timer = None
 
     def flush(self) -> None:
@@ -190,8 +189,17 @@ class Batcher(Generic[T]):
         for destination, batch in pending.items():
             self._dispatch(destination, batch)
 
+    def flush_turn(self) -> None:
+        """Do now what the flush at the end of this loop turn would do (held items still
+        wait for company), for an owner that knows the turn has nothing more to put: its
+        items leave a loop iteration sooner, and the scheduled flush is called off."""
+        scheduled = self._flush_scheduled
+        if scheduled is not None:
+            scheduled.cancel()
+            self._flush()
+
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_scheduled = None
         if not self._pending:
             return
         pending, self._pending = self._pending, {}

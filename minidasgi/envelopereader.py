@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from . import jsoncodec, memo
 
-__all__ = ["try_decode"]
+__all__ = ["Fields", "try_decode", "try_fields"]
 
 _PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
 _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(68)]  # the usual tables of lengths
@@ -94,6 +94,21 @@ _MAX_KEPT: Final = 2048
 client its path (so a scope with a long path is read each time, never kept)."""
 _DEPTH: Final = 4  # the fields, the scope, its headers, a header
 
+Fields = tuple[
+    float,
+    dict[str, Any],
+    list[dict[str, Any]],
+    int,
+    float,
+    float,
+    "int | None",
+    bool,
+    "int | None",
+    bool,
+]
+"""A usual envelope's fields, in the order they travel, as read: deadline, scope, events,
+window, liveness, queued, piece (None: absent), confirms, unit (None: absent), ack_send."""
+
 
 def try_decode(
     data: bytes | memoryview,
@@ -105,6 +120,38 @@ def try_decode(
     """The value ``jsoncodec.decode`` gives for ``data`` with these bounds, when ``data`` is a
     usual envelope's fields; None when it is not (then only the general path decides: the
     message may still be valid, or not)."""
+    fields = try_fields(data, max_size=max_size, max_items=max_items, max_depth=max_depth)
+    if fields is None:
+        return None
+    deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send = fields
+    value: dict[str, Any] = {
+        "deadline": deadline,
+        "scope": scope,
+        "events": events,
+        "window": window,
+        "liveness": liveness,
+        "queued": queued,
+    }
+    if piece is not None:
+        value["piece"] = piece
+    if confirms:
+        value["confirms"] = True
+    if unit is not None:
+        value["unit"] = unit
+    if ack_send:
+        value["ack_send"] = True
+    return value
+
+
+def try_fields(
+    data: bytes | memoryview,
+    *,
+    max_size: int,
+    max_items: int = jsoncodec.DEFAULT_MAX_ITEMS,
+    max_depth: int = 32,
+) -> Fields | None:
+    """``try_decode``'s value as a tuple (``Fields``), for a reader that takes the fields one
+    by one (``wire.Envelope.decode``) and so need not look each up in a dict built for it."""
     if type(data) is not bytes:
         return None
     size = len(data)
@@ -210,23 +257,18 @@ def try_decode(
             "query_string": query_string,
             "headers": headers,
         }
-    value: dict[str, Any] = {
-        "deadline": float(start[1]),
-        "scope": scope,
-        "events": events,
-        "window": int(window),
-        "liveness": float(liveness),
-        "queued": float(queued),
-    }
-    if piece is not None:
-        value["piece"] = int(piece)
-    if confirms is not None:
-        value["confirms"] = True
-    if unit is not None:
-        value["unit"] = int(unit)
-    if ack_send is not None:
-        value["ack_send"] = True
-    return value
+    return (
+        float(start[1]),
+        scope,
+        events,
+        int(window),
+        float(liveness),
+        float(queued),
+        None if piece is None else int(piece),
+        confirms is not None,
+        None if unit is None else int(unit),
+        ack_send is not None,
+    )
 
 
 def _scope(text: bytes) -> _Scope | None:

@@ -211,6 +211,7 @@ class Node:
         self._parser = parser
         self._jobs: dict[str, _Job] = {}
         self._held_starts: list[_Job] = []  # jobs holding a response start this loop turn
+        self._starts_flush: asyncio.Handle | None = None  # the callback that flushes them
         self._stopping: asyncio.Event | None = None
         self._force = False
         self._publisher: topology.CommandClient | None = None
@@ -429,16 +430,10 @@ class Node:
         loop = asyncio.get_running_loop()
         popped_on = None
 
-        def ended(task: asyncio.Task[None]) -> None:
-            # One callback for both: each done callback is a loop callback of its own.
-            self._requests.discard(task)
-            slots.release()
-
         def start(key: bytes, data: bytes) -> None:
             early = self.recovery.popped(key)  # counted in pop order, whatever the request
-            task = loop.create_task(self._run_request(key, data, early))
-            self._requests.add(task)  # at once: a stop must wait for it too
-            task.add_done_callback(ended)
+            # Its slot is freed by the request itself, as it ends (``_run_request``).
+            self._requests.add(loop.create_task(self._run_request(key, data, early, slots)))
 
         while not self._stopping.is_set():
             # Every slot free now, up to a batch, in one call: no task, no loop turn.
@@ -482,12 +477,17 @@ class Node:
                 slots.release(held - started)
             if started == 1:
                 # The queue was short, and the next pop will likely wait anyway: first let the
-                # job run to its first wait (one turn) and what it posted leave (the outbox's
-                # flush, the next turn), so that at one request in flight its response goes
-                # out a write sooner. After a batch, more requests are likely waiting: pop at
-                # once.
+                # job run to its first wait (one turn) and what it posted leave, so that its
+                # response goes out a write sooner. Alone in flight, it leaves at once, before
+                # the pop, rather than in the flushes at the end of that turn (a loop iteration
+                # later); with others in flight, in those flushes, with whatever the others
+                # post in the turn (sent at once, it would leave them a PUBLISH of their own).
+                # After a batch, more requests are likely waiting: pop at once.
                 await asyncio.sleep(0)
-                await asyncio.sleep(0)
+                if len(self._requests) == 1:
+                    self._end_turn()
+                else:
+                    await asyncio.sleep(0)
 
     async def _pop(
         self,
@@ -593,73 +593,83 @@ class Node:
             await self._subscriber.wait_hears(self._own)
             await self._publisher.wait_connected()
 
-    async def _run_request(self, key: bytes, data: bytes, early: bool | None = False) -> None:
+    async def _run_request(
+        self, key: bytes, data: bytes, early: bool | None = False, slots: Slots | None = None
+    ) -> None:
         """Run one popped request; ``early``: it may predate the pop connection (None:
-        unknown, the envelope's time tells: ``confirmation``)."""
+        unknown, the envelope's time tells: ``confirmation``). ``slots``: the pop loop's,
+        one of which this request holds until it ends."""
         try:
-            envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
-        except UnsupportedVersion as exc:
-            # A distributor newer than this Node: tell it at once, so its client is answered.
-            peek = wire.peek_envelope(data)
-            logger.error(
-                "dropped a request from queue %r that this worker cannot read (malformed, or "
-                "from a newer distributor: upgrade this worker): %s%s",
-                key,
-                exc,
-                "" if peek else "; it has no preamble, so its distributor cannot be told",
-            )
-            if peek is not None:
-                reason = f"unsupported wire format {exc.version}: upgrade the worker"
-                self.outbox.post(peek[1], wire.pack(wire.GONE, peek[0], reason))
-            return
-        except (CodecError, wire.WireError) as exc:
-            logger.warning("dropped a malformed request from queue %r: %s", key, exc)
-            return
-        if envelope.id in self._jobs:
-            logger.warning("dropped request %s: the id is already running", envelope.id)
-            return
-        if envelope.expired():
-            # Only an optimisation (this Node's clock against the distributor's): the
-            # distributor answers "no worker" only for a request it took back from the list,
-            # and for one whose GONE says it never ran.
-            logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
-            self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
-            return
-        if not self._can_take_on():
-            # Popped by a pop already waiting when the subscriber (or the publisher) went
-            # away: whatever the distributor sends this request (body pieces, credit, a
-            # confirmation) would be lost, and its ack too. Unacked and unrun, it waits for
-            # both connections until its deadline.
             try:
-                await asyncio.wait_for(
-                    self._until_can_take_on(), max(0.0, envelope.deadline - time.time())
+                envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
+            except UnsupportedVersion as exc:
+                # A distributor newer than this Node: tell it at once, so its client is answered.
+                peek = wire.peek_envelope(data)
+                logger.error(
+                    "dropped a request from queue %r that this worker cannot read (malformed, or "
+                    "from a newer distributor: upgrade this worker): %s%s",
+                    key,
+                    exc,
+                    "" if peek else "; it has no preamble, so its distributor cannot be told",
                 )
-            except asyncio.TimeoutError:
-                logger.warning("dropped request %s unrun: no subscription", envelope.id)
-                self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
+                if peek is not None:
+                    reason = f"unsupported wire format {exc.version}: upgrade the worker"
+                    self.outbox.post(peek[1], wire.pack(wire.GONE, peek[0], reason))
                 return
-            if envelope.id in self._jobs:  # a copy popped meanwhile, forged
+            except (CodecError, wire.WireError) as exc:
+                logger.warning("dropped a malformed request from queue %r: %s", key, exc)
+                return
+            if envelope.id in self._jobs:
                 logger.warning("dropped request %s: the id is already running", envelope.id)
                 return
-        confirm = envelope.confirms and (
-            early if early is not None else self.recovery.predates(key, envelope.queued)
-        )
-        job = _Job(self, envelope, confirm=confirm)
-        self._jobs[envelope.id] = job
-        self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
-        try:
-            await job.run()
+            if envelope.expired():
+                # Only an optimisation (this Node's clock against the distributor's): the
+                # distributor answers "no worker" only for a request it took back from the list,
+                # and for one whose GONE says it never ran.
+                logger.info("dropped request %s: its distributor stopped waiting", envelope.id)
+                self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
+                return
+            if not self._can_take_on():
+                # Popped by a pop already waiting when the subscriber (or the publisher) went
+                # away: whatever the distributor sends this request (body pieces, credit, a
+                # confirmation) would be lost, and its ack too. Unacked and unrun, it waits for
+                # both connections until its deadline.
+                try:
+                    await asyncio.wait_for(
+                        self._until_can_take_on(), max(0.0, envelope.deadline - time.time())
+                    )
+                except asyncio.TimeoutError:
+                    logger.warning("dropped request %s unrun: no subscription", envelope.id)
+                    self._tell_gone(envelope.reply, envelope.id, "expired", envelope.version)
+                    return
+                if envelope.id in self._jobs:  # a copy popped meanwhile, forged
+                    logger.warning("dropped request %s: the id is already running", envelope.id)
+                    return
+            confirm = envelope.confirms and (
+                early if early is not None else self.recovery.predates(key, envelope.queued)
+            )
+            job = _Job(self, envelope, confirm=confirm)
+            self._jobs[envelope.id] = job
+            self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
+            try:
+                await job.run()
+            finally:
+                job.received.close()
+                del self._jobs[envelope.id]
+                self.peers.discard(job.reply, job.id)
+                if job.app_started:
+                    name = self._key_names.get(key) or key.decode(errors="replace")
+                    elapsed = time.monotonic() - job.app_started
+                    self.metrics.finished(name, job.status, job.failed, elapsed)
+                if job.acked and not job.finished and not job.told:
+                    # The distributor would otherwise wait for a response that never comes.
+                    self._tell_gone(job.reply, job.id, job.why or "ended", job.version)
         finally:
-            job.received.close()
-            del self._jobs[envelope.id]
-            self.peers.discard(job.reply, job.id)
-            if job.app_started:
-                name = self._key_names.get(key) or key.decode(errors="replace")
-                elapsed = time.monotonic() - job.app_started
-                self.metrics.finished(name, job.status, job.failed, elapsed)
-            if job.acked and not job.finished and not job.told:
-                # The distributor would otherwise wait for a response that never comes.
-                self._tell_gone(job.reply, job.id, job.why or "ended", job.version)
+            if slots is not None:
+                # Here rather than in a done callback on the task: a loop callback less per
+                # request (its task ends in this very step).
+                self._requests.discard(asyncio.current_task(self.loop))
+                slots.release()
 
     def _tell_gone(self, channel: str, request_id: str, reason: str, version: int) -> None:
         """Best effort: if this is lost too, the distributor's next PING finds it."""
@@ -674,14 +684,24 @@ class Node:
         held.append(job)
         if len(held) == 1:
             assert self.loop is not None
-            self.loop.call_soon(self._flush_starts)
+            self._starts_flush = self.loop.call_soon(self._flush_starts)
 
     def _flush_starts(self) -> None:
         # A start held in this turn before this callback goes now, a turn early at worst: its
         # send re-checks, so a body that takes it along meanwhile still does.
+        self._starts_flush = None
         held, self._held_starts = self._held_starts, []
         for job in held:
             job._turn_ended()
+
+    def _end_turn(self) -> None:
+        """Do now what the callbacks at the end of this loop turn would do: the held starts,
+        then the outbox's flush (both called off)."""
+        scheduled = self._starts_flush
+        if scheduled is not None:
+            scheduled.cancel()
+            self._flush_starts()
+        self.outbox.flush_turn()
 
     def spawn(self, coroutine: Any) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""

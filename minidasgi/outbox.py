@@ -98,6 +98,10 @@ class Outbox:
         """Send everything now (held messages included)."""
         self.batcher.flush()
 
+    def flush_turn(self) -> None:
+        """Send now what would leave at the end of this loop turn (``Batcher.flush_turn``)."""
+        self.batcher.flush_turn()
+
     def _settled(self, future: asyncio.Future[int]) -> None:
         watchers = self._lost.pop(future, None)
         if watchers and (

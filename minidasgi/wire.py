@@ -603,9 +603,9 @@ class Envelope:
             # costs a view per bytes value); a large one is read in place.
             body = data[start:] if len(data) <= _COPIED_BODY else memoryview(data)[start:]
             # The usual fields, without the general scanner: the same value (``envelopereader``).
-            value = envelopereader.try_decode(body, max_size=max_size)
-            if value is not None:
-                return cls._checked_usual(request_id, reply, version, value)
+            fields = envelopereader.try_fields(body, max_size=max_size)
+            if fields is not None:
+                return cls._from_fields(request_id, reply, version, fields)
             value = codec.decode(body, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
             if not isinstance(value, dict):
                 raise WireError("envelope is not a dict")
@@ -682,44 +682,39 @@ class Envelope:
         )
 
     @classmethod
-    def _checked_usual(
-        cls, request_id: str, reply: str, version: int, value: dict[str, Any]
+    def _from_fields(
+        cls, request_id: str, reply: str, version: int, fields: envelopereader.Fields
     ) -> Envelope:
-        """``decode``'s checks and result for the fields ``envelopereader`` read: it gives
-        only the types ``decode`` checks for (a float, finite, where a number goes; ints,
-        dicts, lists of dicts; True for a flag; the optional fields absent or so), so what is
-        left are the checks of lengths and ranges, made here in ``decode``'s order (the same
-        error for the same message: ``tests/test_envelopereader.py`` compares
-        the two)."""
-        if not 0 < len(request_id) <= 64:
+        """``decode``'s envelope from the usual fields (``envelopereader.try_fields``), with
+        only the checks their reader leaves open (the same outcome: ``tests/test_wire.py``
+        compares the two, fuzzed): its expression admits only finite numbers of the right
+        types, a dict scope, a list of one dict for the events, and no negative int."""
+        deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send = fields
+        if not (type(request_id) is str and 0 < len(request_id) <= 64):
             raise WireError("envelope id is not a short string")
-        if not 0 < len(reply) <= 256:
+        if not (type(reply) is str and 0 < len(reply) <= 256):
             raise WireError("envelope reply channel is not a short string")
-        scope = value["scope"]
         if scope["type"] not in ("http", "websocket"):
             raise WireError("envelope scope is not an http or websocket scope")
-        window = value["window"]
         if not 1 <= window <= 1024:
             raise WireError("envelope window out of range")
-        liveness = value["liveness"]
-        if liveness < 0:
+        if not liveness >= 0:
             raise WireError("envelope liveness out of range")
-        get = value.get
-        piece = get("piece", CHUNK_SIZE)
+        pieces = CHUNK_SIZE if piece is None or piece == CHUNK_SIZE else piece_size(piece)
         return cls(
             request_id,
             reply,
-            value["deadline"],
+            deadline,
             scope,
-            value["events"],
+            events,
             window,
-            piece=piece if piece == CHUNK_SIZE else piece_size(piece),
+            piece=pieces,
             liveness=liveness,
-            queued=value["queued"],
-            confirms=get("confirms", False),
-            ack_send=get("ack_send", False),
+            queued=queued,
+            confirms=confirms,
+            ack_send=ack_send,
             version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
-            unit=credit_unit(get("unit", 0), piece_size(piece)),
+            unit=0 if unit is None else credit_unit(unit, piece_size(piece)),
         )
 
     def expired(self, now: float | None = None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 import time
@@ -282,7 +283,7 @@ def test_envelope_decode_checks_what_the_reader_read_as_it_checks_the_general_pa
             is not None
         )
         with monkeypatch.context() as patch:
-            patch.setattr(envelopereader, "try_decode", lambda *args, **kwargs: None)
+            patch.setattr(envelopereader, "try_fields", lambda *args, **kwargs: None)
             general = _decoded(data)
         assert fast == general, data
     assert read > 100  # edits the reader reads: digits changed, keys or strings still plain
@@ -298,3 +299,96 @@ def test_the_usual_envelope_is_checked_without_the_general_type_checks(
     expected = wire.Envelope.decode(data)
     monkeypatch.setattr(wire, "isfinite", refuse)
     assert wire.Envelope.decode(data) == expected
+
+
+def _outcome(data: bytes) -> Any:
+    """What ``wire.Envelope.decode`` makes of ``data``: its fields, or its error."""
+    try:
+        envelope = wire.Envelope.decode(data, max_size=MAX_SIZE)
+    except (codec.CodecError, wire.WireError) as exc:
+        return [type(exc), str(exc)]
+    return [getattr(envelope, f.name) for f in dataclasses.fields(envelope)]
+
+
+def _edited(data: bytes, old: bytes, new: bytes) -> bytes:
+    """A whole envelope with ``old`` replaced in its body's head (its length kept right)."""
+    start = wire._preamble(data)[2]
+    version, head_size, count = struct.unpack_from(">BII", data, start)
+    head = data[start + 9 : start + 9 + head_size]
+    assert old in head
+    head = head.replace(old, new, 1)
+    tail = data[start + 9 + head_size :]
+    return data[:start] + struct.pack(">BII", version, len(head), count) + head + tail
+
+
+def _whole(**options: Any) -> bytes:
+    scope = options.pop("scope", None)
+    envelope = wire.Envelope(
+        wire.new_request_id(),
+        "minidasgi:0:dist:" + "ab" * 12,
+        time.time() + 30,
+        uvicorn_scope() if scope is None else scope,
+        [{"type": "http.request", "body": b"", "more_body": False}],
+        **{"liveness": 1.0, "ack_send": True, **options},
+    )
+    return envelope.encode()
+
+
+def test_envelopes_decode_alike_from_the_usual_fields_or_the_general_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # wire.Envelope.decode takes the usual fields as a tuple, with only the checks their
+    # reader leaves open; the general path checks a dict. Same envelope, or the same error.
+    rng = random.Random(11)
+    originals = [_whole(scope=scope) for scope in SCOPES] + [
+        _whole(confirms=True, piece=1 << 20, unit=16),
+        _whole(window=1024, liveness=0.0),
+        _whole(piece=1 << 30, unit=1 << 12),
+        _whole(piece=3, unit=3),
+    ]
+    edits = [
+        (b'"type":"http"', b'"type":"htto"'),
+        (b'"type":"http"', b'"type":"websocket"'),
+        (b'"window":8,', b'"window":0,'),
+        (b'"window":8,', b'"window":1025,'),
+        (b'"liveness":1.0', b'"liveness":-1.0'),
+        (b'"liveness":1.0', b'"liveness":-0.0'),
+        (b'"ack_send":true', b'"unit":1024,"ack_send":true'),
+        (b'"ack_send":true', b'"piece":65537,"ack_send":true'),
+    ]
+    corpus = list(originals)
+    for old, new in edits:
+        corpus.append(_edited(originals[0], old, new))
+    for _ in range(6000):
+        data = rng.choice(originals)
+        start = wire._preamble(data)[2]
+        corpus.append(data[:start] + _mutations(data[start:], rng))
+    taken = [0]
+    try_fields = envelopereader.try_fields
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        fields = try_fields(*args, **kwargs)
+        taken[0] += fields is not None
+        return fields
+
+    monkeypatch.setattr(envelopereader, "try_fields", counted)
+    usual = [_outcome(data) for data in corpus]
+    monkeypatch.setattr(envelopereader, "try_fields", lambda *args, **kwargs: None)
+    generally = [_outcome(data) for data in corpus]
+    for data, a, b in zip(corpus, usual, generally, strict=True):
+        assert same(a, b), data
+    assert taken[0] > 200
+    assert sum(type(o[0]) is type and o[0] is wire.WireError for o in usual) >= 6
+
+
+def test_a_usual_envelope_is_decoded_without_a_dict_of_its_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a dict of the fields was built")
+
+    # Before: try_decode built the dict, which Envelope.decode then looked each field up in.
+    monkeypatch.setattr(envelopereader, "try_decode", refused)
+    monkeypatch.setattr(codec, "decode", refused)
+    envelope = wire.Envelope.decode(_whole(window=7), max_size=MAX_SIZE)
+    assert (envelope.window, envelope.scope["path"], envelope.ack_send) == (7, "/", True)

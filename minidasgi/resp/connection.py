@@ -587,6 +587,8 @@ class Connection:
         # Error codes that end the connection: the server no longer serves what this
         # connection is for (Sentinel: demoted; Cluster: the slot moved). See ``leave_on``.
         self._leave_codes: frozenset[str] = frozenset()
+        # The last BLMPOP packed, by its arguments: a pop loop repeats the same one.
+        self._last_pop: tuple[tuple[Any, ...], bytes] | None = None
         self._on_leave: Callable[[], None] | None = None
         if params.sentinel is not None:
             from . import sentinel
@@ -701,7 +703,14 @@ class Connection:
             self._blocking_bounds[waiter] = (
                 server_timeout + self._reply_timeout if server_timeout else math.inf
             )
-        self._buffer(data)
+        if blocking and not self._flush_scheduled:
+            # Written at once with no flush scheduled: nothing sent behind a blocking command
+            # on its connection would be served before it ends, so there is nothing to gather
+            # it with, and a flush would cost every pop a loop callback (and, at one request
+            # in flight, a loop iteration of its own).
+            self._write(data)
+        else:
+            self._buffer(data)
         if self._backlogged:
             try:
                 async with self._drain_lock:
@@ -792,17 +801,14 @@ class Connection:
             raise ValueError("timeout must be >= 0")
         if count < 1:
             raise ValueError("count must be at least 1")
-        reply = await self.execute(
-            "BLMPOP",
-            timeout,
-            len(keys),
-            *keys,
-            "RIGHT",
-            "COUNT",
-            count,
-            blocking=True,
-            server_timeout=float(timeout),
-        )
+        arguments = (type(timeout), timeout, count, *keys)  # 5 and 5.0 pack apart
+        last = self._last_pop
+        if last is not None and last[0] == arguments:
+            packed = last[1]
+        else:
+            packed = pack_command("BLMPOP", timeout, len(keys), *keys, "RIGHT", "COUNT", count)
+            self._last_pop = (arguments, packed)
+        reply = await self.execute_packed(packed, blocking=True, server_timeout=float(timeout))
         if reply is None:
             return None
         if not (

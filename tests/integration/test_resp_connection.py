@@ -730,3 +730,31 @@ async def test_commands_sent_to_callbacks(
         assert len(seen) == 3
     finally:
         await conn.close()
+
+
+async def test_a_repeated_blmpop_is_packed_once(
+    clean_redis: RedisServer, open_conn: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from minidasgi.resp import connection as connection_module
+
+    conn = await open_conn(clean_redis.url)
+    packed: list[tuple[object, ...]] = []
+    pack_command = connection_module.pack_command
+
+    def counted(*args: object) -> bytes:
+        packed.append(args)
+        return pack_command(*args)
+
+    monkeypatch.setattr(connection_module, "pack_command", counted)
+    await conn.execute("RPUSH", "q", "a", "b", "c", "d")
+    assert await conn.brpop_many("q", count=1, timeout=1) == (b"q", [b"d"])
+    assert await conn.brpop_many("q", count=1, timeout=1) == (b"q", [b"c"])  # as packed
+    assert await conn.brpop_many("q", count=1, timeout=1.0) == (b"q", [b"b"])  # "1.0": anew
+    assert await conn.brpop_many("q", count=2, timeout=1.0) == (b"q", [b"a"])
+    blmpops = [args for args in packed if args[0] == "BLMPOP"]
+    # Each pop packed the command afresh before: four here.
+    assert blmpops == [
+        ("BLMPOP", 1, 1, "q", "RIGHT", "COUNT", 1),
+        ("BLMPOP", 1.0, 1, "q", "RIGHT", "COUNT", 1),
+        ("BLMPOP", 1.0, 1, "q", "RIGHT", "COUNT", 2),
+    ]

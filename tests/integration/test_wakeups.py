@@ -286,3 +286,24 @@ async def test_a_batch_is_written_at_once_with_no_flush_left_for_a_later_iterati
         assert await posted == 0
     finally:
         await client.close()
+
+
+async def test_a_blocking_pop_is_written_at_once_with_no_flush_left_for_a_later_iteration(
+    clean_redis: RedisServer,
+) -> None:
+    connection = await connect(clean_redis.url)
+    try:
+        loop: Any = asyncio.get_running_loop()
+        if not hasattr(loop, "_ready"):
+            pytest.skip("needs asyncio's own event loop")
+        pop = asyncio.ensure_future(connection.brpop_many("k", count=1, timeout=0.01))
+        await asyncio.sleep(0)  # the pop runs to its wait for the reply
+        # Nothing can follow a blocking command on its connection: it left alone, at once,
+        # with no flush for the next iteration (before: one per pop, at one request in flight
+        # a loop iteration of its own).
+        pending = [getattr(handle, "_callback", None) for handle in loop._ready]
+        assert connection._flush not in pending
+        assert connection._wbuf == []
+        assert await pop is None
+    finally:
+        await connection.close()
