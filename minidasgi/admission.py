@@ -32,7 +32,7 @@ from .batching import Batcher
 from .resp import ReplyError
 from .resp.client import copy_outcome
 from .resp.connection import Connection
-from .resp.protocol import pack_command
+from .resp.protocol import pack_arguments, pack_command, pack_command_from
 from .resp.topology import Commands
 
 __all__ = ["Admission"]
@@ -220,21 +220,16 @@ class Admission:
     def _pack_lpush(self, key: str, values: list[bytes]) -> bytes:
         """``pack_command("LPUSH", key, *values)``, the same bytes, with the command's name
         and key packed once per key (kept in a bounded table: keys can come from paths)
-        rather than once per push, and a lone envelope formatted in one operation."""
-        head = self._lpush_heads.get(key)
-        if head is None:
-            name = key.encode()
-            head = b"$5\r\nLPUSH\r\n$%d\r\n%b\r\n" % (len(name), name)
-            if len(name) <= _MAX_KEPT_KEY:
-                memo.keep(self._lpush_heads, key, head)
-        if len(values) == 1 and type(values[0]) is bytes:
-            return b"*3\r\n%b$%d\r\n%b\r\n" % (head, len(values[0]), values[0])
-        parts = [b"*%d\r\n" % (len(values) + 2), head]
+        rather than once per push."""
         for value in values:
             if type(value) is not bytes:  # not what a distributor pushes: the general packing
                 return pack_command("LPUSH", key, *values)
-            parts += (b"$%d\r\n" % len(value), value, b"\r\n")
-        return b"".join(parts)
+        head = self._lpush_heads.get(key)
+        if head is None:
+            head = pack_arguments("LPUSH", key)
+            if len(head) <= _MAX_KEPT_KEY:
+                memo.keep(self._lpush_heads, key, head)
+        return pack_command_from(head, 2, values)
 
     async def _send_routed(
         self, connection: Commands, numsub: bytes | None, lpush: bytes, values: list[bytes]
@@ -247,7 +242,7 @@ class Admission:
 
 
 _MAX_PUSH = 1024 * 1024  # bytes of envelopes in one LPUSH (a larger one travels alone)
-_MAX_KEPT_KEY = 1024  # bytes of a key whose packed LPUSH head is kept (a longer one is rare)
+_MAX_KEPT_KEY = 1024  # bytes of a packed LPUSH head kept per key (a longer key is rare)
 
 _REASONS = {
     metrics.NO_NODE: "no Node listens on that key",

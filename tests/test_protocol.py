@@ -24,12 +24,24 @@ from minidasgi.resp.protocol import (
     PythonParser,
     ReplyError,
     make_parser,
+    pack_arguments,
     pack_command,
+    pack_command_from,
     pack_command_parts,
     pack_gathering,
 )
 
 # -- pack_command --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", [("LPUSH", "k"), ("LPUSH", "é" * 600), ("PING",)])
+@pytest.mark.parametrize("values", [[b""], [b"v"], [b"x" * 5000], [b"a", b"", b"c" * 2000]])
+def test_a_command_from_its_packed_first_arguments_is_the_same_bytes(
+    first: tuple[str, ...], values: list[bytes]
+) -> None:
+    assert pack_command_from(pack_arguments(*first), len(first), values) == pack_command(
+        *first, *values
+    )
 
 
 def test_pack_command_encodes_bytes_and_str_as_bulk_strings() -> None:

@@ -41,7 +41,9 @@ __all__ = [
     "ReplyParser",
     "RespError",
     "make_parser",
+    "pack_arguments",
     "pack_command",
+    "pack_command_from",
     "pack_command_parts",
     "pack_gathering",
 ]
@@ -150,6 +152,32 @@ def pack_command(*args: object) -> bytes:
             parts.append(b"$%d\r\n" % len(data))
             parts.append(data)
             parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def pack_arguments(*args: object) -> bytes:
+    """The bulk strings of ``args`` with no array header: a command's fixed first arguments
+    (its name and a key, say), packed once for many ``pack_command_from`` calls.
+
+    >>> pack_arguments("LPUSH", "k")
+    b'$5\\r\\nLPUSH\\r\\n$1\\r\\nk\\r\\n'
+    """
+    return pack_command(*args).partition(b"\r\n")[2]
+
+
+def pack_command_from(prefix: bytes, count: int, values: list[bytes]) -> bytes:
+    """``pack_command(*first, *values)``, the same bytes, from ``prefix`` =
+    ``pack_arguments(*first)`` and ``count`` = ``len(first)``; ``values`` are bytes.
+
+    >>> pack_command_from(pack_arguments("LPUSH", "k"), 2, [b"v"])
+    b'*3\\r\\n$5\\r\\nLPUSH\\r\\n$1\\r\\nk\\r\\n$1\\r\\nv\\r\\n'
+    """
+    if len(values) == 1:  # the usual push: one formatting, one copy
+        value = values[0]
+        return b"*%d\r\n%b$%d\r\n%b\r\n" % (count + 1, prefix, len(value), value)
+    parts = [b"*%d\r\n" % (len(values) + count), prefix]
+    for value in values:
+        parts += (b"$%d\r\n" % len(value), value, b"\r\n")
     return b"".join(parts)
 
 
