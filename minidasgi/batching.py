@@ -51,23 +51,24 @@ class _BatchFuture(SharedFuture[T]):
     settled: from the code that settles it, with no callback scheduled on the loop. Only an
     eager batcher on a loop that hides its ready handles uses it (``Batcher._last_of_turn``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, batcher: Batcher[T]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
-        self._batcher: Batcher[T] | None = batcher
+        self._counted: Batcher[T] | None = None  # the batcher that counted it in, once sent
+        self._epoch = 0  # the batcher's epoch then: a reset since forgot it
 
     def set_result(self, result: T) -> None:
         super().set_result(result)  # raises if it was settled already: counted out once
-        batcher = self._batcher
-        if batcher is not None:
-            self._batcher = None
-            batcher._in_flight -= 1
+        self._count_out()
 
     def set_exception(self, exception: type | BaseException) -> None:
         super().set_exception(exception)
-        batcher = self._batcher
+        self._count_out()
+
+    def _count_out(self) -> None:
+        batcher = self._counted
         if batcher is not None:
-            self._batcher = None
-            batcher._in_flight -= 1
+            self._counted = None
+            batcher._settled(self._epoch)
 
 
 class _Batch(Generic[T]):
@@ -122,6 +123,7 @@ class Batcher(Generic[T]):
         # a loop that hides its ready handles (``_counting``), the others never need it.
         self._in_flight = 0
         self._counting = False
+        self._epoch = 0  # bumped by a reset: batches sent before it are no longer counted
         self._flush_scheduled: asyncio.Handle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self.batches = 0  # commands sent, and the items they carried: the batch sizes seen
@@ -145,7 +147,9 @@ class Batcher(Generic[T]):
                 loop = self._loop = asyncio.get_running_loop()
                 self._ready = getattr(loop, "_ready", None)
                 self._counting = self._eager and self._ready is None
-            made = _BatchFuture(loop, self) if self._counting else SharedFuture(loop=loop)
+            made: SharedFuture[T] = (
+                _BatchFuture(loop) if self._counting else SharedFuture(loop=loop)
+            )
             batch = self._pending[destination] = _Batch(made)
         self.index = len(batch.items)
         batch.items.append(item)
@@ -163,6 +167,11 @@ class Batcher(Generic[T]):
             self._flush_scheduled = self._loop.call_soon(self._flush)
         return future
 
+    def _settled(self, epoch: int) -> None:
+        """A batch counted in flight in ``epoch`` got its outcome."""
+        if epoch == self._epoch:
+            self._in_flight -= 1
+
     def _last_of_turn(self) -> bool:
         """True if nothing else is ready to run in the loop's current iteration (a flush
         scheduled is in its queue): then the end of the turn is now. For a loop that does not
@@ -179,6 +188,7 @@ class Batcher(Generic[T]):
         self._ready = None
         self._in_flight = 0
         self._counting = False
+        self._epoch += 1
         self._flush_scheduled = None
         self._hold_timer = None
 
@@ -226,6 +236,9 @@ class Batcher(Generic[T]):
 
     def _dispatch(self, destination: str, batch: _Batch[T]) -> None:
         if self._counting:
+            assert isinstance(batch.future, _BatchFuture)
+            batch.future._counted = self
+            batch.future._epoch = self._epoch
             self._in_flight += 1
         self.batches += 1
         self.items += len(batch.items)

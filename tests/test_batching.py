@@ -209,3 +209,27 @@ def test_an_eager_batch_on_uvloop_leaves_at_once_while_no_other_awaits_its_outco
         loop.run_until_complete(scenario())
     finally:
         loop.close()
+
+
+def test_a_batch_settled_after_a_reset_leaves_the_count_of_batches_in_flight_alone() -> None:
+    # A batch sent before a reset (its connection lost, say) may get its outcome after it:
+    # counting it out then would leave a count below zero, and eager sends off for good.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        sender = Recorder()
+        batcher: Batcher[int] = Batcher(send_into=sender, eager=True)
+        batcher.put("a", 0)
+        batcher.reset()
+        sender.futures[0].set_result(1)  # the old batch's outcome, after the reset
+        batcher.put("a", 1)
+        assert sender.sent[-1] == ("a", [1])  # nothing in flight: at once
+        batcher.put("a", 2)  # the one just sent awaits its reply: this one gathers
+        assert sender.sent[-1] == ("a", [1])
+        batcher.flush()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
