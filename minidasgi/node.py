@@ -485,7 +485,10 @@ class Node:
                 # After a batch, more requests are likely waiting: pop at once.
                 await asyncio.sleep(0)
                 if len(self._requests) == 1:
-                    self._end_turn()
+                    try:
+                        self._end_turn()
+                    except Exception:  # as a loop callback's would be: logged, the pops go on
+                        logger.exception("sending a lone request's messages failed")
                 else:
                     await asyncio.sleep(0)
 
