@@ -686,7 +686,7 @@ class Envelope:
         cls, request_id: str, reply: str, version: int, fields: envelopereader.Fields
     ) -> Envelope:
         """``decode``'s envelope from the usual fields (``envelopereader.try_fields``), with
-        only the checks their reader leaves open (the same outcome: ``tests/test_wire.py``
+        only the checks their reader leaves open (the same outcome: ``tests/test_envelopereader.py``
         compares the two, fuzzed): its expression admits only finite numbers of the right
         types, a dict scope, a list of one dict for the events, and no negative int."""
         deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send = fields
