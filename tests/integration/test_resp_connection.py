@@ -732,6 +732,7 @@ async def test_commands_sent_to_callbacks(
         await conn.close()
 
 
+@pytest.mark.requires_server("7.0")  # BLMPOP
 async def test_a_repeated_blmpop_is_packed_once(
     clean_redis: RedisServer, open_conn: Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
