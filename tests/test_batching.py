@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -175,6 +176,15 @@ async def test_failures_reach_waiters_and_are_never_reported_lost() -> None:
     assert isinstance(ignored.exception(), ConnectionError)
 
 
+def _run_on(uvloop: Any, scenario: Coroutine[Any, Any, None]) -> None:
+    """Run ``scenario`` on a loop of uvloop's, which does not show its ready handles."""
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario)
+    finally:
+        loop.close()
+
+
 def test_an_eager_batch_on_uvloop_leaves_at_once_while_no_other_awaits_its_outcome() -> None:
     # uvloop does not show its ready handles: a batcher with nothing in flight stands in
     # for "the last callback of the turn", so one request at a time costs no loop iteration.
@@ -204,11 +214,7 @@ def test_an_eager_batch_on_uvloop_leaves_at_once_while_no_other_awaits_its_outco
         assert sender.sent[-1] == ("a", [4])
         batcher.flush()
 
-    loop = uvloop.new_event_loop()
-    try:
-        loop.run_until_complete(scenario())
-    finally:
-        loop.close()
+    _run_on(uvloop, scenario())
 
 
 def test_a_batch_settled_after_a_reset_leaves_the_count_of_batches_in_flight_alone() -> None:
@@ -228,8 +234,4 @@ def test_a_batch_settled_after_a_reset_leaves_the_count_of_batches_in_flight_alo
         assert sender.sent[-1] == ("a", [1])
         batcher.flush()
 
-    loop = uvloop.new_event_loop()
-    try:
-        loop.run_until_complete(scenario())
-    finally:
-        loop.close()
+    _run_on(uvloop, scenario())

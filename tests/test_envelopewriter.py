@@ -283,12 +283,8 @@ def test_fuzzed_envelopes_give_the_general_paths_bytes_or_none(
     assert taken > 400  # the fuzz reaches the fast path, not only its refusals
 
 
-@pytest.mark.parametrize("make_scope", [uvicorn_scope, httptools_scope])
-def test_uvicorns_scopes_are_written_in_one_expression_not_key_by_key(
-    monkeypatch: pytest.MonkeyPatch, make_scope: Any
-) -> None:
-    # Either of uvicorn's key orders (h11's, httptools') takes the writer of the whole scope;
-    # the loop over its keys is for other servers' scopes.
+def _spy_on_the_whole_scope_writer(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each call of the writer of the whole scope wrote it (else: key by key)."""
     whole: list[bool] = []
     real = envelopewriter._uvicorn_scope
 
@@ -298,6 +294,16 @@ def test_uvicorns_scopes_are_written_in_one_expression_not_key_by_key(
         return text
 
     monkeypatch.setattr(envelopewriter, "_uvicorn_scope", spy)
+    return whole
+
+
+@pytest.mark.parametrize("make_scope", [uvicorn_scope, httptools_scope])
+def test_uvicorns_scopes_are_written_in_one_expression_not_key_by_key(
+    monkeypatch: pytest.MonkeyPatch, make_scope: Any
+) -> None:
+    # Either of uvicorn's key orders (h11's, httptools') takes the writer of the whole scope;
+    # the loop over its keys is for other servers' scopes.
+    whole = _spy_on_the_whole_scope_writer(monkeypatch)
     scope = make_scope()
     scope["headers"] = [(b"a", b"1"), (b"b", b"2")]
     value = envelope(scope)
@@ -352,15 +358,7 @@ def test_the_scopes_uvicorn_gives_take_the_writer_of_the_whole_scope(
     pytest.importorskip(http)
     scope = dict(asyncio.run(_served_scope(http)))
     del scope["state"]  # the distributor keeps it at home
-    whole: list[bool] = []
-    real = envelopewriter._uvicorn_scope
-
-    def spy(*args: Any) -> str | None:
-        text = real(*args)
-        whole.append(text is not None)
-        return text
-
-    monkeypatch.setattr(envelopewriter, "_uvicorn_scope", spy)
+    whole = _spy_on_the_whole_scope_writer(monkeypatch)
     value = envelope(scope)
     assert value.encode().endswith(general(value) or b"unreachable")
     assert whole == [True]
