@@ -323,7 +323,7 @@ class _LostCredits:
         self.task: asyncio.Task[None] = None  # type: ignore[assignment]  # the download
         self.received = 0
         self.kills = 0
-        self.lost: list[str] = []  # kinds of the distributor's publishes that reached nobody
+        self.lost: list[str] = []  # kinds of the distributor's publishes lost (see post)
 
     def lost_count(self, kind: str) -> int:
         return sum(1 for lost in self.lost if lost == kind)
@@ -346,7 +346,11 @@ async def _download_losing_credits(redis_factory: RedisFactory) -> AsyncIterator
         posted = post(channel, message, **options)
 
         def count(done: asyncio.Future[int]) -> None:
-            if not done.cancelled() and done.exception() is None and done.result() == 0:
+            # Lost as the outbox counts it (``Outbox.post``'s ``lost``): the PUBLISH reached
+            # nobody, or it failed with its connection, whether or not Redis had run it.
+            if done.cancelled():
+                return
+            if done.exception() is not None or done.result() == 0:
                 scenario.lost.append(wire.unpack(message)[0])
 
         posted.add_done_callback(count)
