@@ -711,21 +711,24 @@ class Connection:
             self._write(data)
         else:
             self._buffer(data)
-        if self._backlogged:
-            try:
-                async with self._drain_lock:
-                    await self._drain()
-            except BaseException:
-                # Nobody will await the waiter: keep its outcome from being reported as
-                # never retrieved (its reply, if any, is still read and dropped in order).
-                if not waiter.done():
-                    waiter.cancel()
-                elif not waiter.cancelled():
-                    waiter.exception()
-                raise
         try:
+            if self._backlogged:
+                try:
+                    async with self._drain_lock:
+                        await self._drain()
+                except BaseException:
+                    # Nobody will await the waiter: keep its outcome from being reported as
+                    # never retrieved (its reply, if any, is still read and dropped in order).
+                    if not waiter.done():
+                        waiter.cancel()
+                    elif not waiter.cancelled():
+                        waiter.exception()
+                    raise
             reply = await waiter
         except asyncio.CancelledError:
+            # Cancelled while its write waited for the socket or while it waited for its
+            # reply: either way the command is on its way and may hold the connection for its
+            # whole server timeout, with every later command queued behind it.
             if blocking:
                 self._abort(RedisConnectionError("a blocking command was cancelled"))
             raise

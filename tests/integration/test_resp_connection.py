@@ -23,8 +23,10 @@ from minidasgi.resp import (
     make_params,
 )
 from minidasgi.resp.client import Client
+from minidasgi.resp.protocol import pack_command
 
 from .fakes import FakeRedis, Handler, drain_until_eof, read_command
+from .faultproxy import FaultProxy
 from .redis_server import RedisFactory, RedisServer
 
 PASSWORD = "s3cr:t@x"
@@ -392,6 +394,31 @@ async def test_cancelled_brpop_closes_connection_and_leaves_item(
     await asyncio.sleep(0.05)
     assert await other.execute("LLEN", "jobs") == 1
     assert await other.execute("LRANGE", "jobs", 0, -1) == [b"job-1"]
+
+
+async def test_a_blocking_pop_cancelled_while_its_write_waits_closes_the_connection(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    """A pop cancelled while the socket is backlogged has still been handed to the transport:
+    once the link moves again Redis runs it, and it would hold the connection (every later
+    command queued behind a pop nobody awaits) for its whole server timeout."""
+    with FaultProxy(clean_redis.port) as proxy:
+        conn = await open_conn(proxy.url())
+        assert await conn.ping() == b"PONG"
+        proxy.stall(up=True, down=False)
+        # Far more than the proxy and the kernel's buffers hold: the transport backs up.
+        big = conn.send_packed(pack_command("SET", "big", b"x" * (32 * 1024 * 1024)))
+        big.add_done_callback(lambda done: done.cancelled() or done.exception())
+        pop = asyncio.create_task(conn.execute("BLPOP", "empty", 0, blocking=True))
+        await asyncio.sleep(0.1)
+        assert not pop.done(), "the write did not back up: nothing was tested"
+        pop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pop
+        proxy.resume()
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(conn.ping(), 5)
+        assert conn.is_closed
 
 
 # -- losing the server, closing ---------------------------------------------------------------
