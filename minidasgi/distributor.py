@@ -1317,8 +1317,12 @@ class _Exchange:
                 or (kind == "http.response.trailers" and not event.get("more_trailers", False))
             ):
                 self.complete = self.node_done = True
+        if self.complete:
+            # Nothing more comes through the window: it closes as the exchange ends, giving
+            # the pool every credit it holds (all that consuming would give back first).
+            return
         credit = self.received.consumed()
-        if credit and not self.complete:
+        if credit:
             self._post_credit(credit, hold=self._may_hold_credit(credit))
 
     async def _fail(self, status: int, text: str) -> None:

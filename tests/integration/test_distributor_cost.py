@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from minidasgi import Node, create_distributor, envelopewriter, jsoncodec
+from minidasgi import Node, create_distributor, envelopewriter, jsoncodec, wire
 from minidasgi.testing import RedisServer
 
 from . import apps
@@ -70,6 +70,32 @@ async def test_a_response_that_comes_whole_with_its_ack_sets_no_disconnect_watch
     # The answer was relayed in the turn its ack was read, with no wait for the Node: no
     # deadline to watch the client (before: one per request), nor the timer it arms.
     assert watched == []
+
+
+async def test_a_response_that_completes_returns_no_credit_before_its_window_closes(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    consumed: list[Any] = []
+    real = wire.ReceiveWindow.consumed
+
+    def spy(self: wire.ReceiveWindow) -> int:
+        consumed.append(self)
+        return real(self)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(wire.ReceiveWindow, "consumed", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+        # Every credit came back to the pool with the windows' close.
+        assert distributor.credit_pool.used == 0
+    # The response's one message completed it: its credit would go to no one, and the
+    # window's close gives the pool all it holds (before: counted back, one call each).
+    assert consumed == []
 
 
 async def test_the_envelopes_timestamps_are_whole_milliseconds(
