@@ -10,9 +10,12 @@ the known ones, a bytearray, a float in the scope, U+E000 anywhere, an int of 19
 ``try_encode_parts`` return None, and the caller uses the general path, which decides. So the
 bytes on the wire never depend on which path wrote them (``tests/test_envelopewriter.py``
 compares the two, fuzzed). Uvicorn's scope (its keys in the order of its h11 protocol or of its
-httptools one) is written in one expression, and the text of its address pairs, immutable and
-the same objects for every request of a connection, is kept by the client pair's id (a small
-cache holding the pairs: their ids cannot be reused while they are in it). Must never accept a
+httptools one) is written in one expression, and the text of its start (type, ASGI versions,
+HTTP version, the address pairs, scheme), the same for every request of a connection, is kept
+by the client pair's id (a small cache holding the pairs: their ids cannot be reused while
+they are in it). The settings a distributor writes into every envelope (window, liveness,
+piece, unit, flags) are kept as text with the very objects they came from, and a float of
+whole milliseconds (the distributor's timestamps) is written from ints. Must never accept a
 value the general path would refuse or write differently; decoding is not its business (the
 Node decodes with ``jsoncodec.decode``).
 """
