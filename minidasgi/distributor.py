@@ -865,18 +865,26 @@ class _Exchange:
                     events = [buffered.event()]
                     self._more = events[0]["more_body"]
             key = self.key
-            now = time.time()
+            # In whole milliseconds, rounded down (the deadline only ever earlier): the
+            # envelope's writer writes such a float from ints, at half the cost of repr.
+            now_ms = int(time.time() * 1000)
+            timeout_ms = d.worker_timeout * 1000
+            deadline = (
+                (now_ms + int(timeout_ms)) / 1000
+                if timeout_ms < 1e15  # else not finite (or absurd): as it is
+                else now_ms / 1000 + d.worker_timeout
+            )
             try:
                 data = wire.encode_envelope(
                     self.id,
                     d.channel,
-                    now + d.worker_timeout,
+                    deadline,
                     _portable_scope(self.scope),
                     events,
                     window=self.received.window,
                     piece=self.received.piece,
                     liveness=d.liveness_interval,
-                    queued=now,
+                    queued=now_ms / 1000,
                     confirms=True,
                     ack_send=True,
                     version=d.wire_format,
@@ -1309,8 +1317,12 @@ class _Exchange:
                 or (kind == "http.response.trailers" and not event.get("more_trailers", False))
             ):
                 self.complete = self.node_done = True
+        if self.complete:
+            # Nothing more comes through the window: it closes as the exchange ends, giving
+            # the pool every credit it holds (all that consuming would give back first).
+            return
         credit = self.received.consumed()
-        if credit and not self.complete:
+        if credit:
             self._post_credit(credit, hold=self._may_hold_credit(credit))
 
     async def _fail(self, status: int, text: str) -> None:

@@ -10,9 +10,12 @@ the known ones, a bytearray, a float in the scope, U+E000 anywhere, an int of 19
 ``try_encode_parts`` return None, and the caller uses the general path, which decides. So the
 bytes on the wire never depend on which path wrote them (``tests/test_envelopewriter.py``
 compares the two, fuzzed). Uvicorn's scope (its keys in the order of its h11 protocol or of its
-httptools one) is written in one expression, and the text of its address pairs, immutable and
-the same objects for every request of a connection, is kept by the client pair's id (a small
-cache holding the pairs: their ids cannot be reused while they are in it). Must never accept a
+httptools one) is written in one expression, and the text of its start (type, ASGI versions,
+HTTP version, the address pairs, scheme), the same for every request of a connection, is kept
+by the client pair's id (a small cache holding the pairs: their ids cannot be reused while
+they are in it). The settings a distributor writes into every envelope (window, liveness,
+piece, unit, flags) are kept as text with the very objects they came from, and a float of
+whole milliseconds (the distributor's timestamps) is written from ints. Must never accept a
 value the general path would refuse or write differently; decoding is not its business (the
 Node decodes with ``jsoncodec.decode``).
 """
@@ -33,6 +36,9 @@ _PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, by
 _quote: Final = json.encoder.encode_basestring  # what jsoncodec's json writer quotes str with
 _float_repr: Final = float.__repr__  # what json writes a finite float with
 _int_repr: Final = int.__repr__
+_FRACTIONS: Final = tuple(f".{n:03d}".rstrip("0") if n else ".0" for n in range(1000))
+"""The text after a float's whole part, by its thousandths, as repr writes it."""
+_LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(65)]  # the tail's tables of lengths
 _INT_BOUND: Final = 10**18  # far below jsoncodec's 128 digits
 _MARK: Final = "\ue000"  # the general path's second-pass marker: it decides on values holding it
 
@@ -65,6 +71,11 @@ _ASGI_KEYS: Final = {name: f'"{name}":' for name in ("version", "spec_version")}
 """The keys of ``scope["asgi"]``, each to its text: written as constants, like the scope's
 keys, never formatted from the key itself (a str subclass formats as its ``__str__`` says)."""
 _REQUEST_EVENT_KEYS: Final = ("type", "body", "more_body")
+_ONE_REQUEST: Final = {
+    more: f'[{{"type":"http.request","body":0E0,"more_body":{"true" if more else "false"}}}]'
+    for more in (False, True)
+}
+"""The events' text when they are one ``http.request`` event, by its ``more_body``."""
 _PAIR: Final = "[0E0,0E0]"
 _PAIR_TYPES: Final = frozenset([tuple, list])
 _PAIRS_TEXT: Final = ["[" + ",".join([_PAIR] * n) + "]" for n in range(32)]  # by header count
@@ -103,10 +114,11 @@ _HTTPTOOLS_KEYS: Final = (
 """The same keys as uvicorn's httptools protocol gives them: it makes the scope when the
 request line starts and adds the method and the paths when the URL is parsed."""
 _UVICORN_ASGI_KEYS: Final = ("version", "spec_version")
-_ADDRESSES: Final[dict[int, tuple[tuple[Any, ...], tuple[Any, ...], str]]] = {}
-"""The text of the server and client addresses by the client pair's id: a server gives the
-same pairs to every request of a connection (uvicorn does), and a connection makes many."""
-_MAX_ADDRESSES: Final = memo.BOUND
+_STARTS: Final[dict[int, tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...], str]]] = {}
+"""The text of a uvicorn scope's start (its type, ASGI versions, HTTP version, addresses and
+scheme) by the client pair's id: a server gives the same pairs to every request of a
+connection (uvicorn does), and a connection makes many requests, alike in these."""
+_MAX_STARTS: Final = memo.BOUND
 
 
 def try_encode_parts(
@@ -134,52 +146,102 @@ def try_encode_parts(
         return None
     events_text = _events(events, blobs)
     deadline_text = _number(deadline)
-    window_text = _number(window)
-    liveness_text = _number(liveness)
     queued_text = _number(queued)
-    if (
-        events_text is None
-        or deadline_text is None
-        or window_text is None
-        or liveness_text is None
-        or queued_text is None
-    ):
+    settings = _settings(window, liveness, piece, usual_piece, confirms, unit, ack_send)
+    if events_text is None or deadline_text is None or queued_text is None or settings is None:
         return None
     head_text = (
         f'{{"deadline":{deadline_text},"scope":{scope_text},"events":{events_text},'
-        f'"window":{window_text},"liveness":{liveness_text},"queued":{queued_text}'
+        f"{settings[0]}{queued_text}{settings[1]}"
     )
-    if piece != usual_piece:
-        piece_text = _number(piece)
-        if piece_text is None:
-            return None
-        head_text += ',"piece":' + piece_text
-    if confirms:
-        head_text += ',"confirms":true'
-    if unit:
-        unit_text = _number(unit)
-        if unit_text is None:
-            return None
-        head_text += ',"unit":' + unit_text
-    if ack_send:
-        head_text += ',"ack_send":true'
-    head_text += "}"
     if _MARK in head_text:
         return None
     head = head_text.encode("utf-8", "surrogatepass")
     if len(head) >= jsoncodec.DEFAULT_MAX_ITEMS:
         return None  # a huge scope: the general path bounds it
     count = len(blobs)
-    first = _PREFIX.pack(jsoncodec.VERSION, len(head), count) + head
-    if count:
-        first += struct.pack(f">{count}I", *map(len, blobs))
-    return [first, *blobs]
+    lengths = (_LENGTHS[count] if count < len(_LENGTHS) else struct.Struct(f">{count}I")).pack(
+        *map(len, blobs)
+    )
+    return [_PREFIX.pack(jsoncodec.VERSION, len(head), count), head, lengths, *blobs]
+
+
+_LAST_SETTINGS: Final[list[tuple[Any, ...]]] = [()]
+"""The last settings written (``_settings``): the very objects, then their text; replaced
+whole, in one assignment (another thread's distributor may be writing too)."""
+
+
+def _settings(
+    window: Any,
+    liveness: Any,
+    piece: Any,
+    usual_piece: int,
+    confirms: bool,
+    unit: Any,
+    ack_send: bool,
+) -> tuple[str, str] | None:
+    """The text around the queued time: its key and what precedes it (the window and the
+    liveness), and what follows it to the head's end. A distributor writes the same
+    settings, the same objects, into envelope after envelope: their text is kept with them,
+    found again by identity (an equal object may write otherwise: 1 and 1.0, 0.0 and -0.0)."""
+    last = _LAST_SETTINGS[0]
+    if (
+        last
+        and last[0] is window
+        and last[1] is liveness
+        and last[2] is piece
+        and last[3] is usual_piece
+        and last[4] is confirms
+        and last[5] is unit
+        and last[6] is ack_send
+    ):
+        text: tuple[str, str] = last[7]
+        return text
+    window_text = _number(window)
+    liveness_text = _number(liveness)
+    if window_text is None or liveness_text is None:
+        return None
+    tail = ""
+    if piece != usual_piece:
+        piece_text = _number(piece)
+        if piece_text is None:
+            return None
+        tail += ',"piece":' + piece_text
+    if confirms:
+        tail += ',"confirms":true'
+    if unit:
+        unit_text = _number(unit)
+        if unit_text is None:
+            return None
+        tail += ',"unit":' + unit_text
+    if ack_send:
+        tail += ',"ack_send":true'
+    text = (f'"window":{window_text},"liveness":{liveness_text},"queued":', tail + "}")
+    # Kept with the objects themselves (no other value can take their ids while kept) when
+    # their text depends on nothing else: immutable numbers, and the flags as bools.
+    if (
+        type(piece) is int
+        and type(unit) is int
+        and type(confirms) is bool
+        and type(ack_send) is bool
+    ):
+        _LAST_SETTINGS[0] = (window, liveness, piece, usual_piece, confirms, unit, ack_send, text)
+    return text
 
 
 def _number(value: Any) -> str | None:
     """A finite float or a small int (not a bool) as json writes it; None for anything else."""
     kind = type(value)
     if kind is float:
+        ms = value * 1000.0
+        if 1.0 <= ms < 1e15 and ms.is_integer():
+            whole_ms = int(ms)
+            if whole_ms / 1000 == value:
+                # The float nearest a decimal of at most 15 significant digits (a timestamp
+                # in whole milliseconds, as the distributor writes them): repr gives that
+                # decimal's own digits, written here from ints for half of repr's cost.
+                seconds, fraction = divmod(whole_ms, 1000)
+                return str(seconds) + _FRACTIONS[fraction]
         return _float_repr(value) if isfinite(value) else None
     if kind is int and -_INT_BOUND < value < _INT_BOUND:
         return _int_repr(value)
@@ -281,24 +343,25 @@ def _uvicorn_scope(scope: dict[str, Any], blobs: list[bytes], httptools: bool) -
     version, spec_version = asgi.values()
     if type(version) is not str or type(spec_version) is not str:
         return None
-    cached = _ADDRESSES.get(id(client))
-    if cached is not None and cached[0] is client and cached[1] is server:
-        addresses = cached[2]
+    fields = (kind, version, spec_version, http_version, scheme)
+    cached = _STARTS.get(id(client))
+    if cached is not None and cached[0] is client and cached[1] is server and cached[2] == fields:
+        start = cached[3]
     else:
         server_text = _address(server)
         client_text = _address(client)
         if server_text is None or client_text is None:
             return None
-        addresses = f'"server":{server_text},"client":{client_text}'
+        start = (
+            f'{{"type":{_quote(kind)},"asgi":{{"version":{_quote(version)},'
+            f'"spec_version":{_quote(spec_version)}}},"http_version":{_quote(http_version)},'
+            f'"server":{server_text},"client":{client_text},"scheme":{_quote(scheme)},'
+        )
         if type(client) is tuple and type(server) is tuple:
-            # Pairs of a str and an int (checked above): immutable, so their text is too.
-            # Kept with the pairs themselves, whose ids cannot be reused while they live.
-            memo.keep(_ADDRESSES, id(client), (client, server, addresses), _MAX_ADDRESSES)
-    start = (
-        f'{{"type":{_quote(kind)},"asgi":{{"version":{_quote(version)},'
-        f'"spec_version":{_quote(spec_version)}}},"http_version":{_quote(http_version)},'
-        f'{addresses},"scheme":{_quote(scheme)},'
-    )
+            # Pairs of a str and an int (checked above) and strs: immutable, so their text
+            # is too. Kept with the pairs themselves, whose ids cannot be reused while they
+            # live; the strs are compared (a server makes some anew for every request).
+            memo.keep(_STARTS, id(client), (client, server, fields, start), _MAX_STARTS)
     # The bytes values go to the tail in the order of their keys in the text.
     if httptools:
         pairs = _pairs(headers, blobs)  # appends to blobs only what it writes
@@ -349,6 +412,18 @@ def _pairs(headers: list[Any], blobs: list[bytes]) -> str | None:
 
 def _events(events: list[Any], blobs: list[bytes]) -> str | None:
     """The request events as the distributor forwards them: ``http.request`` with a body."""
+    if len(events) == 1:  # the usual: one event, whose text is one of two constants
+        event = events[0]
+        if type(event) is dict and tuple(event) == _REQUEST_EVENT_KEYS:
+            kind, body, more = event.values()
+            if (
+                type(kind) is str
+                and kind == "http.request"
+                and type(body) is bytes
+                and type(more) is bool
+            ):
+                blobs.append(body)
+                return _ONE_REQUEST[more]
     chunks: list[str] = []
     for event in events:
         if type(event) is not dict or tuple(event) != _REQUEST_EVENT_KEYS:

@@ -104,6 +104,7 @@ from . import (
     codec,
     envelopereader,
     envelopewriter,
+    memo,
     messagewriter,
     responsereader,
     responsewriter,
@@ -763,7 +764,7 @@ def encode_envelope(
             bool(ack_send),
         )
         if parts is not None:
-            return b"".join([_envelope_preamble(request_id, reply), *parts])
+            return b"".join([*_envelope_preamble_parts(request_id, reply), *parts])
     envelope = Envelope(
         request_id,
         reply,
@@ -784,17 +785,28 @@ def encode_envelope(
 
 def _envelope_preamble(request_id: str, reply: str) -> bytes:
     """An envelope's frame byte, id and reply channel, each with its length."""
-    request_id_bytes, reply_bytes = request_id.encode("ascii"), reply.encode("ascii")
-    if len(request_id_bytes) > 64 or len(reply_bytes) > 255:
+    return b"".join(_envelope_preamble_parts(request_id, reply))
+
+
+def _envelope_preamble_parts(request_id: str, reply: str) -> tuple[bytes, bytes, bytes]:
+    """``_envelope_preamble`` in parts: the frame byte and the id's length, the id, and the
+    reply channel with its length (the same for every envelope of a distributor: kept)."""
+    request_id_bytes = request_id.encode("ascii")
+    reply_part = _REPLY_PARTS.get(reply)
+    if reply_part is None:
+        reply_bytes = reply.encode("ascii")
+        if len(reply_bytes) > 255:
+            raise WireError("envelope id or reply channel too long")
+        reply_part = bytes([len(reply_bytes)]) + reply_bytes
+        if type(reply) is str:
+            memo.keep(_REPLY_PARTS, reply, reply_part)
+    if len(request_id_bytes) > 64:
         raise WireError("envelope id or reply channel too long")
-    return b"".join(
-        [
-            bytes([ENVELOPE_FRAME, len(request_id_bytes)]),
-            request_id_bytes,
-            bytes([len(reply_bytes)]),
-            reply_bytes,
-        ]
-    )
+    return bytes([ENVELOPE_FRAME, len(request_id_bytes)]), request_id_bytes, reply_part
+
+
+_REPLY_PARTS: Final[dict[str, bytes]] = {}
+"""A reply channel's part of the preamble, by the channel (a distributor has one)."""
 
 
 def piece_size(announced: Any) -> int:

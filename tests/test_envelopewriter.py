@@ -263,6 +263,8 @@ def test_fuzzed_envelopes_give_the_general_paths_bytes_or_none(
     rng = random.Random(10)
     taken = 0
     numbers = [math.nan, -math.inf, 1e300, 5e-324, -0.0, 3, 10**20, True, None, "1"]
+    # Whole milliseconds (written from ints), and their neighbours (written by repr).
+    numbers += [1764503520.123, 1764503520.0, 0.001, -0.001, 999999999999.999, 1e12, 0.0005]
     for _ in range(4000):
         extra: dict[str, Any] = {}
         if rng.random() < 0.3:
@@ -541,3 +543,95 @@ def test_encode_envelope_gives_the_envelopes_bytes_without_making_one(
         ack_send=True,
     ) == wire.Envelope.encode(usual)
     assert made == []
+
+
+def test_a_float_of_whole_milliseconds_is_written_as_repr_writes_it() -> None:
+    rng = random.Random(13)
+    values = [0.001, 0.01, 0.5, 1.0, 2.0, 1764503520.0, 1764503520.1, 999999999999.999]
+    values += [rng.randrange(1, 10**15) / 1000 for _ in range(20000)]
+    values += [rng.randrange(1, 10**13) / 1000 for _ in range(20000)]
+    # And floats that are not: more digits, negative, tiny, huge, not finite.
+    values += [time.time(), -0.001, -0.0, 0.0, 0.0005, 1e15, 1e16, 1e22, 5e-324, math.inf]
+    values += [rng.random() * 10 ** rng.randrange(-5, 18) for _ in range(20000)]
+    for value in values:
+        expected = repr(value) if math.isfinite(value) else None
+        assert envelopewriter._number(value) == expected, value
+
+
+def test_timestamps_in_whole_milliseconds_are_written_without_repr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    written: list[float] = []
+    real = envelopewriter._float_repr
+
+    def spy(value: float) -> str:
+        written.append(value)
+        return real(value)
+
+    monkeypatch.setattr(envelopewriter, "_float_repr", spy)
+    now = int(time.time() * 1000)  # as the distributor writes them
+    value = envelope(uvicorn_scope(), deadline=(now + 5000) / 1000, queued=now / 1000)
+    data = value.encode()
+    assert data.endswith(general(value) or b"unreachable")
+    # repr's search for the shortest digits costs about 9k instructions for a timestamp of
+    # 17 digits; from ints, half. Before: repr for the deadline, the liveness and the queued
+    # time.
+    assert written == []
+
+
+def test_the_settings_of_the_last_envelope_are_written_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    numbers: list[Any] = []
+    real = envelopewriter._number
+
+    def spy(value: Any) -> str | None:
+        numbers.append(value)
+        return real(value)
+
+    value = envelope(uvicorn_scope(), piece=2**20, unit=4096)
+    value.encode()
+    monkeypatch.setattr(envelopewriter, "_number", spy)
+    second = envelope(uvicorn_scope(), piece=value.piece, unit=value.unit)
+    data = second.encode()
+    assert data.endswith(general(second) or b"unreachable")
+    # Only the deadline and the queued time (before: the window, the liveness, the piece and
+    # the unit too, every time).
+    assert numbers == [second.deadline, second.queued]
+    # Equal settings of other objects are written for themselves (1.0 is not written as 1).
+    numbers.clear()
+    third = envelope(uvicorn_scope(), piece=value.piece, unit=value.unit, window=8.0)
+    assert third.encode().endswith(general(third) or b"unreachable")
+    assert 8.0 in numbers and b'"window":8.0' in third.encode()
+
+
+def test_the_start_of_a_connections_scopes_is_written_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    quoted: list[str] = []
+    real = envelopewriter._quote
+
+    def spy(text: str) -> str:
+        quoted.append(text)
+        return real(text)
+
+    server, client = tuple(["127.0.0.1", 8000]), tuple(["127.0.0.1", 51234])
+    first, second = uvicorn_scope(), uvicorn_scope()
+    first["server"] = second["server"] = server
+    first["client"] = second["client"] = client
+    second["path"] = "/other"
+    second["http_version"] = "".join(["1", ".1"])  # equal, another object (as h11's)
+    envelope(first).encode()
+    monkeypatch.setattr(envelopewriter, "_quote", spy)
+    value = envelope(second)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    # The method and the paths (before: the type, both ASGI versions, the HTTP version and
+    # the scheme too).
+    assert quoted == ["GET", "", "/other"]
+    # Another HTTP version on the same pairs: the start is written again.
+    quoted.clear()
+    third = uvicorn_scope()
+    third["server"], third["client"], third["http_version"] = server, client, "1.0"
+    value = envelope(third)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert "1.0" in quoted and b'"http_version":"1.0"' in value.encode()

@@ -3,12 +3,13 @@ the codec paths its messages take."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 import pytest
 
-from minidasgi import Node, create_distributor, jsoncodec
+from minidasgi import Node, create_distributor, envelopewriter, jsoncodec, wire
 from minidasgi.testing import RedisServer
 
 from . import apps
@@ -69,3 +70,58 @@ async def test_a_response_that_comes_whole_with_its_ack_sets_no_disconnect_watch
     # The answer was relayed in the turn its ack was read, with no wait for the Node: no
     # deadline to watch the client (before: one per request), nor the timer it arms.
     assert watched == []
+
+
+async def test_a_response_that_completes_returns_no_credit_before_its_window_closes(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    consumed: list[Any] = []
+    real = wire.ReceiveWindow.consumed
+
+    def spy(self: wire.ReceiveWindow) -> int:
+        consumed.append(self)
+        return real(self)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(wire.ReceiveWindow, "consumed", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+        # Every credit came back to the pool with the windows' close.
+        assert distributor.credit_pool.used == 0
+    # The response's one message completed it: its credit would go to no one, and the
+    # window's close gives the pool all it holds (before: counted back, one call each).
+    assert consumed == []
+
+
+async def test_the_envelopes_timestamps_are_whole_milliseconds(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    timestamps: list[Any] = []
+    real = envelopewriter.try_encode_parts
+
+    def spy(
+        deadline: Any, scope: Any, events: Any, window: Any, liveness: Any, queued: Any, *rest: Any
+    ) -> Any:
+        timestamps.append((deadline, queued))
+        return real(deadline, scope, events, window, liveness, queued, *rest)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            monkeypatch.setattr(envelopewriter, "try_encode_parts", spy)
+            before = time.time()
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    assert len(timestamps) == N
+    for deadline, queued in timestamps:
+        # Written from ints (envelopewriter), not by repr; rounded down, never later.
+        assert (deadline * 1000).is_integer() and (queued * 1000).is_integer()
+        assert deadline == (round(queued * 1000) + 30_000) / 1000
+        assert before - 0.001 <= queued <= time.time()
