@@ -80,10 +80,12 @@ async def app(scope, receive, send):
         return
     path = scope["path"]
     if path == "/download":
-        size = int(scope["query_string"])
+        # ?SIZE in 1 MiB chunks, or ?SIZE,CHUNK in chunks of CHUNK bytes (FileResponse: 64 KiB)
+        size, _, chunk_size = scope["query_string"].partition(b",")
+        size = int(size)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(size).encode())]})
-        piece = b"x" * (1 << 20)
+        piece = b"x" * int(chunk_size or 1 << 20)
         while size > 0:
             chunk = piece[:size]
             size -= len(chunk)
@@ -226,8 +228,9 @@ def _builtin(url: str, connections: int, seconds: float) -> dict[str, float]:
     }
 
 
-def _stream(port: int, upload: bool, size: int = 0) -> float:
-    """MB/s for one download or upload of ``size`` bytes (64 MiB by default)."""
+def _stream(port: int, upload: bool, size: int = 0, chunk: int = 0) -> float:
+    """MB/s for one download or upload of ``size`` bytes (64 MiB by default); a download in the
+    app's chunks of ``chunk`` bytes if given (else 1 MiB)."""
     size = size or STREAM_SIZE
     with socket.create_connection((HOST, port)) as sock:
         start = time.perf_counter()
@@ -239,7 +242,8 @@ def _stream(port: int, upload: bool, size: int = 0) -> float:
                 sock.sendall(piece)
             expected = len(str(size))
         else:
-            sock.sendall(f"GET /download?{size} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            query = f"{size},{chunk}" if chunk else str(size)
+            sock.sendall(f"GET /download?{query} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
             expected = size
         received = b""
         while b"\r\n\r\n" not in received:
@@ -327,7 +331,9 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, costs: Costs) -> None:
+def _streams(
+    sizes: list[int], rounds: int, direct_port: int, dist_port: int, costs: Costs, chunk: int = 0
+) -> None:
     """Downloads and uploads only: MB/s side by side, CPU milliseconds per MiB of each process
     (steadier than throughput on a shared machine), Redis commands per MiB (each PUBLISH is one
     pub/sub delivery: one subscriber per channel), the machine's idle cores while the
@@ -356,7 +362,7 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
                     faulted = {name: minor_faults(pids[name]) for name in faults}
                     counted = commandstats(costs.redis)
                     jiffies = _jiffies()
-                    speeds[side].append(_stream(port, upload, size << 20))
+                    speeds[side].append(_stream(port, upload, size << 20, chunk))
                     if side == "distributed":
                         idle_after, total_after = _jiffies()
                         idle[0] += idle_after - jiffies[0]
@@ -464,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         help="only downloads and uploads of these sizes in MiB (e.g. 64,256), with CPU per MiB"
         " and peak RSS per process",
     )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        metavar="KIB",
+        help="with --streams: the app sends its downloads in chunks of KIB KiB (default 1024)",
+    )
     args = parser.parse_args(argv)
     flags = uvicorn_flags(args.fast)
     use_wrk = shutil.which("wrk") is not None and not args.builtin
@@ -485,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             costs = Costs(redis, processes.pids)
             if args.streams:
                 sizes = [int(size) for size in args.streams.split(",")]
-                _streams(sizes, args.rounds, direct_port, dist_port, costs)
+                _streams(sizes, args.rounds, direct_port, dist_port, costs, args.chunk << 10)
                 return 0
             _report(load, use_wrk, direct_port, dist_port, args.seconds, args.rounds, costs)
             costs.print()
