@@ -80,10 +80,12 @@ async def app(scope, receive, send):
         return
     path = scope["path"]
     if path == "/download":
-        size = int(scope["query_string"])
+        # ?SIZE in 1 MiB chunks, or ?SIZE,CHUNK in chunks of CHUNK bytes (FileResponse: 64 KiB)
+        size, _, chunk_size = scope["query_string"].partition(b",")
+        size = int(size)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(size).encode())]})
-        piece = b"x" * (1 << 20)
+        piece = b"x" * int(chunk_size or 1 << 20)
         while size > 0:
             chunk = piece[:size]
             size -= len(chunk)
@@ -226,8 +228,9 @@ def _builtin(url: str, connections: int, seconds: float) -> dict[str, float]:
     }
 
 
-def _stream(port: int, upload: bool, size: int = 0) -> float:
-    """MB/s for one download or upload of ``size`` bytes (64 MiB by default)."""
+def _stream(port: int, upload: bool, size: int = 0, chunk: int = 0) -> float:
+    """MB/s for one download or upload of ``size`` bytes (64 MiB by default); a download in the
+    app's chunks of ``chunk`` bytes if given (else 1 MiB)."""
     size = size or STREAM_SIZE
     with socket.create_connection((HOST, port)) as sock:
         start = time.perf_counter()
@@ -239,7 +242,8 @@ def _stream(port: int, upload: bool, size: int = 0) -> float:
                 sock.sendall(piece)
             expected = len(str(size))
         else:
-            sock.sendall(f"GET /download?{size} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            query = f"{size},{chunk}" if chunk else str(size)
+            sock.sendall(f"GET /download?{query} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
             expected = size
         received = b""
         while b"\r\n\r\n" not in received:
@@ -313,6 +317,12 @@ class Costs:
             print(f"  {command:24} {calls / dist_n:8.3f}")
 
 
+def _jiffies() -> tuple[int, int]:
+    """The machine's idle (idle + iowait) and total CPU time so far, in jiffies (``/proc/stat``)."""
+    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
 def _peak_rss_mib(pid: int) -> float:
     """The peak resident set size of a process so far (``VmHWM`` in ``/proc/PID/status``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -321,9 +331,14 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, costs: Costs) -> None:
+def _streams(
+    sizes: list[int], rounds: int, direct_port: int, dist_port: int, costs: Costs, chunk: int = 0
+) -> None:
     """Downloads and uploads only: MB/s side by side, CPU milliseconds per MiB of each process
-    (steadier than throughput on a shared machine), and each process' peak RSS at the end."""
+    (steadier than throughput on a shared machine), Redis commands per MiB (each PUBLISH is one
+    pub/sub delivery: one subscriber per channel), the machine's idle cores while the
+    distributed transfers ran (none idle: the run was bound by CPU, shared with whatever else
+    ran, and only CPU per MiB tells the versions apart), and each process' peak RSS at the end."""
     pids = costs.pids
     print(
         f"{'figure':28} {'direct':>9} {'distrib.':>9} {'ratio':>7}   CPU ms/MiB: direct |"
@@ -335,6 +350,8 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
             speeds: dict[str, list[float]] = {"direct": [], "distributed": []}
             cpu: dict[str, dict[str, float]] = {"direct": {}, "distributed": {}}
             faults = {"distributor": 0, "node": 0}
+            commands: dict[str, int] = {}
+            idle = [0, 0]  # idle and total jiffies of the machine, over the distributed runs
             for round_number in range(rounds):
                 order = ["direct", "distributed"]
                 if round_number % 2:
@@ -343,7 +360,17 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
                     port = direct_port if side == "direct" else dist_port
                     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     faulted = {name: minor_faults(pids[name]) for name in faults}
-                    speeds[side].append(_stream(port, upload, size << 20))
+                    counted = commandstats(costs.redis)
+                    jiffies = _jiffies()
+                    speeds[side].append(_stream(port, upload, size << 20, chunk))
+                    if side == "distributed":
+                        idle_after, total_after = _jiffies()
+                        idle[0] += idle_after - jiffies[0]
+                        idle[1] += total_after - jiffies[1]
+                        for command, calls in commandstats(costs.redis).items():
+                            if command != "info" and calls > counted.get(command, 0):
+                                done = calls - counted.get(command, 0)
+                                commands[command] = commands.get(command, 0) + done
                     for name, pid in pids.items():
                         spent = cpu_seconds(pid) - before[name]
                         cpu[side][name] = cpu[side].get(name, 0.0) + spent
@@ -362,6 +389,15 @@ def _streams(sizes: list[int], rounds: int, direct_port: int, dist_port: int, co
                 f"{label:28} {d:9.1f} {x:9.1f} {x / d:6.2f}x   {per['direct']['direct']:6.2f} |"
                 f" {dist['distributor']:6.2f} {dist['node']:6.2f} {dist['redis']:6.2f}"
                 f" ({total:.2f}) | {faults['distributor'] / mib:6.0f} {faults['node'] / mib:6.0f}"
+            )
+            per_mib = ", ".join(
+                f"{command} {calls / mib:.2f}"
+                for command, calls in sorted(commands.items(), key=lambda kv: -kv[1])
+            )
+            cores = os.cpu_count() or 1
+            print(
+                f"{'':28} Redis commands per MiB: {per_mib or 'none'}; idle cores while"
+                f" distributed: {idle[0] / max(idle[1], 1) * cores:.2f} of {cores}"
             )
     peaks = ", ".join(f"{name} {_peak_rss_mib(pid):.0f}" for name, pid in pids.items())
     print(f"\npeak RSS (MiB): {peaks}")
@@ -434,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         help="only downloads and uploads of these sizes in MiB (e.g. 64,256), with CPU per MiB"
         " and peak RSS per process",
     )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        metavar="KIB",
+        help="with --streams: the app sends its downloads in chunks of KIB KiB (default 1024)",
+    )
     args = parser.parse_args(argv)
     flags = uvicorn_flags(args.fast)
     use_wrk = shutil.which("wrk") is not None and not args.builtin
@@ -455,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             costs = Costs(redis, processes.pids)
             if args.streams:
                 sizes = [int(size) for size in args.streams.split(",")]
-                _streams(sizes, args.rounds, direct_port, dist_port, costs)
+                _streams(sizes, args.rounds, direct_port, dist_port, costs, args.chunk << 10)
                 return 0
             _report(load, use_wrk, direct_port, dist_port, args.seconds, args.rounds, costs)
             costs.print()

@@ -15,6 +15,12 @@ difference of the two runs' counts over ``requests`` is what one request costs, 
 shutdown cancelled out. Valgrind runs the processes about 50 times slower: a run takes a few
 minutes.
 
+``--download MIB`` counts downloads of ``MIB`` MiB (the app's 1 MiB chunks, or ``--chunk
+KIB``) instead of hello-world requests, one connection: ``--requests`` downloads counted,
+``--warmup`` in both runs, and prints instructions per MiB. Valgrind counts user space only:
+the kernel's copies and TCP work, most of what a download costs, are not in these figures (CPU
+time from ``/proc`` is).
+
 ``--callgrind DIR`` runs the distributor under ``valgrind --tool=callgrind`` instead (its
 instruction count is the same) and keeps its profiles of both runs in ``DIR``
 (``distributor-<requests>.callgrind``): read them with ``callgrind_annotate --inclusive=yes``,
@@ -68,7 +74,33 @@ def _client(port: int, count: int, errors: list[BaseException]) -> None:
         errors.append(exc)
 
 
-def _load(port: int, total: int, connections: int) -> None:
+def _downloads(port: int, count: int, size: int, chunk: int = 0) -> None:
+    """``count`` downloads of ``size`` bytes on one keep-alive connection, each read in full
+    (sent by the app in chunks of ``chunk`` bytes, if given, else 1 MiB)."""
+    query = f"{size},{chunk}" if chunk else str(size)
+    with socket.create_connection((bench_http.HOST, port), timeout=600) as sock:
+        for _ in range(count):
+            sock.sendall(f"GET /download?{query} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection")
+                received += chunk
+            got = len(received.partition(b"\r\n\r\n")[2])
+            while got < size:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection")
+                got += len(chunk)
+            if got != size:
+                raise RuntimeError(f"{got} bytes of body instead of {size}")
+
+
+def _load(port: int, total: int, connections: int, download: int = 0, chunk: int = 0) -> None:
+    if download:
+        _downloads(port, total, download << 20, chunk)
+        return
     errors: list[BaseException] = []
     threads = [
         threading.Thread(target=_client, args=(port, total // connections, errors))
@@ -104,7 +136,13 @@ def _valgrind(role: str, total: int, callgrind: str | None) -> list[str]:
 
 
 def _run(
-    total: int, connections: int, tmp: str, fast: bool, callgrind: str | None = None
+    total: int,
+    connections: int,
+    tmp: str,
+    fast: bool,
+    callgrind: str | None = None,
+    download: int = 0,
+    chunk: int = 0,
 ) -> dict[str, int]:
     """Instructions each process executed, with ``total`` requests sent to each server (the
     distributor under callgrind, its profile kept in the directory ``callgrind``, if given)."""
@@ -126,8 +164,8 @@ def _run(
         _wait_up(direct_port)
         _wait_up(dist_port)
         # One more request each (_wait_up's), in both runs alike: the difference is exact.
-        _load(direct_port, total, connections)
-        _load(dist_port, total, connections)
+        _load(direct_port, total, connections, download, chunk)
+        _load(dist_port, total, connections, download, chunk)
     finally:
         stop(processes.values(), signal.SIGINT)
         redis.close()
@@ -172,16 +210,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fast", action="store_true", help="all three on uvloop, uvicorn with --http httptools"
     )
+    parser.add_argument(
+        "--download",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="count downloads of MIB MiB (one connection) instead of hello-world requests",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        metavar="KIB",
+        help="with --download: the app sends in chunks of KIB KiB (default 1024)",
+    )
     args = parser.parse_args(argv)
+    if args.download:
+        args.connections = 1
     if args.warmup % args.connections or args.requests % args.connections:
         parser.error("--warmup and --requests must be multiples of --connections")
     with tempfile.TemporaryDirectory(prefix="minidasgi-bench-instructions-") as tmp:
         Path(tmp, "bench_apps.py").write_text(bench_http.APPS)
         if args.callgrind is not None:
             os.makedirs(args.callgrind, exist_ok=True)
-        short = _run(args.warmup, args.connections, tmp, args.fast, args.callgrind)
-        long = _run(args.warmup + args.requests, args.connections, tmp, args.fast, args.callgrind)
+        chunk = args.chunk << 10
+        short = _run(
+            args.warmup, args.connections, tmp, args.fast, args.callgrind, args.download, chunk
+        )
+        long = _run(
+            args.warmup + args.requests,
+            args.connections,
+            tmp,
+            args.fast,
+            args.callgrind,
+            args.download,
+            chunk,
+        )
     per_request = {role: (long[role] - short[role]) / args.requests for role in ROLES}
+    if args.download:
+        mib = args.requests * args.download
+        print(
+            f"instructions per MiB downloaded ({args.requests} downloads of {args.download} MiB"
+            f"{f' in {args.chunk} KiB chunks' if args.chunk else ''}"
+            f" minus the first {args.warmup}; valgrind, user space only"
+            f"{'; httptools, uvloop' if args.fast else ''}):"
+        )
+        for role in ROLES:
+            print(f"  {role:<12} {(long[role] - short[role]) / mib / 1000:8.1f}k")
+        return 0
     print(
         f"instructions per hello-world request ({args.requests} requests over"
         f" {args.connections} connections, minus the first {args.warmup}; valgrind"

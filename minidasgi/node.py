@@ -1423,7 +1423,13 @@ class _Job:
         self._post_gathered()
 
     def _post_gathered(self) -> None:
-        body = b"".join(self.gathered)
+        # Not joined: the chunks travel as the parts of one bytes value (``codec.Gathered``),
+        # copied once, by the socket's writev (a join here copied every byte a second time).
+        # They are ``bytes`` (``_gatherable``): holding them until the write cannot change them.
+        gathered = self.gathered
+        body: bytes | codec.Gathered = (
+            gathered[0] if len(gathered) == 1 else codec.Gathered(gathered)
+        )
         self.gathered = []
         self._gathered_size = 0
         if self.gone:

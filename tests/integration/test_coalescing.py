@@ -222,6 +222,30 @@ async def test_a_download_in_small_chunks_travels_in_pieces(redis_server: RedisS
     assert node.outbox.batcher.items < 4 * 8, node.outbox.batcher.items
 
 
+async def test_a_piece_gathered_from_small_chunks_travels_as_the_chunks_themselves(
+    redis_server: RedisServer,
+) -> None:
+    # The Node's piece of an app's small chunks was joined into one new bytes object (a copy
+    # of every byte) before the socket's writev copied it again. Now the chunks are the
+    # message's parts (``codec.Gathered``): no part of a posted message is larger than what
+    # the codec joins itself (a message under 64 KiB travels as one bytes object).
+    count = 128  # 2 MiB of 16 KiB chunks
+    node = Node(url=redis_server.url, app=apps.small_chunks, key="G", lifespan="off")
+    largest: list[int] = []
+    post = node.outbox.post
+
+    def spy(channel: str, message: Any, **kwargs: Any) -> Any:
+        parts = [message] if isinstance(message, bytes) else message
+        largest.append(max(map(len, parts)))
+        return post(channel, message, **kwargs)
+
+    node.outbox.post = spy  # type: ignore[method-assign]
+    received, calls = await _download(redis_server, node, f"/?{count}")
+    assert received == b"".join(apps.small_chunk(i) for i in range(count))
+    assert calls["publish"] < 3 * 2, calls  # still pieces, not a message per chunk
+    assert largest and max(largest) <= 64 * 1024, sorted(largest)[-5:]
+
+
 async def test_chunks_joined_before_an_app_returns_early_arrive_before_the_end(
     redis_server: RedisServer,
 ) -> None:
