@@ -429,8 +429,11 @@ class Node:
         assert self._stopping is not None
         loop = asyncio.get_running_loop()
         popped_on = None
+        started = 0  # requests started by the pop under way (it may start them before it returns)
 
         def start(key: bytes, data: bytes) -> None:
+            nonlocal started
+            started += 1
             early = self.recovery.popped(key)  # counted in pop order, whatever the request
             # Its slot is freed by the request itself, as it ends (``_run_request``).
             self._requests.add(loop.create_task(self._run_request(key, data, early, slots)))
@@ -466,9 +469,7 @@ class Node:
                     self.recovery.reconnected(keys, waiting, time.time())
                     popped_on = connection
                 if not self._stopping.is_set():
-                    held, started = await self._pop(
-                        connection, keys, count, slots, start, alone=alone
-                    )
+                    held = await self._pop(connection, keys, count, slots, start, alone=alone)
             except (asyncio.TimeoutError, RespError) as exc:
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
@@ -476,14 +477,13 @@ class Node:
             finally:
                 slots.release(held - started)
             if started == 1:
-                # The queue was short, and the next pop will likely wait anyway: first let the
-                # job run to its first wait (one turn) and what it posted leave, so that its
-                # response goes out a write sooner. Alone in flight, it leaves at once, before
-                # the pop, rather than in the flushes at the end of that turn (a loop iteration
-                # later); with others in flight, in those flushes, with whatever the others
-                # post in the turn (sent at once, it would leave them a PUBLISH of their own).
-                # After a batch, more requests are likely waiting: pop at once.
-                await asyncio.sleep(0)
+                # The queue was short, and the next pop will likely wait anyway: the job ran to
+                # its first wait already (``_pop``), so first let what it posted leave, so that
+                # its response goes out a write sooner. Alone in flight, it leaves at once,
+                # before the pop, rather than in the flushes at the end of this turn (a loop
+                # iteration later); with others in flight, in those flushes, with whatever the
+                # others post in the turn (sent at once, it would leave them a PUBLISH of their
+                # own). After a batch, more requests are likely waiting: pop at once.
                 if len(self._requests) == 1:
                     try:
                         self._end_turn()
@@ -501,33 +501,34 @@ class Node:
         start: Callable[[bytes, bytes], None],
         *,
         alone: bool,
-    ) -> tuple[int, int]:
+    ) -> int:
         """Pop up to ``count`` requests (``count`` slots held) and ``start`` each; return the
-        slots held now and how many requests were started (the caller frees the rest).
+        slots held now (the caller frees those ``start`` did not take, also if this raises).
 
         One ``BLMPOP`` (Redis 7.0) where it can: a single round trip per pop, however many
         requests wait. Before Redis 7.0, or for an ACL user without ``+blmpop``, a ``BRPOP``
         and then, under load, an ``RPOP`` with a count for the slots free by then (the request
         popped first starts before the second round trip); so does a group that is not
-        ``alone``, whose blocked pop holds one slot only."""
+        ``alone``, whose blocked pop holds one slot only.
+
+        Either way, when this returns, a request started alone has run to its first wait:
+        BLMPOP's are started by the code that reads its reply, so that their tasks' first
+        steps come before this one's wake-up, in the same loop pass (one pass sooner)."""
         if self._pop_many and alone:
             try:
-                popped = await connection.brpop_many(*keys, count=count, timeout=self.pop_timeout)
+                await connection.brpop_many(
+                    *keys, count=count, timeout=self.pop_timeout, popped=_starter(start)
+                )
             except ReplyError as exc:
                 if not _unavailable(exc):
                     raise
                 logger.info("popping with BRPOP and RPOP (no BLMPOP: %s)", exc)
                 self._pop_many = False
             else:
-                if popped is None:
-                    return count, 0
-                key, values = popped
-                for data in values:
-                    start(key, data)
-                return count, len(values)
+                return count  # started as they were read
         item = await connection.brpop(*keys, timeout=self.pop_timeout)
         if item is None:
-            return count, 0
+            return count
         key, data = item
         start(key, data)
         # Under load more requests wait behind this one: take up to one per free slot in a
@@ -535,7 +536,8 @@ class Node:
         if self._batch_pops:
             count += slots.take(_MAX_BATCH - count)
         if count == 1:
-            return count, 1
+            await asyncio.sleep(0)  # its first step, as a BLMPOP's has had (see above)
+            return count
         more: list[bytes] = []
         try:
             more = await connection.execute("RPOP", key, count - 1) or []
@@ -545,7 +547,7 @@ class Node:
             logger.warning("cannot pop requests: %s", exc)
         for data in more[: count - 1]:
             start(key, data)
-        return count, 1 + len(more[: count - 1])
+        return count
 
     async def _client_id(self, connection: Any) -> int | None:
         """The pop connection's id, for CLIENT UNBLOCK at stop; None if the ACL user may
@@ -1458,6 +1460,16 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
         local["server"] = tuple(server)
     local["state"] = dict(state)
     return local
+
+
+def _starter(start: Callable[[bytes, bytes], None]) -> Callable[[bytes, list[bytes]], None]:
+    """``start`` for each value a BLMPOP popped, in order."""
+
+    def popped(key: bytes, values: list[bytes]) -> None:
+        for data in values:
+            start(key, data)
+
+    return popped
 
 
 def _unavailable(error: ReplyError) -> bool:
