@@ -212,6 +212,9 @@ class Node:
         self._jobs: dict[str, _Job] = {}
         self._held_starts: list[_Job] = []  # jobs holding a response start this loop turn
         self._starts_flush: asyncio.Handle | None = None  # the callback that flushes them
+        # The pop loop ends this loop turn itself (``_promise_turn``): nothing schedules the
+        # flushes at its end until it does.
+        self._turn_promised = False
         self._stopping: asyncio.Event | None = None
         self._force = False
         self._publisher: topology.CommandClient | None = None
@@ -438,13 +441,21 @@ class Node:
             # Its slot is freed by the request itself, as it ends (``_run_request``).
             self._requests.add(loop.create_task(self._run_request(key, data, early, slots)))
 
+        def popped(key: bytes, values: list[bytes]) -> None:
+            for data in values:
+                start(key, data)
+            if len(values) == 1 and len(self._requests) == 1:
+                # A lone request: its first step runs in the next turn, just before this loop
+                # wakes in that turn and sends what it posted (below).
+                self._promise_turn()
+
         while not self._stopping.is_set():
             # Every slot free now, up to a batch, in one call: no task, no loop turn.
             count = slots.take(_MAX_BATCH if alone and self._pop_many else 1)
             if not count:  # every slot busy: wait for one (or for stop()), then look again
                 await self._until_stopped(slots.wait())
                 continue
-            held, started = count, 0
+            held, started, promised = count, 0, False
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
@@ -469,14 +480,19 @@ class Node:
                     self.recovery.reconnected(keys, waiting, time.time())
                     popped_on = connection
                 if not self._stopping.is_set():
-                    held = await self._pop(connection, keys, count, slots, start, alone=alone)
+                    held = await self._pop(
+                        connection, keys, count, slots, start, popped, alone=alone
+                    )
             except (asyncio.TimeoutError, RespError) as exc:
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
                     await asyncio.sleep(0.05)
             finally:
                 slots.release(held - started)
-            if started == 1:
+                if self._turn_promised:  # kept whatever happened: the job's messages wait
+                    promised = True
+                    self._send_turn()
+            if started == 1 and not promised:
                 # The queue was short, and the next pop will likely wait anyway: the job ran to
                 # its first wait already (``_pop``), so first let what it posted leave, so that
                 # its response goes out a write sooner. Alone in flight, it leaves at once,
@@ -484,13 +500,18 @@ class Node:
                 # iteration later); with others in flight, in those flushes, with whatever the
                 # others post in the turn (sent at once, it would leave them a PUBLISH of their
                 # own). After a batch, more requests are likely waiting: pop at once.
-                if len(self._requests) == 1:
-                    try:
-                        self._end_turn()
-                    except Exception:  # as a loop callback's would be: logged, the pops go on
-                        logger.exception("sending a lone request's messages failed")
+                if len(self._requests) <= 1:
+                    self._send_turn()
                 else:
                     await asyncio.sleep(0)
+
+    def _send_turn(self) -> None:
+        """``_end_turn`` for the pop loop: an error is logged, as a loop callback's would
+        be, and the pops go on."""
+        try:
+            self._end_turn()
+        except Exception:
+            logger.exception("sending a lone request's messages failed")
 
     async def _pop(
         self,
@@ -499,11 +520,13 @@ class Node:
         count: int,
         slots: Slots,
         start: Callable[[bytes, bytes], None],
+        popped: Callable[[bytes, list[bytes]], None],
         *,
         alone: bool,
     ) -> int:
-        """Pop up to ``count`` requests (``count`` slots held) and ``start`` each; return the
-        slots held now (the caller frees those ``start`` did not take, also if this raises).
+        """Pop up to ``count`` requests (``count`` slots held) and ``start`` each (``popped``
+        starts a BLMPOP's); return the slots held now (the caller frees those ``start`` did
+        not take, also if this raises).
 
         One ``BLMPOP`` (Redis 7.0) where it can: a single round trip per pop, however many
         requests wait. Before Redis 7.0, or for an ACL user without ``+blmpop``, a ``BRPOP``
@@ -517,7 +540,7 @@ class Node:
         if self._pop_many and alone:
             try:
                 await connection.brpop_many(
-                    *keys, count=count, timeout=self.pop_timeout, popped=_starter(start)
+                    *keys, count=count, timeout=self.pop_timeout, popped=popped
                 )
             except ReplyError as exc:
                 if not _unavailable(exc):
@@ -687,7 +710,7 @@ class Node:
         callback rather than one per request."""
         held = self._held_starts
         held.append(job)
-        if len(held) == 1:
+        if len(held) == 1 and not self._turn_promised:
             assert self.loop is not None
             self._starts_flush = self.loop.call_soon(self._flush_starts)
 
@@ -699,12 +722,23 @@ class Node:
         for job in held:
             job._turn_ended()
 
+    def _promise_turn(self) -> None:
+        """The pop loop will call ``_end_turn`` before this loop turn's end, the next turn
+        at the latest (a lone request, started from the code that read its pop: its first
+        step and the pop loop's wake-up run in that turn). Until then no held start nor
+        message schedules a flush: one scheduled and then called off would still cost the
+        loop an iteration of its own, with nothing to do."""
+        self._turn_promised = True
+        self.outbox.promise_flush()
+
     def _end_turn(self) -> None:
         """Do now what the callbacks at the end of this loop turn would do: the held starts,
-        then the outbox's flush (both called off)."""
+        then the outbox's flush (both called off); keeps a promise (``_promise_turn``)."""
+        self._turn_promised = False
         scheduled = self._starts_flush
         if scheduled is not None:
             scheduled.cancel()
+        if scheduled is not None or self._held_starts:
             self._flush_starts()
         self.outbox.flush_turn()
 
@@ -849,8 +883,8 @@ class _Job:
 
     ``complete``: the app sent the last message of its response (or closed its WebSocket);
     sending more is an error. ``finished``: the distributor has been told all there is to
-    tell, so the job no longer needs its distributor; it is set only once the last message
-    was actually published.
+    tell, so the job no longer needs its distributor; it is set once the last message was
+    posted (its PUBLISH's count is not awaited: ``_publish_events``).
     """
 
     def __init__(self, node: Node, envelope: wire.Envelope, *, confirm: bool = False) -> None:
@@ -1356,12 +1390,12 @@ class _Job:
                 return
         if self.gone:
             return
-        # Pipelined within the window unless it is the last: the count is checked when the
-        # reply comes, in one callback per batch for all of its messages.
+        # Pipelined within the window: the count is checked when the reply comes, in one
+        # callback per batch for all of its messages. The last message is not checked (below).
         lost = None if last else self._check_reached
         if message is None:
             try:
-                posted = self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
+                self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
             except ValueError:
                 if len(events) < 2 or events[0].get("type") != "http.response.start":
                     raise
@@ -1377,16 +1411,21 @@ class _Job:
                         return
                 if self.gone:
                     return
-                posted = self._post(wire.SEND, events[1:], lost=lost)
+                self._post(wire.SEND, events[1:], lost=lost)
         else:  # a WebSocket's: its ACK never waits (``run``), so it has left already
-            posted = self.node.outbox.post(self.reply, message, lost=lost)
+            self.node.outbox.post(self.reply, message, lost=lost)
         if not last:
             return
-        if await posted == 0:
-            self.peer_lost("the distributor is gone")
-        else:
-            self.finished = True
-            self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
+        # The last message is not awaited either: the app's send returns, and the request
+        # ends, in this loop turn, not in a turn of its own once the PUBLISH's reply is read.
+        # Its receiver count would change nothing: the response is all sent, and a
+        # distributor that did not get it (gone, or the link lost) finds the request gone
+        # from this Node (its PING gets a GONE), as it would if the GONE this Node sent on a
+        # count of 0 were lost with it.
+        self.finished = True
+        self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
+        if self.node._turn_promised:
+            self.node._end_turn()  # it leaves now, before the app's and the request's ends
 
     def _gatherable(self, events: list[Message]) -> bool:
         """A response body chunk, not the last, smaller than a piece."""
@@ -1460,16 +1499,6 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
         local["server"] = tuple(server)
     local["state"] = dict(state)
     return local
-
-
-def _starter(start: Callable[[bytes, bytes], None]) -> Callable[[bytes, list[bytes]], None]:
-    """``start`` for each value a BLMPOP popped, in order."""
-
-    def popped(key: bytes, values: list[bytes]) -> None:
-        for data in values:
-            start(key, data)
-
-    return popped
 
 
 def _unavailable(error: ReplyError) -> bool:
