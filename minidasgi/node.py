@@ -887,6 +887,36 @@ class _Job:
     posted (its PUBLISH's count is not awaited: ``_publish_events``).
     """
 
+    # What most requests never change: read from the class until a job sets its own (an
+    # attribute set per request costs more than the lookup that finds it here).
+    pieces: wire.Reassembler | None = None  # a WebSocket's, made at its first message
+    task: asyncio.Task[None] | None = None
+    held_start: Message | None = None
+    _gathered_size = 0
+    _flushing = False
+    _flush_scheduled = False
+    response_started = False
+    trailers = False  # the start announced trailers the front server can take
+    body_done = False  # the last body was sent (trailers may follow)
+    complete = False
+    finished = False
+    gone = False  # the distributor or client went away
+    acked = False  # the distributor may know this Node took the request
+    told = False  # the distributor ended the request itself (a client disconnect)
+    why = ""  # why the job ended early, for the GONE message
+    disconnect: Message | None = None  # returned by every receive() once known
+    app_started = 0.0  # monotonic time the app was called, for metrics
+    status = 0  # the status the app answered (0: none)
+    failed = False
+    _credits: wire.CreditMessages | None = None  # made at the first credit
+    # A WebSocket's SENDs of the usual shape, written straight (``wire.WebSocketData``).
+    _data: wire.WebSocketData | None = None
+    # The ACK's arguments while it waits, until the end of the loop turn the app started
+    # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
+    _unsent_ack: tuple[Any, ...] | None = None
+    # In the recovery window (``confirmation``): the distributor's answer, True to run.
+    confirmation: asyncio.Future[bool] | None = None
+
     def __init__(self, node: Node, envelope: wire.Envelope, *, confirm: bool = False) -> None:
         self.node = node
         self.id = envelope.id
@@ -918,42 +948,17 @@ class _Job:
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
             if unit:
                 self.received.count_units(wire.CREDIT_UNIT)
-        self.pieces: wire.Reassembler | None = None  # a WebSocket's, made at its first message
-        self.task: asyncio.Task[None] | None = None
-        self.held_start: Message | None = None
         # Response body chunks smaller than a piece, joined into one piece (at most ``piece``
         # bytes) that leaves at the end of the loop turn, or once credit comes if none is
         # left: an app sending small chunks costs a message (and a credit) per piece, not
         # per chunk. ``_flushing``: the app's task waits for credit to send it itself.
         self.gathered: list[bytes] = []
-        self._gathered_size = 0
-        self._flushing = False
-        self._flush_scheduled = False
-        self.response_started = False
-        self.trailers = False  # the start announced trailers the front server can take
-        self.body_done = False  # the last body was sent (trailers may follow)
-        self.complete = False
-        self.finished = False
-        self.gone = False  # the distributor or client went away
-        self.acked = False  # the distributor may know this Node took the request
-        self.told = False  # the distributor ended the request itself (a client disconnect)
-        self.why = ""  # why the job ended early, for the GONE message
-        self.disconnect: Message | None = None  # returned by every receive() once known
         # The pieces of one message must not interleave with another task's message.
         self._sending = Mutex()
-        self.app_started = 0.0  # monotonic time the app was called, for metrics
-        self.status = 0  # the status the app answered (0: none)
-        self.failed = False
-        self._credits: wire.CreditMessages | None = None  # made at the first credit
-        # A WebSocket's SENDs of the usual shape are written straight (``wire.WebSocketData``).
-        self._data = wire.WebSocketData(self.id, self.version) if unit else None
-        # The ACK's arguments while it waits, until the end of the loop turn the app started
-        # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
-        self._unsent_ack: tuple[Any, ...] | None = None
+        if unit:  # a WebSocket's SENDs of the usual shape are written straight
+            self._data = wire.WebSocketData(self.id, self.version)
         self._ack_send = envelope.ack_send  # the distributor reads ACK_SEND
-        # In the recovery window (``confirmation``): the distributor's answer, True to run.
-        self.confirmation: asyncio.Future[bool] | None = None
-        if confirm:
+        if confirm:  # in the recovery window (``confirmation``)
             self.confirmation = asyncio.get_running_loop().create_future()
 
     def confirm(self, confirmed: bool) -> None:
