@@ -208,6 +208,8 @@ class Batcher(Generic[T]):
     def flush(self) -> None:
         """Send everything pending now, held items included."""
         pending, self._pending = self._pending, {}
+        if self._flush_scheduled is _PROMISED:  # nothing left for the promised flush
+            self._flush_scheduled = None
         self._disarm()
         for destination, batch in pending.items():
             self._dispatch(destination, batch)

@@ -63,6 +63,12 @@ async def test_a_promised_flush_schedules_nothing_until_the_owner_flushes_the_tu
     assert len(loop._ready) == ready + 1
     await asyncio.sleep(0)
     assert sender.sent == [("a", [1, 2]), ("a", [3])]
+    batcher.promise_flush()
+    batcher.flush()  # everything sent (a stop): the promise has nothing left to keep
+    batcher.put("a", 4)
+    assert len(loop._ready) == ready + 1
+    await asyncio.sleep(0)
+    assert sender.sent[-1] == ("a", [4])
 
 
 async def test_a_full_batch_leaves_at_once() -> None:
