@@ -455,7 +455,7 @@ class Node:
             if not count:  # every slot busy: wait for one (or for stop()), then look again
                 await self._until_stopped(slots.wait())
                 continue
-            held, started, promised = count, 0, False
+            held, started, promised, failed = count, 0, False, False
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
@@ -486,12 +486,14 @@ class Node:
             except (asyncio.TimeoutError, RespError) as exc:
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
-                    await asyncio.sleep(0.05)
+                    failed = True
             finally:
                 slots.release(held - started)
                 if self._turn_promised:  # kept whatever happened: the job's messages wait
                     promised = True
                     self._send_turn()
+            if failed:
+                await asyncio.sleep(0.05)
             if started == 1 and not promised:
                 # The queue was short, and the next pop will likely wait anyway: the job ran to
                 # its first wait already (``_pop``), so first let what it posted leave, so that
