@@ -71,6 +71,19 @@ class _BatchFuture(SharedFuture[T]):
             batcher._settled(self._epoch)
 
 
+class _Promised:
+    """Stands for the flush of a loop turn that the owner promised to do itself
+    (``Batcher.promise_flush``): nothing to call off."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        pass
+
+
+_PROMISED = _Promised()
+
+
 class _Batch(Generic[T]):
     __slots__ = ("future", "held", "items", "size")
 
@@ -124,7 +137,7 @@ class Batcher(Generic[T]):
         self._in_flight = 0
         self._counting = False
         self._epoch = 0  # bumped by a reset: batches sent before it are no longer counted
-        self._flush_scheduled: asyncio.Handle | None = None
+        self._flush_scheduled: asyncio.Handle | _Promised | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self.batches = 0  # commands sent, and the items they carried: the batch sizes seen
         self.items = 0
@@ -195,9 +208,19 @@ class Batcher(Generic[T]):
     def flush(self) -> None:
         """Send everything pending now, held items included."""
         pending, self._pending = self._pending, {}
+        if self._flush_scheduled is _PROMISED:  # nothing left for the promised flush
+            self._flush_scheduled = None
         self._disarm()
         for destination, batch in pending.items():
             self._dispatch(destination, batch)
+
+    def promise_flush(self) -> None:
+        """The owner calls ``flush_turn`` before this loop turn ends: until then, ``put``
+        schedules no flush. A flush scheduled and then called off by ``flush_turn`` would
+        still cost the loop an iteration of its own (asyncio runs the next iteration at once
+        for a cancelled handle, finding nothing to do)."""
+        if self._flush_scheduled is None:
+            self._flush_scheduled = _PROMISED
 
     def flush_turn(self) -> None:
         """Do now what the flush at the end of this loop turn would do (held items still

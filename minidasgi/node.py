@@ -212,6 +212,9 @@ class Node:
         self._jobs: dict[str, _Job] = {}
         self._held_starts: list[_Job] = []  # jobs holding a response start this loop turn
         self._starts_flush: asyncio.Handle | None = None  # the callback that flushes them
+        # The pop loop ends this loop turn itself (``_promise_turn``): nothing schedules the
+        # flushes at its end until it does.
+        self._turn_promised = False
         self._stopping: asyncio.Event | None = None
         self._force = False
         self._publisher: topology.CommandClient | None = None
@@ -429,11 +432,22 @@ class Node:
         assert self._stopping is not None
         loop = asyncio.get_running_loop()
         popped_on = None
+        started = 0  # requests started by the pop under way (it may start them before it returns)
 
         def start(key: bytes, data: bytes) -> None:
+            nonlocal started
+            started += 1
             early = self.recovery.popped(key)  # counted in pop order, whatever the request
             # Its slot is freed by the request itself, as it ends (``_run_request``).
             self._requests.add(loop.create_task(self._run_request(key, data, early, slots)))
+
+        def popped(key: bytes, values: list[bytes]) -> None:
+            for data in values:
+                start(key, data)
+            if len(values) == 1 and len(self._requests) == 1:
+                # A lone request: its first step runs in the next turn, just before this loop
+                # wakes in that turn and sends what it posted (below).
+                self._promise_turn()
 
         while not self._stopping.is_set():
             # Every slot free now, up to a batch, in one call: no task, no loop turn.
@@ -441,7 +455,7 @@ class Node:
             if not count:  # every slot busy: wait for one (or for stop()), then look again
                 await self._until_stopped(slots.wait())
                 continue
-            held, started = count, 0
+            held, started, promised, failed = count, 0, False, False
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
@@ -466,31 +480,40 @@ class Node:
                     self.recovery.reconnected(keys, waiting, time.time())
                     popped_on = connection
                 if not self._stopping.is_set():
-                    held, started = await self._pop(
-                        connection, keys, count, slots, start, alone=alone
+                    held = await self._pop(
+                        connection, keys, count, slots, start, popped, alone=alone
                     )
             except (asyncio.TimeoutError, RespError) as exc:
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
-                    await asyncio.sleep(0.05)
+                    failed = True
             finally:
                 slots.release(held - started)
-            if started == 1:
-                # The queue was short, and the next pop will likely wait anyway: first let the
-                # job run to its first wait (one turn) and what it posted leave, so that its
-                # response goes out a write sooner. Alone in flight, it leaves at once, before
-                # the pop, rather than in the flushes at the end of that turn (a loop iteration
-                # later); with others in flight, in those flushes, with whatever the others
-                # post in the turn (sent at once, it would leave them a PUBLISH of their own).
-                # After a batch, more requests are likely waiting: pop at once.
-                await asyncio.sleep(0)
-                if len(self._requests) == 1:
-                    try:
-                        self._end_turn()
-                    except Exception:  # as a loop callback's would be: logged, the pops go on
-                        logger.exception("sending a lone request's messages failed")
+                if self._turn_promised:  # kept whatever happened: the job's messages wait
+                    promised = True
+                    self._send_turn()
+            if failed:
+                await asyncio.sleep(0.05)
+            if started == 1 and not promised:
+                # The queue was short, and the next pop will likely wait anyway: the job ran to
+                # its first wait already (``_pop``), so first let what it posted leave, so that
+                # its response goes out a write sooner. Alone in flight, it leaves at once,
+                # before the pop, rather than in the flushes at the end of this turn (a loop
+                # iteration later); with others in flight, in those flushes, with whatever the
+                # others post in the turn (sent at once, it would leave them a PUBLISH of their
+                # own). After a batch, more requests are likely waiting: pop at once.
+                if len(self._requests) <= 1:
+                    self._send_turn()
                 else:
                     await asyncio.sleep(0)
+
+    def _send_turn(self) -> None:
+        """``_end_turn`` for the pop loop: an error is logged, as a loop callback's would
+        be, and the pops go on."""
+        try:
+            self._end_turn()
+        except Exception:
+            logger.exception("sending a lone request's messages failed")
 
     async def _pop(
         self,
@@ -499,35 +522,38 @@ class Node:
         count: int,
         slots: Slots,
         start: Callable[[bytes, bytes], None],
+        popped: Callable[[bytes, list[bytes]], None],
         *,
         alone: bool,
-    ) -> tuple[int, int]:
-        """Pop up to ``count`` requests (``count`` slots held) and ``start`` each; return the
-        slots held now and how many requests were started (the caller frees the rest).
+    ) -> int:
+        """Pop up to ``count`` requests (``count`` slots held) and ``start`` each (``popped``
+        starts a BLMPOP's); return the slots held now (the caller frees those ``start`` did
+        not take, also if this raises).
 
         One ``BLMPOP`` (Redis 7.0) where it can: a single round trip per pop, however many
         requests wait. Before Redis 7.0, or for an ACL user without ``+blmpop``, a ``BRPOP``
         and then, under load, an ``RPOP`` with a count for the slots free by then (the request
         popped first starts before the second round trip); so does a group that is not
-        ``alone``, whose blocked pop holds one slot only."""
+        ``alone``, whose blocked pop holds one slot only.
+
+        Either way, when this returns, a request started alone has run to its first wait:
+        BLMPOP's are started by the code that reads its reply, so that their tasks' first
+        steps come before this one's wake-up, in the same loop pass (one pass sooner)."""
         if self._pop_many and alone:
             try:
-                popped = await connection.brpop_many(*keys, count=count, timeout=self.pop_timeout)
+                await connection.brpop_many(
+                    *keys, count=count, timeout=self.pop_timeout, popped=popped
+                )
             except ReplyError as exc:
                 if not _unavailable(exc):
                     raise
                 logger.info("popping with BRPOP and RPOP (no BLMPOP: %s)", exc)
                 self._pop_many = False
             else:
-                if popped is None:
-                    return count, 0
-                key, values = popped
-                for data in values:
-                    start(key, data)
-                return count, len(values)
+                return count  # started as they were read
         item = await connection.brpop(*keys, timeout=self.pop_timeout)
         if item is None:
-            return count, 0
+            return count
         key, data = item
         start(key, data)
         # Under load more requests wait behind this one: take up to one per free slot in a
@@ -535,7 +561,8 @@ class Node:
         if self._batch_pops:
             count += slots.take(_MAX_BATCH - count)
         if count == 1:
-            return count, 1
+            await asyncio.sleep(0)  # its first step, as a BLMPOP's has had (see above)
+            return count
         more: list[bytes] = []
         try:
             more = await connection.execute("RPOP", key, count - 1) or []
@@ -545,7 +572,7 @@ class Node:
             logger.warning("cannot pop requests: %s", exc)
         for data in more[: count - 1]:
             start(key, data)
-        return count, 1 + len(more[: count - 1])
+        return count
 
     async def _client_id(self, connection: Any) -> int | None:
         """The pop connection's id, for CLIENT UNBLOCK at stop; None if the ACL user may
@@ -685,7 +712,7 @@ class Node:
         callback rather than one per request."""
         held = self._held_starts
         held.append(job)
-        if len(held) == 1:
+        if len(held) == 1 and not self._turn_promised:
             assert self.loop is not None
             self._starts_flush = self.loop.call_soon(self._flush_starts)
 
@@ -697,12 +724,23 @@ class Node:
         for job in held:
             job._turn_ended()
 
+    def _promise_turn(self) -> None:
+        """The pop loop will call ``_end_turn`` before this loop turn's end, the next turn
+        at the latest (a lone request, started from the code that read its pop: its first
+        step and the pop loop's wake-up run in that turn). Until then no held start nor
+        message schedules a flush: one scheduled and then called off would still cost the
+        loop an iteration of its own, with nothing to do."""
+        self._turn_promised = True
+        self.outbox.promise_flush()
+
     def _end_turn(self) -> None:
         """Do now what the callbacks at the end of this loop turn would do: the held starts,
-        then the outbox's flush (both called off)."""
+        then the outbox's flush (both called off); keeps a promise (``_promise_turn``)."""
+        self._turn_promised = False
         scheduled = self._starts_flush
         if scheduled is not None:
             scheduled.cancel()
+        if scheduled is not None or self._held_starts:
             self._flush_starts()
         self.outbox.flush_turn()
 
@@ -847,9 +885,39 @@ class _Job:
 
     ``complete``: the app sent the last message of its response (or closed its WebSocket);
     sending more is an error. ``finished``: the distributor has been told all there is to
-    tell, so the job no longer needs its distributor; it is set only once the last message
-    was actually published.
+    tell, so the job no longer needs its distributor; it is set once the last message was
+    posted (its PUBLISH's count is not awaited: ``_publish_events``).
     """
+
+    # What most requests never change: read from the class until a job sets its own (an
+    # attribute set per request costs more than the lookup that finds it here).
+    pieces: wire.Reassembler | None = None  # a WebSocket's, made at its first message
+    task: asyncio.Task[None] | None = None
+    held_start: Message | None = None
+    _gathered_size = 0
+    _flushing = False
+    _flush_scheduled = False
+    response_started = False
+    trailers = False  # the start announced trailers the front server can take
+    body_done = False  # the last body was sent (trailers may follow)
+    complete = False
+    finished = False
+    gone = False  # the distributor or client went away
+    acked = False  # the distributor may know this Node took the request
+    told = False  # the distributor ended the request itself (a client disconnect)
+    why = ""  # why the job ended early, for the GONE message
+    disconnect: Message | None = None  # returned by every receive() once known
+    app_started = 0.0  # monotonic time the app was called, for metrics
+    status = 0  # the status the app answered (0: none)
+    failed = False
+    _credits: wire.CreditMessages | None = None  # made at the first credit
+    # A WebSocket's SENDs of the usual shape, written straight (``wire.WebSocketData``).
+    _data: wire.WebSocketData | None = None
+    # The ACK's arguments while it waits, until the end of the loop turn the app started
+    # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
+    _unsent_ack: tuple[Any, ...] | None = None
+    # In the recovery window (``confirmation``): the distributor's answer, True to run.
+    confirmation: asyncio.Future[bool] | None = None
 
     def __init__(self, node: Node, envelope: wire.Envelope, *, confirm: bool = False) -> None:
         self.node = node
@@ -882,42 +950,17 @@ class _Job:
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
             if unit:
                 self.received.count_units(wire.CREDIT_UNIT)
-        self.pieces: wire.Reassembler | None = None  # a WebSocket's, made at its first message
-        self.task: asyncio.Task[None] | None = None
-        self.held_start: Message | None = None
         # Response body chunks smaller than a piece, joined into one piece (at most ``piece``
         # bytes) that leaves at the end of the loop turn, or once credit comes if none is
         # left: an app sending small chunks costs a message (and a credit) per piece, not
         # per chunk. ``_flushing``: the app's task waits for credit to send it itself.
         self.gathered: list[bytes] = []
-        self._gathered_size = 0
-        self._flushing = False
-        self._flush_scheduled = False
-        self.response_started = False
-        self.trailers = False  # the start announced trailers the front server can take
-        self.body_done = False  # the last body was sent (trailers may follow)
-        self.complete = False
-        self.finished = False
-        self.gone = False  # the distributor or client went away
-        self.acked = False  # the distributor may know this Node took the request
-        self.told = False  # the distributor ended the request itself (a client disconnect)
-        self.why = ""  # why the job ended early, for the GONE message
-        self.disconnect: Message | None = None  # returned by every receive() once known
         # The pieces of one message must not interleave with another task's message.
         self._sending = Mutex()
-        self.app_started = 0.0  # monotonic time the app was called, for metrics
-        self.status = 0  # the status the app answered (0: none)
-        self.failed = False
-        self._credits: wire.CreditMessages | None = None  # made at the first credit
-        # A WebSocket's SENDs of the usual shape are written straight (``wire.WebSocketData``).
-        self._data = wire.WebSocketData(self.id, self.version) if unit else None
-        # The ACK's arguments while it waits, until the end of the loop turn the app started
-        # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
-        self._unsent_ack: tuple[Any, ...] | None = None
+        if unit:  # a WebSocket's SENDs of the usual shape are written straight
+            self._data = wire.WebSocketData(self.id, self.version)
         self._ack_send = envelope.ack_send  # the distributor reads ACK_SEND
-        # In the recovery window (``confirmation``): the distributor's answer, True to run.
-        self.confirmation: asyncio.Future[bool] | None = None
-        if confirm:
+        if confirm:  # in the recovery window (``confirmation``)
             self.confirmation = asyncio.get_running_loop().create_future()
 
     def confirm(self, confirmed: bool) -> None:
@@ -1354,12 +1397,12 @@ class _Job:
                 return
         if self.gone:
             return
-        # Pipelined within the window unless it is the last: the count is checked when the
-        # reply comes, in one callback per batch for all of its messages.
+        # Pipelined within the window: the count is checked when the reply comes, in one
+        # callback per batch for all of its messages. The last message is not checked (below).
         lost = None if last else self._check_reached
         if message is None:
             try:
-                posted = self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
+                self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
             except ValueError:
                 if len(events) < 2 or events[0].get("type") != "http.response.start":
                     raise
@@ -1375,16 +1418,21 @@ class _Job:
                         return
                 if self.gone:
                     return
-                posted = self._post(wire.SEND, events[1:], lost=lost)
+                self._post(wire.SEND, events[1:], lost=lost)
         else:  # a WebSocket's: its ACK never waits (``run``), so it has left already
-            posted = self.node.outbox.post(self.reply, message, lost=lost)
+            self.node.outbox.post(self.reply, message, lost=lost)
         if not last:
             return
-        if await posted == 0:
-            self.peer_lost("the distributor is gone")
-        else:
-            self.finished = True
-            self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
+        # The last message is not awaited either: the app's send returns, and the request
+        # ends, in this loop turn, not in a turn of its own once the PUBLISH's reply is read.
+        # Its receiver count would change nothing: the response is all sent, and a
+        # distributor that did not get it (gone, or the link lost) finds the request gone
+        # from this Node (its PING gets a GONE), as it would if the GONE this Node sent on a
+        # count of 0 were lost with it.
+        self.finished = True
+        self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
+        if self.node._turn_promised:
+            self.node._end_turn()  # it leaves now, before the app's and the request's ends
 
     def _gatherable(self, events: list[Message]) -> bool:
         """A response body chunk, not the last, smaller than a piece."""

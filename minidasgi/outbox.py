@@ -102,6 +102,11 @@ class Outbox:
         """Send now what would leave at the end of this loop turn (``Batcher.flush_turn``)."""
         self.batcher.flush_turn()
 
+    def promise_flush(self) -> None:
+        """The caller calls ``flush_turn`` before this loop turn ends: nothing schedules a
+        flush until then (``Batcher.promise_flush``)."""
+        self.batcher.promise_flush()
+
     def _settled(self, future: asyncio.Future[int]) -> None:
         watchers = self._lost.pop(future, None)
         if watchers and (

@@ -43,6 +43,34 @@ async def test_one_command_per_destination_per_turn_in_order() -> None:
     assert (batcher.batches, batcher.items) == (3, 4)
 
 
+async def test_a_promised_flush_schedules_nothing_until_the_owner_flushes_the_turn() -> None:
+    # A Node's pop loop flushes a lone request's turn itself: a flush scheduled meanwhile and
+    # called off would still cost the loop an iteration with nothing to do.
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(send_into=sender)
+    loop: Any = asyncio.get_running_loop()
+    if not hasattr(loop, "_ready"):
+        pytest.skip("needs asyncio's own event loop")
+    ready = len(loop._ready)
+    batcher.promise_flush()
+    batcher.put("a", 1)
+    batcher.put("a", 2, hold=True)
+    assert len(loop._ready) == ready  # no flush scheduled
+    batcher.flush_turn()
+    assert sender.sent == [("a", [1, 2])]
+    assert len(loop._ready) == ready
+    batcher.put("a", 3)  # the promise was kept: the next turn's items schedule their flush
+    assert len(loop._ready) == ready + 1
+    await asyncio.sleep(0)
+    assert sender.sent == [("a", [1, 2]), ("a", [3])]
+    batcher.promise_flush()
+    batcher.flush()  # everything sent (a stop): the promise has nothing left to keep
+    batcher.put("a", 4)
+    assert len(loop._ready) == ready + 1
+    await asyncio.sleep(0)
+    assert sender.sent[-1] == ("a", [4])
+
+
 async def test_a_full_batch_leaves_at_once() -> None:
     sender = Recorder()
     batcher: Batcher[int] = Batcher(send_into=sender, max_size=100)

@@ -358,7 +358,39 @@ class _ReplyCallback:
     set_exception = set_result
 
 
-_Waiter = asyncio.Future[Any] | _ReplyCallback
+class _ReplyHook:
+    """A reply's waiter that hands the reply to ``hook`` straight from the code that reads it,
+    then settles the caller's future with what ``hook`` returned (``brpop_many``'s
+    ``popped``): what the reply asks for starts in the loop pass it was read in, not one pass
+    later when the caller wakes. An exception from ``hook`` goes to the caller and up to the
+    reading code, which closes the connection (``hook`` raises only for a malformed reply)."""
+
+    __slots__ = ("_hook", "future")
+
+    def __init__(self, future: asyncio.Future[Any], hook: Callable[[Any], Any]) -> None:
+        self.future = future
+        self._hook = hook
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, reply: Any) -> None:
+        future = self.future
+        if future.done():
+            return
+        try:
+            value = self._hook(reply)
+        except Exception as exc:
+            future.set_exception(exc)
+            raise
+        future.set_result(value)
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+_Waiter = asyncio.Future[Any] | _ReplyCallback | _ReplyHook
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -694,13 +726,30 @@ class Connection:
         self._waiters.append(waiter)
 
     async def execute_packed(
-        self, data: bytes, *, blocking: bool = False, server_timeout: float | None = None
+        self,
+        data: bytes,
+        *,
+        blocking: bool = False,
+        server_timeout: float | None = None,
+        on_reply: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """Like ``execute`` for one command already packed with ``pack_command``."""
-        waiter = self._new_waiter()
+        """Like ``execute`` for one command already packed with ``pack_command``.
+
+        ``on_reply``, if given, is called with the raw reply (an error reply as a
+        ``ReplyError`` value) by the code that reads it, before the caller wakes, and what it
+        returns is the reply (raised if a ``ReplyError``); it must be quick, and may raise
+        ``ProtocolError`` only, for a reply of the wrong shape, which closes the connection.
+        It is not called for a caller cancelled meanwhile."""
+        if on_reply is None:
+            waiter = self._new_waiter()
+            hook = None
+        else:
+            waiter = self._loop.create_future()
+            hook = _ReplyHook(waiter, on_reply)
+            self._queue_waiter(hook)
         if blocking:
             # Only blocking commands pay for a bound of their own (rare: one per pop).
-            self._blocking_bounds[waiter] = (
+            self._blocking_bounds[waiter if hook is None else hook] = (
                 server_timeout + self._reply_timeout if server_timeout else math.inf
             )
         if blocking and not self._flush_scheduled:
@@ -734,7 +783,7 @@ class Connection:
             raise
         finally:
             if blocking:
-                self._blocking_bounds.pop(waiter, None)
+                self._blocking_bounds.pop(waiter if hook is None else hook, None)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
@@ -790,14 +839,23 @@ class Connection:
         return await self._blocking_pop("BLPOP", keys, timeout)
 
     async def brpop_many(
-        self, *keys: str | bytes, count: int, timeout: float = 0
+        self,
+        *keys: str | bytes,
+        count: int,
+        timeout: float = 0,
+        popped: Callable[[bytes, list[bytes]], None] | None = None,
     ) -> tuple[bytes, list[bytes]] | None:
         """``BLMPOP timeout numkeys key... RIGHT COUNT count`` (Redis 7.0): pop up to ``count``
         values from the tail of the first non-empty list, oldest first, waiting up to
         ``timeout`` seconds. Returns ``(key, values)`` or ``None`` on timeout: one round trip
         where ``brpop`` and an ``RPOP`` with a count take two. Bounded and blocking as
         ``brpop``; a reply of another shape, or with more than ``count`` values, closes the
-        connection (``ProtocolError``)."""
+        connection (``ProtocolError``).
+
+        ``popped``, if given, is called with ``(key, values)`` straight from the code that
+        reads the reply, checked, before the caller wakes (a loop pass earlier: a task it
+        creates runs its first step before the caller resumes). It must be quick; an
+        exception it raises is logged and dropped, never the connection's."""
         if not keys:
             raise ValueError("BLMPOP needs at least one key")
         if timeout < 0:
@@ -811,19 +869,31 @@ class Connection:
         else:
             packed = pack_command("BLMPOP", timeout, len(keys), *keys, "RIGHT", "COUNT", count)
             self._last_pop = (arguments, packed)
-        reply = await self.execute_packed(packed, blocking=True, server_timeout=float(timeout))
+
+        def checked(reply: Any) -> Any:
+            if reply is None or isinstance(reply, ReplyError):
+                return reply
+            if not (
+                isinstance(reply, list)
+                and len(reply) == 2
+                and isinstance(reply[0], bytes)
+                and isinstance(reply[1], list)
+                and 0 < len(reply[1]) <= count
+                and all(isinstance(value, bytes) for value in reply[1])
+            ):
+                raise ProtocolError("unexpected BLMPOP reply")
+            if popped is not None:
+                try:
+                    popped(reply[0], reply[1])
+                except Exception:  # never the connection's error: the values are taken
+                    logger.exception("handling a BLMPOP reply failed")
+            return reply
+
+        reply = await self.execute_packed(
+            packed, blocking=True, server_timeout=float(timeout), on_reply=checked
+        )
         if reply is None:
             return None
-        if not (
-            isinstance(reply, list)
-            and len(reply) == 2
-            and isinstance(reply[0], bytes)
-            and isinstance(reply[1], list)
-            and 0 < len(reply[1]) <= count
-            and all(isinstance(value, bytes) for value in reply[1])
-        ):
-            self._abort(ProtocolError("unexpected BLMPOP reply"))
-            raise self._closed_error()
         return reply[0], reply[1]
 
     async def _blocking_pop(

@@ -318,12 +318,13 @@ async def _turns_of_one_request(
     return events
 
 
-async def test_one_request_in_flight_is_published_two_turns_after_its_pop_and_before_the_next(
+async def test_one_request_in_flight_is_published_the_turn_after_its_pop_and_before_the_next(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # At one request in flight the pop loop lets the job run to its first wait, then sends
-    # what it posted itself, before the next pop: the loop turn after the pop loop woke and
-    # started the job (before: two turns later, in the flushes at the end of the job's turn).
+    # The BLMPOP's reply starts the job from the code that reads it, so the job's first step
+    # runs in the next loop turn, just before the pop loop wakes; the pop loop then sends what
+    # the job posted itself, before the next pop. Before: the pop loop woke first and started
+    # the job, which ran a turn later (the PUBLISH two turns after the pop); before that, three.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
     reply = wire.new_channel("minidasgi", 0, "dist")
     got: list[bytes] = []
@@ -340,7 +341,81 @@ async def test_one_request_in_flight_is_published_two_turns_after_its_pop_and_be
                 events = await _turns_of_one_request(node, pusher, reply, got, monkeypatch)
                 [(_, popped)] = [e for e in events if e[0] == "popped"]
                 after = [e for e in events if e[1] >= popped and e[0] != "popped"]
-                assert after[:2] == [("publish", popped + 2), ("pop", popped + 2)], events
+                assert after[:2] == [("publish", popped + 1), ("pop", popped + 1)], events
+    finally:
+        monkeypatch.undo()
+        await pusher.close()
+        await subscriber.close()
+
+
+async def _state_after_turns(
+    node: Node, pusher: Any, reply: str, got: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, dict[int, tuple[int, int]]]:
+    """Push one hello-world request; return the loop turn (counted from the push) in which
+    the Node read it off its pop connection, and per turn, once it ran, the requests in
+    flight and the handles left ready to run."""
+    loop: Any = asyncio.get_running_loop()
+    popper = node._pop_ids[0][0]
+    request_id = wire.new_request_id()
+    marker = request_id.encode()
+    turns = [0]
+    popped_in: list[int] = []
+    after: dict[int, tuple[int, int]] = {}
+    run_once, parser = loop._run_once, popper._parser
+
+    def turn() -> None:
+        turns[0] += 1
+        run_once()
+        after[turns[0]] = (len(node._requests), len(loop._ready))
+
+    class Reading:
+        def feed(self, data: Any) -> None:
+            if marker in bytes(data):
+                popped_in.append(turns[0])  # the turn under way
+            parser.feed(data)
+
+        def gets(self) -> Any:
+            return parser.gets()
+
+    monkeypatch.setattr(loop, "_run_once", turn, raising=False)
+    popper._parser = Reading()
+    try:
+        count = len(got)
+        await pusher.execute("LPUSH", "K", _envelope(request_id, reply, ack_send=True))
+        assert await poll(lambda: len(got) > count, 10)
+    finally:
+        popper._parser = parser
+        monkeypatch.undo()
+    [popped] = popped_in
+    return popped, after
+
+
+async def test_a_lone_request_ends_in_the_turn_it_ran_and_leaves_the_loop_nothing_to_run(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At one request in flight: the turn after the pop's reply is read runs the job, which
+    # posts its response and ends without waiting for the PUBLISH's reply, then the pop loop,
+    # which sends the next BLMPOP; neither leaves a callback for the next turn (a flush
+    # scheduled and called off would cost one, with nothing to do), so the loop sleeps until
+    # the next reply comes. Three turns per request, not four: before, the job woke again for
+    # the PUBLISH's reply, and held starts and the outbox scheduled flushes the pop loop then
+    # called off.
+    node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    got: list[bytes] = []
+    subscriber = Subscriber(redis_server.url, on_message=lambda _, data: got.append(data))
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    try:
+        async with run_node(node):
+            if not hasattr(asyncio.get_running_loop(), "_run_once"):
+                pytest.skip("needs asyncio's own event loop")
+            assert await poll(lambda: 0 in node._pop_ids, 5)
+            for _ in range(3):
+                popped, after = await _state_after_turns(node, pusher, reply, got, monkeypatch)
+                assert after[popped][0] == 1, after  # the job's first step is to run
+                assert after[popped + 1] == (0, 0), after  # the job ended; nothing left to run
     finally:
         monkeypatch.undo()
         await pusher.close()

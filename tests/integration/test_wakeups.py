@@ -307,3 +307,38 @@ async def test_a_blocking_pop_is_written_at_once_with_no_flush_left_for_a_later_
         assert await pop is None
     finally:
         await connection.close()
+
+
+async def test_a_blocking_pops_values_are_handed_over_before_its_caller_wakes(
+    clean_redis: RedisServer,
+) -> None:
+    # ``popped`` runs in the code that reads the BLMPOP's reply: a task it creates takes its
+    # first step in the next loop turn, before the caller of brpop_many resumes (a Node's
+    # request runs a turn sooner). Before, the caller woke first and started the task, which
+    # ran a turn after that.
+    connection = await connect(clean_redis.url)
+    pusher = await connect(clean_redis.url)
+    order: list[str] = []
+    jobs: list[asyncio.Future[None]] = []
+
+    async def job(value: bytes) -> None:
+        order.append(f"job {value.decode()}")
+
+    def popped(key: bytes, values: list[bytes]) -> None:
+        order.append(f"popped {key.decode()}")
+        for value in values:
+            jobs.append(asyncio.ensure_future(job(value)))
+
+    try:
+        pop = asyncio.ensure_future(connection.brpop_many("k", count=2, timeout=5, popped=popped))
+        await asyncio.sleep(0)  # written
+        await pusher.execute("LPUSH", "k", "a", "b")
+        assert await pop == (b"k", [b"a", b"b"])
+        order.append("caller")
+        assert order == ["popped k", "job a", "job b", "caller"]
+        # A timeout calls nothing; a malformed reply still closes the connection.
+        assert await connection.brpop_many("k", count=1, timeout=0.01, popped=popped) is None
+        assert order[-1] == "caller"
+    finally:
+        await pusher.close()
+        await connection.close()
