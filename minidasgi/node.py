@@ -1076,6 +1076,23 @@ class _Job:
         if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
             self.peer_lost("the distributor is gone")
 
+    def _end_lost(self, posted: asyncio.Future[int]) -> None:
+        """A callback on a response's last message: if nobody got it (the link to Redis lost
+        on the way, say), the distributor, whose client waits for that end, is told the
+        request is gone. Its PING would find that out only once the app is over: an app
+        working on after its response (background tasks) would hold the client that long."""
+        if not posted.cancelled() and posted.exception() is None and posted.result() != 0:
+            return
+        if self.node._jobs.get(self.id) is self:
+            # Still running: disconnected and cancelled as for any message lost, and its end
+            # tells the distributor (``_run_request``).
+            self.finished = False
+            self.peer_lost("the distributor did not get the end of the response")
+        else:
+            self.node._tell_gone(
+                self.reply, self.id, "the end of the response was lost", self.version
+            )
+
     def _post(self, kind: str, *args: Any, lost: Lost | None = None) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count, and
         ``lost`` is told if nobody got it (``Outbox.post``)."""
@@ -1398,8 +1415,8 @@ class _Job:
         if self.gone:
             return
         # Pipelined within the window: the count is checked when the reply comes, in one
-        # callback per batch for all of its messages. The last message is not checked (below).
-        lost = None if last else self._check_reached
+        # callback per batch for all of its messages (the last message's too: below).
+        lost = self._end_lost if last else self._check_reached
         if message is None:
             try:
                 self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
@@ -1425,10 +1442,7 @@ class _Job:
             return
         # The last message is not awaited either: the app's send returns, and the request
         # ends, in this loop turn, not in a turn of its own once the PUBLISH's reply is read.
-        # Its receiver count would change nothing: the response is all sent, and a
-        # distributor that did not get it (gone, or the link lost) finds the request gone
-        # from this Node (its PING gets a GONE), as it would if the GONE this Node sent on a
-        # count of 0 were lost with it.
+        # Its receiver count is checked in a callback all the same (``_end_lost``).
         self.finished = True
         self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
         if self.node._turn_promised:

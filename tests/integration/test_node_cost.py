@@ -350,23 +350,27 @@ async def test_one_request_in_flight_is_published_the_turn_after_its_pop_and_bef
 
 async def _state_after_turns(
     node: Node, pusher: Any, reply: str, got: list[bytes], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, dict[int, tuple[int, int]]]:
+) -> tuple[int, dict[int, tuple[int, int, bool]]]:
     """Push one hello-world request; return the loop turn (counted from the push) in which
     the Node read it off its pop connection, and per turn, once it ran, the requests in
-    flight and the handles left ready to run."""
+    flight, the cancelled handles left in the loop's ready queue (each costs a turn of its
+    own), and whether the Node left a flush scheduled (its held starts', its outbox's). The
+    test's own pusher and subscriber share the loop: their handles are not counted."""
     loop: Any = asyncio.get_running_loop()
     popper = node._pop_ids[0][0]
     request_id = wire.new_request_id()
     marker = request_id.encode()
     turns = [0]
     popped_in: list[int] = []
-    after: dict[int, tuple[int, int]] = {}
+    after: dict[int, tuple[int, int, bool]] = {}
     run_once, parser = loop._run_once, popper._parser
 
     def turn() -> None:
         turns[0] += 1
         run_once()
-        after[turns[0]] = (len(node._requests), len(loop._ready))
+        cancelled = sum(handle.cancelled() for handle in loop._ready)
+        scheduled = node._starts_flush is not None or bool(node.outbox.batcher._flush_scheduled)
+        after[turns[0]] = (len(node._requests), cancelled, scheduled)
 
     class Reading:
         def feed(self, data: Any) -> None:
@@ -415,7 +419,8 @@ async def test_a_lone_request_ends_in_the_turn_it_ran_and_leaves_the_loop_nothin
             for _ in range(3):
                 popped, after = await _state_after_turns(node, pusher, reply, got, monkeypatch)
                 assert after[popped][0] == 1, after  # the job's first step is to run
-                assert after[popped + 1] == (0, 0), after  # the job ended; nothing left to run
+                # The job ended, and left the loop nothing of the Node's to run.
+                assert after[popped + 1] == (0, 0, False), after
     finally:
         monkeypatch.undo()
         await pusher.close()

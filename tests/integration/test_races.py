@@ -1,6 +1,7 @@
 """Races and corner cases found in review: a final send blocked on credit, a receive() pending
 when the response ends, concurrent WebSocket sends, an ACL user without CLIENT, credits lost
-with a killed connection, and a stop while a batch of requests is being popped.
+with a killed connection, a response's end lost while its app works on, and a stop while a
+batch of requests is being popped.
 
 Every test runs the real pieces (uvicorn, the distributor, in-process Nodes, a private
 redis-server) or a fake distributor speaking the wire protocol, and bounds every wait.
@@ -428,6 +429,59 @@ async def test_a_request_failed_for_a_lost_credit_ends_on_its_node(
             f"the Node's job still runs 3 s after its request failed "
             f"({cancels_lost} CANCEL publishes reached nobody)"
         )
+
+
+async def test_a_lost_end_of_response_is_told_while_the_app_works_on(
+    redis_factory: RedisFactory,
+) -> None:
+    """The PUBLISH of a response's last message is not awaited (the request ends in the turn
+    the app sent it), but it is still checked: lost with the Node's link to Redis while the
+    app works on after its response (a background task), its distributor is told the request
+    is gone, not left waiting for the app's end; another request to the same distributor
+    keeps the two talking, so no liveness timeout steps in either."""
+    server = redis_factory(acl_users={"worker": "pw"})
+    background = 20.0
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        if scope["path"] == "/slow":
+            await asyncio.sleep(background + 5)
+            return
+        await asyncio.sleep(0.1)  # the ACK travels alone, first
+        await send({"type": "http.response.start", "status": 200})
+        # The Node's command connections die between the start and the end of the response.
+        assert _kill_command_connections(server, "worker"), "no connection of the Node killed"
+        await send({"type": "http.response.body", "body": b"hello"})
+        await asyncio.sleep(background)  # work after the response
+
+    node = Node(
+        url=server.url.replace("redis://", "redis://worker:pw@"),
+        app=app,
+        key="k",
+        lifespan="off",
+        shutdown_timeout=1,
+    )
+    distributor = create_distributor(url=server.url, key="k")
+    async with run_node(node), serve_app(distributor) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            slow = asyncio.ensure_future(client.get("/slow"))
+            try:
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                try:
+                    response = await asyncio.wait_for(client.get("/"), 8)
+                    outcome = f"{response.status_code} {response.content!r}"
+                except httpx.HTTPError as exc:  # the start had got through: the body breaks
+                    outcome = repr(exc)
+                except asyncio.TimeoutError:
+                    pytest.fail("the client still waits 8 s after its response's end was lost")
+                assert time.monotonic() - started < 5, outcome
+                assert outcome != "200 b'hello'", "the response's end was not lost"
+            finally:
+                slow.cancel()
+                await asyncio.wait([slow])
 
 
 # 6. stop() while a batch pop is in flight serves every popped request ----------------------
