@@ -686,6 +686,7 @@ class Node:
             finally:
                 job.received.close()
                 del self._jobs[envelope.id]
+                job.withdraw_end_check()
                 self.peers.discard(job.reply, job.id)
                 if job.app_started:
                     name = self._key_names.get(key) or key.decode(errors="replace")
@@ -902,6 +903,7 @@ class _Job:
     body_done = False  # the last body was sent (trailers may follow)
     complete = False
     finished = False
+    end_posted: asyncio.Future[int] | None = None  # the last message's batch (``finished``)
     gone = False  # the distributor or client went away
     acked = False  # the distributor may know this Node took the request
     told = False  # the distributor ended the request itself (a client disconnect)
@@ -1092,6 +1094,16 @@ class _Job:
             self.node._tell_gone(
                 self.reply, self.id, "the end of the response was lost", self.version
             )
+
+    def withdraw_end_check(self) -> None:
+        """The request has ended: its last message's receiver count is no longer watched. A
+        distributor that did not get that message names the request in its next PING, and
+        the Node, which no longer runs it, answers GONE. Watched, the count would cost each
+        request a loop callback when the PUBLISH's reply comes (a loop turn of its own at one
+        request in flight)."""
+        posted = self.end_posted
+        if posted is not None and not posted.done():
+            self.node.outbox.withdraw(posted, self._end_lost)
 
     def _post(self, kind: str, *args: Any, lost: Lost | None = None) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count, and
@@ -1419,7 +1431,7 @@ class _Job:
         lost = self._end_lost if last else self._check_reached
         if message is None:
             try:
-                self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
+                posted = self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
             except ValueError:
                 if len(events) < 2 or events[0].get("type") != "http.response.start":
                     raise
@@ -1435,14 +1447,17 @@ class _Job:
                         return
                 if self.gone:
                     return
-                self._post(wire.SEND, events[1:], lost=lost)
+                posted = self._post(wire.SEND, events[1:], lost=lost)
         else:  # a WebSocket's: its ACK never waits (``run``), so it has left already
-            self.node.outbox.post(self.reply, message, lost=lost)
+            posted = self.node.outbox.post(self.reply, message, lost=lost)
         if not last:
             return
         # The last message is not awaited either: the app's send returns, and the request
         # ends, in this loop turn, not in a turn of its own once the PUBLISH's reply is read.
-        # Its receiver count is checked in a callback all the same (``_end_lost``).
+        # Its receiver count is checked in a callback all the same (``_end_lost``) while the
+        # app runs on; once the request has ended, its distributor's PING finds a lost end
+        # (``withdraw_end_check``).
+        self.end_posted = posted
         self.finished = True
         self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
         if self.node._turn_promised:

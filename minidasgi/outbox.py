@@ -98,6 +98,17 @@ class Outbox:
         """Send everything now (held messages included)."""
         self.batcher.flush()
 
+    def withdraw(self, future: asyncio.Future[int], lost: Lost) -> None:
+        """Stop telling ``lost`` about the batch of ``future`` (``post``'s); a batch left with
+        nobody to tell costs no callback when its reply comes."""
+        watchers = self._lost.get(future)
+        if watchers is None:
+            return
+        watchers.pop(lost, None)
+        if not watchers:
+            del self._lost[future]
+            future.remove_done_callback(self._settled)
+
     def flush_turn(self) -> None:
         """Send now what would leave at the end of this loop turn (``Batcher.flush_turn``)."""
         self.batcher.flush_turn()

@@ -75,3 +75,32 @@ async def test_lost_is_told_when_there_is_no_client() -> None:
     await asyncio.sleep(0)  # the flush: no client, a count of 0
     await asyncio.sleep(0)  # the batch's callback
     assert len(a.calls) == 1
+
+
+async def test_a_withdrawn_callback_is_not_told_and_costs_the_batch_no_callback() -> None:
+    client = FakeClient()
+    outbox = Outbox(lambda: client)  # type: ignore[arg-type, return-value]
+    a, b = Told(), Told()
+    await _posted(outbox, client, [a, b])
+    future = client.published[0][2]
+    outbox.withdraw(future, a)
+    assert set(outbox._lost[future]) == {b}  # the others still watch
+    outbox.withdraw(future, b)
+    assert outbox._lost == {}
+    # Nobody left to tell: no callback scheduled when the reply comes.
+    scheduled: list[object] = []
+    loop = asyncio.get_running_loop()
+    call_soon = loop.call_soon
+
+    def counting_call_soon(*args: Any, **kwargs: Any) -> Any:
+        scheduled.append(args[0])
+        return call_soon(*args, **kwargs)
+
+    loop.call_soon = counting_call_soon  # type: ignore[method-assign]
+    try:
+        future.set_result(0)
+    finally:
+        del loop.call_soon
+    await asyncio.sleep(0)
+    assert scheduled == [] and a.calls == [] and b.calls == []
+    outbox.withdraw(future, a)  # a settled or unknown batch: nothing to do

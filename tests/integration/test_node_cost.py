@@ -350,11 +350,12 @@ async def test_one_request_in_flight_is_published_the_turn_after_its_pop_and_bef
 
 async def _state_after_turns(
     node: Node, pusher: Any, reply: str, got: list[bytes], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, dict[int, tuple[int, int, bool]]]:
+) -> tuple[int, dict[int, tuple[int, int, bool, int]]]:
     """Push one hello-world request; return the loop turn (counted from the push) in which
     the Node read it off its pop connection, and per turn, once it ran, the requests in
     flight, the cancelled handles left in the loop's ready queue (each costs a turn of its
-    own), and whether the Node left a flush scheduled (its held starts', its outbox's). The
+    own), whether the Node left a flush scheduled (its held starts', its outbox's), and how
+    many of its outbox's batches still have a callback to run when their reply comes. The
     test's own pusher and subscriber share the loop: their handles are not counted."""
     loop: Any = asyncio.get_running_loop()
     popper = node._pop_ids[0][0]
@@ -362,7 +363,7 @@ async def _state_after_turns(
     marker = request_id.encode()
     turns = [0]
     popped_in: list[int] = []
-    after: dict[int, tuple[int, int, bool]] = {}
+    after: dict[int, tuple[int, int, bool, int]] = {}
     run_once, parser = loop._run_once, popper._parser
 
     def turn() -> None:
@@ -370,7 +371,7 @@ async def _state_after_turns(
         run_once()
         cancelled = sum(handle.cancelled() for handle in loop._ready)
         scheduled = node._starts_flush is not None or bool(node.outbox.batcher._flush_scheduled)
-        after[turns[0]] = (len(node._requests), cancelled, scheduled)
+        after[turns[0]] = (len(node._requests), cancelled, scheduled, len(node.outbox._lost))
 
     class Reading:
         def feed(self, data: Any) -> None:
@@ -419,8 +420,9 @@ async def test_a_lone_request_ends_in_the_turn_it_ran_and_leaves_the_loop_nothin
             for _ in range(3):
                 popped, after = await _state_after_turns(node, pusher, reply, got, monkeypatch)
                 assert after[popped][0] == 1, after  # the job's first step is to run
-                # The job ended, and left the loop nothing of the Node's to run.
-                assert after[popped + 1] == (0, 0, False), after
+                # The job ended, and left the loop nothing of the Node's to run, nor a
+                # callback for when its PUBLISH's reply comes (a turn of its own then).
+                assert after[popped + 1] == (0, 0, False, 0), after
     finally:
         monkeypatch.undo()
         await pusher.close()
