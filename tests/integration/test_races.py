@@ -431,16 +431,17 @@ async def test_a_request_failed_for_a_lost_credit_ends_on_its_node(
         )
 
 
-async def test_a_lost_end_of_response_is_told_while_the_app_works_on(
-    redis_factory: RedisFactory,
+@pytest.mark.parametrize("background", [20.0, 0.0], ids=["app-works-on", "app-ends"])
+async def test_a_lost_end_of_response_is_told(
+    redis_factory: RedisFactory, background: float
 ) -> None:
     """The PUBLISH of a response's last message is not awaited (the request ends in the turn
-    the app sent it), but it is still checked: lost with the Node's link to Redis while the
+    the app sent it), but a loss is still found: lost with the Node's link to Redis while the
     app works on after its response (a background task), its distributor is told the request
-    is gone, not left waiting for the app's end; another request to the same distributor
-    keeps the two talking, so no liveness timeout steps in either."""
+    is gone, not left waiting for the app's end; once the app has ended, the distributor's
+    PING finds the request gone. Another request to the same distributor keeps the two
+    talking, so no liveness timeout steps in either."""
     server = redis_factory(acl_users={"worker": "pw"})
-    background = 20.0
 
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -454,7 +455,8 @@ async def test_a_lost_end_of_response_is_told_while_the_app_works_on(
         # The Node's command connections die between the start and the end of the response.
         assert _kill_command_connections(server, "worker"), "no connection of the Node killed"
         await send({"type": "http.response.body", "body": b"hello"})
-        await asyncio.sleep(background)  # work after the response
+        if background:
+            await asyncio.sleep(background)  # work after the response
 
     node = Node(
         url=server.url.replace("redis://", "redis://worker:pw@"),
