@@ -686,7 +686,8 @@ class Node:
             finally:
                 job.received.close()
                 del self._jobs[envelope.id]
-                job.withdraw_end_check()
+                if envelope.liveness > 0:  # a distributor that pings (an older one may not)
+                    job.withdraw_end_check()
                 self.peers.discard(job.reply, job.id)
                 if job.app_started:
                     name = self._key_names.get(key) or key.decode(errors="replace")
@@ -1097,8 +1098,8 @@ class _Job:
 
     def withdraw_end_check(self) -> None:
         """The request has ended: its last message's receiver count is no longer watched. A
-        distributor that did not get that message names the request in its next PING, and
-        the Node, which no longer runs it, answers GONE. Watched, the count would cost each
+        distributor that did not get that message names the request in its next PING (for one
+        that pings: the caller checks), and the Node, which no longer runs it, answers GONE. Watched, the count would cost each
         request a loop callback when the PUBLISH's reply comes (a loop turn of its own at one
         request in flight)."""
         posted = self.end_posted

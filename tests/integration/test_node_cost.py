@@ -19,7 +19,7 @@ from .stack import poll, run_node
 N = 32  # one pop's batch
 
 
-def _envelope(request_id: str, reply: str, *, ack_send: bool = False) -> bytes:
+def _envelope(request_id: str, reply: str, *, ack_send: bool = False, liveness: float = 0) -> bytes:
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -36,7 +36,7 @@ def _envelope(request_id: str, reply: str, *, ack_send: bool = False) -> bytes:
     }
     events = [{"type": "http.request", "body": b"", "more_body": False}]
     envelope = wire.Envelope(
-        request_id, reply, time.time() + 30, scope, events, liveness=0, ack_send=ack_send
+        request_id, reply, time.time() + 30, scope, events, liveness=liveness, ack_send=ack_send
     )
     return envelope.encode()
 
@@ -349,7 +349,12 @@ async def test_one_request_in_flight_is_published_the_turn_after_its_pop_and_bef
 
 
 async def _state_after_turns(
-    node: Node, pusher: Any, reply: str, got: list[bytes], monkeypatch: pytest.MonkeyPatch
+    node: Node,
+    pusher: Any,
+    reply: str,
+    got: list[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    liveness: float = 1.0,
 ) -> tuple[int, dict[int, tuple[int, int, bool, int]]]:
     """Push one hello-world request; return the loop turn (counted from the push) in which
     the Node read it off its pop connection, and per turn, once it ran, the requests in
@@ -386,7 +391,8 @@ async def _state_after_turns(
     popper._parser = Reading()
     try:
         count = len(got)
-        await pusher.execute("LPUSH", "K", _envelope(request_id, reply, ack_send=True))
+        envelope = _envelope(request_id, reply, ack_send=True, liveness=liveness)
+        await pusher.execute("LPUSH", "K", envelope)
         assert await poll(lambda: len(got) > count, 10)
     finally:
         popper._parser = parser
@@ -421,8 +427,14 @@ async def test_a_lone_request_ends_in_the_turn_it_ran_and_leaves_the_loop_nothin
                 popped, after = await _state_after_turns(node, pusher, reply, got, monkeypatch)
                 assert after[popped][0] == 1, after  # the job's first step is to run
                 # The job ended, and left the loop nothing of the Node's to run, nor a
-                # callback for when its PUBLISH's reply comes (a turn of its own then).
+                # callback for when its PUBLISH's reply comes (a turn of its own then): its
+                # distributor pings (``liveness``), so a lost end is found by its PING.
                 assert after[popped + 1] == (0, 0, False, 0), after
+            # A distributor that does not ping (an older one) has only the Node to tell it.
+            popped, after = await _state_after_turns(
+                node, pusher, reply, got, monkeypatch, liveness=0
+            )
+            assert after[popped + 1] == (0, 0, False, 1), after
     finally:
         monkeypatch.undo()
         await pusher.close()
