@@ -695,6 +695,7 @@ class Node:
                     self.metrics.finished(name, job.status, job.failed, elapsed)
                 if job.acked and not job.finished and not job.told:
                     # The distributor would otherwise wait for a response that never comes.
+                    job.repeat_ack_unless_known()
                     self._tell_gone(job.reply, job.id, job.why or "ended", job.version)
         finally:
             if slots is not None:
@@ -919,6 +920,8 @@ class _Job:
     # The ACK's arguments while it waits, until the end of the loop turn the app started
     # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
     _unsent_ack: tuple[Any, ...] | None = None
+    _ack: tuple[Any, ...] | None = None  # the ACK's arguments, once made
+    _ack_posted: asyncio.Future[int] | None = None  # the batch that carried it
     # In the recovery window (``confirmation``): the distributor's answer, True to run.
     confirmation: asyncio.Future[bool] | None = None
 
@@ -989,6 +992,7 @@ class _Job:
             ack += (self.received.piece,)  # the fifth: the distributor may send pieces this large
             if self.received.unit:
                 ack += (self.received.unit,)  # the sixth: its credit counts in these units
+        self._ack = ack
         if hold and self._ack_send:
             # Not posted yet: the app's first SEND, if it comes in this loop turn, carries it
             # (one message to encode, decode and dispatch instead of two); else it leaves
@@ -1023,12 +1027,30 @@ class _Job:
             self._ack_alone()
 
     def _post_ack(self, ack: tuple[Any, ...], *, hold: bool) -> None:
-        self.node.outbox.post(
+        self._ack_posted = self.node.outbox.post(
             self.reply,
             wire.pack(wire.ACK, self.id, *ack, version=self.version),
             hold=hold,
             lost=self._check_reached,
         )
+
+    def repeat_ack_unless_known(self) -> None:
+        """Before the GONE of a request whose app ran: post its ACK again if the batch that
+        carried it reached nobody. A GONE with no ACK ahead tells the distributor the
+        request never ran, and it answers its client "no worker", which a client may take as
+        safe to retry; after the ACK, the GONE makes a 502. A repeat of an ACK the distributor
+        did get is ignored there. (A request that asked for a confirmation ran only once its
+        distributor had the ACK.)"""
+        ack, posted = self._ack, self._ack_posted
+        if ack is None or posted is None or not self.app_started or self.confirmation is not None:
+            return
+        # Still on its way, it leaves ahead of the GONE (in order, on one connection; lost,
+        # the GONE behind it is too).
+        if not posted.done() or (
+            not posted.cancelled() and posted.exception() is None and posted.result() > 0
+        ):
+            return
+        self._post_ack(ack, hold=False)
 
     def _ack_alone(self) -> None:
         """Post the ACK if it still waits: no SEND took it along in the loop turn the app
@@ -1092,16 +1114,20 @@ class _Job:
             self.finished = False
             self.peer_lost("the distributor did not get the end of the response")
         else:
+            self.repeat_ack_unless_known()
             self.node._tell_gone(
                 self.reply, self.id, "the end of the response was lost", self.version
             )
 
     def withdraw_end_check(self) -> None:
         """The request has ended: its last message's receiver count is no longer watched. A
-        distributor that did not get that message names the request in its next PING (for one
-        that pings: the caller checks), and the Node, which no longer runs it, answers GONE. Watched, the count would cost each
-        request a loop callback when the PUBLISH's reply comes (a loop turn of its own at one
-        request in flight)."""
+        distributor that did not get that message names the request in its next PING (for
+        one that pings: the caller checks), and the Node, which no longer runs it, answers
+        GONE. Watched, the count would cost each request a loop callback when the PUBLISH's
+        reply comes (a loop turn of its own at one request in flight). If that message
+        carried the ACK too (``ACK_SEND``), the distributor, which pings only for requests
+        acked, answers 504 after twice its ``worker_timeout``, as it did when the watch's
+        GONE was lost with the link that lost the message."""
         posted = self.end_posted
         if posted is not None and not posted.done():
             self.node.outbox.withdraw(posted, self._end_lost)
@@ -1165,7 +1191,8 @@ class _Job:
         if kind == wire.SEND:
             data = wire.pack_response(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
             if self._fits(data, args[0]):
-                return self.node.outbox.post(self.reply, data, lost=lost)
+                posted = self._ack_posted = self.node.outbox.post(self.reply, data, lost=lost)
+                return posted
         self._post_ack(ack, hold=False)
         return self._post(kind, *args, lost=lost)
 

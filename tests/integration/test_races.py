@@ -1,7 +1,7 @@
 """Races and corner cases found in review: a final send blocked on credit, a receive() pending
 when the response ends, concurrent WebSocket sends, an ACL user without CLIENT, credits lost
-with a killed connection, a response's end lost while its app works on, and a stop while a
-batch of requests is being popped.
+with a killed connection, a response's end (or its ACK) lost while its app works on, and a
+stop while a batch of requests is being popped.
 
 Every test runs the real pieces (uvicorn, the distributor, in-process Nodes, a private
 redis-server) or a fake distributor speaking the wire protocol, and bounds every wait.
@@ -484,6 +484,45 @@ async def test_a_lost_end_of_response_is_told(
             finally:
                 slow.cancel()
                 await asyncio.wait([slow])
+
+
+async def test_a_response_lost_with_its_ack_is_not_answered_no_worker(
+    redis_factory: RedisFactory,
+) -> None:
+    """The ACK rides on the response's first message (``ACK_SEND``). Lost with it (the Node's
+    link to Redis killed just before) while the app works on, the request ends with a GONE:
+    a GONE with no ACK ahead says the request never ran, and the client would be answered
+    "no worker", which it may take as safe to retry, although the app ran. The Node posts the
+    ACK again first: a 502."""
+    server = redis_factory(acl_users={"worker": "pw"})
+    ran: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        ran.append(scope["path"])
+        assert _kill_command_connections(server, "worker"), "no connection of the Node killed"
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"hello"})
+        await asyncio.sleep(20)  # work after the response
+
+    node = Node(
+        url=server.url.replace("redis://", "redis://worker:pw@"),
+        app=app,
+        key="k",
+        lifespan="off",
+        shutdown_timeout=1,
+    )
+    distributor = create_distributor(url=server.url, key="k")
+    async with run_node(node), serve_app(distributor) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            started = time.monotonic()
+            response = await asyncio.wait_for(client.get("/"), 15)
+            elapsed = time.monotonic() - started
+    assert ran == ["/"]
+    assert response.status_code == 502, (response.status_code, response.text, f"{elapsed:.1f} s")
+    assert elapsed < 5, f"answered after {elapsed:.1f} s"
 
 
 # 6. stop() while a batch pop is in flight serves every popped request ----------------------
