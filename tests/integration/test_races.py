@@ -431,6 +431,23 @@ async def test_a_request_failed_for_a_lost_credit_ends_on_its_node(
         )
 
 
+@contextlib.asynccontextmanager
+async def _served_by_a_worker_user(server: RedisServer, app: Any) -> AsyncIterator[str]:
+    """A distributor and a Node running ``app`` that logs in as the ACL user ``worker`` (so
+    ``_kill_command_connections(server, "worker")`` kills the Node's connections only);
+    yields the distributor's base URL."""
+    node = Node(
+        url=server.url.replace("redis://", "redis://worker:pw@"),
+        app=app,
+        key="k",
+        lifespan="off",
+        shutdown_timeout=1,
+    )
+    distributor = create_distributor(url=server.url, key="k")
+    async with run_node(node), serve_app(distributor) as base:
+        yield base
+
+
 @pytest.mark.parametrize("background", [20.0, 0.0], ids=["app-works-on", "app-ends"])
 async def test_a_lost_end_of_response_is_told(
     redis_factory: RedisFactory, background: float
@@ -458,15 +475,7 @@ async def test_a_lost_end_of_response_is_told(
         if background:
             await asyncio.sleep(background)  # work after the response
 
-    node = Node(
-        url=server.url.replace("redis://", "redis://worker:pw@"),
-        app=app,
-        key="k",
-        lifespan="off",
-        shutdown_timeout=1,
-    )
-    distributor = create_distributor(url=server.url, key="k")
-    async with run_node(node), serve_app(distributor) as base:
+    async with _served_by_a_worker_user(server, app) as base:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             slow = asyncio.ensure_future(client.get("/slow"))
             try:
@@ -507,15 +516,7 @@ async def test_a_response_lost_with_its_ack_is_not_answered_no_worker(
         await send({"type": "http.response.body", "body": b"hello"})
         await asyncio.sleep(20)  # work after the response
 
-    node = Node(
-        url=server.url.replace("redis://", "redis://worker:pw@"),
-        app=app,
-        key="k",
-        lifespan="off",
-        shutdown_timeout=1,
-    )
-    distributor = create_distributor(url=server.url, key="k")
-    async with run_node(node), serve_app(distributor) as base:
+    async with _served_by_a_worker_user(server, app) as base:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             started = time.monotonic()
             response = await asyncio.wait_for(client.get("/"), 15)
