@@ -303,7 +303,10 @@ class PythonParser:
         self._consumed = 0
         self._max_reply_size = max_reply_size
         self._max_depth = max_depth
-        self._broken: ProtocolError | None = None
+        # The failure's message, not the exception: raised from a method of ours, its traceback
+        # holds this parser, and the cycle would keep the parser (and its buffer) alive until
+        # the GC runs.
+        self._broken: str | None = None
 
     def feed(self, data: bytes) -> None:
         """Append bytes received from Redis."""
@@ -312,11 +315,11 @@ class PythonParser:
     def gets(self) -> Any:
         """Return the next complete reply, or ``NEED_DATA``."""
         if self._broken is not None:
-            raise self._broken
+            raise ProtocolError(self._broken)
         try:
             return self._parse()
         except ProtocolError as exc:
-            self._broken = exc
+            self._broken = str(exc)
             raise
 
     def take_rest(self) -> bytes:
@@ -486,14 +489,10 @@ class HiredisParser:
     """
 
     def __init__(self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE) -> None:
-        import hiredis
-
-        self._reader = hiredis.Reader(
-            protocolError=ProtocolError, replyError=ReplyError, notEnoughData=NEED_DATA
-        )
+        self._reader = self._new_reader()
         self._max_reply_size = max_reply_size
         self._pending = 0  # bytes fed since the last complete reply
-        self._broken: ProtocolError | None = None
+        self._broken: str | None = None  # the failure's message: see PythonParser
 
     def feed(self, data: bytes) -> None:
         """Append bytes received from Redis."""
@@ -503,25 +502,42 @@ class HiredisParser:
     def gets(self) -> Any:
         """Return the next complete reply, or ``NEED_DATA``."""
         if self._broken is not None:
-            raise self._broken
+            raise ProtocolError(self._broken)
         try:
             reply = self._reader.gets()
         except ProtocolError as exc:
-            self._broken = exc
+            self._give_up(str(exc))
             raise
         except Exception as exc:
-            self._broken = ProtocolError(f"malformed reply: {exc}")
-            raise self._broken from None
+            message = self._give_up(f"malformed reply: {exc}")
+            raise ProtocolError(message) from None
         if reply is NEED_DATA:
             if self._pending > self._max_reply_size:
-                self._broken = ProtocolError(
+                message = self._give_up(
                     f"reply larger than the limit of {self._max_reply_size} bytes"
                 )
-                raise self._broken
+                raise ProtocolError(message)
         else:
             # What is still buffered belongs to the replies that follow.
             self._pending = self._reader.len()
         return reply
+
+    @staticmethod
+    def _new_reader() -> Any:
+        import hiredis
+
+        return hiredis.Reader(
+            protocolError=ProtocolError, replyError=ReplyError, notEnoughData=NEED_DATA
+        )
+
+    def _give_up(self, message: str) -> str:
+        self._broken = message
+        # hiredis sizes an aggregate by its announced length before any element arrives
+        # (``*2147483647`` is a 16 GiB list, its pages mapped only as they are touched, but the
+        # GC walks every slot: seconds per collection). The reader is not trusted again: let
+        # what it holds go now, not when this parser is freed.
+        self._reader = self._new_reader()
+        return message
 
 
 def hiredis_available() -> bool:
