@@ -22,6 +22,7 @@ async def main() -> None:
     parser.add_argument("--app", default="apps:hello")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--shutdown-timeout", type=float, default=30.0)
+    parser.add_argument("--pop-timeout", type=float, default=5.0)
     args = parser.parse_args()
     module, _, attr = args.app.partition(":")
     app = getattr(importlib.import_module(module), attr)
@@ -31,6 +32,7 @@ async def main() -> None:
         keys=args.key,
         concurrency=args.concurrency,
         shutdown_timeout=args.shutdown_timeout,
+        pop_timeout=args.pop_timeout,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

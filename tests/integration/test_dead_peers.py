@@ -29,6 +29,10 @@ from .stack import NodeProcess, poll, run_node, serve_app
 pytestmark = pytest.mark.timeout(90)
 
 REPLY_TIMEOUT = 3.0  # seconds: the reply bound the tests give the side behind the proxy
+# Seconds: the health checks' interval and the Nodes' BRPOP timeout here (5 s by default), so
+# that a silent link is found in a few seconds; what is checked is that it is found.
+HEALTH_CHECK_INTERVAL = 2.0
+POP_TIMEOUT = 2.0
 RECOVERY = 30.0  # seconds: a side whose links went silent must serve again within this
 
 
@@ -63,6 +67,7 @@ async def test_distributor_with_silent_links_answers_503_then_recovers(
             key="dead-dist",
             worker_timeout=5,
             no_worker_status=504,
+            health_check_interval=HEALTH_CHECK_INTERVAL,
         )
         node = Node(url=redis_server.url, app=apps.hello, key="dead-dist")
         async with serve_app(app) as base, run_node(node):
@@ -94,7 +99,8 @@ async def test_node_with_silent_links_serves_again(redis_server: RedisServer) ->
             url=f"{proxy.url()}?reply_timeout={REPLY_TIMEOUT:g}",
             app=apps.hello,
             key="dead-node",
-            health_check_interval=2,
+            health_check_interval=HEALTH_CHECK_INTERVAL,
+            pop_timeout=POP_TIMEOUT,
         )
         async with serve_app(app) as base, run_node(node):
             async with httpx.AsyncClient(base_url=base, timeout=30) as client:
@@ -114,7 +120,7 @@ async def test_node_with_silent_links_serves_again(redis_server: RedisServer) ->
 async def test_node_with_silent_links_obeys_sigterm(redis_server: RedisServer) -> None:
     with proxy_to(redis_server) as proxy:
         url = f"{proxy.url()}?reply_timeout={REPLY_TIMEOUT:g}"
-        node = NodeProcess(url, "dead-sigterm")
+        node = NodeProcess(url, "dead-sigterm", "apps:hello", "--pop-timeout", f"{POP_TIMEOUT:g}")
         await asyncio.to_thread(node.start)
         try:
             assert node.process is not None
@@ -122,8 +128,8 @@ async def test_node_with_silent_links_obeys_sigterm(redis_server: RedisServer) -
             proxy.stall()
             node.process.send_signal(signal.SIGTERM)
             start = time.monotonic()
-            # Its BRPOP (pop_timeout 5 s) is due within 5 s plus the reply bound.
-            bound = 5 + REPLY_TIMEOUT * 1.25 + 5
+            # Its BRPOP is due within its pop_timeout plus the reply bound.
+            bound = POP_TIMEOUT + REPLY_TIMEOUT * 1.25 + 5
             try:
                 code = await asyncio.to_thread(node.process.wait, bound)
             except subprocess.TimeoutExpired:
