@@ -157,7 +157,15 @@ async def _late_body(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 async def test_h2_headers_arrive_before_a_late_first_body(redis_server: RedisServer) -> None:
-    direct, relayed = await _both(redis_server, _late_body)
+    # Served directly and relayed at the same time: the two wait out the app's 3 s together.
+    async with (
+        serve_hypercorn(_late_body) as direct_base,
+        _distributed(redis_server, _late_body) as relayed_base,
+    ):
+        direct, relayed = await asyncio.gather(
+            h2_request(_port(direct_base), "/", timeout=WAIT),
+            h2_request(_port(relayed_base), "/", timeout=WAIT),
+        )
     print(
         f"h2 headers after: direct {direct.headers_after * 1000:.1f} ms, "
         f"relayed {relayed.headers_after * 1000:.1f} ms"
