@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -33,20 +34,79 @@ from .test_sentinel import BACK_WITHIN, HANG, Runs, light_traffic
 pytestmark = [pytest.mark.timeout(90), pytest.mark.requires_server("7.0")]
 
 
-@pytest.fixture
-def cluster() -> Iterator[ClusterSetup]:
-    setup = ClusterSetup()
+class _Spares:
+    """Clusters started ahead of the tests that need them, each handed to one test only.
+
+    A new cluster takes 2.1 s to settle, nearly all of it waiting (a master's cluster state
+    turns ok no sooner than 2 s after it starts, and a node timeout after it joins a majority),
+    while the tests here take 0.01-0.5 s: started one after the other, the clusters were most
+    of this module's time. A few settle in background threads while the tests run; every test
+    still gets a cluster of its own that nothing used before.
+    """
+
+    AHEAD = 4  # clusters of a shape settling at once
+
+    def __init__(self, wanted: dict[int, int]) -> None:
+        self._wanted = dict(wanted)  # replicas per master -> clusters the tests still ask for
+        self._settling: dict[int, collections.deque[Future[ClusterSetup]]] = {}
+        self._threads = ThreadPoolExecutor(max_workers=2 * self.AHEAD)
+        for replicas in self._wanted:
+            self._settling[replicas] = collections.deque()
+            self._top_up(replicas)
+
+    def _top_up(self, replicas: int) -> None:
+        settling = self._settling[replicas]
+        while len(settling) < min(self.AHEAD, self._wanted[replicas]):
+            settling.append(self._threads.submit(lambda: ClusterSetup(replicas=replicas).start()))
+
+    def take(self, replicas: int) -> ClusterSetup:
+        """A started cluster, never used before (one is started now if none was)."""
+        settling = self._settling.setdefault(replicas, collections.deque())
+        self._wanted[replicas] = max(self._wanted.get(replicas, 0), 1)
+        self._top_up(replicas)
+        future = settling.popleft()
+        self._wanted[replicas] -= 1
+        self._top_up(replicas)
+        return future.result()
+
+    def close(self) -> None:
+        for settling in self._settling.values():
+            while settling:
+                with contextlib.suppress(Exception):  # its test would have reported it
+                    settling.popleft().result().close()
+        self._threads.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spares(request: pytest.FixtureRequest) -> Iterator[_Spares]:
+    # How many clusters of each shape this run's tests of the module will ask for.
+    wanted = collections.Counter[int]()
+    for item in request.session.items:
+        if item.path == request.path:
+            names = getattr(item, "fixturenames", ())
+            wanted[0] += "cluster" in names
+            wanted[1] += "cluster_with_replicas" in names
+    pool = _Spares({replicas: n for replicas, n in wanted.items() if n})
     try:
-        yield setup.start()
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def cluster(spares: _Spares) -> Iterator[ClusterSetup]:
+    setup = spares.take(replicas=0)
+    try:
+        yield setup
     finally:
         setup.close()
 
 
 @pytest.fixture
-def cluster_with_replicas() -> Iterator[ClusterSetup]:
-    setup = ClusterSetup(replicas=1)
+def cluster_with_replicas(spares: _Spares) -> Iterator[ClusterSetup]:
+    setup = spares.take(replicas=1)
     try:
-        yield setup.start()
+        yield setup
     finally:
         setup.close()
 
