@@ -60,7 +60,8 @@ async def test_a_cancel_stops_a_node_whose_last_body_waits_for_credit(
                 if not chunk:
                     break
                 received += len(chunk)
-                await asyncio.sleep(0.05)
+                if distributor._exchanges:  # once the response is cut, what is left is drained
+                    await asyncio.sleep(0.05)
             assert 0 < received < 32 << 20, "the download was not cut by the response timeout"
         finally:
             writer.close()
