@@ -111,7 +111,17 @@ async def test_an_app_that_answers_in_a_later_loop_turn_gets_its_ack_sent_alone(
     """The ACK leaves at the end of the turn the app started in, as before: the combined
     message never delays it."""
     distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
-    node = Node(url=redis_server.url, app=apps.sleepy, key="K", lifespan="off")
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        # The first request sleeps until released, once the second one is answered (it slept
+        # a fixed 5 s before).
+        if scope["type"] == "http" and scope["query_string"] == b"held":
+            await asyncio.wait_for(release.wait(), 20)
+            scope = {**scope, "query_string": b"0"}
+        await apps.sleepy(scope, receive, send)
+
+    node = Node(url=redis_server.url, app=app, key="K", lifespan="off")
     got: list[Message] = []
     async with (
         serve_app(distributor) as base,
@@ -120,11 +130,12 @@ async def test_an_app_that_answers_in_a_later_loop_turn_gets_its_ack_sent_alone(
     ):
         subscriber = await _sniff(redis_server, distributor.channel, got)
         try:
-            first = asyncio.ensure_future(client.get("/?5"))
+            first = asyncio.ensure_future(client.get("/?held"))
             # The ACK arrives while the app still sleeps.
             assert await poll(lambda: _kinds(got) == [wire.ACK], 10), got
             assert not first.done()
             response = await client.get("/?0.01")
+            release.set()
             assert (await first).text == "slept"
         finally:
             await subscriber.close()
@@ -274,7 +285,8 @@ async def test_a_distributor_reads_a_node_of_the_previous_version(
 async def test_malformed_combined_messages_are_dropped_and_the_distributor_serves_on(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    distributor = create_distributor(url=redis_server.url, key="K", worker_timeout=5)
+    # 2 s, not the default 5: the request after the forged ones gets the no-worker answer.
+    distributor = create_distributor(url=redis_server.url, key="K", worker_timeout=2)
     node = wire.new_channel("minidasgi", 0, "node")
     got: list[Message] = []
 

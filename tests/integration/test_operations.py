@@ -98,16 +98,26 @@ async def test_fail_fast_serves_while_a_node_listens_and_refuses_once_it_is_kill
 async def test_a_stopping_node_withdraws_its_presence_before_its_drain(
     redis_server: RedisServer,
 ) -> None:
-    node = Node(url=redis_server.url, key="ops", app=apps.sleepy, shutdown_timeout=10)
+    release = asyncio.Event()
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        # Answers once released (nothing sent before): in flight for as long as the test
+        # needs, not for a fixed sleep (6 s before).
+        if scope["type"] == "http":
+            await asyncio.wait_for(release.wait(), 20)
+            await apps.hello(scope, receive, send)
+
+    node = Node(url=redis_server.url, key="ops", app=slow_app, shutdown_timeout=10)
     async with _stack(redis_server, fail_fast=True) as client, run_node(node):
         assert _listeners(redis_server, "ops") == 1
-        slow = asyncio.ensure_future(client.get("/?6"))
+        slow = asyncio.ensure_future(client.get("/slow"))
         assert await poll(lambda: node.in_flight == 1, 10)
         node.stop()  # drains the request in flight; new ones must go elsewhere at once
         assert await poll(lambda: _listeners(redis_server, "ops") == 0, 3)
         response = await client.get("/")
         assert response.status_code == 503
         assert not slow.done()  # still draining: the presence went first
+        release.set()
         assert (await slow).status_code == 200
 
 
