@@ -73,8 +73,16 @@ class _Spares:
         for settling in self._settling.values():
             while settling:
                 with contextlib.suppress(Exception):  # its test would have reported it
-                    settling.popleft().result().close()
+                    discard(settling.popleft().result())
         self._threads.shutdown()
+
+
+def discard(setup: ClusterSetup) -> None:
+    """Kill the cluster's servers and remove their files (see ``conftest.discard``)."""
+    for server in setup.servers:
+        with contextlib.suppress(Exception):
+            server.kill()
+    setup.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +107,7 @@ def cluster(spares: _Spares) -> Iterator[ClusterSetup]:
     try:
         yield setup
     finally:
-        setup.close()
+        discard(setup)
 
 
 @pytest.fixture
@@ -108,7 +116,7 @@ def cluster_with_replicas(spares: _Spares) -> Iterator[ClusterSetup]:
     try:
         yield setup
     finally:
-        setup.close()
+        discard(setup)
 
 
 def keys_on_each_master(setup: ClusterSetup) -> dict[int, str]:
