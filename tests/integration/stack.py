@@ -42,6 +42,51 @@ def free_port() -> int:
         return port
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, which stops once told to (``stop``) instead of at the end of its
+    current 0.1 s tick, and without the 0.1 s it gives open connections to close when none is
+    open: each was 90-100 ms more for every ``serve_app``, a few hundred a run. The ticks are
+    the same timers as uvicorn's (one a tick), for the tests that count handles."""
+
+    _tick: asyncio.Future[None] | None = None
+
+    async def main_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            self._tick = tick = loop.create_future()
+            timer = loop.call_later(0.1, _end_tick, tick)
+            try:
+                await tick
+            finally:
+                timer.cancel()
+            should_exit = await self.on_tick(counter)
+
+    def stop(self) -> None:
+        """Stop serving now (``should_exit``, and the tick under way ends)."""
+        self.should_exit = True
+        _end_tick(self._tick)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.server_state.connections or self.server_state.tasks:
+            await super().shutdown(sockets)  # uvicorn's graceful shutdown, as it is
+            return
+        # What uvicorn's shutdown does when nothing is open, without its sleep.
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
+def _end_tick(tick: asyncio.Future[None] | None) -> None:
+    if tick is not None and not tick.done():
+        tick.set_result(None)
+
+
 @contextlib.asynccontextmanager
 async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on a free port; yields its base URL.
@@ -54,7 +99,7 @@ async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIt
             yield base
         return
     port = free_port()
-    server = uvicorn.Server(
+    server = _Uvicorn(
         uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -77,7 +122,7 @@ async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIt
             await asyncio.sleep(0.01)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.should_exit = True
+        server.stop()
         try:
             await asyncio.wait_for(task, 10)
         except asyncio.TimeoutError:
