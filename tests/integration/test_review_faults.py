@@ -306,10 +306,18 @@ async def test_forged_disconnects_do_not_pile_up_in_a_node(redis_server: RedisSe
     """A disconnect EVENT takes no credit: one is all an app needs, and repeats (forged) must
     not pile up in a job's inbox while its app does not read."""
     distributor = create_distributor(url=redis_server.url, key="forged-gone")
-    node = Node(url=redis_server.url, app=apps.sleepy, key="forged-gone", lifespan="off")
+    release = asyncio.Event()
+
+    async def deaf(scope: Any, receive: Any, send: Any) -> None:
+        # Reads nothing until released, once the flood is checked (it slept 4 s before).
+        if scope["type"] == "http":
+            await asyncio.wait_for(release.wait(), 20)
+            await apps.hello(scope, receive, send)
+
+    node = Node(url=redis_server.url, app=deaf, key="forged-gone", lifespan="off")
     async with serve_app(distributor) as base, run_node(node):
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            request = asyncio.ensure_future(client.get("/?4"))
+            request = asyncio.ensure_future(client.get("/"))
             assert await poll(lambda: node.in_flight == 1, 10)
             (job,) = list(node._jobs.values())
             event = wire.pack(wire.EVENT, job.id, {"type": "http.disconnect"})
@@ -318,6 +326,7 @@ async def test_forged_disconnects_do_not_pile_up_in_a_node(redis_server: RedisSe
             )
             await asyncio.sleep(1)
             assert len(job.inbox) <= 2
+            release.set()
             request.cancel()
             with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
                 await request
