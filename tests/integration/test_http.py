@@ -156,6 +156,24 @@ async def test_no_worker_gives_the_documented_error_and_never_runs(
     assert ran == []
 
 
+async def test_the_seed_s_distributor_answers_405_after_its_five_seconds(
+    redis_server: RedisServer,
+) -> None:
+    # The seed's contract end to end, with every default: no Node listening on the key -> the
+    # distributor waits 5 seconds, then answers 405 (the other no-worker tests shorten the
+    # wait; this one pays it once).
+    app = create_path_distributor(port=redis_server.port, routes={"/": "ASGI-testing"})
+    async with serve_app(app) as base, httpx.AsyncClient(timeout=30) as client:
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        response = await client.get(base + "/")
+        waited = loop.time() - asked
+    assert response.status_code == 405
+    assert response.text == "no worker answered within 5 seconds\n"
+    assert waited >= 4.9, waited  # not sooner than documented (an upper bound would be timing)
+    assert _keys(redis_server) == []  # taken back: no Node finds it later
+
+
 async def test_streaming_response_and_request(redis_server: RedisServer) -> None:
     app = create_path_distributor(
         port=redis_server.port, routes={"/echo": "echo", "/down": "down", "/up": "up"}
