@@ -46,7 +46,9 @@ class Mutex:
         self._locked = False
         self._wake_first()
 
-    async def __aenter__(self) -> None:
+    async def acquire(self) -> None:
+        """Wait for the mutex and take it (then ``release`` it): ``async with``'s entry, for
+        a caller whose ``try_acquire`` failed."""
         if not self._locked and not self._waiters:
             self._locked = True  # the usual case: no future, no loop turn
             return
@@ -65,6 +67,8 @@ class Mutex:
                 self._wake_first()
             raise
         self._locked = True
+
+    __aenter__ = acquire
 
     async def __aexit__(
         self,

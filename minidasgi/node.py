@@ -1020,7 +1020,8 @@ class _Job:
             await self._done(failed=True)
             return
         else:
-            await self._done(failed=False)
+            if not self.finished:  # else all is told already: no coroutine for nothing
+                await self._done(failed=False)
         finally:
             # Before the GONE the caller may post next: a GONE before the ACK says the
             # request never ran, and its client would get the no-worker answer.
@@ -1285,7 +1286,9 @@ class _Job:
         while True:
             if self.disconnect is not None and self.inbox.empty():
                 return self.disconnect  # as uvicorn: once disconnected, always disconnected
-            event, counted = await self.inbox.get()
+            inbox = self.inbox
+            # Taken at once when there (a whole body came in the envelope): no coroutine.
+            event, counted = await inbox.get() if inbox.empty() else inbox.get_nowait()
             if counted:
                 credit = self.received.consumed()
                 if credit and not self.gone:
@@ -1312,73 +1315,70 @@ class _Job:
     async def send(self, message: Message) -> None:
         """The app's ``send``."""
         sending = self._sending
-        if sending.try_acquire():  # the usual case: no other task is sending
-            try:
-                await self._send(message)
-            finally:
-                sending.release()
-            return
-        async with sending:
-            await self._send(message)
-
-    async def _send(self, message: Message) -> None:
-        if self.gone:
-            return  # as uvicorn does once the client is gone
-        kind = message["type"]
-        if self.complete:
-            raise RuntimeError(f"{kind} sent after the response completed")
-        if kind == "http.response.start":
-            if self.response_started:
-                raise RuntimeError("http.response.start sent twice")
-            self.response_started = True
-            status = message.get("status")
-            self.status = status if type(status) is int else 0
-            self.trailers = bool(message.get("trailers", False)) and self._offers(
-                "http.response.trailers"
+        if not sending.try_acquire():  # else the usual case: no other task is sending
+            await sending.acquire()
+        # The message is handled here rather than in a coroutine of its own: a coroutine
+        # per message less (a start never waits at all).
+        try:
+            if self.gone:
+                return  # as uvicorn does once the client is gone
+            kind = message["type"]
+            if self.complete:
+                raise RuntimeError(f"{kind} sent after the response completed")
+            if kind == "http.response.start":
+                if self.response_started:
+                    raise RuntimeError("http.response.start sent twice")
+                self.response_started = True
+                status = message.get("status")
+                self.status = status if type(status) is int else 0
+                self.trailers = bool(message.get("trailers", False)) and self._offers(
+                    "http.response.trailers"
+                )
+                # Held to travel with the first body in one PUBLISH, but only for this loop turn:
+                # an app that works before its first body must not keep the client from its
+                # headers (EventSource.onopen, long polls, progress indicators).
+                self.held_start = dict(message)
+                if self._unsent_ack is None:  # else the job is held for this turn already
+                    self.node.hold_start(self)
+                return
+            if kind == "http.response.body":
+                if not self.response_started:
+                    raise RuntimeError("http.response.body sent before http.response.start")
+                if self.body_done:  # only possible while announced trailers are awaited
+                    raise RuntimeError("http.response.body sent after the last body")
+                body = bytes(message.get("body", b""))
+                more = bool(message.get("more_body", False))
+                size = self.piece
+                if len(body) <= size:
+                    pieces: list[bytes | memoryview] = [body]
+                else:  # views: the pieces are copied once, into the message
+                    view = memoryview(body)
+                    pieces = [view[i : i + size] for i in range(0, len(body), size)]
+                self.body_done = not more
+                # With trailers announced, the response completes with its last trailers.
+                self.complete = not more and not self.trailers
+                for index, piece in enumerate(pieces):
+                    last_body = not more and index == len(pieces) - 1
+                    event = {"type": kind, "body": piece, "more_body": not last_body}
+                    await self._publish_events([event], last=last_body and not self.trailers)
+                return
+            self._check_sendable(kind)
+            if kind == "http.response.trailers":
+                last = not message.get("more_trailers", False)
+                self.complete = last
+                await self._publish_events([dict(message)], last=last)
+                return
+            last = kind == "websocket.close" or (
+                kind == "websocket.http.response.body" and not message.get("more_body", False)
             )
-            # Held to travel with the first body in one PUBLISH, but only for this loop turn:
-            # an app that works before its first body must not keep the client from its
-            # headers (EventSource.onopen, long polls, progress indicators).
-            self.held_start = dict(message)
-            if self._unsent_ack is None:  # else the job is held for this turn already
-                self.node.hold_start(self)
-            return
-        if kind == "http.response.body":
-            if not self.response_started:
-                raise RuntimeError("http.response.body sent before http.response.start")
-            if self.body_done:  # only possible while announced trailers are awaited
-                raise RuntimeError("http.response.body sent after the last body")
-            body = bytes(message.get("body", b""))
-            more = bool(message.get("more_body", False))
-            size = self.piece
-            if len(body) <= size:
-                pieces: list[bytes | memoryview] = [body]
-            else:  # views: the pieces are copied once, into the message
-                view = memoryview(body)
-                pieces = [view[i : i + size] for i in range(0, len(body), size)]
-            self.body_done = not more
-            # With trailers announced, the response completes with its last trailers.
-            self.complete = not more and not self.trailers
-            for index, piece in enumerate(pieces):
-                last_body = not more and index == len(pieces) - 1
-                event = {"type": kind, "body": piece, "more_body": not last_body}
-                await self._publish_events([event], last=last_body and not self.trailers)
-            return
-        self._check_sendable(kind)
-        if kind == "http.response.trailers":
-            last = not message.get("more_trailers", False)
             self.complete = last
+            if kind == "websocket.send":
+                for part in wire.split_message(dict(message), self.window.piece):
+                    await self._publish_events([part], last=False)
+                return
             await self._publish_events([dict(message)], last=last)
-            return
-        last = kind == "websocket.close" or (
-            kind == "websocket.http.response.body" and not message.get("more_body", False)
-        )
-        self.complete = last
-        if kind == "websocket.send":
-            for part in wire.split_message(dict(message), self.window.piece):
-                await self._publish_events([part], last=False)
-            return
-        await self._publish_events([dict(message)], last=last)
+        finally:
+            sending.release()
 
     def _offers(self, extension: str) -> bool:
         extensions = self.scope.get("extensions")
