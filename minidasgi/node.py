@@ -652,7 +652,7 @@ class Node:
             if envelope.id in self._jobs:
                 logger.warning("dropped request %s: the id is already running", envelope.id)
                 return
-            if envelope.expired():
+            if time.time() > envelope.deadline:  # envelope.expired(), without the call
                 # Only an optimisation (this Node's clock against the distributor's): the
                 # distributor answers "no worker" only for a request it took back from the list,
                 # and for one whose GONE says it never ran.
@@ -725,7 +725,9 @@ class Node:
         self._starts_flush = None
         held, self._held_starts = self._held_starts, []
         for job in held:
-            job._turn_ended()
+            # Most took their ACK and start along with their body already: no call for them.
+            if job._unsent_ack is not None or job.held_start is not None:
+                job._turn_ended()
 
     def _promise_turn(self) -> None:
         """The pop loop will call ``_end_turn`` before this loop turn's end, the next turn
@@ -937,7 +939,6 @@ class _Job:
         for event in envelope.events:
             self.inbox.put_nowait((event, False))
         self.piece = envelope.piece  # the largest body piece the distributor reads
-        self.max_message = wire.message_limit(self.piece)  # and the largest message
         # A WebSocket's credit counts bytes when its distributor announced a unit: then this
         # side counts its own way too, and says so in the ACK (``wire.CREDIT_UNIT``).
         unit = envelope.unit if self.kind == "websocket" else 0
@@ -1025,7 +1026,8 @@ class _Job:
         finally:
             # Before the GONE the caller may post next: a GONE before the ACK says the
             # request never ran, and its client would get the no-worker answer.
-            self._ack_alone()
+            if self._unsent_ack is not None:
+                self._ack_alone()
 
     def _post_ack(self, ack: tuple[Any, ...], *, hold: bool) -> None:
         self._ack_posted = self.node.outbox.post(
@@ -1164,6 +1166,11 @@ class _Job:
                 f"{wire.EARLIER_MAX_MESSAGE_SIZE} (response headers too large?)"
             )
         return data
+
+    @property
+    def max_message(self) -> int:
+        """The largest message the distributor reads (asked only of a large message)."""
+        return wire.message_limit(self.piece)
 
     def _fits(self, data: wire.Packed, events: Sequence[Message]) -> bool:
         """Whether a message carrying ``events`` may travel: within what every distributor
@@ -1348,15 +1355,16 @@ class _Job:
                     raise RuntimeError("http.response.body sent after the last body")
                 body = bytes(message.get("body", b""))
                 more = bool(message.get("more_body", False))
-                size = self.piece
-                if len(body) <= size:
-                    pieces: list[bytes | memoryview] = [body]
-                else:  # views: the pieces are copied once, into the message
-                    view = memoryview(body)
-                    pieces = [view[i : i + size] for i in range(0, len(body), size)]
                 self.body_done = not more
                 # With trailers announced, the response completes with its last trailers.
-                self.complete = not more and not self.trailers
+                complete = self.complete = not more and not self.trailers
+                size = self.piece
+                if len(body) <= size:  # one piece, nearly always
+                    event = {"type": kind, "body": body, "more_body": more}
+                    await self._publish_events([event], last=complete)
+                    return
+                view = memoryview(body)  # views: the pieces are copied once, into the message
+                pieces = [view[i : i + size] for i in range(0, len(body), size)]
                 for index, piece in enumerate(pieces):
                     last_body = not more and index == len(pieces) - 1
                     event = {"type": kind, "body": piece, "more_body": not last_body}
