@@ -11,7 +11,8 @@ may have coerced, bounding depth and ints): the keys are known, the values check
 are written, and the one free str (the Node channel) quoted by ``json``'s own C function.
 A Node answers a route's requests alike: the head's text around the request id depends only
 on the kind, the status, the number of headers, ``more_body`` and the ACK's arguments, so it
-is kept by those (a bounded table; their types are part of the key, since ``json`` writes
+is kept by those, with the prefix (which the id's length completes) and the layout of the
+table of lengths (a bounded table; their types are part of the key, since ``json`` writes
 ``1``, ``1.0`` and ``True`` apart, and a zero float, equal to its negative, is never kept),
 and the next answer costs a lookup and its checks.
 Anything else, however slightly unusual (another key, the keys in another order, a trailers
@@ -55,9 +56,10 @@ _STR: Final = frozenset([str])
 _TWO: Final = frozenset([2])
 _MORE: Final = {True: '"more_body":true}]', False: '"more_body":false}]'}
 _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(66)]  # by count: a start's 32 pairs
-_TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes]]] = {}
-"""The head's text around the request id, by what it is written from (``try_write``): a Node
-answers a route's requests alike, so only the id and the bytes values differ."""
+_TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes, struct.Struct]]] = {}
+"""The prefix and the head's text around the request id, by what they are written from
+(``try_write``): a Node answers a route's requests alike, so only the id and the bytes values
+differ."""
 _MAX_TEMPLATES: Final = memo.BOUND
 _TAIL_TYPES: Final = frozenset([str, bool, int, float])
 
@@ -116,35 +118,30 @@ def try_write(
         type(body) is memoryview and body.ndim == 1 and body.c_contiguous and body.itemsize == 1
     ):
         return None  # a bytearray (copied by the general path), a strided view, anything else
+    if not (type(request_id) is str and request_id.isascii() and request_id.isalnum()):
+        return None
     # Equal keys write the same text: the types are part of the key (True == 1 == 1.0), and
-    # a tail with a zero float (0.0 == -0.0) is never kept.
+    # a tail with a zero float (0.0 == -0.0) is never kept. With the id's length, the key
+    # also tells the head's length, hence the prefix.
     types = tuple(map(type, tail))
     if not _TAIL_TYPES.issuperset(types):
         return None  # (and nothing unhashable in the key)
-    key = (kind, status, pairs, more, tail, types)
+    key = (kind, status, pairs, more, tail, types, len(request_id))
     template = _TEMPLATES.get(key)
     if template is None:
-        template = _template(kind, count == 2, status, pairs, more, tail)
+        template = _template(kind, count == 2, status, pairs, more, tail, len(request_id))
         if template is None:
             return None
         if not any(value == 0 and type(value) is float for value in tail):
             memo.keep(_TEMPLATES, key, template, _MAX_TEMPLATES)
-    if not (type(request_id) is str and request_id.isascii() and request_id.isalnum()):
-        return None
-    before, after = template
-    identifier = request_id.encode("ascii")
-    head_size = len(before) + len(identifier) + len(after)
-    if head_size >= _MAX_HEAD:
-        return None
+    start_text, after, layout = template
     parts.append(body)
-    markers = len(parts)
     first = b"".join(
         [
-            _PREFIX.pack(jsoncodec.VERSION, head_size, markers),
-            before,
-            identifier,
+            start_text,
+            request_id.encode("ascii"),
             after,
-            _lengths(markers).pack(*map(len, parts)),
+            layout.pack(*map(len, parts)),
             *parts[:-1],
         ]
     )
@@ -156,10 +153,12 @@ def try_write(
 
 
 def _template(
-    kind: str, started: bool, status: int, pairs: int, more: bool, tail: tuple[Any, ...]
-) -> tuple[bytes, bytes] | None:
-    """The head's text before and after the request id (its quotes excluded), or None if a
-    value is outside what this writer writes."""
+    kind: str, started: bool, status: int, pairs: int, more: bool, tail: tuple[Any, ...], size: int
+) -> tuple[bytes, bytes, struct.Struct] | None:
+    """What a message is written from around its request id of ``size`` characters: the
+    prefix and the head's text before the id (its quotes excluded), the head's text after
+    it, and the layout of the table of lengths; None if a value is outside what this writer
+    writes, or the head is too long to leave unbounded."""
     if started:
         if not -_INT_BOUND < status < _INT_BOUND:
             return None
@@ -187,10 +186,14 @@ def _template(
             text += "," + _float_repr(value)
         else:
             return None
-    before = f'[{_quote(kind)},"'
-    return before.encode("utf-8", "surrogatepass"), ('",' + text + "]").encode(
-        "utf-8", "surrogatepass"
-    )
+    before = f'[{_quote(kind)},"'.encode("utf-8", "surrogatepass")
+    after = ('",' + text + "]").encode("utf-8", "surrogatepass")
+    head_size = len(before) + size + len(after)  # the id is ASCII: a byte per character
+    if head_size >= _MAX_HEAD:
+        return None
+    markers = 2 * pairs + 1 if started else 1  # two values per header, then the body
+    prefix = _PREFIX.pack(jsoncodec.VERSION, head_size, markers)
+    return prefix + before, after, _lengths(markers)
 
 
 def _lengths(count: int) -> struct.Struct:
