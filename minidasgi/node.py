@@ -459,7 +459,12 @@ class Node:
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
-                connection = await popper.wait_connected(self.pop_timeout)
+                # Connected (nearly always): no coroutine to wait with.
+                connection = (
+                    popper.connection()
+                    if popper.connected
+                    else await popper.wait_connected(self.pop_timeout)
+                )
                 # Pop only what can be acked and heard about: after a Redis restart the
                 # publisher may still be reconnecting, and a request popped then would be
                 # dropped unacked (as if its distributor were gone) while the client waits for
@@ -467,7 +472,8 @@ class Node:
                 # distributor sends for a new request (a confirmation, body pieces, credit)
                 # would be lost, and the request failed, instead of waiting in Redis.
                 assert self._publisher is not None and self._subscriber is not None
-                await self._publisher.wait_connected(self.pop_timeout)
+                if not self._publisher.connected:
+                    await self._publisher.wait_connected(self.pop_timeout)
                 if not self._subscriber.hears(self._own):
                     await self._subscriber.wait_hears(self._own, self.pop_timeout)
                 if connection is not popped_on:
