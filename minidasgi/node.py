@@ -71,6 +71,7 @@ DEFAULT_CONCURRENCY = 100
 _MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots free
 _LISTS = frozenset([list])  # what a decoded pair is
 _HEADERS = frozenset(["http.response.start", "http.response.trailers"])  # what carries headers
+_FITS = wire.EARLIER_MAX_MESSAGE_SIZE  # a message this small always travels (``_Job._fits``)
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
 
 
@@ -938,23 +939,24 @@ class _Job:
         self.id = envelope.id
         self.reply = envelope.reply
         self.version = envelope.version  # the distributor's format, which every reply uses
-        self.scope = _local_scope(envelope.scope, node.lifespan.state)  # the envelope's own
-        self.kind = self.scope["type"]
+        scope = self.scope = _local_scope(envelope.scope, node.lifespan.state)  # its own
+        kind = self.kind = scope["type"]
         # Shared: an app may call receive() from more than one task.
-        self.inbox: SharedInbox[tuple[Message, bool]] = SharedInbox(node.loop)
-        for event in envelope.events:
-            self.inbox.put_nowait((event, False))
-        self.piece = envelope.piece  # the largest body piece the distributor reads
+        inbox: SharedInbox[tuple[Message, bool]] = SharedInbox(node.loop)
+        self.inbox = inbox
+        events = envelope.events
+        for event in events:
+            inbox.put_nowait((event, False))
+        piece = self.piece = envelope.piece  # the largest body piece the distributor reads
         # A WebSocket's credit counts bytes when its distributor announced a unit: then this
         # side counts its own way too, and says so in the ACK (``wire.CREDIT_UNIT``).
-        unit = envelope.unit if self.kind == "websocket" else 0
-        self.window = wire.SendWindow(envelope.window, unit=unit, piece=envelope.piece)
-        events = envelope.events
+        unit = envelope.unit if kind == "websocket" else 0
+        self.window = wire.SendWindow(envelope.window, unit=unit, piece=piece)
         # No events: the client waits for "100 Continue", given when the app asks for the body.
-        self.awaiting_body = self.kind == "http" and not events
-        if self.kind == "http" and events and not events[-1].get("more_body", False):
+        self.awaiting_body = kind == "http" and not events
+        if kind == "http" and events and not events[-1].get("more_body", False):
             self.received = wire.ReceiveWindow(1)  # the body came whole: nothing more to flow
-        elif self.kind == "http" and self.version != codec.RELEASED:
+        elif kind == "http" and self.version != codec.RELEASED:
             self.received = node.credit_pool.window(self._grant_later)  # large pieces if room
         else:
             # A distributor of the first release sends 128 KiB pieces; a WebSocket, long-lived
@@ -988,17 +990,19 @@ class _Job:
         # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
         # A count of 0 (the distributor is gone) disconnects the app, as a client gone would.
         node = self.node
-        ack: tuple[Any, ...] = (node.channel, self.received.window, node.liveness_interval)
-        hold = self.kind == "http" and self.received.window == 1 and not self.awaiting_body
+        received = self.received
+        window = received.window
+        ack: tuple[Any, ...] = (node.channel, window, node.liveness_interval)
+        hold = window == 1 and self.kind == "http" and not self.awaiting_body
         if self.confirmation is not None:
             ack += (True,)  # and no holding: nothing runs before the answer
             hold = False
-        if self.received.piece != wire.CHUNK_SIZE or self.received.unit:
+        if received.piece != wire.CHUNK_SIZE or received.unit:
             if self.confirmation is None:
                 ack += (False,)  # the fourth argument: no confirmation asked
-            ack += (self.received.piece,)  # the fifth: the distributor may send pieces this large
-            if self.received.unit:
-                ack += (self.received.unit,)  # the sixth: its credit counts in these units
+            ack += (received.piece,)  # the fifth: the distributor may send pieces this large
+            if received.unit:
+                ack += (received.unit,)  # the sixth: its credit counts in these units
         self._ack = ack
         if hold and self._ack_send:
             # Not posted yet: the app's first SEND, if it comes in this loop turn, carries it
@@ -1164,6 +1168,8 @@ class _Job:
 
     def _bounded(self, kind: str, data: wire.Packed, events: Sequence[Message]) -> wire.Packed:
         """``data``, or ``ValueError`` if it is too large to send (``_fits``)."""
+        if type(data) is bytes and len(data) <= _FITS:  # small: it fits, whatever it carries
+            return data
         if not self._fits(data, events):
             # The distributor would drop it as malformed and wait forever: fail the app here.
             raise ValueError(
@@ -1204,7 +1210,8 @@ class _Job:
         self._unsent_ack = None
         if kind == wire.SEND:
             data = wire.pack_response(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
-            if self._fits(data, args[0]):
+            # A small message fits whatever it carries: no call to tell (``_fits``).
+            if (type(data) is bytes and len(data) <= _FITS) or self._fits(data, args[0]):
                 posted = self._ack_posted = self.node.outbox.post(self.reply, data, lost=lost)
                 return posted
         self._post_ack(ack, hold=False)
