@@ -76,9 +76,8 @@ class Outbox:
 
         ``more``: the caller posts more in this callback; an eager outbox (``eager``: see
         ``Batcher``) waits for them before the batch leaves."""
-        future = self.batcher.put(
-            channel, message, size=wire.packed_size(message), hold=hold, more=more
-        )
+        size = len(message) if type(message) is bytes else wire.packed_size(message)
+        future = self.batcher.put(channel, message, size=size, hold=hold, more=more)
         if lost is not None:
             watchers = self._lost.get(future)
             if watchers is None:
