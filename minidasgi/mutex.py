@@ -44,7 +44,8 @@ class Mutex:
     def release(self) -> None:
         """Give back the mutex taken with ``try_acquire``."""
         self._locked = False
-        self._wake_first()
+        if self._waiters:  # nearly never: no call to wake nobody
+            self._wake_first()
 
     async def acquire(self) -> None:
         """Wait for the mutex and take it (then ``release`` it): ``async with``'s entry, for
