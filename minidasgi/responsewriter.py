@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json.encoder
 import struct
-from itertools import chain
 from math import isfinite
 from typing import Any, Final
 
@@ -44,16 +43,11 @@ _INT_BOUND: Final = 10**18  # far below jsoncodec's 128 digits
 _MARK: Final = "\ue000"  # the general path's second-pass marker: it decides on values holding it
 _MAX_HEAD: Final = jsoncodec.DEFAULT_MAX_ITEMS  # a longer head: the general path bounds it
 _GATHER_FROM: Final = 64 * 1024  # as wire.pack_parts: a smaller message travels as one bytes
-_START_KEYS: Final = ("type", "status", "headers")
-_BODY_KEYS: Final = ("type", "body", "more_body")
 _START: Final = "http.response.start"
 _BODY: Final = "http.response.body"
 _PAIR: Final = "[0E0,0E0]"
 _PAIR_TYPES: Final = frozenset([tuple, list])
 _PAIRS_TEXT: Final = ["[" + ",".join([_PAIR] * n) + "]" for n in range(32)]  # by header count
-_BYTES: Final = frozenset([bytes])
-_STR: Final = frozenset([str])
-_TWO: Final = frozenset([2])
 _MORE: Final = {True: '"more_body":true}]', False: '"more_body":false}]'}
 _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(66)]  # by count: a start's 32 pairs
 _TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes, struct.Struct]]] = {}
@@ -77,12 +71,20 @@ def try_write(
     if type(events) is not list:
         return None
     count = len(events)
+    # The few keys and pairs are checked one by one: for so few, the maps and sets of a
+    # check in C cost more than the Python that does it.
     if count == 2:
         start, body_event = events
+        if type(start) is not dict or len(start) != 3:
+            return None
+        first, second, third = start
         if not (
-            type(start) is dict
-            and tuple(start) == _START_KEYS
-            and _STR.issuperset(map(type, start))
+            type(first) is str
+            and type(second) is str
+            and type(third) is str
+            and first == "type"
+            and second == "status"
+            and third == "headers"
         ):
             return None
         start_kind, status, headers = start.values()
@@ -91,13 +93,16 @@ def try_write(
             and start_kind == _START
             and type(status) is int
             and type(headers) in _PAIR_TYPES
-            and _PAIR_TYPES.issuperset(map(type, headers))
-            and _TWO.issuperset(map(len, headers))
         ):
             return None
-        parts: list[Any] = list(chain.from_iterable(headers))
-        if not _BYTES.issuperset(map(type, parts)):
-            return None
+        parts: list[Any] = []
+        for pair in headers:
+            if type(pair) not in _PAIR_TYPES or len(pair) != 2:
+                return None
+            name, value = pair
+            if type(name) is not bytes or type(value) is not bytes:
+                return None
+            parts += pair
         pairs = len(headers)
     elif count == 1:
         body_event = events[0]
@@ -105,10 +110,16 @@ def try_write(
         parts = []
     else:
         return None
+    if type(body_event) is not dict or len(body_event) != 3:
+        return None
+    first, second, third = body_event
     if not (
-        type(body_event) is dict
-        and tuple(body_event) == _BODY_KEYS
-        and _STR.issuperset(map(type, body_event))
+        type(first) is str
+        and type(second) is str
+        and type(third) is str
+        and first == "type"
+        and second == "body"
+        and third == "more_body"
     ):
         return None
     body_kind, body, more = body_event.values()
