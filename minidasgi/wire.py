@@ -486,15 +486,11 @@ def _preamble(data: bytes) -> tuple[str, str, int]:
     """``(id, reply, where the body starts)``."""
     if not data or data[0] != ENVELOPE_FRAME:
         raise WireError("not an envelope frame")
-    n = data[1]
-    request_id = data[2 : 2 + n].decode("ascii")
-    pos = 2 + n
-    m = data[pos]
-    reply = data[pos + 1 : pos + 1 + m].decode("ascii")
-    pos += 1 + m
-    if len(request_id) != n or len(reply) != m or pos >= len(data):
+    pos = 2 + data[1]
+    end = pos + 1 + data[pos]  # IndexError if the id is cut short (the callers' "malformed")
+    if end >= len(data):  # the reply channel cut short, or no body after it
         raise WireError("envelope preamble truncated")
-    return request_id, reply, pos
+    return data[2:pos].decode("ascii"), data[pos + 1 : end].decode("ascii"), end
 
 
 def parse_ping(args: list[Any]) -> tuple[str, list[str]] | None:
