@@ -698,6 +698,8 @@ class Envelope:
         if not liveness >= 0:
             raise WireError("envelope liveness out of range")
         pieces = CHUNK_SIZE if piece is None or piece == CHUNK_SIZE else piece_size(piece)
+        # Every field by position, in the order the class declares them: keywords would cost
+        # the call a dict of them (test_wire checks the envelope against the general path's).
         return cls(
             request_id,
             reply,
@@ -705,13 +707,13 @@ class Envelope:
             scope,
             events,
             window,
-            piece=pieces,
-            liveness=liveness,
-            queued=queued,
-            confirms=confirms,
-            ack_send=ack_send,
-            version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
-            unit=0 if unit is None else credit_unit(unit, piece_size(piece)),
+            liveness,
+            queued,
+            confirms,
+            codec.RELEASED if version == codec.RELEASED else codec.FAST,
+            pieces,
+            0 if unit is None else credit_unit(unit, piece_size(piece)),
+            ack_send,
         )
 
     def expired(self, now: float | None = None) -> bool:
