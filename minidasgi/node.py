@@ -685,7 +685,8 @@ class Node:
             confirm = envelope.confirms and (
                 early if early is not None else self.recovery.predates(key, envelope.queued)
             )
-            job = _Job(self, envelope, confirm=confirm)
+            # By position: a class called with a keyword argument makes a dict of it.
+            job = _Job(self, envelope, confirm)
             self._jobs[envelope.id] = job
             self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
             try:
@@ -934,7 +935,7 @@ class _Job:
     # In the recovery window (``confirmation``): the distributor's answer, True to run.
     confirmation: asyncio.Future[bool] | None = None
 
-    def __init__(self, node: Node, envelope: wire.Envelope, *, confirm: bool = False) -> None:
+    def __init__(self, node: Node, envelope: wire.Envelope, confirm: bool = False) -> None:
         self.node = node
         self.id = envelope.id
         self.reply = envelope.reply
