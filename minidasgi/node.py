@@ -69,7 +69,6 @@ DEFAULT_CONCURRENCY = 100
 """Requests one Node runs at once unless told otherwise."""
 
 _MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots free
-_LISTS = frozenset([list])  # what a decoded pair is
 _HEADERS = frozenset(["http.response.start", "http.response.trailers"])  # what carries headers
 _FITS = wire.EARLIER_MAX_MESSAGE_SIZE  # a message this small always travels (``_Job._fits``)
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
@@ -1579,10 +1578,14 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
         }
     headers = local.get("headers")
     if type(headers) is list:
-        if _LISTS.issuperset(map(type, headers)):  # as decoded: no Python call per header
-            local["headers"] = list(map(tuple, headers))
-        else:
-            local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
+        # One by one: for a request's few headers, a loop costs less than a map's machinery.
+        pairs = []
+        for pair in headers:
+            if type(pair) is not list:  # not as decoded: only the pairs, whatever they are
+                pairs = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
+                break
+            pairs.append(tuple(pair))
+        local["headers"] = pairs
     client = local.get("client")
     if type(client) is list:
         local["client"] = tuple(client)
