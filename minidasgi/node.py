@@ -635,6 +635,7 @@ class Node:
         """Run one popped request; ``early``: it may predate the pop connection (None:
         unknown, the envelope's time tells: ``confirmation``). ``slots``: the pop loop's,
         one of which this request holds until it ends."""
+        task = asyncio.current_task(self.loop)  # once, for the job and the end: with the loop
         try:
             try:
                 envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
@@ -686,6 +687,7 @@ class Node:
             )
             # By position: a class called with a keyword argument makes a dict of it.
             job = _Job(self, envelope, confirm)
+            job.task = task
             self._jobs[envelope.id] = job
             self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
             try:
@@ -708,7 +710,7 @@ class Node:
             if slots is not None:
                 # Here rather than in a done callback on the task: a loop callback less per
                 # request (its task ends in this very step).
-                self._requests.discard(asyncio.current_task(self.loop))
+                self._requests.discard(task)
                 slots.release()
 
     def _tell_gone(self, channel: str, request_id: str, reason: str, version: int) -> None:
@@ -984,7 +986,7 @@ class _Job:
             self.confirmation.set_result(confirmed)
 
     async def run(self) -> None:
-        self.task = asyncio.current_task(self.node.loop)  # with the loop: no getpid()
+        """Run the request (the caller's task: ``task``)."""
         # Not awaited: the app runs at once. A request whose body came whole lets its ack wait
         # a moment for the response, to share its PUBLISH; the others need the credit and the
         # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
