@@ -953,7 +953,7 @@ class _Job:
         # A WebSocket's credit counts bytes when its distributor announced a unit: then this
         # side counts its own way too, and says so in the ACK (``wire.CREDIT_UNIT``).
         unit = envelope.unit if kind == "websocket" else 0
-        self.window = wire.SendWindow(envelope.window, unit=unit, piece=piece)
+        self.window = wire.SendWindow(envelope.window, unit, piece)
         # No events: the client waits for "100 Continue", given when the app asks for the body.
         self.awaiting_body = kind == "http" and not events
         if kind == "http" and events and not events[-1].get("more_body", False):

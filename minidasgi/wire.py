@@ -824,7 +824,9 @@ class SendWindow:
     units of that many bytes of encoded message: a message then costs ``cost(size)``, and
     carries at most ``piece`` bytes of a WebSocket message (``unit_window``)."""
 
-    def __init__(self, window: int = WINDOW, *, unit: int = 0, piece: int = CHUNK_SIZE) -> None:
+    def __init__(self, window: int = WINDOW, unit: int = 0, piece: int = CHUNK_SIZE) -> None:
+        # (``unit`` and ``piece`` may come by position: a class called with keyword arguments
+        # makes a dict of them, and a Node makes a window per request.)
         self.unit = unit
         self.window, self.largest = unit_window(window, piece, unit)
         self.piece = self.largest * unit if unit else piece
