@@ -21,10 +21,11 @@ KIB``) instead of hello-world requests, one connection: ``--requests`` downloads
 the kernel's copies and TCP work, most of what a download costs, are not in these figures (CPU
 time from ``/proc`` is).
 
-``--callgrind DIR`` runs the distributor under ``valgrind --tool=callgrind`` instead (its
-instruction count is the same) and keeps its profiles of both runs in ``DIR``
-(``distributor-<requests>.callgrind``): read them with ``callgrind_annotate --inclusive=yes``,
-the difference of the two is what the counted requests cost.
+``--callgrind DIR`` runs one process (the distributor, or the one ``--callgrind-role`` names)
+under ``valgrind --tool=callgrind`` instead (its instruction count is the same) and keeps its
+profiles of both runs in ``DIR`` (``<role>-<requests>.callgrind``): read them with
+``callgrind_annotate --inclusive=yes``, the difference of the two is what the counted requests
+cost.
 """
 
 from __future__ import annotations
@@ -127,9 +128,12 @@ def _wait_up(port: int, deadline: float = 600.0) -> None:
     raise RuntimeError(f"nothing answered on port {port} within {deadline:.0f} s")
 
 
-def _valgrind(role: str, total: int, callgrind: str | None) -> list[str]:
-    """The valgrind command line for ``role``'s process in the run of ``total`` requests."""
-    if callgrind is not None and role == "distributor":
+def _valgrind(
+    role: str, total: int, callgrind: str | None, profiled: str = "distributor"
+) -> list[str]:
+    """The valgrind command line for ``role``'s process in the run of ``total`` requests
+    (callgrind for the ``profiled`` role when a ``callgrind`` directory is given)."""
+    if callgrind is not None and role == profiled:
         out = os.path.join(callgrind, f"{role}-{total}.callgrind")
         return [*CALLGRIND, f"--callgrind-out-file={out}"]
     return VALGRIND
@@ -143,9 +147,11 @@ def _run(
     callgrind: str | None = None,
     download: int = 0,
     chunk: int = 0,
+    profiled: str = "distributor",
 ) -> dict[str, int]:
     """Instructions each process executed, with ``total`` requests sent to each server (the
-    distributor under callgrind, its profile kept in the directory ``callgrind``, if given)."""
+    ``profiled`` role under callgrind, its profile kept in the directory ``callgrind``, if
+    given)."""
     redis = RedisServer()
     redis.start()
     url = f"redis://{bench_http.HOST}:{redis.port}"
@@ -156,7 +162,8 @@ def _run(
     commands = bench_http.commands(tmp, url, direct_port, dist_port, flags, fast)
     processes = {
         role: subprocess.Popen(
-            [*_valgrind(role, total, callgrind), f"--log-file={logs[role]}", *command], env=env
+            [*_valgrind(role, total, callgrind, profiled), f"--log-file={logs[role]}", *command],
+            env=env,
         )
         for role, command in commands.items()
     }
@@ -205,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--callgrind",
         metavar="DIR",
-        help="run the distributor under callgrind and keep its profiles in DIR",
+        help="run one process under callgrind and keep its profiles in DIR",
+    )
+    parser.add_argument(
+        "--callgrind-role",
+        choices=ROLES,
+        default="distributor",
+        help="with --callgrind: the process profiled (default: the distributor)",
     )
     parser.add_argument(
         "--fast", action="store_true", help="all three on uvloop, uvicorn with --http httptools"
@@ -235,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(args.callgrind, exist_ok=True)
         chunk = args.chunk << 10
         short = _run(
-            args.warmup, args.connections, tmp, args.fast, args.callgrind, args.download, chunk
+            args.warmup,
+            args.connections,
+            tmp,
+            args.fast,
+            args.callgrind,
+            args.download,
+            chunk,
+            args.callgrind_role,
         )
         long = _run(
             args.warmup + args.requests,
@@ -245,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             args.callgrind,
             args.download,
             chunk,
+            args.callgrind_role,
         )
     per_request = {role: (long[role] - short[role]) / args.requests for role in ROLES}
     if args.download:

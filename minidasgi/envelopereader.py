@@ -3,9 +3,11 @@
 Owns one shortcut, the reading twin of ``envelopewriter`` (and the envelope's counterpart of
 ``responsereader``): the fields of an envelope whose scope is uvicorn's (its keys in the order
 of its h11 protocol or of its httptools one, as ``envelopewriter`` writes them) and whose
-events are at most one ``http.request``, read with one regular expression over the head instead
-of the general scanner, which calls back into Python for every bytes marker and every float.
-The expression accepts only text whose meaning leaves no choice: fixed keys in a fixed order,
+events are at most one ``http.request``, read with regular expressions over the head instead
+of the general scanner, which calls back into Python for every bytes marker and every float
+(the texts of the scope and of the fields around the queued time, alike from a request to the
+next, are read once and kept by their text, in bounded tables).
+The expressions accept only text whose meaning leaves no choice: fixed keys in a fixed order,
 strings of printable ASCII without escapes, ints without sign or leading zero of at most 9
 digits, plain decimal floats short enough for ``jsoncodec``'s bound on number literals, ``0E0``
 markers exactly where bytes go; the prefix, the table of lengths and the markers' count are
@@ -69,11 +71,17 @@ _HTTPTOOLS_SCOPE: Final = re.compile(
 """The same scope in the key order of uvicorn's httptools protocol: the same groups, the root
 path and the header markers before the method."""
 _EVENTS: Final = b',"events":['
-_REST: Final = re.compile(
+_QUEUED: Final = b',"queued":'
+_BEFORE_QUEUED: Final = re.compile(
+    rb',"events":\[(?:\{"type":"http\.request","body":0E0,"more_body":(true|false)\})?\]'
+    rb',"window":' + _INT + rb',"liveness":' + _FLOAT
+)
+"""The fields between the scope and the queued time: groups for the event's ``more_body``,
+the window and the liveness."""
+_QUEUED_TIME: Final = re.compile(_FLOAT)
+_AFTER_QUEUED: Final = re.compile(
     b"".join(
         [
-            rb',"events":\[(?:\{"type":"http\.request","body":0E0,"more_body":(true|false)\})?\]',
-            rb',"window":' + _INT + rb',"liveness":' + _FLOAT + rb',"queued":' + _FLOAT,
             rb'(?:,"piece":' + _INT + rb")?",
             rb'(,"confirms":true)?',
             rb'(?:,"unit":' + _INT + rb")?",
@@ -82,8 +90,14 @@ _REST: Final = re.compile(
         ]
     )
 )
-"""The fields after the scope: groups for the event's ``more_body``, the window, the
-liveness, the queued time and the optional fields."""
+"""The fields after the queued time: groups for the optional fields."""
+_Before = tuple[bool | None, int, float]
+_After = tuple["int | None", bool, "int | None", bool]
+_BEFORES: Final[dict[bytes, _Before]] = {}
+_AFTERS: Final[dict[bytes, _After]] = {}
+"""What the texts around the queued time were read as, by the texts: a distributor writes
+the same ones for every request but for a body that streams (their expressions bound their
+lengths, so a kept key is short)."""
 _Scope = tuple[str, str, str, str, Any, Any, str, str, str, str, int, bool]
 _SCOPES: Final[dict[bytes, _Scope]] = {}
 """What ``_SCOPE`` read from a scope's text, by the text: a connection's requests to a route
@@ -167,9 +181,33 @@ def try_fields(
         return None
     scope_start = start.end()
     scope_end = data.find(_EVENTS, scope_start, head_end)
-    rest = _REST.fullmatch(data, scope_end, head_end) if scope_end >= 0 else None
-    if rest is None:
+    # After the scope, the texts around the queued time (the only field that changes from a
+    # request to the next) are read once, and the queued time by itself: as one expression,
+    # the fields cost the regular expression engine a step per character of each request.
+    queued_at = data.find(_QUEUED, scope_end, head_end) if scope_end >= 0 else -1
+    if queued_at < 0:
         return None
+    before_text = data[scope_end:queued_at]
+    before = _BEFORES.get(before_text)
+    if before is None:
+        before = _before(before_text)
+        if before is None:
+            return None
+        memo.keep(_BEFORES, before_text, before, _MAX_SCOPES)
+    queued_start = queued_at + len(_QUEUED)
+    queued_end = data.find(b",", queued_start, head_end)  # a number holds no comma
+    if queued_end < 0:
+        queued_end = head_end - 1  # no optional field: only the closing brace may follow
+    queued = _QUEUED_TIME.fullmatch(data, queued_start, queued_end)
+    if queued is None:
+        return None
+    after_text = data[queued_end:head_end]
+    after = _AFTERS.get(after_text)
+    if after is None:
+        after = _after(after_text)
+        if after is None:
+            return None
+        memo.keep(_AFTERS, after_text, after, _MAX_SCOPES)
     text = data[scope_start:scope_end]
     template = _SCOPES.get(text)
     if template is None:
@@ -192,7 +230,8 @@ def try_fields(
         headers_count,
         httptools,
     ) = template
-    more, window, liveness, queued, piece, confirms, unit, ack_send = rest.groups()
+    more, window, liveness = before
+    piece, confirms, unit, ack_send = after
     # Two markers for the paths, two per header, one for the event's body.
     markers = 2 + 2 * headers_count + (more is not None)
     if count != markers:
@@ -223,7 +262,7 @@ def try_fields(
     events = []
     if more is not None:
         body = data[end if httptools else position :]
-        events.append({"type": "http.request", "body": body, "more_body": more == b"true"})
+        events.append({"type": "http.request", "body": body, "more_body": more})
     asgi = {"version": version, "spec_version": spec_version}
     server_value = None if server is None else list(server)
     client_value = None if client is None else list(client)
@@ -261,9 +300,34 @@ def try_fields(
         float(start[1]),
         scope,
         events,
-        int(window),
-        float(liveness),
-        float(queued),
+        window,
+        liveness,
+        float(queued[0]),
+        piece,
+        confirms,
+        unit,
+        ack_send,
+    )
+
+
+def _before(text: bytes) -> _Before | None:
+    """The event's ``more_body`` (None: no event), the window and the liveness the fields
+    between the scope and the queued time hold, or None if they are not the usual ones."""
+    match = _BEFORE_QUEUED.fullmatch(text)
+    if match is None:
+        return None
+    more, window, liveness = match.groups()
+    return None if more is None else more == b"true", int(window), float(liveness)
+
+
+def _after(text: bytes) -> _After | None:
+    """The optional fields after the queued time (piece, confirms, unit, ack_send), or None
+    if they are not the usual ones."""
+    match = _AFTER_QUEUED.fullmatch(text)
+    if match is None:
+        return None
+    piece, confirms, unit, ack_send = match.groups()
+    return (
         None if piece is None else int(piece),
         confirms is not None,
         None if unit is None else int(unit),

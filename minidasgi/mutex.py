@@ -44,9 +44,12 @@ class Mutex:
     def release(self) -> None:
         """Give back the mutex taken with ``try_acquire``."""
         self._locked = False
-        self._wake_first()
+        if self._waiters:  # nearly never: no call to wake nobody
+            self._wake_first()
 
-    async def __aenter__(self) -> None:
+    async def acquire(self) -> None:
+        """Wait for the mutex and take it (then ``release`` it): ``async with``'s entry, for
+        a caller whose ``try_acquire`` failed."""
         if not self._locked and not self._waiters:
             self._locked = True  # the usual case: no future, no loop turn
             return
@@ -65,6 +68,8 @@ class Mutex:
                 self._wake_first()
             raise
         self._locked = True
+
+    __aenter__ = acquire
 
     async def __aexit__(
         self,

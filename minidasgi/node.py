@@ -69,8 +69,8 @@ DEFAULT_CONCURRENCY = 100
 """Requests one Node runs at once unless told otherwise."""
 
 _MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots free
-_LISTS = frozenset([list])  # what a decoded pair is
 _HEADERS = frozenset(["http.response.start", "http.response.trailers"])  # what carries headers
+_FITS = wire.EARLIER_MAX_MESSAGE_SIZE  # a message this small always travels (``_Job._fits``)
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
 
 
@@ -459,7 +459,12 @@ class Node:
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
-                connection = await popper.wait_connected(self.pop_timeout)
+                # Connected (nearly always): no coroutine to wait with.
+                connection = (
+                    popper.connection()
+                    if popper.connected
+                    else await popper.wait_connected(self.pop_timeout)
+                )
                 # Pop only what can be acked and heard about: after a Redis restart the
                 # publisher may still be reconnecting, and a request popped then would be
                 # dropped unacked (as if its distributor were gone) while the client waits for
@@ -467,7 +472,8 @@ class Node:
                 # distributor sends for a new request (a confirmation, body pieces, credit)
                 # would be lost, and the request failed, instead of waiting in Redis.
                 assert self._publisher is not None and self._subscriber is not None
-                await self._publisher.wait_connected(self.pop_timeout)
+                if not self._publisher.connected:
+                    await self._publisher.wait_connected(self.pop_timeout)
                 if not self._subscriber.hears(self._own):
                     await self._subscriber.wait_hears(self._own, self.pop_timeout)
                 if connection is not popped_on:
@@ -629,6 +635,7 @@ class Node:
         """Run one popped request; ``early``: it may predate the pop connection (None:
         unknown, the envelope's time tells: ``confirmation``). ``slots``: the pop loop's,
         one of which this request holds until it ends."""
+        task = asyncio.current_task(self.loop)  # once, for the job and the end: with the loop
         try:
             try:
                 envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
@@ -652,7 +659,7 @@ class Node:
             if envelope.id in self._jobs:
                 logger.warning("dropped request %s: the id is already running", envelope.id)
                 return
-            if envelope.expired():
+            if time.time() > envelope.deadline:  # envelope.expired(), without the call
                 # Only an optimisation (this Node's clock against the distributor's): the
                 # distributor answers "no worker" only for a request it took back from the list,
                 # and for one whose GONE says it never ran.
@@ -678,7 +685,9 @@ class Node:
             confirm = envelope.confirms and (
                 early if early is not None else self.recovery.predates(key, envelope.queued)
             )
-            job = _Job(self, envelope, confirm=confirm)
+            # By position: a class called with a keyword argument makes a dict of it.
+            job = _Job(self, envelope, confirm)
+            job.task = task
             self._jobs[envelope.id] = job
             self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
             try:
@@ -701,7 +710,7 @@ class Node:
             if slots is not None:
                 # Here rather than in a done callback on the task: a loop callback less per
                 # request (its task ends in this very step).
-                self._requests.discard(asyncio.current_task(self.loop))
+                self._requests.discard(task)
                 slots.release()
 
     def _tell_gone(self, channel: str, request_id: str, reason: str, version: int) -> None:
@@ -725,7 +734,9 @@ class Node:
         self._starts_flush = None
         held, self._held_starts = self._held_starts, []
         for job in held:
-            job._turn_ended()
+            # Most took their ACK and start along with their body already: no call for them.
+            if job._unsent_ack is not None or job.held_start is not None:
+                job._turn_ended()
 
     def _promise_turn(self) -> None:
         """The pop loop will call ``_end_turn`` before this loop turn's end, the next turn
@@ -925,29 +936,29 @@ class _Job:
     # In the recovery window (``confirmation``): the distributor's answer, True to run.
     confirmation: asyncio.Future[bool] | None = None
 
-    def __init__(self, node: Node, envelope: wire.Envelope, *, confirm: bool = False) -> None:
+    def __init__(self, node: Node, envelope: wire.Envelope, confirm: bool = False) -> None:
         self.node = node
         self.id = envelope.id
         self.reply = envelope.reply
         self.version = envelope.version  # the distributor's format, which every reply uses
-        self.scope = _local_scope(envelope.scope, node.lifespan.state)  # the envelope's own
-        self.kind = self.scope["type"]
+        scope = self.scope = _local_scope(envelope.scope, node.lifespan.state)  # its own
+        kind = self.kind = scope["type"]
         # Shared: an app may call receive() from more than one task.
-        self.inbox: SharedInbox[tuple[Message, bool]] = SharedInbox(node.loop)
-        for event in envelope.events:
-            self.inbox.put_nowait((event, False))
-        self.piece = envelope.piece  # the largest body piece the distributor reads
-        self.max_message = wire.message_limit(self.piece)  # and the largest message
+        inbox: SharedInbox[tuple[Message, bool]] = SharedInbox(node.loop)
+        self.inbox = inbox
+        events = envelope.events
+        for event in events:
+            inbox.put_nowait((event, False))
+        piece = self.piece = envelope.piece  # the largest body piece the distributor reads
         # A WebSocket's credit counts bytes when its distributor announced a unit: then this
         # side counts its own way too, and says so in the ACK (``wire.CREDIT_UNIT``).
-        unit = envelope.unit if self.kind == "websocket" else 0
-        self.window = wire.SendWindow(envelope.window, unit=unit, piece=envelope.piece)
-        events = envelope.events
+        unit = envelope.unit if kind == "websocket" else 0
+        self.window = wire.SendWindow(envelope.window, unit, piece)
         # No events: the client waits for "100 Continue", given when the app asks for the body.
-        self.awaiting_body = self.kind == "http" and not events
-        if self.kind == "http" and events and not events[-1].get("more_body", False):
+        self.awaiting_body = kind == "http" and not events
+        if kind == "http" and events and not events[-1].get("more_body", False):
             self.received = wire.ReceiveWindow(1)  # the body came whole: nothing more to flow
-        elif self.kind == "http" and self.version != codec.RELEASED:
+        elif kind == "http" and self.version != codec.RELEASED:
             self.received = node.credit_pool.window(self._grant_later)  # large pieces if room
         else:
             # A distributor of the first release sends 128 KiB pieces; a WebSocket, long-lived
@@ -975,23 +986,25 @@ class _Job:
             self.confirmation.set_result(confirmed)
 
     async def run(self) -> None:
-        self.task = asyncio.current_task(self.node.loop)  # with the loop: no getpid()
+        """Run the request (the caller's task: ``task``)."""
         # Not awaited: the app runs at once. A request whose body came whole lets its ack wait
         # a moment for the response, to share its PUBLISH; the others need the credit and the
         # Node channel the ack brings at once (a body to stream, a WebSocket, 100-continue).
         # A count of 0 (the distributor is gone) disconnects the app, as a client gone would.
         node = self.node
-        ack: tuple[Any, ...] = (node.channel, self.received.window, node.liveness_interval)
-        hold = self.kind == "http" and self.received.window == 1 and not self.awaiting_body
+        received = self.received
+        window = received.window
+        ack: tuple[Any, ...] = (node.channel, window, node.liveness_interval)
+        hold = window == 1 and self.kind == "http" and not self.awaiting_body
         if self.confirmation is not None:
             ack += (True,)  # and no holding: nothing runs before the answer
             hold = False
-        if self.received.piece != wire.CHUNK_SIZE or self.received.unit:
+        if received.piece != wire.CHUNK_SIZE or received.unit:
             if self.confirmation is None:
                 ack += (False,)  # the fourth argument: no confirmation asked
-            ack += (self.received.piece,)  # the fifth: the distributor may send pieces this large
-            if self.received.unit:
-                ack += (self.received.unit,)  # the sixth: its credit counts in these units
+            ack += (received.piece,)  # the fifth: the distributor may send pieces this large
+            if received.unit:
+                ack += (received.unit,)  # the sixth: its credit counts in these units
         self._ack = ack
         if hold and self._ack_send:
             # Not posted yet: the app's first SEND, if it comes in this loop turn, carries it
@@ -1020,11 +1033,13 @@ class _Job:
             await self._done(failed=True)
             return
         else:
-            await self._done(failed=False)
+            if not self.finished:  # else all is told already: no coroutine for nothing
+                await self._done(failed=False)
         finally:
             # Before the GONE the caller may post next: a GONE before the ACK says the
             # request never ran, and its client would get the no-worker answer.
-            self._ack_alone()
+            if self._unsent_ack is not None:
+                self._ack_alone()
 
     def _post_ack(self, ack: tuple[Any, ...], *, hold: bool) -> None:
         self._ack_posted = self.node.outbox.post(
@@ -1155,6 +1170,8 @@ class _Job:
 
     def _bounded(self, kind: str, data: wire.Packed, events: Sequence[Message]) -> wire.Packed:
         """``data``, or ``ValueError`` if it is too large to send (``_fits``)."""
+        if type(data) is bytes and len(data) <= _FITS:  # small: it fits, whatever it carries
+            return data
         if not self._fits(data, events):
             # The distributor would drop it as malformed and wait forever: fail the app here.
             raise ValueError(
@@ -1163,6 +1180,11 @@ class _Job:
                 f"{wire.EARLIER_MAX_MESSAGE_SIZE} (response headers too large?)"
             )
         return data
+
+    @property
+    def max_message(self) -> int:
+        """The largest message the distributor reads (asked only of a large message)."""
+        return wire.message_limit(self.piece)
 
     def _fits(self, data: wire.Packed, events: Sequence[Message]) -> bool:
         """Whether a message carrying ``events`` may travel: within what every distributor
@@ -1190,7 +1212,8 @@ class _Job:
         self._unsent_ack = None
         if kind == wire.SEND:
             data = wire.pack_response(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
-            if self._fits(data, args[0]):
+            # A small message fits whatever it carries: no call to tell (``_fits``).
+            if (type(data) is bytes and len(data) <= _FITS) or self._fits(data, args[0]):
                 posted = self._ack_posted = self.node.outbox.post(self.reply, data, lost=lost)
                 return posted
         self._post_ack(ack, hold=False)
@@ -1285,7 +1308,9 @@ class _Job:
         while True:
             if self.disconnect is not None and self.inbox.empty():
                 return self.disconnect  # as uvicorn: once disconnected, always disconnected
-            event, counted = await self.inbox.get()
+            inbox = self.inbox
+            # Taken at once when there (a whole body came in the envelope): no coroutine.
+            event, counted = await inbox.get() if inbox.empty() else inbox.get_nowait()
             if counted:
                 credit = self.received.consumed()
                 if credit and not self.gone:
@@ -1312,73 +1337,71 @@ class _Job:
     async def send(self, message: Message) -> None:
         """The app's ``send``."""
         sending = self._sending
-        if sending.try_acquire():  # the usual case: no other task is sending
-            try:
-                await self._send(message)
-            finally:
-                sending.release()
-            return
-        async with sending:
-            await self._send(message)
-
-    async def _send(self, message: Message) -> None:
-        if self.gone:
-            return  # as uvicorn does once the client is gone
-        kind = message["type"]
-        if self.complete:
-            raise RuntimeError(f"{kind} sent after the response completed")
-        if kind == "http.response.start":
-            if self.response_started:
-                raise RuntimeError("http.response.start sent twice")
-            self.response_started = True
-            status = message.get("status")
-            self.status = status if type(status) is int else 0
-            self.trailers = bool(message.get("trailers", False)) and self._offers(
-                "http.response.trailers"
-            )
-            # Held to travel with the first body in one PUBLISH, but only for this loop turn:
-            # an app that works before its first body must not keep the client from its
-            # headers (EventSource.onopen, long polls, progress indicators).
-            self.held_start = dict(message)
-            if self._unsent_ack is None:  # else the job is held for this turn already
-                self.node.hold_start(self)
-            return
-        if kind == "http.response.body":
-            if not self.response_started:
-                raise RuntimeError("http.response.body sent before http.response.start")
-            if self.body_done:  # only possible while announced trailers are awaited
-                raise RuntimeError("http.response.body sent after the last body")
-            body = bytes(message.get("body", b""))
-            more = bool(message.get("more_body", False))
-            size = self.piece
-            if len(body) <= size:
-                pieces: list[bytes | memoryview] = [body]
-            else:  # views: the pieces are copied once, into the message
-                view = memoryview(body)
+        if not sending.try_acquire():  # else the usual case: no other task is sending
+            await sending.acquire()
+        # The message is handled here rather than in a coroutine of its own: a coroutine
+        # per message less (a start never waits at all).
+        try:
+            if self.gone:
+                return  # as uvicorn does once the client is gone
+            kind = message["type"]
+            if self.complete:
+                raise RuntimeError(f"{kind} sent after the response completed")
+            if kind == "http.response.start":
+                if self.response_started:
+                    raise RuntimeError("http.response.start sent twice")
+                self.response_started = True
+                status = message.get("status")
+                self.status = status if type(status) is int else 0
+                self.trailers = bool(message.get("trailers", False)) and self._offers(
+                    "http.response.trailers"
+                )
+                # Held to travel with the first body in one PUBLISH, but only for this loop turn:
+                # an app that works before its first body must not keep the client from its
+                # headers (EventSource.onopen, long polls, progress indicators).
+                self.held_start = dict(message)
+                if self._unsent_ack is None:  # else the job is held for this turn already
+                    self.node.hold_start(self)
+                return
+            if kind == "http.response.body":
+                if not self.response_started:
+                    raise RuntimeError("http.response.body sent before http.response.start")
+                if self.body_done:  # only possible while announced trailers are awaited
+                    raise RuntimeError("http.response.body sent after the last body")
+                body = bytes(message.get("body", b""))
+                more = bool(message.get("more_body", False))
+                self.body_done = not more
+                # With trailers announced, the response completes with its last trailers.
+                complete = self.complete = not more and not self.trailers
+                size = self.piece
+                if len(body) <= size:  # one piece, nearly always
+                    event = {"type": kind, "body": body, "more_body": more}
+                    await self._publish_events([event], last=complete)
+                    return
+                view = memoryview(body)  # views: the pieces are copied once, into the message
                 pieces = [view[i : i + size] for i in range(0, len(body), size)]
-            self.body_done = not more
-            # With trailers announced, the response completes with its last trailers.
-            self.complete = not more and not self.trailers
-            for index, piece in enumerate(pieces):
-                last_body = not more and index == len(pieces) - 1
-                event = {"type": kind, "body": piece, "more_body": not last_body}
-                await self._publish_events([event], last=last_body and not self.trailers)
-            return
-        self._check_sendable(kind)
-        if kind == "http.response.trailers":
-            last = not message.get("more_trailers", False)
+                for index, piece in enumerate(pieces):
+                    last_body = not more and index == len(pieces) - 1
+                    event = {"type": kind, "body": piece, "more_body": not last_body}
+                    await self._publish_events([event], last=last_body and not self.trailers)
+                return
+            self._check_sendable(kind)
+            if kind == "http.response.trailers":
+                last = not message.get("more_trailers", False)
+                self.complete = last
+                await self._publish_events([dict(message)], last=last)
+                return
+            last = kind == "websocket.close" or (
+                kind == "websocket.http.response.body" and not message.get("more_body", False)
+            )
             self.complete = last
+            if kind == "websocket.send":
+                for part in wire.split_message(dict(message), self.window.piece):
+                    await self._publish_events([part], last=False)
+                return
             await self._publish_events([dict(message)], last=last)
-            return
-        last = kind == "websocket.close" or (
-            kind == "websocket.http.response.body" and not message.get("more_body", False)
-        )
-        self.complete = last
-        if kind == "websocket.send":
-            for part in wire.split_message(dict(message), self.window.piece):
-                await self._publish_events([part], last=False)
-            return
-        await self._publish_events([dict(message)], last=last)
+        finally:
+            sending.release()
 
     def _offers(self, extension: str) -> bool:
         extensions = self.scope.get("extensions")
@@ -1557,10 +1580,14 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
         }
     headers = local.get("headers")
     if type(headers) is list:
-        if _LISTS.issuperset(map(type, headers)):  # as decoded: no Python call per header
-            local["headers"] = list(map(tuple, headers))
-        else:
-            local["headers"] = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
+        # One by one: for a request's few headers, a loop costs less than a map's machinery.
+        pairs = []
+        for pair in headers:
+            if type(pair) is not list:  # not as decoded: only the pairs, whatever they are
+                pairs = [tuple(pair) for pair in headers if isinstance(pair, (list, tuple))]
+                break
+            pairs.append(tuple(pair))
+        local["headers"] = pairs
     client = local.get("client")
     if type(client) is list:
         local["client"] = tuple(client)

@@ -28,6 +28,8 @@ from .resp.topology import CommandClient
 
 __all__ = ["Lost", "Outbox"]
 
+_JOINED_BELOW = 16 * 1024  # a batch frame this small travels as one bytes value
+
 Lost: TypeAlias = Callable[["asyncio.Future[int]"], None]
 """Told, with the batch's future, that a message did not reach its peer (see ``Outbox.post``)."""
 
@@ -74,9 +76,8 @@ class Outbox:
 
         ``more``: the caller posts more in this callback; an eager outbox (``eager``: see
         ``Batcher``) waits for them before the batch leaves."""
-        future = self.batcher.put(
-            channel, message, size=wire.packed_size(message), hold=hold, more=more
-        )
+        size = len(message) if type(message) is bytes else wire.packed_size(message)
+        future = self.batcher.put(channel, message, size=size, hold=hold, more=more)
         if lost is not None:
             watchers = self._lost.get(future)
             if watchers is None:
@@ -135,8 +136,13 @@ class Outbox:
             return
         if len(messages) == 1:
             client.publish_into(channel, messages[0], result)
-        elif all(_version(m) != codec.RELEASED for m in messages):
-            client.publish_into(channel, wire.batch_frame_parts(messages), result)
+        elif codec.RELEASED not in map(_version, messages):
+            parts = wire.batch_frame_parts(messages)
+            # A small frame is joined here (the PUBLISH is then packed in one formatting step)
+            # rather than packed part by part; a large one's parts are copied once, into the
+            # write.
+            frame = b"".join(parts) if wire.packed_size(parts) < _JOINED_BELOW else parts
+            client.publish_into(channel, frame, result)
         else:
             # A peer of the first release reads single messages only: one PUBLISH each, one
             # write; in order on one connection, so the last tells for all.

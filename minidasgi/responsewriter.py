@@ -11,7 +11,8 @@ may have coerced, bounding depth and ints): the keys are known, the values check
 are written, and the one free str (the Node channel) quoted by ``json``'s own C function.
 A Node answers a route's requests alike: the head's text around the request id depends only
 on the kind, the status, the number of headers, ``more_body`` and the ACK's arguments, so it
-is kept by those (a bounded table; their types are part of the key, since ``json`` writes
+is kept by those, with the prefix (which the id's length completes) and the layout of the
+table of lengths (a bounded table; their types are part of the key, since ``json`` writes
 ``1``, ``1.0`` and ``True`` apart, and a zero float, equal to its negative, is never kept),
 and the next answer costs a lookup and its checks.
 Anything else, however slightly unusual (another key, the keys in another order, a trailers
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json.encoder
 import struct
-from itertools import chain
 from math import isfinite
 from typing import Any, Final
 
@@ -43,21 +43,17 @@ _INT_BOUND: Final = 10**18  # far below jsoncodec's 128 digits
 _MARK: Final = "\ue000"  # the general path's second-pass marker: it decides on values holding it
 _MAX_HEAD: Final = jsoncodec.DEFAULT_MAX_ITEMS  # a longer head: the general path bounds it
 _GATHER_FROM: Final = 64 * 1024  # as wire.pack_parts: a smaller message travels as one bytes
-_START_KEYS: Final = ("type", "status", "headers")
-_BODY_KEYS: Final = ("type", "body", "more_body")
 _START: Final = "http.response.start"
 _BODY: Final = "http.response.body"
 _PAIR: Final = "[0E0,0E0]"
 _PAIR_TYPES: Final = frozenset([tuple, list])
 _PAIRS_TEXT: Final = ["[" + ",".join([_PAIR] * n) + "]" for n in range(32)]  # by header count
-_BYTES: Final = frozenset([bytes])
-_STR: Final = frozenset([str])
-_TWO: Final = frozenset([2])
 _MORE: Final = {True: '"more_body":true}]', False: '"more_body":false}]'}
 _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(66)]  # by count: a start's 32 pairs
-_TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes]]] = {}
-"""The head's text around the request id, by what it is written from (``try_write``): a Node
-answers a route's requests alike, so only the id and the bytes values differ."""
+_TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes, struct.Struct]]] = {}
+"""The prefix and the head's text around the request id, by what they are written from
+(``try_write``): a Node answers a route's requests alike, so only the id and the bytes values
+differ."""
 _MAX_TEMPLATES: Final = memo.BOUND
 _TAIL_TYPES: Final = frozenset([str, bool, int, float])
 
@@ -75,12 +71,20 @@ def try_write(
     if type(events) is not list:
         return None
     count = len(events)
+    # The few keys and pairs are checked one by one: for so few, the maps and sets of a
+    # check in C cost more than the Python that does it.
     if count == 2:
         start, body_event = events
+        if type(start) is not dict or len(start) != 3:
+            return None
+        first, second, third = start
         if not (
-            type(start) is dict
-            and tuple(start) == _START_KEYS
-            and _STR.issuperset(map(type, start))
+            type(first) is str
+            and type(second) is str
+            and type(third) is str
+            and first == "type"
+            and second == "status"
+            and third == "headers"
         ):
             return None
         start_kind, status, headers = start.values()
@@ -89,13 +93,16 @@ def try_write(
             and start_kind == _START
             and type(status) is int
             and type(headers) in _PAIR_TYPES
-            and _PAIR_TYPES.issuperset(map(type, headers))
-            and _TWO.issuperset(map(len, headers))
         ):
             return None
-        parts: list[Any] = list(chain.from_iterable(headers))
-        if not _BYTES.issuperset(map(type, parts)):
-            return None
+        parts: list[Any] = []
+        for pair in headers:
+            if type(pair) not in _PAIR_TYPES or len(pair) != 2:
+                return None
+            name, value = pair
+            if type(name) is not bytes or type(value) is not bytes:
+                return None
+            parts += pair
         pairs = len(headers)
     elif count == 1:
         body_event = events[0]
@@ -103,10 +110,16 @@ def try_write(
         parts = []
     else:
         return None
+    if type(body_event) is not dict or len(body_event) != 3:
+        return None
+    first, second, third = body_event
     if not (
-        type(body_event) is dict
-        and tuple(body_event) == _BODY_KEYS
-        and _STR.issuperset(map(type, body_event))
+        type(first) is str
+        and type(second) is str
+        and type(third) is str
+        and first == "type"
+        and second == "body"
+        and third == "more_body"
     ):
         return None
     body_kind, body, more = body_event.values()
@@ -116,35 +129,30 @@ def try_write(
         type(body) is memoryview and body.ndim == 1 and body.c_contiguous and body.itemsize == 1
     ):
         return None  # a bytearray (copied by the general path), a strided view, anything else
+    if not (type(request_id) is str and request_id.isascii() and request_id.isalnum()):
+        return None
     # Equal keys write the same text: the types are part of the key (True == 1 == 1.0), and
-    # a tail with a zero float (0.0 == -0.0) is never kept.
+    # a tail with a zero float (0.0 == -0.0) is never kept. With the id's length, the key
+    # also tells the head's length, hence the prefix.
     types = tuple(map(type, tail))
     if not _TAIL_TYPES.issuperset(types):
         return None  # (and nothing unhashable in the key)
-    key = (kind, status, pairs, more, tail, types)
+    key = (kind, status, pairs, more, tail, types, len(request_id))
     template = _TEMPLATES.get(key)
     if template is None:
-        template = _template(kind, count == 2, status, pairs, more, tail)
+        template = _template(kind, count == 2, status, pairs, more, tail, len(request_id))
         if template is None:
             return None
         if not any(value == 0 and type(value) is float for value in tail):
             memo.keep(_TEMPLATES, key, template, _MAX_TEMPLATES)
-    if not (type(request_id) is str and request_id.isascii() and request_id.isalnum()):
-        return None
-    before, after = template
-    identifier = request_id.encode("ascii")
-    head_size = len(before) + len(identifier) + len(after)
-    if head_size >= _MAX_HEAD:
-        return None
+    start_text, after, layout = template
     parts.append(body)
-    markers = len(parts)
     first = b"".join(
         [
-            _PREFIX.pack(jsoncodec.VERSION, head_size, markers),
-            before,
-            identifier,
+            start_text,
+            request_id.encode("ascii"),
             after,
-            _lengths(markers).pack(*map(len, parts)),
+            layout.pack(*map(len, parts)),
             *parts[:-1],
         ]
     )
@@ -156,10 +164,12 @@ def try_write(
 
 
 def _template(
-    kind: str, started: bool, status: int, pairs: int, more: bool, tail: tuple[Any, ...]
-) -> tuple[bytes, bytes] | None:
-    """The head's text before and after the request id (its quotes excluded), or None if a
-    value is outside what this writer writes."""
+    kind: str, started: bool, status: int, pairs: int, more: bool, tail: tuple[Any, ...], size: int
+) -> tuple[bytes, bytes, struct.Struct] | None:
+    """What a message is written from around its request id of ``size`` characters: the
+    prefix and the head's text before the id (its quotes excluded), the head's text after
+    it, and the layout of the table of lengths; None if a value is outside what this writer
+    writes, or the head is too long to leave unbounded."""
     if started:
         if not -_INT_BOUND < status < _INT_BOUND:
             return None
@@ -187,10 +197,14 @@ def _template(
             text += "," + _float_repr(value)
         else:
             return None
-    before = f'[{_quote(kind)},"'
-    return before.encode("utf-8", "surrogatepass"), ('",' + text + "]").encode(
-        "utf-8", "surrogatepass"
-    )
+    before = f'[{_quote(kind)},"'.encode("utf-8", "surrogatepass")
+    after = ('",' + text + "]").encode("utf-8", "surrogatepass")
+    head_size = len(before) + size + len(after)  # the id is ASCII: a byte per character
+    if head_size >= _MAX_HEAD:
+        return None
+    markers = 2 * pairs + 1 if started else 1  # two values per header, then the body
+    prefix = _PREFIX.pack(jsoncodec.VERSION, head_size, markers)
+    return prefix + before, after, _lengths(markers)
 
 
 def _lengths(count: int) -> struct.Struct:

@@ -486,15 +486,11 @@ def _preamble(data: bytes) -> tuple[str, str, int]:
     """``(id, reply, where the body starts)``."""
     if not data or data[0] != ENVELOPE_FRAME:
         raise WireError("not an envelope frame")
-    n = data[1]
-    request_id = data[2 : 2 + n].decode("ascii")
-    pos = 2 + n
-    m = data[pos]
-    reply = data[pos + 1 : pos + 1 + m].decode("ascii")
-    pos += 1 + m
-    if len(request_id) != n or len(reply) != m or pos >= len(data):
+    pos = 2 + data[1]
+    end = pos + 1 + data[pos]  # IndexError if the id is cut short (the callers' "malformed")
+    if end >= len(data):  # the reply channel cut short, or no body after it
         raise WireError("envelope preamble truncated")
-    return request_id, reply, pos
+    return data[2:pos].decode("ascii"), data[pos + 1 : end].decode("ascii"), end
 
 
 def parse_ping(args: list[Any]) -> tuple[str, list[str]] | None:
@@ -702,6 +698,8 @@ class Envelope:
         if not liveness >= 0:
             raise WireError("envelope liveness out of range")
         pieces = CHUNK_SIZE if piece is None or piece == CHUNK_SIZE else piece_size(piece)
+        # Every field by position, in the order the class declares them: keywords would cost
+        # the call a dict of them (test_wire checks the envelope against the general path's).
         return cls(
             request_id,
             reply,
@@ -709,13 +707,13 @@ class Envelope:
             scope,
             events,
             window,
-            piece=pieces,
-            liveness=liveness,
-            queued=queued,
-            confirms=confirms,
-            ack_send=ack_send,
-            version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
-            unit=0 if unit is None else credit_unit(unit, piece_size(piece)),
+            liveness,
+            queued,
+            confirms,
+            codec.RELEASED if version == codec.RELEASED else codec.FAST,
+            pieces,
+            0 if unit is None else credit_unit(unit, piece_size(piece)),
+            ack_send,
         )
 
     def expired(self, now: float | None = None) -> bool:
@@ -826,7 +824,9 @@ class SendWindow:
     units of that many bytes of encoded message: a message then costs ``cost(size)``, and
     carries at most ``piece`` bytes of a WebSocket message (``unit_window``)."""
 
-    def __init__(self, window: int = WINDOW, *, unit: int = 0, piece: int = CHUNK_SIZE) -> None:
+    def __init__(self, window: int = WINDOW, unit: int = 0, piece: int = CHUNK_SIZE) -> None:
+        # (``unit`` and ``piece`` may come by position: a class called with keyword arguments
+        # makes a dict of them, and a Node makes a window per request.)
         self.unit = unit
         self.window, self.largest = unit_window(window, piece, unit)
         self.piece = self.largest * unit if unit else piece

@@ -176,6 +176,26 @@ def test_what_is_kept_of_scopes_is_small(monkeypatch: pytest.MonkeyPatch) -> Non
     assert max(map(len, envelopereader._SCOPES)) <= envelopereader._MAX_KEPT
 
 
+def test_the_texts_around_the_queued_time_are_kept_once_per_distributor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests differ by their deadline and queued time: the fields around the queued time
+    (the event, the window, the liveness; the optional fields) are read once and kept by
+    their short texts, the queued time read each time."""
+    monkeypatch.setattr(envelopereader, "_BEFORES", {})
+    monkeypatch.setattr(envelopereader, "_AFTERS", {})
+    now = time.time()
+    for index in range(20):
+        value = check_read(fields(deadline=now + index, queued=now - index / 7))
+        assert value["queued"] == now - index / 7  # each its own
+    assert len(envelopereader._BEFORES) == 1
+    assert len(envelopereader._AFTERS) == 1
+    check_read(fields(events=[], window=8, piece=1 << 20, confirms=True, unit=4096))
+    assert len(envelopereader._BEFORES) == 2
+    assert len(envelopereader._AFTERS) == 2
+    assert max(map(len, [*envelopereader._BEFORES, *envelopereader._AFTERS])) < 200
+
+
 def test_the_bounds_are_those_of_the_general_path() -> None:
     data = fields()
     assert envelopereader.try_decode(data, max_size=len(data) - 1) is None

@@ -84,3 +84,24 @@ async def test_a_waiter_cancelled_once_woken_passes_the_turn_on() -> None:
     await asyncio.wait_for(entered.wait(), 1)
     await task
     assert not mutex.locked() and not mutex._waiters
+
+
+async def test_acquire_waits_for_the_holder_then_takes_the_mutex() -> None:
+    mutex = Mutex()
+    assert mutex.try_acquire()
+    entered = asyncio.Event()
+
+    async def second() -> None:
+        await mutex.acquire()
+        entered.set()
+
+    task = asyncio.create_task(second())
+    await asyncio.sleep(0)
+    assert not entered.is_set()
+    mutex.release()
+    await asyncio.wait_for(entered.wait(), 1)
+    assert mutex.locked()
+    assert not mutex.try_acquire()
+    mutex.release()
+    assert mutex.try_acquire()
+    await task

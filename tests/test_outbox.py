@@ -104,3 +104,22 @@ async def test_a_withdrawn_callback_is_not_told_and_costs_the_batch_no_callback(
     await asyncio.sleep(0)
     assert scheduled == [] and a.calls == [] and b.calls == []
     outbox.withdraw(future, a)  # a settled or unknown batch: nothing to do
+
+
+async def test_a_small_batch_travels_as_one_bytes_value_a_large_one_as_parts() -> None:
+    # Joined, a small frame's PUBLISH is packed in one formatting step; a large frame's parts
+    # are copied once, into the write. Either way the frame is the same.
+    client = FakeClient()
+    outbox = Outbox(lambda: client)  # type: ignore[arg-type, return-value]
+    small = [wire.pack(wire.CREDIT, "r", n) for n in range(3)]
+    large = [wire.pack(wire.CREDIT, "r", 1), b"\x03" + b"x" * 40000]
+    for messages in (small, large):
+        for message in messages:
+            outbox.post("c", message)
+        await asyncio.sleep(0)
+    (_, first, _), (_, second, _) = client.published
+    assert type(first) is bytes
+    assert first == wire.batch_frame(small)
+    assert type(second) is list
+    assert b"".join(second) == wire.batch_frame(large)
+    assert wire.split_frame(first) == small

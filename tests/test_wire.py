@@ -636,6 +636,17 @@ def test_an_envelope_preamble_names_id_and_reply_whatever_the_body() -> None:
     assert wire.peek_envelope(b"\x01garbage") is None
 
 
+def test_an_envelope_cut_short_in_its_preamble_is_refused() -> None:
+    envelope = Envelope(**envelope_fields())
+    data = envelope.encode()
+    start = 3 + len(envelope.id) + len(envelope.reply)  # where the body starts
+    for cut in range(start + 1):  # up to and including a preamble with no body
+        assert wire.peek_envelope(data[:cut]) is None, cut
+        with pytest.raises((WireError, codec.CodecError)):
+            Envelope.decode(data[:cut])
+    assert wire.peek_envelope(data[: start + 1]) == (envelope.id, envelope.reply)
+
+
 def test_an_envelope_in_the_first_release_format_is_a_plain_codec_dict() -> None:
     envelope = dataclasses.replace(Envelope(**envelope_fields()), version=codec.RELEASED)
     data = envelope.encode()

@@ -28,11 +28,14 @@ from .protocol import (
     RespError,
     pack_command,
     pack_gathering,
+    pack_pair_command,
 )
 
 __all__ = ["Client"]
 
 logger = logging.getLogger("minidasgi.resp.client")
+
+_PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"  # packed once (``pack_pair_command``)
 
 
 class Client:
@@ -145,10 +148,16 @@ class Client:
     ) -> None:
         """``publish_soon`` settling the caller's ``result`` straight from the reply (no future
         of its own, no loop turn in between); a ``result`` already done is left alone."""
+        # A message of one bytes value (nearly all) in one formatting step, not the general
+        # packer's loop over the arguments.
+        packed = (
+            pack_pair_command(_PUBLISH, channel, message)
+            if type(message) is bytes
+            else pack_gathering("PUBLISH", channel, message)
+        )
         try:
             self.connection().send_packed_to(
-                pack_gathering("PUBLISH", channel, message),
-                lambda reply: self._settle_count(result, reply),
+                packed, lambda reply: self._settle_count(result, reply)
             )
         except RespError as exc:
             logger.warning("%s cannot publish: %s", self.name, exc)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -94,6 +95,7 @@ _CLOSE_GRACE = 2.0  # seconds close() lets buffered bytes drain before dropping 
 _LPUSH = b"*3\r\n$5\r\nLPUSH\r\n"
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
 _PING = b"*1\r\n$4\r\nPING\r\n"
+_BYTES = itertools.repeat(bytes)  # isinstance's second argument for every value (map)
 
 
 @dataclass(frozen=True)
@@ -879,7 +881,7 @@ class Connection:
                 and isinstance(reply[0], bytes)
                 and isinstance(reply[1], list)
                 and 0 < len(reply[1]) <= count
-                and all(isinstance(value, bytes) for value in reply[1])
+                and all(map(isinstance, reply[1], _BYTES))  # no generator per pop
             ):
                 raise ProtocolError("unexpected BLMPOP reply")
             if popped is not None:

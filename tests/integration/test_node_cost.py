@@ -4,6 +4,8 @@ and loop callbacks scheduled while it serves a batch of hello-world requests pop
 from __future__ import annotations
 
 import asyncio
+import inspect
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -439,3 +441,56 @@ async def test_a_lone_request_ends_in_the_turn_it_ran_and_leaves_the_loop_nothin
         monkeypatch.undo()
         await pusher.close()
         await subscriber.close()
+
+
+async def test_a_hello_world_request_costs_the_node_five_coroutines(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coroutine that never waits still costs its creation, its frame and its end (about a
+    # thousand instructions, three times a plain call): per request the task's own
+    # (``_run_request``), the job's ``run``, one per ``send`` and one to publish the body.
+    # Before, each send ran a second one (``_send``) and an app that had sent its whole
+    # response a last one for nothing (``_done``): 8 per request.
+    node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    bodies: list[bytes] = []
+
+    def on_message(_: bytes, data: bytes) -> None:
+        for message in wire.split_frame(data):
+            kind, _, args = wire.unpack(message)
+            if kind in (wire.SEND, wire.ACK_SEND):
+                bodies.extend(e["body"] for e in args[0] if e["type"] == "http.response.body")
+
+    entered: Counter[str] = Counter()
+    node_code = Node.__init__.__code__.co_filename
+
+    def profile(frame: Any, event: str, _: Any) -> None:
+        code = frame.f_code
+        # A coroutine of the Node's entered (its first step, or a resumption: the hello app
+        # never waits, so each runs in one step; the pop loop's few are counted too).
+        if (
+            event == "call"
+            and code.co_flags & inspect.CO_COROUTINE
+            and code.co_filename == node_code
+        ):
+            entered[code.co_qualname] += 1
+
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    try:
+        async with run_node(node):
+            envelopes = [_envelope(wire.new_request_id(), reply, ack_send=True) for _ in range(N)]
+            sys.setprofile(profile)
+            try:
+                await pusher.execute("LPUSH", "K", *envelopes)
+                assert await poll(lambda: len(bodies) >= N, 10)
+            finally:
+                sys.setprofile(None)
+    finally:
+        await pusher.close()
+        await subscriber.close()
+    assert bodies == [b"Hello World!"] * N
+    assert entered["_Job.send"] == 2 * N, entered
+    assert sum(entered.values()) < 6 * N, entered

@@ -293,8 +293,12 @@ async def test_brpop_many_takes_up_to_count_oldest_first(
 
 @pytest.mark.parametrize(
     "reply",
-    [b"*2\r\n$1\r\nq\r\n*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n", b"*2\r\n$1\r\nq\r\n:1\r\n"],
-    ids=["more-than-count", "not-a-list"],
+    [
+        b"*2\r\n$1\r\nq\r\n*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n",
+        b"*2\r\n$1\r\nq\r\n:1\r\n",
+        b"*2\r\n$1\r\nq\r\n*2\r\n$1\r\na\r\n:7\r\n",
+    ],
+    ids=["more-than-count", "not-a-list", "a-value-not-bytes"],
 )
 async def test_brpop_many_refuses_a_reply_it_did_not_ask_for(
     open_conn: Opener, reply: bytes
