@@ -1133,10 +1133,14 @@ class _Exchange:
         peer. Anything else before an ack can only be forged, and is dropped."""
         # One timer for all requests rather than wait_for() (a task per request before
         # Python 3.12) or a call_later each.
-        timer = self.distributor.ack_deadlines.add(self.inbox.put_nowait, timeout)
+        inbox = self.inbox
+        timer = self.distributor.ack_deadlines.add(inbox.put_nowait, timeout)
         try:
             while True:
-                item = await self.inbox.get()
+                item = inbox.get_or(None)  # items are never None
+                if item is None:
+                    await inbox.arrival()
+                    continue
                 if item is timeout or item is _PEER_LOST or item is _VIOLATION:
                     # A violation is signalled once, and everything after it dropped: lost
                     # here, the request would wait for messages that are never kept.
@@ -1145,12 +1149,17 @@ class _Exchange:
                     if type(item) is _Pushed and self._pushing:
                         return item
                     continue  # e.g. a deadline of the previous wait
-                if item[0] == wire.GONE or _acking_node(*item) is not None:
+                kind, args = item
+                if kind == wire.GONE:
                     return item
+                if kind == wire.ACK and args:  # _acking_node(*item), inline: one per request
+                    channel = args[0]
+                    if isinstance(channel, str) and 0 < len(channel) <= 256:
+                        return item
                 # Before the ACK, on the same connection, a Node sends nothing: forged.
-                if item[0] == wire.SEND:
+                if kind == wire.SEND:
                     self.received.dropped()
-                logger.warning("dropped a %r message before the ack of %s", item[0], self.id)
+                logger.warning("dropped a %r message before the ack of %s", kind, self.id)
         finally:
             Deadlines.cancel(timer)
 
@@ -1208,18 +1217,24 @@ class _Exchange:
         d = self.distributor
         timeout = d.response_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        inbox = self.inbox
         while not self.complete:
-            if self._watch_later and self.inbox.empty():
-                self._watch_client()
-            try:
-                if deadline is None:
-                    item = await self.inbox.get()
-                else:
+            if deadline is None:
+                item = inbox.get_or(None)  # items are never None
+                if item is None:  # the relay waits for the Node
+                    if self._watch_later:
+                        self._watch_client()
+                    await inbox.arrival()
+                    continue
+            else:  # bounded even while messages keep coming
+                if self._watch_later and inbox.empty():
+                    self._watch_client()
+                try:
                     remaining = deadline - asyncio.get_running_loop().time()
-                    item = await asyncio.wait_for(self.inbox.get(), max(remaining, 0))
-            except asyncio.TimeoutError:
-                await self._fail(504, "the worker did not answer in time\n")
-                return
+                    item = await asyncio.wait_for(inbox.get(), max(remaining, 0))
+                except asyncio.TimeoutError:
+                    await self._fail(504, "the worker did not answer in time\n")
+                    return
             if type(item) is tuple:  # a message from the Node, the usual item
                 kind, args = item
             elif item is _CLIENT_GONE:
