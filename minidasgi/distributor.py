@@ -693,7 +693,7 @@ class Distributor:
         bytes): the ACK handled as one, then the SEND as one, if the ACK was the request's
         first."""
         try:
-            ack, send = wire.split_ack_send(args)
+            ack = wire.ack_of_ack_send(args)  # the SEND's arguments: ``args``, events first
         except wire.WireError as exc:
             logger.warning("dropped a malformed message on the reply channel: %s", exc)
             return
@@ -712,7 +712,7 @@ class Distributor:
         exchange.seen += (wire.ACK,)
         exchange.acked_by = node
         exchange.inbox.put_nowait((wire.ACK, ack))
-        _on_send(exchange, send, size)
+        _on_send(exchange, args, size)
 
     def _second_ack(self, exchange: _Exchange, args: list[Any]) -> None:
         """Another ACK for a request already acked: a second copy of its envelope was popped
