@@ -85,8 +85,8 @@ async def test_a_failed_push_that_no_longer_matters_is_not_reported_as_lost() ->
 
 
 def test_header_pairs_become_tuples_alike_on_both_paths() -> None:
-    """``_tuple_headers`` converts an all-lists header list in C: the result is the general
-    loop's, down to the types, for every mixture (fuzzed)."""
+    """``_tuple_headers`` converts a header list in place: the result is the comprehension's,
+    down to the types, for every mixture (fuzzed)."""
     rng = random.Random(10)
     kinds = [[b"a", b"b"], (b"c", b"d"), [b"e"], b"fg", None, [[b"h"], b"i"], ()]
     for _ in range(500):
