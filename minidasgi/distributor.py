@@ -430,7 +430,8 @@ class Distributor:
                 self.metrics.refused(metrics.UNREACHABLE)
             self._finished(scope, None, None, status, started)
             return
-        if self.admission.over_capacity(len(self._exchanges)):
+        limit = self.admission.max_in_flight  # over_capacity(), inline: one per request
+        if limit is not None and len(self._exchanges) >= limit:
             await self._refuse_for_now(scope, receive, send, "too many requests in flight\n")
             self.metrics.refused(metrics.IN_FLIGHT)
             self.admission.log_refusal(metrics.IN_FLIGHT, key)
@@ -443,7 +444,8 @@ class Distributor:
         finally:
             exchange.received.close()
             del self._exchanges[exchange.id]
-            exchange.cancel_late_acks()
+            if not exchange.inbox.empty():  # seldom: an ACK came too late, or a signal
+                exchange.cancel_late_acks()
             if exchange.node is not None:
                 self.peers.discard(exchange.node, exchange.id)
             self._finished(scope, key, exchange, exchange.status, started)
@@ -813,6 +815,7 @@ class _Exchange:
     _pushing = False  # the LPUSH's reply may still stop the request (``_Pushed``)
     acked_at = 0.0
     _ack: Sequence[Any] = ()  # the ACK's arguments, once it came
+    unit = 0  # the credit unit announced in the envelope (a WebSocket's): 0, none
 
     def __init__(
         self, distributor: Distributor, key: str, scope: Scope, receive: Receive, send: Send
@@ -832,13 +835,10 @@ class _Exchange:
             # Nodes of the first release send 128 KiB pieces; a WebSocket, long-lived and
             # seldom bulky, must not hold the room for large pieces (CreditPool.window).
             self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
-        # A WebSocket's credit may count bytes (``wire.CREDIT_UNIT``): announced in the
-        # envelope, used once the Node's ACK announces a unit too.
-        self.unit = (
-            wire.CREDIT_UNIT
-            if self.kind == "websocket" and distributor.wire_format != codec.RELEASED
-            else 0
-        )
+        if self.kind == "websocket" and distributor.wire_format != codec.RELEASED:
+            # A WebSocket's credit may count bytes (``wire.CREDIT_UNIT``): announced in the
+            # envelope, used once the Node's ACK announces a unit too.
+            self.unit = wire.CREDIT_UNIT
         # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
         self.expecting = self.kind == "http" and _expects_continue(scope)
 
@@ -994,7 +994,7 @@ class _Exchange:
         pings = len(ack_args) > 2 and type(ack_args[2]) in (int, float) and ack_args[2] > 0
         d.peers.add(node, self.id, now, pings=pings)
         self._ack = ack_args  # the window it grants is made once the client has more to send
-        if wire.asks_confirmation(ack_args):
+        if len(ack_args) > 3 and ack_args[3] is True:  # wire.asks_confirmation, inline
             # The Node waits to run it until told: this is the first ACK, and the client has
             # not been answered (``confirmation``).
             d.outbox.post(node, self._pack(wire.CONFIRM), lost=self._check_reached)
