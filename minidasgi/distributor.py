@@ -527,20 +527,21 @@ class Distributor:
             if found is None:
                 return 404, f"no route for path {path[:200]!r}\n"
             key = found
+        limit = self.max_body_size if scope["type"] == "http" else None
         header_size = 0  # a plain loop: a generator under sum() costs more per request
-        for name, value in scope.get("headers", ()):
+        too_large = False
+        for name, value in scope.get("headers", ()):  # one pass for both bounds
             header_size += len(name) + len(value)
+            if limit is not None and value.isdigit() and name.lower() == b"content-length":
+                # More digits than the limit has is larger, without int(): Python refuses
+                # to convert more than 4,300 digits (ValueError, a 500).
+                digits = value.lstrip(b"0")
+                if len(digits) > len(str(limit)) or int(digits or b"0") > limit:
+                    too_large = True
         if header_size > self.max_header_size:
             return 431, "request headers too large\n"
-        limit = self.max_body_size
-        if limit is not None and scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if value.isdigit() and name.lower() == b"content-length":
-                    # More digits than the limit has is larger, without int(): Python
-                    # refuses to convert more than 4,300 digits (ValueError, a 500).
-                    digits = value.lstrip(b"0")
-                    if len(digits) > len(str(limit)) or int(digits or b"0") > limit:
-                        return 413, "request body too large\n"
+        if too_large:
+            return 413, "request body too large\n"
         if not self.ready:
             return 503, "the request queue (Redis) is unreachable\n"
         return key
@@ -1476,7 +1477,8 @@ def _log_pump_failure(pump: asyncio.Task[None]) -> None:
 def _expects_continue(scope: Scope) -> bool:
     """True if the client waits for "100 Continue" before sending its body."""
     for name, value in scope.get("headers", ()):
-        if name.lower() == b"expect" and value.lower() == b"100-continue":
+        # The length first: most names are not six bytes long, and it spares their lower().
+        if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
             return True
     return False
 
