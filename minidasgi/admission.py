@@ -73,6 +73,7 @@ class Admission:
             if bound is not None and (type(bound) is not int or bound < 1):
                 raise ValueError(f"queue and in-flight bounds must be integers >= 1, not {bound!r}")
         self.max_in_flight = max_in_flight
+        self._unbounded = not self._bounds and self._default_bound is None  # no queue bound
         self._channels: dict[str, bytes] = {}  # key -> packed PUBSUB NUMSUB command
         self._lpush_heads: dict[str, bytes] = {}  # key -> LPUSH's name and key, packed
         self._numsub_refused = False  # the ACL user may not run PUBSUB: fail-fast is off
@@ -135,6 +136,8 @@ class Admission:
         """What ``push`` returns, from the outcome of the batch at ``index`` in it: None, or
         the refusal reason; raise ``RespError`` when the LPUSH failed."""
         listeners, length, count = outcome
+        if listeners is None and self._unbounded and type(length) is int:
+            return None  # no fail-fast nor bound: an LPUSH that went through is all it takes
         if isinstance(length, ReplyError):
             raise length
         if listeners is not None:

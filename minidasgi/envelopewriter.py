@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json.encoder
 import struct
-from itertools import chain
 from math import isfinite
 from typing import Any, Final
 
@@ -79,9 +78,6 @@ _ONE_REQUEST: Final = {
 _PAIR: Final = "[0E0,0E0]"
 _PAIR_TYPES: Final = frozenset([tuple, list])
 _PAIRS_TEXT: Final = ["[" + ",".join([_PAIR] * n) + "]" for n in range(32)]  # by header count
-_BYTES: Final = frozenset([bytes])
-_TWO: Final = frozenset([2])
-_STR: Final = frozenset([str])
 _UVICORN_KEYS: Final = (
     "type",
     "asgi",
@@ -332,7 +328,12 @@ def _uvicorn_scope(scope: dict[str, Any], blobs: list[bytes], httptools: bool) -
             headers,
         ) = scope.values()
     if not (
-        _STR.issuperset(map(type, (kind, http_version, scheme, method, root_path, path)))
+        type(kind) is str  # one by one: cheaper than a set inclusion over a map of six
+        and type(http_version) is str
+        and type(scheme) is str
+        and type(method) is str
+        and type(root_path) is str
+        and type(path) is str
         and type(raw_path) is bytes
         and type(query_string) is bytes
         and type(asgi) is dict
@@ -397,12 +398,20 @@ def _address(value: Any) -> str | None:
 
 
 def _pairs(headers: list[Any], blobs: list[bytes]) -> str | None:
-    """Headers as pairs of bytes (tuples or lists, as json writes both), checked in C."""
-    if not (_PAIR_TYPES.issuperset(map(type, headers)) and _TWO.issuperset(map(len, headers))):
-        return None
-    values = list(chain.from_iterable(headers))
-    if not _BYTES.issuperset(map(type, values)):
-        return None
+    """Headers as pairs of bytes (tuples or lists, as json writes both); ``blobs`` untouched
+    unless they are. A plain loop: checked in C (``map`` and set inclusions, then ``chain``),
+    a request's few headers cost more (valgrind: 9.4k instructions for one header against
+    3.8k, 19.2k for eight against 13.2k)."""
+    values: list[bytes] = []
+    append = values.append
+    for pair in headers:
+        if type(pair) not in _PAIR_TYPES or len(pair) != 2:
+            return None
+        name, value = pair
+        if type(name) is not bytes or type(value) is not bytes:
+            return None
+        append(name)
+        append(value)
     blobs += values
     count = len(headers)
     if count < len(_PAIRS_TEXT):

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 __all__ = ["Inbox", "SharedInbox"]
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 class _Fifo(Generic[T]):
@@ -69,17 +70,28 @@ class Inbox(_Fifo[T]):
         """Add ``item`` and wake the consumer."""
         self._items.append(item)
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # not cancelled with its consumer
+                waiter.set_result(None)
+
+    def get_or(self, default: D) -> T | D:
+        """The oldest item, or ``default`` when empty (no coroutine, no exception)."""
+        items = self._items
+        return items.popleft() if items else default
+
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done once an item is put, for the consumer that found the inbox empty
+        (``get_or``). Awaited as it is, it spares the coroutine that ``get`` runs, its frame
+        made at each call and resumed at each wake-up. A consumer cancelled meanwhile
+        cancels it, and the items stay: the next ``arrival`` replaces it."""
+        waiter = self._waiter = self._running_loop().create_future()
+        return waiter
 
     async def get(self) -> T:
         """The oldest item, waiting for one."""
         while not self._items:
-            waiter = self._waiter = self._running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self.arrival()
         return self._items.popleft()
 
 

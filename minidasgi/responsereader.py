@@ -38,7 +38,9 @@ _ID_START: Final = 9 + 13  # after the prefix and the start
 _CHANNEL: Final = rb'"([!#-\[\]-~]{1,255})"'  # a Node channel: text json reads unchanged
 _INT: Final = rb"(0|[1-9][0-9]{0,8})"  # what json reads as an int, and int() likewise
 _START: Final = b'["ack-send","'  # the head's start, then the request id
-_ID: Final = re.compile(rb"[!#-\[\]-~]+")  # what json reads as the text between the quotes
+_START_AND_ID: Final = re.compile(re.escape(_START) + rb'([!#-\[\]-~]+)"')
+"""The head's start and the request id (what json reads as the text between the quotes),
+in one match: cheaper than a comparison, a search and a match."""
 _REST: Final = re.compile(
     b"".join(
         [
@@ -105,11 +107,10 @@ def try_decode(
     tail_start = head_end + 4 * count
     if tail_start > size or head_size >= max_items or max_depth < _DEPTH:
         return None
-    if not data.startswith(_START, _PREFIX.size):
+    start_and_id = _START_AND_ID.match(data, _PREFIX.size, head_end)
+    if start_and_id is None:
         return None
-    id_end = data.find(b'"', _ID_START, head_end)
-    if id_end < 0 or _ID.fullmatch(data, _ID_START, id_end) is None:
-        return None
+    id_end = start_and_id.end(1)
     rest = data[id_end:head_end]
     template = _TEMPLATES.get(rest)
     if template is None:
@@ -125,10 +126,9 @@ def try_decode(
         return None
     headers = []
     position = tail_start
-    pair = iter(lengths)  # the header's, then the body's, which zip() drops
-    for name_size, value_size in zip(pair, pair, strict=False):
-        middle = position + name_size
-        end = middle + value_size
+    for index in range(0, count - 1, 2):  # the headers' lengths, then the body's
+        middle = position + lengths[index]
+        end = middle + lengths[index + 1]
         headers.append([data[position:middle], data[middle:end]])
         position = end
     body: dict[str, Any] = {"type": "http.response.body", "body": data[position:]}

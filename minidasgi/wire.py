@@ -142,6 +142,7 @@ __all__ = [
     "SendWindow",
     "WebSocketData",
     "WireError",
+    "ack_of_ack_send",
     "asks_confirmation",
     "batch_frame",
     "batch_frame_parts",
@@ -429,8 +430,9 @@ def unpack(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
     cannot read raises ``codec.UnsupportedVersion``."""
     # The usual small response, without the general scanner: the same value (``responsereader``).
     message = responsereader.try_decode(data, max_size=MAX_MESSAGE_SIZE)
-    if message is None:
-        message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
+    if message is not None:  # an ACK_SEND with its id: nothing more to check here
+        return ACK_SEND, message[1], message[2:]
+    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")
     if message[0] == PING:
@@ -457,6 +459,13 @@ def split_ack_send(args: list[Any]) -> tuple[list[Any], list[Any]]:
     both are well formed as far as the message's dispatch goes (a list of events, a Node
     channel) and the ACK asks for no confirmation (a Node that asks runs nothing, so sends
     nothing, before the answer); the rest is checked where an ACK's and a SEND's are."""
+    return ack_of_ack_send(args), args[:1]
+
+
+def ack_of_ack_send(args: list[Any]) -> list[Any]:
+    """``split_ack_send(args)[0]``, checked alike, for a reader that takes ``args`` itself as
+    the SEND's arguments (its first, the events, is all a SEND's reader reads): a slice
+    less per response."""
     if len(args) < 2 or type(args[0]) is not list:
         raise WireError("ack-send message without its events and its ack")
     channel = args[1]
@@ -465,7 +474,7 @@ def split_ack_send(args: list[Any]) -> tuple[list[Any], list[Any]]:
     ack = args[1:]
     if len(ack) > 3 and ack[3] is True:  # asks_confirmation(ack), inline: one per request
         raise WireError("ack-send message asking for a confirmation")
-    return ack, args[:1]
+    return ack
 
 
 def peek_envelope(data: bytes) -> tuple[str, str] | None:

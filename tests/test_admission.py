@@ -10,6 +10,7 @@ import pytest
 from minidasgi import admission as admission_module
 from minidasgi import memo, metrics
 from minidasgi.admission import Admission
+from minidasgi.resp import ReplyError
 from minidasgi.resp.protocol import pack_command
 
 
@@ -67,3 +68,20 @@ def test_lpush_is_packed_as_pack_command_packs_it_its_head_once_per_key(
     admission._pack_lpush("k", [b"y", b"z"])
     assert packed == []  # neither packed the general way
     assert "k" in admission._lpush_heads and len(admission._lpush_heads) <= memo.BOUND
+
+
+def test_the_verdict_of_an_lpush_by_bounds_and_listeners() -> None:
+    error = ReplyError("OOM command not allowed")
+    plain = Admission(channel_prefix="p", db=0)
+    assert plain.verdict("k", 0, (None, 10**6, 1)) is None  # no bound: any length
+    with pytest.raises(ReplyError):
+        plain.verdict("k", 0, (None, error, 1))
+    bounded = Admission(channel_prefix="p", db=0, max_queue={"a": 2, "b": None})
+    assert bounded.verdict("b", 0, (None, 10**6, 1)) is None
+    assert bounded.verdict("a", 0, (None, 3, 2)) is None  # the second of the batch made it 3
+    assert bounded.verdict("a", 1, (None, 3, 2)) == metrics.QUEUE_FULL
+    fail_fast = Admission(channel_prefix="p", db=0, fail_fast=True)
+    assert fail_fast.verdict("k", 0, ([b"chan", 0], 1, 1)) == metrics.NO_NODE
+    assert fail_fast.verdict("k", 0, ([b"chan", 1], 1, 1)) is None
+    with pytest.raises(ReplyError):
+        fail_fast.verdict("k", 0, ([b"chan", 1], error, 1))

@@ -9,7 +9,13 @@ import types
 from typing import Any
 
 from minidasgi.admission import Admission
-from minidasgi.distributor import _Exchange, _portable_scope, _tuple_headers
+from minidasgi.distributor import (
+    Distributor,
+    _Exchange,
+    _expects_continue,
+    _portable_scope,
+    _tuple_headers,
+)
 from minidasgi.resp import RedisConnectionError
 
 
@@ -85,8 +91,8 @@ async def test_a_failed_push_that_no_longer_matters_is_not_reported_as_lost() ->
 
 
 def test_header_pairs_become_tuples_alike_on_both_paths() -> None:
-    """``_tuple_headers`` converts an all-lists header list in C: the result is the general
-    loop's, down to the types, for every mixture (fuzzed)."""
+    """``_tuple_headers`` converts a header list in place: the result is the comprehension's,
+    down to the types, for every mixture (fuzzed)."""
     rng = random.Random(10)
     kinds = [[b"a", b"b"], (b"c", b"d"), [b"e"], b"fg", None, [[b"h"], b"i"], ()]
     for _ in range(500):
@@ -101,3 +107,21 @@ def test_header_pairs_become_tuples_alike_on_both_paths() -> None:
     event = {"type": "http.response.start", "headers": ((b"a", b"b"),)}
     _tuple_headers(event)  # not a list: as it came
     assert event["headers"] == ((b"a", b"b"),)
+
+
+def test_the_header_bounds_in_one_pass_answer_as_before() -> None:
+    """Header size (431) before a declared body too large (413), then Redis (503 here: never
+    connected); ``Expect: 100-continue`` in any case of its name and value."""
+    distributor = Distributor(key="k", max_header_size=100, max_body_size=1000)
+
+    def answer(*headers: tuple[bytes, bytes], kind: str = "http") -> Any:
+        return distributor._key_or_refusal({"type": kind, "path": "/", "headers": list(headers)})
+
+    large = (b"content-length", b"0" * 50 + b"1001")
+    assert answer(large)[0] == 413
+    assert answer((b"x", b"y" * 100), large)[0] == 431
+    assert answer((b"content-length", b"1000"), (b"Content-Length", b"1" * 40))[0] == 413
+    assert answer(large, kind="websocket")[0] == 503  # no body to bound
+    assert answer((b"content-length", b"1000"))[0] == 503
+    assert _expects_continue({"headers": [(b"host", b"h"), (b"EXPECT", b"100-Continue")]})
+    assert not _expects_continue({"headers": [(b"expects", b"100-continue"), (b"expect", b"x")]})

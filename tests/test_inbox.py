@@ -73,3 +73,26 @@ async def test_a_shared_inbox_consumer_cancelled_while_waiting_loses_nothing() -
     assert not inbox._waiters  # no stale waiter to swallow the next wake-up
     inbox.put_nowait("kept")
     assert await asyncio.wait_for(inbox.get(), 1) == "kept"
+
+
+async def test_get_or_and_arrival_wait_with_no_coroutine_and_lose_nothing_when_cancelled() -> None:
+    inbox: Inbox[str] = Inbox()
+    assert inbox.get_or(None) is None
+    arrival = inbox.arrival()
+    assert not arrival.done()
+    inbox.put_nowait("first")
+    assert arrival.done() and inbox.get_or(None) == "first"
+    waiting = asyncio.ensure_future(_wait(inbox))
+    await asyncio.sleep(0)
+    waiting.cancel()  # the consumer cancelled while it waits: its arrival with it
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    inbox.put_nowait("kept")  # a cancelled arrival is not set, nor does it swallow the item
+    assert inbox.get_or(None) == "kept"
+    later = inbox.arrival()
+    inbox.put_nowait("next")
+    assert later.done() and await inbox.get() == "next"
+
+
+async def _wait(inbox: Inbox[str]) -> None:
+    await inbox.arrival()

@@ -77,3 +77,22 @@ def test_names_are_unique_in_a_registry() -> None:
     registry = metrics.Registry([Counter("a_total", "x")])
     with pytest.raises(ValueError, match="already"):
         registry.add(Counter("a_total", "y"))
+
+
+def test_distributor_metrics_count_as_the_histograms_observe() -> None:
+    m = DistributorMetrics(
+        in_flight=lambda: 0, redis_connected=lambda: True, credit_pool=lambda: (0, 64)
+    )
+    expected = [Histogram() for _ in range(3)]
+    samples = [(0.0005, 0.001, 0.0015), (0.3, None, 2.5), (None, None, 40.0), (0.0, 0.0, 0.0)]
+    for wait, response, total in samples * 2:
+        m.finished("k", 200, wait, response, total)
+        for histogram, value in zip(expected, (wait, response, total), strict=True):
+            if value is not None:
+                histogram.observe(value)
+    assert m.requests.get(("k", "200")) == 8
+    families = (m.queue_wait, m.response_time, m.total_time)
+    for family, histogram in zip(families, expected, strict=True):
+        got = family.series[("k",)]
+        assert (got.counts, got.sum) == (histogram.counts, histogram.sum)
+        assert got.count == histogram.count

@@ -844,6 +844,7 @@ def test_an_ack_send_is_the_sends_events_then_all_of_the_acks_arguments() -> Non
         kind, request_id, args = wire.unpack(wire.pack(wire.ACK_SEND, "r1", events, *ack))
         assert (kind, request_id) == (wire.ACK_SEND, "r1")
         assert wire.split_ack_send(args) == (ack, [events])
+        assert wire.ack_of_ack_send(args) == ack and args[0] == events
 
 
 @pytest.mark.parametrize(
@@ -862,3 +863,5 @@ def test_an_ack_send_is_the_sends_events_then_all_of_the_acks_arguments() -> Non
 def test_split_ack_send_refuses_a_malformed_one(args: list[Any]) -> None:
     with pytest.raises(WireError):
         wire.split_ack_send(args)
+    with pytest.raises(WireError):
+        wire.ack_of_ack_send(args)

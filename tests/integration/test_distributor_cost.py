@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from minidasgi import Node, create_distributor, envelopewriter, jsoncodec, wire
+from minidasgi.inbox import Inbox
 from minidasgi.testing import RedisServer
 
 from . import apps
@@ -125,3 +126,34 @@ async def test_the_envelopes_timestamps_are_whole_milliseconds(
         assert (deadline * 1000).is_integer() and (queued * 1000).is_integer()
         assert deadline == (round(queued * 1000) + 30_000) / 1000
         assert before - 0.001 <= queued <= time.time()
+
+
+async def test_a_hello_world_request_waits_for_its_node_without_the_inbox_coroutine(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    waits: list[str] = []
+    real_get, real_arrival = Inbox.get, Inbox.arrival
+
+    def get(self: Inbox[Any]) -> Any:
+        waits.append("get")
+        return real_get(self)
+
+    def arrival(self: Inbox[Any]) -> Any:
+        waits.append("arrival")
+        return real_arrival(self)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(Inbox, "get", get)
+            monkeypatch.setattr(Inbox, "arrival", arrival)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    # One wait per request, for the ACK (with the response in it), on the inbox's future
+    # itself; the response, queued with the ACK, is taken at once (before: a coroutine
+    # each, two per request).
+    assert waits.count("get") == 0, waits
+    assert waits.count("arrival") == N, waits
