@@ -73,6 +73,34 @@ def test_node_metrics() -> None:
     assert m.requests.get(("k", "0")) == 2
 
 
+def test_node_metrics_count_as_the_families_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "MAX_SERIES", 3)
+    m = NodeMetrics(
+        in_flight=lambda: 0,
+        concurrency=10,
+        redis_connected=lambda: True,
+        credit_pool=lambda: (0, 64),
+    )
+    requests = Counter("r_total", "help", ("key", "status"))
+    failures = Counter("f_total", "help", ("key",))
+    app_time = HistogramFamily("a_seconds", "help", ("key",))
+    samples = [("a", 200, False, 0.0005), ("a", 200, True, 0.3), ("b", 0, False, 40.0)]
+    samples += [(f"k{i}", 500 + i, i % 2 == 1, 0.001 * i) for i in range(6)]  # past the bound
+    for key, status, failed, elapsed in samples * 2:
+        m.finished(key, status, failed, elapsed)
+        requests.inc((key, str(status) if status else "0"))
+        if failed:
+            failures.inc((key,))
+        app_time.observe(elapsed, (key,))
+    assert m.requests.values == requests.values
+    assert m.failures.values == failures.values
+    assert m.app_time.series.keys() == app_time.series.keys()
+    assert ("other",) in app_time.series
+    for labels, histogram in app_time.series.items():
+        got = m.app_time.series[labels]
+        assert (got.counts, got.sum) == (histogram.counts, histogram.sum)
+
+
 def test_names_are_unique_in_a_registry() -> None:
     registry = metrics.Registry([Counter("a_total", "x")])
     with pytest.raises(ValueError, match="already"):
