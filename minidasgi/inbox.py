@@ -102,7 +102,9 @@ class SharedInbox(_Fifo[T]):
     __slots__ = ("_waiters",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        super().__init__(loop)
+        # _Fifo's attributes set here, not by a call to its __init__: one inbox per request.
+        self._items = deque()
+        self._loop = loop
         self._waiters: deque[asyncio.Future[None]] | None = None  # made at the first wait
 
     def put_nowait(self, item: T) -> None:

@@ -494,7 +494,8 @@ class Node:
                     logger.warning("cannot pop requests: %s", exc)
                     failed = True
             finally:
-                slots.release(held - started)
+                if held != started:  # nearly always equal: no call to free nothing
+                    slots.release(held - started)
                 if self._turn_promised:  # kept whatever happened: the job's messages wait
                     promised = True
                     self._send_turn()
