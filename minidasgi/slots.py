@@ -31,7 +31,8 @@ class Slots:
 
     def take(self, most: int) -> int:
         """Take up to ``most`` of the slots free now, without waiting; return how many."""
-        taken = min(self.free, most) if most > 0 else 0
+        free = self.free
+        taken = (free if free < most else most) if most > 0 else 0  # min() costs a call more
         self.free -= taken
         return taken
 

@@ -821,9 +821,11 @@ def piece_size(announced: Any) -> int:
     an envelope's ``piece``): within ``CHUNK_SIZE`` (what every release reads, and what a
     peer announcing nothing or nonsense gets) and ``PIECE_SIZE`` (what this release sends at
     most, whatever a newer peer may take)."""
-    if type(announced) is not int:
+    # Comparisons rather than min(max(...)): the builtins cost more than these two tests
+    # (once per request on a Node, for the envelope's piece).
+    if type(announced) is not int or announced <= CHUNK_SIZE:
         return CHUNK_SIZE
-    return min(max(announced, CHUNK_SIZE), PIECE_SIZE)
+    return announced if announced < PIECE_SIZE else PIECE_SIZE
 
 
 class SendWindow:
@@ -837,8 +839,11 @@ class SendWindow:
         # (``unit`` and ``piece`` may come by position: a class called with keyword arguments
         # makes a dict of them, and a Node makes a window per request.)
         self.unit = unit
-        self.window, self.largest = unit_window(window, piece, unit)
-        self.piece = self.largest * unit if unit else piece
+        if unit:
+            self.window, self.largest = unit_window(window, piece, unit)
+            self.piece = self.largest * unit
+        else:  # counting messages (``unit_window``'s answer without the call)
+            self.window, self.largest, self.piece = window, 1, piece
         self.available = self.window
         self._wakeup: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -1020,7 +1025,7 @@ class ReceiveWindow:
         self._cost = piece  # bytes of the pool one credit holds
         self._large = piece > CHUNK_SIZE  # the pool counts it among its large windows
         self.outstanding = window  # credits granted and not yet consumed
-        self._batch = max(1, window // 2)
+        self._batch = window // 2 if window > 1 else 1  # max(1, window // 2), without the call
         self._pool = pool
         self._grant = grant
 
