@@ -970,7 +970,7 @@ class CreditPool:
         if self.large < MAX_LARGE_WINDOWS and size <= self.limit // 2 - self.used:
             self.used += size
             self.large += 1
-            return ReceiveWindow(LARGE_WINDOW, self, grant, piece=PIECE_SIZE)
+            return ReceiveWindow(LARGE_WINDOW, self, grant, PIECE_SIZE)
         return ReceiveWindow(self.open(wanted), self, grant)
 
     def _feed_starved(self) -> None:
@@ -998,7 +998,8 @@ class ReceiveWindow:
     unit`` per message of the window, and a small message takes one or a few of them."""
 
     # Until a window counts units or sees traffic: read from the class, not set per window
-    # (one per request).
+    # (one per request: each attribute set, and the work out of the batch, cost it more than
+    # the lookups that find these here).
     unit = 0  # 0: credit counts messages
     largest = 1  # the credit the largest message takes
     _floor = 1  # the credit the peer may hold whatever the pool's budget
@@ -1006,21 +1007,22 @@ class ReceiveWindow:
     _pending = 0  # consumed, not yet returned
     _costs: deque[int] | None = None  # what each unconsumed message took (units)
     _closed = False
+    piece = CHUNK_SIZE
+    _cost = CHUNK_SIZE  # bytes of the pool one credit holds
+    _batch = 0  # the credit returned at once; 0: half the window, at least 1 (``_take``)
 
     def __init__(
         self,
         window: int = WINDOW,
         pool: CreditPool | None = None,
         grant: Callable[[int], None] | None = None,
-        *,
         piece: int = CHUNK_SIZE,
     ) -> None:
-        self.window = window
-        self.piece = piece
-        self._cost = piece  # bytes of the pool one credit holds
-        self._large = piece > CHUNK_SIZE  # the pool counts it among its large windows
-        self.outstanding = window  # credits granted and not yet consumed
-        self._batch = max(1, window // 2)
+        # The piece may come by position (``CreditPool.window``): a class called with a
+        # keyword argument makes a dict of it, once per request here.
+        self.window = self.outstanding = window  # outstanding: granted, not yet consumed
+        if piece != CHUNK_SIZE:
+            self.piece = self._cost = piece
         self._pool = pool
         self._grant = grant
 
@@ -1079,7 +1081,10 @@ class ReceiveWindow:
         return n
 
     def _take(self) -> int:
-        if self._closed or (self._pending < self._batch and self.outstanding >= self.largest):
+        if self._closed or (
+            self._pending < (self._batch or self.window // 2 or 1)
+            and self.outstanding >= self.largest
+        ):
             return 0
         n = self._pending
         pool = self._pool
@@ -1115,7 +1120,7 @@ class ReceiveWindow:
         pool = self._pool
         if pool is not None:
             pool.used -= self.outstanding * self._cost
-            if self._large:
+            if self.piece > CHUNK_SIZE:  # the pool counts it among its large windows
                 pool.large -= 1
             if pool._starved:  # usually empty: no call then
                 pool._starved.pop(self, None)
