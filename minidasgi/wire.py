@@ -752,10 +752,16 @@ def encode_envelope(
     piece: int = CHUNK_SIZE,
     unit: int = 0,
     ack_send: bool = False,
+    portable: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> bytes:
     """``Envelope(...).encode()`` with these fields, without making the ``Envelope`` when the
     usual envelope's writer takes them (a distributor writes one per request: the same bytes
-    as the general writer, ``envelopewriter``); else the general writer decides."""
+    as the general writer, ``envelopewriter``); else the general writer decides.
+
+    ``portable``, if given, makes of ``scope`` the one that travels; it must leave a scope of
+    ``envelopewriter.PLAIN_SCOPE_KEYS`` and a ``state`` as it is but for the ``state``,
+    dropped. The usual writer drops a uvicorn scope's ``state`` itself, sparing the call
+    (a copy of the scope per request); for any other scope it is called."""
     if version == codec.FAST:
         parts = envelopewriter.try_encode_parts(
             deadline,
@@ -769,9 +775,28 @@ def encode_envelope(
             bool(confirms),
             unit,
             bool(ack_send),
+            portable is not None,
         )
+        if parts is None and portable is not None:
+            scope = portable(scope)
+            portable = None
+            parts = envelopewriter.try_encode_parts(
+                deadline,
+                scope,
+                events,
+                window,
+                liveness,
+                queued,
+                piece,
+                CHUNK_SIZE,
+                bool(confirms),
+                unit,
+                bool(ack_send),
+            )
         if parts is not None:
             return b"".join([*_envelope_preamble_parts(request_id, reply), *parts])
+    if portable is not None:
+        scope = portable(scope)
     envelope = Envelope(
         request_id,
         reply,
