@@ -127,7 +127,9 @@ class Admission:
         ``then(outcome, index)``, if given, gets the batch's outcome (or the exception that
         failed it) and the request's place in the batch directly from the code that reads the
         reply, the batch's requests in order: no loop handle per request, as a done callback
-        on the future would cost. It must be quick and not raise."""
+        on the future would cost. It must be quick and not raise. On a connection (not a
+        Cluster's router) it is not called for an LPUSH that went through when the verdict
+        can only be None (no fail-fast answer, no queue bound): nothing to tell then."""
         self._connection = connection
         pushed = self.pushes.put(key, (data, then), size=len(data))
         return pushed, self.pushes.index
@@ -213,6 +215,10 @@ class Admission:
             else:
                 outcome = (listeners[0] if listeners else None, reply, count)
                 result.set_result(outcome)
+                if not listeners and self._unbounded and type(reply) is int:
+                    # ``verdict``'s first test, once for the batch: None for every request
+                    # (the usual distributor's), so no call per request to learn it.
+                    return
             _tell(items, outcome)
 
         if packed is None:

@@ -866,7 +866,7 @@ class _Exchange:
                         return
                     events = [buffered.event()]
                     self._more = events[0]["more_body"]
-            key = self.key
+            key, scope = self.key, self.scope
             # In whole milliseconds, rounded down (the deadline only ever earlier): the
             # envelope's writer writes such a float from ints, at half the cost of repr.
             now_ms = int(time.time() * 1000)
@@ -881,7 +881,7 @@ class _Exchange:
                     self.id,
                     d.channel,
                     deadline,
-                    _portable_scope(self.scope),
+                    scope if type(scope) is dict else _portable_scope(scope),
                     events,
                     window=self.received.window,
                     piece=self.received.piece,
@@ -891,6 +891,7 @@ class _Exchange:
                     ack_send=True,
                     version=d.wire_format,
                     unit=self.unit,
+                    portable=_portable_scope,  # not called for uvicorn's scope: no copy
                 )
             except CodecError as exc:  # a server or middleware put something odd in the scope
                 logger.error("request %s cannot travel to a Node: %s", self.id, exc)

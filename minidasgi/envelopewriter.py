@@ -109,6 +109,11 @@ _HTTPTOOLS_KEYS: Final = (
 )
 """The same keys as uvicorn's httptools protocol gives them: it makes the scope when the
 request line starts and adds the method and the paths when the URL is parsed."""
+_UVICORN_STATE_KEYS: Final = (*_UVICORN_KEYS, "state")
+"""Uvicorn's h11 scope as it gives it, with the copy of its lifespan's ``state`` last."""
+_HTTPTOOLS_STATE_KEYS: Final = (*_HTTPTOOLS_KEYS[:8], "state", *_HTTPTOOLS_KEYS[8:])
+"""Uvicorn's httptools scope as it gives it: ``state`` after the headers, before the method
+and the paths."""
 _UVICORN_ASGI_KEYS: Final = ("version", "spec_version")
 _STARTS: Final[dict[int, tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...], str]]] = {}
 """The text of a uvicorn scope's start (its type, ASGI versions, HTTP version, addresses and
@@ -129,15 +134,18 @@ def try_encode_parts(
     confirms: bool = False,
     unit: Any = 0,
     ack_send: bool = False,
+    drop_state: bool = False,
 ) -> list[bytes] | None:
     """The format-3 message of an envelope's fields as ``jsoncodec.try_encode_parts`` writes
     the dict ``Envelope.fields`` builds of them (with the default bounds): keys in that order,
     ``piece`` only when it differs from ``usual_piece``, ``confirms``, ``unit`` and
-    ``ack_send`` only when true. None when they are not of the usual shape."""
+    ``ack_send`` only when true. None when they are not of the usual shape. With
+    ``drop_state``, a scope of uvicorn's keys and its ``state`` is written as if it had no
+    ``state`` (the distributor's portable scope, without the copy that makes it)."""
     if type(scope) is not dict or type(events) is not list:
         return None
     blobs: list[bytes] = []
-    scope_text = _scope(scope, blobs)
+    scope_text = _scope(scope, blobs, drop_state)
     if scope_text is None:
         return None
     events_text = _events(events, blobs)
@@ -244,13 +252,17 @@ def _number(value: Any) -> str | None:
     return None
 
 
-def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
+def _scope(scope: dict[str, Any], blobs: list[bytes], drop_state: bool = False) -> str | None:
     keys = tuple(scope)
     httptools = keys == _HTTPTOOLS_KEYS
     if httptools or keys == _UVICORN_KEYS:
         text = _uvicorn_scope(scope, blobs, httptools)
         if text is not None:
             return text
+    elif drop_state and keys in (_UVICORN_STATE_KEYS, _HTTPTOOLS_STATE_KEYS):
+        # Uvicorn's own scope, its ``state`` (never written) among the keys. Any other scope
+        # with a ``state`` is declined below (an unknown key): the caller drops it, asks again.
+        return _uvicorn_scope(scope, blobs, keys == _HTTPTOOLS_STATE_KEYS, True)
     chunks: list[str] = []
     for key, value in scope.items():
         name = _SCOPE_KEYS.get(key)
@@ -292,12 +304,49 @@ def _scope(scope: dict[str, Any], blobs: list[bytes]) -> str | None:
     return "{" + ",".join(chunks) + "}"
 
 
-def _uvicorn_scope(scope: dict[str, Any], blobs: list[bytes], httptools: bool) -> str | None:
+def _uvicorn_scope(
+    scope: dict[str, Any], blobs: list[bytes], httptools: bool, state: bool = False
+) -> str | None:
     """``_scope`` for the keys uvicorn gives, in the order of its h11 protocol or (when
     ``httptools``) of its httptools one, with the values it gives (str, bytes for the paths,
     addresses as (host, port) pairs): one expression instead of a turn of the general loop
-    per key. None (and ``blobs`` untouched) for anything else: the loop then decides."""
-    if httptools:
+    per key. None (and ``blobs`` untouched) for anything else: the loop then decides. With
+    ``state``, the keys are those of ``_UVICORN_STATE_KEYS`` (``_HTTPTOOLS_STATE_KEYS``), and
+    the ``state`` is left out."""
+    if state:
+        if httptools:
+            (
+                kind,
+                asgi,
+                http_version,
+                server,
+                client,
+                scheme,
+                root_path,
+                headers,
+                _,
+                method,
+                path,
+                raw_path,
+                query_string,
+            ) = scope.values()
+        else:
+            (
+                kind,
+                asgi,
+                http_version,
+                server,
+                client,
+                scheme,
+                method,
+                root_path,
+                path,
+                raw_path,
+                query_string,
+                headers,
+                _,
+            ) = scope.values()
+    elif httptools:
         (
             kind,
             asgi,

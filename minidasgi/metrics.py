@@ -270,7 +270,9 @@ class DistributorMetrics:
                 _credit_gauge(credit_pool),
             ]
         )
-        self._histograms: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+        # Per queue key: its request counts' label sets already counted, by status, and its
+        # three histograms (``_series_for``).
+        self._series: dict[str, tuple[dict[int, Labels], Histogram, Histogram, Histogram]] = {}
         for reason in (NO_NODE, QUEUE_FULL, NO_ACK, IN_FLIGHT, UNREACHABLE):
             self.refusals.values[(reason,)] = 0  # every reason visible, even before the first
 
@@ -287,17 +289,29 @@ class DistributorMetrics:
         self, key: str, status: int, queue_wait: float | None, response: float | None, total: float
     ) -> None:
         """Count one request at its end. ``queue_wait``/``response``: None without an ack."""
-        labels = (key, _STATUS_LABELS.get(status) or "0")
-        counts = self.requests.values
-        if labels in counts:  # Counter.inc, inline for a series already counted
-            counts[labels] += 1
+        series = self._series.get(key)
+        if series is None:
+            series = self._series_for(key)
+        statuses, wait, answer, whole = series
+        labels = statuses.get(status)
+        if labels is not None:
+            # Counter.inc, inline for a series already counted, found by the status (an int)
+            # without making and hashing its label set to look it up first.
+            self.requests.values[labels] += 1
         else:
+            labels = (key, _STATUS_LABELS.get(status) or "0")
             self.requests.inc(labels)
-        histograms = self._histograms.get(key)
-        if histograms is None:
-            histograms = self._histograms_for(key)
+            if (
+                type(status) is int
+                and (status in _STATUS_LABELS or status == 0)
+                and labels in self.requests.values
+            ):
+                # Counted as itself (not as "other"): found by its status from now on. Only
+                # statuses with a label of their own: each other int, all counted as "0",
+                # would add an entry (a Node's app, untrusted, chooses it), without bound.
+                # So at most the counter's label sets, its bound (``MAX_SERIES``).
+                statuses[status] = labels
         # Histogram.observe's two lines, inline for each: one call per request, not five.
-        wait, answer, whole = histograms
         if queue_wait is not None:
             wait.counts[bisect_left(wait.bounds, queue_wait)] += 1
             wait.sum += queue_wait
@@ -307,14 +321,21 @@ class DistributorMetrics:
         whole.counts[bisect_left(whole.bounds, total)] += 1
         whole.sum += total
 
-    def _histograms_for(self, key: str) -> tuple[Histogram, Histogram, Histogram]:
-        """The three histograms of ``key`` (one lookup per request instead of three)."""
+    def _series_for(self, key: str) -> tuple[dict[int, Labels], Histogram, Histogram, Histogram]:
+        """The label sets by status (empty, to be filled) and the three histograms of ``key``
+        (one lookup per request instead of four), kept if ``key`` is counted as itself."""
         wait, response, total = self.queue_wait, self.response_time, self.total_time
         labels = total._bounded(total.series, (key,))  # total is fed for every request
-        histograms = (wait.histogram(labels), response.histogram(labels), total.histogram(labels))
+        statuses: dict[int, Labels] = {}
+        series = (
+            statuses,
+            wait.histogram(labels),
+            response.histogram(labels),
+            total.histogram(labels),
+        )
         if labels == (key,):
-            self._histograms[key] = histograms
-        return histograms
+            self._series[key] = series
+        return series
 
 
 class NodeMetrics:

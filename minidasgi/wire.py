@@ -752,10 +752,16 @@ def encode_envelope(
     piece: int = CHUNK_SIZE,
     unit: int = 0,
     ack_send: bool = False,
+    portable: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> bytes:
     """``Envelope(...).encode()`` with these fields, without making the ``Envelope`` when the
     usual envelope's writer takes them (a distributor writes one per request: the same bytes
-    as the general writer, ``envelopewriter``); else the general writer decides."""
+    as the general writer, ``envelopewriter``); else the general writer decides.
+
+    ``portable``, if given, makes of ``scope`` the one that travels; it must leave a scope of
+    ``envelopewriter.PLAIN_SCOPE_KEYS`` and a ``state`` as it is but for the ``state``,
+    dropped. The usual writer drops a uvicorn scope's ``state`` itself, sparing the call
+    (a copy of the scope per request); for any other scope it is called."""
     if version == codec.FAST:
         parts = envelopewriter.try_encode_parts(
             deadline,
@@ -769,9 +775,28 @@ def encode_envelope(
             bool(confirms),
             unit,
             bool(ack_send),
+            portable is not None,
         )
+        if parts is None and portable is not None:
+            scope = portable(scope)
+            portable = None
+            parts = envelopewriter.try_encode_parts(
+                deadline,
+                scope,
+                events,
+                window,
+                liveness,
+                queued,
+                piece,
+                CHUNK_SIZE,
+                bool(confirms),
+                unit,
+                bool(ack_send),
+            )
         if parts is not None:
             return b"".join([*_envelope_preamble_parts(request_id, reply), *parts])
+    if portable is not None:
+        scope = portable(scope)
     envelope = Envelope(
         request_id,
         reply,
@@ -975,7 +1000,7 @@ class CreditPool:
         if self.large < MAX_LARGE_WINDOWS and size <= self.limit // 2 - self.used:
             self.used += size
             self.large += 1
-            return ReceiveWindow(LARGE_WINDOW, self, grant, piece=PIECE_SIZE)
+            return ReceiveWindow(LARGE_WINDOW, self, grant, PIECE_SIZE)
         return ReceiveWindow(self.open(wanted), self, grant)
 
     def _feed_starved(self) -> None:
@@ -1003,7 +1028,8 @@ class ReceiveWindow:
     unit`` per message of the window, and a small message takes one or a few of them."""
 
     # Until a window counts units or sees traffic: read from the class, not set per window
-    # (one per request).
+    # (one per request: each attribute set, and the work out of the batch, cost it more than
+    # the lookups that find these here).
     unit = 0  # 0: credit counts messages
     largest = 1  # the credit the largest message takes
     _floor = 1  # the credit the peer may hold whatever the pool's budget
@@ -1011,21 +1037,22 @@ class ReceiveWindow:
     _pending = 0  # consumed, not yet returned
     _costs: deque[int] | None = None  # what each unconsumed message took (units)
     _closed = False
+    piece = CHUNK_SIZE
+    _cost = CHUNK_SIZE  # bytes of the pool one credit holds
+    _batch = 0  # the credit returned at once; 0: half the window, at least 1 (``_take``)
 
     def __init__(
         self,
         window: int = WINDOW,
         pool: CreditPool | None = None,
         grant: Callable[[int], None] | None = None,
-        *,
         piece: int = CHUNK_SIZE,
     ) -> None:
-        self.window = window
-        self.piece = piece
-        self._cost = piece  # bytes of the pool one credit holds
-        self._large = piece > CHUNK_SIZE  # the pool counts it among its large windows
-        self.outstanding = window  # credits granted and not yet consumed
-        self._batch = window // 2 if window > 1 else 1  # max(1, window // 2), without the call
+        # The piece may come by position (``CreditPool.window``): a class called with a
+        # keyword argument makes a dict of it, once per request here.
+        self.window = self.outstanding = window  # outstanding: granted, not yet consumed
+        if piece != CHUNK_SIZE:
+            self.piece = self._cost = piece
         self._pool = pool
         self._grant = grant
 
@@ -1084,7 +1111,10 @@ class ReceiveWindow:
         return n
 
     def _take(self) -> int:
-        if self._closed or (self._pending < self._batch and self.outstanding >= self.largest):
+        if self._closed or (
+            self._pending < (self._batch or self.window // 2 or 1)
+            and self.outstanding >= self.largest
+        ):
             return 0
         n = self._pending
         pool = self._pool
@@ -1120,7 +1150,7 @@ class ReceiveWindow:
         pool = self._pool
         if pool is not None:
             pool.used -= self.outstanding * self._cost
-            if self._large:
+            if self.piece > CHUNK_SIZE:  # the pool counts it among its large windows
                 pool.large -= 1
             if pool._starved:  # usually empty: no call then
                 pool._starved.pop(self, None)

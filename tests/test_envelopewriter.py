@@ -635,3 +635,78 @@ def test_the_start_of_a_connections_scopes_is_written_once(
     value = envelope(third)
     assert value.encode().endswith(general(value) or b"unreachable")
     assert "1.0" in quoted and b'"http_version":"1.0"' in value.encode()
+
+
+def _with_state(scope: dict[str, Any], httptools: bool) -> dict[str, Any]:
+    """``scope`` with a ``state`` where uvicorn puts it: last (h11), after the headers
+    (httptools)."""
+    items = list(scope.items())
+    at = HTTPTOOLS_ORDER.index("headers") + 1 if httptools else len(items)
+    items.insert(at, ("state", {"pool": object()}))
+    return dict(items)
+
+
+def _parts(scope: Any, drop_state: bool) -> bytes | None:
+    now = 1764519000.123
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+    args = (now, scope, events, 4, 2.0, now, wire.PIECE_SIZE, wire.CHUNK_SIZE, True, 0, True)
+    parts = envelopewriter.try_encode_parts(*args, drop_state)
+    return None if parts is None else b"".join(parts)
+
+
+@pytest.mark.parametrize("httptools", [False, True])
+def test_a_uvicorn_scope_with_its_state_is_written_without_it(httptools: bool) -> None:
+    # The distributor's copy of the scope without its state is spared: the writer leaves
+    # the state out itself, with the same bytes as for the copy; only when told to.
+    scope = httptools_scope() if httptools else uvicorn_scope()
+    stateful = _with_state(scope, httptools)
+    written = _parts(stateful, True)
+    assert written is not None and written == _parts(scope, False)
+    assert b"state" not in written and b"pool" not in written
+    assert _parts(stateful, False) is None
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_the_scopes_uvicorn_gives_are_written_whole_with_their_state_left_out(
+    monkeypatch: pytest.MonkeyPatch, http: str
+) -> None:
+    pytest.importorskip(http)
+    scope = asyncio.run(_served_scope(http))
+    assert "state" in scope  # as uvicorn gives it
+    copy = {k: v for k, v in scope.items() if k != "state"}
+    whole = _spy_on_the_whole_scope_writer(monkeypatch)
+    assert _parts(scope, True) == _parts(copy, False) is not None
+    assert whole == [True, True]
+
+
+def test_encode_envelope_calls_portable_only_when_its_writer_cannot_drop_the_state() -> None:
+    rng = random.Random(14)
+    calls: list[dict[str, Any]] = []
+
+    def portable(scope: dict[str, Any]) -> dict[str, Any]:
+        calls.append(scope)
+        return {k: v for k, v in scope.items() if k != "state"}
+
+    def encoded(scope: dict[str, Any], **extra: Any) -> bytes | type[Exception]:
+        try:
+            return wire.encode_envelope(
+                "a" * 24, "r", 1764519000.123, scope, [], liveness=2.0, **extra
+            )
+        except CodecError as exc:
+            return type(exc)
+
+    for httptools in (False, True):
+        scope = _with_state(httptools_scope() if httptools else uvicorn_scope(), httptools)
+        assert encoded(scope, portable=portable) == encoded(portable(scope))
+        calls.clear()
+        encoded(scope, portable=portable)
+        assert calls == []  # uvicorn's: no copy
+    for i in range(600):
+        scope = _mutated_scope(rng)
+        if i % 2:
+            scope["state"] = {"x": object()}
+        version = rng.choice([codec.RELEASED, codec.FAST])
+        expected = encoded(portable(scope), version=version)
+        calls.clear()
+        assert encoded(scope, portable=portable, version=version) == expected
+        assert len(calls) <= 1

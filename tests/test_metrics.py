@@ -124,3 +124,29 @@ def test_distributor_metrics_count_as_the_histograms_observe() -> None:
         got = family.series[("k",)]
         assert (got.counts, got.sum) == (histogram.counts, histogram.sum)
         assert got.count == histogram.count
+
+
+def test_a_requests_count_is_found_by_its_status_once_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Per request, the count of a (key, status) already counted is found by the status, with
+    # no label set made and hashed to look it up: each status's label set is kept per key,
+    # only when counted as itself (not under "other"), so no more than the counter's bound.
+    monkeypatch.setattr(metrics, "MAX_SERIES", 3)
+    m = DistributorMetrics(
+        in_flight=lambda: 0, redis_connected=lambda: True, credit_pool=lambda: (0, 64)
+    )
+    for status in (200, 200, 404, 999, 200, 500, 503, 503, 404, 999):
+        m.finished("k", status, None, None, 0.001)
+    for status in range(600, 1600):  # not HTTP statuses, all counted as "0"
+        m.finished("k", status, None, None, 0.001)
+    statuses = m._series["k"][0]
+    # A status without a label of its own is not kept: each would add an entry, unbounded.
+    assert statuses == {200: ("k", "200"), 404: ("k", "404")}
+    assert m.requests.values == {
+        ("k", "200"): 3,
+        ("k", "404"): 2,
+        ("k", "0"): 1002,
+        ("other", "other"): 3,  # 500 and 503: past the bound
+    }
+    assert m.served == 1010

@@ -424,6 +424,23 @@ def test_receive_window_small_windows_return_credit_at_once(size: int, expected:
     assert [window.consumed() for _ in range(3)] == expected
 
 
+def test_a_new_window_sets_only_what_differs_from_the_class() -> None:
+    # One window per request: what every window starts with is read from the class, and the
+    # piece comes by position (no dict of keywords), so making one sets four attributes (six
+    # with large pieces). The values are the same as ever.
+    pool = wire.CreditPool()
+    large = pool.window()
+    small = pool.window()
+    assert sorted(vars(small)) == ["_grant", "_pool", "outstanding", "window"]
+    assert sorted(vars(large)) == ["_cost", "_grant", "_pool", "outstanding", "piece", "window"]
+    assert (large.piece, large._cost, large.window) == (wire.PIECE_SIZE, wire.PIECE_SIZE, 4)
+    assert (small.piece, small._cost) == (wire.CHUNK_SIZE, wire.CHUNK_SIZE)
+    assert pool.large == 1
+    large.close()
+    small.close()
+    assert (pool.large, pool.used) == (0, 0)
+
+
 def test_credit_pool_opens_windows_within_its_budget() -> None:
     pool = wire.CreditPool(budget=10)
     assert [pool.open(8), pool.open(8), pool.open(8)] == [8, 2, 1]  # at least one each

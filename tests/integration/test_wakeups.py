@@ -168,6 +168,42 @@ async def test_an_lpush_reply_tells_the_pushers_callbacks_in_its_own_turn_in_ord
         await connection.close()
 
 
+async def _two_pushes_told(connection: Connection, bound: int | None) -> list[Any]:
+    """Two pushes in one batch (one LPUSH) onto an empty list bounded by ``bound``: what
+    their callbacks were told, as ``(index, verdict)``, once the batch settled."""
+    admission = Admission(channel_prefix="p", db=0, max_queue=bound)
+    told: list[tuple[int, str | None]] = []
+    futures: list[asyncio.Future[Any]] = []
+
+    def then(outcome: Any, index: int) -> None:
+        told.append((index, admission.verdict("q", index, outcome)))
+
+    def push() -> None:
+        futures.append(admission.put(connection, "q", b"e", then)[0])
+
+    await connection.execute("DEL", "q")
+    loop = asyncio.get_running_loop()
+    for _ in range(2):  # two requests' callbacks in one turn: one LPUSH
+        loop.call_soon(push)
+    await asyncio.sleep(0)
+    assert [length for _, length, _ in await asyncio.gather(*futures)] == [2, 2]
+    return told
+
+
+async def test_an_lpush_that_went_through_tells_only_pushers_a_verdict_may_stop(
+    clean_redis: RedisServer,
+) -> None:
+    # Without fail-fast nor a queue bound the verdict of an LPUSH that went through can only
+    # be None: the batch's future settles, and no request's callback is called to learn it
+    # (one call per request less). With a bound, each is told, its verdict to check.
+    connection = await connect(clean_redis.url)
+    try:
+        assert await _two_pushes_told(connection, None) == []
+        assert await _two_pushes_told(connection, 1) == [(0, None), (1, "queue_full")]
+    finally:
+        await connection.close()
+
+
 async def test_a_failed_lpush_batch_tells_every_pusher(clean_redis: RedisServer) -> None:
     connection = await connect(clean_redis.url)
     admission = Admission(channel_prefix="p", db=0)
