@@ -928,7 +928,9 @@ class ClusterSetup(_ServerGroup):
         ]  # fmt: skip
         self.masters: list[RedisServer] = []
         self.replicas: list[RedisServer] = []
-        self._replica_of: dict[int, RedisServer] = {}
+        # Each replica's master, by position in ``replicas``: not by port, which a server
+        # changes when another process takes it before the server binds it (``start``).
+        self._masters_of_replicas: list[RedisServer] = []
         try:
             for _ in range(masters):
                 self.masters.append(_cluster_node(binary, args))
@@ -936,7 +938,7 @@ class ClusterSetup(_ServerGroup):
                 for _ in range(replicas):
                     server = _cluster_node(binary, args)
                     self.replicas.append(server)
-                    self._replica_of[server.port] = master
+                    self._masters_of_replicas.append(master)
         except BaseException:
             self.close()
             raise
@@ -968,8 +970,8 @@ class ClusterSetup(_ServerGroup):
                     "CLUSTER", "MEET", first_node.host, first_node.port, _bus_port(first_node)
                 )
             deadline = time.monotonic() + timeout
-            for replica in self.replicas:
-                master_id = self._replica_of[replica.port].command("CLUSTER", "MYID")
+            for replica, master in zip(self.replicas, self._masters_of_replicas, strict=True):
+                master_id = master.command("CLUSTER", "MYID")
                 while True:  # the replica must have heard of its master first
                     try:
                         replica.command("CLUSTER", "REPLICATE", master_id)

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from minidasgi.testing import _bus_port, _cluster_node, find_redis_server
+from minidasgi.testing import ClusterSetup, _bus_port, _cluster_node, find_redis_server
 
 from .redis_server import RedisFactory, RedisReplyError, RedisServer
 
@@ -113,3 +113,25 @@ def test_a_cluster_node_whose_bus_port_is_taken_moves_to_another() -> None:
             assert _raw_ping(server) == b"+PONG\r\n"
         finally:
             server.close()
+
+
+@pytest.mark.requires_server("7.0")  # CLUSTER ADDSLOTSRANGE
+def test_a_cluster_whose_replica_port_is_taken_starts_all_the_same() -> None:
+    """A replica whose client port another process takes first starts on another port (as
+    any server does): the cluster still pairs it with its master. It once looked its master up
+    by the old port (a KeyError in CI, with four clusters starting at once)."""
+    cluster = ClusterSetup(masters=1, replicas=1)
+    try:
+        replica = cluster.replicas[0]
+        with socket.socket() as taken:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taken.bind(("127.0.0.1", replica.port))
+            taken.listen()
+            port = replica.port
+            cluster.start()
+        assert replica.port != port
+        role = replica.command("ROLE")
+        assert isinstance(role, list) and role[0] == b"slave", role
+        assert role[2] == cluster.masters[0].port
+    finally:
+        cluster.close()
