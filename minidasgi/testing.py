@@ -826,9 +826,19 @@ class SentinelSetup(_ServerGroup):
         """Start every process and wait until the replicas are in sync and every sentinel
         knows the replicas and the other sentinels."""
         try:
-            for server in self.servers:
-                server.start()
+            master, *replicas = self.servers
+            master.start()
+            # A server moves to another port when another process took its own first
+            # (``RedisServer.start``): who points at it is told its port once it is up.
+            for replica in replicas:
+                if not replica._started_once:  # a restarted one keeps its port and role
+                    args = replica.extra_args
+                    args[args.index("--replicaof") + 2] = str(master.port)
+                replica.start()
             for sentinel in self.sentinels:
+                if not sentinel._started_once:  # a restarted one keeps what it learnt
+                    sentinel.master_port = master.port
+                    sentinel.known_replicas = [s.port for s in replicas]
                 sentinel.start()
             deadline = time.monotonic() + timeout
             while not self._ready():

@@ -7,7 +7,13 @@ import socket
 
 import pytest
 
-from minidasgi.testing import ClusterSetup, _bus_port, _cluster_node, find_redis_server
+from minidasgi.testing import (
+    ClusterSetup,
+    SentinelSetup,
+    _bus_port,
+    _cluster_node,
+    find_redis_server,
+)
 
 from .redis_server import RedisFactory, RedisReplyError, RedisServer
 
@@ -135,3 +141,24 @@ def test_a_cluster_whose_replica_port_is_taken_starts_all_the_same() -> None:
         assert role[2] == cluster.masters[0].port
     finally:
         cluster.close()
+
+
+def test_a_sentinel_setup_whose_master_port_is_taken_starts_all_the_same() -> None:
+    """The master moves to another port when another process takes its own first; its
+    replica and sentinels, configured before it started, are told its new port (they once
+    pointed at the old one, and the setup never settled)."""
+    setup = SentinelSetup(replicas=1, sentinels=1)
+    try:
+        master = setup.servers[0]
+        with socket.socket() as taken:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taken.bind(("127.0.0.1", master.port))
+            taken.listen()
+            port = master.port
+            setup.start(timeout=5)
+        assert master.port != port
+        role = setup.servers[1].command("ROLE")
+        assert isinstance(role, list) and role[0] == b"slave" and role[2] == master.port, role
+        assert setup.master() is master  # the sentinel monitors it where it is
+    finally:
+        setup.close()
