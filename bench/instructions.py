@@ -247,25 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.callgrind is not None:
             os.makedirs(args.callgrind, exist_ok=True)
         chunk = args.chunk << 10
-        short = _run(
-            args.warmup,
-            args.connections,
-            tmp,
-            args.fast,
-            args.callgrind,
-            args.download,
-            chunk,
-            args.callgrind_role,
-        )
-        long = _run(
-            args.warmup + args.requests,
-            args.connections,
-            tmp,
-            args.fast,
-            args.callgrind,
-            args.download,
-            chunk,
-            args.callgrind_role,
+        short, long = (
+            _run(
+                count,
+                args.connections,
+                tmp,
+                args.fast,
+                args.callgrind,
+                args.download,
+                chunk,
+                args.callgrind_role,
+            )
+            for count in (args.warmup, args.warmup + args.requests)
         )
     per_request = {role: (long[role] - short[role]) / args.requests for role in ROLES}
     if args.download:
