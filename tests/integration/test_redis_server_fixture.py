@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,6 +28,16 @@ def _raw_ping(server: RedisServer, *auth: str) -> bytes:
             replies += sock.recv(64)
         sock.sendall(b"*1\r\n$4\r\nPING\r\n")
         return replies + sock.recv(64)
+
+
+@contextlib.contextmanager
+def _taken(port: int) -> Iterator[None]:
+    """Hold ``port`` on loopback as another process would, listening, until the block ends."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        yield
 
 
 def test_plain_server_answers_ping(redis_server: RedisServer) -> None:
@@ -129,11 +141,8 @@ def test_a_cluster_whose_replica_port_is_taken_starts_all_the_same() -> None:
     cluster = ClusterSetup(masters=1, replicas=1)
     try:
         replica = cluster.replicas[0]
-        with socket.socket() as taken:
-            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            taken.bind(("127.0.0.1", replica.port))
-            taken.listen()
-            port = replica.port
+        port = replica.port
+        with _taken(port):
             cluster.start()
         assert replica.port != port
         role = replica.command("ROLE")
@@ -150,11 +159,8 @@ def test_a_sentinel_setup_whose_master_port_is_taken_starts_all_the_same() -> No
     setup = SentinelSetup(replicas=1, sentinels=1)
     try:
         master = setup.servers[0]
-        with socket.socket() as taken:
-            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            taken.bind(("127.0.0.1", master.port))
-            taken.listen()
-            port = master.port
+        port = master.port
+        with _taken(port):
             setup.start(timeout=5)
         assert master.port != port
         role = setup.servers[1].command("ROLE")
