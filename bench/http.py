@@ -344,7 +344,10 @@ def _streams(
     kernel (``sys``: the socket copies) and its utilisation, CPU seconds over the transfers'
     wall seconds: a process near 1.0 bounds the transfer; all of them well under it while no
     core is idle means the transfer waited for CPU that other work on the machine took (or,
-    with idle cores, that the processes waited for each other: flow control, the window)."""
+    with idle cores, that the processes waited for each other: flow control, the window),
+    the CPU per MiB of this process as the client, and the ratio of all CPU per MiB (server
+    processes and client) direct over distributed: what the throughput ratio comes to when the
+    transfers are bound by CPU (no core idle), and steadier than it."""
     pids = costs.pids
     print(
         f"{'figure':28} {'direct':>9} {'distrib.':>9} {'ratio':>7}   CPU ms/MiB: direct |"
@@ -360,6 +363,7 @@ def _streams(
             idle = [0, 0]  # idle and total jiffies of the machine, over the distributed runs
             system = {name: 0.0 for name in pids}  # kernel CPU seconds, distributed runs
             wall = 0.0  # seconds the distributed transfers took
+            clients = {"direct": 0.0, "distributed": 0.0}  # this process' CPU seconds, as client
             for round_number in range(rounds):
                 order = ["direct", "distributed"]
                 if round_number % 2:
@@ -371,7 +375,9 @@ def _streams(
                     faulted = {name: minor_faults(pids[name]) for name in faults}
                     counted = commandstats(costs.redis)
                     jiffies = _jiffies()
+                    client = sum(os.times()[:2])
                     speeds[side].append(_stream(port, upload, size << 20, chunk))
+                    clients[side] += sum(os.times()[:2]) - client
                     if side == "distributed":
                         wall += (size << 20) / 1e6 / speeds[side][-1]
                         for name, pid in pids.items():
@@ -417,6 +423,16 @@ def _streams(
                 for name in ("distributor", "node", "redis")
             )
             print(f"{'':28} distributed, CPU ms/MiB in the kernel and utilisation: {shares}")
+            # With no core idle, a transfer's speed is about the CPU it gets over the CPU it
+            # needs per MiB, client included: the ratio those costs predict is steadier than
+            # the measured one, and says what a change of cost is worth in throughput.
+            client = {side: spent / mib * 1e3 for side, spent in clients.items()}
+            needed = per["direct"]["direct"] + client["direct"]
+            print(
+                f"{'':28} the client's CPU ms/MiB: direct {client['direct']:.2f}, distributed"
+                f" {client['distributed']:.2f}; the ratio of all CPU per MiB, direct over"
+                f" distributed: {needed / (total + client['distributed']):.2f}x"
+            )
     peaks = ", ".join(f"{name} {_peak_rss_mib(pid):.0f}" for name, pid in pids.items())
     print(f"\npeak RSS (MiB): {peaks}")
 
