@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from measure import commandstats, cpu_seconds, minor_faults
+from measure import commandstats, cpu_seconds, minor_faults, system_seconds
 
 from minidasgi.testing import RedisServer
 
@@ -338,7 +338,16 @@ def _streams(
     (steadier than throughput on a shared machine), Redis commands per MiB (each PUBLISH is one
     pub/sub delivery: one subscriber per channel), the machine's idle cores while the
     distributed transfers ran (none idle: the run was bound by CPU, shared with whatever else
-    ran, and only CPU per MiB tells the versions apart), and each process' peak RSS at the end."""
+    ran, and only CPU per MiB tells the versions apart), and each process' peak RSS at the end.
+
+    For the distributed transfers it also prints each process' share of that CPU spent in the
+    kernel (``sys``: the socket copies) and its utilisation, CPU seconds over the transfers'
+    wall seconds: a process near 1.0 bounds the transfer; all of them well under it while no
+    core is idle means the transfer waited for CPU that other work on the machine took (or,
+    with idle cores, that the processes waited for each other: flow control, the window),
+    the CPU per MiB of this process as the client, and the ratio of all CPU per MiB (server
+    processes and client) direct over distributed: what the throughput ratio comes to when the
+    transfers are bound by CPU (no core idle), and steadier than it."""
     pids = costs.pids
     print(
         f"{'figure':28} {'direct':>9} {'distrib.':>9} {'ratio':>7}   CPU ms/MiB: direct |"
@@ -352,6 +361,9 @@ def _streams(
             faults = {"distributor": 0, "node": 0}
             commands: dict[str, int] = {}
             idle = [0, 0]  # idle and total jiffies of the machine, over the distributed runs
+            system = {name: 0.0 for name in pids}  # kernel CPU seconds, distributed runs
+            wall = 0.0  # seconds the distributed transfers took
+            clients = {"direct": 0.0, "distributed": 0.0}  # this process' CPU seconds, as client
             for round_number in range(rounds):
                 order = ["direct", "distributed"]
                 if round_number % 2:
@@ -359,11 +371,17 @@ def _streams(
                 for side in order:
                     port = direct_port if side == "direct" else dist_port
                     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    in_kernel = {name: system_seconds(pid) for name, pid in pids.items()}
                     faulted = {name: minor_faults(pids[name]) for name in faults}
                     counted = commandstats(costs.redis)
                     jiffies = _jiffies()
+                    client = sum(os.times()[:2])
                     speeds[side].append(_stream(port, upload, size << 20, chunk))
+                    clients[side] += sum(os.times()[:2]) - client
                     if side == "distributed":
+                        wall += (size << 20) / 1e6 / speeds[side][-1]
+                        for name, pid in pids.items():
+                            system[name] += system_seconds(pid) - in_kernel[name]
                         idle_after, total_after = _jiffies()
                         idle[0] += idle_after - jiffies[0]
                         idle[1] += total_after - jiffies[1]
@@ -398,6 +416,22 @@ def _streams(
             print(
                 f"{'':28} Redis commands per MiB: {per_mib or 'none'}; idle cores while"
                 f" distributed: {idle[0] / max(idle[1], 1) * cores:.2f} of {cores}"
+            )
+            shares = ", ".join(
+                f"{name} {system[name] / mib * 1e3:.2f} sys,"
+                f" {cpu['distributed'][name] / max(wall, 1e-9):.2f} busy"
+                for name in ("distributor", "node", "redis")
+            )
+            print(f"{'':28} distributed, CPU ms/MiB in the kernel and utilisation: {shares}")
+            # With no core idle, a transfer's speed is about the CPU it gets over the CPU it
+            # needs per MiB, client included: the ratio those costs predict is steadier than
+            # the measured one, and says what a change of cost is worth in throughput.
+            client = {side: spent / mib * 1e3 for side, spent in clients.items()}
+            needed = per["direct"]["direct"] + client["direct"]
+            print(
+                f"{'':28} the client's CPU ms/MiB: direct {client['direct']:.2f}, distributed"
+                f" {client['distributed']:.2f}; the ratio of all CPU per MiB, direct over"
+                f" distributed: {needed / (total + client['distributed']):.2f}x"
             )
     peaks = ", ".join(f"{name} {_peak_rss_mib(pid):.0f}" for name, pid in pids.items())
     print(f"\npeak RSS (MiB): {peaks}")

@@ -25,6 +25,12 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     return sum(int(f) for f in fields[11 : 15 if children else 13]) / _TICK
 
 
+def system_seconds(pid: int) -> float:
+    """System (kernel) CPU time of a process so far (field 15): for a transfer, mostly the
+    kernel's copies into and out of its sockets."""
+    return int(_stat(pid)[12]) / _TICK
+
+
 def minor_faults(pid: int) -> int:
     """Minor page faults of a process so far (field 10): a fresh large buffer per message
     shows here (the allocator hands large blocks back to the system)."""

@@ -80,6 +80,13 @@ _WRITE_HIGH_WATER = 256 * 1024  # buffered bytes past which callers wait for the
 _SCRATCH_FROM = 64 * 1024  # writes from this size are gathered into a reused buffer
 _SCRATCH_MAX = 2 * 1024 * 1024  # a larger one (a rare huge command) is not kept
 _MAX_VECTOR = 512  # parts per writev (IOV_MAX is 1024 on Linux and macOS; past it, EINVAL: joined)
+# The send buffer asked for on a unix socket to Redis. The default (``net.core.wmem_default``,
+# 208 KiB on Linux) holds a fifth of a large command, a PUBLISH of a 1 MiB body piece: the rest
+# waited in asyncio's buffer, copied there, and went out in four more sends as Redis read (a
+# download's Node spent twice the CPU per MiB it spends over TCP, whose autotuning grows a
+# loopback connection's buffer to megabytes by itself). It holds no more than TCP's may: what is
+# sent stays bounded by flow control's windows.
+_UNIX_SEND_BUFFER = 2 * 1024 * 1024
 # TCP keepalive in seconds, not the kernel's two hours: a silent peer is found within about
 # KEEPIDLE + KEEPINTVL * KEEPCNT seconds of idleness. TCP_USER_TIMEOUT bounds how long sent data
 # may stay unacknowledged (a stalled link with commands in flight) to the same order.
@@ -568,9 +575,20 @@ async def open_stream(
     except (OSError, _ssl.SSLError) as exc:
         raise RedisConnectionError(f"cannot connect to Redis at {params.address}: {exc}") from None
     sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        _tune_tcp(sock)
+    if sock is not None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            _tune_tcp(sock)
+        elif sock.family == getattr(socket, "AF_UNIX", None):
+            _tune_unix(sock)
     return asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def _tune_unix(sock: socket.socket) -> None:
+    """A unix socket's send buffer raised to ``_UNIX_SEND_BUFFER`` (within what the system
+    allows: Linux caps it at ``net.core.wmem_max``; an option refused is skipped)."""
+    with contextlib.suppress(OSError):
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _UNIX_SEND_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SEND_BUFFER)
 
 
 def _tune_tcp(sock: socket.socket) -> None:

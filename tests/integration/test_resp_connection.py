@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ from minidasgi.resp import (
     make_params,
 )
 from minidasgi.resp.client import Client
-from minidasgi.resp.protocol import pack_command
+from minidasgi.resp.protocol import pack_command, pack_command_parts
 
 from .fakes import FakeRedis, Handler, drain_until_eof, read_command
 from .faultproxy import FaultProxy
@@ -581,6 +582,32 @@ async def test_unix_socket(clean_redis: RedisServer, open_conn: Opener) -> None:
     assert clean_redis.command("GET", "via-unix") == b"1"
     db2 = await open_conn(clean_redis.unix_url.replace("?db=0", "?db=2"))
     assert await db2.execute("GET", "via-unix") is None
+
+
+def _send_buffer_cap() -> int:
+    """The largest send buffer the system grants a socket (Linux' ``net.core.wmem_max``), or 0
+    where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/net/core/wmem_max").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(
+    _send_buffer_cap() < 2 * 1024 * 1024,
+    reason="the system caps a socket's send buffer under 2 MiB (net.core.wmem_max)",
+)
+async def test_unix_socket_takes_a_body_piece_in_one_write(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    # A PUBLISH of a 1 MiB body piece goes into a unix socket whole, as over loopback TCP:
+    # nothing is left for the transport to copy into its buffer and send in several more writes
+    # (the system's default send buffer, 208 KiB on Linux, took a fifth of it).
+    conn = await open_conn(clean_redis.unix_url)
+    assert await conn.ping() == b"PONG"
+    reply = conn.send_packed(pack_command_parts("PUBLISH", "nobody", b"x" * (1024 * 1024)))
+    assert conn._writer.transport.get_write_buffer_size() == 0  # type: ignore[union-attr]
+    assert await reply == 0
 
 
 async def test_unix_socket_with_password(redis_factory: RedisFactory, open_conn: Opener) -> None:
