@@ -471,6 +471,13 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         if isinstance(reader, ReplyReader) and reader.direct is not None:
             self._direct = reader
         self._into = _OWN  # where the last buffer handed out was: ours, a payload's, ahead
+        # What a read of ours is handed to: a ReplyReader's sink itself (a read is never
+        # empty), rather than through ``data_received``, the weak reference to the reader and
+        # its ``feed_data``: three calls fewer per read. The sink is held here as the reader
+        # holds it, for the connection's life; another reader gets its ``feed_data``.
+        self._feed: Callable[[Any], None] = (
+            reader._sink if isinstance(reader, ReplyReader) else reader.feed_data
+        )
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
@@ -503,7 +510,8 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
             except Exception as exc:  # never into the transport: end the stream instead
                 self._direct.set_exception(exc)
             return
-        self.data_received(self._view[:nbytes])  # type: ignore[arg-type]
+        if nbytes:  # as feed_data: an empty read hands nothing over
+            self._feed(self._view[:nbytes])
 
 
 def _vectored_fileno(transport: asyncio.BaseTransport) -> int:
