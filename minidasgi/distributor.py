@@ -918,7 +918,7 @@ class _Exchange:
                 # reply before it. Only a reply that stops the request wakes it (``_Pushed``),
                 # told from the code that reads the reply (no loop handle per request).
                 self._pushing = True
-                d.admission.put(d._client.connection(), key, data, self._pushed)
+                d.admission.send(d._client.connection(), key, data, self._pushed)
             except RespError as exc:
                 self._pushing = False
                 self._unqueued(key, exc)

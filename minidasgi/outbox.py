@@ -127,8 +127,11 @@ class Outbox:
             for lost in watchers:
                 lost(future)
 
-    def _send(self, channel: str, messages: list[wire.Packed], result: asyncio.Future[int]) -> None:
+    def _send(
+        self, channel: str, messages: list[wire.Packed], result: asyncio.Future[int] | None
+    ) -> None:
         # The batch's future is settled by the client straight from the PUBLISH's reply.
+        assert result is not None  # every post asks for one
         client = self._client()
         if client is None:
             if not result.done():

@@ -157,3 +157,28 @@ async def test_a_hello_world_request_waits_for_its_node_without_the_inbox_corout
     # each, two per request).
     assert waits.count("get") == 0, waits
     assert waits.count("arrival") == N, waits
+
+
+async def test_a_hello_world_requests_lpush_makes_no_future_for_nobody(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    given: list[Any] = []
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            pushes = distributor.admission.pushes
+            send_into = pushes._send_into
+
+            def spy(key: str, items: list[Any], future: Any) -> None:
+                given.append(future)
+                send_into(key, items, future)
+
+            monkeypatch.setattr(pushes, "_send_into", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    # The requests learn their LPUSH's outcome from their callbacks: the batches have no
+    # future (before: one each, made and settled for nobody, about 4k instructions).
+    assert len(given) == N and given == [None] * N
