@@ -624,6 +624,11 @@ class Distributor:
             self._taking_back = False
 
     def _on_message(self, channel: bytes, data: bytes | memoryview) -> None:
+        if data and data[0] != wire.BATCH_FRAME:
+            # One message (at one request in flight, every one): ``split_frame`` would make
+            # ``[data]`` of it, a call and a list for nothing.
+            self._on_one_message(data)
+            return
         try:
             messages = wire.split_frame(data)
         except wire.WireError as exc:

@@ -182,3 +182,27 @@ async def test_a_hello_world_requests_lpush_makes_no_future_for_nobody(
     # The requests learn their LPUSH's outcome from their callbacks: the batches have no
     # future (before: one each, made and settled for nobody, about 4k instructions).
     assert len(given) == N and given == [None] * N
+
+
+async def test_a_reply_of_one_message_is_not_split_as_a_batch_frame(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    split: list[Any] = []
+    real = wire.split_frame
+
+    def spy(data: Any) -> list[Any]:
+        split.append(data)
+        return real(data)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(wire, "split_frame", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    # One request at a time: each answer is one message, handled as it is (before: made a
+    # list of one by ``split_frame``, a call each).
+    assert split == []
