@@ -206,3 +206,39 @@ async def test_a_reply_of_one_message_is_not_split_as_a_batch_frame(
     # One request at a time: each answer is one message, handled as it is (before: made a
     # list of one by ``split_frame``, a call each).
     assert split == []
+
+
+async def test_a_response_whole_with_its_ack_is_not_counted_in_flight_with_its_node(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    added: list[str] = []
+    real = distributor.peers.add
+
+    def spy(peer: str, request_id: str, now: float, *, pings: bool) -> None:
+        added.append(request_id)
+        real(peer, request_id, now, pings=pings)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await apps.slow(scope, receive, send)
+        else:
+            await apps.hello(scope, receive, send)
+
+    node = Node(url=redis_server.url, app=app, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(distributor.peers, "add", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            hello_added = len(added)
+            # A streamed response is counted while the relay waits for its pieces, and
+            # forgotten at its end.
+            assert (await client.get("/slow?3")).text == "0\n1\n2\ndone\n"
+            monkeypatch.undo()
+        assert distributor.peers.requests(node.channel) == []
+    # Nothing more was awaited from the Node once the ack came with the whole response:
+    # no add (nor discard) per request (before: one each).
+    assert hello_added == 0
+    assert len(added) == 1
