@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import memo, metrics, wire
-from .batching import Batcher
+from .batching import Batcher, Settlement
 from .resp import ReplyError
 from .resp.client import copy_outcome
 from .resp.connection import Connection
@@ -168,7 +168,7 @@ class Admission:
         self,
         key: str,
         items: list[tuple[bytes, Callable[[Any, int], None] | None]],
-        result: asyncio.Future[tuple[Any, Any, int]] | None,
+        result: Settlement[tuple[Any, Any, int]] | None,
     ) -> None:
         try:
             self._send_items(key, items, result)
@@ -180,7 +180,7 @@ class Admission:
         self,
         key: str,
         items: list[tuple[bytes, Callable[[Any, int], None] | None]],
-        result: asyncio.Future[tuple[Any, Any, int]] | None,
+        result: Settlement[tuple[Any, Any, int]] | None,
     ) -> None:
         connection = self._connection
         assert connection is not None
@@ -200,11 +200,19 @@ class Admission:
             # A Cluster's router: the two commands may live on different masters.
             routed = asyncio.ensure_future(self._send_routed(connection, packed, pushing, values))
             # The outcome is worked out in a future even if the batch has none to settle.
-            settled = routed.get_loop().create_future() if result is None else result
+            settled: asyncio.Future[tuple[Any, Any, int]] = (
+                result if isinstance(result, asyncio.Future) else routed.get_loop().create_future()
+            )
 
             def routed_done(done: asyncio.Future[tuple[Any, Any, int]]) -> None:
                 copy_outcome(settled, done)  # a cancelled command fails it: not cancelled
-                _tell(items, settled.exception() or settled.result())
+                error = settled.exception()
+                if result is not None and result is not settled:  # a stand-in: counted out
+                    if error is None:
+                        result.set_result(settled.result())
+                    else:
+                        result.set_exception(error)
+                _tell(items, error or settled.result())
 
             routed.add_done_callback(routed_done)
             return

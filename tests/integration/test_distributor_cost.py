@@ -3,6 +3,7 @@ the codec paths its messages take."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -242,3 +243,41 @@ async def test_a_response_whole_with_its_ack_is_not_counted_in_flight_with_its_n
     # no add (nor discard) per request (before: one each).
     assert hello_added == 0
     assert len(added) == 1
+
+
+def test_on_uvloop_each_lpush_batch_is_counted_out_without_a_future(
+    redis_server: RedisServer,
+) -> None:
+    # uvloop hides its ready handles: the pushes' batcher counts its batches in flight, and
+    # a batch nobody awaits is counted out by a stand-in (before: a future made for it).
+    uvloop = pytest.importorskip("uvloop")
+    given: list[Any] = []
+
+    async def scenario() -> None:
+        distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+        node = Node(url=redis_server.url, app=apps.hello, key="hello")
+        async with serve_app(distributor, http="h11") as base, run_node(node):
+            async with httpx.AsyncClient(base_url=base) as client:
+                assert (await client.get("/")).text == "Hello World!"  # connections warm
+                pushes = distributor.admission.pushes
+                send_into = pushes._send_into
+
+                def spy(key: str, items: list[Any], settlement: Any) -> None:
+                    given.append(settlement)
+                    send_into(key, items, settlement)
+
+                pushes._send_into = spy
+                for _ in range(N):
+                    assert (await client.get("/")).text == "Hello World!"
+                pushes._send_into = send_into
+                assert pushes._in_flight == 0  # every batch counted out: eager still
+                assert pushes.batches == pushes.items == N + 1
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert len(given) == N
+    assert not any(isinstance(settlement, asyncio.Future) for settlement in given)
+    assert all(settlement.done() for settlement in given)
