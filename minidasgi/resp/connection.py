@@ -619,6 +619,9 @@ class Connection:
         self._drain_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._error: Exception | None = None
+        # True once the connection is closed or lost (``_error`` set); it never reopens. An
+        # attribute, not a property: read before every command a distributor sends.
+        self.is_closed = False
         self._closed = self._loop.create_future()
         timeout = params.reply_timeout
         self._reply_timeout = timeout if timeout else math.inf
@@ -651,11 +654,6 @@ class Connection:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The event loop this connection lives in."""
         return self._loop
-
-    @property
-    def is_closed(self) -> bool:
-        """True once the connection is closed or lost; it never reopens."""
-        return self._error is not None
 
     async def wait_closed(self) -> Exception:
         """Wait until the connection is closed or lost; return why."""
@@ -1161,6 +1159,7 @@ class Connection:
         if self._error is not None:
             return
         self._error = error
+        self.is_closed = True
         self._closed.set_result(error)
         if self._watchdog is not None:
             self._watchdog.cancel()

@@ -4,6 +4,7 @@ the codec paths its messages take."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any
 
@@ -281,3 +282,28 @@ def test_on_uvloop_each_lpush_batch_is_counted_out_without_a_future(
     assert len(given) == N
     assert not any(isinstance(settlement, asyncio.Future) for settlement in given)
     assert all(settlement.done() for settlement in given)
+
+
+async def test_the_readiness_check_calls_only_the_two_connected_properties(
+    redis_server: RedisServer,
+) -> None:
+    # Checked twice per request: a property each, reading an attribute (before: each also
+    # called Connection.is_closed, or the subscriber's Event.is_set).
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    called: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            called.append(frame.f_code.co_qualname)
+
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections up
+        sys.setprofile(profile)
+        try:
+            ready = distributor.ready
+        finally:
+            sys.setprofile(None)
+    assert ready
+    assert called == ["Distributor.ready", "Client.connected", "Subscriber.connected"], called
