@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import memo, metrics, wire
-from .batching import Batcher
+from .batching import Batcher, Settlement
 from .resp import ReplyError
 from .resp.client import copy_outcome
 from .resp.connection import Connection
@@ -134,6 +134,15 @@ class Admission:
         pushed = self.pushes.put(key, (data, then), size=len(data))
         return pushed, self.pushes.index
 
+    def send(
+        self, connection: Commands, key: str, data: bytes, then: Callable[[Any, int], None]
+    ) -> None:
+        """``put`` for a caller told by ``then`` alone (the distributor): no future is made
+        for the batch unless another caller of it wants one (about 4k instructions per
+        batch, made and settled for nobody)."""
+        self._connection = connection
+        self.pushes.put(key, (data, then), size=len(data), future=False)
+
     def verdict(self, key: str, index: int, outcome: tuple[Any, Any, int]) -> str | None:
         """What ``push`` returns, from the outcome of the batch at ``index`` in it: None, or
         the refusal reason; raise ``RespError`` when the LPUSH failed."""
@@ -159,7 +168,7 @@ class Admission:
         self,
         key: str,
         items: list[tuple[bytes, Callable[[Any, int], None] | None]],
-        result: asyncio.Future[tuple[Any, Any, int]],
+        result: Settlement[tuple[Any, Any, int]] | None,
     ) -> None:
         try:
             self._send_items(key, items, result)
@@ -171,7 +180,7 @@ class Admission:
         self,
         key: str,
         items: list[tuple[bytes, Callable[[Any, int], None] | None]],
-        result: asyncio.Future[tuple[Any, Any, int]],
+        result: Settlement[tuple[Any, Any, int]] | None,
     ) -> None:
         connection = self._connection
         assert connection is not None
@@ -190,10 +199,20 @@ class Admission:
         if not isinstance(connection, Connection):
             # A Cluster's router: the two commands may live on different masters.
             routed = asyncio.ensure_future(self._send_routed(connection, packed, pushing, values))
+            # The outcome is worked out in a future even if the batch has none to settle.
+            settled: asyncio.Future[tuple[Any, Any, int]] = (
+                result if isinstance(result, asyncio.Future) else routed.get_loop().create_future()
+            )
 
             def routed_done(done: asyncio.Future[tuple[Any, Any, int]]) -> None:
-                copy_outcome(result, done)  # a cancelled command fails it: not cancelled
-                _tell(items, result.exception() or result.result())
+                copy_outcome(settled, done)  # a cancelled command fails it: not cancelled
+                error = settled.exception()
+                if result is not None and result is not settled:  # a stand-in: counted out
+                    if error is None:
+                        result.set_result(settled.result())
+                    else:
+                        result.set_exception(error)
+                _tell(items, error or settled.result())
 
             routed.add_done_callback(routed_done)
             return
@@ -205,16 +224,18 @@ class Admission:
         count = len(values)
 
         def settle(reply: Any) -> None:
-            if result.done():
+            if result is not None and result.done():
                 return
             if isinstance(reply, BaseException):  # the connection was lost
-                result.set_exception(reply)
-                # Its requests are told below: no one need await it to have seen it.
-                result.exception()
+                if result is not None:
+                    result.set_exception(reply)
+                    # Its requests are told below: no one need await it to have seen it.
+                    result.exception()
                 outcome: Any = reply
             else:
                 outcome = (listeners[0] if listeners else None, reply, count)
-                result.set_result(outcome)
+                if result is not None:
+                    result.set_result(outcome)
                 if not listeners and self._unbounded and type(reply) is int:
                     # ``verdict``'s first test, once for the batch: None for every request
                     # (the usual distributor's), so no call per request to learn it.

@@ -446,7 +446,8 @@ class Distributor:
             del self._exchanges[exchange.id]
             if not exchange.inbox.empty():  # seldom: an ACK came too late, or a signal
                 exchange.cancel_late_acks()
-            if exchange.node is not None:
+            if exchange.tracked:
+                assert exchange.node is not None
                 self.peers.discard(exchange.node, exchange.id)
             self._finished(scope, key, exchange, exchange.status, started)
 
@@ -624,6 +625,11 @@ class Distributor:
             self._taking_back = False
 
     def _on_message(self, channel: bytes, data: bytes | memoryview) -> None:
+        if data and data[0] != wire.BATCH_FRAME:
+            # One message (at one request in flight, every one): ``split_frame`` would make
+            # ``[data]`` of it, a call and a list for nothing.
+            self._on_one_message(data)
+            return
         try:
             messages = wire.split_frame(data)
         except wire.WireError as exc:
@@ -809,6 +815,7 @@ class _Exchange:
     _pumps: tuple[asyncio.Task[None], ...] = ()
     _delayed: list[Any] | None = None  # an entry of watch_deadlines
     _watch_later = False  # the client is to be watched once the relay waits for the Node
+    tracked = False  # counted in flight with its Node for the liveness checks (``_track``)
     status = 0  # the status answered, for metrics and the access log
     _credits: wire.CreditMessages | None = None  # made at the first credit
     _holding_credit = False  # a credit waits to ride with the next message (WebSocket)
@@ -918,7 +925,7 @@ class _Exchange:
                 # reply before it. Only a reply that stops the request wakes it (``_Pushed``),
                 # told from the code that reads the reply (no loop handle per request).
                 self._pushing = True
-                d.admission.put(d._client.connection(), key, data, self._pushed)
+                d.admission.send(d._client.connection(), key, data, self._pushed)
             except RespError as exc:
                 self._pushing = False
                 self._unqueued(key, exc)
@@ -992,9 +999,8 @@ class _Exchange:
         self.node = node
         self.acked_at = time.monotonic()
         assert d._loop is not None  # bound when the request came in
-        now = d._loop.time()
-        pings = len(ack_args) > 2 and type(ack_args[2]) in (int, float) and ack_args[2] > 0
-        d.peers.add(node, self.id, now, pings=pings)
+        # Counted in flight with the Node only once the relay may wait for it (``_track``).
+        d.peers.heard(node, d._loop.time())
         self._ack = ack_args  # the window it grants is made once the client has more to send
         if len(ack_args) > 3 and ack_args[3] is True:  # wire.asks_confirmation, inline
             # The Node waits to run it until told: this is the first ACK, and the client has
@@ -1046,6 +1052,21 @@ class _Exchange:
             self._start_pump()
         else:
             self._watch_later = True
+
+    def _track(self) -> None:
+        """Count the request in flight with its Node for the liveness checks (the PINGs that
+        name it, the Node's silence timed), from the moment the relay may wait for the Node:
+        before it waits, or before it relays what does not end the response. A response that
+        came whole with the ack (the usual small one) needs nothing more from the Node: it is
+        never counted nor forgotten (add and discard: about 5k instructions per request).
+        Nothing is awaited between the ack and this call: no message from the Node was
+        missed meanwhile, and the Node was heard from at the ack."""
+        self.tracked = True
+        d = self.distributor
+        ack = self._ack
+        pings = len(ack) > 2 and type(ack[2]) in (int, float) and ack[2] > 0
+        assert d._loop is not None and self.node is not None
+        d.peers.add(self.node, self.id, d._loop.time(), pings=pings)
 
     def _watch_client(self) -> None:
         """The relay waits for the Node: watch the client for a disconnect in a moment."""
@@ -1234,11 +1255,15 @@ class _Exchange:
                 if item is None:  # the relay waits for the Node
                     if self._watch_later:
                         self._watch_client()
+                    if not self.tracked:
+                        self._track()
                     await inbox.arrival()
                     continue
             else:  # bounded even while messages keep coming
                 if self._watch_later and inbox.empty():
                     self._watch_client()
+                if not self.tracked:
+                    self._track()  # wait_for() awaits even for a message already there
                 try:
                     remaining = deadline - asyncio.get_running_loop().time()
                     item = await asyncio.wait_for(inbox.get(), max(remaining, 0))
@@ -1299,6 +1324,17 @@ class _Exchange:
                 return
 
     async def _send_events(self, events: list[Any]) -> None:
+        if not self.tracked:
+            # Relaying may wait (a slow client): only a SEND that ends the response (its
+            # last event a complete body, and no trailers announced below) leaves nothing
+            # to wait for from the Node meanwhile.
+            last = events[-1] if events else None
+            if not (
+                type(last) is dict
+                and last.get("type") == "http.response.body"
+                and not last.get("more_body", False)
+            ):
+                self._track()
         for event in events:
             kind = event.get("type") if isinstance(event, dict) else None
             if not isinstance(kind, str):
@@ -1313,6 +1349,8 @@ class _Exchange:
                 if event.get("trailers", False):
                     if _offers(self.scope, "http.response.trailers"):
                         self.trailers = True
+                        if not self.tracked:  # the trailers are still to come
+                            self._track()
                     else:  # the Node completes without them: so must the server
                         event = {k: v for k, v in event.items() if k != "trailers"}
             elif kind == "http.response.trailers":

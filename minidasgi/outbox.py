@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TypeAlias
 
 from . import codec, wire
-from .batching import Batcher
+from .batching import Batcher, Settlement
 from .resp.topology import CommandClient
 
 __all__ = ["Lost", "Outbox"]
@@ -127,8 +127,11 @@ class Outbox:
             for lost in watchers:
                 lost(future)
 
-    def _send(self, channel: str, messages: list[wire.Packed], result: asyncio.Future[int]) -> None:
+    def _send(
+        self, channel: str, messages: list[wire.Packed], result: Settlement[int] | None
+    ) -> None:
         # The batch's future is settled by the client straight from the PUBLISH's reply.
+        assert isinstance(result, asyncio.Future)  # every post asks for one
         client = self._client()
         if client is None:
             if not result.done():

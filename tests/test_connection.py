@@ -7,6 +7,7 @@ password must never show up in a ``repr`` or in an error message.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from typing import Any
@@ -395,3 +396,33 @@ async def test_a_subscriber_reads_each_large_push_in_one_read_once_it_has_a_buff
         reads.append(count)
     assert got == payloads
     assert reads == [2, 1, 1, 1]
+
+
+async def test_a_read_goes_to_the_readers_sink_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Through StreamReaderProtocol.data_received, the weak reference to the reader and its
+    # feed_data, each read cost three calls more (two reads per request on a distributor).
+    got: list[bytes] = []
+    protocol = _ReadingProtocol(ReplyReader(lambda data: got.append(bytes(data)), print))
+
+    def forbidden(self: Any, data: Any) -> None:
+        raise AssertionError("read through data_received")
+
+    monkeypatch.setattr(asyncio.StreamReaderProtocol, "data_received", forbidden)
+    monkeypatch.setattr(ReplyReader, "feed_data", forbidden)
+    for chunk in (b"+OK\r\n", b":1\r\n"):
+        buffer = protocol.get_buffer(-1)
+        buffer[: len(chunk)] = chunk
+        del buffer
+        protocol.buffer_updated(len(chunk))
+    protocol.buffer_updated(0)  # hands nothing over, as feed_data did with an empty read
+    assert got == [b"+OK\r\n", b":1\r\n"]
+
+
+async def test_a_plain_stream_reader_is_still_fed_through_its_feed_data() -> None:
+    reader = asyncio.StreamReader()
+    protocol = _ReadingProtocol(reader)
+    buffer = protocol.get_buffer(-1)
+    buffer[:5] = b"+OK\r\n"
+    del buffer
+    protocol.buffer_updated(5)
+    assert await reader.readline() == b"+OK\r\n"

@@ -478,6 +478,13 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         if isinstance(reader, ReplyReader) and reader.direct is not None:
             self._direct = reader
         self._into = _OWN  # where the last buffer handed out was: ours, a payload's, ahead
+        # What a read of ours is handed to: a ReplyReader's sink itself (a read is never
+        # empty), rather than through ``data_received``, the weak reference to the reader and
+        # its ``feed_data``: three calls fewer per read. The sink is held here as the reader
+        # holds it, for the connection's life; another reader gets its ``feed_data``.
+        self._feed: Callable[[Any], None] = (
+            reader._sink if isinstance(reader, ReplyReader) else reader.feed_data
+        )
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
@@ -510,7 +517,8 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
             except Exception as exc:  # never into the transport: end the stream instead
                 self._direct.set_exception(exc)
             return
-        self.data_received(self._view[:nbytes])  # type: ignore[arg-type]
+        if nbytes:  # as feed_data: an empty read hands nothing over
+            self._feed(self._view[:nbytes])
 
 
 def _vectored_fileno(transport: asyncio.BaseTransport) -> int:
@@ -629,6 +637,9 @@ class Connection:
         self._drain_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._error: Exception | None = None
+        # True once the connection is closed or lost (``_error`` set); it never reopens. An
+        # attribute, not a property: read before every command a distributor sends.
+        self.is_closed = False
         self._closed = self._loop.create_future()
         timeout = params.reply_timeout
         self._reply_timeout = timeout if timeout else math.inf
@@ -661,11 +672,6 @@ class Connection:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The event loop this connection lives in."""
         return self._loop
-
-    @property
-    def is_closed(self) -> bool:
-        """True once the connection is closed or lost; it never reopens."""
-        return self._error is not None
 
     async def wait_closed(self) -> Exception:
         """Wait until the connection is closed or lost; return why."""
@@ -1171,6 +1177,7 @@ class Connection:
         if self._error is not None:
             return
         self._error = error
+        self.is_closed = True
         self._closed.set_result(error)
         if self._watchdog is not None:
             self._watchdog.cancel()

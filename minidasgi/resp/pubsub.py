@@ -133,6 +133,9 @@ class Subscriber:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        # The event's state, read without a call (``connected``: twice per request on a
+        # distributor); set and cleared with it (``_set_connected``).
+        self._is_connected = False
         self._link: Callable[[Exception], None] | None = None  # ends the live connection
         self._closing = False
         self._last_read = 0.0
@@ -148,7 +151,7 @@ class Subscriber:
     @property
     def connected(self) -> bool:
         """True while connected with every wanted channel confirmed by Redis."""
-        return self._connected.is_set()
+        return self._is_connected
 
     @property
     def channels(self) -> frozenset[bytes]:
@@ -200,7 +203,7 @@ class Subscriber:
                 self._channels.add(name)
                 new.append(name)
         if new and self._writer is not None:
-            self._connected.clear()  # until Redis confirms the new channels too
+            self._set_connected(False)  # until Redis confirms the new channels too
             self._send_subscribe(new)
         if futures:
             await asyncio.gather(*futures)
@@ -282,7 +285,7 @@ class Subscriber:
                 finally:
                     self._writer = None
                     self._link = None
-                    self._connected.clear()
+                    self._set_connected(False)
                     self._confirmed.clear()
                     writer.close()
                 self.last_error = error
@@ -442,12 +445,19 @@ class Subscriber:
                 self._send("PING")
                 pinged_at = now
 
+    def _set_connected(self, connected: bool) -> None:
+        self._is_connected = connected
+        if connected:
+            self._connected.set()
+        else:
+            self._connected.clear()
+
     def _check_confirmed(self) -> None:
         """Mark the subscriber connected once every wanted channel is confirmed."""
-        if self._connected.is_set() or self._writer is None:
+        if self._is_connected or self._writer is None:
             return
         if self._channels <= self._confirmed:
-            self._connected.set()
+            self._set_connected(True)
             self._confirmations += 1
             if self._on_connected is not None:
                 self._on_connected()
@@ -472,7 +482,7 @@ class Subscriber:
 
     def _handle_any(self, reply: Any) -> None:
         if isinstance(reply, ReplyError):
-            if self._connected.is_set():
+            if self._is_connected:
                 # Every channel is confirmed, so this answers a health-check PING (an ACL user
                 # without +ping): an answer all the same, and the peer is alive.
                 logger.debug("Redis answered an error to the subscriber: %s", reply)

@@ -3,6 +3,8 @@ the codec paths its messages take."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 from typing import Any
 
@@ -157,3 +159,151 @@ async def test_a_hello_world_request_waits_for_its_node_without_the_inbox_corout
     # each, two per request).
     assert waits.count("get") == 0, waits
     assert waits.count("arrival") == N, waits
+
+
+async def test_a_hello_world_requests_lpush_makes_no_future_for_nobody(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    given: list[Any] = []
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            pushes = distributor.admission.pushes
+            send_into = pushes._send_into
+
+            def spy(key: str, items: list[Any], future: Any) -> None:
+                given.append(future)
+                send_into(key, items, future)
+
+            monkeypatch.setattr(pushes, "_send_into", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    # The requests learn their LPUSH's outcome from their callbacks: the batches have no
+    # future (before: one each, made and settled for nobody, about 4k instructions).
+    assert len(given) == N and given == [None] * N
+
+
+async def test_a_reply_of_one_message_is_not_split_as_a_batch_frame(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    split: list[Any] = []
+    real = wire.split_frame
+
+    def spy(data: Any) -> list[Any]:
+        split.append(data)
+        return real(data)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(wire, "split_frame", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    # One request at a time: each answer is one message, handled as it is (before: made a
+    # list of one by ``split_frame``, a call each).
+    assert split == []
+
+
+async def test_a_response_whole_with_its_ack_is_not_counted_in_flight_with_its_node(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    added: list[str] = []
+    real = distributor.peers.add
+
+    def spy(peer: str, request_id: str, now: float, *, pings: bool) -> None:
+        added.append(request_id)
+        real(peer, request_id, now, pings=pings)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await apps.slow(scope, receive, send)
+        else:
+            await apps.hello(scope, receive, send)
+
+    node = Node(url=redis_server.url, app=app, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(distributor.peers, "add", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            hello_added = len(added)
+            # A streamed response is counted while the relay waits for its pieces, and
+            # forgotten at its end.
+            assert (await client.get("/slow?3")).text == "0\n1\n2\ndone\n"
+            monkeypatch.undo()
+        assert distributor.peers.requests(node.channel) == []
+    # Nothing more was awaited from the Node once the ack came with the whole response:
+    # no add (nor discard) per request (before: one each).
+    assert hello_added == 0
+    assert len(added) == 1
+
+
+def test_on_uvloop_each_lpush_batch_is_counted_out_without_a_future(
+    redis_server: RedisServer,
+) -> None:
+    # uvloop hides its ready handles: the pushes' batcher counts its batches in flight, and
+    # a batch nobody awaits is counted out by a stand-in (before: a future made for it).
+    uvloop = pytest.importorskip("uvloop")
+    given: list[Any] = []
+
+    async def scenario() -> None:
+        distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+        node = Node(url=redis_server.url, app=apps.hello, key="hello")
+        async with serve_app(distributor, http="h11") as base, run_node(node):
+            async with httpx.AsyncClient(base_url=base) as client:
+                assert (await client.get("/")).text == "Hello World!"  # connections warm
+                pushes = distributor.admission.pushes
+                send_into = pushes._send_into
+
+                def spy(key: str, items: list[Any], settlement: Any) -> None:
+                    given.append(settlement)
+                    send_into(key, items, settlement)
+
+                pushes._send_into = spy
+                for _ in range(N):
+                    assert (await client.get("/")).text == "Hello World!"
+                pushes._send_into = send_into
+                assert pushes._in_flight == 0  # every batch counted out: eager still
+                assert pushes.batches == pushes.items == N + 1
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert len(given) == N
+    assert not any(isinstance(settlement, asyncio.Future) for settlement in given)
+    assert all(settlement.done() for settlement in given)
+
+
+async def test_the_readiness_check_calls_only_the_two_connected_properties(
+    redis_server: RedisServer,
+) -> None:
+    # Checked twice per request: a property each, reading an attribute (before: each also
+    # called Connection.is_closed, or the subscriber's Event.is_set).
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    called: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            called.append(frame.f_code.co_qualname)
+
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections up
+        sys.setprofile(profile)
+        try:
+            ready = distributor.ready
+        finally:
+            sys.setprofile(None)
+    assert ready
+    assert called == ["Distributor.ready", "Client.connected", "Subscriber.connected"], called
