@@ -433,6 +433,7 @@ class Node:
         loop = asyncio.get_running_loop()
         popped_on = None
         started = 0  # requests started by the pop under way (it may start them before it returns)
+        promised = False  # the pop under way promised its loop turn (``_promise_turn``)
 
         def start(key: bytes, data: bytes) -> None:
             nonlocal started
@@ -442,11 +443,15 @@ class Node:
             self._requests.add(loop.create_task(self._run_request(key, data, early, slots)))
 
         def popped(key: bytes, values: list[bytes]) -> None:
+            nonlocal promised
             for data in values:
                 start(key, data)
             if len(values) == 1 and len(self._requests) == 1:
                 # A lone request: its first step runs in the next turn, just before this loop
-                # wakes in that turn and sends what it posted (below).
+                # wakes in that turn and sends what it posted (below), unless the job, ending
+                # its response in that step, sent it already (``_end_turn``): either way the
+                # turn is seen to, and the lone request's own flush below is not needed.
+                promised = True
                 self._promise_turn()
 
         while not self._stopping.is_set():
