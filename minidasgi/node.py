@@ -434,7 +434,6 @@ class Node:
         popped_on = None
         started = 0  # requests started by the pop under way (it may start them before it returns)
         promised = False  # the pop under way promised its loop turn (``_promise_turn``)
-        direct = False  # the loop has no task factory (asked once a pop): see ``start``
 
         def start(key: bytes, data: bytes) -> None:
             nonlocal started
@@ -443,8 +442,13 @@ class Node:
             # Its slot is freed by the request itself, as it ends (``_run_request``).
             coroutine = self._run_request(key, data, early, slots)
             # Made by the Task class itself, as the loop's create_task does when the loop has
-            # no task factory: its checks and its naming cost each request ~2k instructions.
-            task = asyncio.Task(coroutine, loop=loop) if direct else loop.create_task(coroutine)
+            # no task factory (asked each time: one may come while a pop waits): its checks
+            # and its naming cost each request ~2k instructions.
+            task = (
+                asyncio.Task(coroutine, loop=loop)
+                if loop.get_task_factory() is None
+                else loop.create_task(coroutine)
+            )
             self._requests.add(task)
 
         def popped(key: bytes, values: list[bytes]) -> None:
@@ -466,7 +470,6 @@ class Node:
                 await self._until_stopped(slots.wait())
                 continue
             held, started, promised, failed = count, 0, False, False
-            direct = loop.get_task_factory() is None
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
