@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -102,7 +101,6 @@ _CLOSE_GRACE = 2.0  # seconds close() lets buffered bytes drain before dropping 
 _LPUSH = b"*3\r\n$5\r\nLPUSH\r\n"
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
 _PING = b"*1\r\n$4\r\nPING\r\n"
-_BYTES = itertools.repeat(bytes)  # isinstance's second argument for every value (map)
 
 
 @dataclass(frozen=True)
@@ -897,20 +895,24 @@ class Connection:
             self._last_pop = (arguments, packed)
 
         def checked(reply: Any) -> Any:
-            if reply is None or isinstance(reply, ReplyError):
-                return reply
-            if not (
-                isinstance(reply, list)
-                and len(reply) == 2
-                and isinstance(reply[0], bytes)
-                and isinstance(reply[1], list)
-                and 0 < len(reply[1]) <= count
-                and all(map(isinstance, reply[1], _BYTES))  # no generator per pop
-            ):
+            # Exact types, as the parsers build them, checked one by one: a builtin called
+            # over the values (``all(map(isinstance, ...))``) cost each pop ~1.5k
+            # instructions more, at one request a pop.
+            if type(reply) is not list:
+                if reply is None or isinstance(reply, ReplyError):
+                    return reply
                 raise ProtocolError("unexpected BLMPOP reply")
+            if len(reply) != 2:
+                raise ProtocolError("unexpected BLMPOP reply")
+            key, values = reply
+            if not (type(key) is bytes and type(values) is list and 0 < len(values) <= count):
+                raise ProtocolError("unexpected BLMPOP reply")
+            for value in values:
+                if type(value) is not bytes:
+                    raise ProtocolError("unexpected BLMPOP reply")
             if popped is not None:
                 try:
-                    popped(reply[0], reply[1])
+                    popped(key, values)
                 except Exception:  # never the connection's error: the values are taken
                     logger.exception("handling a BLMPOP reply failed")
             return reply

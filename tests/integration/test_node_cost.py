@@ -494,3 +494,98 @@ async def test_a_hello_world_request_costs_the_node_five_coroutines(
     assert bodies == [b"Hello World!"] * N
     assert entered["_Job.send"] == 2 * N, entered
     assert sum(entered.values()) < 6 * N, entered
+
+
+async def test_a_lone_request_ends_its_loop_turn_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At one request in flight the pop promises the loop turn (``_promise_turn``); the job,
+    # whose response ends in its first step, sends what it posted itself (``_end_turn``), and
+    # the pop loop, waking after it in the same turn, has nothing left to send. Before, the
+    # pop loop, no longer finding the promise, ended the turn a second time for nothing.
+    node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    got: list[bytes] = []
+    subscriber = Subscriber(redis_server.url, on_message=lambda _, data: got.append(data))
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    ends = 0
+    try:
+        async with run_node(node):
+            assert await poll(lambda: 0 in node._pop_ids, 5)
+            end_turn = node._end_turn
+
+            def counted() -> None:
+                nonlocal ends
+                ends += 1
+                end_turn()
+
+            monkeypatch.setattr(node, "_end_turn", counted)
+            n = 5
+            for i in range(n):
+                envelope = _envelope(wire.new_request_id(), reply, ack_send=True, liveness=1.0)
+                await pusher.execute("LPUSH", "K", envelope)
+                assert await poll(lambda sent=i: len(got) > sent, 10)
+                # The pop loop has woken and popped again (the request is over).
+                assert await poll(lambda: not node._requests and node._pop_ids, 10)
+            await asyncio.sleep(0.05)
+            monkeypatch.undo()
+    finally:
+        monkeypatch.undo()
+        await pusher.close()
+        await subscriber.close()
+    assert ends == n, ends
+
+
+async def test_a_request_task_is_made_by_the_task_class_unless_the_loop_has_a_factory(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a task factory, the loop's create_task only checks the loop and names the task
+    # before making it with the Task class (~2k instructions per request): the Node makes it
+    # itself. A factory the loop has still makes every request's task, also one set while a
+    # pop waits. Before, every request went through create_task.
+    node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    got: list[bytes] = []
+    subscriber = Subscriber(redis_server.url, on_message=lambda _, data: got.append(data))
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    made: list[str] = []
+    factory_made: list[Any] = []
+
+    def factory(loop: Any, coroutine: Any, **kwargs: Any) -> Any:
+        factory_made.append(coroutine.__qualname__)
+        return asyncio.Task(coroutine, loop=loop, **kwargs)
+
+    async def serve(count: int) -> None:
+        for _ in range(count):
+            sent = len(got)
+            await pusher.execute("LPUSH", "K", _envelope(wire.new_request_id(), reply))
+            assert await poll(lambda before=sent: len(got) > before, 10)
+
+    loop: Any = asyncio.get_running_loop()
+    try:
+        async with run_node(node):
+            assert await poll(lambda: 0 in node._pop_ids, 5)
+            create_task = loop.create_task
+
+            def counted(coroutine: Any, **kwargs: Any) -> Any:
+                made.append(coroutine.__qualname__)
+                return create_task(coroutine, **kwargs)
+
+            monkeypatch.setattr(loop, "create_task", counted, raising=False)
+            await serve(3)
+            assert "Node._run_request" not in made, made
+            monkeypatch.undo()
+            loop.set_task_factory(factory)
+            try:
+                await serve(3)
+            finally:
+                loop.set_task_factory(None)
+    finally:
+        monkeypatch.undo()
+        await pusher.close()
+        await subscriber.close()
+    assert factory_made.count("Node._run_request") == 3, factory_made
