@@ -710,8 +710,6 @@ class Node:
             finally:
                 job.received.close()
                 del self._jobs[envelope.id]
-                if envelope.liveness > 0:  # a distributor that pings (an older one may not)
-                    job.withdraw_end_check()
                 self.peers.discard(job.reply, job.id)
                 if job.app_started:
                     name = self._key_names.get(key) or key.decode(errors="replace")
@@ -931,7 +929,6 @@ class _Job:
     body_done = False  # the last body was sent (trailers may follow)
     complete = False
     finished = False
-    end_posted: asyncio.Future[int] | None = None  # the last message's batch (``finished``)
     gone = False  # the distributor or client went away
     acked = False  # the distributor may know this Node took the request
     told = False  # the distributor ended the request itself (a client disconnect)
@@ -1142,7 +1139,10 @@ class _Job:
         """A callback on a response's last message: if nobody got it (the link to Redis lost
         on the way, say), the distributor, whose client waits for that end, is told the
         request is gone. Its PING would find that out only once the app is over: an app
-        working on after its response (background tasks) would hold the client that long."""
+        working on after its response (background tasks) would hold the client that long.
+        Told straight from the PUBLISH's reply (``Outbox.post``), it costs no loop callback:
+        it watches the count after the request has ended too (a distributor that pings would
+        find a lost end by its next PING; one that does not, only by this)."""
         if not posted.cancelled() and posted.exception() is None and posted.result() != 0:
             return
         if self.node._jobs.get(self.id) is self:
@@ -1155,19 +1155,6 @@ class _Job:
             self.node._tell_gone(
                 self.reply, self.id, "the end of the response was lost", self.version
             )
-
-    def withdraw_end_check(self) -> None:
-        """The request has ended: its last message's receiver count is no longer watched. A
-        distributor that did not get that message names the request in its next PING (for
-        one that pings: the caller checks), and the Node, which no longer runs it, answers
-        GONE. Watched, the count would cost each request a loop callback when the PUBLISH's
-        reply comes (a loop turn of its own at one request in flight). If that message
-        carried the ACK too (``ACK_SEND``), the distributor, which pings only for requests
-        acked, answers 504 after twice its ``worker_timeout``, as it did when the watch's
-        GONE was lost with the link that lost the message."""
-        posted = self.end_posted
-        if posted is not None and not posted.done():
-            self.node.outbox.withdraw(posted, self._end_lost)
 
     def _post(self, kind: str, *args: Any, lost: Lost | None = None) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count, and
@@ -1525,12 +1512,12 @@ class _Job:
                 return
         if self.gone:
             return
-        # Pipelined within the window: the count is checked when the reply comes, in one
-        # callback per batch for all of its messages (the last message's too: below).
+        # Pipelined within the window: the count is checked when the reply comes, by the code
+        # that reads it, once per batch for all of its messages (the last one's too: below).
         lost = self._end_lost if last else self._check_reached
         if message is None:
             try:
-                posted = self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
+                self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
             except ValueError:
                 if len(events) < 2 or events[0].get("type") != "http.response.start":
                     raise
@@ -1546,17 +1533,15 @@ class _Job:
                         return
                 if self.gone:
                     return
-                posted = self._post(wire.SEND, events[1:], lost=lost)
+                self._post(wire.SEND, events[1:], lost=lost)
         else:  # a WebSocket's: its ACK never waits (``run``), so it has left already
-            posted = self.node.outbox.post(self.reply, message, lost=lost)
+            self.node.outbox.post(self.reply, message, lost=lost)
         if not last:
             return
         # The last message is not awaited either: the app's send returns, and the request
         # ends, in this loop turn, not in a turn of its own once the PUBLISH's reply is read.
-        # Its receiver count is checked in a callback all the same (``_end_lost``) while the
-        # app runs on; once the request has ended, its distributor's PING finds a lost end
-        # (``withdraw_end_check``).
-        self.end_posted = posted
+        # Its receiver count is checked all the same (``_end_lost``), straight from the
+        # PUBLISH's reply, whether the app runs on or the request has ended.
         self.finished = True
         self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
         if self.node._turn_promised:

@@ -10,8 +10,10 @@ It never waits: ``post`` returns the batch's future (the receiver count; 0 when 
 unreachable, as ``Client.try_publish``), which the caller awaits or hands a callback, and never
 creates a task per message. The client settles that future straight from the PUBLISH's reply
 (``publish_into``): one loop turn between the reply and its waiter, not three. A caller that
-only needs to know when nobody got a message (``lost``) shares one callback per batch with the
-other messages of the batch, rather than scheduling one of its own per message.
+only needs to know when nobody got a message (``lost``) is told by the code that settles the
+batch's future, with the other messages of the batch: no loop callback per message, nor per
+batch (a done callback on the future would cost one, and at one request in flight a loop
+iteration of its own).
 
 It knows nothing of requests: the callers decide what a count of 0 means for them.
 """
@@ -70,9 +72,11 @@ class Outbox:
         A message given as parts (``wire.pack_parts``) is copied once, into the write.
 
         ``lost`` is called with that future if the batch reached nobody (a count of 0, or an
-        error), once per batch however many of its messages name it: a request streaming
-        many messages in a loop turn costs the loop one callback per batch for all of them,
-        not one per message (what ``add_done_callback`` on the future would cost).
+        error), once per batch however many of its messages name it, straight from the code
+        that settles the future (reading the PUBLISH's reply, say): it must be quick, and
+        never raise. A request streaming many messages in a loop turn costs no loop callback
+        for them (``add_done_callback`` on the future would cost one per message, or per
+        batch).
 
         ``more``: the caller posts more in this callback; an eager outbox (``eager``: see
         ``Batcher``) waits for them before the batch leaves."""
@@ -82,8 +86,9 @@ class Outbox:
             watchers = self._lost.get(future)
             if watchers is None:
                 watchers = self._lost[future] = {}
-                future.add_done_callback(self._settled)
             watchers[lost] = None
+            if future.done():  # settled as it left (no client, say): tell it now
+                self._settled(future)
         return future
 
     async def publish(self, channel: str, message: wire.Packed) -> int:
@@ -99,17 +104,6 @@ class Outbox:
         """Send everything now (held messages included)."""
         self.batcher.flush()
 
-    def withdraw(self, future: asyncio.Future[int], lost: Lost) -> None:
-        """Stop telling ``lost`` about the batch of ``future`` (``post``'s); a batch left with
-        nobody to tell costs no callback when its reply comes."""
-        watchers = self._lost.get(future)
-        if watchers is None:
-            return
-        watchers.pop(lost, None)
-        if not watchers:
-            del self._lost[future]
-            future.remove_done_callback(self._settled)
-
     def flush_turn(self) -> None:
         """Send now what would leave at the end of this loop turn (``Batcher.flush_turn``)."""
         self.batcher.flush_turn()
@@ -120,6 +114,8 @@ class Outbox:
         self.batcher.promise_flush()
 
     def _settled(self, future: asyncio.Future[int]) -> None:
+        """The batch of ``future`` got its outcome: tell its ``lost`` callbacks if nobody got
+        it. Called by whoever settled the future, at once (``_send``)."""
         watchers = self._lost.pop(future, None)
         if watchers and (
             future.cancelled() or future.exception() is not None or future.result() == 0
@@ -130,28 +126,35 @@ class Outbox:
     def _send(
         self, channel: str, messages: list[wire.Packed], result: Settlement[int] | None
     ) -> None:
-        # The batch's future is settled by the client straight from the PUBLISH's reply.
+        # The batch's future is settled by the client straight from the PUBLISH's reply, which
+        # then calls _settled; so does every other way this settles it.
         assert isinstance(result, asyncio.Future)  # every post asks for one
         client = self._client()
-        if client is None:
+        try:
+            if client is None:
+                if not result.done():
+                    result.set_result(0)
+                    self._settled(result)
+            elif len(messages) == 1:
+                client.publish_into(channel, messages[0], result, self._settled)
+            elif codec.RELEASED not in map(_version, messages):
+                parts = wire.batch_frame_parts(messages)
+                # A small frame is joined here (the PUBLISH is then packed in one formatting
+                # step) rather than packed part by part; a large one's parts are copied once,
+                # into the write.
+                frame = b"".join(parts) if wire.packed_size(parts) < _JOINED_BELOW else parts
+                client.publish_into(channel, frame, result, self._settled)
+            else:
+                # A peer of the first release reads single messages only: one PUBLISH each,
+                # one write; in order on one connection, so the last tells for all.
+                for message in messages[:-1]:
+                    client.publish_soon(channel, message)
+                client.publish_into(channel, messages[-1], result, self._settled)
+        except Exception as exc:  # failed before a command existed (the batcher's case)
             if not result.done():
-                result.set_result(0)
-            return
-        if len(messages) == 1:
-            client.publish_into(channel, messages[0], result)
-        elif codec.RELEASED not in map(_version, messages):
-            parts = wire.batch_frame_parts(messages)
-            # A small frame is joined here (the PUBLISH is then packed in one formatting step)
-            # rather than packed part by part; a large one's parts are copied once, into the
-            # write.
-            frame = b"".join(parts) if wire.packed_size(parts) < _JOINED_BELOW else parts
-            client.publish_into(channel, frame, result)
-        else:
-            # A peer of the first release reads single messages only: one PUBLISH each, one
-            # write; in order on one connection, so the last tells for all.
-            for message in messages[:-1]:
-                client.publish_soon(channel, message)
-            client.publish_into(channel, messages[-1], result)
+                result.set_exception(exc)
+                result.exception()  # a caller may ignore it: don't report it as lost
+                self._settled(result)
 
 
 def _version(message: wire.Packed) -> int:

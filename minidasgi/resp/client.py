@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from . import sentinel
@@ -144,10 +145,17 @@ class Client:
         return result
 
     def publish_into(
-        self, channel: str | bytes, message: object, result: asyncio.Future[int]
+        self,
+        channel: str | bytes,
+        message: object,
+        result: asyncio.Future[int],
+        settled: Callable[[asyncio.Future[int]], None] | None = None,
     ) -> None:
         """``publish_soon`` settling the caller's ``result`` straight from the reply (no future
-        of its own, no loop turn in between); a ``result`` already done is left alone."""
+        of its own, no loop turn in between); a ``result`` already done is left alone.
+        ``settled``, if given, is called with ``result`` once this settled it, from the same
+        code (a done callback would cost a loop callback, and at one request in flight a loop
+        iteration of its own)."""
         # A message of one bytes value (nearly all) in one formatting step, not the general
         # packer's loop over the arguments.
         packed = (
@@ -157,12 +165,14 @@ class Client:
         )
         try:
             self.connection().send_packed_to(
-                packed, lambda reply: self._settle_count(result, reply)
+                packed, lambda reply: self._settle_count(result, reply, settled)
             )
         except RespError as exc:
             logger.warning("%s cannot publish: %s", self.name, exc)
             if not result.done():
                 result.set_result(0)
+                if settled is not None:
+                    settled(result)
 
     def lpush_soon(self, key: str | bytes, values: list[Any]) -> asyncio.Future[int]:
         """LPUSH ``values`` (in order: the first is popped first by RPOP) without waiting for
@@ -184,7 +194,12 @@ class Client:
             return asyncio.get_running_loop()
         return connection.loop
 
-    def _settle_count(self, result: asyncio.Future[int], reply: Any) -> None:
+    def _settle_count(
+        self,
+        result: asyncio.Future[int],
+        reply: Any,
+        settled: Callable[[asyncio.Future[int]], None] | None = None,
+    ) -> None:
         if result.done():
             return
         if isinstance(reply, BaseException):
@@ -192,6 +207,8 @@ class Client:
             result.set_result(0)
         else:
             result.set_result(reply)
+        if settled is not None:
+            settled(result)
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""

@@ -579,18 +579,23 @@ class ClusterClient:
         return result
 
     def publish_into(
-        self, channel: str | bytes, message: object, result: asyncio.Future[int]
+        self,
+        channel: str | bytes,
+        message: object,
+        result: asyncio.Future[int],
+        settled: Callable[[asyncio.Future[int]], None] | None = None,
     ) -> None:
         """``publish_soon`` settling the caller's ``result`` straight from the reply; a
-        ``result`` already done is left alone."""
+        ``result`` already done is left alone. ``settled``, if given, is called with
+        ``result`` once this settled it (``Client.publish_into``)."""
         try:
             connection = self.client_for(self.owner(channel)).connection()
             connection.send_packed_to(
                 pack_gathering("SPUBLISH", channel, message),
-                lambda reply: self._settle_count(result, reply, channel, message),
+                lambda reply: self._settle_count(result, reply, channel, message, settled),
             )
         except RespError:
-            _chain(result, self.try_publish(channel, _joined(message)))
+            _chain(result, self.try_publish(channel, _joined(message)), settled)
 
     def _settle_count(
         self,
@@ -598,20 +603,24 @@ class ClusterClient:
         reply: Any,
         channel: str | bytes,
         message: object,
+        settled: Callable[[asyncio.Future[int]], None] | None = None,
     ) -> None:
         if result.done():
             return
         if isinstance(reply, ReplyError) and _redirect(reply) is not None:
-            _chain(result, self.try_publish(channel, _joined(message)))  # the slot moved
+            # The slot moved.
+            _chain(result, self.try_publish(channel, _joined(message)), settled)
             return
         if isinstance(reply, BaseException):
             logger.warning("%s cannot publish: %s", self.name, reply)
             if isinstance(reply, RedisConnectionError):
                 self.map.refresh_soon()
             result.set_result(0)
-            return
-        count = reply if type(reply) is int else 0
-        result.set_result(1 if count == 0 and self.settling() else count)
+        else:
+            count = reply if type(reply) is int else 0
+            result.set_result(1 if count == 0 and self.settling() else count)
+        if settled is not None:
+            settled(result)
 
     def lpush_soon(self, key: str | bytes, values: list[Any]) -> asyncio.Future[int]:
         """LPUSH ``values`` without waiting for the reply: the future gives the list's length
@@ -647,11 +656,24 @@ class ClusterClient:
         result.set_result(reply)
 
 
-def _chain(result: asyncio.Future[Any], coroutine: Coroutine[Any, Any, Any]) -> None:
+def _chain(
+    result: asyncio.Future[Any],
+    coroutine: Coroutine[Any, Any, Any],
+    settled: Callable[[asyncio.Future[Any]], None] | None = None,
+) -> None:
     """Run ``coroutine`` and copy its outcome to ``result`` (the rare slow path); a
-    cancelled run fails ``result``, which may refuse to be cancelled (a caller's batch)."""
+    cancelled run fails ``result``, which may refuse to be cancelled (a caller's batch).
+    ``settled``, if given, is called with ``result`` once it was settled so."""
+
+    def copy(done: asyncio.Future[Any]) -> None:
+        if result.done():
+            return
+        copy_outcome(result, done)
+        if settled is not None:
+            settled(result)
+
     task = asyncio.ensure_future(coroutine)
-    task.add_done_callback(lambda done: copy_outcome(result, done))
+    task.add_done_callback(copy)
 
 
 class _Router:
