@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
-from minidasgi.resp import connect, make_params
+import pytest
+
+from minidasgi.resp import RedisConnectionError, connect, make_params
 from minidasgi.resp.client import Client
 
 from .redis_server import RedisServer
@@ -45,7 +47,8 @@ async def test_publish_into_tells_settled_on_a_reply_a_lost_connection_and_a_fai
         await admin.execute("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
         assert await poll(lambda: len(told) == 2, 5)
         assert told[1] is lost and lost.result() == 0
-        assert blocked.done() and blocked.exception() is not None  # failed with the connection
+        with pytest.raises(RedisConnectionError):  # the pop failed with the connection
+            await asyncio.wait_for(blocked, 5)
 
         # A send that fails at once: the client's connection closed, not yet replaced.
         assert await poll(lambda: client.connected, 10)
