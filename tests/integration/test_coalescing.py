@@ -36,12 +36,17 @@ def _calls(redis_server: RedisServer) -> Counter[str]:
 async def test_100_concurrent_requests_cost_fewer_than_100_publish_and_100_lpush(
     redis_server: RedisServer,
 ) -> None:
-    # No liveness pings: only the requests' own messages are counted.
-    distributor = create_distributor(url=redis_server.url, key="K", liveness_interval=3600)
+    # No liveness pings: only the requests' own messages are counted. On a loaded machine the
+    # first round can take seconds: no request of it may get the no-worker answer, nor a
+    # connection it opened be closed as idle (uvicorn's 5 s keep-alive) just as the second
+    # round sends on it (seen: httpx.ReadError at load average 7 and more).
+    distributor = create_distributor(
+        url=redis_server.url, key="K", liveness_interval=3600, worker_timeout=60
+    )
     node = Node(url=redis_server.url, app=apps.hello, key="K", lifespan="off")
     limits = httpx.Limits(max_connections=N, max_keepalive_connections=N)
     async with (
-        serve_app(distributor, backlog=2 * N) as base,
+        serve_app(distributor, backlog=2 * N, timeout_keep_alive=120) as base,
         run_node(node),
         httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client,
     ):

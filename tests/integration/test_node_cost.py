@@ -441,6 +441,9 @@ async def test_a_lone_request_ends_in_the_turn_it_ran_and_leaves_the_loop_nothin
                 node, pusher, reply, got, monkeypatch, liveness=0
             )
             assert after[popped + 1] == (0, 0, False, 0), after
+            # What is watched is forgotten once its PUBLISH's reply is read: told by that code,
+            # which nothing else would make up for.
+            assert await poll(lambda: not node.outbox._lost, 5), node.outbox._lost
     finally:
         monkeypatch.undo()
         await pusher.close()

@@ -1,0 +1,63 @@
+"""``Client.publish_into`` against a real redis-server: the caller's ``settled`` callback is
+told once, with its future settled, on every way the PUBLISH can end. The outbox relies on it
+to forget a batch watched for a lost message (``Outbox._lost``): a path that skipped it would
+leave that batch, and the callbacks of the requests it carried, behind for good."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from minidasgi.resp import RedisConnectionError, connect, make_params
+from minidasgi.resp.client import Client
+
+from .redis_server import RedisServer
+from .stack import poll
+
+
+async def test_publish_into_tells_settled_on_a_reply_a_lost_connection_and_a_failed_send(
+    redis_server: RedisServer,
+) -> None:
+    client = Client(make_params(redis_server.url))
+    client.start()
+    admin = await connect(redis_server.url)
+    told: list[asyncio.Future[int]] = []
+    loop = asyncio.get_running_loop()
+    try:
+        assert await poll(lambda: client.connected, 10)
+
+        # The reply: the receiver count.
+        replied: asyncio.Future[int] = loop.create_future()
+        client.publish_into("nobody", b"x", replied, told.append)
+        assert await poll(lambda: len(told) == 1, 5)
+        assert told[0] is replied and replied.result() == 0
+
+        # The connection lost with the PUBLISH in flight: a blocking pop sent ahead of it on
+        # the same connection keeps Redis from answering it before the kill.
+        blocked = asyncio.ensure_future(client.connection().execute("BLPOP", "never", "10"))
+
+        async def one_blocked() -> bool:
+            info = await admin.execute("INFO", "clients")
+            return b"blocked_clients:1\r\n" in info
+
+        assert await poll(one_blocked, 5)
+        lost: asyncio.Future[int] = loop.create_future()
+        client.publish_into("nobody", b"y", lost, told.append)
+        await admin.execute("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert await poll(lambda: len(told) == 2, 5)
+        assert told[1] is lost and lost.result() == 0
+        with pytest.raises(RedisConnectionError):  # the pop failed with the connection
+            await asyncio.wait_for(blocked, 5)
+
+        # A send that fails at once: the client's connection closed, not yet replaced.
+        assert await poll(lambda: client.connected, 10)
+        await client.connection().close()
+        unsent: asyncio.Future[int] = loop.create_future()
+        client.publish_into("nobody", b"z", unsent, told.append)
+        assert told[2:] == [unsent] and unsent.result() == 0
+
+        assert len(told) == 3  # each told once
+    finally:
+        await admin.close()
+        await client.close()
