@@ -581,11 +581,17 @@ async def open_stream(
     except (OSError, _ssl.SSLError) as exc:
         raise RedisConnectionError(f"cannot connect to Redis at {params.address}: {exc}") from None
     sock = transport.get_extra_info("socket")
-    if sock is not None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            _tune_tcp(sock)
-        elif sock.family == getattr(socket, "AF_UNIX", None):
-            _tune_unix(sock)
+    try:
+        if sock is not None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                _tune_tcp(sock)
+            elif sock.family == getattr(socket, "AF_UNIX", None):
+                _tune_unix(sock)
+    except OSError as exc:
+        # A connection reset just after its accept can end before this: the transport then
+        # closed the socket already (EBADF). It failed to connect, as for the caller's retries.
+        transport.close()
+        raise RedisConnectionError(f"cannot connect to Redis at {params.address}: {exc}") from None
     return asyncio.StreamWriter(transport, protocol, reader, loop)
 
 

@@ -275,7 +275,9 @@ class Subscriber:
             except AuthenticationError as exc:
                 self.last_error = exc
                 logger.error("%s", exc)
-            except (RedisConnectionError, ReplyError) as exc:
+            except (RedisConnectionError, ReplyError, OSError) as exc:
+                # OSError as Client._run takes it: no failure to connect may end the supervisor,
+                # or the subscriber would never come back.
                 self.last_error = exc
                 logger.debug("subscriber cannot connect: %s", exc)
             else:

@@ -8,6 +8,9 @@
   was held back is delivered late, in order, as after a blip. New connections are relayed
   normally unless ``stall_new=True``, the way a fresh flow gets a fresh NAT entry.
 * ``reset()``: abort every connection with a TCP RST.
+* ``reset_new(count, within=...)``: abort each of the next ``count`` connections with a TCP RST
+  a random moment (up to ``within`` seconds) after accepting it, as a server does that goes
+  down or refuses work just after its accept; ``resets`` counts them. Later ones are relayed.
 * pick connections one by one: ``connections()`` lists them with the port the proxy uses
   towards Redis (``upstream_port``), which Redis shows in ``CLIENT LIST`` as ``addr``.
 
@@ -18,10 +21,12 @@ slows it, and it only ever talks to loopback. ``close()`` stops it and closes ev
 from __future__ import annotations
 
 import contextlib
+import random
 import selectors
 import socket
 import struct
 import threading
+import time
 from types import TracebackType
 
 _READ = 64 * 1024
@@ -82,6 +87,9 @@ class FaultProxy:
         self._conns: list[ProxiedConnection] = []
         self._stall_new_up = False
         self._stall_new_down = False
+        self._reset_new = 0  # connections still to be reset as they come
+        self._reset_within = 0.0
+        self.resets = 0  # connections reset by ``reset_new``
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
         self._waker_w.setblocking(False)
@@ -122,6 +130,14 @@ class FaultProxy:
         go on relaying (a process whose one connection was reset reconnects into silence)."""
         with self._lock:
             self._stall_new_up, self._stall_new_down = up, down
+        self._wake()
+
+    def reset_new(self, count: int, *, within: float = 0.0003) -> None:
+        """Abort each of the next ``count`` connections with a TCP RST, a random moment up to
+        ``within`` seconds after accepting it (the moment decides what the client was doing:
+        still connecting, setting its socket up, or saying hello)."""
+        with self._lock:
+            self._reset_new, self._reset_within = count, within
         self._wake()
 
     def resume(self) -> None:
@@ -184,6 +200,16 @@ class FaultProxy:
         try:
             client, _ = self._listener.accept()
         except OSError:
+            return
+        if self._reset_new:
+            self._reset_new -= 1
+            self.resets += 1
+            # A busy wait: a sleep's granularity is coarser than the moments that matter here.
+            until = time.perf_counter() + random.uniform(0, self._reset_within)
+            while time.perf_counter() < until:
+                pass
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
             return
         try:
             upstream = socket.create_connection(self.target, timeout=5)

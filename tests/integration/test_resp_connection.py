@@ -29,6 +29,7 @@ from minidasgi.resp.protocol import pack_command, pack_command_parts
 from .fakes import FakeRedis, Handler, drain_until_eof, read_command
 from .faultproxy import FaultProxy
 from .redis_server import RedisFactory, RedisServer
+from .stack import poll
 
 PASSWORD = "s3cr:t@x"
 
@@ -817,3 +818,24 @@ async def test_a_repeated_blmpop_is_packed_once(
         ("BLMPOP", 1.0, 1, "q", "RIGHT", "COUNT", 1),
         ("BLMPOP", 1.0, 1, "q", "RIGHT", "COUNT", 2),
     ]
+
+
+async def test_a_connection_reset_just_after_its_accept_fails_as_a_connection_error(
+    redis_server: RedisServer,
+) -> None:
+    # A reset can end the connection before the client has set its socket up (setsockopt then
+    # fails with EBADF: the transport closed the socket already). The caller, whose retries
+    # expect RedisConnectionError, once got that raw OSError instead.
+    opened = 0
+    with FaultProxy(redis_server.port) as proxy:
+        proxy.reset_new(300)
+        for _ in range(300):
+            try:
+                connection = await connect(proxy.url(), connect_timeout=5)
+            except RedisConnectionError:
+                continue
+            opened += 1  # the reset came after the connection was set up
+            await connection.close()
+        # The proxy's thread accepts some of them after they were used.
+        assert await poll(lambda: proxy.resets == 300, 5), proxy.resets
+    assert opened < 300

@@ -22,6 +22,7 @@ from minidasgi.resp import (
 )
 
 from .fakes import FakeRedis, drain_until_eof, read_command
+from .faultproxy import FaultProxy
 from .redis_server import RedisFactory, RedisServer
 
 PASSWORD = "s3cr:t@x"
@@ -555,3 +556,32 @@ async def test_a_push_a_segment_cuts_in_its_length_line_is_delivered_whole() -> 
         finally:
             await asyncio.wait_for(subscriber.close(), 5)
     assert received == payloads
+
+
+async def test_a_subscriber_outlives_connections_reset_just_after_they_open(
+    redis_server: RedisServer, make_subscriber: SubscriberFactory
+) -> None:
+    # A connection reset just after its accept (a Redis going down or restarting) may end
+    # before the client has set its socket up: setsockopt then fails with EBADF, the transport
+    # having closed the socket already. That raw OSError once ended the subscriber's
+    # supervisor, which never reconnected (seen in the suite: a distributor never ready again
+    # after a Redis restart). Each such reset must be one more failed attempt, nothing more.
+    resets = 300  # about one in seven ends in that window on this machine
+    with FaultProxy(redis_server.port) as proxy:
+        proxy.reset_new(resets)
+        got: list[bytes] = []
+        subscriber = make_subscriber(
+            proxy.url(),
+            on_message=lambda _, data: got.append(data),
+            min_backoff=0.001,
+            max_backoff=0.001,
+        )
+        subscriber.start()
+        supervisor = subscriber._task
+        assert supervisor is not None
+        # (A connection may count as connected for the moment before its reset arrives.)
+        await eventually(lambda: proxy.resets == resets or supervisor.done(), 30)
+        assert not supervisor.done(), supervisor.exception()
+        await asyncio.wait_for(subscriber.subscribe("ch"), 5)
+        assert redis_server.command("PUBLISH", "ch", "after") == 1
+        await eventually(lambda: got == [b"after"], 5)
