@@ -508,7 +508,9 @@ class Node:
                     logger.warning("cannot pop requests: %s", exc)
                     failed = True
             finally:
-                if held != started:  # nearly always equal: no call to free nothing
+                # Unequal whenever a pop started fewer requests than the slots it took: a
+                # lone BLMPOP takes up to _MAX_BATCH and, at one connection, starts one.
+                if held != started:
                     slots.release(held - started)
                 if self._turn_promised:  # kept whatever happened: the job's messages wait
                     promised = True
