@@ -8,6 +8,7 @@ import inspect
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -43,6 +44,19 @@ def _envelope(request_id: str, reply: str, *, ack_send: bool = False, liveness: 
     return envelope.encode()
 
 
+async def _distributor_end(
+    redis_server: RedisServer, on_message: Callable[[bytes, bytes], None]
+) -> tuple[str, Subscriber, Connection]:
+    """What a distributor holds, for a test that plays one: its reply channel (subscribed, its
+    messages to ``on_message``) and a connection to push envelopes with. Closed by the test."""
+    reply = wire.new_channel("minidasgi", 0, "dist")
+    subscriber = Subscriber(redis_server.url, on_message=on_message)
+    subscriber.start()
+    await asyncio.wait_for(subscriber.subscribe(reply), 5)
+    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    return reply, subscriber, pusher
+
+
 async def _echo_body(scope: Any, receive: Any, send: Any) -> None:
     """Reads its (whole) body as most apps do, then answers it."""
     body = (await receive())["body"]
@@ -55,7 +69,6 @@ async def _serve_counted(
 ) -> Counter[str]:
     """N requests popped in one batch; what was made and scheduled meanwhile, per request."""
     node = Node(url=redis_server.url, app=_echo_body, key="K", lifespan="off")
-    reply = wire.new_channel("minidasgi", 0, "dist")
     got: list[Any] = []
 
     def on_message(_: bytes, data: bytes) -> None:
@@ -64,10 +77,7 @@ async def _serve_counted(
             if kind == wire.SEND:
                 got.extend(e for e in args[0] if e["type"] == "http.response.body")
 
-    subscriber = Subscriber(redis_server.url, on_message=on_message)
-    subscriber.start()
-    await asyncio.wait_for(subscriber.subscribe(reply), 5)
-    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    reply, subscriber, pusher = await _distributor_end(redis_server, on_message)
     counts: Counter[str] = Counter()
     try:
         async with run_node(node):
@@ -137,7 +147,6 @@ async def test_a_hello_world_response_skips_the_general_writer(
     # The start and body of a usual response, in an ACK_SEND (a distributor that reads it) or
     # a SEND, are written straight (``responsewriter``); before, each by the general writer.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
-    reply = wire.new_channel("minidasgi", 0, "dist")
     kinds: list[str] = []
     bodies: list[bytes] = []
 
@@ -155,10 +164,7 @@ async def test_a_hello_world_response_skips_the_general_writer(
         encoded.append(value[0] if type(value) is list and value else type(value))
         return try_encode_parts(value, **bounds)
 
-    subscriber = Subscriber(redis_server.url, on_message=on_message)
-    subscriber.start()
-    await asyncio.wait_for(subscriber.subscribe(reply), 5)
-    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    reply, subscriber, pusher = await _distributor_end(redis_server, on_message)
     try:
         async with run_node(node):
             monkeypatch.setattr(jsoncodec, "try_encode_parts", spy)
@@ -219,7 +225,6 @@ async def test_websocket_messages_echoed_in_one_batch_cost_one_loop_callback_for
     # callback of its own on the batch's future: one loop callback per message.
     n = 32
     node = Node(url=redis_server.url, app=_echo_ws, key="K", lifespan="off", liveness_interval=3600)
-    reply = wire.new_channel("minidasgi", 0, "dist")
     request_id = wire.new_request_id()
     acks: list[Any] = []
     echoed: list[str] = []
@@ -232,10 +237,7 @@ async def test_websocket_messages_echoed_in_one_batch_cost_one_loop_callback_for
             elif kind == wire.SEND:
                 echoed.extend(e["text"] for e in args[0] if e["type"] == "websocket.send")
 
-    subscriber = Subscriber(redis_server.url, on_message=on_message)
-    subscriber.start()
-    await asyncio.wait_for(subscriber.subscribe(reply), 5)
-    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    reply, subscriber, pusher = await _distributor_end(redis_server, on_message)
     calls = 0
     try:
         async with run_node(node):
@@ -328,12 +330,10 @@ async def test_one_request_in_flight_is_published_the_turn_after_its_pop_and_bef
     # the job posted itself, before the next pop. Before: the pop loop woke first and started
     # the job, which ran a turn later (the PUBLISH two turns after the pop); before that, three.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
-    reply = wire.new_channel("minidasgi", 0, "dist")
     got: list[bytes] = []
-    subscriber = Subscriber(redis_server.url, on_message=lambda _, data: got.append(data))
-    subscriber.start()
-    await asyncio.wait_for(subscriber.subscribe(reply), 5)
-    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    reply, subscriber, pusher = await _distributor_end(
+        redis_server, lambda _, data: got.append(data)
+    )
     try:
         async with run_node(node):
             if not hasattr(asyncio.get_running_loop(), "_run_once"):
@@ -417,12 +417,10 @@ async def test_a_lone_request_ends_in_the_turn_it_ran_and_leaves_the_loop_nothin
     # the PUBLISH's reply, and held starts and the outbox scheduled flushes the pop loop then
     # called off.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
-    reply = wire.new_channel("minidasgi", 0, "dist")
     got: list[bytes] = []
-    subscriber = Subscriber(redis_server.url, on_message=lambda _, data: got.append(data))
-    subscriber.start()
-    await asyncio.wait_for(subscriber.subscribe(reply), 5)
-    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    reply, subscriber, pusher = await _distributor_end(
+        redis_server, lambda _, data: got.append(data)
+    )
     try:
         async with run_node(node):
             if not hasattr(asyncio.get_running_loop(), "_run_once"):
@@ -459,7 +457,6 @@ async def test_a_hello_world_request_costs_the_node_five_coroutines(
     # Before, each send ran a second one (``_send``) and an app that had sent its whole
     # response a last one for nothing (``_done``): 8 per request.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
-    reply = wire.new_channel("minidasgi", 0, "dist")
     bodies: list[bytes] = []
 
     def on_message(_: bytes, data: bytes) -> None:
@@ -482,10 +479,7 @@ async def test_a_hello_world_request_costs_the_node_five_coroutines(
         ):
             entered[code.co_qualname] += 1
 
-    subscriber = Subscriber(redis_server.url, on_message=on_message)
-    subscriber.start()
-    await asyncio.wait_for(subscriber.subscribe(reply), 5)
-    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    reply, subscriber, pusher = await _distributor_end(redis_server, on_message)
     try:
         async with run_node(node):
             envelopes = [_envelope(wire.new_request_id(), reply, ack_send=True) for _ in range(N)]
@@ -511,12 +505,10 @@ async def test_a_lone_request_ends_its_loop_turn_once(
     # the pop loop, waking after it in the same turn, has nothing left to send. Before, the
     # pop loop, no longer finding the promise, ended the turn a second time for nothing.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
-    reply = wire.new_channel("minidasgi", 0, "dist")
     got: list[bytes] = []
-    subscriber = Subscriber(redis_server.url, on_message=lambda _, data: got.append(data))
-    subscriber.start()
-    await asyncio.wait_for(subscriber.subscribe(reply), 5)
-    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    reply, subscriber, pusher = await _distributor_end(
+        redis_server, lambda _, data: got.append(data)
+    )
     ends = 0
     try:
         async with run_node(node):
@@ -553,12 +545,10 @@ async def test_a_request_task_is_made_by_the_task_class_unless_the_loop_has_a_fa
     # itself. A factory the loop has still makes every request's task, also one set while a
     # pop waits. Before, every request went through create_task.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
-    reply = wire.new_channel("minidasgi", 0, "dist")
     got: list[bytes] = []
-    subscriber = Subscriber(redis_server.url, on_message=lambda _, data: got.append(data))
-    subscriber.start()
-    await asyncio.wait_for(subscriber.subscribe(reply), 5)
-    pusher = await asyncio.wait_for(connect(redis_server.url), 5)
+    reply, subscriber, pusher = await _distributor_end(
+        redis_server, lambda _, data: got.append(data)
+    )
     made: list[str] = []
     factory_made: list[Any] = []
 
