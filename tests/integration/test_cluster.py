@@ -605,3 +605,32 @@ async def test_publish_soon_and_lpush_soon_follow_the_slots(cluster: ClusterSetu
         assert target.command("LLEN", key) == 1
     finally:
         await client.close()
+
+
+async def test_publish_into_tells_settled_on_a_reply_and_after_a_moved(
+    cluster: ClusterSetup,
+) -> None:
+    """The outbox forgets a batch watched for a lost message when ``settled`` is called: on
+    a Cluster too, from the SPUBLISH's reply and from the slow path a MOVED takes."""
+    client = ClusterClient(parse_url(cluster.url), settle_time=0)
+    told: list[asyncio.Future[int]] = []
+    loop = asyncio.get_running_loop()
+    try:
+        await client.wait_connected(5)
+        channel = "settled-channel"
+        assert await client.publish_soon(channel, b"warm") == 0  # its master connected
+        replied: asyncio.Future[int] = loop.create_future()
+        client.publish_into(channel, b"x", replied, told.append)
+        assert await poll(lambda: len(told) == 1, 5)
+        assert told[0] is replied and replied.result() == 0
+        owner = cluster.master_of(channel)
+        target = next(s for s in cluster.masters if s is not owner)
+        _move_empty_slot(cluster, key_slot(channel), target)
+        moved: asyncio.Future[int] = loop.create_future()
+        client.publish_into(channel, b"y", moved, told.append)  # MOVED, then the slow path
+        assert await poll(lambda: len(told) == 2, 10)
+        assert told[1] is moved and moved.result() == 0
+        assert client.owner(channel)[1] == target.port  # it did go the slow path
+        assert len(told) == 2  # each told once
+    finally:
+        await client.close()
