@@ -1301,10 +1301,81 @@ class _Exchange:
             else:  # another signal: e.g. an ack deadline that fired with the ack
                 continue
             if kind == wire.SEND:
-                if args and isinstance(args[0], list):
-                    await self._send_events(args[0])
-                else:
+                if not (args and isinstance(args[0], list)):
                     self.received.dropped()
+                    continue
+                # The events relayed here, not by a coroutine of their own: one that never
+                # waits (the usual response, sent at once) costs about 1.1k instructions.
+                events = args[0]
+                if not self.tracked:
+                    # Relaying may wait (a slow client): only a SEND that ends the response
+                    # (its last event a complete body, and no trailers announced below)
+                    # leaves nothing to wait for from the Node meanwhile.
+                    last = events[-1] if events else None
+                    if not (
+                        type(last) is dict
+                        and last.get("type") == "http.response.body"
+                        and not last.get("more_body", False)
+                    ):
+                        self._track()
+                for event in events:
+                    what = event.get("type") if isinstance(event, dict) else None
+                    if not isinstance(what, str):
+                        raise ResponseAborted("the worker sent a malformed event")
+                    if what == "http.response.body":
+                        pass  # the usual, with the start: nothing to look at before it is sent
+                    elif what in _STARTS:
+                        _tuple_headers(event)
+                        self.started = True
+                        status = event.get("status", 101 if what == "websocket.accept" else 0)
+                        self.status = status if type(status) is int else 0
+                        if event.get("trailers", False):
+                            if _offers(self.scope, "http.response.trailers"):
+                                self.trailers = True
+                                if not self.tracked:  # the trailers are still to come
+                                    self._track()
+                            else:  # the Node completes without them: so must the server
+                                event = {k: v for k, v in event.items() if k != "trailers"}
+                    elif what == "http.response.trailers":
+                        _tuple_headers(event)
+                    elif what == "websocket.send":
+                        pieces = self.pieces
+                        if pieces is None:
+                            pieces = self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
+                        try:
+                            whole = pieces.add(event)
+                        except wire.WireError as exc:
+                            raise ResponseAborted(str(exc)) from None
+                        if whole is None:
+                            continue
+                        event = whole
+                    try:
+                        await self._send(event)
+                    except OSError:  # the client went away (uvicorn's ClientDisconnected)
+                        self.complete = True
+                        return
+                    if what == "http.response.body":
+                        if not self.trailers and not event.get("more_body", False):
+                            self.complete = self.node_done = True
+                    elif (
+                        (
+                            what == "websocket.http.response.body"
+                            and not event.get("more_body", False)
+                        )
+                        or what == "websocket.close"
+                        or (
+                            what == "http.response.trailers"
+                            and not event.get("more_trailers", False)
+                        )
+                    ):
+                        self.complete = self.node_done = True
+                if not self.complete:
+                    # Once complete, nothing more comes through the window: it closes as the
+                    # exchange ends, giving the pool every credit it holds (all that consuming
+                    # would give back first).
+                    credit = self.received.consumed()
+                    if credit:
+                        self._post_credit(credit, hold=self._may_hold_credit(credit))
             elif kind == wire.DONE:
                 self.node_done = True
                 if self.kind == "websocket" and not self.started:
@@ -1322,71 +1393,6 @@ class _Exchange:
                 logger.warning("request %s: its worker dropped it (%s)", self.id, reason[:100])
                 await self._fail(502, "the worker dropped the request\n")
                 return
-
-    async def _send_events(self, events: list[Any]) -> None:
-        if not self.tracked:
-            # Relaying may wait (a slow client): only a SEND that ends the response (its
-            # last event a complete body, and no trailers announced below) leaves nothing
-            # to wait for from the Node meanwhile.
-            last = events[-1] if events else None
-            if not (
-                type(last) is dict
-                and last.get("type") == "http.response.body"
-                and not last.get("more_body", False)
-            ):
-                self._track()
-        for event in events:
-            kind = event.get("type") if isinstance(event, dict) else None
-            if not isinstance(kind, str):
-                raise ResponseAborted("the worker sent a malformed event")
-            if kind == "http.response.body":
-                pass  # the usual, with the start: nothing to look at before it is sent
-            elif kind in _STARTS:
-                _tuple_headers(event)
-                self.started = True
-                status = event.get("status", 101 if kind == "websocket.accept" else 0)
-                self.status = status if type(status) is int else 0
-                if event.get("trailers", False):
-                    if _offers(self.scope, "http.response.trailers"):
-                        self.trailers = True
-                        if not self.tracked:  # the trailers are still to come
-                            self._track()
-                    else:  # the Node completes without them: so must the server
-                        event = {k: v for k, v in event.items() if k != "trailers"}
-            elif kind == "http.response.trailers":
-                _tuple_headers(event)
-            elif kind == "websocket.send":
-                pieces = self.pieces
-                if pieces is None:
-                    pieces = self.pieces = wire.Reassembler(wire.MAX_WEBSOCKET_MESSAGE)
-                try:
-                    whole = pieces.add(event)
-                except wire.WireError as exc:
-                    raise ResponseAborted(str(exc)) from None
-                if whole is None:
-                    continue
-                event = whole
-            try:
-                await self._send(event)
-            except OSError:  # the client went away (uvicorn's ClientDisconnected)
-                self.complete = True
-                return
-            if kind == "http.response.body":
-                if not self.trailers and not event.get("more_body", False):
-                    self.complete = self.node_done = True
-            elif (
-                (kind == "websocket.http.response.body" and not event.get("more_body", False))
-                or kind == "websocket.close"
-                or (kind == "http.response.trailers" and not event.get("more_trailers", False))
-            ):
-                self.complete = self.node_done = True
-        if self.complete:
-            # Nothing more comes through the window: it closes as the exchange ends, giving
-            # the pool every credit it holds (all that consuming would give back first).
-            return
-        credit = self.received.consumed()
-        if credit:
-            self._post_credit(credit, hold=self._may_hold_credit(credit))
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""
