@@ -47,7 +47,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import accesslog, admission, buffering, codec, health, metrics, stats, wire
 from .asgi import Message, Receive, Scope, Send
@@ -88,6 +88,13 @@ class AppFailed(Exception):
     """Raised to the ASGI server when the app on the Node raised before answering a WebSocket
     handshake, so that the server answers the client as it does when its own app raises
     (uvicorn and hypercorn: HTTP 500)."""
+
+
+class _Refusal(NamedTuple):
+    """The answer to a request given without Redis (``Distributor._key_or_refusal``)."""
+
+    status: int
+    text: str
 
 
 class _Signal:
@@ -422,14 +429,15 @@ class Distributor:
         if self._starting is None or not self._on_bound_loop():
             await self.startup()
         started = time.monotonic()
-        key = self._key_or_refusal(scope)
-        if not isinstance(key, str):
-            status, text = key
+        routed = self._key_or_refusal(scope)
+        if isinstance(routed, _Refusal):
+            status, text = routed
             await _refuse(scope, receive, send, status, text)
             if status == 503:
                 self.metrics.refused(metrics.UNREACHABLE)
             self._finished(scope, None, None, status, started)
             return
+        key, expecting = routed
         limit = self.admission.max_in_flight  # over_capacity(), inline: one per request
         if limit is not None and len(self._exchanges) >= limit:
             await self._refuse_for_now(scope, receive, send, "too many requests in flight\n")
@@ -437,7 +445,7 @@ class Distributor:
             self.admission.log_refusal(metrics.IN_FLIGHT, key)
             self._finished(scope, key, None, self.no_node_status, started)
             return
-        exchange = _Exchange(self, key, scope, receive, send)
+        exchange = _Exchange(self, key, scope, receive, send, expecting)
         self._exchanges[exchange.id] = exchange
         try:
             await exchange.run()
@@ -514,8 +522,9 @@ class Distributor:
         )
         self.outbox.post(reply, wire.pack(wire.STATS_REPLY, request_id, payload))
 
-    def _key_or_refusal(self, scope: Scope) -> str | tuple[int, str]:
-        """The list for this request, or the answer to give without Redis."""
+    def _key_or_refusal(self, scope: Scope) -> tuple[str, bool] | _Refusal:
+        """The list for this request and whether it expects "100 Continue" before sending
+        its body, or the answer to give without Redis (status, text)."""
         path = scope.get("path", "")
         if self.routes is None:
             assert self.key is not None
@@ -524,14 +533,15 @@ class Distributor:
             try:
                 found = self.routes.key_for(path)
             except InvalidKey as exc:
-                return 400, f"{exc}\n"
+                return _Refusal(400, f"{exc}\n")
             if found is None:
-                return 404, f"no route for path {path[:200]!r}\n"
+                return _Refusal(404, f"no route for path {path[:200]!r}\n")
             key = found
-        limit = self.max_body_size if scope["type"] == "http" else None
+        http = scope["type"] == "http"
+        limit = self.max_body_size if http else None
         header_size = 0  # a plain loop: a generator under sum() costs more per request
-        too_large = False
-        for name, value in scope.get("headers", ()):  # one pass for both bounds
+        too_large = expecting = False
+        for name, value in scope.get("headers", ()):  # one pass for both bounds and Expect
             header_size += len(name) + len(value)
             if limit is not None and value.isdigit() and name.lower() == b"content-length":
                 # More digits than the limit has is larger, without int(): Python refuses
@@ -539,13 +549,16 @@ class Distributor:
                 digits = value.lstrip(b"0")
                 if len(digits) > len(str(limit)) or int(digits or b"0") > limit:
                     too_large = True
+            # The length first: most names are not six bytes long, and it spares their lower().
+            elif len(name) == 6 and http and name.lower() == b"expect":
+                expecting = expecting or value.lower() == b"100-continue"
         if header_size > self.max_header_size:
-            return 431, "request headers too large\n"
+            return _Refusal(431, "request headers too large\n")
         if too_large:
-            return 413, "request body too large\n"
+            return _Refusal(413, "request body too large\n")
         if not self.ready:
-            return 503, "the request queue (Redis) is unreachable\n"
-        return key
+            return _Refusal(503, "the request queue (Redis) is unreachable\n")
+        return key, expecting
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -826,7 +839,13 @@ class _Exchange:
     unit = 0  # the credit unit announced in the envelope (a WebSocket's): 0, none
 
     def __init__(
-        self, distributor: Distributor, key: str, scope: Scope, receive: Receive, send: Send
+        self,
+        distributor: Distributor,
+        key: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        expecting: bool = False,
     ) -> None:
         self.distributor = distributor
         self.key = key
@@ -847,8 +866,9 @@ class _Exchange:
             # A WebSocket's credit may count bytes (``wire.CREDIT_UNIT``): announced in the
             # envelope, used once the Node's ACK announces a unit too.
             self.unit = wire.CREDIT_UNIT
-        # Expect: 100-continue: the body is read once the Node's app asks for it, not before.
-        self.expecting = self.kind == "http" and _expects_continue(scope)
+        # Expect: 100-continue (found with the header bounds, ``_key_or_refusal``): the body
+        # is read once the Node's app asks for it, not before.
+        self.expecting = expecting
 
     async def run(self) -> None:
         d = self.distributor
@@ -1517,15 +1537,6 @@ def _tuple_headers(event: dict[str, Any]) -> None:
 def _log_pump_failure(pump: asyncio.Task[None]) -> None:
     if not pump.cancelled() and pump.exception() is not None:
         logger.debug("relaying a client failed: %r", pump.exception())
-
-
-def _expects_continue(scope: Scope) -> bool:
-    """True if the client waits for "100 Continue" before sending its body."""
-    for name, value in scope.get("headers", ()):
-        # The length first: most names are not six bytes long, and it spares their lower().
-        if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-            return True
-    return False
 
 
 def _on_send(exchange: _Exchange, args: list[Any], size: int) -> None:

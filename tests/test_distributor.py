@@ -8,11 +8,12 @@ import random
 import types
 from typing import Any
 
+import pytest
+
 from minidasgi.admission import Admission
 from minidasgi.distributor import (
     Distributor,
     _Exchange,
-    _expects_continue,
     _portable_scope,
     _tuple_headers,
 )
@@ -123,5 +124,22 @@ def test_the_header_bounds_in_one_pass_answer_as_before() -> None:
     assert answer((b"content-length", b"1000"), (b"Content-Length", b"1" * 40))[0] == 413
     assert answer(large, kind="websocket")[0] == 503  # no body to bound
     assert answer((b"content-length", b"1000"))[0] == 503
-    assert _expects_continue({"headers": [(b"host", b"h"), (b"EXPECT", b"100-Continue")]})
-    assert not _expects_continue({"headers": [(b"expects", b"100-continue"), (b"expect", b"x")]})
+
+
+def test_the_header_pass_also_finds_expect_100_continue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key comes with whether the request expects "100 Continue", found in the same pass
+    over the headers as the bounds (before: a pass of its own per request): in any case of
+    the name and value, among several Expect headers, for HTTP only."""
+    monkeypatch.setattr(Distributor, "ready", property(lambda self: True))
+    distributor = Distributor(key="k", max_body_size=1000)
+
+    def answer(*headers: tuple[bytes, bytes], kind: str = "http") -> Any:
+        return distributor._key_or_refusal({"type": kind, "path": "/", "headers": list(headers)})
+
+    assert answer((b"host", b"h")) == ("k", False)
+    assert answer((b"host", b"h"), (b"EXPECT", b"100-Continue")) == ("k", True)
+    assert answer((b"expect", b"100-continue"), (b"expect", b"x")) == ("k", True)
+    assert answer((b"expect", b"x"), (b"expect", b"100-continue")) == ("k", True)
+    assert answer((b"expects", b"100-continue"), (b"expect", b"x")) == ("k", False)
+    assert answer((b"content-length", b"5"), (b"expect", b"100-continue")) == ("k", True)
+    assert answer((b"expect", b"100-continue"), kind="websocket") == ("k", False)
