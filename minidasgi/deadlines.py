@@ -41,12 +41,16 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, callback: Callable[[Any], None], argument: Any) -> list[Any]:
-        """Set a deadline; return its entry (for ``cancel``)."""
+    def add(
+        self, callback: Callable[[Any], None], argument: Any, now: float | None = None
+    ) -> list[Any]:
+        """Set a deadline; return its entry (for ``cancel``). ``now``: the loop's time, if
+        the caller has just read it, in this very callback (``loop.time()`` read again
+        costs a call; an older time would set the entry out of its order of expiry)."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        entry = [loop.time() + self.duration, callback, argument]
+        entry = [(loop.time() if now is None else now) + self.duration, callback, argument]
         self._entries.append(entry)
         if self._timer is None:
             self._timer = loop.call_at(entry[0] + _GRAIN, self._fire)

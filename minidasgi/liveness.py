@@ -78,6 +78,12 @@ class PeerTracker:
         # forgotten at the next tick: kept until then for its next request, which usually
         # follows at once (one request at a time: no peer state made and dropped per request).
 
+    def knows(self, peer: str) -> bool:
+        """Whether ``peer`` has a state here (requests in flight with it, or had some since
+        the last ``tick``): ``heard`` changes nothing for any other, and a caller may spare
+        reading its clock for it."""
+        return peer in self._peers
+
     def heard(self, peer: str, now: float) -> None:
         """Anything at all arrived from ``peer``."""
         state = self._peers.get(peer)

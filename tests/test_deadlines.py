@@ -50,3 +50,17 @@ async def test_a_wake_up_drops_cancelled_entries_not_yet_due_and_arms_nothing_fo
     assert fired == [] and len(deadlines) == 1 and deadlines._timer is not None
     timer = deadlines._timer
     assert timer.when() > loop.time() + 9
+
+
+async def test_a_deadline_counts_from_the_time_its_caller_read() -> None:
+    # A caller that has just read the loop's clock hands that time over: the deadline is
+    # that time plus the duration, with no second read of the clock.
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(10)
+    now = loop.time()
+    given = deadlines.add(lambda _: None, "given", now)
+    assert given[0] == now + 10
+    read = deadlines.add(lambda _: None, "read")
+    assert now + 10 <= read[0] <= loop.time() + 10
+    Deadlines.cancel(given)
+    Deadlines.cancel(read)

@@ -103,3 +103,18 @@ def test_one_request_at_a_time_keeps_one_peer_state(monkeypatch: pytest.MonkeyPa
     assert len(made) == 2  # made again after the tick that forgot it
     # And timed from its new request, as a peer first seen then.
     assert [peers.tick(float(now), 1.0) for now in range(102, 113)] == [[]] * 10 + [[("n1", ["r"])]]
+
+
+def test_a_peer_is_known_from_its_first_request_until_the_tick_after_its_last() -> None:
+    # ``knows`` tells a caller whether ``heard`` would change anything (no need to read the
+    # clock for it otherwise).
+    peers = PeerTracker(10)
+    assert not peers.knows("n1")
+    peers.heard("n1", 1.0)  # nothing in flight: nothing kept
+    assert not peers.knows("n1")
+    peers.add("n1", "a", 2.0, pings=True)
+    assert peers.knows("n1") and not peers.knows("n2")
+    peers.discard("n1", "a")
+    assert peers.knows("n1")  # kept until the next tick, for its next request
+    peers.tick(3.0, 1.0)
+    assert not peers.knows("n1")
