@@ -902,11 +902,13 @@ class _Exchange:
             # envelope's writer writes such a float from ints, at half the cost of repr.
             now_ms = int(time.time() * 1000)
             timeout_ms = d.worker_timeout * 1000
-            deadline = (
-                (now_ms + int(timeout_ms)) / 1000
-                if timeout_ms < 1e15  # else not finite (or absurd): as it is
-                else now_ms / 1000 + d.worker_timeout
-            )
+            millis: tuple[int, int] | None = None  # both times in ms, for the writer
+            if timeout_ms < 1e15:
+                deadline_ms = now_ms + int(timeout_ms)
+                deadline = deadline_ms / 1000
+                millis = (deadline_ms, now_ms)
+            else:  # not finite (or absurd): as it is
+                deadline = now_ms / 1000 + d.worker_timeout
             try:
                 data = wire.encode_envelope(
                     self.id,
@@ -923,6 +925,7 @@ class _Exchange:
                     version=d.wire_format,
                     unit=self.unit,
                     portable=_portable_scope,  # not called for uvicorn's scope: no copy
+                    millis=millis,
                 )
             except CodecError as exc:  # a server or middleware put something odd in the scope
                 logger.error("request %s cannot travel to a Node: %s", self.id, exc)

@@ -710,3 +710,50 @@ def test_encode_envelope_calls_portable_only_when_its_writer_cannot_drop_the_sta
         calls.clear()
         assert encoded(scope, portable=portable, version=version) == expected
         assert len(calls) <= 1
+
+
+def test_timestamps_given_in_whole_milliseconds_are_written_from_the_ints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The distributor has its times in ms: written from those ints, the floats they make are
+    # not taken apart (``_number``: about 4.4k instructions a timestamp, 2k from the ints),
+    # with the same bytes. Ints that are not those of the floats (or not ints, or out of
+    # bounds) are not used: the floats are written as without them.
+    rng = random.Random(15)
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    def parts(deadline: Any, queued: Any, millis: Any = None) -> bytes | None:
+        args = (deadline, uvicorn_scope(), events, 4, 2.0, queued, wire.PIECE_SIZE)
+        written = envelopewriter.try_encode_parts(
+            *args, wire.CHUNK_SIZE, True, 0, True, False, millis
+        )
+        return None if written is None else b"".join(written)
+
+    now = int(time.time() * 1000)
+    cases = [(now + 5000, now), (0, 0), (1, 1), (10**15 - 1, 10**15 - 2)]
+    cases += [(q + rng.randrange(0, 10**6), q) for q in rng.sample(range(10**15), 2000)]
+    for deadline_ms, queued_ms in cases:
+        deadline, queued = deadline_ms / 1000, queued_ms / 1000
+        assert parts(deadline, queued, (deadline_ms, queued_ms)) == parts(deadline, queued)
+    numbers: list[Any] = []
+    real = envelopewriter._number
+
+    def spy(value: Any) -> str | None:
+        numbers.append(value)
+        return real(value)
+
+    monkeypatch.setattr(envelopewriter, "_number", spy)
+    deadline, queued = (now + 5000) / 1000, now / 1000
+    parts(deadline, queued, (now + 5000, now))
+    assert numbers == []
+    for wrong in [
+        (now + 5001, now),  # not the deadline's ms
+        (now + 5000, now + 1),
+        (float(now + 5000), now),  # not ints
+        (now + 5000, True),
+        (-1, now),
+        (10**15, now),
+    ]:
+        numbers.clear()
+        assert parts(deadline, queued, wrong) == parts(deadline, queued)
+        assert numbers == [deadline, queued, deadline, queued], wrong

@@ -400,3 +400,28 @@ async def test_a_hello_world_request_reads_the_loops_clock_only_for_what_needs_i
     assert readers == Counter(), readers
     # The deadlines were counted from times of this run, on the loop's own clock.
     assert len(pushed) == N and all(before <= t <= after for t in pushed), pushed
+
+
+async def test_a_hello_world_envelopes_timestamps_are_written_from_the_distributors_ints(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The distributor takes its times in whole milliseconds and gives the writer those ints
+    # along with the floats: no float is taken apart to write them (``_number``, about 4.4k
+    # instructions each; from the ints 2k). Before: two per request.
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    numbers: list[Any] = []
+    real = envelopewriter._number
+
+    def spy(value: Any) -> str | None:
+        numbers.append(value)
+        return real(value)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(envelopewriter, "_number", spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    assert numbers == []
