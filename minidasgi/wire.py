@@ -432,6 +432,12 @@ def unpack(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
     message = responsereader.try_decode(data, max_size=MAX_MESSAGE_SIZE)
     if message is not None:  # an ACK_SEND with its id: nothing more to check here
         return ACK_SEND, message[1], message[2:]
+    return unpack_general(data)
+
+
+def unpack_general(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
+    """``unpack`` for a message that ``responsereader.try_decode(data,
+    max_size=MAX_MESSAGE_SIZE)`` did not read (its caller tried it first)."""
     message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")

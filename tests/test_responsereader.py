@@ -84,6 +84,7 @@ def test_usual_shapes_take_the_fast_path_with_the_general_value(
     assert fast is not None
     assert same(fast, general(data))
     assert same(responsereader.try_decode(memoryview(data)), fast)
+    assert wire.ack_of_ack_send(fast[2:]) == fast[3:]  # the distributor takes it unchecked
 
 
 @pytest.mark.parametrize(
@@ -235,5 +236,7 @@ def test_fuzzed_messages_give_the_general_value_or_none() -> None:
         mutated += i % 3 != 0
         assert same(fast, general(data)), data
         assert same(responsereader.try_decode(memoryview(data)), fast)
+        # What the distributor takes as it is, unchecked: what the check would give.
+        assert wire.ack_of_ack_send(fast[2:]) == fast[3:], data
     # The fuzz reaches the fast path, not only its refusals, mutated messages included.
     assert taken > 1000 and mutated > 100, (taken, mutated)

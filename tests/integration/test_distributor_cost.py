@@ -425,3 +425,33 @@ async def test_a_hello_world_envelopes_timestamps_are_written_from_the_distribut
                 assert (await client.get("/")).text == "Hello World!"
             monkeypatch.undo()
     assert numbers == []
+
+
+async def test_a_hello_world_answer_is_read_once_and_its_ack_not_checked_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The distributor reads the usual ACK_SEND with ``responsereader`` itself, whose reader
+    # admits only an ACK that ``wire.ack_of_ack_send`` accepts: neither ``wire.unpack`` nor
+    # that check is called for it (before: both, once per request, about 3k instructions).
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    calls: list[str] = []
+    unpack, ack_of_ack_send = wire.unpack, wire.ack_of_ack_send
+
+    def unpack_spy(data: Any) -> Any:
+        calls.append("unpack")
+        return unpack(data)
+
+    def ack_spy(args: Any) -> Any:
+        calls.append("ack_of_ack_send")
+        return ack_of_ack_send(args)
+
+    node = Node(url=redis_server.url, app=apps.hello, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            monkeypatch.setattr(wire, "unpack", unpack_spy)
+            monkeypatch.setattr(wire, "ack_of_ack_send", ack_spy)
+            for _ in range(N):
+                assert (await client.get("/")).text == "Hello World!"
+            monkeypatch.undo()
+    assert calls == []
