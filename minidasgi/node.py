@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -229,6 +230,7 @@ class Node:
         self.recovery = confirmation.RecoveryWindow()  # popped requests to have confirmed
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
+        self._owns_process = False  # run() rather than serve(): the collector is ours to tune
 
     def __repr__(self) -> str:
         return f"<Node {self.params.address} keys={self.keys} jobs={len(self._jobs)}>"
@@ -259,6 +261,7 @@ class Node:
         ``loop``: the event loop to run on, ``asyncio``, ``uvloop`` or ``auto`` (uvloop when
         installed: ``eventloop``); ``eventloop.LoopUnavailable`` if uvloop is asked for but
         missing."""
+        self._owns_process = True
         eventloop.run(self._serve_with_signals(), loop)
 
     async def _serve_with_signals(self) -> None:
@@ -354,6 +357,8 @@ class Node:
                 monitor = asyncio.get_running_loop().create_task(self._watch_peers())
                 logger.info("node serving %s from Redis at %s", self.keys, self.params.address)
                 self._started.set()
+                if self._owns_process:
+                    _settle_heap()
                 await self._pop_loop(poppers)
             await self._drain()
         finally:
@@ -1632,6 +1637,20 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
         local["server"] = tuple(server)
     local["state"] = dict(state)
     return local
+
+
+def _settle_heap() -> None:
+    """Once started, in a process the Node owns (``Node.run``): collect the start-up's
+    garbage, then freeze what is left (modules, the app, the connections) out of the
+    collector's sight. A collection then walks only what was made since: the first
+    middle-generation collection no longer walks the whole start-up heap, nor does any full
+    collection after it (``bench/timeline.py``: the Node's middle-generation collections
+    0.21 -> 0.06 ms each; a full one 2.1 ms -> under 0.01 ms for a bare Node's 22k
+    objects, more for a larger app). What is frozen and later becomes cyclic garbage (a
+    connection replaced after a reconnection, say) is never freed: at most the start-up heap
+    once, never a growth."""
+    gc.collect()
+    gc.freeze()
 
 
 def _unavailable(error: ReplyError) -> bool:
