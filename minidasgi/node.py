@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import codec, confirmation, eventloop, health, metrics, stats, wire
+from . import codec, collector, confirmation, eventloop, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .inbox import SharedInbox
@@ -357,8 +356,8 @@ class Node:
                 monitor = asyncio.get_running_loop().create_task(self._watch_peers())
                 logger.info("node serving %s from Redis at %s", self.keys, self.params.address)
                 self._started.set()
-                if self._owns_process:
-                    _settle_heap()
+                if self._owns_process:  # the heap start-up leaves: out of the collector's way
+                    collector.settle()
                 await self._pop_loop(poppers)
             await self._drain()
         finally:
@@ -1637,20 +1636,6 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
         local["server"] = tuple(server)
     local["state"] = dict(state)
     return local
-
-
-def _settle_heap() -> None:
-    """Once started, in a process the Node owns (``Node.run``): collect the start-up's
-    garbage, then freeze what is left (modules, the app, the connections) out of the
-    collector's sight. A collection then walks only what was made since: the first
-    middle-generation collection no longer walks the whole start-up heap, nor does any full
-    collection after it (``bench/timeline.py``: the Node's middle-generation collections
-    0.21 -> 0.06 ms each; a full one 2.1 ms -> under 0.01 ms for a bare Node's 22k
-    objects, more for a larger app). What is frozen and later becomes cyclic garbage (a
-    connection replaced after a reconnection, say) is never freed: at most the start-up heap
-    once, never a growth."""
-    gc.collect()
-    gc.freeze()
 
 
 def _unavailable(error: ReplyError) -> bool:
