@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import collector
 from .eventloop import LOOPS, LoopUnavailable, loop_factory
 from .node import DEFAULT_CONCURRENCY
 
@@ -573,7 +574,9 @@ def distributor_from_env() -> Any:
     """The distributor of a ``--workers`` process (uvicorn's factory in each worker): its
     configuration is in the private file named by ``MINIDASGI_DISTRIBUTOR_CONFIG_FILE``."""
     path = Path(os.environ[_DISTRIBUTOR_ENV])
-    return _distributor(json.loads(path.read_text(encoding="utf-8")))
+    app = _distributor(json.loads(path.read_text(encoding="utf-8")))
+    collector.settle()  # a worker process of this command: the library's own
+    return app
 
 
 def _distributor(config: dict[str, Any]) -> Any:
@@ -673,6 +676,7 @@ def _serve_distributor(uvicorn: Any, args: argparse.Namespace, app: Any) -> int:
     logger.info(
         "distributor on http://%s:%d, Redis %s", args.host, args.port, _redacted(args.redis)
     )
+    collector.settle()  # this command's process (the workers settle theirs: the factory)
     try:
         uvicorn.run(
             app,

@@ -102,6 +102,16 @@ _Scope = tuple[str, str, str, str, Any, Any, str, str, str, str, int, bool]
 _SCOPES: Final[dict[bytes, _Scope]] = {}
 """What ``_SCOPE`` read from a scope's text, by the text: a connection's requests to a route
 have the same scope but for their bytes values (in the tail)."""
+_last_before: tuple[bytes | None, _Before] = (None, (None, 0, 0.0))
+_last_after: tuple[bytes | None, _After] = (None, (None, False, None, False))
+_last_scope: tuple[bytes | None, _Scope] = (
+    None,
+    ("", "", "", "", None, None, "", "", "", "", 0, False),
+)
+"""The last text each table was asked for, with its value: a distributor's requests to a
+route come alike one after the other, and comparing a text with the last one is a
+``memcmp``, where a table lookup first hashes the fresh slice (siphash, about 6 instructions
+a byte). None until a text was read: no text equals it."""
 _MAX_SCOPES: Final = memo.BOUND
 _MAX_KEPT: Final = 2048
 """The longest scope text kept: whoever may push on a route's queue chooses these keys, and a
@@ -166,6 +176,7 @@ def try_fields(
 ) -> Fields | None:
     """``try_decode``'s value as a tuple (``Fields``), for a reader that takes the fields one
     by one (``wire.Envelope.decode``) and so need not look each up in a dict built for it."""
+    global _last_before, _last_after, _last_scope
     if type(data) is not bytes:
         return None
     size = len(data)
@@ -188,12 +199,18 @@ def try_fields(
     if queued_at < 0:
         return None
     before_text = data[scope_end:queued_at]
-    before = _BEFORES.get(before_text)
-    if before is None:
-        before = _before(before_text)
+    last_before = _last_before  # one read of a global: a consistent pair, whatever the threads
+    before: _Before | None
+    if before_text == last_before[0]:
+        before = last_before[1]
+    else:
+        before = _BEFORES.get(before_text)
         if before is None:
-            return None
-        memo.keep(_BEFORES, before_text, before, _MAX_SCOPES)
+            before = _before(before_text)
+            if before is None:
+                return None
+            memo.keep(_BEFORES, before_text, before, _MAX_SCOPES)
+        _last_before = (before_text, before)
     queued_start = queued_at + len(_QUEUED)
     queued_end = data.find(b",", queued_start, head_end)  # a number holds no comma
     if queued_end < 0:
@@ -202,20 +219,33 @@ def try_fields(
     if queued is None:
         return None
     after_text = data[queued_end:head_end]
-    after = _AFTERS.get(after_text)
-    if after is None:
-        after = _after(after_text)
+    last_after = _last_after
+    after: _After | None
+    if after_text == last_after[0]:
+        after = last_after[1]
+    else:
+        after = _AFTERS.get(after_text)
         if after is None:
-            return None
-        memo.keep(_AFTERS, after_text, after, _MAX_SCOPES)
+            after = _after(after_text)
+            if after is None:
+                return None
+            memo.keep(_AFTERS, after_text, after, _MAX_SCOPES)
+        _last_after = (after_text, after)
     text = data[scope_start:scope_end]
-    template = _SCOPES.get(text)
-    if template is None:
-        template = _scope(text)
+    last_scope = _last_scope
+    template: _Scope | None
+    if text == last_scope[0]:
+        template = last_scope[1]
+    else:
+        template = _SCOPES.get(text)
         if template is None:
-            return None
+            template = _scope(text)
+            if template is None:
+                return None
+            if len(text) <= _MAX_KEPT:
+                memo.keep(_SCOPES, text, template, _MAX_SCOPES)
         if len(text) <= _MAX_KEPT:
-            memo.keep(_SCOPES, text, template, _MAX_SCOPES)
+            _last_scope = (text, template)
     (
         kind,
         version,

@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import codec, confirmation, eventloop, health, metrics, stats, wire
+from . import codec, collector, confirmation, eventloop, health, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .inbox import SharedInbox
@@ -229,6 +229,7 @@ class Node:
         self.recovery = confirmation.RecoveryWindow()  # popped requests to have confirmed
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
+        self._owns_process = False  # run() rather than serve(): the collector is ours to tune
 
     def __repr__(self) -> str:
         return f"<Node {self.params.address} keys={self.keys} jobs={len(self._jobs)}>"
@@ -259,6 +260,7 @@ class Node:
         ``loop``: the event loop to run on, ``asyncio``, ``uvloop`` or ``auto`` (uvloop when
         installed: ``eventloop``); ``eventloop.LoopUnavailable`` if uvloop is asked for but
         missing."""
+        self._owns_process = True
         eventloop.run(self._serve_with_signals(), loop)
 
     async def _serve_with_signals(self) -> None:
@@ -354,6 +356,8 @@ class Node:
                 monitor = asyncio.get_running_loop().create_task(self._watch_peers())
                 logger.info("node serving %s from Redis at %s", self.keys, self.params.address)
                 self._started.set()
+                if self._owns_process:  # the heap start-up leaves: out of the collector's way
+                    collector.settle()
                 await self._pop_loop(poppers)
             await self._drain()
         finally:
@@ -499,10 +503,25 @@ class Node:
                     waiting = await self._waiting(connection, keys)
                     self.recovery.reconnected(keys, waiting, time.time())
                     popped_on = connection
-                if not self._stopping.is_set():
-                    held = await self._pop(
-                        connection, keys, count, slots, start, popped, alone=alone
-                    )
+                if self._stopping.is_set():
+                    pass  # (the finally gives the slots back)
+                elif alone and self._pop_many:
+                    # _pop's BLMPOP, here: a coroutine less for each pop to pass through
+                    # (~1.2k instructions, in its creation and at each resumption). Its
+                    # requests are started as its reply is read (``popped``): all the slots
+                    # held are theirs, or freed below.
+                    try:
+                        await connection.brpop_many(
+                            *keys, count=count, timeout=self.pop_timeout, popped=popped
+                        )
+                    except ReplyError as exc:
+                        if not _unavailable(exc):
+                            raise
+                        logger.info("popping with BRPOP and RPOP (no BLMPOP: %s)", exc)
+                        self._pop_many = False
+                        held = await self._pop(connection, keys, count, slots, start)
+                else:
+                    held = await self._pop(connection, keys, count, slots, start)
             except (asyncio.TimeoutError, RespError) as exc:
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)
@@ -545,35 +564,17 @@ class Node:
         count: int,
         slots: Slots,
         start: Callable[[bytes, bytes], None],
-        popped: Callable[[bytes, list[bytes]], None],
-        *,
-        alone: bool,
     ) -> int:
-        """Pop up to ``count`` requests (``count`` slots held) and ``start`` each (``popped``
-        starts a BLMPOP's); return the slots held now (the caller frees those ``start`` did
-        not take, also if this raises).
-
-        One ``BLMPOP`` (Redis 7.0) where it can: a single round trip per pop, however many
-        requests wait. Before Redis 7.0, or for an ACL user without ``+blmpop``, a ``BRPOP``
-        and then, under load, an ``RPOP`` with a count for the slots free by then (the request
-        popped first starts before the second round trip); so does a group that is not
-        ``alone``, whose blocked pop holds one slot only.
-
-        Either way, when this returns, a request started alone has run to its first wait:
-        BLMPOP's are started by the code that reads its reply, so that their tasks' first
-        steps come before this one's wake-up, in the same loop pass (one pass sooner)."""
-        if self._pop_many and alone:
-            try:
-                await connection.brpop_many(
-                    *keys, count=count, timeout=self.pop_timeout, popped=popped
-                )
-            except ReplyError as exc:
-                if not _unavailable(exc):
-                    raise
-                logger.info("popping with BRPOP and RPOP (no BLMPOP: %s)", exc)
-                self._pop_many = False
-            else:
-                return count  # started as they were read
+        """Pop up to ``count`` requests (``count`` slots held) with a ``BRPOP`` and ``start``
+        each; return the slots held now (the caller frees those ``start`` did not take, also
+        if this raises). The pop loop pops with one ``BLMPOP`` (Redis 7.0) where it can, a
+        single round trip per pop however many requests wait (its requests started by the
+        code that reads its reply, so that their tasks' first steps come before the loop's
+        wake-up, in the same loop pass: ``_pop_group``); this is for Redis before 7.0, an
+        ACL user without ``+blmpop``, or a group that is not ``alone`` (whose blocked pop
+        holds one slot only): a ``BRPOP`` and then, under load, an ``RPOP`` with a count
+        for the slots free by then (the request popped first starts before the second round
+        trip). A request started alone has run to its first wait when this returns."""
         item = await connection.brpop(*keys, timeout=self.pop_timeout)
         if item is None:
             return count

@@ -167,6 +167,7 @@ def test_what_is_kept_of_scopes_is_small(monkeypatch: pytest.MonkeyPatch) -> Non
     """Whoever may push on a queue, and a client through its path, chooses the scope texts
     the reader keeps: a long one is read, never kept."""
     monkeypatch.setattr(envelopereader, "_SCOPES", {})
+    monkeypatch.setattr(envelopereader, "_last_scope", (None, envelopereader._last_scope[1]))
     for index in range(20):
         path = "/" + "p" * 60_000 + str(index)
         check_read(fields(uvicorn_scope(path=path)))
@@ -184,6 +185,8 @@ def test_the_texts_around_the_queued_time_are_kept_once_per_distributor(
     their short texts, the queued time read each time."""
     monkeypatch.setattr(envelopereader, "_BEFORES", {})
     monkeypatch.setattr(envelopereader, "_AFTERS", {})
+    monkeypatch.setattr(envelopereader, "_last_before", (None, envelopereader._last_before[1]))
+    monkeypatch.setattr(envelopereader, "_last_after", (None, envelopereader._last_after[1]))
     now = time.time()
     for index in range(20):
         value = check_read(fields(deadline=now + index, queued=now - index / 7))
@@ -194,6 +197,41 @@ def test_the_texts_around_the_queued_time_are_kept_once_per_distributor(
     assert len(envelopereader._BEFORES) == 2
     assert len(envelopereader._AFTERS) == 2
     assert max(map(len, [*envelopereader._BEFORES, *envelopereader._AFTERS])) < 200
+
+
+class _CountedLookups(dict[bytes, Any]):
+    looked_up = 0
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        self.looked_up += 1
+        return super().get(key, default)
+
+
+def test_a_text_like_the_last_one_is_read_without_a_table_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A route's requests come alike one after the other: a text equal to the last one read
+    (a memcmp) needs no lookup in its table (which hashes the fresh slice first), and the
+    value stays that of the general path whatever changes between requests."""
+    tables = {name: _CountedLookups() for name in ("_SCOPES", "_BEFORES", "_AFTERS")}
+    for name, table in tables.items():
+        monkeypatch.setattr(envelopereader, name, table)
+    for name in ("_last_scope", "_last_before", "_last_after"):  # nothing read before
+        last = getattr(envelopereader, name, (None, None))
+        monkeypatch.setattr(envelopereader, name, (None, last[1]), raising=False)
+    now = time.time()
+    for index in range(10):
+        value = check_read(fields(uvicorn_scope(), deadline=now + index, queued=now - index))
+        assert value["queued"] == now - index
+    assert {name: table.looked_up for name, table in tables.items()} == {
+        "_SCOPES": 1,
+        "_BEFORES": 1,
+        "_AFTERS": 1,
+    }
+    # Another scope, then the first one again: each looked up (and read alike) once more.
+    check_read(fields(uvicorn_scope(path="/other")))
+    check_read(fields(uvicorn_scope()))
+    assert tables["_SCOPES"].looked_up == 3
 
 
 def test_the_bounds_are_those_of_the_general_path() -> None:

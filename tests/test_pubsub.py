@@ -66,3 +66,28 @@ def test_a_message_takes_the_short_way_to_what_the_general_dispatch_does(sharded
         assert _outcome(fast._handle, reply) == _outcome(general._handle_any, reply), reply
         assert fast_seen == general_seen
     assert fast_seen  # the fuzz did reach the callback
+
+
+def test_hears_a_bytes_name_without_converting_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Node asks ``hears`` for its own channel, as bytes, before every pop and every
+    request: the name is taken as it is (no call, no copy), a str still converted, and the
+    answer is the same."""
+    from minidasgi.resp import pubsub
+
+    converted: list[Any] = []
+    real = pubsub._as_bytes
+
+    def counting(channel: Any) -> bytes:
+        converted.append(channel)
+        return real(channel)
+
+    monkeypatch.setattr(pubsub, "_as_bytes", counting)
+    subscriber = _subscriber(False, [])
+    assert not subscriber.hears(b"ours")  # not connected yet
+    subscriber._is_connected = True
+    assert subscriber.hears(b"ours")
+    assert not subscriber.hears(b"theirs")
+    assert converted == []
+    assert subscriber.hears("ours")
+    assert not subscriber.hears(bytearray(b"theirs"))
+    assert converted == ["ours", bytearray(b"theirs")]

@@ -174,8 +174,10 @@ class Subscriber:
     def hears(self, channel: str | bytes) -> bool:
         """True while ``channel``'s messages reach this subscriber (it is connected, every
         wanted channel confirmed, ``channel`` among them)."""
-        name = _as_bytes(channel)
-        return self.connected and name in self._channels
+        # Asked before every pop and every request (the Node's own channel, as bytes): no
+        # copy of a bytes name, and the flag read without the property's call.
+        name = channel if type(channel) is bytes else _as_bytes(channel)
+        return self._is_connected and name in self._channels
 
     async def wait_hears(self, channel: str | bytes, timeout: float | None = None) -> None:
         """Wait until ``hears(channel)`` (on one connection: until connected); raise

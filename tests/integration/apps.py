@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from typing import Any
 
@@ -64,6 +65,12 @@ async def loop_class(scope: Scope, receive: Any, send: Any) -> None:
     if scope["type"] == "http":
         loop = type(asyncio.get_running_loop())
         await _respond(send, 200, f"{loop.__module__}.{loop.__qualname__}".encode())
+
+
+async def frozen(scope: Scope, receive: Any, send: Any) -> None:
+    """How many objects the collector of the Node's process leaves alone (``gc.freeze``)."""
+    if scope["type"] == "http":
+        await _respond(send, 200, str(gc.get_freeze_count()).encode())
 
 
 class SeedApp:

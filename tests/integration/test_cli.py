@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from .redis_server import RedisFactory, RedisServer, locate_redis_server
-from .stack import free_port
+from .stack import NodeProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -311,6 +311,35 @@ def test_node_and_distributor(redis_server: RedisServer, tmp_path: Path) -> None
     assert port_closed(port)
     assert_redis_clean(redis_server)
     assert "Traceback" not in node.output() + dist.output()
+
+
+def test_a_node_command_freezes_its_start_up_heap_and_an_embedded_node_does_not(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The node command owns its process (Node.run): once started, the collector leaves the
+    # start-up heap alone (gc.freeze), so no later collection walks it again. A Node embedded
+    # with serve() (node_process.py) must not touch the collector of a process not its own.
+    port = free_port()
+    url = redis_server.url
+    with children() as started, NodeProcess(url, "S", "apps:frozen"):
+        node = start_node(
+            started,
+            redis_server,
+            tmp_path / "node.log",
+            ["node", "tests.integration.apps:frozen", "--key", "K", "--redis", url],
+        )
+        dist = Child(
+            [*MINIDASGI, "distributor", "--route", "^/run=K", "--route", "^/serve=S",
+             "--redis", url, "--port", str(port)],
+            tmp_path / "dist.log",
+        )  # fmt: skip
+        started.append(dist)
+        owned = get_when_up(f"http://127.0.0.1:{port}/run", dist)
+        embedded = httpx.get(f"http://127.0.0.1:{port}/serve", timeout=10)
+        assert owned.status_code == embedded.status_code == 200, node.output() + dist.output()
+        assert int(owned.text) > 1000, owned.text  # modules, functions, the app: thousands
+        assert embedded.text == "0"
+        assert stop_all([node, dist]) == [0, 0], node.output() + dist.output()
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])

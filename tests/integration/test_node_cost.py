@@ -586,3 +586,40 @@ async def test_a_request_task_is_made_by_the_task_class_unless_the_loop_has_a_fa
         await pusher.close()
         await subscriber.close()
     assert factory_made.count("Node._run_request") == 3, factory_made
+
+
+async def test_a_blmpop_pop_passes_through_no_coroutine_of_the_node_but_its_loop(
+    redis_server: RedisServer,
+) -> None:
+    # Each pop's wait passes through every coroutine between the pop loop and the reply's
+    # future, in its creation and at its resumption: the BLMPOP is awaited by the pop loop
+    # itself, not through ``_pop`` (~1.2k instructions per pop), which serves BRPOP only.
+    node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
+    got: list[bytes] = []
+    reply, subscriber, pusher = await _distributor_end(
+        redis_server, lambda _, data: got.append(data)
+    )
+    entered: Counter[str] = Counter()
+    node_code = Node.__init__.__code__.co_filename
+
+    def profile(frame: Any, event: str, _: Any) -> None:
+        code = frame.f_code
+        if event == "call" and code.co_filename == node_code:
+            entered[code.co_qualname] += 1
+
+    try:
+        async with run_node(node):
+            assert await poll(lambda: 0 in node._pop_ids, 5)
+            sys.setprofile(profile)
+            try:
+                for i in range(5):
+                    envelope = _envelope(wire.new_request_id(), reply, ack_send=True)
+                    await pusher.execute("LPUSH", "K", envelope)
+                    assert await poll(lambda sent=i: len(got) > sent, 10)
+            finally:
+                sys.setprofile(None)
+    finally:
+        await pusher.close()
+        await subscriber.close()
+    assert entered["Node._pop_group"] >= 5, entered  # the pop loop woke for each request
+    assert entered["Node._pop"] == 0, entered
