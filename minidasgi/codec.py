@@ -39,6 +39,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Final
 
+from .resp.directread import SplitPayload
+
 __all__ = [
     "BINARY",
     "FAST",
@@ -229,7 +231,7 @@ def is_portable(value: Any) -> bool:
 
 
 def decode(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | SplitPayload,
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
@@ -244,6 +246,7 @@ def decode(
     ``tail``: the message is ``data`` followed by ``tail``, read apart (see ``tail_size``).
     In the fast format, where ``tail`` must be exactly the message's last bytes value, that
     value is ``tail`` itself, not a copy; any other message is decoded from the two joined.
+    A ``SplitPayload`` (``resp.directread``) is its head followed by its tail.
     """
     if tail is not None:
         if len(data) + len(tail) > max_size:
@@ -254,7 +257,7 @@ def decode(
             return _jsoncodec.decode(
                 data, max_size=max_size, max_items=max_items, max_depth=max_depth, tail=tail
             )
-        data = b"".join([data, tail])
+        data = b"".join([bytes(data), tail])
     if len(data) > max_size:
         raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
     if not data:

@@ -67,6 +67,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, CodecError, Gathered
+from .resp.directread import SplitPayload
 
 __all__ = [
     "DEFAULT_MAX_ITEMS",
@@ -223,7 +224,7 @@ _U32: Final = struct.Struct(">I")
 
 
 def decode(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | SplitPayload,
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     max_items: int = DEFAULT_MAX_ITEMS,
@@ -233,12 +234,19 @@ def decode(
     """Decode a message made by ``encode``; raise ``CodecError`` for anything else.
 
     ``tail``: the message is ``data`` followed by ``tail`` (``tail_size``), which must be
-    exactly its last bytes value: that value is then ``tail`` itself, not a copy."""
+    exactly its last bytes value: that value is then ``tail`` itself, not a copy. A
+    ``SplitPayload`` (``resp.directread``) is its head followed by its tail."""
     if type(data) is not bytes:
-        try:
-            data = memoryview(data).cast("B")  # slices below then copy each bytes value once
-        except (TypeError, ValueError) as exc:
-            raise CodecError(f"cannot decode from this buffer: {exc}") from None
+        if isinstance(data, SplitPayload):
+            if tail is not None:
+                raise CodecError("a split payload followed by another tail")
+            tail = data.tail
+            data = data.head
+        else:
+            try:
+                data = memoryview(data).cast("B")  # slices below then copy each value once
+            except (TypeError, ValueError) as exc:
+                raise CodecError(f"cannot decode from this buffer: {exc}") from None
     size = len(data)
     whole = size if tail is None else size + len(tail)
     if whole > max_size:

@@ -442,20 +442,12 @@ def tail_size(start: memoryview, size: int) -> int:
 def unpack(data: bytes | memoryview | SplitPayload) -> tuple[str, str, list[Any]]:
     """Decode one conversation message into ``(kind, request_id, args)``; a format this side
     cannot read raises ``codec.UnsupportedVersion``."""
-    if isinstance(data, SplitPayload):  # a large body read apart: decoded without a copy of it
-        message = codec.decode(
-            data.head,
-            max_size=MAX_MESSAGE_SIZE,
-            max_items=codec.DEFAULT_MAX_ITEMS,
-            tail=data.tail,
-        )
-    else:
-        # The usual small response, without the general scanner: the same value
-        # (``responsereader``).
-        message = responsereader.try_decode(data, max_size=MAX_MESSAGE_SIZE)
-        if message is not None:  # an ACK_SEND with its id: nothing more to check here
-            return ACK_SEND, message[1], message[2:]
-        message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
+    # The usual small response, without the general scanner: the same value (``responsereader``).
+    message = responsereader.try_decode(data, max_size=MAX_MESSAGE_SIZE)
+    if message is not None:  # an ACK_SEND with its id: nothing more to check here
+        return ACK_SEND, message[1], message[2:]
+    # (A large body read apart, a SplitPayload, is decoded without a copy of it.)
+    message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")
     if message[0] == PING:

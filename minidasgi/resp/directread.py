@@ -170,6 +170,7 @@ class DirectReads:
         self._head = b""  # the payload before its tail
         self._whole_tail = b""  # a tail read whole, its CRLF still to come
         self._crlf = 0  # bytes of that CRLF still to come
+        self._apart = False  # a tail or its CRLF under way (``_tail`` or ``_crlf``)
 
     def feed(self, data: Any) -> None:
         """Take bytes read into the connection's own buffer (a view valid during the call)."""
@@ -181,12 +182,12 @@ class DirectReads:
         size = len(data)
         pos = 0
         while pos < size:
-            if self._tail is not None:  # a tail's bytes the connection's own read took
-                n = min(size - pos, self._tail_left)
-                self.tail_read(bytes(data[pos : pos + n]))
-                pos += n
-                continue
-            if self._crlf:
+            if self._apart:  # a tail being read, or its CRLF
+                if self._tail is not None:  # bytes of the tail the connection's read took
+                    n = min(size - pos, self._tail_left)
+                    self.tail_read(bytes(data[pos : pos + n]))
+                    pos += n
+                    continue
                 if data[pos] != (13 if self._crlf == 2 else 10):
                     raise ProtocolError("bulk string not terminated by CRLF")
                 pos += 1
@@ -195,6 +196,7 @@ class DirectReads:
                     split = SplitPayload(self._head, self._whole_tail)
                     self._head = self._whole_tail = b""
                     self._ready.append([self._kind, self._channel, split])
+                    self._apart = False
                     self.streaming = True
                 continue
             target = self._target
@@ -357,6 +359,7 @@ class DirectReads:
         self._head = bytes(data[start:end])
         self._tail = []
         self._tail_left = tail
+        self._apart = True
 
     def tail_wanted(self) -> int:
         """How many bytes of a tail are still to read (by ``recv``: ``tail_read``), or 0."""
