@@ -510,8 +510,9 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         """Before the transport's read: large payloads' tails straight into ``bytes`` of their
         own (``directread``), each push's header and start first when a peek finds them
         whole, up to ``_APART_PUSHES`` pushes (else the transport's read, which comes next,
-        would take the next push whole into a buffer). Every ``OSError`` is left to the
-        transport's read, which meets it again."""
+        would take the next push whole into a buffer). An ``OSError`` ends the reading apart:
+        the transport's read that follows meets it again or, for one the socket reports only
+        once (a reset), the end of the stream; the connection is lost either way."""
         view = self._view
         for _ in range(_APART_PUSHES):
             if not direct.tail_wanted():

@@ -165,7 +165,10 @@ class DirectReads:
         push carried a large payload, and tails may be read apart) or read a tail
         (``tail_wanted``)."""
         self._plan: tuple[bytes, int, int, int] = (b"", 0, 0, 0)  # channel, start, end, tail
-        self._tail: list[bytes] | None = None  # the parts of a tail being read
+        # A tail being read: its first part as read (``bytes``, the tail itself when one
+        # read took it whole), then one ``bytearray`` of all parts, so that a tail trickled
+        # in many small reads costs its size, not an object per read.
+        self._tail: bytes | bytearray | None = None
         self._tail_left = 0
         self._head = b""  # the payload before its tail
         self._whole_tail = b""  # a tail read whole, its CRLF still to come
@@ -357,7 +360,7 @@ class DirectReads:
         self._plan = (b"", 0, 0, 0)
         self._channel = channel
         self._head = bytes(data[start:end])
-        self._tail = []
+        self._tail = b""
         self._tail_left = tail
         self._apart = True
 
@@ -367,13 +370,20 @@ class DirectReads:
 
     def tail_read(self, part: bytes) -> None:
         """``part``, the next bytes of the tail (at most ``tail_wanted``), were read."""
-        parts = self._tail
-        assert parts is not None and len(part) <= self._tail_left
-        parts.append(part)
+        tail = self._tail
+        assert tail is not None and len(part) <= self._tail_left
+        if not tail:
+            tail = part  # kept as it is: the whole tail, if one read took it all
+        elif type(tail) is bytes:
+            tail = bytearray(tail)  # a second part: one buffer from now on
+            tail += part
+        else:
+            tail += part
+        self._tail = tail
         self._tail_left -= len(part)
         if not self._tail_left:
             self._tail = None
-            self._whole_tail = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._whole_tail = tail if type(tail) is bytes else bytes(tail)
             self._crlf = 2
             self.streaming = False  # until the CRLF: nothing to peek at before it
 
