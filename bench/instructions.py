@@ -21,6 +21,9 @@ KIB``) instead of hello-world requests, one connection: ``--requests`` downloads
 the kernel's copies and TCP work, most of what a download costs, are not in these figures (CPU
 time from ``/proc`` is).
 
+``--upload MIB`` counts uploads of ``MIB`` MiB likewise (one connection, sent in 1 MiB
+writes, the app reading the body and answering its length), and prints instructions per MiB.
+
 ``--callgrind DIR`` runs one process (the distributor, or the one ``--callgrind-role`` names)
 under ``valgrind --tool=callgrind`` instead (its instruction count is the same) and keeps its
 profiles of both runs in ``DIR`` (``<role>-<requests>.callgrind``): read them with
@@ -98,9 +101,37 @@ def _downloads(port: int, count: int, size: int, chunk: int = 0) -> None:
                 raise RuntimeError(f"{got} bytes of body instead of {size}")
 
 
-def _load(port: int, total: int, connections: int, download: int = 0, chunk: int = 0) -> None:
+def _uploads(port: int, count: int, size: int) -> None:
+    """``count`` uploads of ``size`` bytes on one keep-alive connection, each answered with
+    its length (``bench_http.APPS``' ``/upload``)."""
+    piece = b"u" * (1 << 20)
+    expected = str(size).encode()
+    with socket.create_connection((bench_http.HOST, port), timeout=600) as sock:
+        for _ in range(count):
+            sock.sendall(
+                f"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Length: {size}\r\n\r\n".encode()
+            )
+            left = size
+            while left:
+                sent = piece[: min(left, len(piece))]
+                sock.sendall(sent)
+                left -= len(sent)
+            answer = b""
+            while not answer.endswith(b"\r\n\r\n" + expected):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection")
+                answer += chunk
+
+
+def _load(
+    port: int, total: int, connections: int, download: int = 0, chunk: int = 0, upload: int = 0
+) -> None:
     if download:
         _downloads(port, total, download << 20, chunk)
+        return
+    if upload:
+        _uploads(port, total, upload << 20)
         return
     errors: list[BaseException] = []
     threads = [
@@ -148,6 +179,7 @@ def _run(
     download: int = 0,
     chunk: int = 0,
     profiled: str = "distributor",
+    upload: int = 0,
 ) -> dict[str, int]:
     """Instructions each process executed, with ``total`` requests sent to each server (the
     ``profiled`` role under callgrind, its profile kept in the directory ``callgrind``, if
@@ -171,8 +203,8 @@ def _run(
         _wait_up(direct_port)
         _wait_up(dist_port)
         # One more request each (_wait_up's), in both runs alike: the difference is exact.
-        _load(direct_port, total, connections, download, chunk)
-        _load(dist_port, total, connections, download, chunk)
+        _load(direct_port, total, connections, download, chunk, upload)
+        _load(dist_port, total, connections, download, chunk, upload)
     finally:
         stop(processes.values(), signal.SIGINT)
         redis.close()
@@ -237,8 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KIB",
         help="with --download: the app sends in chunks of KIB KiB (default 1024)",
     )
+    parser.add_argument(
+        "--upload",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="count uploads of MIB MiB (one connection) instead of hello-world requests",
+    )
     args = parser.parse_args(argv)
-    if args.download:
+    if args.download and args.upload:
+        parser.error("--download or --upload, not both")
+    if args.download or args.upload:
         args.connections = 1
     if args.warmup % args.connections or args.requests % args.connections:
         parser.error("--warmup and --requests must be multiples of --connections")
@@ -257,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.download,
                 chunk,
                 args.callgrind_role,
+                args.upload,
             )
             for count in (args.warmup, args.warmup + args.requests)
         )
@@ -266,6 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"instructions per MiB downloaded ({args.requests} downloads of {args.download} MiB"
             f"{f' in {args.chunk} KiB chunks' if args.chunk else ''}"
+            f" minus the first {args.warmup}; valgrind, user space only"
+            f"{'; httptools, uvloop' if args.fast else ''}):"
+        )
+        for role in ROLES:
+            print(f"  {role:<12} {(long[role] - short[role]) / mib / 1000:8.1f}k")
+        return 0
+    if args.upload:
+        mib = args.requests * args.upload
+        print(
+            f"instructions per MiB uploaded ({args.requests} uploads of {args.upload} MiB"
             f" minus the first {args.warmup}; valgrind, user space only"
             f"{'; httptools, uvloop' if args.fast else ''}):"
         )

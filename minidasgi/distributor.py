@@ -339,7 +339,9 @@ class Distributor:
             on_message=self._on_message,
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,
-            direct_reads=True,  # large payloads as memoryviews: split_frame, unpack take any
+            # Large payloads as memoryviews, a body piece's body read apart as bytes of its own
+            # (split_frame, unpack take either).
+            direct_reads=wire.tail_size,
         )
         self._client.start()
         subscribing = asyncio.ensure_future(

@@ -67,8 +67,17 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, CodecError, Gathered
+from .resp.directread import SplitPayload
 
-__all__ = ["DEFAULT_MAX_ITEMS", "VERSION", "decode", "encode", "try_encode", "try_encode_parts"]
+__all__ = [
+    "DEFAULT_MAX_ITEMS",
+    "VERSION",
+    "decode",
+    "encode",
+    "tail_size",
+    "try_encode",
+    "try_encode_parts",
+]
 
 VERSION: Final = 3
 DEFAULT_MAX_ITEMS: Final = 100_000
@@ -196,22 +205,52 @@ def try_encode_parts(
     return parts
 
 
+def tail_size(start: bytes | bytearray | memoryview, size: int) -> int:
+    """The size of the last bytes value of a format 3 message of ``size`` bytes that begins
+    with ``start``, when ``start`` holds the message's table of lengths and that value ends
+    the message; else 0 (see ``codec.tail_size``). Nothing here is trusted: ``decode`` with
+    ``tail`` checks the whole message again."""
+    if len(start) < _PREFIX.size or start[0] != VERSION:
+        return 0
+    _, head_size, count = _PREFIX.unpack_from(start)
+    table_end = _PREFIX.size + head_size + 4 * count
+    if not count or table_end > len(start) or table_end > size:
+        return 0
+    (last,) = _U32.unpack_from(start, table_end - 4)
+    return int(last) if last <= size - table_end else 0
+
+
+_U32: Final = struct.Struct(">I")
+
+
 def decode(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | SplitPayload,
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     max_items: int = DEFAULT_MAX_ITEMS,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    tail: bytes | None = None,
 ) -> Any:
-    """Decode a message made by ``encode``; raise ``CodecError`` for anything else."""
+    """Decode a message made by ``encode``; raise ``CodecError`` for anything else.
+
+    ``tail``: the message is ``data`` followed by ``tail`` (``tail_size``), which must be
+    exactly its last bytes value: that value is then ``tail`` itself, not a copy. A
+    ``SplitPayload`` (``resp.directread``) is its head followed by its tail."""
     if type(data) is not bytes:
-        try:
-            data = memoryview(data).cast("B")  # slices below then copy each bytes value once
-        except (TypeError, ValueError) as exc:
-            raise CodecError(f"cannot decode from this buffer: {exc}") from None
+        if isinstance(data, SplitPayload):
+            if tail is not None:
+                raise CodecError("a split payload followed by another tail")
+            tail = data.tail
+            data = data.head
+        else:
+            try:
+                data = memoryview(data).cast("B")  # slices below then copy each value once
+            except (TypeError, ValueError) as exc:
+                raise CodecError(f"cannot decode from this buffer: {exc}") from None
     size = len(data)
-    if size > max_size:
-        raise CodecError(f"message of {size} bytes exceeds the limit of {max_size}")
+    whole = size if tail is None else size + len(tail)
+    if whole > max_size:
+        raise CodecError(f"message of {whole} bytes exceeds the limit of {max_size}")
     if not size:
         raise CodecError("empty message")
     if data[0] != VERSION:
@@ -226,10 +265,12 @@ def decode(
     if count > max_items:
         raise CodecError(f"message holds {count} bytes values, over the limit of {max_items}")
     lengths = _lengths_format(count).unpack_from(data, head_end)
-    if sum(lengths) != size - tail_start:
+    if sum(lengths) != whole - tail_start:
         raise CodecError(
-            f"bytes values add up to {sum(lengths)} bytes but the tail holds {size - tail_start}"
+            f"bytes values add up to {sum(lengths)} bytes but the tail holds {whole - tail_start}"
         )
+    if tail is not None and (type(tail) is not bytes or not count or lengths[-1] != len(tail)):
+        raise CodecError("the bytes read apart are not the message's last bytes value")
     head = data[_PREFIX.size : head_end]
     if type(head) is not bytes:
         head = bytes(head)
@@ -252,6 +293,7 @@ def decode(
         raise CodecError("head is not valid UTF-8") from None
     session.data = data
     session.lengths = lengths
+    session.last = tail
     session.index = 0
     session.position = tail_start  # where the next bytes value starts
     try:
@@ -270,6 +312,7 @@ def decode(
         used = session.index
         session.data = b""
         session.lengths = ()
+        session.last = None
     if end != len(text):
         raise CodecError(f"{len(text) - end} characters after the value in the head")
     if used != count:
@@ -388,6 +431,7 @@ class _Session:
         self.blobs: list[bytes | memoryview | Gathered] = _NO_BLOBS
         self.data: bytes | memoryview = b""
         self.lengths: tuple[int, ...] = ()  # of the bytes values of the message decoded
+        self.last: bytes | None = None  # the last bytes value, when it was read apart
         self.index = 0  # of the next bytes value
         self.position = 0  # where it starts in ``data``
         self.memo: dict[str, str] = {}  # used by the pure-Python scanner only
@@ -425,6 +469,8 @@ class _Session:
             if index >= len(lengths):
                 raise CodecError("more bytes markers in the head than bytes values in the tail")
             self.index = index + 1
+            if index == len(lengths) - 1 and self.last is not None:
+                return self.last  # its length was checked against the table
             start = self.position
             end = self.position = start + lengths[index]
             value = self.data[start:end]

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from . import jsoncodec, memo
 from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE
+from .resp.directread import SplitPayload
 
 __all__ = ["try_decode"]
 
@@ -84,7 +85,7 @@ def _template(rest: bytes) -> tuple[int, int, bool | None, tuple[Any, ...]] | No
 
 
 def try_decode(
-    data: bytes | memoryview,
+    data: bytes | memoryview | SplitPayload,
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     max_items: int = jsoncodec.DEFAULT_MAX_ITEMS,

@@ -110,6 +110,7 @@ from . import (
     responsewriter,
 )
 from .resp.cluster import hash_tag
+from .resp.directread import SplitPayload
 
 __all__ = [
     "ACK",
@@ -162,6 +163,7 @@ __all__ = [
     "split_ack_send",
     "split_frame",
     "split_message",
+    "tail_size",
     "unit_window",
     "unpack",
 ]
@@ -394,11 +396,13 @@ def batch_frame_parts(messages: list[Packed]) -> list[bytes | memoryview]:
     return parts
 
 
-def split_frame(data: bytes | memoryview) -> list[Any]:
+def split_frame(data: bytes | memoryview | SplitPayload) -> list[Any]:
     """The messages a PUBLISH carried: those of a batch frame (as memoryviews, no copies), or
     ``[data]`` itself. Raise ``WireError`` for a malformed frame (nothing of it is used)."""
     if not data or data[0] != BATCH_FRAME:
         return [data]
+    if isinstance(data, SplitPayload):  # never read apart (``tail_size``)
+        data = bytes(data)
     size = len(data)
     if size > MAX_MESSAGE_SIZE:
         raise WireError(f"batch frame of {size} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")
@@ -425,7 +429,17 @@ def split_frame(data: bytes | memoryview) -> list[Any]:
     return messages
 
 
-def unpack(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
+def tail_size(start: memoryview, size: int) -> int:
+    """How many of the last bytes of a PUBLISH's payload of ``size`` bytes starting with
+    ``start`` to read apart (``resp.directread``): a lone message's last bytes value, the
+    body of a body piece, which ``unpack`` then decodes without copying it; 0 for a batch
+    frame or anything else."""
+    if not start or start[0] == BATCH_FRAME:
+        return 0
+    return codec.tail_size(start, size)
+
+
+def unpack(data: bytes | memoryview | SplitPayload) -> tuple[str, str, list[Any]]:
     """Decode one conversation message into ``(kind, request_id, args)``; a format this side
     cannot read raises ``codec.UnsupportedVersion``."""
     # The usual small response, without the general scanner: the same value (``responsereader``).
@@ -435,9 +449,10 @@ def unpack(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
     return unpack_general(data)
 
 
-def unpack_general(data: bytes | memoryview) -> tuple[str, str, list[Any]]:
+def unpack_general(data: bytes | memoryview | SplitPayload) -> tuple[str, str, list[Any]]:
     """``unpack`` for a message that ``responsereader.try_decode(data,
-    max_size=MAX_MESSAGE_SIZE)`` did not read (its caller tried it first)."""
+    max_size=MAX_MESSAGE_SIZE)`` did not read (its caller tried it first). A large body read
+    apart, a ``SplitPayload``, is decoded without a copy of it."""
     message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")

@@ -1055,3 +1055,70 @@ def test_a_flat_list_keeps_the_bounds() -> None:
     with pytest.raises(CodecError, match="values"):
         encode(list(range(10)), max_items=5)
     assert decode(encode(["x" * 1000, 10**127])) == ["x" * 1000, 10**127]
+
+
+# -- a last bytes value read apart (``tail``) -------------------------------------------------
+
+
+def _split(message: bytes) -> tuple[bytes, bytes]:
+    """``message`` cut where ``tail_size`` says its last bytes value starts."""
+    tail = jsoncodec.tail_size(message, len(message))
+    assert tail
+    return message[:-tail], message[-tail:]
+
+
+def test_a_tail_read_apart_is_the_last_bytes_value_itself() -> None:
+    body = bytes(range(256)) * 1024
+    value = ["send", "r1", [{"type": "http.response.body", "body": body, "more_body": True}]]
+    message = encode(value)
+    head, tail = _split(message)
+    assert tail == body
+    decoded = decode(head, tail=tail)
+    assert decoded == value
+    assert decoded[2][0]["body"] is tail  # no copy of it
+    assert codec.decode(head, tail=tail)[2][0]["body"] is tail
+    # With other bytes values before it: those come from the head, the last is the tail.
+    value = {"headers": [[b"a", b"bc"]], "body": body}
+    head, tail = _split(encode(value))
+    decoded = decode(memoryview(head), tail=tail)
+    assert decoded == value and decoded["body"] is tail
+
+
+def test_tail_size_tells_only_what_the_start_holds() -> None:
+    message = encode(["x", b"ab", b"cdef"])
+    assert jsoncodec.tail_size(message, len(message)) == 4
+    assert codec.tail_size(memoryview(message), len(message)) == 4
+    cut = message.index(b"cdef") - 1  # the table of lengths not all there
+    assert jsoncodec.tail_size(message[: cut - 4], len(message)) == 0
+    assert jsoncodec.tail_size(encode(["x"]), 20) == 0  # no bytes value
+    assert jsoncodec.tail_size(codec.encode_binary([b"ab"]), 20) == 0  # another format
+    assert jsoncodec.tail_size(b"", 0) == 0
+    # A forged last length larger than what follows the table: nothing to read apart.
+    forged = bytearray(message)
+    struct.pack_into(">I", forged, message.index(b"cdef") - 4, 1 << 20)
+    assert jsoncodec.tail_size(forged, len(message)) == 0
+
+
+def test_a_tail_that_is_not_the_last_bytes_value_is_refused() -> None:
+    message = encode(["x", b"ab", b"cdef"])
+    head, tail = _split(message)
+    with pytest.raises(CodecError, match="last bytes value"):
+        decode(head[:-1], tail=head[-1:] + tail)  # the sizes add up, the last length not
+    with pytest.raises(CodecError):
+        decode(head, tail=tail + b"!")  # more than the table says
+    with pytest.raises(CodecError):
+        decode(head + b"c", tail=tail[1:])
+    with pytest.raises(CodecError, match="last bytes value"):
+        decode(head, tail=bytearray(tail))  # type: ignore[arg-type]  # bytes only
+    no_bytes = encode(["x", 1])
+    with pytest.raises(CodecError):
+        decode(no_bytes, tail=b"")
+    with pytest.raises(CodecError, match="exceeds"):
+        decode(head, tail=tail, max_size=len(message) - 1)
+    with pytest.raises(CodecError, match="exceeds"):
+        codec.decode(head, tail=tail, max_size=len(message) - 1)
+
+
+def test_a_tail_after_a_binary_message_is_decoded_joined() -> None:
+    message = codec.encode_binary(["x", b"abcdef"])
+    assert codec.decode(message[:-3], tail=message[-3:]) == ["x", b"abcdef"]

@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .client import Client, copy_outcome
+from .directread import TailSize
 from .protocol import (
     PythonParser,
     RedisConnectionError,
@@ -783,7 +784,7 @@ class ShardedSubscriber:
         on_connection_lost: Callable[[], None] | None = None,
         health_check_interval: float = 5.0,
         parser: str | None = None,
-        direct_reads: bool = False,
+        direct_reads: bool | TailSize = False,
     ) -> None:
         self.cluster = ClusterClient(params, parser=parser, name="sharded subscriber")
         self.params = params

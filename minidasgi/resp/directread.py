@@ -19,6 +19,18 @@ it, each large payload took two reads (its header with the start of the payload,
 then the rest): two system calls and two turns of the event loop. Two buffers are kept, so
 that a read holding the end of one payload and the start of the next needs no new one.
 
+A payload's last bytes may also be read apart, by the socket straight into a ``bytes`` object
+of their own, when the owner says where they start (``tail_size``: for a body piece, the body,
+which then reaches its consumer with no copy at all; an ASGI body must be ``bytes``, which a
+buffer of ours cannot become without a copy). After a large payload (``streaming``), the
+connection peeks at the start of the next read (``plan_split``): a push of this kind whose
+header and payload start it holds whole, with a tail of at least ``direct_from`` bytes, has
+its header and payload start read alone (``split_taken``), then its tail read by ``recv`` of
+exactly what remains (``tail_wanted``/``tail_read``); the push is delivered as a
+``SplitPayload``. A tail the socket hands over in several reads is joined once (the copy a
+buffer would have cost); one the connection's own read took (no socket of ours: TLS, uvloop)
+is copied out of it.
+
 Every other reply (a subscription's confirmation, a PONG, an error, a header that does not
 fit) goes to a ``PythonParser``, which hands back the bytes after it (``take_rest``): where a
 reply starts is always known. A push cut by the end of a read is kept (at most a header and a
@@ -33,11 +45,12 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 from .protocol import DEFAULT_MAX_REPLY_SIZE, NEED_DATA, ProtocolError, PythonParser
 
-__all__ = ["DIRECT_FROM", "DIRECT_MAX", "DirectReads"]
+__all__ = ["DIRECT_FROM", "DIRECT_MAX", "DirectReads", "SplitPayload", "TailSize"]
 
 DIRECT_FROM: Final = 64 * 1024
 """Payloads from this size are read straight into their own buffer."""
@@ -56,6 +69,41 @@ _KEPT: Final = 2  # payload buffers kept for reuse
 # Room past a payload in its buffer for the header of a push read ahead into it (the header
 # regex's bound on the channel, and the lengths).
 _HEADER_ROOM: Final = _MAX_CHANNEL + 64
+
+
+TailSize = Callable[[memoryview, int], int]
+"""Given the start of a payload (after its push header) and the payload's size, how many of
+its last bytes to read apart (0: none). A hint: whoever decodes the payload checks it."""
+
+
+class SplitPayload:
+    """A payload read in two: ``head``, then ``tail``, its last bytes, read into a ``bytes``
+    object of their own. Indexes and measures as their concatenation would."""
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, head: bytes, tail: bytes) -> None:
+        self.head = head
+        self.tail = tail
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def __getitem__(self, index: int) -> int:
+        if type(index) is not int:
+            raise TypeError("a split payload is indexed by int only")
+        if index < 0:
+            index += len(self)
+        head = self.head
+        if 0 <= index < len(head):
+            return head[index]
+        return self.tail[index - len(head)]
+
+    def __bytes__(self) -> bytes:
+        return self.head + self.tail
+
+    def __repr__(self) -> str:
+        return f"SplitPayload({len(self.head)} + {len(self.tail)} bytes)"
 
 
 def _cut_length(data: Any, start: int, size: int) -> object:
@@ -90,6 +138,7 @@ class DirectReads:
         direct_from: int = DIRECT_FROM,
         direct_max: int = DIRECT_MAX,
         max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
+        tail_size: TailSize | None = None,
     ) -> None:
         # The pure-Python parser, whatever the connection's choice: it sees only the rare
         # replies framed nowhere else, and gives back what follows each (``take_rest``).
@@ -110,6 +159,21 @@ class DirectReads:
         self._filled = 0
         self._channel = b""
         self._pending = b""  # the start of a push cut by the end of a read
+        self._tail_size = tail_size
+        self.streaming = False
+        """Whether the connection should peek before its next read (``plan_split``: the last
+        push carried a large payload, and tails may be read apart) or read a tail
+        (``tail_wanted``)."""
+        self._plan: tuple[bytes, int, int, int] = (b"", 0, 0, 0)  # channel, start, end, tail
+        # A tail being read: its first part as read (``bytes``, the tail itself when one
+        # read took it whole), then one ``bytearray`` of all parts, so that a tail trickled
+        # in many small reads costs its size, not an object per read.
+        self._tail: bytes | bytearray | None = None
+        self._tail_left = 0
+        self._head = b""  # the payload before its tail
+        self._whole_tail = b""  # a tail read whole, its CRLF still to come
+        self._crlf = 0  # bytes of that CRLF still to come
+        self._apart = False  # a tail or its CRLF under way (``_tail`` or ``_crlf``)
 
     def feed(self, data: Any) -> None:
         """Take bytes read into the connection's own buffer (a view valid during the call)."""
@@ -121,6 +185,23 @@ class DirectReads:
         size = len(data)
         pos = 0
         while pos < size:
+            if self._apart:  # a tail being read, or its CRLF
+                if self._tail is not None:  # bytes of the tail the connection's read took
+                    n = min(size - pos, self._tail_left)
+                    self.tail_read(bytes(data[pos : pos + n]))
+                    pos += n
+                    continue
+                if data[pos] != (13 if self._crlf == 2 else 10):
+                    raise ProtocolError("bulk string not terminated by CRLF")
+                pos += 1
+                self._crlf -= 1
+                if not self._crlf:
+                    split = SplitPayload(self._head, self._whole_tail)
+                    self._head = self._whole_tail = b""
+                    self._ready.append([self._kind, self._channel, split])
+                    self._apart = False
+                    self.streaming = True
+                continue
             target = self._target
             if target is not None:  # a read that did not go to ``read_into`` (TLS, a test)
                 filled = self._filled
@@ -140,6 +221,7 @@ class DirectReads:
                     channel, length, start = found
                     if self._direct_from <= length <= self._direct_max:
                         self._channel = channel
+                        self.streaming = self._tail_size is not None
                         self._target = self._buffer_for(length + 2)
                         self._filled = 0
                         pos = start
@@ -151,6 +233,7 @@ class DirectReads:
                             return
                         if data[end : end + 2] != b"\r\n":
                             raise ProtocolError("bulk string not terminated by CRLF")
+                        self.streaming = False
                         payload = data[start:end]
                         if type(payload) is not bytes:
                             payload = bytes(payload)
@@ -169,6 +252,7 @@ class DirectReads:
             pos = end
             reply = parser.gets()
             if reply is not NEED_DATA:
+                self.streaming = False
                 self._ready.append(reply)
                 self._aligned = True
                 return pos - len(parser.take_rest())
@@ -190,7 +274,13 @@ class DirectReads:
         """Where a read between payloads may go instead of the connection's buffer: the
         whole of a free payload buffer (``ahead_filled`` takes the count), or None (no large
         payload seen yet, none free, or a reply or push under way)."""
-        if self._target is not None or self._pending or not self._aligned:
+        if (
+            self._target is not None
+            or self._pending
+            or not self._aligned
+            or self._tail is not None
+            or self._crlf
+        ):
             return None
         for buffer in self._buffers:
             if _free(buffer):
@@ -212,6 +302,7 @@ class DirectReads:
                 # The payload stays where it was read: the rest of it, if the read cut it,
                 # goes after it (``read_into``).
                 self._channel = channel
+                self.streaming = self._tail_size is not None
                 self._target = view[start:end]
                 self._filled = min(nbytes, end) - start
                 if self._filled == len(self._target):
@@ -227,6 +318,74 @@ class DirectReads:
         self._filled += nbytes
         if self._filled == len(self._target):
             self._finish()
+
+    @property
+    def splits(self) -> bool:
+        """Whether tails may be read apart (a ``tail_size`` was given)."""
+        return self._tail_size is not None
+
+    def plan_split(self, data: Any, size: int) -> int:
+        """How many bytes to read before a tail, given ``data[:size]`` peeked at the start of
+        the next read (``streaming``): the header and the payload's start of a push whose
+        tail (``tail_size``, at least ``direct_from`` bytes) can be read apart, when ``data``
+        holds them all; else 0 (read as usual). Nothing changes until ``split_taken``."""
+        if (
+            self._tail_size is None
+            or self._target is not None
+            or self._pending
+            or not self._aligned
+            or self._tail is not None
+            or self._crlf
+        ):
+            return 0
+        found = self._push_at(data, 0, size)
+        if not isinstance(found, tuple):
+            return 0
+        channel, length, start = found
+        if not self._direct_from <= length <= self._direct_max:
+            return 0
+        tail = int(self._tail_size(memoryview(data)[start:size], length))
+        if not self._direct_from <= tail <= length:
+            return 0
+        end: int = start + length - tail
+        if end > size:  # the payload's start was not all peeked
+            return 0
+        self._plan = (channel, start, end, tail)
+        return end
+
+    def split_taken(self, data: Any) -> None:
+        """The bytes ``plan_split`` counted were read into ``data`` (its start): the tail
+        comes next (``tail_wanted``)."""
+        channel, start, end, tail = self._plan
+        self._plan = (b"", 0, 0, 0)
+        self._channel = channel
+        self._head = bytes(data[start:end])
+        self._tail = b""
+        self._tail_left = tail
+        self._apart = True
+
+    def tail_wanted(self) -> int:
+        """How many bytes of a tail are still to read (by ``recv``: ``tail_read``), or 0."""
+        return self._tail_left if self._tail is not None else 0
+
+    def tail_read(self, part: bytes) -> None:
+        """``part``, the next bytes of the tail (at most ``tail_wanted``), were read."""
+        tail = self._tail
+        assert tail is not None and len(part) <= self._tail_left
+        if not tail:
+            tail = part  # kept as it is: the whole tail, if one read took it all
+        elif type(tail) is bytes:
+            tail = bytearray(tail)  # a second part: one buffer from now on
+            tail += part
+        else:
+            tail += part
+        self._tail = tail
+        self._tail_left -= len(part)
+        if not self._tail_left:
+            self._tail = None
+            self._whole_tail = tail if type(tail) is bytes else bytes(tail)
+            self._crlf = 2
+            self.streaming = False  # until the CRLF: nothing to peek at before it
 
     def _push_at(self, data: Any, pos: int, size: int) -> object:
         """``(channel, payload length, payload start)`` if a push of this kind starts at

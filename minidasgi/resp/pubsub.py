@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from . import sentinel
 from .connection import ConnectionParams, ReplyReader, make_params, open_stream
-from .directread import DirectReads
+from .directread import DirectReads, TailSize
 from .protocol import (
     NEED_DATA,
     AuthenticationError,
@@ -80,7 +80,10 @@ class Subscriber:
 
     ``direct_reads=True``: a message whose payload is large (``directread.DIRECT_FROM``, 64 KiB)
     may be read by the socket straight into a buffer of its own, and its ``data`` is then a
-    ``memoryview`` of that buffer instead of ``bytes`` (two copies of it fewer).
+    ``memoryview`` of that buffer instead of ``bytes`` (two copies of it fewer). A function
+    (``directread.TailSize``) in place of ``True`` also tells where such a payload's last
+    bytes start: those are read straight into ``bytes`` of their own, with no copy, and the
+    ``data`` is then a ``directread.SplitPayload`` (on the plain asyncio transport only).
     """
 
     def __init__(
@@ -103,7 +106,7 @@ class Subscriber:
         parser: str | None = None,
         sharded: bool = False,
         on_unsubscribed: Callable[[bytes], None] | None = None,
-        direct_reads: bool = False,
+        direct_reads: bool | TailSize = False,
     ) -> None:
         self.params = params or make_params(
             url,
@@ -320,7 +323,8 @@ class Subscriber:
         parser: Any = make_parser(self._parser_kind)
         direct = None
         if self._direct_reads:
-            parser = direct = DirectReads(self._kinds[0])
+            tail_size = None if self._direct_reads is True else self._direct_reads
+            parser = direct = DirectReads(self._kinds[0], tail_size=tail_size)
         ended: asyncio.Future[Exception] = loop.create_future()
         handshake: list[asyncio.Future[Any]] = []  # waiters for replies before subscribing
         transport: list[asyncio.WriteTransport] = []

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from .client import Client
 from .cluster import ClusterClient, PinnedClient, ShardedSubscriber, key_slot
 from .connection import Connection, ConnectionParams
+from .directread import TailSize
 from .pubsub import Subscriber
 
 __all__ = [
@@ -72,7 +73,7 @@ def subscriber(
     on_connection_lost: Callable[[], None] | None = None,
     health_check_interval: float = 5.0,
     parser: str | None = None,
-    direct_reads: bool = False,
+    direct_reads: bool | TailSize = False,
 ) -> AnySubscriber:
     """The subscriber for ``params``' topology (sharded pub/sub on a Cluster);
     ``direct_reads`` as ``Subscriber``'s."""

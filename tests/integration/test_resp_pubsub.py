@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,6 +22,8 @@ from minidasgi.resp import (
     RedisConnectionError,
     Subscriber,
 )
+from minidasgi.resp import connection as resp_connection
+from minidasgi.resp.directread import SplitPayload
 
 from .fakes import FakeRedis, drain_until_eof, read_command
 from .faultproxy import FaultProxy
@@ -518,6 +522,53 @@ async def test_direct_reads_deliver_the_same_messages_in_order(
     await eventually(lambda: len(received) >= len(payloads), 5)
     assert [bytes(data) for _, data in received] == payloads
     assert {type(data) for _, data in received} == {bytes, memoryview}
+
+
+async def test_tails_read_apart_are_the_bytes_the_socket_read(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With a ``tail_size``, a large payload's last bytes are read by ``recv`` into bytes of
+    # their own and delivered as they were read (``SplitPayload.tail``): no copy of them in
+    # this process. The messages are the same, in order.
+    reads: list[bytes] = []
+
+    class Recording(socket.socket):
+        def recv(self, size: int, flags: int = 0) -> bytes:
+            data = super().recv(size, flags)
+            reads.append(data)
+            return data
+
+    def duplicate(fileno: int) -> socket.socket:
+        sock = Recording(fileno=os.dup(fileno))
+        sock.setblocking(False)
+        return sock
+
+    monkeypatch.setattr(resp_connection, "_duplicate", duplicate, raising=False)
+    received: list[tuple[bytes, Any]] = []
+    descriptors = len(os.listdir("/proc/self/fd"))
+    subscriber = make_subscriber(
+        clean_redis.url,
+        on_message=lambda c, d: received.append((c, d)),
+        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+    )
+    await asyncio.wait_for(subscriber.subscribe("big"), 2)
+    publisher = await open_conn(clean_redis.url)
+    payloads = [b"T" + bytes([i]) * (300_000 if i % 4 else 10) + b"\r\n$3\r\n" for i in range(40)]
+    for count, payload in enumerate(payloads, 1):  # one at a time, as body pieces travel
+        assert await publisher.publish("big", payload) == 1
+        await eventually(lambda n=count: len(received) >= n, 5)
+    assert [bytes(data) for _, data in received] == payloads
+    split = [data for _, data in received if isinstance(data, SplitPayload)]
+    assert len(split) >= 20  # all large ones but the first (read before any was seen)
+    assert all(len(data.head) == 5 for data in split)
+    whole = [data for data in split if any(data.tail is read for read in reads)]
+    assert len(whole) >= len(split) // 2  # the others came in parts, joined once
+    await publisher.close()
+    await asyncio.wait_for(subscriber.close(), 5)
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # the socket's duplicate closed
 
 
 async def test_a_push_a_segment_cuts_in_its_length_line_is_delivered_whole() -> None:
