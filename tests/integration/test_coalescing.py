@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 from minidasgi import Node, create_distributor
-from minidasgi.resp import connection as resp_connection
 from minidasgi.testing import RedisServer
 
 from . import apps
 from .stack import NodeProcess, distributor_process, free_port, run_node, serve_app
+from .tailreads import recording_tail_reads
 
 N = 100
 
@@ -300,25 +300,6 @@ async def _download(redis_server: RedisServer, node: Node, path: str) -> tuple[b
     return bytes(received), calls
 
 
-def _recording_reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """What every subscriber's ``recv`` of a tail read apart returns, from now on."""
-    reads: list[bytes] = []
-
-    class Recording(socket.socket):
-        def recv(self, size: int, flags: int = 0) -> bytes:
-            data = super().recv(size, flags)
-            reads.append(data)
-            return data
-
-    def duplicate(fileno: int) -> socket.socket:
-        sock = Recording(fileno=os.dup(fileno))
-        sock.setblocking(False)
-        return sock
-
-    monkeypatch.setattr(resp_connection, "_duplicate", duplicate, raising=False)
-    return reads
-
-
 async def test_a_download_s_bodies_reach_the_server_as_the_bytes_the_socket_read(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,7 +308,7 @@ async def test_a_download_s_bodies_reach_the_server_as_the_bytes_the_socket_read
     # Now a piece's body is read apart, by the socket straight into bytes of its own, and
     # those very bytes are handed to the server's send (a tail that came in several reads is
     # joined once: at most half of them here).
-    reads = _recording_reads(monkeypatch)
+    reads = recording_tail_reads(monkeypatch)
     distributor = create_distributor(url=redis_server.url, key="Z", liveness_interval=3600)
     bodies: list[bytes] = []
 
@@ -362,7 +343,7 @@ async def test_an_upload_s_bodies_reach_the_app_as_the_bytes_the_socket_read(
 ) -> None:
     # The same on the Node's side: the body of an upload piece reaches the app's receive()
     # as the bytes its subscriber's socket read, not a copy made by the codec.
-    reads = _recording_reads(monkeypatch)
+    reads = recording_tail_reads(monkeypatch)
     bodies: list[bytes] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

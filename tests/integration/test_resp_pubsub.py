@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,12 +21,12 @@ from minidasgi.resp import (
     RedisConnectionError,
     Subscriber,
 )
-from minidasgi.resp import connection as resp_connection
 from minidasgi.resp.directread import SplitPayload
 
 from .fakes import FakeRedis, drain_until_eof, read_command
 from .faultproxy import FaultProxy
 from .redis_server import RedisFactory, RedisServer
+from .tailreads import recording_tail_reads
 
 PASSWORD = "s3cr:t@x"
 
@@ -533,20 +532,7 @@ async def test_tails_read_apart_are_the_bytes_the_socket_read(
     # With a ``tail_size``, a large payload's last bytes are read by ``recv`` into bytes of
     # their own and delivered as they were read (``SplitPayload.tail``): no copy of them in
     # this process. The messages are the same, in order.
-    reads: list[bytes] = []
-
-    class Recording(socket.socket):
-        def recv(self, size: int, flags: int = 0) -> bytes:
-            data = super().recv(size, flags)
-            reads.append(data)
-            return data
-
-    def duplicate(fileno: int) -> socket.socket:
-        sock = Recording(fileno=os.dup(fileno))
-        sock.setblocking(False)
-        return sock
-
-    monkeypatch.setattr(resp_connection, "_duplicate", duplicate, raising=False)
+    reads = recording_tail_reads(monkeypatch)
     received: list[tuple[bytes, Any]] = []
     descriptors = len(os.listdir("/proc/self/fd"))
     subscriber = make_subscriber(
