@@ -72,6 +72,7 @@ _MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots fre
 _HEADERS = frozenset(["http.response.start", "http.response.trailers"])  # what carries headers
 _FITS = wire.EARLIER_MAX_MESSAGE_SIZE  # a message this small always travels (``_Job._fits``)
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
+_RECHECK = 0.05  # seconds between two looks at the connections, when no wait agrees with them
 
 
 class Node:
@@ -642,10 +643,22 @@ class Node:
         )
 
     async def _until_can_take_on(self) -> None:
-        assert self._publisher is not None and self._subscriber is not None
+        """Wait until ``_can_take_on()``; unbounded (the callers bound it).
+
+        Each wait may return at once while the flag stays False: on a Cluster the publisher's
+        ``wait_connected`` returns once the slot map is known, while its ``connected`` also
+        wants every master used so far (one that died with no replica stays in the map), and
+        a subscriber may hear the channel while the publisher is away. Looping on them alone
+        never suspended: the event loop froze, and with it the reconnection waited for and the
+        caller's deadline. Then look again every ``_RECHECK`` seconds: local state only (and a
+        slot map refresh, which ``connected`` asks for at most every 0.1 s)."""
+        publisher, subscriber = self._publisher, self._subscriber
+        assert publisher is not None and subscriber is not None
         while not self._can_take_on():
-            await self._subscriber.wait_hears(self._own)
-            await self._publisher.wait_connected()
+            await subscriber.wait_hears(self._own)
+            await publisher.wait_connected()
+            if not self._can_take_on():
+                await asyncio.sleep(_RECHECK)
 
     async def _run_request(
         self, key: bytes, data: bytes, early: bool | None = False, slots: Slots | None = None
