@@ -511,7 +511,8 @@ async def test_a_request_waiting_for_a_lost_master_lets_the_node_loop_turn(
     deadline could not fire, and the reconnection never ran (found hung at 100% CPU in a full
     suite run). The Node runs in a child process: its health endpoint answers throughout, the
     request is told GONE at its deadline (its client gets the no-worker answer, not the 504
-    of a Node that never answers), and the Node serves again once the master is back."""
+    of a Node that never answers), it pops nothing more, leaving requests to a Node that can
+    serve them, and it serves again once the master is back."""
     stats_master = cluster.master_of(wire.stats_channel("minidasgi", 0))
     assert stats_master is not None
     dead = next(s for s in cluster.masters if s is not stats_master)
@@ -563,6 +564,22 @@ async def test_a_request_waiting_for_a_lost_master_lets_the_node_loop_turn(
             response = await request
             assert probes and all(probes), f"the Node's loop stood still: {probes}"
             assert response.status_code == 405, response.text  # GONE: popped and never run
+
+            def idle() -> bool:  # no pop blocked on the queue's master
+                info = stats_master.command("INFO", "clients")
+                assert isinstance(info, bytes)
+                return b"blocked_clients:0\r\n" in info
+
+            # Until it can answer, the Node pops nothing more: what it would pop would wait
+            # unrun until its deadline, while a Node that can serve it does.
+            assert await poll(lambda: asyncio.to_thread(idle), 10), "it still pops"
+            while True:
+                healthy = Node(url=cluster.url, app=apps.hello, key=key)
+                if not first <= key_slot(healthy.channel) <= last:
+                    break
+            async with run_node(healthy):
+                assert (await client.get(base + "/")).status_code == 200
+            assert healthy.metrics.served == 1
             await asyncio.to_thread(dead.start)
 
             async def served() -> bool:
