@@ -72,6 +72,8 @@ _MAX_BATCH = 32  # requests taken in one pop when a Node has that many slots fre
 _HEADERS = frozenset(["http.response.start", "http.response.trailers"])  # what carries headers
 _FITS = wire.EARLIER_MAX_MESSAGE_SIZE  # a message this small always travels (``_Job._fits``)
 _DISCONNECT_GRACE = 0.5  # seconds an app gets to notice a vanished peer before its cancellation
+_RECHECK = 0.05  # seconds between two looks at the connections, when no wait agrees with them
+_RECHECK_MAX = 1.0  # ... at most, once they have been away a while
 
 
 class Node:
@@ -491,11 +493,14 @@ class Node:
                 # the no-worker error; and while the subscriber is away, whatever the
                 # distributor sends for a new request (a confirmation, body pieces, credit)
                 # would be lost, and the request failed, instead of waiting in Redis.
-                assert self._publisher is not None and self._subscriber is not None
-                if not self._publisher.connected:
-                    await self._publisher.wait_connected(self.pop_timeout)
-                if not self._subscriber.hears(self._own):
-                    await self._subscriber.wait_hears(self._own, self.pop_timeout)
+                # Both at once (the waits of each may return while the other does not hold,
+                # and on a Cluster the publisher's while its own flag does not: a master it
+                # used is down): a request popped now would wait unrun until its deadline,
+                # where another Node could serve it.
+                publisher, subscriber = self._publisher, self._subscriber
+                assert publisher is not None and subscriber is not None
+                if not (publisher.connected and subscriber.hears(self._own)):
+                    await asyncio.wait_for(self._until_can_take_on(), self.pop_timeout)
                 if connection is not popped_on:
                     self._pop_ids.pop(index, None)
                     client_id = await self._client_id(connection)
@@ -644,10 +649,26 @@ class Node:
         )
 
     async def _until_can_take_on(self) -> None:
-        assert self._publisher is not None and self._subscriber is not None
+        """Wait until ``_can_take_on()``; unbounded (the callers bound it).
+
+        Each wait may return at once while the flag stays False: on a Cluster the publisher's
+        ``wait_connected`` returns once the slot map is known, while its ``connected`` also
+        wants every master used so far (one that died with no replica stays in the map), and
+        a subscriber may hear the channel while the publisher is away. Looping on them alone
+        never suspended: the event loop froze, and with it the reconnection waited for and the
+        caller's deadline. Then look again after ``_RECHECK`` seconds, twice as long each time
+        up to ``_RECHECK_MAX``: a look is local state, but on a Cluster ``connected`` also has
+        the slot map read (at most every 0.1 s, on a connection of its own), which an idle Node
+        looking every 50 ms would do ten times a second while a master is away."""
+        publisher, subscriber = self._publisher, self._subscriber
+        assert publisher is not None and subscriber is not None
+        delay = _RECHECK
         while not self._can_take_on():
-            await self._subscriber.wait_hears(self._own)
-            await self._publisher.wait_connected()
+            await subscriber.wait_hears(self._own)
+            await publisher.wait_connected()
+            if not self._can_take_on():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECHECK_MAX)
 
     async def _run_request(
         self, key: bytes, data: bytes, early: bool | None = False, slots: Slots | None = None

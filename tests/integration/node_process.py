@@ -13,6 +13,7 @@ import signal
 import sys
 
 from minidasgi import Node
+from minidasgi.resp.cluster import key_slot
 
 
 async def main() -> None:
@@ -23,17 +24,29 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--shutdown-timeout", type=float, default=30.0)
     parser.add_argument("--pop-timeout", type=float, default=5.0)
+    parser.add_argument("--health-port", type=int, default=None)
+    # FIRST-LAST: a Cluster's slots this Node's own channel must not fall in (its name is
+    # random: drawn again until it falls elsewhere).
+    parser.add_argument("--channel-outside", default=None)
     args = parser.parse_args()
     module, _, attr = args.app.partition(":")
     app = getattr(importlib.import_module(module), attr)
-    node = Node(
-        url=args.redis,
-        app=app,
-        keys=args.key,
-        concurrency=args.concurrency,
-        shutdown_timeout=args.shutdown_timeout,
-        pop_timeout=args.pop_timeout,
-    )
+    avoided = range(0)
+    if args.channel_outside is not None:
+        first, _, last = args.channel_outside.partition("-")
+        avoided = range(int(first), int(last) + 1)
+    while True:
+        node = Node(
+            url=args.redis,
+            app=app,
+            keys=args.key,
+            concurrency=args.concurrency,
+            shutdown_timeout=args.shutdown_timeout,
+            pop_timeout=args.pop_timeout,
+            health_port=args.health_port,
+        )
+        if key_slot(node.channel) not in avoided:
+            break
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop)

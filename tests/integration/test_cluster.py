@@ -21,14 +21,14 @@ import httpx
 import pytest
 import websockets
 
-from minidasgi import Node, create_distributor, create_path_distributor
+from minidasgi import Node, create_distributor, create_path_distributor, wire
 from minidasgi.resp import parse_url
 from minidasgi.resp.cluster import ClusterClient, ShardedSubscriber, key_slot
 from minidasgi.status import format_status, take_status
-from minidasgi.testing import ClusterSetup, RedisServer
+from minidasgi.testing import CLUSTER_SLOTS, ClusterSetup, RedisServer
 
 from . import apps
-from .stack import poll, run_node, serve_app
+from .stack import NodeProcess, free_port, poll, run_node, serve_app
 from .test_sentinel import BACK_WITHIN, HANG, Runs, light_traffic
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.requires_server("7.0")]
@@ -492,6 +492,103 @@ async def test_failover_under_light_traffic(
         return all(s.command("DBSIZE") == 0 for s in setup.servers if s.running)
 
     assert await poll(lambda: asyncio.to_thread(no_keys), 15)
+
+
+def slots_of(setup: ClusterSetup, master: RedisServer) -> tuple[int, int]:
+    """The first and last slot ``ClusterSetup.start`` gave ``master``."""
+    index, count = setup.masters.index(master), len(setup.masters)
+    return index * CLUSTER_SLOTS // count, (index + 1) * CLUSTER_SLOTS // count - 1
+
+
+async def test_a_request_waiting_for_a_lost_master_lets_the_node_loop_turn(
+    cluster: ClusterSetup,
+) -> None:
+    """A Node's publisher used a master (a distributor's channel lives there) that then dies
+    with no replica: the slot map keeps it, so the publisher is not ``connected``, while the
+    Node's own channel and its queue live on other masters. A request popped then waits for
+    the publisher, and that wait must let the Node's event loop turn: it spun without ever
+    suspending (``ClusterClient.wait_connected`` returns once the slot map is known), its
+    deadline could not fire, and the reconnection never ran (found hung at 100% CPU in a full
+    suite run). The Node runs in a child process: its health endpoint answers throughout, the
+    request is told GONE at its deadline (its client gets the no-worker answer, not the 504
+    of a Node that never answers), it pops nothing more, leaving requests to a Node that can
+    serve them, and it serves again once the master is back."""
+    stats_master = cluster.master_of(wire.stats_channel("minidasgi", 0))
+    assert stats_master is not None
+    dead = next(s for s in cluster.masters if s is not stats_master)
+    key = keys_on_each_master(cluster)[stats_master.port]  # the queue: not on the dead master
+    first, last = slots_of(cluster, dead)
+
+    def distributor(on_dead: bool) -> Any:
+        while True:  # its channel's name is random: drawn again until it falls as wanted
+            app = create_distributor(url=cluster.url, key=key, worker_timeout=2)
+            if (first <= key_slot(app.channel) <= last) == on_dead:
+                return app
+
+    doomed, survivor = distributor(True), distributor(False)
+    port = free_port()
+    health = f"http://127.0.0.1:{port}/-/healthz"
+    options = ["--health-port", str(port), "--channel-outside", f"{first}-{last}"]
+    # A long pop: the one under way when the master dies is the one that takes the request.
+    options += ["--pop-timeout", "30"]
+    node = NodeProcess(cluster.url, key, "apps:hello", *options)
+    async with (
+        serve_app(doomed) as doomed_base,
+        serve_app(survivor) as base,
+        httpx.AsyncClient(timeout=HANG) as client,
+    ):
+        await asyncio.to_thread(node.start)
+        try:
+
+            async def answers() -> bool:
+                try:
+                    return (await client.get(health, timeout=2)).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            # The Node's publisher publishes on the master that will die, then on another.
+            assert (await client.get(doomed_base + "/")).status_code == 200
+            assert (await client.get(base + "/")).status_code == 200
+            dead.kill()
+            ready = health.replace("healthz", "readyz")
+
+            async def unready() -> bool:  # the publisher has seen the master go
+                return (await client.get(ready, timeout=2)).status_code == 503
+
+            assert await poll(unready, 10), "the Node's publisher did not see the master go"
+            probes: list[bool] = []
+            request = asyncio.ensure_future(client.get(base + "/"))
+            while not request.done():
+                probes.append(await answers())
+                await asyncio.sleep(0.2)
+            response = await request
+            assert probes and all(probes), f"the Node's loop stood still: {probes}"
+            assert response.status_code == 405, response.text  # GONE: popped and never run
+
+            def idle() -> bool:  # no pop blocked on the queue's master
+                info = stats_master.command("INFO", "clients")
+                assert isinstance(info, bytes)
+                return b"blocked_clients:0\r\n" in info
+
+            # Until it can answer, the Node pops nothing more: what it would pop would wait
+            # unrun until its deadline, while a Node that can serve it does.
+            assert await poll(lambda: asyncio.to_thread(idle), 10), "it still pops"
+            while True:
+                healthy = Node(url=cluster.url, app=apps.hello, key=key)
+                if not first <= key_slot(healthy.channel) <= last:
+                    break
+            async with run_node(healthy):
+                assert (await client.get(base + "/")).status_code == 200
+            assert healthy.metrics.served == 1
+            await asyncio.to_thread(dead.start)
+
+            async def served() -> bool:
+                return (await client.get(base + "/")).status_code == 200
+
+            assert await poll(served, 30), "the Node did not serve again"
+            assert await answers()
+        finally:
+            await asyncio.to_thread(node.stop)
 
 
 async def test_fail_fast_counts_sharded_subscribers(cluster: ClusterSetup) -> None:
