@@ -11,17 +11,23 @@ once, never a growth.
 
 Called only where the library owns the process: ``Node.run`` and the ``minidasgi`` command.
 It must never be called for a Node embedded with ``serve()`` nor for a distributor served by
-a user's own server: the collector of a process is its owner's to tune.
+a user's own server: the collector of a process is its owner's to tune. The same holds for
+its C allocator, which reading bodies apart tunes (``settle`` turns that on too).
 """
 
 from __future__ import annotations
 
 import gc
 
+from .resp import connection
+
 __all__ = ["settle"]
 
 
 def settle() -> None:
-    """Collect the start-up's garbage, then freeze what is left (``gc.freeze``)."""
+    """Collect the start-up's garbage, then freeze what is left (``gc.freeze``); and let
+    the process's subscribers read large bodies apart (``resp.connection.read_tails_apart``:
+    it tunes the C allocator, which is likewise the process owner's to tune)."""
     gc.collect()
     gc.freeze()
+    connection.read_tails_apart()

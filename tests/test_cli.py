@@ -23,6 +23,7 @@ import pytest
 from minidasgi import cli
 from minidasgi.cli import CLIError, _parse_routes, load_app, main
 from minidasgi.node import Node
+from minidasgi.resp import connection as resp_connection
 
 APP_SOURCE = """
 CALLS = []
@@ -104,6 +105,7 @@ def uvicorn_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any
         runs.append(run)
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(resp_connection, "_tails_apart", False)  # settle's, undone after
     try:
         yield runs
     finally:
@@ -123,6 +125,7 @@ def test_the_distributor_command_freezes_its_start_up_heap(
     assert main(["distributor", "--key", "K", "--workers", workers]) == 0
     (run,) = uvicorn_runs
     assert run["frozen"] > 1000, run["frozen"]  # modules, functions: thousands
+    assert resp_connection._tails_apart  # its own process: bodies read apart
     if workers != "1":
         assert run["worker_frozen"] > 1000, run["worker_frozen"]
 

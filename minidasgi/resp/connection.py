@@ -486,21 +486,21 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         self._feed: Callable[[Any], None] = (
             reader._sink if isinstance(reader, ReplyReader) else reader.feed_data
         )
-        # The socket, for a reader whose payloads' tails are read apart (``directread``):
-        # a duplicate of the transport's descriptor, read only where the transport's own
+        # The socket, for a reader whose payloads' tails are read apart (``directread``, in
+        # a process that allows it: ``read_tails_apart``): a duplicate of the transport's
+        # descriptor, made at the first large payload, read only where the transport's own
         # read would come next, on the plain selector transport only (see _vectored_fileno).
         self._sock: socket.socket | None = None
+        self._fileno = -1  # the transport's descriptor, where tails may be read apart
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         direct = self._direct.direct if self._direct is not None else None
         if direct is not None and direct.splits:
-            fileno = _vectored_fileno(transport)
-            if fileno >= 0:
-                self._sock = _duplicate(fileno)
-                _keep_freed_tails()
+            self._fileno = _vectored_fileno(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._fileno = -1
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()  # the duplicate only: the transport closes its own
@@ -558,11 +558,18 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         if self._direct is not None:
             direct = self._direct.direct
             assert direct is not None
-            if direct.streaming and self._sock is not None:
-                try:
-                    self._read_apart(direct, self._sock)
-                except Exception as exc:  # never into the transport: end the stream instead
-                    self._direct.set_exception(exc)
+            if direct.streaming and self._fileno >= 0 and _tails_apart:
+                sock = self._sock
+                if sock is None:
+                    try:
+                        sock = self._sock = _duplicate(self._fileno)
+                    except OSError:  # out of descriptors, say: read as usual on this one
+                        self._fileno = -1
+                if sock is not None:
+                    try:
+                        self._read_apart(direct, sock)
+                    except Exception as exc:  # never into the transport: end the stream
+                        self._direct.set_exception(exc)
             target = direct.read_into()
             if target is not None:
                 self._into = _PAYLOAD
@@ -609,6 +616,25 @@ def _vectored_fileno(transport: asyncio.BaseTransport) -> int:
         return -1
     sock = transport.get_extra_info("socket")
     return -1 if sock is None else int(sock.fileno())
+
+
+_tails_apart = False  # whether this process lets subscribers read tails apart
+
+
+def read_tails_apart() -> None:
+    """Let this process's subscribers read large payloads' tails apart (``directread``:
+    a body reaches its consumer as the ``bytes`` the socket read, with no copy of its own),
+    and have the C allocator keep freed tails for the next ones (``_keep_freed_tails``).
+
+    Process-wide: glibc then serves blocks of up to ``DIRECT_MAX`` from its heap and keeps up
+    to twice that free at its top rather than giving it back, for the whole process. Call it
+    only for a process the library owns (``collector.settle``), never for a distributor or a
+    Node embedded in an application's own server: there, tails are read as before (one copy
+    of each body), and the allocator is left as its owner set it."""
+    global _tails_apart
+    if not _tails_apart:
+        _tails_apart = True
+        _keep_freed_tails()
 
 
 def _keep_freed_tails() -> None:

@@ -12,8 +12,12 @@ from minidasgi.resp import connection as resp_connection
 
 
 def recording_tail_reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """What every subscriber's ``recv`` of a tail read apart returns, from now on (the
-    connection's duplicate of its socket, made by ``_duplicate``, records them)."""
+    """Tails read apart from now on, as in a process the library owns (``read_tails_apart``,
+    undone after the test; the allocator's tuning it makes is not); and what every
+    subscriber's ``recv`` of a tail returns (the connection's duplicate of its socket, made by
+    ``_duplicate``, records them)."""
+    monkeypatch.setattr(resp_connection, "_tails_apart", False)  # restored after the test
+    resp_connection.read_tails_apart()
     reads: list[bytes] = []
 
     class Recording(socket.socket):

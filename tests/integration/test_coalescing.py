@@ -414,6 +414,8 @@ def _download_twice(port: int, size: int, pid: int) -> int:
 _DISTRIBUTOR_MODULE = """
 import os
 from minidasgi import create_distributor
+from minidasgi.resp.connection import read_tails_apart
+read_tails_apart()  # as the distributor command does (collector.settle)
 app = create_distributor(url=os.environ["TEST_REDIS_URL"], key="F")
 """
 

@@ -21,6 +21,7 @@ from minidasgi.resp import (
     RedisConnectionError,
     Subscriber,
 )
+from minidasgi.resp import connection as resp_connection
 from minidasgi.resp.directread import SplitPayload
 
 from .fakes import FakeRedis, drain_until_eof, read_command
@@ -558,6 +559,37 @@ async def test_tails_read_apart_are_the_bytes_the_socket_read(
     await publisher.close()
     await asyncio.wait_for(subscriber.close(), 5)
     assert len(os.listdir("/proc/self/fd")) == descriptors  # the socket's duplicate closed
+
+
+async def test_tails_are_read_as_before_in_a_process_that_did_not_allow_it(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A subscriber in a process the library does not own (a distributor under the user's
+    # own server, a Node under ``serve()``) reads large payloads as before, with the copy of
+    # each: no duplicate of its socket, no ``SplitPayload``, and the allocator left alone.
+    monkeypatch.setattr(resp_connection, "_tails_apart", False, raising=False)
+    made: list[int] = []
+    monkeypatch.setattr(resp_connection, "_duplicate", made.append)
+    received: list[Any] = []
+    subscriber = make_subscriber(
+        clean_redis.url,
+        on_message=lambda c, d: received.append(d),
+        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+    )
+    await asyncio.wait_for(subscriber.subscribe("big"), 2)
+    publisher = await open_conn(clean_redis.url)
+    payloads = [b"T" + bytes([i]) * 300_000 for i in range(8)]
+    for count, payload in enumerate(payloads, 1):
+        assert await publisher.publish("big", payload) == 1
+        await eventually(lambda n=count: len(received) >= n, 5)
+    assert [bytes(data) for data in received] == payloads
+    assert not any(isinstance(data, SplitPayload) for data in received)
+    assert not made
+    await publisher.close()
+    await asyncio.wait_for(subscriber.close(), 5)
 
 
 async def test_a_push_a_segment_cuts_in_its_length_line_is_delivered_whole() -> None:
