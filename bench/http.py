@@ -22,6 +22,12 @@ Node print the batch sizes they saw (messages per PUBLISH, envelopes per LPUSH).
 ``--fast`` runs both uvicorn servers with ``--http httptools --loop uvloop``, and the Node with
 ``--loop uvloop`` (the ``dev`` extra installs both); without it everything runs on asyncio's
 own loop.
+
+The distributor runs under plain uvicorn, as a user's own server runs it: it copies each
+large body once (reading bodies apart is for a process the library owns). With
+``BENCH_READ_TAILS_APART=1`` in the environment it reads them apart as the ``minidasgi
+distributor`` command's process does (``resp.connection.read_tails_apart``). The Node runs as
+the ``minidasgi node`` command, which reads them apart.
 """
 
 from __future__ import annotations
@@ -103,6 +109,10 @@ async def app(scope, receive, send):
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
+
+if os.environ.get("BENCH_READ_TAILS_APART"):  # as the distributor command's process
+    from minidasgi.resp.connection import read_tails_apart
+    read_tails_apart()
 
 distributor = create_distributor(
     url=os.environ["BENCH_REDIS_URL"], key="bench", no_worker_status=503,
