@@ -441,6 +441,26 @@ def test_a_tail_trickled_in_tiny_reads_holds_about_its_size() -> None:
     assert bytes(out[0][2]) == payload and type(out[0][2].tail) is bytes
 
 
+def test_no_peek_while_a_large_payload_is_read_into_its_buffer() -> None:
+    # A payload that is not read apart (the connection's first large one) is read into its
+    # buffer over many reads: a peek before each would find nothing to plan (a system call
+    # for nothing each). The connection peeks once it is read whole.
+    reader = DirectReads(b"message", tail_size=_tail_of)
+    peeks: list[int] = []
+    plan = reader.plan_split
+
+    def counted(data: Any, size: int) -> int:
+        peeks.append(size)
+        return plan(data, size)
+
+    reader.plan_split = counted  # type: ignore[method-assign]
+    data = _push(b"message", b"c", b"T" + BIG)
+    replies, _ = _read_apart(reader, data, [8192])
+    assert bytes(replies[0][2]) == b"T" + BIG
+    assert peeks == []
+    assert reader.streaming  # the next read peeks
+
+
 def test_a_tail_without_its_crlf_is_refused() -> None:
     reader = DirectReads(b"message", tail_size=_tail_of)
     _read_apart(reader, _push(b"message", b"c", b"T" + BIG), [1 << 20])

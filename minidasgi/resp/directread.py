@@ -221,7 +221,7 @@ class DirectReads:
                     channel, length, start = found
                     if self._direct_from <= length <= self._direct_max:
                         self._channel = channel
-                        self.streaming = self._tail_size is not None
+                        self.streaming = False  # no peek while it is read: ``_finish``
                         self._target = self._buffer_for(length + 2)
                         self._filled = 0
                         pos = start
@@ -302,7 +302,7 @@ class DirectReads:
                 # The payload stays where it was read: the rest of it, if the read cut it,
                 # goes after it (``read_into``).
                 self._channel = channel
-                self.streaming = self._tail_size is not None
+                self.streaming = False  # no peek while it is read: ``_finish``
                 self._target = view[start:end]
                 self._filled = min(nbytes, end) - start
                 if self._filled == len(self._target):
@@ -445,4 +445,7 @@ class DirectReads:
         self._target = None
         if target[-2:].tobytes() != b"\r\n":
             raise ProtocolError("bulk string not terminated by CRLF")
+        # A large payload read whole: the next read may start a push whose tail can be read
+        # apart (a peek while one was being read into its buffer found nothing to plan).
+        self.streaming = self._tail_size is not None
         self._ready.append([self._kind, self._channel, target[:-2]])
