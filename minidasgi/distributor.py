@@ -340,7 +340,8 @@ class Distributor:
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,
             # Large payloads as memoryviews, a body piece's body read apart as bytes of its own
-            # (split_frame, unpack take either).
+            # where the process allows it (``read_tails_apart``; split_frame, unpack take
+            # either).
             direct_reads=wire.tail_size,
         )
         self._client.start()

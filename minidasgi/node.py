@@ -339,7 +339,8 @@ class Node:
             on_connection_lost=self._on_subscriber_lost,
             parser=self._parser,
             # Large payloads as memoryviews, an upload piece's body read apart as bytes of its
-            # own (split_frame, unpack take either).
+            # own where the process allows it (``read_tails_apart``; split_frame, unpack take
+            # either).
             direct_reads=wire.tail_size,
         )
         if self.health_server is not None:
@@ -544,12 +545,12 @@ class Node:
             if failed:
                 await asyncio.sleep(0.05)
             if started == 1 and not promised:
-                # The queue was short, and the next pop will likely wait anyway: the job ran to
-                # its first wait already (``_pop``), so first let what it posted leave, so that
-                # its response goes out a write sooner. Alone in flight, it leaves at once,
-                # before the pop, rather than in the flushes at the end of this turn (a loop
-                # iteration later); with others in flight, in those flushes, with whatever the
-                # others post in the turn (sent at once, it would leave them a PUBLISH of their
+                # The queue was short, and the next pop will likely wait anyway: the job ran to its
+                # first wait already (started as its pop's reply was read), so first let what it
+                # posted leave, so that its response goes out a write sooner. Alone in flight, it
+                # leaves at once, before the pop, rather than in the flushes at the end of this turn
+                # (a loop iteration later); with others in flight, in those flushes, with whatever
+                # the others post in the turn (sent at once, it would leave them a PUBLISH of their
                 # own). After a batch, more requests are likely waiting: pop at once.
                 if len(self._requests) <= 1:
                     self._send_turn()
@@ -819,7 +820,7 @@ class Node:
 
     def _on_one_message(self, channel: bytes, data: Any) -> None:
         try:
-            kind, request_id, args = wire.unpack(data)
+            kind, request_id, args = wire.unpack_general(data)  # no ACK_SEND comes here
         except UnsupportedVersion as exc:
             logger.error("dropped a message on %r: %s (upgrade this worker)", channel, exc)
             return

@@ -55,7 +55,7 @@ async def take_status(
 
     def on_message(channel: bytes, data: bytes) -> None:
         try:
-            kind, answer_id, args = wire.unpack(data)
+            kind, answer_id, args = wire.unpack_general(data)
         except (codec.CodecError, wire.WireError):
             return
         if kind != wire.STATS_REPLY or answer_id != request_id or not args:

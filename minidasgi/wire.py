@@ -451,8 +451,9 @@ def unpack(data: bytes | memoryview | SplitPayload) -> tuple[str, str, list[Any]
 
 def unpack_general(data: bytes | memoryview | SplitPayload) -> tuple[str, str, list[Any]]:
     """``unpack`` for a message that ``responsereader.try_decode(data,
-    max_size=MAX_MESSAGE_SIZE)`` did not read (its caller tried it first). A large body read
-    apart, a ``SplitPayload``, is decoded without a copy of it."""
+    max_size=MAX_MESSAGE_SIZE)`` did not read (its caller tried it first), or on a side that
+    never receives an ACK_SEND (a Node, ``status``), where trying it would only fail. A large
+    body read apart, a ``SplitPayload``, is decoded without a copy of it."""
     message = codec.decode(data, max_size=MAX_MESSAGE_SIZE, max_items=codec.DEFAULT_MAX_ITEMS)
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise WireError("message is not a [kind, id, ...] list")

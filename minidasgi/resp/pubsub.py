@@ -83,7 +83,9 @@ class Subscriber:
     ``memoryview`` of that buffer instead of ``bytes`` (two copies of it fewer). A function
     (``directread.TailSize``) in place of ``True`` also tells where such a payload's last
     bytes start: those are read straight into ``bytes`` of their own, with no copy, and the
-    ``data`` is then a ``directread.SplitPayload`` (on the plain asyncio transport only).
+    ``data`` is then a ``directread.SplitPayload`` (on the plain asyncio transport only, and
+    only in a process that allows it: ``connection.read_tails_apart``; elsewhere such payloads
+    are read as with ``True``).
     """
 
     def __init__(
