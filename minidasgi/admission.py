@@ -279,12 +279,12 @@ class Admission:
 _MAX_PUSH = 1024 * 1024  # bytes of envelopes in one LPUSH (a larger one travels alone)
 
 PUSH_GROUP = 16
-"""Envelopes in one LPUSH at most. Measured at 32 connections (hello world, h11, wrk): with a
-whole loop turn's requests in one LPUSH (17 on average, from 6 to 26) the distributor sat
-idle 17-23% of the time, its requests all at the Node or in Redis; in groups of 16 it idles
-5-9%. Groups of 8 did as well there, and a little better at 16 connections, but cost twice
-the Redis commands (0.40 per request against 0.21 for 16 and 0.16 before; 4 us of Redis CPU
-per request more, 1-2 us for 16). At a request or a few in flight nothing changes."""
+"""Envelopes in one LPUSH at most. Measured at 32 connections (hello world, h11, wrk): with a whole
+loop turn's requests in one LPUSH (17 on average, from 6 to 26) the distributor sat idle 17-23%
+of the time, its requests all at the Node or in Redis; in groups of 16 it idles 5-11% (busy
+0.89-0.95 in pairs). Groups of 8 did as well there, and a little better at 16 connections, but
+cost twice the Redis commands (0.40 per request against 0.21 for 16 and 0.16 before; 4 us of
+Redis CPU per request more, 1-2 us for 16). At a request or a few in flight nothing changes."""
 _MAX_KEPT_KEY = 1024  # bytes of a packed LPUSH head kept per key (a longer key is rare)
 
 _REASONS = {
