@@ -11,13 +11,17 @@ alternating direct and distributed in every round, and prints the medians with r
 - a 64 MiB download and a 64 MiB upload (MB/s).
 
 Targets printed next to the ratios: throughput >= 0.6x direct at 32 connections, p50 latency
-added <= 0.35 ms at one connection, streaming >= 0.4x direct.
+added <= 0.35 ms at one connection, streaming >= 0.4x direct. ``--throughput`` measures the
+32-connection figure alone (with its costs and utilisation), for quick pairs.
 
 For the 32-connection runs it also prints what a request costs, which is far steadier than
 throughput on a shared machine: CPU microseconds per request of each process (from
 ``/proc/PID/stat``: direct uvicorn, the distributor, the Node, and Redis), and the Redis
-commands per request by command (from ``INFO commandstats``). At exit the distributor and the
-Node print the batch sizes they saw (messages per PUBLISH, envelopes per LPUSH).
+commands per request by command (from ``INFO commandstats``), and the utilisation of each
+process (CPU over wall seconds, and the time it waited for a core, from
+``/proc/PID/task/*/schedstat``): the distributor well under 1.0 while the others are too
+means the processes wait for each other. At exit the distributor and the Node print the batch
+sizes they saw (messages per PUBLISH, envelopes per LPUSH).
 
 ``--fast`` runs both uvicorn servers with ``--http httptools --loop uvloop``, and the Node with
 ``--loop uvloop`` (the ``dev`` extra installs both); without it everything runs on asyncio's
@@ -52,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from measure import commandstats, cpu_seconds, minor_faults, system_seconds
+from measure import commandstats, cpu_seconds, minor_faults, system_seconds, waiting_seconds
 
 from minidasgi.testing import RedisServer
 
@@ -272,33 +276,42 @@ def _stream(port: int, upload: bool, size: int = 0, chunk: int = 0) -> float:
 # What a request costs -------------------------------------------------------------------------
 
 
+Snapshot = tuple[dict[str, float], dict[str, int], float, dict[str, float | None]]
+
+
 class Costs:
     """CPU per request per process, and Redis commands per request, over the 32-connection runs
-    of each side (summed over the rounds)."""
+    of each side (summed over the rounds); and each process' utilisation over those runs: its
+    CPU seconds over their wall seconds (busy), and the seconds it waited, runnable, for a
+    core over the same (``waiting_seconds``)."""
 
     def __init__(self, redis: RedisServer, pids: dict[str, int]) -> None:
         assert redis.pid is not None
         self.redis = redis
         self.pids = dict(pids, redis=redis.pid)
         self.cpu: dict[str, dict[str, float]] = {"direct": {}, "distributed": {}}
+        self.waited: dict[str, dict[str, float | None]] = {"direct": {}, "distributed": {}}
         self.commands: dict[str, float] = {}
         self.requests = {"direct": 0.0, "distributed": 0.0}
+        self.wall = {"direct": 0.0, "distributed": 0.0}
 
-    def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
+    def snapshot(self) -> Snapshot:
         cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        return cpu, commandstats(self.redis)
+        waits = {name: waiting_seconds(pid) for name, pid in self.pids.items()}
+        return cpu, commandstats(self.redis), time.monotonic(), waits
 
-    def add(
-        self,
-        side: str,
-        before: tuple[dict[str, float], dict[str, int]],
-        after: tuple[dict[str, float], dict[str, int]],
-        requests: float,
-    ) -> None:
+    def add(self, side: str, before: Snapshot, after: Snapshot, requests: float) -> None:
         self.requests[side] += requests
+        self.wall[side] += after[2] - before[2]
         for name in self.pids:
             spent = after[0][name] - before[0][name]
             self.cpu[side][name] = self.cpu[side].get(name, 0.0) + spent
+            waited, was = after[3][name], before[3][name]
+            so_far = self.waited[side].get(name, 0.0)
+            if waited is None or was is None or so_far is None:
+                self.waited[side][name] = None
+            else:
+                self.waited[side][name] = so_far + waited - was
         if side == "distributed":
             for command, calls in after[1].items():
                 done = calls - before[1].get(command, 0)
@@ -321,6 +334,22 @@ class Costs:
         )
         print(f"  node                      {us['distributed']['node']:8.1f}")
         print(f"  redis                     {us['distributed']['redis']:8.1f}")
+        # A process whose own work bounds the throughput is busy near 1.0. One well under it
+        # while its requests wait elsewhere idles: the processes wait for each other (a
+        # convoy of requests through the Node and back) or, with a high "waited", for cores
+        # that other work on the machine took.
+        print("\nutilisation at 32 connections: CPU / wall seconds (busy); runnable, waiting for")
+        print("a core / wall seconds (waited)")
+        for side, names in (
+            ("direct", ("direct",)),
+            ("distributed", ("distributor", "node", "redis")),
+        ):
+            for name in names:
+                wall = max(self.wall[side], 1e-9)
+                waited = self.waited[side].get(name)
+                shown = "n/a" if waited is None else f"{waited / wall:.2f}"
+                label = "direct uvicorn" if name == "direct" else name
+                print(f"  {label:24} busy {self.cpu[side][name] / wall:5.2f}  waited {shown}")
         total = sum(self.commands.values())
         print(f"\nRedis commands per distributed request: {total / dist_n:.2f}")
         for command, calls in sorted(self.commands.items(), key=lambda kv: -kv[1]):
@@ -515,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         " and peak RSS per process",
     )
     parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="only hello world at 32 connections, with its costs and utilisation (quick pairs)",
+    )
+    parser.add_argument(
         "--chunk",
         type=int,
         default=0,
@@ -544,7 +578,16 @@ def main(argv: list[str] | None = None) -> int:
                 sizes = [int(size) for size in args.streams.split(",")]
                 _streams(sizes, args.rounds, direct_port, dist_port, costs, args.chunk << 10)
                 return 0
-            _report(load, use_wrk, direct_port, dist_port, args.seconds, args.rounds, costs)
+            _report(
+                load,
+                use_wrk,
+                direct_port,
+                dist_port,
+                args.seconds,
+                args.rounds,
+                costs,
+                only_throughput=args.throughput,
+            )
             costs.print()
             keys = redis.command("KEYS", "*")
             print(f"\nkeys left in Redis after the run: {keys!r}")
@@ -562,6 +605,8 @@ def _report(
     seconds: float,
     rounds: int,
     costs: Costs,
+    *,
+    only_throughput: bool = False,
 ) -> None:
     print(
         f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load generator: "
@@ -579,8 +624,10 @@ def _report(
             before = costs.snapshot()
             many = load(urls[name], 32, seconds)
             costs.add(name, before, costs.snapshot(), many["requests"])
-            one = load(urls[name], 1, seconds)
             figures[name]["rps32"].append(many["rps"])
+            if only_throughput:
+                continue
+            one = load(urls[name], 1, seconds)
             figures[name]["p50"].append(one["p50"])
             figures[name]["p99"].append(one["p99"])
             figures[name]["down"].append(_stream(port, upload=False))
@@ -603,7 +650,7 @@ def _report(
     ]
     print(f"{'figure':40} {'direct':>10} {'distributed':>12} {'ratio':>8}  target")
     print("-" * 90)
-    for label, key, target, check in rows:
+    for label, key, target, check in rows[:1] if only_throughput else rows:
         direct, distributed = med("direct", key), med("distributed", key)
         ratio = distributed / direct if direct else float("nan")
         verdict = "" if check is None else ("ok" if check(direct, distributed) else "MISS")

@@ -25,6 +25,22 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     return sum(int(f) for f in fields[11 : 15 if children else 13]) / _TICK
 
 
+def waiting_seconds(pid: int) -> float | None:
+    """Seconds the threads of a process have spent runnable but not running, waiting for a
+    CPU (the second field of ``/proc/PID/task/TID/schedstat``), or None where the kernel does
+    not keep it. Next to CPU over wall time it tells a process that waited for work (idle)
+    from one that waited for a core."""
+    if not os.path.exists(f"/proc/{pid}/schedstat"):
+        return None
+    total = 0
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{thread}/schedstat").read_text().split()[1])
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return total / 1e9
+
+
 def system_seconds(pid: int) -> float:
     """System (kernel) CPU time of a process so far (field 15): for a transfer, mostly the
     kernel's copies into and out of its sockets."""

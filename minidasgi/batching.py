@@ -1,5 +1,5 @@
 """Coalescing across requests: what a process has for one destination in one event-loop turn
-travels to Redis as one command.
+travels to Redis as one command (or one per ``max_items`` items, for a batcher bounded so).
 
 Owns the per-destination lists of pending items and the flush that sends them. A destination is
 a peer's channel (the items are conversation messages, sent as one PUBLISH of a batch frame) or
@@ -28,6 +28,7 @@ cancel it for the other callers of the batch, whose command went through all the
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Sized
 from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
@@ -156,20 +157,23 @@ class Batcher(Generic[T]):
     batch's) with its outcome, unless it is done already; the future returned by ``put``
     completes with that outcome. ``future`` is None when no caller of the batch wanted one
     (``put(..., future=False)``). ``max_size`` bounds the sum of the size hints in one batch:
-    an item that would take a batch past it sends that batch first (so only an item larger
-    than ``max_size`` by itself travels in a larger batch, alone), and a batch that reaches it
-    is sent at once. ``eager``: a batch whose item is put by the last callback of its loop
-    turn (nothing else is ready to run in it, and no flush is pending) leaves at once rather
-    than in a flush one loop iteration later: at one request in flight that saves the loop an
-    iteration per command, and under load, when the turn has more to run, items still
+    an item that would take a batch past it sends that batch first (so only an item larger than
+    ``max_size`` by itself travels in a larger batch, alone), and a batch that reaches it is
+    sent at once. ``max_items`` bounds the items of one batch the same way: a batch that
+    reaches it is sent at once, in the middle of the loop turn, and the turn's later items
+    gather in the next batch (a pipeline: the peer starts on the first items while the callers
+    are still putting the others). ``eager``: a batch whose item is put by the last callback of
+    its loop turn (nothing else is ready to run in it, and no flush is pending) leaves at once
+    rather than in a flush one loop iteration later: at one request in flight that saves the
+    loop an iteration per command, and under load, when the turn has more to run, items still
     gather. A loop that does not show what is ready to run (uvloop) gets a stand-in for "the
     last callback of its turn": no command of this batcher awaits its outcome. At one request
     in flight that is so at every put, and it saves the same loop iteration; under load the
     first item of a turn may leave alone, the others gather behind it. Only for callers that
     put one item per callback (the distributor's pushes and messages), or say ``more`` on every
-    put but the last of a callback: else each would travel in a command of its own. ``index`` is the
-    position ``put`` gave its item in its batch (an LPUSH's caller works out its own list
-    length from it).
+    put but the last of a callback: else each would travel in a command of its own. ``index``
+    is the position ``put`` gave its item in its batch (an LPUSH's caller works out its own
+    list length from it).
     """
 
     def __init__(
@@ -177,12 +181,16 @@ class Batcher(Generic[T]):
         *,
         send_into: SenderInto[T],
         max_size: int = 512 * 1024,
+        max_items: int | None = None,
         hold_time: float = 0.002,
         eager: bool = False,
     ) -> None:
+        if max_items is not None and max_items < 1:
+            raise ValueError("max_items must be at least 1")
         self._send_into = send_into
         self._eager = eager
         self._max_size = max_size
+        self._max_items = sys.maxsize if max_items is None else max_items
         self._hold_time = hold_time
         self._pending: dict[str, _Batch[T]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -260,8 +268,10 @@ class Batcher(Generic[T]):
         batch.size += size
         if not hold:
             batch.held = False
-        if batch.size >= self._max_size or (
-            self._eager and not more and not batch.held and self._last_of_turn()
+        if (
+            batch.size >= self._max_size
+            or len(batch.items) >= self._max_items
+            or (self._eager and not more and not batch.held and self._last_of_turn())
         ):
             del self._pending[destination]
             self._dispatch(destination, batch)

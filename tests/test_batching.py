@@ -86,6 +86,26 @@ async def test_a_full_batch_leaves_at_once() -> None:
     assert sender.sent == [("a", ["big", "big too"]), ("a", ["next"])]
 
 
+async def test_a_batch_that_reaches_max_items_leaves_at_once_the_turn_s_next_in_another() -> None:
+    # The distributor's pushes (``admission.PUSH_GROUP``): a Node starts on the first group of
+    # a loop turn's requests while the distributor still relays the others.
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(send_into=sender, max_items=3, eager=True)
+    futures = []
+    for item in range(7):
+        futures.append(batcher.put("a", item, more=item < 6))  # one callback puts them all
+        if item == 2:
+            assert sender.sent == [("a", [0, 1, 2])]  # full: gone before the others came
+    assert sender.sent == [("a", [0, 1, 2]), ("a", [3, 4, 5])]
+    assert batcher.index == 0  # 6 is the first of the next batch
+    assert futures[0] is futures[2] and futures[2] is not futures[3] and futures[3] is futures[5]
+    await asyncio.sleep(0)
+    assert sender.sent[-1] == ("a", [6])  # the rest at the end of the turn, in order
+    assert (batcher.batches, batcher.items) == (3, 7)
+    with pytest.raises(ValueError, match="max_items"):
+        Batcher(send_into=sender, max_items=0)
+
+
 async def test_an_eager_batch_leaves_with_the_last_callback_of_its_turn() -> None:
     loop = asyncio.get_running_loop()
     if not hasattr(loop, "_ready"):

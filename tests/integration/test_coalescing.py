@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from minidasgi import Node, create_distributor
+from minidasgi.admission import PUSH_GROUP, Admission
+from minidasgi.resp import connect
 from minidasgi.testing import RedisServer
 
 from . import apps
@@ -64,6 +66,52 @@ async def test_100_concurrent_requests_cost_fewer_than_100_publish_and_100_lpush
     assert calls["publish"] < N, calls
     batches = node.outbox.batcher
     assert batches.items > batches.batches  # the Node's batches carried several messages
+
+
+async def test_a_turn_s_pushes_leave_in_groups_the_first_as_soon_as_it_is_full(
+    clean_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load, the requests an ASGI server read in one loop turn are relayed in the next:
+    their envelopes leave in LPUSHes of ``PUSH_GROUP`` at most, each group as soon as it is
+    full, so that a Node starts on the first while the distributor relays the others (issue
+    10: one LPUSH for the whole turn sent them through the Node as one convoy, and left the
+    distributor idle until it came back). The queue stays FIFO across the groups."""
+    connection = await connect(clean_redis.url)
+    try:
+        admission = Admission(channel_prefix="p", db=0)
+        handed: list[int] = []  # envelopes per LPUSH, as each is handed to the connection
+        send_packed_to = connection.send_packed_to
+
+        def recording(data: Any, *callbacks: Any) -> None:
+            head = data if isinstance(data, bytes) else data[0]
+            handed.append(int(head[1 : head.index(b"\r")]) - 2)  # *N: LPUSH, key, N-2 values
+            send_packed_to(data, *callbacks)
+
+        monkeypatch.setattr(connection, "send_packed_to", recording)
+        clean_redis.command("CONFIG", "RESETSTAT")
+        count = 2 * PUSH_GROUP + 3
+        pushed: list[asyncio.Future[Any]] = []
+        seen: list[list[int]] = []  # what was handed when each request had been relayed
+
+        def relay(index: int) -> None:  # one request's step, as the distributor's task
+            pushed.append(admission.put(connection, "q", b"e%d" % index)[0])
+            seen.append(list(handed))
+
+        loop = asyncio.get_running_loop()
+        for index in range(count):  # one loop turn's requests: a callback each
+            loop.call_soon(relay, index)
+        await asyncio.sleep(0)
+        assert seen[PUSH_GROUP - 2] == []
+        assert seen[PUSH_GROUP - 1] == [PUSH_GROUP]  # gone while the others were still to come
+        assert seen[-1] == [PUSH_GROUP, PUSH_GROUP]
+        outcomes = await asyncio.gather(*dict.fromkeys(pushed))  # each batch's, once
+        assert handed == [PUSH_GROUP, PUSH_GROUP, 3]  # the rest at the end of the turn
+        assert [length for _, length, _ in outcomes] == [PUSH_GROUP, 2 * PUSH_GROUP, count]
+        popped = [clean_redis.command("RPOP", "q") for _ in range(count)]
+        assert popped == [b"e%d" % index for index in range(count)]  # oldest first
+        assert _calls(clean_redis)["lpush"] == 3
+    finally:
+        await connection.close()
 
 
 def _garbage_of_ours() -> Counter[str]:
