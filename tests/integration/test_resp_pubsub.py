@@ -561,6 +561,43 @@ async def test_tails_read_apart_are_the_bytes_the_socket_read(
     assert len(os.listdir("/proc/self/fd")) == descriptors  # the socket's duplicate closed
 
 
+async def test_a_tail_read_apart_on_a_slow_link_is_traffic_for_the_health_check(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A large payload's tail read apart over a slow link (bytes keep coming, slowly) takes
+    # many health-check intervals: every part of it read shows the link alive, as every read
+    # of a payload read as before does. The reads apart went unseen: the health check PINGed
+    # (its answer queued behind the tail) and gave up a live connection after two intervals,
+    # losing the payload and everything in flight on it.
+    recording_tail_reads(monkeypatch)
+    received: list[Any] = []
+    lost: list[bool] = []
+    with FaultProxy(clean_redis.port) as proxy:
+        subscriber = make_subscriber(
+            proxy.url(),
+            on_message=lambda c, d: received.append(d),
+            on_connection_lost=lambda: lost.append(True),
+            health_check_interval=0.4,
+            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        )
+        await asyncio.wait_for(subscriber.subscribe("big"), 2)
+        publisher = await open_conn(clean_redis.url)
+        first = b"T" + b"a" * 100_000  # read as before: then the next one's tail is read apart
+        assert await publisher.publish("big", first) == 1
+        await eventually(lambda: len(received) == 1, 5)
+        proxy.throttle(down=100_000)  # 200 kB: about two seconds, five intervals
+        second = b"T" + b"b" * 200_000
+        assert await publisher.publish("big", second) == 1
+        await eventually(lambda: len(received) == 2 or bool(lost), 15)
+        assert not lost, subscriber.last_error
+        assert [bytes(data) for data in received] == [first, second]
+        assert isinstance(received[1], SplitPayload)  # its tail was read apart
+        await asyncio.wait_for(subscriber.close(), 5)
+
+
 async def test_tails_are_read_as_before_in_a_process_that_did_not_allow_it(
     clean_redis: RedisServer,
     open_conn: Opener,
