@@ -20,6 +20,7 @@ from minidasgi.resp import (
     Message,
     RedisConnectionError,
     Subscriber,
+    connect,
 )
 from minidasgi.resp import connection as resp_connection
 from minidasgi.resp.directread import SplitPayload
@@ -596,6 +597,66 @@ async def test_a_tail_read_apart_on_a_slow_link_is_traffic_for_the_health_check(
         assert [bytes(data) for data in received] == [first, second]
         assert isinstance(received[1], SplitPayload)  # its tail was read apart
         await asyncio.wait_for(subscriber.close(), 5)
+
+
+async def _tails_on_a_transport_of_its_own(url: str, **options: Any) -> list[Any]:
+    """What a subscriber allowed to read tails apart receives of mixed payloads on the
+    transport ``url`` and ``options`` give it."""
+    received: list[Any] = []
+    subscriber = Subscriber(
+        url,
+        on_message=lambda c, d: received.append(d),
+        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        **options,
+    )
+    try:
+        await asyncio.wait_for(subscriber.subscribe("big"), 5)
+        publisher = await connect(url, **options)
+        try:
+            payloads = [b"T" + bytes([i]) * (300_000 if i % 4 else 10) for i in range(24)]
+            for count, payload in enumerate(payloads, 1):  # one at a time: each could split
+                assert await publisher.publish("big", payload) == 1
+                await eventually(lambda n=count: len(received) >= n, 5)
+        finally:
+            await publisher.close()
+    finally:
+        await asyncio.wait_for(subscriber.close(), 5)
+    assert [bytes(data) for data in received] == payloads
+    return received
+
+
+@pytest.mark.parametrize("transport", ["tls", "uvloop"])
+def test_tails_are_read_as_before_on_a_transport_that_reads_the_socket_itself(
+    redis_factory: RedisFactory, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    # TLS decrypts what the socket holds, and uvloop reads it in C: a read of the socket
+    # beside theirs would take bytes from under them (ciphertext as a body, a stream out of
+    # order). Allowed to read tails apart, a subscriber on either reads as before: the same
+    # messages, no duplicate of its socket, no SplitPayload.
+    monkeypatch.setattr(resp_connection, "_tails_apart", True)
+    made: list[int] = []
+    duplicate = resp_connection._duplicate
+
+    def recording(fileno: int) -> Any:
+        made.append(fileno)
+        return duplicate(fileno)
+
+    monkeypatch.setattr(resp_connection, "_duplicate", recording)
+    if transport == "tls":
+        server = redis_factory(tls=True)
+        url, options = server.tls_url, {"ssl": server.ssl_context()}
+        loop = asyncio.new_event_loop()
+    else:
+        uvloop = pytest.importorskip("uvloop")
+        server = redis_factory()
+        url, options = server.url, {}
+        loop = uvloop.new_event_loop()
+    try:
+        received = loop.run_until_complete(_tails_on_a_transport_of_its_own(url, **options))
+    finally:
+        loop.close()
+    assert not any(isinstance(data, SplitPayload) for data in received)
+    assert not made
 
 
 async def test_tails_are_read_as_before_in_a_process_that_did_not_allow_it(
