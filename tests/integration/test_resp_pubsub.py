@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -657,6 +659,61 @@ def test_tails_are_read_as_before_on_a_transport_that_reads_the_socket_itself(
         loop.close()
     assert not any(isinstance(data, SplitPayload) for data in received)
     assert not made
+
+
+_NO_DESCRIPTOR_LEFT = """
+import asyncio, os, resource, sys
+from minidasgi.resp import Subscriber, connect
+from minidasgi.resp import connection
+from minidasgi.resp.directread import SplitPayload
+
+connection.read_tails_apart()
+
+async def main():
+    publisher = await connect(sys.argv[1])
+    received = []
+    # The lowest free descriptor is the subscriber's socket: none is left for its duplicate.
+    lowest = os.dup(0)
+    os.close(lowest)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + 1, hard))
+    subscriber = Subscriber(
+        sys.argv[1],
+        on_message=lambda c, d: received.append(d),
+        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+    )
+    await asyncio.wait_for(subscriber.subscribe("big"), 5)
+    payloads = [b"T" + bytes([i]) * (300_000 if i % 4 else 10) for i in range(16)]
+    for count, payload in enumerate(payloads, 1):
+        assert await publisher.publish("big", payload) == 1
+        while len(received) < count:
+            await asyncio.sleep(0.005)
+    assert [bytes(data) for data in received] == payloads, "other bytes delivered"
+    assert not any(isinstance(data, SplitPayload) for data in received)
+    try:
+        os.dup(0)
+    except OSError:
+        print("delivered, no descriptor left", subscriber.connected)
+
+asyncio.run(asyncio.wait_for(main(), 30))
+"""
+
+
+def test_a_subscriber_that_cannot_duplicate_its_socket_reads_as_before(
+    clean_redis: RedisServer,
+) -> None:
+    # Out of descriptors (a low RLIMIT_NOFILE, in a child process), the socket's duplicate
+    # cannot be made: large payloads are read as before, every message delivered on the
+    # connection it came on (a failed dup that escaped into the transport would end the
+    # connection at each large payload, and lose what was in flight on it).
+    child = subprocess.run(
+        [sys.executable, "-c", _NO_DESCRIPTOR_LEFT, clean_redis.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == "delivered, no descriptor left True", child.stderr[-2000:]
 
 
 async def test_tails_are_read_as_before_in_a_process_that_did_not_allow_it(
