@@ -20,6 +20,7 @@ from minidasgi.resp import (
     AuthenticationError,
     Connection,
     Message,
+    ProtocolError,
     RedisConnectionError,
     Subscriber,
     connect,
@@ -659,6 +660,72 @@ def test_tails_are_read_as_before_on_a_transport_that_reads_the_socket_itself(
         loop.close()
     assert not any(isinstance(data, SplitPayload) for data in received)
     assert not made
+
+
+def _push(payload: bytes, end: bytes = b"\r\n") -> bytes:
+    return b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$%d\r\n%b%b" % (len(payload), payload, end)
+
+
+@pytest.mark.parametrize("where", ["into its buffer", "read ahead", "tail read apart"])
+async def test_a_large_payload_that_lies_about_its_length_ends_with_a_protocol_error(
+    make_subscriber: SubscriberFactory, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # A payload followed by something else than CRLF: its announced length lied. Wherever
+    # its bytes went (a buffer of its own, the buffer a read between payloads went into, a
+    # tail read apart by recv), the connection ends with ProtocolError, as on the parser's
+    # path, and nothing of that push is delivered; the subscriber comes back on a new one.
+    # Read into a buffer, the error ended the stream from the transport's callback and was
+    # reported as a lost connection (RedisConnectionError) instead.
+    reads = recording_tail_reads(monkeypatch)
+    first = b"T" + b"a" * 100_000  # a large payload read whole: what follows may split
+    liar = b"T" + b"b" * 200_000
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        assert await read_command(reader) == [b"SUBSCRIBE", b"ch"]
+        writer.write(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+        if connections == 1:
+            if where == "into its buffer":
+                writer.write(_push(liar, b"XY"))
+            else:
+                writer.write(_push(first))
+                await writer.drain()
+                await asyncio.sleep(0.1)  # read whole before the next one comes
+                writer.write(_push(liar, b"\rX"))
+        else:
+            writer.write(_push(b"back"))
+        await writer.drain()
+        await drain_until_eof(reader)
+
+    received: list[bytes] = []
+    errors: list[Exception | None] = []
+    async with FakeRedis(handler) as fake:
+        subscriber: Subscriber
+
+        def lost() -> None:
+            errors.append(subscriber.last_error)
+
+        subscriber = make_subscriber(
+            fake.url,
+            on_message=lambda c, d: received.append(bytes(d)),
+            on_connection_lost=lost,
+            min_backoff=0.01,
+            direct_reads=(
+                True
+                if where == "read ahead"
+                else lambda start, size: size - 5 if start[:1] == b"T" else 0
+            ),
+        )
+        await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+        await eventually(lambda: b"back" in received, 5)
+        await subscriber.close()
+    assert len(errors) >= 1 and isinstance(errors[0], ProtocolError), errors
+    assert liar not in received
+    expected = [b"back"] if where == "into its buffer" else [first, b"back"]
+    assert received[: len(expected)] == expected
+    assert bool(reads) == (where == "tail read apart")  # the liar's bytes went where named
 
 
 _NO_DESCRIPTOR_LEFT = """
