@@ -6,11 +6,13 @@ Every test runs once per reply parser (``python`` and ``hiredis``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -660,6 +662,56 @@ def test_tails_are_read_as_before_on_a_transport_that_reads_the_socket_itself(
         loop.close()
     assert not any(isinstance(data, SplitPayload) for data in received)
     assert not made
+
+
+async def test_each_connection_killed_after_tails_read_apart_leaves_no_descriptor(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A connection that read tails apart holds a duplicate of its socket. Killed by Redis
+    # (CLIENT KILL) right after such a read, 20 times, the subscriber reconnects each time:
+    # each lost connection closes its duplicate with its socket, and the process holds no
+    # more descriptors than one live connection needs (its socket and its duplicate).
+    reads = recording_tail_reads(monkeypatch)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", ResourceWarning)
+        received: list[Any] = []
+        lost: list[bool] = []
+        publisher = await open_conn(clean_redis.url)
+        descriptors = len(os.listdir("/proc/self/fd"))
+        subscriber = make_subscriber(
+            clean_redis.url,
+            on_message=lambda c, d: received.append(d),
+            on_connection_lost=lambda: lost.append(True),
+            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        )
+        await asyncio.wait_for(subscriber.subscribe("big"), 2)
+        payload = b"T" + b"k" * 200_000
+        for kill in range(20):
+            await asyncio.wait_for(subscriber.wait_connected(), 5)
+            # The first large payload on a connection is read as before; a later one splits.
+            for sent in range(len(received) + 1, len(received) + 11):
+                assert await publisher.publish("big", payload) == 1
+                await eventually(lambda n=sent: len(received) == n, 5)
+                if isinstance(received[-1], SplitPayload):
+                    break
+            assert isinstance(received[-1], SplitPayload)
+            assert await publisher.execute("CLIENT", "KILL", "TYPE", "pubsub") == 1
+            await eventually(lambda n=kill + 1: len(lost) == n, 5)
+        await asyncio.wait_for(subscriber.wait_connected(), 5)
+        assert len(os.listdir("/proc/self/fd")) <= descriptors + 2
+        assert all(bytes(data) == payload for data in received)
+        assert len(reads) >= 20
+        await asyncio.wait_for(subscriber.close(), 5)
+        await asyncio.sleep(0)  # the transport closes its socket at the next loop turn
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+        # Closed by the connection, not left to the collector (which closes a socket it frees,
+        # with a ResourceWarning): a duplicate still open would live as long as its protocol.
+        gc.collect()
+        unclosed = [w for w in warned if issubclass(w.category, ResourceWarning)]
+        assert not unclosed, [str(w.message) for w in unclosed]
 
 
 def _push(payload: bytes, end: bytes = b"\r\n") -> bytes:
