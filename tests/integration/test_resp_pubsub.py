@@ -604,6 +604,44 @@ async def test_a_tail_read_apart_on_a_slow_link_is_traffic_for_the_health_check(
         await asyncio.wait_for(subscriber.close(), 5)
 
 
+async def test_a_link_that_goes_silent_in_the_middle_of_a_tail_is_given_up(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The other side of the test above: a tail under way on a link that stops forwarding
+    # (half-open, nothing closed) is silence like any other, and the health check gives the
+    # connection up; the subscriber comes back on a new link and hears what is sent then.
+    reads = recording_tail_reads(monkeypatch)
+    received: list[Any] = []
+    lost: list[bool] = []
+    with FaultProxy(clean_redis.port) as proxy:
+        subscriber = make_subscriber(
+            proxy.url(),
+            on_message=lambda c, d: received.append(d),
+            on_connection_lost=lambda: lost.append(True),
+            health_check_interval=0.3,
+            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        )
+        await asyncio.wait_for(subscriber.subscribe("big"), 2)
+        publisher = await open_conn(clean_redis.url)
+        assert await publisher.publish("big", b"T" + b"a" * 100_000) == 1
+        await eventually(lambda: len(received) == 1, 5)
+        proxy.throttle(down=50_000)
+        assert await publisher.publish("big", b"T" + b"b" * 300_000) == 1
+        await eventually(lambda: sum(map(len, reads)) > 0, 5)  # its tail is being read
+        proxy.stall(up=False, down=True)
+        await eventually(lambda: bool(lost), 10)
+        assert "health-check" in str(subscriber.last_error)
+        assert len(received) == 1  # the cut payload is not delivered
+        await asyncio.wait_for(subscriber.wait_connected(), 5)  # on a new, relayed link
+        assert await publisher.publish("big", b"after") == 1
+        await eventually(lambda: len(received) == 2, 5)
+        assert received[1] == b"after"
+        await asyncio.wait_for(subscriber.close(), 5)
+
+
 async def _tails_on_a_transport_of_its_own(url: str, **options: Any) -> list[Any]:
     """What a subscriber allowed to read tails apart receives of mixed payloads on the
     transport ``url`` and ``options`` give it."""
