@@ -512,28 +512,39 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         whole, up to ``_APART_PUSHES`` pushes (else the transport's read, which comes next,
         would take the next push whole into a buffer). An ``OSError`` ends the reading apart:
         the transport's read that follows meets it again or, for one the socket reports only
-        once (a reset), the end of the stream; the connection is lost either way."""
+        once (a reset), the end of the stream; the connection is lost either way.
+
+        Bytes read here and not handed over yet (a tail under way) are reported to the reader
+        all the same, as an empty read: its owner counts every read as a sign of life (a
+        subscriber's health check), and a tail on a slow link may take many intervals."""
+        if self._read_pushes_apart(direct, sock):
+            self._feed(b"")
+
+    def _read_pushes_apart(self, direct: DirectReads, sock: socket.socket) -> bool:
+        """``_read_apart``'s reads; return whether they read bytes not handed over."""
         view = self._view
+        unreported = False
         for _ in range(_APART_PUSHES):
             if not direct.tail_wanted():
                 if not direct.streaming:
-                    return
+                    return unreported
                 try:
                     size = sock.recv_into(view, _PEEK, socket.MSG_PEEK)
                 except OSError:
-                    return
+                    return unreported
                 start = direct.plan_split(view, size) if size else 0
                 if not start:
-                    return
+                    return unreported
                 try:
                     size = sock.recv_into(view, start)
                 except OSError:
-                    return
+                    return unreported
                 if size != start:  # cannot happen (the bytes were there): read as usual
                     if size:
                         self._feed(view[:size])
-                    return
+                    return False
                 direct.split_taken(view)
+                unreported = True
             while True:
                 wanted = direct.tail_wanted()
                 if not wanted:
@@ -541,18 +552,21 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
                 try:
                     part = sock.recv(wanted)
                 except OSError:
-                    return
+                    return unreported
                 if not part:  # the end of the stream: the transport's read finds it too
-                    return
+                    return unreported
                 direct.tail_read(part)
+                unreported = True
             # The CRLF after the tail, which hands the push over, then perhaps the next push.
             try:
                 size = sock.recv_into(view, 2)
             except OSError:
-                return
+                return unreported
             if not size:
-                return
+                return unreported
             self._feed(view[:size])
+            unreported = False
+        return unreported
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:

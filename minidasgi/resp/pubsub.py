@@ -360,6 +360,10 @@ class Subscriber:
         def on_end(error: BaseException | None) -> None:
             if error is None:
                 end(RedisConnectionError("Redis closed the connection"))
+            elif isinstance(error, ProtocolError):
+                # Bytes that broke the protocol where the transport reads (a large payload
+                # read into its own buffer, see ``directread``): what ``sink`` ends it with.
+                end(error)
             else:
                 end(RedisConnectionError(str(error) or type(error).__name__))
 

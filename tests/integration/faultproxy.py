@@ -7,6 +7,9 @@
   now (a NAT table that forgot the flow, a stalled link); ``resume()`` relays again, and what
   was held back is delivered late, in order, as after a blip. New connections are relayed
   normally unless ``stall_new=True``, the way a fresh flow gets a fresh NAT entry.
+* ``throttle(down=...)``: relay at most that many bytes a second towards the clients of the
+  connections open now (a slow or congested link: the bytes keep coming, slowly); ``resume()``
+  lifts it.
 * ``reset()``: abort every connection with a TCP RST.
 * ``reset_new(count, within=...)``: abort each of the next ``count`` connections with a TCP RST
   a random moment (up to ``within`` seconds) after accepting it, as a server does that goes
@@ -31,6 +34,7 @@ from types import TracebackType
 
 _READ = 64 * 1024
 _HELD_LIMIT = 4 * 1024 * 1024  # stop reading a side whose peer does not take its bytes
+_SLICE_GAP = 0.01  # seconds between two slices sent to a throttled client
 
 
 class ProxiedConnection:
@@ -45,6 +49,8 @@ class ProxiedConnection:
         self.down_stalled = False  # Redis -> client
         self.to_upstream = bytearray()
         self.to_client = bytearray()
+        self.down_rate = 0  # bytes a second towards the client, 0: as fast as it goes
+        self.down_next = 0.0  # when the next throttled slice may go (time.monotonic)
         self.closed = False
 
     def __repr__(self) -> str:
@@ -64,6 +70,7 @@ class ProxiedConnection:
         """Relay both directions again, delivering what was held back."""
         with self._proxy._lock:
             self.up_stalled = self.down_stalled = False
+            self.down_rate = 0
         self._proxy._wake()
 
     def reset(self) -> None:
@@ -132,6 +139,14 @@ class FaultProxy:
             self._stall_new_up, self._stall_new_down = up, down
         self._wake()
 
+    def throttle(self, *, down: int) -> None:
+        """Relay at most ``down`` bytes a second towards the client on every open connection,
+        in slices every ``_SLICE_GAP`` seconds, closing nothing (``resume`` lifts it)."""
+        with self._lock:
+            for conn in self._conns:
+                conn.down_rate = down
+        self._wake()
+
     def reset_new(self, count: int, *, within: float = 0.0003) -> None:
         """Abort each of the next ``count`` connections with a TCP RST, a random moment up to
         ``within`` seconds after accepting it (the moment decides what the client was doing:
@@ -145,6 +160,7 @@ class FaultProxy:
         with self._lock:
             for conn in self._conns:
                 conn.up_stalled = conn.down_stalled = False
+                conn.down_rate = 0
             self._stall_new_up = self._stall_new_down = False
         self._wake()
 
@@ -230,9 +246,10 @@ class FaultProxy:
                 with self._lock:
                     selector.register(self._listener, selectors.EVENT_READ, None)
                     selector.register(self._waker_r, selectors.EVENT_READ, None)
+                    timeout = 1.0
                     for conn in self._conns:
-                        self._register(selector, conn)
-                events = selector.select(1.0)
+                        timeout = min(timeout, self._register(selector, conn))
+                events = selector.select(timeout)
                 with self._lock:
                     for key, mask in events:
                         sock = key.fileobj
@@ -251,8 +268,11 @@ class FaultProxy:
             selector.close()
 
     @staticmethod
-    def _register(selector: selectors.BaseSelector, conn: ProxiedConnection) -> None:
+    def _register(selector: selectors.BaseSelector, conn: ProxiedConnection) -> float:
+        """Register what ``conn`` waits for; return how soon it must be looked at again
+        (a throttled client's next slice), at most a second."""
         wants: dict[socket.socket, int] = {conn.client: 0, conn.upstream: 0}
+        timeout = 1.0
         if not conn.up_stalled and len(conn.to_upstream) < _HELD_LIMIT:
             wants[conn.client] |= selectors.EVENT_READ
         if not conn.down_stalled and len(conn.to_client) < _HELD_LIMIT:
@@ -260,10 +280,15 @@ class FaultProxy:
         if conn.to_upstream and not conn.up_stalled:
             wants[conn.upstream] |= selectors.EVENT_WRITE
         if conn.to_client and not conn.down_stalled:
-            wants[conn.client] |= selectors.EVENT_WRITE
+            wait = conn.down_next - time.monotonic() if conn.down_rate else 0.0
+            if wait > 0:  # throttled: not before its next slice is due
+                timeout = wait
+            else:
+                wants[conn.client] |= selectors.EVENT_WRITE
         for sock, mask in wants.items():
             if mask:
                 selector.register(sock, mask, conn)
+        return timeout
 
     def _service(self, conn: ProxiedConnection, sock: socket.socket, mask: int) -> None:
         # What this socket reads goes to the other side; what waits for it is its outbox.
@@ -279,7 +304,13 @@ class FaultProxy:
                     return
                 inbox += data
             if mask & selectors.EVENT_WRITE and outbox:
-                sent = sock.send(outbox)
+                if sock is conn.client and conn.down_rate:
+                    if time.monotonic() < conn.down_next:
+                        return
+                    sent = sock.send(outbox[: max(1, int(conn.down_rate * _SLICE_GAP))])
+                    conn.down_next = time.monotonic() + _SLICE_GAP
+                else:
+                    sent = sock.send(outbox)
                 del outbox[:sent]
         except BlockingIOError:
             return

@@ -6,9 +6,13 @@ Every test runs once per reply parser (``python`` and ``hiredis``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import subprocess
+import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,8 +22,10 @@ from minidasgi.resp import (
     AuthenticationError,
     Connection,
     Message,
+    ProtocolError,
     RedisConnectionError,
     Subscriber,
+    connect,
 )
 from minidasgi.resp import connection as resp_connection
 from minidasgi.resp.directread import SplitPayload
@@ -559,6 +565,316 @@ async def test_tails_read_apart_are_the_bytes_the_socket_read(
     await publisher.close()
     await asyncio.wait_for(subscriber.close(), 5)
     assert len(os.listdir("/proc/self/fd")) == descriptors  # the socket's duplicate closed
+
+
+async def test_a_tail_read_apart_on_a_slow_link_is_traffic_for_the_health_check(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A large payload's tail read apart over a slow link (bytes keep coming, slowly) takes
+    # many health-check intervals: every part of it read shows the link alive, as every read
+    # of a payload read as before does. The reads apart went unseen: the health check PINGed
+    # (its answer queued behind the tail) and gave up a live connection after two intervals,
+    # losing the payload and everything in flight on it.
+    recording_tail_reads(monkeypatch)
+    received: list[Any] = []
+    lost: list[bool] = []
+    with FaultProxy(clean_redis.port) as proxy:
+        subscriber = make_subscriber(
+            proxy.url(),
+            on_message=lambda c, d: received.append(d),
+            on_connection_lost=lambda: lost.append(True),
+            health_check_interval=0.4,
+            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        )
+        await asyncio.wait_for(subscriber.subscribe("big"), 2)
+        publisher = await open_conn(clean_redis.url)
+        first = b"T" + b"a" * 100_000  # read as before: then the next one's tail is read apart
+        assert await publisher.publish("big", first) == 1
+        await eventually(lambda: len(received) == 1, 5)
+        proxy.throttle(down=100_000)  # 200 kB: about two seconds, five intervals
+        second = b"T" + b"b" * 200_000
+        assert await publisher.publish("big", second) == 1
+        await eventually(lambda: len(received) == 2 or bool(lost), 15)
+        assert not lost, subscriber.last_error
+        assert [bytes(data) for data in received] == [first, second]
+        assert isinstance(received[1], SplitPayload)  # its tail was read apart
+        await asyncio.wait_for(subscriber.close(), 5)
+
+
+async def test_a_link_that_goes_silent_in_the_middle_of_a_tail_is_given_up(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The other side of the test above: a tail under way on a link that stops forwarding
+    # (half-open, nothing closed) is silence like any other, and the health check gives the
+    # connection up; the subscriber comes back on a new link and hears what is sent then.
+    reads = recording_tail_reads(monkeypatch)
+    received: list[Any] = []
+    lost: list[bool] = []
+    with FaultProxy(clean_redis.port) as proxy:
+        subscriber = make_subscriber(
+            proxy.url(),
+            on_message=lambda c, d: received.append(d),
+            on_connection_lost=lambda: lost.append(True),
+            health_check_interval=0.3,
+            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        )
+        await asyncio.wait_for(subscriber.subscribe("big"), 2)
+        publisher = await open_conn(clean_redis.url)
+        assert await publisher.publish("big", b"T" + b"a" * 100_000) == 1
+        await eventually(lambda: len(received) == 1, 5)
+        proxy.throttle(down=50_000)
+        assert await publisher.publish("big", b"T" + b"b" * 300_000) == 1
+        await eventually(lambda: sum(map(len, reads)) > 0, 5)  # its tail is being read
+        proxy.stall(up=False, down=True)
+        await eventually(lambda: bool(lost), 10)
+        assert "health-check" in str(subscriber.last_error)
+        assert len(received) == 1  # the cut payload is not delivered
+        await asyncio.wait_for(subscriber.wait_connected(), 5)  # on a new, relayed link
+        assert await publisher.publish("big", b"after") == 1
+        await eventually(lambda: len(received) == 2, 5)
+        assert received[1] == b"after"
+        await asyncio.wait_for(subscriber.close(), 5)
+
+
+async def _tails_on_a_transport_of_its_own(url: str, **options: Any) -> list[Any]:
+    """What a subscriber allowed to read tails apart receives of mixed payloads on the
+    transport ``url`` and ``options`` give it."""
+    received: list[Any] = []
+    subscriber = Subscriber(
+        url,
+        on_message=lambda c, d: received.append(d),
+        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        **options,
+    )
+    try:
+        await asyncio.wait_for(subscriber.subscribe("big"), 5)
+        publisher = await connect(url, **options)
+        try:
+            payloads = [b"T" + bytes([i]) * (300_000 if i % 4 else 10) for i in range(24)]
+            for count, payload in enumerate(payloads, 1):  # one at a time: each could split
+                assert await publisher.publish("big", payload) == 1
+                await eventually(lambda n=count: len(received) >= n, 5)
+        finally:
+            await publisher.close()
+    finally:
+        await asyncio.wait_for(subscriber.close(), 5)
+    assert [bytes(data) for data in received] == payloads
+    return received
+
+
+@pytest.mark.parametrize("transport", ["tls", "uvloop"])
+def test_tails_are_read_as_before_on_a_transport_that_reads_the_socket_itself(
+    redis_factory: RedisFactory, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    # TLS decrypts what the socket holds, and uvloop reads it in C: a read of the socket
+    # beside theirs would take bytes from under them (ciphertext as a body, a stream out of
+    # order). Allowed to read tails apart, a subscriber on either reads as before: the same
+    # messages, no duplicate of its socket, no SplitPayload.
+    monkeypatch.setattr(resp_connection, "_tails_apart", True)
+    made: list[int] = []
+    duplicate = resp_connection._duplicate
+
+    def recording(fileno: int) -> Any:
+        made.append(fileno)
+        return duplicate(fileno)
+
+    monkeypatch.setattr(resp_connection, "_duplicate", recording)
+    if transport == "tls":
+        server = redis_factory(tls=True)
+        url, options = server.tls_url, {"ssl": server.ssl_context()}
+        loop = asyncio.new_event_loop()
+    else:
+        uvloop = pytest.importorskip("uvloop")
+        server = redis_factory()
+        url, options = server.url, {}
+        loop = uvloop.new_event_loop()
+    try:
+        received = loop.run_until_complete(_tails_on_a_transport_of_its_own(url, **options))
+        # Closed connections finish closing (TLS's shutdown takes a round trip) before the
+        # loop goes: else a transport left half closed warns, in whatever test collects it.
+        loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        loop.close()
+    assert not any(isinstance(data, SplitPayload) for data in received)
+    assert not made
+
+
+async def test_each_connection_killed_after_tails_read_apart_leaves_no_descriptor(
+    clean_redis: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A connection that read tails apart holds a duplicate of its socket. Killed by Redis
+    # (CLIENT KILL) right after such a read, 20 times, the subscriber reconnects each time:
+    # each lost connection closes its duplicate with its socket, and the process holds no
+    # more descriptors than one live connection needs (its socket and its duplicate).
+    reads = recording_tail_reads(monkeypatch)
+    gc.collect()  # what earlier tests left for the collector warns before, not below
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", ResourceWarning)
+        received: list[Any] = []
+        lost: list[bool] = []
+        publisher = await open_conn(clean_redis.url)
+        descriptors = len(os.listdir("/proc/self/fd"))
+        subscriber = make_subscriber(
+            clean_redis.url,
+            on_message=lambda c, d: received.append(d),
+            on_connection_lost=lambda: lost.append(True),
+            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        )
+        await asyncio.wait_for(subscriber.subscribe("big"), 2)
+        payload = b"T" + b"k" * 200_000
+        for kill in range(20):
+            await asyncio.wait_for(subscriber.wait_connected(), 5)
+            # The first large payload on a connection is read as before; a later one splits.
+            for sent in range(len(received) + 1, len(received) + 11):
+                assert await publisher.publish("big", payload) == 1
+                await eventually(lambda n=sent: len(received) == n, 5)
+                if isinstance(received[-1], SplitPayload):
+                    break
+            assert isinstance(received[-1], SplitPayload)
+            assert await publisher.execute("CLIENT", "KILL", "TYPE", "pubsub") == 1
+            await eventually(lambda n=kill + 1: len(lost) == n, 5)
+        await asyncio.wait_for(subscriber.wait_connected(), 5)
+        assert len(os.listdir("/proc/self/fd")) <= descriptors + 2
+        assert all(bytes(data) == payload for data in received)
+        assert len(reads) >= 20
+        await asyncio.wait_for(subscriber.close(), 5)
+        await asyncio.sleep(0)  # the transport closes its socket at the next loop turn
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+        # Closed by the connection, not left to the collector (which closes a socket it frees,
+        # with a ResourceWarning): a duplicate still open would live as long as its protocol.
+        gc.collect()
+        unclosed = [str(w.message) for w in warned if issubclass(w.category, ResourceWarning)]
+        assert not [m for m in unclosed if "Recording" in m], unclosed  # a duplicate
+
+
+def _push(payload: bytes, end: bytes = b"\r\n") -> bytes:
+    return b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$%d\r\n%b%b" % (len(payload), payload, end)
+
+
+@pytest.mark.parametrize("where", ["into its buffer", "read ahead", "tail read apart"])
+async def test_a_large_payload_that_lies_about_its_length_ends_with_a_protocol_error(
+    make_subscriber: SubscriberFactory, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # A payload followed by something else than CRLF: its announced length lied. Wherever
+    # its bytes went (a buffer of its own, the buffer a read between payloads went into, a
+    # tail read apart by recv), the connection ends with ProtocolError, as on the parser's
+    # path, and nothing of that push is delivered; the subscriber comes back on a new one.
+    # Read into a buffer, the error ended the stream from the transport's callback and was
+    # reported as a lost connection (RedisConnectionError) instead.
+    reads = recording_tail_reads(monkeypatch)
+    first = b"T" + b"a" * 100_000  # a large payload read whole: what follows may split
+    liar = b"T" + b"b" * 200_000
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        assert await read_command(reader) == [b"SUBSCRIBE", b"ch"]
+        writer.write(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+        if connections == 1:
+            if where == "into its buffer":
+                writer.write(_push(liar, b"XY"))
+            else:
+                writer.write(_push(first))
+                await writer.drain()
+                await asyncio.sleep(0.1)  # read whole before the next one comes
+                writer.write(_push(liar, b"\rX"))
+        else:
+            writer.write(_push(b"back"))
+        await writer.drain()
+        await drain_until_eof(reader)
+
+    received: list[bytes] = []
+    errors: list[Exception | None] = []
+    async with FakeRedis(handler) as fake:
+        subscriber: Subscriber
+
+        def lost() -> None:
+            errors.append(subscriber.last_error)
+
+        subscriber = make_subscriber(
+            fake.url,
+            on_message=lambda c, d: received.append(bytes(d)),
+            on_connection_lost=lost,
+            min_backoff=0.01,
+            direct_reads=(
+                True
+                if where == "read ahead"
+                else lambda start, size: size - 5 if start[:1] == b"T" else 0
+            ),
+        )
+        await asyncio.wait_for(subscriber.subscribe("ch"), 2)
+        await eventually(lambda: b"back" in received, 5)
+        await subscriber.close()
+    assert len(errors) >= 1 and isinstance(errors[0], ProtocolError), errors
+    assert liar not in received
+    expected = [b"back"] if where == "into its buffer" else [first, b"back"]
+    assert received[: len(expected)] == expected
+    assert bool(reads) == (where == "tail read apart")  # the liar's bytes went where named
+
+
+_NO_DESCRIPTOR_LEFT = """
+import asyncio, os, resource, sys
+from minidasgi.resp import Subscriber, connect
+from minidasgi.resp import connection
+from minidasgi.resp.directread import SplitPayload
+
+connection.read_tails_apart()
+
+async def main():
+    publisher = await connect(sys.argv[1])
+    received = []
+    # The lowest free descriptor is the subscriber's socket: none is left for its duplicate.
+    lowest = os.dup(0)
+    os.close(lowest)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + 1, hard))
+    subscriber = Subscriber(
+        sys.argv[1],
+        on_message=lambda c, d: received.append(d),
+        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+    )
+    await asyncio.wait_for(subscriber.subscribe("big"), 5)
+    payloads = [b"T" + bytes([i]) * (300_000 if i % 4 else 10) for i in range(16)]
+    for count, payload in enumerate(payloads, 1):
+        assert await publisher.publish("big", payload) == 1
+        while len(received) < count:
+            await asyncio.sleep(0.005)
+    assert [bytes(data) for data in received] == payloads, "other bytes delivered"
+    assert not any(isinstance(data, SplitPayload) for data in received)
+    try:
+        os.dup(0)
+    except OSError:
+        print("delivered, no descriptor left", subscriber.connected)
+
+asyncio.run(asyncio.wait_for(main(), 30))
+"""
+
+
+def test_a_subscriber_that_cannot_duplicate_its_socket_reads_as_before(
+    clean_redis: RedisServer,
+) -> None:
+    # Out of descriptors (a low RLIMIT_NOFILE, in a child process), the socket's duplicate
+    # cannot be made: large payloads are read as before, every message delivered on the
+    # connection it came on (a failed dup that escaped into the transport would end the
+    # connection at each large payload, and lose what was in flight on it).
+    child = subprocess.run(
+        [sys.executable, "-c", _NO_DESCRIPTOR_LEFT, clean_redis.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == "delivered, no descriptor left True", child.stderr[-2000:]
 
 
 async def test_tails_are_read_as_before_in_a_process_that_did_not_allow_it(
