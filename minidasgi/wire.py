@@ -777,7 +777,7 @@ def encode_envelope(
     unit: int = 0,
     ack_send: bool = False,
     portable: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    millis: tuple[int, int] | None = None,
+    millis: bool = False,
 ) -> bytes:
     """``Envelope(...).encode()`` with these fields, without making the ``Envelope`` when the
     usual envelope's writer takes them (a distributor writes one per request: the same bytes
@@ -786,9 +786,9 @@ def encode_envelope(
     ``portable``, if given, makes of ``scope`` the one that travels; it must leave a scope of
     ``envelopewriter.PLAIN_SCOPE_KEYS`` and a ``state`` as it is but for the ``state``,
     dropped. The usual writer drops a uvicorn scope's ``state`` itself, sparing the call
-    (a copy of the scope per request); for any other scope it is called. ``millis``, if
-    given: ``deadline`` and ``queued`` in whole milliseconds, from which the usual writer
-    writes them when they are the floats these ints make (``try_encode_parts``)."""
+    (a copy of the scope per request); for any other scope it is called. With ``millis``,
+    ``deadline`` and ``queued`` are whole milliseconds, ints, and the envelope's times those
+    over 1000, which the usual writer writes from the ints (``try_encode_parts``)."""
     if version == codec.FAST:
         parts = envelopewriter.try_encode_parts(
             deadline,
@@ -825,6 +825,8 @@ def encode_envelope(
             )
         if parts is not None:
             return b"".join([*_envelope_preamble_parts(request_id, reply), *parts])
+    if millis:
+        deadline, queued = deadline / 1000, queued / 1000
     if portable is not None:
         scope = portable(scope)
     envelope = Envelope(
