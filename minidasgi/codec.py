@@ -37,9 +37,10 @@ is built, so a forged message is refused after work proportional to the bound, n
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from .resp.directread import SplitPayload
+if TYPE_CHECKING:  # in annotations only: ``decode`` measures one, ``jsoncodec`` reads it
+    from .resp.directread import SplitPayload
 
 __all__ = [
     "BINARY",

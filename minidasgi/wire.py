@@ -98,7 +98,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import isfinite
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import (
     codec,
@@ -110,7 +110,9 @@ from . import (
     responsewriter,
 )
 from .resp.cluster import hash_tag
-from .resp.directread import SplitPayload
+
+if TYPE_CHECKING:  # in annotations only: the codec reads one
+    from .resp.directread import SplitPayload
 
 __all__ = [
     "ACK",
