@@ -659,10 +659,12 @@ def _run_distributor(args: argparse.Namespace) -> int:
     except (TypeError, ValueError, re.error) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
     if args.workers <= 1:
+        collector.settle()  # this process serves (with workers, each settles its own)
         return _serve_distributor(uvicorn, args, app)
     # Worker processes are new interpreters: they read the configuration from a file only
     # this user can read, removed when this process exits (a SIGKILL leaves it behind, in a
-    # directory only this user can enter).
+    # directory only this user can enter), and settle themselves (``distributor_from_env``).
+    # This one only supervises them: no freeze, no allocator tuning, nothing for it to gain.
     config_file = _write_private_config(config)
     os.environ[_DISTRIBUTOR_ENV] = str(config_file)
     try:
@@ -676,7 +678,6 @@ def _serve_distributor(uvicorn: Any, args: argparse.Namespace, app: Any) -> int:
     logger.info(
         "distributor on http://%s:%d, Redis %s", args.host, args.port, _redacted(args.redis)
     )
-    collector.settle()  # this command's process (the workers settle theirs: the factory)
     try:
         uvicorn.run(
             app,

@@ -37,9 +37,10 @@ is built, so a forged message is refused after work proportional to the bound, n
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from .resp.directread import SplitPayload
+if TYPE_CHECKING:  # in annotations only: ``decode`` measures one, ``jsoncodec`` reads it
+    from .resp.directread import SplitPayload
 
 __all__ = [
     "BINARY",
@@ -215,9 +216,10 @@ def _encode(value: Any, parts: list[bytes], depth: int, tuples: bool = True) -> 
 
 def tail_size(start: bytes | bytearray | memoryview, size: int) -> int:
     """How many bytes at the end of a message of ``size`` bytes, of which ``start`` is the
-    beginning, are its last bytes value (to be read apart, and passed to ``decode`` as its
-    ``tail``), or 0 when ``start`` cannot tell (another format, or too short to hold the
-    table of lengths). A hint only, read from untrusted bytes: ``decode`` checks it again."""
+    beginning, are its last bytes value (to be read apart, and passed to ``decode`` as a
+    ``SplitPayload``'s tail), or 0 when ``start`` cannot tell (another format, or too short
+    to hold the table of lengths). A hint only, read from untrusted bytes: ``decode`` checks
+    it again."""
     return _jsoncodec.tail_size(start, size)
 
 
@@ -236,28 +238,17 @@ def decode(
     max_size: int = DEFAULT_MAX_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_items: int = DEFAULT_MAX_ITEMS,
-    tail: bytes | None = None,
 ) -> Any:
     """Decode a message made by ``encode``; raise ``CodecError`` for anything else.
 
     ``max_size`` bounds the bytes, ``max_depth`` the nesting and ``max_items`` the list
     elements and dict entries over the whole message (see ``DEFAULT_MAX_ITEMS``).
 
-    ``tail``: the message is ``data`` followed by ``tail``, read apart (see ``tail_size``).
-    In the fast format, where ``tail`` must be exactly the message's last bytes value, that
-    value is ``tail`` itself, not a copy; any other message is decoded from the two joined.
-    A ``SplitPayload`` (``resp.directread``) is its head followed by its tail.
+    A ``SplitPayload`` (``resp.directread``) is its head followed by its tail, read apart
+    (see ``tail_size``). In the fast format, where the tail must be exactly the message's
+    last bytes value, that value is the tail itself, not a copy; a message of another format
+    is decoded from the two joined.
     """
-    if tail is not None:
-        if len(data) + len(tail) > max_size:
-            raise CodecError(
-                f"message of {len(data) + len(tail)} bytes exceeds the limit of {max_size}"
-            )
-        if data and data[0] == FAST:
-            return _jsoncodec.decode(
-                data, max_size=max_size, max_items=max_items, max_depth=max_depth, tail=tail
-            )
-        data = b"".join([bytes(data), tail])
     if len(data) > max_size:
         raise CodecError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
     if not data:

@@ -918,16 +918,16 @@ class _Exchange:
                     self._more = events[0]["more_body"]
             key, scope = self.key, self.scope
             # In whole milliseconds, rounded down (the deadline only ever earlier): the
-            # envelope's writer writes such a float from ints, at half the cost of repr.
+            # envelope's writer writes such a time from the ints, at half the cost of repr.
             now_ms = int(time.time() * 1000)
             timeout_ms = d.worker_timeout * 1000
-            millis: tuple[int, int] | None = None  # both times in ms, for the writer
-            if timeout_ms < 1e15:
-                deadline_ms = now_ms + int(timeout_ms)
-                deadline = deadline_ms / 1000
-                millis = (deadline_ms, now_ms)
-            else:  # not finite (or absurd): as it is
-                deadline = now_ms / 1000 + d.worker_timeout
+            deadline: float
+            queued: float
+            if timeout_ms < 1e15:  # both in ms
+                deadline, queued, millis = now_ms + int(timeout_ms), now_ms, True
+            else:  # not finite (or absurd): in seconds, as it is
+                queued, millis = now_ms / 1000, False
+                deadline = queued + d.worker_timeout
             try:
                 data = wire.encode_envelope(
                     self.id,
@@ -938,7 +938,7 @@ class _Exchange:
                     window=self.received.window,
                     piece=self.received.piece,
                     liveness=d.liveness_interval,
-                    queued=now_ms / 1000,
+                    queued=queued,
                     confirms=True,
                     ack_send=True,
                     version=d.wire_format,

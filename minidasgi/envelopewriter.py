@@ -40,7 +40,6 @@ _FRACTIONS: Final = tuple(f".{n:03d}".rstrip("0") if n else ".0" for n in range(
 _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(65)]  # the tail's tables of lengths
 _INT_BOUND: Final = 10**18  # far below jsoncodec's 128 digits
 _MAX_MILLIS: Final = 10**15  # milliseconds written from ints: at most 15 significant digits
-_NO_MILLIS: Final = (None, None)
 _MARK: Final = "\ue000"  # the general path's second-pass marker: it decides on values holding it
 
 PLAIN_SCOPE_KEYS: Final = frozenset(
@@ -137,17 +136,17 @@ def try_encode_parts(
     unit: Any = 0,
     ack_send: bool = False,
     drop_state: bool = False,
-    millis: tuple[int, int] | None = None,
+    millis: bool = False,
 ) -> list[bytes] | None:
     """The format-3 message of an envelope's fields as ``jsoncodec.try_encode_parts`` writes
     the dict ``Envelope.fields`` builds of them (with the default bounds): keys in that order,
     ``piece`` only when it differs from ``usual_piece``, ``confirms``, ``unit`` and
     ``ack_send`` only when true. None when they are not of the usual shape. With
     ``drop_state``, a scope of uvicorn's keys and its ``state`` is written as if it had no
-    ``state`` (the distributor's portable scope, without the copy that makes it). ``millis``:
-    the deadline and the queued time in whole milliseconds, if the caller has them (the
-    distributor takes its times so): written from these ints when ``deadline`` and
-    ``queued`` are the floats they make, with no float taken apart (``_number``)."""
+    ``state`` (the distributor's portable scope, without the copy that makes it). With
+    ``millis``, ``deadline`` and ``queued`` are whole milliseconds, ints (the distributor
+    takes its times so), and the envelope's times the floats they make over 1000: written
+    from the ints, with no float taken apart (``_number``)."""
     if type(scope) is not dict or type(events) is not list:
         return None
     blobs: list[bytes] = []
@@ -155,23 +154,19 @@ def try_encode_parts(
     if scope_text is None:
         return None
     events_text = _events(events, blobs)
-    deadline_ms, queued_ms = millis or _NO_MILLIS
-    if (
-        type(deadline_ms) is int
-        and type(queued_ms) is int
-        and 0 <= queued_ms <= deadline_ms < _MAX_MILLIS
-        and deadline_ms / 1000 == deadline
-        and queued_ms / 1000 == queued
-    ):
-        # The floats nearest decimals of at most 15 significant digits: ``_number``'s text
-        # for them, written from the ints.
-        seconds, fraction = divmod(deadline_ms, 1000)
-        deadline_text: str | None = str(seconds) + _FRACTIONS[fraction]
-        seconds, fraction = divmod(queued_ms, 1000)
-        queued_text: str | None = str(seconds) + _FRACTIONS[fraction]
-    else:
+    if not millis:
         deadline_text = _number(deadline)
         queued_text = _number(queued)
+    elif type(deadline) is int and type(queued) is int and 0 <= queued <= deadline < _MAX_MILLIS:
+        # The floats nearest decimals of at most 15 significant digits: ``_number``'s text
+        # for them, written from the ints.
+        seconds, fraction = divmod(deadline, 1000)
+        deadline_text = str(seconds) + _FRACTIONS[fraction]
+        seconds, fraction = divmod(queued, 1000)
+        queued_text = str(seconds) + _FRACTIONS[fraction]
+    else:  # out of those bounds (or not ints): the floats, as the general path has them
+        deadline_text = _number(deadline / 1000)
+        queued_text = _number(queued / 1000)
     settings = _settings(window, liveness, piece, usual_piece, confirms, unit, ack_send)
     if events_text is None or deadline_text is None or queued_text is None or settings is None:
         return None

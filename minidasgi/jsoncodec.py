@@ -208,8 +208,8 @@ def try_encode_parts(
 def tail_size(start: bytes | bytearray | memoryview, size: int) -> int:
     """The size of the last bytes value of a format 3 message of ``size`` bytes that begins
     with ``start``, when ``start`` holds the message's table of lengths and that value ends
-    the message; else 0 (see ``codec.tail_size``). Nothing here is trusted: ``decode`` with
-    ``tail`` checks the whole message again."""
+    the message; else 0 (see ``codec.tail_size``). Nothing here is trusted: ``decode`` of the
+    ``SplitPayload`` read so checks the whole message again."""
     if len(start) < _PREFIX.size or start[0] != VERSION:
         return 0
     _, head_size, count = _PREFIX.unpack_from(start)
@@ -229,17 +229,15 @@ def decode(
     max_size: int = DEFAULT_MAX_SIZE,
     max_items: int = DEFAULT_MAX_ITEMS,
     max_depth: int = DEFAULT_MAX_DEPTH,
-    tail: bytes | None = None,
 ) -> Any:
     """Decode a message made by ``encode``; raise ``CodecError`` for anything else.
 
-    ``tail``: the message is ``data`` followed by ``tail`` (``tail_size``), which must be
-    exactly its last bytes value: that value is then ``tail`` itself, not a copy. A
-    ``SplitPayload`` (``resp.directread``) is its head followed by its tail."""
+    A ``SplitPayload`` (``resp.directread``) is its head followed by its tail
+    (``tail_size``), which must be exactly the message's last bytes value: that value is
+    then the tail itself, not a copy."""
+    tail: bytes | None = None
     if type(data) is not bytes:
         if isinstance(data, SplitPayload):
-            if tail is not None:
-                raise CodecError("a split payload followed by another tail")
             tail = data.tail
             data = data.head
         else:

@@ -513,23 +513,26 @@ class Node:
                     popped_on = connection
                 if self._stopping.is_set():
                     pass  # (the finally gives the slots back)
-                elif alone and self._pop_many:
-                    # _pop's BLMPOP, here: a coroutine less for each pop to pass through
-                    # (~1.2k instructions, in its creation and at each resumption). Its
-                    # requests are started as its reply is read (``popped``): all the slots
-                    # held are theirs, or freed below.
-                    try:
-                        await connection.brpop_many(
-                            *keys, count=count, timeout=self.pop_timeout, popped=popped
-                        )
-                    except ReplyError as exc:
-                        if not _unavailable(exc):
-                            raise
-                        logger.info("popping with BRPOP and RPOP (no BLMPOP: %s)", exc)
-                        self._pop_many = False
-                        held = await self._pop(connection, keys, count, slots, start)
                 else:
-                    held = await self._pop(connection, keys, count, slots, start)
+                    many = alone and self._pop_many
+                    if many:
+                        # _pop's BLMPOP, here: a coroutine less for each pop to pass through
+                        # (~1.2k instructions, in its creation and at each resumption). Its
+                        # requests are started as its reply is read (``popped``): all the
+                        # slots held are theirs, or freed below.
+                        try:
+                            await connection.brpop_many(
+                                *keys, count=count, timeout=self.pop_timeout, popped=popped
+                            )
+                        except ReplyError as exc:
+                            if not _unavailable(exc):
+                                raise
+                            logger.info("popping with BRPOP and RPOP (no BLMPOP: %s)", exc)
+                            self._pop_many = many = False
+                    if not many:
+                        # Out of the handler above: awaited in it, its BRPOP would keep the
+                        # refusal, its traceback and their frames alive through the wait.
+                        held = await self._pop(connection, keys, count, slots, start)
             except (asyncio.TimeoutError, RespError) as exc:
                 if not isinstance(exc, asyncio.TimeoutError):
                     logger.warning("cannot pop requests: %s", exc)

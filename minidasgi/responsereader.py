@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import jsoncodec, memo
 from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE
-from .resp.directread import SplitPayload
+
+if TYPE_CHECKING:  # in annotations only: reading one is ``jsoncodec.decode``'s business
+    from .resp.directread import SplitPayload
 
 __all__ = ["try_decode"]
 

@@ -98,7 +98,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import isfinite
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import (
     codec,
@@ -110,7 +110,9 @@ from . import (
     responsewriter,
 )
 from .resp.cluster import hash_tag
-from .resp.directread import SplitPayload
+
+if TYPE_CHECKING:  # in annotations only: the codec reads one
+    from .resp.directread import SplitPayload
 
 __all__ = [
     "ACK",
@@ -398,26 +400,28 @@ def batch_frame_parts(messages: list[Packed]) -> list[bytes | memoryview]:
 
 def split_frame(data: bytes | memoryview | SplitPayload) -> list[Any]:
     """The messages a PUBLISH carried: those of a batch frame (as memoryviews, no copies), or
-    ``[data]`` itself. Raise ``WireError`` for a malformed frame (nothing of it is used)."""
+    ``[data]`` itself (a lone message, read apart or not). Raise ``WireError`` for a
+    malformed frame (nothing of it is used)."""
     if not data or data[0] != BATCH_FRAME:
         return [data]
-    if isinstance(data, SplitPayload):  # never read apart (``tail_size``)
-        data = bytes(data)
-    size = len(data)
+    # Never a SplitPayload: ``tail_size``, the only one a subscriber of ours is given, reads
+    # no batch frame apart, and a split payload's first byte is the one it was shown.
+    frame: bytes | memoryview = data  # type: ignore[assignment]
+    size = len(frame)
     if size > MAX_MESSAGE_SIZE:
         raise WireError(f"batch frame of {size} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")
     if size < 5:
         raise WireError("batch frame truncated")
-    (count,) = _U32.unpack_from(data, 1)
+    (count,) = _U32.unpack_from(frame, 1)
     if count > (size - 5) // 5:  # each message takes its length and at least one byte
         raise WireError("batch frame holds more messages than bytes")
-    view = memoryview(data)
+    view = memoryview(frame)
     messages: list[Any] = []
     pos = 5
     for _ in range(count):
         if pos + 4 > size:
             raise WireError("batch frame truncated")
-        (length,) = _U32.unpack_from(data, pos)
+        (length,) = _U32.unpack_from(frame, pos)
         pos += 4
         end = pos + length
         if end > size or not length:
@@ -775,7 +779,7 @@ def encode_envelope(
     unit: int = 0,
     ack_send: bool = False,
     portable: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    millis: tuple[int, int] | None = None,
+    millis: bool = False,
 ) -> bytes:
     """``Envelope(...).encode()`` with these fields, without making the ``Envelope`` when the
     usual envelope's writer takes them (a distributor writes one per request: the same bytes
@@ -784,9 +788,9 @@ def encode_envelope(
     ``portable``, if given, makes of ``scope`` the one that travels; it must leave a scope of
     ``envelopewriter.PLAIN_SCOPE_KEYS`` and a ``state`` as it is but for the ``state``,
     dropped. The usual writer drops a uvicorn scope's ``state`` itself, sparing the call
-    (a copy of the scope per request); for any other scope it is called. ``millis``, if
-    given: ``deadline`` and ``queued`` in whole milliseconds, from which the usual writer
-    writes them when they are the floats these ints make (``try_encode_parts``)."""
+    (a copy of the scope per request); for any other scope it is called. With ``millis``,
+    ``deadline`` and ``queued`` are whole milliseconds, ints, and the envelope's times those
+    over 1000, which the usual writer writes from the ints (``try_encode_parts``)."""
     if version == codec.FAST:
         parts = envelopewriter.try_encode_parts(
             deadline,
@@ -823,6 +827,8 @@ def encode_envelope(
             )
         if parts is not None:
             return b"".join([*_envelope_preamble_parts(request_id, reply), *parts])
+    if millis:
+        deadline, queued = deadline / 1000, queued / 1000
     if portable is not None:
         scope = portable(scope)
     envelope = Envelope(

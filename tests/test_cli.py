@@ -84,7 +84,8 @@ def uvicorn_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any
     """``uvicorn.run`` records its arguments instead of serving: the distributor it was given
     (or that a ``--workers`` process would build) as ``distributor``; for ``--workers``, the
     configuration file as ``config_file`` with its ``config`` and its and its directory's
-    permission bits as ``modes``; the objects the collector leaves alone as ``frozen``
+    permission bits as ``modes``; the objects the collector leaves alone as ``frozen``, and
+    whether bodies are read apart as ``tails_apart``, in the process that runs uvicorn
     (``collector.settle``: this test process' own are given back to it afterwards)."""
     import uvicorn
 
@@ -92,6 +93,7 @@ def uvicorn_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any
 
     def fake_run(app: Any, **kwargs: Any) -> None:
         run: dict[str, Any] = {"app": app, **kwargs, "frozen": gc.get_freeze_count()}
+        run["tails_apart"] = resp_connection._tails_apart
         if isinstance(app, str):
             path = Path(os.environ[cli._DISTRIBUTOR_ENV])
             run["config_file"] = path
@@ -116,18 +118,23 @@ def uvicorn_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_the_distributor_command_freezes_its_start_up_heap(
+def test_the_distributor_command_freezes_its_start_up_heap_where_it_serves(
     uvicorn_runs: list[dict[str, Any]], workers: str
 ) -> None:
-    # The command owns its processes: before uvicorn serves, and in each worker process as
-    # it builds its distributor, the start-up's heap is frozen out of the collector's way.
+    # The command owns its processes: in the one that serves (this one, or each worker
+    # process as it builds its distributor) the start-up's heap is frozen out of the
+    # collector's way and bodies are read apart. A ``--workers`` parent only supervises: it
+    # is left as it is (before, it was settled too).
     assert gc.get_freeze_count() == 0
     assert main(["distributor", "--key", "K", "--workers", workers]) == 0
     (run,) = uvicorn_runs
-    assert run["frozen"] > 1000, run["frozen"]  # modules, functions: thousands
-    assert resp_connection._tails_apart  # its own process: bodies read apart
-    if workers != "1":
+    if workers == "1":
+        assert run["frozen"] > 1000, run["frozen"]  # modules, functions: thousands
+        assert run["tails_apart"]  # its own process: bodies read apart
+    else:
+        assert run["frozen"] == 0 and not run["tails_apart"]  # the supervising parent
         assert run["worker_frozen"] > 1000, run["worker_frozen"]
+        assert resp_connection._tails_apart  # set by the worker's settle
 
 
 def test_help_exits_0_and_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:

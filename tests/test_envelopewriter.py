@@ -712,17 +712,44 @@ def test_encode_envelope_calls_portable_only_when_its_writer_cannot_drop_the_sta
         assert len(calls) <= 1
 
 
+@pytest.mark.parametrize("version", [codec.RELEASED, codec.FAST])
+def test_encode_envelope_in_whole_milliseconds_writes_the_envelope_of_the_floats(
+    version: int,
+) -> None:
+    # Times in ms reach the general path too (a scope the usual writer declines, another
+    # format, times out of its bounds) as the floats they make over 1000.
+    now = int(time.time() * 1000)
+    scope = uvicorn_scope()
+    odd = {**scope, "extension": 1.5}  # a float in the scope: the usual writer declines it
+    for deadline_ms, queued_ms, value in [
+        (now + 5000, now, scope),
+        (now + 5000, now, odd),
+        (10**15, now, scope),
+    ]:
+        in_ms = wire.encode_envelope(
+            "a" * 24, "r", deadline_ms, value, [], liveness=2.0, queued=queued_ms,
+            version=version, millis=True,
+        )  # fmt: skip
+        expected = wire.Envelope(
+            "a" * 24, "r", deadline_ms / 1000, value, [], liveness=2.0,
+            queued=queued_ms / 1000, version=version,
+        )  # fmt: skip
+        assert in_ms == expected.encode() == expected._encode_generally()
+        decoded = wire.Envelope.decode(in_ms)
+        assert (decoded.deadline, decoded.queued) == (deadline_ms / 1000, queued_ms / 1000)
+
+
 def test_timestamps_given_in_whole_milliseconds_are_written_from_the_ints(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The distributor has its times in ms: written from those ints, the floats they make are
-    # not taken apart (``_number``: about 4.4k instructions a timestamp, 2k from the ints),
-    # with the same bytes. Ints that are not those of the floats (or not ints, or out of
-    # bounds) are not used: the floats are written as without them.
+    # The distributor has its times in ms, and gives the writer those ints alone: written
+    # from them, no float is taken apart (``_number``: about 4.4k instructions a timestamp,
+    # 2k from the ints), with the same bytes as the floats they make over 1000. Ints out of
+    # bounds (or not ints) are written as those floats are.
     rng = random.Random(15)
     events = [{"type": "http.request", "body": b"", "more_body": False}]
 
-    def parts(deadline: Any, queued: Any, millis: Any = None) -> bytes | None:
+    def parts(deadline: Any, queued: Any, millis: bool = False) -> bytes | None:
         args = (deadline, uvicorn_scope(), events, 4, 2.0, queued, wire.PIECE_SIZE)
         written = envelopewriter.try_encode_parts(
             *args, wire.CHUNK_SIZE, True, 0, True, False, millis
@@ -733,8 +760,9 @@ def test_timestamps_given_in_whole_milliseconds_are_written_from_the_ints(
     cases = [(now + 5000, now), (0, 0), (1, 1), (10**15 - 1, 10**15 - 2)]
     cases += [(q + rng.randrange(0, 10**6), q) for q in rng.sample(range(10**15), 2000)]
     for deadline_ms, queued_ms in cases:
-        deadline, queued = deadline_ms / 1000, queued_ms / 1000
-        assert parts(deadline, queued, (deadline_ms, queued_ms)) == parts(deadline, queued)
+        floats = parts(deadline_ms / 1000, queued_ms / 1000)
+        assert floats is not None
+        assert parts(deadline_ms, queued_ms, True) == floats
     numbers: list[Any] = []
     real = envelopewriter._number
 
@@ -743,17 +771,16 @@ def test_timestamps_given_in_whole_milliseconds_are_written_from_the_ints(
         return real(value)
 
     monkeypatch.setattr(envelopewriter, "_number", spy)
-    deadline, queued = (now + 5000) / 1000, now / 1000
-    parts(deadline, queued, (now + 5000, now))
+    parts(now + 5000, now, True)
     assert numbers == []
-    for wrong in [
-        (now + 5001, now),  # not the deadline's ms
-        (now + 5000, now + 1),
+    for deadline_ms, queued_ms in [
+        (now + 5000, now + 5001),  # the queued time after the deadline
         (float(now + 5000), now),  # not ints
         (now + 5000, True),
-        (-1, now),
+        (now, -1),
         (10**15, now),
     ]:
+        deadline, queued = deadline_ms / 1000, queued_ms / 1000
         numbers.clear()
-        assert parts(deadline, queued, wrong) == parts(deadline, queued)
-        assert numbers == [deadline, queued, deadline, queued], wrong
+        assert parts(deadline_ms, queued_ms, True) == parts(deadline, queued)
+        assert numbers == [deadline, queued, deadline, queued], (deadline_ms, queued_ms)

@@ -17,6 +17,7 @@ import pytest
 from minidasgi import codec, jsoncodec
 from minidasgi.codec import CodecError
 from minidasgi.jsoncodec import decode, encode, try_encode
+from minidasgi.resp.directread import SplitPayload
 
 
 def round_trip(value: Any) -> Any:
@@ -1057,31 +1058,30 @@ def test_a_flat_list_keeps_the_bounds() -> None:
     assert decode(encode(["x" * 1000, 10**127])) == ["x" * 1000, 10**127]
 
 
-# -- a last bytes value read apart (``tail``) -------------------------------------------------
+# -- a last bytes value read apart (a ``SplitPayload``'s tail) -------------------------------
 
 
-def _split(message: bytes) -> tuple[bytes, bytes]:
+def _split(message: bytes) -> SplitPayload:
     """``message`` cut where ``tail_size`` says its last bytes value starts."""
     tail = jsoncodec.tail_size(message, len(message))
     assert tail
-    return message[:-tail], message[-tail:]
+    return SplitPayload(message[:-tail], message[-tail:])
 
 
 def test_a_tail_read_apart_is_the_last_bytes_value_itself() -> None:
     body = bytes(range(256)) * 1024
     value = ["send", "r1", [{"type": "http.response.body", "body": body, "more_body": True}]]
-    message = encode(value)
-    head, tail = _split(message)
-    assert tail == body
-    decoded = decode(head, tail=tail)
+    split = _split(encode(value))
+    assert split.tail == body
+    decoded = decode(split)
     assert decoded == value
-    assert decoded[2][0]["body"] is tail  # no copy of it
-    assert codec.decode(head, tail=tail)[2][0]["body"] is tail
+    assert decoded[2][0]["body"] is split.tail  # no copy of it
+    assert codec.decode(split)[2][0]["body"] is split.tail
     # With other bytes values before it: those come from the head, the last is the tail.
     value = {"headers": [[b"a", b"bc"]], "body": body}
-    head, tail = _split(encode(value))
-    decoded = decode(memoryview(head), tail=tail)
-    assert decoded == value and decoded["body"] is tail
+    split = _split(encode(value))
+    decoded = decode(split)
+    assert decoded == value and decoded["body"] is split.tail
 
 
 def test_tail_size_tells_only_what_the_start_holds() -> None:
@@ -1101,24 +1101,25 @@ def test_tail_size_tells_only_what_the_start_holds() -> None:
 
 def test_a_tail_that_is_not_the_last_bytes_value_is_refused() -> None:
     message = encode(["x", b"ab", b"cdef"])
-    head, tail = _split(message)
+    split = _split(message)
+    head, tail = split.head, split.tail
     with pytest.raises(CodecError, match="last bytes value"):
-        decode(head[:-1], tail=head[-1:] + tail)  # the sizes add up, the last length not
+        decode(SplitPayload(head[:-1], head[-1:] + tail))  # the sizes add up, the last not
     with pytest.raises(CodecError):
-        decode(head, tail=tail + b"!")  # more than the table says
+        decode(SplitPayload(head, tail + b"!"))  # more than the table says
     with pytest.raises(CodecError):
-        decode(head + b"c", tail=tail[1:])
+        decode(SplitPayload(head + b"c", tail[1:]))
     with pytest.raises(CodecError, match="last bytes value"):
-        decode(head, tail=bytearray(tail))  # type: ignore[arg-type]  # bytes only
+        decode(SplitPayload(head, bytearray(tail)))  # type: ignore[arg-type]  # bytes only
     no_bytes = encode(["x", 1])
     with pytest.raises(CodecError):
-        decode(no_bytes, tail=b"")
+        decode(SplitPayload(no_bytes, b""))
     with pytest.raises(CodecError, match="exceeds"):
-        decode(head, tail=tail, max_size=len(message) - 1)
+        decode(split, max_size=len(message) - 1)
     with pytest.raises(CodecError, match="exceeds"):
-        codec.decode(head, tail=tail, max_size=len(message) - 1)
+        codec.decode(split, max_size=len(message) - 1)
 
 
 def test_a_tail_after_a_binary_message_is_decoded_joined() -> None:
     message = codec.encode_binary(["x", b"abcdef"])
-    assert codec.decode(message[:-3], tail=message[-3:]) == ["x", b"abcdef"]
+    assert codec.decode(SplitPayload(message[:-3], message[-3:])) == ["x", b"abcdef"]

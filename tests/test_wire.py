@@ -15,6 +15,7 @@ import pytest
 from minidasgi import codec, wire
 from minidasgi.codec import CodecError
 from minidasgi.resp.cluster import key_slot
+from minidasgi.resp.directread import SplitPayload
 from minidasgi.wire import Envelope, ReceiveWindow, SendWindow, WireError
 
 
@@ -629,6 +630,23 @@ def test_a_batch_frame_splits_into_its_messages_in_order() -> None:
     assert frame[0] == wire.BATCH_FRAME
     assert [bytes(m) for m in wire.split_frame(frame)] == messages
     assert wire.split_frame(messages[0]) == [messages[0]]  # a single message is itself
+
+
+def test_only_a_lone_message_is_read_apart() -> None:
+    # ``split_frame`` meets a SplitPayload only as a lone message: ``tail_size`` reads no
+    # batch frame apart, even one ending with a large body.
+    body = bytes(range(256)) * 400
+    event = {"type": "http.response.body", "body": body, "more_body": True}
+    piece = wire.pack(wire.SEND, "id", [event])
+    assert wire.tail_size(memoryview(piece), len(piece)) == len(body)
+    frame = wire.batch_frame([wire.pack(wire.CREDIT, "id", 4), piece])
+    assert frame.endswith(body)
+    assert wire.tail_size(memoryview(frame), len(frame)) == 0
+    split = SplitPayload(piece[: -len(body)], piece[-len(body) :])
+    assert wire.split_frame(split) == [split]
+    kind, request_id, args = wire.unpack_general(split)
+    assert (kind, request_id, args) == (wire.SEND, "id", [[event]])
+    assert args[0][0]["body"] is split.tail  # not a copy
 
 
 @pytest.mark.parametrize(

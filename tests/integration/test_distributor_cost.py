@@ -4,10 +4,12 @@ the codec paths its messages take."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -26,6 +28,64 @@ pytestmark = pytest.mark.timeout(60)
 N = 20
 
 
+@contextlib.asynccontextmanager
+async def _hello_worlds(
+    redis_server: RedisServer,
+    distributor: Distributor,
+    counting: contextlib.AbstractContextManager[Any],
+    *,
+    app: Any = apps.hello,
+    headers: dict[str, str] | None = None,
+) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
+    """``distributor`` and a Node of ``app`` serving the key ``hello``: one request warms
+    the connections, then ``N`` hello-world requests go one at a time inside ``counting``
+    (what puts the spies in place and takes them out: ``_patched``, ``_profiled``). Yields
+    the client and the Node after them, still counting, for more requests and checks."""
+    node = Node(url=redis_server.url, app=app, key="hello")
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.get("/")).text == "Hello World!"  # connections warm
+            with counting:
+                for _ in range(N):
+                    response = await client.get("/", headers=headers)
+                    assert response.text == "Hello World!"
+                yield client, node
+
+
+@contextlib.contextmanager
+def _patched(monkeypatch: pytest.MonkeyPatch, *patches: tuple[object, str, Any]) -> Iterator[None]:
+    """Each ``(target, name, value)`` set for the block; after it, all ``monkeypatch`` set
+    is undone (as each test did by hand: what it counts is these requests alone)."""
+    for target, name, value in patches:
+        monkeypatch.setattr(target, name, value)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+
+
+def _spy(target: object, name: str, record: Callable[..., object]) -> tuple[object, str, Any]:
+    """A patch for ``_patched``: ``target.name`` that calls ``record`` with its arguments,
+    then the real one."""
+    real = getattr(target, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        record(*args, **kwargs)
+        return real(*args, **kwargs)
+
+    return target, name, spy
+
+
+@contextlib.contextmanager
+def _profiled(profile: Callable[[Any, str, Any], None]) -> Iterator[None]:
+    """``profile`` as the profiler for the block (``sys.setprofile``)."""
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
+
+
 async def test_a_hello_world_request_and_its_answer_skip_the_general_decoder(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -38,15 +98,9 @@ async def test_a_hello_world_request_and_its_answer_skip_the_general_decoder(
         decoded.append(value[0] if type(value) is list and value else type(value))
         return value
 
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(jsoncodec, "decode", spy)
-            for _ in range(N):
-                response = await client.get("/", headers={"x-test": "1"})
-                assert response.text == "Hello World!"
-            monkeypatch.undo()
+    counting = _patched(monkeypatch, (jsoncodec, "decode", spy))
+    async with _hello_worlds(redis_server, distributor, counting, headers={"x-test": "1"}):
+        pass
     # The answers came as ACK_SEND messages, read by ``responsereader`` (before: each by the
     # general decoder), and the Node read uvicorn's envelopes with ``envelopereader`` (before:
     # N dicts decoded the general way).
@@ -59,20 +113,10 @@ async def test_a_response_that_comes_whole_with_its_ack_sets_no_disconnect_watch
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     watched: list[Any] = []
-    add = distributor.watch_deadlines.add
-
-    def spy(callback: Any, argument: Any) -> list[Any]:
-        watched.append(argument)
-        return add(callback, argument)
-
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(distributor.watch_deadlines, "add", spy)
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            monkeypatch.undo()
+    spy = _spy(distributor.watch_deadlines, "add", lambda _, argument: watched.append(argument))
+    counting = _patched(monkeypatch, spy)
+    async with _hello_worlds(redis_server, distributor, counting):
+        pass
     # The answer was relayed in the turn its ack was read, with no wait for the Node: no
     # deadline to watch the client (before: one per request), nor the timer it arms.
     assert watched == []
@@ -83,20 +127,8 @@ async def test_a_response_that_completes_returns_no_credit_before_its_window_clo
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     consumed: list[Any] = []
-    real = wire.ReceiveWindow.consumed
-
-    def spy(self: wire.ReceiveWindow) -> int:
-        consumed.append(self)
-        return real(self)
-
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(wire.ReceiveWindow, "consumed", spy)
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            monkeypatch.undo()
+    counting = _patched(monkeypatch, _spy(wire.ReceiveWindow, "consumed", consumed.append))
+    async with _hello_worlds(redis_server, distributor, counting):
         # Every credit came back to the pool with the windows' close.
         assert distributor.credit_pool.used == 0
     # The response's one message completed it: its credit would go to no one, and the
@@ -109,28 +141,21 @@ async def test_the_envelopes_timestamps_are_whole_milliseconds(
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     timestamps: list[Any] = []
-    real = envelopewriter.try_encode_parts
 
-    def spy(
-        deadline: Any, scope: Any, events: Any, window: Any, liveness: Any, queued: Any, *rest: Any
-    ) -> Any:
-        timestamps.append((deadline, queued))
-        return real(deadline, scope, events, window, liveness, queued, *rest)
+    def record(deadline: Any, _s: Any, _e: Any, _w: Any, _l: Any, queued: Any, *rest: Any) -> None:
+        timestamps.append((deadline, queued, rest[-1]))
 
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            monkeypatch.setattr(envelopewriter, "try_encode_parts", spy)
-            before = time.time()
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            monkeypatch.undo()
+    before = time.time()
+    counting = _patched(monkeypatch, _spy(envelopewriter, "try_encode_parts", record))
+    async with _hello_worlds(redis_server, distributor, counting):
+        pass
     assert len(timestamps) == N
-    for deadline, queued in timestamps:
-        # Written from ints (envelopewriter), not by repr; rounded down, never later.
-        assert (deadline * 1000).is_integer() and (queued * 1000).is_integer()
-        assert deadline == (round(queued * 1000) + 30_000) / 1000
-        assert before - 0.001 <= queued <= time.time()
+    for deadline, queued, millis in timestamps:
+        # Given in whole ms, written from the ints (envelopewriter), not by repr; rounded
+        # down, never later.
+        assert millis is True and type(deadline) is int and type(queued) is int
+        assert deadline == queued + 30_000
+        assert before * 1000 - 1 <= queued <= time.time() * 1000
 
 
 async def test_a_hello_world_request_waits_for_its_node_without_the_inbox_coroutine(
@@ -138,25 +163,11 @@ async def test_a_hello_world_request_waits_for_its_node_without_the_inbox_corout
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     waits: list[str] = []
-    real_get, real_arrival = Inbox.get, Inbox.arrival
-
-    def get(self: Inbox[Any]) -> Any:
-        waits.append("get")
-        return real_get(self)
-
-    def arrival(self: Inbox[Any]) -> Any:
-        waits.append("arrival")
-        return real_arrival(self)
-
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(Inbox, "get", get)
-            monkeypatch.setattr(Inbox, "arrival", arrival)
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            monkeypatch.undo()
+    get = _spy(Inbox, "get", lambda _: waits.append("get"))
+    arrival = _spy(Inbox, "arrival", lambda _: waits.append("arrival"))
+    counting = _patched(monkeypatch, get, arrival)
+    async with _hello_worlds(redis_server, distributor, counting):
+        pass
     # One wait per request, for the ACK (with the response in it), on the inbox's future
     # itself; the response, queued with the ACK, is taken at once (before: a coroutine
     # each, two per request).
@@ -169,21 +180,11 @@ async def test_a_hello_world_requests_lpush_makes_no_future_for_nobody(
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     given: list[Any] = []
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            pushes = distributor.admission.pushes
-            send_into = pushes._send_into
-
-            def spy(key: str, items: list[Any], future: Any) -> None:
-                given.append(future)
-                send_into(key, items, future)
-
-            monkeypatch.setattr(pushes, "_send_into", spy)
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            monkeypatch.undo()
+    pushes = distributor.admission.pushes
+    spy = _spy(pushes, "_send_into", lambda _key, _items, future: given.append(future))
+    counting = _patched(monkeypatch, spy)
+    async with _hello_worlds(redis_server, distributor, counting):
+        pass
     # The requests learn their LPUSH's outcome from their callbacks: the batches have no
     # future (before: one each, made and settled for nobody, about 4k instructions).
     assert len(given) == N and given == [None] * N
@@ -194,20 +195,9 @@ async def test_a_reply_of_one_message_is_not_split_as_a_batch_frame(
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     split: list[Any] = []
-    real = wire.split_frame
-
-    def spy(data: Any) -> list[Any]:
-        split.append(data)
-        return real(data)
-
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(wire, "split_frame", spy)
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            monkeypatch.undo()
+    counting = _patched(monkeypatch, _spy(wire, "split_frame", split.append))
+    async with _hello_worlds(redis_server, distributor, counting):
+        pass
     # One request at a time: each answer is one message, handled as it is (before: made a
     # list of one by ``split_frame``, a call each).
     assert split == []
@@ -218,11 +208,9 @@ async def test_a_response_whole_with_its_ack_is_not_counted_in_flight_with_its_n
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     added: list[str] = []
-    real = distributor.peers.add
-
-    def spy(peer: str, request_id: str, now: float, *, pings: bool) -> None:
-        added.append(request_id)
-        real(peer, request_id, now, pings=pings)
+    spy = _spy(
+        distributor.peers, "add", lambda _peer, request_id, *_, **__: added.append(request_id)
+    )
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["path"] == "/slow":
@@ -230,18 +218,12 @@ async def test_a_response_whole_with_its_ack_is_not_counted_in_flight_with_its_n
         else:
             await apps.hello(scope, receive, send)
 
-    node = Node(url=redis_server.url, app=app, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(distributor.peers, "add", spy)
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            hello_added = len(added)
-            # A streamed response is counted while the relay waits for its pieces, and
-            # forgotten at its end.
-            assert (await client.get("/slow?3")).text == "0\n1\n2\ndone\n"
-            monkeypatch.undo()
+    counting = _patched(monkeypatch, spy)
+    async with _hello_worlds(redis_server, distributor, counting, app=app) as (client, node):
+        hello_added = len(added)
+        # A streamed response is counted while the relay waits for its pieces, and
+        # forgotten at its end.
+        assert (await client.get("/slow?3")).text == "0\n1\n2\ndone\n"
         assert distributor.peers.requests(node.channel) == []
     # Nothing more was awaited from the Node once the ack came with the whole response:
     # no add (nor discard) per request (before: one each).
@@ -259,21 +241,11 @@ def test_on_uvloop_each_lpush_batch_is_counted_out_without_a_future(
 
     async def scenario() -> None:
         distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
-        node = Node(url=redis_server.url, app=apps.hello, key="hello")
-        async with serve_app(distributor, http="h11") as base, run_node(node):
-            async with httpx.AsyncClient(base_url=base) as client:
-                assert (await client.get("/")).text == "Hello World!"  # connections warm
-                pushes = distributor.admission.pushes
-                send_into = pushes._send_into
-
-                def spy(key: str, items: list[Any], settlement: Any) -> None:
-                    given.append(settlement)
-                    send_into(key, items, settlement)
-
-                pushes._send_into = spy
-                for _ in range(N):
-                    assert (await client.get("/")).text == "Hello World!"
-                pushes._send_into = send_into
+        pushes = distributor.admission.pushes
+        spy = _spy(pushes, "_send_into", lambda _key, _items, settlement: given.append(settlement))
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            counting = _patched(monkeypatch, spy)
+            async with _hello_worlds(redis_server, distributor, counting):
                 assert pushes._in_flight == 0  # every batch counted out: eager still
                 assert pushes.batches == pushes.items == N + 1
 
@@ -335,16 +307,8 @@ async def test_a_hello_world_request_costs_the_distributor_seven_coroutine_steps
         ):
             entered[code.co_qualname] += 1
 
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            sys.setprofile(profile)
-            try:
-                for _ in range(N):
-                    assert (await client.get("/")).text == "Hello World!"
-            finally:
-                sys.setprofile(None)
+    async with _hello_worlds(redis_server, distributor, _profiled(profile)):
+        pass
     per_request = {
         name: count
         for name, count in entered.items()
@@ -379,26 +343,28 @@ async def test_a_hello_world_request_reads_the_loops_clock_only_for_what_needs_i
         return clock()
 
     pushed: list[float] = []
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(loop, "time", counted)
-            add = distributor.ack_deadlines.add
+    add = distributor.ack_deadlines.add
 
-            def spy(callback: Any, argument: Any, now: float | None = None) -> list[Any]:
-                entry = add(callback, argument) if now is None else add(callback, argument, now)
-                pushed.append(entry[0] - distributor.ack_deadlines.duration)
-                return entry
+    def spy(callback: Any, argument: Any, now: float | None = None) -> list[Any]:
+        entry = add(callback, argument) if now is None else add(callback, argument, now)
+        pushed.append(entry[0] - distributor.ack_deadlines.duration)
+        return entry
 
-            monkeypatch.setattr(distributor.ack_deadlines, "add", spy)
-            before = time.monotonic()
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            after = time.monotonic()
-            monkeypatch.undo()
+    times: list[float] = []
+
+    @contextlib.contextmanager
+    def counting() -> Iterator[None]:
+        with _patched(
+            monkeypatch, (loop, "time", counted), (distributor.ack_deadlines, "add", spy)
+        ):
+            times.append(time.monotonic())  # before the requests
+            yield
+
+    async with _hello_worlds(redis_server, distributor, counting()):
+        times.append(time.monotonic())  # after them
     assert readers == Counter(), readers
     # The deadlines were counted from times of this run, on the loop's own clock.
+    before, after = times
     assert len(pushed) == N and all(before <= t <= after for t in pushed), pushed
 
 
@@ -406,24 +372,13 @@ async def test_a_hello_world_envelopes_timestamps_are_written_from_the_distribut
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The distributor takes its times in whole milliseconds and gives the writer those ints
-    # along with the floats: no float is taken apart to write them (``_number``, about 4.4k
-    # instructions each; from the ints 2k). Before: two per request.
+    # alone: no float is taken apart to write them (``_number``, about 4.4k instructions
+    # each; from the ints 2k). Before: two per request.
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     numbers: list[Any] = []
-    real = envelopewriter._number
-
-    def spy(value: Any) -> str | None:
-        numbers.append(value)
-        return real(value)
-
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(envelopewriter, "_number", spy)
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            monkeypatch.undo()
+    counting = _patched(monkeypatch, _spy(envelopewriter, "_number", numbers.append))
+    async with _hello_worlds(redis_server, distributor, counting):
+        pass
     assert numbers == []
 
 
@@ -435,23 +390,11 @@ async def test_a_hello_world_answer_is_read_once_and_its_ack_not_checked_again(
     # that check is called for it (before: both, once per request, about 3k instructions).
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     calls: list[str] = []
-    unpack, ack_of_ack_send = wire.unpack, wire.ack_of_ack_send
-
-    def unpack_spy(data: Any) -> Any:
-        calls.append("unpack")
-        return unpack(data)
-
-    def ack_spy(args: Any) -> Any:
-        calls.append("ack_of_ack_send")
-        return ack_of_ack_send(args)
-
-    node = Node(url=redis_server.url, app=apps.hello, key="hello")
-    async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
-            assert (await client.get("/")).text == "Hello World!"  # connections warm
-            monkeypatch.setattr(wire, "unpack", unpack_spy)
-            monkeypatch.setattr(wire, "ack_of_ack_send", ack_spy)
-            for _ in range(N):
-                assert (await client.get("/")).text == "Hello World!"
-            monkeypatch.undo()
+    counting = _patched(
+        monkeypatch,
+        _spy(wire, "unpack", lambda _: calls.append("unpack")),
+        _spy(wire, "ack_of_ack_send", lambda _: calls.append("ack_of_ack_send")),
+    )
+    async with _hello_worlds(redis_server, distributor, counting):
+        pass
     assert calls == []

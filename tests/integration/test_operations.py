@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from minidasgi import Distributor, Node, wire
 from minidasgi.resp.connection import parse_url
+from minidasgi.resp.protocol import ReplyError
 from minidasgi.status import take_status
 
 from . import apps
@@ -357,6 +359,35 @@ async def test_a_node_whose_acl_user_lacks_blmpop_pops_with_brpop_and_rpop(
     assert "popping with BRPOP and RPOP (no BLMPOP: NOPERM" in caplog.text
     info = redis.command("INFO", "commandstats")
     assert isinstance(info, bytes) and b"cmdstat_brpop:calls=" in info
+
+
+async def test_a_refused_blmpop_is_not_kept_alive_through_the_brpop_after_it(
+    redis_server: RedisServer,
+) -> None:
+    """The pop that falls back to BRPOP waits outside the handler of BLMPOP's refusal: the
+    error, its traceback and their frames are not held for the whole wait."""
+    redis = redis_server
+    redis.command("ACL", "SETUSER", "older", "on", ">pw", "~ops", "&minidasgi:*", "+ping",
+                  "+brpop", "+rpop", "+publish", "+subscribe", "+client|id",
+                  "+client|unblock")  # fmt: skip
+    url = f"redis://older:pw@127.0.0.1:{redis.port}/0"
+    node = Node(url=url, key="ops", app=apps.hello, pop_timeout=30)
+
+    def brpop_waits() -> bool:
+        clients = redis.command("CLIENT", "LIST")
+        assert isinstance(clients, bytes)
+        return b"cmd=brpop" in clients
+
+    def refusals() -> list[ReplyError]:
+        gc.collect()  # what only a cycle holds goes
+        return [o for o in gc.get_objects() if isinstance(o, ReplyError) and "blmpop" in str(o)]
+
+    earlier = refusals()  # of tests before this one (held here: no id of theirs reused)
+    async with run_node(node):
+        assert await poll(brpop_waits, 10), "the Node never waited in a BRPOP"
+        assert not node._pop_many  # BLMPOP was refused, and the BRPOP is the first pop's
+        refused = [o for o in refusals() if not any(o is e for e in earlier)]
+        assert not refused, refused
 
 
 # 4. Metrics, health, access log

@@ -371,12 +371,20 @@ async def test_cancel_command_waiting_behind_brpop(
     assert await conn.ping() == b"PONG"
 
 
+@pytest.mark.parametrize(
+    "command", ["brpop", pytest.param("brpop_many", marks=pytest.mark.requires_server("7.0"))]
+)
 async def test_cancelled_brpop_closes_connection_and_leaves_item(
-    clean_redis: RedisServer, open_conn: Opener
+    clean_redis: RedisServer, open_conn: Opener, command: str
 ) -> None:
+    # brpop and brpop_many return the coroutine that does the work (no coroutine of their
+    # own): cancelling the task that awaits it still closes the connection.
     blocked = await open_conn(clean_redis.url)
     other = await open_conn(clean_redis.url)
-    pop = asyncio.create_task(blocked.brpop("jobs", timeout=5))
+    if command == "brpop":
+        pop = asyncio.create_task(blocked.brpop("jobs", timeout=5))
+    else:
+        pop = asyncio.create_task(blocked.brpop_many("jobs", count=2, timeout=5))
 
     def blocked_clients() -> int:
         info = clean_redis.command("INFO", "clients")
