@@ -567,6 +567,33 @@ async def test_tails_read_apart_are_the_bytes_the_socket_read(
     assert len(os.listdir("/proc/self/fd")) == descriptors  # the socket's duplicate closed
 
 
+async def _large_payloads_through(
+    proxy: FaultProxy,
+    server: RedisServer,
+    open_conn: Opener,
+    make_subscriber: SubscriberFactory,
+    received: list[Any],
+    lost: list[bool],
+    health_check_interval: float,
+) -> tuple[Any, Any, bytes]:
+    """A subscriber to "big" through ``proxy`` that reads the tail of a payload starting with
+    ``T`` apart, a publisher straight to ``server``, and a first such payload delivered (read
+    as before: the next one's tail is read apart). Returns both and the first payload."""
+    subscriber = make_subscriber(
+        proxy.url(),
+        on_message=lambda c, d: received.append(d),
+        on_connection_lost=lambda: lost.append(True),
+        health_check_interval=health_check_interval,
+        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+    )
+    await asyncio.wait_for(subscriber.subscribe("big"), 2)
+    publisher = await open_conn(server.url)
+    first = b"T" + b"a" * 100_000
+    assert await publisher.publish("big", first) == 1
+    await eventually(lambda: len(received) == 1, 5)
+    return subscriber, publisher, first
+
+
 async def test_a_tail_read_apart_on_a_slow_link_is_traffic_for_the_health_check(
     clean_redis: RedisServer,
     open_conn: Opener,
@@ -582,18 +609,9 @@ async def test_a_tail_read_apart_on_a_slow_link_is_traffic_for_the_health_check(
     received: list[Any] = []
     lost: list[bool] = []
     with FaultProxy(clean_redis.port) as proxy:
-        subscriber = make_subscriber(
-            proxy.url(),
-            on_message=lambda c, d: received.append(d),
-            on_connection_lost=lambda: lost.append(True),
-            health_check_interval=0.4,
-            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        subscriber, publisher, first = await _large_payloads_through(
+            proxy, clean_redis, open_conn, make_subscriber, received, lost, 0.4
         )
-        await asyncio.wait_for(subscriber.subscribe("big"), 2)
-        publisher = await open_conn(clean_redis.url)
-        first = b"T" + b"a" * 100_000  # read as before: then the next one's tail is read apart
-        assert await publisher.publish("big", first) == 1
-        await eventually(lambda: len(received) == 1, 5)
         proxy.throttle(down=100_000)  # 200 kB: about two seconds, five intervals
         second = b"T" + b"b" * 200_000
         assert await publisher.publish("big", second) == 1
@@ -617,17 +635,9 @@ async def test_a_link_that_goes_silent_in_the_middle_of_a_tail_is_given_up(
     received: list[Any] = []
     lost: list[bool] = []
     with FaultProxy(clean_redis.port) as proxy:
-        subscriber = make_subscriber(
-            proxy.url(),
-            on_message=lambda c, d: received.append(d),
-            on_connection_lost=lambda: lost.append(True),
-            health_check_interval=0.3,
-            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        subscriber, publisher, _ = await _large_payloads_through(
+            proxy, clean_redis, open_conn, make_subscriber, received, lost, 0.3
         )
-        await asyncio.wait_for(subscriber.subscribe("big"), 2)
-        publisher = await open_conn(clean_redis.url)
-        assert await publisher.publish("big", b"T" + b"a" * 100_000) == 1
-        await eventually(lambda: len(received) == 1, 5)
         proxy.throttle(down=50_000)
         assert await publisher.publish("big", b"T" + b"b" * 300_000) == 1
         await eventually(lambda: sum(map(len, reads)) > 0, 5)  # its tail is being read
