@@ -1353,15 +1353,21 @@ class Connection:
                 waiter.set_exception(self._closed_error())
 
     async def _wait_transport_closed(self) -> None:
-        if self._writer is None:
-            return
-        try:
-            # A graceful close first sends what is buffered, which a dead peer never takes.
-            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), _CLOSE_GRACE)
-        except asyncio.TimeoutError:
-            self._writer.transport.abort()
-        except Exception:  # already reported through the waiters
-            pass
+        if self._writer is not None:
+            await wait_closed(self._writer)
+
+
+async def wait_closed(writer: asyncio.StreamWriter) -> None:
+    """Wait until ``writer``, already told to close, has finished closing (a TLS transport
+    shuts its session down first), at most ``_CLOSE_GRACE`` seconds; then drop it. An owner
+    that closes its event loop next leaves no transport half closed."""
+    try:
+        # A graceful close first sends what is buffered, which a dead peer never takes.
+        await asyncio.wait_for(asyncio.shield(writer.wait_closed()), _CLOSE_GRACE)
+    except asyncio.TimeoutError:
+        writer.transport.abort()
+    except Exception:  # the connection's end is reported where it is read
+        pass
 
 
 async def open_connection(params: ConnectionParams, *, parser: str | None = None) -> Connection:

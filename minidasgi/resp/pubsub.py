@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NamedTuple
 
 from . import sentinel
-from .connection import ConnectionParams, ReplyReader, make_params, open_stream
+from .connection import ConnectionParams, ReplyReader, make_params, open_stream, wait_closed
 from .directread import DirectReads, TailSize
 from .protocol import (
     NEED_DATA,
@@ -297,6 +297,10 @@ class Subscriber:
                     self._set_connected(False)
                     self._confirmed.clear()
                     writer.close()
+                    if self._closing:
+                        # close() returns once the transport has finished closing (bounded):
+                        # a TLS one left half closed warns when its owner closes the loop.
+                        await wait_closed(writer)
                 self.last_error = error
                 logger.warning(
                     "subscriber lost its connection to Redis at %s: %s",

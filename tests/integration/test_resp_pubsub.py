@@ -706,13 +706,40 @@ def test_tails_are_read_as_before_on_a_transport_that_reads_the_socket_itself(
         loop = uvloop.new_event_loop()
     try:
         received = loop.run_until_complete(_tails_on_a_transport_of_its_own(url, **options))
-        # Closed connections finish closing (TLS's shutdown takes a round trip) before the
-        # loop goes: else a transport left half closed warns, in whatever test collects it.
-        loop.run_until_complete(asyncio.sleep(0.05))
     finally:
         loop.close()
     assert not any(isinstance(data, SplitPayload) for data in received)
     assert not made
+
+
+def test_a_tls_subscriber_has_finished_closing_when_close_returns(
+    redis_factory: RedisFactory,
+) -> None:
+    # A TLS transport shuts its session down before it is closed (a round trip). close()
+    # returned before that, so an owner closing its event loop next left the transport half
+    # closed: "unclosed transport" when it was collected, in whatever code ran then.
+    server = redis_factory(tls=True)
+
+    async def subscribe_then_close() -> None:
+        descriptors = len(os.listdir("/proc/self/fd"))
+        subscriber = Subscriber(server.tls_url, ssl=server.ssl_context())
+        await asyncio.wait_for(subscriber.subscribe("ch"), 5)
+        assert len(os.listdir("/proc/self/fd")) == descriptors + 1
+        await asyncio.wait_for(subscriber.close(), 5)
+        # Its socket is closed once the session is shut down, not before.
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+
+    gc.collect()  # what earlier tests left for the collector warns before, not below
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", ResourceWarning)
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(subscribe_then_close())
+        finally:
+            loop.close()
+        gc.collect()
+    unclosed = [str(w.message) for w in warned if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed
 
 
 async def test_each_connection_killed_after_tails_read_apart_leaves_no_descriptor(
