@@ -530,6 +530,12 @@ async def test_direct_reads_deliver_the_same_messages_in_order(
     assert {type(data) for _, data in received} == {bytes, memoryview}
 
 
+def _tail_of_t_payloads(start: bytes, size: int) -> int:
+    """The tests' ``tail_size``: a payload starting with ``T`` has all but its first 5 bytes
+    read apart; any other is read whole."""
+    return size - 5 if start[:1] == b"T" else 0
+
+
 async def test_tails_read_apart_are_the_bytes_the_socket_read(
     clean_redis: RedisServer,
     open_conn: Opener,
@@ -545,7 +551,7 @@ async def test_tails_read_apart_are_the_bytes_the_socket_read(
     subscriber = make_subscriber(
         clean_redis.url,
         on_message=lambda c, d: received.append((c, d)),
-        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        direct_reads=_tail_of_t_payloads,
     )
     await asyncio.wait_for(subscriber.subscribe("big"), 2)
     publisher = await open_conn(clean_redis.url)
@@ -584,7 +590,7 @@ async def _large_payloads_through(
         on_message=lambda c, d: received.append(d),
         on_connection_lost=lambda: lost.append(True),
         health_check_interval=health_check_interval,
-        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        direct_reads=_tail_of_t_payloads,
     )
     await asyncio.wait_for(subscriber.subscribe("big"), 2)
     publisher = await open_conn(server.url)
@@ -659,7 +665,7 @@ async def _tails_on_a_transport_of_its_own(url: str, **options: Any) -> list[Any
     subscriber = Subscriber(
         url,
         on_message=lambda c, d: received.append(d),
-        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        direct_reads=_tail_of_t_payloads,
         **options,
     )
     try:
@@ -764,7 +770,7 @@ async def test_each_connection_killed_after_tails_read_apart_leaves_no_descripto
             clean_redis.url,
             on_message=lambda c, d: received.append(d),
             on_connection_lost=lambda: lost.append(True),
-            direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+            direct_reads=_tail_of_t_payloads,
         )
         await asyncio.wait_for(subscriber.subscribe("big"), 2)
         payload = b"T" + b"k" * 200_000
@@ -843,11 +849,7 @@ async def test_a_large_payload_that_lies_about_its_length_ends_with_a_protocol_e
             on_message=lambda c, d: received.append(bytes(d)),
             on_connection_lost=lost,
             min_backoff=0.01,
-            direct_reads=(
-                True
-                if where == "read ahead"
-                else lambda start, size: size - 5 if start[:1] == b"T" else 0
-            ),
+            direct_reads=(True if where == "read ahead" else _tail_of_t_payloads),
         )
         await asyncio.wait_for(subscriber.subscribe("ch"), 2)
         await eventually(lambda: b"back" in received, 5)
@@ -930,7 +932,7 @@ async def test_tails_are_read_as_before_in_a_process_that_did_not_allow_it(
     subscriber = make_subscriber(
         clean_redis.url,
         on_message=lambda c, d: received.append(d),
-        direct_reads=lambda start, size: size - 5 if start[:1] == b"T" else 0,
+        direct_reads=_tail_of_t_payloads,
     )
     await asyncio.wait_for(subscriber.subscribe("big"), 2)
     publisher = await open_conn(clean_redis.url)
