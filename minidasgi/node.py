@@ -388,8 +388,9 @@ class Node:
                 if self.health_server is not None:
                     await self.health_server.close()
 
-    async def _until_stopped(self, awaitable: Any) -> None:
-        """Await ``awaitable`` unless ``stop()`` comes first."""
+    async def _until_stopped(self, awaitable: Any) -> Any:
+        """Await ``awaitable`` unless ``stop()`` comes first: its result, or None if
+        stopped."""
         assert self._stopping is not None
         task = asyncio.ensure_future(awaitable)
         stopped = asyncio.ensure_future(self._stopping.wait())
@@ -400,7 +401,8 @@ class Node:
             if not task.done():
                 task.cancel()
         if task.done() and not task.cancelled():
-            task.result()
+            return task.result()
+        return None
 
     async def _pop_loop(self, poppers: list[tuple[list[str], Client]]) -> None:
         """Pop each group of keys on its own connection, all groups sharing the Node's
@@ -482,12 +484,16 @@ class Node:
             try:
                 # A pop is never cancelled (that could lose an item already popped): stop()
                 # wakes it with CLIENT UNBLOCK, and the timeout bounds the wait if that fails.
-                # Connected (nearly always): no coroutine to wait with.
-                connection = (
-                    popper.connection()
-                    if popper.connected
-                    else await popper.wait_connected(self.pop_timeout)
-                )
+                # Connected (nearly always): no coroutine to wait with. Redis away: each wait
+                # below is ended by stop() too, or a stop would wait out pop_timeout.
+                if popper.connected:
+                    connection = popper.connection()
+                else:
+                    connection = await self._until_stopped(
+                        popper.wait_connected(self.pop_timeout)
+                    )
+                    if connection is None:  # stopped (the finally gives the slots back)
+                        continue
                 # Pop only what can be acked and heard about: after a Redis restart the
                 # publisher may still be reconnecting, and a request popped then would be
                 # dropped unacked (as if its distributor were gone) while the client waits for
@@ -501,7 +507,11 @@ class Node:
                 publisher, subscriber = self._publisher, self._subscriber
                 assert publisher is not None and subscriber is not None
                 if not (publisher.connected and subscriber.hears(self._own)):
-                    await asyncio.wait_for(self._until_can_take_on(), self.pop_timeout)
+                    await self._until_stopped(
+                        asyncio.wait_for(self._until_can_take_on(), self.pop_timeout)
+                    )
+                    if self._stopping.is_set():
+                        continue
                 if connection is not popped_on:
                     self._pop_ids.pop(index, None)
                     client_id = await self._client_id(connection)

@@ -558,3 +558,40 @@ async def test_client_disconnect_reaches_the_app(redis_server: RedisServer) -> N
     assert events == ["http.request", "http.disconnect"]
     assert elapsed < 2, f"the app saw the disconnect after {elapsed:.2f} s"
     assert _keys(redis_server) == []
+
+
+# 11. A stop during a Redis outage ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("down", ["before the start", "while popping"])
+async def test_a_node_stops_at_once_while_redis_is_down(
+    redis_server: RedisServer, down: str
+) -> None:
+    """A Node whose Redis is gone waits to reconnect (each wait up to ``pop_timeout``): a
+    ``stop()`` must end those waits at once, not when they time out."""
+    pop_timeout = 20.0
+    node = Node(url=redis_server.url, app=apps.hello, key="hello", pop_timeout=pop_timeout)
+    loop = asyncio.get_running_loop()
+    if down == "before the start":
+        redis_server.stop()
+        serving = asyncio.ensure_future(node.serve())
+        await asyncio.sleep(0.5)  # it waits for Redis to come up
+    else:
+        serving = asyncio.ensure_future(node.serve())
+        await asyncio.wait_for(node.wait_started(), 10)
+        await asyncio.to_thread(redis_server.stop)
+        publisher = node._publisher
+        assert publisher is not None
+        # The pop loop has seen its connection go, and waits for a new one.
+        assert await poll(lambda: not publisher.connected, 10)
+        await asyncio.sleep(0.5)
+    try:
+        assert not serving.done()
+        stopped_at = loop.time()
+        node.stop()
+        await asyncio.wait_for(asyncio.shield(serving), 15)
+        # Nothing waits out pop_timeout (20 s): a few seconds at most for closing.
+        assert loop.time() - stopped_at < pop_timeout / 4
+    finally:
+        if not serving.done():
+            serving.cancel()
