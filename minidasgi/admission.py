@@ -199,7 +199,8 @@ class Admission:
                 packed = pack_command("PUBSUB", "NUMSUB", channel)
                 if len(self._channels) < metrics.MAX_SERIES:  # keys can come from paths
                     self._channels[key] = packed
-        values = [item[0] for item in items]
+        # One envelope at one request in flight: no comprehension (a call of its own) for it.
+        values = [items[0][0]] if len(items) == 1 else [item[0] for item in items]
         pushing = self._pack_lpush(key, values)
         if not isinstance(connection, Connection):
             # A Cluster's router: the two commands may live on different masters.

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from minidasgi import batching
 from minidasgi.batching import Batcher, Settlement
 
 
@@ -125,6 +126,49 @@ async def test_an_eager_batch_leaves_with_the_last_callback_of_its_turn() -> Non
     assert sender.sent[-1] == ("a", [1, 2, 3])
     batcher.flush()
     assert (batcher.batches, batcher.items) == (3, 5)
+
+
+async def test_a_lone_item_that_leaves_at_once_makes_no_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # At one request in flight every item is alone in its turn: with no future wanted, it
+    # goes straight to the sender, with no batch made and dispatched for it (before: one
+    # ``_Batch`` per item); the counts and its index as before, and a sender's failure
+    # ignored as ``_dispatch`` ignores it.
+    loop = asyncio.get_running_loop()
+    if not hasattr(loop, "_ready"):
+        pytest.skip("needs asyncio's own event loop")
+    made: list[object] = []
+    real = batching._Batch.__init__
+
+    def spy(self: Any) -> None:
+        made.append(self)
+        real(self)
+
+    sender = Recorder()
+    batcher: Batcher[int] = Batcher(send_into=sender, eager=True)
+    batcher.put("a", 0)  # the first put finds the loop, as before
+    monkeypatch.setattr(batching._Batch, "__init__", spy)
+    for item in (1, 2):
+        assert batcher.put("a", item, future=False) is None
+        assert batcher.index == 0
+    assert sender.sent == [("a", [0]), ("a", [1]), ("a", [2])]
+    assert sender.given[1:] == [None, None]
+    assert made == []
+    assert (batcher.batches, batcher.items) == (3, 3)
+    batcher.put("a", 3, future=False, more=True)  # more to come: it waits, in a batch
+    assert len(made) == 1 and sender.sent[-1] == ("a", [2])
+    await asyncio.sleep(0)
+    assert sender.sent[-1] == ("a", [3])
+
+    def failing(destination: str, items: list[Any], future: Any) -> None:
+        raise RuntimeError("no connection")
+
+    broken: Batcher[int] = Batcher(send_into=failing, eager=True)
+    broken.put("a", 0, future=False, more=True)  # finds the loop
+    await asyncio.sleep(0)
+    broken.put("a", 1, future=False)  # the sender's failure is not the caller's
+    assert (broken.batches, broken.items) == (2, 2)
 
 
 async def test_an_eager_batch_waits_for_the_items_its_callback_says_are_coming() -> None:
