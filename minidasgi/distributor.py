@@ -662,8 +662,9 @@ class Distributor:
         # The usual small response, read first, as ``wire.unpack`` would: an ACK_SEND whose
         # reader admits only events and an ACK that ``wire.ack_of_ack_send`` accepts (a
         # list of events, a Node channel, no confirmation asked), taken as they are (the
-        # check and the call: about 3k instructions per request).
-        message = responsereader.try_decode(data, max_size=wire.MAX_MESSAGE_SIZE)
+        # check and the call: about 3k instructions per request). The start's header pairs
+        # come as tuples, as the server is handed them: ``_tuple_headers`` finds none to make.
+        message = responsereader.try_decode(data, max_size=wire.MAX_MESSAGE_SIZE, tuples=True)
         if message is not None:
             request_id = message[1]
             exchange = self._exchanges.get(request_id)

@@ -92,10 +92,13 @@ def try_decode(
     max_size: int = DEFAULT_MAX_SIZE,
     max_items: int = jsoncodec.DEFAULT_MAX_ITEMS,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    tuples: bool = False,
 ) -> list[Any] | None:
     """The value ``jsoncodec.decode`` gives for ``data`` with these bounds, when ``data`` is
     a usual ``ACK_SEND`` message; None when it is not (then only the general path decides:
-    the message may still be valid, or not)."""
+    the message may still be valid, or not). With ``tuples``, the same but for the start's
+    header pairs, tuples rather than lists (what a distributor hands its server: no pass to
+    convert them afterwards)."""
     if type(data) is not bytes:
         # A small view (a message of a batch frame) is copied whole, once: slicing bytes then
         # gives the bytes values with no view each. A larger one, or another buffer: as usual.
@@ -127,13 +130,22 @@ def try_decode(
     lengths = _LENGTHS[count].unpack_from(data, head_end)
     if sum(lengths) != size - tail_start:
         return None
-    headers = []
+    headers: list[Any] = []
     position = tail_start
-    for index in range(0, count - 1, 2):  # the headers' lengths, then the body's
-        middle = position + lengths[index]
-        end = middle + lengths[index + 1]
-        headers.append([data[position:middle], data[middle:end]])
-        position = end
+    # The headers' lengths, then the body's. Two loops: a pair built by its display
+    # either way, not by a call.
+    if tuples:
+        for index in range(0, count - 1, 2):
+            middle = position + lengths[index]
+            end = middle + lengths[index + 1]
+            headers.append((data[position:middle], data[middle:end]))
+            position = end
+    else:
+        for index in range(0, count - 1, 2):
+            middle = position + lengths[index]
+            end = middle + lengths[index + 1]
+            headers.append([data[position:middle], data[middle:end]])
+            position = end
     body: dict[str, Any] = {"type": "http.response.body", "body": data[position:]}
     if more is not None:
         body["more_body"] = more
