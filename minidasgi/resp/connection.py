@@ -598,6 +598,16 @@ class _ReadingProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
             return self._view[:_DIRECT_GAP_READ]
         return self._view
 
+    def data_received(self, data: bytes) -> None:
+        # A transport that does not read into ``get_buffer`` (uvloop's: it takes a protocol
+        # that is an ``asyncio.Protocol``, as a StreamReaderProtocol is, for a plain one)
+        # hands each read over as fresh bytes: to the sink at once, as ``buffer_updated``
+        # does, not through StreamReaderProtocol's ``data_received``, its weak reference to
+        # the reader and the reader's ``feed_data`` (three calls per read, two reads per
+        # request on each side).
+        if data:
+            self._feed(data)
+
     def buffer_updated(self, nbytes: int) -> None:
         into = self._into
         if into is not _OWN:
@@ -770,6 +780,10 @@ class Connection:
         self._parser = make_parser(parser)
         self._reader = ReplyReader(self._on_data, self._on_end)  # held: the protocol won't
         self._writer: asyncio.StreamWriter | None = None
+        # The writer's transport, written to directly (``_write``): ``StreamWriter.write``
+        # only passes its bytes on, and ``.transport`` is a property, two Python calls per
+        # write (one or two writes per request on each side).
+        self._transport: asyncio.WriteTransport | None = None
         # Reply futures, or callbacks (``send_packed_to``), in the order of their commands.
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._wbuf: Parts = []
@@ -804,6 +818,7 @@ class Connection:
 
     async def _open(self) -> None:
         self._writer = await open_stream(self.params, self._reader)
+        self._transport = self._writer.transport
         if self._error is not None:  # it failed before open_stream returned the writer
             self._writer.close()
         self._fileno = _vectored_fileno(self._writer.transport)
@@ -1259,13 +1274,14 @@ class Connection:
     def _write(self, data: bytes | memoryview) -> None:
         if self._error is not None:
             return
-        assert self._writer is not None
+        transport = self._transport
+        assert transport is not None
         try:
-            self._writer.write(data)
+            transport.write(data)
         except Exception as exc:  # the transport is already gone
             self._abort(self._lost(exc))
             return
-        self._backlogged = self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
+        self._backlogged = transport.get_write_buffer_size() > _WRITE_HIGH_WATER
 
     async def _drain(self) -> None:
         assert self._writer is not None

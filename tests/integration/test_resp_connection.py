@@ -8,9 +8,11 @@ made to misbehave (malformed or oversize replies).
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -847,3 +849,63 @@ async def test_a_connection_reset_just_after_its_accept_fails_as_a_connection_er
         # The proxy's thread accepts some of them after they were used.
         assert await poll(lambda: proxy.resets == 300, 5), proxy.resets
     assert opened < 300
+
+
+# -- the path of a read and of a write, per event loop -------------------------------------
+
+# What a read or a write of ours passed through before it reached the reply parser or the
+# transport: StreamReaderProtocol's data_received (uvloop hands an asyncio.Protocol its reads
+# as bytes, never through get_buffer), its weak reference to the reader and the reader's
+# feed_data; StreamWriter.write and its transport property.
+_DETOURS = {
+    "StreamReaderProtocol.data_received",
+    "StreamReaderProtocol._stream_reader",
+    "ReplyReader.feed_data",
+    "StreamWriter.write",
+    "StreamWriter.transport",
+}
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_reads_and_writes_go_straight_between_the_transport_and_the_parser(
+    clean_redis: RedisServer, loop_kind: str
+) -> None:
+    from minidasgi.resp import Subscriber
+
+    called: set[str] = set()
+
+    def profile(frame: Any, event: str, _: Any) -> None:
+        if event == "call":
+            called.add(frame.f_code.co_qualname)
+
+    async def scenario() -> list[bytes]:
+        got: list[bytes] = []
+        conn = await connect(clean_redis.url)
+        subscriber = Subscriber(clean_redis.url, on_message=lambda _c, data: got.append(data))
+        try:
+            await asyncio.wait_for(subscriber.subscribe("ch"), 5)
+            assert await conn.ping() == b"PONG"  # both connections up and used once
+            sys.setprofile(profile)
+            try:
+                for index in range(3):
+                    assert await conn.publish("ch", b"m%d" % index) == 1
+                    assert await conn.execute("GET", "missing") is None
+                assert await poll(lambda: len(got) == 3, 5)
+            finally:
+                sys.setprofile(None)
+        finally:
+            await subscriber.close()
+            await conn.close()
+        return got
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(scenario()) == [b"m0", b"m1", b"m2"]
+    finally:
+        loop.close()
+    assert "Connection._on_data" in called  # the profile saw the reads
+    assert not called & _DETOURS, sorted(called & _DETOURS)
