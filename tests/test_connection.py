@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import sys
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
 from minidasgi.resp.connection import (
+    Connection,
     ConnectionParams,
     ReplyReader,
     _ReadingProtocol,
     _redact,
+    _ReplyCallback,
     make_params,
     parse_url,
 )
@@ -426,3 +429,29 @@ async def test_a_plain_stream_reader_is_still_fed_through_its_feed_data() -> Non
     del buffer
     protocol.buffer_updated(5)
     assert await reader.readline() == b"+OK\r\n"
+
+
+@pytest.mark.parametrize("kind", ["python", "hiredis"])
+async def test_a_read_of_one_reply_costs_its_parser_two_calls(kind: str) -> None:
+    # feed_gets (the bytes, and the first reply) and the gets that finds no more: before,
+    # feed, gets and gets, a Python call more per read (two reads per request on each side).
+    if kind == "hiredis":
+        pytest.importorskip("hiredis")
+    connection = Connection(ConnectionParams(), parser=kind)
+    parser_type = type(connection._parser)
+    got: list[Any] = []
+    called: list[str] = []
+
+    def profile(frame: Any, event: str, _: Any) -> None:
+        if event == "call" and frame.f_locals.get("self").__class__ is parser_type:
+            called.append(frame.f_code.co_name)
+
+    connection._waiters.append(_ReplyCallback(got.append))
+    sys.setprofile(profile)
+    try:
+        connection._on_data(b":1\r\n")
+    finally:
+        sys.setprofile(None)
+    assert got == [1]
+    public = [name for name in called if not name.startswith("_")]
+    assert public == ["feed_gets", "gets"], called

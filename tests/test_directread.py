@@ -195,6 +195,22 @@ def test_replies_are_those_of_a_parser_alone_however_the_bytes_come() -> None:
         assert str(_plain(replies)) == str(expected), sizes  # ReplyError compares by identity
 
 
+def test_feed_gets_yields_what_feed_then_gets_yields() -> None:
+    # The subscriber's read: ``feed_gets`` (feed, and the first reply in the same call),
+    # then ``gets`` until NEED_DATA.
+    data = b"".join(STREAM)
+    expected = _expected(data)
+    for step in (1, 7, 65536, len(data)):
+        reader = DirectReads(b"message")
+        replies: list[Any] = []
+        for start in range(0, len(data), step):
+            reply = reader.feed_gets(memoryview(bytearray(data[start : start + step])))
+            while reply is not NEED_DATA:
+                replies.append(reply)
+                reply = reader.gets()
+        assert str(_plain(replies)) == str(expected), step
+
+
 def test_replies_read_ahead_into_payload_buffers_are_those_of_a_parser_alone() -> None:
     # Reads between payloads go into a free payload buffer whole: pushes whose payloads fit
     # it, or do not, or whose header or payload a read cuts, or several in one read, among

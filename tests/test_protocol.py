@@ -326,6 +326,26 @@ def test_whole_corpus_fed_in_random_pieces_yields_every_reply_in_order(parser_ki
             assert_reply_equal(reply, expected)
 
 
+def test_feed_gets_yields_what_feed_then_gets_yields(parser_kind: str) -> None:
+    # A read's first step in one call (``feed_gets``), then ``gets`` until NEED_DATA, as the
+    # connection and the subscriber read: every reply, in order, however the stream is cut.
+    corpus = corpus_for(parser_kind)
+    stream = b"".join(raw for raw, _ in corpus)
+    rng = random.Random(4321)
+    for _ in range(5):
+        parser = make_parser(parser_kind)
+        replies = []
+        for start in range(0, len(stream), step := rng.randint(1, 64)):
+            reply = parser.feed_gets(stream[start : start + step])
+            while reply is not NEED_DATA:
+                replies.append(reply)
+                reply = parser.gets()
+        assert len(replies) == len(corpus)
+        for reply, (_, expected) in zip(replies, corpus, strict=True):
+            assert_reply_equal(reply, expected)
+    assert make_parser(parser_kind).feed_gets(b"") is NEED_DATA
+
+
 def test_error_replies_are_returned_not_raised(parser_kind: str) -> None:
     parser = make_parser(parser_kind)
     parser.feed(b"-ERR boom\r\n+OK\r\n")
@@ -417,6 +437,16 @@ def assert_refused_however_fed(kind: str, raw: bytes) -> None:
             parser.feed(raw[i : i + 1])
             while parser.gets() is not NEED_DATA:
                 pass
+
+    # Through feed_gets, a read's first step: refused too, and for good.
+    parser = make_parser(kind)
+    with pytest.raises(ProtocolError):
+        for i in range(len(raw)):
+            if parser.feed_gets(raw[i : i + 1]) is not NEED_DATA:
+                while parser.gets() is not NEED_DATA:
+                    pass
+    with pytest.raises(ProtocolError):
+        parser.feed_gets(b"+OK\r\n")
 
 
 @pytest.mark.parametrize("raw", MALFORMED, ids=[malformed_id(raw) for raw in MALFORMED])
@@ -541,6 +571,16 @@ def test_hiredis_parser_refuses_an_incomplete_reply_over_the_bound() -> None:
     parser.feed(b"x" * 200)
     with pytest.raises(ProtocolError, match="limit"):
         parser.gets()
+
+
+def test_hiredis_parser_refuses_an_incomplete_reply_over_the_bound_through_feed_gets() -> None:
+    parser = HiredisParser(max_reply_size=1000)
+    assert parser.feed_gets(b"+OK\r\n$5000\r\n" + b"x" * 900) == b"OK"
+    assert parser.gets() is NEED_DATA  # the 907 bytes after the reply count, not those before
+    with pytest.raises(ProtocolError, match="limit"):
+        parser.feed_gets(b"x" * 200)
+    with pytest.raises(ProtocolError, match="limit"):
+        parser.feed_gets(b"x")  # given up for good
 
 
 def test_hiredis_parser_refuses_an_incomplete_array_over_the_bound() -> None:

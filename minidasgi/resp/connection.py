@@ -1298,8 +1298,8 @@ class Connection:
         parser = self._parser
         waiters = self._waiters
         try:
-            parser.feed(data)
-            while (reply := parser.gets()) is not NEED_DATA:
+            reply = parser.feed_gets(data)
+            while reply is not NEED_DATA:
                 if not waiters:
                     raise ProtocolError("Redis sent a reply nobody asked for")
                 waiter = waiters.popleft()
@@ -1309,6 +1309,7 @@ class Connection:
                         return
                 if self._leave_codes and isinstance(reply, ReplyError) and self._left(reply):
                     return
+                reply = parser.gets()
         except ProtocolError as exc:
             logger.warning("malformed reply from Redis at %s: %s", self.params.address, exc)
             self._abort(exc)

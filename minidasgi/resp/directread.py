@@ -263,6 +263,11 @@ class DirectReads:
         """The next complete reply (a large payload as a memoryview), or ``NEED_DATA``."""
         return self._ready.popleft() if self._ready else NEED_DATA
 
+    def feed_gets(self, data: Any) -> Any:
+        """``feed(data)``, then what ``gets()`` returns (a read's first step: one call less)."""
+        self.feed(data)
+        return self._ready.popleft() if self._ready else NEED_DATA
+
     def read_into(self) -> memoryview | None:
         """Where the next read should go: the rest of a payload being read, else None (the
         connection's own buffer, or ``read_ahead``)."""

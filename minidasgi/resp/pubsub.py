@@ -348,14 +348,15 @@ class Subscriber:
             # Messages are dispatched the moment their bytes arrive: no reader task.
             self._last_read = loop.time()
             try:
-                parser.feed(data)
-                while (reply := parser.gets()) is not NEED_DATA:
+                reply = parser.feed_gets(data)
+                while reply is not NEED_DATA:
                     if handshake:
                         waiter = handshake.pop(0)
                         if not waiter.done():
                             waiter.set_result(reply)
-                        continue
-                    self._handle(reply)
+                    else:
+                        self._handle(reply)
+                    reply = parser.gets()
             except ProtocolError as exc:
                 end(exc)
             except Exception as exc:  # never let an error escape into the transport

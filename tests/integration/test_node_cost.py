@@ -306,6 +306,10 @@ async def _turns_of_one_request(
                 events.append(("popped", turns[0]))
             parser.feed(data)
 
+        def feed_gets(self, data: Any) -> Any:
+            self.feed(data)
+            return parser.gets()
+
         def gets(self) -> Any:
             return parser.gets()
 
@@ -388,6 +392,10 @@ async def _state_after_turns(
             if marker in bytes(data):
                 popped_in.append(turns[0])  # the turn under way
             parser.feed(data)
+
+        def feed_gets(self, data: Any) -> Any:
+            self.feed(data)
+            return parser.gets()
 
         def gets(self) -> Any:
             return parser.gets()

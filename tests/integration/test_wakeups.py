@@ -68,6 +68,10 @@ def counting(connection: Connection) -> Iterator[Counts]:
             counts.read_in = counts.turns
             parser.feed(data)
 
+        def feed_gets(self, data: Any) -> Any:
+            counts.read_in = counts.turns
+            return parser.feed_gets(data)
+
         def gets(self) -> Any:
             return parser.gets()
 
