@@ -167,9 +167,10 @@ class Batcher(Generic[T]):
     rather than in a flush one loop iteration later: at one request in flight that saves the
     loop an iteration per command, and under load, when the turn has more to run, items still
     gather. A loop that does not show what is ready to run (uvloop) gets a stand-in for "the
-    last callback of its turn": no command of this batcher awaits its outcome. At one request
-    in flight that is so at every put, and it saves the same loop iteration; under load the
-    first item of a turn may leave alone, the others gather behind it. Only for callers that
+    last callback of its turn": no command of this batcher awaits its outcome, and the last
+    one carried a lone item. At one request in flight that is so at every put, and it saves
+    the same loop iteration; under load, once a batch carried company, a turn's items gather
+    until its flush (a burst's first item may still leave alone). Only for callers that
     put one item per callback (the distributor's pushes and messages), or say ``more`` on every
     put but the last of a callback: else each would travel in a command of its own. ``index``
     is the position ``put`` gave its item in its batch (an LPUSH's caller works out its own
@@ -200,6 +201,10 @@ class Batcher(Generic[T]):
         # a loop that hides its ready handles (``_counting``), the others never need it.
         self._in_flight = 0
         self._counting = False
+        # Whether the last batch sent carried more than one item: a loop turn that put
+        # several is likely followed by others like it (load), whose items then gather
+        # until the turn's flush rather than the first leaving alone. Counting only.
+        self._gathered = False
         self._epoch = 0  # bumped by a reset: batches sent before it are no longer counted
         self._flush_scheduled: asyncio.Handle | _Promised | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -310,10 +315,12 @@ class Batcher(Generic[T]):
     def _last_of_turn(self) -> bool:
         """True if nothing else is ready to run in the loop's current iteration (a flush
         scheduled is in its queue): then the end of the turn is now. For a loop that does not
-        tell, True while no batch of this batcher awaits its outcome."""
+        tell, True while no batch of this batcher awaits its outcome and the last one sent
+        carried a lone item (else the turns have company: under load, the first item of a
+        turn leaving alone doubled the commands per request)."""
         ready = self._ready
         if ready is None:
-            return not self._in_flight
+            return not self._in_flight and not self._gathered
         return not ready
 
     def reset(self) -> None:
@@ -323,6 +330,7 @@ class Batcher(Generic[T]):
         self._ready = None
         self._in_flight = 0
         self._counting = False
+        self._gathered = False
         self._epoch += 1
         self._flush_scheduled = None
         self._hold_timer = None
@@ -390,6 +398,7 @@ class Batcher(Generic[T]):
                 target._counted = self
                 target._epoch = self._epoch
             self._in_flight += 1
+            self._gathered = len(batch.items) > 1
         self.batches += 1
         self.items += len(batch.items)
         try:
