@@ -455,3 +455,43 @@ async def test_a_read_of_one_reply_costs_its_parser_two_calls(kind: str) -> None
     assert got == [1]
     public = [name for name in called if not name.startswith("_")]
     assert public == ["feed_gets", "gets"], called
+
+
+class _Transport:
+    """Takes every write at once (a transport with nothing buffered)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def test_a_command_with_a_callback_passes_through_no_helper_of_its_waiter() -> None:
+    # The PUBLISH or LPUSH of a batch, one per request on each side: queued without a call
+    # to _queue_waiter, its reply handed to the callback without the waiter's done and
+    # set_result (three Python calls per command before).
+    connection = Connection(ConnectionParams(reply_timeout=None), parser="python")
+    transport = _Transport()
+    connection._transport = transport  # type: ignore[assignment]
+    got: list[Any] = []
+    called: list[str] = []
+
+    def profile(frame: Any, event: str, _: Any) -> None:
+        if event == "call":
+            called.append(frame.f_code.co_qualname)
+
+    sys.setprofile(profile)
+    try:
+        connection.send_packed_to(b"*1\r\n$4\r\nPING\r\n", got.append)
+        connection._on_data(b"+PONG\r\n")
+    finally:
+        sys.setprofile(None)
+    assert got == [b"PONG"] and transport.written == [b"*1\r\n$4\r\nPING\r\n"]
+    helpers = {"Connection._queue_waiter", "_ReplyCallback.done", "_ReplyCallback.set_result"}
+    assert not helpers & set(called), called
+    connection._on_data(b"+PONG\r\n")  # a reply nobody asked for: the connection ends
+    assert connection.is_closed

@@ -890,8 +890,13 @@ class Connection:
         end of a turn): the commands are written at once, with no flush scheduled for others
         of the turn (a loop iteration more), unless commands are buffered already (then they
         join them, in order)."""
-        for callback in callbacks:
-            self._queue_waiter(_ReplyCallback(callback))
+        if self._error is not None:
+            raise self._closed_error()
+        waiters = self._waiters
+        if not waiters and self._watchdog is None and self._reply_timeout != math.inf:
+            self._arm_watchdog()
+        for callback in callbacks:  # _queue_waiter's work, once for all (no call each)
+            waiters.append(_ReplyCallback(callback))
         if self._flush_scheduled:
             self._buffer(data)
         elif isinstance(data, list):
@@ -1303,7 +1308,20 @@ class Connection:
                 if not waiters:
                     raise ProtocolError("Redis sent a reply nobody asked for")
                 waiter = waiters.popleft()
-                if not waiter.done():  # a cancelled caller's reply is dropped here
+                if type(waiter) is _ReplyCallback:
+                    # A callback (the PUBLISH or LPUSH of a batch, one per request on each
+                    # side): called here, once, as its set_result would, without the two
+                    # calls of its done and set_result.
+                    callback = waiter._callback
+                    if callback is not None:
+                        waiter._callback = None
+                        try:
+                            callback(reply)
+                        except Exception:  # never let a caller's error end the connection
+                            logger.exception("a reply callback failed")
+                        if self._error is not None:  # the callback closed the connection
+                            return
+                elif not waiter.done():  # a cancelled caller's reply is dropped here
                     waiter.set_result(reply)
                     if self._error is not None:  # a reply callback closed the connection
                         return
