@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import codec, collector, confirmation, eventloop, health, metrics, stats, wire
+from . import codec, collector, confirmation, eventloop, health, memo, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .inbox import SharedInbox
@@ -182,6 +182,7 @@ class Node:
         self.peer_timeout = peer_timeout
         self.peers = PeerTracker(peer_timeout)  # the distributors we share requests with
         self._pinging: set[str] = set()  # distributors with a PING still being published
+        self._acks: dict[int, tuple[Any, ...]] = {}  # by window (``_ack_args``)
         self.max_envelope_size = max_envelope_size
         self.channel = wire.new_channel(channel_prefix, self.params.db, "node")
         self._own = self.channel.encode()  # checked per pop and per request: encoded once
@@ -766,6 +767,14 @@ class Node:
                 self._requests.discard(task)
                 slots.release()
 
+    def _ack_args(self, window: int) -> tuple[Any, ...]:
+        """An ACK's first three arguments for a request of ``window``, kept by window: the
+        same tuple for every such request, which the response writer knows by its identity
+        (``responsewriter``: no second look at its values, no key to hash)."""
+        ack = (self.channel, window, self.liveness_interval)
+        memo.keep(self._acks, window, ack)
+        return ack
+
     def _tell_gone(self, channel: str, request_id: str, reason: str, version: int) -> None:
         """Best effort: if this is lost too, the distributor's next PING finds it."""
         message = wire.pack(wire.GONE, request_id, reason[:100], version=version)
@@ -1050,7 +1059,7 @@ class _Job:
         node = self.node
         received = self.received
         window = received.window
-        ack: tuple[Any, ...] = (node.channel, window, node.liveness_interval)
+        ack = node._acks.get(window) or node._ack_args(window)
         hold = window == 1 and self.kind == "http" and not self.awaiting_body
         if self.confirmation is not None:
             ack += (True,)  # and no holding: nothing runs before the answer
@@ -1260,7 +1269,7 @@ class _Job:
         assert ack is not None
         self._unsent_ack = None
         if kind == wire.SEND:
-            data = wire.pack_response(wire.ACK_SEND, self.id, *args, *ack, version=self.version)
+            data = wire.pack_response(wire.ACK_SEND, self.id, args[0], ack, version=self.version)
             # A small message fits whatever it carries: no call to tell (``_fits``).
             if (type(data) is bytes and len(data) <= _FITS) or self._fits(data, args[0]):
                 posted = self._ack_posted = self.node.outbox.post(self.reply, data, lost=lost)

@@ -56,6 +56,12 @@ _TEMPLATES: Final[dict[tuple[Any, ...], tuple[bytes, bytes, struct.Struct]]] = {
 differ."""
 _MAX_TEMPLATES: Final = memo.BOUND
 _TAIL_TYPES: Final = frozenset([str, bool, int, float])
+_last: tuple[Any, ...] = (object(), "", 0, 0, False, 0, (b"", b"", _LENGTHS[0]))
+"""The last message's tail (by identity: a Node passes the same ACK arguments for its
+usual requests), kind, status, header count, ``more_body``, id length and template, as
+``(tail, kind, status, pairs, more, size, template)``: one response after another writes
+alike, and comparing these costs less than building the table's key (a tuple of seven,
+the tail's types mapped) and hashing it. No tail is the placeholder object until then."""
 
 
 def try_write(
@@ -131,34 +137,50 @@ def try_write(
         return None  # a bytearray (copied by the general path), a strided view, anything else
     if not (type(request_id) is str and request_id.isascii() and request_id.isalnum()):
         return None
-    # Equal keys write the same text: the types are part of the key (True == 1 == 1.0), and
-    # a tail with a zero float (0.0 == -0.0) is never kept. With the id's length, the key
-    # also tells the head's length, hence the prefix.
-    types = tuple(map(type, tail))
-    if not _TAIL_TYPES.issuperset(types):
-        return None  # (and nothing unhashable in the key)
-    key = (kind, status, pairs, more, tail, types, len(request_id))
-    template = _TEMPLATES.get(key)
-    if template is None:
-        template = _template(kind, count == 2, status, pairs, more, tail, len(request_id))
-        if template is None:
-            return None
-        if not any(value == 0 and type(value) is float for value in tail):
-            memo.keep(_TEMPLATES, key, template, _MAX_TEMPLATES)
+    global _last
+    size = len(request_id)
+    last = _last  # one read of a global: a consistent entry, whatever the threads
+    if (
+        tail is last[0]
+        and kind == last[1]
+        and status == last[2]
+        and pairs == last[3]
+        and more is last[4]
+        and size == last[5]
+    ):
+        template = last[6]  # the last message's: no key to build and hash
+    else:
+        # Equal keys write the same text: the types are part of the key (True == 1 == 1.0),
+        # and a tail with a zero float (0.0 == -0.0) is never kept. With the id's length,
+        # the key also tells the head's length, hence the prefix.
+        types = tuple(map(type, tail))
+        if not _TAIL_TYPES.issuperset(types):
+            return None  # (and nothing unhashable in the key)
+        key = (kind, status, pairs, more, tail, types, size)
+        found = _TEMPLATES.get(key)
+        if found is None:
+            found = _template(kind, count == 2, status, pairs, more, tail, size)
+            if found is None:
+                return None
+            if not any(value == 0 and type(value) is float for value in tail):
+                memo.keep(_TEMPLATES, key, found, _MAX_TEMPLATES)
+        template = found
+        # By the tail's identity: the same tuple (kept alive here) holds the same values of
+        # the same types (immutable, checked above), so its text needs no second look.
+        _last = (tail, kind, status, pairs, more, size, template)
     start_text, after, layout = template
     parts.append(body)
-    first = b"".join(
-        [
-            start_text,
-            request_id.encode("ascii"),
-            after,
-            layout.pack(*map(len, parts)),
-            *parts[:-1],
-        ]
-    )
-    if len(first) + len(body) < _GATHER_FROM or (
-        type(body) is memoryview and type(body.obj) is not bytes
-    ):
+    lengths = layout.pack(*map(len, parts))
+    if len(body) < _GATHER_FROM:
+        # A small body (nearly always): joined with the rest in one step, a message under
+        # 64 KiB as one bytes value. Large headers can take it past that: then the head and
+        # the body as parts, the body copied a second time (it is small).
+        whole = b"".join([start_text, request_id.encode("ascii"), after, lengths, *parts])
+        if len(whole) < _GATHER_FROM or (type(body) is memoryview and type(body.obj) is not bytes):
+            return whole
+        return [whole[: len(whole) - len(body)], body]
+    first = b"".join([start_text, request_id.encode("ascii"), after, lengths, *parts[:-1]])
+    if type(body) is memoryview and type(body.obj) is not bytes:
         return first + body  # a view of a mutable buffer is copied now, as pack_parts does
     return [first, body]  # the body not copied: it is copied once, into the write
 

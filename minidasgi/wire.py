@@ -322,12 +322,18 @@ def pack_parts(kind: str, request_id: str, *args: Any, version: int = codec.FAST
 
 
 def pack_response(
-    kind: str, request_id: str, events: list[Any], *ack: Any, version: int = codec.FAST
+    kind: str,
+    request_id: str,
+    events: list[Any],
+    ack: tuple[Any, ...] = (),
+    *,
+    version: int = codec.FAST,
 ) -> Packed:
-    """``pack_parts`` of a Node's ``SEND`` (or ``ACK_SEND``, the ACK's arguments after the
-    events). In the fast format the usual response (a start and its first body, or a body) is
-    written straight (``responsewriter``: the same bytes, without the general writer's
-    passes); any other, or another format, as ``pack_parts`` writes it."""
+    """``pack_parts`` of a Node's ``SEND`` (or ``ACK_SEND``, the ACK's arguments ``ack``
+    after the events). In the fast format the usual response (a start and its first body, or
+    a body) is written straight (``responsewriter``: the same bytes, without the general
+    writer's passes); any other, or another format, as ``pack_parts`` writes it. ``ack`` is
+    taken as a tuple, not unpacked: the writer knows a tuple it saw last by its identity."""
     if version == codec.FAST:
         message = responsewriter.try_write(kind, request_id, events, ack)
         if message is not None:

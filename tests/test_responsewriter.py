@@ -141,7 +141,7 @@ def test_a_message_travels_as_pack_parts_would_send_it() -> None:
     mutable = bytearray(b"m" * 100_000)
     for data in (b"small", b"x" * 100_000, memoryview(b"y" * 100_000)[5:], memoryview(mutable)):
         events = [start(), body(data)]
-        written = wire.pack_response(wire.ACK_SEND, ID, events, *ACK)
+        written = wire.pack_response(wire.ACK_SEND, ID, events, ACK)
         expected = wire.pack_parts(wire.ACK_SEND, ID, events, *ACK)
         assert type(written) is type(expected)
         if isinstance(written, list):
@@ -151,6 +151,29 @@ def test_a_message_travels_as_pack_parts_would_send_it() -> None:
             assert written == expected
     mutable[:] = b"n" * len(mutable)  # a copy was taken: the message is unchanged
     assert written == expected
+
+
+def test_a_small_body_behind_large_headers_travels_as_parts() -> None:
+    # The body under 64 KiB is joined with the rest, the headers take the message past it:
+    # parts, as pack_parts sends them, the body the very object given.
+    data = b"small"
+    events = [start(headers=[(b"x-large", b"h" * 70_000)]), body(data)]
+    written = wire.pack_response(wire.ACK_SEND, ID, events, ACK)
+    expected = wire.pack_parts(wire.ACK_SEND, ID, events, *ACK)
+    assert isinstance(written, list) and isinstance(expected, list)
+    assert written[-1] is data
+    assert b"".join(written) == b"".join(expected)
+
+
+def test_the_last_tail_is_known_by_identity_not_by_equality() -> None:
+    # The writer skips its key for the tail it wrote last, known by identity: an equal tail
+    # of other types (True == 1 == 1.0) is written as itself, not as the last one's text.
+    channel = ACK[0]
+    first = (channel, 1, 1.0)
+    equal = (channel, True, 1)
+    for events in ([start(), body()], [body(more=True)]):
+        for tail in (first, first, equal, equal, first, (channel, 1.0, True), first):
+            check_written(events, tail)
 
 
 class Status(enum.IntEnum):
@@ -221,9 +244,9 @@ def test_other_messages_are_left_to_the_general_path(
         expected = wire.pack_parts(wire.ACK_SEND, ID, events, *tail)
     except (codec.CodecError, TypeError, ValueError) as exc:
         with pytest.raises(type(exc)):
-            wire.pack_response(wire.ACK_SEND, ID, events, *tail)
+            wire.pack_response(wire.ACK_SEND, ID, events, tail)
     else:
-        assert wire.pack_response(wire.ACK_SEND, ID, events, *tail) == expected
+        assert wire.pack_response(wire.ACK_SEND, ID, events, tail) == expected
 
 
 def test_events_that_are_not_a_list_are_left_to_the_general_path() -> None:
@@ -243,7 +266,7 @@ def test_other_formats_take_the_general_path() -> None:
     events = [start(), body()]
     for version in (codec.RELEASED, codec.BINARY):
         expected = wire.pack_parts(wire.ACK_SEND, ID, events, *ACK, version=version)
-        assert wire.pack_response(wire.ACK_SEND, ID, events, *ACK, version=version) == expected
+        assert wire.pack_response(wire.ACK_SEND, ID, events, ACK, version=version) == expected
 
 
 def _fuzzed_value(rng: random.Random) -> Any:
