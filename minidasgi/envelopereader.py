@@ -173,9 +173,14 @@ def try_fields(
     max_size: int,
     max_items: int = jsoncodec.DEFAULT_MAX_ITEMS,
     max_depth: int = 32,
+    asgi: bool = False,
 ) -> Fields | None:
     """``try_decode``'s value as a tuple (``Fields``), for a reader that takes the fields one
-    by one (``wire.Envelope.decode``) and so need not look each up in a dict built for it."""
+    by one (``wire.Envelope.decode``) and so need not look each up in a dict built for it.
+
+    ``asgi``: the scope's header pairs, server and client as tuples, as an ASGI server gives
+    them, instead of the lists ``jsoncodec.decode`` gives (the same values otherwise): a
+    Node hands the scope to its app, and made each a tuple again."""
     global _last_before, _last_after, _last_scope
     if type(data) is not bytes:
         return None
@@ -277,12 +282,22 @@ def try_fields(
     if not httptools:
         position += lengths[0] + lengths[1]
         first = 2
-    headers = []
-    for index in range(first, first + 2 * headers_count, 2):
-        middle = position + lengths[index]
-        end = middle + lengths[index + 1]
-        headers.append([data[position:middle], data[middle:end]])
-        position = end
+    headers: list[Any] = []
+    if asgi:
+        for index in range(first, first + 2 * headers_count, 2):
+            middle = position + lengths[index]
+            end = middle + lengths[index + 1]
+            headers.append((data[position:middle], data[middle:end]))
+            position = end
+        server_value, client_value = server, client  # the template's tuples: immutable
+    else:
+        for index in range(first, first + 2 * headers_count, 2):
+            middle = position + lengths[index]
+            end = middle + lengths[index + 1]
+            headers.append([data[position:middle], data[middle:end]])
+            position = end
+        server_value = None if server is None else list(server)
+        client_value = None if client is None else list(client)
     paths = position if httptools else tail_start
     index = first + 2 * headers_count if httptools else 0
     middle = paths + lengths[index]
@@ -293,13 +308,11 @@ def try_fields(
     if more is not None:
         body = data[end if httptools else position :]
         events.append({"type": "http.request", "body": body, "more_body": more})
-    asgi = {"version": version, "spec_version": spec_version}
-    server_value = None if server is None else list(server)
-    client_value = None if client is None else list(client)
+    versions = {"version": version, "spec_version": spec_version}
     if httptools:
         scope = {
             "type": kind,
-            "asgi": asgi,
+            "asgi": versions,
             "http_version": http_version,
             "server": server_value,
             "client": client_value,
@@ -314,7 +327,7 @@ def try_fields(
     else:
         scope = {
             "type": kind,
-            "asgi": asgi,
+            "asgi": versions,
             "http_version": http_version,
             "server": server_value,
             "client": client_value,

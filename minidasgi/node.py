@@ -694,7 +694,8 @@ class Node:
         task = asyncio.current_task(self.loop)  # once, for the job and the end: with the loop
         try:
             try:
-                envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size)
+                # Its scope as the app gets it where the reader can (``_local_scope``).
+                envelope = wire.Envelope.decode(data, max_size=self.max_envelope_size, asgi=True)
             except UnsupportedVersion as exc:
                 # A distributor newer than this Node: tell it at once, so its client is answered.
                 peek = wire.peek_envelope(data)
@@ -1008,7 +1009,12 @@ class _Job:
         self.id = envelope.id
         self.reply = envelope.reply
         self.version = envelope.version  # the distributor's format, which every reply uses
-        scope = self.scope = _local_scope(envelope.scope, node.lifespan.state)  # its own
+        scope = envelope.scope  # its own: decoded for this request alone
+        if envelope.asgi:  # tuples already, and none of the extensions the reader refuses
+            scope["state"] = dict(node.lifespan.state)
+        else:
+            scope = _local_scope(scope, node.lifespan.state)
+        self.scope = scope
         kind = self.kind = scope["type"]
         # Shared: an app may call receive() from more than one task.
         inbox: SharedInbox[tuple[Message, bool]] = SharedInbox(node.loop)

@@ -96,7 +96,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import isfinite
 from typing import TYPE_CHECKING, Any, Final
 
@@ -574,6 +574,9 @@ class Envelope:
     bytes once its Node announces one too; 0 (absent) when it counts messages."""
     ack_send: bool = False
     """The distributor reads ``ACK_SEND``; False for older versions, which leave the key out."""
+    asgi: bool = field(default=False, compare=False, repr=False)
+    """The scope's header pairs, server and client are tuples already, as an ASGI server
+    gives them (``decode(..., asgi=True)`` read it by ``envelopereader``); not on the wire."""
 
     def encode(self) -> bytes:
         """The bytes to LPUSH: a preamble and a body in ``version`` (the first release's
@@ -626,9 +629,14 @@ class Envelope:
         return fields
 
     @classmethod
-    def decode(cls, data: bytes, *, max_size: int = codec.DEFAULT_MAX_SIZE) -> Envelope:
+    def decode(
+        cls, data: bytes, *, max_size: int = codec.DEFAULT_MAX_SIZE, asgi: bool = False
+    ) -> Envelope:
         """Decode and validate; raise ``CodecError`` (``codec.UnsupportedVersion`` for a body
-        this side cannot read: ``peek_envelope`` still tells whom to answer) or ``WireError``."""
+        this side cannot read: ``peek_envelope`` still tells whom to answer) or ``WireError``.
+        ``asgi``: the usual envelope's scope read with tuples where an ASGI server gives
+        tuples (``envelopereader.try_fields``; the envelope's ``asgi`` says so), any other
+        with the lists the codec gives."""
         if len(data) > max_size:
             raise codec.CodecError(f"envelope of {len(data)} bytes exceeds the limit of {max_size}")
         if data and data[0] == ENVELOPE_FRAME:
@@ -641,9 +649,9 @@ class Envelope:
             # costs a view per bytes value); a large one is read in place.
             body = data[start:] if len(data) <= _COPIED_BODY else memoryview(data)[start:]
             # The usual fields, without the general scanner: the same value (``envelopereader``).
-            fields = envelopereader.try_fields(body, max_size=max_size)
+            fields = envelopereader.try_fields(body, max_size=max_size, asgi=asgi)
             if fields is not None:
-                return cls._from_fields(request_id, reply, version, fields)
+                return cls._from_fields(request_id, reply, version, fields, asgi)
             value = codec.decode(body, max_size=max_size, max_items=codec.DEFAULT_MAX_ITEMS)
             if not isinstance(value, dict):
                 raise WireError("envelope is not a dict")
@@ -721,7 +729,12 @@ class Envelope:
 
     @classmethod
     def _from_fields(
-        cls, request_id: str, reply: str, version: int, fields: envelopereader.Fields
+        cls,
+        request_id: str,
+        reply: str,
+        version: int,
+        fields: envelopereader.Fields,
+        asgi: bool = False,
     ) -> Envelope:
         """``decode``'s envelope from the usual fields (``envelopereader.try_fields``), with
         only the checks their reader leaves open (the same outcome: ``tests/test_envelopereader.py``
@@ -755,6 +768,7 @@ class Envelope:
             pieces,
             0 if unit is None else credit_unit(unit, piece_size(piece)),
             ack_send,
+            asgi,
         )
 
     def expired(self, now: float | None = None) -> bool:

@@ -124,6 +124,29 @@ def test_usual_envelopes_are_read_as_the_general_path_reads_them(scope: dict[str
     check_read(fields(scope, [body]))
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_the_scope_is_read_in_the_asgi_form_when_asked(scope: dict[str, Any]) -> None:
+    # asgi=True: the pairs, server and client as the tuples an ASGI server gives, the same
+    # values otherwise (a Node hands the scope to its app as it is).
+    data = fields(scope)
+    for _ in range(2):  # the second from the kept scope
+        plain = envelopereader.try_fields(data, max_size=MAX_SIZE)
+        asgi = envelopereader.try_fields(data, max_size=MAX_SIZE, asgi=True)
+        assert plain is not None and asgi is not None
+        read = asgi[1]
+        assert all(type(pair) is tuple and len(pair) == 2 for pair in read["headers"])
+        assert read["server"] is None or type(read["server"]) is tuple
+        assert read["client"] is None or type(read["client"]) is tuple
+        lists = {
+            key: [list(pair) for pair in value]
+            if key == "headers"
+            else (list(value) if type(value) is tuple else value)
+            for key, value in read.items()
+        }
+        assert same(lists, plain[1])
+        assert same(list(asgi[2:]), list(plain[2:])) and asgi[0] == plain[0]
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from minidasgi import Node, jsoncodec, wire
+from minidasgi import node as node_module
 from minidasgi.resp import Connection, Subscriber, connect
 from minidasgi.testing import RedisServer
 
@@ -182,6 +183,74 @@ async def test_a_hello_world_response_skips_the_general_writer(
     expected = wire.ACK_SEND if ack_send else wire.SEND
     assert kinds.count(expected) == N, kinds
     assert wire.SEND not in encoded and wire.ACK_SEND not in encoded, encoded
+
+
+async def test_a_usual_scope_reaches_the_app_as_the_envelope_reader_made_it(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scope uvicorn gives, read by ``envelopereader`` with tuples where the app expects
+    # tuples: no second pass over it (``_local_scope``) to make them; before, one a request.
+    scopes: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await _hello(scope, receive, send)
+
+    node = Node(url=redis_server.url, app=app, key="K", lifespan="off", liveness_interval=3600)
+    made: list[Any] = []
+    local_scope = node_module._local_scope
+
+    def spy(scope: Any, state: Any) -> Any:
+        made.append(scope)
+        return local_scope(scope, state)
+
+    monkeypatch.setattr(node_module, "_local_scope", spy)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 51234),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [(b"host", b"bench"), (b"accept", b"*/*")],
+    }
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+    reply, subscriber, pusher = await _distributor_end(redis_server, lambda *_: None)
+    try:
+        async with run_node(node):
+            now = int(time.time() * 1000)
+            envelopes = [
+                wire.encode_envelope(
+                    wire.new_request_id(),
+                    reply,
+                    now + 30_000,
+                    scope,
+                    events,
+                    liveness=1.0,
+                    queued=now,
+                    ack_send=True,
+                    millis=True,
+                )
+                for _ in range(N)
+            ]
+            await pusher.execute("LPUSH", "K", *envelopes)
+            assert await poll(lambda: len(scopes) >= N, 10)
+    finally:
+        await pusher.close()
+        await subscriber.close()
+    assert made == []
+    for seen in scopes:
+        assert seen["headers"] == scope["headers"]
+        assert all(type(pair) is tuple for pair in seen["headers"])
+        assert seen["server"] == scope["server"] and type(seen["server"]) is tuple
+        assert seen["client"] == scope["client"] and type(seen["client"]) is tuple
+        assert seen["state"] == {} and "extensions" not in seen
+    assert len({id(seen["state"]) for seen in scopes}) == N  # each its own
 
 
 def _ws_envelope(request_id: str, reply: str) -> bytes:
