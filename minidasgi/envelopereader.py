@@ -112,6 +112,11 @@ _last_scope: tuple[bytes | None, _Scope] = (
 route come alike one after the other, and comparing a text with the last one is a
 ``memcmp``, where a table lookup first hashes the fresh slice (siphash, about 6 instructions
 a byte). None until a text was read: no text equals it."""
+_Layout = tuple[int, int, int, int, int, bytes, bytes, _Before, _After]
+_last_layout: _Layout = (-1, 0, 0, 0, 0, b"", b"", (None, 0, 0.0), (None, False, None, False))
+"""Where the last envelope read had its fields: ``(head length, scope start, scope end,
+queued time's start, queued time's end, the text from the scope's end to the queued time,
+the text after it, what those two texts were read as)``. No head has length -1."""
 _MAX_SCOPES: Final = memo.BOUND
 _MAX_KEPT: Final = 2048
 """The longest scope text kept: whoever may push on a route's queue chooses these keys, and a
@@ -181,7 +186,7 @@ def try_fields(
     ``asgi``: the scope's header pairs, server and client as tuples, as an ASGI server gives
     them, instead of the lists ``jsoncodec.decode`` gives (the same values otherwise): a
     Node hands the scope to its app, and made each a tuple again."""
-    global _last_before, _last_after, _last_scope
+    global _last_before, _last_after, _last_scope, _last_layout
     if type(data) is not bytes:
         return None
     size = len(data)
@@ -192,50 +197,80 @@ def try_fields(
     tail_start = head_end + 4 * count
     if tail_start > size or head_size >= max_items or max_depth < _DEPTH or count > max_items:
         return None
-    start = _START.match(data, _PREFIX.size, head_end)
-    if start is None:
-        return None
-    scope_start = start.end()
-    scope_end = data.find(_EVENTS, scope_start, head_end)
-    # After the scope, the texts around the queued time (the only field that changes from a
-    # request to the next) are read once, and the queued time by itself: as one expression,
-    # the fields cost the regular expression engine a step per character of each request.
-    queued_at = data.find(_QUEUED, scope_end, head_end) if scope_end >= 0 else -1
-    if queued_at < 0:
-        return None
-    before_text = data[scope_end:queued_at]
-    last_before = _last_before  # one read of a global: a consistent pair, whatever the threads
-    before: _Before | None
-    if before_text == last_before[0]:
-        before = last_before[1]
-    else:
-        before = _BEFORES.get(before_text)
-        if before is None:
-            before = _before(before_text)
-            if before is None:
-                return None
-            memo.keep(_BEFORES, before_text, before, _MAX_SCOPES)
-        _last_before = (before_text, before)
-    queued_start = queued_at + len(_QUEUED)
-    queued_end = data.find(b",", queued_start, head_end)  # a number holds no comma
-    if queued_end < 0:
-        queued_end = head_end - 1  # no optional field: only the closing brace may follow
-    queued = _QUEUED_TIME.fullmatch(data, queued_start, queued_end)
-    if queued is None:
-        return None
-    after_text = data[queued_end:head_end]
-    last_after = _last_after
-    after: _After | None
-    if after_text == last_after[0]:
-        after = last_after[1]
-    else:
-        after = _AFTERS.get(after_text)
-        if after is None:
-            after = _after(after_text)
-            if after is None:
-                return None
-            memo.keep(_AFTERS, after_text, after, _MAX_SCOPES)
-        _last_after = (after_text, after)
+    last_layout = _last_layout  # one read of a global: a consistent entry, whatever the threads
+    start: re.Match[bytes] | None = None
+    queued: re.Match[bytes] | None = None
+    before: _Before
+    after: _After
+    if head_size == last_layout[0] and data.startswith(last_layout[5], last_layout[2]):
+        # Laid out as the last envelope read (a distributor's requests come alike, and at the
+        # same positions while the deadline's, the queued time's and the scope's lengths are
+        # the same: a connection's, or any other's whose client port has as many digits):
+        # the texts between the scope and the queued time and after it are compared where
+        # they were, not found again, and only the deadline and the queued time are read.
+        scope_start, scope_end, queued_start, queued_end = last_layout[1:5]
+        if data.startswith(last_layout[6], queued_end):
+            # The deadline's text and the scope's key end exactly where the scope began.
+            start = _START.fullmatch(data, _PREFIX.size, scope_start)
+            queued = _QUEUED_TIME.fullmatch(data, queued_start, queued_end)
+        before, after = last_layout[7], last_layout[8]
+    if start is None or queued is None:
+        start = _START.match(data, _PREFIX.size, head_end)
+        if start is None:
+            return None
+        scope_start = start.end()
+        scope_end = data.find(_EVENTS, scope_start, head_end)
+        # After the scope, the texts around the queued time (the only field that changes from
+        # a request to the next) are read once, and the queued time by itself: as one
+        # expression, the fields cost the regular expression engine a step per character of
+        # each request.
+        queued_at = data.find(_QUEUED, scope_end, head_end) if scope_end >= 0 else -1
+        if queued_at < 0:
+            return None
+        before_text = data[scope_end:queued_at]
+        last_before = _last_before  # one read of a global: a consistent pair, whatever threads
+        if before_text == last_before[0]:
+            before = last_before[1]
+        else:
+            read_before = _BEFORES.get(before_text)
+            if read_before is None:
+                read_before = _before(before_text)
+                if read_before is None:
+                    return None
+                memo.keep(_BEFORES, before_text, read_before, _MAX_SCOPES)
+            before = read_before
+            _last_before = (before_text, before)
+        queued_start = queued_at + len(_QUEUED)
+        queued_end = data.find(b",", queued_start, head_end)  # a number holds no comma
+        if queued_end < 0:
+            queued_end = head_end - 1  # no optional field: only the closing brace may follow
+        queued = _QUEUED_TIME.fullmatch(data, queued_start, queued_end)
+        if queued is None:
+            return None
+        after_text = data[queued_end:head_end]
+        last_after = _last_after
+        if after_text == last_after[0]:
+            after = last_after[1]
+        else:
+            read_after = _AFTERS.get(after_text)
+            if read_after is None:
+                read_after = _after(after_text)
+                if read_after is None:
+                    return None
+                memo.keep(_AFTERS, after_text, read_after, _MAX_SCOPES)
+            after = read_after
+            _last_after = (after_text, after)
+        _last_layout = (
+            head_size,
+            scope_start,
+            scope_end,
+            queued_start,
+            queued_end,
+            data[scope_end:queued_start],
+            after_text,
+            before,
+            after,
+        )
     text = data[scope_start:scope_end]
     last_scope = _last_scope
     template: _Scope | None

@@ -257,6 +257,63 @@ def test_a_text_like_the_last_one_is_read_without_a_table_lookup(
     assert tables["_SCOPES"].looked_up == 3
 
 
+class _CountedPattern:
+    """A compiled expression that counts its calls by method."""
+
+    def __init__(self, pattern: Any) -> None:
+        self.pattern = pattern
+        self.calls: dict[str, int] = {"match": 0, "fullmatch": 0}
+
+    def match(self, *args: Any) -> Any:
+        self.calls["match"] += 1
+        return self.pattern.match(*args)
+
+    def fullmatch(self, *args: Any) -> Any:
+        self.calls["fullmatch"] += 1
+        return self.pattern.fullmatch(*args)
+
+
+def test_an_envelope_laid_out_as_the_last_one_is_read_where_its_fields_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests alike, their deadline, queued time and client port as long as the last ones:
+    the texts around the queued time are compared where they were, not found again (the
+    deadline read with ``fullmatch`` up to where the scope began, not searched with
+    ``match``), and the values stay the general path's."""
+    start = _CountedPattern(envelopereader._START)
+    monkeypatch.setattr(envelopereader, "_START", start)
+    now = 1_796_000_000.0
+    for index in range(20):
+        scope = uvicorn_scope(client=("127.0.0.1", 51000 + index))
+        value = check_read(fields(scope, deadline=now + index + 0.5, queued=now - index - 0.25))
+        assert value["scope"]["client"] == ["127.0.0.1", 51000 + index]
+        assert (value["deadline"], value["queued"]) == (now + index + 0.5, now - index - 0.25)
+    assert start.calls == {"match": 1, "fullmatch": 19}
+    # Laid out otherwise (a longer deadline, a shorter queued time: the same head length),
+    # or another text where the last one's was: read from scratch, as the general path.
+    check_read(fields(deadline=now + 0.125, queued=now - 0.5))
+    check_read(fields(deadline=now + 0.5, queued=now - 0.25, window=9))
+    check_read(fields(deadline=now + 0.5, queued=now - 0.25, ack_send=False))
+    assert start.calls["match"] == 4
+
+
+def test_in_place_edits_of_the_last_layout_are_read_as_the_general_path_or_left_to_it() -> None:
+    """Edits that keep the head's length (the layout the reader compares first): each read
+    right after the envelope it edits, whose layout is then the last one."""
+    rng = random.Random(20261201)
+    alphabet = b'0123456789.-+eE"\\,:[]{} nultrfasx\x00\x7f'
+    for base in (fields(), fields(httptools_scope(uvicorn_scope())), fields(confirms=True)):
+        head_size = struct.unpack_from(">I", base, 1)[0]
+        for _ in range(1500):
+            data = bytearray(base)
+            for _ in range(rng.randrange(1, 3)):
+                data[9 + rng.randrange(head_size)] = rng.choice(alphabet)
+            check_read(base)
+            value = envelopereader.try_decode(bytes(data), max_size=MAX_SIZE)
+            if value is not None:
+                assert same(value, general(bytes(data))), bytes(data)
+
+
 def test_the_bounds_are_those_of_the_general_path() -> None:
     data = fields()
     assert envelopereader.try_decode(data, max_size=len(data) - 1) is None
