@@ -10,9 +10,10 @@ alternating direct and distributed in every round, and prints the medians with r
   machine's 2 cores with the servers, so its figures are lower for both sides);
 - a 64 MiB download and a 64 MiB upload (MB/s).
 
-Targets printed next to the ratios: throughput >= 0.6x direct at 32 connections, p50 latency
-added <= 0.35 ms at one connection, streaming >= 0.4x direct. ``--throughput`` measures the
-32-connection figure alone (with its costs and utilisation), for quick pairs.
+Targets printed next to the ratios: throughput >= 0.6x direct at 32 connections (0.35x with
+``--fast``), p50 latency added <= 0.35 ms at one connection, streaming >= 0.4x direct.
+``--throughput`` measures the 32-connection figure alone (with its costs and utilisation), for
+quick pairs.
 
 For the 32-connection runs it also prints what a request costs, which is far steadier than
 throughput on a shared machine: CPU microseconds per request of each process (from
@@ -587,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.rounds,
                 costs,
                 only_throughput=args.throughput,
+                fast=args.fast,
             )
             costs.print()
             keys = redis.command("KEYS", "*")
@@ -607,6 +609,7 @@ def _report(
     costs: Costs,
     *,
     only_throughput: bool = False,
+    fast: bool = False,
 ) -> None:
     print(
         f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load generator: "
@@ -636,8 +639,10 @@ def _report(
     def med(name: str, key: str) -> float:
         return statistics.median(figures[name][key])
 
+    # Issue 10's target under httptools and uvloop is lower: direct serving is far cheaper.
+    goal = 0.35 if fast else 0.6
     rows = [
-        ("hello world, 32 connections (req/s)", "rps32", ">= 0.6x", lambda d, x: x / d >= 0.6),
+        ("hello world, 32 connections (req/s)", "rps32", f">= {goal}x", lambda d, x: x / d >= goal),
         (
             "hello world, 1 connection, p50 (ms)",
             "p50",
