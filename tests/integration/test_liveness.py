@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -385,3 +386,41 @@ async def test_forged_sends_beyond_the_credit_fail_the_request(redis_server: Red
             release.set()
             assert await asyncio.wait_for(_ends(request), 10) == "aborted"
             assert await poll(lambda: node.in_flight == 0, 5)
+
+
+async def test_an_ack_send_in_the_grace_wait_is_answered_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The usual small response (an ACK riding with the whole response) that lands after
+    ``worker_timeout``, once the distributor found the request popped and waits out the
+    grace for it: the client gets it once, and nothing is sent after it (a second answer makes
+    uvicorn raise 'response already completed' and close the keep-alive connection). The
+    Node's link up to Redis stalls once it popped the request, so its ACK_SEND waits in the
+    proxy until 2.2 s: past the 1.5 s ``worker_timeout``, within the grace (as much again);
+    the response comes at that moment. From the tenth session's review: a change that sent
+    such a response from the subscriber's callback answered it twice (200, then a 502)."""
+    distributor = create_distributor(url=redis_server.url, key="grace", worker_timeout=1.5)
+    # uvicorn's own logger does not propagate to the root: its "Exception in ASGI
+    # application" (a second answer refused) is caught by giving it the handler too.
+    server_log = logging.getLogger("uvicorn.error")
+    server_log.addHandler(caplog.handler)
+    try:
+        async with (
+            serve_app(distributor) as base,
+            _proxied_node(redis_server, apps.hello, "grace") as (_node, proxy),
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            assert (await client.get("/warm")).status_code == 200
+            with caplog.at_level(logging.ERROR):
+                proxy.stall(up=True, down=False)
+                request = asyncio.ensure_future(client.get("/late"))
+                await asyncio.sleep(2.2)
+                proxy.resume()
+                response = await asyncio.wait_for(request, 20)
+                assert (response.status_code, response.text) == (200, "Hello World!")
+                # The same keep-alive connection serves the next request.
+                assert (await client.get("/again")).status_code == 200
+    finally:
+        server_log.removeHandler(caplog.handler)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
