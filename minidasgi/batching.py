@@ -262,21 +262,14 @@ class Batcher(Generic[T]):
             and not self._ready
         ):
             # A lone item put by the last callback of its turn (one request in flight): it
-            # leaves at once, as the general path below would send it, without making the
-            # batch and dispatching it (about 4k instructions per request).
+            # leaves at once, as the general path below would send it, without a batch made,
+            # stored and deleted (about 4k instructions per request).
             self.index = 0
-            self.batches += 1
-            self.items += 1
-            # The sender failed before a command existed: ignored, as _dispatch does (the
-            # sender tells its items). Not contextlib.suppress: a context manager per put.
-            try:  # noqa: SIM105
-                self._send_into(destination, [item], None)
-            except Exception:
-                pass
+            self._dispatch(destination, [item], None)
             return None
         if batch is not None and batch.items and batch.size + size > self._max_size:
             del self._pending[destination]
-            self._dispatch(destination, batch)
+            self._dispatch(destination, batch.items, batch.future)
             batch = None
         if batch is None:
             if self._loop is None:
@@ -301,7 +294,7 @@ class Batcher(Generic[T]):
             or (self._eager and not more and not batch.held and self._last_of_turn())
         ):
             del self._pending[destination]
-            self._dispatch(destination, batch)
+            self._dispatch(destination, batch.items, batch.future)
         elif self._flush_scheduled is None:
             assert self._loop is not None
             self._flush_scheduled = self._loop.call_soon(self._flush)
@@ -342,7 +335,7 @@ class Batcher(Generic[T]):
             self._flush_scheduled = None
         self._disarm()
         for destination, batch in pending.items():
-            self._dispatch(destination, batch)
+            self._dispatch(destination, batch.items, batch.future)
 
     def promise_flush(self) -> None:
         """The owner calls ``flush_turn`` before this loop turn ends: until then, ``put``
@@ -371,7 +364,7 @@ class Batcher(Generic[T]):
                 # Only items that may wait (acks): give the response a moment to join them.
                 self._pending[destination] = batch
                 continue
-            self._dispatch(destination, batch)
+            self._dispatch(destination, batch.items, batch.future)
         if not self._pending:
             self._disarm()  # what was held left with company: no wake-up for nothing
         elif self._hold_timer is None:
@@ -387,8 +380,12 @@ class Batcher(Generic[T]):
         self._hold_timer = None
         self.flush()
 
-    def _dispatch(self, destination: str, batch: _Batch[T]) -> None:
-        target: Settlement[T] | None = batch.future
+    def _dispatch(
+        self, destination: str, items: list[Any], future: asyncio.Future[T] | None
+    ) -> None:
+        """Send ``items`` (a batch's, or a lone item's) to ``destination``, their command's
+        outcome to settle ``future`` if any."""
+        target: Settlement[T] | None = future
         if self._counting:
             # Counted out when settled: a batch nobody wanted a future for gets a stand-in.
             if target is None:
@@ -398,11 +395,11 @@ class Batcher(Generic[T]):
                 target._counted = self
                 target._epoch = self._epoch
             self._in_flight += 1
-            self._gathered = len(batch.items) > 1
+            self._gathered = len(items) > 1
         self.batches += 1
-        self.items += len(batch.items)
+        self.items += len(items)
         try:
-            self._send_into(destination, batch.items, target)
+            self._send_into(destination, items, target)
         except Exception as exc:  # the sender failed before a command existed
             if target is not None and not target.done():
                 target.set_exception(exc)
