@@ -141,11 +141,27 @@ class FaultProxy:
 
     def throttle(self, *, down: int) -> None:
         """Relay at most ``down`` bytes a second towards the client on every open connection,
-        in slices every ``_SLICE_GAP`` seconds, closing nothing (``resume`` lifts it)."""
+        in slices every ``_SLICE_GAP`` seconds, closing nothing (``resume`` lifts it). A
+        direction towards the client that was stalled relays again, at that rate: a test can
+        let bytes gather (``stall``) and have them come slowly from their first byte."""
         with self._lock:
             for conn in self._conns:
                 conn.down_rate = down
+                conn.down_stalled = False
         self._wake()
+
+    def held_down(self) -> int:
+        """How many bytes towards the clients the proxy holds back now: those in its buffers,
+        and those Redis sent on a connection stalled towards its client (left unread, in the
+        socket; counted by a peek, at most one read's worth per connection)."""
+        held = 0
+        with self._lock:
+            for conn in self._conns:
+                held += len(conn.to_client)
+                if conn.down_stalled:
+                    with contextlib.suppress(OSError):  # nothing there (BlockingIOError)
+                        held += len(conn.upstream.recv(_READ, socket.MSG_PEEK))
+        return held
 
     def reset_new(self, count: int, *, within: float = 0.0003) -> None:
         """Abort each of the next ``count`` connections with a TCP RST, a random moment up to
@@ -293,11 +309,13 @@ class FaultProxy:
     def _service(self, conn: ProxiedConnection, sock: socket.socket, mask: int) -> None:
         # What this socket reads goes to the other side; what waits for it is its outbox.
         if sock is conn.client:
-            inbox, outbox = conn.to_upstream, conn.to_client
+            inbox, outbox, stalled = conn.to_upstream, conn.to_client, conn.up_stalled
         else:
-            inbox, outbox = conn.to_client, conn.to_upstream
+            inbox, outbox, stalled = conn.to_client, conn.to_upstream, conn.down_stalled
         try:
-            if mask & selectors.EVENT_READ:
+            # A stall is kept from the moment ``stall`` returns: the events in hand may date
+            # from before it (the selector is set up again only on the next turn).
+            if mask & selectors.EVENT_READ and not stalled:
                 data = sock.recv(_READ)
                 if not data:  # an orderly close: pass it on by closing both
                     self._drop(conn, rst=False)

@@ -60,3 +60,30 @@ async def test_stall_new_blackholes_new_connections(clean_redis: RedisServer) ->
             assert await asyncio.wait_for(pending, 5) == b"PONG"
         finally:
             await conn.close()
+
+
+async def test_bytes_held_by_a_stall_come_slowly_once_throttled(clean_redis: RedisServer) -> None:
+    # What a stall towards the client holds back is counted (``held_down``) and, once the link
+    # is throttled, relayed at the rate from its first byte: 100 kB at 200 kB/s take about
+    # half a second, in slices.
+    with FaultProxy(clean_redis.port) as proxy:
+        conn = await connect(proxy.url())
+        try:
+            await conn.execute("SET", "k", b"x" * 100_000)
+            assert proxy.held_down() == 0
+            proxy.stall(up=False, down=True)
+            pending = asyncio.ensure_future(conn.execute("GET", "k"))
+            # The reply, left unread in the proxy's socket (a peek counts up to 64 KiB).
+            for _ in range(500):
+                if proxy.held_down() == 65_536:
+                    break
+                await asyncio.sleep(0.01)
+            assert proxy.held_down() == 65_536
+            assert not pending.done()
+            proxy.throttle(down=200_000)
+            start = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(pending, 5) == b"x" * 100_000
+            assert asyncio.get_running_loop().time() - start >= 0.3  # not all at once
+            assert proxy.held_down() == 0
+        finally:
+            await conn.close()
