@@ -159,9 +159,25 @@ async def test_commands_go_to_the_master_of_their_key(cluster: ClusterSetup) -> 
         await client.close()
 
 
-def _move_empty_slot(setup: ClusterSetup, slot: int, target: RedisServer) -> None:
+def _move_empty_slot(
+    setup: ClusterSetup, slot: int, source: RedisServer, target: RedisServer
+) -> None:
+    """Give an empty slot of ``source`` to ``target`` for good, in the order of the Redis
+    manual's resharding (``CLUSTER SETSLOT``): ``target`` takes it out of IMPORTING, which
+    raises its config epoch above every other node's, then ``source``, then the others.
+
+    ``SETSLOT NODE`` alone changes no epoch: a heartbeat ``source`` sent before its own
+    SETSLOT, read by a node after that node's, claims the slot at ``source``'s epoch, and
+    when that epoch is the higher the node hands the slot back to ``source``, and tells the
+    others so. The move then came undone on some nodes, by chance ("too many redirects", or
+    a map naming ``source`` again).
+    """
+    source_id = source.command("CLUSTER", "MYID")
     target_id = target.command("CLUSTER", "MYID")
-    for server in setup.masters:
+    target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    others = [server for server in setup.masters if server not in (source, target)]
+    for server in [target, source, *others]:
         server.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
 
@@ -174,7 +190,7 @@ async def test_moved_refreshes_the_map_and_follows(cluster: ClusterSetup) -> Non
         target = next(s for s in cluster.masters if s is not owner)
         await client.lpush(key, "before")
         assert owner is not None and owner.command("DEL", key) == 1  # an empty slot moves
-        _move_empty_slot(cluster, key_slot(key), target)
+        _move_empty_slot(cluster, key_slot(key), owner, target)
         assert client.owner(key)[1] == owner.port  # the client's map is stale
         assert await client.lpush(key, "after") == 1  # MOVED, refreshed, sent again
         assert target.command("LLEN", key) == 1
@@ -697,7 +713,7 @@ async def test_publish_soon_and_lpush_soon_follow_the_slots(cluster: ClusterSetu
         owner = cluster.master_of(key)
         target = next(s for s in cluster.masters if s is not owner)
         assert owner is not None and owner.command("DEL", key) == 1
-        _move_empty_slot(cluster, key_slot(key), target)
+        _move_empty_slot(cluster, key_slot(key), owner, target)
         assert await client.lpush_soon(key, ["moved"]) == 1  # MOVED, then the slow path
         assert target.command("LLEN", key) == 1
     finally:
@@ -721,8 +737,9 @@ async def test_publish_into_tells_settled_on_a_reply_and_after_a_moved(
         assert await poll(lambda: len(told) == 1, 5)
         assert told[0] is replied and replied.result() == 0
         owner = cluster.master_of(channel)
+        assert owner is not None
         target = next(s for s in cluster.masters if s is not owner)
-        _move_empty_slot(cluster, key_slot(channel), target)
+        _move_empty_slot(cluster, key_slot(channel), owner, target)
         moved: asyncio.Future[int] = loop.create_future()
         client.publish_into(channel, b"y", moved, told.append)  # MOVED, then the slow path
         assert await poll(lambda: len(told) == 2, 10)
