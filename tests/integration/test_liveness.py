@@ -38,6 +38,17 @@ def _client_list(server: RedisServer) -> list[dict[str, str]]:
     return clients
 
 
+def _pop_waiting(server: RedisServer, proxy: FaultProxy) -> bool:
+    """True once a connection through ``proxy`` (the Node's) is blocked in its pop at Redis:
+    a stall of the Node's link up to Redis from then on holds back what follows the pop, not
+    the pop itself."""
+    proxied = {c.upstream_port for c in proxy.connections()}
+    return any(
+        "b" in c.get("flags", "") and int(c["addr"].rsplit(":", 1)[1]) in proxied
+        for c in _client_list(server)
+    )
+
+
 def _acked(distributor: Any, count: int = 1) -> Any:
     return lambda: sum(e.node is not None for e in distributor._exchanges.values()) >= count
 
@@ -201,6 +212,10 @@ async def test_a_no_worker_answer_never_runs(
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             assert (await client.get("/warm")).status_code == 200
             if moment != "after-ack":
+                # The Node's next pop must wait at Redis first: its reply to the warm-up
+                # reaches the client before that pop may have left (held back by an up
+                # stall, nothing would be popped, and every answer be the no-worker one).
+                assert await poll(lambda: _pop_waiting(redis_server, proxy), 10)
                 proxy.stall(up=up, down=down)
             else:
                 released.clear()
@@ -423,6 +438,9 @@ async def test_an_ack_send_in_the_grace_wait_is_answered_once(
         ):
             assert (await client.get("/warm")).status_code == 200
             with caplog.at_level(logging.ERROR):
+                # Else the stall may hold back the pop itself: never popped, the request gets
+                # the no-worker answer at 1.5 s (it did, 1 run in 32 under load).
+                assert await poll(lambda: _pop_waiting(redis_server, proxy), 10)
                 proxy.stall(up=True, down=False)
                 request = asyncio.ensure_future(client.get("/late"))
                 await asyncio.sleep(2.2)
