@@ -457,7 +457,7 @@ class Distributor:
         try:
             await exchange.run()
         finally:
-            exchange.received.close()
+            exchange.close_window()
             del self._exchanges[exchange.id]
             if not exchange.inbox.empty():  # seldom: an ACK came too late, or a signal
                 exchange.cancel_late_acks()
@@ -725,7 +725,7 @@ class Distributor:
                     # The Node knows credit units (it announces its own), so it counts what
                     # it sends us in ours: so must we, from its first SEND on, which may come
                     # in this very batch, before run() sees the ACK.
-                    exchange.received.count_units(exchange.unit)
+                    exchange.receiving().count_units(exchange.unit)
             exchange.inbox.put_nowait((kind, args))
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
@@ -861,6 +861,8 @@ class _Exchange:
     acked_at = 0.0
     _ack: Sequence[Any] = ()  # the ACK's arguments, once it came
     unit = 0  # the credit unit announced in the envelope (a WebSocket's): 0, none
+    received: wire.ReceiveWindow | None = None  # the window of the Node's messages, once made
+    _arrived = 0  # messages from the Node that arrived before that window was made
 
     def __init__(
         self,
@@ -879,13 +881,18 @@ class _Exchange:
         self._receive = receive
         self._send = send
         self.inbox: Inbox[Any] = Inbox(distributor._loop)
-        pool = distributor.credit_pool
+        # The window for what the Node sends: its credits taken from the pool now (the
+        # envelope announces them), the window itself made only once a message needs it
+        # (``receiving``): the usual response comes whole in one message, which the first
+        # credit always covers, and leaves the window unmade.
+        self._pool = pool = distributor.credit_pool
+        self._reserved: tuple[int, int]
         if self.kind == "http" and distributor.wire_format != codec.RELEASED:
-            self.received = pool.window(self._grant_later)  # large pieces if there is room
+            self._reserved = pool.reserve()  # large pieces if there is room
         else:
             # Nodes of the first release send 128 KiB pieces; a WebSocket, long-lived and
             # seldom bulky, must not hold the room for large pieces (CreditPool.window).
-            self.received = wire.ReceiveWindow(pool.open(), pool, self._grant_later)
+            self._reserved = (pool.open(), wire.CHUNK_SIZE)
         if self.kind == "websocket" and distributor.wire_format != codec.RELEASED:
             # A WebSocket's credit may count bytes (``wire.CREDIT_UNIT``): announced in the
             # envelope, used once the Node's ACK announces a unit too.
@@ -936,8 +943,8 @@ class _Exchange:
                     deadline,
                     scope if type(scope) is dict else _portable_scope(scope),
                     events,
-                    window=self.received.window,
-                    piece=self.received.piece,
+                    window=self._reserved[0],
+                    piece=self._reserved[1],
                     liveness=d.liveness_interval,
                     queued=queued,
                     confirms=True,
@@ -1150,6 +1157,31 @@ class _Exchange:
     def _start_pump(self) -> None:
         self._pumps += (asyncio.ensure_future(self._forward_client(self._more)),)
 
+    def receiving(self) -> wire.ReceiveWindow:
+        """The window of what the Node sends, made at the first need: the credits the
+        envelope announced (taken from the pool when the exchange was made), with the
+        messages that arrived before it counted in."""
+        window = self.received
+        if window is None:
+            credits, piece = self._reserved
+            window = self.received = wire.ReceiveWindow(
+                credits, self._pool, self._grant_later, piece
+            )
+            for _ in range(self._arrived):
+                window.arrived()
+        return window
+
+    def close_window(self) -> None:
+        """The exchange is over: the pool gets back every credit its window holds."""
+        window = self.received
+        if window is not None:
+            window.close()
+            return
+        credits, piece = self._reserved
+        if credits:
+            self._reserved = (0, piece)  # given back once
+            self._pool.release(credits, piece)
+
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
         if self.node is not None and not self.complete:
@@ -1180,7 +1212,7 @@ class _Exchange:
         return (
             self.kind == "websocket"
             and not self._holding_credit
-            and self.received.outstanding - credit >= self.received.largest
+            and self.receiving().outstanding - credit >= self.receiving().largest
         )
 
     def _credit_out(self, posted: asyncio.Future[int]) -> None:
@@ -1243,7 +1275,7 @@ class _Exchange:
                         return item
                 # Before the ACK, on the same connection, a Node sends nothing: forged.
                 if kind == wire.SEND:
-                    self.received.dropped()
+                    self.receiving().dropped()
                 logger.warning("dropped a %r message before the ack of %s", kind, self.id)
         finally:
             Deadlines.cancel(timer)
@@ -1356,7 +1388,7 @@ class _Exchange:
                 continue
             if kind == wire.SEND:
                 if not (args and isinstance(args[0], list)):
-                    self.received.dropped()
+                    self.receiving().dropped()
                     continue
                 # The events relayed here, not by a coroutine of their own: one that never
                 # waits (the usual response, sent at once) costs about 1.1k instructions.
@@ -1427,7 +1459,7 @@ class _Exchange:
                     # Once complete, nothing more comes through the window: it closes as the
                     # exchange ends, giving the pool every credit it holds (all that consuming
                     # would give back first).
-                    credit = self.received.consumed()
+                    credit = self.receiving().consumed()
                     if credit:
                         self._post_credit(credit, hold=self._may_hold_credit(credit))
             elif kind == wire.DONE:
@@ -1580,7 +1612,12 @@ def _on_send(exchange: _Exchange, args: list[Any], size: int) -> None:
     client)."""
     if exchange.violated:
         return
-    if exchange.received.arrived(size):
+    if exchange.received is None and not exchange._arrived:
+        # The first: a window has at least one credit, counting messages until made
+        # (``receiving``). The usual response is this one message: no window is made.
+        exchange._arrived = 1
+        exchange.inbox.put_nowait((wire.SEND, args))
+    elif exchange.receiving().arrived(size):
         exchange.inbox.put_nowait((wire.SEND, args))
     else:
         exchange.violated = True

@@ -1050,12 +1050,29 @@ class CreditPool:
         """A new window: of ``LARGE_WINDOW`` pieces of ``PIECE_SIZE`` while half the budget
         has room for the whole of it (and fewer than ``MAX_LARGE_WINDOWS`` are open), else of
         ``wanted`` pieces of ``CHUNK_SIZE`` (fewer if the budget is short)."""
+        credits, piece = self.reserve(wanted)
+        return ReceiveWindow(credits, self, grant, piece)
+
+    def reserve(self, wanted: int = WINDOW) -> tuple[int, int]:
+        """The credits and the piece size ``window`` would open, taken from the pool without
+        making the window: for a transfer that may never need one (a response that comes
+        whole in one message). Make it with ``ReceiveWindow(credits, pool, grant, piece)``
+        once needed, or give the credits back with ``release``."""
         size = LARGE_WINDOW * PIECE_SIZE
         if self.large < MAX_LARGE_WINDOWS and size <= self.limit // 2 - self.used:
             self.used += size
             self.large += 1
-            return ReceiveWindow(LARGE_WINDOW, self, grant, PIECE_SIZE)
-        return ReceiveWindow(self.open(wanted), self, grant)
+            return _LARGE_RESERVATION
+        return self.open(wanted), CHUNK_SIZE
+
+    def release(self, credits: int, piece: int) -> None:
+        """Give back what ``reserve`` (or ``open``, with ``CHUNK_SIZE``) took for a window
+        never made: as that window's ``close`` would, nothing of it consumed."""
+        self.used -= credits * piece
+        if piece > CHUNK_SIZE:  # counted among the large windows
+            self.large -= 1
+        if self._starved:
+            self._feed_starved()
 
     def _feed_starved(self) -> None:
         while self._starved and self.used < self.limit:
@@ -1067,6 +1084,9 @@ class CreditPool:
                 return
             del self._starved[window]
             window._regrant()
+
+
+_LARGE_RESERVATION: Final = (LARGE_WINDOW, PIECE_SIZE)  # made once, not per request
 
 
 class ReceiveWindow:

@@ -442,6 +442,40 @@ def test_a_new_window_sets_only_what_differs_from_the_class() -> None:
     assert (pool.large, pool.used) == (0, 0)
 
 
+def test_credit_pool_reserves_what_a_window_would_take_and_takes_it_back() -> None:
+    # A distributor takes its response window's credits when it writes the envelope, and
+    # makes the window only if a message needs it: reserved and released, the pool is as a
+    # window made and closed would leave it, large pieces and all.
+    pool = wire.CreditPool()
+    reserved = [pool.reserve() for _ in range(3)]
+    assert reserved == [(wire.LARGE_WINDOW, wire.PIECE_SIZE)] + [(8, wire.CHUNK_SIZE)] * 2
+    made = pool.window()
+    assert (made.window, made.piece) == (8, wire.CHUNK_SIZE)
+    assert pool.large == 1
+    assert pool.in_flight == pool.budget // 2 + 24
+    for credits, piece in reserved:
+        pool.release(credits, piece)
+    assert (pool.large, pool.in_flight) == (0, 8)
+    made.close()
+    assert pool.used == 0
+
+
+def test_a_released_reservation_pays_a_starved_window() -> None:
+    # As test_starved_window_is_paid_when_room_returns, the first window never made.
+    pool = wire.CreditPool(budget=6)
+    granted: list[int] = []
+    credits, piece = pool.reserve(4)
+    second = wire.ReceiveWindow(pool.open(4), pool, granted.append)
+    third = wire.ReceiveWindow(pool.open(4), pool)  # over budget: one credit
+    assert (credits, second.window, third.window) == (4, 2, 1)
+    assert second.consumed() == 0  # its peer still holds a credit, and there is no room
+    pool.release(credits, piece)  # room again: the credit owed to ``second`` is granted
+    assert granted == [1]
+    second.close()
+    third.close()
+    assert pool.in_flight == 0
+
+
 def test_credit_pool_opens_windows_within_its_budget() -> None:
     pool = wire.CreditPool(budget=10)
     assert [pool.open(8), pool.open(8), pool.open(8)] == [8, 2, 1]  # at least one each

@@ -136,6 +136,20 @@ async def test_a_response_that_completes_returns_no_credit_before_its_window_clo
     assert consumed == []
 
 
+async def test_a_response_that_comes_whole_in_one_message_makes_no_receive_window(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    made: list[Any] = []
+    counting = _patched(monkeypatch, _spy(wire.ReceiveWindow, "__init__", made.append))
+    async with _hello_worlds(redis_server, distributor, counting):
+        # The credits the envelopes announced came back all the same.
+        assert (distributor.credit_pool.used, distributor.credit_pool.large) == (0, 0)
+    # The credits were taken from the pool, the window never made: the answer's one
+    # message fits the first credit (before: a window made, fed and closed per request).
+    assert made == []
+
+
 async def test_the_envelopes_timestamps_are_whole_milliseconds(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
