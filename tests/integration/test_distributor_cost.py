@@ -15,7 +15,16 @@ from typing import Any
 import httpx
 import pytest
 
-from minidasgi import Distributor, Node, create_distributor, envelopewriter, jsoncodec, wire
+from minidasgi import (
+    Distributor,
+    Node,
+    create_distributor,
+    envelopewriter,
+    jsoncodec,
+    responsereader,
+    wire,
+)
+from minidasgi import distributor as distributor_module
 from minidasgi.deadlines import Deadlines
 from minidasgi.inbox import Inbox
 from minidasgi.testing import RedisServer
@@ -140,14 +149,19 @@ async def test_a_response_that_comes_whole_in_one_message_makes_no_receive_windo
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
-    made: list[Any] = []
-    counting = _patched(monkeypatch, _spy(wire.ReceiveWindow, "__init__", made.append))
+    pools: list[Any] = []  # the pool of each window made (the Node makes its own too)
+
+    def record(window: Any, credits: int = 0, pool: Any = None, *_: Any) -> None:
+        pools.append(pool)
+
+    counting = _patched(monkeypatch, _spy(wire.ReceiveWindow, "__init__", record))
     async with _hello_worlds(redis_server, distributor, counting):
         # The credits the envelopes announced came back all the same.
         assert (distributor.credit_pool.used, distributor.credit_pool.large) == (0, 0)
     # The credits were taken from the pool, the window never made: the answer's one
     # message fits the first credit (before: a window made, fed and closed per request).
-    assert made == []
+    assert len(pools) >= N  # the Node's, one per request
+    assert not any(pool is distributor.credit_pool for pool in pools)
 
 
 async def test_the_envelopes_timestamps_are_whole_milliseconds(
@@ -415,3 +429,47 @@ async def test_a_hello_world_answer_is_read_once_and_its_ack_not_checked_again(
     async with _hello_worlds(redis_server, distributor, counting):
         pass
     assert calls == []
+
+
+async def test_a_hello_world_answer_is_relayed_without_its_events_looked_at(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``responsereader`` admits only a start (an int status, header pairs it gives as
+    # tuples, no trailers) and a body: the relay sends them as they are, with no pass over
+    # the header pairs (before: ``_tuple_headers`` once per request, with the general
+    # relay's look at each event's type around it).
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    walked: list[Any] = []
+    counting = _patched(monkeypatch, _spy(distributor_module, "_tuple_headers", walked.append))
+    async with _hello_worlds(redis_server, distributor, counting, headers={"x-test": "1"}):
+        pass
+    assert walked == []
+
+
+async def test_a_streamed_answer_after_the_usual_first_message_is_relayed_whole(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first message of a streamed response may have the usual shape, its body saying
+    # more follows: the relay's short path sends it, then relays the rest as ever.
+    distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    firsts: list[Any] = []
+    decode = responsereader.try_decode
+
+    def spy(data: Any, **bounds: Any) -> Any:
+        message = decode(data, **bounds)
+        if message is not None:
+            firsts.append(message[2][1].get("more_body"))
+        return message
+
+    monkeypatch.setattr(responsereader, "try_decode", spy)
+    node = Node(url=redis_server.url, app=apps.small_chunks, key="hello")
+    count = 40  # 640 KiB: more than one window of 128 KiB pieces, credit returned on the way
+    expected = b"".join(apps.small_chunk(index) for index in range(count))
+    async with serve_app(distributor, http="h11") as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base) as client:
+            for _ in range(3):
+                response = await client.get(f"/?{count}")
+                assert response.status_code == 200
+                assert response.content == expected
+    assert firsts == [True] * 3
+    assert (distributor.credit_pool.used, distributor.credit_pool.large) == (0, 0)
