@@ -867,7 +867,8 @@ class _Exchange:
     _ack: Sequence[Any] = ()  # the ACK's arguments, once it came
     unit = 0  # the credit unit announced in the envelope (a WebSocket's): 0, none
     received: wire.ReceiveWindow | None = None  # the window of the Node's messages, once made
-    _arrived = 0  # messages from the Node that arrived before that window was made
+    _arrived = False  # whether the Node's first message arrived before that window was made
+    _released = False  # whether the credits went back to the pool with no window made
 
     def __init__(
         self,
@@ -891,13 +892,14 @@ class _Exchange:
         # (``receiving``): the usual response comes whole in one message, which the first
         # credit always covers, and leaves the window unmade.
         self._pool = pool = distributor.credit_pool
-        self._reserved: tuple[int, int]
+        self.credits: int  # what the envelope announces: the Node's messages sent unread
+        self._piece: int  # and the bytes each may weigh
         if self.kind == "http" and distributor.wire_format != codec.RELEASED:
-            self._reserved = pool.reserve()  # large pieces if there is room
+            self.credits, self._piece = pool.reserve()  # large pieces if there is room
         else:
             # Nodes of the first release send 128 KiB pieces; a WebSocket, long-lived and
             # seldom bulky, must not hold the room for large pieces (CreditPool.window).
-            self._reserved = (pool.open(), wire.CHUNK_SIZE)
+            self.credits, self._piece = pool.open(), wire.CHUNK_SIZE
         if self.kind == "websocket" and distributor.wire_format != codec.RELEASED:
             # A WebSocket's credit may count bytes (``wire.CREDIT_UNIT``): announced in the
             # envelope, used once the Node's ACK announces a unit too.
@@ -948,8 +950,8 @@ class _Exchange:
                     deadline,
                     scope if type(scope) is dict else _portable_scope(scope),
                     events,
-                    window=self._reserved[0],
-                    piece=self._reserved[1],
+                    window=self.credits,
+                    piece=self._piece,
                     liveness=d.liveness_interval,
                     queued=queued,
                     confirms=True,
@@ -1165,27 +1167,26 @@ class _Exchange:
     def receiving(self) -> wire.ReceiveWindow:
         """The window of what the Node sends, made at the first need: the credits the
         envelope announced (taken from the pool when the exchange was made), with the
-        messages that arrived before it counted in."""
+        first message counted in if it arrived before. Never after ``close_window``."""
         window = self.received
         if window is None:
-            credits, piece = self._reserved
+            assert not self._released, "a window made after its credits went back"
             window = self.received = wire.ReceiveWindow(
-                credits, self._pool, self._grant_later, piece
+                self.credits, self._pool, self._grant_later, self._piece
             )
-            for _ in range(self._arrived):
+            if self._arrived:
                 window.arrived()
         return window
 
     def close_window(self) -> None:
-        """The exchange is over: the pool gets back every credit its window holds."""
+        """The exchange is over: the pool gets back every credit its window holds, or, with
+        no window made, the credits taken for it (once)."""
         window = self.received
         if window is not None:
             window.close()
-            return
-        credits, piece = self._reserved
-        if credits:
-            self._reserved = (0, piece)  # given back once
-            self._pool.release(credits, piece)
+        elif not self._released:
+            self._released = True
+            self._pool.release(self.credits, self._piece)
 
     def _grant_later(self, credit: int) -> None:
         """Credit owed since the pool was full, now that it has room."""
@@ -1647,7 +1648,7 @@ def _on_send(exchange: _Exchange, args: list[Any], size: int, kind: str = wire.S
     if exchange.received is None and not exchange._arrived:
         # The first: a window has at least one credit, counting messages until made
         # (``receiving``). The usual response is this one message: no window is made.
-        exchange._arrived = 1
+        exchange._arrived = True
         exchange.inbox.put_nowait((kind, args))
     elif exchange.receiving().arrived(size):
         exchange.inbox.put_nowait((kind, args))

@@ -1096,10 +1096,11 @@ class ReceiveWindow:
 
     ``piece`` is the largest piece announced to the peer (in the envelope or the ACK); each
     credit costs the pool ``piece`` bytes. The pool's credits for this window must already be
-    taken (``CreditPool.open`` or ``CreditPool.window``). ``window`` counts messages (what is
-    announced to the peer); once the peer is known to count in credit units
-    (``count_units``), credits are units of that many bytes of encoded message, ``piece //
-    unit`` per message of the window, and a small message takes one or a few of them."""
+    taken (``CreditPool.open``, ``CreditPool.window`` or ``CreditPool.reserve``). ``window``
+    counts messages (what is announced to the peer); once the peer is known to count in
+    credit units (``count_units``), credits are units of that many bytes of encoded message,
+    ``piece // unit`` per message of the window, and a small message takes one or a few of
+    them."""
 
     # Until a window counts units or sees traffic: read from the class, not set per window
     # (one per request: each attribute set, and the work out of the batch, cost it more than

@@ -8,6 +8,8 @@
   ``open_conn(url, **kwargs)`` connects with the test's parser and closes at teardown.
 * ``redis_factory`` -- ``redis_factory(password=..., acl_users=..., tls=..., extra_args=...)``
   starts variants and closes them all at teardown.
+* every test, at teardown: each distributor it made in this process that has no request left
+  holds no credit of its pool (``credit_pools_given_back``).
 
 The implementation lives in :mod:`.redis_server`. The system Redis on port 6379 is never used.
 """
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
+from minidasgi import Distributor
 from minidasgi.resp import Connection, connect
 from minidasgi.testing import SentinelSetup
 
@@ -35,6 +39,28 @@ def discard(server: RedisServer) -> None:
         server.kill()
     finally:
         server.close()
+
+
+@pytest.fixture(autouse=True)
+def credit_pools_given_back(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A request's credits go back to its distributor's pool however it ends (an answer, the
+    no-worker answer, a client gone, a Node lost, a violation): checked after every test, on
+    each distributor it made that has no request left. A leak would shrink every later
+    window, until transfers crawl at one piece per round trip."""
+    made: list[weakref.ref[Distributor]] = []
+    init = Distributor.__init__
+
+    def recording(self: Distributor, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(Distributor, "__init__", recording)
+    yield
+    for ref in made:
+        distributor = ref()
+        if distributor is not None and not distributor._exchanges:
+            pool = distributor.credit_pool
+            assert (pool.used, pool.large) == (0, 0), f"credits never given back: {pool.used} B"
 
 
 @pytest.fixture

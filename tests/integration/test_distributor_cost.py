@@ -450,8 +450,11 @@ async def test_a_streamed_answer_after_the_usual_first_message_is_relayed_whole(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The first message of a streamed response may have the usual shape, its body saying
-    # more follows: the relay's short path sends it, then relays the rest as ever.
+    # more follows: the relay's short path sends it and gives its credit back, then relays
+    # the rest as ever. A pool of one credit makes a window of one 128 KiB piece: without
+    # that credit back the Node would wait for it forever.
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
+    distributor.credit_pool = wire.CreditPool(budget=1)
     firsts: list[Any] = []
     decode = responsereader.try_decode
 
@@ -463,10 +466,10 @@ async def test_a_streamed_answer_after_the_usual_first_message_is_relayed_whole(
 
     monkeypatch.setattr(responsereader, "try_decode", spy)
     node = Node(url=redis_server.url, app=apps.small_chunks, key="hello")
-    count = 40  # 640 KiB: more than one window of 128 KiB pieces, credit returned on the way
+    count = 40  # 640 KiB: five windows of one 128 KiB piece
     expected = b"".join(apps.small_chunk(index) for index in range(count))
     async with serve_app(distributor, http="h11") as base, run_node(node):
-        async with httpx.AsyncClient(base_url=base) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             for _ in range(3):
                 response = await client.get(f"/?{count}")
                 assert response.status_code == 200

@@ -347,7 +347,7 @@ async def test_a_forged_credit_does_not_raise_the_window(redis_server: RedisServ
             writer.write(b"GET /?268435456 HTTP/1.1\r\nHost: t\r\n\r\n")
             assert await poll(_acked(distributor), 10)
             (exchange,) = list(distributor._exchanges.values())
-            window = exchange.received.window
+            window = exchange.credits
             # The client's socket buffers fill up, then the download waits for credit.
             assert await _settled(seen, 20)
             forged = wire.pack(wire.CREDIT, exchange.id, 10**6)
@@ -403,7 +403,7 @@ async def test_forged_sends_beyond_the_credit_fail_the_request(redis_server: Red
             body = {"type": "http.response.body", "body": b"forged,", "more_body": True}
             message = wire.pack(wire.SEND, exchange.id, [body])
             # Ten times the window in one go (a script runs atomically): far more than granted.
-            count = exchange.received.window * 10
+            count = exchange.credits * 10
             script = "for i = 1, tonumber(ARGV[2]) do redis.call('PUBLISH', KEYS[1], ARGV[1]) end"
             await asyncio.to_thread(
                 redis_server.command, "EVAL", script, 1, distributor.channel, message, count
