@@ -196,44 +196,75 @@ async def distributor_process(
     url: str, key: str, *options: str
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """The distributor in a child process (``python -m minidasgi distributor``), sending
-    everything to ``key``; yields ``(base_url, process)`` once it accepts connections and kills
-    it at the end if it still runs."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "minidasgi",
-        "--log-level",
-        "warning",
-        "distributor",
-        "--key",
-        key,
-        "--redis",
-        url,
-        "--port",
-        str(port),
-        *options,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.returncode is None, "the distributor exited during startup"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
+    everything to ``key``; yields ``(base_url, process)`` once it listens and kills it at the
+    end if it still runs.
+
+    The port comes from ``free_port``, which lets go of it before the child binds it: in
+    that gap (the child's start, the longer the busier the machine) another process may take it,
+    say another suite's redis-server. A connection that succeeds proves only that something
+    listens there, so the child must be seen listening on it itself (``_listens``); a child
+    that exits (its bind refused) is started again on another port."""
+    for attempt in range(_PORT_TRIES):
+        port = free_port()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "minidasgi",
+            "--log-level",
+            "warning",
+            "distributor",
+            "--key",
+            key,
+            "--redis",
+            url,
+            "--port",
+            str(port),
+            *options,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 15
+            while process.returncode is None and not _listens(process.pid, port):
                 assert time.monotonic() < deadline, "the distributor did not start"
                 await asyncio.sleep(0.05)
+            if process.returncode is not None:
+                assert attempt < _PORT_TRIES - 1, "the distributor exited during startup"
                 continue
-            writer.close()
-            break
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await asyncio.wait_for(process.wait(), 10)
+            yield f"http://127.0.0.1:{port}", process
+            return
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await asyncio.wait_for(process.wait(), 10)
+
+
+_PORT_TRIES = 5
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself has a TCP socket listening on 127.0.0.1:``port``
+    (Linux: its socket inodes, looked up in ``/proc/net/tcp``)."""
+    wanted = f"0100007F:{port:04X}"
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == wanted and fields[3] == "0A":  # 0A: TCP_LISTEN
+            listening.add(f"socket:[{fields[9]}]")
+    if not listening:
+        return False
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except FileNotFoundError:  # exited meanwhile
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(descriptor) in listening:
+                return True
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return False
 
 
 async def poll(check: Any, timeout: float, interval: float = 0.05) -> bool:

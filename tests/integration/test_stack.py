@@ -1,0 +1,43 @@
+"""The helpers of ``stack`` that run the real thing: what they hand a test is what it asked for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from . import stack
+from .redis_server import RedisServer
+from .stack import NodeProcess, distributor_process
+
+
+async def test_distributor_process_is_never_someone_elses_port(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port a distributor is given may be taken by another process before the child binds
+    it (free_port lets go of it first; on a loaded machine the child takes seconds to start,
+    while other suites start servers on free ports). Here another redis-server holds it: a
+    probe's connection succeeds there all the same, and the test's request went to it, which
+    closed the connection without a word (what Redis does with "Host:"). The helper must see
+    its own child listen, and start it again on another port once the bind is refused."""
+    squatter = RedisServer()
+    squatter.start()
+    try:
+        ports = iter([squatter.port])
+        real_free_port = stack.free_port
+        monkeypatch.setattr(stack, "free_port", lambda: next(ports, None) or real_free_port())
+        with NodeProcess(redis_server.url, "q"):
+            async with distributor_process(redis_server.url, "q") as (base, distributor):
+                host, port = base.removeprefix("http://").split(":")
+                reader, writer = await asyncio.open_connection(host, int(port))
+                try:
+                    writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                finally:
+                    writer.close()
+                assert head.startswith(b"HTTP/1.1 200"), head
+                assert base != f"http://127.0.0.1:{squatter.port}"
+                assert distributor.returncode is None
+    finally:
+        squatter.kill()
+        squatter.close()
