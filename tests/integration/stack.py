@@ -137,37 +137,41 @@ async def serve_hypercorn(app: Any, **config: Any) -> AsyncIterator[str]:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    port = free_port()
-    settings = Config()
-    settings.bind = [f"127.0.0.1:{port}"]
-    settings.loglevel = "WARNING"
-    settings.graceful_timeout = 5
-    for name, value in config.items():
-        setattr(settings, name, value)
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(serve(app, settings, shutdown_trigger=stop.wait))
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if task.done():
+    for attempt in range(_PORT_TRIES):
+        port = free_port()
+        settings = Config()
+        settings.bind = [f"127.0.0.1:{port}"]
+        settings.loglevel = "WARNING"
+        settings.graceful_timeout = 5
+        for name, value in config.items():
+            setattr(settings, name, value)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(serve(app, settings, shutdown_trigger=stop.wait))
+        try:
+            deadline = time.monotonic() + 10
+            # Listening in this process, not merely something on the port: another process
+            # may have taken it since ``free_port`` let go of it (``distributor_process``).
+            while not _listens(os.getpid(), port):
+                if task.done():
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("hypercorn did not start")
+                await asyncio.sleep(0.02)
+            else:
+                yield f"http://127.0.0.1:{port}"
+                return
+            # It stopped before listening: its bind refused (an OSError) is tried again on
+            # another port; anything else is raised.
+            if not isinstance(task.exception(), OSError) or attempt == _PORT_TRIES - 1:
                 task.result()
                 raise RuntimeError("hypercorn stopped before starting")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("hypercorn did not start") from None
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            break
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(task, 10)
-        except asyncio.TimeoutError:
-            task.cancel()
+        finally:
+            if not task.done():
+                stop.set()
+                try:
+                    await asyncio.wait_for(task, 10)
+                except asyncio.TimeoutError:
+                    task.cancel()
 
 
 @contextlib.asynccontextmanager

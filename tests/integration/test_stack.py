@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
-from . import stack
+from . import apps, stack
 from .redis_server import RedisServer
 from .stack import NodeProcess, distributor_process
 
@@ -38,6 +39,27 @@ async def test_distributor_process_is_never_someone_elses_port(
                 assert head.startswith(b"HTTP/1.1 200"), head
                 assert base != f"http://127.0.0.1:{squatter.port}"
                 assert distributor.returncode is None
+    finally:
+        squatter.kill()
+        squatter.close()
+
+
+async def test_serve_hypercorn_is_never_someone_elses_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for hypercorn in this process: another redis-server holds the first port it is
+    given. The probe used to connect, which reached that server as soon as it tried (before
+    hypercorn had even tried to bind); the helper must see this process listen, and serve on
+    another port once the bind is refused."""
+    squatter = RedisServer()
+    squatter.start()
+    try:
+        ports = iter([squatter.port])
+        real_free_port = stack.free_port
+        monkeypatch.setattr(stack, "free_port", lambda: next(ports, None) or real_free_port())
+        async with stack.serve_hypercorn(apps.hello) as base:
+            assert base != f"http://127.0.0.1:{squatter.port}"
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                response = await client.get("/")
+            assert response.status_code == 200
     finally:
         squatter.kill()
         squatter.close()
