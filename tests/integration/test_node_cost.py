@@ -18,6 +18,7 @@ from minidasgi import node as node_module
 from minidasgi.resp import Connection, Subscriber, connect
 from minidasgi.testing import RedisServer
 
+from . import apps
 from .stack import poll, run_node
 
 N = 32  # one pop's batch
@@ -205,20 +206,7 @@ async def test_a_usual_scope_reaches_the_app_as_the_envelope_reader_made_it(
         return local_scope(scope, state)
 
     monkeypatch.setattr(node_module, "_local_scope", spy)
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 51234),
-        "scheme": "http",
-        "method": "GET",
-        "root_path": "",
-        "path": "/",
-        "raw_path": b"/",
-        "query_string": b"",
-        "headers": [(b"host", b"bench"), (b"accept", b"*/*")],
-    }
+    scope = apps.uvicorn_scope()
     events = [{"type": "http.request", "body": b"", "more_body": False}]
     reply, subscriber, pusher = await _distributor_end(redis_server, lambda *_: None)
     try:
