@@ -255,7 +255,9 @@ class Distributor:
         self.health_check_interval = health_check_interval
         self.peer_timeout = peer_timeout
         self.peers = PeerTracker(peer_timeout)  # the Nodes we share requests with
-        self._pinging: set[str] = set()  # Nodes with a PING still being published
+        # Nodes with a PING still being published, and when it was sent (``tick``: while
+        # Redis answers none, silence proves nothing).
+        self._pinging: dict[str, float] = {}
         self.startup_wait = startup_wait
         self.channel = wire.new_channel(channel_prefix, self.params.db, "dist")
         self.channel_prefix = channel_prefix
@@ -398,7 +400,7 @@ class Distributor:
             self.watch_deadlines.reset()
             self.admission.pushes.reset()
             self.peers = PeerTracker(self.peer_timeout)
-            self._pinging = set()
+            self._pinging = {}
             self._untaken, self._untaken_size, self._taking_back = [], 0, False
         self._loop = loop
         self._thread = threading.get_ident()
@@ -801,7 +803,13 @@ class Distributor:
         try:
             while True:
                 await asyncio.sleep(self.liveness_interval)
-                for _, request_ids in self.peers.tick(loop.time(), self.liveness_interval):
+                pinging = self._pinging
+                lost = self.peers.tick(
+                    loop.time(),
+                    self.liveness_interval,
+                    unanswered_since=min(pinging.values()) if pinging else None,
+                )
+                for _, request_ids in lost:
                     for request_id in request_ids:
                         exchange = self._exchanges.get(request_id)
                         if exchange is not None:
@@ -809,7 +817,7 @@ class Distributor:
                 for node, request_ids in self.peers.peers():
                     if node not in self._pinging:
                         # Not awaited: a PING stuck on a stalled link must not stop the checks.
-                        self._pinging.add(node)
+                        self._pinging[node] = loop.time()
                         self.spawn(self._ping(node, request_ids))
         finally:
             if self._monitor is asyncio.current_task():
@@ -825,8 +833,11 @@ class Distributor:
                         if exchange.node == node:
                             exchange.inbox.put_nowait(_PEER_LOST)
                     return
+            sent = self._pinging.get(node)
+            if sent is not None:  # how long Redis took to answer: deaf meanwhile
+                self.peers.unanswered(sent, asyncio.get_running_loop().time())
         finally:
-            self._pinging.discard(node)
+            self._pinging.pop(node, None)
 
 
 _TRANSIENT_ERRORS = frozenset(

@@ -10,6 +10,14 @@ distributor with CANCEL). And a peer that this process has heard nothing at all 
 ``peer_timeout`` while requests are in flight with it (its link stalled, its process stopped)
 counts as lost: those requests fail.
 
+Silence counts against a peer only while this process could have heard it. Not while its own
+event loop did not run (a process stopped or blocked: its periodic check comes late), nor while
+Redis did not answer it (a PING it published to a peer waited for its reply: Redis was stopped
+or its link stalled, and whatever the peer sent waited there too). Those spans are "deaf": a
+peer is lost once its silence outside them passes ``timeout``. A span Redis did not answer is
+excused for ``timeout`` at most, so a Redis that never answers still ends the requests (its
+connections' reply bounds and health checks usually do so first).
+
 This module is pure bookkeeping on a clock given by the caller. It owns ``PeerTracker``; it
 must never do I/O, start tasks or read a clock of its own.
 """
@@ -54,6 +62,9 @@ class PeerTracker:
         self.timeout = timeout
         self._peers: dict[str, _Peer] = {}
         self._last_tick: float | None = None
+        # Spans (start, end) in which this process could hear no peer, possibly overlapping;
+        # those older than every peer's last word are dropped at each tick.
+        self._deaf: list[tuple[float, float]] = []
 
     def __len__(self) -> int:
         return sum(1 for state in self._peers.values() if state.requests)
@@ -101,27 +112,69 @@ class PeerTracker:
             [(peer, list(state.requests)) for peer, state in self._peers.items() if state.requests]
         )
 
-    def tick(self, now: float, interval: float) -> list[tuple[str, list[str]]]:
+    def unanswered(self, sent: float, answered: float) -> None:
+        """A PING this process published at ``sent`` got its reply only at ``answered``:
+        Redis did not serve it meanwhile (stopped, or its link stalled), so nothing a peer sent
+        could reach this process either. Excused for ``timeout`` at most (its last part)."""
+        self._deaf.append((max(sent, answered - self.timeout), answered))
+
+    def tick(
+        self, now: float, interval: float, *, unanswered_since: float | None = None
+    ) -> list[tuple[str, list[str]]]:
         """The periodic check, due every ``interval`` seconds: return the peers lost (silent
         for ``timeout`` with requests in flight) with their requests, and forget them.
 
         If this process itself was not running for a while (its event loop blocked, the
-        machine suspended), it was not listening either: the peers' silence clocks are moved
-        on by the time lost, so a busy process does not blame its peers for its own pause.
+        process stopped, the machine suspended), it was not listening either: the time the
+        check comes late is not counted against any peer, so a paused process does not
+        blame its peers for its own pause (what arrived meanwhile may be read only after this
+        check). ``unanswered_since``: when the oldest PING this process published and still
+        waits the reply of was sent (see ``unanswered``); None if there is none.
         """
         last, self._last_tick = self._last_tick, now
-        if last is not None:
-            late = now - last - interval
-            if late > interval:
-                for state in self._peers.values():
-                    state.heard += late
-        lost = [
-            (peer, list(state.requests))
-            for peer, state in self._peers.items()
-            if state.requests and state.pings and now - state.heard > self.timeout
-        ]
+        if last is not None and now - last > interval:
+            self._deaf.append((last + interval, now))
+        self._deaf = spans = _union(self._deaf) if self._deaf else self._deaf
+        if unanswered_since is not None and unanswered_since < now:
+            # Deaf up to now, for this check only: the whole span is kept once answered.
+            spans = _union([*spans, (max(unanswered_since, now - self.timeout), now)])
+        lost = []
+        oldest = now  # the earliest last word of a peer that may still be lost
+        for peer, state in self._peers.items():
+            if not (state.requests and state.pings):
+                continue
+            heard = state.heard
+            silence = now - heard - _covered(spans, heard) if spans else now - heard
+            if silence > self.timeout:
+                lost.append((peer, list(state.requests)))
+            elif heard < oldest:
+                oldest = heard
         for peer, _ in lost:
             del self._peers[peer]
         for peer in [peer for peer, state in self._peers.items() if not state.requests]:
             del self._peers[peer]  # idle since the last tick: forgotten
+        if self._deaf:  # what no peer's silence reaches back to any more is of no use
+            self._deaf = [span for span in self._deaf if span[1] > oldest]
         return lost
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The spans merged where they overlap, in order."""
+    merged: list[tuple[float, float]] = []
+    for first, last in sorted(spans):
+        if merged and first <= merged[-1][1]:
+            if last > merged[-1][1]:
+                merged[-1] = (merged[-1][0], last)
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _covered(spans: list[tuple[float, float]], start: float) -> float:
+    """How much of the time since ``start`` the merged, ordered ``spans`` cover."""
+    covered = 0.0
+    for first, last in reversed(spans):
+        if last <= start:
+            break
+        covered += last - max(first, start)
+    return covered

@@ -181,7 +181,9 @@ class Node:
         self.health_check_interval = health_check_interval
         self.peer_timeout = peer_timeout
         self.peers = PeerTracker(peer_timeout)  # the distributors we share requests with
-        self._pinging: set[str] = set()  # distributors with a PING still being published
+        # Distributors with a PING still being published, and when it was sent (``tick``:
+        # while Redis answers none, silence proves nothing).
+        self._pinging: dict[str, float] = {}
         self._acks: dict[int, tuple[Any, ...]] = {}  # by window (``_ack_args``)
         self.max_envelope_size = max_envelope_size
         self.channel = wire.new_channel(channel_prefix, self.params.db, "node")
@@ -921,7 +923,12 @@ class Node:
     async def _watch_peers(self) -> None:
         while True:
             await asyncio.sleep(self.liveness_interval)
-            lost = self.peers.tick(time.monotonic(), self.liveness_interval)
+            pinging = self._pinging
+            lost = self.peers.tick(
+                time.monotonic(),
+                self.liveness_interval,
+                unanswered_since=min(pinging.values()) if pinging else None,
+            )
             for _, request_ids in lost:
                 for request_id in request_ids:
                     job = self._jobs.get(request_id)
@@ -938,7 +945,7 @@ class Node:
                 ]
                 if live and channel not in self._pinging:
                     # Not awaited: a PING stuck on a stalled link must not stop the checks.
-                    self._pinging.add(channel)
+                    self._pinging[channel] = time.monotonic()
                     self.spawn(self._ping(channel, live, self._jobs[live[0]].version))
 
     async def _ping(self, channel: str, request_ids: list[str], version: int) -> None:
@@ -949,8 +956,11 @@ class Node:
                         if job.reply == channel:
                             job.peer_lost("the distributor is gone")
                     return
+            sent = self._pinging.get(channel)
+            if sent is not None:  # how long Redis took to answer: deaf meanwhile
+                self.peers.unanswered(sent, time.monotonic())
         finally:
-            self._pinging.discard(channel)
+            self._pinging.pop(channel, None)
 
 
 class _Disconnected(Exception):

@@ -49,11 +49,10 @@ def test_hearing_from_a_peer_keeps_it() -> None:
 def test_a_peer_that_does_not_ping_is_never_blamed_for_its_silence() -> None:
     peers = PeerTracker(3)
     peers.add("old", "a", 0.0, pings=False)
-    assert all(peers.tick(float(now), 1.0) == [] for now in range(1, 20))
+    assert all(peers.tick(float(now), 1.0) == [] for now in range(1, 21))
     peers.add("old", "b", 20.0, pings=True)  # a newer request says it pings
-    assert peers.tick(21.0, 1.0) == []
-    peers.tick(22.0, 1.0)
-    assert peers.tick(23.5, 1.0) == [("old", ["a", "b"])]
+    assert [peers.tick(float(now), 1.0) for now in (21, 22, 23)] == [[]] * 3
+    assert peers.tick(24.0, 1.0) == [("old", ["a", "b"])]  # timed from its pinging request
 
 
 def test_a_process_that_paused_does_not_blame_its_peers() -> None:
@@ -72,6 +71,57 @@ def test_a_process_that_paused_does_not_blame_its_peers() -> None:
             break
     else:
         raise AssertionError("never lost")
+
+
+def test_a_check_late_by_less_than_an_interval_counts_its_lateness_as_a_pause() -> None:
+    # A process stopped for 1.9 s just after a check finds the next one late by 0.9 s only:
+    # before, lateness up to an interval counted against the peer (up to 2 s per pause).
+    peers = PeerTracker(3)
+    peers.add("n1", "a", 0.0, pings=True)
+    assert peers.tick(1.0, 1.0) == []
+    assert peers.tick(2.0, 1.0) == []
+    assert peers.tick(3.9, 1.0) == []  # silent 3.9 s, 0.9 of them paused
+    assert peers.tick(4.9, 1.0) == [("n1", ["a"])]
+
+
+def test_silence_while_redis_answers_no_ping_is_not_the_peers() -> None:
+    peers = PeerTracker(3)
+    peers.add("n1", "a", 0.0, pings=True)
+    assert peers.tick(1.0, 1.0) == []
+    # A PING sent at 1.5 waits for its reply: Redis is stopped, nothing can come from anyone.
+    assert [peers.tick(float(now), 1.0, unanswered_since=1.5) for now in (2, 3, 4)] == [[]] * 3
+    peers.unanswered(1.5, 4.5)  # answered at last
+    assert [peers.tick(float(now), 1.0) for now in (5, 6)] == [[]] * 2  # silent 2.0, 3.0
+    assert peers.tick(7.0, 1.0) == [("n1", ["a"])]
+
+
+def test_a_ping_never_answered_excuses_the_silence_for_the_timeout_at_most() -> None:
+    # A Redis that never answers (its reply bound turned off): the requests still end.
+    peers = PeerTracker(3)
+    peers.add("n1", "a", 0.0, pings=True)
+    lost = [peers.tick(float(now), 1.0, unanswered_since=0.5) for now in range(1, 8)]
+    assert lost == [[]] * 6 + [[("n1", ["a"])]]
+
+
+def test_a_pause_and_an_unanswered_ping_at_once_are_excused_once() -> None:
+    peers = PeerTracker(5)
+    peers.add("n1", "a", 0.0, pings=True)
+    assert peers.tick(1.0, 1.0) == []
+    # Stopped from just after a PING sent at 1.0 until 5.0: paused and unanswered both.
+    assert peers.tick(5.0, 1.0, unanswered_since=1.0) == []
+    peers.unanswered(1.0, 5.0)
+    assert [peers.tick(float(now), 1.0) for now in (6, 7, 8, 9)] == [[]] * 4  # silent 2.0-5.0
+    assert peers.tick(10.0, 1.0) == [("n1", ["a"])]
+
+
+def test_deaf_spans_are_kept_only_while_a_peers_silence_reaches_them() -> None:
+    peers = PeerTracker(3)
+    peers.add("n1", "a", 0.0, pings=True)
+    for now in range(1, 200):
+        peers.heard("n1", now - 0.1)
+        peers.unanswered(now - 0.5, now - 0.2)
+        assert peers.tick(now + 0.5, 1.0) == []  # each a little late, too
+    assert len(peers._deaf) <= 2
 
 
 @pytest.mark.parametrize("interval,timeout", [(0, 10), (-1, 10), (1, 0), (1, float("nan"))])
@@ -102,7 +152,7 @@ def test_one_request_at_a_time_keeps_one_peer_state(monkeypatch: pytest.MonkeyPa
     peers.add("n1", "r", 101.0, pings=True)
     assert len(made) == 2  # made again after the tick that forgot it
     # And timed from its new request, as a peer first seen then.
-    assert [peers.tick(float(now), 1.0) for now in range(102, 113)] == [[]] * 10 + [[("n1", ["r"])]]
+    assert [peers.tick(float(now), 1.0) for now in range(101, 113)] == [[]] * 11 + [[("n1", ["r"])]]
 
 
 def test_a_peer_is_known_from_its_first_request_until_the_tick_after_its_last() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -288,6 +290,37 @@ async def test_a_node_link_silent_for_good_ends_its_requests(redis_server: Redis
             assert [await _ends(r) for r in sleepy] == ["502"] * 2
             # The Node, hearing nothing from the distributor either, gave its requests up.
             assert await poll(lambda: node.in_flight == 0, 10)
+
+
+async def test_a_stopped_redis_is_blamed_on_neither_peer(redis_server: RedisServer) -> None:
+    """Redis SIGSTOPped past both sides' peer_timeout, within its reply bound: neither side
+    heard the other, and neither could have. Each side's own liveness PING waited at Redis all
+    that time, which proves the silence was Redis', not its peer's: the request mid-response
+    survives (it was cut short by both sides, each blaming the other)."""
+    release = asyncio.Event()
+    # Both sides give a silent peer up after 2 s: a stop of 3.5 s is far past that, and far
+    # short of the reply bound (10 s) and of the subscribers' health checks (5 s + 5 s).
+    liveness = {"peer_timeout": 2.0, "liveness_interval": 0.25}
+    distributor = create_distributor(url=redis_server.url, key="stopped", **liveness)
+    node = Node(
+        url=redis_server.url, app=apps.held(release), key="stopped", lifespan="off", **liveness
+    )
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            request = asyncio.ensure_future(client.get("/"))
+            started = lambda: any(e.started for e in distributor._exchanges.values())  # noqa: E731
+            assert await poll(started, 10)
+            assert redis_server.pid is not None
+            os.kill(redis_server.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(3.5)
+            finally:
+                os.kill(redis_server.pid, signal.SIGCONT)
+            release.set()
+            response = await asyncio.wait_for(request, 20)
+            assert response.status_code == 200
+            assert response.text == "part1,part2"
+            assert node.in_flight == 0
 
 
 # 4. Forged messages are bounded ---------------------------------------------------------------
