@@ -1161,7 +1161,7 @@ class Connection:
         )
 
     def _check_replies(self) -> None:
-        self._watchdog = None
+        look, self._watchdog = self._watchdog, None
         if self._error is not None:
             return
         if not self._waiters:
@@ -1174,6 +1174,11 @@ class Connection:
             self._watched = head
             self._watched_since = now
         else:
+            # A look that comes late is one this process did not run for (stopped, its loop
+            # blocked): it read nothing meanwhile either, and a process resumed from a stop
+            # runs its due timers before it reads what came. That time is not the peer's.
+            if look is not None and now > look.when():
+                self._watched_since += now - look.when()
             bound = self._blocking_bounds.get(head, self._reply_timeout)
             # Looks come every period, so this is a whole number of periods; half a period of
             # slack absorbs timer lateness. The head has waited at least that long.

@@ -451,11 +451,18 @@ class Subscriber:
         loop = asyncio.get_running_loop()
         interval = self._health_check_interval
         pinged_at: float | None = None
+        paused = 0.0  # of the time since the PING, how long this process did not run
         while True:
+            due = loop.time() + interval / 2
             await asyncio.sleep(interval / 2)
             now = loop.time()
             if pinged_at is not None and self._last_read < pinged_at:
-                if now - pinged_at >= interval:
+                if now > due:
+                    # This check comes late: the process did not run meanwhile (stopped, its
+                    # loop blocked), so it could not read the answer either; and a process
+                    # resumed from a stop runs its due timers before it reads what came.
+                    paused += now - due
+                if now - pinged_at - paused >= interval:
                     end(RedisConnectionError("no answer to a health-check PING"))
                     return
                 continue
@@ -463,6 +470,7 @@ class Subscriber:
             if now - self._last_read >= interval:
                 self._send("PING")
                 pinged_at = now
+                paused = 0.0
 
     def _set_connected(self, connected: bool) -> None:
         self._is_connected = connected

@@ -9,7 +9,10 @@ test runs once per reply parser (``python`` and ``hiredis``).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,7 +24,9 @@ from minidasgi.resp.client import Client
 from minidasgi.resp.protocol import pack_command
 
 from .fakes import FakeRedis, drain_until_eof, read_command
+from .faultproxy import FaultProxy
 from .redis_server import RedisServer
+from .stack import poll
 
 Opener = Callable[..., Awaitable[Connection]]
 
@@ -292,3 +297,111 @@ async def test_refused_subscribe_is_retried(make_subscriber: Callable[..., Subsc
         assert fake.connections == refusals + 1
         assert connected == [1]
         assert "NOPERM" in str(subscriber.last_error)
+
+
+# -- A process stopped is not a dead peer ----------------------------------------------------------
+
+# A process stopped (SIGSTOP) in its event loop's wait and resumed after its next timer was due
+# gets no I/O events on that wake-up (CPython's epoll gives up at its deadline, unpolled): its
+# timers run before it reads what arrived meanwhile. A check that then counts the stop as the
+# peer's silence gives up a live connection whose answer is waiting in its socket.
+
+_STOPPED_POP = """
+import asyncio, sys
+from minidasgi.resp import connect
+
+async def main() -> None:
+    connection = await connect(sys.argv[1], reply_timeout=1)  # bound: 1 s + BRPOP's 2 s
+    print("ready", flush=True)
+    try:
+        print("reply", await connection.brpop("stopped-pop", timeout=2), flush=True)
+    except Exception as exc:
+        print("error", exc, flush=True)
+
+asyncio.run(main())
+"""
+
+_STOPPED_SUBSCRIBER = """
+import asyncio, sys
+from minidasgi.resp import Subscriber
+
+async def main() -> None:
+    subscriber = Subscriber(
+        sys.argv[1],
+        health_check_interval=2,
+        on_message=lambda channel, data: print("message", data.decode(), flush=True),
+        on_connection_lost=lambda: print("lost", flush=True),
+    )
+    await subscriber.subscribe("stopped")
+    print("ready", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def _child(code: str, url: str) -> asyncio.subprocess.Process:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, url, stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdout is not None
+    assert await asyncio.wait_for(child.stdout.readline(), 20) == b"ready\n"
+    return child
+
+
+def _blocked(server: RedisServer) -> bool:
+    listing = server.command("CLIENT", "LIST")
+    assert isinstance(listing, bytes)
+    return any("flags=b " in line for line in listing.decode().splitlines())
+
+
+async def test_a_stopped_process_reads_the_reply_its_stop_held(redis_server: RedisServer) -> None:
+    """The reply bound counts no time its own process was stopped: Redis answered the BRPOP
+    (nil, after its 2 s) while the process was stopped for 4 s, past the 3 s bound."""
+    child = await _child(_STOPPED_POP, redis_server.url)
+    try:
+        assert await poll(lambda: _blocked(redis_server), 10)
+        await asyncio.sleep(0.5)  # the bound's watchdog looked at the BRPOP once (every 0.25 s)
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            assert _blocked(redis_server)  # answered only once the process is stopped
+            await asyncio.sleep(4)
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 10) == b"reply None\n"
+    finally:
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
+
+
+async def test_a_stopped_subscriber_reads_the_answer_to_its_health_check(
+    redis_server: RedisServer,
+) -> None:
+    """The health check counts no time its own process was stopped: the answer to its PING,
+    held back by the link until the process was stopped, waits in its socket for 3 s, past the
+    2 s the check gives it."""
+    with FaultProxy(redis_server.port) as proxy:
+        child = await _child(_STOPPED_SUBSCRIBER, proxy.url())
+        try:
+            proxy.stall(up=False, down=True)
+            # Idle for 2 s, the subscriber PINGs: Redis' PONG is held back (the check gives
+            # up only 2 s after the PING, far later than this takes).
+            assert await poll(lambda: proxy.held_down() > 0, 10, interval=0.01)
+            os.kill(child.pid, signal.SIGSTOP)
+            try:
+                proxy.resume()
+                await asyncio.sleep(3)
+            finally:
+                os.kill(child.pid, signal.SIGCONT)
+            assert child.stdout is not None
+            line = b""
+            while line != b"message hello\n":  # whatever came before it is read
+                redis_server.command("PUBLISH", "stopped", "hello")
+                line = await asyncio.wait_for(child.stdout.readline(), 10)
+                assert line != b"lost\n", "the subscriber gave up a live connection"
+        finally:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
