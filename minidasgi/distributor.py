@@ -803,9 +803,9 @@ class Distributor:
         try:
             while True:
                 await asyncio.sleep(self.liveness_interval)
-                pinging = self._pinging
+                pinging, now = self._pinging, loop.time()
                 lost = self.peers.tick(
-                    loop.time(),
+                    now,
                     self.liveness_interval,
                     unanswered_since=min(pinging.values()) if pinging else None,
                 )
@@ -817,7 +817,7 @@ class Distributor:
                 for node, request_ids in self.peers.peers():
                     if node not in self._pinging:
                         # Not awaited: a PING stuck on a stalled link must not stop the checks.
-                        self._pinging[node] = loop.time()
+                        self._pinging[node] = now
                         self.spawn(self._ping(node, request_ids))
         finally:
             if self._monitor is asyncio.current_task():
@@ -835,7 +835,7 @@ class Distributor:
                     return
             sent = self._pinging.get(node)
             if sent is not None:  # how long Redis took to answer: deaf meanwhile
-                self.peers.unanswered(sent, asyncio.get_running_loop().time())
+                self.peers.unserved(sent, asyncio.get_running_loop().time())
         finally:
             self._pinging.pop(node, None)
 

@@ -11,12 +11,15 @@ distributor with CANCEL). And a peer that this process has heard nothing at all 
 counts as lost: those requests fail.
 
 Silence counts against a peer only while this process could have heard it. Not while its own
-event loop did not run (a process stopped or blocked: its periodic check comes late), nor while
-Redis did not answer it (a PING it published to a peer waited for its reply: Redis was stopped
-or its link stalled, and whatever the peer sent waited there too). Those spans are "deaf": a
-peer is lost once its silence outside them passes ``timeout``. A span Redis did not answer is
-excused for ``timeout`` at most, so a Redis that never answers still ends the requests (its
-connections' reply bounds and health checks usually do so first).
+event loop did not run (a process stopped or blocked: its periodic check comes late), nor, up to
+a bound, while Redis did not serve it (a PING it published to a peer waited for its reply: Redis
+was stopped or its link stalled, and whatever the peer sent most likely waited there too). The
+first kind of span is excused whole: the process could not read at all. The second is evidence,
+not proof (on a Cluster the peer's messages travel on another shard than this process'
+PUBLISH; a slow link may still deliver), so all of it together is excused for ``timeout`` at
+most within one peer's silence: a peer silent while Redis keeps answering slowly is still lost
+within twice ``timeout`` (plus whatever time this process itself did not run). Round trips
+of a healthy Redis count too, but they are a few milliseconds.
 
 This module is pure bookkeeping on a clock given by the caller. It owns ``PeerTracker``; it
 must never do I/O, start tasks or read a clock of its own.
@@ -62,9 +65,11 @@ class PeerTracker:
         self.timeout = timeout
         self._peers: dict[str, _Peer] = {}
         self._last_tick: float | None = None
-        # Spans (start, end) in which this process could hear no peer, possibly overlapping;
-        # those older than every peer's last word are dropped at each tick.
-        self._deaf: list[tuple[float, float]] = []
+        # Spans (start, end) in which this process did not run, and in which Redis did not
+        # serve it (``unserved``), merged and ordered at each tick; those older than every
+        # peer's last word are dropped there.
+        self._paused: list[tuple[float, float]] = []
+        self._unserved: list[tuple[float, float]] = []
 
     def __len__(self) -> int:
         return sum(1 for state in self._peers.values() if state.requests)
@@ -112,11 +117,12 @@ class PeerTracker:
             [(peer, list(state.requests)) for peer, state in self._peers.items() if state.requests]
         )
 
-    def unanswered(self, sent: float, answered: float) -> None:
+    def unserved(self, sent: float, answered: float) -> None:
         """A PING this process published at ``sent`` got its reply only at ``answered``:
-        Redis did not serve it meanwhile (stopped, or its link stalled), so nothing a peer sent
-        could reach this process either. Excused for ``timeout`` at most (its last part)."""
-        self._deaf.append((max(sent, answered - self.timeout), answered))
+        Redis did not serve it meanwhile (stopped, or its link stalled), so most likely
+        nothing a peer sent reached this process either (excused up to a bound: see the
+        module's docstring)."""
+        self._unserved.append((sent, answered))
 
     def tick(
         self, now: float, interval: float, *, unanswered_since: float | None = None
@@ -129,23 +135,30 @@ class PeerTracker:
         check comes late is not counted against any peer, so a paused process does not
         blame its peers for its own pause (what arrived meanwhile may be read only after this
         check). ``unanswered_since``: when the oldest PING this process published and still
-        waits the reply of was sent (see ``unanswered``); None if there is none.
+        waits the reply of was sent (see ``unserved``); None if there is none.
         """
         last, self._last_tick = self._last_tick, now
         if last is not None and now - last > interval:
-            self._deaf.append((last + interval, now))
-        self._deaf = spans = _union(self._deaf) if self._deaf else self._deaf
+            self._paused.append((last + interval, now))
+        paused = self._paused = _union(self._paused) if self._paused else self._paused
+        unserved = self._unserved = _union(self._unserved) if self._unserved else self._unserved
         if unanswered_since is not None and unanswered_since < now:
-            # Deaf up to now, for this check only: the whole span is kept once answered.
-            spans = _union([*spans, (max(unanswered_since, now - self.timeout), now)])
+            # Unserved up to now, for this check only: the whole span is kept once answered.
+            unserved = _union([*unserved, (unanswered_since, now)])
+        either = _union([*paused, *unserved]) if paused and unserved else paused or unserved
+        timeout = self.timeout
         lost = []
         oldest = now  # the earliest last word of a peer that may still be lost
         for peer, state in self._peers.items():
             if not (state.requests and state.pings):
                 continue
             heard = state.heard
-            silence = now - heard - _covered(spans, heard) if spans else now - heard
-            if silence > self.timeout:
+            silence = now - heard
+            if either:
+                was_paused = _covered(paused, heard) if paused else 0.0
+                # Redis' part is what its waits add to the pauses, ``timeout`` at most.
+                silence -= was_paused + min(_covered(either, heard) - was_paused, timeout)
+            if silence > timeout:
                 lost.append((peer, list(state.requests)))
             elif heard < oldest:
                 oldest = heard
@@ -153,8 +166,11 @@ class PeerTracker:
             del self._peers[peer]
         for peer in [peer for peer, state in self._peers.items() if not state.requests]:
             del self._peers[peer]  # idle since the last tick: forgotten
-        if self._deaf:  # what no peer's silence reaches back to any more is of no use
-            self._deaf = [span for span in self._deaf if span[1] > oldest]
+        # What no peer's silence reaches back to any more is of no use.
+        if paused:
+            self._paused = [span for span in paused if span[1] > oldest]
+        if self._unserved:
+            self._unserved = [span for span in self._unserved if span[1] > oldest]
         return lost
 
 

@@ -923,9 +923,9 @@ class Node:
     async def _watch_peers(self) -> None:
         while True:
             await asyncio.sleep(self.liveness_interval)
-            pinging = self._pinging
+            pinging, now = self._pinging, time.monotonic()
             lost = self.peers.tick(
-                time.monotonic(),
+                now,
                 self.liveness_interval,
                 unanswered_since=min(pinging.values()) if pinging else None,
             )
@@ -945,7 +945,7 @@ class Node:
                 ]
                 if live and channel not in self._pinging:
                     # Not awaited: a PING stuck on a stalled link must not stop the checks.
-                    self._pinging[channel] = time.monotonic()
+                    self._pinging[channel] = now
                     self.spawn(self._ping(channel, live, self._jobs[live[0]].version))
 
     async def _ping(self, channel: str, request_ids: list[str], version: int) -> None:
@@ -958,7 +958,7 @@ class Node:
                     return
             sent = self._pinging.get(channel)
             if sent is not None:  # how long Redis took to answer: deaf meanwhile
-                self.peers.unanswered(sent, time.monotonic())
+                self.peers.unserved(sent, time.monotonic())
         finally:
             self._pinging.pop(channel, None)
 

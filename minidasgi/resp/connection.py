@@ -1180,8 +1180,8 @@ class Connection:
             if look is not None and now > look.when():
                 self._watched_since += now - look.when()
             bound = self._blocking_bounds.get(head, self._reply_timeout)
-            # Looks come every period, so this is a whole number of periods; half a period of
-            # slack absorbs timer lateness. The head has waited at least that long.
+            # The head was sent up to a period before the look that started watching it, and
+            # it has waited at least this long; half a period of slack rounds the looks.
             if now - self._watched_since >= bound - self._reply_timeout / (2 * _WATCHDOG_CHECKS):
                 error = RedisConnectionError(
                     f"no reply from Redis at {self.params.address} within {bound:g} s"

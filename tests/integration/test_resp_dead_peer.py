@@ -361,7 +361,9 @@ async def test_a_stopped_process_reads_the_reply_its_stop_held(redis_server: Red
     child = await _child(_STOPPED_POP, redis_server.url)
     try:
         assert await poll(lambda: _blocked(redis_server), 10)
-        await asyncio.sleep(0.5)  # the bound's watchdog looked at the BRPOP once (every 0.25 s)
+        # The bound's watchdog looked at the BRPOP (every 0.25 s) before the stop, or the test
+        # would pass without the discount; Redis answers the BRPOP 2 s after it came.
+        await asyncio.sleep(0.75)
         os.kill(child.pid, signal.SIGSTOP)
         try:
             assert _blocked(redis_server)  # answered only once the process is stopped
