@@ -8,6 +8,8 @@
   ``open_conn(url, **kwargs)`` connects with the test's parser and closes at teardown.
 * ``redis_factory`` -- ``redis_factory(password=..., acl_users=..., tls=..., extra_args=...)``
   starts variants and closes them all at teardown.
+* ``squatter`` -- another process (a redis-server) on the first port ``ports.free_port`` hands
+  out: what a port helper gives a test must be its own server's all the same.
 * every test, at teardown: each distributor it made in this process that has no request left
   holds no credit of its pool (``credit_pools_given_back``).
 
@@ -28,6 +30,7 @@ from minidasgi import Distributor
 from minidasgi.resp import Connection, connect
 from minidasgi.testing import SentinelSetup
 
+from . import ports
 from .redis_server import RedisFactory, RedisServer, TLSNotSupportedError, find_redis_server
 
 
@@ -77,6 +80,21 @@ def shared_redis() -> Iterator[RedisServer]:
     server = RedisServer(binary=find_redis_server())
     try:
         yield server.start()
+    finally:
+        discard(server)
+
+
+@pytest.fixture
+def squatter(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+    """Another process (a redis-server) on the first port ``ports.free_port`` hands out: the
+    port taken in the gap between ``free_port`` and the bind, as on a loaded machine."""
+    server = RedisServer(binary=find_redis_server())
+    try:
+        server.start()
+        given = iter([server.port])
+        real_free_port = ports.free_port
+        monkeypatch.setattr(ports, "free_port", lambda: next(given, None) or real_free_port())
+        yield server
     finally:
         discard(server)
 

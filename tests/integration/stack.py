@@ -27,19 +27,14 @@ import uvicorn
 
 from minidasgi import Node
 
+from .ports import alistening_child, bound_socket, listens
+
 HERE = Path(__file__).resolve().parent
 SERVER = os.environ.get("MINIDASGI_TEST_SERVER", "uvicorn")
 """The ASGI server ``serve_app`` runs: uvicorn, or hypercorn when CI runs the suite again."""
 uvicorn_only = pytest.mark.skipif(
     SERVER != "uvicorn", reason="asserts what uvicorn itself does, not what the relay does"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class _Uvicorn(uvicorn.Server):
@@ -98,7 +93,10 @@ async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIt
         async with serve_hypercorn(app, **config) as base:
             yield base
         return
-    port = free_port()
+    # Bound here: uvicorn binds only after the app's lifespan startup, and a port taken
+    # meanwhile was its exit (sys.exit, from its task).
+    sock = bound_socket()
+    port = sock.getsockname()[1]
     server = _Uvicorn(
         uvicorn.Config(
             app,
@@ -110,7 +108,7 @@ async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIt
         )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.ensure_future(server.serve())
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
         deadline = time.monotonic() + 10
         while not server.started:
@@ -128,6 +126,7 @@ async def serve_app(app: Any, *, lifespan: str = "on", **config: Any) -> AsyncIt
         except asyncio.TimeoutError:
             server.force_exit = True
             task.cancel()
+        sock.close()
 
 
 @contextlib.asynccontextmanager
@@ -137,41 +136,33 @@ async def serve_hypercorn(app: Any, **config: Any) -> AsyncIterator[str]:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    for attempt in range(_PORT_TRIES):
-        port = free_port()
-        settings = Config()
-        settings.bind = [f"127.0.0.1:{port}"]
-        settings.loglevel = "WARNING"
-        settings.graceful_timeout = 5
-        for name, value in config.items():
-            setattr(settings, name, value)
-        stop = asyncio.Event()
-        task = asyncio.ensure_future(serve(app, settings, shutdown_trigger=stop.wait))
-        try:
-            deadline = time.monotonic() + 10
-            # Listening in this process, not merely something on the port: another process
-            # may have taken it since ``free_port`` let go of it (``distributor_process``).
-            while not _listens(os.getpid(), port):
-                if task.done():
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError("hypercorn did not start")
-                await asyncio.sleep(0.02)
-            else:
-                yield f"http://127.0.0.1:{port}"
-                return
-            # It stopped before listening: its bind refused (an OSError) is tried again on
-            # another port; anything else is raised.
-            if not isinstance(task.exception(), OSError) or attempt == _PORT_TRIES - 1:
+    sock = bound_socket()  # hypercorn's from here on (``fd://``): its server closes it
+    port = sock.getsockname()[1]
+    settings = Config()
+    settings.bind = [f"fd://{sock.detach()}"]
+    settings.loglevel = "WARNING"
+    settings.graceful_timeout = 5
+    for name, value in config.items():
+        setattr(settings, name, value)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(app, settings, shutdown_trigger=stop.wait))
+    try:
+        deadline = time.monotonic() + 10
+        while not listens(os.getpid(), port):
+            if task.done():
                 task.result()
                 raise RuntimeError("hypercorn stopped before starting")
-        finally:
-            if not task.done():
-                stop.set()
-                try:
-                    await asyncio.wait_for(task, 10)
-                except asyncio.TimeoutError:
-                    task.cancel()
+            if time.monotonic() > deadline:
+                raise TimeoutError("hypercorn did not start")
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if not task.done():
+            stop.set()
+            try:
+                await asyncio.wait_for(task, 10)
+            except asyncio.TimeoutError:
+                task.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -198,77 +189,27 @@ async def run_node(node: Node) -> AsyncIterator[Node]:
 @contextlib.asynccontextmanager
 async def distributor_process(
     url: str, key: str, *options: str
-) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
     """The distributor in a child process (``python -m minidasgi distributor``), sending
-    everything to ``key``; yields ``(base_url, process)`` once it listens and kills it at the
-    end if it still runs.
+    everything to ``key``; yields ``(base_url, process)`` once it listens itself on its port
+    (``ports.alistening_child``) and kills it at the end if it still runs."""
 
-    The port comes from ``free_port``, which lets go of it before the child binds it: in
-    that gap (the child's start, the longer the busier the machine) another process may take it,
-    say another suite's redis-server. A connection that succeeds proves only that something
-    listens there, so the child must be seen listening on it itself (``_listens``); a child
-    that exits (its bind refused) is started again on another port."""
-    for attempt in range(_PORT_TRIES):
-        port = free_port()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "minidasgi",
-            "--log-level",
-            "warning",
-            "distributor",
-            "--key",
-            key,
-            "--redis",
-            url,
-            "--port",
-            str(port),
-            *options,
+    def start(port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "minidasgi", "--log-level", "warning", "distributor",
+             "--key", key, "--redis", url, "--port", str(port), *options],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 15
-            while process.returncode is None and not _listens(process.pid, port):
-                assert time.monotonic() < deadline, "the distributor did not start"
-                await asyncio.sleep(0.05)
-            if process.returncode is not None:
-                assert attempt < _PORT_TRIES - 1, "the distributor exited during startup"
-                continue
-            yield f"http://127.0.0.1:{port}", process
-            return
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await asyncio.wait_for(process.wait(), 10)
+        )  # fmt: skip
 
-
-_PORT_TRIES = 5
-
-
-def _listens(pid: int, port: int) -> bool:
-    """Whether process ``pid`` itself has a TCP socket listening on 127.0.0.1:``port``
-    (Linux: its socket inodes, looked up in ``/proc/net/tcp``)."""
-    wanted = f"0100007F:{port:04X}"
-    listening = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == wanted and fields[3] == "0A":  # 0A: TCP_LISTEN
-            listening.add(f"socket:[{fields[9]}]")
-    if not listening:
-        return False
+    process, port = await alistening_child(start)
     try:
-        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
-    except FileNotFoundError:  # exited meanwhile
-        return False
-    for descriptor in descriptors:
-        try:
-            if os.readlink(descriptor) in listening:
-                return True
-        except FileNotFoundError:  # closed meanwhile
-            continue
-    return False
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        await asyncio.to_thread(process.wait, 10)
 
 
 async def poll(check: Any, timeout: float, interval: float = 0.05) -> bool:

@@ -1,31 +1,18 @@
-"""The helpers of ``stack`` that run the real thing: what they hand a test is what it asked for."""
+"""The helpers of ``stack`` and ``ports`` that run the real thing: what they hand a test is what it
+asked for."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import subprocess
+import sys
 
 import httpx
 import pytest
 
-from . import apps, stack
+from . import apps, ports, stack
 from .redis_server import RedisServer
 from .stack import NodeProcess, distributor_process
-
-
-@pytest.fixture
-def squatter(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
-    """Another process (a redis-server) on the first port ``stack.free_port`` hands out."""
-    server = RedisServer()
-    server.start()
-    try:
-        ports = iter([server.port])
-        real_free_port = stack.free_port
-        monkeypatch.setattr(stack, "free_port", lambda: next(ports, None) or real_free_port())
-        yield server
-    finally:
-        server.kill()
-        server.close()
 
 
 async def test_distributor_process_is_never_someone_elses_port(
@@ -48,7 +35,7 @@ async def test_distributor_process_is_never_someone_elses_port(
                 writer.close()
             assert head.startswith(b"HTTP/1.1 200"), head
             assert base != f"http://127.0.0.1:{squatter.port}"
-            assert distributor.returncode is None
+            assert distributor.poll() is None
 
 
 async def test_serve_hypercorn_is_never_someone_elses_port(squatter: RedisServer) -> None:
@@ -61,3 +48,63 @@ async def test_serve_hypercorn_is_never_someone_elses_port(squatter: RedisServer
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             response = await client.get("/")
         assert response.status_code == 200
+
+
+async def test_serve_app_is_never_someone_elses_port(squatter: RedisServer) -> None:
+    """The same for uvicorn in this process, which binds only after the app's lifespan
+    startup: another redis-server holds the first free port. Its bind was refused, and uvicorn
+    exits then (SystemExit from its task); the helper binds the port itself beforehand."""
+    async with stack.serve_app(apps.hello) as base:
+        assert base != f"http://127.0.0.1:{squatter.port}"
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            response = await client.get("/")
+        assert response.status_code == 200
+
+
+_LISTENER = """
+import socket, sys, time
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.listen()
+time.sleep(60)
+"""
+
+
+def test_listening_child_starts_again_on_another_port_when_its_own_is_taken(
+    squatter: RedisServer,
+) -> None:
+    """``ports.listening_child``, the helper every child that serves goes through: the first
+    port is another process's, the child started on it exits (its bind refused), and the one
+    handed out is started again on another port, where it listens itself."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        started.append(subprocess.Popen([sys.executable, "-c", _LISTENER, str(port)]))
+        return started[-1]
+
+    child, port = ports.listening_child(start)
+    try:
+        assert port != squatter.port
+        assert [p.returncode for p in started] == [1, None]
+        assert ports.listens(child.pid, port)
+        assert not ports.listens(child.pid, squatter.port)
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_listening_child_gives_up_on_a_child_that_never_listens() -> None:
+    """A child that exits whatever the port (it is broken, not unlucky) is started on
+    ``PORT_TRIES`` ports, then the helper says so, with the last child."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        started.append(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
+        return started[-1]
+
+    with pytest.raises(ports.NotListening, match="exited before listening") as raised:
+        ports.listening_child(start)
+    assert raised.value.child is started[-1]
+    assert [p.returncode for p in started] == [3] * ports.PORT_TRIES
+
