@@ -1,6 +1,8 @@
 """Run a Node in a child process for tests: ``node_process.py --redis URL --key K --app apps:x``.
 
-Prints ``ready`` on its first line once the Node pops, then serves until SIGTERM/SIGINT.
+Prints ``ready`` on its first line once the Node pops (``ready PORT`` with ``--health-port``:
+the port its health server listens on, the one the kernel chose for ``--health-port 0``), then
+serves until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -51,8 +53,16 @@ async def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop)
     serving = asyncio.ensure_future(node.serve())
-    await node.wait_started()
-    print("ready", flush=True)
+    started = asyncio.ensure_future(node.wait_started())
+    # A Node that fails to start (its health port refused, say) ends this process: its parent
+    # waits for the first line, and would wait for ever.
+    await asyncio.wait([serving, started], return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        started.cancel()
+        await serving  # raises what stopped it
+        raise SystemExit("the node stopped before it started")
+    health = node.health_server
+    print("ready" if health is None else f"ready {health.port}", flush=True)
     await serving
 
 

@@ -251,6 +251,9 @@ class NodeProcess:
             *extra,
         ]
         self.process: subprocess.Popen[bytes] | None = None
+        self.health_port: int | None = None
+        """The port its health server listens on, once started (``--health-port``; with 0,
+        the kernel's choice: no other process can have it)."""
 
     def start(self) -> NodeProcess:
         env = dict(os.environ, PYTHONPATH=str(HERE))
@@ -262,6 +265,8 @@ class NodeProcess:
         if b"ready" not in line:
             self.stop()
             raise RuntimeError(f"node process did not start: {line!r}")
+        _, _, port = line.partition(b"ready")
+        self.health_port = int(port) if port.strip() else None
         return self
 
     def kill(self) -> None:

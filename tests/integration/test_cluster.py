@@ -28,7 +28,7 @@ from minidasgi.status import format_status, take_status
 from minidasgi.testing import CLUSTER_SLOTS, ClusterSetup, RedisServer
 
 from . import apps
-from .stack import NodeProcess, free_port, poll, run_node, serve_app
+from .stack import NodeProcess, poll, run_node, serve_app
 from .test_sentinel import BACK_WITHIN, HANG, Runs, light_traffic
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.requires_server("7.0")]
@@ -517,7 +517,7 @@ def slots_of(setup: ClusterSetup, master: RedisServer) -> tuple[int, int]:
 
 
 async def test_a_request_waiting_for_a_lost_master_lets_the_node_loop_turn(
-    cluster: ClusterSetup,
+    cluster: ClusterSetup, squatter: RedisServer
 ) -> None:
     """A Node's publisher used a master (a distributor's channel lives there) that then dies
     with no replica: the slot map keeps it, so the publisher is not ``connected``, while the
@@ -528,7 +528,9 @@ async def test_a_request_waiting_for_a_lost_master_lets_the_node_loop_turn(
     suite run). The Node runs in a child process: its health endpoint answers throughout, the
     request is told GONE at its deadline (its client gets the no-worker answer, not the 504
     of a Node that never answers), it pops nothing more, leaving requests to a Node that can
-    serve them, and it serves again once the master is back."""
+    serve them, and it serves again once the master is back. Its health port is the kernel's
+    choice in the child (``--health-port 0``): here the first port ``free_port`` hands out is
+    another process's (``squatter``), on which the Node failed to start."""
     stats_master = cluster.master_of(wire.stats_channel("minidasgi", 0))
     assert stats_master is not None
     dead = next(s for s in cluster.masters if s is not stats_master)
@@ -542,9 +544,7 @@ async def test_a_request_waiting_for_a_lost_master_lets_the_node_loop_turn(
                 return app
 
     doomed, survivor = distributor(True), distributor(False)
-    port = free_port()
-    health = f"http://127.0.0.1:{port}/-/healthz"
-    options = ["--health-port", str(port), "--channel-outside", f"{first}-{last}"]
+    options = ["--health-port", "0", "--channel-outside", f"{first}-{last}"]
     # A long pop: the one under way when the master dies is the one that takes the request.
     options += ["--pop-timeout", "30"]
     node = NodeProcess(cluster.url, key, "apps:hello", *options)
@@ -555,6 +555,7 @@ async def test_a_request_waiting_for_a_lost_master_lets_the_node_loop_turn(
     ):
         await asyncio.to_thread(node.start)
         try:
+            health = f"http://127.0.0.1:{node.health_port}/-/healthz"
 
             async def answers() -> bool:
                 try:

@@ -108,3 +108,14 @@ def test_listening_child_gives_up_on_a_child_that_never_listens() -> None:
     assert raised.value.child is started[-1]
     assert [p.returncode for p in started] == [3] * ports.PORT_TRIES
 
+
+def test_a_node_process_that_fails_to_start_says_so(
+    redis_server: RedisServer, squatter: RedisServer
+) -> None:
+    """``NodeProcess.start`` waits for the child's first line: a Node that failed to start
+    (here its health port is another process's) left the child waiting for ever, and the test
+    with it, past pytest-timeout (its thread blocked the event loop's close)."""
+    node = NodeProcess(redis_server.url, "q", "apps:hello", "--health-port", str(squatter.port))
+    with pytest.raises(RuntimeError, match="node process did not start"):
+        node.start()
+    assert node.process is not None and node.process.poll() is not None
