@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -27,9 +28,14 @@ __all__ = [
     "RedisServerError",
     "ServerBinary",
     "TLSNotSupportedError",
+    "client_list",
     "find_redis_server",
     "locate_redis_server",
+    "pop_waiting",
 ]
+
+if TYPE_CHECKING:
+    from .faultproxy import FaultProxy
 
 RedisFactory = Callable[..., RedisServer]
 """Type of the ``redis_factory`` fixture: ``redis_factory(**RedisServer kwargs)``."""
@@ -49,3 +55,26 @@ def locate_redis_server() -> ServerBinary:
         return _locate_redis_server()
     except RedisServerNotFound as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+def client_list(server: RedisServer) -> list[dict[str, str]]:
+    """``CLIENT LIST`` of ``server``: a dict of its fields (``id``, ``addr``, ``flags``,
+    ``cmd``, ...) for each connection."""
+    listing = server.command("CLIENT", "LIST")
+    assert isinstance(listing, bytes)
+    return [
+        dict(field.split("=", 1) for field in line.split() if "=" in field)
+        for line in listing.decode().splitlines()
+    ]
+
+
+def pop_waiting(server: RedisServer, proxy: FaultProxy) -> bool:
+    """True once a connection through ``proxy`` (a Node's) waits at ``server`` in a blocking
+    command (flag ``b``: its pop is under way there, not merely sent). A stall of the Node's
+    link from then on holds back what follows the pop, not the pop itself."""
+    proxied = {c.upstream_port for c in proxy.connections()}
+    return any(
+        "b" in c["flags"] and int(c["addr"].rsplit(":", 1)[1]) in proxied
+        for c in client_list(server)
+    )
+

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from .ports import NotListening, free_port, listening_child
-from .redis_server import RedisFactory, RedisServer, locate_redis_server
+from .redis_server import RedisFactory, RedisServer, client_list, locate_redis_server
 from .stack import NodeProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -158,12 +158,11 @@ def wait_until(condition: object, timeout: float = 10.0, what: str = "condition"
         time.sleep(0.05)
 
 
-def popping(redis: RedisServer) -> int:
-    """How many connections are blocked in a pop (BLMPOP, or BRPOP): Nodes ready for work."""
-    clients = redis.command("CLIENT", "LIST")
-    assert isinstance(clients, bytes)
-    lines = clients.decode().splitlines()
-    return sum("cmd=blmpop" in line or "cmd=brpop" in line for line in lines)
+def popping(redis: RedisServer, *, besides: Collection[str] = ()) -> int:
+    """How many connections, other than those of ids ``besides``, wait at Redis in a blocking
+    command (flag ``b``): Nodes ready for work, their pop (BLMPOP, or BRPOP) under way. The
+    last command's name says less: it stays once the pop has returned."""
+    return sum("b" in c["flags"] and c["id"] not in besides for c in client_list(redis))
 
 
 def start_popping(
@@ -175,11 +174,13 @@ def start_popping(
     env: dict[str, str] | None = None,
     cwd: Path = REPO,
 ) -> Child:
-    """Start a process that runs a Node; return it once one more connection pops."""
-    before = popping(redis)
+    """Start a process that runs a Node; return it once a connection it opened pops."""
+    before = {c["id"] for c in client_list(redis)}
     child = Child(args, log, env=env, cwd=cwd)
     started.append(child)
-    wait_until(lambda: popping(redis) > before or not child.running(), what="the Node to pop")
+    wait_until(
+        lambda: popping(redis, besides=before) or not child.running(), what="the Node to pop"
+    )
     assert child.running(), child.output()
     return child
 

@@ -23,7 +23,7 @@ from minidasgi import Node, create_distributor
 
 from . import apps
 from .faultproxy import FaultProxy
-from .redis_server import RedisFactory, RedisServer
+from .redis_server import RedisFactory, RedisServer, pop_waiting
 from .stack import NodeProcess, poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(90)
@@ -124,7 +124,9 @@ async def test_node_with_silent_links_obeys_sigterm(redis_server: RedisServer) -
         await asyncio.to_thread(node.start)
         try:
             assert node.process is not None
-            await asyncio.sleep(0.5)  # the Node is blocked in BRPOP
+            # Its pop waits at Redis ("ready" says only that it was sent): the stall holds
+            # back the pop's reply, not the pop itself.
+            assert await poll(lambda: pop_waiting(redis_server, proxy), 10)
             proxy.stall()
             node.process.send_signal(signal.SIGTERM)
             start = time.monotonic()

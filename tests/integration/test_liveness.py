@@ -25,30 +25,10 @@ from minidasgi.resp import Subscriber
 
 from . import apps
 from .faultproxy import FaultProxy
-from .redis_server import RedisFactory, RedisServer
+from .redis_server import RedisFactory, RedisServer, client_list, pop_waiting
 from .stack import poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _client_list(server: RedisServer) -> list[dict[str, str]]:
-    listing = server.command("CLIENT", "LIST")
-    assert isinstance(listing, bytes)
-    clients = []
-    for line in listing.decode().splitlines():
-        clients.append(dict(field.split("=", 1) for field in line.split() if "=" in field))
-    return clients
-
-
-def _pop_waiting(server: RedisServer, proxy: FaultProxy) -> bool:
-    """True once a connection through ``proxy`` (the Node's) is blocked in its pop at Redis:
-    a stall of the Node's link up to Redis from then on holds back what follows the pop, not
-    the pop itself."""
-    proxied = {c.upstream_port for c in proxy.connections()}
-    return any(
-        "b" in c.get("flags", "") and int(c["addr"].rsplit(":", 1)[1]) in proxied
-        for c in _client_list(server)
-    )
 
 
 def _acked(distributor: Any, count: int = 1) -> Any:
@@ -98,7 +78,7 @@ async def test_killing_only_the_node_subscriber_ends_its_requests(
             proxied = {c.upstream_port for c in proxy.connections()}
             subscribers = [
                 c
-                for c in _client_list(redis_server)
+                for c in client_list(redis_server)
                 if int(c.get("sub", "0")) > 0 and int(c["addr"].rsplit(":", 1)[1]) in proxied
             ]
             assert len(subscribers) == 1, subscribers  # the Node's, not the distributor's
@@ -154,7 +134,7 @@ async def test_a_node_without_its_subscription_leaves_requests_in_redis(
             proxied = {c.upstream_port for c in proxy.connections()}
             subscribers = [
                 int(c["addr"].rsplit(":", 1)[1])
-                for c in _client_list(redis_server)
+                for c in client_list(redis_server)
                 if int(c.get("sub", "0")) > 0 and int(c["addr"].rsplit(":", 1)[1]) in proxied
             ]
             assert len(subscribers) == 1, subscribers  # the Node's, not the distributor's
@@ -217,7 +197,7 @@ async def test_a_no_worker_answer_never_runs(
                 # The Node's next pop must wait at Redis first: its reply to the warm-up
                 # reaches the client before that pop may have left (held back by an up
                 # stall, nothing would be popped, and every answer be the no-worker one).
-                assert await poll(lambda: _pop_waiting(redis_server, proxy), 10)
+                assert await poll(lambda: pop_waiting(redis_server, proxy), 10)
                 proxy.stall(up=up, down=down)
             else:
                 released.clear()
@@ -473,7 +453,7 @@ async def test_an_ack_send_in_the_grace_wait_is_answered_once(
             with caplog.at_level(logging.ERROR):
                 # Else the stall may hold back the pop itself: never popped, the request gets
                 # the no-worker answer at 1.5 s (it did, 1 run in 32 under load).
-                assert await poll(lambda: _pop_waiting(redis_server, proxy), 10)
+                assert await poll(lambda: pop_waiting(redis_server, proxy), 10)
                 proxy.stall(up=True, down=False)
                 request = asyncio.ensure_future(client.get("/late"))
                 await asyncio.sleep(2.2)
