@@ -28,6 +28,7 @@ __all__ = [
     "RedisServerError",
     "ServerBinary",
     "TLSNotSupportedError",
+    "calls",
     "client_list",
     "find_redis_server",
     "locate_redis_server",
@@ -78,3 +79,14 @@ def pop_waiting(server: RedisServer, proxy: FaultProxy) -> bool:
         for c in client_list(server)
     )
 
+
+def calls(server: RedisServer, command: str) -> int:
+    """How many times ``server`` ran ``command`` (lower case, ``client|list`` for a
+    subcommand on Redis 7) since its start or its last ``CONFIG RESETSTAT``."""
+    stats = server.command("INFO", "commandstats")
+    assert isinstance(stats, bytes)
+    prefix = f"cmdstat_{command}:calls="
+    for line in stats.decode().splitlines():
+        if line.startswith(prefix):
+            return int(line[len(prefix) :].split(",", 1)[0])
+    return 0

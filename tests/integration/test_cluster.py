@@ -29,7 +29,7 @@ from minidasgi.testing import CLUSTER_SLOTS, ClusterSetup, RedisServer
 
 from . import apps
 from .stack import NodeProcess, poll, run_node, serve_app
-from .test_sentinel import BACK_WITHIN, HANG, Runs, light_traffic
+from .test_sentinel import BACK_WITHIN, HANG, Runs, flowing, light_traffic
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.requires_server("7.0")]
 
@@ -467,7 +467,7 @@ async def test_failover_under_light_traffic(
         stop = asyncio.Event()
         outcomes: list[tuple[float, float, str]] = []
         traffic = asyncio.ensure_future(light_traffic(base, stop, outcomes))
-        await asyncio.sleep(0.5)
+        assert await poll(lambda: flowing(outcomes), 10), "no traffic before the fault"
         faulted = time.monotonic()
         if fault == "sigkill":
             old.kill()

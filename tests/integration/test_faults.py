@@ -23,7 +23,7 @@ import pytest
 from minidasgi import Node, create_distributor, create_path_distributor, wire
 
 from . import apps
-from .redis_server import RedisFactory, RedisServer
+from .redis_server import RedisFactory, RedisServer, client_list
 from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
@@ -225,7 +225,7 @@ async def test_sigterm_finishes_requests_in_flight_and_takes_no_more(
     # The request sent after the SIGTERM goes through a distributor that waits 1 s for an ack.
     impatient = create_distributor(url=redis_server.url, key="work", worker_timeout=1)
     loop = asyncio.get_running_loop()
-    node = NodeProcess(redis_server.url, "work", "apps:logged_sleepy")
+    node = NodeProcess(redis_server.url, "work", "apps:logged_sleepy", "--health-port", "0")
     async with serve_app(app) as base, serve_app(impatient) as impatient_base:
         await _start_process(node)
         limits = httpx.Limits(max_connections=50)
@@ -235,10 +235,19 @@ async def test_sigterm_finishes_requests_in_flight_and_takes_no_more(
                 for i in range(20)
             ]
             assert await poll(_acked(app, 20), 5), "20 acks expected"
-            await asyncio.sleep(0.3)
+            # All 20 running when the SIGTERM comes.
+            assert await poll(lambda: log.exists() and log.read_text().count("start ") == 20, 10)
             assert node.process is not None
             node.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)  # the Node has stopped popping
+
+            async def stopped_popping() -> bool:
+                # Stopping (not ready), it pops no more; the pop under way was woken (CLIENT
+                # UNBLOCK) once no connection waits in one.
+                ready = await client.get(f"http://127.0.0.1:{node.health_port}/-/readyz")
+                blocked = any("b" in c["flags"] for c in client_list(redis_server))
+                return ready.status_code == 503 and not blocked
+
+            assert await poll(stopped_popping, 10), "the Node still pops"
             start = loop.time()
             late = await client.get(impatient_base + "/?0", headers={"x-request-id": "late"})
             late_elapsed = loop.time() - start
@@ -285,8 +294,8 @@ async def test_redis_restart_under_traffic(redis_server: RedisServer, outage: fl
         async with httpx.AsyncClient(base_url=base) as client:
             background = asyncio.ensure_future(traffic(client))
             try:
-                await asyncio.sleep(0.5)
-                assert results and all(r[2] == 200 for r in results)
+                assert await poll(lambda: len(results) >= 5, 10), "no traffic before the fault"
+                assert all(r[2] == 200 for r in results)
                 down = float("inf")
                 if outage:
                     await asyncio.to_thread(redis_server.stop)

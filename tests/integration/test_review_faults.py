@@ -22,7 +22,7 @@ from minidasgi.resp import Subscriber
 
 from . import apps
 from .faultproxy import FaultProxy
-from .redis_server import RedisServer
+from .redis_server import RedisServer, calls
 from .stack import poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(90)
@@ -194,6 +194,17 @@ def _blocked_clients(redis: RedisServer) -> int:
     raise LookupError("no blocked_clients in INFO")
 
 
+def _popped(redis: RedisServer, key: str, *, pushes: int) -> bool:
+    """Whether the ``pushes``-th LPUSH reached Redis and ``key`` is empty again."""
+    return calls(redis, "lpush") >= pushes and redis.command("LLEN", key) == 0
+
+
+def _ack_landed(distributor: Any) -> bool:
+    """Whether a Node's message (its ack first) waits in a request's inbox: read only once
+    the take-back's LREM has its reply."""
+    return any(len(e.inbox) for e in distributor._exchanges.values())
+
+
 def _command_connection(proxy: FaultProxy, redis: RedisServer) -> Any:
     """The proxied connection that is not subscribed (a distributor's command connection)."""
     listing = redis.command("CLIENT", "LIST")
@@ -226,12 +237,13 @@ async def test_an_ack_that_lands_while_the_take_back_runs_is_kept(
                 node_proxy.stall(up=True, down=False)
                 try:
                     request = asyncio.ensure_future(client.get("/"))
-                    await asyncio.sleep(1)
+                    # Popped (pushed, and no longer in the list), its ack held back.
+                    assert await poll(lambda: _popped(redis_server, "ack-lrem", pushes=2), 10)
                     command.stall(up=False, down=True)  # the LREM at 2 s: its reply held back
-                    await asyncio.sleep(1.5)
+                    assert await poll(lambda: calls(redis_server, "lrem") == 1, 10)
                 finally:
                     node_proxy.resume()  # the ack lands before the LREM's reply
-                await asyncio.sleep(0.5)
+                assert await poll(lambda: _ack_landed(distributor), 10)
                 command.resume()
                 response = await asyncio.wait_for(request, 20)
                 assert response.status_code == 200, response.text

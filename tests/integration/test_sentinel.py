@@ -68,6 +68,11 @@ def watch_promotion(setup: SentinelSetup, old: RedisServer) -> tuple[threading.E
     return stop, seen
 
 
+def flowing(outcomes: list[tuple[float, float, str]]) -> bool:
+    """Whether ``light_traffic`` is under way: a few requests answered."""
+    return sum(o == "200" for _, _, o in outcomes) >= 4
+
+
 async def light_traffic(
     base: str, stop: asyncio.Event, outcomes: list[tuple[float, float, str]]
 ) -> None:
@@ -144,7 +149,7 @@ async def test_failover_under_light_traffic(sentinels: SentinelSetup, fault: str
         stop = asyncio.Event()
         outcomes: list[tuple[float, float, str]] = []
         traffic = asyncio.ensure_future(light_traffic(base, stop, outcomes))
-        await asyncio.sleep(0.5)
+        assert await poll(lambda: flowing(outcomes), 10), "no traffic before the fault"
         stop_watching, promoted = watch_promotion(sentinels, old)
         faulted = time.monotonic()
         if fault == "sigkill":
