@@ -2,7 +2,9 @@
 
 This module owns :class:`RedisServer`: one private ``redis-server`` child process with its own
 temp dir, free TCP port, unix socket and (optionally) TLS port, password, ACL users and
-throwaway certificates, that can be stopped, killed and restarted on the same port. It carries
+throwaway certificates, that can be stopped, killed and restarted on the same port. On Linux
+its ports are kept from other processes from their choice to ``close()``, down or not; a reply
+on its private unix socket tells that its own child is up. It carries
 a tiny synchronous RESP2 client (:meth:`RedisServer.command`) to poke the server without going
 through the library under test. It imports only the standard library and never touches a
 Redis it did not start.
@@ -324,6 +326,25 @@ def _free_port() -> int:
         return port
 
 
+def _reserved_port() -> tuple[int, socket.socket | None]:
+    """A free port, and on Linux a socket that keeps it from other processes: bound with
+    SO_REUSEADDR and never listening, so that redis-server (which binds with SO_REUSEADDR
+    too) can bind it beside, while the kernel hands it to no other ``bind`` to port 0 (nor
+    binds it for any socket without SO_REUSEADDR). Elsewhere (BSD semantics: the server's bind
+    would be refused) nothing is kept, as ``_free_port``."""
+    if sys.platform != "linux":
+        return _free_port(), None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, 0))
+    except BaseException:
+        sock.close()
+        raise
+    port: int = sock.getsockname()[1]
+    return port, sock
+
+
 def _encode_command(args: Sequence[object]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -387,8 +408,12 @@ class RedisServer:
         self.unix_socket = str(self.tmpdir / "redis.sock")
         self.log_path = str(self.tmpdir / "redis.log")
         self._stdout_path = self.tmpdir / "stdout.log"
-        self.port = _free_port()
-        self.tls_port: int | None = _free_port() if tls else None
+        # Its ports stay its own from here to close(), stopped or not: between the choice of
+        # a port and the server's bind, and while it is down before a restart on the same
+        # port, another process's free port would otherwise be this one.
+        self._reservations: dict[int, socket.socket] = {}
+        self.port = self._reserve_port()
+        self.tls_port: int | None = self._reserve_port() if tls else None
         self.ca_file: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
@@ -397,6 +422,7 @@ class RedisServer:
             try:
                 self._make_certs()
             except BaseException:
+                self._release_ports()
                 shutil.rmtree(self.tmpdir, ignore_errors=True)
                 raise
 
@@ -469,16 +495,33 @@ class RedisServer:
                 port_race = "Address already in use" in str(exc)
                 if self._started_once or not port_race or attempt == _PORT_RETRIES - 1:
                     raise
-                self.port = _free_port()
+                # Another process bound it before this one reserved it.
+                self._release_ports(self.port)
+                self.port = self._reserve_port()
                 if self.tls_port is not None:
-                    self.tls_port = _free_port()
+                    self._release_ports(self.tls_port)
+                    self.tls_port = self._reserve_port()
                 if "--cluster-port" in self.extra_args:  # a cluster node's bus port, maybe
                     index = self.extra_args.index("--cluster-port") + 1  # the one taken
-                    self.extra_args[index] = str(_free_port())
+                    self._release_ports(int(self.extra_args[index]))
+                    self.extra_args[index] = str(self._reserve_port())
             else:
                 self._started_once = True
                 return self
         raise AssertionError("unreachable")
+
+    def _reserve_port(self) -> int:
+        port, sock = _reserved_port()
+        if sock is not None:
+            self._reservations[port] = sock
+        return port
+
+    def _release_ports(self, *ports: int) -> None:
+        """Let go of ``ports`` (of every port reserved when none is named)."""
+        for port in ports or list(self._reservations):
+            sock = self._reservations.pop(port, None)
+            if sock is not None:
+                sock.close()
 
     def _spawn_and_wait(self) -> None:
         with open(self._stdout_path, "ab") as out:
@@ -575,11 +618,12 @@ class RedisServer:
         return self.start()
 
     def close(self) -> None:
-        """Stop the process and remove its temp dir. Idempotent."""
+        """Stop the process, let go of its ports and remove its temp dir. Idempotent."""
         try:
             self.stop()
         finally:
             self._closed = True
+            self._release_ports()
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
@@ -1053,7 +1097,7 @@ def _cluster_node(binary: str, args: list[str]) -> RedisServer:
     server = RedisServer(binary=binary, extra_args=args)
     server.extra_args += [
         "--cluster-config-file", str(server.tmpdir / "nodes.conf"),
-        "--cluster-port", str(_free_port()),
+        "--cluster-port", str(server._reserve_port()),
     ]  # fmt: skip
     return server
 

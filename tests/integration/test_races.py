@@ -134,7 +134,9 @@ async def test_final_send_blocked_on_credit_notices_the_distributor_vanished(
         assert await poll(
             lambda: len(fake.sends()) == wire.WINDOW and state.get("final") == "sending", 5
         ), f"the app did not block on its final send: {state}, {len(fake.sends())} sends"
-        await asyncio.sleep(0.3)  # a liveness round or more with the distributor alive
+        # A liveness round or more with the distributor alive (the Node's PING reached it).
+        pings = len(fake.sends(wire.PING))
+        assert await poll(lambda: len(fake.sends(wire.PING)) > pings, 5), "no liveness round"
         assert node.in_flight == 1 and state["final"] == "sending"
         await fake.vanish()
         ended = await poll(lambda: node.in_flight == 0, 5)

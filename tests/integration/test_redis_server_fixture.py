@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -66,6 +67,38 @@ def test_restart_keeps_port_and_socket(redis_server: RedisServer) -> None:
     redis_server.start()
     assert redis_server.port == port
     assert redis_server.command("PING") == b"PONG"
+
+
+def _bindable(port: int) -> bool:
+    """Whether a socket binds ``port`` as ``free_port`` does (no SO_REUSEADDR): the kernel
+    hands out for port 0 only ports it could bind."""
+    with socket.socket() as other:
+        try:
+            other.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the ports are kept on Linux only")
+def test_a_server_s_ports_are_its_own_until_it_is_closed() -> None:
+    """From the choice of its ports to close(), no other process's free port can be one of a
+    server's: not before it binds them (another suite's redis-server took one in that gap),
+    not while it is down before a restart on the same port (it then failed to start: 'Address
+    already in use'). A cluster node's bus port too. On the old code every port was free."""
+    server = _cluster_node(find_redis_server(), ["--cluster-enabled", "yes"])
+    try:
+        ports = [server.port, _bus_port(server)]
+        assert not any(_bindable(port) for port in ports)  # chosen, not yet bound
+        server.start()
+        server.kill()
+        assert not any(_bindable(port) for port in ports)  # down
+        server.start()  # on the same ports
+        assert [server.port, _bus_port(server)] == ports
+        assert _raw_ping(server) == b"+PONG\r\n"
+    finally:
+        server.close()
+    assert all(_bindable(port) for port in ports)
 
 
 def test_clean_redis_is_flushed(clean_redis: RedisServer) -> None:
