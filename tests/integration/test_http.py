@@ -15,7 +15,7 @@ from minidasgi import Node, create_distributor, create_path_distributor, wire
 
 from . import apps
 from .redis_server import RedisServer
-from .stack import run_node, serve_app, uvicorn_only
+from .stack import poll, run_node, serve_app, uvicorn_only
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -369,9 +369,11 @@ async def test_a_busy_node_leaves_requests_in_redis(redis_server: RedisServer) -
     async with serve_app(app) as base, run_node(node):
         async with httpx.AsyncClient(base_url=base, timeout=20) as client:
             requests = [asyncio.ensure_future(client.get("/?0.6")) for _ in range(3)]
-            await asyncio.sleep(0.3)
-            assert redis_server.command("LLEN", "busy") == 2
-            assert node.in_flight == 1
+            # One runs, two wait in the list: polled for, not assumed after 0.3 s (by when a
+            # loaded machine may not have pushed them all); 0.6 s later the first one ends.
+            assert await poll(
+                lambda: redis_server.command("LLEN", "busy") == 2 and node.in_flight == 1, 10
+            ), (redis_server.command("LLEN", "busy"), node.in_flight)
             responses = await asyncio.gather(*requests)
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert _keys(redis_server) == []
