@@ -30,7 +30,7 @@ from minidasgi.resp.protocol import pack_command, pack_command_parts
 
 from .fakes import FakeRedis, Handler, drain_until_eof, read_command
 from .faultproxy import FaultProxy
-from .redis_server import RedisFactory, RedisServer
+from .redis_server import RedisFactory, RedisServer, client_list
 from .stack import poll
 
 PASSWORD = "s3cr:t@x"
@@ -447,7 +447,8 @@ async def test_server_stop_fails_pending_command(
     conn = await open_conn(redis_server.url)
     idle = await open_conn(redis_server.url)
     pop = asyncio.create_task(conn.brpop("k", timeout=5))
-    await asyncio.sleep(0.1)
+    # The pop waits at Redis (not merely sent) when the server goes.
+    assert await poll(lambda: any("b" in c["flags"] for c in client_list(redis_server)), 5)
     start = time.monotonic()
     getattr(redis_server, how)()
     with pytest.raises(RedisConnectionError) as info:
