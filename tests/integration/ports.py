@@ -9,8 +9,10 @@ connection to the port still succeeds: it proves only that *something* listens t
 * a server in this process listens on a socket bound here (``bound_socket``): the port is
   never free in between;
 * a child process is given a port, and handed out only once it is seen listening on it itself
-  (``listens``, from ``/proc``); a child that exits before (its bind refused) is started again
-  on another port (``listening_child``, ``alistening_child`` in an event loop).
+  (``listens``, from ``/proc``); a child that exits before is started again on another port
+  only if its own port is now another process's (``taken``: its bind was refused), and is a
+  failure otherwise: a crash at startup must not pass for bad luck with a port
+  (``listening_child``, ``alistening_child`` in an event loop).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 PORT_TRIES = 5
-"""How many ports a child is started on before its exits are taken for its own failure."""
+"""How many ports a child is started on, each found taken by another process after the child
+exited, before the helper gives up."""
 LISTEN_TIMEOUT = 15.0
 """Seconds a child may take to listen (a Python child's imports, on a loaded machine)."""
 _POLL = 0.05
@@ -74,6 +77,18 @@ def listens(pid: int, port: int) -> bool:
     return False
 
 
+def taken(port: int) -> bool:
+    """Whether a bind of 127.0.0.1:``port`` as a server's (``SO_REUSEADDR``, as uvicorn's and
+    redis-server's) is refused now: another socket listens there, or holds it bound."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
 class Child(Protocol):
     """What ``listening_child`` needs of a started child: ``subprocess.Popen`` has it."""
 
@@ -84,27 +99,29 @@ class Child(Protocol):
 
     def kill(self) -> None: ...
 
-    def wait(self, timeout: float | None = None) -> int: ...
+    def wait(self, timeout: float) -> int: ...
 
 
 C = TypeVar("C", bound=Child)
 
 
 class NotListening(RuntimeError):
-    """The child never listened on its port: it exited on every port tried, or it neither
-    listened nor exited in time (then it is killed). ``child`` is the last one started."""
+    """The child never listened on its port: it exited while nothing else held its port (its
+    own failure), it exited on every port tried with each taken by another process, or it
+    neither listened nor exited in time (then it is killed). ``child`` is the last one
+    started."""
 
     def __init__(self, message: str, child: Child) -> None:
         super().__init__(message)
         self.child = child
 
 
-def listening_child(
-    start: Callable[[int], C], *, timeout: float = LISTEN_TIMEOUT
-) -> tuple[C, int]:
+def listening_child(start: Callable[[int], C], *, timeout: float = LISTEN_TIMEOUT) -> tuple[C, int]:
     """``start(port)`` on a free port; return the child and its port once the child listens
-    there itself. One that exits first is started again on another port (``PORT_TRIES`` ports
-    in all); one that takes more than ``timeout`` seconds is killed. Raises ``NotListening``."""
+    there itself. One that exits first is started again on another port if its port is now
+    another process's (``PORT_TRIES`` ports in all); one that exits while its port is free is
+    a failure at once; one that takes more than ``timeout`` seconds is killed. Raises
+    ``NotListening``."""
     steps = _listening_child(start, timeout)
     try:
         while True:
@@ -151,7 +168,16 @@ def _listening_child(
             child.kill()
             child.wait(10)
             raise
-        if child.poll() is None:
+        code = child.poll()
+        if code is None:
             return child, port
-        # It exited: its bind refused, another process took the port since free_port.
-    raise NotListening(f"pid {child.pid} exited before listening, on each of ports {ports}", child)
+        # It exited. Its bind refused (another process took the port since free_port) is the
+        # one exit that says nothing about the child, and then the port is still taken: the
+        # child is gone, so whatever holds it is another process. Any other exit (a crash at
+        # startup, or right after it listened) is the child's own, however it would do on
+        # another port.
+        if not taken(port):
+            what = f"pid {child.pid} exited ({code}) before listening on port {port}"
+            raise NotListening(f"{what}, which no other process holds", child)
+    what = f"pid {child.pid} exited ({code}) before listening"
+    raise NotListening(f"{what}, on each of ports {ports}, each another process's", child)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -94,19 +95,60 @@ def test_listening_child_starts_again_on_another_port_when_its_own_is_taken(
         child.wait(10)
 
 
-def test_listening_child_gives_up_on_a_child_that_never_listens() -> None:
-    """A child that exits whatever the port (it is broken, not unlucky) is started on
-    ``PORT_TRIES`` ports, then the helper says so, with the last child."""
+_CRASHES_ONCE = """
+import os, socket, sys, time
+marker = sys.argv[2]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    sys.exit("a startup crash that has nothing to do with the port")
+sock = socket.socket()
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.listen()
+time.sleep(60)
+"""
+
+
+def test_listening_child_fails_at_once_on_a_child_that_exits_of_itself(tmp_path: Path) -> None:
+    """A child that exits while nothing else holds its port failed on its own (here a crash
+    at startup, which its next start would not repeat): the helper says so, with its exit
+    code, and starts no other. It used to start it again on another port, and handed out the
+    second start as if nothing had happened."""
+    started: list[subprocess.Popen[bytes]] = []
+    marker = tmp_path / "crashed-once"
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-c", _CRASHES_ONCE, str(port), str(marker)]
+        started.append(subprocess.Popen(args, stderr=subprocess.DEVNULL))
+        return started[-1]
+
+    try:
+        with pytest.raises(ports.NotListening, match=r"exited \(1\) before listening on port"):
+            ports.listening_child(start)
+        assert [p.returncode for p in started] == [1]
+    finally:
+        for process in started:
+            process.kill()
+            process.wait(10)
+
+
+def test_listening_child_gives_up_when_every_port_is_taken(
+    squatter: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child whose port is another process's each time it is started (its bind refused
+    each time) is started on ``PORT_TRIES`` ports, then the helper says so, with the last
+    child."""
+    monkeypatch.setattr(ports, "free_port", lambda: squatter.port)
     started: list[subprocess.Popen[bytes]] = []
 
     def start(port: int) -> subprocess.Popen[bytes]:
-        started.append(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
+        args = [sys.executable, "-c", _LISTENER, str(port)]
+        started.append(subprocess.Popen(args, stderr=subprocess.DEVNULL))
         return started[-1]
 
-    with pytest.raises(ports.NotListening, match="exited before listening") as raised:
+    with pytest.raises(ports.NotListening, match="each another process's") as raised:
         ports.listening_child(start)
     assert raised.value.child is started[-1]
-    assert [p.returncode for p in started] == [3] * ports.PORT_TRIES
+    assert [p.returncode for p in started] == [1] * ports.PORT_TRIES
 
 
 def test_a_node_process_that_fails_to_start_says_so(
