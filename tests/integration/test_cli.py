@@ -200,10 +200,16 @@ def start_serving(
 ) -> tuple[Child, int]:
     """Start a process that serves on the port it is given (``args(port)``, or ``env(port)``);
     return it and its port once it listens there itself (``ports.listening_child``: another
-    process may take the port before the child binds it, and then answer in its place)."""
+    process may take the port before the child binds it, and then answer in its place). A
+    start again on another port writes to a log of its own (``dist-2.log``, ...), so the
+    output of the one before is kept."""
+    attempts = 0
 
     def start(port: int) -> Child:
-        child = Child(args(port), log, env=env(port) if callable(env) else env, cwd=cwd)
+        nonlocal attempts
+        attempts += 1
+        own = log if attempts == 1 else log.with_name(f"{log.stem}-{attempts}{log.suffix}")
+        child = Child(args(port), own, env=env(port) if callable(env) else env, cwd=cwd)
         started.append(child)
         return child
 
