@@ -87,7 +87,9 @@ def shared_redis() -> Iterator[RedisServer]:
 @pytest.fixture
 def squatter(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
     """Another process (a redis-server) on the first port ``ports.free_port`` hands out: the
-    port taken in the gap between ``free_port`` and the bind, as on a loaded machine."""
+    port taken in the gap between ``free_port`` and the bind, as on a loaded machine. Only
+    calls made as ``ports.free_port()`` (as ``ports``' own helpers make them) see it, not a
+    name imported with ``from .ports import free_port``."""
     server = RedisServer(binary=find_redis_server())
     try:
         server.start()

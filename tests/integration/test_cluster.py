@@ -529,8 +529,9 @@ async def test_a_request_waiting_for_a_lost_master_lets_the_node_loop_turn(
     request is told GONE at its deadline (its client gets the no-worker answer, not the 504
     of a Node that never answers), it pops nothing more, leaving requests to a Node that can
     serve them, and it serves again once the master is back. Its health port is the kernel's
-    choice in the child (``--health-port 0``): here the first port ``free_port`` hands out is
-    another process's (``squatter``), on which the Node failed to start."""
+    choice in the child (``--health-port 0``). The squatter is a regression guard: it holds
+    the first port ``free_port`` hands out, which the test no longer asks for; when the health
+    port came from ``free_port``, the Node's bind was refused there and the test hung."""
     stats_master = cluster.master_of(wire.stats_channel("minidasgi", 0))
     assert stats_master is not None
     dead = next(s for s in cluster.masters if s is not stats_master)

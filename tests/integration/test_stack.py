@@ -40,10 +40,10 @@ async def test_distributor_process_is_never_someone_elses_port(
 
 
 async def test_serve_hypercorn_is_never_someone_elses_port(squatter: RedisServer) -> None:
-    """The same for hypercorn in this process: another redis-server holds the first port it is
-    given. The probe used to connect, which reached that server as soon as it tried (before
-    hypercorn had even tried to bind); the helper must see this process listen, and serve on
-    another port once the bind is refused."""
+    """The same for hypercorn in this process. A regression guard: the helper binds its port
+    itself (``ports.bound_socket``) and no longer asks ``free_port``, so the squatter is in no
+    way in its path today. It was when the helper took ``free_port``'s port and probed it: the
+    probe reached the squatter before hypercorn had even tried to bind."""
     async with stack.serve_hypercorn(apps.hello) as base:
         assert base != f"http://127.0.0.1:{squatter.port}"
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
@@ -53,8 +53,10 @@ async def test_serve_hypercorn_is_never_someone_elses_port(squatter: RedisServer
 
 async def test_serve_app_is_never_someone_elses_port(squatter: RedisServer) -> None:
     """The same for uvicorn in this process, which binds only after the app's lifespan
-    startup: another redis-server holds the first free port. Its bind was refused, and uvicorn
-    exits then (SystemExit from its task); the helper binds the port itself beforehand."""
+    startup. A regression guard: the helper binds the port itself beforehand and no longer
+    asks ``free_port``, so the squatter is in no way in its path today. When it took
+    ``free_port``'s port, uvicorn's bind was refused there and it exited (SystemExit(3) from
+    its task)."""
     async with stack.serve_app(apps.hello) as base:
         assert base != f"http://127.0.0.1:{squatter.port}"
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
