@@ -239,6 +239,7 @@ async def test_sigterm_finishes_requests_in_flight_and_takes_no_more(
             assert await poll(lambda: log.exists() and log.read_text().count("start ") == 20, 10)
             assert node.process is not None
             node.process.send_signal(signal.SIGTERM)
+            assert log.read_text().count("end ") == 0, "a request ended before the SIGTERM"
 
             async def stopped_popping() -> bool:
                 # Stopping (not ready), it pops no more; the pop under way was woken (CLIENT
