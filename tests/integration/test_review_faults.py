@@ -195,7 +195,7 @@ def _blocked_clients(redis: RedisServer) -> int:
 
 
 def _popped(redis: RedisServer, key: str, *, pushes: int) -> bool:
-    """Whether the ``pushes``-th LPUSH reached Redis and ``key`` is empty again."""
+    """Whether LPUSH has reached Redis ``pushes`` times in all and ``key`` is empty again."""
     return calls(redis, "lpush") >= pushes and redis.command("LLEN", key) == 0
 
 
@@ -234,11 +234,14 @@ async def test_an_ack_that_lands_while_the_take_back_runs_is_kept(
                 command = _command_connection(dist_proxy, redis_server)
                 # The Node's BRPOP is waiting: the request reaches it at once, its ack does not.
                 assert await poll(lambda: _blocked_clients(redis_server) == 1, 10)
+                pushed = calls(redis_server, "lpush")  # the warm-up's, however many
                 node_proxy.stall(up=True, down=False)
                 try:
                     request = asyncio.ensure_future(client.get("/"))
                     # Popped (pushed, and no longer in the list), its ack held back.
-                    assert await poll(lambda: _popped(redis_server, "ack-lrem", pushes=2), 10)
+                    assert await poll(
+                        lambda: _popped(redis_server, "ack-lrem", pushes=pushed + 1), 10
+                    )
                     command.stall(up=False, down=True)  # the LREM at 2 s: its reply held back
                     assert await poll(lambda: calls(redis_server, "lrem") == 1, 10)
                 finally:
