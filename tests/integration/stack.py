@@ -263,8 +263,14 @@ class NodeProcess:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if b"ready" not in line:
-            self.stop()
-            raise RuntimeError(f"node process did not start: {line!r}")
+            try:  # it ends of itself once serve() failed: let it finish saying why
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.stop()
+            with self.process.stdout:  # all it said: the reason is rarely on the first line
+                output = (line + self.process.stdout.read()).decode(errors="replace")
+            code = self.process.returncode
+            raise RuntimeError(f"node process did not start (exit {code}):\n{output}")
         _, _, port = line.partition(b"ready")
         self.health_port = int(port) if port.strip() else None
         return self

@@ -160,6 +160,8 @@ def test_a_node_process_that_fails_to_start_says_so(
     (here its health port is another process's) left the child waiting for ever, and the test
     with it, past pytest-timeout (its thread blocked the event loop's close)."""
     node = NodeProcess(redis_server.url, "q", "apps:hello", "--health-port", str(squatter.port))
-    with pytest.raises(RuntimeError, match="node process did not start"):
+    with pytest.raises(RuntimeError, match="node process did not start") as raised:
         node.start()
     assert node.process is not None and node.process.poll() is not None
+    assert "address already in use" in str(raised.value)  # why, not only its first line
+    assert node.process.stdout is not None and node.process.stdout.closed
