@@ -22,7 +22,7 @@ from minidasgi.resp import Subscriber
 
 from . import apps
 from .faultproxy import FaultProxy
-from .redis_server import RedisServer, calls
+from .redis_server import RedisServer, calls, client_list
 from .stack import poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(90)
@@ -174,15 +174,6 @@ async def test_a_forged_ping_to_a_distributor_is_answered_boundedly(
         finally:
             await watcher.close()
     assert 0 < len(received) <= 3 * wire.MAX_PING_ANSWERS, f"{len(received)} CANCELs"
-
-
-def _clients(redis: RedisServer) -> list[dict[str, str]]:
-    listing = redis.command("CLIENT", "LIST")
-    assert isinstance(listing, bytes)
-    return [
-        dict(f.split("=", 1) for f in line.split() if "=" in f)
-        for line in listing.decode().splitlines()
-    ]
 
 
 def _blocked_clients(redis: RedisServer) -> int:
@@ -363,12 +354,12 @@ async def test_a_subscriber_blip_spares_requests_not_queued_yet(redis_server: Re
             )
             await writer.drain()
             assert await poll(lambda: len(distributor._exchanges) == 1, 10)
-            (subscriber,) = [c for c in _clients(redis_server) if c.get("sub", "0") != "0"]
+            (subscriber,) = [c for c in client_list(redis_server) if c.get("sub", "0") != "0"]
             redis_server.command("CLIENT", "KILL", "ID", subscriber["id"])
             # It resubscribes on a new connection at once.
             assert await poll(
                 lambda: (
-                    [c["id"] for c in _clients(redis_server) if c.get("sub", "0") != "0"]
+                    [c["id"] for c in client_list(redis_server) if c.get("sub", "0") != "0"]
                     not in ([], [subscriber["id"]])
                 ),
                 10,
