@@ -1457,7 +1457,8 @@ class _Job:
                 size = self.piece
                 if len(body) <= size:  # one piece, nearly always
                     event = {"type": kind, "body": body, "more_body": more}
-                    await self._publish_events([event], last=complete)
+                    if not self._publish_at_once(event, complete):
+                        await self._publish_events([event], last=complete)
                     return
                 view = memoryview(body)  # views: the pieces are copied once, into the message
                 pieces = [view[i : i + size] for i in range(0, len(body), size)]
@@ -1607,12 +1608,52 @@ class _Job:
                 self._post(wire.SEND, events[1:], lost=lost)
         else:  # a WebSocket's: its ACK never waits (``begin``), so it has left already
             self.node.outbox.post(self.reply, message, lost=lost)
-        if not last:
-            return
-        # The last message is not awaited either: the app's send returns, and the request
-        # ends, in this loop turn, not in a turn of its own once the PUBLISH's reply is read.
-        # Its receiver count is checked all the same (``_end_lost``), straight from the
-        # PUBLISH's reply, whether the app runs on or the request has ended.
+        if last:
+            self._response_sent()
+
+    def _publish_at_once(self, event: Message, last: bool) -> bool:
+        """``_publish_events([event], last=last)`` without its coroutine (about a thousand
+        instructions per response), for a body of one piece when nothing in it can wait: no
+        gathered chunks to send first, not a chunk to gather, not a WebSocket's, and the
+        credit there (two with a start held: one for the start alone, should the two be
+        too large to travel together). True when done; False, having done nothing, when
+        the caller must await ``_publish_events``."""
+        window = self.window
+        held = self.held_start
+        if held is None:
+            if not last or self.gathered or window.unit or not window.try_take(1):
+                return False
+            events = [event]
+        else:
+            # (A start held means nothing gathered yet, and an HTTP response's window.)
+            if window.available < 2 or not window.try_take(1):
+                return False
+            self.held_start = None
+            events = [held, event]
+        if self.gone:
+            return True
+        lost = self._end_lost if last else self._check_reached
+        try:
+            self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
+        except ValueError:
+            if held is None:
+                raise
+            # As in ``_publish_events``: the start alone first, on the credit taken (a
+            # ValueError if still too large), the body on the second credit, there still
+            # unless the distributor was lost meanwhile (the window aborted, the job gone).
+            self._post(wire.SEND, events[:1], lost=lost)
+            if not window.try_take(1) or self.gone:
+                return True
+            self._post(wire.SEND, events[1:], lost=lost)
+        if last:
+            self._response_sent()
+        return True
+
+    def _response_sent(self) -> None:
+        """The response's last message is posted. It is not awaited: the app's send returns,
+        and the request ends, in this loop turn, not in a turn of its own once the
+        PUBLISH's reply is read. Its receiver count is checked all the same (``_end_lost``),
+        straight from the PUBLISH's reply, whether the app runs on or the request has ended."""
         self.finished = True
         self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
         if self.node._turn_promised:

@@ -76,3 +76,96 @@ async def test_a_message_sent_while_another_waits_for_credit_waits_for_its_last_
     send = job.send({"type": "websocket.send", "bytes": b"d" * 10})
     await asyncio.wait_for(send, 5)  # the turn was given back
     assert len(posted) == 6
+
+
+async def _http_job(window: int) -> tuple[Any, list[bytes], list[bool]]:
+    """An HTTP request's job (its body came whole) on a Node that is not serving: what it
+    posts is kept, and each call of the coroutine that publishes events, with its ``last``."""
+    node = Node(app=lambda scope, receive, send: None, key="k", lifespan="off")
+    node.loop = asyncio.get_running_loop()
+    posted: list[bytes] = []
+
+    def post(channel: str, message: wire.Packed, **_: Any) -> asyncio.Future[int]:
+        posted.append(message if type(message) is bytes else b"".join(message))
+        future: asyncio.Future[int] = node.loop.create_future()  # type: ignore[union-attr]
+        future.set_result(1)
+        return future
+
+    node.outbox.post = post  # type: ignore[method-assign]
+    scope = {"type": "http", "path": "/", "headers": []}
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+    envelope = wire.Envelope("r" * 32, "minidasgi:0:dist:x", time.time() + 5, scope, events, window)
+    job = _Job(node, envelope)
+    awaited: list[bool] = []
+    publish_events = job._publish_events
+
+    async def counted(events: list[Any], *, last: bool) -> None:
+        awaited.append(last)
+        await publish_events(events, last=last)
+
+    job._publish_events = counted  # type: ignore[method-assign]
+    return job, posted, awaited
+
+
+def _sent(posted: list[bytes]) -> list[list[str]]:
+    """The event types of each SEND posted."""
+    types = []
+    for message in posted:
+        kind, _, args = wire.unpack(message)
+        assert kind == wire.SEND
+        types.append([event["type"] for event in args[0]])
+    return types
+
+
+async def test_a_response_of_one_body_piece_is_published_without_a_coroutine() -> None:
+    # The usual response (a start, then one body piece, credit there) is posted by the
+    # body's send itself: ``_publish_events``, a coroutine, is not entered.
+    job, posted, awaited = await _http_job(window=8)
+    await job.send({"type": "http.response.start", "status": 200, "headers": []})
+    await job.send({"type": "http.response.body", "body": b"hello"})
+    assert _sent(posted) == [["http.response.start", "http.response.body"]]
+    assert awaited == []
+    assert job.finished and job.window.available == 7
+    assert (await job.receive())["type"] == "http.request"  # not read by the app
+    assert (await job.receive())["type"] == "http.disconnect"  # as uvicorn, once it is over
+
+
+async def test_a_start_held_with_a_single_credit_goes_the_general_way() -> None:
+    # With one credit a start too large to travel with its body could not take a credit of
+    # its own without waiting: the general path, which may wait, publishes it.
+    job, posted, awaited = await _http_job(window=1)
+    await job.send({"type": "http.response.start", "status": 200, "headers": []})
+    await job.send({"type": "http.response.body", "body": b"hello"})
+    assert _sent(posted) == [["http.response.start", "http.response.body"]]
+    assert awaited == [True]
+    assert job.finished and job.window.available == 0
+
+
+async def test_a_start_too_large_for_its_body_goes_alone_on_a_credit_of_its_own() -> None:
+    # 700 KiB of headers and a body piece of 100 KiB: together over the 768 KiB a
+    # distributor of the previous release reads. The start leaves alone, then the body, each
+    # on a credit, without the general path's coroutine.
+    job, posted, awaited = await _http_job(window=2)
+    headers = [(b"x-filler-%d" % i, b"h" * 1000) for i in range(700)]
+    await job.send({"type": "http.response.start", "status": 200, "headers": headers})
+    await job.send({"type": "http.response.body", "body": b"b" * (100 * 1024)})
+    assert _sent(posted) == [["http.response.start"], ["http.response.body"]]
+    assert awaited == []
+    assert job.finished and job.window.available == 0
+
+
+async def test_a_body_with_more_to_come_is_gathered_the_general_way() -> None:
+    # A chunk with more to come, no start held: gathered into a piece by the general path.
+    job, posted, awaited = await _http_job(window=8)
+    await job.send({"type": "http.response.start", "status": 200, "headers": []})
+    await job.send({"type": "http.response.body", "body": b"a", "more_body": True})
+    await job.send({"type": "http.response.body", "body": b"b", "more_body": True})
+    await job.send({"type": "http.response.body", "body": b"c"})
+    assert awaited == [False, True]  # the first chunk took the start along at once
+    assert _sent(posted) == [
+        ["http.response.start", "http.response.body"],
+        ["http.response.body"],
+        ["http.response.body"],
+    ]
+    bodies = [wire.unpack(message)[2][0][-1]["body"] for message in posted]
+    assert bodies == [b"a", b"b", b"c"]

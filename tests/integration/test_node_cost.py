@@ -513,14 +513,15 @@ async def test_a_lone_request_ends_in_the_turn_it_ran_and_leaves_the_loop_nothin
         await subscriber.close()
 
 
-async def test_a_hello_world_request_costs_the_node_four_coroutines(
+async def test_a_hello_world_request_costs_the_node_three_coroutines(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A coroutine that never waits still costs its creation, its frame and its end (about a
     # thousand instructions, three times a plain call): per request the task's own
-    # (``_run_request``, which awaits the app itself), one per ``send`` and one to publish the
-    # body. Before, each send ran a second one (``_send``), an app that had sent its whole
-    # response a last one for nothing (``_done``): 8 per request; then the job's ``run``: 5.
+    # (``_run_request``, which awaits the app itself) and one per ``send``. Before, each send
+    # ran a second one (``_send``), an app that had sent its whole response a last one for
+    # nothing (``_done``): 8 per request; then the job's ``run`` and one to publish the body
+    # (``_publish_events``, now only when the body must wait or be gathered): 5.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
     bodies: list[bytes] = []
 
@@ -560,7 +561,8 @@ async def test_a_hello_world_request_costs_the_node_four_coroutines(
     assert bodies == [b"Hello World!"] * N
     assert entered["_Job.send"] == 2 * N, entered
     assert entered["Node._run_request"] == N, entered
-    assert sum(entered.values()) < 5 * N, entered
+    assert "_Job._publish_events" not in entered, entered
+    assert sum(entered.values()) < 4 * N, entered
 
 
 async def test_a_lone_request_ends_its_loop_turn_once(
