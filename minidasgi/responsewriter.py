@@ -14,7 +14,8 @@ on the kind, the status, the number of headers, ``more_body`` and the ACK's argu
 is kept by those, with the prefix (which the id's length completes) and the layout of the
 table of lengths (a bounded table; their types are part of the key, since ``json`` writes
 ``1``, ``1.0`` and ``True`` apart, and a zero float, equal to its negative, is never kept),
-and the next answer costs a lookup and its checks.
+and the next answer costs a lookup and its checks. ``try_write_body`` takes the same response
+as its start, body and flag, for a Node that holds them rather than a body event.
 Anything else, however slightly unusual (another key, the keys in another order, a trailers
 flag, a status of an int subclass or over 18 digits, a bytearray, a str key or type of a
 subclass, U+E000 in a str, a head too long to leave unbounded), makes ``try_write`` return
@@ -33,7 +34,7 @@ from typing import Any, Final
 
 from . import jsoncodec, memo
 
-__all__ = ["try_write"]
+__all__ = ["try_write", "try_write_body"]
 
 _PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
 _quote: Final = json.encoder.encode_basestring  # what jsoncodec's json writer quotes str with
@@ -77,10 +78,47 @@ def try_write(
     if type(events) is not list:
         return None
     count = len(events)
-    # The few keys and pairs are checked one by one: for so few, the maps and sets of a
-    # check in C cost more than the Python that does it.
     if count == 2:
         start, body_event = events
+        if type(start) is not dict:
+            return None
+    elif count == 1:
+        start, body_event = None, events[0]
+    else:
+        return None
+    # The few keys are checked one by one: for so few, the maps and sets of a check in C
+    # cost more than the Python that does it.
+    if type(body_event) is not dict or len(body_event) != 3:
+        return None
+    first, second, third = body_event
+    if not (
+        type(first) is str
+        and type(second) is str
+        and type(third) is str
+        and first == "type"
+        and second == "body"
+        and third == "more_body"
+    ):
+        return None
+    body_kind, body, more = body_event.values()
+    if not (type(body_kind) is str and body_kind == _BODY):
+        return None
+    return try_write_body(kind, request_id, start, body, more, tail)
+
+
+def try_write_body(
+    kind: str,
+    request_id: str,
+    start: Any,
+    body: Any,
+    more: Any,
+    tail: tuple[Any, ...] = (),
+) -> bytes | list[bytes | memoryview] | None:
+    """``try_write`` of ``[start, body_event]`` (``[body_event]`` when ``start`` is None),
+    ``body_event`` being ``{"type": "http.response.body", "body": body, "more_body": more}``,
+    for a caller that holds the body and its flag rather than an event (a Node's usual
+    response: no event made for it, nor its keys checked here). The same bytes, or None."""
+    if start is not None:
         if type(start) is not dict or len(start) != 3:
             return None
         first, second, third = start
@@ -110,26 +148,10 @@ def try_write(
                 return None
             parts += pair
         pairs = len(headers)
-    elif count == 1:
-        body_event = events[0]
+    else:
         status = pairs = -1  # no start (a status is never written from these)
         parts = []
-    else:
-        return None
-    if type(body_event) is not dict or len(body_event) != 3:
-        return None
-    first, second, third = body_event
-    if not (
-        type(first) is str
-        and type(second) is str
-        and type(third) is str
-        and first == "type"
-        and second == "body"
-        and third == "more_body"
-    ):
-        return None
-    body_kind, body, more = body_event.values()
-    if not (type(body_kind) is str and body_kind == _BODY and type(more) is bool):
+    if type(more) is not bool:
         return None
     if type(body) is not bytes and not (
         type(body) is memoryview and body.ndim == 1 and body.c_contiguous and body.itemsize == 1
@@ -159,7 +181,7 @@ def try_write(
         key = (kind, status, pairs, more, tail, types, size)
         found = _TEMPLATES.get(key)
         if found is None:
-            found = _template(kind, count == 2, status, pairs, more, tail, size)
+            found = _template(kind, start is not None, status, pairs, more, tail, size)
             if found is None:
                 return None
             if not any(value == 0 and type(value) is float for value in tail):

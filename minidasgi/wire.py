@@ -168,6 +168,7 @@ __all__ = [
     "tail_size",
     "unit_window",
     "unpack",
+    "write_response",
 ]
 
 ACK: Final = "ack"
@@ -339,6 +340,26 @@ def pack_response(
         if message is not None:
             return message
     return pack_parts(kind, request_id, events, *ack, version=version)
+
+
+def write_response(
+    kind: str,
+    request_id: str,
+    start: Any,
+    body: bytes,
+    more: bool,
+    ack: tuple[Any, ...] = (),
+    *,
+    version: int = codec.FAST,
+) -> Packed | None:
+    """``pack_response`` of ``[start, body_event]`` (the body alone when ``start`` is None),
+    ``body_event`` being ``{"type": "http.response.body", "body": body, "more_body": more}``,
+    when the response writer takes it (``responsewriter.try_write_body``: the same bytes, no
+    event made for the body); None when it declines, or for another format: the caller then
+    makes the events and goes the general way."""
+    if version != codec.FAST:
+        return None
+    return responsewriter.try_write_body(kind, request_id, start, body, more, ack)
 
 
 def packed_size(message: Packed) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from minidasgi import codec, jsoncodec, responsewriter, wire
-from minidasgi.responsewriter import try_write
+from minidasgi.responsewriter import try_write, try_write_body
 
 ID = wire.new_request_id()
 ACK = ("minidasgi:0:node:" + "ab" * 12, 1, 1.0)  # a Node's usual ACK: channel, window, liveness
@@ -23,10 +23,29 @@ def general(kind: str, request_id: str, events: Any, tail: tuple[Any, ...]) -> b
 
 
 def fast(kind: str, request_id: str, events: Any, tail: tuple[Any, ...]) -> bytes | None:
-    """The message as the writer writes it (None: it declines)."""
+    """The message as the writer writes it (None: it declines). Whenever ``events`` ends with
+    a body event of the usual keys and type (exactly: str, not a subclass), ``try_write_body``
+    given its start, body and flag writes the same (or declines too)."""
     message = try_write(kind, request_id, events, tail)
-    if message is None:
-        return None
+    written = None if message is None else _joined(message)
+    if (
+        type(events) is list
+        and len(events) in (1, 2)
+        and type(events[-1]) is dict
+        and list(events[-1]) == ["type", "body", "more_body"]
+        and all(type(key) is str for key in events[-1])
+        and type(events[-1]["type"]) is str
+        and events[-1]["type"] == "http.response.body"
+        and not (len(events) == 2 and events[0] is None)  # None there means no start
+    ):
+        start = events[0] if len(events) == 2 else None
+        event = events[-1]
+        parts = try_write_body(kind, request_id, start, event["body"], event["more_body"], tail)
+        assert (None if parts is None else _joined(parts)) == written
+    return written
+
+
+def _joined(message: bytes | list[bytes | memoryview]) -> bytes:
     return message if isinstance(message, bytes) else b"".join(message)
 
 
