@@ -1456,8 +1456,8 @@ class _Job:
                 complete = self.complete = not more and not self.trailers
                 size = self.piece
                 if len(body) <= size:  # one piece, nearly always
-                    event = {"type": kind, "body": body, "more_body": more}
-                    if not self._publish_at_once(event, complete):
+                    if not self._publish_at_once(body, more, complete):
+                        event = {"type": kind, "body": body, "more_body": more}
                         await self._publish_events([event], last=complete)
                     return
                 view = memoryview(body)  # views: the pieces are copied once, into the message
@@ -1611,10 +1611,10 @@ class _Job:
         if last:
             self._response_sent()
 
-    def _publish_at_once(self, event: Message, last: bool) -> bool:
-        """``_publish_events([event], last=last)`` without its coroutine (about a thousand
-        instructions per response), for a body of one piece when nothing in it can wait: no
-        gathered chunks to send first, not a chunk to gather, not a WebSocket's, and the
+    def _publish_at_once(self, body: bytes, more: bool, last: bool) -> bool:
+        """``_publish_events`` of a body of one piece (``body``, ``more``) without its
+        coroutine (about a thousand instructions per response), when nothing in it can wait:
+        no gathered chunks to send first, not a chunk to gather, not a WebSocket's, and the
         credit there (two with a start held: one for the start alone, should the two be
         too large to travel together). True when done; False, having done nothing, when
         the caller must await ``_publish_events``."""
@@ -1623,30 +1623,52 @@ class _Job:
         if held is None:
             if not last or self.gathered or window.unit or not window.try_take(1):
                 return False
-            events = [event]
         else:
             # (A start held means nothing gathered yet, and an HTTP response's window.)
             if window.available < 2 or not window.try_take(1):
                 return False
             self.held_start = None
-            events = [held, event]
         if self.gone:
             return True
         lost = self._end_lost if last else self._check_reached
-        try:
-            self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
-        except ValueError:
-            if held is None:
-                raise
-            # As in ``_publish_events``: the start alone first, on the credit taken (a
-            # ValueError if still too large), the body on the second credit, there still
-            # unless the distributor was lost meanwhile (the window aborted, the job gone).
-            self._post(wire.SEND, events[:1], lost=lost)
-            if not window.try_take(1) or self.gone:
-                return True
-            self._post(wire.SEND, events[1:], lost=lost)
+        if not self._post_written(held, body, more, lost):
+            event = {"type": "http.response.body", "body": body, "more_body": more}
+            events = [event] if held is None else [held, event]
+            try:
+                self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
+            except ValueError:
+                if held is None:
+                    raise
+                # As in ``_publish_events``: the start alone first, on the credit taken (a
+                # ValueError if still too large), the body on the second credit, there still
+                # unless the distributor was lost meanwhile (the window aborted, the job gone).
+                self._post(wire.SEND, events[:1], lost=lost)
+                if not window.try_take(1) or self.gone:
+                    return True
+                self._post(wire.SEND, events[1:], lost=lost)
         if last:
             self._response_sent()
+        return True
+
+    def _post_written(self, start: Message | None, body: bytes, more: bool, lost: Lost) -> bool:
+        """``_post`` of the usual response's SEND (``start``, if any, and one body piece),
+        carrying the ACK if it waits, written straight from the body and its flag
+        (``wire.write_response``: no body event made, nor its keys checked). False, having
+        posted nothing, when the writer declines it or it is large: ``_post`` decides then."""
+        ack = self._unsent_ack
+        if ack is None:
+            data = wire.write_response(wire.SEND, self.id, start, body, more, version=self.version)
+        else:
+            data = wire.write_response(
+                wire.ACK_SEND, self.id, start, body, more, ack, version=self.version
+            )
+        # Only a small message (``_FITS``): it travels whatever it carries.
+        if type(data) is not bytes or len(data) > _FITS:
+            return False
+        posted = self.node.outbox.post(self.reply, data, lost=lost)
+        if ack is not None:
+            self._unsent_ack = None
+            self._ack_posted = posted
         return True
 
     def _response_sent(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from minidasgi import Node, jsoncodec, wire
+from minidasgi import Node, jsoncodec, responsewriter, wire
 from minidasgi import node as node_module
 from minidasgi.resp import Connection, Subscriber, connect
 from minidasgi.testing import RedisServer
@@ -148,6 +148,8 @@ async def test_a_hello_world_response_skips_the_general_writer(
 ) -> None:
     # The start and body of a usual response, in an ACK_SEND (a distributor that reads it) or
     # a SEND, are written straight (``responsewriter``); before, each by the general writer.
+    # And from the body and its flag (``try_write_body``): no body event made for the writer
+    # to check (``try_write``), as the Node did before.
     node = Node(url=redis_server.url, app=_hello, key="K", lifespan="off", liveness_interval=3600)
     kinds: list[str] = []
     bodies: list[bytes] = []
@@ -166,10 +168,18 @@ async def test_a_hello_world_response_skips_the_general_writer(
         encoded.append(value[0] if type(value) is list and value else type(value))
         return try_encode_parts(value, **bounds)
 
+    from_events: list[str] = []
+    try_write = responsewriter.try_write
+
+    def events_spy(kind: str, *args: Any) -> Any:
+        from_events.append(kind)
+        return try_write(kind, *args)
+
     reply, subscriber, pusher = await _distributor_end(redis_server, on_message)
     try:
         async with run_node(node):
             monkeypatch.setattr(jsoncodec, "try_encode_parts", spy)
+            monkeypatch.setattr(responsewriter, "try_write", events_spy)
             envelopes = [
                 _envelope(wire.new_request_id(), reply, ack_send=ack_send) for _ in range(N)
             ]
@@ -184,6 +194,7 @@ async def test_a_hello_world_response_skips_the_general_writer(
     expected = wire.ACK_SEND if ack_send else wire.SEND
     assert kinds.count(expected) == N, kinds
     assert wire.SEND not in encoded and wire.ACK_SEND not in encoded, encoded
+    assert from_events == [], from_events
 
 
 async def test_a_usual_scope_reaches_the_app_as_the_envelope_reader_made_it(
