@@ -78,7 +78,9 @@ async def test_a_message_sent_while_another_waits_for_credit_waits_for_its_last_
     assert len(posted) == 6
 
 
-async def _http_job(window: int) -> tuple[Any, list[bytes], list[bool]]:
+async def _http_job(
+    window: int, *, ack_send: bool = False
+) -> tuple[Any, list[bytes], list[bool]]:
     """An HTTP request's job (its body came whole) on a Node that is not serving: what it
     posts is kept, and each call of the coroutine that publishes events, with its ``last``."""
     node = Node(app=lambda scope, receive, send: None, key="k", lifespan="off")
@@ -94,7 +96,9 @@ async def _http_job(window: int) -> tuple[Any, list[bytes], list[bool]]:
     node.outbox.post = post  # type: ignore[method-assign]
     scope = {"type": "http", "path": "/", "headers": []}
     events = [{"type": "http.request", "body": b"", "more_body": False}]
-    envelope = wire.Envelope("r" * 32, "minidasgi:0:dist:x", time.time() + 5, scope, events, window)
+    envelope = wire.Envelope(
+        "r" * 32, "minidasgi:0:dist:x", time.time() + 5, scope, events, window, ack_send=ack_send
+    )
     job = _Job(node, envelope)
     awaited: list[bool] = []
     publish_events = job._publish_events
@@ -107,12 +111,12 @@ async def _http_job(window: int) -> tuple[Any, list[bytes], list[bool]]:
     return job, posted, awaited
 
 
-def _sent(posted: list[bytes]) -> list[list[str]]:
-    """The event types of each SEND posted."""
+def _sent(posted: list[bytes], kind: str = wire.SEND) -> list[list[str]]:
+    """The event types of each message posted, every one a ``kind``."""
     types = []
     for message in posted:
-        kind, _, args = wire.unpack(message)
-        assert kind == wire.SEND
+        got, _, args = wire.unpack(message)
+        assert got == kind
         types.append([event["type"] for event in args[0]])
     return types
 
@@ -169,3 +173,29 @@ async def test_a_body_with_more_to_come_is_gathered_the_general_way() -> None:
     ]
     bodies = [wire.unpack(message)[2][0][-1]["body"] for message in posted]
     assert bodies == [b"a", b"b", b"c"]
+
+
+async def test_a_held_ack_travels_with_the_response_written_from_its_body() -> None:
+    # The ACK held for the response (a distributor that reads ACK_SEND) rides in the SEND
+    # the body's send writes at once, and is known as posted (for a GONE that may follow).
+    job, posted, awaited = await _http_job(window=8, ack_send=True)
+    job.begin()
+    assert job._unsent_ack is not None
+    await job.send({"type": "http.response.start", "status": 200, "headers": []})
+    await job.send({"type": "http.response.body", "body": b"hello"})
+    assert _sent(posted, wire.ACK_SEND) == [["http.response.start", "http.response.body"]]
+    assert job._unsent_ack is None and job._ack_posted is not None
+    assert awaited == [] and job.finished
+
+
+async def test_a_start_the_writer_declines_goes_with_its_body_the_general_way() -> None:
+    # A start with a key the response writer does not write (trailers off) still travels
+    # with its body in one message, made and encoded by the general path.
+    job, posted, awaited = await _http_job(window=8, ack_send=True)
+    job.begin()
+    start = {"type": "http.response.start", "status": 200, "headers": [], "trailers": False}
+    await job.send(start)
+    await job.send({"type": "http.response.body", "body": b"hello"})
+    assert _sent(posted, wire.ACK_SEND) == [["http.response.start", "http.response.body"]]
+    assert wire.unpack(posted[0])[2][0][0] == start
+    assert awaited == [] and job.finished and job._unsent_ack is None
