@@ -1654,7 +1654,8 @@ class _Job:
         """``_post`` of the usual response's SEND (``start``, if any, and one body piece),
         carrying the ACK if it waits, written straight from the body and its flag
         (``wire.write_response``: no body event made, nor its keys checked). False, having
-        posted nothing, when the writer declines it or it is large: ``_post`` decides then."""
+        posted nothing, when the writer declines it or it is over ``_FITS``: ``_post``
+        decides then."""
         ack = self._unsent_ack
         if ack is None:
             data = wire.write_response(wire.SEND, self.id, start, body, more, version=self.version)
@@ -1662,8 +1663,8 @@ class _Job:
             data = wire.write_response(
                 wire.ACK_SEND, self.id, start, body, more, ack, version=self.version
             )
-        # Only a small message (``_FITS``): it travels whatever it carries.
-        if type(data) is not bytes or len(data) > _FITS:
+        # Only a message that travels whatever it carries (``_FITS``; from 64 KiB, parts).
+        if data is None or (len(data) if type(data) is bytes else wire.packed_size(data)) > _FITS:
             return False
         posted = self.node.outbox.post(self.reply, data, lost=lost)
         if ack is not None:

@@ -6,7 +6,9 @@ import asyncio
 import time
 from typing import Any
 
-from minidasgi import wire
+import pytest
+
+from minidasgi import responsewriter, wire
 from minidasgi.node import Node, _Job, _local_scope
 
 
@@ -199,3 +201,26 @@ async def test_a_start_the_writer_declines_goes_with_its_body_the_general_way() 
     assert _sent(posted, wire.ACK_SEND) == [["http.response.start", "http.response.body"]]
     assert wire.unpack(posted[0])[2][0][0] == start
     assert awaited == [] and job.finished and job._unsent_ack is None
+
+
+async def test_a_body_piece_of_64_kib_or_more_is_written_once_as_parts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # From 64 KiB the writer gives the message as parts (the body not copied): still within
+    # what always travels, it is posted as written, not written again the general way.
+    job, posted, awaited = await _http_job(window=8)
+
+    def general(*args: Any) -> Any:
+        raise AssertionError("written the general way")
+
+    monkeypatch.setattr(responsewriter, "try_write", general)
+    monkeypatch.setattr(wire, "pack_parts", general)
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    body = b"b" * (100 * 1024)
+    await job.send(start)
+    await job.send({"type": "http.response.body", "body": body})
+    monkeypatch.undo()
+    event = {"type": "http.response.body", "body": body, "more_body": False}
+    expected = wire.pack_parts(wire.SEND, job.id, [start, event])
+    assert posted == [expected if type(expected) is bytes else b"".join(expected)]
+    assert awaited == [] and job.finished
