@@ -1654,7 +1654,7 @@ class _Job:
         """``_post`` of the usual response's SEND (``start``, if any, and one body piece),
         carrying the ACK if it waits, written straight from the body and its flag
         (``wire.write_response``: no body event made, nor its keys checked). False, having
-        posted nothing, when the writer declines it or it is over ``_FITS``: ``_post``
+        posted nothing, when the writer declines it or ``_fits`` would refuse it: ``_post``
         decides then."""
         ack = self._unsent_ack
         if ack is None:
@@ -1663,8 +1663,15 @@ class _Job:
             data = wire.write_response(
                 wire.ACK_SEND, self.id, start, body, more, ack, version=self.version
             )
-        # Only a message that travels whatever it carries (``_FITS``; from 64 KiB, parts).
-        if data is None or (len(data) if type(data) is bytes else wire.packed_size(data)) > _FITS:
+        if data is None:
+            return False
+        # What ``_fits`` allows, told without the events: a larger message (from 64 KiB, in
+        # parts) within what this distributor reads, its start's part within what every one
+        # reads. Anything else goes to ``_post``, which splits a start too large to travel.
+        size = len(data) if type(data) is bytes else wire.packed_size(data)
+        if size > _FITS and (
+            size > self.max_message or (start is not None and size - len(body) > _FITS)
+        ):
             return False
         posted = self.node.outbox.post(self.reply, data, lost=lost)
         if ack is not None:

@@ -81,7 +81,7 @@ async def test_a_message_sent_while_another_waits_for_credit_waits_for_its_last_
 
 
 async def _http_job(
-    window: int, *, ack_send: bool = False
+    window: int, *, ack_send: bool = False, piece: int = wire.CHUNK_SIZE
 ) -> tuple[Any, list[bytes], list[bool]]:
     """An HTTP request's job (its body came whole) on a Node that is not serving: what it
     posts is kept, and each call of the coroutine that publishes events, with its ``last``."""
@@ -99,7 +99,14 @@ async def _http_job(
     scope = {"type": "http", "path": "/", "headers": []}
     events = [{"type": "http.request", "body": b"", "more_body": False}]
     envelope = wire.Envelope(
-        "r" * 32, "minidasgi:0:dist:x", time.time() + 5, scope, events, window, ack_send=ack_send
+        "r" * 32,
+        "minidasgi:0:dist:x",
+        time.time() + 5,
+        scope,
+        events,
+        window,
+        ack_send=ack_send,
+        piece=piece,
     )
     job = _Job(node, envelope)
     awaited: list[bool] = []
@@ -224,3 +231,34 @@ async def test_a_body_piece_of_64_kib_or_more_is_written_once_as_parts(
     expected = wire.pack_parts(wire.SEND, job.id, [start, event])
     assert posted == [expected if type(expected) is bytes else b"".join(expected)]
     assert awaited == [] and job.finished
+
+
+async def test_a_piece_larger_than_what_always_travels_is_written_once_if_it_fits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A distributor that reads 1 MiB pieces: the first piece of a download, after its start,
+    # is over the 768 KiB every distributor reads but within what this one reads, its start
+    # within the former (``_fits``). It is posted as written, not written again the general
+    # way (a download's first and last pieces were, before).
+    job, posted, awaited = await _http_job(window=8, piece=wire.PIECE_SIZE)
+
+    def general(*args: Any) -> Any:
+        raise AssertionError("written the general way")
+
+    monkeypatch.setattr(responsewriter, "try_write", general)
+    monkeypatch.setattr(wire, "pack_parts", general)
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"x", b"y")]}
+    body = b"b" * wire.PIECE_SIZE
+    await job.send(start)
+    await job.send({"type": "http.response.body", "body": body, "more_body": True})
+    await job.send({"type": "http.response.body", "body": body})
+    monkeypatch.undo()
+    more = {"type": "http.response.body", "body": body, "more_body": True}
+    last = {"type": "http.response.body", "body": body, "more_body": False}
+    expected = [
+        wire.pack_parts(wire.SEND, job.id, [start, more]),
+        wire.pack_parts(wire.SEND, job.id, [last]),
+    ]
+    assert posted == [m if type(m) is bytes else b"".join(m) for m in expected]
+    assert awaited == []
+    assert job.finished
