@@ -1273,14 +1273,23 @@ class _Job:
         former. So whether a response's headers travel never depends on the piece size its
         distributor announced, which its load decides (``wire.CreditPool.window``)."""
         size = wire.packed_size(data)
-        if size <= wire.EARLIER_MAX_MESSAGE_SIZE:
+        if size <= _FITS:
+            return True
+        if not any(e.get("type") in _HEADERS for e in events):
+            return self._size_fits(size, None)
+        body = sum(len(e["body"]) for e in events if e.get("type") == "http.response.body")
+        return self._size_fits(size, size - body)
+
+    def _size_fits(self, size: int, head: int | None) -> bool:
+        """``_fits`` told by sizes: a message of ``size`` bytes, of which ``head`` are not
+        response body bytes when it carries headers (None when it carries none). The one
+        rule for both ways of telling it (``_fits`` from the events, ``_post_written``
+        from a start and a body)."""
+        if size <= _FITS:
             return True
         if size > self.max_message:
             return False
-        if not any(e.get("type") in _HEADERS for e in events):
-            return True
-        body = sum(len(e["body"]) for e in events if e.get("type") == "http.response.body")
-        return size - body <= wire.EARLIER_MAX_MESSAGE_SIZE
+        return head is None or head <= _FITS
 
     def _post_after_ack(
         self, kind: str, args: tuple[Any, ...], lost: Lost | None
@@ -1665,13 +1674,10 @@ class _Job:
             )
         if data is None:
             return False
-        # What ``_fits`` allows, told without the events: a larger message (from 64 KiB, in
-        # parts) within what this distributor reads, its start's part within what every one
-        # reads. Anything else goes to ``_post``, which splits a start too large to travel.
+        # What ``_fits`` allows, told without the events (``_size_fits``). Anything else goes
+        # to ``_post``, which splits a start too large to travel with its body.
         size = len(data) if type(data) is bytes else wire.packed_size(data)
-        if size > _FITS and (
-            size > self.max_message or (start is not None and size - len(body) > _FITS)
-        ):
+        if size > _FITS and not self._size_fits(size, None if start is None else size - len(body)):
             return False
         posted = self.node.outbox.post(self.reply, data, lost=lost)
         if ack is not None:
