@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -262,3 +263,113 @@ async def test_a_piece_larger_than_what_always_travels_is_written_once_if_it_fit
     assert posted == [m if type(m) is bytes else b"".join(m) for m in expected]
     assert awaited == []
     assert job.finished
+
+
+async def _response_as_posted(
+    window: int,
+    ack_send: bool,
+    piece: int,
+    start: dict[str, Any],
+    body: bytes,
+    more: bool,
+    *,
+    general: bool,
+) -> tuple[Any, ...]:
+    """What a request whose app sends ``start`` then ``body`` posts, run by
+    ``Node._run_request`` on a Node that is not serving, and the job's state after it;
+    ``general``: every send taken the general way (``_publish_at_once`` declines). The
+    distributor grants a SEND's credit back in the next loop turn, as if read at once."""
+    node = Node(app=lambda scope, receive, send: None, key="k", lifespan="off")
+    loop = node.loop = asyncio.get_running_loop()
+    node._can_take_on = lambda: True  # type: ignore[method-assign]
+    posted: list[bytes] = []
+
+    def post(channel: str, message: wire.Packed, **_: Any) -> asyncio.Future[int]:
+        posted.append(message if type(message) is bytes else b"".join(message))
+        if wire.unpack(posted[-1])[0] in (wire.SEND, wire.ACK_SEND):
+            loop.call_soon(jobs[0].window.grant, 1)
+        future: asyncio.Future[int] = node.loop.create_future()  # type: ignore[union-attr]
+        future.set_result(1)
+        return future
+
+    node.outbox.post = post  # type: ignore[method-assign]
+    channel = node.channel.encode()  # each Node's own: told apart, the rest compared
+    jobs: list[Any] = []
+    taken: list[bool] = []  # what _publish_at_once answered
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        job = send.__self__
+        jobs.append(job)
+        at_once = job._publish_at_once
+
+        def publish_at_once(*args: Any) -> bool:
+            done = False if general else at_once(*args)
+            taken.append(done)
+            return done
+
+        job._publish_at_once = publish_at_once
+        await send(start)
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+
+    node.app = app
+    scope = {"type": "http", "path": "/", "headers": []}
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+    envelope = wire.Envelope(
+        "r" * 32,
+        "minidasgi:0:dist:x",
+        time.time() + 60,
+        scope,
+        events,
+        window,
+        ack_send=ack_send,
+        piece=piece,
+    )
+    await node._run_request(b"k", envelope.encode())
+    await asyncio.gather(*node._background)
+    posted = [message.replace(channel, b"N" * len(channel)) for message in posted]
+    (job,) = jobs
+    state = (
+        job.window.available,
+        job.finished,
+        job.failed,
+        job.gone,
+        job._unsent_ack,
+        job._ack_posted is None,
+        job.held_start,
+    )
+    return posted, state, taken
+
+
+async def test_a_response_posts_the_same_whether_sent_at_once_or_the_general_way() -> None:
+    # ``_publish_at_once`` (with ``_post_written``) repeats what the general path decides:
+    # credit, the held ACK riding along, what fits, a start too large to travel with its
+    # body. Over a grid of responses both must post the same bytes and leave the same job.
+    filler = b"h" * 1000
+    heads = [[], [(b"x", b"y" * 10)]] + [
+        [(b"x-%d" % i, filler) for i in range(n)] for n in (700, 800, 1100)
+    ]
+    compared = 0
+    answers: set[bool] = set()  # what _publish_at_once answered: both, over the grid
+    sizes = (0, 5, 100 * 1024, 900 * 1024, wire.PIECE_SIZE)
+    pieces = (wire.CHUNK_SIZE, wire.PIECE_SIZE)
+    grid = itertools.product((1, 2, 3), (False, True), pieces, heads, sizes, (False, True))
+    for window, ack_send, piece, headers, size, more in grid:
+        if size > piece:
+            continue
+        for declined in (False, True):  # a start the writer declines (a key it does not write)
+            start: dict[str, Any] = {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": headers,
+            }
+            if declined:
+                start["trailers"] = False
+            case = (window, ack_send, piece, start, b"b" * size, more)
+            posted, state, taken = await _response_as_posted(*case, general=False)
+            expected, expected_state, _ = await _response_as_posted(*case, general=True)
+            where = (window, ack_send, piece, len(headers), size, more, declined)
+            assert posted == expected, where
+            assert state == expected_state, where
+            answers.update(taken)
+            compared += 1
+    assert compared == 960 and answers == {True, False}
