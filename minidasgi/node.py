@@ -1597,16 +1597,7 @@ class _Job:
         # that reads it, once per batch for all of its messages (the last one's too: below).
         lost = self._end_lost if last else self._check_reached
         if message is None:
-            try:
-                self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
-            except ValueError:
-                if len(events) < 2 or events[0].get("type") != "http.response.start":
-                    raise
-                # A start too large to travel with its first body (large headers, a large
-                # piece, a distributor that reads less) goes alone first, on the credit
-                # taken, rather than failing the response; the body takes a credit of its own
-                # (the distributor counts every SEND).
-                self._post(wire.SEND, events[:1], lost=lost)  # ValueError if still too large
+            if not self._post_send(events, lost):  # the start went alone: then the body
                 if not window.try_take(1):
                     try:
                         await window.acquire(1)
@@ -1641,22 +1632,31 @@ class _Job:
             return True
         lost = self._end_lost if last else self._check_reached
         if not self._post_written(held, body, more, lost):
-            event = {"type": "http.response.body", "body": body, "more_body": more}
+            event: Message = {"type": "http.response.body", "body": body, "more_body": more}
             events = [event] if held is None else [held, event]
-            try:
-                self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
-            except ValueError:
-                if held is None:
-                    raise
-                # As in ``_publish_events``: the start alone first, on the credit taken (a
-                # ValueError if still too large), the body on the second credit, there still
-                # unless the distributor was lost meanwhile (the window aborted, the job gone).
-                self._post(wire.SEND, events[:1], lost=lost)
+            if not self._post_send(events, lost):
+                # The start went alone: the body on the second credit, there still unless
+                # the distributor was lost meanwhile (the window aborted, the job gone).
                 if not window.try_take(1) or self.gone:
                     return True
                 self._post(wire.SEND, events[1:], lost=lost)
         if last:
             self._response_sent()
+        return True
+
+    def _post_send(self, events: list[Message], lost: Lost) -> bool:
+        """``_post`` of a SEND of ``events`` on the credit taken for it; False when its start
+        was too large to travel with its first body (large headers, a large piece, a
+        distributor that reads less) and went alone rather than failing the response: the
+        caller then posts ``events[1:]`` on a credit of its own (the distributor counts every
+        SEND). ``ValueError`` if the start alone is still too large."""
+        try:
+            self._post(wire.SEND, events, lost=lost)  # may carry the ACK (ACK_SEND)
+        except ValueError:
+            if len(events) < 2 or events[0].get("type") != "http.response.start":
+                raise
+            self._post(wire.SEND, events[:1], lost=lost)
+            return False
         return True
 
     def _post_written(self, start: Message | None, body: bytes, more: bool, lost: Lost) -> bool:
