@@ -1628,8 +1628,7 @@ class _Job:
             if window.available < 2 or not window.try_take(1):
                 return False
             self.held_start = None
-        if self.gone:
-            return True
+        # (Not gone: ``send`` looked, and nothing since could have waited.)
         lost = self._end_lost if last else self._check_reached
         if not self._post_written(held, body, more, lost):
             event: Message = {"type": "http.response.body", "body": body, "more_body": more}
