@@ -1303,10 +1303,17 @@ class _Job:
             data = wire.pack_response(wire.ACK_SEND, self.id, args[0], ack, version=self.version)
             # A small message fits whatever it carries: no call to tell (``_fits``).
             if (type(data) is bytes and len(data) <= _FITS) or self._fits(data, args[0]):
-                posted = self._ack_posted = self.node.outbox.post(self.reply, data, lost=lost)
-                return posted
+                return self._post_with_ack(data, lost)
         self._post_ack(ack, hold=False)
         return self._post(kind, *args, lost=lost)
+
+    def _post_with_ack(self, data: wire.Packed, lost: Lost | None) -> asyncio.Future[int]:
+        """Post ``data``, an ACK_SEND carrying the ACK that waited: posted from now on, and
+        known by its batch (``_ack_posted``, which ``repeat_ack_unless_known`` reads). Both
+        ways of writing one (``_post_after_ack``, ``_post_written``) end here."""
+        self._unsent_ack = None
+        posted = self._ack_posted = self.node.outbox.post(self.reply, data, lost=lost)
+        return posted
 
     def _post_credit(self, credit: int) -> None:
         """``_post`` of a CREDIT, each value encoded once per request (``wire.CreditMessages``).
@@ -1678,10 +1685,10 @@ class _Job:
         size = len(data) if type(data) is bytes else wire.packed_size(data)
         if size > _FITS and not self._size_fits(size, None if start is None else size - len(body)):
             return False
-        posted = self.node.outbox.post(self.reply, data, lost=lost)
-        if ack is not None:
-            self._unsent_ack = None
-            self._ack_posted = posted
+        if ack is None:
+            self.node.outbox.post(self.reply, data, lost=lost)
+        else:
+            self._post_with_ack(data, lost)
         return True
 
     def _response_sent(self) -> None:
