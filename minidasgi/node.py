@@ -755,7 +755,7 @@ class Node:
                 # job's: a coroutine per request less (its creation, its frame and its end,
                 # about a thousand instructions; ``test_node_cost`` counts them).
                 try:
-                    if job.confirmation is not None and not await job._confirmed():
+                    if job.confirmation is not None and not await job.wait_confirmed():
                         return
                     job.app_started = time.monotonic()
                     await self.app(job.scope, job.receive, job.send)
@@ -764,16 +764,15 @@ class Node:
                         raise
                     logger.debug("request %s cancelled", job.id)
                 except Exception:
-                    job.app_failed()
-                    await job._done(failed=True)
+                    await job.app_failed()
                 else:
                     if not job.finished:  # else all is told already: no coroutine for nothing
-                        await job._done(failed=False)
+                        await job.app_ended(failed=False)
                 finally:
                     # Before the GONE the code below may post: a GONE before the ACK says the
                     # request never ran, and its client would get the no-worker answer.
-                    if job._unsent_ack is not None:
-                        job._ack_alone()
+                    if job.unsent_ack is not None:
+                        job.ack_alone()
             finally:
                 job.received.close()
                 del self._jobs[envelope.id]
@@ -808,7 +807,7 @@ class Node:
 
     def hold_start(self, job: _Job) -> None:
         """``job`` holds its ACK or its response start for this loop turn: they are flushed
-        after the turn (``_Job._turn_ended``) with every other one held in it, by one loop
+        after the turn (``_Job.turn_ended``) with every other one held in it, by one loop
         callback rather than one per request."""
         held = self._held_starts
         held.append(job)
@@ -823,8 +822,8 @@ class Node:
         held, self._held_starts = self._held_starts, []
         for job in held:
             # Most took their ACK and start along with their body already: no call for them.
-            if job._unsent_ack is not None or job.held_start is not None:
-                job._turn_ended()
+            if job.unsent_ack is not None or job.held_start is not None:
+                job.turn_ended()
 
     def _promise_turn(self) -> None:
         """The pop loop will call ``_end_turn`` before this loop turn's end, the next turn
@@ -1025,7 +1024,7 @@ class _Job:
     _data: wire.WebSocketData | None = None
     # The ACK's arguments while it waits, until the end of the loop turn the app started
     # in, to travel inside the response's first SEND (``wire.ACK_SEND``).
-    _unsent_ack: tuple[Any, ...] | None = None
+    unsent_ack: tuple[Any, ...] | None = None
     _ack: tuple[Any, ...] | None = None  # the ACK's arguments, once made
     _ack_posted: asyncio.Future[int] | None = None  # the batch that carried it
     # In the recovery window (``confirmation``): the distributor's answer, True to run.
@@ -1090,12 +1089,16 @@ class _Job:
             self.confirmation.set_result(confirmed)
 
     def begin(self) -> None:
-        """Ack the request, before its app runs (the caller's task, ``task``, then runs the
-        app: ``Node._run_request``). Not awaited: the app runs at once. A request whose body
-        came whole lets its ack wait a moment for the response, to share its PUBLISH; the
-        others need the credit and the Node channel the ack brings at once (a body to stream,
-        a WebSocket, 100-continue). A count of 0 (the distributor is gone) disconnects the
-        app, as a client gone would."""
+        """Ack the request, before its app runs. The rest of the run is in
+        ``Node._run_request``, the request's own task (``task``), rather than in a coroutine
+        of the job's (one coroutine less per request): it waits for a confirmation if one
+        was asked (``wait_confirmed``), awaits the app, tells the distributor an end the
+        response did not (``app_ended``, ``app_failed``) and posts an ACK no SEND took along
+        (``ack_alone``). The ACK is posted, not awaited: the app runs at once. A request
+        whose body came whole lets its ACK wait a moment for the response, to share its
+        PUBLISH (``unsent_ack``); the others need the credit and the Node channel the ACK
+        brings at once (a body to stream, a WebSocket, 100-continue). A count of 0 (the
+        distributor is gone) disconnects the app, as a client gone would."""
         node = self.node
         received = self.received
         window = received.window
@@ -1115,18 +1118,20 @@ class _Job:
             # Not posted yet: the app's first SEND, if it comes in this loop turn, carries it
             # (one message to encode, decode and dispatch instead of two); else it leaves
             # alone at the end of the turn, before anything else this job posts (``_post``).
-            self._unsent_ack = ack
-            node.hold_start(self)  # the end of the turn: _turn_ended
+            self.unsent_ack = ack
+            node.hold_start(self)  # the end of the turn: turn_ended
         else:
             self._post_ack(ack, hold=hold)
         self.acked = True
 
-    def app_failed(self) -> None:
-        """The app raised (the caller tells the distributor: ``_done``)."""
+    async def app_failed(self) -> None:
+        """The app raised (called from the ``except`` that caught it): logged, and the
+        distributor told (``app_ended``)."""
         logger.exception(
             "exception in ASGI app for %s %s", self.scope.get("method", ""), self.scope["path"]
         )
         self.failed = True
+        await self.app_ended(failed=True)
 
     def _post_ack(self, ack: tuple[Any, ...], *, hold: bool) -> None:
         self._ack_posted = self.node.outbox.post(
@@ -1154,18 +1159,18 @@ class _Job:
             return
         self._post_ack(ack, hold=False)
 
-    def _ack_alone(self) -> None:
+    def ack_alone(self) -> None:
         """Post the ACK if it still waits: no SEND took it along in the loop turn the app
         started in. Held, as it is when it never waited, for a SEND that may yet join it.
         A start the app sent meanwhile is then sent too unless a body takes it along (its
-        own end-of-turn check: ``_turn_ended`` does one or the other)."""
-        ack = self._unsent_ack
+        own end-of-turn check: ``turn_ended`` does one or the other)."""
+        ack = self.unsent_ack
         if ack is not None:
-            self._unsent_ack = None
+            self.unsent_ack = None
             self._post_ack(ack, hold=True)
             self._flush_start()
 
-    async def _confirmed(self) -> bool:
+    async def wait_confirmed(self) -> bool:
         """Wait for the distributor to confirm the request: CONFIRM, or a PING naming it. A
         CANCEL cancels the job, a lost distributor ends the wait (``peer_lost``), and nothing
         at all within ``peer_timeout`` counts as a refusal."""
@@ -1180,7 +1185,7 @@ class _Job:
             self.gone = True
         return confirmed
 
-    async def _done(self, *, failed: bool) -> None:
+    async def app_ended(self, *, failed: bool) -> None:
         """Tell the distributor the app ended without its response all sent, if so."""
         if not self.finished and not self.gone:
             self.complete = True
@@ -1230,7 +1235,7 @@ class _Job:
     def _post(self, kind: str, *args: Any, lost: Lost | None = None) -> asyncio.Future[int]:
         """Queue one message to the distributor; the future gives the receiver count, and
         ``lost`` is told if nobody got it (``Outbox.post``)."""
-        if self._unsent_ack is not None:
+        if self.unsent_ack is not None:
             return self._post_after_ack(kind, args, lost)
         return self.node.outbox.post(self.reply, self._pack(kind, *args), lost=lost)
 
@@ -1296,9 +1301,9 @@ class _Job:
     ) -> asyncio.Future[int]:
         """``_post`` of the first message after an ACK that waits (``begin``): a SEND carries
         it (``wire.ACK_SEND``); anything else, or a SEND too large to, follows it."""
-        ack = self._unsent_ack
+        ack = self.unsent_ack
         assert ack is not None
-        self._unsent_ack = None
+        self.unsent_ack = None
         if kind == wire.SEND:
             data = wire.pack_response(wire.ACK_SEND, self.id, args[0], ack, version=self.version)
             # A small message fits whatever it carries: no call to tell (``_fits``).
@@ -1311,7 +1316,7 @@ class _Job:
         """Post ``data``, an ACK_SEND carrying the ACK that waited: posted from now on, and
         known by its batch (``_ack_posted``, which ``repeat_ack_unless_known`` reads). Both
         ways of writing one (``_post_after_ack``, ``_post_written``) end here."""
-        self._unsent_ack = None
+        self.unsent_ack = None
         posted = self._ack_posted = self.node.outbox.post(self.reply, data, lost=lost)
         return posted
 
@@ -1319,8 +1324,8 @@ class _Job:
         """``_post`` of a CREDIT, each value encoded once per request (``wire.CreditMessages``).
         A credit that gets lost would stall the transfer for good: nobody getting it
         disconnects the app (``_check_reached``)."""
-        if self._unsent_ack is not None:  # (a whole request's body takes no credit back)
-            self._ack_alone()
+        if self.unsent_ack is not None:  # (a whole request's body takes no credit back)
+            self.ack_alone()
         credits = self._credits
         if credits is None:
             credits = self._credits = wire.CreditMessages(self.id, self.version)
@@ -1457,7 +1462,7 @@ class _Job:
                 # an app that works before its first body must not keep the client from its
                 # headers (EventSource.onopen, long polls, progress indicators).
                 self.held_start = dict(message)
-                if self._unsent_ack is None:  # else the job is held for this turn already
+                if self.unsent_ack is None:  # else the job is held for this turn already
                     self.node.hold_start(self)
                 return
             if kind == "http.response.body":
@@ -1547,10 +1552,10 @@ class _Job:
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r} for this {self.kind} scope")
 
-    def _turn_ended(self) -> None:
+    def turn_ended(self) -> None:
         """The end of the loop turn this job held its ACK or its start in (``hold_start``)."""
-        if self._unsent_ack is not None:
-            self._ack_alone()  # and the start with it, unless a body took it along
+        if self.unsent_ack is not None:
+            self.ack_alone()  # and the start with it, unless a body took it along
         else:
             self._flush_start()
 
@@ -1671,7 +1676,7 @@ class _Job:
         (``wire.write_response``: no body event made, nor its keys checked). False, having
         posted nothing, when the writer declines it or ``_fits`` would refuse it: ``_post``
         decides then."""
-        ack = self._unsent_ack
+        ack = self.unsent_ack
         if ack is None:
             data = wire.write_response(wire.SEND, self.id, start, body, more, version=self.version)
         else:

@@ -190,11 +190,11 @@ async def test_a_held_ack_travels_with_the_response_written_from_its_body() -> N
     # the body's send writes at once, and is known as posted (for a GONE that may follow).
     job, posted, awaited = await _http_job(window=8, ack_send=True)
     job.begin()
-    assert job._unsent_ack is not None
+    assert job.unsent_ack is not None
     await job.send({"type": "http.response.start", "status": 200, "headers": []})
     await job.send({"type": "http.response.body", "body": b"hello"})
     assert _sent(posted, wire.ACK_SEND) == [["http.response.start", "http.response.body"]]
-    assert job._unsent_ack is None and job._ack_posted is not None
+    assert job.unsent_ack is None and job._ack_posted is not None
     assert awaited == [] and job.finished
 
 
@@ -208,7 +208,7 @@ async def test_a_start_the_writer_declines_goes_with_its_body_the_general_way() 
     await job.send({"type": "http.response.body", "body": b"hello"})
     assert _sent(posted, wire.ACK_SEND) == [["http.response.start", "http.response.body"]]
     assert wire.unpack(posted[0])[2][0][0] == start
-    assert awaited == [] and job.finished and job._unsent_ack is None
+    assert awaited == [] and job.finished and job.unsent_ack is None
 
 
 async def test_a_body_piece_of_64_kib_or_more_is_written_once_as_parts(
@@ -333,7 +333,7 @@ async def _response_as_posted(
         job.finished,
         job.failed,
         job.gone,
-        job._unsent_ack,
+        job.unsent_ack,
         job._ack_posted is None,
         job.held_start,
     )
