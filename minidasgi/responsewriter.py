@@ -80,7 +80,7 @@ def try_write(
     count = len(events)
     if count == 2:
         start, body_event = events
-        if type(start) is not dict:
+        if type(start) is not dict:  # (None too, which means no start to try_write_body)
             return None
     elif count == 1:
         start, body_event = None, events[0]

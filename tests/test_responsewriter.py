@@ -208,6 +208,7 @@ DECLINED: list[tuple[list[Any], tuple[Any, ...]]] = [
     ([], ACK),
     ([start()], ACK),  # a start alone
     ([body(), start()], ACK),
+    ([None, body()], ACK),  # None as a start: try_write_body would write the body alone
     ([{"status": 200, "type": "http.response.start", "headers": []}, body()], ACK),
     ([{"type": "http.response.start", "status": 200}, body()], ACK),  # no headers
     ([dict(start(), trailers=False), body()], ACK),
