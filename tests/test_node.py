@@ -40,8 +40,9 @@ def test_headers_not_as_decoded_keep_only_their_pairs() -> None:
         assert _local_scope({"type": "http", "headers": headers}, {})["headers"] == kept
 
 
-async def _ws_job(window: int) -> tuple[Any, list[bytes]]:
-    """A WebSocket request's job on a Node that is not serving: what it posts is kept."""
+def _posting_node() -> tuple[Node, list[bytes]]:
+    """A Node that is not serving, whose outbox keeps what is posted (every post reaches one
+    receiver)."""
     node = Node(app=lambda scope, receive, send: None, key="k", lifespan="off")
     node.loop = asyncio.get_running_loop()
     posted: list[bytes] = []
@@ -53,6 +54,12 @@ async def _ws_job(window: int) -> tuple[Any, list[bytes]]:
         return future
 
     node.outbox.post = post  # type: ignore[method-assign]
+    return node, posted
+
+
+async def _ws_job(window: int) -> tuple[Any, list[bytes]]:
+    """A WebSocket request's job on a Node that is not serving: what it posts is kept."""
+    node, posted = _posting_node()
     scope = {"type": "websocket", "path": "/", "headers": []}
     envelope = wire.Envelope("r" * 32, "minidasgi:0:dist:x", time.time() + 5, scope, [], window)
     return _Job(node, envelope), posted
@@ -86,17 +93,7 @@ async def _http_job(
 ) -> tuple[Any, list[bytes], list[bool]]:
     """An HTTP request's job (its body came whole) on a Node that is not serving: what it
     posts is kept, and each call of the coroutine that publishes events, with its ``last``."""
-    node = Node(app=lambda scope, receive, send: None, key="k", lifespan="off")
-    node.loop = asyncio.get_running_loop()
-    posted: list[bytes] = []
-
-    def post(channel: str, message: wire.Packed, **_: Any) -> asyncio.Future[int]:
-        posted.append(message if type(message) is bytes else b"".join(message))
-        future: asyncio.Future[int] = node.loop.create_future()  # type: ignore[union-attr]
-        future.set_result(1)
-        return future
-
-    node.outbox.post = post  # type: ignore[method-assign]
+    node, posted = _posting_node()
     scope = {"type": "http", "path": "/", "headers": []}
     events = [{"type": "http.request", "body": b"", "more_body": False}]
     envelope = wire.Envelope(
