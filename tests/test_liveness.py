@@ -126,6 +126,19 @@ def test_pings_answered_slowly_one_after_another_excuse_the_timeout_at_most() ->
     assert lost == [[]] * 6 + [[("n1", ["a"])]] + [[]] * 2  # at 7: silent 7 - 3 s excused
 
 
+def test_a_ping_waiting_for_one_peer_excuses_anothers_silence_for_the_timeout_at_most() -> None:
+    # One peer is heard every second while a PING to it waits from 0.5 on; the other says
+    # nothing. Redis' wait is evidence against this process' hearing, not proof: capped.
+    peers = PeerTracker(3)
+    peers.add("slow", "a", 0.0, pings=True)
+    peers.add("dead", "b", 0.0, pings=True)
+    lost = []
+    for now in range(1, 9):
+        peers.heard("slow", float(now))
+        lost.append(peers.tick(float(now), 1.0, unanswered_since=0.5))
+    assert lost == [[]] * 6 + [[("dead", ["b"])]] + [[]]  # at 7: silent 7 - 3 s excused
+
+
 def test_deaf_spans_are_kept_only_while_a_peers_silence_reaches_them() -> None:
     peers = PeerTracker(3)
     peers.add("n1", "a", 0.0, pings=True)
