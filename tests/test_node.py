@@ -88,25 +88,29 @@ async def test_a_message_sent_while_another_waits_for_credit_waits_for_its_last_
     assert len(posted) == 6
 
 
-async def _http_job(
-    window: int, *, ack_send: bool = False, piece: int = wire.CHUNK_SIZE
-) -> tuple[Any, list[bytes], list[bool]]:
-    """An HTTP request's job (its body came whole) on a Node that is not serving: what it
-    posts is kept, and each call of the coroutine that publishes events, with its ``last``."""
-    node, posted = _posting_node()
+def _http_envelope(window: int, *, ack_send: bool, piece: int) -> wire.Envelope:
+    """An HTTP request's envelope whose body came whole, due a minute from now."""
     scope = {"type": "http", "path": "/", "headers": []}
     events = [{"type": "http.request", "body": b"", "more_body": False}]
-    envelope = wire.Envelope(
+    return wire.Envelope(
         "r" * 32,
         "minidasgi:0:dist:x",
-        time.time() + 5,
+        time.time() + 60,
         scope,
         events,
         window,
         ack_send=ack_send,
         piece=piece,
     )
-    job = _Job(node, envelope)
+
+
+async def _http_job(
+    window: int, *, ack_send: bool = False, piece: int = wire.CHUNK_SIZE
+) -> tuple[Any, list[bytes], list[bool]]:
+    """An HTTP request's job (its body came whole) on a Node that is not serving: what it
+    posts is kept, and each call of the coroutine that publishes events, with its ``last``."""
+    node, posted = _posting_node()
+    job = _Job(node, _http_envelope(window, ack_send=ack_send, piece=piece))
     awaited: list[bool] = []
     publish_events = job._publish_events
 
@@ -309,18 +313,7 @@ async def _response_as_posted(
         await send({"type": "http.response.body", "body": body, "more_body": more})
 
     node.app = app
-    scope = {"type": "http", "path": "/", "headers": []}
-    events = [{"type": "http.request", "body": b"", "more_body": False}]
-    envelope = wire.Envelope(
-        "r" * 32,
-        "minidasgi:0:dist:x",
-        time.time() + 60,
-        scope,
-        events,
-        window,
-        ack_send=ack_send,
-        piece=piece,
-    )
+    envelope = _http_envelope(window, ack_send=ack_send, piece=piece)
     await node._run_request(b"k", envelope.encode())
     await asyncio.gather(*node._background)
     posted = [message.replace(channel, b"N" * len(channel)) for message in posted]
