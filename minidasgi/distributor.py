@@ -57,7 +57,7 @@ from .deadlines import Deadlines
 from .envelopewriter import PLAIN_SCOPE_KEYS
 from .gathering import gather_body
 from .inbox import Inbox
-from .liveness import PeerTracker, check_settings
+from .liveness import PeerTracker, RoundErrors, check_settings
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
 from .resp.connection import make_params
@@ -800,25 +800,33 @@ class Distributor:
 
     async def _watch_peers(self) -> None:
         loop = asyncio.get_running_loop()
+        errors = RoundErrors()
         try:
             while True:
                 await asyncio.sleep(self.liveness_interval)
                 pinging, now = self._pinging, loop.time()
-                lost = self.peers.tick(
-                    now,
-                    self.liveness_interval,
-                    unanswered_since=min(pinging.values()) if pinging else None,
-                )
-                for _, request_ids in lost:
-                    for request_id in request_ids:
-                        exchange = self._exchanges.get(request_id)
-                        if exchange is not None:
-                            exchange.inbox.put_nowait(_PEER_SILENT)
-                for node, request_ids in self.peers.peers():
-                    if node not in self._pinging:
-                        # Not awaited: a PING stuck on a stalled link must not stop the checks.
-                        self._pinging[node] = now
-                        self.spawn(self._ping(node, request_ids))
+                try:
+                    lost = self.peers.tick(
+                        now,
+                        self.liveness_interval,
+                        unanswered_since=min(pinging.values()) if pinging else None,
+                    )
+                    for _, request_ids in lost:
+                        for request_id in request_ids:
+                            exchange = self._exchanges.get(request_id)
+                            if exchange is not None:
+                                exchange.inbox.put_nowait(_PEER_SILENT)
+                    for node, request_ids in self.peers.peers():
+                        if node not in self._pinging:
+                            # Not awaited: a PING stuck on a stalled link must not stop the
+                            # checks.
+                            self._pinging[node] = now
+                            self.spawn(self._ping(node, request_ids))
+                except Exception as exc:
+                    # A bug (nothing raises here today): the next round may still find the
+                    # dead Nodes, and without the checks their requests would wait forever.
+                    if errors.first(exc):
+                        logger.exception("a liveness check failed; the checks go on")
         finally:
             if self._monitor is asyncio.current_task():
                 # Cancelled, not by shutdown(), but by the end of its event loop (asyncio.run,

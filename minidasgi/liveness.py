@@ -21,15 +21,20 @@ most within one peer's silence: a peer silent while Redis keeps answering slowly
 within twice ``timeout`` (plus whatever time this process itself did not run). Round trips
 of a healthy Redis count too, but they are a few milliseconds.
 
-This module is pure bookkeeping on a clock given by the caller. It owns ``PeerTracker``; it
-must never do I/O, start tasks or read a clock of its own.
+A round of those checks that raises (a bug: nothing raises there today) must not end them:
+the caller logs the error and goes on with the next round, and ``RoundErrors`` says which
+errors were already logged, so an operator sees each once and the log is not flooded every
+``liveness_interval``.
+
+This module is pure bookkeeping on a clock given by the caller. It owns ``PeerTracker`` and
+``RoundErrors``; it must never do I/O, start tasks or read a clock of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["PeerTracker", "check_settings"]
+__all__ = ["PeerTracker", "RoundErrors", "check_settings"]
 
 
 def check_settings(liveness_interval: float, peer_timeout: float) -> None:
@@ -172,6 +177,34 @@ class PeerTracker:
         if self._unserved:
             self._unserved = [span for span in self._unserved if span[1] > oldest]
         return lost
+
+
+class RoundErrors:
+    """The errors a periodic check's rounds raised, to report each distinct one once.
+
+    Two errors are the same when they are of the same type and raised at the same line (the
+    same bug, whatever request or value its message names): a set bounded by the code, not
+    by the traffic.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[type[BaseException], str, int]] = set()
+
+    def first(self, error: BaseException) -> bool:
+        """Whether ``error`` is the first of its kind: the caller logs it then, not after."""
+        traceback = error.__traceback__
+        while traceback is not None and traceback.tb_next is not None:
+            traceback = traceback.tb_next
+        where = (
+            ("", 0)
+            if traceback is None
+            else (traceback.tb_frame.f_code.co_filename, traceback.tb_lineno)
+        )
+        kind = (type(error), *where)
+        if kind in self._seen:
+            return False
+        self._seen.add(kind)
+        return True
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -52,7 +52,7 @@ from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .inbox import SharedInbox
 from .lifespan import Lifespan
-from .liveness import PeerTracker, check_settings
+from .liveness import PeerTracker, RoundErrors, check_settings
 from .mutex import Mutex
 from .outbox import Lost, Outbox
 from .resp import ReplyError, RespError, topology
@@ -943,32 +943,42 @@ class Node:
             job.peer_lost("the node lost its subscription")
 
     async def _watch_peers(self) -> None:
+        errors = RoundErrors()
         while True:
             await asyncio.sleep(self.liveness_interval)
-            pinging, now = self._pinging, time.monotonic()
-            lost = self.peers.tick(
-                now,
-                self.liveness_interval,
-                unanswered_since=min(pinging.values()) if pinging else None,
-            )
-            for _, request_ids in lost:
-                for request_id in request_ids:
-                    job = self._jobs.get(request_id)
-                    if job is not None:
-                        job.peer_lost(
-                            f"nothing heard from the distributor for {self.peer_timeout:g} s"
-                        )
-            for channel, request_ids in self.peers.peers():
-                # A job that finished or already gave up needs nothing from its distributor.
-                live = [
-                    i
-                    for i in request_ids
-                    if (job := self._jobs.get(i)) and not job.gone and not job.finished
-                ]
-                if live and channel not in self._pinging:
-                    # Not awaited: a PING stuck on a stalled link must not stop the checks.
-                    self._pinging[channel] = now
-                    self.spawn(self._ping(channel, live, self._jobs[live[0]].version))
+            try:
+                self._check_peers()
+            except Exception as exc:
+                # A bug (nothing raises here today): the next round may still find the dead
+                # distributors, and without the checks their jobs would wait forever.
+                if errors.first(exc):
+                    logger.exception("a liveness check failed; the checks go on")
+
+    def _check_peers(self) -> None:
+        """One round of ``_watch_peers``: give up the jobs of silent distributors, ping the
+        others."""
+        pinging, now = self._pinging, time.monotonic()
+        lost = self.peers.tick(
+            now,
+            self.liveness_interval,
+            unanswered_since=min(pinging.values()) if pinging else None,
+        )
+        for _, request_ids in lost:
+            for request_id in request_ids:
+                job = self._jobs.get(request_id)
+                if job is not None:
+                    job.peer_lost(f"nothing heard from the distributor for {self.peer_timeout:g} s")
+        for channel, request_ids in self.peers.peers():
+            # A job that finished or already gave up needs nothing from its distributor.
+            live = [
+                i
+                for i in request_ids
+                if (job := self._jobs.get(i)) and not job.gone and not job.finished
+            ]
+            if live and channel not in self._pinging:
+                # Not awaited: a PING stuck on a stalled link must not stop the checks.
+                self._pinging[channel] = now
+                self.spawn(self._ping(channel, live, self._jobs[live[0]].version))
 
     async def _ping(self, channel: str, request_ids: list[str], version: int) -> None:
         try:

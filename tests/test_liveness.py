@@ -1,11 +1,11 @@
-"""PeerTracker: requests per peer, silence, and a process that paused itself."""
+"""PeerTracker: requests per peer, silence, and a process that paused itself; RoundErrors."""
 
 from __future__ import annotations
 
 import pytest
 
 from minidasgi import liveness
-from minidasgi.liveness import PeerTracker, check_settings
+from minidasgi.liveness import PeerTracker, RoundErrors, check_settings
 
 
 def test_a_peer_is_tracked_only_while_requests_are_in_flight() -> None:
@@ -193,3 +193,23 @@ def test_a_peer_is_known_from_its_first_request_until_the_tick_after_its_last() 
     assert peers.knows("n1")  # kept until the next tick, for its next request
     peers.tick(3.0, 1.0)
     assert not peers.knows("n1")
+
+
+def test_round_errors_are_first_once_per_type_and_line() -> None:
+    errors = RoundErrors()
+
+    def fail(kind: type[Exception], name: str) -> Exception:
+        try:
+            raise kind(name)  # one line: the same place whatever the message
+        except Exception as exc:
+            return exc
+
+    assert errors.first(fail(KeyError, "a"))
+    assert not errors.first(fail(KeyError, "b"))  # the same bug, another request
+    assert errors.first(fail(ValueError, "a"))  # another type at the same line
+    try:
+        raise KeyError("a")
+    except KeyError as exc:
+        assert errors.first(exc)  # another line
+    assert errors.first(RuntimeError("never raised"))  # no traceback: reported too
+    assert not errors.first(RuntimeError("never raised"))

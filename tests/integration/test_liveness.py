@@ -21,12 +21,13 @@ import pytest
 
 from minidasgi import Node, create_distributor, wire
 from minidasgi.codec import CodecError
+from minidasgi.liveness import PeerTracker
 from minidasgi.resp import Subscriber
 
 from . import apps
 from .faultproxy import FaultProxy
 from .redis_server import RedisFactory, RedisServer, client_list, pop_waiting
-from .stack import poll, run_node, serve_app
+from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -466,3 +467,95 @@ async def test_an_ack_send_in_the_grace_wait_is_answered_once(
         server_log.removeHandler(caplog.handler)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
+
+
+# 5. A liveness round that raises does not end the checks ----------------------------------
+
+
+class _FailingTwice:
+    """``PeerTracker.tick`` raising at its first two calls once ``armed``, as it is otherwise:
+    nothing raises there today, so the bug a round may have is injected, as narrowly as this.
+    ``calls`` counts the calls since armed, for a test to wait for a round past the
+    failures."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed = False
+        self.calls = 0
+        tick = PeerTracker.tick
+
+        def failing(tracker: PeerTracker, *args: Any, **kwargs: Any) -> Any:
+            if self.armed:
+                self.calls += 1
+                if self.calls <= 2:
+                    raise RuntimeError("an injected bug in a liveness round")
+            return tick(tracker, *args, **kwargs)
+
+        monkeypatch.setattr(PeerTracker, "tick", failing)
+
+
+def _logged_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "a liveness check failed" in r.getMessage()]
+
+
+async def test_a_distributor_round_that_raises_does_not_end_its_checks(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two liveness rounds of the distributor raise (injected: see ``_FailingTwice``), then
+    its Node is SIGKILLed mid-request: the checks that went on find it gone (its PING reaches
+    nobody), and the request gets its 502. The error is logged once, not once a round. Before,
+    the first failure ended the monitor and closed the distributor's connections."""
+    caplog.set_level(logging.ERROR, logger="minidasgi.distributor")
+    distributor = create_distributor(url=redis_server.url, key="round-dist", liveness_interval=0.25)
+    failing = _FailingTwice(monkeypatch)  # the Node's process, a child, has its own
+    async with serve_app(distributor) as base:
+        node = await asyncio.to_thread(
+            NodeProcess(redis_server.url, "round-dist", "apps:sleepy").start
+        )
+        try:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                request = asyncio.ensure_future(client.get("/?600"))
+                assert await poll(_acked(distributor), 10)
+                failing.armed = True
+                await poll(lambda: failing.calls > 2, 10)  # past the failures, if the checks go on
+                await asyncio.to_thread(node.kill)  # SIGKILL: no goodbye
+                try:
+                    response = await asyncio.wait_for(request, 15)
+                finally:
+                    request.cancel()
+                assert response.status_code == 502
+        finally:
+            await asyncio.to_thread(node.stop)
+    assert len(_logged_failures(caplog)) == 1, caplog.text
+
+
+async def test_a_node_round_that_raises_does_not_end_its_checks(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two liveness rounds of the Node raise (injected: see ``_FailingTwice``), then the
+    distributor's process is SIGKILLed mid-request: the checks that went on find it gone (the
+    Node's PING reaches nobody) and give the job up. The error is logged once, not once a
+    round. Before, the first failure ended the Node's checks for good, and the job waited for
+    its distributor forever."""
+    caplog.set_level(logging.ERROR, logger="minidasgi.node")
+    node = Node(
+        url=redis_server.url, app=apps.sleepy, key="round-node", lifespan="off",
+        liveness_interval=0.25,
+    )  # fmt: skip
+    failing = _FailingTwice(monkeypatch)  # the distributor child's PeerTracker is its own
+    async with (
+        run_node(node),
+        distributor_process(redis_server.url, "round-node") as (base, process),
+        httpx.AsyncClient(base_url=base, timeout=60) as client,
+    ):
+        request = asyncio.ensure_future(client.get("/?600"))
+        try:
+            assert await poll(lambda: node.in_flight == 1, 10)
+            failing.armed = True
+            await poll(lambda: failing.calls > 2, 10)  # past the failures, if the checks go on
+            process.kill()  # SIGKILL: its subscription goes with it
+            assert await poll(lambda: node.in_flight == 0, 15), "the job still waits"
+        finally:
+            request.cancel()
+            with contextlib.suppress(BaseException):
+                await request
+    assert len(_logged_failures(caplog)) == 1, caplog.text
