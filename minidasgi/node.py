@@ -1710,9 +1710,15 @@ class _Job:
         """The response's last message is posted. It is not awaited: the app's send returns,
         and the request ends, in this loop turn, not in a turn of its own once the
         PUBLISH's reply is read. Its receiver count is checked all the same (``_end_lost``),
-        straight from the PUBLISH's reply, whether the app runs on or the request has ended."""
-        self.finished = True
-        self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
+        straight from the PUBLISH's reply, whether the app runs on or the request has ended.
+
+        Gone by now, the job is not finished: the message was lost as it left (Redis
+        unreachable), and the outbox told ``_end_lost`` from within the post (the callers
+        checked ``gone`` before posting), so the distributor is still to be told (a GONE at
+        the job's end)."""
+        if not self.gone:
+            self.finished = True
+            self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
         if self.node._turn_promised:
             self.node._end_turn()  # it leaves now, before the app's and the request's ends
 

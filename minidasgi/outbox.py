@@ -74,9 +74,11 @@ class Outbox:
         ``lost`` is called with that future if the batch reached nobody (a count of 0, or an
         error), once per batch however many of its messages name it, straight from the code
         that settles the future (reading the PUBLISH's reply, say): it must be quick, and
-        never raise. A request streaming many messages in a loop turn costs no loop callback
-        for them (``add_done_callback`` on the future would cost one per message, or per
-        batch).
+        never raise. A batch that failed as it left (no client, Redis unreachable) tells it
+        from within ``post`` itself: a caller that changes its state after posting must look
+        whether ``lost`` came first. A request streaming many messages in a loop turn costs no
+        loop callback for them (``add_done_callback`` on the future would cost one per
+        message, or per batch).
 
         ``more``: the caller posts more in this callback; an eager outbox (``eager``: see
         ``Batcher``) waits for them before the batch leaves."""

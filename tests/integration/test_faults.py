@@ -23,6 +23,7 @@ import pytest
 from minidasgi import Node, create_distributor, create_path_distributor, wire
 
 from . import apps
+from .faultproxy import FaultProxy
 from .redis_server import RedisFactory, RedisServer, client_list
 from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
 
@@ -617,3 +618,62 @@ async def test_a_node_stops_at_once_while_redis_is_away(
     finally:
         if not serving.done():
             serving.cancel()
+
+
+# 12. A response's last message lost as it leaves -----------------------------------------
+
+
+async def test_a_last_message_lost_as_it_leaves_leaves_the_job_lost_not_finished(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Node's publishing connection is down (killed, its reconnection stalled in the
+    fault proxy) when the app sends its response, of one piece too large to wait for company
+    (over ``wire.MAX_BATCH_SIZE``): its batch fails as it leaves, inside the post. The job
+    must end as a lost one (disconnected, its GONE due), not as one whose distributor was
+    told everything. Before, the outbox told the loss from inside the post, and the job,
+    marked lost, was marked finished right after."""
+    caplog.set_level(logging.WARNING, logger="minidasgi.node")
+    release = asyncio.Event()
+    jobs: list[Any] = []
+    body = b"x" * (wire.MAX_BATCH_SIZE + 64 * 1024)  # one piece (large pieces: 1 MiB)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await asyncio.wait_for(release.wait(), 20)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    # Database 1: a connection's handshake then SELECTs it, so a reconnection waits for a
+    # reply, which a stalled flow never brings (without one, it is connected at once).
+    distributor = create_distributor(url=f"{redis_server.url}/1", key="lastlost")
+    with FaultProxy(redis_server.port) as proxy:
+        node = Node(url=f"{proxy.url()}/1", app=app, key="lastlost", lifespan="off")
+        async with (
+            serve_app(distributor) as base,
+            run_node(node),
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            request = asyncio.ensure_future(client.get("/"))
+            try:
+                assert await poll(lambda: node.in_flight == 1, 10)
+                jobs.extend(node._jobs.values())
+                publisher: Any = node._publisher  # a Client: one Redis server
+                # The Node's publishing connection, known in the proxy by the Node's port.
+                port = publisher.connection()._transport.get_extra_info("sockname")[1]
+                (flow,) = [c for c in proxy.connections() if c.client.getpeername()[1] == port]
+                proxy.stall_new()  # its reconnection waits in the proxy
+                flow.reset()  # a TCP RST, the others untouched
+                assert await poll(lambda: not publisher.connected, 10)
+                release.set()
+                assert await poll(lambda: node.in_flight == 0, 10)
+            finally:
+                proxy.resume()
+                request.cancel()
+                with contextlib.suppress(BaseException):
+                    await request
+    (job,) = jobs
+    assert job.gone and not job.finished, (job.gone, job.finished, job.why)
+    assert job.why == "the distributor did not get the end of the response"
+    lost = [r for r in caplog.records if "did not get the end of the response" in r.getMessage()]
+    assert len(lost) == 1, caplog.text
