@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import uvicorn
@@ -235,8 +236,31 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
+def _first_line(stream: IO[bytes], timeout: float) -> tuple[bytes, bool]:
+    """The first line ``stream`` (a child's pipe) gives within ``timeout`` seconds, and
+    whether the time ran out first (the line is then what came of it by then). Read from its
+    file descriptor, never past that line, so that the rest stays for whoever reads the
+    stream next."""
+    fd = stream.fileno()
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return line, True
+        byte = os.read(fd, 1)  # one at a time: a few bytes, once per child
+        if not byte:  # the child closed it (it ended)
+            break
+        line += byte
+    return line, False
+
+
 class NodeProcess:
     """A Node in a child process running an app from ``tests/integration/apps.py``."""
+
+    start_timeout = 30.0
+    """Seconds the child has to say "ready" (its imports and its Node's start, on a loaded
+    machine); past them it is killed, and ``start`` raises with all it said."""
 
     def __init__(self, url: str, key: str, app: str = "apps:hello", *extra: str) -> None:
         self.args = [
@@ -261,16 +285,21 @@ class NodeProcess:
             self.args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         assert self.process.stdout is not None
-        line = self.process.stdout.readline()
+        line, late = _first_line(self.process.stdout, self.start_timeout)
         if b"ready" not in line:
-            try:  # it ends of itself once serve() failed: let it finish saying why
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.stop()
+            if late:  # hung (Redis unreachable, say): it would never say more
+                self.kill()
+                why = f"not ready within {self.start_timeout:g} s, killed"
+            else:
+                why = "did not start"
+                try:  # it ends of itself once serve() failed: let it finish saying why
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.stop()
             with self.process.stdout:  # all it said: the reason is rarely on the first line
                 output = (line + self.process.stdout.read()).decode(errors="replace")
             code = self.process.returncode
-            raise RuntimeError(f"node process did not start (exit {code}):\n{output}")
+            raise RuntimeError(f"node process {why} (exit {code}):\n{output}")
         _, _, port = line.partition(b"ready")
         self.health_port = int(port) if port.strip() else None
         return self

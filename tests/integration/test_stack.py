@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -165,3 +166,34 @@ def test_a_node_process_that_fails_to_start_says_so(
     assert node.process is not None and node.process.poll() is not None
     assert "address already in use" in str(raised.value)  # why, not only its first line
     assert node.process.stdout is not None and node.process.stdout.closed
+
+
+def test_a_node_process_that_never_gets_ready_is_killed_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child whose Node waits for a Redis that never answers (nothing listens on its port)
+    says nothing, ever: ``NodeProcess.start`` gives up at its deadline, kills it, and raises
+    with all it said. Before, it read the child's first line with no bound, and hung for ever.
+    ``start`` runs in a thread here, so that a hang fails the test instead of stalling it."""
+    monkeypatch.setattr(NodeProcess, "start_timeout", 1.0, raising=False)
+    node = NodeProcess(f"redis://127.0.0.1:{ports.free_port()}", "never")
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            node.start()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    thread.join(10)
+    try:
+        assert not thread.is_alive(), "start() still waits for the child's first line"
+    finally:
+        node.kill()  # (a child still waiting ends; its pipe with it, and the thread's read)
+        thread.join(10)
+    (error,) = raised
+    assert isinstance(error, RuntimeError)
+    assert "not ready within 1 s, killed" in str(error)
+    assert node.process is not None and node.process.poll() is not None
