@@ -135,19 +135,32 @@ async def serve_hypercorn(app: Any, **config: Any) -> AsyncIterator[str]:
     """Serve ``app`` with hypercorn (HTTP/1.1, and h2c with prior knowledge) on a free port;
     yields its base URL."""
     from hypercorn.asyncio import serve
-    from hypercorn.config import Config
+    from hypercorn.config import Config, Sockets
 
-    sock = bound_socket()  # hypercorn's from here on (``fd://``): its server closes it
+    sock = bound_socket()
     port = sock.getsockname()[1]
     settings = Config()
-    settings.bind = [f"fd://{sock.detach()}"]
+    # Hypercorn's once it made a socket of it (``create_sockets``): its server closes it.
+    # Until then it is this helper's, to close if hypercorn fails before (a broken config).
+    fd = sock.detach()
+    taken = False
+    create_sockets = settings.create_sockets
+
+    def take_over() -> Sockets:
+        nonlocal taken
+        taken = True
+        return create_sockets()
+
+    settings.create_sockets = take_over  # type: ignore[method-assign]
+    settings.bind = [f"fd://{fd}"]
     settings.loglevel = "WARNING"
     settings.graceful_timeout = 5
-    for name, value in config.items():
-        setattr(settings, name, value)
     stop = asyncio.Event()
-    task = asyncio.ensure_future(serve(app, settings, shutdown_trigger=stop.wait))
+    task: asyncio.Future[None] | None = None
     try:
+        for name, value in config.items():
+            setattr(settings, name, value)
+        task = asyncio.ensure_future(serve(app, settings, shutdown_trigger=stop.wait))
         deadline = time.monotonic() + 10
         while not listens(os.getpid(), port):
             if task.done():
@@ -158,12 +171,14 @@ async def serve_hypercorn(app: Any, **config: Any) -> AsyncIterator[str]:
             await asyncio.sleep(0.02)
         yield f"http://127.0.0.1:{port}"
     finally:
-        if not task.done():
+        if task is not None and not task.done():
             stop.set()
             try:
                 await asyncio.wait_for(task, 10)
             except asyncio.TimeoutError:
                 task.cancel()
+        if not taken and (task is None or task.done()):
+            os.close(fd)
 
 
 @contextlib.asynccontextmanager
