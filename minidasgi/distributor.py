@@ -825,8 +825,9 @@ class Distributor:
                 except Exception as exc:
                     # A bug (nothing raises here today): the next round may still find the
                     # dead Nodes, and without the checks their requests would wait forever.
-                    if errors.first(exc):
-                        logger.exception("a liveness check failed; the checks go on")
+                    message = errors.report(exc, loop.time())
+                    if message is not None:
+                        logger.error(message, exc_info=exc)
         finally:
             if self._monitor is asyncio.current_task():
                 # Cancelled, not by shutdown(), but by the end of its event loop (asyncio.run,

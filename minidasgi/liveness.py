@@ -22,9 +22,9 @@ within twice ``timeout`` (plus whatever time this process itself did not run). R
 of a healthy Redis count too, but they are a few milliseconds.
 
 A round of those checks that raises (a bug: nothing raises there today) must not end them:
-the caller logs the error and goes on with the next round, and ``RoundErrors`` says which
-errors were already logged, so an operator sees each once and the log is not flooded every
-``liveness_interval``.
+the caller logs the error and goes on with the next round, and ``RoundErrors`` says when to
+log it, so an operator sees each error at once and its repeats counted once a minute, and
+the log is not flooded every ``liveness_interval``.
 
 This module is pure bookkeeping on a clock given by the caller. It owns ``PeerTracker`` and
 ``RoundErrors``; it must never do I/O, start tasks or read a clock of its own.
@@ -180,18 +180,23 @@ class PeerTracker:
 
 
 class RoundErrors:
-    """The errors a periodic check's rounds raised, to report each distinct one once.
+    """The errors a periodic check's rounds raised, to report each distinct one once, then
+    its repeats at most once per ``repeat_every`` seconds, counted.
 
     Two errors are the same when they are of the same type and raised at the same line (the
-    same bug, whatever request or value its message names): a set bounded by the code, not
-    by the traffic.
+    same bug, whatever request or value its message names): a map bounded by the code, not
+    by the traffic. A bug that fails every round stops every check, so its repeats are
+    reported too, if rarely: an operator must see that it goes on.
     """
 
-    def __init__(self) -> None:
-        self._seen: set[tuple[type[BaseException], str, int]] = set()
+    def __init__(self, repeat_every: float = 60.0) -> None:
+        self.repeat_every = repeat_every
+        # Per distinct error: when it was last reported, and its repeats since.
+        self._seen: dict[tuple[type[BaseException], str, int], list[float]] = {}
 
-    def first(self, error: BaseException) -> bool:
-        """Whether ``error`` is the first of its kind: the caller logs it then, not after."""
+    def report(self, error: BaseException, now: float) -> str | None:
+        """What to log of ``error`` (raised at ``now``, the caller's clock), or None when it
+        was reported less than ``repeat_every`` seconds ago."""
         traceback = error.__traceback__
         while traceback is not None and traceback.tb_next is not None:
             traceback = traceback.tb_next
@@ -201,10 +206,17 @@ class RoundErrors:
             else (traceback.tb_frame.f_code.co_filename, traceback.tb_lineno)
         )
         kind = (type(error), *where)
-        if kind in self._seen:
-            return False
-        self._seen.add(kind)
-        return True
+        seen = self._seen.get(kind)
+        if seen is None:
+            self._seen[kind] = [now, 0]
+            return "a liveness check failed; the checks go on"
+        seen[1] += 1
+        since = now - seen[0]
+        if since < self.repeat_every:
+            return None
+        repeats = int(seen[1])
+        seen[0], seen[1] = now, 0
+        return f"a liveness check failed again, {repeats} times in {since:.0f} s; the checks go on"
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:

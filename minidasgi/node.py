@@ -951,8 +951,9 @@ class Node:
             except Exception as exc:
                 # A bug (nothing raises here today): the next round may still find the dead
                 # distributors, and without the checks their jobs would wait forever.
-                if errors.first(exc):
-                    logger.exception("a liveness check failed; the checks go on")
+                message = errors.report(exc, time.monotonic())
+                if message is not None:
+                    logger.error(message, exc_info=exc)
 
     def _check_peers(self) -> None:
         """One round of ``_watch_peers``: give up the jobs of silent distributors, ping the

@@ -195,8 +195,8 @@ def test_a_peer_is_known_from_its_first_request_until_the_tick_after_its_last() 
     assert not peers.knows("n1")
 
 
-def test_round_errors_are_first_once_per_type_and_line() -> None:
-    errors = RoundErrors()
+def test_round_errors_are_reported_once_per_type_and_line_then_their_repeats_rarely() -> None:
+    errors = RoundErrors(repeat_every=60.0)
 
     def fail(kind: type[Exception], name: str) -> Exception:
         try:
@@ -204,12 +204,23 @@ def test_round_errors_are_first_once_per_type_and_line() -> None:
         except Exception as exc:
             return exc
 
-    assert errors.first(fail(KeyError, "a"))
-    assert not errors.first(fail(KeyError, "b"))  # the same bug, another request
-    assert errors.first(fail(ValueError, "a"))  # another type at the same line
+    first = "a liveness check failed; the checks go on"
+    assert errors.report(fail(KeyError, "a"), 0.0) == first
+    assert errors.report(fail(KeyError, "b"), 1.0) is None  # the same bug, another request
+    assert errors.report(fail(ValueError, "a"), 1.0) == first  # another type at the same line
     try:
         raise KeyError("a")
     except KeyError as exc:
-        assert errors.first(exc)  # another line
-    assert errors.first(RuntimeError("never raised"))  # no traceback: reported too
-    assert not errors.first(RuntimeError("never raised"))
+        assert errors.report(exc, 2.0) == first  # another line
+    assert errors.report(RuntimeError("never raised"), 2.0) == first  # no traceback
+    assert errors.report(RuntimeError("never raised"), 3.0) is None
+    # A bug that fails every round: its repeats counted, reported once a minute.
+    for now in range(2, 60):
+        assert errors.report(fail(KeyError, "c"), float(now)) is None
+    assert errors.report(fail(KeyError, "c"), 60.0) == (
+        "a liveness check failed again, 60 times in 60 s; the checks go on"
+    )
+    assert errors.report(fail(KeyError, "c"), 61.0) is None
+    assert errors.report(fail(KeyError, "c"), 125.0) == (
+        "a liveness check failed again, 2 times in 65 s; the checks go on"
+    )

@@ -257,11 +257,13 @@ def _first_line(stream: IO[bytes], timeout: float) -> tuple[bytes, bool]:
     file descriptor, never past that line, so that the rest stays for whoever reads the
     stream next."""
     fd = stream.fileno()
+    poller = select.poll()  # not select(): a descriptor may be past 1023 in a long run
+    poller.register(fd, select.POLLIN)
     deadline = time.monotonic() + timeout
     line = b""
     while not line.endswith(b"\n"):
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if remaining <= 0 or not poller.poll(remaining * 1000):
             return line, True
         byte = os.read(fd, 1)  # one at a time: a few bytes, once per child
         if not byte:  # the child closed it (it ended)

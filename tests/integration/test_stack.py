@@ -194,7 +194,10 @@ def test_a_node_process_that_never_gets_ready_is_killed_and_says_so(
     with all it said. Before, it read the child's first line with no bound, and hung for ever.
     ``start`` runs in a thread here, so that a hang fails the test instead of stalling it."""
     monkeypatch.setattr(NodeProcess, "start_timeout", 1.0, raising=False)
-    node = NodeProcess(f"redis://127.0.0.1:{ports.free_port()}", "never")
+    # A port bound here and never listening: it refuses every connection, and no other
+    # process (another suite's redis-server) can take it while the test runs.
+    unanswered = ports.bound_socket()
+    node = NodeProcess(f"redis://127.0.0.1:{unanswered.getsockname()[1]}", "never")
     raised: list[BaseException] = []
 
     def start() -> None:
@@ -211,6 +214,7 @@ def test_a_node_process_that_never_gets_ready_is_killed_and_says_so(
     finally:
         node.kill()  # (a child still waiting ends; its pipe with it, and the thread's read)
         thread.join(10)
+        unanswered.close()
     (error,) = raised
     assert isinstance(error, RuntimeError)
     assert "not ready within 1 s, killed" in str(error)
