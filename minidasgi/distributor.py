@@ -440,12 +440,15 @@ class Distributor:
         started = time.monotonic()
         routed = self._key_or_refusal(scope)
         if isinstance(routed, _Refusal):
-            status, text = routed
-            await _refuse(scope, receive, send, status, text)
-            if status == 503:
-                self.metrics.refused(metrics.UNREACHABLE)
-            self._finished(scope, None, None, status, started)
-            return
+            if routed[0] == 503 and await self._reopened():
+                routed = self._key_or_refusal(scope)
+            if isinstance(routed, _Refusal):
+                status, text = routed
+                await _refuse(scope, receive, send, status, text)
+                if status == 503:
+                    self.metrics.refused(metrics.UNREACHABLE)
+                self._finished(scope, None, None, status, started)
+                return
         key, expecting = routed
         limit = self.admission.max_in_flight  # over_capacity(), inline: one per request
         if limit is not None and len(self._exchanges) >= limit:
@@ -530,6 +533,14 @@ class Distributor:
             started=self._started_at,
         )
         self.outbox.post(reply, wire.pack(wire.STATS_REPLY, request_id, payload))
+
+    async def _reopened(self) -> bool:
+        """Whether the distributor is ready once the command connection, if it just ended,
+        is replaced (``Client.wait_reopened``): Redis closes an idle connection when its
+        ``timeout`` is set, and a request arriving at that moment is served, not answered 503
+        while Redis is up. Redis truly away, the answer stays immediate."""
+        client = self._client
+        return client is not None and await client.wait_reopened() and self.ready
 
     def _key_or_refusal(self, scope: Scope) -> tuple[str, bool] | _Refusal:
         """The list for this request and whether it expects "100 Continue" before sending
@@ -987,15 +998,19 @@ class _Exchange:
                 return
             del events
             client, subscriber = d._client, d._subscriber
-            if not (
-                client is not None
-                and subscriber is not None
-                and client.connected
-                and subscriber.connected
+            # ``ready``, checked again (inline: one per request): buffering the body may have
+            # taken long, and while the subscriber is away an ack would be lost (and the Node
+            # drop the request). A command connection Redis just closed (its idle ``timeout``)
+            # is waited for while it is replaced.
+            if (
+                not (
+                    client is not None
+                    and subscriber is not None
+                    and client.connected
+                    and subscriber.connected
+                )
+                and not await d._reopened()
             ):
-                # ``ready``, checked again (inline: one per request): buffering the body may
-                # have taken long, and while the subscriber is away an ack would be lost (and
-                # the Node drop the request).
                 d.metrics.refused(metrics.UNREACHABLE)
                 await self._refuse(503, "the request queue (Redis) is unreachable\n")
                 return

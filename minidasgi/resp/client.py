@@ -10,6 +10,10 @@ A dead peer is found by the connection's reply watchdog (``ConnectionParams.repl
 so that an idle connection is checked too, the supervisor sends a PING every
 ``health_check_interval`` seconds while no reply is pending, and reconnects once the watchdog
 gives the connection up.
+
+A connection Redis closes while the server is up (its idle ``timeout``, as managed services
+set it; ``CLIENT KILL``) is replaced at once, with no backoff: ``wait_reopened`` lets a caller
+that finds it gone wait for that one attempt rather than take Redis for unreachable.
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ class Client:
         self._closing = False
         self._ever_connected = False
         self._refused: AuthenticationError | None = None
+        # The attempt under way to replace a connection that just ended (``wait_reopened``),
+        # and the connection watched until it ends.
+        self._reopening: asyncio.Future[None] | None = None
+        self._watched: Connection | None = None
         self.last_error: Exception | None = None
 
     def __repr__(self) -> str:
@@ -116,6 +124,23 @@ class Client:
             reason = f": {self.last_error}" if self.last_error is not None else ""
             raise RedisConnectionError(f"Redis at {self.params.address} is unreachable{reason}")
         return connection
+
+    async def wait_reopened(self) -> bool:
+        """Whether a live connection is at hand, once the attempt to replace one that just
+        ended is over (at once when none is under way: Redis is down, or no connection ended).
+
+        That attempt starts the moment a connection ends, and is bounded by its
+        ``connect_timeout``: a request arriving as Redis closes an idle connection waits for it
+        (about a round trip) instead of being answered 503 while Redis is up."""
+        reopening = self._reopening
+        watched = self._watched
+        if reopening is None and watched is not None and watched.is_closed:
+            # Ended, and its supervisor not resumed yet: opening the next is what it does next.
+            reopening = self._reopening = self._loop().create_future()
+        if reopening is not None:
+            # Not awaited directly: a waiter cancelled would cancel it for every other.
+            await asyncio.wait((reopening,))
+        return self.connected
 
     async def execute(self, *args: object) -> Any:
         """Run a command on the live connection (see ``Connection.execute``)."""
@@ -221,6 +246,9 @@ class Client:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        reopening, self._reopening = self._reopening, None
+        if reopening is not None and not reopening.done():
+            reopening.set_result(None)  # its waiters find no connection
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
@@ -229,7 +257,13 @@ class Client:
         backoff = self._min_backoff
         while not self._closing:
             try:
-                connection = await self._open()
+                try:
+                    connection = await self._open()
+                finally:
+                    # Its waiters resume after this turn, which stores a new connection.
+                    reopening, self._reopening = self._reopening, None
+                    if reopening is not None:
+                        reopening.set_result(None)
             except AuthenticationError as exc:
                 self.last_error = exc
                 logger.error("%s: %s", self.name, exc)
@@ -252,13 +286,17 @@ class Client:
                 self._connection = connection
                 self._ever_connected = True
                 self._ready.set()
+                self._watched = connection
                 try:
                     reason = await self._watch(connection)
                 finally:
+                    self._watched = None
                     if self._closing:
                         await connection.close()
                 self.last_error = reason
                 logger.warning("%s: %s", self.name, reason)
+                if self._reopening is None:
+                    self._reopening = asyncio.get_running_loop().create_future()
                 continue
             delay = backoff * (0.5 + random.random() / 2)
             await sentinel.pause(self.params, delay)  # cut short when the master moves

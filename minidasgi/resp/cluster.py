@@ -429,6 +429,13 @@ class ClusterClient:
         if self.slots is None and not self._closing:
             self.map.refresh_soon()
 
+    async def wait_reopened(self) -> bool:
+        """``Client.wait_reopened`` for every master used so far: whether all are connected
+        once the attempts to replace connections that just ended are over."""
+        for client in list(self._clients.values()):
+            await client.wait_reopened()
+        return self.connected
+
     async def wait_connected(self, timeout: float | None = None) -> SlotMap:
         """Wait until the slot map is known, at most ``timeout`` seconds."""
         return await asyncio.wait_for(self._wait_map(), timeout)
