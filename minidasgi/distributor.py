@@ -78,6 +78,7 @@ DEFAULT_MAX_BODY_SIZE = 1024**3
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 _WATCH_AFTER = 0.05  # seconds before a whole request's client is watched for a disconnect
 _UNTAKEN_BUDGET = 16 * 1024 * 1024  # bytes of envelopes kept to take back once reconnected
+_UNQUEUED_LOG_INTERVAL = 10.0  # seconds between two lines about requests that could not be queued
 
 
 class ResponseAborted(Exception):
@@ -304,6 +305,8 @@ class Distributor:
         # monotonic time after which no Node runs it any more), taken back once reconnected.
         self._untaken: list[tuple[str, bytes, float]] = []
         self._untaken_size = 0
+        # When a request that could not be queued was last logged, and how many since.
+        self._unqueued_logged = (-_UNQUEUED_LOG_INTERVAL, 0)
         self._taking_back = False
 
     def __repr__(self) -> str:
@@ -616,6 +619,22 @@ class Distributor:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def log_unqueued(self, key: str, exc: BaseException) -> None:
+        """Log a request that could not be queued (answered 503): the first of a series, then
+        a line per ``_UNQUEUED_LOG_INTERVAL`` at most, with the count left out, so that a
+        Redis refusing every LPUSH (out of memory, say) does not log a line per request."""
+        now = time.monotonic()
+        last, unlogged = self._unqueued_logged
+        if now - last < _UNQUEUED_LOG_INTERVAL:
+            self._unqueued_logged = (last, unlogged + 1)
+            return
+        self._unqueued_logged = (now, 0)
+        more = f" (and {unlogged} more since the last line)" if unlogged else ""
+        if isinstance(exc, ReplyError):
+            logger.warning("Redis refused to queue a request on %r: %s%s", key, exc, more)
+        else:
+            logger.warning("cannot queue a request on %r: %s%s", key, exc, more)
 
     def take_back_later(self, key: str, data: bytes, until: float) -> None:
         """An envelope whose client was answered, but which could not be taken back (Redis
@@ -1037,6 +1056,16 @@ class _Exchange:
         if type(item) is _Pushed:
             if item.error is not None:
                 self._unqueued(key, item.error)
+                if isinstance(item.error, ReplyError):
+                    # Refused by Redis (``-OOM`` past its ``maxmemory``, say): the LPUSH did not
+                    # run, so there is nothing to take back, and Redis is not unreachable.
+                    text = (
+                        "the request queue (Redis) is out of memory\n"
+                        if item.error.code == "OOM"
+                        else "the request queue (Redis) refused the request\n"
+                    )
+                    await self._refuse(503, text)
+                    return
                 # The link may have failed after Redis ran the LPUSH: the request may wait in
                 # the list, for a Node to run after this answer. Taken back once reachable.
                 d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
@@ -1282,7 +1311,7 @@ class _Exchange:
             self.inbox.put_nowait(_Pushed(refusal=refusal))
 
     def _unqueued(self, key: str, exc: BaseException) -> None:
-        logger.warning("cannot queue a request on %r: %s", key, exc)
+        self.distributor.log_unqueued(key, exc)
         self.distributor.metrics.refused(metrics.UNREACHABLE)
 
     async def _wait_ack(self, timeout: _Signal, now: float | None = None) -> Any:

@@ -1,22 +1,33 @@
 """Limits a Redis server sets on its clients, reached for real: its idle-client ``timeout``
 (``CONFIG SET timeout 1``, as managed services set it) closing a distributor's or a Node's
-idle command connection. Every wait is bounded.
+idle command connection, and its ``maxmemory`` under ``noeviction`` refusing every LPUSH
+(``-OOM``). Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from minidasgi import Node, create_distributor
+
+from . import apps
 from .redis_server import RedisServer, client_list
-from .stack import NodeProcess, distributor_process, poll
+from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def _acked(distributor: Any) -> int:
+    """How many of ``distributor``'s requests a Node took (acked)."""
+    return sum(e.node is not None for e in distributor._exchanges.values())
 
 
 def _commands(server: RedisServer) -> list[str]:
@@ -67,3 +78,36 @@ async def test_a_request_as_redis_closes_idle_connections_is_served(
     assert runs.read_text().split() == [
         "start", "warm", "end", "warm", "start", "one", "end", "one", "start", "two", "end", "two"
     ]  # fmt: skip
+
+
+async def test_redis_out_of_memory_refuses_new_requests_at_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past ``maxmemory`` (``noeviction``) Redis refuses every LPUSH with ``-OOM`` while
+    PUBLISH still works: new requests get 503 saying so at once (a worker timeout of a
+    minute would outlast the client's 10 s), the error is logged once, responses in flight
+    end, and service comes back with the memory, leaving no key."""
+    caplog.set_level(logging.WARNING, logger="minidasgi.distributor")
+    distributor = create_distributor(url=redis_server.url, key="oom", worker_timeout=60)
+    node = Node(url=redis_server.url, app=apps.slow, key="oom", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            assert (await client.get("/?1")).status_code == 200
+            streaming = [asyncio.ensure_future(client.get("/?10")) for _ in range(3)]
+            assert await poll(lambda: _acked(distributor) == 3, 10)
+            redis_server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            redis_server.command("CONFIG", "SET", "maxmemory", "1")
+            try:
+                refused = await asyncio.gather(*(client.get("/?1") for _ in range(5)))
+                assert [(r.status_code, r.text) for r in refused] == [
+                    (503, "the request queue (Redis) is out of memory\n")
+                ] * 5
+                ended = await asyncio.gather(*streaming)
+                assert [r.status_code for r in ended] == [200] * 3
+                assert all(r.text.endswith("9\ndone\n") for r in ended)
+            finally:
+                redis_server.command("CONFIG", "SET", "maxmemory", "0")
+            assert (await client.get("/?1")).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.distributor"]
+    assert len(lines) == 1 and "OOM" in lines[0], lines
+    assert redis_server.command("KEYS", "*") == []
