@@ -1,7 +1,8 @@
 """Limits a Redis server sets on its clients, reached for real: its idle-client ``timeout``
 (``CONFIG SET timeout 1``, as managed services set it) closing a distributor's or a Node's
-idle command connection, and its ``maxmemory`` under ``noeviction`` refusing every LPUSH
-(``-OOM``). Every wait is bounded.
+idle command connection, its ``maxmemory`` under ``noeviction`` refusing every LPUSH
+(``-OOM``), and its ``client-output-buffer-limit`` for pub/sub dropping a distributor's or a
+Node's subscriber in the middle of transfers. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -111,3 +112,46 @@ async def test_redis_out_of_memory_refuses_new_requests_at_once(
     lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.distributor"]
     assert len(lines) == 1 and "OOM" in lines[0], lines
     assert redis_server.command("KEYS", "*") == []
+
+
+async def _transfer(client: httpx.AsyncClient, upload: bool) -> str:
+    """A 64 MiB download or upload (``apps.transfer``); how it ended: its status, or
+    'aborted' for a response cut short."""
+    size = 64 << 20
+
+    async def body() -> Any:
+        for _ in range(size >> 16):
+            yield b"y" * 65536
+
+    try:
+        if upload:
+            return str((await client.post("/up", content=body())).status_code)
+        async with client.stream("GET", f"/?{size}") as response:
+            async for _ in response.aiter_bytes():
+                pass
+            return str(response.status_code)
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        return "aborted"
+
+
+@pytest.mark.parametrize("side", ["distributor", "node"])
+async def test_a_subscriber_over_its_output_buffer_limit_ends_its_transfers(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, side: str
+) -> None:
+    """``client-output-buffer-limit pubsub 256kb 128kb 1``: the body pieces of 4 concurrent
+    downloads (to the distributor's subscriber) or uploads (to the Node's) pass the limit,
+    and Redis drops that subscriber with everything in flight on it. Every transfer ends
+    (502, or an aborted response), the subscriber comes back, and the next request is
+    served."""
+    caplog.set_level(logging.WARNING, logger="minidasgi.resp.pubsub")
+    redis_server.command("CONFIG", "SET", "client-output-buffer-limit", "pubsub 256kb 128kb 1")
+    distributor = create_distributor(url=redis_server.url, key="obuf")
+    node = Node(url=redis_server.url, app=apps.transfer, key="obuf", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            ends = await asyncio.gather(*(_transfer(client, side == "node") for _ in range(4)))
+            assert set(ends) <= {"502", "aborted"}, ends
+            response = await client.get("/?100")
+            assert (response.status_code, len(response.content)) == (200, 100)
+    assert any("lost its connection" in r.getMessage() for r in caplog.records)
+    assert not distributor._exchanges and not node._jobs
