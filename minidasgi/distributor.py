@@ -78,6 +78,7 @@ DEFAULT_MAX_BODY_SIZE = 1024**3
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 _WATCH_AFTER = 0.05  # seconds before a whole request's client is watched for a disconnect
 _UNTAKEN_BUDGET = 16 * 1024 * 1024  # bytes of envelopes kept to take back once reconnected
+_SLOW_CLIENT = "the client did not read the response within response_timeout\n"
 _UNQUEUED_LOG_INTERVAL = 10.0  # seconds between two lines about requests that could not be queued
 
 
@@ -1468,10 +1469,17 @@ class _Exchange:
                 self.started = True
                 self.status = start["status"]
                 try:
-                    await self._send(start)
-                    await self._send(body)
+                    if deadline is None:
+                        await self._send(start)
+                        await self._send(body)
+                    else:
+                        await self._send_by(start, deadline)
+                        await self._send_by(body, deadline)
                 except OSError:  # the client went away (uvicorn's ClientDisconnected)
                     self.complete = True
+                    return
+                except asyncio.TimeoutError:
+                    await self._fail(504, _SLOW_CLIENT)
                     return
                 if not more:
                     self.complete = self.node_done = True
@@ -1530,9 +1538,15 @@ class _Exchange:
                             continue
                         event = whole
                     try:
-                        await self._send(event)
+                        if deadline is None:
+                            await self._send(event)
+                        else:
+                            await self._send_by(event, deadline)
                     except OSError:  # the client went away (uvicorn's ClientDisconnected)
                         self.complete = True
+                        return
+                    except asyncio.TimeoutError:
+                        await self._fail(504, _SLOW_CLIENT)
                         return
                     if what == "http.response.body":
                         if not self.trailers and not event.get("more_body", False):
@@ -1573,6 +1587,14 @@ class _Exchange:
                 logger.warning("request %s: its worker dropped it (%s)", self.id, reason[:100])
                 await self._fail(502, "the worker dropped the request\n")
                 return
+
+    async def _send_by(self, event: Message, deadline: float) -> None:
+        """Send ``event`` to the client by ``deadline`` (``response_timeout``'s, the loop's
+        time), else ``asyncio.TimeoutError``: a client that stops reading holds the relay in
+        the server's flow control, out of reach of the inbox's wait for that deadline, and the
+        app on the Node in its wait for credit."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        await asyncio.wait_for(self._send(event), max(remaining, 0))
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""

@@ -1,4 +1,5 @@
-"""Large bodies both ways with bounded memory in every process, and a slow reader.
+"""Large bodies both ways with bounded memory in every process, a slow reader, and one that
+stops reading.
 
 The distributor and the Node run in child processes, so each one's peak resident memory can be
 read from /proc; Redis' peak memory shows that nothing piled up in its pub/sub buffers (the
@@ -9,12 +10,16 @@ the subscriber, and everything in flight with it).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
 
+from minidasgi import Node, create_distributor
+
+from . import apps
 from .redis_server import RedisServer
-from .stack import NodeProcess, distributor_process, peak_rss_mib
+from .stack import NodeProcess, distributor_process, peak_rss_mib, poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,3 +140,25 @@ async def test_many_concurrent_downloads_keep_the_pubsub_buffer_small(
                 watcher.cancel()
     assert got == [size] * streams
     assert peak < 16 * MIB, peak
+
+
+async def test_a_client_that_stops_reading_is_bounded_by_the_response_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """A client that asks for 256 MiB, then never reads nor closes (a small receive buffer):
+    the distributor waits in the server's flow control, the app on the Node for credit. With
+    ``response_timeout`` the response is aborted at that bound and the Node's slot freed while
+    the client still holds its connection (it was held until the client left). Without it
+    nothing bounds the wait, as when uvicorn serves the app directly."""
+    distributor = create_distributor(url=redis_server.url, key="stall", response_timeout=2)
+    node = Node(url=redis_server.url, app=apps.download, key="stall", lifespan="off")
+    async with serve_app(distributor) as base, run_node(node):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect(("127.0.0.1", port))
+            stalled.sendall(b"GET /?%d HTTP/1.1\r\nHost: t\r\n\r\n" % (256 * MIB))
+            assert await poll(lambda: len(node._jobs) == 1, 10)
+            assert await poll(lambda: not node._jobs and not distributor._exchanges, 20), (
+                "the stalled client still holds the Node's slot"
+            )
