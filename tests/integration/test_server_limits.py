@@ -1,8 +1,9 @@
 """Limits a Redis server sets on its clients, reached for real: its idle-client ``timeout``
 (``CONFIG SET timeout 1``, as managed services set it) closing a distributor's or a Node's
 idle command connection, its ``maxmemory`` under ``noeviction`` refusing every LPUSH
-(``-OOM``), and its ``client-output-buffer-limit`` for pub/sub dropping a distributor's or a
-Node's subscriber in the middle of transfers. Every wait is bounded.
+(``-OOM``), its ``client-output-buffer-limit`` for pub/sub dropping a distributor's or a
+Node's subscriber in the middle of transfers, and ``CLIENT PAUSE ... WRITE`` holding every
+write past the worker timeout. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -155,3 +156,49 @@ async def test_a_subscriber_over_its_output_buffer_limit_ends_its_transfers(
             assert (response.status_code, len(response.content)) == (200, 100)
     assert any("lost its connection" in r.getMessage() for r in caplog.records)
     assert not distributor._exchanges and not node._jobs
+
+
+@pytest.mark.parametrize("moment", ["queued", "pushed", "acking"])
+async def test_a_write_pause_past_the_worker_timeout_never_runs_a_no_worker_answer(
+    redis_server: RedisServer, moment: str
+) -> None:
+    """``CLIENT PAUSE 2500 WRITE`` (LPUSH, the pops, LREM and PUBLISH all wait in Redis)
+    with a ``worker_timeout`` of 1 s: while requests wait behind a busy Node of
+    concurrency 1 (queued), while their LPUSHes are held (pushed), or just after a pop (its
+    ACK held). Whatever each request gets, none answered with the no-worker status runs,
+    none runs twice, and every one ends."""
+    ran: list[str] = []
+    release = asyncio.Event()
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        ran.append(scope["path"])
+        await asyncio.wait_for(release.wait(), 20)
+        await apps.hello(scope, receive, send)
+
+    distributor = create_distributor(url=redis_server.url, key="pause", worker_timeout=1)
+    node = Node(url=redis_server.url, app=recorder, key="pause", lifespan="off", concurrency=1)
+    async with serve_app(distributor) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            release.set()
+            assert (await client.get("/warm")).status_code == 200
+            release.clear()
+            if moment == "pushed":
+                redis_server.command("CLIENT", "PAUSE", "2500", "WRITE")
+            requests = {f"/{i}": asyncio.ensure_future(client.get(f"/{i}")) for i in range(4)}
+            if moment != "pushed":
+                assert await poll(lambda: len(ran) == 2, 10)  # the first popped, and started
+                if moment == "queued":  # the others wait in the list
+                    assert await poll(lambda: redis_server.command("LLEN", "pause") == 3, 10)
+                redis_server.command("CLIENT", "PAUSE", "2500", "WRITE")
+            await asyncio.sleep(0.5)
+            release.set()
+            statuses = {path: (await r).status_code for path, r in requests.items()}
+            # Long enough to see a late run: what the pause held ran at its end.
+            await asyncio.sleep(0.5)
+    no_worker = {path for path, status in statuses.items() if status == 405}
+    assert not no_worker & set(ran), (statuses, ran)
+    assert len(ran) == len(set(ran)), ran
+    assert set(statuses.values()) <= {200, 405, 504}, statuses
+    assert redis_server.command("KEYS", "*") == []
