@@ -1313,7 +1313,8 @@ class _Exchange:
 
     def _unqueued(self, key: str, exc: BaseException) -> None:
         self.distributor.log_unqueued(key, exc)
-        self.distributor.metrics.refused(metrics.UNREACHABLE)
+        refused = isinstance(exc, ReplyError)
+        self.distributor.metrics.refused(metrics.REDIS_REFUSED if refused else metrics.UNREACHABLE)
 
     async def _wait_ack(self, timeout: _Signal, now: float | None = None) -> Any:
         """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout`` from

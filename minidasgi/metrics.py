@@ -211,6 +211,7 @@ QUEUE_FULL = "queue_full"
 NO_ACK = "no_ack"
 IN_FLIGHT = "max_in_flight"
 UNREACHABLE = "redis_unreachable"
+REDIS_REFUSED = "redis_refused"  # an error reply to the LPUSH: -OOM past maxmemory, say
 
 
 class DistributorMetrics:
@@ -273,7 +274,7 @@ class DistributorMetrics:
         # Per queue key: its request counts' label sets already counted, by status, and its
         # three histograms (``_series_for``).
         self._series: dict[str, tuple[dict[int, Labels], Histogram, Histogram, Histogram]] = {}
-        for reason in (NO_NODE, QUEUE_FULL, NO_ACK, IN_FLIGHT, UNREACHABLE):
+        for reason in (NO_NODE, QUEUE_FULL, NO_ACK, IN_FLIGHT, UNREACHABLE, REDIS_REFUSED):
             self.refusals.values[(reason,)] = 0  # every reason visible, even before the first
 
     @property

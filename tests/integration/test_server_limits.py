@@ -112,6 +112,7 @@ async def test_redis_out_of_memory_refuses_new_requests_at_once(
             assert (await client.get("/?1")).status_code == 200
     lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.distributor"]
     assert len(lines) == 1 and "OOM" in lines[0], lines
+    assert distributor.metrics.refusals.values.get(("redis_refused",)) == 5
     assert redis_server.command("KEYS", "*") == []
 
 
