@@ -61,3 +61,30 @@ async def test_publish_into_tells_settled_on_a_reply_a_lost_connection_and_a_fai
     finally:
         await admin.close()
         await client.close()
+
+
+async def test_wait_reopened_waits_for_a_replaced_connection_not_for_a_redis_away(
+    redis_server: RedisServer,
+) -> None:
+    """A connection Redis closes while it is up (``CLIENT KILL`` here; its idle ``timeout``
+    in service) is replaced at once: ``wait_reopened``, called as its end is known, waits for
+    that attempt and finds a connection. With Redis gone the attempt is refused and it returns
+    False at once, not after the backoff's later attempts."""
+    client = Client(make_params(redis_server.url))
+    client.start()
+    admin = await connect(redis_server.url)
+    try:
+        assert await poll(lambda: client.connected, 10)
+        ended = client.connection()
+        await admin.execute("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await ended.wait_closed()  # its replacement may be under way, or made already
+        assert await asyncio.wait_for(client.wait_reopened(), 10)
+        assert client.connected and client.connection() is not ended
+
+        ended = client.connection()
+        redis_server.kill()
+        await ended.wait_closed()
+        assert not await asyncio.wait_for(client.wait_reopened(), 10)
+    finally:
+        await admin.close()
+        await client.close()
