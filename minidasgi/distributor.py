@@ -1476,11 +1476,11 @@ class _Exchange:
                     else:
                         await self._send_by(start, deadline)
                         await self._send_by(body, deadline)
+                except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
+                    await self._fail(504, _SLOW_CLIENT)
+                    return
                 except OSError:  # the client went away (uvicorn's ClientDisconnected)
                     self.complete = True
-                    return
-                except asyncio.TimeoutError:
-                    await self._fail(504, _SLOW_CLIENT)
                     return
                 if not more:
                     self.complete = self.node_done = True
@@ -1543,11 +1543,11 @@ class _Exchange:
                             await self._send(event)
                         else:
                             await self._send_by(event, deadline)
+                    except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
+                        await self._fail(504, _SLOW_CLIENT)
+                        return
                     except OSError:  # the client went away (uvicorn's ClientDisconnected)
                         self.complete = True
-                        return
-                    except asyncio.TimeoutError:
-                        await self._fail(504, _SLOW_CLIENT)
                         return
                     if what == "http.response.body":
                         if not self.trailers and not event.get("more_body", False):
@@ -1593,9 +1593,13 @@ class _Exchange:
         """Send ``event`` to the client by ``deadline`` (``response_timeout``'s, the loop's
         time), else ``asyncio.TimeoutError``: a client that stops reading holds the relay in
         the server's flow control, out of reach of the inbox's wait for that deadline, and the
-        app on the Node in its wait for credit."""
+        app on the Node in its wait for credit. Past the deadline already, nothing is sent:
+        ``wait_for`` with no time left would cancel the send before it starts (the start of a
+        response lost so, the server would answer its own 500 rather than this 504)."""
         remaining = deadline - asyncio.get_running_loop().time()
-        await asyncio.wait_for(self._send(event), max(remaining, 0))
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        await asyncio.wait_for(self._send(event), remaining)
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 
-from minidasgi import Node, create_distributor
+from minidasgi import Node, ResponseAborted, create_distributor
 
 from . import apps
 from .redis_server import RedisServer
@@ -147,12 +148,29 @@ async def test_a_client_that_stops_reading_is_bounded_by_the_response_timeout(
 ) -> None:
     """A client that asks for 256 MiB, then never reads nor closes (a small receive buffer):
     the distributor waits in the server's flow control, the app on the Node for credit. With
-    ``response_timeout`` the response is aborted at that bound and the Node's slot freed while
-    the client still holds its connection (it was held until the client left). Without it
-    nothing bounds the wait, as when uvicorn serves the app directly."""
+    ``response_timeout`` the response is aborted at that bound (``ResponseAborted``, its
+    text saying why) and the Node's slot freed while the client still holds its connection
+    (it was held until the client left). Without it nothing bounds the wait, as when uvicorn
+    serves the app directly.
+
+    How the distributor's call ended is read at its boundary with the server: the abort must
+    be told from "the client went away", which also frees the slot but counts the response
+    as complete (as it was, with ``except OSError`` first: ``TimeoutError`` is an
+    ``OSError`` since Python 3.11)."""
     distributor = create_distributor(url=redis_server.url, key="stall", response_timeout=2)
     node = Node(url=redis_server.url, app=apps.download, key="stall", lifespan="off")
-    async with serve_app(distributor) as base, run_node(node):
+    endings: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await distributor(scope, receive, send)
+        except ResponseAborted as exc:
+            endings.append(f"aborted: {exc}")
+            raise
+        if scope["type"] == "http":
+            endings.append("returned")
+
+    async with serve_app(app) as base, run_node(node):
         port = int(base.rsplit(":", 1)[1])
         with socket.socket() as stalled:
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -162,3 +180,7 @@ async def test_a_client_that_stops_reading_is_bounded_by_the_response_timeout(
             assert await poll(lambda: not node._jobs and not distributor._exchanges, 20), (
                 "the stalled client still holds the Node's slot"
             )
+            assert await poll(lambda: bool(endings), 10)
+            assert endings == [
+                "aborted: the client did not read the response within response_timeout"
+            ]
