@@ -308,6 +308,8 @@ class Distributor:
         self._untaken_size = 0
         # When a request that could not be queued was last logged, and how many since.
         self._unqueued_logged = (-_UNQUEUED_LOG_INTERVAL, 0)
+        # Requests not yet in flight waiting for a connection Redis closed (``_reopened``).
+        self._reopen_waiting = 0
         self._taking_back = False
 
     def __repr__(self) -> str:
@@ -538,13 +540,29 @@ class Distributor:
         )
         self.outbox.post(reply, wire.pack(wire.STATS_REPLY, request_id, payload))
 
-    async def _reopened(self) -> bool:
-        """Whether the distributor is ready once the command connection, if it just ended,
-        is replaced (``Client.wait_reopened``): Redis closes an idle connection when its
-        ``timeout`` is set, and a request arriving at that moment is served, not answered 503
-        while Redis is up. Redis truly away, the answer stays immediate."""
+    async def _reopened(self, *, in_flight: bool = False) -> bool:
+        """Whether the distributor is ready once the command connection, if Redis just closed
+        it cleanly, is replaced (``Client.wait_reopened``, at most ``REOPEN_WAIT``): Redis
+        closes an idle connection when its ``timeout`` is set, and a request arriving at that
+        moment is served, not answered 503 while Redis is up. Otherwise (Redis or the path to
+        it gone) the answer is immediate.
+
+        ``in_flight``: the request is counted among the exchanges already. One that is not
+        waits only while the requests in flight and those waiting here stay under
+        ``max_in_flight``: what piles up during the wait is bounded as the rest is."""
         client = self._client
-        return client is not None and await client.wait_reopened() and self.ready
+        if client is None:
+            return False
+        if in_flight:
+            return await client.wait_reopened() and self.ready
+        limit = self.admission.max_in_flight
+        if limit is not None and len(self._exchanges) + self._reopen_waiting >= limit:
+            return False
+        self._reopen_waiting += 1
+        try:
+            return await client.wait_reopened() and self.ready
+        finally:
+            self._reopen_waiting -= 1
 
     def _key_or_refusal(self, scope: Scope) -> tuple[str, bool] | _Refusal:
         """The list for this request and whether it expects "100 Continue" before sending
@@ -1022,15 +1040,12 @@ class _Exchange:
             # taken long, and while the subscriber is away an ack would be lost (and the Node
             # drop the request). A command connection Redis just closed (its idle ``timeout``)
             # is waited for while it is replaced.
-            if (
-                not (
-                    client is not None
-                    and subscriber is not None
-                    and client.connected
-                    and subscriber.connected
-                )
-                and not await d._reopened()
-            ):
+            if not (
+                client is not None
+                and subscriber is not None
+                and client.connected
+                and subscriber.connected
+            ) and not await d._reopened(in_flight=True):
                 d.metrics.refused(metrics.UNREACHABLE)
                 await self._refuse(503, "the request queue (Redis) is unreachable\n")
                 return

@@ -11,9 +11,10 @@ so that an idle connection is checked too, the supervisor sends a PING every
 ``health_check_interval`` seconds while no reply is pending, and reconnects once the watchdog
 gives the connection up.
 
-A connection Redis closes while the server is up (its idle ``timeout``, as managed services
-set it; ``CLIENT KILL``) is replaced at once, with no backoff: ``wait_reopened`` lets a caller
-that finds it gone wait for that one attempt rather than take Redis for unreachable.
+A connection Redis closes cleanly (its idle ``timeout``, as managed services set it; ``CLIENT
+KILL``) is replaced at once, with no backoff: ``wait_reopened`` lets a caller that finds it
+gone wait for that one attempt, at most ``REOPEN_WAIT`` (0.25 s), rather than take Redis for
+unreachable. Any other end (a reset, the reply watchdog) is not waited for.
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ from .protocol import (
     pack_pair_command,
 )
 
-__all__ = ["Client"]
+__all__ = ["REOPEN_WAIT", "Client"]
 
 logger = logging.getLogger("minidasgi.resp.client")
 
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"  # packed once (``pack_pair_command``)
+
+REOPEN_WAIT = 0.25
+"""Seconds ``wait_reopened`` waits at most for a connection Redis closed cleanly to be
+replaced: a round trip or two on a healthy network, and a small delay on the rare request
+that finds Redis gone just after it closed a connection cleanly."""
 
 
 class Client:
@@ -126,20 +132,24 @@ class Client:
         return connection
 
     async def wait_reopened(self) -> bool:
-        """Whether a live connection is at hand, once the attempt to replace one that just
-        ended is over (at once when none is under way: Redis is down, or no connection ended).
+        """Whether a live connection is at hand, once a connection Redis closed cleanly is
+        replaced: waits for the supervisor's first attempt at that (made at once, with no
+        backoff), at most ``REOPEN_WAIT`` seconds.
 
-        That attempt starts the moment a connection ends, and is bounded by its
-        ``connect_timeout``: a request arriving as Redis closes an idle connection waits for it
-        (about a round trip) instead of being answered 503 while Redis is up."""
+        Only a clean close (``Connection.closed_by_server``: Redis' idle ``timeout``, ``CLIENT
+        KILL``) is waited for: Redis was there to close it, and a request arriving at that
+        moment is served rather than answered 503. In every other case the answer is
+        immediate: no connection ended, or one ended otherwise (a reset, the reply watchdog,
+        a failover: Redis or the path to it may be gone), or that first attempt is over."""
         reopening = self._reopening
-        watched = self._watched
-        if reopening is None and watched is not None and watched.is_closed:
+        if reopening is None:
+            watched = self._watched
+            if watched is None or not watched.closed_by_server:
+                return self.connected
             # Ended, and its supervisor not resumed yet: opening the next is what it does next.
             reopening = self._reopening = self._loop().create_future()
-        if reopening is not None:
-            # Not awaited directly: a waiter cancelled would cancel it for every other.
-            await asyncio.wait((reopening,))
+        # Not awaited directly: a waiter cancelled would cancel it for every other.
+        await asyncio.wait((reopening,), timeout=REOPEN_WAIT)
         return self.connected
 
     async def execute(self, *args: object) -> Any:
@@ -295,7 +305,7 @@ class Client:
                         await connection.close()
                 self.last_error = reason
                 logger.warning("%s: %s", self.name, reason)
-                if self._reopening is None:
+                if self._reopening is None and connection.closed_by_server:
                     self._reopening = asyncio.get_running_loop().create_future()
                 continue
             delay = backoff * (0.5 + random.random() / 2)

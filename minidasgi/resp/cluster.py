@@ -430,10 +430,9 @@ class ClusterClient:
             self.map.refresh_soon()
 
     async def wait_reopened(self) -> bool:
-        """``Client.wait_reopened`` for every master used so far: whether all are connected
-        once the attempts to replace connections that just ended are over."""
-        for client in list(self._clients.values()):
-            await client.wait_reopened()
+        """``Client.wait_reopened`` for every master used so far, together (so at most
+        ``REOPEN_WAIT`` in all): whether all are connected once that is over."""
+        await asyncio.gather(*(client.wait_reopened() for client in self._clients.values()))
         return self.connected
 
     async def wait_connected(self, timeout: float | None = None) -> SlotMap:

@@ -798,6 +798,10 @@ class Connection:
         # True once the connection is closed or lost (``_error`` set); it never reopens. An
         # attribute, not a property: read before every command a distributor sends.
         self.is_closed = False
+        # True once Redis closed the connection cleanly (EOF: its idle ``timeout``, ``CLIENT
+        # KILL``, a shutdown) while nothing on this side had ended it: Redis was there to close
+        # it. A reset, the reply watchdog or ``fail()`` leave it False.
+        self.closed_by_server = False
         self._closed = self._loop.create_future()
         timeout = params.reply_timeout
         self._reply_timeout = timeout if timeout else math.inf
@@ -1367,6 +1371,8 @@ class Connection:
 
     def _on_end(self, error: BaseException | None) -> None:
         if error is None:
+            if self._error is None:  # not a second report, after the EOF, of the same end
+                self.closed_by_server = True
             self._abort(
                 RedisConnectionError(f"Redis at {self.params.address} closed the connection")
             )

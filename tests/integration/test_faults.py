@@ -367,6 +367,67 @@ async def test_redis_unreachable_at_start(redis_server: RedisServer) -> None:
     assert _keys(redis_server) == []
 
 
+async def test_requests_get_503_at_once_when_redis_goes_silent(
+    redis_factory: RedisFactory,
+) -> None:
+    """The command connection is reset (RST) and new connections to Redis are accepted but
+    never answered (a hung Redis, a path gone silent), with ``connect_timeout=3`` and a
+    password (AUTH on top of the connect): requests get 503 at once, not after the reconnect
+    attempt's bound (they waited for it, ``wait_reopened`` armed by any end). The client's
+    timeout, well under ``connect_timeout``, makes a wait fail the test."""
+    server = redis_factory(password="s3cret")
+    with FaultProxy(server.port) as proxy:
+        distributor = create_distributor(
+            url=proxy.url("s3cret") + "/?connect_timeout=3", key="gone"
+        )
+        async with serve_app(distributor) as base:
+            async with httpx.AsyncClient(base_url=base, timeout=1) as client:
+                assert await poll(lambda: distributor.ready, 10)
+                assert distributor._client is not None
+                ended = distributor._client.connection()
+                proxy.stall_new()
+                proxy.reset()  # the command connection and the subscriber
+                await asyncio.wait_for(ended.wait_closed(), 10)
+                replies = await asyncio.gather(*(client.get("/x") for _ in range(5)))
+                assert [(r.status_code, r.text) for r in replies] == [
+                    (503, "the request queue (Redis) is unreachable\n")
+                ] * 5
+                proxy.resume()
+
+
+async def test_a_connection_redis_closes_is_waited_for_briefly_and_within_max_in_flight(
+    redis_factory: RedisFactory,
+) -> None:
+    """Redis closes the command connection cleanly (``CLIENT KILL``, as its idle ``timeout``
+    does) and the reconnect finds it silent (new connections stalled, ``connect_timeout=3``):
+    requests wait for that attempt at most ``REOPEN_WAIT`` (0.25 s), then get 503, well
+    within the client's timeout of 1 s; and no more of them wait than ``max_in_flight``
+    allows (the rest are answered at once)."""
+    server = redis_factory(password="s3cret")
+    with FaultProxy(server.port) as proxy:
+        distributor = create_distributor(
+            url=proxy.url("s3cret") + "/?connect_timeout=3", key="gone", max_in_flight=2
+        )
+        waiting: list[int] = []
+        async with serve_app(distributor) as base:
+            async with httpx.AsyncClient(base_url=base, timeout=1) as client:
+                assert await poll(lambda: distributor.ready, 10)
+                assert distributor._client is not None
+                ended = distributor._client.connection()
+                proxy.stall_new()
+                server.command("CLIENT", "KILL", "TYPE", "normal")
+                await asyncio.wait_for(ended.wait_closed(), 10)
+                assert ended.closed_by_server
+                requests = [asyncio.ensure_future(client.get("/x")) for _ in range(5)]
+                while not all(r.done() for r in requests):
+                    waiting.append(distributor._reopen_waiting)
+                    await asyncio.sleep(0.01)
+                replies = [r.result() for r in requests]
+                assert [r.status_code for r in replies] == [503] * 5
+                assert max(waiting) <= 2, waiting
+                proxy.resume()
+
+
 # 7. Garbage in a queue -------------------------------------------------------------------
 
 
