@@ -903,6 +903,15 @@ _TRANSIENT_ERRORS = frozenset(
 )
 """Error replies that say "not now" rather than "never": a take-back they refuse is retried."""
 
+_NOT_RUN_ERRORS = _TRANSIENT_ERRORS | frozenset(
+    {"OOM", "MISCONF", "NOREPLICAS", "NOAUTH", "NOPERM", "WRONGTYPE", "CROSSSLOT"}
+)
+"""Error replies that prove an LPUSH did not run: Redis gives them in ``processCommand``,
+before running a command (memory, a failing disk, too few replicas, the ACL, a replica or a
+loading server, a cluster slot), or, for WRONGTYPE, before the command changes anything. Any
+other error may come from a proxy in front of Redis after it forwarded the command (twemproxy,
+Envoy: "-ERR Connection timed out"): that LPUSH may have run, and is taken back."""
+
 
 class _Exchange:
     """One HTTP request or WebSocket connection relayed to a Node."""
@@ -1071,21 +1080,27 @@ class _Exchange:
         self._pushing = False  # whatever came first decides; a later reply changes nothing
         if type(item) is _Pushed:
             if item.error is not None:
-                self._unqueued(key, item.error)
-                if isinstance(item.error, ReplyError):
-                    # Refused by Redis (``-OOM`` past its ``maxmemory``, say): the LPUSH did not
-                    # run, so there is nothing to take back, and Redis is not unreachable.
-                    text = (
-                        "the request queue (Redis) is out of memory\n"
-                        if item.error.code == "OOM"
-                        else "the request queue (Redis) refused the request\n"
-                    )
+                error = item.error
+                self._unqueued(key, error)
+                code = error.code if isinstance(error, ReplyError) else None
+                if code in _NOT_RUN_ERRORS:
+                    # Refused by Redis before it ran (``-OOM`` past its ``maxmemory``, say):
+                    # nothing to take back. A server failing over or loading is unreachable
+                    # for now; any other refusal says so.
+                    if code in _TRANSIENT_ERRORS:
+                        text = "the request queue (Redis) is unreachable\n"
+                    elif code == "OOM":
+                        text = "the request queue (Redis) is out of memory\n"
+                    else:
+                        text = "the request queue (Redis) refused the request\n"
                     await self._refuse(503, text)
                     return
-                # The link may have failed after Redis ran the LPUSH: the request may wait in
-                # the list, for a Node to run after this answer. Taken back once reachable.
+                # The link may have failed after Redis ran the LPUSH, or a proxy answered an
+                # error after forwarding it: the request may wait in the list, for a Node to
+                # run after this answer. Taken back (at once if Redis is reachable).
                 d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
-                await self._refuse(503, "the request queue (Redis) is unreachable\n")
+                text = "is unreachable" if code is None else "refused the request"
+                await self._refuse(503, f"the request queue (Redis) {text}\n")
                 return
             refusal = item.refusal
             if await self._take_back(key, data, keep_ack=True):
@@ -1328,7 +1343,9 @@ class _Exchange:
 
     def _unqueued(self, key: str, exc: BaseException) -> None:
         self.distributor.log_unqueued(key, exc)
-        refused = isinstance(exc, ReplyError)
+        # A failover or a restart (READONLY, LOADING, ...) counts as unreachable, where
+        # alerts look for it; only other error replies as refused.
+        refused = isinstance(exc, ReplyError) and exc.code not in _TRANSIENT_ERRORS
         self.distributor.metrics.refused(metrics.REDIS_REFUSED if refused else metrics.UNREACHABLE)
 
     async def _wait_ack(self, timeout: _Signal, now: float | None = None) -> Any:

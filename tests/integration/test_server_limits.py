@@ -1,7 +1,8 @@
 """Limits a Redis server sets on its clients, reached for real: its idle-client ``timeout``
 (``CONFIG SET timeout 1``, as managed services set it) closing a distributor's or a Node's
 idle command connection, its ``maxmemory`` under ``noeviction`` refusing every LPUSH
-(``-OOM``), its ``client-output-buffer-limit`` for pub/sub dropping a distributor's or a
+(``-OOM``), a replica refusing it (``-READONLY``) and an error reply that does not prove
+the LPUSH did not run, its ``client-output-buffer-limit`` for pub/sub dropping a distributor's or a
 Node's subscriber in the middle of transfers, and ``CLIENT PAUSE ... WRITE`` holding every
 write past the worker timeout. Every wait is bounded.
 """
@@ -21,7 +22,7 @@ import pytest
 from minidasgi import Node, create_distributor
 
 from . import apps
-from .redis_server import RedisServer, client_list
+from .redis_server import RedisFactory, RedisServer, client_list
 from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
@@ -114,6 +115,56 @@ async def test_redis_out_of_memory_refuses_new_requests_at_once(
     assert len(lines) == 1 and "OOM" in lines[0], lines
     assert distributor.metrics.refusals.values.get(("redis_refused",)) == 5
     assert redis_server.command("KEYS", "*") == []
+
+
+async def test_a_replica_refusing_writes_counts_as_unreachable_and_nothing_is_taken_back(
+    redis_server: RedisServer, redis_factory: RedisFactory
+) -> None:
+    """A distributor pointed at a replica (as one is for a moment in a failover, until it
+    switches): every LPUSH gets ``-READONLY``, which Redis gives before running a command.
+    The requests are answered 503 "unreachable" at once and counted ``redis_unreachable``,
+    where a failover is looked for (not ``redis_refused``), with no take-back sent."""
+    replica = redis_factory()
+    replica.command("REPLICAOF", "127.0.0.1", str(redis_server.port))
+    distributor = create_distributor(url=replica.url, key="ro", worker_timeout=60)
+    async with serve_app(distributor) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            assert await poll(lambda: distributor.ready, 10)
+            refused = await asyncio.gather(*(client.get("/") for _ in range(3)))
+    assert [(r.status_code, r.text) for r in refused] == [
+        (503, "the request queue (Redis) is unreachable\n")
+    ] * 3
+    counts = distributor.metrics.refusals.values
+    assert (counts[("redis_unreachable",)], counts[("redis_refused",)]) == (3, 0)
+    assert "cmdstat_lrem" not in _commandstats(replica)
+
+
+async def test_an_error_reply_that_may_follow_the_lpush_is_taken_back(
+    redis_factory: RedisFactory,
+) -> None:
+    """An error reply not known to mean "not run" (a proxy in front of Redis may answer
+    "-ERR Connection timed out" after forwarding the LPUSH; here Redis itself answers
+    "-ERR unknown command", LPUSH being renamed, as no proxy at hand answers after
+    forwarding): the request is answered 503 "refused", counted ``redis_refused``, and
+    taken back (``LREM``) at once, in case it ran."""
+    server = redis_factory(extra_args=["--rename-command", "LPUSH", "LPUSH-RENAMED"])
+    distributor = create_distributor(url=server.url, key="err", worker_timeout=60)
+    async with serve_app(distributor) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            assert await poll(lambda: distributor.ready, 10)
+            refused = await client.get("/")
+            assert (refused.status_code, refused.text) == (
+                503,
+                "the request queue (Redis) refused the request\n",
+            )
+            assert await poll(lambda: "cmdstat_lrem" in _commandstats(server), 10)
+    assert distributor.metrics.refusals.values[("redis_refused",)] == 1
+
+
+def _commandstats(server: RedisServer) -> str:
+    info = server.command("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    return info.decode()
 
 
 async def _transfer(client: httpx.AsyncClient, upload: bool) -> str:
