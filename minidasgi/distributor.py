@@ -1506,7 +1506,13 @@ class _Exchange:
                         await self._send(start)
                         await self._send(body)
                     else:
-                        await self._send_by(start, deadline)
+                        try:
+                            await self._send_by(start, deadline)
+                        except asyncio.TimeoutError:
+                            # Not sent (a server writes nothing of a start it waited to
+                            # send): the plain 504, not an abort.
+                            self.started = False
+                            raise
                         await self._send_by(body, deadline)
                 except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
                     await self._fail(504, _SLOW_CLIENT)
@@ -1576,6 +1582,8 @@ class _Exchange:
                         else:
                             await self._send_by(event, deadline)
                     except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
+                        if what == "http.response.start":
+                            self.started = False  # not sent: the plain 504, not an abort
                         await self._fail(504, _SLOW_CLIENT)
                         return
                     except OSError:  # the client went away (uvicorn's ClientDisconnected)
