@@ -281,3 +281,35 @@ def held(release: asyncio.Event) -> Any:
         await send({"type": "http.response.body", "body": b"part2"})
 
     return app
+
+
+async def ws_chatter(scope: Scope, receive: Any, send: Any) -> None:
+    """WebSocket: accepts, then sends ``tick N`` every 10 ms on its own while it echoes every
+    text message back as ``echo TEXT``: messages flow both ways at once, whatever the client
+    does. Ends at the client's disconnect."""
+    if scope["type"] != "websocket":
+        if scope["type"] == "http":
+            await _respond(send, 404, b"WebSocket only")
+        return
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+
+    async def tick() -> None:
+        count = 0
+        while True:
+            await send({"type": "websocket.send", "text": f"tick {count}"})
+            count += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.ensure_future(tick())
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({"type": "websocket.send", "text": f"echo {message.get('text')}"})
+    finally:
+        ticking.cancel()
+        await asyncio.gather(ticking, return_exceptions=True)
+

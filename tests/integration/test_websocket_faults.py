@@ -1,0 +1,194 @@
+"""WebSockets under faults of real processes and clients: pauses (SIGSTOP) of the Node, the
+distributor and redis-server in the middle of a conversation flowing both ways; a client that
+stops reading while the app floods it.
+
+Each pause is shorter than ``peer_timeout`` and the reply bound: the conversation must go on
+with every message delivered once and in order, in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import websockets
+
+from minidasgi import Node, create_distributor
+
+from . import apps
+from .redis_server import RedisServer
+from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
+
+pytestmark = pytest.mark.timeout(60)
+
+KEY = "ws-faults"
+WAIT = 10.0  # seconds: bound on any single wait that should be quick
+PAUSE = 3.0  # seconds a process stays stopped: well short of peer_timeout (10 s)
+
+
+def _keys(server: RedisServer) -> list[bytes]:
+    keys = server.command("KEYS", "*")
+    assert isinstance(keys, list)
+    return sorted(keys)
+
+
+def _ws(base: str) -> str:
+    return "ws" + base.removeprefix("http")
+
+
+async def _stopped(pid: int) -> None:
+    """Stop process ``pid`` for ``PAUSE`` seconds, then let it run again."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(PAUSE)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def _converse_through(url: str, pause: Callable[[], Awaitable[None]]) -> None:
+    """Talk to ``apps.ws_chatter`` at ``url`` both ways (a message from the client every
+    10 ms, a tick from the app every 10 ms), ``pause()`` in the middle, go on a while, then
+    check that the socket is still open and that every echo and every tick came once and in
+    order."""
+    async with websockets.connect(url, max_size=None) as ws:
+        echoes: list[int] = []
+        ticks: list[int] = []
+        sent = 0
+
+        async def receive() -> None:
+            async for message in ws:
+                assert isinstance(message, str)
+                kind, _, number = message.partition(" ")
+                (echoes if kind == "echo" else ticks).append(int(number))
+
+        async def send_for(seconds: float) -> None:
+            nonlocal sent
+            loop = asyncio.get_running_loop()
+            end = loop.time() + seconds
+            while loop.time() < end:
+                await ws.send(str(sent))
+                sent += 1
+                await asyncio.sleep(0.01)
+
+        receiving = asyncio.ensure_future(receive())
+        try:
+            await send_for(0.5)
+            sending = asyncio.ensure_future(send_for(PAUSE + 1.5))
+            await asyncio.sleep(0.1)
+            await pause()
+            await asyncio.wait_for(sending, WAIT)
+            assert await poll(lambda: len(echoes) >= sent or receiving.done(), WAIT), (
+                f"{len(echoes)} echoes of {sent} messages"
+            )
+            assert not receiving.done(), receiving
+            # The socket goes on after the pause.
+            await ws.send("after")
+            assert await poll(lambda: len(echoes) > sent or receiving.done(), WAIT)
+        finally:
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+    assert echoes[:sent] == list(range(sent)), "echoes lost, doubled or reordered"
+    assert ticks == list(range(len(ticks))), "ticks lost, doubled or reordered"
+    assert len(ticks) > 100
+
+
+async def test_a_node_paused_mid_conversation_loses_nothing(redis_server: RedisServer) -> None:
+    distributor = create_distributor(url=redis_server.url, key=KEY)
+    async with serve_app(distributor) as base:
+        with NodeProcess(redis_server.url, KEY, "apps:ws_chatter") as node:
+            assert node.process is not None
+            pid = node.process.pid
+            await _converse_through(_ws(base) + "/", lambda: _stopped(pid))
+    assert await poll(lambda: _keys(redis_server) == [], WAIT)
+
+
+async def test_a_distributor_paused_mid_conversation_loses_nothing(
+    redis_server: RedisServer,
+) -> None:
+    node = Node(url=redis_server.url, app=apps.ws_chatter, key=KEY, lifespan="off")
+    async with distributor_process(redis_server.url, KEY) as (base, process):
+        async with run_node(node):
+            await _converse_through(_ws(base) + "/", lambda: _stopped(process.pid))
+            assert await poll(lambda: node.in_flight == 0, WAIT)
+    assert _keys(redis_server) == []
+
+
+async def test_redis_paused_mid_conversation_loses_nothing(redis_server: RedisServer) -> None:
+    distributor = create_distributor(url=redis_server.url, key=KEY)
+    node = Node(url=redis_server.url, app=apps.ws_chatter, key=KEY, lifespan="off")
+    assert redis_server.pid is not None
+    pid = redis_server.pid
+    async with serve_app(distributor) as base, run_node(node):
+        await _converse_through(_ws(base) + "/", lambda: _stopped(pid))
+        assert await poll(lambda: node.in_flight == 0, WAIT)
+    assert _keys(redis_server) == []
+
+
+def _silent_client(port: int) -> socket.socket:
+    """A WebSocket client on a raw socket with a small receive buffer: it completes the
+    handshake, then never reads and never closes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(WAIT)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # byte by byte: not one byte of the flood is read
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return sock
+
+
+async def test_a_client_that_stops_reading_holds_the_flood_back(redis_server: RedisServer) -> None:
+    """The app sends 64 KiB messages for ever to a client that never reads: flow control holds
+    the app's ``send`` back after a few MiB (about 50 messages; 32 served directly by uvicorn),
+    rather than piling the flood up in the Node, Redis or the distributor. The socket stays
+    open and its Node slot held while the client neither reads nor closes, as its app stays
+    blocked in ``send`` served directly (uvicorn's keepalive ping cannot get through either);
+    the Node's other slots serve on."""
+    sent = 0
+    flooding = asyncio.Event()
+
+    async def flood(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal sent
+        if scope["path"] != "/flood":
+            await apps.ws_echo(scope, receive, send)
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        flooding.set()
+        while True:
+            await send({"type": "websocket.send", "bytes": b"x" * 65536})
+            sent += 1
+
+    distributor = create_distributor(url=redis_server.url, key=KEY)
+    node = Node(url=redis_server.url, app=flood, key=KEY, lifespan="off", concurrency=2)
+    async with serve_app(distributor) as base, run_node(node):
+        port = int(base.rsplit(":", 1)[1])
+        sock = await asyncio.to_thread(_silent_client, port)
+        try:
+            await asyncio.wait_for(flooding.wait(), WAIT)
+            # Held back: the count stops growing (a flood unheld sends thousands a second).
+            last = -1
+            while sent != last:
+                last = sent
+                await asyncio.sleep(0.5)
+            assert sent < 256, f"{sent} messages of 64 KiB sent to a client that reads none"
+            assert node.in_flight == 1
+            async with websockets.connect(_ws(base) + "/other") as ws:
+                await ws.send("still served")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == "still served"
+        finally:
+            sock.close()
+        assert await poll(lambda: node.in_flight == 0, WAIT), "the slot outlived the client"
+    assert _keys(redis_server) == []
