@@ -651,11 +651,20 @@ class Node:
         logger.info(
             "waiting up to %s s for %d requests", self.shutdown_timeout, len(self._requests)
         )
+        # An open WebSocket has no end of its own to wait for: closed now, as uvicorn closes
+        # its own at shutdown (``_Job.close_for_stop``); its app ends within the drain.
+        closing = [
+            asyncio.ensure_future(job.close_for_stop())
+            for job in list(self._jobs.values())
+            if job.accepted
+        ]
         _, pending = await asyncio.wait(set(self._requests), timeout=self.shutdown_timeout)
         for job in list(self._jobs.values()):
             job.cancel("shutdown timeout")
         if pending:
             await asyncio.wait(pending, timeout=5)
+        if closing:  # each ends once its close is sent, or its job cancelled just above
+            await asyncio.wait(closing, timeout=5)
 
     def _can_take_on(self) -> bool:
         """True while a request can be acked and its distributor heard: the publisher is
@@ -1022,6 +1031,9 @@ class _Job:
     body_done = False  # the last body was sent (trailers may follow)
     complete = False
     finished = False
+    accepted = False  # a WebSocket's handshake was accepted
+    stopped = False  # a WebSocket the Node closes as it stops (``close_for_stop``)
+    _disconnect_code = 1000  # a WebSocket's, once its response is over (``_response_sent``)
     gone = False  # the distributor or client went away
     acked = False  # the distributor may know this Node took the request
     told = False  # the distributor ended the request itself (a client disconnect)
@@ -1391,6 +1403,19 @@ class _Job:
         self.window.abort(_Disconnected())
         self._wake_receive(1000)
 
+    async def close_for_stop(self) -> None:
+        """The Node stops: close this accepted WebSocket with 1012 (Service Restart) and have
+        its app's ``receive()`` answer ``websocket.disconnect`` with that code, as uvicorn
+        does to its own WebSockets at shutdown; what the app sends after is dropped, as once
+        a client is gone. The close waits its turn behind a message the app is sending (and
+        for credit, as any message): a client that reads nothing gets it no sooner than the
+        app's messages, and the drain's end cancels its job as any other."""
+        if self.complete or self.gone:
+            return
+        self.stopped = True
+        self._disconnect_code = 1012
+        await self.send({"type": "websocket.close", "code": 1012})
+
     def _wake_receive(self, code: int) -> None:
         """Make a receive() waiting now, and every later one, return a disconnect."""
         disconnect: Message = {"type": "http.disconnect"}
@@ -1459,6 +1484,8 @@ class _Job:
                 return  # as uvicorn does once the client is gone
             kind = message["type"]
             if self.complete:
+                if self.stopped:
+                    return  # closed by the Node's stop: dropped, as once the client is gone
                 raise RuntimeError(f"{kind} sent after the response completed")
             if kind == "http.response.start":
                 if self.response_started:
@@ -1513,6 +1540,8 @@ class _Job:
                 for part in wire.split_message(dict(message), self.window.piece):
                     await self._publish_events([part], last=False)
                 return
+            if kind == "websocket.accept":  # after the usual message: no test for it there
+                self.accepted = True
             await self._publish_events([dict(message)], last=last)
         finally:
             sending = self._sending  # _end_send, inline: no call per message
@@ -1719,7 +1748,8 @@ class _Job:
         the job's end)."""
         if not self.gone:
             self.finished = True
-            self._wake_receive(1000)  # uvicorn answers a disconnect once the response is over
+            # uvicorn answers a disconnect once the response is over
+            self._wake_receive(self._disconnect_code)
         if self.node._turn_promised:
             self.node._end_turn()  # it leaves now, before the app's and the request's ends
 

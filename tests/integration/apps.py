@@ -313,3 +313,23 @@ async def ws_chatter(scope: Scope, receive: Any, send: Any) -> None:
         ticking.cancel()
         await asyncio.gather(ticking, return_exceptions=True)
 
+
+async def ws_echo_or_slow(scope: Scope, receive: Any, send: Any) -> None:
+    """An HTTP request is ``slow``'s; a WebSocket is accepted and echoed, its end written to
+    ``$MINIDASGI_TEST_LOG`` when set (``disconnect CODE``, or ``cancelled``)."""
+    if scope["type"] != "websocket":
+        await slow(scope, receive, send)
+        return
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                _log_line(f"disconnect {message.get('code')}")
+                return
+            await send({"type": "websocket.send", "text": message.get("text", "")})
+    except asyncio.CancelledError:
+        _log_line("cancelled")
+        raise

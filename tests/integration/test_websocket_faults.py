@@ -14,10 +14,13 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import websockets
+from websockets.exceptions import ConnectionClosed
 
 from minidasgi import Node, create_distributor
 
@@ -191,4 +194,58 @@ async def test_a_client_that_stops_reading_holds_the_flood_back(redis_server: Re
         finally:
             sock.close()
         assert await poll(lambda: node.in_flight == 0, WAIT), "the slot outlived the client"
+    assert _keys(redis_server) == []
+
+
+async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM to a Node with three WebSockets open and three streamed responses in flight
+    (two that would run 100 s, one that ends in 0.5 s): as uvicorn does at its own shutdown,
+    each WebSocket is closed at once with 1012 (Service Restart) and its app sees
+    ``websocket.disconnect`` with that code; the short stream completes, the long ones are
+    aborted at ``shutdown_timeout``; the Node exits 0 and leaves no key. (Before, each
+    WebSocket held the drain to ``shutdown_timeout``, its app was cancelled and its client got
+    1011, an internal error.)"""
+    log = tmp_path / "ends.log"
+    monkeypatch.setenv("MINIDASGI_TEST_LOG", str(log))  # inherited by the Node process
+    distributor = create_distributor(url=redis_server.url, key=KEY)
+    node = NodeProcess(redis_server.url, KEY, "apps:ws_echo_or_slow", "--shutdown-timeout", "3")
+    async with serve_app(distributor) as base:
+        await asyncio.to_thread(node.start)
+        try:
+            sockets = [
+                await asyncio.wait_for(websockets.connect(_ws(base) + "/"), WAIT) for _ in range(3)
+            ]
+            for ws in sockets:
+                await ws.send("hi")
+                assert await asyncio.wait_for(ws.recv(), WAIT) == "hi"
+            async with httpx.AsyncClient(base_url=base, timeout=WAIT) as client:
+
+                async def stream(pieces: int) -> str:
+                    try:
+                        async with client.stream("GET", f"/?{pieces}") as response:
+                            body = b"".join([chunk async for chunk in response.aiter_bytes()])
+                    except httpx.RemoteProtocolError:
+                        return "aborted"
+                    return body.decode().splitlines()[-1]
+
+                streams = [asyncio.ensure_future(stream(n)) for n in (1000, 1000, 5)]
+                started = lambda: sum(e.started for e in distributor._exchanges.values())  # noqa: E731
+                assert await poll(lambda: started() == 6, WAIT), "6 started responses expected"
+                assert node.process is not None
+                node.process.send_signal(signal.SIGTERM)
+                codes = []
+                for ws in sockets:
+                    with pytest.raises(ConnectionClosed) as info:
+                        await asyncio.wait_for(ws.recv(), WAIT)
+                    codes.append(info.value.rcvd.code if info.value.rcvd else None)
+                ends = await asyncio.wait_for(asyncio.gather(*streams), WAIT)
+            code = await asyncio.wait_for(asyncio.to_thread(node.process.wait), WAIT)
+        finally:
+            await asyncio.to_thread(node.stop)
+    assert codes == [1012] * 3
+    assert sorted(ends) == ["aborted", "aborted", "done"]
+    assert code == 0
+    assert log.read_text().splitlines() == ["disconnect 1012"] * 3
     assert _keys(redis_server) == []
