@@ -3,6 +3,10 @@
 Owns the lifespan task of one app: ``startup()`` before the first request, ``shutdown()`` after
 the last. ``mode`` is ``"auto"`` (an app that fails before answering the first lifespan event
 is taken not to support lifespan), ``"on"`` (such a failure is fatal) or ``"off"``.
+
+Neither wait has a bound of its own, as under uvicorn (an app may take its time to load); a
+forced stop gives the lifespan up (``cancel``), so a startup or shutdown that hangs never holds
+the process for ever.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class Lifespan:
         self._error: str | None = None
         self._supported = True
         self._answered = False
+        self._cancelled = False
+        self.phase: str | None = None
+        """``"startup"`` or ``"shutdown"`` while the app's answer to it is awaited."""
 
     async def startup(self) -> None:
         """Send ``lifespan.startup`` and wait for the app's answer."""
@@ -60,7 +67,9 @@ class Lifespan:
         }
         self._task = asyncio.get_running_loop().create_task(self._run(scope))
         await self._inbox.put({"type": "lifespan.startup"})
-        await self._startup_done.wait()
+        await self._answer("startup", self._startup_done)
+        if self._cancelled:
+            return
         if self._error is not None:
             raise LifespanFailed(f"application startup failed: {self._error}")
         if self.mode == "on" and not self._supported:
@@ -68,12 +77,33 @@ class Lifespan:
 
     async def shutdown(self) -> None:
         """Send ``lifespan.shutdown`` and wait for the app's answer."""
-        if self._task is None or not self._supported or self._task.done():
+        if self._task is None or not self._supported or self._task.done() or self._cancelled:
             return
         await self._inbox.put({"type": "lifespan.shutdown"})
-        await self._shutdown_done.wait()
-        if self._error is not None:
+        await self._answer("shutdown", self._shutdown_done)
+        if self._error is not None and not self._cancelled:
             logger.error("application shutdown failed: %s", self._error)
+
+    def cancel(self) -> None:
+        """Give the lifespan up (a forced stop): the app's lifespan task is cancelled, a
+        startup or shutdown awaited now returns (a startup as if complete: the caller, which
+        is stopping, serves nothing), and a later ``shutdown()`` sends nothing, as uvicorn
+        skips the lifespan shutdown on a forced exit."""
+        self._cancelled = True
+        if self.phase is not None:
+            logger.warning("cancelled the app's lifespan %s, which had not completed", self.phase)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def _answer(self, phase: str, done: asyncio.Event) -> None:
+        """Wait for the app's answer to ``phase`` (``done``), saying so first, as uvicorn
+        does: a lifespan that hangs is the last thing the log shows."""
+        logger.info("waiting for the app's lifespan %s", phase)
+        self.phase = phase
+        try:
+            await done.wait()
+        finally:
+            self.phase = None
 
     async def _receive(self) -> Message:
         return await self._inbox.get()

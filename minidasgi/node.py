@@ -284,9 +284,12 @@ class Node:
             self._stopping = asyncio.Event()
         if self._stopping.is_set():
             self._force = True
+            logger.warning("node forced to stop (%d requests in flight)", len(self._jobs))
             for job in list(self._jobs.values()):
                 job.cancel("forced shutdown")
-        logger.info("node shutting down (%d requests in flight)", len(self._jobs))
+            self.lifespan.cancel()  # a startup or shutdown that hangs holds the Node no more
+        else:
+            logger.info("node shutting down (%d requests in flight)", len(self._jobs))
         self._stopping.set()
         if self._subscriber is not None:  # fail-fast distributors stop counting this Node
             self.spawn(self._subscriber.unsubscribe(*self.presence_channels))

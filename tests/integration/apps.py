@@ -333,3 +333,27 @@ async def ws_echo_or_slow(scope: Scope, receive: Any, send: Any) -> None:
     except asyncio.CancelledError:
         _log_line("cancelled")
         raise
+
+
+def _lifespan_hanging_at(phase: str) -> Any:
+    """An app that answers ``hello`` and whose lifespan ``phase`` (``startup`` or
+    ``shutdown``) never completes; it writes ``PHASE`` to ``$MINIDASGI_TEST_LOG`` when that
+    phase begins."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await hello(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            current = message["type"].removeprefix("lifespan.")
+            if current == phase:
+                _log_line(phase)
+                await asyncio.Event().wait()
+            await send({"type": f"{message['type']}.complete"})
+
+    return app
+
+
+lifespan_hangs_at_startup = _lifespan_hanging_at("startup")
+lifespan_hangs_at_shutdown = _lifespan_hanging_at("shutdown")

@@ -646,6 +646,40 @@ def test_a_password_in_redis_on_the_command_line_works_and_is_warned_about(
         assert piece not in output
 
 
+@pytest.mark.parametrize("phase", ["startup", "shutdown"])
+def test_a_second_signal_ends_a_node_whose_lifespan_hangs(
+    redis_server: RedisServer, tmp_path: Path, phase: str
+) -> None:
+    """An app whose lifespan startup (or shutdown) never completes: the log says what the Node
+    waits for, the first Ctrl-C waits on (an app may take its time to load or to flush), and
+    the second cancels the lifespan, as it cancels requests in flight: the Node exits 0 and
+    says what it gave up. (Served by uvicorn, the same app ignores both signals and waits for
+    ever; so did the Node before, only SIGKILL ended it.)"""
+    log = tmp_path / "phases.log"
+    env = child_env(MINIDASGI_TEST_LOG=str(log))
+    app = f"tests.integration.apps:lifespan_hangs_at_{phase}"
+    with children() as started:
+        args = [*MINIDASGI, "node", app, "--key", "K", "--redis", redis_server.url]
+        if phase == "startup":
+            node = Child(args, tmp_path / "node.log", env=env)
+            started.append(node)
+        else:
+            node = start_popping(started, redis_server, args, tmp_path / "node.log", env=env)
+            node.send(signal.SIGINT)
+        wait_until(lambda: log.exists() and log.read_text() == f"{phase}\n", what=phase)
+        node.wait_for_output(f"waiting for the app's lifespan {phase}")
+        if phase == "startup":
+            node.send(signal.SIGINT)
+            node.wait_for_output("node shutting down")
+        node.send(signal.SIGINT)
+        assert node.wait() == 0
+    output = node.output()
+    assert "node forced to stop" in output
+    assert f"cancelled the app's lifespan {phase}, which had not completed" in output
+    assert "Traceback" not in output
+    assert_redis_clean(redis_server)
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 
