@@ -61,7 +61,7 @@ from .resp.connection import Connection, make_params
 from .resp.sentinel import SentinelSpec
 from .slots import Slots
 
-__all__ = ["DEFAULT_CONCURRENCY", "Node"]
+__all__ = ["DEFAULT_CONCURRENCY", "Node", "WebSocketClosed"]
 
 logger = logging.getLogger("minidasgi.node")
 
@@ -775,6 +775,8 @@ class Node:
                     if not job.gone:
                         raise
                     logger.debug("request %s cancelled", job.id)
+                except WebSocketClosed:  # the app sent after its WebSocket closed: its end
+                    logger.debug("request %s: the app sent after its WebSocket closed", job.id)
                 except Exception:
                     await job.app_failed()
                 else:
@@ -1006,6 +1008,14 @@ class Node:
                 self.peers.unserved(sent, time.monotonic())
         finally:
             self._pinging.pop(channel, None)
+
+
+class WebSocketClosed(OSError):
+    """Raised by a WebSocket app's ``send()`` once its connection is closed (its client left,
+    its distributor is gone, or this Node closed it as it stopped): the ``OSError`` the ASGI
+    spec asks a server to raise there, as uvicorn's ``ClientDisconnected`` (Starlette makes it
+    ``WebSocketDisconnect``). An app that only sends ends at its next message instead of
+    sending into the void for ever, holding its slot; one that lets it out ends quietly."""
 
 
 class _Disconnected(Exception):
@@ -1409,8 +1419,8 @@ class _Job:
     async def close_for_stop(self) -> None:
         """The Node stops: close this accepted WebSocket with 1012 (Service Restart) and have
         its app's ``receive()`` answer ``websocket.disconnect`` with that code, as uvicorn
-        does to its own WebSockets at shutdown; what the app sends after is dropped, as once
-        a client is gone. The close waits its turn behind a message the app is sending (and
+        does to its own WebSockets at shutdown; a ``send()`` after raises ``WebSocketClosed``,
+        as once a client is gone. The close waits its turn behind a message the app is sending (and
         for credit, as any message): a client that reads nothing gets it no sooner than the
         app's messages, and the drain's end cancels its job as any other."""
         if self.complete or self.gone:
@@ -1484,11 +1494,13 @@ class _Job:
         # per message less (a start never waits at all).
         try:
             if self.gone:
+                if self.kind == "websocket":
+                    raise WebSocketClosed(f"the WebSocket of request {self.id} is closed")
                 return  # as uvicorn does once the client is gone
             kind = message["type"]
             if self.complete:
-                if self.stopped:
-                    return  # closed by the Node's stop: dropped, as once the client is gone
+                if self.stopped:  # closed by the Node's stop, as once the client is gone
+                    raise WebSocketClosed(f"the WebSocket of request {self.id} is closed")
                 raise RuntimeError(f"{kind} sent after the response completed")
             if kind == "http.response.start":
                 if self.response_started:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import signal
 import socket
@@ -133,16 +134,16 @@ async def test_redis_paused_mid_conversation_loses_nothing(redis_server: RedisSe
     assert _keys(redis_server) == []
 
 
-def _silent_client(port: int) -> socket.socket:
-    """A WebSocket client on a raw socket with a small receive buffer: it completes the
-    handshake, then never reads and never closes."""
+def _silent_client(port: int, path: str = "/flood") -> socket.socket:
+    """A WebSocket client of ``path`` on a raw socket with a small receive buffer: it
+    completes the handshake, then never reads and never closes."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(WAIT)
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
-        f"GET /flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
     )
     head = b""
@@ -248,4 +249,94 @@ async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
     assert sorted(ends) == ["aborted", "aborted", "done"]
     assert code == 0
     assert log.read_text().splitlines() == ["disconnect 1012"] * 3
+    assert _keys(redis_server) == []
+
+
+async def test_an_app_that_only_sends_ends_once_its_client_left(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app that pushes a message every 10 ms and never calls ``receive()`` (a ticker, a
+    notification feed): once the client closes, its next ``send`` raises an ``OSError``, as the
+    ASGI spec asks and uvicorn does (Starlette makes it ``WebSocketDisconnect``), so the app
+    ends and its Node slot is free, with nothing logged above INFO. (Before, each send returned
+    as if delivered: the app pushed into the void for ever, holding its slot.)"""
+    ended: list[BaseException] = []
+
+    async def ticker(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        try:
+            while True:
+                await send({"type": "websocket.send", "text": "tick"})
+                await asyncio.sleep(0.01)
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+
+    async def tick_then_leave(url: str) -> None:
+        async with websockets.connect(url) as ws:
+            for _ in range(5):
+                assert await asyncio.wait_for(ws.recv(), WAIT) == "tick"
+
+    async with serve_app(ticker) as base:  # served directly, for comparison
+        await tick_then_leave(_ws(base) + "/")
+        assert await poll(lambda: ended, WAIT)
+    assert isinstance(ended[0], OSError), repr(ended[0])
+    ended.clear()
+    distributor = create_distributor(url=redis_server.url, key=KEY)
+    node = Node(url=redis_server.url, app=ticker, key=KEY, lifespan="off")
+    with caplog.at_level(logging.INFO, logger="minidasgi"):
+        async with serve_app(distributor) as base, run_node(node):
+            await tick_then_leave(_ws(base) + "/")
+            assert await poll(lambda: node.in_flight == 0, WAIT), "the app still runs"
+            assert not distributor._exchanges
+    assert len(ended) == 1 and isinstance(ended[0], OSError), ended
+    assert [r.getMessage() for r in caplog.records if r.levelno > logging.INFO] == []
+    assert _keys(redis_server) == []
+
+
+def _masked_text_frame(text: bytes) -> bytes:
+    """A client's WebSocket text frame (masked, as a client must), ``text`` under 126 bytes."""
+    mask = os.urandom(4)
+    payload = bytes(byte ^ mask[i % 4] for i, byte in enumerate(text))
+    return bytes([0x81, 0x80 | len(text)]) + mask + payload
+
+
+async def test_a_client_sending_after_the_app_closed_reaches_no_app(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app closes after the first message; a raw client goes on sending 200 messages
+    without reading the close: none reaches the app (its ``receive()`` answers the
+    disconnect), nothing is logged above INFO, and no exchange, job or key is left. A guard:
+    this behaved when the hunt came to it."""
+    seen: list[dict[str, Any]] = []
+
+    async def closer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        seen.append(await receive())
+        await send({"type": "websocket.close", "code": 4000})
+        seen.append(await receive())
+
+    def client(port: int) -> None:
+        sock = _silent_client(port, "/")
+        with sock:
+            sock.sendall(_masked_text_frame(b"first"))
+            for i in range(200):
+                sock.sendall(_masked_text_frame(b"after %d" % i))
+
+    distributor = create_distributor(url=redis_server.url, key=KEY)
+    node = Node(url=redis_server.url, app=closer, key=KEY, lifespan="off")
+    with caplog.at_level(logging.INFO, logger="minidasgi"):
+        async with serve_app(distributor) as base, run_node(node):
+            await asyncio.to_thread(client, int(base.rsplit(":", 1)[1]))
+            assert await poll(lambda: len(seen) == 2 and node.in_flight == 0, WAIT), seen
+            assert not distributor._exchanges
+    assert seen[0] == {"type": "websocket.receive", "text": "first"}
+    assert seen[1]["type"] == "websocket.disconnect"
+    assert [r.getMessage() for r in caplog.records if r.levelno > logging.INFO] == []
     assert _keys(redis_server) == []
