@@ -94,6 +94,10 @@ class Lifespan:
             logger.warning("cancelled the app's lifespan %s, which had not completed", self.phase)
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        # Set here, not left to the task's end: a task cancelled before its first step never
+        # runs its ``finally``.
+        self._startup_done.set()
+        self._shutdown_done.set()
 
     async def _answer(self, phase: str, done: asyncio.Event) -> None:
         """Wait for the app's answer to ``phase`` (``done``), saying so first, as uvicorn

@@ -206,3 +206,78 @@ async def test_shutdown_without_startup_is_a_no_op() -> None:
     app = LifespanApp()
     await asyncio.wait_for(Lifespan(app).shutdown(), 2)
     assert app.scopes == []
+
+
+class HangingApp:
+    """An app whose lifespan ``phase`` (``"startup"`` or ``"shutdown"``) never completes;
+    records whether it was cancelled."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+        self.received: list[str] = []
+        self.cancelled = False
+        self.hanging = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            while True:
+                message = await receive()
+                self.received.append(message["type"])
+                if message["type"] == f"lifespan.{self.phase}":
+                    self.hanging.set()
+                    await asyncio.Event().wait()
+                await send({"type": f"{message['type']}.complete"})
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+async def test_cancel_ends_a_startup_that_hangs_and_no_shutdown_is_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = HangingApp("startup")
+    lifespan = Lifespan(app, "on")
+    starting = asyncio.ensure_future(lifespan.startup())
+    await asyncio.wait_for(app.hanging.wait(), 2)
+    assert lifespan.phase == "startup"
+    with caplog.at_level(logging.WARNING, logger="minidasgi.lifespan"):
+        lifespan.cancel()
+    await asyncio.wait_for(starting, 2)  # returns: the caller is stopping
+    await asyncio.wait_for(lifespan.shutdown(), 2)
+    assert app.received == ["lifespan.startup"] and app.cancelled
+    assert "cancelled the app's lifespan startup, which had not completed" in caplog.text
+
+
+async def test_cancel_ends_a_shutdown_that_hangs() -> None:
+    app = HangingApp("shutdown")
+    lifespan = Lifespan(app)
+    await asyncio.wait_for(lifespan.startup(), 2)
+    stopping = asyncio.ensure_future(lifespan.shutdown())
+    await asyncio.wait_for(app.hanging.wait(), 2)
+    assert lifespan.phase == "shutdown"
+    lifespan.cancel()
+    await asyncio.wait_for(stopping, 2)
+    assert app.received == ["lifespan.startup", "lifespan.shutdown"] and app.cancelled
+    assert lifespan.phase is None
+
+
+async def test_cancel_while_serving_skips_the_shutdown() -> None:
+    """A forced stop before the shutdown: none is sent, as uvicorn skips it on a forced exit."""
+    app = LifespanApp()
+    lifespan = Lifespan(app)
+    await asyncio.wait_for(lifespan.startup(), 2)
+    lifespan.cancel()
+    await asyncio.wait_for(lifespan.shutdown(), 2)
+    assert app.received == ["lifespan.startup"]
+
+
+async def test_cancel_before_the_app_ran_ends_the_startup_all_the_same() -> None:
+    """A lifespan task cancelled before its first step never runs its ``finally``: the wait
+    ends all the same."""
+    app = HangingApp("startup")
+    lifespan = Lifespan(app, "on")
+    starting = asyncio.ensure_future(lifespan.startup())
+    await asyncio.sleep(0)  # the startup sent, the app not yet run
+    lifespan.cancel()
+    await asyncio.wait_for(starting, 2)
+    assert app.received == []
