@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from minidasgi import Node, create_distributor
 
 from . import apps
 from .redis_server import RedisServer
-from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
+from .stack import SERVER, NodeProcess, distributor_process, poll, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -280,11 +281,12 @@ async def test_an_app_that_only_sends_ends_once_its_client_left(
             for _ in range(5):
                 assert await asyncio.wait_for(ws.recv(), WAIT) == "tick"
 
-    async with serve_app(ticker) as base:  # served directly, for comparison
-        await tick_then_leave(_ws(base) + "/")
-        assert await poll(lambda: ended, WAIT)
-    assert isinstance(ended[0], OSError), repr(ended[0])
-    ended.clear()
+    if SERVER == "uvicorn":  # served directly, for comparison (hypercorn drops the sends)
+        async with serve_app(ticker) as base:
+            await tick_then_leave(_ws(base) + "/")
+            assert await poll(lambda: ended, WAIT)
+        assert isinstance(ended[0], OSError), repr(ended[0])
+        ended.clear()
     distributor = create_distributor(url=redis_server.url, key=KEY)
     node = Node(url=redis_server.url, app=ticker, key=KEY, lifespan="off")
     with caplog.at_level(logging.INFO, logger="minidasgi"):
@@ -326,8 +328,9 @@ async def test_a_client_sending_after_the_app_closed_reaches_no_app(
         sock = _silent_client(port, "/")
         with sock:
             sock.sendall(_masked_text_frame(b"first"))
-            for i in range(200):
-                sock.sendall(_masked_text_frame(b"after %d" % i))
+            with contextlib.suppress(OSError):  # hypercorn closes the connection soon
+                for i in range(200):
+                    sock.sendall(_masked_text_frame(b"after %d" % i))
 
     distributor = create_distributor(url=redis_server.url, key=KEY)
     node = Node(url=redis_server.url, app=closer, key=KEY, lifespan="off")
@@ -336,7 +339,7 @@ async def test_a_client_sending_after_the_app_closed_reaches_no_app(
             await asyncio.to_thread(client, int(base.rsplit(":", 1)[1]))
             assert await poll(lambda: len(seen) == 2 and node.in_flight == 0, WAIT), seen
             assert not distributor._exchanges
-    assert seen[0] == {"type": "websocket.receive", "text": "first"}
+    assert (seen[0]["type"], seen[0]["text"]) == ("websocket.receive", "first")
     assert seen[1]["type"] == "websocket.disconnect"
     assert [r.getMessage() for r in caplog.records if r.levelno > logging.INFO] == []
     assert _keys(redis_server) == []
