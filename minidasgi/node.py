@@ -222,6 +222,7 @@ class Node:
         self._turn_promised = False
         self._stopping: asyncio.Event | None = None
         self._force = False
+        self._draining = False  # WebSockets are closed as they are accepted (``_drain``)
         self._publisher: topology.CommandClient | None = None
         self.outbox = Outbox(lambda: self._publisher)
         self._started: asyncio.Event | None = None
@@ -655,7 +656,9 @@ class Node:
             "waiting up to %s s for %d requests", self.shutdown_timeout, len(self._requests)
         )
         # An open WebSocket has no end of its own to wait for: closed now, as uvicorn closes
-        # its own at shutdown (``_Job.close_for_stop``); its app ends within the drain.
+        # its own at shutdown (``_Job.close_for_stop``); its app ends within the drain. One
+        # accepted from now on is closed as it is accepted (``_Job.send``).
+        self._draining = True
         closing = [
             asyncio.ensure_future(job.close_for_stop())
             for job in list(self._jobs.values())
@@ -1557,6 +1560,8 @@ class _Job:
                 return
             if kind == "websocket.accept":  # after the usual message: no test for it there
                 self.accepted = True
+                if self.node._draining:  # accepted while the Node stops: closed as the rest
+                    self.node.spawn(self.close_for_stop())  # once this send is over
             await self._publish_events([dict(message)], last=last)
         finally:
             sending = self._sending  # _end_send, inline: no call per message

@@ -315,13 +315,16 @@ async def ws_chatter(scope: Scope, receive: Any, send: Any) -> None:
 
 
 async def ws_echo_or_slow(scope: Scope, receive: Any, send: Any) -> None:
-    """An HTTP request is ``slow``'s; a WebSocket is accepted and echoed, its end written to
-    ``$MINIDASGI_TEST_LOG`` when set (``disconnect CODE``, or ``cancelled``)."""
+    """An HTTP request is ``slow``'s; a WebSocket is accepted (at ``/late`` after a second)
+    and echoed, its end written to ``$MINIDASGI_TEST_LOG`` when set (``disconnect CODE``, or
+    ``cancelled``)."""
     if scope["type"] != "websocket":
         await slow(scope, receive, send)
         return
     if (await receive())["type"] != "websocket.connect":
         return
+    if scope["path"] == "/late":  # thinks a second before accepting
+        await asyncio.sleep(1)
     await send({"type": "websocket.accept"})
     try:
         while True:

@@ -202,9 +202,10 @@ async def test_a_client_that_stops_reading_holds_the_flood_back(redis_server: Re
 async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGTERM to a Node with three WebSockets open and three streamed responses in flight
-    (two that would run 100 s, one that ends in 0.5 s): as uvicorn does at its own shutdown,
-    each WebSocket is closed at once with 1012 (Service Restart) and its app sees
+    """SIGTERM to a Node with three WebSockets open, one whose app accepts a second after the
+    signal, and three streamed responses in flight (two that would run 100 s, one that ends in
+    0.5 s): as uvicorn does at its own shutdown, each WebSocket is closed with 1012 (Service
+    Restart) at once, the late one as it is accepted, and each app sees
     ``websocket.disconnect`` with that code; the short stream completes, the long ones are
     aborted at ``shutdown_timeout``; the Node exits 0 and leaves no key. (Before, each
     WebSocket held the drain to ``shutdown_timeout``, its app was cancelled and its client got
@@ -233,10 +234,14 @@ async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
                     return body.decode().splitlines()[-1]
 
                 streams = [asyncio.ensure_future(stream(n)) for n in (1000, 1000, 5)]
-                started = lambda: sum(e.started for e in distributor._exchanges.values())  # noqa: E731
-                assert await poll(lambda: started() == 6, WAIT), "6 started responses expected"
+                late = asyncio.ensure_future(websockets.connect(_ws(base) + "/late"))
+                exchanges = distributor._exchanges.values
+                started = lambda: sum(e.started for e in exchanges())  # noqa: E731
+                taken = lambda: sum(e.node is not None for e in exchanges())  # noqa: E731
+                assert await poll(lambda: started() == 6 and taken() == 7, WAIT)
                 assert node.process is not None
                 node.process.send_signal(signal.SIGTERM)
+                sockets.append(await asyncio.wait_for(late, WAIT))
                 codes = []
                 for ws in sockets:
                     with pytest.raises(ConnectionClosed) as info:
@@ -246,10 +251,10 @@ async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
             code = await asyncio.wait_for(asyncio.to_thread(node.process.wait), WAIT)
         finally:
             await asyncio.to_thread(node.stop)
-    assert codes == [1012] * 3
+    assert codes == [1012] * 4
     assert sorted(ends) == ["aborted", "aborted", "done"]
     assert code == 0
-    assert log.read_text().splitlines() == ["disconnect 1012"] * 3
+    assert log.read_text().splitlines() == ["disconnect 1012"] * 4
     assert _keys(redis_server) == []
 
 
