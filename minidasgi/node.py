@@ -1425,12 +1425,18 @@ class _Job:
         does to its own WebSockets at shutdown; a ``send()`` after raises ``WebSocketClosed``,
         as once a client is gone. The close waits its turn behind a message the app is sending (and
         for credit, as any message): a client that reads nothing gets it no sooner than the
-        app's messages, and the drain's end cancels its job as any other."""
+        app's messages, and the drain's end cancels its job as any other.
+
+        It lets no ``WebSocketClosed`` out: it runs in a task nobody reads (the drain's, or
+        one spawned as a socket is accepted), whose exception asyncio would log at ERROR. A
+        socket closed while the close waited its turn (its job cancelled at the drain's end,
+        its client gone, its app's own close sent first) leaves nothing to close."""
         if self.complete or self.gone:
             return
         self.stopped = True
         self._disconnect_code = 1012
-        await self.send({"type": "websocket.close", "code": 1012})
+        with contextlib.suppress(WebSocketClosed):
+            await self.send({"type": "websocket.close", "code": 1012})
 
     def _wake_receive(self, code: int) -> None:
         """Make a receive() waiting now, and every later one, return a disconnect."""

@@ -314,6 +314,27 @@ async def ws_chatter(scope: Scope, receive: Any, send: Any) -> None:
         await asyncio.gather(ticking, return_exceptions=True)
 
 
+async def ws_flood(scope: Scope, receive: Any, send: Any) -> None:
+    """WebSocket: accepts, then sends 64 KiB messages for ever, writing ``sent N`` to
+    ``$MINIDASGI_TEST_LOG`` after each (when set), and ``cancelled`` or the ``OSError`` that
+    ends it: to a client that reads nothing it stays blocked in ``send`` once flow control
+    holds it back."""
+    if scope["type"] != "websocket" or (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    sent = 0
+    try:
+        while True:
+            await send({"type": "websocket.send", "bytes": b"x" * 65536})
+            sent += 1
+            _log_line(f"sent {sent}")
+    except asyncio.CancelledError:
+        _log_line("cancelled")
+        raise
+    except OSError as exc:
+        _log_line(f"ended: {type(exc).__name__}")
+
+
 async def ws_echo_or_slow(scope: Scope, receive: Any, send: Any) -> None:
     """An HTTP request is ``slow``'s; a WebSocket is accepted (at ``/late`` after a second)
     and echoed, its end written to ``$MINIDASGI_TEST_LOG`` when set (``disconnect CODE``, or
