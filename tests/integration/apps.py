@@ -212,6 +212,18 @@ async def sleepy(scope: Scope, receive: Any, send: Any) -> None:
     await _respond(send, 200, b"slept")
 
 
+def _logged_lines() -> list[str]:
+    """The lines written to ``$MINIDASGI_TEST_LOG`` so far (none when unset or not yet
+    written)."""
+    import os
+
+    path = os.environ.get("MINIDASGI_TEST_LOG")
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as log:
+        return log.read().splitlines()
+
+
 def _log_line(line: str) -> None:
     import os
 
@@ -336,17 +348,27 @@ async def ws_flood(scope: Scope, receive: Any, send: Any) -> None:
 
 
 async def ws_echo_or_slow(scope: Scope, receive: Any, send: Any) -> None:
-    """An HTTP request is ``slow``'s; a WebSocket is accepted (at ``/late`` after a second)
-    and echoed, its end written to ``$MINIDASGI_TEST_LOG`` when set (``disconnect CODE``, or
-    ``cancelled``)."""
+    """An HTTP request is ``slow``'s; a WebSocket is accepted and echoed, its end written to
+    ``$MINIDASGI_TEST_LOG`` when set (``disconnect CODE``, or ``cancelled``). At ``/late`` it
+    is accepted only once that log has a ``disconnect 1012`` (another socket's, closed as the
+    Node began to stop: the Node drains by then), and the accept is logged (``accepted while
+    draining``, or ``accepted, no 1012 seen`` after 20 s)."""
     if scope["type"] != "websocket":
         await slow(scope, receive, send)
         return
     if (await receive())["type"] != "websocket.connect":
         return
-    if scope["path"] == "/late":  # thinks a second before accepting
-        await asyncio.sleep(1)
-    await send({"type": "websocket.accept"})
+    if scope["path"] == "/late":
+        seen = False
+        for _ in range(2000):  # 20 s
+            seen = "disconnect 1012" in _logged_lines()
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        await send({"type": "websocket.accept"})
+        _log_line("accepted while draining" if seen else "accepted, no 1012 seen")
+    else:
+        await send({"type": "websocket.accept"})
     try:
         while True:
             message = await receive()
