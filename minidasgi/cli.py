@@ -16,6 +16,7 @@ command needs (uvicorn, redis-server) is missing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -720,6 +721,8 @@ def _run_status(args: argparse.Namespace) -> int:
         params = parse_url(url)
     except ValueError as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
+    if args.redis_password is not None:  # the file or the variable the README points to
+        params = dataclasses.replace(params, password=args.redis_password)
     if args.watch is not None and args.watch <= 0:
         raise CLIError("--watch takes a number of seconds > 0", EXIT_USAGE)
 

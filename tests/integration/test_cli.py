@@ -8,6 +8,7 @@ its children are signalled, then killed (the whole group) in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -678,6 +679,32 @@ def test_a_second_signal_ends_a_node_whose_lifespan_hangs(
     assert f"cancelled the app's lifespan {phase}, which had not completed" in output
     assert "Traceback" not in output
     assert_redis_clean(redis_server)
+
+
+@pytest.mark.parametrize("given_in", ["file", "password variable"])
+def test_status_takes_the_password_from_where_the_readme_says_to_keep_it(
+    given_in: str, redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """``minidasgi status`` logs in with the password from ``--redis-password-file`` or
+    ``MINIDASGI_REDIS_PASSWORD``, as ``node`` and ``distributor`` do: otherwise the only way
+    to ask a server with a password is to put it on the command line, in ``ps``."""
+    redis = redis_factory(password=HOSTILE)
+    plain = f"redis://127.0.0.1:{redis.port}/0"
+    argv = [*MINIDASGI, "status", "--redis", plain, "--json", "--timeout", "5", "K"]
+    env = child_env()
+    if given_in == "file":
+        password_file = tmp_path / "redis-password"
+        password_file.write_text(HOSTILE + "\n")
+        password_file.chmod(0o600)
+        argv += ["--redis-password-file", str(password_file)]
+    else:
+        env = child_env(MINIDASGI_REDIS_PASSWORD=HOSTILE)
+    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["queues"] == [
+        {"key": "K", "waiting": 0, "oldest_age": None, "nodes": 0}
+    ]
+    assert HOSTILE not in done.stdout + done.stderr
 
 
 # -- demo --------------------------------------------------------------------------------------
