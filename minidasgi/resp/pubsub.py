@@ -134,6 +134,14 @@ class Subscriber:
         self._channels: set[bytes] = set()
         self._confirmed: set[bytes] = set()
         self._waiting: dict[bytes, list[asyncio.Future[None]]] = {}
+        # Confirmations are matched by channel, so a channel subscribed, unsubscribed and
+        # subscribed again before Redis answered would take the first SUBSCRIBE's confirmation
+        # for the last one's (and, sharded, our own SUNSUBSCRIBE's for a slot that moved). On
+        # the live connection: SUBSCRIBEs sent and not yet confirmed, the confirmations of
+        # those sent before an UNSUBSCRIBE (to skip), and UNSUBSCRIBEs not yet answered.
+        self._unconfirmed: dict[bytes, int] = {}
+        self._stale: dict[bytes, int] = {}
+        self._unsubscribing: dict[bytes, int] = {}
         self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -226,6 +234,11 @@ class Subscriber:
                 if not future.done():
                     future.cancel()
         if names and self._writer is not None:
+            for name in names:
+                stale = self._unconfirmed.get(name, 0)
+                if stale:
+                    self._stale[name] = stale
+                self._unsubscribing[name] = self._unsubscribing.get(name, 0) + 1
             if self._sharded:
                 for name in names:
                     self._send("SUNSUBSCRIBE", name)
@@ -268,6 +281,10 @@ class Subscriber:
         self._writer.write(pack_command(*args))
 
     def _send_subscribe(self, channels: Iterable[bytes]) -> None:
+        channels = list(channels)
+        unconfirmed = self._unconfirmed
+        for channel in channels:
+            unconfirmed[channel] = unconfirmed.get(channel, 0) + 1
         if self._sharded:  # one command per channel: a command's channels share one slot
             for channel in channels:
                 self._send("SSUBSCRIBE", channel)
@@ -296,6 +313,9 @@ class Subscriber:
                     self._link = None
                     self._set_connected(False)
                     self._confirmed.clear()
+                    self._unconfirmed.clear()
+                    self._stale.clear()
+                    self._unsubscribing.clear()
                     writer.close()
                     if self._closing:
                         # close() returns once the transport has finished closing (bounded):
@@ -489,6 +509,18 @@ class Subscriber:
             if self._on_connected is not None:
                 self._on_connected()
 
+    @staticmethod
+    def _answered(pending: dict[bytes, int], channel: Any) -> bool:
+        """Count one of ``channel``'s ``pending`` commands answered; False if none was."""
+        count = pending.get(channel, 0)
+        if not count:
+            return False
+        if count == 1:
+            del pending[channel]
+        else:
+            pending[channel] = count - 1
+        return True
+
     def _handle(self, reply: Any) -> None:
         if (
             type(reply) is list
@@ -541,6 +573,8 @@ class Subscriber:
                     self._queue.put_nowait(Message(channel, data))
         elif kind == subscribe_kind and len(reply) == 3:
             channel = reply[1]
+            if self._answered(self._unconfirmed, channel) and self._answered(self._stale, channel):
+                return  # a SUBSCRIBE sent before an UNSUBSCRIBE of the channel: not the latest
             if channel in self._channels:
                 self._confirmed.add(channel)
                 for future in self._waiting.pop(channel, []):
@@ -549,6 +583,8 @@ class Subscriber:
                 self._check_confirmed()
         elif kind == unsubscribe_kind and len(reply) == 3:
             channel = reply[1]
+            if self._answered(self._unsubscribing, channel):
+                return  # the answer to an UNSUBSCRIBE of ours
             if self._sharded and channel in self._channels:
                 # Not asked for: the channel's slot moved to another node (a failover, a
                 # resharding). Forget it here; the owner subscribes it where it lives now.

@@ -66,11 +66,15 @@ class ProxiedConnection:
             self.down_stalled = self.down_stalled or down
         self._proxy._wake()
 
-    def resume(self) -> None:
-        """Relay both directions again, delivering what was held back."""
+    def resume(self, *, up: bool = True, down: bool = True) -> None:
+        """Relay the chosen directions again (both by default), delivering what was held
+        back; a throttle is lifted with the direction towards the client."""
         with self._proxy._lock:
-            self.up_stalled = self.down_stalled = False
-            self.down_rate = 0
+            if up:
+                self.up_stalled = False
+            if down:
+                self.down_stalled = False
+                self.down_rate = 0
         self._proxy._wake()
 
     def reset(self) -> None:

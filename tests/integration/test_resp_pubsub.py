@@ -157,6 +157,50 @@ async def test_publish_counts_receivers_and_unsubscribe(
     await publish_until(publisher, "keep", "x", 0)
 
 
+async def until_numsub(conn: Connection, channel: str, subscribers: int) -> None:
+    """Wait until Redis counts ``subscribers`` subscribers of ``channel`` (PUBSUB NUMSUB)."""
+    deadline = time.monotonic() + 3
+    while (await conn.execute("PUBSUB", "NUMSUB", channel))[1] != subscribers:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{channel} never had {subscribers} subscribers")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_late_confirmation_of_a_cancelled_subscribe_does_not_answer_a_new_one(
+    clean_redis: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    """``subscribe`` cancelled before Redis confirmed, ``unsubscribe``, ``subscribe`` again,
+    on a slow link: the first SUBSCRIBE's late confirmation is not the new one's. The new
+    ``subscribe`` returns only once Redis has its SUBSCRIBE (held by the proxy here), so a
+    message published once it returned is delivered."""
+    received: list[bytes] = []
+    with FaultProxy(clean_redis.port) as proxy:
+        subscriber = make_subscriber(
+            proxy.url(), on_message=lambda c, d: received.append(d), health_check_interval=60
+        )
+        await asyncio.wait_for(subscriber.subscribe("keep"), 5)
+        (link,) = proxy.connections()
+        publisher = await open_conn(clean_redis.url)
+        link.stall(up=False, down=True)  # Redis' confirmations are held back
+        first = asyncio.create_task(subscriber.subscribe("ch"))
+        await until_numsub(publisher, "ch", 1)  # Redis has the first SUBSCRIBE
+        first.cancel()
+        await subscriber.unsubscribe("ch")
+        await until_numsub(publisher, "ch", 0)  # ... and the UNSUBSCRIBE
+        link.stall(up=True, down=False)  # what the client sends now is held back
+        second = asyncio.create_task(subscriber.subscribe("ch"))
+        assert await publisher.publish("keep", "marker") == 1  # behind the confirmations
+        link.resume(up=False, down=True)
+        await eventually(lambda: b"marker" in received, 5)  # the confirmations were read
+        assert not second.done()  # its SUBSCRIBE has not reached Redis: nothing confirmed it
+        link.resume()
+        await asyncio.wait_for(second, 5)
+        assert first.cancelled()
+        assert await publisher.publish("ch", "after") == 1
+        await eventually(lambda: b"after" in received, 5)
+        assert subscriber.connected and subscriber.channels == {b"keep", b"ch"}
+
+
 async def test_callback_exception_does_not_break_delivery(
     clean_redis: RedisServer,
     open_conn: Opener,
