@@ -530,6 +530,33 @@ def test_pure_parser_refuses_an_array_of_many_small_elements_over_the_bound() ->
         parser.gets()
 
 
+def test_pure_parser_bounds_the_elements_of_a_reply_not_only_its_bytes() -> None:
+    """Four bytes (``*0``) build a list of 56: under the size bound alone, a 64 MiB reply of
+    empty arrays built 16 million lists, a gigabyte. The elements that a reply's aggregates
+    announce, together, are bounded, and refused from the headers, before anything is built."""
+    most = 1 << 20  # protocol.DEFAULT_MAX_ITEMS (checked last)
+    parser = PythonParser()
+    parser.feed(b"*%d\r\n" % (most + 1))
+    with pytest.raises(ProtocolError, match="elements"):
+        parser.gets()
+    # Split over nested aggregates (maps count two per entry), each one under the bound.
+    for nested in (b"*2\r\n*%d\r\n" % (most - 1), b"*1\r\n%%%d\r\n" % (most // 2)):
+        parser = PythonParser()
+        parser.feed(nested)
+        with pytest.raises(ProtocolError, match="elements"):
+            parser.gets()
+    # Up to the bound, and per reply: two replies of max_items each are both fine.
+    parser = PythonParser(max_items=4)
+    reply = b"*2\r\n*0\r\n%1\r\n:1\r\n:2\r\n"  # 2 + 2 elements
+    parser.feed(reply * 2)
+    assert parser.gets() == [[], {1: 2}]
+    assert parser.gets() == [[], {1: 2}]
+    parser.feed(b"*2\r\n*0\r\n*3\r\n")
+    with pytest.raises(ProtocolError, match="elements"):
+        parser.gets()
+    assert most == protocol.DEFAULT_MAX_ITEMS
+
+
 def test_pure_parser_accepts_an_array_just_under_the_bound() -> None:
     raw = b"*2\r\n" + bulk(b"x" * 400) * 2
     assert len(raw) <= 1000

@@ -6,10 +6,11 @@ replies (``gets``), returning the ``NEED_DATA`` sentinel until one is complete. 
 touches a socket, so the parser is tested by feeding it bytes one at a time.
 
 Everything Redis sends is untrusted input: the parser bounds nesting depth, the size of one
-reply and the length of a header line, checks every length and number strictly, and raises
-``ProtocolError`` on anything malformed. A server error (``-ERR ...``) is not malformed: it is
-returned as a ``ReplyError`` *value*, never raised from the parser, so that one failing command
-in a pipeline cannot desynchronise the replies of the others.
+reply, the number of its elements (the pure-Python parser) and the length of a header line,
+checks every length and number strictly, and raises ``ProtocolError`` on anything malformed.
+A server error (``-ERR ...``) is not malformed: it is returned as a ``ReplyError`` *value*,
+never raised from the parser, so that one failing command in a pipeline cannot desynchronise
+the replies of the others.
 
 Two parsers sit behind the same contract: ``PythonParser`` (always available) and
 ``HiredisParser`` (the C ``hiredis.Reader``, when installed). ``make_parser`` picks one;
@@ -106,6 +107,10 @@ NEED_DATA: Final = _NeedData()
 # buffer half a gigabyte.
 DEFAULT_MAX_REPLY_SIZE: Final = 64 * 1024 * 1024
 DEFAULT_MAX_DEPTH: Final = 16
+# Elements that the aggregates of one reply may announce, together. The size bound alone let a
+# reply of 64 MiB build 16 million objects (``*0`` is four bytes and a list of 56), a gigabyte.
+# The largest reply this library asks for is a big cluster's CLUSTER SLOTS, some 300 thousand.
+DEFAULT_MAX_ITEMS: Final = 1 << 20
 _MAX_LINE: Final = 64 * 1024
 _VIEW_FROM: Final = 4096  # bulk strings from this size are copied out through a view
 
@@ -297,7 +302,11 @@ class PythonParser:
     """
 
     def __init__(
-        self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE, max_depth: int = DEFAULT_MAX_DEPTH
+        self,
+        *,
+        max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_items: int = DEFAULT_MAX_ITEMS,
     ) -> None:
         self._buf = bytearray()
         self._pos = 0  # start of the first byte not yet consumed
@@ -307,6 +316,8 @@ class PythonParser:
         self._consumed = 0
         self._max_reply_size = max_reply_size
         self._max_depth = max_depth
+        self._max_items = max_items
+        self._items = 0  # elements the aggregates of the reply in progress announced
         # The failure's message, not the exception: raised from a method of ours, its traceback
         # holds this parser, and the cycle would keep the parser (and its buffer) alive until
         # the GC runs.
@@ -442,6 +453,13 @@ class PythonParser:
                     else:
                         if len(self._stack) >= self._max_depth:
                             raise self._fail(f"replies nested deeper than {self._max_depth}")
+                        # Counted from the headers, before anything is built.
+                        items = self._items + n if self._stack else n
+                        if items > self._max_items:
+                            raise self._fail(
+                                f"reply of more than {self._max_items} elements"
+                            )
+                        self._items = items
                         self._stack.append(_Frame(prefix, n))
                         self._advance(after)
                         continue
