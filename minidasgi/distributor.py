@@ -311,6 +311,7 @@ class Distributor:
         # Requests not yet in flight waiting for a connection Redis closed (``_reopened``).
         self._reopen_waiting = 0
         self._taking_back = False
+        self._dropped = False  # set by a message dropped as malformed (``_drop_rest``)
 
     def __repr__(self) -> str:
         return f"<Distributor {self.params.address} exchanges={len(self._exchanges)}>"
@@ -706,8 +707,12 @@ class Distributor:
         except wire.WireError as exc:
             logger.warning("dropped a malformed batch on the reply channel: %s", exc)
             return
-        for message in messages:
+        self._dropped = False
+        for index, message in enumerate(messages):
             self._on_one_message(message)
+            if self._dropped:
+                _drop_rest(messages, index, "the reply channel")
+                return
 
     def _on_one_message(self, data: Any) -> None:
         # The usual small response, read first, as ``wire.unpack`` would: an ACK_SEND whose
@@ -730,9 +735,11 @@ class Distributor:
             logger.error(
                 "dropped a message on the reply channel: %s (upgrade this distributor)", exc
             )
+            self._dropped = True
             return
         except (CodecError, wire.WireError) as exc:
             logger.warning("dropped a malformed message on the reply channel: %s", exc)
+            self._dropped = True
             return
         if kind == wire.PING:
             self._on_ping(args)
@@ -746,6 +753,7 @@ class Distributor:
                 ack = wire.ack_of_ack_send(args)  # the SEND's arguments: ``args``, events first
             except wire.WireError as exc:
                 logger.warning("dropped a malformed message on the reply channel: %s", exc)
+                self._dropped = True
                 return
             self._on_ack_send(exchange, request_id, args, ack, len(data))
             return
@@ -1717,6 +1725,13 @@ class _Exchange:
                 d.outbox.post(self.node, message, lost=self._check_reached, more=index < last)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
+
+def _drop_rest(messages: list[Any], index: int, where: str) -> None:
+    """Drop what follows a malformed message in a batch, with one line for all of it: a peer
+    of ours never sends one, and a forged frame of thousands logged each (seconds of loop)."""
+    rest = len(messages) - index - 1
+    if rest:
+        logger.warning("dropped the %d messages after it in its batch on %s", rest, where)
 
 
 def _body_pieces(event: Mapping[str, Any], size: int) -> list[Mapping[str, Any]]:

@@ -215,6 +215,7 @@ class Node:
         self._started_at = stats.process_started()
         self._parser = parser
         self._jobs: dict[str, _Job] = {}
+        self._dropped = False  # set by a message dropped as malformed (``_drop_rest``)
         self._held_starts: list[_Job] = []  # jobs holding a response start this loop turn
         self._starts_flush: asyncio.Handle | None = None  # the callback that flushes them
         # The pop loop ends this loop turn itself (``_promise_turn``): nothing schedules the
@@ -879,17 +880,23 @@ class Node:
         except wire.WireError as exc:
             logger.warning("dropped a malformed batch on %r: %s", channel, exc)
             return
-        for message in messages:
+        self._dropped = False
+        for index, message in enumerate(messages):
             self._on_one_message(channel, message)
+            if self._dropped:
+                _drop_rest(messages, index, repr(channel))
+                return
 
     def _on_one_message(self, channel: bytes, data: Any) -> None:
         try:
             kind, request_id, args = wire.unpack_general(data)  # no ACK_SEND comes here
         except UnsupportedVersion as exc:
             logger.error("dropped a message on %r: %s (upgrade this worker)", channel, exc)
+            self._dropped = True
             return
         except (CodecError, wire.WireError) as exc:
             logger.warning("dropped a malformed message on %r: %s", channel, exc)
+            self._dropped = True
             return
         if kind == wire.PING:
             self._on_ping(args, data[0])
@@ -1830,6 +1837,13 @@ class _Job:
             return
         event = {"type": "http.response.body", "body": body, "more_body": True}
         self._post(wire.SEND, [event], lost=self._check_reached)
+
+def _drop_rest(messages: list[Any], index: int, where: str) -> None:
+    """Drop what follows a malformed message in a batch, with one line for all of it: a peer
+    of ours never sends one, and a forged frame of thousands logged each (seconds of loop)."""
+    rest = len(messages) - index - 1
+    if rest:
+        logger.warning("dropped the %d messages after it in its batch on %s", rest, where)
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:

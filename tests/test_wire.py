@@ -692,11 +692,22 @@ def test_only_a_lone_message_is_read_apart() -> None:
         bytes([wire.BATCH_FRAME]) + struct.pack(">II", 1, 0),  # an empty message
         bytes([wire.BATCH_FRAME]) + struct.pack(">II", 1, 1) + b"ab",  # trailing bytes
         bytes([wire.BATCH_FRAME]) + struct.pack(">I", 2**32 - 1) + b"x" * 10,  # forged count
+        bytes([wire.BATCH_FRAME]) + struct.pack(">II", 1, 1) + b"x",  # shorter than any message
+        wire.batch_frame([wire.PING_MESSAGE] * 3 + [b"x" * 14]),  # one of them is
     ],
 )
 def test_a_malformed_batch_frame_is_refused_whole(frame: bytes) -> None:
     with pytest.raises(WireError):
         wire.split_frame(frame)
+
+
+def test_the_shortest_messages_still_travel_in_a_batch_frame() -> None:
+    shortest = [
+        codec.encode(value, version=version)
+        for value in ([wire.PING], ["", ""])
+        for version in (codec.RELEASED, codec.BINARY, codec.FAST)
+    ]
+    assert [bytes(m) for m in wire.split_frame(wire.batch_frame(shortest))] == shortest
 
 
 def test_an_envelope_preamble_names_id_and_reply_whatever_the_body() -> None:

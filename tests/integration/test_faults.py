@@ -542,6 +542,48 @@ async def test_forged_reply_messages_do_not_disturb_a_request(
     assert _keys(redis_server) == []
 
 
+def _frame_of(message: bytes, count: int) -> bytes:
+    """A batch frame of ``count`` copies of ``message``."""
+    return wire.batch_frame([message] * count)
+
+
+async def test_a_forged_batch_of_many_tiny_messages_is_dropped_cheaply_and_logged_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch frame is bounded in bytes, not in messages: one forged PUBLISH of a frame of
+    262,143 one-byte messages was split into as many views and each logged as a malformed
+    message, which held the Node's loop for 8 s. A frame of messages shorter than any message
+    is refused whole, and the rest of a batch after a malformed message is dropped with it,
+    logged once: a peer of ours never sends one."""
+    caplog.set_level(logging.WARNING)
+    release = asyncio.Event()
+    app = create_distributor(url=redis_server.url, key="held")
+    node = Node(url=redis_server.url, app=apps.held(release), key="held", lifespan="off")
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            request = asyncio.ensure_future(client.get("/"))
+            assert await poll(_acked(app), 5)
+            tiny = _frame_of(b"\x01", 20_000)  # five bytes a message
+            garbage = _frame_of(b"\x01" + b"\xff" * 31, 20_000)  # long enough, malformed
+            for channel in (node.channel, app.channel):
+                for frame in (tiny, garbage):
+                    receivers = await asyncio.to_thread(
+                        redis_server.command, "PUBLISH", channel, frame
+                    )
+                    assert receivers == 1
+            release.set()
+            response = await asyncio.wait_for(request, 10)
+            assert (response.status_code, response.content) == (200, b"part1,part2")
+    for name in ("minidasgi.node", "minidasgi.distributor"):
+        dropped = [
+            r.message
+            for r in caplog.records
+            if r.name == name and r.levelno >= logging.WARNING and "malformed" in r.message
+        ]
+        assert 2 <= len(dropped) <= 3, (name, len(dropped), dropped[:4])
+    assert _keys(redis_server) == []
+
+
 # 9. Many requests and no Node ---------------------------------------------------------------
 
 
