@@ -55,6 +55,13 @@ def test_resolved_params_show_the_server() -> None:
     assert params.address == "10.0.0.2:6380"
 
 
+def test_spec_hides_a_username_that_may_be_a_misplaced_password() -> None:
+    """As ``ConnectionParams`` does: a username that does not look like one is hidden."""
+    spec = SentinelSpec("m", (("h", 1),), username="Xq7@Zk9 pw", password="hidden")
+    assert "Xq7" not in repr(spec) and "hidden" not in repr(spec)
+    assert "username='alice'" in repr(SentinelSpec("m", (("h", 1),), username="alice"))
+
+
 def test_spec_hides_its_password_and_bounds_its_list() -> None:
     spec = SentinelSpec("m", (("h", 1),), username="u", password="hidden")
     assert "hidden" not in repr(spec)

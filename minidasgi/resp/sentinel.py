@@ -63,7 +63,8 @@ class SentinelSpec:
     """Where the sentinels are and which master to ask them for.
 
     ``username``/``password`` log in to the sentinels (not to the master: those are the
-    ``ConnectionParams``' own); ``repr`` never shows the password.
+    ``ConnectionParams``' own); ``repr`` never shows the password, nor a username that may be
+    a misplaced one.
     """
 
     service_name: str
@@ -78,6 +79,14 @@ class SentinelSpec:
             raise ValueError("a Sentinel setup needs at least one sentinel address")
         if len(self.sentinels) > _MAX_SENTINELS:
             raise ValueError(f"at most {_MAX_SENTINELS} sentinels")
+
+    def __repr__(self) -> str:
+        from .connection import _shown_username
+
+        shown = _shown_username(self.username)
+        user = f", username={shown!r}" if shown is not None else ""
+        secret = ", password='***'" if self.password is not None else ""
+        return f"SentinelSpec({self.service_name!r}, {self.sentinels!r}{user}{secret})"
 
     @property
     def address(self) -> str:
