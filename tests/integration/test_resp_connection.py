@@ -8,6 +8,7 @@ made to misbehave (malformed or oversize replies).
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -353,6 +354,60 @@ async def test_cancelled_commands_do_not_shift_replies(
     assert await conn.execute("GET", "c7") == b"value-7"
     again = await asyncio.gather(*(conn.execute("GET", f"c{i}") for i in range(0, n, 3)))
     assert again == [f"value-{i}".encode() for i in range(0, n, 3)]
+
+
+async def test_callers_cancelled_at_random_points_of_split_replies_never_shift_replies(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    """A bounded randomized loop: commands of every non-blocking kind (``execute``,
+    ``pipeline``, ``lpush``, ``publish``, ``ping``, ``send_packed``, ``send_packed_to``) issued
+    together and cancelled at random moments (before their write is flushed, while their
+    reply is on its way, with replies split over many reads by a throttled proxy). Every
+    caller that was not cancelled gets its own reply, and the connection serves on."""
+    rng = random.Random(20261202)
+    with FaultProxy(clean_redis.port) as proxy:
+        conn = await open_conn(proxy.url())
+        for round_ in range(40):
+            if round_ % 3 == 2:
+                proxy.throttle(down=rng.choice([200_000, 800_000]))
+            calls: list[tuple[object, asyncio.Future[Any]]] = []
+            for index in range(rng.randint(1, 8)):
+                token = b"r%d-%d-" % (round_, index) + b"x" * rng.choice([0, 10, 3000, 20_000])
+                kind = rng.randrange(7)
+                if kind == 0:
+                    calls.append((token, asyncio.ensure_future(conn.execute("ECHO", token))))
+                elif kind == 1:
+                    tokens = [token + b"%d" % k for k in range(rng.randint(1, 3))]
+                    packed = [pack_command("ECHO", t) for t in tokens]
+                    calls.append((tokens, asyncio.ensure_future(conn.pipeline(*packed))))
+                elif kind == 2:
+                    key = f"cancel-{round_}-{index}"
+                    calls.append((2, asyncio.ensure_future(conn.lpush(key, b"a", b"b"))))
+                elif kind == 3:
+                    calls.append((0, asyncio.ensure_future(conn.publish("nobody", token))))
+                elif kind == 4:
+                    calls.append((b"PONG", asyncio.ensure_future(conn.ping())))
+                elif kind == 5:
+                    calls.append((token, conn.send_packed(pack_command("ECHO", token))))
+                else:
+                    future = asyncio.get_running_loop().create_future()
+                    conn.send_packed_to(
+                        pack_command("ECHO", token),
+                        lambda reply, f=future: None if f.done() else f.set_result(reply),
+                    )
+                    calls.append((token, future))
+            for _ in range(rng.randint(0, 3)):
+                await asyncio.sleep(rng.choice([0, 0, 0.001, 0.005]))
+                rng.choice(calls)[1].cancel()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(call for _, call in calls), return_exceptions=True), 30
+            )
+            for (wanted, _), result in zip(calls, results, strict=True):
+                if not isinstance(result, asyncio.CancelledError):
+                    assert result == wanted, (round_, wanted, result)
+            proxy.resume()
+            assert not conn.is_closed
+            assert await conn.execute("ECHO", b"after-%d" % round_) == b"after-%d" % round_
 
 
 async def test_cancel_command_waiting_behind_brpop(
