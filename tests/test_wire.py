@@ -694,6 +694,8 @@ def test_only_a_lone_message_is_read_apart() -> None:
         bytes([wire.BATCH_FRAME]) + struct.pack(">I", 2**32 - 1) + b"x" * 10,  # forged count
         bytes([wire.BATCH_FRAME]) + struct.pack(">II", 1, 1) + b"x",  # shorter than any message
         wire.batch_frame([wire.PING_MESSAGE] * 3 + [b"x" * 14]),  # one of them is
+        # Bytes enough for its count (one long message), yet one message too short:
+        wire.batch_frame([b"x" * 100, b"x"]),
     ],
 )
 def test_a_malformed_batch_frame_is_refused_whole(frame: bytes) -> None:

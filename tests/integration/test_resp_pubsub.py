@@ -201,6 +201,48 @@ async def test_a_late_confirmation_of_a_cancelled_subscribe_does_not_answer_a_ne
         assert subscriber.connected and subscriber.channels == {b"keep", b"ch"}
 
 
+@pytest.mark.requires_server("7.0")
+async def test_a_sharded_subscriber_s_own_sunsubscribe_answer_is_not_a_moved_slot(
+    clean_redis: RedisServer, open_conn: Opener, make_subscriber: SubscriberFactory
+) -> None:
+    """Sharded: ``unsubscribe`` then ``subscribe`` of a channel while Redis' answers are held
+    back. The late answer to our own SUNSUBSCRIBE is not taken for Redis moving the channel's
+    slot away (which would drop the channel wanted again), and the new SSUBSCRIBE is
+    confirmed: a message published afterwards is delivered."""
+    received: list[bytes] = []
+    moved: list[bytes] = []
+    with FaultProxy(clean_redis.port) as proxy:
+        subscriber = make_subscriber(
+            proxy.url(),
+            sharded=True,
+            on_message=lambda c, d: received.append(d),
+            on_unsubscribed=moved.append,
+            health_check_interval=60,
+        )
+        await asyncio.wait_for(subscriber.subscribe("keep", "ch"), 5)
+        (link,) = proxy.connections()
+        publisher = await open_conn(clean_redis.url)
+
+        async def until_shardnumsub(subscribers: int) -> None:
+            deadline = time.monotonic() + 5
+            while (await publisher.execute("PUBSUB", "SHARDNUMSUB", "ch"))[1] != subscribers:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ch never had {subscribers} shard subscribers")
+                await asyncio.sleep(0.01)
+
+        link.stall(up=False, down=True)  # Redis' answers are held back
+        await subscriber.unsubscribe("ch")
+        await until_shardnumsub(0)
+        second = asyncio.create_task(subscriber.subscribe("ch"))
+        await until_shardnumsub(1)
+        link.resume()
+        await asyncio.wait_for(second, 5)
+        assert moved == []
+        assert subscriber.channels == {b"keep", b"ch"}
+        assert await publisher.execute("SPUBLISH", "ch", "after") == 1
+        await eventually(lambda: b"after" in received, 5)
+
+
 async def test_callback_exception_does_not_break_delivery(
     clean_redis: RedisServer,
     open_conn: Opener,
