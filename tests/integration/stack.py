@@ -243,6 +243,18 @@ async def poll(check: Any, timeout: float, interval: float = 0.05) -> bool:
         await asyncio.sleep(interval)
 
 
+def redis_keys(server: Any) -> list[bytes]:
+    """The keys in ``server`` (a ``RedisServer``), sorted: a test's workload must leave none."""
+    keys = server.command("KEYS", "*")
+    assert isinstance(keys, list)
+    return sorted(keys)
+
+
+def ws_url(base: str) -> str:
+    """The WebSocket URL of a server's HTTP base URL."""
+    return "ws" + base.removeprefix("http")
+
+
 def peak_rss_mib(pid: int) -> float:
     """The peak resident memory of a process (Linux ``VmHWM``), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

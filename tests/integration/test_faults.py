@@ -25,17 +25,11 @@ from minidasgi import Node, create_distributor, create_path_distributor, wire
 from . import apps
 from .faultproxy import FaultProxy
 from .redis_server import RedisFactory, RedisServer, client_list
-from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
+from .stack import NodeProcess, distributor_process, poll, redis_keys, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
 KILL_NOTICED = 5.0  # seconds: a dead peer must be noticed well within this (about 1-3 s)
-
-
-def _keys(server: RedisServer) -> list[bytes]:
-    keys = server.command("KEYS", "*")
-    assert isinstance(keys, list)
-    return sorted(keys)
 
 
 async def _start_process(node: NodeProcess) -> NodeProcess:
@@ -100,7 +94,7 @@ async def test_node_killed_mid_response_aborts_the_stream(redis_server: RedisSer
                     await asyncio.wait_for(rest(), 10)
                 elapsed = loop.time() - killed
     assert elapsed < KILL_NOTICED, f"the client waited {elapsed:.2f} s for the abort"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_node_killed_before_the_response_gives_502(redis_server: RedisServer) -> None:
@@ -118,7 +112,7 @@ async def test_node_killed_before_the_response_gives_502(redis_server: RedisServ
             elapsed = loop.time() - killed
     assert response.status_code == 502
     assert elapsed < KILL_NOTICED, f"the client waited {elapsed:.2f} s for the 502"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 def _acked(distributor: Any, count: int = 1) -> Any:
@@ -154,7 +148,7 @@ async def test_killing_one_node_leaves_another_alone(redis_server: RedisServer) 
     assert response_a.status_code == 502
     assert response_b.status_code == 200 and response_b.text == "slept"
     assert again.status_code == 200
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 # 3. A distributor that dies -------------------------------------------------------------
@@ -211,7 +205,7 @@ async def test_distributor_killed_mid_request_disconnects_the_app(
     assert seen["sleep"][0] == "cancelled"
     for mode, (_, when) in seen.items():
         assert when - killed < KILL_NOTICED, f"{mode}: noticed after {when - killed:.2f} s"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 # 4. Graceful SIGTERM of a Node under load -------------------------------------------------
@@ -268,7 +262,7 @@ async def test_sigterm_finishes_requests_in_flight_and_takes_no_more(
         assert lines.count(f"start r{i}") == 1, f"r{i} ran {lines.count(f'start r{i}')} times"
         assert lines.count(f"end r{i}") == 1
     assert "start late" not in lines
-    assert _keys(redis_server) == []  # the late request was taken back
+    assert redis_keys(redis_server) == []  # the late request was taken back
 
 
 # 5. Redis restart under traffic -----------------------------------------------------------
@@ -333,7 +327,7 @@ async def test_redis_restart_under_traffic(redis_server: RedisServer, outage: fl
     assert max(e - s for s, e, _ in results) < 10
     assert recovered_after - back < 3.5, f"recovered {recovered_after - back:.2f} s after"
     assert [r.status_code for r in after] == [200] * 20
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 # 6. Redis unreachable at start ----------------------------------------------------------
@@ -364,7 +358,7 @@ async def test_redis_unreachable_at_start(redis_server: RedisServer) -> None:
             assert loop.time() - back < 6
             assert not serving.done()
             assert (await client.get("/")).text == "Hello World!"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_requests_get_503_at_once_when_redis_goes_silent(
@@ -487,7 +481,7 @@ async def test_garbage_in_the_queue_is_dropped(
         if r.name == "minidasgi.node" and r.levelno >= logging.WARNING and "malformed" in r.message
     ]
     assert len(dropped) == len(garbage), [r.message for r in caplog.records]
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 # 8. Forged messages on the reply channels ---------------------------------------------------
@@ -539,7 +533,7 @@ async def test_forged_reply_messages_do_not_disturb_a_request(
             assert again.content == b"part1,part2"
     warnings = [r.message for r in caplog.records if r.name == "minidasgi.distributor"]
     assert any("malformed" in m for m in warnings), warnings
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 def _frame_of(message: bytes, count: int) -> bytes:
@@ -581,7 +575,7 @@ async def test_a_forged_batch_of_many_tiny_messages_is_dropped_cheaply_and_logge
             if r.name == name and r.levelno >= logging.WARNING and "malformed" in r.message
         ]
         assert 2 <= len(dropped) <= 3, (name, len(dropped), dropped[:4])
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 # 9. Many requests and no Node ---------------------------------------------------------------
@@ -630,7 +624,7 @@ async def test_many_requests_without_a_node(redis_server: RedisServer) -> None:
     # spend a while on 2,000 connections, get the answers soon after.
     elapsed = [e for _, e in results]
     assert min(elapsed) > 1.9 and max(elapsed) < 15, (min(elapsed), max(elapsed))
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
     ran: list[str] = []
 
     async def recorder(scope: Any, receive: Any, send: Any) -> None:
@@ -641,7 +635,7 @@ async def test_many_requests_without_a_node(redis_server: RedisServer) -> None:
     async with run_node(node):
         await asyncio.sleep(1)
     assert ran == []
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 # 10. Client disconnect reaches the app ------------------------------------------------------
@@ -677,7 +671,7 @@ async def test_client_disconnect_reaches_the_app(redis_server: RedisServer) -> N
         assert await poll(lambda: node.in_flight == 0, 3)
     assert events == ["http.request", "http.disconnect"]
     assert elapsed < 2, f"the app saw the disconnect after {elapsed:.2f} s"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 # 11. A stop during a Redis outage ----------------------------------------------------------

@@ -26,16 +26,12 @@ from websockets.exceptions import InvalidStatus
 from minidasgi import Distributor, Node, create_distributor
 
 from .redis_server import RedisServer
-from .stack import run_node, serve_app
+from .stack import run_node, serve_app, ws_url
 
 pytestmark = pytest.mark.timeout(60)
 
 KEY = "fidelity"
 WAIT = 10.0
-
-
-def _ws(base: str) -> str:
-    return "ws" + base.removeprefix("http")
 
 
 @contextlib.asynccontextmanager
@@ -216,7 +212,7 @@ async def test_websocket_app_ending_before_accept_gets_the_servers_answer(
 ) -> None:
     async def status(base: str) -> int:
         with pytest.raises(InvalidStatus) as info:
-            await asyncio.wait_for(websockets.connect(_ws(base)), WAIT)
+            await asyncio.wait_for(websockets.connect(ws_url(base)), WAIT)
         return info.value.response.status_code
 
     async with serve_app(app) as base:
@@ -257,7 +253,7 @@ async def test_websocket_accept_headers_reach_the_server_as_the_app_sent_them(
     redis_server: RedisServer,
 ) -> None:
     async def talk(base: str) -> str:
-        async with websockets.connect(_ws(base)) as ws:
+        async with websockets.connect(ws_url(base)) as ws:
             header = ws.response.headers["x-extra"]
             with contextlib.suppress(websockets.ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), WAIT)

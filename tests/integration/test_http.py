@@ -15,15 +15,9 @@ from minidasgi import Node, create_distributor, create_path_distributor, wire
 
 from . import apps
 from .redis_server import RedisServer
-from .stack import poll, run_node, serve_app, uvicorn_only
+from .stack import poll, redis_keys, run_node, serve_app, uvicorn_only
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _keys(server: RedisServer) -> list[bytes]:
-    keys = server.command("KEYS", "*")
-    assert isinstance(keys, list)
-    return sorted(keys)
 
 
 async def test_seed_examples_as_written(redis_server: RedisServer) -> None:
@@ -49,7 +43,7 @@ async def test_seed_examples_as_written(redis_server: RedisServer) -> None:
             response = await client.get(path)
             assert response.status_code == 200, path
             assert response.text == "Hello World!"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 @pytest.mark.parametrize(
@@ -81,7 +75,7 @@ async def test_first_route_wins_and_no_route_is_404(redis_server: RedisServer) -
         response = await client.get("/nowhere")
         assert response.status_code == 404
         assert "no route for path" in response.text
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 @pytest.mark.parametrize(
@@ -93,7 +87,7 @@ async def test_refused_keys_are_400(redis_server: RedisServer, path: str) -> Non
     async with serve_app(app) as base, httpx.AsyncClient(base_url=base) as client:
         response = await client.get(path)
         assert response.status_code == 400
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 @uvicorn_only  # hypercorn keeps root_path out of path
@@ -149,7 +143,7 @@ async def test_no_worker_gives_the_documented_error_and_never_runs(
     assert first.status_code == 405
     assert second.status_code == 503
     assert "no worker" in first.text
-    assert _keys(redis_server) == []  # taken back from the list
+    assert redis_keys(redis_server) == []  # taken back from the list
     node = Node(port=redis_server.port, app=recorder, key="nobody")
     async with run_node(node):
         await asyncio.sleep(0.3)
@@ -171,7 +165,7 @@ async def test_the_seed_s_distributor_answers_405_after_its_five_seconds(
     assert response.status_code == 405
     assert response.text == "no worker answered within 5 seconds\n"
     assert waited >= 4.9, waited  # not sooner than documented (an upper bound would be timing)
-    assert _keys(redis_server) == []  # taken back: no Node finds it later
+    assert redis_keys(redis_server) == []  # taken back: no Node finds it later
 
 
 async def test_streaming_response_and_request(redis_server: RedisServer) -> None:
@@ -204,7 +198,7 @@ async def test_streaming_response_and_request(redis_server: RedisServer) -> None
             echoed = await client.post("/echo", content=bytes(range(256)) * 1024)
             assert echoed.status_code == 200 and len(echoed.content) == 256 * 1024
             assert echoed.content[:512] == bytes(range(256)) * 2
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_server_sent_events_arrive_as_sent(redis_server: RedisServer) -> None:
@@ -242,7 +236,7 @@ async def test_body_limits(redis_server: RedisServer) -> None:
         # Python refuses int() of more than 4,300 digits: a header of digits is no error.
         digits = {"x-digits": "9" * 5000}
         assert (await client.post("/", content=b"x" * 10, headers=digits)).text == "10"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_a_content_length_of_thousands_of_digits_is_too_large(
@@ -308,7 +302,7 @@ async def test_app_errors(redis_server: RedisServer) -> None:
             assert (await client.get("/silent")).status_code == 500
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get("/after")
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_many_concurrent_requests_on_one_node(redis_server: RedisServer) -> None:
@@ -324,7 +318,7 @@ async def test_many_concurrent_requests_on_one_node(redis_server: RedisServer) -
     assert all(r.status_code == 200 for r in responses)
     # 100 half-second requests, 50 at a time: two rounds, not a hundred.
     assert elapsed < 5
-    assert json.dumps(_keys(redis_server)) == "[]"
+    assert json.dumps(redis_keys(redis_server)) == "[]"
 
 
 async def test_node_lifespan_state_and_distributor_without_lifespan(
@@ -376,7 +370,7 @@ async def test_a_busy_node_leaves_requests_in_redis(redis_server: RedisServer) -
             ), (redis_server.command("LLEN", "busy"), node.in_flight)
             responses = await asyncio.gather(*requests)
     assert [r.status_code for r in responses] == [200, 200, 200]
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_a_node_pops_in_batches_but_never_beyond_its_slots(redis_server: RedisServer) -> None:
@@ -397,7 +391,7 @@ async def test_a_node_pops_in_batches_but_never_beyond_its_slots(redis_server: R
             assert redis_server.command("LLEN", "batch") == 5
             responses = await asyncio.gather(*requests)
     assert [r.status_code for r in responses] == [200] * 8
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_response_headers_too_large_to_travel_give_500(redis_server: RedisServer) -> None:
@@ -414,7 +408,7 @@ async def test_response_headers_too_large_to_travel_give_500(redis_server: Redis
     async with serve_app(app) as base, run_node(node), httpx.AsyncClient(base_url=base) as client:
         response = await asyncio.wait_for(client.get("/"), 10)
     assert response.status_code == 500
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_large_headers_and_a_large_first_body_travel_apart(
@@ -445,7 +439,7 @@ async def test_large_headers_and_a_large_first_body_travel_apart(
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"\r\nx-big-699: " + b"v" * 1000 in head
     assert content == body
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_a_start_sent_alone_takes_its_own_credit(redis_server: RedisServer) -> None:
@@ -479,7 +473,7 @@ async def test_a_start_sent_alone_takes_its_own_credit(redis_server: RedisServer
     head, _, content = bytes(got).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert content == b"".join(bytes([i]) * piece for i in range(chunks))
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_an_http_request_makes_only_the_flow_control_objects_it_uses(

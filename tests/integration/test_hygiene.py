@@ -16,15 +16,9 @@ from minidasgi import Node, create_distributor, create_path_distributor
 
 from . import apps
 from .redis_server import RedisServer
-from .stack import run_node, serve_app
+from .stack import redis_keys, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _keys(server: RedisServer) -> list[bytes]:
-    keys = server.command("KEYS", "*")
-    assert isinstance(keys, list)
-    return sorted(keys)
 
 
 def _clients(server: RedisServer) -> list[dict[str, str]]:
@@ -122,7 +116,7 @@ async def test_connection_counts_stay_constant(redis_server: RedisServer) -> Non
         }
     # Everything stopped: only the connection asking is left.
     assert await _settle(redis_server, {}) == {}
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_nothing_left_behind_after_a_mixed_workload(redis_server: RedisServer) -> None:
@@ -218,7 +212,7 @@ async def test_nothing_left_behind_after_a_mixed_workload(redis_server: RedisSer
                 break
             await asyncio.sleep(0.05)
         assert [node.in_flight for node in nodes] == [0] * len(nodes)
-        assert _keys(redis_server) == []
+        assert redis_keys(redis_server) == []
         assert len(_clients(redis_server)) == 2 * 2 + 3 * len(nodes)
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
     assert await _settle(redis_server, {}) == {}

@@ -29,18 +29,12 @@ from minidasgi.status import take_status
 from . import apps
 from .faultproxy import FaultProxy
 from .redis_server import RedisServer
-from .stack import NodeProcess, poll, run_node, serve_app
+from .stack import NodeProcess, poll, redis_keys, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
 WORKER_TIMEOUT = 20.0  # long, so that an answer "at once" is told apart from one after it
 AT_ONCE = WORKER_TIMEOUT / 4
-
-
-def _keys(server: RedisServer) -> list[bytes]:
-    keys = server.command("KEYS", "*")
-    assert isinstance(keys, list)
-    return sorted(keys)
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -72,7 +66,7 @@ async def test_fail_fast_answers_at_once_when_no_node_listens(redis_server: Redi
         assert time.monotonic() - started < AT_ONCE
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
-        assert _keys(redis_server) == []  # the request was taken back
+        assert redis_keys(redis_server) == []  # the request was taken back
         metrics = client.distributor.metrics  # type: ignore[attr-defined]
         assert metrics.refusals.get(("no_node",)) == 1
         assert metrics.refusals.get(("no_ack",)) == 0
@@ -92,7 +86,7 @@ async def test_fail_fast_serves_while_a_node_listens_and_refuses_once_it_is_kill
             response = await client.get("/hello")
             assert response.status_code == 503
             assert time.monotonic() - started < AT_ONCE
-            assert _keys(redis_server) == []
+            assert redis_keys(redis_server) == []
         finally:
             await asyncio.to_thread(node.stop)
 
@@ -160,7 +154,7 @@ async def test_max_queue_refuses_at_once_and_leaves_the_queue_at_its_bound(
         # The two that fit are served once a Node comes.
         async with run_node(Node(url=redis_server.url, key="ops", app=apps.sleepy)):
             assert [r.status_code for r in await asyncio.gather(*waiting)] == [200, 200]
-        assert _keys(redis_server) == []
+        assert redis_keys(redis_server) == []
 
 
 async def test_max_queue_per_key(redis_server: RedisServer) -> None:
@@ -209,9 +203,9 @@ async def test_status_shows_waiting_requests_nodes_and_distributors(
         # One runs, two wait: nobody else pops "ops" yet.
         assert await poll(lambda: redis_server.command("LLEN", "ops") == 2, 10)
         await asyncio.sleep(0.2)
-        before = _keys(redis_server)
+        before = redis_keys(redis_server)
         report = await take_status(params, ["ops"], timeout=5)
-        assert _keys(redis_server) == before  # status stores nothing
+        assert redis_keys(redis_server) == before  # status stores nothing
         (queue,) = report["queues"]
         assert queue["key"] == "ops" and queue["waiting"] == 2 and queue["nodes"] == 1
         assert queue["oldest_age"] >= 0.2
@@ -227,7 +221,7 @@ async def test_status_shows_waiting_requests_nodes_and_distributors(
             assert [q["nodes"] for q in report["queues"]] == [2, 1]
             assert sum(n["served"] for n in report["nodes"]) == 3
             assert report["distributors"][0]["served"] == 3
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_status_is_bounded_when_a_node_cannot_answer(redis_server: RedisServer) -> None:
@@ -418,7 +412,7 @@ async def test_distributor_metrics_parse_and_count(redis_server: RedisServer) ->
         assert samples[("minidasgi_distributor_in_flight", frozenset())] == 0
         # The ops paths are never routed.
         assert (await client.get("/-/nothing")).status_code == 404
-        assert _keys(redis_server) == []
+        assert redis_keys(redis_server) == []
 
 
 async def test_distributor_probes_follow_redis(redis_server: RedisServer) -> None:

@@ -22,23 +22,21 @@ from minidasgi import Node, create_distributor
 from minidasgi.outbox import Outbox
 
 from .redis_server import RedisServer
-from .stack import NodeProcess, distributor_process, run_node, serve_app, uvicorn_only
+from .stack import (
+    NodeProcess,
+    distributor_process,
+    redis_keys,
+    run_node,
+    serve_app,
+    uvicorn_only,
+    ws_url,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 KEY = "ws"
 WAIT = 10.0  # seconds: bound on any single wait that should be quick
 KILL_NOTICED = 5.0  # seconds: a dead peer must be noticed well within this (about 1-3 s)
-
-
-def _keys(server: RedisServer) -> list[bytes]:
-    keys = server.command("KEYS", "*")
-    assert isinstance(keys, list)
-    return sorted(keys)
-
-
-def _ws(base: str) -> str:
-    return "ws" + base.removeprefix("http")
 
 
 class WsApp:
@@ -141,7 +139,7 @@ async def _stack(
     distributor = create_distributor(url=redis_server.url, key=KEY, **options)
     node = Node(url=redis_server.url, app=app, key=KEY, lifespan="off", concurrency=concurrency)
     async with serve_app(distributor) as base, run_node(node):
-        yield _ws(base)
+        yield ws_url(base)
 
 
 async def test_accept_and_echo_text_and_bytes(redis_server: RedisServer) -> None:
@@ -162,7 +160,7 @@ async def test_accept_and_echo_text_and_bytes(redis_server: RedisServer) -> None
     assert scope["path"] == "/echo"
     assert scope["scheme"] == "ws"
     assert isinstance(dict(scope["headers"])[b"host"], bytes)
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_slow_accept_outlives_the_worker_timeout(redis_server: RedisServer) -> None:
@@ -172,7 +170,7 @@ async def test_slow_accept_outlives_the_worker_timeout(redis_server: RedisServer
         async with websockets.connect(url + "/late") as ws:
             await ws.send("late")
             assert await asyncio.wait_for(ws.recv(), WAIT) == "late"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_reject_before_accept_is_403(redis_server: RedisServer) -> None:
@@ -180,7 +178,7 @@ async def test_reject_before_accept_is_403(redis_server: RedisServer) -> None:
         with pytest.raises(InvalidStatus) as info:
             await asyncio.wait_for(websockets.connect(url + "/reject"), WAIT)
         assert info.value.response.status_code == 403
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_subprotocol_negotiation(redis_server: RedisServer) -> None:
@@ -197,7 +195,7 @@ async def test_subprotocol_negotiation(redis_server: RedisServer) -> None:
             assert ws.subprotocol is None
     assert app.scopes[0]["subprotocols"] == ["a", "chat"]
     assert app.scopes[1]["subprotocols"] == []
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_extra_headers_on_accept(redis_server: RedisServer) -> None:
@@ -209,7 +207,7 @@ async def test_extra_headers_on_accept(redis_server: RedisServer) -> None:
             assert headers["set-cookie"] == "a=1"
             await ws.send("still works")
             assert await asyncio.wait_for(ws.recv(), WAIT) == "still works"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_ten_thousand_pipelined_messages_in_order(redis_server: RedisServer) -> None:
@@ -229,7 +227,7 @@ async def test_ten_thousand_pipelined_messages_in_order(redis_server: RedisServe
             await asyncio.wait_for(sending, WAIT)
     expected = [f"message {i}" if i % 2 else b"%d" % i for i in range(count)]
     assert received == expected
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_two_hundred_concurrent_sockets(redis_server: RedisServer) -> None:
@@ -262,7 +260,7 @@ async def test_two_hundred_concurrent_sockets(redis_server: RedisServer) -> None
             assert replies == [f"{n}:0", f"{n}:1", f"{n}:2", b"%d" % n]
         await app.wait_ended(sockets, WAIT)
         assert app.ended.count("disconnect") == sockets
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_ten_mib_binary_and_one_mib_multibyte_text(redis_server: RedisServer) -> None:
@@ -287,7 +285,7 @@ async def test_ten_mib_binary_and_one_mib_multibyte_text(redis_server: RedisServ
             # The connection is still usable afterwards.
             await ws.send("small")
             assert await asyncio.wait_for(ws.recv(), WAIT) == "small"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_app_closes_with_code_and_reason(redis_server: RedisServer) -> None:
@@ -301,7 +299,7 @@ async def test_app_closes_with_code_and_reason(redis_server: RedisServer) -> Non
         assert info.value.rcvd is not None
         assert info.value.rcvd.code == 4001
         assert info.value.rcvd.reason == "go away"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 @uvicorn_only  # compares with uvicorn's message shape; hypercorn adds "bytes": None
@@ -320,7 +318,7 @@ async def test_client_close_code_reaches_the_app(redis_server: RedisServer) -> N
     assert last["type"] == "websocket.disconnect"
     assert last["code"] == 4002
     assert last.get("reason", "client leaves") == "client leaves"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_node_killed_mid_conversation_closes_1011(redis_server: RedisServer) -> None:
@@ -329,7 +327,7 @@ async def test_node_killed_mid_conversation_closes_1011(redis_server: RedisServe
     async with serve_app(distributor) as base:
         await asyncio.to_thread(node.start)
         try:
-            async with websockets.connect(_ws(base) + "/", subprotocols=["chat"]) as ws:  # type: ignore[list-item]
+            async with websockets.connect(ws_url(base) + "/", subprotocols=["chat"]) as ws:  # type: ignore[list-item]
                 assert ws.subprotocol == "chat"
                 for i in range(5):
                     await ws.send(f"before {i}")
@@ -345,7 +343,7 @@ async def test_node_killed_mid_conversation_closes_1011(redis_server: RedisServe
     assert info.value.rcvd is not None, info.value
     assert info.value.rcvd.code == 1011
     assert noticed < KILL_NOTICED, f"closed {noticed:.2f} s after the kill"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_no_worker_refuses_the_handshake(redis_server: RedisServer) -> None:
@@ -353,11 +351,11 @@ async def test_no_worker_refuses_the_handshake(redis_server: RedisServer) -> Non
     async with serve_app(distributor) as base:
         started = time.monotonic()
         with pytest.raises(InvalidStatus) as info:
-            await asyncio.wait_for(websockets.connect(_ws(base) + "/echo"), WAIT)
+            await asyncio.wait_for(websockets.connect(ws_url(base) + "/echo"), WAIT)
         elapsed = time.monotonic() - started
     assert info.value.response.status_code == 403
     assert 0.4 < elapsed < 3
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_distributor_killed_disconnects_the_app(
@@ -387,7 +385,7 @@ async def test_distributor_killed_disconnects_the_app(
     assert noticed < KILL_NOTICED, f"the app noticed after {noticed:.2f} s"
     assert app.ended == ["disconnect"]
     assert app.events[-1]["type"] == "websocket.disconnect"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_denial_response_extension(redis_server: RedisServer) -> None:
@@ -395,7 +393,7 @@ async def test_denial_response_extension(redis_server: RedisServer) -> None:
     direct = WsApp()
     async with serve_app(direct) as base:
         with pytest.raises(InvalidStatus) as info:
-            await asyncio.wait_for(websockets.connect(_ws(base) + "/deny"), WAIT)
+            await asyncio.wait_for(websockets.connect(ws_url(base) + "/deny"), WAIT)
         direct_response = info.value.response
     offered = direct.scopes[0].get("extensions", {})
 
@@ -414,7 +412,7 @@ async def test_denial_response_extension(redis_server: RedisServer) -> None:
     assert response.headers["www-authenticate"] == "Bearer"
     assert response.headers["content-type"] == "text/plain"
     assert response.body == direct_response.body
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_no_keys_left_after_a_mix(redis_server: RedisServer) -> None:
@@ -436,7 +434,7 @@ async def test_no_keys_left_after_a_mix(redis_server: RedisServer) -> None:
             await ws.send("y")
             await ws.close(code=4002)
         await asyncio.wait_for(app.disconnected.wait(), WAIT)
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 # The cost of a conversation, asserted structurally (PUBLISH commands from INFO commandstats).
@@ -460,7 +458,7 @@ async def _patient_stack(redis_server: RedisServer, app: Any) -> AsyncIterator[s
     distributor.outbox = Outbox(lambda: distributor._client, hold_time=60.0)
     node = Node(url=redis_server.url, app=app, key=KEY, lifespan="off")
     async with serve_app(distributor) as base, run_node(node):
-        yield _ws(base)
+        yield ws_url(base)
 
 
 async def test_a_lockstep_echo_costs_two_publish_per_round_trip(redis_server: RedisServer) -> None:
@@ -478,7 +476,7 @@ async def test_a_lockstep_echo_costs_two_publish_per_round_trip(redis_server: Re
                 assert await asyncio.wait_for(ws.recv(), WAIT) == f"m{i}"
             publishes = await asyncio.to_thread(_publish_calls, redis_server) - before
     assert publishes <= 2 * n + 1, publishes
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_a_held_credit_never_stalls_a_stream_to_the_client(
@@ -499,7 +497,7 @@ async def test_a_held_credit_never_stalls_a_stream_to_the_client(
         async with websockets.connect(url + "/") as ws:
             received = [await asyncio.wait_for(ws.recv(), WAIT) for _ in range(count)]
     assert received == [f"p{i}" for i in range(count)]
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_sixteen_lockstep_echoes_cost_about_one_message_each_way_per_round_trip(
@@ -513,7 +511,7 @@ async def test_sixteen_lockstep_echoes_cost_about_one_message_each_way_per_round
     distributor = create_distributor(url=redis_server.url, key=KEY, liveness_interval=3600)
     node = Node(url=redis_server.url, app=WsApp(), key=KEY, lifespan="off", liveness_interval=3600)
     async with serve_app(distributor) as base, run_node(node):
-        clients = [await websockets.connect(_ws(base) + "/echo") for _ in range(sockets)]
+        clients = [await websockets.connect(ws_url(base) + "/echo") for _ in range(sockets)]
 
         async def lockstep(ws: Any, tag: str) -> None:
             for i in range(rounds):
@@ -550,7 +548,7 @@ async def test_a_client_message_leaves_the_distributor_with_no_flush_of_its_outb
         run(handle)
 
     async with serve_app(distributor) as base, run_node(node):
-        async with websockets.connect(_ws(base) + "/echo") as ws:
+        async with websockets.connect(ws_url(base) + "/echo") as ws:
             for i in range(8):  # warm up: the accept, the first credits
                 await ws.send(f"warm {i}")
                 assert await asyncio.wait_for(ws.recv(), WAIT) == f"warm {i}"
@@ -560,4 +558,4 @@ async def test_a_client_message_leaves_the_distributor_with_no_flush_of_its_outb
                 assert await asyncio.wait_for(ws.recv(), WAIT) == f"m{i}"
             monkeypatch.undo()
     assert flushes <= n // 2, f"{flushes} flushes for {n} messages"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []

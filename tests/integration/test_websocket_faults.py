@@ -30,23 +30,13 @@ from minidasgi import Node, create_distributor
 
 from . import apps
 from .redis_server import RedisServer
-from .stack import SERVER, NodeProcess, poll, run_node, serve_app
+from .stack import SERVER, NodeProcess, poll, redis_keys, run_node, serve_app, ws_url
 
 pytestmark = pytest.mark.timeout(60)
 
 KEY = "ws-faults"
 WAIT = 10.0  # seconds: bound on any single wait that should be quick
 PAUSE = 1.5  # seconds the Node stays stopped: over a liveness round (1 s), short of peer_timeout
-
-
-def _keys(server: RedisServer) -> list[bytes]:
-    keys = server.command("KEYS", "*")
-    assert isinstance(keys, list)
-    return sorted(keys)
-
-
-def _ws(base: str) -> str:
-    return "ws" + base.removeprefix("http")
 
 
 async def _stopped(pid: int) -> None:
@@ -111,8 +101,8 @@ async def test_a_node_paused_mid_conversation_loses_nothing(redis_server: RedisS
         with NodeProcess(redis_server.url, KEY, "apps:ws_chatter") as node:
             assert node.process is not None
             pid = node.process.pid
-            await _converse_through(_ws(base) + "/", lambda: _stopped(pid))
-    assert await poll(lambda: _keys(redis_server) == [], WAIT)
+            await _converse_through(ws_url(base) + "/", lambda: _stopped(pid))
+    assert await poll(lambda: redis_keys(redis_server) == [], WAIT)
 
 
 def _silent_client(port: int, path: str = "/flood") -> socket.socket:
@@ -170,13 +160,13 @@ async def test_a_client_that_stops_reading_holds_the_flood_back(redis_server: Re
                 await asyncio.sleep(0.5)
             assert sent < 256, f"{sent} messages of 64 KiB sent to a client that reads none"
             assert node.in_flight == 1
-            async with websockets.connect(_ws(base) + "/other") as ws:
+            async with websockets.connect(ws_url(base) + "/other") as ws:
                 await ws.send("still served")
                 assert await asyncio.wait_for(ws.recv(), WAIT) == "still served"
         finally:
             sock.close()
         assert await poll(lambda: node.in_flight == 0, WAIT), "the slot outlived the client"
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
@@ -199,7 +189,8 @@ async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
         await asyncio.to_thread(node.start)
         try:
             sockets = [
-                await asyncio.wait_for(websockets.connect(_ws(base) + "/"), WAIT) for _ in range(3)
+                await asyncio.wait_for(websockets.connect(ws_url(base) + "/"), WAIT)
+                for _ in range(3)
             ]
             for ws in sockets:
                 await ws.send("hi")
@@ -215,7 +206,7 @@ async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
                     return body.decode().splitlines()[-1]
 
                 streams = [asyncio.ensure_future(stream(n)) for n in (1000, 1000, 5)]
-                late = asyncio.ensure_future(websockets.connect(_ws(base) + "/late"))
+                late = asyncio.ensure_future(websockets.connect(ws_url(base) + "/late"))
                 exchanges = distributor._exchanges.values
                 started = lambda: sum(e.started for e in exchanges())  # noqa: E731
                 taken = lambda: sum(e.node is not None for e in exchanges())  # noqa: E731
@@ -239,7 +230,7 @@ async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
     assert "accepted while draining" in ends_of_sockets  # not before the signal
     ends_of_sockets.remove("accepted while draining")
     assert ends_of_sockets == ["disconnect 1012"] * 4
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 async def test_sigterm_while_an_app_is_blocked_sending_to_a_client_that_reads_nothing(
@@ -279,7 +270,7 @@ async def test_sigterm_while_an_app_is_blocked_sending_to_a_client_that_reads_no
             output = await asyncio.to_thread(node.output)
         finally:
             await asyncio.to_thread(node.stop)
-        assert await poll(lambda: _keys(redis_server) == [], WAIT)
+        assert await poll(lambda: redis_keys(redis_server) == [], WAIT)
     assert code == 0
     assert "ERROR" not in output and "never retrieved" not in output, output
     assert lines()[-1] == "cancelled"
@@ -315,7 +306,7 @@ async def test_an_app_that_only_sends_ends_once_its_client_left(
 
     if SERVER == "uvicorn":  # served directly, for comparison (hypercorn drops the sends)
         async with serve_app(ticker) as base:
-            await tick_then_leave(_ws(base) + "/")
+            await tick_then_leave(ws_url(base) + "/")
             assert await poll(lambda: ended, WAIT)
         assert isinstance(ended[0], OSError), repr(ended[0])
         ended.clear()
@@ -323,12 +314,12 @@ async def test_an_app_that_only_sends_ends_once_its_client_left(
     node = Node(url=redis_server.url, app=ticker, key=KEY, lifespan="off")
     with caplog.at_level(logging.INFO, logger="minidasgi"):
         async with serve_app(distributor) as base, run_node(node):
-            await tick_then_leave(_ws(base) + "/")
+            await tick_then_leave(ws_url(base) + "/")
             assert await poll(lambda: node.in_flight == 0, WAIT), "the app still runs"
             assert not distributor._exchanges
     assert len(ended) == 1 and isinstance(ended[0], OSError), ended
     assert [r.getMessage() for r in caplog.records if r.levelno > logging.INFO] == []
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
 
 
 def _masked_text_frame(text: bytes) -> bytes:
@@ -374,4 +365,4 @@ async def test_a_client_sending_after_the_app_closed_reaches_no_app(
     assert (seen[0]["type"], seen[0]["text"]) == ("websocket.receive", "first")
     assert seen[1]["type"] == "websocket.disconnect"
     assert [r.getMessage() for r in caplog.records if r.levelno > logging.INFO] == []
-    assert _keys(redis_server) == []
+    assert redis_keys(redis_server) == []
