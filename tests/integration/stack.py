@@ -26,11 +26,13 @@ from typing import IO, Any
 import pytest
 import uvicorn
 
+import minidasgi
 from minidasgi import Node
 
 from .ports import alistening_child, bound_socket, listens
 
 HERE = Path(__file__).resolve().parent
+_PACKAGE_ROOT = Path(minidasgi.__file__).resolve().parent.parent  # holds the package
 SERVER = os.environ.get("MINIDASGI_TEST_SERVER", "uvicorn")
 """The ASGI server ``serve_app`` runs: uvicorn, or hypercorn when CI runs the suite again."""
 uvicorn_only = pytest.mark.skipif(
@@ -309,7 +311,10 @@ class NodeProcess:
         the kernel's choice: no other process can have it)."""
 
     def start(self) -> NodeProcess:
-        env = dict(os.environ, PYTHONPATH=str(HERE))
+        # The apps from here, and the very minidasgi this process imported (a checkout under
+        # test, say, rather than the one installed): a test checked against other code
+        # otherwise passes or fails for the children's code, not its own.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(_PACKAGE_ROOT)]))
         self.process = subprocess.Popen(
             self.args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
