@@ -1472,7 +1472,7 @@ class _Job:
             if not self.gone:  # the distributor now reads the body
                 self._post(wire.CONTINUE, lost=self._check_reached)
         while True:
-            if self.disconnect is not None and self.inbox.empty():
+            if self.disconnect is not None and (self.inbox.empty() or self.kind == "websocket"):
                 return self.disconnect  # as uvicorn: once disconnected, always disconnected
             inbox = self.inbox
             # Taken at once when there (a whole body came in the envelope): no coroutine.
@@ -1783,6 +1783,10 @@ class _Job:
             self.finished = True
             # uvicorn answers a disconnect once the response is over
             self._wake_receive(self._disconnect_code)
+            if self.kind == "websocket":
+                # Closed: what the client sent before the close reached it is moot, as under
+                # uvicorn, whose receive() answers the disconnect from then on.
+                self.disconnect = {"type": "websocket.disconnect", "code": self._disconnect_code}
         if self.node._turn_promised:
             self.node._end_turn()  # it leaves now, before the app's and the request's ends
 

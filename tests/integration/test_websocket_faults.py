@@ -316,7 +316,9 @@ async def test_an_app_that_only_sends_ends_once_its_client_left(
         async with serve_app(distributor) as base, run_node(node):
             await tick_then_leave(ws_url(base) + "/")
             assert await poll(lambda: node.in_flight == 0, WAIT), "the app still runs"
-            assert not distributor._exchanges
+            # The distributor ends its side once the close and the client's end reach it: a
+            # moment after the Node's; an exchange kept would fail the poll.
+            assert await poll(lambda: not distributor._exchanges, WAIT), distributor._exchanges
     assert len(ended) == 1 and isinstance(ended[0], OSError), ended
     assert [r.getMessage() for r in caplog.records if r.levelno > logging.INFO] == []
     assert redis_keys(redis_server) == []
@@ -361,7 +363,9 @@ async def test_a_client_sending_after_the_app_closed_reaches_no_app(
         async with serve_app(distributor) as base, run_node(node):
             await asyncio.to_thread(client, int(base.rsplit(":", 1)[1]))
             assert await poll(lambda: len(seen) == 2 and node.in_flight == 0, WAIT), seen
-            assert not distributor._exchanges
+            # The distributor ends its side once the close and the client's end reach it: a
+            # moment after the Node's; an exchange kept would fail the poll.
+            assert await poll(lambda: not distributor._exchanges, WAIT), distributor._exchanges
     assert (seen[0]["type"], seen[0]["text"]) == ("websocket.receive", "first")
     assert seen[1]["type"] == "websocket.disconnect"
     assert [r.getMessage() for r in caplog.records if r.levelno > logging.INFO] == []
