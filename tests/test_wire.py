@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import math
 import re
@@ -480,6 +481,25 @@ def test_credit_pool_opens_windows_within_its_budget() -> None:
     pool = wire.CreditPool(budget=10)
     assert [pool.open(8), pool.open(8), pool.open(8)] == [8, 2, 1]  # at least one each
     assert pool.in_flight == 11
+
+
+def test_credit_pool_opens_windows_by_comparisons(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A distributor with more than one request in flight opens a window per request
+    # (``reserve``'s usual answer): no builtin min or max, which cost more than the tests.
+    called: list[str] = []
+    for name in ("min", "max"):
+        real = getattr(builtins, name)
+        monkeypatch.setattr(
+            wire,
+            name,
+            lambda *args, _name=name, _real=real: called.append(_name) or _real(*args),
+            raising=False,
+        )
+    pool = wire.CreditPool(budget=17)
+    assert [pool.open(8), pool.open(8), pool.open(1), pool.open(8), pool.open(8)] == [8, 8, 1, 1, 1]
+    assert pool.in_flight == 19  # past the budget: one credit each all the same
+    assert pool.reserve() == (1, wire.CHUNK_SIZE)
+    assert called == []
 
 
 def test_credit_pool_defers_grants_while_full_and_pays_them_later() -> None:
