@@ -186,8 +186,11 @@ def try_encode_parts(
     return [_PREFIX.pack(jsoncodec.VERSION, len(head), count), head, lengths, *blobs]
 
 
-_LAST_SETTINGS: Final[list[tuple[Any, ...]]] = [()]
-"""The last settings written (``_settings``): the very objects, then their text; replaced
+_KEPT_SETTINGS: Final[list[tuple[tuple[Any, ...], ...]]] = [()]
+"""The last two settings written (``_settings``), the latest first: each the very objects,
+then their text. Two, not one: a distributor with more than one request in flight writes two
+sets in turn (the pool's window of large pieces for one request, small ones for the others:
+``wire.CreditPool.reserve``), and a set written anew costs about 12k instructions. Replaced
 whole, in one assignment (another thread's distributor may be writing too)."""
 
 
@@ -204,19 +207,19 @@ def _settings(
     liveness), and what follows it to the head's end. A distributor writes the same
     settings, the same objects, into envelope after envelope: their text is kept with them,
     found again by identity (an equal object may write otherwise: 1 and 1.0, 0.0 and -0.0)."""
-    last = _LAST_SETTINGS[0]
-    if (
-        last
-        and last[0] is window
-        and last[1] is liveness
-        and last[2] is piece
-        and last[3] is usual_piece
-        and last[4] is confirms
-        and last[5] is unit
-        and last[6] is ack_send
-    ):
-        text: tuple[str, str] = last[7]
-        return text
+    kept = _KEPT_SETTINGS[0]
+    for last in kept:
+        if (
+            last[0] is window
+            and last[1] is liveness
+            and last[2] is piece
+            and last[3] is usual_piece
+            and last[4] is confirms
+            and last[5] is unit
+            and last[6] is ack_send
+        ):
+            text: tuple[str, str] = last[7]
+            return text
     window_text = _number(window)
     liveness_text = _number(liveness)
     if window_text is None or liveness_text is None:
@@ -245,7 +248,8 @@ def _settings(
         and type(confirms) is bool
         and type(ack_send) is bool
     ):
-        _LAST_SETTINGS[0] = (window, liveness, piece, usual_piece, confirms, unit, ack_send, text)
+        entry = (window, liveness, piece, usual_piece, confirms, unit, ack_send, text)
+        _KEPT_SETTINGS[0] = (entry, *kept[:1])
     return text
 
 

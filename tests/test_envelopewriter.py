@@ -607,6 +607,43 @@ def test_the_settings_of_the_last_envelope_are_written_once(
     assert 8.0 in numbers and b'"window":8.0' in third.encode()
 
 
+def test_two_settings_written_in_turn_are_both_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A distributor with requests in flight alternates the pool's large window (4 pieces of
+    # 1 MiB) and small ones (8 of 128 KiB): both sets stay kept, a third replaces the older.
+    numbers: list[Any] = []
+    real = envelopewriter._number
+
+    def spy(value: Any) -> str | None:
+        numbers.append(value)
+        return real(value)
+
+    large = {"window": wire.LARGE_WINDOW, "piece": wire.PIECE_SIZE}
+    small = {"window": wire.WINDOW, "piece": wire.CHUNK_SIZE}
+    for settings in (large, small):
+        envelope(uvicorn_scope(), **settings).encode()
+    monkeypatch.setattr(envelopewriter, "_number", spy)
+    for settings in (large, small, large, small):
+        value = envelope(uvicorn_scope(), **settings)
+        data = value.encode()
+        assert data.endswith(general(value) or b"unreachable")
+        # Only the deadline and the queued time (before: the window and the liveness too,
+        # and the piece of the large one, at every turn).
+        assert numbers == [value.deadline, value.queued]
+        numbers.clear()
+    third = {"window": 3, "piece": wire.CHUNK_SIZE}
+    for settings in (third, small, large):
+        value = envelope(uvicorn_scope(), **settings)
+        assert value.encode().endswith(general(value) or b"unreachable")
+        numbers.clear()
+    # ``third`` pushed ``large`` out, ``small`` was found kept (no reordering), then
+    # ``large``, written anew, pushed ``small`` out.
+    for settings, written in ((large, False), (third, False), (small, True)):
+        value = envelope(uvicorn_scope(), **settings)
+        assert value.encode().endswith(general(value) or b"unreachable")
+        assert (value.window in numbers) is written
+        numbers.clear()
+
+
 def test_the_start_of_a_connections_scopes_is_written_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
