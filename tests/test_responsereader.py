@@ -126,6 +126,9 @@ def test_an_id_json_would_escape_is_left_to_the_general_path(request_id: str) ->
     assert general(data)[1] == request_id  # valid all the same
 
 
+_NO_LAST = (responsereader._ID_START, b"\0", (0, 0, None, ()))  # as the module starts
+
+
 def test_answers_alike_but_for_their_ids_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
     read: list[bytes] = []
     real = responsereader._template
@@ -136,6 +139,7 @@ def test_answers_alike_but_for_their_ids_are_read_once(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(responsereader, "_template", spy)
     monkeypatch.setattr(responsereader, "_TEMPLATES", {})
+    monkeypatch.setattr(responsereader, "_LAST", [_NO_LAST])
     messages = [ack_send() for _ in range(5)]  # five requests, five ids
     for data in messages:
         assert same(responsereader.try_decode(data), general(data))
@@ -143,6 +147,54 @@ def test_answers_alike_but_for_their_ids_are_read_once(monkeypatch: pytest.Monke
     other = ack_send(ack=(NODE, 8, 1.0))
     assert same(responsereader.try_decode(other), general(other))
     assert len(read) == 2
+
+
+class _CountedPattern:
+    """A compiled expression whose ``match`` calls are counted."""
+
+    def __init__(self, pattern: Any) -> None:
+        self.pattern = pattern
+        self.calls = 0
+
+    def match(self, *args: Any) -> Any:
+        self.calls += 1
+        return self.pattern.match(*args)
+
+
+def test_the_same_nodes_next_answers_take_no_expression(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the id differs from the last answer's head: its rest is compared in place, with
+    # neither the expression for the start and the id nor a copy of the rest looked up.
+    counted = _CountedPattern(responsereader._START_AND_ID)
+    monkeypatch.setattr(responsereader, "_START_AND_ID", counted)
+    monkeypatch.setattr(responsereader, "_LAST", [_NO_LAST])
+    for _ in range(5):
+        data = ack_send()
+        assert same(responsereader.try_decode(data), general(data))
+    assert counted.calls == 1
+    # Another Node (another rest), then the first again: the expression each time it changes.
+    for ack in ((NODE + "x", 1, 1.0), (NODE, 1, 1.0), (NODE, 1, 1.0)):
+        data = ack_send(ack=ack)
+        assert same(responsereader.try_decode(data), general(data))
+    assert counted.calls == 3
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["a" * 23 + '"', "a" * 23 + "\\", "a" * 23 + " ", "a" * 23 + "\x7f", "a" * 22 + "é", "-" * 24],
+)
+def test_an_id_of_the_last_ones_length_is_read_as_json_reads_it(request_id: str) -> None:
+    # In place of an id of letters and digits, what json would escape is refused, and what
+    # it reads unchanged (but for letters and digits) is read by the expression.
+    usual = ack_send()
+    assert responsereader.try_decode(usual) is not None  # its rest now the last one
+    data = ack_send(request_id=request_id)
+    fast = responsereader.try_decode(data)
+    if fast is None:
+        assert request_id[-1] in '"\\ \x7f' or not request_id.isascii()
+        assert general(data)[1] == request_id  # valid all the same
+    else:
+        assert request_id == "-" * 24
+        assert same(fast, general(data))
 
 
 def test_the_templates_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
