@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import math
@@ -823,3 +824,50 @@ def test_timestamps_given_in_whole_milliseconds_are_written_from_the_ints(
         numbers.clear()
         assert parts(deadline_ms, queued_ms, True) == parts(deadline, queued)
         assert numbers == [deadline, queued, deadline, queued], (deadline_ms, queued_ms)
+
+
+def test_the_whole_seconds_of_the_last_envelope_are_written_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A second's requests share the text of their times' whole seconds: written once (a
+    # divmod and a str each), then found by a subtraction. Any other time (the next second,
+    # an earlier one: another thread's distributor, a clock stepped back) is written anew,
+    # and every text is the one the floats give.
+    rng = random.Random(16)
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    def parts(deadline: Any, queued: Any, millis: bool = False) -> bytes | None:
+        args = (deadline, uvicorn_scope(), events, 4, 2.0, queued, wire.PIECE_SIZE)
+        written = envelopewriter.try_encode_parts(
+            *args, wire.CHUNK_SIZE, True, 0, True, False, millis
+        )
+        return None if written is None else b"".join(written)
+
+    second = int(time.time()) * 1000
+    cases = [(second + 5000, second), (second + 5999, second + 999)]
+    cases += [(second + 6000, second + 999), (second + 5000, second + 1000)]
+    cases += [(second + 4999, second - 1), (second + 5000, second), (0, 0), (999, 999), (1000, 0)]
+    for _ in range(3000):
+        queued = second + rng.randrange(-2500, 2500)
+        cases.append((queued + rng.choice([0, 1, 999, 1000, 5000, rng.randrange(10**6)]), queued))
+    for deadline_ms, queued_ms in cases:
+        floats = parts(deadline_ms / 1000, queued_ms / 1000)
+        assert floats is not None
+        assert parts(deadline_ms, queued_ms, True) == floats, (deadline_ms, queued_ms)
+    # divmod spied (str is also the writer's type checks'): each comes with a str.
+    called: list[Any] = []
+
+    def spy(*args: Any) -> Any:
+        called.append(args)
+        return builtins.divmod(*args)
+
+    monkeypatch.setattr(envelopewriter, "divmod", spy, raising=False)
+    monkeypatch.setattr(envelopewriter, "_SECONDS", [(-1000, "", -1000, "")], raising=False)
+    parts(second + 5000, second, True)  # this second's first envelope: written
+    assert called == [(second, 1000), (second + 5000, 1000)]
+    called.clear()
+    for offset in (0, 1, 500, 999):
+        parts(second + 5000 + offset, second + offset, True)
+    assert called == []  # before: a divmod and a str for each time of each envelope
+    parts(second + 6000, second + 1000, True)
+    assert called == [(second + 1000, 1000), (second + 6000, 1000)]
