@@ -917,13 +917,16 @@ def _envelope_preamble_parts(request_id: str, reply: str) -> tuple[bytes, bytes,
         reply_part = bytes([len(reply_bytes)]) + reply_bytes
         if type(reply) is str:
             memo.keep(_REPLY_PARTS, reply, reply_part)
-    if len(request_id_bytes) > 64:
+    size = len(request_id_bytes)
+    if size > 64:
         raise WireError("envelope id or reply channel too long")
-    return bytes([ENVELOPE_FRAME, len(request_id_bytes)]), request_id_bytes, reply_part
+    return _ENVELOPE_HEADS[size], request_id_bytes, reply_part
 
 
 _REPLY_PARTS: Final[dict[str, bytes]] = {}
 """A reply channel's part of the preamble, by the channel (a distributor has one)."""
+_ENVELOPE_HEADS: Final = [bytes([ENVELOPE_FRAME, size]) for size in range(65)]
+"""The frame byte and the id's length, by that length: made once, not per envelope."""
 
 
 def piece_size(announced: Any) -> int:

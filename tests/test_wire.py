@@ -745,6 +745,18 @@ def test_an_envelope_preamble_names_id_and_reply_whatever_the_body() -> None:
     assert wire.peek_envelope(b"\x01garbage") is None
 
 
+def test_an_envelope_preamble_holds_ids_of_up_to_64_bytes() -> None:
+    # The frame byte and the id's length are taken from a table made once, for every length.
+    for size in (1, 24, 63, 64):
+        envelope = Envelope(**{**envelope_fields(), "id": "i" * size})
+        data = envelope.encode()
+        assert data[:2] == bytes([wire.ENVELOPE_FRAME, size])
+        assert wire.peek_envelope(data) == (envelope.id, envelope.reply)
+        assert Envelope.decode(data).id == envelope.id
+    with pytest.raises(WireError, match="too long"):
+        Envelope(**{**envelope_fields(), "id": "i" * 65}).encode()
+
+
 def test_an_envelope_cut_short_in_its_preamble_is_refused() -> None:
     envelope = Envelope(**envelope_fields())
     data = envelope.encode()
