@@ -721,13 +721,13 @@ class Distributor:
         # check and the call: about 3k instructions per request). The start's header pairs
         # come as tuples, as the server is handed them, and its SEND is of a shape the relay
         # knows without looking (``_USUAL_SEND``).
-        message = responsereader.try_decode(data, max_size=wire.MAX_MESSAGE_SIZE, tuples=True)
-        if message is not None:
-            request_id = message[1]
+        # Its parts as the reader has them (``try_parts``): the events and the ACK's
+        # arguments (a tuple), with no list of the message made and sliced in two.
+        parts = responsereader.try_parts(data, max_size=wire.MAX_MESSAGE_SIZE, tuples=True)
+        if parts is not None:
+            request_id, events, ack_args = parts
             exchange = self._exchanges.get(request_id)
-            self._on_ack_send(
-                exchange, request_id, message[2:], message[3:], len(data), _USUAL_SEND
-            )
+            self._on_ack_send(exchange, request_id, (events,), ack_args, len(data), _USUAL_SEND)
             return
         try:
             kind, request_id, args = wire.unpack_general(data)
@@ -798,8 +798,8 @@ class Distributor:
         self,
         exchange: _Exchange | None,
         request_id: str,
-        args: list[Any],
-        ack: list[Any],
+        args: Sequence[Any],
+        ack: Sequence[Any],
         size: int,
         kind: str = wire.SEND,
     ) -> None:
@@ -825,7 +825,7 @@ class Distributor:
         exchange.inbox.put_nowait((wire.ACK, ack))
         _on_send(exchange, args, size, kind)
 
-    def _second_ack(self, exchange: _Exchange, args: list[Any]) -> None:
+    def _second_ack(self, exchange: _Exchange, args: Sequence[Any]) -> None:
         """Another ACK for a request already acked: a second copy of its envelope was popped
         (a replica promoted with it, a Redis restarted from its files). Only one may run: the
         one acked first. The other Node is told to stop (if it asked for a confirmation, it
@@ -1784,7 +1784,7 @@ def _log_pump_failure(pump: asyncio.Task[None]) -> None:
         logger.debug("relaying a client failed: %r", pump.exception())
 
 
-def _on_send(exchange: _Exchange, args: list[Any], size: int, kind: str = wire.SEND) -> None:
+def _on_send(exchange: _Exchange, args: Sequence[Any], size: int, kind: str = wire.SEND) -> None:
     """A SEND of ``size`` encoded bytes for ``exchange``: counted even before run() has seen
     the ACK (both may come in one read). Past the credit granted nothing more is kept: the
     exchange fails once the relay gets to the violation (it may be waiting on a slow
@@ -1803,7 +1803,7 @@ def _on_send(exchange: _Exchange, args: list[Any], size: int, kind: str = wire.S
         exchange.inbox.put_nowait(_VIOLATION)
 
 
-def _acking_node(kind: str, args: list[Any]) -> str | None:
+def _acking_node(kind: str, args: Sequence[Any]) -> str | None:
     """The Node channel an ACK names, if the message is a well-formed ACK."""
     if kind != wire.ACK or not args:
         return None

@@ -31,7 +31,7 @@ from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE
 if TYPE_CHECKING:  # in annotations only: reading one is ``jsoncodec.decode``'s business
     from .resp.directread import SplitPayload
 
-__all__ = ["try_decode"]
+__all__ = ["try_decode", "try_parts"]
 
 _PREFIX: Final = struct.Struct(">BII")  # as jsoncodec: version, head length, bytes values
 _LENGTHS: Final = [struct.Struct(f">{n}I") for n in range(65)]  # the tables of lengths read
@@ -104,6 +104,27 @@ def try_decode(
     the message may still be valid, or not). With ``tuples``, the same but for the start's
     header pairs, tuples rather than lists (what a distributor hands its server: no pass to
     convert them afterwards)."""
+    parts = try_parts(
+        data, max_size=max_size, max_items=max_items, max_depth=max_depth, tuples=tuples
+    )
+    if parts is None:
+        return None
+    request_id, events, ack = parts
+    return ["ack-send", request_id, events, *ack]
+
+
+def try_parts(
+    data: bytes | memoryview | SplitPayload,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_items: int = jsoncodec.DEFAULT_MAX_ITEMS,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    tuples: bool = False,
+) -> tuple[str, list[Any], tuple[Any, ...]] | None:
+    """``try_decode``'s value in its parts, for a reader that takes them apart (a
+    distributor): the request id, the list of events, and the ACK's arguments as a tuple
+    (the one kept for the head: immutable, never copied). No list made of them, nor sliced
+    again into the SEND's and the ACK's arguments."""
     if type(data) is not bytes:
         # A small view (a message of a batch frame) is copied whole, once: slicing bytes then
         # gives the bytes values with no view each. A larger one, or another buffer: as usual.
@@ -171,4 +192,4 @@ def try_decode(
     if more is not None:
         body["more_body"] = more
     start = {"type": "http.response.start", "status": status, "headers": headers}
-    return ["ack-send", request_id.decode("ascii"), [start, body], *ack]
+    return request_id.decode("ascii"), [start, body], ack

@@ -95,7 +95,7 @@ import os
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import isfinite
 from typing import TYPE_CHECKING, Any, Final
@@ -511,7 +511,7 @@ def ping_messages(sender: str, request_ids: list[str], *, version: int = codec.F
     return [codec.encode([PING, sender, chunk], version=version) for chunk in chunks or [[]]]
 
 
-def asks_confirmation(ack_args: list[Any]) -> bool:
+def asks_confirmation(ack_args: Sequence[Any]) -> bool:
     """True if an ACK's arguments (after the id) ask the distributor for a confirmation."""
     return len(ack_args) > 3 and ack_args[3] is True
 

@@ -294,5 +294,9 @@ def test_fuzzed_messages_give_the_general_value_or_none() -> None:
         assert same(tupled, fast), data
         # What the distributor takes as it is, unchecked: what the check would give.
         assert wire.ack_of_ack_send(fast[2:]) == fast[3:], data
+        # And in the parts it takes them as: the id, the events, the ACK's arguments.
+        parts = responsereader.try_parts(data, max_size=wire.MAX_MESSAGE_SIZE, tuples=True)
+        assert parts is not None and type(parts[2]) is tuple
+        assert same(["ack-send", parts[0], parts[1], *parts[2]], tupled), data
     # The fuzz reaches the fast path, not only its refusals, mutated messages included.
     assert taken > 1000 and mutated > 100, (taken, mutated)

@@ -421,12 +421,15 @@ async def test_a_hello_world_answer_is_read_once_and_its_ack_not_checked_again(
     # The distributor reads the usual ACK_SEND with ``responsereader`` itself, whose reader
     # admits only an ACK that ``wire.ack_of_ack_send`` accepts: neither ``wire.unpack`` nor
     # that check is called for it (before: both, once per request, about 3k instructions).
+    # It takes the message's parts as the reader has them (``try_parts``), not the message
+    # as a list (``try_decode``), sliced again into the SEND's and the ACK's arguments.
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     calls: list[str] = []
     counting = _patched(
         monkeypatch,
         _spy(wire, "unpack", lambda _: calls.append("unpack")),
         _spy(wire, "ack_of_ack_send", lambda _: calls.append("ack_of_ack_send")),
+        _spy(responsereader, "try_decode", lambda *_, **__: calls.append("try_decode")),
     )
     async with _hello_worlds(redis_server, distributor, counting):
         pass
@@ -458,15 +461,15 @@ async def test_a_streamed_answer_after_the_usual_first_message_is_relayed_whole(
     distributor = create_distributor(url=redis_server.url, key="hello", worker_timeout=30)
     distributor.credit_pool = wire.CreditPool(budget=1)
     firsts: list[Any] = []
-    decode = responsereader.try_decode
+    read = responsereader.try_parts
 
     def spy(data: Any, **bounds: Any) -> Any:
-        message = decode(data, **bounds)
-        if message is not None:
-            firsts.append(message[2][1].get("more_body"))
-        return message
+        parts = read(data, **bounds)
+        if parts is not None:
+            firsts.append(parts[1][1].get("more_body"))
+        return parts
 
-    monkeypatch.setattr(responsereader, "try_decode", spy)
+    monkeypatch.setattr(responsereader, "try_parts", spy)
     node = Node(url=redis_server.url, app=apps.small_chunks, key="hello")
     count = 40  # 640 KiB: five windows of one 128 KiB piece
     expected = b"".join(apps.small_chunk(index) for index in range(count))
