@@ -6,8 +6,10 @@ headers as pairs of bytes), read with one regular expression over its head inste
 general scanner, which calls back into Python for every bytes marker. A Node answers the
 requests of a route alike: the head after the request id (bytes values are in the tail) is
 the same from one answer to the next, so what the expression read from it is kept by that
-text (a bounded table), and the next answer's costs a lookup, its id checked alone with the
-same character class. The expression accepts
+text (a bounded table). The next answer's id is checked in place where the last one's ended
+(ASCII letters and digits, then its quote; any other id takes the expression for its end),
+and its rest compared with the last one's: the same Node's next answer costs no look-up,
+another Node's (another rest) a look-up in the table. The expression accepts
 only text whose meaning leaves no choice: fixed keys in a fixed order, strings of printable
 ASCII without escapes, ints without sign or leading zero of at most 9 digits, a plain decimal
 float, ``0E0`` markers exactly where bytes go; the prefix, the table of lengths and the markers'
@@ -41,6 +43,7 @@ _ID_START: Final = 9 + 13  # after the prefix and the start
 _CHANNEL: Final = rb'"([!#-\[\]-~]{1,255})"'  # a Node channel: text json reads unchanged
 _INT: Final = rb"(0|[1-9][0-9]{0,8})"  # what json reads as an int, and int() likewise
 _START: Final = b'["ack-send","'  # the head's start, then the request id
+_QUOTE: Final = ord('"')  # the byte after the request id
 _START_AND_ID: Final = re.compile(re.escape(_START) + rb'([!#-\[\]-~]+)"')
 """The head's start and the request id (what json reads as the text between the quotes),
 in one match: cheaper than a comparison, a search and a match."""
@@ -69,10 +72,11 @@ on a distributor's channel chooses these keys: ``_REST`` bounds them (31 headers
 255 characters: under 1 KiB each), and a head it does not match is never kept."""
 _MAX_TEMPLATES: Final = memo.BOUND
 _LAST: Final[list[tuple[int, bytes, tuple[int, int, bool | None, tuple[Any, ...]]]]] = [
-    (_ID_START, b"\0", (0, 0, None, ()))  # matches no head: a head's rest is text
+    (_ID_START, b"", (0, 0, None, ()))  # an empty id, refused: the expression decides
 ]
-"""The last head's rest read (where it starts, its text, its template), for the next answer
-of the same Node, which differs from it only by its id; replaced whole, in one assignment."""
+"""The last head's rest read (where it starts, its text, its template): the next answer of
+the same Node differs from it only by its id; another Node's has an id of the same length.
+Replaced whole, in one assignment."""
 
 
 def _template(rest: bytes) -> tuple[int, int, bool | None, tuple[Any, ...]] | None:
@@ -141,22 +145,28 @@ def try_parts(
         return None
     id_end, last_rest, template = _LAST[0]
     request_id = data[_ID_START:id_end]
-    if not (
-        # The last answer's rest in place, after an id of its length: the same value as
-        # below, without the expression, nor a copy of the rest hashed to look it up (about
-        # 1.6k instructions). Letters and digits (ASCII: bytes' isalnum) are all in the id's
-        # character class, and no quote among them: the expression ends the id where the
-        # rest starts, as here.
-        head_end - id_end == len(last_rest)
-        and data.startswith(last_rest, id_end)
-        and data.startswith(_START, _PREFIX.size)
+    if (
+        # An id of the last one's length, its quote, and the start, checked in place: the
+        # same end as the expression's, without it (about 1.3k instructions). Letters and
+        # digits (ASCII: bytes' isalnum) are all in the id's character class, and no quote
+        # among them: the expression ends the id at the first quote after them, as here.
+        id_end < head_end
+        and data[id_end] == _QUOTE
         and request_id.isalnum()
+        and data[_PREFIX.size : _ID_START] == _START
     ):
+        rest = data[id_end:head_end]
+    else:
         start_and_id = _START_AND_ID.match(data, _PREFIX.size, head_end)
         if start_and_id is None:
             return None
         id_end = start_and_id.end(1)
+        request_id = data[_ID_START:id_end]
         rest = data[id_end:head_end]
+        last_rest = b""  # kept anew below, with this id's end: a rest is never empty
+    if rest != last_rest:
+        # Another Node's answer (or another route's): its template by the rest, as the
+        # same Node's next answer needs no lookup.
         kept = _TEMPLATES.get(rest)
         if kept is None:
             kept = _template(rest)
@@ -165,7 +175,6 @@ def try_parts(
             memo.keep(_TEMPLATES, rest, kept, _MAX_TEMPLATES)
         template = kept
         _LAST[0] = (id_end, rest, template)
-        request_id = data[_ID_START:id_end]
     markers, status, more, ack = template
     if count != markers or count >= len(_LENGTHS):
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 from typing import Any
 
 import pytest
@@ -126,7 +127,7 @@ def test_an_id_json_would_escape_is_left_to_the_general_path(request_id: str) ->
     assert general(data)[1] == request_id  # valid all the same
 
 
-_NO_LAST = (responsereader._ID_START, b"\0", (0, 0, None, ()))  # as the module starts
+_NO_LAST = (responsereader._ID_START, b"", (0, 0, None, ()))  # as the module starts
 
 
 def test_answers_alike_but_for_their_ids_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,21 +162,76 @@ class _CountedPattern:
         return self.pattern.match(*args)
 
 
+class _CountedDict(dict[bytes, Any]):
+    """The templates kept, whose ``get`` calls (the look-ups) are counted."""
+
+    looked_up = 0
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        self.looked_up += 1
+        return super().get(key, default)
+
+
 def test_the_same_nodes_next_answers_take_no_expression(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Only the id differs from the last answer's head: its rest is compared in place, with
-    # neither the expression for the start and the id nor a copy of the rest looked up.
+    # Only the id differs from the last answer's head: its id's end and its rest are checked
+    # in place, with neither the expression for the start and the id nor a look-up.
     counted = _CountedPattern(responsereader._START_AND_ID)
+    templates = _CountedDict()
     monkeypatch.setattr(responsereader, "_START_AND_ID", counted)
-    monkeypatch.setattr(responsereader, "_LAST", [_NO_LAST])
+    monkeypatch.setattr(responsereader, "_TEMPLATES", templates)
+    monkeypatch.setattr(responsereader, "_LAST", [_NO_LAST], raising=False)
     for _ in range(5):
         data = ack_send()
         assert same(responsereader.try_decode(data), general(data))
-    assert counted.calls == 1
-    # Another Node (another rest), then the first again: the expression each time it changes.
+    assert (counted.calls, templates.looked_up) == (1, 1)
+    # Another Node (another rest), then the first again: an id of the same length takes no
+    # expression; the rest is looked up each time it changes.
     for ack in ((NODE + "x", 1, 1.0), (NODE, 1, 1.0), (NODE, 1, 1.0)):
         data = ack_send(ack=ack)
         assert same(responsereader.try_decode(data), general(data))
-    assert counted.calls == 3
+    assert (counted.calls, templates.looked_up) == (1, 3)
+    # An id of another length: the expression finds its end, and the rest is looked up.
+    for request_id in ("a" * 25, "a" * 23):
+        data = ack_send(request_id=request_id)
+        assert same(responsereader.try_decode(data), general(data))
+    assert (counted.calls, templates.looked_up) == (3, 5)
+
+
+def _grown(data: bytes, extra: bytes) -> bytes:
+    """``data`` with ``extra`` after its head, the prefix's head length grown to hold it."""
+    version, head_size, count = struct.unpack_from(">BII", data)
+    head_end = 9 + head_size
+    prefix = struct.pack(">BII", version, head_size + len(extra), count)
+    return prefix + data[9:head_end] + extra + data[head_end:]
+
+
+def test_after_a_usual_answer_another_start_is_not_read_as_one() -> None:
+    assert responsereader.try_decode(ack_send()) is not None  # the last rest now
+    data = ack_send().replace(b'["ack-send","', b'["ack-sent","', 1)
+    assert general(data)[0] == "ack-sent"
+    assert responsereader.try_decode(data) is None
+
+
+def test_after_a_usual_answer_a_head_longer_than_its_rest_is_not_read_as_one() -> None:
+    assert responsereader.try_decode(ack_send()) is not None
+    data = _grown(ack_send(), b"x")  # head_size + 1, b"x" after the rest's "]"
+    assert not isinstance(general(data), list)
+    assert responsereader.try_decode(data) is None
+    # The same length, its last byte another: the whole rest is compared, to its end.
+    usual = ack_send()
+    head_end = 9 + struct.unpack_from(">I", usual, 1)[0]
+    data = usual[: head_end - 1] + b"}" + usual[head_end:]
+    assert general(data) is CodecError
+    assert responsereader.try_decode(data) is None
+
+
+def test_after_a_usual_answer_a_head_ending_before_the_last_ids_end_is_refused() -> None:
+    # Shorter than the last id's end: nothing read past the head (nor past the message).
+    assert responsereader.try_decode(ack_send()) is not None
+    data = jsoncodec.encode(["ack-send", "ab"])
+    assert isinstance(data, bytes) and len(data) < 9 + 13 + 24
+    assert general(data) == ["ack-send", "ab"]
+    assert responsereader.try_decode(data) is None
 
 
 @pytest.mark.parametrize(
@@ -280,6 +336,8 @@ def test_fuzzed_messages_give_the_general_value_or_none() -> None:
                 ack += (1024,)
         data = ack_send(_random_events(rng), ack)
         if i % 3:
+            # Its rest the last one (when read): the mutation meets the in-place checks.
+            responsereader.try_decode(data, max_size=wire.MAX_MESSAGE_SIZE)
             data = _mutations(rng, data)
         fast = responsereader.try_decode(data, max_size=wire.MAX_MESSAGE_SIZE)
         if fast is None:
