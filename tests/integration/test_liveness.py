@@ -181,6 +181,9 @@ async def test_a_no_worker_answer_never_runs(
     async def recorder(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        if scope["path"].startswith("/probe"):  # sent after the check's requests ended
+            await apps.hello(scope, receive, send)
+            return
         ran.append(scope["path"])
         await asyncio.sleep(0.5)
         await released.wait()
@@ -213,9 +216,14 @@ async def test_a_no_worker_answer_never_runs(
             await asyncio.sleep(stall)
             proxy.resume()
             statuses = {path: await _ends(r) for path, r in requests.items()}
-            # Long enough to see a late run: what the stall held back was delivered at the
-            # resume, and the app records a run as it starts.
-            await asyncio.sleep(2)
+            # Until a late run would have started (the app records a run as it starts; a
+            # fixed 2 s before): two requests served one after the other. What the stall held
+            # back goes first on each connection it was held on: the first probe's pop reply
+            # comes after a held one, its answer after a held ACK; the second is pushed after
+            # the distributor answered whatever reached it ahead of the first (a cancel, or a
+            # confirmation that would start a late run).
+            for probe in ("/probe-1", "/probe-2"):
+                assert (await client.get(probe)).status_code == 200
     no_worker = {path for path, status in statuses.items() if status == "405"}
     assert not no_worker & set(ran), (statuses, ran)
     if moment == "after-pop":
