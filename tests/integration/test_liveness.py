@@ -249,9 +249,10 @@ async def test_a_no_worker_answer_never_runs(
 
 
 async def test_a_node_link_silent_for_good_ends_its_requests(redis_server: RedisServer) -> None:
-    # Both sides give a silent peer up after 3 s, not the default 10: how the silence is
-    # found is what this checks, not how long it is waited for.
-    distributor = create_distributor(url=redis_server.url, key="silent", peer_timeout=3)
+    # Both sides give a silent peer up after 1.5 s (PINGs every 0.25 s), not the default 10:
+    # how the silence is found is what this checks, not how long it is waited for.
+    liveness = {"peer_timeout": 1.5, "liveness_interval": 0.25}
+    distributor = create_distributor(url=redis_server.url, key="silent", **liveness)
 
     async def mixed(scope: Any, receive: Any, send: Any) -> None:
         if scope["path"] == "/slow":
@@ -261,7 +262,7 @@ async def test_a_node_link_silent_for_good_ends_its_requests(redis_server: Redis
 
     async with (
         serve_app(distributor) as base,
-        _proxied_node(redis_server, mixed, "silent", peer_timeout=3) as (node, proxy),
+        _proxied_node(redis_server, mixed, "silent", **liveness) as (node, proxy),
     ):
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             slow = [asyncio.ensure_future(client.get("/slow?600")) for _ in range(2)]
