@@ -43,8 +43,14 @@ def free_port() -> int:
 
 def bound_socket() -> socket.socket:
     """A TCP socket bound to a free port of 127.0.0.1, not yet listening, for a server in this
-    process (uvicorn's ``sockets=``, hypercorn's ``fd://``): the port is its from the start."""
-    sock = socket.socket()
+    process (uvicorn's ``sockets=``, hypercorn's ``fd://``): the port is its from the start.
+
+    Made with ``IPPROTO_TCP``, as a server binding its own socket makes it (getaddrinfo's
+    protocol): asyncio sets ``TCP_NODELAY`` only on accepted sockets whose ``proto`` says TCP,
+    and the sockets ``accept`` makes inherit the listener's. With ``socket.socket()``'s 0,
+    uvicorn's header and body writes waited for the client's delayed ACK: 40 ms a request on
+    every kept-alive connection of the suite, which uvicorn binding its own port does not pay."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.bind(("127.0.0.1", 0))
     except BaseException:
