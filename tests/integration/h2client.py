@@ -36,9 +36,11 @@ async def h2_request(
     method: str = "GET",
     headers: list[tuple[str, str]] | None = None,
     timeout: float = 10.0,
+    headers_seen: asyncio.Event | None = None,
 ) -> H2Response:
     """Send one request with ``te: trailers`` and read the response until its stream ends,
-    is reset, or ``timeout`` seconds pass (then ``ended`` stays False)."""
+    is reset, or ``timeout`` seconds pass (then ``ended`` stays False). ``headers_seen`` is
+    set once the response headers are read."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     connection = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -74,6 +76,8 @@ async def h2_request(
                     response.informational.append(list(event.headers))
                 elif isinstance(event, h2.events.ResponseReceived):
                     response.headers_after = time.monotonic() - sent_at
+                    if headers_seen is not None:
+                        headers_seen.set()
                     for name, value in event.headers:
                         if name == b":status":
                             response.status = int(value)
