@@ -751,7 +751,9 @@ async def test_a_last_message_lost_as_it_leaves_leaves_the_job_lost_not_finished
     # reply, which a stalled flow never brings (without one, it is connected at once).
     distributor = create_distributor(url=f"{redis_server.url}/1", key="lastlost")
     with FaultProxy(redis_server.port) as proxy:
-        node = Node(url=f"{proxy.url()}/1", app=app, key="lastlost", lifespan="off")
+        # pop_timeout 1 s: its stop unblocks its BRPOP through the publishing connection,
+        # which this test leaves reconnecting, so the BRPOP's own timeout ends it (5 s).
+        node = Node(url=f"{proxy.url()}/1", app=app, key="lastlost", lifespan="off", pop_timeout=1)
         async with (
             serve_app(distributor) as base,
             run_node(node),
