@@ -136,6 +136,11 @@ def hurry(setup: SentinelSetup) -> None:
             return
 
 
+def _served_after(outcomes: list[tuple[float, float, str]], moment: float) -> int:
+    """How many requests sent after ``moment`` were answered 200."""
+    return sum(o == "200" and sent > moment for sent, _, o in outcomes)
+
+
 @pytest.mark.parametrize("fault", ["sentinel-failover", "sigkill"])
 async def test_failover_under_light_traffic(sentinels: SentinelSetup, fault: str) -> None:
     hurry(sentinels)
@@ -163,7 +168,8 @@ async def test_failover_under_light_traffic(sentinels: SentinelSetup, fault: str
                 lambda: any(o == "200" and sent > promotion for sent, _, o in outcomes),
                 BACK_WITHIN + 1,
             )
-            await asyncio.sleep(1.0)  # some traffic after the recovery too
+            # Some traffic after the recovery too: ten answers (a fixed second before).
+            await poll(lambda: _served_after(outcomes, promotion) >= 10, BACK_WITHIN + 1)
         finally:
             stop_watching.set()
             stop.set()
