@@ -633,7 +633,8 @@ async def test_many_requests_without_a_node(redis_server: RedisServer) -> None:
 
     node = Node(url=redis_server.url, app=recorder, key="nobody", lifespan="off")
     async with run_node(node):
-        await asyncio.sleep(1)
+        # Until its pop waits at Redis: it found nothing left to run (a fixed 1 s before).
+        assert await poll(lambda: any("b" in c["flags"] for c in client_list(redis_server)), 10)
     assert ran == []
     assert redis_keys(redis_server) == []
 
