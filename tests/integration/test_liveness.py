@@ -59,6 +59,10 @@ async def _proxied_node(
                 # Before the Node stops, so that it stops quickly whatever the test left
                 # stalled (it waited out its reply bound on a stalled link: 6 s).
                 proxy.resume()
+                # And after a pop the stall held back has reached Redis (at most a second):
+                # the stop's CLIENT UNBLOCK, there first, found nothing to wake, and the
+                # pop waited out its 5 s timeout (1 run in 3 of two tests here).
+                await poll(lambda: pop_waiting(redis_server, proxy), 1)
 
 
 # 1. A Node that forgets its requests tells the distributor -----------------------------------
