@@ -61,7 +61,7 @@ async def _proxied_node(
                 proxy.resume()
                 # And after a pop the stall held back has reached Redis (at most a second):
                 # the stop's CLIENT UNBLOCK, there first, found nothing to wake, and the
-                # pop waited out its 5 s timeout (1 run in 3 of two tests here).
+                # pop waited out its 5 s timeout (two tests here, in a suite run).
                 await poll(lambda: pop_waiting(redis_server, proxy), 1)
 
 
