@@ -184,7 +184,8 @@ async def test_sigterm_closes_websockets_1012_and_ends_streams_in_time(
     log = tmp_path / "ends.log"
     monkeypatch.setenv("MINIDASGI_TEST_LOG", str(log))  # inherited by the Node process
     distributor = create_distributor(url=redis_server.url, key=KEY)
-    node = NodeProcess(redis_server.url, KEY, "apps:ws_echo_or_slow", "--shutdown-timeout", "3")
+    # shutdown_timeout 2 s: the short stream (0.5 s) ends well within it, the long ones not.
+    node = NodeProcess(redis_server.url, KEY, "apps:ws_echo_or_slow", "--shutdown-timeout", "2")
     async with serve_app(distributor) as base:
         await asyncio.to_thread(node.start)
         try:
