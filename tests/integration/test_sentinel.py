@@ -168,8 +168,11 @@ async def test_failover_under_light_traffic(sentinels: SentinelSetup, fault: str
                 lambda: any(o == "200" and sent > promotion for sent, _, o in outcomes),
                 BACK_WITHIN + 1,
             )
-            # Some traffic after the recovery too: ten answers (a fixed second before).
+            # Some traffic after the recovery too (a fixed second before): ten answers, and
+            # half a second of it, for a fault that shows a while after the first success
+            # (a second reconnect once +switch-master arrives, say).
             await poll(lambda: _served_after(outcomes, promotion) >= 10, BACK_WITHIN + 1)
+            await asyncio.sleep(0.5)
         finally:
             stop_watching.set()
             stop.set()
