@@ -764,16 +764,20 @@ class Node:
             job = _Job(self, envelope, confirm)
             job.task = task
             self._jobs[envelope.id] = job
-            self.peers.add(job.reply, job.id, time.monotonic(), pings=envelope.liveness > 0)
+            now = time.monotonic()
+            self.peers.add(job.reply, job.id, now, pings=envelope.liveness > 0)
             try:
                 job.begin()
                 # The app is awaited here, in the request's own coroutine, not in one of the
                 # job's: a coroutine per request less (its creation, its frame and its end,
                 # about a thousand instructions; ``test_node_cost`` counts them).
                 try:
-                    if job.confirmation is not None and not await job.wait_confirmed():
-                        return
-                    job.app_started = time.monotonic()
+                    if job.confirmation is not None:
+                        if not await job.wait_confirmed():
+                            return
+                        now = time.monotonic()
+                    # Else the app starts now: ``begin`` never waits (one clock read less).
+                    job.app_started = now
                     await self.app(job.scope, job.receive, job.send)
                 except asyncio.CancelledError:
                     if not job.gone:
@@ -1539,8 +1543,12 @@ class _Job:
                     raise RuntimeError("http.response.body sent before http.response.start")
                 if self.body_done:  # only possible while announced trailers are awaited
                     raise RuntimeError("http.response.body sent after the last body")
-                body = bytes(message.get("body", b""))
-                more = bool(message.get("more_body", False))
+                body = message.get("body", b"")
+                if type(body) is not bytes:  # bytes as they are: no call for them
+                    body = bytes(body)
+                more = message.get("more_body", False)
+                if more is not True and more is not False:
+                    more = bool(more)
                 self.body_done = not more
                 # With trailers announced, the response completes with its last trailers.
                 complete = self.complete = not more and not self.trailers
@@ -1765,8 +1773,9 @@ class _Job:
             return False
         if ack is None:
             self.node.outbox.post(self.reply, data, lost=lost)
-        else:
-            self._post_with_ack(data, lost)
+        else:  # ``_post_with_ack``, inline
+            self.unsent_ack = None
+            self._ack_posted = self.node.outbox.post(self.reply, data, lost=lost)
         return True
 
     def _response_sent(self) -> None:
@@ -1782,11 +1791,13 @@ class _Job:
         if not self.gone:
             self.finished = True
             # uvicorn answers a disconnect once the response is over
-            self._wake_receive(self._disconnect_code)
             if self.kind == "websocket":
+                self._wake_receive(self._disconnect_code)
                 # Closed: what the client sent before the close reached it is moot, as under
                 # uvicorn, whose receive() answers the disconnect from then on.
                 self.disconnect = {"type": "websocket.disconnect", "code": self._disconnect_code}
+            else:  # ``_wake_receive``'s HTTP disconnect, inline
+                self.inbox.put_nowait(({"type": "http.disconnect"}, False))
         if self.node._turn_promised:
             self.node._end_turn()  # it leaves now, before the app's and the request's ends
 
