@@ -80,12 +80,14 @@ class PeerTracker:
         return sum(1 for state in self._peers.values() if state.requests)
 
     def add(self, peer: str, request_id: str, now: float, *, pings: bool) -> None:
-        """``request_id`` is now in flight with ``peer``, which was just heard from (the
-        request came from it, or its ack did)."""
+        """``request_id`` is in flight with ``peer``, which was heard from at ``now`` (the
+        request came from it, or its ack did). A caller may tell it late, with that earlier
+        time: a word heard since is kept."""
         state = self._peers.get(peer)
         if state is None:
             state = self._peers[peer] = _Peer(now)
-        state.heard = now
+        elif now > state.heard:
+            state.heard = now
         state.requests[request_id] = None
         state.pings = state.pings or pings
 

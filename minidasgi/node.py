@@ -764,8 +764,9 @@ class Node:
             job = _Job(self, envelope, confirm)
             job.task = task
             self._jobs[envelope.id] = job
-            now = time.monotonic()
-            self.peers.add(job.reply, job.id, now, pings=envelope.liveness > 0)
+            # Known to the peer tracker only once something may look (``_track``): a request
+            # that ends in its first step, as most do, costs it nothing.
+            now = job.arrived = time.monotonic()
             try:
                 job.begin()
                 # The app is awaited here, in the request's own coroutine, not in one of the
@@ -798,7 +799,8 @@ class Node:
             finally:
                 job.received.close()
                 del self._jobs[envelope.id]
-                self.peers.discard(job.reply, job.id)
+                if job.tracked:
+                    self.peers.discard(job.reply, job.id)
                 if job.app_started:
                     name = self._key_names.get(key) or key.decode(errors="replace")
                     elapsed = time.monotonic() - job.app_started
@@ -911,6 +913,8 @@ class Node:
         job = self._jobs.get(request_id)
         if job is None:
             return
+        if not job.tracked:
+            self._track(job)
         self.peers.heard(job.reply, time.monotonic())
         if kind == wire.EVENT and args and isinstance(args[0], dict):
             job.deliver(args[0], len(data))
@@ -930,6 +934,23 @@ class Node:
         else:
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
 
+    def _track(self, job: _Job) -> None:
+        """Tell the peer tracker of ``job``, as of its arrival: a request is registered there
+        only once some code may look (a message from its distributor, a PING, the periodic
+        check), not as it starts. No code runs between its task's steps but the loop's, so a
+        request that ends in its first step (a hello world, nearly every request) is never
+        seen missing; one that waits is found by the first look after it started, which
+        hears it as of its arrival (``PeerTracker.add`` keeps the latest word)."""
+        job.tracked = True
+        self.peers.add(job.reply, job.id, job.arrived, pings=job.pings)
+
+    def _track_all(self) -> None:
+        """``_track`` every request not yet known to the peer tracker (a few per loop turn
+        at most: this runs once per check and per PING)."""
+        for job in self._jobs.values():
+            if not job.tracked:
+                self._track(job)
+
     def _on_ping(self, args: list[Any], version: int) -> None:
         """A distributor names the requests it has in flight with this Node: answer GONE for
         those this Node does not run (any more)."""
@@ -937,6 +958,7 @@ class Node:
         if ping is None:
             return  # an old id-less PING: nothing to answer
         sender, request_ids = ping
+        self._track_all()
         self.peers.heard(sender, time.monotonic())
         unknown = []
         for request_id in request_ids:
@@ -986,6 +1008,7 @@ class Node:
     def _check_peers(self) -> None:
         """One round of ``_watch_peers``: give up the jobs of silent distributors, ping the
         others."""
+        self._track_all()
         pinging, now = self._pinging, time.monotonic()
         lost = self.peers.tick(
             now,
@@ -1085,9 +1108,12 @@ class _Job:
     # request made and taken twice cost ~3k instructions.
     _in_send = False
     _sending: Mutex | None = None
+    tracked = False  # known to the Node's peer tracker (``Node._track``)
+    arrived = 0.0  # monotonic time the request started, for the peer tracker
 
     def __init__(self, node: Node, envelope: wire.Envelope, confirm: bool = False) -> None:
         self.node = node
+        self.pings = envelope.liveness > 0  # its distributor pings: its silence counts
         self.id = envelope.id
         self.reply = envelope.reply
         self.version = envelope.version  # the distributor's format, which every reply uses

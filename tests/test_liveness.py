@@ -46,6 +46,18 @@ def test_hearing_from_a_peer_keeps_it() -> None:
         assert peers.tick(float(now), 1.0) == []
 
 
+def test_a_request_told_late_keeps_a_later_word_from_its_peer() -> None:
+    # A Node tells its tracker of a request only once something looks (``Node._track``), as
+    # of the request's arrival: a word heard from the peer since must not be lost by it.
+    peers = PeerTracker(10)
+    peers.add("n1", "a", 0.0, pings=True)
+    peers.heard("n1", 9.0)
+    peers.add("n1", "b", 1.0, pings=True)  # arrived at 1.0, told at 9.5
+    for now in range(10, 20):
+        assert peers.tick(float(now), 1.0) == []  # silent since 9.0, not since 1.0
+    assert peers.tick(19.9, 1.0) == [("n1", ["a", "b"])]
+
+
 def test_a_peer_that_does_not_ping_is_never_blamed_for_its_silence() -> None:
     peers = PeerTracker(3)
     peers.add("old", "a", 0.0, pings=False)

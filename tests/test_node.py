@@ -57,6 +57,51 @@ def _posting_node() -> tuple[Node, list[bytes]]:
     return node, posted
 
 
+async def test_a_request_is_told_to_the_peer_tracker_only_once_something_may_look() -> None:
+    # Told as it started, every request cost the tracker an add and a discard, also the
+    # hello world that ends in its first step; now only one still running when the periodic
+    # check, a PING or a message of its distributor comes, as of its arrival.
+    node, _ = _posting_node()
+    node._can_take_on = lambda: True  # type: ignore[method-assign]
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] != "/":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    node.app = app
+    quick = _http_envelope(1, ack_send=True, piece=wire.CHUNK_SIZE)
+    await node._run_request(b"k", quick.encode())
+    assert not node.peers.knows(quick.reply)
+
+    def waiting(request_id: str, reply: str) -> wire.Envelope:
+        scope = {"type": "http", "path": "/wait", "headers": []}
+        events = [{"type": "http.request", "body": b"", "more_body": False}]
+        return wire.Envelope(request_id, reply, time.time() + 60, scope, events, 1, 1.0)
+
+    checked = waiting("c" * 32, "minidasgi:0:dist:c")
+    messaged = waiting("m" * 32, "minidasgi:0:dist:m")
+    tasks = [
+        asyncio.ensure_future(node._run_request(b"k", envelope.encode()))
+        for envelope in (checked, messaged)
+    ]
+    await asyncio.sleep(0)  # their first steps: both wait
+    assert set(node._jobs) == {checked.id, messaged.id}
+    assert not node.peers.knows(checked.reply) and not node.peers.knows(messaged.reply)
+    node._on_one_message(b"n", wire.pack(wire.CREDIT, messaged.id, 1))  # a message for one
+    assert node.peers.requests(messaged.reply) == [messaged.id]
+    assert not node.peers.knows(checked.reply)
+    node._check_peers()  # the periodic check: the other too, heard as of its arrival
+    assert node.peers.requests(checked.reply) == [checked.id]
+    assert node.peers._peers[checked.reply].heard == node._jobs[checked.id].arrived
+    assert node.peers._peers[checked.reply].pings  # its envelope says its distributor pings
+    release.set()
+    await asyncio.gather(*tasks, *node._background)
+    assert node.peers.requests(checked.reply) == node.peers.requests(messaged.reply) == []
+
+
 async def _ws_job(window: int) -> tuple[Any, list[bytes]]:
     """A WebSocket request's job on a Node that is not serving: what it posts is kept."""
     node, posted = _posting_node()
