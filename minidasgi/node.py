@@ -763,10 +763,11 @@ class Node:
             # By position: a class called with a keyword argument makes a dict of it.
             job = _Job(self, envelope, confirm)
             job.task = task
-            self._jobs[envelope.id] = job
             # Known to the peer tracker only once something may look (``_track``): a request
-            # that ends in its first step, as most do, costs it nothing.
+            # that ends in its first step, as most do, costs it nothing. Its arrival is set
+            # before it is in ``_jobs``, where ``_track_all`` finds it.
             now = job.arrived = time.monotonic()
+            self._jobs[envelope.id] = job
             try:
                 job.begin()
                 # The app is awaited here, in the request's own coroutine, not in one of the
@@ -915,6 +916,10 @@ class Node:
             return
         if not job.tracked:
             self._track(job)
+        elif not self.peers.knows(job.reply):
+            # Its distributor was given up (``tick`` forgot it, this job stays till its task
+            # ends): a later request of it, not told yet, must hear this word too.
+            self._track_all()
         self.peers.heard(job.reply, time.monotonic())
         if kind == wire.EVENT and args and isinstance(args[0], dict):
             job.deliver(args[0], len(data))
@@ -945,8 +950,10 @@ class Node:
         self.peers.add(job.reply, job.id, job.arrived, pings=job.pings)
 
     def _track_all(self) -> None:
-        """``_track`` every request not yet known to the peer tracker (a few per loop turn
-        at most: this runs once per check and per PING)."""
+        """``_track`` every request not yet known to the peer tracker: a scan of all the
+        running jobs, once per periodic check, per PING from a distributor the tracker has no
+        state for, and per message for a request whose distributor it gave up; only the
+        untold ones are added."""
         for job in self._jobs.values():
             if not job.tracked:
                 self._track(job)
@@ -958,7 +965,8 @@ class Node:
         if ping is None:
             return  # an old id-less PING: nothing to answer
         sender, request_ids = ping
-        self._track_all()
+        if not self.peers.knows(sender):  # else its untold requests keep this later word
+            self._track_all()  # when they are told (``PeerTracker.add``)
         self.peers.heard(sender, time.monotonic())
         unknown = []
         for request_id in request_ids:
@@ -1109,7 +1117,10 @@ class _Job:
     _in_send = False
     _sending: Mutex | None = None
     tracked = False  # known to the Node's peer tracker (``Node._track``)
-    arrived = 0.0  # monotonic time the request started, for the peer tracker
+    # Monotonic time the request started, for the peer tracker: no class default (0.0 would
+    # read as heard at boot, its distributor lost at the next check); set before the job is
+    # in ``Node._jobs``, so a job put there without it fails loudly in ``Node._track``.
+    arrived: float
 
     def __init__(self, node: Node, envelope: wire.Envelope, confirm: bool = False) -> None:
         self.node = node

@@ -83,23 +83,67 @@ async def test_a_request_is_told_to_the_peer_tracker_only_once_something_may_loo
 
     checked = waiting("c" * 32, "minidasgi:0:dist:c")
     messaged = waiting("m" * 32, "minidasgi:0:dist:m")
+    pinged = waiting("p" * 32, "minidasgi:0:dist:p")
     tasks = [
         asyncio.ensure_future(node._run_request(b"k", envelope.encode()))
-        for envelope in (checked, messaged)
+        for envelope in (checked, messaged, pinged)
     ]
-    await asyncio.sleep(0)  # their first steps: both wait
-    assert set(node._jobs) == {checked.id, messaged.id}
-    assert not node.peers.knows(checked.reply) and not node.peers.knows(messaged.reply)
+    await asyncio.sleep(0)  # their first steps: all wait
+    assert set(node._jobs) == {checked.id, messaged.id, pinged.id}
+    assert not any(node.peers.knows(e.reply) for e in (checked, messaged, pinged))
     node._on_one_message(b"n", wire.pack(wire.CREDIT, messaged.id, 1))  # a message for one
     assert node.peers.requests(messaged.reply) == [messaged.id]
-    assert not node.peers.knows(checked.reply)
-    node._check_peers()  # the periodic check: the other too, heard as of its arrival
+    assert not node.peers.knows(checked.reply) and not node.peers.knows(pinged.reply)
+    before_ping = time.monotonic()
+    (ping,) = wire.ping_messages(pinged.reply, [pinged.id])
+    node._on_one_message(b"n", ping)  # a PING of another's distributor: that one told, heard
+    assert node.peers.requests(pinged.reply) == [pinged.id]
+    assert node.peers._peers[pinged.reply].heard >= before_ping
+    node._check_peers()  # the periodic check: the last too, heard as of its arrival
     assert node.peers.requests(checked.reply) == [checked.id]
     assert node.peers._peers[checked.reply].heard == node._jobs[checked.id].arrived
     assert node.peers._peers[checked.reply].pings  # its envelope says its distributor pings
     release.set()
     await asyncio.gather(*tasks, *node._background)
-    assert node.peers.requests(checked.reply) == node.peers.requests(messaged.reply) == []
+    assert not any(node.peers.requests(e.reply) for e in (checked, messaged, pinged))
+
+
+async def test_a_message_for_a_request_of_a_given_up_distributor_tells_its_untold_ones() -> None:
+    # Its distributor given up (the tracker forgot it), a request stays in ``_jobs`` till its
+    # task ends; a word for it must reach a later request of that distributor not told yet,
+    # not be lost till the next look.
+    node, _ = _posting_node()
+    node._can_take_on = lambda: True  # type: ignore[method-assign]
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+
+    node.app = app
+    reply = "minidasgi:0:dist:d"
+    events = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    def envelope(request_id: str) -> wire.Envelope:
+        scope = {"type": "http", "path": "/", "headers": []}
+        return wire.Envelope(request_id, reply, time.time() + 60, scope, events, 1, 1.0)
+
+    first, second = envelope("1" * 32), envelope("2" * 32)
+    tasks = [asyncio.ensure_future(node._run_request(b"k", first.encode()))]
+    await asyncio.sleep(0)
+    node._on_one_message(b"n", wire.pack(wire.CREDIT, first.id, 1))  # told
+    silent = node._jobs[first.id].arrived + 2 * node.peers.timeout
+    assert node.peers.tick(silent, node.liveness_interval) == [(reply, [first.id])]
+    assert not node.peers.knows(reply)  # given up; the first request still runs
+    tasks.append(asyncio.ensure_future(node._run_request(b"k", second.encode())))
+    await asyncio.sleep(0)
+    assert set(node._jobs) == {first.id, second.id} and not node.peers.knows(reply)
+    before = time.monotonic()
+    node._on_one_message(b"n", wire.pack(wire.CREDIT, first.id, 1))  # a word for the first
+    assert node.peers.requests(reply) == [second.id]
+    assert node.peers._peers[reply].heard >= before  # the word's time, not the arrival's
+    release.set()
+    await asyncio.gather(*tasks, *node._background)
+    assert node.peers.requests(reply) == []
 
 
 async def _ws_job(window: int) -> tuple[Any, list[bytes]]:
