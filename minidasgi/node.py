@@ -307,8 +307,20 @@ class Node:
     async def _unblock_pop(
         self, publisher: topology.CommandClient, connection: Connection, client_id: int
     ) -> None:
+        # A pop written but not yet at Redis (a slow or briefly stalled link) is not woken
+        # by an UNBLOCK that gets there first, and would hold the stop for its whole
+        # ``pop_timeout``: asked again while the pop connection still waits for a reply
+        # (that pop's, or a command before it), backing off as the connections' rechecks
+        # do, and no longer than the pop itself may last.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.pop_timeout
+        pause = _RECHECK
         with contextlib.suppress(RespError):  # the BRPOP's own timeout is the fallback
-            await topology.unblock(publisher, connection, client_id)
+            while not await topology.unblock(publisher, connection, client_id):
+                if not connection.awaiting_replies or loop.time() >= until:
+                    return
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, _RECHECK_MAX)
 
     async def wait_started(self) -> None:
         """Wait until the Node is subscribed and popping."""

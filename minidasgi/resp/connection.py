@@ -832,6 +832,12 @@ class Connection:
         return f"<Connection {self.params.address} db={self.params.db} {state}>"
 
     @property
+    def awaiting_replies(self) -> int:
+        """How many replies this connection still waits for (its commands sent, or queued
+        to be, and not yet answered)."""
+        return len(self._waiters)
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The event loop this connection lives in."""
         return self._loop

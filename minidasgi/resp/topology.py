@@ -136,13 +136,17 @@ def pop_client(
     )
 
 
-async def unblock(publisher: CommandClient, blocked: Connection, client_id: int) -> None:
+async def unblock(publisher: CommandClient, blocked: Connection, client_id: int) -> bool:
     """Wake the blocking command of connection ``client_id`` (``blocked``) as if it timed out
     (``CLIENT UNBLOCK``), sent by ``publisher`` to the server ``blocked`` is connected to: on a
-    Cluster that is the master serving its slot, which alone knows that id. ``RespError`` if
-    it cannot be sent."""
+    Cluster that is the master serving its slot, which alone knows that id. True if a command
+    was woken; False if none was blocked there (not sent yet, or still on its way: Redis
+    reads each connection on its own, so a command sent earlier on ``blocked`` may reach it
+    later). ``RespError`` if it cannot be sent."""
+    woken: object
     if isinstance(publisher, ClusterClient):
         address = (blocked.params.host, blocked.params.port)
-        await publisher.execute_at(address, "CLIENT", "UNBLOCK", client_id)
+        woken = await publisher.execute_at(address, "CLIENT", "UNBLOCK", client_id)
     else:
-        await publisher.execute("CLIENT", "UNBLOCK", client_id)
+        woken = await publisher.execute("CLIENT", "UNBLOCK", client_id)
+    return woken == 1

@@ -77,6 +77,17 @@ class ProxiedConnection:
                 self.down_rate = 0
         self._proxy._wake()
 
+    def held_up(self) -> int:
+        """How many bytes towards Redis this connection holds back now: those in the
+        proxy's buffer, and those its client sent while it was stalled that way (left
+        unread, in the socket; counted by a peek, at most one read's worth)."""
+        with self._proxy._lock:
+            held = len(self.to_upstream)
+            if self.up_stalled:
+                with contextlib.suppress(OSError):  # nothing there (BlockingIOError)
+                    held += len(self.client.recv(_READ, socket.MSG_PEEK))
+        return held
+
     def reset(self) -> None:
         """Abort both sides with a TCP RST."""
         with self._proxy._lock:

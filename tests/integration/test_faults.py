@@ -24,7 +24,7 @@ from minidasgi import Node, create_distributor, create_path_distributor, wire
 
 from . import apps
 from .faultproxy import FaultProxy
-from .redis_server import RedisFactory, RedisServer, client_list
+from .redis_server import RedisFactory, RedisServer, calls, client_list
 from .stack import NodeProcess, distributor_process, poll, redis_keys, run_node, serve_app
 
 pytestmark = pytest.mark.timeout(60)
@@ -722,6 +722,47 @@ async def test_a_node_stops_at_once_while_redis_is_away(
     finally:
         if not serving.done():
             serving.cancel()
+
+
+async def test_a_node_stops_at_once_while_its_pop_is_on_its_way(
+    redis_server: RedisServer,
+) -> None:
+    """A stop's CLIENT UNBLOCK, sent on the publishing connection, may reach Redis before
+    the pop written just before it on the pop connection (a slow link, a short stall):
+    it wakes nothing then, and the pop, blocking once it arrives, held the stop for its
+    whole ``pop_timeout``. Reproduced with the pop connection's way up held by a proxy while
+    the stop is asked, then let through: the stop must still end at once."""
+    with FaultProxy(redis_server.port) as proxy:
+        node = Node(url=proxy.url(), app=apps.hello, key="hello", pop_timeout=20.0)
+        serving = asyncio.ensure_future(node.serve())
+        try:
+            await asyncio.wait_for(node.wait_started(), 10)
+
+            def blocked() -> list[dict[str, str]]:  # the Node's pop, waiting at Redis
+                proxied = {c.upstream_port for c in proxy.connections()}
+                return [
+                    c
+                    for c in client_list(redis_server)
+                    if "b" in c["flags"] and int(c["addr"].rsplit(":", 1)[1]) in proxied
+                ]
+
+            assert await poll(lambda: len(blocked()) == 1, 10)
+            (pop,) = blocked()
+            link = proxy.connection_to(int(pop["addr"].rsplit(":", 1)[1]))
+            link.stall(up=True, down=False)
+            # Woken as if timed out, the pop loop sends its next pop: held in the proxy.
+            assert redis_server.command("CLIENT", "UNBLOCK", pop["id"]) == 1
+            assert await poll(lambda: link.held_up() > 0, 10), "no next pop sent"
+            node.stop()
+            # The stop's UNBLOCK reaches Redis first (the test's own was the first one),
+            # waking nothing: the held pop is not there yet.
+            assert await poll(lambda: calls(redis_server, "client|unblock") >= 2, 10)
+            assert not serving.done()
+            link.resume()
+            await asyncio.wait_for(asyncio.shield(serving), STOP_WITHIN)
+        finally:
+            if not serving.done():
+                serving.cancel()
 
 
 # 12. A response's last message lost as it leaves -----------------------------------------
