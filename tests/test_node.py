@@ -11,6 +11,7 @@ import pytest
 
 from minidasgi import responsewriter, wire
 from minidasgi.node import Node, _Job, _local_scope
+from minidasgi.resp import ReplyError
 
 
 def test_the_apps_scope_has_tuples_where_asgi_servers_give_tuples() -> None:
@@ -452,3 +453,41 @@ async def test_a_response_posts_the_same_whether_sent_at_once_or_the_general_way
             answers.update(taken)
             compared += 1
     assert compared == 960 and answers == {True, False}
+
+
+class _Pop:
+    """What a stop's ``_unblock_pop`` reads of the pop connection."""
+
+    def __init__(self, awaiting: int) -> None:
+        self.awaiting_replies = awaiting
+
+
+class _Unblocker:
+    """A publisher answering CLIENT UNBLOCK with ``answers`` in turn, then the last again
+    (1: a pop woken, 0: none blocked there); an error instead if ``refused``."""
+
+    def __init__(self, *answers: int, refused: bool = False) -> None:
+        self.answers, self.refused, self.sent = answers, refused, 0
+
+    async def execute(self, *args: Any) -> int:
+        assert args[:2] == ("CLIENT", "UNBLOCK")
+        self.sent += 1
+        if self.refused:
+            raise ReplyError("NOPERM this user has no permissions to run 'client|unblock'")
+        return self.answers[min(self.sent, len(self.answers)) - 1]
+
+
+async def test_a_stop_asks_again_to_unblock_only_a_pop_on_its_way_and_within_bounds() -> None:
+    node = Node(app=lambda scope, receive, send: None, key="k", lifespan="off", pop_timeout=0.5)
+
+    async def asks(publisher: _Unblocker, awaiting: int) -> int:
+        await asyncio.wait_for(node._unblock_pop(publisher, _Pop(awaiting), 7), 5)  # type: ignore[arg-type]
+        return publisher.sent
+
+    assert await asks(_Unblocker(1), 1) == 1  # woken at once
+    assert await asks(_Unblocker(0), 0) == 1  # nothing blocked, nothing awaited: it ended
+    assert await asks(_Unblocker(0, refused=True), 1) == 1  # not allowed: the pop times out
+    assert await asks(_Unblocker(0, 0, 1), 1) == 3  # on its way, then blocked: woken
+    # Never woken (the pop's way up stalled for good): given up by pop_timeout, and backing
+    # off meanwhile (0.05, 0.1, 0.2, 0.4 s: five asks at most; one each 0.05 s made eleven).
+    assert 2 <= await asks(_Unblocker(0), 1) <= 5
