@@ -1726,6 +1726,7 @@ class _Exchange:
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
 
+
 def _drop_rest(messages: list[Any], index: int, where: str) -> None:
     """Drop what follows a malformed message in a batch, with one line for all of it: a peer
     of ours never sends one, and a forged frame of thousands logged each (seconds of loop)."""

@@ -509,9 +509,7 @@ class Node:
                 if popper.connected:
                     connection = popper.connection()
                 else:
-                    connection = await self._until_stopped(
-                        popper.wait_connected(self.pop_timeout)
-                    )
+                    connection = await self._until_stopped(popper.wait_connected(self.pop_timeout))
                     if connection is None:  # stopped (the finally gives the slots back)
                         continue
                 # Pop only what can be acked and heard about: after a Redis restart the
@@ -1901,6 +1899,7 @@ class _Job:
             return
         event = {"type": "http.response.body", "body": body, "more_body": True}
         self._post(wire.SEND, [event], lost=self._check_reached)
+
 
 def _drop_rest(messages: list[Any], index: int, where: str) -> None:
     """Drop what follows a malformed message in a batch, with one line for all of it: a peer

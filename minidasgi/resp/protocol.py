@@ -456,9 +456,7 @@ class PythonParser:
                         # Counted from the headers, before anything is built.
                         items = self._items + n if self._stack else n
                         if items > self._max_items:
-                            raise self._fail(
-                                f"reply of more than {self._max_items} elements"
-                            )
+                            raise self._fail(f"reply of more than {self._max_items} elements")
                         self._items = items
                         self._stack.append(_Frame(prefix, n))
                         self._advance(after)
