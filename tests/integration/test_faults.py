@@ -724,6 +724,7 @@ async def test_a_node_stops_at_once_while_redis_is_away(
             serving.cancel()
 
 
+@pytest.mark.requires_server("7.0")  # commandstats by subcommand (client|unblock)
 async def test_a_node_stops_at_once_while_its_pop_is_on_its_way(
     redis_server: RedisServer,
 ) -> None:
