@@ -40,8 +40,11 @@ class AccessLog:
         status: int,
         queue_wait: float | None,
         total: float,
+        aborted: bool = False,
     ) -> None:
-        """Log one request. Times in seconds; ``queue_wait`` is None without an ack."""
+        """Log one request. Times in seconds; ``queue_wait`` is None without an ack.
+        ``aborted``: the response started (``status`` is what the client saw), then was cut
+        short; a text line then ends with ``aborted=true``, a JSON object says it always."""
         path = path[:MAX_PATH]
         if self.format == "json":
             line = json.dumps(
@@ -53,6 +56,7 @@ class AccessLog:
                     "status": status,
                     "queue_wait_ms": None if queue_wait is None else round(queue_wait * 1e3, 3),
                     "total_ms": round(total * 1e3, 3),
+                    "aborted": aborted,
                 },
                 separators=(",", ":"),
             )
@@ -63,4 +67,6 @@ class AccessLog:
                 f"{method} {path!r} key={key or '-'} node={node or '-'} status={status} "
                 f"queue_wait_ms={wait} total_ms={total * 1e3:.3f}"
             )
+            if aborted:
+                line += " aborted=true"
         logger.info("%s", line)

@@ -468,6 +468,12 @@ class Distributor:
         self._exchanges[exchange.id] = exchange
         try:
             await exchange.run()
+        except ResponseAborted:
+            # The client saw the Node's status but not the response's end: counted and
+            # logged apart, so that an operator tells it from a complete response.
+            exchange.aborted = True
+            self.metrics.aborted(key)
+            raise
         finally:
             exchange.close_window()
             del self._exchanges[exchange.id]
@@ -507,6 +513,7 @@ class Distributor:
                 status=status,
                 queue_wait=queue_wait,
                 total=end - started,
+                aborted=exchange is not None and exchange.aborted,
             )
 
     async def _refuse_for_now(
@@ -933,6 +940,7 @@ class _Exchange:
     started = False  # the response (or the WebSocket handshake answer) started
     trailers = False  # the response announced trailers: they complete it
     complete = False
+    aborted = False  # the response started, then was aborted (``ResponseAborted``)
     node_done = False  # the Node's side ended by itself: nothing to cancel there
     violated = False  # the Node sent more than the credit granted
     seen: tuple[str, ...] = ()  # the ACK, DONE and GONE kinds already queued

@@ -236,6 +236,12 @@ class DistributorMetrics:
             "Requests refused without a Node's answer, by reason.",
             ("reason",),
         )
+        self.aborts = Counter(
+            "minidasgi_distributor_aborted_total",
+            "Responses aborted after they started (counted in requests_total with the status "
+            "the client saw, but cut short: the Node lost, a timeout), by queue key.",
+            ("key",),
+        )
         self.queue_wait = HistogramFamily(
             "minidasgi_distributor_queue_wait_seconds",
             "Time from the LPUSH of a request to the ack of the Node that took it.",
@@ -255,6 +261,7 @@ class DistributorMetrics:
             [
                 self.requests,
                 self.refusals,
+                self.aborts,
                 self.queue_wait,
                 self.response_time,
                 self.total_time,
@@ -285,6 +292,10 @@ class DistributorMetrics:
     def refused(self, reason: str) -> None:
         """Count one refusal (``NO_NODE``, ``QUEUE_FULL``, ``NO_ACK``, ...)."""
         self.refusals.values[(reason,)] = self.refusals.values.get((reason,), 0) + 1
+
+    def aborted(self, key: str) -> None:
+        """Count one response aborted after it started (``finished`` counts it too)."""
+        self.aborts.inc((key,))
 
     def finished(
         self, key: str, status: int, queue_wait: float | None, response: float | None, total: float

@@ -481,3 +481,33 @@ async def test_access_log_json(redis_server: RedisServer, caplog: pytest.LogCapt
     assert entry["status"] == 200 and entry["node"].startswith("minidasgi:0:node:")
     assert 0 <= entry["queue_wait_ms"] <= entry["total_ms"]
     assert "secret" not in line
+
+
+async def test_an_aborted_response_is_counted_and_logged_as_aborted(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Node SIGKILLed once its streamed response started: the distributor aborts the
+    client's connection mid-body. The access log keeps the status the client saw (200) and
+    says the response was aborted; ``minidasgi_distributor_aborted_total`` counts it, and a
+    complete response beside it is counted and logged as complete."""
+    caplog.set_level(logging.INFO, logger="minidasgi.access")
+    node = await asyncio.to_thread(NodeProcess(redis_server.url, "ops", "apps:slow").start)
+    try:
+        async with _stack(redis_server, access_log="json", ops_prefix="/-/") as client:
+            assert (await client.get("/whole?2")).status_code == 200
+            with pytest.raises(httpx.HTTPError):
+                async with client.stream("GET", "/cut?100") as response:
+                    assert response.status_code == 200
+                    async for _ in response.aiter_bytes():
+                        await asyncio.to_thread(node.kill)  # mid-body: no goodbye
+            scrape = (await client.get("/-/metrics")).text
+    finally:
+        await asyncio.to_thread(node.stop)
+    samples = _samples(scrape)
+    assert samples[("minidasgi_distributor_aborted_total", frozenset({("key", "ops")}))] == 1
+    ok = ("minidasgi_distributor_requests_total", frozenset({("key", "ops"), ("status", "200")}))
+    assert samples[ok] == 2  # the status the client saw, for both
+    lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.access"]
+    entries = {entry["path"]: entry for entry in map(json.loads, lines)}
+    assert entries["/whole"]["status"] == 200 and entries["/whole"]["aborted"] is False
+    assert entries["/cut"]["status"] == 200 and entries["/cut"]["aborted"] is True
