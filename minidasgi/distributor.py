@@ -799,7 +799,10 @@ class Distributor:
         elif kind == wire.CONTINUE:
             exchange.body_wanted()
         else:
+            # Well-formed, but no Node sends it (a forged one, under the Redis credentials):
+            # dropped as a malformed one is, with the rest of its batch in one line.
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+            self._dropped = True
 
     def _on_ack_send(
         self,

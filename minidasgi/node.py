@@ -947,7 +947,10 @@ class Node:
             elif not job.complete:  # else the response is out: let the app finish its work
                 job.cancel("cancelled by the distributor")
         else:
+            # Well-formed, but no distributor sends it (a forged one, under the Redis
+            # credentials): dropped as a malformed one is, with the rest of its batch in one line.
             logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+            self._dropped = True
 
     def _track(self, job: _Job) -> None:
         """Tell the peer tracker of ``job``, as of its arrival: a request is registered there

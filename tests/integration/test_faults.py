@@ -578,6 +578,42 @@ async def test_a_forged_batch_of_many_tiny_messages_is_dropped_cheaply_and_logge
     assert redis_keys(redis_server) == []
 
 
+async def test_a_forged_batch_of_unexpected_kinds_is_dropped_and_logged_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Well-formed messages of a kind the receiver never gets from its peer (an EVENT to a
+    distributor, an ACK to a Node), for a live request, forged in one PUBLISH of 10,000: each
+    was logged ("dropped an unexpected ... message"), 10,000 lines a PUBLISH. They are dropped
+    as malformed messages are: one line for the first, one for the rest of its batch."""
+    caplog.set_level(logging.WARNING)
+    release = asyncio.Event()
+    app = create_distributor(url=redis_server.url, key="held")
+    node = Node(url=redis_server.url, app=apps.held(release), key="held", lifespan="off")
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            request = asyncio.ensure_future(client.get("/"))
+            assert await poll(_acked(app), 5)
+            (request_id,) = app._exchanges
+            assert list(node._jobs) == [request_id]
+            disconnect = {"type": "http.disconnect"}
+            forged = {
+                app.channel: _frame_of(wire.pack(wire.EVENT, request_id, disconnect), 10_000),
+                node.channel: _frame_of(wire.pack(wire.ACK, request_id, node.channel), 10_000),
+            }
+            for channel, frame in forged.items():
+                receivers = await asyncio.to_thread(redis_server.command, "PUBLISH", channel, frame)
+                assert receivers == 1
+            release.set()
+            response = await asyncio.wait_for(request, 10)
+            assert (response.status_code, response.content) == (200, b"part1,part2")
+    for name in ("minidasgi.node", "minidasgi.distributor"):
+        dropped = [r.message for r in caplog.records if r.name == name and "dropped" in r.message]
+        assert len(dropped) == 2, (name, len(dropped), dropped[:4])
+        assert "unexpected" in dropped[0]
+        assert "dropped the 9999 messages after it in its batch" in dropped[1]
+    assert redis_keys(redis_server) == []
+
+
 # 9. Many requests and no Node ---------------------------------------------------------------
 
 
