@@ -13,13 +13,20 @@ counts as lost: those requests fail.
 Silence counts against a peer only while this process could have heard it. Not while its own
 event loop did not run (a process stopped or blocked: its periodic check comes late), nor, up to
 a bound, while Redis did not serve it (a PING it published to a peer waited for its reply: Redis
-was stopped or its link stalled, and whatever the peer sent most likely waited there too). The
-first kind of span is excused whole: the process could not read at all. The second is evidence,
-not proof (on a Cluster the peer's messages travel on another shard than this process'
-PUBLISH; a slow link may still deliver), so all of it together is excused for ``timeout`` at
-most within one peer's silence: a peer silent while Redis keeps answering slowly is still lost
-within twice ``timeout`` (plus whatever time this process itself did not run). Round trips
-of a healthy Redis count too, but they are a few milliseconds.
+was stopped or its link stalled, and whatever the peer sent most likely waited there too).
+
+A check's lateness is the loop's, not proof that nothing was read: a stop (SIGSTOP, a blocking
+call, a suspended machine) reads nothing, but a loop that is merely busy makes every check
+late while it goes on reading between them. So the longest single span this process did not
+run within a peer's silence is excused whole (a stop of any length: what came meanwhile is read
+only after the check that ends it, and the peer gets ``timeout`` of this process' running time
+after it), and the rest of those spans, with Redis' waits, for ``timeout`` at most. Redis'
+waits are evidence, not proof (on a Cluster the peer's messages travel on another shard than
+this process' PUBLISH; a slow link may still deliver), and a loop late at every check by far
+more than ``interval`` would otherwise excuse nearly all of a peer's silence, however long.
+So a peer silent throughout is lost within twice ``timeout`` plus this process' longest stop,
+whether Redis keeps answering slowly or the loop keeps coming late. Round trips of a healthy
+Redis count too, but they are a few milliseconds.
 
 A round of those checks that raises (a bug: nothing raises there today) must not end them:
 the caller logs the error and goes on with the next round, and ``RoundErrors`` says when to
@@ -141,7 +148,9 @@ class PeerTracker:
         process stopped, the machine suspended), it was not listening either: the time the
         check comes late is not counted against any peer, so a paused process does not
         blame its peers for its own pause (what arrived meanwhile may be read only after this
-        check). ``unanswered_since``: when the oldest PING this process published and still
+        check). Its longest such pause within a peer's silence is excused whole, the others
+        (with Redis' waits) for ``timeout`` at most: see the module's docstring.
+        ``unanswered_since``: when the oldest PING this process published and still
         waits the reply of was sent (see ``unserved``); None if there is none.
         """
         last, self._last_tick = self._last_tick, now
@@ -162,9 +171,10 @@ class PeerTracker:
             heard = state.heard
             silence = now - heard
             if either:
-                was_paused = _covered(paused, heard) if paused else 0.0
-                # Redis' part is what its waits add to the pauses, ``timeout`` at most.
-                silence -= was_paused + min(_covered(either, heard) - was_paused, timeout)
+                # The longest stop whole; what the other late checks and Redis' waits add to
+                # it, ``timeout`` at most.
+                longest = _longest(paused, heard) if paused else 0.0
+                silence -= longest + min(_covered(either, heard) - longest, timeout)
             if silence > timeout:
                 lost.append((peer, list(state.requests)))
             elif heard < oldest:
@@ -231,6 +241,16 @@ def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
         else:
             merged.append((first, last))
     return merged
+
+
+def _longest(spans: list[tuple[float, float]], start: float) -> float:
+    """The longest part since ``start`` of one of the merged, ordered ``spans``."""
+    longest = 0.0
+    for first, last in reversed(spans):
+        if last <= start:
+            break
+        longest = max(longest, last - max(first, start))
+    return longest
 
 
 def _covered(spans: list[tuple[float, float]], start: float) -> float:

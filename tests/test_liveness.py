@@ -96,6 +96,28 @@ def test_a_check_late_by_less_than_an_interval_counts_its_lateness_as_a_pause() 
     assert peers.tick(4.9, 1.0) == [("n1", ["a"])]
 
 
+def test_a_loop_late_at_every_check_excuses_its_longest_pause_and_the_timeout_at_most() -> None:
+    # A busy loop, not a stopped one: every check comes 99 s late (the loop runs, and reads,
+    # between them). Each lateness was excused whole: silent 1 s per 100 s, the peer was lost
+    # only at the fourth check (400 s). Now the longest lateness is excused whole and the rest
+    # for the timeout at most: lost at the second check (silent 200 - 99 - 3 = 98 s > 3).
+    peers = PeerTracker(3)
+    peers.add("n1", "a", 0.0, pings=True)
+    assert peers.tick(0.0, 1.0) == []
+    assert peers.tick(100.0, 1.0) == []  # one stop of 99 s: excused whole
+    assert peers.tick(200.0, 1.0) == [("n1", ["a"])]
+
+
+def test_a_late_check_after_a_long_pause_is_excused_within_the_timeout() -> None:
+    # Stopped 19 s, then the next check 9 s late while the peer says nothing: the stop is
+    # excused whole, the lateness after it 3 s at most (it was excused whole: silent 3 s).
+    peers = PeerTracker(3)
+    peers.add("n1", "a", 0.0, pings=True)
+    assert peers.tick(1.0, 1.0) == []
+    assert peers.tick(21.0, 1.0) == []  # stopped from 2.0 to 21.0
+    assert peers.tick(31.0, 1.0) == [("n1", ["a"])]  # silent 31 - 19 - min(9, 3) = 9
+
+
 def test_silence_while_redis_answers_no_ping_is_not_the_peers() -> None:
     peers = PeerTracker(3)
     peers.add("n1", "a", 0.0, pings=True)
