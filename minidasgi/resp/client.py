@@ -15,6 +15,12 @@ A connection Redis closes cleanly (its idle ``timeout``, as managed services set
 KILL``) is replaced at once, with no backoff: ``wait_reopened`` lets a caller that finds it
 gone wait for that one attempt, at most ``REOPEN_WAIT`` (0.25 s), rather than take Redis for
 unreachable. Any other end (a reset, the reply watchdog) is not waited for.
+
+An idle connection Redis closes cleanly and that is replaced at once is what a Redis
+``timeout`` below ``health_check_interval`` does every ``timeout`` seconds: expected, not a
+fault. It is logged once per client at INFO, with the advice that stops it, and at DEBUG
+after that. Every other end is a warning, and so is an idle one whose replacement fails
+(Redis shut down, say).
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class Client:
         self._reopening: asyncio.Future[None] | None = None
         self._watched: Connection | None = None
         self.last_error: Exception | None = None
+        self._told_idle_close = False  # the advice about Redis' idle ``timeout`` was logged
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
@@ -265,6 +272,10 @@ class Client:
 
     async def _supervise(self) -> None:
         backoff = self._min_backoff
+        # The end of an idle connection Redis closed cleanly, told once the attempt to replace
+        # it is known to have succeeded (expected: ``_idle_close_replaced``) or failed (then a
+        # warning, as every other end).
+        idle_end: Exception | None = None
         while not self._closing:
             try:
                 try:
@@ -275,6 +286,9 @@ class Client:
                     if reopening is not None:
                         reopening.set_result(None)
             except AuthenticationError as exc:
+                if idle_end is not None:
+                    logger.warning("%s: %s", self.name, idle_end)
+                    idle_end = None
                 self.last_error = exc
                 logger.error("%s: %s", self.name, exc)
                 if not self._ever_connected:
@@ -284,12 +298,18 @@ class Client:
                     self._ready.set()
                     return
             except (RespError, OSError) as exc:
+                if idle_end is not None:
+                    logger.warning("%s: %s", self.name, idle_end)
+                    idle_end = None
                 self.last_error = exc
                 logger.debug("%s cannot connect: %s", self.name, exc)
             else:
                 if self._closing:  # close() came while connecting (wait_for may drop a cancel)
                     await connection.close()
                     return
+                if idle_end is not None:
+                    self._idle_close_replaced(idle_end)
+                    idle_end = None
                 if backoff > self._min_backoff:
                     logger.info("%s reconnected to Redis at %s", self.name, self.params.address)
                 backoff = self._min_backoff
@@ -304,13 +324,40 @@ class Client:
                     if self._closing:
                         await connection.close()
                 self.last_error = reason
-                logger.warning("%s: %s", self.name, reason)
+                if connection.closed_idle and not self._closing:
+                    idle_end = reason  # told once the attempt to replace it ends
+                else:
+                    logger.warning("%s: %s", self.name, reason)
                 if self._reopening is None and connection.closed_by_server:
                     self._reopening = asyncio.get_running_loop().create_future()
                 continue
             delay = backoff * (0.5 + random.random() / 2)
             await sentinel.pause(self.params, delay)  # cut short when the master moves
             backoff = min(backoff * 2, self._max_backoff)
+
+    def _idle_close_replaced(self, reason: Exception) -> None:
+        """An idle connection Redis closed cleanly was replaced at once: its idle ``timeout``
+        at or below ``health_check_interval`` (or a ``CLIENT KILL``). Told once, with what
+        stops it; at DEBUG after that (with a ``timeout`` of 1 s, a line a second else)."""
+        if self._told_idle_close:
+            logger.debug("%s: %s (idle; replaced)", self.name, reason)
+            return
+        self._told_idle_close = True
+        interval = self.health_check_interval
+        keep = (
+            f"set Redis' timeout above health_check_interval ({interval:g} s), or to 0, or "
+            "lower health_check_interval below it"
+            if interval
+            else "set Redis' timeout to 0, or turn health_check_interval on below it"
+        )
+        logger.info(
+            "%s: Redis at %s closed an idle connection (its 'timeout' setting, most likely) "
+            "and it was replaced at once, as the next ones will be (logged at DEBUG). To keep "
+            "connections open, %s",
+            self.name,
+            self.params.address,
+            keep,
+        )
 
     async def _open(self) -> Connection:
         """Open a connection (a subclass may choose the server each time)."""

@@ -802,6 +802,8 @@ class Connection:
         # KILL``, a shutdown) while nothing on this side had ended it: Redis was there to close
         # it. A reset, the reply watchdog or ``fail()`` leave it False.
         self.closed_by_server = False
+        # True if it was so closed with no reply pending: idle, as Redis' ``timeout`` closes.
+        self.closed_idle = False
         self._closed = self._loop.create_future()
         timeout = params.reply_timeout
         self._reply_timeout = timeout if timeout else math.inf
@@ -1379,6 +1381,7 @@ class Connection:
         if error is None:
             if self._error is None:  # not a second report, after the EOF, of the same end
                 self.closed_by_server = True
+                self.closed_idle = not self._waiters
             self._abort(
                 RedisConnectionError(f"Redis at {self.params.address} closed the connection")
             )

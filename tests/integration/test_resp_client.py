@@ -6,6 +6,7 @@ leave that batch, and the callbacks of the requests it carried, behind for good.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -88,3 +89,43 @@ async def test_wait_reopened_waits_for_a_replaced_connection_not_for_a_redis_awa
     finally:
         await admin.close()
         await client.close()
+
+
+async def test_redis_closing_idle_connections_is_told_once_with_advice(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis' idle ``timeout`` (1 s) below ``health_check_interval`` (5 s): Redis closes the
+    idle connection about every 2 s and it is replaced at once. Each close was a WARNING;
+    now the first is told at INFO with the advice that stops it, the others at DEBUG. A close
+    whose replacement fails (Redis shut down) is still a warning."""
+    caplog.set_level(logging.DEBUG, logger="minidasgi.resp.client")
+    redis_server.command("CONFIG", "SET", "timeout", "1")
+    client = Client(make_params(redis_server.url), name="tested", health_check_interval=5.0)
+    client.start()
+    try:
+        assert await poll(lambda: client.connected, 10)
+        first = client.connection()
+        seen = [first]
+
+        def replaced_three_times() -> bool:
+            if client.connected and client.connection() not in seen:
+                seen.append(client.connection())
+            return len(seen) == 4
+
+        assert await poll(replaced_three_times, 20)
+        redis_server.stop()  # the next close of an idle one is not replaced
+        assert await poll(lambda: not client.connected, 10)
+        assert await poll(lambda: any(r.levelno == logging.WARNING for r in caplog.records), 10)
+    finally:
+        await client.close()
+    records = [r for r in caplog.records if r.name == "minidasgi.resp.client"]
+    told = [r for r in records if r.levelno == logging.INFO and "idle" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in records]
+    assert (
+        "timeout" in told[0].getMessage() and "health_check_interval (5 s)" in told[0].getMessage()
+    )
+    replaced = [r for r in records if r.levelno == logging.DEBUG and "replaced" in r.getMessage()]
+    assert len(replaced) >= 2
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert warnings == [f"tested: Redis at {client.params.address} closed the connection"]
+    assert first.closed_by_server and first.closed_idle
