@@ -311,7 +311,9 @@ class Distributor:
         # Requests not yet in flight waiting for a connection Redis closed (``_reopened``).
         self._reopen_waiting = 0
         self._taking_back = False
-        self._dropped = False  # set by a message dropped as malformed (``_drop_rest``)
+        # Set by a message dropped, malformed or unexpected: the rest of its batch goes too
+        # (``wire.drop_rest``).
+        self._dropped = False
 
     def __repr__(self) -> str:
         return f"<Distributor {self.params.address} exchanges={len(self._exchanges)}>"
@@ -718,7 +720,7 @@ class Distributor:
         for index, message in enumerate(messages):
             self._on_one_message(message)
             if self._dropped:
-                _drop_rest(messages, index, "the reply channel")
+                wire.drop_rest(logger, messages, index, "the reply channel")
                 return
 
     def _on_one_message(self, data: Any) -> None:
@@ -1736,14 +1738,6 @@ class _Exchange:
                 d.outbox.post(self.node, message, lost=self._check_reached, more=index < last)
             if kind == "http.request" and not event.get("more_body", False):
                 more = False
-
-
-def _drop_rest(messages: list[Any], index: int, where: str) -> None:
-    """Drop what follows a malformed message in a batch, with one line for all of it: a peer
-    of ours never sends one, and a forged frame of thousands logged each (seconds of loop)."""
-    rest = len(messages) - index - 1
-    if rest:
-        logger.warning("dropped the %d messages after it in its batch on %s", rest, where)
 
 
 def _body_pieces(event: Mapping[str, Any], size: int) -> list[Mapping[str, Any]]:

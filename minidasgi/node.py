@@ -215,7 +215,9 @@ class Node:
         self._started_at = stats.process_started()
         self._parser = parser
         self._jobs: dict[str, _Job] = {}
-        self._dropped = False  # set by a message dropped as malformed (``_drop_rest``)
+        # Set by a message dropped, malformed or unexpected: the rest of its batch goes too
+        # (``wire.drop_rest``).
+        self._dropped = False
         self._held_starts: list[_Job] = []  # jobs holding a response start this loop turn
         self._starts_flush: asyncio.Handle | None = None  # the callback that flushes them
         # The pop loop ends this loop turn itself (``_promise_turn``): nothing schedules the
@@ -901,7 +903,7 @@ class Node:
         for index, message in enumerate(messages):
             self._on_one_message(channel, message)
             if self._dropped:
-                _drop_rest(messages, index, repr(channel))
+                wire.drop_rest(logger, messages, index, repr(channel))
                 return
 
     def _on_one_message(self, channel: bytes, data: Any) -> None:
@@ -1902,14 +1904,6 @@ class _Job:
             return
         event = {"type": "http.response.body", "body": body, "more_body": True}
         self._post(wire.SEND, [event], lost=self._check_reached)
-
-
-def _drop_rest(messages: list[Any], index: int, where: str) -> None:
-    """Drop what follows a malformed message in a batch, with one line for all of it: a peer
-    of ours never sends one, and a forged frame of thousands logged each (seconds of loop)."""
-    rest = len(messages) - index - 1
-    if rest:
-        logger.warning("dropped the %d messages after it in its batch on %s", rest, where)
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:

@@ -91,6 +91,7 @@ the SEND as two messages, and a Node of an earlier version ignores the field.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
 import time
@@ -151,6 +152,7 @@ __all__ = [
     "batch_frame_parts",
     "credit_cost",
     "credit_unit",
+    "drop_rest",
     "message_limit",
     "new_channel",
     "new_request_id",
@@ -468,6 +470,16 @@ def split_frame(data: bytes | memoryview | SplitPayload) -> list[Any]:
     if pos != size:
         raise WireError(f"{size - pos} trailing bytes after a batch frame")
     return messages
+
+
+def drop_rest(log: logging.Logger, messages: list[Any], index: int, where: str) -> None:
+    """Drop what follows ``messages[index]``, a malformed or unexpected message in a batch
+    (``split_frame``'s), with one line on ``log`` (the receiving side's logger) for all of it:
+    a peer of ours never sends one, and a forged frame of thousands logged each (seconds of
+    loop)."""
+    rest = len(messages) - index - 1
+    if rest:
+        log.warning("dropped the %d messages after it in its batch on %s", rest, where)
 
 
 def tail_size(start: memoryview, size: int) -> int:

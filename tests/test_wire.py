@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
+import logging
 import math
 import re
 import struct
@@ -986,3 +987,13 @@ def test_split_ack_send_refuses_a_malformed_one(args: list[Any]) -> None:
         wire.split_ack_send(args)
     with pytest.raises(WireError):
         wire.ack_of_ack_send(args)
+
+
+def test_drop_rest_logs_one_line_on_the_callers_logger(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    messages = wire.split_frame(wire.batch_frame([wire.pack(wire.CANCEL, "r")] * 5))
+    wire.drop_rest(logging.getLogger("minidasgi.node"), messages, 1, "the channel")
+    wire.drop_rest(logging.getLogger("minidasgi.distributor"), messages, 4, "the channel")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("minidasgi.node", "dropped the 3 messages after it in its batch on the channel")
+    ]  # nothing follows the last: no line
