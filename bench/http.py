@@ -57,7 +57,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from measure import commandstats, cpu_seconds, minor_faults, system_seconds, waiting_seconds
+from measure import (
+    commandstats,
+    cpu_seconds,
+    free_port,
+    minor_faults,
+    system_seconds,
+    waiting_seconds,
+)
 
 from minidasgi.testing import RedisServer
 
@@ -133,13 +140,6 @@ def _coalescing():
 
 atexit.register(_coalescing)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _wait_http(port: int, deadline: float = 15.0) -> None:
@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="minidasgi-bench-http-") as tmp:
         Path(tmp, "bench_apps.py").write_text(APPS)
         env = dict(os.environ, BENCH_REDIS_URL=f"redis://{HOST}:{redis.port}")
-        direct_port, dist_port = _free_port(), _free_port()
+        direct_port, dist_port = free_port(HOST), free_port(HOST)
         try:
             redis.start()
             argvs = commands(tmp, env["BENCH_REDIS_URL"], direct_port, dist_port, flags, args.fast)

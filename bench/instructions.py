@@ -47,6 +47,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from measure import free_port
+
 from minidasgi.testing import RedisServer
 
 _HERE = Path(__file__).resolve().parent
@@ -188,7 +190,7 @@ def _run(
     redis.start()
     url = f"redis://{bench_http.HOST}:{redis.port}"
     env = dict(os.environ, BENCH_REDIS_URL=url)
-    direct_port, dist_port = bench_http._free_port(), bench_http._free_port()
+    direct_port, dist_port = free_port(bench_http.HOST), free_port(bench_http.HOST)
     logs = {role: os.path.join(tmp, f"{role}-{total}.valgrind") for role in ROLES}
     flags = bench_http.uvicorn_flags(fast)
     commands = bench_http.commands(tmp, url, direct_port, dist_port, flags, fast)

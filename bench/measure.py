@@ -1,16 +1,29 @@
 """What a benchmark reads off its processes: CPU time and page faults from ``/proc``, command
-counts from Redis' ``INFO commandstats``. Shared by the scripts in this folder (run as
-``python bench/NAME.py``, which puts this folder on ``sys.path``)."""
+counts from Redis' ``INFO commandstats``; and a free loopback port for the servers it starts.
+Shared by the scripts in this folder (run as ``python bench/NAME.py``, which puts this folder
+on ``sys.path``; those that keep it off, lest ``http.py`` shadow the stdlib, put it last)."""
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 
 from minidasgi.testing import RedisServer
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a server a benchmark starts (never 6379: a
+    redis-server the machine runs may be stopped for a moment, and must find it again)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port != 6379:
+            return port
 
 
 def _stat(pid: int) -> list[str]:

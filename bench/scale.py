@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from measure import cpu_seconds
+from measure import cpu_seconds, free_port
 
 from minidasgi.testing import ClusterSetup, RedisServer
 
@@ -50,13 +50,6 @@ async def app(scope, receive, send):
                             (b"content-length", str(len(BODY)).encode())]})
     await send({"type": "http.response.body", "body": BODY})
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _cpu(pid: int) -> float:
@@ -146,7 +139,7 @@ def _stack(
     url: str, nodes: int, workers: int, app_dir: str
 ) -> Iterator[tuple[int, dict[str, list[int]]]]:
     """A distributor (``workers`` processes) and ``nodes`` Nodes; yields the port and pids."""
-    port = _free_port()
+    port = free_port(HOST)
     env = dict(os.environ, PYTHONPATH=app_dir)
     quiet = ["--log-level", "warning"]
     children = [

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/http.py would shadow the stdlib's http package (httpx needs it): keep this folder off
-# sys.path before importing anything else.
+# bench/http.py would shadow the stdlib's http package (httpx needs it): this folder goes last
+# on sys.path (for measure.py) before importing anything else.
 _HERE_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE_DIR]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE_DIR] + [_HERE_DIR]
 
 import argparse
 import asyncio
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+from measure import free_port
 
 from minidasgi.testing import RedisServer
 
@@ -84,7 +85,7 @@ class Soak:
         self.tmp = tmp
         self.redis = RedisServer()
         self.url = f"redis://{HOST}:{self.redis.port}"
-        self.port = int(os.environ.get("SOAK_PORT", "0")) or _free_port()
+        self.port = int(os.environ.get("SOAK_PORT", "0")) or free_port(HOST)
         self.env = dict(os.environ, SOAK_REDIS_URL=self.url)
         self.distributor: subprocess.Popen[bytes] | None = None
         self.node: subprocess.Popen[bytes] | None = None
@@ -216,15 +217,6 @@ async def _wait_ready(client: httpx.AsyncClient) -> None:
             pass
         await asyncio.sleep(0.05)
     raise RuntimeError("the distributor did not answer")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def main(argv: list[str] | None = None) -> int:

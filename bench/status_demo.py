@@ -13,21 +13,21 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/http.py would shadow the stdlib's http package (httpx needs it): keep this folder off
-# sys.path.
+# bench/http.py would shadow the stdlib's http package (httpx needs it): this folder goes last
+# on sys.path (for measure.py).
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 import argparse
 import asyncio
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from measure import free_port
 
 from minidasgi.testing import RedisServer
 
@@ -43,13 +43,6 @@ async def app(scope, receive, send):
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=60)
@@ -60,7 +53,7 @@ def main() -> None:
         env = dict(os.environ, MINIDASGI_REDIS_URL=redis.url)
         node = ["node", "demo_app:app", "--key", "demo", "--concurrency", "2", "--app-dir", tmp]
         children = [subprocess.Popen([*MINIDASGI, *node], env=env) for _ in range(3)]
-        port = _free_port()
+        port = free_port()
         distributor = ["distributor", "--key", "demo", "--port", str(port)]
         children.append(subprocess.Popen([*MINIDASGI, *distributor], env=env))
         try:

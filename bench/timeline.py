@@ -43,6 +43,8 @@ from bisect import bisect_left
 from pathlib import Path
 from typing import Any
 
+from measure import free_port
+
 from minidasgi.testing import RedisServer
 
 HOST = "127.0.0.1"
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"redis://{HOST}:{redis.port}"
         path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, BENCH_REDIS_URL=url, PYTHONPATH=path)
-        direct_port, dist_port = http._free_port(), http._free_port()
+        direct_port, dist_port = free_port(HOST), free_port(HOST)
         outputs = {role: Path(tmp, f"{role}.stamps") for role in ("direct", "distributor", "node")}
         try:
             redis.start()

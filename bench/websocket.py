@@ -35,7 +35,6 @@ import ctypes
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from measure import commandstats, cpu_seconds
+from measure import commandstats, cpu_seconds, free_port
 
 from minidasgi.testing import RedisServer
 
@@ -81,15 +80,6 @@ async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Child processes.
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port: int = sock.getsockname()[1]
-        if port != 6379:
-            return port
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -461,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     children: dict[str, Child] = {}
     try:
         redis.start()
-        direct_port, front_port = _free_port(), _free_port()
+        direct_port, front_port = free_port(HOST), free_port(HOST)
         for child in (
             Child("direct", "--port", str(direct_port)),
             Child("distributor", "--port", str(front_port), "--redis", redis.url),

@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from measure import free_port
+
 from minidasgi.testing import RedisServer
 
 HOST = "127.0.0.1"
@@ -49,15 +51,6 @@ _spec.loader.exec_module(bench_instructions)
 VALGRIND = bench_instructions.VALGRIND
 ROLES = bench_instructions.ROLES
 PAYLOAD = b"x" * 64
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port: int = sock.getsockname()[1]
-        if port != 6379:
-            return port
 
 
 class _Socket:
@@ -147,7 +140,7 @@ def _run(count: int, sockets: int, tmp: str) -> tuple[dict[str, int], dict[str, 
     redis = RedisServer()
     redis.start()
     script = str(HERE / "websocket.py")
-    direct_port, dist_port = _free_port(), _free_port()
+    direct_port, dist_port = free_port(HOST), free_port(HOST)
     argv = {
         "direct": ["--role", "direct", "--port", str(direct_port)],
         "distributor": ["--role", "distributor", "--port", str(dist_port), "--redis", redis.url],
