@@ -472,9 +472,11 @@ class Distributor:
             await exchange.run()
         except ResponseAborted:
             # The client saw the Node's status but not the response's end: counted and
-            # logged apart, so that an operator tells it from a complete response.
-            exchange.aborted = True
-            self.metrics.aborted(key)
+            # logged apart, so that an operator tells it from a complete response. Before
+            # the start (a malformed first event) the server answers its own 500: no abort.
+            if exchange.started:
+                exchange.aborted = True
+                self.metrics.aborted(key)
             raise
         finally:
             exchange.close_window()

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from minidasgi import Distributor, Node, wire
+from minidasgi.resp import connect
 from minidasgi.resp.connection import parse_url
 from minidasgi.resp.protocol import ReplyError
 from minidasgi.status import take_status
@@ -511,3 +512,36 @@ async def test_an_aborted_response_is_counted_and_logged_as_aborted(
     entries = {entry["path"]: entry for entry in map(json.loads, lines)}
     assert entries["/whole"]["status"] == 200 and entries["/whole"]["aborted"] is False
     assert entries["/cut"]["status"] == 200 and entries["/cut"]["aborted"] is True
+
+
+async def test_a_malformed_first_event_is_not_counted_as_an_aborted_response(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged Node whose first event is not an event at all: nothing was started, so the
+    server answers its own 500. That is not a response aborted after it started: neither
+    ``minidasgi_distributor_aborted_total`` nor the access log says so."""
+    caplog.set_level(logging.INFO, logger="minidasgi.access")
+    connection = await asyncio.wait_for(connect(redis_server.url), 5)
+    try:
+        async with _stack(redis_server, access_log="json", ops_prefix="/-/") as client:
+            request = asyncio.ensure_future(client.get("/forged"))
+            popped = await connection.brpop("ops", timeout=10)
+            assert popped is not None
+            envelope = wire.Envelope.decode(popped[1])
+            node = wire.new_channel("minidasgi", 0, "node")
+            frame = wire.batch_frame(
+                [
+                    wire.pack(wire.ACK, envelope.id, node, 1, 1.0),
+                    wire.pack(wire.SEND, envelope.id, ["not an event"]),
+                ]
+            )
+            await connection.publish(envelope.reply, frame)
+            assert (await asyncio.wait_for(request, 10)).status_code == 500
+            scrape = (await client.get("/-/metrics")).text
+    finally:
+        await connection.close()
+    samples = _samples(scrape)
+    assert samples.get(("minidasgi_distributor_aborted_total", frozenset({("key", "ops")})), 0) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.access"]
+    entries = {entry["path"]: entry for entry in map(json.loads, lines)}
+    assert entries["/forged"]["aborted"] is False
