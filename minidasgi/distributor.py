@@ -470,15 +470,12 @@ class Distributor:
         self._exchanges[exchange.id] = exchange
         try:
             await exchange.run()
-        except ResponseAborted:
-            # The client saw the Node's status but not the response's end: counted and
-            # logged apart, so that an operator tells it from a complete response. Before
-            # the start (a malformed first event) the server answers its own 500: no abort.
-            if exchange.started:
-                exchange.aborted = True
-                self.metrics.aborted(key)
-            raise
         finally:
+            if exchange.aborted:
+                # The client saw the Node's status (or the WebSocket accepted) but not the
+                # response's end: counted and logged apart, so that an operator tells it
+                # from a complete response.
+                self.metrics.aborted(key)
             exchange.close_window()
             del self._exchanges[exchange.id]
             if not exchange.inbox.empty():  # seldom: an ACK came too late, or a signal
@@ -947,7 +944,7 @@ class _Exchange:
     started = False  # the response (or the WebSocket handshake answer) started
     trailers = False  # the response announced trailers: they complete it
     complete = False
-    aborted = False  # the response started, then was aborted (``ResponseAborted``)
+    aborted = False  # the response started (or the WebSocket was accepted), then was cut
     node_done = False  # the Node's side ended by itself: nothing to cancel there
     violated = False  # the Node sent more than the credit granted
     seen: tuple[str, ...] = ()  # the ACK, DONE and GONE kinds already queued
@@ -1571,6 +1568,8 @@ class _Exchange:
                 for event in events:
                     what = event.get("type") if isinstance(event, dict) else None
                     if not isinstance(what, str):
+                        # Before the start the server answers its own 500: no abort.
+                        self.aborted = self.started
                         raise ResponseAborted("the worker sent a malformed event")
                     if what == "http.response.body":
                         pass  # the usual, with the start: nothing to look at before it is sent
@@ -1595,6 +1594,7 @@ class _Exchange:
                         try:
                             whole = pieces.add(event)
                         except wire.WireError as exc:
+                            self.aborted = self.started
                             raise ResponseAborted(str(exc)) from None
                         if whole is None:
                             continue
@@ -1668,8 +1668,10 @@ class _Exchange:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""
         if self.kind == "http" and self.started:
             self.complete = False
+            self.aborted = True
             raise ResponseAborted(text.strip())
         if self.kind == "websocket" and self.started:
+            self.aborted = True  # cut by this side (1011), not ended by the app
             await self._send({"type": "websocket.close", "code": 1011})
             self.complete = True
             return

@@ -238,8 +238,9 @@ class DistributorMetrics:
         )
         self.aborts = Counter(
             "minidasgi_distributor_aborted_total",
-            "Responses aborted after they started (counted in requests_total with the status "
-            "the client saw, but cut short: the Node lost, a timeout), by queue key.",
+            "Responses aborted after they started, and WebSockets closed with 1011 after they "
+            "were accepted (counted in requests_total with the status the client saw, but cut "
+            "short: the Node lost, a timeout), by queue key.",
             ("key",),
         )
         self.queue_wait = HistogramFamily(
@@ -294,7 +295,8 @@ class DistributorMetrics:
         self.refusals.values[(reason,)] = self.refusals.values.get((reason,), 0) + 1
 
     def aborted(self, key: str) -> None:
-        """Count one response aborted after it started (``finished`` counts it too)."""
+        """Count one response (or accepted WebSocket) aborted after it started (``finished``
+        counts it too)."""
         self.aborts.inc((key,))
 
     def finished(

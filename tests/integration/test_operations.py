@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from minidasgi import Distributor, Node, wire
@@ -30,7 +31,7 @@ from minidasgi.status import take_status
 from . import apps
 from .faultproxy import FaultProxy
 from .redis_server import RedisServer
-from .stack import NodeProcess, poll, redis_keys, run_node, serve_app
+from .stack import NodeProcess, poll, redis_keys, run_node, serve_app, ws_url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -512,6 +513,45 @@ async def test_an_aborted_response_is_counted_and_logged_as_aborted(
     entries = {entry["path"]: entry for entry in map(json.loads, lines)}
     assert entries["/whole"]["status"] == 200 and entries["/whole"]["aborted"] is False
     assert entries["/cut"]["status"] == 200 and entries["/cut"]["aborted"] is True
+
+
+async def test_a_websocket_its_node_cut_is_counted_and_logged_as_aborted(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Node SIGKILLed while a WebSocket it accepted is open: the distributor closes the
+    socket with 1011. The access log keeps the status the client saw (101) and says the
+    session was aborted; ``minidasgi_distributor_aborted_total`` counts it. A session the
+    client closes is logged as complete."""
+    caplog.set_level(logging.INFO, logger="minidasgi.access")
+
+    def logged() -> dict[str, Any]:
+        lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.access"]
+        return {entry["path"]: entry for entry in map(json.loads, lines)}
+
+    node = await asyncio.to_thread(NodeProcess(redis_server.url, "ops", "apps:ws_echo").start)
+    try:
+        async with _stack(redis_server, access_log="json", ops_prefix="/-/") as client:
+            base = ws_url(str(client.base_url).rstrip("/"))
+            async with websockets.connect(base + "/whole") as ws:
+                await ws.send("one")
+                assert await asyncio.wait_for(ws.recv(), 10) == "one"
+            assert await poll(lambda: "/whole" in logged(), 10)
+            async with websockets.connect(base + "/cut") as ws:
+                await ws.send("one")
+                assert await asyncio.wait_for(ws.recv(), 10) == "one"
+                await asyncio.to_thread(node.kill)  # no goodbye
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+            assert await poll(lambda: "/cut" in logged(), 10)
+            scrape = (await client.get("/-/metrics")).text
+    finally:
+        await asyncio.to_thread(node.stop)
+    samples = _samples(scrape)
+    assert samples[("minidasgi_distributor_aborted_total", frozenset({("key", "ops")}))] == 1
+    entries = logged()
+    assert entries["/whole"]["status"] == 101 and entries["/whole"]["aborted"] is False
+    assert entries["/cut"]["status"] == 101 and entries["/cut"]["aborted"] is True
 
 
 async def test_a_malformed_first_event_is_not_counted_as_an_aborted_response(
