@@ -18,8 +18,10 @@ unreachable. Any other end (a reset, the reply watchdog) is not waited for.
 
 An idle connection Redis closes cleanly and that is replaced at once is what a Redis
 ``timeout`` below ``health_check_interval`` does every ``timeout`` seconds: expected, not a
-fault. It is logged once per client at INFO, with the advice that stops it, and at DEBUG
-after that. Every other end is a warning, and so is an idle one whose replacement fails
+fault. The first is logged at INFO, with the advice that stops it; each next one at DEBUG
+and, while they go on, their count at INFO once per ``Client.idle_close_repeat`` (10 min) at
+most, so that an operator still sees them go on (a ``CLIENT KILL`` loop, a proxy closing idle
+connections). Every other end is a warning, and so is an idle one whose replacement fails
 (Redis shut down, say).
 """
 
@@ -30,6 +32,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +62,10 @@ that finds Redis gone just after it closed a connection cleanly."""
 class Client:
     """One Redis connection kept open across outages. ``start()`` it, then use it."""
 
+    # Seconds: the idle connections Redis keeps closing are counted in one INFO line this
+    # often at most, after the first (``_idle_close_replaced``).
+    idle_close_repeat = 600.0
+
     def __init__(
         self,
         params: ConnectionParams,
@@ -86,7 +93,10 @@ class Client:
         self._reopening: asyncio.Future[None] | None = None
         self._watched: Connection | None = None
         self.last_error: Exception | None = None
-        self._told_idle_close = False  # the advice about Redis' idle ``timeout`` was logged
+        # When the advice about Redis' idle ``timeout`` was last logged (None: never), and
+        # the idle closes replaced since (``_idle_close_replaced``).
+        self._idle_told_at: float | None = None
+        self._idle_closes = 0
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
@@ -337,27 +347,51 @@ class Client:
 
     def _idle_close_replaced(self, reason: Exception) -> None:
         """An idle connection Redis closed cleanly was replaced at once: its idle ``timeout``
-        at or below ``health_check_interval`` (or a ``CLIENT KILL``). Told once, with what
-        stops it; at DEBUG after that (with a ``timeout`` of 1 s, a line a second else)."""
-        if self._told_idle_close:
-            logger.debug("%s: %s (idle; replaced)", self.name, reason)
+        at or below ``health_check_interval`` (or a ``CLIENT KILL``, client eviction, a proxy
+        closing idle connections). Told at once with what stops it; then each at DEBUG (with
+        a ``timeout`` of 1 s, a line a second else) and, while they go on, counted at INFO at
+        most once per ``idle_close_repeat`` seconds: an operator must see that they go on
+        (each costs a reconnection), whatever their cause."""
+        now = time.monotonic()
+        told = self._idle_told_at
+        if told is not None:
+            self._idle_closes += 1
+            since = now - told
+            if since < self.idle_close_repeat:
+                logger.debug("%s: %s (idle; replaced)", self.name, reason)
+                return
+            closes, self._idle_told_at, self._idle_closes = self._idle_closes, now, 0
+            logger.info(
+                "%s: Redis at %s closed %d more idle connection%s in %.0f s, each replaced at "
+                "once. To keep connections open, %s",
+                self.name,
+                self.params.address,
+                closes,
+                "" if closes == 1 else "s",
+                since,
+                self._idle_advice(),
+            )
             return
-        self._told_idle_close = True
-        interval = self.health_check_interval
-        keep = (
-            f"set Redis' timeout above health_check_interval ({interval:g} s), or to 0, or "
-            "lower health_check_interval below it"
-            if interval
-            else "set Redis' timeout to 0, or turn health_check_interval on below it"
-        )
+        self._idle_told_at = now
         logger.info(
             "%s: Redis at %s closed an idle connection (its 'timeout' setting, most likely) "
-            "and it was replaced at once, as the next ones will be (logged at DEBUG). To keep "
-            "connections open, %s",
+            "and it was replaced at once, as the next ones will be (logged at DEBUG, counted "
+            "at INFO every %g s at most). To keep connections open, %s",
             self.name,
             self.params.address,
-            keep,
+            self.idle_close_repeat,
+            self._idle_advice(),
         )
+
+    def _idle_advice(self) -> str:
+        """What stops Redis closing idle connections (its ``timeout``)."""
+        interval = self.health_check_interval
+        if interval:
+            return (
+                f"set Redis' timeout above health_check_interval ({interval:g} s), or to 0, or "
+                "lower health_check_interval below it"
+            )
+        return "set Redis' timeout to 0, or turn health_check_interval on below it"
 
     async def _open(self) -> Connection:
         """Open a connection (a subclass may choose the server each time)."""

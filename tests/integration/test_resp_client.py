@@ -129,3 +129,39 @@ async def test_redis_closing_idle_connections_is_told_once_with_advice(
     warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     assert warnings == [f"tested: Redis at {client.params.address} closed the connection"]
     assert first.closed_by_server and first.closed_idle
+
+
+async def test_idle_closes_that_go_on_are_counted_at_info_now_and_then(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the first INFO line, idle closes that go on (Redis' ``timeout``, but also a
+    ``CLIENT KILL`` loop or a proxy closing idle connections, days later) are not hidden at
+    DEBUG for good: they are counted at INFO at most once per ``idle_close_repeat`` seconds
+    (600 by default: once in the test above). With 0, every later close is its own count."""
+    caplog.set_level(logging.INFO, logger="minidasgi.resp.client")
+    redis_server.command("CONFIG", "SET", "timeout", "1")
+    client = Client(make_params(redis_server.url), name="tested", health_check_interval=5.0)
+    client.idle_close_repeat = 0.0
+    client.start()
+    try:
+        assert await poll(lambda: client.connected, 10)
+        seen = [client.connection()]
+
+        def replaced_twice() -> bool:
+            if client.connected and client.connection() not in seen:
+                seen.append(client.connection())
+            return len(seen) == 3
+
+        assert await poll(replaced_twice, 20)
+    finally:
+        await client.close()
+    records = [r for r in caplog.records if r.name == "minidasgi.resp.client"]
+    told = [
+        r.getMessage() for r in records if r.levelno == logging.INFO and "idle" in r.getMessage()
+    ]
+    assert len(told) >= 2, told
+    assert "(its 'timeout' setting, most likely)" in told[0]
+    for line in told[1:]:
+        assert line.startswith(f"tested: Redis at {client.params.address} closed 1 more idle ")
+        assert "health_check_interval (5 s)" in line
+    assert not [r for r in records if r.levelno >= logging.WARNING]
