@@ -16,17 +16,17 @@ a bound, while Redis did not serve it (a PING it published to a peer waited for 
 was stopped or its link stalled, and whatever the peer sent most likely waited there too).
 
 A check's lateness is the loop's, not proof that nothing was read: a stop (SIGSTOP, a blocking
-call, a suspended machine) reads nothing, but a loop that is merely busy makes every check
-late while it goes on reading between them. So the longest single span this process did not
-run within a peer's silence is excused whole (a stop of any length: what came meanwhile is read
-only after the check that ends it, and the peer gets ``timeout`` of this process' running time
-after it), and the rest of those spans, with Redis' waits, for ``timeout`` at most. Redis'
-waits are evidence, not proof (on a Cluster the peer's messages travel on another shard than
-this process' PUBLISH; a slow link may still deliver), and a loop late at every check by far
-more than ``interval`` would otherwise excuse nearly all of a peer's silence, however long.
-So a peer silent throughout is lost within twice ``timeout`` plus this process' longest stop,
-whether Redis keeps answering slowly or the loop keeps coming late. Round trips of a healthy
-Redis count too, but they are a few milliseconds.
+call, a suspended machine) reads nothing, but a loop that is merely busy makes every check late
+while it goes on reading between them. So the longest single span this process did not run
+within a peer's silence is excused whole (a stop of any length: what came meanwhile may be read
+only after the check that ends it, as the caller's loop orders them, and the peer gets
+``timeout`` of this process' running time after it), and the rest of those spans, with Redis'
+waits, for ``timeout`` at most. Redis' waits are evidence, not proof (on a Cluster the peer's
+messages travel on another shard than this process' PUBLISH; a slow link may still deliver), and
+a loop late at every check by far more than ``interval`` would otherwise excuse nearly all of a
+peer's silence, however long. So a peer silent throughout is lost within twice ``timeout`` plus
+this process' longest stop, whether Redis keeps answering slowly or the loop keeps coming late.
+Round trips of a healthy Redis count too, but they are a few milliseconds.
 
 A round of those checks that raises (a bug: nothing raises there today) must not end them:
 the caller logs the error and goes on with the next round, and ``RoundErrors`` says when to
