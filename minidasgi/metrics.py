@@ -240,7 +240,8 @@ class DistributorMetrics:
             "minidasgi_distributor_aborted_total",
             "Responses aborted after they started, and WebSockets closed with 1011 after they "
             "were accepted (counted in requests_total with the status the client saw, but cut "
-            "short: the Node lost, a timeout), by queue key.",
+            "short: the Node lost, a timeout), by queue key. A client that went away, or a "
+            "server that cancelled the call, is not counted here.",
             ("key",),
         )
         self.queue_wait = HistogramFamily(
