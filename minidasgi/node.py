@@ -950,8 +950,12 @@ class Node:
                 job.cancel("cancelled by the distributor")
         else:
             # Well-formed, but no distributor sends it (a forged one, under the Redis
-            # credentials): dropped as a malformed one is, with the rest of its batch in one line.
-            logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
+            # credentials), or an EVENT or a CREDIT whose argument is not one: dropped as a
+            # malformed one is, with the rest of its batch in one line.
+            if kind in (wire.EVENT, wire.CREDIT):
+                logger.warning("dropped a malformed %r message for request %s", kind, request_id)
+            else:
+                logger.warning("dropped an unexpected %r message for request %s", kind, request_id)
             self._dropped = True
 
     def _track(self, job: _Job) -> None:

@@ -614,6 +614,48 @@ async def test_a_forged_batch_of_unexpected_kinds_is_dropped_and_logged_once(
     assert redis_keys(redis_server) == []
 
 
+async def test_a_forged_event_or_credit_of_the_wrong_shape_is_logged_as_malformed(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An EVENT whose argument is not an event, a CREDIT whose argument is not a number, for a
+    live request on a Node: kinds a distributor does send, so not unexpected, but malformed.
+    Each is dropped and said so; the request completes."""
+    caplog.set_level(logging.WARNING, logger="minidasgi.node")
+    release = asyncio.Event()
+    app = create_distributor(url=redis_server.url, key="held")
+    node = Node(url=redis_server.url, app=apps.held(release), key="held", lifespan="off")
+    async with serve_app(app) as base, run_node(node):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            request = asyncio.ensure_future(client.get("/"))
+            assert await poll(_acked(app), 5)
+            (request_id,) = app._exchanges
+            for forged in (
+                wire.pack(wire.EVENT, request_id, "not an event"),
+                wire.pack(wire.CREDIT, request_id, "not a number"),
+            ):
+                receivers = await asyncio.to_thread(
+                    redis_server.command, "PUBLISH", node.channel, forged
+                )
+                assert receivers == 1
+
+            def dropped() -> list[str]:
+                return [
+                    r.message
+                    for r in caplog.records
+                    if r.name == "minidasgi.node" and "dropped" in r.message
+                ]
+
+            assert await poll(lambda: len(dropped()) == 2, 5), dropped()
+            release.set()
+            response = await asyncio.wait_for(request, 10)
+            assert (response.status_code, response.content) == (200, b"part1,part2")
+    assert dropped() == [
+        f"dropped a malformed {kind!r} message for request {request_id}"
+        for kind in (wire.EVENT, wire.CREDIT)
+    ]
+    assert redis_keys(redis_server) == []
+
+
 # 9. Many requests and no Node ---------------------------------------------------------------
 
 
