@@ -14,7 +14,9 @@ import os
 import sys
 
 # bench/http.py would shadow the stdlib's http package (httpx needs it): this folder goes last
-# on sys.path (for measure.py) before importing anything else.
+# on sys.path (for measure.py) before importing anything else. Last, an installed module named
+# measure would shadow bench/measure.py in turn: none is (the venv's `import measure` fails
+# outside bench/).
 _HERE_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE_DIR] + [_HERE_DIR]
 

@@ -14,7 +14,8 @@ import os
 import sys
 
 # bench/http.py would shadow the stdlib's http package (httpx needs it): this folder goes last
-# on sys.path (for measure.py).
+# on sys.path (for measure.py). Last, an installed module named measure would shadow
+# bench/measure.py in turn: none is (the venv's `import measure` fails outside bench/).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
