@@ -13,11 +13,13 @@ compares the two, fuzzed). Uvicorn's scope (its keys in the order of its h11 pro
 httptools one) is written in one expression, and the text of its start (type, ASGI versions,
 HTTP version, the address pairs, scheme), the same for every request of a connection, is kept
 by the client pair's id (a small cache holding the pairs: their ids cannot be reused while
-they are in it). The settings a distributor writes into every envelope (window, liveness,
-piece, unit, flags) are kept as text with the very objects they came from, and a float of
-whole milliseconds (the distributor's timestamps) is written from ints. Must never accept a
-value the general path would refuse or write differently; decoding is not its business (the
-Node decodes with ``jsoncodec.decode``).
+they are in it), with the connection's last request: a request equal to it in all the rest
+(compared by ``==`` against private copies of exact types, never by identity: a list may
+change after it was written) is written from its kept text. The settings a distributor
+writes into every envelope (window, liveness, piece, unit, flags) are kept as text with the
+very objects they came from, and a float of whole milliseconds (the distributor's timestamps)
+is written from ints. Must never accept a value the general path would refuse or write
+differently; decoding is not its business (the Node decodes with ``jsoncodec.decode``).
 """
 
 from __future__ import annotations
@@ -120,11 +122,21 @@ _HTTPTOOLS_STATE_KEYS: Final = (*_HTTPTOOLS_KEYS[:8], "state", *_HTTPTOOLS_KEYS[
 """Uvicorn's httptools scope as it gives it: ``state`` after the headers, before the method
 and the paths."""
 _UVICORN_ASGI_KEYS: Final = ("version", "spec_version")
-_STARTS: Final[dict[int, tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...], str]]] = {}
+_STARTS: Final[dict[int, tuple[Any, ...]]] = {}
 """The text of a uvicorn scope's start (its type, ASGI versions, HTTP version, addresses and
 scheme) by the client pair's id: a server gives the same pairs to every request of a
-connection (uvicorn does), and a connection makes many requests, alike in these."""
+connection (uvicorn does), and a connection makes many requests, alike in these. With it,
+the connection's last request (its method, path, root path, headers, the scope's whole text
+and the header bytes): a keep-alive connection's requests mostly repeat them (a client
+polling, a browser fetching one page's parts), and an equal request's scope is written by
+comparing instead of checking and formatting. Each entry replaced whole, in one assignment
+(another thread's distributor may be writing too)."""
 _MAX_STARTS: Final = memo.BOUND
+_MAX_KEPT_VALUES: Final = 64
+"""Header names and values at most (32 headers) of a request kept with its start."""
+_MAX_KEPT_SIZE: Final = 8192
+"""The scope's text and header bytes, at most, of a request kept with its start: what
+``_STARTS`` holds stays under ``_MAX_STARTS`` times this (2 MiB) whatever the requests."""
 
 
 def try_encode_parts(
@@ -414,6 +426,48 @@ def _uvicorn_scope(
             query_string,
             headers,
         ) = scope.values()
+    key = id(client)
+    cached = _STARTS.get(key)
+    if (
+        cached is not None
+        and cached[0] is client
+        and cached[1] is server
+        and type(raw_path) is bytes
+        and type(query_string) is bytes
+        and type(asgi) is dict
+        and tuple(asgi) == _UVICORN_ASGI_KEYS
+    ):
+        last = cached[4]
+        # The connection's last request, alike in all the rest, has the same text and the
+        # same bytes values: theirs are kept, equal to these. Compared by == in C, one tuple
+        # against the other: the kept values are private and of the exact types checked
+        # (strs; the asgi dict, its keys' order checked above; a list of tuples of bytes),
+        # which equal only values that json writes as they do.
+        if (
+            last is not None
+            and (
+                httptools,  # the keys' order
+                kind,
+                asgi,
+                http_version,
+                scheme,
+                method,
+                root_path,
+                path,
+                headers,
+            )
+            == last[0]
+        ):
+            if httptools:
+                blobs += last[2]
+                blobs.append(raw_path)
+                blobs.append(query_string)
+            else:
+                blobs.append(raw_path)
+                blobs.append(query_string)
+                blobs += last[2]
+            text: str = last[1]
+            return text
     if not (
         type(kind) is str  # one by one: cheaper than a set inclusion over a map of six
         and type(http_version) is str
@@ -432,7 +486,6 @@ def _uvicorn_scope(
     if type(version) is not str or type(spec_version) is not str:
         return None
     fields = (kind, version, spec_version, http_version, scheme)
-    cached = _STARTS.get(id(client))
     if cached is not None and cached[0] is client and cached[1] is server and cached[2] == fields:
         start = cached[3]
     else:
@@ -445,31 +498,53 @@ def _uvicorn_scope(
             f'"spec_version":{_quote(spec_version)}}},"http_version":{_quote(http_version)},'
             f'"server":{server_text},"client":{client_text},"scheme":{_quote(scheme)},'
         )
+        # Kept with the pairs themselves, whose ids cannot be reused while they live, when
+        # they are pairs of a str and an int (checked above) and strs: immutable, so their
+        # text is too; the strs are compared (a server makes some anew for every request).
+        cached = None
         if type(client) is tuple and type(server) is tuple:
-            # Pairs of a str and an int (checked above) and strs: immutable, so their text
-            # is too. Kept with the pairs themselves, whose ids cannot be reused while they
-            # live; the strs are compared (a server makes some anew for every request).
-            memo.keep(_STARTS, id(client), (client, server, fields, start), _MAX_STARTS)
+            cached = (client, server, fields, start, None)
+    values: list[bytes] = []
+    pairs = _pairs(headers, values)  # appends to values only what it writes
+    if pairs is None:
+        return None
     # The bytes values go to the tail in the order of their keys in the text.
     if httptools:
-        pairs = _pairs(headers, blobs)  # appends to blobs only what it writes
-        if pairs is None:
-            return None
+        blobs += values
         blobs.append(raw_path)
         blobs.append(query_string)
-        return (
+        text = (
             f'{start}"root_path":{_quote(root_path)},"headers":{pairs},'
             f'"method":{_quote(method)},"path":{_quote(path)},"raw_path":0E0,"query_string":0E0}}'
         )
-    pair_blobs: list[bytes] = [raw_path, query_string]
-    pairs = _pairs(headers, pair_blobs)
-    if pairs is None:
-        return None
-    blobs += pair_blobs
-    return (
-        f'{start}"method":{_quote(method)},"root_path":{_quote(root_path)},"path":{_quote(path)},'
-        f'"raw_path":0E0,"query_string":0E0,"headers":{pairs}}}'
-    )
+    else:
+        blobs.append(raw_path)
+        blobs.append(query_string)
+        blobs += values
+        text = (
+            f'{start}"method":{_quote(method)},"root_path":{_quote(root_path)},'
+            f'"path":{_quote(path)},"raw_path":0E0,"query_string":0E0,"headers":{pairs}}}'
+        )
+    if cached is not None:
+        last = None
+        if len(values) <= _MAX_KEPT_VALUES and len(text) + sum(map(len, values)) <= _MAX_KEPT_SIZE:
+            # The headers kept as fresh tuples of the bytes checked (never the caller's list
+            # nor its pairs, which may be lists or change after), the values as a tuple.
+            kept = tuple(values)
+            request = (
+                httptools,
+                kind,
+                {"version": version, "spec_version": spec_version},
+                http_version,
+                scheme,
+                method,
+                root_path,
+                path,
+                list(zip(kept[::2], kept[1::2], strict=True)),
+            )
+            last = (request, text, kept)
+        memo.keep(_STARTS, key, (client, server, fields, start, last), _MAX_STARTS)
+    return text
 
 
 def _address(value: Any) -> str | None:

@@ -875,3 +875,150 @@ def test_the_whole_seconds_of_the_last_envelope_are_written_once(
     assert called == []  # before: a divmod and a str for each time of each envelope
     parts(second + 6000, second + 1000, True)
     assert sorted(called) == [(second + 1000, 1000), (second + 6000, 1000)]
+
+
+def _copied(scope: dict[str, Any]) -> dict[str, Any]:
+    """An equal scope of other objects (as a server makes for each request), but the pairs."""
+    copy: dict[str, Any] = {}
+    for key, value in scope.items():
+        if type(value) is str:
+            value = "".join(["", *value]) if len(value) > 1 else value
+        elif type(value) is bytes:
+            value = b"".join([b"", value])
+        elif type(value) is list:
+            value = [tuple(pair) if type(pair) is tuple else pair for pair in value]
+        elif type(value) is dict:
+            value = dict(value)
+        copy[key] = value
+    return copy
+
+
+@pytest.mark.parametrize("httptools", [False, True])
+def test_an_equal_request_of_a_connection_is_written_from_the_last_ones(
+    monkeypatch: pytest.MonkeyPatch, httptools: bool
+) -> None:
+    server, client = tuple(["127.0.0.1", 8000]), tuple(["127.0.0.1", 51234])
+    first = httptools_scope() if httptools else uvicorn_scope()
+    first["server"], first["client"] = server, client
+    second, third = _copied(first), _copied(first)
+    envelope(first).encode()
+    calls: list[Any] = []
+    real_pairs, real_quote = envelopewriter._pairs, envelopewriter._quote
+
+    def pairs(*args: Any) -> str | None:
+        calls.append(args[0])
+        return real_pairs(*args)
+
+    def quote(text: str) -> str:
+        calls.append(text)
+        return real_quote(text)
+
+    monkeypatch.setattr(envelopewriter, "_pairs", pairs)
+    monkeypatch.setattr(envelopewriter, "_quote", quote)
+    # The first request's headers changed after it was written (a middleware may): the kept
+    # ones are a copy, still those written.
+    first["headers"][0] = (b"host", b"other")
+    first["headers"].append((b"x", b"y"))
+    value = envelope(second)
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert calls == []  # neither the headers nor the method and the paths written again
+    # A header of another value, a header more, a header as a list: written anew.
+    for headers in (
+        [(b"host", b"bench"), (b"accept", b"*/+")],
+        [(b"host", b"bench"), (b"accept", b"*/*"), (b"a", b"b")],
+        [(b"host", b"bench"), [b"accept", b"*/*"]],
+        first["headers"],
+    ):
+        other = _copied(third)
+        other["headers"] = headers
+        value = envelope(other)
+        assert value.encode().endswith(general(value) or b"unreachable")
+    assert len(calls) > 4
+    calls.clear()
+    value = envelope(first)  # the list changed in place: its text follows it
+    assert value.encode().endswith(general(value) or b"unreachable")
+    assert calls == []  # equal to the last request's: from the kept ones
+    assert b"other" in value.encode()
+
+
+class _Text(str):
+    pass
+
+
+class _Blob(bytes):
+    pass
+
+
+class _Pair(tuple[Any, ...]):
+    pass
+
+
+def test_fuzzed_requests_of_a_connection_give_the_general_paths_bytes_or_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A connection's requests, each equal to the last but for a few values (of the same
+    # types, or of others that may compare equal: subclasses, bytearrays, lists), or the
+    # last one's own objects changed in place after it was written.
+    spy = Spy(monkeypatch)
+    rng = random.Random(15)
+    server, client = tuple(["127.0.0.1", 8000]), tuple(["127.0.0.1", 51234])
+    last = uvicorn_scope()
+    odd = [
+        _Text("GET"),
+        _Text("/hello"),
+        _Blob(b"bench"),
+        bytearray(b"bench"),
+        _Pair((b"host", b"bench")),
+        [b"host", b"bench"],
+        (b"host", _Blob(b"bench")),
+        (b"host", bytearray(b"bench")),
+        "1.1",
+        "",
+        b"",
+        {"version": "3.0", "spec_version": "2.4"},
+        {"spec_version": "2.4", "version": "3.0"},
+    ]
+    pairs_written: list[Any] = []
+    real_pairs = envelopewriter._pairs
+
+    def pairs(*args: Any) -> str | None:
+        pairs_written.append(args[0])
+        return real_pairs(*args)
+
+    monkeypatch.setattr(envelopewriter, "_pairs", pairs)
+    taken = kept = 0
+    for _ in range(3000):
+        roll = rng.random()
+        if roll < 0.1:
+            scope = rng.choice([uvicorn_scope, httptools_scope])()
+        elif roll < 0.2:
+            scope = _mutated_scope(rng)
+        else:
+            scope = _copied(last)
+            for _ in range(rng.randrange(3)):
+                key = rng.choice(list(scope))
+                if key == "headers" and rng.random() < 0.7:
+                    headers = scope["headers"] = list(scope["headers"])
+                    if headers and rng.random() < 0.7:
+                        headers[rng.randrange(len(headers))] = rng.choice(odd[4:8])
+                    else:
+                        headers.append(rng.choice([(b"a", b"b"), *odd[4:8]]))
+                elif key not in ("server", "client"):
+                    scope[key] = rng.choice(odd)
+        if rng.random() < 0.1 and type(last.get("headers")) is list:
+            last["headers"].append((b"late", b"1"))  # the last request's list, changed after
+        scope["server"], scope["client"] = server, client
+        value = envelope(scope)
+        spy.written = None
+        pairs_written.clear()
+        with contextlib.suppress(CodecError):
+            value.encode()
+        last = scope
+        if spy.written is None:
+            last = rng.choice([uvicorn_scope, httptools_scope])()  # back to a usual one
+            continue
+        taken += 1
+        kept += not pairs_written  # written from the last request's kept text
+        assert spy.written == general(value), value
+    assert taken > 1000
+    assert kept > 500  # the fuzz reaches the kept requests, not only the writer
