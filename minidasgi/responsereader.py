@@ -9,7 +9,9 @@ the same from one answer to the next, so what the expression read from it is kep
 text (a bounded table). The next answer's id is checked in place where the last one's ended
 (ASCII letters and digits, then its quote; any other id takes the expression for its end),
 and its rest compared with the last one's: the same Node's next answer costs no look-up,
-another Node's (another rest) a look-up in the table. The expression accepts
+another Node's (another rest) a look-up in the table. The headers read as tuples (for a
+distributor) are kept with their lengths and bytes: an answer whose headers' lengths and bytes
+equal them gets those pairs (immutable) in a new list. The expression accepts
 only text whose meaning leaves no choice: fixed keys in a fixed order, strings of printable
 ASCII without escapes, ints without sign or leading zero of at most 9 digits, a plain decimal
 float, ``0E0`` markers exactly where bytes go; the prefix, the table of lengths and the markers'
@@ -77,6 +79,15 @@ _LAST: Final[list[tuple[int, bytes, tuple[int, int, bool | None, tuple[Any, ...]
 """The last head's rest read (where it starts, its text, its template): the next answer of
 the same Node differs from it only by its id; another Node's has an id of the same length.
 Replaced whole, in one assignment."""
+
+
+_HEADERS: Final[list[tuple[tuple[int, ...], bytes, tuple[tuple[bytes, bytes], ...]]]] = [
+    ((-1,), b"", ())  # lengths no table has: the first answer's headers are read
+]
+"""The last headers read as tuples: their lengths, their bytes (from the tail) and their
+pairs. The same Node's next answer to the same route has the same ones (a content type, a
+length): compared, not cut again. Replaced whole, in one assignment."""
+_MAX_KEPT_HEADERS: Final = 4096  # bytes of headers kept at most
 
 
 def _template(rest: bytes) -> tuple[int, int, bool | None, tuple[Any, ...]] | None:
@@ -181,22 +192,32 @@ def try_parts(
     lengths = _LENGTHS[count].unpack_from(data, head_end)
     if sum(lengths) != size - tail_start:
         return None
-    headers: list[Any] = []
-    position = tail_start
-    # The headers' lengths, then the body's. Two loops: a pair built by its display
-    # either way, not by a call.
-    if tuples:
-        for index in range(0, count - 1, 2):
-            middle = position + lengths[index]
-            end = middle + lengths[index + 1]
-            headers.append((data[position:middle], data[middle:end]))
-            position = end
+    position = size - lengths[-1]  # the body's start, after the headers
+    kept_lengths, kept_bytes, kept_pairs = _HEADERS[0]
+    if tuples and lengths[:-1] == kept_lengths and data[tail_start:position] == kept_bytes:
+        # The headers of the last answer read (a Node answers a route's requests alike):
+        # its pairs, immutable, in a new list (the server may change the list it is handed).
+        headers: list[Any] = [*kept_pairs]
     else:
-        for index in range(0, count - 1, 2):
-            middle = position + lengths[index]
-            end = middle + lengths[index + 1]
-            headers.append([data[position:middle], data[middle:end]])
-            position = end
+        headers = []
+        index_end = count - 1
+        position = tail_start
+        # The headers' lengths, then the body's. Two loops: a pair built by its display
+        # either way, not by a call.
+        if tuples:
+            for index in range(0, index_end, 2):
+                middle = position + lengths[index]
+                end = middle + lengths[index + 1]
+                headers.append((data[position:middle], data[middle:end]))
+                position = end
+            if position - tail_start <= _MAX_KEPT_HEADERS:
+                _HEADERS[0] = (lengths[:-1], data[tail_start:position], tuple(headers))
+        else:
+            for index in range(0, index_end, 2):
+                middle = position + lengths[index]
+                end = middle + lengths[index + 1]
+                headers.append([data[position:middle], data[middle:end]])
+                position = end
     body: dict[str, Any] = {"type": "http.response.body", "body": data[position:]}
     if more is not None:
         body["more_body"] = more

@@ -358,3 +358,58 @@ def test_fuzzed_messages_give_the_general_value_or_none() -> None:
         assert same(["ack-send", parts[0], parts[1], *parts[2]], tupled), data
     # The fuzz reaches the fast path, not only its refusals, mutated messages included.
     assert taken > 1000 and mutated > 100, (taken, mutated)
+
+
+def _headers_handed(data: bytes) -> list[Any]:
+    parts = responsereader.try_parts(data, max_size=wire.MAX_MESSAGE_SIZE, tuples=True)
+    assert parts is not None
+    headers: list[Any] = parts[1][0]["headers"]
+    return headers
+
+
+def test_the_same_headers_as_the_last_answers_are_handed_in_a_new_list() -> None:
+    first = _headers_handed(ack_send())
+    first.append((b"x", b"y"))  # the server's to change: the next answer's are its own
+    second = _headers_handed(ack_send())
+    assert second == [(b"content-type", b"text/plain"), (b"content-length", b"12")]
+    assert second is not first
+    # The pairs themselves (immutable) are the last ones': not cut from the tail again.
+    assert all(a is b for a, b in zip(second, first, strict=False))
+    # Headers of the same lengths but other bytes are read for themselves.
+    events = [
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/html!"), (b"content-length", b"12")],
+        },
+        {"type": "http.response.body", "body": b"Hello World!", "more_body": False},
+    ]
+    third = _headers_handed(ack_send(events))
+    assert third == [(b"content-type", b"text/html!"), (b"content-length", b"12")]
+
+
+def test_fuzzed_answers_of_alike_headers_give_the_general_value() -> None:
+    # Headers drawn from a few of equal lengths, so that an answer often has the last one's
+    # lengths, or its bytes, or both.
+    rng = random.Random(16)
+    names = [b"ab", b"cd", b"abc"]
+    kept = 0
+    headers: list[Any] = []
+    for _ in range(3000):
+        if rng.random() < 0.5:  # the last answer's again, or others
+            headers = [
+                (rng.choice(names), rng.choice(names)) for _ in range(rng.choice([0, 1, 2, 2, 2]))
+            ]
+        body = {"type": "http.response.body", "body": rng.choice([b"", b"ab", b"abcd"])}
+        events = [{"type": "http.response.start", "status": 200, "headers": headers}, body]
+        data = ack_send(events)
+        before = responsereader._HEADERS[0]
+        parts = responsereader.try_parts(data, max_size=wire.MAX_MESSAGE_SIZE, tuples=True)
+        assert parts is not None
+        handed = parts[1][0]["headers"]
+        kept += bool(handed and before[2]) and handed[0] is before[2][0]
+        expected = general(data)
+        expected[2][0]["headers"] = [tuple(pair) for pair in expected[2][0]["headers"]]
+        assert same(["ack-send", parts[0], parts[1], *parts[2]], expected), data
+        handed.append((b"z", b"z"))  # the server's own list
+    assert kept > 300
