@@ -216,12 +216,18 @@ def try_encode_parts(
     return [_PREFIX.pack(jsoncodec.VERSION, len(head), count), head, lengths, *blobs]
 
 
-_KEPT_SETTINGS: Final[list[tuple[tuple[Any, ...], ...]]] = [()]
-"""The last two settings written (``_settings``), the latest first: each the very objects,
-then their text. Two, not one: a distributor with more than one request in flight writes two
-sets in turn (the pool's window of large pieces for one request, small ones for the others:
-``wire.CreditPool.reserve``), and a set written anew costs about 12k instructions. Replaced
-whole, in one assignment (another thread's distributor may be writing too)."""
+_KEPT_SETTINGS: Final[dict[int, tuple[Any, ...]]] = {}
+"""The settings last written (``_settings``) with each window of an int, by that window: the
+other settings' very objects, then the text. By the window, not the last one or two sets: a
+distributor with requests in flight writes several in turn (the pool's window of large
+pieces for one request, small ones for the others, fewer credits while the pool runs short:
+``wire.CreditPool.reserve``; a third of the envelopes found none of the last two kept at 8
+connections), and a set written anew costs about 12k instructions. Bounded (``memo``),
+each entry replaced whole, in one assignment (another thread's distributor may be writing
+too)."""
+
+
+_MAX_SETTINGS: Final = memo.BOUND
 
 
 def _settings(
@@ -236,19 +242,20 @@ def _settings(
     """The text around the queued time: its key and what precedes it (the window and the
     liveness), and what follows it to the head's end. A distributor writes the same
     settings, the same objects, into envelope after envelope: their text is kept with them,
-    found again by identity (an equal object may write otherwise: 1 and 1.0, 0.0 and -0.0)."""
-    kept = _KEPT_SETTINGS[0]
-    for last in kept:
+    found by the window (an int) and then by identity (an equal object may write otherwise:
+    1 and 1.0, 0.0 and -0.0)."""
+    if type(window) is int:  # not a bool, nor a float: an equal int writes alike
+        last = _KEPT_SETTINGS.get(window)
         if (
-            last[0] is window
-            and last[1] is liveness
-            and last[2] is piece
-            and last[3] is usual_piece
-            and last[4] is confirms
-            and last[5] is unit
-            and last[6] is ack_send
+            last is not None
+            and last[0] is liveness
+            and last[1] is piece
+            and last[2] is usual_piece
+            and last[3] is confirms
+            and last[4] is unit
+            and last[5] is ack_send
         ):
-            text: tuple[str, str] = last[7]
+            text: tuple[str, str] = last[6]
             return text
     window_text = _number(window)
     liveness_text = _number(liveness)
@@ -273,13 +280,14 @@ def _settings(
     # Kept with the objects themselves (no other value can take their ids while kept) when
     # their text depends on nothing else: immutable numbers, and the flags as bools.
     if (
-        type(piece) is int
+        type(window) is int
+        and type(piece) is int
         and type(unit) is int
         and type(confirms) is bool
         and type(ack_send) is bool
     ):
-        entry = (window, liveness, piece, usual_piece, confirms, unit, ack_send, text)
-        _KEPT_SETTINGS[0] = (entry, *kept[:1])
+        entry = (liveness, piece, usual_piece, confirms, unit, ack_send, text)
+        memo.keep(_KEPT_SETTINGS, window, entry, _MAX_SETTINGS)
     return text
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from minidasgi import codec, envelopewriter, jsoncodec, wire
+from minidasgi import codec, envelopewriter, jsoncodec, memo, wire
 from minidasgi.codec import CodecError
 
 
@@ -608,9 +608,12 @@ def test_the_settings_of_the_last_envelope_are_written_once(
     assert 8.0 in numbers and b'"window":8.0' in third.encode()
 
 
-def test_two_settings_written_in_turn_are_both_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A distributor with requests in flight alternates the pool's large window (4 pieces of
-    # 1 MiB) and small ones (8 of 128 KiB): both sets stay kept, a third replaces the older.
+def test_settings_written_in_turn_are_kept_by_their_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A distributor with requests in flight writes the pool's large window (4 pieces of
+    # 1 MiB), small ones (8 of 128 KiB) and, while the pool runs short, fewer credits: each
+    # window's set stays kept, in any order.
     numbers: list[Any] = []
     real = envelopewriter._number
 
@@ -619,30 +622,44 @@ def test_two_settings_written_in_turn_are_both_kept(monkeypatch: pytest.MonkeyPa
         return real(value)
 
     large = {"window": wire.LARGE_WINDOW, "piece": wire.PIECE_SIZE}
-    small = {"window": wire.WINDOW, "piece": wire.CHUNK_SIZE}
-    for settings in (large, small):
+    short = [{"window": n, "piece": wire.CHUNK_SIZE} for n in range(1, wire.WINDOW + 1)]
+    short.remove({"window": wire.LARGE_WINDOW, "piece": wire.CHUNK_SIZE})  # the large one's
+    for settings in (large, *short):
         envelope(uvicorn_scope(), **settings).encode()
     monkeypatch.setattr(envelopewriter, "_number", spy)
-    for settings in (large, small, large, small):
+    rng = random.Random(17)
+    for settings in rng.sample([large, *short] * 3, 3 * (len(short) + 1)):
         value = envelope(uvicorn_scope(), **settings)
         data = value.encode()
         assert data.endswith(general(value) or b"unreachable")
         # Only the deadline and the queued time (before: the window and the liveness too,
-        # and the piece of the large one, at every turn).
+        # and the piece of the large one, for all but the last two sets written).
         assert numbers == [value.deadline, value.queued]
         numbers.clear()
-    third = {"window": 3, "piece": wire.CHUNK_SIZE}
-    for settings in (third, small, large):
+    # The large window's size with small pieces: written, and kept in the large one's place.
+    for settings, written in (
+        ({"window": wire.LARGE_WINDOW, "piece": wire.CHUNK_SIZE}, True),
+        ({"window": wire.LARGE_WINDOW, "piece": wire.CHUNK_SIZE}, False),
+        (large, True),
+        ({"window": float(wire.WINDOW), "piece": wire.CHUNK_SIZE}, True),  # not the int's
+        ({"window": True, "piece": wire.CHUNK_SIZE}, None),  # no window json writes as 1
+    ):
         value = envelope(uvicorn_scope(), **settings)
-        assert value.encode().endswith(general(value) or b"unreachable")
+        data = value.encode()
+        assert data.endswith(general(value) or b"unreachable")
+        if written is not None:
+            assert (value.window in numbers) is written
         numbers.clear()
-    # ``third`` pushed ``large`` out, ``small`` was found kept (no reordering), then
-    # ``large``, written anew, pushed ``small`` out.
-    for settings, written in ((large, False), (third, False), (small, True)):
-        value = envelope(uvicorn_scope(), **settings)
+    assert b'"window":8.0,' in envelope(uvicorn_scope(), window=8.0).encode()
+
+
+def test_the_settings_kept_are_bounded() -> None:
+    sizes = set()
+    for window in range(3 * memo.BOUND):
+        value = envelope(uvicorn_scope(), window=window)
         assert value.encode().endswith(general(value) or b"unreachable")
-        assert (value.window in numbers) is written
-        numbers.clear()
+        sizes.add(len(envelopewriter._KEPT_SETTINGS))
+    assert max(sizes) == memo.BOUND  # one set per window, up to the bound, never past it
 
 
 def test_the_start_of_a_connections_scopes_is_written_once(
