@@ -24,6 +24,10 @@ time from ``/proc`` is).
 ``--upload MIB`` counts uploads of ``MIB`` MiB likewise (one connection, sent in 1 MiB
 writes, the app reading the body and answering its length), and prints instructions per MiB.
 
+``--vary`` gives each hello-world request its own path (``/item/CONNECTION/NUMBER``) and its
+own ``X-Request-Id`` value, as a proxy's or a browser's keep-alive requests differ: what a
+request costs when the distributor's per-connection keeps (``envelopewriter``) miss.
+
 ``--callgrind DIR`` runs one process (the distributor, or the one ``--callgrind-role`` names)
 under ``valgrind --tool=callgrind`` instead (its instruction count is the same) and keeps its
 profiles of both runs in ``DIR`` (``<role>-<requests>.callgrind``): read them with
@@ -64,12 +68,24 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 ROLES = ("direct", "distributor", "node")
 
 
-def _client(port: int, count: int, errors: list[BaseException]) -> None:
-    """``count`` requests on one keep-alive connection, each answer read in full."""
+def _varied(connection: int, number: int) -> bytes:
+    """The ``number``-th request of a connection with ``--vary``: its own path and its own
+    ``X-Request-Id`` value, as a proxy's or a browser's keep-alive requests differ."""
+    return (
+        f"GET /item/{connection}/{number} HTTP/1.1\r\nHost: bench\r\n"
+        f"X-Request-Id: {connection:04d}-{number:08d}\r\n\r\n"
+    ).encode()
+
+
+def _client(
+    port: int, count: int, errors: list[BaseException], vary: bool = False, connection: int = 0
+) -> None:
+    """``count`` requests on one keep-alive connection, each answer read in full (each
+    request its own path and header value with ``vary``)."""
     try:
         with socket.create_connection((bench_http.HOST, port), timeout=120) as sock:
-            for _ in range(count):
-                sock.sendall(REQUEST)
+            for number in range(count):
+                sock.sendall(_varied(connection, number) if vary else REQUEST)
                 answer = b""
                 while not answer.endswith(b"Hello World!"):
                     chunk = sock.recv(4096)
@@ -127,7 +143,13 @@ def _uploads(port: int, count: int, size: int) -> None:
 
 
 def _load(
-    port: int, total: int, connections: int, download: int = 0, chunk: int = 0, upload: int = 0
+    port: int,
+    total: int,
+    connections: int,
+    download: int = 0,
+    chunk: int = 0,
+    upload: int = 0,
+    vary: bool = False,
 ) -> None:
     if download:
         _downloads(port, total, download << 20, chunk)
@@ -137,8 +159,8 @@ def _load(
         return
     errors: list[BaseException] = []
     threads = [
-        threading.Thread(target=_client, args=(port, total // connections, errors))
-        for _ in range(connections)
+        threading.Thread(target=_client, args=(port, total // connections, errors, vary, index))
+        for index in range(connections)
     ]
     for thread in threads:
         thread.start()
@@ -182,6 +204,7 @@ def _run(
     chunk: int = 0,
     profiled: str = "distributor",
     upload: int = 0,
+    vary: bool = False,
 ) -> dict[str, int]:
     """Instructions each process executed, with ``total`` requests sent to each server (the
     ``profiled`` role under callgrind, its profile kept in the directory ``callgrind``, if
@@ -205,8 +228,8 @@ def _run(
         _wait_up(direct_port)
         _wait_up(dist_port)
         # One more request each (_wait_up's), in both runs alike: the difference is exact.
-        _load(direct_port, total, connections, download, chunk, upload)
-        _load(dist_port, total, connections, download, chunk, upload)
+        _load(direct_port, total, connections, download, chunk, upload, vary)
+        _load(dist_port, total, connections, download, chunk, upload, vary)
     finally:
         stop(processes.values(), signal.SIGINT)
         redis.close()
@@ -278,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MIB",
         help="count uploads of MIB MiB (one connection) instead of hello-world requests",
     )
+    parser.add_argument(
+        "--vary",
+        action="store_true",
+        help="each hello-world request its own path and X-Request-Id value (as real traffic)",
+    )
     args = parser.parse_args(argv)
     if args.download and args.upload:
         parser.error("--download or --upload, not both")
@@ -301,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 chunk,
                 args.callgrind_role,
                 args.upload,
+                args.vary,
             )
             for count in (args.warmup, args.warmup + args.requests)
         )
@@ -329,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"instructions per hello-world request ({args.requests} requests over"
         f" {args.connections} connections, minus the first {args.warmup}; valgrind"
-        f"{'; httptools, uvloop' if args.fast else ''}):"
+        f"{'; httptools, uvloop' if args.fast else ''}"
+        f"{'; each its own path and X-Request-Id' if args.vary else ''}):"
     )
     for role in ROLES:
         line = f"  {role:<12} {per_request[role] / 1000:8.1f}k"
