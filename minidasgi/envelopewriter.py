@@ -14,18 +14,22 @@ httptools one) is written in one expression, and the text of its start (type, AS
 HTTP version, the address pairs, scheme), the same for every request of a connection, is kept
 by the client pair's id (a small cache holding the pairs: their ids cannot be reused while
 they are in it), with the connection's last request: a request equal to it in all the rest
-(compared by ``==`` against private copies of exact types, never by identity: a list may
-change after it was written) is written from its kept text. The settings a distributor
-writes into every envelope (window, liveness, piece, unit, flags) are kept as text with the
-very objects they came from, and a float of whole milliseconds (the distributor's timestamps)
-is written from ints. Must never accept a value the general path would refuse or write
-differently; decoding is not its business (the Node decodes with ``jsoncodec.decode``).
+is written from its kept text (its values checked of the exact types first, as the writer
+checks them, headers included, and compared by ``==`` against private copies of those types,
+never by identity: a list may change after it was written; so a value of another type that
+compares equal, a memoryview or a subclass, is declined as it is with nothing kept). The
+settings a distributor writes into every envelope (window, liveness, piece, unit, flags) are
+kept as text with the very objects they came from, and a float of whole milliseconds (the
+distributor's timestamps) is written from ints. Must never accept a value the general path
+would refuse or write differently; decoding is not its business (the Node decodes with
+``jsoncodec.decode``).
 """
 
 from __future__ import annotations
 
 import json.encoder
 import struct
+from itertools import chain
 from math import isfinite
 from typing import Any, Final
 
@@ -132,6 +136,9 @@ polling, a browser fetching one page's parts), and an equal request's scope is w
 comparing instead of checking and formatting. Each entry replaced whole, in one assignment
 (another thread's distributor may be writing too)."""
 _MAX_STARTS: Final = memo.BOUND
+_HEADER_TYPES: Final = frozenset([tuple, bytes])
+"""The types of the headers' pairs and values an equal request is written from the kept text
+with: the exact ones, which == compares by their contents."""
 _MAX_KEPT_VALUES: Final = 64
 """Header names and values at most (32 headers) of a request kept with its start."""
 _MAX_KEPT_SIZE: Final = 8192
@@ -434,48 +441,6 @@ def _uvicorn_scope(
             query_string,
             headers,
         ) = scope.values()
-    key = id(client)
-    cached = _STARTS.get(key)
-    if (
-        cached is not None
-        and cached[0] is client
-        and cached[1] is server
-        and type(raw_path) is bytes
-        and type(query_string) is bytes
-        and type(asgi) is dict
-        and tuple(asgi) == _UVICORN_ASGI_KEYS
-    ):
-        last = cached[4]
-        # The connection's last request, alike in all the rest, has the same text and the
-        # same bytes values: theirs are kept, equal to these. Compared by == in C, one tuple
-        # against the other: the kept values are private and of the exact types checked
-        # (strs; the asgi dict, its keys' order checked above; a list of tuples of bytes),
-        # which equal only values that json writes as they do.
-        if (
-            last is not None
-            and (
-                httptools,  # the keys' order
-                kind,
-                asgi,
-                http_version,
-                scheme,
-                method,
-                root_path,
-                path,
-                headers,
-            )
-            == last[0]
-        ):
-            if httptools:
-                blobs += last[2]
-                blobs.append(raw_path)
-                blobs.append(query_string)
-            else:
-                blobs.append(raw_path)
-                blobs.append(query_string)
-                blobs += last[2]
-            text: str = last[1]
-            return text
     if not (
         type(kind) is str  # one by one: cheaper than a set inclusion over a map of six
         and type(http_version) is str
@@ -493,9 +458,36 @@ def _uvicorn_scope(
     version, spec_version = asgi.values()
     if type(version) is not str or type(spec_version) is not str:
         return None
+    key = id(client)
+    cached = _STARTS.get(key)
     fields = (kind, version, spec_version, http_version, scheme)
     if cached is not None and cached[0] is client and cached[1] is server and cached[2] == fields:
         start = cached[3]
+        last = cached[4]
+        # The connection's last request, alike in all the rest, has the same text and the
+        # same bytes values: theirs are kept, equal to these. Compared by == in C, one
+        # tuple against the other, the strs and the list checked exact above; the kept
+        # values are private and exact (strs, a list of tuples of bytes). A header pair
+        # or value of another type may still compare equal (a memoryview, a subclass
+        # whose __eq__ lies, mock.ANY): the hit is taken only when every pair is an exact
+        # tuple and every value exact bytes (checked in C, after the == so that a miss
+        # pays nothing for it), so == compared them as bytes.
+        if (
+            last is not None
+            and (httptools, method, root_path, path, headers) == last[0]  # httptools: the order
+            and _HEADER_TYPES.issuperset(map(type, chain(headers, *headers)))
+        ):
+            if httptools:
+                blobs += last[2]
+                blobs.append(raw_path)
+                blobs.append(query_string)
+            else:
+                blobs.append(raw_path)
+                blobs.append(query_string)
+                blobs += last[2]
+            text: str = last[1]
+            return text
+        keeps, fresh = True, False
     else:
         server_text = _address(server)
         client_text = _address(client)
@@ -509,16 +501,13 @@ def _uvicorn_scope(
         # Kept with the pairs themselves, whose ids cannot be reused while they live, when
         # they are pairs of a str and an int (checked above) and strs: immutable, so their
         # text is too; the strs are compared (a server makes some anew for every request).
-        cached = None
-        if type(client) is tuple and type(server) is tuple:
-            cached = (client, server, fields, start, None)
-    values: list[bytes] = []
-    pairs = _pairs(headers, values)  # appends to values only what it writes
-    if pairs is None:
-        return None
+        keeps, fresh, last = type(client) is tuple and type(server) is tuple, True, None
+    count = len(blobs)
     # The bytes values go to the tail in the order of their keys in the text.
     if httptools:
-        blobs += values
+        pairs = _pairs(headers, blobs)  # appends to blobs only what it writes
+        if pairs is None:
+            return None
         blobs.append(raw_path)
         blobs.append(query_string)
         text = (
@@ -526,32 +515,33 @@ def _uvicorn_scope(
             f'"method":{_quote(method)},"path":{_quote(path)},"raw_path":0E0,"query_string":0E0}}'
         )
     else:
-        blobs.append(raw_path)
-        blobs.append(query_string)
-        blobs += values
+        pair_blobs: list[bytes] = [raw_path, query_string]
+        pairs = _pairs(headers, pair_blobs)
+        if pairs is None:
+            return None
+        blobs += pair_blobs
+        count += 2
         text = (
             f'{start}"method":{_quote(method)},"root_path":{_quote(root_path)},'
             f'"path":{_quote(path)},"raw_path":0E0,"query_string":0E0,"headers":{pairs}}}'
         )
-    if cached is not None:
-        last = None
-        if len(values) <= _MAX_KEPT_VALUES and len(text) + sum(map(len, values)) <= _MAX_KEPT_SIZE:
-            # The headers kept as fresh tuples of the bytes checked (never the caller's list
-            # nor its pairs, which may be lists or change after), the values as a tuple.
-            kept = tuple(values)
-            request = (
-                httptools,
-                kind,
-                {"version": version, "spec_version": spec_version},
-                http_version,
-                scheme,
-                method,
-                root_path,
-                path,
-                list(zip(kept[::2], kept[1::2], strict=True)),
-            )
-            last = (request, text, kept)
+    if not keeps:  # pairs of another type: nothing kept
+        return text
+    kept = tuple(blobs[count : count + 2 * len(headers)])
+    if len(kept) <= _MAX_KEPT_VALUES and len(text) + sum(map(len, kept)) <= _MAX_KEPT_SIZE:
+        # The headers kept as fresh tuples of the bytes checked (never the caller's list
+        # nor its pairs, which may be lists or change after), the values as a tuple.
+        request = (
+            httptools,
+            method,
+            root_path,
+            path,
+            list(zip(kept[::2], kept[1::2], strict=True)),
+        )
+        last = (request, text, kept)
         memo.keep(_STARTS, key, (client, server, fields, start, last), _MAX_STARTS)
+    elif fresh or last is not None:
+        memo.keep(_STARTS, key, (client, server, fields, start, None), _MAX_STARTS)
     return text
 
 

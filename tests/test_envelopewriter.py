@@ -10,6 +10,7 @@ import math
 import random
 import time
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -958,6 +959,75 @@ def test_an_equal_request_of_a_connection_is_written_from_the_last_ones(
     assert b"other" in value.encode()
 
 
+class _Liar(str):
+    """A str whose ``__eq__`` says it equals anything."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = str.__hash__
+
+
+class _LyingBlob(bytes):
+    """Bytes whose ``__eq__`` says they equal anything."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = bytes.__hash__
+
+
+def _odd_scope(scope: dict[str, Any], case: str) -> None:
+    host = {
+        "bytearray": bytearray(b"bench"),
+        "memoryview": memoryview(b"bench"),
+        "strided memoryview": memoryview(b"bxexnxcxhx")[::2],  # not C-contiguous
+        "any value": mock.ANY,
+        "lying bytes": _LyingBlob(b"other"),
+    }
+    if case in host:
+        scope["headers"] = [(b"host", host[case]), (b"accept", b"*/*")]
+    elif case == "any pair":
+        scope["headers"] = [mock.ANY, (b"accept", b"*/*")]
+    elif case == "lying method":
+        scope["method"] = _Liar("POST")
+    elif case == "any path":
+        scope["path"] = mock.ANY
+    else:
+        raise AssertionError(case)
+
+
+@pytest.mark.parametrize("httptools", [False, True])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bytearray",
+        "memoryview",
+        "strided memoryview",
+        "any value",
+        "lying bytes",
+        "any pair",
+        "lying method",
+        "any path",
+    ],
+)
+def test_a_value_of_another_type_equal_to_the_kept_one_is_declined_as_without_it(
+    httptools: bool, case: str
+) -> None:
+    # A value equal to the last request's (by its __eq__ or its buffer) but not of the exact
+    # type: declined as the writer declines it with nothing kept (the general path decides:
+    # writes it, or refuses it), never written from the last request's text.
+    server, client = tuple(["127.0.0.1", 8000]), tuple(["127.0.0.1", 51234])
+    make = httptools_scope if httptools else uvicorn_scope
+    first, second = make(), make()
+    first["server"], first["client"] = second["server"], second["client"] = server, client
+    _odd_scope(second, case)
+    assert _parts(first, False) is not None
+    assert _parts(second, False) is None
+    envelopewriter._STARTS.clear()
+    assert _parts(second, False) is None  # as without the last request kept
+
+
 class _Text(str):
     pass
 
@@ -994,6 +1064,18 @@ def test_fuzzed_requests_of_a_connection_give_the_general_paths_bytes_or_none(
         b"",
         {"version": "3.0", "spec_version": "2.4"},
         {"spec_version": "2.4", "version": "3.0"},
+        _Liar("GET"),
+        mock.ANY,
+        memoryview(b"bench"),
+        memoryview(b"bxexnxcxhx")[::2],
+    ]
+    odd_pairs = [
+        *odd[4:8],
+        (b"host", memoryview(b"bench")),
+        (b"host", memoryview(b"bxexnxcxhx")[::2]),  # not C-contiguous: the general path refuses
+        (b"host", mock.ANY),
+        (b"host", _LyingBlob(b"other")),
+        mock.ANY,
     ]
     pairs_written: list[Any] = []
     real_pairs = envelopewriter._pairs
@@ -1017,9 +1099,9 @@ def test_fuzzed_requests_of_a_connection_give_the_general_paths_bytes_or_none(
                 if key == "headers" and rng.random() < 0.7:
                     headers = scope["headers"] = list(scope["headers"])
                     if headers and rng.random() < 0.7:
-                        headers[rng.randrange(len(headers))] = rng.choice(odd[4:8])
+                        headers[rng.randrange(len(headers))] = rng.choice(odd_pairs)
                     else:
-                        headers.append(rng.choice([(b"a", b"b"), *odd[4:8]]))
+                        headers.append(rng.choice([(b"a", b"b"), *odd_pairs]))
                 elif key not in ("server", "client"):
                     scope[key] = rng.choice(odd)
         if rng.random() < 0.1 and type(last.get("headers")) is list:
