@@ -141,9 +141,12 @@ _HEADER_TYPES: Final = frozenset([tuple, bytes])
 with: the exact ones, which == compares by their contents."""
 _MAX_KEPT_VALUES: Final = 64
 """Header names and values at most (32 headers) of a request kept with its start."""
-_MAX_KEPT_SIZE: Final = 8192
-"""The scope's text and header bytes, at most, of a request kept with its start: what
-``_STARTS`` holds stays under ``_MAX_STARTS`` times this (2 MiB) whatever the requests."""
+_MAX_KEPT_SIZE: Final = 4096
+"""The scope's text (ASCII only: a byte a character) and header bytes, at most, of a request
+kept with its start. An entry holds more than that (the text, the start's text again, the
+method and paths again as strs, the values, the tuples and the list): about 9 KiB at most
+(tracemalloc: 8.8 KiB an entry for the longest ASCII path kept, less for 32 headers or a path
+the text escapes), so ``_STARTS`` stays under about 2.5 MiB whatever the requests."""
 
 
 def try_encode_parts(
@@ -528,7 +531,11 @@ def _uvicorn_scope(
     if not keeps:  # pairs of another type: nothing kept
         return text
     kept = tuple(blobs[count : count + 2 * len(headers)])
-    if len(kept) <= _MAX_KEPT_VALUES and len(text) + sum(map(len, kept)) <= _MAX_KEPT_SIZE:
+    if (
+        len(kept) <= _MAX_KEPT_VALUES
+        and text.isascii()  # O(1): one byte a character, the bound below holds in bytes
+        and len(text) + sum(map(len, kept)) <= _MAX_KEPT_SIZE
+    ):
         # The headers kept as fresh tuples of the bytes checked (never the caller's list
         # nor its pairs, which may be lists or change after), the values as a tuple.
         request = (

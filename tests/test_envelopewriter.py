@@ -1028,6 +1028,21 @@ def test_a_value_of_another_type_equal_to_the_kept_one_is_declined_as_without_it
     assert _parts(second, False) is None  # as without the last request kept
 
 
+@pytest.mark.parametrize("path", ["/caf\u00e9", "/\U0001f600", "/" + "a" * 4096])
+def test_a_request_of_non_ascii_text_or_too_long_is_not_kept(path: str) -> None:
+    # What an entry holds is bounded in bytes: a character of the text is one byte.
+    envelopewriter._STARTS.clear()
+    scope = uvicorn_scope()
+    scope["path"] = path
+    assert _parts(scope, False) is not None
+    (entry,) = envelopewriter._STARTS.values()
+    assert entry[4] is None  # the start kept, not the request
+    scope["path"] = "/caf"
+    assert _parts(scope, False) is not None
+    (entry,) = envelopewriter._STARTS.values()
+    assert entry[4] is not None
+
+
 class _Text(str):
     pass
 
