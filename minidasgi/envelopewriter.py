@@ -139,6 +139,11 @@ _MAX_STARTS: Final = memo.BOUND
 _HEADER_TYPES: Final = frozenset([tuple, bytes])
 """The types of the headers' pairs and values an equal request is written from the kept text
 with: the exact ones, which == compares by their contents."""
+_SKIP: Final = 8
+"""Requests of a connection not kept after one that differed from the last one kept: where a
+connection's requests differ (a per-request id, another path each time), keeping each one
+and comparing the next with it costs more than the general path alone (``bench/README.md``,
+``--vary``); where they repeat, a change costs at most these few written anew."""
 _MAX_KEPT_VALUES: Final = 64
 """Header names and values at most (32 headers) of a request kept with its start."""
 _MAX_KEPT_SIZE: Final = 4096
@@ -490,6 +495,12 @@ def _uvicorn_scope(
                 blobs += last[2]
             text: str = last[1]
             return text
+        if last is not None:  # a miss: the next requests not kept for a while
+            skip = _SKIP
+        else:
+            skip = cached[5]
+            if skip:
+                skip -= 1
         keeps, fresh = True, False
     else:
         server_text = _address(server)
@@ -505,6 +516,7 @@ def _uvicorn_scope(
         # they are pairs of a str and an int (checked above) and strs: immutable, so their
         # text is too; the strs are compared (a server makes some anew for every request).
         keeps, fresh, last = type(client) is tuple and type(server) is tuple, True, None
+        skip = 0
     count = len(blobs)
     # The bytes values go to the tail in the order of their keys in the text.
     if httptools:
@@ -530,6 +542,9 @@ def _uvicorn_scope(
         )
     if not keeps:  # pairs of another type: nothing kept
         return text
+    if skip:  # not kept, nor ``skip - 1`` requests more
+        memo.keep(_STARTS, key, (client, server, fields, start, None, skip), _MAX_STARTS)
+        return text
     kept = tuple(blobs[count : count + 2 * len(headers)])
     if (
         len(kept) <= _MAX_KEPT_VALUES
@@ -546,9 +561,9 @@ def _uvicorn_scope(
             list(zip(kept[::2], kept[1::2], strict=True)),
         )
         last = (request, text, kept)
-        memo.keep(_STARTS, key, (client, server, fields, start, last), _MAX_STARTS)
-    elif fresh or last is not None:
-        memo.keep(_STARTS, key, (client, server, fields, start, None), _MAX_STARTS)
+        memo.keep(_STARTS, key, (client, server, fields, start, last, 0), _MAX_STARTS)
+    elif fresh:
+        memo.keep(_STARTS, key, (client, server, fields, start, None, 0), _MAX_STARTS)
     return text
 
 
