@@ -834,7 +834,16 @@ class Distributor:
         exchange.seen += (wire.ACK,)
         exchange.acked_by = node
         exchange.inbox.put_nowait((wire.ACK, ack))
-        _on_send(exchange, args, size, kind)
+        if exchange.received is None and not exchange._arrived and self.response_timeout is None:
+            # The response's first message (``_on_send``'s first, which a window always has
+            # credit for), kept for the relay to take before the inbox: it comes right after
+            # the ACK whichever way the ACK is taken, and an exchange that ends before its
+            # relay starts drops it, as it would the inbox's. One inbox item per ACK_SEND, not
+            # two. Not with a ``response_timeout``: that relay waits for every item within it.
+            exchange._arrived = True
+            exchange._first = (kind, args)
+        else:
+            _on_send(exchange, args, size, kind)
 
     def _second_ack(self, exchange: _Exchange, args: Sequence[Any]) -> None:
         """Another ACK for a request already acked: a second copy of its envelope was popped
@@ -966,6 +975,7 @@ class _Exchange:
     unit = 0  # the credit unit announced in the envelope (a WebSocket's): 0, none
     received: wire.ReceiveWindow | None = None  # the window of the Node's messages, once made
     _arrived = False  # whether the Node's first message arrived before that window was made
+    _first: tuple[str, Any] | None = None  # that message, if it came with the ACK (ACK_SEND)
     _released = False  # whether the credits went back to the pool with no window made
 
     def __init__(
@@ -1096,7 +1106,16 @@ class _Exchange:
                 buffered.release()
         # The ack's deadline counted from the LPUSH's time when that is the loop's clock
         # too: no second read of it (a call to ``loop.time()``, about 0.7k instructions).
-        item = await self._wait_ack(_NO_ACK, self.pushed_at if d._monotonic_loop else None)
+        # ``_wait_ack(_NO_ACK, ...)``, inline: a coroutine that waits once, one per request.
+        inbox = self.inbox
+        timer = d.ack_deadlines.add(
+            inbox.put_nowait, _NO_ACK, self.pushed_at if d._monotonic_loop else None
+        )
+        try:
+            while (item := self._answer(_NO_ACK)) is None:
+                await inbox.arrival()
+        finally:
+            Deadlines.cancel(timer)
         self._pushing = False  # whatever came first decides; a later reply changes nothing
         if type(item) is _Pushed:
             if item.error is not None:
@@ -1370,39 +1389,47 @@ class _Exchange:
 
     async def _wait_ack(self, timeout: _Signal, now: float | None = None) -> Any:
         """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout`` from
-        ``now`` (the loop's time, just read) or from the loop's time now, or a lost peer.
-        Anything else before an ack can only be forged, and is dropped."""
+        ``now`` (the loop's time, just read) or from the loop's time now, or a lost peer
+        (``_answer``). ``run`` does the same inline for its first wait."""
         # One timer for all requests rather than wait_for() (a task per request before
         # Python 3.12) or a call_later each.
         inbox = self.inbox
         timer = self.distributor.ack_deadlines.add(inbox.put_nowait, timeout, now)
         try:
-            while True:
-                item = inbox.get_or(None)  # items are never None
-                if item is None:
-                    await inbox.arrival()
-                    continue
-                if item is timeout or item is _PEER_LOST or item is _VIOLATION:
-                    # A violation is signalled once, and everything after it dropped: lost
-                    # here, the request would wait for messages that are never kept.
-                    return item
-                if isinstance(item, _Signal):
-                    if type(item) is _Pushed and self._pushing:
-                        return item
-                    continue  # e.g. a deadline of the previous wait
-                kind, args = item
-                if kind == wire.GONE:
-                    return item
-                if kind == wire.ACK and args:  # _acking_node(*item), inline: one per request
-                    channel = args[0]
-                    if isinstance(channel, str) and 0 < len(channel) <= 256:
-                        return item
-                # Before the ACK, on the same connection, a Node sends nothing: forged.
-                if kind == wire.SEND or kind is _USUAL_SEND:
-                    self.receiving().dropped()
-                logger.warning("dropped a %r message before the ack of %s", kind, self.id)
+            while (item := self._answer(timeout)) is None:
+                await inbox.arrival()
+            return item
         finally:
             Deadlines.cancel(timer)
+
+    def _answer(self, timeout: _Signal) -> Any:
+        """What the inbox holds that ends a wait for the ack (the ACK, a GONE, ``timeout``, a
+        lost peer, a violation, the LPUSH's refusal), or None once it is empty. Anything else
+        before an ack can only be forged, and is dropped."""
+        inbox = self.inbox
+        while True:
+            item = inbox.get_or(None)  # items are never None
+            if item is None:
+                return None
+            if item is timeout or item is _PEER_LOST or item is _VIOLATION:
+                # A violation is signalled once, and everything after it dropped: lost
+                # here, the request would wait for messages that are never kept.
+                return item
+            if isinstance(item, _Signal):
+                if type(item) is _Pushed and self._pushing:
+                    return item
+                continue  # e.g. a deadline of the previous wait
+            kind, args = item
+            if kind == wire.GONE:
+                return item
+            if kind == wire.ACK and args:  # _acking_node(*item), inline: one per request
+                channel = args[0]
+                if isinstance(channel, str) and 0 < len(channel) <= 256:
+                    return item
+            # Before the ACK, on the same connection, a Node sends nothing: forged.
+            if kind == wire.SEND or kind is _USUAL_SEND:
+                self.receiving().dropped()
+            logger.warning("dropped a %r message before the ack of %s", kind, self.id)
 
     async def _take_back(self, key: str, data: bytes, *, keep_ack: bool = False) -> bool:
         """Undo the LPUSH of a request answered without a Node; True if it was still in the
@@ -1459,8 +1486,13 @@ class _Exchange:
         timeout = d.response_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         inbox = self.inbox
+        # The response's first message, come with the ACK: taken before the inbox.
+        first: Any = self._first
+        item: Any
         while not self.complete:
-            if deadline is None:
+            if first is not None:
+                item, first = first, None
+            elif deadline is None:
                 item = inbox.get_or(None)  # items are never None
                 if item is None:  # the relay waits for the Node
                     if self._watch_later:

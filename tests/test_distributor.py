@@ -143,3 +143,29 @@ def test_the_header_pass_also_finds_expect_100_continue(monkeypatch: pytest.Monk
     assert answer((b"expects", b"100-continue"), (b"expect", b"x")) == ("k", False)
     assert answer((b"content-length", b"5"), (b"expect", b"100-continue")) == ("k", True)
     assert answer((b"expect", b"100-continue"), kind="websocket") == ("k", False)
+
+
+@pytest.mark.parametrize("response_timeout", [None, 30.0])
+def test_an_ack_send_is_one_inbox_item_and_its_send_relayed_first(
+    response_timeout: float | None,
+) -> None:
+    # The usual ACK_SEND: the ACK queued, its SEND kept for the relay to take before the
+    # inbox (one item, not two). A relay bounded by ``response_timeout`` waits for every
+    # message within it: both queued, as before.
+    from minidasgi.distributor import _USUAL_SEND
+
+    distributor = Distributor(key="k", response_timeout=response_timeout)
+    exchange = _Exchange(distributor, "k", _uvicorn_scope(), None, None)  # type: ignore[arg-type]
+    ack = ("minidasgi:0:node:82b515ab9ac6c3fe40465eb2", 1, 1.0)
+    send = ([{"type": "http.response.start", "status": 200, "headers": []}],)
+    distributor._on_ack_send(exchange, exchange.id, send, ack, 100, _USUAL_SEND)
+    items = []
+    while not exchange.inbox.empty():
+        items.append(exchange.inbox.get_nowait())
+    if response_timeout is None:
+        assert items == [("ack", ack)]
+        assert exchange._first == (_USUAL_SEND, send)
+    else:
+        assert items == [("ack", ack), (_USUAL_SEND, send)]
+        assert exchange._first is None
+    assert exchange._arrived and exchange.received is None  # counted, no window made
