@@ -169,3 +169,77 @@ def test_an_ack_send_is_one_inbox_item_and_its_send_relayed_first(
         assert items == [("ack", ack), (_USUAL_SEND, send)]
         assert exchange._first is None
     assert exchange._arrived and exchange.received is None  # counted, no window made
+
+
+async def test_an_exchange_end_is_counted_and_logged_as_its_times_say(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two requests through ``Distributor.__call__`` with stand-ins for Redis and for the
+    # distributor's clock: one answered by a Node (its ACK_SEND), one dropped unrun by it
+    # (GONE, no ack: the no-worker answer). Their counts, histograms and access-log lines:
+    # the queue wait and the response time only for the acked one.
+    import logging
+    import time
+
+    from minidasgi import distributor as module
+    from minidasgi import wire
+
+    base = time.monotonic()  # near the loop's clock: the ack's deadline counts from it
+    # Each request reads it as it arrives, at its LPUSH, at its ack (the first only), at its end.
+    clock = iter(
+        [base, base + 0.001, base + 0.003, base + 0.007, base + 1, base + 1.001, base + 1.003]
+    )
+    monkeypatch.setattr(
+        module, "time", types.SimpleNamespace(monotonic=lambda: next(clock), time=time.time)
+    )
+    node = "minidasgi:0:node:82b515ab9ac6c3fe40465eb2"
+    events = [
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]},
+        {"type": "http.response.body", "body": b"hi", "more_body": False},
+    ]
+    loop = asyncio.get_running_loop()
+    distributor = Distributor(key="k", access_log="text")
+    distributor._bind_loop()
+    distributor._starting = loop.create_future()
+    distributor._starting.set_result(None)
+    connected = types.SimpleNamespace(connected=True, connection=lambda: None)
+    distributor._client = distributor._subscriber = connected  # type: ignore[assignment]
+    answers = iter(["ack_send", "gone"])
+
+    def lpush(connection: Any, key: str, data: bytes, pushed: Any) -> None:
+        request_id = pushed.__self__.id
+        if next(answers) == "ack_send":
+            message = wire.pack_parts(wire.ACK_SEND, request_id, events, node, 1, 1.0)
+        else:
+            message = wire.pack(wire.GONE, request_id, "expired")
+        loop.call_soon(distributor._on_message, b"channel", message)
+
+    distributor.admission.send = lpush  # type: ignore[method-assign]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    caplog.set_level(logging.INFO, logger="minidasgi.access")
+    for path in ("/one", "/two"):
+        scope = _uvicorn_scope()
+        scope["path"] = path
+        await distributor(scope, receive, send)
+    assert next(clock, None) is None  # every time read
+    assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [200, 405]
+    m = distributor.metrics
+    assert m.requests.values == {("k", "200"): 1, ("k", "405"): 1}
+    for family, count, total in [
+        (m.queue_wait, 1, 0.002),
+        (m.response_time, 1, 0.004),
+        (m.total_time, 2, 0.010),
+    ]:
+        histogram = family.series[("k",)]
+        assert histogram.count == count and histogram.sum == pytest.approx(total)
+    assert [r.getMessage() for r in caplog.records if r.name == "minidasgi.access"] == [
+        f"GET '/one' key=k node={node} status=200 queue_wait_ms=2.000 total_ms=7.000",
+        "GET '/two' key=k node=- status=405 queue_wait_ms=- total_ms=3.000",
+    ]
