@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from minidasgi import wire
 from minidasgi.admission import Admission
 from minidasgi.distributor import (
     Distributor,
@@ -171,6 +172,53 @@ def test_an_ack_send_is_one_inbox_item_and_its_send_relayed_first(
     assert exchange._arrived and exchange.received is None  # counted, no window made
 
 
+NODE = "minidasgi:0:node:82b515ab9ac6c3fe40465eb2"
+
+
+def _answered(answers: list[Any], **settings: Any) -> tuple[Distributor, list[dict[str, Any]], Any]:
+    """A distributor on the running loop with stand-ins for Redis: each LPUSH is answered,
+    in the next loop turn, by the next of ``answers`` (a list of events, sent with the ACK
+    as an ACK_SEND, or None: a GONE); the list of what it sends to the client, and the
+    ``send`` that fills it."""
+    from minidasgi import wire
+
+    loop = asyncio.get_running_loop()
+    distributor = Distributor(key="k", **settings)
+    distributor._bind_loop()
+    distributor._starting = loop.create_future()
+    distributor._starting.set_result(None)
+    connected = types.SimpleNamespace(connected=True, connection=lambda: None)
+    distributor._client = distributor._subscriber = connected  # type: ignore[assignment]
+    answering = iter(answers)
+
+    def lpush(connection: Any, key: str, data: bytes, pushed: Any) -> None:
+        request_id, events = pushed.__self__.id, next(answering)
+        if events is not None:
+            message = wire.pack_parts(wire.ACK_SEND, request_id, events, NODE, 1, 1.0)
+        else:
+            message = wire.pack(wire.GONE, request_id, "expired")
+        loop.call_soon(distributor._on_message, b"channel", message)
+
+    distributor.admission.send = lpush  # type: ignore[method-assign]
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return distributor, sent, send
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def _hello(more: bool = False) -> list[dict[str, Any]]:
+    return [
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]},
+        {"type": "http.response.body", "body": b"hi", "more_body": more},
+    ]
+
+
 async def test_an_exchange_end_is_counted_and_logged_as_its_times_say(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,7 +230,6 @@ async def test_an_exchange_end_is_counted_and_logged_as_its_times_say(
     import time
 
     from minidasgi import distributor as module
-    from minidasgi import wire
 
     base = time.monotonic()  # near the loop's clock: the ack's deadline counts from it
     # Each request reads it as it arrives, at its LPUSH, at its ack (the first only), at its end.
@@ -192,42 +239,12 @@ async def test_an_exchange_end_is_counted_and_logged_as_its_times_say(
     monkeypatch.setattr(
         module, "time", types.SimpleNamespace(monotonic=lambda: next(clock), time=time.time)
     )
-    node = "minidasgi:0:node:82b515ab9ac6c3fe40465eb2"
-    events = [
-        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]},
-        {"type": "http.response.body", "body": b"hi", "more_body": False},
-    ]
-    loop = asyncio.get_running_loop()
-    distributor = Distributor(key="k", access_log="text")
-    distributor._bind_loop()
-    distributor._starting = loop.create_future()
-    distributor._starting.set_result(None)
-    connected = types.SimpleNamespace(connected=True, connection=lambda: None)
-    distributor._client = distributor._subscriber = connected  # type: ignore[assignment]
-    answers = iter(["ack_send", "gone"])
-
-    def lpush(connection: Any, key: str, data: bytes, pushed: Any) -> None:
-        request_id = pushed.__self__.id
-        if next(answers) == "ack_send":
-            message = wire.pack_parts(wire.ACK_SEND, request_id, events, node, 1, 1.0)
-        else:
-            message = wire.pack(wire.GONE, request_id, "expired")
-        loop.call_soon(distributor._on_message, b"channel", message)
-
-    distributor.admission.send = lpush  # type: ignore[method-assign]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
+    distributor, sent, send = _answered([_hello(), None], access_log="text")
     caplog.set_level(logging.INFO, logger="minidasgi.access")
     for path in ("/one", "/two"):
         scope = _uvicorn_scope()
         scope["path"] = path
-        await distributor(scope, receive, send)
+        await distributor(scope, _receive, send)
     assert next(clock, None) is None  # every time read
     assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [200, 405]
     m = distributor.metrics
@@ -240,6 +257,46 @@ async def test_an_exchange_end_is_counted_and_logged_as_its_times_say(
         histogram = family.series[("k",)]
         assert histogram.count == count and histogram.sum == pytest.approx(total)
     assert [r.getMessage() for r in caplog.records if r.name == "minidasgi.access"] == [
-        f"GET '/one' key=k node={node} status=200 queue_wait_ms=2.000 total_ms=7.000",
+        f"GET '/one' key=k node={NODE} status=200 queue_wait_ms=2.000 total_ms=7.000",
         "GET '/two' key=k node=- status=405 queue_wait_ms=- total_ms=3.000",
     ]
+
+
+@pytest.mark.parametrize("response_timeout", [None, 30.0])
+async def test_a_whole_response_with_its_ack_is_sent_without_the_relay(
+    monkeypatch: pytest.MonkeyPatch, response_timeout: float | None
+) -> None:
+    # The usual small response, whole in its ACK_SEND, is sent by the exchange's run with no
+    # relay (its coroutine); a response with more to come, or one bounded by a
+    # ``response_timeout``, goes through the relay as before.
+    relayed: list[str] = []
+    relay = _Exchange._relay
+
+    async def counted(exchange: _Exchange) -> None:
+        relayed.append(exchange.scope["path"])
+        await relay(exchange)
+
+    monkeypatch.setattr(_Exchange, "_relay", counted)
+    distributor, sent, record = _answered(
+        [_hello(), _hello(more=True)], response_timeout=response_timeout
+    )
+    streaming = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        await record(message)
+        if message.get("more_body") is True:
+            streaming.set()
+
+    for path in ("/whole", "/more"):
+        scope = _uvicorn_scope()
+        scope["path"] = path
+        request = asyncio.ensure_future(distributor(scope, _receive, send))
+        if path == "/more":
+            await asyncio.wait_for(streaming.wait(), 5)
+            (exchange,) = distributor._exchanges.values()
+            last = {"type": "http.response.body", "body": b"!", "more_body": False}
+            distributor._on_message(b"channel", wire.pack(wire.SEND, exchange.id, [last]))
+        await asyncio.wait_for(request, 5)
+    assert relayed == (["/more"] if response_timeout is None else ["/whole", "/more"])
+    bodies = [m.get("body") for m in sent if m["type"] == "http.response.body"]
+    assert bodies == [b"hi", b"hi", b"!"]
