@@ -1233,7 +1233,8 @@ class _Exchange:
             ):
                 # The usual small response, whole with its ack: ``_relay``'s first step for
                 # it (its ``_USUAL_SEND`` branch with no deadline: ``_first`` is kept only
-                # then), taken here without the relay's coroutine (about 1.1k instructions).
+                # then), taken here without the relay's coroutine (about 1.1k instructions):
+                # keep the two alike.
                 start, body = answer[1][0]
                 self.started = True
                 self.status = start["status"]
@@ -1585,7 +1586,9 @@ class _Exchange:
                 # What the general branch below does with these events, without looking at
                 # them: ``responsereader`` read them so (a start with an int status, header
                 # pairs as tuples and no trailers, then a body), as the response's first
-                # message (about 150 opcodes fewer for the usual response).
+                # message (about 150 opcodes fewer for the usual response). ``run`` sends
+                # such a response itself when it is whole and no deadline bounds it: keep
+                # the two alike.
                 start, body = args[0]
                 more = body.get("more_body", False)
                 if more and not self.tracked:
