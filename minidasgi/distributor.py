@@ -1427,14 +1427,14 @@ class _Exchange:
         refused = isinstance(exc, ReplyError) and exc.code not in _TRANSIENT_ERRORS
         self.distributor.metrics.refused(metrics.REDIS_REFUSED if refused else metrics.UNREACHABLE)
 
-    async def _wait_ack(self, timeout: _Signal, now: float | None = None) -> Any:
-        """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout`` from
-        ``now`` (the loop's time, just read) or from the loop's time now, or a lost peer
-        (``_answer``). ``run`` does the same inline for its first wait."""
+    async def _wait_ack(self, timeout: _Signal) -> Any:
+        """The next ACK or GONE, or a signal: ``timeout`` after ``worker_timeout`` from the
+        loop's time now, or a lost peer (``_answer``). ``run`` does the same inline for its
+        first wait, from the LPUSH's time."""
         # One timer for all requests rather than wait_for() (a task per request before
         # Python 3.12) or a call_later each.
         inbox = self.inbox
-        timer = self.distributor.ack_deadlines.add(inbox.put_nowait, timeout, now)
+        timer = self.distributor.ack_deadlines.add(inbox.put_nowait, timeout)
         try:
             while (item := self._answer(timeout)) is None:
                 await inbox.arrival()

@@ -300,3 +300,39 @@ async def test_a_whole_response_with_its_ack_is_sent_without_the_relay(
     assert relayed == (["/more"] if response_timeout is None else ["/whole", "/more"])
     bodies = [m.get("body") for m in sent if m["type"] == "http.response.body"]
     assert bodies == [b"hi", b"hi", b"!"]
+
+
+@pytest.mark.parametrize("failure", [OSError, asyncio.TimeoutError])
+async def test_a_whole_response_whose_send_fails_ends_as_the_relay_ends_it(
+    failure: type[BaseException],
+) -> None:
+    # The usual small response sent by the exchange's run (no relay): a client gone (the
+    # server's send raises an OSError) ends the exchange quietly, not aborted; a send that
+    # times out aborts the started response. Either way the Node is told to cancel.
+    from minidasgi.distributor import ResponseAborted
+
+    distributor, sent, _ = _answered([_hello()])
+    cancelled: list[tuple[str, str]] = []
+
+    async def cancel_on(node: str, request_id: str) -> None:
+        cancelled.append((node, request_id))
+
+    distributor.cancel_on = cancel_on  # type: ignore[method-assign]
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        raise failure()
+
+    scope = _uvicorn_scope()
+    if failure is OSError:
+        await distributor(scope, _receive, send)
+    else:
+        with pytest.raises(ResponseAborted):
+            await distributor(scope, _receive, send)
+    for _ in range(3):  # the cancel is spawned
+        await asyncio.sleep(0)
+    assert [m["type"] for m in sent] == ["http.response.start"]
+    assert [node for node, _ in cancelled] == [NODE]
+    aborted = distributor.metrics.aborts.values
+    assert aborted == ({} if failure is OSError else {("k",): 1})
+    assert distributor.metrics.requests.values == {("k", "200"): 1}
