@@ -49,7 +49,18 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from . import accesslog, admission, buffering, codec, health, metrics, responsereader, stats, wire
+from . import (
+    accesslog,
+    admission,
+    buffering,
+    codec,
+    draining,
+    health,
+    metrics,
+    responsereader,
+    stats,
+    wire,
+)
 from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
 from .codec import CodecError, UnsupportedVersion
@@ -154,7 +165,11 @@ class Distributor:
     the rest. ``body_idle_timeout``: seconds a client may let pass between two pieces of its
     body (30 s; None: no bound), else it gets 408 (and the Node's app, if the request was
     queued, an ``http.disconnect``). A request with ``Expect: 100-continue`` is not buffered:
-    it is queued at once and its body read only when the Node's app asks for it.
+    it is queued at once and its body read only when the Node's app asks for it. A response
+    that ends with the body not all received (the app did not read it, or the request was
+    refused) sends its end once the rest was read and discarded, for at most
+    ``draining.DRAIN_TIME`` seconds: uvicorn drops such a body itself, hypercorn needs it
+    to keep the connection (see ``draining``).
 
     ``health_check_interval``: seconds of silence after which each Redis connection is checked
     with a PING; one left unanswered past the reply bound (``?reply_timeout=`` in the URL,
@@ -453,7 +468,8 @@ class Distributor:
                 routed = self._key_or_refusal(scope)
             if isinstance(routed, _Refusal):
                 status, text = routed
-                await _refuse(scope, receive, send, status, text)
+                asked = not _expects_continue(scope)
+                await _refuse(scope, receive, send, status, text, asked=asked)
                 if status == 503:
                     self.metrics.refused(metrics.UNREACHABLE)
                 self._finished(scope, None, status, started)
@@ -461,7 +477,9 @@ class Distributor:
         key, expecting = routed
         limit = self.admission.max_in_flight  # over_capacity(), inline: one per request
         if limit is not None and len(self._exchanges) >= limit:
-            await self._refuse_for_now(scope, receive, send, "too many requests in flight\n")
+            await self._refuse_for_now(
+                scope, receive, send, "too many requests in flight\n", asked=not expecting
+            )
             self.metrics.refused(metrics.IN_FLIGHT)
             self.admission.log_refusal(metrics.IN_FLIGHT, key)
             self._finished(scope, key, self.no_node_status, started)
@@ -533,11 +551,11 @@ class Distributor:
         )
 
     async def _refuse_for_now(
-        self, scope: Scope, receive: Receive | None, send: Send, text: str
+        self, scope: Scope, receive: Receive | None, send: Send, text: str, *, asked: bool = True
     ) -> None:
         """A refusal the client may retry shortly: ``no_node_status`` with ``Retry-After``."""
         headers = [(b"retry-after", str(self.retry_after).encode())]
-        await _refuse(scope, receive, send, self.no_node_status, text, headers=headers)
+        await _refuse(scope, receive, send, self.no_node_status, text, headers=headers, asked=asked)
 
     async def _operations(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a probe or a scrape under ``ops_prefix``: never routed to a Node."""
@@ -975,7 +993,8 @@ class _Exchange:
     acked_by: str | None = None  # the Node channel of the first ACK
     body_size = 0
     _wants_body = False  # the Node's app asked for the body (CONTINUE)
-    _more = False  # the client has more to send than the envelope carries
+    _more = False  # the client has more to send than the envelope carries (not yet received)
+    _stalled = False  # the client let body_idle_timeout pass: its body is not waited for
     _pumps: tuple[asyncio.Task[None], ...] = ()
     _delayed: list[Any] | None = None  # an entry of watch_deadlines
     _watch_later = False  # the client is to be watched once the relay waits for the Node
@@ -1163,7 +1182,9 @@ class _Exchange:
                 full = refusal == metrics.QUEUE_FULL
                 text = "the request queue is full\n" if full else "no worker serves this request\n"
                 self.status = d.no_node_status
-                await d._refuse_for_now(self.scope, None, self._send, text)
+                await d._refuse_for_now(
+                    self.scope, self._unread(), self._send, text, asked=self._wait_body()
+                )
                 self.complete = True
                 return
             # A Node popped it before the LREM: it runs there. A 503 (which invites a retry)
@@ -1240,7 +1261,10 @@ class _Exchange:
                 self.status = start["status"]
                 try:
                     await self._send(start)
-                    await self._send(body)
+                    if self._more:  # seldom: the app answered without reading all the body
+                        await self._send_final(body)
+                    else:
+                        await self._send(body)
                 except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
                     await self._fail(504, _SLOW_CLIENT)
                     return
@@ -1250,6 +1274,9 @@ class _Exchange:
                 self.complete = self.node_done = True
             else:
                 await self._relay()
+        except asyncio.CancelledError:
+            self._more = False  # nothing more is read from the client
+            raise
         finally:
             if self._delayed is not None:
                 Deadlines.cancel(self._delayed)
@@ -1258,6 +1285,12 @@ class _Exchange:
                 pump.add_done_callback(_log_pump_failure)
             if not self.node_done and self.node is not None:
                 d.spawn(d.cancel_on(self.node, self.id))
+            if self._more and self.kind == "http" and self._wait_body():
+                # Ended with the body unread and no final message sent through
+                # ``_send_final`` (an abort, say): read it (bounded) so that hypercorn,
+                # closing the connection, does not wait for room in its queue for good.
+                self._more = False
+                await draining.drain(self._receive)
 
     async def _buffer(self, buffered: BodyBuffer) -> bool:
         """Read the body into ``buffered`` up to its bound; False if the exchange is over
@@ -1267,9 +1300,11 @@ class _Exchange:
             try:
                 event = await buffering.receive_within(self._receive, timeout)
             except BodyIdle:
+                self._stalled = True
                 await self._refuse(408, "request body timed out\n")
                 return False
             if event["type"] == "http.disconnect":
+                self._more = False
                 return False
             if self._too_large(event):
                 await self._refuse(413, "request body too large\n")
@@ -1517,7 +1552,11 @@ class _Exchange:
 
     async def _refuse(self, status: int, text: str) -> None:
         self.status = status
-        await _refuse(self.scope, None, self._send, status, text, accepted=self.started)
+        asked = self._wait_body()
+        receive = self._unread()
+        await _refuse(
+            self.scope, receive, self._send, status, text, accepted=self.started, asked=asked
+        )
         self.complete = True
 
     async def _relay(self) -> None:
@@ -1598,7 +1637,10 @@ class _Exchange:
                 try:
                     if deadline is None:
                         await self._send(start)
-                        await self._send(body)
+                        if not more and self._more:  # seldom: the body is not all read
+                            await self._send_final(body)
+                        else:
+                            await self._send(body)
                     else:
                         try:
                             await self._send_by(start, deadline)
@@ -1607,7 +1649,7 @@ class _Exchange:
                             # send): the plain 504, not an abort.
                             self.started = False
                             raise
-                        await self._send_by(body, deadline)
+                        await self._send_by(body, deadline, final=not more)
                 except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
                     await self._fail(504, _SLOW_CLIENT)
                     return
@@ -1673,11 +1715,27 @@ class _Exchange:
                         if whole is None:
                             continue
                         event = whole
+                    # The response's final message, with the body not all read (seldom): sent
+                    # once it is (``_send_final``). Not a last body when trailers were
+                    # announced: the app may read the body before sending them.
+                    final = self._more and (
+                        (
+                            what == "http.response.body"
+                            and not self.trailers
+                            and not event.get("more_body", False)
+                        )
+                        or (
+                            what == "http.response.trailers"
+                            and not event.get("more_trailers", False)
+                        )
+                    )
                     try:
-                        if deadline is None:
-                            await self._send(event)
+                        if deadline is not None:
+                            await self._send_by(event, deadline, final=final)
+                        elif final:
+                            await self._send_final(event)
                         else:
-                            await self._send_by(event, deadline)
+                            await self._send(event)
                     except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
                         if what == "http.response.start":
                             self.started = False  # not sent: the plain 504, not an abort
@@ -1726,7 +1784,7 @@ class _Exchange:
                 await self._fail(502, "the worker dropped the request\n")
                 return
 
-    async def _send_by(self, event: Message, deadline: float) -> None:
+    async def _send_by(self, event: Message, deadline: float, *, final: bool = False) -> None:
         """Send ``event`` to the client by ``deadline`` (``response_timeout``'s, the loop's
         time), else ``asyncio.TimeoutError``: a client that stops reading holds the relay in
         the server's flow control, out of reach of the inbox's wait for that deadline, and the
@@ -1736,7 +1794,35 @@ class _Exchange:
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise asyncio.TimeoutError
-        await asyncio.wait_for(self._send(event), remaining)
+        if final and self._more:
+            await asyncio.wait_for(self._send_final(event), remaining)
+        else:
+            await asyncio.wait_for(self._send(event), remaining)
+
+    async def _send_final(self, event: Message) -> None:
+        """Send the response's final message, the request's body not all received: once
+        it is (``draining``), so that the server (hypercorn) can keep the connection."""
+        receive = self._unread()
+        if receive is None:
+            await self._send(event)
+        else:
+            await draining.send_draining(receive, self._send, event, asked=self._wait_body())
+
+    def _unread(self) -> Receive | None:
+        """The client's ``receive`` if its body may still come unread (None if not), the
+        pumps that read it stopped: from now on it is read only to be discarded."""
+        if not self._more or self.kind != "http":
+            return None
+        self._more = False
+        for pump in self._pumps:
+            pump.cancel()
+        return self._receive
+
+    def _wait_body(self) -> bool:
+        """Whether the rest of the body is waited for before the response's end: not for
+        a client that stalled, nor one expecting "100 Continue" whose body nobody asked
+        for (``draining.send_draining``'s ``asked``)."""
+        return not self._stalled and (not self.expecting or self._wants_body)
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""
@@ -1773,12 +1859,14 @@ class _Exchange:
                     event = await buffering.receive_within(self._receive, idle)
             except BodyIdle:
                 # The app sees the client gone; the client, if nothing was sent yet, a 408.
+                self._stalled = True
                 disconnect = {"type": "http.disconnect"}
                 await d.publish(self.node, self._pack(wire.EVENT, disconnect))
                 self.inbox.put_nowait(_CLIENT_IDLE)
                 return
             kind = event["type"]
             if kind in ("http.disconnect", "websocket.disconnect"):
+                self._more = False
                 await d.publish(self.node, self._pack(wire.EVENT, dict(event)))
                 self.inbox.put_nowait(_CLIENT_GONE)
                 return
@@ -1786,6 +1874,10 @@ class _Exchange:
                 continue  # uvicorn sends nothing else once the body is complete
             if kind == "http.request":
                 event, left_over = await gather_body(self._receive, event, self.piece)
+                if not event.get("more_body", False) or (
+                    left_over is not None and left_over["type"] == "http.disconnect"
+                ):
+                    self._more = False  # all received: nothing left to drain
             if self._too_large(event):
                 self.inbox.put_nowait(_TOO_LARGE)
                 return
@@ -1935,8 +2027,12 @@ async def _refuse(
     *,
     accepted: bool = False,
     headers: list[tuple[bytes, bytes]] | None = None,
+    asked: bool = True,
 ) -> None:
-    """Answer by ourselves: a plain-text response, or a refused/closed WebSocket."""
+    """Answer by ourselves: a plain-text response, or a refused/closed WebSocket.
+
+    For HTTP, ``receive`` is given when the request's body may still come unread: the
+    response ends once it was read (``draining.send_draining``, ``asked`` passed on)."""
     if scope["type"] == "websocket":
         if receive is not None:
             await receive()  # websocket.connect
@@ -1955,7 +2051,19 @@ async def _refuse(
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    if receive is None:
+        await send({"type": "http.response.body", "body": body})
+    else:
+        end = {"type": "http.response.body", "body": body}
+        await draining.send_draining(receive, send, end, asked=asked)
+
+
+def _expects_continue(scope: Scope) -> bool:
+    """Whether the request asks for "100 Continue" before sending its body."""
+    return scope.get("type") == "http" and any(
+        name.lower() == b"expect" and value.lower() == b"100-continue"
+        for name, value in scope.get("headers", ())
+    )
 
 
 def create_path_distributor(

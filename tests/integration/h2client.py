@@ -37,10 +37,12 @@ async def h2_request(
     headers: list[tuple[str, str]] | None = None,
     timeout: float = 10.0,
     headers_seen: asyncio.Event | None = None,
+    body: bytes = b"",
 ) -> H2Response:
     """Send one request with ``te: trailers`` and read the response until its stream ends,
     is reset, or ``timeout`` seconds pass (then ``ended`` stays False). ``headers_seen`` is
-    set once the response headers are read."""
+    set once the response headers are read. ``body`` is uploaded as the server's flow
+    control lets it, while the response is read."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     connection = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -55,13 +57,25 @@ async def h2_request(
         *(headers or []),
     ]
     stream = connection.get_next_available_stream_id()
-    connection.send_headers(stream, request, end_stream=True)
+    connection.send_headers(stream, request, end_stream=not body)
+    to_send = memoryview(body)
     sent_at = time.monotonic()
     writer.write(connection.data_to_send())
     response = H2Response()
     deadline = sent_at + timeout
     try:
         while not (response.ended or response.reset):
+            while to_send:  # as much of the body as the server's window takes
+                size = min(
+                    connection.local_flow_control_window(stream),
+                    connection.max_outbound_frame_size,
+                    len(to_send),
+                )
+                if size <= 0:
+                    break
+                connection.send_data(stream, bytes(to_send[:size]), end_stream=size == len(to_send))
+                to_send = to_send[size:]
+            writer.write(connection.data_to_send())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -16,7 +16,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from minidasgi import Node, create_distributor
+from minidasgi import Distributor, Node, create_distributor
 
 from . import apps
 from .h2client import H2Response, h2_request
@@ -221,3 +221,179 @@ async def test_websocket_echo_through_hypercorn(redis_server: RedisServer) -> No
             assert await asyncio.wait_for(ws.recv(), WAIT) == "hello"
             await ws.send(b"\x00" * 300_000)
             assert await asyncio.wait_for(ws.recv(), WAIT) == b"\x00" * 300_000
+
+
+# A request body the app never reads. hypercorn hands the body to the app through a queue of
+# 10 events and stops reading the socket while it is full: once the distributor's response
+# ended with the body unread, nobody took from it, and the client, still uploading, hung (or
+# the connection was stuck for its next request). Each upload is many times that queue.
+UPLOAD = 8 * 1024 * 1024
+
+
+async def _answers_unread(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"not read"})
+
+
+def _one_connection(base: str) -> httpx.AsyncClient:
+    """A client whose requests share one keep-alive connection, each phase bounded."""
+    return httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=1), timeout=WAIT)
+
+
+async def test_an_upload_the_app_does_not_read_leaves_the_connection_usable(
+    redis_server: RedisServer,
+) -> None:
+    async with _distributed(redis_server, _answers_unread) as base, _one_connection(base) as c:
+        first = await c.post("/", content=b"x" * UPLOAD)
+        second = await c.post("/", content=b"y" * UPLOAD)
+        third = await c.get("/")
+    assert [r.status_code for r in (first, second, third)] == [200, 200, 200]
+    assert first.content == second.content == third.content == b"not read"
+
+
+async def _chunks(size: int) -> AsyncIterator[bytes]:
+    """A body of ``size`` bytes sent chunked (no Content-Length)."""
+    for _ in range(size // 65536):
+        yield b"z" * 65536
+
+
+async def test_refusals_of_an_unread_upload_leave_the_connection_usable(
+    redis_server: RedisServer,
+) -> None:
+    """The distributor's own answers, given with the body unread: a path with no route
+    (404, before any exchange), a Content-Length over ``max_body_size`` (413, before any
+    exchange), a chunked body growing past it (413, while buffering), and no Node taking
+    the request within ``worker_timeout`` (the no-worker answer, 405, the body streaming
+    past the buffer)."""
+    limit = 4 * 1024 * 1024
+    unserved = create_distributor(
+        url=redis_server.url, key=KEY, max_body_size=limit, worker_timeout=2.0
+    )
+    routed = Distributor(
+        {r"^/routed/": KEY},
+        url=redis_server.url,
+        max_body_size=limit,
+        request_buffer_size=2 * limit,
+    )
+    async with (
+        serve_hypercorn(unserved) as base,
+        serve_hypercorn(routed) as routed_base,
+        _one_connection(base) as c,
+        _one_connection(routed_base) as r,
+    ):
+        unrouted = await r.post("/elsewhere", content=b"x" * UPLOAD)
+        chunked = await r.post("/routed/", content=_chunks(UPLOAD))
+        unrouted_again = await r.get("/elsewhere")
+        declared = await c.post("/", content=b"x" * UPLOAD)
+        no_worker = await c.post("/", content=_chunks(limit - 65536))
+        last = await c.get("/")
+    assert [unrouted.status_code, chunked.status_code, unrouted_again.status_code] == [
+        404,
+        413,
+        404,
+    ]
+    assert [declared.status_code, no_worker.status_code, last.status_code] == [413, 405, 405]
+
+
+async def _trailers_after_reading(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Announces trailers, sends its body, then reads the whole upload, then sends the
+    trailers, which count what it read."""
+    if scope["type"] != "http":
+        return
+    offered = "http.response.trailers" in scope.get("extensions", {})
+    await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": offered})
+    await send({"type": "http.response.body", "body": b"body first"})
+    received = len(await apps._read_body(receive))
+    if offered:
+        count = str(received).encode()
+        await send({"type": "http.response.trailers", "headers": [(b"x-received", count)]})
+
+
+async def test_an_app_reading_the_upload_before_its_trailers_completes(
+    redis_server: RedisServer,
+) -> None:
+    """The response's last body is not its end when trailers were announced: the app may
+    read the rest of the upload before sending them. Draining the body there would starve
+    the app, and the response would never end."""
+    upload = 3 * 1024 * 1024
+    async with _distributed(redis_server, _trailers_after_reading) as base:
+        relayed = await h2_request(
+            _port(base), "/", method="POST", timeout=WAIT, body=b"t" * upload
+        )
+    assert relayed.ended and not relayed.reset
+    assert relayed.status == 200 and relayed.body == b"body first"
+    assert relayed.trailers == [(b"x-received", str(upload).encode())]
+
+
+async def _raw_exchange(port: int, head: bytes, body: bytes, then: bytes) -> tuple[bytes, bytes]:
+    """Send ``head`` (a request with ``Expect: 100-continue``), its ``body`` once the
+    server says "100 Continue" (and only then), then the request ``then`` on the same
+    connection; the bytes read before ``then`` and those read after it (each up to the end
+    of a response, by its ``content-length`` or its last chunk, or of the connection: a
+    reset counts as an end), every read bounded by ``WAIT`` (``asyncio.TimeoutError`` past it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def response() -> bytes:
+        seen = b""
+        while True:
+            head_end = seen.find(b"\r\n\r\n")
+            if head_end >= 0 and not seen.startswith(b"HTTP/1.1 100"):
+                length, chunked = 0, False
+                for line in seen[:head_end].split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                    elif name.strip().lower() == b"transfer-encoding":
+                        chunked = value.strip().lower() == b"chunked"
+                if chunked and seen.endswith(b"\r\n0\r\n\r\n"):
+                    return seen
+                if not chunked and len(seen) >= head_end + 4 + length:
+                    return seen
+            elif head_end >= 0:  # the 100 Continue: the client sends its body now
+                with contextlib.suppress(ConnectionError):
+                    writer.write(body)
+                seen = seen[head_end + 4 :]
+                continue
+            try:
+                data = await asyncio.wait_for(reader.read(65536), WAIT)
+            except ConnectionError:  # reset, or a write found the connection closed
+                return seen
+            if not data:
+                return seen
+            seen += data
+
+    try:
+        writer.write(head)
+        before = await response()
+        with contextlib.suppress(ConnectionError):
+            writer.write(then)
+        after = await response()
+    finally:
+        writer.close()
+    return before, after
+
+
+async def test_a_100_continue_upload_the_app_does_not_read(redis_server: RedisServer) -> None:
+    """hypercorn says "100 Continue" itself as the request arrives: the client uploads a
+    body nobody asks for. The distributor does not wait for it (a client that got no 100
+    would send nothing), but reads it while it sends the response's end: hypercorn, whose
+    queue it fills, then closes the connection (it keeps only one whose request was read to
+    its end) instead of leaving it stuck, the response's last send waiting for room in that
+    queue for good."""
+    head = (
+        b"POST / HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % UPLOAD
+    )
+    async with _distributed(redis_server, _answers_unread) as base:
+        before, after = await _raw_exchange(
+            _port(base), head, b"x" * UPLOAD, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n"
+        )
+        # The connection was closed, not left stuck; the server still answers.
+        assert after == b""
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT) as client:
+            assert (await client.get("/")).status_code == 200
+    # The response, unless the reset of a connection closed with unread data took it.
+    assert before == b"" or (
+        before.startswith(b"HTTP/1.1 200") and before.endswith(b"not read\r\n0\r\n\r\n")
+    )
