@@ -508,12 +508,16 @@ class Distributor:
             if acked_at:
                 queue_wait = acked_at - exchange.pushed_at
                 response = end - acked_at
-            self.metrics.finished(key, exchange.status, queue_wait, response, end - started)
+            # No response started (the app raised before it, the relay aborted, the client
+            # left): the server answers 500, or nothing to a client gone. Counted and logged
+            # as 500, never as a status 0 that no client ever sees.
+            status = exchange.status
+            if status == 0:
+                status = 500
+            self.metrics.finished(key, status, queue_wait, response, end - started)
             log = self.access_log
             if log is not None and log.enabled():
-                self._log_access(
-                    log, scope, key, exchange, exchange.status, queue_wait, end - started
-                )
+                self._log_access(log, scope, key, exchange, status, queue_wait, end - started)
 
     def batch_sizes(self) -> str:
         """The coalescing seen so far: messages per PUBLISH, envelopes per LPUSH."""

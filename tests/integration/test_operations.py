@@ -559,7 +559,8 @@ async def test_a_malformed_first_event_is_not_counted_as_an_aborted_response(
 ) -> None:
     """A forged Node whose first event is not an event at all: nothing was started, so the
     server answers its own 500. That is not a response aborted after it started: neither
-    ``minidasgi_distributor_aborted_total`` nor the access log says so."""
+    ``minidasgi_distributor_aborted_total`` nor the access log says so. Both give the status
+    the client got, 500 (0 before: no response was started)."""
     caplog.set_level(logging.INFO, logger="minidasgi.access")
     connection = await asyncio.wait_for(connect(redis_server.url), 5)
     try:
@@ -585,3 +586,51 @@ async def test_a_malformed_first_event_is_not_counted_as_an_aborted_response(
     lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.access"]
     entries = {entry["path"]: entry for entry in map(json.loads, lines)}
     assert entries["/forged"]["aborted"] is False
+    assert entries["/forged"]["status"] == 500
+    counted = (
+        "minidasgi_distributor_requests_total",
+        frozenset({("key", "ops"), ("status", "500")}),
+    )
+    assert samples[counted] == 1
+    unanswered = (
+        "minidasgi_distributor_requests_total",
+        frozenset({("key", "ops"), ("status", "0")}),
+    )
+    assert unanswered not in samples
+
+
+async def _raises_before_accept(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "websocket":
+        await receive()
+        raise RuntimeError("no database")
+
+
+async def test_a_websocket_app_raising_before_accept_is_counted_and_logged_as_500(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handshake is left unanswered (no response started, status 0): the server answers
+    500, and so say the access log and ``minidasgi_distributor_requests_total``."""
+    caplog.set_level(logging.INFO, logger="minidasgi.access")
+    node = Node(url=redis_server.url, key="ops", app=_raises_before_accept, lifespan="off")
+    async with (
+        _stack(redis_server, access_log="json", ops_prefix="/-/") as client,
+        run_node(node),
+    ):
+        base = ws_url(str(client.base_url).rstrip("/"))
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await asyncio.wait_for(websockets.connect(base + "/fails"), 10)
+        assert info.value.response.status_code == 500
+
+        def logged() -> dict[str, Any]:
+            lines = [r.getMessage() for r in caplog.records if r.name == "minidasgi.access"]
+            return {entry["path"]: entry for entry in map(json.loads, lines)}
+
+        assert await poll(lambda: "/fails" in logged(), 10)
+        scrape = (await client.get("/-/metrics")).text
+    assert logged()["/fails"]["status"] == 500
+    samples = _samples(scrape)
+    counted = (
+        "minidasgi_distributor_requests_total",
+        frozenset({("key", "ops"), ("status", "500")}),
+    )
+    assert samples[counted] == 1
