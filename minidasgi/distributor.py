@@ -323,6 +323,8 @@ class Distributor:
         self._untaken_size = 0
         # When a request that could not be queued was last logged, and how many since.
         self._unqueued_logged = (-_UNQUEUED_LOG_INTERVAL, 0)
+        # The same for requests Redis refused to give back (LREM refused: an ACL, say).
+        self._kept_logged = (-_UNQUEUED_LOG_INTERVAL, 0)
         # Requests not yet in flight waiting for a connection Redis closed (``_reopened``).
         self._reopen_waiting = 0
         self._taking_back = False
@@ -700,6 +702,28 @@ class Distributor:
             logger.warning("Redis refused to queue a request on %r: %s%s", key, exc, more)
         else:
             logger.warning("cannot queue a request on %r: %s%s", key, exc, more)
+
+    def log_kept(self, key: str, request_id: str, exc: ReplyError) -> None:
+        """Log a request Redis refused to take back (its ``LREM``): rate-limited as
+        ``log_unqueued``, since an ACL user without ``LREM`` fails every request that waits
+        out ``worker_timeout`` (twice: at the timeout, and once the grace after it ended)."""
+        now = time.monotonic()
+        last, unlogged = self._kept_logged
+        if now - last < _UNQUEUED_LOG_INTERVAL:
+            self._kept_logged = (last, unlogged + 1)
+            return
+        self._kept_logged = (now, 0)
+        more = f" (and {unlogged} more since the last line)" if unlogged else ""
+        hint = " (the distributor's ACL user needs LREM)" if exc.code == "NOPERM" else ""
+        logger.warning(
+            "cannot take request %s back from %r: %s%s; it stays queued (a Node that pops it "
+            "drops it unrun) and its client gets 504, not the no-worker answer%s",
+            request_id,
+            key,
+            exc,
+            hint,
+            more,
+        )
 
     def take_back_later(self, key: str, data: bytes, until: float) -> None:
         """An envelope whose client was answered, but which could not be taken back (Redis
@@ -1526,7 +1550,7 @@ class _Exchange:
             if exc.code in _TRANSIENT_ERRORS:  # a server busy, loading or failing over
                 d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
             else:  # not allowed, say: trying again would not help
-                logger.warning("cannot take request %s back: %s", self.id, exc)
+                d.log_kept(key, self.id, exc)
         except RespError:
             # Redis unreachable: whatever the answer, it must not run after it (a Node pops
             # it until its deadline, by a Node's clock: twice the wait covers skew).

@@ -634,3 +634,60 @@ async def test_a_websocket_app_raising_before_accept_is_counted_and_logged_as_50
         frozenset({("key", "ops"), ("status", "500")}),
     )
     assert samples[counted] == 1
+
+
+async def test_a_request_its_distributor_could_not_take_back_never_runs_on_a_late_node(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The no-worker answer is given only for a request taken back from the list (LREM).
+    Here the distributor's ACL user may not run LREM, and no Node listens: once
+    ``worker_timeout`` passed, the request is still in the list. Its client must not get the
+    no-worker answer (that would say it will never run), and a Node started afterwards that
+    pops it must not run it (its distributor answered already)."""
+    redis = redis_server
+    redis.command("ACL", "SETUSER", "nolrem", "on", ">pw", "~ops", "&minidasgi:*", "+ping",
+                  "+lpush", "+publish", "+subscribe")  # fmt: skip
+    caplog.set_level(logging.INFO, logger="minidasgi")
+    runs: list[str] = []
+
+    async def recorded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            runs.append(scope["path"])
+        await apps.hello(scope, receive, send)
+
+    url = f"redis://nolrem:pw@127.0.0.1:{redis.port}/0"
+    distributor = Distributor(key="ops", url=url, worker_timeout=2.0)
+    async with (
+        serve_app(distributor) as base,
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        answer = await client.get("/late")
+        # A Node may have popped it (the distributor cannot tell): not the no-worker
+        # answer (405), but the one for a worker that took it and did not answer.
+        assert answer.status_code == 504
+        assert redis.command("LLEN", "ops") == 1  # still there, for a Node to pop
+        refused = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "minidasgi.distributor" and "cannot take request" in r.getMessage()
+        ]
+        # One line, saying what to do: not one at the timeout and one more after the grace
+        # that follows it (per request, for every request, before).
+        (line,) = refused
+        assert "NOPERM" in line and "needs LREM" in line
+        request_id = line.split()[3]  # "cannot take request <id> back from ..."
+
+        node = Node(url=redis.url, key="ops", app=recorded, lifespan="off")
+        async with run_node(node):
+            # The Node pops it and drops it unrun: by its deadline, or, asking the
+            # distributor (the request predates its pop connection), told to cancel it.
+            def told() -> bool:
+                return any(
+                    r.name == "minidasgi.node" and request_id in r.getMessage()
+                    for r in caplog.records
+                )
+
+            assert await poll(lambda: runs or told(), 10)
+            assert redis.command("LLEN", "ops") == 0
+            assert (await client.get("/after")).status_code == 200
+    assert runs == ["/after"]
