@@ -167,9 +167,11 @@ class Distributor:
     queued, an ``http.disconnect``). A request with ``Expect: 100-continue`` is not buffered:
     it is queued at once and its body read only when the Node's app asks for it. A response
     that ends with the body not all received (the app did not read it, or the request was
-    refused) sends its end once the rest was read and discarded, for at most
-    ``draining.DRAIN_TIME`` seconds: uvicorn drops such a body itself, hypercorn needs it
-    to keep the connection (see ``draining``).
+    refused) sends its end at once, while a task reads and discards the rest for at most
+    ``draining.DRAIN_TIME`` seconds (see ``draining``): under uvicorn nothing changes (it
+    discards such a body itself); under hypercorn the connection is closed (it keeps only
+    one whose request was read to its end) instead of hanging, so a client still uploading
+    may get its response or a reset.
 
     ``health_check_interval``: seconds of silence after which each Redis connection is checked
     with a PING; one left unanswered past the reply bound (``?reply_timeout=`` in the URL,
@@ -470,8 +472,7 @@ class Distributor:
                 routed = self._key_or_refusal(scope)
             if isinstance(routed, _Refusal):
                 status, text = routed
-                asked = not _expects_continue(scope)
-                await _refuse(scope, receive, send, status, text, asked=asked)
+                await _refuse(scope, receive, send, status, text)
                 if status == 503:
                     self.metrics.refused(metrics.UNREACHABLE)
                 self._finished(scope, None, status, started)
@@ -479,9 +480,7 @@ class Distributor:
         key, expecting = routed
         limit = self.admission.max_in_flight  # over_capacity(), inline: one per request
         if limit is not None and len(self._exchanges) >= limit:
-            await self._refuse_for_now(
-                scope, receive, send, "too many requests in flight\n", asked=not expecting
-            )
+            await self._refuse_for_now(scope, receive, send, "too many requests in flight\n")
             self.metrics.refused(metrics.IN_FLIGHT)
             self.admission.log_refusal(metrics.IN_FLIGHT, key)
             self._finished(scope, key, self.no_node_status, started)
@@ -557,11 +556,11 @@ class Distributor:
         )
 
     async def _refuse_for_now(
-        self, scope: Scope, receive: Receive | None, send: Send, text: str, *, asked: bool = True
+        self, scope: Scope, receive: Receive | None, send: Send, text: str
     ) -> None:
         """A refusal the client may retry shortly: ``no_node_status`` with ``Retry-After``."""
         headers = [(b"retry-after", str(self.retry_after).encode())]
-        await _refuse(scope, receive, send, self.no_node_status, text, headers=headers, asked=asked)
+        await _refuse(scope, receive, send, self.no_node_status, text, headers=headers)
 
     async def _operations(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a probe or a scrape under ``ops_prefix``: never routed to a Node."""
@@ -1022,7 +1021,6 @@ class _Exchange:
     body_size = 0
     _wants_body = False  # the Node's app asked for the body (CONTINUE)
     _more = False  # the client has more to send than the envelope carries (not yet received)
-    _stalled = False  # the client let body_idle_timeout pass: its body is not waited for
     _pumps: tuple[asyncio.Task[None], ...] = ()
     _delayed: list[Any] | None = None  # an entry of watch_deadlines
     _watch_later = False  # the client is to be watched once the relay waits for the Node
@@ -1210,9 +1208,7 @@ class _Exchange:
                 full = refusal == metrics.QUEUE_FULL
                 text = "the request queue is full\n" if full else "no worker serves this request\n"
                 self.status = d.no_node_status
-                await d._refuse_for_now(
-                    self.scope, self._unread(), self._send, text, asked=self._wait_body()
-                )
+                await d._refuse_for_now(self.scope, self._unread(), self._send, text)
                 self.complete = True
                 return
             # A Node popped it before the LREM: it runs there. A 503 (which invites a retry)
@@ -1313,12 +1309,15 @@ class _Exchange:
                 pump.add_done_callback(_log_pump_failure)
             if not self.node_done and self.node is not None:
                 d.spawn(d.cancel_on(self.node, self.id))
-            if self._more and self.kind == "http" and self._wait_body():
-                # Ended with the body unread and no final message sent through
-                # ``_send_final`` (an abort, say): read it (bounded) so that hypercorn,
-                # closing the connection, does not wait for room in its queue for good.
-                self._more = False
-                await draining.drain(self._receive)
+            if self._more and (self.started or not self.expecting or self._wants_body):
+                # Ended with the body unread and no final message sent (an abort, say): the
+                # abort goes on at once while a bounded task reads the body, else hypercorn,
+                # closing the stream, waits for room in its full queue for good. Not before
+                # a response started for a body nobody asked for: uvicorn would say "100
+                # Continue" just for it.
+                receive = self._unread()
+                if receive is not None:
+                    draining.read_in_background(receive)
 
     async def _buffer(self, buffered: BodyBuffer) -> bool:
         """Read the body into ``buffered`` up to its bound; False if the exchange is over
@@ -1328,7 +1327,6 @@ class _Exchange:
             try:
                 event = await buffering.receive_within(self._receive, timeout)
             except BodyIdle:
-                self._stalled = True
                 await self._refuse(408, "request body timed out\n")
                 return False
             if event["type"] == "http.disconnect":
@@ -1580,11 +1578,8 @@ class _Exchange:
 
     async def _refuse(self, status: int, text: str) -> None:
         self.status = status
-        asked = self._wait_body()
         receive = self._unread()
-        await _refuse(
-            self.scope, receive, self._send, status, text, accepted=self.started, asked=asked
-        )
+        await _refuse(self.scope, receive, self._send, status, text, accepted=self.started)
         self.complete = True
 
     async def _relay(self) -> None:
@@ -1744,8 +1739,8 @@ class _Exchange:
                             continue
                         event = whole
                     # The response's final message, with the body not all read (seldom): sent
-                    # once it is (``_send_final``). Not a last body when trailers were
-                    # announced: the app may read the body before sending them.
+                    # while the rest is read (``_send_final``). Not a last body when trailers
+                    # were announced: the app may read the body before sending them.
                     final = self._more and (
                         (
                             what == "http.response.body"
@@ -1828,13 +1823,14 @@ class _Exchange:
             await asyncio.wait_for(self._send(event), remaining)
 
     async def _send_final(self, event: Message) -> None:
-        """Send the response's final message, the request's body not all received: once
-        it is (``draining``), so that the server (hypercorn) can keep the connection."""
+        """Send the response's final message, the request's body not all received: at
+        once, the rest read and discarded meanwhile (``draining``), so that hypercorn's
+        full queue of body events cannot hold the send."""
         receive = self._unread()
         if receive is None:
             await self._send(event)
         else:
-            await draining.send_draining(receive, self._send, event, asked=self._wait_body())
+            await draining.send_draining(receive, self._send, event)
 
     def _unread(self) -> Receive | None:
         """The client's ``receive`` if its body may still come unread (None if not), the
@@ -1845,12 +1841,6 @@ class _Exchange:
         for pump in self._pumps:
             pump.cancel()
         return self._receive
-
-    def _wait_body(self) -> bool:
-        """Whether the rest of the body is waited for before the response's end: not for
-        a client that stalled, nor one expecting "100 Continue" whose body nobody asked
-        for (``draining.send_draining``'s ``asked``)."""
-        return not self._stalled and (not self.expecting or self._wants_body)
 
     async def _fail(self, status: int, text: str) -> None:
         """End the exchange on an error: a plain answer if nothing was sent, else an abort."""
@@ -1887,7 +1877,6 @@ class _Exchange:
                     event = await buffering.receive_within(self._receive, idle)
             except BodyIdle:
                 # The app sees the client gone; the client, if nothing was sent yet, a 408.
-                self._stalled = True
                 disconnect = {"type": "http.disconnect"}
                 await d.publish(self.node, self._pack(wire.EVENT, disconnect))
                 self.inbox.put_nowait(_CLIENT_IDLE)
@@ -2055,12 +2044,12 @@ async def _refuse(
     *,
     accepted: bool = False,
     headers: list[tuple[bytes, bytes]] | None = None,
-    asked: bool = True,
 ) -> None:
     """Answer by ourselves: a plain-text response, or a refused/closed WebSocket.
 
-    For HTTP, ``receive`` is given when the request's body may still come unread: the
-    response ends once it was read (``draining.send_draining``, ``asked`` passed on)."""
+    For HTTP, ``receive`` is given when the request's body may still come unread: if the
+    request may have one (``_may_have_body``), it is read and discarded while the response
+    is sent (``draining.send_draining``); a bodiless request costs nothing more."""
     if scope["type"] == "websocket":
         if receive is not None:
             await receive()  # websocket.connect
@@ -2079,19 +2068,27 @@ async def _refuse(
             ],
         }
     )
-    if receive is None:
-        await send({"type": "http.response.body", "body": body})
+    end = {"type": "http.response.body", "body": body}
+    if receive is None or not _may_have_body(scope):
+        await send(end)
     else:
-        end = {"type": "http.response.body", "body": body}
-        await draining.send_draining(receive, send, end, asked=asked)
+        await draining.send_draining(receive, send, end)
 
 
-def _expects_continue(scope: Scope) -> bool:
-    """Whether the request asks for "100 Continue" before sending its body."""
-    return scope.get("type") == "http" and any(
-        name.lower() == b"expect" and value.lower() == b"100-continue"
-        for name, value in scope.get("headers", ())
-    )
+def _may_have_body(scope: Scope) -> bool:
+    """Whether the request may have a body: over HTTP/1, only with a ``Content-Length``
+    other than 0 or a ``Transfer-Encoding``; over HTTP/2 (and 3), whose requests need
+    neither (hypercorn gives no sign of a body in the scope), unless ``Content-Length: 0``."""
+    length = None
+    for name, value in scope.get("headers", ()):
+        name = name.lower()
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            length = value
+    if length is not None:
+        return length.strip() not in (b"0", b"")
+    return scope.get("http_version") not in ("1.1", "1.0")
 
 
 def create_path_distributor(

@@ -1,36 +1,41 @@
-"""Reading and discarding a request body nobody read, so that the server can reuse the
-connection.
+"""Reading and discarding a request body nobody read, while the response's end is sent.
 
 A response may end while its client is still uploading: the app answered without reading
 the body (or read only part of it), or the distributor refused the request (413, 404, the
-no-worker answer). uvicorn drops such a body itself. hypercorn hands the body to the app
+no-worker answer). uvicorn discards such a body itself. hypercorn hands the body to the app
 through a queue of ``max_app_queue_size`` events (10) and stops reading the socket while it
-is full; and over HTTP/1.1 it keeps the connection only if the request was read to its end
-when the response ends, else it closes it (a reset, which can take the response with it,
-for a client still uploading). Its last step, putting ``http.disconnect`` in that queue,
-waits for room: with the queue full and nobody reading, the app's last ``send`` never
-returns and the connection is stuck.
+is full; over HTTP/1.1 it keeps the connection only if the request was read to its end when
+the response ends, else it closes it. Its last step, putting ``http.disconnect`` in that
+queue, waits for room: with the queue full and nobody reading, the app's last ``send`` (or,
+after an app's exception, hypercorn's own clean-up) never returns and the connection is
+stuck.
 
-So the response's final message is sent only once the body was read to its end (``drain``),
-within ``DRAIN_TIME`` seconds; past that bound, or for a ``100-continue`` request whose body
-nobody asked for, it is sent while the body is read, which can never hold the send (the
-server closes the connection then). This module never sends anything but the message it is
-given, and never calls ``receive`` once that message is sent.
+So the response's final message is sent at once, never waiting for the upload, while a
+background task reads and discards the body (``send_draining``, ``read_in_background``):
+hypercorn's queue always has room, and it closes the connection of a request not read to
+its end (a client still uploading may see its response or a reset, never a hang). The
+reader stops at the body's end, at ``http.disconnect`` (uvicorn answers that at once once
+the response is complete), or after ``DRAIN_TIME`` seconds, whichever is first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from .asgi import Message, Receive, Send
 
-__all__ = ["DRAIN_TIME", "drain", "send_draining"]
+__all__ = ["DRAIN_TIME", "drain", "read_in_background", "send_draining"]
+
+logger = logging.getLogger(__name__)
 
 DRAIN_TIME = 10.0
-"""Seconds an unread body is read for before the response's end is sent anyway. A bound in
-time, not in bytes: bytes cost only as fast as the client sends them, and a bound in bytes
-would cut a large upload refused at once (a 413 for a 100 MiB body, say) that a fast client
-finishes well within it."""
+"""Seconds a background reader reads an unread body at most. A bound in time, not in
+bytes: it holds nothing but the reader (never the response), and bytes cost only as fast as
+the client sends them."""
+
+# The readers running: the loop keeps only weak references to its tasks.
+_readers: set[asyncio.Task[bool]] = set()
 
 
 async def drain(receive: Receive, seconds: float = DRAIN_TIME) -> bool:
@@ -50,23 +55,24 @@ async def drain(receive: Receive, seconds: float = DRAIN_TIME) -> bool:
             return True
 
 
-async def send_draining(
-    receive: Receive, send: Send, event: Message, *, asked: bool = True
-) -> None:
-    """Send ``event``, the response's final message, for a request whose body was not all
-    received: once the body was read to its end, so that the server may keep the connection.
+def _reader_done(task: asyncio.Task[bool]) -> None:
+    _readers.discard(task)
+    if not task.cancelled() and task.exception() is not None:  # retrieved: never unlogged
+        logger.debug("reading an unread request body failed: %r", task.exception())
 
-    ``asked``: False for a request that expects ``100 Continue`` and whose body nobody
-    asked for: it is not waited for (the client may be waiting for the 100, which a server
-    must not send once the response started; uvicorn answers a ``receive`` then with
-    ``http.disconnect`` at once). Then, as past ``DRAIN_TIME``, ``event`` is sent while the
-    body is read (hypercorn sent the 100 itself as the request came: the client uploads),
-    and the reading stops once it is sent."""
-    if asked and await drain(receive):
-        await send(event)
-        return
-    reading = asyncio.ensure_future(drain(receive))
-    try:
-        await send(event)
-    finally:
-        reading.cancel()  # done with it at its next step: nothing awaits it
+
+def read_in_background(receive: Receive) -> None:
+    """Read and discard the rest of the request's body in a task of its own, bounded by
+    ``DRAIN_TIME``: nothing waits for it."""
+    reader = asyncio.ensure_future(drain(receive))
+    _readers.add(reader)
+    reader.add_done_callback(_reader_done)
+
+
+async def send_draining(receive: Receive, send: Send, event: Message) -> None:
+    """Send ``event``, the response's final message, at once, for a request whose body was
+    not all received: its rest is read and discarded meanwhile (``read_in_background``), so
+    that the server's queue of body events never holds the send. The response's start was
+    sent before: under uvicorn, a ``receive`` then never says "100 Continue"."""
+    read_in_background(receive)
+    await send(event)

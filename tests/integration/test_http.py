@@ -510,3 +510,83 @@ async def test_an_http_request_makes_only_the_flow_control_objects_it_uses(
         response = await client.post("/", content=body())
         assert response.status_code == 200 and response.content.endswith(b"x" * 10)
     assert made == ["SendWindow"]
+
+
+# A slow uploader: it announces a large body, sends a part of it, then nothing. Its response
+# never waits for its upload (uvicorn discards a body nobody read itself): the response's end
+# goes out at once, whatever reads the rest meanwhile.
+DECLARED = 10_000_000
+SENT = 200_000
+
+
+async def _answers_unread(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"not read\n"})
+
+
+async def _streams_unread(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"one ", "more_body": True})
+    await asyncio.sleep(0.1)
+    await send({"type": "http.response.body", "body": b"two\n"})
+
+
+async def _slow_upload(port: int) -> bytes:
+    """Announce ``DECLARED`` bytes, send ``SENT``, then nothing: the whole response (by its
+    ``content-length`` or its last chunk), each read bounded by 5 s (``TimeoutError``)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % DECLARED)
+        writer.write(b"x" * SENT)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if b"transfer-encoding: chunked" in head.lower():
+            return head + await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5)
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        return head + await asyncio.wait_for(reader.readexactly(length), 5)
+    finally:
+        writer.close()
+
+
+@uvicorn_only  # hypercorn closes a connection whose request was not read (test_hypercorn.py)
+@pytest.mark.parametrize("case", ["node_answers_unread", "refused_by_content_length"])
+async def test_a_slow_uploader_gets_its_whole_response_at_once(
+    redis_server: RedisServer, case: str
+) -> None:
+    """Not after its upload ends, nor after a bound on reading it (it never ends here)."""
+    if case == "refused_by_content_length":
+        distributor = create_distributor(url=redis_server.url, key="slow", max_body_size=1000)
+        status, expected = b"413", b"request body too large\n"
+    else:
+        distributor = create_distributor(url=redis_server.url, key="slow", request_buffer_size=0)
+        status, expected = b"200", b"9\r\nnot read\n\r\n0\r\n\r\n"
+    node = Node(url=redis_server.url, app=_answers_unread, key="slow", lifespan="off")
+    async with serve_app(distributor, lifespan="off") as base, run_node(node):
+        port = httpx.URL(base).port
+        assert port is not None
+        response = await _slow_upload(port)
+    assert response.startswith(b"HTTP/1.1 " + status)
+    assert response.endswith(expected)
+
+
+@uvicorn_only  # hypercorn closes a connection whose request was not read (test_hypercorn.py)
+async def test_response_timeout_never_aborts_a_response_for_an_unread_upload(
+    redis_server: RedisServer,
+) -> None:
+    """The app streams its response without reading the upload, well within
+    ``response_timeout``: the slow uploader gets it whole, not a response aborted at the
+    deadline for want of the rest of its body."""
+    distributor = create_distributor(
+        url=redis_server.url, key="slow", request_buffer_size=0, response_timeout=3.0
+    )
+    node = Node(url=redis_server.url, app=_streams_unread, key="slow", lifespan="off")
+    async with serve_app(distributor, lifespan="off") as base, run_node(node):
+        port = httpx.URL(base).port
+        assert port is not None
+        response = await _slow_upload(port)
+    assert response.startswith(b"HTTP/1.1 200")
+    assert response.endswith(b"4\r\none \r\n4\r\ntwo\n\r\n0\r\n\r\n")
