@@ -1089,6 +1089,7 @@ class _Exchange:
                 if first["type"] in ("http.disconnect", "websocket.disconnect"):
                     return
                 if self._too_large(first):
+                    self._more = self.kind == "http" and first.get("more_body", False)
                     await self._refuse(413, "request body too large\n")
                     return
                 events = [dict(first)]

@@ -16,7 +16,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from minidasgi import Distributor, Node, create_distributor
+from minidasgi import Distributor, Node, create_distributor, draining
 
 from . import apps
 from .h2client import H2Response, h2_request
@@ -302,6 +302,42 @@ async def test_refusals_of_an_unread_upload_get_their_answer_or_a_closed_connect
             answer = await _answered_or_closed(where, path, content)
             assert answer is None or answer.status_code == status, (path, status)
         assert await _status(routed_base, "/elsewhere") == 404
+        assert await _status(base, "/") == 405
+
+
+async def test_a_413_on_the_first_body_event_reads_the_rest_and_never_hangs(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's very first body event is over ``max_body_size`` (a chunked upload, the
+    request not ended): the 413 is sent while the rest of the body is read (else hypercorn's
+    closing may find its queue full), and the connection ends (the 413, or a reset) instead
+    of hanging."""
+    readers: list[Any] = []
+    start_reader = draining.read_in_background
+
+    def recorded(receive: Any) -> None:
+        readers.append(receive)
+        start_reader(receive)
+
+    monkeypatch.setattr(draining, "read_in_background", recorded)
+    distributor = create_distributor(
+        url=redis_server.url, key=KEY, max_body_size=1000, worker_timeout=1.0
+    )
+    chunk = b"%x\r\n%s\r\n" % (2000, b"c" * 2000)
+    request = b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n" + chunk * 12
+    async with serve_hypercorn(distributor) as base:
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(base))
+        try:
+            writer.write(request)
+            received = b""
+            with contextlib.suppress(ConnectionError):  # a reset ends it as well as an EOF
+                while data := await asyncio.wait_for(reader.read(65536), WAIT):
+                    received += data
+        finally:
+            writer.close()
+        assert len(readers) == 1  # the rest of the body was read
+        # The 413, unless the reset of the connection closed with unread data took it.
+        assert received == b"" or received.startswith(b"HTTP/1.1 413")
         assert await _status(base, "/") == 405
 
 
