@@ -712,7 +712,7 @@ class Distributor:
             self._kept_logged = (last, unlogged + 1)
             return
         self._kept_logged = (now, 0)
-        more = f" (and {unlogged} more since the last line)" if unlogged else ""
+        more = f" (and {unlogged} more refusals since the last line)" if unlogged else ""
         hint = " (the distributor's ACL user needs LREM)" if exc.code == "NOPERM" else ""
         logger.warning(
             "cannot take request %s back from %r: %s%s; it stays queued (a Node that pops it "
