@@ -21,7 +21,7 @@ from minidasgi import Distributor, Node, create_distributor, draining
 from . import apps
 from .h2client import H2Response, h2_request
 from .redis_server import RedisServer
-from .stack import run_node, serve_hypercorn
+from .stack import poll, run_node, serve_hypercorn
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -234,6 +234,38 @@ UPLOAD = 8 * 1024 * 1024
 _CLOSED = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
+class _Running:
+    """An ASGI app's calls still running (HTTP ones): with the connection stuck, the
+    distributor's last ``send`` never returned, and its call never ended."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.calls = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.calls += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.calls -= 1
+
+    async def all_ended(self) -> bool:
+        """Whether every call ended within ``WAIT`` (none stuck)."""
+        return await poll(lambda: self.calls == 0, WAIT)
+
+
+@contextlib.asynccontextmanager
+async def _running(redis_server: RedisServer, app: Any) -> AsyncIterator[tuple[str, _Running]]:
+    """``_distributed``, the distributor's calls counted."""
+    running = _Running(create_distributor(url=redis_server.url, key=KEY))
+    node = Node(url=redis_server.url, app=app, key=KEY, lifespan="off")
+    async with serve_hypercorn(running) as base, run_node(node):
+        yield base, running
+
+
 async def _answers_unread(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
@@ -260,10 +292,11 @@ async def _status(base: str, path: str) -> int:
 async def test_an_upload_the_app_does_not_read_gets_its_response_or_a_closed_connection(
     redis_server: RedisServer,
 ) -> None:
-    async with _distributed(redis_server, _answers_unread) as base:
+    async with _running(redis_server, _answers_unread) as (base, running):
         for filler in (b"x", b"y"):
             answer = await _answered_or_closed(base, "/", filler * UPLOAD)
             assert answer is None or (answer.status_code, answer.content) == (200, b"not read")
+            assert await running.all_ended()
             assert await _status(base, "/") == 200
 
 
@@ -291,16 +324,19 @@ async def test_refusals_of_an_unread_upload_get_their_answer_or_a_closed_connect
         max_body_size=limit,
         request_buffer_size=2 * limit,
     )
-    async with serve_hypercorn(unserved) as base, serve_hypercorn(routed) as routed_base:
+    running = _Running(unserved)
+    routed_running = _Running(routed)
+    async with serve_hypercorn(running) as base, serve_hypercorn(routed_running) as routed_base:
         cases = [
-            (routed_base, "/elsewhere", b"x" * UPLOAD, 404),
-            (routed_base, "/routed/", _chunks(UPLOAD), 413),
-            (base, "/", b"x" * UPLOAD, 413),
-            (base, "/", _chunks(limit - 65536), 405),
+            (routed_base, routed_running, "/elsewhere", b"x" * UPLOAD, 404),
+            (routed_base, routed_running, "/routed/", _chunks(UPLOAD), 413),
+            (base, running, "/", b"x" * UPLOAD, 413),
+            (base, running, "/", _chunks(limit - 65536), 405),
         ]
-        for where, path, content, status in cases:
+        for where, counted, path, content, status in cases:
             answer = await _answered_or_closed(where, path, content)
             assert answer is None or answer.status_code == status, (path, status)
+            assert await counted.all_ended(), (path, status)
         assert await _status(routed_base, "/elsewhere") == 404
         assert await _status(base, "/") == 405
 
@@ -320,8 +356,8 @@ async def test_a_413_on_the_first_body_event_reads_the_rest_and_never_hangs(
         start_reader(receive)
 
     monkeypatch.setattr(draining, "read_in_background", recorded)
-    distributor = create_distributor(
-        url=redis_server.url, key=KEY, max_body_size=1000, worker_timeout=1.0
+    distributor = _Running(
+        create_distributor(url=redis_server.url, key=KEY, max_body_size=1000, worker_timeout=1.0)
     )
     chunk = b"%x\r\n%s\r\n" % (2000, b"c" * 2000)
     request = b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n" + chunk * 12
@@ -336,6 +372,7 @@ async def test_a_413_on_the_first_body_event_reads_the_rest_and_never_hangs(
         finally:
             writer.close()
         assert len(readers) == 1  # the rest of the body was read
+        assert await distributor.all_ended()
         # The 413, unless the reset of the connection closed with unread data took it.
         assert received == b"" or received.startswith(b"HTTP/1.1 413")
         assert await _status(base, "/") == 405
@@ -360,7 +397,7 @@ async def test_an_aborted_response_with_an_unread_upload_never_hangs_the_connect
     and hypercorn, closing the stream after the distributor's exception, finds room in its
     queue for its ``http.disconnect`` (a task reads the body), so the connection ends."""
     head = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % UPLOAD
-    async with _distributed(redis_server, _fails_mid_body_unread) as base:
+    async with _running(redis_server, _fails_mid_body_unread) as (base, running):
         reader, writer = await asyncio.open_connection("127.0.0.1", _port(base))
         try:
             writer.write(head + b"x" * UPLOAD)
@@ -373,6 +410,7 @@ async def test_an_aborted_response_with_an_unread_upload_never_hangs_the_connect
         # What came of the aborted response, if the reset did not take it: never its end.
         assert received == b"" or received.startswith(b"HTTP/1.1 200")
         assert not received.endswith(b"0\r\n\r\n")
+        assert await running.all_ended()
         assert await _status(base, "/") == 200
 
 
@@ -465,13 +503,14 @@ async def test_a_100_continue_upload_the_app_does_not_read_never_hangs_the_conne
     head = (
         b"POST / HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % UPLOAD
     )
-    async with _distributed(redis_server, _answers_unread) as base:
+    async with _running(redis_server, _answers_unread) as (base, running):
         before, after = await _raw_exchange(
             _port(base), head, b"x" * UPLOAD, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n"
         )
         # The connection was closed (the request was not read to its end when the response
         # ended), or, were it read by then, kept; never left stuck. The server still answers.
         assert after == b"" or after.startswith(b"HTTP/1.1 200")
+        assert await running.all_ended()
         async with httpx.AsyncClient(base_url=base, timeout=WAIT) as client:
             assert (await client.get("/")).status_code == 200
     # The response, unless the reset of a connection closed with unread data took it.
