@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 from typing import Any, Final, Protocol
 
 __all__ = [
@@ -509,35 +510,99 @@ class PythonParser:
             self._pos = 0
 
 
+_AGGREGATE_TYPES: Final = frozenset(b"*~%>|")
+_DIGIT_RUN = re.compile(rb"-?[0-9]*")
+_LONGEST_COUNT: Final = 20  # digits a held aggregate header may reach (2**63 has 19)
+
+
+def _header_pattern(digits: int) -> re.Pattern[bytes]:
+    """Where an aggregate header of ``digits`` digits or more may start: its type byte after a
+    line feed, then the digits, or the start of such a header cut by the end of the bytes.
+    The pattern opens with a literal line feed, which ``re`` scans for in a tight C loop."""
+    return re.compile(rb"\n[*~%%>|](?:[0-9]{%d}|[0-9]{0,%d}\Z)" % (digits, digits - 1))
+
+
 class HiredisParser:
-    """The hiredis C reader behind the ``ReplyParser`` contract, with the same size bound.
+    """The hiredis C reader behind the ``ReplyParser`` contract, with the same bounds.
 
     hiredis bounds nesting itself. The reply size is bounded here by the bytes fed since the
     last complete reply: hiredis consumes the elements of an unfinished aggregate as they
     arrive, so the bytes it still buffers say nothing about the memory the reply holds.
     Anything hiredis raises besides a protocol error (a map key that is not hashable) is
     turned into ``ProtocolError`` too, and the reader is not trusted again.
+
+    hiredis sizes an aggregate by its announced length the moment it reads the header
+    (``*2147483647`` is a list of 2^31 slots, 16 GiB), and hiredis-py offers no setting to
+    bound that length (its reader has only ``setmaxbuf``). So the bytes are screened before
+    hiredis sees them: an aggregate header (``*``, ``~``, ``%``, ``>``, ``|``) announcing more
+    than ``max_items`` elements (a map's or an attribute's pairs count twice, as in
+    ``PythonParser``) is refused with ``ProtocolError``. The screen costs one ``re`` search in
+    C per ``feed`` (a line feed followed by an aggregate type byte and as many digits as the
+    smallest refused count has); only a match (a header that large, or those bytes inside a
+    bulk string) is looked at in Python. Whether a match is a header is hiredis' own answer:
+    the bytes before it are fed and every complete reply taken (and kept for ``gets``); if
+    hiredis then holds no byte, the line feed ended an item and a header starts there, else
+    the bytes are inside a bulk string. A header start cut by the end of a ``feed`` (its type
+    byte and some digits, never a line feed, so no reply waits for them) is held back until
+    its digits end.
     """
 
-    def __init__(self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE) -> None:
+    def __init__(
+        self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE, max_items: int = DEFAULT_MAX_ITEMS
+    ) -> None:
+        if max_items < 2:
+            raise ValueError("max_items must be at least 2")
         self._reader = self._new_reader()
         self._max_reply_size = max_reply_size
-        self._pending = 0  # bytes fed since the last complete reply
+        self._max_items = max_items
+        # The smallest count refused has this many digits (a map's, half of max_items).
+        self._digits = len(str(max_items // 2 + 1))
+        self._headers = _header_pattern(self._digits).search
+        self._pending = 0  # bytes received since the last complete reply
         self._broken: str | None = None  # the failure's message: see PythonParser
+        self._held = b""  # the start of an aggregate header, not fed to hiredis yet
+        self._after_lf = True  # the last byte fed to hiredis was a line feed (or none was)
+        self._ready: deque[Any] = deque()  # replies taken from hiredis while screening
 
     def feed(self, data: bytes) -> None:
         """Append bytes received from Redis."""
         self._pending += len(data)
-        self._reader.feed(data)
+        if (
+            self._headers(data) is None
+            and not self._held
+            and not (
+                self._after_lf
+                and data
+                and data[0] in _AGGREGATE_TYPES
+                and (data[1 : self._digits + 1].isdigit() or len(data) <= self._digits)
+            )
+        ):
+            self._reader.feed(data)
+            self._after_lf = data[-1:] == b"\n"
+        else:
+            self._screen(data)
 
     def feed_gets(self, data: bytes) -> Any:
         """``feed(data)``, then the next complete reply, or ``NEED_DATA``: ``gets``' usual
-        path inlined (a read's first step in one Python call, not two); a broken reader or
-        an incomplete reply past the bound is left to ``gets``, which raises as it does."""
+        path inlined (a read's first step in one Python call, not two); a broken reader, a
+        screened feed or an incomplete reply past the bound is left to ``gets``, which
+        raises as it does."""
         self._pending += len(data)
-        reader = self._reader
-        reader.feed(data)
-        if self._broken is None:
+        if (
+            self._headers(data) is None
+            and not self._held
+            and not self._ready
+            and not (
+                self._after_lf
+                and data
+                and data[0] in _AGGREGATE_TYPES
+                and (data[1 : self._digits + 1].isdigit() or len(data) <= self._digits)
+            )
+            and self._broken is None
+        ):
+            reader = self._reader
+            reader.feed(data)
+            self._after_lf = data[-1:] == b"\n"
             try:
                 reply = reader.gets()
             except Exception as exc:
@@ -547,10 +612,14 @@ class HiredisParser:
                 return reply
             if self._pending <= self._max_reply_size:
                 return reply
+        else:
+            self._screen(data)
         return self.gets()
 
     def gets(self) -> Any:
         """Return the next complete reply, or ``NEED_DATA``."""
+        if self._ready:
+            return self._ready.popleft()
         if self._broken is not None:
             raise ProtocolError(self._broken)
         try:
@@ -565,8 +634,68 @@ class HiredisParser:
                 raise ProtocolError(message)
         else:
             # What is still buffered belongs to the replies that follow.
-            self._pending = self._reader.len()
+            self._pending = self._reader.len() + len(self._held)
         return reply
+
+    def _screen(self, data: bytes) -> None:
+        """Feed ``data`` (after what is held) to hiredis up to each place an aggregate header
+        over the bound may start, and refuse it if one does (see the class docstring)."""
+        if self._broken is not None:
+            return  # a broken parser takes no more bytes: gets raises
+        buf = self._held + data if self._held else bytes(data)
+        at = 0 if (self._held or self._after_lf) and buf[:1] and buf[0] in _AGGREGATE_TYPES else -1
+        self._held = b""
+        fed = 0
+        search = self._headers
+        while True:
+            if at < 0:
+                found = search(buf, fed)
+                if found is None:
+                    break
+                at = found.start() + 1  # the type byte, after the line feed
+            if at > fed:
+                self._reader.feed(buf[fed:at])  # ends with the line feed
+                fed = at
+                self._after_lf = True
+            start = self._at_item_start(len(buf) - fed)
+            if self._broken is not None:
+                return  # hiredis refused what came before: gets hands out the replies, raises
+            if not start:
+                at = -1  # inside a bulk string: these bytes are its payload
+                continue
+            digits = _DIGIT_RUN.match(buf, at + 1)
+            assert digits is not None  # the pattern matches an empty run
+            count = digits[0]
+            limit = self._max_items // 2 if buf[at] in b"%|" else self._max_items
+            if len(count) > _LONGEST_COUNT or (count[:1].isdigit() and int(count) > limit):
+                kind = bytes(buf[at : at + 1]).decode()
+                self._give_up(
+                    f"aggregate {kind!r} of {count[:_LONGEST_COUNT].decode()} elements "
+                    f"exceeds the limit of {self._max_items}"
+                )
+                return
+            if digits.end() == len(buf):
+                self._held = buf[at:]  # its digits may go on in the next feed
+                return
+            at = -1  # a header within the bound: hiredis takes it with what follows
+        if fed < len(buf):
+            self._reader.feed(buf[fed:])
+            self._after_lf = buf[-1:] == b"\n"
+
+    def _at_item_start(self, unfed: int) -> bool:
+        """Take every complete reply from hiredis into ``_ready``; tell whether it then holds
+        no byte: the bytes fed so far, which end with a line feed, end an item."""
+        reader = self._reader
+        while True:
+            try:
+                reply = reader.gets()
+            except Exception as exc:
+                self._failed(exc)  # raised by gets, after the replies taken before it
+                return False
+            if reply is NEED_DATA:
+                return not reader.has_data()
+            self._ready.append(reply)
+            self._pending = reader.len() + unfed
 
     @staticmethod
     def _new_reader() -> Any:
@@ -585,6 +714,7 @@ class HiredisParser:
 
     def _give_up(self, message: str) -> str:
         self._broken = message
+        self._held = b""
         # hiredis sizes an aggregate by its announced length before any element arrives
         # (``*2147483647`` is a 16 GiB list, its pages mapped only as they are touched, but the
         # GC walks every slot: seconds per collection). The reader is not trusted again: let
