@@ -511,6 +511,7 @@ class PythonParser:
 
 
 _AGGREGATE_TYPES: Final = frozenset(b"*~%>|")
+_DIGITS: Final = frozenset(b"0123456789")
 _DIGIT_RUN = re.compile(rb"-?[0-9]*")
 _LONGEST_COUNT: Final = 20  # digits a held aggregate header may reach (2**63 has 19)
 
@@ -574,7 +575,7 @@ class HiredisParser:
                 self._after_lf
                 and data
                 and data[0] in _AGGREGATE_TYPES
-                and (data[1 : self._digits + 1].isdigit() or len(data) <= self._digits)
+                and (len(data) <= self._digits or data[2] in _DIGITS)
             )
         ):
             self._reader.feed(data)
@@ -596,7 +597,7 @@ class HiredisParser:
                 self._after_lf
                 and data
                 and data[0] in _AGGREGATE_TYPES
-                and (data[1 : self._digits + 1].isdigit() or len(data) <= self._digits)
+                and (len(data) <= self._digits or data[2] in _DIGITS)
             )
             and self._broken is None
         ):
