@@ -11,6 +11,8 @@ import array
 import itertools
 import math
 import random
+import subprocess
+import sys
 import tracemalloc
 from typing import Any
 
@@ -659,6 +661,173 @@ def test_hiredis_parser_refuses_absurdly_deep_nesting() -> None:
     parser.feed(nested(100_000))
     with pytest.raises(ProtocolError):
         parser.gets()
+
+
+# -- hiredis: aggregate headers over max_items, screened before hiredis sizes a list by them ----
+
+# hiredis sizes an aggregate by its announced length on reading the header. Counts just over the
+# bound (an 8 or 16 MiB list if hiredis got them) show a refusal happened before hiredis did:
+# without the screen these are NEED_DATA, not ProtocolError.
+JUST_OVER = [
+    b"*1048577\r\n",
+    b"~1048577\r\n",
+    b">1048577\r\n",
+    b"%524289\r\n",  # a map's pairs count twice, as in the pure parser
+    b"|524289\r\n",
+]
+
+
+def _screened_feed(parser: HiredisParser, pieces: list[bytes]) -> list[Any]:
+    """Feed the pieces through ``feed_gets``, collecting the replies handed out."""
+    replies = []
+    for piece in pieces:
+        reply = parser.feed_gets(piece)
+        while reply is not NEED_DATA:
+            replies.append(reply)
+            reply = parser.gets()
+    # A ReplyError equals only itself: compare errors by their class and text.
+    return [(type(r), str(r)) if isinstance(r, ReplyError) else r for r in replies]
+
+
+@pytest.mark.parametrize("header", JUST_OVER, ids=[h[:1].decode() for h in JUST_OVER])
+def test_hiredis_parser_refuses_an_aggregate_header_over_max_items(header: bytes) -> None:
+    tracemalloc.start()
+    try:
+        parser = HiredisParser()
+        with pytest.raises(ProtocolError, match="exceeds the limit of 1048576"):
+            parser.feed_gets(header)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # hiredis never saw the header: no list was made
+    with pytest.raises(ProtocolError):  # given up for good
+        parser.feed_gets(b"+OK\r\n")
+
+
+@pytest.mark.parametrize("header", JUST_OVER, ids=[h[:1].decode() for h in JUST_OVER])
+def test_hiredis_parser_refuses_an_aggregate_header_through_feed_then_gets(header: bytes) -> None:
+    parser = HiredisParser()
+    parser.feed(header)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        parser.gets()
+
+
+@pytest.mark.parametrize("kind", [b"*", b"~", b"%", b">", b"|"])
+def test_hiredis_parser_refuses_a_two_billion_element_header_in_a_small_address_space(
+    kind: bytes,
+) -> None:
+    # The header of the report: hiredis would make a list of 2^31 slots (16 GiB, 32 for an
+    # attribute). Run where the address space is capped at 2 GiB, so that the code before the
+    # screen fails (MemoryError, reported as "malformed reply") instead of reserving 16 GiB of
+    # this shared machine, and the screened code passes without coming near the cap.
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from minidasgi.resp.protocol import HiredisParser, ProtocolError\n"
+        "parser = HiredisParser()\n"
+        "try:\n"
+        f"    parser.feed_gets(b'+OK\\r\\n' + {kind!r} + b'2147483647\\r\\n')\n"
+        f"    parser.gets()\n"
+        "except ProtocolError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    print('accepted')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "exceeds the limit of 1048576" in result.stdout
+
+
+@pytest.mark.parametrize("header", JUST_OVER, ids=[h[:1].decode() for h in JUST_OVER])
+def test_hiredis_parser_refuses_an_aggregate_header_split_anywhere(header: bytes) -> None:
+    raw = b"+OK\r\n" + header
+    for cut in range(1, len(raw)):
+        for pieces in ([raw[:cut], raw[cut:]], [raw[i : i + 1] for i in range(len(raw))]):
+            parser = HiredisParser()
+            replies: list[Any] = []
+            with pytest.raises(ProtocolError, match="exceeds the limit"):
+                for piece in pieces:
+                    reply = parser.feed_gets(piece)
+                    while reply is not NEED_DATA:
+                        replies.append(reply)
+                        reply = parser.gets()
+            assert replies == [b"OK"]  # the reply before it is handed out first
+
+
+def test_hiredis_parser_refuses_an_aggregate_header_split_at_its_line_end() -> None:
+    for before in (b"+OK\r\n", b"*2\r\n:1\r\n", b"*2\r\n$2\r\nab\r\n"):
+        raw = before + b"*1048577\r\n"
+        for cut in (len(before) - 1, len(before), len(before) + 1):
+            parser = HiredisParser()
+            with pytest.raises(ProtocolError, match="exceeds the limit"):
+                _screened_feed(parser, [raw[:cut], raw[cut:]])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"*1\r\n*1048577\r\n",
+        b"*2\r\n:1\r\n~1\r\n%1\r\n+k\r\n>1048577\r\n",
+        b"*3\r\n$3\r\nabc\r\n+x\r\n|524289\r\n",
+        b"%1\r\n+key\r\n*1048577\r\n",
+    ],
+)
+def test_hiredis_parser_refuses_a_nested_aggregate_header_over_max_items(raw: bytes) -> None:
+    for step in (len(raw), 1, 3):
+        parser = HiredisParser()
+        with pytest.raises(ProtocolError, match="exceeds the limit"):
+            _screened_feed(parser, [raw[i : i + step] for i in range(0, len(raw), step)])
+
+
+def test_hiredis_parser_pipelined_replies_come_before_the_refusal() -> None:
+    parser = HiredisParser()
+    parser.feed(b"+a\r\n:1\r\n$3\r\nx\r\n\r\n*1048577\r\n+never\r\n")
+    assert parser.gets() == b"a"
+    assert parser.gets() == 1
+    assert parser.gets() == b"x\r\n"
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        parser.gets()
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        parser.gets()
+
+
+# Payloads holding what looks like a huge header: never refused, whole or split anywhere.
+LOOKALIKES = [
+    pack_command("SET", b"\r\n*99999999\r\n"),
+    pack_command("SET", b"x\n~2147483647\r\n", b"\r\n%1048577"),
+    b"$11\r\n\n>123456789\r\n",
+    b"*2\r\n$13\r\nab\r\n*99999999\r\n+OK\r\n",
+    b"=15\r\ntxt:\r\n|99999999\r\n",
+    b"+*12345678\r\n",  # a simple string: its line starts after the type byte
+    b"-*12345678 not a header\r\n",
+    b"*2\r\n$8\r\n\r\n*12345\r\n:5\r\n",  # a payload ending in a short header-like run
+    b"*1048576\r\n",  # at the bound: accepted (only its header here)
+    b"%524288\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", LOOKALIKES, ids=[repr(raw)[2:32] for raw in LOOKALIKES])
+def test_hiredis_parser_passes_lookalike_headers_intact(raw: bytes) -> None:
+    expected = _screened_feed(PythonParser(), [raw])
+    for step in range(1, len(raw) + 1):
+        pieces = [raw[i : i + step] for i in range(0, len(raw), step)]
+        assert _screened_feed(HiredisParser(), pieces) == expected
+    for cut in range(1, len(raw)):
+        assert _screened_feed(HiredisParser(), [raw[:cut], raw[cut:]]) == expected
+    assert _screened_feed(HiredisParser(), [memoryview(raw)]) == expected
+
+
+def test_hiredis_parser_holds_a_bounded_header_start() -> None:
+    # An aggregate type byte and digits at the end of a feed wait for the rest of their line
+    # in the parser; leading zeros do not let them grow without bound.
+    parser = HiredisParser()
+    assert parser.feed_gets(b"+OK\r\n*") == b"OK"
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        for _ in range(100):
+            assert parser.feed_gets(b"0") is NEED_DATA
+    assert len(parser._held) <= 21
 
 
 def test_pure_parser_refuses_a_header_line_longer_than_64_kib() -> None:

@@ -87,9 +87,9 @@ def test_mutated_replies_only_raise_protocol_error(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["python", "hiredis"])
 def test_huge_announced_sizes_do_not_allocate(kind: str) -> None:
-    # Lengths that would need gigabytes: refused at once (pure) or once the buffered bytes pass
-    # the bound (hiredis, which sizes an aggregate by its announced length, in address space
-    # only: see the test below).
+    # Lengths that would need gigabytes: refused at once (pure; hiredis for the aggregates, whose
+    # headers are screened before hiredis sizes a list by them) or once the buffered bytes pass
+    # the bound (hiredis for the bulk string, which it does not size before its data arrives).
     for header in (b"$2147483647\r\n", b"*2147483647\r\n", b"%1073741823\r\n"):
         parser = make_parser(kind, max_reply_size=MAX_REPLY)
         parser.feed(header)
@@ -125,3 +125,63 @@ def test_a_parser_that_failed_holds_nothing_for_the_gc(kind: str) -> None:
         assert freed() is None  # by its reference count alone: no cycle left for the GC
     finally:
         gc.enable()
+
+
+# Payloads that hold, after a line feed, what an aggregate header over the bound looks like.
+_LOOKALIKE_PAYLOADS = [
+    b"\r\n*99999999\r\n",
+    b"\n~2147483647",
+    b"x\r\n%1048577\r\n|",
+    b"\r\n>12345678",
+    b"\r\n*1",
+    b"\r\n",
+]
+
+
+def _element(rng: random.Random, depth: int) -> bytes:
+    choice = rng.randrange(6 if depth < 3 else 4)
+    if choice == 0:
+        return b"+%s\r\n" % rng.choice([b"OK", b"*12345678", b">9999999"])
+    if choice == 1:
+        return b":%d\r\n" % rng.randint(-5, 10**9)
+    if choice in (2, 3):
+        payload = rng.choice(_LOOKALIKE_PAYLOADS) + rng.randbytes(rng.randint(0, 6))
+        if rng.random() < 0.5:
+            payload = rng.randbytes(rng.randint(0, 6)) + payload
+        return b"$%d\r\n%s\r\n" % (len(payload), payload)
+    items = [_element(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if choice == 4:
+        return b"*%d\r\n" % len(items) + b"".join(items)
+    return b"~%d\r\n" % len(items) + b"".join(items)
+
+
+def _outcome(kind: str, pieces: list[bytes]) -> tuple[list[object], bool]:
+    parser = make_parser(kind, max_reply_size=MAX_REPLY)
+    replies: list[object] = []
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+            while (reply := parser.gets()) is not NEED_DATA:
+                replies.append(reply)
+    except ProtocolError:
+        return replies, True
+    return replies, False
+
+
+def test_both_parsers_agree_on_lookalike_payloads_and_aggregates_over_the_bound() -> None:
+    """hiredis screens aggregate headers before it sees them: it refuses one over the bound
+    where the pure parser does, after the same replies, and takes the same bytes inside bulk
+    strings for payload, however the stream is cut."""
+    rng = random.Random(20261203)
+    for _ in range(600):
+        stream = b"".join(_element(rng, 0) for _ in range(rng.randint(1, 4)))
+        if rng.random() < 0.5:  # an aggregate over the bound, at an item's start
+            kind = rng.choice(b"*~%>|")
+            count = rng.choice([1048577, 2147483647, 99999999])
+            if kind in b"%|":
+                count = max(524289, count // 2)
+            opening = rng.choice([b"", b"*2\r\n:1\r\n", b"*1\r\n%1\r\n+k\r\n"])
+            stream += opening + bytes([kind]) + b"%d\r\n" % count
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 6))))
+        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        assert _outcome("hiredis", pieces) == _outcome("python", pieces), stream

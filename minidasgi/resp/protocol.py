@@ -6,7 +6,8 @@ replies (``gets``), returning the ``NEED_DATA`` sentinel until one is complete. 
 touches a socket, so the parser is tested by feeding it bytes one at a time.
 
 Everything Redis sends is untrusted input: the parser bounds nesting depth, the size of one
-reply, the number of its elements (the pure-Python parser) and the length of a header line,
+reply, the elements one aggregate header announces (both parsers, before anything is built),
+the elements of a reply together (the pure-Python parser) and the length of a header line,
 checks every length and number strictly, and raises ``ProtocolError`` on anything malformed.
 A server error (``-ERR ...``) is not malformed: it is returned as a ``ReplyError`` *value*,
 never raised from the parser, so that one failing command in a pipeline cannot desynchronise
@@ -551,35 +552,28 @@ class HiredisParser:
     def __init__(
         self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE, max_items: int = DEFAULT_MAX_ITEMS
     ) -> None:
-        if max_items < 2:
-            raise ValueError("max_items must be at least 2")
+        if max_items < 100:
+            raise ValueError("max_items must be at least 100")
         self._reader = self._new_reader()
         self._max_reply_size = max_reply_size
         self._max_items = max_items
         # The smallest count refused has this many digits (a map's, half of max_items).
         self._digits = len(str(max_items // 2 + 1))
+        self._room = self._digits + 1  # a chunk this long or shorter has no room for one
         self._headers = _header_pattern(self._digits).search
         self._pending = 0  # bytes received since the last complete reply
         self._broken: str | None = None  # the failure's message: see PythonParser
         self._held = b""  # the start of an aggregate header, not fed to hiredis yet
         self._after_lf = True  # the last byte fed to hiredis was a line feed (or none was)
         self._ready: deque[Any] = deque()  # replies taken from hiredis while screening
+        # Nothing held, ready or broken: a feed whose bytes hold no candidate goes straight in.
+        self._plain = True
 
     def feed(self, data: bytes) -> None:
         """Append bytes received from Redis."""
         self._pending += len(data)
-        if (
-            self._headers(data) is None
-            and not self._held
-            and not (
-                self._after_lf
-                and data
-                and data[0] in _AGGREGATE_TYPES
-                and (len(data) <= self._digits or data[2] in _DIGITS)
-            )
-        ):
+        if self._plain and data and self._unremarkable(data):
             self._reader.feed(data)
-            self._after_lf = data[-1:] == b"\n"
         else:
             self._screen(data)
 
@@ -589,40 +583,41 @@ class HiredisParser:
         screened feed or an incomplete reply past the bound is left to ``gets``, which
         raises as it does."""
         self._pending += len(data)
-        if (
-            self._headers(data) is None
-            and not self._held
-            and not self._ready
-            and not (
-                self._after_lf
-                and data
-                and data[0] in _AGGREGATE_TYPES
-                and (len(data) <= self._digits or data[2] in _DIGITS)
-            )
-            and self._broken is None
-        ):
-            reader = self._reader
-            reader.feed(data)
-            self._after_lf = data[-1:] == b"\n"
-            try:
-                reply = reader.gets()
-            except Exception as exc:
-                raise self._failed(exc) from None
-            if reply is not NEED_DATA:
-                self._pending = reader.len()  # what follows belongs to the next replies
-                return reply
-            if self._pending <= self._max_reply_size:
-                return reply
-        else:
+        if not (self._plain and data):
             self._screen(data)
+            return self.gets()
+        # _unremarkable inlined: the hot path, one Python call fewer.
+        last = data[-1]
+        if ((len(data) > self._room or last != 10) and self._headers(data) is not None) or (
+            self._after_lf
+            and data[0] in _AGGREGATE_TYPES
+            and (len(data) <= self._digits or data[2] in _DIGITS)
+        ):
+            self._screen(data)
+            return self.gets()
+        self._after_lf = last == 10
+        reader = self._reader
+        reader.feed(data)
+        try:
+            reply = reader.gets()
+        except Exception as exc:
+            raise self._failed(exc) from None
+        if reply is not NEED_DATA:
+            self._pending = reader.len()  # what follows belongs to the next replies
+            return reply
+        if self._pending <= self._max_reply_size:
+            return reply
         return self.gets()
 
     def gets(self) -> Any:
         """Return the next complete reply, or ``NEED_DATA``."""
-        if self._ready:
-            return self._ready.popleft()
-        if self._broken is not None:
-            raise ProtocolError(self._broken)
+        if not self._plain:
+            if self._ready:
+                reply = self._ready.popleft()
+                self._plain = not (self._ready or self._held) and self._broken is None
+                return reply
+            if self._broken is not None:
+                raise ProtocolError(self._broken)
         try:
             reply = self._reader.gets()
         except Exception as exc:
@@ -638,9 +633,32 @@ class HiredisParser:
             self._pending = self._reader.len() + len(self._held)
         return reply
 
+    def _unremarkable(self, data: bytes) -> bool:
+        """Tell that ``data`` (not empty) holds no place where an aggregate header over the
+        bound may start: then it goes to hiredis as it is. A chunk of under 8 bytes ending
+        with a line feed has no room for one after a line feed (the line feed, the type
+        byte and the digits), so the search is spared for small replies such as ``:1``."""
+        last = data[-1]
+        if (len(data) > self._room or last != 10) and self._headers(data) is not None:
+            return False
+        if (
+            self._after_lf
+            and data[0] in _AGGREGATE_TYPES
+            and (len(data) <= self._digits or data[2] in _DIGITS)
+        ):
+            return False
+        self._after_lf = last == 10
+        return True
+
     def _screen(self, data: bytes) -> None:
         """Feed ``data`` (after what is held) to hiredis up to each place an aggregate header
         over the bound may start, and refuse it if one does (see the class docstring)."""
+        try:
+            self._screen_into_reader(data)
+        finally:
+            self._plain = not (self._ready or self._held) and self._broken is None
+
+    def _screen_into_reader(self, data: bytes) -> None:
         if self._broken is not None:
             return  # a broken parser takes no more bytes: gets raises
         buf = self._held + data if self._held else bytes(data)
@@ -716,6 +734,7 @@ class HiredisParser:
     def _give_up(self, message: str) -> str:
         self._broken = message
         self._held = b""
+        self._plain = False
         # hiredis sizes an aggregate by its announced length before any element arrives
         # (``*2147483647`` is a 16 GiB list, its pages mapped only as they are touched, but the
         # GC walks every slot: seconds per collection). The reader is not trusted again: let

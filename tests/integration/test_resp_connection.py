@@ -588,6 +588,22 @@ async def test_malformed_reply_closes_connection(
     assert "malformed reply" in caplog.text
 
 
+@pytest.mark.parametrize("kind", [b"*", b"~", b"%", b">"])
+async def test_reply_announcing_two_billion_elements_closes_connection(
+    open_conn: Opener, kind: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fourteen bytes that hiredis would take for a list of 2^31 slots (16 GiB): both parsers
+    # refuse the header itself, the connection fails at once and nothing that size is made.
+    async with FakeRedis(answer_first_command_with(kind + b"2147483647\r\n")) as fake:
+        conn = await open_conn(fake.url)
+        with pytest.raises(ProtocolError):
+            await asyncio.wait_for(conn.execute("LRANGE", "k", 0, -1), 5)
+        reason = await asyncio.wait_for(conn.wait_closed(), 1)
+        assert isinstance(reason, ProtocolError)
+        assert "limit" in str(reason)
+    assert "malformed reply" in caplog.text
+
+
 async def test_oversize_bulk_reply_closes_connection(open_conn: Opener) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert await read_command(reader) is not None
