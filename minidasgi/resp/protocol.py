@@ -582,16 +582,17 @@ class HiredisParser:
         path inlined (a read's first step in one Python call, not two); a broken reader, a
         screened feed or an incomplete reply past the bound is left to ``gets``, which
         raises as it does."""
-        self._pending += len(data)
-        if not (self._plain and data):
+        size = len(data)
+        self._pending += size
+        if not (self._plain and size):
             self._screen(data)
             return self.gets()
         # _unremarkable inlined: the hot path, one Python call fewer.
         last = data[-1]
-        if ((len(data) > self._room or last != 10) and self._headers(data) is not None) or (
+        if ((size > self._room or last != 10) and self._headers(data) is not None) or (
             self._after_lf
             and data[0] in _AGGREGATE_TYPES
-            and (len(data) <= self._digits or data[2] in _DIGITS)
+            and (size <= self._digits or data[2] in _DIGITS)
         ):
             self._screen(data)
             return self.gets()
