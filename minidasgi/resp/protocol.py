@@ -511,17 +511,120 @@ class PythonParser:
             self._pos = 0
 
 
-_AGGREGATE_TYPES: Final = frozenset(b"*~%>|")
-_DIGITS: Final = frozenset(b"0123456789")
-_DIGIT_RUN = re.compile(rb"-?[0-9]*")
-_LONGEST_COUNT: Final = 20  # digits a held aggregate header may reach (2**63 has 19)
+_CRLF = re.compile(rb"\r\n").search  # takes a memoryview as it is, where bytes.find does not
+_LINE_TYPES: Final = frozenset(b"+-:,_(#")  # one line, nothing follows it
+_BULK_TYPES: Final = frozenset(b"$=!")  # a length, then that many bytes and CRLF
+_LIST_TYPES: Final = frozenset(b"*~>")  # that many elements
+_PAIR_TYPES: Final = frozenset(b"%|")  # that many pairs of elements
 
 
-def _header_pattern(digits: int) -> re.Pattern[bytes]:
-    """Where an aggregate header of ``digits`` digits or more may start: its type byte after a
-    line feed, then the digits, or the start of such a header cut by the end of the bytes.
-    The pattern opens with a literal line feed, which ``re`` scans for in a tight C loop."""
-    return re.compile(rb"\n[*~%%>|](?:[0-9]{%d}|[0-9]{0,%d}\Z)" % (digits, digits - 1))
+class _Framing:
+    """Walks the item framing of a RESP stream, fed in chunks, before hiredis sees it.
+
+    Every element of an aggregate is itself an item, so the stream is a flat sequence of
+    items, each a header line (type byte, text, CRLF), plus, after a bulk header ``$N``
+    (``=``, ``!``), ``N`` payload bytes and CRLF. The walk reads each header line and jumps
+    over each payload by index arithmetic: its cost is per item, never per payload byte, and
+    what a payload holds cannot change it. It refuses (see ``walk``) an aggregate header over
+    ``max_items`` (a map's or an attribute's pairs count twice, as in ``PythonParser``), a
+    payload not followed by CRLF (hiredis skips those two bytes unchecked, so the next header
+    could start anywhere), a length that is not an integer or is below -1, an unknown type
+    byte, and a header line over ``_MAX_LINE`` bytes. What it keeps between chunks: the
+    payload bytes still to jump over and a header line cut by a chunk's end (bounded).
+    """
+
+    __slots__ = ("_line", "_max_items", "_skip", "error", "lines")
+
+    def __init__(self, max_items: int = DEFAULT_MAX_ITEMS) -> None:
+        self._max_items = max_items
+        self._skip = 0  # bytes of the current bulk still to pass: its payload's rest and CRLF
+        self._line = bytearray()  # the start of a header line cut by the end of the last chunk
+        self.error = ""  # why walk refused
+        self.lines = 0  # header lines read, for the tests
+
+    def walk(self, data: bytes) -> int:
+        """Walk ``data``, the next chunk: -1 when it is well framed (its last item may be
+        cut), else the offset in ``data`` of the first item that is not (0 when it began in
+        an earlier chunk), the reason in ``error``. Not to be called again after a refusal."""
+        line = self._line
+        if not line:
+            return self._scan(data, 0)
+        if not data:
+            return -1
+        if line[-1] == 13 and data[0] == 10:
+            end = 1
+        else:
+            found = _CRLF(data)
+            if found is None:
+                if len(line) + len(data) > _MAX_LINE:
+                    return self._refuse(0, f"header line longer than {_MAX_LINE} bytes")
+                line += data  # a bytearray: fed a byte at a time, the line costs linear time
+                return -1
+            end = found.end()
+        self._line = bytearray()
+        line += data[:end]
+        if self._scan(line, 0) >= 0:
+            return 0
+        return self._scan(data, end)
+
+    def _scan(self, data: bytes, pos: int) -> int:
+        size = len(data)
+        skip = self._skip
+        while True:
+            if skip:
+                end = pos + skip
+                if end > size:
+                    if skip >= 2 and end - 2 < size and data[end - 2] != 13:
+                        return self._refuse(end - 2, "bulk string not terminated by CRLF")
+                    self._skip = end - size
+                    return -1
+                if (skip >= 2 and data[end - 2] != 13) or data[end - 1] != 10:
+                    return self._refuse(pos, "bulk string not terminated by CRLF")
+                pos = end
+                skip = 0
+            if pos >= size:
+                self._skip = 0
+                return -1
+            found = _CRLF(data, pos)
+            if found is None:
+                if size - pos > _MAX_LINE:
+                    return self._refuse(pos, f"header line longer than {_MAX_LINE} bytes")
+                self._line = bytearray(data[pos:])
+                self._skip = 0
+                return -1
+            nl = found.start()
+            self.lines += 1
+            kind = data[pos]
+            if kind in _LINE_TYPES:
+                if nl - pos > _MAX_LINE:
+                    return self._refuse(pos, f"header line longer than {_MAX_LINE} bytes")
+                pos = nl + 2
+                continue
+            if kind in _BULK_TYPES:
+                n = _to_int(bytes(data[pos + 1 : nl]))
+                if n is None or n < -1:
+                    return self._refuse(pos, "invalid bulk length")
+                if n >= 0:
+                    skip = n + 2
+            elif kind in _LIST_TYPES or kind in _PAIR_TYPES:
+                n = _to_int(bytes(data[pos + 1 : nl]))
+                if n is None or n < -1:
+                    return self._refuse(pos, "invalid aggregate length")
+                if n > (self._max_items if kind in _LIST_TYPES else self._max_items // 2):
+                    return self._refuse(
+                        pos,
+                        f"aggregate {chr(kind)!r} of {n} "
+                        f"{'pairs' if kind in _PAIR_TYPES else 'elements'} exceeds the limit "
+                        f"of {self._max_items} elements",
+                    )
+            else:
+                return self._refuse(pos, f"unknown type prefix {bytes([kind])!r}")
+            pos = nl + 2
+
+    def _refuse(self, at: int, message: str) -> int:
+        self.error = message
+        self._line = bytearray()  # held no longer: the stream ends here
+        return at
 
 
 class HiredisParser:
@@ -535,90 +638,67 @@ class HiredisParser:
 
     hiredis sizes an aggregate by its announced length the moment it reads the header
     (``*2147483647`` is a list of 2^31 slots, 16 GiB), and hiredis-py offers no setting to
-    bound that length (its reader has only ``setmaxbuf``). So the bytes are screened before
-    hiredis sees them: an aggregate header (``*``, ``~``, ``%``, ``>``, ``|``) announcing more
+    bound that length (its reader has only ``setmaxbuf``). So every chunk is walked by
+    ``_Framing`` before hiredis sees it: one step per header line, payloads jumped over by
+    their length. An aggregate header (``*``, ``~``, ``>``, ``%``, ``|``) announcing more
     than ``max_items`` elements (a map's or an attribute's pairs count twice, as in
-    ``PythonParser``) is refused with ``ProtocolError``. The screen costs one ``re`` search in
-    C per ``feed`` (a line feed followed by an aggregate type byte and as many digits as the
-    smallest refused count has); only a match (a header that large, or those bytes inside a
-    bulk string) is looked at in Python. Whether a match is a header is hiredis' own answer:
-    the bytes before it are fed and every complete reply taken (and kept for ``gets``); if
-    hiredis then holds no byte, the line feed ended an item and a header starts there, else
-    the bytes are inside a bulk string. A header start cut by the end of a ``feed`` (its type
-    byte and some digits, never a line feed, so no reply waits for them) is held back until
-    its digits end.
+    ``PythonParser``) is refused with ``ProtocolError``, and so is anything the walk cannot
+    frame, notably a bulk payload not followed by CRLF, which hiredis would skip unchecked.
+    The bytes of the chunk before the refused item still reach hiredis, and the replies they
+    complete are handed out by ``gets`` before it raises.
     """
 
     def __init__(
         self, *, max_reply_size: int = DEFAULT_MAX_REPLY_SIZE, max_items: int = DEFAULT_MAX_ITEMS
     ) -> None:
-        if max_items < 100:
-            raise ValueError("max_items must be at least 100")
         self._reader = self._new_reader()
         self._max_reply_size = max_reply_size
-        self._max_items = max_items
-        # The smallest count refused has this many digits (a map's, half of max_items).
-        self._digits = len(str(max_items // 2 + 1))
-        self._room = self._digits + 1  # a chunk this long or shorter has no room for one
-        self._headers = _header_pattern(self._digits).search
+        self._framing = _Framing(max_items)
+        self._walk = self._framing.walk
         self._pending = 0  # bytes received since the last complete reply
         self._broken: str | None = None  # the failure's message: see PythonParser
-        self._held = b""  # the start of an aggregate header, not fed to hiredis yet
-        self._after_lf = True  # the last byte fed to hiredis was a line feed (or none was)
-        self._ready: deque[Any] = deque()  # replies taken from hiredis while screening
-        # Nothing held, ready or broken: a feed whose bytes hold no candidate goes straight in.
-        self._plain = True
+        self._ready: deque[Any] = deque()  # replies completed before a refused item
 
     def feed(self, data: bytes) -> None:
         """Append bytes received from Redis."""
         self._pending += len(data)
-        if self._plain and data and self._unremarkable(data):
-            self._reader.feed(data)
-        else:
-            self._screen(data)
+        if self._broken is None:
+            refused = self._walk(data)
+            if refused < 0:
+                self._reader.feed(data)
+            else:
+                self._refuse(data, refused)
 
     def feed_gets(self, data: bytes) -> Any:
         """``feed(data)``, then the next complete reply, or ``NEED_DATA``: ``gets``' usual
         path inlined (a read's first step in one Python call, not two); a broken reader, a
-        screened feed or an incomplete reply past the bound is left to ``gets``, which
+        refused chunk or an incomplete reply past the bound is left to ``gets``, which
         raises as it does."""
-        size = len(data)
-        self._pending += size
-        if not (self._plain and size):
-            self._screen(data)
-            return self.gets()
-        # _unremarkable inlined: the hot path, one Python call fewer.
-        last = data[-1]
-        if ((size > self._room or last != 10) and self._headers(data) is not None) or (
-            self._after_lf
-            and data[0] in _AGGREGATE_TYPES
-            and (size <= self._digits or data[2] in _DIGITS)
-        ):
-            self._screen(data)
-            return self.gets()
-        self._after_lf = last == 10
-        reader = self._reader
-        reader.feed(data)
-        try:
-            reply = reader.gets()
-        except Exception as exc:
-            raise self._failed(exc) from None
-        if reply is not NEED_DATA:
-            self._pending = reader.len()  # what follows belongs to the next replies
-            return reply
-        if self._pending <= self._max_reply_size:
-            return reply
+        self._pending += len(data)
+        if self._broken is None:
+            refused = self._walk(data)
+            if refused >= 0:
+                self._refuse(data, refused)
+                return self.gets()
+            reader = self._reader
+            reader.feed(data)
+            try:
+                reply = reader.gets()
+            except Exception as exc:
+                raise self._failed(exc) from None
+            if reply is not NEED_DATA:
+                self._pending = reader.len()  # what follows belongs to the next replies
+                return reply
+            if self._pending <= self._max_reply_size:
+                return reply
         return self.gets()
 
     def gets(self) -> Any:
         """Return the next complete reply, or ``NEED_DATA``."""
-        if not self._plain:
+        if self._broken is not None:
             if self._ready:
-                reply = self._ready.popleft()
-                self._plain = not (self._ready or self._held) and self._broken is None
-                return reply
-            if self._broken is not None:
-                raise ProtocolError(self._broken)
+                return self._ready.popleft()
+            raise ProtocolError(self._broken)
         try:
             reply = self._reader.gets()
         except Exception as exc:
@@ -631,91 +711,25 @@ class HiredisParser:
                 raise ProtocolError(message)
         else:
             # What is still buffered belongs to the replies that follow.
-            self._pending = self._reader.len() + len(self._held)
+            self._pending = self._reader.len()
         return reply
 
-    def _unremarkable(self, data: bytes) -> bool:
-        """Tell that ``data`` (not empty) holds no place where an aggregate header over the
-        bound may start: then it goes to hiredis as it is. A chunk of under 8 bytes ending
-        with a line feed has no room for one after a line feed (the line feed, the type
-        byte and the digits), so the search is spared for small replies such as ``:1``."""
-        last = data[-1]
-        if (len(data) > self._room or last != 10) and self._headers(data) is not None:
-            return False
-        if (
-            self._after_lf
-            and data[0] in _AGGREGATE_TYPES
-            and (len(data) <= self._digits or data[2] in _DIGITS)
-        ):
-            return False
-        self._after_lf = last == 10
-        return True
-
-    def _screen(self, data: bytes) -> None:
-        """Feed ``data`` (after what is held) to hiredis up to each place an aggregate header
-        over the bound may start, and refuse it if one does (see the class docstring)."""
-        try:
-            self._screen_into_reader(data)
-        finally:
-            self._plain = not (self._ready or self._held) and self._broken is None
-
-    def _screen_into_reader(self, data: bytes) -> None:
-        if self._broken is not None:
-            return  # a broken parser takes no more bytes: gets raises
-        buf = self._held + data if self._held else bytes(data)
-        at = 0 if (self._held or self._after_lf) and buf[:1] and buf[0] in _AGGREGATE_TYPES else -1
-        self._held = b""
-        fed = 0
-        search = self._headers
-        while True:
-            if at < 0:
-                found = search(buf, fed)
-                if found is None:
-                    break
-                at = found.start() + 1  # the type byte, after the line feed
-            if at > fed:
-                self._reader.feed(buf[fed:at])  # ends with the line feed
-                fed = at
-                self._after_lf = True
-            start = self._at_item_start(len(buf) - fed)
-            if self._broken is not None:
-                return  # hiredis refused what came before: gets hands out the replies, raises
-            if not start:
-                at = -1  # inside a bulk string: these bytes are its payload
-                continue
-            digits = _DIGIT_RUN.match(buf, at + 1)
-            assert digits is not None  # the pattern matches an empty run
-            count = digits[0]
-            limit = self._max_items // 2 if buf[at] in b"%|" else self._max_items
-            if len(count) > _LONGEST_COUNT or (count[:1].isdigit() and int(count) > limit):
-                kind = bytes(buf[at : at + 1]).decode()
-                self._give_up(
-                    f"aggregate {kind!r} of {count[:_LONGEST_COUNT].decode()} elements "
-                    f"exceeds the limit of {self._max_items}"
-                )
-                return
-            if digits.end() == len(buf):
-                self._held = buf[at:]  # its digits may go on in the next feed
-                return
-            at = -1  # a header within the bound: hiredis takes it with what follows
-        if fed < len(buf):
-            self._reader.feed(buf[fed:])
-            self._after_lf = buf[-1:] == b"\n"
-
-    def _at_item_start(self, unfed: int) -> bool:
-        """Take every complete reply from hiredis into ``_ready``; tell whether it then holds
-        no byte: the bytes fed so far, which end with a line feed, end an item."""
+    def _refuse(self, data: bytes, at: int) -> None:
+        """Give up on ``data`` from offset ``at``, where the walk refused an item: the
+        replies the bytes before it complete are kept for ``gets``, which then raises."""
         reader = self._reader
+        if at:
+            reader.feed(data[:at])
         while True:
             try:
                 reply = reader.gets()
             except Exception as exc:
                 self._failed(exc)  # raised by gets, after the replies taken before it
-                return False
+                return
             if reply is NEED_DATA:
-                return not reader.has_data()
+                break
             self._ready.append(reply)
-            self._pending = reader.len() + unfed
+        self._give_up(self._framing.error)
 
     @staticmethod
     def _new_reader() -> Any:
@@ -734,8 +748,6 @@ class HiredisParser:
 
     def _give_up(self, message: str) -> str:
         self._broken = message
-        self._held = b""
-        self._plain = False
         # hiredis sizes an aggregate by its announced length before any element arrives
         # (``*2147483647`` is a 16 GiB list, its pages mapped only as they are touched, but the
         # GC walks every slot: seconds per collection). The reader is not trusted again: let
