@@ -542,7 +542,7 @@ class _Framing:
         self.error = ""  # why walk refused
         self.lines = 0  # header lines read, for the tests
 
-    def walk(self, data: bytes) -> int:
+    def walk(self, data: bytes | memoryview) -> int:
         """Walk ``data``, the next chunk: -1 when it is well framed (its last item may be
         cut), else the offset in ``data`` of the first item that is not (0 when it began in
         an earlier chunk), the reason in ``error``. Not to be called again after a refusal."""
@@ -567,7 +567,7 @@ class _Framing:
             return 0
         return self._scan(data, end)
 
-    def _scan(self, data: bytes, pos: int) -> int:
+    def _scan(self, data: bytes | bytearray | memoryview, pos: int) -> int:
         size = len(data)
         skip = self._skip
         while True:
