@@ -404,12 +404,16 @@ MALFORMED: list[bytes] = [
     b"_x\r\n",
     b"=3\r\nabc\r\n",  # verbatim string without its 'txt:' prefix
     b"$-1\r\n:1\r\n?\r\n",  # valid replies first, then garbage
+    # A payload not followed by CRLF: hiredis skips those two bytes unchecked, HiredisParser's
+    # framing walk refuses them (or the next header could start anywhere: see below).
+    b"$3\r\nabcXY",
+    b"$3\r\nabc\nX",
+    b"$3\r\nabc\rX",
+    b"*2\r\n$1\r\na\r\n=5\r\ntxt:bXY",
 ]
 
 # hiredis accepts these, so they are checked against the pure parser only:
 PURE_ONLY_MALFORMED: list[bytes] = [
-    b"$3\r\nabcXY",  # hiredis skips the two bytes after the payload without checking for CRLF
-    b"$3\r\nabc\nX",
     b"%-1\r\n",  # hiredis returns None for a map or set of length -1
     b"~-1\r\n",
     b"=-1\r\n",
@@ -817,6 +821,135 @@ def test_hiredis_parser_passes_lookalike_headers_intact(raw: bytes) -> None:
     for cut in range(1, len(raw)):
         assert _screened_feed(HiredisParser(), [raw[:cut], raw[cut:]]) == expected
     assert _screened_feed(HiredisParser(), [memoryview(raw)]) == expected
+
+
+# hiredis skips the two bytes after a bulk payload without looking at them, so a header may
+# follow a payload with no line feed before it (review of the regex screen, M1). Each of these
+# ends in an aggregate over the bound that hiredis would size (8 MiB for 1048577 slots) if the
+# bytes reached it: the framing walk refuses the payload's terminator first.
+TERMINATOR_BYPASSES = [
+    b"$1\r\naXY*1048577\r\n",
+    b"$1\r\naXY~1048577\r\n",
+    b"$1\r\naXY>1048577\r\n",
+    b"$1\r\naXY%524289\r\n",
+    b"=5\r\ntxt:aXY*1048577\r\n",
+    b"*2\r\n$1\r\naXY*1048577\r\n",
+    b"*1\r\n*2\r\n:1\r\n$2\r\nabXY*1048577\r\n",
+]
+
+
+@pytest.mark.parametrize(
+    "raw", TERMINATOR_BYPASSES, ids=[malformed_id(raw) for raw in TERMINATOR_BYPASSES]
+)
+def test_hiredis_parser_refuses_a_header_hidden_behind_a_bulk_terminator(raw: bytes) -> None:
+    feeds: list[list[Any]] = [[raw], [memoryview(raw)], [raw[i : i + 1] for i in range(len(raw))]]
+    feeds += [[raw[:cut], raw[cut:]] for cut in range(1, len(raw))]
+    feeds += [[memoryview(raw)[:cut], memoryview(raw)[cut:]] for cut in range(1, len(raw))]
+    for pieces in feeds:
+        tracemalloc.start()
+        try:
+            parser = HiredisParser()
+            with pytest.raises(ProtocolError, match="not terminated by CRLF"):
+                _screened_feed(parser, pieces)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, pieces  # hiredis never sized the list
+
+
+def test_hiredis_parser_hands_out_replies_before_a_bad_bulk_terminator() -> None:
+    raw = b"+OK\r\n:7\r\n$1\r\naXY*1048577\r\n"
+    for pieces in ([raw], [raw[i : i + 1] for i in range(len(raw))]):
+        parser = HiredisParser()
+        replies: list[Any] = []
+        with pytest.raises(ProtocolError, match="not terminated by CRLF"):
+            for piece in pieces:
+                reply = parser.feed_gets(piece)
+                while reply is not NEED_DATA:
+                    replies.append(reply)
+                    reply = parser.gets()
+        assert replies == [b"OK", 7]
+
+
+def test_hiredis_parser_refuses_a_negative_count_as_invalid_not_over_the_limit() -> None:
+    # The regex screen held '*-' and its digits and called them over the limit.
+    for raw in (b"*-12345678901234567890\r\n", b"*-2\r\n", b"$-2\r\n", b"%-3\r\n"):
+        parser = HiredisParser()
+        with pytest.raises(ProtocolError, match=r"invalid (aggregate|bulk) length"):
+            parser.feed_gets(raw)
+
+
+class _CountingReader:
+    """A hiredis reader that counts the chunks fed to it."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        self.feeds = 0
+
+    def feed(self, data: bytes) -> None:
+        self.feeds += 1
+        self.reader.feed(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reader, name)
+
+
+def test_hiredis_parser_work_does_not_grow_with_lookalikes_in_a_payload() -> None:
+    # A request body travels raw inside the envelope a Node pops: any HTTP client picks these
+    # bytes. 1 MiB of look-alike headers inside one bulk string must cost what any 1 MiB bulk
+    # costs: one hiredis feed per chunk and one header line for the bulk, not one per look-alike
+    # (the regex screen fed hiredis and ran Python for each: 131072 of them here).
+    payload = b"\n*123456\r\n" * (1 << 20 // 11)
+    stream = bytearray(b"$%d\r\n%s\r\n" % (len(payload), payload))
+    chunk = 64 * 1024
+    parser = HiredisParser()
+    counting = _CountingReader(parser._reader)
+    parser._reader = counting
+    view = memoryview(stream)
+    reply: Any = NEED_DATA
+    for start in range(0, len(stream), chunk):
+        reply = parser.feed_gets(view[start : start + chunk])
+        if start + chunk < len(stream):
+            assert reply is NEED_DATA
+    assert reply == payload
+    pieces = -(-len(stream) // chunk)
+    assert counting.feeds == pieces
+    assert parser._framing.lines == 1  # the bulk's own header, nothing inside it
+
+
+def test_framing_walk_reads_header_lines_only() -> None:
+    # Items: *3, $6 (jumped over), %1, +k, ~2, :1, $0 (jumped over), -E, _, ,1.5, #t, (9, =7
+    stream = (
+        b"*3\r\n$6\r\n\r\n*9\r\n\r\n%1\r\n+k\r\n~2\r\n:1\r\n$0\r\n\r\n-E\r\n_\r\n,1.5\r\n#t\r\n(9\r\n"
+        b"=7\r\ntxt:abc\r\n"
+    )
+    for step in range(1, len(stream) + 1):
+        walk = protocol._Framing()
+        for start in range(0, len(stream), step):
+            assert walk.walk(memoryview(stream)[start : start + step]) == -1
+        assert walk.lines == 13
+        assert walk._skip == 0
+        assert not walk._line
+
+
+@pytest.mark.parametrize(
+    ("raw", "at", "error"),
+    [
+        (b"+OK\r\n*1048577\r\n", 5, "exceeds the limit"),
+        (b"+OK\r\n%524289\r\n", 5, "524289 pairs exceeds"),
+        (b"$2\r\nab\r\n|524289\r\n", 8, "exceeds the limit"),
+        (b"$2\r\nabXY", 4, "not terminated by CRLF"),
+        (b"$2\r\nab\rY", 4, "not terminated by CRLF"),
+        (b"*?\r\n", 0, "invalid aggregate length"),  # streamed aggregates: hiredis refuses them
+        (b"$?\r\n", 0, "invalid bulk length"),
+        (b":1\r\n;3\r\n", 4, "unknown type"),
+        (b":1\r\n\r\n", 4, "unknown type"),
+    ],
+)
+def test_framing_walk_refuses_at_the_item_it_cannot_frame(raw: bytes, at: int, error: str) -> None:
+    walk = protocol._Framing()
+    assert walk.walk(raw) == at
+    assert error in walk.error
 
 
 def test_hiredis_parser_holds_a_bounded_header_start() -> None:
