@@ -914,11 +914,12 @@ def test_hiredis_parser_work_does_not_grow_with_lookalikes_in_a_payload() -> Non
     assert reply == payload
     pieces = -(-len(stream) // chunk)
     assert counting.feeds == pieces
-    assert parser._framing.lines == 1  # the bulk's own header, nothing inside it
+    assert parser._framing.steps == 1  # the bulk's own header, nothing inside it
 
 
-def test_framing_walk_reads_header_lines_only() -> None:
+def test_framing_walk_reads_header_lines_and_jumps_over_payloads() -> None:
     # Items: *3, $6 (jumped over), %1, +k, ~2, :1, $0 (jumped over), -E, _, ,1.5, #t, (9, =7
+    # (jumped over).
     stream = (
         b"*3\r\n$6\r\n\r\n*9\r\n\r\n%1\r\n+k\r\n~2\r\n:1\r\n$0\r\n\r\n-E\r\n_\r\n,1.5\r\n#t\r\n(9\r\n"
         b"=7\r\ntxt:abc\r\n"
@@ -927,9 +928,12 @@ def test_framing_walk_reads_header_lines_only() -> None:
         walk = protocol._Framing()
         for start in range(0, len(stream), step):
             assert walk.walk(memoryview(stream)[start : start + step]) == -1
-        assert walk.lines == 13
         assert walk._skip == 0
         assert not walk._line
+    # Whole, three Python steps: a run of header lines up to each bulk's header, in C.
+    walk = protocol._Framing()
+    assert walk.walk(stream) == -1
+    assert walk.steps == 3
 
 
 @pytest.mark.parametrize(

@@ -518,113 +518,162 @@ _LIST_TYPES: Final = frozenset(b"*~>")  # that many elements
 _PAIR_TYPES: Final = frozenset(b"%|")  # that many pairs of elements
 
 
+def _run_pattern(max_items: int) -> re.Pattern[bytes]:
+    """A run of items that need no look in Python, then the header of a bulk string, if one
+    comes next (its length in group 1). No payload is read: a run stops at a bulk header.
+    The items: a line of one of ``_LINE_TYPES`` with no CR or LF in it, and an aggregate
+    header whose count has so few digits that it is within the bound whatever they are.
+    Anything else (a larger count, a header line cut by the chunk's end, anything malformed)
+    ends the run and is looked at in Python, one item at a time."""
+    lists = len(str(max_items)) - 1
+    pairs = len(str(max_items // 2)) - 1
+    return re.compile(
+        rb"(?:[*~>](?:-1|[0-9]{1,%d})\r\n|[%%|](?:-1|[0-9]{1,%d})\r\n"
+        rb"|[-+:,_(#][^\r\n]{0,%d}\r\n)*(?:[$=!](-?[0-9]{1,19})\r\n)?"
+        % (lists, pairs, _MAX_LINE - 1)
+    )
+
+
+class _Refused(Exception):
+    """Raised inside ``_Framing`` at an item it refuses, which starts at offset ``at``."""
+
+    def __init__(self, at: int, message: str) -> None:
+        super().__init__(message)
+        self.at = at
+
+
 class _Framing:
     """Walks the item framing of a RESP stream, fed in chunks, before hiredis sees it.
 
     Every element of an aggregate is itself an item, so the stream is a flat sequence of
     items, each a header line (type byte, text, CRLF), plus, after a bulk header ``$N``
-    (``=``, ``!``), ``N`` payload bytes and CRLF. The walk reads each header line and jumps
-    over each payload by index arithmetic: its cost is per item, never per payload byte, and
-    what a payload holds cannot change it. It refuses (see ``walk``) an aggregate header over
-    ``max_items`` (a map's or an attribute's pairs count twice, as in ``PythonParser``), a
-    payload not followed by CRLF (hiredis skips those two bytes unchecked, so the next header
-    could start anywhere), a length that is not an integer or is below -1, an unknown type
-    byte, and a header line over ``_MAX_LINE`` bytes. What it keeps between chunks: the
-    payload bytes still to jump over and a header line cut by a chunk's end (bounded).
+    (``=``, ``!``), ``N`` payload bytes and CRLF. The walk reads header lines and jumps over
+    each payload by index arithmetic: its cost is per item, never per payload byte, and what a
+    payload holds cannot change it. Runs of header lines are matched in C by one ``re``
+    match (see ``_run_pattern``), so a typical reply costs one Python step per bulk string.
+    It refuses (see ``walk``) an aggregate header over ``max_items`` (a map's or an
+    attribute's pairs count twice, as in ``PythonParser``), a payload not followed by CRLF
+    (hiredis skips those two bytes unchecked, so the next header could start anywhere), a
+    length that is not an integer or is below -1, an unknown type byte (hiredis knows no
+    streamed types, ``;``, ``.``, ``?`` counts), and a header line over ``_MAX_LINE`` bytes.
+    What it keeps between chunks: the payload bytes still to jump over and a header line cut
+    by a chunk's end (bounded).
     """
 
-    __slots__ = ("_line", "_max_items", "_skip", "error", "lines")
+    __slots__ = ("_line", "_max_items", "_run", "_skip", "error", "steps")
 
     def __init__(self, max_items: int = DEFAULT_MAX_ITEMS) -> None:
         self._max_items = max_items
+        self._run = _run_pattern(max_items).match
         self._skip = 0  # bytes of the current bulk still to pass: its payload's rest and CRLF
         self._line = bytearray()  # the start of a header line cut by the end of the last chunk
         self.error = ""  # why walk refused
-        self.lines = 0  # header lines read, for the tests
+        self.steps = 0  # Python steps taken (runs matched and single items), for the tests
 
     def walk(self, data: bytes | memoryview) -> int:
         """Walk ``data``, the next chunk: -1 when it is well framed (its last item may be
         cut), else the offset in ``data`` of the first item that is not (0 when it began in
         an earlier chunk), the reason in ``error``. Not to be called again after a refusal."""
-        line = self._line
-        if not line:
+        try:
+            if self._line:
+                return self._walk_held(data)
             return self._scan(data, 0)
+        except _Refused as refused:
+            self.error = str(refused)
+            self._line = bytearray()  # held no longer: the stream ends here
+            return refused.at
+
+    def _walk_held(self, data: bytes | memoryview) -> int:
         if not data:
             return -1
+        line = self._line
         if line[-1] == 13 and data[0] == 10:
             end = 1
         else:
             found = _CRLF(data)
             if found is None:
                 if len(line) + len(data) > _MAX_LINE:
-                    return self._refuse(0, f"header line longer than {_MAX_LINE} bytes")
+                    raise _Refused(0, f"header line longer than {_MAX_LINE} bytes")
                 line += data  # a bytearray: fed a byte at a time, the line costs linear time
                 return -1
             end = found.end()
         self._line = bytearray()
         line += data[:end]
-        if self._scan(line, 0) >= 0:
-            return 0
+        try:
+            self._scan(line, 0)
+        except _Refused as refused:
+            raise _Refused(0, str(refused)) from None
         return self._scan(data, end)
 
     def _scan(self, data: bytes | bytearray | memoryview, pos: int) -> int:
         size = len(data)
         skip = self._skip
+        run = self._run
         while True:
             if skip:
                 end = pos + skip
                 if end > size:
                     if skip >= 2 and end - 2 < size and data[end - 2] != 13:
-                        return self._refuse(end - 2, "bulk string not terminated by CRLF")
+                        raise _Refused(end - 2, "bulk string not terminated by CRLF")
                     self._skip = end - size
                     return -1
                 if (skip >= 2 and data[end - 2] != 13) or data[end - 1] != 10:
-                    return self._refuse(pos, "bulk string not terminated by CRLF")
+                    raise _Refused(pos, "bulk string not terminated by CRLF")
                 pos = end
                 skip = 0
             if pos >= size:
                 self._skip = 0
                 return -1
-            found = _CRLF(data, pos)
-            if found is None:
-                if size - pos > _MAX_LINE:
-                    return self._refuse(pos, f"header line longer than {_MAX_LINE} bytes")
-                self._line = bytearray(data[pos:])
-                self._skip = 0
-                return -1
-            nl = found.start()
-            self.lines += 1
-            kind = data[pos]
-            if kind in _LINE_TYPES:
-                if nl - pos > _MAX_LINE:
-                    return self._refuse(pos, f"header line longer than {_MAX_LINE} bytes")
-                pos = nl + 2
-                continue
-            if kind in _BULK_TYPES:
-                n = _to_int(bytes(data[pos + 1 : nl]))
-                if n is None or n < -1:
-                    return self._refuse(pos, "invalid bulk length")
+            self.steps += 1
+            found = run(data, pos)
+            assert found is not None  # it matches an empty run
+            count = found[1]
+            if count is not None:
+                n = int(count)
                 if n >= 0:
                     skip = n + 2
-            elif kind in _LIST_TYPES or kind in _PAIR_TYPES:
-                n = _to_int(bytes(data[pos + 1 : nl]))
-                if n is None or n < -1:
-                    return self._refuse(pos, "invalid aggregate length")
-                if n > (self._max_items if kind in _LIST_TYPES else self._max_items // 2):
-                    return self._refuse(
-                        pos,
-                        f"aggregate {chr(kind)!r} of {n} "
-                        f"{'pairs' if kind in _PAIR_TYPES else 'elements'} exceeds the limit "
-                        f"of {self._max_items} elements",
-                    )
-            else:
-                return self._refuse(pos, f"unknown type prefix {bytes([kind])!r}")
-            pos = nl + 2
+                elif n < -1:
+                    raise _Refused(found.start(1) - 1, "invalid bulk length")
+                pos = found.end()
+                continue
+            pos = found.end()
+            if pos < size:
+                pos, skip = self._item(data, pos, size)
 
-    def _refuse(self, at: int, message: str) -> int:
-        self.error = message
-        self._line = bytearray()  # held no longer: the stream ends here
-        return at
+    def _item(self, data: bytes | bytearray | memoryview, pos: int, size: int) -> tuple[int, int]:
+        """The item at ``pos``, which the run did not take: where the next one starts and the
+        bytes to skip before it (``size`` and 0 when its header line is cut, held back)."""
+        self.steps += 1
+        found = _CRLF(data, pos)
+        if found is None:
+            if size - pos > _MAX_LINE:
+                raise _Refused(pos, f"header line longer than {_MAX_LINE} bytes")
+            self._line = bytearray(data[pos:])
+            return size, 0
+        nl = found.start()
+        if nl - pos > _MAX_LINE:
+            raise _Refused(pos, f"header line longer than {_MAX_LINE} bytes")
+        kind = data[pos]
+        if kind in _LINE_TYPES:
+            return nl + 2, 0
+        if kind in _BULK_TYPES:
+            n = _to_int(bytes(data[pos + 1 : nl]))
+            if n is None or n < -1:
+                raise _Refused(pos, "invalid bulk length")
+            return nl + 2, n + 2 if n >= 0 else 0
+        if kind in _LIST_TYPES or kind in _PAIR_TYPES:
+            n = _to_int(bytes(data[pos + 1 : nl]))
+            if n is None or n < -1:
+                raise _Refused(pos, "invalid aggregate length")
+            if n > (self._max_items if kind in _LIST_TYPES else self._max_items // 2):
+                raise _Refused(
+                    pos,
+                    f"aggregate {chr(kind)!r} of {n} "
+                    f"{'pairs' if kind in _PAIR_TYPES else 'elements'} exceeds the limit "
+                    f"of {self._max_items} elements",
+                )
+            return nl + 2, 0
+        raise _Refused(pos, f"unknown type prefix {bytes([kind])!r}")
 
 
 class HiredisParser:
