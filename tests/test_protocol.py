@@ -899,7 +899,8 @@ def test_hiredis_parser_work_does_not_grow_with_lookalikes_in_a_payload() -> Non
     # bytes. 1 MiB of look-alike headers inside one bulk string must cost what any 1 MiB bulk
     # costs: one hiredis feed per chunk and one header line for the bulk, not one per look-alike
     # (the regex screen fed hiredis and ran Python for each: 131072 of them here).
-    payload = b"\n*123456\r\n" * (1 << 20 // 11)
+    payload = b"\n*123456\r\n" * ((1 << 20) // 10)
+    assert len(payload) > 1_000_000
     stream = bytearray(b"$%d\r\n%s\r\n" % (len(payload), payload))
     chunk = 64 * 1024
     parser = HiredisParser()
@@ -930,10 +931,17 @@ def test_framing_walk_reads_header_lines_and_jumps_over_payloads() -> None:
             assert walk.walk(memoryview(stream)[start : start + step]) == -1
         assert walk._skip == 0
         assert not walk._line
-    # Whole, three Python steps: a run of header lines up to each bulk's header, in C.
+    # Whole, no item looked at in Python: the run takes it all in C (bulk strings under 1000
+    # bytes too).
     walk = protocol._Framing()
     assert walk.walk(stream) == -1
-    assert walk.steps == 3
+    assert walk.steps == 0
+    # A bulk string of 1000 bytes or more is jumped over in Python: one step.
+    big = b"\n*123456\r\n" * 100
+    stream = b"*3\r\n:1\r\n$%d\r\n%s\r\n+OK\r\n" % (len(big), big)
+    walk = protocol._Framing()
+    assert walk.walk(memoryview(stream)) == -1
+    assert walk.steps == 1
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ so Redis sends neither.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import deque
@@ -518,19 +519,45 @@ _LIST_TYPES: Final = frozenset(b"*~>")  # that many elements
 _PAIR_TYPES: Final = frozenset(b"%|")  # that many pairs of elements
 
 
+_SMALL_BULK_DIGITS: Final = 3  # bulk strings under 1000 bytes are matched whole by the run
+
+
+def _small_bulks() -> bytes:
+    """The rest of a bulk string after its type byte, when its length has at most
+    ``_SMALL_BULK_DIGITS`` digits: the length, CRLF, exactly that many payload bytes, CRLF.
+    A trie over the digits (no leading zero), each leaf a bounded repeat of ``.`` with DOTALL,
+    which ``re`` jumps over in one step, not byte by byte (and ``-1``, a null)."""
+
+    def node(prefix: bytes) -> bytes:
+        alternatives = [rb"\r\n(?s:.{%d})\r\n" % int(prefix)]
+        if len(prefix) < _SMALL_BULK_DIGITS:
+            alternatives += [bytes([d]) + node(prefix + bytes([d])) for d in b"0123456789"]
+        return b"(?:" + b"|".join(alternatives) + b")"
+
+    firsts = [bytes([d]) + node(bytes([d])) for d in b"123456789"]
+    return b"(?:0\r\n\r\n|-1\r\n|" + b"|".join(firsts) + b")"
+
+
+@functools.lru_cache(maxsize=4)
 def _run_pattern(max_items: int) -> re.Pattern[bytes]:
     """A run of items that need no look in Python, then the header of a bulk string, if one
-    comes next (its length in group 1). No payload is read: a run stops at a bulk header.
-    The items: a line of one of ``_LINE_TYPES`` with no CR or LF in it, and an aggregate
-    header whose count has so few digits that it is within the bound whatever they are.
-    Anything else (a larger count, a header line cut by the chunk's end, anything malformed)
-    ends the run and is looked at in Python, one item at a time."""
+    comes next (its length in group 1). The items: a bulk string under 1000 bytes, whole and
+    ending in CRLF (see ``_small_bulks``); a line of one of ``_LINE_TYPES`` with no CR or LF
+    in it; an aggregate header whose count has so few digits that it is within the bound
+    whatever they are. Anything else (a larger count, a bulk string cut by the chunk's end or
+    not followed by CRLF, a header line cut, anything malformed) ends the run and is looked
+    at in Python, one item at a time. A run takes at most 256 items: ``re`` keeps some state
+    per repetition until the match ends."""
     lists = len(str(max_items)) - 1
     pairs = len(str(max_items // 2)) - 1
+    aggregates = b""
+    if lists > 0:
+        aggregates += rb"|[*~>](?:-1|[0-9]{1,%d})\r\n" % lists
+    if pairs > 0:
+        aggregates += rb"|[%%|](?:-1|[0-9]{1,%d})\r\n" % pairs
     return re.compile(
-        rb"(?:[*~>](?:-1|[0-9]{1,%d})\r\n|[%%|](?:-1|[0-9]{1,%d})\r\n"
-        rb"|[-+:,_(#][^\r\n]{0,%d}\r\n)*(?:[$=!](-?[0-9]{1,19})\r\n)?"
-        % (lists, pairs, _MAX_LINE - 1)
+        rb"(?:[$=!]%s%s|[-+:,_(#][^\r\n]{0,%d}\r\n){0,256}(?:[$=!](-?[0-9]{1,19})\r\n)?"
+        % (_small_bulks(), aggregates, _MAX_LINE - 1)
     )
 
 
@@ -568,22 +595,52 @@ class _Framing:
         self._skip = 0  # bytes of the current bulk still to pass: its payload's rest and CRLF
         self._line = bytearray()  # the start of a header line cut by the end of the last chunk
         self.error = ""  # why walk refused
-        self.steps = 0  # Python steps taken (runs matched and single items), for the tests
+        self.steps = 0  # items looked at in Python (bulk strings jumped over, others), for tests
 
-    def walk(self, data: bytes | memoryview) -> int:
-        """Walk ``data``, the next chunk: -1 when it is well framed (its last item may be
-        cut), else the offset in ``data`` of the first item that is not (0 when it began in
-        an earlier chunk), the reason in ``error``. Not to be called again after a refusal."""
+    def walk(self, data: bytes | bytearray | memoryview, pos: int = 0) -> int:
+        """Walk ``data``, the next chunk (from ``pos``): -1 when it is well framed (its last
+        item may be cut), else the offset in ``data`` of the first item that is not (0 when
+        it began in an earlier chunk), the reason in ``error``. Not to be called again after
+        a refusal."""
         try:
             if self._line:
                 return self._walk_held(data)
-            return self._scan(data, 0)
+            size = len(data)
+            skip = self._skip
+            run = self._run
+            while True:
+                if skip:
+                    end = pos + skip
+                    if end > size:
+                        if skip >= 2 and end - 2 < size and data[end - 2] != 13:
+                            raise _Refused(end - 2, "bulk string not terminated by CRLF")
+                        self._skip = end - size
+                        return -1
+                    if (skip >= 2 and data[end - 2] != 13) or data[end - 1] != 10:
+                        raise _Refused(pos, "bulk string not terminated by CRLF")
+                    pos = end
+                    skip = 0
+                if pos >= size:
+                    self._skip = 0
+                    return -1
+                found = run(data, pos)
+                assert found is not None  # it matches an empty run
+                pos = found.end()
+                if found.lastindex is not None:  # a bulk string's header: jumped over here
+                    self.steps += 1
+                    n = int(found[1])
+                    if n >= 0:
+                        skip = n + 2
+                    elif n < -1:
+                        raise _Refused(found.start(1) - 1, "invalid bulk length")
+                elif pos < size:
+                    pos, skip = self._item(data, pos, size)
         except _Refused as refused:
             self.error = str(refused)
             self._line = bytearray()  # held no longer: the stream ends here
             return refused.at
 
-    def _walk_held(self, data: bytes | memoryview) -> int:
+    def _walk_held(self, data: bytes | bytearray | memoryview) -> int:
         if not data:
             return -1
         line = self._line
@@ -599,46 +656,9 @@ class _Framing:
             end = found.end()
         self._line = bytearray()
         line += data[:end]
-        try:
-            self._scan(line, 0)
-        except _Refused as refused:
-            raise _Refused(0, str(refused)) from None
-        return self._scan(data, end)
-
-    def _scan(self, data: bytes | bytearray | memoryview, pos: int) -> int:
-        size = len(data)
-        skip = self._skip
-        run = self._run
-        while True:
-            if skip:
-                end = pos + skip
-                if end > size:
-                    if skip >= 2 and end - 2 < size and data[end - 2] != 13:
-                        raise _Refused(end - 2, "bulk string not terminated by CRLF")
-                    self._skip = end - size
-                    return -1
-                if (skip >= 2 and data[end - 2] != 13) or data[end - 1] != 10:
-                    raise _Refused(pos, "bulk string not terminated by CRLF")
-                pos = end
-                skip = 0
-            if pos >= size:
-                self._skip = 0
-                return -1
-            self.steps += 1
-            found = run(data, pos)
-            assert found is not None  # it matches an empty run
-            count = found[1]
-            if count is not None:
-                n = int(count)
-                if n >= 0:
-                    skip = n + 2
-                elif n < -1:
-                    raise _Refused(found.start(1) - 1, "invalid bulk length")
-                pos = found.end()
-                continue
-            pos = found.end()
-            if pos < size:
-                pos, skip = self._item(data, pos, size)
+        if self.walk(line) >= 0:
+            return 0  # refused: the line began in an earlier chunk
+        return self.walk(data, end)
 
     def _item(self, data: bytes | bytearray | memoryview, pos: int, size: int) -> tuple[int, int]:
         """The item at ``pos``, which the run did not take: where the next one starts and the
