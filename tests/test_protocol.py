@@ -667,11 +667,11 @@ def test_hiredis_parser_refuses_absurdly_deep_nesting() -> None:
         parser.gets()
 
 
-# -- hiredis: aggregate headers over max_items, screened before hiredis sizes a list by them ----
+# -- hiredis: aggregate headers over max_items, refused before hiredis sizes a list by them -----
 
 # hiredis sizes an aggregate by its announced length on reading the header. Counts just over the
 # bound (an 8 or 16 MiB list if hiredis got them) show a refusal happened before hiredis did:
-# without the screen these are NEED_DATA, not ProtocolError.
+# without the framing walk these are NEED_DATA, not ProtocolError.
 JUST_OVER = [
     b"*1048577\r\n",
     b"~1048577\r\n",
@@ -681,7 +681,7 @@ JUST_OVER = [
 ]
 
 
-def _screened_feed(parser: HiredisParser, pieces: list[bytes]) -> list[Any]:
+def _feed_all(parser: HiredisParser, pieces: list[bytes]) -> list[Any]:
     """Feed the pieces through ``feed_gets``, collecting the replies handed out."""
     replies = []
     for piece in pieces:
@@ -722,8 +722,8 @@ def test_hiredis_parser_refuses_a_two_billion_element_header_in_a_small_address_
 ) -> None:
     # The header of the report: hiredis would make a list of 2^31 slots (16 GiB, 32 for an
     # attribute). Run where the address space is capped at 2 GiB, so that the code before the
-    # screen fails (MemoryError, reported as "malformed reply") instead of reserving 16 GiB of
-    # this shared machine, and the screened code passes without coming near the cap.
+    # walk fails (MemoryError, reported as "malformed reply") instead of reserving 16 GiB of
+    # this shared machine, and the walked code passes without coming near the cap.
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
@@ -766,7 +766,7 @@ def test_hiredis_parser_refuses_an_aggregate_header_split_at_its_line_end() -> N
         for cut in (len(before) - 1, len(before), len(before) + 1):
             parser = HiredisParser()
             with pytest.raises(ProtocolError, match="exceeds the limit"):
-                _screened_feed(parser, [raw[:cut], raw[cut:]])
+                _feed_all(parser, [raw[:cut], raw[cut:]])
 
 
 @pytest.mark.parametrize(
@@ -782,7 +782,7 @@ def test_hiredis_parser_refuses_a_nested_aggregate_header_over_max_items(raw: by
     for step in (len(raw), 1, 3):
         parser = HiredisParser()
         with pytest.raises(ProtocolError, match="exceeds the limit"):
-            _screened_feed(parser, [raw[i : i + step] for i in range(0, len(raw), step)])
+            _feed_all(parser, [raw[i : i + step] for i in range(0, len(raw), step)])
 
 
 def test_hiredis_parser_pipelined_replies_come_before_the_refusal() -> None:
@@ -814,13 +814,13 @@ LOOKALIKES = [
 
 @pytest.mark.parametrize("raw", LOOKALIKES, ids=[repr(raw)[2:32] for raw in LOOKALIKES])
 def test_hiredis_parser_passes_lookalike_headers_intact(raw: bytes) -> None:
-    expected = _screened_feed(PythonParser(), [raw])
+    expected = _feed_all(PythonParser(), [raw])
     for step in range(1, len(raw) + 1):
         pieces = [raw[i : i + step] for i in range(0, len(raw), step)]
-        assert _screened_feed(HiredisParser(), pieces) == expected
+        assert _feed_all(HiredisParser(), pieces) == expected
     for cut in range(1, len(raw)):
-        assert _screened_feed(HiredisParser(), [raw[:cut], raw[cut:]]) == expected
-    assert _screened_feed(HiredisParser(), [memoryview(raw)]) == expected
+        assert _feed_all(HiredisParser(), [raw[:cut], raw[cut:]]) == expected
+    assert _feed_all(HiredisParser(), [memoryview(raw)]) == expected
 
 
 # hiredis skips the two bytes after a bulk payload without looking at them, so a header may
@@ -850,7 +850,7 @@ def test_hiredis_parser_refuses_a_header_hidden_behind_a_bulk_terminator(raw: by
         try:
             parser = HiredisParser()
             with pytest.raises(ProtocolError, match="not terminated by CRLF"):
-                _screened_feed(parser, pieces)
+                _feed_all(parser, pieces)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -898,7 +898,7 @@ def test_hiredis_parser_work_does_not_grow_with_lookalikes_in_a_payload() -> Non
     # A request body travels raw inside the envelope a Node pops: any HTTP client picks these
     # bytes. 1 MiB of look-alike headers inside one bulk string must cost what any 1 MiB bulk
     # costs: one hiredis feed per chunk and one header line for the bulk, not one per look-alike
-    # (the regex screen fed hiredis and ran Python for each: 131072 of them here).
+    # (the regex screen fed hiredis and ran Python for each: 104857 of them here).
     payload = b"\n*123456\r\n" * ((1 << 20) // 10)
     assert len(payload) > 1_000_000
     stream = bytearray(b"$%d\r\n%s\r\n" % (len(payload), payload))

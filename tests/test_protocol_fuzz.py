@@ -95,7 +95,7 @@ def test_mutated_replies_only_raise_protocol_error(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["python", "hiredis"])
 def test_huge_announced_sizes_do_not_allocate(kind: str) -> None:
     # Lengths that would need gigabytes: refused at once (pure; hiredis for the aggregates, whose
-    # headers are screened before hiredis sizes a list by them) or once the buffered bytes pass
+    # headers are walked before hiredis sizes a list by them) or once the buffered bytes pass
     # the bound (hiredis for the bulk string, which it does not size before its data arrives).
     for header in (b"$2147483647\r\n", b"*2147483647\r\n", b"%1073741823\r\n"):
         parser = make_parser(kind, max_reply_size=MAX_REPLY)

@@ -708,11 +708,13 @@ class HiredisParser:
     hiredis sizes an aggregate by its announced length the moment it reads the header
     (``*2147483647`` is a list of 2^31 slots, 16 GiB), and hiredis-py offers no setting to
     bound that length (its reader has only ``setmaxbuf``). So every chunk is walked by
-    ``_Framing`` before hiredis sees it: one step per header line, payloads jumped over by
-    their length. An aggregate header (``*``, ``~``, ``>``, ``%``, ``|``) announcing more
-    than ``max_items`` elements (a map's or an attribute's pairs count twice, as in
-    ``PythonParser``) is refused with ``ProtocolError``, and so is anything the walk cannot
-    frame, notably a bulk payload not followed by CRLF, which hiredis would skip unchecked.
+    ``_Framing`` before hiredis sees it: header lines read, payloads jumped over by their
+    length, at a cost per item, never per payload byte (one ``re`` match for a typical
+    reply, one Python step more per bulk string of 1000 bytes or more). An aggregate header
+    (``*``, ``~``, ``>``, ``%``, ``|``) announcing more than ``max_items`` elements (a
+    map's or an attribute's pairs count twice, as in ``PythonParser``) is refused with
+    ``ProtocolError``, and so is anything the walk cannot frame, notably a bulk payload not
+    followed by CRLF, which hiredis would skip unchecked.
     The bytes of the chunk before the refused item still reach hiredis, and the replies they
     complete are handed out by ``gets`` before it raises.
     """
