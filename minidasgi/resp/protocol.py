@@ -576,8 +576,9 @@ class _Framing:
     items, each a header line (type byte, text, CRLF), plus, after a bulk header ``$N``
     (``=``, ``!``), ``N`` payload bytes and CRLF. The walk reads header lines and jumps over
     each payload by index arithmetic: its cost is per item, never per payload byte, and what a
-    payload holds cannot change it. Runs of header lines are matched in C by one ``re``
-    match (see ``_run_pattern``), so a typical reply costs one Python step per bulk string.
+    payload holds cannot change it. Runs of items are matched in C by one ``re`` match (see
+    ``_run_pattern``), bulk strings under 1000 bytes included, so a typical reply costs one
+    match, and one Python step more per bulk string of 1000 bytes or more.
     It refuses (see ``walk``) an aggregate header over ``max_items`` (a map's or an
     attribute's pairs count twice, as in ``PythonParser``), a payload not followed by CRLF
     (hiredis skips those two bytes unchecked, so the next header could start anywhere), a
