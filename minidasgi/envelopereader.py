@@ -86,13 +86,14 @@ _AFTER_QUEUED: Final = re.compile(
             rb'(,"confirms":true)?',
             rb'(?:,"unit":' + _INT + rb")?",
             rb'(,"ack_send":true)?',
+            rb'(?:,"link":' + _STRING + rb")?",
             rb"\}",
         ]
     )
 )
 """The fields after the queued time: groups for the optional fields."""
 _Before = tuple[bool | None, int, float]
-_After = tuple["int | None", bool, "int | None", bool]
+_After = tuple["int | None", bool, "int | None", bool, str]
 _BEFORES: Final[dict[bytes, _Before]] = {}
 _AFTERS: Final[dict[bytes, _After]] = {}
 """What the texts around the queued time were read as, by the texts: a distributor writes
@@ -103,7 +104,7 @@ _SCOPES: Final[dict[bytes, _Scope]] = {}
 """What ``_SCOPE`` read from a scope's text, by the text: a connection's requests to a route
 have the same scope but for their bytes values (in the tail)."""
 _last_before: tuple[bytes | None, _Before] = (None, (None, 0, 0.0))
-_last_after: tuple[bytes | None, _After] = (None, (None, False, None, False))
+_last_after: tuple[bytes | None, _After] = (None, (None, False, None, False, ""))
 _last_scope: tuple[bytes | None, _Scope] = (
     None,
     ("", "", "", "", None, None, "", "", "", "", 0, False),
@@ -113,7 +114,17 @@ route come alike one after the other, and comparing a text with the last one is 
 ``memcmp``, where a table lookup first hashes the fresh slice (siphash, about 6 instructions
 a byte). None until a text was read: no text equals it."""
 _Layout = tuple[int, int, int, int, int, bytes, bytes, _Before, _After]
-_last_layout: _Layout = (-1, 0, 0, 0, 0, b"", b"", (None, 0, 0.0), (None, False, None, False))
+_last_layout: _Layout = (
+    -1,
+    0,
+    0,
+    0,
+    0,
+    b"",
+    b"",
+    (None, 0, 0.0),
+    (None, False, None, False, ""),
+)
 """Where the last envelope read had its fields: ``(head length, scope start, scope end,
 queued time's start, queued time's end, the text from the scope's end to the queued time,
 the text after it, what those two texts were read as)``. No head has length -1."""
@@ -134,9 +145,11 @@ Fields = tuple[
     bool,
     "int | None",
     bool,
+    str,
 ]
 """A usual envelope's fields, in the order they travel, as read: deadline, scope, events,
-window, liveness, queued, piece (None: absent), confirms, unit (None: absent), ack_send."""
+window, liveness, queued, piece (None: absent), confirms, unit (None: absent), ack_send,
+link ("": absent)."""
 
 
 def try_decode(
@@ -152,7 +165,9 @@ def try_decode(
     fields = try_fields(data, max_size=max_size, max_items=max_items, max_depth=max_depth)
     if fields is None:
         return None
-    deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send = fields
+    deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send, link = (
+        fields
+    )
     value: dict[str, Any] = {
         "deadline": deadline,
         "scope": scope,
@@ -169,6 +184,8 @@ def try_decode(
         value["unit"] = unit
     if ack_send:
         value["ack_send"] = True
+    if link:
+        value["link"] = link
     return value
 
 
@@ -301,7 +318,7 @@ def try_fields(
         httptools,
     ) = template
     more, window, liveness = before
-    piece, confirms, unit, ack_send = after
+    piece, confirms, unit, ack_send, link = after
     # Two markers for the paths, two per header, one for the event's body.
     markers = 2 + 2 * headers_count + (more is not None)
     if count != markers:
@@ -385,6 +402,7 @@ def try_fields(
         confirms,
         unit,
         ack_send,
+        link,
     )
 
 
@@ -404,12 +422,13 @@ def _after(text: bytes) -> _After | None:
     match = _AFTER_QUEUED.fullmatch(text)
     if match is None:
         return None
-    piece, confirms, unit, ack_send = match.groups()
+    piece, confirms, unit, ack_send, link = match.groups()
     return (
         None if piece is None else int(piece),
         confirms is not None,
         None if unit is None else int(unit),
         ack_send is not None,
+        "" if link is None else link.decode("ascii"),
     )
 
 

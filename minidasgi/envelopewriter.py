@@ -164,6 +164,7 @@ def try_encode_parts(
     ack_send: bool = False,
     drop_state: bool = False,
     millis: bool = False,
+    link: Any = "",
 ) -> list[bytes] | None:
     """The format-3 message of an envelope's fields as ``jsoncodec.try_encode_parts`` writes
     the dict ``Envelope.fields`` builds of them (with the default bounds): keys in that order,
@@ -208,7 +209,7 @@ def try_encode_parts(
     else:  # out of those bounds (or not ints): the floats, as the general path has them
         deadline_text = _number(deadline / 1000)
         queued_text = _number(queued / 1000)
-    settings = _settings(window, liveness, piece, usual_piece, confirms, unit, ack_send)
+    settings = _settings(window, liveness, piece, usual_piece, confirms, unit, ack_send, link)
     if events_text is None or deadline_text is None or queued_text is None or settings is None:
         return None
     head_text = (
@@ -249,6 +250,7 @@ def _settings(
     confirms: bool,
     unit: Any,
     ack_send: bool,
+    link: Any = "",
 ) -> tuple[str, str] | None:
     """The text around the queued time: its key and what precedes it (the window and the
     liveness), and what follows it to the head's end. A distributor writes the same
@@ -265,8 +267,9 @@ def _settings(
             and last[3] is confirms
             and last[4] is unit
             and last[5] is ack_send
+            and last[6] is link
         ):
-            text: tuple[str, str] = last[6]
+            text: tuple[str, str] = last[7]
             return text
     window_text = _number(window)
     liveness_text = _number(liveness)
@@ -287,6 +290,15 @@ def _settings(
         tail += ',"unit":' + unit_text
     if ack_send:
         tail += ',"ack_send":true'
+    if link:
+        # The distributor's offer, the same str object in every envelope: written once and
+        # kept with the other settings. Printable ASCII with no quote nor backslash only,
+        # which json writes as it is; anything else, the general path.
+        if type(link) is not str or not link.isascii() or not link.isprintable():
+            return None
+        if '"' in link or "\\" in link:
+            return None
+        tail += ',"link":"' + link + '"'
     text = (f'"window":{window_text},"liveness":{liveness_text},"queued":', tail + "}")
     # Kept with the objects themselves (no other value can take their ids while kept) when
     # their text depends on nothing else: immutable numbers, and the flags as bools.
@@ -296,8 +308,9 @@ def _settings(
         and type(unit) is int
         and type(confirms) is bool
         and type(ack_send) is bool
+        and type(link) is str
     ):
-        entry = (liveness, piece, usual_piece, confirms, unit, ack_send, text)
+        entry = (liveness, piece, usual_piece, confirms, unit, ack_send, link, text)
         memo.keep(_KEPT_SETTINGS, window, entry, _MAX_SETTINGS)
     return text
 

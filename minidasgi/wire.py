@@ -617,6 +617,9 @@ class Envelope:
     bytes once its Node announces one too; 0 (absent) when it counts messages."""
     ack_send: bool = False
     """The distributor reads ``ACK_SEND``; False for older versions, which leave the key out."""
+    link: str = ""
+    """The distributor's link offer, ``host:port:token`` (``link``): the rest of a large
+    response body may come on a direct connection; "" (absent) when it offers none."""
     asgi: bool = field(default=False, compare=False, repr=False)
     """The scope's header pairs, server and client are tuples already, as an ASGI server
     gives them (``decode(..., asgi=True)`` read it by ``envelopereader``); not on the wire."""
@@ -639,6 +642,7 @@ class Envelope:
             piece=self.piece,
             unit=self.unit,
             ack_send=self.ack_send,
+            link=self.link,
         )
 
     def _encode_generally(self) -> bytes:
@@ -669,6 +673,8 @@ class Envelope:
             fields["unit"] = self.unit
         if self.ack_send:
             fields["ack_send"] = True
+        if self.link:
+            fields["link"] = self.link
         return fields
 
     @classmethod
@@ -760,6 +766,9 @@ class Envelope:
         ack_send = value.get("ack_send", False)  # absent from envelopes of older distributors
         if not isinstance(ack_send, bool):
             raise WireError("envelope ack_send is not a boolean")
+        link = value.get("link", "")  # absent from envelopes of older distributors
+        if not (type(link) is str and len(link) <= _MAX_LINK):
+            raise WireError("envelope link offer is not a short string")
         return cls(
             request_id,
             reply,
@@ -774,6 +783,7 @@ class Envelope:
             ack_send=ack_send,
             version=codec.RELEASED if version == codec.RELEASED else codec.FAST,
             unit=credit_unit(unit, piece_size(piece)),
+            link=link,
         )
 
     @classmethod
@@ -789,7 +799,9 @@ class Envelope:
         only the checks their reader leaves open (the same outcome: ``tests/test_envelopereader.py``
         compares the two, fuzzed): its expression admits only finite numbers of the right
         types, a dict scope, a list of one dict for the events, and no negative int."""
-        deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send = fields
+        (deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send, link) = (
+            fields
+        )
         if not (type(request_id) is str and 0 < len(request_id) <= 64):
             raise WireError("envelope id is not a short string")
         if not (type(reply) is str and 0 < len(reply) <= 256):
@@ -817,12 +829,16 @@ class Envelope:
             pieces,
             0 if unit is None else credit_unit(unit, piece_size(piece)),
             ack_send,
+            link,
             asgi,
         )
 
     def expired(self, now: float | None = None) -> bool:
         """True once the distributor has stopped waiting for an ack."""
         return (time.time() if now is None else now) > self.deadline
+
+
+_MAX_LINK: Final = 400  # an offer's longest text (``link.parse_offer`` reads it)
 
 
 def message_limit(piece: int) -> int:
@@ -849,6 +865,7 @@ def encode_envelope(
     ack_send: bool = False,
     portable: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     millis: bool = False,
+    link: str = "",
 ) -> bytes:
     """``Envelope(...).encode()`` with these fields, without making the ``Envelope`` when the
     usual envelope's writer takes them (a distributor writes one per request: the same bytes
@@ -875,6 +892,7 @@ def encode_envelope(
             bool(ack_send),
             portable is not None,
             millis,
+            link,
         )
         if parts is None and portable is not None:
             scope = portable(scope)
@@ -893,6 +911,7 @@ def encode_envelope(
                 bool(ack_send),
                 False,
                 millis,
+                link,
             )
         if parts is not None:
             return b"".join([*_envelope_preamble_parts(request_id, reply), *parts])
@@ -914,6 +933,7 @@ def encode_envelope(
         piece=piece,
         unit=unit,
         ack_send=ack_send,
+        link=link,
     )
     return envelope._encode_generally()
 

@@ -530,3 +530,12 @@ def test_a_usual_envelope_is_decoded_without_a_dict_of_its_fields(
     monkeypatch.setattr(codec, "decode", refused)
     envelope = wire.Envelope.decode(_whole(window=7), max_size=MAX_SIZE)
     assert (envelope.window, envelope.scope["path"], envelope.ack_send) == (7, "/", True)
+
+
+def test_an_envelope_with_a_link_offer_is_read_by_the_usual_reader() -> None:
+    offer = "10.0.0.7:40123:" + "0f" * 32
+    data = fields(link=offer)
+    value = check_read(data)
+    assert value["link"] == offer
+    assert same(value, general(data))
+    assert "link" not in check_read(fields())

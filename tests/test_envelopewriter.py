@@ -405,6 +405,7 @@ def test_every_envelope_field_is_one_the_writer_knows() -> None:
         "piece",
         "unit",
         "ack_send",
+        "link",
     }
     # Not on the wire: how this side read the scope (``Envelope.decode(..., asgi=True)``).
     local = {"asgi"}
@@ -1171,3 +1172,16 @@ def test_fuzzed_requests_of_a_connection_give_the_general_paths_bytes_or_none(
         assert spy.written == general(value), value
     assert taken > 1000
     assert kept > 200  # the fuzz reaches the kept requests, not only the writer (302)
+
+
+def test_the_link_offer_travels_by_both_paths_alike() -> None:
+    # The offer is kept with the other settings: the usual writer and the general one write
+    # the same bytes, and the usual reader reads it back.
+    offer = "127.0.0.1:4567:" + "ab" * 32
+    for link in (offer, "", 'with"quote', "sp ace"):
+        value = wire.Envelope(
+            "r1", "chan", 1.5, {"type": "http", "path": "/"}, [], link=link, ack_send=True
+        )
+        data = value.encode()
+        assert data == value._encode_generally()
+        assert wire.Envelope.decode(data).link == link

@@ -1,0 +1,604 @@
+"""A direct Node -> distributor TCP connection for the rest of a large response body.
+
+Owns the link: its offer text (``host:port:token``, the envelope's optional ``link`` field),
+its handshake and frames (sans-I/O helpers, each bounded), the distributor's listener
+(``LinkListener``) and reader of one link (``LinkReader``), and the Node's writer
+(``LinkWriter``, opened by ``open_link``). Redis stays the rendezvous: the headers and the
+first body piece go through it, then the Node opens a link, publishes a marker event through
+Redis ("the body continues on the link") and writes every later body chunk, the last one
+included, as frames on the link. One link per response, closed after its last frame: the
+marker and the frames never race, and nothing after the marker needs Redis.
+
+Theory of operation, and what it must never do:
+
+- The link is untrusted input, as Redis is. A connection must send a fixed-size handshake
+  (``HANDSHAKE_SIZE``) within ``HANDSHAKE_TIMEOUT``, naming the distributor's token (compared
+  in constant time) and a request id the distributor relays now; else it is closed. At most
+  ``MAX_HANDSHAKING`` handshakes are read at once and ``MAX_WAITING`` links wait for their
+  request's marker: beyond, a connection is closed at once (logged at most once per
+  ``_REFUSAL_LOG_INTERVAL``). Frames are bounded (``MAX_FRAME``).
+- Never hang: the Node's connect and handshake are bounded (``CONNECT_TIMEOUT``); both ends set
+  TCP keepalive and ``TCP_USER_TIMEOUT``; the Node writes heartbeat frames while the body is
+  idle, and the reader has a silence watchdog (one timer per half ``peer_timeout``), paused
+  while the reader itself holds back reading for a slow client.
+- Memory per link is bounded: the reader stops reading at ``READ_HIGH`` bytes handed on and
+  not yet consumed, and the writer awaits ``drain()``.
+- It never imports the distributor or the Node: each side passes it plain callbacks.
+- The token is a secret: never logged, never in a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "FRAME_HEADER",
+    "HANDSHAKE_SIZE",
+    "HANDSHAKE_TIMEOUT",
+    "HEARTBEAT",
+    "LAST",
+    "MAX_FRAME",
+    "MAX_HANDSHAKING",
+    "MAX_WAITING",
+    "MORE",
+    "READ_HIGH",
+    "TOKEN_SIZE",
+    "LinkError",
+    "LinkListener",
+    "LinkReader",
+    "LinkWriter",
+    "open_link",
+    "pack_frame_header",
+    "pack_handshake",
+    "parse_frame_header",
+    "parse_handshake",
+    "parse_offer",
+]
+
+logger = logging.getLogger("minidasgi.link")
+
+MAGIC: Final = b"MDL1"
+TOKEN_SIZE: Final = 32
+_ID_FIELD: Final = 64  # a request id is at most 64 ASCII characters (``wire.Envelope``)
+HANDSHAKE_SIZE: Final = len(MAGIC) + TOKEN_SIZE + 1 + _ID_FIELD  # 101
+FRAME_HEADER: Final = struct.Struct(">IB")  # the body's length, then its kind
+LAST: Final = 0  # the response's last body
+MORE: Final = 1  # a body, more to come
+HEARTBEAT: Final = 2  # nothing: the Node is there (length 0)
+MAX_FRAME: Final = 16 * 1024 * 1024
+HANDSHAKE_TIMEOUT: Final = 2.0
+CONNECT_TIMEOUT: Final = 2.0
+MAX_HANDSHAKING: Final = 64
+MAX_WAITING: Final = 256
+READ_HIGH: Final = 4 * 1024 * 1024
+UNREACHABLE_FOR: Final = 30.0
+"""Seconds a Node remembers an offered address it could not reach (it uses Redis meanwhile)."""
+_REFUSAL_LOG_INTERVAL: Final = 10.0
+_WRITE_HIGH: Final = 1024 * 1024  # the Node's transport buffer before ``drain`` waits
+_KEEPIDLE, _KEEPINTVL, _KEEPCNT = 5, 2, 3
+_USER_TIMEOUT_MS: Final = (_KEEPIDLE + _KEEPINTVL * _KEEPCNT) * 1000
+
+
+class LinkError(ValueError):
+    """A handshake, frame or offer that breaks the link's format."""
+
+
+def make_offer(host: str, port: int, token: bytes) -> str:
+    """The envelope's ``link`` text for a listener at ``host:port`` with ``token``."""
+    return f"{host}:{port}:{token.hex()}"
+
+
+def parse_offer(text: Any) -> tuple[str, int, bytes] | None:
+    """``(host, port, token)`` of an offer, or None if it is not one (untrusted input)."""
+    if type(text) is not str or len(text) > 400:
+        return None
+    host, sep, rest = text.rpartition(":")
+    host, sep2, port_text = host.rpartition(":")
+    if not (sep and sep2 and host and port_text.isdigit() and len(port_text) <= 5):
+        return None
+    port = int(port_text)
+    if not 0 < port < 65536 or len(rest) != 2 * TOKEN_SIZE:
+        return None
+    try:
+        token = bytes.fromhex(rest)
+    except ValueError:
+        return None
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address in brackets
+        host = host[1:-1]
+    return host, port, token
+
+
+def pack_handshake(token: bytes, request_id: str) -> bytes:
+    """The Node's first bytes on a link: magic, token, the request id's length and the id,
+    padded to ``HANDSHAKE_SIZE``."""
+    raw = request_id.encode("ascii")
+    if len(token) != TOKEN_SIZE or not 0 < len(raw) <= _ID_FIELD:
+        raise LinkError("a link handshake needs a 32-byte token and an id of 1-64 characters")
+    return MAGIC + token + bytes([len(raw)]) + raw.ljust(_ID_FIELD, b"\0")
+
+
+def parse_handshake(data: bytes, token: bytes) -> str:
+    """The request id of a handshake carrying ``token``; ``LinkError`` otherwise."""
+    if len(data) != HANDSHAKE_SIZE or not data.startswith(MAGIC):
+        raise LinkError("not a link handshake")
+    start = len(MAGIC)
+    if not hmac.compare_digest(data[start : start + TOKEN_SIZE], token):
+        raise LinkError("wrong link token")
+    start += TOKEN_SIZE
+    size = data[start]
+    raw = data[start + 1 : start + 1 + size]
+    if not 0 < size <= _ID_FIELD or data[start + 1 + size :].strip(b"\0"):
+        raise LinkError("malformed request id in a link handshake")
+    try:
+        request_id = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise LinkError("malformed request id in a link handshake") from None
+    if not request_id.isprintable():
+        raise LinkError("malformed request id in a link handshake")
+    return request_id
+
+
+def pack_frame_header(size: int, kind: int) -> bytes:
+    return FRAME_HEADER.pack(size, kind)
+
+
+def parse_frame_header(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """``(size, kind)`` of a frame's header; ``LinkError`` for an unknown kind or a size over
+    ``MAX_FRAME`` (or a heartbeat with a body)."""
+    size, kind = FRAME_HEADER.unpack(data)
+    if kind not in (LAST, MORE, HEARTBEAT) or size > MAX_FRAME or (kind == HEARTBEAT and size):
+        raise LinkError(f"malformed link frame header (kind {kind}, size {size})")
+    return size, kind
+
+
+def tune_socket(sock: Any) -> None:
+    """TCP_NODELAY, keepalive in seconds and TCP_USER_TIMEOUT where the platform has them."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", _KEEPIDLE),
+        ("TCP_KEEPINTVL", _KEEPINTVL),
+        ("TCP_KEEPCNT", _KEEPCNT),
+        ("TCP_USER_TIMEOUT", _USER_TIMEOUT_MS),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+OnFrame = Callable[[bytes, bool], None]
+OnEnd = Callable[[str], None]
+
+
+class LinkReader(asyncio.BufferedProtocol):
+    """One accepted link, on the distributor: reads the handshake, then, once its exchange
+    takes it (``LinkListener.take``), body frames handed to ``on_frame(body, more)``. A link
+    that breaks, or a malformed frame, calls ``on_lost(why)``; silence past the watchdog,
+    ``on_silent(why)``. Neither is called after the last frame, nor after ``close``."""
+
+    def __init__(self, listener: LinkListener) -> None:
+        self._listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.request_id = ""
+        self._state = "handshake"  # handshake, waiting, header, body, done, closed
+        self._buffer = bytearray(HANDSHAKE_SIZE)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self._kind = MORE
+        self._timer: asyncio.TimerHandle | None = None
+        self._on_frame: OnFrame | None = None
+        self._on_lost: OnEnd | None = None
+        self._on_silent: OnEnd | None = None
+        self._unread = 0  # bytes handed on, not yet consumed by the exchange
+        self._paused = False
+        self._heard = True
+        self.bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<LinkReader {self.request_id or '?'} {self._state}>"
+
+    # -- asyncio's side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        tune_socket(transport.get_extra_info("socket"))
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_late)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._heard = True
+        self._filled += nbytes
+        if self._filled < len(self._buffer):
+            return
+        state = self._state
+        if state == "handshake":
+            self._handshake_done()
+        elif state == "header":
+            try:
+                size, kind = parse_frame_header(self._buffer)
+            except LinkError as exc:
+                self._lost(str(exc))
+                return
+            if kind == HEARTBEAT:
+                self._filled = 0
+                return
+            self._kind = kind
+            if size == 0:
+                self._frame(b"")
+                return
+            self._state = "body"
+            self._buffer = bytearray(size)
+            self._view = memoryview(self._buffer)
+            self._filled = 0
+        elif state == "body":
+            body = bytes(self._buffer)
+            self._header()
+            self._frame(body)
+
+    def eof_received(self) -> bool | None:
+        return False  # close: whatever the state, a link ends by its last frame
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        listener = self._listener
+        listener.forget(self)
+        if self._state in ("done", "closed"):
+            self._state = "closed"
+            self._stop_timer()
+            return
+        if self._state in ("header", "body"):
+            self._lost("the worker's link broke" + (f" ({exc})" if exc else ""))
+        else:
+            self._state = "closed"
+            self._stop_timer()
+
+    # -- the handshake
+    def _handshake_late(self) -> None:
+        self._timer = None
+        if self._state == "handshake":
+            self._listener.refused("a link handshake did not come in time")
+            self.close()
+
+    def _handshake_done(self) -> None:
+        self._stop_timer()
+        self._listener.handshaken(self)
+        try:
+            request_id = parse_handshake(bytes(self._buffer), self._listener.token)
+        except LinkError as exc:
+            self._listener.refused(str(exc))
+            self.close()
+            return
+        self.request_id = request_id
+        self._state = "waiting"
+        assert self.transport is not None
+        self.transport.pause_reading()  # nothing is read before the exchange takes it
+        self._listener.arrived(self)
+
+    # -- the exchange's side
+    def attach(self, on_frame: OnFrame, on_lost: OnEnd, on_silent: OnEnd, peer_timeout: float) -> None:
+        """Hand the frames to their exchange from now on."""
+        self._on_frame, self._on_lost, self._on_silent = on_frame, on_lost, on_silent
+        if self._state != "waiting":
+            return
+        self._header()
+        self._watch_every = max(peer_timeout / 2, 0.05)
+        self._heard = True
+        self._timer = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def consumed(self, size: int) -> None:
+        """The exchange sent ``size`` bytes of what it was handed: read on if held back."""
+        self._unread -= size
+        if self._paused and self._unread < READ_HIGH and self.transport is not None:
+            self._paused = False
+            self._heard = True  # the pause's silence is the client's, not the Node's
+            if self._state in ("header", "body"):
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close the link (its exchange ended, or the link broke); no callback after this."""
+        if self._state != "done":
+            self._state = "closed"
+        self._on_frame = self._on_lost = self._on_silent = None
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- frames
+    def _header(self) -> None:
+        self._state = "header"
+        self._buffer = bytearray(FRAME_HEADER.size)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+
+    def _frame(self, body: bytes) -> None:
+        more = self._kind == MORE
+        self.bytes += len(body)
+        self._listener.count_bytes(len(body))
+        self._unread += len(body)
+        on_frame = self._on_frame
+        if not more:
+            self._state = "done"
+            self._stop_timer()
+            if self.transport is not None:
+                self.transport.close()
+        elif self._unread >= READ_HIGH and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        if on_frame is not None:
+            on_frame(body, more)
+
+    def _lost(self, why: str) -> None:
+        on_lost = self._on_lost
+        self.close()
+        if on_lost is not None:
+            on_lost(why)
+
+    def _watch(self) -> None:
+        self._timer = None
+        if self._state not in ("header", "body"):
+            return
+        if not self._heard and not self._paused:
+            on_silent = self._on_silent
+            self.close()
+            if on_silent is not None:
+                on_silent(f"nothing heard on the worker's link for {self._watch_every:g} s")
+            return
+        self._heard = False
+        self._timer = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class LinkListener:
+    """The distributor's listener: accepts links, checks their handshakes, holds each until
+    its exchange takes it (``take``) or ends (``discard``). ``known(request_id)`` says
+    whether a request id is one this distributor relays now."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: bytes,
+        known: Callable[[str], bool],
+        *,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.token = token
+        self._known = known
+        self._on_bytes = on_bytes
+        self._server: asyncio.AbstractServer | None = None
+        self._handshaking: set[LinkReader] = set()
+        self._waiting: dict[str, LinkReader] = {}  # handshaken, not yet taken
+        self._taken: dict[str, LinkReader] = {}
+        self._expected: dict[str, tuple[OnFrame, OnEnd, OnEnd, float]] = {}
+        self._refusal_logged = -_REFUSAL_LOG_INTERVAL
+        self.refusals = 0
+
+    def __repr__(self) -> str:
+        return f"<LinkListener {self.host}:{self.port} waiting={len(self._waiting)}>"
+
+    async def start(self) -> None:
+        """Bind and listen (``port`` 0: an ephemeral one, then known as ``port``)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._accept, self.host, self.port, backlog=128)
+        sockets = self._server.sockets
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        """Stop listening and close every link."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for reader in [*self._handshaking, *self._waiting.values(), *self._taken.values()]:
+            reader.close()
+        self._handshaking.clear()
+        self._waiting.clear()
+        self._taken.clear()
+        self._expected.clear()
+
+    def _accept(self) -> LinkReader:
+        reader = LinkReader(self)
+        if len(self._handshaking) >= MAX_HANDSHAKING:
+            reader._state = "closed"
+            self.refused(f"more than {MAX_HANDSHAKING} link handshakes in progress")
+            asyncio.get_running_loop().call_soon(reader.close)
+            return reader
+        self._handshaking.add(reader)
+        return reader
+
+    def handshaken(self, reader: LinkReader) -> None:
+        self._handshaking.discard(reader)
+
+    def arrived(self, reader: LinkReader) -> None:
+        """A handshake named ``reader.request_id``: give it to its exchange, or hold it."""
+        request_id = reader.request_id
+        if not self._known(request_id):
+            self.refused("a link for a request not relayed here")
+            reader.close()
+            return
+        if request_id in self._waiting or request_id in self._taken:
+            self.refused("a second link for one request")
+            reader.close()
+            return
+        expected = self._expected.pop(request_id, None)
+        if expected is not None:
+            self._taken[request_id] = reader
+            reader.attach(*expected)
+            return
+        if len(self._waiting) >= MAX_WAITING:
+            self.refused(f"more than {MAX_WAITING} links waiting for their requests")
+            reader.close()
+            return
+        self._waiting[request_id] = reader
+
+    def take(
+        self,
+        request_id: str,
+        on_frame: OnFrame,
+        on_lost: OnEnd,
+        on_silent: OnEnd,
+        peer_timeout: float,
+    ) -> bool:
+        """The exchange ``request_id`` reached its marker: its link's frames go to these
+        callbacks, now if it came, else once it does. True if it had come."""
+        reader = self._waiting.pop(request_id, None)
+        if reader is None:
+            self._expected[request_id] = (on_frame, on_lost, on_silent, peer_timeout)
+            return False
+        self._taken[request_id] = reader
+        reader.attach(on_frame, on_lost, on_silent, peer_timeout)
+        return True
+
+    def reader(self, request_id: str) -> LinkReader | None:
+        return self._taken.get(request_id)
+
+    def discard(self, request_id: str) -> None:
+        """The exchange ended: close its link, whatever its state."""
+        self._expected.pop(request_id, None)
+        for table in (self._waiting, self._taken):
+            reader = table.pop(request_id, None)
+            if reader is not None:
+                reader.close()
+
+    def forget(self, reader: LinkReader) -> None:
+        """``reader``'s connection is gone."""
+        self._handshaking.discard(reader)
+        request_id = reader.request_id
+        if request_id and self._waiting.get(request_id) is reader:
+            del self._waiting[request_id]
+
+    def count_bytes(self, size: int) -> None:
+        if self._on_bytes is not None:
+            self._on_bytes(size)
+
+    def refused(self, why: str) -> None:
+        """Count a refusal, and log it at most once per ``_REFUSAL_LOG_INTERVAL``."""
+        self.refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL:
+            self._refusal_logged = now
+            logger.warning("refused a link: %s (%d refusals so far)", why, self.refusals)
+
+
+class LinkWriter:
+    """The Node's side of one link: body frames written in order, each ``send`` awaiting
+    room (``drain``); heartbeats while idle. ``close`` after the last frame; ``abort`` when
+    the request ends otherwise (it wakes a ``send`` waiting for room)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, heartbeat: float) -> None:
+        self._writer = writer
+        self._transport = writer.transport
+        self._transport.set_write_buffer_limits(high=_WRITE_HIGH)
+        self._written = time.monotonic()
+        self._heartbeat = heartbeat
+        loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = loop.call_later(heartbeat, self._beat)
+        self.closed = False
+        self.bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<LinkWriter closed={self.closed}>"
+
+    async def send(self, body: bytes, more: bool) -> None:
+        """Write ``body`` as frames (the last one ``LAST`` unless ``more``) and wait for room.
+        ``ConnectionError`` if the link is closed or breaks."""
+        if self.closed or self._transport.is_closing():
+            raise ConnectionResetError("the link is closed")
+        size = len(body)
+        view = memoryview(body) if size > MAX_FRAME else None
+        start = 0
+        while True:
+            end = min(start + MAX_FRAME, size)
+            last = end >= size
+            part = body if view is None else view[start:end]
+            header = FRAME_HEADER.pack(end - start, MORE if more or not last else LAST)
+            if end > start:
+                self._transport.writelines([header, part])
+            else:
+                self._transport.write(header)
+            start = end
+            if last:
+                break
+        self._written = time.monotonic()
+        self.bytes += size
+        await self._writer.drain()
+
+    def _beat(self) -> None:
+        self._timer = None
+        if self.closed or self._transport.is_closing():
+            return
+        idle = time.monotonic() - self._written
+        if idle >= self._heartbeat * 0.9:
+            self._transport.write(FRAME_HEADER.pack(0, HEARTBEAT))
+            self._written = time.monotonic()
+            idle = 0.0
+        self._timer = asyncio.get_running_loop().call_later(
+            max(self._heartbeat - idle, 0.01), self._beat
+        )
+
+    def close(self) -> None:
+        """Close after what was written (the last frame) leaves."""
+        self._stop()
+        self._writer.close()
+
+    def abort(self) -> None:
+        """Drop the link now: the distributor sees it break."""
+        self._stop()
+        self._transport.abort()
+
+    def _stop(self) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def open_link(
+    host: str,
+    port: int,
+    token: bytes,
+    request_id: str,
+    *,
+    heartbeat: float = 1.0,
+    timeout: float = CONNECT_TIMEOUT,
+) -> LinkWriter:
+    """Connect to a distributor's listener and send the handshake, within ``timeout``
+    seconds; ``OSError`` or ``asyncio.TimeoutError`` if that fails."""
+    handshake = pack_handshake(token, request_id)
+
+    async def connect() -> asyncio.StreamWriter:
+        _, writer = await asyncio.open_connection(host, port)
+        try:
+            tune_socket(writer.get_extra_info("socket"))
+            writer.write(handshake)
+            await writer.drain()
+        except BaseException:
+            writer.transport.abort()
+            raise
+        return writer
+
+    writer = await asyncio.wait_for(connect(), timeout)
+    return LinkWriter(writer, heartbeat)
