@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -68,6 +69,8 @@ from .deadlines import Deadlines
 from .envelopewriter import PLAIN_SCOPE_KEYS
 from .gathering import gather_body
 from .inbox import Inbox
+from .link import TOKEN_SIZE as _LINK_TOKEN_SIZE
+from .link import LinkListener, make_offer
 from .liveness import PeerTracker, RoundErrors, check_settings
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
@@ -128,6 +131,7 @@ _CLIENT_IDLE = _Signal("client stalled its upload")
 _NO_ACK = _Signal("no ack in time")
 _GRACE_OVER = _Signal("no ack from the Node that took the request")
 _VIOLATION = _Signal("flow-control violation")
+_LINK_BROKEN = _Signal("the worker's link broke")
 
 
 class _Pushed(_Signal):
@@ -194,6 +198,15 @@ class Distributor:
     ``wire_format``: the format written to Nodes: 3 (this release's, the default) or 1 (the
     first release's), for a fleet whose Nodes are not all upgraded yet (README, "Upgrading a
     fleet"). Nodes of this release answer each request in the format it came in.
+
+    ``link`` (``"HOST[:PORT]"``, off by default) listens there (port 0 or none: an ephemeral
+    one) for direct TCP connections from Nodes, offered in every envelope: the rest of a
+    streamed response body (after its first piece) then comes on its own connection instead
+    of through Redis (``minidasgi.link``; README, "Large responses off Redis"). Nodes connect
+    to ``link_advertise`` (``"HOST"``, or ``"HOST:PORT"`` for a port forwarded to the
+    listener's) instead of HOST when given (needed for a wildcard HOST). The link is
+    plaintext TCP, authenticated by a random per-process token that travels in the envelopes:
+    beside a TLS Redis (``rediss://``) it is refused unless ``link_plaintext=True``.
     """
 
     def __init__(
@@ -232,6 +245,9 @@ class Distributor:
         ops_prefix: str | None = None,
         access_log: str | None = None,
         wire_format: int = codec.FAST,
+        link: str | None = None,
+        link_advertise: str | None = None,
+        link_plaintext: bool = False,
     ) -> None:
         if wire_format not in (codec.FAST, codec.RELEASED):
             raise ValueError(
@@ -259,6 +275,11 @@ class Distributor:
             unix_socket=unix_socket,
             sentinel=sentinel,
         )
+        self._link_bind = _link_address(link, link_advertise, link_plaintext, self.params)
+        self._link_advertise = link_advertise
+        self._link_token = secrets.token_bytes(_LINK_TOKEN_SIZE) if link else b""
+        self._link_listener: LinkListener | None = None
+        self.link_offer = ""  # "host:port:token" once listening: in every envelope
         self.worker_timeout = worker_timeout
         self.no_worker_status = no_worker_status
         self.response_timeout = response_timeout
@@ -357,6 +378,8 @@ class Distributor:
         await asyncio.shield(self._starting)
 
     async def _start(self) -> None:
+        if self._link_bind is not None and self._link_listener is None:
+            await self._listen_for_links(*self._link_bind)
         self._client = topology.command_client(
             self.params,
             name="distributor",
@@ -395,6 +418,35 @@ class Distributor:
                 exc or "timed out",
             )
 
+    async def _listen_for_links(self, host: str, port: int) -> None:
+        """Listen for Nodes' links (``link=``), and offer the listener in every envelope."""
+        listener = LinkListener(
+            host,
+            port,
+            self._link_token,
+            self._exchanges.__contains__,
+            on_bytes=self.metrics.link_bytes,
+        )
+        try:
+            await listener.start()
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen for links on {host}:{port}: {exc}") from exc
+        self._link_listener = listener
+        advertised, port = self._link_advertise or host, listener.port
+        head, sep, tail = advertised.rpartition(":")
+        if sep and tail.isdigit() and (":" not in head or head.endswith("]")):
+            advertised, port = head, int(tail)  # a port forwarded to the listener's
+        if ":" in advertised and not advertised.startswith("["):
+            advertised = f"[{advertised}]"  # an IPv6 address
+        self.link_offer = make_offer(advertised, port, self._link_token)
+        logger.info("listening for links on %s:%d", host, listener.port)
+
+    @property
+    def link_port(self) -> int | None:
+        """The port the link listener has (an ephemeral one chosen at start), or None."""
+        listener = self._link_listener
+        return None if listener is None else listener.port
+
     def _on_bound_loop(self) -> bool:
         """Whether this runs on the loop the connections use, found without asking asyncio
         (``get_running_loop()`` costs a ``getpid()`` system call on Python 3.11): that loop
@@ -430,6 +482,7 @@ class Distributor:
             self.peers = PeerTracker(self.peer_timeout)
             self._pinging = {}
             self._untaken, self._untaken_size, self._taking_back = [], 0, False
+            self._link_listener, self.link_offer = None, ""  # the old loop's, gone with it
         self._loop = loop
         self._thread = threading.get_ident()
         self._monotonic_loop = type(loop).time is asyncio.BaseEventLoop.time
@@ -445,6 +498,10 @@ class Distributor:
         for task in list(self._background):
             task.cancel()
         await self._close_connections()
+        listener, self._link_listener = self._link_listener, None
+        if listener is not None:
+            listener.close()
+            self.link_offer = ""
         self._starting = None
 
     async def _close_connections(self) -> None:
@@ -497,6 +554,8 @@ class Distributor:
                 self.metrics.aborted(key)
             exchange.close_window()
             del self._exchanges[exchange.id]
+            if exchange.linked:
+                exchange.unlink()
             if not exchange.inbox.empty():  # seldom: an ACK came too late, or a signal
                 exchange.cancel_late_acks()
             if exchange.tracked:
@@ -1037,6 +1096,7 @@ class _Exchange:
     _arrived = False  # whether the Node's first message arrived before that window was made
     _first: tuple[str, Any] | None = None  # that message, if it came with the ACK (ACK_SEND)
     _released = False  # whether the credits went back to the pool with no window made
+    linked = False  # the rest of the body comes on a link (``minidasgi.link``)
 
     def __init__(
         self,
@@ -1125,6 +1185,7 @@ class _Exchange:
                     queued=queued,
                     confirms=True,
                     ack_send=True,
+                    link=d.link_offer,
                     version=d.wire_format,
                     unit=self.unit,
                     portable=_portable_scope,  # not called for uvicorn's scope: no copy
@@ -1632,6 +1693,9 @@ class _Exchange:
                 )
                 await self._fail(502, "lost contact with the worker\n")
                 return
+            elif item is _LINK_BROKEN:
+                await self._fail(502, "the worker's link broke\n")
+                return
             elif item is _VIOLATION:
                 logger.warning("request %s: the worker sent more than the credit granted", self.id)
                 await self._fail(502, "the worker broke flow control\n")
@@ -1712,7 +1776,9 @@ class _Exchange:
                         self.aborted = self.started
                         raise ResponseAborted("the worker sent a malformed event")
                     if what == "http.response.body":
-                        pass  # the usual, with the start: nothing to look at before it is sent
+                        if event.get("link") is True:  # the body continues on the link
+                            self._take_link()
+                            continue
                     elif what in _STARTS:
                         _tuple_headers(event)
                         self.started = True
@@ -1790,6 +1856,27 @@ class _Exchange:
                     credit = self.receiving().consumed()
                     if credit:
                         self._post_credit(credit, hold=self._may_hold_credit(credit))
+            elif kind is _LINK_BODY:
+                body, more = args
+                event = {"type": "http.response.body", "body": body, "more_body": more}
+                try:
+                    if deadline is None:
+                        await self._send(event)
+                    else:
+                        await self._send_by(event, deadline)
+                except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
+                    await self._fail(504, _SLOW_CLIENT)
+                    return
+                except OSError:  # the client went away (uvicorn's ClientDisconnected)
+                    self.complete = True
+                    return
+                if not more:
+                    self.complete = self.node_done = True
+                    return
+                reader = self.distributor._link_listener
+                reader_of = None if reader is None else reader.reader(self.id)
+                if reader_of is not None:
+                    reader_of.consumed(len(body))
             elif kind == wire.DONE:
                 self.node_done = True
                 if self.kind == "websocket" and not self.started:
@@ -1807,6 +1894,39 @@ class _Exchange:
                 logger.warning("request %s: its worker dropped it (%s)", self.id, reason[:100])
                 await self._fail(502, "the worker dropped the request\n")
                 return
+
+    def _take_link(self) -> None:
+        """The Node's marker: the rest of the body comes on its link, as inbox items."""
+        d = self.distributor
+        listener = d._link_listener
+        if listener is None or self.linked or self.trailers or self.kind != "http":
+            self.aborted = self.started
+            raise ResponseAborted("the worker sent a link marker this request cannot take")
+        self.linked = True
+        d.metrics.linked()
+        if not self.tracked:
+            self._track()
+        put = self.inbox.put_nowait
+        request_id = self.id
+
+        def on_frame(body: bytes, more: bool) -> None:
+            put((_LINK_BODY, (body, more)))
+
+        def on_lost(why: str) -> None:
+            logger.warning("request %s: %s", request_id, why)
+            put(_LINK_BROKEN)
+
+        def on_silent(why: str) -> None:
+            logger.warning("request %s: %s", request_id, why)
+            put(_LINK_BROKEN)
+
+        listener.take(request_id, on_frame, on_lost, on_silent, d.peer_timeout)
+
+    def unlink(self) -> None:
+        """The exchange ended: close its link, whatever its state."""
+        listener = self.distributor._link_listener
+        if listener is not None:
+            listener.discard(self.id)
 
     async def _send_by(self, event: Message, deadline: float, *, final: bool = False) -> None:
         """Send ``event`` to the client by ``deadline`` (``response_timeout``'s, the loop's
@@ -1956,6 +2076,8 @@ def _batch_sizes(**batchers: Any) -> str:
 
 _STARTS = ("http.response.start", "websocket.accept", "websocket.http.response.start")
 _USUAL_SEND = "send (the usual response)"
+_LINK_BODY = "a body frame from the link"
+"""The inbox's kind for a body read from the Node's link: ``(body, more)``."""
 """The inbox's kind for a SEND read by ``responsereader`` (``wire.SEND``'s arguments): a
 response start and its body, of the shape that reader admits, for the relay's short path."""
 
@@ -2090,6 +2212,36 @@ def _may_have_body(scope: Scope) -> bool:
     if length is not None:
         return length.strip() not in (b"0", b"")
     return scope.get("http_version") not in ("1.1", "1.0")
+
+
+def _link_address(
+    link: str | None, advertise: str | None, plaintext: bool, params: Any
+) -> tuple[str, int] | None:
+    """The address to listen on for links (``Distributor(link=...)``), checked."""
+    if not link:
+        return None
+    host, port = link, 0
+    head, sep, tail = link.rpartition(":")
+    if sep and tail.isdigit() and (not head.count(":") or head.endswith("]")):
+        host, port = head, int(tail)
+    host = host.strip("[]")
+    if not host or not 0 <= port < 65536:
+        raise ValueError(f"link must be HOST or HOST:PORT, not {link!r}")
+    if host in ("0.0.0.0", "::") and not advertise:
+        raise ValueError(
+            f"link={link!r} listens on every address: give link_advertise, the host the "
+            "Nodes should connect to"
+        )
+    if advertise is not None and not (
+        advertise and advertise.isascii() and advertise.isprintable() and " " not in advertise
+    ):
+        raise ValueError(f"link_advertise must be a host name or address, not {advertise!r}")
+    if getattr(params, "ssl", None) and not plaintext:
+        raise ValueError(
+            "Redis is reached over TLS, but a link carries response bodies in plaintext TCP: "
+            "give link_plaintext=True to allow it, or leave link off"
+        )
+    return host, port
 
 
 def create_path_distributor(

@@ -290,7 +290,9 @@ class LinkReader(asyncio.BufferedProtocol):
         self._listener.arrived(self)
 
     # -- the exchange's side
-    def attach(self, on_frame: OnFrame, on_lost: OnEnd, on_silent: OnEnd, peer_timeout: float) -> None:
+    def attach(
+        self, on_frame: OnFrame, on_lost: OnEnd, on_silent: OnEnd, peer_timeout: float
+    ) -> None:
         """Hand the frames to their exchange from now on."""
         self._on_frame, self._on_lost, self._on_silent = on_frame, on_lost, on_silent
         if self._state != "waiting":
@@ -392,7 +394,7 @@ class LinkListener:
         self._handshaking: set[LinkReader] = set()
         self._waiting: dict[str, LinkReader] = {}  # handshaken, not yet taken
         self._taken: dict[str, LinkReader] = {}
-        self._expected: dict[str, tuple[OnFrame, OnEnd, OnEnd, float]] = {}
+        self._expected: dict[str, tuple[OnFrame, OnEnd, OnEnd, float, asyncio.TimerHandle]] = {}
         self._refusal_logged = -_REFUSAL_LOG_INTERVAL
         self.refusals = 0
 
@@ -414,6 +416,8 @@ class LinkListener:
             self._server = None
         for reader in [*self._handshaking, *self._waiting.values(), *self._taken.values()]:
             reader.close()
+        for expected in self._expected.values():
+            expected[4].cancel()
         self._handshaking.clear()
         self._waiting.clear()
         self._taken.clear()
@@ -445,8 +449,9 @@ class LinkListener:
             return
         expected = self._expected.pop(request_id, None)
         if expected is not None:
+            expected[4].cancel()
             self._taken[request_id] = reader
-            reader.attach(*expected)
+            reader.attach(*expected[:4])
             return
         if len(self._waiting) >= MAX_WAITING:
             self.refused(f"more than {MAX_WAITING} links waiting for their requests")
@@ -466,18 +471,30 @@ class LinkListener:
         callbacks, now if it came, else once it does. True if it had come."""
         reader = self._waiting.pop(request_id, None)
         if reader is None:
-            self._expected[request_id] = (on_frame, on_lost, on_silent, peer_timeout)
+            # The Node connected before it sent the marker: its handshake is on its way,
+            # bounded all the same.
+            timer = asyncio.get_running_loop().call_later(
+                peer_timeout, self._never_came, request_id
+            )
+            self._expected[request_id] = (on_frame, on_lost, on_silent, peer_timeout, timer)
             return False
         self._taken[request_id] = reader
         reader.attach(on_frame, on_lost, on_silent, peer_timeout)
         return True
+
+    def _never_came(self, request_id: str) -> None:
+        expected = self._expected.pop(request_id, None)
+        if expected is not None:
+            expected[1]("the worker's link never came")
 
     def reader(self, request_id: str) -> LinkReader | None:
         return self._taken.get(request_id)
 
     def discard(self, request_id: str) -> None:
         """The exchange ended: close its link, whatever its state."""
-        self._expected.pop(request_id, None)
+        expected = self._expected.pop(request_id, None)
+        if expected is not None:
+            expected[4].cancel()
         for table in (self._waiting, self._taken):
             reader = table.pop(request_id, None)
             if reader is not None:
@@ -565,7 +582,10 @@ class LinkWriter:
         self._writer.close()
 
     def abort(self) -> None:
-        """Drop the link now: the distributor sees it break."""
+        """Drop the link now: the distributor sees it break (nothing after ``close``: what
+        it left to write still leaves)."""
+        if self.closed:
+            return
         self._stop()
         self._transport.abort()
 

@@ -259,11 +259,21 @@ class DistributorMetrics:
             "Time from the request's arrival to the end of its response.",
             ("key",),
         )
+        self.links = Counter(
+            "minidasgi_distributor_links_total",
+            "Responses whose body continued on a direct link from the Node (``link=``).",
+        )
+        self.link_bytes_counter = Counter(
+            "minidasgi_distributor_link_bytes_total",
+            "Response body bytes read from Nodes' links.",
+        )
         self.registry = Registry(
             [
                 self.requests,
                 self.refusals,
                 self.aborts,
+                self.links,
+                self.link_bytes_counter,
                 self.queue_wait,
                 self.response_time,
                 self.total_time,
@@ -290,6 +300,14 @@ class DistributorMetrics:
     def served(self) -> int:
         """Requests answered so far (by a Node or by the distributor itself)."""
         return int(self.requests.total())
+
+    def linked(self) -> None:
+        """Count one response whose body continues on a link."""
+        self.links.inc()
+
+    def link_bytes(self, size: int) -> None:
+        """Count body bytes read from a link."""
+        self.link_bytes_counter.inc((), size)
 
     def refused(self, reason: str) -> None:
         """Count one refusal (``NO_NODE``, ``QUEUE_FULL``, ``NO_ACK``, ...)."""
@@ -380,10 +398,26 @@ class NodeMetrics:
             ("key",),
         )
         self._app_times: dict[str, Histogram] = {}  # app_time's series, by key
+        self.links = Counter(
+            "minidasgi_node_links_total",
+            "Responses whose body continued on a direct link to the distributor.",
+        )
+        self.link_fallbacks = Counter(
+            "minidasgi_node_link_fallbacks_total",
+            "Responses offered a link that went on through Redis: the link could not be "
+            "opened, or its address failed in the last 30 s.",
+        )
+        self.link_bytes = Counter(
+            "minidasgi_node_link_bytes_total",
+            "Response body bytes written on links.",
+        )
         self.registry = Registry(
             [
                 self.requests,
                 self.failures,
+                self.links,
+                self.link_fallbacks,
+                self.link_bytes,
                 self.app_time,
                 Gauge(
                     "minidasgi_node_in_flight",

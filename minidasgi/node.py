@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import codec, collector, confirmation, eventloop, health, memo, metrics, stats, wire
+from . import codec, collector, confirmation, eventloop, health, link, memo, metrics, stats, wire
 from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .inbox import SharedInbox
@@ -238,6 +238,9 @@ class Node:
         self.recovery = confirmation.RecoveryWindow()  # popped requests to have confirmed
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop serve() runs in
         self.credit_pool = wire.CreditPool()  # bounds what distributors may have sent us unread
+        # Link addresses (``host:port``) that failed, with the monotonic time until which the
+        # body goes through Redis without trying them again (``link.UNREACHABLE_FOR``).
+        self.unreachable_links: dict[str, float] = {}
         self._owns_process = False  # run() rather than serve(): the collector is ours to tune
 
     def __repr__(self) -> str:
@@ -811,6 +814,8 @@ class Node:
                         job.ack_alone()
             finally:
                 job.received.close()
+                if job.link is not None:
+                    job.link.abort()  # closed already after a last frame: nothing more
                 del self._jobs[envelope.id]
                 if job.tracked:
                     self.peers.discard(job.reply, job.id)
@@ -828,6 +833,23 @@ class Node:
                 # request (its task ends in this very step).
                 self._requests.discard(task)
                 slots.release()
+
+    def link_unreachable(self, address: str) -> bool:
+        """Whether ``address`` failed less than ``link.UNREACHABLE_FOR`` seconds ago."""
+        until = self.unreachable_links.get(address)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self.unreachable_links[address]
+        return False
+
+    def remember_unreachable(self, address: str) -> None:
+        """``address`` failed: use Redis for its responses for a while (bounded table)."""
+        links = self.unreachable_links
+        if len(links) >= _MAX_UNREACHABLE and address not in links:
+            del links[next(iter(links))]  # the oldest
+        links[address] = time.monotonic() + link.UNREACHABLE_FOR
 
     def _ack_args(self, window: int) -> tuple[Any, ...]:
         """An ACK's first three arguments for a request of ``window``, kept by window: the
@@ -1112,6 +1134,10 @@ class _Job:
     stopped = False  # a WebSocket the Node closes as it stops (``close_for_stop``)
     _disconnect_code = 1000  # a WebSocket's, once its response is over (``_response_sent``)
     gone = False  # the distributor or client went away
+    link: link.LinkWriter | None = None  # the rest of the body goes on this (``_open_link``)
+    _link_offer = ""  # the distributor's offer (``wire.Envelope.link``)
+    _streamed = False  # a first body with more to come went through Redis
+    _link_tried = False
     acked = False  # the distributor may know this Node took the request
     told = False  # the distributor ended the request itself (a client disconnect)
     why = ""  # why the job ended early, for the GONE message
@@ -1186,6 +1212,9 @@ class _Job:
         if unit:  # a WebSocket's SENDs of the usual shape are written straight
             self._data = wire.WebSocketData(self.id, self.version)
         self._ack_send = envelope.ack_send  # the distributor reads ACK_SEND
+        if envelope.link:
+            self._link_offer = envelope.link
+            self._heartbeat = envelope.liveness if envelope.liveness > 0 else 1.0
         if confirm:  # in the recovery window (``confirmation``)
             self.confirmation = asyncio.get_running_loop().create_future()
 
@@ -1468,6 +1497,8 @@ class _Job:
         self.why = why
         self.confirm(False)
         self.window.abort(_Disconnected())
+        if self.link is not None:
+            self.link.abort()
         self._wake_receive(1006)
         if self.task is not None:
             asyncio.get_running_loop().call_later(_DISCONNECT_GRACE, self._cancel_task)
@@ -1484,6 +1515,8 @@ class _Job:
         self.gone = True
         self.why = why
         self.window.abort(_Disconnected())
+        if self.link is not None:
+            self.link.abort()
         self._wake_receive(1000)
 
     async def close_for_stop(self) -> None:
@@ -1519,6 +1552,8 @@ class _Job:
             self.gone = True
             self.why = why
             self.window.abort(_Disconnected())
+            if self.link is not None:
+                self.link.abort()
         self._cancel_task()
 
     def _cancel_task(self) -> None:
@@ -1608,6 +1643,17 @@ class _Job:
                 self.body_done = not more
                 # With trailers announced, the response completes with its last trailers.
                 complete = self.complete = not more and not self.trailers
+                if self.link is not None:
+                    await self._send_on_link(body, more)
+                    return
+                if more and self._link_offer and not self.trailers:
+                    # The first body with more to come goes through Redis (a small response
+                    # never pays for a link); the next ones on the link, if it opens.
+                    if not self._streamed:
+                        self._streamed = True
+                    elif not self._link_tried and await self._open_link():
+                        await self._send_on_link(body, more)
+                        return
                 size = self.piece
                 if len(body) <= size:  # one piece, nearly always
                     if not self._publish_at_once(body, more, complete):
@@ -1646,6 +1692,62 @@ class _Job:
                 self._in_send = False
             else:
                 sending.release()
+
+    async def _open_link(self) -> bool:
+        """Open a link to the distributor (bounded: ``link.open_link``) and tell it, through
+        Redis, that the body continues there. False, with nothing sent, when the offer is
+        not one, its address failed lately, or it cannot be opened now: the body goes on
+        through Redis."""
+        self._link_tried = True
+        node = self.node
+        offer = link.parse_offer(self._link_offer)
+        if offer is None:
+            return False
+        host, port, token = offer
+        address = f"{host}:{port}"
+        if node.link_unreachable(address):
+            node.metrics.link_fallbacks.inc()
+            return False
+        try:
+            writer = await link.open_link(host, port, token, self.id, heartbeat=self._heartbeat)
+        except (OSError, asyncio.TimeoutError, link.LinkError) as exc:
+            logger.warning(
+                "request %s: cannot open the link to the distributor at %s (%s); bodies to "
+                "it go through Redis for %g s",
+                self.id,
+                address,
+                exc or type(exc).__name__,
+                link.UNREACHABLE_FOR,
+            )
+            node.remember_unreachable(address)
+            node.metrics.link_fallbacks.inc()
+            return False
+        if self.gone:
+            writer.abort()
+            return False
+        self.link = writer
+        node.metrics.links.inc()
+        marker = {"type": "http.response.body", "body": b"", "more_body": True, "link": True}
+        await self._publish_events([marker], last=False)
+        return True
+
+    async def _send_on_link(self, body: bytes, more: bool) -> None:
+        """Write a body on the link; its last one ends the response (no trailers here)."""
+        writer = self.link
+        assert writer is not None
+        if self.gone:
+            writer.abort()
+            return
+        try:
+            await writer.send(body, more)
+        except (ConnectionError, OSError) as exc:
+            writer.abort()
+            self.stop_sending(f"its link to the distributor broke ({exc or type(exc).__name__})")
+            return
+        self.node.metrics.link_bytes.inc((), len(body))
+        if not more:
+            writer.close()
+            self._response_sent()
 
     async def _wait_to_send(self) -> None:
         """Wait for the turn to send, taken once this returns (give it back: ``_end_send``)."""
@@ -1868,6 +1970,7 @@ class _Job:
             and type(body) is bytes
             and len(body) < self.piece
             and bool(event.get("more_body", False))
+            and "link" not in event  # the link's marker travels alone
         )
 
     def _end_of_turn(self) -> None:
@@ -1908,6 +2011,9 @@ class _Job:
             return
         event = {"type": "http.response.body", "body": body, "more_body": True}
         self._post(wire.SEND, [event], lost=self._check_reached)
+
+
+_MAX_UNREACHABLE = 1024  # link addresses remembered as unreachable at most
 
 
 def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:

@@ -799,9 +799,19 @@ class Envelope:
         only the checks their reader leaves open (the same outcome: ``tests/test_envelopereader.py``
         compares the two, fuzzed): its expression admits only finite numbers of the right
         types, a dict scope, a list of one dict for the events, and no negative int."""
-        (deadline, scope, events, window, liveness, queued, piece, confirms, unit, ack_send, link) = (
-            fields
-        )
+        (
+            deadline,
+            scope,
+            events,
+            window,
+            liveness,
+            queued,
+            piece,
+            confirms,
+            unit,
+            ack_send,
+            link,
+        ) = fields
         if not (type(request_id) is str and 0 < len(request_id) <= 64):
             raise WireError("envelope id is not a short string")
         if not (type(reply) is str and 0 < len(reply) <= 256):
