@@ -380,6 +380,28 @@ def _build_parser() -> argparse.ArgumentParser:
         help="format written to Nodes: 3 (this release) or 1 (the first release, while "
         "Nodes of that release remain) [MINIDASGI_WIRE_FORMAT] (default: 3)",
     )
+    dist.add_argument(
+        "--link",
+        default=_env("LINK"),
+        metavar="HOST[:PORT]",
+        help="listen there for direct links from Nodes, which then send the rest of large "
+        "response bodies off Redis (port 0 or none: an ephemeral one; with --workers above 1, "
+        "only an ephemeral one) [MINIDASGI_LINK] (default: off)",
+    )
+    dist.add_argument(
+        "--link-advertise",
+        default=_env("LINK_ADVERTISE"),
+        metavar="HOST[:PORT]",
+        help="the address Nodes connect to for links, when the --link host is not reachable "
+        "as is (0.0.0.0, a container) [MINIDASGI_LINK_ADVERTISE] (default: the --link host)",
+    )
+    dist.add_argument(
+        "--link-plaintext",
+        action="store_true",
+        default=_flag("LINK_PLAINTEXT"),
+        help="allow plaintext links beside a TLS Redis (rediss://) "
+        "[MINIDASGI_LINK_PLAINTEXT] (default: off)",
+    )
 
     status = commands.add_parser(
         "status",
@@ -655,6 +677,21 @@ def _run_distributor(args: argparse.Namespace) -> int:
         raise CLIError("MINIDASGI_WIRE_FORMAT must be 1 or 3", EXIT_USAGE)
     if str(args.wire_format) != "3":
         config["wire_format"] = int(args.wire_format)
+    if args.link:
+        config["link"] = args.link
+        if args.link_advertise:
+            config["link_advertise"] = args.link_advertise
+        if args.link_plaintext:
+            config["link_plaintext"] = True
+        head, sep, port = args.link.rpartition(":")
+        fixed = sep and port.isdigit() and int(port) and (":" not in head or head.endswith("]"))
+        if args.workers > 1 and fixed:
+            raise CLIError(
+                f"--link {args.link} names a fixed port, but each of the --workers "
+                f"{args.workers} processes needs a listener of its own: give no port (or 0) "
+                "for an ephemeral one each",
+                EXIT_USAGE,
+            )
     try:
         app = _distributor(config)  # check the configuration here, once, with a clear message
     except (TypeError, ValueError, re.error) as exc:

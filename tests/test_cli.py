@@ -225,6 +225,10 @@ def test_bad_log_level_in_the_environment_is_a_usage_error(
         ["distributor", "--route", "(=K"],  # not a regular expression
         ["distributor", "--route", r"/(a)=K-\2"],  # no group 2
         ["distributor", "--key", "K", "--wire-format", "2"],  # only 1 and 3 are written
+        # each worker process needs a listener of its own: no fixed port with workers
+        ["distributor", "--key", "K", "--workers", "2", "--link", "127.0.0.1:7000"],
+        ["distributor", "--key", "K", "--link", "0.0.0.0"],  # where do Nodes connect?
+        ["distributor", "--key", "K", "--redis", "rediss://127.0.0.1:1", "--link", "127.0.0.1"],
     ],
 )
 def test_distributor_usage_errors_return_2(
@@ -878,3 +882,29 @@ def test_distributor_buffering_options(
     assert config["request_buffer_size"] == 0
     assert config["request_buffer_budget"] == 1000
     assert config["body_idle_timeout"] is None
+
+
+def test_distributor_link_options(uvicorn_runs: list[dict[str, Any]]) -> None:
+    argv = ["distributor", "--key", "K", "--link", "0.0.0.0:7001"]
+    assert main([*argv, "--link-advertise", "10.1.2.3", "--link-plaintext"]) == 0
+    distributor = uvicorn_runs[-1]["app"]
+    assert distributor._link_bind == ("0.0.0.0", 7001)
+    assert distributor._link_advertise == "10.1.2.3"
+    # With workers, an ephemeral port each (port 0 or none) is fine.
+    assert main(["distributor", "--key", "K", "--workers", "2", "--link", "127.0.0.1:0"]) == 0
+    assert uvicorn_runs[-1]["config"]["link"] == "127.0.0.1:0"
+    assert main(["distributor", "--key", "K"]) == 0
+    assert uvicorn_runs[-1]["app"]._link_bind is None
+
+
+def test_distributor_link_options_from_the_environment(
+    uvicorn_runs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINIDASGI_LINK", "0.0.0.0")
+    monkeypatch.setenv("MINIDASGI_LINK_ADVERTISE", "node-facing.example")
+    monkeypatch.setenv("MINIDASGI_LINK_PLAINTEXT", "1")
+    monkeypatch.setenv("MINIDASGI_REDIS_URL", "rediss://127.0.0.1:6393/1")
+    assert main(["distributor", "--key", "K"]) == 0  # TLS Redis: allowed by LINK_PLAINTEXT
+    distributor = uvicorn_runs[-1]["app"]
+    assert distributor._link_bind == ("0.0.0.0", 0)
+    assert distributor._link_advertise == "node-facing.example"
