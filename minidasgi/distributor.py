@@ -1877,6 +1877,12 @@ class _Exchange:
                 reader_of = None if reader is None else reader.reader(self.id)
                 if reader_of is not None:
                     reader_of.consumed(len(body))
+            elif self.linked and (kind == wire.DONE or kind == wire.GONE):
+                # The body's end travels on the link, behind frames a DONE or a GONE through
+                # Redis can overtake (the Node, done, answers a PING with "unknown"): the
+                # link's last frame ends the exchange, or its break (a Node whose app
+                # failed, or that gave the request up, drops its link).
+                continue
             elif kind == wire.DONE:
                 self.node_done = True
                 if self.kind == "websocket" and not self.started:

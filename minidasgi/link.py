@@ -74,6 +74,9 @@ FRAME_HEADER: Final = struct.Struct(">IB")  # the body's length, then its kind
 LAST: Final = 0  # the response's last body
 MORE: Final = 1  # a body, more to come
 HEARTBEAT: Final = 2  # nothing: the Node is there (length 0)
+ACCEPTED: Final = b"\x01"
+"""The listener's one byte back once a handshake is taken: a Node that does not get it
+(refused: too many links, a request not relayed there) sends its body through Redis."""
 MAX_FRAME: Final = 16 * 1024 * 1024
 HANDSHAKE_TIMEOUT: Final = 2.0
 CONNECT_TIMEOUT: Final = 2.0
@@ -289,6 +292,11 @@ class LinkReader(asyncio.BufferedProtocol):
         self.transport.pause_reading()  # nothing is read before the exchange takes it
         self._listener.arrived(self)
 
+    def accepted(self) -> None:
+        """Tell the Node its handshake was taken."""
+        if self.transport is not None:
+            self.transport.write(ACCEPTED)
+
     # -- the exchange's side
     def attach(
         self, on_frame: OnFrame, on_lost: OnEnd, on_silent: OnEnd, peer_timeout: float
@@ -451,6 +459,7 @@ class LinkListener:
         if expected is not None:
             expected[4].cancel()
             self._taken[request_id] = reader
+            reader.accepted()
             reader.attach(*expected[:4])
             return
         if len(self._waiting) >= MAX_WAITING:
@@ -458,6 +467,7 @@ class LinkListener:
             reader.close()
             return
         self._waiting[request_id] = reader
+        reader.accepted()
 
     def take(
         self,
@@ -525,7 +535,10 @@ class LinkWriter:
     room (``drain``); heartbeats while idle. ``close`` after the last frame; ``abort`` when
     the request ends otherwise (it wakes a ``send`` waiting for room)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, heartbeat: float) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, heartbeat: float
+    ) -> None:
+        self._reader = reader
         self._writer = writer
         self._transport = writer.transport
         self._transport.set_write_buffer_limits(high=_WRITE_HIGH)
@@ -576,10 +589,17 @@ class LinkWriter:
             max(self._heartbeat - idle, 0.01), self._beat
         )
 
-    def close(self) -> None:
-        """Close after what was written (the last frame) leaves."""
+    def close(self, linger: float = 10.0) -> None:
+        """After the last frame: the distributor closes the link once it read it; this side
+        closes when it sees that, or after ``linger`` seconds (a close from this side first
+        could lose the frame's tail in a middlebox that drops what it holds on a FIN)."""
         self._stop()
-        self._writer.close()
+        self._lingering = asyncio.ensure_future(self._linger(linger))
+
+    async def _linger(self, linger: float) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._reader.read(64), linger)
+        self._transport.close()
 
     def abort(self) -> None:
         """Drop the link now: the distributor sees it break (nothing after ``close``: what
@@ -609,16 +629,22 @@ async def open_link(
     seconds; ``OSError`` or ``asyncio.TimeoutError`` if that fails."""
     handshake = pack_handshake(token, request_id)
 
-    async def connect() -> asyncio.StreamWriter:
-        _, writer = await asyncio.open_connection(host, port)
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(host, port, limit=64)
         try:
             tune_socket(writer.get_extra_info("socket"))
             writer.write(handshake)
             await writer.drain()
+            try:
+                answer = await reader.readexactly(len(ACCEPTED))
+            except asyncio.IncompleteReadError:
+                raise ConnectionRefusedError("the distributor refused the link") from None
+            if answer != ACCEPTED:
+                raise LinkError("the distributor answered the link's handshake oddly")
         except BaseException:
             writer.transport.abort()
             raise
-        return writer
+        return reader, writer
 
-    writer = await asyncio.wait_for(connect(), timeout)
-    return LinkWriter(writer, heartbeat)
+    reader, writer = await asyncio.wait_for(connect(), timeout)
+    return LinkWriter(reader, writer, heartbeat)

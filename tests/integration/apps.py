@@ -403,3 +403,18 @@ def _lifespan_hanging_at(phase: str) -> Any:
 
 lifespan_hangs_at_startup = _lifespan_hanging_at("startup")
 lifespan_hangs_at_shutdown = _lifespan_hanging_at("shutdown")
+
+
+async def streamed(scope: Scope, receive: Any, send: Any) -> None:
+    """Sends ``?N`` bytes in 1 MiB chunks, chunked (no content-length: a body cut short
+    can end cleanly only if the relay ends it so), pausing 10 ms between chunks."""
+    if scope["type"] != "http":
+        return
+    size = int(scope["query_string"] or b"1000000")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    piece = b"y" * (1 << 20)
+    while size > 0:
+        chunk = piece[:size]
+        size -= len(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": size > 0})
+        await asyncio.sleep(0.01)

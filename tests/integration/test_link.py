@@ -29,10 +29,17 @@ MIB = 1 << 20
 KEY = "link-test"
 
 
-def _pattern(size: int) -> bytes:
-    """A body whose every MiB differs (a piece out of place changes the hash)."""
-    whole = b"".join(i.to_bytes(4, "big") * (MIB // 4) for i in range(size // MIB + 1))
-    return whole[:size]
+def _piece(start: int, size: int) -> bytes:
+    """The bytes of a test body from ``start``, ``size`` of them, within one MiB: each MiB of
+    it differs (a piece out of place changes the hash)."""
+    return ((start // MIB) & 0xFFFFFFFF).to_bytes(4, "big") * (size // 4) + b"z" * (size % 4)
+
+
+def _digest(size: int, chunk: int = MIB) -> str:
+    digest = hashlib.sha256()
+    for start in range(0, size, chunk):
+        digest.update(_piece(start, min(chunk, size - start)))
+    return digest.hexdigest()
 
 
 class Streamer:
@@ -50,11 +57,10 @@ class Streamer:
         if scope["type"] != "http":
             return
         size = int(scope["query_string"] or b"1")
-        body = _pattern(size)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             for start in range(0, size, self.chunk):
-                piece = body[start : start + self.chunk]
+                piece = _piece(start, min(self.chunk, size - start))
                 more = start + self.chunk < size
                 await send({"type": "http.response.body", "body": piece, "more_body": more})
                 self.sent += len(piece)
@@ -130,7 +136,7 @@ async def test_a_large_body_comes_whole_through_the_link(redis_server: RedisServ
     async with stack(redis_server, Streamer()) as (base, distributor, node):
         status, digest, got, clean = await _get(base, size)
         assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
-        assert digest == hashlib.sha256(_pattern(size)).hexdigest()
+        assert digest == _digest(size)
         assert node is not None
         assert node.metrics.links.get() == 1
         assert node.metrics.link_fallbacks.get() == 0
@@ -141,3 +147,110 @@ async def test_a_large_body_comes_whole_through_the_link(redis_server: RedisServ
         status, _, got, clean = await _get(base, 1000)
         assert (got, clean) == (1000, True)
         assert node.metrics.links.get() == 1
+
+
+async def test_an_unreachable_link_falls_back_to_redis_and_is_not_tried_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = free_port()  # nothing listens there: the connect is refused
+    tries: list[str] = []
+    real_open = link.open_link
+
+    async def counted(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        tries.append(f"{host}:{port}")
+        return await real_open(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(link, "open_link", counted)
+    size = 8 * MIB + 7
+    options = {"link_advertise": f"127.0.0.1:{closed}"}
+    async with stack(redis_server, Streamer(), **options) as (base, distributor, node):
+        assert node is not None
+        for attempt in (1, 2):
+            status, digest, got, clean = await _get(base, size)
+            assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
+            assert digest == _digest(size)
+            assert node.metrics.link_fallbacks.get() == attempt
+        assert node.metrics.links.get() == 0
+        # The second response did not try the address again (remembered for 30 s).
+        assert tries == [f"127.0.0.1:{closed}"]
+        assert f"127.0.0.1:{closed}" in node.unreachable_links
+        assert distributor.metrics.links.get() == 0
+
+
+async def test_a_link_stalled_both_ways_ends_the_exchange(redis_server: RedisServer) -> None:
+    # The link goes through a proxy that then stops relaying, as a stalled path or a NAT
+    # that forgot the flow does: no FIN, no RST, and Redis (PINGs) still works both ways.
+    port = free_port()
+    with FaultProxy(port) as proxy:
+        options = {"link": f"127.0.0.1:{port}", "link_advertise": f"127.0.0.1:{proxy.port}"}
+        app = Streamer(chunk=256 * 1024, pause=0.01)
+        async with stack(redis_server, app, **options) as (base, distributor, node):
+            assert node is not None
+
+            async def stall_once_linked() -> None:
+                await poll(lambda: node.metrics.link_bytes.get() > 2 * MIB, 10)
+                proxy.stall(up=True, down=True)
+
+            staller = asyncio.ensure_future(stall_once_linked())
+            size = 512 * MIB
+            started = time.monotonic()
+            status, _, got, clean = await asyncio.wait_for(_get(base, size), 20)
+            elapsed = time.monotonic() - started
+            await staller
+            assert status == b"HTTP/1.1 200 OK"
+            assert not clean and got < size  # aborted: the client sees the connection end
+            assert distributor.metrics.links.get() == 1
+            assert distributor.metrics.aborts.total() == 1
+            # The Node's app was stopped too (CANCEL through Redis), not left writing.
+            await asyncio.wait_for(app.ended.wait(), 10)
+            print(f"stalled link ended the exchange after {elapsed:.1f} s")
+
+
+async def test_a_node_killed_mid_body_aborts_the_response(redis_server: RedisServer) -> None:
+    distributor = create_distributor(
+        url=redis_server.url, key=KEY, link="127.0.0.1", liveness_interval=0.5, peer_timeout=30
+    )
+    # A peer_timeout of 30 s: only the link's end can end this exchange within the test's
+    # bound (the liveness check would take 30 s).
+    async with serve_app(distributor) as base:
+        with NodeProcess(redis_server.url, KEY, "apps:streamed") as process:
+            size = 1024 * MIB
+
+            async def kill_once_linked() -> None:
+                await poll(lambda: distributor.metrics.link_bytes_counter.get() > 4 * MIB, 10)
+                process.kill()
+
+            killer = asyncio.ensure_future(kill_once_linked())
+            status, _, got, clean = await asyncio.wait_for(_get(base, size), 15)
+            await killer
+            assert status == b"HTTP/1.1 200 OK"
+            assert not clean and 4 * MIB < got < size
+            assert distributor.metrics.links.get() == 1
+            assert distributor.metrics.aborts.total() == 1
+
+
+async def test_a_slow_client_does_not_trip_the_links_watchdog(redis_server: RedisServer) -> None:
+    # The client reads 24 MiB at about 6 MiB/s: the reader holds back reading the link for
+    # seconds at a time (past its 4 MiB), longer than the watchdog's 1 s ticks and the 2 s
+    # peer_timeout; the Node, blocked in drain(), writes no heartbeat through.
+    size = 24 * MIB
+    async with stack(redis_server, Streamer()) as (base, distributor, node):
+        status, digest, got, clean = await asyncio.wait_for(_get(base, size, read_pause=0.15), 30)
+        assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
+        assert digest == _digest(size)
+        assert distributor.metrics.links.get() == 1
+        assert distributor.metrics.aborts.total() == 0
+
+
+async def test_a_client_gone_mid_body_stops_the_node_sending(redis_server: RedisServer) -> None:
+    app = Streamer(pause=0.002)
+    size = 1024 * MIB
+    async with stack(redis_server, app) as (base, distributor, node):
+        assert node is not None
+        _, _, got, clean = await asyncio.wait_for(_get(base, size, stop_after=8 * MIB), 10)
+        assert not clean and got >= 8 * MIB
+        # The distributor closes the link as the exchange ends: the Node's next write fails,
+        # and the app's sends return without sending, as under uvicorn once the client is gone.
+        await asyncio.wait_for(app.ended.wait(), 20)
+        assert node.metrics.links.get() == 1
+        assert node.metrics.link_bytes.get() < size // 4
