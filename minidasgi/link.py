@@ -217,6 +217,9 @@ class LinkReader(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self._state == "closed":  # refused as it was accepted (``LinkListener._accept``)
+            transport.abort()
+            return
         tune_socket(transport.get_extra_info("socket"))
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_late)
@@ -434,9 +437,8 @@ class LinkListener:
     def _accept(self) -> LinkReader:
         reader = LinkReader(self)
         if len(self._handshaking) >= MAX_HANDSHAKING:
-            reader._state = "closed"
+            reader._state = "closed"  # closed as soon as connected
             self.refused(f"more than {MAX_HANDSHAKING} link handshakes in progress")
-            asyncio.get_running_loop().call_soon(reader.close)
             return reader
         self._handshaking.add(reader)
         return reader

@@ -245,7 +245,7 @@ async def test_a_slow_client_does_not_trip_the_links_watchdog(redis_server: Redi
 async def test_a_client_gone_mid_body_stops_the_node_sending(redis_server: RedisServer) -> None:
     app = Streamer(pause=0.002)
     size = 1024 * MIB
-    async with stack(redis_server, app) as (base, distributor, node):
+    async with stack(redis_server, app) as (base, _, node):
         assert node is not None
         _, _, got, clean = await asyncio.wait_for(_get(base, size, stop_after=8 * MIB), 10)
         assert not clean and got >= 8 * MIB
@@ -254,3 +254,86 @@ async def test_a_client_gone_mid_body_stops_the_node_sending(redis_server: Redis
         await asyncio.wait_for(app.ended.wait(), 20)
         assert node.metrics.links.get() == 1
         assert node.metrics.link_bytes.get() < size // 4
+
+
+# -- the listener is untrusted input ---------------------------------------------------------
+
+
+async def _closed_unanswered(port: int, send: bytes, timeout: float = 5.0) -> bool:
+    """Connect to the listener, send ``send``: True if it closes the connection without a
+    byte back (no ``link.ACCEPTED``), within ``timeout`` (else the test's bound fails it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if send:
+            writer.write(send)
+        answer = await asyncio.wait_for(reader.read(16), timeout)
+        return answer == b""
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+
+
+async def test_hostile_handshakes_are_closed_and_the_download_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    app = Streamer(pause=0.02)
+    async with stack(redis_server, app) as (base, distributor, node):
+        assert node is not None and distributor.link_port is not None
+        port = distributor.link_port
+        size = 48 * MIB
+        download = asyncio.ensure_future(_get(base, size))
+        assert await poll(lambda: bool(distributor._exchanges), 10)
+        (request_id,) = distributor._exchanges
+        token = distributor._link_token
+        wrong = bytes(b ^ 1 for b in token)
+        # A wrong token for the request in flight: closed, never taken for its link.
+        assert await _closed_unanswered(port, link.pack_handshake(wrong, request_id))
+        # Garbage of the handshake's size, and a handshake cut short then silent.
+        assert await _closed_unanswered(port, b"G" * link.HANDSHAKE_SIZE)
+        assert await _closed_unanswered(port, link.pack_handshake(token, request_id)[:50])
+        # The right token for a request not relayed here.
+        assert await _closed_unanswered(port, link.pack_handshake(token, "f" * 24))
+        # Nothing at all: closed once the handshake's 2 s are up.
+        assert await _closed_unanswered(port, b"")
+        status, digest, got, clean = await asyncio.wait_for(download, 30)
+        assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
+        assert digest == _digest(size)
+        assert distributor._link_listener is not None
+        assert distributor._link_listener.refusals == 5
+
+
+async def test_too_many_handshakes_are_refused_and_the_node_falls_back(
+    redis_server: RedisServer,
+) -> None:
+    async with stack(redis_server, Streamer()) as (base, distributor, node):
+        assert node is not None and distributor.link_port is not None
+        port = distributor.link_port
+        idle = []
+        try:
+            for _ in range(link.MAX_HANDSHAKING):
+                sock = socket.create_connection(("127.0.0.1", port))
+                idle.append(sock)
+            # One more is refused at once (the 64 are still within their 2 s).
+            assert await _closed_unanswered(port, b"", timeout=1.5)
+            # A Node's link is refused the same way: its body goes through Redis.
+            size = 8 * MIB
+            status, digest, got, clean = await asyncio.wait_for(_get(base, size), 20)
+            assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
+            assert digest == _digest(size)
+            assert node.metrics.link_fallbacks.get() == 1
+            assert node.metrics.links.get() == 0
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+async def test_an_app_pausing_mid_body_keeps_its_link(redis_server: RedisServer) -> None:
+    # 1.2 s between chunks, past the watchdog's 1 s ticks (peer_timeout 2 s): the Node's
+    # heartbeats keep the link alive through the app's pauses.
+    size = 3 * MIB
+    async with stack(redis_server, Streamer(pause=1.2)) as (base, distributor, _):
+        status, digest, got, clean = await asyncio.wait_for(_get(base, size), 20)
+        assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
+        assert digest == _digest(size)
+        assert distributor.metrics.links.get() == 1

@@ -1,0 +1,172 @@
+"""The link's sans-I/O parts: the offer, the handshake and frame headers (untrusted input,
+every size bounded), and the reader's backpressure and watchdog on a fake transport."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from minidasgi import link
+
+TOKEN = bytes(range(32))
+
+
+def test_an_offer_reads_back() -> None:
+    offer = link.make_offer("10.0.0.1", 4567, TOKEN)
+    assert link.parse_offer(offer) == ("10.0.0.1", 4567, TOKEN)
+    assert link.parse_offer(link.make_offer("[::1]", 80, TOKEN)) == ("::1", 80, TOKEN)
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        None,
+        7,
+        "",
+        "host:1",  # no token
+        "host:0:" + "00" * 32,  # port 0
+        "host:65536:" + "00" * 32,
+        "host:x:" + "00" * 32,
+        ":80:" + "00" * 32,  # no host
+        "host:80:" + "00" * 31,  # a short token
+        "host:80:" + "zz" * 32,  # not hex
+        "h" * 400 + ":80:" + "00" * 32,  # too long
+    ],
+)
+def test_what_is_not_an_offer(offer: Any) -> None:
+    assert link.parse_offer(offer) is None
+
+
+def test_a_handshake_reads_back_and_has_a_fixed_size() -> None:
+    data = link.pack_handshake(TOKEN, "abc123")
+    assert len(data) == link.HANDSHAKE_SIZE == 101
+    assert link.parse_handshake(data, TOKEN) == "abc123"
+    assert link.parse_handshake(link.pack_handshake(TOKEN, "i" * 64), TOKEN) == "i" * 64
+
+
+def _forged(size: int, raw: bytes, padding: bytes = b"") -> bytes:
+    data = link.MAGIC + TOKEN + bytes([size]) + raw + padding
+    return data.ljust(link.HANDSHAKE_SIZE, b"\0")[: link.HANDSHAKE_SIZE]
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (link.pack_handshake(bytes(32), "abc"), "wrong link token"),
+        (b"MDL2" + link.pack_handshake(TOKEN, "abc")[4:], "not a link handshake"),
+        (link.pack_handshake(TOKEN, "abc")[:-1], "not a link handshake"),
+        (link.pack_handshake(TOKEN, "abc") + b"\0", "not a link handshake"),
+        (_forged(0, b""), "malformed"),
+        (_forged(65, b"a" * 64), "malformed"),
+        (_forged(3, b"abc", b"trailing"), "malformed"),
+        (_forged(3, b"a\xffc"), "malformed"),
+        (_forged(3, b"a\nc"), "malformed"),
+    ],
+)
+def test_a_bad_handshake_is_refused(data: bytes, why: str) -> None:
+    with pytest.raises(link.LinkError, match=why):
+        link.parse_handshake(data, TOKEN)
+
+
+def test_frame_headers_are_bounded() -> None:
+    assert link.parse_frame_header(link.pack_frame_header(5, link.MORE)) == (5, link.MORE)
+    assert link.parse_frame_header(link.pack_frame_header(0, link.HEARTBEAT)) == (0, 2)
+    size = link.MAX_FRAME
+    assert link.parse_frame_header(link.pack_frame_header(size, link.LAST)) == (size, 0)
+    for header in (
+        link.pack_frame_header(size + 1, link.MORE),  # too large
+        link.pack_frame_header(1, link.HEARTBEAT),  # a heartbeat with a body
+        link.pack_frame_header(1, 3),  # an unknown kind
+    ):
+        with pytest.raises(link.LinkError):
+            link.parse_frame_header(header)
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+        self.aborted = False
+        self.written = b""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def write(self, data: Any) -> None:
+        self.written += bytes(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+
+def _feed(reader: link.LinkReader, data: bytes) -> None:
+    """What the loop does: bytes into the reader's buffers, in as many reads as they take."""
+    while data:
+        buffer = reader.get_buffer(-1)
+        size = min(len(buffer), len(data))
+        buffer[:size] = data[:size]
+        data = data[size:]
+        reader.buffer_updated(size)
+
+
+async def _attached(peer_timeout: float = 0.2) -> tuple[link.LinkReader, _Transport, list[Any]]:
+    events: list[Any] = []
+    listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
+    reader = listener._accept()
+    transport = _Transport()
+    reader.connection_made(transport)
+    _feed(reader, link.pack_handshake(TOKEN, "r1"))
+    assert transport.written == link.ACCEPTED and not transport.reading
+    listener.take(
+        "r1",
+        lambda body, more: events.append((len(body), more)),
+        lambda why: events.append(("lost", why)),
+        lambda why: events.append(("silent", why)),
+        peer_timeout,
+    )
+    assert transport.reading
+    return reader, transport, events
+
+
+async def test_the_reader_holds_back_past_its_bound_and_its_watchdog_waits() -> None:
+    reader, transport, events = await _attached()
+    piece = b"x" * (1 << 20)
+    for _ in range(4):
+        _feed(reader, link.pack_frame_header(len(piece), link.MORE) + piece)
+    assert events == [(1 << 20, True)] * 4
+    assert not transport.reading  # 4 MiB handed on, none consumed
+    await asyncio.sleep(0.5)  # silent for several watchdog ticks, while held back
+    assert events == [(1 << 20, True)] * 4 and not transport.aborted
+    reader.consumed(2 << 20)
+    assert transport.reading
+    _feed(reader, link.pack_frame_header(0, link.HEARTBEAT))
+    _feed(reader, link.pack_frame_header(3, link.LAST) + b"end")
+    assert events[-1] == (3, False)
+    assert transport.aborted  # closed after the last frame
+
+
+async def test_a_silent_link_is_reported_once() -> None:
+    _, transport, events = await _attached(peer_timeout=0.1)
+    await asyncio.sleep(0.4)
+    assert events == [("silent", "nothing heard on the worker's link for 0.05 s")]
+    assert transport.aborted
+
+
+async def test_a_bad_frame_breaks_the_link() -> None:
+    reader, transport, events = await _attached()
+    _feed(reader, link.pack_frame_header(1, 9))
+    assert events[0][0] == "lost" and transport.aborted
