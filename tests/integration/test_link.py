@@ -234,7 +234,7 @@ async def test_a_slow_client_does_not_trip_the_links_watchdog(redis_server: Redi
     # seconds at a time (past its 4 MiB), longer than the watchdog's 1 s ticks and the 2 s
     # peer_timeout; the Node, blocked in drain(), writes no heartbeat through.
     size = 24 * MIB
-    async with stack(redis_server, Streamer()) as (base, distributor, node):
+    async with stack(redis_server, Streamer()) as (base, distributor, _):
         status, digest, got, clean = await asyncio.wait_for(_get(base, size, read_pause=0.15), 30)
         assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
         assert digest == _digest(size)
