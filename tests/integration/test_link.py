@@ -78,9 +78,9 @@ async def stack(
     redis: RedisServer, app: Any, **options: Any
 ) -> AsyncIterator[tuple[str, Any, Node | None]]:
     options.setdefault("link", "127.0.0.1")
-    distributor = create_distributor(
-        url=redis.url, key=KEY, liveness_interval=0.2, peer_timeout=2.0, **options
-    )
+    options.setdefault("liveness_interval", 0.2)
+    options.setdefault("peer_timeout", 2.0)
+    distributor = create_distributor(url=redis.url, key=KEY, **options)
     async with serve_app(distributor) as base:
         if app is None:
             yield base, distributor, None
@@ -90,10 +90,17 @@ async def stack(
             yield base, distributor, node
 
 
-async def _get(base: str, size: int, *, read_pause: float = 0.0, stop_after: int = -1) -> Any:
+async def _get(
+    base: str, size: int, *, read_pause: float = 0.0, read_size: int = MIB, stop_after: int = -1
+) -> Any:
     """GET ``/?size`` on a raw socket: (status line, body hash, bytes read, ended cleanly)."""
     host, port = base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port), limit=MIB)
+    sock = socket.socket()
+    if read_size < MIB:  # a slow client's small window: the distributor's send waits
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, read_size)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=MIB)
     try:
         writer.write(f"GET /?{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -110,11 +117,16 @@ async def _get(base: str, size: int, *, read_pause: float = 0.0, stop_after: int
                 if length == 0:
                     await reader.readline()
                     return status, digest.hexdigest(), got, True
-                data = await asyncio.wait_for(reader.readexactly(length + 2), 10)
-                digest.update(data[:-2])
-                got += length
+                while length:  # in reads of ``read_size``, as a slow client takes them
+                    data = await asyncio.wait_for(reader.readexactly(min(length, read_size)), 10)
+                    digest.update(data)
+                    got += len(data)
+                    length -= len(data)
+                    if read_pause:
+                        await asyncio.sleep(read_pause)
+                await asyncio.wait_for(reader.readexactly(2), 10)
             else:
-                data = await asyncio.wait_for(reader.read(MIB), 10)
+                data = await asyncio.wait_for(reader.read(read_size), 10)
                 if not data:
                     return status, digest.hexdigest(), got, got == size
                 digest.update(data)
@@ -230,12 +242,16 @@ async def test_a_node_killed_mid_body_aborts_the_response(redis_server: RedisSer
 
 
 async def test_a_slow_client_does_not_trip_the_links_watchdog(redis_server: RedisServer) -> None:
-    # The client reads 24 MiB at about 6 MiB/s: the reader holds back reading the link for
-    # seconds at a time (past its 4 MiB), longer than the watchdog's 1 s ticks and the 2 s
-    # peer_timeout; the Node, blocked in drain(), writes no heartbeat through.
-    size = 24 * MIB
-    async with stack(redis_server, Streamer()) as (base, distributor, _):
-        status, digest, got, clean = await asyncio.wait_for(_get(base, size, read_pause=0.15), 30)
+    # The client reads about 2 MiB/s: once 4 MiB wait unsent, the reader holds back
+    # reading the link for about 0.5 s at a time (a 1 MiB frame's sending), longer than the
+    # watchdog's 0.3 s ticks (peer_timeout 0.6 s); the Node, blocked in drain(), writes no
+    # heartbeat through meanwhile.
+    size = 16 * MIB
+    options = {"peer_timeout": 0.6, "liveness_interval": 0.1}
+    async with stack(redis_server, Streamer(), **options) as (base, distributor, _):
+        status, digest, got, clean = await asyncio.wait_for(
+            _get(base, size, read_pause=0.03, read_size=64 * 1024), 30
+        )
         assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
         assert digest == _digest(size)
         assert distributor.metrics.links.get() == 1
