@@ -42,6 +42,26 @@ def _digest(size: int, chunk: int = MIB) -> str:
     return digest.hexdigest()
 
 
+class Gated:
+    """An app that sends its start and a first chunk, waits for ``release``, then streams
+    ``/?SIZE`` in all (its link is opened only after the release)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        size = int(scope["query_string"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": _piece(0, MIB), "more_body": True})
+        await asyncio.wait_for(self.release.wait(), 20)
+        for start in range(MIB, size, MIB):
+            piece = _piece(start, min(MIB, size - start))
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 class Streamer:
     """An app streaming ``/?SIZE`` bytes in 1 MiB chunks (``/slow?...``: pausing between
     chunks), recording what it saw (a disconnect, a cancel)."""
@@ -293,11 +313,11 @@ async def _closed_unanswered(port: int, send: bytes, timeout: float = 5.0) -> bo
 async def test_hostile_handshakes_are_closed_and_the_download_goes_on(
     redis_server: RedisServer,
 ) -> None:
-    app = Streamer(pause=0.02)
+    app = Gated()
     async with stack(redis_server, app) as (base, distributor, node):
         assert node is not None and distributor.link_port is not None
         port = distributor.link_port
-        size = 48 * MIB
+        size = 16 * MIB
         download = asyncio.ensure_future(_get(base, size))
         assert await poll(lambda: bool(distributor._exchanges), 10)
         (request_id,) = distributor._exchanges
@@ -312,11 +332,13 @@ async def test_hostile_handshakes_are_closed_and_the_download_goes_on(
         assert await _closed_unanswered(port, link.pack_handshake(token, "f" * 24))
         # Nothing at all: closed once the handshake's 2 s are up.
         assert await _closed_unanswered(port, b"")
+        app.release.set()  # the Node's own link, taken
         status, digest, got, clean = await asyncio.wait_for(download, 30)
         assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
         assert digest == _digest(size)
         assert distributor._link_listener is not None
         assert distributor._link_listener.refusals == 5
+        assert node.metrics.links.get() == 1
 
 
 async def test_too_many_handshakes_are_refused_and_the_node_falls_back(
@@ -345,10 +367,11 @@ async def test_too_many_handshakes_are_refused_and_the_node_falls_back(
 
 
 async def test_an_app_pausing_mid_body_keeps_its_link(redis_server: RedisServer) -> None:
-    # 1.2 s between chunks, past the watchdog's 1 s ticks (peer_timeout 2 s): the Node's
-    # heartbeats keep the link alive through the app's pauses.
+    # 1.1 s between chunks, more than two of the watchdog's 0.5 s ticks (peer_timeout 1 s):
+    # the Node's heartbeats keep the link alive through the app's pauses.
     size = 3 * MIB
-    async with stack(redis_server, Streamer(pause=1.2)) as (base, distributor, _):
+    options = {"peer_timeout": 1.0}
+    async with stack(redis_server, Streamer(pause=1.1), **options) as (base, distributor, _):
         status, digest, got, clean = await asyncio.wait_for(_get(base, size), 20)
         assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
         assert digest == _digest(size)
