@@ -245,7 +245,8 @@ class LinkReader(asyncio.BufferedProtocol):
                 self._filled = 0
                 return
             self._kind = kind
-            if size == 0:
+            if size == 0:  # an empty body (the app may send one): the next header follows
+                self._header()
                 self._frame(b"")
                 return
             self._state = "body"

@@ -617,9 +617,10 @@ class Envelope:
     bytes once its Node announces one too; 0 (absent) when it counts messages."""
     ack_send: bool = False
     """The distributor reads ``ACK_SEND``; False for older versions, which leave the key out."""
-    link: str = ""
+    link: str = field(default="", repr=False)
     """The distributor's link offer, ``host:port:token`` (``link``): the rest of a large
-    response body may come on a direct connection; "" (absent) when it offers none."""
+    response body may come on a direct connection; "" (absent) when it offers none. Not in
+    the repr: the token is a secret."""
     asgi: bool = field(default=False, compare=False, repr=False)
     """The scope's header pairs, server and client are tuples already, as an ASGI server
     gives them (``decode(..., asgi=True)`` read it by ``envelopereader``); not on the wire."""

@@ -1185,3 +1185,4 @@ def test_the_link_offer_travels_by_both_paths_alike() -> None:
         data = value.encode()
         assert data == value._encode_generally()
         assert wire.Envelope.decode(data).link == link
+        assert "ab" * 32 not in repr(value)  # the token is a secret

@@ -117,6 +117,7 @@ def _feed(reader: link.LinkReader, data: bytes) -> None:
     """What the loop does: bytes into the reader's buffers, in as many reads as they take."""
     while data:
         buffer = reader.get_buffer(-1)
+        assert len(buffer), "get_buffer() returned an empty buffer"  # asyncio's fatal error
         size = min(len(buffer), len(data))
         buffer[:size] = data[:size]
         data = data[size:]
@@ -157,6 +158,14 @@ async def test_the_reader_holds_back_past_its_bound_and_its_watchdog_waits() -> 
     _feed(reader, link.pack_frame_header(3, link.LAST) + b"end")
     assert events[-1] == (3, False)
     assert transport.aborted  # closed after the last frame
+
+
+async def test_empty_frames_are_bodies_too() -> None:
+    reader, transport, events = await _attached()
+    _feed(reader, link.pack_frame_header(0, link.MORE))
+    _feed(reader, link.pack_frame_header(2, link.MORE) + b"ab")
+    _feed(reader, link.pack_frame_header(0, link.LAST))
+    assert events == [(0, True), (2, True), (0, False)]
 
 
 async def test_a_silent_link_is_reported_once() -> None:
