@@ -197,8 +197,12 @@ class LinkReader(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.request_id = ""
         self._state = "handshake"  # handshake, waiting, header, body, done, closed
-        self._buffer = bytearray(HANDSHAKE_SIZE)
-        self._view = memoryview(self._buffer)
+        # What is being read: ``_view`` (the handshake, a header, or a body within
+        # ``_bodies``, kept from frame to frame: a fresh buffer per frame is a fresh mapping,
+        # and page faults, for each), ``_filled`` bytes of it so far.
+        self._view = memoryview(bytearray(HANDSHAKE_SIZE))
+        self._header_view = memoryview(bytearray(FRAME_HEADER.size))
+        self._bodies = memoryview(bytearray(0))
         self._filled = 0
         self._kind = MORE
         self._timer: asyncio.TimerHandle | None = None
@@ -230,14 +234,14 @@ class LinkReader(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._heard = True
         self._filled += nbytes
-        if self._filled < len(self._buffer):
+        if self._filled < len(self._view):
             return
         state = self._state
         if state == "handshake":
             self._handshake_done()
         elif state == "header":
             try:
-                size, kind = parse_frame_header(self._buffer)
+                size, kind = parse_frame_header(self._view)
             except LinkError as exc:
                 self._lost(str(exc))
                 return
@@ -250,11 +254,12 @@ class LinkReader(asyncio.BufferedProtocol):
                 self._frame(b"")
                 return
             self._state = "body"
-            self._buffer = bytearray(size)
-            self._view = memoryview(self._buffer)
+            if len(self._bodies) < size:
+                self._bodies = memoryview(bytearray(size))
+            self._view = self._bodies[:size]
             self._filled = 0
         elif state == "body":
-            body = bytes(self._buffer)
+            body = bytes(self._view)
             self._header()
             self._frame(body)
 
@@ -285,7 +290,7 @@ class LinkReader(asyncio.BufferedProtocol):
         self._stop_timer()
         self._listener.handshaken(self)
         try:
-            request_id = parse_handshake(bytes(self._buffer), self._listener.token)
+            request_id = parse_handshake(bytes(self._view), self._listener.token)
         except LinkError as exc:
             self._listener.refused(str(exc))
             self.close()
@@ -337,8 +342,7 @@ class LinkReader(asyncio.BufferedProtocol):
     # -- frames
     def _header(self) -> None:
         self._state = "header"
-        self._buffer = bytearray(FRAME_HEADER.size)
-        self._view = memoryview(self._buffer)
+        self._view = self._header_view
         self._filled = 0
 
     def _frame(self, body: bytes) -> None:
