@@ -161,7 +161,7 @@ async def test_the_reader_holds_back_past_its_bound_and_its_watchdog_waits() -> 
 
 
 async def test_empty_frames_are_bodies_too() -> None:
-    reader, transport, events = await _attached()
+    reader, _, events = await _attached()
     _feed(reader, link.pack_frame_header(0, link.MORE))
     _feed(reader, link.pack_frame_header(2, link.MORE) + b"ab")
     _feed(reader, link.pack_frame_header(0, link.LAST))
