@@ -1097,6 +1097,7 @@ class _Exchange:
     _first: tuple[str, Any] | None = None  # that message, if it came with the ACK (ACK_SEND)
     _released = False  # whether the credits went back to the pool with no window made
     linked = False  # the rest of the body comes on a link (``minidasgi.link``)
+    link_done = False  # its last frame has been read (it is in the inbox)
 
     def __init__(
         self,
@@ -1683,9 +1684,13 @@ class _Exchange:
                 self.complete = self.node_done = True
                 return
             elif item is _PEER_LOST:
+                if self.link_done:  # the rest of the response is in the inbox already
+                    continue
                 await self._fail(502, "lost contact with the worker\n")
                 return
             elif item is _PEER_SILENT:
+                if self.link_done:
+                    continue
                 logger.warning(
                     "request %s: nothing heard from its worker for %g s",
                     self.id,
@@ -1916,6 +1921,10 @@ class _Exchange:
         request_id = self.id
 
         def on_frame(body: bytes, more: bool) -> None:
+            if not more:
+                # The whole response is in hand, in the inbox: the Node may go now (a
+                # graceful stop), and its loss must not abort what remains to be relayed.
+                self.link_done = True
             put((_LINK_BODY, (body, more)))
 
         def on_lost(why: str) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "HANDSHAKE_TIMEOUT",
     "HEARTBEAT",
     "LAST",
+    "LINGER",
     "MAX_FRAME",
     "MAX_HANDSHAKING",
     "MAX_WAITING",
@@ -83,6 +84,9 @@ CONNECT_TIMEOUT: Final = 2.0
 MAX_HANDSHAKING: Final = 64
 MAX_WAITING: Final = 256
 READ_HIGH: Final = 4 * 1024 * 1024
+LINGER: Final = 10.0
+"""Seconds at most the Node's job waits, after its last frame, for the distributor to close
+the link (it does once it has read that frame): the job, and so a graceful stop, waits."""
 UNREACHABLE_FOR: Final = 30.0
 """Seconds a Node remembers an offered address it could not reach (it uses Redis meanwhile)."""
 _REFUSAL_LOG_INTERVAL: Final = 10.0
@@ -554,6 +558,7 @@ class LinkWriter:
         loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = loop.call_later(heartbeat, self._beat)
         self.closed = False
+        self.ended = False  # its last frame is written (``close``)
         self.bytes = 0
 
     def __repr__(self) -> str:
@@ -596,17 +601,23 @@ class LinkWriter:
             max(self._heartbeat - idle, 0.01), self._beat
         )
 
-    def close(self, linger: float = 10.0) -> None:
-        """After the last frame: the distributor closes the link once it read it; this side
-        closes when it sees that, or after ``linger`` seconds (a close from this side first
-        could lose the frame's tail in a middlebox that drops what it holds on a FIN)."""
+    def close(self) -> None:
+        """After the last frame: no more heartbeats. The link itself stays open until
+        ``linger`` sees the distributor close it (a close from this side first could lose the
+        frame's tail in a middlebox that drops what it holds on a FIN)."""
         self._stop()
-        self._lingering = asyncio.ensure_future(self._linger(linger))
+        self.ended = True
 
-    async def _linger(self, linger: float) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._reader.read(64), linger)
-        self._transport.close()
+    async def linger(self, timeout: float = LINGER) -> None:
+        """Wait, at most ``timeout`` seconds, for the distributor to close the link once it
+        read the last frame, then close this side (what is left to write still leaves). The
+        Node's job awaits this, so a graceful stop waits for it as for any request."""
+        try:
+            await asyncio.wait_for(self._reader.read(64), timeout)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._transport.close()
 
     def abort(self) -> None:
         """Drop the link now: the distributor sees it break (nothing after ``close``: what

@@ -812,6 +812,11 @@ class Node:
                     # request never ran, and its client would get the no-worker answer.
                     if job.unsent_ack is not None:
                         job.ack_alone()
+                if job.link is not None and job.link.ended:
+                    # The response's tail may still be on its way through the link: the job
+                    # (counted in flight, answering PINGs) lasts until the distributor has
+                    # read it and closes the link, bounded (``link.LINGER``).
+                    await job.link.linger()
             finally:
                 job.received.close()
                 if job.link is not None:
@@ -1070,11 +1075,15 @@ class Node:
                 if job is not None:
                     job.peer_lost(f"nothing heard from the distributor for {self.peer_timeout:g} s")
         for channel, request_ids in self.peers.peers():
-            # A job that finished or already gave up needs nothing from its distributor.
+            # A job that finished or already gave up needs nothing from its distributor; one
+            # whose link lingers (``link.LinkWriter.linger``) is still heard from, so that its
+            # distributor relays the link's tail rather than give the Node up.
             live = [
                 i
                 for i in request_ids
-                if (job := self._jobs.get(i)) and not job.gone and not job.finished
+                if (job := self._jobs.get(i))
+                and not job.gone
+                and (not job.finished or job.link is not None)
             ]
             if live and channel not in self._pinging:
                 # Not awaited: a PING stuck on a stalled link must not stop the checks.

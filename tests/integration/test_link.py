@@ -376,3 +376,37 @@ async def test_an_app_pausing_mid_body_keeps_its_link(redis_server: RedisServer)
         assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
         assert digest == _digest(size)
         assert distributor.metrics.links.get() == 1
+
+
+async def test_a_graceful_node_stop_lets_a_slow_client_read_its_whole_download(
+    redis_server: RedisServer,
+) -> None:
+    """A rolling deploy: the Node is stopped gracefully once its app sent the last body of a
+    24 MiB download a slower client still reads. The job lasts until the distributor read the
+    link's last frame (so the stop waits for it), and the distributor, with the response in
+    hand, does not abort it when it loses the Node: the client gets every byte."""
+    app = Streamer()
+    size = 24 * MIB
+    distributor = create_distributor(
+        url=redis_server.url, key=KEY, link="127.0.0.1", liveness_interval=0.2, peer_timeout=2.0
+    )
+    async with serve_app(distributor) as base:
+        node = Node(
+            url=redis_server.url, key=KEY, app=app, liveness_interval=0.2, peer_timeout=2.0
+        )
+        serving = asyncio.ensure_future(node.serve())
+        try:
+            await asyncio.wait_for(node.wait_started(), 10)
+            download = asyncio.ensure_future(
+                _get(base, size, read_pause=0.02, read_size=64 * 1024)
+            )
+            await asyncio.wait_for(app.ended.wait(), 30)
+            node.stop()  # graceful, as on SIGTERM
+            await asyncio.wait_for(serving, 30)
+            status, digest, got, clean = await asyncio.wait_for(download, 40)
+        finally:
+            serving.cancel()
+        assert node.metrics.links.total() == 1
+        assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
+        assert digest == _digest(size)
+        assert distributor.metrics.aborts.total() == 0
