@@ -554,8 +554,10 @@ class Distributor:
                 self.metrics.aborted(key)
             exchange.close_window()
             del self._exchanges[exchange.id]
-            if exchange.linked:
-                exchange.unlink()
+            if self._link_listener is not None:
+                # Linked or not: a link that arrived for it, its marker not yet read (the
+                # client gone, a timeout), is closed now rather than at its wait's end.
+                self._link_listener.discard(exchange.id)
             if not exchange.inbox.empty():  # seldom: an ACK came too late, or a signal
                 exchange.cancel_late_acks()
             if exchange.tracked:
@@ -1936,12 +1938,6 @@ class _Exchange:
             put(_LINK_BROKEN)
 
         listener.take(request_id, on_frame, on_lost, on_silent, d.peer_timeout)
-
-    def unlink(self) -> None:
-        """The exchange ended: close its link, whatever its state."""
-        listener = self.distributor._link_listener
-        if listener is not None:
-            listener.discard(self.id)
 
     async def _send_by(self, event: Message, deadline: float, *, final: bool = False) -> None:
         """Send ``event`` to the client by ``deadline`` (``response_timeout``'s, the loop's

@@ -53,6 +53,7 @@ __all__ = [
     "MORE",
     "READ_HIGH",
     "TOKEN_SIZE",
+    "WAIT_TIMEOUT",
     "LinkError",
     "LinkListener",
     "LinkReader",
@@ -84,6 +85,10 @@ CONNECT_TIMEOUT: Final = 2.0
 MAX_HANDSHAKING: Final = 64
 MAX_WAITING: Final = 256
 READ_HIGH: Final = 4 * 1024 * 1024
+WAIT_TIMEOUT: Final = 10.0
+"""Seconds at most an accepted link waits for its exchange to take it (its marker, published
+by the Node right after the handshake's answer, one Redis round trip later): then closed, its
+slot freed (a Node that died in between, a marker lost, an exchange that ended first)."""
 LINGER: Final = 10.0
 """Seconds at most the Node's job waits, after its last frame, for the distributor to close
 the link (it does once it has read that frame): the job, and so a graceful stop, waits."""
@@ -310,6 +315,19 @@ class LinkReader(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.write(ACCEPTED)
 
+    def wait_for_take(self, timeout: float) -> None:
+        """Held until its exchange takes it: closed if that does not happen in ``timeout``
+        seconds (its reading is paused, so a Node's FIN is not seen meanwhile)."""
+        self._stop_timer()
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._not_taken)
+
+    def _not_taken(self) -> None:
+        self._timer = None
+        if self._state == "waiting":
+            self._listener.refused("a link's request did not take it in time")
+            self._listener.forget(self)
+            self.close()
+
     # -- the exchange's side
     def attach(
         self, on_frame: OnFrame, on_lost: OnEnd, on_silent: OnEnd, peer_timeout: float
@@ -318,6 +336,7 @@ class LinkReader(asyncio.BufferedProtocol):
         self._on_frame, self._on_lost, self._on_silent = on_frame, on_lost, on_silent
         if self._state != "waiting":
             return
+        self._stop_timer()
         self._header()
         self._watch_every = max(peer_timeout / 2, 0.05)
         self._heard = True
@@ -417,6 +436,7 @@ class LinkListener:
         self._expected: dict[str, tuple[OnFrame, OnEnd, OnEnd, float, asyncio.TimerHandle]] = {}
         self._refusal_logged = -_REFUSAL_LOG_INTERVAL
         self.refusals = 0
+        self.wait_timeout = WAIT_TIMEOUT
 
     def __repr__(self) -> str:
         return f"<LinkListener {self.host}:{self.port} waiting={len(self._waiting)}>"
@@ -479,6 +499,7 @@ class LinkListener:
             return
         self._waiting[request_id] = reader
         reader.accepted()
+        reader.wait_for_take(self.wait_timeout)
 
     def take(
         self,

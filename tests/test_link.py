@@ -179,3 +179,50 @@ async def test_a_bad_frame_breaks_the_link() -> None:
     reader, transport, events = await _attached()
     _feed(reader, link.pack_frame_header(1, 9))
     assert events[0][0] == "lost" and transport.aborted
+
+
+async def _handshaken(port: int, request_id: str) -> tuple[bytes, asyncio.StreamWriter]:
+    """A real connection to a listener with a valid handshake: (its answer, the writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(link.pack_handshake(TOKEN, request_id))
+    answer = await asyncio.wait_for(reader.read(1), 5)
+    return answer, writer
+
+
+async def test_links_whose_marker_never_comes_are_closed_and_free_their_slots() -> None:
+    """Accepted links that their exchange never takes (the Node gone between its handshake
+    and its marker, the exchange ended first) fill every waiting slot; past their wait they
+    are closed and freed, and a Node's link is accepted again."""
+    listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
+    listener.wait_timeout = 0.5
+    await listener.start()
+    try:
+        writers = []
+        for i in range(link.MAX_WAITING):
+            answer, writer = await _handshaken(listener.port, f"req-{i}")
+            assert answer == link.ACCEPTED
+            writers.append(writer)
+            if i % 2:  # the Node went away: an RST or a FIN the paused reader does not see
+                writer.transport.abort()
+            else:
+                writer.close()
+        answer, late = await _handshaken(listener.port, "one-too-many")
+        assert answer == b""  # every slot taken
+        late.close()
+        await poll(lambda: not listener._waiting, 10)
+        answer, writer = await _handshaken(listener.port, "legit")
+        assert answer == link.ACCEPTED
+        writer.close()
+        # An exchange that ends before taking its link closes it at once (``discard``).
+        listener.discard("legit")
+        assert not listener._waiting
+    finally:
+        listener.close()
+
+
+async def poll(check: Any, timeout: float) -> None:
+    async def until() -> None:
+        while not check():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(until(), timeout)
