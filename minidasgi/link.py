@@ -330,15 +330,23 @@ class LinkReader(asyncio.BufferedProtocol):
 
     # -- the exchange's side
     def attach(
-        self, on_frame: OnFrame, on_lost: OnEnd, on_silent: OnEnd, peer_timeout: float
+        self,
+        on_frame: OnFrame,
+        on_lost: OnEnd,
+        on_silent: OnEnd,
+        peer_timeout: float,
+        heartbeat: float = 0.0,
     ) -> None:
-        """Hand the frames to their exchange from now on."""
+        """Hand the frames to their exchange from now on. The watchdog ticks every half
+        ``peer_timeout``, or every two ``heartbeat`` intervals (the Node's, the distributor's
+        ``liveness_interval``) if longer: a tick always spans a heartbeat, so settings the
+        liveness checks take never make it kill a healthy link whose app pauses."""
         self._on_frame, self._on_lost, self._on_silent = on_frame, on_lost, on_silent
         if self._state != "waiting":
             return
         self._stop_timer()
         self._header()
-        self._watch_every = max(peer_timeout / 2, 0.05)
+        self._watch_every = max(peer_timeout / 2, 2 * heartbeat, 0.05)
         self._heard = True
         self._timer = asyncio.get_running_loop().call_later(self._watch_every, self._watch)
         assert self.transport is not None
@@ -433,7 +441,9 @@ class LinkListener:
         self._handshaking: set[LinkReader] = set()
         self._waiting: dict[str, LinkReader] = {}  # handshaken, not yet taken
         self._taken: dict[str, LinkReader] = {}
-        self._expected: dict[str, tuple[OnFrame, OnEnd, OnEnd, float, asyncio.TimerHandle]] = {}
+        self._expected: dict[
+            str, tuple[OnFrame, OnEnd, OnEnd, float, float, asyncio.TimerHandle]
+        ] = {}
         self._refusal_logged = -_REFUSAL_LOG_INTERVAL
         self.refusals = 0
         self.wait_timeout = WAIT_TIMEOUT
@@ -457,7 +467,7 @@ class LinkListener:
         for reader in [*self._handshaking, *self._waiting.values(), *self._taken.values()]:
             reader.close()
         for expected in self._expected.values():
-            expected[4].cancel()
+            expected[-1].cancel()
         self._handshaking.clear()
         self._waiting.clear()
         self._taken.clear()
@@ -488,10 +498,10 @@ class LinkListener:
             return
         expected = self._expected.pop(request_id, None)
         if expected is not None:
-            expected[4].cancel()
+            expected[-1].cancel()
             self._taken[request_id] = reader
             reader.accepted()
-            reader.attach(*expected[:4])
+            reader.attach(*expected[:-1])
             return
         if len(self._waiting) >= MAX_WAITING:
             self.refused(f"more than {MAX_WAITING} links waiting for their requests")
@@ -508,9 +518,11 @@ class LinkListener:
         on_lost: OnEnd,
         on_silent: OnEnd,
         peer_timeout: float,
+        heartbeat: float = 0.0,
     ) -> bool:
         """The exchange ``request_id`` reached its marker: its link's frames go to these
-        callbacks, now if it came, else once it does. True if it had come."""
+        callbacks, now if it came, else once it does (``LinkReader.attach``). True if it had
+        come."""
         reader = self._waiting.pop(request_id, None)
         if reader is None:
             # The Node connected before it sent the marker: its handshake is on its way,
@@ -518,10 +530,17 @@ class LinkListener:
             timer = asyncio.get_running_loop().call_later(
                 peer_timeout, self._never_came, request_id
             )
-            self._expected[request_id] = (on_frame, on_lost, on_silent, peer_timeout, timer)
+            self._expected[request_id] = (
+                on_frame,
+                on_lost,
+                on_silent,
+                peer_timeout,
+                heartbeat,
+                timer,
+            )
             return False
         self._taken[request_id] = reader
-        reader.attach(on_frame, on_lost, on_silent, peer_timeout)
+        reader.attach(on_frame, on_lost, on_silent, peer_timeout, heartbeat)
         return True
 
     def _never_came(self, request_id: str) -> None:
@@ -536,7 +555,7 @@ class LinkListener:
         """The exchange ended: close its link, whatever its state."""
         expected = self._expected.pop(request_id, None)
         if expected is not None:
-            expected[4].cancel()
+            expected[-1].cancel()
         for table in (self._waiting, self._taken):
             reader = table.pop(request_id, None)
             if reader is not None:

@@ -124,7 +124,9 @@ def _feed(reader: link.LinkReader, data: bytes) -> None:
         reader.buffer_updated(size)
 
 
-async def _attached(peer_timeout: float = 0.2) -> tuple[link.LinkReader, _Transport, list[Any]]:
+async def _attached(
+    peer_timeout: float = 0.2, heartbeat: float = 0.0
+) -> tuple[link.LinkReader, _Transport, list[Any]]:
     events: list[Any] = []
     listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
     reader = listener._accept()
@@ -138,6 +140,7 @@ async def _attached(peer_timeout: float = 0.2) -> tuple[link.LinkReader, _Transp
         lambda why: events.append(("lost", why)),
         lambda why: events.append(("silent", why)),
         peer_timeout,
+        heartbeat,
     )
     assert transport.reading
     return reader, transport, events
@@ -226,3 +229,17 @@ async def poll(check: Any, timeout: float) -> None:
             await asyncio.sleep(0.02)
 
     await asyncio.wait_for(until(), timeout)
+
+
+async def test_heartbeats_as_rare_as_the_liveness_checks_allow_keep_the_link() -> None:
+    """``liveness_interval`` 0.15 s with ``peer_timeout`` 0.2 s (settings the liveness checks
+    take): the Node's heartbeats, one per 0.15 s, must not let a watchdog tick pass unheard.
+    The tick spans two heartbeat intervals, so the link lives while its app pauses."""
+    reader, transport, events = await _attached(peer_timeout=0.2, heartbeat=0.15)
+    for _ in range(8):  # 1.2 s of an app pausing, the Node beating as it does
+        await asyncio.sleep(0.15)
+        assert not transport.aborted, events
+        _feed(reader, link.pack_frame_header(0, link.HEARTBEAT))
+    _feed(reader, link.pack_frame_header(3, link.LAST) + b"end")
+    assert events == [(3, False)]
+    assert reader._watch_every >= 2 * 0.15
