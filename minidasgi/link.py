@@ -55,6 +55,7 @@ __all__ = [
     "TOKEN_SIZE",
     "WAIT_TIMEOUT",
     "LinkError",
+    "LinkRefused",
     "LinkListener",
     "LinkReader",
     "LinkWriter",
@@ -102,6 +103,11 @@ _USER_TIMEOUT_MS: Final = (_KEEPIDLE + _KEEPINTVL * _KEEPCNT) * 1000
 
 class LinkError(ValueError):
     """A handshake, frame or offer that breaks the link's format."""
+
+
+class LinkRefused(ConnectionError):
+    """The listener was reached but closed the link without taking it (its limits, a
+    request it does not relay, a reset): the address works, only this link is refused."""
 
 
 def make_offer(host: str, port: int, token: bytes) -> str:
@@ -684,19 +690,21 @@ async def open_link(
     timeout: float = CONNECT_TIMEOUT,
 ) -> LinkWriter:
     """Connect to a distributor's listener and send the handshake, within ``timeout``
-    seconds; ``OSError`` or ``asyncio.TimeoutError`` if that fails."""
+    seconds; ``LinkRefused`` if the listener closes it unanswered, else ``OSError`` or
+    ``asyncio.TimeoutError`` if that fails."""
     handshake = pack_handshake(token, request_id)
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection(host, port, limit=64)
         try:
             tune_socket(writer.get_extra_info("socket"))
-            writer.write(handshake)
-            await writer.drain()
             try:
+                writer.write(handshake)
+                await writer.drain()
                 answer = await reader.readexactly(len(ACCEPTED))
-            except asyncio.IncompleteReadError:
-                raise ConnectionRefusedError("the distributor refused the link") from None
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                # Connected, then closed or reset before the answer: a refusal.
+                raise LinkRefused(f"the distributor refused the link ({exc!r})") from None
             if answer != ACCEPTED:
                 raise LinkError("the distributor answered the link's handshake oddly")
         except BaseException:

@@ -1719,6 +1719,12 @@ class _Job:
             return False
         try:
             writer = await link.open_link(host, port, token, self.id, heartbeat=self._heartbeat)
+        except link.LinkRefused as exc:
+            # The listener is there and refused this one link (its limits, a reset): this
+            # body goes through Redis, the next response tries again (the listener logs it).
+            logger.debug("request %s: the distributor refused its link: %s", self.id, exc)
+            node.metrics.link_fallbacks.inc()
+            return False
         except (OSError, asyncio.TimeoutError, link.LinkError) as exc:
             logger.warning(
                 "request %s: cannot open the link to the distributor at %s (%s); bodies to "

@@ -364,6 +364,12 @@ async def test_too_many_handshakes_are_refused_and_the_node_falls_back(
         finally:
             for sock in idle:
                 sock.close()
+        # A refusal is not an unreachable address: the next response takes the link.
+        assert not node.unreachable_links
+        assert await poll(lambda: not distributor._link_listener._handshaking, 5)
+        status, digest, got, clean = await asyncio.wait_for(_get(base, size), 20)
+        assert (status, got, clean, digest) == (b"HTTP/1.1 200 OK", size, True, _digest(size))
+        assert node.metrics.links.get() == 1
 
 
 async def test_an_app_pausing_mid_body_keeps_its_link(redis_server: RedisServer) -> None:
