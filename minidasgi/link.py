@@ -51,6 +51,8 @@ __all__ = [
     "MAX_HANDSHAKING",
     "MAX_WAITING",
     "MORE",
+    "PIECE",
+    "READ_BUDGET",
     "READ_HIGH",
     "TOKEN_SIZE",
     "WAIT_TIMEOUT",
@@ -86,6 +88,13 @@ CONNECT_TIMEOUT: Final = 2.0
 MAX_HANDSHAKING: Final = 64
 MAX_WAITING: Final = 256
 READ_HIGH: Final = 4 * 1024 * 1024
+READ_BUDGET: Final = 64 * 1024 * 1024
+"""Bytes at most handed on and not yet consumed across all the links of one listener: past
+it, every link that hands on more pauses its reading (and its watchdog) until the total is
+below it again (as the credit pool bounds what comes through Redis)."""
+PIECE: Final = 1024 * 1024
+"""A frame's body is handed on in pieces of at most this size: the reader's buffer (kept from
+frame to frame) never exceeds it, whatever a frame's size (up to ``MAX_FRAME``)."""
 WAIT_TIMEOUT: Final = 10.0
 """Seconds at most an accepted link waits for its exchange to take it (its marker, published
 by the Node right after the handshake's answer, one Redis round trip later): then closed, its
@@ -220,6 +229,7 @@ class LinkReader(asyncio.BufferedProtocol):
         self._bodies = memoryview(bytearray(0))
         self._filled = 0
         self._kind = MORE
+        self._remaining = 0  # of the frame's body, not yet handed on
         self._timer: asyncio.TimerHandle | None = None
         self._on_frame: OnFrame | None = None
         self._on_lost: OnEnd | None = None
@@ -266,17 +276,20 @@ class LinkReader(asyncio.BufferedProtocol):
             self._kind = kind
             if size == 0:  # an empty body (the app may send one): the next header follows
                 self._header()
-                self._frame(b"")
+                self._frame(b"", kind == MORE)
                 return
             self._state = "body"
-            if len(self._bodies) < size:
-                self._bodies = memoryview(bytearray(size))
-            self._view = self._bodies[:size]
-            self._filled = 0
+            self._remaining = size
+            self._body_view()
         elif state == "body":
             body = bytes(self._view)
+            self._remaining -= len(body)
+            if self._remaining:  # a piece of a frame over ``PIECE``: more of it follows
+                self._body_view()
+                self._frame(body, True)
+                return
             self._header()
-            self._frame(body)
+            self._frame(body, self._kind == MORE)
 
     def eof_received(self) -> bool | None:
         return False  # close: whatever the state, a link ends by its last frame
@@ -360,12 +373,25 @@ class LinkReader(asyncio.BufferedProtocol):
 
     def consumed(self, size: int) -> None:
         """The exchange sent ``size`` bytes of what it was handed: read on if held back."""
+        if self._state == "closed":  # its unread was given back to the listener then
+            return
         self._unread -= size
-        if self._paused and self._unread < READ_HIGH and self.transport is not None:
-            self._paused = False
-            self._heard = True  # the pause's silence is the client's, not the Node's
-            if self._state in ("header", "body"):
-                self.transport.resume_reading()
+        self._listener.consumed(size)
+        self.resume()
+
+    def resume(self) -> None:
+        """Read on if held back and both this link's bound and the listener's budget allow."""
+        if not self._paused or self._unread >= READ_HIGH or self.transport is None:
+            return
+        listener = self._listener
+        if listener.unread >= listener.budget:
+            listener.starved.add(self)  # resumed by whichever link brings the total below
+            return
+        self._paused = False
+        listener.starved.discard(self)
+        self._heard = True  # the pause's silence is the client's, not the Node's
+        if self._state in ("header", "body"):
+            self.transport.resume_reading()
 
     def close(self) -> None:
         """Close the link (its exchange ended, or the link broke); no callback after this."""
@@ -373,6 +399,10 @@ class LinkReader(asyncio.BufferedProtocol):
             self._state = "closed"
         self._on_frame = self._on_lost = self._on_silent = None
         self._stop_timer()
+        if self._unread:  # what its exchange will never consume: back to the budget
+            self._listener.consumed(self._unread)
+            self._unread = 0
+        self._listener.starved.discard(self)
         if self.transport is not None:
             self.transport.abort()
 
@@ -382,19 +412,32 @@ class LinkReader(asyncio.BufferedProtocol):
         self._view = self._header_view
         self._filled = 0
 
-    def _frame(self, body: bytes) -> None:
-        more = self._kind == MORE
-        self.bytes += len(body)
-        self._listener.count_bytes(len(body))
-        self._unread += len(body)
+    def _body_view(self) -> None:
+        size = min(self._remaining, PIECE)
+        if len(self._bodies) < size:
+            self._bodies = memoryview(bytearray(size))
+        self._view = self._bodies[:size]
+        self._filled = 0
+
+    def _frame(self, body: bytes, more: bool) -> None:
+        size = len(body)
+        self.bytes += size
+        listener = self._listener
+        listener.count_bytes(size)
+        self._unread += size
+        listener.unread += size
         on_frame = self._on_frame
         if not more:
             self._state = "done"
             self._stop_timer()
             if self.transport is not None:
                 self.transport.close()
-        elif self._unread >= READ_HIGH and not self._paused and self.transport is not None:
+        elif (
+            self._unread >= READ_HIGH or listener.unread >= listener.budget
+        ) and not self._paused and self.transport is not None:
             self._paused = True
+            if self._unread < READ_HIGH:  # held back by the budget: resumed by any link
+                listener.starved.add(self)
             self.transport.pause_reading()
         if on_frame is not None:
             on_frame(body, more)
@@ -452,6 +495,9 @@ class LinkListener:
         ] = {}
         self._refusal_logged = -_REFUSAL_LOG_INTERVAL
         self.refusals = 0
+        self.budget = READ_BUDGET
+        self.unread = 0  # handed on by all its links, not yet consumed (``READ_BUDGET``)
+        self.starved: set[LinkReader] = set()  # paused by the budget alone
         self.wait_timeout = WAIT_TIMEOUT
 
     def __repr__(self) -> str:
@@ -573,6 +619,16 @@ class LinkListener:
         request_id = reader.request_id
         if request_id and self._waiting.get(request_id) is reader:
             del self._waiting[request_id]
+
+    def consumed(self, size: int) -> None:
+        """``size`` bytes handed on were consumed (or dropped): resume links held back by
+        the budget once below it."""
+        self.unread -= size
+        if self.starved and self.unread < self.budget:
+            for reader in list(self.starved):
+                reader.resume()
+                if self.unread >= self.budget:
+                    break
 
     def count_bytes(self, size: int) -> None:
         if self._on_bytes is not None:

@@ -243,3 +243,51 @@ async def test_heartbeats_as_rare_as_the_liveness_checks_allow_keep_the_link() -
     _feed(reader, link.pack_frame_header(3, link.LAST) + b"end")
     assert events == [(3, False)]
     assert reader._watch_every >= 2 * 0.15
+
+
+def _feed_while_reading(reader: link.LinkReader, transport: _Transport, data: bytes) -> bytes:
+    """Feed as the loop would while the transport reads: what is left when it pauses."""
+    while data and transport.reading:
+        buffer = reader.get_buffer(-1)
+        size = min(len(buffer), len(data), 64 * 1024)
+        buffer[:size] = data[:size]
+        data = data[size:]
+        reader.buffer_updated(size)
+    return data
+
+
+async def test_the_links_together_keep_within_one_budget_and_small_buffers() -> None:
+    """Slow clients on several links: what the links hand on and their exchanges have not
+    consumed stays within the listener's budget (plus one piece per link), each reader's
+    buffer within one piece (frames of 2 MiB arrive in pieces), and consuming on one link
+    resumes those held back by the budget."""
+    listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
+    listener.budget = 6 << 20
+    readers = []
+    for i in range(4):
+        reader = listener._accept()
+        transport = _Transport()
+        reader.connection_made(transport)
+        _feed(reader, link.pack_handshake(TOKEN, f"r{i}"))
+        sizes: list[int] = []
+        listener.take(
+            f"r{i}", lambda body, more, sizes=sizes: sizes.append(len(body)), print, print, 10.0
+        )
+        readers.append((reader, transport, sizes))
+    frame = link.pack_frame_header(2 << 20, link.MORE) + b"x" * (2 << 20)
+    left = [frame * 4 for _ in readers]  # 8 MiB from each Node
+    for _ in range(8):  # round robin, as the loop serves ready sockets
+        for i, (reader, transport, _) in enumerate(readers):
+            left[i] = _feed_while_reading(reader, transport, left[i])
+    unread = [reader._unread for reader, _, _ in readers]
+    assert listener.unread == sum(unread)
+    assert sum(unread) <= listener.budget + link.PIECE * len(readers), unread
+    assert all(not transport.reading for _, transport, _ in readers)
+    assert all(len(reader._bodies) <= link.PIECE for reader, _, _ in readers)
+    assert all(size <= link.PIECE for _, _, sizes in readers for size in sizes)
+    first = readers[0][0]
+    first.consumed(first._unread)  # one client caught up: the budget has room again
+    assert any(transport.reading for _, transport, _ in readers[1:])
+    for reader, _, _ in readers:
+        reader.close()
+    assert listener.unread == 0 and not listener.starved
