@@ -1029,7 +1029,12 @@ class Distributor:
         finally:
             if self._monitor is asyncio.current_task():
                 # Cancelled, not by shutdown(), but by the end of its event loop (asyncio.run,
-                # a test client's loop per request): the connections must not outlive it.
+                # a test client's loop per request): the connections must not outlive it,
+                # nor the link listener (a fixed port would stay bound for the next loop).
+                listener, self._link_listener = self._link_listener, None
+                if listener is not None:
+                    listener.close()
+                    self.link_offer = ""
                 await self._close_connections()
 
     async def _ping(self, node: str, request_ids: list[str]) -> None:

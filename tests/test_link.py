@@ -4,11 +4,12 @@ every size bounded), and the reader's backpressure and watchdog on a fake transp
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import pytest
 
-from minidasgi import link
+from minidasgi import create_distributor, link
 
 TOKEN = bytes(range(32))
 
@@ -291,3 +292,25 @@ async def test_the_links_together_keep_within_one_budget_and_small_buffers() -> 
     for reader, _, _ in readers:
         reader.close()
     assert listener.unread == 0 and not listener.starved
+
+
+def test_a_fixed_link_port_is_listened_on_again_from_a_new_event_loop() -> None:
+    """A Distributor serves the loop it runs in; one started again in a new loop (the first
+    ended without shutdown, as a test client's does) listens on its fixed port again: the
+    old loop's end closed its listener."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    distributor = create_distributor(
+        url="redis://127.0.0.1:1", key="k", link=f"127.0.0.1:{port}", startup_wait=0.2
+    )
+    ports = []
+
+    async def start() -> None:
+        await asyncio.wait_for(distributor.startup(), 5)  # Redis is not there: a warning
+        ports.append(distributor.link_port)
+
+    asyncio.run(start())
+    asyncio.run(start())
+    assert ports == [port, port]
