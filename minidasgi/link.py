@@ -21,8 +21,12 @@ Theory of operation, and what it must never do:
   TCP keepalive and ``TCP_USER_TIMEOUT``; the Node writes heartbeat frames while the body is
   idle, and the reader has a silence watchdog (one timer per half ``peer_timeout``), paused
   while the reader itself holds back reading for a slow client.
-- Memory per link is bounded: the reader stops reading at ``READ_HIGH`` bytes handed on and
-  not yet consumed, and the writer awaits ``drain()``.
+- Memory is bounded: a reader stops reading at ``READ_HIGH`` bytes handed on and not yet
+  consumed, all the readers of a listener together at ``READ_BUDGET``, a frame is handed on
+  in pieces of at most ``PIECE`` (the reader's only buffer), and the writer awaits
+  ``drain()``. An accepted link waits for its exchange at most ``WAIT_TIMEOUT``.
+- After its last frame the Node's job waits (``LinkWriter.linger``, at most ``LINGER``) for
+  the distributor to close the link: a graceful stop waits for the response's tail.
 - It never imports the distributor or the Node: each side passes it plain callbacks.
 - The token is a secret: never logged, never in a repr.
 """

@@ -281,10 +281,15 @@ async def test_a_slow_client_does_not_trip_the_links_watchdog(redis_server: Redi
 async def test_a_client_gone_mid_body_stops_the_node_sending(redis_server: RedisServer) -> None:
     app = Streamer(pause=0.002)
     size = 1024 * MIB
-    async with stack(redis_server, app) as (base, _, node):
+    async with stack(redis_server, app) as (base, distributor, node):
         assert node is not None
         _, _, got, clean = await asyncio.wait_for(_get(base, size, stop_after=8 * MIB), 10)
         assert not clean and got >= 8 * MIB
+        # The distributor's end of the exchange closes its link and forgets it (the Node is
+        # also told through the disconnect event and a CANCEL: either alone stops its app).
+        listener = distributor._link_listener
+        assert await poll(lambda: not listener._taken and not listener._waiting, 10)
+        assert listener.unread == 0
         # The distributor closes the link as the exchange ends: the Node's next write fails,
         # and the app's sends return without sending, as under uvicorn once the client is gone.
         await asyncio.wait_for(app.ended.wait(), 20)
