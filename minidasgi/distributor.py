@@ -1942,9 +1942,7 @@ class _Exchange:
             logger.warning("request %s: %s", request_id, why)
             put(_LINK_BROKEN)
 
-        listener.take(
-            request_id, on_frame, on_lost, on_silent, d.peer_timeout, d.liveness_interval
-        )
+        listener.take(request_id, on_frame, on_lost, on_silent, d.peer_timeout, d.liveness_interval)
 
     async def _send_by(self, event: Message, deadline: float, *, final: bool = False) -> None:
         """Send ``event`` to the client by ``deadline`` (``response_timeout``'s, the loop's

@@ -61,9 +61,9 @@ __all__ = [
     "TOKEN_SIZE",
     "WAIT_TIMEOUT",
     "LinkError",
-    "LinkRefused",
     "LinkListener",
     "LinkReader",
+    "LinkRefused",
     "LinkWriter",
     "open_link",
     "pack_frame_header",
@@ -437,8 +437,10 @@ class LinkReader(asyncio.BufferedProtocol):
             if self.transport is not None:
                 self.transport.close()
         elif (
-            self._unread >= READ_HIGH or listener.unread >= listener.budget
-        ) and not self._paused and self.transport is not None:
+            (self._unread >= READ_HIGH or listener.unread >= listener.budget)
+            and not self._paused
+            and self.transport is not None
+        ):
             self._paused = True
             if self._unread < READ_HIGH:  # held back by the budget: resumed by any link
                 listener.starved.add(self)

@@ -225,11 +225,12 @@ async def test_links_whose_marker_never_comes_are_closed_and_free_their_slots() 
 
 
 async def poll(check: Any, timeout: float) -> None:
-    async def until() -> None:
-        while not check():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(until(), timeout)
+    """Wait until ``check()`` is true, at most ``timeout`` seconds (else fail)."""
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true within {timeout} s")
 
 
 async def test_heartbeats_as_rare_as_the_liveness_checks_allow_keep_the_link() -> None:

@@ -402,15 +402,11 @@ async def test_a_graceful_node_stop_lets_a_slow_client_read_its_whole_download(
         url=redis_server.url, key=KEY, link="127.0.0.1", liveness_interval=0.2, peer_timeout=2.0
     )
     async with serve_app(distributor) as base:
-        node = Node(
-            url=redis_server.url, key=KEY, app=app, liveness_interval=0.2, peer_timeout=2.0
-        )
+        node = Node(url=redis_server.url, key=KEY, app=app, liveness_interval=0.2, peer_timeout=2.0)
         serving = asyncio.ensure_future(node.serve())
         try:
             await asyncio.wait_for(node.wait_started(), 10)
-            download = asyncio.ensure_future(
-                _get(base, size, read_pause=0.02, read_size=64 * 1024)
-            )
+            download = asyncio.ensure_future(_get(base, size, read_pause=0.02, read_size=64 * 1024))
             await asyncio.wait_for(app.ended.wait(), 30)
             node.stop()  # graceful, as on SIGTERM
             await asyncio.wait_for(serving, 30)
