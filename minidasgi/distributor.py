@@ -1871,11 +1871,14 @@ class _Exchange:
             elif kind is _LINK_BODY:
                 body, more = args
                 event = {"type": "http.response.body", "body": body, "more_body": more}
+                final = self._more and not more  # a link never carries a trailers response
                 try:
-                    if deadline is None:
-                        await self._send(event)
+                    if deadline is not None:
+                        await self._send_by(event, deadline, final=final)
+                    elif final:
+                        await self._send_final(event)
                     else:
-                        await self._send_by(event, deadline)
+                        await self._send(event)
                 except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
                     await self._fail(504, _SLOW_CLIENT)
                     return
