@@ -1832,12 +1832,7 @@ class _Exchange:
                         )
                     )
                     try:
-                        if deadline is not None:
-                            await self._send_by(event, deadline, final=final)
-                        elif final:
-                            await self._send_final(event)
-                        else:
-                            await self._send(event)
+                        await self._send_relayed(event, deadline, final)
                     except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
                         if what == "http.response.start":
                             self.started = False  # not sent: the plain 504, not an abort
@@ -1873,12 +1868,7 @@ class _Exchange:
                 event = {"type": "http.response.body", "body": body, "more_body": more}
                 final = self._more and not more  # a link never carries a trailers response
                 try:
-                    if deadline is not None:
-                        await self._send_by(event, deadline, final=final)
-                    elif final:
-                        await self._send_final(event)
-                    else:
-                        await self._send(event)
+                    await self._send_relayed(event, deadline, final)
                 except asyncio.TimeoutError:  # first: an OSError too since Python 3.11
                     await self._fail(504, _SLOW_CLIENT)
                     return
@@ -1946,6 +1936,17 @@ class _Exchange:
             put(_LINK_BROKEN)
 
         listener.take(request_id, on_frame, on_lost, on_silent, d.peer_timeout, d.liveness_interval)
+
+    async def _send_relayed(self, event: Message, deadline: float | None, final: bool) -> None:
+        """Send a relayed message (from Redis or the link) to the client: by ``deadline`` if
+        ``response_timeout`` set one, and as the response's final message (``_send_final``:
+        an unread body read meanwhile) if ``final``."""
+        if deadline is not None:
+            await self._send_by(event, deadline, final=final)
+        elif final:
+            await self._send_final(event)
+        else:
+            await self._send(event)
 
     async def _send_by(self, event: Message, deadline: float, *, final: bool = False) -> None:
         """Send ``event`` to the client by ``deadline`` (``response_timeout``'s, the loop's
