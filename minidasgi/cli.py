@@ -333,6 +333,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     peer_timeout_option(dist, "Node")
     dist.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=_env("SHUTDOWN_TIMEOUT", 30.0),
+        help="seconds the responses in flight get to finish on SIGTERM or Ctrl-C, then they "
+        "are cancelled (a client that reads nothing never holds the stop) "
+        "[MINIDASGI_SHUTDOWN_TIMEOUT] (default: 30)",
+    )
+    dist.add_argument(
         "--fail-fast",
         action=argparse.BooleanOptionalAction,
         default=_flag("FAIL_FAST"),
@@ -675,6 +683,10 @@ def _run_distributor(args: argparse.Namespace) -> int:
         config["access_log"] = args.access_log
     if str(args.wire_format) not in ("1", "3"):
         raise CLIError("MINIDASGI_WIRE_FORMAT must be 1 or 3", EXIT_USAGE)
+    if not args.shutdown_timeout >= 0:  # NaN too
+        raise CLIError(
+            f"--shutdown-timeout must be 0 or more seconds, not {args.shutdown_timeout}", EXIT_USAGE
+        )
     if str(args.wire_format) != "3":
         config["wire_format"] = int(args.wire_format)
     if args.link:
@@ -724,6 +736,8 @@ def _serve_distributor(uvicorn: Any, args: argparse.Namespace, app: Any) -> int:
             port=args.port,
             workers=args.workers,
             log_level=args.log_level,
+            # uvicorn's own default waits for every connection to finish, however long.
+            timeout_graceful_shutdown=args.shutdown_timeout,
         )
     except SystemExit as exc:  # uvicorn exits 1 or 3 when it cannot start (port in use, ...)
         if exc.code in (None, 0):

@@ -476,6 +476,39 @@ def test_distributor_with_two_workers(redis_server: RedisServer, tmp_path: Path)
     assert "Traceback" not in dist.output()
 
 
+def test_a_distributor_stops_within_its_shutdown_timeout_despite_a_client_reading_nothing(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # uvicorn's own default waits for every response to finish: a client that keeps its
+    # connection open and reads nothing would hold the stop for ever, through a second signal.
+    url = redis_server.url
+    with children() as started:
+        node = start_node(
+            started,
+            redis_server,
+            tmp_path / "node.log",
+            ["node", "tests.integration.apps:download", "--key", "K", "--redis", url],
+        )
+        dist, port = start_serving(
+            started,
+            lambda port: [*MINIDASGI, "distributor", "--route", "/=K", "--redis", url,
+                          "--port", str(port), "--shutdown-timeout", "1"],
+            tmp_path / "dist.log",
+        )  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /?268435456 HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert sock.recv(12) == b"HTTP/1.1 200"  # the response is under way; no more read
+            time.sleep(0.5)  # the distributor's send now waits for the client
+            began = time.monotonic()
+            # uvicorn re-raises the SIGTERM once it has stopped: killed by it is its clean exit.
+            assert dist.stop(signal.SIGTERM) == -signal.SIGTERM, dist.output()
+            assert time.monotonic() - began < 1 + 5, dist.output()
+        assert "timeout graceful shutdown exceeded" in dist.output()
+        assert node.stop() == 0, node.output()
+    assert_redis_clean(redis_server)
+
+
 def test_distributor_port_in_use_is_a_run_time_failure(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
