@@ -18,9 +18,11 @@ Theory of operation, and what it must never do:
   request's marker: beyond, a connection is closed at once (logged at most once per
   ``_REFUSAL_LOG_INTERVAL``). Frames are bounded (``MAX_FRAME``).
 - Never hang: the Node's connect and handshake are bounded (``CONNECT_TIMEOUT``); both ends set
-  TCP keepalive and ``TCP_USER_TIMEOUT``; the Node writes heartbeat frames while the body is
-  idle, and the reader has a silence watchdog (one timer per half ``peer_timeout``), paused
-  while the reader itself holds back reading for a slow client.
+  TCP keepalive, the distributor's end ``TCP_USER_TIMEOUT`` too (never the Node's, which
+  Linux applies to the zero window a slow client causes; its liveness checks bound it); the
+  Node writes heartbeat frames while the body is idle, and the reader has a silence
+  watchdog (one timer per half ``peer_timeout``), paused while the reader itself holds back
+  reading for a slow client.
 - Memory is bounded: a reader stops reading at ``READ_HIGH`` bytes handed on and not yet
   consumed, all the readers of a listener together at ``READ_BUDGET``, a frame is handed on
   in pieces of at most ``PIECE`` (the reader's only buffer), and the writer awaits
@@ -191,19 +193,25 @@ def parse_frame_header(data: bytes | bytearray | memoryview) -> tuple[int, int]:
     return size, kind
 
 
-def tune_socket(sock: Any) -> None:
-    """TCP_NODELAY, keepalive in seconds and TCP_USER_TIMEOUT where the platform has them."""
+def tune_socket(sock: Any, *, user_timeout: bool = True) -> None:
+    """TCP_NODELAY, keepalive in seconds and (``user_timeout``) TCP_USER_TIMEOUT where the
+    platform has them. Never TCP_USER_TIMEOUT on the Node's writing end: Linux (5.11 on)
+    applies it to a zero receive window too, and the distributor's reader holds the window
+    shut for as long as a slow client reads nothing (the Node's kernel would then reset a
+    healthy link after 11 s). The Node's liveness checks through Redis bound that end."""
     if sock is None:
         return
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (
+    options = [
         ("TCP_KEEPIDLE", _KEEPIDLE),
         ("TCP_KEEPINTVL", _KEEPINTVL),
         ("TCP_KEEPCNT", _KEEPCNT),
-        ("TCP_USER_TIMEOUT", _USER_TIMEOUT_MS),
-    ):
+    ]
+    if user_timeout:
+        options.append(("TCP_USER_TIMEOUT", _USER_TIMEOUT_MS))
+    for name, value in options:
         option = getattr(socket, name, None)
         if option is not None:
             with contextlib.suppress(OSError):
@@ -759,7 +767,7 @@ async def open_link(
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection(host, port, limit=64)
         try:
-            tune_socket(writer.get_extra_info("socket"))
+            tune_socket(writer.get_extra_info("socket"), user_timeout=False)
             try:
                 writer.write(handshake)
                 await writer.drain()

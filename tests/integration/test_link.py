@@ -111,9 +111,16 @@ async def stack(
 
 
 async def _get(
-    base: str, size: int, *, read_pause: float = 0.0, read_size: int = MIB, stop_after: int = -1
+    base: str,
+    size: int,
+    *,
+    read_pause: float = 0.0,
+    read_size: int = MIB,
+    stop_after: int = -1,
+    hold: tuple[int, float] = (-1, 0.0),
 ) -> Any:
-    """GET ``/?size`` on a raw socket: (status line, body hash, bytes read, ended cleanly)."""
+    """GET ``/?size`` on a raw socket: (status line, body hash, bytes read, ended cleanly).
+    ``hold``: once that many bytes are read, read nothing for that many seconds."""
     host, port = base.removeprefix("http://").split(":")
     sock = socket.socket()
     if read_size < MIB:  # a slow client's small window: the distributor's send waits
@@ -142,6 +149,9 @@ async def _get(
                     digest.update(data)
                     got += len(data)
                     length -= len(data)
+                    if 0 <= hold[0] <= got:
+                        await asyncio.sleep(hold[1])
+                        hold = (-1, 0.0)
                     if read_pause:
                         await asyncio.sleep(read_pause)
                 await asyncio.wait_for(reader.readexactly(2), 10)
@@ -275,6 +285,26 @@ async def test_a_slow_client_does_not_trip_the_links_watchdog(redis_server: Redi
         assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
         assert digest == _digest(size)
         assert distributor.metrics.links.get() == 1
+        assert distributor.metrics.aborts.total() == 0
+
+
+async def test_a_client_pausing_past_the_tcp_timeouts_gets_its_whole_download(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client reads nothing for a while: the distributor's reader holds back, its receive
+    # window closes and the Node's kernel probes a zero window. A TCP_USER_TIMEOUT on the
+    # Node's end (here shortened to 0.5 s) reset the link then (Linux applies it to a zero
+    # window), where the Redis path just waits for the client: the link must wait as well.
+    monkeypatch.setattr(link, "_USER_TIMEOUT_MS", 500)
+    size = 32 * MIB
+    async with stack(redis_server, Streamer()) as (base, distributor, node):
+        assert node is not None
+        status, digest, got, clean = await asyncio.wait_for(
+            _get(base, size, read_size=64 * 1024, hold=(2 * MIB, 4.0)), 30
+        )
+        assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
+        assert digest == _digest(size)
+        assert node.metrics.links.get() == 1
         assert distributor.metrics.aborts.total() == 0
 
 
