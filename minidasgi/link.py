@@ -24,9 +24,17 @@ Theory of operation, and what it must never do:
   watchdog (one timer per half ``peer_timeout``), paused while the reader itself holds back
   reading for a slow client.
 - Memory is bounded: a reader stops reading at ``READ_HIGH`` bytes handed on and not yet
-  consumed, all the readers of a listener together at ``READ_BUDGET``, a frame is handed on
-  in pieces of at most ``PIECE`` (the reader's only buffer), and the writer awaits
-  ``drain()``. An accepted link waits for its exchange at most ``WAIT_TIMEOUT``.
+  consumed, a frame is handed on in pieces of at most ``PIECE`` (the reader's only buffer),
+  and the writer awaits ``drain()``. All the links of a listener share ``READ_BUDGET``, each
+  with a share of its own, so that slow clients holding what their links handed on can never
+  starve another link: with ``n`` links taken, a link that holds less than ``PIECE`` always
+  reads on (its share: every link, a new one too, gets at least a piece at a time); one that
+  holds more reads on, up to ``READ_HIGH``, only while the listener's total is below
+  ``READ_BUDGET - n * PIECE`` (``LinkListener.high``), room kept for every link's share.
+  Bound: the total unread is below ``READ_BUDGET + PIECE + 2 * n * PIECE`` (a link reads on
+  past its share only below that mark, by a piece at most; else only from below a piece, to
+  below two), plus one ``PIECE`` buffer per link. An accepted link waits for its exchange
+  at most ``WAIT_TIMEOUT``.
 - After its last frame the Node's job waits (``LinkWriter.linger``, at most ``LINGER``) for
   the distributor to close the link: a graceful stop waits for the response's tail.
 - It never imports the distributor or the Node: each side passes it plain callbacks.
@@ -95,9 +103,10 @@ MAX_HANDSHAKING: Final = 64
 MAX_WAITING: Final = 256
 READ_HIGH: Final = 4 * 1024 * 1024
 READ_BUDGET: Final = 64 * 1024 * 1024
-"""Bytes at most handed on and not yet consumed across all the links of one listener: past
-it, every link that hands on more pauses its reading (and its watchdog) until the total is
-below it again (as the credit pool bounds what comes through Redis)."""
+"""Bytes handed on and not yet consumed across all the links of one listener, each link's
+share kept (``PIECE`` each): a link holding a piece or more pauses its reading (and its
+watchdog) once the total reaches the budget less every link's share, until it is below again
+(as the credit pool bounds what comes through Redis); a link holding less always reads on."""
 PIECE: Final = 1024 * 1024
 """A frame's body is handed on in pieces of at most this size: the reader's buffer (kept from
 frame to frame) never exceeds it, whatever a frame's size (up to ``MAX_FRAME``)."""
@@ -392,11 +401,12 @@ class LinkReader(asyncio.BufferedProtocol):
         self.resume()
 
     def resume(self) -> None:
-        """Read on if held back and both this link's bound and the listener's budget allow."""
+        """Read on if held back and both this link's bound and its share of the listener's
+        budget allow."""
         if not self._paused or self._unread >= READ_HIGH or self.transport is None:
             return
         listener = self._listener
-        if listener.unread >= listener.budget:
+        if self._unread >= PIECE and listener.unread >= listener.high:
             listener.starved.add(self)  # resumed by whichever link brings the total below
             return
         self._paused = False
@@ -445,7 +455,10 @@ class LinkReader(asyncio.BufferedProtocol):
             if self.transport is not None:
                 self.transport.close()
         elif (
-            (self._unread >= READ_HIGH or listener.unread >= listener.budget)
+            (
+                self._unread >= READ_HIGH
+                or (self._unread >= PIECE and listener.unread >= listener.high)
+            )
             and not self._paused
             and self.transport is not None
         ):
@@ -511,6 +524,9 @@ class LinkListener:
         self.refusals = 0
         self.budget = READ_BUDGET
         self.unread = 0  # handed on by all its links, not yet consumed (``READ_BUDGET``)
+        # A link holding a piece or more reads on only while ``unread`` is below this: the
+        # budget less a share (``PIECE``) for every link taken (``_share``).
+        self.high = READ_BUDGET
         self.starved: set[LinkReader] = set()  # paused by the budget alone
         self.wait_timeout = WAIT_TIMEOUT
 
@@ -566,6 +582,7 @@ class LinkListener:
         if expected is not None:
             expected[-1].cancel()
             self._taken[request_id] = reader
+            self._share()
             reader.accepted()
             reader.attach(*expected[:-1])
             return
@@ -606,6 +623,7 @@ class LinkListener:
             )
             return False
         self._taken[request_id] = reader
+        self._share()
         reader.attach(on_frame, on_lost, on_silent, peer_timeout, heartbeat)
         return True
 
@@ -622,10 +640,14 @@ class LinkListener:
         expected = self._expected.pop(request_id, None)
         if expected is not None:
             expected[-1].cancel()
-        for table in (self._waiting, self._taken):
-            reader = table.pop(request_id, None)
-            if reader is not None:
-                reader.close()
+        reader = self._waiting.pop(request_id, None)
+        if reader is not None:
+            reader.close()
+        reader = self._taken.pop(request_id, None)
+        if reader is not None:
+            reader.close()  # gives its unread back (``consumed``)
+            self._share()
+            self.consumed(0)  # one share less kept: links held back may read on
 
     def forget(self, reader: LinkReader) -> None:
         """``reader``'s connection is gone."""
@@ -634,14 +656,18 @@ class LinkListener:
         if request_id and self._waiting.get(request_id) is reader:
             del self._waiting[request_id]
 
+    def _share(self) -> None:
+        """The mark links past their share read below: every taken link's share kept."""
+        self.high = self.budget - PIECE * len(self._taken)
+
     def consumed(self, size: int) -> None:
         """``size`` bytes handed on were consumed (or dropped): resume links held back by
-        the budget once below it."""
+        the budget once below its mark."""
         self.unread -= size
-        if self.starved and self.unread < self.budget:
+        if self.starved and self.unread < self.high:
             for reader in list(self.starved):
                 reader.resume()
-                if self.unread >= self.budget:
+                if self.unread >= self.high:
                     break
 
     def count_bytes(self, size: int) -> None:

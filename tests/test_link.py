@@ -264,7 +264,7 @@ async def test_the_links_together_keep_within_one_budget_and_small_buffers() -> 
     buffer within one piece (frames of 2 MiB arrive in pieces), and consuming on one link
     resumes those held back by the budget."""
     listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
-    listener.budget = 6 << 20
+    listener.budget = 10 << 20
     readers = []
     for i in range(4):
         reader = listener._accept()
@@ -293,6 +293,49 @@ async def test_the_links_together_keep_within_one_budget_and_small_buffers() -> 
     for reader, _, _ in readers:
         reader.close()
     assert listener.unread == 0 and not listener.starved
+
+
+def _taken(listener: link.LinkListener, request_id: str) -> tuple[link.LinkReader, _Transport]:
+    """A link handshaken and taken by an exchange that consumes nothing by itself."""
+    reader = listener._accept()
+    transport = _Transport()
+    reader.connection_made(transport)
+    _feed(reader, link.pack_handshake(TOKEN, request_id))
+    listener.take(request_id, lambda body, more: None, print, print, 10.0)
+    return reader, transport
+
+
+async def test_slow_links_holding_the_budget_never_starve_a_new_link() -> None:
+    """Links whose clients read nothing hold all they may; a new link still reads, a piece at
+    a time as its client consumes, however long the slow ones hold (each link's share)."""
+    listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
+    listener.budget = 8 << 20
+    frame = link.pack_frame_header(2 << 20, link.MORE) + b"x" * (2 << 20)
+    slow = [_taken(listener, f"slow{i}") for i in range(8)]
+    for _ in range(4):  # round robin, until every slow link is held back
+        for reader, transport in slow:
+            _feed_while_reading(reader, transport, frame * 4)
+    assert all(not transport.reading for _, transport in slow)
+    assert all(reader._unread >= link.PIECE for reader, _ in slow)  # each holds its share
+    assert listener.unread <= listener.budget + (2 * len(slow) + 1) * link.PIECE
+    fast, transport = _taken(listener, "fast")
+    handed = 0
+    for _ in range(32):  # 64 MiB through the new link, its client consuming as it comes
+        assert transport.reading
+        left = _feed_while_reading(fast, transport, frame)
+        assert len(left) < len(frame)  # it read at least a piece
+        handed += fast._unread
+        fast.consumed(fast._unread)
+        _feed_while_reading(fast, transport, left)
+        handed += fast._unread
+        fast.consumed(fast._unread)
+    assert handed == 32 * (2 << 20)
+    assert all(not transport.reading for _, transport in slow)  # still held
+    # The slow links' exchanges end: their shares and what they held come back.
+    for i in range(len(slow)):
+        listener.discard(f"slow{i}")
+    listener.discard("fast")
+    assert listener.unread == 0 and not listener.starved and listener.high == listener.budget
 
 
 def test_a_fixed_link_port_is_listened_on_again_from_a_new_event_loop() -> None:

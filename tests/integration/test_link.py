@@ -327,6 +327,55 @@ async def test_a_client_gone_mid_body_stops_the_node_sending(redis_server: Redis
         assert node.metrics.link_bytes.get() < size // 4
 
 
+async def _holding(base: str, size: int) -> tuple[asyncio.StreamWriter, socket.socket]:
+    """A client that asks for ``/?size``, reads its head, then nothing: the connection and
+    its socket (to read or close later)."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=MIB)
+    writer.write(f"GET /?{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    return writer, sock
+
+
+async def test_slow_clients_holding_their_share_do_not_starve_a_fast_download(
+    redis_server: RedisServer,
+) -> None:
+    """Slow clients that read nothing hold what their links handed on, up to the listener's
+    whole budget (here 4 of them, 4 MiB each, a 16 MiB budget; 16 and 64 MiB by default):
+    a fast client's linked download still completes, its link reading at least its share."""
+    slow = 4
+    async with stack(redis_server, Streamer()) as (base, distributor, node):
+        assert node is not None
+        listener = distributor._link_listener
+        listener.budget = slow * link.READ_HIGH
+        holders = [await _holding(base, 64 * MIB) for _ in range(slow)]
+        try:
+            # Every slow link reads until held back: by its own bound or by the budget.
+            assert await poll(
+                lambda: (
+                    len(listener._taken) == slow
+                    and all(reader._paused for reader in listener._taken.values())
+                ),
+                20,
+            )
+            size = 24 * MIB
+            status, digest, got, clean = await asyncio.wait_for(_get(base, size), 20)
+            assert (status, got, clean) == (b"HTTP/1.1 200 OK", size, True)
+            assert digest == _digest(size)
+            assert node.metrics.links.get() == slow + 1
+            # The slow ones still hold their links, within the budget and a piece each.
+            assert len(listener._taken) == slow
+            assert listener.unread <= listener.budget + (2 * slow + 1) * link.PIECE
+        finally:
+            for writer, _ in holders:
+                writer.transport.abort()
+        assert await poll(lambda: not listener._taken and listener.unread == 0, 20)
+
+
 # -- the listener is untrusted input ---------------------------------------------------------
 
 
