@@ -51,7 +51,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -265,10 +265,10 @@ class LinkReader(asyncio.BufferedProtocol):
 
     # -- asyncio's side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an ``isinstance`` check: uvloop's transports are not ``asyncio.Transport``s.
+        self.transport = cast(asyncio.Transport, transport)
         if self._state == "closed":  # refused as it was accepted (``LinkListener._accept``)
-            transport.abort()
+            self.transport.abort()
             return
         tune_socket(transport.get_extra_info("socket"))
         loop = asyncio.get_running_loop()

@@ -338,6 +338,45 @@ async def test_slow_links_holding_the_budget_never_starve_a_new_link() -> None:
     assert listener.unread == 0 and not listener.starved and listener.high == listener.budget
 
 
+def test_a_link_works_on_uvloop() -> None:
+    """uvloop (``minidasgi distributor`` runs on it when installed) has transports of its own,
+    not ``asyncio.Transport``s: a link is taken and its frames read there too (an assertion on
+    the transport's class refused every link, a reset and an ERROR each)."""
+    uvloop = pytest.importorskip("uvloop")
+    frames: list[tuple[bytes, bool]] = []
+
+    async def scenario() -> None:
+        listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
+        await listener.start()
+        try:
+            writer = await link.open_link("127.0.0.1", listener.port, TOKEN, "r1", heartbeat=5)
+            ended = asyncio.Event()
+
+            def on_frame(body: bytes, more: bool) -> None:
+                frames.append((body, more))
+                if not more:
+                    ended.set()
+
+            listener.take("r1", on_frame, print, print, 10.0)
+            await writer.send(b"x" * 3 * link.PIECE, True)
+            await writer.send(b"end", False)
+            writer.close()
+            await asyncio.wait_for(ended.wait(), 5)
+            await asyncio.wait_for(writer.linger(), 5)  # the listener closed it: no wait
+            listener.discard("r1")
+            assert listener.refusals == 0 and listener.unread == 0
+        finally:
+            listener.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert b"".join(body for body, _ in frames) == b"x" * 3 * link.PIECE + b"end"
+    assert frames[-1] == (b"end", False)
+
+
 def test_a_fixed_link_port_is_listened_on_again_from_a_new_event_loop() -> None:
     """A Distributor serves the loop it runs in; one started again in a new loop (the first
     ended without shutdown, as a test client's does) listens on its fixed port again: the
