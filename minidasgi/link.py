@@ -19,7 +19,8 @@ Theory of operation, and what it must never do:
   ``_REFUSAL_LOG_INTERVAL``). Frames are bounded (``MAX_FRAME``).
 - Never hang: the Node's connect and handshake are bounded (``CONNECT_TIMEOUT``); both ends set
   TCP keepalive, the distributor's end ``TCP_USER_TIMEOUT`` too (never the Node's, which
-  Linux applies to the zero window a slow client causes; its liveness checks bound it); the
+  Linux applies to the zero window a slow client causes: its job's liveness checks bound
+  it, and after the job ``TAIL_STALL`` without progress drops what is left to write); the
   Node writes heartbeat frames while the body is idle, and the reader has a silence
   watchdog (one timer per half ``peer_timeout``), paused while the reader itself holds back
   reading for a slow client.
@@ -68,6 +69,7 @@ __all__ = [
     "PIECE",
     "READ_BUDGET",
     "READ_HIGH",
+    "TAIL_STALL",
     "TOKEN_SIZE",
     "WAIT_TIMEOUT",
     "LinkError",
@@ -117,6 +119,9 @@ slot freed (a Node that died in between, a marker lost, an exchange that ended f
 LINGER: Final = 10.0
 """Seconds at most the Node's job waits, after its last frame, for the distributor to close
 the link (it does once it has read that frame): the job, and so a graceful stop, waits."""
+TAIL_STALL: Final = 30.0
+"""Seconds the Node keeps a link whose job ended with frames still to write (``linger`` ran
+out: a slow client) while none of them leaves: then dropped (a distributor frozen or gone)."""
 UNREACHABLE_FOR: Final = 30.0
 """Seconds a Node remembers an offered address it could not reach (it uses Redis meanwhile)."""
 _REFUSAL_LOG_INTERVAL: Final = 10.0
@@ -760,6 +765,26 @@ class LinkWriter:
             pass
         finally:
             self._transport.close()
+            left = self._transport.get_write_buffer_size()
+            if left:
+                self._schedule_tail_check(left)
+
+    def _schedule_tail_check(self, left: int) -> None:
+        asyncio.get_running_loop().call_later(TAIL_STALL, self._check_tail, left)
+
+    def _check_tail(self, before: int) -> None:
+        """What the link still had to write when the job ended leaves as the distributor
+        reads it (a slow client), but nothing else watches this socket any more: no job, no
+        liveness check, no ``TCP_USER_TIMEOUT`` (``tune_socket``). Drop it once it makes no
+        progress for ``TAIL_STALL`` (a distributor frozen, or its host gone)."""
+        left = self._transport.get_write_buffer_size()
+        if not left:
+            return
+        if left >= before:
+            logger.info("a link's tail made no progress for %.0f s: dropped", TAIL_STALL)
+            self._transport.abort()
+            return
+        self._schedule_tail_check(left)
 
     def abort(self) -> None:
         """Drop the link now: the distributor sees it break (nothing after ``close``: what

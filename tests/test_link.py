@@ -397,3 +397,80 @@ def test_a_fixed_link_port_is_listened_on_again_from_a_new_event_loop() -> None:
     asyncio.run(start())
     asyncio.run(start())
     assert ports == [port, port]
+
+
+async def _stuck_tail(
+    listener: link.LinkListener, consumed: list[int]
+) -> tuple[link.LinkWriter, list[bool]]:
+    """A link whose exchange consumes nothing (its client reads nothing, or the distributor
+    is frozen): the Node writes until its own buffer holds frames that cannot leave, then
+    writes its last frame and lingers briefly; returns the writer and the ``more`` flags read."""
+    flags: list[bool] = []
+
+    def on_frame(body: bytes, more: bool) -> None:
+        flags.append(more)
+        consumed.append(len(body))
+
+    writer = await link.open_link("127.0.0.1", listener.port, TOKEN, "r1", heartbeat=60)
+    listener.take("r1", on_frame, print, print, 60.0)
+    transport = writer._transport
+    chunk = b"x" * (64 * 1024)
+    for _ in range(100):  # until the kernel's buffers are full and the Node's own holds data
+        while transport.get_write_buffer_size() < 512 * 1024:
+            await asyncio.wait_for(writer.send(chunk, True), 5)
+        before = transport.get_write_buffer_size()
+        await asyncio.sleep(0.2)
+        if transport.get_write_buffer_size() == before:
+            break
+    else:
+        raise AssertionError("the link never filled")
+    await writer.send(b"end", False)
+    writer.close()
+    await writer.linger(0.2)  # the job ends: the distributor did not read its last frame
+    assert transport.get_write_buffer_size() > 0
+    return writer, flags
+
+
+async def test_a_tail_left_after_the_linger_that_makes_no_progress_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing watches a link once its job ended (no job, no liveness check, and no
+    ``TCP_USER_TIMEOUT`` on the Node's end): a tail that cannot leave (a distributor frozen or
+    gone) is dropped after ``TAIL_STALL`` without progress, not kept for ever."""
+    monkeypatch.setattr(link, "TAIL_STALL", 0.3)
+    listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
+    await listener.start()
+    try:
+        writer, flags = await _stuck_tail(listener, [])
+        await poll(lambda: writer._transport.get_write_buffer_size() == 0, 5)  # aborted
+        assert False not in flags  # the last frame never arrived
+    finally:
+        listener.close()
+
+
+async def test_a_tail_that_leaves_slowly_after_the_linger_arrives_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow client, not a dead link: what is left leaves as it reads, however long, while
+    some of it leaves every ``TAIL_STALL``."""
+    monkeypatch.setattr(link, "TAIL_STALL", 0.3)
+    listener = link.LinkListener("127.0.0.1", 0, TOKEN, lambda request_id: True)
+    await listener.start()
+    try:
+        consumed: list[int] = []
+        writer, flags = await _stuck_tail(listener, consumed)
+        reader = listener.reader("r1")
+        assert reader is not None
+        for _ in range(500):  # the client takes a piece every 0.05 s
+            if False in flags:
+                break
+            taken = sum(consumed)
+            consumed.clear()
+            if taken:
+                reader.consumed(taken)
+                listener.consumed(taken)
+            await asyncio.sleep(0.05)
+        assert flags[-1] is False  # the last frame came, after many TAIL_STALLs
+        assert writer._transport.get_write_buffer_size() == 0
+    finally:
+        listener.close()
