@@ -64,13 +64,14 @@ from . import (
 )
 from .asgi import Message, Receive, Scope, Send
 from .buffering import BodyBuffer, BodyIdle
-from .codec import CodecError, UnsupportedVersion
+from .codec import CodecError, Gathered, UnsupportedVersion
 from .deadlines import Deadlines
 from .envelopewriter import PLAIN_SCOPE_KEYS
 from .gathering import gather_body
 from .inbox import Inbox
+from .link import MAX_FRAME as _LINK_MAX_FRAME
 from .link import TOKEN_SIZE as _LINK_TOKEN_SIZE
-from .link import LinkListener, make_offer
+from .link import LinkError, LinkListener, UploadSender, make_offer
 from .liveness import PeerTracker, RoundErrors, check_settings
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
@@ -426,6 +427,8 @@ class Distributor:
             self._link_token,
             self._exchanges.__contains__,
             on_bytes=self.metrics.link_bytes,
+            on_upload=self._upload_arrived,
+            upload_heartbeat=self.liveness_interval if self.liveness_interval > 0 else 1.0,
         )
         try:
             await listener.start()
@@ -440,6 +443,12 @@ class Distributor:
             advertised = f"[{advertised}]"  # an IPv6 address
         self.link_offer = make_offer(advertised, port, self._link_token)
         logger.info("listening for links on %s:%d", host, listener.port)
+
+    def _upload_arrived(self, request_id: str, sender: UploadSender) -> bool:
+        """A Node's upload link for ``request_id``: its exchange takes it if its client's
+        body is still coming (``_Exchange.take_upload``)."""
+        exchange = self._exchanges.get(request_id)
+        return exchange is not None and exchange.take_upload(sender)
 
     @property
     def link_port(self) -> int | None:
@@ -558,6 +567,8 @@ class Distributor:
                 # Linked or not: a link that arrived for it, its marker not yet read (the
                 # client gone, a timeout), is closed now rather than at its wait's end.
                 self._link_listener.discard(exchange.id)
+                if exchange.uplink is not None:  # closing by itself once its last frame left
+                    exchange.uplink.abort()
             if not exchange.inbox.empty():  # seldom: an ACK came too late, or a signal
                 exchange.cancel_late_acks()
             if exchange.tracked:
@@ -1104,6 +1115,8 @@ class _Exchange:
     _first: tuple[str, Any] | None = None  # that message, if it came with the ACK (ACK_SEND)
     _released = False  # whether the credits went back to the pool with no window made
     linked = False  # the rest of the body comes on a link (``minidasgi.link``)
+    uplink: UploadSender | None = None  # the Node's upload link, once taken (``take_upload``)
+    uplinked = False  # the client's body goes on it from the marker on
     link_done = False  # its last frame has been read (it is in the inbox)
 
     def __init__(
@@ -1937,6 +1950,61 @@ class _Exchange:
 
         listener.take(request_id, on_frame, on_lost, on_silent, d.peer_timeout, d.liveness_interval)
 
+    def take_upload(self, sender: UploadSender) -> bool:
+        """The Node opened an upload link: the client's body continues on it, from a piece
+        boundary of the pump's choosing (``_upload``). Refused (False) unless the body is
+        still coming and no link was taken yet."""
+        if self.kind != "http" or not self._more or self.uplink is not None or self.complete:
+            return False
+        self.uplink = sender
+        request_id = self.id
+
+        def on_lost(why: str) -> None:
+            if self.uplinked:  # the body was on it: what is lost cannot be sent again
+                logger.warning("request %s: %s", request_id, why)
+                self.inbox.put_nowait(_LINK_BROKEN)
+            else:  # not used yet: the body goes on through Redis, as if it never came
+                self.uplink = None
+
+        sender.on_lost = on_lost
+        return True
+
+    async def _upload(self, event: Message) -> bool | None:
+        """Send a client's ``http.request`` on the upload link: True if sent, None if the
+        link was gone before the marker (the caller sends it through Redis), False if it
+        broke after (the exchange told: ``_LINK_BROKEN``). The first one is preceded by the
+        marker (an empty body with ``"link": True``), through Redis under credit behind every
+        piece sent there: the Node reads all of those, then the link."""
+        uplink = self.uplink
+        if not self.uplinked:
+            window = self.window
+            assert window is not None and self.node is not None
+            if not window.try_take(1):
+                await window.acquire(1)
+            if uplink is None or uplink.closed:  # lost while waiting for credit
+                self.uplink = None
+                return None
+            marker = {"type": "http.request", "body": b"", "more_body": True, "link": True}
+            d = self.distributor
+            message = wire.pack_parts(wire.EVENT, self.id, marker, version=d.wire_format)
+            d.outbox.post(self.node, message, lost=self._check_reached)
+            self.uplinked = True
+        assert uplink is not None
+        more = bool(event.get("more_body", False))
+        pieces = _body_pieces(event, _LINK_MAX_FRAME)
+        last = len(pieces) - 1
+        try:
+            for index, piece in enumerate(pieces):
+                body = piece.get("body", b"")
+                parts = body.parts if isinstance(body, Gathered) else [body]
+                await uplink.send(parts, more or index < last)
+        except (ConnectionError, LinkError):
+            if not uplink.closed:  # else told already (``on_lost``), or the exchange ends
+                uplink.abort()  # on_lost is not called after: told here
+                self.inbox.put_nowait(_LINK_BROKEN)
+            return False
+        return True
+
     async def _send_relayed(self, event: Message, deadline: float | None, final: bool) -> None:
         """Send a relayed message (from Redis or the link) to the client: by ``deadline`` if
         ``response_timeout`` set one, and as the response's final message (``_send_final``:
@@ -2039,6 +2107,14 @@ class _Exchange:
             if self._too_large(event):
                 self.inbox.put_nowait(_TOO_LARGE)
                 return
+            if self.uplink is not None and kind == "http.request":
+                sent = await self._upload(event)
+                if sent is False:
+                    return  # broken: the relay ends the exchange (``_LINK_BROKEN``)
+                if sent:
+                    if not event.get("more_body", False):
+                        more = False
+                    continue
             window = self.window
             assert window is not None
             pieces: Sequence[Mapping[str, Any]]

@@ -51,7 +51,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "LINGER",
     "MAX_FRAME",
     "MAX_HANDSHAKING",
+    "MAX_UPLOADS",
     "MAX_WAITING",
     "MORE",
     "PIECE",
@@ -71,13 +72,17 @@ __all__ = [
     "READ_HIGH",
     "TAIL_STALL",
     "TOKEN_SIZE",
+    "UPLOAD_MAGIC",
     "WAIT_TIMEOUT",
     "LinkError",
     "LinkListener",
     "LinkReader",
     "LinkRefused",
     "LinkWriter",
+    "UploadReceiver",
+    "UploadSender",
     "open_link",
+    "open_upload",
     "pack_frame_header",
     "pack_handshake",
     "parse_frame_header",
@@ -88,6 +93,9 @@ __all__ = [
 logger = logging.getLogger("minidasgi.link")
 
 MAGIC: Final = b"MDL1"
+UPLOAD_MAGIC: Final = b"MDU1"
+"""An upload link's handshake starts so (the same size and fields as a download's): a
+distributor that takes none refuses it as "not a link handshake", and the Node uses Redis."""
 TOKEN_SIZE: Final = 32
 _ID_FIELD: Final = 64  # a request id is at most 64 ASCII characters (``wire.Envelope``)
 HANDSHAKE_SIZE: Final = len(MAGIC) + TOKEN_SIZE + 1 + _ID_FIELD  # 101
@@ -124,6 +132,14 @@ TAIL_STALL: Final = 30.0
 out: a slow client) while none of them leaves: then dropped (a distributor frozen or gone)."""
 UNREACHABLE_FOR: Final = 30.0
 """Seconds a Node remembers an offered address it could not reach (it uses Redis meanwhile)."""
+UPLOAD_DONE: Final = b"\x02"
+"""The one byte a Node ever writes on an upload link after its handshake: its app ended
+before the body's end (its answer comes through Redis). Anything else breaks the link."""
+FINISH_TIMEOUT: Final = 2.0
+"""Seconds at most a Node waits, after ``UPLOAD_DONE``, for the distributor to drop the link."""
+MAX_UPLOADS: Final = 256
+"""Upload links open at most on one listener: beyond, a Node's is refused (Redis then)."""
+_UPLOAD_READ_LIMIT: Final = 64 * 1024
 _REFUSAL_LOG_INTERVAL: Final = 10.0
 _WRITE_HIGH: Final = 1024 * 1024  # the Node's transport buffer before ``drain`` waits
 _KEEPIDLE, _KEEPINTVL, _KEEPCNT = 5, 2, 3
@@ -164,18 +180,19 @@ def parse_offer(text: Any) -> tuple[str, int, bytes] | None:
     return host, port, token
 
 
-def pack_handshake(token: bytes, request_id: str) -> bytes:
-    """The Node's first bytes on a link: magic, token, the request id's length and the id,
-    padded to ``HANDSHAKE_SIZE``."""
+def pack_handshake(token: bytes, request_id: str, magic: bytes = MAGIC) -> bytes:
+    """The Node's first bytes on a link: magic (``UPLOAD_MAGIC`` for an upload link), token,
+    the request id's length and the id, padded to ``HANDSHAKE_SIZE``."""
     raw = request_id.encode("ascii")
     if len(token) != TOKEN_SIZE or not 0 < len(raw) <= _ID_FIELD:
         raise LinkError("a link handshake needs a 32-byte token and an id of 1-64 characters")
-    return MAGIC + token + bytes([len(raw)]) + raw.ljust(_ID_FIELD, b"\0")
+    return magic + token + bytes([len(raw)]) + raw.ljust(_ID_FIELD, b"\0")
 
 
-def parse_handshake(data: bytes, token: bytes) -> str:
-    """The request id of a handshake carrying ``token``; ``LinkError`` otherwise."""
-    if len(data) != HANDSHAKE_SIZE or not data.startswith(MAGIC):
+def parse_handshake(data: bytes, token: bytes, magic: bytes = MAGIC) -> str:
+    """The request id of a handshake carrying ``token`` (and ``magic``: ``UPLOAD_MAGIC`` for
+    an upload link's); ``LinkError`` otherwise."""
+    if len(data) != HANDSHAKE_SIZE or not data.startswith(magic):
         raise LinkError("not a link handshake")
     start = len(MAGIC)
     if not hmac.compare_digest(data[start : start + TOKEN_SIZE], token):
@@ -343,6 +360,9 @@ class LinkReader(asyncio.BufferedProtocol):
     def _handshake_done(self) -> None:
         self._stop_timer()
         self._listener.handshaken(self)
+        if bytes(self._view[: len(UPLOAD_MAGIC)]) == UPLOAD_MAGIC:  # the other direction
+            self._listener.upload_arrived(self, bytes(self._view))
+            return
         try:
             request_id = parse_handshake(bytes(self._view), self._listener.token)
         except LinkError as exc:
@@ -512,6 +532,8 @@ class LinkListener:
         known: Callable[[str], bool],
         *,
         on_bytes: Callable[[int], None] | None = None,
+        on_upload: Callable[[str, UploadSender], bool] | None = None,
+        upload_heartbeat: float = 1.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -534,6 +556,12 @@ class LinkListener:
         self.high = READ_BUDGET
         self.starved: set[LinkReader] = set()  # paused by the budget alone
         self.wait_timeout = WAIT_TIMEOUT
+        # Upload links (``UPLOAD_MAGIC``): ``on_upload(request_id, sender)`` gives one to its
+        # exchange (False: refused), taken at once or never; none without it.
+        self._on_upload = on_upload
+        self._uploads: set[UploadSender] = set()
+        self.max_uploads = MAX_UPLOADS
+        self.upload_heartbeat = upload_heartbeat
 
     def __repr__(self) -> str:
         return f"<LinkListener {self.host}:{self.port} waiting={len(self._waiting)}>"
@@ -555,6 +583,9 @@ class LinkListener:
             reader.close()
         for expected in self._expected.values():
             expected[-1].cancel()
+        for sender in list(self._uploads):
+            sender.abort()
+        self._uploads.clear()
         self._handshaking.clear()
         self._waiting.clear()
         self._taken.clear()
@@ -571,6 +602,32 @@ class LinkListener:
 
     def handshaken(self, reader: LinkReader) -> None:
         self._handshaking.discard(reader)
+
+    def upload_arrived(self, reader: LinkReader, handshake: bytes) -> None:
+        """An upload link's handshake came on ``reader``'s connection: its exchange takes it
+        now (``on_upload``), the connection then an ``UploadSender``'s, or it is refused
+        (closed unanswered: the Node's body goes on through Redis)."""
+        try:
+            request_id = parse_handshake(handshake, self.token, UPLOAD_MAGIC)
+        except LinkError as exc:
+            self.refused(str(exc))
+            reader.close()
+            return
+        if self._on_upload is None or len(self._uploads) >= self.max_uploads:
+            self.refused(f"more than {self.max_uploads} upload links")
+            reader.close()
+            return
+        sender = UploadSender(self, request_id, self.upload_heartbeat)
+        if reader.transport is None or not self._on_upload(request_id, sender):
+            self.refused("an upload link for a request not relayed here, or not streaming")
+            reader.close()
+            return
+        reader._state = "closed"  # no longer its protocol: ``adopt`` swaps it out
+        self._uploads.add(sender)
+        sender.adopt(reader.transport)
+
+    def upload_gone(self, sender: UploadSender) -> None:
+        self._uploads.discard(sender)
 
     def arrived(self, reader: LinkReader) -> None:
         """A handshake named ``reader.request_id``: give it to its exchange, or hold it."""
@@ -686,6 +743,208 @@ class LinkListener:
         if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL:
             self._refusal_logged = now
             logger.warning("refused a link: %s (%d refusals so far)", why, self.refusals)
+
+
+class UploadSender(asyncio.Protocol):
+    """The distributor's side of one upload link: the rest of a request's body written as
+    frames (``send``, awaiting room: TCP's flow control, the Node reading only as its app
+    consumes), a heartbeat while nothing was written for ``heartbeat`` seconds (a client
+    that uploads slowly), ``close`` after the last frame (its tail still leaves), ``abort``
+    otherwise. ``on_lost(why)`` once, if the link breaks before its last frame is written
+    (never after ``close`` or ``abort``); the Node sends nothing on it but its handshake."""
+
+    def __init__(self, listener: LinkListener, request_id: str, heartbeat: float) -> None:
+        self._listener = listener
+        self.request_id = request_id
+        self.transport: asyncio.Transport | None = None
+        self._heartbeat = max(heartbeat, 0.05)
+        self._written = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._room: asyncio.Future[None] | None = None
+        self._paused = False
+        self.on_lost: OnEnd | None = None
+        self.closed = False  # closed, aborted or lost: nothing more is written
+        self.ended = False  # its last frame is written
+        self.dropped = False  # the Node's app ended before reading the body to the end
+        self.bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<UploadSender {self.request_id} closed={self.closed} ended={self.ended}>"
+
+    def adopt(self, transport: asyncio.Transport) -> None:
+        """Take over an accepted connection whose handshake was just read, and answer it."""
+        self.transport = transport
+        transport.set_protocol(self)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)
+        transport.write(ACCEPTED)
+        self._written = time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(self._heartbeat, self._beat)
+
+    # -- asyncio's side
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        if data[:1] == UPLOAD_DONE and not self.closed:
+            # The app ended without reading the body to the end: its response (or its
+            # failure) comes through Redis; the pump just stops.
+            self.dropped = True
+            self.abort()
+            return
+        self._lost("the worker wrote on its upload link")
+
+    def eof_received(self) -> bool | None:
+        return False  # close: the Node closes its side once it read the last frame
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._listener.upload_gone(self)
+        if not self.closed:
+            self._lost("the worker's upload link broke" + (f" ({exc})" if exc else ""))
+        self._wake()
+
+    # -- the exchange's side
+    async def send(self, parts: Sequence[bytes | memoryview], more: bool) -> None:
+        """Write ``parts`` (at most ``MAX_FRAME`` bytes in all) as one frame, ``LAST`` unless
+        ``more``, then wait for room (the transport's buffer below ``_WRITE_HIGH``):
+        ``ConnectionError`` if the link is closed or breaks meanwhile. After the last frame
+        the link closes (what is buffered still leaves)."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("the upload link is closed")
+        size = sum(map(len, parts))
+        if size > MAX_FRAME:
+            raise LinkError(f"an upload frame of {size} bytes, over {MAX_FRAME}")
+        transport.writelines([FRAME_HEADER.pack(size, MORE if more else LAST), *parts])
+        self._written = time.monotonic()
+        self.bytes += size
+        if not more:
+            self.ended = self.closed = True
+            self._stop_timer()
+            transport.close()  # what is buffered still leaves
+            return
+        while self._paused and not self.closed:
+            self._room = asyncio.get_running_loop().create_future()
+            try:
+                await self._room
+            finally:
+                self._room = None
+        if self.closed:
+            raise ConnectionResetError("the upload link broke")
+
+    def abort(self) -> None:
+        """Drop the link now, unless its last frame was written (then it closes by itself)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_timer()
+        self._wake()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _lost(self, why: str) -> None:
+        on_lost, self.on_lost = self.on_lost, None
+        self.abort()
+        if on_lost is not None:
+            on_lost(why)
+
+    def _wake(self) -> None:
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    def _beat(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        idle = time.monotonic() - self._written
+        if idle >= self._heartbeat * 0.9:
+            # Only onto an empty buffer: bytes still queued reach the Node first, or it is
+            # not reading (its app holds back), and a heartbeat would only pile up.
+            if not transport.get_write_buffer_size():
+                transport.write(FRAME_HEADER.pack(0, HEARTBEAT))
+            self._written = time.monotonic()
+            idle = 0.0
+        self._timer = asyncio.get_running_loop().call_later(
+            max(self._heartbeat - idle, 0.01), self._beat
+        )
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class UploadReceiver:
+    """The Node's side of one upload link: ``read`` returns the body's next piece (at most
+    ``PIECE`` bytes of a frame) only when the app asks for it, so TCP holds the rest back
+    (the reader's buffer: a piece at most). A read cancelled midway loses nothing: a frame's
+    header, once read, is kept until its body is."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer  # kept: a StreamWriter collected closes its transport
+        self._transport = writer.transport
+        self._left = 0  # bytes of the current frame's body not yet read
+        self._kind = MORE
+        self.ended = False  # the last frame was read
+        self.bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<UploadReceiver ended={self.ended}>"
+
+    async def read(self, silence: float) -> tuple[bytes, bool]:
+        """``(body, more)``: the next piece. ``asyncio.TimeoutError`` when nothing at all came
+        for ``silence`` seconds while waiting (the distributor's heartbeats fill its pauses);
+        ``asyncio.IncompleteReadError`` or ``OSError`` if the link ended, ``LinkError`` if it
+        sent a malformed frame."""
+        reader = self._reader
+        while not self._left:
+            header = await asyncio.wait_for(reader.readexactly(FRAME_HEADER.size), silence)
+            size, kind = parse_frame_header(header)
+            if kind == HEARTBEAT:
+                continue
+            if not size:
+                self.ended = kind == LAST
+                return b"", kind == MORE
+            self._left, self._kind = size, kind
+        body = await asyncio.wait_for(reader.readexactly(min(self._left, PIECE)), silence)
+        self._left -= len(body)
+        self.bytes += len(body)
+        more = bool(self._left) or self._kind == MORE
+        self.ended = not more
+        return body, more
+
+    async def finish(self, timeout: float = FINISH_TIMEOUT) -> None:
+        """The app is done before the body's last frame: say so (``UPLOAD_DONE``), then wait,
+        at most ``timeout`` seconds, for the distributor to drop the link (what it sent is
+        read and discarded meanwhile), and drop it. Closed at once instead, the distributor
+        could take it for a link broken by a dead Node, and fail a response the app sent."""
+        self._transport.write(UPLOAD_DONE)
+        reader = self._reader
+
+        async def until_closed() -> None:
+            while await reader.read(_UPLOAD_READ_LIMIT):
+                pass
+
+        try:
+            await asyncio.wait_for(until_closed(), timeout)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._transport.abort()
+
+    def close(self) -> None:
+        """Close the link (its last frame read, or no longer needed)."""
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the link now: a ``read`` waiting ends (the distributor sees it break)."""
+        self._transport.abort()
 
 
 class LinkWriter:
@@ -835,3 +1094,35 @@ async def open_link(
 
     reader, writer = await asyncio.wait_for(connect(), timeout)
     return LinkWriter(reader, writer, heartbeat)
+
+
+async def open_upload(
+    host: str, port: int, token: bytes, request_id: str, *, timeout: float = CONNECT_TIMEOUT
+) -> UploadReceiver:
+    """Connect to a distributor's listener for the rest of ``request_id``'s body and send the
+    upload handshake, within ``timeout`` seconds; ``LinkRefused`` if the listener closes it
+    unanswered (an older distributor, which takes no upload link, does), else ``OSError`` or
+    ``asyncio.TimeoutError``."""
+    handshake = pack_handshake(token, request_id, UPLOAD_MAGIC)
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # A small limit: the reader pauses the socket past twice this, unless a read of a
+        # piece (``UploadReceiver.read``) waits for more.
+        reader, writer = await asyncio.open_connection(host, port, limit=_UPLOAD_READ_LIMIT)
+        try:
+            tune_socket(writer.get_extra_info("socket"))
+            try:
+                writer.write(handshake)
+                await writer.drain()
+                answer = await reader.readexactly(len(ACCEPTED))
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                raise LinkRefused(f"the distributor refused the upload link ({exc!r})") from None
+            if answer != ACCEPTED:
+                raise LinkError("the distributor answered the upload link's handshake oddly")
+        except BaseException:
+            writer.transport.abort()
+            raise
+        return reader, writer
+
+    reader, writer = await asyncio.wait_for(connect(), timeout)
+    return UploadReceiver(reader, writer)

@@ -411,6 +411,19 @@ class NodeMetrics:
             "minidasgi_node_link_bytes_total",
             "Response body bytes written on links.",
         )
+        self.upload_links = Counter(
+            "minidasgi_node_upload_links_total",
+            "Request bodies offered an upload link that the Node opened (their rest on it).",
+        )
+        self.upload_fallbacks = Counter(
+            "minidasgi_node_upload_fallbacks_total",
+            "Request bodies offered an upload link that went on through Redis: the link was "
+            "refused, could not be opened, or its address failed in the last 30 s.",
+        )
+        self.upload_bytes = Counter(
+            "minidasgi_node_upload_bytes_total",
+            "Request body bytes read from upload links.",
+        )
         self.registry = Registry(
             [
                 self.requests,
@@ -418,6 +431,9 @@ class NodeMetrics:
                 self.links,
                 self.link_fallbacks,
                 self.link_bytes,
+                self.upload_links,
+                self.upload_fallbacks,
+                self.upload_bytes,
                 self.app_time,
                 Gauge(
                     "minidasgi_node_in_flight",

@@ -52,6 +52,7 @@ from .asgi import ASGIApp, Message, as_asgi3
 from .codec import CodecError, UnsupportedVersion
 from .inbox import SharedInbox
 from .lifespan import Lifespan
+from .link import UploadReceiver as _UploadReceiver
 from .liveness import PeerTracker, RoundErrors, check_settings
 from .mutex import Mutex
 from .outbox import Lost, Outbox
@@ -817,10 +818,17 @@ class Node:
                     # (counted in flight, answering PINGs) lasts until the distributor has
                     # read it and closes the link, bounded (``link.LINGER``).
                     await job.link.linger()
+                if job.upload_mode:
+                    # An upload link whose body the app did not read to the end: told so,
+                    # bounded, not just dropped (the distributor would take that for a
+                    # broken link, and fail a response the app did send).
+                    await job.end_upload()
             finally:
                 job.received.close()
                 if job.link is not None:
                     job.link.abort()  # closed already after a last frame: nothing more
+                if job.upload_mode:
+                    job.drop_upload()
                 del self._jobs[envelope.id]
                 if job.tracked:
                     self.peers.discard(job.reply, job.id)
@@ -1147,6 +1155,12 @@ class _Job:
     _link_offer = ""  # the distributor's offer (``wire.Envelope.link``)
     _streamed = False  # a first body with more to come went through Redis
     _link_tried = False
+    # The request's body on an upload link (``link.open_upload``): 0, none; 1, wanted (its body
+    # streams and an offer came), opened at the app's first receive(); 2, opening or open, the
+    # body still through Redis until the distributor's marker; 3, the body comes on it.
+    upload_mode = 0
+    uplink: _UploadReceiver | None = None
+    _uplink_opening: asyncio.Task[None] | None = None
     acked = False  # the distributor may know this Node took the request
     told = False  # the distributor ended the request itself (a client disconnect)
     why = ""  # why the job ended early, for the GONE message
@@ -1224,6 +1238,8 @@ class _Job:
         if envelope.link:
             self._link_offer = envelope.link
             self._heartbeat = envelope.liveness if envelope.liveness > 0 else 1.0
+            if kind == "http" and (not events or events[-1].get("more_body", False)):
+                self.upload_mode = 1
         if confirm:  # in the recovery window (``confirmation``)
             self.confirmation = asyncio.get_running_loop().create_future()
 
@@ -1508,6 +1524,8 @@ class _Job:
         self.window.abort(_Disconnected())
         if self.link is not None:
             self.link.abort()
+        if self.upload_mode:
+            self.drop_upload()
         self._wake_receive(1006)
         if self.task is not None:
             asyncio.get_running_loop().call_later(_DISCONNECT_GRACE, self._cancel_task)
@@ -1563,6 +1581,8 @@ class _Job:
             self.window.abort(_Disconnected())
             if self.link is not None:
                 self.link.abort()
+            if self.upload_mode:
+                self.drop_upload()
         self._cancel_task()
 
     def _cancel_task(self) -> None:
@@ -1575,6 +1595,12 @@ class _Job:
             self.awaiting_body = False
             if not self.gone:  # the distributor now reads the body
                 self._post(wire.CONTINUE, lost=self._check_reached)
+        if self.upload_mode:
+            if self.upload_mode == 1:
+                self.upload_mode = 2
+                self._uplink_opening = asyncio.ensure_future(self._open_upload())
+            elif self.upload_mode == 3:
+                return await self._receive_uploaded()
         while True:
             if self.disconnect is not None and (self.inbox.empty() or self.kind == "websocket"):
                 return self.disconnect  # as uvicorn: once disconnected, always disconnected
@@ -1590,6 +1616,12 @@ class _Job:
                 self.disconnect = event
                 return event
             if kind != "websocket.receive":
+                if self.upload_mode and kind == "http.request":
+                    if event.get("link") is True:  # the marker: the rest is on the link
+                        self.upload_mode = 3
+                        return await self._receive_uploaded()
+                    if not event.get("more_body", False):  # all of it came through Redis
+                        self.drop_upload()
                 return event
             pieces = self.pieces
             if pieces is None:
@@ -1745,6 +1777,102 @@ class _Job:
         marker = {"type": "http.response.body", "body": b"", "more_body": True, "link": True}
         await self._publish_events([marker], last=False)
         return True
+
+    async def _open_upload(self) -> None:
+        """Open an upload link (bounded: ``link.open_upload``), kept as ``uplink`` for the
+        distributor's marker. Nothing if the offer is not one, its address failed lately, or
+        the link cannot be opened: the body goes on through Redis."""
+        node = self.node
+        offer = link.parse_offer(self._link_offer)
+        if offer is None:
+            return
+        host, port, token = offer
+        address = f"{host}:{port}"
+        if node.link_unreachable(address):
+            node.metrics.upload_fallbacks.inc()
+            return
+        try:
+            receiver = await link.open_upload(host, port, token, self.id)
+        except link.LinkRefused as exc:
+            # Refused (its limits, a request whose body is complete, an older distributor
+            # that takes no upload link): this body goes through Redis.
+            logger.debug("request %s: the distributor refused its upload link: %s", self.id, exc)
+            node.metrics.upload_fallbacks.inc()
+            return
+        except (OSError, asyncio.TimeoutError, link.LinkError) as exc:
+            logger.warning(
+                "request %s: cannot open the upload link to the distributor at %s (%s); "
+                "bodies to and from it go through Redis for %g s",
+                self.id,
+                address,
+                exc or type(exc).__name__,
+                link.UNREACHABLE_FOR,
+            )
+            node.remember_unreachable(address)
+            node.metrics.upload_fallbacks.inc()
+            return
+        if self.gone or self.upload_mode < 2:  # ended meanwhile, or the body came whole
+            receiver.abort()
+            return
+        self.uplink = receiver
+        node.metrics.upload_links.inc()
+
+    async def _receive_uploaded(self) -> Message:
+        """The body's next piece from the upload link (after the marker). A link that breaks,
+        is silent past ``peer_timeout`` (the distributor beats while its client pauses) or
+        sends a malformed frame is dropped, and the app sees a disconnect; the distributor,
+        seeing it break, fails the request."""
+        if self.disconnect is not None:
+            return self.disconnect
+        opening = self._uplink_opening
+        if self.uplink is None and opening is not None and not opening.done():
+            # The marker can overtake the handshake's answer: the link is taken already.
+            await asyncio.wait((opening,))  # bounded (``link.CONNECT_TIMEOUT``)
+        uplink = self.uplink
+        if uplink is None or self.gone:
+            return self._upload_failed("a link marker for an upload link it does not have")
+        silence = max(self.node.peer_timeout, 2 * self._heartbeat)
+        try:
+            body, more = await uplink.read(silence)
+        except asyncio.TimeoutError:
+            return self._upload_failed(f"nothing heard on its upload link for {silence:g} s")
+        except (OSError, EOFError, link.LinkError) as exc:
+            return self._upload_failed(f"its upload link broke ({exc or type(exc).__name__})")
+        self.node.metrics.upload_bytes.inc((), len(body))
+        if not more:
+            self.drop_upload(abort=False)
+        return {"type": "http.request", "body": body, "more_body": more}
+
+    def _upload_failed(self, why: str) -> Message:
+        if not self.gone:
+            logger.warning("request %s: %s", self.id, why)
+        self.drop_upload(abort=True)
+        self.disconnect = {"type": "http.disconnect"}
+        return self.disconnect
+
+    def drop_upload(self, *, abort: bool = True) -> None:
+        """Close the upload link (after its last frame: ``abort=False``), or stop opening it."""
+        self.upload_mode = 0
+        opening = self._uplink_opening
+        if opening is not None and not opening.done():
+            opening.cancel()
+        uplink, self.uplink = self.uplink, None
+        if uplink is not None:
+            if uplink.ended and not abort:
+                uplink.close()
+            else:
+                uplink.abort()
+
+    async def end_upload(self) -> None:
+        """The app ended with its upload link open, its body not all read: tell the
+        distributor (``link.UploadReceiver.finish``, bounded) before closing it."""
+        uplink = self.uplink
+        if uplink is None or uplink.ended or self.gone:
+            self.drop_upload(abort=uplink is None or not uplink.ended)
+            return
+        self.upload_mode = 0
+        await uplink.finish()
+        self.drop_upload()
 
     async def _send_on_link(self, body: bytes, more: bool) -> None:
         """Write a body on the link; its last one ends the response (no trailers here)."""
