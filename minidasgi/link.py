@@ -9,6 +9,19 @@ Redis ("the body continues on the link") and writes every later body chunk, the 
 included, as frames on the link. One link per response, closed after its last frame: the
 marker and the frames never race, and nothing after the marker needs Redis.
 
+The request body goes the other way on an upload link (``UPLOAD_MAGIC``, ``open_upload``,
+``UploadSender``, ``UploadReceiver``): a connection of its own, opened by the Node too (the side
+that can connect) at its app's first ``receive()`` when the body has more to come. The listener
+gives it at once to its exchange (``on_upload``), which writes frames on it; the Node reads
+none until a marker through Redis says so. The distributor's pump sends that marker at a piece
+boundary once the link is taken, under credit and behind every piece sent through Redis before
+it, then every later piece, the last included, as frames: the Node reads its inbox in order,
+so nothing is lost, repeated or reordered. A link refused, not opened, or lost before the
+marker leaves the body on Redis; one lost after it fails the request (it cannot be sent
+again). A separate connection rather than the download's: each direction keeps its own
+simple state machine (and a request may use both), and an older distributor refuses the
+upload's magic as any unknown handshake, so an upload never rides on one that cannot read it.
+
 Theory of operation, and what it must never do:
 
 - The link is untrusted input, as Redis is. A connection must send a fixed-size handshake
@@ -38,6 +51,13 @@ Theory of operation, and what it must never do:
   at most ``WAIT_TIMEOUT``.
 - After its last frame the Node's job waits (``LinkWriter.linger``, at most ``LINGER``) for
   the distributor to close the link: a graceful stop waits for the response's tail.
+- An upload link's flow control is TCP's: the distributor awaits room (its transport below
+  ``_WRITE_HIGH``) after each frame, before reading more from its client; the Node reads a
+  frame, in pieces of at most ``PIECE``, only when its app asks, so its buffer is a piece at
+  most. The distributor writes a heartbeat when it wrote nothing for its liveness interval (a
+  slow client); the Node times silence only while its app waits for the body. The Node
+  writes nothing after its handshake but ``UPLOAD_DONE`` (its app ended before the body's
+  end: not a break); anything else breaks the link. At most ``MAX_UPLOADS`` per listener.
 - It never imports the distributor or the Node: each side passes it plain callbacks.
 - The token is a secret: never logged, never in a repr.
 """
