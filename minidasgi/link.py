@@ -159,7 +159,6 @@ FINISH_TIMEOUT: Final = 2.0
 """Seconds at most a Node waits, after ``UPLOAD_DONE``, for the distributor to drop the link."""
 MAX_UPLOADS: Final = 256
 """Upload links open at most on one listener: beyond, a Node's is refused (Redis then)."""
-_UPLOAD_READ_LIMIT: Final = 64 * 1024
 _REFUSAL_LOG_INTERVAL: Final = 10.0
 _WRITE_HIGH: Final = 1024 * 1024  # the Node's transport buffer before ``drain`` waits
 _KEEPIDLE, _KEEPINTVL, _KEEPCNT = 5, 2, 3
@@ -899,72 +898,188 @@ class UploadSender(asyncio.Protocol):
             self._timer = None
 
 
-class UploadReceiver:
-    """The Node's side of one upload link: ``read`` returns the body's next piece (at most
-    ``PIECE`` bytes of a frame) only when the app asks for it, so TCP holds the rest back
-    (the reader's buffer: a piece at most). A read cancelled midway loses nothing: a frame's
-    header, once read, is kept until its body is."""
+class UploadReceiver(asyncio.BufferedProtocol):
+    """The Node's side of one upload link (made by ``open_upload``): ``read`` returns the
+    body's next piece (at most ``PIECE`` bytes of a frame), and the socket is read only while
+    a ``read`` wants one: TCP holds the rest back, and this side's buffer (kept from piece to
+    piece) is a piece at most. A ``read`` cancelled midway loses nothing: the reading goes on
+    to the piece's end, which the next ``read`` returns."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer  # kept: a StreamWriter collected closes its transport
-        self._transport = writer.transport
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._state = "answer"  # answer, header, body, discard, closed
+        self._header = memoryview(bytearray(FRAME_HEADER.size))
+        self._bodies = memoryview(bytearray(0))
+        self._view = memoryview(bytearray(len(ACCEPTED)))  # what is being read
+        self._filled = 0
         self._left = 0  # bytes of the current frame's body not yet read
         self._kind = MORE
+        self._piece: tuple[bytes, bool] | None = None  # read, not yet returned
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: Exception | None = None
+        self._heard = time.monotonic()
         self.ended = False  # the last frame was read
         self.bytes = 0
 
     def __repr__(self) -> str:
-        return f"<UploadReceiver ended={self.ended}>"
+        return f"<UploadReceiver {self._state} ended={self.ended}>"
 
+    # -- asyncio's side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._heard = time.monotonic()
+        if self._state == "discard":
+            return  # read again into the same buffer: dropped
+        self._filled += nbytes
+        if self._filled < len(self._view):
+            return
+        self._filled = 0
+        state = self._state
+        if state == "answer":
+            if bytes(self._view) != ACCEPTED:
+                self._fail(LinkError("the distributor answered the upload link oddly"))
+                return
+            self._state, self._view = "header", self._header
+            self._hold()
+        elif state == "header":
+            try:
+                size, kind = parse_frame_header(self._view)
+            except LinkError as exc:
+                self._fail(exc)
+                return
+            if kind == HEARTBEAT:
+                return
+            if not size:
+                self._got(b"", kind == MORE)
+                return
+            self._left, self._kind = size, kind
+            self._next_body()
+        elif state == "body":
+            body = bytes(self._view)
+            self._left -= len(body)
+            if self._left:
+                self._next_body()
+            else:
+                self._state, self._view = "header", self._header
+            self._got(body, bool(self._left) or self._kind == MORE)
+
+    def eof_received(self) -> bool | None:
+        return False  # close: the distributor closes only after the last frame, or to drop it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            self._error = ConnectionResetError(
+                "the upload link closed" + (f" ({exc})" if exc else "")
+            )
+        self._state = "closed"
+        self._wake()
+
+    # -- the job's side
     async def read(self, silence: float) -> tuple[bytes, bool]:
         """``(body, more)``: the next piece. ``asyncio.TimeoutError`` when nothing at all came
         for ``silence`` seconds while waiting (the distributor's heartbeats fill its pauses);
-        ``asyncio.IncompleteReadError`` or ``OSError`` if the link ended, ``LinkError`` if it
-        sent a malformed frame."""
-        reader = self._reader
-        while not self._left:
-            header = await asyncio.wait_for(reader.readexactly(FRAME_HEADER.size), silence)
-            size, kind = parse_frame_header(header)
-            if kind == HEARTBEAT:
-                continue
-            if not size:
-                self.ended = kind == LAST
-                return b"", kind == MORE
-            self._left, self._kind = size, kind
-        body = await asyncio.wait_for(reader.readexactly(min(self._left, PIECE)), silence)
-        self._left -= len(body)
+        ``ConnectionError`` if the link ended, ``LinkError`` if it sent a malformed frame."""
+        while self._piece is None:
+            if self._error is not None:
+                raise self._error
+            assert self.transport is not None
+            self.transport.resume_reading()
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                left = self._heard + silence - time.monotonic()
+                await asyncio.wait_for(waiter, max(left, 0.001))
+            except asyncio.TimeoutError:
+                if time.monotonic() - self._heard >= silence:
+                    raise
+            finally:
+                self._waiter = None
+        body, more = self._piece
+        self._piece = None
         self.bytes += len(body)
-        more = bool(self._left) or self._kind == MORE
         self.ended = not more
         return body, more
+
+    async def answered(self) -> None:
+        """Wait for the listener's answer to the handshake: ``LinkRefused`` if it closed the
+        connection without one."""
+        while self._state == "answer":
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        if self._state != "closed":
+            return
+        if isinstance(self._error, LinkError):
+            raise self._error
+        raise LinkRefused(f"the distributor refused the upload link ({self._error})")
 
     async def finish(self, timeout: float = FINISH_TIMEOUT) -> None:
         """The app is done before the body's last frame: say so (``UPLOAD_DONE``), then wait,
         at most ``timeout`` seconds, for the distributor to drop the link (what it sent is
         read and discarded meanwhile), and drop it. Closed at once instead, the distributor
         could take it for a link broken by a dead Node, and fail a response the app sent."""
-        self._transport.write(UPLOAD_DONE)
-        reader = self._reader
-
-        async def until_closed() -> None:
-            while await reader.read(_UPLOAD_READ_LIMIT):
-                pass
-
+        transport = self.transport
+        if transport is None or self._state == "closed":
+            return
+        transport.write(UPLOAD_DONE)
+        self._state, self._filled = "discard", 0
+        if len(self._bodies) < PIECE:
+            self._bodies = memoryview(bytearray(64 * 1024))
+        self._view = self._bodies
+        transport.resume_reading()
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(until_closed(), timeout)
-        except (OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
             pass
         finally:
-            self._transport.abort()
+            self._waiter = None
+            transport.abort()
 
     def close(self) -> None:
         """Close the link (its last frame read, or no longer needed)."""
-        self._transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
     def abort(self) -> None:
         """Drop the link now: a ``read`` waiting ends (the distributor sees it break)."""
-        self._transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _next_body(self) -> None:
+        size = min(self._left, PIECE)
+        if len(self._bodies) < size:
+            self._bodies = memoryview(bytearray(size))
+        self._state, self._view = "body", self._bodies[:size]
+
+    def _got(self, body: bytes, more: bool) -> None:
+        self._piece = (body, more)
+        self._hold()
+
+    def _hold(self) -> None:
+        """Stop reading until the next ``read``, and wake the one waiting."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._wake()
+
+    def _fail(self, exc: Exception) -> None:
+        self._error = exc
+        self._state = "closed"
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class LinkWriter:
@@ -1125,24 +1240,16 @@ async def open_upload(
     ``asyncio.TimeoutError``."""
     handshake = pack_handshake(token, request_id, UPLOAD_MAGIC)
 
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        # A small limit: the reader pauses the socket past twice this, unless a read of a
-        # piece (``UploadReceiver.read``) waits for more.
-        reader, writer = await asyncio.open_connection(host, port, limit=_UPLOAD_READ_LIMIT)
+    async def connect() -> UploadReceiver:
+        loop = asyncio.get_running_loop()
+        transport, receiver = await loop.create_connection(UploadReceiver, host, port)
         try:
-            tune_socket(writer.get_extra_info("socket"))
-            try:
-                writer.write(handshake)
-                await writer.drain()
-                answer = await reader.readexactly(len(ACCEPTED))
-            except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                raise LinkRefused(f"the distributor refused the upload link ({exc!r})") from None
-            if answer != ACCEPTED:
-                raise LinkError("the distributor answered the upload link's handshake oddly")
+            tune_socket(transport.get_extra_info("socket"))
+            transport.write(handshake)
+            await receiver.answered()
         except BaseException:
-            writer.transport.abort()
+            transport.abort()
             raise
-        return reader, writer
+        return receiver
 
-    reader, writer = await asyncio.wait_for(connect(), timeout)
-    return UploadReceiver(reader, writer)
+    return await asyncio.wait_for(connect(), timeout)
