@@ -4,6 +4,7 @@ every size bounded), and the reader's backpressure and watchdog on a fake transp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
@@ -474,3 +475,110 @@ async def test_a_tail_that_leaves_slowly_after_the_linger_arrives_whole(
         assert writer._transport.get_write_buffer_size() == 0
     finally:
         listener.close()
+
+
+# -- upload links ------------------------------------------------------------------------------
+
+
+def test_an_upload_handshake_is_refused_as_a_download_one() -> None:
+    # What an older distributor (or the download's parser) makes of an upload handshake: not
+    # a link handshake, so it closes it unanswered and the Node uses Redis.
+    handshake = link.pack_handshake(TOKEN, "abc", link.UPLOAD_MAGIC)
+    assert len(handshake) == link.HANDSHAKE_SIZE
+    assert link.parse_handshake(handshake, TOKEN, link.UPLOAD_MAGIC) == "abc"
+    with pytest.raises(link.LinkError, match="not a link handshake"):
+        link.parse_handshake(handshake, TOKEN)
+    with pytest.raises(link.LinkError, match="not a link handshake"):
+        link.parse_handshake(link.pack_handshake(TOKEN, "abc"), TOKEN, link.UPLOAD_MAGIC)
+
+
+async def _upload_pair(
+    frames: bytes, *, close: bool = False
+) -> tuple[link.UploadReceiver, asyncio.AbstractServer]:
+    """A loopback server that answers the handshake and writes ``frames`` (then closes if
+    ``close``); the receiver."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(link.HANDSHAKE_SIZE)
+        writer.write(link.ACCEPTED + frames)
+        await writer.drain()
+        if not close:
+            with contextlib.suppress(ConnectionError):
+                await reader.read(1)  # until the receiver closes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    receiver = await link.open_upload("127.0.0.1", port, TOKEN, "abc")
+    return receiver, server
+
+
+async def test_an_upload_read_cancelled_midway_loses_nothing() -> None:
+    body = bytes(range(256)) * (3 * link.PIECE // 256 + 7)  # more than three pieces
+    heartbeat = link.pack_frame_header(0, link.HEARTBEAT)
+    frames = (
+        heartbeat
+        + link.pack_frame_header(len(body), link.MORE)
+        + body
+        + heartbeat
+        + link.pack_frame_header(3, link.LAST)
+        + b"end"
+    )
+    receiver, server = await _upload_pair(frames)
+    try:
+        got = bytearray()
+        reads = 0
+        while True:
+            reading = asyncio.ensure_future(receiver.read(5.0))
+            if reads % 2 == 0:  # every other read cancelled at once: its piece comes next
+                await asyncio.sleep(0)
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+                if not reading.cancelled():
+                    piece, more = reading.result()
+                    got += piece
+                    if not more:
+                        break
+                reads += 1
+                continue
+            piece, more = await reading
+            assert len(piece) <= link.PIECE
+            got += piece
+            reads += 1
+            if not more:
+                break
+        assert bytes(got) == body + b"end"
+        assert receiver.ended
+    finally:
+        receiver.abort()
+        server.close()
+
+
+async def test_an_upload_link_ending_early_or_malformed_fails_the_read() -> None:
+    body = b"x" * 1000
+    # The connection ends inside a frame's body.
+    receiver, server = await _upload_pair(
+        link.pack_frame_header(5000, link.MORE) + body, close=True
+    )
+    try:
+        with pytest.raises(ConnectionError):
+            await receiver.read(5.0)
+    finally:
+        receiver.abort()
+        server.close()
+    # A frame over MAX_FRAME.
+    receiver, server = await _upload_pair(link.pack_frame_header(link.MAX_FRAME + 1, link.MORE))
+    try:
+        with pytest.raises(link.LinkError):
+            await receiver.read(5.0)
+    finally:
+        receiver.abort()
+        server.close()
+    # Silence: nothing after the answer.
+    receiver, server = await _upload_pair(b"")
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await receiver.read(0.2)
+    finally:
+        receiver.abort()
+        server.close()

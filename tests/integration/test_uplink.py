@@ -322,3 +322,32 @@ async def test_a_stalled_upload_link_fails_the_request(redis_server: RedisServer
             assert status in (b"HTTP/1.1 502 Bad Gateway", b"HTTP/1.1 500 Internal Server Error")
             await asyncio.wait_for(app.disconnected.wait(), 10)
             assert await poll(lambda: not distributor._exchanges, 10)
+
+
+async def test_an_echo_uses_both_links_at_once(redis_server: RedisServer) -> None:
+    # The body comes on an upload link while the answer, streamed as it arrives, leaves on
+    # a download link: two connections, one for each direction.
+    async def echo(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            more = message.get("more_body", False)
+            await send({"type": "http.response.body", "body": message["body"], "more_body": more})
+            if not more:
+                return
+
+    size = 32 * MIB + 5
+    async with stack(redis_server, echo) as (base, _, node):
+        before = calls(redis_server, "publish")
+        status, body = await asyncio.wait_for(_post(base, size), 40)
+        publishes = calls(redis_server, "publish") - before
+        assert status == b"HTTP/1.1 200 OK"
+        assert len(body) == size and hashlib.sha256(body).hexdigest() == _digest(size)
+        assert node.metrics.upload_links.get() == 1
+        assert node.metrics.links.get() == 1
+        print(f"{publishes} PUBLISH for an echo of {size / MIB:.0f} MiB")
+        assert publishes < 24
