@@ -1865,7 +1865,12 @@ class _Job:
 
     async def end_upload(self) -> None:
         """The app ended with its upload link open, its body not all read: tell the
-        distributor (``link.UploadReceiver.finish``, bounded) before closing it."""
+        distributor (``link.UploadReceiver.finish``, bounded) before closing it. A link being
+        opened is waited for (bounded: ``link.CONNECT_TIMEOUT``): the distributor may have taken
+        it already, and would take its abort for a break."""
+        opening = self._uplink_opening
+        if opening is not None and not opening.done() and not self.gone:
+            await asyncio.wait((opening,))
         uplink = self.uplink
         if uplink is None or uplink.ended or self.gone:
             self.drop_upload(abort=uplink is None or not uplink.ended)
