@@ -92,6 +92,7 @@ __all__ = [
     "READ_HIGH",
     "TAIL_STALL",
     "TOKEN_SIZE",
+    "UPLOAD_FROM",
     "UPLOAD_MAGIC",
     "WAIT_TIMEOUT",
     "LinkError",
@@ -157,6 +158,9 @@ UPLOAD_DONE: Final = b"\x02"
 before the body's end (its answer comes through Redis). Anything else breaks the link."""
 FINISH_TIMEOUT: Final = 2.0
 """Seconds at most a Node waits, after ``UPLOAD_DONE``, for the distributor to drop the link."""
+UPLOAD_FROM: Final = 2 * 1024 * 1024
+"""A request body that declares fewer bytes (``content-length``) never takes an upload link:
+it would cost a connection to spare a few PUBLISHes (a chunked one, of unknown size, does)."""
 MAX_UPLOADS: Final = 256
 """Upload links open at most on one listener: beyond, a Node's is refused (Redis then)."""
 _REFUSAL_LOG_INTERVAL: Final = 10.0

@@ -1597,8 +1597,11 @@ class _Job:
                 self._post(wire.CONTINUE, lost=self._check_reached)
         if self.upload_mode:
             if self.upload_mode == 1:
-                self.upload_mode = 2
-                self._uplink_opening = asyncio.ensure_future(self._open_upload())
+                if _declared_size(self.scope) < link.UPLOAD_FROM:
+                    self.upload_mode = 0  # a small body: not worth a connection
+                else:
+                    self.upload_mode = 2
+                    self._uplink_opening = asyncio.ensure_future(self._open_upload())
             elif self.upload_mode == 3:
                 return await self._receive_uploaded()
         while True:
@@ -2194,6 +2197,18 @@ def _local_scope(scope: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
         local["server"] = tuple(server)
     local["state"] = dict(state)
     return local
+
+
+def _declared_size(scope: dict[str, Any]) -> float:
+    """The request body's size its ``content-length`` header declares; infinite if none (a
+    chunked body) or unreadable."""
+    try:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                return int(value)
+    except (TypeError, ValueError):  # the app's to judge: only the link is not opened
+        pass
+    return float("inf")
 
 
 def _unavailable(error: ReplyError) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from minidasgi import Node, create_distributor
+from minidasgi import Node, create_distributor, link
 
 from .faultproxy import FaultProxy
 from .ports import free_port
@@ -188,10 +188,13 @@ async def test_a_large_upload_comes_whole_through_the_link(redis_server: RedisSe
         assert publishes < 16
         listener = distributor._link_listener
         assert await poll(lambda: not listener._uploads, 5)
-        # A body that comes whole in its envelope never opens one.
-        status, body = await _post(base, 1000)
-        assert _answer(body) == (1000, _digest(1000))
+        # A body that comes whole in its envelope never opens one, nor one that declares
+        # less than link.UPLOAD_FROM.
+        for small in (1000, link.UPLOAD_FROM - 1):
+            status, body = await _post(base, small)
+            assert _answer(body) == (small, _digest(small))
         assert node.metrics.upload_links.get() == 1
+        assert node.metrics.upload_fallbacks.get() == 0
 
 
 @pytest.mark.parametrize("refusal", ["token", "full"])
