@@ -354,3 +354,28 @@ async def test_an_echo_uses_both_links_at_once(redis_server: RedisServer) -> Non
         assert node.metrics.links.get() == 1
         print(f"{publishes} PUBLISH for an echo of {size / MIB:.0f} MiB")
         assert publishes < 24
+
+
+async def test_an_upload_link_reset_mid_body_fails_the_request(redis_server: RedisServer) -> None:
+    # The proxy resets the link (RST both ways) once it carries the body, the Node alive and
+    # Redis fine: the distributor answers that the link broke, the app sees a disconnect.
+    port = free_port()
+    with FaultProxy(port) as proxy:
+        options = {"link": f"127.0.0.1:{port}", "link_advertise": f"127.0.0.1:{proxy.port}"}
+        app = Hasher()
+        async with stack(redis_server, app, peer_timeout=30, **options) as (
+            base,
+            distributor,
+            node,
+        ):
+
+            async def reset_once_linked() -> None:
+                await poll(lambda: node.metrics.upload_bytes.get() > 2 * MIB, 10)
+                proxy.reset()
+
+            resetter = asyncio.ensure_future(reset_once_linked())
+            status, body = await asyncio.wait_for(_post(base, 1024 * MIB), 20)
+            await resetter
+            assert (status, body) == (b"HTTP/1.1 502 Bad Gateway", b"the worker's link broke\n")
+            await asyncio.wait_for(app.disconnected.wait(), 10)
+            assert await poll(lambda: not distributor._exchanges, 10)
