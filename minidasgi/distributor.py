@@ -1989,6 +1989,7 @@ class _Exchange:
             message = wire.pack_parts(wire.EVENT, self.id, marker, version=d.wire_format)
             d.outbox.post(self.node, message, lost=self._check_reached)
             self.uplinked = True
+            d.metrics.uploads.inc()
         assert uplink is not None
         more = bool(event.get("more_body", False))
         pieces = _body_pieces(event, _LINK_MAX_FRAME)
@@ -1998,6 +1999,7 @@ class _Exchange:
                 body = piece.get("body", b"")
                 parts = body.parts if isinstance(body, Gathered) else [body]
                 await uplink.send(parts, more or index < last)
+                self.distributor.metrics.upload_bytes.inc((), sum(map(len, parts)))
         except (ConnectionError, LinkError):
             if not uplink.closed:  # else told already (``on_lost``), or the exchange ends
                 uplink.abort()  # on_lost is not called after: told here

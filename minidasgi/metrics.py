@@ -267,6 +267,14 @@ class DistributorMetrics:
             "minidasgi_distributor_link_bytes_total",
             "Response body bytes read from Nodes' links.",
         )
+        self.uploads = Counter(
+            "minidasgi_distributor_upload_links_total",
+            "Request bodies whose rest went on an upload link to the Node (``link=``).",
+        )
+        self.upload_bytes = Counter(
+            "minidasgi_distributor_upload_bytes_total",
+            "Request body bytes written on upload links.",
+        )
         self.registry = Registry(
             [
                 self.requests,
@@ -274,6 +282,8 @@ class DistributorMetrics:
                 self.aborts,
                 self.links,
                 self.link_bytes_counter,
+                self.uploads,
+                self.upload_bytes,
                 self.queue_wait,
                 self.response_time,
                 self.total_time,

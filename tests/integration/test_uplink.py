@@ -184,6 +184,8 @@ async def test_a_large_upload_comes_whole_through_the_link(redis_server: RedisSe
         # Nearly all of it came on the link: Redis carried the envelope's part, a few
         # pieces before the link was taken, the marker and the answer.
         assert node.metrics.upload_bytes.get() > size - 8 * MIB
+        assert distributor.metrics.uploads.get() == 1
+        assert distributor.metrics.upload_bytes.get() == node.metrics.upload_bytes.get()
         print(f"{publishes} PUBLISH for {size / MIB:.0f} MiB")
         assert publishes < 16
         listener = distributor._link_listener
