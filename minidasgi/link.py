@@ -930,8 +930,8 @@ class UploadReceiver(asyncio.BufferedProtocol):
 
     # -- asyncio's side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an ``isinstance`` check: uvloop's transports are not ``asyncio.Transport``s.
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view[self._filled :]

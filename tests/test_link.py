@@ -582,3 +582,48 @@ async def test_an_upload_link_ending_early_or_malformed_fails_the_read() -> None
     finally:
         receiver.abort()
         server.close()
+
+
+def test_an_upload_link_works_on_uvloop() -> None:
+    """An upload link on uvloop's transports (not ``asyncio.Transport``s) at both ends: the
+    listener hands its connection to an ``UploadSender``, the Node's receiver reads it."""
+    uvloop = pytest.importorskip("uvloop")
+    body = bytes(range(256)) * (2 * link.PIECE // 256 + 3)
+    got = bytearray()
+
+    async def scenario() -> None:
+        senders: list[link.UploadSender] = []
+
+        def on_upload(request_id: str, sender: link.UploadSender) -> bool:
+            senders.append(sender)
+            return True
+
+        listener = link.LinkListener(
+            "127.0.0.1", 0, TOKEN, lambda request_id: True, on_upload=on_upload
+        )
+        await listener.start()
+        try:
+            receiver = await link.open_upload("127.0.0.1", listener.port, TOKEN, "r1")
+            assert len(senders) == 1 and senders[0].request_id == "r1"
+
+            async def send() -> None:
+                await senders[0].send([body], True)
+                await senders[0].send([b"end"], False)
+
+            sending = asyncio.ensure_future(send())
+            more = True
+            while more:
+                piece, more = await receiver.read(5.0)
+                got.extend(piece)
+            await asyncio.wait_for(sending, 5)
+            receiver.abort()
+            assert listener.refusals == 0
+        finally:
+            listener.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert bytes(got) == body + b"end"
