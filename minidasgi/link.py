@@ -31,9 +31,11 @@ Theory of operation, and what it must never do:
   request's marker: beyond, a connection is closed at once (logged at most once per
   ``_REFUSAL_LOG_INTERVAL``). Frames are bounded (``MAX_FRAME``).
 - Never hang: the Node's connect and handshake are bounded (``CONNECT_TIMEOUT``); both ends set
-  TCP keepalive, the distributor's end ``TCP_USER_TIMEOUT`` too (never the Node's, which
-  Linux applies to the zero window a slow client causes: its job's liveness checks bound
-  it, and after the job ``TAIL_STALL`` without progress drops what is left to write); the
+  TCP keepalive, the reading end ``TCP_USER_TIMEOUT`` too (never the writing end, the Node's
+  on a download link, the distributor's on an upload link: Linux applies it to the zero
+  window a slow client or a pausing app causes; liveness through Redis bounds it while the
+  job and the exchange run, and after a download's job ``TAIL_STALL`` without progress drops
+  what is left to write); the
   Node writes heartbeat frames while the body is idle, and the reader has a silence
   watchdog (one timer per half ``peer_timeout``), paused while the reader itself holds back
   reading for a slow client.
@@ -270,6 +272,16 @@ def tune_socket(sock: Any, *, user_timeout: bool = True) -> None:
         if option is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def clear_user_timeout(sock: Any) -> None:
+    """Take TCP_USER_TIMEOUT off a socket ``tune_socket`` set it on: an end that writes to a
+    peer which may rightly read nothing for a while (a zero window, which Linux times out by
+    TCP_USER_TIMEOUT too) is bounded otherwise. Keepalive stays."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is not None and option is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, 0)
 
 
 OnFrame = Callable[[bytes, bool], None]
@@ -795,8 +807,13 @@ class UploadSender(asyncio.Protocol):
         return f"<UploadSender {self.request_id} closed={self.closed} ended={self.ended}>"
 
     def adopt(self, transport: asyncio.Transport) -> None:
-        """Take over an accepted connection whose handshake was just read, and answer it."""
+        """Take over an accepted connection whose handshake was just read, and answer it.
+        Its socket loses TCP_USER_TIMEOUT: the Node reads only as its app consumes, and an
+        app that pauses longer would have the link reset under it (Linux applies it to the
+        zero window); the Node's liveness through Redis bounds this end, as for a body
+        through Redis, and keepalive a vanished host."""
         self.transport = transport
+        clear_user_timeout(transport.get_extra_info("socket"))
         transport.set_protocol(self)
         transport.set_write_buffer_limits(high=_WRITE_HIGH)
         transport.write(ACCEPTED)

@@ -240,7 +240,14 @@ async def test_a_slow_uploader_is_not_taken_for_a_dead_link(redis_server: RedisS
         assert distributor.metrics.aborts.total() == 0
 
 
-async def test_an_app_that_stops_reading_holds_the_client_back(redis_server: RedisServer) -> None:
+async def test_an_app_that_stops_reading_holds_the_client_back(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The app holds its first piece past the TCP timeouts (TCP_USER_TIMEOUT shortened here
+    # to 0.5 s): the Node's receive window stays shut and the distributor's kernel probes a
+    # zero window, which Linux times out by TCP_USER_TIMEOUT where it is set. The link must
+    # wait for the app as Redis does, then carry the whole body.
+    monkeypatch.setattr(link, "_USER_TIMEOUT_MS", 500)
     app = Hasher()
     app.release.clear()
     size = 256 * MIB
@@ -249,7 +256,7 @@ async def test_an_app_that_stops_reading_holds_the_client_back(redis_server: Red
         posting = asyncio.ensure_future(_post(base, size, sent=sent))
         await asyncio.wait_for(app.first.wait(), 10)
         assert await poll(lambda: node.metrics.upload_links.get() == 1, 10)
-        await asyncio.sleep(1.5)  # the client sends what it can meanwhile
+        await asyncio.sleep(4.0)  # the client sends what it can meanwhile, then waits
         (exchange,) = distributor._exchanges.values()
         uplink = exchange.uplink
         assert uplink is not None and exchange.uplinked
