@@ -1979,9 +1979,16 @@ class _Exchange:
         if not self.uplinked:
             window = self.window
             assert window is not None and self.node is not None
+            if uplink is None or uplink.closed:  # lost before: no credit taken for it
+                self.uplink = None
+                return None
             if not window.try_take(1):
                 await window.acquire(1)
-            if uplink is None or uplink.closed:  # lost while waiting for credit
+            if uplink.closed:  # lost while waiting for credit
+                # The marker's credit back: never spent, the Node would never grant it again
+                # (with a window of one credit, a Node short of budget, the pump waited for
+                # ever).
+                window.grant(1)
                 self.uplink = None
                 return None
             marker = {"type": "http.request", "body": b"", "more_body": True, "link": True}

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from minidasgi import Node, create_distributor, link
+from minidasgi import Node, create_distributor, link, wire
 
 from .faultproxy import FaultProxy
 from .ports import free_port
@@ -388,3 +388,66 @@ async def test_an_upload_link_reset_mid_body_fails_the_request(redis_server: Red
             assert (status, body) == (b"HTTP/1.1 502 Bad Gateway", b"the worker's link broke\n")
             await asyncio.wait_for(app.disconnected.wait(), 10)
             assert await poll(lambda: not distributor._exchanges, 10)
+
+
+@pytest.mark.parametrize("credits", ["short", "default"])
+async def test_an_upload_link_lost_before_the_marker_leaves_the_body_on_redis(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, credits: str
+) -> None:
+    # The link is taken while the pump waits for credit (the app holds its pieces; the
+    # Node's connect is slow), then breaks (the Node resets it) before the marker went: the
+    # body goes on through Redis and arrives whole. With a Node short of budget the window
+    # is one credit: the marker's credit, taken and then not spent, must come back, or the
+    # pump waits for it for ever.
+    real_open = link.open_upload
+
+    async def slow_open(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.0)  # a slow connect: the window fills meanwhile
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(link, "open_upload", slow_open)
+    permits: asyncio.Queue[None] = asyncio.Queue()
+    free = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        digest = hashlib.sha256()
+        size = 0
+        while True:
+            if size and not free.is_set():
+                await asyncio.wait_for(permits.get(), 30)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            digest.update(message.get("body", b""))
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        answer = json.dumps({"size": size, "sha256": digest.hexdigest()}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": answer})
+
+    size = 8 * MIB
+    async with stack(redis_server, app) as (base, distributor, node):
+        if credits == "short":
+            node.credit_pool.limit = wire.CHUNK_SIZE  # a short budget: windows of 1 credit
+        posting = asyncio.ensure_future(_post(base, size, chunk=64 * 1024))
+        assert await poll(
+            lambda: any(e.uplink is not None for e in distributor._exchanges.values()), 10
+        )
+        (exchange,) = distributor._exchanges.values()
+        permits.put_nowait(None)  # a credit back: the pump's next piece waits in ``_upload``
+        assert await poll(lambda: not exchange.window.available, 5)
+        await asyncio.sleep(0.3)
+        assert not exchange.uplinked
+        (job,) = node._jobs.values()
+        job.uplink.abort()  # the link breaks before the marker
+        assert await poll(lambda: exchange.uplink is None, 5)
+        free.set()
+        permits.put_nowait(None)
+        status, body = await asyncio.wait_for(posting, 10)
+        assert status == b"HTTP/1.1 200 OK"
+        assert _answer(body) == (size, _digest(size))
+        assert distributor.metrics.uploads.get() == 0  # no marker went
+        assert distributor.metrics.aborts.total() == 0
