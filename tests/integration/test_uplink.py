@@ -92,10 +92,14 @@ async def stack(
     distributor = create_distributor(url=redis.url, key=KEY, **options)
     async with serve_app(distributor) as base:
         node = Node(
-            url=redis.url,
             key=KEY,
             app=app,
-            **{"liveness_interval": 0.2, "peer_timeout": 2.0, **(node_options or {})},
+            **{
+                "url": redis.url,
+                "liveness_interval": 0.2,
+                "peer_timeout": 2.0,
+                **(node_options or {}),
+            },
         )
         async with run_node(node):
             yield base, distributor, node
@@ -276,17 +280,37 @@ async def test_an_app_answering_before_the_bodys_end_is_relayed(
     redis_server: RedisServer,
 ) -> None:
     # The app answers 413 once past 4 MiB of the body and ends: its Node tells the
-    # distributor on the link (not a break), so the answer through Redis is relayed.
+    # distributor on the link (``UPLOAD_DONE``, not a break), so the answer through Redis is
+    # relayed. The Node's Redis connections go through a proxy that holds what the Node sends
+    # for a second from the app's answer on: the answer comes after the link's end, as it
+    # may off loopback (a link just dropped would then fail the request: 502).
     size = 64 * MIB
-    app = Hasher()
-    async with stack(redis_server, app, peer_timeout=30) as (base, distributor, node):
-        status, body = await asyncio.wait_for(_post(base, size, path="/early"), 20)
-        assert (status, body) == (b"HTTP/1.1 413 Request Entity Too Large", b"too large")
-        assert node.metrics.upload_links.get() == 1
-        assert node.metrics.upload_bytes.get() > 0
-        assert distributor.metrics.aborts.total() == 0
-        listener = distributor._link_listener
-        assert await poll(lambda: not listener._uploads, 5)
+    with FaultProxy(redis_server.port) as proxy:
+
+        class Early(Hasher):
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                async def held_send(message: Any) -> None:
+                    if message["type"] == "http.response.start":
+                        proxy.stall(up=True, down=False)
+                        asyncio.get_running_loop().call_later(1.0, proxy.resume)
+                    await send(message)
+
+                await super().__call__(scope, receive, held_send)
+
+        app = Early()
+        node_options = {"url": proxy.url(), "peer_timeout": 10.0}
+        async with stack(redis_server, app, peer_timeout=30, node_options=node_options) as (
+            base,
+            distributor,
+            node,
+        ):
+            status, body = await asyncio.wait_for(_post(base, size, path="/early"), 20)
+            assert (status, body) == (b"HTTP/1.1 413 Request Entity Too Large", b"too large")
+            assert node.metrics.upload_links.get() == 1
+            assert node.metrics.upload_bytes.get() > 0
+            assert distributor.metrics.aborts.total() == 0
+            listener = distributor._link_listener
+            assert await poll(lambda: not listener._uploads, 5)
 
 
 async def test_a_node_killed_mid_upload_fails_the_request(redis_server: RedisServer) -> None:
