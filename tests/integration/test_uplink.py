@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -475,3 +477,58 @@ async def test_an_upload_link_lost_before_the_marker_leaves_the_body_on_redis(
         assert _answer(body) == (size, _digest(size))
         assert distributor.metrics.uploads.get() == 0  # no marker went
         assert distributor.metrics.aborts.total() == 0
+
+
+async def test_a_client_gone_mid_upload_ends_everything(redis_server: RedisServer) -> None:
+    # The client resets its connection once the body rides the link: the app sees
+    # http.disconnect, and nothing is left: no exchange, no job, no upload link on either side.
+    app = Hasher()
+    async with stack(redis_server, app) as (base, distributor, node):
+        host, port = base.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (256 * MIB))
+        chunk = b"x" * (256 * 1024)
+        for _ in range(64):
+            writer.write(chunk)
+            await writer.drain()
+        assert await poll(lambda: node.metrics.upload_bytes.get() > 2 * MIB, 10)
+        (exchange,) = distributor._exchanges.values()
+        uplink = exchange.uplink
+        assert uplink is not None and exchange.uplinked
+        writer.transport.abort()
+        await asyncio.wait_for(app.disconnected.wait(), 10)
+        listener = distributor._link_listener
+        assert await poll(
+            lambda: not distributor._exchanges and not node._jobs and not listener._uploads, 10
+        )
+        assert uplink.closed and uplink.transport is not None and uplink.transport.is_closing()
+
+
+async def test_a_stopped_node_mid_upload_fails_the_request(redis_server: RedisServer) -> None:
+    # SIGSTOP of the Node process once the body rides the link: no TCP_USER_TIMEOUT on the
+    # distributor's end (an app may pause), so the Node's liveness through Redis ends it.
+    distributor = create_distributor(
+        url=redis_server.url, key=KEY, link="127.0.0.1", liveness_interval=0.5, peer_timeout=3
+    )
+    async with serve_app(distributor) as base:
+        with NodeProcess(redis_server.url, KEY, "apps:count_upload") as process:
+
+            def linked_bytes() -> int:
+                return sum(
+                    e.uplink.bytes for e in distributor._exchanges.values() if e.uplink is not None
+                )
+
+            async def stop_once_linked() -> None:
+                await poll(lambda: linked_bytes() > 4 * MIB, 10)
+                os.kill(process.process.pid, signal.SIGSTOP)
+
+            stopper = asyncio.ensure_future(stop_once_linked())
+            try:
+                status, body = await asyncio.wait_for(_post(base, 1024 * MIB), 20)
+                await stopper
+                assert status == b"HTTP/1.1 502 Bad Gateway"
+                assert body == b"lost contact with the worker\n"
+                listener = distributor._link_listener
+                assert await poll(lambda: not distributor._exchanges and not listener._uploads, 5)
+            finally:
+                os.kill(process.process.pid, signal.SIGCONT)
