@@ -648,7 +648,11 @@ class LinkListener:
             self.refused(str(exc))
             reader.close()
             return
-        if self._on_upload is None or len(self._uploads) >= self.max_uploads:
+        if self._on_upload is None:
+            self.refused("an upload link, which this listener does not take")
+            reader.close()
+            return
+        if len(self._uploads) >= self.max_uploads:
             self.refused(f"more than {self.max_uploads} upload links")
             reader.close()
             return
@@ -800,7 +804,6 @@ class UploadSender(asyncio.Protocol):
         self.on_lost: OnEnd | None = None
         self.closed = False  # closed, aborted or lost: nothing more is written
         self.ended = False  # its last frame is written
-        self.dropped = False  # the Node's app ended before reading the body to the end
         self.bytes = 0
 
     def __repr__(self) -> str:
@@ -829,10 +832,9 @@ class UploadSender(asyncio.Protocol):
         self._wake()
 
     def data_received(self, data: bytes) -> None:
-        if data[:1] == UPLOAD_DONE and not self.closed:
+        if data == UPLOAD_DONE and not self.closed:
             # The app ended without reading the body to the end: its response (or its
             # failure) comes through Redis; the pump just stops.
-            self.dropped = True
             self.abort()
             return
         self._lost("the worker wrote on its upload link")

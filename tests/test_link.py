@@ -627,3 +627,32 @@ def test_an_upload_link_works_on_uvloop() -> None:
     finally:
         loop.close()
     assert bytes(got) == body + b"end"
+
+
+@pytest.mark.parametrize(("written", "lost"), [(link.UPLOAD_DONE, False), (b"\x02more", True)])
+async def test_only_the_done_byte_ends_an_upload_link_quietly(written: bytes, lost: bool) -> None:
+    # The Node may write one byte after its handshake, UPLOAD_DONE; anything else (even one
+    # that starts with it) breaks the link.
+    senders: list[link.UploadSender] = []
+    why: list[str] = []
+
+    def on_upload(request_id: str, sender: link.UploadSender) -> bool:
+        sender.on_lost = why.append
+        senders.append(sender)
+        return True
+
+    listener = link.LinkListener(
+        "127.0.0.1", 0, TOKEN, lambda request_id: True, on_upload=on_upload
+    )
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(link.pack_handshake(TOKEN, "r1", link.UPLOAD_MAGIC))
+        assert await asyncio.wait_for(reader.readexactly(len(link.ACCEPTED)), 5) == link.ACCEPTED
+        writer.write(written)
+        await poll(lambda: senders and senders[0].closed, 5)
+        assert senders[0].closed
+        assert bool(why) == lost
+        writer.close()
+    finally:
+        listener.close()
