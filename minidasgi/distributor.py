@@ -567,8 +567,8 @@ class Distributor:
                 # Linked or not: a link that arrived for it, its marker not yet read (the
                 # client gone, a timeout), is closed now rather than at its wait's end.
                 self._link_listener.discard(exchange.id)
-                if exchange.uplink is not None:  # closing by itself once its last frame left
-                    exchange.uplink.abort()
+                if exchange.uplink is not None:  # after its last frame: its tail, bounded
+                    exchange.uplink.release()
             if not exchange.inbox.empty():  # seldom: an ACK came too late, or a signal
                 exchange.cancel_late_acks()
             if exchange.tracked:

@@ -152,7 +152,8 @@ LINGER: Final = 10.0
 the link (it does once it has read that frame): the job, and so a graceful stop, waits."""
 TAIL_STALL: Final = 30.0
 """Seconds the Node keeps a link whose job ended with frames still to write (``linger`` ran
-out: a slow client) while none of them leaves: then dropped (a distributor frozen or gone)."""
+out: a slow client) while none of them leaves: then dropped (a distributor frozen or gone).
+The distributor's end of an upload link likewise, once its exchange ended (a Node frozen)."""
 UNREACHABLE_FOR: Final = 30.0
 """Seconds a Node remembers an offered address it could not reach (it uses Redis meanwhile)."""
 UPLOAD_DONE: Final = b"\x02"
@@ -804,6 +805,7 @@ class UploadSender(asyncio.Protocol):
         self.on_lost: OnEnd | None = None
         self.closed = False  # closed, aborted or lost: nothing more is written
         self.ended = False  # its last frame is written
+        self._tail_checked = False  # ``release`` watches what is left to write
         self.bytes = 0
 
     def __repr__(self) -> str:
@@ -886,6 +888,33 @@ class UploadSender(asyncio.Protocol):
         self._wake()
         if self.transport is not None:
             self.transport.abort()
+
+    def release(self) -> None:
+        """Its exchange ended: drop the link, or, its last frame written, let what is left of
+        it leave as the Node reads, but drop it once none leaves for ``TAIL_STALL``. Nothing
+        else watches the socket then: no exchange, no liveness check, and no
+        ``TCP_USER_TIMEOUT`` on this end (``adopt``), so a Node frozen kept it for good."""
+        if not self.closed:
+            self.abort()
+            return
+        transport = self.transport
+        if self.ended and transport is not None and not self._tail_checked:
+            left = transport.get_write_buffer_size()
+            if left:
+                self._tail_checked = True
+                asyncio.get_running_loop().call_later(TAIL_STALL, self._check_tail, left)
+
+    def _check_tail(self, before: int) -> None:
+        transport = self.transport
+        assert transport is not None
+        left = transport.get_write_buffer_size()
+        if not left:
+            return
+        if left >= before:
+            logger.info("an upload link's tail made no progress for %.0f s: dropped", TAIL_STALL)
+            transport.abort()
+            return
+        asyncio.get_running_loop().call_later(TAIL_STALL, self._check_tail, left)
 
     def _lost(self, why: str) -> None:
         on_lost, self.on_lost = self.on_lost, None

@@ -656,3 +656,39 @@ async def test_only_the_done_byte_ends_an_upload_link_quietly(written: bytes, lo
         writer.close()
     finally:
         listener.close()
+
+
+async def test_an_upload_links_stuck_tail_is_dropped_once_its_exchange_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The distributor wrote an upload's last frame, but the Node reads nothing (frozen):
+    with no ``TCP_USER_TIMEOUT`` on that end, once the exchange ended (``release``) nothing
+    but ``TAIL_STALL`` without progress drops the socket and what it holds."""
+    monkeypatch.setattr(link, "TAIL_STALL", 0.3)
+    senders: list[link.UploadSender] = []
+
+    def on_upload(request_id: str, sender: link.UploadSender) -> bool:
+        senders.append(sender)
+        return True
+
+    listener = link.LinkListener(
+        "127.0.0.1", 0, TOKEN, lambda request_id: True, on_upload=on_upload
+    )
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(link.pack_handshake(TOKEN, "r1", link.UPLOAD_MAGIC))
+        assert await asyncio.wait_for(reader.readexactly(len(link.ACCEPTED)), 5) == link.ACCEPTED
+        writer.transport.pause_reading()  # a frozen Node: reads nothing more
+        (sender,) = senders
+        await sender.send([b"x" * link.MAX_FRAME], False)  # the last frame: no wait for room
+        transport = sender.transport
+        assert transport is not None and sender.closed and sender.ended
+        await asyncio.sleep(0.2)
+        assert transport.get_write_buffer_size() > 0  # more than the sockets' buffers hold
+        sender.release()  # the exchange ended
+        await poll(lambda: transport.get_write_buffer_size() == 0, 5)
+        assert transport.get_write_buffer_size() == 0  # dropped
+        writer.close()
+    finally:
+        listener.close()
