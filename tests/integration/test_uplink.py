@@ -524,7 +524,7 @@ async def test_a_stopped_node_mid_upload_fails_the_request(redis_server: RedisSe
 
             stopper = asyncio.ensure_future(stop_once_linked())
             try:
-                status, body = await asyncio.wait_for(_post(base, 1024 * MIB), 20)
+                status, body = await asyncio.wait_for(_post(base, 1024 * MIB), 40)
                 await stopper
                 assert status == b"HTTP/1.1 502 Bad Gateway"
                 assert body == b"lost contact with the worker\n"
