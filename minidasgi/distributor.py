@@ -2119,7 +2119,9 @@ class _Exchange:
             if self.uplink is not None and kind == "http.request":
                 sent = await self._upload(event)
                 if sent is False:
-                    return  # broken: the relay ends the exchange (``_LINK_BROKEN``)
+                    # The link broke (the relay ends the exchange: ``_LINK_BROKEN``), or the
+                    # app ended before the body's end (``UPLOAD_DONE``: closed quietly).
+                    return
                 if sent:
                     if not event.get("more_body", False):
                         more = False

@@ -495,6 +495,15 @@ async def test_a_client_gone_mid_upload_ends_everything(redis_server: RedisServe
         (exchange,) = distributor._exchanges.values()
         uplink = exchange.uplink
         assert uplink is not None and exchange.uplinked
+        # The app has read all that was sent and waits on the link for more: the reset finds
+        # it there (not between two reads, where it would end by itself at its next one).
+        read: list[int] = []
+
+        def settled() -> bool:
+            read.append(node.metrics.upload_bytes.get())
+            return len(read) > 10 and read[-1] == read[-10]
+
+        assert await poll(settled, 10)
         writer.transport.abort()
         await asyncio.wait_for(app.disconnected.wait(), 10)
         listener = distributor._link_listener
