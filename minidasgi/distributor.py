@@ -1260,6 +1260,7 @@ class _Exchange:
         finally:
             Deadlines.cancel(timer)
         self._pushing = False  # whatever came first decides; a later reply changes nothing
+        taken: bool | None = False  # what a take-back found, before a wait for the ack
         if type(item) is _Pushed:
             if item.error is not None:
                 error = item.error
@@ -1285,7 +1286,8 @@ class _Exchange:
                 await self._refuse(503, f"the request queue (Redis) {text}\n")
                 return
             refusal = item.refusal
-            if await self._take_back(key, data, keep_ack=True):
+            taken = await self._take_back(key, data, keep_ack=True)
+            if taken:
                 d.metrics.refused(refusal)
                 d.admission.log_refusal(refusal, key)
                 full = refusal == metrics.QUEUE_FULL
@@ -1294,13 +1296,15 @@ class _Exchange:
                 await d._refuse_for_now(self.scope, self._unread(), self._send, text)
                 self.complete = True
                 return
-            # A Node popped it before the LREM: it runs there. A 503 (which invites a retry)
-            # would have it run twice: relay it as if admitted.
-            logger.info("request %s refused (%s), but a Node took it first", self.id, refusal)
+            # A Node popped it before the LREM (or the LREM failed, and one may have): it
+            # runs there. A 503 (which invites a retry) would have it run twice: relay it as
+            # if admitted.
+            logger.info("request %s refused (%s), but a Node may have taken it", self.id, refusal)
             item = await self._wait_ack(_GRACE_OVER)
         if item is _NO_ACK:
             # The no-worker answer only for a request provably never run: taken back unpopped.
-            if await self._take_back(key, data, keep_ack=True):
+            taken = await self._take_back(key, data, keep_ack=True)
+            if taken:
                 d.metrics.refused(metrics.NO_ACK)
                 d.admission.log_refusal(metrics.NO_ACK, key)
                 text = f"no worker answered within {d.worker_timeout:g} seconds\n"
@@ -1309,8 +1313,23 @@ class _Exchange:
             # A Node popped it: it is in that Node's hands, and its ack may be on its way.
             item = await self._wait_ack(_GRACE_OVER)
         if item is _GRACE_OVER:
-            await self._take_back(key, data)  # drain: a later ack gets a cancel
-            await self._refuse(504, "the worker that took the request did not answer in time\n")
+            # Waited for after a failed take-back (``taken`` None) or one that found the
+            # request popped (False): only then is it known that a worker took it.
+            if await self._take_back(key, data) and taken is None:  # a later ack: a cancel
+                # The LREM that failed then works now and finds it unpopped: it never ran.
+                d.metrics.refused(metrics.NO_ACK)
+                d.admission.log_refusal(metrics.NO_ACK, key)
+                text = f"no worker answered within {d.worker_timeout:g} seconds\n"
+                await self._refuse(d.no_worker_status, text)
+                return
+            if taken is None:  # the LREM's error is logged (``log_kept``, ``take_back_later``)
+                text = (
+                    "no worker answered in time, and the request could not be taken back from "
+                    "the queue (Redis refused or was unreachable): a worker may have it\n"
+                )
+            else:
+                text = "the worker that took the request did not answer in time\n"
+            await self._refuse(504, text)
             return
         if item is _VIOLATION:  # forged SENDs past the credit, before any ack
             logger.warning("request %s: more messages than the credit granted", self.id)
@@ -1615,14 +1634,16 @@ class _Exchange:
                 self.receiving().dropped()
             logger.warning("dropped a %r message before the ack of %s", kind, self.id)
 
-    async def _take_back(self, key: str, data: bytes, *, keep_ack: bool = False) -> bool:
+    async def _take_back(self, key: str, data: bytes, *, keep_ack: bool = False) -> bool | None:
         """Undo the LPUSH of a request answered without a Node; True if it was still in the
-        list (then no Node ever popped it, and none ever will).
+        list (then no Node ever popped it, and none ever will), False if it was not (a Node
+        popped it), None if the LREM failed (Redis refused it or was unreachable: either may
+        be so).
 
         ``keep_ack``: if it was not in the list, leave an ack that arrived meanwhile for the
         caller, who then waits for it rather than answering."""
         d = self.distributor
-        removed = False
+        removed: bool | None = None
         try:
             assert d._client is not None
             # From the tail, where the oldest requests wait (Nodes pop that end).
@@ -1637,7 +1658,7 @@ class _Exchange:
             # it until its deadline, by a Node's clock: twice the wait covers skew).
             d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
         if keep_ack and not removed:
-            return False  # a Node has it: its ack, even one that landed during the LREM, counts
+            return removed  # a Node may have it: its ack, even one that landed meanwhile, counts
         self.cancel_late_acks()
         return removed
 

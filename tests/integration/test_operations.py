@@ -665,6 +665,8 @@ async def test_a_request_its_distributor_could_not_take_back_never_runs_on_a_lat
         # A Node may have popped it (the distributor cannot tell): not the no-worker
         # answer (405), but the one for a worker that took it and did not answer.
         assert answer.status_code == 504
+        # Not "the worker that took the request did not answer": none is known to have.
+        assert "could not be taken back from the queue" in answer.text, answer.text
         assert redis.command("LLEN", "ops") == 1  # still there, for a Node to pop
         refused = [
             r.getMessage()
@@ -691,3 +693,32 @@ async def test_a_request_its_distributor_could_not_take_back_never_runs_on_a_lat
             assert redis.command("LLEN", "ops") == 0
             assert (await client.get("/after")).status_code == 200
     assert runs == ["/after"]
+
+
+async def test_a_request_taken_back_once_lrem_is_allowed_again_gets_the_no_worker_answer(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The LREM at ``worker_timeout`` is refused (ACL: no ``LREM``), so the distributor waits
+    for an ack that a Node that popped the request would send. ``LREM`` is allowed again
+    meanwhile: the LREM after that wait finds the request still queued. It provably never
+    ran: the no-worker answer, and nothing left in the list."""
+    redis = redis_server
+    redis.command("ACL", "SETUSER", "latelrem", "on", ">pw", "~ops", "&minidasgi:*", "+ping",
+                  "+lpush", "+publish", "+subscribe")  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="minidasgi.distributor")
+    url = f"redis://latelrem:pw@127.0.0.1:{redis.port}/0"
+    distributor = Distributor(key="ops", url=url, worker_timeout=2.0)
+    async with (
+        serve_app(distributor) as base,
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        answer = asyncio.ensure_future(client.get("/late"))
+
+        def refused() -> bool:
+            return any("cannot take request" in r.getMessage() for r in caplog.records)
+
+        assert await poll(refused, 10)
+        redis.command("ACL", "SETUSER", "latelrem", "+lrem")
+        response = await answer
+    assert (response.status_code, response.text) == (405, "no worker answered within 2 seconds\n")
+    assert redis.command("LLEN", "ops") == 0
