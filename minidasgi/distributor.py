@@ -75,7 +75,7 @@ from .link import LinkError, LinkListener, UploadSender, make_offer
 from .liveness import PeerTracker, RoundErrors, check_settings
 from .outbox import Outbox
 from .resp import ReplyError, RespError, topology
-from .resp.connection import make_params
+from .resp.connection import Connection, make_params
 from .resp.sentinel import SentinelSpec
 from .routing import InvalidKey, RouteTable, check_key
 
@@ -1107,6 +1107,7 @@ class _Exchange:
     _holding_credit = False  # a credit waits to ride with the next message (WebSocket)
     pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
     _pushing = False  # the LPUSH's reply may still stop the request (``_Pushed``)
+    _pushed_on: object = None  # the connection the LPUSH went out on (a cluster's router)
     acked_at = 0.0
     _ack: Sequence[Any] = ()  # the ACK's arguments, once it came
     unit = 0  # the credit unit announced in the envelope (a WebSocket's): 0, none
@@ -1238,7 +1239,8 @@ class _Exchange:
                 # reply before it. Only a reply that stops the request wakes it (``_Pushed``),
                 # told from the code that reads the reply (no loop handle per request).
                 self._pushing = True
-                d.admission.send(d._client.connection(), key, data, self._pushed)
+                self._pushed_on = connection = d._client.connection()
+                d.admission.send(connection, key, data, self._pushed)
             except RespError as exc:
                 self._pushing = False
                 self._unqueued(key, exc)
@@ -1259,6 +1261,8 @@ class _Exchange:
                 await inbox.arrival()
         finally:
             Deadlines.cancel(timer)
+        if type(item) is _Pushed and item.error is not None and await self._pushed_again(key, data):
+            item = await self._wait_ack(_NO_ACK)
         self._pushing = False  # whatever came first decides; a later reply changes nothing
         taken: bool | None = False  # what a take-back found, before a wait for the ack
         if type(item) is _Pushed:
@@ -1565,6 +1569,39 @@ class _Exchange:
         """A callback on a message not awaited: the Node is gone if nobody got it."""
         if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
             self.inbox.put_nowait(_PEER_LOST)
+
+    async def _pushed_again(self, key: str, data: bytes) -> bool:
+        """Push the request again if Redis closed the connection its LPUSH went out on
+        cleanly, before answering it, and the connection that replaces it comes at once
+        (``Client.wait_reopened``); True if it did. Redis closes an idle connection (its
+        ``timeout``) only if it read nothing from it: an LPUSH written as it does so never
+        ran, and the request is served rather than answered 503 while Redis is up.
+
+        Redis closes cleanly after running a command only if told to (``CLIENT KILL`` right
+        after the LPUSH ran, before its reply went out): a copy that did run is taken back
+        first (``LREM``), unless it was popped already (the same narrow window), or its
+        ack came meanwhile (then nothing is pushed)."""
+        d = self.distributor
+        # A reset, a reply watchdog or an error reply: as before. So for a cluster, whose
+        # router (``Connection`` of none) says nothing of how its connections ended.
+        if not (isinstance(self._pushed_on, Connection) and self._pushed_on.closed_by_server):
+            return False
+        if not await d._reopened(in_flight=True) or not self.inbox.empty():
+            return False
+        try:
+            assert d._client is not None
+            await d._client.execute("LREM", key, -1, data)
+            if not self.inbox.empty():  # an ack for a copy that did run and was popped
+                return False
+            self.pushed_at = time.monotonic()
+            self._pushed_on = connection = d._client.connection()
+            d.admission.send(connection, key, data, self._pushed)
+        except RespError:
+            return False
+        logger.info(
+            "request %s pushed again: Redis closed the connection before its LPUSH", self.id
+        )
+        return True
 
     def _pushed(self, outcome: Any, index: int) -> None:
         """The LPUSH's outcome (or the exception that failed it), this request at ``index`` in

@@ -11,6 +11,9 @@
   connections open now (a slow or congested link: the bytes keep coming, slowly); ``resume()``
   lifts it.
 * ``reset()``: abort every connection with a TCP RST.
+* ``ProxiedConnection.close_at_next_command()``: once the client next sends something, close
+  that connection cleanly (a FIN each way) without passing it on, as Redis closing an idle
+  connection (its ``timeout``) just as a command arrives, unread.
 * ``reset_new(count, within=...)``: abort each of the next ``count`` connections with a TCP RST
   a random moment (up to ``within`` seconds) after accepting it, as a server does that goes
   down or refuses work just after its accept; ``resets`` counts them. Later ones are relayed.
@@ -52,6 +55,7 @@ class ProxiedConnection:
         self.down_rate = 0  # bytes a second towards the client, 0: as fast as it goes
         self.down_next = 0.0  # when the next throttled slice may go (time.monotonic)
         self.closed = False
+        self.close_at_command = False  # close cleanly at the client's next bytes, unsent
 
     def __repr__(self) -> str:
         return (
@@ -75,6 +79,13 @@ class ProxiedConnection:
             if down:
                 self.down_stalled = False
                 self.down_rate = 0
+        self._proxy._wake()
+
+    def close_at_next_command(self) -> None:
+        """Close this connection cleanly once the client sends its next bytes, which never
+        reach Redis."""
+        with self._proxy._lock:
+            self.close_at_command = True
         self._proxy._wake()
 
     def held_up(self) -> int:
@@ -333,6 +344,9 @@ class FaultProxy:
             if mask & selectors.EVENT_READ and not stalled:
                 data = sock.recv(_READ)
                 if not data:  # an orderly close: pass it on by closing both
+                    self._drop(conn, rst=False)
+                    return
+                if sock is conn.client and conn.close_at_command:  # read: a FIN, not a RST
                     self._drop(conn, rst=False)
                     return
                 inbox += data

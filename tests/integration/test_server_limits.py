@@ -22,6 +22,7 @@ import pytest
 from minidasgi import Node, create_distributor
 
 from . import apps
+from .faultproxy import FaultProxy
 from .redis_server import RedisFactory, RedisServer, client_list
 from .stack import NodeProcess, distributor_process, poll, run_node, serve_app
 
@@ -81,6 +82,40 @@ async def test_a_request_as_redis_closes_idle_connections_is_served(
     assert runs.read_text().split() == [
         "start", "warm", "end", "warm", "start", "one", "end", "one", "start", "two", "end", "two"
     ]  # fmt: skip
+
+
+async def test_a_request_whose_lpush_meets_an_idle_close_is_served(
+    redis_server: RedisServer,
+) -> None:
+    """Redis closes the distributor's command connection (its idle ``timeout``) just as a
+    request's LPUSH arrives on it, unread: a proxy closes that connection cleanly at the
+    LPUSH's bytes, which never reach Redis. The distributor, which saw no close before it
+    wrote, pushes the request again on the connection that replaces it: served (once), not
+    503 while Redis is up. (Under load, 1 request in a few hundred met this with Redis'
+    ``timeout 1`` for real.)"""
+    runs: list[str] = []
+
+    async def recorded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            runs.append(scope["path"])
+        await apps.hello(scope, receive, send)
+
+    with FaultProxy(redis_server.port) as proxy:
+        distributor = create_distributor(url=proxy.url(), key="closing")
+        node = Node(url=redis_server.url, app=recorded, key="closing", lifespan="off")
+        async with serve_app(distributor) as base, run_node(node):
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                assert (await client.get("/warm")).status_code == 200
+                (port,) = [
+                    int(c["addr"].rsplit(":", 1)[1])
+                    for c in client_list(redis_server)
+                    if c["cmd"] == "lpush"
+                ]
+                proxy.connection_to(port).close_at_next_command()
+                response = await client.get("/one")
+                assert (response.status_code, response.text) == (200, "Hello World!")
+    assert runs == ["/warm", "/one"]
+    assert redis_server.command("LLEN", "closing") == 0
 
 
 async def test_redis_out_of_memory_refuses_new_requests_at_once(
