@@ -15,7 +15,19 @@ background task reads and discards the body (``send_draining``, ``read_in_backgr
 hypercorn's queue always has room, and it closes the connection of a request not read to
 its end (a client still uploading may see its response or a reset, never a hang). The
 reader stops at the body's end, at ``http.disconnect`` (uvicorn answers that at once once
-the response is complete), or after ``DRAIN_TIME`` seconds, whichever is first.
+the response is complete), or ``DRAIN_TIME`` seconds after that send returned, whichever is
+first. While the send waits (a client that reads nothing: over HTTP/2 its flow-control
+window shut) the reader goes on, for as long as the send, as a server waiting on the same
+client would: stopped, it let hypercorn's queue fill, hypercorn stopped reading the
+connection, never saw the client read again, and the send and the connection were stuck
+for good. A client that never reads holds that send, and the reader, as long as it holds a
+directly served app's (for a relayed response, ``response_timeout`` bounds it).
+
+Over HTTP/2 a refusal with no ``Content-Length`` starts the reader too (``_may_have_body``
+in the distributor): hypercorn gives no sign of a body in the scope, and a stream whose body
+the client is still sending fills that queue as over HTTP/1.1; worse, hypercorn's reading of
+the whole connection (every stream on it) waits for room there. For a bodiless request the
+reader takes the body's end hypercorn has queued already and stops at once.
 """
 
 from __future__ import annotations
@@ -38,11 +50,30 @@ the client sends them."""
 _readers: set[asyncio.Task[bool]] = set()
 
 
-async def drain(receive: Receive, seconds: float = DRAIN_TIME) -> bool:
+async def drain(
+    receive: Receive, seconds: float | None = None, *, sending: asyncio.Future[None] | None = None
+) -> bool:
     """Read and discard the request's body until its end or a disconnect (True), or until
-    ``seconds`` passed (False)."""
+    ``seconds`` (``DRAIN_TIME``) passed (False), counted from the end of ``sending`` (the
+    response's final send) if one is given."""
     loop = asyncio.get_running_loop()
-    until = loop.time() + seconds
+    while sending is not None and not sending.done():
+        # No bound in time while the final send waits (for a client that reads nothing, as
+        # long as it does): stopped then, the reader would let hypercorn's queue fill, and
+        # hypercorn, reading the connection no more, would never see the client read again
+        # (an HTTP/2 WINDOW_UPDATE, a close), nor finish the send. Bounded by the send.
+        getter = asyncio.ensure_future(receive())
+        try:
+            await asyncio.wait((getter, sending), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()  # a queue's get, cancelled, loses nothing
+                await asyncio.wait((getter,))
+        if getter.cancelled():
+            break
+        if _last(getter.result()):
+            return True
+    until = loop.time() + (DRAIN_TIME if seconds is None else seconds)
     while True:
         remaining = until - loop.time()
         if remaining <= 0:
@@ -51,8 +82,13 @@ async def drain(receive: Receive, seconds: float = DRAIN_TIME) -> bool:
             event = await asyncio.wait_for(receive(), remaining)
         except asyncio.TimeoutError:
             return False
-        if event.get("type") != "http.request" or not event.get("more_body", False):
+        if _last(event):
             return True
+
+
+def _last(event: Message) -> bool:
+    """Whether nothing comes after ``event``: the body's end, or a disconnect."""
+    return event.get("type") != "http.request" or not event.get("more_body", False)
 
 
 def _reader_done(task: asyncio.Task[bool]) -> None:
@@ -61,10 +97,10 @@ def _reader_done(task: asyncio.Task[bool]) -> None:
         logger.debug("reading an unread request body failed: %r", task.exception())
 
 
-def read_in_background(receive: Receive) -> None:
+def read_in_background(receive: Receive, sending: asyncio.Future[None] | None = None) -> None:
     """Read and discard the rest of the request's body in a task of its own, bounded by
-    ``DRAIN_TIME``: nothing waits for it."""
-    reader = asyncio.ensure_future(drain(receive))
+    ``DRAIN_TIME`` (from the end of ``sending``, if given): nothing waits for it."""
+    reader = asyncio.ensure_future(drain(receive, sending=sending))
     _readers.add(reader)
     reader.add_done_callback(_reader_done)
 
@@ -74,5 +110,9 @@ async def send_draining(receive: Receive, send: Send, event: Message) -> None:
     not all received: its rest is read and discarded meanwhile (``read_in_background``), so
     that the server's queue of body events never holds the send. The response's start was
     sent before: under uvicorn, a ``receive`` then never says "100 Continue"."""
-    read_in_background(receive)
-    await send(event)
+    sending = asyncio.get_running_loop().create_future()
+    read_in_background(receive, sending)
+    try:
+        await send(event)
+    finally:
+        sending.set_result(None)

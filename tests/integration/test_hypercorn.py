@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import httpx
 import pytest
 import websockets
@@ -351,9 +355,9 @@ async def test_a_413_on_the_first_body_event_reads_the_rest_and_never_hangs(
     readers: list[Any] = []
     start_reader = draining.read_in_background
 
-    def recorded(receive: Any) -> None:
+    def recorded(receive: Any, sending: Any = None) -> None:
         readers.append(receive)
-        start_reader(receive)
+        start_reader(receive, sending)
 
     monkeypatch.setattr(draining, "read_in_background", recorded)
     distributor = _Running(
@@ -517,3 +521,75 @@ async def test_a_100_continue_upload_the_app_does_not_read_never_hangs_the_conne
     assert before == b"" or (
         before.startswith(b"HTTP/1.1 200") and before.endswith(b"not read\r\n0\r\n\r\n")
     )
+
+
+ANSWER = 1024 * 1024
+
+
+async def _answers_a_mib_unread(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers a MiB in one final message, without reading the body."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"r" * ANSWER})
+
+
+async def _h2_upload_unacknowledged(port: int, pause: float) -> tuple[int, bool]:
+    """POST over h2c, uploading all along, with the client's flow-control window left shut
+    (the response's first 64 KiB unacknowledged) for ``pause`` seconds, then opened to the
+    whole response. The bytes of body received, and whether the stream ended (cleanly or
+    reset) within ``WAIT`` of the pause's end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    connection = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    connection.initiate_connection()
+    stream = connection.get_next_available_stream_id()
+    request = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/")]
+    connection.send_headers(stream, request)
+    loop = asyncio.get_running_loop()
+    pause_ends = loop.time() + pause
+    deadline = pause_ends + WAIT
+    received, ended, shut = 0, False, True
+    try:
+        while not ended and loop.time() < deadline:
+            # Upload as far as hypercorn's window lets: it widens it only as it reads.
+            while (size := min(connection.local_flow_control_window(stream), 16384)) > 0:
+                connection.send_data(stream, b"u" * size)
+            if shut and loop.time() >= pause_ends:  # room for the whole response
+                connection.increment_flow_control_window(ANSWER)
+                connection.increment_flow_control_window(ANSWER, stream_id=stream)
+                shut = False
+            writer.write(connection.data_to_send())
+            try:
+                data = await asyncio.wait_for(reader.read(65536), 0.1)
+            except asyncio.TimeoutError:
+                continue
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received += len(event.data)
+                ended = ended or isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset))
+    except (ConnectionError, h2.exceptions.ProtocolError):
+        ended = True
+    finally:
+        writer.close()
+    return received, ended
+
+
+async def test_an_h2_client_that_shuts_its_window_past_the_drain_time_while_uploading_never_hangs(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The response's end (a MiB, more than the client's flow-control window) waits for a
+    client that acknowledges none of it, for longer than the body is read in the background
+    (``draining.DRAIN_TIME``, 0.5 s here), while it uploads; then it acknowledges. The
+    reader goes on while that send waits: else, stopped, it left hypercorn's queue to fill,
+    hypercorn stopped reading the connection (its WINDOW_UPDATEs too), and the send, the
+    stream and the connection were stuck for good."""
+    monkeypatch.setattr(draining, "DRAIN_TIME", 0.5)
+    async with _running(redis_server, _answers_a_mib_unread) as (base, running):
+        received, ended = await _h2_upload_unacknowledged(_port(base), 2.0)
+        assert ended, received
+        assert await running.all_ended()
+        assert await _status(base, "/") == 200
