@@ -74,7 +74,7 @@ from .link import TOKEN_SIZE as _LINK_TOKEN_SIZE
 from .link import LinkError, LinkListener, UploadSender, make_offer
 from .liveness import PeerTracker, RoundErrors, check_settings
 from .outbox import Outbox
-from .resp import ReplyError, RespError, topology
+from .resp import RedisConnectionError, ReplyError, RespError, topology
 from .resp.connection import Connection, make_params
 from .resp.sentinel import SentinelSpec
 from .routing import InvalidKey, RouteTable, check_key
@@ -1068,6 +1068,10 @@ _TRANSIENT_ERRORS = frozenset(
 )
 """Error replies that say "not now" rather than "never": a take-back they refuse is retried."""
 
+_IDLE_CLOSE = 1.0
+"""Seconds a connection must have been idle before an LPUSH written on it for Redis' idle
+``timeout`` (whole seconds, at least 1) to have closed it with the LPUSH unread."""
+
 _NOT_RUN_ERRORS = _TRANSIENT_ERRORS | frozenset(
     {"OOM", "MISCONF", "NOREPLICAS", "NOAUTH", "NOPERM", "WRONGTYPE", "CROSSSLOT"}
 )
@@ -1261,8 +1265,8 @@ class _Exchange:
                 await inbox.arrival()
         finally:
             Deadlines.cancel(timer)
-        if type(item) is _Pushed and item.error is not None and await self._pushed_again(key, data):
-            item = await self._wait_ack(_NO_ACK)
+        if type(item) is _Pushed and item.error is not None:
+            item = await self._pushed_again(key, data, item)
         self._pushing = False  # whatever came first decides; a later reply changes nothing
         taken: bool | None = False  # what a take-back found, before a wait for the ack
         if type(item) is _Pushed:
@@ -1570,38 +1574,68 @@ class _Exchange:
         if posted.cancelled() or posted.exception() is not None or posted.result() == 0:
             self.inbox.put_nowait(_PEER_LOST)
 
-    async def _pushed_again(self, key: str, data: bytes) -> bool:
-        """Push the request again if Redis closed the connection its LPUSH went out on
-        cleanly, before answering it, and the connection that replaces it comes at once
-        (``Client.wait_reopened``); True if it did. Redis closes an idle connection (its
-        ``timeout``) only if it read nothing from it: an LPUSH written as it does so never
-        ran, and the request is served rather than answered 503 while Redis is up.
+    async def _pushed_again(self, key: str, data: bytes, failed: _Pushed) -> Any:
+        """What ends the wait for the ack after the LPUSH ``failed``: ``failed`` itself (the
+        caller answers 503 as ever), an ack (or other answer) come meanwhile, or, if the
+        request was pushed again, what ends the wait for its ack.
 
-        Redis closes cleanly after running a command only if told to (``CLIENT KILL`` right
-        after the LPUSH ran, before its reply went out): a copy that did run is taken back
-        first (``LREM``), unless it was popped already (the same narrow window), or its
-        ack came meanwhile (then nothing is pushed)."""
+        Only for a connection Redis closed cleanly before answering the LPUSH (its idle
+        ``timeout``, ``CLIENT KILL``, a proxy's close), and only once its replacement comes
+        at once (``Client.wait_reopened``). Then ``LREM`` takes back a copy that did run,
+        and the request is pushed again only on proof that no other copy can run:
+        - the LREM removed it: it ran and was still queued, and now nobody can pop it;
+        - the LREM removed none, the connection had been idle (no reply read, no command
+          written) for ``_IDLE_CLOSE`` before the LPUSH was written (``idle_since``), the
+          only case in which Redis' idle ``timeout`` (whole seconds, at least 1) closes it
+          with the LPUSH unread, and no ack came meanwhile.
+        Otherwise a Node may have popped a copy, whose ack is late: pushing again might run
+        it twice. An ack that comes during the wait or the LREM is used: the request runs.
+
+        What is left: something other than Redis (a proxy or load balancer with an idle
+        close of its own) that forwards the LPUSH as it closes a connection idle that long,
+        and a Node that pops that copy before the LREM, and its ack later than the LREM's
+        reply: that request runs twice."""
         d = self.distributor
+        connection = self._pushed_on
         # A reset, a reply watchdog or an error reply: as before. So for a cluster, whose
         # router (``Connection`` of none) says nothing of how its connections ended.
-        if not (isinstance(self._pushed_on, Connection) and self._pushed_on.closed_by_server):
-            return False
-        if not await d._reopened(in_flight=True) or not self.inbox.empty():
-            return False
+        if not (isinstance(connection, Connection) and connection.closed_by_server):
+            return failed
+        reopened = await d._reopened(in_flight=True)
+        if (answer := self._answer(_NO_ACK)) is not None:  # an ack for a copy that ran
+            return answer
+        if not reopened:
+            return failed
         try:
             assert d._client is not None
-            await d._client.execute("LREM", key, -1, data)
-            if not self.inbox.empty():  # an ack for a copy that did run and was popped
-                return False
+            removed = await d._client.execute("LREM", key, -1, data)
+        except RespError:
+            answer = self._answer(_NO_ACK)
+            return failed if answer is None else answer
+        if (answer := self._answer(_NO_ACK)) is not None:
+            return answer
+        if not removed:
+            error = failed.error
+            idle_since = error.idle_since if isinstance(error, RedisConnectionError) else None
+            # ``pushed_at`` is read before the LPUSH is written: idle until it, at least.
+            if idle_since is None or self.pushed_at - idle_since < _IDLE_CLOSE:
+                logger.info(
+                    "request %s: Redis closed the connection before answering its LPUSH, "
+                    "which may have run (the connection was not idle): not pushed again",
+                    self.id,
+                )
+                return failed
+        try:
             self.pushed_at = time.monotonic()
             self._pushed_on = connection = d._client.connection()
             d.admission.send(connection, key, data, self._pushed)
-        except RespError:
-            return False
+        except RespError as exc:
+            return _Pushed(error=exc)
         logger.info(
-            "request %s pushed again: Redis closed the connection before its LPUSH", self.id
+            "request %s pushed again: Redis closed the connection before answering its LPUSH",
+            self.id,
         )
-        return True
+        return await self._wait_ack(_NO_ACK)
 
     def _pushed(self, outcome: Any, index: int) -> None:
         """The LPUSH's outcome (or the exception that failed it), this request at ``index`` in

@@ -56,6 +56,9 @@ class ProxiedConnection:
         self.down_next = 0.0  # when the next throttled slice may go (time.monotonic)
         self.closed = False
         self.close_at_command = False  # close cleanly at the client's next bytes, unsent
+        # Relay the client's next bytes, wait for Redis to answer, drop the answer and close
+        # cleanly: a command that ran, its reply never seen.
+        self.close_after_command = False
 
     def __repr__(self) -> str:
         return (
@@ -86,6 +89,15 @@ class ProxiedConnection:
         reach Redis."""
         with self._proxy._lock:
             self.close_at_command = True
+        self._proxy._wake()
+
+    def close_after_next_command(self) -> None:
+        """Relay the client's next bytes to Redis, which runs them, then close this
+        connection cleanly (a FIN) once Redis answers, the answer dropped: what a proxy or
+        load balancer closing a connection as it forwards a command looks like (or a
+        ``CLIENT KILL`` between a command's run and its reply)."""
+        with self._proxy._lock:
+            self.close_after_command = True
         self._proxy._wake()
 
     def held_up(self) -> int:
@@ -254,6 +266,18 @@ class FaultProxy:
                 sock.close()
         self._conns.remove(conn)
 
+    def _forward_and_close(self, conn: ProxiedConnection, data: bytes) -> None:
+        """``close_after_next_command``'s work: the bytes relayed, the first bytes of the
+        answer awaited (at most 5 s; Redis answers a read's commands together) and dropped,
+        then a clean close of both sides."""
+        upstream = conn.upstream
+        with contextlib.suppress(OSError):
+            upstream.setblocking(True)
+            upstream.settimeout(5)
+            upstream.sendall(bytes(conn.to_upstream) + data)
+            upstream.recv(_READ)
+        self._drop(conn, rst=False)
+
     def _accept(self) -> None:
         try:
             client, _ = self._listener.accept()
@@ -348,6 +372,9 @@ class FaultProxy:
                     return
                 if sock is conn.client and conn.close_at_command:  # read: a FIN, not a RST
                     self._drop(conn, rst=False)
+                    return
+                if sock is conn.client and conn.close_after_command:
+                    self._forward_and_close(conn, data)
                     return
                 inbox += data
             if mask & selectors.EVENT_WRITE and outbox:

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from minidasgi import Node, create_distributor
+from minidasgi.resp import client as resp_client
 
 from . import apps
 from .faultproxy import FaultProxy
@@ -112,10 +113,122 @@ async def test_a_request_whose_lpush_meets_an_idle_close_is_served(
                     if c["cmd"] == "lpush"
                 ]
                 proxy.connection_to(port).close_at_next_command()
+                # Idle long enough (a second) for Redis' ``timeout`` to close it: no reply
+                # read, no command written on it meanwhile.
+                await asyncio.sleep(1.2)
                 response = await client.get("/one")
                 assert (response.status_code, response.text) == (200, "Hello World!")
     assert runs == ["/warm", "/one"]
     assert redis_server.command("LLEN", "closing") == 0
+
+
+def _command_connection(proxy: FaultProxy, server: RedisServer) -> Any:
+    """The proxied connection of the one client through ``proxy`` that is not subscribed:
+    a distributor's command connection."""
+    ports = {c.upstream_port for c in proxy.connections()}
+    (port,) = [
+        port
+        for c in client_list(server)
+        if c["sub"] == "0" and (port := int(c["addr"].rsplit(":", 1)[1])) in ports
+    ]
+    return proxy.connection_to(port)
+
+
+def _inbox_filled(distributor: Any) -> bool:
+    """Whether a request of ``distributor`` has something (an ack) waiting in its inbox."""
+    return any(not e.inbox.empty() for e in distributor._exchanges.values())
+
+
+def _recorded(runs: list[str]) -> Any:
+    """``apps.hello``, noting the path of each HTTP request it serves in ``runs``."""
+
+    async def recorded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            runs.append(scope["path"])
+        await apps.hello(scope, receive, send)
+
+    return recorded
+
+
+async def test_a_request_whose_lpush_ran_before_a_clean_close_never_runs_twice(
+    redis_server: RedisServer,
+) -> None:
+    """A proxy forwards a request's LPUSH (Redis runs it) and then closes the distributor's
+    command connection cleanly, the reply dropped, on a connection that was not idle. A
+    Node pops that copy at once, but its ack is held (its publisher's link stalled) past
+    the distributor's LREM, which finds nothing: a copy may run, so the request is not
+    pushed again (it was, and ran twice). It runs once."""
+    runs: list[str] = []
+    with FaultProxy(redis_server.port) as proxy, FaultProxy(redis_server.port) as node_proxy:
+        distributor = create_distributor(url=proxy.url(), key="forwarded")
+        node = Node(url=node_proxy.url(), app=_recorded(runs), key="forwarded", lifespan="off")
+        async with serve_app(distributor) as base, run_node(node):
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                assert (await client.get("/warm")).status_code == 200
+                _command_connection(proxy, redis_server).close_after_next_command()
+                node_proxy.stall(up=True, down=False)  # the Node pops; its ack is held
+                request = asyncio.ensure_future(client.get("/once"))
+                assert await poll(lambda: "/once" in runs, 10)
+                node_proxy.resume()
+                response = await request
+                # The Node is served a later request: any copy of "/once" was popped before.
+                assert (await client.get("/after")).status_code == 200
+                assert runs == ["/warm", "/once", "/after"]
+                assert redis_server.command("LLEN", "forwarded") == 0
+                # The answer of a request whose LPUSH failed with Redis up, as ever.
+                assert response.status_code == 503, response.text
+
+
+async def test_a_request_whose_lpush_ran_before_a_clean_close_is_taken_back_and_pushed_again(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The LPUSH ran before the clean close, on a connection that was not idle, and no Node
+    popped it: the LREM removes it, so no copy can run, and it is pushed again on the
+    replacement connection. A Node started then serves it once (main answered 503)."""
+    caplog.set_level(logging.INFO, logger="minidasgi.distributor")
+    runs: list[str] = []
+    with FaultProxy(redis_server.port) as proxy:
+        distributor = create_distributor(url=proxy.url(), key="unpopped", worker_timeout=10)
+        node = Node(url=redis_server.url, app=_recorded(runs), key="unpopped", lifespan="off")
+        async with serve_app(distributor) as base:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                _command_connection(proxy, redis_server).close_after_next_command()
+                request = asyncio.ensure_future(client.get("/once"))
+                assert await poll(lambda: "pushed again" in caplog.text, 10)
+                assert redis_server.command("LLEN", "unpopped") == 1
+                async with run_node(node):
+                    response = await request
+                assert (response.status_code, response.text) == (200, "Hello World!")
+    assert runs == ["/once"]
+    assert redis_server.command("LLEN", "unpopped") == 0
+
+
+async def test_an_ack_during_the_check_before_pushing_again_is_relayed(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LPUSH ran before the clean close (as above), and the Node's ack arrives while
+    the distributor waits for the replacement connection (held until then): the request
+    runs, and its response is relayed, not answered 503."""
+    runs: list[str] = []
+    with FaultProxy(redis_server.port) as proxy, FaultProxy(redis_server.port) as node_proxy:
+        distributor = create_distributor(url=proxy.url(), key="acked")
+        node = Node(url=node_proxy.url(), app=_recorded(runs), key="acked", lifespan="off")
+        async with serve_app(distributor) as base, run_node(node):
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                assert (await client.get("/warm")).status_code == 200
+                # The replacement's wait outlasts the test's steps (at most 10 s).
+                monkeypatch.setattr(resp_client, "REOPEN_WAIT", 10.0)
+                _command_connection(proxy, redis_server).close_after_next_command()
+                proxy.stall_new(up=True, down=True)  # the replacement connection waits
+                node_proxy.stall(up=True, down=False)  # the Node pops; its ack is held
+                request = asyncio.ensure_future(client.get("/once"))
+                assert await poll(lambda: "/once" in runs, 10)
+                node_proxy.resume()  # the ack comes while the replacement is held
+                assert await poll(lambda: _inbox_filled(distributor), 10)
+                proxy.resume()
+                response = await request
+                assert (response.status_code, response.text) == (200, "Hello World!")
+    assert runs == ["/warm", "/once"]
 
 
 async def test_redis_out_of_memory_refuses_new_requests_at_once(
