@@ -47,7 +47,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from . import (
@@ -132,6 +132,12 @@ _CLIENT_IDLE = _Signal("client stalled its upload")
 _NO_ACK = _Signal("no ack in time")
 _GRACE_OVER = _Signal("no ack from the Node that took the request")
 _VIOLATION = _Signal("flow-control violation")
+# An envelope to take back once Redis is reachable (``take_back_later``): its key, bytes,
+# the time past which no Node runs it, and who waits for the outcome.
+_Untaken = tuple[str, bytes, float, "Callable[[bool, object], None] | None"]
+# A take-back in the background (``take_back_later``) removed the request, unpopped, from the
+# server its LPUSH went to: it never ran.
+_TAKEN_BACK = _Signal("taken back unpopped")
 _LINK_BROKEN = _Signal("the worker's link broke")
 
 
@@ -343,7 +349,7 @@ class Distributor:
         self._monotonic_loop = False
         # Envelopes answered for but not taken back (Redis was unreachable): (key, envelope,
         # monotonic time after which no Node runs it any more), taken back once reconnected.
-        self._untaken: list[tuple[str, bytes, float]] = []
+        self._untaken: list[_Untaken] = []
         self._untaken_size = 0
         # When a request that could not be queued was last logged, and how many since.
         self._unqueued_logged = (-_UNQUEUED_LOG_INTERVAL, 0)
@@ -796,15 +802,24 @@ class Distributor:
             more,
         )
 
-    def take_back_later(self, key: str, data: bytes, until: float) -> None:
+    def take_back_later(
+        self,
+        key: str,
+        data: bytes,
+        until: float,
+        then: Callable[[bool, object], None] | None = None,
+    ) -> None:
         """An envelope whose client was answered, but which could not be taken back (Redis
         unreachable): take it back once Redis is reachable again, if no Node popped it
         meanwhile, so that it does not run after its answer. Kept until ``until`` (monotonic
-        time), past which a Node drops it as expired anyway; within a bound on memory."""
+        time), past which a Node drops it as expired anyway; within a bound on memory.
+
+        ``then``: told whether the ``LREM`` removed it, and the connection it ran on (one
+        not yet answered, waiting for the outcome)."""
         if self._untaken_size + len(data) > _UNTAKEN_BUDGET:
             logger.warning("too many requests to take back: one may run after its answer")
             return
-        self._untaken.append((key, data, until))
+        self._untaken.append((key, data, until, then))
         self._untaken_size += len(data)
         if not self._taking_back:
             self._taking_back = True
@@ -822,11 +837,14 @@ class Distributor:
                     last = max(entry[2] for entry in self._untaken)
                     await self._client.wait_connected(last - now)
                     while self._untaken:
-                        key, data, _ = self._untaken[0]
-                        removed = await self._client.execute("LREM", key, -1, data)
+                        key, data, _, then = self._untaken[0]
+                        connection = self._client.connection()
+                        removed = await connection.execute("LREM", key, -1, data)
                         self._untaken.pop(0)
                         self._untaken_size -= len(data)
-                        if removed:
+                        if then is not None:
+                            then(bool(removed), connection)
+                        elif removed:
                             logger.info("took back a request answered while Redis was away")
                 except asyncio.TimeoutError:
                     continue  # all expired now: dropped above
@@ -1112,6 +1130,7 @@ class _Exchange:
     pushed_at = 0.0  # monotonic times of the LPUSH and of the ack
     _pushing = False  # the LPUSH's reply may still stop the request (``_Pushed``)
     _pushed_on: object = None  # the connection the LPUSH went out on (a cluster's router)
+    _taken_on: object = None  # the connection of the last take-back's LREM
     acked_at = 0.0
     _ack: Sequence[Any] = ()  # the ACK's arguments, once it came
     unit = 0  # the credit unit announced in the envelope (a WebSocket's): 0, none
@@ -1309,6 +1328,15 @@ class _Exchange:
             # if admitted.
             logger.info("request %s refused (%s), but a Node may have taken it", self.id, refusal)
             item = await self._wait_ack(_GRACE_OVER)
+            if item is _TAKEN_BACK:  # taken back unpopped once Redis was back: never ran
+                d.metrics.refused(refusal)
+                d.admission.log_refusal(refusal, key)
+                full = refusal == metrics.QUEUE_FULL
+                text = "the request queue is full\n" if full else "no worker serves this request\n"
+                self.status = d.no_node_status
+                await d._refuse_for_now(self.scope, self._unread(), self._send, text)
+                self.complete = True
+                return
         if item is _NO_ACK:
             # The no-worker answer only for a request provably never run: taken back unpopped.
             taken = await self._take_back(key, data, keep_ack=True)
@@ -1319,17 +1347,24 @@ class _Exchange:
                 await self._refuse(d.no_worker_status, text)
                 return
             # A Node popped it: it is in that Node's hands, and its ack may be on its way.
+            # (Or the LREM failed: a take-back in the background may find it unpopped.)
             item = await self._wait_ack(_GRACE_OVER)
+        if item is _TAKEN_BACK or (
+            item is _GRACE_OVER
+            and await self._take_back(key, data)  # a later ack: a cancel
+            and taken is None
+            and self._same_server(self._taken_on)
+        ):
+            # The LREM that failed then works now, on the same server, and finds it
+            # unpopped: it never ran.
+            d.metrics.refused(metrics.NO_ACK)
+            d.admission.log_refusal(metrics.NO_ACK, key)
+            text = f"no worker answered within {d.worker_timeout:g} seconds\n"
+            await self._refuse(d.no_worker_status, text)
+            return
         if item is _GRACE_OVER:
             # Waited for after a failed take-back (``taken`` None) or one that found the
             # request popped (False): only then is it known that a worker took it.
-            if await self._take_back(key, data) and taken is None:  # a later ack: a cancel
-                # The LREM that failed then works now and finds it unpopped: it never ran.
-                d.metrics.refused(metrics.NO_ACK)
-                d.admission.log_refusal(metrics.NO_ACK, key)
-                text = f"no worker answered within {d.worker_timeout:g} seconds\n"
-                await self._refuse(d.no_worker_status, text)
-                return
             if taken is None:  # the LREM's error is logged (``log_kept``, ``take_back_later``)
                 text = (
                     "no worker answered in time, and the request could not be taken back from "
@@ -1690,7 +1725,7 @@ class _Exchange:
                 # here, the request would wait for messages that are never kept.
                 return item
             if isinstance(item, _Signal):
-                if type(item) is _Pushed and self._pushing:
+                if (type(item) is _Pushed and self._pushing) or item is _TAKEN_BACK:
                     return item
                 continue  # e.g. a deadline of the previous wait
             kind, args = item
@@ -1715,23 +1750,42 @@ class _Exchange:
         caller, who then waits for it rather than answering."""
         d = self.distributor
         removed: bool | None = None
+        # Waiting for the outcome (``keep_ack``): told of a take-back in the background.
+        then = self._taken_later if keep_ack else None
         try:
             assert d._client is not None
+            self._taken_on = connection = d._client.connection()
             # From the tail, where the oldest requests wait (Nodes pop that end).
-            removed = bool(await d._client.execute("LREM", key, -1, data))
+            removed = bool(await connection.execute("LREM", key, -1, data))
         except ReplyError as exc:
             if exc.code in _TRANSIENT_ERRORS:  # a server busy, loading or failing over
-                d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
+                d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout, then)
             else:  # not allowed, say: trying again would not help
                 d.log_kept(key, self.id, exc)
         except RespError:
             # Redis unreachable: whatever the answer, it must not run after it (a Node pops
             # it until its deadline, by a Node's clock: twice the wait covers skew).
-            d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout)
+            d.take_back_later(key, data, self.pushed_at + 2 * d.worker_timeout, then)
         if keep_ack and not removed:
             return removed  # a Node may have it: its ack, even one that landed meanwhile, counts
         self.cancel_late_acks()
         return removed
+
+    def _taken_later(self, removed: bool, connection: object) -> None:
+        """``take_back_later``'s outcome for a request still waiting for its ack: one removed
+        from the server its LPUSH went to never ran (``_same_server``)."""
+        if removed and self._same_server(connection):
+            self.inbox.put_nowait(_TAKEN_BACK)
+
+    def _same_server(self, connection: object) -> bool:
+        """Whether ``connection`` goes to the server the LPUSH went to: by its address, which
+        a failover under Sentinel changes (the promoted replica may hold the LPUSH but not a
+        pop that ran on the old master, unreplicated). A cluster's router, unknown: no."""
+        pushed = self._pushed_on
+        if not (isinstance(pushed, Connection) and isinstance(connection, Connection)):
+            return False
+        was, now = pushed.params, connection.params
+        return (was.host, was.port, was.unix_socket) == (now.host, now.port, now.unix_socket)
 
     def cancel_late_acks(self) -> None:
         """Tell every Node whose ACK waits unread in the inbox (it came just too late, or

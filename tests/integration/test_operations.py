@@ -30,7 +30,7 @@ from minidasgi.status import take_status
 
 from . import apps
 from .faultproxy import FaultProxy
-from .redis_server import RedisServer
+from .redis_server import RedisServer, client_list
 from .stack import NodeProcess, poll, redis_keys, run_node, serve_app, ws_url
 
 pytestmark = pytest.mark.timeout(60)
@@ -693,6 +693,36 @@ async def test_a_request_its_distributor_could_not_take_back_never_runs_on_a_lat
             assert redis.command("LLEN", "ops") == 0
             assert (await client.get("/after")).status_code == 200
     assert runs == ["/after"]
+
+
+async def test_a_request_taken_back_in_the_background_gets_the_no_worker_answer(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No Node, fail-fast off (an ACL user without ``PUBSUB``): at ``worker_timeout`` the
+    distributor's LREM meets a clean close of its connection (a proxy closes it at the
+    LREM's bytes, unsent), and the connection is replaced at once. The take-back in the
+    background removes the request from the same server: it never ran, so the no-worker
+    answer (it was a 504 "could not be taken back" after the whole grace), nothing left."""
+    redis = redis_server
+    redis.command("ACL", "SETUSER", "nonumsub", "on", ">pw", "~ops", "&minidasgi:*", "+ping",
+                  "+lpush", "+lrem", "+publish", "+subscribe")  # fmt: skip
+    caplog.set_level(logging.INFO, logger="minidasgi.distributor")
+    with FaultProxy(redis.port) as proxy:
+        url = f"redis://nonumsub:pw@127.0.0.1:{proxy.port}/0"
+        distributor = Distributor(key="ops", url=url, worker_timeout=2.0)
+        async with (
+            serve_app(distributor) as base,
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            answer = asyncio.ensure_future(client.get("/late"))
+            assert await poll(lambda: redis.command("LLEN", "ops") == 1, 10)
+            (port,) = [
+                int(c["addr"].rsplit(":", 1)[1]) for c in client_list(redis) if c["cmd"] == "lpush"
+            ]
+            proxy.connection_to(port).close_at_next_command()  # the next: the LREM
+            response = await answer
+    assert (response.status_code, response.text) == (405, "no worker answered within 2 seconds\n")
+    assert redis.command("LLEN", "ops") == 0
 
 
 async def test_a_request_taken_back_once_lrem_is_allowed_again_gets_the_no_worker_answer(
