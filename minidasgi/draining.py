@@ -20,8 +20,13 @@ first. While the send waits (a client that reads nothing: over HTTP/2 its flow-c
 window shut) the reader goes on, for as long as the send, as a server waiting on the same
 client would: stopped, it let hypercorn's queue fill, hypercorn stopped reading the
 connection, never saw the client read again, and the send and the connection were stuck
-for good. A client that never reads holds that send, and the reader, as long as it holds a
-directly served app's (for a relayed response, ``response_timeout`` bounds it).
+for good. What bounds that send: for a relayed response, ``response_timeout`` if it is set
+(its deadline ends the send, and the reader then goes on for ``DRAIN_TIME``); with it unset,
+and for the distributor's own refusals (404, 405, 413, 503...) always, nothing in minidasgi:
+the send lasts until the client reads or goes away (hypercorn ends it when the client
+closes or resets the stream or the connection), as the same send of a directly served app
+would. A client that keeps its window shut and the connection open holds that send, and
+the reader, as long as it likes.
 
 Over HTTP/2 a refusal with no ``Content-Length`` starts the reader too (``_may_have_body``
 in the distributor): hypercorn gives no sign of a body in the scope, and a stream whose body
