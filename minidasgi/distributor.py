@@ -1618,6 +1618,7 @@ class _Exchange:
         ``timeout``, ``CLIENT KILL``, a proxy's close), and only once its replacement comes
         at once (``Client.wait_reopened``). Then ``LREM`` takes back a copy that did run,
         and the request is pushed again only on proof that no other copy can run:
+        - the LPUSH was never written, the connection found closed (``unsent``);
         - the LREM removed it: it ran and was still queued, and now nobody can pop it;
         - the LREM removed none, the connection had been idle (no reply read, no command
           written) for ``_IDLE_CLOSE`` before the LPUSH was written (``idle_since``), the
@@ -1649,8 +1650,8 @@ class _Exchange:
             return failed if answer is None else answer
         if (answer := self._answer(_NO_ACK)) is not None:
             return answer
-        if not removed:
-            error = failed.error
+        error = failed.error
+        if not removed and not (isinstance(error, RedisConnectionError) and error.unsent):
             idle_since = error.idle_since if isinstance(error, RedisConnectionError) else None
             # ``pushed_at`` is read before the LPUSH is written: idle until it, at least.
             if idle_since is None or self.pushed_at - idle_since < _IDLE_CLOSE:

@@ -913,7 +913,10 @@ class Connection:
         of the turn (a loop iteration more), unless commands are buffered already (then they
         join them, in order)."""
         if self._error is not None:
-            raise self._closed_error()
+            error = self._closed_error()
+            if isinstance(error, RedisConnectionError):
+                error.unsent = True
+            raise error
         waiters = self._waiters
         idle = not waiters
         if idle and self._watchdog is None and self._reply_timeout != math.inf:

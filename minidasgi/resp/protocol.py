@@ -92,6 +92,10 @@ class RedisConnectionError(RespError, ConnectionError):
     written, the only case in which Redis' idle ``timeout`` may have closed it with the
     command unread."""
 
+    unsent: bool = False
+    """True on the error of commands refused before anything was written, the connection
+    already closed (``Connection.send_packed_to``): Redis never saw them."""
+
 
 class _NeedData:
     """Type of the ``NEED_DATA`` sentinel."""
