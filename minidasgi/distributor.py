@@ -1086,10 +1086,6 @@ _TRANSIENT_ERRORS = frozenset(
 )
 """Error replies that say "not now" rather than "never": a take-back they refuse is retried."""
 
-_IDLE_CLOSE = 1.0
-"""Seconds a connection must have been idle before an LPUSH written on it for Redis' idle
-``timeout`` (whole seconds, at least 1) to have closed it with the LPUSH unread."""
-
 _NOT_RUN_ERRORS = _TRANSIENT_ERRORS | frozenset(
     {"OOM", "MISCONF", "NOREPLICAS", "NOAUTH", "NOPERM", "WRONGTYPE", "CROSSSLOT"}
 )
@@ -1619,18 +1615,12 @@ class _Exchange:
         at once (``Client.wait_reopened``). Then ``LREM`` takes back a copy that did run,
         and the request is pushed again only on proof that no other copy can run:
         - the LPUSH was never written, the connection found closed (``unsent``);
-        - the LREM removed it: it ran and was still queued, and now nobody can pop it;
-        - the LREM removed none, the connection had been idle (no reply read, no command
-          written) for ``_IDLE_CLOSE`` before the LPUSH was written (``idle_since``), the
-          only case in which Redis' idle ``timeout`` (whole seconds, at least 1) closes it
-          with the LPUSH unread, and no ack came meanwhile.
-        Otherwise a Node may have popped a copy, whose ack is late: pushing again might run
-        it twice. An ack that comes during the wait or the LREM is used: the request runs.
-
-        What is left: something other than Redis (a proxy or load balancer with an idle
-        close of its own) that forwards the LPUSH as it closes a connection idle that long,
-        and a Node that pops that copy before the LREM, and its ack later than the LREM's
-        reply: that request runs twice."""
+        - the LREM removed it: it ran and was still queued, and now nobody can pop it.
+        Otherwise (the LREM removed none) a Node may have popped a copy whose ack is late,
+        or Redis never read the LPUSH (its idle ``timeout`` closed the connection with it
+        unread): the two cannot be told apart from here, and pushing again might run it
+        twice, so the client gets 503 as before. An ack that comes during the wait or the
+        LREM is used: the request runs."""
         d = self.distributor
         connection = self._pushed_on
         # A reset, a reply watchdog or an error reply: as before. So for a cluster, whose
@@ -1652,15 +1642,12 @@ class _Exchange:
             return answer
         error = failed.error
         if not removed and not (isinstance(error, RedisConnectionError) and error.unsent):
-            idle_since = error.idle_since if isinstance(error, RedisConnectionError) else None
-            # ``pushed_at`` is read before the LPUSH is written: idle until it, at least.
-            if idle_since is None or self.pushed_at - idle_since < _IDLE_CLOSE:
-                logger.info(
-                    "request %s: Redis closed the connection before answering its LPUSH, "
-                    "which may have run (the connection was not idle): not pushed again",
-                    self.id,
-                )
-                return failed
+            logger.info(
+                "request %s: Redis closed the connection before answering its LPUSH, which "
+                "may have run: not pushed again",
+                self.id,
+            )
+            return failed
         try:
             self.pushed_at = time.monotonic()
             self._pushed_on = connection = d._client.connection()

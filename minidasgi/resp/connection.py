@@ -44,7 +44,6 @@ import os
 import re
 import socket
 import ssl as _ssl
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -805,15 +804,6 @@ class Connection:
         self.closed_by_server = False
         # True if it was so closed with no reply pending: idle, as Redis' ``timeout`` closes.
         self.closed_idle = False
-        # ``time.monotonic()`` at the last read (one per read batch, not per reply), or when
-        # made. With ``_idle_head`` it tells, after a clean close, whether the first commands
-        # left unanswered were written on a connection idle since (``idle_since``).
-        self.read_at = time.monotonic()
-        # The first waiter of the last ``send_packed_to`` that found no reply pending, and how
-        # many waiters that call queued.
-        self._idle_head: _Waiter | None = None
-        self._idle_count = 0
-        self._unread_idle = 0  # set by a clean close: see ``_abort``
         self._closed = self._loop.create_future()
         timeout = params.reply_timeout
         self._reply_timeout = timeout if timeout else math.inf
@@ -918,14 +908,10 @@ class Connection:
                 error.unsent = True
             raise error
         waiters = self._waiters
-        idle = not waiters
-        if idle and self._watchdog is None and self._reply_timeout != math.inf:
+        if not waiters and self._watchdog is None and self._reply_timeout != math.inf:
             self._arm_watchdog()
         for callback in callbacks:  # _queue_waiter's work, once for all (no call each)
             waiters.append(_ReplyCallback(callback))
-        if idle:  # no reply pending: see ``idle_since``
-            self._idle_head = waiters[0]
-            self._idle_count = len(callbacks)
         if self._flush_scheduled:
             self._buffer(data)
         elif isinstance(data, list):
@@ -1334,7 +1320,6 @@ class Connection:
             raise self._closed_error() from None
 
     def _on_data(self, data: bytes) -> None:
-        self.read_at = time.monotonic()
         parser = self._parser
         waiters = self._waiters
         try:
@@ -1399,10 +1384,7 @@ class Connection:
         if error is None:
             if self._error is None:  # not a second report, after the EOF, of the same end
                 self.closed_by_server = True
-                waiters = self._waiters
-                self.closed_idle = not waiters
-                if waiters and waiters[0] is self._idle_head:
-                    self._unread_idle = self._idle_count
+                self.closed_idle = not self._waiters
             self._abort(
                 RedisConnectionError(f"Redis at {self.params.address} closed the connection")
             )
@@ -1423,15 +1405,10 @@ class Connection:
                 self._writer.transport.abort()
             else:
                 self._writer.close()
-        unread_idle = self._unread_idle
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                closed = self._closed_error()
-                if unread_idle > 0 and isinstance(closed, RedisConnectionError):
-                    closed.idle_since = self.read_at
-                waiter.set_exception(closed)
-            unread_idle -= 1
+                waiter.set_exception(self._closed_error())
 
     async def _wait_transport_closed(self) -> None:
         if self._writer is not None:

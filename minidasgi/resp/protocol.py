@@ -84,14 +84,6 @@ class AuthenticationError(ReplyError):
 class RedisConnectionError(RespError, ConnectionError):
     """The connection to Redis could not be made, or was lost or closed."""
 
-    idle_since: float | None = None
-    """Set on the error of a command that Redis closed the connection cleanly before
-    answering, if it was written (``Connection.send_packed_to``) with no reply pending on
-    the connection, and no reply came after it: then the ``time.monotonic()`` of the last
-    read before it. The connection had been idle at least from then until the command was
-    written, the only case in which Redis' idle ``timeout`` may have closed it with the
-    command unread."""
-
     unsent: bool = False
     """True on the error of commands refused before anything was written, the connection
     already closed (``Connection.send_packed_to``): Redis never saw them."""
