@@ -981,3 +981,25 @@ def test_reads_and_writes_go_straight_between_the_transport_and_the_parser(
         loop.close()
     assert "Connection._on_data" in called  # the profile saw the reads
     assert not called & _DETOURS, sorted(called & _DETOURS)
+
+
+async def test_commands_refused_by_a_closed_connection_say_they_were_never_sent(
+    clean_redis: RedisServer, open_conn: Opener
+) -> None:
+    """A command sent after the connection was closed is refused before anything is written
+    (``unsent``: the distributor may push such an LPUSH again); one written before the close
+    and left unanswered is not (it may have run)."""
+    conn = await open_conn(clean_redis.url)
+    outcomes: list[Any] = []
+    # Written, then left unanswered: BLPOP blocks, and the server closes the connection.
+    conn.send_packed_to(pack_command("BLPOP", "nothing", 0), outcomes.append)
+    await eventually(lambda: any(c["cmd"] == "blpop" for c in client_list(clean_redis)), 5)
+    clean_redis.command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    await eventually(lambda: bool(outcomes), 5)
+    (written,) = outcomes
+    assert isinstance(written, RedisConnectionError) and not written.unsent
+    with pytest.raises(RedisConnectionError) as refused:
+        conn.send_packed_to(pack_command("LPUSH", "k", "v"), outcomes.append)
+    assert refused.value.unsent
+    assert len(outcomes) == 1  # no callback for the refused command
+    assert clean_redis.command("LLEN", "k") == 0
