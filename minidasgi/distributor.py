@@ -1310,21 +1310,16 @@ class _Exchange:
                 return
             refusal = item.refusal
             taken = await self._take_back(key, data, keep_ack=True)
-            if taken:
-                d.metrics.refused(refusal)
-                d.admission.log_refusal(refusal, key)
-                full = refusal == metrics.QUEUE_FULL
-                text = "the request queue is full\n" if full else "no worker serves this request\n"
-                self.status = d.no_node_status
-                await d._refuse_for_now(self.scope, self._unread(), self._send, text)
-                self.complete = True
-                return
-            # A Node popped it before the LREM (or the LREM failed, and one may have): it
-            # runs there. A 503 (which invites a retry) would have it run twice: relay it as
-            # if admitted.
-            logger.info("request %s refused (%s), but a Node may have taken it", self.id, refusal)
-            item = await self._wait_ack(_GRACE_OVER)
-            if item is _TAKEN_BACK:  # taken back unpopped once Redis was back: never ran
+            if not taken:
+                # A Node popped it before the LREM (or the LREM failed, and one may have): it
+                # runs there. A 503 (which invites a retry) would have it run twice: relay it
+                # as if admitted, unless a take-back in the background finds it unpopped once
+                # Redis is back (``_TAKEN_BACK``): then it never ran.
+                logger.info(
+                    "request %s refused (%s), but a Node may have taken it", self.id, refusal
+                )
+                item = await self._wait_ack(_GRACE_OVER)
+            if taken or item is _TAKEN_BACK:
                 d.metrics.refused(refusal)
                 d.admission.log_refusal(refusal, key)
                 full = refusal == metrics.QUEUE_FULL
